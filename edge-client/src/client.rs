@@ -1,0 +1,451 @@
+//! The edge client: dial out, register, serve the relay's streams,
+//! reconnect with backoff when the session ends.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use relay_protocol::codec::{self, decode, read_frame, write_frame};
+use relay_protocol::{
+    capability, close_code, Cidr, ClientHello, Control, FrameError, HelloReply, RejectReason,
+    Rejection, StreamOpen, StreamReply, StreamStatus, Target, PROTOCOL_VERSION,
+};
+use relay_transport::splice::{dial_tcp, splice};
+use relay_transport::{quic, BiStream, Direction, Meter, TunnelConn};
+use tokio::sync::watch;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::backoff::Backoff;
+use crate::config::EdgeConfig;
+
+/// Where the client is in its life cycle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EdgeState {
+    /// Dialing the relay (attempt number since the last session).
+    Connecting {
+        /// 1 for the first attempt.
+        attempt: u32,
+    },
+    /// Registered with the relay.
+    Connected {
+        /// Session id assigned by the relay.
+        session_id: u64,
+        /// Session generation.
+        generation: u64,
+        /// Which replica.
+        relay_id: String,
+        /// Prefixes the relay asks us to send back through the tunnel.
+        tunnel_routes: Vec<Cidr>,
+    },
+    /// The relay refused the last handshake (retrying with backoff).
+    Rejected {
+        /// Why.
+        reason: RejectReason,
+        /// The relay's explanation.
+        message: String,
+    },
+    /// Shut down.
+    Stopped,
+}
+
+/// Counters of one edge client (all sessions).
+#[derive(Debug, Default)]
+pub struct EdgeStats {
+    /// Streams being served now.
+    pub open_streams: AtomicU64,
+    /// Streams the relay opened, in total.
+    pub streams_total: AtomicU64,
+    /// Streams refused because the target is outside our routes or ports.
+    pub denied: AtomicU64,
+    /// Streams whose dial failed.
+    pub dial_failures: AtomicU64,
+    /// Bytes sent to the relay.
+    pub bytes_up: AtomicU64,
+    /// Bytes received from the relay.
+    pub bytes_down: AtomicU64,
+    /// Sessions established.
+    pub sessions: AtomicU64,
+}
+
+impl Meter for EdgeStats {
+    fn add(&self, dir: Direction, bytes: u64) {
+        // ToTunnel here is from the local target towards the relay.
+        match dir {
+            Direction::ToTunnel => self.bytes_up.fetch_add(bytes, Relaxed),
+            Direction::FromTunnel => self.bytes_down.fetch_add(bytes, Relaxed),
+        };
+    }
+}
+
+/// A running edge client.
+pub struct EdgeClient {
+    state: watch::Receiver<EdgeState>,
+    stats: Arc<EdgeStats>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EdgeClient {
+    /// Starts the client; it connects in the background and keeps
+    /// reconnecting until [`EdgeClient::shutdown`].
+    pub fn spawn(cfg: EdgeConfig) -> Self {
+        let (tx, rx) = watch::channel(EdgeState::Connecting { attempt: 1 });
+        let stats = Arc::new(EdgeStats::default());
+        let cancel = CancellationToken::new();
+        let span = tracing::info_span!("edge", node = %cfg.node);
+        let task =
+            tokio::spawn(run(Arc::new(cfg), tx, stats.clone(), cancel.clone()).instrument(span));
+        EdgeClient {
+            state: rx,
+            stats,
+            cancel,
+            task,
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> EdgeState {
+        self.state.borrow().clone()
+    }
+
+    /// A receiver that sees every state change.
+    pub fn watch(&self) -> watch::Receiver<EdgeState> {
+        self.state.clone()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Arc<EdgeStats> {
+        &self.stats
+    }
+
+    /// Waits (at most `timeout`) until the client is connected; returns
+    /// `(session_id, generation)`.
+    pub async fn wait_connected(&self, timeout: Duration) -> Option<(u64, u64)> {
+        let mut rx = self.state.clone();
+        let fut = async move {
+            let s = rx
+                .wait_for(|s| matches!(s, EdgeState::Connected { .. }))
+                .await
+                .ok()?;
+            match &*s {
+                EdgeState::Connected {
+                    session_id,
+                    generation,
+                    ..
+                } => Some((*session_id, *generation)),
+                _ => None,
+            }
+        };
+        tokio::time::timeout(timeout, fut).await.ok().flatten()
+    }
+
+    /// Closes the session (streams are reset) and stops reconnecting.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        if tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .is_err()
+        {
+            warn!("edge client did not stop within 5s");
+        }
+    }
+}
+
+/// Why an attempt ended without a session.
+#[derive(Debug)]
+enum AttemptError {
+    Rejected(Rejection),
+    Failed(String),
+}
+
+async fn run(
+    cfg: Arc<EdgeConfig>,
+    state: watch::Sender<EdgeState>,
+    stats: Arc<EdgeStats>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Backoff::new(cfg.backoff.clone());
+    let mut attempt = 0u32;
+    loop {
+        attempt = attempt.saturating_add(1);
+        state.send_replace(EdgeState::Connecting { attempt });
+        let result = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = tokio::time::timeout(cfg.handshake_timeout, connect(&cfg)) => match r {
+                Ok(r) => r,
+                Err(_) => Err(AttemptError::Failed(format!("no session within {:?}", cfg.handshake_timeout))),
+            },
+        };
+        let mut min_delay = Duration::ZERO;
+        match result {
+            Ok((endpoint, conn, hello, control)) => {
+                attempt = 0;
+                stats.sessions.fetch_add(1, Relaxed);
+                info!(
+                    session = hello.session_id,
+                    gen = hello.generation,
+                    relay = %hello.relay_id,
+                    remote = %conn.remote_addr(),
+                    "session up"
+                );
+                state.send_replace(EdgeState::Connected {
+                    session_id: hello.session_id,
+                    generation: hello.generation,
+                    relay_id: hello.relay_id.clone(),
+                    tunnel_routes: hello.tunnel_routes.clone(),
+                });
+                let up = Instant::now();
+                let span = tracing::info_span!(
+                    "session",
+                    session = hello.session_id,
+                    gen = hello.generation
+                );
+                let why = run_session(&conn, control, &cfg, &stats, &cancel, &state)
+                    .instrument(span)
+                    .await;
+                info!(reason = %why, uptime = ?up.elapsed(), "session down");
+                if up.elapsed() >= backoff.config().reset_after {
+                    backoff.reset();
+                }
+                endpoint.close(close_code::NORMAL.into(), b"");
+            }
+            Err(AttemptError::Rejected(r)) => {
+                warn!(reason = r.reason.as_str(), message = %r.message, "relay rejected the session");
+                min_delay = Duration::from_millis(r.retry_after_ms.unwrap_or(0).into());
+                state.send_replace(EdgeState::Rejected {
+                    reason: r.reason,
+                    message: r.message,
+                });
+            }
+            Err(AttemptError::Failed(e)) => warn!(error = %e, attempt, "cannot reach relay"),
+        }
+        if cancel.is_cancelled() {
+            break;
+        }
+        let delay = backoff.next_delay(&mut rand::rng()).max(min_delay);
+        debug!(?delay, "reconnecting after delay");
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    state.send_replace(EdgeState::Stopped);
+}
+
+type Connected = (
+    quinn::Endpoint,
+    TunnelConn,
+    relay_protocol::ServerHello,
+    BiStream,
+);
+
+async fn connect(cfg: &EdgeConfig) -> Result<Connected, AttemptError> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| AttemptError::Failed(format!("{what}: {e}"));
+    let addr: SocketAddr = tokio::net::lookup_host(&cfg.relay)
+        .await
+        .map_err(|e| fail(&format!("resolve {}", cfg.relay), &e))?
+        .next()
+        .ok_or_else(|| AttemptError::Failed(format!("resolve {}: no address", cfg.relay)))?;
+    // A fresh endpoint per attempt: matches the relay's address family and
+    // starts from a new source port if the old NAT binding went bad.
+    let bind: SocketAddr = if addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
+    let endpoint =
+        quic::client_endpoint(bind, &cfg.tls, &cfg.quic).map_err(|e| fail("endpoint", &e))?;
+    let connecting = endpoint
+        .connect(addr, &cfg.server_name)
+        .map_err(|e| fail(&format!("connect {addr}"), &e))?;
+    let conn = TunnelConn::Quic(
+        connecting
+            .await
+            .map_err(|e| fail(&format!("QUIC/TLS to {addr}"), &e))?,
+    );
+    let mut control = conn
+        .open_bi()
+        .await
+        .map_err(|e| fail("open control stream", &e))?;
+    let hello = ClientHello {
+        version: PROTOCOL_VERSION,
+        node: cfg.node.clone(),
+        routes: cfg.routes.clone(),
+        primary_addr: cfg.primary_addr,
+        capabilities: capability::TCP_STREAMS,
+        agent: concat!("edge-client/", env!("CARGO_PKG_VERSION")).to_string(),
+    };
+    write_frame(&mut control.send, &hello)
+        .await
+        .map_err(|e| fail("send hello", &e))?;
+    let reply: HelloReply = read_frame(&mut control.recv)
+        .await
+        .map_err(|e| fail("read hello reply", &e))?;
+    match reply {
+        HelloReply::Accepted(h) => Ok((endpoint, conn, h, control)),
+        HelloReply::Rejected(r) => {
+            conn.close(close_code::NORMAL, "rejected");
+            Err(AttemptError::Rejected(r))
+        }
+    }
+}
+
+async fn run_session(
+    conn: &TunnelConn,
+    control: BiStream,
+    cfg: &Arc<EdgeConfig>,
+    stats: &Arc<EdgeStats>,
+    cancel: &CancellationToken,
+    state: &watch::Sender<EdgeState>,
+) -> String {
+    let BiStream { mut send, recv } = control;
+    let mut frames = FramedRead::new(recv, codec::frame_codec());
+    loop {
+        let reply = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                conn.close(close_code::NORMAL, "edge shutting down");
+                return "shutdown".into();
+            }
+            why = conn.closed() => return why,
+            bi = conn.accept_bi() => match bi {
+                Ok(bi) => {
+                    tokio::spawn(serve_stream(bi, cfg.clone(), stats.clone()).in_current_span());
+                    continue;
+                }
+                Err(e) => return e.to_string(),
+            },
+            f = frames.next() => match f {
+                Some(Ok(bytes)) => match decode::<Control>(&bytes) {
+                    Ok(Control::Ping { nonce }) => Control::Pong { nonce },
+                    Ok(Control::RouteUpdate { tunnel_routes }) => {
+                        state.send_modify(|s| {
+                            if let EdgeState::Connected { tunnel_routes: r, .. } = s {
+                                *r = tunnel_routes;
+                            }
+                        });
+                        continue;
+                    }
+                    Ok(Control::GoAway { reason, grace_ms }) => {
+                        // The relay stops opening streams and closes when the
+                        // in-flight ones are done; we reconnect then.
+                        info!(%reason, grace_ms, "relay sent GOAWAY");
+                        continue;
+                    }
+                    Ok(_) => continue,
+                    Err(e) => {
+                        conn.close(close_code::PROTOCOL, "bad control frame");
+                        return format!("bad control frame: {e}");
+                    }
+                },
+                Some(Err(e)) => {
+                    conn.close(close_code::PROTOCOL, "bad control frame");
+                    return format!("control stream: {e}");
+                }
+                None => return "relay closed the control stream".into(),
+            },
+        };
+        if let Err(e) = write_frame(&mut send, &reply).await {
+            return format!("control write: {e}");
+        }
+    }
+}
+
+/// Accounts one served stream; decrements on drop however the task ends.
+struct Served(Arc<EdgeStats>);
+
+impl Served {
+    fn new(stats: Arc<EdgeStats>) -> Self {
+        stats.open_streams.fetch_add(1, Relaxed);
+        stats.streams_total.fetch_add(1, Relaxed);
+        Served(stats)
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Checks a stream target against what this edge serves.
+pub fn check_target(cfg: &EdgeConfig, target: &Target) -> Result<SocketAddr, StreamReply> {
+    let sa = match target {
+        Target::Addr(sa) => *sa,
+        Target::Name { host, port } => {
+            return Err(StreamReply::fail(
+                StreamStatus::Denied,
+                format!("{host}:{port}: this edge does not resolve names"),
+            ))
+        }
+    };
+    if !cfg.routes.iter().any(|r| r.contains(&sa.ip())) {
+        return Err(StreamReply::fail(
+            StreamStatus::Denied,
+            format!("{} is outside the routes node {} serves", sa.ip(), cfg.node),
+        ));
+    }
+    if !cfg.allowed_ports.is_empty() && !cfg.allowed_ports.contains(&sa.port()) {
+        return Err(StreamReply::fail(
+            StreamStatus::Denied,
+            format!("port {} is not allowed on node {}", sa.port(), cfg.node),
+        ));
+    }
+    Ok(sa)
+}
+
+async fn serve_stream(mut bi: BiStream, cfg: Arc<EdgeConfig>, stats: Arc<EdgeStats>) {
+    let guard = Served::new(stats.clone());
+    let open: StreamOpen =
+        match tokio::time::timeout(cfg.handshake_timeout, read_frame(&mut bi.recv)).await {
+            Ok(Ok(o)) => o,
+            Ok(Err(FrameError::Closed)) => return,
+            Ok(Err(e)) => {
+                debug!(error = %e, "bad stream header");
+                bi.send.reset(close_code::PROTOCOL);
+                return;
+            }
+            Err(_) => {
+                bi.send.reset(close_code::PROTOCOL);
+                return;
+            }
+        };
+    let span = tracing::debug_span!("stream", dst = %open.target, src = ?open.source);
+    async move {
+        let target = match check_target(&cfg, &open.target) {
+            Ok(t) => t,
+            Err(reply) => {
+                stats.denied.fetch_add(1, Relaxed);
+                info!(reason = reply.status.as_str(), msg = %reply.message, "stream refused");
+                finish_with(&mut bi, &reply).await;
+                return;
+            }
+        };
+        let tcp = match dial_tcp(target, cfg.dial_timeout).await {
+            Ok(t) => t,
+            Err(reply) => {
+                stats.dial_failures.fetch_add(1, Relaxed);
+                debug!(reason = reply.status.as_str(), msg = %reply.message, "dial failed");
+                finish_with(&mut bi, &reply).await;
+                return;
+            }
+        };
+        if write_frame(&mut bi.send, &StreamReply::ok()).await.is_err() {
+            return;
+        }
+        let out = splice(tcp, &[], bi, &*stats).await;
+        debug!(up = out.to_tunnel, down = out.from_tunnel, reset = ?out.reset, "stream closed");
+        drop(guard);
+    }
+    .instrument(span)
+    .await
+}
+
+async fn finish_with(bi: &mut BiStream, reply: &StreamReply) {
+    let _ = write_frame(&mut bi.send, reply).await;
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut bi.send).await;
+}

@@ -1,0 +1,270 @@
+//! Edge configuration: the TOML file form and the runtime [`EdgeConfig`].
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use relay_protocol::Cidr;
+use relay_transport::{QuicFile, QuicTuning, TlsMaterial};
+use serde::Deserialize;
+
+use crate::backoff::BackoffConfig;
+
+/// Everything the edge client needs, loaded and validated.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    /// This node's name; must match the client certificate.
+    pub node: String,
+    /// Relay address, `host:port` (resolved again on every attempt, so a
+    /// relay Service IP change is followed).
+    pub relay: String,
+    /// Name the relay certificate must carry.
+    pub server_name: String,
+    /// Client certificate and the pinned relay CA.
+    pub tls: TlsMaterial,
+    /// Prefixes served (pod CIDRs, host addresses). Streams to anything
+    /// else are refused with `Denied`.
+    pub routes: Vec<Cidr>,
+    /// The node's primary address (target of `CONNECT <node>:<port>`).
+    pub primary_addr: Option<IpAddr>,
+    /// When non-empty, only these destination ports are served.
+    pub allowed_ports: Vec<u16>,
+    /// Bound on dialing a local target.
+    pub dial_timeout: Duration,
+    /// Bound on connecting to the relay and completing the hello.
+    pub handshake_timeout: Duration,
+    /// QUIC transport settings.
+    pub quic: QuicTuning,
+    /// Reconnect backoff.
+    pub backoff: BackoffConfig,
+}
+
+impl EdgeConfig {
+    /// A config with defaults for everything but identity and routes.
+    pub fn new(
+        node: impl Into<String>,
+        relay: impl Into<String>,
+        server_name: impl Into<String>,
+        tls: TlsMaterial,
+    ) -> Self {
+        EdgeConfig {
+            node: node.into(),
+            relay: relay.into(),
+            server_name: server_name.into(),
+            tls,
+            routes: Vec::new(),
+            primary_addr: None,
+            allowed_ports: Vec::new(),
+            dial_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(10),
+            quic: QuicTuning::default(),
+            backoff: BackoffConfig::default(),
+        }
+    }
+}
+
+/// A configuration error, naming the field.
+#[derive(Debug, thiserror::Error)]
+#[error("config {field}: {message}")]
+pub struct ConfigError {
+    /// Field path.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn err(field: impl Into<String>, message: impl ToString) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        message: message.to_string(),
+    }
+}
+
+/// `[tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// Node certificate (PEM), SAN = node name.
+    pub cert: PathBuf,
+    /// Node key (PEM).
+    pub key: PathBuf,
+    /// CA that signed the relay certificate (PEM); nothing else is trusted.
+    pub relay_ca: PathBuf,
+}
+
+/// `[timeouts]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsFile {
+    /// Dialing a local target (default 5s).
+    #[serde(default, with = "humantime_serde")]
+    pub dial: Option<Duration>,
+    /// Connecting + hello (default 10s).
+    #[serde(default, with = "humantime_serde")]
+    pub handshake: Option<Duration>,
+}
+
+/// `[backoff]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackoffFile {
+    /// First delay cap (default 500ms).
+    #[serde(default, with = "humantime_serde")]
+    pub initial: Option<Duration>,
+    /// Largest delay cap (default 30s).
+    #[serde(default, with = "humantime_serde")]
+    pub max: Option<Duration>,
+    /// Uptime that resets the backoff (default 60s).
+    #[serde(default, with = "humantime_serde")]
+    pub reset_after: Option<Duration>,
+}
+
+/// The edge client's TOML configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Node name.
+    pub node: String,
+    /// Relay `host:port`.
+    pub relay: String,
+    /// TLS name of the relay (default: the host part of `relay`).
+    pub server_name: Option<String>,
+    /// Prefixes served.
+    #[serde(default)]
+    pub routes: Vec<Cidr>,
+    /// Primary node address.
+    pub primary_addr: Option<IpAddr>,
+    /// Destination ports served (empty: all).
+    #[serde(default)]
+    pub allowed_ports: Vec<u16>,
+    /// Certificates.
+    pub tls: TlsFile,
+    /// Timeouts.
+    #[serde(default)]
+    pub timeouts: TimeoutsFile,
+    /// Reconnect backoff.
+    #[serde(default)]
+    pub backoff: BackoffFile,
+    /// QUIC settings.
+    #[serde(default)]
+    pub quic: QuicFile,
+}
+
+/// The host part of `host:port` / `[v6]:port`.
+fn host_of(relay: &str) -> Option<&str> {
+    let (host, port) = relay.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then_some(host)
+}
+
+fn nonzero(field: &str, d: Option<Duration>, default: Duration) -> Result<Duration, ConfigError> {
+    match d {
+        Some(d) if d.is_zero() => Err(err(field, "must be greater than zero")),
+        Some(d) => Ok(d),
+        None => Ok(default),
+    }
+}
+
+impl FileConfig {
+    /// Reads, parses, validates, and loads the certificates.
+    pub fn load(path: &Path) -> Result<EdgeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| err(path.display().to_string(), e))?;
+        Self::parse(&text)?.into_runtime()
+    }
+
+    /// Parses TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| err("file", e.to_string().trim_end()))
+    }
+
+    /// Validates and loads what the file points at.
+    pub fn into_runtime(self) -> Result<EdgeConfig, ConfigError> {
+        if self.node.is_empty() || self.node.len() > 253 {
+            return Err(err("node", "must be 1 to 253 characters"));
+        }
+        let host = host_of(&self.relay).ok_or_else(|| err("relay", "must be host:port"))?;
+        let server_name = self.server_name.clone().unwrap_or_else(|| host.to_string());
+        if let Some(p) = self.primary_addr {
+            if !self.routes.iter().any(|r| r.contains(&p)) {
+                return Err(err(
+                    "primary_addr",
+                    format!("{p} is not inside any of `routes`"),
+                ));
+            }
+        }
+        if self.allowed_ports.contains(&0) {
+            return Err(err("allowed_ports", "port 0 is not a port"));
+        }
+        let quic = self
+            .quic
+            .resolve()
+            .map_err(|(f, m)| err(format!("quic.{f}"), m))?;
+        let d = BackoffConfig::default();
+        let backoff = BackoffConfig {
+            initial: nonzero("backoff.initial", self.backoff.initial, d.initial)?,
+            max: nonzero("backoff.max", self.backoff.max, d.max)?,
+            reset_after: nonzero(
+                "backoff.reset_after",
+                self.backoff.reset_after,
+                d.reset_after,
+            )?,
+        };
+        if backoff.initial > backoff.max {
+            return Err(err("backoff.initial", "must not exceed backoff.max"));
+        }
+        let tls = TlsMaterial::from_files(&self.tls.cert, &self.tls.key, &self.tls.relay_ca)
+            .map_err(|e| err("tls", e))?;
+        Ok(EdgeConfig {
+            dial_timeout: nonzero("timeouts.dial", self.timeouts.dial, Duration::from_secs(5))?,
+            handshake_timeout: nonzero(
+                "timeouts.handshake",
+                self.timeouts.handshake,
+                Duration::from_secs(10),
+            )?,
+            node: self.node,
+            relay: self.relay,
+            server_name,
+            tls,
+            routes: self.routes,
+            primary_addr: self.primary_addr,
+            allowed_ports: self.allowed_ports,
+            quic,
+            backoff,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "node = \"edge-1\"\nrelay = \"relay.example:8443\"\n[tls]\ncert = \"/nonexistent/c\"\nkey = \"k\"\nrelay_ca = \"ca\"\n";
+
+    #[test]
+    fn errors_name_the_field() {
+        let f = FileConfig::parse(&format!(
+            "routes = [\"10.0.0.0/24\"]\nprimary_addr = \"10.0.1.1\"\n{BASE}"
+        ))
+        .unwrap();
+        assert_eq!(f.into_runtime().unwrap_err().field, "primary_addr");
+        let f = FileConfig::parse(&BASE.replace("relay.example:8443", "relay.example")).unwrap();
+        assert_eq!(f.into_runtime().unwrap_err().field, "relay");
+        let f = FileConfig::parse(BASE).unwrap();
+        let e = f.into_runtime().unwrap_err();
+        assert_eq!(e.field, "tls");
+        assert!(e.to_string().contains("/nonexistent/c"), "{e}");
+        let e = FileConfig::parse(&format!("{BASE}surprise = 1\n")).unwrap_err();
+        assert!(e.to_string().contains("surprise"), "{e}");
+        let f = FileConfig::parse(&format!("{BASE}[quic]\nkeepalive = \"1m\"\n")).unwrap();
+        assert_eq!(f.into_runtime().unwrap_err().field, "quic.keepalive");
+    }
+
+    #[test]
+    fn server_name_defaults_to_relay_host() {
+        assert_eq!(host_of("relay.example:8443"), Some("relay.example"));
+        assert_eq!(host_of("[::1]:8443"), Some("::1"));
+        assert_eq!(host_of("relay"), None);
+        assert_eq!(host_of(":8443"), None);
+    }
+}

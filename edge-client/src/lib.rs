@@ -1,0 +1,20 @@
+//! The edge side of the edge relay.
+//!
+//! Runs on each edge node (DaemonSet or systemd). Dials out to the relay
+//! over QUIC with the node's client certificate, registers the prefixes it
+//! serves, and serves the streams the relay opens: read the header, check
+//! the target is inside what this node advertised, dial it (bounded),
+//! answer, splice. Nothing here listens on the network.
+//!
+//! Modules:
+//! - [`config`]: TOML file config and the runtime [`EdgeConfig`].
+//! - [`client`]: [`EdgeClient`], the reconnect loop and stream serving.
+//! - [`backoff`]: capped exponential backoff with full jitter.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod backoff;
+pub mod client;
+pub mod config;
+
+pub use client::{EdgeClient, EdgeState, EdgeStats};
+pub use config::{EdgeConfig, FileConfig};

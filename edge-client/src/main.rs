@@ -1,0 +1,67 @@
+//! `edge-client`: the edge side of the edge relay.
+//!
+//! `edge-client --config edge.toml` dials the relay and serves its streams
+//! until SIGTERM/SIGINT. It opens no listening socket.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use edge_client::{EdgeClient, FileConfig};
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Reverse-tunnel relay for Kubernetes edge nodes behind NAT (edge side).
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// TOML configuration file (see README "Configuration reference").
+    #[arg(short, long, env = "EDGE_CONFIG")]
+    config: PathBuf,
+    /// Override `node` from the file (e.g. from the downward API).
+    #[arg(long, env = "EDGE_NODE_NAME")]
+    node: Option<String>,
+    /// Override `relay` (host:port) from the file.
+    #[arg(long, env = "EDGE_RELAY")]
+    relay: Option<String>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    relay_transport::tls::install_default_provider();
+    let text = std::fs::read_to_string(&cli.config)
+        .with_context(|| format!("reading {}", cli.config.display()))?;
+    let mut file = FileConfig::parse(&text)?;
+    if let Some(n) = cli.node {
+        file.node = n;
+    }
+    if let Some(r) = cli.relay {
+        file.relay = r;
+    }
+    let cfg = file.into_runtime()?;
+    if cli.check {
+        println!(
+            "{}: ok (node {}, relay {}, {} routes)",
+            cli.config.display(),
+            cfg.node,
+            cfg.relay,
+            cfg.routes.len()
+        );
+        return Ok(());
+    }
+    let client = EdgeClient::spawn(cfg);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+    client.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,54 @@
+//! The wire format spoken between `relay-server` and `edge-client`.
+//!
+//! This crate has no sockets and no clock: it defines the messages and how
+//! they are framed, and the async crates drive it over a transport (QUIC
+//! streams today, yamux streams over TLS later; both carry the same bytes).
+//!
+//! Modules:
+//! - [`cidr`]: the [`Cidr`] type used for routes (validated, canonical).
+//! - [`messages`]: handshake ([`ClientHello`], [`HelloReply`]), control
+//!   messages ([`Control`]), per-stream header ([`StreamOpen`]) and reply
+//!   ([`StreamReply`]).
+//! - [`codec`]: the one place that knows about bincode; length-delimited
+//!   frames with a hard size limit checked before any allocation.
+//! - [`datagram`]: the header of a UDP datagram carried over the tunnel.
+//!
+//! Every stream, control or data, starts with frames: a 4-byte big-endian
+//! length followed by that many bytes of bincode (see `docs/architecture.md`).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod cidr;
+pub mod codec;
+pub mod datagram;
+pub mod messages;
+
+pub use cidr::{Cidr, CidrError};
+pub use codec::{CodecError, FrameError, MAX_FRAME_LEN};
+pub use messages::*;
+
+/// The protocol version this build speaks. Bumped on any incompatible change
+/// to the messages below; the golden-byte tests fail when the encoding moves.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// ALPN identifier negotiated on QUIC and TLS, so a relay never mistakes an
+/// unrelated TLS client for an edge (and vice versa).
+pub const ALPN: &[u8] = b"edge-relay/1";
+
+/// Application error codes used when closing a connection or resetting a
+/// stream, so the peer can tell a deliberate close from a crash.
+pub mod close_code {
+    /// Normal shutdown (client or relay exiting).
+    pub const NORMAL: u32 = 0;
+    /// The session was replaced by a newer session of the same node.
+    pub const SUPERSEDED: u32 = 1;
+    /// The handshake was rejected; the reason was sent on the control stream.
+    pub const REJECTED: u32 = 2;
+    /// An operator removed the session through the admin API.
+    pub const KICKED: u32 = 3;
+    /// A protocol violation (bad frame, unexpected message).
+    pub const PROTOCOL: u32 = 4;
+    /// The relay is draining; reconnect (to another replica if possible).
+    pub const GOING_AWAY: u32 = 5;
+    /// Stream reset because the other side of the splice failed.
+    pub const STREAM_RESET: u32 = 16;
+}

@@ -1,0 +1,275 @@
+//! The messages of the protocol.
+//!
+//! Sequence (see `docs/architecture.md` for diagrams):
+//! 1. The edge opens the transport connection and its first bidirectional
+//!    stream, the *control stream*, and sends a [`ClientHello`].
+//! 2. The relay answers with a [`HelloReply`]: accepted with a
+//!    [`ServerHello`], or rejected with a typed [`Rejection`].
+//! 3. Both sides then exchange [`Control`] messages on the control stream.
+//! 4. For every tunnelled connection the relay opens a new bidirectional
+//!    stream, sends a [`StreamOpen`], and the edge answers with a
+//!    [`StreamReply`]; after an `Ok` reply the stream carries raw bytes.
+//!
+//! Field order is wire order: append new fields only with a version bump.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::Cidr;
+
+/// Capability bits announced in the handshake (a `u32` bit set).
+pub mod capability {
+    /// Can carry TCP streams (every build can).
+    pub const TCP_STREAMS: u32 = 1 << 0;
+    /// Can carry UDP flows as datagrams.
+    pub const UDP_DATAGRAMS: u32 = 1 << 1;
+}
+
+/// The first message of a session, sent by the edge on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientHello {
+    /// Protocol version the edge speaks; must stay the first field so that
+    /// any future relay can read it (see [`crate::codec::peek_version`]).
+    pub version: u16,
+    /// Kubernetes node name; must match the client certificate's name.
+    pub node: String,
+    /// The prefixes this edge serves: pod CIDRs and host addresses.
+    pub routes: Vec<Cidr>,
+    /// The node's primary address, used when a target names the node
+    /// (`CONNECT edge-1:10250`). Must lie inside `routes`.
+    pub primary_addr: Option<IpAddr>,
+    /// Bit set from [`capability`].
+    pub capabilities: u32,
+    /// Free-form software version of the edge, shown to operators.
+    pub agent: String,
+}
+
+/// The relay's answer to a [`ClientHello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloReply {
+    /// The session is registered; its routes are live.
+    Accepted(ServerHello),
+    /// The session was refused; the connection closes after this message.
+    Rejected(Rejection),
+}
+
+/// Session parameters chosen by the relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerHello {
+    /// Unique id of this session (random, for logs and the admin API).
+    pub session_id: u64,
+    /// Increases with every session the relay accepts, so a stale session
+    /// of a node can never replace a fresher one.
+    pub generation: u64,
+    /// Which relay replica accepted the session.
+    pub relay_id: String,
+    /// Keep-alive interval the relay uses, in milliseconds.
+    pub keepalive_ms: u32,
+    /// Idle timeout after which a silent session is dropped, in milliseconds.
+    pub idle_timeout_ms: u32,
+    /// Prefixes the edge should send back through the tunnel (cloud pod and
+    /// service ranges, other edges' routes).
+    pub tunnel_routes: Vec<Cidr>,
+    /// Capability bits the relay supports.
+    pub capabilities: u32,
+}
+
+/// Why a handshake was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum RejectReason {
+    /// The hello's version is not one the relay speaks.
+    UnsupportedVersion,
+    /// The hello's node name differs from the client certificate.
+    IdentityMismatch,
+    /// A claimed route is outside what this node may serve.
+    RouteNotAllowed,
+    /// A claimed route overlaps a route of another live node.
+    RouteConflict,
+    /// The relay is at its session or handshake limit; retry later.
+    Overloaded,
+    /// The hello could not be decoded or is inconsistent.
+    Malformed,
+    /// The relay is shutting down; try another replica.
+    ShuttingDown,
+}
+
+impl RejectReason {
+    /// Stable lower-case label for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RejectReason::UnsupportedVersion => "unsupported_version",
+            RejectReason::IdentityMismatch => "identity_mismatch",
+            RejectReason::RouteNotAllowed => "route_not_allowed",
+            RejectReason::RouteConflict => "route_conflict",
+            RejectReason::Overloaded => "overloaded",
+            RejectReason::Malformed => "malformed",
+            RejectReason::ShuttingDown => "shutting_down",
+        }
+    }
+
+    /// Whether retrying the same hello can succeed without a config change.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            RejectReason::Overloaded | RejectReason::ShuttingDown | RejectReason::RouteConflict
+        )
+    }
+}
+
+/// A typed refusal of a handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    /// The machine-readable reason.
+    pub reason: RejectReason,
+    /// A human-readable explanation (which route, which name).
+    pub message: String,
+    /// The protocol version the relay speaks.
+    pub relay_version: u16,
+    /// Suggested wait before retrying, in milliseconds, if any.
+    pub retry_after_ms: Option<u32>,
+}
+
+/// Messages exchanged on the control stream after the handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Control {
+    /// Liveness probe; the peer answers with `Pong` carrying the same nonce.
+    Ping {
+        /// Echoed back in the `Pong`.
+        nonce: u64,
+    },
+    /// Answer to `Ping`.
+    Pong {
+        /// The nonce of the `Ping` being answered.
+        nonce: u64,
+    },
+    /// The prefixes the edge should send through the tunnel changed.
+    RouteUpdate {
+        /// The complete new list (not a delta), so a lost update heals.
+        tunnel_routes: Vec<Cidr>,
+    },
+    /// The sender will open no new streams; in-flight ones may finish.
+    GoAway {
+        /// Why (shutdown, operator drain).
+        reason: String,
+        /// How long in-flight streams have before the connection closes.
+        grace_ms: u32,
+    },
+}
+
+/// The destination of a tunnelled connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Target {
+    /// An IP address and port.
+    Addr(SocketAddr),
+    /// A name and port, resolved by the receiving side.
+    Name {
+        /// Host or service name.
+        host: String,
+        /// Port number.
+        port: u16,
+    },
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Addr(a) => write!(f, "{a}"),
+            Target::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// Transport-layer protocol of a tunnelled flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum L4 {
+    /// A TCP connection spliced onto the stream.
+    Tcp,
+}
+
+/// The header that starts every data stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamOpen {
+    /// Where to connect.
+    pub target: Target,
+    /// The original client address as the opening side saw it (for logs
+    /// and policy; never used for routing).
+    pub source: Option<SocketAddr>,
+    /// TCP today; UDP flows are set up with their own variant later.
+    pub l4: L4,
+}
+
+/// Outcome of a [`StreamOpen`], so the caller learns *why* a dial failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum StreamStatus {
+    /// Connected; raw bytes follow in both directions.
+    Ok,
+    /// The target actively refused the connection (TCP RST).
+    Refused,
+    /// No route to the target, or the network is unreachable.
+    Unreachable,
+    /// The dial did not complete within the timeout.
+    Timeout,
+    /// The target is outside what the receiving side serves or allows.
+    Denied,
+    /// The receiving side knows no route or session for the target.
+    NoRoute,
+    /// Any other failure; see the message.
+    Error,
+}
+
+impl StreamStatus {
+    /// Stable lower-case label for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StreamStatus::Ok => "ok",
+            StreamStatus::Refused => "refused",
+            StreamStatus::Unreachable => "unreachable",
+            StreamStatus::Timeout => "timeout",
+            StreamStatus::Denied => "denied",
+            StreamStatus::NoRoute => "no_route",
+            StreamStatus::Error => "error",
+        }
+    }
+
+    /// Every status, in wire order (for metrics initialisation).
+    pub const ALL: [StreamStatus; 7] = [
+        StreamStatus::Ok,
+        StreamStatus::Refused,
+        StreamStatus::Unreachable,
+        StreamStatus::Timeout,
+        StreamStatus::Denied,
+        StreamStatus::NoRoute,
+        StreamStatus::Error,
+    ];
+}
+
+/// The answer to a [`StreamOpen`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamReply {
+    /// Outcome.
+    pub status: StreamStatus,
+    /// Detail for humans (`connect 10.0.0.5:80: connection refused`).
+    pub message: String,
+}
+
+impl StreamReply {
+    /// A successful reply with no message.
+    pub fn ok() -> Self {
+        StreamReply {
+            status: StreamStatus::Ok,
+            message: String::new(),
+        }
+    }
+
+    /// A failure with a reason.
+    pub fn fail(status: StreamStatus, message: impl Into<String>) -> Self {
+        StreamReply {
+            status,
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! The admin API (axum): sessions, routes, health, Prometheus metrics.
+//!
+//! Loopback by default. With a token configured, `/v1/*` and `/metrics`
+//! require `Authorization: Bearer <token>`; `/healthz` and `/readyz` stay
+//! open for probes. Requests are bounded: at most 64 in flight (more are
+//! shed with 503) and 10 s each.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use relay_protocol::{close_code, Cidr};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceBuilder;
+
+use crate::server::Shared;
+use crate::session::SessionHandle;
+
+/// One session as the admin API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionRow {
+    /// Node name.
+    pub node: String,
+    /// Session id.
+    pub session_id: u64,
+    /// Generation (higher is newer).
+    pub generation: u64,
+    /// `quic` or `tcp`.
+    pub transport: String,
+    /// The edge's address as the relay sees it (after NAT).
+    pub remote_addr: String,
+    /// RFC 3339 time the session was registered.
+    pub connected_since: String,
+    /// Seconds since then.
+    pub connected_secs: u64,
+    /// Smoothed round-trip time, milliseconds.
+    pub rtt_ms: f64,
+    /// Prefixes served.
+    pub routes: Vec<Cidr>,
+    /// Primary node address.
+    pub primary_addr: Option<String>,
+    /// Edge software version.
+    pub agent: String,
+    /// Streams open now.
+    pub open_streams: u64,
+    /// Streams opened in this session.
+    pub streams_total: u64,
+    /// Payload bytes from the edge.
+    pub bytes_in: u64,
+    /// Payload bytes to the edge.
+    pub bytes_out: u64,
+    /// Seconds since the edge last answered on the control stream.
+    pub last_seen_secs: f64,
+    /// Whether the session is draining.
+    pub draining: bool,
+}
+
+impl SessionRow {
+    /// Snapshot of a live session.
+    pub fn of(s: &SessionHandle) -> Self {
+        SessionRow {
+            node: s.node.clone(),
+            session_id: s.session_id,
+            generation: s.generation,
+            transport: s.conn.kind().as_str().to_string(),
+            remote_addr: s.conn.remote_addr().to_string(),
+            connected_since: humantime::format_rfc3339_seconds(s.connected_at).to_string(),
+            connected_secs: s.connected_at.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+            rtt_ms: s.conn.rtt().as_secs_f64() * 1000.0,
+            routes: s.routes.clone(),
+            primary_addr: s.primary_addr.map(|a| a.to_string()),
+            agent: s.agent.clone(),
+            open_streams: s.open_streams.load(Relaxed),
+            streams_total: s.streams_total.load(Relaxed),
+            bytes_in: s.bytes_from_edge.load(Relaxed),
+            bytes_out: s.bytes_to_edge.load(Relaxed),
+            last_seen_secs: s.last_seen_ago().as_secs_f64(),
+            draining: s.is_draining(),
+        }
+    }
+}
+
+pub(crate) async fn serve(
+    l: TcpListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> &'static str {
+    let app = router(shared);
+    let _ = axum::serve(l, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+    "admin"
+}
+
+/// The admin API's routes.
+pub fn router(shared: Arc<Shared>) -> Router {
+    let protected = Router::new()
+        .route("/v1/sessions", get(list_sessions))
+        .route(
+            "/v1/sessions/{node}",
+            get(get_session).delete(delete_session),
+        )
+        .route("/v1/routes", get(list_routes))
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(shared.clone(), auth));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .merge(protected)
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(|e: tower::BoxError| async move {
+                    if e.is::<tower::timeout::error::Elapsed>() {
+                        (StatusCode::GATEWAY_TIMEOUT, "admin request timed out\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "admin API overloaded\n")
+                    }
+                }))
+                .load_shed()
+                .concurrency_limit(64)
+                .timeout(Duration::from_secs(10)),
+        )
+        .with_state(shared)
+}
+
+/// Compares in time independent of where the strings differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    if let Some(token) = &shared.cfg.admin_token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !same(given.as_bytes(), token.expose().as_bytes()) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "missing or wrong bearer token\n",
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.is_shutting_down() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        "ready\n".into_response()
+    }
+}
+
+async fn list_sessions(State(shared): State<Arc<Shared>>) -> Json<Vec<SessionRow>> {
+    Json(
+        shared
+            .registry
+            .sessions()
+            .iter()
+            .map(|s| SessionRow::of(s))
+            .collect(),
+    )
+}
+
+fn not_found(node: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        format!("no session for node {node}\n"),
+    )
+        .into_response()
+}
+
+async fn get_session(State(shared): State<Arc<Shared>>, Path(node): Path<String>) -> Response {
+    match shared.registry.get(&node) {
+        Some(s) => Json(SessionRow::of(&s)).into_response(),
+        None => not_found(&node),
+    }
+}
+
+/// `?drain=true` drains instead of closing at once; `grace` (e.g. `30s`)
+/// overrides the configured drain grace.
+#[derive(Debug, Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    drain: bool,
+    #[serde(default, with = "humantime_serde")]
+    grace: Option<Duration>,
+}
+
+async fn delete_session(
+    State(shared): State<Arc<Shared>>,
+    Path(node): Path<String>,
+    Query(q): Query<DeleteQuery>,
+) -> Response {
+    let Some(s) = shared.registry.get(&node) else {
+        return not_found(&node);
+    };
+    if q.drain {
+        let grace = q.grace.unwrap_or(shared.cfg.limits.drain_grace);
+        s.drain(grace, "drained by operator");
+        (
+            StatusCode::ACCEPTED,
+            format!("draining node {node} (grace {grace:?})\n"),
+        )
+            .into_response()
+    } else {
+        s.kick(close_code::KICKED, "closed by operator");
+        (StatusCode::OK, format!("closed session of node {node}\n")).into_response()
+    }
+}
+
+async fn list_routes(State(shared): State<Arc<Shared>>) -> Json<Vec<crate::registry::RouteRow>> {
+    Json(shared.registry.routes())
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        shared.metrics.render(shared.registry.len()),
+    )
+        .into_response()
+}

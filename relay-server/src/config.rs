@@ -1,0 +1,406 @@
+//! Configuration: the file/CLI form ([`FileConfig`], TOML) and the runtime
+//! form the library takes ([`RelayConfig`]). `FileConfig::load` validates
+//! and names the offending field in every error.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use relay_protocol::Cidr;
+use relay_transport::{QuicFile, QuicTuning, TlsMaterial};
+use serde::Deserialize;
+
+/// A secret string whose `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    /// The secret itself; call only where it is compared or sent.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MASKED")
+    }
+}
+
+/// Bounds on every wait and queue of the relay.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// TLS handshake + hello + registration must finish within this.
+    pub handshake_timeout: Duration,
+    /// How long the relay waits for an edge to answer a stream open
+    /// (the edge's own dial timeout should be shorter, to report precisely).
+    pub stream_open_timeout: Duration,
+    /// A CONNECT request header must arrive within this.
+    pub connect_header_timeout: Duration,
+    /// Largest CONNECT request header accepted, in bytes.
+    pub connect_max_header_bytes: usize,
+    /// Most sessions (distinct nodes) at once.
+    pub max_sessions: usize,
+    /// Most handshakes in progress at once; more are refused at once.
+    pub max_concurrent_handshakes: usize,
+    /// Most CONNECT client connections at once; more get 503.
+    pub max_connect_connections: usize,
+    /// How long draining sessions get for in-flight streams on shutdown.
+    pub drain_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(10),
+            stream_open_timeout: Duration::from_secs(15),
+            connect_header_timeout: Duration::from_secs(10),
+            connect_max_header_bytes: 8 * 1024,
+            max_sessions: 10_000,
+            max_concurrent_handshakes: 256,
+            max_connect_connections: 16_384,
+            drain_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Everything the relay library needs, already loaded and validated.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// This replica's name, sent to edges and shown in logs.
+    pub relay_id: String,
+    /// UDP address of the QUIC endpoint edges dial.
+    pub quic_listen: SocketAddr,
+    /// Relay certificate and the CA that signs edge certificates.
+    pub tls: TlsMaterial,
+    /// QUIC transport settings.
+    pub quic: QuicTuning,
+    /// TCP address of the HTTP CONNECT ingress, if enabled.
+    pub connect_listen: Option<SocketAddr>,
+    /// When set, the CONNECT TCP ingress requires TLS with client
+    /// certificates from this material's CA (the apiserver's egress cert).
+    pub connect_tls: Option<TlsMaterial>,
+    /// Unix socket path of the HTTP CONNECT ingress, if enabled.
+    pub connect_unix: Option<PathBuf>,
+    /// Address of the admin API, if enabled (loopback by default).
+    pub admin_listen: Option<SocketAddr>,
+    /// Bearer token required by the admin API's `/v1` and `/metrics`.
+    pub admin_token: Option<Secret>,
+    /// Which prefixes each node may serve.
+    pub nodes: HashMap<String, Vec<Cidr>>,
+    /// Prefixes edges should send back through the tunnel.
+    pub tunnel_routes: Vec<Cidr>,
+    /// Bounds.
+    pub limits: Limits,
+}
+
+impl RelayConfig {
+    /// A config on loopback with ephemeral ports (tests, the demo).
+    pub fn loopback(tls: TlsMaterial) -> Self {
+        let lo = SocketAddr::from(([127, 0, 0, 1], 0));
+        RelayConfig {
+            relay_id: "relay-0".into(),
+            quic_listen: lo,
+            tls,
+            quic: QuicTuning::default(),
+            connect_listen: Some(lo),
+            connect_tls: None,
+            connect_unix: None,
+            admin_listen: Some(lo),
+            admin_token: None,
+            nodes: HashMap::new(),
+            tunnel_routes: Vec::new(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A configuration error, naming the field.
+#[derive(Debug, thiserror::Error)]
+#[error("config {field}: {message}")]
+pub struct ConfigError {
+    /// Dotted path of the field (`tls.cert`, `nodes.edge-1`).
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn err(field: impl Into<String>, message: impl ToString) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        message: message.to_string(),
+    }
+}
+
+/// `[tls]`-style certificate paths.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+    /// CA that peers' certificates must chain to (PEM).
+    pub client_ca: PathBuf,
+}
+
+impl TlsFiles {
+    fn load(&self, section: &str) -> Result<TlsMaterial, ConfigError> {
+        TlsMaterial::from_files(&self.cert, &self.key, &self.client_ca).map_err(|e| err(section, e))
+    }
+}
+
+/// `[listen]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenFile {
+    /// UDP address for QUIC.
+    #[serde(default = "default_quic")]
+    pub quic: SocketAddr,
+    /// TCP address for HTTP CONNECT.
+    pub connect: Option<SocketAddr>,
+    /// Unix socket for HTTP CONNECT.
+    pub connect_unix: Option<PathBuf>,
+    /// TCP address for the admin API.
+    #[serde(default = "default_admin")]
+    pub admin: Option<SocketAddr>,
+}
+
+fn default_quic() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8443))
+}
+
+fn default_admin() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 9090)))
+}
+
+/// `[limits]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// See [`Limits::handshake_timeout`].
+    #[serde(default, with = "humantime_serde")]
+    pub handshake_timeout: Option<Duration>,
+    /// See [`Limits::stream_open_timeout`].
+    #[serde(default, with = "humantime_serde")]
+    pub stream_open_timeout: Option<Duration>,
+    /// See [`Limits::connect_header_timeout`].
+    #[serde(default, with = "humantime_serde")]
+    pub connect_header_timeout: Option<Duration>,
+    /// See [`Limits::connect_max_header_bytes`].
+    pub connect_max_header_bytes: Option<usize>,
+    /// See [`Limits::max_sessions`].
+    pub max_sessions: Option<usize>,
+    /// See [`Limits::max_concurrent_handshakes`].
+    pub max_concurrent_handshakes: Option<usize>,
+    /// See [`Limits::max_connect_connections`].
+    pub max_connect_connections: Option<usize>,
+    /// See [`Limits::drain_grace`].
+    #[serde(default, with = "humantime_serde")]
+    pub drain_grace: Option<Duration>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// File holding the bearer token (trailing newline ignored).
+    pub token_file: Option<PathBuf>,
+}
+
+/// The relay's TOML configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Replica name (default: the host name, else `relay-0`).
+    pub relay_id: Option<String>,
+    /// Listening addresses.
+    pub listen: ListenFile,
+    /// Relay certificate, key, and the CA of edge certificates.
+    pub tls: TlsFiles,
+    /// TLS for the CONNECT TCP listener (client certificates required).
+    pub connect_tls: Option<TlsFiles>,
+    /// Admin API settings.
+    #[serde(default)]
+    pub admin: AdminFile,
+    /// QUIC settings.
+    #[serde(default)]
+    pub quic: QuicFile,
+    /// Bounds.
+    #[serde(default)]
+    pub limits: LimitsFile,
+    /// Node name → prefixes that node may serve.
+    #[serde(default)]
+    pub nodes: HashMap<String, Vec<Cidr>>,
+    /// Prefixes edges send back through the tunnel.
+    #[serde(default)]
+    pub tunnel_routes: Vec<Cidr>,
+}
+
+fn positive(field: &str, d: Option<Duration>, default: Duration) -> Result<Duration, ConfigError> {
+    match d {
+        Some(d) if d.is_zero() => Err(err(field, "must be greater than zero")),
+        Some(d) => Ok(d),
+        None => Ok(default),
+    }
+}
+
+fn at_least_one(field: &str, v: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+    match v {
+        Some(0) => Err(err(field, "must be at least 1")),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    }
+}
+
+impl FileConfig {
+    /// Reads, parses and validates a config file, loading the TLS files.
+    pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| err(path.display().to_string(), e))?;
+        Self::parse(&text)?.into_runtime()
+    }
+
+    /// Parses TOML text; errors name the line and field.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| err("file", e.to_string().trim_end()))
+    }
+
+    /// Validates and loads what the file points at.
+    pub fn into_runtime(self) -> Result<RelayConfig, ConfigError> {
+        let d = Limits::default();
+        let l = &self.limits;
+        let limits = Limits {
+            handshake_timeout: positive(
+                "limits.handshake_timeout",
+                l.handshake_timeout,
+                d.handshake_timeout,
+            )?,
+            stream_open_timeout: positive(
+                "limits.stream_open_timeout",
+                l.stream_open_timeout,
+                d.stream_open_timeout,
+            )?,
+            connect_header_timeout: positive(
+                "limits.connect_header_timeout",
+                l.connect_header_timeout,
+                d.connect_header_timeout,
+            )?,
+            connect_max_header_bytes: match l.connect_max_header_bytes {
+                Some(n) if !(256..=1024 * 1024).contains(&n) => {
+                    return Err(err(
+                        "limits.connect_max_header_bytes",
+                        "must be between 256 and 1048576",
+                    ))
+                }
+                Some(n) => n,
+                None => d.connect_max_header_bytes,
+            },
+            max_sessions: at_least_one("limits.max_sessions", l.max_sessions, d.max_sessions)?,
+            max_concurrent_handshakes: at_least_one(
+                "limits.max_concurrent_handshakes",
+                l.max_concurrent_handshakes,
+                d.max_concurrent_handshakes,
+            )?,
+            max_connect_connections: at_least_one(
+                "limits.max_connect_connections",
+                l.max_connect_connections,
+                d.max_connect_connections,
+            )?,
+            drain_grace: l.drain_grace.unwrap_or(d.drain_grace),
+        };
+        let quic = self
+            .quic
+            .resolve()
+            .map_err(|(f, m)| err(format!("quic.{f}"), m))?;
+        for node in self.nodes.keys() {
+            if node.is_empty() || node.len() > 253 {
+                return Err(err(
+                    format!("nodes.{node}"),
+                    "node names are 1 to 253 characters",
+                ));
+            }
+        }
+        if self.listen.connect.is_none() && self.listen.connect_unix.is_none() {
+            tracing::warn!("no CONNECT listener configured (listen.connect / listen.connect_unix)");
+        }
+        if self.connect_tls.is_some() && self.listen.connect.is_none() {
+            return Err(err(
+                "connect_tls",
+                "set listen.connect too (TLS applies to the TCP listener)",
+            ));
+        }
+        let admin_token = match &self.admin.token_file {
+            None => None,
+            Some(p) => {
+                let t = std::fs::read_to_string(p)
+                    .map_err(|e| err("admin.token_file", format!("{}: {e}", p.display())))?;
+                let t = t.trim_end_matches(['\n', '\r']);
+                if t.len() < 16 {
+                    return Err(err(
+                        "admin.token_file",
+                        "token must be at least 16 characters",
+                    ));
+                }
+                Some(Secret::new(t))
+            }
+        };
+        Ok(RelayConfig {
+            relay_id: self.relay_id.unwrap_or_else(|| "relay-0".into()),
+            quic_listen: self.listen.quic,
+            tls: self.tls.load("tls")?,
+            quic,
+            connect_listen: self.listen.connect,
+            connect_tls: self
+                .connect_tls
+                .as_ref()
+                .map(|t| t.load("connect_tls"))
+                .transpose()?,
+            connect_unix: self.listen.connect_unix,
+            admin_listen: self.listen.admin,
+            admin_token,
+            nodes: self.nodes,
+            tunnel_routes: self.tunnel_routes,
+            limits,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_and_bad_values_name_the_field() {
+        let e = FileConfig::parse("[listen]\nquic = \"0.0.0.0:1\"\nbogus = 1\n").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = FileConfig::parse(
+            "[listen]\n[tls]\ncert=\"a\"\nkey=\"b\"\nclient_ca=\"c\"\n[nodes]\nedge-1 = [\"10.0.0.1/24\"]\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("host bits"), "{e}");
+        let f = FileConfig::parse(
+            "[listen]\n[tls]\ncert=\"/nonexistent/a\"\nkey=\"b\"\nclient_ca=\"c\"\n[limits]\nhandshake_timeout=\"0s\"\n",
+        )
+        .unwrap();
+        let e = f.into_runtime().unwrap_err();
+        assert_eq!(e.field, "limits.handshake_timeout");
+        let f = FileConfig::parse(
+            "[listen]\n[tls]\ncert=\"/nonexistent/a\"\nkey=\"b\"\nclient_ca=\"c\"\n",
+        )
+        .unwrap();
+        let e = f.into_runtime().unwrap_err();
+        assert_eq!(e.field, "tls");
+        assert!(e.to_string().contains("/nonexistent/a"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        assert_eq!(format!("{:?}", Secret::new("hunter2")), "MASKED");
+    }
+}

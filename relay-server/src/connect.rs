@@ -1,0 +1,442 @@
+//! HTTP CONNECT ingress: what kube-apiserver's `EgressSelectorConfiguration`
+//! speaks with `proxyProtocol: HTTPConnect` (the Konnectivity contract):
+//! `CONNECT host:port HTTP/1.1`, headers, a blank line; then, after
+//! `HTTP/1.1 200`, raw bytes both ways.
+//!
+//! Every failure is answered at once with a status whose reason phrase says
+//! why (Go's HTTP client, used by the apiserver, puts it in its error):
+//! 400 malformed, 403 denied, 405 not CONNECT, 408 header too slow,
+//! 431 header too large, 502 no session / refused / unreachable, 503 busy,
+//! 504 dial timeout.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use relay_protocol::{StreamOpen, StreamReply, StreamStatus, Target, L4};
+use relay_transport::splice::{splice, LocalStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, Instrument};
+
+use crate::server::Shared;
+use crate::session::StreamGuard;
+
+/// Accepts CONNECT clients on TCP, optionally behind TLS with client auth.
+pub(crate) async fn serve_tcp(
+    l: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> &'static str {
+    loop {
+        let (sock, peer) = tokio::select! {
+            _ = stop.cancelled() => return "connect",
+            r = l.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    debug!(error = %e, "connect accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = sock.set_nodelay(true);
+        let shared = shared.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let Ok(permit) = shared.connect_permits.clone().try_acquire_owned() else {
+                busy(sock, &shared).await;
+                return;
+            };
+            let peer = peer.to_string();
+            match tls {
+                None => handle(sock, peer, &shared).await,
+                Some(acceptor) => {
+                    let limit = shared.cfg.limits.connect_header_timeout;
+                    match tokio::time::timeout(limit, acceptor.accept(sock)).await {
+                        Ok(Ok(s)) => handle(s, peer, &shared).await,
+                        Ok(Err(e)) => info!(%peer, error = %e, "CONNECT TLS handshake failed"),
+                        Err(_) => debug!(%peer, "CONNECT TLS handshake timed out"),
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Accepts CONNECT clients on a Unix socket.
+pub(crate) async fn serve_unix(
+    l: UnixListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> &'static str {
+    loop {
+        let sock = tokio::select! {
+            _ = stop.cancelled() => return "connect_unix",
+            r = l.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    debug!(error = %e, "unix accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let Ok(permit) = shared.connect_permits.clone().try_acquire_owned() else {
+                busy(sock, &shared).await;
+                return;
+            };
+            handle(sock, "unix".to_string(), &shared).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn busy<S: LocalStream>(mut s: S, shared: &Shared) {
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        respond(&mut s, 503, "busy", "too many CONNECT connections", shared),
+    )
+    .await;
+}
+
+fn phrase(code: u16) -> &'static str {
+    match code {
+        200 => "Connection established",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}
+
+/// Writes a complete response. For failures the reason phrase carries
+/// `<label>: <detail>` and the body repeats it; `Connection: close` follows.
+async fn respond<S: LocalStream>(
+    s: &mut S,
+    code: u16,
+    label: &str,
+    detail: &str,
+    shared: &Shared,
+) -> std::io::Result<()> {
+    shared.metrics.connect_answer(code);
+    let text = if code == 200 {
+        format!("HTTP/1.1 200 {}\r\n\r\n", phrase(200))
+    } else {
+        // CR/LF in a detail would let a peer-controlled string split the
+        // response; keep it on one line.
+        let detail: String = detail
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        let body = format!("{label}: {detail}\n");
+        format!(
+            "HTTP/1.1 {code} {}: {label}: {detail}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            phrase(code),
+            body.len()
+        )
+    };
+    s.write_all(text.as_bytes()).await?;
+    if code != 200 {
+        s.shutdown().await?;
+    }
+    Ok(())
+}
+
+/// The HTTP status for a stream failure.
+pub fn status_code(s: StreamStatus) -> u16 {
+    match s {
+        StreamStatus::Ok => 200,
+        StreamStatus::Denied => 403,
+        StreamStatus::Timeout => 504,
+        _ => 502,
+    }
+}
+
+#[derive(Debug)]
+enum HeadError {
+    TooLarge,
+    Closed,
+    Io(std::io::Error),
+}
+
+/// Reads until the blank line ending the header, never more than `max`
+/// bytes. Returns the buffer and the header length; bytes after the header
+/// (a client that did not wait for the 200) are kept for the tunnel.
+async fn read_head<S: AsyncRead + Unpin>(
+    s: &mut S,
+    max: usize,
+) -> Result<(Vec<u8>, usize), HeadError> {
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        if buf.len() >= max {
+            return Err(HeadError::TooLarge);
+        }
+        let want = chunk.len().min(max - buf.len());
+        let n = s.read(&mut chunk[..want]).await.map_err(HeadError::Io)?;
+        if n == 0 {
+            return Err(HeadError::Closed);
+        }
+        let from = buf.len().saturating_sub(3);
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf[from..].windows(4).position(|w| w == b"\r\n\r\n") {
+            return Ok((buf, from + i + 4));
+        }
+    }
+}
+
+/// Where a CONNECT authority points.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Authority {
+    /// An IP literal.
+    Ip(SocketAddr),
+    /// A name (node name, later service names), lower-cased.
+    Name(String, u16),
+}
+
+/// Parses `host:port`, `[v6]:port` or `name:port`.
+pub fn parse_authority(a: &str) -> Result<Authority, String> {
+    if let Ok(sa) = a.parse::<SocketAddr>() {
+        if sa.port() == 0 {
+            return Err(format!("port 0 in {a:?}"));
+        }
+        return Ok(Authority::Ip(sa));
+    }
+    let (host, port) = a
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{a:?} is not host:port"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("bad port in {a:?}"))?;
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    if !valid {
+        return Err(format!("bad host in {a:?}"));
+    }
+    Ok(Authority::Name(host.to_ascii_lowercase(), port))
+}
+
+/// Serves one CONNECT client from header to the end of the splice.
+async fn handle<S: LocalStream>(mut s: S, peer: String, shared: &Arc<Shared>) {
+    let limits = &shared.cfg.limits;
+    let head = tokio::time::timeout(
+        limits.connect_header_timeout,
+        read_head(&mut s, limits.connect_max_header_bytes),
+    )
+    .await;
+    let (buf, head_len) = match head {
+        Err(_) => {
+            let _ = respond(
+                &mut s,
+                408,
+                "header_timeout",
+                "request header not received in time",
+                shared,
+            )
+            .await;
+            return;
+        }
+        Ok(Err(HeadError::TooLarge)) => {
+            let msg = format!(
+                "request header exceeds {} bytes",
+                limits.connect_max_header_bytes
+            );
+            let _ = respond(&mut s, 431, "header_too_large", &msg, shared).await;
+            return;
+        }
+        Ok(Err(HeadError::Closed)) => return,
+        Ok(Err(HeadError::Io(e))) => {
+            debug!(%peer, error = %e, "CONNECT client read failed");
+            return;
+        }
+        Ok(Ok(v)) => v,
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    let authority = match req.parse(&buf[..head_len]) {
+        Ok(httparse::Status::Complete(_)) => match (req.method, req.path) {
+            (Some("CONNECT"), Some(path)) => path.to_string(),
+            (Some(m), _) => {
+                let msg = format!("method {m} not supported; use CONNECT host:port");
+                let _ = respond(&mut s, 405, "method", &msg, shared).await;
+                return;
+            }
+            _ => String::new(),
+        },
+        Ok(httparse::Status::Partial) | Err(_) => String::new(),
+    };
+    if authority.is_empty() {
+        let _ = respond(
+            &mut s,
+            400,
+            "malformed",
+            "not an HTTP/1.1 CONNECT request",
+            shared,
+        )
+        .await;
+        return;
+    }
+    let pending = &buf[head_len..];
+    let auth = match parse_authority(&authority) {
+        Ok(a) => a,
+        Err(msg) => {
+            let _ = respond(&mut s, 400, "malformed", &msg, shared).await;
+            return;
+        }
+    };
+    let (session, target) = match resolve(shared, &auth) {
+        Ok(v) => v,
+        Err(reply) => {
+            shared.metrics.stream_outcome(reply.status);
+            info!(%peer, dst = %authority, reason = reply.status.as_str(), msg = %reply.message, "CONNECT refused");
+            let _ = respond(
+                &mut s,
+                status_code(reply.status),
+                reply.status.as_str(),
+                &reply.message,
+                shared,
+            )
+            .await;
+            return;
+        }
+    };
+    let span = tracing::info_span!("stream", node = %session.node, session = session.session_id, dst = %target, src = %peer);
+    async move {
+        let guard = StreamGuard::new(session, shared.clone());
+        let open = StreamOpen {
+            target: Target::Addr(target),
+            source: peer.parse().ok(),
+            l4: L4::Tcp,
+        };
+        let bi = match guard
+            .session()
+            .open_stream(&open, limits.stream_open_timeout)
+            .await
+        {
+            Ok(bi) => bi,
+            Err(reply) => {
+                shared.metrics.stream_outcome(reply.status);
+                info!(reason = reply.status.as_str(), msg = %reply.message, "stream refused");
+                let _ = respond(
+                    &mut s,
+                    status_code(reply.status),
+                    reply.status.as_str(),
+                    &reply.message,
+                    shared,
+                )
+                .await;
+                return;
+            }
+        };
+        shared.metrics.stream_outcome(StreamStatus::Ok);
+        if respond(&mut s, 200, "", "", shared).await.is_err() {
+            return;
+        }
+        let out = splice(s, pending, bi, &guard).await;
+        debug!(up = out.to_tunnel, down = out.from_tunnel, reset = ?out.reset, "stream closed");
+    }
+    .instrument(span)
+    .await
+}
+
+/// Finds the session and concrete address for a CONNECT authority.
+fn resolve(
+    shared: &Shared,
+    auth: &Authority,
+) -> Result<(Arc<crate::session::SessionHandle>, SocketAddr), StreamReply> {
+    match auth {
+        Authority::Ip(sa) => {
+            let ip: IpAddr = sa.ip();
+            match shared.registry.lookup(ip) {
+                Some(s) => Ok((s, *sa)),
+                None => Err(StreamReply::fail(
+                    StreamStatus::NoRoute,
+                    format!("no edge session serves {ip}"),
+                )),
+            }
+        }
+        Authority::Name(name, port) => match shared.registry.get(name) {
+            Some(s) => match s.primary_addr {
+                Some(ip) => Ok((s, SocketAddr::new(ip, *port))),
+                None => Err(StreamReply::fail(
+                    StreamStatus::NoRoute,
+                    format!("node {name} advertised no primary address"),
+                )),
+            },
+            None => Err(StreamReply::fail(
+                StreamStatus::NoRoute,
+                format!("no edge session for node {name} (service names are not resolved yet)"),
+            )),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorities() {
+        assert_eq!(
+            parse_authority("10.0.0.1:80"),
+            Ok(Authority::Ip("10.0.0.1:80".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_authority("[fd00::1]:10250"),
+            Ok(Authority::Ip("[fd00::1]:10250".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_authority("Edge-1:10250"),
+            Ok(Authority::Name("edge-1".into(), 10250))
+        );
+        assert!(parse_authority("edge-1").is_err());
+        assert!(parse_authority("edge-1:0").is_err());
+        assert!(parse_authority("edge-1:99999").is_err());
+        assert!(parse_authority(":80").is_err());
+        assert!(parse_authority("a b:80").is_err());
+        assert!(parse_authority("10.0.0.1:0").is_err());
+    }
+
+    #[tokio::test]
+    async fn head_reader_bounds_and_keeps_pipelined_bytes() {
+        let mut r: &[u8] = b"CONNECT a:1 HTTP/1.1\r\n\r\nEXTRA";
+        let (buf, n) = read_head(&mut r, 1024).await.unwrap();
+        assert_eq!(&buf[n..], b"EXTRA");
+        let long = vec![b'a'; 5000];
+        let mut r: &[u8] = &long;
+        assert!(matches!(
+            read_head(&mut r, 4096).await,
+            Err(HeadError::TooLarge)
+        ));
+        let mut r: &[u8] = b"CONNECT a:1 HTTP/1.1\r\n";
+        assert!(matches!(
+            read_head(&mut r, 4096).await,
+            Err(HeadError::Closed)
+        ));
+    }
+
+    #[test]
+    fn status_mapping() {
+        assert_eq!(status_code(StreamStatus::Denied), 403);
+        assert_eq!(status_code(StreamStatus::Timeout), 504);
+        assert_eq!(status_code(StreamStatus::Refused), 502);
+        assert_eq!(status_code(StreamStatus::NoRoute), 502);
+        assert_eq!(status_code(StreamStatus::Unreachable), 502);
+    }
+}

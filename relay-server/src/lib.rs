@@ -1,0 +1,27 @@
+//! The cloud side of the edge relay.
+//!
+//! Edges dial in over QUIC with mutual TLS and register the prefixes they
+//! serve; cloud clients reach those prefixes through the HTTP CONNECT
+//! ingress (what kube-apiserver's egress selector speaks), and operators
+//! watch it all through the admin API.
+//!
+//! Modules:
+//! - [`config`]: TOML file config and the runtime [`RelayConfig`].
+//! - [`server`]: [`Relay::spawn`], listeners, graceful shutdown.
+//! - [`session`]: handshake, per-session actor, opening streams to an edge.
+//! - [`registry`]: live sessions and the longest-prefix route table.
+//! - [`connect`]: the HTTP CONNECT ingress.
+//! - [`admin`]: the admin API (sessions, routes, health, metrics).
+//! - [`metrics`]: counters and the Prometheus rendering.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod admin;
+pub mod config;
+pub mod connect;
+pub mod metrics;
+pub mod registry;
+pub mod server;
+pub mod session;
+
+pub use config::{FileConfig, Limits, RelayConfig, Secret};
+pub use server::{Relay, StartError};

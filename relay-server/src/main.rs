@@ -1,0 +1,102 @@
+//! `relay-server`: the cloud side of the edge relay.
+//!
+//! `relay-server --config relay.toml` runs the relay until SIGTERM/SIGINT,
+//! then drains. `relay-server dev-certs` writes a development PKI.
+//! `relay-server check-config` validates a config file and exits.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use relay_server::{FileConfig, Relay};
+use relay_transport::devcerts::DevPki;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Reverse-tunnel relay for Kubernetes edge nodes behind NAT (cloud side).
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// TOML configuration file (see README "Configuration reference").
+    #[arg(short, long, env = "RELAY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Write a development CA, a relay certificate and node certificates
+    /// (PEM) into a directory. Refuses to overwrite existing files.
+    DevCerts {
+        /// Output directory.
+        #[arg(long, default_value = "dev-certs")]
+        out: PathBuf,
+        /// Node names to issue client certificates for (repeatable).
+        #[arg(long = "node", required = true)]
+        nodes: Vec<String>,
+        /// DNS names or IPs the relay certificate is valid for (repeatable).
+        #[arg(long = "relay-name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        relay_names: Vec<String>,
+    },
+    /// Validate the configuration file (and load its certificates), then exit.
+    CheckConfig,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    relay_transport::tls::install_default_provider();
+    match cli.cmd {
+        Some(Cmd::DevCerts {
+            out,
+            nodes,
+            relay_names,
+        }) => {
+            let names: Vec<&str> = relay_names.iter().map(String::as_str).collect();
+            let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
+            let pki = DevPki::generate(&names, &nodes).context("generating certificates")?;
+            for f in pki
+                .write_to(&out)
+                .with_context(|| format!("writing {}", out.display()))?
+            {
+                println!("{}", f.display());
+            }
+            Ok(())
+        }
+        Some(Cmd::CheckConfig) => {
+            let path = cli.config.context("--config is required")?;
+            let cfg = FileConfig::load(&path)?;
+            println!(
+                "{}: ok (relay_id {}, {} nodes)",
+                path.display(),
+                cfg.relay_id,
+                cfg.nodes.len()
+            );
+            Ok(())
+        }
+        None => {
+            let path = cli
+                .config
+                .context("--config is required (or use a subcommand; see --help)")?;
+            let cfg = FileConfig::load(&path)?;
+            let grace = cfg.limits.drain_grace;
+            let mut relay = Relay::spawn(cfg).await?;
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM"),
+                _ = int.recv() => tracing::info!("SIGINT"),
+                why = relay.wait() => anyhow::bail!("relay failed: {why}"),
+            }
+            relay.shutdown(grace).await;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Relay metrics, rendered in the Prometheus text format.
+//!
+//! Plain atomics with a fixed set of label values (every reason is an enum),
+//! so recording is a relaxed `fetch_add` and cardinality cannot explode.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use relay_protocol::{RejectReason, StreamStatus};
+
+/// Handshake failure reasons beyond the protocol's typed rejections.
+pub const HANDSHAKE_LOCAL_REASONS: [&str; 3] = ["tls", "timeout", "protocol"];
+
+const REJECT_REASONS: [RejectReason; 7] = [
+    RejectReason::UnsupportedVersion,
+    RejectReason::IdentityMismatch,
+    RejectReason::RouteNotAllowed,
+    RejectReason::RouteConflict,
+    RejectReason::Overloaded,
+    RejectReason::Malformed,
+    RejectReason::ShuttingDown,
+];
+
+/// All counters of one relay.
+#[derive(Default)]
+pub struct Metrics {
+    /// Sessions accepted since start.
+    pub sessions_accepted: AtomicU64,
+    rejects: [AtomicU64; 7],
+    local_failures: [AtomicU64; 3],
+    /// Streams currently open (all ingress paths).
+    pub streams_open: AtomicU64,
+    stream_outcomes: [AtomicU64; 7],
+    /// Bytes sent towards edges.
+    pub bytes_to_edge: AtomicU64,
+    /// Bytes received from edges.
+    pub bytes_from_edge: AtomicU64,
+    /// CONNECT requests answered, by HTTP status class index (see `connect_status`).
+    connect_status: [AtomicU64; 9],
+}
+
+/// HTTP statuses the CONNECT ingress answers with, in metric order.
+pub const CONNECT_STATUSES: [u16; 9] = [200, 400, 403, 405, 408, 431, 502, 503, 504];
+
+impl Metrics {
+    /// Counts a typed handshake rejection.
+    pub fn reject(&self, r: RejectReason) {
+        if let Some(i) = REJECT_REASONS.iter().position(|x| *x == r) {
+            self.rejects[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Counts a handshake that failed before a typed answer was possible.
+    pub fn handshake_failed(&self, reason: &str) {
+        if let Some(i) = HANDSHAKE_LOCAL_REASONS.iter().position(|x| *x == reason) {
+            self.local_failures[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Counts the outcome of a stream open.
+    pub fn stream_outcome(&self, s: StreamStatus) {
+        if let Some(i) = StreamStatus::ALL.iter().position(|x| *x == s) {
+            self.stream_outcomes[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Counts a CONNECT answer.
+    pub fn connect_answer(&self, code: u16) {
+        if let Some(i) = CONNECT_STATUSES.iter().position(|x| *x == code) {
+            self.connect_status[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Renders every metric in the Prometheus text exposition format;
+    /// `sessions_live` is read from the registry by the caller, so the gauge
+    /// can never drift from the table it describes.
+    pub fn render(&self, sessions_live: usize) -> String {
+        let mut o = String::with_capacity(4096);
+        let mut metric = |name: &str, kind: &str, help: &str, rows: &[(String, u64)]| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in rows {
+                let _ = writeln!(o, "{name}{labels} {v}");
+            }
+        };
+        let one = |a: &AtomicU64| vec![(String::new(), a.load(Relaxed))];
+        metric(
+            "relay_sessions",
+            "gauge",
+            "Edge sessions currently registered.",
+            &[(String::new(), sessions_live as u64)],
+        );
+        metric(
+            "relay_sessions_accepted_total",
+            "counter",
+            "Edge sessions accepted since start.",
+            &one(&self.sessions_accepted),
+        );
+        let mut rows: Vec<(String, u64)> = REJECT_REASONS
+            .iter()
+            .zip(&self.rejects)
+            .map(|(r, a)| (format!("{{reason=\"{}\"}}", r.as_str()), a.load(Relaxed)))
+            .collect();
+        rows.extend(
+            HANDSHAKE_LOCAL_REASONS
+                .iter()
+                .zip(&self.local_failures)
+                .map(|(r, a)| (format!("{{reason=\"{r}\"}}"), a.load(Relaxed))),
+        );
+        metric(
+            "relay_handshake_failures_total",
+            "counter",
+            "Edge handshakes that failed, by reason.",
+            &rows,
+        );
+        metric(
+            "relay_streams_open",
+            "gauge",
+            "Tunnel streams currently open.",
+            &one(&self.streams_open),
+        );
+        let rows: Vec<(String, u64)> = StreamStatus::ALL
+            .iter()
+            .zip(&self.stream_outcomes)
+            .map(|(s, a)| (format!("{{outcome=\"{}\"}}", s.as_str()), a.load(Relaxed)))
+            .collect();
+        metric(
+            "relay_streams_total",
+            "counter",
+            "Tunnel stream opens, by outcome.",
+            &rows,
+        );
+        metric(
+            "relay_bytes_total",
+            "counter",
+            "Payload bytes carried, by direction.",
+            &[
+                (
+                    "{direction=\"to_edge\"}".into(),
+                    self.bytes_to_edge.load(Relaxed),
+                ),
+                (
+                    "{direction=\"from_edge\"}".into(),
+                    self.bytes_from_edge.load(Relaxed),
+                ),
+            ],
+        );
+        let rows: Vec<(String, u64)> = CONNECT_STATUSES
+            .iter()
+            .zip(&self.connect_status)
+            .map(|(c, a)| (format!("{{code=\"{c}\"}}"), a.load(Relaxed)))
+            .collect();
+        metric(
+            "relay_connect_responses_total",
+            "counter",
+            "HTTP CONNECT requests answered, by status code.",
+            &rows,
+        );
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_labelled_counters() {
+        let m = Metrics::default();
+        m.reject(RejectReason::IdentityMismatch);
+        m.stream_outcome(StreamStatus::Denied);
+        m.stream_outcome(StreamStatus::Denied);
+        m.connect_answer(502);
+        m.handshake_failed("tls");
+        let t = m.render(3);
+        assert!(
+            t.contains("relay_handshake_failures_total{reason=\"identity_mismatch\"} 1"),
+            "{t}"
+        );
+        assert!(
+            t.contains("relay_handshake_failures_total{reason=\"tls\"} 1"),
+            "{t}"
+        );
+        assert!(
+            t.contains("relay_streams_total{outcome=\"denied\"} 2"),
+            "{t}"
+        );
+        assert!(
+            t.contains("relay_connect_responses_total{code=\"502\"} 1"),
+            "{t}"
+        );
+        assert!(
+            t.contains("# TYPE relay_sessions gauge\nrelay_sessions 3\n"),
+            "{t}"
+        );
+    }
+}

@@ -1,0 +1,352 @@
+//! Live sessions and the route table.
+//!
+//! One lock guards both maps so that registering a session (conflict check,
+//! replacing an older session of the same node, inserting routes) is atomic.
+//! The lock is a `std::sync::RwLock` held only for map operations, never
+//! across an `.await` (clippy's `await_holding_lock` is denied).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+
+use relay_protocol::{Cidr, RejectReason};
+
+/// What the registry needs to know about a session.
+pub trait RouteOwner: Send + Sync {
+    /// Node name (one live session per node).
+    fn node(&self) -> &str;
+    /// Generation: higher is newer.
+    fn generation(&self) -> u64;
+    /// Session id, for the admin API.
+    fn session_id(&self) -> u64;
+    /// Prefixes the session serves.
+    fn routes(&self) -> &[Cidr];
+}
+
+/// Longest-prefix-match table: prefix → owning session.
+struct RouteTable<S> {
+    /// Keyed by prefix length so a lookup probes at most one map per
+    /// length present (a handful), whatever the number of sessions.
+    by_len: BTreeMap<u8, HashMap<Cidr, Arc<S>>>,
+}
+
+impl<S> Default for RouteTable<S> {
+    fn default() -> Self {
+        RouteTable {
+            by_len: BTreeMap::new(),
+        }
+    }
+}
+
+impl<S> RouteTable<S> {
+    fn lookup(&self, ip: IpAddr) -> Option<&Arc<S>> {
+        self.by_len
+            .iter()
+            .rev()
+            .find_map(|(len, map)| Cidr::containing(ip, *len).and_then(|c| map.get(&c)))
+    }
+
+    fn insert(&mut self, c: Cidr, s: Arc<S>) {
+        self.by_len.entry(c.prefix_len()).or_default().insert(c, s);
+    }
+
+    fn remove(&mut self, c: &Cidr) {
+        if let Some(m) = self.by_len.get_mut(&c.prefix_len()) {
+            m.remove(c);
+            if m.is_empty() {
+                self.by_len.remove(&c.prefix_len());
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Cidr, &Arc<S>)> {
+        self.by_len.values().flat_map(|m| m.iter())
+    }
+}
+
+struct Inner<S> {
+    sessions: HashMap<String, Arc<S>>,
+    routes: RouteTable<S>,
+}
+
+/// A refusal to register, with its reason for the hello reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterError {
+    /// Machine-readable reason.
+    pub reason: RejectReason,
+    /// Explanation for the edge's log.
+    pub message: String,
+}
+
+/// The relay's session registry and route table.
+pub struct Registry<S> {
+    inner: RwLock<Inner<S>>,
+}
+
+impl<S> Default for Registry<S> {
+    fn default() -> Self {
+        Registry {
+            inner: RwLock::new(Inner {
+                sessions: HashMap::new(),
+                routes: RouteTable::default(),
+            }),
+        }
+    }
+}
+
+/// One row of the route table, for the admin API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RouteRow {
+    /// The prefix.
+    pub cidr: Cidr,
+    /// The node that serves it.
+    pub node: String,
+    /// The session that serves it.
+    pub session_id: u64,
+}
+
+impl<S: RouteOwner> Registry<S> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner<S>> {
+        // A panic while holding the lock cannot leave the maps half-updated
+        // in a way that matters more than stopping would; keep serving.
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner<S>> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers `new`, replacing an older session of the same node.
+    /// Returns the replaced session (the caller closes it). Refuses a
+    /// session older than the live one, one whose routes overlap another
+    /// node's, and any session past `max_sessions`.
+    pub fn register(
+        &self,
+        new: Arc<S>,
+        max_sessions: usize,
+    ) -> Result<Option<Arc<S>>, RegisterError> {
+        let mut g = self.write();
+        let old = g.sessions.get(new.node()).cloned();
+        if let Some(old) = &old {
+            if old.generation() > new.generation() {
+                return Err(RegisterError {
+                    reason: RejectReason::RouteConflict,
+                    message: format!(
+                        "a newer session (generation {}) of node {} is already live",
+                        old.generation(),
+                        new.node()
+                    ),
+                });
+            }
+        } else if g.sessions.len() >= max_sessions {
+            return Err(RegisterError {
+                reason: RejectReason::Overloaded,
+                message: format!("relay is at its limit of {max_sessions} sessions"),
+            });
+        }
+        for want in new.routes() {
+            if let Some((have, owner)) = g
+                .routes
+                .iter()
+                .find(|(have, owner)| owner.node() != new.node() && have.overlaps(want))
+            {
+                return Err(RegisterError {
+                    reason: RejectReason::RouteConflict,
+                    message: format!(
+                        "route {want} overlaps {have} served by node {}",
+                        owner.node()
+                    ),
+                });
+            }
+        }
+        if let Some(old) = &old {
+            for c in old.routes() {
+                g.routes.remove(c);
+            }
+        }
+        for c in new.routes() {
+            g.routes.insert(*c, new.clone());
+        }
+        g.sessions.insert(new.node().to_string(), new);
+        Ok(old)
+    }
+
+    /// Removes the session of `node` if it is still generation
+    /// `generation`; a newer session of the same node is left alone.
+    pub fn remove(&self, node: &str, generation: u64) -> bool {
+        let mut g = self.write();
+        let Some(cur) = g.sessions.get(node) else {
+            return false;
+        };
+        if cur.generation() != generation {
+            return false;
+        }
+        let cur = cur.clone();
+        for c in cur.routes() {
+            g.routes.remove(c);
+        }
+        g.sessions.remove(node);
+        true
+    }
+
+    /// The session whose routes contain `ip`, by longest prefix.
+    pub fn lookup(&self, ip: IpAddr) -> Option<Arc<S>> {
+        self.read().routes.lookup(ip).cloned()
+    }
+
+    /// The live session of `node`.
+    pub fn get(&self, node: &str) -> Option<Arc<S>> {
+        self.read().sessions.get(node).cloned()
+    }
+
+    /// All live sessions, sorted by node name.
+    pub fn sessions(&self) -> Vec<Arc<S>> {
+        let mut v: Vec<_> = self.read().sessions.values().cloned().collect();
+        v.sort_by(|a, b| a.node().cmp(b.node()));
+        v
+    }
+
+    /// Number of live sessions.
+    pub fn len(&self) -> usize {
+        self.read().sessions.len()
+    }
+
+    /// Whether no session is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The route table, sorted by prefix.
+    pub fn routes(&self) -> Vec<RouteRow> {
+        let mut v: Vec<_> = self
+            .read()
+            .routes
+            .iter()
+            .map(|(c, s)| RouteRow {
+                cidr: *c,
+                node: s.node().to_string(),
+                session_id: s.session_id(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.cidr.cmp(&b.cidr));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fake {
+        node: String,
+        generation: u64,
+        routes: Vec<Cidr>,
+    }
+
+    impl RouteOwner for Fake {
+        fn node(&self) -> &str {
+            &self.node
+        }
+        fn generation(&self) -> u64 {
+            self.generation
+        }
+        fn session_id(&self) -> u64 {
+            self.generation * 100
+        }
+        fn routes(&self) -> &[Cidr] {
+            &self.routes
+        }
+    }
+
+    fn fake(node: &str, generation: u64, routes: &[&str]) -> Arc<Fake> {
+        Arc::new(Fake {
+            node: node.into(),
+            generation,
+            routes: routes.iter().map(|r| r.parse().unwrap()).collect(),
+        })
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn longest_prefix_wins() {
+        let r = Registry::default();
+        r.register(fake("wide", 1, &["10.0.0.0/8"]), 10).unwrap();
+        assert_eq!(r.lookup(ip("10.1.2.3")).unwrap().node, "wide");
+        assert!(r.lookup(ip("11.0.0.1")).is_none());
+        assert!(r.lookup(ip("::1")).is_none());
+    }
+
+    #[test]
+    fn lpm_within_one_node_and_v6() {
+        let r = Registry::default();
+        r.register(
+            fake(
+                "a",
+                1,
+                &[
+                    "10.244.0.0/16",
+                    "10.244.7.0/24",
+                    "fd00::/64",
+                    "192.168.1.10/32",
+                ],
+            ),
+            10,
+        )
+        .unwrap();
+        assert_eq!(r.lookup(ip("10.244.7.5")).unwrap().node, "a");
+        assert_eq!(r.lookup(ip("fd00::5")).unwrap().node, "a");
+        assert_eq!(r.lookup(ip("192.168.1.10")).unwrap().node, "a");
+        assert!(r.lookup(ip("192.168.1.11")).is_none());
+        assert_eq!(r.routes().len(), 4);
+    }
+
+    #[test]
+    fn overlapping_routes_of_another_node_are_refused() {
+        let r = Registry::default();
+        r.register(fake("a", 1, &["10.244.1.0/24"]), 10).unwrap();
+        let e = r
+            .register(fake("b", 2, &["10.244.0.0/16"]), 10)
+            .unwrap_err();
+        assert_eq!(e.reason, RejectReason::RouteConflict);
+        assert!(e.message.contains("node a"), "{}", e.message);
+        r.register(fake("b", 3, &["10.244.2.0/24"]), 10).unwrap();
+        assert_eq!(r.lookup(ip("10.244.2.1")).unwrap().node, "b");
+        assert_eq!(r.lookup(ip("10.244.1.1")).unwrap().node, "a");
+    }
+
+    #[test]
+    fn newer_generation_replaces_and_stale_never_wins() {
+        let r = Registry::default();
+        r.register(fake("a", 5, &["10.1.0.0/16"]), 10).unwrap();
+        let old = r
+            .register(fake("a", 7, &["10.2.0.0/16"]), 10)
+            .unwrap()
+            .unwrap();
+        assert_eq!(old.generation, 5);
+        // The old session's routes went with it.
+        assert!(r.lookup(ip("10.1.0.1")).is_none());
+        assert_eq!(r.lookup(ip("10.2.0.1")).unwrap().generation, 7);
+        // A late, older handshake cannot shadow the fresh session...
+        assert!(r.register(fake("a", 6, &["10.1.0.0/16"]), 10).is_err());
+        // ...and the old session's teardown does not remove the new one.
+        assert!(!r.remove("a", 5));
+        assert_eq!(r.get("a").unwrap().generation, 7);
+        assert!(r.remove("a", 7));
+        assert!(r.is_empty() && r.routes().is_empty());
+    }
+
+    #[test]
+    fn session_limit_counts_new_nodes_only() {
+        let r = Registry::default();
+        r.register(fake("a", 1, &[]), 1).unwrap();
+        assert_eq!(
+            r.register(fake("b", 2, &[]), 1).unwrap_err().reason,
+            RejectReason::Overloaded
+        );
+        // A reconnect of a known node is not a new session.
+        r.register(fake("a", 3, &[]), 1).unwrap();
+    }
+}

@@ -1,0 +1,286 @@
+//! The relay supervisor: binds every listener, runs the accept loops in a
+//! `JoinSet` (any of them dying is reported by [`Relay::wait`]), and drains
+//! on shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use relay_protocol::close_code;
+use relay_transport::{quic, TunnelConn};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::config::RelayConfig;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::session::{serve_connection, SessionHandle};
+
+/// State shared by every task of one relay.
+pub struct Shared {
+    /// The configuration the relay was started with.
+    pub cfg: RelayConfig,
+    /// Live sessions and routes.
+    pub registry: Registry<SessionHandle>,
+    /// Counters.
+    pub metrics: Metrics,
+    generation: AtomicU64,
+    /// Cancelled last on shutdown: closes every session still open.
+    pub shutdown: CancellationToken,
+    shutting_down: AtomicBool,
+    handshakes: Arc<Semaphore>,
+    /// Permits for CONNECT client connections.
+    pub connect_permits: Arc<Semaphore>,
+}
+
+impl Shared {
+    /// The next session generation (relay-wide, strictly increasing).
+    pub fn next_generation(&self) -> u64 {
+        self.generation.fetch_add(1, Relaxed)
+    }
+
+    /// Whether the relay is draining for shutdown.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Relaxed)
+    }
+}
+
+/// Starting the relay failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("bind {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Where.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TLS configuration was refused.
+    #[error("tls: {0}")]
+    Tls(#[from] relay_transport::TlsError),
+}
+
+/// A running relay.
+pub struct Relay {
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    quic_addr: SocketAddr,
+    connect_addr: Option<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+    unix_path: Option<PathBuf>,
+    accept_stop: CancellationToken,
+    tasks: JoinSet<&'static str>,
+    sessions: TaskTracker,
+}
+
+fn bind_err(what: &'static str, addr: impl ToString) -> impl FnOnce(std::io::Error) -> StartError {
+    let addr = addr.to_string();
+    move |source| StartError::Bind { what, addr, source }
+}
+
+impl Relay {
+    /// Binds every configured listener and starts serving.
+    pub async fn spawn(cfg: RelayConfig) -> Result<Relay, StartError> {
+        // Generations start at the wall clock in microseconds, so "higher is
+        // newer" also holds across relay restarts.
+        let gen0 = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1);
+        let endpoint = quic::server_endpoint(cfg.quic_listen, &cfg.tls, &cfg.quic)
+            .map_err(bind_err("quic", cfg.quic_listen))?;
+        let quic_addr = endpoint
+            .local_addr()
+            .map_err(bind_err("quic", cfg.quic_listen))?;
+        let shared = Arc::new(Shared {
+            registry: Registry::default(),
+            metrics: Metrics::default(),
+            generation: AtomicU64::new(gen0),
+            shutdown: CancellationToken::new(),
+            shutting_down: AtomicBool::new(false),
+            handshakes: Arc::new(Semaphore::new(cfg.limits.max_concurrent_handshakes)),
+            connect_permits: Arc::new(Semaphore::new(cfg.limits.max_connect_connections)),
+            cfg,
+        });
+        let accept_stop = CancellationToken::new();
+        let sessions = TaskTracker::new();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(accept_quic(
+            endpoint.clone(),
+            shared.clone(),
+            accept_stop.clone(),
+            sessions.clone(),
+        ));
+
+        let mut connect_addr = None;
+        if let Some(addr) = shared.cfg.connect_listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(bind_err("connect", addr))?;
+            connect_addr = Some(l.local_addr().map_err(bind_err("connect", addr))?);
+            let tls = match &shared.cfg.connect_tls {
+                Some(m) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+                    m.server_config(b"http/1.1")?,
+                ))),
+                None => None,
+            };
+            tasks.spawn(crate::connect::serve_tcp(
+                l,
+                tls,
+                shared.clone(),
+                accept_stop.clone(),
+            ));
+        }
+        let mut unix_path = None;
+        if let Some(path) = shared.cfg.connect_unix.clone() {
+            // A socket file left by a crashed run would make bind fail.
+            if path.exists() {
+                let _ = std::fs::remove_file(&path);
+            }
+            let l = tokio::net::UnixListener::bind(&path)
+                .map_err(bind_err("connect_unix", path.display()))?;
+            unix_path = Some(path);
+            tasks.spawn(crate::connect::serve_unix(
+                l,
+                shared.clone(),
+                accept_stop.clone(),
+            ));
+        }
+        let mut admin_addr = None;
+        if let Some(addr) = shared.cfg.admin_listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(bind_err("admin", addr))?;
+            admin_addr = Some(l.local_addr().map_err(bind_err("admin", addr))?);
+            tasks.spawn(crate::admin::serve(l, shared.clone(), accept_stop.clone()));
+        }
+        info!(%quic_addr, connect = ?connect_addr, unix = ?unix_path, admin = ?admin_addr, relay_id = %shared.cfg.relay_id, "relay listening");
+        Ok(Relay {
+            shared,
+            endpoint,
+            quic_addr,
+            connect_addr,
+            admin_addr,
+            unix_path,
+            accept_stop,
+            tasks,
+            sessions,
+        })
+    }
+
+    /// The bound QUIC (UDP) address.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    /// The bound CONNECT (TCP) address, if enabled.
+    pub fn connect_addr(&self) -> Option<SocketAddr> {
+        self.connect_addr
+    }
+
+    /// The bound admin API address, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Shared state (registry, metrics), for embedding and tests.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Resolves when a listener task exits on its own (an error); a relay
+    /// whose listener died should be restarted by its supervisor.
+    pub async fn wait(&mut self) -> String {
+        match self.tasks.join_next().await {
+            Some(Ok(name)) => format!("{name} listener stopped"),
+            Some(Err(e)) => format!("listener task failed: {e}"),
+            None => "no listeners".to_string(),
+        }
+    }
+
+    /// Graceful shutdown: stop accepting, send GOAWAY to every session, let
+    /// in-flight streams finish for up to `grace`, then close everything.
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.shared.shutting_down.store(true, Relaxed);
+        self.accept_stop.cancel();
+        let sessions = self.shared.registry.sessions();
+        info!(sessions = sessions.len(), ?grace, "draining");
+        for s in &sessions {
+            s.drain(grace, "relay shutting down");
+        }
+        self.sessions.close();
+        // Drained sessions close themselves once idle or at the deadline;
+        // the extra second covers the close handshake.
+        if tokio::time::timeout(grace + Duration::from_secs(1), self.sessions.wait())
+            .await
+            .is_err()
+        {
+            warn!("sessions still open after the grace period; closing them");
+        }
+        self.shared.shutdown.cancel();
+        self.endpoint
+            .close(close_code::GOING_AWAY.into(), b"relay shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        if let Some(p) = &self.unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+        info!("relay stopped");
+    }
+}
+
+async fn accept_quic(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    sessions: TaskTracker,
+) -> &'static str {
+    loop {
+        let incoming = tokio::select! {
+            _ = stop.cancelled() => return "quic",
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => return "quic",
+            },
+        };
+        // Take the permit before doing any work for the handshake, so a
+        // reconnect storm queues in the kernel instead of in our memory.
+        let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+            shared
+                .metrics
+                .reject(relay_protocol::RejectReason::Overloaded);
+            debug!(remote = %incoming.remote_address(), "handshake limit reached; refusing");
+            incoming.refuse();
+            continue;
+        };
+        let shared = shared.clone();
+        sessions.spawn(async move {
+            let remote = incoming.remote_address();
+            let conn =
+                match tokio::time::timeout(shared.cfg.limits.handshake_timeout, incoming).await {
+                    Ok(Ok(c)) => c,
+                    Ok(Err(e)) => {
+                        shared.metrics.handshake_failed("tls");
+                        info!(%remote, error = %e, "QUIC/TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        shared.metrics.handshake_failed("timeout");
+                        debug!(%remote, "QUIC/TLS handshake timed out");
+                        return;
+                    }
+                };
+            serve_connection(TunnelConn::Quic(conn), shared, permit).await;
+        });
+    }
+}

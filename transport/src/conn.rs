@@ -1,0 +1,227 @@
+//! Transport-neutral connection and stream types.
+//!
+//! The session layer (handshake, control loop, stream serving) is written
+//! against these types only. Each transport is one enum variant, so adding
+//! the TLS+yamux fallback adds variants here and nothing above.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use quinn::VarInt;
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Which transport carries a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// QUIC over UDP (the default).
+    Quic,
+    /// TLS over TCP with yamux (fallback where UDP is blocked).
+    Tcp,
+}
+
+impl TransportKind {
+    /// Stable lower-case label.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TransportKind::Quic => "quic",
+            TransportKind::Tcp => "tcp",
+        }
+    }
+}
+
+/// An established, authenticated tunnel connection.
+#[derive(Debug, Clone)]
+pub enum TunnelConn {
+    /// A QUIC connection.
+    Quic(quinn::Connection),
+}
+
+/// Opening or accepting a stream failed: the connection is gone.
+#[derive(Debug, thiserror::Error)]
+#[error("tunnel connection lost: {0}")]
+pub struct ConnLost(pub String);
+
+impl TunnelConn {
+    /// Opens a bidirectional stream (waits while the peer's stream limit is
+    /// reached; callers bound the wait).
+    pub async fn open_bi(&self) -> Result<BiStream, ConnLost> {
+        match self {
+            TunnelConn::Quic(c) => {
+                let (s, r) = c.open_bi().await.map_err(|e| ConnLost(e.to_string()))?;
+                Ok(BiStream {
+                    send: SendHalf::Quic(s),
+                    recv: RecvHalf::Quic(r),
+                })
+            }
+        }
+    }
+
+    /// Accepts the next bidirectional stream the peer opened.
+    pub async fn accept_bi(&self) -> Result<BiStream, ConnLost> {
+        match self {
+            TunnelConn::Quic(c) => {
+                let (s, r) = c.accept_bi().await.map_err(|e| ConnLost(e.to_string()))?;
+                Ok(BiStream {
+                    send: SendHalf::Quic(s),
+                    recv: RecvHalf::Quic(r),
+                })
+            }
+        }
+    }
+
+    /// The transport in use.
+    pub fn kind(&self) -> TransportKind {
+        match self {
+            TunnelConn::Quic(_) => TransportKind::Quic,
+        }
+    }
+
+    /// The peer's address as we see it (after NAT).
+    pub fn remote_addr(&self) -> SocketAddr {
+        match self {
+            TunnelConn::Quic(c) => c.remote_address(),
+        }
+    }
+
+    /// Current smoothed round-trip time estimate.
+    pub fn rtt(&self) -> Duration {
+        match self {
+            TunnelConn::Quic(c) => c.rtt(),
+        }
+    }
+
+    /// The peer's verified certificate chain, leaf first.
+    pub fn peer_certs(&self) -> Vec<CertificateDer<'static>> {
+        match self {
+            TunnelConn::Quic(c) => c
+                .peer_identity()
+                .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+                .map(|b| *b)
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Closes the connection with an application code and reason.
+    pub fn close(&self, code: u32, reason: &str) {
+        match self {
+            TunnelConn::Quic(c) => c.close(VarInt::from_u32(code), reason.as_bytes()),
+        }
+    }
+
+    /// Resolves when the connection is closed, with a description of why.
+    pub async fn closed(&self) -> String {
+        match self {
+            TunnelConn::Quic(c) => c.closed().await.to_string(),
+        }
+    }
+
+    /// Whether the connection is already closed.
+    pub fn is_closed(&self) -> bool {
+        match self {
+            TunnelConn::Quic(c) => c.close_reason().is_some(),
+        }
+    }
+}
+
+/// The sending half of a tunnel stream.
+#[derive(Debug)]
+pub enum SendHalf {
+    /// A QUIC send stream.
+    Quic(quinn::SendStream),
+}
+
+/// The receiving half of a tunnel stream.
+#[derive(Debug)]
+pub enum RecvHalf {
+    /// A QUIC receive stream.
+    Quic(quinn::RecvStream),
+}
+
+/// A bidirectional tunnel stream.
+#[derive(Debug)]
+pub struct BiStream {
+    /// Bytes towards the peer.
+    pub send: SendHalf,
+    /// Bytes from the peer.
+    pub recv: RecvHalf,
+}
+
+impl SendHalf {
+    /// Abandons the stream: the peer's reads fail instead of seeing a
+    /// clean end, so a reset on one side is a reset on the other.
+    pub fn reset(&mut self, code: u32) {
+        match self {
+            // Err only if already finished or reset: nothing left to do.
+            SendHalf::Quic(s) => {
+                let _ = s.reset(VarInt::from_u32(code));
+            }
+        }
+    }
+}
+
+impl RecvHalf {
+    /// Tells the peer to stop sending (its writes fail).
+    pub fn stop(&mut self, code: u32) {
+        match self {
+            RecvHalf::Quic(r) => {
+                let _ = r.stop(VarInt::from_u32(code));
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SendHalf {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            SendHalf::Quic(s) => Pin::new(s).poll_write(cx, buf).map_err(io::Error::from),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            SendHalf::Quic(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    /// Finishes the stream: the peer reads a clean end (TCP FIN across).
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            SendHalf::Quic(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl AsyncRead for RecvHalf {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            RecvHalf::Quic(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl RecvHalf {
+    /// Reads the next chunk straight out of the transport's buffer (no
+    /// copy, and no buffer of ours held while the stream is idle).
+    /// `Ok(None)` is a clean end of stream.
+    pub async fn read_chunk(&mut self) -> io::Result<Option<bytes::Bytes>> {
+        match self {
+            RecvHalf::Quic(r) => match r.read_chunk(usize::MAX, true).await {
+                Ok(c) => Ok(c.map(|c| c.bytes)),
+                Err(e) => Err(io::Error::from(e)),
+            },
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! Transport layer shared by `relay-server` and `edge-client`.
+//!
+//! The session layer above this crate sees only [`TunnelConn`] and
+//! [`BiStream`]; which transport carries them (QUIC today, TLS over TCP
+//! with yamux as the fallback) is decided here.
+//!
+//! Modules:
+//! - [`tls`]: PEM loading, rustls client/server configs (mutual TLS, one
+//!   crypto provider: ring), checking a peer certificate against a node name.
+//! - [`quic`]: quinn endpoints with relay-tuned transport settings.
+//! - [`conn`]: [`TunnelConn`] and [`BiStream`], the transport-neutral
+//!   connection and stream types, with reset/stop.
+//! - [`splice`]: copies a TCP connection and a tunnel stream both ways with
+//!   half-close and reset carried across, metering bytes as they pass.
+//! - [`devcerts`]: a development PKI (CA, relay and node certificates).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod conn;
+pub mod devcerts;
+pub mod quic;
+pub mod splice;
+pub mod tls;
+
+pub use conn::{BiStream, RecvHalf, SendHalf, TransportKind, TunnelConn};
+pub use quic::{QuicFile, QuicTuning};
+pub use splice::{splice, Direction, Meter, SpliceOutcome};
+pub use tls::{TlsError, TlsMaterial};

@@ -1,0 +1,229 @@
+//! Copying bytes between a local socket and a tunnel stream.
+//!
+//! Semantics carried across the tunnel:
+//! - half-close: EOF from one side becomes a FIN (QUIC `finish`, TCP
+//!   `shutdown(Write)`) on the other, and the other direction keeps flowing;
+//! - reset: an error on either side aborts both: the tunnel stream is reset
+//!   and stopped, and the local socket is closed with an RST.
+//!
+//! Flow control is per stream: when the local writer stalls we stop reading
+//! the tunnel stream, and the transport's per-stream window pushes back on
+//! that stream only.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::conn::{BiStream, RecvHalf, SendHalf};
+use relay_protocol::close_code::STREAM_RESET;
+
+/// Read size for the local → tunnel direction. Small enough that thousands
+/// of idle streams stay cheap, large enough for multi-Gbit/s bulk copies.
+const LOCAL_READ_BUF: usize = 16 * 1024;
+
+/// Which way bytes moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the local socket into the tunnel.
+    ToTunnel,
+    /// From the tunnel to the local socket.
+    FromTunnel,
+}
+
+/// Receives byte counts as they pass, so gauges are live during long streams.
+pub trait Meter: Send + Sync {
+    /// `bytes` more moved in `dir`.
+    fn add(&self, dir: Direction, bytes: u64);
+}
+
+impl Meter for () {
+    fn add(&self, _: Direction, _: u64) {}
+}
+
+/// A local socket that can be closed abortively (RST instead of FIN).
+pub trait LocalStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Arranges for the next close to send a reset.
+    fn set_abortive_close(&self);
+}
+
+impl LocalStream for tokio::net::TcpStream {
+    fn set_abortive_close(&self) {
+        // Failure only means the socket is already gone.
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl LocalStream for tokio::net::UnixStream {
+    fn set_abortive_close(&self) {}
+}
+
+impl<S: LocalStream> LocalStream for tokio_rustls::server::TlsStream<S> {
+    fn set_abortive_close(&self) {
+        self.get_ref().0.set_abortive_close()
+    }
+}
+
+/// What a finished splice did.
+#[derive(Debug, Default, Clone)]
+pub struct SpliceOutcome {
+    /// Bytes copied from the local socket into the tunnel.
+    pub to_tunnel: u64,
+    /// Bytes copied from the tunnel to the local socket.
+    pub from_tunnel: u64,
+    /// Why the splice was aborted, if it was (`None`: both sides closed cleanly).
+    pub reset: Option<String>,
+}
+
+#[derive(Debug)]
+struct PumpError {
+    bytes: u64,
+    what: String,
+}
+
+async fn pump_to_tunnel<R: AsyncRead + Unpin>(
+    local: &mut R,
+    send: &mut SendHalf,
+    pending: &[u8],
+    meter: &dyn Meter,
+) -> Result<u64, PumpError> {
+    let mut total = 0u64;
+    let fail = |bytes, side: &str, e: std::io::Error| PumpError {
+        bytes,
+        what: format!("{side}: {e}"),
+    };
+    if !pending.is_empty() {
+        send.write_all(pending)
+            .await
+            .map_err(|e| fail(total, "tunnel write", e))?;
+        total += pending.len() as u64;
+        meter.add(Direction::ToTunnel, pending.len() as u64);
+    }
+    let mut buf = vec![0u8; LOCAL_READ_BUF];
+    loop {
+        let n = local
+            .read(&mut buf)
+            .await
+            .map_err(|e| fail(total, "local read", e))?;
+        if n == 0 {
+            send.shutdown()
+                .await
+                .map_err(|e| fail(total, "tunnel finish", e))?;
+            return Ok(total);
+        }
+        send.write_all(&buf[..n])
+            .await
+            .map_err(|e| fail(total, "tunnel write", e))?;
+        total += n as u64;
+        meter.add(Direction::ToTunnel, n as u64);
+    }
+}
+
+async fn pump_from_tunnel<W: AsyncWrite + Unpin>(
+    recv: &mut RecvHalf,
+    local: &mut W,
+    meter: &dyn Meter,
+) -> Result<u64, PumpError> {
+    let mut total = 0u64;
+    let fail = |bytes, side: &str, e: std::io::Error| PumpError {
+        bytes,
+        what: format!("{side}: {e}"),
+    };
+    loop {
+        match recv.read_chunk().await {
+            Ok(Some(chunk)) => {
+                local
+                    .write_all(&chunk)
+                    .await
+                    .map_err(|e| fail(total, "local write", e))?;
+                total += chunk.len() as u64;
+                meter.add(Direction::FromTunnel, chunk.len() as u64);
+            }
+            Ok(None) => {
+                local
+                    .shutdown()
+                    .await
+                    .map_err(|e| fail(total, "local shutdown", e))?;
+                return Ok(total);
+            }
+            Err(e) => return Err(fail(total, "tunnel read", e)),
+        }
+    }
+}
+
+/// Splices `local` and the tunnel stream `bi` until both directions end.
+/// `pending` holds bytes already read from `local` (after a CONNECT header)
+/// that must go first. Returns byte counts and whether it was reset.
+pub async fn splice<L: LocalStream>(
+    local: L,
+    pending: &[u8],
+    bi: BiStream,
+    meter: &dyn Meter,
+) -> SpliceOutcome {
+    let BiStream { mut send, mut recv } = bi;
+    let (mut lr, mut lw) = tokio::io::split(local);
+    let mut out = SpliceOutcome::default();
+    {
+        let up = pump_to_tunnel(&mut lr, &mut send, pending, meter);
+        let down = pump_from_tunnel(&mut recv, &mut lw, meter);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        while !(up_done && down_done) {
+            tokio::select! {
+                r = &mut up, if !up_done => {
+                    up_done = true;
+                    match r {
+                        Ok(n) => out.to_tunnel = n,
+                        Err(e) => { out.to_tunnel = e.bytes; out.reset = Some(e.what); break; }
+                    }
+                }
+                r = &mut down, if !down_done => {
+                    down_done = true;
+                    match r {
+                        Ok(n) => out.from_tunnel = n,
+                        Err(e) => { out.from_tunnel = e.bytes; out.reset = Some(e.what); break; }
+                    }
+                }
+            }
+        }
+    }
+    if out.reset.is_some() {
+        send.reset(STREAM_RESET);
+        recv.stop(STREAM_RESET);
+        let local = lr.unsplit(lw);
+        local.set_abortive_close();
+        drop(local);
+    }
+    out
+}
+
+/// Dials a TCP target with a bound, mapping failures to the reason a
+/// caller should report. Used by the edge (to its targets) and by the
+/// relay (to cloud targets).
+pub async fn dial_tcp(
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+) -> Result<tokio::net::TcpStream, relay_protocol::StreamReply> {
+    use relay_protocol::{StreamReply, StreamStatus};
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Err(_) => Err(StreamReply::fail(
+            StreamStatus::Timeout,
+            format!("connect {addr}: no answer within {timeout:?}"),
+        )),
+        Ok(Err(e)) => {
+            let status = match e.kind() {
+                std::io::ErrorKind::ConnectionRefused => StreamStatus::Refused,
+                std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable => {
+                    StreamStatus::Unreachable
+                }
+                std::io::ErrorKind::TimedOut => StreamStatus::Timeout,
+                _ => StreamStatus::Error,
+            };
+            Err(StreamReply::fail(status, format!("connect {addr}: {e}")))
+        }
+        Ok(Ok(s)) => {
+            // Interactive traffic (kubectl exec) must not wait for Nagle.
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! TLS material and rustls configurations.
+//!
+//! Every config is built with an explicit [`provider()`] (ring), so the
+//! whole workspace uses exactly one crypto provider whatever else is linked.
+//! Binaries also call [`install_default_provider`] so that any library that
+//! asks rustls for "the default" gets the same one.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+
+/// Loading TLS material or building a config failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// PEM text held no item of the expected kind.
+    #[error("{what}: no {kind} found in PEM")]
+    Missing {
+        /// Which input (file path or description).
+        what: String,
+        /// "certificate" or "private key".
+        kind: &'static str,
+    },
+    /// PEM text is malformed.
+    #[error("{what}: bad PEM: {source}")]
+    Pem {
+        /// Which input.
+        what: String,
+        /// The parse error.
+        source: std::io::Error,
+    },
+    /// rustls refused the material (key does not match, bad CA, ...).
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// Building the peer verifier failed.
+    #[error("verifier: {0}")]
+    Verifier(String),
+}
+
+/// The crypto provider used everywhere in this workspace.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Installs [`provider()`] as the process default; harmless if already set.
+pub fn install_default_provider() {
+    // Err means a default is already installed; configs here pass the
+    // provider explicitly, so which one won does not matter to us.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A certificate chain, its private key, and the CA that peers must chain to.
+pub struct TlsMaterial {
+    /// Our certificate chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Our private key.
+    pub key: PrivateKeyDer<'static>,
+    /// Trust anchors for the peer's certificate.
+    pub ca: Vec<CertificateDer<'static>>,
+}
+
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsMaterial")
+            .field("chain", &self.chain.len())
+            .field("key", &"MASKED")
+            .field("ca", &self.ca.len())
+            .finish()
+    }
+}
+
+impl Clone for TlsMaterial {
+    fn clone(&self) -> Self {
+        TlsMaterial {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            ca: self.ca.clone(),
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Parses every certificate in PEM text.
+pub fn certs_from_pem(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem {
+            what: what.to_string(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Missing {
+            what: what.to_string(),
+            kind: "certificate",
+        });
+    }
+    Ok(certs)
+}
+
+/// Parses the first private key in PEM text.
+pub fn key_from_pem(pem: &[u8], what: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    rustls_pemfile::private_key(&mut &pem[..])
+        .map_err(|source| TlsError::Pem {
+            what: what.to_string(),
+            source,
+        })?
+        .ok_or_else(|| TlsError::Missing {
+            what: what.to_string(),
+            kind: "private key",
+        })
+}
+
+impl TlsMaterial {
+    /// Material from PEM text (used by tests and the demo, which generate
+    /// certificates in memory).
+    pub fn from_pem(cert: &str, key: &str, ca: &str) -> Result<Self, TlsError> {
+        Ok(TlsMaterial {
+            chain: certs_from_pem(cert.as_bytes(), "certificate")?,
+            key: key_from_pem(key.as_bytes(), "private key")?,
+            ca: certs_from_pem(ca.as_bytes(), "CA")?,
+        })
+    }
+
+    /// Material from PEM files; errors name the file.
+    pub fn from_files(cert: &Path, key: &Path, ca: &Path) -> Result<Self, TlsError> {
+        Ok(TlsMaterial {
+            chain: certs_from_pem(&read(cert)?, &cert.display().to_string())?,
+            key: key_from_pem(&read(key)?, &key.display().to_string())?,
+            ca: certs_from_pem(&read(ca)?, &ca.display().to_string())?,
+        })
+    }
+
+    fn roots(&self) -> Result<RootCertStore, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for c in &self.ca {
+            roots.add(c.clone())?;
+        }
+        Ok(roots)
+    }
+
+    /// A server config that requires a client certificate from our CA.
+    /// TLS 1.3 only: QUIC demands it, and the TCP fallback has no reason to
+    /// offer less.
+    pub fn server_config(&self, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider())
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        cfg.alpn_protocols = vec![alpn.to_vec()];
+        Ok(cfg)
+    }
+
+    /// A client config presenting our certificate and trusting only our CA
+    /// (the relay CA is pinned; system roots are never consulted).
+    pub fn client_config(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(self.roots()?), provider())
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_webpki_verifier(verifier)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        cfg.alpn_protocols = vec![alpn.to_vec()];
+        Ok(cfg)
+    }
+}
+
+/// Whether the (already chain-verified) leaf certificate names `node`
+/// in its subject alternative names. The relay calls this to bind a
+/// hello's node name to the TLS identity.
+pub fn cert_names_node(leaf: &CertificateDer<'_>, node: &str) -> bool {
+    let Ok(name) = ServerName::try_from(node) else {
+        return false;
+    };
+    match webpki::EndEntityCert::try_from(leaf) {
+        Ok(cert) => cert.verify_is_valid_for_subject_name(&name).is_ok(),
+        Err(_) => false,
+    }
+}
