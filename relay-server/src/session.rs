@@ -228,10 +228,10 @@ fn check_hello(
     conn: &TunnelConn,
     body: &[u8],
 ) -> Result<ClientHello, HandshakeError> {
-    let hello: ClientHello =
-        match decode(body) {
-            Ok(h) => h,
-            Err(e) => return Err(match peek_version(body) {
+    let hello: ClientHello = match decode(body) {
+        Ok(h) => h,
+        Err(e) => {
+            return Err(match peek_version(body) {
                 Some(v) if v != PROTOCOL_VERSION => reject(
                     RejectReason::UnsupportedVersion,
                     format!(
@@ -239,8 +239,9 @@ fn check_hello(
                     ),
                 ),
                 _ => reject(RejectReason::Malformed, format!("undecodable hello: {e}")),
-            }),
-        };
+            })
+        }
+    };
     if hello.version != PROTOCOL_VERSION {
         return Err(reject(
             RejectReason::UnsupportedVersion,
@@ -369,7 +370,8 @@ async fn handshake(
     let generation = shared.next_generation();
     let handle = Arc::new(SessionHandle {
         node: hello.node.clone(),
-        session_id: rand::random(),
+        // 53 bits: JSON consumers (jq, JavaScript) hold integers as doubles.
+        session_id: rand::random::<u64>() >> 11,
         generation,
         routes: hello.routes.clone(),
         primary_addr: hello.primary_addr,
