@@ -19,6 +19,11 @@ struct Cli {
     /// TOML configuration file (see README "Configuration reference").
     #[arg(short, long, env = "RELAY_CONFIG")]
     config: Option<PathBuf>,
+    /// Once listening, write the bound addresses here as JSON
+    /// (`{"quic": .., "connect": .., "admin": ..}`), for supervisors and
+    /// tests that start the relay on port 0.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -88,6 +93,18 @@ async fn main() -> anyhow::Result<()> {
             let cfg = FileConfig::load(&path)?;
             let grace = cfg.limits.drain_grace;
             let mut relay = Relay::spawn(cfg).await?;
+            if let Some(path) = &cli.ready_file {
+                let ready = serde_json::json!({
+                    "quic": relay.quic_addr().to_string(),
+                    "connect": relay.connect_addr().map(|a| a.to_string()),
+                    "admin": relay.admin_addr().map(|a| a.to_string()),
+                    "pid": std::process::id(),
+                });
+                // Write then rename, so a reader never sees half a file.
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, ready.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
+                std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+            }
             let mut term = signal(SignalKind::terminate())?;
             let mut int = signal(SignalKind::interrupt())?;
             tokio::select! {
