@@ -11,9 +11,14 @@ use anyhow::Result;
 use edge_client::{EdgeClient, EdgeState};
 use futures::future::join_all;
 use rand::RngCore;
-use relay_lab::{admin_get, admin_request, connect_via, edge_config, edge_ip, sessions, spawn_echo, spawn_http, Lab, Refused};
+use relay_lab::{
+    admin_get, admin_request, connect_via, edge_config, edge_ip, sessions, spawn_echo, spawn_http,
+    Lab, Refused,
+};
 use relay_protocol::codec::{read_frame, write_frame};
-use relay_protocol::{ClientHello, HelloReply, RejectReason, StreamOpen, StreamReply, StreamStatus, Target, L4};
+use relay_protocol::{
+    ClientHello, HelloReply, RejectReason, StreamOpen, StreamReply, StreamStatus, Target, L4,
+};
 use relay_transport::devcerts::DevPki;
 use relay_transport::{quic, QuicTuning, TunnelConn};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -84,7 +89,8 @@ async fn connect_to_edge_echo_is_byte_exact_with_half_close() -> Result<()> {
     // A client that does not wait for the 200 (bytes right after the
     // header) loses nothing.
     let mut s = TcpStream::connect(lab.connect_addr()).await?;
-    s.write_all(format!("CONNECT {echo} HTTP/1.1\r\nHost: x\r\n\r\npipelined").as_bytes()).await?;
+    s.write_all(format!("CONNECT {echo} HTTP/1.1\r\nHost: x\r\n\r\npipelined").as_bytes())
+        .await?;
     s.shutdown().await?;
     let mut all = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all)).await??;
@@ -93,7 +99,10 @@ async fn connect_to_edge_echo_is_byte_exact_with_half_close() -> Result<()> {
     assert!(text.ends_with("\r\n\r\npipelined"), "{text}");
 
     let row = &sessions(lab.admin_addr()).await?[0];
-    assert!(row.bytes_out >= data.len() as u64 && row.bytes_in >= data.len() as u64, "{row:?}");
+    assert!(
+        row.bytes_out >= data.len() as u64 && row.bytes_in >= data.len() as u64,
+        "{row:?}"
+    );
     lab.stop().await;
     Ok(())
 }
@@ -108,7 +117,9 @@ async fn a_thousand_concurrent_streams_across_two_edges() -> Result<()> {
         let target = if i % 2 == 0 { e0 } else { e1 };
         tokio::spawn(async move {
             // Each stream carries its own pattern, so a crossed stream shows.
-            let data: Vec<u8> = (0..8192u32).map(|j| (j as u8) ^ (i as u8) ^ ((i >> 8) as u8)).collect();
+            let data: Vec<u8> = (0..8192u32)
+                .map(|j| (j as u8) ^ (i as u8) ^ ((i >> 8) as u8))
+                .collect();
             let s = connect_via(proxy, &target.to_string()).await?;
             let back = echo_round_trip(s, &data).await?;
             anyhow::ensure!(back == data, "stream {i}: echoed bytes differ");
@@ -124,18 +135,32 @@ async fn a_thousand_concurrent_streams_across_two_edges() -> Result<()> {
             Err(e) => Some(e.to_string()),
         })
         .collect();
-    assert!(failures.is_empty(), "{} of 1000 failed, first: {:?}", failures.len(), failures.first());
+    assert!(
+        failures.is_empty(),
+        "{} of 1000 failed, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
 
     // Every stream is accounted for and freed, on both sides.
     let shared = lab.relay.shared().clone();
     assert!(
-        eventually(Duration::from_secs(10), || shared.metrics.streams_open.load(Relaxed) == 0).await,
+        eventually(Duration::from_secs(10), || shared
+            .metrics
+            .streams_open
+            .load(Relaxed)
+            == 0)
+        .await,
         "relay still counts {} open streams",
         shared.metrics.streams_open.load(Relaxed)
     );
     for e in &lab.edges {
         let st = e.stats().clone();
-        assert!(eventually(Duration::from_secs(10), || st.open_streams.load(Relaxed) == 0).await);
+        assert!(
+            eventually(Duration::from_secs(10), || st.open_streams.load(Relaxed)
+                == 0)
+            .await
+        );
         assert_eq!(st.streams_total.load(Relaxed), 500);
     }
     let rows = sessions(lab.admin_addr()).await?;
@@ -181,7 +206,10 @@ async fn a_stalled_reader_does_not_stall_other_streams() -> Result<()> {
     // or no progress while B ran, and what it wrote is bounded by socket
     // buffers plus one stream window, not by B's traffic.
     let after = written.load(Relaxed);
-    assert!(after < 64 * 1024 * 1024, "stalled stream buffered {after} bytes: no backpressure");
+    assert!(
+        after < 64 * 1024 * 1024,
+        "stalled stream buffered {after} bytes: no backpressure"
+    );
     println!("stream B: 64 MiB echoed in {b_time:?} while stream A was stalled (firehose wrote {before} then {after} bytes)");
     drop(stalled);
     lab.stop().await;
@@ -196,19 +224,33 @@ async fn no_session_for_the_target_is_502_within_a_second() -> Result<()> {
         let r = refused(connect_via(lab.connect_addr(), target).await.unwrap_err());
         assert_eq!(r.code, 502, "{target}: {}", r.status_line);
         assert!(r.status_line.contains("no_route"), "{}", r.status_line);
-        assert!(t.elapsed() < Duration::from_secs(1), "{target} took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "{target} took {:?}",
+            t.elapsed()
+        );
     }
     // Refused by the target itself (nothing listens there) is also 502,
     // with the edge's reason.
     let closed = TcpListener::bind(SocketAddr::new(edge_ip(0), 0)).await?;
     let port = closed.local_addr()?.port();
     drop(closed);
-    let r = refused(connect_via(lab.connect_addr(), &format!("{}:{port}", edge_ip(0))).await.unwrap_err());
+    let r = refused(
+        connect_via(lab.connect_addr(), &format!("{}:{port}", edge_ip(0)))
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(r.code, 502);
     assert!(r.status_line.contains("refused"), "{}", r.status_line);
     let (_, m) = admin_get(lab.admin_addr(), "/metrics", None).await?;
-    assert!(m.contains("relay_streams_total{outcome=\"no_route\"} 3"), "{m}");
-    assert!(m.contains("relay_streams_total{outcome=\"refused\"} 1"), "{m}");
+    assert!(
+        m.contains("relay_streams_total{outcome=\"no_route\"} 3"),
+        "{m}"
+    );
+    assert!(
+        m.contains("relay_streams_total{outcome=\"refused\"} 1"),
+        "{m}"
+    );
     lab.stop().await;
     Ok(())
 }
@@ -223,7 +265,9 @@ async fn target_outside_what_the_edge_allows_is_403() -> Result<()> {
     let mut cfg = edge_config(&pki, 0, relay.quic_addr())?;
     cfg.allowed_ports = vec![web.port()];
     let edge = EdgeClient::spawn(cfg);
-    edge.wait_connected(Duration::from_secs(10)).await.expect("connected");
+    edge.wait_connected(Duration::from_secs(10))
+        .await
+        .expect("connected");
     let proxy = relay.connect_addr().unwrap();
 
     let s = connect_via(proxy, &web.to_string()).await?;
@@ -232,7 +276,11 @@ async fn target_outside_what_the_edge_allows_is_403() -> Result<()> {
 
     let r = refused(connect_via(proxy, &other.to_string()).await.unwrap_err());
     assert_eq!(r.code, 403, "{}", r.status_line);
-    assert!(r.status_line.contains("denied") && r.status_line.contains("not allowed"), "{}", r.status_line);
+    assert!(
+        r.status_line.contains("denied") && r.status_line.contains("not allowed"),
+        "{}",
+        r.status_line
+    );
     assert_eq!(edge.stats().denied.load(Relaxed), 1);
     edge.shutdown().await;
     relay.shutdown(Duration::from_secs(1)).await;
@@ -246,9 +294,18 @@ async fn target_outside_what_the_edge_allows_is_403() -> Result<()> {
 async fn edge_refuses_streams_outside_its_routes_even_from_the_relay() -> Result<()> {
     relay_lab::init();
     let pki = DevPki::generate(&["localhost"], &["edge-0"])?;
-    let ep = quic::server_endpoint("127.0.0.1:0".parse()?, &pki.relay_material()?, &QuicTuning::default())?;
+    let ep = quic::server_endpoint(
+        "127.0.0.1:0".parse()?,
+        &pki.relay_material()?,
+        &QuicTuning::default(),
+    )?;
     let edge = EdgeClient::spawn(edge_config(&pki, 0, ep.local_addr()?)?);
-    let conn = TunnelConn::Quic(tokio::time::timeout(Duration::from_secs(10), ep.accept()).await?.unwrap().await?);
+    let conn = TunnelConn::Quic(
+        tokio::time::timeout(Duration::from_secs(10), ep.accept())
+            .await?
+            .unwrap()
+            .await?,
+    );
     let mut control = conn.accept_bi().await?;
     let hello: ClientHello = read_frame(&mut control.recv).await?;
     assert_eq!(hello.node, "edge-0");
@@ -262,16 +319,29 @@ async fn edge_refuses_streams_outside_its_routes_even_from_the_relay() -> Result
         capabilities: 0,
     });
     write_frame(&mut control.send, &accepted).await?;
-    edge.wait_connected(Duration::from_secs(5)).await.expect("connected to the fake relay");
+    edge.wait_connected(Duration::from_secs(5))
+        .await
+        .expect("connected to the fake relay");
 
     // 127.0.0.99 is on this machine but not inside the edge's 127.0.0.2/32.
     let (_, _t) = spawn_echo("127.0.0.99:0".parse()?).await?;
     for target in [
         Target::Addr("127.0.0.99:80".parse()?),
-        Target::Name { host: "kubernetes.default".into(), port: 443 },
+        Target::Name {
+            host: "kubernetes.default".into(),
+            port: 443,
+        },
     ] {
         let mut bi = conn.open_bi().await?;
-        write_frame(&mut bi.send, &StreamOpen { target, source: None, l4: L4::Tcp }).await?;
+        write_frame(
+            &mut bi.send,
+            &StreamOpen {
+                target,
+                source: None,
+                l4: L4::Tcp,
+            },
+        )
+        .await?;
         let reply: StreamReply = read_frame(&mut bi.recv).await?;
         assert_eq!(reply.status, StreamStatus::Denied, "{}", reply.message);
     }
@@ -279,7 +349,11 @@ async fn edge_refuses_streams_outside_its_routes_even_from_the_relay() -> Result
     // A garbage header resets the stream instead of hanging it.
     let mut bi = conn.open_bi().await?;
     bi.send.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).await?;
-    let r = tokio::time::timeout(Duration::from_secs(5), read_frame::<_, StreamReply>(&mut bi.recv)).await?;
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        read_frame::<_, StreamReply>(&mut bi.recv),
+    )
+    .await?;
     assert!(r.is_err(), "garbage header was answered: {r:?}");
     edge.shutdown().await;
     Ok(())
@@ -298,7 +372,10 @@ async fn edge_restart_reappears_with_a_higher_generation() -> Result<()> {
         "session of a stopped edge still listed"
     );
     let edge = EdgeClient::spawn(edge_config(&lab.pki, 0, lab.relay.quic_addr())?);
-    let (sid, gen) = edge.wait_connected(Duration::from_secs(10)).await.expect("reconnected");
+    let (sid, gen) = edge
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .expect("reconnected");
     let rows = sessions(lab.admin_addr()).await?;
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!((rows[0].session_id, rows[0].generation), (sid, gen));
@@ -308,12 +385,23 @@ async fn edge_restart_reappears_with_a_higher_generation() -> Result<()> {
     let (code, _) = admin_request(lab.admin_addr(), "DELETE", "/v1/sessions/edge-0").await?;
     assert_eq!(code, 200);
     let mut w = edge.watch();
-    let back = tokio::time::timeout(Duration::from_secs(10), w.wait_for(|s| {
-        matches!(s, EdgeState::Connected { generation, .. } if *generation > gen)
-    }))
+    let back = tokio::time::timeout(
+        Duration::from_secs(10),
+        w.wait_for(|s| matches!(s, EdgeState::Connected { generation, .. } if *generation > gen)),
+    )
     .await;
-    assert!(back.is_ok(), "edge did not reconnect after a kick: {:?}", edge.state());
-    assert!(eventually(Duration::from_secs(5), || shared.registry.get("edge-0").is_some_and(|s| s.generation > gen)).await);
+    assert!(
+        back.is_ok(),
+        "edge did not reconnect after a kick: {:?}",
+        edge.state()
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || shared
+            .registry
+            .get("edge-0")
+            .is_some_and(|s| s.generation > gen))
+        .await
+    );
     let (code, _) = admin_request(lab.admin_addr(), "DELETE", "/v1/sessions/nobody").await?;
     assert_eq!(code, 404);
     lab.edges.push(edge);
@@ -334,7 +422,11 @@ async fn certificates_from_an_unknown_ca_or_for_another_node_are_refused() -> Re
     let rogue_edge = EdgeClient::spawn(cfg);
     let shared = lab.relay.shared().clone();
     assert!(
-        eventually(Duration::from_secs(5), || shared.metrics.render(0).contains("reason=\"tls\"} 1")).await,
+        eventually(Duration::from_secs(5), || shared
+            .metrics
+            .render(0)
+            .contains("reason=\"tls\"} 1"))
+        .await,
         "TLS failure not counted"
     );
     assert!(!matches!(rogue_edge.state(), EdgeState::Connected { .. }));
@@ -345,9 +437,12 @@ async fn certificates_from_an_unknown_ca_or_for_another_node_are_refused() -> Re
     cfg.tls = lab.pki.node_material("edge-1")?;
     let liar = EdgeClient::spawn(cfg);
     let mut w = liar.watch();
-    let s = tokio::time::timeout(Duration::from_secs(5), w.wait_for(|s| matches!(s, EdgeState::Rejected { .. })))
-        .await?
-        .map(|s| s.clone())?;
+    let s = tokio::time::timeout(
+        Duration::from_secs(5),
+        w.wait_for(|s| matches!(s, EdgeState::Rejected { .. })),
+    )
+    .await?
+    .map(|s| s.clone())?;
     match s {
         EdgeState::Rejected { reason, message } => {
             assert_eq!(reason, RejectReason::IdentityMismatch, "{message}");
@@ -366,7 +461,11 @@ async fn certificates_from_an_unknown_ca_or_for_another_node_are_refused() -> Re
 /// A hand-driven client: connects with `node`'s certificate and sends
 /// `first_frame` raw on the control stream; returns the relay's reply.
 async fn raw_hello(lab: &Lab, node: &str, first_frame: &[u8]) -> Result<HelloReply> {
-    let ep = quic::client_endpoint("127.0.0.1:0".parse()?, &lab.pki.node_material(node)?, &QuicTuning::default())?;
+    let ep = quic::client_endpoint(
+        "127.0.0.1:0".parse()?,
+        &lab.pki.node_material(node)?,
+        &QuicTuning::default(),
+    )?;
     let conn = TunnelConn::Quic(ep.connect(lab.relay.quic_addr(), "localhost")?.await?);
     let mut c = conn.open_bi().await?;
     c.send.write_all(first_frame).await?;
@@ -403,7 +502,10 @@ async fn unsupported_versions_and_bad_hellos_get_typed_rejections() -> Result<()
     body.extend_from_slice(&[0xff; 40]);
     let mut frame = (body.len() as u32).to_be_bytes().to_vec();
     frame.extend_from_slice(&body);
-    assert_eq!(reason(raw_hello(&lab, "edge-0", &frame).await?).0, RejectReason::UnsupportedVersion);
+    assert_eq!(
+        reason(raw_hello(&lab, "edge-0", &frame).await?).0,
+        RejectReason::UnsupportedVersion
+    );
     // A frame announcing 4 GiB: refused from its length, nothing allocated.
     let (r, msg) = reason(raw_hello(&lab, "edge-0", &[0xff, 0xff, 0xff, 0xf0]).await?);
     assert_eq!(r, RejectReason::Malformed);
@@ -411,13 +513,20 @@ async fn unsupported_versions_and_bad_hellos_get_typed_rejections() -> Result<()
     // Routes the node may not serve.
     let mut h = hello(relay_protocol::PROTOCOL_VERSION);
     h.routes = vec!["10.0.0.0/8".parse()?];
-    let (r, msg) = reason(raw_hello(&lab, "edge-0", &relay_protocol::codec::encode_frame(&h)?).await?);
+    let (r, msg) =
+        reason(raw_hello(&lab, "edge-0", &relay_protocol::codec::encode_frame(&h)?).await?);
     assert_eq!(r, RejectReason::RouteNotAllowed, "{msg}");
     // The live session is untouched by all of this.
     assert_eq!(sessions(lab.admin_addr()).await?.len(), 1);
     let (_, m) = admin_get(lab.admin_addr(), "/metrics", None).await?;
-    assert!(m.contains("relay_handshake_failures_total{reason=\"unsupported_version\"} 2"), "{m}");
-    assert!(m.contains("relay_handshake_failures_total{reason=\"malformed\"} 1"), "{m}");
+    assert!(
+        m.contains("relay_handshake_failures_total{reason=\"unsupported_version\"} 2"),
+        "{m}"
+    );
+    assert!(
+        m.contains("relay_handshake_failures_total{reason=\"malformed\"} 1"),
+        "{m}"
+    );
     lab.stop().await;
     Ok(())
 }
@@ -452,7 +561,10 @@ async fn slow_endless_or_wrong_connect_headers_are_cut_off() -> Result<()> {
         sent += junk.len();
     }
     let text = read_all(s).await.unwrap_or_default();
-    assert!(text.is_empty() || text.starts_with("HTTP/1.1 431"), "{text}");
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431"),
+        "{text}"
+    );
     for (req, code) in [
         ("GET / HTTP/1.1\r\nHost: x\r\n\r\n", "405"),
         ("CONNECT nonsense HTTP/1.1\r\n\r\n", "400"),
@@ -461,11 +573,20 @@ async fn slow_endless_or_wrong_connect_headers_are_cut_off() -> Result<()> {
         let mut s = TcpStream::connect(lab.connect_addr()).await?;
         s.write_all(req.as_bytes()).await?;
         let text = read_all(s).await?;
-        assert!(text.starts_with(&format!("HTTP/1.1 {code}")), "{req:?} -> {text}");
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {code}")),
+            "{req:?} -> {text}"
+        );
     }
     let (_, m) = admin_get(lab.admin_addr(), "/metrics", None).await?;
-    assert!(m.contains("relay_connect_responses_total{code=\"408\"} 1"), "{m}");
-    assert!(m.contains("relay_connect_responses_total{code=\"431\"} 1"), "{m}");
+    assert!(
+        m.contains("relay_connect_responses_total{code=\"408\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("relay_connect_responses_total{code=\"431\"} 1"),
+        "{m}"
+    );
     lab.stop().await;
     Ok(())
 }
@@ -498,21 +619,33 @@ async fn resets_are_carried_across_the_tunnel() -> Result<()> {
 
 #[tokio::test]
 async fn admin_api_token_routes_health_and_drain() -> Result<()> {
-    let lab = Lab::start(1, |c| c.admin_token = Some(relay_server::Secret::new("s3cret-token-0123456789"))).await?;
+    let lab = Lab::start(1, |c| {
+        c.admin_token = Some(relay_server::Secret::new("s3cret-token-0123456789"))
+    })
+    .await?;
     let admin = lab.admin_addr();
     assert_eq!(admin_get(admin, "/v1/sessions", None).await?.0, 401);
-    assert_eq!(admin_get(admin, "/v1/sessions", Some("wrong")).await?.0, 401);
+    assert_eq!(
+        admin_get(admin, "/v1/sessions", Some("wrong")).await?.0,
+        401
+    );
     assert_eq!(admin_get(admin, "/metrics", None).await?.0, 401);
     assert_eq!(admin_get(admin, "/healthz", None).await?.0, 200);
     assert_eq!(admin_get(admin, "/readyz", None).await?.0, 200);
     let tok = Some("s3cret-token-0123456789");
     let (code, body) = admin_get(admin, "/v1/routes", tok).await?;
     assert_eq!(code, 200);
-    assert!(body.contains("\"cidr\":\"127.0.0.2/32\"") && body.contains("\"node\":\"edge-0\""), "{body}");
+    assert!(
+        body.contains("\"cidr\":\"127.0.0.2/32\"") && body.contains("\"node\":\"edge-0\""),
+        "{body}"
+    );
     let (code, body) = admin_get(admin, "/v1/sessions/edge-0", tok).await?;
     assert_eq!(code, 200, "{body}");
     let row: relay_server::admin::SessionRow = serde_json::from_str(&body)?;
-    assert_eq!((row.node.as_str(), row.transport.as_str()), ("edge-0", "quic"));
+    assert_eq!(
+        (row.node.as_str(), row.transport.as_str()),
+        ("edge-0", "quic")
+    );
     assert!(row.rtt_ms >= 0.0 && row.remote_addr.starts_with("127.0.0.1:"));
     assert_eq!(admin_get(admin, "/v1/sessions/nope", tok).await?.0, 404);
     lab.stop().await;
@@ -528,7 +661,11 @@ async fn drain_lets_in_flight_streams_finish_and_refuses_new_ones() -> Result<()
     let session = lab.relay.shared().registry.get("edge-0").unwrap();
     session.drain(Duration::from_secs(10), "test");
     // New streams are refused with a reason while the old one still works.
-    let r = refused(connect_via(lab.connect_addr(), &echo.to_string()).await.unwrap_err());
+    let r = refused(
+        connect_via(lab.connect_addr(), &echo.to_string())
+            .await
+            .unwrap_err(),
+    );
     assert_eq!(r.code, 502);
     assert!(r.status_line.contains("draining"), "{}", r.status_line);
     inflight.write_all(b" and after").await?;
@@ -572,32 +709,48 @@ async fn connect_over_a_unix_socket_and_over_mutual_tls() -> Result<()> {
         .await?;
     let mut all = String::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut all)).await??;
-    assert!(all.starts_with("HTTP/1.1 200") && all.ends_with("hello from edge-0\n"), "{all}");
+    assert!(
+        all.starts_with("HTTP/1.1 200") && all.ends_with("hello from edge-0\n"),
+        "{all}"
+    );
 
     // TLS with a client certificate from the CONNECT CA.
-    let client_cfg = apiserver_pki.node_material("kube-apiserver")?.client_config(b"http/1.1")?;
+    let client_cfg = apiserver_pki
+        .node_material("kube-apiserver")?
+        .client_config(b"http/1.1")?;
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client_cfg));
     let tcp = TcpStream::connect(lab.connect_addr()).await?;
     let mut tls = connector.connect("localhost".try_into()?, tcp).await?;
-    tls.write_all(format!("CONNECT {web} HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
+    tls.write_all(
+        format!(
+            "CONNECT {web} HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await?;
     let mut all = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut all)).await?;
     let all = String::from_utf8_lossy(&all);
-    assert!(all.starts_with("HTTP/1.1 200") && all.contains("hello from edge-0"), "{all}");
+    assert!(
+        all.starts_with("HTTP/1.1 200") && all.contains("hello from edge-0"),
+        "{all}"
+    );
 
     // Without a client certificate the TLS listener refuses.
-    let anon = tokio_rustls::rustls::ClientConfig::builder_with_provider(relay_transport::tls::provider())
-        .with_protocol_versions(&[&tokio_rustls::rustls::version::TLS13])?
-        .with_root_certificates({
-            let mut r = tokio_rustls::rustls::RootCertStore::empty();
-            r.add(apiserver_pki.relay_material()?.ca[0].clone())?;
-            r
-        })
-        .with_no_client_auth();
+    let anon =
+        tokio_rustls::rustls::ClientConfig::builder_with_provider(relay_transport::tls::provider())
+            .with_protocol_versions(&[&tokio_rustls::rustls::version::TLS13])?
+            .with_root_certificates({
+                let mut r = tokio_rustls::rustls::RootCertStore::empty();
+                r.add(apiserver_pki.relay_material()?.ca[0].clone())?;
+                r
+            })
+            .with_no_client_auth();
     let tcp = TcpStream::connect(lab.connect_addr()).await?;
     let res = async {
-        let mut t = tokio_rustls::TlsConnector::from(std::sync::Arc::new(anon)).connect("localhost".try_into()?, tcp).await?;
+        let mut t = tokio_rustls::TlsConnector::from(std::sync::Arc::new(anon))
+            .connect("localhost".try_into()?, tcp)
+            .await?;
         t.write_all(b"CONNECT edge-0:1 HTTP/1.1\r\n\r\n").await?;
         let mut v = Vec::new();
         t.read_to_end(&mut v).await?;

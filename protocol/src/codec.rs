@@ -204,7 +204,7 @@ mod tests {
         use bytes::BytesMut;
         use tokio_util::codec::Decoder;
 
-        pub fn next_frame(buf: &mut BytesMut) -> Result<Option<BytesMut>, std::io::Error> {
+        pub(super) fn next_frame(buf: &mut BytesMut) -> Result<Option<BytesMut>, std::io::Error> {
             super::frame_codec().decode(buf)
         }
     }

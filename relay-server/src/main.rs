@@ -102,8 +102,10 @@ async fn main() -> anyhow::Result<()> {
                 });
                 // Write then rename, so a reader never sees half a file.
                 let tmp = path.with_extension("tmp");
-                std::fs::write(&tmp, ready.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
-                std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&tmp, ready.to_string())
+                    .with_context(|| format!("writing {}", tmp.display()))?;
+                std::fs::rename(&tmp, path)
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
             let mut term = signal(SignalKind::terminate())?;
             let mut int = signal(SignalKind::interrupt())?;

@@ -228,7 +228,7 @@ impl<S: RouteOwner> Registry<S> {
                 session_id: s.session_id(),
             })
             .collect();
-        v.sort_by(|a, b| a.cidr.cmp(&b.cidr));
+        v.sort_by_key(|r| r.cidr);
         v
     }
 }
@@ -237,6 +237,7 @@ impl<S: RouteOwner> Registry<S> {
 mod tests {
     use super::*;
 
+    #[derive(Debug)]
     struct Fake {
         node: String,
         generation: u64,

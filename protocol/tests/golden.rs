@@ -1,0 +1,241 @@
+//! Golden bytes: the exact encoding of every message, frozen. If one of
+//! these fails, the wire format changed: bump `PROTOCOL_VERSION`, keep the
+//! old decoder if needed, and update the bytes deliberately.
+//!
+//! Also proptest round trips (`decode(encode(m)) == m`) and the framing
+//! invariant (`frame.len() == 4 + body.len()`, length prefix correct).
+
+use proptest::prelude::*;
+use relay_protocol::codec::{decode, encode, encode_frame};
+use relay_protocol::*;
+use std::net::{IpAddr, SocketAddr};
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn cidr(s: &str) -> Cidr {
+    s.parse().unwrap()
+}
+
+/// Every message type, with representative values, and its frozen body.
+fn golden() -> Vec<(&'static str, Vec<u8>, &'static str)> {
+    let hello = ClientHello {
+        version: 1,
+        node: "edge-1".into(),
+        routes: vec![
+            cidr("10.244.7.0/24"),
+            cidr("192.168.1.10/32"),
+            cidr("fd00::/64"),
+        ],
+        primary_addr: Some("192.168.1.10".parse().unwrap()),
+        capabilities: capability::TCP_STREAMS | capability::UDP_DATAGRAMS,
+        agent: "e/1".into(),
+    };
+    let accepted = HelloReply::Accepted(ServerHello {
+        session_id: 0x0102_0304,
+        generation: 300,
+        relay_id: "r0".into(),
+        keepalive_ms: 5000,
+        idle_timeout_ms: 20000,
+        tunnel_routes: vec![cidr("10.96.0.0/12")],
+        capabilities: 1,
+    });
+    let rejected = HelloReply::Rejected(Rejection {
+        reason: RejectReason::IdentityMismatch,
+        message: "no".into(),
+        relay_version: 1,
+        retry_after_ms: Some(1000),
+    });
+    let open = StreamOpen {
+        target: Target::Addr(SocketAddr::new("10.244.7.5".parse().unwrap(), 8080)),
+        source: Some("[fd00::1]:40000".parse().unwrap()),
+        l4: L4::Tcp,
+    };
+    let open_name = StreamOpen {
+        target: Target::Name {
+            host: "edge-1".into(),
+            port: 10250,
+        },
+        source: None,
+        l4: L4::Tcp,
+    };
+    vec![
+        (
+            "ClientHello",
+            encode(&hello).unwrap(),
+            "0106656467652d3103000af407001800c0a8010a2001fd000000000000000000000000000000400100c0a8010a0303652f31",
+        ),
+        (
+            "HelloReply::Accepted",
+            encode(&accepted).unwrap(),
+            "00fc04030201fb2c01027230fb8813fb204e01000a6000000c01",
+        ),
+        ("HelloReply::Rejected", encode(&rejected).unwrap(), "0101026e6f0101fbe803"),
+        ("Control::Ping", encode(&Control::Ping { nonce: 7 }).unwrap(), "0007"),
+        ("Control::Pong", encode(&Control::Pong { nonce: 300 }).unwrap(), "01fb2c01"),
+        (
+            "Control::RouteUpdate",
+            encode(&Control::RouteUpdate {
+                tunnel_routes: vec![cidr("10.96.0.0/12")],
+            })
+            .unwrap(),
+            "0201000a6000000c",
+        ),
+        (
+            "Control::GoAway",
+            encode(&Control::GoAway {
+                reason: "bye".into(),
+                grace_ms: 30000,
+            })
+            .unwrap(),
+            "0303627965fb3075",
+        ),
+        (
+            "StreamOpen(addr)",
+            encode(&open).unwrap(),
+            "00000af40705fb901f0101fd000000000000000000000000000001fb409c00",
+        ),
+        ("StreamOpen(name)", encode(&open_name).unwrap(), "0106656467652d31fb0a280000"),
+        ("StreamReply::ok", encode(&StreamReply::ok()).unwrap(), "0000"),
+        (
+            "StreamReply::denied",
+            encode(&StreamReply::fail(StreamStatus::Denied, "x")).unwrap(),
+            "040178",
+        ),
+    ]
+}
+
+#[test]
+fn every_message_encodes_to_its_golden_bytes() {
+    let mut wrong = Vec::new();
+    for (name, got, want) in golden() {
+        if hex(&got) != want {
+            wrong.push(format!("{name}: got {}, frozen {want}", hex(&got)));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "wire format changed:\n{}",
+        wrong.join("\n")
+    );
+}
+
+#[test]
+fn golden_bytes_decode_back() {
+    // Spot-check that the frozen bytes are also what we decode.
+    let bytes = |h: &str| {
+        (0..h.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+            .collect::<Vec<u8>>()
+    };
+    let g = golden();
+    let hello: ClientHello = decode(&bytes(g[0].2)).unwrap();
+    assert_eq!(hello.node, "edge-1");
+    assert_eq!(hello.routes[2], cidr("fd00::/64"));
+    let r: HelloReply = decode(&bytes(g[2].2)).unwrap();
+    assert!(matches!(
+        r,
+        HelloReply::Rejected(Rejection {
+            reason: RejectReason::IdentityMismatch,
+            ..
+        })
+    ));
+    assert_eq!(codec::peek_version(&bytes(g[0].2)), Some(1));
+}
+
+#[test]
+fn frames_prefix_the_body_length() {
+    let f = encode_frame(&Control::Ping { nonce: 7 }).unwrap();
+    assert_eq!(hex(&f), "000000020007");
+}
+
+#[test]
+fn invalid_cidrs_do_not_decode() {
+    // 10.0.0.1/24 has host bits: a peer cannot smuggle a non-canonical route.
+    let bad = [0x00, 10, 0, 0, 1, 24];
+    assert!(decode::<Cidr>(&bad).is_err());
+    let too_long = [0x00, 10, 0, 0, 0, 33];
+    assert!(decode::<Cidr>(&too_long).is_err());
+}
+
+fn arb_ip() -> impl Strategy<Value = IpAddr> {
+    prop_oneof![
+        any::<[u8; 4]>().prop_map(IpAddr::from),
+        any::<[u8; 16]>().prop_map(IpAddr::from),
+    ]
+}
+
+fn arb_cidr() -> impl Strategy<Value = Cidr> {
+    (arb_ip(), any::<u8>()).prop_map(|(ip, len)| {
+        let max = if ip.is_ipv4() { 33 } else { 129 };
+        Cidr::containing(ip, len % max).unwrap()
+    })
+}
+
+fn arb_target() -> impl Strategy<Value = Target> {
+    prop_oneof![
+        (arb_ip(), any::<u16>()).prop_map(|(ip, p)| Target::Addr(SocketAddr::new(ip, p))),
+        ("[a-z0-9.-]{0,64}", any::<u16>()).prop_map(|(host, port)| Target::Name { host, port }),
+    ]
+}
+
+fn arb_status() -> impl Strategy<Value = StreamStatus> {
+    prop::sample::select(StreamStatus::ALL.to_vec())
+}
+
+proptest! {
+    #[test]
+    fn hello_round_trips(
+        version: u16,
+        node in ".{0,64}",
+        routes in prop::collection::vec(arb_cidr(), 0..50),
+        primary in prop::option::of(arb_ip()),
+        capabilities: u32,
+        agent in ".{0,32}",
+    ) {
+        let h = ClientHello { version, node, routes, primary_addr: primary, capabilities, agent };
+        let body = encode(&h).unwrap();
+        prop_assert_eq!(decode::<ClientHello>(&body).unwrap(), h.clone());
+        prop_assert_eq!(codec::peek_version(&body), Some(version));
+        let frame = encode_frame(&h).unwrap();
+        prop_assert_eq!(frame.len(), 4 + body.len());
+        prop_assert_eq!(u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize, body.len());
+    }
+
+    #[test]
+    fn stream_messages_round_trip(
+        target in arb_target(),
+        source in prop::option::of((arb_ip(), any::<u16>()).prop_map(|(i, p)| SocketAddr::new(i, p))),
+        status in arb_status(),
+        message in ".{0,100}",
+    ) {
+        let open = StreamOpen { target, source, l4: L4::Tcp };
+        prop_assert_eq!(decode::<StreamOpen>(&encode(&open).unwrap()).unwrap(), open);
+        let reply = StreamReply { status, message };
+        prop_assert_eq!(decode::<StreamReply>(&encode(&reply).unwrap()).unwrap(), reply);
+    }
+
+    #[test]
+    fn control_round_trips(nonce: u64, routes in prop::collection::vec(arb_cidr(), 0..20), reason in ".{0,50}", grace: u32) {
+        for m in [
+            Control::Ping { nonce },
+            Control::Pong { nonce },
+            Control::RouteUpdate { tunnel_routes: routes.clone() },
+            Control::GoAway { reason: reason.clone(), grace_ms: grace },
+        ] {
+            prop_assert_eq!(decode::<Control>(&encode(&m).unwrap()).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics_the_decoders(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        let _ = decode::<ClientHello>(&bytes);
+        let _ = decode::<HelloReply>(&bytes);
+        let _ = decode::<Control>(&bytes);
+        let _ = decode::<StreamOpen>(&bytes);
+        let _ = decode::<StreamReply>(&bytes);
+        let _ = codec::peek_version(&bytes);
+    }
+}
