@@ -5,7 +5,9 @@
 use std::path::Path;
 
 fn read(name: &str) -> String {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples").join(name);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/examples")
+        .join(name);
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
