@@ -10,11 +10,14 @@
 //! - [`quic`]: quinn endpoints with relay-tuned transport settings.
 //! - [`conn`]: [`TunnelConn`] and [`BiStream`], the transport-neutral
 //!   connection and stream types, with reset/stop.
-//! - [`splice`]: copies a TCP connection and a tunnel stream both ways with
+//! - [`mod@splice`]: copies a TCP connection and a tunnel stream both ways with
 //!   half-close and reset carried across, metering bytes as they pass.
 //! - [`devcerts`]: a development PKI (CA, relay and node certificates).
+//! - [`capture`]: transparent capture (nftables TPROXY + policy routing)
+//!   of the prefixes to send through the tunnel.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod capture;
 pub mod conn;
 pub mod devcerts;
 pub mod quic;
