@@ -87,23 +87,81 @@ pub struct EdgeClient {
     stats: Arc<EdgeStats>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    capture: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Starting the client failed (only possible with capture on).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// Binding the transparent listener failed.
+    #[error("transparent listener on {addr}: {source}")]
+    Listener {
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Installing capture (nftables, policy routing) failed.
+    #[error("installing capture: {0}")]
+    Capture(#[from] relay_transport::capture::CaptureError),
 }
 
 impl EdgeClient {
-    /// Starts the client; it connects in the background and keeps
-    /// reconnecting until [`EdgeClient::shutdown`].
-    pub fn spawn(cfg: EdgeConfig) -> Self {
+    /// Starts the client without capture; it connects in the background
+    /// and keeps reconnecting until [`EdgeClient::shutdown`]. A capture
+    /// setting in `cfg` is ignored here (with an error logged): use
+    /// [`EdgeClient::start`], which can report capture failures.
+    pub fn spawn(mut cfg: EdgeConfig) -> Self {
+        if cfg.capture.take().is_some() {
+            tracing::error!("EdgeClient::spawn ignores capture; use EdgeClient::start");
+        }
+        Self::launch(cfg, None)
+    }
+
+    /// Starts the client, first installing capture when configured (so a
+    /// node without CAP_NET_ADMIN fails here, loudly, not later).
+    pub async fn start(cfg: EdgeConfig) -> Result<Self, StartError> {
+        let Some(ccfg) = cfg.capture.clone() else {
+            return Ok(Self::launch(cfg, None));
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], ccfg.port));
+        let listener = relay_transport::capture::transparent_tcp_listener(addr)
+            .map_err(|source| StartError::Listener { addr, source })?;
+        let cap = relay_transport::capture::Capture::install(ccfg).await?;
+        Ok(Self::launch(cfg, Some((cap, listener))))
+    }
+
+    fn launch(
+        cfg: EdgeConfig,
+        capture: Option<(relay_transport::capture::Capture, tokio::net::TcpListener)>,
+    ) -> Self {
         let (tx, rx) = watch::channel(EdgeState::Connecting { attempt: 1 });
+        let (conn_tx, conn_rx) = watch::channel(None);
         let stats = Arc::new(EdgeStats::default());
         let cancel = CancellationToken::new();
         let span = tracing::info_span!("edge", node = %cfg.node);
+        let cfg = Arc::new(cfg);
+        let capture = capture.map(|(cap, listener)| {
+            let t = crate::capture::run(
+                cap,
+                listener,
+                cfg.clone(),
+                rx.clone(),
+                conn_rx,
+                stats.clone(),
+                cancel.clone(),
+            );
+            tokio::spawn(t.instrument(span.clone()))
+        });
         let task =
-            tokio::spawn(run(Arc::new(cfg), tx, stats.clone(), cancel.clone()).instrument(span));
+            tokio::spawn(run(cfg, tx, conn_tx, stats.clone(), cancel.clone()).instrument(span));
         EdgeClient {
             state: rx,
             stats,
             cancel,
             task,
+            capture,
         }
     }
 
@@ -152,6 +210,16 @@ impl EdgeClient {
         {
             warn!("edge client did not stop within 5s");
         }
+        // Capture is removed last, awaited rather than aborted, so the node
+        // keeps nothing of ours.
+        if let Some(c) = self.capture {
+            if tokio::time::timeout(Duration::from_secs(15), c)
+                .await
+                .is_err()
+            {
+                warn!("removing capture timed out");
+            }
+        }
     }
 }
 
@@ -162,9 +230,13 @@ enum AttemptError {
     Failed(String),
 }
 
+/// The current session's connection, for streams the edge opens.
+pub(crate) type ConnWatch = watch::Receiver<Option<TunnelConn>>;
+
 async fn run(
     cfg: Arc<EdgeConfig>,
     state: watch::Sender<EdgeState>,
+    conn_tx: watch::Sender<Option<TunnelConn>>,
     stats: Arc<EdgeStats>,
     cancel: CancellationToken,
 ) {
@@ -199,6 +271,7 @@ async fn run(
                     tunnel_routes: hello.tunnel_routes.clone(),
                 });
                 let up = Instant::now();
+                conn_tx.send_replace(Some(conn.clone()));
                 let span = tracing::info_span!(
                     "session",
                     session = hello.session_id,
@@ -207,6 +280,7 @@ async fn run(
                 let why = run_session(&conn, control, &cfg, &stats, &cancel, &state)
                     .instrument(span)
                     .await;
+                conn_tx.send_replace(None);
                 info!(reason = %why, uptime = ?up.elapsed(), "session down");
                 if up.elapsed() >= backoff.config().reset_after {
                     backoff.reset();
@@ -257,8 +331,9 @@ async fn connect(cfg: &EdgeConfig) -> Result<Connected, AttemptError> {
     } else {
         ([0u16; 8], 0).into()
     };
+    let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
     let endpoint =
-        quic::client_endpoint(bind, &cfg.tls, &cfg.quic).map_err(|e| fail("endpoint", &e))?;
+        quic::client_endpoint(bind, &cfg.tls, &cfg.quic, mark).map_err(|e| fail("endpoint", &e))?;
     let connecting = endpoint
         .connect(addr, &cfg.server_name)
         .map_err(|e| fail(&format!("connect {addr}"), &e))?;
@@ -356,10 +431,10 @@ async fn run_session(
 }
 
 /// Accounts one served stream; decrements on drop however the task ends.
-struct Served(Arc<EdgeStats>);
+pub(crate) struct Served(Arc<EdgeStats>);
 
 impl Served {
-    fn new(stats: Arc<EdgeStats>) -> Self {
+    pub(crate) fn new(stats: Arc<EdgeStats>) -> Self {
         stats.open_streams.fetch_add(1, Relaxed);
         stats.streams_total.fetch_add(1, Relaxed);
         Served(stats)
@@ -425,7 +500,8 @@ async fn serve_stream(mut bi: BiStream, cfg: Arc<EdgeConfig>, stats: Arc<EdgeSta
                 return;
             }
         };
-        let tcp = match dial_tcp(target, cfg.dial_timeout).await {
+        let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
+        let tcp = match dial_tcp(target, cfg.dial_timeout, mark).await {
             Ok(t) => t,
             Err(reply) => {
                 stats.dial_failures.fetch_add(1, Relaxed);

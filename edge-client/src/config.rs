@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use relay_protocol::Cidr;
+use relay_transport::capture::{CaptureConfig, CaptureFile};
 use relay_transport::{QuicFile, QuicTuning, TlsMaterial};
 use serde::Deserialize;
 
@@ -37,6 +38,10 @@ pub struct EdgeConfig {
     pub quic: QuicTuning,
     /// Reconnect backoff.
     pub backoff: BackoffConfig,
+    /// When set, traffic from this node towards the relay's tunnel routes
+    /// (cloud ranges, other edges) is captured and sent through the tunnel
+    /// (nftables TPROXY + policy routing; needs CAP_NET_ADMIN).
+    pub capture: Option<CaptureConfig>,
 }
 
 impl EdgeConfig {
@@ -59,6 +64,7 @@ impl EdgeConfig {
             handshake_timeout: Duration::from_secs(10),
             quic: QuicTuning::default(),
             backoff: BackoffConfig::default(),
+            capture: None,
         }
     }
 }
@@ -148,6 +154,9 @@ pub struct FileConfig {
     /// QUIC settings.
     #[serde(default)]
     pub quic: QuicFile,
+    /// Capture of traffic towards the tunnel routes.
+    #[serde(default)]
+    pub capture: CaptureFile,
 }
 
 /// The host part of `host:port` / `[v6]:port`.
@@ -200,6 +209,10 @@ impl FileConfig {
             .quic
             .resolve()
             .map_err(|(f, m)| err(format!("quic.{f}"), m))?;
+        let capture = self
+            .capture
+            .resolve()
+            .map_err(|(f, m)| err(format!("capture.{f}"), m))?;
         let d = BackoffConfig::default();
         let backoff = BackoffConfig {
             initial: nonzero("backoff.initial", self.backoff.initial, d.initial)?,
@@ -231,6 +244,7 @@ impl FileConfig {
             allowed_ports: self.allowed_ports,
             quic,
             backoff,
+            capture,
         })
     }
 }

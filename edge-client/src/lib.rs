@@ -13,8 +13,9 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod backoff;
+mod capture;
 pub mod client;
 pub mod config;
 
-pub use client::{EdgeClient, EdgeState, EdgeStats};
+pub use client::{EdgeClient, EdgeState, EdgeStats, StartError};
 pub use config::{EdgeConfig, FileConfig};

@@ -55,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let client = EdgeClient::spawn(cfg);
+    let client = EdgeClient::start(cfg).await?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {

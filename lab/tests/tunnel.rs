@@ -465,6 +465,7 @@ async fn raw_hello(lab: &Lab, node: &str, first_frame: &[u8]) -> Result<HelloRep
         "127.0.0.1:0".parse()?,
         &lab.pki.node_material(node)?,
         &QuicTuning::default(),
+        0,
     )?;
     let conn = TunnelConn::Quic(ep.connect(lab.relay.quic_addr(), "localhost")?.await?);
     let mut c = conn.open_bi().await?;

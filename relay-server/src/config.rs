@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use relay_protocol::Cidr;
+use relay_transport::capture::{CaptureConfig, CaptureFile};
 use relay_transport::{QuicFile, QuicTuning, TlsMaterial};
 use serde::Deserialize;
 
@@ -53,6 +54,8 @@ pub struct Limits {
     pub max_connect_connections: usize,
     /// How long draining sessions get for in-flight streams on shutdown.
     pub drain_grace: Duration,
+    /// Bound on dialing a cloud target for an edge.
+    pub dial_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -66,6 +69,7 @@ impl Default for Limits {
             max_concurrent_handshakes: 256,
             max_connect_connections: 16_384,
             drain_grace: Duration::from_secs(30),
+            dial_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -94,10 +98,14 @@ pub struct RelayConfig {
     pub admin_token: Option<Secret>,
     /// Which prefixes each node may serve.
     pub nodes: HashMap<String, Vec<Cidr>>,
-    /// Prefixes edges should send back through the tunnel.
+    /// Cloud prefixes edges send back through the tunnel; the relay dials
+    /// targets inside them for edges, and nothing else.
     pub tunnel_routes: Vec<Cidr>,
     /// Bounds.
     pub limits: Limits,
+    /// When set, the relay captures traffic to every live session's routes
+    /// (nftables TPROXY + policy routing; needs CAP_NET_ADMIN).
+    pub capture: Option<CaptureConfig>,
 }
 
 impl RelayConfig {
@@ -117,6 +125,7 @@ impl RelayConfig {
             nodes: HashMap::new(),
             tunnel_routes: Vec::new(),
             limits: Limits::default(),
+            capture: None,
         }
     }
 }
@@ -204,6 +213,9 @@ pub struct LimitsFile {
     /// See [`Limits::drain_grace`].
     #[serde(default, with = "humantime_serde")]
     pub drain_grace: Option<Duration>,
+    /// See [`Limits::dial_timeout`].
+    #[serde(default, with = "humantime_serde")]
+    pub dial_timeout: Option<Duration>,
 }
 
 /// `[admin]`.
@@ -241,6 +253,9 @@ pub struct FileConfig {
     /// Prefixes edges send back through the tunnel.
     #[serde(default)]
     pub tunnel_routes: Vec<Cidr>,
+    /// Relay-installed routes.
+    #[serde(default)]
+    pub capture: CaptureFile,
 }
 
 fn positive(field: &str, d: Option<Duration>, default: Duration) -> Result<Duration, ConfigError> {
@@ -313,7 +328,12 @@ impl FileConfig {
                 d.max_connect_connections,
             )?,
             drain_grace: l.drain_grace.unwrap_or(d.drain_grace),
+            dial_timeout: positive("limits.dial_timeout", l.dial_timeout, d.dial_timeout)?,
         };
+        let capture = self
+            .capture
+            .resolve()
+            .map_err(|(f, m)| err(format!("capture.{f}"), m))?;
         let quic = self
             .quic
             .resolve()
@@ -367,6 +387,7 @@ impl FileConfig {
             nodes: self.nodes,
             tunnel_routes: self.tunnel_routes,
             limits,
+            capture,
         })
     }
 }

@@ -9,10 +9,10 @@
 //! 431 header too large, 502 no session / refused / unreachable, 503 busy,
 //! 504 dial timeout.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use relay_protocol::{StreamOpen, StreamReply, StreamStatus, Target, L4};
+use relay_protocol::{StreamReply, StreamStatus};
 use relay_transport::splice::{splice, LocalStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
 use crate::server::Shared;
-use crate::session::StreamGuard;
+use crate::tunnel::{open_on, session_for};
 
 /// Accepts CONNECT clients on TCP, optionally behind TLS with client auth.
 pub(crate) async fn serve_tcp(
@@ -318,20 +318,9 @@ async fn handle<S: LocalStream>(mut s: S, peer: String, shared: &Arc<Shared>) {
     };
     let span = tracing::info_span!("stream", node = %session.node, session = session.session_id, dst = %target, src = %peer);
     async move {
-        let guard = StreamGuard::new(session, shared.clone());
-        let open = StreamOpen {
-            target: Target::Addr(target),
-            source: peer.parse().ok(),
-            l4: L4::Tcp,
-        };
-        let bi = match guard
-            .session()
-            .open_stream(&open, limits.stream_open_timeout)
-            .await
-        {
-            Ok(bi) => bi,
+        let (bi, guard) = match open_on(shared, session, target, peer.parse().ok()).await {
+            Ok(v) => v,
             Err(reply) => {
-                shared.metrics.stream_outcome(reply.status);
                 info!(reason = reply.status.as_str(), msg = %reply.message, "stream refused");
                 let _ = respond(
                     &mut s,
@@ -344,7 +333,6 @@ async fn handle<S: LocalStream>(mut s: S, peer: String, shared: &Arc<Shared>) {
                 return;
             }
         };
-        shared.metrics.stream_outcome(StreamStatus::Ok);
         if respond(&mut s, 200, "", "", shared).await.is_err() {
             return;
         }
@@ -361,16 +349,7 @@ fn resolve(
     auth: &Authority,
 ) -> Result<(Arc<crate::session::SessionHandle>, SocketAddr), StreamReply> {
     match auth {
-        Authority::Ip(sa) => {
-            let ip: IpAddr = sa.ip();
-            match shared.registry.lookup(ip) {
-                Some(s) => Ok((s, *sa)),
-                None => Err(StreamReply::fail(
-                    StreamStatus::NoRoute,
-                    format!("no edge session serves {ip}"),
-                )),
-            }
-        }
+        Authority::Ip(sa) => session_for(shared, *sa).map(|s| (s, *sa)),
         Authority::Name(name, port) => match shared.registry.get(name) {
             Some(s) => match s.primary_addr {
                 Some(ip) => Ok((s, SocketAddr::new(ip, *port))),

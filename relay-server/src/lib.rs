@@ -11,6 +11,8 @@
 //! - [`session`]: handshake, per-session actor, opening streams to an edge.
 //! - [`registry`]: live sessions and the longest-prefix route table.
 //! - [`connect`]: the HTTP CONNECT ingress.
+//! - [`tunnel`]: stream paths shared by every ingress; transparent capture
+//!   and streams opened by edges (edge → cloud, edge → edge).
 //! - [`admin`]: the admin API (sessions, routes, health, metrics).
 //! - [`metrics`]: counters and the Prometheus rendering.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -22,6 +24,7 @@ pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod session;
+pub mod tunnel;
 
 pub use config::{FileConfig, Limits, RelayConfig, Secret};
 pub use server::{Relay, StartError};

@@ -81,6 +81,9 @@ pub struct RegisterError {
 /// The relay's session registry and route table.
 pub struct Registry<S> {
     inner: RwLock<Inner<S>>,
+    /// Bumped on every change of sessions or routes; subscribers (route
+    /// capture, per-session route updates) coalesce bursts of changes.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl<S> Default for Registry<S> {
@@ -90,6 +93,7 @@ impl<S> Default for Registry<S> {
                 sessions: HashMap::new(),
                 routes: RouteTable::default(),
             }),
+            changes: tokio::sync::watch::channel(0).0,
         }
     }
 }
@@ -106,6 +110,15 @@ pub struct RouteRow {
 }
 
 impl<S: RouteOwner> Registry<S> {
+    /// A receiver that is marked changed whenever sessions or routes change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner<S>> {
         // A panic while holding the lock cannot leave the maps half-updated
         // in a way that matters more than stopping would; keep serving.
@@ -168,6 +181,8 @@ impl<S: RouteOwner> Registry<S> {
             g.routes.insert(*c, new.clone());
         }
         g.sessions.insert(new.node().to_string(), new);
+        drop(g);
+        self.changed();
         Ok(old)
     }
 
@@ -186,6 +201,8 @@ impl<S: RouteOwner> Registry<S> {
             g.routes.remove(c);
         }
         g.sessions.remove(node);
+        drop(g);
+        self.changed();
         true
     }
 
@@ -214,6 +231,17 @@ impl<S: RouteOwner> Registry<S> {
     /// Whether no session is live.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Every routed prefix except those of `node`: what that node's edge
+    /// should send back through the tunnel (other edges' routes).
+    pub fn routes_except(&self, node: &str) -> std::collections::BTreeSet<Cidr> {
+        self.read()
+            .routes
+            .iter()
+            .filter(|(_, s)| s.node() != node)
+            .map(|(c, _)| *c)
+            .collect()
     }
 
     /// The route table, sorted by prefix.
@@ -315,6 +343,8 @@ mod tests {
         assert!(e.message.contains("node a"), "{}", e.message);
         r.register(fake("b", 3, &["10.244.2.0/24"]), 10).unwrap();
         assert_eq!(r.lookup(ip("10.244.2.1")).unwrap().node, "b");
+        let others: Vec<String> = r.routes_except("b").iter().map(|c| c.to_string()).collect();
+        assert_eq!(others, ["10.244.1.0/24"]);
         assert_eq!(r.lookup(ip("10.244.1.1")).unwrap().node, "a");
     }
 
@@ -335,8 +365,14 @@ mod tests {
         // ...and the old session's teardown does not remove the new one.
         assert!(!r.remove("a", 5));
         assert_eq!(r.get("a").unwrap().generation, 7);
+        let mut changes = r.subscribe();
+        changes.mark_unchanged();
         assert!(r.remove("a", 7));
         assert!(r.is_empty() && r.routes().is_empty());
+        assert!(
+            changes.has_changed().unwrap(),
+            "removal must notify subscribers"
+        );
     }
 
     #[test]

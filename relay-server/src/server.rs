@@ -67,6 +67,9 @@ pub enum StartError {
     /// TLS configuration was refused.
     #[error("tls: {0}")]
     Tls(#[from] relay_transport::TlsError),
+    /// Installing relay routes (nftables, policy routing) failed.
+    #[error("installing routes: {0}")]
+    Capture(#[from] relay_transport::capture::CaptureError),
 }
 
 /// A running relay.
@@ -80,6 +83,7 @@ pub struct Relay {
     accept_stop: CancellationToken,
     tasks: JoinSet<&'static str>,
     sessions: TaskTracker,
+    capture: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 
 fn bind_err(what: &'static str, addr: impl ToString) -> impl FnOnce(std::io::Error) -> StartError {
@@ -163,6 +167,25 @@ impl Relay {
             admin_addr = Some(l.local_addr().map_err(bind_err("admin", addr))?);
             tasks.spawn(crate::admin::serve(l, shared.clone(), accept_stop.clone()));
         }
+        let mut capture = None;
+        if let Some(ccfg) = shared.cfg.capture.clone() {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], ccfg.port));
+            let l = relay_transport::capture::transparent_tcp_listener(addr)
+                .map_err(bind_err("transparent", addr))?;
+            let cap = relay_transport::capture::Capture::install(ccfg).await?;
+            tasks.spawn(crate::tunnel::serve_transparent(
+                l,
+                shared.clone(),
+                accept_stop.clone(),
+            ));
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(crate::tunnel::sync_capture(
+                cap,
+                shared.clone(),
+                stop.clone(),
+            ));
+            capture = Some((stop, task));
+        }
         info!(%quic_addr, connect = ?connect_addr, unix = ?unix_path, admin = ?admin_addr, relay_id = %shared.cfg.relay_id, "relay listening");
         Ok(Relay {
             shared,
@@ -174,6 +197,7 @@ impl Relay {
             accept_stop,
             tasks,
             sessions,
+            capture,
         })
     }
 
@@ -232,6 +256,17 @@ impl Relay {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+        // Routes go last but surely: awaited, not aborted, so the kernel is
+        // left with nothing of ours.
+        if let Some((stop, task)) = self.capture.take() {
+            stop.cancel();
+            if tokio::time::timeout(Duration::from_secs(15), task)
+                .await
+                .is_err()
+            {
+                warn!("removing relay routes timed out");
+            }
+        }
         if let Some(p) = &self.unix_path {
             let _ = std::fs::remove_file(p);
         }

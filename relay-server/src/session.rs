@@ -405,7 +405,7 @@ async fn handshake(
         relay_id: shared.cfg.relay_id.clone(),
         keepalive_ms: shared.cfg.quic.keepalive.as_millis() as u32,
         idle_timeout_ms: shared.cfg.quic.idle_timeout.as_millis() as u32,
-        tunnel_routes: shared.cfg.tunnel_routes.clone(),
+        tunnel_routes: crate::tunnel::tunnel_routes_for(shared, &hello.node),
         capabilities: capability::TCP_STREAMS,
     });
     if let Err(e) = write_frame(&mut control.send, &reply).await {
@@ -430,12 +430,45 @@ async fn run_session(
     let mut ping = tokio::time::interval(shared.cfg.quic.keepalive * 2);
     ping.tick().await;
     let write_timeout = shared.cfg.limits.handshake_timeout;
+    // Route updates: the registry says "something changed"; we wait a
+    // moment so a burst of sessions coming or going costs one update, then
+    // send the complete list if it differs from the last one sent.
+    let mut changes = shared.registry.subscribe();
+    let mut sent_routes = crate::tunnel::tunnel_routes_for(&shared, &handle.node);
+    let settle = tokio::time::sleep(Duration::from_secs(3600));
+    tokio::pin!(settle);
+    let mut update_due = false;
     let why = loop {
         let out = tokio::select! {
             biased;
             _ = handle.cancel.cancelled() => break "closed by relay".to_string(),
             why = handle.conn.closed() => break why,
             Some(msg) = control_rx.recv() => msg,
+            bi = handle.conn.accept_bi() => match bi {
+                Ok(bi) => {
+                    let span = tracing::Span::current();
+                    tokio::spawn(crate::tunnel::serve_edge_stream(bi, handle.clone(), shared.clone()).instrument(span));
+                    continue;
+                }
+                Err(e) => break e.to_string(),
+            },
+            r = changes.changed(), if !update_due => {
+                if r.is_err() {
+                    break "relay stopping".to_string();
+                }
+                update_due = true;
+                settle.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(100));
+                continue;
+            }
+            _ = &mut settle, if update_due => {
+                update_due = false;
+                let now = crate::tunnel::tunnel_routes_for(&shared, &handle.node);
+                if now == sent_routes {
+                    continue;
+                }
+                sent_routes = now.clone();
+                Control::RouteUpdate { tunnel_routes: now }
+            }
             f = frames.next() => match f {
                 Some(Ok(bytes)) => {
                     handle.touch();

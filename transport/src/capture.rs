@@ -6,11 +6,14 @@
 //! table inet <nft_table> {
 //!   set dst4 { type ipv4_addr; flags interval; }      # the captured prefixes
 //!   set dst6 { type ipv6_addr; flags interval; }
+//!   set skip4, skip6                                   # never captured (own routes)
 //!   chain pre { type filter hook prerouting priority mangle;
+//!     ip daddr @skip4 return;  ip6 daddr @skip6 return
 //!     ip  daddr @dst4 meta l4proto { tcp, udp } tproxy ip  to 127.0.0.1:<port> accept
 //!     ip6 daddr @dst6 meta l4proto { tcp, udp } tproxy ip6 to [::1]:<port>     accept }
 //! }
 //! ip rule  fwmark <own_mark> lookup main      pref <rule_pref - 1>   # our own sockets bypass
+//! ip rule  to <skip prefix> lookup main      pref <rule_pref - 1>   # one per skipped prefix
 //! ip rule  to <prefix> lookup <route_table>   pref <rule_pref>       # one per captured prefix
 //! ip route local default dev lo table <route_table>
 //! ```
@@ -56,6 +59,70 @@ impl Default for CaptureConfig {
             port: 15001,
             own_mark: 0x7100,
         }
+    }
+}
+
+/// The `[capture]` section of either side's config file.
+#[derive(Debug, serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureFile {
+    /// Install capture (default false).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Transparent listener port on loopback (default 15001).
+    pub port: Option<u16>,
+    /// nftables table name (default `edge_relay`).
+    pub nft_table: Option<String>,
+    /// Routing table id (default 7100).
+    pub route_table: Option<u32>,
+    /// Policy rule priority (default 7100; the bypass rules use one less).
+    pub rule_pref: Option<u32>,
+    /// Firewall mark of our own sockets (default 0x7100).
+    pub mark: Option<u32>,
+}
+
+impl CaptureFile {
+    /// The capture config if enabled; errors are `(field, message)` with
+    /// the field relative to `[capture]`.
+    pub fn resolve(&self) -> Result<Option<CaptureConfig>, (&'static str, String)> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let d = CaptureConfig::default();
+        let c = CaptureConfig {
+            nft_table: self.nft_table.clone().unwrap_or(d.nft_table),
+            route_table: self.route_table.unwrap_or(d.route_table),
+            rule_pref: self.rule_pref.unwrap_or(d.rule_pref),
+            port: self.port.unwrap_or(d.port),
+            own_mark: self.mark.unwrap_or(d.own_mark),
+        };
+        if c.port == 0 {
+            return Err(("port", "must not be 0".into()));
+        }
+        if c.nft_table.is_empty()
+            || !c
+                .nft_table
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+        {
+            return Err(("nft_table", "letters, digits and _ only".into()));
+        }
+        if [0, 253, 254, 255].contains(&c.route_table) {
+            return Err((
+                "route_table",
+                "0, 253, 254, 255 are the kernel's tables".into(),
+            ));
+        }
+        if c.rule_pref < 2 || c.rule_pref >= 32766 {
+            return Err((
+                "rule_pref",
+                "must be between 2 and 32765 (before the main table)".into(),
+            ));
+        }
+        if c.own_mark == 0 {
+            return Err(("mark", "must not be 0".into()));
+        }
+        Ok(Some(c))
     }
 }
 
@@ -111,6 +178,7 @@ async fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<(), Captu
 pub struct Capture {
     cfg: CaptureConfig,
     installed: BTreeSet<Cidr>,
+    skipped: BTreeSet<Cidr>,
 }
 
 impl Capture {
@@ -124,7 +192,11 @@ impl Capture {
             "table inet {t} {{\n\
              set dst4 {{ type ipv4_addr; flags interval; }}\n\
              set dst6 {{ type ipv6_addr; flags interval; }}\n\
+             set skip4 {{ type ipv4_addr; flags interval; }}\n\
+             set skip6 {{ type ipv6_addr; flags interval; }}\n\
              chain pre {{ type filter hook prerouting priority mangle; policy accept;\n\
+             ip daddr @skip4 return\n\
+             ip6 daddr @skip6 return\n\
              ip daddr @dst4 meta l4proto {{ tcp, udp }} tproxy ip to 127.0.0.1:{p} accept\n\
              ip6 daddr @dst6 meta l4proto {{ tcp, udp }} tproxy ip6 to [::1]:{p} accept\n\
              }}\n}}\n"
@@ -183,6 +255,7 @@ impl Capture {
         Ok(Capture {
             cfg,
             installed: BTreeSet::new(),
+            skipped: BTreeSet::new(),
         })
     }
 
@@ -204,40 +277,56 @@ impl Capture {
     /// as `10.244.0.0/16` legitimately overlaps per-node `/24`s, so the set
     /// gets the minimal cover of `want`. Policy rules may overlap and are
     /// changed by difference in one `ip -batch`.
-    pub async fn apply(&mut self, want: &BTreeSet<Cidr>) -> Result<(), CaptureError> {
-        if *want == self.installed {
+    ///
+    /// `skip` lists prefixes never to capture even inside a captured one
+    /// (an edge's own pod CIDR inside the cluster range it sends to the
+    /// relay): they return early in nft and have bypass rules ahead of the
+    /// capture rules.
+    pub async fn apply(
+        &mut self,
+        want: &BTreeSet<Cidr>,
+        skip: &BTreeSet<Cidr>,
+    ) -> Result<(), CaptureError> {
+        if *want == self.installed && *skip == self.skipped {
             return Ok(());
         }
         let t = &self.cfg.nft_table;
-        let cover = minimal_cover(want);
-        let mut nft = format!("flush set inet {t} dst4\nflush set inet {t} dst6\n");
-        for fam4 in [true, false] {
-            let elems: Vec<String> = cover
-                .iter()
-                .filter(|c| c.addr().is_ipv4() == fam4)
-                .map(|c| c.to_string())
-                .collect();
-            if !elems.is_empty() {
-                let set = if fam4 { "dst4" } else { "dst6" };
-                let _ = writeln!(nft, "add element inet {t} {set} {{ {} }}", elems.join(", "));
+        let mut nft = String::new();
+        for (prefix, set) in [("dst", want), ("skip", skip)] {
+            let cover = minimal_cover(set);
+            for (v4, fam) in [(true, "4"), (false, "6")] {
+                let _ = writeln!(nft, "flush set inet {t} {prefix}{fam}");
+                let elems: Vec<String> = cover
+                    .iter()
+                    .filter(|c| c.addr().is_ipv4() == v4)
+                    .map(|c| c.to_string())
+                    .collect();
+                if !elems.is_empty() {
+                    let _ = writeln!(
+                        nft,
+                        "add element inet {t} {prefix}{fam} {{ {} }}",
+                        elems.join(", ")
+                    );
+                }
             }
         }
         run("nft", &["-f", "-"], Some(&nft)).await?;
         let (table, pref) = (self.cfg.route_table, self.cfg.rule_pref);
+        let bypass = pref - 1;
         for (fam, v4) in [("-4", true), ("-6", false)] {
             let mut rules = String::new();
-            for c in self
-                .installed
-                .difference(want)
-                .filter(|c| c.addr().is_ipv4() == v4)
-            {
+            let of = |c: &&Cidr| c.addr().is_ipv4() == v4;
+            for c in self.installed.difference(want).filter(of) {
                 let _ = writeln!(rules, "rule del to {c} lookup {table} pref {pref}");
             }
-            for c in want
-                .difference(&self.installed)
-                .filter(|c| c.addr().is_ipv4() == v4)
-            {
+            for c in self.skipped.difference(skip).filter(of) {
+                let _ = writeln!(rules, "rule del to {c} lookup main pref {bypass}");
+            }
+            for c in want.difference(&self.installed).filter(of) {
                 let _ = writeln!(rules, "rule add to {c} lookup {table} pref {pref}");
+            }
+            for c in skip.difference(&self.skipped).filter(of) {
+                let _ = writeln!(rules, "rule add to {c} lookup main pref {bypass}");
             }
             if rules.is_empty() {
                 continue;
@@ -251,10 +340,11 @@ impl Capture {
         }
         debug!(
             prefixes = want.len(),
-            set_elements = cover.len(),
+            skipped = skip.len(),
             "capture updated"
         );
         self.installed = want.clone();
+        self.skipped = skip.clone();
         Ok(())
     }
 

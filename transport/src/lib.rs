@@ -26,5 +26,5 @@ pub mod tls;
 
 pub use conn::{BiStream, RecvHalf, SendHalf, TransportKind, TunnelConn};
 pub use quic::{QuicFile, QuicTuning};
-pub use splice::{splice, Direction, Meter, SpliceOutcome};
+pub use splice::{splice, splice_tunnels, Direction, Meter, SpliceOutcome};
 pub use tls::{TlsError, TlsMaterial};

@@ -85,10 +85,12 @@ pub fn server_endpoint(
 }
 
 /// A client (edge) endpoint: bound to an ephemeral port, never listening.
+/// A non-zero `mark` tags its UDP socket so capture rules let it pass.
 pub fn client_endpoint(
     bind: SocketAddr,
     tls: &TlsMaterial,
     tuning: &QuicTuning,
+    mark: u32,
 ) -> Result<quinn::Endpoint, std::io::Error> {
     let rustls = tls
         .client_config(relay_protocol::ALPN)
@@ -96,7 +98,17 @@ pub fn client_endpoint(
     let crypto = QuicClientConfig::try_from(rustls).map_err(std::io::Error::other)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(Arc::new(tuning.transport().map_err(std::io::Error::other)?));
-    let mut ep = quinn::Endpoint::client(bind)?;
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(bind),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    crate::capture::mark_socket(socket2::SockRef::from(&sock), mark)?;
+    sock.bind(&bind.into())?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    let mut ep =
+        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, sock.into(), runtime)?;
     ep.set_default_client_config(cfg);
     Ok(ep)
 }

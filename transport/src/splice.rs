@@ -122,6 +122,7 @@ async fn pump_from_tunnel<W: AsyncWrite + Unpin>(
     recv: &mut RecvHalf,
     local: &mut W,
     meter: &dyn Meter,
+    dir: Direction,
 ) -> Result<u64, PumpError> {
     let mut total = 0u64;
     let fail = |bytes, side: &str, e: std::io::Error| PumpError {
@@ -136,7 +137,7 @@ async fn pump_from_tunnel<W: AsyncWrite + Unpin>(
                     .await
                     .map_err(|e| fail(total, "local write", e))?;
                 total += chunk.len() as u64;
-                meter.add(Direction::FromTunnel, chunk.len() as u64);
+                meter.add(dir, chunk.len() as u64);
             }
             Ok(None) => {
                 local
@@ -150,6 +151,36 @@ async fn pump_from_tunnel<W: AsyncWrite + Unpin>(
     }
 }
 
+/// Runs both directions until each ends, stopping at the first failure.
+/// Returns the outcome; the caller aborts both sides if it was reset.
+async fn both_ways(
+    up: impl std::future::Future<Output = Result<u64, PumpError>>,
+    down: impl std::future::Future<Output = Result<u64, PumpError>>,
+) -> SpliceOutcome {
+    let mut out = SpliceOutcome::default();
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        tokio::select! {
+            r = &mut up, if !up_done => {
+                up_done = true;
+                match r {
+                    Ok(n) => out.to_tunnel = n,
+                    Err(e) => { out.to_tunnel = e.bytes; out.reset = Some(e.what); break; }
+                }
+            }
+            r = &mut down, if !down_done => {
+                down_done = true;
+                match r {
+                    Ok(n) => out.from_tunnel = n,
+                    Err(e) => { out.from_tunnel = e.bytes; out.reset = Some(e.what); break; }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Splices `local` and the tunnel stream `bi` until both directions end.
 /// `pending` holds bytes already read from `local` (after a CONNECT header)
 /// that must go first. Returns byte counts and whether it was reset.
@@ -161,31 +192,11 @@ pub async fn splice<L: LocalStream>(
 ) -> SpliceOutcome {
     let BiStream { mut send, mut recv } = bi;
     let (mut lr, mut lw) = tokio::io::split(local);
-    let mut out = SpliceOutcome::default();
-    {
-        let up = pump_to_tunnel(&mut lr, &mut send, pending, meter);
-        let down = pump_from_tunnel(&mut recv, &mut lw, meter);
-        tokio::pin!(up, down);
-        let (mut up_done, mut down_done) = (false, false);
-        while !(up_done && down_done) {
-            tokio::select! {
-                r = &mut up, if !up_done => {
-                    up_done = true;
-                    match r {
-                        Ok(n) => out.to_tunnel = n,
-                        Err(e) => { out.to_tunnel = e.bytes; out.reset = Some(e.what); break; }
-                    }
-                }
-                r = &mut down, if !down_done => {
-                    down_done = true;
-                    match r {
-                        Ok(n) => out.from_tunnel = n,
-                        Err(e) => { out.from_tunnel = e.bytes; out.reset = Some(e.what); break; }
-                    }
-                }
-            }
-        }
-    }
+    let out = both_ways(
+        pump_to_tunnel(&mut lr, &mut send, pending, meter),
+        pump_from_tunnel(&mut recv, &mut lw, meter, Direction::FromTunnel),
+    )
+    .await;
     if out.reset.is_some() {
         send.reset(STREAM_RESET);
         recv.stop(STREAM_RESET);
@@ -196,15 +207,54 @@ pub async fn splice<L: LocalStream>(
     out
 }
 
+/// Splices two tunnel streams (an edge-to-edge hairpin through the relay).
+/// `to_tunnel` counts bytes from `a` into `b`; a reset on either side
+/// resets both.
+pub async fn splice_tunnels(a: BiStream, b: BiStream, meter: &dyn Meter) -> SpliceOutcome {
+    let BiStream {
+        send: mut a_send,
+        recv: mut a_recv,
+    } = a;
+    let BiStream {
+        send: mut b_send,
+        recv: mut b_recv,
+    } = b;
+    let out = both_ways(
+        pump_from_tunnel(&mut a_recv, &mut b_send, meter, Direction::ToTunnel),
+        pump_from_tunnel(&mut b_recv, &mut a_send, meter, Direction::FromTunnel),
+    )
+    .await;
+    if out.reset.is_some() {
+        for s in [&mut a_send, &mut b_send] {
+            s.reset(STREAM_RESET);
+        }
+        for r in [&mut a_recv, &mut b_recv] {
+            r.stop(STREAM_RESET);
+        }
+    }
+    out
+}
+
 /// Dials a TCP target with a bound, mapping failures to the reason a
 /// caller should report. Used by the edge (to its targets) and by the
-/// relay (to cloud targets).
+/// relay (to cloud targets). A non-zero `mark` tags the socket so the
+/// host's capture rules let it pass (see [`crate::capture`]).
 pub async fn dial_tcp(
     addr: std::net::SocketAddr,
     timeout: Duration,
+    mark: u32,
 ) -> Result<tokio::net::TcpStream, relay_protocol::StreamReply> {
     use relay_protocol::{StreamReply, StreamStatus};
-    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+    let connect = async {
+        let sock = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        crate::capture::mark_socket(socket2::SockRef::from(&sock), mark)?;
+        sock.connect(addr).await
+    };
+    match tokio::time::timeout(timeout, connect).await {
         Err(_) => Err(StreamReply::fail(
             StreamStatus::Timeout,
             format!("connect {addr}: no answer within {timeout:?}"),

@@ -1,0 +1,151 @@
+//! Edge-side capture: traffic from this node's pods and host processes to
+//! the relay's tunnel routes (cloud ranges, other edges' routes) is caught
+//! by TPROXY and sent through the tunnel as streams the edge opens.
+//!
+//! The capture follows the session: the routes come from the hello and
+//! from `RouteUpdate`s. While reconnecting, the last routes stay installed
+//! and captured connections are reset at once, so pod traffic fails fast
+//! instead of leaking out of the default route.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use relay_protocol::codec::{read_frame, write_frame};
+use relay_protocol::{Cidr, StreamOpen, StreamReply, StreamStatus, Target, L4};
+use relay_transport::capture::Capture;
+use relay_transport::splice::splice;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::client::{ConnWatch, EdgeState, EdgeStats, Served};
+use crate::config::EdgeConfig;
+
+/// Runs the transparent listener and keeps the capture in step with the
+/// session's tunnel routes until `cancel`, then removes the capture.
+pub(crate) async fn run(
+    mut cap: Capture,
+    listener: TcpListener,
+    cfg: Arc<EdgeConfig>,
+    mut state: watch::Receiver<EdgeState>,
+    conns: ConnWatch,
+    stats: Arc<EdgeStats>,
+    cancel: CancellationToken,
+) {
+    // Our own routes are never captured, even inside a wider tunnel route
+    // (a cluster CIDR that contains this node's pod CIDR).
+    let skip: BTreeSet<Cidr> = cfg.routes.iter().copied().collect();
+    let accept = accept_loop(listener, cfg.clone(), conns, stats, cancel.clone());
+    tokio::pin!(accept);
+    loop {
+        let routes = match &*state.borrow_and_update() {
+            EdgeState::Connected { tunnel_routes, .. } => Some(tunnel_routes.clone()),
+            _ => None,
+        };
+        if let Some(routes) = routes {
+            let want: BTreeSet<Cidr> = routes.into_iter().filter(|r| !skip.contains(r)).collect();
+            if let Err(e) = cap.apply(&want, &skip).await {
+                warn!(error = %e, "updating capture failed; will retry on the next change");
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = &mut accept => break,
+            r = state.changed() => if r.is_err() { break },
+        }
+    }
+    cap.teardown().await;
+    info!("capture removed");
+}
+
+async fn accept_loop(
+    l: TcpListener,
+    cfg: Arc<EdgeConfig>,
+    conns: ConnWatch,
+    stats: Arc<EdgeStats>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let (sock, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = l.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    debug!(error = %e, "transparent accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let conn = conns.borrow().clone();
+        let (cfg, stats) = (cfg.clone(), stats.clone());
+        tokio::spawn(async move {
+            let Ok(dst) = sock.local_addr() else { return };
+            let span = tracing::debug_span!("outbound", %dst, src = %peer);
+            outbound(sock, peer, dst, conn, cfg, stats)
+                .instrument(span)
+                .await;
+        });
+    }
+}
+
+/// One captured connection: open a stream to the relay for its original
+/// destination, and splice if the relay (or the far edge) accepts.
+async fn outbound(
+    sock: TcpStream,
+    peer: std::net::SocketAddr,
+    dst: std::net::SocketAddr,
+    conn: Option<relay_transport::TunnelConn>,
+    cfg: Arc<EdgeConfig>,
+    stats: Arc<EdgeStats>,
+) {
+    let _ = sock.set_nodelay(true);
+    let Some(conn) = conn else {
+        info!("no session to the relay; resetting captured connection");
+        let _ = sock.set_zero_linger();
+        return;
+    };
+    let served = Served::new(stats.clone());
+    let open = StreamOpen {
+        target: Target::Addr(dst),
+        source: Some(peer),
+        l4: L4::Tcp,
+    };
+    // The relay may dial a cloud target or another edge; its own bounds are
+    // shorter, this one only guards against a relay that never answers.
+    let opened = tokio::time::timeout(cfg.handshake_timeout + cfg.dial_timeout, async {
+        let mut bi = conn
+            .open_bi()
+            .await
+            .map_err(|e| StreamReply::fail(StreamStatus::NoRoute, e.to_string()))?;
+        let io =
+            |e: relay_protocol::FrameError| StreamReply::fail(StreamStatus::Error, e.to_string());
+        write_frame(&mut bi.send, &open).await.map_err(io)?;
+        let reply: StreamReply = read_frame(&mut bi.recv).await.map_err(io)?;
+        if reply.status == StreamStatus::Ok {
+            Ok(bi)
+        } else {
+            Err(reply)
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(StreamReply::fail(
+            StreamStatus::Timeout,
+            "relay did not answer",
+        ))
+    });
+    match opened {
+        Ok(bi) => {
+            let out = splice(sock, &[], bi, &*stats).await;
+            debug!(up = out.to_tunnel, down = out.from_tunnel, reset = ?out.reset, "outbound stream closed");
+        }
+        Err(reply) => {
+            info!(reason = reply.status.as_str(), msg = %reply.message, "outbound connection refused");
+            let _ = sock.set_zero_linger();
+        }
+    }
+    drop(served);
+}

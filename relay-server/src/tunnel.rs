@@ -1,0 +1,239 @@
+//! The stream paths shared by every ingress: find the session for a
+//! destination, open and account a stream on it, and serve the two
+//! ingresses that are not HTTP: transparently captured TCP connections and
+//! streams opened by edges (edge → cloud, edge → edge through the relay).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use relay_protocol::codec::{read_frame, write_frame};
+use relay_protocol::{
+    close_code, Cidr, FrameError, StreamOpen, StreamReply, StreamStatus, Target, L4,
+};
+use relay_transport::capture::Capture;
+use relay_transport::splice::{dial_tcp, splice, splice_tunnels};
+use relay_transport::BiStream;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::server::Shared;
+use crate::session::{SessionHandle, StreamGuard};
+
+/// The session whose routes contain `target`, or a `NoRoute` reply.
+pub(crate) fn session_for(
+    shared: &Shared,
+    target: SocketAddr,
+) -> Result<Arc<SessionHandle>, StreamReply> {
+    shared.registry.lookup(target.ip()).ok_or_else(|| {
+        StreamReply::fail(
+            StreamStatus::NoRoute,
+            format!("no edge session serves {}", target.ip()),
+        )
+    })
+}
+
+/// Opens a stream to `target` on `session`, accounted by the returned
+/// guard, and counts the outcome.
+pub(crate) async fn open_on(
+    shared: &Arc<Shared>,
+    session: Arc<SessionHandle>,
+    target: SocketAddr,
+    source: Option<SocketAddr>,
+) -> Result<(BiStream, StreamGuard), StreamReply> {
+    let guard = StreamGuard::new(session, shared.clone());
+    let open = StreamOpen {
+        target: Target::Addr(target),
+        source,
+        l4: L4::Tcp,
+    };
+    match guard
+        .session()
+        .open_stream(&open, shared.cfg.limits.stream_open_timeout)
+        .await
+    {
+        Ok(bi) => {
+            shared.metrics.stream_outcome(StreamStatus::Ok);
+            Ok((bi, guard))
+        }
+        Err(reply) => {
+            shared.metrics.stream_outcome(reply.status);
+            Err(reply)
+        }
+    }
+}
+
+/// The prefixes `node`'s edge should send back through the tunnel: the
+/// configured cloud ranges and every other edge's routes.
+pub(crate) fn tunnel_routes_for(shared: &Shared, node: &str) -> Vec<Cidr> {
+    let mut all: BTreeSet<Cidr> = shared.registry.routes_except(node);
+    all.extend(shared.cfg.tunnel_routes.iter().copied());
+    all.into_iter().collect()
+}
+
+/// Accepts transparently captured TCP connections: the accepted socket's
+/// local address is where the client meant to go. Failures are answered
+/// with a TCP reset (there is no protocol to carry a reason); the reason is
+/// logged and counted.
+pub(crate) async fn serve_transparent(
+    l: TcpListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> &'static str {
+    loop {
+        let (sock, peer) = tokio::select! {
+            _ = stop.cancelled() => return "transparent",
+            r = l.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    debug!(error = %e, "transparent accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let Ok(dst) = sock.local_addr() else { return };
+            let _ = sock.set_nodelay(true);
+            let opened = match session_for(&shared, dst) {
+                Ok(session) => open_on(&shared, session, dst, Some(peer)).await,
+                Err(reply) => {
+                    shared.metrics.stream_outcome(reply.status);
+                    Err(reply)
+                }
+            };
+            match opened {
+                Ok((bi, guard)) => {
+                    let span = tracing::debug_span!("stream", node = %guard.session().node, %dst, src = %peer);
+                    let out = splice(sock, &[], bi, &guard).instrument(span).await;
+                    debug!(up = out.to_tunnel, down = out.from_tunnel, reset = ?out.reset, "captured stream closed");
+                }
+                Err(reply) => {
+                    info!(%peer, %dst, reason = reply.status.as_str(), msg = %reply.message, "captured connection refused");
+                    let _ = sock.set_zero_linger();
+                }
+            }
+        });
+    }
+}
+
+/// Serves a stream an edge opened: to another edge (hairpin through its
+/// session) or to a cloud target inside the configured cloud ranges;
+/// anything else is refused with a reason.
+pub(crate) async fn serve_edge_stream(
+    mut bi: BiStream,
+    origin: Arc<SessionHandle>,
+    shared: Arc<Shared>,
+) {
+    let open: StreamOpen = match tokio::time::timeout(
+        shared.cfg.limits.handshake_timeout,
+        read_frame(&mut bi.recv),
+    )
+    .await
+    {
+        Ok(Ok(o)) => o,
+        Ok(Err(FrameError::Closed)) => return,
+        Ok(Err(e)) => {
+            debug!(error = %e, "bad stream header from edge");
+            bi.send.reset(close_code::PROTOCOL);
+            return;
+        }
+        Err(_) => {
+            bi.send.reset(close_code::PROTOCOL);
+            return;
+        }
+    };
+    let span = tracing::info_span!("edge_stream", from = %origin.node, dst = %open.target, src = ?open.source);
+    async move {
+        let target = match open.target {
+            Target::Addr(sa) => sa,
+            Target::Name { .. } => {
+                let reply = StreamReply::fail(StreamStatus::Denied, "the relay does not resolve names for edges yet");
+                return refuse(&mut bi, &shared, reply).await;
+            }
+        };
+        if let Some(other) = shared.registry.lookup(target.ip()) {
+            if other.node == origin.node {
+                let reply = StreamReply::fail(StreamStatus::Denied, format!("{target} is served by the asking edge itself"));
+                return refuse(&mut bi, &shared, reply).await;
+            }
+            // Edge to edge: open on the target's session, pass its answer back.
+            match open_on(&shared, other, target, open.source).await {
+                Ok((peer, guard)) => {
+                    if write_frame(&mut bi.send, &StreamReply::ok()).await.is_err() {
+                        return;
+                    }
+                    let out = splice_tunnels(bi, peer, &guard).await;
+                    debug!(to_target = out.to_tunnel, from_target = out.from_tunnel, reset = ?out.reset, "hairpin closed");
+                }
+                Err(reply) => finish_with(&mut bi, &reply).await,
+            }
+            return;
+        }
+        if !shared.cfg.tunnel_routes.iter().any(|c| c.contains(&target.ip())) {
+            let reply = StreamReply::fail(
+                StreamStatus::Denied,
+                format!("{target} is outside the cloud ranges this relay serves"),
+            );
+            return refuse(&mut bi, &shared, reply).await;
+        }
+        let guard = StreamGuard::new(origin.clone(), shared.clone());
+        let mark = shared.cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
+        match dial_tcp(target, shared.cfg.limits.dial_timeout, mark).await {
+            Ok(tcp) => {
+                shared.metrics.stream_outcome(StreamStatus::Ok);
+                if write_frame(&mut bi.send, &StreamReply::ok()).await.is_err() {
+                    return;
+                }
+                let out = splice(tcp, &[], bi, &guard).await;
+                debug!(up = out.to_tunnel, down = out.from_tunnel, reset = ?out.reset, "edge stream closed");
+            }
+            Err(reply) => {
+                shared.metrics.stream_outcome(reply.status);
+                finish_with(&mut bi, &reply).await;
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn refuse(bi: &mut BiStream, shared: &Shared, reply: StreamReply) {
+    shared.metrics.stream_outcome(reply.status);
+    info!(reason = reply.status.as_str(), msg = %reply.message, "edge stream refused");
+    finish_with(bi, &reply).await;
+}
+
+async fn finish_with(bi: &mut BiStream, reply: &StreamReply) {
+    let _ = write_frame(&mut bi.send, reply).await;
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut bi.send).await;
+}
+
+/// Keeps the kernel's capture in step with the live sessions' routes until
+/// `stop`, then removes it. Bursts of changes (a reconnect storm) are
+/// coalesced into one update.
+pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: CancellationToken) {
+    let mut changes = shared.registry.subscribe();
+    let none = BTreeSet::new();
+    loop {
+        let want: BTreeSet<Cidr> = shared.registry.routes().iter().map(|r| r.cidr).collect();
+        let retry = match cap.apply(&want, &none).await {
+            Ok(()) => false,
+            Err(e) => {
+                warn!(error = %e, "installing routes failed; retrying");
+                true
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            r = changes.changed(), if !retry => if r.is_err() { break },
+            _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cap.teardown().await;
+    info!("relay routes removed");
+}
