@@ -9,6 +9,8 @@
 //! `127.0.0.x`, so edges' routes never overlap and each edge's services
 //! bind to its own address.
 
+pub mod netns;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Once;
 use std::time::Duration;

@@ -1,0 +1,886 @@
+//! A network-namespace lab: a small Kubernetes-like cluster with a cloud
+//! side and two NAT-ed edge sites, built from namespaces, veths, bridges
+//! and nftables on one Linux machine (root required).
+//!
+//! ```text
+//!  cpod1 ─ [relay]──┐ cloud LAN 10.0.0.0/24        WAN 198.18.0.0/24
+//!  cpod2 ─ [cloud2]─┼─ (bridge in `switch`)   [relay] ── (bridge in `wan`)
+//!      [apiserver]──┘                                  ├─ [nat1] ─ [edge1] ─ epod1
+//!                                                      └─ [nat2] ─ [edge2] ─ epod2
+//! ```
+//!
+//! | role        | addresses                                   | routes                                    |
+//! |-------------|---------------------------------------------|-------------------------------------------|
+//! | `relay`     | lan0 10.0.0.1, wan0 198.18.0.1, cni0 10.244.1.1 | 10.244.2.0/24 via 10.0.0.2 (no default) |
+//! | `cloud2`    | lan0 10.0.0.2, cni0 10.244.2.1              | 10.244.1.0/24 via 10.0.0.1; edge pod CIDRs and edge LANs via 10.0.0.1 |
+//! | `apiserver` | lan0 10.0.0.3                               | cloud pod CIDRs via their nodes; edge pod CIDRs and edge LANs via 10.0.0.1 |
+//! | `cpod1`     | eth0 10.244.1.2                             | default via 10.244.1.1                    |
+//! | `cpod2`     | eth0 10.244.2.2                             | default via 10.244.2.1                    |
+//! | `nat{i}`    | wan0 198.18.0.1{i}, lan0 192.168.{i}.1      | 10.244.{6+i}.0/24 via 192.168.{i}.10; masquerade out of wan0; no inbound |
+//! | `edge{i}`   | eth0 192.168.{i}.10, cni0 10.244.{6+i}.1    | default via 192.168.{i}.1                 |
+//! | `epod{i}`   | eth0 10.244.{6+i}.5                         | default via 10.244.{6+i}.1                |
+//!
+//! `switch` and `wan` only hold bridges. Every router (`relay`, `cloud2`,
+//! `nat{i}`, `edge{i}`) forwards. Edge hosts reach nothing but the WAN
+//! (through their NAT), so anything cloud-side must later go through the
+//! tunnel; `cloud2` and `apiserver` send edge traffic to the relay node, as
+//! a route agent would, and the relay node has no route for it yet.
+//!
+//! Interfaces are created directly inside their namespaces, so their names
+//! (`lan0`, `eth0`, ...) only need to be unique per namespace and parallel
+//! labs never collide; nothing is created in, or changed in, the root
+//! namespace. Dropping [`NetnsLab`] deletes every namespace it made, which
+//! also removes their veths, bridges and nftables tables, including during
+//! a panic's unwinding.
+
+use std::fmt;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sched::CloneFlags;
+use relay_protocol::Cidr;
+
+/// The relay node's cloud-LAN address (cloud-1).
+pub const RELAY_LAN_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+/// The second cloud node's LAN address.
+pub const CLOUD2_LAN_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+/// The apiserver host's LAN address.
+pub const APISERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 3);
+/// The cloud LAN.
+pub const CLOUD_LAN: &str = "10.0.0.0/24";
+/// The relay node's public (WAN) address: the one edges dial.
+pub const RELAY_WAN_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The WAN.
+pub const WAN: &str = "198.18.0.0/24";
+/// The pod on the relay node.
+pub const CPOD1_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
+/// The relay node's pod gateway (its `cni0`).
+pub const CPOD1_GW: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
+/// The relay node's pod CIDR.
+pub const CPOD1_CIDR: &str = "10.244.1.0/24";
+/// The pod on cloud2.
+pub const CPOD2_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
+/// cloud2's pod gateway (its `cni0`).
+pub const CPOD2_GW: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 1);
+/// cloud2's pod CIDR.
+pub const CPOD2_CIDR: &str = "10.244.2.0/24";
+/// The service (ClusterIP) range tests use with [`NetnsLab::add_cluster_ip`].
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// The edge sites, numbered as in role and address names.
+pub const SITES: [u8; 2] = [1, 2];
+
+/// NAT `site`'s public (WAN) address: `198.18.0.1{site}`.
+pub fn nat_wan_ip(site: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, 10 + site)
+}
+
+/// NAT `site`'s LAN address, the edge host's gateway: `192.168.{site}.1`.
+pub fn nat_lan_ip(site: u8) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, site, 1)
+}
+
+/// Edge host `site`'s address: `192.168.{site}.10`.
+pub fn edge_host_ip(site: u8) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, site, 10)
+}
+
+/// Edge site `site`'s LAN (the edge host's node network): `192.168.{site}.0/24`.
+pub fn edge_lan_cidr(site: u8) -> Cidr {
+    cidr24(Ipv4Addr::new(192, 168, site, 0))
+}
+
+/// Edge pod `site`'s address: `10.244.{6+site}.5`.
+pub fn edge_pod_ip(site: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, 6 + site, 5)
+}
+
+/// Edge host `site`'s pod gateway (its `cni0`): `10.244.{6+site}.1`.
+pub fn edge_pod_gw(site: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, 6 + site, 1)
+}
+
+/// Edge host `site`'s pod CIDR: `10.244.{6+site}.0/24`.
+pub fn edge_pod_cidr(site: u8) -> Cidr {
+    cidr24(Ipv4Addr::new(10, 244, 6 + site, 0))
+}
+
+fn cidr24(net: Ipv4Addr) -> Cidr {
+    // A /24 is valid for every IPv4 address; `Cidr::new` only rejects
+    // prefixes longer than the address.
+    Cidr::new(net.into(), 24).expect("/24 is a valid IPv4 prefix")
+}
+
+/// What each namespace of the lab plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// The cloud LAN's switch (holds only bridge `br0`).
+    Switch,
+    /// Cloud node 1, where the relay runs: LAN, WAN and pod gateway.
+    Relay,
+    /// Cloud node 2.
+    Cloud2,
+    /// The apiserver host on the cloud LAN.
+    Apiserver,
+    /// A pod on the relay node.
+    Cpod1,
+    /// A pod on cloud2.
+    Cpod2,
+    /// The WAN (holds only bridge `br0`).
+    Wan,
+    /// Edge site 1's NAT router.
+    Nat1,
+    /// Edge site 2's NAT router.
+    Nat2,
+    /// Edge host 1 (behind nat1).
+    Edge1,
+    /// Edge host 2 (behind nat2).
+    Edge2,
+    /// A pod on edge host 1.
+    Epod1,
+    /// A pod on edge host 2.
+    Epod2,
+}
+
+impl Role {
+    /// Every role, in creation order.
+    pub const ALL: [Role; 13] = [
+        Role::Switch,
+        Role::Relay,
+        Role::Cloud2,
+        Role::Apiserver,
+        Role::Cpod1,
+        Role::Cpod2,
+        Role::Wan,
+        Role::Nat1,
+        Role::Nat2,
+        Role::Edge1,
+        Role::Edge2,
+        Role::Epod1,
+        Role::Epod2,
+    ];
+
+    /// The short name used as the namespace's suffix.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Switch => "switch",
+            Role::Relay => "relay",
+            Role::Cloud2 => "cloud2",
+            Role::Apiserver => "apiserver",
+            Role::Cpod1 => "cpod1",
+            Role::Cpod2 => "cpod2",
+            Role::Wan => "wan",
+            Role::Nat1 => "nat1",
+            Role::Nat2 => "nat2",
+            Role::Edge1 => "edge1",
+            Role::Edge2 => "edge2",
+            Role::Epod1 => "epod1",
+            Role::Epod2 => "epod2",
+        }
+    }
+
+    /// The NAT of edge site `site` (1 or 2).
+    pub fn nat(site: u8) -> Result<Role> {
+        match site {
+            1 => Ok(Role::Nat1),
+            2 => Ok(Role::Nat2),
+            _ => bail!("no edge site {site} (sites are 1 and 2)"),
+        }
+    }
+
+    /// The edge host of site `site` (1 or 2).
+    pub fn edge(site: u8) -> Result<Role> {
+        match site {
+            1 => Ok(Role::Edge1),
+            2 => Ok(Role::Edge2),
+            _ => bail!("no edge site {site} (sites are 1 and 2)"),
+        }
+    }
+
+    /// The edge pod of site `site` (1 or 2).
+    pub fn epod(site: u8) -> Result<Role> {
+        match site {
+            1 => Ok(Role::Epod1),
+            2 => Ok(Role::Epod2),
+            _ => bail!("no edge site {site} (sites are 1 and 2)"),
+        }
+    }
+
+    /// The role's main address: the one other hosts would dial (the LAN
+    /// address for cloud nodes), or `None` for the pure-L2 `switch` and
+    /// `wan`.
+    pub fn ip(self) -> Option<Ipv4Addr> {
+        Some(match self {
+            Role::Switch | Role::Wan => return None,
+            Role::Relay => RELAY_LAN_IP,
+            Role::Cloud2 => CLOUD2_LAN_IP,
+            Role::Apiserver => APISERVER_IP,
+            Role::Cpod1 => CPOD1_IP,
+            Role::Cpod2 => CPOD2_IP,
+            Role::Nat1 => nat_wan_ip(1),
+            Role::Nat2 => nat_wan_ip(2),
+            Role::Edge1 => edge_host_ip(1),
+            Role::Edge2 => edge_host_ip(2),
+            Role::Epod1 => edge_pod_ip(1),
+            Role::Epod2 => edge_pod_ip(2),
+        })
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Something naming a namespace: a lab [`Role`] or a namespace name.
+pub trait NsRef {
+    /// The namespace's name (as in `ip netns list`).
+    fn ns_name<'a>(&'a self, lab: &'a NetnsLab) -> &'a str;
+}
+
+impl NsRef for Role {
+    fn ns_name<'a>(&'a self, lab: &'a NetnsLab) -> &'a str {
+        lab.ns(*self)
+    }
+}
+
+impl NsRef for &str {
+    fn ns_name<'a>(&'a self, _lab: &'a NetnsLab) -> &'a str {
+        self
+    }
+}
+
+impl NsRef for String {
+    fn ns_name<'a>(&'a self, _lab: &'a NetnsLab) -> &'a str {
+        self
+    }
+}
+
+/// Transport protocol of a ClusterIP service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Proto {
+    fn nft(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// Why the lab cannot run here.
+#[derive(Clone, Debug)]
+pub struct Skip {
+    /// Human-readable reason.
+    pub reason: String,
+}
+
+impl fmt::Display for Skip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "netns lab unavailable: {}", self.reason)
+    }
+}
+
+/// Checks that this process can build a lab (root, `ip netns`, `nft`,
+/// `conntrack`). Returns `Some(Skip)` after a loud message on stderr when
+/// it cannot, so the caller returns early; panics instead when
+/// `REQUIRE_LAB=1` or `CI=true` is set, because there a skipped lab test
+/// would hide a broken environment.
+pub fn require_root() -> Option<Skip> {
+    let reason = probe().err()?;
+    let strict = std::env::var("REQUIRE_LAB").is_ok_and(|v| v == "1")
+        || std::env::var("CI").is_ok_and(|v| v == "true");
+    let skip = Skip {
+        reason: format!("{reason:#}"),
+    };
+    if strict {
+        panic!("{skip} (REQUIRE_LAB=1 or CI=true: not skipping)");
+    }
+    eprintln!("\n!!!!!!!! SKIPPING netns lab test: {skip}\n!!!!!!!! (run as root with iproute2, nftables and conntrack; set REQUIRE_LAB=1 to make this a failure)\n");
+    Some(skip)
+}
+
+fn probe() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("not running as root");
+    }
+    for tool in [["nft", "--version"], ["conntrack", "--version"]] {
+        run(Command::new(tool[0]).arg(tool[1]), &tool.join(" "))?;
+    }
+    // A real create/delete: `ip` may exist while /var/run/netns is not
+    // writable or the kernel lacks netns support.
+    let name = format!("rlprobe{}x{}", std::process::id(), next_id());
+    run(
+        Command::new("ip").args(["netns", "add", &name]),
+        &format!("ip netns add {name}"),
+    )?;
+    run(
+        Command::new("ip").args(["netns", "del", &name]),
+        &format!("ip netns del {name}"),
+    )?;
+    Ok(())
+}
+
+fn next_id() -> u32 {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    COUNTER.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Runs `cmd`, returning stdout; on failure the error names `what` and
+/// carries stderr.
+fn run(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot start `{what}`"))?;
+    if !out.status.success() {
+        bail!(
+            "`{what}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Default bound for [`NetnsLab::exec`].
+pub const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The lab: thirteen namespaces wired as described in the module docs.
+/// Dropping it deletes them all.
+pub struct NetnsLab {
+    tag: String,
+    names: Vec<String>,
+    /// Namespaces that exist and must be deleted on drop, in creation order.
+    created: Vec<String>,
+    build_time: Duration,
+}
+
+impl fmt::Debug for NetnsLab {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NetnsLab")
+            .field("tag", &self.tag)
+            .field("created", &self.created)
+            .finish()
+    }
+}
+
+impl NetnsLab {
+    /// Builds the whole topology with the default prefix `rl`.
+    pub fn new() -> Result<NetnsLab> {
+        NetnsLab::with_prefix("rl")
+    }
+
+    /// Builds the whole topology; namespaces are named
+    /// `{prefix}{pid}x{n}-{role}` where `n` counts labs in this process.
+    /// On error, whatever was already created is deleted.
+    pub fn with_prefix(prefix: &str) -> Result<NetnsLab> {
+        let start = Instant::now();
+        let tag = format!("{prefix}{}x{}", std::process::id(), next_id());
+        let names = Role::ALL
+            .iter()
+            .map(|r| format!("{tag}-{}", r.as_str()))
+            .collect();
+        let mut lab = NetnsLab {
+            tag,
+            names,
+            created: Vec::new(),
+            build_time: Duration::ZERO,
+        };
+        // On `?` the partially built lab is dropped, which deletes what
+        // exists so far.
+        lab.build()?;
+        lab.build_time = start.elapsed();
+        Ok(lab)
+    }
+
+    /// The namespace name of `role`.
+    pub fn ns(&self, role: Role) -> &str {
+        // `names` is built from `Role::ALL` in declaration order, so the
+        // discriminant is the index.
+        &self.names[role as usize]
+    }
+
+    /// The unique part shared by this lab's namespace names.
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// All namespace names of this lab.
+    pub fn namespaces(&self) -> Vec<String> {
+        self.names.clone()
+    }
+
+    /// How long [`NetnsLab::new`] took.
+    pub fn build_time(&self) -> Duration {
+        self.build_time
+    }
+
+    fn build(&mut self) -> Result<()> {
+        for i in 0..self.names.len() {
+            let name = self.names[i].clone();
+            run(
+                Command::new("ip").args(["netns", "add", &name]),
+                &format!("ip netns add {name}"),
+            )?;
+            self.created.push(name);
+        }
+        for role in Role::ALL {
+            self.ip(role, "link set lo up")?;
+        }
+        use Role::*;
+        // L2 segments.
+        for (role, br) in [
+            (Switch, "br0"),
+            (Wan, "br0"),
+            (Relay, "cni0"),
+            (Cloud2, "cni0"),
+            (Edge1, "cni0"),
+            (Edge2, "cni0"),
+        ] {
+            self.ip(role, &format!("link add {br} type bridge"))?;
+            self.ip(role, &format!("link set {br} up"))?;
+        }
+        // Cloud LAN.
+        for (role, port, ip) in [
+            (Relay, "relay", RELAY_LAN_IP),
+            (Cloud2, "cloud2", CLOUD2_LAN_IP),
+            (Apiserver, "apisrv", APISERVER_IP),
+        ] {
+            self.veth(role, "lan0", Switch, port, Some("br0"))?;
+            self.ip(role, &format!("addr add {ip}/24 dev lan0"))?;
+        }
+        // WAN.
+        self.veth(Relay, "wan0", Wan, "relay", Some("br0"))?;
+        self.ip(Relay, &format!("addr add {RELAY_WAN_IP}/24 dev wan0"))?;
+        for site in SITES {
+            let nat = Role::nat(site)?;
+            self.veth(nat, "wan0", Wan, nat.as_str(), Some("br0"))?;
+            self.ip(nat, &format!("addr add {}/24 dev wan0", nat_wan_ip(site)))?;
+        }
+        // Pods: a veth whose node end is a port of the node's cni0 bridge,
+        // so more pods could join the same segment later.
+        for (node, pod, gw, ip) in [
+            (Relay, Cpod1, CPOD1_GW, CPOD1_IP),
+            (Cloud2, Cpod2, CPOD2_GW, CPOD2_IP),
+            (Edge1, Epod1, edge_pod_gw(1), edge_pod_ip(1)),
+            (Edge2, Epod2, edge_pod_gw(2), edge_pod_ip(2)),
+        ] {
+            self.ip(node, &format!("addr add {gw}/24 dev cni0"))?;
+            self.veth(pod, "eth0", node, "vpod", Some("cni0"))?;
+            self.ip(pod, &format!("addr add {ip}/24 dev eth0"))?;
+            self.ip(pod, &format!("route add default via {gw}"))?;
+        }
+        // Cloud routing, flannel host-gw style, plus what a route agent
+        // would add for the edges on the nodes that do not run the relay.
+        self.ip(
+            Relay,
+            &format!("route add {CPOD2_CIDR} via {CLOUD2_LAN_IP}"),
+        )?;
+        self.ip(
+            Cloud2,
+            &format!("route add {CPOD1_CIDR} via {RELAY_LAN_IP}"),
+        )?;
+        self.ip(
+            Apiserver,
+            &format!("route add {CPOD1_CIDR} via {RELAY_LAN_IP}"),
+        )?;
+        self.ip(
+            Apiserver,
+            &format!("route add {CPOD2_CIDR} via {CLOUD2_LAN_IP}"),
+        )?;
+        for role in [Cloud2, Apiserver] {
+            for site in SITES {
+                for net in [edge_pod_cidr(site), edge_lan_cidr(site)] {
+                    self.ip(role, &format!("route add {net} via {RELAY_LAN_IP}"))?;
+                }
+            }
+        }
+        // Edge sites.
+        for site in SITES {
+            let (nat, edge) = (Role::nat(site)?, Role::edge(site)?);
+            self.veth(edge, "eth0", nat, "lan0", None)?;
+            self.ip(nat, &format!("addr add {}/24 dev lan0", nat_lan_ip(site)))?;
+            self.ip(
+                edge,
+                &format!("addr add {}/24 dev eth0", edge_host_ip(site)),
+            )?;
+            self.ip(edge, &format!("route add default via {}", nat_lan_ip(site)))?;
+            // The site router knows the pod CIDR behind the edge host (a
+            // static route), so replies to edge pods find their way back
+            // after de-masquerading.
+            self.ip(
+                nat,
+                &format!(
+                    "route add {} via {}",
+                    edge_pod_cidr(site),
+                    edge_host_ip(site)
+                ),
+            )?;
+            self.nft(nat, &nat_ruleset())?;
+        }
+        for role in [Relay, Cloud2, Nat1, Nat2, Edge1, Edge2] {
+            self.exec(role, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        }
+        Ok(())
+    }
+
+    /// `ip -n NS <args>` (args split on spaces).
+    fn ip(&self, ns: impl NsRef, args: &str) -> Result<String> {
+        let ns = ns.ns_name(self);
+        run(
+            Command::new("ip").arg("-n").arg(ns).args(args.split(' ')),
+            &format!("ip -n {ns} {args}"),
+        )
+    }
+
+    /// A veth pair created inside `a` with its peer moved straight into
+    /// `b`, both up; the `b` end optionally enslaved to bridge `master`.
+    fn veth(&self, a: Role, a_if: &str, b: Role, b_if: &str, master: Option<&str>) -> Result<()> {
+        let b_ns = self.ns(b).to_string();
+        self.ip(
+            a,
+            &format!("link add {a_if} type veth peer name {b_if} netns {b_ns}"),
+        )?;
+        if let Some(br) = master {
+            self.ip(b, &format!("link set {b_if} master {br}"))?;
+        }
+        self.ip(a, &format!("link set {a_if} up"))?;
+        self.ip(b, &format!("link set {b_if} up"))?;
+        Ok(())
+    }
+
+    /// Loads an nftables script (`nft -f -`) inside `ns`.
+    pub fn nft(&self, ns: impl NsRef, script: &str) -> Result<()> {
+        let ns = ns.ns_name(self);
+        let what = format!("ip netns exec {ns} nft -f - <<'{}'", script.trim());
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start `{what}`"))?;
+        child
+            .stdin
+            .take()
+            .context("nft stdin")?
+            .write_all(script.as_bytes())
+            .with_context(|| format!("writing script to `{what}`"))?;
+        let out = child
+            .wait_with_output()
+            .with_context(|| format!("waiting for `{what}`"))?;
+        if !out.status.success() {
+            bail!(
+                "`{what}` failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs `args` inside `ns` (`ip netns exec`), bounded by
+    /// [`EXEC_TIMEOUT`]; returns stdout, or an error with stderr.
+    pub fn exec(&self, ns: impl NsRef, args: &[&str]) -> Result<String> {
+        self.exec_timeout(ns, args, EXEC_TIMEOUT)
+    }
+
+    /// Like [`NetnsLab::exec`], killing the command after `limit`.
+    pub fn exec_timeout(&self, ns: impl NsRef, args: &[&str], limit: Duration) -> Result<String> {
+        let ns = ns.ns_name(self);
+        let what = format!("ip netns exec {ns} {}", args.join(" "));
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start `{what}`"))?;
+        // Readers on their own threads so a chatty command cannot block on
+        // a full pipe while we wait for it.
+        let out_rx = drain(child.stdout.take());
+        let err_rx = drain(child.stderr.take());
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = child
+                .try_wait()
+                .with_context(|| format!("waiting for `{what}`"))?
+            {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("`{what}` timed out after {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        // A background grandchild may keep a pipe open; do not wait for it
+        // beyond the deadline (plus a little slack for the final read).
+        let grace = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
+        let stdout = out_rx.recv_timeout(grace).unwrap_or_default();
+        let stderr = err_rx.recv_timeout(grace).unwrap_or_default();
+        if !status.success() {
+            bail!("`{what}` failed ({status}): {}", stderr.trim());
+        }
+        Ok(stdout)
+    }
+
+    /// Starts a thread that enters `ns`'s network namespace, builds a
+    /// current-thread tokio runtime there and runs `f()` to completion.
+    /// Sockets the future opens live in that namespace (so do threads the
+    /// runtime spawns, e.g. for `spawn_blocking`, since new threads inherit
+    /// their creator's namespace). The thread keeps the namespace alive
+    /// until it exits, even if the lab is dropped first.
+    pub fn spawn_in<F, Fut, T>(&self, ns: impl NsRef, f: F) -> JoinHandle<Result<T>>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T>>,
+        T: Send + 'static,
+    {
+        self.spawn_inner(ns.ns_name(self), None, f)
+    }
+
+    /// Runs `f()` inside `ns` (as [`NetnsLab::spawn_in`]) and waits for it,
+    /// failing if it takes longer than `limit` or panics.
+    pub fn run_in<F, Fut, T>(&self, ns: impl NsRef, limit: Duration, f: F) -> Result<T>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T>>,
+        T: Send + 'static,
+    {
+        let name = ns.ns_name(self).to_string();
+        self.spawn_inner(&name, Some(limit), f)
+            .join()
+            .map_err(|p| anyhow!("task in {name} panicked: {}", panic_text(&p)))?
+    }
+
+    fn spawn_inner<F, Fut, T>(
+        &self,
+        name: &str,
+        limit: Option<Duration>,
+        f: F,
+    ) -> JoinHandle<Result<T>>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T>>,
+        T: Send + 'static,
+    {
+        // Open the handle now: the caller learns about a missing namespace
+        // through the result, and a lab dropped right after this call does
+        // not race the thread's start.
+        let path = format!("/var/run/netns/{name}");
+        let handle = File::open(&path).with_context(|| format!("open {path}"));
+        let name = name.to_string();
+        std::thread::spawn(move || {
+            let fd = handle?;
+            nix::sched::setns(&fd, CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("setns({path}, CLONE_NEWNET)"))?;
+            drop(fd);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .with_context(|| format!("tokio runtime in {name}"))?;
+            rt.block_on(async move {
+                match limit {
+                    None => f().await,
+                    Some(limit) => tokio::time::timeout(limit, f())
+                        .await
+                        .map_err(|_| anyhow!("task in {name} timed out after {limit:?}"))?,
+                }
+            })
+        })
+    }
+
+    /// kube-proxy's ClusterIP behaviour in `client_ns`: DNATs connections to
+    /// `cluster_ip` towards `endpoint`, for traffic generated in the
+    /// namespace (output hook) and traffic it forwards (prerouting), in
+    /// table `ip kubeproxy`. The initial route lookup happens before the
+    /// output hook, so when the namespace has no route covering
+    /// `cluster_ip` (the cloud nodes have no default route) a host route is
+    /// added along the endpoint's path, as a default route would provide.
+    pub fn add_cluster_ip(
+        &self,
+        client_ns: impl NsRef,
+        cluster_ip: SocketAddr,
+        endpoint: SocketAddr,
+        proto: Proto,
+    ) -> Result<()> {
+        let ns = client_ns.ns_name(self);
+        let (SocketAddr::V4(vip), SocketAddr::V4(ep)) = (cluster_ip, endpoint) else {
+            bail!("add_cluster_ip: only IPv4 ({cluster_ip} -> {endpoint})");
+        };
+        let p = proto.nft();
+        let rule = format!(
+            "ip daddr {} {p} dport {} dnat to {}:{}",
+            vip.ip(),
+            vip.port(),
+            ep.ip(),
+            ep.port()
+        );
+        // `add` of an existing table/chain is a no-op, so services can be
+        // added one by one.
+        self.nft(
+            ns,
+            &format!(
+                "add table ip kubeproxy\n\
+                 add chain ip kubeproxy prerouting {{ type nat hook prerouting priority dstnat; }}\n\
+                 add chain ip kubeproxy output {{ type nat hook output priority -100; }}\n\
+                 add rule ip kubeproxy prerouting {rule}\n\
+                 add rule ip kubeproxy output {rule}\n"
+            ),
+        )?;
+        if self.ip(ns, &format!("route get {}", vip.ip())).is_err() {
+            let via = self.ip(ns, &format!("-j route get {}", ep.ip()))?;
+            let v: serde_json::Value = serde_json::from_str(&via)
+                .with_context(|| format!("parsing `ip -j route get {}` in {ns}", ep.ip()))?;
+            let r = &v[0];
+            let dev = r["dev"]
+                .as_str()
+                .with_context(|| format!("no device in route to {} in {ns}: {via}", ep.ip()))?;
+            let route = match r["gateway"].as_str() {
+                Some(gw) => format!("route replace {}/32 via {gw} dev {dev}", vip.ip()),
+                None => format!("route replace {}/32 dev {dev}", vip.ip()),
+            };
+            self.ip(ns, &route)?;
+        }
+        Ok(())
+    }
+
+    /// Fault: NAT `site` drops all forwarded UDP to and from the WAN (QUIC
+    /// blocked, TCP still passes).
+    pub fn block_udp(&self, site: u8) -> Result<()> {
+        let nat = Role::nat(site)?;
+        self.nft(
+            nat,
+            "add rule ip natlab faults oifname \"wan0\" meta l4proto udp drop\n\
+             add rule ip natlab faults iifname \"wan0\" meta l4proto udp drop\n",
+        )
+    }
+
+    /// Undoes [`NetnsLab::block_udp`].
+    pub fn unblock_udp(&self, site: u8) -> Result<()> {
+        self.nft(Role::nat(site)?, "flush chain ip natlab faults\n")
+    }
+
+    /// Fault: NAT `site` forgets every mapping, so the next packet of an
+    /// existing flow gets a fresh one (same address, port usually kept).
+    pub fn flush_conntrack(&self, site: u8) -> Result<()> {
+        self.exec(Role::nat(site)?, &["conntrack", "-F"]).map(drop)
+    }
+
+    /// Fault: NAT rebinding. NAT `site` starts translating to `new_ip` (a
+    /// free address in 198.18.0.0/24, added to its WAN interface) and
+    /// forgets existing mappings, so the relay sees the edge's flows from a
+    /// new address. Passing [`nat_wan_ip`]`(site)` restores plain
+    /// masquerade.
+    pub fn change_masquerade_addr(&self, site: u8, new_ip: Ipv4Addr) -> Result<()> {
+        let nat = Role::nat(site)?;
+        let o = new_ip.octets();
+        if o[..3] != [198, 18, 0] {
+            bail!("masquerade address {new_ip} is not on the WAN {WAN}");
+        }
+        let action = if new_ip == nat_wan_ip(site) {
+            "masquerade".to_string()
+        } else {
+            self.ip(nat, &format!("addr replace {new_ip}/24 dev wan0"))?;
+            format!("snat to {new_ip}")
+        };
+        self.nft(
+            nat,
+            &format!(
+                "flush chain ip natlab postrouting\n\
+                 add rule ip natlab postrouting oifname \"wan0\" {action}\n"
+            ),
+        )?;
+        self.flush_conntrack(site)
+    }
+
+    /// Fault: edge host `site`'s uplink (its `eth0`) goes down; its
+    /// sockets see "network unreachable".
+    pub fn link_down(&self, site: u8) -> Result<()> {
+        self.ip(Role::edge(site)?, "link set eth0 down").map(drop)
+    }
+
+    /// Undoes [`NetnsLab::link_down`], restoring the default route the
+    /// kernel removed with the link.
+    pub fn link_up(&self, site: u8) -> Result<()> {
+        let edge = Role::edge(site)?;
+        self.ip(edge, "link set eth0 up")?;
+        self.ip(
+            edge,
+            &format!("route replace default via {}", nat_lan_ip(site)),
+        )
+        .map(drop)
+    }
+}
+
+/// The edge NAT: masquerade out of the WAN, nothing new in from it. The
+/// `faults` chain runs first so a UDP block also hits established flows.
+fn nat_ruleset() -> String {
+    "table ip natlab {\n\
+       chain faults {\n\
+       }\n\
+       chain forward {\n\
+         type filter hook forward priority filter; policy accept;\n\
+         jump faults\n\
+         ct state established,related accept\n\
+         iifname \"wan0\" drop\n\
+       }\n\
+       chain postrouting {\n\
+         type nat hook postrouting priority srcnat;\n\
+         oifname \"wan0\" masquerade\n\
+       }\n\
+     }\n"
+    .to_string()
+}
+
+fn drain(pipe: Option<impl Read + Send + 'static>) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    if let Some(mut p) = pipe {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = p.read_to_end(&mut buf);
+            let _ = tx.send(String::from_utf8_lossy(&buf).into_owned());
+        });
+    }
+    rx
+}
+
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".to_string())
+}
+
+impl Drop for NetnsLab {
+    fn drop(&mut self) {
+        // Deleting a namespace destroys its veths (and their peers),
+        // bridges and nftables tables; nothing else was created.
+        for name in self.created.iter().rev() {
+            if let Err(e) = run(
+                Command::new("ip").args(["netns", "del", name]),
+                &format!("ip netns del {name}"),
+            ) {
+                eprintln!("netns lab cleanup: {e:#}");
+            }
+        }
+        self.created.clear();
+    }
+}
