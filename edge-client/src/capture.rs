@@ -11,10 +11,11 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use relay_protocol::codec::{read_frame, write_frame};
-use relay_protocol::{Cidr, StreamOpen, StreamReply, StreamStatus, Target, L4};
+use relay_protocol::{Cidr, StreamOpen, Target, L4};
 use relay_transport::capture::Capture;
+use relay_transport::conn::open_stream;
 use relay_transport::splice::splice;
+use relay_transport::udp::{FlowLimits, FlowTable, PickConn, TransparentUdp};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +29,7 @@ use crate::config::EdgeConfig;
 pub(crate) async fn run(
     mut cap: Capture,
     listener: TcpListener,
+    udp: TransparentUdp,
     cfg: Arc<EdgeConfig>,
     mut state: watch::Receiver<EdgeState>,
     conns: ConnWatch,
@@ -37,6 +39,21 @@ pub(crate) async fn run(
     // Our own routes are never captured, even inside a wider tunnel route
     // (a cluster CIDR that contains this node's pod CIDR).
     let skip: BTreeSet<Cidr> = cfg.routes.iter().copied().collect();
+    let current = conns.clone();
+    let pick: Arc<PickConn> = Arc::new(move |_dst| current.borrow().clone());
+    let limits = FlowLimits {
+        open_timeout: cfg.handshake_timeout + cfg.dial_timeout,
+        idle: cfg.udp_idle,
+        mark: cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0),
+    };
+    let udp = relay_transport::udp::serve_transparent_udp(
+        udp,
+        pick,
+        limits,
+        stats.udp.clone(),
+        cancel.clone(),
+    );
+    tokio::spawn(udp.in_current_span());
     let accept = accept_loop(listener, cfg.clone(), conns, stats, cancel.clone());
     tokio::pin!(accept);
     loop {
@@ -97,12 +114,12 @@ async fn outbound(
     sock: TcpStream,
     peer: std::net::SocketAddr,
     dst: std::net::SocketAddr,
-    conn: Option<relay_transport::TunnelConn>,
+    conn: Option<(relay_transport::TunnelConn, Arc<FlowTable>)>,
     cfg: Arc<EdgeConfig>,
     stats: Arc<EdgeStats>,
 ) {
     let _ = sock.set_nodelay(true);
-    let Some(conn) = conn else {
+    let Some((conn, _)) = conn else {
         info!("no session to the relay; resetting captured connection");
         let _ = sock.set_zero_linger();
         return;
@@ -115,28 +132,7 @@ async fn outbound(
     };
     // The relay may dial a cloud target or another edge; its own bounds are
     // shorter, this one only guards against a relay that never answers.
-    let opened = tokio::time::timeout(cfg.handshake_timeout + cfg.dial_timeout, async {
-        let mut bi = conn
-            .open_bi()
-            .await
-            .map_err(|e| StreamReply::fail(StreamStatus::NoRoute, e.to_string()))?;
-        let io =
-            |e: relay_protocol::FrameError| StreamReply::fail(StreamStatus::Error, e.to_string());
-        write_frame(&mut bi.send, &open).await.map_err(io)?;
-        let reply: StreamReply = read_frame(&mut bi.recv).await.map_err(io)?;
-        if reply.status == StreamStatus::Ok {
-            Ok(bi)
-        } else {
-            Err(reply)
-        }
-    })
-    .await
-    .unwrap_or_else(|_| {
-        Err(StreamReply::fail(
-            StreamStatus::Timeout,
-            "relay did not answer",
-        ))
-    });
+    let opened = open_stream(&conn, &open, cfg.handshake_timeout + cfg.dial_timeout).await;
     match opened {
         Ok(bi) => {
             let out = splice(sock, &[], bi, &*stats).await;

@@ -10,9 +10,10 @@ use futures::StreamExt;
 use relay_protocol::codec::{self, decode, read_frame, write_frame};
 use relay_protocol::{
     capability, close_code, Cidr, ClientHello, Control, FrameError, HelloReply, RejectReason,
-    Rejection, StreamOpen, StreamReply, StreamStatus, Target, PROTOCOL_VERSION,
+    Rejection, StreamOpen, StreamReply, StreamStatus, Target, EDGE_FLOW_BIT, L4, PROTOCOL_VERSION,
 };
 use relay_transport::splice::{dial_tcp, splice};
+use relay_transport::udp::FlowTable;
 use relay_transport::{quic, BiStream, Direction, Meter, TunnelConn};
 use tokio::sync::watch;
 use tokio_util::codec::FramedRead;
@@ -69,6 +70,8 @@ pub struct EdgeStats {
     pub bytes_down: AtomicU64,
     /// Sessions established.
     pub sessions: AtomicU64,
+    /// UDP flow counters.
+    pub udp: Arc<relay_transport::udp::UdpStats>,
 }
 
 impl Meter for EdgeStats {
@@ -89,6 +92,12 @@ pub struct EdgeClient {
     task: tokio::task::JoinHandle<()>,
     capture: Option<tokio::task::JoinHandle<()>>,
 }
+
+type CaptureParts = (
+    relay_transport::capture::Capture,
+    tokio::net::TcpListener,
+    relay_transport::udp::TransparentUdp,
+);
 
 /// Starting the client failed (only possible with capture on).
 #[derive(Debug, thiserror::Error)]
@@ -128,24 +137,29 @@ impl EdgeClient {
         let addr = SocketAddr::from(([127, 0, 0, 1], ccfg.port));
         let listener = relay_transport::capture::transparent_tcp_listener(addr)
             .map_err(|source| StartError::Listener { addr, source })?;
+        let udp_addr = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, ccfg.port);
+        let udp = relay_transport::udp::TransparentUdp::bind(udp_addr).map_err(|source| {
+            StartError::Listener {
+                addr: udp_addr.into(),
+                source,
+            }
+        })?;
         let cap = relay_transport::capture::Capture::install(ccfg).await?;
-        Ok(Self::launch(cfg, Some((cap, listener))))
+        Ok(Self::launch(cfg, Some((cap, listener, udp))))
     }
 
-    fn launch(
-        cfg: EdgeConfig,
-        capture: Option<(relay_transport::capture::Capture, tokio::net::TcpListener)>,
-    ) -> Self {
+    fn launch(cfg: EdgeConfig, capture: Option<CaptureParts>) -> Self {
         let (tx, rx) = watch::channel(EdgeState::Connecting { attempt: 1 });
         let (conn_tx, conn_rx) = watch::channel(None);
         let stats = Arc::new(EdgeStats::default());
         let cancel = CancellationToken::new();
         let span = tracing::info_span!("edge", node = %cfg.node);
         let cfg = Arc::new(cfg);
-        let capture = capture.map(|(cap, listener)| {
+        let capture = capture.map(|(cap, listener, udp)| {
             let t = crate::capture::run(
                 cap,
                 listener,
+                udp,
                 cfg.clone(),
                 rx.clone(),
                 conn_rx,
@@ -231,12 +245,12 @@ enum AttemptError {
 }
 
 /// The current session's connection, for streams the edge opens.
-pub(crate) type ConnWatch = watch::Receiver<Option<TunnelConn>>;
+pub(crate) type ConnWatch = watch::Receiver<Option<(TunnelConn, Arc<FlowTable>)>>;
 
 async fn run(
     cfg: Arc<EdgeConfig>,
     state: watch::Sender<EdgeState>,
-    conn_tx: watch::Sender<Option<TunnelConn>>,
+    conn_tx: watch::Sender<Option<(TunnelConn, Arc<FlowTable>)>>,
     stats: Arc<EdgeStats>,
     cancel: CancellationToken,
 ) {
@@ -271,13 +285,19 @@ async fn run(
                     tunnel_routes: hello.tunnel_routes.clone(),
                 });
                 let up = Instant::now();
-                conn_tx.send_replace(Some(conn.clone()));
+                // Flows live and die with the session.
+                let flows = FlowTable::new(EDGE_FLOW_BIT, cfg.max_udp_flows, stats.udp.clone());
+                tokio::spawn(relay_transport::udp::pump_datagrams(
+                    conn.clone(),
+                    flows.clone(),
+                ));
+                conn_tx.send_replace(Some((conn.clone(), flows.clone())));
                 let span = tracing::info_span!(
                     "session",
                     session = hello.session_id,
                     gen = hello.generation
                 );
-                let why = run_session(&conn, control, &cfg, &stats, &cancel, &state)
+                let why = run_session(&conn, &flows, control, &cfg, &stats, &cancel, &state)
                     .instrument(span)
                     .await;
                 conn_tx.send_replace(None);
@@ -371,6 +391,7 @@ async fn connect(cfg: &EdgeConfig) -> Result<Connected, AttemptError> {
 
 async fn run_session(
     conn: &TunnelConn,
+    flows: &Arc<FlowTable>,
     control: BiStream,
     cfg: &Arc<EdgeConfig>,
     stats: &Arc<EdgeStats>,
@@ -389,7 +410,8 @@ async fn run_session(
             why = conn.closed() => return why,
             bi = conn.accept_bi() => match bi {
                 Ok(bi) => {
-                    tokio::spawn(serve_stream(bi, cfg.clone(), stats.clone()).in_current_span());
+                    let f = (conn.clone(), flows.clone());
+                    tokio::spawn(serve_stream(bi, f, cfg.clone(), stats.clone()).in_current_span());
                     continue;
                 }
                 Err(e) => return e.to_string(),
@@ -473,7 +495,12 @@ pub fn check_target(cfg: &EdgeConfig, target: &Target) -> Result<SocketAddr, Str
     Ok(sa)
 }
 
-async fn serve_stream(mut bi: BiStream, cfg: Arc<EdgeConfig>, stats: Arc<EdgeStats>) {
+async fn serve_stream(
+    mut bi: BiStream,
+    (conn, flows): (TunnelConn, Arc<FlowTable>),
+    cfg: Arc<EdgeConfig>,
+    stats: Arc<EdgeStats>,
+) {
     let guard = Served::new(stats.clone());
     let open: StreamOpen =
         match tokio::time::timeout(cfg.handshake_timeout, read_frame(&mut bi.recv)).await {
@@ -501,6 +528,9 @@ async fn serve_stream(mut bi: BiStream, cfg: Arc<EdgeConfig>, stats: Arc<EdgeSta
             }
         };
         let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
+        if let L4::Udp { flow } = open.l4 {
+            return serve_flow(bi, conn, &flows, flow, target, mark, &cfg, &stats).await;
+        }
         let tcp = match dial_tcp(target, cfg.dial_timeout, mark).await {
             Ok(t) => t,
             Err(reply) => {
@@ -524,4 +554,38 @@ async fn serve_stream(mut bi: BiStream, cfg: Arc<EdgeConfig>, stats: Arc<EdgeSta
 async fn finish_with(bi: &mut BiStream, reply: &StreamReply) {
     let _ = write_frame(&mut bi.send, reply).await;
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut bi.send).await;
+}
+
+/// The edge end of a relay-opened UDP flow: a socket connected to the
+/// (already checked) target, datagrams both ways until idle or closed.
+#[allow(clippy::too_many_arguments)]
+async fn serve_flow(
+    mut bi: BiStream,
+    conn: TunnelConn,
+    flows: &Arc<FlowTable>,
+    flow: u32,
+    target: SocketAddr,
+    mark: u32,
+    cfg: &EdgeConfig,
+    stats: &Arc<EdgeStats>,
+) {
+    let Some(handle) = flows.register(Some(flow)) else {
+        let reply = StreamReply::fail(
+            StreamStatus::Error,
+            format!("flow {flow:#x} in use or flow limit reached"),
+        );
+        return finish_with(&mut bi, &reply).await;
+    };
+    let sock = match relay_transport::udp::connect_target(target, mark).await {
+        Ok(s) => s,
+        Err(e) => {
+            let reply = StreamReply::fail(StreamStatus::Unreachable, format!("udp {target}: {e}"));
+            return finish_with(&mut bi, &reply).await;
+        }
+    };
+    if write_frame(&mut bi.send, &StreamReply::ok()).await.is_err() {
+        return;
+    }
+    relay_transport::udp::serve_target(bi, conn, handle, sock, cfg.udp_idle, stats.udp.clone())
+        .await;
 }

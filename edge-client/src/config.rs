@@ -38,6 +38,10 @@ pub struct EdgeConfig {
     pub quic: QuicTuning,
     /// Reconnect backoff.
     pub backoff: BackoffConfig,
+    /// A UDP flow silent this long ends.
+    pub udp_idle: Duration,
+    /// Most UDP flows open at once.
+    pub max_udp_flows: usize,
     /// When set, traffic from this node towards the relay's tunnel routes
     /// (cloud ranges, other edges) is captured and sent through the tunnel
     /// (nftables TPROXY + policy routing; needs CAP_NET_ADMIN).
@@ -64,6 +68,8 @@ impl EdgeConfig {
             handshake_timeout: Duration::from_secs(10),
             quic: QuicTuning::default(),
             backoff: BackoffConfig::default(),
+            udp_idle: Duration::from_secs(60),
+            max_udp_flows: 1024,
             capture: None,
         }
     }
@@ -108,6 +114,9 @@ pub struct TimeoutsFile {
     /// Connecting + hello (default 10s).
     #[serde(default, with = "humantime_serde")]
     pub handshake: Option<Duration>,
+    /// A UDP flow silent this long ends (default 60s).
+    #[serde(default, with = "humantime_serde")]
+    pub udp_idle: Option<Duration>,
 }
 
 /// `[backoff]`.
@@ -244,6 +253,12 @@ impl FileConfig {
             allowed_ports: self.allowed_ports,
             quic,
             backoff,
+            udp_idle: nonzero(
+                "timeouts.udp_idle",
+                self.timeouts.udp_idle,
+                Duration::from_secs(60),
+            )?,
+            max_udp_flows: 1024,
             capture,
         })
     }

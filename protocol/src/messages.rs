@@ -187,7 +187,19 @@ impl std::fmt::Display for Target {
 pub enum L4 {
     /// A TCP connection spliced onto the stream.
     Tcp,
+    /// A UDP flow: payloads travel as datagrams tagged with `flow` (see
+    /// [`crate::datagram`]); the stream stays open for the flow's lifetime
+    /// and closing it ends the flow.
+    Udp {
+        /// Flow id chosen by the opener, unique among its open flows on this
+        /// connection (relay-opened ids have the top bit clear, edge-opened
+        /// ids have it set, so the two never collect the same id).
+        flow: u32,
+    },
 }
+
+/// Top bit of a flow id opened by the edge.
+pub const EDGE_FLOW_BIT: u32 = 1 << 31;
 
 /// The header that starts every data stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,7 +209,7 @@ pub struct StreamOpen {
     /// The original client address as the opening side saw it (for logs
     /// and policy; never used for routing).
     pub source: Option<SocketAddr>,
-    /// TCP today; UDP flows are set up with their own variant later.
+    /// TCP stream or UDP flow.
     pub l4: L4,
 }
 

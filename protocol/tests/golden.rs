@@ -97,6 +97,16 @@ fn golden() -> Vec<(&'static str, Vec<u8>, &'static str)> {
             "00000af40705fb901f0101fd000000000000000000000000000001fb409c00",
         ),
         ("StreamOpen(name)", encode(&open_name).unwrap(), "0106656467652d31fb0a280000"),
+        (
+            "StreamOpen(udp)",
+            encode(&StreamOpen {
+                target: Target::Addr("10.244.7.5:53".parse().unwrap()),
+                source: None,
+                l4: L4::Udp { flow: 0x8000_0001 },
+            })
+            .unwrap(),
+            "00000af40705350001fc01000080",
+        ),
         ("StreamReply::ok", encode(&StreamReply::ok()).unwrap(), "0000"),
         (
             "StreamReply::denied",
@@ -211,8 +221,10 @@ proptest! {
         status in arb_status(),
         message in ".{0,100}",
     ) {
-        let open = StreamOpen { target, source, l4: L4::Tcp };
+        let open = StreamOpen { target: target.clone(), source, l4: L4::Tcp };
         prop_assert_eq!(decode::<StreamOpen>(&encode(&open).unwrap()).unwrap(), open);
+        let udp = StreamOpen { target, source, l4: L4::Udp { flow: status as u32 | EDGE_FLOW_BIT } };
+        prop_assert_eq!(decode::<StreamOpen>(&encode(&udp).unwrap()).unwrap(), udp);
         let reply = StreamReply { status, message };
         prop_assert_eq!(decode::<StreamReply>(&encode(&reply).unwrap()).unwrap(), reply);
     }

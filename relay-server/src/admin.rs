@@ -62,6 +62,11 @@ pub struct SessionRow {
     pub last_seen_secs: f64,
     /// Whether the session is draining.
     pub draining: bool,
+    /// UDP flows open on the session.
+    pub udp_flows: usize,
+    /// Largest UDP payload the session carries now (path datagram size
+    /// minus the flow header); larger payloads are counted and dropped.
+    pub udp_max_payload: usize,
 }
 
 impl SessionRow {
@@ -85,6 +90,8 @@ impl SessionRow {
             bytes_out: s.bytes_to_edge.load(Relaxed),
             last_seen_secs: s.last_seen_ago().as_secs_f64(),
             draining: s.is_draining(),
+            udp_flows: s.flows.len(),
+            udp_max_payload: relay_transport::udp::max_payload(&s.conn),
         }
     }
 }
@@ -230,7 +237,7 @@ async fn list_routes(State(shared): State<Arc<Shared>>) -> Json<Vec<crate::regis
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        shared.metrics.render(shared.registry.len()),
+        shared.metrics.render(shared.registry.len()) + &crate::metrics::render_udp(&shared.udp),
     )
         .into_response()
 }

@@ -56,6 +56,10 @@ pub struct Limits {
     pub drain_grace: Duration,
     /// Bound on dialing a cloud target for an edge.
     pub dial_timeout: Duration,
+    /// A UDP flow silent this long ends.
+    pub udp_idle_timeout: Duration,
+    /// Most UDP flows open at once on one session.
+    pub max_udp_flows_per_session: usize,
 }
 
 impl Default for Limits {
@@ -70,6 +74,8 @@ impl Default for Limits {
             max_connect_connections: 16_384,
             drain_grace: Duration::from_secs(30),
             dial_timeout: Duration::from_secs(5),
+            udp_idle_timeout: Duration::from_secs(60),
+            max_udp_flows_per_session: 1024,
         }
     }
 }
@@ -216,6 +222,11 @@ pub struct LimitsFile {
     /// See [`Limits::dial_timeout`].
     #[serde(default, with = "humantime_serde")]
     pub dial_timeout: Option<Duration>,
+    /// See [`Limits::udp_idle_timeout`].
+    #[serde(default, with = "humantime_serde")]
+    pub udp_idle_timeout: Option<Duration>,
+    /// See [`Limits::max_udp_flows_per_session`].
+    pub max_udp_flows_per_session: Option<usize>,
 }
 
 /// `[admin]`.
@@ -329,6 +340,16 @@ impl FileConfig {
             )?,
             drain_grace: l.drain_grace.unwrap_or(d.drain_grace),
             dial_timeout: positive("limits.dial_timeout", l.dial_timeout, d.dial_timeout)?,
+            udp_idle_timeout: positive(
+                "limits.udp_idle_timeout",
+                l.udp_idle_timeout,
+                d.udp_idle_timeout,
+            )?,
+            max_udp_flows_per_session: at_least_one(
+                "limits.max_udp_flows_per_session",
+                l.max_udp_flows_per_session,
+                d.max_udp_flows_per_session,
+            )?,
         };
         let capture = self
             .capture

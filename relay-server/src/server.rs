@@ -36,6 +36,8 @@ pub struct Shared {
     handshakes: Arc<Semaphore>,
     /// Permits for CONNECT client connections.
     pub connect_permits: Arc<Semaphore>,
+    /// UDP counters (all sessions).
+    pub udp: Arc<relay_transport::udp::UdpStats>,
 }
 
 impl Shared {
@@ -113,6 +115,7 @@ impl Relay {
             shutting_down: AtomicBool::new(false),
             handshakes: Arc::new(Semaphore::new(cfg.limits.max_concurrent_handshakes)),
             connect_permits: Arc::new(Semaphore::new(cfg.limits.max_connect_connections)),
+            udp: Arc::default(),
             cfg,
         });
         let accept_stop = CancellationToken::new();
@@ -172,9 +175,17 @@ impl Relay {
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], ccfg.port));
             let l = relay_transport::capture::transparent_tcp_listener(addr)
                 .map_err(bind_err("transparent", addr))?;
+            let udp_addr = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, ccfg.port);
+            let udp = relay_transport::udp::TransparentUdp::bind(udp_addr)
+                .map_err(bind_err("transparent udp", udp_addr))?;
             let cap = relay_transport::capture::Capture::install(ccfg).await?;
             tasks.spawn(crate::tunnel::serve_transparent(
                 l,
+                shared.clone(),
+                accept_stop.clone(),
+            ));
+            tasks.spawn(crate::tunnel::serve_transparent_udp(
+                udp,
                 shared.clone(),
                 accept_stop.clone(),
             ));

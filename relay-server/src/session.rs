@@ -7,9 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
-use relay_protocol::codec::{
-    self, decode, peek_version, read_frame, read_frame_bytes, write_frame,
-};
+use relay_protocol::codec::{self, decode, peek_version, read_frame_bytes, write_frame};
 use relay_protocol::{
     capability, close_code, Cidr, ClientHello, Control, FrameError, HelloReply, RejectReason,
     Rejection, ServerHello, StreamOpen, StreamReply, StreamStatus, PROTOCOL_VERSION,
@@ -56,6 +54,8 @@ pub struct SessionHandle {
     pub bytes_to_edge: AtomicU64,
     /// Payload bytes received from the edge.
     pub bytes_from_edge: AtomicU64,
+    /// UDP flows on this session.
+    pub flows: Arc<relay_transport::udp::FlowTable>,
     draining: AtomicBool,
     cancel: CancellationToken,
     control_tx: mpsc::Sender<Control>,
@@ -136,31 +136,12 @@ impl SessionHandle {
                 format!("session of node {} is draining", self.node),
             ));
         }
-        let fut = async {
-            let mut bi = self.conn.open_bi().await.map_err(|e| {
-                StreamReply::fail(
-                    StreamStatus::NoRoute,
-                    format!("session of node {} lost: {e}", self.node),
-                )
-            })?;
-            let io_err = |e: FrameError| {
-                StreamReply::fail(StreamStatus::Error, format!("tunnel stream: {e}"))
-            };
-            write_frame(&mut bi.send, open).await.map_err(io_err)?;
-            let reply: StreamReply = read_frame(&mut bi.recv).await.map_err(io_err)?;
-            if reply.status == StreamStatus::Ok {
-                Ok(bi)
-            } else {
-                Err(reply)
-            }
-        };
-        match tokio::time::timeout(timeout, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(StreamReply::fail(
-                StreamStatus::Timeout,
-                format!("node {} did not answer within {timeout:?}", self.node),
-            )),
-        }
+        relay_transport::conn::open_stream(&self.conn, open, timeout)
+            .await
+            .map_err(|mut r| {
+                r.message = format!("node {}: {}", self.node, r.message);
+                r
+            })
     }
 }
 
@@ -384,6 +365,11 @@ async fn handshake(
         streams_total: AtomicU64::new(0),
         bytes_to_edge: AtomicU64::new(0),
         bytes_from_edge: AtomicU64::new(0),
+        flows: relay_transport::udp::FlowTable::new(
+            0,
+            shared.cfg.limits.max_udp_flows_per_session,
+            shared.udp.clone(),
+        ),
         draining: AtomicBool::new(false),
         cancel: shared.shutdown.child_token(),
         control_tx,
@@ -422,6 +408,11 @@ async fn run_session(
     shared: Arc<Shared>,
 ) {
     info!(remote = %handle.conn.remote_addr(), routes = ?handle.routes, "session up");
+    // Ends by itself when the connection closes.
+    tokio::spawn(relay_transport::udp::pump_datagrams(
+        handle.conn.clone(),
+        handle.flows.clone(),
+    ));
     handle.touch();
     let BiStream { mut send, recv } = control;
     let mut frames = FramedRead::new(recv, codec::frame_codec());

@@ -147,6 +147,11 @@ pub(crate) async fn serve_edge_stream(
         }
     };
     let span = tracing::info_span!("edge_stream", from = %origin.node, dst = %open.target, src = ?open.source);
+    if let L4::Udp { flow } = open.l4 {
+        return serve_edge_flow(bi, origin, shared, open, flow)
+            .instrument(span)
+            .await;
+    }
     async move {
         let target = match open.target {
             Target::Addr(sa) => sa,
@@ -236,4 +241,129 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
     }
     cap.teardown().await;
     info!("relay routes removed");
+}
+
+/// Serves a UDP flow an edge opened: bridged to a flow on another edge's
+/// session, or to a UDP socket towards a cloud target.
+async fn serve_edge_flow(
+    mut bi: BiStream,
+    origin: Arc<SessionHandle>,
+    shared: Arc<Shared>,
+    open: StreamOpen,
+    flow: u32,
+) {
+    let Target::Addr(target) = open.target else {
+        let reply = StreamReply::fail(
+            StreamStatus::Denied,
+            "the relay does not resolve names for edges yet",
+        );
+        return refuse(&mut bi, &shared, reply).await;
+    };
+    let Some(a) = origin.flows.register(Some(flow)) else {
+        let reply = StreamReply::fail(
+            StreamStatus::Error,
+            format!("flow {flow:#x} in use or flow limit reached"),
+        );
+        return refuse(&mut bi, &shared, reply).await;
+    };
+    let idle = shared.cfg.limits.udp_idle_timeout;
+    if let Some(other) = shared.registry.lookup(target.ip()) {
+        if other.node == origin.node {
+            let reply = StreamReply::fail(
+                StreamStatus::Denied,
+                format!("{target} is served by the asking edge itself"),
+            );
+            return refuse(&mut bi, &shared, reply).await;
+        }
+        let Some(b) = other.flows.register(None) else {
+            let reply = StreamReply::fail(
+                StreamStatus::Error,
+                format!("node {} is at its flow limit", other.node),
+            );
+            return refuse(&mut bi, &shared, reply).await;
+        };
+        let fwd = StreamOpen {
+            target: Target::Addr(target),
+            source: open.source,
+            l4: L4::Udp { flow: b.id },
+        };
+        match other
+            .open_stream(&fwd, shared.cfg.limits.stream_open_timeout)
+            .await
+        {
+            Ok(peer) => {
+                shared.metrics.stream_outcome(StreamStatus::Ok);
+                if write_frame(&mut bi.send, &StreamReply::ok()).await.is_err() {
+                    return;
+                }
+                let udp = shared.udp.clone();
+                relay_transport::udp::bridge_flows(
+                    (bi, origin.conn.clone(), a),
+                    (peer, other.conn.clone(), b),
+                    idle,
+                    udp,
+                )
+                .await;
+            }
+            Err(reply) => {
+                shared.metrics.stream_outcome(reply.status);
+                finish_with(&mut bi, &reply).await;
+            }
+        }
+        return;
+    }
+    if !shared
+        .cfg
+        .tunnel_routes
+        .iter()
+        .any(|c| c.contains(&target.ip()))
+    {
+        let reply = StreamReply::fail(
+            StreamStatus::Denied,
+            format!("{target} is outside the cloud ranges this relay serves"),
+        );
+        return refuse(&mut bi, &shared, reply).await;
+    }
+    let mark = shared.cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
+    match relay_transport::udp::connect_target(target, mark).await {
+        Ok(sock) => {
+            shared.metrics.stream_outcome(StreamStatus::Ok);
+            if write_frame(&mut bi.send, &StreamReply::ok()).await.is_err() {
+                return;
+            }
+            relay_transport::udp::serve_target(
+                bi,
+                origin.conn.clone(),
+                a,
+                sock,
+                idle,
+                shared.udp.clone(),
+            )
+            .await;
+        }
+        Err(e) => {
+            let reply = StreamReply::fail(StreamStatus::Unreachable, format!("udp {target}: {e}"));
+            refuse(&mut bi, &shared, reply).await;
+        }
+    }
+}
+
+/// Serves captured UDP: flows towards live sessions' routes.
+pub(crate) async fn serve_transparent_udp(
+    sock: relay_transport::udp::TransparentUdp,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> &'static str {
+    let picker = shared.clone();
+    let pick: Arc<relay_transport::udp::PickConn> = Arc::new(move |dst: SocketAddr| {
+        let s = picker.registry.lookup(dst.ip())?;
+        (!s.is_draining()).then(|| (s.conn.clone(), s.flows.clone()))
+    });
+    let limits = relay_transport::udp::FlowLimits {
+        open_timeout: shared.cfg.limits.stream_open_timeout,
+        idle: shared.cfg.limits.udp_idle_timeout,
+        mark: shared.cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0),
+    };
+    relay_transport::udp::serve_transparent_udp(sock, pick, limits, shared.udp.clone(), stop).await;
+    "transparent udp"
 }

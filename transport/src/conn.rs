@@ -120,6 +120,27 @@ impl TunnelConn {
         }
     }
 
+    /// Sends one unreliable datagram (a UDP payload with its flow header).
+    pub fn send_datagram(&self, d: bytes::Bytes) -> Result<(), String> {
+        match self {
+            TunnelConn::Quic(c) => c.send_datagram(d).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Receives the next datagram; `Err` when the connection is gone.
+    pub async fn read_datagram(&self) -> Result<bytes::Bytes, ConnLost> {
+        match self {
+            TunnelConn::Quic(c) => c.read_datagram().await.map_err(|e| ConnLost(e.to_string())),
+        }
+    }
+
+    /// Largest datagram the path carries now (header included), if any.
+    pub fn max_datagram_size(&self) -> Option<usize> {
+        match self {
+            TunnelConn::Quic(c) => c.max_datagram_size(),
+        }
+    }
+
     /// Whether the connection is already closed.
     pub fn is_closed(&self) -> bool {
         match self {
@@ -223,5 +244,40 @@ impl RecvHalf {
                 Err(e) => Err(io::Error::from(e)),
             },
         }
+    }
+}
+
+/// Opens a stream on `conn`, sends `open` and waits (at most `timeout`)
+/// for the far side's answer. On success the stream is ready for payload
+/// (raw bytes for TCP, the flow's lifetime for UDP); on failure the reply
+/// says why.
+pub async fn open_stream(
+    conn: &TunnelConn,
+    open: &relay_protocol::StreamOpen,
+    timeout: Duration,
+) -> Result<BiStream, relay_protocol::StreamReply> {
+    use relay_protocol::codec::{read_frame, write_frame};
+    use relay_protocol::{FrameError, StreamReply, StreamStatus};
+    let fut = async {
+        let mut bi = conn
+            .open_bi()
+            .await
+            .map_err(|e| StreamReply::fail(StreamStatus::NoRoute, e.to_string()))?;
+        let io_err =
+            |e: FrameError| StreamReply::fail(StreamStatus::Error, format!("tunnel stream: {e}"));
+        write_frame(&mut bi.send, open).await.map_err(io_err)?;
+        let reply: StreamReply = read_frame(&mut bi.recv).await.map_err(io_err)?;
+        if reply.status == StreamStatus::Ok {
+            Ok(bi)
+        } else {
+            Err(reply)
+        }
+    };
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(StreamReply::fail(
+            StreamStatus::Timeout,
+            format!("no answer within {timeout:?}"),
+        )),
     }
 }

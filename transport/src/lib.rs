@@ -13,6 +13,7 @@
 //! - [`mod@splice`]: copies a TCP connection and a tunnel stream both ways with
 //!   half-close and reset carried across, metering bytes as they pass.
 //! - [`devcerts`]: a development PKI (CA, relay and node certificates).
+//! - [`udp`]: UDP flows over datagrams; transparent UDP sockets.
 //! - [`capture`]: transparent capture (nftables TPROXY + policy routing)
 //!   of the prefixes to send through the tunnel.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -23,6 +24,7 @@ pub mod devcerts;
 pub mod quic;
 pub mod splice;
 pub mod tls;
+pub mod udp;
 
 pub use conn::{BiStream, RecvHalf, SendHalf, TransportKind, TunnelConn};
 pub use quic::{QuicFile, QuicTuning};

@@ -1,0 +1,510 @@
+//! UDP over the tunnel: flows set up on a stream, payloads carried as
+//! datagrams tagged with the flow id (see `relay_protocol::datagram`).
+//!
+//! - [`FlowTable`]: per connection, flow id → bounded queue of payloads
+//!   from the tunnel; [`pump_datagrams`] fills it from the connection.
+//! - [`TransparentUdp`]: the capture side's socket: `IP_TRANSPARENT` +
+//!   `IP_RECVORIGDSTADDR`, so each packet comes with the address the client
+//!   meant; [`reply_socket`] answers *from* that address.
+//! - [`serve_target`]: the far side of a flow: a connected UDP socket to the
+//!   target, datagrams both ways, ended by idleness or by the stream.
+//! - [`run_opened_flow`]: the capture side of a flow once the far side
+//!   accepted it.
+//!
+//! Payloads larger than the path's datagram size are counted and dropped,
+//! never fragmented or truncated.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use relay_protocol::datagram::{decode_datagram, encode_datagram, DATAGRAM_HEADER_LEN};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use crate::conn::{BiStream, TunnelConn};
+
+/// Payloads queued per flow before new ones are dropped (and counted).
+const FLOW_QUEUE: usize = 256;
+
+/// Largest UDP payload we read from a local socket.
+const MAX_UDP: usize = 65_535;
+
+/// Counters shared by every flow of one side.
+#[derive(Debug, Default)]
+pub struct UdpStats {
+    /// Flows currently open.
+    pub flows_open: AtomicU64,
+    /// Flows opened since start.
+    pub flows_total: AtomicU64,
+    /// Payloads dropped because they exceed the path's datagram size.
+    pub dropped_oversize: AtomicU64,
+    /// Payloads dropped because a flow's queue was full.
+    pub dropped_queue_full: AtomicU64,
+    /// Datagrams for no known flow (a flow that just ended).
+    pub dropped_unknown_flow: AtomicU64,
+    /// New flows refused because of the per-session flow cap.
+    pub refused_cap: AtomicU64,
+}
+
+/// Flow id → queue of payloads from the tunnel, for one connection.
+#[derive(Debug)]
+pub struct FlowTable {
+    flows: Mutex<HashMap<u32, mpsc::Sender<Bytes>>>,
+    next: AtomicU32,
+    id_bit: u32,
+    cap: usize,
+    /// Counters.
+    pub stats: Arc<UdpStats>,
+}
+
+/// A registered flow: its id and its queue; unregisters on drop.
+pub struct FlowHandle {
+    /// The flow id.
+    pub id: u32,
+    /// Payloads from the tunnel.
+    pub rx: mpsc::Receiver<Bytes>,
+    table: Arc<FlowTable>,
+}
+
+impl Drop for FlowHandle {
+    fn drop(&mut self) {
+        self.table.lock().remove(&self.id);
+        self.table.stats.flows_open.fetch_sub(1, Relaxed);
+    }
+}
+
+impl FlowTable {
+    /// A table whose locally opened ids carry `id_bit` (0 for the relay,
+    /// `EDGE_FLOW_BIT` for the edge), holding at most `cap` flows.
+    pub fn new(id_bit: u32, cap: usize, stats: Arc<UdpStats>) -> Arc<Self> {
+        Arc::new(FlowTable {
+            flows: Mutex::new(HashMap::new()),
+            next: AtomicU32::new(1),
+            id_bit,
+            cap,
+            stats,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, mpsc::Sender<Bytes>>> {
+        self.flows.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a flow we open (a fresh id) or one the peer opened (`id`).
+    /// `None` when the table is at its cap or the id is taken.
+    pub fn register(self: &Arc<Self>, id: Option<u32>) -> Option<FlowHandle> {
+        let mut g = self.lock();
+        if g.len() >= self.cap {
+            self.stats.refused_cap.fetch_add(1, Relaxed);
+            return None;
+        }
+        let id = match id {
+            Some(id) => id,
+            None => loop {
+                // Wraps after 2^31 flows; skips ids still in use.
+                let n = self.next.fetch_add(1, Relaxed) & !relay_protocol::EDGE_FLOW_BIT;
+                let id = n | self.id_bit;
+                if !g.contains_key(&id) {
+                    break id;
+                }
+            },
+        };
+        if g.contains_key(&id) {
+            return None;
+        }
+        let (tx, rx) = mpsc::channel(FLOW_QUEUE);
+        g.insert(id, tx);
+        self.stats.flows_open.fetch_add(1, Relaxed);
+        self.stats.flows_total.fetch_add(1, Relaxed);
+        Some(FlowHandle {
+            id,
+            rx,
+            table: self.clone(),
+        })
+    }
+
+    /// Delivers a datagram from the tunnel to its flow (dropping, counted,
+    /// when the flow is unknown or its queue is full).
+    pub fn dispatch(&self, d: Bytes) {
+        let Ok((id, payload)) = decode_datagram(d) else {
+            self.stats.dropped_unknown_flow.fetch_add(1, Relaxed);
+            return;
+        };
+        let tx = self.lock().get(&id).cloned();
+        match tx {
+            Some(tx) => {
+                if tx.try_send(payload).is_err() {
+                    self.stats.dropped_queue_full.fetch_add(1, Relaxed);
+                }
+            }
+            None => {
+                self.stats.dropped_unknown_flow.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Flows open in this table.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no flow is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Reads datagrams from `conn` into `table` until the connection ends.
+pub async fn pump_datagrams(conn: TunnelConn, table: Arc<FlowTable>) {
+    while let Ok(d) = conn.read_datagram().await {
+        table.dispatch(d);
+    }
+}
+
+/// The largest UDP payload `conn` can carry in one datagram now.
+pub fn max_payload(conn: &TunnelConn) -> usize {
+    conn.max_datagram_size()
+        .map(|m| m.saturating_sub(DATAGRAM_HEADER_LEN))
+        .unwrap_or(0)
+}
+
+/// Sends a payload on flow `id`, dropping (counted) what does not fit.
+pub fn send_payload(conn: &TunnelConn, id: u32, payload: &[u8], stats: &UdpStats) {
+    if payload.len() > max_payload(conn) {
+        stats.dropped_oversize.fetch_add(1, Relaxed);
+        debug!(
+            len = payload.len(),
+            max = max_payload(conn),
+            "oversized UDP payload dropped"
+        );
+        return;
+    }
+    // A full send buffer or a closing connection loses the datagram, as
+    // UDP would.
+    let _ = conn.send_datagram(encode_datagram(id, payload));
+}
+
+/// Waits until the flow's stream ends (the peer finished or reset it, or
+/// the connection died). Anything else read on it is ignored.
+async fn stream_closed(bi: &mut BiStream) {
+    while let Ok(Some(_)) = bi.recv.read_chunk().await {}
+}
+
+/// The far side of a flow: relays between the tunnel and a UDP socket
+/// connected to `target` until `idle` passes without traffic or the
+/// stream ends. Finishes the stream on the way out.
+pub async fn serve_target(
+    mut bi: BiStream,
+    conn: TunnelConn,
+    mut flow: FlowHandle,
+    sock: UdpSocket,
+    idle: Duration,
+    stats: Arc<UdpStats>,
+) {
+    let mut buf = vec![0u8; MAX_UDP];
+    loop {
+        tokio::select! {
+            _ = stream_closed(&mut bi) => break,
+            p = flow.rx.recv() => match p {
+                // A send error (ICMP unreachable) is the target's answer;
+                // keep the flow, as a UDP client would.
+                Some(p) => { let _ = sock.send(&p).await; }
+                None => break,
+            },
+            r = sock.recv(&mut buf) => match r {
+                Ok(n) => send_payload(&conn, flow.id, &buf[..n], &stats),
+                Err(e) => debug!(error = %e, "udp target socket"),
+            },
+            _ = tokio::time::sleep(idle) => break,
+        }
+    }
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut bi.send).await;
+}
+
+/// The capture side of a flow the far side accepted: payloads from the
+/// local client (`from_client`) go out as datagrams; datagrams for the flow
+/// go back to the client through `reply`. Ends on idleness, when the far
+/// side ends the stream, or when the listener drops `from_client`.
+pub async fn run_opened_flow(
+    mut bi: BiStream,
+    conn: TunnelConn,
+    mut flow: FlowHandle,
+    mut from_client: mpsc::Receiver<Bytes>,
+    reply: UdpSocket,
+    idle: Duration,
+    stats: Arc<UdpStats>,
+) {
+    loop {
+        tokio::select! {
+            _ = stream_closed(&mut bi) => break,
+            p = from_client.recv() => match p {
+                Some(p) => send_payload(&conn, flow.id, &p, &stats),
+                None => break,
+            },
+            p = flow.rx.recv() => match p {
+                Some(p) => { let _ = reply.send(&p).await; }
+                None => break,
+            },
+            _ = tokio::time::sleep(idle) => break,
+        }
+    }
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut bi.send).await;
+}
+
+/// Bridges two flows (edge to edge through the relay): datagrams of flow
+/// `a` on `a_conn` go out as flow `b` on `b_conn`, and back.
+pub async fn bridge_flows(
+    (mut a_bi, a_conn, mut a): (BiStream, TunnelConn, FlowHandle),
+    (mut b_bi, b_conn, mut b): (BiStream, TunnelConn, FlowHandle),
+    idle: Duration,
+    stats: Arc<UdpStats>,
+) {
+    loop {
+        tokio::select! {
+            _ = stream_closed(&mut a_bi) => break,
+            _ = stream_closed(&mut b_bi) => break,
+            p = a.rx.recv() => match p {
+                Some(p) => send_payload(&b_conn, b.id, &p, &stats),
+                None => break,
+            },
+            p = b.rx.recv() => match p {
+                Some(p) => send_payload(&a_conn, a.id, &p, &stats),
+                None => break,
+            },
+            _ = tokio::time::sleep(idle) => break,
+        }
+    }
+    for bi in [&mut a_bi, &mut b_bi] {
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut bi.send).await;
+    }
+}
+
+/// A UDP socket connected to `target`, marked so capture lets it pass.
+pub async fn connect_target(target: SocketAddr, mark: u32) -> std::io::Result<UdpSocket> {
+    let bind: SocketAddr = if target.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(bind),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    crate::capture::mark_socket(socket2::SockRef::from(&s), mark)?;
+    s.set_nonblocking(true)?;
+    s.bind(&bind.into())?;
+    let sock = UdpSocket::from_std(s.into())?;
+    sock.connect(target).await?;
+    Ok(sock)
+}
+
+/// A socket that sends *from* `orig_dst` (an address that is not ours,
+/// hence `IP_TRANSPARENT`) to `client`, so the client's socket accepts the
+/// replies as coming from where it sent.
+pub fn reply_socket(
+    orig_dst: SocketAddr,
+    client: SocketAddr,
+    mark: u32,
+) -> std::io::Result<UdpSocket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(orig_dst),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if orig_dst.is_ipv4() {
+        s.set_ip_transparent_v4(true)?;
+    } else {
+        s.set_ip_transparent_v6(true)?;
+    }
+    // Several clients may talk to the same destination at once; each flow
+    // has its own socket bound to that address.
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    crate::capture::mark_socket(socket2::SockRef::from(&s), mark)?;
+    s.set_nonblocking(true)?;
+    s.bind(&orig_dst.into())?;
+    s.connect(&client.into())?;
+    UdpSocket::from_std(s.into())
+}
+
+/// The capture side's listening socket for UDP (IPv4).
+pub struct TransparentUdp {
+    sock: UdpSocket,
+}
+
+impl TransparentUdp {
+    /// Binds `addr` (loopback) with `IP_TRANSPARENT` and `IP_RECVORIGDSTADDR`.
+    pub fn bind(addr: SocketAddrV4) -> std::io::Result<Self> {
+        let s = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        s.set_ip_transparent_v4(true)?;
+        s.set_reuse_address(true)?;
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv4OrigDstAddr, &true)
+            .map_err(std::io::Error::from)?;
+        s.set_nonblocking(true)?;
+        s.bind(&SocketAddr::V4(addr).into())?;
+        Ok(TransparentUdp {
+            sock: UdpSocket::from_std(s.into())?,
+        })
+    }
+
+    /// Receives one packet: `(payload, client address, original destination)`.
+    pub async fn recv(&self) -> std::io::Result<(Bytes, SocketAddr, SocketAddr)> {
+        let mut buf = vec![0u8; MAX_UDP];
+        loop {
+            self.sock.readable().await?;
+            let fd = self.sock.as_raw_fd();
+            match self
+                .sock
+                .try_io(tokio::io::Interest::READABLE, || recv_orig(fd, &mut buf))
+            {
+                Ok((n, src, dst)) => {
+                    buf.truncate(n);
+                    return Ok((Bytes::from(buf), src, dst));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+fn recv_orig(
+    fd: std::os::fd::RawFd,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr, SocketAddr)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrIn};
+    let mut cmsg = nix::cmsg_space!(nix::libc::sockaddr_in);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrIn>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())
+        .map_err(std::io::Error::from)?;
+    let src = msg
+        .address
+        .map(|a| SocketAddr::V4(SocketAddrV4::new(a.ip(), a.port())))
+        .ok_or_else(|| std::io::Error::other("packet without source address"))?;
+    let mut dst = None;
+    for c in msg.cmsgs().map_err(std::io::Error::from)? {
+        if let ControlMessageOwned::Ipv4OrigDstAddr(a) = c {
+            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            dst = Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(a.sin_port),
+            )));
+        }
+    }
+    let dst = dst.ok_or_else(|| std::io::Error::other("packet without original destination"))?;
+    Ok((msg.bytes, src, dst))
+}
+
+/// Where a captured UDP packet's flow goes: the connection and its flow
+/// table, chosen by the original destination.
+pub type PickConn = dyn Fn(SocketAddr) -> Option<(TunnelConn, Arc<FlowTable>)> + Send + Sync;
+
+/// Bounds for captured UDP flows.
+#[derive(Debug, Clone)]
+pub struct FlowLimits {
+    /// Wait for the far side to accept a flow.
+    pub open_timeout: Duration,
+    /// A flow silent this long ends.
+    pub idle: Duration,
+    /// Mark for our reply sockets (see [`crate::capture`]).
+    pub mark: u32,
+}
+
+/// Serves captured UDP: each (client, original destination) pair becomes a
+/// flow opened on the connection `pick` chooses; replies go back from the
+/// original destination. Packets for a destination no session serves are
+/// dropped and counted. Runs until `stop`.
+pub async fn serve_transparent_udp(
+    sock: TransparentUdp,
+    pick: Arc<PickConn>,
+    limits: FlowLimits,
+    stats: Arc<UdpStats>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    type Key = (SocketAddr, SocketAddr);
+    // (generation, queue): a flow that ends removes its entry only if it is
+    // still its own, not a successor's for the same key.
+    type Local = Mutex<HashMap<Key, (u64, mpsc::Sender<Bytes>)>>;
+    let local: Arc<Local> = Arc::default();
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        // Poisoning would only mean a flow task panicked mid-update.
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    let mut generation = 0u64;
+    loop {
+        let (payload, src, dst) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = sock.recv() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    debug!(error = %e, "transparent udp recv");
+                    continue;
+                }
+            },
+        };
+        let key = (src, dst);
+        let sent = lock(&local)
+            .get(&key)
+            .map(|(_, tx)| tx.try_send(payload.clone()));
+        let payload = match sent {
+            Some(r) => match r {
+                Ok(()) => continue,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    stats.dropped_queue_full.fetch_add(1, Relaxed);
+                    continue;
+                }
+                // The flow ended (idle); this packet starts a new one.
+                Err(mpsc::error::TrySendError::Closed(p)) => p,
+            },
+            None => payload,
+        };
+        generation += 1;
+        let my_gen = generation;
+        let Some((conn, flows)) = pick(dst) else {
+            stats.dropped_unknown_flow.fetch_add(1, Relaxed);
+            debug!(%src, %dst, "no session for captured udp destination");
+            continue;
+        };
+        let Some(flow) = flows.register(None) else {
+            debug!(%src, %dst, "udp flow cap reached");
+            continue;
+        };
+        let (tx, rx) = mpsc::channel(FLOW_QUEUE);
+        let _ = tx.try_send(payload);
+        lock(&local).insert(key, (my_gen, tx));
+        let (local, limits, stats) = (local.clone(), limits.clone(), stats.clone());
+        tokio::spawn(async move {
+            let open = relay_protocol::StreamOpen {
+                target: relay_protocol::Target::Addr(dst),
+                source: Some(src),
+                l4: relay_protocol::L4::Udp { flow: flow.id },
+            };
+            match crate::conn::open_stream(&conn, &open, limits.open_timeout).await {
+                Ok(bi) => match reply_socket(dst, src, limits.mark) {
+                    Ok(reply) => {
+                        run_opened_flow(bi, conn, flow, rx, reply, limits.idle, stats).await
+                    }
+                    Err(e) => debug!(error = %e, %dst, "udp reply socket"),
+                },
+                Err(reply) => {
+                    debug!(%src, %dst, reason = reply.status.as_str(), msg = %reply.message, "udp flow refused")
+                }
+            }
+            let mut g = lock(&local);
+            if g.get(&key).is_some_and(|(gen, _)| *gen == my_gen) {
+                g.remove(&key);
+            }
+        });
+    }
+}
