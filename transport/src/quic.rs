@@ -55,8 +55,10 @@ impl QuicTuning {
 }
 
 /// Most bidirectional streams an edge may have open towards the relay at
-/// once (it opens one, the control stream; a few spare for reconnects).
-const EDGE_OPENED_STREAMS: u32 = 16;
+/// once (its control stream, and streams to cloud ranges; more wait for
+/// credit). quinn preallocates ~90 bytes of state per stream the peer may
+/// open, per connection, so this is relay memory per idle session.
+const EDGE_OPENED_STREAMS: u32 = 256;
 
 /// A relay endpoint bound to `addr`, requiring client certificates.
 pub fn server_endpoint(
@@ -70,10 +72,10 @@ pub fn server_endpoint(
     let crypto = QuicServerConfig::try_from(rustls).map_err(std::io::Error::other)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = tuning.transport().map_err(std::io::Error::other)?;
-    // Edges open only their control stream; the relay opens every data
-    // stream (bounded by the *edge's* limit). quinn preallocates state for
-    // every stream the peer may open, so granting edges 10,000 cost
-    // ~900 KiB of relay memory per idle session (loadtest `sessions`).
+    // The relay opens most streams (bounded by the *edge's* limit). quinn
+    // preallocates state for every stream the peer may open, so granting
+    // edges 10,000 cost ~900 KiB of relay memory per idle session
+    // (loadtest `sessions`).
     transport.max_concurrent_bidi_streams(VarInt::from_u32(
         tuning.max_bidi_streams.min(EDGE_OPENED_STREAMS),
     ));
