@@ -1,16 +1,33 @@
-//! `loadtest`: the local demo and (later) load generators for the edge relay.
+//! `loadtest`: the local demo and the load generators for the edge relay.
 //!
-//! `loadtest demo` starts a relay and two edge clients on loopback with
-//! development certificates generated on the fly, puts an HTTP service "on"
-//! each edge, fetches both through the relay's HTTP CONNECT port, prints
-//! the admin API's session list, and exits 0 when all of that worked.
+//! Every benchmark drives real traffic through a real `relay-server`
+//! process and real edge clients on loopback, and measures the same
+//! traffic sent straight to the target in the same run as the baseline.
+//! See `docs/benchmarks.md` for the commands and the results.
+//!
+//! Modules:
+//! - [`demo`]: `loadtest demo`, the README's local demo (all in-process);
+//! - [`bulk`], [`rr`], [`connect`], [`sessions`], [`streams`], [`storm`]:
+//!   one benchmark each;
+//! - [`common`]: PKI and config files, child processes (killed on drop),
+//!   RSS/CPU from `/proc`, services, CONNECT client, progress and tables;
+//! - [`svg`]: the hand-written latency plot;
+//! - [`procs`]: hidden subcommands that run the relay / edge library code
+//!   as a child process when the release binaries are not built, and the
+//!   idle echo service of `streams`.
 
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
-
-use anyhow::{ensure, Context, Result};
 use clap::{Parser, Subcommand};
-use relay_lab::{admin_get, connect_via, edge_ip, edge_name, http_get, spawn_http, Lab};
+
+mod bulk;
+mod common;
+mod connect;
+mod demo;
+mod procs;
+mod rr;
+mod sessions;
+mod storm;
+mod streams;
+mod svg;
 
 /// Load generator and local demo for the edge relay.
 #[derive(Parser, Debug)]
@@ -28,96 +45,39 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         edges: usize,
     },
+    /// Throughput: N concurrent streams each moving S bytes, tunnel vs direct.
+    Bulk(bulk::Args),
+    /// Request/response latency at a fixed rate and at max rate, tunnel vs direct.
+    Rr(rr::Args),
+    /// New tunneled connections per second (open, one round trip, close).
+    Connect(connect::Args),
+    /// N idle edges: relay memory per session and time to register all.
+    Sessions(sessions::Args),
+    /// M idle streams on one edge: relay and edge memory per stream.
+    Streams(streams::Args),
+    /// Relay restart with N edges: time until all are back, rr latency meanwhile.
+    Storm(storm::Args),
+    #[command(hide = true)]
+    RelayProcess(procs::RelayArgs),
+    #[command(hide = true)]
+    EdgeProcess(procs::EdgeArgs),
+    #[command(hide = true)]
+    EchoProcess(procs::EchoArgs),
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Demo { edges } => demo(edges).await,
+        Cmd::Demo { edges } => demo::demo(edges).await,
+        Cmd::Bulk(a) => bulk::run(a).await,
+        Cmd::Rr(a) => rr::run(a).await,
+        Cmd::Connect(a) => connect::run(a).await,
+        Cmd::Sessions(a) => sessions::run(a).await,
+        Cmd::Streams(a) => streams::run(a).await,
+        Cmd::Storm(a) => storm::run(a).await,
+        Cmd::RelayProcess(a) => procs::relay(a).await,
+        Cmd::EdgeProcess(a) => procs::edge(a).await,
+        Cmd::EchoProcess(a) => procs::echo(a).await,
     }
-}
-
-async fn demo(n: usize) -> Result<()> {
-    ensure!(
-        (1..=200).contains(&n),
-        "--edges must be between 1 and 200 (got {n})"
-    );
-    let t0 = Instant::now();
-    println!(
-        "== starting relay and {n} edge clients on loopback (dev certificates generated in memory)"
-    );
-    let lab = Lab::start(n, |_| {}).await?;
-    println!(
-        "   relay: QUIC udp/{}  CONNECT tcp/{}  admin http://{}",
-        lab.relay.quic_addr(),
-        lab.connect_addr(),
-        lab.admin_addr()
-    );
-    let mut services = Vec::new();
-    for i in 0..n {
-        let (addr, task) = spawn_http(SocketAddr::new(edge_ip(i), 0), &edge_name(i)).await?;
-        println!(
-            "   {}: HTTP service at {addr} (reachable only through the tunnel's edge)",
-            edge_name(i)
-        );
-        services.push((addr, task));
-    }
-    println!("   all {n} sessions up in {:?}", t0.elapsed());
-
-    println!("\n== fetching each edge's service through the relay (HTTP CONNECT)");
-    for (i, (addr, _)) in services.iter().enumerate() {
-        for authority in [
-            addr.to_string(),
-            format!("{}:{}", edge_name(i), addr.port()),
-        ] {
-            let t = Instant::now();
-            let s = connect_via(lab.connect_addr(), &authority)
-                .await
-                .with_context(|| format!("CONNECT {authority}"))?;
-            let (code, body) = http_get(s, &authority, "/", None).await?;
-            let body = body.trim_end();
-            println!(
-                "   CONNECT {authority:<22} -> HTTP {code} {body:?} in {:?}",
-                t.elapsed()
-            );
-            ensure!(
-                code == 200 && body == format!("hello from {}", edge_name(i)),
-                "unexpected answer"
-            );
-        }
-    }
-    println!("\n== a target no edge serves is refused at once, with a reason");
-    match connect_via(lab.connect_addr(), "127.0.0.250:80").await {
-        Err(e) => println!("   CONNECT 127.0.0.250:80 -> {e}"),
-        Ok(_) => anyhow::bail!("CONNECT to an unserved address succeeded"),
-    }
-
-    println!("\n== admin API: GET /v1/sessions");
-    let (code, body) = admin_get(lab.admin_addr(), "/v1/sessions", None).await?;
-    ensure!(code == 200, "admin API answered {code}");
-    let rows: serde_json::Value = serde_json::from_str(&body)?;
-    println!("{}", serde_json::to_string_pretty(&rows)?);
-    ensure!(
-        rows.as_array().map(|a| a.len()) == Some(n),
-        "expected {n} sessions"
-    );
-
-    println!("\n== admin API: GET /metrics (excerpt)");
-    let (_, metrics) = admin_get(lab.admin_addr(), "/metrics", None).await?;
-    for line in metrics.lines().filter(|l| {
-        l.starts_with("relay_sessions ")
-            || l.starts_with("relay_streams_total{outcome=\"ok\"}")
-            || l.starts_with("relay_bytes_total")
-    }) {
-        println!("   {line}");
-    }
-    lab.stop().await;
-    for (_, t) in services {
-        t.abort();
-    }
-    println!("\ndemo ok in {:?}", t0.elapsed());
-    // Give the close frames a moment to leave before the runtime stops.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    Ok(())
 }

@@ -1,0 +1,211 @@
+//! `bulk`: N concurrent streams each moving S bytes to a sink at the edge,
+//! through the tunnel and directly; Gbit/s and CPU seconds per GiB of the
+//! relay and edge processes.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use relay_lab::edge_ip;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::{
+    cpu_secs, fmt_bytes, get, machine, median, spawn_sink, write_json, Bench, Counter, Progress,
+    Table, Via,
+};
+
+/// Arguments of `bulk`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// Stream counts to run, comma separated (each is one configuration).
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    streams: Vec<usize>,
+    /// Total bytes per configuration, split evenly across its streams.
+    #[arg(long, value_parser = crate::common::parse_bytes, default_value = "2GiB")]
+    total: u64,
+    /// Bytes per stream instead of `--total` split evenly.
+    #[arg(long, value_parser = crate::common::parse_bytes, conflicts_with = "total")]
+    bytes: Option<u64>,
+    /// Repetitions (the table shows the median).
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Write results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+const CHUNK: usize = 256 * 1024;
+
+/// Moves `per_stream` bytes on each of `n` connections; returns seconds.
+async fn run_once(via: Via, n: usize, per_stream: u64, sent: Counter) -> Result<f64> {
+    let mut conns = Vec::with_capacity(n);
+    for _ in 0..n {
+        conns.push(via.open().await?);
+    }
+    let t0 = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut s in conns {
+        let sent = sent.clone();
+        tasks.spawn(async move {
+            let buf = vec![0x5au8; CHUNK];
+            let mut left = per_stream;
+            while left > 0 {
+                let k = left.min(CHUNK as u64) as usize;
+                s.write_all(&buf[..k]).await?;
+                left -= k as u64;
+                sent.fetch_add(k as u64, Relaxed);
+            }
+            s.shutdown().await?;
+            let mut got = [0u8; 8];
+            s.read_exact(&mut got)
+                .await
+                .context("reading the sink's count")?;
+            let got = u64::from_be_bytes(got);
+            ensure!(
+                got == per_stream,
+                "sink counted {got} bytes, {per_stream} were sent"
+            );
+            anyhow::Ok(())
+        });
+    }
+    // Bounded: even 1 Mbit/s would move 2 GiB in ~5 hours; a stall shows
+    // as no progress long before this.
+    let limit = Duration::from_secs(600);
+    tokio::time::timeout(limit, async {
+        while let Some(r) = tasks.join_next().await {
+            r??;
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .with_context(|| format!("bulk transfer did not finish within {limit:?}"))??;
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Runs `bulk`.
+pub(crate) async fn run(a: Args) -> Result<()> {
+    ensure!(!a.streams.is_empty(), "--streams needs at least one count");
+    for &n in &a.streams {
+        ensure!(
+            (1..=1024).contains(&n),
+            "--streams: each count must be between 1 and 1024 (got {n})"
+        );
+    }
+    ensure!(
+        (1..=20).contains(&a.runs),
+        "--runs must be between 1 and 20 (got {})",
+        a.runs
+    );
+    if let Some(b) = a.bytes {
+        ensure!(
+            (1..=(64u64 << 30)).contains(&b),
+            "--bytes must be between 1 byte and 64 GiB (got {b})"
+        );
+    } else {
+        ensure!(
+            a.total >= a.streams.iter().copied().max().unwrap_or(1) as u64 && a.total <= 256 << 30,
+            "--total must be at least one byte per stream and at most 256 GiB (got {})",
+            a.total
+        );
+    }
+    let bench = Bench::new(1)?;
+    let relay = bench.start_relay().await?;
+    let edge = bench.start_edge(0, &relay, None).await?;
+    let (sink, _task) = spawn_sink(edge_ip(0)).await?;
+    let vias = [
+        Via::Tunnel {
+            proxy: relay.connect,
+            target: sink,
+        },
+        Via::Direct(sink),
+    ];
+    println!(
+        "bulk: {} | relay pid {} | edge pid {} | sink {sink}",
+        machine(),
+        relay.child.pid(),
+        edge.pid()
+    );
+    let mut table = Table::new(&[
+        "streams",
+        "bytes/stream",
+        "path",
+        "Gbit/s (median)",
+        "runs",
+        "relay CPU s/GiB",
+        "edge CPU s/GiB",
+    ]);
+    let mut results = Vec::new();
+    for &n in &a.streams {
+        let per = a.bytes.unwrap_or(a.total / n as u64);
+        for via in vias {
+            let mut gbps = Vec::new();
+            let mut relay_cpu = Vec::new();
+            let mut edge_cpu = Vec::new();
+            for r in 0..a.runs {
+                let sent: Counter = Arc::new(AtomicU64::new(0));
+                let total = per * n as u64;
+                let s2 = sent.clone();
+                let _p = Progress::start(
+                    format!(
+                        "bulk {n}x{} {} run {}",
+                        fmt_bytes(per as f64),
+                        via.label(),
+                        r + 1
+                    ),
+                    move || {
+                        format!(
+                            "{} of {} sent",
+                            fmt_bytes(get(&s2) as f64),
+                            fmt_bytes(total as f64)
+                        )
+                    },
+                );
+                let (rc0, ec0) = (cpu_secs(relay.child.pid())?, cpu_secs(edge.pid())?);
+                let secs = run_once(via, n, per, sent.clone()).await?;
+                let (rc1, ec1) = (cpu_secs(relay.child.pid())?, cpu_secs(edge.pid())?);
+                ensure!(get(&sent) == total, "sent {} of {total}", get(&sent));
+                let gib = total as f64 / (1u64 << 30) as f64;
+                gbps.push(total as f64 * 8.0 / secs / 1e9);
+                relay_cpu.push((rc1 - rc0) / gib);
+                edge_cpu.push((ec1 - ec0) / gib);
+            }
+            let tunnel = matches!(via, Via::Tunnel { .. });
+            let cpu = |v: &[f64]| {
+                if tunnel {
+                    format!("{:.2}", median(v))
+                } else {
+                    "-".into()
+                }
+            };
+            table.row(vec![
+                n.to_string(),
+                fmt_bytes(per as f64),
+                via.label().into(),
+                format!("{:.2}", median(&gbps)),
+                gbps.iter()
+                    .map(|g| format!("{g:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                cpu(&relay_cpu),
+                cpu(&edge_cpu),
+            ]);
+            results.push(json!({
+                "streams": n,
+                "bytes_per_stream": per,
+                "path": via.label(),
+                "gbit_per_s": gbps,
+                "gbit_per_s_median": median(&gbps),
+                "relay_cpu_s_per_gib": if tunnel { json!(relay_cpu) } else { json!(null) },
+                "edge_cpu_s_per_gib": if tunnel { json!(edge_cpu) } else { json!(null) },
+            }));
+        }
+    }
+    table.print();
+    write_json(
+        a.json.as_deref(),
+        &json!({"bench": "bulk", "machine": machine(), "relay": bench.bins.describe(), "results": results}),
+    )
+}

@@ -1,0 +1,232 @@
+//! `sessions`: N simulated edges (in this process, one UDP socket each)
+//! connect to a relay process and stay idle; relay memory per session and
+//! the time until all N are registered. Also the shared edge-fleet helpers
+//! `storm` uses.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use edge_client::{EdgeClient, EdgeState};
+use relay_lab::edge_config;
+use serde_json::json;
+
+use crate::common::{fmt_bytes, machine, median, write_json, Bench, Progress, RelayProc, Table};
+
+/// Arguments of `sessions`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// Simulated edges.
+    #[arg(long, default_value_t = 1000)]
+    edges: usize,
+    /// How long the sessions stay idle before memory is read.
+    #[arg(long, value_parser = crate::common::parse_duration, default_value = "3s")]
+    settle: Duration,
+    /// Repetitions, each with a fresh relay (the table shows the median).
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Write results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Checks an edge count argument.
+pub(crate) fn check_edges(n: usize) -> Result<()> {
+    ensure!(
+        (1..=5000).contains(&n),
+        "--edges must be between 1 and 5000 (got {n}); each simulated edge uses one UDP socket and a 127.0.x.y address"
+    );
+    Ok(())
+}
+
+/// Starts `n` in-process edge clients against `relay`.
+pub(crate) fn spawn_edges(bench: &Bench, n: usize, relay: &RelayProc) -> Result<Vec<EdgeClient>> {
+    (0..n)
+        .map(|i| Ok(EdgeClient::spawn(edge_config(bench.pki(), i, relay.quic)?)))
+        .collect()
+}
+
+/// Waits until every edge has established at least `sessions` sessions
+/// (1 = first registration, 2 = back after one relay restart); returns
+/// the time, from `t0`, at which the last one got there.
+pub(crate) async fn wait_sessions(
+    edges: &[EdgeClient],
+    sessions: u64,
+    t0: Instant,
+    limit: Duration,
+) -> Result<Duration> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let count = || {
+        edges
+            .iter()
+            .filter(|e| {
+                e.stats().sessions.load(Relaxed) >= sessions
+                    && matches!(e.state(), EdgeState::Connected { .. })
+            })
+            .count()
+    };
+    let n = edges.len();
+    let deadline = t0 + limit;
+    loop {
+        let c = count();
+        if c == n {
+            return Ok(t0.elapsed());
+        }
+        if Instant::now() >= deadline {
+            let sample = edges
+                .iter()
+                .find(|e| !matches!(e.state(), EdgeState::Connected { .. }))
+                .map(|e| format!("{:?}", e.state()))
+                .unwrap_or_default();
+            anyhow::bail!(
+                "only {c} of {n} edges registered within {limit:?} (one waiting edge: {sample})"
+            );
+        }
+        // 2 ms polling: adds at most 2 ms to the measured time.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Waits until the relay itself lists `n` sessions.
+pub(crate) async fn wait_relay_count(relay: &RelayProc, n: usize, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let c = relay.session_count().await?;
+        if c as usize == n {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "relay lists {c} sessions, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Stops the edges (bounded, concurrently).
+pub(crate) async fn stop_edges(edges: Vec<EdgeClient>) {
+    let mut set = tokio::task::JoinSet::new();
+    for e in edges {
+        set.spawn(e.shutdown());
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while set.join_next().await.is_some() {}
+    })
+    .await;
+}
+
+struct One {
+    before: u64,
+    after: u64,
+    register_s: f64,
+    failures: String,
+}
+
+async fn run_once(bench: &Bench, n: usize, settle: Duration) -> Result<One> {
+    let relay = bench.start_relay().await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = relay.rss()?;
+    let t0 = Instant::now();
+    let edges = spawn_edges(bench, n, &relay)?;
+    let took = {
+        let counts: Vec<_> = edges.iter().map(|e| e.stats().clone()).collect();
+        let _p = Progress::start(format!("sessions: {n} edges connecting"), move || {
+            let c = counts
+                .iter()
+                .filter(|s| s.sessions.load(std::sync::atomic::Ordering::Relaxed) > 0)
+                .count();
+            format!("{c} registered")
+        });
+        wait_sessions(&edges, 1, t0, Duration::from_secs(60)).await?
+    };
+    wait_relay_count(&relay, n, Duration::from_secs(10)).await?;
+    tokio::time::sleep(settle).await;
+    let after = relay.rss()?;
+    // Still all there after the idle period?
+    wait_relay_count(&relay, n, Duration::from_secs(1)).await?;
+    let failures = relay.handshake_failures().await?;
+    stop_edges(edges).await;
+    Ok(One {
+        before,
+        after,
+        register_s: took.as_secs_f64(),
+        failures,
+    })
+}
+
+/// Runs `sessions`.
+pub(crate) async fn run(a: Args) -> Result<()> {
+    check_edges(a.edges)?;
+    ensure!(
+        a.settle <= Duration::from_secs(600),
+        "--settle must be at most 10m (got {:?})",
+        a.settle
+    );
+    ensure!(
+        (1..=20).contains(&a.runs),
+        "--runs must be between 1 and 20 (got {})",
+        a.runs
+    );
+    let bench = Bench::new(a.edges)?;
+    println!("sessions: {} | {} simulated edges", machine(), a.edges);
+    let mut runs = Vec::new();
+    for r in 0..a.runs {
+        let o = run_once(&bench, a.edges, a.settle)
+            .await
+            .with_context(|| format!("run {}", r + 1))?;
+        eprintln!(
+            "  run {}: relay RSS {} -> {}, all {} registered in {:.3}s; handshake failures on the way: {}",
+            r + 1,
+            fmt_bytes(o.before as f64),
+            fmt_bytes(o.after as f64),
+            a.edges,
+            o.register_s,
+            o.failures
+        );
+        runs.push(o);
+    }
+    let per: Vec<f64> = runs
+        .iter()
+        .map(|o| (o.after as f64 - o.before as f64) / a.edges as f64)
+        .collect();
+    let reg: Vec<f64> = runs.iter().map(|o| o.register_s).collect();
+    let idle: Vec<f64> = runs.iter().map(|o| o.before as f64).collect();
+    let after: Vec<f64> = runs.iter().map(|o| o.after as f64).collect();
+    let mut t = Table::new(&["figure", "median", "runs"]);
+    let list = |v: &[f64], f: &dyn Fn(f64) -> String| {
+        v.iter().map(|x| f(*x)).collect::<Vec<_>>().join(", ")
+    };
+    let kib = |x: f64| format!("{:.1} KiB", x / 1024.0);
+    let mib = |x: f64| format!("{:.1} MiB", x / 1048576.0);
+    let secs = |x: f64| format!("{x:.3} s");
+    t.row(vec![
+        "relay RSS, no sessions".into(),
+        mib(median(&idle)),
+        list(&idle, &mib),
+    ]);
+    t.row(vec![
+        format!("relay RSS, {} sessions", a.edges),
+        mib(median(&after)),
+        list(&after, &mib),
+    ]);
+    t.row(vec![
+        "relay memory per session".into(),
+        kib(median(&per)),
+        list(&per, &kib),
+    ]);
+    t.row(vec![
+        format!("time until all {} registered", a.edges),
+        secs(median(&reg)),
+        list(&reg, &secs),
+    ]);
+    t.print();
+    write_json(
+        a.json.as_deref(),
+        &json!({"bench": "sessions", "machine": machine(), "relay": bench.bins.describe(),
+                "edges": a.edges, "settle_s": a.settle.as_secs_f64(),
+                "relay_rss_before": idle, "relay_rss_after": after,
+                "bytes_per_session": per, "bytes_per_session_median": median(&per),
+                "register_s": reg, "register_s_median": median(&reg),
+                "handshake_failures": runs.iter().map(|o| o.failures.clone()).collect::<Vec<_>>()}),
+    )
+}

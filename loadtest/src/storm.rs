@@ -1,0 +1,229 @@
+//! `storm`: N edges connected, the relay process restarted (SIGTERM, then
+//! a new process on the same ports); the time until all N are registered
+//! again, and the latency of a fixed-rate `rr` run going on meanwhile
+//! (through the tunnel to a service on edge 0), against the same run on a
+//! quiet relay first.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use relay_lab::{edge_ip, spawn_echo};
+use serde_json::json;
+
+use crate::common::{get, machine, median, write_json, Bench, Counter, Progress, Table, Via};
+use crate::rr::{check_rate, fixed_rate, RrResult};
+use crate::sessions::{check_edges, spawn_edges, stop_edges, wait_relay_count, wait_sessions};
+
+/// Arguments of `storm`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// Simulated edges.
+    #[arg(long, default_value_t = 1000)]
+    edges: usize,
+    /// Request rate of the concurrent rr run (req/s, 1 KiB messages).
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Connections of the concurrent rr run.
+    #[arg(long, default_value_t = 4)]
+    rate_conns: usize,
+    /// Length of the rr run; the restart happens 2 s into it.
+    #[arg(long, value_parser = crate::common::parse_duration, default_value = "15s")]
+    rr_duration: Duration,
+    /// Repetitions, each with a fresh fleet (the table shows the median).
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Write results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+struct One {
+    quiet: RrResult,
+    storm: RrResult,
+    relay_exit_s: f64,
+    relay_ready_s: f64,
+    all_back_s: f64,
+    failures: String,
+}
+
+async fn run_once(bench: &Bench, a: &Args) -> Result<One> {
+    let relay = bench.start_relay().await?;
+    let (quic, connect) = (relay.quic, relay.connect);
+    let edges = spawn_edges(bench, a.edges, &relay)?;
+    let took = wait_sessions(&edges, 1, Instant::now(), Duration::from_secs(60)).await?;
+    wait_relay_count(&relay, a.edges, Duration::from_secs(10)).await?;
+    eprintln!(
+        "  {} edges registered in {:.2}s",
+        a.edges,
+        took.as_secs_f64()
+    );
+    let (echo, _task) = spawn_echo(SocketAddr::new(edge_ip(0), 0)).await?;
+    let via = Via::Tunnel {
+        proxy: connect,
+        target: echo,
+    };
+    let quiet_len = Duration::from_secs(5).min(a.rr_duration);
+    let done: Counter = Arc::new(AtomicU64::new(0));
+    let quiet = fixed_rate(via, 1024, a.rate, a.rate_conns, quiet_len, done).await?;
+
+    let done: Counter = Arc::new(AtomicU64::new(0));
+    let d2 = done.clone();
+    let _p = Progress::start("storm rr", move || {
+        format!("{} requests answered", get(&d2))
+    });
+    let (rate, conns, dur) = (a.rate, a.rate_conns, a.rr_duration);
+    let rr = tokio::spawn(async move { fixed_rate(via, 1024, rate, conns, dur, done).await });
+    tokio::time::sleep(Duration::from_secs(2).min(a.rr_duration / 4)).await;
+
+    let mut relay = relay;
+    let t0 = Instant::now();
+    relay
+        .child
+        .terminate(Duration::from_secs(10))
+        .await
+        .context("stopping the relay")?;
+    let relay_exit_s = t0.elapsed().as_secs_f64();
+    let relay = bench.start_relay_at(quic, connect).await?;
+    let relay_ready_s = t0.elapsed().as_secs_f64();
+    let all_back = wait_sessions(&edges, 2, t0, Duration::from_secs(60)).await?;
+    wait_relay_count(&relay, a.edges, Duration::from_secs(10)).await?;
+    let failures = relay.handshake_failures().await?;
+    let storm = tokio::time::timeout(a.rr_duration + Duration::from_secs(20), rr)
+        .await
+        .context("rr run did not end")???;
+    stop_edges(edges).await;
+    Ok(One {
+        quiet,
+        storm,
+        relay_exit_s,
+        relay_ready_s,
+        all_back_s: all_back.as_secs_f64(),
+        failures,
+    })
+}
+
+/// Runs `storm`.
+pub(crate) async fn run(a: Args) -> Result<()> {
+    check_edges(a.edges)?;
+    check_rate(a.rate, a.rate_conns)?;
+    ensure!(
+        a.rr_duration >= Duration::from_secs(1) && a.rr_duration <= Duration::from_secs(600),
+        "--rr-duration must be between 1s and 10m (got {:?})",
+        a.rr_duration
+    );
+    ensure!(
+        (1..=20).contains(&a.runs),
+        "--runs must be between 1 and 20 (got {})",
+        a.runs
+    );
+    let bench = Bench::new(a.edges)?;
+    println!(
+        "storm: {} | {} simulated edges, rr at {} req/s during the restart",
+        machine(),
+        a.edges,
+        a.rate
+    );
+    let mut runs = Vec::new();
+    for r in 0..a.runs {
+        let o = run_once(&bench, &a)
+            .await
+            .with_context(|| format!("run {}", r + 1))?;
+        eprintln!(
+            "  run {}: relay exited {:.2}s after SIGTERM, new relay ready at {:.2}s, all {} back at {:.2}s; rr p99 {:.0} µs quiet, {:.0} µs during ({} errors); new relay's handshake failures: {}",
+            r + 1,
+            o.relay_exit_s,
+            o.relay_ready_s,
+            a.edges,
+            o.all_back_s,
+            o.quiet.us(0.99),
+            o.storm.us(0.99),
+            o.storm.errors,
+            o.failures
+        );
+        runs.push(o);
+    }
+    let f = |g: &dyn Fn(&One) -> f64| runs.iter().map(g).collect::<Vec<f64>>();
+    let back = f(&|o| o.all_back_s);
+    let exit = f(&|o| o.relay_exit_s);
+    let ready = f(&|o| o.relay_ready_s);
+    let qp50 = f(&|o| o.quiet.us(0.5));
+    let qp99 = f(&|o| o.quiet.us(0.99));
+    let sp50 = f(&|o| o.storm.us(0.5));
+    let sp99 = f(&|o| o.storm.us(0.99));
+    let smax = f(&|o| o.storm.max_us());
+    let errs = f(&|o| o.storm.errors as f64);
+    let gap = f(&|o| o.storm.max_gap);
+    let list = |v: &[f64], d: usize| {
+        v.iter()
+            .map(|x| format!("{x:.d$}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut t = Table::new(&["figure", "median", "runs"]);
+    t.row(vec![
+        "relay exit after SIGTERM (s)".into(),
+        format!("{:.2}", median(&exit)),
+        list(&exit, 2),
+    ]);
+    t.row(vec![
+        "new relay ready (s after SIGTERM)".into(),
+        format!("{:.2}", median(&ready)),
+        list(&ready, 2),
+    ]);
+    t.row(vec![
+        format!("all {} edges registered again (s after SIGTERM)", a.edges),
+        format!("{:.2}", median(&back)),
+        list(&back, 2),
+    ]);
+    t.row(vec![
+        "rr p50 µs, quiet relay".into(),
+        format!("{:.0}", median(&qp50)),
+        list(&qp50, 0),
+    ]);
+    t.row(vec![
+        "rr p99 µs, quiet relay".into(),
+        format!("{:.0}", median(&qp99)),
+        list(&qp99, 0),
+    ]);
+    t.row(vec![
+        "rr p50 µs, during restart".into(),
+        format!("{:.0}", median(&sp50)),
+        list(&sp50, 0),
+    ]);
+    t.row(vec![
+        "rr p99 µs, during restart".into(),
+        format!("{:.0}", median(&sp99)),
+        list(&sp99, 0),
+    ]);
+    t.row(vec![
+        "rr max µs, during restart".into(),
+        format!("{:.0}", median(&smax)),
+        list(&smax, 0),
+    ]);
+    t.row(vec![
+        "rr failed requests during restart".into(),
+        format!("{:.0}", median(&errs)),
+        list(&errs, 0),
+    ]);
+    t.row(vec![
+        "rr longest time without an answer (s)".into(),
+        format!("{:.2}", median(&gap)),
+        list(&gap, 2),
+    ]);
+    t.print();
+    write_json(
+        a.json.as_deref(),
+        &json!({"bench": "storm", "machine": machine(), "relay": bench.bins.describe(),
+                "edges": a.edges, "rate": a.rate, "rr_duration_s": a.rr_duration.as_secs_f64(),
+                "relay_exit_s": exit, "relay_ready_s": ready, "all_back_s": back,
+                "all_back_s_median": median(&back),
+                "rr_quiet_p50_us": qp50, "rr_quiet_p99_us": qp99,
+                "rr_storm_p50_us": sp50, "rr_storm_p99_us": sp99, "rr_storm_max_us": smax,
+                "rr_storm_errors": errs, "rr_storm_max_gap_s": gap,
+                "rr_storm_runs": runs.iter().map(|o| json!({"ok": o.storm.ok, "errors": o.storm.errors, "late": o.storm.late, "handshake_failures": o.failures})).collect::<Vec<_>>()}),
+    )
+}

@@ -1,0 +1,176 @@
+//! A hand-written SVG latency-by-percentile plot (the HdrHistogram style:
+//! x is the percentile on a log scale of 1/(1-q), y the latency on a log
+//! scale), so the tail is as visible as the median.
+
+use hdrhistogram::Histogram;
+
+/// One line of the plot.
+pub(crate) struct Series {
+    /// Legend text.
+    pub(crate) label: String,
+    /// `(quantile, latency µs)` points, quantile ascending.
+    pub(crate) points: Vec<(f64, f64)>,
+    /// Dashed line (the direct baseline).
+    pub(crate) dashed: bool,
+}
+
+/// Quantiles from 0 to 99.99 % (and the max as 99.999 %).
+pub(crate) fn percentile_points(h: &Histogram<u64>) -> Vec<(f64, f64)> {
+    let mut v = Vec::new();
+    // 0 .. 0.9999 evenly on the log(1/(1-q)) axis, 0.05 decades apart.
+    let mut x: f64 = 0.0;
+    while x <= 4.0 + 1e-9 {
+        let q = 1.0 - 10f64.powf(-x);
+        v.push((q, h.value_at_quantile(q) as f64 / 1000.0));
+        x += 0.05;
+    }
+    v.push((0.99999, h.max() as f64 / 1000.0));
+    v
+}
+
+const W: f64 = 900.0;
+const H: f64 = 520.0;
+const L: f64 = 80.0;
+const R: f64 = 20.0;
+const T: f64 = 50.0;
+const B: f64 = 60.0;
+const COLORS: [&str; 4] = ["#d62728", "#1f77b4", "#ff7f0e", "#2ca02c"];
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Renders the plot; colours pair up series two by two (tunnel solid,
+/// direct dashed, same colour family per mode).
+pub(crate) fn percentile_plot(title: &str, series: &[Series]) -> String {
+    let all = series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
+    let (mut lo, mut hi) = (f64::MAX, f64::MIN);
+    for y in all {
+        if y > 0.0 {
+            lo = lo.min(y);
+            hi = hi.max(y);
+        }
+    }
+    if lo > hi {
+        lo = 1.0;
+        hi = 10.0;
+    }
+    let (ylo, yhi) = (
+        lo.log10().floor(),
+        hi.log10().ceil().max(lo.log10().floor() + 1.0),
+    );
+    let xmax = 5.0;
+    let px = |q: f64| L + (-(1.0 - q).max(1e-5).log10()).min(xmax) / xmax * (W - L - R);
+    let py = |us: f64| T + (1.0 - (us.max(1e-3).log10() - ylo) / (yhi - ylo)) * (H - T - B);
+    let mut o = String::new();
+    o.push_str(&format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    ));
+    o.push_str(&format!(
+        "<text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"15\">{}</text>\n",
+        W / 2.0,
+        esc(title)
+    ));
+    // Grid: x at 0, 90, 99, 99.9, 99.99, 99.999 %.
+    for (i, lbl) in ["0%", "90%", "99%", "99.9%", "99.99%", "max"]
+        .iter()
+        .enumerate()
+    {
+        let x = L + i as f64 / xmax * (W - L - R);
+        o.push_str(&format!(
+            "<line x1=\"{x:.1}\" y1=\"{T}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/>\n<text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{lbl}</text>\n",
+            H - B,
+            H - B + 18.0
+        ));
+    }
+    let mut d = ylo as i32;
+    while d as f64 <= yhi {
+        for m in [1.0, 2.0, 5.0] {
+            let v = m * 10f64.powi(d);
+            if v.log10() > yhi + 1e-9 {
+                break;
+            }
+            let y = py(v);
+            let stroke = if m == 1.0 { "#bbb" } else { "#eee" };
+            o.push_str(&format!(
+                "<line x1=\"{L}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"{stroke}\"/>\n<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n",
+                W - R,
+                L - 6.0,
+                y + 4.0,
+                fmt_us(v)
+            ));
+        }
+        d += 1;
+    }
+    o.push_str(&format!(
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">percentile (log scale of 1/(1-q))</text>\n",
+        (L + W - R) / 2.0,
+        H - 18.0
+    ));
+    o.push_str(&format!(
+        "<text transform=\"translate(18 {:.1}) rotate(-90)\" text-anchor=\"middle\">latency (log scale)</text>\n",
+        (T + H - B) / 2.0
+    ));
+    for (i, s) in series.iter().enumerate() {
+        let color = COLORS[(i / 2) % COLORS.len()];
+        let dash = if s.dashed {
+            " stroke-dasharray=\"6 4\""
+        } else {
+            ""
+        };
+        let pts: Vec<String> = s
+            .points
+            .iter()
+            .map(|&(q, us)| format!("{:.1},{:.1}", px(q), py(us)))
+            .collect();
+        o.push_str(&format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"{dash} points=\"{}\"/>\n",
+            pts.join(" ")
+        ));
+        let ly = T + 16.0 + i as f64 * 18.0;
+        o.push_str(&format!(
+            "<line x1=\"{:.1}\" y1=\"{ly:.1}\" x2=\"{:.1}\" y2=\"{ly:.1}\" stroke=\"{color}\" stroke-width=\"2\"{dash}/>\n<text x=\"{:.1}\" y=\"{:.1}\">{}</text>\n",
+            L + 12.0,
+            L + 42.0,
+            L + 48.0,
+            ly + 4.0,
+            esc(&s.label)
+        ));
+    }
+    o.push_str("</svg>\n");
+    o
+}
+
+fn fmt_us(v: f64) -> String {
+    if v >= 1_000_000.0 {
+        format!("{} s", v / 1_000_000.0)
+    } else if v >= 1000.0 {
+        format!("{} ms", v / 1000.0)
+    } else {
+        format!("{v} µs")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plot_is_well_formed() {
+        let mut h = crate::rr::new_hist();
+        for v in 1..10_000u64 {
+            h.record(v * 1000).unwrap();
+        }
+        let s = Series {
+            label: "a <b>".into(),
+            points: percentile_points(&h),
+            dashed: true,
+        };
+        let svg = percentile_plot("t", &[s]);
+        assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
+        assert!(svg.contains("a &lt;b&gt;"));
+        assert!(!svg.contains("NaN"));
+    }
+}

@@ -1,0 +1,113 @@
+//! Smoke test: every subcommand runs end to end with tiny sizes and writes
+//! sane JSON. Asserts counts and completeness only, never a speed or
+//! latency figure (those belong in `docs/benchmarks.md`, measured with the
+//! release build). Children run as `loadtest relay-process` /
+//! `edge-process` (`LOADTEST_SELF_HOSTED`), i.e. the library code just
+//! compiled, not whatever `relay-server` binary happens to be lying around.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+fn run(args: &[&str]) -> Value {
+    let dir =
+        std::env::temp_dir().join(format!("loadtest-smoke-{}-{}", std::process::id(), args[0]));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json: PathBuf = dir.join("out.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(args)
+        .arg("--json")
+        .arg(&json)
+        .env("LOADTEST_SELF_HOSTED", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "loadtest {args:?} failed:\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("|---"), "no table printed: {stdout}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    v
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+#[test]
+fn every_subcommand_runs_with_tiny_sizes() {
+    // bulk: the tool itself checks that the sink counted every byte sent.
+    let v = run(&["bulk", "--streams", "1,3", "--total", "3MiB"]);
+    let r = v["results"].as_array().unwrap();
+    assert_eq!(r.len(), 4, "{v}");
+    for x in r {
+        // 3 MiB split over 1 or 3 streams divides evenly.
+        assert_eq!(
+            f(&x["bytes_per_stream"]) * f(&x["streams"]),
+            f64::from(3 << 20)
+        );
+        assert!(f(&x["gbit_per_s_median"]) > 0.0);
+    }
+
+    let v = run(&["rr", "--duration", "300ms", "--rate", "200", "--conns", "4"]);
+    for x in v["results"].as_array().unwrap() {
+        if x["path"] != "added" {
+            for run in x["runs"].as_array().unwrap() {
+                assert!(f(&run["ok"]) > 0.0, "{x}");
+                assert_eq!(f(&run["errors"]), 0.0, "{x}");
+            }
+        }
+    }
+
+    let v = run(&["connect", "--duration", "300ms", "--concurrency", "4"]);
+    for x in v["results"].as_array().unwrap() {
+        assert!(f(&x["conns_per_s_median"]) > 0.0, "{x}");
+        assert_eq!(f(&x["errors"]), 0.0, "{x}");
+    }
+
+    // sessions / storm fail unless all N edges (re)register.
+    let v = run(&["sessions", "--edges", "5", "--settle", "100ms"]);
+    assert_eq!(f(&v["edges"]), 5.0);
+    assert!(f(&v["register_s_median"]) > 0.0);
+
+    let v = run(&["streams", "--streams", "50", "--settle", "100ms"]);
+    assert_eq!(f(&v["streams"]), 50.0);
+    assert_eq!(v["relay_bytes_per_stream"].as_array().unwrap().len(), 1);
+
+    let v = run(&[
+        "storm",
+        "--edges",
+        "5",
+        "--rr-duration",
+        "3s",
+        "--rate",
+        "50",
+    ]);
+    assert_eq!(f(&v["edges"]), 5.0);
+    assert!(f(&v["all_back_s_median"]) > 0.0);
+}
+
+#[test]
+fn nonsense_arguments_are_refused_with_a_reason() {
+    for (args, needle) in [
+        (&["bulk", "--streams", "0"][..], "--streams"),
+        (&["rr", "--rate", "0"][..], "--rate"),
+        (&["bulk", "--total", "3 parsecs"][..], "unknown size unit"),
+        (&["sessions", "--edges", "0"][..], "--edges"),
+        (&["streams", "--streams", "20000"][..], "--streams"),
+        (&["connect", "--duration", "soon"][..], "--duration"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
