@@ -15,7 +15,7 @@ use relay_protocol::{Cidr, StreamOpen, Target, L4};
 use relay_transport::capture::Capture;
 use relay_transport::conn::open_stream;
 use relay_transport::splice::splice;
-use relay_transport::udp::{FlowLimits, FlowTable, PickConn, TransparentUdp};
+use relay_transport::udp::{FlowLimits, FlowTable, PickConn, RedirectUdp};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -29,7 +29,7 @@ use crate::config::EdgeConfig;
 pub(crate) async fn run(
     mut cap: Capture,
     listener: TcpListener,
-    udp: TransparentUdp,
+    udp: RedirectUdp,
     cfg: Arc<EdgeConfig>,
     mut state: watch::Receiver<EdgeState>,
     conns: ConnWatch,
@@ -99,7 +99,9 @@ async fn accept_loop(
         let conn = conns.borrow().clone();
         let (cfg, stats) = (cfg.clone(), stats.clone());
         tokio::spawn(async move {
-            let Ok(dst) = sock.local_addr() else { return };
+            let Ok(dst) = relay_transport::conntrack::original_dst_tcp(&sock) else {
+                return;
+            };
             let span = tracing::debug_span!("outbound", %dst, src = %peer);
             outbound(sock, peer, dst, conn, cfg, stats)
                 .instrument(span)

@@ -96,7 +96,7 @@ pub struct EdgeClient {
 type CaptureParts = (
     relay_transport::capture::Capture,
     tokio::net::TcpListener,
-    relay_transport::udp::TransparentUdp,
+    relay_transport::udp::RedirectUdp,
 );
 
 /// Starting the client failed (only possible with capture on).
@@ -134,11 +134,11 @@ impl EdgeClient {
         let Some(ccfg) = cfg.capture.clone() else {
             return Ok(Self::launch(cfg, None));
         };
-        let addr = SocketAddr::from(([127, 0, 0, 1], ccfg.port));
-        let listener = relay_transport::capture::transparent_tcp_listener(addr)
+        let addr = SocketAddr::from(([0, 0, 0, 0], ccfg.port));
+        let listener = relay_transport::capture::capture_tcp_listener(ccfg.port)
             .map_err(|source| StartError::Listener { addr, source })?;
-        let udp_addr = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, ccfg.port);
-        let udp = relay_transport::udp::TransparentUdp::bind(udp_addr).map_err(|source| {
+        let udp_addr = std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, ccfg.port);
+        let udp = relay_transport::udp::RedirectUdp::bind(ccfg.port).map_err(|source| {
             StartError::Listener {
                 addr: udp_addr.into(),
                 source,

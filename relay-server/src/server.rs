@@ -172,11 +172,11 @@ impl Relay {
         }
         let mut capture = None;
         if let Some(ccfg) = shared.cfg.capture.clone() {
-            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], ccfg.port));
-            let l = relay_transport::capture::transparent_tcp_listener(addr)
+            let addr = std::net::SocketAddr::from(([0, 0, 0, 0], ccfg.port));
+            let l = relay_transport::capture::capture_tcp_listener(ccfg.port)
                 .map_err(bind_err("transparent", addr))?;
-            let udp_addr = std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, ccfg.port);
-            let udp = relay_transport::udp::TransparentUdp::bind(udp_addr)
+            let udp_addr = std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, ccfg.port);
+            let udp = relay_transport::udp::RedirectUdp::bind(ccfg.port)
                 .map_err(bind_err("transparent udp", udp_addr))?;
             let cap = relay_transport::capture::Capture::install(ccfg).await?;
             tasks.spawn(crate::tunnel::serve_transparent(

@@ -96,7 +96,9 @@ pub(crate) async fn serve_transparent(
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let Ok(dst) = sock.local_addr() else { return };
+            let Ok(dst) = relay_transport::conntrack::original_dst_tcp(&sock) else {
+                return;
+            };
             let _ = sock.set_nodelay(true);
             let opened = match session_for(&shared, dst) {
                 Ok(session) => open_on(&shared, session, dst, Some(peer)).await,
@@ -350,7 +352,7 @@ async fn serve_edge_flow(
 
 /// Serves captured UDP: flows towards live sessions' routes.
 pub(crate) async fn serve_transparent_udp(
-    sock: relay_transport::udp::TransparentUdp,
+    sock: relay_transport::udp::RedirectUdp,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> &'static str {

@@ -1,27 +1,41 @@
-//! Transparent capture of traffic towards a set of prefixes, with nftables
-//! TPROXY and policy routing, in a table and a routing table of our own.
+//! Capture of traffic towards a set of IPv4 prefixes, with nftables NAT
+//! redirection and policy routing, in a table and a routing table of our
+//! own.
 //!
 //! What gets installed (names and numbers from [`CaptureConfig`]):
 //! ```text
 //! table inet <nft_table> {
-//!   set dst4 { type ipv4_addr; flags interval; }      # the captured prefixes
-//!   set dst6 { type ipv6_addr; flags interval; }
-//!   set skip4, skip6                                   # never captured (own routes)
-//!   chain pre { type filter hook prerouting priority mangle;
-//!     ip daddr @skip4 return;  ip6 daddr @skip6 return
-//!     ip  daddr @dst4 meta l4proto { tcp, udp } tproxy ip  to 127.0.0.1:<port> accept
-//!     ip6 daddr @dst6 meta l4proto { tcp, udp } tproxy ip6 to [::1]:<port>     accept }
+//!   set dst4  { type ipv4_addr; flags interval; }   # the captured prefixes
+//!   set skip4 { type ipv4_addr; flags interval; }   # never captured (own routes)
+//!   chain pre_nat { type nat hook prerouting priority -110;   # before kube-proxy
+//!     ip daddr @skip4 return
+//!     ip daddr @dst4 meta l4proto { tcp, udp } redirect to :<port> }
+//!   chain out_nat { type nat hook output priority -110;
+//!     meta mark <own_mark> return
+//!     ip daddr @skip4 return
+//!     ip daddr @dst4 meta l4proto { tcp, udp } redirect to :<port> }
+//!   chain guard { type filter hook input priority filter;
+//!     th dport <port> ct status dnat accept      # only redirected traffic
+//!     th dport <port> drop }                     # reaches the listeners
 //! }
 //! ip rule  fwmark <own_mark> lookup main      pref <rule_pref - 1>   # our own sockets bypass
 //! ip rule  to <skip prefix> lookup main      pref <rule_pref - 1>   # one per skipped prefix
 //! ip rule  to <prefix> lookup <route_table>   pref <rule_pref>       # one per captured prefix
-//! ip route local default dev lo table <route_table>
+//! ip route local default dev lo src 127.0.0.1 table <route_table>
 //! ```
-//! Forwarded packets (from pods, from other cloud nodes) are caught in
-//! prerouting. Locally generated packets (hostNetwork processes) are routed
-//! by the `to <prefix>` rules into the local table, loop through `lo`, and
-//! are caught in prerouting there. The listener is bound to loopback, so
-//! nothing reachable from the network listens.
+//! Why NAT and not TPROXY: on Kubernetes nodes `bridge-nf-call-iptables`
+//! is 1 (kubeadm requires it), so traffic from pods behind a bridge runs the
+//! IP prerouting hooks at bridge level, and the kernel drops the socket
+//! TPROXY assigned there before the packet reaches the IP stack: captured
+//! pod traffic would vanish. Redirection is conntrack NAT, which survives
+//! that path (kube-proxy depends on it); the original destination comes
+//! back from conntrack (see [`crate::conntrack`]), and replies are un-NATed
+//! by the kernel.
+//!
+//! Locally generated packets (hostNetwork processes) need a route before
+//! the output NAT hook sees them; the `to <prefix>` rules give them the
+//! local table, whose route names a real local source (`127.0.0.1`), since
+//! a source equal to the foreign destination fails with ENETUNREACH.
 //!
 //! Everything is removed by [`Capture::teardown`], and [`Capture::install`]
 //! first removes whatever a crashed previous run left.
@@ -173,6 +187,31 @@ async fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<(), Captu
     }
 }
 
+/// Runs a command with a bound and returns its standard output.
+async fn output(prog: &str, args: &[&str]) -> Result<String, CaptureError> {
+    let cmd = format!("{prog} {}", args.join(" "));
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        Command::new(prog).args(args).kill_on_drop(true).output(),
+    )
+    .await
+    .map_err(|_| CaptureError {
+        cmd: cmd.clone(),
+        msg: "timed out after 10s".into(),
+    })?
+    .map_err(|e| CaptureError {
+        cmd: cmd.clone(),
+        msg: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(CaptureError {
+            cmd,
+            msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
 /// Installed capture state; [`Capture::apply`] moves it to a new prefix set.
 #[derive(Debug)]
 pub struct Capture {
@@ -187,18 +226,23 @@ impl Capture {
     pub async fn install(cfg: CaptureConfig) -> Result<Capture, CaptureError> {
         remove_all(&cfg).await;
         let t = &cfg.nft_table;
-        let p = cfg.port;
+        let (mark, p) = (cfg.own_mark, cfg.port);
         let script = format!(
             "table inet {t} {{\n\
              set dst4 {{ type ipv4_addr; flags interval; }}\n\
-             set dst6 {{ type ipv6_addr; flags interval; }}\n\
              set skip4 {{ type ipv4_addr; flags interval; }}\n\
-             set skip6 {{ type ipv6_addr; flags interval; }}\n\
-             chain pre {{ type filter hook prerouting priority mangle; policy accept;\n\
+             chain pre_nat {{ type nat hook prerouting priority -110; policy accept;\n\
              ip daddr @skip4 return\n\
-             ip6 daddr @skip6 return\n\
-             ip daddr @dst4 meta l4proto {{ tcp, udp }} tproxy ip to 127.0.0.1:{p} accept\n\
-             ip6 daddr @dst6 meta l4proto {{ tcp, udp }} tproxy ip6 to [::1]:{p} accept\n\
+             ip daddr @dst4 meta l4proto {{ tcp, udp }} redirect to :{p}\n\
+             }}\n\
+             chain out_nat {{ type nat hook output priority -110; policy accept;\n\
+             meta mark {mark:#x} return\n\
+             ip daddr @skip4 return\n\
+             ip daddr @dst4 meta l4proto {{ tcp, udp }} redirect to :{p}\n\
+             }}\n\
+             chain guard {{ type filter hook input priority filter; policy accept;\n\
+             meta l4proto {{ tcp, udp }} th dport {p} ct status dnat accept\n\
+             meta l4proto {{ tcp, udp }} th dport {p} drop\n\
              }}\n}}\n"
         );
         run("nft", &["-f", "-"], Some(&script)).await?;
@@ -213,45 +257,20 @@ impl Capture {
             None,
         )
         .await?;
-        run(
-            "ip",
-            &[
-                "-4",
-                "route",
-                "add",
-                "local",
-                "0.0.0.0/0",
-                "dev",
-                "lo",
-                "table",
-                &table,
-            ],
-            None,
-        )
-        .await?;
-        // IPv6 may be disabled in a namespace or host; IPv4 capture still works.
-        if let Err(e) = async {
-            run(
-                "ip",
-                &[
-                    "-6", "rule", "add", "fwmark", &mark, "lookup", "main", "pref", &bypass,
-                ],
-                None,
-            )
-            .await?;
-            run(
-                "ip",
-                &[
-                    "-6", "route", "add", "local", "::/0", "dev", "lo", "table", &table,
-                ],
-                None,
-            )
-            .await
-        }
-        .await
-        {
-            warn!(error = %e, "IPv6 capture unavailable");
-        }
+        let local = [
+            "-4",
+            "route",
+            "add",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "src",
+            "127.0.0.1",
+            "table",
+            &table,
+        ];
+        run("ip", &local, None).await?;
         Ok(Capture {
             cfg,
             installed: BTreeSet::new(),
@@ -291,60 +310,57 @@ impl Capture {
             return Ok(());
         }
         let t = &self.cfg.nft_table;
+        // IPv4 only: the listeners are IPv4. An IPv6 prefix is reported,
+        // not half-captured.
+        let v4 = |set: &BTreeSet<Cidr>| -> BTreeSet<Cidr> {
+            set.iter().filter(|c| c.addr().is_ipv4()).copied().collect()
+        };
+        let (want4, skip4) = (v4(want), v4(skip));
+        if want4.len() < want.len() {
+            warn!(
+                ignored = want.len() - want4.len(),
+                "IPv6 prefixes are not captured"
+            );
+        }
         let mut nft = String::new();
-        for (prefix, set) in [("dst", want), ("skip", skip)] {
-            let cover = minimal_cover(set);
-            for (v4, fam) in [(true, "4"), (false, "6")] {
-                let _ = writeln!(nft, "flush set inet {t} {prefix}{fam}");
-                let elems: Vec<String> = cover
-                    .iter()
-                    .filter(|c| c.addr().is_ipv4() == v4)
-                    .map(|c| c.to_string())
-                    .collect();
-                if !elems.is_empty() {
-                    let _ = writeln!(
-                        nft,
-                        "add element inet {t} {prefix}{fam} {{ {} }}",
-                        elems.join(", ")
-                    );
-                }
+        for (set, items) in [("dst4", &want4), ("skip4", &skip4)] {
+            let _ = writeln!(nft, "flush set inet {t} {set}");
+            let cover: Vec<String> = minimal_cover(items).iter().map(|c| c.to_string()).collect();
+            if !cover.is_empty() {
+                let _ = writeln!(nft, "add element inet {t} {set} {{ {} }}", cover.join(", "));
             }
         }
         run("nft", &["-f", "-"], Some(&nft)).await?;
         let (table, pref) = (self.cfg.route_table, self.cfg.rule_pref);
         let bypass = pref - 1;
-        for (fam, v4) in [("-4", true), ("-6", false)] {
-            let mut rules = String::new();
-            let of = |c: &&Cidr| c.addr().is_ipv4() == v4;
-            for c in self.installed.difference(want).filter(of) {
-                let _ = writeln!(rules, "rule del to {c} lookup {table} pref {pref}");
-            }
-            for c in self.skipped.difference(skip).filter(of) {
-                let _ = writeln!(rules, "rule del to {c} lookup main pref {bypass}");
-            }
-            for c in want.difference(&self.installed).filter(of) {
-                let _ = writeln!(rules, "rule add to {c} lookup {table} pref {pref}");
-            }
-            for c in skip.difference(&self.skipped).filter(of) {
-                let _ = writeln!(rules, "rule add to {c} lookup main pref {bypass}");
-            }
-            if rules.is_empty() {
-                continue;
-            }
-            // `-force` applies every line even if one fails (a rule that
-            // already exists or is already gone); the sets above decide what
-            // is caught, so a failed line is logged, not retried forever.
-            if let Err(e) = run("ip", &[fam, "-force", "-batch", "-"], Some(&rules)).await {
+        let mut rules = String::new();
+        for c in self.installed.difference(&want4) {
+            let _ = writeln!(rules, "rule del to {c} lookup {table} pref {pref}");
+        }
+        for c in self.skipped.difference(&skip4) {
+            let _ = writeln!(rules, "rule del to {c} lookup main pref {bypass}");
+        }
+        for c in want4.difference(&self.installed) {
+            let _ = writeln!(rules, "rule add to {c} lookup {table} pref {pref}");
+        }
+        for c in skip4.difference(&self.skipped) {
+            let _ = writeln!(rules, "rule add to {c} lookup main pref {bypass}");
+        }
+        // `-force` applies every line even if one fails (a rule that already
+        // exists or is already gone); the sets above decide what is caught,
+        // so a failed line is logged, not retried forever.
+        if !rules.is_empty() {
+            if let Err(e) = run("ip", &["-4", "-force", "-batch", "-"], Some(&rules)).await {
                 warn!(error = %e, "some policy rules did not apply");
             }
         }
         debug!(
-            prefixes = want.len(),
-            skipped = skip.len(),
+            prefixes = want4.len(),
+            skipped = skip4.len(),
             "capture updated"
         );
-        self.installed = want.clone();
-        self.skipped = skip.clone();
+        self.installed = want4;
+        self.skipped = skip4;
         Ok(())
     }
 
@@ -355,29 +371,32 @@ impl Capture {
 }
 
 /// Removes our table, our rules and our routing table's routes; every step
-/// is allowed to find nothing.
+/// is allowed to find nothing. Rules are found by priority (ours are at
+/// `rule_pref` and `rule_pref - 1`) and deleted in one batch per family.
 async fn remove_all(cfg: &CaptureConfig) {
     let _ = run("nft", &["delete", "table", "inet", &cfg.nft_table], None).await;
     let table = cfg.route_table.to_string();
+    let ours = [cfg.rule_pref.to_string(), (cfg.rule_pref - 1).to_string()];
     for fam in ["-4", "-6"] {
-        // Delete every rule pointing at our table or at our bypass priority;
-        // bounded, since each round removes at least one rule.
-        for _ in 0..100_000 {
-            if run("ip", &[fam, "rule", "del", "lookup", &table], None)
-                .await
-                .is_err()
-            {
-                break;
+        let listing = match output("ip", &[fam, "rule", "show"]).await {
+            Ok(l) => l,
+            Err(e) => {
+                debug!(error = %e, "listing rules");
+                continue;
+            }
+        };
+        let mut batch = String::new();
+        for line in listing.lines() {
+            // "7100:\tfrom all to 10.244.7.0/24 lookup 7100"
+            let Some((pref, rest)) = line.split_once(':') else {
+                continue;
+            };
+            if ours.iter().any(|p| p == pref.trim()) {
+                let _ = writeln!(batch, "rule del pref {} {}", pref.trim(), rest.trim());
             }
         }
-        let bypass = (cfg.rule_pref - 1).to_string();
-        for _ in 0..100 {
-            if run("ip", &[fam, "rule", "del", "pref", &bypass], None)
-                .await
-                .is_err()
-            {
-                break;
-            }
+        if !batch.is_empty() {
+            let _ = run("ip", &[fam, "-force", "-batch", "-"], Some(&batch)).await;
         }
         let _ = run("ip", &[fam, "route", "flush", "table", &table], None).await;
     }
@@ -405,46 +424,19 @@ pub fn mark_socket(sock: socket2::SockRef<'_>, mark: u32) -> std::io::Result<()>
     sock.set_mark(mark)
 }
 
-/// A TCP listener for captured connections: `IP_TRANSPARENT`, bound to
-/// loopback (`127.0.0.1:port` or `[::1]:port`). An accepted socket's local
-/// address is the connection's original destination.
-pub fn transparent_tcp_listener(
-    addr: std::net::SocketAddr,
-) -> std::io::Result<tokio::net::TcpListener> {
+/// The TCP listener for captured connections, on `0.0.0.0:port`: the
+/// redirect changes the destination to an address of the receiving
+/// interface. The `guard` chain drops anything that reaches this port
+/// without having been redirected, so nothing new is reachable from the
+/// network. [`crate::conntrack::original_dst_tcp`] recovers where an
+/// accepted connection was going.
+pub fn capture_tcp_listener(port: u16) -> std::io::Result<tokio::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv4() {
-        s.set_ip_transparent_v4(true)?;
-    } else {
-        s.set_only_v6(true)?;
-        s.set_ip_transparent_v6(true)?;
-    }
+    let addr = std::net::SocketAddr::from(([0, 0, 0, 0], port));
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(1024)?;
     tokio::net::TcpListener::from_std(s.into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cover_drops_contained_prefixes() {
-        let set: BTreeSet<Cidr> = [
-            "10.244.0.0/16",
-            "10.244.7.0/24",
-            "10.96.0.0/12",
-            "10.244.7.5/32",
-            "fd00::/64",
-            "fd00::1/128",
-        ]
-        .iter()
-        .map(|s| s.parse().unwrap())
-        .collect();
-        let mut cover: Vec<String> = minimal_cover(&set).iter().map(|c| c.to_string()).collect();
-        cover.sort();
-        assert_eq!(cover, ["10.244.0.0/16", "10.96.0.0/12", "fd00::/64"]);
-    }
 }

@@ -20,6 +20,7 @@
 
 pub mod capture;
 pub mod conn;
+pub mod conntrack;
 pub mod devcerts;
 pub mod quic;
 pub mod splice;

@@ -236,7 +236,7 @@ pub async fn run_opened_flow(
     conn: TunnelConn,
     mut flow: FlowHandle,
     mut from_client: mpsc::Receiver<Bytes>,
-    reply: UdpSocket,
+    reply: Replier,
     idle: Duration,
     stats: Arc<UdpStats>,
 ) {
@@ -248,7 +248,7 @@ pub async fn run_opened_flow(
                 None => break,
             },
             p = flow.rx.recv() => match p {
-                Some(p) => { let _ = reply.send(&p).await; }
+                Some(p) => reply.send(&p).await,
                 None => break,
             },
             _ = tokio::time::sleep(idle) => break,
@@ -305,61 +305,33 @@ pub async fn connect_target(target: SocketAddr, mark: u32) -> std::io::Result<Ud
     Ok(sock)
 }
 
-/// A socket that sends *from* `orig_dst` (an address that is not ours,
-/// hence `IP_TRANSPARENT`) to `client`, so the client's socket accepts the
-/// replies as coming from where it sent.
-pub fn reply_socket(
-    orig_dst: SocketAddr,
-    client: SocketAddr,
-    mark: u32,
-) -> std::io::Result<UdpSocket> {
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(orig_dst),
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )?;
-    if orig_dst.is_ipv4() {
-        s.set_ip_transparent_v4(true)?;
-    } else {
-        s.set_ip_transparent_v6(true)?;
-    }
-    // Several clients may talk to the same destination at once; each flow
-    // has its own socket bound to that address.
-    s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
-    crate::capture::mark_socket(socket2::SockRef::from(&s), mark)?;
-    s.set_nonblocking(true)?;
-    s.bind(&orig_dst.into())?;
-    s.connect(&client.into())?;
-    UdpSocket::from_std(s.into())
-}
-
-/// The capture side's listening socket for UDP (IPv4).
-pub struct TransparentUdp {
+/// The capture side's UDP socket (IPv4, `0.0.0.0:port`): receives
+/// redirected packets together with the local address they were redirected
+/// to, and answers from that address so conntrack un-NATs the reply.
+pub struct RedirectUdp {
     sock: UdpSocket,
 }
 
-impl TransparentUdp {
-    /// Binds `addr` (loopback) with `IP_TRANSPARENT` and `IP_RECVORIGDSTADDR`.
-    pub fn bind(addr: SocketAddrV4) -> std::io::Result<Self> {
+impl RedirectUdp {
+    /// Binds `0.0.0.0:port` with `IP_RECVORIGDSTADDR`.
+    pub fn bind(port: u16) -> std::io::Result<Self> {
         let s = socket2::Socket::new(
             socket2::Domain::IPV4,
             socket2::Type::DGRAM,
             Some(socket2::Protocol::UDP),
         )?;
-        s.set_ip_transparent_v4(true)?;
         s.set_reuse_address(true)?;
         nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv4OrigDstAddr, &true)
             .map_err(std::io::Error::from)?;
         s.set_nonblocking(true)?;
-        s.bind(&SocketAddr::V4(addr).into())?;
-        Ok(TransparentUdp {
+        s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+        Ok(RedirectUdp {
             sock: UdpSocket::from_std(s.into())?,
         })
     }
 
-    /// Receives one packet: `(payload, client address, original destination)`.
-    pub async fn recv(&self) -> std::io::Result<(Bytes, SocketAddr, SocketAddr)> {
+    /// Receives one packet: `(payload, client, local address it arrived on)`.
+    pub async fn recv(&self) -> std::io::Result<(Bytes, SocketAddrV4, SocketAddrV4)> {
         let mut buf = vec![0u8; MAX_UDP];
         loop {
             self.sock.readable().await?;
@@ -377,12 +349,60 @@ impl TransparentUdp {
             }
         }
     }
+
+    /// Sends `payload` to `client` from the local address `from`.
+    pub async fn send_from(
+        &self,
+        payload: &[u8],
+        from: SocketAddrV4,
+        client: SocketAddrV4,
+    ) -> std::io::Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn};
+        let info = nix::libc::in_pktinfo {
+            ipi_ifindex: 0,
+            ipi_spec_dst: nix::libc::in_addr {
+                s_addr: u32::from(*from.ip()).to_be(),
+            },
+            ipi_addr: nix::libc::in_addr { s_addr: 0 },
+        };
+        let to = SockaddrIn::from(client);
+        loop {
+            self.sock.writable().await?;
+            let fd = self.sock.as_raw_fd();
+            let r = self.sock.try_io(tokio::io::Interest::WRITABLE, || {
+                let iov = [std::io::IoSlice::new(payload)];
+                let cmsg = [ControlMessage::Ipv4PacketInfo(&info)];
+                sendmsg(fd, &iov, &cmsg, MsgFlags::empty(), Some(&to)).map_err(std::io::Error::from)
+            });
+            match r {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Where replies of one captured flow go: to `client`, from `local`.
+pub struct Replier {
+    sock: Arc<RedirectUdp>,
+    local: SocketAddrV4,
+    client: SocketAddrV4,
+}
+
+impl Replier {
+    async fn send(&self, payload: &[u8]) {
+        // A lost reply is what UDP promises anyway.
+        if let Err(e) = self.sock.send_from(payload, self.local, self.client).await {
+            debug!(error = %e, "udp reply");
+        }
+    }
 }
 
 fn recv_orig(
     fd: std::os::fd::RawFd,
     buf: &mut [u8],
-) -> std::io::Result<(usize, SocketAddr, SocketAddr)> {
+) -> std::io::Result<(usize, SocketAddrV4, SocketAddrV4)> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrIn};
     let mut cmsg = nix::cmsg_space!(nix::libc::sockaddr_in);
     let mut iov = [std::io::IoSliceMut::new(buf)];
@@ -390,16 +410,13 @@ fn recv_orig(
         .map_err(std::io::Error::from)?;
     let src = msg
         .address
-        .map(|a| SocketAddr::V4(SocketAddrV4::new(a.ip(), a.port())))
+        .map(|a| SocketAddrV4::new(a.ip(), a.port()))
         .ok_or_else(|| std::io::Error::other("packet without source address"))?;
     let mut dst = None;
     for c in msg.cmsgs().map_err(std::io::Error::from)? {
         if let ControlMessageOwned::Ipv4OrigDstAddr(a) = c {
             let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            dst = Some(SocketAddr::V4(SocketAddrV4::new(
-                ip,
-                u16::from_be(a.sin_port),
-            )));
+            dst = Some(SocketAddrV4::new(ip, u16::from_be(a.sin_port)));
         }
     }
     let dst = dst.ok_or_else(|| std::io::Error::other("packet without original destination"))?;
@@ -421,18 +438,19 @@ pub struct FlowLimits {
     pub mark: u32,
 }
 
-/// Serves captured UDP: each (client, original destination) pair becomes a
-/// flow opened on the connection `pick` chooses; replies go back from the
-/// original destination. Packets for a destination no session serves are
-/// dropped and counted. Runs until `stop`.
+/// Serves captured UDP: each (client, redirected address) pair is one
+/// flow, whose original destination conntrack tells once, opened on the
+/// connection `pick` chooses; replies go back from the redirected address
+/// so the kernel restores the original one. Packets for a destination no
+/// session serves are dropped and counted. Runs until `stop`.
 pub async fn serve_transparent_udp(
-    sock: TransparentUdp,
+    sock: RedirectUdp,
     pick: Arc<PickConn>,
     limits: FlowLimits,
     stats: Arc<UdpStats>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    type Key = (SocketAddr, SocketAddr);
+    type Key = (SocketAddrV4, SocketAddrV4);
     // (generation, queue): a flow that ends removes its entry only if it is
     // still its own, not a successor's for the same key.
     type Local = Mutex<HashMap<Key, (u64, mpsc::Sender<Bytes>)>>;
@@ -441,64 +459,71 @@ pub async fn serve_transparent_udp(
         // Poisoning would only mean a flow task panicked mid-update.
         m.lock().unwrap_or_else(|e| e.into_inner())
     }
+    let sock = Arc::new(sock);
     let mut generation = 0u64;
     loop {
-        let (payload, src, dst) = tokio::select! {
+        let (payload, client, here) = tokio::select! {
             _ = stop.cancelled() => return,
             r = sock.recv() => match r {
                 Ok(v) => v,
                 Err(e) => {
-                    debug!(error = %e, "transparent udp recv");
+                    debug!(error = %e, "captured udp recv");
                     continue;
                 }
             },
         };
-        let key = (src, dst);
+        let key = (client, here);
         let sent = lock(&local)
             .get(&key)
             .map(|(_, tx)| tx.try_send(payload.clone()));
         let payload = match sent {
-            Some(r) => match r {
-                Ok(()) => continue,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    stats.dropped_queue_full.fetch_add(1, Relaxed);
-                    continue;
-                }
-                // The flow ended (idle); this packet starts a new one.
-                Err(mpsc::error::TrySendError::Closed(p)) => p,
-            },
+            Some(Ok(())) => continue,
+            Some(Err(mpsc::error::TrySendError::Full(_))) => {
+                stats.dropped_queue_full.fetch_add(1, Relaxed);
+                continue;
+            }
+            // The flow ended (idle); this packet starts a new one.
+            Some(Err(mpsc::error::TrySendError::Closed(p))) => p,
             None => payload,
         };
-        generation += 1;
-        let my_gen = generation;
+        let dst = match crate::conntrack::original_dst_udp(here, client) {
+            Ok(d) => SocketAddr::V4(d),
+            Err(e) => {
+                stats.dropped_unknown_flow.fetch_add(1, Relaxed);
+                debug!(%client, %here, error = %e, "no conntrack entry for captured udp");
+                continue;
+            }
+        };
         let Some((conn, flows)) = pick(dst) else {
             stats.dropped_unknown_flow.fetch_add(1, Relaxed);
-            debug!(%src, %dst, "no session for captured udp destination");
+            debug!(%client, %dst, "no session for captured udp destination");
             continue;
         };
         let Some(flow) = flows.register(None) else {
-            debug!(%src, %dst, "udp flow cap reached");
+            debug!(%client, %dst, "udp flow cap reached");
             continue;
         };
+        generation += 1;
+        let my_gen = generation;
         let (tx, rx) = mpsc::channel(FLOW_QUEUE);
         let _ = tx.try_send(payload);
         lock(&local).insert(key, (my_gen, tx));
         let (local, limits, stats) = (local.clone(), limits.clone(), stats.clone());
+        let reply = Replier {
+            sock: sock.clone(),
+            local: here,
+            client,
+        };
         tokio::spawn(async move {
             let open = relay_protocol::StreamOpen {
                 target: relay_protocol::Target::Addr(dst),
-                source: Some(src),
+                source: Some(SocketAddr::V4(client)),
                 l4: relay_protocol::L4::Udp { flow: flow.id },
             };
             match crate::conn::open_stream(&conn, &open, limits.open_timeout).await {
-                Ok(bi) => match reply_socket(dst, src, limits.mark) {
-                    Ok(reply) => {
-                        run_opened_flow(bi, conn, flow, rx, reply, limits.idle, stats).await
-                    }
-                    Err(e) => debug!(error = %e, %dst, "udp reply socket"),
-                },
-                Err(reply) => {
-                    debug!(%src, %dst, reason = reply.status.as_str(), msg = %reply.message, "udp flow refused")
+                Ok(bi) => run_opened_flow(bi, conn, flow, rx, reply, limits.idle, stats).await,
+                Err(r) => {
+                    debug!(%client, %dst, reason = r.status.as_str(), msg = %r.message, "udp flow refused")
                 }
             }
             let mut g = lock(&local);
