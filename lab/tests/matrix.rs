@@ -28,6 +28,8 @@ use tokio::net::{TcpStream, UdpSocket};
 const HTTP: u16 = 80;
 const KUBELET: u16 = 10250;
 const DNS: u16 = 53;
+const ADMIN_TOKEN: &str = "lab-admin-token-0123456789";
+const AGENT_PROTO: u8 = 250;
 
 fn cidr(s: &str) -> Cidr {
     s.parse().expect("valid prefix")
@@ -124,7 +126,9 @@ fn relay_config(pki: &DevPki) -> Result<RelayConfig> {
     let mut cfg = RelayConfig::loopback(pki.relay_material()?);
     cfg.quic_listen = sa(Ipv4Addr::UNSPECIFIED, 8443);
     cfg.connect_listen = Some(sa(netns::RELAY_LAN_IP, 8131));
-    cfg.admin_listen = Some(sa(Ipv4Addr::LOCALHOST, 9090));
+    // On the cloud LAN, with a token: the route agent on cloud2 reads it.
+    cfg.admin_listen = Some(sa(netns::RELAY_LAN_IP, 9090));
+    cfg.admin_token = Some(relay_server::Secret::new(ADMIN_TOKEN));
     for site in netns::SITES {
         cfg.nodes.insert(
             format!("edge{site}"),
@@ -167,6 +171,68 @@ fn start_relay(lab: &NetnsLab, pki: &DevPki) -> Result<Running> {
         let _ = stop.await;
         relay.shutdown(Duration::from_secs(2)).await;
         Ok(())
+    })
+}
+
+/// The route agent on cloud2, polling the relay's admin API every 200 ms.
+fn start_agent(lab: &NetnsLab) -> Result<Running> {
+    let cfg = relay_server::agent::AgentConfig {
+        admin: sa(netns::RELAY_LAN_IP, 9090),
+        token: Some(relay_server::Secret::new(ADMIN_TOKEN)),
+        via: IpAddr::V4(netns::RELAY_LAN_IP),
+        interval: Duration::from_millis(200),
+        proto: AGENT_PROTO,
+    };
+    launch(
+        lab,
+        Role::Cloud2,
+        "route agent",
+        move |ready, stop| async move {
+            let token = tokio_util::sync::CancellationToken::new();
+            let task = tokio::spawn(relay_server::agent::run(cfg, token.clone()));
+            let _ = ready.send(Ok(()));
+            let _ = stop.await;
+            token.cancel();
+            let _ = task.await;
+            Ok(())
+        },
+    )
+}
+
+/// The route agent's routes on cloud2.
+fn agent_routes(lab: &NetnsLab) -> Result<String> {
+    lab.exec(
+        Role::Cloud2,
+        &[
+            "ip",
+            "-4",
+            "route",
+            "show",
+            "proto",
+            &AGENT_PROTO.to_string(),
+        ],
+    )
+}
+
+/// Polls `cond` every 50 ms for at most `limit`; returns the time it took.
+fn within(limit: Duration, mut cond: impl FnMut() -> Result<bool>) -> Result<Duration> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if cond()? {
+            return Ok(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("not within {limit:?}")
+}
+
+/// `GET path` on the relay's admin API, from inside the relay node.
+fn admin(lab: &NetnsLab, path: &'static str) -> Result<String> {
+    lab.run_in(Role::Relay, Duration::from_secs(10), move || async move {
+        let (code, body) =
+            relay_lab::admin_get(sa(netns::RELAY_LAN_IP, 9090), path, Some(ADMIN_TOKEN)).await?;
+        anyhow::ensure!(code == 200, "{path}: HTTP {code}");
+        Ok(body)
     })
 }
 
@@ -348,11 +414,40 @@ fn seed_matrix_through_relay_installed_routes() -> Result<()> {
         Proto::Tcp,
     )?;
 
+    // cloud2 gets its edge routes from the route agent, not from the
+    // lab's static routes.
+    for r in [
+        "10.244.7.0/24",
+        "10.244.8.0/24",
+        "192.168.1.0/24",
+        "192.168.2.0/24",
+    ] {
+        lab.exec(Role::Cloud2, &["ip", "route", "del", r])?;
+    }
+
     let t_up = Instant::now();
     let relay = start_relay(&lab, &pki)?;
     let edge1 = start_edge(&lab, &pki, 1)?;
     let edge2 = start_edge(&lab, &pki, 2)?;
     let up = t_up.elapsed();
+    let agent = start_agent(&lab)?;
+    let mut m = Matrix { rows: Vec::new() };
+    m.note(
+        "route agent installs edge routes",
+        "cloud2: ip route proto 250",
+        within(Duration::from_secs(5), || {
+            let r = agent_routes(&lab)?;
+            Ok([
+                "10.244.7.0/24",
+                "10.244.8.0/24",
+                "192.168.1.10",
+                "192.168.2.10",
+            ]
+            .iter()
+            .all(|p| r.contains(p)))
+        })
+        .map(|d| format!("4 routes via 10.0.0.1 after {d:?}")),
+    );
     // Edges learn each other's routes by route update; give the relay's
     // coalescing (100 ms) and the edges' capture update a moment.
     std::thread::sleep(Duration::from_millis(500));
@@ -386,7 +481,6 @@ fn seed_matrix_through_relay_installed_routes() -> Result<()> {
     let epod1 = netns::edge_pod_ip(1);
     let epod2 = netns::edge_pod_ip(2);
     let host1 = netns::edge_host_ip(1);
-    let mut m = Matrix { rows: Vec::new() };
     // cloud → edge
     m.check(
         "cloud pod → edge pod",
@@ -518,6 +612,42 @@ fn seed_matrix_through_relay_installed_routes() -> Result<()> {
         udp_from(&lab, Role::Epod1, sa(epod2, DNS)),
     );
 
+    // Oversized UDP: counted and dropped, never silently truncated; the
+    // admin API reports the effective payload size.
+    let big = lab.run_in(Role::Cpod2, Duration::from_secs(10), move || async move {
+        let s = UdpSocket::bind(sa(Ipv4Addr::UNSPECIFIED, 0)).await?;
+        s.connect(sa(epod1, DNS)).await?;
+        s.send(&[b'x'; 3000]).await?;
+        let mut buf = [0u8; 4096];
+        Ok(
+            tokio::time::timeout(Duration::from_secs(2), s.recv(&mut buf))
+                .await
+                .is_err(),
+        )
+    });
+    let counted = admin(&lab, "/metrics").map(|t| {
+        t.lines()
+            .find(|l| l.starts_with("relay_udp_dropped_total{reason=\"oversize\"}"))
+            .unwrap_or_default()
+            .to_string()
+    });
+    let max_payload = admin(&lab, "/v1/sessions/edge1").and_then(|b| {
+        let row: relay_server::admin::SessionRow = serde_json::from_str(&b)?;
+        Ok(row.udp_max_payload)
+    });
+    m.note(
+        "UDP larger than the path: dropped and counted",
+        "cpod2 → 10.244.7.5:53/udp, 3000 bytes",
+        match (big, counted, max_payload) {
+            (Ok(true), Ok(c), Ok(max)) if c.ends_with(" 1") && (1000..3000).contains(&max) => Ok(
+                format!("no reply; {c}; admin reports udp_max_payload {max}"),
+            ),
+            (b, c, mp) => Err(anyhow::anyhow!(
+                "no-reply={b:?} metric={c:?} max_payload={mp:?}"
+            )),
+        },
+    );
+
     // Route hygiene: an edge leaves; its routes go from the relay within
     // seconds, and connections to its pods fail fast.
     let t = Instant::now();
@@ -546,6 +676,15 @@ fn seed_matrix_through_relay_installed_routes() -> Result<()> {
         "cpod2 → 10.244.8.5",
         fails_fast(&lab, Role::Cpod2, sa(epod2, HTTP), Duration::from_secs(2))
             .map(|d| format!("failed in {d:?}")),
+    );
+    m.note(
+        "edge leaves → route agent withdraws its routes",
+        "cloud2: ip route proto 250",
+        within(Duration::from_secs(5), || {
+            let r = agent_routes(&lab)?;
+            Ok(!r.contains("10.244.8.0/24") && r.contains("10.244.7.0/24"))
+        })
+        .map(|d| format!("10.244.8.0/24 gone after {:?} more", d)),
     );
     let edge2_left = lab.exec(Role::Edge2, &["nft", "list", "tables"])?;
     m.note(
@@ -582,6 +721,18 @@ fn seed_matrix_through_relay_installed_routes() -> Result<()> {
         } else {
             Ok("clean".into())
         },
+    );
+    agent.stop()?;
+    m.note(
+        "route agent exits → its routes removed",
+        "cloud2: ip route proto 250",
+        agent_routes(&lab).and_then(|r| {
+            if r.trim().is_empty() {
+                Ok("none left".to_string())
+            } else {
+                Err(anyhow::anyhow!("left: {r}"))
+            }
+        }),
     );
     edge1.stop()?;
     drop(svcs);

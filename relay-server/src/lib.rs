@@ -15,9 +15,11 @@
 //!   and streams opened by edges (edge → cloud, edge → edge).
 //! - [`admin`]: the admin API (sessions, routes, health, metrics).
 //! - [`metrics`]: counters and the Prometheus rendering.
+//! - [`agent`]: the route agent for the other cloud nodes.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admin;
+pub mod agent;
 pub mod config;
 pub mod connect;
 pub mod metrics;

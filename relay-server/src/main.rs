@@ -45,6 +45,26 @@ enum Cmd {
     },
     /// Validate the configuration file (and load its certificates), then exit.
     CheckConfig,
+    /// Route agent for the other cloud nodes: keeps `<edge prefix> via
+    /// <relay node>` routes in step with the relay's live routes (read from
+    /// its admin API), and removes them on exit.
+    RouteAgent {
+        /// The relay's admin API address (host:port).
+        #[arg(long)]
+        admin: std::net::SocketAddr,
+        /// The relay node's address on this node's network (next hop).
+        #[arg(long)]
+        via: std::net::IpAddr,
+        /// File holding the admin API bearer token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Poll interval.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// Route protocol number marking the agent's routes.
+        #[arg(long, default_value_t = 250)]
+        proto: u8,
+    },
 }
 
 fn init_tracing() {
@@ -73,6 +93,41 @@ async fn main() -> anyhow::Result<()> {
             {
                 println!("{}", f.display());
             }
+            Ok(())
+        }
+        Some(Cmd::RouteAgent {
+            admin,
+            via,
+            token_file,
+            interval,
+            proto,
+        }) => {
+            anyhow::ensure!(!interval.is_zero(), "--interval must be greater than zero");
+            let token = match token_file {
+                Some(p) => Some(relay_server::Secret::new(
+                    std::fs::read_to_string(&p)
+                        .with_context(|| format!("reading {}", p.display()))?
+                        .trim_end(),
+                )),
+                None => None,
+            };
+            let stop = tokio_util::sync::CancellationToken::new();
+            let cfg = relay_server::agent::AgentConfig {
+                admin,
+                token,
+                via,
+                interval,
+                proto,
+            };
+            let task = tokio::spawn(relay_server::agent::run(cfg, stop.clone()));
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            stop.cancel();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(15), task).await;
             Ok(())
         }
         Some(Cmd::CheckConfig) => {
