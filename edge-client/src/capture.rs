@@ -26,10 +26,20 @@ use crate::config::EdgeConfig;
 
 /// Runs the transparent listener and keeps the capture in step with the
 /// session's tunnel routes until `cancel`, then removes the capture.
+/// What capture needs from start-up: the installed kernel state and the
+/// two listeners.
+pub(crate) struct Parts {
+    pub(crate) cap: Capture,
+    pub(crate) tcp: TcpListener,
+    pub(crate) udp: RedirectUdp,
+}
+
 pub(crate) async fn run(
-    mut cap: Capture,
-    listener: TcpListener,
-    udp: RedirectUdp,
+    Parts {
+        mut cap,
+        tcp: listener,
+        udp,
+    }: Parts,
     cfg: Arc<EdgeConfig>,
     mut state: watch::Receiver<EdgeState>,
     conns: ConnWatch,

@@ -93,12 +93,6 @@ pub struct EdgeClient {
     capture: Option<tokio::task::JoinHandle<()>>,
 }
 
-type CaptureParts = (
-    relay_transport::capture::Capture,
-    tokio::net::TcpListener,
-    relay_transport::udp::RedirectUdp,
-);
-
 /// Starting the client failed (only possible with capture on).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -145,21 +139,26 @@ impl EdgeClient {
             }
         })?;
         let cap = relay_transport::capture::Capture::install(ccfg).await?;
-        Ok(Self::launch(cfg, Some((cap, listener, udp))))
+        Ok(Self::launch(
+            cfg,
+            Some(crate::capture::Parts {
+                cap,
+                tcp: listener,
+                udp,
+            }),
+        ))
     }
 
-    fn launch(cfg: EdgeConfig, capture: Option<CaptureParts>) -> Self {
+    fn launch(cfg: EdgeConfig, capture: Option<crate::capture::Parts>) -> Self {
         let (tx, rx) = watch::channel(EdgeState::Connecting { attempt: 1 });
         let (conn_tx, conn_rx) = watch::channel(None);
         let stats = Arc::new(EdgeStats::default());
         let cancel = CancellationToken::new();
         let span = tracing::info_span!("edge", node = %cfg.node);
         let cfg = Arc::new(cfg);
-        let capture = capture.map(|(cap, listener, udp)| {
+        let capture = capture.map(|parts| {
             let t = crate::capture::run(
-                cap,
-                listener,
-                udp,
+                parts,
                 cfg.clone(),
                 rx.clone(),
                 conn_rx,

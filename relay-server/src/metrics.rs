@@ -159,6 +159,35 @@ impl Metrics {
     }
 }
 
+/// Renders the UDP counters.
+pub fn render_udp(u: &relay_transport::udp::UdpStats) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "# HELP relay_udp_flows UDP flows open.\n# TYPE relay_udp_flows gauge\nrelay_udp_flows {}",
+        u.flows_open.load(Relaxed)
+    );
+    let _ = writeln!(
+        o,
+        "# HELP relay_udp_flows_total UDP flows opened.\n# TYPE relay_udp_flows_total counter\nrelay_udp_flows_total {}",
+        u.flows_total.load(Relaxed)
+    );
+    let _ = writeln!(o, "# HELP relay_udp_dropped_total UDP payloads dropped, by reason.\n# TYPE relay_udp_dropped_total counter");
+    for (reason, v) in [
+        ("oversize", &u.dropped_oversize),
+        ("queue_full", &u.dropped_queue_full),
+        ("unknown_flow", &u.dropped_unknown_flow),
+        ("flow_cap", &u.refused_cap),
+    ] {
+        let _ = writeln!(
+            o,
+            "relay_udp_dropped_total{{reason=\"{reason}\"}} {}",
+            v.load(Relaxed)
+        );
+    }
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,33 +222,4 @@ mod tests {
             "{t}"
         );
     }
-}
-
-/// Renders the UDP counters.
-pub fn render_udp(u: &relay_transport::udp::UdpStats) -> String {
-    let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "# HELP relay_udp_flows UDP flows open.\n# TYPE relay_udp_flows gauge\nrelay_udp_flows {}",
-        u.flows_open.load(Relaxed)
-    );
-    let _ = writeln!(
-        o,
-        "# HELP relay_udp_flows_total UDP flows opened.\n# TYPE relay_udp_flows_total counter\nrelay_udp_flows_total {}",
-        u.flows_total.load(Relaxed)
-    );
-    let _ = writeln!(o, "# HELP relay_udp_dropped_total UDP payloads dropped, by reason.\n# TYPE relay_udp_dropped_total counter");
-    for (reason, v) in [
-        ("oversize", &u.dropped_oversize),
-        ("queue_full", &u.dropped_queue_full),
-        ("unknown_flow", &u.dropped_unknown_flow),
-        ("flow_cap", &u.refused_cap),
-    ] {
-        let _ = writeln!(
-            o,
-            "relay_udp_dropped_total{{reason=\"{reason}\"}} {}",
-            v.load(Relaxed)
-        );
-    }
-    o
 }
