@@ -440,3 +440,76 @@ pub fn capture_tcp_listener(port: u16) -> std::io::Result<tokio::net::TcpListene
     s.listen(1024)?;
     tokio::net::TcpListener::from_std(s.into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cover_drops_contained_prefixes() {
+        let set: BTreeSet<Cidr> = [
+            "10.244.0.0/16",
+            "10.244.7.0/24",
+            "10.96.0.0/12",
+            "10.244.7.5/32",
+            "fd00::/64",
+            "fd00::1/128",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let mut cover: Vec<String> = minimal_cover(&set).iter().map(|c| c.to_string()).collect();
+        cover.sort();
+        assert_eq!(cover, ["10.244.0.0/16", "10.96.0.0/12", "fd00::/64"]);
+    }
+
+    #[test]
+    fn file_section_validates_and_names_fields() {
+        assert!(
+            CaptureFile::default().resolve().unwrap().is_none(),
+            "off by default"
+        );
+        let on = CaptureFile {
+            enabled: true,
+            ..Default::default()
+        };
+        let c = on.resolve().unwrap().unwrap();
+        assert_eq!((c.port, c.route_table), (15001, 7100));
+        for (bad, field) in [
+            (
+                CaptureFile {
+                    enabled: true,
+                    port: Some(0),
+                    ..Default::default()
+                },
+                "port",
+            ),
+            (
+                CaptureFile {
+                    enabled: true,
+                    route_table: Some(254),
+                    ..Default::default()
+                },
+                "route_table",
+            ),
+            (
+                CaptureFile {
+                    enabled: true,
+                    nft_table: Some("x y".into()),
+                    ..Default::default()
+                },
+                "nft_table",
+            ),
+            (
+                CaptureFile {
+                    enabled: true,
+                    rule_pref: Some(40000),
+                    ..Default::default()
+                },
+                "rule_pref",
+            ),
+        ] {
+            assert_eq!(bad.resolve().unwrap_err().0, field);
+        }
+    }
+}
