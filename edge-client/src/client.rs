@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::backoff::Backoff;
-use crate::config::EdgeConfig;
+use crate::config::{EdgeConfig, TransportMode};
 
 /// Where the client is in its life cycle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +70,8 @@ pub struct EdgeStats {
     pub bytes_down: AtomicU64,
     /// Sessions established.
     pub sessions: AtomicU64,
+    /// Times the client fell back from QUIC to TLS over TCP.
+    pub fallbacks: AtomicU64,
     /// UDP flow counters.
     pub udp: Arc<relay_transport::udp::UdpStats>,
 }
@@ -255,19 +257,32 @@ async fn run(
 ) {
     let mut backoff = Backoff::new(cfg.backoff.clone());
     let mut attempt = 0u32;
+    // A session already established (a QUIC probe that succeeded while on
+    // the TCP fallback): run it next, with no delay.
+    let mut next: Option<Connected> = None;
     loop {
-        attempt = attempt.saturating_add(1);
-        state.send_replace(EdgeState::Connecting { attempt });
-        let result = tokio::select! {
-            _ = cancel.cancelled() => break,
-            r = tokio::time::timeout(cfg.handshake_timeout, connect(&cfg)) => match r {
-                Ok(r) => r,
-                Err(_) => Err(AttemptError::Failed(format!("no session within {:?}", cfg.handshake_timeout))),
-            },
+        let result = match next.take() {
+            Some(c) => Ok(c),
+            None => {
+                attempt = attempt.saturating_add(1);
+                state.send_replace(EdgeState::Connecting { attempt });
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    r = tokio::time::timeout(cfg.handshake_timeout, connect(&cfg, &stats, cfg.transport)) => match r {
+                        Ok(r) => r,
+                        Err(_) => Err(AttemptError::Failed(format!("no session within {:?}", cfg.handshake_timeout))),
+                    },
+                }
+            }
         };
         let mut min_delay = Duration::ZERO;
         match result {
-            Ok((endpoint, conn, hello, control)) => {
+            Ok(Connected {
+                endpoint,
+                conn,
+                hello,
+                control,
+            }) => {
                 attempt = 0;
                 stats.sessions.fetch_add(1, Relaxed);
                 info!(
@@ -275,6 +290,7 @@ async fn run(
                     gen = hello.generation,
                     relay = %hello.relay_id,
                     remote = %conn.remote_addr(),
+                    transport = conn.kind().as_str(),
                     "session up"
                 );
                 state.send_replace(EdgeState::Connected {
@@ -296,15 +312,26 @@ async fn run(
                     session = hello.session_id,
                     gen = hello.generation
                 );
-                let why = run_session(&conn, &flows, control, &cfg, &stats, &cancel, &state)
+                let end = run_session(&conn, &flows, control, &cfg, &stats, &cancel, &state)
                     .instrument(span)
                     .await;
                 conn_tx.send_replace(None);
-                info!(reason = %why, uptime = ?up.elapsed(), "session down");
                 if up.elapsed() >= backoff.config().reset_after {
                     backoff.reset();
                 }
-                endpoint.close(close_code::NORMAL.into(), b"");
+                if let Some(ep) = endpoint {
+                    ep.close(close_code::NORMAL.into(), b"");
+                }
+                match end {
+                    SessionEnd::Upgrade(c) => {
+                        info!(uptime = ?up.elapsed(), "QUIC works again; moving the session to it");
+                        next = Some(*c);
+                        continue;
+                    }
+                    SessionEnd::Lost(why) => {
+                        info!(reason = %why, uptime = ?up.elapsed(), "session down")
+                    }
+                }
             }
             Err(AttemptError::Rejected(r)) => {
                 warn!(reason = r.reason.as_str(), message = %r.message, "relay rejected the session");
@@ -329,20 +356,33 @@ async fn run(
     state.send_replace(EdgeState::Stopped);
 }
 
-type Connected = (
-    quinn::Endpoint,
-    TunnelConn,
-    relay_protocol::ServerHello,
-    BiStream,
-);
+/// An established, registered session.
+struct Connected {
+    /// The QUIC endpoint (none on the TCP fallback).
+    endpoint: Option<quinn::Endpoint>,
+    conn: TunnelConn,
+    hello: relay_protocol::ServerHello,
+    control: BiStream,
+}
 
-async fn connect(cfg: &EdgeConfig) -> Result<Connected, AttemptError> {
-    let fail = |what: &str, e: &dyn std::fmt::Display| AttemptError::Failed(format!("{what}: {e}"));
-    let addr: SocketAddr = tokio::net::lookup_host(&cfg.relay)
-        .await
-        .map_err(|e| fail(&format!("resolve {}", cfg.relay), &e))?
-        .next()
-        .ok_or_else(|| AttemptError::Failed(format!("resolve {}: no address", cfg.relay)))?;
+/// Why a session's loop ended.
+enum SessionEnd {
+    /// The session is gone; reconnect after backoff.
+    Lost(String),
+    /// A QUIC session replaced this TCP one; run it now.
+    Upgrade(Box<Connected>),
+}
+
+fn failed(what: &str, e: &dyn std::fmt::Display) -> AttemptError {
+    AttemptError::Failed(format!("{what}: {e}"))
+}
+
+/// A QUIC connection to `addr` (no hello yet).
+async fn quic_transport(
+    cfg: &EdgeConfig,
+    addr: SocketAddr,
+    mark: u32,
+) -> Result<(quinn::Endpoint, TunnelConn), AttemptError> {
     // A fresh endpoint per attempt: matches the relay's address family and
     // starts from a new source port if the old NAT binding went bad.
     let bind: SocketAddr = if addr.is_ipv4() {
@@ -350,37 +390,100 @@ async fn connect(cfg: &EdgeConfig) -> Result<Connected, AttemptError> {
     } else {
         ([0u16; 8], 0).into()
     };
-    let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
-    let endpoint =
-        quic::client_endpoint(bind, &cfg.tls, &cfg.quic, mark).map_err(|e| fail("endpoint", &e))?;
+    let endpoint = quic::client_endpoint(bind, &cfg.tls, &cfg.quic, mark)
+        .map_err(|e| failed("endpoint", &e))?;
     let connecting = endpoint
         .connect(addr, &cfg.server_name)
-        .map_err(|e| fail(&format!("connect {addr}"), &e))?;
-    let conn = TunnelConn::Quic(
-        connecting
-            .await
-            .map_err(|e| fail(&format!("QUIC/TLS to {addr}"), &e))?,
-    );
+        .map_err(|e| failed(&format!("connect {addr}"), &e))?;
+    let conn = connecting
+        .await
+        .map_err(|e| failed(&format!("QUIC/TLS to {addr}"), &e))?;
+    Ok((endpoint, TunnelConn::Quic(conn)))
+}
+
+/// Dials the relay over the transport `mode` asks for (in `Auto`: QUIC,
+/// falling back to TLS over TCP when QUIC cannot complete a handshake
+/// within `quic_fallback_after`), then says hello.
+async fn connect(
+    cfg: &EdgeConfig,
+    stats: &EdgeStats,
+    mode: TransportMode,
+) -> Result<Connected, AttemptError> {
+    let addr: SocketAddr = tokio::net::lookup_host(&cfg.relay)
+        .await
+        .map_err(|e| failed(&format!("resolve {}", cfg.relay), &e))?
+        .next()
+        .ok_or_else(|| AttemptError::Failed(format!("resolve {}: no address", cfg.relay)))?;
+    let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
+    let tcp = || async {
+        relay_transport::tcp::connect(
+            addr,
+            &cfg.server_name,
+            &cfg.tls,
+            mark,
+            cfg.handshake_timeout,
+        )
+        .await
+        .map_err(|e| AttemptError::Failed(e.0))
+    };
+    let (endpoint, conn) = match mode {
+        TransportMode::Quic => {
+            let (ep, c) = quic_transport(cfg, addr, mark).await?;
+            (Some(ep), c)
+        }
+        TransportMode::Tcp => (None, tcp().await?),
+        TransportMode::Auto => {
+            match tokio::time::timeout(cfg.quic_fallback_after, quic_transport(cfg, addr, mark))
+                .await
+            {
+                Ok(Ok((ep, c))) => (Some(ep), c),
+                quic => {
+                    let why = match quic {
+                        Ok(Err(AttemptError::Failed(e))) => e,
+                        _ => format!("no QUIC handshake within {:?}", cfg.quic_fallback_after),
+                    };
+                    stats.fallbacks.fetch_add(1, Relaxed);
+                    warn!(reason = %why, "QUIC unavailable; falling back to TLS over TCP");
+                    (None, tcp().await?)
+                }
+            }
+        }
+    };
+    let (hello, control) = say_hello(cfg, stats, &conn).await?;
+    Ok(Connected {
+        endpoint,
+        conn,
+        hello,
+        control,
+    })
+}
+
+async fn say_hello(
+    cfg: &EdgeConfig,
+    stats: &EdgeStats,
+    conn: &TunnelConn,
+) -> Result<(relay_protocol::ServerHello, BiStream), AttemptError> {
     let mut control = conn
         .open_bi()
         .await
-        .map_err(|e| fail("open control stream", &e))?;
+        .map_err(|e| failed("open control stream", &e))?;
     let hello = ClientHello {
         version: PROTOCOL_VERSION,
         node: cfg.node.clone(),
         routes: cfg.routes.clone(),
         primary_addr: cfg.primary_addr,
-        capabilities: capability::TCP_STREAMS,
+        capabilities: capability::TCP_STREAMS | capability::UDP_DATAGRAMS,
         agent: concat!("edge-client/", env!("CARGO_PKG_VERSION")).to_string(),
+        fallbacks: stats.fallbacks.load(Relaxed).min(u32::MAX as u64) as u32,
     };
     write_frame(&mut control.send, &hello)
         .await
-        .map_err(|e| fail("send hello", &e))?;
+        .map_err(|e| failed("send hello", &e))?;
     let reply: HelloReply = read_frame(&mut control.recv)
         .await
-        .map_err(|e| fail("read hello reply", &e))?;
+        .map_err(|e| failed("read hello reply", &e))?;
     match reply {
-        HelloReply::Accepted(h) => Ok((endpoint, conn, h, control)),
+        HelloReply::Accepted(h) => Ok((h, control)),
         HelloReply::Rejected(r) => {
             conn.close(close_code::NORMAL, "rejected");
             Err(AttemptError::Rejected(r))
@@ -396,57 +499,94 @@ async fn run_session(
     stats: &Arc<EdgeStats>,
     cancel: &CancellationToken,
     state: &watch::Sender<EdgeState>,
-) -> String {
+) -> SessionEnd {
     let BiStream { mut send, recv } = control;
     let mut frames = FramedRead::new(recv, codec::frame_codec());
+    // The relay pings every keep-alive interval; a relay silent for the
+    // idle timeout is gone (this is the only liveness check on TCP).
+    let mut last_heard = Instant::now();
+    let mut tick = tokio::time::interval(cfg.quic.keepalive);
+    // On the TCP fallback in auto mode, keep trying QUIC in the background.
+    let probing =
+        cfg.transport == TransportMode::Auto && conn.kind() == relay_transport::TransportKind::Tcp;
+    let mut probe_at = tokio::time::Instant::now() + cfg.quic_probe_interval;
+    let mut probe: Option<tokio::task::JoinHandle<Result<Connected, AttemptError>>> = None;
     loop {
         let reply = tokio::select! {
             biased;
             _ = cancel.cancelled() => {
                 conn.close(close_code::NORMAL, "edge shutting down");
-                return "shutdown".into();
+                return SessionEnd::Lost("shutdown".into());
             }
-            why = conn.closed() => return why,
+            why = conn.closed() => return SessionEnd::Lost(why),
             bi = conn.accept_bi() => match bi {
                 Ok(bi) => {
                     let f = (conn.clone(), flows.clone());
                     tokio::spawn(serve_stream(bi, f, cfg.clone(), stats.clone()).in_current_span());
                     continue;
                 }
-                Err(e) => return e.to_string(),
+                Err(e) => return SessionEnd::Lost(e.to_string()),
             },
             f = frames.next() => match f {
-                Some(Ok(bytes)) => match decode::<Control>(&bytes) {
-                    Ok(Control::Ping { nonce }) => Control::Pong { nonce },
-                    Ok(Control::RouteUpdate { tunnel_routes }) => {
-                        state.send_modify(|s| {
-                            if let EdgeState::Connected { tunnel_routes: r, .. } = s {
-                                *r = tunnel_routes;
-                            }
-                        });
-                        continue;
+                Some(Ok(bytes)) => {
+                    last_heard = Instant::now();
+                    match decode::<Control>(&bytes) {
+                        Ok(Control::Ping { nonce }) => Control::Pong { nonce },
+                        Ok(Control::RouteUpdate { tunnel_routes }) => {
+                            state.send_modify(|s| {
+                                if let EdgeState::Connected { tunnel_routes: r, .. } = s {
+                                    *r = tunnel_routes;
+                                }
+                            });
+                            continue;
+                        }
+                        Ok(Control::GoAway { reason, grace_ms }) => {
+                            // The relay stops opening streams and closes when
+                            // the in-flight ones are done; we reconnect then.
+                            info!(%reason, grace_ms, "relay sent GOAWAY");
+                            continue;
+                        }
+                        Ok(_) => continue,
+                        Err(e) => {
+                            conn.close(close_code::PROTOCOL, "bad control frame");
+                            return SessionEnd::Lost(format!("bad control frame: {e}"));
+                        }
                     }
-                    Ok(Control::GoAway { reason, grace_ms }) => {
-                        // The relay stops opening streams and closes when the
-                        // in-flight ones are done; we reconnect then.
-                        info!(%reason, grace_ms, "relay sent GOAWAY");
-                        continue;
-                    }
-                    Ok(_) => continue,
-                    Err(e) => {
-                        conn.close(close_code::PROTOCOL, "bad control frame");
-                        return format!("bad control frame: {e}");
-                    }
-                },
+                }
                 Some(Err(e)) => {
                     conn.close(close_code::PROTOCOL, "bad control frame");
-                    return format!("control stream: {e}");
+                    return SessionEnd::Lost(format!("control stream: {e}"));
                 }
-                None => return "relay closed the control stream".into(),
+                None => return SessionEnd::Lost("relay closed the control stream".into()),
             },
+            _ = tick.tick() => {
+                if last_heard.elapsed() > cfg.quic.idle_timeout {
+                    conn.close(close_code::PROTOCOL, "relay silent");
+                    return SessionEnd::Lost(format!("nothing from the relay for {:?}", last_heard.elapsed()));
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(probe_at), if probing && probe.is_none() => {
+                let (cfg, stats) = (cfg.clone(), stats.clone());
+                // A full QUIC session: registering it supersedes this one on
+                // the relay, in one step, so the routes never go away.
+                probe = Some(tokio::spawn(async move { connect(&cfg, &stats, TransportMode::Quic).await }));
+                continue;
+            }
+            r = async { probe.as_mut().expect("guarded by is_some").await }, if probe.is_some() => {
+                probe = None;
+                probe_at = tokio::time::Instant::now() + cfg.quic_probe_interval;
+                match r {
+                    Ok(Ok(c)) => return SessionEnd::Upgrade(Box::new(c)),
+                    Ok(Err(AttemptError::Failed(e))) => debug!(error = %e, "QUIC probe failed; staying on TCP"),
+                    Ok(Err(AttemptError::Rejected(r))) => debug!(reason = r.reason.as_str(), "QUIC probe rejected"),
+                    Err(e) => debug!(error = %e, "QUIC probe task failed"),
+                }
+                continue;
+            }
         };
         if let Err(e) = write_frame(&mut send, &reply).await {
-            return format!("control write: {e}");
+            return SessionEnd::Lost(format!("control write: {e}"));
         }
     }
 }

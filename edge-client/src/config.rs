@@ -11,6 +11,20 @@ use serde::Deserialize;
 
 use crate::backoff::BackoffConfig;
 
+/// Which transport the client dials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportMode {
+    /// QUIC, falling back to TLS over TCP when QUIC cannot complete a
+    /// handshake quickly, and moving back to QUIC when it works again.
+    #[default]
+    Auto,
+    /// QUIC only.
+    Quic,
+    /// TLS over TCP with yamux only.
+    Tcp,
+}
+
 /// Everything the edge client needs, loaded and validated.
 #[derive(Debug, Clone)]
 pub struct EdgeConfig {
@@ -34,6 +48,12 @@ pub struct EdgeConfig {
     pub dial_timeout: Duration,
     /// Bound on connecting to the relay and completing the hello.
     pub handshake_timeout: Duration,
+    /// Transport to dial.
+    pub transport: TransportMode,
+    /// In `Auto`, how long QUIC gets before falling back to TCP.
+    pub quic_fallback_after: Duration,
+    /// In `Auto` on the TCP fallback, how often to try QUIC again.
+    pub quic_probe_interval: Duration,
     /// QUIC transport settings.
     pub quic: QuicTuning,
     /// Reconnect backoff.
@@ -66,6 +86,9 @@ impl EdgeConfig {
             allowed_ports: Vec::new(),
             dial_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(10),
+            transport: TransportMode::Auto,
+            quic_fallback_after: Duration::from_secs(3),
+            quic_probe_interval: Duration::from_secs(60),
             quic: QuicTuning::default(),
             backoff: BackoffConfig::default(),
             udp_idle: Duration::from_secs(60),
@@ -117,6 +140,13 @@ pub struct TimeoutsFile {
     /// A UDP flow silent this long ends (default 60s).
     #[serde(default, with = "humantime_serde")]
     pub udp_idle: Option<Duration>,
+    /// In auto mode, QUIC's time to complete a handshake before the
+    /// client falls back to TCP (default 3s).
+    #[serde(default, with = "humantime_serde")]
+    pub quic_fallback: Option<Duration>,
+    /// In auto mode on TCP, how often QUIC is tried again (default 60s).
+    #[serde(default, with = "humantime_serde")]
+    pub quic_probe: Option<Duration>,
 }
 
 /// `[backoff]`.
@@ -152,6 +182,9 @@ pub struct FileConfig {
     /// Destination ports served (empty: all).
     #[serde(default)]
     pub allowed_ports: Vec<u16>,
+    /// `auto` (default), `quic` or `tcp`.
+    #[serde(default)]
+    pub transport: TransportMode,
     /// Certificates.
     pub tls: TlsFile,
     /// Timeouts.
@@ -253,6 +286,17 @@ impl FileConfig {
             allowed_ports: self.allowed_ports,
             quic,
             backoff,
+            transport: self.transport,
+            quic_fallback_after: nonzero(
+                "timeouts.quic_fallback",
+                self.timeouts.quic_fallback,
+                Duration::from_secs(3),
+            )?,
+            quic_probe_interval: nonzero(
+                "timeouts.quic_probe",
+                self.timeouts.quic_probe,
+                Duration::from_secs(60),
+            )?,
             udp_idle: nonzero(
                 "timeouts.udp_idle",
                 self.timeouts.udp_idle,

@@ -18,4 +18,4 @@ pub mod client;
 pub mod config;
 
 pub use client::{EdgeClient, EdgeState, EdgeStats, StartError};
-pub use config::{EdgeConfig, FileConfig};
+pub use config::{EdgeConfig, FileConfig, TransportMode};

@@ -43,6 +43,9 @@ pub struct ClientHello {
     pub capabilities: u32,
     /// Free-form software version of the edge, shown to operators.
     pub agent: String,
+    /// How many times this edge fell back from QUIC to TLS over TCP since
+    /// it started (shown by the relay's admin API).
+    pub fallbacks: u32,
 }
 
 /// The relay's answer to a [`ClientHello`].

@@ -31,6 +31,7 @@ fn golden() -> Vec<(&'static str, Vec<u8>, &'static str)> {
         primary_addr: Some("192.168.1.10".parse().unwrap()),
         capabilities: capability::TCP_STREAMS | capability::UDP_DATAGRAMS,
         agent: "e/1".into(),
+        fallbacks: 2,
     };
     let accepted = HelloReply::Accepted(ServerHello {
         session_id: 0x0102_0304,
@@ -64,7 +65,7 @@ fn golden() -> Vec<(&'static str, Vec<u8>, &'static str)> {
         (
             "ClientHello",
             encode(&hello).unwrap(),
-            "0106656467652d3103000af407001800c0a8010a2001fd000000000000000000000000000000400100c0a8010a0303652f31",
+            "0106656467652d3103000af407001800c0a8010a2001fd000000000000000000000000000000400100c0a8010a0303652f3102",
         ),
         (
             "HelloReply::Accepted",
@@ -205,7 +206,7 @@ proptest! {
         capabilities: u32,
         agent in ".{0,32}",
     ) {
-        let h = ClientHello { version, node, routes, primary_addr: primary, capabilities, agent };
+        let h = ClientHello { version, node, routes, primary_addr: primary, capabilities, agent, fallbacks: capabilities.rotate_left(7) };
         let body = encode(&h).unwrap();
         prop_assert_eq!(decode::<ClientHello>(&body).unwrap(), h.clone());
         prop_assert_eq!(codec::peek_version(&body), Some(version));

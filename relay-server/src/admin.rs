@@ -50,6 +50,8 @@ pub struct SessionRow {
     pub primary_addr: Option<String>,
     /// Edge software version.
     pub agent: String,
+    /// Times the edge fell back from QUIC to TCP since it started.
+    pub fallbacks: u32,
     /// Streams open now.
     pub open_streams: u64,
     /// Streams opened in this session.
@@ -84,6 +86,7 @@ impl SessionRow {
             routes: s.routes.clone(),
             primary_addr: s.primary_addr.map(|a| a.to_string()),
             agent: s.agent.clone(),
+            fallbacks: s.fallbacks,
             open_streams: s.open_streams.load(Relaxed),
             streams_total: s.streams_total.load(Relaxed),
             bytes_in: s.bytes_from_edge.load(Relaxed),

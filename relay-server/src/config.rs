@@ -87,6 +87,9 @@ pub struct RelayConfig {
     pub relay_id: String,
     /// UDP address of the QUIC endpoint edges dial.
     pub quic_listen: SocketAddr,
+    /// Also accept the TLS+TCP+yamux fallback on the same address and port
+    /// number (TCP), for edges whose networks block UDP.
+    pub tcp_fallback: bool,
     /// Relay certificate and the CA that signs edge certificates.
     pub tls: TlsMaterial,
     /// QUIC transport settings.
@@ -121,6 +124,7 @@ impl RelayConfig {
         RelayConfig {
             relay_id: "relay-0".into(),
             quic_listen: lo,
+            tcp_fallback: true,
             tls,
             quic: QuicTuning::default(),
             connect_listen: Some(lo),
@@ -178,6 +182,9 @@ pub struct ListenFile {
     /// UDP address for QUIC.
     #[serde(default = "default_quic")]
     pub quic: SocketAddr,
+    /// Accept the TLS+TCP fallback on the same address and port (TCP).
+    #[serde(default = "yes")]
+    pub tcp_fallback: bool,
     /// TCP address for HTTP CONNECT.
     pub connect: Option<SocketAddr>,
     /// Unix socket for HTTP CONNECT.
@@ -185,6 +192,10 @@ pub struct ListenFile {
     /// TCP address for the admin API.
     #[serde(default = "default_admin")]
     pub admin: Option<SocketAddr>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_quic() -> SocketAddr {
@@ -394,6 +405,7 @@ impl FileConfig {
         Ok(RelayConfig {
             relay_id: self.relay_id.unwrap_or_else(|| "relay-0".into()),
             quic_listen: self.listen.quic,
+            tcp_fallback: self.listen.tcp_fallback,
             tls: self.tls.load("tls")?,
             quic,
             connect_listen: self.listen.connect,

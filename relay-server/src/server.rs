@@ -121,6 +121,23 @@ impl Relay {
         let accept_stop = CancellationToken::new();
         let sessions = TaskTracker::new();
         let mut tasks = JoinSet::new();
+        if shared.cfg.tcp_fallback {
+            // The same port number on TCP, so one Service port serves both.
+            let addr = quic_addr;
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(bind_err("tcp fallback", addr))?;
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+                shared.cfg.tls.server_config(relay_protocol::ALPN)?,
+            ));
+            tasks.spawn(accept_tcp(
+                l,
+                acceptor,
+                shared.clone(),
+                accept_stop.clone(),
+                sessions.clone(),
+            ));
+        }
         tasks.spawn(accept_quic(
             endpoint.clone(),
             shared.clone(),
@@ -327,6 +344,47 @@ async fn accept_quic(
                     }
                 };
             serve_connection(TunnelConn::Quic(conn), shared, permit).await;
+        });
+    }
+}
+
+async fn accept_tcp(
+    l: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    sessions: TaskTracker,
+) -> &'static str {
+    loop {
+        let (sock, remote) = tokio::select! {
+            _ = stop.cancelled() => return "tcp fallback",
+            r = l.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    debug!(error = %e, "tcp accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Same admission control as QUIC handshakes.
+        let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+            shared
+                .metrics
+                .reject(relay_protocol::RejectReason::Overloaded);
+            drop(sock);
+            continue;
+        };
+        let (shared, acceptor) = (shared.clone(), acceptor.clone());
+        sessions.spawn(async move {
+            let limit = shared.cfg.limits.handshake_timeout;
+            match relay_transport::tcp::accept(&acceptor, sock, remote, limit).await {
+                Ok(conn) => serve_connection(conn, shared, permit).await,
+                Err(e) => {
+                    shared.metrics.handshake_failed("tls");
+                    info!(%remote, error = %e.0, "TLS/TCP handshake failed");
+                }
+            }
         });
     }
 }

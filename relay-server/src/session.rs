@@ -40,6 +40,8 @@ pub struct SessionHandle {
     pub primary_addr: Option<IpAddr>,
     /// The edge's software version string.
     pub agent: String,
+    /// How many times the edge fell back from QUIC to TCP (its own count).
+    pub fallbacks: u32,
     /// The transport connection.
     pub conn: TunnelConn,
     /// Wall-clock time the session was registered.
@@ -357,6 +359,7 @@ async fn handshake(
         routes: hello.routes.clone(),
         primary_addr: hello.primary_addr,
         agent: hello.agent.clone(),
+        fallbacks: hello.fallbacks,
         conn: conn.clone(),
         connected_at: SystemTime::now(),
         started: Instant::now(),
@@ -416,9 +419,11 @@ async fn run_session(
     handle.touch();
     let BiStream { mut send, recv } = control;
     let mut frames = FramedRead::new(recv, codec::frame_codec());
-    // The relay pings at twice the keep-alive interval: QUIC keep-alives
-    // keep NAT bindings open; these pings measure "last seen" for operators.
-    let mut ping = tokio::time::interval(shared.cfg.quic.keepalive * 2);
+    // The relay pings every keep-alive interval: on QUIC this measures "last
+    // seen" for operators (QUIC keep-alives hold the NAT binding); on the
+    // TCP fallback it is also the liveness check yamux lacks, and keeps the
+    // NAT binding of an idle TCP connection warm.
+    let mut ping = tokio::time::interval(shared.cfg.quic.keepalive);
     ping.tick().await;
     let write_timeout = shared.cfg.limits.handshake_timeout;
     // Route updates: the registry says "something changed"; we wait a
@@ -483,7 +488,15 @@ async fn run_session(
                     break "edge closed its control stream".to_string();
                 }
             },
-            _ = ping.tick() => Control::Ping { nonce: rand::random() },
+            _ = ping.tick() => {
+                // QUIC has its own idle timeout; yamux has none, so a
+                // silent edge is detected here, for both transports.
+                if handle.last_seen_ago() > shared.cfg.quic.idle_timeout {
+                    handle.conn.close(close_code::PROTOCOL, "idle timeout");
+                    break "idle timeout: no control message from the edge".to_string();
+                }
+                Control::Ping { nonce: rand::random() }
+            }
         };
         match tokio::time::timeout(write_timeout, write_frame(&mut send, &out)).await {
             Ok(Ok(())) => {}

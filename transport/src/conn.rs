@@ -39,6 +39,8 @@ impl TransportKind {
 pub enum TunnelConn {
     /// A QUIC connection.
     Quic(quinn::Connection),
+    /// TLS over TCP with yamux (the fallback).
+    Tcp(std::sync::Arc<crate::tcp::YamuxConn>),
 }
 
 /// Opening or accepting a stream failed: the connection is gone.
@@ -58,6 +60,13 @@ impl TunnelConn {
                     recv: RecvHalf::Quic(r),
                 })
             }
+            TunnelConn::Tcp(c) => {
+                let (s, r) = c.open_bi().await?;
+                Ok(BiStream {
+                    send: SendHalf::Tcp(s),
+                    recv: RecvHalf::Tcp(r),
+                })
+            }
         }
     }
 
@@ -71,6 +80,13 @@ impl TunnelConn {
                     recv: RecvHalf::Quic(r),
                 })
             }
+            TunnelConn::Tcp(c) => {
+                let (s, r) = c.accept_bi().await?;
+                Ok(BiStream {
+                    send: SendHalf::Tcp(s),
+                    recv: RecvHalf::Tcp(r),
+                })
+            }
         }
     }
 
@@ -78,6 +94,7 @@ impl TunnelConn {
     pub fn kind(&self) -> TransportKind {
         match self {
             TunnelConn::Quic(_) => TransportKind::Quic,
+            TunnelConn::Tcp(_) => TransportKind::Tcp,
         }
     }
 
@@ -85,6 +102,7 @@ impl TunnelConn {
     pub fn remote_addr(&self) -> SocketAddr {
         match self {
             TunnelConn::Quic(c) => c.remote_address(),
+            TunnelConn::Tcp(c) => c.remote_addr(),
         }
     }
 
@@ -92,6 +110,9 @@ impl TunnelConn {
     pub fn rtt(&self) -> Duration {
         match self {
             TunnelConn::Quic(c) => c.rtt(),
+            // yamux has no RTT estimate; the session's pings would be the
+            // place to measure one.
+            TunnelConn::Tcp(_) => Duration::ZERO,
         }
     }
 
@@ -103,6 +124,7 @@ impl TunnelConn {
                 .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
                 .map(|b| *b)
                 .unwrap_or_default(),
+            TunnelConn::Tcp(c) => c.peer_certs(),
         }
     }
 
@@ -110,6 +132,7 @@ impl TunnelConn {
     pub fn close(&self, code: u32, reason: &str) {
         match self {
             TunnelConn::Quic(c) => c.close(VarInt::from_u32(code), reason.as_bytes()),
+            TunnelConn::Tcp(c) => c.close_now(&format!("{reason} (code {code})")),
         }
     }
 
@@ -117,6 +140,7 @@ impl TunnelConn {
     pub async fn closed(&self) -> String {
         match self {
             TunnelConn::Quic(c) => c.closed().await.to_string(),
+            TunnelConn::Tcp(c) => c.closed().await,
         }
     }
 
@@ -124,6 +148,7 @@ impl TunnelConn {
     pub fn send_datagram(&self, d: bytes::Bytes) -> Result<(), String> {
         match self {
             TunnelConn::Quic(c) => c.send_datagram(d).map_err(|e| e.to_string()),
+            TunnelConn::Tcp(c) => c.send_datagram(d),
         }
     }
 
@@ -131,6 +156,7 @@ impl TunnelConn {
     pub async fn read_datagram(&self) -> Result<bytes::Bytes, ConnLost> {
         match self {
             TunnelConn::Quic(c) => c.read_datagram().await.map_err(|e| ConnLost(e.to_string())),
+            TunnelConn::Tcp(c) => c.read_datagram().await,
         }
     }
 
@@ -138,6 +164,7 @@ impl TunnelConn {
     pub fn max_datagram_size(&self) -> Option<usize> {
         match self {
             TunnelConn::Quic(c) => c.max_datagram_size(),
+            TunnelConn::Tcp(_) => Some(crate::tcp::MAX_TCP_DATAGRAM),
         }
     }
 
@@ -145,6 +172,7 @@ impl TunnelConn {
     pub fn is_closed(&self) -> bool {
         match self {
             TunnelConn::Quic(c) => c.close_reason().is_some(),
+            TunnelConn::Tcp(c) => c.is_closed(),
         }
     }
 }
@@ -154,6 +182,8 @@ impl TunnelConn {
 pub enum SendHalf {
     /// A QUIC send stream.
     Quic(quinn::SendStream),
+    /// The write half of a yamux stream.
+    Tcp(crate::tcp::TcpSend),
 }
 
 /// The receiving half of a tunnel stream.
@@ -161,6 +191,8 @@ pub enum SendHalf {
 pub enum RecvHalf {
     /// A QUIC receive stream.
     Quic(quinn::RecvStream),
+    /// The read half of a yamux stream.
+    Tcp(crate::tcp::TcpRecv),
 }
 
 /// A bidirectional tunnel stream.
@@ -181,6 +213,9 @@ impl SendHalf {
             SendHalf::Quic(s) => {
                 let _ = s.reset(VarInt::from_u32(code));
             }
+            // yamux has no reset frame we can send from a half; dropping
+            // the stream unfinished is what tells the peer.
+            SendHalf::Tcp(_) => {}
         }
     }
 }
@@ -192,6 +227,7 @@ impl RecvHalf {
             RecvHalf::Quic(r) => {
                 let _ = r.stop(VarInt::from_u32(code));
             }
+            RecvHalf::Tcp(_) => {}
         }
     }
 }
@@ -204,12 +240,14 @@ impl AsyncWrite for SendHalf {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             SendHalf::Quic(s) => Pin::new(s).poll_write(cx, buf).map_err(io::Error::from),
+            SendHalf::Tcp(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             SendHalf::Quic(s) => Pin::new(s).poll_flush(cx),
+            SendHalf::Tcp(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -217,6 +255,7 @@ impl AsyncWrite for SendHalf {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             SendHalf::Quic(s) => Pin::new(s).poll_shutdown(cx),
+            SendHalf::Tcp(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
@@ -229,6 +268,7 @@ impl AsyncRead for RecvHalf {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             RecvHalf::Quic(r) => Pin::new(r).poll_read(cx, buf),
+            RecvHalf::Tcp(r) => Pin::new(r).poll_read(cx, buf),
         }
     }
 }
@@ -243,6 +283,14 @@ impl RecvHalf {
                 Ok(c) => Ok(c.map(|c| c.bytes)),
                 Err(e) => Err(io::Error::from(e)),
             },
+            RecvHalf::Tcp(r) => {
+                use tokio::io::AsyncReadExt;
+                let mut buf = bytes::BytesMut::with_capacity(16 * 1024);
+                match r.read_buf(&mut buf).await? {
+                    0 => Ok(None),
+                    _ => Ok(Some(buf.freeze())),
+                }
+            }
         }
     }
 }

@@ -13,7 +13,8 @@
 //! - [`mod@splice`]: copies a TCP connection and a tunnel stream both ways with
 //!   half-close and reset carried across, metering bytes as they pass.
 //! - [`devcerts`]: a development PKI (CA, relay and node certificates).
-//! - [`udp`]: UDP flows over datagrams; transparent UDP sockets.
+//! - [`udp`]: UDP flows over datagrams; the capture side of UDP.
+//! - [`tcp`]: the TLS+TCP+yamux fallback transport.
 //! - [`capture`]: transparent capture (nftables TPROXY + policy routing)
 //!   of the prefixes to send through the tunnel.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -24,6 +25,7 @@ pub mod conntrack;
 pub mod devcerts;
 pub mod quic;
 pub mod splice;
+pub mod tcp;
 pub mod tls;
 pub mod udp;
 
