@@ -573,7 +573,12 @@ async fn run_session(
                 probe = Some(tokio::spawn(async move { connect(&cfg, &stats, TransportMode::Quic).await }));
                 continue;
             }
-            r = async { probe.as_mut().expect("guarded by is_some").await }, if probe.is_some() => {
+            r = async {
+                match probe.as_mut() {
+                    Some(p) => p.await,
+                    None => std::future::pending().await,
+                }
+            }, if probe.is_some() => {
                 probe = None;
                 probe_at = tokio::time::Instant::now() + cfg.quic_probe_interval;
                 match r {
