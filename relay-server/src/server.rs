@@ -102,8 +102,7 @@ impl Relay {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(1);
-        let endpoint = quic::server_endpoint(cfg.quic_listen, &cfg.tls, &cfg.quic)
-            .map_err(bind_err("quic", cfg.quic_listen))?;
+        let (endpoint, tcp_listener) = bind_quic_and_tcp(&cfg).await?;
         let quic_addr = endpoint
             .local_addr()
             .map_err(bind_err("quic", cfg.quic_listen))?;
@@ -121,12 +120,7 @@ impl Relay {
         let accept_stop = CancellationToken::new();
         let sessions = TaskTracker::new();
         let mut tasks = JoinSet::new();
-        if shared.cfg.tcp_fallback {
-            // The same port number on TCP, so one Service port serves both.
-            let addr = quic_addr;
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(bind_err("tcp fallback", addr))?;
+        if let Some(l) = tcp_listener {
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
                 shared.cfg.tls.server_config(relay_protocol::ALPN)?,
             ));
@@ -346,6 +340,33 @@ async fn accept_quic(
             serve_connection(TunnelConn::Quic(conn), shared, permit).await;
         });
     }
+}
+
+/// Binds the QUIC endpoint and, with the TCP fallback on, a TCP listener
+/// on the same port number, so one Service port serves both. With port 0,
+/// the ephemeral UDP port may be taken on TCP: try another, a bounded
+/// number of times.
+async fn bind_quic_and_tcp(
+    cfg: &RelayConfig,
+) -> Result<(quinn::Endpoint, Option<tokio::net::TcpListener>), StartError> {
+    let attempts = if cfg.quic_listen.port() == 0 { 32 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let endpoint = quic::server_endpoint(cfg.quic_listen, &cfg.tls, &cfg.quic)
+            .map_err(bind_err("quic", cfg.quic_listen))?;
+        if !cfg.tcp_fallback {
+            return Ok((endpoint, None));
+        }
+        let addr = endpoint
+            .local_addr()
+            .map_err(bind_err("quic", cfg.quic_listen))?;
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return Ok((endpoint, Some(l))),
+            Err(e) => last = Some((addr, e)),
+        }
+    }
+    let (addr, e) = last.unwrap_or_else(|| (cfg.quic_listen, std::io::Error::other("no attempt")));
+    Err(bind_err("tcp fallback", addr)(e))
 }
 
 async fn accept_tcp(
