@@ -316,6 +316,22 @@ async fn wait_file(path: &Path, child: &mut ChildGuard, timeout: Duration) -> Re
     }
 }
 
+/// Installs the rustls provider and a tracing subscriber on stderr at
+/// `error` (or `RUST_LOG`), so the in-process edges' reconnect warnings
+/// never mix with the result tables on stdout.
+fn init_quiet() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+        relay_transport::tls::install_default_provider();
+    });
+}
+
 /// The PKI, config files and the binaries for one benchmark run.
 pub(crate) struct Bench {
     /// Scratch directory (certificates, configs, logs).
@@ -330,7 +346,7 @@ pub(crate) struct Bench {
 impl Bench {
     /// Generates a PKI for `nodes` edges and writes it to a temp dir.
     pub(crate) fn new(nodes: usize) -> Result<Bench> {
-        relay_lab::init();
+        init_quiet();
         let dir = TempDir::new()?;
         let names: Vec<String> = (0..nodes).map(edge_name).collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
