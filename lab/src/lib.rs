@@ -10,6 +10,7 @@
 //! bind to its own address.
 
 pub mod netns;
+pub mod scenario;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Once;
@@ -195,7 +196,19 @@ pub async fn connect_via(proxy: SocketAddr, authority: &str) -> Result<TcpStream
 
 /// Sends a minimal HTTP/1.1 GET on `s` and returns `(status, body)`.
 pub async fn http_get(
+    s: TcpStream,
+    host: &str,
+    path: &str,
+    bearer: Option<&str>,
+) -> Result<(u16, String)> {
+    http_request(s, "GET", host, path, bearer).await
+}
+
+/// Sends a minimal body-less HTTP/1.1 request (`method path`) on `s` and
+/// returns `(status, body)`; the response must end within 10 s.
+pub async fn http_request(
     mut s: TcpStream,
+    method: &str,
     host: &str,
     path: &str,
     bearer: Option<&str>,
@@ -204,7 +217,7 @@ pub async fn http_get(
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n")
+        format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n")
             .as_bytes(),
     )
     .await?;

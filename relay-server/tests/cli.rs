@@ -1,0 +1,72 @@
+//! The `relay-server` binary's command line: `--help` works, and
+//! `check-config` on a bad file fails with a message naming the field.
+//! (Being an integration test of this package, it also makes `cargo test
+//! --workspace` build `target/<profile>/relay-server`, which the lab's
+//! fault tests run as a real process.)
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn relay_server(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_relay-server"))
+        .args(args)
+        .env_remove("RELAY_CONFIG")
+        .output()
+        .expect("run relay-server")
+}
+
+/// A fresh directory for this test's files.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("relay-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// `relay-server --config F check-config` (`--config` is an option of the
+/// command, not of the subcommand).
+fn check_config(file: &std::path::Path) -> Output {
+    relay_server(&[
+        "--config",
+        file.to_str().expect("utf-8 path"),
+        "check-config",
+    ])
+}
+
+#[test]
+fn help_exits_zero() {
+    let out = relay_server(&["--help"]);
+    assert!(out.status.success(), "--help: {:?}", out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("check-config"), "{text}");
+}
+
+/// Runs `check-config` on `text` and expects a failure naming `field`.
+fn rejected(name: &str, text: &str, field: &str) {
+    let dir = scratch(name);
+    let file = dir.join("relay.toml");
+    std::fs::write(&file, text).expect("write config");
+    let out = check_config(&file);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success(), "bad config accepted: {out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(field), "error does not name {field}: {err}");
+}
+
+#[test]
+fn check_config_names_the_bad_field() {
+    // Valid TOML and valid fields, but a keep-alive no shorter than the
+    // idle timeout: rejected before any certificate is read.
+    rejected(
+        "keepalive",
+        "[listen]\n\
+         [tls]\ncert = \"relay.pem\"\nkey = \"relay-key.pem\"\nclient_ca = \"ca.pem\"\n\
+         [quic]\nkeepalive = \"30s\"\nidle_timeout = \"20s\"\n",
+        "quic.keepalive",
+    );
+    rejected(
+        "unknown",
+        "[listen]\nquic = \"0.0.0.0:8443\"\nbogus_field = 1\n",
+        "bogus_field",
+    );
+}
