@@ -249,7 +249,7 @@ impl FileConfig {
         }
         let quic = self
             .quic
-            .resolve()
+            .resolve(QuicTuning::default())
             .map_err(|(f, m)| err(format!("quic.{f}"), m))?;
         let capture = self
             .capture

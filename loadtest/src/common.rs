@@ -370,6 +370,11 @@ impl Bench {
     }
 
     /// Writes a relay config with the given listen addresses.
+    ///
+    /// `LOADTEST_MAX_UDP_PAYLOAD` (1200..=65527), when set, makes both
+    /// sides start at and cap QUIC packets to that size (`[quic]
+    /// max_udp_payload` and `initial_mtu`): for loopback, which carries
+    /// 64 KiB packets, to show what packet size costs.
     fn write_relay_config(&self, quic: SocketAddr, connect: SocketAddr) -> Result<PathBuf> {
         let mut t = String::new();
         t.push_str("relay_id = \"bench-relay\"\n[listen]\n");
@@ -382,6 +387,11 @@ impl Bench {
             self.pki_file("relay-key.pem"),
             self.pki_file("ca.pem")
         ));
+        if let Some(p) = max_udp_payload()? {
+            t.push_str(&format!(
+                "[quic]\nmax_udp_payload = {p}\ninitial_mtu = {p}\n"
+            ));
+        }
         // A short drain, so a restart (storm) does not wait 30 s for the
         // benchmark's own open streams.
         t.push_str("[limits]\ndrain_grace = \"1s\"\n[nodes]\n");
@@ -457,8 +467,15 @@ impl Bench {
             self.pki_file(&format!("{name}-key.pem")),
             self.pki_file("ca.pem"),
         );
+        let payload = max_udp_payload()?;
+        if max_streams.is_some() || payload.is_some() {
+            t.push_str("[quic]\n");
+        }
         if let Some(m) = max_streams {
-            t.push_str(&format!("[quic]\nmax_streams = {m}\n"));
+            t.push_str(&format!("max_streams = {m}\n"));
+        }
+        if let Some(p) = payload {
+            t.push_str(&format!("max_udp_payload = {p}\ninitial_mtu = {p}\n"));
         }
         let p = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(&p, t)?;
@@ -752,5 +769,20 @@ mod tests {
         assert!(parse_bytes("99999999999999999999G").is_err());
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
+
+/// `LOADTEST_MAX_UDP_PAYLOAD`, validated (see `Bench::write_relay_config`).
+fn max_udp_payload() -> Result<Option<u16>> {
+    match std::env::var("LOADTEST_MAX_UDP_PAYLOAD") {
+        Err(_) => Ok(None),
+        Ok(v) => {
+            let p: u16 = v
+                .parse()
+                .ok()
+                .filter(|p| (1200..=65527).contains(p))
+                .with_context(|| format!("LOADTEST_MAX_UDP_PAYLOAD={v:?}: want 1200 to 65527"))?;
+            Ok(Some(p))
+        }
     }
 }

@@ -126,7 +126,7 @@ impl RelayConfig {
             quic_listen: lo,
             tcp_fallback: true,
             tls,
-            quic: QuicTuning::default(),
+            quic: QuicTuning::relay_default(),
             connect_listen: Some(lo),
             connect_tls: None,
             connect_unix: None,
@@ -368,7 +368,7 @@ impl FileConfig {
             .map_err(|(f, m)| err(format!("capture.{f}"), m))?;
         let quic = self
             .quic
-            .resolve()
+            .resolve(QuicTuning::relay_default())
             .map_err(|(f, m)| err(format!("quic.{f}"), m))?;
         for node in self.nodes.keys() {
             if node.is_empty() || node.len() > 253 {

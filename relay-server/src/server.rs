@@ -34,6 +34,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     shutting_down: AtomicBool,
     handshakes: Arc<Semaphore>,
+    /// Places in the queue for a handshake permit (a few times the permits).
+    handshake_queue: Arc<Semaphore>,
     /// Permits for CONNECT client connections.
     pub connect_permits: Arc<Semaphore>,
     /// UDP counters (all sessions).
@@ -44,6 +46,28 @@ impl Shared {
     /// The next session generation (relay-wide, strictly increasing).
     pub fn next_generation(&self) -> u64 {
         self.generation.fetch_add(1, Relaxed)
+    }
+
+    /// Admission control for handshakes. A handshake needs one of
+    /// `max_concurrent_handshakes` permits; up to four times as many wait
+    /// for one (bounded by the handshake timeout) and the rest are refused
+    /// at once. Waiting instead of refusing matters in a reconnect storm: a
+    /// refused edge backs off, and backoff is what stretches a storm's tail.
+    /// Returns `None` when the queue is full; the future yields `None` when
+    /// the wait timed out.
+    fn admit(
+        self: &Arc<Self>,
+    ) -> Option<impl std::future::Future<Output = Option<tokio::sync::OwnedSemaphorePermit>>> {
+        let slot = self.handshake_queue.clone().try_acquire_owned().ok()?;
+        let (permits, limit) = (self.handshakes.clone(), self.cfg.limits.handshake_timeout);
+        Some(async move {
+            let permit = tokio::time::timeout(limit, permits.acquire_owned())
+                .await
+                .ok()?
+                .ok();
+            drop(slot);
+            permit
+        })
     }
 
     /// Whether the relay is draining for shutdown.
@@ -113,6 +137,7 @@ impl Relay {
             shutdown: CancellationToken::new(),
             shutting_down: AtomicBool::new(false),
             handshakes: Arc::new(Semaphore::new(cfg.limits.max_concurrent_handshakes)),
+            handshake_queue: Arc::new(Semaphore::new(cfg.limits.max_concurrent_handshakes * 4)),
             connect_permits: Arc::new(Semaphore::new(cfg.limits.max_connect_connections)),
             udp: Arc::default(),
             cfg,
@@ -310,18 +335,24 @@ async fn accept_quic(
                 None => return "quic",
             },
         };
-        // Take the permit before doing any work for the handshake, so a
-        // reconnect storm queues in the kernel instead of in our memory.
-        let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+        // Admission before any work for the handshake (see Shared::admit).
+        let Some(admitted) = shared.admit() else {
             shared
                 .metrics
                 .reject(relay_protocol::RejectReason::Overloaded);
-            debug!(remote = %incoming.remote_address(), "handshake limit reached; refusing");
+            debug!(remote = %incoming.remote_address(), "handshake queue full; refusing");
             incoming.refuse();
             continue;
         };
         let shared = shared.clone();
         sessions.spawn(async move {
+            let Some(permit) = admitted.await else {
+                shared
+                    .metrics
+                    .reject(relay_protocol::RejectReason::Overloaded);
+                incoming.refuse();
+                return;
+            };
             let remote = incoming.remote_address();
             let conn =
                 match tokio::time::timeout(shared.cfg.limits.handshake_timeout, incoming).await {
@@ -389,7 +420,7 @@ async fn accept_tcp(
             },
         };
         // Same admission control as QUIC handshakes.
-        let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+        let Some(admitted) = shared.admit() else {
             shared
                 .metrics
                 .reject(relay_protocol::RejectReason::Overloaded);
@@ -398,6 +429,12 @@ async fn accept_tcp(
         };
         let (shared, acceptor) = (shared.clone(), acceptor.clone());
         sessions.spawn(async move {
+            let Some(permit) = admitted.await else {
+                shared
+                    .metrics
+                    .reject(relay_protocol::RejectReason::Overloaded);
+                return;
+            };
             let limit = shared.cfg.limits.handshake_timeout;
             match relay_transport::tcp::accept(&acceptor, sock, remote, limit).await {
                 Ok(conn) => serve_connection(conn, shared, permit).await,

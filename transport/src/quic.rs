@@ -23,6 +23,15 @@ pub struct QuicTuning {
     /// is the per-stream flow control that keeps one slow reader from
     /// stalling the others.
     pub stream_window: u32,
+    /// Upper bound of path MTU discovery (UDP payload bytes). Discovery
+    /// starts at 1200 and probes upward, so a higher bound costs nothing on
+    /// a 1500-byte path and lets jumbo-frame paths use bigger packets; the
+    /// per-packet cost is what bounds throughput.
+    pub max_udp_payload: u16,
+    /// Packet size to start with (default 1200, the QUIC minimum). Only
+    /// for paths known to carry more: a path that drops bigger packets
+    /// breaks the connection rather than slowing it.
+    pub initial_mtu: u16,
 }
 
 impl Default for QuicTuning {
@@ -32,11 +41,39 @@ impl Default for QuicTuning {
             idle_timeout: Duration::from_secs(20),
             max_bidi_streams: 10_000,
             stream_window: 1024 * 1024,
+            max_udp_payload: 1452,
+            initial_mtu: 1200,
         }
     }
 }
 
 impl QuicTuning {
+    /// The relay's defaults: the same, but edges may open 256 streams at
+    /// once (their control stream and connections to cloud ranges; more
+    /// wait for credit). quinn preallocates state for every stream the peer
+    /// may open, so granting edges 10,000 cost ~900 KiB of relay memory per
+    /// idle session (loadtest `sessions`); 256 costs ~60 KiB.
+    pub fn relay_default() -> Self {
+        QuicTuning {
+            max_bidi_streams: 256,
+            ..QuicTuning::default()
+        }
+    }
+}
+
+impl QuicTuning {
+    /// Endpoint settings: the largest UDP payload the endpoint accepts must
+    /// allow what MTU discovery may reach.
+    fn endpoint_config(
+        &self,
+        base: quinn::EndpointConfig,
+    ) -> std::io::Result<quinn::EndpointConfig> {
+        let mut e = base;
+        e.max_udp_payload_size(self.max_udp_payload)
+            .map_err(|e| std::io::Error::other(format!("max_udp_payload: {e}")))?;
+        Ok(e)
+    }
+
     fn transport(&self) -> Result<TransportConfig, TlsError> {
         let mut t = TransportConfig::default();
         t.keep_alive_interval(Some(self.keepalive));
@@ -50,15 +87,39 @@ impl QuicTuning {
         t.stream_receive_window(VarInt::from_u32(self.stream_window));
         // Datagrams carry UDP flows; 1 MiB of receive buffer per connection.
         t.datagram_receive_buffer_size(Some(1024 * 1024));
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.max_udp_payload);
+        t.mtu_discovery_config(Some(mtu));
+        t.initial_mtu(self.initial_mtu);
         Ok(t)
     }
 }
 
-/// Most bidirectional streams an edge may have open towards the relay at
-/// once (its control stream, and streams to cloud ranges; more wait for
-/// credit). quinn preallocates ~90 bytes of state per stream the peer may
-/// open, per connection, so this is relay memory per idle session.
-const EDGE_OPENED_STREAMS: u32 = 256;
+/// Endpoint keys that survive a relay restart. quinn draws the
+/// stateless-reset key and the connection-ID key at random per process, so
+/// a restarted relay drops its predecessor's packets as invalid and the
+/// edges learn of the restart only when their idle timeout expires (20 s
+/// and more, measured in `lab/tests/faults.rs`). Derived from the relay's
+/// private key instead, the new process recognises the old connection IDs
+/// and answers with stateless resets the edges accept: they reconnect at
+/// once. Replicas sharing a key share these too, which is what lets any
+/// replica reset a connection meant for another.
+fn restart_safe_endpoint(tls: &TlsMaterial) -> quinn::EndpointConfig {
+    let derive = |label: &[u8]| {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"edge-relay endpoint key/");
+        ctx.update(label);
+        ctx.update(tls.key.secret_der());
+        ctx.finish()
+    };
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derive(b"stateless-reset").as_ref());
+    let mut cid = [0u8; 8];
+    cid.copy_from_slice(&derive(b"connection-id").as_ref()[..8]);
+    let cid = u64::from_le_bytes(cid);
+    let mut e = quinn::EndpointConfig::new(Arc::new(reset));
+    e.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid)));
+    e
+}
 
 /// A relay endpoint bound to `addr`, requiring client certificates.
 pub fn server_endpoint(
@@ -71,19 +132,17 @@ pub fn server_endpoint(
         .map_err(std::io::Error::other)?;
     let crypto = QuicServerConfig::try_from(rustls).map_err(std::io::Error::other)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let mut transport = tuning.transport().map_err(std::io::Error::other)?;
-    // The relay opens most streams (bounded by the *edge's* limit). quinn
-    // preallocates state for every stream the peer may open, so granting
-    // edges 10,000 cost ~900 KiB of relay memory per idle session
-    // (loadtest `sessions`).
-    transport.max_concurrent_bidi_streams(VarInt::from_u32(
-        tuning.max_bidi_streams.min(EDGE_OPENED_STREAMS),
-    ));
-    cfg.transport_config(Arc::new(transport));
+    // `tuning.max_bidi_streams` is what edges may open (see
+    // `QuicTuning::relay_default`).
+    cfg.transport_config(Arc::new(tuning.transport().map_err(std::io::Error::other)?));
     // Address validation costs a round trip per handshake; relays face a
     // known population of edges and we prefer fast reconnect storms.
     cfg.migration(true);
-    quinn::Endpoint::server(cfg, addr)
+    let sock = std::net::UdpSocket::bind(addr)?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    let endpoint = tuning.endpoint_config(restart_safe_endpoint(tls))?;
+    quinn::Endpoint::new(endpoint, Some(cfg), sock, runtime)
 }
 
 /// A client (edge) endpoint: bound to an ephemeral port, never listening.
@@ -109,8 +168,12 @@ pub fn client_endpoint(
     sock.bind(&bind.into())?;
     let runtime =
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
-    let mut ep =
-        quinn::Endpoint::new(quinn::EndpointConfig::default(), None, sock.into(), runtime)?;
+    let mut ep = quinn::Endpoint::new(
+        tuning.endpoint_config(quinn::EndpointConfig::default())?,
+        None,
+        sock.into(),
+        runtime,
+    )?;
     ep.set_default_client_config(cfg);
     Ok(ep)
 }
@@ -129,19 +192,35 @@ pub struct QuicFile {
     pub max_streams: Option<u32>,
     /// Per-stream receive window in bytes (default 1 MiB, at least 16 KiB).
     pub stream_window: Option<u32>,
+    /// Upper bound of path MTU discovery, UDP payload bytes (default 1452;
+    /// 1200 to 65527).
+    pub max_udp_payload: Option<u16>,
+    /// Starting packet size (default 1200); only for paths known to carry
+    /// it. At most `max_udp_payload`.
+    pub initial_mtu: Option<u16>,
 }
 
 impl QuicFile {
     /// Applies defaults and checks the values; errors are
     /// `(field, message)` with the field relative to `[quic]`.
-    pub fn resolve(&self) -> Result<QuicTuning, (&'static str, String)> {
-        let d = QuicTuning::default();
+    pub fn resolve(&self, d: QuicTuning) -> Result<QuicTuning, (&'static str, String)> {
         let t = QuicTuning {
             keepalive: self.keepalive.unwrap_or(d.keepalive),
             idle_timeout: self.idle_timeout.unwrap_or(d.idle_timeout),
             max_bidi_streams: self.max_streams.unwrap_or(d.max_bidi_streams),
             stream_window: self.stream_window.unwrap_or(d.stream_window),
+            max_udp_payload: self.max_udp_payload.unwrap_or(d.max_udp_payload),
+            initial_mtu: self.initial_mtu.unwrap_or(d.initial_mtu),
         };
+        if t.initial_mtu < 1200 || t.initial_mtu > t.max_udp_payload {
+            return Err((
+                "initial_mtu",
+                "must be between 1200 and max_udp_payload".into(),
+            ));
+        }
+        if !(1200..=65527).contains(&t.max_udp_payload) {
+            return Err(("max_udp_payload", "must be between 1200 and 65527".into()));
+        }
         if t.keepalive.is_zero() {
             return Err(("keepalive", "must be greater than zero".into()));
         }
@@ -167,7 +246,7 @@ mod tests {
 
     #[test]
     fn quic_file_defaults_and_validation() {
-        let t = QuicFile::default().resolve().unwrap();
+        let t = QuicFile::default().resolve(QuicTuning::default()).unwrap();
         assert!(
             t.keepalive < Duration::from_secs(30),
             "keep-alive must beat CGNAT timeouts"
@@ -177,11 +256,17 @@ mod tests {
             idle_timeout: Some(Duration::from_secs(20)),
             ..Default::default()
         };
-        assert_eq!(bad.resolve().unwrap_err().0, "keepalive");
+        assert_eq!(
+            bad.resolve(QuicTuning::default()).unwrap_err().0,
+            "keepalive"
+        );
         let bad = QuicFile {
             stream_window: Some(10),
             ..Default::default()
         };
-        assert_eq!(bad.resolve().unwrap_err().0, "stream_window");
+        assert_eq!(
+            bad.resolve(QuicTuning::default()).unwrap_err().0,
+            "stream_window"
+        );
     }
 }
