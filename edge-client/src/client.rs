@@ -518,7 +518,17 @@ async fn run_session(
                 conn.close(close_code::NORMAL, "edge shutting down");
                 return SessionEnd::Lost("shutdown".into());
             }
-            why = conn.closed() => return SessionEnd::Lost(why),
+            why = conn.closed() => {
+                // A QUIC probe that just registered supersedes this session,
+                // and the relay closes this one before the probe reads its
+                // answer: let the probe finish rather than drop it.
+                if let Some(p) = probe.take() {
+                    if let Ok(Ok(Ok(c))) = tokio::time::timeout(cfg.handshake_timeout, p).await {
+                        return SessionEnd::Upgrade(Box::new(c));
+                    }
+                }
+                return SessionEnd::Lost(why);
+            }
             bi = conn.accept_bi() => match bi {
                 Ok(bi) => {
                     let f = (conn.clone(), flows.clone());

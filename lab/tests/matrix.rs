@@ -67,8 +67,21 @@ fn agent_routes(lab: &NetnsLab) -> Result<String> {
 
 #[test]
 fn seed_matrix_through_relay_installed_routes() -> Result<()> {
+    run_matrix(None, "lab-matrix.txt")
+}
+
+/// The same matrix with UDP blocked at edge1's NAT: edge1 must come up
+/// over the TLS+TCP fallback and every cell must still pass; then UDP
+/// comes back and edge1 must move to QUIC without its routes ever leaving
+/// the relay.
+#[test]
+fn seed_matrix_with_udp_blocked_at_one_edge() -> Result<()> {
+    run_matrix(Some(1), "lab-matrix-udp-blocked.txt")
+}
+
+fn run_matrix(udp_blocked_at: Option<u8>, report: &str) -> Result<()> {
     if let Some(skip) = netns::require_root() {
-        eprintln!("SKIPPED seed_matrix_through_relay_installed_routes: {skip}");
+        eprintln!("SKIPPED the seed matrix ({report}): {skip}");
         return Ok(());
     }
     relay_lab::init();
@@ -124,13 +137,42 @@ fn seed_matrix_through_relay_installed_routes() -> Result<()> {
         lab.exec(Role::Cloud2, &["ip", "route", "del", r])?;
     }
 
+    let mut cfg1 = edge_config(&pki, 1)?;
+    if let Some(site) = udp_blocked_at {
+        lab.block_udp(site)?;
+        // Short, so the test measures the mechanism, not the defaults
+        // (3 s to fall back, 60 s between QUIC probes).
+        cfg1.quic_fallback_after = Duration::from_secs(1);
+        cfg1.quic_probe_interval = Duration::from_secs(1);
+    }
     let t_up = Instant::now();
     let relay = start_relay(&lab, relay_config(&pki)?)?;
-    let edge1 = start_edge(&lab, 1, edge_config(&pki, 1)?)?;
+    let edge1 = start_edge(&lab, 1, cfg1)?;
     let edge2 = start_edge(&lab, 2, edge_config(&pki, 2)?)?;
     let up = t_up.elapsed();
     let agent = start_agent(&lab)?;
     let mut m = Table::new(&["case", "path", "result"]);
+    if udp_blocked_at.is_some() {
+        m.note(
+            &[
+                "UDP blocked at nat1 → edge1 on TCP",
+                "admin: /v1/sessions/edge1",
+            ],
+            admin(&lab, "/v1/sessions/edge1").and_then(|b| {
+                let row: relay_server::admin::SessionRow = serde_json::from_str(&b)?;
+                anyhow::ensure!(
+                    row.transport == "tcp" && row.fallbacks >= 1,
+                    "transport {} fallbacks {}",
+                    row.transport,
+                    row.fallbacks
+                );
+                Ok(format!(
+                    "transport tcp, fallbacks {}, up in {up:?}",
+                    row.fallbacks
+                ))
+            }),
+        );
+    }
     m.note(
         &[
             "route agent installs edge routes",
@@ -345,20 +387,79 @@ fn seed_matrix_through_relay_installed_routes() -> Result<()> {
         let row: relay_server::admin::SessionRow = serde_json::from_str(&b)?;
         Ok(row.udp_max_payload)
     });
-    m.note(
-        &[
+    // Over QUIC a 3000-byte payload is larger than the path's datagram and
+    // must be dropped and counted; over the TCP fallback datagrams carry up
+    // to 64 KiB, so the same payload must arrive. Either way the admin API
+    // says which limit applies.
+    let (case, outcome) = match udp_blocked_at {
+        None => (
             "UDP larger than the path: dropped and counted",
-            "cpod2 → 10.244.7.5:53/udp, 3000 bytes",
-        ],
-        match (big, counted, max_payload) {
-            (Ok(true), Ok(c), Ok(max)) if c.ends_with(" 1") && (1000..3000).contains(&max) => Ok(
-                format!("no reply; {c}; admin reports udp_max_payload {max}"),
-            ),
-            (b, c, mp) => Err(anyhow::anyhow!(
-                "no-reply={b:?} metric={c:?} max_payload={mp:?}"
-            )),
-        },
-    );
+            match (big, counted, max_payload) {
+                (Ok(true), Ok(c), Ok(max)) if c.ends_with(" 1") && (1000..3000).contains(&max) => {
+                    Ok(format!(
+                        "no reply; {c}; admin reports udp_max_payload {max}"
+                    ))
+                }
+                (b, c, mp) => Err(anyhow::anyhow!(
+                    "no-reply={b:?} metric={c:?} max_payload={mp:?}"
+                )),
+            },
+        ),
+        Some(_) => (
+            "UDP 3000 bytes over TCP fallback: carried",
+            match (big, counted, max_payload) {
+                (Ok(false), Ok(c), Ok(max)) if c.ends_with(" 0") && max > 3000 => {
+                    Ok(format!("replied; {c}; admin reports udp_max_payload {max}"))
+                }
+                (b, c, mp) => Err(anyhow::anyhow!(
+                    "no-reply={b:?} metric={c:?} max_payload={mp:?}"
+                )),
+            },
+        ),
+    };
+    m.note(&[case, "cpod2 → 10.244.7.5:53/udp, 3000 bytes"], outcome);
+
+    if let Some(site) = udp_blocked_at {
+        // UDP comes back: edge1's probe finds QUIC and its new session
+        // supersedes the TCP one; its prefix must stay on the relay
+        // throughout (polled every 20 ms).
+        lab.unblock_udp(site)?;
+        let t = Instant::now();
+        let mut moved = None;
+        let mut gap = None;
+        while t.elapsed() < Duration::from_secs(10) {
+            let set = lab.exec(
+                Role::Relay,
+                &["nft", "list", "set", "inet", "edge_relay", "dst4"],
+            )?;
+            if !set.contains("10.244.7.0/24") {
+                gap.get_or_insert(t.elapsed());
+            }
+            let row: relay_server::admin::SessionRow =
+                serde_json::from_str(&admin(&lab, "/v1/sessions/edge1")?)?;
+            if row.transport == "quic" {
+                moved = Some(t.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m.note(
+            &[
+                "UDP back → edge1 moves to QUIC, routes kept",
+                "relay: nft set + admin, every 20 ms",
+            ],
+            match (moved, gap) {
+                (Some(d), None) => Ok(format!("on quic after {d:?}; 10.244.7.0/24 never absent")),
+                (_, Some(g)) => Err(anyhow::anyhow!("10.244.7.0/24 absent at {g:?}")),
+                (None, None) => Err(anyhow::anyhow!("still on tcp after 10 s")),
+            },
+        );
+        m.check(
+            &["after the move: cloud pod → edge pod", "cpod2 → 10.244.7.5"],
+            "epod1",
+            http_from(&lab, Role::Cpod2, sa(epod1, HTTP)),
+        );
+    }
 
     // Route hygiene: an edge leaves; its routes go from the relay within
     // seconds, and connections to its pods fail fast.
@@ -458,7 +559,7 @@ fn seed_matrix_through_relay_installed_routes() -> Result<()> {
     drop(lab);
     let teardown = t_down.elapsed();
     let summary = m.publish(
-        "lab-matrix.txt",
+        report,
         &format!(
             "lab build {build:?}, relay + 2 edges up {up:?}, lab teardown {teardown:?}; {} of {} cells passed",
             m.passed(),
