@@ -17,7 +17,7 @@ use tokio::signal::unix::{signal, SignalKind};
 #[command(version, about, long_about = None)]
 struct Cli {
     /// TOML configuration file (see README "Configuration reference").
-    #[arg(short, long, env = "RELAY_CONFIG")]
+    #[arg(short, long, env = "RELAY_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Once listening, write the bound addresses here as JSON
     /// (`{"quic": .., "connect": .., "admin": ..}`), for supervisors and

@@ -70,3 +70,29 @@ fn check_config_names_the_bad_field() {
         "bogus_field",
     );
 }
+
+#[test]
+fn config_may_follow_the_subcommand_and_a_good_config_passes() {
+    // The form README.md shows: `relay-server check-config --config F`.
+    let dir = scratch("good");
+    let pki =
+        relay_transport::devcerts::DevPki::generate(&["localhost"], &["edge-1"]).expect("pki");
+    pki.write_to(&dir).expect("write pki");
+    let file = dir.join("relay.toml");
+    let text = format!(
+        "[listen]\nquic = \"127.0.0.1:0\"\n[tls]\ncert = \"{d}/relay.pem\"\nkey = \"{d}/relay-key.pem\"\nclient_ca = \"{d}/ca.pem\"\n[nodes]\n\"edge-1\" = [\"10.244.7.0/24\"]\n",
+        d = dir.display()
+    );
+    std::fs::write(&file, text).expect("write config");
+    let out = relay_server(&[
+        "check-config",
+        "--config",
+        file.to_str().expect("utf-8 path"),
+    ]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "good config refused: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ok (relay_id relay-0, 1 nodes)"),
+        "{out:?}"
+    );
+}
