@@ -1,6 +1,6 @@
 //! Edge-side capture: traffic from this node's pods and host processes to
 //! the relay's tunnel routes (cloud ranges, other edges' routes) is caught
-//! by TPROXY and sent through the tunnel as streams the edge opens.
+//! by an nftables redirect and sent through the tunnel as streams the edge opens.
 //!
 //! The capture follows the session: the routes come from the hello and
 //! from `RouteUpdate`s. While reconnecting, the last routes stay installed

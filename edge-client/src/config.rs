@@ -64,7 +64,7 @@ pub struct EdgeConfig {
     pub max_udp_flows: usize,
     /// When set, traffic from this node towards the relay's tunnel routes
     /// (cloud ranges, other edges) is captured and sent through the tunnel
-    /// (nftables TPROXY + policy routing; needs CAP_NET_ADMIN).
+    /// (nftables redirect + policy routing; needs CAP_NET_ADMIN).
     pub capture: Option<CaptureConfig>,
 }
 

@@ -7,7 +7,7 @@
 //! cloud → edge pod fails, as with plain Flannel) and route hygiene.
 //!
 //! Everything is real: relay-server and edge-client libraries run with
-//! capture on (nftables TPROXY + policy routing) inside their namespaces,
+//! capture on (nftables redirect + policy routing) inside their namespaces,
 //! edges behind masquerading NATs that drop inbound connections.
 //! Needs root; skips loudly otherwise, and fails instead of skipping under
 //! CI=true or REQUIRE_LAB=1.

@@ -755,6 +755,21 @@ pub(crate) fn write_json(path: Option<&Path>, v: &serde_json::Value) -> Result<(
     Ok(())
 }
 
+/// `LOADTEST_MAX_UDP_PAYLOAD`, validated (see `Bench::write_relay_config`).
+fn max_udp_payload() -> Result<Option<u16>> {
+    match std::env::var("LOADTEST_MAX_UDP_PAYLOAD") {
+        Err(_) => Ok(None),
+        Ok(v) => {
+            let p: u16 = v
+                .parse()
+                .ok()
+                .filter(|p| (1200..=65527).contains(p))
+                .with_context(|| format!("LOADTEST_MAX_UDP_PAYLOAD={v:?}: want 1200 to 65527"))?;
+            Ok(Some(p))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -769,20 +784,5 @@ mod tests {
         assert!(parse_bytes("99999999999999999999G").is_err());
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
-    }
-}
-
-/// `LOADTEST_MAX_UDP_PAYLOAD`, validated (see `Bench::write_relay_config`).
-fn max_udp_payload() -> Result<Option<u16>> {
-    match std::env::var("LOADTEST_MAX_UDP_PAYLOAD") {
-        Err(_) => Ok(None),
-        Ok(v) => {
-            let p: u16 = v
-                .parse()
-                .ok()
-                .filter(|p| (1200..=65527).contains(p))
-                .with_context(|| format!("LOADTEST_MAX_UDP_PAYLOAD={v:?}: want 1200 to 65527"))?;
-            Ok(Some(p))
-        }
     }
 }

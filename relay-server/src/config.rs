@@ -113,7 +113,7 @@ pub struct RelayConfig {
     /// Bounds.
     pub limits: Limits,
     /// When set, the relay captures traffic to every live session's routes
-    /// (nftables TPROXY + policy routing; needs CAP_NET_ADMIN).
+    /// (nftables redirect + policy routing; needs CAP_NET_ADMIN).
     pub capture: Option<CaptureConfig>,
 }
 

@@ -3,9 +3,10 @@
 //!
 //! - [`FlowTable`]: per connection, flow id → bounded queue of payloads
 //!   from the tunnel; [`pump_datagrams`] fills it from the connection.
-//! - [`TransparentUdp`]: the capture side's socket: `IP_TRANSPARENT` +
-//!   `IP_RECVORIGDSTADDR`, so each packet comes with the address the client
-//!   meant; [`reply_socket`] answers *from* that address.
+//! - [`RedirectUdp`]: the capture side's socket: it receives redirected
+//!   packets with the local address they were redirected to, looks up
+//!   their original destination in conntrack once per flow, and answers
+//!   from the redirected address so the kernel restores the original one.
 //! - [`serve_target`]: the far side of a flow: a connected UDP socket to the
 //!   target, datagrams both ways, ended by idleness or by the stream.
 //! - [`run_opened_flow`]: the capture side of a flow once the far side
