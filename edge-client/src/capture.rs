@@ -9,10 +9,10 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use relay_protocol::{Cidr, StreamOpen, Target, L4};
 use relay_transport::capture::Capture;
+use relay_transport::conn::accept_until;
 use relay_transport::conn::open_stream;
 use relay_transport::splice::splice;
 use relay_transport::udp::{FlowLimits, FlowTable, PickConn, RedirectUdp};
@@ -95,16 +95,8 @@ async fn accept_loop(
     cancel: CancellationToken,
 ) {
     loop {
-        let (sock, peer) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = l.accept() => match r {
-                Ok(v) => v,
-                Err(e) => {
-                    debug!(error = %e, "transparent accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((sock, peer)) = accept_until(&cancel, "capture", || l.accept()).await else {
+            return;
         };
         let conn = conns.borrow().clone();
         let (cfg, stats) = (cfg.clone(), stats.clone());

@@ -714,6 +714,18 @@ impl Table {
         self.rows.push(cells);
     }
 
+    /// Adds a `figure | median | runs` row: the label, the median of
+    /// `runs`, and every run, all formatted with `fmt`.
+    pub(crate) fn stat(
+        &mut self,
+        label: impl Into<String>,
+        runs: &[f64],
+        fmt: impl Fn(f64) -> String,
+    ) {
+        let all = runs.iter().map(|x| fmt(*x)).collect::<Vec<_>>().join(", ");
+        self.rows.push(vec![label.into(), fmt(median(runs)), all]);
+    }
+
     /// Prints the table to stdout.
     pub(crate) fn print(&self) {
         let cols = self.header.len();

@@ -193,32 +193,13 @@ pub(crate) async fn run(a: Args) -> Result<()> {
     let idle: Vec<f64> = runs.iter().map(|o| o.before as f64).collect();
     let after: Vec<f64> = runs.iter().map(|o| o.after as f64).collect();
     let mut t = Table::new(&["figure", "median", "runs"]);
-    let list = |v: &[f64], f: &dyn Fn(f64) -> String| {
-        v.iter().map(|x| f(*x)).collect::<Vec<_>>().join(", ")
-    };
     let kib = |x: f64| format!("{:.1} KiB", x / 1024.0);
     let mib = |x: f64| format!("{:.1} MiB", x / 1048576.0);
     let secs = |x: f64| format!("{x:.3} s");
-    t.row(vec![
-        "relay RSS, no sessions".into(),
-        mib(median(&idle)),
-        list(&idle, &mib),
-    ]);
-    t.row(vec![
-        format!("relay RSS, {} sessions", a.edges),
-        mib(median(&after)),
-        list(&after, &mib),
-    ]);
-    t.row(vec![
-        "relay memory per session".into(),
-        kib(median(&per)),
-        list(&per, &kib),
-    ]);
-    t.row(vec![
-        format!("time until all {} registered", a.edges),
-        secs(median(&reg)),
-        list(&reg, &secs),
-    ]);
+    t.stat("relay RSS, no sessions", &idle, mib);
+    t.stat(format!("relay RSS, {} sessions", a.edges), &after, mib);
+    t.stat("relay memory per session", &per, kib);
+    t.stat(format!("time until all {} registered", a.edges), &reg, secs);
     t.print();
     write_json(
         a.json.as_deref(),

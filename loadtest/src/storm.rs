@@ -157,63 +157,27 @@ pub(crate) async fn run(a: Args) -> Result<()> {
     let smax = f(&|o| o.storm.max_us());
     let errs = f(&|o| o.storm.errors as f64);
     let gap = f(&|o| o.storm.max_gap);
-    let list = |v: &[f64], d: usize| {
-        v.iter()
-            .map(|x| format!("{x:.d$}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let mut t = Table::new(&["figure", "median", "runs"]);
-    t.row(vec![
-        "relay exit after SIGTERM (s)".into(),
-        format!("{:.2}", median(&exit)),
-        list(&exit, 2),
-    ]);
-    t.row(vec![
-        "new relay ready (s after SIGTERM)".into(),
-        format!("{:.2}", median(&ready)),
-        list(&ready, 2),
-    ]);
-    t.row(vec![
+    t.stat("relay exit after SIGTERM (s)", &exit, |x| format!("{x:.2}"));
+    t.stat("new relay ready (s after SIGTERM)", &ready, |x| {
+        format!("{x:.2}")
+    });
+    t.stat(
         format!("all {} edges registered again (s after SIGTERM)", a.edges),
-        format!("{:.2}", median(&back)),
-        list(&back, 2),
-    ]);
-    t.row(vec![
-        "rr p50 µs, quiet relay".into(),
-        format!("{:.0}", median(&qp50)),
-        list(&qp50, 0),
-    ]);
-    t.row(vec![
-        "rr p99 µs, quiet relay".into(),
-        format!("{:.0}", median(&qp99)),
-        list(&qp99, 0),
-    ]);
-    t.row(vec![
-        "rr p50 µs, during restart".into(),
-        format!("{:.0}", median(&sp50)),
-        list(&sp50, 0),
-    ]);
-    t.row(vec![
-        "rr p99 µs, during restart".into(),
-        format!("{:.0}", median(&sp99)),
-        list(&sp99, 0),
-    ]);
-    t.row(vec![
-        "rr max µs, during restart".into(),
-        format!("{:.0}", median(&smax)),
-        list(&smax, 0),
-    ]);
-    t.row(vec![
-        "rr failed requests during restart".into(),
-        format!("{:.0}", median(&errs)),
-        list(&errs, 0),
-    ]);
-    t.row(vec![
-        "rr longest time without an answer (s)".into(),
-        format!("{:.2}", median(&gap)),
-        list(&gap, 2),
-    ]);
+        &back,
+        |x| format!("{x:.2}"),
+    );
+    t.stat("rr p50 µs, quiet relay", &qp50, |x| format!("{x:.0}"));
+    t.stat("rr p99 µs, quiet relay", &qp99, |x| format!("{x:.0}"));
+    t.stat("rr p50 µs, during restart", &sp50, |x| format!("{x:.0}"));
+    t.stat("rr p99 µs, during restart", &sp99, |x| format!("{x:.0}"));
+    t.stat("rr max µs, during restart", &smax, |x| format!("{x:.0}"));
+    t.stat("rr failed requests during restart", &errs, |x| {
+        format!("{x:.0}")
+    });
+    t.stat("rr longest time without an answer (s)", &gap, |x| {
+        format!("{x:.2}")
+    });
     t.print();
     write_json(
         a.json.as_deref(),

@@ -207,40 +207,23 @@ pub(crate) async fn run(a: Args) -> Result<()> {
     let open_rate = f(&|o| m / o.open_s);
     let kib = |x: f64| format!("{:.1} KiB", x / 1024.0);
     let mib = |x: f64| format!("{:.1} MiB", x / 1048576.0);
-    let list = |v: &[f64], g: &dyn Fn(f64) -> String| {
-        v.iter().map(|x| g(*x)).collect::<Vec<_>>().join(", ")
-    };
     let mut t = Table::new(&["figure", "median", "runs"]);
-    t.row(vec![
-        "relay RSS, 1 session, idle".into(),
-        mib(median(&relay_idle)),
-        list(&relay_idle, &mib),
-    ]);
-    t.row(vec![
-        "edge RSS, idle".into(),
-        mib(median(&edge_idle)),
-        list(&edge_idle, &mib),
-    ]);
-    t.row(vec![
+    t.stat("relay RSS, 1 session, idle", &relay_idle, mib);
+    t.stat("edge RSS, idle", &edge_idle, mib);
+    t.stat(
         format!("relay memory per stream ({} streams)", a.streams),
-        kib(median(&relay_per)),
-        list(&relay_per, &kib),
-    ]);
-    t.row(vec![
+        &relay_per,
+        kib,
+    );
+    t.stat(
         format!("edge memory per stream ({} streams)", a.streams),
-        kib(median(&edge_per)),
-        list(&edge_per, &kib),
-    ]);
-    t.row(vec![
-        "relay RSS 2 s after closing them".into(),
-        mib(median(&relay_closed)),
-        list(&relay_closed, &mib),
-    ]);
-    t.row(vec![
-        "streams opened per second (64 openers)".into(),
-        format!("{:.0}", median(&open_rate)),
-        list(&open_rate, &|x| format!("{x:.0}")),
-    ]);
+        &edge_per,
+        kib,
+    );
+    t.stat("relay RSS 2 s after closing them", &relay_closed, mib);
+    t.stat("streams opened per second (64 openers)", &open_rate, |x| {
+        format!("{x:.0}")
+    });
     t.print();
     write_json(
         a.json.as_deref(),

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use relay_protocol::Cidr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -73,28 +72,7 @@ async fn fetch(cfg: &AgentConfig) -> anyhow::Result<BTreeSet<Cidr>> {
 }
 
 async fn ip(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
-    let mut c = Command::new("ip");
-    c.args(args)
-        .stdin(if stdin.is_some() {
-            std::process::Stdio::piped()
-        } else {
-            std::process::Stdio::null()
-        })
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = c.spawn()?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes()).await?;
-    }
-    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output()).await??;
-    anyhow::ensure!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    Ok(relay_transport::capture::command("ip", args, stdin).await?)
 }
 
 /// Our routes now on this host.

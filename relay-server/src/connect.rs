@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use relay_protocol::{StreamReply, StreamStatus};
+use relay_transport::conn::accept_until;
 use relay_transport::splice::{splice, LocalStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UnixListener};
@@ -30,17 +31,8 @@ pub(crate) async fn serve_tcp(
     stop: CancellationToken,
 ) -> &'static str {
     loop {
-        let (sock, peer) = tokio::select! {
-            _ = stop.cancelled() => return "connect",
-            r = l.accept() => match r {
-                Ok(v) => v,
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    debug!(error = %e, "connect accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((sock, peer)) = accept_until(&stop, "connect", || l.accept()).await else {
+            return "connect";
         };
         let _ = sock.set_nodelay(true);
         let shared = shared.clone();
@@ -74,16 +66,8 @@ pub(crate) async fn serve_unix(
     stop: CancellationToken,
 ) -> &'static str {
     loop {
-        let sock = tokio::select! {
-            _ = stop.cancelled() => return "connect_unix",
-            r = l.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    debug!(error = %e, "unix accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((sock, _)) = accept_until(&stop, "connect_unix", || l.accept()).await else {
+            return "connect_unix";
         };
         let shared = shared.clone();
         tokio::spawn(async move {

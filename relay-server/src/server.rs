@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use relay_protocol::close_code;
+use relay_transport::conn::accept_until;
 use relay_transport::{quic, TunnelConn};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -408,16 +409,8 @@ async fn accept_tcp(
     sessions: TaskTracker,
 ) -> &'static str {
     loop {
-        let (sock, remote) = tokio::select! {
-            _ = stop.cancelled() => return "tcp fallback",
-            r = l.accept() => match r {
-                Ok(v) => v,
-                Err(e) => {
-                    debug!(error = %e, "tcp accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((sock, remote)) = accept_until(&stop, "tcp fallback", || l.accept()).await else {
+            return "tcp fallback";
         };
         // Same admission control as QUIC handshakes.
         let Some(admitted) = shared.admit() else {

@@ -13,6 +13,7 @@ use relay_protocol::{
     close_code, Cidr, FrameError, StreamOpen, StreamReply, StreamStatus, Target, L4,
 };
 use relay_transport::capture::Capture;
+use relay_transport::conn::accept_until;
 use relay_transport::splice::{dial_tcp, splice, splice_tunnels};
 use relay_transport::BiStream;
 use tokio::net::TcpListener;
@@ -83,16 +84,8 @@ pub(crate) async fn serve_transparent(
     stop: CancellationToken,
 ) -> &'static str {
     loop {
-        let (sock, peer) = tokio::select! {
-            _ = stop.cancelled() => return "transparent",
-            r = l.accept() => match r {
-                Ok(v) => v,
-                Err(e) => {
-                    debug!(error = %e, "transparent accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((sock, peer)) = accept_until(&stop, "transparent", || l.accept()).await else {
+            return "transparent";
         };
         let shared = shared.clone();
         tokio::spawn(async move {

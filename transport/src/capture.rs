@@ -150,8 +150,14 @@ pub struct CaptureError {
     pub msg: String,
 }
 
-/// Runs a command with a bound, feeding `stdin`; fails with its stderr.
-async fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<(), CaptureError> {
+/// Runs a command (no shell) with a 10 s bound, feeding `stdin`; returns
+/// its standard output, or fails with its standard error. Shared by every
+/// piece that drives `nft` and `ip` (capture here, the route agent).
+pub async fn command(
+    prog: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, CaptureError> {
     let cmd = format!("{prog} {}", args.join(" "));
     let fail = |msg: String| CaptureError {
         cmd: cmd.clone(),
@@ -164,7 +170,7 @@ async fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<(), Captu
         } else {
             std::process::Stdio::null()
         })
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     let mut child = c.spawn().map_err(|e| fail(e.to_string()))?;
@@ -179,7 +185,7 @@ async fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<(), Captu
         .map_err(|_| fail("timed out after 10s".into()))?
         .map_err(|e| fail(e.to_string()))?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
     } else {
         Err(fail(
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
@@ -187,29 +193,12 @@ async fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<(), Captu
     }
 }
 
-/// Runs a command with a bound and returns its standard output.
+async fn run(prog: &str, args: &[&str], stdin: Option<&str>) -> Result<(), CaptureError> {
+    command(prog, args, stdin).await.map(|_| ())
+}
+
 async fn output(prog: &str, args: &[&str]) -> Result<String, CaptureError> {
-    let cmd = format!("{prog} {}", args.join(" "));
-    let out = tokio::time::timeout(
-        Duration::from_secs(10),
-        Command::new(prog).args(args).kill_on_drop(true).output(),
-    )
-    .await
-    .map_err(|_| CaptureError {
-        cmd: cmd.clone(),
-        msg: "timed out after 10s".into(),
-    })?
-    .map_err(|e| CaptureError {
-        cmd: cmd.clone(),
-        msg: e.to_string(),
-    })?;
-    if !out.status.success() {
-        return Err(CaptureError {
-            cmd,
-            msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    command(prog, args, None).await
 }
 
 /// Installed capture state; [`Capture::apply`] moves it to a new prefix set.

@@ -329,3 +329,29 @@ pub async fn open_stream(
         )),
     }
 }
+
+/// Waits for the next accepted connection, or `None` once `stop` fires.
+/// Accept errors (EMFILE and friends) are logged and retried after 50 ms,
+/// so a listener under fd pressure neither spins nor dies.
+pub async fn accept_until<T, F, Fut>(
+    stop: &tokio_util::sync::CancellationToken,
+    what: &str,
+    mut accept: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = io::Result<T>>,
+{
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            r = accept() => match r {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    tracing::debug!(error = %e, listener = what, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}

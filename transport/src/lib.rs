@@ -15,7 +15,7 @@
 //! - [`devcerts`]: a development PKI (CA, relay and node certificates).
 //! - [`udp`]: UDP flows over datagrams; the capture side of UDP.
 //! - [`tcp`]: the TLS+TCP+yamux fallback transport.
-//! - [`capture`]: capture (nftables redirect + policy routing)
+//! - [`capture`]: kernel capture of traffic (nftables redirect + policy routing)
 //!   of the prefixes to send through the tunnel.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
