@@ -503,8 +503,13 @@ async fn run_session(
     let BiStream { mut send, recv } = control;
     let mut frames = FramedRead::new(recv, codec::frame_codec());
     // The relay pings every keep-alive interval; a relay silent for the
-    // idle timeout is gone (this is the only liveness check on TCP).
+    // idle timeout is gone (this is the only liveness check on TCP); the
+    // edge pings every interval too (see the tick arm).
     let mut last_heard = Instant::now();
+    // A ping of ours still unanswered at the next tick means the path is
+    // gone (e.g. the NAT rebound and dropped the relay's reset): reconnect
+    // after one keep-alive interval instead of waiting for the idle timeout.
+    let mut ping_unanswered = false;
     let mut tick = tokio::time::interval(cfg.quic.keepalive);
     // On the TCP fallback in auto mode, keep trying QUIC in the background.
     let probing =
@@ -542,6 +547,10 @@ async fn run_session(
                     last_heard = Instant::now();
                     match decode::<Control>(&bytes) {
                         Ok(Control::Ping { nonce }) => Control::Pong { nonce },
+                        Ok(Control::Pong { .. }) => {
+                            ping_unanswered = false;
+                            continue;
+                        }
                         Ok(Control::RouteUpdate { tunnel_routes }) => {
                             state.send_modify(|s| {
                                 if let EdgeState::Connected { tunnel_routes: r, .. } = s {
@@ -574,7 +583,17 @@ async fn run_session(
                     conn.close(close_code::PROTOCOL, "relay silent");
                     return SessionEnd::Lost(format!("nothing from the relay for {:?}", last_heard.elapsed()));
                 }
-                continue;
+                if ping_unanswered {
+                    conn.close(close_code::PROTOCOL, "ping unanswered");
+                    return SessionEnd::Lost(format!("no answer to a ping within {:?}", cfg.quic.keepalive));
+                }
+                ping_unanswered = true;
+                // The edge pings too: after a NAT rebinding an idle TCP
+                // session would otherwise send nothing until its idle
+                // timeout, while the relay's pings die at the NAT. Our ping
+                // leaves through the new mapping, the relay's kernel resets
+                // the unknown connection, and we reconnect in seconds.
+                Control::Ping { nonce: rand::random() }
             }
             _ = tokio::time::sleep_until(probe_at), if probing && probe.is_none() => {
                 let (cfg, stats) = (cfg.clone(), stats.clone());
@@ -600,8 +619,20 @@ async fn run_session(
                 continue;
             }
         };
-        if let Err(e) = write_frame(&mut send, &reply).await {
-            return SessionEnd::Lost(format!("control write: {e}"));
+        // Bounded: on a path that died silently (a NAT that rebound and
+        // dropped the relay's reset) a write on the TCP fallback can block;
+        // a control message not written within a keep-alive interval means
+        // the session is gone.
+        match tokio::time::timeout(cfg.quic.keepalive, write_frame(&mut send, &reply)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return SessionEnd::Lost(format!("control write: {e}")),
+            Err(_) => {
+                conn.close(close_code::PROTOCOL, "control write stuck");
+                return SessionEnd::Lost(format!(
+                    "control write not done within {:?}",
+                    cfg.quic.keepalive
+                ));
+            }
         }
     }
 }

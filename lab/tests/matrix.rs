@@ -420,26 +420,82 @@ fn run_matrix(udp_blocked_at: Option<u8>, report: &str) -> Result<()> {
     m.note(&[case, "cpod2 → 10.244.7.5:53/udp, 3000 bytes"], outcome);
 
     if let Some(site) = udp_blocked_at {
+        // NAT rebinding on the TCP fallback. TCP cannot migrate: when nat1
+        // starts using another address the relay's next ping meets the NAT,
+        // which resets it, and the stale session must leave the relay
+        // within its ping interval (bound 7 s). Switching the NAT back is a
+        // second rebinding of a live path; the edge must notice (a stuck
+        // control write or an unanswered ping, bounded by its keep-alive)
+        // and be back with working streams within 15 s.
+        let before: relay_server::admin::SessionRow =
+            serde_json::from_str(&admin(&lab, "/v1/sessions/edge1")?)?;
+        lab.change_masquerade_addr(site, Ipv4Addr::new(198, 18, 0, 21))?;
+        let stale_gone = within(Duration::from_secs(7), || {
+            let row = admin(&lab, "/v1/sessions/edge1")
+                .ok()
+                .and_then(|b| serde_json::from_str::<relay_server::admin::SessionRow>(&b).ok());
+            Ok(row.is_none_or(|r| r.generation != before.generation))
+        });
+        m.note(
+            &[
+                "NAT rebinding on TCP → stale session dropped",
+                "nat1 masquerade → 198.18.0.21",
+            ],
+            stale_gone.map(|d| format!("relay dropped it after {d:?}")),
+        );
+        lab.change_masquerade_addr(site, netns::nat_wan_ip(site))?;
+        let back = within(Duration::from_secs(15), || {
+            let row = admin(&lab, "/v1/sessions/edge1")
+                .ok()
+                .and_then(|b| serde_json::from_str::<relay_server::admin::SessionRow>(&b).ok());
+            let set = lab.exec(
+                Role::Relay,
+                &["nft", "list", "set", "inet", "edge_relay", "dst4"],
+            )?;
+            Ok(
+                row.is_some_and(|r| r.generation > before.generation && r.transport == "tcp")
+                    && set.contains("10.244.7.0/24")
+                    && http_from(&lab, Role::Cpod2, sa(epod1, HTTP)).is_ok(),
+            )
+        });
+        m.note(
+            &[
+                "NAT rebound again → edge1 back over TCP",
+                "nat1 masquerade → 198.18.0.11",
+            ],
+            back.map(|d| {
+                format!("new session, routes installed, cpod2 → epod1 works, after {d:?}")
+            }),
+        );
+
         // UDP comes back: edge1's probe finds QUIC and its new session
         // supersedes the TCP one; its prefix must stay on the relay
         // throughout (polled every 20 ms).
         lab.unblock_udp(site)?;
         let t = Instant::now();
         let mut moved = None;
-        let mut gap = None;
+        let mut gap: Option<String> = None;
+        let mut history = Vec::new();
         while t.elapsed() < Duration::from_secs(10) {
             let set = lab.exec(
                 Role::Relay,
                 &["nft", "list", "set", "inet", "edge_relay", "dst4"],
             )?;
             if !set.contains("10.244.7.0/24") {
-                gap.get_or_insert(t.elapsed());
+                gap.get_or_insert(format!("prefix absent at {:?}", t.elapsed()));
             }
-            let row: relay_server::admin::SessionRow =
-                serde_json::from_str(&admin(&lab, "/v1/sessions/edge1")?)?;
-            if row.transport == "quic" {
-                moved = Some(t.elapsed());
-                break;
+            match admin(&lab, "/v1/sessions/edge1") {
+                Ok(body) => {
+                    let row: relay_server::admin::SessionRow = serde_json::from_str(&body)?;
+                    history.push((t.elapsed(), row.generation, row.transport.clone()));
+                    if row.transport == "quic" {
+                        moved = Some(t.elapsed());
+                        break;
+                    }
+                }
+                Err(e) => {
+                    gap.get_or_insert(format!("no session at {:?}: {e:#}", t.elapsed()));
+                }
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -450,7 +506,9 @@ fn run_matrix(udp_blocked_at: Option<u8>, report: &str) -> Result<()> {
             ],
             match (moved, gap) {
                 (Some(d), None) => Ok(format!("on quic after {d:?}; 10.244.7.0/24 never absent")),
-                (_, Some(g)) => Err(anyhow::anyhow!("10.244.7.0/24 absent at {g:?}")),
+                (_, Some(g)) => Err(anyhow::anyhow!(
+                    "{g}; sessions seen (t, generation, transport): {history:?}"
+                )),
                 (None, None) => Err(anyhow::anyhow!("still on tcp after 10 s")),
             },
         );

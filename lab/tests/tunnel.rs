@@ -874,3 +874,37 @@ async fn auto_mode_falls_back_to_tcp_when_udp_is_blocked() -> Result<()> {
     lab.stop().await;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_fallback_session_survives_idle_keepalive_periods() -> Result<()> {
+    let mut lab = Lab::start(1, |_| {}).await?;
+    lab.edges.pop().unwrap().shutdown().await;
+    let mut cfg = edge_config(&lab.pki, 0, lab.relay.quic_addr())?;
+    cfg.transport = edge_client::TransportMode::Tcp;
+    let edge = EdgeClient::spawn(cfg);
+    let (sid, _) = edge
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .expect("connected over tcp");
+    // Three keep-alive periods of silence: pings both ways must keep it.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let rows = sessions(lab.admin_addr()).await?;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (rows[0].session_id, rows[0].transport.as_str()),
+        (sid, "tcp"),
+        "{rows:?}"
+    );
+    let (web, _w) = spawn_http(SocketAddr::new(edge_ip(0), 0), "edge-0").await?;
+    let (code, _) = relay_lab::http_get(
+        connect_via(lab.connect_addr(), &web.to_string()).await?,
+        "x",
+        "/",
+        None,
+    )
+    .await?;
+    assert_eq!(code, 200);
+    edge.shutdown().await;
+    lab.stop().await;
+    Ok(())
+}

@@ -315,6 +315,7 @@ async fn drive<T>(
             "closed locally".to_string()
         }
     };
+    debug!(reason = %why, "yamux connection ended");
     close.cancel();
     closed.send_replace(Some(why));
 }
