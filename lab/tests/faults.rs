@@ -441,8 +441,15 @@ fn drain(t: &mut Table) -> Result<()> {
         }
         Ok(out)
     });
-    // Every transfer has its first chunk back: all 100 are in flight.
+    // All 100 in flight before the drain: bytes are moving, and the relay
+    // counts 100 open streams on edge1 (total bytes alone can be reached
+    // while a straggler is still connecting, and a connection opened after
+    // the drain is not "in flight").
     wait_progress(&progress, N as u64 * CHUNK as u64, Duration::from_secs(10))?;
+    within(Duration::from_secs(10), || {
+        Ok(session(&lab, "edge1")?.is_some_and(|s| s.open_streams >= N as u64))
+    })
+    .context("not all transfers had a stream open before the drain")?;
     let in_flight = session(&lab, "edge1")?.map_or(0, |s| s.open_streams);
     let (code, body) = admin_call(&lab, "DELETE", "/v1/sessions/edge1?drain=true&grace=20s")?;
     anyhow::ensure!(code == 202, "drain: HTTP {code} {body}");
