@@ -159,6 +159,12 @@ fn echo_relay_edge1(lab: &NetnsLab, pki: &DevPki) -> Result<(Vec<Running>, Sessi
     ecfg.transport = TransportMode::Quic;
     running.push(start_edge(lab, 1, ecfg)?);
     let s = session(lab, "edge1")?.context("edge1 not registered")?;
+    // The relay installs capture for a new session asynchronously (a short
+    // debounce, then nft): traffic sent before that finds no route.
+    within(Duration::from_secs(10), || {
+        Ok(captured_prefixes(lab)?.contains("10.244.7.0/24"))
+    })
+    .context("relay never captured edge1's prefix")?;
     Ok((running, s))
 }
 

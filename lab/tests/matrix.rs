@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use relay_lab::netns::{self, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
-    admin, connect_from, edge_config, fails_fast, http_from, lab_pki, launch, relay_config, sa,
-    services, start_edge, start_relay, udp_from, within, Running, Table, ADMIN_TOKEN, DNS, HTTP,
+    admin, captured_prefixes, connect_from, edge_config, fails_fast, http_from, lab_pki, launch,
+    relay_config, sa, services, start_edge, start_relay, udp_from, within, Running, Table,
+    ADMIN_TOKEN, DNS, HTTP,
 };
 use tokio::net::UdpSocket;
 
@@ -191,9 +192,17 @@ fn run_matrix(udp_blocked_at: Option<u8>, report: &str) -> Result<()> {
         })
         .map(|d| format!("4 routes via 10.0.0.1 after {d:?}")),
     );
-    // Edges learn each other's routes by route update; give the relay's
-    // coalescing (100 ms) and the edges' capture update a moment.
-    std::thread::sleep(Duration::from_millis(500));
+    // Capture is installed asynchronously (the relay's for new sessions;
+    // the edges' from route updates): wait until every side has it.
+    let edge_set = |role| lab.exec(role, &["nft", "list", "set", "inet", "edge_relay", "dst4"]);
+    within(Duration::from_secs(10), || {
+        let relay = captured_prefixes(&lab)?;
+        Ok(relay.contains("10.244.7.0/24")
+            && relay.contains("10.244.8.0/24")
+            && edge_set(Role::Edge1)?.contains("10.244.8.0/24")
+            && edge_set(Role::Edge2)?.contains("10.244.7.0/24"))
+    })
+    .context("capture not installed everywhere within 10 s")?;
 
     if std::env::var("MATRIX_DEBUG").is_ok() {
         for (role, cmd) in [
