@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use relay_protocol::codec::{self, decode, read_frame, write_frame};
 use relay_protocol::{
-    capability, close_code, Cidr, ClientHello, Control, FrameError, HelloReply, RejectReason,
-    Rejection, StreamOpen, StreamReply, StreamStatus, Target, EDGE_FLOW_BIT, L4, PROTOCOL_VERSION,
+    capability, close_code, Cidr, ClientHello, Control, HelloReply, RejectReason, Rejection,
+    StreamReply, StreamStatus, Target, EDGE_FLOW_BIT, L4, PROTOCOL_VERSION,
 };
+use relay_transport::conn::{finish_with, read_stream_open};
 use relay_transport::splice::{dial_tcp, splice};
 use relay_transport::udp::FlowTable;
 use relay_transport::{quic, BiStream, Direction, Meter, TunnelConn};
@@ -687,20 +688,9 @@ async fn serve_stream(
     stats: Arc<EdgeStats>,
 ) {
     let guard = Served::new(stats.clone());
-    let open: StreamOpen =
-        match tokio::time::timeout(cfg.handshake_timeout, read_frame(&mut bi.recv)).await {
-            Ok(Ok(o)) => o,
-            Ok(Err(FrameError::Closed)) => return,
-            Ok(Err(e)) => {
-                debug!(error = %e, "bad stream header");
-                bi.send.reset(close_code::PROTOCOL);
-                return;
-            }
-            Err(_) => {
-                bi.send.reset(close_code::PROTOCOL);
-                return;
-            }
-        };
+    let Some(open) = read_stream_open(&mut bi, cfg.handshake_timeout).await else {
+        return;
+    };
     let span = tracing::debug_span!("stream", dst = %open.target, src = ?open.source);
     async move {
         let target = match check_target(&cfg, &open.target) {
@@ -734,11 +724,6 @@ async fn serve_stream(
     }
     .instrument(span)
     .await
-}
-
-async fn finish_with(bi: &mut BiStream, reply: &StreamReply) {
-    let _ = write_frame(&mut bi.send, reply).await;
-    let _ = tokio::io::AsyncWriteExt::shutdown(&mut bi.send).await;
 }
 
 /// The edge end of a relay-opened UDP flow: a socket connected to the

@@ -8,12 +8,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use relay_protocol::codec::{read_frame, write_frame};
-use relay_protocol::{
-    close_code, Cidr, FrameError, StreamOpen, StreamReply, StreamStatus, Target, L4,
-};
+use relay_protocol::codec::write_frame;
+use relay_protocol::{Cidr, StreamOpen, StreamReply, StreamStatus, Target, L4};
 use relay_transport::capture::Capture;
-use relay_transport::conn::accept_until;
+use relay_transport::conn::{accept_until, finish_with, read_stream_open};
 use relay_transport::splice::{dial_tcp, splice, splice_tunnels};
 use relay_transport::BiStream;
 use tokio::net::TcpListener;
@@ -123,23 +121,8 @@ pub(crate) async fn serve_edge_stream(
     origin: Arc<SessionHandle>,
     shared: Arc<Shared>,
 ) {
-    let open: StreamOpen = match tokio::time::timeout(
-        shared.cfg.limits.handshake_timeout,
-        read_frame(&mut bi.recv),
-    )
-    .await
-    {
-        Ok(Ok(o)) => o,
-        Ok(Err(FrameError::Closed)) => return,
-        Ok(Err(e)) => {
-            debug!(error = %e, "bad stream header from edge");
-            bi.send.reset(close_code::PROTOCOL);
-            return;
-        }
-        Err(_) => {
-            bi.send.reset(close_code::PROTOCOL);
-            return;
-        }
+    let Some(open) = read_stream_open(&mut bi, shared.cfg.limits.handshake_timeout).await else {
+        return;
     };
     let span = tracing::info_span!("edge_stream", from = %origin.node, dst = %open.target, src = ?open.source);
     if let L4::Udp { flow } = open.l4 {
@@ -205,11 +188,6 @@ async fn refuse(bi: &mut BiStream, shared: &Shared, reply: StreamReply) {
     shared.metrics.stream_outcome(reply.status);
     info!(reason = reply.status.as_str(), msg = %reply.message, "edge stream refused");
     finish_with(bi, &reply).await;
-}
-
-async fn finish_with(bi: &mut BiStream, reply: &StreamReply) {
-    let _ = write_frame(&mut bi.send, reply).await;
-    let _ = tokio::io::AsyncWriteExt::shutdown(&mut bi.send).await;
 }
 
 /// Keeps the kernel's capture in step with the live sessions' routes until

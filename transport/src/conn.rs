@@ -167,14 +167,6 @@ impl TunnelConn {
             TunnelConn::Tcp(_) => Some(crate::tcp::MAX_TCP_DATAGRAM),
         }
     }
-
-    /// Whether the connection is already closed.
-    pub fn is_closed(&self) -> bool {
-        match self {
-            TunnelConn::Quic(c) => c.close_reason().is_some(),
-            TunnelConn::Tcp(c) => c.is_closed(),
-        }
-    }
 }
 
 /// The sending half of a tunnel stream.
@@ -354,4 +346,36 @@ where
             },
         }
     }
+}
+
+/// Reads the header a peer sends first on a stream it opened, bounded by
+/// `timeout`. A garbled or late header resets the stream (so the opener is
+/// not left waiting); a stream closed before any header is simply `None`.
+pub async fn read_stream_open(
+    bi: &mut BiStream,
+    timeout: Duration,
+) -> Option<relay_protocol::StreamOpen> {
+    use relay_protocol::codec::read_frame;
+    use relay_protocol::{close_code, FrameError};
+    match tokio::time::timeout(timeout, read_frame(&mut bi.recv)).await {
+        Ok(Ok(open)) => Some(open),
+        Ok(Err(FrameError::Closed)) => None,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "bad stream header");
+            bi.send.reset(close_code::PROTOCOL);
+            None
+        }
+        Err(_) => {
+            bi.send.reset(close_code::PROTOCOL);
+            None
+        }
+    }
+}
+
+/// Answers a stream with a refusal and finishes it (best effort: the
+/// opener may already be gone).
+pub async fn finish_with(bi: &mut BiStream, reply: &relay_protocol::StreamReply) {
+    use relay_protocol::codec::write_frame;
+    let _ = write_frame(&mut bi.send, reply).await;
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut bi.send).await;
 }

@@ -11,7 +11,6 @@
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -56,7 +55,6 @@ pub struct YamuxConn {
     close: CancellationToken,
     closed: watch::Receiver<Option<String>>,
     reason: std::sync::Mutex<Option<String>>,
-    is_closed: AtomicBool,
 }
 
 fn config() -> yamux::Config {
@@ -104,7 +102,6 @@ impl YamuxConn {
             close,
             closed: closed_rx,
             reason: std::sync::Mutex::new(None),
-            is_closed: AtomicBool::new(false),
         });
         let setup = async {
             if client {
@@ -213,7 +210,6 @@ impl YamuxConn {
         if let Ok(mut r) = self.reason.lock() {
             r.get_or_insert_with(|| reason.to_string());
         }
-        self.is_closed.store(true, Relaxed);
         self.close.cancel();
     }
 
@@ -229,11 +225,6 @@ impl YamuxConn {
             .ok()
             .and_then(|r| r.clone())
             .unwrap_or(why)
-    }
-
-    /// Whether the connection is closed or closing.
-    pub fn is_closed(&self) -> bool {
-        self.is_closed.load(Relaxed) || self.closed.borrow().is_some()
     }
 }
 
