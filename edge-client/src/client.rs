@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use relay_protocol::codec::{self, decode, read_frame, write_frame};
+use relay_protocol::codec::{self, decode_control, read_frame, write_frame, Incoming};
 use relay_protocol::{
     capability, close_code, Cidr, ClientHello, Control, HelloReply, RejectReason, Rejection,
     StreamReply, StreamStatus, Target, EDGE_FLOW_BIT, L4, PROTOCOL_VERSION,
@@ -73,6 +73,8 @@ pub struct EdgeStats {
     pub sessions: AtomicU64,
     /// Times the client fell back from QUIC to TLS over TCP.
     pub fallbacks: AtomicU64,
+    /// Control messages of a newer protocol revision, ignored.
+    pub control_unknown: AtomicU64,
     /// UDP flow counters.
     pub udp: Arc<relay_transport::udp::UdpStats>,
 }
@@ -473,7 +475,7 @@ async fn say_hello(
         node: cfg.node.clone(),
         routes: cfg.routes.clone(),
         primary_addr: cfg.primary_addr,
-        capabilities: capability::TCP_STREAMS | capability::UDP_DATAGRAMS,
+        capabilities: capability::ALL,
         agent: concat!("edge-client/", env!("CARGO_PKG_VERSION")).to_string(),
         fallbacks: stats.fallbacks.load(Relaxed).min(u32::MAX as u64) as u32,
     };
@@ -503,6 +505,13 @@ async fn run_session(
 ) -> SessionEnd {
     let BiStream { mut send, recv } = control;
     let mut frames = FramedRead::new(recv, codec::frame_codec());
+    // Tunnel routes being assembled from RouteDelta frames; published to
+    // the state (and so to capture) only when a batch is complete, so the
+    // kernel never sees half of a large update.
+    let mut routes: std::collections::BTreeSet<Cidr> = match &*state.borrow() {
+        EdgeState::Connected { tunnel_routes, .. } => tunnel_routes.iter().copied().collect(),
+        _ => Default::default(),
+    };
     // The relay pings every keep-alive interval; a relay silent for the
     // idle timeout is gone (this is the only liveness check on TCP); the
     // edge pings every interval too (see the tick arm).
@@ -546,31 +555,51 @@ async fn run_session(
             f = frames.next() => match f {
                 Some(Ok(bytes)) => {
                     last_heard = Instant::now();
-                    match decode::<Control>(&bytes) {
-                        Ok(Control::Ping { nonce }) => Control::Pong { nonce },
-                        Ok(Control::Pong { .. }) => {
+                    let msg = match decode_control(&bytes) {
+                        Ok(Incoming::Known { msg, .. }) => msg,
+                        Ok(Incoming::Unknown { variant }) => {
+                            // A newer relay's message: ignore it, so rolling
+                            // upgrades never cost a session.
+                            stats.control_unknown.fetch_add(1, Relaxed);
+                            debug!(variant, "ignoring unknown control message");
+                            continue;
+                        }
+                        Err(e) => {
+                            conn.close(close_code::PROTOCOL, "bad control frame");
+                            return SessionEnd::Lost(format!("bad control frame: {e}"));
+                        }
+                    };
+                    match msg {
+                        Control::Ping { nonce } => Control::Pong { nonce },
+                        Control::Pong { .. } => {
                             ping_unanswered = false;
                             continue;
                         }
-                        Ok(Control::RouteUpdate { tunnel_routes }) => {
-                            state.send_modify(|s| {
-                                if let EdgeState::Connected { tunnel_routes: r, .. } = s {
-                                    *r = tunnel_routes;
-                                }
-                            });
+                        Control::RouteUpdate { tunnel_routes } => {
+                            routes = tunnel_routes.iter().copied().collect();
+                            publish_routes(state, tunnel_routes);
                             continue;
                         }
-                        Ok(Control::GoAway { reason, grace_ms }) => {
+                        Control::RouteDelta { reset, add, remove, complete } => {
+                            if reset {
+                                routes.clear();
+                            }
+                            for c in &remove {
+                                routes.remove(c);
+                            }
+                            routes.extend(add);
+                            if complete {
+                                publish_routes(state, routes.iter().copied().collect());
+                            }
+                            continue;
+                        }
+                        Control::GoAway { reason, grace_ms } => {
                             // The relay stops opening streams and closes when
                             // the in-flight ones are done; we reconnect then.
                             info!(%reason, grace_ms, "relay sent GOAWAY");
                             continue;
                         }
-                        Ok(_) => continue,
-                        Err(e) => {
-                            conn.close(close_code::PROTOCOL, "bad control frame");
-                            return SessionEnd::Lost(format!("bad control frame: {e}"));
-                        }
+                        _ => continue,
                     }
                 }
                 Some(Err(e)) => {
@@ -636,6 +665,15 @@ async fn run_session(
             }
         }
     }
+}
+
+/// Makes a complete set of tunnel routes the session's (capture follows).
+fn publish_routes(state: &watch::Sender<EdgeState>, routes: Vec<Cidr>) {
+    state.send_modify(|s| {
+        if let EdgeState::Connected { tunnel_routes, .. } = s {
+            *tunnel_routes = routes;
+        }
+    });
 }
 
 /// Accounts one served stream; decrements on drop however the task ends.

@@ -182,6 +182,12 @@ pub fn relay_config(pki: &DevPki) -> Result<RelayConfig> {
     .iter()
     .map(|c| c.parse::<Cidr>())
     .collect::<Result<_, _>>()?;
+    // The seed matrix's edge↔edge cells: both sites in one community
+    // (without it the policy isolates edges from each other).
+    cfg.communities.insert(
+        "sites".into(),
+        netns::SITES.iter().map(|s| format!("edge{s}")).collect(),
+    );
     cfg.capture = Some(CaptureConfig::default());
     Ok(cfg)
 }
@@ -583,6 +589,14 @@ pub fn relay_toml(cfg: &RelayConfig, certs: &Path, token_file: Option<&Path>) ->
     for (node, prefixes) in nodes {
         let p: Vec<String> = prefixes.iter().map(ToString::to_string).collect();
         let _ = writeln!(t, "{node:?} = {p:?}");
+    }
+    let mut communities: Vec<_> = cfg.communities.iter().collect();
+    communities.sort();
+    if !communities.is_empty() {
+        t.push_str("\n[communities]\n");
+    }
+    for (name, members) in communities {
+        let _ = writeln!(t, "{name:?} = {members:?}");
     }
     t
 }

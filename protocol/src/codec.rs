@@ -47,7 +47,8 @@ pub enum CodecError {
     /// The bytes are not a valid message of the expected type.
     #[error("decode: {0}")]
     Decode(#[from] bincode::error::DecodeError),
-    /// A valid message was followed by bytes that belong to nothing.
+    /// A valid message was followed by bytes that belong to nothing
+    /// (only from [`decode_exact`]).
     #[error("{0} trailing bytes after message")]
     TrailingBytes(usize),
     /// The encoded message does not fit in a frame.
@@ -98,13 +99,72 @@ pub fn encode<M: Serialize>(msg: &M) -> Result<Vec<u8>, CodecError> {
     Ok(body)
 }
 
-/// Decodes a message body, rejecting trailing bytes.
+/// Decodes a message body. Bytes after the message are ignored: they are
+/// where a newer peer appends fields (see [`decode_with_rest`] and
+/// `docs/architecture.md`, "Evolving the protocol"), so an older decoder
+/// still reads the fields it knows.
 pub fn decode<M: DeserializeOwned>(body: &[u8]) -> Result<M, CodecError> {
+    decode_with_rest(body).map(|(msg, _)| msg)
+}
+
+/// Decodes a message body and returns the bytes after it: empty from a
+/// peer of this version, appended fields from a newer one.
+pub fn decode_with_rest<M: DeserializeOwned>(body: &[u8]) -> Result<(M, &[u8]), CodecError> {
     let (msg, used) = bincode::serde::decode_from_slice(body, config())?;
-    if used != body.len() {
-        return Err(CodecError::TrailingBytes(body.len() - used));
+    Ok((msg, &body[used..]))
+}
+
+/// Decodes a message body that must end exactly where the message does
+/// (fuzzing and tests that check an encoding is canonical).
+pub fn decode_exact<M: DeserializeOwned>(body: &[u8]) -> Result<M, CodecError> {
+    let (msg, rest) = decode_with_rest(body)?;
+    if !rest.is_empty() {
+        return Err(CodecError::TrailingBytes(rest.len()));
     }
     Ok(msg)
+}
+
+/// Reads the variant index at the start of an encoded enum (how bincode
+/// writes every enum: a variable-length `u32`), so a receiver can tell a
+/// message kind it does not know from a malformed one.
+pub fn peek_variant(body: &[u8]) -> Option<u32> {
+    bincode::serde::decode_from_slice::<u32, _>(body, config())
+        .ok()
+        .map(|(v, _)| v)
+}
+
+/// A control frame as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// A message this build knows.
+    Known {
+        /// The message.
+        msg: crate::Control,
+        /// Bytes after it (fields appended by a newer peer), ignored.
+        extra: usize,
+    },
+    /// A message kind added after this build (its variant index); the
+    /// receiver ignores it and counts it.
+    Unknown {
+        /// The variant index.
+        variant: u32,
+    },
+}
+
+/// Decodes a control frame, telling a newer peer's message kinds from
+/// garbage: a variant index past [`crate::Control::VARIANTS`] is
+/// [`Incoming::Unknown`], anything else undecodable is an error.
+pub fn decode_control(body: &[u8]) -> Result<Incoming, CodecError> {
+    match peek_variant(body) {
+        Some(variant) if variant >= crate::Control::VARIANTS => Ok(Incoming::Unknown { variant }),
+        _ => {
+            let (msg, rest) = decode_with_rest(body)?;
+            Ok(Incoming::Known {
+                msg,
+                extra: rest.len(),
+            })
+        }
+    }
 }
 
 /// Reads only the leading `u16` of a hello: the protocol version. Lets a
@@ -267,13 +327,48 @@ mod tests {
     }
 
     #[test]
-    fn trailing_bytes_are_rejected() {
+    fn trailing_bytes_are_returned_not_rejected() {
         let mut body = encode(&Control::Pong { nonce: 1 }).unwrap();
-        body.push(0);
+        body.extend_from_slice(&[7, 8]);
+        // A newer peer's appended fields: the known message still decodes.
+        assert_eq!(
+            decode::<Control>(&body).unwrap(),
+            Control::Pong { nonce: 1 }
+        );
+        let (_, rest) = decode_with_rest::<Control>(&body).unwrap();
+        assert_eq!(rest, &[7, 8]);
         assert!(matches!(
-            decode::<Control>(&body),
-            Err(CodecError::TrailingBytes(1))
+            decode_exact::<Control>(&body),
+            Err(CodecError::TrailingBytes(2))
         ));
+    }
+
+    #[test]
+    fn unknown_control_kinds_are_told_from_garbage() {
+        // Variant 9 with some payload: a newer peer's message.
+        assert_eq!(
+            decode_control(&[9, 1, 2, 3]).unwrap(),
+            Incoming::Unknown { variant: 9 }
+        );
+        let mut body = encode(&Control::Ping { nonce: 5 }).unwrap();
+        body.push(0xaa);
+        assert_eq!(
+            decode_control(&body).unwrap(),
+            Incoming::Known {
+                msg: Control::Ping { nonce: 5 },
+                extra: 1
+            }
+        );
+        // A known variant with a broken body is still an error.
+        assert!(decode_control(&[2, 0xff]).is_err());
+        assert!(decode_control(&[]).is_err());
+    }
+
+    #[test]
+    fn variant_index_is_peeked() {
+        let body = encode(&Control::Pong { nonce: 1 }).unwrap();
+        assert_eq!(peek_variant(&body), Some(1));
+        assert_eq!(peek_variant(&[]), None);
     }
 
     #[test]

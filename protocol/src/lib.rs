@@ -23,7 +23,7 @@ pub mod datagram;
 pub mod messages;
 
 pub use cidr::{Cidr, CidrError};
-pub use codec::{CodecError, FrameError, MAX_FRAME_LEN};
+pub use codec::{CodecError, FrameError, Incoming, MAX_FRAME_LEN};
 pub use messages::*;
 
 /// The protocol version this build speaks. Bumped on any incompatible change

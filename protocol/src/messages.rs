@@ -10,7 +10,16 @@
 //!    stream, sends a [`StreamOpen`], and the edge answers with a
 //!    [`StreamReply`]; after an `Ok` reply the stream carries raw bytes.
 //!
-//! Field order is wire order: append new fields only with a version bump.
+//! Field order is wire order. How the format grows without a version bump
+//! (old and new builds in one cluster during a rollout):
+//! - a new message kind is a new [`Control`] variant at the end; it is sent
+//!   only to a peer whose capability bits say it understands it, and a
+//!   receiver ignores (and counts) variants it does not know;
+//! - a new field goes at the end of a message; older receivers ignore the
+//!   bytes after the fields they know, newer receivers read them with
+//!   [`crate::codec::decode_with_rest`] when present;
+//! - everything else (reordering, changing a type) needs a new
+//!   [`crate::PROTOCOL_VERSION`].
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -24,6 +33,16 @@ pub mod capability {
     pub const TCP_STREAMS: u32 = 1 << 0;
     /// Can carry UDP flows as datagrams.
     pub const UDP_DATAGRAMS: u32 = 1 << 1;
+    /// Understands [`Control::RouteDelta`](super::Control::RouteDelta): the
+    /// relay sends route changes in bounded chunks instead of whole lists,
+    /// so any number of routes fits (an edge without it gets whole lists).
+    pub const ROUTE_DELTAS: u32 = 1 << 2;
+    /// Ignores control messages it does not know and bytes after the fields
+    /// it knows (instead of closing the session). A peer may send newer
+    /// messages or fields only to a peer that announced this bit.
+    pub const EXTENSIBLE: u32 = 1 << 3;
+    /// Every bit this build understands.
+    pub const ALL: u32 = TCP_STREAMS | UDP_DATAGRAMS | ROUTE_DELTAS | EXTENSIBLE;
 }
 
 /// The first message of a session, sent by the edge on the control stream.
@@ -160,6 +179,61 @@ pub enum Control {
         /// How long in-flight streams have before the connection closes.
         grace_ms: u32,
     },
+    /// A change to the prefixes the edge sends through the tunnel, sent only
+    /// to edges that announced [`capability::ROUTE_DELTAS`]. A session starts
+    /// with an empty set; the relay sends the whole set as additions, then
+    /// each change. `add.len() + remove.len()` is at most
+    /// [`Control::MAX_ROUTES_PER_DELTA`], so a frame never outgrows
+    /// [`crate::MAX_FRAME_LEN`] whatever the number of routes; a batch larger
+    /// than that spans several frames and only its last has `complete` set.
+    RouteDelta {
+        /// Start from an empty set before applying this frame (the first
+        /// frame of a full resync).
+        reset: bool,
+        /// Prefixes to add.
+        add: Vec<Cidr>,
+        /// Prefixes to remove.
+        remove: Vec<Cidr>,
+        /// The last frame of a batch: apply everything received so far.
+        complete: bool,
+    },
+}
+
+impl Control {
+    /// Number of variants this build knows; a frame whose variant index is
+    /// at or above it comes from a newer peer.
+    pub const VARIANTS: u32 = 5;
+
+    /// Most prefixes (added plus removed) in one [`Control::RouteDelta`]:
+    /// 2,048 IPv6 prefixes encode to about 37 KiB, well inside a frame.
+    pub const MAX_ROUTES_PER_DELTA: usize = 2048;
+
+    /// Splits a change into [`Control::RouteDelta`] frames of at most
+    /// [`Control::MAX_ROUTES_PER_DELTA`] prefixes; the first carries
+    /// `reset`, the last is `complete`. An empty change yields one empty,
+    /// complete frame.
+    pub fn route_deltas(reset: bool, add: Vec<Cidr>, remove: Vec<Cidr>) -> Vec<Control> {
+        let n = Self::MAX_ROUTES_PER_DELTA;
+        let mut out = Vec::new();
+        let mut add = add.into_iter().peekable();
+        let mut remove = remove.into_iter().peekable();
+        loop {
+            // Removals first: a prefix moving between owners is removed
+            // before it is added again, never the other way round.
+            let r: Vec<Cidr> = remove.by_ref().take(n).collect();
+            let a: Vec<Cidr> = add.by_ref().take(n - r.len()).collect();
+            let done = add.peek().is_none() && remove.peek().is_none();
+            out.push(Control::RouteDelta {
+                reset: reset && out.is_empty(),
+                add: a,
+                remove: r,
+                complete: done,
+            });
+            if done {
+                return out;
+            }
+        }
+    }
 }
 
 /// The destination of a tunnelled connection.

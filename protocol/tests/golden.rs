@@ -93,6 +93,17 @@ fn golden() -> Vec<(&'static str, Vec<u8>, &'static str)> {
             "0303627965fb3075",
         ),
         (
+            "Control::RouteDelta",
+            encode(&Control::RouteDelta {
+                reset: false,
+                add: vec![cidr("10.96.0.0/12")],
+                remove: vec![cidr("10.244.9.0/24")],
+                complete: true,
+            })
+            .unwrap(),
+            "040001000a6000000c01000af409001801",
+        ),
+        (
             "StreamOpen(addr)",
             encode(&open).unwrap(),
             "00000af40705fb901f0101fd000000000000000000000000000001fb409c00",
@@ -237,6 +248,7 @@ proptest! {
             Control::Pong { nonce },
             Control::RouteUpdate { tunnel_routes: routes.clone() },
             Control::GoAway { reason: reason.clone(), grace_ms: grace },
+            Control::RouteDelta { reset: nonce % 2 == 0, add: routes.clone(), remove: routes.clone(), complete: grace % 2 == 0 },
         ] {
             prop_assert_eq!(decode::<Control>(&encode(&m).unwrap()).unwrap(), m);
         }
@@ -251,4 +263,95 @@ proptest! {
         let _ = decode::<StreamReply>(&bytes);
         let _ = codec::peek_version(&bytes);
     }
+}
+
+#[test]
+fn a_full_route_delta_of_ipv6_prefixes_fits_a_frame() {
+    let v6: Vec<Cidr> = (0..Control::MAX_ROUTES_PER_DELTA as u128)
+        .map(|i| Cidr::new(IpAddr::V6((0xfd00u128 << 112 | i << 64).into()), 64).unwrap())
+        .collect();
+    let msg = Control::RouteDelta {
+        reset: true,
+        add: v6[..1000].to_vec(),
+        remove: v6[1000..].to_vec(),
+        complete: false,
+    };
+    let body = encode(&msg).unwrap();
+    assert!(body.len() <= codec::MAX_FRAME_LEN, "{} bytes", body.len());
+}
+
+#[test]
+fn route_deltas_split_any_change_into_bounded_frames() {
+    let many: Vec<Cidr> = (0..10_000u32)
+        .map(|i| Cidr::new(IpAddr::V4((0x0a00_0000 | i << 8).into()), 24).unwrap())
+        .collect();
+    let frames = Control::route_deltas(true, many[..7000].to_vec(), many[7000..].to_vec());
+    let (mut added, mut removed, mut completes) = (Vec::new(), Vec::new(), 0);
+    for (i, f) in frames.iter().enumerate() {
+        let Control::RouteDelta {
+            reset,
+            add,
+            remove,
+            complete,
+        } = f
+        else {
+            panic!("not a delta")
+        };
+        assert_eq!(*reset, i == 0, "only the first frame resets");
+        assert!(add.len() + remove.len() <= Control::MAX_ROUTES_PER_DELTA);
+        assert_eq!(
+            *complete,
+            i == frames.len() - 1,
+            "only the last frame completes"
+        );
+        added.extend_from_slice(add);
+        removed.extend_from_slice(remove);
+        completes += usize::from(*complete);
+        encode(f).unwrap();
+    }
+    assert_eq!(frames.len(), 5);
+    assert_eq!(completes, 1);
+    assert_eq!(added, many[..7000]);
+    assert_eq!(removed, many[7000..]);
+    // Removals lead: the first frame carries only removals here.
+    let Control::RouteDelta { add, remove, .. } = &frames[0] else {
+        unreachable!()
+    };
+    assert!(add.is_empty() && remove.len() == Control::MAX_ROUTES_PER_DELTA);
+    assert_eq!(Control::route_deltas(false, vec![], vec![]).len(), 1);
+}
+
+/// What a peer one version older than this build sent and accepted is
+/// frozen above; this checks the other direction of a rollout: frames a
+/// newer peer may send (new message kinds, fields appended to known
+/// messages) are read by this build without an error.
+#[test]
+fn newer_peers_frames_are_tolerated() {
+    let mut hello = encode(&ClientHello {
+        version: 1,
+        node: "edge-1".into(),
+        routes: vec![],
+        primary_addr: None,
+        capabilities: capability::ALL | 1 << 30,
+        agent: "e/9".into(),
+        fallbacks: 0,
+    })
+    .unwrap();
+    hello.extend_from_slice(&[0x03, 0xaa, 0xbb, 0xcc]);
+    let h: ClientHello = decode(&hello).unwrap();
+    assert_eq!(h.node, "edge-1");
+    let mut open = encode(&StreamOpen {
+        target: Target::Addr("10.0.0.1:80".parse().unwrap()),
+        source: None,
+        l4: L4::Tcp,
+    })
+    .unwrap();
+    open.push(0x42);
+    assert!(decode::<StreamOpen>(&open).is_ok());
+    assert_eq!(
+        codec::decode_control(&[Control::VARIANTS as u8, 0, 1]).unwrap(),
+        codec::Incoming::Unknown {
+            variant: Control::VARIANTS
+        }
+    );
 }

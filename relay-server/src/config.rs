@@ -110,6 +110,10 @@ pub struct RelayConfig {
     /// Cloud prefixes edges send back through the tunnel; the relay dials
     /// targets inside them for edges, and nothing else.
     pub tunnel_routes: Vec<Cidr>,
+    /// Edge-to-edge reachability: community name → member nodes (`"*"`
+    /// for every node). Edges reach each other's routes only within a
+    /// community; with none, edges are isolated from each other.
+    pub communities: HashMap<String, Vec<String>>,
     /// Bounds.
     pub limits: Limits,
     /// When set, the relay captures traffic to every live session's routes
@@ -134,10 +138,99 @@ impl RelayConfig {
             admin_token: None,
             nodes: HashMap::new(),
             tunnel_routes: Vec::new(),
+            communities: HashMap::new(),
             limits: Limits::default(),
             capture: None,
         }
     }
+
+    /// Checks every value, naming the offending field. [`Relay::spawn`]
+    /// calls it, so a config built by code is held to the same rules as a
+    /// file (a zero keep-alive would otherwise panic in a timer later).
+    ///
+    /// [`Relay::spawn`]: crate::Relay::spawn
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_values(&self.quic, &self.limits, &self.nodes, &self.communities)
+    }
+}
+
+/// The checks of [`RelayConfig::validate`], on the parts that need no
+/// files loaded (so a file's bad value is reported before a missing
+/// certificate).
+fn check_values(
+    quic: &QuicTuning,
+    l: &Limits,
+    nodes: &HashMap<String, Vec<Cidr>>,
+    communities: &HashMap<String, Vec<String>>,
+) -> Result<(), ConfigError> {
+    {
+        quic.validate()
+            .map_err(|(f, m)| err(format!("quic.{f}"), m))?;
+        for (field, d) in [
+            ("limits.handshake_timeout", l.handshake_timeout),
+            ("limits.stream_open_timeout", l.stream_open_timeout),
+            ("limits.connect_header_timeout", l.connect_header_timeout),
+            ("limits.dial_timeout", l.dial_timeout),
+            ("limits.udp_idle_timeout", l.udp_idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(err(field, "must be greater than zero"));
+            }
+            if d > MAX_DURATION {
+                return Err(err(field, format!("must be at most {MAX_DURATION:?}")));
+            }
+        }
+        if l.drain_grace > MAX_DURATION {
+            return Err(err(
+                "limits.drain_grace",
+                format!("must be at most {MAX_DURATION:?}"),
+            ));
+        }
+        for (field, n) in [
+            ("limits.max_sessions", l.max_sessions),
+            (
+                "limits.max_concurrent_handshakes",
+                l.max_concurrent_handshakes,
+            ),
+            ("limits.max_connect_connections", l.max_connect_connections),
+            (
+                "limits.max_udp_flows_per_session",
+                l.max_udp_flows_per_session,
+            ),
+        ] {
+            if n == 0 {
+                return Err(err(field, "must be at least 1"));
+            }
+        }
+        if !(256..=1024 * 1024).contains(&l.connect_max_header_bytes) {
+            return Err(err(
+                "limits.connect_max_header_bytes",
+                "must be between 256 and 1048576",
+            ));
+        }
+        for node in nodes.keys() {
+            check_node_name(&format!("nodes.{node}"), node)?;
+        }
+        for (name, members) in communities {
+            for m in members {
+                if m != "*" {
+                    check_node_name(&format!("communities.{name}"), m)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Longest timeout or grace accepted anywhere: beyond it, an `Instant`
+/// plus the value could overflow, and no operator means a day-long wait.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+fn check_node_name(field: &str, node: &str) -> Result<(), ConfigError> {
+    if node.is_empty() || node.len() > 253 {
+        return Err(err(field, "node names are 1 to 253 characters"));
+    }
+    Ok(())
 }
 
 /// A configuration error, naming the field.
@@ -275,25 +368,12 @@ pub struct FileConfig {
     /// Prefixes edges send back through the tunnel.
     #[serde(default)]
     pub tunnel_routes: Vec<Cidr>,
+    /// Community name → member nodes (`"*"`: every node).
+    #[serde(default)]
+    pub communities: HashMap<String, Vec<String>>,
     /// Relay-installed routes.
     #[serde(default)]
     pub capture: CaptureFile,
-}
-
-fn positive(field: &str, d: Option<Duration>, default: Duration) -> Result<Duration, ConfigError> {
-    match d {
-        Some(d) if d.is_zero() => Err(err(field, "must be greater than zero")),
-        Some(d) => Ok(d),
-        None => Ok(default),
-    }
-}
-
-fn at_least_one(field: &str, v: Option<usize>, default: usize) -> Result<usize, ConfigError> {
-    match v {
-        Some(0) => Err(err(field, "must be at least 1")),
-        Some(v) => Ok(v),
-        None => Ok(default),
-    }
 }
 
 impl FileConfig {
@@ -312,55 +392,27 @@ impl FileConfig {
     pub fn into_runtime(self) -> Result<RelayConfig, ConfigError> {
         let d = Limits::default();
         let l = &self.limits;
+        // Defaults here; every value is checked by RelayConfig::validate.
         let limits = Limits {
-            handshake_timeout: positive(
-                "limits.handshake_timeout",
-                l.handshake_timeout,
-                d.handshake_timeout,
-            )?,
-            stream_open_timeout: positive(
-                "limits.stream_open_timeout",
-                l.stream_open_timeout,
-                d.stream_open_timeout,
-            )?,
-            connect_header_timeout: positive(
-                "limits.connect_header_timeout",
-                l.connect_header_timeout,
-                d.connect_header_timeout,
-            )?,
-            connect_max_header_bytes: match l.connect_max_header_bytes {
-                Some(n) if !(256..=1024 * 1024).contains(&n) => {
-                    return Err(err(
-                        "limits.connect_max_header_bytes",
-                        "must be between 256 and 1048576",
-                    ))
-                }
-                Some(n) => n,
-                None => d.connect_max_header_bytes,
-            },
-            max_sessions: at_least_one("limits.max_sessions", l.max_sessions, d.max_sessions)?,
-            max_concurrent_handshakes: at_least_one(
-                "limits.max_concurrent_handshakes",
-                l.max_concurrent_handshakes,
-                d.max_concurrent_handshakes,
-            )?,
-            max_connect_connections: at_least_one(
-                "limits.max_connect_connections",
-                l.max_connect_connections,
-                d.max_connect_connections,
-            )?,
+            handshake_timeout: l.handshake_timeout.unwrap_or(d.handshake_timeout),
+            stream_open_timeout: l.stream_open_timeout.unwrap_or(d.stream_open_timeout),
+            connect_header_timeout: l.connect_header_timeout.unwrap_or(d.connect_header_timeout),
+            connect_max_header_bytes: l
+                .connect_max_header_bytes
+                .unwrap_or(d.connect_max_header_bytes),
+            max_sessions: l.max_sessions.unwrap_or(d.max_sessions),
+            max_concurrent_handshakes: l
+                .max_concurrent_handshakes
+                .unwrap_or(d.max_concurrent_handshakes),
+            max_connect_connections: l
+                .max_connect_connections
+                .unwrap_or(d.max_connect_connections),
             drain_grace: l.drain_grace.unwrap_or(d.drain_grace),
-            dial_timeout: positive("limits.dial_timeout", l.dial_timeout, d.dial_timeout)?,
-            udp_idle_timeout: positive(
-                "limits.udp_idle_timeout",
-                l.udp_idle_timeout,
-                d.udp_idle_timeout,
-            )?,
-            max_udp_flows_per_session: at_least_one(
-                "limits.max_udp_flows_per_session",
-                l.max_udp_flows_per_session,
-                d.max_udp_flows_per_session,
-            )?,
+            dial_timeout: l.dial_timeout.unwrap_or(d.dial_timeout),
+            udp_idle_timeout: l.udp_idle_timeout.unwrap_or(d.udp_idle_timeout),
+            max_udp_flows_per_session: l
+                .max_udp_flows_per_session
+                .unwrap_or(d.max_udp_flows_per_session),
         };
         let capture = self
             .capture
@@ -370,14 +422,7 @@ impl FileConfig {
             .quic
             .resolve(QuicTuning::relay_default())
             .map_err(|(f, m)| err(format!("quic.{f}"), m))?;
-        for node in self.nodes.keys() {
-            if node.is_empty() || node.len() > 253 {
-                return Err(err(
-                    format!("nodes.{node}"),
-                    "node names are 1 to 253 characters",
-                ));
-            }
-        }
+        check_values(&quic, &limits, &self.nodes, &self.communities)?;
         if self.listen.connect.is_none() && self.listen.connect_unix.is_none() {
             tracing::warn!("no CONNECT listener configured (listen.connect / listen.connect_unix)");
         }
@@ -419,6 +464,7 @@ impl FileConfig {
             admin_token,
             nodes: self.nodes,
             tunnel_routes: self.tunnel_routes,
+            communities: self.communities,
             limits,
             capture,
         })

@@ -20,8 +20,9 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
+use crate::policy::{canonical, Origin, Proto};
 use crate::server::Shared;
-use crate::tunnel::{open_on, session_for};
+use crate::tunnel::{decide, open_on, route, Route};
 
 /// Accepts CONNECT clients on TCP, optionally behind TLS with client auth.
 pub(crate) async fn serve_tcp(
@@ -327,26 +328,40 @@ async fn handle<S: LocalStream>(mut s: S, peer: String, shared: &Arc<Shared>) {
     .await
 }
 
-/// Finds the session and concrete address for a CONNECT authority.
+/// Finds the session and concrete address for a CONNECT authority, and
+/// asks the policy (the same seam every ingress uses).
 fn resolve(
     shared: &Shared,
     auth: &Authority,
 ) -> Result<(Arc<crate::session::SessionHandle>, SocketAddr), StreamReply> {
-    match auth {
-        Authority::Ip(sa) => session_for(shared, *sa).map(|s| (s, *sa)),
-        Authority::Name(name, port) => match shared.registry.get(name) {
-            Some(s) => match s.primary_addr {
-                Some(ip) => Ok((s, SocketAddr::new(ip, *port))),
-                None => Err(StreamReply::fail(
+    let (routed, target) = match auth {
+        Authority::Ip(sa) => route(shared, Origin::Connect, *sa, Proto::Tcp)?,
+        Authority::Name(name, port) => {
+            let Some(s) = shared.registry.get(name) else {
+                return Err(StreamReply::fail(
+                    StreamStatus::NoRoute,
+                    format!("no edge session for node {name} (service names are not resolved yet)"),
+                ));
+            };
+            let Some(ip) = s.primary_addr else {
+                return Err(StreamReply::fail(
                     StreamStatus::NoRoute,
                     format!("node {name} advertised no primary address"),
-                )),
-            },
-            None => Err(StreamReply::fail(
-                StreamStatus::NoRoute,
-                format!("no edge session for node {name} (service names are not resolved yet)"),
-            )),
-        },
+                ));
+            };
+            let target = canonical(SocketAddr::new(ip, *port));
+            (
+                decide(shared, Origin::Connect, target, Proto::Tcp, Some(s))?,
+                target,
+            )
+        }
+    };
+    match routed {
+        Route::Edge(s) => Ok((s, target)),
+        Route::Cloud => Err(StreamReply::fail(
+            StreamStatus::NoRoute,
+            format!("no edge session serves {}", target.ip()),
+        )),
     }
 }
 

@@ -9,7 +9,11 @@
 //! - [`config`]: TOML file config and the runtime [`RelayConfig`].
 //! - [`server`]: [`Relay::spawn`], listeners, graceful shutdown.
 //! - [`session`]: handshake, per-session actor, opening streams to an edge.
-//! - [`registry`]: live sessions and the longest-prefix route table.
+//! - [`registry`]: live sessions, the longest-prefix route table and the
+//!   journal of route changes.
+//! - [`policy`]: the one authorisation seam every ingress asks.
+//! - [`routefeed`]: what each edge is told to route through the tunnel
+//!   (bounded deltas, or whole lists for older edges).
 //! - [`connect`]: the HTTP CONNECT ingress.
 //! - [`tunnel`]: stream paths shared by every ingress; transparent capture
 //!   and streams opened by edges (edge → cloud, edge → edge).
@@ -23,7 +27,9 @@ pub mod agent;
 pub mod config;
 pub mod connect;
 pub mod metrics;
+pub mod policy;
 pub mod registry;
+pub mod routefeed;
 pub mod server;
 pub mod session;
 pub mod tunnel;

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use relay_protocol::{RejectReason, StreamStatus};
 
+use crate::policy::{DenyReason, Origin};
+
 /// Handshake failure reasons beyond the protocol's typed rejections.
 pub const HANDSHAKE_LOCAL_REASONS: [&str; 3] = ["tls", "timeout", "protocol"];
 
@@ -37,7 +39,15 @@ pub struct Metrics {
     pub bytes_from_edge: AtomicU64,
     /// CONNECT requests answered, by HTTP status class index (see `connect_status`).
     connect_status: [AtomicU64; 9],
+    /// Control messages from edges of a newer version, ignored.
+    pub control_unknown: AtomicU64,
+    /// Whole route lists cut to fit one frame (edges without route deltas).
+    pub route_lists_cut: AtomicU64,
+    /// Policy refusals by origin (connect, captured, edge) and reason.
+    denials: [[AtomicU64; 6]; 3],
 }
+
+const ORIGINS: [&str; 3] = ["connect", "captured", "edge"];
 
 /// HTTP statuses the CONNECT ingress answers with, in metric order.
 pub const CONNECT_STATUSES: [u16; 9] = [200, 400, 403, 405, 408, 431, 502, 503, 504];
@@ -61,6 +71,15 @@ impl Metrics {
     pub fn stream_outcome(&self, s: StreamStatus) {
         if let Some(i) = StreamStatus::ALL.iter().position(|x| *x == s) {
             self.stream_outcomes[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Counts a policy refusal.
+    pub fn denied(&self, origin: Origin<'_>, reason: DenyReason) {
+        let o = ORIGINS.iter().position(|x| *x == origin.label());
+        let r = DenyReason::ALL.iter().position(|x| *x == reason);
+        if let (Some(o), Some(r)) = (o, r) {
+            self.denials[o][r].fetch_add(1, Relaxed);
         }
     }
 
@@ -155,6 +174,33 @@ impl Metrics {
             "HTTP CONNECT requests answered, by status code.",
             &rows,
         );
+        let mut rows = Vec::new();
+        for (o, per) in ORIGINS.iter().zip(&self.denials) {
+            for (r, a) in DenyReason::ALL.iter().zip(per) {
+                rows.push((
+                    format!("{{origin=\"{o}\",reason=\"{}\"}}", r.as_str()),
+                    a.load(Relaxed),
+                ));
+            }
+        }
+        metric(
+            "relay_policy_denials_total",
+            "counter",
+            "Flows the policy refused, by origin and reason.",
+            &rows,
+        );
+        metric(
+            "relay_control_unknown_total",
+            "counter",
+            "Control messages of a newer protocol revision, ignored.",
+            &one(&self.control_unknown),
+        );
+        metric(
+            "relay_route_lists_cut_total",
+            "counter",
+            "Whole route lists cut to fit one frame for edges without route deltas.",
+            &one(&self.route_lists_cut),
+        );
         o
     }
 }
@@ -200,7 +246,12 @@ mod tests {
         m.stream_outcome(StreamStatus::Denied);
         m.connect_answer(502);
         m.handshake_failed("tls");
+        m.denied(Origin::Edge("e"), DenyReason::NoCommunity);
         let t = m.render(3);
+        assert!(
+            t.contains("relay_policy_denials_total{origin=\"edge\",reason=\"no_community\"} 1"),
+            "{t}"
+        );
         assert!(
             t.contains("relay_handshake_failures_total{reason=\"identity_mismatch\"} 1"),
             "{t}"

@@ -5,7 +5,7 @@
 //! The lock is a `std::sync::RwLock` held only for map operations, never
 //! across an `.await` (clippy's `await_holding_lock` is denied).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
@@ -26,8 +26,9 @@ pub trait RouteOwner: Send + Sync {
 /// Longest-prefix-match table: prefix → owning session.
 struct RouteTable<S> {
     /// Keyed by prefix length so a lookup probes at most one map per
-    /// length present (a handful), whatever the number of sessions.
-    by_len: BTreeMap<u8, HashMap<Cidr, Arc<S>>>,
+    /// length present (a handful), whatever the number of sessions; each
+    /// map is ordered, so the prefixes inside a wider one are a range.
+    by_len: BTreeMap<u8, BTreeMap<Cidr, Arc<S>>>,
 }
 
 impl<S> Default for RouteTable<S> {
@@ -38,12 +39,40 @@ impl<S> Default for RouteTable<S> {
     }
 }
 
-impl<S> RouteTable<S> {
+impl<S: RouteOwner> RouteTable<S> {
     fn lookup(&self, ip: IpAddr) -> Option<&Arc<S>> {
         self.by_len
             .iter()
             .rev()
             .find_map(|(len, map)| Cidr::containing(ip, *len).and_then(|c| map.get(&c)))
+    }
+
+    /// A prefix of a node other than `node` that overlaps `want`: one probe
+    /// per shorter length (the prefix containing `want`), one range per
+    /// longer length (the prefixes inside `want`). Logarithmic in the
+    /// table, where a scan of every route made a storm of 10,000
+    /// handshakes quadratic.
+    fn conflict(&self, want: &Cidr, node: &str) -> Option<(Cidr, &Arc<S>)> {
+        let other = |s: &&Arc<S>| s.node() != node;
+        for (len, map) in &self.by_len {
+            if *len <= want.prefix_len() {
+                let hit = Cidr::containing(want.addr(), *len)
+                    .and_then(|c| map.get_key_value(&c))
+                    .filter(|(_, s)| other(s));
+                if let Some((c, s)) = hit {
+                    return Some((*c, s));
+                }
+            } else if let Ok(start) = Cidr::new(want.addr(), *len) {
+                let hit = map
+                    .range(start..)
+                    .take_while(|(c, _)| want.contains_cidr(c))
+                    .find(|(_, s)| other(s));
+                if let Some((c, s)) = hit {
+                    return Some((*c, s));
+                }
+            }
+        }
+        None
     }
 
     fn insert(&mut self, c: Cidr, s: Arc<S>) {
@@ -67,6 +96,66 @@ impl<S> RouteTable<S> {
 struct Inner<S> {
     sessions: HashMap<String, Arc<S>>,
     routes: RouteTable<S>,
+    journal: Journal,
+}
+
+/// Most route changes remembered for sessions catching up; a session
+/// further behind gets a full resync instead (see [`Registry::route_changes`]).
+pub const JOURNAL_CAP: usize = 65_536;
+
+/// One route coming or going, as recorded in the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteEvent {
+    /// The prefix.
+    pub cidr: Cidr,
+    /// The node that served it (or serves it now).
+    pub node: Arc<str>,
+    /// Added (true) or removed (false).
+    pub added: bool,
+}
+
+/// The ordered log of route changes, bounded: entry `i` has version
+/// `base + i`, and the next change gets `base + len`.
+#[derive(Default)]
+struct Journal {
+    base: u64,
+    entries: VecDeque<RouteEvent>,
+}
+
+impl Journal {
+    fn next(&self) -> u64 {
+        self.base + self.entries.len() as u64
+    }
+
+    fn push(&mut self, node: &Arc<str>, routes: &[Cidr], added: bool) {
+        for c in routes {
+            if self.entries.len() == JOURNAL_CAP {
+                self.entries.pop_front();
+                self.base += 1;
+            }
+            self.entries.push_back(RouteEvent {
+                cidr: *c,
+                node: node.clone(),
+                added,
+            });
+        }
+    }
+
+    /// Entries from version `since` on, or `None` if some were dropped.
+    fn since(&self, since: u64) -> Option<impl Iterator<Item = &RouteEvent>> {
+        let skip = since.checked_sub(self.base)?;
+        (skip <= self.entries.len() as u64).then(|| self.entries.iter().skip(skip as usize))
+    }
+}
+
+/// What changed for one viewer since its cursor (see [`Registry::route_changes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteChanges {
+    /// The viewer is new or fell behind the journal: every prefix it may
+    /// see now, to replace whatever it had.
+    Resync(Vec<Cidr>),
+    /// The visible changes since the cursor, in order.
+    Events(Vec<(Cidr, bool)>),
 }
 
 /// A refusal to register, with its reason for the hello reply.
@@ -92,6 +181,7 @@ impl<S> Default for Registry<S> {
             inner: RwLock::new(Inner {
                 sessions: HashMap::new(),
                 routes: RouteTable::default(),
+                journal: Journal::default(),
             }),
             changes: tokio::sync::watch::channel(0).0,
         }
@@ -158,11 +248,7 @@ impl<S: RouteOwner> Registry<S> {
             });
         }
         for want in new.routes() {
-            if let Some((have, owner)) = g
-                .routes
-                .iter()
-                .find(|(have, owner)| owner.node() != new.node() && have.overlaps(want))
-            {
+            if let Some((have, owner)) = g.routes.conflict(want, new.node()) {
                 return Err(RegisterError {
                     reason: RejectReason::RouteConflict,
                     message: format!(
@@ -172,14 +258,17 @@ impl<S: RouteOwner> Registry<S> {
                 });
             }
         }
+        let node: Arc<str> = Arc::from(new.node());
         if let Some(old) = &old {
             for c in old.routes() {
                 g.routes.remove(c);
             }
+            g.journal.push(&node, old.routes(), false);
         }
         for c in new.routes() {
             g.routes.insert(*c, new.clone());
         }
+        g.journal.push(&node, new.routes(), true);
         g.sessions.insert(new.node().to_string(), new);
         drop(g);
         self.changed();
@@ -200,6 +289,7 @@ impl<S: RouteOwner> Registry<S> {
         for c in cur.routes() {
             g.routes.remove(c);
         }
+        g.journal.push(&Arc::from(node), cur.routes(), false);
         g.sessions.remove(node);
         drop(g);
         self.changed();
@@ -233,15 +323,35 @@ impl<S: RouteOwner> Registry<S> {
         self.len() == 0
     }
 
-    /// Every routed prefix except those of `node`: what that node's edge
-    /// should send back through the tunnel (other edges' routes).
-    pub fn routes_except(&self, node: &str) -> std::collections::BTreeSet<Cidr> {
-        self.read()
-            .routes
-            .iter()
-            .filter(|(_, s)| s.node() != node)
-            .map(|(c, _)| *c)
-            .collect()
+    /// What changed in the route table for a viewer that may see the
+    /// routes of the nodes `visible` accepts, since version `since` (the
+    /// version this returned last time; `None` for a new viewer). Returns
+    /// the version to pass next time and either the changes, in order, or
+    /// a full resync when the viewer is new or fell more than
+    /// [`JOURNAL_CAP`] changes behind. The cost is the number of changes,
+    /// not the number of sessions, except for a resync.
+    pub fn route_changes(
+        &self,
+        since: Option<u64>,
+        visible: impl Fn(&str) -> bool,
+    ) -> (u64, RouteChanges) {
+        let g = self.read();
+        let next = g.journal.next();
+        if let Some(events) = since.and_then(|v| g.journal.since(v)) {
+            let changes = events
+                .filter(|e| visible(&e.node))
+                .map(|e| (e.cidr, e.added))
+                .collect();
+            return (next, RouteChanges::Events(changes));
+        }
+        // Per session, not per route: the policy is asked once per node.
+        let all = g
+            .sessions
+            .values()
+            .filter(|s| visible(s.node()))
+            .flat_map(|s| s.routes().iter().copied())
+            .collect();
+        (next, RouteChanges::Resync(all))
     }
 
     /// The route table, sorted by prefix.
@@ -343,8 +453,11 @@ mod tests {
         assert!(e.message.contains("node a"), "{}", e.message);
         r.register(fake("b", 3, &["10.244.2.0/24"]), 10).unwrap();
         assert_eq!(r.lookup(ip("10.244.2.1")).unwrap().node, "b");
-        let others: Vec<String> = r.routes_except("b").iter().map(|c| c.to_string()).collect();
-        assert_eq!(others, ["10.244.1.0/24"]);
+        let (_, seen) = r.route_changes(None, |n| n != "b");
+        assert_eq!(
+            seen,
+            RouteChanges::Resync(vec!["10.244.1.0/24".parse().unwrap()])
+        );
         assert_eq!(r.lookup(ip("10.244.1.1")).unwrap().node, "a");
     }
 
@@ -385,5 +498,65 @@ mod tests {
         );
         // A reconnect of a known node is not a new session.
         r.register(fake("a", 3, &[]), 1).unwrap();
+    }
+
+    #[test]
+    fn the_journal_replays_changes_and_resyncs_a_viewer_that_fell_behind() {
+        let r = Registry::default();
+        let (v0, first) = r.route_changes(None, |_| true);
+        assert_eq!(first, RouteChanges::Resync(vec![]));
+        r.register(fake("a", 1, &["10.1.0.0/16"]), 10).unwrap();
+        r.register(fake("b", 2, &["10.2.0.0/16"]), 10).unwrap();
+        r.register(fake("a", 3, &["10.3.0.0/16"]), 10).unwrap();
+        let c = |s: &str| s.parse::<Cidr>().unwrap();
+        let (v1, ev) = r.route_changes(Some(v0), |n| n != "b");
+        assert_eq!(
+            ev,
+            RouteChanges::Events(vec![
+                (c("10.1.0.0/16"), true),
+                (c("10.1.0.0/16"), false),
+                (c("10.3.0.0/16"), true),
+            ])
+        );
+        let (v2, ev) = r.route_changes(Some(v1), |_| true);
+        assert_eq!((v2, ev), (v1, RouteChanges::Events(vec![])));
+        // Push the viewer's cursor out of the journal.
+        for g in 0..(JOURNAL_CAP as u64 / 2 + 1) {
+            r.register(fake("c", 10 + g, &["10.9.0.0/16"]), 10).unwrap();
+        }
+        let (_, ev) = r.route_changes(Some(v1), |_| true);
+        let RouteChanges::Resync(mut all) = ev else {
+            panic!("expected a resync")
+        };
+        all.sort();
+        assert_eq!(all, [c("10.2.0.0/16"), c("10.3.0.0/16"), c("10.9.0.0/16")]);
+    }
+
+    #[test]
+    fn conflicts_are_found_in_both_directions_and_across_families() {
+        let r = Registry::default();
+        r.register(
+            fake("a", 1, &["10.244.1.0/24", "10.9.0.0/16", "fd00::/64"]),
+            10,
+        )
+        .unwrap();
+        for (want, clash) in [
+            ("10.244.0.0/16", true),   // wider, contains a's /24
+            ("10.244.1.128/25", true), // narrower, inside a's /24
+            ("10.9.3.4/32", true),
+            ("10.244.2.0/24", false),
+            ("fd00::1/128", true),
+            ("fd01::/64", false),
+            ("0.0.0.0/0", true),
+            ("::/0", true),
+        ] {
+            let got = r.register(fake("b", 2, &[want]), 10);
+            assert_eq!(got.is_err(), clash, "{want}");
+            if !clash {
+                r.remove("b", 2);
+            }
+        }
+        // A node's own routes never conflict with its new session's.
+        r.register(fake("a", 3, &["10.244.0.0/16"]), 10).unwrap();
     }
 }

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::RelayConfig;
 use crate::metrics::Metrics;
+use crate::policy::{Communities, Policy};
 use crate::registry::Registry;
 use crate::session::{serve_connection, SessionHandle};
 
@@ -28,6 +29,8 @@ pub struct Shared {
     pub cfg: RelayConfig,
     /// Live sessions and routes.
     pub registry: Registry<SessionHandle>,
+    /// Who may reach what (the one authorisation seam).
+    pub policy: Policy,
     /// Counters.
     pub metrics: Metrics,
     generation: AtomicU64,
@@ -97,6 +100,10 @@ pub enum StartError {
     /// Installing relay routes (nftables, policy routing) failed.
     #[error("installing routes: {0}")]
     Capture(#[from] relay_transport::capture::CaptureError),
+    /// The configuration is invalid (also when built by code rather than
+    /// loaded from a file).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// A running relay.
@@ -121,6 +128,7 @@ fn bind_err(what: &'static str, addr: impl ToString) -> impl FnOnce(std::io::Err
 impl Relay {
     /// Binds every configured listener and starts serving.
     pub async fn spawn(cfg: RelayConfig) -> Result<Relay, StartError> {
+        cfg.validate()?;
         // Generations start at the wall clock in microseconds, so "higher is
         // newer" also holds across relay restarts.
         let gen0 = std::time::SystemTime::now()
@@ -131,8 +139,14 @@ impl Relay {
         let quic_addr = endpoint
             .local_addr()
             .map_err(bind_err("quic", cfg.quic_listen))?;
+        let policy = Policy::new(
+            cfg.tunnel_routes.clone(),
+            Communities::new(&cfg.communities),
+        );
+        policy.add_own_listener(quic_addr);
         let shared = Arc::new(Shared {
             registry: Registry::default(),
+            policy,
             metrics: Metrics::default(),
             generation: AtomicU64::new(gen0),
             shutdown: CancellationToken::new(),
@@ -146,24 +160,6 @@ impl Relay {
         let accept_stop = CancellationToken::new();
         let sessions = TaskTracker::new();
         let mut tasks = JoinSet::new();
-        if let Some(l) = tcp_listener {
-            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
-                shared.cfg.tls.server_config(relay_protocol::ALPN)?,
-            ));
-            tasks.spawn(accept_tcp(
-                l,
-                acceptor,
-                shared.clone(),
-                accept_stop.clone(),
-                sessions.clone(),
-            ));
-        }
-        tasks.spawn(accept_quic(
-            endpoint.clone(),
-            shared.clone(),
-            accept_stop.clone(),
-            sessions.clone(),
-        ));
 
         let mut connect_addr = None;
         if let Some(addr) = shared.cfg.connect_listen {
@@ -171,6 +167,7 @@ impl Relay {
                 .await
                 .map_err(bind_err("connect", addr))?;
             connect_addr = Some(l.local_addr().map_err(bind_err("connect", addr))?);
+            shared.policy.add_own_listener(connect_addr.unwrap_or(addr));
             let tls = match &shared.cfg.connect_tls {
                 Some(m) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
                     m.server_config(b"http/1.1")?,
@@ -205,6 +202,7 @@ impl Relay {
                 .await
                 .map_err(bind_err("admin", addr))?;
             admin_addr = Some(l.local_addr().map_err(bind_err("admin", addr))?);
+            shared.policy.add_own_listener(admin_addr.unwrap_or(addr));
             tasks.spawn(crate::admin::serve(l, shared.clone(), accept_stop.clone()));
         }
         let mut capture = None;
@@ -215,6 +213,7 @@ impl Relay {
             let udp_addr = std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, ccfg.port);
             let udp = relay_transport::udp::RedirectUdp::bind(ccfg.port)
                 .map_err(bind_err("transparent udp", udp_addr))?;
+            shared.policy.add_own_listener(addr);
             let cap = relay_transport::capture::Capture::install(ccfg).await?;
             tasks.spawn(crate::tunnel::serve_transparent(
                 l,
@@ -234,6 +233,26 @@ impl Relay {
             ));
             capture = Some((stop, task));
         }
+        // Edges are let in last, once every listener is bound and known to
+        // the policy as the relay's own (never a tunnel target).
+        if let Some(l) = tcp_listener {
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+                shared.cfg.tls.server_config(relay_protocol::ALPN)?,
+            ));
+            tasks.spawn(accept_tcp(
+                l,
+                acceptor,
+                shared.clone(),
+                accept_stop.clone(),
+                sessions.clone(),
+            ));
+        }
+        tasks.spawn(accept_quic(
+            endpoint.clone(),
+            shared.clone(),
+            accept_stop.clone(),
+            sessions.clone(),
+        ));
         info!(%quic_addr, connect = ?connect_addr, unix = ?unix_path, admin = ?admin_addr, relay_id = %shared.cfg.relay_id, "relay listening");
         Ok(Relay {
             shared,

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
-use relay_protocol::codec::{self, decode, peek_version, read_frame_bytes, write_frame};
+use relay_protocol::codec::{
+    self, decode, decode_control, peek_version, read_frame_bytes, write_frame, Incoming,
+};
 use relay_protocol::{
     capability, close_code, Cidr, ClientHello, Control, FrameError, HelloReply, RejectReason,
     Rejection, ServerHello, StreamOpen, StreamReply, StreamStatus, PROTOCOL_VERSION,
@@ -20,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::registry::RouteOwner;
+use crate::routefeed::{FeedUpdate, RouteFeed};
 use crate::server::Shared;
 
 /// Control messages queued towards one edge; small, since only the relay's
@@ -42,6 +45,8 @@ pub struct SessionHandle {
     pub agent: String,
     /// How many times the edge fell back from QUIC to TCP (its own count).
     pub fallbacks: u32,
+    /// Capability bits the edge announced.
+    pub capabilities: u32,
     /// The transport connection.
     pub conn: TunnelConn,
     /// Wall-clock time the session was registered.
@@ -325,12 +330,18 @@ pub(crate) async fn serve_connection(
 }
 
 type ControlRx = mpsc::Receiver<Control>;
+type ControlParts = (BiStream, ControlRx, RouteFeed);
+
+/// Which other edges' routes `node` is told about and may reach.
+fn visible<'a>(shared: &'a Shared, node: &'a str) -> impl Fn(&str) -> bool + 'a {
+    move |other| shared.policy.edges_may_talk(node, other)
+}
 
 #[allow(clippy::type_complexity)]
 async fn handshake(
     conn: &TunnelConn,
     shared: &Arc<Shared>,
-) -> Result<(Arc<SessionHandle>, (BiStream, ControlRx)), (HandshakeError, Option<SendHalf>)> {
+) -> Result<(Arc<SessionHandle>, ControlParts), (HandshakeError, Option<SendHalf>)> {
     let mut control = conn
         .accept_bi()
         .await
@@ -360,6 +371,7 @@ async fn handshake(
         primary_addr: hello.primary_addr,
         agent: hello.agent.clone(),
         fallbacks: hello.fallbacks,
+        capabilities: hello.capabilities,
         conn: conn.clone(),
         connected_at: SystemTime::now(),
         started: Instant::now(),
@@ -388,26 +400,53 @@ async fn handshake(
         Ok(None) => {}
         Err(e) => return Err((reject(e.reason, e.message), Some(control.send))),
     }
+    let mut feed = RouteFeed::new(&hello.node, hello.capabilities);
+    let cloud = shared.policy.cloud_ranges();
+    let tunnel_routes = feed.hello_routes(&shared.registry, cloud, visible(shared, &hello.node));
+    note_cut(shared, &feed);
     let reply = HelloReply::Accepted(ServerHello {
         session_id: handle.session_id,
         generation,
         relay_id: shared.cfg.relay_id.clone(),
         keepalive_ms: shared.cfg.quic.keepalive.as_millis() as u32,
         idle_timeout_ms: shared.cfg.quic.idle_timeout.as_millis() as u32,
-        tunnel_routes: crate::tunnel::tunnel_routes_for(shared, &hello.node),
-        capabilities: capability::TCP_STREAMS,
+        tunnel_routes,
+        capabilities: capability::ALL,
     });
     if let Err(e) = write_frame(&mut control.send, &reply).await {
         shared.registry.remove(&handle.node, generation);
         return Err((HandshakeError::Failed("protocol", e.to_string()), None));
     }
     shared.metrics.sessions_accepted.fetch_add(1, Relaxed);
-    Ok((handle, (control, control_rx)))
+    Ok((handle, (control, control_rx, feed)))
+}
+
+/// Logs and counts a whole route list cut to fit an older edge's frame.
+fn note_cut(shared: &Shared, feed: &RouteFeed) {
+    if feed.was_cut() {
+        shared.metrics.route_lists_cut.fetch_add(1, Relaxed);
+        warn!(
+            max = crate::routefeed::LEGACY_MAX_ROUTES,
+            "route list cut to fit one frame: this edge predates route deltas; upgrade it"
+        );
+    }
+}
+
+/// Writes control frames in order, each bounded by `limit`.
+async fn write_all(send: &mut SendHalf, frames: &[Control], limit: Duration) -> Result<(), String> {
+    for f in frames {
+        match tokio::time::timeout(limit, write_frame(send, f)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("control write: {e}")),
+            Err(_) => return Err("control write timed out".to_string()),
+        }
+    }
+    Ok(())
 }
 
 async fn run_session(
     handle: Arc<SessionHandle>,
-    (control, mut control_rx): (BiStream, ControlRx),
+    (control, mut control_rx, mut feed): ControlParts,
     shared: Arc<Shared>,
 ) {
     info!(remote = %handle.conn.remote_addr(), routes = ?handle.routes, "session up");
@@ -428,18 +467,18 @@ async fn run_session(
     let write_timeout = shared.cfg.limits.handshake_timeout;
     // Route updates: the registry says "something changed"; we wait a
     // moment so a burst of sessions coming or going costs one update, then
-    // send the complete list if it differs from the last one sent.
+    // send what changed for this edge (see RouteFeed). An edge with route
+    // deltas got no routes in its hello: its first full set goes now.
     let mut changes = shared.registry.subscribe();
-    let mut sent_routes = crate::tunnel::tunnel_routes_for(&shared, &handle.node);
-    let settle = tokio::time::sleep(Duration::from_secs(3600));
+    let settle = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(settle);
-    let mut update_due = false;
+    let mut update_due = !feed.is_legacy();
     let why = loop {
         let out = tokio::select! {
             biased;
             _ = handle.cancel.cancelled() => break "closed by relay".to_string(),
             why = handle.conn.closed() => break why,
-            Some(msg) = control_rx.recv() => msg,
+            Some(msg) = control_rx.recv() => vec![msg],
             bi = handle.conn.accept_bi() => match bi {
                 Ok(bi) => {
                     let span = tracing::Span::current();
@@ -458,20 +497,29 @@ async fn run_session(
             }
             _ = &mut settle, if update_due => {
                 update_due = false;
-                let now = crate::tunnel::tunnel_routes_for(&shared, &handle.node);
-                if now == sent_routes {
-                    continue;
+                let cloud = shared.policy.cloud_ranges();
+                match feed.poll(&shared.registry, cloud, visible(&shared, &handle.node)) {
+                    FeedUpdate::None => continue,
+                    FeedUpdate::Send(frames) => {
+                        note_cut(&shared, &feed);
+                        frames
+                    }
                 }
-                sent_routes = now.clone();
-                Control::RouteUpdate { tunnel_routes: now }
             }
             f = frames.next() => match f {
                 Some(Ok(bytes)) => {
                     handle.touch();
-                    match decode::<Control>(&bytes) {
-                        Ok(Control::Ping { nonce }) => Control::Pong { nonce },
-                        Ok(Control::Pong { .. }) => continue,
-                        Ok(other) => { debug!(?other, "ignoring control message"); continue }
+                    match decode_control(&bytes) {
+                        Ok(Incoming::Known { msg: Control::Ping { nonce }, .. }) => vec![Control::Pong { nonce }],
+                        Ok(Incoming::Known { msg: Control::Pong { .. }, .. }) => continue,
+                        Ok(Incoming::Known { msg, .. }) => { debug!(?msg, "ignoring control message"); continue }
+                        Ok(Incoming::Unknown { variant }) => {
+                            // A newer edge's message: ignore it, so rolling
+                            // upgrades never cost a session.
+                            shared.metrics.control_unknown.fetch_add(1, Relaxed);
+                            debug!(variant, "ignoring unknown control message");
+                            continue
+                        }
                         Err(e) => {
                             warn!(error = %e, "bad control frame; closing session");
                             handle.conn.close(close_code::PROTOCOL, "bad control frame");
@@ -495,13 +543,11 @@ async fn run_session(
                     handle.conn.close(close_code::PROTOCOL, "idle timeout");
                     break "idle timeout: no control message from the edge".to_string();
                 }
-                Control::Ping { nonce: rand::random() }
+                vec![Control::Ping { nonce: rand::random() }]
             }
         };
-        match tokio::time::timeout(write_timeout, write_frame(&mut send, &out)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => break format!("control write: {e}"),
-            Err(_) => break "control write timed out".to_string(),
+        if let Err(why) = write_all(&mut send, &out, write_timeout).await {
+            break why;
         }
     };
     // A superseded session finds a newer generation here and leaves it be.

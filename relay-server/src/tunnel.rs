@@ -18,20 +18,60 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::policy::{canonical, Origin, Proto, Verdict};
 use crate::server::Shared;
 use crate::session::{SessionHandle, StreamGuard};
 
-/// The session whose routes contain `target`, or a `NoRoute` reply.
-pub(crate) fn session_for(
+/// Where an authorised flow goes.
+pub(crate) enum Route {
+    /// Through the session of the edge that serves the target.
+    Edge(Arc<SessionHandle>),
+    /// Dialled by the relay (a cloud target an edge asked for).
+    Cloud,
+}
+
+/// Finds who serves `target` and asks the policy whether `origin` may
+/// reach it: the one path every ingress takes. Returns the canonical
+/// target (IPv4-mapped IPv6 unwrapped) with the route, or the refusal,
+/// counted by origin and reason.
+pub(crate) fn route(
     shared: &Shared,
+    origin: Origin<'_>,
     target: SocketAddr,
-) -> Result<Arc<SessionHandle>, StreamReply> {
-    shared.registry.lookup(target.ip()).ok_or_else(|| {
-        StreamReply::fail(
+    proto: Proto,
+) -> Result<(Route, SocketAddr), StreamReply> {
+    let target = canonical(target);
+    let owner = shared.registry.lookup(target.ip());
+    decide(shared, origin, target, proto, owner).map(|r| (r, target))
+}
+
+/// The policy half of [`route`], for callers that found the session by
+/// other means (`CONNECT <node>:<port>`).
+pub(crate) fn decide(
+    shared: &Shared,
+    origin: Origin<'_>,
+    target: SocketAddr,
+    proto: Proto,
+    owner: Option<Arc<SessionHandle>>,
+) -> Result<Route, StreamReply> {
+    let verdict = shared.policy.authorize(
+        origin,
+        target,
+        proto,
+        owner.as_deref().map(|s| s.node.as_str()),
+    );
+    match (verdict, owner) {
+        (Ok(Verdict::ToEdge), Some(s)) => Ok(Route::Edge(s)),
+        (Ok(Verdict::ToCloud), _) => Ok(Route::Cloud),
+        (Ok(Verdict::ToEdge), None) => Err(StreamReply::fail(
             StreamStatus::NoRoute,
             format!("no edge session serves {}", target.ip()),
-        )
-    })
+        )),
+        (Err(d), _) => {
+            shared.metrics.denied(origin, d.reason);
+            Err(d.reply())
+        }
+    }
 }
 
 /// Opens a stream to `target` on `session`, accounted by the returned
@@ -64,14 +104,6 @@ pub(crate) async fn open_on(
     }
 }
 
-/// The prefixes `node`'s edge should send back through the tunnel: the
-/// configured cloud ranges and every other edge's routes.
-pub(crate) fn tunnel_routes_for(shared: &Shared, node: &str) -> Vec<Cidr> {
-    let mut all: BTreeSet<Cidr> = shared.registry.routes_except(node);
-    all.extend(shared.cfg.tunnel_routes.iter().copied());
-    all.into_iter().collect()
-}
-
 /// Accepts transparently captured TCP connections: the accepted socket's
 /// local address is where the client meant to go. Failures are answered
 /// with a TCP reset (there is no protocol to carry a reason); the reason is
@@ -91,8 +123,12 @@ pub(crate) async fn serve_transparent(
                 return;
             };
             let _ = sock.set_nodelay(true);
-            let opened = match session_for(&shared, dst) {
-                Ok(session) => open_on(&shared, session, dst, Some(peer)).await,
+            let opened = match route(&shared, Origin::Captured, dst, Proto::Tcp) {
+                Ok((Route::Edge(session), dst)) => open_on(&shared, session, dst, Some(peer)).await,
+                Ok((Route::Cloud, _)) => Err(StreamReply::fail(
+                    StreamStatus::NoRoute,
+                    format!("no edge session serves {dst}"),
+                )),
                 Err(reply) => {
                     shared.metrics.stream_outcome(reply.status);
                     Err(reply)
@@ -138,11 +174,11 @@ pub(crate) async fn serve_edge_stream(
                 return refuse(&mut bi, &shared, reply).await;
             }
         };
-        if let Some(other) = shared.registry.lookup(target.ip()) {
-            if other.node == origin.node {
-                let reply = StreamReply::fail(StreamStatus::Denied, format!("{target} is served by the asking edge itself"));
-                return refuse(&mut bi, &shared, reply).await;
-            }
+        let (other, target) = match route(&shared, Origin::Edge(&origin.node), target, Proto::Tcp) {
+            Ok(r) => r,
+            Err(reply) => return refuse(&mut bi, &shared, reply).await,
+        };
+        if let Route::Edge(other) = other {
             // Edge to edge: open on the target's session, pass its answer back.
             match open_on(&shared, other, target, open.source).await {
                 Ok((peer, guard)) => {
@@ -155,13 +191,6 @@ pub(crate) async fn serve_edge_stream(
                 Err(reply) => finish_with(&mut bi, &reply).await,
             }
             return;
-        }
-        if !shared.cfg.tunnel_routes.iter().any(|c| c.contains(&target.ip())) {
-            let reply = StreamReply::fail(
-                StreamStatus::Denied,
-                format!("{target} is outside the cloud ranges this relay serves"),
-            );
-            return refuse(&mut bi, &shared, reply).await;
         }
         let guard = StreamGuard::new(origin.clone(), shared.clone());
         let mark = shared.cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
@@ -232,6 +261,10 @@ async fn serve_edge_flow(
         );
         return refuse(&mut bi, &shared, reply).await;
     };
+    let (other, target) = match route(&shared, Origin::Edge(&origin.node), target, Proto::Udp) {
+        Ok(r) => r,
+        Err(reply) => return refuse(&mut bi, &shared, reply).await,
+    };
     let Some(a) = origin.flows.register(Some(flow)) else {
         let reply = StreamReply::fail(
             StreamStatus::Error,
@@ -240,14 +273,7 @@ async fn serve_edge_flow(
         return refuse(&mut bi, &shared, reply).await;
     };
     let idle = shared.cfg.limits.udp_idle_timeout;
-    if let Some(other) = shared.registry.lookup(target.ip()) {
-        if other.node == origin.node {
-            let reply = StreamReply::fail(
-                StreamStatus::Denied,
-                format!("{target} is served by the asking edge itself"),
-            );
-            return refuse(&mut bi, &shared, reply).await;
-        }
+    if let Route::Edge(other) = other {
         let Some(b) = other.flows.register(None) else {
             let reply = StreamReply::fail(
                 StreamStatus::Error,
@@ -285,18 +311,6 @@ async fn serve_edge_flow(
         }
         return;
     }
-    if !shared
-        .cfg
-        .tunnel_routes
-        .iter()
-        .any(|c| c.contains(&target.ip()))
-    {
-        let reply = StreamReply::fail(
-            StreamStatus::Denied,
-            format!("{target} is outside the cloud ranges this relay serves"),
-        );
-        return refuse(&mut bi, &shared, reply).await;
-    }
     let mark = shared.cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
     match relay_transport::udp::connect_target(target, mark).await {
         Ok(sock) => {
@@ -328,10 +342,15 @@ pub(crate) async fn serve_transparent_udp(
     stop: CancellationToken,
 ) -> &'static str {
     let picker = shared.clone();
-    let pick: Arc<relay_transport::udp::PickConn> = Arc::new(move |dst: SocketAddr| {
-        let s = picker.registry.lookup(dst.ip())?;
-        (!s.is_draining()).then(|| (s.conn.clone(), s.flows.clone()))
-    });
+    let pick: Arc<relay_transport::udp::PickConn> =
+        Arc::new(
+            move |dst: SocketAddr| match route(&picker, Origin::Captured, dst, Proto::Udp) {
+                Ok((Route::Edge(s), _)) if !s.is_draining() => {
+                    Some((s.conn.clone(), s.flows.clone()))
+                }
+                _ => None,
+            },
+        );
     let limits = relay_transport::udp::FlowLimits {
         open_timeout: shared.cfg.limits.stream_open_timeout,
         idle: shared.cfg.limits.udp_idle_timeout,

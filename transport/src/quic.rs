@@ -48,6 +48,40 @@ impl Default for QuicTuning {
 }
 
 impl QuicTuning {
+    /// Checks the settings, naming the offending field (as in the config
+    /// file's `[quic]` section). Used for files and for configs built by
+    /// code alike, so neither can start with a value that panics later.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let t = self;
+        if t.initial_mtu < 1200 || t.initial_mtu > t.max_udp_payload {
+            return Err((
+                "initial_mtu",
+                "must be between 1200 and max_udp_payload".into(),
+            ));
+        }
+        if !(1200..=65527).contains(&t.max_udp_payload) {
+            return Err(("max_udp_payload", "must be between 1200 and 65527".into()));
+        }
+        if t.keepalive.is_zero() {
+            return Err(("keepalive", "must be greater than zero".into()));
+        }
+        if t.keepalive >= t.idle_timeout {
+            return Err(("keepalive", "must be shorter than idle_timeout".into()));
+        }
+        if IdleTimeout::try_from(t.idle_timeout).is_err() {
+            return Err(("idle_timeout", "too large".into()));
+        }
+        if t.max_bidi_streams == 0 {
+            return Err(("max_streams", "must be at least 1".into()));
+        }
+        if t.stream_window < 16 * 1024 {
+            return Err(("stream_window", "must be at least 16384".into()));
+        }
+        Ok(())
+    }
+}
+
+impl QuicTuning {
     /// The relay's defaults: the same, but edges may open 256 streams at
     /// once (their control stream and connections to cloud ranges; more
     /// wait for credit). quinn preallocates state for every stream the peer
@@ -212,30 +246,7 @@ impl QuicFile {
             max_udp_payload: self.max_udp_payload.unwrap_or(d.max_udp_payload),
             initial_mtu: self.initial_mtu.unwrap_or(d.initial_mtu),
         };
-        if t.initial_mtu < 1200 || t.initial_mtu > t.max_udp_payload {
-            return Err((
-                "initial_mtu",
-                "must be between 1200 and max_udp_payload".into(),
-            ));
-        }
-        if !(1200..=65527).contains(&t.max_udp_payload) {
-            return Err(("max_udp_payload", "must be between 1200 and 65527".into()));
-        }
-        if t.keepalive.is_zero() {
-            return Err(("keepalive", "must be greater than zero".into()));
-        }
-        if t.keepalive >= t.idle_timeout {
-            return Err(("keepalive", "must be shorter than idle_timeout".into()));
-        }
-        if IdleTimeout::try_from(t.idle_timeout).is_err() {
-            return Err(("idle_timeout", "too large".into()));
-        }
-        if t.max_bidi_streams == 0 {
-            return Err(("max_streams", "must be at least 1".into()));
-        }
-        if t.stream_window < 16 * 1024 {
-            return Err(("stream_window", "must be at least 16384".into()));
-        }
+        t.validate()?;
         Ok(t)
     }
 }

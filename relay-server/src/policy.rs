@@ -1,0 +1,530 @@
+//! The one authorisation seam: every way into the tunnel (HTTP CONNECT,
+//! TCP and UDP captured on the relay node, streams and flows edges open)
+//! asks [`Policy::authorize`] whether `origin → target` is allowed, and
+//! gets either the verdict or a typed [`Denied`] saying why not.
+//!
+//! The rules, in the order they are checked:
+//! 1. IPv4-mapped IPv6 targets (`::ffff:10.0.0.1`) are judged as the IPv4
+//!    address they carry, so no rule can be stepped around by spelling.
+//! 2. Cloud origins reach edges (any session's routes, which the edge
+//!    checks again against what it serves) and nothing else: the relay is
+//!    not a general proxy into the cloud for cloud clients.
+//! 3. An edge never reaches its own routes through the relay.
+//! 4. An edge reaches another edge only when the two share a community
+//!    (`[communities]` in relay.toml). Without one, edges are isolated
+//!    from each other: a compromised shop node must not reach every site.
+//! 5. What the relay would dial itself for an edge is never an
+//!    unspecified, loopback, link-local, multicast or broadcast address,
+//!    nor one of the relay's own listeners (tunnel, CONNECT, admin,
+//!    capture) on any of its addresses; and it is inside `tunnel_routes`.
+//!
+//! Routing (which session serves a prefix) is the registry's business; the
+//! caller passes the owner it found, so the table below is pure and unit
+//! tested as a table.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::RwLock;
+
+use relay_protocol::{Cidr, StreamReply, StreamStatus};
+
+/// Where a connection or flow comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin<'a> {
+    /// A cloud client: HTTP CONNECT (kube-apiserver, operators).
+    Connect,
+    /// A cloud client whose packets were captured on the relay node.
+    Captured,
+    /// A stream or flow opened by the edge of this node.
+    Edge(&'a str),
+}
+
+impl Origin<'_> {
+    /// Stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Origin::Connect => "connect",
+            Origin::Captured => "captured",
+            Origin::Edge(_) => "edge",
+        }
+    }
+}
+
+/// Transport protocol of the flow being authorised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    /// A TCP connection.
+    Tcp,
+    /// A UDP flow.
+    Udp,
+}
+
+/// What the policy allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Through the session of the edge that serves the target.
+    ToEdge,
+    /// Dialled by the relay itself (a cloud target, for an edge).
+    ToCloud,
+}
+
+/// Why a flow was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DenyReason {
+    /// Loopback, link-local, unspecified, multicast or broadcast.
+    ForbiddenAddress,
+    /// One of the relay's own listeners.
+    RelayItself,
+    /// The asking edge serves the target itself.
+    OwnRoute,
+    /// Edge to edge without a shared community.
+    NoCommunity,
+    /// Outside the cloud ranges (`tunnel_routes`) edges may reach.
+    OutsideCloudRanges,
+    /// No edge serves the target (cloud clients reach only edges).
+    NoRoute,
+}
+
+impl DenyReason {
+    /// Every reason, in metric order.
+    pub const ALL: [DenyReason; 6] = [
+        DenyReason::ForbiddenAddress,
+        DenyReason::RelayItself,
+        DenyReason::OwnRoute,
+        DenyReason::NoCommunity,
+        DenyReason::OutsideCloudRanges,
+        DenyReason::NoRoute,
+    ];
+
+    /// Stable label for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DenyReason::ForbiddenAddress => "forbidden_address",
+            DenyReason::RelayItself => "relay_itself",
+            DenyReason::OwnRoute => "own_route",
+            DenyReason::NoCommunity => "no_community",
+            DenyReason::OutsideCloudRanges => "outside_cloud_ranges",
+            DenyReason::NoRoute => "no_route",
+        }
+    }
+}
+
+/// A refusal with its reason and a message for humans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denied {
+    /// Machine-readable reason.
+    pub reason: DenyReason,
+    /// What was refused and why.
+    pub message: String,
+}
+
+impl Denied {
+    fn new(reason: DenyReason, message: String) -> Self {
+        Denied { reason, message }
+    }
+
+    /// The stream reply that carries this refusal to the asking side
+    /// (`NoRoute` for a target nobody serves, `Denied` for the rest).
+    pub fn reply(&self) -> StreamReply {
+        let status = match self.reason {
+            DenyReason::NoRoute => StreamStatus::NoRoute,
+            _ => StreamStatus::Denied,
+        };
+        StreamReply::fail(
+            status,
+            format!("{}: {}", self.reason.as_str(), self.message),
+        )
+    }
+}
+
+/// The target as the policy judges it: IPv4-mapped IPv6 becomes IPv4.
+pub fn canonical(target: SocketAddr) -> SocketAddr {
+    match target.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), target.port()),
+            None => target,
+        },
+        IpAddr::V4(_) => target,
+    }
+}
+
+fn forbidden(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            a.is_unspecified()
+                || a.is_loopback()
+                || a.is_link_local()
+                || a.is_multicast()
+                || a.is_broadcast()
+        }
+        IpAddr::V6(a) => {
+            a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_unicast_link_local()
+        }
+    }
+}
+
+/// Whether `ip` is an address of this host: binding a socket to it only
+/// works if it is. Asked only for a target whose port is one of the
+/// relay's listener ports, so the cost (one syscall) is rare.
+fn is_local_address(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+/// Edge-to-edge reachability: named groups of nodes (as FabEdge's
+/// communities). Two edges may reach each other's routes when some
+/// community lists both; a member `"*"` stands for every node.
+#[derive(Debug, Clone, Default)]
+pub struct Communities {
+    /// Node → indices of the communities that list it.
+    members: HashMap<String, BTreeSet<usize>>,
+    /// Indices of communities that list `"*"`.
+    everyone: BTreeSet<usize>,
+}
+
+impl Communities {
+    /// Builds the lookup from `name → members` (names only document).
+    pub fn new(groups: &HashMap<String, Vec<String>>) -> Self {
+        let mut c = Communities::default();
+        let mut names: Vec<&String> = groups.keys().collect();
+        names.sort();
+        for (i, name) in names.into_iter().enumerate() {
+            for m in &groups[name] {
+                if m == "*" {
+                    c.everyone.insert(i);
+                } else {
+                    c.members.entry(m.clone()).or_default().insert(i);
+                }
+            }
+        }
+        c
+    }
+
+    fn of(&self, node: &str) -> impl Iterator<Item = usize> + '_ {
+        self.members
+            .get(node)
+            .into_iter()
+            .flatten()
+            .chain(&self.everyone)
+            .copied()
+    }
+
+    /// Whether nodes `a` and `b` share a community.
+    pub fn share(&self, a: &str, b: &str) -> bool {
+        // Nodes belong to a handful of communities: a nested scan beats
+        // building a set on this per-route path.
+        self.of(a).any(|i| self.of(b).any(|j| i == j))
+    }
+
+    /// Whether no community is configured (edges are isolated).
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty() && self.everyone.is_empty()
+    }
+}
+
+/// The relay's authorisation policy.
+#[derive(Debug, Default)]
+pub struct Policy {
+    cloud: Vec<Cidr>,
+    communities: Communities,
+    /// The relay's bound listeners; set once they are bound.
+    own: RwLock<Vec<SocketAddr>>,
+}
+
+impl Policy {
+    /// A policy from the cloud ranges edges may reach and the communities.
+    pub fn new(cloud: Vec<Cidr>, communities: Communities) -> Self {
+        Policy {
+            cloud,
+            communities,
+            own: RwLock::default(),
+        }
+    }
+
+    /// Records a listener of the relay's own, never a tunnel target.
+    pub fn add_own_listener(&self, addr: SocketAddr) {
+        self.own
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(canonical(addr));
+    }
+
+    /// Whether edge `viewer` may reach routes served by edge `owner`; also
+    /// decides which other edges' routes `viewer` is told about.
+    pub fn edges_may_talk(&self, viewer: &str, owner: &str) -> bool {
+        viewer != owner && self.communities.share(viewer, owner)
+    }
+
+    /// The cloud ranges edges may reach.
+    pub fn cloud_ranges(&self) -> &[Cidr] {
+        &self.cloud
+    }
+
+    fn is_relay_itself(&self, target: SocketAddr) -> bool {
+        let own = self.own.read().unwrap_or_else(|e| e.into_inner());
+        own.iter().any(|l| {
+            l.port() == target.port()
+                && (l.ip() == target.ip()
+                    || (l.ip().is_unspecified() && is_local_address(target.ip())))
+        })
+    }
+
+    /// Decides `origin → target`. `owner` is the node whose session serves
+    /// the target (the registry's longest-prefix answer), if any; `target`
+    /// must already be [`canonical`].
+    pub fn authorize(
+        &self,
+        origin: Origin<'_>,
+        target: SocketAddr,
+        _proto: Proto,
+        owner: Option<&str>,
+    ) -> Result<Verdict, Denied> {
+        let ip = target.ip();
+        match (origin, owner) {
+            (Origin::Connect | Origin::Captured, Some(_)) => Ok(Verdict::ToEdge),
+            (Origin::Connect | Origin::Captured, None) => Err(Denied::new(
+                DenyReason::NoRoute,
+                format!("no edge session serves {ip}"),
+            )),
+            (Origin::Edge(me), Some(owner)) if me == owner => Err(Denied::new(
+                DenyReason::OwnRoute,
+                format!("{target} is served by node {me} itself"),
+            )),
+            (Origin::Edge(me), Some(owner)) => {
+                if self.edges_may_talk(me, owner) {
+                    Ok(Verdict::ToEdge)
+                } else {
+                    Err(Denied::new(
+                        DenyReason::NoCommunity,
+                        format!("nodes {me} and {owner} share no community ([communities] in relay.toml)"),
+                    ))
+                }
+            }
+            // The relay would dial this itself: never its own host's
+            // special addresses or listeners, only the cloud ranges.
+            (Origin::Edge(_), None) if forbidden(ip) => Err(Denied::new(
+                DenyReason::ForbiddenAddress,
+                format!("{ip} is a loopback, link-local, unspecified or multicast address"),
+            )),
+            (Origin::Edge(_), None) if self.is_relay_itself(target) => Err(Denied::new(
+                DenyReason::RelayItself,
+                format!("{target} is one of the relay's own listeners"),
+            )),
+            (Origin::Edge(_), None) => {
+                if self.cloud.iter().any(|c| c.contains(&ip)) {
+                    Ok(Verdict::ToCloud)
+                } else {
+                    Err(Denied::new(
+                        DenyReason::OutsideCloudRanges,
+                        format!("{target} is outside the cloud ranges this relay serves (tunnel_routes)"),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        let groups = HashMap::from([
+            (
+                "north".to_string(),
+                vec!["edge-1".to_string(), "edge-2".to_string()],
+            ),
+            ("south".to_string(), vec!["edge-3".to_string()]),
+        ]);
+        let p = Policy::new(
+            vec![
+                "10.96.0.0/12".parse().unwrap(),
+                "10.244.0.0/24".parse().unwrap(),
+            ],
+            Communities::new(&groups),
+        );
+        p.add_own_listener("10.244.0.1:8443".parse().unwrap());
+        p.add_own_listener("127.0.0.1:9090".parse().unwrap());
+        p.add_own_listener("0.0.0.0:15001".parse().unwrap());
+        p
+    }
+
+    /// The table: origin, target, owner → verdict or reason.
+    #[test]
+    fn decision_table() {
+        use DenyReason::*;
+        use Verdict::*;
+        let p = policy();
+        type Row<'a> = (Origin<'a>, &'a str, Option<&'a str>, Result<Verdict, DenyReason>);
+        let rows: &[Row] = &[
+            // Cloud ingress reaches edges, nothing else.
+            (Origin::Connect, "10.244.7.5:80", Some("edge-1"), Ok(ToEdge)),
+            (
+                Origin::Captured,
+                "10.244.7.5:53",
+                Some("edge-1"),
+                Ok(ToEdge),
+            ),
+            (Origin::Connect, "10.96.0.10:443", None, Err(NoRoute)),
+            (Origin::Connect, "127.0.0.1:10250", None, Err(NoRoute)),
+            (Origin::Connect, "[::ffff:127.0.0.1]:22", None, Err(NoRoute)),
+            // An edge that claims a loopback address serves its own.
+            (Origin::Connect, "127.0.0.2:80", Some("edge-1"), Ok(ToEdge)),
+            // Edge to cloud: inside tunnel_routes only.
+            (Origin::Edge("edge-1"), "10.96.0.10:53", None, Ok(ToCloud)),
+            (Origin::Edge("edge-1"), "10.244.0.9:80", None, Ok(ToCloud)),
+            (
+                Origin::Edge("edge-1"),
+                "10.0.0.1:80",
+                None,
+                Err(OutsideCloudRanges),
+            ),
+            (
+                Origin::Edge("edge-1"),
+                "8.8.8.8:53",
+                None,
+                Err(OutsideCloudRanges),
+            ),
+            // Never the relay itself, in any spelling.
+            (
+                Origin::Edge("edge-1"),
+                "127.0.0.1:9090",
+                None,
+                Err(ForbiddenAddress),
+            ),
+            (
+                Origin::Edge("edge-1"),
+                "[::1]:9090",
+                None,
+                Err(ForbiddenAddress),
+            ),
+            (
+                Origin::Edge("edge-1"),
+                "[::ffff:127.0.0.1]:9090",
+                None,
+                Err(ForbiddenAddress),
+            ),
+            (
+                Origin::Edge("edge-1"),
+                "169.254.169.254:80",
+                None,
+                Err(ForbiddenAddress),
+            ),
+            (
+                Origin::Edge("edge-1"),
+                "[fe80::1]:80",
+                None,
+                Err(ForbiddenAddress),
+            ),
+            (
+                Origin::Edge("edge-1"),
+                "0.0.0.0:80",
+                None,
+                Err(ForbiddenAddress),
+            ),
+            (
+                Origin::Edge("edge-1"),
+                "224.0.0.1:5353",
+                None,
+                Err(ForbiddenAddress),
+            ),
+            (
+                Origin::Edge("edge-1"),
+                "255.255.255.255:67",
+                None,
+                Err(ForbiddenAddress),
+            ),
+            (
+                Origin::Edge("edge-1"),
+                "10.244.0.1:8443",
+                None,
+                Err(RelayItself),
+            ),
+            (
+                Origin::Edge("edge-1"),
+                "[::ffff:10.244.0.1]:8443",
+                None,
+                Err(RelayItself),
+            ),
+            // The relay's own address on another port is an ordinary cloud target.
+            (
+                Origin::Edge("edge-1"),
+                "10.244.0.1:10250",
+                None,
+                Ok(ToCloud),
+            ),
+            // Edge to edge: only within a community, never to itself.
+            (
+                Origin::Edge("edge-1"),
+                "10.244.8.5:80",
+                Some("edge-2"),
+                Ok(ToEdge),
+            ),
+            (
+                Origin::Edge("edge-2"),
+                "10.244.7.5:80",
+                Some("edge-1"),
+                Ok(ToEdge),
+            ),
+            (
+                Origin::Edge("edge-1"),
+                "10.244.9.5:80",
+                Some("edge-3"),
+                Err(NoCommunity),
+            ),
+            (
+                Origin::Edge("edge-9"),
+                "10.244.7.5:80",
+                Some("edge-1"),
+                Err(NoCommunity),
+            ),
+            (
+                Origin::Edge("edge-1"),
+                "10.244.7.5:80",
+                Some("edge-1"),
+                Err(OwnRoute),
+            ),
+        ];
+        let mut wrong = Vec::new();
+        for (origin, target, owner, want) in rows {
+            let t = canonical(target.parse().unwrap());
+            let got = p
+                .authorize(*origin, t, Proto::Tcp, *owner)
+                .map_err(|d| d.reason);
+            if got != *want {
+                wrong.push(format!(
+                    "{origin:?} → {target} (owner {owner:?}): got {got:?}, want {want:?}"
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn a_wildcard_community_joins_every_edge_and_none_isolates() {
+        let all = Communities::new(&HashMap::from([("all".to_string(), vec!["*".to_string()])]));
+        assert!(all.share("a", "b"));
+        let none = Communities::new(&HashMap::new());
+        assert!(none.is_empty() && !none.share("a", "b"));
+        let p = Policy::new(vec![], all);
+        assert!(p.edges_may_talk("a", "b") && !p.edges_may_talk("a", "a"));
+    }
+
+    #[test]
+    fn a_wildcard_listener_covers_every_local_address_only() {
+        let p = policy();
+        // 127.0.0.1 is local, but forbidden anyway; the capture port on a
+        // non-local address is someone else's service.
+        assert!(p.is_relay_itself("127.0.0.1:15001".parse().unwrap()));
+        assert!(!p.is_relay_itself("10.96.0.10:15001".parse().unwrap()));
+    }
+
+    #[test]
+    fn denials_map_to_stream_statuses() {
+        let d = Denied::new(DenyReason::NoRoute, "x".into());
+        assert_eq!(d.reply().status, StreamStatus::NoRoute);
+        let d = Denied::new(DenyReason::NoCommunity, "x".into());
+        assert_eq!(d.reply().status, StreamStatus::Denied);
+        assert!(d.reply().message.starts_with("no_community: "));
+    }
+}

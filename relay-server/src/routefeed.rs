@@ -1,0 +1,411 @@
+//! What each edge is told to send back through the tunnel, kept up to date
+//! at a cost proportional to the changes, not to the number of edges.
+//!
+//! An edge's tunnel routes are the configured cloud ranges plus the routes
+//! of the other edges its policy lets it reach (a shared community; see
+//! [`crate::policy`]). Edges learn them in one of two ways:
+//! - an edge that announced [`capability::ROUTE_DELTAS`] gets
+//!   [`Control::RouteDelta`] frames: a full set once (flagged `reset`), then
+//!   only what changed, each frame at most
+//!   [`Control::MAX_ROUTES_PER_DELTA`] prefixes, so ten thousand edges'
+//!   routes fit as easily as ten;
+//! - an older edge gets the whole list in its hello and in each
+//!   `RouteUpdate`, as before, cut to what fits in one frame (the cut is
+//!   logged and counted; see [`LEGACY_MAX_ROUTES`]).
+//!
+//! The relay keeps no per-session copy of what a delta edge has: the
+//! registry's journal says what changed since the session's cursor, and a
+//! session that fell behind the journal gets a resync.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use relay_protocol::{capability, Cidr, Control};
+
+use crate::registry::{Registry, RouteChanges, RouteOwner};
+
+/// Most prefixes in the whole list sent to an edge without
+/// [`capability::ROUTE_DELTAS`]: 3,000 IPv6 prefixes encode to about
+/// 54 KiB, inside the 64 KiB frame with room for the rest of the hello.
+pub const LEGACY_MAX_ROUTES: usize = 3000;
+
+/// One session's view of the route table.
+#[derive(Debug)]
+pub struct RouteFeed {
+    node: String,
+    cursor: Option<u64>,
+    /// For an edge without deltas, the full set it should have (what it
+    /// was sent is a prefix of it when the set was cut).
+    legacy: Option<BTreeSet<Cidr>>,
+    /// Whether the last whole list sent to a legacy edge was cut.
+    cut: bool,
+}
+
+/// What to send after a poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedUpdate {
+    /// Nothing changed for this edge.
+    None,
+    /// Frames for the edge, in order.
+    Send(Vec<Control>),
+}
+
+impl RouteFeed {
+    /// A feed for `node`'s session; `capabilities` are the edge's.
+    pub fn new(node: &str, capabilities: u32) -> Self {
+        RouteFeed {
+            node: node.to_string(),
+            cursor: None,
+            legacy: (capabilities & capability::ROUTE_DELTAS == 0).then(BTreeSet::new),
+            cut: false,
+        }
+    }
+
+    /// Whether the edge gets whole lists (it predates route deltas).
+    pub fn is_legacy(&self) -> bool {
+        self.legacy.is_some()
+    }
+
+    /// Whether the last whole list for a legacy edge had to be cut to fit
+    /// a frame (the caller logs and counts it).
+    pub fn was_cut(&self) -> bool {
+        self.cut
+    }
+
+    /// Brings the feed up to date with `reg`: `cloud` is the configured
+    /// cloud ranges, `visible(node)` whether this edge may reach `node`.
+    /// Returns the frames to send (none when nothing changed for it).
+    pub fn poll<S: RouteOwner>(
+        &mut self,
+        reg: &Registry<S>,
+        cloud: &[Cidr],
+        visible: impl Fn(&str) -> bool,
+    ) -> FeedUpdate {
+        let me = self.node.as_str();
+        let (next, changes) = reg.route_changes(self.cursor, |n: &str| n != me && visible(n));
+        let first = self.cursor.is_none();
+        self.cursor = Some(next);
+        let cloud: BTreeSet<Cidr> = cloud.iter().copied().collect();
+        let (reset, add, remove) = match changes {
+            RouteChanges::Resync(all) => {
+                let mut add: BTreeSet<Cidr> = cloud.clone();
+                add.extend(all);
+                (true, add, BTreeSet::new())
+            }
+            RouteChanges::Events(events) => {
+                // The last event of a prefix decides; a cloud range stays
+                // whatever edge comes or goes with the same prefix.
+                let mut net: BTreeMap<Cidr, bool> = BTreeMap::new();
+                for (c, added) in events {
+                    if !cloud.contains(&c) {
+                        net.insert(c, added);
+                    }
+                }
+                let (add, remove): (Vec<_>, Vec<_>) = net.into_iter().partition(|(_, a)| *a);
+                (
+                    false,
+                    add.into_iter().map(|(c, _)| c).collect(),
+                    remove.into_iter().map(|(c, _)| c).collect(),
+                )
+            }
+        };
+        if let Some(full) = &mut self.legacy {
+            if reset {
+                full.clear();
+            }
+            let before = full.clone();
+            full.retain(|c| !remove.contains(c));
+            full.extend(add);
+            if !first && *full == before {
+                return FeedUpdate::None;
+            }
+            let (tunnel_routes, cut) = legacy_list(full, &cloud);
+            self.cut = cut;
+            return FeedUpdate::Send(vec![Control::RouteUpdate { tunnel_routes }]);
+        }
+        if !reset && add.is_empty() && remove.is_empty() {
+            return FeedUpdate::None;
+        }
+        FeedUpdate::Send(Control::route_deltas(
+            reset,
+            add.into_iter().collect(),
+            remove.into_iter().collect(),
+        ))
+    }
+
+    /// The routes for a legacy edge's hello (empty for a delta edge, which
+    /// gets its first full set as deltas right after the hello): polls
+    /// once, so the session loop sends only later changes.
+    pub fn hello_routes<S: RouteOwner>(
+        &mut self,
+        reg: &Registry<S>,
+        cloud: &[Cidr],
+        visible: impl Fn(&str) -> bool,
+    ) -> Vec<Cidr> {
+        if !self.is_legacy() {
+            return Vec::new();
+        }
+        match self.poll(reg, cloud, visible) {
+            FeedUpdate::Send(mut frames) => match frames.pop() {
+                Some(Control::RouteUpdate { tunnel_routes }) => tunnel_routes,
+                _ => Vec::new(),
+            },
+            FeedUpdate::None => Vec::new(),
+        }
+    }
+}
+
+/// The whole list for an edge without deltas, cloud ranges first, cut at
+/// [`LEGACY_MAX_ROUTES`]; the flag says whether it was cut.
+pub fn legacy_list(full: &BTreeSet<Cidr>, cloud: &BTreeSet<Cidr>) -> (Vec<Cidr>, bool) {
+    let mut out: Vec<Cidr> = cloud.iter().copied().collect();
+    out.extend(full.iter().filter(|c| !cloud.contains(c)).copied());
+    let cut = out.len() > LEGACY_MAX_ROUTES;
+    out.truncate(LEGACY_MAX_ROUTES);
+    (out, cut)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use relay_protocol::codec::encode;
+
+    use super::*;
+
+    struct Fake {
+        node: String,
+        generation: u64,
+        routes: Vec<Cidr>,
+    }
+
+    impl RouteOwner for Fake {
+        fn node(&self) -> &str {
+            &self.node
+        }
+        fn generation(&self) -> u64 {
+            self.generation
+        }
+        fn session_id(&self) -> u64 {
+            self.generation
+        }
+        fn routes(&self) -> &[Cidr] {
+            &self.routes
+        }
+    }
+
+    /// Node `i`: pod CIDR `10.x.y.0/24` and host address `172.16.x.y/32`.
+    fn session(i: u32, generation: u64) -> Arc<Fake> {
+        let (x, y) = (i / 256, i % 256);
+        Arc::new(Fake {
+            node: format!("n{i}"),
+            generation,
+            routes: vec![
+                format!("10.{x}.{y}.0/24").parse().unwrap(),
+                format!("172.16.{x}.{y}/32").parse().unwrap(),
+            ],
+        })
+    }
+
+    /// The edge side: applies frames the way edge-client does and checks
+    /// each frame fits the wire limit.
+    #[derive(Default)]
+    struct Edge {
+        pending: BTreeSet<Cidr>,
+        applied: BTreeSet<Cidr>,
+        frames: usize,
+    }
+
+    impl Edge {
+        fn apply(&mut self, u: FeedUpdate) {
+            let FeedUpdate::Send(frames) = u else { return };
+            for f in frames {
+                let len = encode(&f)
+                    .expect("every frame encodes within the frame limit")
+                    .len();
+                assert!(len <= relay_protocol::MAX_FRAME_LEN);
+                self.frames += 1;
+                match f {
+                    Control::RouteDelta {
+                        reset,
+                        add,
+                        remove,
+                        complete,
+                    } => {
+                        if reset {
+                            self.pending.clear();
+                        }
+                        for c in &remove {
+                            self.pending.remove(c);
+                        }
+                        self.pending.extend(add);
+                        if complete {
+                            self.applied = self.pending.clone();
+                        }
+                    }
+                    Control::RouteUpdate { tunnel_routes } => {
+                        self.applied = tunnel_routes.into_iter().collect();
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+    }
+
+    /// What node `me` should have: cloud ranges plus visible others' routes.
+    fn expected(
+        reg: &Registry<Fake>,
+        cloud: &[Cidr],
+        me: &str,
+        vis: &dyn Fn(&str) -> bool,
+    ) -> BTreeSet<Cidr> {
+        let mut want: BTreeSet<Cidr> = cloud.iter().copied().collect();
+        for s in reg.sessions() {
+            if s.node != me && vis(&s.node) {
+                want.extend(s.routes.iter().copied());
+            }
+        }
+        want
+    }
+
+    fn cloud() -> Vec<Cidr> {
+        vec![
+            "10.96.0.0/12".parse().unwrap(),
+            "192.168.0.0/24".parse().unwrap(),
+        ]
+    }
+
+    #[test]
+    fn a_delta_edge_gets_a_full_set_then_only_changes() {
+        let reg = Registry::default();
+        for i in 0..3 {
+            reg.register(session(i, 1), 100).unwrap();
+        }
+        let mut feed = RouteFeed::new("n0", capability::ALL);
+        assert!(feed.hello_routes(&reg, &cloud(), |_| true).is_empty());
+        let mut edge = Edge::default();
+        edge.apply(feed.poll(&reg, &cloud(), |_| true));
+        assert_eq!(edge.applied, expected(&reg, &cloud(), "n0", &|_| true));
+        assert_eq!(feed.poll(&reg, &cloud(), |_| true), FeedUpdate::None);
+        // n1 reconnects with other routes, n2 goes: one delta, exact.
+        reg.register(session(7, 2).with_node("n1"), 100).unwrap();
+        reg.remove("n2", 1);
+        let u = feed.poll(&reg, &cloud(), |_| true);
+        let FeedUpdate::Send(frames) = &u else {
+            panic!("no update")
+        };
+        assert_eq!(frames.len(), 1);
+        edge.apply(u);
+        assert_eq!(edge.applied, expected(&reg, &cloud(), "n0", &|_| true));
+    }
+
+    #[test]
+    fn a_legacy_edge_gets_whole_lists_cut_to_fit() {
+        let reg = Registry::default();
+        for i in 0..2000 {
+            reg.register(session(i, 1), 10_000).unwrap();
+        }
+        let mut feed = RouteFeed::new("n0", capability::TCP_STREAMS | capability::UDP_DATAGRAMS);
+        assert!(feed.is_legacy());
+        let hello = feed.hello_routes(&reg, &cloud(), |_| true);
+        assert_eq!(hello.len(), LEGACY_MAX_ROUTES);
+        assert!(feed.was_cut());
+        // Cloud ranges are never the part cut off.
+        assert!(cloud().iter().all(|c| hello.contains(c)));
+        assert_eq!(feed.poll(&reg, &cloud(), |_| true), FeedUpdate::None);
+        reg.remove("n5", 1);
+        let FeedUpdate::Send(f) = feed.poll(&reg, &cloud(), |_| true) else {
+            panic!("no update")
+        };
+        assert!(matches!(&f[..], [Control::RouteUpdate { .. }]));
+    }
+
+    /// The scale the relay is configured for (`max_sessions` 10,000): every
+    /// edge's view stays exact and every frame fits, with 100 route changes
+    /// per round (a second's worth at 100 changes per second) for ten
+    /// rounds. Views are checked for a sample of edges in communities of
+    /// 100 nodes, and for one edge that sees every other edge (20,000
+    /// prefixes, far past one frame).
+    #[test]
+    fn ten_thousand_sessions_and_a_hundred_changes_per_round() {
+        const N: u32 = 10_000;
+        let reg = Registry::default();
+        for i in 0..N {
+            reg.register(session(i, 1), N as usize).unwrap();
+        }
+        let community = |n: &str| n[1..].parse::<u32>().unwrap() / 100;
+        let sample: Vec<u32> = (0..N).step_by(97).collect();
+        let mut feeds: Vec<(String, RouteFeed, Edge)> = sample
+            .iter()
+            .map(|i| {
+                (
+                    format!("n{i}"),
+                    RouteFeed::new(&format!("n{i}"), capability::ALL),
+                    Edge::default(),
+                )
+            })
+            .collect();
+        let mut all_seeing = (RouteFeed::new("n0", capability::ALL), Edge::default());
+        let mut generation = 2;
+        for round in 0..11u32 {
+            if round > 0 {
+                // 100 changes: 50 sessions drop out, 50 come back.
+                for k in 0..50 {
+                    let i = (round * 631 + k * 197) % N;
+                    if reg.get(&format!("n{i}")).is_some() {
+                        reg.remove(
+                            &format!("n{i}"),
+                            reg.get(&format!("n{i}")).unwrap().generation,
+                        );
+                    } else {
+                        reg.register(session(i, generation), N as usize).unwrap();
+                    }
+                    let j = (round * 389 + k * 211 + 7) % N;
+                    if reg.get(&format!("n{j}")).is_none() {
+                        generation += 1;
+                        reg.register(session(j, generation), N as usize).unwrap();
+                    }
+                }
+            }
+            // Each community's routes, computed once per round.
+            let mut by_community: std::collections::HashMap<u32, BTreeSet<Cidr>> =
+                Default::default();
+            for s in reg.sessions() {
+                by_community
+                    .entry(community(&s.node))
+                    .or_default()
+                    .extend(s.routes.iter().copied());
+            }
+            for (me, feed, edge) in &mut feeds {
+                let mine = community(me);
+                edge.apply(feed.poll(&reg, &cloud(), move |n: &str| community(n) == mine));
+                let mut want = by_community.get(&mine).cloned().unwrap_or_default();
+                if let Some(s) = reg.get(me) {
+                    for c in &s.routes {
+                        want.remove(c);
+                    }
+                }
+                want.extend(cloud());
+                assert_eq!(edge.applied, want, "{me} round {round}");
+            }
+            let (feed, edge) = &mut all_seeing;
+            edge.apply(feed.poll(&reg, &cloud(), |_| true));
+            assert_eq!(
+                edge.applied,
+                expected(&reg, &cloud(), "n0", &|_| true),
+                "round {round}"
+            );
+        }
+        // ~20,000 prefixes: the first sync alone spans ten frames.
+        assert!(all_seeing.1.frames >= 10, "{} frames", all_seeing.1.frames);
+    }
+
+    impl Fake {
+        fn with_node(self: Arc<Self>, node: &str) -> Arc<Fake> {
+            Arc::new(Fake {
+                node: node.into(),
+                generation: self.generation,
+                routes: self.routes.clone(),
+            })
+        }
+    }
+}
