@@ -69,6 +69,11 @@ impl KubeClientConfig {
         config.connect_timeout = Some(opts.connect_timeout);
         config.read_timeout = Some(opts.read_timeout);
         config.write_timeout = Some(opts.connect_timeout);
+        // kube's built-in retry of 429/503/504 backs off exponentially up to
+        // 15 times (minutes in all), hiding an outage inside one call. Our
+        // calls carry their own bounds and the watch has its own backoff,
+        // so failures surface (and are counted) instead.
+        config.default_retry = false;
         kube::Client::try_from(config).map_err(KubeError::from)
     }
 }
