@@ -26,6 +26,8 @@
 //! Module map: [`request`] (classification), [`apply`] (server-side apply
 //! of conditions), this module (server, state, hooks).
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod apply;
 pub mod request;
 
