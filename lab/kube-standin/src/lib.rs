@@ -733,45 +733,30 @@ fn watch_nodes(shared: &Arc<Shared>, q: &BTreeMap<String, String>) -> Response<B
     let (tx, mut rx) = mpsc::channel::<Bytes>(64);
     let mut backlog: Vec<Bytes> = Vec::new();
     let mut sub;
-    let mut last_rv;
+    let expired;
     {
         let st = shared.lock();
         // Subscribe under the lock: no event falls between backlog and live.
         sub = shared.watch_tx.subscribe();
-        last_rv = st.rv;
+        expired = from != 0 && from < st.oldest_rv;
         if from == 0 {
+            // "Any" resourceVersion: a synthetic ADDED per object first.
             for n in st.nodes.values() {
-                backlog.push(Bytes::from(format!(
-                    "{}\n",
-                    json!({"type": "ADDED", "object": n})
-                )));
+                let line = json!({"type": "ADDED", "object": n});
+                backlog.push(Bytes::from(format!("{line}\n")));
             }
-        } else if from < st.oldest_rv {
+        } else if expired {
             backlog.push(gone_line(from, st.oldest_rv));
-            drop(sub);
-            sub = broadcast::channel(1).1;
-            last_rv = 0;
         } else {
-            backlog.extend(
-                st.history
-                    .iter()
-                    .filter(|(rv, _)| *rv > from)
-                    .map(|(_, l)| l.clone()),
-            );
+            let newer = st.history.iter().filter(|(rv, _)| *rv > from);
+            backlog.extend(newer.map(|(_, l)| l.clone()));
         }
     }
-    let expired_at_once = last_rv == 0;
     let shared2 = shared.clone();
     tokio::spawn(async move {
         shared2.open_watches.fetch_add(1, Ordering::SeqCst);
         let _ = stream_watch(
-            &tx,
-            backlog,
-            expired_at_once,
-            &mut sub,
-            timeout,
-            bookmarks,
-            &shared2,
+            &tx, backlog, expired, &mut sub, timeout, bookmarks, &shared2,
         )
         .await;
         shared2.open_watches.fetch_sub(1, Ordering::SeqCst);
@@ -857,8 +842,8 @@ fn apply_status(
     let status = node.status.get_or_insert_with(Default::default);
     let list = status.conditions.get_or_insert_with(Vec::new);
     let changed = apply_conditions(list, owners, manager, conditions, force)?;
-    st.refresh_managed_fields(name);
     if changed {
+        st.refresh_managed_fields(name);
         let rv = st.bump();
         if let Some(n) = st.nodes.get_mut(name) {
             n.metadata.resource_version = Some(rv.to_string());
@@ -991,12 +976,18 @@ fn events(
                     "metadata.name: Required value",
                 );
             };
-            if ev.get("eventTime").is_none_or(Value::is_null) {
-                return failure(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "Invalid",
-                    "eventTime: Required value",
-                );
+            // The apiserver's validation of events.k8s.io/v1 Events.
+            for field in [
+                "eventTime",
+                "reportingController",
+                "reportingInstance",
+                "action",
+                "reason",
+            ] {
+                if ev.get(field).is_none_or(|v| v.is_null() || v == "") {
+                    let message = format!("{field}: Required value");
+                    return failure(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &message);
+                }
             }
             if st.events.contains_key(&(ns.clone(), name.clone())) {
                 return failure(
