@@ -1,5 +1,5 @@
-//! Building a `kube::Client`: in-cluster (service-account token and CA
-//! mounted into the pod) or from a kubeconfig file (development, tests).
+//! Building a client: in-cluster (service-account token and CA mounted
+//! into the pod) or from a kubeconfig file (development, tests).
 //!
 //! TLS is rustls with the ring provider, like the rest of the workspace.
 
@@ -48,7 +48,7 @@ impl Default for ClientOptions {
 impl KubeClientConfig {
     /// Builds the client. Installs the ring rustls provider as the process
     /// default if none is installed yet (kube's rustls path uses the default).
-    pub async fn client(&self, opts: &ClientOptions) -> Result<kube::Client, KubeError> {
+    pub async fn client(&self, opts: &ClientOptions) -> Result<KubeClient, KubeError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut config = match self {
             KubeClientConfig::InCluster => {
@@ -74,6 +74,19 @@ impl KubeClientConfig {
         // calls carry their own bounds and the watch has its own backoff,
         // so failures surface (and are counted) instead.
         config.default_retry = false;
-        kube::Client::try_from(config).map_err(KubeError::from)
+        kube::Client::try_from(config)
+            .map(KubeClient)
+            .map_err(KubeError::from)
+    }
+}
+
+/// A connection to the API, shared by the directory, writers and reviewer
+/// (cheap to clone). Opaque, so no other crate needs `kube`.
+#[derive(Clone)]
+pub struct KubeClient(pub(crate) kube::Client);
+
+impl std::fmt::Debug for KubeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KubeClient")
     }
 }

@@ -19,7 +19,7 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | [`client`] | [`KubeClientConfig`]: in-cluster or kubeconfig → `kube::Client` |
+//! | [`client`] | [`KubeClientConfig`]: in-cluster or kubeconfig → [`KubeClient`] |
 //! | [`nodes`] | [`NodeDirectory`], [`NodeClaims`], [`node_claims`] (pure) |
 //! | [`status`] | [`StatusWriter`] (server-side apply of the condition), [`next_condition`] (pure), [`SessionEvents`] |
 //! | [`tokenreview`] | [`TokenReviewer`], [`ReviewedToken`], [`TokenReviewError`] |
@@ -32,7 +32,7 @@ pub mod tokenreview;
 
 use std::time::Duration;
 
-pub use client::{ClientOptions, KubeClientConfig};
+pub use client::{ClientOptions, KubeClient, KubeClientConfig};
 pub use nodes::{node_claims, ClaimIssue, DirectoryOptions, NodeClaims, NodeDirectory};
 pub use status::{
     next_condition, SessionEvent, SessionEvents, StatusWriter, TunnelCondition, WriteOutcome,
@@ -48,8 +48,15 @@ pub enum KubeError {
     #[error("kubernetes client configuration: {0}")]
     Config(String),
     /// The API answered with an error or could not be reached.
-    #[error("kubernetes API: {0}")]
-    Api(#[from] kube::Error),
+    #[error("kubernetes API: {source}")]
+    Api {
+        /// HTTP status of the apiserver's `Status` answer (404, 409, 503…),
+        /// `None` when no answer came (connect, TLS, decode).
+        status: Option<u16>,
+        /// The underlying client error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A call did not finish within its bound.
     #[error("kubernetes API call {what} timed out after {after:?}")]
     Timeout {
@@ -66,6 +73,19 @@ pub enum KubeError {
         /// Object name.
         name: String,
     },
+}
+
+impl From<kube::Error> for KubeError {
+    fn from(e: kube::Error) -> Self {
+        let status = match &e {
+            kube::Error::Api(s) => Some(s.code),
+            _ => None,
+        };
+        KubeError::Api {
+            status,
+            source: Box::new(e),
+        }
+    }
 }
 
 /// Runs `fut` under `after`, mapping expiry to [`KubeError::Timeout`].

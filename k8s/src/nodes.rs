@@ -24,7 +24,7 @@ use relay_protocol::{Cidr, CidrError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::KubeError;
+use crate::{KubeClient, KubeError};
 
 /// What a Node claims, as the relay uses it to check an edge's routes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -192,7 +192,8 @@ pub struct NodeDirectory {
 impl NodeDirectory {
     /// Starts the watch (LIST then WATCH, relisting when needed, with the
     /// default backoff between failures). Needs `list` and `watch` on nodes.
-    pub fn spawn(client: kube::Client, opts: &DirectoryOptions) -> NodeDirectory {
+    /// Must be called within a Tokio runtime.
+    pub fn spawn(client: &KubeClient, opts: &DirectoryOptions) -> NodeDirectory {
         let (store, writer) = reflector::store();
         let inner = Arc::new(Inner {
             store,
@@ -203,7 +204,7 @@ impl NodeDirectory {
             errors: AtomicU64::new(0),
         });
         let config = watcher::Config::default().timeout(opts.watch_timeout_secs);
-        let stream = watcher(Api::<Node>::all(client), config)
+        let stream = watcher(Api::<Node>::all(client.0.clone()), config)
             .modify(|n: &mut Node| n.metadata.managed_fields = None)
             .default_backoff()
             .reflect(writer);
@@ -309,7 +310,7 @@ mod tests {
 
     fn node(name: &str, cidrs: &[&str], addrs: &[(&str, &str)]) -> Node {
         Node {
-            metadata: kube::api::ObjectMeta {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
                 name: Some(name.into()),
                 ..Default::default()
             },

@@ -25,7 +25,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::Api;
 use serde_json::json;
 
-use crate::{bounded, KubeError};
+use crate::{bounded, KubeClient, KubeError};
 
 /// Field manager for everything edge-relay writes.
 pub const FIELD_MANAGER: &str = "edge-relay";
@@ -103,9 +103,9 @@ pub struct StatusWriter {
 
 impl StatusWriter {
     /// A writer whose every API call is bounded by `timeout`.
-    pub fn new(client: kube::Client, timeout: Duration) -> StatusWriter {
+    pub fn new(client: &KubeClient, timeout: Duration) -> StatusWriter {
         StatusWriter {
-            api: Api::all(client),
+            api: Api::all(client.0.clone()),
             timeout,
             last: Mutex::new(HashMap::new()),
         }
@@ -137,7 +137,9 @@ impl StatusWriter {
                     .await
                 {
                     Ok(n) => n,
-                    Err(KubeError::Api(kube::Error::Api(s))) if s.code == 404 => {
+                    Err(KubeError::Api {
+                        status: Some(404), ..
+                    }) => {
                         return Err(KubeError::NotFound {
                             kind: "Node",
                             name: node.to_string(),
@@ -174,7 +176,9 @@ impl StatusWriter {
         .await
         {
             Ok(_) => {}
-            Err(KubeError::Api(kube::Error::Api(s))) if s.code == 404 => {
+            Err(KubeError::Api {
+                status: Some(404), ..
+            }) => {
                 self.forget(node);
                 return Err(KubeError::NotFound {
                     kind: "Node",
@@ -246,13 +250,13 @@ pub struct SessionEvents {
 impl SessionEvents {
     /// Events reported as controller [`FIELD_MANAGER`], instance `instance`
     /// (the relay's pod name).
-    pub fn new(client: kube::Client, instance: Option<String>, timeout: Duration) -> SessionEvents {
+    pub fn new(client: &KubeClient, instance: Option<String>, timeout: Duration) -> SessionEvents {
         let reporter = Reporter {
             controller: FIELD_MANAGER.to_string(),
             instance,
         };
         SessionEvents {
-            recorder: Recorder::new(client, reporter),
+            recorder: Recorder::new(client.0.clone(), reporter),
             timeout,
         }
     }

@@ -14,7 +14,7 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::PostParams;
 use kube::Api;
 
-use crate::{bounded, KubeError};
+use crate::{bounded, KubeClient, KubeError};
 
 /// The audience edge tokens are minted for and reviewed against.
 pub const AUDIENCE: &str = "edge-relay";
@@ -82,9 +82,9 @@ pub struct TokenReviewer {
 
 impl TokenReviewer {
     /// A reviewer for audience [`AUDIENCE`], each call bounded by `timeout`.
-    pub fn new(client: kube::Client, timeout: Duration) -> TokenReviewer {
+    pub fn new(client: &KubeClient, timeout: Duration) -> TokenReviewer {
         TokenReviewer {
-            api: Api::all(client),
+            api: Api::all(client.0.clone()),
             audience: AUDIENCE.to_string(),
             timeout,
         }

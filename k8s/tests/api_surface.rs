@@ -19,21 +19,21 @@ const CALL: Duration = Duration::from_secs(5);
 async fn every_call_is_one_of_the_documented_rbac_rules() {
     let (standin, client) = setup().await;
     standin.upsert_node(node("edge-1", &["10.244.1.0/24"], "192.168.1.11"));
-    let dir = NodeDirectory::spawn(client.clone(), &DirectoryOptions::default());
+    let dir = NodeDirectory::spawn(&client, &DirectoryOptions::default());
     dir.wait_synced(BOUND).await.unwrap();
-    let writer = StatusWriter::new(client.clone(), CALL);
+    let writer = StatusWriter::new(&client, CALL);
     let cond = TunnelCondition {
         ready: true,
         reason: "SessionUp".into(),
         message: "up".into(),
     };
     writer.set("edge-1", &cond).await.unwrap();
-    let events = SessionEvents::new(client.clone(), None, CALL);
+    let events = SessionEvents::new(&client, None, CALL);
     let up = SessionEvent::Up { note: "up".into() };
     events.publish("edge-1", &up).await.unwrap();
     events.publish("edge-1", &up).await.unwrap();
     let token = standin.mint_token("edge-1", "p", "u", AUDIENCE, SystemTime::now() + CALL);
-    TokenReviewer::new(client, CALL)
+    TokenReviewer::new(&client, CALL)
         .review(&token)
         .await
         .unwrap();
@@ -93,12 +93,12 @@ async fn a_wrong_bearer_token_is_refused() {
     .client(&ClientOptions::default())
     .await
     .unwrap();
-    let err = TokenReviewer::new(client, CALL)
+    let err = TokenReviewer::new(&client, CALL)
         .review("t")
         .await
         .unwrap_err();
     match err {
-        TokenReviewError::Api(KubeError::Api(kube::Error::Api(s))) => assert_eq!(s.code, 401),
+        TokenReviewError::Api(KubeError::Api { status, .. }) => assert_eq!(status, Some(401)),
         other => panic!("expected 401, got {other}"),
     }
     assert_eq!(standin.requests()[0].status, 401);
@@ -112,7 +112,6 @@ async fn a_missing_kubeconfig_is_a_config_error() {
     }
     .client(&ClientOptions::default())
     .await
-    .err()
-    .expect("no client without a kubeconfig");
+    .expect_err("no client without a kubeconfig");
     assert!(matches!(err, KubeError::Config(_)), "{err}");
 }

@@ -11,7 +11,7 @@ async fn syncs_strips_managed_fields_and_follows_changes() {
     let (standin, client) = setup().await;
     standin.upsert_node(node("edge-1", &["10.244.1.0/24"], "192.168.1.11"));
     standin.upsert_node(node("edge-2", &["10.244.2.0/24", "banana"], "192.168.1.12"));
-    let dir = NodeDirectory::spawn(client, &DirectoryOptions::default());
+    let dir = NodeDirectory::spawn(&client, &DirectoryOptions::default());
     assert!(!dir.is_synced());
     dir.wait_synced(BOUND).await.expect("synced");
     assert!(dir.is_synced());
@@ -67,7 +67,7 @@ async fn watch_expiry_rewatches_without_relisting() {
     let (standin, client) = setup().await;
     standin.upsert_node(node("edge-1", &["10.244.1.0/24"], "192.168.1.11"));
     let dir = NodeDirectory::spawn(
-        client,
+        &client,
         &DirectoryOptions {
             watch_timeout_secs: 1,
         },
@@ -97,7 +97,7 @@ async fn gone_in_stream_forces_a_relist_and_keeps_the_store() {
     let (standin, client) = setup().await;
     standin.upsert_node(node("edge-1", &["10.244.1.0/24"], "192.168.1.11"));
     standin.upsert_node(node("edge-2", &["10.244.2.0/24"], "192.168.1.12"));
-    let dir = NodeDirectory::spawn(client, &DirectoryOptions::default());
+    let dir = NodeDirectory::spawn(&client, &DirectoryOptions::default());
     dir.wait_synced(BOUND).await.unwrap();
     wait_until("watch open", BOUND, || standin.open_watches() == 1).await;
     let lists = count(&standin, "list nodes");
@@ -125,7 +125,7 @@ async fn gone_in_stream_forces_a_relist_and_keeps_the_store() {
 async fn outage_keeps_the_last_known_store_and_recovers() {
     let (standin, client) = setup().await;
     standin.upsert_node(node("edge-1", &["10.244.1.0/24"], "192.168.1.11"));
-    let dir = NodeDirectory::spawn(client, &DirectoryOptions::default());
+    let dir = NodeDirectory::spawn(&client, &DirectoryOptions::default());
     dir.wait_synced(BOUND).await.unwrap();
 
     // 503 for everything.

@@ -55,7 +55,7 @@ async fn apply_keeps_kubelet_ready_and_skips_unchanged_writes() {
         .apply_conditions_as("edge-1", "kubelet", vec![ready.clone()])
         .unwrap();
 
-    let writer = StatusWriter::new(client.clone(), CALL);
+    let writer = StatusWriter::new(&client, CALL);
     assert_eq!(
         writer.set("edge-1", &up()).await.unwrap(),
         WriteOutcome::Written
@@ -108,7 +108,7 @@ async fn apply_keeps_kubelet_ready_and_skips_unchanged_writes() {
     assert_eq!(count(&standin, "get nodes/status"), 1);
 
     // A restarted relay (new writer) reads once and does not rewrite.
-    let writer2 = StatusWriter::new(client, CALL);
+    let writer2 = StatusWriter::new(&client, CALL);
     assert_eq!(
         writer2.set("edge-1", &down()).await.unwrap(),
         WriteOutcome::Unchanged
@@ -127,7 +127,7 @@ async fn write_against_an_unreachable_apiserver_is_bounded() {
     let (standin, client) = setup().await;
     standin.upsert_node(node("edge-1", &["10.244.1.0/24"], "192.168.1.11"));
     standin.set_unavailable(true);
-    let writer = StatusWriter::new(client, CALL);
+    let writer = StatusWriter::new(&client, CALL);
     let started = std::time::Instant::now();
     assert!(writer.set("edge-1", &up()).await.is_err());
     assert!(started.elapsed() < CALL + Duration::from_secs(1));
@@ -142,7 +142,7 @@ async fn write_against_an_unreachable_apiserver_is_bounded() {
 async fn session_events_are_created_then_deduplicated() {
     let (standin, client) = setup().await;
     standin.upsert_node(node("edge-1", &["10.244.1.0/24"], "192.168.1.11"));
-    let events = SessionEvents::new(client, Some("relay-0".into()), CALL);
+    let events = SessionEvents::new(&client, Some("relay-0".into()), CALL);
     let up = SessionEvent::Up {
         note: "tunnel up over quic".into(),
     };

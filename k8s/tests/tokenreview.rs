@@ -13,7 +13,7 @@ const CALL: Duration = Duration::from_secs(5);
 #[tokio::test]
 async fn minted_token_yields_the_node_binding() {
     let (standin, client) = setup().await;
-    let reviewer = TokenReviewer::new(client, CALL);
+    let reviewer = TokenReviewer::new(&client, CALL);
     let hour = SystemTime::now() + Duration::from_secs(3600);
     let token = standin.mint_token("edge-1", "edge-client-abcde", "pod-uid-1", AUDIENCE, hour);
     let t = reviewer.review(&token).await.unwrap();
@@ -28,7 +28,7 @@ async fn minted_token_yields_the_node_binding() {
 #[tokio::test]
 async fn wrong_audience_expired_and_unknown_tokens_are_rejected() {
     let (standin, client) = setup().await;
-    let reviewer = TokenReviewer::new(client, CALL);
+    let reviewer = TokenReviewer::new(&client, CALL);
     let hour = SystemTime::now() + Duration::from_secs(3600);
 
     let other = standin.mint_token("edge-1", "p", "u", "https://kubernetes.default.svc", hour);

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeSpec, NodeStatus};
-use kube::api::ObjectMeta;
-use relay_kube::{ClientOptions, KubeClientConfig};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use relay_kube::{ClientOptions, KubeClient, KubeClientConfig};
 use relay_kube_standin::StandIn;
 
 /// Bound for anything that should happen "within seconds".
@@ -22,7 +22,7 @@ pub fn init_tracing() {
 }
 
 /// A stand-in and a client built the production way (kubeconfig → Client).
-pub async fn setup() -> (StandIn, kube::Client) {
+pub async fn setup() -> (StandIn, KubeClient) {
     init_tracing();
     let standin = StandIn::start_new().await.expect("stand-in starts");
     let client = KubeClientConfig::Kubeconfig {
