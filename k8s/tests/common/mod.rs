@@ -24,7 +24,7 @@ pub fn init_tracing() {
 /// A stand-in and a client built the production way (kubeconfig → Client).
 pub async fn setup() -> (StandIn, KubeClient) {
     init_tracing();
-    let standin = StandIn::start_new().await.expect("stand-in starts");
+    let standin = StandIn::spawn().await.expect("stand-in starts");
     let client = KubeClientConfig::Kubeconfig {
         path: standin.kubeconfig_path().to_path_buf(),
         context: None,

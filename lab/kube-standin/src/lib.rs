@@ -285,7 +285,7 @@ impl State {
 impl StandIn {
     /// Starts the stand-in on `127.0.0.1:0` with a fresh CA, server
     /// certificate and client bearer token, and writes the kubeconfig.
-    pub async fn start_new() -> Result<StandIn, StandInError> {
+    pub async fn spawn() -> Result<StandIn, StandInError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let ca_key = rcgen::KeyPair::generate()?;
         let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
