@@ -28,7 +28,7 @@ pub enum KubeClientConfig {
 /// Transport bounds for the client.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
-    /// TCP + TLS connect bound.
+    /// TCP + TLS connect bound; also bounds each write of a request.
     pub connect_timeout: Duration,
     /// Bound on waiting for response bytes. Must exceed the watch timeout
     /// ([`crate::DirectoryOptions::watch_timeout_secs`]), since a quiet

@@ -1,7 +1,9 @@
 //! The only crate in edge-relay that talks to the Kubernetes API.
 //!
 //! The relay needs three things from the cluster, and each is kept behind a
-//! small typed API so the rest of the product never sees `kube` types:
+//! small typed API so no other crate needs `kube` (the client is the opaque
+//! [`KubeClient`]; only [`NodeDirectory::nodes`] hands out k8s-openapi
+//! `Node`s):
 //!
 //! - which prefixes and addresses each Node owns (to check what an edge
 //!   advertises): [`NodeDirectory`], a reflector over Nodes that keeps its
@@ -12,8 +14,10 @@
 //! - authenticating an edge by a node-bound service-account token:
 //!   [`TokenReviewer`].
 //!
-//! Every API call is bounded by a timeout; the watch behind the directory
-//! retries with kube-runtime's default backoff.
+//! Every call we make is bounded by a timeout ([`KubeError::Timeout`]); the
+//! watch behind the directory is bounded by the client's connect and read
+//! timeouts ([`ClientOptions`]) and retries with kube-runtime's default
+//! backoff (client-go's: 0.8 s doubling to 30 s, jittered).
 //!
 //! Module map:
 //!
