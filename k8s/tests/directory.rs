@@ -1,0 +1,161 @@
+//! NodeDirectory against `relay-kube-standin`, a kube-apiserver stand-in
+//! (real HTTPS, real list/watch framing), not a real apiserver.
+
+mod common;
+
+use common::{count, node, setup, wait_until, BOUND};
+use relay_kube::{DirectoryOptions, NodeDirectory};
+
+#[tokio::test]
+async fn syncs_strips_managed_fields_and_follows_changes() {
+    let (standin, client) = setup().await;
+    standin.upsert_node(node("edge-1", &["10.244.1.0/24"], "192.168.1.11"));
+    standin.upsert_node(node("edge-2", &["10.244.2.0/24", "banana"], "192.168.1.12"));
+    let dir = NodeDirectory::spawn(&client, &DirectoryOptions::default());
+    assert!(!dir.is_synced());
+    dir.wait_synced(BOUND).await.expect("synced");
+    assert!(dir.is_synced());
+
+    let c = dir.claims("edge-1").expect("edge-1 known");
+    assert_eq!(c.pod_cidrs[0].to_string(), "10.244.1.0/24");
+    assert_eq!(
+        c.internal_ips,
+        vec!["192.168.1.11".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert_eq!(c.hostname.as_deref(), Some("edge-1.local"));
+    // The bad entry is skipped and counted, the good one kept.
+    assert_eq!(dir.claims("edge-2").unwrap().pod_cidrs.len(), 1);
+    assert_eq!(dir.skipped_entries(), 1);
+    // The stand-in's Nodes carry managedFields; the directory's do not.
+    assert!(standin
+        .node("edge-1")
+        .unwrap()
+        .metadata
+        .managed_fields
+        .is_some());
+    assert!(dir
+        .nodes()
+        .iter()
+        .all(|n| n.metadata.managed_fields.is_none()));
+    assert_eq!(dir.nodes().len(), 2);
+
+    // Added.
+    let mut changes = dir.subscribe();
+    standin.upsert_node(node("edge-3", &["10.244.3.0/24"], "192.168.1.13"));
+    tokio::time::timeout(BOUND, changes.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    wait_until("edge-3 added", BOUND, || dir.claims("edge-3").is_some()).await;
+    // Changed pod CIDRs.
+    standin.upsert_node(node("edge-1", &["10.244.9.0/24"], "192.168.1.11"));
+    wait_until("edge-1 pod CIDR changed", BOUND, || {
+        dir.claims("edge-1")
+            .is_some_and(|c| c.pod_cidrs[0].to_string() == "10.244.9.0/24")
+    })
+    .await;
+    // Deleted.
+    assert!(standin.delete_node("edge-2"));
+    wait_until("edge-2 deleted", BOUND, || dir.claims("edge-2").is_none()).await;
+    assert_eq!(dir.nodes().len(), 2);
+    // One list; everything else came over the watch.
+    assert_eq!(count(&standin, "list nodes"), 1);
+}
+
+#[tokio::test]
+async fn watch_expiry_rewatches_without_relisting() {
+    let (standin, client) = setup().await;
+    standin.upsert_node(node("edge-1", &["10.244.1.0/24"], "192.168.1.11"));
+    let dir = NodeDirectory::spawn(
+        &client,
+        &DirectoryOptions {
+            watch_timeout_secs: 1,
+        },
+    );
+    dir.wait_synced(BOUND).await.unwrap();
+    wait_until("three watches (each expires after 1 s)", BOUND, || {
+        count(&standin, "watch nodes") >= 3
+    })
+    .await;
+    standin.upsert_node(node("edge-2", &["10.244.2.0/24"], "192.168.1.12"));
+    wait_until("edge-2 seen", BOUND, || dir.claims("edge-2").is_some()).await;
+    assert_eq!(
+        count(&standin, "list nodes"),
+        1,
+        "expiry must resume from the last resourceVersion"
+    );
+    // Bookmarks kept the resourceVersion moving: every re-watch resumed from a known one.
+    assert!(
+        standin.requests().iter().all(|r| r.status < 400),
+        "{:?}",
+        standin.requests()
+    );
+}
+
+#[tokio::test]
+async fn gone_in_stream_forces_a_relist_and_keeps_the_store() {
+    let (standin, client) = setup().await;
+    standin.upsert_node(node("edge-1", &["10.244.1.0/24"], "192.168.1.11"));
+    standin.upsert_node(node("edge-2", &["10.244.2.0/24"], "192.168.1.12"));
+    let dir = NodeDirectory::spawn(&client, &DirectoryOptions::default());
+    dir.wait_synced(BOUND).await.unwrap();
+    wait_until("watch open", BOUND, || standin.open_watches() == 1).await;
+    let lists = count(&standin, "list nodes");
+
+    standin.inject_gone();
+    // A change the client can only learn by relisting (history was dropped).
+    standin.upsert_node(node("edge-3", &["10.244.3.0/24"], "192.168.1.13"));
+    let mut changes = dir.subscribe();
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while dir.claims("edge-3").is_none() {
+        // The store is never emptied while relisting.
+        assert!(dir.claims("edge-1").is_some() && dir.claims("edge-2").is_some());
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        tokio::time::timeout(left, changes.changed())
+            .await
+            .expect("relisted within bound")
+            .unwrap();
+    }
+    assert!(count(&standin, "list nodes") > lists, "a relist happened");
+    assert_eq!(dir.nodes().len(), 3);
+    assert!(dir.is_synced());
+}
+
+#[tokio::test]
+async fn outage_keeps_the_last_known_store_and_recovers() {
+    let (standin, client) = setup().await;
+    standin.upsert_node(node("edge-1", &["10.244.1.0/24"], "192.168.1.11"));
+    let dir = NodeDirectory::spawn(&client, &DirectoryOptions::default());
+    dir.wait_synced(BOUND).await.unwrap();
+
+    // 503 for everything.
+    standin.set_unavailable(true);
+    wait_until("a watch error during the 503 outage", BOUND, || {
+        dir.watch_errors() >= 1
+    })
+    .await;
+    assert!(dir.claims("edge-1").is_some(), "store kept during outage");
+    standin.upsert_node(node("edge-2", &["10.244.2.0/24"], "192.168.1.12"));
+    standin.set_unavailable(false);
+    wait_until("edge-2 seen after the 503 outage", BOUND, || {
+        dir.claims("edge-2").is_some()
+    })
+    .await;
+
+    // Unreachable: listener gone, connections dropped.
+    let errors = dir.watch_errors();
+    standin.stop();
+    wait_until("a watch error while unreachable", BOUND, || {
+        dir.watch_errors() > errors
+    })
+    .await;
+    assert!(dir.claims("edge-1").is_some() && dir.claims("edge-2").is_some());
+    assert!(dir.is_synced());
+    standin.delete_node("edge-1");
+    standin.start().await.unwrap();
+    wait_until("edge-1 deletion seen after restart", BOUND, || {
+        dir.claims("edge-1").is_none()
+    })
+    .await;
+    assert!(dir.claims("edge-2").is_some());
+}

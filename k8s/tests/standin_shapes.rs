@@ -1,0 +1,120 @@
+//! The stand-in's own apiserver behaviours that relay-kube relies on,
+//! driven with a plain `kube` client against `relay-kube-standin` (a
+//! kube-apiserver stand-in, not a real apiserver): resuming a watch from a
+//! compacted resourceVersion is an in-stream 410, a server-side apply that
+//! touches another manager's condition without force is a 409.
+
+mod common;
+
+use common::{init_tracing, node, BOUND};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Patch, PatchParams, WatchEvent, WatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::Api;
+use relay_kube_standin::StandIn;
+use serde_json::json;
+
+async fn raw_client(standin: &StandIn) -> kube::Client {
+    let kc = Kubeconfig::read_from(standin.kubeconfig_path()).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    kube::Client::try_from(config).unwrap()
+}
+
+#[tokio::test]
+async fn watch_from_a_compacted_resource_version_is_gone() {
+    init_tracing();
+    let standin = StandIn::spawn().await.unwrap();
+    let nodes: Api<Node> = Api::all(raw_client(&standin).await);
+    standin.upsert_node(node("edge-1", &["10.244.1.0/24"], "192.168.1.11"));
+    let list = nodes.list(&Default::default()).await.unwrap();
+    let rv = list.metadata.resource_version.unwrap();
+    // Resuming from the list's resourceVersion sees later changes.
+    let mut stream = nodes
+        .watch(&WatchParams::default().timeout(5), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    standin.upsert_node(node("edge-2", &["10.244.2.0/24"], "192.168.1.12"));
+    let first = tokio::time::timeout(BOUND, stream.try_next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(first, Some(WatchEvent::Added(n)) if n.metadata.name.as_deref() == Some("edge-2"))
+    );
+    drop(stream);
+
+    // After compaction the same resourceVersion is too old.
+    standin.inject_gone();
+    let mut stream = nodes
+        .watch(&WatchParams::default().timeout(5), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    match tokio::time::timeout(BOUND, stream.try_next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Some(WatchEvent::Error(e)) => assert_eq!(e.code, 410),
+        other => panic!("expected ERROR 410, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn apply_over_another_managers_condition_conflicts_without_force() {
+    init_tracing();
+    let standin = StandIn::spawn().await.unwrap();
+    let nodes: Api<Node> = Api::all(raw_client(&standin).await);
+    standin.upsert_node(node("edge-1", &["10.244.1.0/24"], "192.168.1.11"));
+    let ready = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "edge-1"},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]}});
+    nodes
+        .patch_status(
+            "edge-1",
+            &PatchParams::apply("kubelet"),
+            &Patch::Apply(&ready),
+        )
+        .await
+        .unwrap();
+    let mine = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "edge-1"},
+        "status": {"conditions": [{"type": "Ready", "status": "False"}]}});
+    let err = nodes
+        .patch_status(
+            "edge-1",
+            &PatchParams::apply("edge-relay"),
+            &Patch::Apply(&mine),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 409),
+        "{err}"
+    );
+    // With force the ownership moves.
+    nodes
+        .patch_status(
+            "edge-1",
+            &PatchParams::apply("edge-relay").force(),
+            &Patch::Apply(&mine),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        standin.condition_owner("edge-1", "Ready").as_deref(),
+        Some("edge-relay")
+    );
+    // managedFields record both managers' entries as the apiserver would.
+    let n = nodes.get_status("edge-1").await.unwrap();
+    let managers: Vec<_> = n
+        .metadata
+        .managed_fields
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| m.manager)
+        .collect();
+    assert!(managers.contains(&"edge-relay".to_string()), "{managers:?}");
+}
