@@ -21,8 +21,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::client::{ConnWatch, EdgeState, EdgeStats, Served};
+use crate::client::{ConnWatch, EdgeState, EdgeStats};
 use crate::config::EdgeConfig;
+use crate::serve::Served;
 
 /// Runs the transparent listener and keeps the capture in step with the
 /// session's tunnel routes until `cancel`, then removes the capture.
@@ -46,9 +47,6 @@ pub(crate) async fn run(
     stats: Arc<EdgeStats>,
     cancel: CancellationToken,
 ) {
-    // Our own routes are never captured, even inside a wider tunnel route
-    // (a cluster CIDR that contains this node's pod CIDR).
-    let skip: BTreeSet<Cidr> = cfg.routes.iter().copied().collect();
     let current = conns.clone();
     let pick: Arc<PickConn> = Arc::new(move |_dst| current.borrow().clone());
     let limits = FlowLimits {
@@ -68,10 +66,17 @@ pub(crate) async fn run(
     tokio::pin!(accept);
     loop {
         let routes = match &*state.borrow_and_update() {
-            EdgeState::Connected { tunnel_routes, .. } => Some(tunnel_routes.clone()),
+            EdgeState::Connected {
+                tunnel_routes,
+                served_routes,
+                ..
+            } => Some((tunnel_routes.clone(), served_routes.clone())),
             _ => None,
         };
-        if let Some(routes) = routes {
+        if let Some((routes, served)) = routes {
+            // What we serve is never captured, even inside a wider tunnel
+            // route (a cluster CIDR that contains this node's pod CIDR).
+            let skip: BTreeSet<Cidr> = served.into_iter().collect();
             let want: BTreeSet<Cidr> = routes.into_iter().filter(|r| !skip.contains(r)).collect();
             if let Err(e) = cap.apply(&want, &skip).await {
                 warn!(error = %e, "updating capture failed; will retry on the next change");

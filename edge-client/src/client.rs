@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use relay_protocol::codec::{self, decode_control, read_frame, write_frame, Incoming};
+use relay_protocol::codec::{
+    self, decode, decode_control, decode_with_rest, read_frame_bytes, write_frame, Incoming,
+};
 use relay_protocol::{
     capability, close_code, Cidr, ClientHello, Control, HelloReply, RejectReason, Rejection,
-    StreamReply, StreamStatus, Target, EDGE_FLOW_BIT, L4, PROTOCOL_VERSION,
+    ServerHelloExt, EDGE_FLOW_BIT, PROTOCOL_VERSION,
 };
-use relay_transport::conn::{finish_with, read_stream_open};
-use relay_transport::splice::{dial_tcp, splice};
 use relay_transport::udp::FlowTable;
 use relay_transport::{quic, BiStream, Direction, Meter, TunnelConn};
 use tokio::sync::watch;
@@ -23,6 +23,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::backoff::Backoff;
 use crate::config::{EdgeConfig, TransportMode};
+use crate::serve::{serve_stream, ServedRoutes, ServedSet};
 
 /// Where the client is in its life cycle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +43,9 @@ pub enum EdgeState {
         relay_id: String,
         /// Prefixes the relay asks us to send back through the tunnel.
         tunnel_routes: Vec<Cidr>,
+        /// Prefixes this edge serves (the relay's word if it decides,
+        /// else the config's); never captured.
+        served_routes: Vec<Cidr>,
     },
     /// The relay refused the last handshake (retrying with backoff).
     Rejected {
@@ -161,6 +165,7 @@ impl EdgeClient {
         let cancel = CancellationToken::new();
         let span = tracing::info_span!("edge", node = %cfg.node);
         let cfg = Arc::new(cfg);
+        let served = Arc::new(ServedSet::from_config(&cfg));
         let capture = capture.map(|parts| {
             let t = crate::capture::run(
                 parts,
@@ -172,8 +177,9 @@ impl EdgeClient {
             );
             tokio::spawn(t.instrument(span.clone()))
         });
-        let task =
-            tokio::spawn(run(cfg, tx, conn_tx, stats.clone(), cancel.clone()).instrument(span));
+        let task = tokio::spawn(
+            run(cfg, served, tx, conn_tx, stats.clone(), cancel.clone()).instrument(span),
+        );
         EdgeClient {
             state: rx,
             stats,
@@ -253,6 +259,7 @@ pub(crate) type ConnWatch = watch::Receiver<Option<(TunnelConn, Arc<FlowTable>)>
 
 async fn run(
     cfg: Arc<EdgeConfig>,
+    served: Arc<ServedSet>,
     state: watch::Sender<EdgeState>,
     conn_tx: watch::Sender<Option<(TunnelConn, Arc<FlowTable>)>>,
     stats: Arc<EdgeStats>,
@@ -284,6 +291,7 @@ async fn run(
                 endpoint,
                 conn,
                 hello,
+                ext,
                 control,
             }) => {
                 attempt = 0;
@@ -296,11 +304,24 @@ async fn run(
                     transport = conn.kind().as_str(),
                     "session up"
                 );
+                // A relay that decides claims says what we serve; with an
+                // older relay, our config does.
+                served.set(match ext {
+                    Some(x) => ServedRoutes {
+                        routes: x.served_routes,
+                        primary: x.primary_addr,
+                    },
+                    None => ServedRoutes {
+                        routes: cfg.routes.clone(),
+                        primary: cfg.primary_addr,
+                    },
+                });
                 state.send_replace(EdgeState::Connected {
                     session_id: hello.session_id,
                     generation: hello.generation,
                     relay_id: hello.relay_id.clone(),
                     tunnel_routes: hello.tunnel_routes.clone(),
+                    served_routes: served.get().routes.clone(),
                 });
                 let up = Instant::now();
                 // Flows live and die with the session.
@@ -315,9 +336,11 @@ async fn run(
                     session = hello.session_id,
                     gen = hello.generation
                 );
-                let end = run_session(&conn, &flows, control, &cfg, &stats, &cancel, &state)
-                    .instrument(span)
-                    .await;
+                let end = run_session(
+                    &conn, &flows, control, &cfg, &served, &stats, &cancel, &state,
+                )
+                .instrument(span)
+                .await;
                 conn_tx.send_replace(None);
                 if up.elapsed() >= backoff.config().reset_after {
                     backoff.reset();
@@ -365,6 +388,8 @@ struct Connected {
     endpoint: Option<quinn::Endpoint>,
     conn: TunnelConn,
     hello: relay_protocol::ServerHello,
+    /// What the relay says we serve (relays that decide claims).
+    ext: Option<ServerHelloExt>,
     control: BiStream,
 }
 
@@ -452,11 +477,12 @@ async fn connect(
             }
         }
     };
-    let (hello, control) = say_hello(cfg, stats, &conn).await?;
+    let (hello, ext, control) = say_hello(cfg, stats, &conn).await?;
     Ok(Connected {
         endpoint,
         conn,
         hello,
+        ext,
         control,
     })
 }
@@ -465,7 +491,14 @@ async fn say_hello(
     cfg: &EdgeConfig,
     stats: &EdgeStats,
     conn: &TunnelConn,
-) -> Result<(relay_protocol::ServerHello, BiStream), AttemptError> {
+) -> Result<
+    (
+        relay_protocol::ServerHello,
+        Option<ServerHelloExt>,
+        BiStream,
+    ),
+    AttemptError,
+> {
     let mut control = conn
         .open_bi()
         .await
@@ -482,11 +515,24 @@ async fn say_hello(
     write_frame(&mut control.send, &hello)
         .await
         .map_err(|e| failed("send hello", &e))?;
-    let reply: HelloReply = read_frame(&mut control.recv)
+    let body = read_frame_bytes(&mut control.recv, codec::MAX_FRAME_LEN)
         .await
         .map_err(|e| failed("read hello reply", &e))?;
+    let (reply, rest) =
+        decode_with_rest::<HelloReply>(&body).map_err(|e| failed("read hello reply", &e))?;
     match reply {
-        HelloReply::Accepted(h) => Ok((h, control)),
+        HelloReply::Accepted(h) => {
+            // Only a relay that knows the capability appends what we serve.
+            let ext = if h.capabilities & capability::SERVED_ROUTES != 0 && !rest.is_empty() {
+                Some(
+                    decode::<ServerHelloExt>(rest)
+                        .map_err(|e| failed("read hello extension", &e))?,
+                )
+            } else {
+                None
+            };
+            Ok((h, ext, control))
+        }
         HelloReply::Rejected(r) => {
             conn.close(close_code::NORMAL, "rejected");
             Err(AttemptError::Rejected(r))
@@ -494,11 +540,13 @@ async fn say_hello(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_session(
     conn: &TunnelConn,
     flows: &Arc<FlowTable>,
     control: BiStream,
     cfg: &Arc<EdgeConfig>,
+    served: &Arc<ServedSet>,
     stats: &Arc<EdgeStats>,
     cancel: &CancellationToken,
     state: &watch::Sender<EdgeState>,
@@ -547,7 +595,7 @@ async fn run_session(
             bi = conn.accept_bi() => match bi {
                 Ok(bi) => {
                     let f = (conn.clone(), flows.clone());
-                    tokio::spawn(serve_stream(bi, f, cfg.clone(), stats.clone()).in_current_span());
+                    tokio::spawn(serve_stream(bi, f, cfg.clone(), served.clone(), stats.clone()).in_current_span());
                     continue;
                 }
                 Err(e) => return SessionEnd::Lost(e.to_string()),
@@ -591,6 +639,16 @@ async fn run_session(
                             if complete {
                                 publish_routes(state, routes.iter().copied().collect());
                             }
+                            continue;
+                        }
+                        Control::ServedRoutes { routes, primary_addr } => {
+                            info!(?routes, ?primary_addr, "relay changed what this edge serves");
+                            served.set(ServedRoutes { routes: routes.clone(), primary: primary_addr });
+                            state.send_modify(|s| {
+                                if let EdgeState::Connected { served_routes, .. } = s {
+                                    *served_routes = routes;
+                                }
+                            });
                             continue;
                         }
                         Control::GoAway { reason, grace_ms } => {
@@ -674,126 +732,4 @@ fn publish_routes(state: &watch::Sender<EdgeState>, routes: Vec<Cidr>) {
             *tunnel_routes = routes;
         }
     });
-}
-
-/// Accounts one served stream; decrements on drop however the task ends.
-pub(crate) struct Served(Arc<EdgeStats>);
-
-impl Served {
-    pub(crate) fn new(stats: Arc<EdgeStats>) -> Self {
-        stats.open_streams.fetch_add(1, Relaxed);
-        stats.streams_total.fetch_add(1, Relaxed);
-        Served(stats)
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        self.0.open_streams.fetch_sub(1, Relaxed);
-    }
-}
-
-/// Checks a stream target against what this edge serves.
-pub fn check_target(cfg: &EdgeConfig, target: &Target) -> Result<SocketAddr, StreamReply> {
-    let sa = match target {
-        Target::Addr(sa) => *sa,
-        Target::Name { host, port } => {
-            return Err(StreamReply::fail(
-                StreamStatus::Denied,
-                format!("{host}:{port}: this edge does not resolve names"),
-            ))
-        }
-    };
-    if !cfg.routes.iter().any(|r| r.contains(&sa.ip())) {
-        return Err(StreamReply::fail(
-            StreamStatus::Denied,
-            format!("{} is outside the routes node {} serves", sa.ip(), cfg.node),
-        ));
-    }
-    if !cfg.allowed_ports.is_empty() && !cfg.allowed_ports.contains(&sa.port()) {
-        return Err(StreamReply::fail(
-            StreamStatus::Denied,
-            format!("port {} is not allowed on node {}", sa.port(), cfg.node),
-        ));
-    }
-    Ok(sa)
-}
-
-async fn serve_stream(
-    mut bi: BiStream,
-    (conn, flows): (TunnelConn, Arc<FlowTable>),
-    cfg: Arc<EdgeConfig>,
-    stats: Arc<EdgeStats>,
-) {
-    let guard = Served::new(stats.clone());
-    let Some(open) = read_stream_open(&mut bi, cfg.handshake_timeout).await else {
-        return;
-    };
-    let span = tracing::debug_span!("stream", dst = %open.target, src = ?open.source);
-    async move {
-        let target = match check_target(&cfg, &open.target) {
-            Ok(t) => t,
-            Err(reply) => {
-                stats.denied.fetch_add(1, Relaxed);
-                info!(reason = reply.status.as_str(), msg = %reply.message, "stream refused");
-                finish_with(&mut bi, &reply).await;
-                return;
-            }
-        };
-        let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
-        if let L4::Udp { flow } = open.l4 {
-            return serve_flow(bi, conn, &flows, flow, target, mark, &cfg, &stats).await;
-        }
-        let tcp = match dial_tcp(target, cfg.dial_timeout, mark).await {
-            Ok(t) => t,
-            Err(reply) => {
-                stats.dial_failures.fetch_add(1, Relaxed);
-                debug!(reason = reply.status.as_str(), msg = %reply.message, "dial failed");
-                finish_with(&mut bi, &reply).await;
-                return;
-            }
-        };
-        if write_frame(&mut bi.send, &StreamReply::ok()).await.is_err() {
-            return;
-        }
-        let out = splice(tcp, &[], bi, &*stats).await;
-        debug!(up = out.to_tunnel, down = out.from_tunnel, reset = ?out.reset, "stream closed");
-        drop(guard);
-    }
-    .instrument(span)
-    .await
-}
-
-/// The edge end of a relay-opened UDP flow: a socket connected to the
-/// (already checked) target, datagrams both ways until idle or closed.
-#[allow(clippy::too_many_arguments)]
-async fn serve_flow(
-    mut bi: BiStream,
-    conn: TunnelConn,
-    flows: &Arc<FlowTable>,
-    flow: u32,
-    target: SocketAddr,
-    mark: u32,
-    cfg: &EdgeConfig,
-    stats: &Arc<EdgeStats>,
-) {
-    let Some(handle) = flows.register(Some(flow)) else {
-        let reply = StreamReply::fail(
-            StreamStatus::Error,
-            format!("flow {flow:#x} in use or flow limit reached"),
-        );
-        return finish_with(&mut bi, &reply).await;
-    };
-    let sock = match relay_transport::udp::connect_target(target, mark).await {
-        Ok(s) => s,
-        Err(e) => {
-            let reply = StreamReply::fail(StreamStatus::Unreachable, format!("udp {target}: {e}"));
-            return finish_with(&mut bi, &reply).await;
-        }
-    };
-    if write_frame(&mut bi.send, &StreamReply::ok()).await.is_err() {
-        return;
-    }
-    relay_transport::udp::serve_target(bi, conn, handle, sock, cfg.udp_idle, stats.udp.clone())
-        .await;
 }

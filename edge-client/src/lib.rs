@@ -8,7 +8,8 @@
 //!
 //! Modules:
 //! - [`config`]: TOML file config and the runtime [`EdgeConfig`].
-//! - [`client`]: [`EdgeClient`], the reconnect loop and stream serving.
+//! - [`client`]: [`EdgeClient`], the reconnect loop and the session.
+//! - [`serve`]: serving the relay's streams within what this edge serves.
 //! - [`backoff`]: capped exponential backoff with full jitter.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
@@ -16,6 +17,7 @@ pub mod backoff;
 mod capture;
 pub mod client;
 pub mod config;
+pub mod serve;
 
 pub use client::{EdgeClient, EdgeState, EdgeStats, StartError};
 pub use config::{EdgeConfig, FileConfig, TransportMode};

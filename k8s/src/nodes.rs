@@ -240,6 +240,14 @@ impl NodeDirectory {
         map.get(node).map(|(c, _)| c.clone())
     }
 
+    /// Every known Node's claims, by name (one lock, one copy).
+    pub fn all_claims(&self) -> BTreeMap<String, NodeClaims> {
+        let map = self.inner.claims.read().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .map(|(n, (c, _))| (n.clone(), c.clone()))
+            .collect()
+    }
+
     /// A snapshot of all known Nodes (managedFields stripped).
     pub fn nodes(&self) -> Vec<Arc<Node>> {
         self.inner.store.state()

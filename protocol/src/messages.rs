@@ -41,8 +41,13 @@ pub mod capability {
     /// it knows (instead of closing the session). A peer may send newer
     /// messages or fields only to a peer that announced this bit.
     pub const EXTENSIBLE: u32 = 1 << 3;
+    /// The relay appends a [`ServerHelloExt`](super::ServerHelloExt) to its
+    /// accepting hello and sends [`Control::ServedRoutes`](super::Control::ServedRoutes):
+    /// the relay, not the edge's own config, says what the edge serves (in
+    /// Kubernetes, from its Node object).
+    pub const SERVED_ROUTES: u32 = 1 << 4;
     /// Every bit this build understands.
-    pub const ALL: u32 = TCP_STREAMS | UDP_DATAGRAMS | ROUTE_DELTAS | EXTENSIBLE;
+    pub const ALL: u32 = TCP_STREAMS | UDP_DATAGRAMS | ROUTE_DELTAS | EXTENSIBLE | SERVED_ROUTES;
 }
 
 /// The first message of a session, sent by the edge on the control stream.
@@ -97,6 +102,22 @@ pub struct ServerHello {
     pub capabilities: u32,
 }
 
+/// Fields appended after a [`HelloReply::Accepted`] in the same frame, for
+/// edges that announced [`capability::SERVED_ROUTES`] (an older edge would
+/// refuse bytes after the reply). Read with
+/// [`crate::codec::decode_with_rest`]; grows by appending fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerHelloExt {
+    /// What this edge serves, as the relay routes it: the prefixes the
+    /// relay sends to it. The edge accepts streams to these (and to
+    /// `primary_addr`) and captures none of them.
+    pub served_routes: Vec<Cidr>,
+    /// The node's own address for `CONNECT <node>:<port>`; may be outside
+    /// `served_routes` when another node shares it (repeated site LANs),
+    /// in which case only by-name streams reach it.
+    pub primary_addr: Option<IpAddr>,
+}
+
 /// Why a handshake was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -115,6 +136,11 @@ pub enum RejectReason {
     Malformed,
     /// The relay is shutting down; try another replica.
     ShuttingDown,
+    /// The relay knows no node of this name (no Node object in the
+    /// cluster, or not in the relay's `[nodes]` table). Sent only to edges
+    /// that announced [`capability::EXTENSIBLE`]; older edges get
+    /// `RouteNotAllowed`, which they know.
+    UnknownNode,
 }
 
 impl RejectReason {
@@ -128,6 +154,7 @@ impl RejectReason {
             RejectReason::Overloaded => "overloaded",
             RejectReason::Malformed => "malformed",
             RejectReason::ShuttingDown => "shutting_down",
+            RejectReason::UnknownNode => "unknown_node",
         }
     }
 
@@ -197,12 +224,21 @@ pub enum Control {
         /// The last frame of a batch: apply everything received so far.
         complete: bool,
     },
+    /// What the edge serves changed (its Node's pod CIDRs or addresses);
+    /// sent only to edges that announced [`capability::SERVED_ROUTES`].
+    /// Replaces the [`ServerHelloExt`] values.
+    ServedRoutes {
+        /// The prefixes the relay now routes to this edge.
+        routes: Vec<Cidr>,
+        /// The node's own address (see [`ServerHelloExt::primary_addr`]).
+        primary_addr: Option<IpAddr>,
+    },
 }
 
 impl Control {
     /// Number of variants this build knows; a frame whose variant index is
     /// at or above it comes from a newer peer.
-    pub const VARIANTS: u32 = 5;
+    pub const VARIANTS: u32 = 6;
 
     /// Most prefixes (added plus removed) in one [`Control::RouteDelta`]:
     /// 2,048 IPv6 prefixes encode to about 37 KiB, well inside a frame.

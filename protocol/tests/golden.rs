@@ -104,6 +104,35 @@ fn golden() -> Vec<(&'static str, Vec<u8>, &'static str)> {
             "040001000a6000000c01000af409001801",
         ),
         (
+            "Control::ServedRoutes",
+            encode(&Control::ServedRoutes {
+                routes: vec![cidr("10.244.7.0/24")],
+                primary_addr: Some("192.168.1.10".parse().unwrap()),
+            })
+            .unwrap(),
+            "0501000af40700180100c0a8010a",
+        ),
+        (
+            "ServerHelloExt",
+            encode(&ServerHelloExt {
+                served_routes: vec![cidr("10.244.7.0/24")],
+                primary_addr: None,
+            })
+            .unwrap(),
+            "01000af407001800",
+        ),
+        (
+            "Rejection(unknown_node)",
+            encode(&HelloReply::Rejected(Rejection {
+                reason: RejectReason::UnknownNode,
+                message: String::new(),
+                relay_version: 1,
+                retry_after_ms: None,
+            }))
+            .unwrap(),
+            "0107000100",
+        ),
+        (
             "StreamOpen(addr)",
             encode(&open).unwrap(),
             "00000af40705fb901f0101fd000000000000000000000000000001fb409c00",
@@ -248,6 +277,7 @@ proptest! {
             Control::Pong { nonce },
             Control::RouteUpdate { tunnel_routes: routes.clone() },
             Control::GoAway { reason: reason.clone(), grace_ms: grace },
+            Control::ServedRoutes { routes: routes.clone(), primary_addr: None },
             Control::RouteDelta { reset: nonce % 2 == 0, add: routes.clone(), remove: routes.clone(), complete: grace % 2 == 0 },
         ] {
             prop_assert_eq!(decode::<Control>(&encode(&m).unwrap()).unwrap(), m);

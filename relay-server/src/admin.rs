@@ -48,6 +48,9 @@ pub struct SessionRow {
     pub routes: Vec<Cidr>,
     /// Primary node address.
     pub primary_addr: Option<String>,
+    /// Host addresses this node shares with another node (repeated site
+    /// LANs): not routed by address for either; reach the node by name.
+    pub ambiguous: Vec<Cidr>,
     /// Edge software version.
     pub agent: String,
     /// Times the edge fell back from QUIC to TCP since it started.
@@ -73,7 +76,11 @@ pub struct SessionRow {
 
 impl SessionRow {
     /// Snapshot of a live session.
-    pub fn of(s: &SessionHandle) -> Self {
+    pub fn of(s: &SessionHandle, shared: &Shared) -> Self {
+        let ambiguous = match shared.directory.lookup(&s.node) {
+            crate::directory::Lookup::Known(e) => e.ambiguous.clone(),
+            _ => Vec::new(),
+        };
         SessionRow {
             node: s.node.clone(),
             session_id: s.session_id,
@@ -83,8 +90,9 @@ impl SessionRow {
             connected_since: humantime::format_rfc3339_seconds(s.connected_at).to_string(),
             connected_secs: s.connected_at.elapsed().map(|d| d.as_secs()).unwrap_or(0),
             rtt_ms: s.conn.rtt().as_secs_f64() * 1000.0,
-            routes: s.routes.clone(),
-            primary_addr: s.primary_addr.map(|a| a.to_string()),
+            routes: shared.registry.routes_of(&s.node),
+            primary_addr: s.primary_addr().map(|a| a.to_string()),
+            ambiguous,
             agent: s.agent.clone(),
             fallbacks: s.fallbacks,
             open_streams: s.open_streams.load(Relaxed),
@@ -170,6 +178,13 @@ async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     if shared.is_shutting_down() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if !shared.directory.is_synced() {
+        // A rollout pauses here until the relay knows which nodes exist.
+        let msg = format!(
+            "{} node directory not loaded yet\n",
+            shared.directory.source()
+        );
+        (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
     } else {
         "ready\n".into_response()
     }
@@ -181,7 +196,7 @@ async fn list_sessions(State(shared): State<Arc<Shared>>) -> Json<Vec<SessionRow
             .registry
             .sessions()
             .iter()
-            .map(|s| SessionRow::of(s))
+            .map(|s| SessionRow::of(s, &shared))
             .collect(),
     )
 }
@@ -196,7 +211,7 @@ fn not_found(node: &str) -> Response {
 
 async fn get_session(State(shared): State<Arc<Shared>>, Path(node): Path<String>) -> Response {
     match shared.registry.get(&node) {
-        Some(s) => Json(SessionRow::of(&s)).into_response(),
+        Some(s) => Json(SessionRow::of(&s, &shared)).into_response(),
         None => not_found(&node),
     }
 }

@@ -114,6 +114,9 @@ pub struct RelayConfig {
     /// for every node). Edges reach each other's routes only within a
     /// community; with none, edges are isolated from each other.
     pub communities: HashMap<String, Vec<String>>,
+    /// In-cluster mode: Nodes decide claims (instead of `nodes`), and the
+    /// relay writes the Node condition and Events.
+    pub kubernetes: Option<KubeSettings>,
     /// Bounds.
     pub limits: Limits,
     /// When set, the relay captures traffic to every live session's routes
@@ -139,6 +142,7 @@ impl RelayConfig {
             nodes: HashMap::new(),
             tunnel_routes: Vec::new(),
             communities: HashMap::new(),
+            kubernetes: None,
             limits: Limits::default(),
             capture: None,
         }
@@ -150,7 +154,8 @@ impl RelayConfig {
     ///
     /// [`Relay::spawn`]: crate::Relay::spawn
     pub fn validate(&self) -> Result<(), ConfigError> {
-        check_values(&self.quic, &self.limits, &self.nodes, &self.communities)
+        check_values(&self.quic, &self.limits, &self.nodes, &self.communities)?;
+        check_kubernetes(self.kubernetes.as_ref(), &self.nodes)
     }
 }
 
@@ -222,9 +227,93 @@ fn check_values(
     }
 }
 
+/// `[kubernetes]` as the relay runs it: how to reach the API and what to
+/// write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeSettings {
+    /// A kubeconfig file; the pod's service account when `None`.
+    pub kubeconfig: Option<PathBuf>,
+    /// A context in the kubeconfig; its current context when `None`.
+    pub context: Option<String>,
+    /// Write the `EdgeTunnelReady` condition on Nodes.
+    pub node_status: bool,
+    /// Publish session Events on Nodes.
+    pub events: bool,
+    /// Bound on every API call (the watch has its own, longer bound).
+    pub api_timeout: Duration,
+}
+
+impl Default for KubeSettings {
+    fn default() -> Self {
+        KubeSettings {
+            kubeconfig: None,
+            context: None,
+            node_status: true,
+            events: true,
+            api_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[kubernetes]` in relay.toml.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesFile {
+    /// Turn in-cluster mode on.
+    #[serde(default)]
+    pub enabled: bool,
+    /// See [`KubeSettings::kubeconfig`].
+    pub kubeconfig: Option<PathBuf>,
+    /// See [`KubeSettings::context`].
+    pub context: Option<String>,
+    /// See [`KubeSettings::node_status`] (default true).
+    pub node_status: Option<bool>,
+    /// See [`KubeSettings::events`] (default true).
+    pub events: Option<bool>,
+    /// See [`KubeSettings::api_timeout`] (default 10 s).
+    #[serde(default, with = "humantime_serde")]
+    pub api_timeout: Option<Duration>,
+}
+
+impl KubernetesFile {
+    fn resolve(&self) -> Option<KubeSettings> {
+        let d = KubeSettings::default();
+        self.enabled.then(|| KubeSettings {
+            kubeconfig: self.kubeconfig.clone(),
+            context: self.context.clone(),
+            node_status: self.node_status.unwrap_or(d.node_status),
+            events: self.events.unwrap_or(d.events),
+            api_timeout: self.api_timeout.unwrap_or(d.api_timeout),
+        })
+    }
+}
+
 /// Longest timeout or grace accepted anywhere: beyond it, an `Instant`
 /// plus the value could overflow, and no operator means a day-long wait.
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+fn check_kubernetes(
+    k: Option<&KubeSettings>,
+    nodes: &HashMap<String, Vec<Cidr>>,
+) -> Result<(), ConfigError> {
+    let Some(k) = k else { return Ok(()) };
+    if !cfg!(feature = "kubernetes") {
+        return Err(err(
+            "kubernetes.enabled",
+            "this relay-server was built without the `kubernetes` feature",
+        ));
+    }
+    if !nodes.is_empty() {
+        return Err(err(
+            "nodes",
+            "with [kubernetes] enabled, Node objects decide what each node may claim: remove the [nodes] table",
+        ));
+    }
+    if k.api_timeout.is_zero() || k.api_timeout > MAX_DURATION {
+        return Err(err("kubernetes.api_timeout", "must be between 1ms and 24h"));
+    }
+    Ok(())
+}
 
 fn check_node_name(field: &str, node: &str) -> Result<(), ConfigError> {
     if node.is_empty() || node.len() > 253 {
@@ -371,6 +460,9 @@ pub struct FileConfig {
     /// Community name → member nodes (`"*"`: every node).
     #[serde(default)]
     pub communities: HashMap<String, Vec<String>>,
+    /// In-cluster mode.
+    #[serde(default)]
+    pub kubernetes: KubernetesFile,
     /// Relay-installed routes.
     #[serde(default)]
     pub capture: CaptureFile,
@@ -423,6 +515,8 @@ impl FileConfig {
             .resolve(QuicTuning::relay_default())
             .map_err(|(f, m)| err(format!("quic.{f}"), m))?;
         check_values(&quic, &limits, &self.nodes, &self.communities)?;
+        let kubernetes = self.kubernetes.resolve();
+        check_kubernetes(kubernetes.as_ref(), &self.nodes)?;
         if self.listen.connect.is_none() && self.listen.connect_unix.is_none() {
             tracing::warn!("no CONNECT listener configured (listen.connect / listen.connect_unix)");
         }
@@ -465,6 +559,7 @@ impl FileConfig {
             nodes: self.nodes,
             tunnel_routes: self.tunnel_routes,
             communities: self.communities,
+            kubernetes,
             limits,
             capture,
         })

@@ -337,13 +337,19 @@ fn resolve(
     let (routed, target) = match auth {
         Authority::Ip(sa) => route(shared, Origin::Connect, *sa, Proto::Tcp)?,
         Authority::Name(name, port) => {
-            let Some(s) = shared.registry.get(name) else {
+            // By Node name, or by the node's Hostname address (which
+            // differs from the name on many providers).
+            let node = shared
+                .directory
+                .resolve_name(name)
+                .unwrap_or_else(|| name.clone());
+            let Some(s) = shared.registry.get(&node) else {
                 return Err(StreamReply::fail(
                     StreamStatus::NoRoute,
                     format!("no edge session for node {name} (service names are not resolved yet)"),
                 ));
             };
-            let Some(ip) = s.primary_addr else {
+            let Some(ip) = s.primary_addr() else {
                 return Err(StreamReply::fail(
                     StreamStatus::NoRoute,
                     format!("node {name} advertised no primary address"),

@@ -13,7 +13,7 @@ use crate::policy::{DenyReason, Origin};
 /// Handshake failure reasons beyond the protocol's typed rejections.
 pub const HANDSHAKE_LOCAL_REASONS: [&str; 3] = ["tls", "timeout", "protocol"];
 
-const REJECT_REASONS: [RejectReason; 7] = [
+const REJECT_REASONS: [RejectReason; 8] = [
     RejectReason::UnsupportedVersion,
     RejectReason::IdentityMismatch,
     RejectReason::RouteNotAllowed,
@@ -21,6 +21,7 @@ const REJECT_REASONS: [RejectReason; 7] = [
     RejectReason::Overloaded,
     RejectReason::Malformed,
     RejectReason::ShuttingDown,
+    RejectReason::UnknownNode,
 ];
 
 /// All counters of one relay.
@@ -28,7 +29,7 @@ const REJECT_REASONS: [RejectReason; 7] = [
 pub struct Metrics {
     /// Sessions accepted since start.
     pub sessions_accepted: AtomicU64,
-    rejects: [AtomicU64; 7],
+    rejects: [AtomicU64; 8],
     local_failures: [AtomicU64; 3],
     /// Streams currently open (all ingress paths).
     pub streams_open: AtomicU64,
@@ -43,6 +44,8 @@ pub struct Metrics {
     pub control_unknown: AtomicU64,
     /// Whole route lists cut to fit one frame (edges without route deltas).
     pub route_lists_cut: AtomicU64,
+    /// Sessions closed because their node left the directory.
+    pub node_gone: AtomicU64,
     /// Policy refusals by origin (connect, captured, edge) and reason.
     denials: [[AtomicU64; 6]; 3],
 }
@@ -194,6 +197,12 @@ impl Metrics {
             "counter",
             "Control messages of a newer protocol revision, ignored.",
             &one(&self.control_unknown),
+        );
+        metric(
+            "relay_sessions_node_gone_total",
+            "counter",
+            "Sessions closed because their node left the directory (Node deleted).",
+            &one(&self.node_gone),
         );
         metric(
             "relay_route_lists_cut_total",

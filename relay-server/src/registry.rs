@@ -19,8 +19,6 @@ pub trait RouteOwner: Send + Sync {
     fn generation(&self) -> u64;
     /// Session id, for the admin API.
     fn session_id(&self) -> u64;
-    /// Prefixes the session serves.
-    fn routes(&self) -> &[Cidr];
 }
 
 /// Longest-prefix-match table: prefix → owning session.
@@ -93,8 +91,16 @@ impl<S: RouteOwner> RouteTable<S> {
     }
 }
 
+/// A live session and the prefixes routed to it (the registry owns the
+/// list, so it can change while the session lives: a Node's pod CIDRs or
+/// addresses changed).
+struct Live<S> {
+    session: Arc<S>,
+    routes: Vec<Cidr>,
+}
+
 struct Inner<S> {
-    sessions: HashMap<String, Arc<S>>,
+    sessions: HashMap<String, Live<S>>,
     routes: RouteTable<S>,
     journal: Journal,
 }
@@ -219,17 +225,18 @@ impl<S: RouteOwner> Registry<S> {
         self.inner.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers `new`, replacing an older session of the same node.
-    /// Returns the replaced session (the caller closes it). Refuses a
-    /// session older than the live one, one whose routes overlap another
-    /// node's, and any session past `max_sessions`.
+    /// Registers `new` with the prefixes routed to it, replacing an older
+    /// session of the same node. Returns the replaced session (the caller
+    /// closes it). Refuses a session older than the live one, one whose
+    /// routes overlap another node's, and any session past `max_sessions`.
     pub fn register(
         &self,
         new: Arc<S>,
+        routes: Vec<Cidr>,
         max_sessions: usize,
     ) -> Result<Option<Arc<S>>, RegisterError> {
         let mut g = self.write();
-        let old = g.sessions.get(new.node()).cloned();
+        let old = g.sessions.get(new.node()).map(|l| l.session.clone());
         if let Some(old) = &old {
             if old.generation() > new.generation() {
                 return Err(RegisterError {
@@ -247,8 +254,62 @@ impl<S: RouteOwner> Registry<S> {
                 message: format!("relay is at its limit of {max_sessions} sessions"),
             });
         }
-        for want in new.routes() {
-            if let Some((have, owner)) = g.routes.conflict(want, new.node()) {
+        Self::check_conflicts(&g, new.node(), &routes)?;
+        let node: Arc<str> = Arc::from(new.node());
+        if let Some(prev) = g.sessions.remove(new.node()) {
+            Self::unroute(&mut g, &node, &prev.routes);
+        }
+        Self::route(&mut g, &node, &new, &routes);
+        g.sessions.insert(
+            new.node().to_string(),
+            Live {
+                session: new,
+                routes,
+            },
+        );
+        drop(g);
+        self.changed();
+        Ok(old)
+    }
+
+    /// Replaces the prefixes routed to `node`'s session if it is still
+    /// generation `generation` (a Node's pod CIDRs or addresses changed).
+    /// Returns `Ok(false)` when that session is gone or nothing changed.
+    pub fn set_routes(
+        &self,
+        node: &str,
+        generation: u64,
+        routes: Vec<Cidr>,
+    ) -> Result<bool, RegisterError> {
+        let mut g = self.write();
+        let Some(live) = g.sessions.get(node) else {
+            return Ok(false);
+        };
+        if live.session.generation() != generation || live.routes == routes {
+            return Ok(false);
+        }
+        Self::check_conflicts(&g, node, &routes)?;
+        let Some(live) = g.sessions.remove(node) else {
+            return Ok(false);
+        };
+        let name: Arc<str> = Arc::from(node);
+        Self::unroute(&mut g, &name, &live.routes);
+        Self::route(&mut g, &name, &live.session, &routes);
+        g.sessions.insert(
+            node.to_string(),
+            Live {
+                session: live.session,
+                routes,
+            },
+        );
+        drop(g);
+        self.changed();
+        Ok(true)
+    }
+
+    fn check_conflicts(g: &Inner<S>, node: &str, routes: &[Cidr]) -> Result<(), RegisterError> {
+        for want in routes {
+            if let Some((have, owner)) = g.routes.conflict(want, node) {
                 return Err(RegisterError {
                     reason: RejectReason::RouteConflict,
                     message: format!(
@@ -258,42 +319,47 @@ impl<S: RouteOwner> Registry<S> {
                 });
             }
         }
-        let node: Arc<str> = Arc::from(new.node());
-        if let Some(old) = &old {
-            for c in old.routes() {
-                g.routes.remove(c);
-            }
-            g.journal.push(&node, old.routes(), false);
+        Ok(())
+    }
+
+    fn unroute(g: &mut Inner<S>, node: &Arc<str>, routes: &[Cidr]) {
+        for c in routes {
+            g.routes.remove(c);
         }
-        for c in new.routes() {
-            g.routes.insert(*c, new.clone());
+        g.journal.push(node, routes, false);
+    }
+
+    fn route(g: &mut Inner<S>, node: &Arc<str>, session: &Arc<S>, routes: &[Cidr]) {
+        for c in routes {
+            g.routes.insert(*c, session.clone());
         }
-        g.journal.push(&node, new.routes(), true);
-        g.sessions.insert(new.node().to_string(), new);
-        drop(g);
-        self.changed();
-        Ok(old)
+        g.journal.push(node, routes, true);
     }
 
     /// Removes the session of `node` if it is still generation
     /// `generation`; a newer session of the same node is left alone.
     pub fn remove(&self, node: &str, generation: u64) -> bool {
         let mut g = self.write();
-        let Some(cur) = g.sessions.get(node) else {
+        match g.sessions.get(node) {
+            Some(l) if l.session.generation() == generation => {}
+            _ => return false,
+        }
+        let Some(live) = g.sessions.remove(node) else {
             return false;
         };
-        if cur.generation() != generation {
-            return false;
-        }
-        let cur = cur.clone();
-        for c in cur.routes() {
-            g.routes.remove(c);
-        }
-        g.journal.push(&Arc::from(node), cur.routes(), false);
-        g.sessions.remove(node);
+        Self::unroute(&mut g, &Arc::from(node), &live.routes);
         drop(g);
         self.changed();
         true
+    }
+
+    /// The prefixes routed to `node`'s live session.
+    pub fn routes_of(&self, node: &str) -> Vec<Cidr> {
+        self.read()
+            .sessions
+            .get(node)
+            .map(|l| l.routes.clone())
+            .unwrap_or_default()
     }
 
     /// The session whose routes contain `ip`, by longest prefix.
@@ -303,12 +369,17 @@ impl<S: RouteOwner> Registry<S> {
 
     /// The live session of `node`.
     pub fn get(&self, node: &str) -> Option<Arc<S>> {
-        self.read().sessions.get(node).cloned()
+        self.read().sessions.get(node).map(|l| l.session.clone())
     }
 
     /// All live sessions, sorted by node name.
     pub fn sessions(&self) -> Vec<Arc<S>> {
-        let mut v: Vec<_> = self.read().sessions.values().cloned().collect();
+        let mut v: Vec<_> = self
+            .read()
+            .sessions
+            .values()
+            .map(|l| l.session.clone())
+            .collect();
         v.sort_by(|a, b| a.node().cmp(b.node()));
         v
     }
@@ -348,8 +419,8 @@ impl<S: RouteOwner> Registry<S> {
         let all = g
             .sessions
             .values()
-            .filter(|s| visible(s.node()))
-            .flat_map(|s| s.routes().iter().copied())
+            .filter(|l| visible(l.session.node()))
+            .flat_map(|l| l.routes.iter().copied())
             .collect();
         (next, RouteChanges::Resync(all))
     }
@@ -392,9 +463,16 @@ mod tests {
         fn session_id(&self) -> u64 {
             self.generation * 100
         }
-        fn routes(&self) -> &[Cidr] {
-            &self.routes
-        }
+    }
+
+    /// Registers a fake with its own routes.
+    fn reg(
+        r: &Registry<Fake>,
+        f: Arc<Fake>,
+        max: usize,
+    ) -> Result<Option<Arc<Fake>>, RegisterError> {
+        let routes = f.routes.clone();
+        r.register(f, routes, max)
     }
 
     fn fake(node: &str, generation: u64, routes: &[&str]) -> Arc<Fake> {
@@ -412,7 +490,7 @@ mod tests {
     #[test]
     fn longest_prefix_wins() {
         let r = Registry::default();
-        r.register(fake("wide", 1, &["10.0.0.0/8"]), 10).unwrap();
+        reg(&r, fake("wide", 1, &["10.0.0.0/8"]), 10).unwrap();
         assert_eq!(r.lookup(ip("10.1.2.3")).unwrap().node, "wide");
         assert!(r.lookup(ip("11.0.0.1")).is_none());
         assert!(r.lookup(ip("::1")).is_none());
@@ -421,7 +499,8 @@ mod tests {
     #[test]
     fn lpm_within_one_node_and_v6() {
         let r = Registry::default();
-        r.register(
+        reg(
+            &r,
             fake(
                 "a",
                 1,
@@ -445,13 +524,11 @@ mod tests {
     #[test]
     fn overlapping_routes_of_another_node_are_refused() {
         let r = Registry::default();
-        r.register(fake("a", 1, &["10.244.1.0/24"]), 10).unwrap();
-        let e = r
-            .register(fake("b", 2, &["10.244.0.0/16"]), 10)
-            .unwrap_err();
+        reg(&r, fake("a", 1, &["10.244.1.0/24"]), 10).unwrap();
+        let e = reg(&r, fake("b", 2, &["10.244.0.0/16"]), 10).unwrap_err();
         assert_eq!(e.reason, RejectReason::RouteConflict);
         assert!(e.message.contains("node a"), "{}", e.message);
-        r.register(fake("b", 3, &["10.244.2.0/24"]), 10).unwrap();
+        reg(&r, fake("b", 3, &["10.244.2.0/24"]), 10).unwrap();
         assert_eq!(r.lookup(ip("10.244.2.1")).unwrap().node, "b");
         let (_, seen) = r.route_changes(None, |n| n != "b");
         assert_eq!(
@@ -464,9 +541,8 @@ mod tests {
     #[test]
     fn newer_generation_replaces_and_stale_never_wins() {
         let r = Registry::default();
-        r.register(fake("a", 5, &["10.1.0.0/16"]), 10).unwrap();
-        let old = r
-            .register(fake("a", 7, &["10.2.0.0/16"]), 10)
+        reg(&r, fake("a", 5, &["10.1.0.0/16"]), 10).unwrap();
+        let old = reg(&r, fake("a", 7, &["10.2.0.0/16"]), 10)
             .unwrap()
             .unwrap();
         assert_eq!(old.generation, 5);
@@ -474,7 +550,7 @@ mod tests {
         assert!(r.lookup(ip("10.1.0.1")).is_none());
         assert_eq!(r.lookup(ip("10.2.0.1")).unwrap().generation, 7);
         // A late, older handshake cannot shadow the fresh session...
-        assert!(r.register(fake("a", 6, &["10.1.0.0/16"]), 10).is_err());
+        assert!(reg(&r, fake("a", 6, &["10.1.0.0/16"]), 10).is_err());
         // ...and the old session's teardown does not remove the new one.
         assert!(!r.remove("a", 5));
         assert_eq!(r.get("a").unwrap().generation, 7);
@@ -491,13 +567,13 @@ mod tests {
     #[test]
     fn session_limit_counts_new_nodes_only() {
         let r = Registry::default();
-        r.register(fake("a", 1, &[]), 1).unwrap();
+        reg(&r, fake("a", 1, &[]), 1).unwrap();
         assert_eq!(
-            r.register(fake("b", 2, &[]), 1).unwrap_err().reason,
+            reg(&r, fake("b", 2, &[]), 1).unwrap_err().reason,
             RejectReason::Overloaded
         );
         // A reconnect of a known node is not a new session.
-        r.register(fake("a", 3, &[]), 1).unwrap();
+        reg(&r, fake("a", 3, &[]), 1).unwrap();
     }
 
     #[test]
@@ -505,9 +581,9 @@ mod tests {
         let r = Registry::default();
         let (v0, first) = r.route_changes(None, |_| true);
         assert_eq!(first, RouteChanges::Resync(vec![]));
-        r.register(fake("a", 1, &["10.1.0.0/16"]), 10).unwrap();
-        r.register(fake("b", 2, &["10.2.0.0/16"]), 10).unwrap();
-        r.register(fake("a", 3, &["10.3.0.0/16"]), 10).unwrap();
+        reg(&r, fake("a", 1, &["10.1.0.0/16"]), 10).unwrap();
+        reg(&r, fake("b", 2, &["10.2.0.0/16"]), 10).unwrap();
+        reg(&r, fake("a", 3, &["10.3.0.0/16"]), 10).unwrap();
         let c = |s: &str| s.parse::<Cidr>().unwrap();
         let (v1, ev) = r.route_changes(Some(v0), |n| n != "b");
         assert_eq!(
@@ -522,7 +598,7 @@ mod tests {
         assert_eq!((v2, ev), (v1, RouteChanges::Events(vec![])));
         // Push the viewer's cursor out of the journal.
         for g in 0..(JOURNAL_CAP as u64 / 2 + 1) {
-            r.register(fake("c", 10 + g, &["10.9.0.0/16"]), 10).unwrap();
+            reg(&r, fake("c", 10 + g, &["10.9.0.0/16"]), 10).unwrap();
         }
         let (_, ev) = r.route_changes(Some(v1), |_| true);
         let RouteChanges::Resync(mut all) = ev else {
@@ -535,7 +611,8 @@ mod tests {
     #[test]
     fn conflicts_are_found_in_both_directions_and_across_families() {
         let r = Registry::default();
-        r.register(
+        reg(
+            &r,
             fake("a", 1, &["10.244.1.0/24", "10.9.0.0/16", "fd00::/64"]),
             10,
         )
@@ -550,13 +627,36 @@ mod tests {
             ("0.0.0.0/0", true),
             ("::/0", true),
         ] {
-            let got = r.register(fake("b", 2, &[want]), 10);
+            let got = reg(&r, fake("b", 2, &[want]), 10);
             assert_eq!(got.is_err(), clash, "{want}");
             if !clash {
                 r.remove("b", 2);
             }
         }
         // A node's own routes never conflict with its new session's.
-        r.register(fake("a", 3, &["10.244.0.0/16"]), 10).unwrap();
+        reg(&r, fake("a", 3, &["10.244.0.0/16"]), 10).unwrap();
+    }
+
+    #[test]
+    fn routes_change_without_a_new_session() {
+        let r = Registry::default();
+        reg(&r, fake("a", 1, &["10.1.0.0/16"]), 10).unwrap();
+        reg(&r, fake("b", 2, &["10.2.0.0/16"]), 10).unwrap();
+        let c = |s: &str| s.parse::<Cidr>().unwrap();
+        let (v, _) = r.route_changes(None, |_| true);
+        assert!(r.set_routes("a", 1, vec![c("10.3.0.0/16")]).unwrap());
+        assert!(r.lookup(ip("10.1.0.1")).is_none());
+        assert_eq!(r.lookup(ip("10.3.0.1")).unwrap().node, "a");
+        assert_eq!(r.routes_of("a"), [c("10.3.0.0/16")]);
+        // Another node's prefix is still refused; a stale generation or an
+        // unchanged list changes nothing.
+        assert!(r.set_routes("a", 1, vec![c("10.2.1.0/24")]).is_err());
+        assert!(!r.set_routes("a", 9, vec![c("10.4.0.0/16")]).unwrap());
+        assert!(!r.set_routes("a", 1, vec![c("10.3.0.0/16")]).unwrap());
+        let (_, ev) = r.route_changes(Some(v), |_| true);
+        assert_eq!(
+            ev,
+            RouteChanges::Events(vec![(c("10.1.0.0/16"), false), (c("10.3.0.0/16"), true)])
+        );
     }
 }

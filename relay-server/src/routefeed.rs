@@ -188,9 +188,11 @@ mod tests {
         fn session_id(&self) -> u64 {
             self.generation
         }
-        fn routes(&self) -> &[Cidr] {
-            &self.routes
-        }
+    }
+
+    fn add(reg: &Registry<Fake>, f: Arc<Fake>, max: usize) {
+        let routes = f.routes.clone();
+        reg.register(f, routes, max).unwrap();
     }
 
     /// Node `i`: pod CIDR `10.x.y.0/24` and host address `172.16.x.y/32`.
@@ -278,7 +280,7 @@ mod tests {
     fn a_delta_edge_gets_a_full_set_then_only_changes() {
         let reg = Registry::default();
         for i in 0..3 {
-            reg.register(session(i, 1), 100).unwrap();
+            add(&reg, session(i, 1), 100);
         }
         let mut feed = RouteFeed::new("n0", capability::ALL);
         assert!(feed.hello_routes(&reg, &cloud(), |_| true).is_empty());
@@ -287,7 +289,7 @@ mod tests {
         assert_eq!(edge.applied, expected(&reg, &cloud(), "n0", &|_| true));
         assert_eq!(feed.poll(&reg, &cloud(), |_| true), FeedUpdate::None);
         // n1 reconnects with other routes, n2 goes: one delta, exact.
-        reg.register(session(7, 2).with_node("n1"), 100).unwrap();
+        add(&reg, session(7, 2).with_node("n1"), 100);
         reg.remove("n2", 1);
         let u = feed.poll(&reg, &cloud(), |_| true);
         let FeedUpdate::Send(frames) = &u else {
@@ -302,7 +304,7 @@ mod tests {
     fn a_legacy_edge_gets_whole_lists_cut_to_fit() {
         let reg = Registry::default();
         for i in 0..2000 {
-            reg.register(session(i, 1), 10_000).unwrap();
+            add(&reg, session(i, 1), 10_000);
         }
         let mut feed = RouteFeed::new("n0", capability::TCP_STREAMS | capability::UDP_DATAGRAMS);
         assert!(feed.is_legacy());
@@ -330,7 +332,7 @@ mod tests {
         const N: u32 = 10_000;
         let reg = Registry::default();
         for i in 0..N {
-            reg.register(session(i, 1), N as usize).unwrap();
+            add(&reg, session(i, 1), N as usize);
         }
         let community = |n: &str| n[1..].parse::<u32>().unwrap() / 100;
         let sample: Vec<u32> = (0..N).step_by(97).collect();
@@ -357,12 +359,12 @@ mod tests {
                             reg.get(&format!("n{i}")).unwrap().generation,
                         );
                     } else {
-                        reg.register(session(i, generation), N as usize).unwrap();
+                        add(&reg, session(i, generation), N as usize);
                     }
                     let j = (round * 389 + k * 211 + 7) % N;
                     if reg.get(&format!("n{j}")).is_none() {
                         generation += 1;
-                        reg.register(session(j, generation), N as usize).unwrap();
+                        add(&reg, session(j, generation), N as usize);
                     }
                 }
             }

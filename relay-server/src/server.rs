@@ -18,10 +18,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::config::RelayConfig;
+use crate::directory::{Directory, StaticDirectory};
+use crate::handshake::serve_connection;
 use crate::metrics::Metrics;
 use crate::policy::{Communities, Policy};
 use crate::registry::Registry;
-use crate::session::{serve_connection, SessionHandle};
+use crate::session::SessionHandle;
+use crate::status::{NoStatus, StatusSink};
 
 /// State shared by every task of one relay.
 pub struct Shared {
@@ -31,6 +34,11 @@ pub struct Shared {
     pub registry: Registry<SessionHandle>,
     /// Who may reach what (the one authorisation seam).
     pub policy: Policy,
+    /// Who may claim what: the static `[nodes]` table or the cluster.
+    pub directory: Arc<dyn Directory>,
+    /// Where session comings and goings are reported (Node condition and
+    /// Events in Kubernetes; nothing in static mode).
+    pub status: Arc<dyn StatusSink>,
     /// Counters.
     pub metrics: Metrics,
     generation: AtomicU64,
@@ -104,6 +112,10 @@ pub enum StartError {
     /// loaded from a file).
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The Kubernetes API client could not be set up.
+    #[cfg(feature = "kubernetes")]
+    #[error(transparent)]
+    Kube(#[from] crate::k8s::KubeStartError),
 }
 
 /// A running relay.
@@ -118,6 +130,7 @@ pub struct Relay {
     tasks: JoinSet<&'static str>,
     sessions: TaskTracker,
     capture: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+    background: CancellationToken,
 }
 
 fn bind_err(what: &'static str, addr: impl ToString) -> impl FnOnce(std::io::Error) -> StartError {
@@ -144,9 +157,14 @@ impl Relay {
             Communities::new(&cfg.communities),
         );
         policy.add_own_listener(quic_addr);
+        // Cancelled on shutdown: stops the Kubernetes watch and writers.
+        let background = CancellationToken::new();
+        let (directory, status) = directory_and_status(&cfg, &background).await?;
         let shared = Arc::new(Shared {
             registry: Registry::default(),
             policy,
+            directory,
+            status,
             metrics: Metrics::default(),
             generation: AtomicU64::new(gen0),
             shutdown: CancellationToken::new(),
@@ -233,6 +251,10 @@ impl Relay {
             ));
             capture = Some((stop, task));
         }
+        tasks.spawn(crate::follow::follow_directory(
+            shared.clone(),
+            accept_stop.clone(),
+        ));
         // Edges are let in last, once every listener is bound and known to
         // the policy as the relay's own (never a tunnel target).
         if let Some(l) = tcp_listener {
@@ -265,6 +287,7 @@ impl Relay {
             tasks,
             sessions,
             capture,
+            background,
         })
     }
 
@@ -323,6 +346,7 @@ impl Relay {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+        self.background.cancel();
         // Routes go last but surely: awaited, not aborted, so the kernel is
         // left with nothing of ours.
         if let Some((stop, task)) = self.capture.take() {
@@ -339,6 +363,25 @@ impl Relay {
         }
         info!("relay stopped");
     }
+}
+
+/// The directory and status sink the configuration asks for: the cluster
+/// with `[kubernetes]`, else the static `[nodes]` table and no status.
+async fn directory_and_status(
+    cfg: &RelayConfig,
+    background: &CancellationToken,
+) -> Result<(Arc<dyn Directory>, Arc<dyn StatusSink>), StartError> {
+    #[cfg(feature = "kubernetes")]
+    if let Some(k) = &cfg.kubernetes {
+        let kube = crate::k8s::start(k, &cfg.relay_id, background.clone()).await?;
+        info!("node claims from the Kubernetes API");
+        return Ok((kube.directory, kube.status));
+    }
+    let _ = background;
+    Ok((
+        Arc::new(StaticDirectory::new(&cfg.nodes)),
+        Arc::new(NoStatus),
+    ))
 }
 
 async fn accept_quic(

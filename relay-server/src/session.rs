@@ -1,5 +1,6 @@
-//! One edge session: the handshake, the control-stream actor, and opening
-//! tunnel streams towards the edge.
+//! One edge session: its handle (what the relay knows and counts about
+//! it), the control-stream actor, and opening tunnel streams towards the
+//! edge. The handshake that creates it is in [`crate::handshake`].
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -7,20 +8,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
-use relay_protocol::codec::{
-    self, decode, decode_control, peek_version, read_frame_bytes, write_frame, Incoming,
-};
+use relay_protocol::codec::{self, decode_control, write_frame, Incoming};
 use relay_protocol::{
-    capability, close_code, Cidr, ClientHello, Control, FrameError, HelloReply, RejectReason,
-    Rejection, ServerHello, StreamOpen, StreamReply, StreamStatus, PROTOCOL_VERSION,
+    capability, close_code, Cidr, ClientHello, Control, StreamOpen, StreamReply, StreamStatus,
 };
-use relay_transport::tls::cert_names_node;
 use relay_transport::{BiStream, Direction, Meter, SendHalf, TunnelConn};
 use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::handshake::Claim;
 use crate::registry::RouteOwner;
 use crate::routefeed::{FeedUpdate, RouteFeed};
 use crate::server::Shared;
@@ -37,10 +35,14 @@ pub struct SessionHandle {
     pub session_id: u64,
     /// Relay-wide increasing number; higher is newer.
     pub generation: u64,
-    /// Prefixes the edge serves.
-    pub routes: Vec<Cidr>,
-    /// The node's primary address (for `CONNECT <node>:<port>`).
-    pub primary_addr: Option<IpAddr>,
+    /// Prefixes the edge advertised in its hello (empty: the relay decides
+    /// from the directory; the routed prefixes are the registry's).
+    pub advertised: Vec<Cidr>,
+    /// The primary address the edge advertised, if any.
+    pub advertised_primary: Option<IpAddr>,
+    /// The node's primary address (for `CONNECT <node>:<port>`); follows
+    /// the directory.
+    primary_addr: std::sync::RwLock<Option<IpAddr>>,
     /// The edge's software version string.
     pub agent: String,
     /// How many times the edge fell back from QUIC to TCP (its own count).
@@ -78,12 +80,88 @@ impl RouteOwner for SessionHandle {
     fn session_id(&self) -> u64 {
         self.session_id
     }
-    fn routes(&self) -> &[Cidr] {
-        &self.routes
-    }
 }
 
 impl SessionHandle {
+    /// A session for an accepted hello (not registered yet).
+    pub(crate) fn new(
+        hello: &ClientHello,
+        claim: &Claim,
+        conn: &TunnelConn,
+        shared: &Shared,
+        generation: u64,
+    ) -> (Arc<Self>, ControlRx) {
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let handle = Arc::new(SessionHandle {
+            node: hello.node.clone(),
+            // 53 bits: JSON consumers (jq, JavaScript) hold integers as doubles.
+            session_id: rand::random::<u64>() >> 11,
+            generation,
+            advertised: hello.routes.clone(),
+            advertised_primary: hello.primary_addr,
+            primary_addr: std::sync::RwLock::new(claim.primary),
+            agent: hello.agent.clone(),
+            fallbacks: hello.fallbacks,
+            capabilities: hello.capabilities,
+            conn: conn.clone(),
+            connected_at: SystemTime::now(),
+            started: Instant::now(),
+            last_seen_ms: AtomicU64::new(0),
+            open_streams: AtomicU64::new(0),
+            streams_total: AtomicU64::new(0),
+            bytes_to_edge: AtomicU64::new(0),
+            bytes_from_edge: AtomicU64::new(0),
+            flows: relay_transport::udp::FlowTable::new(
+                0,
+                shared.cfg.limits.max_udp_flows_per_session,
+                shared.udp.clone(),
+            ),
+            draining: AtomicBool::new(false),
+            cancel: shared.shutdown.child_token(),
+            control_tx,
+        });
+        (handle, control_rx)
+    }
+
+    /// The node's own address for `CONNECT <node>:<port>`.
+    pub fn primary_addr(&self) -> Option<IpAddr> {
+        *self.primary_addr.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the edge understands `capability` (bits it announced).
+    pub fn has(&self, capability: u32) -> bool {
+        self.capabilities & capability == capability
+    }
+
+    /// Updates what the session serves after a directory change: the
+    /// registry's routes, the primary address, and (if it understands it)
+    /// the edge, which accepts streams only to what it serves.
+    pub fn serve(&self, shared: &Shared, claim: &Claim) -> Result<bool, String> {
+        let changed = shared
+            .registry
+            .set_routes(&self.node, self.generation, claim.served.clone())
+            .map_err(|e| e.message)?;
+        let old = std::mem::replace(
+            &mut *self.primary_addr.write().unwrap_or_else(|e| e.into_inner()),
+            claim.primary,
+        );
+        if (changed || old != claim.primary) && self.has(capability::SERVED_ROUTES) {
+            let msg = Control::ServedRoutes {
+                routes: claim.served.clone(),
+                primary_addr: claim.primary,
+            };
+            if self.control_tx.try_send(msg).is_err() {
+                // The edge would refuse streams to new routes: make it
+                // reconnect and learn them in its hello.
+                self.kick(
+                    close_code::KICKED,
+                    "served routes changed; control queue full",
+                );
+            }
+        }
+        Ok(changed || old != claim.primary)
+    }
+
     /// Time since the edge last sent anything on the control stream.
     pub fn last_seen_ago(&self) -> Duration {
         let seen = Duration::from_millis(self.last_seen_ms.load(Relaxed));
@@ -198,231 +276,19 @@ impl Meter for StreamGuard {
     }
 }
 
-/// Why a handshake ended without a session.
-enum HandshakeError {
-    /// Typed refusal, sent to the edge.
-    Rejected(RejectReason, String),
-    /// Nothing could be sent (timeout, transport failure).
-    Failed(&'static str, String),
-}
-
-fn reject(reason: RejectReason, msg: impl Into<String>) -> HandshakeError {
-    HandshakeError::Rejected(reason, msg.into())
-}
-
-/// Validates a hello against identity and policy; returns it on success.
-fn check_hello(
-    shared: &Shared,
-    conn: &TunnelConn,
-    body: &[u8],
-) -> Result<ClientHello, HandshakeError> {
-    let hello: ClientHello = match decode(body) {
-        Ok(h) => h,
-        Err(e) => {
-            return Err(match peek_version(body) {
-                Some(v) if v != PROTOCOL_VERSION => reject(
-                    RejectReason::UnsupportedVersion,
-                    format!(
-                        "protocol version {v} not supported; this relay speaks {PROTOCOL_VERSION}"
-                    ),
-                ),
-                _ => reject(RejectReason::Malformed, format!("undecodable hello: {e}")),
-            })
-        }
-    };
-    if hello.version != PROTOCOL_VERSION {
-        return Err(reject(
-            RejectReason::UnsupportedVersion,
-            format!(
-                "protocol version {} not supported; this relay speaks {PROTOCOL_VERSION}",
-                hello.version
-            ),
-        ));
-    }
-    let certs = conn.peer_certs();
-    let named = certs
-        .first()
-        .is_some_and(|leaf| cert_names_node(leaf, &hello.node));
-    if !named {
-        return Err(reject(
-            RejectReason::IdentityMismatch,
-            format!("client certificate does not name node {:?}", hello.node),
-        ));
-    }
-    let allowed = shared.cfg.nodes.get(&hello.node);
-    for r in &hello.routes {
-        if !allowed.is_some_and(|a| a.iter().any(|a| a.contains_cidr(r))) {
-            return Err(reject(
-                RejectReason::RouteNotAllowed,
-                format!(
-                    "node {} may not serve {r} (relay config [nodes])",
-                    hello.node
-                ),
-            ));
-        }
-    }
-    if let Some(p) = hello.primary_addr {
-        if !hello.routes.iter().any(|r| r.contains(&p)) {
-            return Err(reject(
-                RejectReason::Malformed,
-                format!("primary address {p} is not inside the advertised routes"),
-            ));
-        }
-    }
-    if shared.is_shutting_down() {
-        return Err(reject(RejectReason::ShuttingDown, "relay is shutting down"));
-    }
-    Ok(hello)
-}
-
-/// Runs the handshake on a fresh connection and, if accepted, the session
-/// until it ends. Every step is bounded by the handshake timeout.
-pub(crate) async fn serve_connection(
-    conn: TunnelConn,
-    shared: Arc<Shared>,
-    permit: tokio::sync::OwnedSemaphorePermit,
-) {
-    let remote = conn.remote_addr();
-    let hs_timeout = shared.cfg.limits.handshake_timeout;
-    let result = tokio::time::timeout(hs_timeout, handshake(&conn, &shared)).await;
-    // The handshake is over either way: free the slot before a rejected edge
-    // gets its grace period or an accepted one runs for days.
-    drop(permit);
-    let (handle, control) = match result {
-        Ok(Ok(v)) => v,
-        Ok(Err((HandshakeError::Rejected(reason, msg), send))) => {
-            shared.metrics.reject(reason);
-            info!(%remote, reason = reason.as_str(), %msg, "handshake rejected");
-            if let Some(mut send) = send {
-                let reply = HelloReply::Rejected(Rejection {
-                    reason,
-                    message: msg,
-                    relay_version: PROTOCOL_VERSION,
-                    retry_after_ms: reason.is_transient().then_some(1000),
-                });
-                // Give the edge a bounded moment to read the reason before
-                // the close discards anything still in flight.
-                let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                    let _ = write_frame(&mut send, &reply).await;
-                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;
-                    conn.closed().await
-                })
-                .await;
-            }
-            conn.close(close_code::REJECTED, reason.as_str());
-            return;
-        }
-        Ok(Err((HandshakeError::Failed(kind, msg), _))) => {
-            shared.metrics.handshake_failed(kind);
-            debug!(%remote, kind, %msg, "handshake failed");
-            conn.close(close_code::PROTOCOL, kind);
-            return;
-        }
-        Err(_) => {
-            shared.metrics.handshake_failed("timeout");
-            debug!(%remote, "handshake timed out");
-            conn.close(close_code::PROTOCOL, "handshake timeout");
-            return;
-        }
-    };
-    let span = tracing::info_span!("session", node = %handle.node, session = handle.session_id, gen = handle.generation);
-    run_session(handle, control, shared).instrument(span).await;
-}
-
-type ControlRx = mpsc::Receiver<Control>;
-type ControlParts = (BiStream, ControlRx, RouteFeed);
+/// Control messages queued for the edge by the relay's own bookkeeping.
+pub(crate) type ControlRx = mpsc::Receiver<Control>;
+/// What a session's actor runs on: the control stream, the queue of
+/// relay-side control messages, and the edge's route feed.
+pub(crate) type ControlParts = (BiStream, ControlRx, RouteFeed);
 
 /// Which other edges' routes `node` is told about and may reach.
-fn visible<'a>(shared: &'a Shared, node: &'a str) -> impl Fn(&str) -> bool + 'a {
+pub(crate) fn visible<'a>(shared: &'a Shared, node: &'a str) -> impl Fn(&str) -> bool + 'a {
     move |other| shared.policy.edges_may_talk(node, other)
 }
 
-#[allow(clippy::type_complexity)]
-async fn handshake(
-    conn: &TunnelConn,
-    shared: &Arc<Shared>,
-) -> Result<(Arc<SessionHandle>, ControlParts), (HandshakeError, Option<SendHalf>)> {
-    let mut control = conn
-        .accept_bi()
-        .await
-        .map_err(|e| (HandshakeError::Failed("protocol", e.to_string()), None))?;
-    let body = match read_frame_bytes(&mut control.recv, codec::MAX_FRAME_LEN).await {
-        Ok(b) => b,
-        Err(e @ FrameError::TooLarge { .. }) => {
-            return Err((
-                reject(RejectReason::Malformed, e.to_string()),
-                Some(control.send),
-            ));
-        }
-        Err(e) => return Err((HandshakeError::Failed("protocol", e.to_string()), None)),
-    };
-    let hello = match check_hello(shared, conn, &body) {
-        Ok(h) => h,
-        Err(e) => return Err((e, Some(control.send))),
-    };
-    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
-    let generation = shared.next_generation();
-    let handle = Arc::new(SessionHandle {
-        node: hello.node.clone(),
-        // 53 bits: JSON consumers (jq, JavaScript) hold integers as doubles.
-        session_id: rand::random::<u64>() >> 11,
-        generation,
-        routes: hello.routes.clone(),
-        primary_addr: hello.primary_addr,
-        agent: hello.agent.clone(),
-        fallbacks: hello.fallbacks,
-        capabilities: hello.capabilities,
-        conn: conn.clone(),
-        connected_at: SystemTime::now(),
-        started: Instant::now(),
-        last_seen_ms: AtomicU64::new(0),
-        open_streams: AtomicU64::new(0),
-        streams_total: AtomicU64::new(0),
-        bytes_to_edge: AtomicU64::new(0),
-        bytes_from_edge: AtomicU64::new(0),
-        flows: relay_transport::udp::FlowTable::new(
-            0,
-            shared.cfg.limits.max_udp_flows_per_session,
-            shared.udp.clone(),
-        ),
-        draining: AtomicBool::new(false),
-        cancel: shared.shutdown.child_token(),
-        control_tx,
-    });
-    match shared
-        .registry
-        .register(handle.clone(), shared.cfg.limits.max_sessions)
-    {
-        Ok(Some(old)) => {
-            info!(node = %old.node, old_gen = old.generation, new_gen = generation, "session superseded");
-            old.kick(close_code::SUPERSEDED, "superseded by a newer session");
-        }
-        Ok(None) => {}
-        Err(e) => return Err((reject(e.reason, e.message), Some(control.send))),
-    }
-    let mut feed = RouteFeed::new(&hello.node, hello.capabilities);
-    let cloud = shared.policy.cloud_ranges();
-    let tunnel_routes = feed.hello_routes(&shared.registry, cloud, visible(shared, &hello.node));
-    note_cut(shared, &feed);
-    let reply = HelloReply::Accepted(ServerHello {
-        session_id: handle.session_id,
-        generation,
-        relay_id: shared.cfg.relay_id.clone(),
-        keepalive_ms: shared.cfg.quic.keepalive.as_millis() as u32,
-        idle_timeout_ms: shared.cfg.quic.idle_timeout.as_millis() as u32,
-        tunnel_routes,
-        capabilities: capability::ALL,
-    });
-    if let Err(e) = write_frame(&mut control.send, &reply).await {
-        shared.registry.remove(&handle.node, generation);
-        return Err((HandshakeError::Failed("protocol", e.to_string()), None));
-    }
-    shared.metrics.sessions_accepted.fetch_add(1, Relaxed);
-    Ok((handle, (control, control_rx, feed)))
-}
-
 /// Logs and counts a whole route list cut to fit an older edge's frame.
-fn note_cut(shared: &Shared, feed: &RouteFeed) {
+pub(crate) fn note_cut(shared: &Shared, feed: &RouteFeed) {
     if feed.was_cut() {
         shared.metrics.route_lists_cut.fetch_add(1, Relaxed);
         warn!(
@@ -444,12 +310,28 @@ async fn write_all(send: &mut SendHalf, frames: &[Control], limit: Duration) -> 
     Ok(())
 }
 
-async fn run_session(
+/// The session's actor: control messages both ways, route updates, pings,
+/// streams the edge opens; until the connection ends.
+pub(crate) async fn run_session(
     handle: Arc<SessionHandle>,
     (control, mut control_rx, mut feed): ControlParts,
     shared: Arc<Shared>,
 ) {
-    info!(remote = %handle.conn.remote_addr(), routes = ?handle.routes, "session up");
+    info!(remote = %handle.conn.remote_addr(), routes = ?shared.registry.routes_of(&handle.node), "session up");
+    let ambiguous = match shared.directory.lookup(&handle.node) {
+        crate::directory::Lookup::Known(e) => e.ambiguous.clone(),
+        _ => Vec::new(),
+    };
+    shared.status.up(
+        &handle.node,
+        &crate::status::SessionInfo {
+            transport: handle.conn.kind().as_str(),
+            relay_id: shared.cfg.relay_id.clone(),
+            since: handle.connected_at,
+            remote: handle.conn.remote_addr(),
+            ambiguous,
+        },
+    );
     // Ends by itself when the connection closes.
     tokio::spawn(relay_transport::udp::pump_datagrams(
         handle.conn.clone(),
@@ -550,7 +432,10 @@ async fn run_session(
             break why;
         }
     };
-    // A superseded session finds a newer generation here and leaves it be.
-    shared.registry.remove(&handle.node, handle.generation);
+    // A superseded session finds a newer generation here and leaves it be
+    // (and leaves the node's condition to the newer session).
+    if shared.registry.remove(&handle.node, handle.generation) {
+        shared.status.down(&handle.node, &why);
+    }
     info!(reason = %why, open_streams = handle.open_streams.load(Relaxed), "session down");
 }

@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeSpec, NodeStatus};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::Node;
 use relay_kube::{ClientOptions, KubeClient, KubeClientConfig};
 use relay_kube_standin::StandIn;
 
@@ -37,31 +36,12 @@ pub async fn setup() -> (StandIn, KubeClient) {
 
 /// A Node as a kubelet registers it.
 pub fn node(name: &str, pod_cidrs: &[&str], internal_ip: &str) -> Node {
-    Node {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            labels: Some([("kubernetes.io/hostname".to_string(), name.to_string())].into()),
-            ..Default::default()
-        },
-        spec: Some(NodeSpec {
-            pod_cidr: pod_cidrs.first().map(|s| s.to_string()),
-            pod_cidrs: Some(pod_cidrs.iter().map(|s| s.to_string()).collect()),
-            ..Default::default()
-        }),
-        status: Some(NodeStatus {
-            addresses: Some(vec![
-                NodeAddress {
-                    type_: "InternalIP".into(),
-                    address: internal_ip.into(),
-                },
-                NodeAddress {
-                    type_: "Hostname".into(),
-                    address: format!("{name}.local"),
-                },
-            ]),
-            ..Default::default()
-        }),
-    }
+    let hostname = format!("{name}.local");
+    relay_kube_standin::kubelet_node(
+        name,
+        pod_cidrs,
+        &[("InternalIP", internal_ip), ("Hostname", &hostname)],
+    )
 }
 
 /// Polls `f` every 20 ms until it holds, at most `bound`; panics naming

@@ -54,6 +54,8 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
 pub use apply::{apply_conditions, ConditionOwners, Conflict};
+/// The API types the stand-in serves, for tests that build objects.
+pub use k8s_openapi;
 pub use request::{classify, RequestAttributes};
 
 /// Requests larger than this are refused (413), like the apiserver's 3 MiB limit.
@@ -279,6 +281,39 @@ impl State {
             ));
         }
         node.metadata.managed_fields = Some(entries);
+    }
+}
+
+/// A Node as a kubelet registers it: pod CIDRs in `spec.podCIDRs` (and the
+/// first in the legacy `spec.podCIDR`), `addresses` as `(type, address)`
+/// pairs (`InternalIP`, `ExternalIP`, `Hostname`), and the
+/// `kubernetes.io/hostname` label.
+pub fn kubelet_node(name: &str, pod_cidrs: &[&str], addresses: &[(&str, &str)]) -> Node {
+    use k8s_openapi::api::core::v1::{NodeAddress, NodeSpec, NodeStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some([("kubernetes.io/hostname".to_string(), name.to_string())].into()),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec {
+            pod_cidr: pod_cidrs.first().map(|s| s.to_string()),
+            pod_cidrs: Some(pod_cidrs.iter().map(|s| s.to_string()).collect()),
+            ..Default::default()
+        }),
+        status: Some(NodeStatus {
+            addresses: Some(
+                addresses
+                    .iter()
+                    .map(|(t, a)| NodeAddress {
+                        type_: t.to_string(),
+                        address: a.to_string(),
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
     }
 }
 

@@ -1,0 +1,440 @@
+//! The relay in Kubernetes mode, end to end on loopback: Node objects
+//! decide what each edge may claim, edges configured with nothing but the
+//! relay's address and their node name, the `EdgeTunnelReady` condition
+//! and Events written back.
+//!
+//! No kube-apiserver can run on this machine: every test here runs against
+//! `relay-kube-standin`, a stand-in that speaks the apiserver's REST shapes
+//! (list + watch with resourceVersion, bookmarks, in-stream 410, server-side
+//! apply on nodes/status, Events) — NOT a real apiserver. The relay reaches
+//! it through an ordinary kubeconfig, so its production client path is the
+//! one under test.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use edge_client::{EdgeClient, EdgeConfig, EdgeState};
+use relay_kube_standin::{kubelet_node, StandIn};
+use relay_lab::{admin_get, connect_via, http_get, sessions, spawn_http};
+use relay_protocol::{Cidr, RejectReason};
+use relay_server::config::KubeSettings;
+use relay_server::{Relay, RelayConfig};
+use relay_transport::devcerts::DevPki;
+
+/// Anything that should happen "within seconds".
+const BOUND: Duration = Duration::from_secs(15);
+
+/// Edge `i`'s node address (its InternalIP) and pod CIDR on loopback.
+fn node_ip(i: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, 2 + i])
+}
+
+fn pod_cidr(i: u8) -> String {
+    format!("127.1.{i}.0/24")
+}
+
+fn node_name(i: u8) -> String {
+    format!("edge-{i}")
+}
+
+/// Node `edge-i` as a kubelet registers it.
+fn node(i: u8) -> relay_kube_standin::k8s_openapi::api::core::v1::Node {
+    let (ip, host) = (node_ip(i).to_string(), format!("edge-{i}.site.example"));
+    kubelet_node(
+        &node_name(i),
+        &[&pod_cidr(i)],
+        &[("InternalIP", &ip), ("Hostname", &host)],
+    )
+}
+
+struct KubeLab {
+    standin: StandIn,
+    pki: DevPki,
+    relay: Relay,
+}
+
+impl KubeLab {
+    /// A stand-in holding Nodes `edge-0..edge-{n-1}`, and a relay in
+    /// Kubernetes mode pointed at it through a kubeconfig (no `[nodes]`).
+    async fn start(n: u8, extra_certs: &[&str]) -> Result<KubeLab> {
+        relay_lab::init();
+        let standin = StandIn::spawn().await?;
+        for i in 0..n {
+            standin.upsert_node(node(i));
+        }
+        let mut names: Vec<String> = (0..n).map(node_name).collect();
+        names.extend(extra_certs.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let pki = DevPki::generate(&["localhost"], &refs)?;
+        let mut cfg = RelayConfig::loopback(pki.relay_material()?);
+        cfg.quic.keepalive = Duration::from_millis(500);
+        cfg.quic.idle_timeout = Duration::from_secs(5);
+        cfg.kubernetes = Some(KubeSettings {
+            kubeconfig: Some(standin.kubeconfig_path().to_path_buf()),
+            api_timeout: Duration::from_secs(3),
+            ..KubeSettings::default()
+        });
+        let relay = Relay::spawn(cfg).await?;
+        Ok(KubeLab {
+            standin,
+            pki,
+            relay,
+        })
+    }
+
+    /// An edge configured with only the relay's address and its node name.
+    fn edge(&self, node: &str) -> Result<EdgeClient> {
+        let cfg = EdgeConfig::new(
+            node,
+            self.relay.quic_addr().to_string(),
+            "localhost",
+            self.pki.node_material(node)?,
+        );
+        ensure!(cfg.routes.is_empty() && cfg.primary_addr.is_none());
+        Ok(EdgeClient::spawn(cfg))
+    }
+
+    fn admin(&self) -> SocketAddr {
+        self.relay.admin_addr().expect("admin listener")
+    }
+
+    fn connect(&self) -> SocketAddr {
+        self.relay.connect_addr().expect("connect listener")
+    }
+
+    /// The routes the relay serves for `node`'s session, if it has one.
+    async fn routes_of(&self, node: &str) -> Result<Option<Vec<Cidr>>> {
+        Ok(sessions(self.admin())
+            .await?
+            .into_iter()
+            .find(|s| s.node == node)
+            .map(|s| s.routes))
+    }
+
+    /// `EdgeTunnelReady` on `node` as stored: (status, reason, message).
+    fn condition(&self, node: &str) -> Option<(String, String, String)> {
+        let n = self.standin.node(node)?;
+        let c = n
+            .status?
+            .conditions?
+            .into_iter()
+            .find(|c| c.type_ == "EdgeTunnelReady")?;
+        Some((
+            c.status,
+            c.reason.unwrap_or_default(),
+            c.message.unwrap_or_default(),
+        ))
+    }
+}
+
+/// Polls `f` every 50 ms until it yields `Some`, at most `BOUND`.
+async fn eventually<T>(what: &str, mut f: impl AsyncFnMut() -> Result<Option<T>>) -> Result<T> {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = f().await? {
+            return Ok(v);
+        }
+        ensure!(start.elapsed() < BOUND, "{what}: not within {BOUND:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn fetch(connect: SocketAddr, authority: &str) -> Result<String> {
+    let s = connect_via(connect, authority).await?;
+    let (code, body) = http_get(s, "x", "/", None).await?;
+    ensure!(code == 200, "{authority}: HTTP {code}");
+    // spawn_http answers "hello from <name>".
+    Ok(body.trim().trim_start_matches("hello from ").to_string())
+}
+
+fn rejected(e: &EdgeClient) -> Option<RejectReason> {
+    match e.state() {
+        EdgeState::Rejected { reason, .. } => Some(reason),
+        _ => None,
+    }
+}
+
+/// Stand-in, not a real apiserver (see the module doc).
+#[tokio::test]
+async fn nodes_decide_claims_for_edges_configured_with_only_the_relay_address() -> Result<()> {
+    let lab = KubeLab::start(2, &[]).await?;
+    let (web, _w) = spawn_http(SocketAddr::new(node_ip(0), 0), "edge-0 kubelet").await?;
+    let e0 = lab.edge("edge-0")?;
+    e0.wait_connected(BOUND).await.context("edge-0 connects")?;
+    let want: Vec<Cidr> = vec![pod_cidr(0).parse()?, Cidr::host(node_ip(0))];
+    let mut got = lab.routes_of("edge-0").await?.context("session")?;
+    got.sort();
+    let mut want_sorted = want.clone();
+    want_sorted.sort();
+    assert_eq!(got, want_sorted, "routes come from the Node");
+    // The edge learned what it serves from the relay, and serves it.
+    let EdgeState::Connected { served_routes, .. } = e0.state() else {
+        panic!("not connected")
+    };
+    assert_eq!(served_routes.len(), 2);
+    assert_eq!(
+        fetch(
+            lab.connect(),
+            &SocketAddr::new(node_ip(0), web.port()).to_string()
+        )
+        .await?,
+        "edge-0 kubelet"
+    );
+    // By Node name and by its Hostname address, which differs from the name.
+    assert_eq!(
+        fetch(lab.connect(), &format!("edge-0:{}", web.port())).await?,
+        "edge-0 kubelet"
+    );
+    assert_eq!(
+        fetch(
+            lab.connect(),
+            &format!("edge-0.site.example:{}", web.port())
+        )
+        .await?,
+        "edge-0 kubelet"
+    );
+    // The condition and an event, written by the relay's field manager.
+    let (status, reason, msg) =
+        eventually("condition True", async || Ok(lab.condition("edge-0"))).await?;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "SessionUp"),
+        "{msg}"
+    );
+    assert!(msg.contains("over quic via relay relay-0"), "{msg}");
+    assert_eq!(
+        lab.standin
+            .condition_owner("edge-0", "EdgeTunnelReady")
+            .as_deref(),
+        Some("edge-relay")
+    );
+    eventually("an EdgeSessionUp event", async || {
+        Ok(lab
+            .standin
+            .events()
+            .iter()
+            .any(|e| e["reason"] == "EdgeSessionUp" && e["regarding"]["name"] == "edge-0")
+            .then_some(()))
+    })
+    .await?;
+    let (code, _) = admin_get(lab.admin(), "/readyz", None).await?;
+    assert_eq!(code, 200);
+    // The edge goes: condition False.
+    e0.shutdown().await;
+    let (status, reason, _) = eventually("condition False", async || {
+        Ok(lab.condition("edge-0").filter(|c| c.0 == "False"))
+    })
+    .await?;
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "NoSession"));
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+/// Stand-in, not a real apiserver (see the module doc).
+#[tokio::test]
+async fn unknown_nodes_and_claims_outside_the_node_are_refused_typed() -> Result<()> {
+    let lab = KubeLab::start(1, &["edge-9"]).await?;
+    // A certificate the CA signed, but no Node object of that name.
+    let ghost = lab.edge("edge-9")?;
+    let r = eventually("edge-9 rejected", async || Ok(rejected(&ghost))).await?;
+    assert_eq!(r, RejectReason::UnknownNode);
+    // A claim outside the Node's podCIDRs and addresses.
+    let mut cfg = EdgeConfig::new(
+        "edge-0",
+        lab.relay.quic_addr().to_string(),
+        "localhost",
+        lab.pki.node_material("edge-0")?,
+    );
+    cfg.routes = vec!["10.0.0.0/8".parse()?];
+    let greedy = EdgeClient::spawn(cfg);
+    let r = eventually("edge-0 rejected", async || Ok(rejected(&greedy))).await?;
+    assert_eq!(r, RejectReason::RouteNotAllowed);
+    let (_, m) = admin_get(lab.admin(), "/metrics", None).await?;
+    assert!(
+        m.contains("relay_handshake_failures_total{reason=\"unknown_node\"}"),
+        "{m}"
+    );
+    assert!(sessions(lab.admin()).await?.is_empty());
+    ghost.shutdown().await;
+    greedy.shutdown().await;
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+/// Stand-in, not a real apiserver (see the module doc).
+#[tokio::test]
+async fn routes_follow_the_node_and_a_deleted_node_loses_its_session() -> Result<()> {
+    let lab = KubeLab::start(1, &[]).await?;
+    let e0 = lab.edge("edge-0")?;
+    let (_, generation) = e0.wait_connected(BOUND).await.context("edge-0 connects")?;
+    // The pod CIDR changes: routes follow, on both sides, with no reconnect.
+    let mut n = node(0);
+    let new_cidr = "127.1.77.0/24";
+    if let Some(spec) = n.spec.as_mut() {
+        spec.pod_cidrs = Some(vec![new_cidr.to_string()]);
+        spec.pod_cidr = Some(new_cidr.to_string());
+    }
+    lab.standin.upsert_node(n);
+    let new: Cidr = new_cidr.parse()?;
+    eventually("relay routes follow", async || {
+        Ok(lab.routes_of("edge-0").await?.filter(|r| r.contains(&new)))
+    })
+    .await?;
+    eventually("edge learns what it serves", async || {
+        Ok(match e0.state() {
+            EdgeState::Connected {
+                served_routes,
+                generation: g,
+                ..
+            } if served_routes.contains(&new) => Some(g),
+            _ => None,
+        })
+    })
+    .await
+    .map(|g| assert_eq!(g, generation, "no reconnect"))?;
+    // The Node is deleted: session closed, routes gone, within seconds.
+    lab.standin.delete_node("edge-0");
+    eventually("session closed", async || {
+        Ok(lab.routes_of("edge-0").await?.is_none().then_some(()))
+    })
+    .await?;
+    let (_, routes) = admin_get(lab.admin(), "/v1/routes", None).await?;
+    assert_eq!(routes.trim(), "[]", "{routes}");
+    let r = eventually("reconnect refused", async || Ok(rejected(&e0))).await?;
+    assert_eq!(r, RejectReason::UnknownNode);
+    e0.shutdown().await;
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+/// Stand-in, not a real apiserver (see the module doc).
+#[tokio::test]
+async fn api_trouble_never_drops_live_sessions() -> Result<()> {
+    let lab = KubeLab::start(1, &[]).await?;
+    let e0 = lab.edge("edge-0")?;
+    let (_, generation) = e0.wait_connected(BOUND).await.context("edge-0 connects")?;
+    let same = |e: &EdgeClient| matches!(e.state(), EdgeState::Connected { generation: g, .. } if g == generation);
+    // An in-stream 410 Gone forces a relist.
+    lab.standin.inject_gone();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(same(&e0), "410 dropped the session: {:?}", e0.state());
+    // The API answers 503 for a while, then is unreachable, then returns.
+    lab.standin.set_unavailable(true);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    lab.standin.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        same(&e0),
+        "an API outage dropped the session: {:?}",
+        e0.state()
+    );
+    assert_eq!(lab.routes_of("edge-0").await?.map(|r| r.len()), Some(2));
+    lab.standin.set_unavailable(false);
+    lab.standin.start().await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        same(&e0),
+        "the API's return dropped the session: {:?}",
+        e0.state()
+    );
+    e0.shutdown().await;
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+/// Stand-in, not a real apiserver (see the module doc).
+#[tokio::test]
+async fn readyz_waits_for_the_first_list() -> Result<()> {
+    relay_lab::init();
+    let standin = StandIn::spawn().await?;
+    standin.set_unavailable(true);
+    let pki = DevPki::generate(&["localhost"], &["edge-0"])?;
+    let mut cfg = RelayConfig::loopback(pki.relay_material()?);
+    cfg.kubernetes = Some(KubeSettings {
+        kubeconfig: Some(standin.kubeconfig_path().to_path_buf()),
+        ..KubeSettings::default()
+    });
+    let relay = Relay::spawn(cfg).await?;
+    let admin = relay.admin_addr().context("admin")?;
+    let (code, body) = admin_get(admin, "/readyz", None).await?;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("not loaded yet"), "{body}");
+    standin.set_unavailable(false);
+    eventually("ready", async || {
+        Ok((admin_get(admin, "/readyz", None).await?.0 == 200).then_some(()))
+    })
+    .await?;
+    relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+/// Two sites with the same LAN and the same node address: both up, pods
+/// of both routed, the shared address routed for neither, each node
+/// reachable by name. Stand-in, not a real apiserver (see the module doc).
+#[tokio::test]
+async fn two_sites_with_the_same_node_address_both_work() -> Result<()> {
+    let lab = KubeLab::start(0, &["shop-a", "shop-b"]).await?;
+    let shared_ip = "127.0.0.9";
+    for (name, pod) in [("shop-a", "127.2.1.0/24"), ("shop-b", "127.2.2.0/24")] {
+        lab.standin
+            .upsert_node(kubelet_node(name, &[pod], &[("InternalIP", shared_ip)]));
+    }
+    let a = lab.edge("shop-a")?;
+    let b = lab.edge("shop-b")?;
+    a.wait_connected(BOUND).await.context("shop-a")?;
+    b.wait_connected(BOUND).await.context("shop-b")?;
+    for (name, pod) in [("shop-a", "127.2.1.0/24"), ("shop-b", "127.2.2.0/24")] {
+        let routes = lab.routes_of(name).await?.context("session")?;
+        assert_eq!(routes, vec![pod.parse::<Cidr>()?], "{name}: pod CIDR only");
+    }
+    let rows = sessions(lab.admin()).await?;
+    let shared_host = Cidr::host(shared_ip.parse()?);
+    assert!(
+        rows.iter().all(|r| r.ambiguous == vec![shared_host]),
+        "{rows:?}"
+    );
+    // Pods of both sites, by address.
+    let (pa, _t1) = spawn_http("127.2.1.5:0".parse()?, "pod of shop-a").await?;
+    let (pb, _t2) = spawn_http("127.2.2.5:0".parse()?, "pod of shop-b").await?;
+    assert_eq!(
+        fetch(lab.connect(), &pa.to_string()).await?,
+        "pod of shop-a"
+    );
+    assert_eq!(
+        fetch(lab.connect(), &pb.to_string()).await?,
+        "pod of shop-b"
+    );
+    // The shared address by address: refused (it would be a coin toss)...
+    let (kubelet, _t3) = spawn_http(format!("{shared_ip}:0").parse()?, "a kubelet").await?;
+    assert!(connect_via(lab.connect(), &kubelet.to_string())
+        .await
+        .is_err());
+    // ...by name: each node through its own session.
+    for name in ["shop-a", "shop-b"] {
+        let before = sessions(lab.admin())
+            .await?
+            .into_iter()
+            .find(|r| r.node == name)
+            .context("row")?
+            .streams_total;
+        fetch(lab.connect(), &format!("{name}:{}", kubelet.port())).await?;
+        let after = sessions(lab.admin())
+            .await?
+            .into_iter()
+            .find(|r| r.node == name)
+            .context("row")?
+            .streams_total;
+        assert_eq!(after, before + 1, "{name} carried its own by-name stream");
+    }
+    let (_, msg) = eventually("condition names the shared address", async || {
+        Ok(lab.condition("shop-a").filter(|c| c.0 == "True"))
+    })
+    .await
+    .map(|c| (c.0, c.2))?;
+    assert!(msg.contains(&format!("{shared_ip}/32")), "{msg}");
+    a.shutdown().await;
+    b.shutdown().await;
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}

@@ -1,0 +1,301 @@
+//! Who may claim what: the one directory the handshake, the route table and
+//! CONNECT-by-name ask, whatever its source.
+//!
+//! Two sources fill it:
+//! - the static `[nodes]` table of relay.toml ([`StaticDirectory`]), for
+//!   clusters the relay cannot read;
+//! - the cluster's Node objects (`[kubernetes]`, in [`crate::kube`]): a
+//!   node may serve its `spec.podCIDRs` and the addresses in
+//!   `status.addresses`.
+//!
+//! Both go through [`build_entries`], which also handles repeated site
+//! LANs: shops and towers reuse `192.168.1.0/24`, so two nodes may share a
+//! host address. Such an address is *ambiguous*: routed for neither node
+//! (traffic for one must never land on its twin, also while one is
+//! offline, so ambiguity is computed from every known node, not from live
+//! sessions), shown in the admin API, counted, and both nodes stay
+//! reachable by name (`CONNECT edge-7:10250`). Pod CIDRs are unique
+//! cluster-wide; two nodes claiming overlapping pod CIDRs stay a typed
+//! refusal at registration.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use relay_protocol::Cidr;
+use tokio::sync::watch;
+
+/// What one node may serve and how it is reached by name.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeEntry {
+    /// Prefixes the node may serve: pod CIDRs and host prefixes of its
+    /// addresses (Kubernetes), or its `[nodes]` list (static).
+    pub allowed: Vec<Cidr>,
+    /// Host prefixes in `allowed` that another node claims too: never
+    /// routed by address, for either node.
+    pub ambiguous: Vec<Cidr>,
+    /// The address `CONNECT <node>:<port>` dials: the first InternalIP,
+    /// else the first ExternalIP (Kubernetes); none in static mode (the
+    /// edge names its own).
+    pub primary: Option<IpAddr>,
+    /// The node's `Hostname` address, which may differ from its name.
+    pub hostname: Option<String>,
+}
+
+impl NodeEntry {
+    /// The prefixes the relay routes to this node when the edge advertises
+    /// nothing: everything allowed except the ambiguous host prefixes.
+    pub fn routable(&self) -> Vec<Cidr> {
+        self.allowed
+            .iter()
+            .filter(|c| !self.ambiguous.contains(c))
+            .copied()
+            .collect()
+    }
+}
+
+/// The answer to "what may `node` claim?".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// The node is known.
+    Known(Arc<NodeEntry>),
+    /// No such node.
+    Unknown,
+    /// The source has not loaded once yet (Kubernetes, right after start).
+    NotSynced,
+}
+
+/// The directory interface: the relay asks it, sources fill it.
+pub trait Directory: Send + Sync + 'static {
+    /// What `node` may claim.
+    fn lookup(&self, node: &str) -> Lookup;
+    /// The node whose name or `Hostname` address is `name`.
+    fn resolve_name(&self, name: &str) -> Option<String>;
+    /// Whether the source has loaded once (`/readyz` waits for it).
+    fn is_synced(&self) -> bool;
+    /// Marked changed whenever some node's entry changed.
+    fn subscribe(&self) -> watch::Receiver<u64>;
+    /// The ambiguous host prefixes and the nodes sharing each.
+    fn ambiguous(&self) -> Vec<(Cidr, Vec<String>)>;
+    /// `static` or `kubernetes`, for logs and the admin API.
+    fn source(&self) -> &'static str;
+}
+
+/// Waits (at most `limit`) until `dir` has synced; true if it has.
+pub async fn wait_synced(dir: &dyn Directory, limit: Duration) -> bool {
+    if dir.is_synced() {
+        return true;
+    }
+    let mut rx = dir.subscribe();
+    let wait = async {
+        while !dir.is_synced() {
+            if rx.changed().await.is_err() {
+                return false;
+            }
+        }
+        true
+    };
+    tokio::time::timeout(limit, wait).await.unwrap_or(false)
+}
+
+/// One node as a source describes it, before ambiguity is computed.
+#[derive(Debug, Clone, Default)]
+pub struct NodeSource {
+    /// Prefixes other than host addresses (pod CIDRs; static ranges).
+    pub prefixes: Vec<Cidr>,
+    /// Host addresses (InternalIP, ExternalIP).
+    pub addresses: Vec<IpAddr>,
+    /// Preferred address for CONNECT by name.
+    pub primary: Option<IpAddr>,
+    /// The `Hostname` address.
+    pub hostname: Option<String>,
+}
+
+/// Builds every node's entry from its source description, marking host
+/// prefixes that two or more nodes claim as ambiguous (for all of them).
+/// Host prefixes are `/32` and `/128` entries, from addresses or from a
+/// static list.
+pub fn build_entries(nodes: &BTreeMap<String, NodeSource>) -> HashMap<String, Arc<NodeEntry>> {
+    let hosts = |s: &NodeSource| -> Vec<Cidr> {
+        let mut h: Vec<Cidr> = s.addresses.iter().map(|a| Cidr::host(*a)).collect();
+        h.extend(s.prefixes.iter().filter(|c| c.is_host()).copied());
+        h.sort();
+        h.dedup();
+        h
+    };
+    let mut claimants: HashMap<Cidr, usize> = HashMap::new();
+    for s in nodes.values() {
+        for h in hosts(s) {
+            *claimants.entry(h).or_default() += 1;
+        }
+    }
+    nodes
+        .iter()
+        .map(|(name, s)| {
+            let mut allowed: Vec<Cidr> = s
+                .prefixes
+                .iter()
+                .filter(|c| !c.is_host())
+                .copied()
+                .collect();
+            let host = hosts(s);
+            let ambiguous = host
+                .iter()
+                .filter(|h| claimants.get(h).copied().unwrap_or(0) > 1)
+                .copied()
+                .collect();
+            allowed.extend(host);
+            let entry = NodeEntry {
+                allowed,
+                ambiguous,
+                primary: s.primary,
+                hostname: s.hostname.clone(),
+            };
+            (name.clone(), Arc::new(entry))
+        })
+        .collect()
+}
+
+/// The ambiguous host prefixes of `entries` with the nodes sharing each.
+pub fn ambiguity(entries: &HashMap<String, Arc<NodeEntry>>) -> Vec<(Cidr, Vec<String>)> {
+    let mut by: BTreeMap<Cidr, Vec<String>> = BTreeMap::new();
+    for (node, e) in entries {
+        for c in &e.ambiguous {
+            by.entry(*c).or_default().push(node.clone());
+        }
+    }
+    by.into_iter()
+        .map(|(c, mut n)| {
+            n.sort();
+            (c, n)
+        })
+        .collect()
+}
+
+/// The `[nodes]` table of relay.toml: fixed for the relay's lifetime.
+pub struct StaticDirectory {
+    entries: HashMap<String, Arc<NodeEntry>>,
+    ambiguous: Vec<(Cidr, Vec<String>)>,
+    changes: watch::Sender<u64>,
+}
+
+impl StaticDirectory {
+    /// The directory of a `[nodes]` table.
+    pub fn new(nodes: &HashMap<String, Vec<Cidr>>) -> Self {
+        let sources = nodes
+            .iter()
+            .map(|(n, prefixes)| {
+                let src = NodeSource {
+                    prefixes: prefixes.clone(),
+                    ..NodeSource::default()
+                };
+                (n.clone(), src)
+            })
+            .collect();
+        let entries = build_entries(&sources);
+        let ambiguous = ambiguity(&entries);
+        StaticDirectory {
+            entries,
+            ambiguous,
+            changes: watch::channel(0).0,
+        }
+    }
+}
+
+impl Directory for StaticDirectory {
+    fn lookup(&self, node: &str) -> Lookup {
+        match self.entries.get(node) {
+            Some(e) => Lookup::Known(e.clone()),
+            None => Lookup::Unknown,
+        }
+    }
+
+    fn resolve_name(&self, name: &str) -> Option<String> {
+        self.entries.contains_key(name).then(|| name.to_string())
+    }
+
+    fn is_synced(&self) -> bool {
+        true
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn ambiguous(&self) -> Vec<(Cidr, Vec<String>)> {
+        self.ambiguous.clone()
+    }
+
+    fn source(&self) -> &'static str {
+        "static"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(s: &str) -> Cidr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn shared_host_addresses_are_ambiguous_for_every_claimant_and_pod_cidrs_never() {
+        let mut nodes = BTreeMap::new();
+        for (n, pod, addr) in [
+            ("shop-1", "10.244.1.0/24", "192.168.1.10"),
+            ("shop-2", "10.244.2.0/24", "192.168.1.10"),
+            ("tower", "10.244.3.0/24", "192.168.7.1"),
+        ] {
+            nodes.insert(
+                n.to_string(),
+                NodeSource {
+                    prefixes: vec![c(pod)],
+                    addresses: vec![addr.parse().unwrap()],
+                    primary: Some(addr.parse().unwrap()),
+                    hostname: Some(format!("{n}.local")),
+                },
+            );
+        }
+        let e = build_entries(&nodes);
+        assert_eq!(e["shop-1"].ambiguous, [c("192.168.1.10/32")]);
+        assert_eq!(e["shop-2"].ambiguous, [c("192.168.1.10/32")]);
+        assert!(e["tower"].ambiguous.is_empty());
+        assert_eq!(e["shop-1"].routable(), [c("10.244.1.0/24")]);
+        assert_eq!(
+            e["tower"].routable(),
+            [c("10.244.3.0/24"), c("192.168.7.1/32")]
+        );
+        // Still reachable by name: the primary address stays.
+        assert_eq!(e["shop-2"].primary, Some("192.168.1.10".parse().unwrap()));
+        assert_eq!(
+            ambiguity(&e),
+            [(
+                c("192.168.1.10/32"),
+                vec!["shop-1".to_string(), "shop-2".to_string()]
+            )]
+        );
+    }
+
+    #[test]
+    fn the_static_table_marks_repeated_host_entries() {
+        let d = StaticDirectory::new(&HashMap::from([
+            (
+                "a".to_string(),
+                vec![c("10.244.1.0/24"), c("192.168.1.10/32")],
+            ),
+            (
+                "b".to_string(),
+                vec![c("10.244.2.0/24"), c("192.168.1.10/32")],
+            ),
+        ]));
+        let Lookup::Known(a) = d.lookup("a") else {
+            panic!()
+        };
+        assert_eq!(a.routable(), [c("10.244.1.0/24")]);
+        assert_eq!(d.lookup("zz"), Lookup::Unknown);
+        assert_eq!(d.ambiguous().len(), 1);
+        assert!(d.is_synced());
+    }
+}

@@ -1,0 +1,68 @@
+//! Keeps live sessions in step with the directory: a node deleted (no
+//! Node object, or removed from the table) loses its session within
+//! seconds; a node whose pod CIDRs or addresses changed has its routes
+//! follow without a reconnect.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use relay_protocol::{capability, close_code};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::directory::Lookup;
+use crate::handshake::decide_claim;
+use crate::server::Shared;
+
+/// How long a burst of directory changes is gathered before the sessions
+/// are walked (a relist changes every node at once).
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// Runs until `stop`: walks the live sessions whenever the directory
+/// changes.
+pub(crate) async fn follow_directory(shared: Arc<Shared>, stop: CancellationToken) -> &'static str {
+    let mut changes = shared.directory.subscribe();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return "directory",
+            r = changes.changed() => if r.is_err() { return "directory" },
+        }
+        tokio::time::sleep(SETTLE).await;
+        changes.borrow_and_update();
+        apply(&shared);
+    }
+}
+
+/// One walk over the live sessions.
+pub(crate) fn apply(shared: &Shared) {
+    for s in shared.registry.sessions() {
+        let entry = match shared.directory.lookup(&s.node) {
+            Lookup::Known(e) => e,
+            // An outage keeps the last known state; nothing to do.
+            Lookup::NotSynced => continue,
+            Lookup::Unknown => {
+                info!(node = %s.node, "node no longer known to the directory; closing its session");
+                shared
+                    .metrics
+                    .node_gone
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                s.kick(close_code::KICKED, "node deleted");
+                continue;
+            }
+        };
+        let relay_decides = s.has(capability::SERVED_ROUTES);
+        match decide_claim(&entry, &s.advertised, s.advertised_primary, relay_decides) {
+            Ok(claim) => match s.serve(shared, &claim) {
+                Ok(true) => {
+                    info!(node = %s.node, routes = ?claim.served, "routes follow the directory")
+                }
+                Ok(false) => {}
+                Err(msg) => warn!(node = %s.node, %msg, "new routes refused; keeping the old ones"),
+            },
+            Err((reason, msg)) => {
+                info!(node = %s.node, reason = reason.as_str(), %msg, "node may no longer serve what it advertised; closing its session");
+                s.kick(close_code::KICKED, "advertised routes no longer allowed");
+            }
+        }
+    }
+}

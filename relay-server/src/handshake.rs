@@ -1,0 +1,412 @@
+//! The handshake: identity from the client certificate, the hello checked
+//! against the directory (what the node may claim), registration, and the
+//! accepting reply. Every step is bounded by the handshake timeout.
+
+use std::net::IpAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use relay_protocol::codec::{self, decode, peek_version, read_frame_bytes, write_frame};
+use relay_protocol::{
+    capability, close_code, Cidr, ClientHello, FrameError, HelloReply, RejectReason, Rejection,
+    ServerHello, ServerHelloExt, PROTOCOL_VERSION,
+};
+use relay_transport::tls::cert_names_node;
+use relay_transport::{SendHalf, TunnelConn};
+use tracing::{debug, info, Instrument};
+
+use crate::directory::{Lookup, NodeEntry};
+use crate::routefeed::RouteFeed;
+use crate::server::Shared;
+use crate::session::{note_cut, run_session, visible, ControlParts, SessionHandle};
+
+/// Why a handshake ended without a session.
+enum HandshakeError {
+    /// Typed refusal, sent to the edge.
+    Rejected(RejectReason, String),
+    /// Nothing could be sent (timeout, transport failure).
+    Failed(&'static str, String),
+}
+
+fn reject(reason: RejectReason, msg: impl Into<String>) -> HandshakeError {
+    HandshakeError::Rejected(reason, msg.into())
+}
+
+/// Validates a hello against identity and policy; returns it on success.
+fn check_hello(
+    shared: &Shared,
+    conn: &TunnelConn,
+    body: &[u8],
+) -> Result<ClientHello, HandshakeError> {
+    let hello: ClientHello = match decode(body) {
+        Ok(h) => h,
+        Err(e) => {
+            return Err(match peek_version(body) {
+                Some(v) if v != PROTOCOL_VERSION => reject(
+                    RejectReason::UnsupportedVersion,
+                    format!(
+                        "protocol version {v} not supported; this relay speaks {PROTOCOL_VERSION}"
+                    ),
+                ),
+                _ => reject(RejectReason::Malformed, format!("undecodable hello: {e}")),
+            })
+        }
+    };
+    if hello.version != PROTOCOL_VERSION {
+        return Err(reject(
+            RejectReason::UnsupportedVersion,
+            format!(
+                "protocol version {} not supported; this relay speaks {PROTOCOL_VERSION}",
+                hello.version
+            ),
+        ));
+    }
+    let certs = conn.peer_certs();
+    let named = certs
+        .first()
+        .is_some_and(|leaf| cert_names_node(leaf, &hello.node));
+    if !named {
+        return Err(reject(
+            RejectReason::IdentityMismatch,
+            format!("client certificate does not name node {:?}", hello.node),
+        ));
+    }
+    if shared.is_shutting_down() {
+        return Err(reject(RejectReason::ShuttingDown, "relay is shutting down"));
+    }
+    Ok(hello)
+}
+
+/// What an accepted session serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// Prefixes routed to the session.
+    pub served: Vec<Cidr>,
+    /// The node's own address for `CONNECT <node>:<port>`.
+    pub primary: Option<IpAddr>,
+}
+
+/// Decides what a session serves from the node's directory entry and what
+/// its edge advertised. An edge that advertises nothing and lets the relay
+/// decide ([`capability::SERVED_ROUTES`]) serves everything its entry
+/// allows; otherwise every advertised prefix must be allowed. Ambiguous
+/// host prefixes (shared with another node) are never served by address.
+pub fn decide_claim(
+    entry: &NodeEntry,
+    advertised: &[Cidr],
+    primary: Option<IpAddr>,
+    relay_decides: bool,
+) -> Result<Claim, (RejectReason, String)> {
+    for r in advertised {
+        if !entry.allowed.iter().any(|a| a.contains_cidr(r)) {
+            return Err((
+                RejectReason::RouteNotAllowed,
+                format!("may not serve {r} (allowed: {:?})", entry.allowed),
+            ));
+        }
+    }
+    if let Some(p) = primary {
+        if !advertised.iter().any(|r| r.contains(&p)) {
+            return Err((
+                RejectReason::Malformed,
+                format!("primary address {p} is not inside the advertised routes"),
+            ));
+        }
+    }
+    let served = if advertised.is_empty() && relay_decides {
+        entry.routable()
+    } else {
+        advertised
+            .iter()
+            .filter(|c| !entry.ambiguous.contains(c))
+            .copied()
+            .collect()
+    };
+    Ok(Claim {
+        served,
+        primary: primary.or(entry.primary),
+    })
+}
+
+/// Asks the directory what `hello.node` may claim (waiting, bounded, for a
+/// directory that has not loaded yet) and decides the session's routes.
+async fn claim(shared: &Shared, hello: &ClientHello) -> Result<Claim, HandshakeError> {
+    let dir = shared.directory.as_ref();
+    let mut lookup = dir.lookup(&hello.node);
+    if lookup == Lookup::NotSynced
+        && crate::directory::wait_synced(dir, shared.cfg.limits.handshake_timeout / 2).await
+    {
+        lookup = dir.lookup(&hello.node);
+    }
+    let entry = match lookup {
+        Lookup::Known(e) => e,
+        Lookup::NotSynced => {
+            return Err(reject(
+                RejectReason::Overloaded,
+                format!("the {} node directory has not loaded yet", dir.source()),
+            ))
+        }
+        Lookup::Unknown => {
+            // Older edges do not know the reason; they get one they know.
+            let reason = if hello.capabilities & capability::EXTENSIBLE != 0 {
+                RejectReason::UnknownNode
+            } else {
+                RejectReason::RouteNotAllowed
+            };
+            let msg = match dir.source() {
+                "static" => format!(
+                    "unknown node {:?}: not in the relay's [nodes] table",
+                    hello.node
+                ),
+                _ => format!("unknown node {:?}: no Node object of that name", hello.node),
+            };
+            return Err(reject(reason, msg));
+        }
+    };
+    let relay_decides = hello.capabilities & capability::SERVED_ROUTES != 0;
+    decide_claim(&entry, &hello.routes, hello.primary_addr, relay_decides)
+        .map_err(|(r, m)| reject(r, format!("node {}: {m}", hello.node)))
+}
+
+/// Runs the handshake on a fresh connection and, if accepted, the session
+/// until it ends. Every step is bounded by the handshake timeout.
+pub(crate) async fn serve_connection(
+    conn: TunnelConn,
+    shared: Arc<Shared>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let remote = conn.remote_addr();
+    let hs_timeout = shared.cfg.limits.handshake_timeout;
+    let result = tokio::time::timeout(hs_timeout, handshake(&conn, &shared)).await;
+    // The handshake is over either way: free the slot before a rejected edge
+    // gets its grace period or an accepted one runs for days.
+    drop(permit);
+    let (handle, control) = match result {
+        Ok(Ok(v)) => v,
+        Ok(Err((HandshakeError::Rejected(reason, msg), send))) => {
+            shared.metrics.reject(reason);
+            info!(%remote, reason = reason.as_str(), %msg, "handshake rejected");
+            if let Some(mut send) = send {
+                let reply = HelloReply::Rejected(Rejection {
+                    reason,
+                    message: msg,
+                    relay_version: PROTOCOL_VERSION,
+                    retry_after_ms: reason.is_transient().then_some(1000),
+                });
+                // Give the edge a bounded moment to read the reason before
+                // the close discards anything still in flight.
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    let _ = write_frame(&mut send, &reply).await;
+                    let _ = tokio::io::AsyncWriteExt::shutdown(&mut send).await;
+                    conn.closed().await
+                })
+                .await;
+            }
+            conn.close(close_code::REJECTED, reason.as_str());
+            return;
+        }
+        Ok(Err((HandshakeError::Failed(kind, msg), _))) => {
+            shared.metrics.handshake_failed(kind);
+            debug!(%remote, kind, %msg, "handshake failed");
+            conn.close(close_code::PROTOCOL, kind);
+            return;
+        }
+        Err(_) => {
+            shared.metrics.handshake_failed("timeout");
+            debug!(%remote, "handshake timed out");
+            conn.close(close_code::PROTOCOL, "handshake timeout");
+            return;
+        }
+    };
+    let span = tracing::info_span!("session", node = %handle.node, session = handle.session_id, gen = handle.generation);
+    run_session(handle, control, shared).instrument(span).await;
+}
+
+/// Removes a provisional registration unless committed (see
+/// [`handshake`]).
+struct Registration<'a> {
+    shared: &'a Shared,
+    node: &'a str,
+    generation: u64,
+    committed: bool,
+}
+
+impl Registration<'_> {
+    fn commit(mut self) {
+        self.committed = true;
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.shared.registry.remove(self.node, self.generation);
+        }
+    }
+}
+
+#[allow(clippy::type_complexity)]
+async fn handshake(
+    conn: &TunnelConn,
+    shared: &Arc<Shared>,
+) -> Result<(Arc<SessionHandle>, ControlParts), (HandshakeError, Option<SendHalf>)> {
+    let mut control = conn
+        .accept_bi()
+        .await
+        .map_err(|e| (HandshakeError::Failed("protocol", e.to_string()), None))?;
+    let body = match read_frame_bytes(&mut control.recv, codec::MAX_FRAME_LEN).await {
+        Ok(b) => b,
+        Err(e @ FrameError::TooLarge { .. }) => {
+            return Err((
+                reject(RejectReason::Malformed, e.to_string()),
+                Some(control.send),
+            ));
+        }
+        Err(e) => return Err((HandshakeError::Failed("protocol", e.to_string()), None)),
+    };
+    let hello = match check_hello(shared, conn, &body) {
+        Ok(h) => h,
+        Err(e) => return Err((e, Some(control.send))),
+    };
+    let claim = match claim(shared, &hello).await {
+        Ok(c) => c,
+        Err(e) => {
+            if let HandshakeError::Rejected(reason, msg) = &e {
+                shared.status.rejected(&hello.node, reason.as_str(), msg);
+            }
+            return Err((e, Some(control.send)));
+        }
+    };
+    let generation = shared.next_generation();
+    let (handle, control_rx) = SessionHandle::new(&hello, &claim, conn, shared, generation);
+    match shared.registry.register(
+        handle.clone(),
+        claim.served.clone(),
+        shared.cfg.limits.max_sessions,
+    ) {
+        Ok(Some(old)) => {
+            info!(node = %old.node, old_gen = old.generation, new_gen = generation, "session superseded");
+            old.kick(close_code::SUPERSEDED, "superseded by a newer session");
+        }
+        Ok(None) => {}
+        Err(e) => {
+            shared
+                .status
+                .rejected(&hello.node, e.reason.as_str(), &e.message);
+            return Err((reject(e.reason, e.message), Some(control.send)));
+        }
+    }
+    // Until the edge has its answer, the registration is provisional: if
+    // this future is dropped (the handshake timeout fires during the
+    // write) or fails, the guard removes it, so no zombie session stays
+    // registered with routes nobody serves.
+    let registration = Registration {
+        shared,
+        node: &handle.node,
+        generation,
+        committed: false,
+    };
+    let mut feed = RouteFeed::new(&hello.node, hello.capabilities);
+    let cloud = shared.policy.cloud_ranges();
+    let tunnel_routes = feed.hello_routes(&shared.registry, cloud, visible(shared, &hello.node));
+    note_cut(shared, &feed);
+    let accepted = HelloReply::Accepted(ServerHello {
+        session_id: handle.session_id,
+        generation,
+        relay_id: shared.cfg.relay_id.clone(),
+        keepalive_ms: shared.cfg.quic.keepalive.as_millis() as u32,
+        idle_timeout_ms: shared.cfg.quic.idle_timeout.as_millis() as u32,
+        tunnel_routes,
+        capabilities: capability::ALL,
+    });
+    let reply = match hello_reply(&accepted, &claim, hello.capabilities) {
+        Ok(r) => r,
+        Err(e) => return Err((HandshakeError::Failed("protocol", e.to_string()), None)),
+    };
+    if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut control.send, &reply).await {
+        return Err((HandshakeError::Failed("protocol", e.to_string()), None));
+    }
+    registration.commit();
+    shared.metrics.sessions_accepted.fetch_add(1, Relaxed);
+    Ok((handle, (control, control_rx, feed)))
+}
+
+/// The accepting hello frame: the reply, then (for an edge that asked for
+/// it) the [`ServerHelloExt`] saying what it serves, in one frame.
+fn hello_reply(
+    accepted: &HelloReply,
+    claim: &Claim,
+    edge_capabilities: u32,
+) -> Result<Vec<u8>, relay_protocol::CodecError> {
+    let mut body = codec::encode(accepted)?;
+    if edge_capabilities & capability::SERVED_ROUTES != 0 {
+        body.extend(codec::encode(&ServerHelloExt {
+            served_routes: claim.served.clone(),
+            primary_addr: claim.primary,
+        })?);
+    }
+    if body.len() > codec::MAX_FRAME_LEN {
+        return Err(relay_protocol::CodecError::TooLarge {
+            len: body.len(),
+            max: codec::MAX_FRAME_LEN,
+        });
+    }
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend(body);
+    Ok(frame)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(s: &str) -> Cidr {
+        s.parse().unwrap()
+    }
+
+    fn entry() -> NodeEntry {
+        NodeEntry {
+            allowed: vec![
+                c("10.244.7.0/24"),
+                c("192.168.1.10/32"),
+                c("192.168.9.9/32"),
+            ],
+            ambiguous: vec![c("192.168.1.10/32")],
+            primary: Some("192.168.1.10".parse().unwrap()),
+            hostname: None,
+        }
+    }
+
+    #[test]
+    fn claims_from_the_directory_and_from_the_edge() {
+        // The edge advertises nothing and lets the relay decide: everything
+        // routable (the shared address is not), primary from the directory.
+        let got = decide_claim(&entry(), &[], None, true).unwrap();
+        assert_eq!(got.served, [c("10.244.7.0/24"), c("192.168.9.9/32")]);
+        assert_eq!(got.primary, Some("192.168.1.10".parse().unwrap()));
+        // An older edge that advertises nothing serves nothing.
+        assert!(decide_claim(&entry(), &[], None, false)
+            .unwrap()
+            .served
+            .is_empty());
+        // An edge advertising a subset gets it, minus the ambiguous address.
+        let adv = [c("10.244.7.0/25"), c("192.168.1.10/32")];
+        let got =
+            decide_claim(&entry(), &adv, Some("192.168.1.10".parse().unwrap()), true).unwrap();
+        assert_eq!(got.served, [c("10.244.7.0/25")]);
+        // Outside what the node may claim: refused, typed.
+        let (r, msg) = decide_claim(&entry(), &[c("10.244.8.0/24")], None, true).unwrap_err();
+        assert_eq!(r, RejectReason::RouteNotAllowed);
+        assert!(msg.contains("10.244.8.0/24"), "{msg}");
+        // A primary outside the advertised routes is malformed.
+        let (r, _) = decide_claim(
+            &entry(),
+            &[c("10.244.7.0/24")],
+            Some("10.0.0.1".parse().unwrap()),
+            true,
+        )
+        .unwrap_err();
+        assert_eq!(r, RejectReason::Malformed);
+    }
+}

@@ -1,0 +1,361 @@
+//! The relay as a Kubernetes component (`[kubernetes]` in relay.toml):
+//! Node objects decide what each node may claim, and the Node condition
+//! `EdgeTunnelReady` and Events tell operators about sessions.
+//!
+//! The API client, the reflector and the writers live in the `relay-kube`
+//! crate (the only one that imports `kube`); this module adapts them to
+//! the relay's [`Directory`] and [`StatusSink`], so the rest of the relay
+//! is the same in static and in-cluster mode. Built only with the
+//! `kubernetes` feature (on by default).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use relay_kube::{
+    ClientOptions, DirectoryOptions, KubeClientConfig, NodeClaims, NodeDirectory, SessionEvent,
+    SessionEvents, StatusWriter, TunnelCondition,
+};
+use relay_protocol::Cidr;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::KubeSettings;
+use crate::directory::{ambiguity, build_entries, Directory, Lookup, NodeEntry, NodeSource};
+use crate::status::{SessionInfo, StatusSink};
+
+/// Connecting to the API failed at start.
+#[derive(Debug, thiserror::Error)]
+#[error("kubernetes: {0}")]
+pub struct KubeStartError(#[from] relay_kube::KubeError);
+
+/// What `[kubernetes]` gives the relay.
+pub struct Kube {
+    /// Node objects as the relay's directory.
+    pub directory: Arc<KubeDirectory>,
+    /// Condition and Events writer (or nothing, as configured).
+    pub status: Arc<dyn StatusSink>,
+}
+
+/// Connects and starts the reflector and the status writer; both run
+/// until `stop`. Does not wait for the first list: `/readyz` and unknown
+/// nodes' handshakes wait for it, bounded.
+pub async fn start(
+    settings: &KubeSettings,
+    relay_id: &str,
+    stop: CancellationToken,
+) -> Result<Kube, KubeStartError> {
+    let cfg = match &settings.kubeconfig {
+        Some(path) => KubeClientConfig::Kubeconfig {
+            path: path.clone(),
+            context: settings.context.clone(),
+        },
+        None => KubeClientConfig::InCluster,
+    };
+    let opts = ClientOptions {
+        connect_timeout: settings.api_timeout,
+        ..ClientOptions::default()
+    };
+    let client = cfg.client(&opts).await?;
+    let directory = KubeDirectory::start(
+        NodeDirectory::spawn(&client, &DirectoryOptions::default()),
+        stop.clone(),
+    );
+    let status: Arc<dyn StatusSink> = if settings.node_status || settings.events {
+        let writer = settings
+            .node_status
+            .then(|| StatusWriter::new(&client, settings.api_timeout));
+        let events = settings
+            .events
+            .then(|| SessionEvents::new(&client, Some(relay_id.to_string()), settings.api_timeout));
+        Arc::new(KubeStatus::start(writer, events, stop))
+    } else {
+        Arc::new(crate::status::NoStatus)
+    };
+    Ok(Kube { directory, status })
+}
+
+struct Snapshot {
+    entries: HashMap<String, Arc<NodeEntry>>,
+    by_hostname: HashMap<String, String>,
+    ambiguous: Vec<(Cidr, Vec<String>)>,
+}
+
+/// The cluster's Nodes as the relay's [`Directory`]. Recomputed from the
+/// reflector's claims after each burst of changes; subscribers are told
+/// only when some node's entry actually changed (the relay's own
+/// condition writes change Nodes too, and must not wake every session).
+pub struct KubeDirectory {
+    nodes: NodeDirectory,
+    snapshot: RwLock<Arc<Snapshot>>,
+    synced: AtomicBool,
+    changes: watch::Sender<u64>,
+}
+
+/// Gathers a burst of Node changes (a relist touches every node) into one
+/// recomputation.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// The relay's view of one Node's claims.
+fn source(c: &NodeClaims) -> NodeSource {
+    let mut addresses = c.internal_ips.clone();
+    addresses.extend(c.external_ips.iter().copied());
+    NodeSource {
+        prefixes: c.pod_cidrs.clone(),
+        primary: c.internal_ips.first().or(c.external_ips.first()).copied(),
+        addresses,
+        hostname: c.hostname.clone(),
+    }
+}
+
+impl KubeDirectory {
+    fn start(nodes: NodeDirectory, stop: CancellationToken) -> Arc<Self> {
+        let dir = Arc::new(KubeDirectory {
+            nodes,
+            snapshot: RwLock::new(Arc::new(Snapshot {
+                entries: HashMap::new(),
+                by_hostname: HashMap::new(),
+                ambiguous: Vec::new(),
+            })),
+            synced: AtomicBool::new(false),
+            changes: watch::channel(0).0,
+        });
+        let me = dir.clone();
+        tokio::spawn(async move {
+            let mut rx = me.nodes.subscribe();
+            loop {
+                me.refresh();
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = rx.changed() => if r.is_err() { return },
+                }
+                tokio::time::sleep(SETTLE).await;
+                rx.borrow_and_update();
+            }
+        });
+        dir
+    }
+
+    fn refresh(&self) {
+        if !self.nodes.is_synced() {
+            return;
+        }
+        let sources: BTreeMap<String, NodeSource> = self
+            .nodes
+            .all_claims()
+            .iter()
+            .map(|(n, c)| (n.clone(), source(c)))
+            .collect();
+        let entries = build_entries(&sources);
+        let first = !self.synced.swap(true, Relaxed);
+        let same = self.read().entries == entries;
+        if same && !first {
+            return;
+        }
+        let by_hostname = entries
+            .iter()
+            .filter_map(|(n, e)| {
+                e.hostname
+                    .clone()
+                    .map(|h| (h.to_ascii_lowercase(), n.clone()))
+            })
+            .collect();
+        let ambiguous = ambiguity(&entries);
+        if !ambiguous.is_empty() {
+            info!(
+                count = ambiguous.len(),
+                "host addresses shared by several nodes are not routed by address"
+            );
+        }
+        *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot {
+            entries,
+            by_hostname,
+            ambiguous,
+        });
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn read(&self) -> Arc<Snapshot> {
+        self.snapshot
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Watch errors since start (each retried with backoff).
+    pub fn watch_errors(&self) -> u64 {
+        self.nodes.watch_errors()
+    }
+}
+
+impl Directory for KubeDirectory {
+    fn lookup(&self, node: &str) -> Lookup {
+        if !self.is_synced() {
+            return Lookup::NotSynced;
+        }
+        match self.read().entries.get(node) {
+            Some(e) => Lookup::Known(e.clone()),
+            None => Lookup::Unknown,
+        }
+    }
+
+    fn resolve_name(&self, name: &str) -> Option<String> {
+        let s = self.read();
+        if s.entries.contains_key(name) {
+            return Some(name.to_string());
+        }
+        s.by_hostname.get(&name.to_ascii_lowercase()).cloned()
+    }
+
+    fn is_synced(&self) -> bool {
+        self.synced.load(Relaxed)
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn ambiguous(&self) -> Vec<(Cidr, Vec<String>)> {
+        self.read().ambiguous.clone()
+    }
+
+    fn source(&self) -> &'static str {
+        "kubernetes"
+    }
+}
+
+/// Most Events waiting to be published; more are dropped and counted (a
+/// reconnect storm of thousands of edges must not queue without bound).
+const EVENT_QUEUE: usize = 4096;
+
+/// Writes conditions and Events in the background. Conditions are kept as
+/// the latest desired state per node (a burst of up/down for one node is
+/// one write); Events go through a bounded queue.
+struct KubeStatus {
+    desired: Arc<Mutex<HashMap<String, TunnelCondition>>>,
+    wake: Arc<Notify>,
+    events: Option<mpsc::Sender<(String, SessionEvent)>>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl KubeStatus {
+    fn start(
+        writer: Option<StatusWriter>,
+        events: Option<SessionEvents>,
+        stop: CancellationToken,
+    ) -> Self {
+        let desired: Arc<Mutex<HashMap<String, TunnelCondition>>> = Arc::default();
+        let wake = Arc::new(Notify::new());
+        if let Some(writer) = writer {
+            let (desired, wake, stop) = (desired.clone(), wake.clone(), stop.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = wake.notified() => {}
+                    }
+                    let batch: Vec<(String, TunnelCondition)> = desired
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .drain()
+                        .collect();
+                    for (node, cond) in batch {
+                        match writer.set(&node, &cond).await {
+                            Ok(outcome) => debug!(%node, ?outcome, "node condition"),
+                            Err(relay_kube::KubeError::NotFound { .. }) => writer.forget(&node),
+                            Err(e) => warn!(%node, error = %e, "writing the node condition failed"),
+                        }
+                    }
+                }
+            });
+        }
+        let tx = events.map(|events| {
+            let (tx, mut rx) = mpsc::channel::<(String, SessionEvent)>(EVENT_QUEUE);
+            tokio::spawn(async move {
+                loop {
+                    let next = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        n = rx.recv() => n,
+                    };
+                    let Some((node, ev)) = next else { return };
+                    if let Err(e) = events.publish(&node, &ev).await {
+                        debug!(%node, error = %e, "publishing an event failed");
+                    }
+                }
+            });
+            tx
+        });
+        KubeStatus {
+            desired,
+            wake,
+            events: tx,
+            dropped: Arc::default(),
+        }
+    }
+
+    fn condition(&self, node: &str, cond: TunnelCondition) {
+        self.desired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.to_string(), cond);
+        self.wake.notify_one();
+    }
+
+    fn event(&self, node: &str, ev: SessionEvent) {
+        if let Some(tx) = &self.events {
+            if tx.try_send((node.to_string(), ev)).is_err() {
+                let n = self.dropped.fetch_add(1, Relaxed) + 1;
+                if n.is_power_of_two() {
+                    warn!(dropped = n, "event queue full; events dropped");
+                }
+            }
+        }
+    }
+}
+
+impl StatusSink for KubeStatus {
+    fn up(&self, node: &str, info: &SessionInfo) {
+        self.condition(
+            node,
+            TunnelCondition {
+                ready: true,
+                reason: "SessionUp".into(),
+                message: info.message(),
+            },
+        );
+        // Stable notes, so the recorder folds repeats into a series.
+        let note = format!(
+            "tunnel up over {} via relay {}",
+            info.transport, info.relay_id
+        );
+        self.event(node, SessionEvent::Up { note });
+    }
+
+    fn down(&self, node: &str, why: &str) {
+        self.condition(
+            node,
+            TunnelCondition {
+                ready: false,
+                reason: "NoSession".into(),
+                message: format!("no tunnel session: {why}"),
+            },
+        );
+        self.event(
+            node,
+            SessionEvent::Down {
+                note: why.to_string(),
+            },
+        );
+    }
+
+    fn rejected(&self, node: &str, reason: &str, message: &str) {
+        self.event(
+            node,
+            SessionEvent::Rejected {
+                note: format!("{reason}: {message}"),
+            },
+        );
+    }
+}
