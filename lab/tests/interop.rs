@@ -46,7 +46,11 @@ fn spawn(bin: &Path, args: &[&str], log: &Path) -> Result<Proc> {
 }
 
 /// Polls `f` every 100 ms until it yields a value or `limit` passes.
-async fn wait_for<T>(limit: Duration, what: &str, mut f: impl AsyncFnMut() -> Option<T>) -> Result<T> {
+async fn wait_for<T>(
+    limit: Duration,
+    what: &str,
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> Result<T> {
     let start = Instant::now();
     while start.elapsed() < limit {
         if let Some(v) = f().await {
@@ -97,7 +101,11 @@ fn edge_toml(dir: &Path, i: usize, relay: SocketAddr) -> String {
 /// One relay binary and one binary per edge: sessions come up, traffic
 /// flows, and survives the route changes a second edge causes.
 async fn scenario(label: &str, relay_bin: &Path, edge_bins: [&Path; 2]) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("interop-{}-{}", std::process::id(), label.replace(' ', "-")));
+    let dir = std::env::temp_dir().join(format!(
+        "interop-{}-{}",
+        std::process::id(),
+        label.replace(' ', "-")
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     let pki = DevPki::generate(&["localhost"], &[&edge_name(0), &edge_name(1)])?;
     pki.write_to(&dir)?;
@@ -110,15 +118,29 @@ async fn scenario(label: &str, relay_bin: &Path, edge_bins: [&Path; 2]) -> Resul
     let cfg_path = dir.join("relay.toml");
     let _relay = spawn(
         relay_bin,
-        &["--config", &cfg_path.display().to_string(), "--ready-file", &ready.display().to_string()],
+        &[
+            "--config",
+            &cfg_path.display().to_string(),
+            "--ready-file",
+            &ready.display().to_string(),
+        ],
         &dir.join("relay.log"),
     )?;
-    let addrs: serde_json::Value = wait_for(Duration::from_secs(20), "relay ready file", async || {
-        std::fs::read_to_string(&ready).ok().and_then(|t| serde_json::from_str(&t).ok())
-    })
-    .await
-    .with_context(|| format!("{label}: relay log:\n{}", std::fs::read_to_string(dir.join("relay.log")).unwrap_or_default()))?;
-    let addr = |k: &str| -> Result<SocketAddr> { Ok(addrs[k].as_str().context("address")?.parse()?) };
+    let addrs: serde_json::Value =
+        wait_for(Duration::from_secs(20), "relay ready file", async || {
+            std::fs::read_to_string(&ready)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "{label}: relay log:\n{}",
+                std::fs::read_to_string(dir.join("relay.log")).unwrap_or_default()
+            )
+        })?;
+    let addr =
+        |k: &str| -> Result<SocketAddr> { Ok(addrs[k].as_str().context("address")?.parse()?) };
     let (quic, connect, admin) = (addr("quic")?, addr("connect")?, addr("admin")?);
 
     let mut services = Vec::new();
@@ -129,27 +151,44 @@ async fn scenario(label: &str, relay_bin: &Path, edge_bins: [&Path; 2]) -> Resul
     for (i, bin) in edge_bins.iter().enumerate() {
         let f = dir.join(format!("edge-{i}.toml"));
         std::fs::write(&f, edge_toml(&dir, i, quic))?;
-        edges.push(spawn(bin, &["--config", &f.display().to_string()], &dir.join(format!("edge-{i}.log")))?);
+        edges.push(spawn(
+            bin,
+            &["--config", &f.display().to_string()],
+            &dir.join(format!("edge-{i}.log")),
+        )?);
         // One edge at a time: the second one's arrival is the route change
         // the first must live through.
         wait_for(Duration::from_secs(20), "edge session", async || {
             sessions(admin).await.ok().filter(|s| s.len() == i + 1)
         })
         .await
-        .with_context(|| format!("{label}: edge {i} log:\n{}", std::fs::read_to_string(dir.join(format!("edge-{i}.log"))).unwrap_or_default()))?;
+        .with_context(|| {
+            format!(
+                "{label}: edge {i} log:\n{}",
+                std::fs::read_to_string(dir.join(format!("edge-{i}.log"))).unwrap_or_default()
+            )
+        })?;
     }
     let before = sessions(admin).await?;
     for round in 0..3 {
         for (i, (svc, _)) in services.iter().enumerate() {
-            let body = fetch(connect, i, svc.port()).await.with_context(|| format!("{label}: round {round}"))?;
-            ensure!(body.contains(&edge_name(i)), "{label}: edge {i} answered {body:?}");
+            let body = fetch(connect, i, svc.port())
+                .await
+                .with_context(|| format!("{label}: round {round}"))?;
+            ensure!(
+                body.contains(&edge_name(i)),
+                "{label}: edge {i} answered {body:?}"
+            );
         }
         // Several keep-alive periods between rounds: pings, pongs and the
         // route updates both edges got must not have cost a session.
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
     let after = sessions(admin).await?;
-    ensure!(before == after, "{label}: sessions changed: {before:?} → {after:?}");
+    ensure!(
+        before == after,
+        "{label}: sessions changed: {before:?} → {after:?}"
+    );
     drop(edges);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
@@ -158,7 +197,11 @@ async fn scenario(label: &str, relay_bin: &Path, edge_bins: [&Path; 2]) -> Resul
 fn current_bin(name: &str) -> Result<PathBuf> {
     let relay = relay_server_binary()?;
     let bin = relay.with_file_name(name);
-    ensure!(bin.exists(), "{} not built (cargo build -p edge-client)", bin.display());
+    ensure!(
+        bin.exists(),
+        "{} not built (cargo build -p edge-client)",
+        bin.display()
+    );
     Ok(bin)
 }
 
@@ -170,10 +213,19 @@ async fn previous_release_and_this_build_interoperate_both_ways() -> Result<()> 
         "PREV_BIN_DIR must name the previous release's binary directory (.ci/interop sets it)",
     )?);
     let (old_relay, old_edge) = (prev.join("relay-server"), prev.join("edge-client"));
-    ensure!(old_relay.exists() && old_edge.exists(), "no binaries in {}", prev.display());
+    ensure!(
+        old_relay.exists() && old_edge.exists(),
+        "no binaries in {}",
+        prev.display()
+    );
     let (new_relay, new_edge) = (current_bin("relay-server")?, current_bin("edge-client")?);
     scenario("old relay, new edges", &old_relay, [&new_edge, &new_edge]).await?;
-    scenario("new relay, old and new edge", &new_relay, [&old_edge, &new_edge]).await?;
+    scenario(
+        "new relay, old and new edge",
+        &new_relay,
+        [&old_edge, &new_edge],
+    )
+    .await?;
     scenario("new relay, new edges", &new_relay, [&new_edge, &new_edge]).await?;
     Ok(())
 }

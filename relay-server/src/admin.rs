@@ -142,9 +142,20 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// Compares in time independent of where the strings differ.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compares two secrets in time independent of their contents and of
+/// their lengths: both are hashed to fixed-size SHA-256 digests first, so
+/// a wrong guess of the token's length costs as long as any other wrong
+/// guess (an early return on a length mismatch would leak the length).
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
+    let (da, db) = (
+        ring::digest::digest(&ring::digest::SHA256, a),
+        ring::digest::digest(&ring::digest::SHA256, b),
+    );
+    da.as_ref()
+        .iter()
+        .zip(db.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
@@ -221,6 +232,18 @@ async fn delete_session(
     };
     if q.drain {
         let grace = q.grace.unwrap_or(shared.cfg.limits.drain_grace);
+        // The drain task adds the grace to an Instant: an unbounded value
+        // from the query would overflow it (a panic in the task).
+        if grace > crate::config::MAX_DURATION {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "grace must be at most {}\n",
+                    humantime::format_duration(crate::config::MAX_DURATION)
+                ),
+            )
+                .into_response();
+        }
         s.drain(grace, "drained by operator");
         (
             StatusCode::ACCEPTED,
@@ -243,4 +266,20 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         shared.metrics.render(shared.registry.len()) + &crate::metrics::render_udp(&shared.udp),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same;
+
+    #[test]
+    fn token_comparison() {
+        assert!(same(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!same(b"0123456789abcdef", b"0123456789abcdeF"));
+        // Prefixes and different lengths are rejected like any other
+        // wrong token (no early length check to time).
+        assert!(!same(b"0123456789abcdef", b"0123456789abcdef0"));
+        assert!(!same(b"0123456789abcdef", b""));
+        assert!(!same(b"", b"x"));
+    }
 }

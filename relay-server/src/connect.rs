@@ -35,7 +35,7 @@ pub(crate) async fn serve_tcp(
         let Some((sock, peer)) = accept_until(&stop, "connect", || l.accept()).await else {
             return "connect";
         };
-        let _ = sock.set_nodelay(true);
+        accepted(&sock);
         let shared = shared.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
@@ -58,6 +58,15 @@ pub(crate) async fn serve_tcp(
             drop(permit);
         });
     }
+}
+
+/// Socket options of an accepted CONNECT client. TCP keep-alive (and the
+/// user timeout) matter after the 200: the header read is bounded, but the
+/// splice then waits for either side as long as it takes, and a client that
+/// vanished without a FIN or RST (a crashed host, a dropped NAT binding)
+/// would otherwise hold its task, fd and connection permit forever.
+fn accepted(sock: &tokio::net::TcpStream) {
+    relay_transport::tcp::tune_socket(sock);
 }
 
 /// Accepts CONNECT clients on a Unix socket.
@@ -407,6 +416,23 @@ mod tests {
             read_head(&mut r, 4096).await,
             Err(HeadError::Closed)
         ));
+    }
+
+    #[tokio::test]
+    async fn accepted_connect_sockets_have_keepalive() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        accepted(&s);
+        let r = socket2::SockRef::from(&s);
+        assert!(
+            r.keepalive().unwrap(),
+            "no TCP keep-alive on a CONNECT socket"
+        );
+        assert!(r.tcp_user_timeout().unwrap().is_some());
+        drop(c);
     }
 
     #[test]

@@ -355,7 +355,12 @@ mod tests {
         use DenyReason::*;
         use Verdict::*;
         let p = policy();
-        type Row<'a> = (Origin<'a>, &'a str, Option<&'a str>, Result<Verdict, DenyReason>);
+        type Row<'a> = (
+            Origin<'a>,
+            &'a str,
+            Option<&'a str>,
+            Result<Verdict, DenyReason>,
+        );
         let rows: &[Row] = &[
             // Cloud ingress reaches edges, nothing else.
             (Origin::Connect, "10.244.7.5:80", Some("edge-1"), Ok(ToEdge)),
