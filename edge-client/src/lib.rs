@@ -10,12 +10,14 @@
 //! - [`config`]: TOML file config and the runtime [`EdgeConfig`].
 //! - [`client`]: [`EdgeClient`], the reconnect loop and stream serving.
 //! - [`backoff`]: capped exponential backoff with full jitter.
+//! - [`liveness`]: the control-stream ping check and its dead-path bound.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod backoff;
 mod capture;
 pub mod client;
 pub mod config;
+pub mod liveness;
 
 pub use client::{EdgeClient, EdgeState, EdgeStats, StartError};
 pub use config::{EdgeConfig, FileConfig, TransportMode};
