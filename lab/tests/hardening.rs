@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use edge_client::EdgeClient;
 use relay_lab::{admin_request, edge_config, sessions, Lab};
+use relay_server::agent::{AgentConfig, AgentTls};
+use relay_server::Secret;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 /// A drain grace beyond a day used to reach `Instant + grace` in the drain
@@ -168,6 +170,60 @@ async fn quic_probe_dies_with_its_session() -> anyhow::Result<()> {
         !registered,
         "a QUIC probe outlived its edge client and registered a session"
     );
+    lab.stop().await;
+    Ok(())
+}
+
+const TOKEN: &str = "hardening-token-0123456789";
+
+/// The admin API over HTTPS (the relay's own certificate), read by the
+/// route agent's HTTPS client trusting only the CA file; plain HTTP to it
+/// gets nothing, and the token still matters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_over_tls_and_the_route_agent() -> anyhow::Result<()> {
+    let lab = Lab::start(1, |cfg| {
+        cfg.admin_tls = Some(cfg.tls.clone());
+        cfg.admin_token = Some(Secret::new(TOKEN));
+    })
+    .await?;
+    let dir = std::env::temp_dir().join(format!("hardening-admin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    lab.pki.write_to(&dir)?;
+    let admin = lab.admin_addr();
+    let agent = |token: &str, tls: bool| -> anyhow::Result<AgentConfig> {
+        Ok(AgentConfig {
+            admin,
+            token: Some(Secret::new(token)),
+            tls: if tls {
+                Some(AgentTls::new(&dir.join("ca.pem"), "localhost")?)
+            } else {
+                None
+            },
+            via: "127.0.0.1".parse()?,
+            interval: Duration::from_secs(1),
+            proto: 250,
+        })
+    };
+    let routes = relay_server::agent::fetch(&agent(TOKEN, true)?).await?;
+    let want: relay_protocol::Cidr = "127.0.0.2/32".parse()?;
+    assert!(routes.contains(&want), "{routes:?}");
+    let e = relay_server::agent::fetch(&agent("wrong-token-0123456789", true)?)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("401"), "{e:#}");
+    // Plain HTTP to the TLS listener: no HTTP answer, no routes.
+    assert!(relay_server::agent::fetch(&agent(TOKEN, false)?)
+        .await
+        .is_err());
+    assert!(admin_request(admin, "GET", "/healthz").await.is_err());
+    // A CA that did not sign the relay's certificate is refused.
+    let other = relay_transport::devcerts::DevPki::generate(&["localhost"], &["x"])?;
+    let odir = dir.join("other");
+    other.write_to(&odir)?;
+    let mut bad = agent(TOKEN, false)?;
+    bad.tls = Some(AgentTls::new(&odir.join("ca.pem"), "localhost")?);
+    assert!(relay_server::agent::fetch(&bad).await.is_err());
+    let _ = std::fs::remove_dir_all(&dir);
     lab.stop().await;
     Ok(())
 }

@@ -104,11 +104,111 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> &'static str {
+    let tls = match shared
+        .cfg
+        .admin_tls
+        .as_ref()
+        .map(|m| m.server_config_without_client_auth(b"http/1.1"))
+        .transpose()
+    {
+        Ok(t) => t,
+        Err(e) => {
+            // RelayConfig::validate built the same config: not expected.
+            tracing::error!(error = %e, "admin API TLS configuration");
+            return "admin";
+        }
+    };
     let app = router(shared);
-    let _ = axum::serve(l, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
+    let shutdown = {
+        let stop = stop.clone();
+        async move { stop.cancelled().await }
+    };
+    match tls {
+        None => {
+            let _ = axum::serve(l, app).with_graceful_shutdown(shutdown).await;
+        }
+        Some(cfg) => {
+            let l = TlsListener::start(l, cfg, stop);
+            let _ = axum::serve(l, app).with_graceful_shutdown(shutdown).await;
+        }
+    }
     "admin"
+}
+
+/// Most admin TLS handshakes in progress at once; more connections wait
+/// in the kernel's accept queue.
+const MAX_TLS_HANDSHAKES: usize = 64;
+
+/// Bound on one admin TLS handshake, so a client that connects and says
+/// nothing cannot hold a handshake slot.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The admin API's listener when it serves HTTPS: an accept task completes
+/// TLS handshakes concurrently (bounded in number and time, so a slow
+/// client cannot stall the others) and hands finished connections to axum.
+struct TlsListener {
+    ready: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        std::net::SocketAddr,
+    )>,
+    local: std::io::Result<std::net::SocketAddr>,
+}
+
+impl TlsListener {
+    fn start(l: TcpListener, cfg: rustls::ServerConfig, stop: CancellationToken) -> Self {
+        let local = l.local_addr();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let (tx, ready) = tokio::sync::mpsc::channel(MAX_TLS_HANDSHAKES);
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TLS_HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let Some((sock, peer)) =
+                    relay_transport::conn::accept_until(&stop, "admin", || l.accept()).await
+                else {
+                    return;
+                };
+                let _ = sock.set_nodelay(true);
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
+                        Ok(Ok(s)) => {
+                            drop(permit);
+                            let _ = tx.send((s, peer)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "admin TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "admin TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        TlsListener { ready, local }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(c) => c,
+            // The accept task ended (stopping): nothing more will come, and
+            // graceful shutdown ends the server.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        match &self.local {
+            Ok(a) => Ok(*a),
+            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+        }
+    }
 }
 
 /// The admin API's routes.
