@@ -19,10 +19,12 @@ use relay_transport::{quic, BiStream, Direction, Meter, TunnelConn};
 use tokio::sync::watch;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::backoff::Backoff;
 use crate::config::{EdgeConfig, TransportMode};
+use crate::liveness::{Liveness, Tick, DEAD_AFTER_KEEPALIVES};
 use crate::serve::{serve_stream, ServedRoutes, ServedSet};
 
 /// Where the client is in its life cycle.
@@ -79,6 +81,17 @@ pub struct EdgeStats {
     pub fallbacks: AtomicU64,
     /// Control messages of a newer protocol revision, ignored.
     pub control_unknown: AtomicU64,
+    /// Round-trip time of the edge's last answered control ping, in
+    /// microseconds (0 before the first pong). Measured ping → pong on the
+    /// control stream, so on a congested uplink it includes the queueing
+    /// delay the tunnel's traffic sees (unlike QUIC's own RTT estimate,
+    /// which quinn takes from acknowledgements).
+    pub control_rtt_us: AtomicU64,
+    /// The largest control RTT seen, in microseconds.
+    pub control_rtt_max_us: AtomicU64,
+    /// Pongs that arrived after the next ping had been sent (late, but
+    /// within the dead-path bound, so the session was kept).
+    pub pongs_late: AtomicU64,
     /// UDP flow counters.
     pub udp: Arc<relay_transport::udp::UdpStats>,
 }
@@ -503,6 +516,11 @@ async fn say_hello(
         .open_bi()
         .await
         .map_err(|e| failed("open control stream", &e))?;
+    // Pings, pongs and route updates must not wait behind bulk uploads in
+    // our own send buffers (they would look like a dead path).
+    control
+        .send
+        .set_priority(relay_transport::conn::CONTROL_PRIORITY);
     let hello = ClientHello {
         version: PROTOCOL_VERSION,
         node: cfg.node.clone(),
@@ -564,16 +582,24 @@ async fn run_session(
     // idle timeout is gone (this is the only liveness check on TCP); the
     // edge pings every interval too (see the tick arm).
     let mut last_heard = Instant::now();
-    // A ping of ours still unanswered at the next tick means the path is
-    // gone (e.g. the NAT rebound and dropped the relay's reset): reconnect
-    // after one keep-alive interval instead of waiting for the idle timeout.
-    let mut ping_unanswered = false;
+    // Our pings: a ping unanswered for two keep-alive intervals means the
+    // path is gone (e.g. the NAT rebound and dropped the relay's reset), so
+    // we reconnect within 3 × keep-alive instead of waiting for the idle
+    // timeout, while a late pong on a congested uplink costs nothing.
+    let mut liveness = Liveness::new(cfg.quic.keepalive);
+    let mut rtt_logged: Option<Instant> = None;
     let mut tick = tokio::time::interval(cfg.quic.keepalive);
+    // A tick delayed (a busy runtime) must not fire a burst of pings that
+    // would then all count as in flight.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // On the TCP fallback in auto mode, keep trying QUIC in the background.
     let probing =
         cfg.transport == TransportMode::Auto && conn.kind() == relay_transport::TransportKind::Tcp;
     let mut probe_at = tokio::time::Instant::now() + cfg.quic_probe_interval;
-    let mut probe: Option<tokio::task::JoinHandle<Result<Connected, AttemptError>>> = None;
+    // Owned: dropping it (the session ends, the client shuts down) aborts
+    // the probe, so a probe can never outlive its session and register a
+    // QUIC session that supersedes a newer one (or appears after shutdown).
+    let mut probe: Option<AbortOnDropHandle<Result<Connected, AttemptError>>> = None;
     loop {
         let reply = tokio::select! {
             biased;
@@ -619,8 +645,11 @@ async fn run_session(
                     };
                     match msg {
                         Control::Ping { nonce } => Control::Pong { nonce },
-                        Control::Pong { .. } => {
-                            ping_unanswered = false;
+                        Control::Pong { nonce } => {
+                            let late = liveness.in_flight() > 1;
+                            if let Some(rtt) = liveness.pong(nonce, Instant::now()) {
+                                note_rtt(stats, rtt, late, &mut rtt_logged);
+                            }
                             continue;
                         }
                         Control::RouteUpdate { tunnel_routes } => {
@@ -671,23 +700,34 @@ async fn run_session(
                     conn.close(close_code::PROTOCOL, "relay silent");
                     return SessionEnd::Lost(format!("nothing from the relay for {:?}", last_heard.elapsed()));
                 }
-                if ping_unanswered {
-                    conn.close(close_code::PROTOCOL, "ping unanswered");
-                    return SessionEnd::Lost(format!("no answer to a ping within {:?}", cfg.quic.keepalive));
-                }
-                ping_unanswered = true;
                 // The edge pings too: after a NAT rebinding an idle TCP
                 // session would otherwise send nothing until its idle
                 // timeout, while the relay's pings die at the NAT. Our ping
                 // leaves through the new mapping, the relay's kernel resets
                 // the unknown connection, and we reconnect in seconds.
-                Control::Ping { nonce: rand::random() }
+                match liveness.tick(Instant::now(), rand::random()) {
+                    Tick::Ping(nonce) => Control::Ping { nonce },
+                    Tick::Dead(age) => {
+                        conn.close(close_code::PROTOCOL, "ping unanswered");
+                        return SessionEnd::Lost(format!(
+                            "no answer to a ping for {age:?} ({} in flight)",
+                            liveness.in_flight()
+                        ));
+                    }
+                }
             }
             _ = tokio::time::sleep_until(probe_at), if probing && probe.is_none() => {
                 let (cfg, stats) = (cfg.clone(), stats.clone());
                 // A full QUIC session: registering it supersedes this one on
                 // the relay, in one step, so the routes never go away.
-                probe = Some(tokio::spawn(async move { connect(&cfg, &stats, TransportMode::Quic).await }));
+                // Bounded like any attempt, so a probe into a black hole
+                // ends and the next one can start.
+                let limit = cfg.handshake_timeout;
+                probe = Some(AbortOnDropHandle::new(tokio::spawn(async move {
+                    tokio::time::timeout(limit, connect(&cfg, &stats, TransportMode::Quic))
+                        .await
+                        .unwrap_or_else(|_| Err(AttemptError::Failed(format!("no QUIC session within {limit:?}"))))
+                })));
                 continue;
             }
             r = async {
@@ -708,20 +748,42 @@ async fn run_session(
             }
         };
         // Bounded: on a path that died silently (a NAT that rebound and
-        // dropped the relay's reset) a write on the TCP fallback can block;
-        // a control message not written within a keep-alive interval means
-        // the session is gone.
-        match tokio::time::timeout(cfg.quic.keepalive, write_frame(&mut send, &reply)).await {
+        // dropped the relay's reset) a write on the TCP fallback can block.
+        // The same allowance as an unanswered ping (two keep-alive
+        // intervals), so a write queued behind a slow uplink's backlog is
+        // not mistaken for a dead path, and a write started by a tick still
+        // fails within 3 × keep-alive of the path's death.
+        let write_limit = cfg.quic.keepalive * DEAD_AFTER_KEEPALIVES;
+        match tokio::time::timeout(write_limit, write_frame(&mut send, &reply)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return SessionEnd::Lost(format!("control write: {e}")),
             Err(_) => {
                 conn.close(close_code::PROTOCOL, "control write stuck");
-                return SessionEnd::Lost(format!(
-                    "control write not done within {:?}",
-                    cfg.quic.keepalive
-                ));
+                return SessionEnd::Lost(format!("control write not done within {write_limit:?}"));
             }
         }
+    }
+}
+
+/// How often the control RTT is logged at info (every pong is at debug).
+const RTT_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Records a measured control RTT in the stats, and logs it: at debug for
+/// every pong, at info once a minute (and for the first), so an operator
+/// sees a degraded uplink in the edge's log without debug logging.
+fn note_rtt(stats: &EdgeStats, rtt: Duration, late: bool, logged: &mut Option<Instant>) {
+    let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
+    stats.control_rtt_us.store(us, Relaxed);
+    stats.control_rtt_max_us.fetch_max(us, Relaxed);
+    if late {
+        stats.pongs_late.fetch_add(1, Relaxed);
+    }
+    let rtt_ms = rtt.as_secs_f64() * 1000.0;
+    if logged.is_none_or(|t| t.elapsed() >= RTT_LOG_EVERY) {
+        *logged = Some(Instant::now());
+        info!(rtt_ms, late, "control channel round trip");
+    } else {
+        debug!(rtt_ms, late, "control channel round trip");
     }
 }
 

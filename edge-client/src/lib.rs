@@ -11,12 +11,14 @@
 //! - [`client`]: [`EdgeClient`], the reconnect loop and the session.
 //! - [`serve`]: serving the relay's streams within what this edge serves.
 //! - [`backoff`]: capped exponential backoff with full jitter.
+//! - [`liveness`]: the control-stream ping check and its dead-path bound.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod backoff;
 mod capture;
 pub mod client;
 pub mod config;
+pub mod liveness;
 pub mod serve;
 
 pub use client::{EdgeClient, EdgeState, EdgeStats, StartError};

@@ -164,6 +164,11 @@ pub fn relay_config(pki: &DevPki) -> Result<RelayConfig> {
     // On the cloud LAN, with a token: the route agent on cloud2 reads it.
     cfg.admin_listen = Some(sa(netns::RELAY_LAN_IP, ADMIN_PORT));
     cfg.admin_token = Some(relay_server::Secret::new(ADMIN_TOKEN));
+    // Plaintext CONNECT and admin API on the LAN: the lab's cloud LAN is a
+    // private namespace network, and its tests speak plain HTTP to both.
+    // A real deployment uses [connect_tls] and admin TLS (refused otherwise).
+    cfg.allow_insecure_connect = true;
+    cfg.allow_insecure_admin = true;
     for site in netns::SITES {
         cfg.nodes.insert(
             format!("edge{site}"),
@@ -560,6 +565,13 @@ pub fn relay_toml(cfg: &RelayConfig, certs: &Path, token_file: Option<&Path>) ->
     if let Some(a) = cfg.admin_listen {
         let _ = writeln!(t, "admin = \"{a}\"");
     }
+    // Only when set: the previous release (interop) knows neither key.
+    if cfg.allow_insecure_connect {
+        t.push_str("allow_insecure_connect = true\n");
+    }
+    if cfg.allow_insecure_admin {
+        t.push_str("allow_insecure_admin = true\n");
+    }
     let _ = write!(
         t,
         "\n[tls]\ncert = {}\nkey = {}\nclient_ca = {}\n",
@@ -567,8 +579,18 @@ pub fn relay_toml(cfg: &RelayConfig, certs: &Path, token_file: Option<&Path>) ->
         q(&certs.join("relay-key.pem")),
         q(&certs.join("ca.pem"))
     );
+    // admin.tls only where it differs from the default (on off loopback),
+    // again for the previous release; when on it reuses the relay's
+    // certificate.
+    let admin_tls_default = cfg.admin_listen.is_some_and(|a| !a.ip().is_loopback());
+    if token_file.is_some() || cfg.admin_tls.is_some() != admin_tls_default {
+        t.push_str("\n[admin]\n");
+    }
+    if cfg.admin_tls.is_some() != admin_tls_default {
+        let _ = writeln!(t, "tls = {}", cfg.admin_tls.is_some());
+    }
     if let Some(f) = token_file {
-        let _ = write!(t, "\n[admin]\ntoken_file = {}\n", q(f));
+        let _ = writeln!(t, "token_file = {}", q(f));
     }
     let _ = write!(
         t,

@@ -31,6 +31,8 @@ fn start_agent(lab: &NetnsLab) -> Result<Running> {
     let cfg = relay_server::agent::AgentConfig {
         admin: sa(netns::RELAY_LAN_IP, 9090),
         token: Some(relay_server::Secret::new(ADMIN_TOKEN)),
+        // Plain HTTP on the lab's private LAN (the relay allows it there).
+        tls: None,
         via: IpAddr::V4(netns::RELAY_LAN_IP),
         interval: Duration::from_millis(200),
         proto: AGENT_PROTO,

@@ -112,11 +112,111 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> &'static str {
+    let tls = match shared
+        .cfg
+        .admin_tls
+        .as_ref()
+        .map(|m| m.server_config_without_client_auth(b"http/1.1"))
+        .transpose()
+    {
+        Ok(t) => t,
+        Err(e) => {
+            // RelayConfig::validate built the same config: not expected.
+            tracing::error!(error = %e, "admin API TLS configuration");
+            return "admin";
+        }
+    };
     let app = router(shared);
-    let _ = axum::serve(l, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
+    let shutdown = {
+        let stop = stop.clone();
+        async move { stop.cancelled().await }
+    };
+    match tls {
+        None => {
+            let _ = axum::serve(l, app).with_graceful_shutdown(shutdown).await;
+        }
+        Some(cfg) => {
+            let l = TlsListener::start(l, cfg, stop);
+            let _ = axum::serve(l, app).with_graceful_shutdown(shutdown).await;
+        }
+    }
     "admin"
+}
+
+/// Most admin TLS handshakes in progress at once; more connections wait
+/// in the kernel's accept queue.
+const MAX_TLS_HANDSHAKES: usize = 64;
+
+/// Bound on one admin TLS handshake, so a client that connects and says
+/// nothing cannot hold a handshake slot.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The admin API's listener when it serves HTTPS: an accept task completes
+/// TLS handshakes concurrently (bounded in number and time, so a slow
+/// client cannot stall the others) and hands finished connections to axum.
+struct TlsListener {
+    ready: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        std::net::SocketAddr,
+    )>,
+    local: std::io::Result<std::net::SocketAddr>,
+}
+
+impl TlsListener {
+    fn start(l: TcpListener, cfg: rustls::ServerConfig, stop: CancellationToken) -> Self {
+        let local = l.local_addr();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let (tx, ready) = tokio::sync::mpsc::channel(MAX_TLS_HANDSHAKES);
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TLS_HANDSHAKES));
+        tokio::spawn(async move {
+            loop {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let Some((sock, peer)) =
+                    relay_transport::conn::accept_until(&stop, "admin", || l.accept()).await
+                else {
+                    return;
+                };
+                let _ = sock.set_nodelay(true);
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
+                        Ok(Ok(s)) => {
+                            drop(permit);
+                            let _ = tx.send((s, peer)).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "admin TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "admin TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        TlsListener { ready, local }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(c) => c,
+            // The accept task ended (stopping): nothing more will come, and
+            // graceful shutdown ends the server.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        match &self.local {
+            Ok(a) => Ok(*a),
+            Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+        }
+    }
 }
 
 /// The admin API's routes.
@@ -150,9 +250,20 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// Compares in time independent of where the strings differ.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Compares two secrets in time independent of their contents and of
+/// their lengths: both are hashed to fixed-size SHA-256 digests first, so
+/// a wrong guess of the token's length costs as long as any other wrong
+/// guess (an early return on a length mismatch would leak the length).
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
+    let (da, db) = (
+        ring::digest::digest(&ring::digest::SHA256, a),
+        ring::digest::digest(&ring::digest::SHA256, b),
+    );
+    da.as_ref()
+        .iter()
+        .zip(db.as_ref())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
@@ -236,6 +347,18 @@ async fn delete_session(
     };
     if q.drain {
         let grace = q.grace.unwrap_or(shared.cfg.limits.drain_grace);
+        // The drain task adds the grace to an Instant: an unbounded value
+        // from the query would overflow it (a panic in the task).
+        if grace > crate::config::MAX_DURATION {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "grace must be at most {}\n",
+                    humantime::format_duration(crate::config::MAX_DURATION)
+                ),
+            )
+                .into_response();
+        }
         s.drain(grace, "drained by operator");
         (
             StatusCode::ACCEPTED,
@@ -258,4 +381,20 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         shared.metrics.render(shared.registry.len()) + &crate::metrics::render_udp(&shared.udp),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same;
+
+    #[test]
+    fn token_comparison() {
+        assert!(same(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!same(b"0123456789abcdef", b"0123456789abcdeF"));
+        // Prefixes and different lengths are rejected like any other
+        // wrong token (no early length check to time).
+        assert!(!same(b"0123456789abcdef", b"0123456789abcdef0"));
+        assert!(!same(b"0123456789abcdef", b""));
+        assert!(!same(b"", b"x"));
+    }
 }

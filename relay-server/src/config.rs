@@ -105,6 +105,17 @@ pub struct RelayConfig {
     pub admin_listen: Option<SocketAddr>,
     /// Bearer token required by the admin API's `/v1` and `/metrics`.
     pub admin_token: Option<Secret>,
+    /// When set, the admin API is served over HTTPS (TLS 1.3, no client
+    /// certificates: clients authenticate with the token) presenting this
+    /// certificate. Required for an admin API off loopback.
+    pub admin_tls: Option<TlsMaterial>,
+    /// Allow plaintext CONNECT (no [`RelayConfig::connect_tls`]) on a
+    /// non-loopback address: whoever reaches it can open tunnels into
+    /// every edge. Off by default; [`RelayConfig::validate`] refuses it.
+    pub allow_insecure_connect: bool,
+    /// Allow the admin API on a non-loopback address without TLS or
+    /// without a token. Off by default; [`RelayConfig::validate`] refuses it.
+    pub allow_insecure_admin: bool,
     /// Which prefixes each node may serve.
     pub nodes: HashMap<String, Vec<Cidr>>,
     /// Cloud prefixes edges send back through the tunnel; the relay dials
@@ -139,6 +150,9 @@ impl RelayConfig {
             connect_unix: None,
             admin_listen: Some(lo),
             admin_token: None,
+            admin_tls: None,
+            allow_insecure_connect: false,
+            allow_insecure_admin: false,
             nodes: HashMap::new(),
             tunnel_routes: Vec::new(),
             communities: HashMap::new(),
@@ -155,8 +169,66 @@ impl RelayConfig {
     /// [`Relay::spawn`]: crate::Relay::spawn
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_values(&self.quic, &self.limits, &self.nodes, &self.communities)?;
-        check_kubernetes(self.kubernetes.as_ref(), &self.nodes)
+        check_kubernetes(self.kubernetes.as_ref(), &self.nodes)?;
+        check_exposure(self)
     }
+}
+
+/// Whether an address is reachable only from this host. `0.0.0.0` and
+/// `::` are every address, not loopback.
+fn is_loopback(a: &SocketAddr) -> bool {
+    a.ip().is_loopback()
+}
+
+/// Refuses setups that expose the tunnels or the admin API to the network
+/// without protection, unless explicitly allowed: a plaintext CONNECT
+/// listener off loopback lets anyone who reaches it into every edge; an
+/// admin API off loopback without a token lets anyone list and close
+/// sessions (`DELETE /v1/sessions/..`), and without TLS its token crosses
+/// the network in clear.
+fn check_exposure(c: &RelayConfig) -> Result<(), ConfigError> {
+    if let Some(a) = c.connect_listen {
+        if !is_loopback(&a) && c.connect_tls.is_none() && !c.allow_insecure_connect {
+            return Err(err(
+                "listen.connect",
+                format!(
+                    "plaintext CONNECT on {a} (not loopback) would let anyone who reaches it \
+                     open tunnels into every edge: configure [connect_tls] (client \
+                     certificates), use listen.connect_unix or a loopback address, or set \
+                     listen.allow_insecure_connect = true"
+                ),
+            ));
+        }
+    }
+    if let Some(m) = &c.admin_tls {
+        m.server_config_without_client_auth(b"http/1.1")
+            .map_err(|e| err("admin.tls", e))?;
+    }
+    if let Some(a) = c.admin_listen {
+        if !is_loopback(&a) && !c.allow_insecure_admin {
+            if c.admin_token.is_none() {
+                return Err(err(
+                    "admin.token_file",
+                    format!(
+                        "the admin API on {a} (not loopback) needs a token: anyone who \
+                         reaches it could close sessions; set admin.token_file, listen on \
+                         loopback, or set listen.allow_insecure_admin = true"
+                    ),
+                ));
+            }
+            if c.admin_tls.is_none() {
+                return Err(err(
+                    "admin.tls",
+                    format!(
+                        "the admin API on {a} (not loopback) must use TLS (its token would \
+                         cross the network in clear): leave admin.tls on, or set \
+                         listen.allow_insecure_admin = true"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The checks of [`RelayConfig::validate`], on the parts that need no
@@ -374,6 +446,12 @@ pub struct ListenFile {
     /// TCP address for the admin API.
     #[serde(default = "default_admin")]
     pub admin: Option<SocketAddr>,
+    /// See [`RelayConfig::allow_insecure_connect`].
+    #[serde(default)]
+    pub allow_insecure_connect: bool,
+    /// See [`RelayConfig::allow_insecure_admin`].
+    #[serde(default)]
+    pub allow_insecure_admin: bool,
 }
 
 fn yes() -> bool {
@@ -428,6 +506,15 @@ pub struct LimitsFile {
 pub struct AdminFile {
     /// File holding the bearer token (trailing newline ignored).
     pub token_file: Option<PathBuf>,
+    /// Serve the admin API over HTTPS. Default: on when `listen.admin` is
+    /// not a loopback address, off on loopback.
+    pub tls: Option<bool>,
+    /// Certificate chain (PEM) for the admin API's HTTPS; default: the
+    /// relay's `tls.cert` (which must then name the address or name admin
+    /// clients dial).
+    pub cert: Option<PathBuf>,
+    /// Private key of `cert` (set both or neither).
+    pub key: Option<PathBuf>,
 }
 
 /// The relay's TOML configuration file.
@@ -541,11 +628,34 @@ impl FileConfig {
                 Some(Secret::new(t))
             }
         };
-        Ok(RelayConfig {
+        let tls = self.tls.load("tls")?;
+        let admin_tls_on = match (self.admin.tls, self.listen.admin) {
+            (Some(on), _) => on,
+            (None, Some(a)) => !is_loopback(&a),
+            (None, None) => false,
+        };
+        let admin_tls = match (&self.admin.cert, &self.admin.key) {
+            (Some(_), _) | (_, Some(_)) if !admin_tls_on => {
+                return Err(err(
+                    "admin.cert",
+                    "admin.cert/key given but admin.tls is off",
+                ));
+            }
+            (Some(cert), Some(key)) => Some(
+                TlsMaterial::from_files(cert, key, &self.tls.client_ca)
+                    .map_err(|e| err("admin.cert", e))?,
+            ),
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(err("admin.cert", "set admin.cert and admin.key together"));
+            }
+            (None, None) if admin_tls_on => Some(tls.clone()),
+            (None, None) => None,
+        };
+        let cfg = RelayConfig {
             relay_id: self.relay_id.unwrap_or_else(|| "relay-0".into()),
             quic_listen: self.listen.quic,
             tcp_fallback: self.listen.tcp_fallback,
-            tls: self.tls.load("tls")?,
+            tls,
             quic,
             connect_listen: self.listen.connect,
             connect_tls: self
@@ -556,13 +666,18 @@ impl FileConfig {
             connect_unix: self.listen.connect_unix,
             admin_listen: self.listen.admin,
             admin_token,
+            admin_tls,
+            allow_insecure_connect: self.listen.allow_insecure_connect,
+            allow_insecure_admin: self.listen.allow_insecure_admin,
             nodes: self.nodes,
             tunnel_routes: self.tunnel_routes,
             communities: self.communities,
             kubernetes,
             limits,
             capture,
-        })
+        };
+        check_exposure(&cfg)?;
+        Ok(cfg)
     }
 }
 
@@ -592,6 +707,81 @@ mod tests {
         let e = f.into_runtime().unwrap_err();
         assert_eq!(e.field, "tls");
         assert!(e.to_string().contains("/nonexistent/a"), "{e}");
+    }
+
+    /// Writes a dev PKI and a token into a fresh directory; returns the
+    /// `[tls]` and `[admin] token_file` lines pointing at them.
+    fn files() -> (PathBuf, String) {
+        let dir = std::env::temp_dir().join(format!(
+            "relay-config-test-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let pki = relay_transport::devcerts::DevPki::generate(&["localhost"], &["edge-1"]).unwrap();
+        pki.write_to(&dir).unwrap();
+        std::fs::write(dir.join("token"), "0123456789abcdef0123\n").unwrap();
+        let d = dir.display();
+        let tls = format!(
+            "[tls]\ncert=\"{d}/relay.pem\"\nkey=\"{d}/relay-key.pem\"\nclient_ca=\"{d}/ca.pem\"\n"
+        );
+        (dir, tls)
+    }
+
+    fn load(listen: &str, tls: &str, admin: &str) -> Result<RelayConfig, ConfigError> {
+        FileConfig::parse(&format!("[listen]\n{listen}\n{tls}[admin]\n{admin}\n"))?.into_runtime()
+    }
+
+    #[test]
+    fn insecure_exposure_is_refused_unless_allowed() {
+        relay_transport::tls::install_default_provider();
+        let (dir, tls) = files();
+        let token = format!("token_file = \"{}/token\"", dir.display());
+        // Defaults: admin on loopback, plaintext, no token: fine.
+        let c = load("", &tls, "").unwrap();
+        assert!(c.admin_tls.is_none());
+        // Plaintext CONNECT off loopback.
+        let e = load("connect = \"0.0.0.0:8131\"", &tls, "").unwrap_err();
+        assert_eq!(e.field, "listen.connect", "{e}");
+        load("connect = \"127.0.0.1:8131\"", &tls, "").unwrap();
+        load(
+            "connect = \"0.0.0.0:8131\"\nallow_insecure_connect = true",
+            &tls,
+            "",
+        )
+        .unwrap();
+        // Admin off loopback: a token is required ...
+        let e = load("admin = \"0.0.0.0:9090\"", &tls, "").unwrap_err();
+        assert_eq!(e.field, "admin.token_file", "{e}");
+        // ... and TLS, which is then on by default (the relay's certificate).
+        let c = load("admin = \"0.0.0.0:9090\"", &tls, &token).unwrap();
+        assert!(c.admin_tls.is_some());
+        let e = load(
+            "admin = \"0.0.0.0:9090\"",
+            &tls,
+            &format!("{token}\ntls = false"),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "admin.tls", "{e}");
+        // Explicitly allowed.
+        let c = load(
+            "admin = \"0.0.0.0:9090\"\nallow_insecure_admin = true",
+            &tls,
+            "tls = false",
+        )
+        .unwrap();
+        assert!(c.admin_tls.is_none() && c.admin_token.is_none());
+        // Its own certificate; both halves or neither.
+        let d = dir.display();
+        let own = format!("{token}\ncert = \"{d}/edge-1.pem\"\nkey = \"{d}/edge-1-key.pem\"");
+        load("admin = \"0.0.0.0:9090\"", &tls, &own).unwrap();
+        let half = format!("{token}\ncert = \"{d}/edge-1.pem\"");
+        let e = load("admin = \"0.0.0.0:9090\"", &tls, &half).unwrap_err();
+        assert_eq!(e.field, "admin.cert", "{e}");
+        // Built by code: the same rules.
+        let mut c = load("", &tls, "").unwrap();
+        c.admin_listen = Some(SocketAddr::from(([10, 0, 0, 1], 9090)));
+        assert_eq!(c.validate().unwrap_err().field, "admin.token_file");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -8,6 +8,11 @@
 //! 400 malformed, 403 denied, 405 not CONNECT, 408 header too slow,
 //! 431 header too large, 502 no session / refused / unreachable, 503 busy,
 //! 504 dial timeout.
+//!
+//! Every CONNECT connection leaves one audit line: a `tracing` event at
+//! info with target `audit` (see [`Audit`]), so operators can route it to
+//! its own sink (`RUST_LOG=info,audit=info`, or a JSON layer filtered on
+//! the target).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,29 +40,54 @@ pub(crate) async fn serve_tcp(
         let Some((sock, peer)) = accept_until(&stop, "connect", || l.accept()).await else {
             return "connect";
         };
-        let _ = sock.set_nodelay(true);
+        accepted(&sock);
         let shared = shared.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let peer = peer.to_string();
             let Ok(permit) = shared.connect_permits.clone().try_acquire_owned() else {
-                busy(sock, &shared).await;
+                let mut audit = Audit::new(format!("addr:{peer}"), peer);
+                busy(sock, &shared, &mut audit).await;
                 return;
             };
-            let peer = peer.to_string();
             match tls {
-                None => handle(sock, peer, &shared).await,
+                None => {
+                    let audit = Audit::new(format!("addr:{peer}"), peer.clone());
+                    handle(sock, peer, audit, &shared).await
+                }
                 Some(acceptor) => {
                     let limit = shared.cfg.limits.connect_header_timeout;
                     match tokio::time::timeout(limit, acceptor.accept(sock)).await {
-                        Ok(Ok(s)) => handle(s, peer, &shared).await,
-                        Ok(Err(e)) => info!(%peer, error = %e, "CONNECT TLS handshake failed"),
-                        Err(_) => debug!(%peer, "CONNECT TLS handshake timed out"),
+                        Ok(Ok(s)) => {
+                            let client = tls_identity(s.get_ref().1.peer_certificates());
+                            let audit = Audit::new(client, peer.clone());
+                            handle(s, peer, audit, &shared).await
+                        }
+                        Ok(Err(e)) => {
+                            info!(%peer, error = %e, "CONNECT TLS handshake failed");
+                            let mut audit = Audit::new(format!("addr:{peer}"), peer);
+                            audit.outcome = "tls_handshake_failed";
+                        }
+                        Err(_) => {
+                            debug!(%peer, "CONNECT TLS handshake timed out");
+                            let mut audit = Audit::new(format!("addr:{peer}"), peer);
+                            audit.outcome = "tls_handshake_timeout";
+                        }
                     }
                 }
             }
             drop(permit);
         });
     }
+}
+
+/// Socket options of an accepted CONNECT client. TCP keep-alive (and the
+/// user timeout) matter after the 200: the header read is bounded, but the
+/// splice then waits for either side as long as it takes, and a client that
+/// vanished without a FIN or RST (a crashed host, a dropped NAT binding)
+/// would otherwise hold its task, fd and connection permit forever.
+fn accepted(sock: &tokio::net::TcpStream) {
+    relay_transport::tcp::tune_socket(sock);
 }
 
 /// Accepts CONNECT clients on a Unix socket.
@@ -72,22 +102,124 @@ pub(crate) async fn serve_unix(
         };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let mut audit = Audit::new(unix_identity(&sock), "unix".to_string());
             let Ok(permit) = shared.connect_permits.clone().try_acquire_owned() else {
-                busy(sock, &shared).await;
+                busy(sock, &shared, &mut audit).await;
                 return;
             };
-            handle(sock, "unix".to_string(), &shared).await;
+            handle(sock, "unix".to_string(), audit, &shared).await;
             drop(permit);
         });
     }
 }
 
-async fn busy<S: LocalStream>(mut s: S, shared: &Shared) {
+async fn busy<S: LocalStream>(mut s: S, shared: &Shared, audit: &mut Audit) {
+    audit.answer(503, "busy");
     let _ = tokio::time::timeout(
         std::time::Duration::from_secs(1),
         respond(&mut s, 503, "busy", "too many CONNECT connections", shared),
     )
     .await;
+}
+
+/// The audit record of one CONNECT connection, emitted exactly once when
+/// dropped (so every exit path, early refusals and panics included, leaves
+/// its line): target `audit`, level info, message `connect`, with fields
+/// `client` (who: `cert:<subject>` for TLS client certificates,
+/// `unix:uid=..,gid=..,pid=..` for the Unix socket, `addr:<ip:port>` for
+/// plain TCP), `peer`, `target` (the authority as requested), `node` and
+/// `dst` (where it went, once resolved), `code` (HTTP status; 0 when none
+/// was sent), `outcome` (`ok` or the failure's label), `bytes_up` (client
+/// → target), `bytes_down`, `duration_ms`.
+#[derive(Debug)]
+pub struct Audit {
+    client: String,
+    peer: String,
+    target: String,
+    node: String,
+    dst: String,
+    code: u16,
+    outcome: &'static str,
+    bytes_up: u64,
+    bytes_down: u64,
+    started: std::time::Instant,
+}
+
+impl Audit {
+    fn new(client: String, peer: String) -> Self {
+        Audit {
+            client,
+            peer,
+            target: String::new(),
+            node: String::new(),
+            dst: String::new(),
+            code: 0,
+            outcome: "no_request",
+            bytes_up: 0,
+            bytes_down: 0,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Records the status sent and its label.
+    fn answer(&mut self, code: u16, outcome: &'static str) {
+        self.code = code;
+        self.outcome = outcome;
+    }
+
+    /// Records the end of the splice: bytes each way, and whether either
+    /// side reset (outcome `reset` rather than `ok`).
+    fn spliced(&mut self, up: u64, down: u64, reset: bool) {
+        self.bytes_up = up;
+        self.bytes_down = down;
+        if reset {
+            self.outcome = "reset";
+        }
+    }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        info!(
+            target: "audit",
+            client = %self.client,
+            peer = %self.peer,
+            target = %self.target,
+            node = %self.node,
+            dst = %self.dst,
+            code = self.code,
+            outcome = self.outcome,
+            bytes_up = self.bytes_up,
+            bytes_down = self.bytes_down,
+            duration_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "connect"
+        );
+    }
+}
+
+/// The identity a TLS client proved: its leaf certificate's subject.
+fn tls_identity(certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> String {
+    let Some(leaf) = certs.and_then(|c| c.first()) else {
+        return "cert:none".to_string();
+    };
+    match x509_parser::parse_x509_certificate(leaf.as_ref()) {
+        Ok((_, cert)) => format!("cert:{}", cert.subject()),
+        // Verified by rustls already, so not expected; still say so.
+        Err(_) => "cert:unparsable".to_string(),
+    }
+}
+
+/// The identity of a Unix-socket client: its kernel-reported credentials.
+fn unix_identity(s: &tokio::net::UnixStream) -> String {
+    match s.peer_cred() {
+        Ok(c) => format!(
+            "unix:uid={},gid={},pid={}",
+            c.uid(),
+            c.gid(),
+            c.pid().map_or_else(|| "?".to_string(), |p| p.to_string())
+        ),
+        Err(_) => "unix:unknown".to_string(),
+    }
 }
 
 fn phrase(code: u16) -> &'static str {
@@ -217,8 +349,9 @@ pub fn parse_authority(a: &str) -> Result<Authority, String> {
     Ok(Authority::Name(host.to_ascii_lowercase(), port))
 }
 
-/// Serves one CONNECT client from header to the end of the splice.
-async fn handle<S: LocalStream>(mut s: S, peer: String, shared: &Arc<Shared>) {
+/// Serves one CONNECT client from header to the end of the splice; `audit`
+/// is filled in on the way and logged when it drops.
+async fn handle<S: LocalStream>(mut s: S, peer: String, mut audit: Audit, shared: &Arc<Shared>) {
     let limits = &shared.cfg.limits;
     let head = tokio::time::timeout(
         limits.connect_header_timeout,
@@ -227,6 +360,7 @@ async fn handle<S: LocalStream>(mut s: S, peer: String, shared: &Arc<Shared>) {
     .await;
     let (buf, head_len) = match head {
         Err(_) => {
+            audit.answer(408, "header_timeout");
             let _ = respond(
                 &mut s,
                 408,
@@ -242,12 +376,14 @@ async fn handle<S: LocalStream>(mut s: S, peer: String, shared: &Arc<Shared>) {
                 "request header exceeds {} bytes",
                 limits.connect_max_header_bytes
             );
+            audit.answer(431, "header_too_large");
             let _ = respond(&mut s, 431, "header_too_large", &msg, shared).await;
             return;
         }
         Ok(Err(HeadError::Closed)) => return,
         Ok(Err(HeadError::Io(e))) => {
             debug!(%peer, error = %e, "CONNECT client read failed");
+            audit.outcome = "read_error";
             return;
         }
         Ok(Ok(v)) => v,
@@ -258,6 +394,7 @@ async fn handle<S: LocalStream>(mut s: S, peer: String, shared: &Arc<Shared>) {
         Ok(httparse::Status::Complete(_)) => match (req.method, req.path) {
             (Some("CONNECT"), Some(path)) => path.to_string(),
             (Some(m), _) => {
+                audit.answer(405, "method");
                 let msg = format!("method {m} not supported; use CONNECT host:port");
                 let _ = respond(&mut s, 405, "method", &msg, shared).await;
                 return;
@@ -267,6 +404,7 @@ async fn handle<S: LocalStream>(mut s: S, peer: String, shared: &Arc<Shared>) {
         Ok(httparse::Status::Partial) | Err(_) => String::new(),
     };
     if authority.is_empty() {
+        audit.answer(400, "malformed");
         let _ = respond(
             &mut s,
             400,
@@ -278,9 +416,13 @@ async fn handle<S: LocalStream>(mut s: S, peer: String, shared: &Arc<Shared>) {
         return;
     }
     let pending = &buf[head_len..];
+    // Bounded by the header size; control characters are stripped so a
+    // client cannot forge audit lines.
+    audit.target = authority.chars().filter(|c| !c.is_control()).collect();
     let auth = match parse_authority(&authority) {
         Ok(a) => a,
         Err(msg) => {
+            audit.answer(400, "malformed");
             let _ = respond(&mut s, 400, "malformed", &msg, shared).await;
             return;
         }
@@ -288,6 +430,7 @@ async fn handle<S: LocalStream>(mut s: S, peer: String, shared: &Arc<Shared>) {
     let (session, target) = match resolve(shared, &auth) {
         Ok(v) => v,
         Err(reply) => {
+            audit.answer(status_code(reply.status), reply.status.as_str());
             shared.metrics.stream_outcome(reply.status);
             info!(%peer, dst = %authority, reason = reply.status.as_str(), msg = %reply.message, "CONNECT refused");
             let _ = respond(
@@ -301,11 +444,14 @@ async fn handle<S: LocalStream>(mut s: S, peer: String, shared: &Arc<Shared>) {
             return;
         }
     };
+    audit.node = session.node.clone();
+    audit.dst = target.to_string();
     let span = tracing::info_span!("stream", node = %session.node, session = session.session_id, dst = %target, src = %peer);
     async move {
         let (bi, guard) = match open_on(shared, session, target, peer.parse().ok()).await {
             Ok(v) => v,
             Err(reply) => {
+                audit.answer(status_code(reply.status), reply.status.as_str());
                 info!(reason = reply.status.as_str(), msg = %reply.message, "stream refused");
                 let _ = respond(
                     &mut s,
@@ -318,10 +464,13 @@ async fn handle<S: LocalStream>(mut s: S, peer: String, shared: &Arc<Shared>) {
                 return;
             }
         };
+        audit.answer(200, "ok");
         if respond(&mut s, 200, "", "", shared).await.is_err() {
+            audit.answer(200, "client_gone");
             return;
         }
         let out = splice(s, pending, bi, &guard).await;
+        audit.spliced(out.to_tunnel, out.from_tunnel, out.reset.is_some());
         debug!(up = out.to_tunnel, down = out.from_tunnel, reset = ?out.reset, "stream closed");
     }
     .instrument(span)
@@ -413,6 +562,23 @@ mod tests {
             read_head(&mut r, 4096).await,
             Err(HeadError::Closed)
         ));
+    }
+
+    #[tokio::test]
+    async fn accepted_connect_sockets_have_keepalive() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        accepted(&s);
+        let r = socket2::SockRef::from(&s);
+        assert!(
+            r.keepalive().unwrap(),
+            "no TCP keep-alive on a CONNECT socket"
+        );
+        assert!(r.tcp_user_timeout().unwrap().is_some());
+        drop(c);
     }
 
     #[test]

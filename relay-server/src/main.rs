@@ -58,6 +58,20 @@ enum Cmd {
         /// File holding the admin API bearer token.
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// Talk HTTPS to the admin API, trusting only the CA certificate(s)
+        /// in this PEM file (the CA that signed the admin certificate: by
+        /// default the relay's own certificate).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Name (or IP) the admin API's certificate must carry; default:
+        /// the IP of --admin.
+        #[arg(long, requires = "ca_file")]
+        server_name: Option<String>,
+        /// Send the token over plain HTTP to a non-loopback admin address
+        /// (without --ca-file). Refused otherwise: anyone on the path could
+        /// read the token and then close every session.
+        #[arg(long)]
+        allow_insecure_http: bool,
         /// Poll interval.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         interval: std::time::Duration,
@@ -99,10 +113,31 @@ async fn main() -> anyhow::Result<()> {
             admin,
             via,
             token_file,
+            ca_file,
+            server_name,
+            allow_insecure_http,
             interval,
             proto,
         }) => {
             anyhow::ensure!(!interval.is_zero(), "--interval must be greater than zero");
+            anyhow::ensure!(
+                ca_file.is_some()
+                    || token_file.is_none()
+                    || admin.ip().is_loopback()
+                    || allow_insecure_http,
+                "--token-file without --ca-file would send the admin token in clear to {admin}: \
+                 pass --ca-file (HTTPS), or --allow-insecure-http"
+            );
+            let tls = match &ca_file {
+                Some(ca) => Some(
+                    relay_server::agent::AgentTls::new(
+                        ca,
+                        &server_name.unwrap_or_else(|| admin.ip().to_string()),
+                    )
+                    .with_context(|| format!("--ca-file {}", ca.display()))?,
+                ),
+                None => None,
+            };
             let token = match token_file {
                 Some(p) => Some(relay_server::Secret::new(
                     std::fs::read_to_string(&p)
@@ -115,6 +150,7 @@ async fn main() -> anyhow::Result<()> {
             let cfg = relay_server::agent::AgentConfig {
                 admin,
                 token,
+                tls,
                 via,
                 interval,
                 proto,

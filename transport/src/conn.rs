@@ -210,7 +210,24 @@ impl SendHalf {
             SendHalf::Tcp(_) => {}
         }
     }
+
+    /// Sets the stream's send priority (higher goes first; streams default
+    /// to 0). On QUIC the connection's send scheduler serves data of
+    /// higher-priority streams before any lower one's, so a control stream
+    /// marked [`CONTROL_PRIORITY`] is not queued behind bulk transfers in
+    /// our own send buffers. yamux has no priorities: a no-op there (the
+    /// TCP connection's queue is first come, first served).
+    pub fn set_priority(&self, priority: i32) {
+        if let SendHalf::Quic(s) = self {
+            // Err only when the stream is already closed: nothing to order.
+            let _ = s.set_priority(priority);
+        }
+    }
 }
+
+/// Send priority of the session's control stream (pings, pongs, route
+/// updates): above every data stream's default of 0.
+pub const CONTROL_PRIORITY: i32 = 100;
 
 impl RecvHalf {
     /// Tells the peer to stop sending (its writes fail).

@@ -353,16 +353,28 @@ async fn datagram_reader(
     }
 }
 
+/// How long sent data may stay unacknowledged before the kernel gives up
+/// on a TCP connection (`TCP_USER_TIMEOUT`). Without it a dead path is
+/// retransmitted into for ~15 minutes (tcp_retries2) and every write on the
+/// fallback session queues behind it. 30 s is well above the queueing delay
+/// of a slow, deep-buffered uplink (seconds), and the session layer's pings
+/// usually notice a dead path sooner (within 3 keep-alive intervals).
+pub const USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Socket options of tunnel and CONNECT TCP sockets: no Nagle delay;
 /// TCP keep-alive well under CGNAT idle timers, so the NAT binding of an
-/// idle fallback session stays open; a dead peer is still noticed by the
-/// session layer's pings.
+/// idle fallback session stays open and a peer that vanished without a
+/// FIN or RST is noticed by the kernel (10 s + 3 × 5 s); and
+/// [`USER_TIMEOUT`] for data that is never acknowledged.
 pub fn tune_socket(s: &tokio::net::TcpStream) {
     let _ = s.set_nodelay(true);
     let ka = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(10))
         .with_interval(Duration::from_secs(5))
         .with_retries(3);
-    let _ = socket2::SockRef::from(s).set_tcp_keepalive(&ka);
+    let sock = socket2::SockRef::from(s);
+    let _ = sock.set_tcp_keepalive(&ka);
+    let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
 }
 
 /// Dials the relay over TLS+TCP and starts yamux (edge side). The whole
@@ -435,4 +447,22 @@ pub async fn accept(
             "tcp+tls from {remote}: no session within {timeout:?}"
         ))
     })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tuned_sockets_have_keepalive_and_user_timeout() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        tune_socket(&c);
+        let r = socket2::SockRef::from(&c);
+        assert!(r.keepalive().unwrap());
+        assert_eq!(r.tcp_user_timeout().unwrap(), Some(USER_TIMEOUT));
+        assert!(r.tcp_nodelay().unwrap());
+    }
 }

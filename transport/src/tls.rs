@@ -173,6 +173,21 @@ impl TlsMaterial {
         Ok(cfg)
     }
 
+    /// A server config for HTTPS without client certificates (the admin
+    /// API, whose clients authenticate with a bearer token instead),
+    /// presenting this material's certificate chain. TLS 1.3 only.
+    pub fn server_config_without_client_auth(
+        &self,
+        alpn: &[u8],
+    ) -> Result<rustls::ServerConfig, TlsError> {
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        cfg.alpn_protocols = vec![alpn.to_vec()];
+        Ok(cfg)
+    }
+
     /// A client config presenting our certificate and trusting only our CA
     /// (the relay CA is pinned; system roots are never consulted).
     pub fn client_config(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
@@ -187,6 +202,25 @@ impl TlsMaterial {
         cfg.alpn_protocols = vec![alpn.to_vec()];
         Ok(cfg)
     }
+}
+
+/// A client config without a client certificate that trusts only the CA
+/// certificates in the PEM file `ca` (never the system roots): for HTTPS
+/// clients of the relay's admin API such as the route agent.
+pub fn ca_only_client_config(ca: &Path, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in certs_from_pem(&read(ca)?, &ca.display().to_string())? {
+        roots.add(c)?;
+    }
+    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_webpki_verifier(verifier)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Ok(cfg)
 }
 
 /// Whether the (already chain-verified) leaf certificate names `node`
