@@ -168,7 +168,9 @@ pub struct BackoffFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    /// Node name.
+    /// Node name. May be left out of the file when `--node` /
+    /// `EDGE_NODE_NAME` gives it (one file for every edge).
+    #[serde(default)]
     pub node: String,
     /// Relay `host:port`.
     pub relay: String,
@@ -232,7 +234,10 @@ impl FileConfig {
     /// Validates and loads what the file points at.
     pub fn into_runtime(self) -> Result<EdgeConfig, ConfigError> {
         if self.node.is_empty() || self.node.len() > 253 {
-            return Err(err("node", "must be 1 to 253 characters"));
+            return Err(err(
+                "node",
+                "must be 1 to 253 characters (set `node` in the file, or --node / EDGE_NODE_NAME)",
+            ));
         }
         let host = host_of(&self.relay).ok_or_else(|| err("relay", "must be host:port"))?;
         let server_name = self.server_name.clone().unwrap_or_else(|| host.to_string());
