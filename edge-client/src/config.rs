@@ -339,6 +339,22 @@ mod tests {
     }
 
     #[test]
+    fn node_may_come_from_the_command_line_alone() {
+        // One file for every edge: no `node`, the caller sets it (--node /
+        // EDGE_NODE_NAME from the downward API) before into_runtime.
+        let shared = BASE.replace("node = \"edge-1\"\n", "");
+        let f = FileConfig::parse(&shared).unwrap();
+        assert_eq!(f.node, "");
+        let e = f.into_runtime().unwrap_err();
+        assert_eq!(e.field, "node");
+        assert!(e.to_string().contains("EDGE_NODE_NAME"), "{e}");
+        let mut f = FileConfig::parse(&shared).unwrap();
+        f.node = "edge-7".into();
+        // Past `node`: the next check is the (absent) certificate.
+        assert_eq!(f.into_runtime().unwrap_err().field, "tls");
+    }
+
+    #[test]
     fn server_name_defaults_to_relay_host() {
         assert_eq!(host_of("relay.example:8443"), Some("relay.example"));
         assert_eq!(host_of("[::1]:8443"), Some("::1"));
