@@ -168,7 +168,9 @@ pub struct BackoffFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    /// Node name.
+    /// Node name. May be left out of the file when `--node` /
+    /// `EDGE_NODE_NAME` gives it (one file for every edge).
+    #[serde(default)]
     pub node: String,
     /// Relay `host:port`.
     pub relay: String,
@@ -232,7 +234,10 @@ impl FileConfig {
     /// Validates and loads what the file points at.
     pub fn into_runtime(self) -> Result<EdgeConfig, ConfigError> {
         if self.node.is_empty() || self.node.len() > 253 {
-            return Err(err("node", "must be 1 to 253 characters"));
+            return Err(err(
+                "node",
+                "must be 1 to 253 characters (set `node` in the file, or --node / EDGE_NODE_NAME)",
+            ));
         }
         let host = host_of(&self.relay).ok_or_else(|| err("relay", "must be host:port"))?;
         let server_name = self.server_name.clone().unwrap_or_else(|| host.to_string());
@@ -331,6 +336,22 @@ mod tests {
         assert!(e.to_string().contains("surprise"), "{e}");
         let f = FileConfig::parse(&format!("{BASE}[quic]\nkeepalive = \"1m\"\n")).unwrap();
         assert_eq!(f.into_runtime().unwrap_err().field, "quic.keepalive");
+    }
+
+    #[test]
+    fn node_may_come_from_the_command_line_alone() {
+        // One file for every edge: no `node`, the caller sets it (--node /
+        // EDGE_NODE_NAME from the downward API) before into_runtime.
+        let shared = BASE.replace("node = \"edge-1\"\n", "");
+        let f = FileConfig::parse(&shared).unwrap();
+        assert_eq!(f.node, "");
+        let e = f.into_runtime().unwrap_err();
+        assert_eq!(e.field, "node");
+        assert!(e.to_string().contains("EDGE_NODE_NAME"), "{e}");
+        let mut f = FileConfig::parse(&shared).unwrap();
+        f.node = "edge-7".into();
+        // Past `node`: the next check is the (absent) certificate.
+        assert_eq!(f.into_runtime().unwrap_err().field, "tls");
     }
 
     #[test]

@@ -378,7 +378,10 @@ async fn list_routes(State(shared): State<Arc<Shared>>) -> Json<Vec<crate::regis
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        shared.metrics.render(shared.registry.len()) + &crate::metrics::render_udp(&shared.udp),
+        shared
+            .metrics
+            .render(shared.registry.len(), shared.cfg.limits.max_sessions)
+            + &crate::metrics::render_udp(&shared.udp),
     )
         .into_response()
 }

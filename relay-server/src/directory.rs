@@ -4,7 +4,7 @@
 //! Two sources fill it:
 //! - the static `[nodes]` table of relay.toml ([`StaticDirectory`]), for
 //!   clusters the relay cannot read;
-//! - the cluster's Node objects (`[kubernetes]`, in [`crate::kube`]): a
+//! - the cluster's Node objects (`[kubernetes]`, in [`crate::k8s`]): a
 //!   node may serve its `spec.podCIDRs` and the addresses in
 //!   `status.addresses`.
 //!

@@ -329,6 +329,7 @@ async fn handshake(
     }
     registration.commit();
     shared.metrics.sessions_accepted.fetch_add(1, Relaxed);
+    shared.metrics.accepted_on(handle.conn.kind().as_str());
     Ok((handle, (control, control_rx, feed)))
 }
 

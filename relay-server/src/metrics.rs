@@ -29,6 +29,8 @@ const REJECT_REASONS: [RejectReason; 8] = [
 pub struct Metrics {
     /// Sessions accepted since start.
     pub sessions_accepted: AtomicU64,
+    /// Sessions accepted, by transport (see [`TRANSPORTS`]).
+    accepted_by_transport: [AtomicU64; 2],
     rejects: [AtomicU64; 8],
     local_failures: [AtomicU64; 3],
     /// Streams currently open (all ingress paths).
@@ -52,10 +54,20 @@ pub struct Metrics {
 
 const ORIGINS: [&str; 3] = ["connect", "captured", "edge"];
 
+/// Transports a session runs over (`TransportKind::as_str`), in metric order.
+pub const TRANSPORTS: [&str; 2] = ["quic", "tcp"];
+
 /// HTTP statuses the CONNECT ingress answers with, in metric order.
 pub const CONNECT_STATUSES: [u16; 9] = [200, 400, 403, 405, 408, 431, 502, 503, 504];
 
 impl Metrics {
+    /// Counts an accepted session's transport (`quic`, `tcp`).
+    pub fn accepted_on(&self, transport: &str) {
+        if let Some(i) = TRANSPORTS.iter().position(|x| *x == transport) {
+            self.accepted_by_transport[i].fetch_add(1, Relaxed);
+        }
+    }
+
     /// Counts a typed handshake rejection.
     pub fn reject(&self, r: RejectReason) {
         if let Some(i) = REJECT_REASONS.iter().position(|x| *x == r) {
@@ -95,8 +107,9 @@ impl Metrics {
 
     /// Renders every metric in the Prometheus text exposition format;
     /// `sessions_live` is read from the registry by the caller, so the gauge
-    /// can never drift from the table it describes.
-    pub fn render(&self, sessions_live: usize) -> String {
+    /// can never drift from the table it describes; `sessions_limit` is
+    /// `limits.max_sessions`.
+    pub fn render(&self, sessions_live: usize, sessions_limit: usize) -> String {
         let mut o = String::with_capacity(4096);
         let mut metric = |name: &str, kind: &str, help: &str, rows: &[(String, u64)]| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -112,10 +125,27 @@ impl Metrics {
             &[(String::new(), sessions_live as u64)],
         );
         metric(
+            "relay_sessions_limit",
+            "gauge",
+            "Most edge sessions this relay accepts (limits.max_sessions); more are refused overloaded.",
+            &[(String::new(), sessions_limit as u64)],
+        );
+        metric(
             "relay_sessions_accepted_total",
             "counter",
             "Edge sessions accepted since start.",
             &one(&self.sessions_accepted),
+        );
+        let rows: Vec<(String, u64)> = TRANSPORTS
+            .iter()
+            .zip(&self.accepted_by_transport)
+            .map(|(t, a)| (format!("{{transport=\"{t}\"}}"), a.load(Relaxed)))
+            .collect();
+        metric(
+            "relay_sessions_accepted_by_transport_total",
+            "counter",
+            "Edge sessions accepted since start, by transport (tcp: the TLS-over-TCP fallback).",
+            &rows,
         );
         let mut rows: Vec<(String, u64)> = REJECT_REASONS
             .iter()
@@ -256,7 +286,8 @@ mod tests {
         m.connect_answer(502);
         m.handshake_failed("tls");
         m.denied(Origin::Edge("e"), DenyReason::NoCommunity);
-        let t = m.render(3);
+        m.accepted_on("tcp");
+        let t = m.render(3, 10);
         assert!(
             t.contains("relay_policy_denials_total{origin=\"edge\",reason=\"no_community\"} 1"),
             "{t}"
@@ -279,6 +310,15 @@ mod tests {
         );
         assert!(
             t.contains("# TYPE relay_sessions gauge\nrelay_sessions 3\n"),
+            "{t}"
+        );
+        assert!(t.contains("relay_sessions_limit 10\n"), "{t}");
+        assert!(
+            t.contains("relay_sessions_accepted_by_transport_total{transport=\"tcp\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("relay_sessions_accepted_by_transport_total{transport=\"quic\"} 0\n"),
             "{t}"
         );
     }

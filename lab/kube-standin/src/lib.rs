@@ -17,18 +17,24 @@
 //! bearer token written into the kubeconfig ([`StandIn::kubeconfig_path`]),
 //! is classified once by [`request::classify`] into RBAC attributes, and is
 //! logged ([`StandIn::requests`]) so tests can assert what the client did.
+//! With [`StandIn::set_rbac`] / [`StandIn::spawn_with_rbac`] those
+//! attributes are also checked against ClusterRole rules ([`rbac`], e.g.
+//! read from the deploy manifests): a request no rule allows gets 403
+//! `Forbidden`.
 //!
 //! Test hooks: [`StandIn::inject_gone`] (in-stream `ERROR` 410 on every open
 //! watch), [`StandIn::set_unavailable`] (every request answers 503),
 //! [`StandIn::stop`] / [`StandIn::start`] (the listener goes away and comes
 //! back on the same port), and direct edits of the Node set.
 //!
-//! Module map: [`request`] (classification), [`apply`] (server-side apply
-//! of conditions), this module (server, state, hooks).
+//! Module map: [`request`] (classification), [`rbac`] (rules and
+//! matching), [`apply`] (server-side apply of conditions), this module
+//! (server, state, hooks).
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod apply;
+pub mod rbac;
 pub mod request;
 
 use std::collections::{BTreeMap, HashMap};
@@ -56,6 +62,7 @@ use tokio_rustls::TlsAcceptor;
 pub use apply::{apply_conditions, ConditionOwners, Conflict};
 /// The API types the stand-in serves, for tests that build objects.
 pub use k8s_openapi;
+pub use rbac::{cluster_role_rules, PolicyRule, RbacError};
 pub use request::{classify, RequestAttributes};
 
 /// Requests larger than this are refused (413), like the apiserver's 3 MiB limit.
@@ -65,6 +72,10 @@ const MAX_BODY: usize = 3 << 20;
 const HISTORY: usize = 1000;
 /// Bounds a client's request body upload and TLS handshake.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The user named in 403 messages: the relay's ServiceAccount, as bound by
+/// `deploy/kubernetes/base/rbac.yaml`.
+pub const RBAC_USER: &str = "system:serviceaccount:edge-relay:relay-server";
 
 /// Errors starting the stand-in.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +150,8 @@ struct State {
     tokens: HashMap<String, Minted>,
     log: Vec<RequestRecord>,
     unavailable: bool,
+    /// ClusterRole rules every request must be allowed by (`None`: no RBAC).
+    rbac: Option<Vec<PolicyRule>>,
 }
 
 struct Shared {
@@ -386,6 +399,7 @@ impl StandIn {
                 tokens: HashMap::new(),
                 log: Vec::new(),
                 unavailable: false,
+                rbac: None,
             }),
             watch_tx,
             bearer,
@@ -402,6 +416,34 @@ impl StandIn {
         };
         s.serve(listener);
         Ok(s)
+    }
+
+    /// [`StandIn::spawn`], enforcing RBAC with `rules` from the start (the
+    /// client's first LIST is already checked).
+    pub async fn spawn_with_rbac(rules: Vec<PolicyRule>) -> Result<StandIn, StandInError> {
+        let s = StandIn::spawn().await?;
+        s.set_rbac(Some(rules));
+        Ok(s)
+    }
+
+    /// Enforces RBAC with these ClusterRole rules from now on (`None`:
+    /// everything is allowed, the default). A request no rule allows is
+    /// answered 403 with a `Status` of reason `Forbidden`, after
+    /// authentication (401 first) and before routing, as kube-apiserver
+    /// does; it is logged like any other ([`StandIn::forbidden`]).
+    pub fn set_rbac(&self, rules: Option<Vec<PolicyRule>>) {
+        self.shared.lock().rbac = rules;
+    }
+
+    /// The requests answered 403 so far.
+    pub fn forbidden(&self) -> Vec<RequestRecord> {
+        self.shared
+            .lock()
+            .log
+            .iter()
+            .filter(|r| r.status == 403)
+            .cloned()
+            .collect()
     }
 
     fn serve(&self, listener: TcpListener) {
@@ -650,7 +692,14 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         Ok(Ok(b)) => b.to_bytes(),
         _ => Bytes::new(),
     };
-    let unavailable = shared.lock().unavailable;
+    let (unavailable, permitted) = {
+        let st = shared.lock();
+        let permitted = st
+            .rbac
+            .as_ref()
+            .is_none_or(|rules| rbac::allowed(rules, attrs.as_ref()));
+        (st.unavailable, permitted)
+    };
     let resp = if unavailable {
         failure(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -659,6 +708,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         )
     } else if !authorized {
         failure(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized")
+    } else if !permitted {
+        let message = match &attrs {
+            Some(a) => rbac::forbidden_message(RBAC_USER, a),
+            None => format!("forbidden: User {RBAC_USER:?} cannot {method} path {path:?}"),
+        };
+        failure(StatusCode::FORBIDDEN, "Forbidden", &message)
     } else {
         route(
             &shared,

@@ -1,0 +1,251 @@
+//! The deploy manifests' RBAC (`deploy/kubernetes/base/rbac.yaml`) against
+//! the calls the relay really makes in Kubernetes mode.
+//!
+//! Every test here runs against `relay-kube-standin` enforcing the
+//! ClusterRole's rules (403 `Forbidden` for any request they do not allow,
+//! classified as kube-apiserver's RBAC authorizer does) — NOT a real
+//! apiserver. The relay reaches it through an ordinary kubeconfig, so its
+//! production client path is the one checked.
+//!
+//! 1. With exactly the manifests' rules, a full session lifecycle (edge up,
+//!    condition written, event published, reconnect folded into an event
+//!    series, Node changed, Node deleted) passes with zero 403s: the rules
+//!    are enough.
+//! 2. With any one verb of any one rule removed (and with any whole rule
+//!    removed), the same scenario fails and at least one 403 is seen: no
+//!    rule, and no verb, is unused. A rule no test needs fails here.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use edge_client::{EdgeClient, EdgeConfig, EdgeState};
+use relay_kube_standin::{cluster_role_rules, kubelet_node, PolicyRule, StandIn};
+use relay_lab::sessions;
+use relay_protocol::Cidr;
+use relay_server::config::KubeSettings;
+use relay_server::{Relay, RelayConfig};
+use relay_transport::devcerts::DevPki;
+
+const RBAC_YAML: &str = include_str!("../../deploy/kubernetes/base/rbac.yaml");
+const ROLE: &str = "edge-relay:relay-server";
+
+fn manifest_rules() -> Vec<PolicyRule> {
+    cluster_role_rules(RBAC_YAML, ROLE).expect("rbac.yaml has the relay's ClusterRole")
+}
+
+fn node_ip() -> IpAddr {
+    IpAddr::from([127, 0, 0, 2])
+}
+
+fn node(pod_cidr: &str) -> relay_kube_standin::k8s_openapi::api::core::v1::Node {
+    let ip = node_ip().to_string();
+    kubelet_node(
+        "edge-0",
+        &[pod_cidr],
+        &[("InternalIP", &ip), ("Hostname", "edge-0.site.example")],
+    )
+}
+
+/// Polls `f` every 50 ms until it yields `Some`, at most `bound`.
+async fn eventually<T>(
+    bound: Duration,
+    mut f: impl AsyncFnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await? {
+            return Ok(v);
+        }
+        ensure!(start.elapsed() < bound, "not within {bound:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How one run of the lifecycle went.
+struct Outcome {
+    /// The step that failed, with its error; `None` when all passed.
+    failed: Option<(&'static str, String)>,
+    /// `verb resource[/sub]` of every request answered 403.
+    forbidden: Vec<String>,
+}
+
+/// The session lifecycle against a stand-in enforcing `rules`, each step
+/// bounded by `bound`.
+async fn lifecycle(rules: Vec<PolicyRule>, bound: Duration) -> Result<Outcome> {
+    let standin = StandIn::spawn_with_rbac(rules).await?;
+    standin.upsert_node(node("127.1.0.0/24"));
+    let pki = DevPki::generate(&["localhost"], &["edge-0"])?;
+    let mut cfg = RelayConfig::loopback(pki.relay_material()?);
+    cfg.quic.keepalive = Duration::from_millis(500);
+    cfg.quic.idle_timeout = Duration::from_secs(5);
+    cfg.kubernetes = Some(KubeSettings {
+        kubeconfig: Some(standin.kubeconfig_path().to_path_buf()),
+        api_timeout: Duration::from_secs(3),
+        ..KubeSettings::default()
+    });
+    let relay = Relay::spawn(cfg).await?;
+    let admin = relay.admin_addr().context("admin listener")?;
+    let edge = || -> Result<EdgeClient> {
+        Ok(EdgeClient::spawn(EdgeConfig::new(
+            "edge-0",
+            relay.quic_addr().to_string(),
+            "localhost",
+            pki.node_material("edge-0")?,
+        )))
+    };
+    let condition = || {
+        standin
+            .node("edge-0")
+            .and_then(|n| n.status?.conditions)
+            .and_then(|cs| cs.into_iter().find(|c| c.type_ == "EdgeTunnelReady"))
+            .map(|c| c.status)
+    };
+    let up_event = |min_count: u64| {
+        standin.events().into_iter().find(|e| {
+            e["reason"] == "EdgeSessionUp"
+                && e.pointer("/series/count")
+                    .and_then(|c| c.as_u64())
+                    .unwrap_or(1)
+                    >= min_count
+        })
+    };
+    let routes_of = async || -> Result<Option<Vec<Cidr>>> {
+        Ok(sessions(admin)
+            .await?
+            .into_iter()
+            .find(|s| s.node == "edge-0")
+            .map(|s| s.routes))
+    };
+
+    let mut step = "edge up";
+    let mut edges = Vec::new();
+    let run = async {
+        // Edge up: needs the Node list (nodes list).
+        let e = edge()?;
+        e.wait_connected(bound).await.context("not connected")?;
+        edges.push(e);
+        // Condition written: first use GETs nodes/status, then applies.
+        step = "condition written";
+        eventually(bound, async || {
+            Ok((condition().as_deref() == Some("True")).then_some(()))
+        })
+        .await?;
+        // Event published: events create.
+        step = "event published";
+        eventually(bound, async || Ok(up_event(1).map(|_| ()))).await?;
+        // The edge goes and comes back: condition False, and the repeated
+        // "up" is folded into the first event's series (events patch).
+        step = "edge down and back, event series";
+        if let Some(e) = edges.pop() {
+            e.shutdown().await;
+        }
+        eventually(bound, async || {
+            Ok((condition().as_deref() == Some("False")).then_some(()))
+        })
+        .await?;
+        let e = edge()?;
+        e.wait_connected(bound).await.context("not reconnected")?;
+        edges.push(e);
+        eventually(bound, async || Ok(up_event(2).map(|_| ()))).await?;
+        // Node changed: the watch delivers it, routes follow.
+        step = "node changed";
+        let new: Cidr = "127.1.77.0/24".parse()?;
+        standin.upsert_node(node("127.1.77.0/24"));
+        eventually(bound, async || {
+            Ok(routes_of().await?.filter(|r| r.contains(&new)).map(|_| ()))
+        })
+        .await?;
+        // Node deleted: the watch delivers it, the session closes.
+        step = "node deleted";
+        standin.delete_node("edge-0");
+        eventually(bound, async || {
+            Ok(routes_of().await?.is_none().then_some(()))
+        })
+        .await?;
+        if let Some(e) = edges.first() {
+            eventually(bound, async || {
+                Ok(matches!(e.state(), EdgeState::Rejected { .. }).then_some(()))
+            })
+            .await
+            .context("reconnect not refused")?;
+        }
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    let failed = run.err().map(|e| (step, format!("{e:#}")));
+    for e in edges {
+        e.shutdown().await;
+    }
+    relay.shutdown(Duration::from_secs(1)).await;
+    let forbidden = standin
+        .forbidden()
+        .iter()
+        .map(|r| r.verb_resource())
+        .collect();
+    Ok(Outcome { failed, forbidden })
+}
+
+/// Stand-in enforcing the manifests' RBAC, not a real apiserver (see the
+/// module doc).
+#[tokio::test]
+async fn the_manifests_rbac_allows_the_whole_session_lifecycle() -> Result<()> {
+    relay_lab::init();
+    let rules = manifest_rules();
+    assert!(!rules.is_empty());
+    let o = lifecycle(rules, Duration::from_secs(15)).await?;
+    if let Some((step, e)) = &o.failed {
+        bail!("step {step:?} failed: {e}; 403s: {:?}", o.forbidden);
+    }
+    assert!(o.forbidden.is_empty(), "403s: {:?}", o.forbidden);
+    Ok(())
+}
+
+/// Stand-in enforcing the manifests' RBAC minus one verb or one rule, not
+/// a real apiserver (see the module doc).
+#[tokio::test]
+async fn every_rule_and_every_verb_of_the_manifests_rbac_is_needed() -> Result<()> {
+    relay_lab::init();
+    let rules = manifest_rules();
+    // Variants: each verb of each rule removed, then each whole rule.
+    let mut variants: Vec<(String, Vec<PolicyRule>)> = Vec::new();
+    for (i, r) in rules.iter().enumerate() {
+        for v in &r.verbs {
+            let mut less = rules.clone();
+            less[i].verbs.retain(|x| x != v);
+            if less[i].verbs.is_empty() {
+                less.remove(i);
+            }
+            variants.push((format!("{v} {}", r.resources.join(",")), less));
+        }
+    }
+    for (i, r) in rules.iter().enumerate() {
+        let mut less = rules.clone();
+        less.remove(i);
+        variants.push((format!("rule {}", r.describe()), less));
+    }
+    // Concurrently, each against its own stand-in and relay on loopback.
+    let runs = variants
+        .into_iter()
+        .map(|(name, less)| async move { (name, lifecycle(less, Duration::from_secs(6)).await) });
+    let mut report = Vec::new();
+    let mut unused = Vec::new();
+    for (name, o) in futures::future::join_all(runs).await {
+        let o = o?;
+        let step = o.failed.as_ref().map_or("none (passed)", |(s, _)| *s);
+        let mut seen = o.forbidden.clone();
+        seen.dedup();
+        report.push(format!(
+            "  without {name:<58} fails at {step:<34} 403: {seen:?}"
+        ));
+        if o.failed.is_none() || o.forbidden.is_empty() {
+            unused.push(name);
+        }
+    }
+    eprintln!("RBAC removals (stand-in):\n{}", report.join("\n"));
+    assert!(
+        unused.is_empty(),
+        "removals with no failure or no 403 (unneeded rules): {unused:?}"
+    );
+    Ok(())
+}
