@@ -24,6 +24,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::backoff::Backoff;
 use crate::config::{EdgeConfig, TransportMode};
+use crate::identity::{clock_hint, Credentials, IdentityError};
 use crate::liveness::{Liveness, Tick, DEAD_AFTER_KEEPALIVES};
 use crate::serve::{serve_stream, ServedRoutes, ServedSet};
 
@@ -179,6 +180,7 @@ impl EdgeClient {
         let span = tracing::info_span!("edge", node = %cfg.node);
         let cfg = Arc::new(cfg);
         let served = Arc::new(ServedSet::from_config(&cfg));
+        let creds = Arc::new(Credentials::new(&cfg));
         let capture = capture.map(|parts| {
             let t = crate::capture::run(
                 parts,
@@ -191,7 +193,16 @@ impl EdgeClient {
             tokio::spawn(t.instrument(span.clone()))
         });
         let task = tokio::spawn(
-            run(cfg, served, tx, conn_tx, stats.clone(), cancel.clone()).instrument(span),
+            run(
+                cfg,
+                served,
+                creds,
+                tx,
+                conn_tx,
+                stats.clone(),
+                cancel.clone(),
+            )
+            .instrument(span),
         );
         EdgeClient {
             state: rx,
@@ -273,6 +284,7 @@ pub(crate) type ConnWatch = watch::Receiver<Option<(TunnelConn, Arc<FlowTable>)>
 async fn run(
     cfg: Arc<EdgeConfig>,
     served: Arc<ServedSet>,
+    creds: Arc<Credentials>,
     state: watch::Sender<EdgeState>,
     conn_tx: watch::Sender<Option<(TunnelConn, Arc<FlowTable>)>>,
     stats: Arc<EdgeStats>,
@@ -291,9 +303,11 @@ async fn run(
                 state.send_replace(EdgeState::Connecting { attempt });
                 tokio::select! {
                     _ = cancel.cancelled() => break,
-                    r = tokio::time::timeout(cfg.handshake_timeout, connect(&cfg, &stats, cfg.transport)) => match r {
+                    // Twice the handshake bound: a certificate bootstrap may
+                    // come first (its own connection and a token review).
+                    r = tokio::time::timeout(cfg.handshake_timeout * 2, connect(&cfg, &stats, cfg.transport, &creds)) => match r {
                         Ok(r) => r,
-                        Err(_) => Err(AttemptError::Failed(format!("no session within {:?}", cfg.handshake_timeout))),
+                        Err(_) => Err(AttemptError::Failed(format!("no session within {:?}", cfg.handshake_timeout * 2))),
                     },
                 }
             }
@@ -350,7 +364,7 @@ async fn run(
                     gen = hello.generation
                 );
                 let end = run_session(
-                    &conn, &flows, control, &cfg, &served, &stats, &cancel, &state,
+                    &conn, &flows, control, &cfg, &served, &creds, &stats, &cancel, &state,
                 )
                 .instrument(span)
                 .await;
@@ -418,12 +432,72 @@ fn failed(what: &str, e: &dyn std::fmt::Display) -> AttemptError {
     AttemptError::Failed(format!("{what}: {e}"))
 }
 
+/// Dials the relay over the transport a mode asks for (in `Auto`: QUIC,
+/// falling back to TLS over TCP when QUIC cannot complete a handshake
+/// within `quic_fallback_after`), with a given TLS client config: the
+/// tunnel's (node certificate) or the certificate bootstrap's (none).
+pub(crate) struct Dialer<'a> {
+    cfg: &'a EdgeConfig,
+    stats: &'a EdgeStats,
+    mode: TransportMode,
+}
+
+impl Dialer<'_> {
+    /// A connection to the relay (no hello yet), and its QUIC endpoint.
+    pub(crate) async fn dial(
+        &self,
+        tls: rustls::ClientConfig,
+    ) -> Result<(Option<quinn::Endpoint>, TunnelConn), String> {
+        let cfg = self.cfg;
+        let addr: SocketAddr = tokio::net::lookup_host(&cfg.relay)
+            .await
+            .map_err(|e| format!("resolve {}: {e}", cfg.relay))?
+            .next()
+            .ok_or_else(|| format!("resolve {}: no address", cfg.relay))?;
+        let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
+        let tcp = |tls: rustls::ClientConfig| async move {
+            relay_transport::tcp::connect_with(
+                addr,
+                &cfg.server_name,
+                tls,
+                mark,
+                cfg.handshake_timeout,
+            )
+            .await
+            .map_err(|e| e.0)
+        };
+        match self.mode {
+            TransportMode::Quic => {
+                let (ep, c) = quic_transport(cfg, addr, mark, tls).await?;
+                Ok((Some(ep), c))
+            }
+            TransportMode::Tcp => Ok((None, tcp(tls).await?)),
+            TransportMode::Auto => {
+                let quic = quic_transport(cfg, addr, mark, tls.clone());
+                match tokio::time::timeout(cfg.quic_fallback_after, quic).await {
+                    Ok(Ok((ep, c))) => Ok((Some(ep), c)),
+                    quic => {
+                        let why = match quic {
+                            Ok(Err(e)) => e,
+                            _ => format!("no QUIC handshake within {:?}", cfg.quic_fallback_after),
+                        };
+                        self.stats.fallbacks.fetch_add(1, Relaxed);
+                        warn!(reason = %why, "QUIC unavailable; falling back to TLS over TCP");
+                        Ok((None, tcp(tls).await?))
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A QUIC connection to `addr` (no hello yet).
 async fn quic_transport(
     cfg: &EdgeConfig,
     addr: SocketAddr,
     mark: u32,
-) -> Result<(quinn::Endpoint, TunnelConn), AttemptError> {
+    tls: rustls::ClientConfig,
+) -> Result<(quinn::Endpoint, TunnelConn), String> {
     // A fresh endpoint per attempt: matches the relay's address family and
     // starts from a new source port if the old NAT binding went bad.
     let bind: SocketAddr = if addr.is_ipv4() {
@@ -431,65 +505,35 @@ async fn quic_transport(
     } else {
         ([0u16; 8], 0).into()
     };
-    let endpoint = quic::client_endpoint(bind, &cfg.tls, &cfg.quic, mark)
-        .map_err(|e| failed("endpoint", &e))?;
+    let endpoint = quic::client_endpoint_with(bind, tls, &cfg.quic, mark)
+        .map_err(|e| format!("endpoint: {e}"))?;
     let connecting = endpoint
         .connect(addr, &cfg.server_name)
-        .map_err(|e| failed(&format!("connect {addr}"), &e))?;
+        .map_err(|e| format!("connect {addr}: {e}"))?;
     let conn = connecting
         .await
-        .map_err(|e| failed(&format!("QUIC/TLS to {addr}"), &e))?;
+        .map_err(|e| clock_hint(&format!("QUIC/TLS to {addr}: {e}")))?;
     Ok((endpoint, TunnelConn::Quic(conn)))
 }
 
-/// Dials the relay over the transport `mode` asks for (in `Auto`: QUIC,
-/// falling back to TLS over TCP when QUIC cannot complete a handshake
-/// within `quic_fallback_after`), then says hello.
+/// Obtains the certificate to dial with (bootstrapping or renewing it
+/// first when needed), dials the relay over the transport `mode` asks for,
+/// then says hello.
 async fn connect(
     cfg: &EdgeConfig,
     stats: &EdgeStats,
     mode: TransportMode,
+    creds: &Credentials,
 ) -> Result<Connected, AttemptError> {
-    let addr: SocketAddr = tokio::net::lookup_host(&cfg.relay)
-        .await
-        .map_err(|e| failed(&format!("resolve {}", cfg.relay), &e))?
-        .next()
-        .ok_or_else(|| AttemptError::Failed(format!("resolve {}: no address", cfg.relay)))?;
-    let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
-    let tcp = || async {
-        relay_transport::tcp::connect(
-            addr,
-            &cfg.server_name,
-            &cfg.tls,
-            mark,
-            cfg.handshake_timeout,
-        )
-        .await
-        .map_err(|e| AttemptError::Failed(e.0))
-    };
-    let (endpoint, conn) = match mode {
-        TransportMode::Quic => {
-            let (ep, c) = quic_transport(cfg, addr, mark).await?;
-            (Some(ep), c)
-        }
-        TransportMode::Tcp => (None, tcp().await?),
-        TransportMode::Auto => {
-            match tokio::time::timeout(cfg.quic_fallback_after, quic_transport(cfg, addr, mark))
-                .await
-            {
-                Ok(Ok((ep, c))) => (Some(ep), c),
-                quic => {
-                    let why = match quic {
-                        Ok(Err(AttemptError::Failed(e))) => e,
-                        _ => format!("no QUIC handshake within {:?}", cfg.quic_fallback_after),
-                    };
-                    stats.fallbacks.fetch_add(1, Relaxed);
-                    warn!(reason = %why, "QUIC unavailable; falling back to TLS over TCP");
-                    (None, tcp().await?)
-                }
-            }
-        }
-    };
+    let dialer = Dialer { cfg, stats, mode };
+    let material = creds.material(cfg, &dialer).await.map_err(|e| match e {
+        IdentityError::Refused(r) => AttemptError::Rejected(r),
+        IdentityError::Failed(m) => AttemptError::Failed(m),
+    })?;
+    let tls = material
+        .client_config(relay_protocol::ALPN)
+        .map_err(|e| failed("tls config", &e))?;
+    let (endpoint, conn) = dialer.dial(tls).await.map_err(AttemptError::Failed)?;
     let (hello, ext, control) = say_hello(cfg, stats, &conn).await?;
     Ok(Connected {
         endpoint,
@@ -565,6 +609,7 @@ async fn run_session(
     control: BiStream,
     cfg: &Arc<EdgeConfig>,
     served: &Arc<ServedSet>,
+    creds: &Arc<Credentials>,
     stats: &Arc<EdgeStats>,
     cancel: &CancellationToken,
     state: &watch::Sender<EdgeState>,
@@ -600,6 +645,15 @@ async fn run_session(
     // the probe, so a probe can never outlive its session and register a
     // QUIC session that supersedes a newer one (or appears after shutdown).
     let mut probe: Option<AbortOnDropHandle<Result<Connected, AttemptError>>> = None;
+    // Certificate renewal (bootstrap identity): at two thirds of the
+    // certificate's life a new one is obtained and the session moves to a
+    // new connection that uses it; owned like the probe.
+    let mut renew_at = creds.renew_at(cfg).map(|t| {
+        tokio::time::Instant::now()
+            + t.duration_since(std::time::SystemTime::now())
+                .unwrap_or_default()
+    });
+    let mut renewal: Option<AbortOnDropHandle<Result<Connected, AttemptError>>> = None;
     loop {
         let reply = tokio::select! {
             biased;
@@ -716,15 +770,55 @@ async fn run_session(
                     }
                 }
             }
+            _ = sleep_until_some(renew_at), if renew_at.is_some() && renewal.is_none() => {
+                let (cfg, stats, creds) = (cfg.clone(), stats.clone(), creds.clone());
+                let limit = cfg.handshake_timeout * 2;
+                renewal = Some(AbortOnDropHandle::new(tokio::spawn(async move {
+                    let work = async {
+                        let dialer = Dialer { cfg: &cfg, stats: &stats, mode: cfg.transport };
+                        creds.renew(&cfg, &dialer).await.map_err(|e| match e {
+                            IdentityError::Refused(r) => AttemptError::Rejected(r),
+                            IdentityError::Failed(m) => AttemptError::Failed(m),
+                        })?;
+                        connect(&cfg, &stats, cfg.transport, &creds).await
+                    };
+                    tokio::time::timeout(limit, work)
+                        .await
+                        .unwrap_or_else(|_| Err(AttemptError::Failed(format!("no renewed session within {limit:?}"))))
+                })));
+                continue;
+            }
+            r = async {
+                match renewal.as_mut() {
+                    Some(p) => p.await,
+                    None => std::future::pending().await,
+                }
+            }, if renewal.is_some() => {
+                renewal = None;
+                match r {
+                    Ok(Ok(c)) => {
+                        info!("certificate renewed; moving the session to it");
+                        return SessionEnd::Upgrade(Box::new(c));
+                    }
+                    Ok(Err(e)) => {
+                        // The current certificate is still valid: try again
+                        // in a minute, until it is not.
+                        warn!(error = ?e, "certificate renewal failed; retrying in 60s");
+                        renew_at = Some(tokio::time::Instant::now() + Duration::from_secs(60));
+                    }
+                    Err(e) => warn!(error = %e, "certificate renewal task failed"),
+                }
+                continue;
+            }
             _ = tokio::time::sleep_until(probe_at), if probing && probe.is_none() => {
-                let (cfg, stats) = (cfg.clone(), stats.clone());
+                let (cfg, stats, creds) = (cfg.clone(), stats.clone(), creds.clone());
                 // A full QUIC session: registering it supersedes this one on
                 // the relay, in one step, so the routes never go away.
                 // Bounded like any attempt, so a probe into a black hole
                 // ends and the next one can start.
                 let limit = cfg.handshake_timeout;
                 probe = Some(AbortOnDropHandle::new(tokio::spawn(async move {
-                    tokio::time::timeout(limit, connect(&cfg, &stats, TransportMode::Quic))
+                    tokio::time::timeout(limit, connect(&cfg, &stats, TransportMode::Quic, &creds))
                         .await
                         .unwrap_or_else(|_| Err(AttemptError::Failed(format!("no QUIC session within {limit:?}"))))
                 })));
@@ -784,6 +878,14 @@ fn note_rtt(stats: &EdgeStats, rtt: Duration, late: bool, logged: &mut Option<In
         info!(rtt_ms, late, "control channel round trip");
     } else {
         debug!(rtt_ms, late, "control channel round trip");
+    }
+}
+
+/// Sleeps until `at`; never, for `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 

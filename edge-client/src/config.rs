@@ -35,8 +35,9 @@ pub struct EdgeConfig {
     pub relay: String,
     /// Name the relay certificate must carry.
     pub server_name: String,
-    /// Client certificate and the pinned relay CA.
-    pub tls: TlsMaterial,
+    /// Who this edge is to the relay: a certificate it was given, or one
+    /// it obtains with a service-account token.
+    pub identity: Identity,
     /// Prefixes served (pod CIDRs, host addresses). Streams to anything
     /// else are refused with `Denied`.
     pub routes: Vec<Cidr>,
@@ -80,7 +81,7 @@ impl EdgeConfig {
             node: node.into(),
             relay: relay.into(),
             server_name: server_name.into(),
-            tls,
+            identity: Identity::Static(tls),
             routes: Vec::new(),
             primary_addr: None,
             allowed_ports: Vec::new(),
@@ -119,12 +120,45 @@ fn err(field: impl Into<String>, message: impl ToString) -> ConfigError {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFile {
-    /// Node certificate (PEM), SAN = node name.
-    pub cert: PathBuf,
-    /// Node key (PEM).
-    pub key: PathBuf,
+    /// Node certificate (PEM), SAN = node name; leave out with `[bootstrap]`.
+    pub cert: Option<PathBuf>,
+    /// Node key (PEM); leave out with `[bootstrap]`.
+    pub key: Option<PathBuf>,
     /// CA that signed the relay certificate (PEM); nothing else is trusted.
     pub relay_ca: PathBuf,
+}
+
+/// How the edge proves its node name to the relay.
+#[derive(Debug, Clone)]
+pub enum Identity {
+    /// A node certificate given to the edge (made by hand or by your CA),
+    /// with the pinned relay CA.
+    Static(TlsMaterial),
+    /// Node certificates obtained from the relay with the pod's projected
+    /// service-account token (Kubernetes), renewed before they expire.
+    Bootstrap(BootstrapConfig),
+}
+
+/// `[bootstrap]` as the client runs it.
+#[derive(Debug, Clone)]
+pub struct BootstrapConfig {
+    /// The projected service-account token (audience `edge-relay`); read
+    /// afresh for every request, since the kubelet rotates it.
+    pub token_file: PathBuf,
+    /// Where the issued certificate and its key are kept across restarts.
+    pub state_dir: PathBuf,
+    /// The pinned relay CA.
+    pub relay_ca: Vec<rustls::pki_types::CertificateDer<'static>>,
+}
+
+/// `[bootstrap]` in edge.toml.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapFile {
+    /// See [`BootstrapConfig::token_file`].
+    pub token_file: PathBuf,
+    /// See [`BootstrapConfig::state_dir`] (default `/var/lib/edge-relay`).
+    pub state_dir: Option<PathBuf>,
 }
 
 /// `[timeouts]`.
@@ -189,6 +223,8 @@ pub struct FileConfig {
     pub transport: TransportMode,
     /// Certificates.
     pub tls: TlsFile,
+    /// Certificates from the relay in exchange for a service-account token.
+    pub bootstrap: Option<BootstrapFile>,
     /// Timeouts.
     #[serde(default)]
     pub timeouts: TimeoutsFile,
@@ -273,8 +309,37 @@ impl FileConfig {
         if backoff.initial > backoff.max {
             return Err(err("backoff.initial", "must not exceed backoff.max"));
         }
-        let tls = TlsMaterial::from_files(&self.tls.cert, &self.tls.key, &self.tls.relay_ca)
-            .map_err(|e| err("tls", e))?;
+        let identity = match (&self.bootstrap, &self.tls.cert, &self.tls.key) {
+            (None, Some(cert), Some(key)) => Identity::Static(
+                TlsMaterial::from_files(cert, key, &self.tls.relay_ca)
+                    .map_err(|e| err("tls", e))?,
+            ),
+            (None, _, _) => return Err(err(
+                "tls",
+                "set tls.cert and tls.key, or [bootstrap] token_file to obtain them from the relay",
+            )),
+            (Some(b), None, None) => {
+                let ca = std::fs::read(&self.tls.relay_ca).map_err(|e| {
+                    err(
+                        "tls.relay_ca",
+                        format!("{}: {e}", self.tls.relay_ca.display()),
+                    )
+                })?;
+                Identity::Bootstrap(BootstrapConfig {
+                    token_file: b.token_file.clone(),
+                    state_dir: b
+                        .state_dir
+                        .clone()
+                        .unwrap_or_else(|| PathBuf::from("/var/lib/edge-relay")),
+                    relay_ca: relay_transport::tls::certs_from_pem(&ca, "tls.relay_ca")
+                        .map_err(|e| err("tls.relay_ca", e))?,
+                })
+            }
+            (Some(_), _, _) => return Err(err(
+                "bootstrap",
+                "with [bootstrap] the relay issues the certificate: remove tls.cert and tls.key",
+            )),
+        };
         Ok(EdgeConfig {
             dial_timeout: nonzero("timeouts.dial", self.timeouts.dial, Duration::from_secs(5))?,
             handshake_timeout: nonzero(
@@ -285,7 +350,7 @@ impl FileConfig {
             node: self.node,
             relay: self.relay,
             server_name,
-            tls,
+            identity,
             routes: self.routes,
             primary_addr: self.primary_addr,
             allowed_ports: self.allowed_ports,

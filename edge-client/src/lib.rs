@@ -10,6 +10,8 @@
 //! - [`config`]: TOML file config and the runtime [`EdgeConfig`].
 //! - [`client`]: [`EdgeClient`], the reconnect loop and the session.
 //! - [`serve`]: serving the relay's streams within what this edge serves.
+//! - `identity`: the node certificate: given, or obtained from the relay
+//!   with a service-account token and renewed.
 //! - [`backoff`]: capped exponential backoff with full jitter.
 //! - [`liveness`]: the control-stream ping check and its dead-path bound.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -18,6 +20,7 @@ pub mod backoff;
 mod capture;
 pub mod client;
 pub mod config;
+mod identity;
 pub mod liveness;
 pub mod serve;
 

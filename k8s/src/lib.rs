@@ -26,11 +26,13 @@
 //! | [`client`] | [`KubeClientConfig`]: in-cluster or kubeconfig → [`KubeClient`] |
 //! | [`nodes`] | [`NodeDirectory`], [`NodeClaims`], [`node_claims`] (pure) |
 //! | [`status`] | [`StatusWriter`] (server-side apply of the condition), [`next_condition`] (pure), [`SessionEvents`] |
+//! | [`pods`] | [`PodReader`]: the pod a bootstrap token is bound to |
 //! | [`tokenreview`] | [`TokenReviewer`], [`ReviewedToken`], [`TokenReviewError`] |
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod client;
 pub mod nodes;
+pub mod pods;
 pub mod status;
 pub mod tokenreview;
 
@@ -38,6 +40,7 @@ use std::time::Duration;
 
 pub use client::{ClientOptions, KubeClient, KubeClientConfig};
 pub use nodes::{node_claims, ClaimIssue, DirectoryOptions, NodeClaims, NodeDirectory};
+pub use pods::{pod_facts, PodFacts, PodReader};
 pub use status::{
     next_condition, SessionEvent, SessionEvents, StatusWriter, TunnelCondition, WriteOutcome,
     CONDITION_TYPE, FIELD_MANAGER,

@@ -298,6 +298,7 @@ async fn edge_refuses_streams_outside_its_routes_even_from_the_relay() -> Result
         "127.0.0.1:0".parse()?,
         &pki.relay_material()?,
         &QuicTuning::default(),
+        false,
     )?;
     let edge = EdgeClient::spawn(edge_config(&pki, 0, ep.local_addr()?)?);
     let conn = TunnelConn::Quic(
@@ -417,7 +418,7 @@ async fn certificates_from_an_unknown_ca_or_for_another_node_are_refused() -> Re
     let mut cfg = edge_config(&lab.pki, 0, lab.relay.quic_addr())?;
     let mut m = rogue.node_material("edge-0")?;
     m.ca = lab.pki.relay_material()?.ca; // it does trust the real relay
-    cfg.tls = m;
+    cfg.identity = edge_client::config::Identity::Static(m);
     cfg.handshake_timeout = Duration::from_secs(2);
     let rogue_edge = EdgeClient::spawn(cfg);
     let shared = lab.relay.shared().clone();
@@ -434,7 +435,7 @@ async fn certificates_from_an_unknown_ca_or_for_another_node_are_refused() -> Re
 
     // A valid certificate for edge-1 used to claim to be edge-0.
     let mut cfg = edge_config(&lab.pki, 0, lab.relay.quic_addr())?;
-    cfg.tls = lab.pki.node_material("edge-1")?;
+    cfg.identity = edge_client::config::Identity::Static(lab.pki.node_material("edge-1")?);
     let liar = EdgeClient::spawn(cfg);
     let mut w = liar.watch();
     let s = tokio::time::timeout(

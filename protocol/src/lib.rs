@@ -5,6 +5,7 @@
 //! streams today, yamux streams over TLS later; both carry the same bytes).
 //!
 //! Modules:
+//! - [`bootstrap`]: certificate bootstrap from a service-account token.
 //! - [`cidr`]: the [`Cidr`] type used for routes (validated, canonical).
 //! - [`messages`]: handshake ([`ClientHello`], [`HelloReply`]), control
 //!   messages ([`Control`]), per-stream header ([`StreamOpen`]) and reply
@@ -17,6 +18,7 @@
 //! length followed by that many bytes of bincode (see `docs/architecture.md`).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod bootstrap;
 pub mod cidr;
 pub mod codec;
 pub mod datagram;

@@ -133,6 +133,27 @@ fn golden() -> Vec<(&'static str, Vec<u8>, &'static str)> {
             "0107000100",
         ),
         (
+            "CertRequest",
+            encode(&bootstrap::CertRequest {
+                version: 1,
+                node: "e".into(),
+                token: "t".into(),
+                public_key: vec![0xaa],
+            })
+            .unwrap(),
+            "010165017401aa",
+        ),
+        (
+            "CertReply::Issued",
+            encode(&bootstrap::CertReply::Issued(bootstrap::IssuedCert {
+                cert_pem: "P".into(),
+                not_after_unix: 1000,
+                relay_time_unix: 7,
+            }))
+            .unwrap(),
+            "000150fbe80307",
+        ),
+        (
             "StreamOpen(addr)",
             encode(&open).unwrap(),
             "00000af40705fb901f0101fd000000000000000000000000000001fb409c00",

@@ -128,6 +128,9 @@ pub struct RelayConfig {
     /// In-cluster mode: Nodes decide claims (instead of `nodes`), and the
     /// relay writes the Node condition and Events.
     pub kubernetes: Option<KubeSettings>,
+    /// Certificate bootstrap: edges with a service-account token but no
+    /// certificate get a short-lived node certificate (needs `kubernetes`).
+    pub bootstrap: Option<BootstrapSettings>,
     /// Bounds.
     pub limits: Limits,
     /// When set, the relay captures traffic to every live session's routes
@@ -157,6 +160,7 @@ impl RelayConfig {
             tunnel_routes: Vec::new(),
             communities: HashMap::new(),
             kubernetes: None,
+            bootstrap: None,
             limits: Limits::default(),
             capture: None,
         }
@@ -170,6 +174,12 @@ impl RelayConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_values(&self.quic, &self.limits, &self.nodes, &self.communities)?;
         check_kubernetes(self.kubernetes.as_ref(), &self.nodes)?;
+        if self.bootstrap.is_some() && self.kubernetes.is_none() {
+            return Err(err(
+                "bootstrap",
+                "certificate bootstrap verifies tokens with the Kubernetes API: enable [kubernetes]",
+            ));
+        }
         check_exposure(self)
     }
 }
@@ -324,6 +334,97 @@ impl Default for KubeSettings {
             events: true,
             api_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+/// `[bootstrap]` as the relay runs it.
+#[derive(Debug, Clone)]
+pub struct BootstrapSettings {
+    /// Signs node certificates (the issuing CA's certificate and key).
+    pub issuer: std::sync::Arc<relay_transport::issue::NodeIssuer>,
+    /// The issuing CA's certificate (DER), which must be in `tls.client_ca`.
+    pub issuer_cert: rustls::pki_types::CertificateDer<'static>,
+    /// Namespace of the edge-client pods and service account.
+    pub namespace: String,
+    /// The edge-client service account tokens must belong to.
+    pub service_account: String,
+    /// The DaemonSet the token's pod must belong to.
+    pub daemonset: String,
+}
+
+/// `[bootstrap]` in relay.toml.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapFile {
+    /// The issuing CA's certificate (PEM); must also be in `tls.client_ca`.
+    pub ca_cert: PathBuf,
+    /// The issuing CA's private key (PEM).
+    pub ca_key: PathBuf,
+    /// Lifetime of issued certificates (default 12h, at most 24h).
+    #[serde(default, with = "humantime_serde")]
+    pub cert_lifetime: Option<Duration>,
+    /// `namespace/name` of the edge-client service account (default
+    /// `edge-relay/edge-client`).
+    pub service_account: Option<String>,
+    /// Name of the edge-client DaemonSet in that namespace (default
+    /// `edge-client`).
+    pub daemonset: Option<String>,
+}
+
+/// Default lifetime of bootstrap certificates.
+pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+
+impl BootstrapFile {
+    fn load(
+        &self,
+        client_ca: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> Result<BootstrapSettings, ConfigError> {
+        let read = |field: &str, p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| err(field, format!("{}: {e}", p.display())))
+        };
+        let ca = read("bootstrap.ca_cert", &self.ca_cert)?;
+        let key = read("bootstrap.ca_key", &self.ca_key)?;
+        let lifetime = self.cert_lifetime.unwrap_or(DEFAULT_CERT_LIFETIME);
+        if lifetime < Duration::from_secs(600) || lifetime > relay_transport::issue::MAX_LIFETIME {
+            return Err(err(
+                "bootstrap.cert_lifetime",
+                "must be between 10m and 24h",
+            ));
+        }
+        let issuer = relay_transport::issue::NodeIssuer::from_pem(&ca, &key, lifetime)
+            .map_err(|e| err("bootstrap", e))?;
+        let der = relay_transport::tls::certs_from_pem(ca.as_bytes(), "bootstrap.ca_cert")
+            .map_err(|e| err("bootstrap.ca_cert", e))?;
+        let issuer_cert = der[0].clone();
+        if !client_ca.contains(&issuer_cert) {
+            return Err(err(
+                "bootstrap.ca_cert",
+                "the issuing CA must also be in tls.client_ca, or the certificates it issues are refused (keep old and new CAs there while rotating)",
+            ));
+        }
+        let sa = self
+            .service_account
+            .as_deref()
+            .unwrap_or("edge-relay/edge-client");
+        let Some((namespace, service_account)) = sa
+            .split_once('/')
+            .filter(|(n, s)| !n.is_empty() && !s.is_empty())
+        else {
+            return Err(err(
+                "bootstrap.service_account",
+                "write it as namespace/name",
+            ));
+        };
+        Ok(BootstrapSettings {
+            issuer: std::sync::Arc::new(issuer),
+            issuer_cert,
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+            daemonset: self
+                .daemonset
+                .clone()
+                .unwrap_or_else(|| "edge-client".into()),
+        })
     }
 }
 
@@ -550,6 +651,8 @@ pub struct FileConfig {
     /// In-cluster mode.
     #[serde(default)]
     pub kubernetes: KubernetesFile,
+    /// Certificate bootstrap (needs `[kubernetes]`).
+    pub bootstrap: Option<BootstrapFile>,
     /// Relay-installed routes.
     #[serde(default)]
     pub capture: CaptureFile,
@@ -651,6 +754,16 @@ impl FileConfig {
             (None, None) if admin_tls_on => Some(tls.clone()),
             (None, None) => None,
         };
+        let bootstrap = match &self.bootstrap {
+            Some(_) if kubernetes.is_none() => {
+                return Err(err(
+                    "bootstrap",
+                    "certificate bootstrap verifies tokens with the Kubernetes API: enable [kubernetes]",
+                ))
+            }
+            Some(b) => Some(b.load(&tls.ca)?),
+            None => None,
+        };
         let cfg = RelayConfig {
             relay_id: self.relay_id.unwrap_or_else(|| "relay-0".into()),
             quic_listen: self.listen.quic,
@@ -672,6 +785,7 @@ impl FileConfig {
             nodes: self.nodes,
             tunnel_routes: self.tunnel_routes,
             communities: self.communities,
+            bootstrap,
             kubernetes,
             limits,
             capture,

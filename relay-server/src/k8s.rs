@@ -13,16 +13,21 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use std::future::Future;
+use std::pin::Pin;
+
 use relay_kube::{
-    ClientOptions, DirectoryOptions, KubeClientConfig, NodeClaims, NodeDirectory, SessionEvent,
-    SessionEvents, StatusWriter, TunnelCondition,
+    ClientOptions, DirectoryOptions, KubeClientConfig, NodeClaims, NodeDirectory, PodReader,
+    SessionEvent, SessionEvents, StatusWriter, TokenReviewError, TokenReviewer, TunnelCondition,
 };
 use relay_protocol::Cidr;
+use relay_protocol::RejectReason;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::KubeSettings;
+use crate::bootstrap::{Refusal, TokenAuthority, TokenIdentity};
+use crate::config::{KubeSettings, RelayConfig};
 use crate::directory::{ambiguity, build_entries, Directory, Lookup, NodeEntry, NodeSource};
 use crate::status::{SessionInfo, StatusSink};
 
@@ -37,6 +42,8 @@ pub struct Kube {
     pub directory: Arc<KubeDirectory>,
     /// Condition and Events writer (or nothing, as configured).
     pub status: Arc<dyn StatusSink>,
+    /// Token verification for the certificate bootstrap (with `[bootstrap]`).
+    pub tokens: Option<Arc<dyn TokenAuthority>>,
 }
 
 /// Connects and starts the reflector and the status writer; both run
@@ -44,9 +51,10 @@ pub struct Kube {
 /// nodes' handshakes wait for it, bounded.
 pub async fn start(
     settings: &KubeSettings,
-    relay_id: &str,
+    relay: &RelayConfig,
     stop: CancellationToken,
 ) -> Result<Kube, KubeStartError> {
+    let relay_id = relay.relay_id.as_str();
     let cfg = match &settings.kubeconfig {
         Some(path) => KubeClientConfig::Kubeconfig {
             path: path.clone(),
@@ -74,7 +82,103 @@ pub async fn start(
     } else {
         Arc::new(crate::status::NoStatus)
     };
-    Ok(Kube { directory, status })
+    let tokens = relay.bootstrap.as_ref().map(|b| {
+        Arc::new(KubeTokens {
+            reviewer: TokenReviewer::new(&client, settings.api_timeout),
+            pods: PodReader::new(&client, &b.namespace, settings.api_timeout),
+            username: format!(
+                "system:serviceaccount:{}:{}",
+                b.namespace, b.service_account
+            ),
+            service_account: b.service_account.clone(),
+            daemonset: b.daemonset.clone(),
+        }) as Arc<dyn TokenAuthority>
+    });
+    Ok(Kube {
+        directory,
+        status,
+        tokens,
+    })
+}
+
+/// TokenReview plus the checks on the pod the token is bound to.
+struct KubeTokens {
+    reviewer: TokenReviewer,
+    pods: PodReader,
+    username: String,
+    service_account: String,
+    daemonset: String,
+}
+
+impl KubeTokens {
+    async fn check(&self, token: &str) -> Result<TokenIdentity, Refusal> {
+        let deny = |m: String| (RejectReason::IdentityMismatch, m);
+        let t = self.reviewer.review(token).await.map_err(|e| match e {
+            // The API is down or slow: the edge retries; nothing is wrong
+            // with its token as far as we know.
+            TokenReviewError::Api(e) => (
+                RejectReason::Overloaded,
+                format!("cannot verify the token now: {e}"),
+            ),
+            other => deny(other.to_string()),
+        })?;
+        if t.username != self.username {
+            return Err(deny(format!(
+                "the token belongs to {}, not the edge service account {}",
+                t.username, self.username
+            )));
+        }
+        let (Some(pod), Some(uid)) = (t.pod_name.clone(), t.pod_uid.clone()) else {
+            return Err(deny("the token is not bound to a pod".into()));
+        };
+        let facts = self
+            .pods
+            .get(&pod)
+            .await
+            .map_err(|e| {
+                (
+                    RejectReason::Overloaded,
+                    format!("cannot read pod {pod}: {e}"),
+                )
+            })?
+            .ok_or_else(|| deny(format!("pod {pod} does not exist")))?;
+        if facts.uid.as_deref() != Some(uid.as_str()) {
+            return Err(deny(format!(
+                "pod {pod} was replaced (uid differs from the token's)"
+            )));
+        }
+        if facts.node_name.as_deref() != Some(t.node_name.as_str()) {
+            return Err(deny(format!(
+                "pod {pod} runs on {:?}, the token is bound to node {}",
+                facts.node_name, t.node_name
+            )));
+        }
+        if facts.service_account.as_deref() != Some(self.service_account.as_str()) {
+            return Err(deny(format!(
+                "pod {pod} does not use service account {}",
+                self.service_account
+            )));
+        }
+        if !facts.daemonsets.contains(&self.daemonset) {
+            return Err(deny(format!(
+                "pod {pod} does not belong to DaemonSet {}",
+                self.daemonset
+            )));
+        }
+        Ok(TokenIdentity {
+            node: t.node_name,
+            pod,
+        })
+    }
+}
+
+impl TokenAuthority for KubeTokens {
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<TokenIdentity, Refusal>> + Send + 'a>> {
+        Box::pin(self.check(token))
+    }
 }
 
 struct Snapshot {

@@ -8,6 +8,7 @@
 //! Modules:
 //! - [`config`]: TOML file config and the runtime [`RelayConfig`].
 //! - [`server`]: [`Relay::spawn`], listeners, graceful shutdown.
+//! - [`bootstrap`]: node certificates for edges that hold only a token.
 //! - [`handshake`]: identity, claims from the directory, registration.
 //! - [`session`]: the session handle, its actor, opening streams to an edge.
 //! - [`registry`]: live sessions, the longest-prefix route table and the
@@ -33,6 +34,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod bootstrap;
 pub mod config;
 pub mod connect;
 pub mod directory;

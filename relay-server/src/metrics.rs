@@ -48,6 +48,10 @@ pub struct Metrics {
     pub route_lists_cut: AtomicU64,
     /// Sessions closed because their node left the directory.
     pub node_gone: AtomicU64,
+    /// Node certificates issued by the bootstrap.
+    pub bootstrap_issued: AtomicU64,
+    /// Certificate requests refused.
+    pub bootstrap_refused: AtomicU64,
     /// Policy refusals by origin (connect, captured, edge) and reason.
     denials: [[AtomicU64; 6]; 3],
 }
@@ -227,6 +231,21 @@ impl Metrics {
             "counter",
             "Control messages of a newer protocol revision, ignored.",
             &one(&self.control_unknown),
+        );
+        metric(
+            "relay_bootstrap_total",
+            "counter",
+            "Certificate bootstrap requests, by outcome.",
+            &[
+                (
+                    "{outcome=\"issued\"}".into(),
+                    self.bootstrap_issued.load(Relaxed),
+                ),
+                (
+                    "{outcome=\"refused\"}".into(),
+                    self.bootstrap_refused.load(Relaxed),
+                ),
+            ],
         );
         metric(
             "relay_sessions_node_gone_total",

@@ -39,6 +39,8 @@ pub struct Shared {
     /// Where session comings and goings are reported (Node condition and
     /// Events in Kubernetes; nothing in static mode).
     pub status: Arc<dyn StatusSink>,
+    /// Verifies certificate-bootstrap tokens (with `[bootstrap]`).
+    pub tokens: Option<Arc<dyn crate::bootstrap::TokenAuthority>>,
     /// Counters.
     pub metrics: Metrics,
     generation: AtomicU64,
@@ -159,12 +161,13 @@ impl Relay {
         policy.add_own_listener(quic_addr);
         // Cancelled on shutdown: stops the Kubernetes watch and writers.
         let background = CancellationToken::new();
-        let (directory, status) = directory_and_status(&cfg, &background).await?;
+        let (directory, status, tokens) = directory_and_status(&cfg, &background).await?;
         let shared = Arc::new(Shared {
             registry: Registry::default(),
             policy,
             directory,
             status,
+            tokens,
             metrics: Metrics::default(),
             generation: AtomicU64::new(gen0),
             shutdown: CancellationToken::new(),
@@ -258,9 +261,10 @@ impl Relay {
         // Edges are let in last, once every listener is bound and known to
         // the policy as the relay's own (never a tunnel target).
         if let Some(l) = tcp_listener {
-            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
-                shared.cfg.tls.server_config(relay_protocol::ALPN)?,
-            ));
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(quic::relay_server_tls(
+                &shared.cfg.tls,
+                shared.cfg.bootstrap.is_some(),
+            )?));
             tasks.spawn(accept_tcp(
                 l,
                 acceptor,
@@ -365,22 +369,30 @@ impl Relay {
     }
 }
 
-/// The directory and status sink the configuration asks for: the cluster
-/// with `[kubernetes]`, else the static `[nodes]` table and no status.
+/// What the relay needs from its source of truth: the directory, the
+/// status sink and (with `[bootstrap]`) token verification; the cluster
+/// with `[kubernetes]`, else the static `[nodes]` table and none.
+type Sources = (
+    Arc<dyn Directory>,
+    Arc<dyn StatusSink>,
+    Option<Arc<dyn crate::bootstrap::TokenAuthority>>,
+);
+
 async fn directory_and_status(
     cfg: &RelayConfig,
     background: &CancellationToken,
-) -> Result<(Arc<dyn Directory>, Arc<dyn StatusSink>), StartError> {
+) -> Result<Sources, StartError> {
     #[cfg(feature = "kubernetes")]
     if let Some(k) = &cfg.kubernetes {
-        let kube = crate::k8s::start(k, &cfg.relay_id, background.clone()).await?;
+        let kube = crate::k8s::start(k, cfg, background.clone()).await?;
         info!("node claims from the Kubernetes API");
-        return Ok((kube.directory, kube.status));
+        return Ok((kube.directory, kube.status, kube.tokens));
     }
     let _ = background;
     Ok((
         Arc::new(StaticDirectory::new(&cfg.nodes)),
         Arc::new(NoStatus),
+        None,
     ))
 }
 
@@ -431,8 +443,23 @@ async fn accept_quic(
                         return;
                     }
                 };
-            serve_connection(TunnelConn::Quic(conn), shared, permit).await;
+            serve_edge(TunnelConn::Quic(conn), shared, permit).await;
         });
+    }
+}
+
+/// A tunnel session, or (by ALPN) a certificate bootstrap request; both
+/// count against the handshake permits while they run.
+async fn serve_edge(
+    conn: TunnelConn,
+    shared: Arc<Shared>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    if conn.alpn().as_deref() == Some(relay_protocol::bootstrap::BOOTSTRAP_ALPN) {
+        crate::bootstrap::serve_bootstrap(conn, shared).await;
+        drop(permit);
+    } else {
+        serve_connection(conn, shared, permit).await;
     }
 }
 
@@ -446,8 +473,13 @@ async fn bind_quic_and_tcp(
     let attempts = if cfg.quic_listen.port() == 0 { 32 } else { 1 };
     let mut last = None;
     for _ in 0..attempts {
-        let endpoint = quic::server_endpoint(cfg.quic_listen, &cfg.tls, &cfg.quic)
-            .map_err(bind_err("quic", cfg.quic_listen))?;
+        let endpoint = quic::server_endpoint(
+            cfg.quic_listen,
+            &cfg.tls,
+            &cfg.quic,
+            cfg.bootstrap.is_some(),
+        )
+        .map_err(bind_err("quic", cfg.quic_listen))?;
         if !cfg.tcp_fallback {
             return Ok((endpoint, None));
         }
@@ -492,7 +524,7 @@ async fn accept_tcp(
             };
             let limit = shared.cfg.limits.handshake_timeout;
             match relay_transport::tcp::accept(&acceptor, sock, remote, limit).await {
-                Ok(conn) => serve_connection(conn, shared, permit).await,
+                Ok(conn) => serve_edge(conn, shared, permit).await,
                 Err(e) => {
                     shared.metrics.handshake_failed("tls");
                     info!(%remote, error = %e.0, "TLS/TCP handshake failed");

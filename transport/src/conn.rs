@@ -116,6 +116,18 @@ impl TunnelConn {
         }
     }
 
+    /// The application protocol negotiated in the TLS handshake (tunnel
+    /// or certificate bootstrap).
+    pub fn alpn(&self) -> Option<Vec<u8>> {
+        match self {
+            TunnelConn::Quic(c) => c
+                .handshake_data()
+                .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                .and_then(|d| d.protocol),
+            TunnelConn::Tcp(c) => c.alpn(),
+        }
+    }
+
     /// The peer's verified certificate chain, leaf first.
     pub fn peer_certs(&self) -> Vec<CertificateDer<'static>> {
         match self {

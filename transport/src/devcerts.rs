@@ -108,6 +108,13 @@ impl DevPki {
     }
 
     /// The relay's TLS material (server cert, trusting this CA for clients).
+    /// The CA's certificate and private key (PEM): the issuing CA for the
+    /// certificate bootstrap in tests and the demo.
+    pub fn ca_pem_pair(&self) -> (String, String) {
+        (self.ca_cert.clone(), self.ca_key_pem.clone())
+    }
+
+    /// The relay's material (server certificate, trusting the CA).
     pub fn relay_material(&self) -> Result<TlsMaterial, TlsError> {
         TlsMaterial::from_pem(&self.relay.cert, &self.relay.key, &self.ca_cert)
     }

@@ -13,6 +13,7 @@
 //! - [`mod@splice`]: copies a TCP connection and a tunnel stream both ways with
 //!   half-close and reset carried across, metering bytes as they pass.
 //! - [`devcerts`]: a development PKI (CA, relay and node certificates).
+//! - [`issue`]: node certificates the relay issues (certificate bootstrap).
 //! - [`udp`]: UDP flows over datagrams; the capture side of UDP.
 //! - [`tcp`]: the TLS+TCP+yamux fallback transport.
 //! - [`capture`]: kernel capture of traffic (nftables redirect + policy routing)
@@ -23,6 +24,7 @@ pub mod capture;
 pub mod conn;
 pub mod conntrack;
 pub mod devcerts;
+pub mod issue;
 pub mod quic;
 pub mod splice;
 pub mod tcp;

@@ -160,10 +160,9 @@ pub fn server_endpoint(
     addr: SocketAddr,
     tls: &TlsMaterial,
     tuning: &QuicTuning,
+    bootstrap: bool,
 ) -> Result<quinn::Endpoint, std::io::Error> {
-    let rustls = tls
-        .server_config(relay_protocol::ALPN)
-        .map_err(std::io::Error::other)?;
+    let rustls = relay_server_tls(tls, bootstrap).map_err(std::io::Error::other)?;
     let crypto = QuicServerConfig::try_from(rustls).map_err(std::io::Error::other)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     // `tuning.max_bidi_streams` is what edges may open (see
@@ -179,6 +178,26 @@ pub fn server_endpoint(
     quinn::Endpoint::new(endpoint, Some(cfg), sock, runtime)
 }
 
+/// The relay's TLS server config for edges: the tunnel's ALPN, plus the
+/// certificate bootstrap's (where clients present no certificate yet) when
+/// `bootstrap` is on. Shared by the QUIC endpoint and the TCP fallback.
+pub fn relay_server_tls(
+    tls: &TlsMaterial,
+    bootstrap: bool,
+) -> Result<rustls::ServerConfig, crate::TlsError> {
+    if bootstrap {
+        tls.server_config_for(
+            &[
+                relay_protocol::ALPN,
+                relay_protocol::bootstrap::BOOTSTRAP_ALPN,
+            ],
+            true,
+        )
+    } else {
+        tls.server_config(relay_protocol::ALPN)
+    }
+}
+
 /// A client (edge) endpoint: bound to an ephemeral port, never listening.
 /// A non-zero `mark` tags its UDP socket so capture rules let it pass.
 pub fn client_endpoint(
@@ -190,6 +209,17 @@ pub fn client_endpoint(
     let rustls = tls
         .client_config(relay_protocol::ALPN)
         .map_err(std::io::Error::other)?;
+    client_endpoint_with(bind, rustls, tuning, mark)
+}
+
+/// [`client_endpoint`] with a given TLS client config (the certificate
+/// bootstrap's, without a client certificate).
+pub fn client_endpoint_with(
+    bind: SocketAddr,
+    rustls: rustls::ClientConfig,
+    tuning: &QuicTuning,
+    mark: u32,
+) -> Result<quinn::Endpoint, std::io::Error> {
     let crypto = QuicClientConfig::try_from(rustls).map_err(std::io::Error::other)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(Arc::new(tuning.transport().map_err(std::io::Error::other)?));

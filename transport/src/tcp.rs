@@ -52,6 +52,7 @@ pub struct YamuxConn {
     dgram_in: Mutex<mpsc::Receiver<Bytes>>,
     remote: SocketAddr,
     certs: Vec<CertificateDer<'static>>,
+    alpn: Option<Vec<u8>>,
     close: CancellationToken,
     closed: watch::Receiver<Option<String>>,
     reason: std::sync::Mutex<Option<String>>,
@@ -73,7 +74,7 @@ impl YamuxConn {
         io: S,
         client: bool,
         remote: SocketAddr,
-        certs: Vec<CertificateDer<'static>>,
+        (certs, alpn): (Vec<CertificateDer<'static>>, Option<Vec<u8>>),
         timeout: Duration,
     ) -> Result<Arc<YamuxConn>, ConnLost>
     where
@@ -99,6 +100,7 @@ impl YamuxConn {
             dgram_in: Mutex::new(in_dgram_rx),
             remote,
             certs,
+            alpn,
             close,
             closed: closed_rx,
             reason: std::sync::Mutex::new(None),
@@ -198,6 +200,11 @@ impl YamuxConn {
     /// The peer's address.
     pub fn remote_addr(&self) -> SocketAddr {
         self.remote
+    }
+
+    /// The application protocol negotiated in the TLS handshake.
+    pub fn alpn(&self) -> Option<Vec<u8>> {
+        self.alpn.clone()
     }
 
     /// The peer's verified certificate chain.
@@ -387,12 +394,24 @@ pub async fn connect(
     mark: u32,
     timeout: Duration,
 ) -> Result<crate::TunnelConn, ConnLost> {
+    let cfg = tls
+        .client_config(relay_protocol::ALPN)
+        .map_err(|e| ConnLost(format!("tls config: {e}")))?;
+    connect_with(addr, server_name, cfg, mark, timeout).await
+}
+
+/// [`connect`] with a given client config (the certificate bootstrap
+/// connects without a client certificate, under its own ALPN).
+pub async fn connect_with(
+    addr: SocketAddr,
+    server_name: &str,
+    cfg: rustls::ClientConfig,
+    mark: u32,
+    timeout: Duration,
+) -> Result<crate::TunnelConn, ConnLost> {
     let fail = |what: &str, e: &dyn std::fmt::Display| ConnLost(format!("{what}: {e}"));
     let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
         .map_err(|e| fail("server name", &e))?;
-    let cfg = tls
-        .client_config(relay_protocol::ALPN)
-        .map_err(|e| fail("tls config", &e))?;
     let setup = async {
         let sock = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()
@@ -411,7 +430,8 @@ pub async fn connect(
             .connect(name, tcp)
             .await
             .map_err(|e| fail(&format!("tls {addr}"), &e))?;
-        let conn = YamuxConn::start(tls, true, addr, Vec::new(), timeout).await?;
+        let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        let conn = YamuxConn::start(tls, true, addr, (Vec::new(), alpn), timeout).await?;
         Ok(crate::TunnelConn::Tcp(conn))
     };
     tokio::time::timeout(timeout, setup)
@@ -439,7 +459,8 @@ pub async fn accept(
             .peer_certificates()
             .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
             .unwrap_or_default();
-        let conn = YamuxConn::start(tls, false, remote, certs, timeout).await?;
+        let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        let conn = YamuxConn::start(tls, false, remote, (certs, alpn), timeout).await?;
         Ok(crate::TunnelConn::Tcp(conn))
     };
     tokio::time::timeout(timeout, setup).await.map_err(|_| {

@@ -161,15 +161,31 @@ impl TlsMaterial {
     /// TLS 1.3 only: QUIC demands it, and the TCP fallback has no reason to
     /// offer less.
     pub fn server_config(&self, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider())
-                .build()
-                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        self.server_config_for(&[alpn], false)
+    }
+
+    /// A server config offering several ALPNs. With `anonymous_ok`, a
+    /// client may present no certificate at all (one it presents must
+    /// still verify): for the certificate bootstrap, whose clients have
+    /// none yet. The tunnel then refuses certificate-less hellos itself.
+    pub fn server_config_for(
+        &self,
+        alpns: &[&[u8]],
+        anonymous_ok: bool,
+    ) -> Result<rustls::ServerConfig, TlsError> {
+        let mut builder =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider());
+        if anonymous_ok {
+            builder = builder.allow_unauthenticated();
+        }
+        let verifier = builder
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())?;
-        cfg.alpn_protocols = vec![alpn.to_vec()];
+        cfg.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
         Ok(cfg)
     }
 
@@ -208,9 +224,22 @@ impl TlsMaterial {
 /// certificates in the PEM file `ca` (never the system roots): for HTTPS
 /// clients of the relay's admin API such as the route agent.
 pub fn ca_only_client_config(ca: &Path, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+    anonymous_client_config(
+        &certs_from_pem(&read(ca)?, &ca.display().to_string())?,
+        alpn,
+    )
+}
+
+/// A client config without a client certificate trusting only `ca`: the
+/// route agent towards the admin API, and an edge asking for its first
+/// certificate.
+pub fn anonymous_client_config(
+    ca: &[CertificateDer<'static>],
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
-    for c in certs_from_pem(&read(ca)?, &ca.display().to_string())? {
-        roots.add(c)?;
+    for c in ca {
+        roots.add(c.clone())?;
     }
     let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()

@@ -50,7 +50,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
-use k8s_openapi::api::core::v1::{Node, NodeCondition};
+use k8s_openapi::api::core::v1::{Node, NodeCondition, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry, Time};
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{json, Value};
@@ -148,6 +148,9 @@ struct State {
     oldest_rv: u64,
     events: BTreeMap<(String, String), Value>,
     tokens: HashMap<String, Minted>,
+    /// Pods by (namespace, name), served on GET only (the relay checks the
+    /// pod a bootstrap token is bound to).
+    pods: BTreeMap<(String, String), Pod>,
     log: Vec<RequestRecord>,
     unavailable: bool,
     /// ClusterRole rules every request must be allowed by (`None`: no RBAC).
@@ -297,6 +300,42 @@ impl State {
     }
 }
 
+/// A pod of DaemonSet `daemonset` as the controller creates it: running on
+/// `node` under service account `service_account`, with uid `uid`.
+pub fn daemonset_pod(
+    namespace: &str,
+    name: &str,
+    uid: &str,
+    node: &str,
+    service_account: &str,
+    daemonset: &str,
+) -> Pod {
+    use k8s_openapi::api::core::v1::PodSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            uid: Some(uid.into()),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "apps/v1".into(),
+                kind: "DaemonSet".into(),
+                name: daemonset.into(),
+                uid: format!("uid-ds-{daemonset}"),
+                controller: Some(true),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(node.into()),
+            service_account_name: Some(service_account.into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// A Node as a kubelet registers it: pod CIDRs in `spec.podCIDRs` (and the
 /// first in the legacy `spec.podCIDR`), `addresses` as `(type, address)`
 /// pairs (`InternalIP`, `ExternalIP`, `Hostname`), and the
@@ -397,6 +436,7 @@ impl StandIn {
                 oldest_rv: 100,
                 events: BTreeMap::new(),
                 tokens: HashMap::new(),
+                pods: BTreeMap::new(),
                 log: Vec::new(),
                 unavailable: false,
                 rbac: None,
@@ -616,6 +656,26 @@ impl StandIn {
         token
     }
 
+    /// Creates or replaces a Pod (served on GET by namespace and name).
+    pub fn upsert_pod(&self, mut pod: Pod) {
+        let mut st = self.shared.lock();
+        let rv = st.bump();
+        pod.metadata.resource_version = Some(rv.to_string());
+        let key = (
+            pod.metadata.namespace.clone().unwrap_or_default(),
+            pod.metadata.name.clone().unwrap_or_default(),
+        );
+        st.pods.insert(key, pod);
+    }
+
+    /// Deletes a Pod; false if it did not exist.
+    pub fn delete_pod(&self, namespace: &str, name: &str) -> bool {
+        let mut st = self.shared.lock();
+        st.pods
+            .remove(&(namespace.to_string(), name.to_string()))
+            .is_some()
+    }
+
     /// Every request so far, in order.
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.shared.lock().log.clone()
@@ -783,6 +843,23 @@ fn route(
         }
         ("events.k8s.io", "events", None, verb) => events(shared, a, verb, content_type, body),
         ("authentication.k8s.io", "tokenreviews", None, "create") => token_review(shared, body),
+        ("", "pods", None, "get") => {
+            let key = (
+                a.namespace.clone().unwrap_or_default(),
+                a.name.clone().unwrap_or_default(),
+            );
+            match shared.lock().pods.get(&key) {
+                Some(p) => json_response(
+                    StatusCode::OK,
+                    &serde_json::to_value(p).unwrap_or(Value::Null),
+                ),
+                None => failure(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("pods \"{}\" not found", key.1),
+                ),
+            }
+        }
         _ => failure(
             StatusCode::NOT_FOUND,
             "NotFound",

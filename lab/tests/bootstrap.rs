@@ -1,0 +1,245 @@
+//! Identity without hand-made certificates, end to end on loopback: an
+//! edge that holds only a projected service-account token obtains a node
+//! certificate from the relay, connects, and renews it; a token bound to
+//! node A never yields node B's certificate.
+//!
+//! No kube-apiserver can run on this machine: TokenReview and the pod the
+//! token is bound to come from `relay-kube-standin`, a stand-in speaking
+//! the apiserver's REST shapes — NOT a real apiserver. The relay reaches it
+//! through an ordinary kubeconfig.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{ensure, Context, Result};
+use edge_client::config::{BootstrapConfig, Identity};
+use edge_client::{EdgeClient, EdgeConfig, EdgeState};
+use relay_kube_standin::{daemonset_pod, kubelet_node, StandIn};
+use relay_protocol::RejectReason;
+use relay_server::config::{BootstrapSettings, KubeSettings};
+use relay_server::{Relay, RelayConfig};
+use relay_transport::devcerts::DevPki;
+use relay_transport::issue::NodeIssuer;
+use relay_transport::tls::{cert_names_node, certs_from_pem};
+
+const BOUND: Duration = Duration::from_secs(20);
+const NS: &str = "edge-relay";
+
+/// A directory removed on drop, even when a test fails.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Lab {
+    standin: StandIn,
+    pki: DevPki,
+    relay: Relay,
+    dir: TempDir,
+}
+
+/// A stand-in with Nodes edge-0 and edge-1, each running an edge-client
+/// pod, and a relay issuing certificates that live `lifetime`.
+async fn lab(lifetime: Duration) -> Result<Lab> {
+    relay_lab::init();
+    let standin = StandIn::spawn().await?;
+    for i in 0..2u8 {
+        let ip = format!("127.0.0.{}", 2 + i);
+        standin.upsert_node(kubelet_node(
+            &format!("edge-{i}"),
+            &[&format!("127.1.{i}.0/24")],
+            &[("InternalIP", &ip)],
+        ));
+        standin.upsert_pod(daemonset_pod(
+            NS,
+            &format!("edge-client-{i}"),
+            &format!("uid-{i}"),
+            &format!("edge-{i}"),
+            "edge-client",
+            "edge-client",
+        ));
+    }
+    // No node certificates: edges get theirs from the relay.
+    let pki = DevPki::generate(&["localhost"], &[])?;
+    let (ca_cert, ca_key) = pki.ca_pem_pair();
+    let mut cfg = RelayConfig::loopback(pki.relay_material()?);
+    cfg.kubernetes = Some(KubeSettings {
+        kubeconfig: Some(standin.kubeconfig_path().to_path_buf()),
+        ..KubeSettings::default()
+    });
+    cfg.bootstrap = Some(BootstrapSettings {
+        issuer: Arc::new(NodeIssuer::from_pem(&ca_cert, &ca_key, lifetime)?),
+        issuer_cert: certs_from_pem(ca_cert.as_bytes(), "ca")?.remove(0),
+        namespace: NS.into(),
+        service_account: "edge-client".into(),
+        daemonset: "edge-client".into(),
+    });
+    let relay = Relay::spawn(cfg).await?;
+    let dir = std::env::temp_dir().join(format!(
+        "bootstrap-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(Lab {
+        standin,
+        pki,
+        relay,
+        dir: TempDir(dir),
+    })
+}
+
+impl Lab {
+    /// An edge for `node` holding `token` and nothing else.
+    fn edge(&self, node: &str, token: &str) -> Result<(EdgeClient, PathBuf)> {
+        let token_file = self.dir.0.join(format!("{node}-token"));
+        std::fs::write(&token_file, token)?;
+        let state_dir = self.dir.0.join(format!("{node}-state"));
+        // EdgeConfig::new wants an identity; replace it with the bootstrap.
+        let placeholder = DevPki::generate(&["localhost"], &[node])?.node_material(node)?;
+        let mut cfg = EdgeConfig::new(
+            node,
+            self.relay.quic_addr().to_string(),
+            "localhost",
+            placeholder,
+        );
+        cfg.identity = Identity::Bootstrap(BootstrapConfig {
+            token_file,
+            state_dir: state_dir.clone(),
+            relay_ca: certs_from_pem(self.pki.ca_cert.as_bytes(), "ca")?,
+        });
+        Ok((EdgeClient::spawn(cfg), state_dir))
+    }
+
+    fn token(&self, node: &str, pod: &str, uid: &str, audience: &str) -> String {
+        self.standin.mint_token(
+            node,
+            pod,
+            uid,
+            audience,
+            SystemTime::now() + Duration::from_secs(3600),
+        )
+    }
+}
+
+async fn rejected(e: &EdgeClient) -> Result<(RejectReason, String)> {
+    let mut w = e.watch();
+    let s = tokio::time::timeout(
+        BOUND,
+        w.wait_for(|s| matches!(s, EdgeState::Rejected { .. })),
+    )
+    .await
+    .context("no rejection")??
+    .clone();
+    match s {
+        EdgeState::Rejected { reason, message } => Ok((reason, message)),
+        _ => unreachable!(),
+    }
+}
+
+/// Stand-in, not a real apiserver (see the module doc).
+#[tokio::test]
+async fn an_edge_with_only_a_token_obtains_a_certificate_connects_and_renews() -> Result<()> {
+    // 30 s certificates: renewal is due 20 s after issuance.
+    let lab = lab(Duration::from_secs(30)).await?;
+    let token = lab.token("edge-0", "edge-client-0", "uid-0", "edge-relay");
+    let (e0, state_dir) = lab.edge("edge-0", &token)?;
+    let (_, first_gen) = e0.wait_connected(BOUND).await.context("edge-0 connects")?;
+    let pem = std::fs::read_to_string(state_dir.join("edge-0.pem"))?;
+    let der = certs_from_pem(pem.as_bytes(), "kept")?;
+    assert!(
+        cert_names_node(&der[0], "edge-0"),
+        "the certificate names edge-0 only"
+    );
+    assert!(!cert_names_node(&der[0], "edge-1"));
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(state_dir.join("edge-0-key.pem"))?.permissions(),
+    );
+    assert_eq!(key_mode & 0o777, 0o600, "the private key is private");
+    // Renewal: a new certificate and a new session, the routes kept.
+    let mut w = e0.watch();
+    let renewed = tokio::time::timeout(
+        Duration::from_secs(45),
+        w.wait_for(
+            |s| matches!(s, EdgeState::Connected { generation, .. } if *generation > first_gen),
+        ),
+    )
+    .await
+    .context("no renewed session within 45 s")?;
+    drop(renewed);
+    let pem2 = std::fs::read_to_string(state_dir.join("edge-0.pem"))?;
+    ensure!(pem2 != pem, "the certificate was not replaced");
+    let rows = relay_lab::sessions(lab.relay.admin_addr().context("admin")?).await?;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].routes.len(), 2, "{rows:?}");
+    let (_, m) =
+        relay_lab::admin_get(lab.relay.admin_addr().context("admin")?, "/metrics", None).await?;
+    assert!(
+        m.contains("relay_bootstrap_total{outcome=\"issued\"} 2"),
+        "{m}"
+    );
+    e0.shutdown().await;
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+/// Stand-in, not a real apiserver (see the module doc).
+#[tokio::test]
+async fn tokens_that_do_not_prove_the_node_are_refused() -> Result<()> {
+    let lab = lab(Duration::from_secs(3600)).await?;
+    // Node A's token, an edge claiming node B.
+    let a = lab.token("edge-0", "edge-client-0", "uid-0", "edge-relay");
+    let (thief, state) = lab.edge("edge-1", &a)?;
+    let (r, m) = rejected(&thief).await?;
+    assert_eq!(r, RejectReason::IdentityMismatch);
+    assert!(m.contains("bound to node \"edge-0\""), "{m}");
+    assert!(
+        !state.join("edge-1.pem").exists(),
+        "no certificate for edge-1"
+    );
+    thief.shutdown().await;
+    // A token for another audience.
+    let other = lab.token("edge-1", "edge-client-1", "uid-1", "some-other-api");
+    let (e, _) = lab.edge("edge-1", &other)?;
+    let (r, m) = rejected(&e).await?;
+    assert_eq!(r, RejectReason::IdentityMismatch);
+    assert!(m.contains("audience"), "{m}");
+    e.shutdown().await;
+    // A pod that is gone (replaced: its uid differs), and a token that is
+    // not a token at all.
+    let stale = lab.token("edge-1", "edge-client-1", "uid-old", "edge-relay");
+    let (e, _) = lab.edge("edge-1", &stale)?;
+    let (r, m) = rejected(&e).await?;
+    assert_eq!(r, RejectReason::IdentityMismatch);
+    assert!(m.contains("replaced"), "{m}");
+    e.shutdown().await;
+    let (e, _) = lab.edge("edge-1", "garbage")?;
+    assert_eq!(rejected(&e).await?.0, RejectReason::IdentityMismatch);
+    e.shutdown().await;
+    // A pod of another DaemonSet on the right node.
+    lab.standin.upsert_pod(daemonset_pod(
+        NS,
+        "intruder",
+        "uid-x",
+        "edge-1",
+        "edge-client",
+        "not-edge-client",
+    ));
+    let t = lab.token("edge-1", "intruder", "uid-x", "edge-relay");
+    let (e, _) = lab.edge("edge-1", &t)?;
+    let (r, m) = rejected(&e).await?;
+    assert_eq!(r, RejectReason::IdentityMismatch);
+    assert!(m.contains("DaemonSet edge-client"), "{m}");
+    e.shutdown().await;
+    assert!(
+        relay_lab::sessions(lab.relay.admin_addr().context("admin")?)
+            .await?
+            .is_empty()
+    );
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! Certificate bootstrap, the relay's side: an edge with a projected
+//! service-account token but no certificate asks for one on a connection
+//! of its own (ALPN `edge-relay-bootstrap/1`, no client certificate).
+//!
+//! The relay takes the node name only from the token's binding (the
+//! apiserver's TokenReview answer), checks the pod the token is bound to
+//! (it exists, runs on that node, uses the edge service account, belongs
+//! to the edge-client DaemonSet), and issues a short-lived certificate
+//! whose only name is that node, from the issuing CA it holds. A token of
+//! node A can never yield a certificate for node B: the request's node must
+//! equal the token's.
+//!
+//! Why the relay signs, rather than the Kubernetes CSR API: the edge's
+//! token (audience `edge-relay`) cannot call the apiserver, so with the CSR
+//! API the relay would create, approve and sign every request itself —
+//! three writes per edge per renewal and RBAC to approve for a signer —
+//! for the same trust decision. Holding the CA key in a Secret only the
+//! relay reads keeps the API quiet and the RBAC small.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use relay_protocol::bootstrap::{CertReply, CertRequest, IssuedCert};
+use relay_protocol::codec::{read_frame, write_frame};
+use relay_protocol::{close_code, RejectReason, Rejection, PROTOCOL_VERSION};
+use relay_transport::TunnelConn;
+use tracing::{debug, info};
+
+use crate::server::Shared;
+
+/// Who a token says the edge is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenIdentity {
+    /// The node the token (and its pod) is bound to.
+    pub node: String,
+    /// The pod, for logs.
+    pub pod: String,
+}
+
+/// A refusal: the reason the edge sees and a message.
+pub type Refusal = (RejectReason, String);
+
+/// Verifies bootstrap tokens (TokenReview and the pod checks, in
+/// [`crate::k8s`]).
+pub trait TokenAuthority: Send + Sync + 'static {
+    /// The identity `token` proves, or why not.
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<TokenIdentity, Refusal>> + Send + 'a>>;
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Decides a request: the token's node must be the requested node.
+pub async fn decide(
+    authority: &dyn TokenAuthority,
+    issuer: &relay_transport::issue::NodeIssuer,
+    req: &CertRequest,
+    now: SystemTime,
+) -> Result<(IssuedCert, TokenIdentity), Refusal> {
+    if req.version != PROTOCOL_VERSION {
+        return Err((
+            RejectReason::UnsupportedVersion,
+            format!(
+                "protocol version {} not supported; this relay speaks {PROTOCOL_VERSION}",
+                req.version
+            ),
+        ));
+    }
+    let who = authority.authenticate(&req.token).await?;
+    if who.node != req.node {
+        return Err((
+            RejectReason::IdentityMismatch,
+            format!(
+                "the token is bound to node {:?}, not {:?}",
+                who.node, req.node
+            ),
+        ));
+    }
+    let issued = issuer
+        .issue(&who.node, &req.public_key, now)
+        .map_err(|e| (RejectReason::Malformed, e.to_string()))?;
+    Ok((
+        IssuedCert {
+            cert_pem: issued.cert_pem,
+            not_after_unix: unix(issued.not_after),
+            relay_time_unix: unix(now),
+        },
+        who,
+    ))
+}
+
+/// Serves one bootstrap connection: one request, one reply, bounded by the
+/// handshake timeout, then the connection closes.
+pub(crate) async fn serve_bootstrap(conn: TunnelConn, shared: Arc<Shared>) {
+    let remote = conn.remote_addr();
+    let limit = shared.cfg.limits.handshake_timeout;
+    let served = tokio::time::timeout(limit, async {
+        let mut bi = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let req: CertRequest = read_frame(&mut bi.recv).await.map_err(|e| e.to_string())?;
+        let outcome = match (&shared.cfg.bootstrap, &shared.tokens) {
+            (Some(b), Some(authority)) => decide(authority.as_ref(), &b.issuer, &req, SystemTime::now()).await,
+            _ => Err((
+                RejectReason::Malformed,
+                "this relay does not issue certificates ([bootstrap] is not configured)".to_string(),
+            )),
+        };
+        let reply = match outcome {
+            Ok((cert, who)) => {
+                shared.metrics.bootstrap_issued.fetch_add(1, Relaxed);
+                info!(%remote, node = %who.node, pod = %who.pod, "node certificate issued");
+                CertReply::Issued(cert)
+            }
+            Err((reason, message)) => {
+                shared.metrics.bootstrap_refused.fetch_add(1, Relaxed);
+                info!(%remote, node = %req.node, reason = reason.as_str(), %message, "certificate request refused");
+                shared.status.rejected(&req.node, reason.as_str(), &message);
+                CertReply::Refused(Rejection {
+                    reason,
+                    message,
+                    relay_version: PROTOCOL_VERSION,
+                    retry_after_ms: reason.is_transient().then_some(1000),
+                })
+            }
+        };
+        write_frame(&mut bi.send, &reply).await.map_err(|e| e.to_string())?;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut bi.send).await;
+        // Let the edge read the reply before the close discards it.
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+        Ok::<(), String>(())
+    })
+    .await;
+    match served {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(%remote, error = %e, "bootstrap connection failed"),
+        Err(_) => debug!(%remote, "bootstrap connection timed out"),
+    }
+    conn.close(close_code::NORMAL, "bootstrap done");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_transport::devcerts::DevPki;
+    use relay_transport::issue::{node_key, NodeIssuer};
+    use relay_transport::tls::{cert_names_node, certs_from_pem};
+
+    /// Tokens `token-<node>` prove `<node>`; anything else is refused.
+    struct Fixed;
+
+    impl TokenAuthority for Fixed {
+        fn authenticate<'a>(
+            &'a self,
+            token: &'a str,
+        ) -> Pin<Box<dyn Future<Output = Result<TokenIdentity, Refusal>> + Send + 'a>> {
+            Box::pin(async move {
+                match token.strip_prefix("token-") {
+                    Some(node) => Ok(TokenIdentity {
+                        node: node.to_string(),
+                        pod: format!("edge-client-{node}"),
+                    }),
+                    None => Err((RejectReason::IdentityMismatch, "unknown token".into())),
+                }
+            })
+        }
+    }
+
+    fn issuer() -> NodeIssuer {
+        let pki = DevPki::generate(&["localhost"], &[]).unwrap();
+        let (c, k) = pki.ca_pem_pair();
+        NodeIssuer::from_pem(&c, &k, Duration::from_secs(3600)).unwrap()
+    }
+
+    fn req(node: &str, token: &str) -> CertRequest {
+        CertRequest {
+            version: PROTOCOL_VERSION,
+            node: node.into(),
+            token: token.into(),
+            public_key: node_key().unwrap().1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_of_node_a_never_yields_a_certificate_for_node_b() {
+        let iss = issuer();
+        let now = SystemTime::now();
+        let (cert, who) = decide(&Fixed, &iss, &req("edge-a", "token-edge-a"), now)
+            .await
+            .unwrap();
+        assert_eq!(who.node, "edge-a");
+        let der = certs_from_pem(cert.cert_pem.as_bytes(), "issued").unwrap();
+        assert!(cert_names_node(&der[0], "edge-a"));
+        assert!(cert.not_after_unix > cert.relay_time_unix);
+        let (reason, msg) = decide(&Fixed, &iss, &req("edge-b", "token-edge-a"), now)
+            .await
+            .unwrap_err();
+        assert_eq!(reason, RejectReason::IdentityMismatch);
+        assert!(msg.contains("edge-a") && msg.contains("edge-b"), "{msg}");
+        assert!(decide(&Fixed, &iss, &req("edge-a", "garbage"), now)
+            .await
+            .is_err());
+        let mut bad = req("edge-a", "token-edge-a");
+        bad.public_key = vec![1, 2, 3];
+        assert_eq!(
+            decide(&Fixed, &iss, &bad, now).await.unwrap_err().0,
+            RejectReason::Malformed
+        );
+    }
+}
