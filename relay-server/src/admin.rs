@@ -2,8 +2,10 @@
 //!
 //! Loopback by default. With a token configured, `/v1/*` and `/metrics`
 //! require `Authorization: Bearer <token>`; `/healthz` and `/readyz` stay
-//! open for probes. Requests are bounded: at most 64 in flight (more are
-//! shed with 503) and 10 s each.
+//! open for probes. Off loopback the configuration must give it a token and
+//! TLS (`admin.tls`, see `config.rs`): it then serves HTTPS through
+//! `TlsListener`'s bounded handshakes. Requests are bounded: at most 64 in
+//! flight (more are shed with 503) and 10 s each.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;

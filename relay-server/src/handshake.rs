@@ -255,6 +255,11 @@ async fn handshake(
         .accept_bi()
         .await
         .map_err(|e| (HandshakeError::Failed("protocol", e.to_string()), None))?;
+    // Pings, pongs and route updates go ahead of bulk data in our send
+    // buffers (a pong queued behind a download looks like a dead path).
+    control
+        .send
+        .set_priority(relay_transport::conn::CONTROL_PRIORITY);
     let body = match read_frame_bytes(&mut control.recv, codec::MAX_FRAME_LEN).await {
         Ok(b) => b,
         Err(e @ FrameError::TooLarge { .. }) => {

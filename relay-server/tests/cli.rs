@@ -96,3 +96,43 @@ fn config_may_follow_the_subcommand_and_a_good_config_passes() {
         "{out:?}"
     );
 }
+
+/// The route agent refuses to send its token in clear to an admin API
+/// off loopback (it used to, over plain HTTP), before touching the network
+/// or any route.
+#[test]
+fn route_agent_refuses_a_token_over_plain_http() {
+    let dir = scratch("agent");
+    let token = dir.join("token");
+    std::fs::write(&token, "0123456789abcdef0123\n").expect("write token");
+    let out = relay_server(&[
+        "route-agent",
+        "--admin",
+        "192.0.2.1:9090",
+        "--via",
+        "192.0.2.1",
+        "--token-file",
+        token.to_str().expect("utf-8 path"),
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--ca-file"), "{err}");
+    // A CA file that does not exist is reported, naming the flag.
+    let out = relay_server(&[
+        "route-agent",
+        "--admin",
+        "192.0.2.1:9090",
+        "--via",
+        "192.0.2.1",
+        "--token-file",
+        token.to_str().expect("utf-8 path"),
+        "--ca-file",
+        "/nonexistent/ca.pem",
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--ca-file"),
+        "{out:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

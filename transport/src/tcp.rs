@@ -371,8 +371,10 @@ pub const USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Socket options of tunnel and CONNECT TCP sockets: no Nagle delay;
 /// TCP keep-alive well under CGNAT idle timers, so the NAT binding of an
 /// idle fallback session stays open and a peer that vanished without a
-/// FIN or RST is noticed by the kernel (10 s + 3 × 5 s); and
-/// [`USER_TIMEOUT`] for data that is never acknowledged.
+/// FIN or RST is probed (from 10 s of silence, every 5 s); and
+/// [`USER_TIMEOUT`], which also decides when unanswered probes end the
+/// connection (Linux: the user timeout overrides the probe count), so a
+/// vanished peer is dropped about 30 s after it last acknowledged anything.
 pub fn tune_socket(s: &tokio::net::TcpStream) {
     let _ = s.set_nodelay(true);
     let ka = socket2::TcpKeepalive::new()
