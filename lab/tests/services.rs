@@ -10,6 +10,11 @@
 //! UDP flow that went through kube-proxy before its port was captured must
 //! be captured on its next packet (the stale conntrack entry is deleted).
 //!
+//! A second test drives the lab's kube-proxy model from Services and
+//! EndpointSlices served by the apiserver stand-in (relay-kube-standin, not
+//! a real apiserver), through relay-kube's `ServiceDirectory`, regenerating
+//! the rules on every change as kube-proxy does.
+//!
 //! Needs root; skips loudly otherwise, and fails instead of skipping under
 //! CI=true or REQUIRE_LAB=1. Traffic stays inside the lab's namespaces.
 
@@ -242,8 +247,168 @@ fn cluster_ips_are_captured_before_kube_proxy() -> Result<()> {
     let body = http_from(&lab, Role::Relay, captured_tcp)?;
     assert!(body.contains("cpod2"), "uncaptured again: {body}");
 
+    let lb = lab.run_in(Role::Relay, Duration::from_secs(10), || async {
+        Ok(capture::socket_lb_suspected().await)
+    })?;
+    assert_eq!(lb, None, "no socket-level load balancer in the lab");
+
     cap.stop()?;
     let tables = lab.exec(Role::Relay, &["nft", "list", "tables"])?;
     assert!(!tables.contains("edge_relay"), "capture left: {tables}");
+    Ok(())
+}
+
+/// The lab's kube-proxy input from a service table: every IPv4 TCP/UDP
+/// ClusterIP port with its usable endpoints, as kube-proxy programs them.
+fn kube_services(table: &relay_kube::ServiceTable) -> Result<Vec<KubeService>> {
+    let mut out = Vec::new();
+    for ((vip, proto), e) in table.cluster_ips() {
+        let proto = match proto {
+            relay_kube::Protocol::Tcp => Proto::Tcp,
+            relay_kube::Protocol::Udp => Proto::Udp,
+            relay_kube::Protocol::Sctp => continue,
+        };
+        if !vip.is_ipv4() {
+            continue;
+        }
+        let eps: Vec<SocketAddr> = e.endpoints.iter().map(|ep| ep.addr()).collect();
+        let name = format!("{}/{}:{}", e.namespace, e.name, e.port_name);
+        out.push(KubeService::new(&name, *vip, proto, &eps)?);
+    }
+    Ok(out)
+}
+
+/// Test objects: Service `shop/web` (ClusterIP 10.96.0.20, port `http`
+/// 80 → targetPort `web`) and its slice with `endpoints` as (IP, node,
+/// ready).
+fn web_objects(
+    endpoints: &[(Ipv4Addr, &str, bool)],
+) -> (
+    relay_kube_standin::k8s_openapi::api::core::v1::Service,
+    relay_kube_standin::k8s_openapi::api::discovery::v1::EndpointSlice,
+) {
+    use relay_kube_standin::k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+    use relay_kube_standin::k8s_openapi::api::discovery::v1::{
+        Endpoint, EndpointConditions, EndpointPort, EndpointSlice,
+    };
+    use relay_kube_standin::k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use relay_kube_standin::k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let meta = |name: &str| ObjectMeta {
+        namespace: Some("shop".into()),
+        name: Some(name.into()),
+        labels: Some([("kubernetes.io/service-name".to_string(), "web".to_string())].into()),
+        ..Default::default()
+    };
+    let svc = Service {
+        metadata: meta("web"),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("10.96.0.20".into()),
+            cluster_ips: Some(vec!["10.96.0.20".into()]),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                protocol: Some("TCP".into()),
+                target_port: Some(IntOrString::String("web".into())),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    let slice = EndpointSlice {
+        metadata: meta("web-1"),
+        address_type: "IPv4".into(),
+        ports: Some(vec![EndpointPort {
+            name: Some("http".into()),
+            port: Some(i32::from(HTTP)),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        endpoints: endpoints
+            .iter()
+            .map(|(ip, node, ready)| Endpoint {
+                addresses: vec![ip.to_string()],
+                node_name: Some(node.to_string()),
+                conditions: Some(EndpointConditions {
+                    ready: Some(*ready),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .collect(),
+    };
+    (svc, slice)
+}
+
+/// Runs against the apiserver stand-in (relay-kube-standin on loopback),
+/// not a real apiserver.
+#[test]
+fn kube_proxy_model_follows_services_and_endpointslices() -> Result<()> {
+    if let Some(skip) = netns::require_root() {
+        eprintln!("SKIPPED kube-proxy model from the stand-in: {skip}");
+        return Ok(());
+    }
+    relay_lab::init();
+    let lab = NetnsLab::new()?;
+    let _cpod1 = services(&lab, Role::Cpod1, "cpod1")?;
+    let _cpod2 = services(&lab, Role::Cpod2, "cpod2")?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let _enter = rt.enter();
+    let standin = rt.block_on(relay_kube_standin::StandIn::spawn())?;
+    let client = rt.block_on(
+        relay_kube::KubeClientConfig::Kubeconfig {
+            path: standin.kubeconfig_path().to_path_buf(),
+            context: None,
+        }
+        .client(&relay_kube::ClientOptions::default()),
+    )?;
+    // cpod2 ready, cpod1 not: only cpod2 may answer.
+    let (svc, slice) = web_objects(&[
+        (netns::CPOD2_IP, "cloud2", true),
+        (netns::CPOD1_IP, "relay", false),
+    ]);
+    standin.upsert_service(svc);
+    standin.upsert_endpointslice(slice);
+    let dir = relay_kube::ServiceDirectory::spawn(&client, &Default::default());
+    rt.block_on(dir.wait_synced(Duration::from_secs(20)))?;
+    let web = sa(Ipv4Addr::new(10, 96, 0, 20), HTTP);
+    let sync = |want: Option<SocketAddr>| -> Result<()> {
+        // kube-proxy regenerates after every change; wait for the change
+        // to reach the table first.
+        let t = std::time::Instant::now();
+        loop {
+            let table = dir.table();
+            let got = table
+                .lookup(web, relay_kube::Protocol::Tcp)
+                .map(|e| e.endpoints.iter().map(|e| e.addr()).collect::<Vec<_>>());
+            if got == Some(want.into_iter().collect()) {
+                return lab.sync_services(KubeProxyMode::Nftables, &kube_services(&table)?);
+            }
+            anyhow::ensure!(t.elapsed() < Duration::from_secs(20), "table: {got:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    sync(Some(sa(netns::CPOD2_IP, HTTP)))?;
+    for ns in [Role::Cloud2, Role::Cpod1, Role::Apiserver] {
+        assert_eq!(http_from(&lab, ns, web)?, "hello from cpod2", "{ns}");
+    }
+    // The rollout: cpod2 no longer ready, cpod1 ready.
+    let (_, slice) = web_objects(&[
+        (netns::CPOD2_IP, "cloud2", false),
+        (netns::CPOD1_IP, "relay", true),
+    ]);
+    standin.upsert_endpointslice(slice);
+    sync(Some(sa(netns::CPOD1_IP, HTTP)))?;
+    for ns in [Role::Cloud2, Role::Cpod2, Role::Relay] {
+        assert_eq!(http_from(&lab, ns, web)?, "hello from cpod1", "{ns}");
+    }
+    // The slice goes: no endpoints, kube-proxy rejects.
+    assert!(standin.delete_endpointslice("shop", "web-1"));
+    sync(None)?;
+    let rules = lab.kube_proxy_rules(Role::Cloud2)?;
+    assert!(rules.contains("shop/web:http has no endpoints"), "{rules}");
+    assert!(http_from(&lab, Role::Cloud2, web).is_err());
+    drop(dir);
+    drop(standin);
     Ok(())
 }

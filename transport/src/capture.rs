@@ -524,6 +524,35 @@ pub fn conntrack_delete_args(addr: SocketAddr, proto: Proto) -> Vec<String> {
     ]
 }
 
+/// Signs that a kube-proxy replacement balances Services at the socket
+/// (Cilium's eBPF socket-LB): then ClusterIPs never reach nftables and
+/// [`Capture::apply_services`] matches nothing (see docs/architecture.md,
+/// "Services with edge endpoints"). Returns what was found, or `None`.
+/// Looks at this network namespace's links and the BPF filesystem only;
+/// decides nothing by itself.
+pub async fn socket_lb_suspected() -> Option<String> {
+    let mut signs = Vec::new();
+    if command("ip", &["-o", "link", "show", "cilium_host"], None)
+        .await
+        .is_ok_and(|out| out.contains("cilium_host"))
+    {
+        signs.push("link cilium_host".to_string());
+    }
+    for map in SOCKET_LB_MAPS {
+        if std::path::Path::new(map).exists() {
+            signs.push(format!("pinned map {map}"));
+        }
+    }
+    (!signs.is_empty()).then(|| signs.join(", "))
+}
+
+/// Cilium's pinned service maps (IPv4, IPv6), present when its load
+/// balancer (socket-LB or per-packet) replaces kube-proxy.
+const SOCKET_LB_MAPS: [&str; 2] = [
+    "/sys/fs/bpf/tc/globals/cilium_lb4_services_v2",
+    "/sys/fs/bpf/tc/globals/cilium_lb6_services_v2",
+];
+
 /// The prefixes of `set` not contained in another prefix of `set`.
 pub fn minimal_cover(set: &BTreeSet<Cidr>) -> Vec<Cidr> {
     let mut by_len: Vec<Cidr> = set.iter().copied().collect();
