@@ -314,10 +314,19 @@ impl ServiceTable {
     /// Replaces (or, with `None`, removes) the Service `namespace/name`.
     pub fn set(&mut self, namespace: &str, name: &str, entry: Option<ServiceEntry>) {
         let key = (namespace.to_string(), name.to_string());
-        self.by_vip
-            .retain(|_, e| (e.namespace.as_str(), e.name.as_str()) != (namespace, name));
+        // Only this Service's own ClusterIP entries go (no scan of the
+        // whole table: a slice update costs the size of its Service).
+        if let Some(old) = self.by_name.remove(&key) {
+            if let ServiceKind::ClusterIp(ips) = &old.kind {
+                for ip in ips {
+                    for p in &old.ports {
+                        self.by_vip
+                            .remove(&(SocketAddr::new(*ip, p.port), p.protocol));
+                    }
+                }
+            }
+        }
         let Some(entry) = entry else {
-            self.by_name.remove(&key);
             return;
         };
         if let ServiceKind::ClusterIp(ips) = &entry.kind {

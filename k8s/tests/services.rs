@@ -85,6 +85,8 @@ fn endpoints(dir: &ServiceDirectory, vip: &str, p: Protocol) -> Option<Vec<Socke
     })
 }
 
+/// Against the stand-in, not a real apiserver: add, change, delete, and a
+/// 503 outage during which the last table keeps serving.
 #[tokio::test]
 async fn follows_services_and_slices_and_keeps_the_table_through_outages() {
     let (standin, client) = setup().await;
@@ -158,7 +160,8 @@ async fn follows_services_and_slices_and_keeps_the_table_through_outages() {
 /// 10,000 EndpointSlice updates in a burst (100 slices rewritten 100 times,
 /// plus churn of short-lived slices): the directory ends with exactly the
 /// live objects and the last version of each, however many watch events
-/// it lost to the stand-in's bounded history (it relists then).
+/// it lost to the stand-in's bounded history (it relists then). Runs
+/// against the stand-in, not a real apiserver.
 #[tokio::test]
 async fn a_burst_of_ten_thousand_slice_updates_stays_bounded() {
     let (standin, client) = setup().await;
