@@ -235,6 +235,7 @@ fn reachability_before_any_tunnel() {
     // (prerouting) and host processes (output, over the default route).
     let vip = sa(Ipv4Addr::new(10, 96, 0, 10), 80);
     let vip2 = sa(Ipv4Addr::new(10, 96, 0, 11), 443);
+    let vip3 = sa(Ipv4Addr::new(10, 96, 0, 12), 80);
     lab.sync_services(
         KubeProxyMode::Iptables,
         &[
@@ -252,9 +253,26 @@ fn reachability_before_any_tunnel() {
                 &[sa(netns::CPOD1_IP, 8080)],
             )
             .expect("service b"),
+            KubeService::new(
+                "default/c:http",
+                vip3,
+                Proto::Tcp,
+                &[sa(netns::CPOD1_IP, 8080), sa(netns::CPOD2_IP, 8080)],
+            )
+            .expect("service c"),
         ],
     )
     .expect("kube-proxy sync");
+    // Two endpoints: numgen picks each, connection by connection.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let text = expect_ok(&lab, Role::Cloud2, vip3);
+        seen.insert(text.split(' ').next().unwrap_or_default().to_string());
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "both endpoints of {vip3}: {seen:?}");
     let text = expect_ok(&lab, Role::Cpod2, vip);
     assert!(text.starts_with("cpod1 "), "{text}");
     let text = expect_ok(&lab, Role::Cloud2, vip2);
