@@ -409,6 +409,25 @@ impl ServiceTable {
     }
 }
 
+impl ServiceTable {
+    /// The TCP and UDP ClusterIP:ports with at least one usable endpoint
+    /// that is not on `node` (or names no node): what edge `node` must
+    /// capture ahead of its own kube-proxy, which would otherwise DNAT to a
+    /// remote pod in the same hook as capture.
+    pub fn ports_with_endpoints_off(&self, node: &str) -> BTreeSet<(SocketAddr, Protocol)> {
+        self.by_vip
+            .iter()
+            .filter(|((_, p), _)| *p != Protocol::Sctp)
+            .filter(|(_, e)| {
+                e.endpoints
+                    .iter()
+                    .any(|ep| ep.node.as_deref() != Some(node))
+            })
+            .map(|(k, _)| *k)
+            .collect()
+    }
+}
+
 /// Options for the service directory.
 #[derive(Clone, Debug)]
 pub struct ServiceDirectoryOptions {
@@ -917,6 +936,10 @@ mod tests {
         assert!(t.lookup(sa("10.96.0.20:53"), Protocol::Tcp).is_none());
         let edges: BTreeSet<String> = ["edge1".to_string()].into();
         assert_eq!(t.ports_with_endpoints_on(&edges).len(), 2);
+        // edge1 serves both ports itself (the not-ready edge2 endpoint is
+        // not usable): nothing for it to capture; edge2 must capture both.
+        assert!(t.ports_with_endpoints_off("edge1").is_empty());
+        assert_eq!(t.ports_with_endpoints_off("edge2").len(), 2);
     }
 
     #[test]
