@@ -12,7 +12,10 @@
 //!   look: the Node condition `EdgeTunnelReady` and Events ([`StatusWriter`],
 //!   [`SessionEvents`]);
 //! - authenticating an edge by a node-bound service-account token:
-//!   [`TokenReviewer`].
+//!   [`TokenReviewer`];
+//! - what each ClusterIP:port is and where its endpoints run, with
+//!   kube-proxy's rules, so ClusterIPs can be captured before kube-proxy
+//!   DNATs them: [`ServiceDirectory`].
 //!
 //! Every call we make is bounded by a timeout ([`KubeError::Timeout`]); the
 //! watch behind the directory is bounded by the client's connect and read
@@ -25,6 +28,7 @@
 //! |---|---|
 //! | [`client`] | [`KubeClientConfig`]: in-cluster or kubeconfig → [`KubeClient`] |
 //! | [`nodes`] | [`NodeDirectory`], [`NodeClaims`], [`node_claims`] (pure) |
+//! | [`services`] | [`ServiceDirectory`] (reflectors over Services and EndpointSlices), [`ServiceTable`] and [`service_entry`] (pure) |
 //! | [`status`] | [`StatusWriter`] (server-side apply of the condition), [`next_condition`] (pure), [`SessionEvents`] |
 //! | [`pods`] | [`PodReader`]: the pod a bootstrap token is bound to |
 //! | [`tokenreview`] | [`TokenReviewer`], [`ReviewedToken`], [`TokenReviewError`] |
@@ -33,6 +37,7 @@
 pub mod client;
 pub mod nodes;
 pub mod pods;
+pub mod services;
 pub mod status;
 pub mod tokenreview;
 
@@ -41,6 +46,10 @@ use std::time::Duration;
 pub use client::{ClientOptions, KubeClient, KubeClientConfig};
 pub use nodes::{node_claims, ClaimIssue, DirectoryOptions, NodeClaims, NodeDirectory};
 pub use pods::{pod_facts, PodFacts, PodReader};
+pub use services::{
+    service_entry, ClusterIpEntry, Endpoint, Protocol, ServiceDirectory, ServiceDirectoryOptions,
+    ServiceEntry, ServiceKind, ServicePort, ServiceTable,
+};
 pub use status::{
     next_condition, SessionEvent, SessionEvents, StatusWriter, TunnelCondition, WriteOutcome,
     CONDITION_TYPE, FIELD_MANAGER,

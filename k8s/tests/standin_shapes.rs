@@ -118,3 +118,77 @@ async fn apply_over_another_managers_condition_conflicts_without_force() {
         .collect();
     assert!(managers.contains(&"edge-relay".to_string()), "{managers:?}");
 }
+
+/// Against the stand-in, not a real apiserver: Nodes, Services and
+/// EndpointSlices share one resourceVersion sequence (as in etcd), and a
+/// watch of one collection resumed from a resourceVersion sees only its
+/// own kind's later events, in order.
+#[tokio::test]
+async fn watches_of_each_collection_see_only_their_kind() {
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    init_tracing();
+    let standin = StandIn::spawn().await.unwrap();
+    let client = raw_client(&standin).await;
+    let services: Api<Service> = Api::all(client.clone());
+    let slices: Api<EndpointSlice> = Api::all(client);
+    let svc = |name: &str| -> Service {
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.20", "ports": [{"name": "http", "port": 80}]}}))
+        .unwrap()
+    };
+    let slice = |name: &str| -> EndpointSlice {
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "shop",
+            "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "endpoints": [{"addresses": ["10.244.7.5"]}]}))
+        .unwrap()
+    };
+    standin.upsert_service(svc("web"));
+    let rv = services
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    assert_eq!(
+        slices.list(&Default::default()).await.unwrap().items.len(),
+        0
+    );
+    // Interleaved changes of all three kinds after `rv`.
+    standin.upsert_node(node("edge-1", &["10.244.1.0/24"], "192.168.1.11"));
+    standin.upsert_endpointslice(slice("web-1"));
+    standin.upsert_service(svc("api"));
+    assert!(standin.delete_endpointslice("shop", "web-1"));
+    let names = |evs: Vec<String>| evs.join(" ");
+    let mut seen = Vec::new();
+    let mut stream = services
+        .watch(&WatchParams::default().timeout(2), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    while let Ok(Ok(Some(ev))) = tokio::time::timeout(BOUND, stream.try_next()).await {
+        match ev {
+            WatchEvent::Added(s) => seen.push(format!("+{}", s.metadata.name.unwrap())),
+            WatchEvent::Bookmark(_) => {}
+            other => panic!("unexpected service watch event {other:?}"),
+        }
+    }
+    assert_eq!(names(seen), "+api");
+    let mut seen = Vec::new();
+    let mut stream = slices
+        .watch(&WatchParams::default().timeout(2), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    while let Ok(Ok(Some(ev))) = tokio::time::timeout(BOUND, stream.try_next()).await {
+        match ev {
+            WatchEvent::Added(s) => seen.push(format!("+{}", s.metadata.name.unwrap())),
+            WatchEvent::Deleted(s) => seen.push(format!("-{}", s.metadata.name.unwrap())),
+            WatchEvent::Bookmark(_) => {}
+            other => panic!("unexpected slice watch event {other:?}"),
+        }
+    }
+    assert_eq!(names(seen), "+web-1 -web-1");
+    assert_eq!(standin.service_counts(), (2, 0));
+}

@@ -11,20 +11,34 @@
 //!
 //! | role        | addresses                                   | routes                                    |
 //! |-------------|---------------------------------------------|-------------------------------------------|
-//! | `relay`     | lan0 10.0.0.1, wan0 198.18.0.1, cni0 10.244.1.1 | 10.244.2.0/24 via 10.0.0.2 (no default) |
-//! | `cloud2`    | lan0 10.0.0.2, cni0 10.244.2.1              | 10.244.1.0/24 via 10.0.0.1; edge pod CIDRs and edge LANs via 10.0.0.1 |
-//! | `apiserver` | lan0 10.0.0.3                               | cloud pod CIDRs via their nodes; edge pod CIDRs and edge LANs via 10.0.0.1 |
+//! | `relay`     | lan0 10.0.0.1, wan0 198.18.0.1, cni0 10.244.1.1 | 10.244.2.0/24 via 10.0.0.2; default via 198.18.0.254 |
+//! | `cloud2`    | lan0 10.0.0.2, cni0 10.244.2.1              | 10.244.1.0/24 via 10.0.0.1; edge pod CIDRs and edge LANs via 10.0.0.1; default via 10.0.0.1 |
+//! | `apiserver` | lan0 10.0.0.3                               | cloud pod CIDRs via their nodes; edge pod CIDRs and edge LANs via 10.0.0.1; default via 10.0.0.1 |
+//! | `wan`       | br0 198.18.0.254 (the upstream gateway)     | cloud LAN and pod CIDRs via 198.18.0.1 (for ICMP errors only; forwards nothing) |
 //! | `cpod1`     | eth0 10.244.1.2                             | default via 10.244.1.1                    |
 //! | `cpod2`     | eth0 10.244.2.2                             | default via 10.244.2.1                    |
-//! | `nat{i}`    | wan0 198.18.0.1{i}, lan0 192.168.{i}.1      | 10.244.{6+i}.0/24 via 192.168.{i}.10; masquerade out of wan0; no inbound |
+//! | `nat{i}`    | wan0 198.18.0.1{i}, lan0 192.168.{i}.1      | 10.244.{6+i}.0/24 via 192.168.{i}.10; default via 198.18.0.254; masquerade out of wan0; no inbound |
 //! | `edge{i}`   | eth0 192.168.{i}.10, cni0 10.244.{6+i}.1    | default via 192.168.{i}.1                 |
 //! | `epod{i}`   | eth0 10.244.{6+i}.5                         | default via 10.244.{6+i}.1                |
 //!
-//! `switch` and `wan` only hold bridges. Every router (`relay`, `cloud2`,
-//! `nat{i}`, `edge{i}`) forwards. Edge hosts reach nothing but the WAN
-//! (through their NAT), so anything cloud-side must later go through the
-//! tunnel; `cloud2` and `apiserver` send edge traffic to the relay node, as
-//! a route agent would, and the relay node has no route for it yet.
+//! `switch` only holds a bridge; `wan` holds the WAN bridge and, on it, the
+//! upstream gateway every node's default route ends at: it forwards
+//! nothing, and answers what it cannot route with an ICMP "network
+//! unreachable" at once, as the lab's fail-fast cells expect (it has routes
+//! back to the cloud's ranges via the relay node for those errors alone). Every router (`relay`,
+//! `cloud2`, `nat{i}`, `edge{i}`, `wan`) forwards. Edge hosts reach nothing
+//! but the WAN (through their NAT), so anything cloud-side must later go
+//! through the tunnel; `cloud2` and `apiserver` send edge traffic to the
+//! relay node, as a route agent would, and the relay node has no route for
+//! it yet (its default route leads to the gateway, which refuses it).
+//!
+//! Every node (`relay`, `cloud2`, `apiserver`, `edge{i}`) has a default
+//! route, as real nodes do, and runs a model of kube-proxy in its root
+//! namespace ([`NetnsLab::sync_services`]): table `ip kube-proxy`, NAT
+//! chains on prerouting (pod traffic) and output (host processes) at
+//! priority -100 (dstnat), DNAT from each ClusterIP:port to its endpoints.
+//! Pods have no kube-proxy of their own: their traffic meets it on their
+//! node's prerouting hook, as with the real one.
 //!
 //! Interfaces are created directly inside their namespaces, so their names
 //! (`lan0`, `eth0`, ...) only need to be unique per namespace and parallel
@@ -36,7 +50,7 @@
 use std::fmt;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
@@ -59,6 +73,9 @@ pub const CLOUD_LAN: &str = "10.0.0.0/24";
 pub const RELAY_WAN_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The WAN.
 pub const WAN: &str = "198.18.0.0/24";
+/// The upstream gateway on the WAN (in the `wan` namespace): the end of
+/// the relay node's and the NATs' default routes.
+pub const WAN_GW: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 /// The pod on the relay node.
 pub const CPOD1_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
 /// The relay node's pod gateway (its `cni0`).
@@ -71,7 +88,7 @@ pub const CPOD2_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 2);
 pub const CPOD2_GW: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 1);
 /// cloud2's pod CIDR.
 pub const CPOD2_CIDR: &str = "10.244.2.0/24";
-/// The service (ClusterIP) range tests use with [`NetnsLab::add_cluster_ip`].
+/// The service (ClusterIP) range tests use with [`NetnsLab::sync_services`].
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
 /// The edge sites, numbered as in role and address names.
 pub const SITES: [u8; 2] = [1, 2];
@@ -264,7 +281,7 @@ impl NsRef for String {
 }
 
 /// Transport protocol of a ClusterIP service.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Proto {
     /// TCP.
     Tcp,
@@ -279,6 +296,174 @@ impl Proto {
             Proto::Udp => "udp",
         }
     }
+}
+
+/// The nodes that run kube-proxy (in their root namespaces): both cloud
+/// nodes, the apiserver host and both edge hosts.
+pub const KUBE_PROXY_NODES: [Role; 5] = [
+    Role::Relay,
+    Role::Cloud2,
+    Role::Apiserver,
+    Role::Edge1,
+    Role::Edge2,
+];
+
+/// Which kube-proxy the lab models. Both DNAT in NAT chains at priority
+/// -100 (dstnat) on prerouting and output, in the node's root namespace,
+/// and reject new connections to a service port without endpoints (filter
+/// forward and output).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KubeProxyMode {
+    /// `--proxy-mode=iptables` (iptables-nft): `KUBE-SERVICES` jumped to
+    /// from nat `PREROUTING` and `OUTPUT`, both at -100.
+    Iptables,
+    /// `--proxy-mode=nftables`: the same, plus its filter chains at
+    /// dstnat-10 (-110, `filter-prerouting-pre-dnat` and
+    /// `filter-output-pre-dnat`, where it drops what
+    /// loadBalancerSourceRanges forbid) that run before any DNAT.
+    Nftables,
+}
+
+/// One ClusterIP port as kube-proxy programs it: what a Service and its
+/// EndpointSlices resolve to (the ClusterIP and Service port, and the
+/// usable endpoints' addresses with the target port matched by port name;
+/// see relay-kube's `ServiceDirectory`, which computes the same view).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubeService {
+    /// `namespace/name:portname`, for rule comments.
+    pub name: String,
+    /// The Service's ClusterIP.
+    pub cluster_ip: Ipv4Addr,
+    /// The Service port.
+    pub port: u16,
+    /// The port's protocol.
+    pub proto: Proto,
+    /// Endpoint `IP:targetPort`s; one is picked per connection at random
+    /// (`numgen random`), as kube-proxy does. Empty: no endpoints, new
+    /// connections are rejected.
+    pub endpoints: Vec<SocketAddrV4>,
+}
+
+impl KubeService {
+    /// A service port with endpoints.
+    pub fn new(
+        name: &str,
+        cluster_ip: SocketAddr,
+        proto: Proto,
+        endpoints: &[SocketAddr],
+    ) -> Result<KubeService> {
+        let SocketAddr::V4(vip) = cluster_ip else {
+            bail!("the lab is IPv4 only: {cluster_ip}");
+        };
+        let endpoints = endpoints
+            .iter()
+            .map(|e| match e {
+                SocketAddr::V4(e) => Ok(*e),
+                SocketAddr::V6(_) => Err(anyhow!("the lab is IPv4 only: {e}")),
+            })
+            .collect::<Result<_>>()?;
+        Ok(KubeService {
+            name: name.to_string(),
+            cluster_ip: *vip.ip(),
+            port: vip.port(),
+            proto,
+            endpoints,
+        })
+    }
+}
+
+/// The whole `ip kube-proxy` table for `services` (pure): deletes and
+/// recreates it in one transaction. Each endpoint gets a chain that DNATs
+/// to it; each service port a rule in `services` that picks one endpoint
+/// chain with `numgen random mod N vmap` (kube-proxy's nftables mode does
+/// the same; its iptables mode uses `statistic --mode random`).
+pub fn kube_proxy_ruleset(mode: KubeProxyMode, services: &[KubeService]) -> Result<String> {
+    use std::fmt::Write as _;
+    // Regular chains first, so every jump names a chain already defined.
+    let mut chains = String::new();
+    let mut services_chain = String::new();
+    let mut no_endpoints = String::new();
+    for (i, svc) in services.iter().enumerate() {
+        if svc.name.contains('"') {
+            bail!("service name {:?} contains a quote", svc.name);
+        }
+        let p = svc.proto.nft();
+        let m = format!("ip daddr {} {p} dport {}", svc.cluster_ip, svc.port);
+        if svc.endpoints.is_empty() {
+            let _ = writeln!(
+                no_endpoints,
+                "    {m} reject comment \"{} has no endpoints\"",
+                svc.name
+            );
+            continue;
+        }
+        let mut vmap = Vec::new();
+        for (j, ep) in svc.endpoints.iter().enumerate() {
+            let _ = writeln!(
+                chains,
+                "  chain endpoint-{i}-{j} {{\n    meta l4proto {p} dnat to {}:{} comment \"{}\"\n  }}",
+                ep.ip(),
+                ep.port(),
+                svc.name
+            );
+            vmap.push(format!("{j} : jump endpoint-{i}-{j}"));
+        }
+        let _ = writeln!(
+            services_chain,
+            "    {m} numgen random mod {} vmap {{ {} }} comment \"{}\"",
+            svc.endpoints.len(),
+            vmap.join(", "),
+            svc.name
+        );
+    }
+    let _ = write!(chains, "  chain services {{\n{services_chain}  }}\n");
+    let _ = write!(chains, "  chain no-endpoints {{\n{no_endpoints}  }}\n");
+    let base = |name: &str, kind: &str, hook: &str, prio: i32, rule: &str| {
+        format!(
+            "  chain {name} {{\n    type {kind} hook {hook} priority {prio}; policy accept;\n    {rule}\n  }}\n"
+        )
+    };
+    // kube-proxy's DNAT for pods (prerouting) and host processes (output).
+    chains += &base("nat-prerouting", "nat", "prerouting", -100, "jump services");
+    chains += &base("nat-output", "nat", "output", -100, "jump services");
+    // Connections to a service port without endpoints are rejected (no
+    // DNAT happened, so the destination is still the ClusterIP).
+    chains += &base(
+        "filter-forward",
+        "filter",
+        "forward",
+        -110,
+        "ct state new jump no-endpoints",
+    );
+    chains += &base(
+        "filter-output",
+        "filter",
+        "output",
+        -110,
+        "ct state new jump no-endpoints",
+    );
+    if mode == KubeProxyMode::Nftables {
+        // nftables mode's pre-DNAT chains (loadBalancerSourceRanges
+        // drops; the lab has no LoadBalancer Services, so they are empty).
+        chains += "  chain firewall-check {\n  }\n";
+        chains += &base(
+            "filter-prerouting-pre-dnat",
+            "filter",
+            "prerouting",
+            -110,
+            "ct state new jump firewall-check",
+        );
+        chains += &base(
+            "filter-output-pre-dnat",
+            "filter",
+            "output",
+            -110,
+            "ct state new jump firewall-check",
+        );
+    }
+    Ok(format!(
+        "table ip kube-proxy {{}}\ndelete table ip kube-proxy\ntable ip kube-proxy {{\n{chains}}}\n"
+    ))
 }
 
 /// Why the lab cannot run here.
@@ -532,9 +717,43 @@ impl NetnsLab {
             )?;
             self.nft(nat, &nat_ruleset())?;
         }
-        for role in [Relay, Cloud2, Nat1, Nat2, Edge1, Edge2] {
+        // The upstream gateway and every default route: nodes have one in
+        // real clusters, and kube-proxy's output DNAT relies on it (the
+        // route lookup happens before the output hook).
+        self.ip(Wan, &format!("addr add {WAN_GW}/24 dev br0"))?;
+        // The gateway forwards nothing (an Internet router would not carry
+        // private addresses anywhere), but answers "network unreachable"
+        // for what it cannot route, which needs routes back to the cloud's
+        // private ranges for the ICMP errors alone.
+        for net in [CLOUD_LAN, CPOD1_CIDR, CPOD2_CIDR] {
+            self.ip(Wan, &format!("route add {net} via {RELAY_WAN_IP}"))?;
+        }
+        self.nft(
+            Wan,
+            // By destination: the WAN's bridged frames run this hook too
+            // (br_netfilter), with br0 as their interface, but never go to
+            // the cloud's private ranges; routed packets only can.
+            &format!(
+                "table ip gateway {{\n\
+                   chain forward {{\n\
+                     type filter hook forward priority filter; policy accept;\n\
+                     ip daddr {{ {CLOUD_LAN}, {CPOD1_CIDR}, {CPOD2_CIDR} }} drop\n\
+                   }}\n\
+                 }}\n"
+            ),
+        )?;
+        self.ip(Relay, &format!("route add default via {WAN_GW}"))?;
+        for role in [Cloud2, Apiserver] {
+            self.ip(role, &format!("route add default via {RELAY_LAN_IP}"))?;
+        }
+        for site in SITES {
+            self.ip(Role::nat(site)?, &format!("route add default via {WAN_GW}"))?;
+        }
+        for role in [Relay, Cloud2, Nat1, Nat2, Edge1, Edge2, Wan] {
             self.exec(role, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         }
+        // kube-proxy on every node, with no Services yet.
+        self.sync_services(KubeProxyMode::Iptables, &[])?;
         Ok(())
     }
 
@@ -707,59 +926,25 @@ impl NetnsLab {
         })
     }
 
-    /// kube-proxy's ClusterIP behaviour in `client_ns`: DNATs connections to
-    /// `cluster_ip` towards `endpoint`, for traffic generated in the
-    /// namespace (output hook) and traffic it forwards (prerouting), in
-    /// table `ip kubeproxy`. The initial route lookup happens before the
-    /// output hook, so when the namespace has no route covering
-    /// `cluster_ip` (the cloud nodes have no default route) a host route is
-    /// added along the endpoint's path, as a default route would provide.
-    pub fn add_cluster_ip(
-        &self,
-        client_ns: impl NsRef,
-        cluster_ip: SocketAddr,
-        endpoint: SocketAddr,
-        proto: Proto,
-    ) -> Result<()> {
-        let ns = client_ns.ns_name(self);
-        let (SocketAddr::V4(vip), SocketAddr::V4(ep)) = (cluster_ip, endpoint) else {
-            bail!("add_cluster_ip: only IPv4 ({cluster_ip} -> {endpoint})");
-        };
-        let p = proto.nft();
-        let rule = format!(
-            "ip daddr {} {p} dport {} dnat to {}:{}",
-            vip.ip(),
-            vip.port(),
-            ep.ip(),
-            ep.port()
-        );
-        // `add` of an existing table/chain is a no-op, so services can be
-        // added one by one.
-        self.nft(
-            ns,
-            &format!(
-                "add table ip kubeproxy\n\
-                 add chain ip kubeproxy prerouting {{ type nat hook prerouting priority dstnat; }}\n\
-                 add chain ip kubeproxy output {{ type nat hook output priority -100; }}\n\
-                 add rule ip kubeproxy prerouting {rule}\n\
-                 add rule ip kubeproxy output {rule}\n"
-            ),
-        )?;
-        if self.ip(ns, &format!("route get {}", vip.ip())).is_err() {
-            let via = self.ip(ns, &format!("-j route get {}", ep.ip()))?;
-            let v: serde_json::Value = serde_json::from_str(&via)
-                .with_context(|| format!("parsing `ip -j route get {}` in {ns}", ep.ip()))?;
-            let r = &v[0];
-            let dev = r["dev"]
-                .as_str()
-                .with_context(|| format!("no device in route to {} in {ns}: {via}", ep.ip()))?;
-            let route = match r["gateway"].as_str() {
-                Some(gw) => format!("route replace {}/32 via {gw} dev {dev}", vip.ip()),
-                None => format!("route replace {}/32 dev {dev}", vip.ip()),
-            };
-            self.ip(ns, &route)?;
+    /// kube-proxy's view of the cluster, applied on every node
+    /// ([`KUBE_PROXY_NODES`]): the `ip kube-proxy` table is replaced whole
+    /// by [`kube_proxy_ruleset`]`(mode, services)` in one `nft -f`
+    /// transaction per node, as kube-proxy regenerates its rules after
+    /// every Service or EndpointSlice change (no instant without rules).
+    /// Calling it with an empty list leaves empty chains, as kube-proxy
+    /// runs with no Services.
+    pub fn sync_services(&self, mode: KubeProxyMode, services: &[KubeService]) -> Result<()> {
+        let script = kube_proxy_ruleset(mode, services)?;
+        for node in KUBE_PROXY_NODES {
+            self.nft(node, &script)
+                .with_context(|| format!("kube-proxy sync on {node}"))?;
         }
         Ok(())
+    }
+
+    /// The `ip kube-proxy` table of `node` as `nft list table` shows it.
+    pub fn kube_proxy_rules(&self, node: Role) -> Result<String> {
+        self.exec(node, &["nft", "list", "table", "ip", "kube-proxy"])
     }
 
     /// Fault: NAT `site` drops all forwarded UDP to and from the WAN (QUIC

@@ -7,10 +7,10 @@
 //! apiserver. The relay reaches it through an ordinary kubeconfig, so its
 //! production client path is the one checked.
 //!
-//! 1. With exactly the manifests' rules, a full session lifecycle (edge up,
-//!    condition written, event published, reconnect folded into an event
-//!    series, Node changed, Node deleted) passes with zero 403s: the rules
-//!    are enough.
+//! 1. With exactly the manifests' rules, a full session lifecycle (edge up
+//!    with a certificate obtained by token bootstrap, condition written,
+//!    event published, reconnect folded into an event series, Node changed,
+//!    Node deleted) passes with zero 403s: the rules are enough.
 //! 2. With any one verb of any one rule removed (and with any whole rule
 //!    removed), the same scenario fails and at least one 403 is seen: no
 //!    rule, and no verb, is unused. A rule no test needs fails here.
@@ -19,13 +19,27 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use std::sync::Arc;
+
+use edge_client::config::{BootstrapConfig, Identity};
 use edge_client::{EdgeClient, EdgeConfig, EdgeState};
-use relay_kube_standin::{cluster_role_rules, kubelet_node, PolicyRule, StandIn};
+use relay_kube_standin::{cluster_role_rules, daemonset_pod, kubelet_node, PolicyRule, StandIn};
 use relay_lab::sessions;
 use relay_protocol::Cidr;
-use relay_server::config::KubeSettings;
+use relay_server::config::{BootstrapSettings, KubeSettings};
 use relay_server::{Relay, RelayConfig};
 use relay_transport::devcerts::DevPki;
+use relay_transport::issue::NodeIssuer;
+use relay_transport::tls::certs_from_pem;
+
+/// A directory removed on drop, even when a run fails.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 const RBAC_YAML: &str = include_str!("../../deploy/kubernetes/base/rbac.yaml");
 const ROLE: &str = "edge-relay:relay-server";
@@ -75,8 +89,45 @@ struct Outcome {
 async fn lifecycle(rules: Vec<PolicyRule>, bound: Duration) -> Result<Outcome> {
     let standin = StandIn::spawn_with_rbac(rules).await?;
     standin.upsert_node(node("127.1.0.0/24"));
-    let pki = DevPki::generate(&["localhost"], &["edge-0"])?;
+    standin.upsert_pod(daemonset_pod(
+        "edge-relay",
+        "edge-client-0",
+        "uid-0",
+        "edge-0",
+        "edge-client",
+        "edge-client",
+    ));
+    let token = standin.mint_token(
+        "edge-0",
+        "edge-client-0",
+        "uid-0",
+        "edge-relay",
+        std::time::SystemTime::now() + Duration::from_secs(3600),
+    );
+    // The edge has no certificate: it bootstraps one with its token (token
+    // review, the pod read), so those rules are exercised too.
+    let pki = DevPki::generate(&["localhost"], &[])?;
+    let (ca_cert, ca_key) = pki.ca_pem_pair();
+    let dir = TempDir(std::env::temp_dir().join(format!(
+        "rbac-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    )));
+    std::fs::create_dir_all(&dir.0)?;
+    let token_file = dir.0.join("token");
+    std::fs::write(&token_file, token)?;
     let mut cfg = RelayConfig::loopback(pki.relay_material()?);
+    cfg.bootstrap = Some(BootstrapSettings {
+        issuer: Arc::new(NodeIssuer::from_pem(
+            &ca_cert,
+            &ca_key,
+            Duration::from_secs(3600),
+        )?),
+        issuer_cert: certs_from_pem(ca_cert.as_bytes(), "ca")?.remove(0),
+        namespace: "edge-relay".into(),
+        service_account: "edge-client".into(),
+        daemonset: "edge-client".into(),
+    });
     cfg.quic.keepalive = Duration::from_millis(500);
     cfg.quic.idle_timeout = Duration::from_secs(5);
     cfg.kubernetes = Some(KubeSettings {
@@ -87,12 +138,20 @@ async fn lifecycle(rules: Vec<PolicyRule>, bound: Duration) -> Result<Outcome> {
     let relay = Relay::spawn(cfg).await?;
     let admin = relay.admin_addr().context("admin listener")?;
     let edge = || -> Result<EdgeClient> {
-        Ok(EdgeClient::spawn(EdgeConfig::new(
+        let placeholder = DevPki::generate(&["localhost"], &["edge-0"])?.node_material("edge-0")?;
+        let mut cfg = EdgeConfig::new(
             "edge-0",
             relay.quic_addr().to_string(),
             "localhost",
-            pki.node_material("edge-0")?,
-        )))
+            placeholder,
+        );
+        cfg.identity = Identity::Bootstrap(BootstrapConfig {
+            token_file: token_file.clone(),
+            // A fresh state directory each time: every edge up bootstraps.
+            state_dir: dir.0.join(format!("state-{}", rand::random::<u32>())),
+            relay_ca: certs_from_pem(pki.ca_cert.as_bytes(), "ca")?,
+        });
+        Ok(EdgeClient::spawn(cfg))
     };
     let condition = || {
         standin
@@ -121,7 +180,8 @@ async fn lifecycle(rules: Vec<PolicyRule>, bound: Duration) -> Result<Outcome> {
     let mut step = "edge up";
     let mut edges = Vec::new();
     let run = async {
-        // Edge up: needs the Node list (nodes list).
+        // Edge up: a certificate from the token (tokenreviews create, pods
+        // get), then the Node list (nodes list).
         let e = edge()?;
         e.wait_connected(bound).await.context("not connected")?;
         edges.push(e);

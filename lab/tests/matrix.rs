@@ -1,8 +1,8 @@
 //! The end-to-end matrix of the seed documents (FabEdge with SuperEdge test
 //! tables), in the network-namespace lab: cloud → edge, edge → cloud and
 //! edge → edge, from pods and from host-network processes, to pod IPs,
-//! node addresses and ClusterIPs (kube-proxy's DNAT in the client's
-//! namespace), over TCP (an HTTP page naming the host that served it) and
+//! node addresses and ClusterIPs (kube-proxy's DNAT where it really runs:
+//! in every node's root namespace, prerouting and output at -100), over TCP (an HTTP page naming the host that served it) and
 //! UDP (a DNS-sized query and reply). Then the control cell (relay stopped →
 //! cloud → edge pod fails, as with plain Flannel) and route hygiene.
 //!
@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use relay_lab::netns::{self, NetnsLab, Proto, Role};
+use relay_lab::netns::{self, KubeProxyMode, KubeService, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
     admin, captured_prefixes, connect_from, edge_config, fails_fast, http_from, lab_pki, launch,
     relay_config, sa, services, start_edge, start_relay, udp_from, within, Running, Table,
@@ -25,6 +25,11 @@ use relay_lab::scenario::{
 use tokio::net::UdpSocket;
 
 const AGENT_PROTO: u8 = 250;
+
+/// Cells that fail with kube-proxy where it really runs, until the relay
+/// and edges capture ClusterIPs before it (transport's
+/// `Capture::apply_services`, not yet wired into the sessions).
+const GAP: &str = "Services issue";
 
 /// The route agent on cloud2, polling the relay's admin API every 200 ms.
 fn start_agent(lab: &NetnsLab) -> Result<Running> {
@@ -106,27 +111,33 @@ fn run_matrix(udp_blocked_at: Option<u8>, report: &str) -> Result<()> {
     ] {
         svcs.push(services(&lab, role, name)?);
     }
-    // kube-proxy: ClusterIPs DNATed in the clients' namespaces.
+    // kube-proxy on every node (root namespaces): one endpoint per
+    // Service, so each cell knows which host must answer.
     let svc_edge1 = sa(Ipv4Addr::new(10, 96, 0, 20), HTTP);
     let svc_cloud = sa(Ipv4Addr::new(10, 96, 0, 10), HTTP);
     let svc_edge2 = sa(Ipv4Addr::new(10, 96, 0, 30), HTTP);
-    lab.add_cluster_ip(
-        Role::Cpod2,
-        svc_edge1,
-        sa(netns::edge_pod_ip(1), HTTP),
-        Proto::Tcp,
-    )?;
-    lab.add_cluster_ip(
-        Role::Epod1,
-        svc_cloud,
-        sa(netns::CPOD1_IP, HTTP),
-        Proto::Tcp,
-    )?;
-    lab.add_cluster_ip(
-        Role::Epod1,
-        svc_edge2,
-        sa(netns::edge_pod_ip(2), HTTP),
-        Proto::Tcp,
+    lab.sync_services(
+        KubeProxyMode::Iptables,
+        &[
+            KubeService::new(
+                "default/web-edge1:http",
+                svc_edge1,
+                Proto::Tcp,
+                &[sa(netns::edge_pod_ip(1), HTTP)],
+            )?,
+            KubeService::new(
+                "default/web-cloud:http",
+                svc_cloud,
+                Proto::Tcp,
+                &[sa(netns::CPOD1_IP, HTTP)],
+            )?,
+            KubeService::new(
+                "default/web-edge2:http",
+                svc_edge2,
+                Proto::Tcp,
+                &[sa(netns::edge_pod_ip(2), HTTP)],
+            )?,
+        ],
     )?;
 
     // cloud2 gets its edge routes from the route agent, not from the
@@ -277,6 +288,35 @@ fn run_matrix(udp_blocked_at: Option<u8>, report: &str) -> Result<()> {
     );
     m.check(
         &[
+            "cloud host → ClusterIP (edge endpoint)",
+            "cloud2 (hostNetwork) → 10.96.0.20 ⇒ 10.244.7.5",
+        ],
+        "epod1",
+        http_from(&lab, Role::Cloud2, svc_edge1),
+    );
+    // kube-proxy on the relay node DNATs to the edge pod in the same hook
+    // as capture would redirect: one NAT binding per hook, so the edge pod
+    // address is delivered locally and refused.
+    m.known_gap(
+        &[
+            "cloud pod (relay node) → ClusterIP (edge endpoint)",
+            "cpod1@relay → 10.96.0.20 ⇒ 10.244.7.5",
+        ],
+        GAP,
+        "epod1",
+        http_from(&lab, Role::Cpod1, svc_edge1),
+    );
+    m.known_gap(
+        &[
+            "relay node host → ClusterIP (edge endpoint)",
+            "relay (hostNetwork) → 10.96.0.20 ⇒ 10.244.7.5",
+        ],
+        GAP,
+        "epod1",
+        http_from(&lab, Role::Relay, svc_edge1),
+    );
+    m.check(
+        &[
             "apiserver → edge kubelet (CONNECT)",
             "apiserver → CONNECT edge1:10250",
         ],
@@ -328,6 +368,14 @@ fn run_matrix(udp_blocked_at: Option<u8>, report: &str) -> Result<()> {
         "cpod1",
         http_from(&lab, Role::Epod1, svc_cloud),
     );
+    m.check(
+        &[
+            "edge host → ClusterIP (cloud endpoint)",
+            "edge1 (hostNetwork) → 10.96.0.10 ⇒ 10.244.1.2",
+        ],
+        "cpod1",
+        http_from(&lab, Role::Edge1, svc_cloud),
+    );
     // edge → edge
     m.check(
         &["edge pod → other edge's pod", "epod1 → 10.244.8.5"],
@@ -347,11 +395,15 @@ fn run_matrix(udp_blocked_at: Option<u8>, report: &str) -> Result<()> {
         "edge1",
         http_from(&lab, Role::Epod2, sa(host1, HTTP)),
     );
-    m.check(
+    // The edge captures the service range and the relay dials the
+    // ClusterIP, where its own kube-proxy DNATs to the other edge's pod
+    // past capture (the relay's sockets are never captured).
+    m.known_gap(
         &[
             "edge pod → ClusterIP (other edge)",
             "epod1 → 10.96.0.30 ⇒ 10.244.8.5",
         ],
+        GAP,
         "epod2",
         http_from(&lab, Role::Epod1, svc_edge2),
     );
@@ -630,9 +682,11 @@ fn run_matrix(udp_blocked_at: Option<u8>, report: &str) -> Result<()> {
     let summary = m.publish(
         report,
         &format!(
-            "lab build {build:?}, relay + 2 edges up {up:?}, lab teardown {teardown:?}; {} of {} cells passed",
+            "lab build {build:?}, relay + 2 edges up {up:?}, lab teardown {teardown:?}; {} of {} cells passed, \
+             {} known gaps (Services issue) not counted as passes",
             m.passed(),
-            m.rows.len()
+            m.rows.len() - m.known_gaps(),
+            m.known_gaps()
         ),
     );
     let failed = m.failed();

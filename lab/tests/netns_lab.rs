@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use relay_lab::netns::{self, NetnsLab, Proto, Role};
+use relay_lab::netns::{self, KubeProxyMode, KubeService, NetnsLab, Proto, Role};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::oneshot;
@@ -231,19 +231,66 @@ fn reachability_before_any_tunnel() {
     expect_fail(&lab, Role::Epod1, sa(netns::CPOD2_IP, 8080));
     expect_fail(&lab, Role::Edge1, sa(netns::CPOD2_IP, 8080));
 
-    // kube-proxy ClusterIP: DNAT in the client's namespace.
+    // kube-proxy ClusterIP: DNAT in the nodes' root namespaces, for pods
+    // (prerouting) and host processes (output, over the default route).
     let vip = sa(Ipv4Addr::new(10, 96, 0, 10), 80);
-    lab.add_cluster_ip(Role::Cpod2, vip, sa(netns::CPOD1_IP, 8080), Proto::Tcp)
-        .expect("add cluster IP");
+    let vip2 = sa(Ipv4Addr::new(10, 96, 0, 11), 443);
+    let vip3 = sa(Ipv4Addr::new(10, 96, 0, 12), 80);
+    lab.sync_services(
+        KubeProxyMode::Iptables,
+        &[
+            KubeService::new(
+                "default/a:http",
+                vip,
+                Proto::Tcp,
+                &[sa(netns::CPOD1_IP, 8080)],
+            )
+            .expect("service a"),
+            KubeService::new(
+                "default/b:https",
+                vip2,
+                Proto::Tcp,
+                &[sa(netns::CPOD1_IP, 8080)],
+            )
+            .expect("service b"),
+            KubeService::new(
+                "default/c:http",
+                vip3,
+                Proto::Tcp,
+                &[sa(netns::CPOD1_IP, 8080), sa(netns::CPOD2_IP, 8080)],
+            )
+            .expect("service c"),
+        ],
+    )
+    .expect("kube-proxy sync");
+    // Two endpoints: numgen picks each, connection by connection.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let text = expect_ok(&lab, Role::Cloud2, vip3);
+        seen.insert(text.split(' ').next().unwrap_or_default().to_string());
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "both endpoints of {vip3}: {seen:?}");
     let text = expect_ok(&lab, Role::Cpod2, vip);
     assert!(text.starts_with("cpod1 "), "{text}");
-    // A second service in the same table, from a node without a default
-    // route (the lab adds the host route kube-proxy would rely on).
-    let vip2 = sa(Ipv4Addr::new(10, 96, 0, 11), 443);
-    lab.add_cluster_ip(Role::Cloud2, vip2, sa(netns::CPOD1_IP, 8080), Proto::Tcp)
-        .expect("add cluster IP on cloud2");
     let text = expect_ok(&lab, Role::Cloud2, vip2);
     assert!(text.starts_with("cpod1 "), "{text}");
+    // Regenerated whole: a Service gone is gone on every node.
+    lab.sync_services(
+        KubeProxyMode::Nftables,
+        &[KubeService::new("default/b:https", vip2, Proto::Tcp, &[]).expect("service b")],
+    )
+    .expect("kube-proxy resync");
+    expect_fail(&lab, Role::Cpod2, vip);
+    expect_fail(&lab, Role::Cloud2, vip2);
+    let rules = lab.kube_proxy_rules(Role::Edge2).expect("edge2 rules");
+    assert!(rules.contains("has no endpoints"), "{rules}");
+    assert!(
+        rules.contains("priority dstnat - 10") || rules.contains("-110"),
+        "{rules}"
+    );
 }
 
 /// Sends one datagram from `role` to `to` and waits for the echo.

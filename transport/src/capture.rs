@@ -14,6 +14,12 @@
 //!     meta mark <own_mark> return
 //!     ip daddr @skip4 return
 //!     ip daddr @dst4 meta l4proto { tcp, udp } redirect to :<port> }
+//!   set svc4 { type ipv4_addr . inet_proto . inet_service; }  # captured ClusterIP ports
+//!   chain svc_pre { type nat hook prerouting priority -150;  # before kube-proxy (-100)
+//!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svc4 redirect to :<port> }   # and its nftables mode (-110)
+//!   chain svc_out { type nat hook output priority -150;
+//!     meta mark <own_mark> return
+//!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svc4 redirect to :<port> }
 //!   chain guard { type filter hook input priority filter;
 //!     th dport <port> ct status dnat accept      # only redirected traffic
 //!     th dport <port> drop }                     # reaches the listeners
@@ -37,11 +43,22 @@
 //! local table, whose route names a real local source (`127.0.0.1`), since
 //! a source equal to the foreign destination fails with ENETUNREACH.
 //!
+//! ClusterIP ports ([`Capture::apply_services`]) are captured by exact
+//! `address . protocol . port`, in chains at priority -150: kube-proxy
+//! DNATs ClusterIPs in the same hooks at -100 (and its nftables mode has
+//! filter chains at -110), and a connection gets one NAT binding per hook,
+//! so whatever NATs first wins. Redirected first, the original destination
+//! the listener recovers is the ClusterIP:port itself; redirected after
+//! kube-proxy it would be one endpoint, chosen on the wrong node. Host
+//! processes need a route to the ClusterIP for the output hook to run at
+//! all; every Kubernetes node has one (default route or service CIDR).
+//!
 //! Everything is removed by [`Capture::teardown`], and [`Capture::install`]
 //! first removes whatever a crashed previous run left.
 
 use std::collections::BTreeSet;
 use std::fmt::Write;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use relay_protocol::Cidr;
@@ -201,12 +218,33 @@ async fn output(prog: &str, args: &[&str]) -> Result<String, CaptureError> {
     command(prog, args, None).await
 }
 
-/// Installed capture state; [`Capture::apply`] moves it to a new prefix set.
+/// Transport protocol of a captured service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Proto {
+    /// The nftables / conntrack name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// Installed capture state; [`Capture::apply`] moves it to a new prefix
+/// set, [`Capture::apply_services`] to a new set of service ports.
 #[derive(Debug)]
 pub struct Capture {
     cfg: CaptureConfig,
     installed: BTreeSet<Cidr>,
     skipped: BTreeSet<Cidr>,
+    services: BTreeSet<(SocketAddr, Proto)>,
 }
 
 impl Capture {
@@ -228,6 +266,14 @@ impl Capture {
              meta mark {mark:#x} return\n\
              ip daddr @skip4 return\n\
              ip daddr @dst4 meta l4proto {{ tcp, udp }} redirect to :{p}\n\
+             }}\n\
+             set svc4 {{ type ipv4_addr . inet_proto . inet_service; }}\n\
+             chain svc_pre {{ type nat hook prerouting priority -150; policy accept;\n\
+             meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svc4 redirect to :{p}\n\
+             }}\n\
+             chain svc_out {{ type nat hook output priority -150; policy accept;\n\
+             meta mark {mark:#x} return\n\
+             meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svc4 redirect to :{p}\n\
              }}\n\
              chain guard {{ type filter hook input priority filter; policy accept;\n\
              meta l4proto {{ tcp, udp }} th dport {p} ct status dnat accept\n\
@@ -264,6 +310,7 @@ impl Capture {
             cfg,
             installed: BTreeSet::new(),
             skipped: BTreeSet::new(),
+            services: BTreeSet::new(),
         })
     }
 
@@ -353,6 +400,59 @@ impl Capture {
         Ok(())
     }
 
+    /// The service ports captured now.
+    pub fn services(&self) -> &BTreeSet<(SocketAddr, Proto)> {
+        &self.services
+    }
+
+    /// Captures exactly the ClusterIP ports `want` (IPv4; IPv6 entries are
+    /// reported and left out), in prerouting and output ahead of kube-proxy
+    /// (see the module docs), redirected to the capture port so the
+    /// original destination is the ClusterIP:port.
+    ///
+    /// The set is rewritten whole in one transaction. Then the UDP
+    /// conntrack entries the change makes stale are deleted: a UDP "flow"
+    /// keeps the NAT binding of its first packet for as long as packets
+    /// keep coming, so a resolver's socket that reached an endpoint through
+    /// kube-proxy's DNAT would never be captured (and one captured before a
+    /// removal would keep going to the capture port). TCP connections keep
+    /// their binding to their end, which is right for them. A failed
+    /// `conntrack -D` (usually: no such entry) is logged, not an error.
+    pub async fn apply_services(
+        &mut self,
+        want: &BTreeSet<(SocketAddr, Proto)>,
+    ) -> Result<(), CaptureError> {
+        let want4: BTreeSet<(SocketAddr, Proto)> =
+            want.iter().filter(|(a, _)| a.is_ipv4()).copied().collect();
+        if want4.len() < want.len() {
+            warn!(
+                ignored = want.len() - want4.len(),
+                "IPv6 service ports are not captured"
+            );
+        }
+        if want4 == self.services {
+            return Ok(());
+        }
+        let t = &self.cfg.nft_table;
+        let nft = services_script(t, &want4);
+        run("nft", &["-f", "-"], Some(&nft)).await?;
+        let stale: Vec<(SocketAddr, Proto)> = want4
+            .symmetric_difference(&self.services)
+            .filter(|(_, p)| *p == Proto::Udp)
+            .copied()
+            .collect();
+        self.services = want4;
+        for (addr, proto) in stale {
+            let args = conntrack_delete_args(addr, proto);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            if let Err(e) = run("conntrack", &args, None).await {
+                debug!(error = %e, %addr, "no stale conntrack entries deleted");
+            }
+        }
+        debug!(services = self.services.len(), "service capture updated");
+        Ok(())
+    }
+
     /// Removes everything capture installed.
     pub async fn teardown(self) {
         remove_all(&self.cfg).await;
@@ -390,6 +490,68 @@ async fn remove_all(cfg: &CaptureConfig) {
         let _ = run("ip", &[fam, "route", "flush", "table", &table], None).await;
     }
 }
+
+/// The `nft -f` script that makes set `svc4` of table `inet <table>` hold
+/// exactly `services` (flush and add in one transaction).
+pub fn services_script(table: &str, services: &BTreeSet<(SocketAddr, Proto)>) -> String {
+    let mut nft = format!("flush set inet {table} svc4\n");
+    let elems: Vec<String> = services
+        .iter()
+        .filter(|(a, _)| a.is_ipv4())
+        .map(|(a, p)| format!("{} . {} . {}", a.ip(), p.as_str(), a.port()))
+        .collect();
+    if !elems.is_empty() {
+        let _ = writeln!(
+            nft,
+            "add element inet {table} svc4 {{ {} }}",
+            elems.join(", ")
+        );
+    }
+    nft
+}
+
+/// `conntrack` arguments deleting the entries whose original destination
+/// is `addr` over `proto`.
+pub fn conntrack_delete_args(addr: SocketAddr, proto: Proto) -> Vec<String> {
+    vec![
+        "-D".into(),
+        "-p".into(),
+        proto.as_str().into(),
+        "--orig-dst".into(),
+        addr.ip().to_string(),
+        "--dport".into(),
+        addr.port().to_string(),
+    ]
+}
+
+/// Signs that a kube-proxy replacement balances Services at the socket
+/// (Cilium's eBPF socket-LB): then ClusterIPs never reach nftables and
+/// [`Capture::apply_services`] matches nothing (see docs/architecture.md,
+/// "Services with edge endpoints"). Returns what was found, or `None`.
+/// Looks at this network namespace's links and the BPF filesystem only;
+/// decides nothing by itself.
+pub async fn socket_lb_suspected() -> Option<String> {
+    let mut signs = Vec::new();
+    if command("ip", &["-o", "link", "show", "cilium_host"], None)
+        .await
+        .is_ok_and(|out| out.contains("cilium_host"))
+    {
+        signs.push("link cilium_host".to_string());
+    }
+    for map in SOCKET_LB_MAPS {
+        if std::path::Path::new(map).exists() {
+            signs.push(format!("pinned map {map}"));
+        }
+    }
+    (!signs.is_empty()).then(|| signs.join(", "))
+}
+
+/// Cilium's pinned service maps (IPv4, IPv6), present when its load
+/// balancer (socket-LB or per-packet) replaces kube-proxy.
+const SOCKET_LB_MAPS: [&str; 2] = [
+    "/sys/fs/bpf/tc/globals/cilium_lb4_services_v2",
+    "/sys/fs/bpf/tc/globals/cilium_lb6_services_v2",
+];
 
 /// The prefixes of `set` not contained in another prefix of `set`.
 pub fn minimal_cover(set: &BTreeSet<Cidr>) -> Vec<Cidr> {
@@ -450,6 +612,30 @@ mod tests {
         let mut cover: Vec<String> = minimal_cover(&set).iter().map(|c| c.to_string()).collect();
         cover.sort();
         assert_eq!(cover, ["10.244.0.0/16", "10.96.0.0/12", "fd00::/64"]);
+    }
+
+    #[test]
+    fn service_set_script_and_conntrack_arguments() {
+        let set: BTreeSet<(SocketAddr, Proto)> = [
+            ("10.96.0.10:53".parse().unwrap(), Proto::Udp),
+            ("10.96.0.10:53".parse().unwrap(), Proto::Tcp),
+            ("[fd00::10]:53".parse().unwrap(), Proto::Udp),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            services_script("edge_relay", &set),
+            "flush set inet edge_relay svc4\n\
+             add element inet edge_relay svc4 { 10.96.0.10 . tcp . 53, 10.96.0.10 . udp . 53 }\n"
+        );
+        assert_eq!(
+            services_script("t", &BTreeSet::new()),
+            "flush set inet t svc4\n"
+        );
+        assert_eq!(
+            conntrack_delete_args("10.96.0.10:53".parse().unwrap(), Proto::Udp).join(" "),
+            "-D -p udp --orig-dst 10.96.0.10 --dport 53"
+        );
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! | path | verbs |
 //! |---|---|
 //! | `/api/v1/nodes` | list (with `metadata.resourceVersion`), watch (ADDED/MODIFIED/DELETED, BOOKMARK, expiry after `timeoutSeconds`, injected `ERROR` 410) |
+//! | `/api/v1/services` | list, watch (same mechanics as Nodes; all namespaces) |
+//! | `/apis/discovery.k8s.io/v1/endpointslices` | list, watch (same mechanics as Nodes; all namespaces) |
 //! | `/api/v1/nodes/{name}`, `/status` | get; `PATCH application/apply-patch+yaml` on `/status` merges `status.conditions` by `type` per field manager ([`apply`]) |
 //! | `/apis/events.k8s.io/v1/namespaces/{ns}/events[/{name}]` | create, merge-patch, list |
 //! | `/apis/authentication.k8s.io/v1/tokenreviews` | create, answered from tokens minted with [`StandIn::mint_token`] |
@@ -25,7 +27,11 @@
 //! Test hooks: [`StandIn::inject_gone`] (in-stream `ERROR` 410 on every open
 //! watch), [`StandIn::set_unavailable`] (every request answers 503),
 //! [`StandIn::stop`] / [`StandIn::start`] (the listener goes away and comes
-//! back on the same port), and direct edits of the Node set.
+//! back on the same port), and direct edits of the Node, Service and
+//! EndpointSlice sets ([`StandIn::upsert_service`],
+//! [`StandIn::upsert_endpointslice`] and their deletes). Watch events of
+//! all three share one resourceVersion sequence and one history, as in
+//! etcd.
 //!
 //! Module map: [`request`] (classification), [`rbac`] (rules and
 //! matching), [`apply`] (server-side apply of conditions), this module
@@ -50,8 +56,11 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
-use k8s_openapi::api::core::v1::{Node, NodeCondition, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry, Time};
+use k8s_openapi::api::core::v1::{Node, NodeCondition, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    FieldsV1, ManagedFieldsEntry, ObjectMeta, Time,
+};
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -130,9 +139,28 @@ struct Minted {
     expires: SystemTime,
 }
 
+/// The watchable collections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Res {
+    Nodes,
+    Services,
+    EndpointSlices,
+}
+
+impl Res {
+    /// `(kind, apiVersion)` of the objects.
+    fn kind(self) -> (&'static str, &'static str) {
+        match self {
+            Res::Nodes => ("Node", "v1"),
+            Res::Services => ("Service", "v1"),
+            Res::EndpointSlices => ("EndpointSlice", "discovery.k8s.io/v1"),
+        }
+    }
+}
+
 enum Signal {
-    /// One watch event line for Nodes, with its resourceVersion.
-    Event(Bytes),
+    /// One watch event line of a collection.
+    Event(Res, Bytes),
     /// Send `ERROR` 410 and end the stream.
     Gone,
     /// End the stream without a word (server going away).
@@ -142,8 +170,12 @@ enum Signal {
 struct State {
     rv: u64,
     nodes: BTreeMap<String, Node>,
+    /// Services by (namespace, name).
+    services: BTreeMap<(String, String), Service>,
+    /// EndpointSlices by (namespace, name).
+    slices: BTreeMap<(String, String), EndpointSlice>,
     owners: BTreeMap<String, ConditionOwners>,
-    history: Vec<(u64, Bytes)>,
+    history: Vec<(u64, Res, Bytes)>,
     /// Oldest resourceVersion a watch may resume from.
     oldest_rv: u64,
     events: BTreeMap<(String, String), Value>,
@@ -220,8 +252,8 @@ fn now_time() -> Time {
     Time(Timestamp::new(secs, nanos).unwrap_or(Timestamp::UNIX_EPOCH))
 }
 
-/// Serialises a Node the way list items come back: without kind/apiVersion.
-fn list_item(node: &Node) -> Value {
+/// Serialises an object the way list items come back: without kind/apiVersion.
+fn list_item(node: &impl serde::Serialize) -> Value {
     let mut v = serde_json::to_value(node).unwrap_or(Value::Null);
     if let Some(o) = v.as_object_mut() {
         o.remove("kind");
@@ -255,13 +287,18 @@ impl State {
 
     /// Records a watch event and returns the line to broadcast.
     fn record(&mut self, kind: &str, node: &Node) -> (u64, Bytes) {
+        self.record_obj(Res::Nodes, kind, node)
+    }
+
+    /// Records a watch event of any collection.
+    fn record_obj(&mut self, res: Res, kind: &str, obj: &impl serde::Serialize) -> (u64, Bytes) {
         let rv = self.rv;
-        let line = Bytes::from(format!("{}\n", json!({"type": kind, "object": node})));
-        self.history.push((rv, line.clone()));
+        let line = Bytes::from(format!("{}\n", json!({"type": kind, "object": obj})));
+        self.history.push((rv, res, line.clone()));
         if self.history.len() > HISTORY {
             let drop = self.history.len() - HISTORY;
             self.history.drain(..drop);
-            self.oldest_rv = self.history.first().map_or(self.rv, |(rv, _)| rv - 1);
+            self.oldest_rv = self.history.first().map_or(self.rv, |(rv, _, _)| rv - 1);
         }
         (rv, line)
     }
@@ -311,7 +348,7 @@ pub fn daemonset_pod(
     daemonset: &str,
 ) -> Pod {
     use k8s_openapi::api::core::v1::PodSpec;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
     Pod {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -333,6 +370,37 @@ pub fn daemonset_pod(
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// `(namespace, name)` of an object; an empty namespace becomes `default`.
+fn object_key(meta: &mut ObjectMeta) -> (String, String) {
+    let ns = meta
+        .namespace
+        .get_or_insert_with(|| "default".to_string())
+        .clone();
+    (ns, meta.name.clone().unwrap_or_default())
+}
+
+/// Sets uid, creation time and resourceVersion as the apiserver does
+/// (kept from `old` on replacement); returns the watch event type.
+fn stamp(meta: &mut ObjectMeta, old: Option<&ObjectMeta>, rv: u64) -> &'static str {
+    meta.resource_version = Some(rv.to_string());
+    match old {
+        Some(o) => {
+            meta.uid = o.uid.clone();
+            meta.creation_timestamp = o.creation_timestamp.clone();
+            "MODIFIED"
+        }
+        None => {
+            meta.uid = Some(format!(
+                "uid-{}-{}-{rv}",
+                meta.namespace.as_deref().unwrap_or_default(),
+                meta.name.as_deref().unwrap_or_default()
+            ));
+            meta.creation_timestamp = Some(now_time());
+            "ADDED"
+        }
     }
 }
 
@@ -431,6 +499,8 @@ impl StandIn {
             state: Mutex::new(State {
                 rv: 100,
                 nodes: BTreeMap::new(),
+                services: BTreeMap::new(),
+                slices: BTreeMap::new(),
                 owners: BTreeMap::new(),
                 history: Vec::new(),
                 oldest_rv: 100,
@@ -595,15 +665,105 @@ impl StandIn {
         let rv = st.bump();
         node.metadata.resource_version = Some(rv.to_string());
         let (_, line) = st.record("DELETED", &node);
-        let _ = self.shared.watch_tx.send(Arc::new(Signal::Event(line)));
+        let _ = self
+            .shared
+            .watch_tx
+            .send(Arc::new(Signal::Event(Res::Nodes, line)));
         true
     }
 
     fn publish(&self, st: &mut State, kind: &str, name: &str) {
         if let Some(node) = st.nodes.get(name).cloned() {
             let (_, line) = st.record(kind, &node);
-            let _ = self.shared.watch_tx.send(Arc::new(Signal::Event(line)));
+            let _ = self
+                .shared
+                .watch_tx
+                .send(Arc::new(Signal::Event(Res::Nodes, line)));
         }
+    }
+
+    /// Creates or replaces a Service (ADDED or MODIFIED on watches);
+    /// `metadata.namespace` defaults to `default`. Returns the new
+    /// resourceVersion.
+    pub fn upsert_service(&self, mut svc: Service) -> u64 {
+        let mut st = self.shared.lock();
+        let key = object_key(&mut svc.metadata);
+        let rv = st.bump();
+        let kind = stamp(
+            &mut svc.metadata,
+            st.services.get(&key).map(|o| &o.metadata),
+            rv,
+        );
+        st.services.insert(key, svc.clone());
+        let (_, line) = st.record_obj(Res::Services, kind, &svc);
+        let _ = self
+            .shared
+            .watch_tx
+            .send(Arc::new(Signal::Event(Res::Services, line)));
+        rv
+    }
+
+    /// Deletes a Service (DELETED on watches); false if it did not exist.
+    pub fn delete_service(&self, namespace: &str, name: &str) -> bool {
+        let mut st = self.shared.lock();
+        let Some(mut svc) = st
+            .services
+            .remove(&(namespace.to_string(), name.to_string()))
+        else {
+            return false;
+        };
+        let rv = st.bump();
+        svc.metadata.resource_version = Some(rv.to_string());
+        let (_, line) = st.record_obj(Res::Services, "DELETED", &svc);
+        let _ = self
+            .shared
+            .watch_tx
+            .send(Arc::new(Signal::Event(Res::Services, line)));
+        true
+    }
+
+    /// Creates or replaces an EndpointSlice (ADDED or MODIFIED on
+    /// watches); `metadata.namespace` defaults to `default`. Returns the
+    /// new resourceVersion.
+    pub fn upsert_endpointslice(&self, mut slice: EndpointSlice) -> u64 {
+        let mut st = self.shared.lock();
+        let key = object_key(&mut slice.metadata);
+        let rv = st.bump();
+        let kind = stamp(
+            &mut slice.metadata,
+            st.slices.get(&key).map(|o| &o.metadata),
+            rv,
+        );
+        st.slices.insert(key, slice.clone());
+        let (_, line) = st.record_obj(Res::EndpointSlices, kind, &slice);
+        let _ = self
+            .shared
+            .watch_tx
+            .send(Arc::new(Signal::Event(Res::EndpointSlices, line)));
+        rv
+    }
+
+    /// Deletes an EndpointSlice (DELETED on watches); false if it did not
+    /// exist.
+    pub fn delete_endpointslice(&self, namespace: &str, name: &str) -> bool {
+        let mut st = self.shared.lock();
+        let Some(mut slice) = st.slices.remove(&(namespace.to_string(), name.to_string())) else {
+            return false;
+        };
+        let rv = st.bump();
+        slice.metadata.resource_version = Some(rv.to_string());
+        let (_, line) = st.record_obj(Res::EndpointSlices, "DELETED", &slice);
+        let _ = self
+            .shared
+            .watch_tx
+            .send(Arc::new(Signal::Event(Res::EndpointSlices, line)));
+        true
+    }
+
+    /// Number of stored (Services, EndpointSlices).
+    pub fn service_counts(&self) -> (usize, usize) {
+        let st = self.shared.lock();
+        (st.services.len(), st.slices.len())
     }
 
     /// The stored Node.
@@ -816,7 +976,15 @@ fn route(
         a.verb.as_str(),
     ) {
         ("", "nodes", None, "list") => list_nodes(shared),
-        ("", "nodes", None, "watch") => watch_nodes(shared, &q),
+        ("", "nodes", None, "watch") => watch(shared, &q, Res::Nodes),
+        ("", "services", None, "list") if a.name.is_none() => list_of(shared, Res::Services),
+        ("", "services", None, "watch") if a.name.is_none() => watch(shared, &q, Res::Services),
+        ("discovery.k8s.io", "endpointslices", None, "list") if a.name.is_none() => {
+            list_of(shared, Res::EndpointSlices)
+        }
+        ("discovery.k8s.io", "endpointslices", None, "watch") if a.name.is_none() => {
+            watch(shared, &q, Res::EndpointSlices)
+        }
         ("", "nodes", None | Some("status"), "get") => {
             let name = a.name.clone().unwrap_or_default();
             match shared.lock().nodes.get(&name) {
@@ -878,6 +1046,34 @@ fn list_nodes(shared: &Shared) -> Response<Body> {
     )
 }
 
+/// A Service or EndpointSlice list (all namespaces, or the request's).
+fn list_of(shared: &Shared, res: Res) -> Response<Body> {
+    let st = shared.lock();
+    let items: Vec<Value> = match res {
+        Res::Nodes => st.nodes.values().map(list_item).collect(),
+        Res::Services => st.services.values().map(list_item).collect(),
+        Res::EndpointSlices => st.slices.values().map(list_item).collect(),
+    };
+    let (kind, api_version) = res.kind();
+    json_response(
+        StatusCode::OK,
+        &json!({"kind": format!("{kind}List"), "apiVersion": api_version,
+                "metadata": {"resourceVersion": st.rv.to_string()}, "items": items}),
+    )
+}
+
+/// Synthetic ADDED lines for every stored object of `res`.
+fn initial_events(st: &State, res: Res) -> Vec<Bytes> {
+    fn line(o: &impl serde::Serialize) -> Bytes {
+        Bytes::from(format!("{}\n", json!({"type": "ADDED", "object": o})))
+    }
+    match res {
+        Res::Nodes => st.nodes.values().map(line).collect(),
+        Res::Services => st.services.values().map(line).collect(),
+        Res::EndpointSlices => st.slices.values().map(line).collect(),
+    }
+}
+
 fn gone_line(rv: u64, oldest: u64) -> Bytes {
     let status = status_body(
         410,
@@ -887,7 +1083,7 @@ fn gone_line(rv: u64, oldest: u64) -> Bytes {
     Bytes::from(format!("{}\n", json!({"type": "ERROR", "object": status})))
 }
 
-fn watch_nodes(shared: &Arc<Shared>, q: &BTreeMap<String, String>) -> Response<Body> {
+fn watch(shared: &Arc<Shared>, q: &BTreeMap<String, String>, res: Res) -> Response<Body> {
     let timeout = q
         .get("timeoutSeconds")
         .and_then(|s| s.parse::<u64>().ok())
@@ -908,22 +1104,22 @@ fn watch_nodes(shared: &Arc<Shared>, q: &BTreeMap<String, String>) -> Response<B
         expired = from != 0 && from < st.oldest_rv;
         if from == 0 {
             // "Any" resourceVersion: a synthetic ADDED per object first.
-            for n in st.nodes.values() {
-                let line = json!({"type": "ADDED", "object": n});
-                backlog.push(Bytes::from(format!("{line}\n")));
-            }
+            backlog = initial_events(&st, res);
         } else if expired {
             backlog.push(gone_line(from, st.oldest_rv));
         } else {
-            let newer = st.history.iter().filter(|(rv, _)| *rv > from);
-            backlog.extend(newer.map(|(_, l)| l.clone()));
+            let newer = st
+                .history
+                .iter()
+                .filter(|(rv, r, _)| *rv > from && *r == res);
+            backlog.extend(newer.map(|(_, _, l)| l.clone()));
         }
     }
     let shared2 = shared.clone();
     tokio::spawn(async move {
         shared2.open_watches.fetch_add(1, Ordering::SeqCst);
         let _ = stream_watch(
-            &tx, backlog, expired, &mut sub, timeout, bookmarks, &shared2,
+            &tx, backlog, expired, &mut sub, timeout, bookmarks, &shared2, res,
         )
         .await;
         shared2.open_watches.fetch_sub(1, Ordering::SeqCst);
@@ -940,6 +1136,7 @@ fn watch_nodes(shared: &Arc<Shared>, q: &BTreeMap<String, String>) -> Response<B
 
 /// Feeds one watch: backlog, then live events, bookmarks, until the
 /// timeout, a Gone/Close signal, or the client going away (`Err`).
+#[allow(clippy::too_many_arguments)]
 async fn stream_watch(
     tx: &mpsc::Sender<Bytes>,
     backlog: Vec<Bytes>,
@@ -948,6 +1145,7 @@ async fn stream_watch(
     timeout: u64,
     bookmarks: bool,
     shared: &Shared,
+    res: Res,
 ) -> Result<(), mpsc::error::SendError<Bytes>> {
     for line in backlog {
         tx.send(line).await?;
@@ -964,7 +1162,8 @@ async fn stream_watch(
             _ = tick.tick() => {
                 if bookmarks {
                     let rv = shared.lock().rv;
-                    let line = json!({"type": "BOOKMARK", "object": {"kind": "Node", "apiVersion": "v1",
+                    let (kind, api_version) = res.kind();
+                    let line = json!({"type": "BOOKMARK", "object": {"kind": kind, "apiVersion": api_version,
                         "metadata": {"resourceVersion": rv.to_string()}}});
                     tx.send(Bytes::from(format!("{line}\n"))).await?;
                 } else if tx.is_closed() {
@@ -973,7 +1172,8 @@ async fn stream_watch(
             }
             sig = sub.recv() => match sig {
                 Ok(s) => match &*s {
-                    Signal::Event(line) => tx.send(line.clone()).await?,
+                    Signal::Event(r, line) if *r == res => tx.send(line.clone()).await?,
+                    Signal::Event(..) => {}
                     Signal::Gone => {
                         let (rv, oldest) = { let st = shared.lock(); (st.rv, st.oldest_rv) };
                         tx.send(gone_line(rv.saturating_sub(1), oldest)).await?;
@@ -1017,7 +1217,9 @@ fn apply_status(
         }
         if let Some(node) = st.nodes.get(name).cloned() {
             let (_, line) = st.record("MODIFIED", &node);
-            let _ = shared.watch_tx.send(Arc::new(Signal::Event(line)));
+            let _ = shared
+                .watch_tx
+                .send(Arc::new(Signal::Event(Res::Nodes, line)));
         }
     }
     Ok(changed)
