@@ -212,6 +212,17 @@ impl SendHalf {
     }
 }
 
+impl SendHalf {
+    /// Writes a whole chunk. On QUIC the stream keeps `chunk` itself (no
+    /// copy into the send buffer); on yamux it is written as bytes.
+    pub async fn write_chunk(&mut self, chunk: bytes::Bytes) -> io::Result<()> {
+        match self {
+            SendHalf::Quic(s) => s.write_chunk(chunk).await.map_err(io::Error::from),
+            SendHalf::Tcp(s) => tokio::io::AsyncWriteExt::write_all(s, &chunk).await,
+        }
+    }
+}
+
 impl RecvHalf {
     /// Tells the peer to stop sending (its writes fail).
     pub fn stop(&mut self, code: u32) {
