@@ -298,6 +298,25 @@ impl RecvHalf {
     }
 }
 
+impl RecvHalf {
+    /// Fills `bufs` with the next chunks (up to `bufs.len()`, no copy);
+    /// `Ok(Some(n))` is how many, `Ok(None)` a clean end of stream. Lets a
+    /// reader hand many ~1.4 KB QUIC frames to one `writev`.
+    pub async fn read_chunks(&mut self, bufs: &mut [bytes::Bytes]) -> io::Result<Option<usize>> {
+        match self {
+            RecvHalf::Quic(r) => r.read_chunks(bufs).await.map_err(io::Error::from),
+            RecvHalf::Tcp(_) => match self.read_chunk().await? {
+                Some(c) if !bufs.is_empty() => {
+                    bufs[0] = c;
+                    Ok(Some(1))
+                }
+                Some(_) => Ok(Some(0)),
+                None => Ok(None),
+            },
+        }
+    }
+}
+
 /// Opens a stream on `conn`, sends `open` and waits (at most `timeout`)
 /// for the far side's answer. On success the stream is ready for payload
 /// (raw bytes for TCP, the flow's lifetime for UDP); on failure the reply
