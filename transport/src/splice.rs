@@ -482,6 +482,45 @@ mod tests {
         assert_eq!(t0.elapsed(), Duration::from_secs(1800 + 3600));
     }
 
+    /// A real splice (loopback TCP on one side, a yamux stream on the
+    /// other) whose peers both fall silent is reset by a short bound.
+    #[tokio::test]
+    async fn silent_peers_do_not_hold_a_splice() {
+        use crate::tcp::YamuxConn;
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], 9).into();
+        let t = Duration::from_secs(5);
+        let (ca, cb) = tokio::join!(
+            YamuxConn::start(a, true, addr, Vec::new(), t),
+            YamuxConn::start(b, false, addr, Vec::new(), t)
+        );
+        // The far side never accepts: yamux announces a stream with its
+        // first bytes, and nobody sends any. `cb` stays alive, silent.
+        let (ca, _cb) = (ca.unwrap(), cb.unwrap());
+        let opened = ca.open_bi().await;
+        let (s, r) = opened.unwrap();
+        let bi = BiStream {
+            send: SendHalf::Tcp(s),
+            recv: RecvHalf::Tcp(r),
+        };
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (_peer, local) = tokio::join!(
+            tokio::net::TcpStream::connect(l.local_addr().unwrap()),
+            async { l.accept().await.unwrap().0 }
+        );
+        set_idle_timeout(Duration::from_millis(300));
+        let t0 = std::time::Instant::now();
+        let out = tokio::time::timeout(Duration::from_secs(10), splice(local, &[], bi, &()))
+            .await
+            .expect("an idle splice must end");
+        set_idle_timeout(DEFAULT_IDLE_TIMEOUT);
+        assert!(
+            out.reset.as_deref().unwrap_or("").starts_with("idle"),
+            "{out:?}"
+        );
+        assert!(t0.elapsed() >= Duration::from_millis(300));
+    }
+
     #[tokio::test]
     async fn spliced_and_dialled_tcp_sockets_get_keepalive() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
