@@ -1,6 +1,8 @@
 //! `bulk`: N concurrent streams each moving S bytes to a sink at the edge,
 //! through the tunnel and directly; Gbit/s and CPU seconds per GiB of the
-//! relay and edge processes.
+//! relay and edge processes. With `--bare-quic`, the same transfer over
+//! quinn alone (see [`crate::bare`]) in the same invocation, and the
+//! tunnel's ratios to it.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -8,10 +10,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use relay_lab::edge_ip;
+use relay_lab::{edge_ip, edge_name};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::bare::BareClient;
 use crate::common::{
     cpu_secs, fmt_bytes, get, machine, median, spawn_sink, write_json, Bench, Counter, Progress,
     Table, Via,
@@ -35,6 +38,31 @@ pub(crate) struct Args {
     /// Write results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also run the same transfer over bare QUIC (quinn alone, same
+    /// endpoint and TLS setup; the ceiling) and print tunnel / bare ratios.
+    #[arg(long)]
+    bare_quic: bool,
+    /// Also run the transfer through rathole (this binary, e.g.
+    /// `target/peers/bin/rathole` from `loadtest/peers/install-rathole.sh`)
+    /// on the same loopback path, and print tunnel / rathole ratios.
+    #[arg(long)]
+    rathole: Option<PathBuf>,
+}
+
+/// One path of a configuration: where the bytes go.
+#[derive(Clone, Copy)]
+enum Path {
+    Via(Via),
+    BareQuic,
+}
+
+impl Path {
+    fn label(&self) -> &'static str {
+        match self {
+            Path::Via(v) => v.label(),
+            Path::BareQuic => "bare-quic",
+        }
+    }
 }
 
 const CHUNK: usize = 256 * 1024;
@@ -115,13 +143,34 @@ pub(crate) async fn run(a: Args) -> Result<()> {
     let relay = bench.start_relay().await?;
     let edge = bench.start_edge(0, &relay, None).await?;
     let (sink, _task) = spawn_sink(edge_ip(0)).await?;
-    let vias = [
-        Via::Tunnel {
+    let mut paths = vec![
+        Path::Via(Via::Tunnel {
             proxy: relay.connect,
             target: sink,
-        },
-        Via::Direct(sink),
+        }),
+        Path::Via(Via::Direct(sink)),
     ];
+    // The bare sink is a process like the edge; its CPU is the receiver's.
+    let bare = if a.bare_quic {
+        let (child, addr) = bench.start_bare_sink().await?;
+        let client = BareClient::connect(&bench.pki_dir(), &edge_name(0), addr).await?;
+        paths.push(Path::BareQuic);
+        Some((child, client))
+    } else {
+        None
+    };
+    let peer = match &a.rathole {
+        Some(bin) => {
+            let r = crate::rathole::start(&bench, bin, sink, crate::rathole::futures_probe::sink)
+                .await?;
+            paths.push(Path::Via(Via::Peer {
+                addr: r.addr,
+                name: "rathole",
+            }));
+            Some(r)
+        }
+        None => None,
+    };
     println!(
         "bulk: {} | relay pid {} | edge pid {} | sink {sink}",
         machine(),
@@ -138,9 +187,12 @@ pub(crate) async fn run(a: Args) -> Result<()> {
         "edge CPU s/GiB",
     ]);
     let mut results = Vec::new();
+    let mut ratios = Vec::new();
     for &n in &a.streams {
         let per = a.bytes.unwrap_or(a.total / n as u64);
-        for via in vias {
+        // (Gbit/s, relay or sender CPU, edge or receiver CPU) per path.
+        let mut medians: Vec<(&str, f64, f64, f64)> = Vec::new();
+        for &via in &paths {
             let mut gbps = Vec::new();
             let mut relay_cpu = Vec::new();
             let mut edge_cpu = Vec::new();
@@ -163,16 +215,35 @@ pub(crate) async fn run(a: Args) -> Result<()> {
                         )
                     },
                 );
-                let (rc0, ec0) = (cpu_secs(relay.child.pid())?, cpu_secs(edge.pid())?);
-                let secs = run_once(via, n, per, sent.clone()).await?;
-                let (rc1, ec1) = (cpu_secs(relay.child.pid())?, cpu_secs(edge.pid())?);
+                // Bare QUIC: the sender is this process, the receiver the sink.
+                // rathole: its server plays the relay, its client the edge.
+                let pids = match (via, &bare, &peer) {
+                    (Path::BareQuic, Some((sink, _)), _) => (std::process::id(), sink.pid()),
+                    (Path::Via(Via::Peer { .. }), _, Some(r)) => (r.server.pid(), r.client.pid()),
+                    _ => (relay.child.pid(), edge.pid()),
+                };
+                let (rc0, ec0) = (cpu_secs(pids.0)?, cpu_secs(pids.1)?);
+                let secs = match (via, &bare) {
+                    (Path::Via(v), _) => run_once(v, n, per, sent.clone()).await?,
+                    (Path::BareQuic, Some((_, c))) => {
+                        c.run_once(n, per, CHUNK, sent.clone()).await?
+                    }
+                    (Path::BareQuic, None) => unreachable!("bare-quic path without a sink"),
+                };
+                let (rc1, ec1) = (cpu_secs(pids.0)?, cpu_secs(pids.1)?);
                 ensure!(get(&sent) == total, "sent {} of {total}", get(&sent));
                 let gib = total as f64 / (1u64 << 30) as f64;
                 gbps.push(total as f64 * 8.0 / secs / 1e9);
                 relay_cpu.push((rc1 - rc0) / gib);
                 edge_cpu.push((ec1 - ec0) / gib);
             }
-            let tunnel = matches!(via, Via::Tunnel { .. });
+            let tunnel = !matches!(via, Path::Via(Via::Direct(_)));
+            medians.push((
+                via.label(),
+                median(&gbps),
+                median(&relay_cpu),
+                median(&edge_cpu),
+            ));
             let cpu = |v: &[f64]| {
                 if tunnel {
                     format!("{:.2}", median(v))
@@ -202,8 +273,44 @@ pub(crate) async fn run(a: Args) -> Result<()> {
                 "edge_cpu_s_per_gib": if tunnel { json!(edge_cpu) } else { json!(null) },
             }));
         }
+        let find = |l: &str| medians.iter().find(|m| m.0 == l).copied();
+        for other in ["bare-quic", "rathole"] {
+            let (Some(t), Some(b)) = (find("tunnel"), find(other)) else {
+                continue;
+            };
+            ratios.push(vec![
+                n.to_string(),
+                format!("tunnel / {other}"),
+                format!("{:.2}", t.1 / b.1),
+                format!("{:.2}", t.2 / b.2),
+                format!("{:.2}", t.3 / b.3),
+            ]);
+            results.push(json!({
+                "streams": n,
+                "ratio": format!("tunnel / {other}"),
+                "gbit_per_s": t.1 / b.1,
+                "relay_cpu_per_gib": t.2 / b.2,
+                "edge_cpu_per_gib": t.3 / b.3,
+            }));
+        }
     }
     table.print();
+    if !ratios.is_empty() {
+        println!(
+            "\nbare-quic: relay column = QUIC sender (this process), edge column = QUIC receiver (sink process); rathole: relay column = its server, edge column = its client."
+        );
+        let mut t = Table::new(&[
+            "streams",
+            "ratio",
+            "Gbit/s",
+            "relay CPU per GiB",
+            "edge CPU per GiB",
+        ]);
+        for r in ratios {
+            t.row(r);
+        }
+        t.print();
+    }
     write_json(
         a.json.as_deref(),
         &json!({"bench": "bulk", "machine": machine(), "relay": bench.bins.describe(), "results": results}),

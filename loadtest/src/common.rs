@@ -442,6 +442,31 @@ impl Bench {
         })
     }
 
+    /// Starts the bare-QUIC sink process (`quic-sink-process`) with the
+    /// relay's certificate; returns it and its UDP address.
+    pub(crate) async fn start_bare_sink(&self) -> Result<(ChildGuard, SocketAddr)> {
+        let ready = self.dir.path().join("quic-sink-ready");
+        let _ = std::fs::remove_file(&ready);
+        let mut cmd = Binaries::self_cmd()?;
+        cmd.arg("quic-sink-process")
+            .arg("--pki")
+            .arg(self.dir.path().join("pki"))
+            .arg("--ready-file")
+            .arg(&ready);
+        let log = self.dir.path().join("quic-sink.log");
+        let mut child = ChildGuard::spawn("quic-sink", cmd, &log)?;
+        let text = wait_file(&ready, &mut child, Duration::from_secs(20))
+            .await
+            .with_context(|| format!("quic-sink log: {}", self.log_tail("quic-sink.log")))?;
+        let addr = text.trim().parse().context("quic-sink ready file")?;
+        Ok((child, addr))
+    }
+
+    /// Where the PKI files are.
+    pub(crate) fn pki_dir(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
     fn log_tail(&self, name: &str) -> String {
         let t = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
         let lines: Vec<&str> = t.lines().collect();
@@ -609,6 +634,13 @@ pub(crate) enum Via {
     },
     /// Straight to the service: the baseline.
     Direct(SocketAddr),
+    /// Through a peer tunnel (rathole) that exposes the service here.
+    Peer {
+        /// Where the peer's server listens for clients.
+        addr: SocketAddr,
+        /// The peer's name (the path label).
+        name: &'static str,
+    },
 }
 
 impl Via {
@@ -616,7 +648,7 @@ impl Via {
     pub(crate) async fn open(&self) -> Result<TcpStream> {
         match *self {
             Via::Tunnel { proxy, target } => connect_tunnel(proxy, target).await,
-            Via::Direct(a) => {
+            Via::Direct(a) | Via::Peer { addr: a, .. } => {
                 let s = TcpStream::connect(a).await?;
                 s.set_nodelay(true)?;
                 Ok(s)
@@ -629,6 +661,7 @@ impl Via {
         match self {
             Via::Tunnel { .. } => "tunnel",
             Via::Direct(_) => "direct",
+            Via::Peer { name, .. } => name,
         }
     }
 }

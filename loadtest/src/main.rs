@@ -9,8 +9,12 @@
 //! - [`demo`]: `loadtest demo`, the README's local demo (all in-process);
 //! - [`bulk`], [`rr`], [`connect`], [`sessions`], [`streams`], [`storm`]:
 //!   one benchmark each;
+//! - [`bare`]: bulk over quinn alone (`bulk`'s `bare-quic` path, the
+//!   ceiling), and its sink process;
 //! - [`common`]: PKI and config files, child processes (killed on drop),
 //!   RSS/CPU from `/proc`, services, CONNECT client, progress and tables;
+//! - [`rathole`]: the peer users compare with, run on the same path by
+//!   `bulk` and `rr` when given `--rathole BIN`;
 //! - [`svg`]: the hand-written latency plot;
 //! - [`procs`]: hidden subcommands that run the relay / edge library code
 //!   as a child process when the release binaries are not built, and the
@@ -18,11 +22,13 @@
 
 use clap::{Parser, Subcommand};
 
+mod bare;
 mod bulk;
 mod common;
 mod connect;
 mod demo;
 mod procs;
+mod rathole;
 mod rr;
 mod sessions;
 mod storm;
@@ -63,6 +69,8 @@ enum Cmd {
     EdgeProcess(procs::EdgeArgs),
     #[command(hide = true)]
     EchoProcess(procs::EchoArgs),
+    #[command(hide = true)]
+    QuicSinkProcess(bare::SinkArgs),
 }
 
 #[tokio::main]
@@ -79,5 +87,6 @@ async fn main() -> anyhow::Result<()> {
         Cmd::RelayProcess(a) => procs::relay(a).await,
         Cmd::EdgeProcess(a) => procs::edge(a).await,
         Cmd::EchoProcess(a) => procs::echo(a).await,
+        Cmd::QuicSinkProcess(a) => bare::sink(a).await,
     }
 }

@@ -44,6 +44,10 @@ pub(crate) struct Args {
     /// Write the latency distribution plot (SVG) here.
     #[arg(long)]
     svg: Option<PathBuf>,
+    /// Also run through rathole (this binary, e.g. `target/peers/bin/rathole`
+    /// from `loadtest/peers/install-rathole.sh`) on the same loopback path.
+    #[arg(long)]
+    rathole: Option<PathBuf>,
 }
 
 /// A latency histogram in nanoseconds (1 ns to 100 s, 3 significant digits).
@@ -312,13 +316,25 @@ pub(crate) async fn run(a: Args) -> Result<()> {
         relay.child.pid(),
         edge.pid()
     );
-    let vias = [
+    let mut vias = vec![
         Via::Tunnel {
             proxy: relay.connect,
             target: echo,
         },
         Via::Direct(echo),
     ];
+    let _peer = match &a.rathole {
+        Some(bin) => {
+            let r = crate::rathole::start(&bench, bin, echo, crate::rathole::futures_probe::echo)
+                .await?;
+            vias.push(Via::Peer {
+                addr: r.addr,
+                name: "rathole",
+            });
+            Some(r)
+        }
+        None => None,
+    };
     let modes = [
         (format!("{} req/s", a.rate), a.rate_conns, true),
         ("max rate".to_string(), a.conns, false),
@@ -341,7 +357,7 @@ pub(crate) async fn run(a: Args) -> Result<()> {
     for (mode, conns, fixed) in &modes {
         // Per path: the median of each figure over the runs.
         let mut meds: Vec<[f64; 6]> = Vec::new();
-        for via in vias {
+        for &via in &vias {
             let mut runs: Vec<RrResult> = Vec::new();
             for r in 0..a.runs {
                 let done: Counter = Arc::new(AtomicU64::new(0));
@@ -404,6 +420,21 @@ pub(crate) async fn run(a: Args) -> Result<()> {
             meds.push(row);
         }
         let (t, d) = (meds[0], meds[1]);
+        if let Some(p) = meds.get(2) {
+            table.row(vec![
+                mode.clone(),
+                conns.to_string(),
+                "rathole added".into(),
+                "".into(),
+                format!("{:+.0}", p[1] - d[1]),
+                format!("{:+.0}", p[2] - d[2]),
+                format!("{:+.0}", p[3] - d[3]),
+                format!("{:+.0}", p[4] - d[4]),
+                format!("{:+.0}", p[5] - d[5]),
+                "".into(),
+                "".into(),
+            ]);
+        }
         table.row(vec![
             mode.clone(),
             conns.to_string(),

@@ -241,6 +241,17 @@ impl SendHalf {
 /// updates): above every data stream's default of 0.
 pub const CONTROL_PRIORITY: i32 = 100;
 
+impl SendHalf {
+    /// Writes a whole chunk. On QUIC the stream keeps `chunk` itself (no
+    /// copy into the send buffer); on yamux it is written as bytes.
+    pub async fn write_chunk(&mut self, chunk: bytes::Bytes) -> io::Result<()> {
+        match self {
+            SendHalf::Quic(s) => s.write_chunk(chunk).await.map_err(io::Error::from),
+            SendHalf::Tcp(s) => tokio::io::AsyncWriteExt::write_all(s, &chunk).await,
+        }
+    }
+}
+
 impl RecvHalf {
     /// Tells the peer to stop sending (its writes fail).
     pub fn stop(&mut self, code: u32) {
@@ -312,6 +323,25 @@ impl RecvHalf {
                     _ => Ok(Some(buf.freeze())),
                 }
             }
+        }
+    }
+}
+
+impl RecvHalf {
+    /// Fills `bufs` with the next chunks (up to `bufs.len()`, no copy);
+    /// `Ok(Some(n))` is how many, `Ok(None)` a clean end of stream. Lets a
+    /// reader hand many ~1.4 KB QUIC frames to one `writev`.
+    pub async fn read_chunks(&mut self, bufs: &mut [bytes::Bytes]) -> io::Result<Option<usize>> {
+        match self {
+            RecvHalf::Quic(r) => r.read_chunks(bufs).await.map_err(io::Error::from),
+            RecvHalf::Tcp(_) => match self.read_chunk().await? {
+                Some(c) if !bufs.is_empty() => {
+                    bufs[0] = c;
+                    Ok(Some(1))
+                }
+                Some(_) => Ok(Some(0)),
+                None => Ok(None),
+            },
         }
     }
 }

@@ -32,6 +32,44 @@ pub struct QuicTuning {
     /// for paths known to carry more: a path that drops bigger packets
     /// breaks the connection rather than slowing it.
     pub initial_mtu: u16,
+    /// Connection-wide window, both ways: at most this many bytes of all
+    /// streams together are buffered for a session, received and not yet
+    /// read (quinn's default is unbounded: 2^62), and written and not yet
+    /// acknowledged. The memory ceiling per session; at least
+    /// `stream_window`.
+    pub conn_window: u32,
+    /// A spliced connection that moves no byte either way for this long is
+    /// reset (see [`crate::splice::set_idle_timeout`]; process-wide, set
+    /// when an endpoint is built).
+    pub stream_idle_timeout: Duration,
+}
+
+/// UDP socket buffers asked for (SO_RCVBUF / SO_SNDBUF). The kernel
+/// default (208 KiB here) overflows at Gbit/s rates on loopback, and every
+/// dropped packet is a loss to QUIC's congestion control. The kernel caps
+/// the request at `net.core.rmem_max` / `wmem_max`; what was granted is
+/// logged. One socket per endpoint, so this is per process, not per
+/// session.
+const UDP_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Asks for bigger socket buffers; best effort (a smaller grant is logged
+/// and the endpoint works anyway).
+fn size_socket_buffers(sock: &socket2::Socket) {
+    let _ = sock.set_recv_buffer_size(UDP_SOCKET_BUFFER);
+    let _ = sock.set_send_buffer_size(UDP_SOCKET_BUFFER);
+    // Linux reports twice the usable size (bookkeeping overhead included).
+    let (r, w) = (
+        sock.recv_buffer_size().unwrap_or(0),
+        sock.send_buffer_size().unwrap_or(0),
+    );
+    if r < UDP_SOCKET_BUFFER || w < UDP_SOCKET_BUFFER {
+        tracing::info!(
+            recv = r,
+            send = w,
+            wanted = UDP_SOCKET_BUFFER,
+            "UDP socket buffers smaller than asked (raise net.core.rmem_max / wmem_max for Gbit/s)"
+        );
+    }
 }
 
 impl Default for QuicTuning {
@@ -43,6 +81,8 @@ impl Default for QuicTuning {
             stream_window: 1024 * 1024,
             max_udp_payload: 1452,
             initial_mtu: 1200,
+            conn_window: 8 * 1024 * 1024,
+            stream_idle_timeout: crate::splice::DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -76,6 +116,12 @@ impl QuicTuning {
         }
         if t.stream_window < 16 * 1024 {
             return Err(("stream_window", "must be at least 16384".into()));
+        }
+        if t.conn_window < t.stream_window {
+            return Err(("conn_window", "must be at least stream_window".into()));
+        }
+        if t.stream_idle_timeout < Duration::from_secs(1) {
+            return Err(("stream_idle_timeout", "must be at least 1s".into()));
         }
         Ok(())
     }
@@ -119,6 +165,9 @@ impl QuicTuning {
         // Unidirectional streams are not used by the protocol.
         t.max_concurrent_uni_streams(VarInt::from_u32(0));
         t.stream_receive_window(VarInt::from_u32(self.stream_window));
+        // Bounded connection windows (see `conn_window`).
+        t.receive_window(VarInt::from_u32(self.conn_window));
+        t.send_window(u64::from(self.conn_window));
         // Datagrams carry UDP flows; 1 MiB of receive buffer per connection.
         t.datagram_receive_buffer_size(Some(1024 * 1024));
         let mut mtu = quinn::MtuDiscoveryConfig::default();
@@ -171,7 +220,15 @@ pub fn server_endpoint(
     // Address validation costs a round trip per handshake; relays face a
     // known population of edges and we prefer fast reconnect storms.
     cfg.migration(true);
-    let sock = std::net::UdpSocket::bind(addr)?;
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    size_socket_buffers(&sock);
+    sock.bind(&addr.into())?;
+    let sock: std::net::UdpSocket = sock.into();
+    crate::splice::set_idle_timeout(tuning.stream_idle_timeout);
     let runtime =
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
     let endpoint = tuning.endpoint_config(restart_safe_endpoint(tls))?;
@@ -229,7 +286,9 @@ pub fn client_endpoint_with(
         Some(socket2::Protocol::UDP),
     )?;
     crate::capture::mark_socket(socket2::SockRef::from(&sock), mark)?;
+    size_socket_buffers(&sock);
     sock.bind(&bind.into())?;
+    crate::splice::set_idle_timeout(tuning.stream_idle_timeout);
     let runtime =
         quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
     let mut ep = quinn::Endpoint::new(
@@ -262,6 +321,13 @@ pub struct QuicFile {
     /// Starting packet size (default 1200); only for paths known to carry
     /// it. At most `max_udp_payload`.
     pub initial_mtu: Option<u16>,
+    /// Connection-wide window in bytes, both ways (default 8 MiB, at least
+    /// `stream_window`): the memory ceiling of one session's streams.
+    pub conn_window: Option<u32>,
+    /// A tunnelled connection idle (no byte either way) this long is reset
+    /// (default 1h, at least 1s).
+    #[serde(default, with = "humantime_serde")]
+    pub stream_idle_timeout: Option<Duration>,
 }
 
 impl QuicFile {
@@ -275,6 +341,8 @@ impl QuicFile {
             stream_window: self.stream_window.unwrap_or(d.stream_window),
             max_udp_payload: self.max_udp_payload.unwrap_or(d.max_udp_payload),
             initial_mtu: self.initial_mtu.unwrap_or(d.initial_mtu),
+            conn_window: self.conn_window.unwrap_or(d.conn_window),
+            stream_idle_timeout: self.stream_idle_timeout.unwrap_or(d.stream_idle_timeout),
         };
         t.validate()?;
         Ok(t)
@@ -309,5 +377,35 @@ mod tests {
             bad.resolve(QuicTuning::default()).unwrap_err().0,
             "stream_window"
         );
+        let bad = QuicFile {
+            conn_window: Some(64 * 1024),
+            ..Default::default()
+        };
+        assert_eq!(
+            bad.resolve(QuicTuning::default()).unwrap_err().0,
+            "conn_window"
+        );
+        let ok = QuicFile {
+            conn_window: Some(16 << 20),
+            ..Default::default()
+        };
+        assert_eq!(
+            ok.resolve(QuicTuning::default()).unwrap().conn_window,
+            16 << 20
+        );
+    }
+
+    /// The connection windows are bounded (quinn's default is 2^62) and
+    /// the endpoint asks for big socket buffers.
+    #[tokio::test]
+    async fn windows_bounded_and_buffers_sized() {
+        let t = QuicTuning::default();
+        assert!(t.conn_window >= t.stream_window);
+        assert!(u64::from(t.conn_window) <= 64 << 20);
+        t.transport().unwrap();
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        size_socket_buffers(&sock);
+        // Granted up to net.core.rmem_max; never less than the default.
+        assert!(sock.recv_buffer_size().unwrap() >= 208 * 1024);
     }
 }

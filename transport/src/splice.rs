@@ -9,21 +9,105 @@
 //! Flow control is per stream: when the local writer stalls we stop reading
 //! the tunnel stream, and the transport's per-stream window pushes back on
 //! that stream only.
+//!
+//! Bounds: a splice that moves no byte either way for the idle bound
+//! (default [`DEFAULT_IDLE_TIMEOUT`], see [`set_idle_timeout`]) is reset like
+//! any other failure, so a half-open peer cannot hold a task, a socket and
+//! a stream forever; local TCP sockets get keep-alive probes
+//! ([`tune_tcp`]) so a vanished host is noticed by the kernel as well.
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 
 use crate::conn::{BiStream, RecvHalf, SendHalf};
 use relay_protocol::close_code::STREAM_RESET;
 
-/// Read size for the local → tunnel direction. Small enough that thousands
-/// of idle streams stay cheap, large enough for multi-Gbit/s bulk copies.
-const LOCAL_READ_BUF: usize = 16 * 1024;
+/// Read size for the local → tunnel direction once a stream carries bulk
+/// traffic. Each read is handed to the QUIC stream as one chunk (no copy),
+/// so a bigger read means fewer syscalls and fewer chunks per GiB; the
+/// chunk is freed when the peer acknowledges it.
+const LOCAL_READ_BUF: usize = 64 * 1024;
+
+/// Chunks taken from the tunnel stream at once and written to the local
+/// socket with one `writev`: a QUIC packet carries ~1.4 KB, so one write
+/// per chunk was one syscall per packet.
+const GATHER: usize = 16;
 
 /// What an idle stream holds until its first full read (loadtest
 /// `streams`: 16 KiB up front cost ~19.5 KiB of relay memory per idle stream).
 const INITIAL_READ_BUF: usize = 2 * 1024;
+
+/// Default idle bound of a spliced connection: no byte either way for this
+/// long and the splice is reset. Long enough for `kubectl logs -f` on a
+/// quiet pod; the kernel's keep-alive (below) covers dead hosts sooner.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// TCP keep-alive on local sockets: first probe after this much silence.
+const KEEPALIVE_TIME: Duration = Duration::from_secs(60);
+/// Interval between keep-alive probes.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes before the kernel declares the peer dead
+/// (so a vanished peer is found after 60 s + 6 × 10 s = 2 min).
+const KEEPALIVE_RETRIES: u32 = 6;
+
+/// The idle bound in milliseconds (process-wide; see [`set_idle_timeout`]).
+static IDLE_TIMEOUT_MS: AtomicU64 = AtomicU64::new(DEFAULT_IDLE_TIMEOUT.as_millis() as u64);
+
+/// Sets the idle bound of splices started from now on (process-wide: the
+/// `[quic] stream_idle_timeout` setting of either binary, applied when its
+/// endpoint is built). Zero is treated as one millisecond.
+pub fn set_idle_timeout(d: Duration) {
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
+    IDLE_TIMEOUT_MS.store(ms, Relaxed);
+}
+
+/// The idle bound splices started now get.
+pub fn idle_timeout() -> Duration {
+    Duration::from_millis(IDLE_TIMEOUT_MS.load(Relaxed))
+}
+
+/// Turns on TCP keep-alive (60 s, then 6 probes 10 s apart) and disables
+/// Nagle on a local TCP socket. Best effort: a socket that refuses is
+/// still usable.
+pub fn tune_tcp(s: &tokio::net::TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_TIME)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    let sock = socket2::SockRef::from(s);
+    let _ = sock.set_tcp_keepalive(&ka);
+    // Interactive traffic (kubectl exec) must not wait for Nagle.
+    let _ = s.set_nodelay(true);
+}
+
+/// Last time a splice moved a byte, shared by its two directions (both run
+/// in one task; atomics only so the future stays `Send`).
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Relaxed))
+    }
+}
 
 /// Which way bytes moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,12 +132,19 @@ impl Meter for () {
 pub trait LocalStream: AsyncRead + AsyncWrite + Unpin + Send {
     /// Arranges for the next close to send a reset.
     fn set_abortive_close(&self);
+
+    /// Socket options every spliced socket gets (TCP keep-alive).
+    fn prepare(&self) {}
 }
 
 impl LocalStream for tokio::net::TcpStream {
     fn set_abortive_close(&self) {
         // Failure only means the socket is already gone.
         let _ = self.set_zero_linger();
+    }
+
+    fn prepare(&self) {
+        tune_tcp(self)
     }
 }
 
@@ -64,6 +155,10 @@ impl LocalStream for tokio::net::UnixStream {
 impl<S: LocalStream> LocalStream for tokio_rustls::server::TlsStream<S> {
     fn set_abortive_close(&self) {
         self.get_ref().0.set_abortive_close()
+    }
+
+    fn prepare(&self) {
+        self.get_ref().0.prepare()
     }
 }
 
@@ -89,6 +184,7 @@ async fn pump_to_tunnel<R: AsyncRead + Unpin>(
     send: &mut SendHalf,
     pending: &[u8],
     meter: &dyn Meter,
+    act: &Activity,
 ) -> Result<u64, PumpError> {
     let mut total = 0u64;
     let fail = |bytes, side: &str, e: std::io::Error| PumpError {
@@ -102,12 +198,16 @@ async fn pump_to_tunnel<R: AsyncRead + Unpin>(
         total += pending.len() as u64;
         meter.add(Direction::ToTunnel, pending.len() as u64);
     }
-    // Idle streams keep a small buffer; a read that fills it means bulk
-    // traffic, and the buffer grows to LOCAL_READ_BUF for good.
-    let mut buf = vec![0u8; INITIAL_READ_BUF];
+    // Each read lands in a fresh chunk that the QUIC stream keeps as is
+    // (no copy into its send buffer). Idle streams reserve a small chunk;
+    // a read that fills it means bulk traffic, and chunks grow to
+    // LOCAL_READ_BUF for good.
+    let mut size = INITIAL_READ_BUF;
+    let mut buf = BytesMut::new();
     loop {
+        buf.reserve(size);
         let n = local
-            .read(&mut buf)
+            .read_buf(&mut buf)
             .await
             .map_err(|e| fail(total, "local read", e))?;
         if n == 0 {
@@ -116,13 +216,15 @@ async fn pump_to_tunnel<R: AsyncRead + Unpin>(
                 .map_err(|e| fail(total, "tunnel finish", e))?;
             return Ok(total);
         }
-        send.write_all(&buf[..n])
+        act.touch();
+        let full = n >= size;
+        send.write_chunk(buf.split().freeze())
             .await
             .map_err(|e| fail(total, "tunnel write", e))?;
         total += n as u64;
         meter.add(Direction::ToTunnel, n as u64);
-        if n == buf.len() && buf.len() < LOCAL_READ_BUF {
-            buf = vec![0u8; LOCAL_READ_BUF];
+        if full && size < LOCAL_READ_BUF {
+            size = LOCAL_READ_BUF;
         }
     }
 }
@@ -132,21 +234,23 @@ async fn pump_from_tunnel<W: AsyncWrite + Unpin>(
     local: &mut W,
     meter: &dyn Meter,
     dir: Direction,
+    act: &Activity,
 ) -> Result<u64, PumpError> {
     let mut total = 0u64;
     let fail = |bytes, side: &str, e: std::io::Error| PumpError {
         bytes,
         what: format!("{side}: {e}"),
     };
+    let mut chunks: [Bytes; GATHER] = Default::default();
     loop {
-        match recv.read_chunk().await {
-            Ok(Some(chunk)) => {
-                local
-                    .write_all(&chunk)
+        match recv.read_chunks(&mut chunks).await {
+            Ok(Some(k)) => {
+                act.touch();
+                let n = write_all_chunks(local, &mut chunks[..k])
                     .await
                     .map_err(|e| fail(total, "local write", e))?;
-                total += chunk.len() as u64;
-                meter.add(dir, chunk.len() as u64);
+                total += n;
+                meter.add(dir, n);
             }
             Ok(None) => {
                 local
@@ -160,17 +264,72 @@ async fn pump_from_tunnel<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Runs both directions until each ends, stopping at the first failure.
-/// Returns the outcome; the caller aborts both sides if it was reset.
+/// Writes every chunk (gathered: `writev` where the writer supports it)
+/// and empties them; returns the byte count.
+async fn write_all_chunks<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    chunks: &mut [Bytes],
+) -> std::io::Result<u64> {
+    let total: usize = chunks.iter().map(Bytes::len).sum();
+    let mut first = 0;
+    while first < chunks.len() {
+        if chunks[first].is_empty() {
+            first += 1;
+            continue;
+        }
+        let n = if w.is_write_vectored() && chunks.len() - first > 1 {
+            let mut io: [std::io::IoSlice<'_>; GATHER] = [std::io::IoSlice::new(&[]); GATHER];
+            let k = chunks.len() - first;
+            for (slot, c) in io.iter_mut().zip(&chunks[first..]) {
+                *slot = std::io::IoSlice::new(c);
+            }
+            w.write_vectored(&io[..k]).await?
+        } else {
+            w.write(&chunks[first]).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let mut left = n;
+        while left > 0 {
+            let c = &mut chunks[first];
+            let take = left.min(c.len());
+            bytes::Buf::advance(c, take);
+            left -= take;
+            if c.is_empty() {
+                first += 1;
+            }
+        }
+    }
+    Ok(total as u64)
+}
+
+/// Runs both directions until each ends, stopping at the first failure or
+/// when neither moved a byte for `idle`. Returns the outcome; the caller
+/// aborts both sides if it was reset.
 async fn both_ways(
     up: impl std::future::Future<Output = Result<u64, PumpError>>,
     down: impl std::future::Future<Output = Result<u64, PumpError>>,
+    act: &Activity,
+    idle: Duration,
 ) -> SpliceOutcome {
     let mut out = SpliceOutcome::default();
     tokio::pin!(up, down);
+    // One timer per idle period, not per chunk: when it fires early
+    // (bytes moved meanwhile) it is re-armed from the last activity.
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer);
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
         tokio::select! {
+            () = &mut timer => {
+                let due = act.last() + idle;
+                if Instant::now() >= due {
+                    out.reset = Some(format!("idle: no byte either way for {idle:?}"));
+                    break;
+                }
+                timer.as_mut().reset(due);
+            }
             r = &mut up, if !up_done => {
                 up_done = true;
                 match r {
@@ -200,10 +359,14 @@ pub async fn splice<L: LocalStream>(
     meter: &dyn Meter,
 ) -> SpliceOutcome {
     let BiStream { mut send, mut recv } = bi;
+    local.prepare();
+    let act = Activity::new();
     let (mut lr, mut lw) = tokio::io::split(local);
     let out = both_ways(
-        pump_to_tunnel(&mut lr, &mut send, pending, meter),
-        pump_from_tunnel(&mut recv, &mut lw, meter, Direction::FromTunnel),
+        pump_to_tunnel(&mut lr, &mut send, pending, meter, &act),
+        pump_from_tunnel(&mut recv, &mut lw, meter, Direction::FromTunnel, &act),
+        &act,
+        idle_timeout(),
     )
     .await;
     if out.reset.is_some() {
@@ -228,9 +391,12 @@ pub async fn splice_tunnels(a: BiStream, b: BiStream, meter: &dyn Meter) -> Spli
         send: mut b_send,
         recv: mut b_recv,
     } = b;
+    let act = Activity::new();
     let out = both_ways(
-        pump_from_tunnel(&mut a_recv, &mut b_send, meter, Direction::ToTunnel),
-        pump_from_tunnel(&mut b_recv, &mut a_send, meter, Direction::FromTunnel),
+        pump_from_tunnel(&mut a_recv, &mut b_send, meter, Direction::ToTunnel, &act),
+        pump_from_tunnel(&mut b_recv, &mut a_send, meter, Direction::FromTunnel, &act),
+        &act,
+        idle_timeout(),
     )
     .await;
     if out.reset.is_some() {
@@ -280,9 +446,92 @@ pub async fn dial_tcp(
             Err(StreamReply::fail(status, format!("connect {addr}: {e}")))
         }
         Ok(Ok(s)) => {
-            // Interactive traffic (kubectl exec) must not wait for Nagle.
-            let _ = s.set_nodelay(true);
+            tune_tcp(&s);
             Ok(s)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::pending;
+
+    /// Neither direction moves a byte: the splice is reset after the bound.
+    #[tokio::test(start_paused = true)]
+    async fn idle_splice_is_reset_after_the_bound() {
+        let act = Activity::new();
+        let t0 = Instant::now();
+        let out = both_ways(pending(), pending(), &act, Duration::from_secs(3600)).await;
+        assert!(out.reset.as_deref().unwrap_or("").starts_with("idle"));
+        assert_eq!(t0.elapsed(), Duration::from_secs(3600));
+    }
+
+    /// Traffic defers the bound: it counts from the last byte, not the start.
+    #[tokio::test(start_paused = true)]
+    async fn activity_defers_the_idle_bound() {
+        let act = Activity::new();
+        let t0 = Instant::now();
+        let up = async {
+            tokio::time::sleep(Duration::from_secs(1800)).await;
+            act.touch();
+            pending::<Result<u64, PumpError>>().await
+        };
+        let out = both_ways(up, pending(), &act, Duration::from_secs(3600)).await;
+        assert!(out.reset.is_some());
+        assert_eq!(t0.elapsed(), Duration::from_secs(1800 + 3600));
+    }
+
+    /// A real splice (loopback TCP on one side, a yamux stream on the
+    /// other) whose peers both fall silent is reset by a short bound.
+    #[tokio::test]
+    async fn silent_peers_do_not_hold_a_splice() {
+        use crate::tcp::YamuxConn;
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], 9).into();
+        let t = Duration::from_secs(5);
+        let (ca, cb) = tokio::join!(
+            YamuxConn::start(a, true, addr, (Vec::new(), None), t),
+            YamuxConn::start(b, false, addr, (Vec::new(), None), t)
+        );
+        // The far side never accepts: yamux announces a stream with its
+        // first bytes, and nobody sends any. `cb` stays alive, silent.
+        let (ca, _cb) = (ca.unwrap(), cb.unwrap());
+        let opened = ca.open_bi().await;
+        let (s, r) = opened.unwrap();
+        let bi = BiStream {
+            send: SendHalf::Tcp(s),
+            recv: RecvHalf::Tcp(r),
+        };
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (_peer, local) = tokio::join!(
+            tokio::net::TcpStream::connect(l.local_addr().unwrap()),
+            async { l.accept().await.unwrap().0 }
+        );
+        set_idle_timeout(Duration::from_millis(300));
+        let t0 = std::time::Instant::now();
+        let out = tokio::time::timeout(Duration::from_secs(10), splice(local, &[], bi, &()))
+            .await
+            .expect("an idle splice must end");
+        set_idle_timeout(DEFAULT_IDLE_TIMEOUT);
+        assert!(
+            out.reset.as_deref().unwrap_or("").starts_with("idle"),
+            "{out:?}"
+        );
+        assert!(t0.elapsed() >= Duration::from_millis(300));
+    }
+
+    #[tokio::test]
+    async fn spliced_and_dialled_tcp_sockets_get_keepalive() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let dialled = dial_tcp(addr, Duration::from_secs(5), 0).await.unwrap();
+        let (accepted, _) = l.accept().await.unwrap();
+        assert!(socket2::SockRef::from(&dialled).keepalive().unwrap());
+        assert!(!socket2::SockRef::from(&accepted).keepalive().unwrap());
+        accepted.prepare();
+        let s = socket2::SockRef::from(&accepted);
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), KEEPALIVE_TIME);
     }
 }

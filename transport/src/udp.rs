@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +32,12 @@ use crate::conn::{BiStream, TunnelConn};
 
 /// Payloads queued per flow before new ones are dropped (and counted).
 const FLOW_QUEUE: usize = 256;
+
+/// Payload bytes queued from the tunnel across all flows of one session
+/// (one [`FlowTable`]) before new ones are dropped (and counted as queue
+/// full). Without it the bound was flows × [`FLOW_QUEUE`] × datagram size
+/// (1,024 × 256 × ~1.4 KB ≈ 360 MiB per session).
+pub const SESSION_UDP_QUEUE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Largest UDP payload we read from a local socket.
 const MAX_UDP: usize = 65_535;
@@ -57,6 +63,8 @@ pub struct UdpStats {
 #[derive(Debug)]
 pub struct FlowTable {
     flows: Mutex<HashMap<u32, mpsc::Sender<Bytes>>>,
+    /// Payload bytes queued in all flows (see [`SESSION_UDP_QUEUE_BYTES`]).
+    queued: AtomicUsize,
     next: AtomicU32,
     id_bit: u32,
     cap: usize,
@@ -69,12 +77,26 @@ pub struct FlowHandle {
     /// The flow id.
     pub id: u32,
     /// Payloads from the tunnel.
-    pub rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Bytes>,
     table: Arc<FlowTable>,
+}
+
+impl FlowHandle {
+    /// The next payload from the tunnel; `None` once the flow is gone.
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        let p = self.rx.recv().await?;
+        self.table.queued.fetch_sub(p.len(), Relaxed);
+        Some(p)
+    }
 }
 
 impl Drop for FlowHandle {
     fn drop(&mut self) {
+        // Payloads still queued leave the session's budget with the flow.
+        self.rx.close();
+        while let Ok(p) = self.rx.try_recv() {
+            self.table.queued.fetch_sub(p.len(), Relaxed);
+        }
         self.table.lock().remove(&self.id);
         self.table.stats.flows_open.fetch_sub(1, Relaxed);
     }
@@ -86,6 +108,7 @@ impl FlowTable {
     pub fn new(id_bit: u32, cap: usize, stats: Arc<UdpStats>) -> Arc<Self> {
         Arc::new(FlowTable {
             flows: Mutex::new(HashMap::new()),
+            queued: AtomicUsize::new(0),
             next: AtomicU32::new(1),
             id_bit,
             cap,
@@ -140,7 +163,16 @@ impl FlowTable {
         let tx = self.lock().get(&id).cloned();
         match tx {
             Some(tx) => {
-                if tx.try_send(payload).is_err() {
+                let len = payload.len();
+                if self.queued.fetch_add(len, Relaxed) + len > SESSION_UDP_QUEUE_BYTES {
+                    self.queued.fetch_sub(len, Relaxed);
+                    self.stats.dropped_queue_full.fetch_add(1, Relaxed);
+                    return;
+                }
+                // A copy of its own: the datagram is a slice of a received
+                // batch (up to 64 KiB) that a queued slice would keep alive.
+                if tx.try_send(Bytes::copy_from_slice(&payload)).is_err() {
+                    self.queued.fetch_sub(len, Relaxed);
                     self.stats.dropped_queue_full.fetch_add(1, Relaxed);
                 }
             }
@@ -212,7 +244,7 @@ pub async fn serve_target(
     loop {
         tokio::select! {
             _ = stream_closed(&mut bi) => break,
-            p = flow.rx.recv() => match p {
+            p = flow.recv() => match p {
                 // A send error (ICMP unreachable) is the target's answer;
                 // keep the flow, as a UDP client would.
                 Some(p) => { let _ = sock.send(&p).await; }
@@ -248,7 +280,7 @@ pub async fn run_opened_flow(
                 Some(p) => send_payload(&conn, flow.id, &p, &stats),
                 None => break,
             },
-            p = flow.rx.recv() => match p {
+            p = flow.recv() => match p {
                 Some(p) => reply.send(&p).await,
                 None => break,
             },
@@ -270,11 +302,11 @@ pub async fn bridge_flows(
         tokio::select! {
             _ = stream_closed(&mut a_bi) => break,
             _ = stream_closed(&mut b_bi) => break,
-            p = a.rx.recv() => match p {
+            p = a.recv() => match p {
                 Some(p) => send_payload(&b_conn, b.id, &p, &stats),
                 None => break,
             },
-            p = b.rx.recv() => match p {
+            p = b.recv() => match p {
                 Some(p) => send_payload(&a_conn, a.id, &p, &stats),
                 None => break,
             },
@@ -341,10 +373,9 @@ impl RedirectUdp {
                 .sock
                 .try_io(tokio::io::Interest::READABLE, || recv_orig(fd, &mut buf))
             {
-                Ok((n, src, dst)) => {
-                    buf.truncate(n);
-                    return Ok((Bytes::from(buf), src, dst));
-                }
+                // Exactly the payload: `Bytes::from` of the truncated
+                // buffer kept its whole 64 KiB capacity per queued packet.
+                Ok((n, src, dst)) => return Ok((Bytes::copy_from_slice(&buf[..n]), src, dst)),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
