@@ -264,9 +264,11 @@ pub fn parse_authority(a: &str) -> Result<Authority, String> {
     let (host, port) = a
         .rsplit_once(':')
         .ok_or_else(|| format!("{a:?} is not host:port"))?;
-    let port: u16 = port
-        .parse()
-        .ok()
+    // Digits only: `u16::from_str` also takes a leading `+`, which would
+    // turn `10.0.0.1:+80` (not a socket address) into a node name.
+    let port: u16 = Some(port)
+        .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|p| p.parse().ok())
         .filter(|p| *p != 0)
         .ok_or_else(|| format!("bad port in {a:?}"))?;
     let valid = !host.is_empty()
@@ -444,6 +446,25 @@ mod tests {
         assert!(parse_authority(":80").is_err());
         assert!(parse_authority("a b:80").is_err());
         assert!(parse_authority("10.0.0.1:0").is_err());
+    }
+
+    /// Found by `fuzz/fuzz_targets/connect_head.rs`: a signed port made an
+    /// IP literal a node name (`Name("2.18.1.10", 22)`).
+    #[test]
+    fn signed_ports_are_refused() {
+        assert!(parse_authority("2.18.1.10:+22").is_err());
+        assert!(parse_authority("edge-1:+22").is_err());
+        assert!(parse_authority("edge-1:-22").is_err());
+        assert_eq!(
+            parse_authority("edge-1:022"),
+            Ok(Authority::Name("edge-1".into(), 22))
+        );
+        assert_eq!(
+            parse_request_head(b"CONNECT 2.18.1.10:+22 HTTP/1.1\r\n\r\n", 7937),
+            Err(HeadProblem::Malformed(
+                "bad port in \"2.18.1.10:+22\"".into()
+            ))
+        );
     }
 
     #[tokio::test]
