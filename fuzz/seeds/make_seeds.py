@@ -75,7 +75,7 @@ heads = {
 for k, h in heads.items():
     put("connect_head", k, MAX + h)
 put("connect_head", "tight_limit", b"\x00\x00" + heads["go_ip"])
-# The input of the first crash found (a signed port), limit 256 + 7937.
+# The input of the first crash found (a signed port), limit 256 + 0x1f00 % 8192.
 put("connect_head", "regression_signed_port", b"\x00\x1f" + b"CONNECT 2.18.1.10:+22 HTTP/1.1\r\n\r\n")
 
 # configs.
