@@ -15,7 +15,9 @@ use libfuzzer_sys::fuzz_target;
 use relay_protocol::codec::{
     decode, decode_control, decode_exact, decode_with_rest, encode, peek_variant, peek_version,
 };
-use relay_protocol::datagram::{decode_datagram, encode_datagram, ShortDatagram, DATAGRAM_HEADER_LEN};
+use relay_protocol::datagram::{
+    decode_datagram, encode_datagram, ShortDatagram, DATAGRAM_HEADER_LEN,
+};
 use relay_protocol::{
     Cidr, ClientHello, Control, HelloReply, Incoming, StreamOpen, StreamReply, MAX_FRAME_LEN,
 };

@@ -34,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
         cfg.admin.token_file = Some(f.token.clone());
     }
     if let Ok(rt) = cfg.into_runtime() {
-        rt.validate().expect("into_runtime accepted what validate refuses");
+        rt.validate()
+            .expect("into_runtime accepted what validate refuses");
     }
 });
