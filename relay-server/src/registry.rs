@@ -442,15 +442,17 @@ impl<S: RouteOwner> Registry<S> {
     }
 }
 
+/// A stand-in session for registry and route-feed tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
 
+    /// A session with a node, a generation and the routes it registers.
     #[derive(Debug)]
-    struct Fake {
-        node: String,
-        generation: u64,
-        routes: Vec<Cidr>,
+    pub(crate) struct Fake {
+        pub(crate) node: String,
+        pub(crate) generation: u64,
+        pub(crate) routes: Vec<Cidr>,
     }
 
     impl RouteOwner for Fake {
@@ -466,7 +468,7 @@ mod tests {
     }
 
     /// Registers a fake with its own routes.
-    fn reg(
+    pub(crate) fn reg(
         r: &Registry<Fake>,
         f: Arc<Fake>,
         max: usize,
@@ -474,6 +476,12 @@ mod tests {
         let routes = f.routes.clone();
         r.register(f, routes, max)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{reg, Fake};
+    use super::*;
 
     fn fake(node: &str, generation: u64, routes: &[&str]) -> Arc<Fake> {
         Arc::new(Fake {

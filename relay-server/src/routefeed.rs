@@ -171,28 +171,10 @@ mod tests {
     use relay_protocol::codec::encode;
 
     use super::*;
-
-    struct Fake {
-        node: String,
-        generation: u64,
-        routes: Vec<Cidr>,
-    }
-
-    impl RouteOwner for Fake {
-        fn node(&self) -> &str {
-            &self.node
-        }
-        fn generation(&self) -> u64 {
-            self.generation
-        }
-        fn session_id(&self) -> u64 {
-            self.generation
-        }
-    }
+    use crate::registry::testing::Fake;
 
     fn add(reg: &Registry<Fake>, f: Arc<Fake>, max: usize) {
-        let routes = f.routes.clone();
-        reg.register(f, routes, max).unwrap();
+        crate::registry::testing::reg(reg, f, max).unwrap();
     }
 
     /// Node `i`: pod CIDR `10.x.y.0/24` and host address `172.16.x.y/32`.
