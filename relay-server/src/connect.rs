@@ -341,7 +341,7 @@ pub enum HeadProblem {
 /// the request line and headers up to the first blank line, which must end
 /// within the first `max` bytes (bytes after it are not looked at). Pure,
 /// so it can be fuzzed (`fuzz/fuzz_targets/connect_head.rs`); the ingress
-/// calls it on what [`read_head`] returned.
+/// calls it on what `read_head` returned.
 pub fn parse_request_head(buf: &[u8], max: usize) -> Result<RequestHead, HeadProblem> {
     let window = &buf[..buf.len().min(max)];
     let len = window

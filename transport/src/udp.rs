@@ -35,7 +35,7 @@ const FLOW_QUEUE: usize = 256;
 
 /// Payload bytes queued from the tunnel across all flows of one session
 /// (one [`FlowTable`]) before new ones are dropped (and counted as queue
-/// full). Without it the bound was flows × [`FLOW_QUEUE`] × datagram size
+/// full). Without it the bound was flows × `FLOW_QUEUE` × datagram size
 /// (1,024 × 256 × ~1.4 KB ≈ 360 MiB per session).
 pub const SESSION_UDP_QUEUE_BYTES: usize = 4 * 1024 * 1024;
 
