@@ -53,6 +53,9 @@ pub struct SessionRow {
     /// Host addresses this node shares with another node (repeated site
     /// LANs): not routed by address for either; reach the node by name.
     pub ambiguous: Vec<Cidr>,
+    /// Served prefixes the relay node does not capture (IPv6: capture is
+    /// IPv4 only); reachable through CONNECT.
+    pub not_captured: Vec<Cidr>,
     /// Edge software version.
     pub agent: String,
     /// Times the edge fell back from QUIC to TCP since it started.
@@ -92,6 +95,10 @@ impl SessionRow {
             connected_since: humantime::format_rfc3339_seconds(s.connected_at).to_string(),
             connected_secs: s.connected_at.elapsed().map(|d| d.as_secs()).unwrap_or(0),
             rtt_ms: s.conn.rtt().as_secs_f64() * 1000.0,
+            not_captured: crate::status::not_captured(
+                &shared.registry.routes_of(&s.node),
+                shared.cfg.capture.is_some(),
+            ),
             routes: shared.registry.routes_of(&s.node),
             primary_addr: s.primary_addr().map(|a| a.to_string()),
             ambiguous,

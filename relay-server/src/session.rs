@@ -330,6 +330,10 @@ pub(crate) async fn run_session(
             since: handle.connected_at,
             remote: handle.conn.remote_addr(),
             ambiguous,
+            not_captured: crate::status::not_captured(
+                &shared.registry.routes_of(&handle.node),
+                shared.cfg.capture.is_some(),
+            ),
         },
     );
     // Ends by itself when the connection closes.

@@ -24,6 +24,22 @@ pub struct SessionInfo {
     pub remote: SocketAddr,
     /// Host addresses the node shares with another node (not routed).
     pub ambiguous: Vec<Cidr>,
+    /// Served prefixes the relay node does not capture (IPv6: capture is
+    /// IPv4 only); reachable through CONNECT.
+    pub not_captured: Vec<Cidr>,
+}
+
+/// The served prefixes that capture leaves out: every IPv6 prefix when
+/// capture is on (it is IPv4 only), none when capture is off.
+pub fn not_captured(served: &[Cidr], capture_on: bool) -> Vec<Cidr> {
+    if !capture_on {
+        return Vec::new();
+    }
+    served
+        .iter()
+        .filter(|c| c.addr().is_ipv6())
+        .copied()
+        .collect()
 }
 
 impl SessionInfo {
@@ -40,6 +56,13 @@ impl SessionInfo {
             let list: Vec<String> = self.ambiguous.iter().map(ToString::to_string).collect();
             m.push_str(&format!(
                 "; host addresses shared with another node are not routed by address (reach this node by name): {}",
+                list.join(", ")
+            ));
+        }
+        if !self.not_captured.is_empty() {
+            let list: Vec<String> = self.not_captured.iter().map(ToString::to_string).collect();
+            m.push_str(&format!(
+                "; IPv6 capture is not supported: these prefixes are reachable through CONNECT only: {}",
                 list.join(", ")
             ));
         }
@@ -78,6 +101,7 @@ mod tests {
             since: SystemTime::UNIX_EPOCH,
             remote: "203.0.113.7:4433".parse().unwrap(),
             ambiguous: vec![],
+            not_captured: vec![],
         };
         assert_eq!(
             i.message(),
