@@ -253,9 +253,8 @@ impl KubeDirectory {
             .map(|(n, c)| (n.clone(), source(c)))
             .collect();
         let entries = build_entries(&sources);
-        let first = !self.synced.swap(true, Relaxed);
-        let same = self.read().entries == entries;
-        if same && !first {
+        let first = !self.synced.load(Relaxed);
+        if !first && self.read().entries == entries {
             return;
         }
         let by_hostname = entries
@@ -278,6 +277,9 @@ impl KubeDirectory {
             by_hostname,
             ambiguous,
         });
+        // Only now: a lookup that sees "synced" must also see the entries.
+        self.synced
+            .store(true, std::sync::atomic::Ordering::Release);
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
     }
 
@@ -314,7 +316,7 @@ impl Directory for KubeDirectory {
     }
 
     fn is_synced(&self) -> bool {
-        self.synced.load(Relaxed)
+        self.synced.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {
