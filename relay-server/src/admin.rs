@@ -82,10 +82,7 @@ pub struct SessionRow {
 impl SessionRow {
     /// Snapshot of a live session.
     pub fn of(s: &SessionHandle, shared: &Shared) -> Self {
-        let ambiguous = match shared.directory.lookup(&s.node) {
-            crate::directory::Lookup::Known(e) => e.ambiguous.clone(),
-            _ => Vec::new(),
-        };
+        let routes = shared.registry.routes_of(&s.node);
         SessionRow {
             node: s.node.clone(),
             session_id: s.session_id,
@@ -95,13 +92,10 @@ impl SessionRow {
             connected_since: humantime::format_rfc3339_seconds(s.connected_at).to_string(),
             connected_secs: s.connected_at.elapsed().map(|d| d.as_secs()).unwrap_or(0),
             rtt_ms: s.conn.rtt().as_secs_f64() * 1000.0,
-            not_captured: crate::status::not_captured(
-                &shared.registry.routes_of(&s.node),
-                shared.cfg.capture.is_some(),
-            ),
-            routes: shared.registry.routes_of(&s.node),
+            not_captured: crate::status::not_captured(&routes, shared.cfg.capture.is_some()),
+            routes,
             primary_addr: s.primary_addr().map(|a| a.to_string()),
-            ambiguous,
+            ambiguous: crate::directory::ambiguous_of(shared.directory.as_ref(), &s.node),
             agent: s.agent.clone(),
             fallbacks: s.fallbacks,
             open_streams: s.open_streams.load(Relaxed),

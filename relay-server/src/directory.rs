@@ -82,6 +82,15 @@ pub trait Directory: Send + Sync + 'static {
     fn source(&self) -> &'static str;
 }
 
+/// The host prefixes `node` shares with another node (empty for an
+/// unknown node): what the admin API and the Node condition report.
+pub fn ambiguous_of(dir: &dyn Directory, node: &str) -> Vec<Cidr> {
+    match dir.lookup(node) {
+        Lookup::Known(e) => e.ambiguous.clone(),
+        _ => Vec::new(),
+    }
+}
+
 /// Waits (at most `limit`) until `dir` has synced; true if it has.
 pub async fn wait_synced(dir: &dyn Directory, limit: Duration) -> bool {
     if dir.is_synced() {

@@ -317,11 +317,8 @@ pub(crate) async fn run_session(
     (control, mut control_rx, mut feed): ControlParts,
     shared: Arc<Shared>,
 ) {
-    info!(remote = %handle.conn.remote_addr(), routes = ?shared.registry.routes_of(&handle.node), "session up");
-    let ambiguous = match shared.directory.lookup(&handle.node) {
-        crate::directory::Lookup::Known(e) => e.ambiguous.clone(),
-        _ => Vec::new(),
-    };
+    let routes = shared.registry.routes_of(&handle.node);
+    info!(remote = %handle.conn.remote_addr(), ?routes, "session up");
     shared.status.up(
         &handle.node,
         &crate::status::SessionInfo {
@@ -329,11 +326,8 @@ pub(crate) async fn run_session(
             relay_id: shared.cfg.relay_id.clone(),
             since: handle.connected_at,
             remote: handle.conn.remote_addr(),
-            ambiguous,
-            not_captured: crate::status::not_captured(
-                &shared.registry.routes_of(&handle.node),
-                shared.cfg.capture.is_some(),
-            ),
+            ambiguous: crate::directory::ambiguous_of(shared.directory.as_ref(), &handle.node),
+            not_captured: crate::status::not_captured(&routes, shared.cfg.capture.is_some()),
         },
     );
     // Ends by itself when the connection closes.
