@@ -376,6 +376,34 @@ impl Control {
             }
         }
     }
+
+    /// Applies a [`Control::ServiceDelta`] to `table` (keyed by
+    /// [`ServicePort::key`]); returns `Some(complete)`, or `None` (table
+    /// untouched) for any other message.
+    pub fn apply_service_delta(
+        &self,
+        table: &mut std::collections::BTreeMap<ServiceKey, ServicePort>,
+    ) -> Option<bool> {
+        let Control::ServiceDelta {
+            reset,
+            upsert,
+            remove,
+            complete,
+        } = self
+        else {
+            return None;
+        };
+        if *reset {
+            table.clear();
+        }
+        for k in remove {
+            table.remove(k);
+        }
+        for p in upsert {
+            table.insert(p.key, p.clone());
+        }
+        Some(*complete)
+    }
 }
 
 /// The destination of a tunnelled connection.

@@ -299,6 +299,10 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
             shared.directory.source()
         );
         (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
+    } else if !shared.services.is_synced() {
+        // Capture and edges' service tables would start from nothing.
+        let msg = "services and endpointslices not loaded yet\n";
+        (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
     } else {
         "ready\n".into_response()
     }

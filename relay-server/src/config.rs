@@ -323,6 +323,12 @@ pub struct KubeSettings {
     pub events: bool,
     /// Bound on every API call (the watch has its own, longer bound).
     pub api_timeout: Duration,
+    /// Watch Services and EndpointSlices: capture ClusterIP ports with
+    /// edge endpoints on the relay node, resolve ClusterIPs and Service
+    /// names, and tell edges which ClusterIP ports to capture.
+    pub services: bool,
+    /// The cluster's DNS domain, for `CONNECT name.ns.svc.<domain>:port`.
+    pub cluster_domain: String,
 }
 
 impl Default for KubeSettings {
@@ -333,6 +339,8 @@ impl Default for KubeSettings {
             node_status: true,
             events: true,
             api_timeout: Duration::from_secs(10),
+            services: true,
+            cluster_domain: "cluster.local".into(),
         }
     }
 }
@@ -446,6 +454,10 @@ pub struct KubernetesFile {
     /// See [`KubeSettings::api_timeout`] (default 10 s).
     #[serde(default, with = "humantime_serde")]
     pub api_timeout: Option<Duration>,
+    /// See [`KubeSettings::services`] (default true).
+    pub services: Option<bool>,
+    /// See [`KubeSettings::cluster_domain`] (default `cluster.local`).
+    pub cluster_domain: Option<String>,
 }
 
 impl KubernetesFile {
@@ -457,6 +469,12 @@ impl KubernetesFile {
             node_status: self.node_status.unwrap_or(d.node_status),
             events: self.events.unwrap_or(d.events),
             api_timeout: self.api_timeout.unwrap_or(d.api_timeout),
+            services: self.services.unwrap_or(d.services),
+            cluster_domain: self
+                .cluster_domain
+                .as_deref()
+                .map(|c| c.trim_matches('.').to_ascii_lowercase())
+                .unwrap_or(d.cluster_domain),
         })
     }
 }
@@ -484,6 +502,19 @@ fn check_kubernetes(
     }
     if k.api_timeout.is_zero() || k.api_timeout > MAX_DURATION {
         return Err(err("kubernetes.api_timeout", "must be between 1ms and 24h"));
+    }
+    let domain_ok = !k.cluster_domain.is_empty()
+        && k.cluster_domain.len() <= 253
+        && k.cluster_domain.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if !domain_ok {
+        return Err(err(
+            "kubernetes.cluster_domain",
+            "must be a DNS domain such as cluster.local",
+        ));
     }
     Ok(())
 }

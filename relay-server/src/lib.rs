@@ -23,6 +23,9 @@
 //!   and streams opened by edges (edge → cloud, edge → edge).
 //! - `k8s` (feature `kubernetes`): Nodes as the directory; the Node
 //!   condition and Events as the status sink.
+//! - [`services`]: Services with edge endpoints: the relay node's
+//!   ClusterIP capture set, endpoint choice, each edge's Service feed;
+//!   `k8s_services` (feature `kubernetes`) feeds it from the API.
 //! - [`follow`]: sessions follow directory changes (node deleted, CIDRs
 //!   changed).
 //! - [`status`]: what operators see outside the relay (Node condition,
@@ -42,11 +45,14 @@ pub mod follow;
 pub mod handshake;
 #[cfg(feature = "kubernetes")]
 pub mod k8s;
+#[cfg(feature = "kubernetes")]
+pub mod k8s_services;
 pub mod metrics;
 pub mod policy;
 pub mod registry;
 pub mod routefeed;
 pub mod server;
+pub mod services;
 pub mod session;
 pub mod status;
 pub mod tunnel;

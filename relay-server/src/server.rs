@@ -23,6 +23,7 @@ use crate::handshake::serve_connection;
 use crate::metrics::Metrics;
 use crate::policy::{Communities, Policy};
 use crate::registry::Registry;
+use crate::services::{NoServices, ServiceSource};
 use crate::session::SessionHandle;
 use crate::status::{NoStatus, StatusSink};
 
@@ -41,6 +42,8 @@ pub struct Shared {
     pub status: Arc<dyn StatusSink>,
     /// Verifies certificate-bootstrap tokens (with `[bootstrap]`).
     pub tokens: Option<Arc<dyn crate::bootstrap::TokenAuthority>>,
+    /// ClusterIP ports and their endpoints (none in static mode).
+    pub services: Arc<dyn ServiceSource>,
     /// Counters.
     pub metrics: Metrics,
     generation: AtomicU64,
@@ -161,13 +164,14 @@ impl Relay {
         policy.add_own_listener(quic_addr);
         // Cancelled on shutdown: stops the Kubernetes watch and writers.
         let background = CancellationToken::new();
-        let (directory, status, tokens) = directory_and_status(&cfg, &background).await?;
+        let (directory, status, tokens, services) = directory_and_status(&cfg, &background).await?;
         let shared = Arc::new(Shared {
             registry: Registry::default(),
             policy,
             directory,
             status,
             tokens,
+            services,
             metrics: Metrics::default(),
             generation: AtomicU64::new(gen0),
             shutdown: CancellationToken::new(),
@@ -376,6 +380,7 @@ type Sources = (
     Arc<dyn Directory>,
     Arc<dyn StatusSink>,
     Option<Arc<dyn crate::bootstrap::TokenAuthority>>,
+    Arc<dyn ServiceSource>,
 );
 
 async fn directory_and_status(
@@ -386,13 +391,17 @@ async fn directory_and_status(
     if let Some(k) = &cfg.kubernetes {
         let kube = crate::k8s::start(k, cfg, background.clone()).await?;
         info!("node claims from the Kubernetes API");
-        return Ok((kube.directory, kube.status, kube.tokens));
+        let services = kube
+            .services
+            .unwrap_or_else(|| Arc::new(NoServices::default()));
+        return Ok((kube.directory, kube.status, kube.tokens, services));
     }
     let _ = background;
     Ok((
         Arc::new(StaticDirectory::new(&cfg.nodes)),
         Arc::new(NoStatus),
         None,
+        Arc::new(NoServices::default()),
     ))
 }
 

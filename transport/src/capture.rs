@@ -9,12 +9,15 @@
 //!   set skip4 { type ipv4_addr; flags interval; }   # never captured (own routes)
 //!   chain pre_nat { type nat hook prerouting priority -110;   # before kube-proxy
 //!     ip daddr @skip4 return
+//!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svcskip4 return
 //!     ip daddr @dst4 meta l4proto { tcp, udp } redirect to :<port> }
 //!   chain out_nat { type nat hook output priority -110;
 //!     meta mark <own_mark> return
 //!     ip daddr @skip4 return
+//!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svcskip4 return
 //!     ip daddr @dst4 meta l4proto { tcp, udp } redirect to :<port> }
 //!   set svc4 { type ipv4_addr . inet_proto . inet_service; }  # captured ClusterIP ports
+//!   set svcskip4 { type ipv4_addr . inet_proto . inet_service; }  # ClusterIP ports left to kube-proxy
 //!   chain svc_pre { type nat hook prerouting priority -150;  # before kube-proxy (-100)
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svc4 redirect to :<port> }   # and its nftables mode (-110)
 //!   chain svc_out { type nat hook output priority -150;
@@ -52,6 +55,11 @@
 //! kube-proxy it would be one endpoint, chosen on the wrong node. Host
 //! processes need a route to the ClusterIP for the output hook to run at
 //! all; every Kubernetes node has one (default route or service CIDR).
+//!
+//! `svcskip4` holds ClusterIP ports whose endpoints are all on this node
+//! (an edge's own Services): a service range captured as a prefix would
+//! otherwise send them through the tunnel and back, while the node's own
+//! kube-proxy reaches them locally.
 //!
 //! Everything is removed by [`Capture::teardown`], and [`Capture::install`]
 //! first removes whatever a crashed previous run left.
@@ -245,7 +253,11 @@ pub struct Capture {
     installed: BTreeSet<Cidr>,
     skipped: BTreeSet<Cidr>,
     services: BTreeSet<(SocketAddr, Proto)>,
+    local_services: BTreeSet<(SocketAddr, Proto)>,
 }
+
+/// A set of ClusterIP ports.
+pub type ServiceSet = BTreeSet<(SocketAddr, Proto)>;
 
 impl Capture {
     /// Removes leftovers of a previous run, then installs the table, the
@@ -258,16 +270,19 @@ impl Capture {
             "table inet {t} {{\n\
              set dst4 {{ type ipv4_addr; flags interval; }}\n\
              set skip4 {{ type ipv4_addr; flags interval; }}\n\
+             set svc4 {{ type ipv4_addr . inet_proto . inet_service; }}\n\
+             set svcskip4 {{ type ipv4_addr . inet_proto . inet_service; }}\n\
              chain pre_nat {{ type nat hook prerouting priority -110; policy accept;\n\
              ip daddr @skip4 return\n\
+             meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svcskip4 return\n\
              ip daddr @dst4 meta l4proto {{ tcp, udp }} redirect to :{p}\n\
              }}\n\
              chain out_nat {{ type nat hook output priority -110; policy accept;\n\
              meta mark {mark:#x} return\n\
              ip daddr @skip4 return\n\
+             meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svcskip4 return\n\
              ip daddr @dst4 meta l4proto {{ tcp, udp }} redirect to :{p}\n\
              }}\n\
-             set svc4 {{ type ipv4_addr . inet_proto . inet_service; }}\n\
              chain svc_pre {{ type nat hook prerouting priority -150; policy accept;\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svc4 redirect to :{p}\n\
              }}\n\
@@ -311,6 +326,7 @@ impl Capture {
             installed: BTreeSet::new(),
             skipped: BTreeSet::new(),
             services: BTreeSet::new(),
+            local_services: BTreeSet::new(),
         })
     }
 
@@ -408,9 +424,11 @@ impl Capture {
     /// Captures exactly the ClusterIP ports `want` (IPv4; IPv6 entries are
     /// reported and left out), in prerouting and output ahead of kube-proxy
     /// (see the module docs), redirected to the capture port so the
-    /// original destination is the ClusterIP:port.
+    /// original destination is the ClusterIP:port; and exempts the ports
+    /// in `local` from prefix capture (they stay with the node's own
+    /// kube-proxy).
     ///
-    /// The set is rewritten whole in one transaction. Then the UDP
+    /// Both sets are rewritten whole in one transaction. Then the UDP
     /// conntrack entries the change makes stale are deleted: a UDP "flow"
     /// keeps the NAT binding of its first packet for as long as packets
     /// keep coming, so a resolver's socket that reached an endpoint through
@@ -420,28 +438,34 @@ impl Capture {
     /// `conntrack -D` (usually: no such entry) is logged, not an error.
     pub async fn apply_services(
         &mut self,
-        want: &BTreeSet<(SocketAddr, Proto)>,
+        want: &ServiceSet,
+        local: &ServiceSet,
     ) -> Result<(), CaptureError> {
-        let want4: BTreeSet<(SocketAddr, Proto)> =
-            want.iter().filter(|(a, _)| a.is_ipv4()).copied().collect();
+        let v4 = |set: &ServiceSet| -> ServiceSet {
+            set.iter().filter(|(a, _)| a.is_ipv4()).copied().collect()
+        };
+        let (want4, local4) = (v4(want), v4(local));
         if want4.len() < want.len() {
             warn!(
                 ignored = want.len() - want4.len(),
                 "IPv6 service ports are not captured"
             );
         }
-        if want4 == self.services {
+        if want4 == self.services && local4 == self.local_services {
             return Ok(());
         }
         let t = &self.cfg.nft_table;
-        let nft = services_script(t, &want4);
+        let mut nft = services_script(t, "svc4", &want4);
+        nft.push_str(&services_script(t, "svcskip4", &local4));
         run("nft", &["-f", "-"], Some(&nft)).await?;
-        let stale: Vec<(SocketAddr, Proto)> = want4
+        let stale: BTreeSet<(SocketAddr, Proto)> = want4
             .symmetric_difference(&self.services)
+            .chain(local4.symmetric_difference(&self.local_services))
             .filter(|(_, p)| *p == Proto::Udp)
             .copied()
             .collect();
         self.services = want4;
+        self.local_services = local4;
         for (addr, proto) in stale {
             let args = conntrack_delete_args(addr, proto);
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -449,7 +473,11 @@ impl Capture {
                 debug!(error = %e, %addr, "no stale conntrack entries deleted");
             }
         }
-        debug!(services = self.services.len(), "service capture updated");
+        debug!(
+            services = self.services.len(),
+            local = self.local_services.len(),
+            "service capture updated"
+        );
         Ok(())
     }
 
@@ -491,10 +519,11 @@ async fn remove_all(cfg: &CaptureConfig) {
     }
 }
 
-/// The `nft -f` script that makes set `svc4` of table `inet <table>` hold
-/// exactly `services` (flush and add in one transaction).
-pub fn services_script(table: &str, services: &BTreeSet<(SocketAddr, Proto)>) -> String {
-    let mut nft = format!("flush set inet {table} svc4\n");
+/// The `nft -f` script that makes service set `set` (`svc4` or
+/// `svcskip4`) of table `inet <table>` hold exactly `services` (flush and
+/// add in one transaction).
+pub fn services_script(table: &str, set: &str, services: &ServiceSet) -> String {
+    let mut nft = format!("flush set inet {table} {set}\n");
     let elems: Vec<String> = services
         .iter()
         .filter(|(a, _)| a.is_ipv4())
@@ -503,7 +532,7 @@ pub fn services_script(table: &str, services: &BTreeSet<(SocketAddr, Proto)>) ->
     if !elems.is_empty() {
         let _ = writeln!(
             nft,
-            "add element inet {table} svc4 {{ {} }}",
+            "add element inet {table} {set} {{ {} }}",
             elems.join(", ")
         );
     }
@@ -624,13 +653,13 @@ mod tests {
         .into_iter()
         .collect();
         assert_eq!(
-            services_script("edge_relay", &set),
+            services_script("edge_relay", "svc4", &set),
             "flush set inet edge_relay svc4\n\
              add element inet edge_relay svc4 { 10.96.0.10 . tcp . 53, 10.96.0.10 . udp . 53 }\n"
         );
         assert_eq!(
-            services_script("t", &BTreeSet::new()),
-            "flush set inet t svc4\n"
+            services_script("t", "svcskip4", &BTreeSet::new()),
+            "flush set inet t svcskip4\n"
         );
         assert_eq!(
             conntrack_delete_args("10.96.0.10:53".parse().unwrap(), Proto::Udp).join(" "),

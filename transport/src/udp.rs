@@ -455,9 +455,20 @@ fn recv_orig(
     Ok((msg.bytes, src, dst))
 }
 
-/// Where a captured UDP packet's flow goes: the connection and its flow
-/// table, chosen by the original destination.
-pub type PickConn = dyn Fn(SocketAddr) -> Option<(TunnelConn, Arc<FlowTable>)> + Send + Sync;
+/// Where a captured UDP flow goes, chosen by its original destination.
+pub struct Picked {
+    /// The connection to open the flow on.
+    pub conn: TunnelConn,
+    /// That connection's flow table.
+    pub flows: Arc<FlowTable>,
+    /// The target the flow names: the original destination, or the
+    /// endpoint the picker chose for it (a ClusterIP resolved by the relay).
+    pub target: SocketAddr,
+}
+
+/// Chooses a captured UDP flow's connection and target from its original
+/// destination; `None` drops the flow's packets (counted).
+pub type PickConn = dyn Fn(SocketAddr) -> Option<Picked> + Send + Sync;
 
 /// Bounds for captured UDP flows.
 #[derive(Debug, Clone)]
@@ -526,7 +537,12 @@ pub async fn serve_transparent_udp(
                 continue;
             }
         };
-        let Some((conn, flows)) = pick(dst) else {
+        let Some(Picked {
+            conn,
+            flows,
+            target,
+        }) = pick(dst)
+        else {
             stats.dropped_unknown_flow.fetch_add(1, Relaxed);
             debug!(%client, %dst, "no session for captured udp destination");
             continue;
@@ -548,7 +564,7 @@ pub async fn serve_transparent_udp(
         };
         tokio::spawn(async move {
             let open = relay_protocol::StreamOpen {
-                target: relay_protocol::Target::Addr(dst),
+                target: relay_protocol::Target::Addr(target),
                 source: Some(SocketAddr::V4(client)),
                 l4: relay_protocol::L4::Udp { flow: flow.id },
             };
