@@ -27,6 +27,7 @@ use crate::config::{EdgeConfig, TransportMode};
 use crate::identity::{clock_hint, Credentials, IdentityError};
 use crate::liveness::{Liveness, Tick, DEAD_AFTER_KEEPALIVES};
 use crate::serve::{serve_stream, ServedRoutes, ServedSet};
+use crate::services::EdgeServices;
 
 /// Where the client is in its life cycle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +112,7 @@ impl Meter for EdgeStats {
 pub struct EdgeClient {
     state: watch::Receiver<EdgeState>,
     stats: Arc<EdgeStats>,
+    services: Arc<EdgeServices>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     capture: Option<tokio::task::JoinHandle<()>>,
@@ -181,12 +183,14 @@ impl EdgeClient {
         let cfg = Arc::new(cfg);
         let served = Arc::new(ServedSet::from_config(&cfg));
         let creds = Arc::new(Credentials::new(&cfg));
+        let services = Arc::new(EdgeServices::default());
         let capture = capture.map(|parts| {
             let t = crate::capture::run(
                 parts,
                 cfg.clone(),
                 rx.clone(),
                 conn_rx,
+                services.clone(),
                 stats.clone(),
                 cancel.clone(),
             );
@@ -196,6 +200,7 @@ impl EdgeClient {
             run(
                 cfg,
                 served,
+                services.clone(),
                 creds,
                 tx,
                 conn_tx,
@@ -207,6 +212,7 @@ impl EdgeClient {
         EdgeClient {
             state: rx,
             stats,
+            services,
             cancel,
             task,
             capture,
@@ -226,6 +232,11 @@ impl EdgeClient {
     /// Counters.
     pub fn stats(&self) -> &Arc<EdgeStats> {
         &self.stats
+    }
+
+    /// The ClusterIP table the relay sent (empty until it does).
+    pub fn services(&self) -> &Arc<EdgeServices> {
+        &self.services
     }
 
     /// Waits (at most `timeout`) until the client is connected; returns
@@ -284,6 +295,7 @@ pub(crate) type ConnWatch = watch::Receiver<Option<(TunnelConn, Arc<FlowTable>)>
 async fn run(
     cfg: Arc<EdgeConfig>,
     served: Arc<ServedSet>,
+    services: Arc<EdgeServices>,
     creds: Arc<Credentials>,
     state: watch::Sender<EdgeState>,
     conn_tx: watch::Sender<Option<(TunnelConn, Arc<FlowTable>)>>,
@@ -364,7 +376,8 @@ async fn run(
                     gen = hello.generation
                 );
                 let end = run_session(
-                    &conn, &flows, control, &cfg, &served, &creds, &stats, &cancel, &state,
+                    &conn, &flows, control, &cfg, &served, &services, &creds, &stats, &cancel,
+                    &state,
                 )
                 .instrument(span)
                 .await;
@@ -609,6 +622,7 @@ async fn run_session(
     control: BiStream,
     cfg: &Arc<EdgeConfig>,
     served: &Arc<ServedSet>,
+    services: &EdgeServices,
     creds: &Arc<Credentials>,
     stats: &Arc<EdgeStats>,
     cancel: &CancellationToken,
@@ -633,6 +647,7 @@ async fn run_session(
     // timeout, while a late pong on a congested uplink costs nothing.
     let mut liveness = Liveness::new(cfg.quic.keepalive);
     let mut rtt_logged: Option<Instant> = None;
+    let mut svc_batch = crate::services::Batch::default();
     let mut tick = tokio::time::interval(cfg.quic.keepalive);
     // A tick delayed (a busy runtime) must not fire a burst of pings that
     // would then all count as in flight.
@@ -732,6 +747,10 @@ async fn run_session(
                                     *served_routes = routes;
                                 }
                             });
+                            continue;
+                        }
+                        msg @ Control::ServiceDelta { .. } => {
+                            svc_batch.apply(&msg, services);
                             continue;
                         }
                         Control::GoAway { reason, grace_ms } => {

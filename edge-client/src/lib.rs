@@ -10,6 +10,8 @@
 //! - [`config`]: TOML file config and the runtime [`EdgeConfig`].
 //! - [`client`]: [`EdgeClient`], the reconnect loop and the session.
 //! - [`serve`]: serving the relay's streams within what this edge serves.
+//! - [`services`]: the ClusterIP table the relay sends: what capture takes
+//!   ahead of kube-proxy, and local endpoints preferred.
 //! - `identity`: the node certificate: given, or obtained from the relay
 //!   with a service-account token and renewed.
 //! - [`backoff`]: capped exponential backoff with full jitter.
@@ -23,6 +25,7 @@ pub mod config;
 mod identity;
 pub mod liveness;
 pub mod serve;
+pub mod services;
 
 pub use client::{EdgeClient, EdgeState, EdgeStats, StartError};
 pub use config::{EdgeConfig, FileConfig, TransportMode};

@@ -49,7 +49,7 @@ fn start_capture(
         let cfg = CaptureConfig::default();
         let port = cfg.port;
         let mut cap = Capture::install(cfg).await?;
-        cap.apply_services(&initial).await?;
+        cap.apply_services(&initial, &Services::new()).await?;
         let tcp = capture::capture_tcp_listener(port)?;
         // Redirect rewrites the destination to the primary address of the
         // incoming interface (a pod behind cni0) or to 127.0.0.1 (a local
@@ -84,7 +84,7 @@ fn start_capture(
             tokio::select! {
                 _ = &mut stop => break,
                 Some(set) = changes.recv() => {
-                    let r = cap.apply_services(&set).await.map_err(anyhow::Error::from);
+                    let r = cap.apply_services(&set, &Services::new()).await.map_err(anyhow::Error::from);
                     let _ = applied.send(r);
                 }
             }

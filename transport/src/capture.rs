@@ -59,7 +59,9 @@
 //! `svcskip4` holds ClusterIP ports whose endpoints are all on this node
 //! (an edge's own Services): a service range captured as a prefix would
 //! otherwise send them through the tunnel and back, while the node's own
-//! kube-proxy reaches them locally.
+//! kube-proxy reaches them locally. Each also gets a bypass rule
+//! (`to <ip>/32 ipproto <p> dport <port> lookup main`, at `rule_pref - 1`)
+//! so host processes route it by the main table, not the capture route.
 //!
 //! Everything is removed by [`Capture::teardown`], and [`Capture::install`]
 //! first removes whatever a crashed previous run left.
@@ -464,6 +466,31 @@ impl Capture {
             .filter(|(_, p)| *p == Proto::Udp)
             .copied()
             .collect();
+        // Host processes route before the output hook: a port left to
+        // kube-proxy inside a captured prefix must use the main table, or
+        // its packets leave with the capture route's 127.0.0.1 source
+        // after kube-proxy's DNAT (and are refused with EINVAL).
+        let bypass = self.cfg.rule_pref - 1;
+        let rule = |op: &str, (a, p): &(SocketAddr, Proto)| {
+            format!(
+                "rule {op} to {}/32 ipproto {} dport {} lookup main pref {bypass}\n",
+                a.ip(),
+                p.as_str(),
+                a.port()
+            )
+        };
+        let mut rules = String::new();
+        for k in self.local_services.difference(&local4) {
+            rules.push_str(&rule("del", k));
+        }
+        for k in local4.difference(&self.local_services) {
+            rules.push_str(&rule("add", k));
+        }
+        if !rules.is_empty() {
+            if let Err(e) = run("ip", &["-4", "-force", "-batch", "-"], Some(&rules)).await {
+                warn!(error = %e, "some service bypass rules did not apply");
+            }
+        }
         self.services = want4;
         self.local_services = local4;
         for (addr, proto) in stale {
