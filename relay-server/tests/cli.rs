@@ -152,24 +152,35 @@ fn dev_certs_can_write_the_issuing_ca_key_for_the_bootstrap() {
     let out = relay_server(&["dev-certs", "--out", pki_s, "--ca-key"]);
     assert!(out.status.success(), "{out:?}");
     let key = pki.join("ca-key.pem");
-    let mode = std::fs::metadata(&key).expect("ca-key.pem written").permissions().mode();
+    let mode = std::fs::metadata(&key)
+        .expect("ca-key.pem written")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "ca-key.pem mode {mode:o}");
     assert!(!pki.join("edge-1.pem").exists());
     // Without --ca-key no key is written; with it, an existing one is kept.
     let plain = dir.join("plain");
     let out = relay_server(&["dev-certs", "--out", plain.to_str().expect("utf-8")]);
-    assert!(out.status.success() && !plain.join("ca-key.pem").exists(), "{out:?}");
+    assert!(
+        out.status.success() && !plain.join("ca-key.pem").exists(),
+        "{out:?}"
+    );
     let before = std::fs::read(&key).expect("read key");
     std::fs::remove_file(pki.join("ca.pem")).expect("rm ca.pem");
     let out = relay_server(&["dev-certs", "--out", pki_s, "--ca-key"]);
     assert!(!out.status.success(), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to overwrite"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refusing to overwrite"),
+        "{out:?}"
+    );
     assert_eq!(std::fs::read(&key).expect("read key"), before);
     assert!(!pki.join("ca.pem").exists(), "refused run wrote files");
 
     let fresh = dir.join("fresh");
     let f = fresh.to_str().expect("utf-8");
-    assert!(relay_server(&["dev-certs", "--out", f, "--ca-key"]).status.success());
+    assert!(relay_server(&["dev-certs", "--out", f, "--ca-key"])
+        .status
+        .success());
     let file = dir.join("relay.toml");
     let text = format!(
         "[listen]\nquic = \"127.0.0.1:0\"\n[tls]\ncert = \"{f}/relay.pem\"\nkey = \"{f}/relay-key.pem\"\nclient_ca = \"{f}/ca.pem\"\n\
