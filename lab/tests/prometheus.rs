@@ -281,12 +281,20 @@ async fn alert_state(addr: SocketAddr) -> Result<Option<String>> {
 /// Polls `f` every 250 ms until it yields `Some`, at most [`BOUND`].
 async fn until<T>(what: &str, mut f: impl AsyncFnMut() -> Result<Option<T>>) -> Result<T> {
     let start = Instant::now();
+    let mut last_error = None;
     loop {
-        // Prometheus may answer errors while starting: keep polling.
-        if let Ok(Some(v)) = f().await {
-            return Ok(v);
+        // Prometheus may answer errors while starting: keep polling, and
+        // report the last one if the bound passes.
+        match f().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_error = Some(format!("{e:#}")),
         }
-        ensure!(start.elapsed() < BOUND, "{what}: not within {BOUND:?}");
+        ensure!(
+            start.elapsed() < BOUND,
+            "{what}: not within {BOUND:?} (last error: {})",
+            last_error.as_deref().unwrap_or("none")
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -505,7 +513,7 @@ async fn edge_tunnel_down_fires_when_the_session_goes_and_resolves_when_it_retur
         // Printed, and kept in target/ for CI's lab step (as the matrix
         // and fault tests do).
         let summary = format!(
-            "prometheus lab ({}; real relay-server, apiserver and kube-state-metrics stand-ins): \
+            "prometheus lab ({}; real relay-server; apiserver and kube-state-metrics are stand-ins): \
              {ALERT} states {states:?}, fired {:.1} s after the session went ({FOR_TEST}, manifest {FOR_SHIPPED}), \
              resolved {:.1} s after it returned; whole test {:.1} s\n",
             prometheus_version(),
