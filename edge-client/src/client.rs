@@ -292,6 +292,8 @@ enum AttemptError {
 /// The current session's connection, for streams the edge opens.
 pub(crate) type ConnWatch = watch::Receiver<Option<(TunnelConn, Arc<FlowTable>)>>;
 
+// The session's shared parts, passed once at start; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn run(
     cfg: Arc<EdgeConfig>,
     served: Arc<ServedSet>,

@@ -366,6 +366,37 @@ fn run_matrix(udp_blocked_at: Option<u8>, report: &str) -> Result<()> {
         "epod2",
         connect_from(&lab, Role::Apiserver, "10.244.8.5:80"),
     );
+    // CONNECT by Service name (the apiserver dials webhooks and aggregated
+    // APIs as svc.ns.svc:port through the same egress): edge endpoints
+    // through their edge, cloud endpoints dialled by the relay.
+    m.check(
+        &[
+            "apiserver → Service name (edge endpoint, CONNECT)",
+            "apiserver → CONNECT web-edge2.default.svc.cluster.local:80",
+        ],
+        "epod2",
+        connect_from(
+            &lab,
+            Role::Apiserver,
+            "web-edge2.default.svc.cluster.local:80",
+        ),
+    );
+    m.check(
+        &[
+            "apiserver → Service name (cloud endpoint, CONNECT)",
+            "apiserver → CONNECT web-cloud.default.svc:80",
+        ],
+        "cpod1",
+        connect_from(&lab, Role::Apiserver, "web-cloud.default.svc:80"),
+    );
+    m.check(
+        &[
+            "apiserver → ClusterIP (edge endpoint, CONNECT)",
+            "apiserver → CONNECT 10.96.0.20:80",
+        ],
+        "epod1",
+        connect_from(&lab, Role::Apiserver, "10.96.0.20:80"),
+    );
     m.check(
         &[
             "apiserver host → edge pod",

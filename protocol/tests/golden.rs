@@ -444,7 +444,7 @@ fn service_deltas_stay_inside_a_frame() {
     let port = |i: u32| ServicePort {
         key: ServiceKey {
             vip: SocketAddr::new(IpAddr::V6((0xfd00u128 << 112 | i as u128).into()), 443),
-            udp: i % 2 == 0,
+            udp: i.is_multiple_of(2),
         },
         remote: true,
         local: (0..100u16)

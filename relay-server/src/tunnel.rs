@@ -61,11 +61,24 @@ pub(crate) fn route_any(
     let Some(backends) = snap.backends(canonical(target), proto) else {
         return route(shared, origin, target, proto);
     };
+    route_backend(shared, backends, prefer, proto, &target)
+}
+
+/// Picks one of a Service's endpoints (those on node `prefer` first) and
+/// routes to it as [`Origin::Service`]; no endpoint is a fast refusal.
+/// Counted either way.
+pub(crate) fn route_backend(
+    shared: &Shared,
+    backends: &[crate::services::Backend],
+    prefer: Option<&str>,
+    proto: Proto,
+    service: &dyn std::fmt::Display,
+) -> Result<(Route, SocketAddr), StreamReply> {
     let Some(b) = crate::services::pick(backends, prefer) else {
         shared.metrics.service_pick("no_endpoints");
         return Err(StreamReply::fail(
             StreamStatus::Refused,
-            format!("service {target} has no ready endpoint"),
+            format!("service {service} has no ready endpoint"),
         ));
     };
     let routed = route(shared, Origin::Service, b.addr, proto)?;
@@ -167,22 +180,13 @@ pub(crate) async fn serve_transparent(
                 }
                 // A Service's cloud endpoint: dialled from here, past
                 // capture and past the relay node's kube-proxy.
-                Ok((Route::Cloud, to)) => {
-                    let mark = shared.cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
-                    match dial_tcp(to, shared.cfg.limits.dial_timeout, mark).await {
-                        Ok(tcp) => {
-                            shared.metrics.stream_outcome(StreamStatus::Ok);
-                            let mut sock = sock;
-                            let mut tcp = tcp;
-                            let r = tokio::io::copy_bidirectional(&mut sock, &mut tcp).await;
-                            debug!(%dst, %to, result = ?r, "captured service connection closed");
-                        }
-                        Err(reply) => {
-                            shared.metrics.stream_outcome(reply.status);
-                            refuse_captured(sock, peer, dst, &reply)
-                        }
+                Ok((Route::Cloud, to)) => match dial_direct(&shared, to).await {
+                    Ok(tcp) => {
+                        let (up, down) = splice_direct(sock, &[], tcp).await;
+                        debug!(%dst, %to, up, down, "captured service connection closed");
                     }
-                }
+                    Err(reply) => refuse_captured(sock, peer, dst, &reply),
+                },
                 Err(reply) => {
                     shared.metrics.stream_outcome(reply.status);
                     refuse_captured(sock, peer, dst, &reply)
@@ -190,6 +194,39 @@ pub(crate) async fn serve_transparent(
             }
         });
     }
+}
+
+/// Dials `to` from the relay (past capture: our mark), for a Service's
+/// cloud endpoint; counts the outcome.
+pub(crate) async fn dial_direct(
+    shared: &Shared,
+    to: SocketAddr,
+) -> Result<tokio::net::TcpStream, StreamReply> {
+    let mark = shared.cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
+    let r = dial_tcp(to, shared.cfg.limits.dial_timeout, mark).await;
+    shared.metrics.stream_outcome(match &r {
+        Ok(_) => StreamStatus::Ok,
+        Err(reply) => reply.status,
+    });
+    r
+}
+
+/// Splices `local` with a connection [`dial_direct`] made, `pending`
+/// (bytes the client sent early) first; the bytes carried each way.
+pub(crate) async fn splice_direct<L: relay_transport::splice::LocalStream>(
+    mut local: L,
+    pending: &[u8],
+    mut tcp: tokio::net::TcpStream,
+) -> (u64, u64) {
+    use tokio::io::AsyncWriteExt;
+    local.prepare();
+    if !pending.is_empty() && tcp.write_all(pending).await.is_err() {
+        return (0, 0);
+    }
+    let (up, down) = tokio::io::copy_bidirectional(&mut local, &mut tcp)
+        .await
+        .unwrap_or((0, 0));
+    (up + pending.len() as u64, down)
 }
 
 /// Answers a captured connection that cannot be served with a TCP reset
