@@ -136,3 +136,143 @@ impl ServiceSource for KubeServices {
         self.dir.is_synced()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_kube::services::{Endpoint, ServiceEntry, ServicePort as KPort};
+
+    fn ep(ip: &str, port: u16, node: &str, ready: bool) -> Endpoint {
+        Endpoint {
+            ip: ip.parse().unwrap(),
+            port,
+            node: Some(node.into()),
+            ready,
+            serving: ready,
+            terminating: false,
+        }
+    }
+
+    fn entry(name: &str, kind: ServiceKind, ports: Vec<KPort>) -> ServiceEntry {
+        ServiceEntry {
+            namespace: "shop".into(),
+            name: name.into(),
+            kind,
+            ports,
+        }
+    }
+
+    fn port(port: u16, protocol: Protocol, eps: Vec<Endpoint>) -> KPort {
+        KPort {
+            name: "p".into(),
+            port,
+            protocol,
+            target_port: None,
+            all_endpoints: eps,
+        }
+    }
+
+    fn table() -> ServiceTable {
+        let mut t = ServiceTable::new("cluster.local");
+        let vip = "10.96.0.20".parse().unwrap();
+        t.set(
+            "shop",
+            "web",
+            Some(entry(
+                "web",
+                ServiceKind::ClusterIp(vec![vip]),
+                vec![
+                    port(
+                        80,
+                        Protocol::Tcp,
+                        vec![
+                            ep("10.244.7.5", 8080, "edge1", true),
+                            ep("10.244.8.5", 8080, "edge2", false),
+                        ],
+                    ),
+                    port(53, Protocol::Udp, vec![ep("10.244.7.5", 53, "edge1", true)]),
+                    port(9, Protocol::Sctp, vec![ep("10.244.7.5", 9, "edge1", true)]),
+                ],
+            )),
+        );
+        t.set(
+            "shop",
+            "db",
+            Some(entry(
+                "db",
+                ServiceKind::Headless,
+                vec![port(
+                    5432,
+                    Protocol::Tcp,
+                    vec![ep("10.244.8.7", 5432, "edge2", true)],
+                )],
+            )),
+        );
+        t.set(
+            "shop",
+            "ext",
+            Some(entry(
+                "ext",
+                ServiceKind::ExternalName("db.example.com".into()),
+                vec![port(443, Protocol::Tcp, vec![])],
+            )),
+        );
+        t
+    }
+
+    #[test]
+    fn snapshot_lists_tcp_and_udp_cluster_ip_ports_with_usable_endpoints() {
+        let s = snapshot_of(&table());
+        let keys: Vec<String> = s
+            .ports
+            .keys()
+            .map(|k| format!("{}/{}", k.vip, if k.udp { "udp" } else { "tcp" }))
+            .collect();
+        assert_eq!(
+            keys,
+            ["10.96.0.20:53/udp", "10.96.0.20:80/tcp"],
+            "no SCTP, no headless"
+        );
+        let web = &s.ports[&ServiceKey {
+            vip: "10.96.0.20:80".parse().unwrap(),
+            udp: false,
+        }];
+        assert_eq!(web.len(), 1, "the not-ready endpoint is left out");
+        assert_eq!(web[0].addr, "10.244.7.5:8080".parse().unwrap());
+        assert_eq!(web[0].node.as_deref(), Some("edge1"));
+    }
+
+    #[test]
+    fn names_resolve_to_endpoints_or_say_why_not() {
+        let t = table();
+        let backends = |host: &str, port: u16| match lookup_name(&t, host, port) {
+            NameLookup::Backends(b) => b.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>(),
+            other => panic!("{host}:{port}: {other:?}"),
+        };
+        for host in [
+            "web.shop",
+            "web.shop.svc",
+            "web.shop.svc.cluster.local",
+            "web.shop.svc.cluster.local.",
+        ] {
+            assert_eq!(backends(host, 80), ["10.244.7.5:8080"], "{host}");
+        }
+        assert_eq!(
+            backends("db.shop.svc", 5432),
+            ["10.244.8.7:5432"],
+            "headless: its endpoints"
+        );
+        let refused = |host: &str, port: u16| match lookup_name(&t, host, port) {
+            NameLookup::Refused(m) => m,
+            other => panic!("{host}:{port}: {other:?}"),
+        };
+        assert!(refused("web.shop", 81).contains("no TCP port 81"));
+        assert!(
+            refused("web.shop", 53).contains("no TCP port 53"),
+            "UDP port over CONNECT"
+        );
+        assert!(refused("ext.shop", 443).contains("ExternalName for db.example.com"));
+        assert_eq!(lookup_name(&t, "edge1", 10250), NameLookup::NotAService);
+        assert_eq!(lookup_name(&t, "web.other", 80), NameLookup::NotAService);
+    }
+}
