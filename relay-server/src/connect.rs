@@ -482,18 +482,9 @@ async fn handle<S: LocalStream>(mut s: S, peer: String, mut audit: Audit, shared
     let routed = match resolve(shared, &auth) {
         Ok(v) => v,
         Err(reply) => {
-            audit.answer(status_code(reply.status), reply.status.as_str());
             shared.metrics.stream_outcome(reply.status);
             info!(%peer, dst = %authority, reason = reply.status.as_str(), msg = %reply.message, "CONNECT refused");
-            let _ = respond(
-                &mut s,
-                status_code(reply.status),
-                reply.status.as_str(),
-                &reply.message,
-                shared,
-            )
-            .await;
-            return;
+            return refuse(&mut s, &mut audit, &reply, shared).await;
         }
     };
     let (session, target) = match routed {
@@ -507,17 +498,8 @@ async fn handle<S: LocalStream>(mut s: S, peer: String, mut audit: Audit, shared
         let (bi, guard) = match open_on(shared, session, target, peer.parse().ok()).await {
             Ok(v) => v,
             Err(reply) => {
-                audit.answer(status_code(reply.status), reply.status.as_str());
                 info!(reason = reply.status.as_str(), msg = %reply.message, "stream refused");
-                let _ = respond(
-                    &mut s,
-                    status_code(reply.status),
-                    reply.status.as_str(),
-                    &reply.message,
-                    shared,
-                )
-                .await;
-                return;
+                return refuse(&mut s, &mut audit, &reply, shared).await;
             }
         };
         audit.answer(200, "ok");
@@ -531,6 +513,19 @@ async fn handle<S: LocalStream>(mut s: S, peer: String, mut audit: Audit, shared
     }
     .instrument(span)
     .await
+}
+
+/// Answers a refused CONNECT with the status for `reply` (its label and
+/// message in the reason phrase) and notes it in the audit line.
+async fn refuse<S: LocalStream>(
+    s: &mut S,
+    audit: &mut Audit,
+    reply: &StreamReply,
+    shared: &Shared,
+) {
+    let code = status_code(reply.status);
+    audit.answer(code, reply.status.as_str());
+    let _ = respond(s, code, reply.status.as_str(), &reply.message, shared).await;
 }
 
 /// A CONNECT to a Service whose picked endpoint is in the cloud (a webhook
@@ -548,17 +543,8 @@ async fn direct<S: LocalStream>(
     let tcp = match crate::tunnel::dial_direct(shared, target).await {
         Ok(t) => t,
         Err(reply) => {
-            audit.answer(status_code(reply.status), reply.status.as_str());
             info!(dst = %target, reason = reply.status.as_str(), msg = %reply.message, "CONNECT to a cloud endpoint refused");
-            let _ = respond(
-                &mut s,
-                status_code(reply.status),
-                reply.status.as_str(),
-                &reply.message,
-                shared,
-            )
-            .await;
-            return;
+            return refuse(&mut s, &mut audit, &reply, shared).await;
         }
     };
     audit.answer(200, "ok");
