@@ -282,6 +282,7 @@ pub fn render_udp(u: &relay_transport::udp::UdpStats) -> String {
         ("queue_full", &u.dropped_queue_full),
         ("unknown_flow", &u.dropped_unknown_flow),
         ("flow_cap", &u.refused_cap),
+        ("starting", &u.dropped_starting),
     ] {
         let _ = writeln!(
             o,

@@ -42,6 +42,12 @@ pub const SESSION_UDP_QUEUE_BYTES: usize = 4 * 1024 * 1024;
 /// Largest UDP payload we read from a local socket.
 const MAX_UDP: usize = 65_535;
 
+/// Captured flows starting at once (conntrack lookup and stream open in
+/// progress), per capture loop: each holds a netlink socket and a task, so
+/// a flood of new sources must not open them without bound. A packet that
+/// would start one more is dropped and counted (`dropped_starting`).
+pub const MAX_STARTING_FLOWS: usize = 256;
+
 /// Counters shared by every flow of one side.
 #[derive(Debug, Default)]
 pub struct UdpStats {
@@ -57,6 +63,10 @@ pub struct UdpStats {
     pub dropped_unknown_flow: AtomicU64,
     /// New flows refused because of the per-session flow cap.
     pub refused_cap: AtomicU64,
+    /// Captured packets that would have started a flow while
+    /// [`MAX_STARTING_FLOWS`] were already starting (a flood of new
+    /// sources); dropped.
+    pub dropped_starting: AtomicU64,
 }
 
 /// Flow id → queue of payloads from the tunnel, for one connection.
@@ -492,6 +502,7 @@ pub async fn serve_transparent_udp(
         m.lock().unwrap_or_else(|e| e.into_inner())
     }
     let sock = Arc::new(sock);
+    let starting = Arc::new(tokio::sync::Semaphore::new(MAX_STARTING_FLOWS));
     let mut generation = 0u64;
     loop {
         let (payload, client, here) = tokio::select! {
@@ -518,50 +529,77 @@ pub async fn serve_transparent_udp(
             Some(Err(mpsc::error::TrySendError::Closed(p))) => p,
             None => payload,
         };
-        let dst = match crate::conntrack::original_dst_udp(here, client) {
-            Ok(d) => SocketAddr::V4(d),
-            Err(e) => {
-                stats.dropped_unknown_flow.fetch_add(1, Relaxed);
-                debug!(%client, %here, error = %e, "no conntrack entry for captured udp");
-                continue;
-            }
-        };
-        let Some((conn, flows)) = pick(dst) else {
-            stats.dropped_unknown_flow.fetch_add(1, Relaxed);
-            debug!(%client, %dst, "no session for captured udp destination");
+        let Ok(permit) = starting.clone().try_acquire_owned() else {
+            stats.dropped_starting.fetch_add(1, Relaxed);
             continue;
         };
-        let Some(flow) = flows.register(None) else {
-            debug!(%client, %dst, "udp flow cap reached");
-            continue;
-        };
+        // The flow's queue is registered before its destination is known,
+        // so packets arriving meanwhile wait in it (bounded) instead of
+        // each starting a lookup; the lookup itself runs in the flow's
+        // task, never in this loop, which keeps receiving for every flow.
         generation += 1;
         let my_gen = generation;
         let (tx, rx) = mpsc::channel(FLOW_QUEUE);
         let _ = tx.try_send(payload);
         lock(&local).insert(key, (my_gen, tx));
-        let (local, limits, stats) = (local.clone(), limits.clone(), stats.clone());
+        let (local, limits, stats, pick) = (local.clone(), limits.clone(), stats.clone(), pick.clone());
         let reply = Replier {
             sock: sock.clone(),
             local: here,
             client,
         };
         tokio::spawn(async move {
-            let open = relay_protocol::StreamOpen {
-                target: relay_protocol::Target::Addr(dst),
-                source: Some(SocketAddr::V4(client)),
-                l4: relay_protocol::L4::Udp { flow: flow.id },
-            };
-            match crate::conn::open_stream(&conn, &open, limits.open_timeout).await {
-                Ok(bi) => run_opened_flow(bi, conn, flow, rx, reply, limits.idle, stats).await,
-                Err(r) => {
-                    debug!(%client, %dst, reason = r.status.as_str(), msg = %r.message, "udp flow refused")
-                }
-            }
+            open_captured_flow(pick, rx, reply, limits, stats, permit).await;
             let mut g = lock(&local);
             if g.get(&key).is_some_and(|(gen, _)| *gen == my_gen) {
                 g.remove(&key);
             }
         });
+    }
+}
+
+/// The start of one captured flow: its original destination from
+/// conntrack, the session `pick` chooses for it, a flow id, a stream
+/// opened to the far side; then it runs until idle. A flow that cannot
+/// start drops its queued packets, counted as `dropped_unknown_flow`.
+async fn open_captured_flow(
+    pick: Arc<PickConn>,
+    rx: mpsc::Receiver<Bytes>,
+    reply: Replier,
+    limits: FlowLimits,
+    stats: Arc<UdpStats>,
+    starting: tokio::sync::OwnedSemaphorePermit,
+) {
+    let (client, here) = (reply.client, reply.local);
+    let dst = match crate::conntrack::original_dst_udp(here, client).await {
+        Ok(d) => SocketAddr::V4(d),
+        Err(e) => {
+            stats.dropped_unknown_flow.fetch_add(1, Relaxed);
+            debug!(%client, %here, error = %e, "no conntrack entry for captured udp");
+            return;
+        }
+    };
+    let Some((conn, flows)) = pick(dst) else {
+        stats.dropped_unknown_flow.fetch_add(1, Relaxed);
+        debug!(%client, %dst, "no session for captured udp destination");
+        return;
+    };
+    let Some(flow) = flows.register(None) else {
+        debug!(%client, %dst, "udp flow cap reached");
+        return;
+    };
+    let open = relay_protocol::StreamOpen {
+        target: relay_protocol::Target::Addr(dst),
+        source: Some(SocketAddr::V4(client)),
+        l4: relay_protocol::L4::Udp { flow: flow.id },
+    };
+    let opened = crate::conn::open_stream(&conn, &open, limits.open_timeout).await;
+    // Started (or refused): it no longer counts against new flows.
+    drop(starting);
+    match opened {
+        Ok(bi) => run_opened_flow(bi, conn, flow, rx, reply, limits.idle, stats).await,
+        Err(r) => {
+            debug!(%client, %dst, reason = r.status.as_str(), msg = %r.message, "udp flow refused")
+        }
     }
 }
