@@ -11,6 +11,7 @@
 
 pub mod netns;
 pub mod scenario;
+pub mod sources;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Once;

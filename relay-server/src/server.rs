@@ -54,6 +54,9 @@ pub struct Shared {
     pub connect_permits: Arc<Semaphore>,
     /// UDP counters (all sessions).
     pub udp: Arc<relay_transport::udp::UdpStats>,
+    /// Bound on captured TCP connections served at once
+    /// (`capture.max_connections`).
+    pub capture_bound: relay_transport::conn::AcceptBound,
 }
 
 impl Shared {
@@ -176,6 +179,9 @@ impl Relay {
             handshake_queue: Arc::new(Semaphore::new(cfg.limits.max_concurrent_handshakes * 4)),
             connect_permits: Arc::new(Semaphore::new(cfg.limits.max_connect_connections)),
             udp: Arc::default(),
+            capture_bound: relay_transport::conn::AcceptBound::new(
+                cfg.capture.as_ref().map_or(1, |c| c.max_connections),
+            ),
             cfg,
         });
         let accept_stop = CancellationToken::new();

@@ -11,7 +11,7 @@ use std::time::Duration;
 use relay_protocol::codec::write_frame;
 use relay_protocol::{Cidr, StreamOpen, StreamReply, StreamStatus, Target, L4};
 use relay_transport::capture::Capture;
-use relay_transport::conn::{accept_until, finish_with, read_stream_open};
+use relay_transport::conn::{accept_bounded, finish_with, read_stream_open};
 use relay_transport::splice::{dial_tcp, splice, splice_tunnels};
 use relay_transport::BiStream;
 use tokio::net::TcpListener;
@@ -114,11 +114,13 @@ pub(crate) async fn serve_transparent(
     stop: CancellationToken,
 ) -> &'static str {
     loop {
-        let Some((sock, peer)) = accept_until(&stop, "transparent", || l.accept()).await else {
+        let accepted = accept_bounded(&stop, "transparent", &l, &shared.capture_bound).await;
+        let Some((sock, peer, permit)) = accepted else {
             return "transparent";
         };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let Ok(dst) = relay_transport::conntrack::original_dst_tcp(&sock) else {
                 return;
             };
@@ -225,9 +227,21 @@ async fn refuse(bi: &mut BiStream, shared: &Shared, reply: StreamReply) {
 pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: CancellationToken) {
     let mut changes = shared.registry.subscribe();
     let none = BTreeSet::new();
+    // Forwarded traffic is captured only from `capture.sources` (default:
+    // the cloud ranges edges may reach), before any prefix is captured:
+    // a host that routes edge prefixes to this node from elsewhere (the
+    // WAN) must not reach the edges.
+    let sources: BTreeSet<Cidr> = match shared.cfg.capture.as_ref().and_then(|c| c.sources.clone()) {
+        Some(s) => s,
+        None => shared.cfg.tunnel_routes.iter().copied().collect(),
+    };
     loop {
         let want: BTreeSet<Cidr> = shared.registry.routes().iter().map(|r| r.cidr).collect();
-        let retry = match cap.apply(&want, &none).await {
+        let applied = match cap.apply_sources(&sources).await {
+            Ok(()) => cap.apply(&want, &none).await,
+            Err(e) => Err(e),
+        };
+        let retry = match applied {
             Ok(()) => false,
             Err(e) => {
                 warn!(error = %e, "installing routes failed; retrying");
