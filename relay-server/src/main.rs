@@ -200,10 +200,19 @@ async fn main() -> anyhow::Result<()> {
             }
             let mut term = signal(SignalKind::terminate())?;
             let mut int = signal(SignalKind::interrupt())?;
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM"),
-                _ = int.recv() => tracing::info!("SIGINT"),
-                why = relay.wait() => anyhow::bail!("relay failed: {why}"),
+            // SIGHUP: reload certificates, keys and CRLs for new handshakes.
+            let mut hup = signal(SignalKind::hangup())?;
+            loop {
+                tokio::select! {
+                    _ = term.recv() => { tracing::info!("SIGTERM"); break }
+                    _ = int.recv() => { tracing::info!("SIGINT"); break }
+                    _ = hup.recv() => {
+                        if let Err(e) = relay.reload_tls() {
+                            tracing::warn!(error = %e, "SIGHUP: tls reload failed; keeping the previous certificates");
+                        }
+                    }
+                    why = relay.wait() => anyhow::bail!("relay failed: {why}"),
+                }
             }
             relay.shutdown(grace).await;
             Ok(())

@@ -20,6 +20,8 @@
 //!   of the prefixes to send through the tunnel, from allowed sources.
 //! - [`capture_config`]: what capture installs and its config file section.
 //! - [`conntrack`]: original destinations of redirected TCP and UDP.
+//! - [`reload`]: server TLS (certificate, client CA, CRLs) replaced while
+//!   running, for new handshakes only.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod capture;
@@ -29,6 +31,7 @@ pub mod conntrack;
 pub mod devcerts;
 pub mod issue;
 pub mod quic;
+pub mod reload;
 pub mod splice;
 pub mod tcp;
 pub mod tls;
