@@ -36,6 +36,7 @@ pub mod splice;
 pub mod tcp;
 pub mod tls;
 pub mod udp;
+mod udp_capture;
 
 pub use conn::{BiStream, RecvHalf, SendHalf, TransportKind, TunnelConn};
 pub use quic::{QuicFile, QuicTuning};
