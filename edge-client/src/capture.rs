@@ -53,6 +53,7 @@ pub(crate) async fn run(
         open_timeout: cfg.handshake_timeout + cfg.dial_timeout,
         idle: cfg.udp_idle,
         mark: cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0),
+        max_flows: cfg.capture.as_ref().map_or(128, |c| c.max_udp_flows),
     };
     let udp = relay_transport::udp::serve_transparent_udp(
         udp,

@@ -369,6 +369,10 @@ pub(crate) async fn serve_transparent_udp(
         open_timeout: shared.cfg.limits.stream_open_timeout,
         idle: shared.cfg.limits.udp_idle_timeout,
         mark: shared.cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0),
+        // Bounded per session by the flow table instead
+        // (limits.max_udp_flows_per_session), far below the streams an edge
+        // grants the relay (10,000 by default).
+        max_flows: usize::MAX,
     };
     relay_transport::udp::serve_transparent_udp(sock, pick, limits, shared.udp.clone(), stop).await;
     "transparent udp"

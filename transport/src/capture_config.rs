@@ -26,6 +26,10 @@ pub struct CaptureConfig {
     /// Captured TCP connections served at once; more are reset at once and
     /// counted (each holds a task, a socket and a tunnel stream).
     pub max_connections: usize,
+    /// Edge: captured UDP flows open at once (see
+    /// `udp::FlowLimits::max_flows`); keep it below the relay's
+    /// `quic.max_streams`. The relay bounds its flows per session instead.
+    pub max_udp_flows: usize,
 }
 
 impl Default for CaptureConfig {
@@ -38,6 +42,7 @@ impl Default for CaptureConfig {
             own_mark: 0x7100,
             sources: None,
             max_connections: 16_384,
+            max_udp_flows: 128,
         }
     }
 }
@@ -64,6 +69,8 @@ pub struct CaptureFile {
     pub sources: Option<Vec<Cidr>>,
     /// Captured TCP connections at once (default 16384).
     pub max_connections: Option<usize>,
+    /// Edge only: captured UDP flows at once (default 128).
+    pub max_udp_flows: Option<usize>,
 }
 
 impl CaptureFile {
@@ -82,7 +89,11 @@ impl CaptureFile {
             own_mark: self.mark.unwrap_or(d.own_mark),
             sources: self.sources.as_ref().map(|s| s.iter().copied().collect()),
             max_connections: self.max_connections.unwrap_or(d.max_connections),
+            max_udp_flows: self.max_udp_flows.unwrap_or(d.max_udp_flows),
         };
+        if c.max_udp_flows == 0 {
+            return Err(("max_udp_flows", "must not be 0".into()));
+        }
         if c.max_connections == 0 {
             return Err(("max_connections", "must not be 0".into()));
         }

@@ -65,6 +65,9 @@ pub struct UdpStats {
     /// [`MAX_STARTING_FLOWS`] were already starting (a flood of new
     /// sources); dropped.
     pub dropped_starting: AtomicU64,
+    /// Captured flows closed early to make room for a new one
+    /// (`FlowLimits::max_flows`).
+    pub evicted: AtomicU64,
 }
 
 /// Flow id → queue of payloads from the tunnel, for one connection.

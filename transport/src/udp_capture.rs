@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::net::UdpSocket;
@@ -153,6 +153,13 @@ pub struct FlowLimits {
     pub idle: Duration,
     /// Mark for our reply sockets (see [`crate::capture`]).
     pub mark: u32,
+    /// Captured flows open at once; a new one past this closes the flow
+    /// idle the longest (counted in `UdpStats::evicted`). Each flow holds a
+    /// tunnel stream until it is idle for `idle`, so on the edge this must
+    /// stay below the streams the relay grants (its `quic.max_streams`):
+    /// a resolver sending each query from a new port would otherwise use
+    /// up the credit, and every new TCP connection would wait for it.
+    pub max_flows: usize,
 }
 
 /// Serves captured UDP: each (client, redirected address) pair is one
@@ -168,9 +175,10 @@ pub async fn serve_transparent_udp(
     stop: tokio_util::sync::CancellationToken,
 ) {
     type Key = (SocketAddrV4, SocketAddrV4);
-    // (generation, queue): a flow that ends removes its entry only if it is
-    // still its own, not a successor's for the same key.
-    type Local = Mutex<HashMap<Key, (u64, mpsc::Sender<Bytes>)>>;
+    // (generation, queue, last packet from the client): a flow that ends
+    // removes its entry only if it is still its own, not a successor's for
+    // the same key; the oldest last packet is evicted first.
+    type Local = Mutex<HashMap<Key, (u64, mpsc::Sender<Bytes>, Instant)>>;
     let local: Arc<Local> = Arc::default();
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         // Poisoning would only mean a flow task panicked mid-update.
@@ -191,9 +199,11 @@ pub async fn serve_transparent_udp(
             },
         };
         let key = (client, here);
-        let sent = lock(&local)
-            .get(&key)
-            .map(|(_, tx)| tx.try_send(payload.clone()));
+        let now = Instant::now();
+        let sent = lock(&local).get_mut(&key).map(|(_, tx, last)| {
+            *last = now;
+            tx.try_send(payload.clone())
+        });
         let payload = match sent {
             Some(Ok(())) => continue,
             Some(Err(mpsc::error::TrySendError::Full(_))) => {
@@ -216,7 +226,19 @@ pub async fn serve_transparent_udp(
         let my_gen = generation;
         let (tx, rx) = mpsc::channel(FLOW_QUEUE);
         let _ = tx.try_send(payload);
-        lock(&local).insert(key, (my_gen, tx));
+        {
+            let mut flows = lock(&local);
+            // Make room: closing a flow's queue ends its task, which
+            // finishes its stream and returns the stream's credit.
+            while flows.len() >= limits.max_flows.max(1) {
+                let Some(oldest) = flows.iter().min_by_key(|(_, e)| e.2).map(|(k, _)| *k) else {
+                    break;
+                };
+                flows.remove(&oldest);
+                stats.evicted.fetch_add(1, Relaxed);
+            }
+            flows.insert(key, (my_gen, tx, now));
+        }
         let (local, limits, stats, pick) = (local.clone(), limits.clone(), stats.clone(), pick.clone());
         let reply = Replier {
             sock: sock.clone(),
@@ -226,7 +248,7 @@ pub async fn serve_transparent_udp(
         tokio::spawn(async move {
             open_captured_flow(pick, rx, reply, limits, stats, permit).await;
             let mut g = lock(&local);
-            if g.get(&key).is_some_and(|(gen, _)| *gen == my_gen) {
+            if g.get(&key).is_some_and(|(gen, _, _)| *gen == my_gen) {
                 g.remove(&key);
             }
         });
