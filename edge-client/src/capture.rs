@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use relay_protocol::{Cidr, StreamOpen, Target, L4};
 use relay_transport::capture::Capture;
-use relay_transport::conn::{accept_bounded, AcceptBound};
 use relay_transport::conn::open_stream;
+use relay_transport::conn::{accept_bounded, AcceptBound};
 use relay_transport::splice::splice;
 use relay_transport::udp::{FlowLimits, FlowTable, PickConn, RedirectUdp};
 use tokio::net::{TcpListener, TcpStream};

@@ -18,7 +18,14 @@ use crate::scenario::sa;
 pub fn refused_counter(lab: &NetnsLab, node: Role) -> Result<u64> {
     let out = lab.exec(
         node,
-        &["nft", "list", "counter", "inet", "edge_relay", "src_refused"],
+        &[
+            "nft",
+            "list",
+            "counter",
+            "inet",
+            "edge_relay",
+            "src_refused",
+        ],
     )?;
     relay_transport::capture::parse_counter_packets(&out)
         .with_context(|| format!("no packet count in {out:?}"))
@@ -35,7 +42,10 @@ struct HostRoute<'a> {
 impl<'a> HostRoute<'a> {
     fn add(lab: &'a NetnsLab, from: Role, to: Ipv4Addr, gateway: Ipv4Addr) -> Result<Self> {
         let to = format!("{to}/32");
-        lab.exec(from, &["ip", "route", "add", &to, "via", &gateway.to_string()])?;
+        lab.exec(
+            from,
+            &["ip", "route", "add", &to, "via", &gateway.to_string()],
+        )?;
         Ok(HostRoute { lab, from, to })
     }
 }
@@ -70,11 +80,9 @@ pub fn not_tunnelled(
         match proto {
             Proto::Tcp => {
                 let s = tokio::time::timeout(limit, TcpStream::connect(target)).await??;
-                let (code, body) = tokio::time::timeout(
-                    limit,
-                    crate::http_get(s, &target.to_string(), "/", None),
-                )
-                .await??;
+                let (code, body) =
+                    tokio::time::timeout(limit, crate::http_get(s, &target.to_string(), "/", None))
+                        .await??;
                 Ok::<_, anyhow::Error>(format!("HTTP {code}: {}", body.trim_end()))
             }
             Proto::Udp => {

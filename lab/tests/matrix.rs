@@ -432,11 +432,38 @@ fn run_matrix(udp_blocked_at: Option<u8>, report: &str) -> Result<()> {
     // and a WAN host routing an edge pod to the relay's public address,
     // must get no answer, and the node's capture must count them refused.
     for (case, path, from, via, node, target, proto) in [
-        ("LAN host at an edge site → cloud pod: not tunnelled", "nat1 (192.168.1.1) via edge1 → 10.244.2.2:80", Role::Nat1, host1, Role::Edge1, sa(netns::CPOD2_IP, HTTP), Proto::Tcp),
-        ("LAN host at an edge site → cloud pod UDP: not tunnelled", "nat1 (192.168.1.1) via edge1 → 10.244.2.2:53/udp", Role::Nat1, host1, Role::Edge1, sa(netns::CPOD2_IP, DNS), Proto::Udp),
-        ("WAN host → edge pod via the relay: not tunnelled", "wan (198.18.0.254) via relay → 10.244.7.5:80", Role::Wan, netns::RELAY_WAN_IP, Role::Relay, sa(epod1, HTTP), Proto::Tcp),
+        (
+            "LAN host at an edge site → cloud pod: not tunnelled",
+            "nat1 (192.168.1.1) via edge1 → 10.244.2.2:80",
+            Role::Nat1,
+            host1,
+            Role::Edge1,
+            sa(netns::CPOD2_IP, HTTP),
+            Proto::Tcp,
+        ),
+        (
+            "LAN host at an edge site → cloud pod UDP: not tunnelled",
+            "nat1 (192.168.1.1) via edge1 → 10.244.2.2:53/udp",
+            Role::Nat1,
+            host1,
+            Role::Edge1,
+            sa(netns::CPOD2_IP, DNS),
+            Proto::Udp,
+        ),
+        (
+            "WAN host → edge pod via the relay: not tunnelled",
+            "wan (198.18.0.254) via relay → 10.244.7.5:80",
+            Role::Wan,
+            netns::RELAY_WAN_IP,
+            Role::Relay,
+            sa(epod1, HTTP),
+            Proto::Tcp,
+        ),
     ] {
-        m.note(&[case, path], relay_lab::sources::not_tunnelled(&lab, from, via, node, target, proto));
+        m.note(
+            &[case, path],
+            relay_lab::sources::not_tunnelled(&lab, from, via, node, target, proto),
+        );
     }
 
     // Oversized UDP: counted and dropped, never silently truncated; the

@@ -78,7 +78,8 @@ fn edge_to_edge_tcp_and_udp_repeated_under_cpu_load() -> Result<()> {
     let edge2 = start_edge(&lab, 2, edge_config(&pki, 2)?)?;
     let set = |role| lab.exec(role, &["nft", "list", "set", "inet", "edge_relay", "dst4"]);
     within(Duration::from_secs(10), || {
-        Ok(set(Role::Edge1)?.contains("10.244.8.0/24") && set(Role::Edge2)?.contains("10.244.7.0/24"))
+        Ok(set(Role::Edge1)?.contains("10.244.8.0/24")
+            && set(Role::Edge2)?.contains("10.244.7.0/24"))
     })
     .context("edges' capture of each other not installed within 10 s")?;
 
@@ -100,10 +101,34 @@ fn edge_to_edge_tcp_and_udp_repeated_under_cpu_load() -> Result<()> {
 
     let (epod1, epod2) = (netns::edge_pod_ip(1), netns::edge_pod_ip(2));
     let cells: [(&str, Role, SocketAddr, &str, bool); 4] = [
-        ("TCP epod1 → epod2", Role::Epod1, sa(epod2, HTTP), "epod2", true),
-        ("TCP epod2 → epod1", Role::Epod2, sa(epod1, HTTP), "epod1", true),
-        ("UDP epod1 → epod2", Role::Epod1, sa(epod2, DNS), "epod2", false),
-        ("UDP epod2 → epod1", Role::Epod2, sa(epod1, DNS), "epod1", false),
+        (
+            "TCP epod1 → epod2",
+            Role::Epod1,
+            sa(epod2, HTTP),
+            "epod2",
+            true,
+        ),
+        (
+            "TCP epod2 → epod1",
+            Role::Epod2,
+            sa(epod1, HTTP),
+            "epod1",
+            true,
+        ),
+        (
+            "UDP epod1 → epod2",
+            Role::Epod1,
+            sa(epod2, DNS),
+            "epod2",
+            false,
+        ),
+        (
+            "UDP epod2 → epod1",
+            Role::Epod2,
+            sa(epod1, DNS),
+            "epod1",
+            false,
+        ),
     ];
     let mut failures = Vec::new();
     let mut worst = [Duration::ZERO; 4];
@@ -148,6 +173,11 @@ fn edge_to_edge_tcp_and_udp_repeated_under_cpu_load() -> Result<()> {
     edge2.stop()?;
     relay.stop()?;
     assert!(rounds >= 10, "only {rounds} rounds within {BUDGET:?}");
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     Ok(())
 }

@@ -124,8 +124,12 @@ async fn revoked_edges_are_refused_and_renewed_certificates_served_without_dropp
             .with_context(|| format!("edge-{i} did not connect"))?;
         edges.push(e);
     }
-    let gen0 = generation(&relay, "edge-0").await?.context("edge-0 session")?;
-    let gen1 = generation(&relay, "edge-1").await?.context("edge-1 session")?;
+    let gen0 = generation(&relay, "edge-0")
+        .await?
+        .context("edge-0 session")?;
+    let gen1 = generation(&relay, "edge-1")
+        .await?
+        .context("edge-1 session")?;
 
     // Revoke edge-0: a new CRL file, seen by the watcher. The file's mtime
     // may not move within the same second, but its length does.
@@ -144,7 +148,9 @@ async fn revoked_edges_are_refused_and_renewed_certificates_served_without_dropp
         let refused = match ep.connect(relay.quic_addr(), "localhost")?.await {
             // TLS 1.3: the client may finish first; the server's verdict
             // then closes the connection.
-            Ok(c) => tokio::time::timeout(Duration::from_secs(2), c.closed()).await.is_ok(),
+            Ok(c) => tokio::time::timeout(Duration::from_secs(2), c.closed())
+                .await
+                .is_ok(),
             Err(_) => true,
         };
         ep.close(0u32.into(), b"");
@@ -154,7 +160,11 @@ async fn revoked_edges_are_refused_and_renewed_certificates_served_without_dropp
     .context("the CRL was not applied to new handshakes")?;
     eprintln!("CRL applied to new handshakes after {took:?}");
     // The live sessions were not touched by the reload.
-    assert_eq!(generation(&relay, "edge-0").await?, Some(gen0), "edge-0's live session stays");
+    assert_eq!(
+        generation(&relay, "edge-0").await?,
+        Some(gen0),
+        "edge-0's live session stays"
+    );
     assert_eq!(generation(&relay, "edge-1").await?, Some(gen1));
 
     // Close edge-0's session: its reconnection must be refused at TLS.
@@ -162,7 +172,11 @@ async fn revoked_edges_are_refused_and_renewed_certificates_served_without_dropp
     let (code, _) = relay_lab::admin_request(admin, "DELETE", "/v1/sessions/edge-0").await?;
     assert_eq!(code, 200);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(generation(&relay, "edge-0").await?, None, "a revoked edge must not come back");
+    assert_eq!(
+        generation(&relay, "edge-0").await?,
+        None,
+        "a revoked edge must not come back"
+    );
     assert!(
         !matches!(edges[0].state(), EdgeState::Connected { .. }),
         "edge-0: {:?}",
@@ -175,7 +189,11 @@ async fn revoked_edges_are_refused_and_renewed_certificates_served_without_dropp
         .context("tls failure metric")?
         .to_string();
     assert!(!tls_failures.ends_with(" 0"), "{tls_failures}");
-    assert_eq!(generation(&relay, "edge-1").await?, Some(gen1), "edge-1 undisturbed");
+    assert_eq!(
+        generation(&relay, "edge-1").await?,
+        Some(gen1),
+        "edge-1 undisturbed"
+    );
 
     // Renew the relay's certificate (new key), then reload as SIGHUP does.
     let (old_quic, old_tcp) = served_leaves(&pki, &relay).await?;
@@ -187,8 +205,14 @@ async fn revoked_edges_are_refused_and_renewed_certificates_served_without_dropp
     let leaf = relay.reload_tls()?;
     assert_eq!(leaf, der(&renewed.cert)?);
     let (new_quic, new_tcp) = served_leaves(&pki, &relay).await?;
-    assert_eq!(new_quic, leaf, "new QUIC connections get the renewed certificate");
-    assert_eq!(new_tcp, leaf, "new TLS connections get the renewed certificate");
+    assert_eq!(
+        new_quic, leaf,
+        "new QUIC connections get the renewed certificate"
+    );
+    assert_eq!(
+        new_tcp, leaf,
+        "new TLS connections get the renewed certificate"
+    );
     assert_eq!(
         generation(&relay, "edge-1").await?,
         Some(gen1),

@@ -693,7 +693,10 @@ impl FileConfig {
             .resolve()
             .map_err(|(f, m)| err(format!("capture.{f}"), m))?;
         if self.capture.max_udp_flows.is_some() {
-            return Err(err("capture.max_udp_flows", "edge only (the relay bounds flows per session: limits.max_udp_flows_per_session)"));
+            return Err(err(
+                "capture.max_udp_flows",
+                "edge only (the relay bounds flows per session: limits.max_udp_flows_per_session)",
+            ));
         }
         let quic = self
             .quic

@@ -315,7 +315,9 @@ impl Relay {
     /// sessions already up are not touched. On an error nothing changes.
     /// Returns the leaf certificate now served. A config built by code
     /// (no files) has nothing to reload: an error.
-    pub fn reload_tls(&self) -> Result<rustls::pki_types::CertificateDer<'static>, crate::tls_reload::ReloadError> {
+    pub fn reload_tls(
+        &self,
+    ) -> Result<rustls::pki_types::CertificateDer<'static>, crate::tls_reload::ReloadError> {
         crate::tls_reload::reload(&self.tls, self.shared.cfg.tls_reload.as_ref())
     }
 

@@ -49,7 +49,11 @@ pub(crate) fn reload(
 
 /// Polls the files' stamps every `files.interval` and reloads on a change
 /// (logging a failure and keeping the previous identity), until `stop`.
-pub(crate) async fn watch(state: Arc<ReloadableServerTls>, files: TlsReload, stop: CancellationToken) {
+pub(crate) async fn watch(
+    state: Arc<ReloadableServerTls>,
+    files: TlsReload,
+    stop: CancellationToken,
+) {
     let mut seen = files.paths.stamp();
     let mut tick = tokio::time::interval(files.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -65,7 +69,9 @@ pub(crate) async fn watch(state: Arc<ReloadableServerTls>, files: TlsReload, sto
         // Stat and read run on this task: a few small files, once per change.
         match reload(&state, Some(&files)) {
             Ok(_) => seen = now,
-            Err(e) => warn!(error = %e, "tls files changed but could not be loaded; keeping the previous ones"),
+            Err(e) => {
+                warn!(error = %e, "tls files changed but could not be loaded; keeping the previous ones")
+            }
         }
     }
 }

@@ -231,7 +231,8 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
     // the cloud ranges edges may reach), before any prefix is captured:
     // a host that routes edge prefixes to this node from elsewhere (the
     // WAN) must not reach the edges.
-    let sources: BTreeSet<Cidr> = match shared.cfg.capture.as_ref().and_then(|c| c.sources.clone()) {
+    let sources: BTreeSet<Cidr> = match shared.cfg.capture.as_ref().and_then(|c| c.sources.clone())
+    {
         Some(s) => s,
         None => shared.cfg.tunnel_routes.iter().copied().collect(),
     };

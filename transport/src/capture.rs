@@ -341,7 +341,11 @@ impl Capture {
     /// traffic is not affected (see the module docs). The set is rewritten
     /// whole in one transaction.
     pub async fn apply_sources(&mut self, sources: &BTreeSet<Cidr>) -> Result<(), CaptureError> {
-        let v4: BTreeSet<Cidr> = sources.iter().filter(|c| c.addr().is_ipv4()).copied().collect();
+        let v4: BTreeSet<Cidr> = sources
+            .iter()
+            .filter(|c| c.addr().is_ipv4())
+            .copied()
+            .collect();
         if self.sources.as_ref() == Some(&v4) {
             return Ok(());
         }
@@ -589,7 +593,8 @@ mod tests {
 
     #[test]
     fn counter_listing_parses() {
-        let l = "table inet edge_relay {\n\tcounter src_refused {\n\t\tpackets 3 bytes 180\n\t}\n}\n";
+        let l =
+            "table inet edge_relay {\n\tcounter src_refused {\n\t\tpackets 3 bytes 180\n\t}\n}\n";
         assert_eq!(parse_counter_packets(l), Some(3));
         assert_eq!(parse_counter_packets("no such counter"), None);
     }

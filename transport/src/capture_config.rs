@@ -191,12 +191,28 @@ mod tests {
             sources: Some(s.iter().map(|c| c.parse().unwrap()).collect()),
             ..Default::default()
         };
-        let c = with(&["10.244.0.0/16", "10.0.0.0/24"]).resolve().unwrap().unwrap();
+        let c = with(&["10.244.0.0/16", "10.0.0.0/24"])
+            .resolve()
+            .unwrap()
+            .unwrap();
         assert_eq!(c.sources.unwrap().len(), 2);
-        assert_eq!(with(&[]).resolve().unwrap().unwrap().sources, Some(BTreeSet::new()));
+        assert_eq!(
+            with(&[]).resolve().unwrap().unwrap().sources,
+            Some(BTreeSet::new())
+        );
         let (field, msg) = with(&["fd00::/64"]).resolve().unwrap_err();
         assert_eq!(field, "sources");
         assert!(msg.contains("IPv4"), "{msg}");
-        assert_eq!(CaptureFile { enabled: true, ..Default::default() }.resolve().unwrap().unwrap().sources, None);
+        assert_eq!(
+            CaptureFile {
+                enabled: true,
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap()
+            .unwrap()
+            .sources,
+            None
+        );
     }
 }

@@ -316,7 +316,10 @@ impl Conntrack {
 
 /// Where a redirected UDP flow was going ([`Conntrack::original_dst_udp`]
 /// on a socket of its own, so lookups of concurrent flows never share one).
-pub async fn original_dst_udp(local: SocketAddrV4, client: SocketAddrV4) -> io::Result<SocketAddrV4> {
+pub async fn original_dst_udp(
+    local: SocketAddrV4,
+    client: SocketAddrV4,
+) -> io::Result<SocketAddrV4> {
     Conntrack::open()?.original_dst_udp(local, client).await
 }
 
@@ -384,7 +387,9 @@ mod tests {
         let want: SocketAddrV4 = "10.244.2.2:53".parse().unwrap();
         let (seq, port) = (41, 9000);
         assert_eq!(
-            parse_reply(&entry(seq, port, want), seq, port).unwrap().unwrap(),
+            parse_reply(&entry(seq, port, want), seq, port)
+                .unwrap()
+                .unwrap(),
             want
         );
         // A stale answer (an earlier request's sequence number) in the

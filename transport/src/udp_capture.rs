@@ -239,7 +239,8 @@ pub async fn serve_transparent_udp(
             }
             flows.insert(key, (my_gen, tx, now));
         }
-        let (local, limits, stats, pick) = (local.clone(), limits.clone(), stats.clone(), pick.clone());
+        let (local, limits, stats, pick) =
+            (local.clone(), limits.clone(), stats.clone(), pick.clone());
         let reply = Replier {
             sock: sock.clone(),
             local: here,

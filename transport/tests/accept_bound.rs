@@ -47,7 +47,11 @@ async fn excess_connections_are_reset_fast_and_counted() {
         Err(std::io::ErrorKind::ConnectionReset),
         "reset, not closed cleanly nor served"
     );
-    assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(bound.refused.load(Relaxed), 1);
 
     // One ends: its permit goes back, and the next connection is admitted.
