@@ -112,9 +112,7 @@ async fn accept_loop(
     // Each captured connection holds a task, a socket and a stream: at most
     // `capture.max_connections` at once, more are reset and counted.
     let max = cfg.capture.as_ref().map_or(1, |c| c.max_connections);
-    let bound = &stats.capture_bound;
-    bound.get_or_init(|| AcceptBound::new(max));
-    let Some(bound) = bound.get() else { return };
+    let bound = stats.capture_bound.get_or_init(|| AcceptBound::new(max));
     loop {
         let Some((sock, peer, permit)) = accept_bounded(&cancel, "capture", &l, bound).await else {
             return;
