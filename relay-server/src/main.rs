@@ -184,6 +184,12 @@ async fn main() -> anyhow::Result<()> {
             let cfg = FileConfig::load(&path)?;
             let grace = cfg.limits.drain_grace;
             let mut relay = Relay::spawn(cfg).await?;
+            // Handlers first: whoever reads the ready file may signal at once
+            // (SIGHUP's default action would end the process).
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            // SIGHUP: reload certificates, keys and CRLs for new handshakes.
+            let mut hup = signal(SignalKind::hangup())?;
             if let Some(path) = &cli.ready_file {
                 let ready = serde_json::json!({
                     "quic": relay.quic_addr().to_string(),
@@ -198,10 +204,6 @@ async fn main() -> anyhow::Result<()> {
                 std::fs::rename(&tmp, path)
                     .with_context(|| format!("writing {}", path.display()))?;
             }
-            let mut term = signal(SignalKind::terminate())?;
-            let mut int = signal(SignalKind::interrupt())?;
-            // SIGHUP: reload certificates, keys and CRLs for new handshakes.
-            let mut hup = signal(SignalKind::hangup())?;
             loop {
                 tokio::select! {
                     _ = term.recv() => { tracing::info!("SIGTERM"); break }
