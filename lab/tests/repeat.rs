@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::scenario::{
-    edge_config, http_from, lab_pki, relay_config, sa, services, start_edge, start_relay, within,
-    DNS, HTTP,
+    edge_config, http_from, lab_pki, relay_config, sa, services, session, start_edge, start_relay,
+    within, DNS, HTTP,
 };
 use tokio::net::UdpSocket;
 
@@ -82,6 +82,20 @@ fn edge_to_edge_tcp_and_udp_repeated_under_cpu_load() -> Result<()> {
             && set(Role::Edge2)?.contains("10.244.7.0/24"))
     })
     .context("edges' capture of each other not installed within 10 s")?;
+
+    // The sessions must survive the run: a reconnect would fail every
+    // cell in flight at once, the pattern reported from outside.
+    let generations = || -> Result<Vec<u64>> {
+        ["edge1", "edge2"]
+            .iter()
+            .map(|n| {
+                session(&lab, n)?
+                    .map(|r| r.generation)
+                    .with_context(|| format!("{n} has no session"))
+            })
+            .collect()
+    };
+    let before = generations()?;
 
     // CPU load: one spinning thread per core and one more, for the whole
     // run (the machine's other work comes on top).
@@ -169,10 +183,12 @@ fn edge_to_edge_tcp_and_udp_repeated_under_cpu_load() -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let after = generations()?;
     edge1.stop()?;
     edge2.stop()?;
     relay.stop()?;
     assert!(rounds >= 10, "only {rounds} rounds within {BUDGET:?}");
+    assert_eq!(before, after, "a session was replaced during the run");
     assert!(
         failures.is_empty(),
         "{} failures:\n{}",
