@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use relay_protocol::{Cidr, StreamOpen, Target, L4};
 use relay_transport::capture::Capture;
-use relay_transport::conn::accept_until;
 use relay_transport::conn::open_stream;
+use relay_transport::conn::{accept_bounded, AcceptBound};
 use relay_transport::splice::{dial_tcp, splice};
 use relay_transport::udp::{FlowLimits, FlowTable, PickConn, Picked, RedirectUdp};
 use tokio::net::{TcpListener, TcpStream};
@@ -64,6 +64,7 @@ pub(crate) async fn run(
         open_timeout: cfg.handshake_timeout + cfg.dial_timeout,
         idle: cfg.udp_idle,
         mark: cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0),
+        max_flows: cfg.capture.as_ref().map_or(128, |c| c.max_udp_flows),
     };
     let udp = relay_transport::udp::serve_transparent_udp(
         udp,
@@ -101,7 +102,16 @@ pub(crate) async fn run(
             // route (a cluster CIDR that contains this node's pod CIDR).
             let skip: BTreeSet<Cidr> = served.into_iter().collect();
             let want: BTreeSet<Cidr> = routes.into_iter().filter(|r| !skip.contains(r)).collect();
-            if let Err(e) = cap.apply(&want, &skip).await {
+            // Only what this node serves (its pods, its addresses) and the
+            // configured extra sources are captured when forwarded: a LAN
+            // device routing through the node must not reach the cloud.
+            let mut sources = skip.clone();
+            sources.extend(cfg.capture.iter().flat_map(|c| c.sources.iter().flatten()));
+            let applied = match cap.apply_sources(&sources).await {
+                Ok(()) => cap.apply(&want, &skip).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = applied {
                 warn!(error = %e, "updating capture failed; will retry on the next change");
             }
         }
@@ -124,13 +134,18 @@ async fn accept_loop(
     stats: Arc<EdgeStats>,
     cancel: CancellationToken,
 ) {
+    // Each captured connection holds a task, a socket and a stream: at most
+    // `capture.max_connections` at once, more are reset and counted.
+    let max = cfg.capture.as_ref().map_or(1, |c| c.max_connections);
+    let bound = stats.capture_bound.get_or_init(|| AcceptBound::new(max));
     loop {
-        let Some((sock, peer)) = accept_until(&cancel, "capture", || l.accept()).await else {
+        let Some((sock, peer, permit)) = accept_bounded(&cancel, "capture", &l, bound).await else {
             return;
         };
         let conn = conns.borrow().clone();
         let (cfg, stats, services) = (cfg.clone(), stats.clone(), services.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let Ok(dst) = relay_transport::conntrack::original_dst_tcp(&sock) else {
                 return;
             };

@@ -96,6 +96,9 @@ pub struct EdgeStats {
     pub pongs_late: AtomicU64,
     /// UDP flow counters.
     pub udp: Arc<relay_transport::udp::UdpStats>,
+    /// The captured-connection bound (`capture.max_connections`) and its
+    /// refusal count; set once capture runs.
+    pub capture_bound: std::sync::OnceLock<relay_transport::conn::AcceptBound>,
 }
 
 impl Meter for EdgeStats {

@@ -12,6 +12,7 @@
 pub mod cluster;
 pub mod netns;
 pub mod scenario;
+pub mod sources;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Once;

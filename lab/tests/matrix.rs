@@ -576,6 +576,45 @@ fn run_matrix(udp_blocked_at: Option<u8>, report: &str) -> Result<()> {
         udp_from(&lab, Role::Edge1, dns_edge1),
     );
 
+    // Negative cells: capture is restricted by source. A device on edge1's
+    // LAN (the site router, 192.168.1.1) routing a cloud pod through edge1,
+    // and a WAN host routing an edge pod to the relay's public address,
+    // must get no answer, and the node's capture must count them refused.
+    for (case, path, from, via, node, target, proto) in [
+        (
+            "LAN host at an edge site → cloud pod: not tunnelled",
+            "nat1 (192.168.1.1) via edge1 → 10.244.2.2:80",
+            Role::Nat1,
+            host1,
+            Role::Edge1,
+            sa(netns::CPOD2_IP, HTTP),
+            Proto::Tcp,
+        ),
+        (
+            "LAN host at an edge site → cloud pod UDP: not tunnelled",
+            "nat1 (192.168.1.1) via edge1 → 10.244.2.2:53/udp",
+            Role::Nat1,
+            host1,
+            Role::Edge1,
+            sa(netns::CPOD2_IP, DNS),
+            Proto::Udp,
+        ),
+        (
+            "WAN host → edge pod via the relay: not tunnelled",
+            "wan (198.18.0.254) via relay → 10.244.7.5:80",
+            Role::Wan,
+            netns::RELAY_WAN_IP,
+            Role::Relay,
+            sa(epod1, HTTP),
+            Proto::Tcp,
+        ),
+    ] {
+        m.note(
+            &[case, path],
+            relay_lab::sources::not_tunnelled(&lab, from, via, node, target, proto),
+        );
+    }
+
     // Oversized UDP: counted and dropped, never silently truncated; the
     // admin API reports the effective payload size.
     let big = lab.run_in(Role::Cpod2, Duration::from_secs(10), move || async move {

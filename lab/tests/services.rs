@@ -61,7 +61,8 @@ fn start_capture(
                 let mut buf = [0u8; 512];
                 while let Ok((_, SocketAddr::V4(from))) = s.recv_from(&mut buf).await {
                     let here = SocketAddrV4::new(local, port);
-                    let what = match relay_transport::conntrack::original_dst_udp(here, from) {
+                    let what = match relay_transport::conntrack::original_dst_udp(here, from).await
+                    {
                         Ok(orig) => format!("{CAPTURED}{orig}"),
                         Err(e) => format!("no original destination: {e}"),
                     };

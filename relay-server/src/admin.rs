@@ -388,7 +388,8 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         shared
             .metrics
             .render(shared.registry.len(), shared.cfg.limits.max_sessions)
-            + &crate::metrics::render_udp(&shared.udp),
+            + &crate::metrics::render_udp(&shared.udp)
+            + &crate::metrics::render_capture(&shared),
     )
         .into_response()
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use relay_protocol::Cidr;
 use relay_transport::capture::{CaptureConfig, CaptureFile};
+
+pub use crate::config_tls::{RelayTlsFiles, TlsFiles, TlsReload};
 use relay_transport::{QuicFile, QuicTuning, TlsMaterial};
 use serde::Deserialize;
 
@@ -92,6 +94,12 @@ pub struct RelayConfig {
     pub tcp_fallback: bool,
     /// Relay certificate and the CA that signs edge certificates.
     pub tls: TlsMaterial,
+    /// Revoked edge certificates (`tls.crl`); empty: no revocation check.
+    pub tls_crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
+    /// Files to reload `tls` and `tls_crls` from (on SIGHUP, on
+    /// [`crate::Relay::reload_tls`], and when they change); `None` for a
+    /// config built by code.
+    pub tls_reload: Option<TlsReload>,
     /// QUIC transport settings.
     pub quic: QuicTuning,
     /// TCP address of the HTTP CONNECT ingress, if enabled.
@@ -147,6 +155,8 @@ impl RelayConfig {
             quic_listen: lo,
             tcp_fallback: true,
             tls,
+            tls_crls: Vec::new(),
+            tls_reload: None,
             quic: QuicTuning::relay_default(),
             connect_listen: Some(lo),
             connect_tls: None,
@@ -536,28 +546,10 @@ pub struct ConfigError {
     pub message: String,
 }
 
-fn err(field: impl Into<String>, message: impl ToString) -> ConfigError {
+pub(crate) fn err(field: impl Into<String>, message: impl ToString) -> ConfigError {
     ConfigError {
         field: field.into(),
         message: message.to_string(),
-    }
-}
-
-/// `[tls]`-style certificate paths.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    /// Certificate chain (PEM).
-    pub cert: PathBuf,
-    /// Private key (PEM).
-    pub key: PathBuf,
-    /// CA that peers' certificates must chain to (PEM).
-    pub client_ca: PathBuf,
-}
-
-impl TlsFiles {
-    fn load(&self, section: &str) -> Result<TlsMaterial, ConfigError> {
-        TlsMaterial::from_files(&self.cert, &self.key, &self.client_ca).map_err(|e| err(section, e))
     }
 }
 
@@ -657,8 +649,8 @@ pub struct FileConfig {
     pub relay_id: Option<String>,
     /// Listening addresses.
     pub listen: ListenFile,
-    /// Relay certificate, key, and the CA of edge certificates.
-    pub tls: TlsFiles,
+    /// Relay certificate, key, the CA of edge certificates, CRLs.
+    pub tls: RelayTlsFiles,
     /// TLS for the CONNECT TCP listener (client certificates required).
     pub connect_tls: Option<TlsFiles>,
     /// Admin API settings.
@@ -731,6 +723,12 @@ impl FileConfig {
             .capture
             .resolve()
             .map_err(|(f, m)| err(format!("capture.{f}"), m))?;
+        if self.capture.max_udp_flows.is_some() {
+            return Err(err(
+                "capture.max_udp_flows",
+                "edge only (the relay bounds flows per session: limits.max_udp_flows_per_session)",
+            ));
+        }
         let quic = self
             .quic
             .resolve(QuicTuning::relay_default())
@@ -762,7 +760,7 @@ impl FileConfig {
                 Some(Secret::new(t))
             }
         };
-        let tls = self.tls.load("tls")?;
+        let (tls, tls_crls, tls_reload) = self.tls.load()?;
         let admin_tls_on = match (self.admin.tls, self.listen.admin) {
             (Some(on), _) => on,
             (None, Some(a)) => !is_loopback(&a),
@@ -800,6 +798,8 @@ impl FileConfig {
             quic_listen: self.listen.quic,
             tcp_fallback: self.listen.tcp_fallback,
             tls,
+            tls_crls,
+            tls_reload,
             quic,
             connect_listen: self.listen.connect,
             connect_tls: self

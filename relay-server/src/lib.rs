@@ -6,7 +6,10 @@
 //! watch it all through the admin API.
 //!
 //! Modules:
-//! - [`config`]: TOML file config and the runtime [`RelayConfig`].
+//! - [`config`]: TOML file config and the runtime [`RelayConfig`];
+//!   [`config_tls`] its certificate sections.
+//! - [`tls_reload`]: the relay's TLS identity and CRLs reloaded on SIGHUP
+//!   and on file change, for new handshakes only.
 //! - [`server`]: [`Relay::spawn`], listeners, graceful shutdown.
 //! - [`bootstrap`]: node certificates for edges that hold only a token.
 //! - [`handshake`]: identity, claims from the directory, registration.
@@ -39,6 +42,7 @@ pub mod admin;
 pub mod agent;
 pub mod bootstrap;
 pub mod config;
+pub mod config_tls;
 pub mod connect;
 pub mod directory;
 pub mod follow;
@@ -55,6 +59,7 @@ pub mod server;
 pub mod services;
 pub mod session;
 pub mod status;
+pub mod tls_reload;
 pub mod tunnel;
 
 pub use config::{FileConfig, Limits, RelayConfig, Secret};

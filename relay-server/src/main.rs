@@ -213,6 +213,12 @@ async fn main() -> anyhow::Result<()> {
             let cfg = FileConfig::load(&path)?;
             let grace = cfg.limits.drain_grace;
             let mut relay = Relay::spawn(cfg).await?;
+            // Handlers first: whoever reads the ready file may signal at once
+            // (SIGHUP's default action would end the process).
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            // SIGHUP: reload certificates, keys and CRLs for new handshakes.
+            let mut hup = signal(SignalKind::hangup())?;
             if let Some(path) = &cli.ready_file {
                 let ready = serde_json::json!({
                     "quic": relay.quic_addr().to_string(),
@@ -227,12 +233,17 @@ async fn main() -> anyhow::Result<()> {
                 std::fs::rename(&tmp, path)
                     .with_context(|| format!("writing {}", path.display()))?;
             }
-            let mut term = signal(SignalKind::terminate())?;
-            let mut int = signal(SignalKind::interrupt())?;
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM"),
-                _ = int.recv() => tracing::info!("SIGINT"),
-                why = relay.wait() => anyhow::bail!("relay failed: {why}"),
+            loop {
+                tokio::select! {
+                    _ = term.recv() => { tracing::info!("SIGTERM"); break }
+                    _ = int.recv() => { tracing::info!("SIGINT"); break }
+                    _ = hup.recv() => {
+                        if let Err(e) = relay.reload_tls() {
+                            tracing::warn!(error = %e, "SIGHUP: tls reload failed; keeping the previous certificates");
+                        }
+                    }
+                    why = relay.wait() => anyhow::bail!("relay failed: {why}"),
+                }
             }
             relay.shutdown(grace).await;
             Ok(())

@@ -287,6 +287,26 @@ impl Metrics {
     }
 }
 
+/// Renders the capture listener's counters (nothing without `[capture]`).
+pub fn render_capture(shared: &crate::server::Shared) -> String {
+    let Some(cap) = &shared.cfg.capture else {
+        return String::new();
+    };
+    let b = &shared.capture_bound;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "# HELP relay_capture_connections Captured TCP connections being served.\n# TYPE relay_capture_connections gauge\nrelay_capture_connections {}",
+        cap.max_connections.saturating_sub(b.available())
+    );
+    let _ = writeln!(
+        o,
+        "# HELP relay_capture_refused_total Captured TCP connections reset at once, by reason (busy: capture.max_connections reached).\n# TYPE relay_capture_refused_total counter\nrelay_capture_refused_total{{reason=\"busy\"}} {}",
+        b.refused.load(Relaxed)
+    );
+    o
+}
+
 /// Renders the UDP counters.
 pub fn render_udp(u: &relay_transport::udp::UdpStats) -> String {
     let mut o = String::new();
@@ -306,6 +326,7 @@ pub fn render_udp(u: &relay_transport::udp::UdpStats) -> String {
         ("queue_full", &u.dropped_queue_full),
         ("unknown_flow", &u.dropped_unknown_flow),
         ("flow_cap", &u.refused_cap),
+        ("starting", &u.dropped_starting),
     ] {
         let _ = writeln!(
             o,

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use relay_protocol::close_code;
 use relay_transport::conn::accept_until;
+use relay_transport::reload::ReloadableServerTls;
 use relay_transport::{quic, TunnelConn};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -57,6 +58,9 @@ pub struct Shared {
     pub connect_permits: Arc<Semaphore>,
     /// UDP counters (all sessions).
     pub udp: Arc<relay_transport::udp::UdpStats>,
+    /// Bound on captured TCP connections served at once
+    /// (`capture.max_connections`).
+    pub capture_bound: relay_transport::conn::AcceptBound,
 }
 
 impl Shared {
@@ -136,6 +140,7 @@ pub struct Relay {
     sessions: TaskTracker,
     capture: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
     background: CancellationToken,
+    tls: Arc<ReloadableServerTls>,
 }
 
 fn bind_err(what: &'static str, addr: impl ToString) -> impl FnOnce(std::io::Error) -> StartError {
@@ -153,7 +158,10 @@ impl Relay {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(1);
-        let (endpoint, tcp_listener) = bind_quic_and_tcp(&cfg).await?;
+        // One TLS state behind the QUIC endpoint and the TCP fallback, so a
+        // reload reaches both (see `tls_reload`).
+        let tls = ReloadableServerTls::new(&cfg.tls, &cfg.tls_crls, cfg.bootstrap.is_some())?;
+        let (endpoint, tcp_listener) = bind_quic_and_tcp(&cfg, &tls).await?;
         let quic_addr = endpoint
             .local_addr()
             .map_err(bind_err("quic", cfg.quic_listen))?;
@@ -180,6 +188,9 @@ impl Relay {
             handshake_queue: Arc::new(Semaphore::new(cfg.limits.max_concurrent_handshakes * 4)),
             connect_permits: Arc::new(Semaphore::new(cfg.limits.max_connect_connections)),
             udp: Arc::default(),
+            capture_bound: relay_transport::conn::AcceptBound::new(
+                cfg.capture.as_ref().map_or(1, |c| c.max_connections),
+            ),
             cfg,
         });
         let accept_stop = CancellationToken::new();
@@ -265,8 +276,8 @@ impl Relay {
         // Edges are let in last, once every listener is bound and known to
         // the policy as the relay's own (never a tunnel target).
         if let Some(l) = tcp_listener {
-            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(quic::relay_server_tls(
-                &shared.cfg.tls,
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(quic::relay_server_tls_with(
+                &tls,
                 shared.cfg.bootstrap.is_some(),
             )?));
             tasks.spawn(accept_tcp(
@@ -283,6 +294,9 @@ impl Relay {
             accept_stop.clone(),
             sessions.clone(),
         ));
+        if let Some(r) = shared.cfg.tls_reload.clone() {
+            tokio::spawn(crate::tls_reload::watch(tls.clone(), r, background.clone()));
+        }
         info!(%quic_addr, connect = ?connect_addr, unix = ?unix_path, admin = ?admin_addr, relay_id = %shared.cfg.relay_id, "relay listening");
         Ok(Relay {
             shared,
@@ -296,7 +310,19 @@ impl Relay {
             sessions,
             capture,
             background,
+            tls,
         })
+    }
+
+    /// Re-reads the relay's certificate, key, client CA and CRLs from the
+    /// files of its `[tls]` section and uses them for new handshakes;
+    /// sessions already up are not touched. On an error nothing changes.
+    /// Returns the leaf certificate now served. A config built by code
+    /// (no files) has nothing to reload: an error.
+    pub fn reload_tls(
+        &self,
+    ) -> Result<rustls::pki_types::CertificateDer<'static>, crate::tls_reload::ReloadError> {
+        crate::tls_reload::reload(&self.tls, self.shared.cfg.tls_reload.as_ref())
     }
 
     /// The bound QUIC (UDP) address.
@@ -478,17 +504,14 @@ async fn serve_edge(
 /// number of times.
 async fn bind_quic_and_tcp(
     cfg: &RelayConfig,
+    tls: &Arc<ReloadableServerTls>,
 ) -> Result<(quinn::Endpoint, Option<tokio::net::TcpListener>), StartError> {
     let attempts = if cfg.quic_listen.port() == 0 { 32 } else { 1 };
     let mut last = None;
     for _ in 0..attempts {
-        let endpoint = quic::server_endpoint(
-            cfg.quic_listen,
-            &cfg.tls,
-            &cfg.quic,
-            cfg.bootstrap.is_some(),
-        )
-        .map_err(bind_err("quic", cfg.quic_listen))?;
+        let rustls = quic::relay_server_tls_with(tls, cfg.bootstrap.is_some())?;
+        let endpoint = quic::server_endpoint_with(cfg.quic_listen, rustls, &cfg.tls, &cfg.quic)
+            .map_err(bind_err("quic", cfg.quic_listen))?;
         if !cfg.tcp_fallback {
             return Ok((endpoint, None));
         }

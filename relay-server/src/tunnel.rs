@@ -11,7 +11,7 @@ use std::time::Duration;
 use relay_protocol::codec::write_frame;
 use relay_protocol::{Cidr, StreamOpen, StreamReply, StreamStatus, Target, L4};
 use relay_transport::capture::Capture;
-use relay_transport::conn::{accept_until, finish_with, read_stream_open};
+use relay_transport::conn::{accept_bounded, finish_with, read_stream_open};
 use relay_transport::splice::{dial_tcp, splice, splice_tunnels};
 use relay_transport::BiStream;
 use tokio::net::TcpListener;
@@ -158,11 +158,13 @@ pub(crate) async fn serve_transparent(
     stop: CancellationToken,
 ) -> &'static str {
     loop {
-        let Some((sock, peer)) = accept_until(&stop, "transparent", || l.accept()).await else {
+        let accepted = accept_bounded(&stop, "transparent", &l, &shared.capture_bound).await;
+        let Some((sock, peer, permit)) = accepted else {
             return "transparent";
         };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let Ok(dst) = relay_transport::conntrack::original_dst_tcp(&sock) else {
                 return;
             };
@@ -319,9 +321,21 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
     let mut changes = shared.registry.subscribe();
     let mut services = shared.services.subscribe();
     let none = BTreeSet::new();
+    // Forwarded traffic is captured only from `capture.sources` (default:
+    // the cloud ranges edges may reach), before any prefix is captured:
+    // a host that routes edge prefixes to this node from elsewhere (the
+    // WAN) must not reach the edges.
+    let sources: BTreeSet<Cidr> = match shared.cfg.capture.as_ref().and_then(|c| c.sources.clone())
+    {
+        Some(s) => s,
+        None => shared.cfg.tunnel_routes.iter().copied().collect(),
+    };
     loop {
         let want: BTreeSet<Cidr> = shared.registry.routes().iter().map(|r| r.cidr).collect();
-        let mut failed = cap.apply(&want, &none).await.err();
+        let mut failed = match cap.apply_sources(&sources).await {
+            Ok(()) => cap.apply(&want, &none).await.err(),
+            Err(e) => Some(e),
+        };
         let snap = services.borrow_and_update().clone();
         let svc = crate::services::relay_capture_set(&snap, |a| {
             shared.registry.lookup(canonical(a).ip()).is_some()
@@ -472,6 +486,10 @@ pub(crate) async fn serve_transparent_udp(
         open_timeout: shared.cfg.limits.stream_open_timeout,
         idle: shared.cfg.limits.udp_idle_timeout,
         mark: shared.cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0),
+        // Bounded per session by the flow table instead
+        // (limits.max_udp_flows_per_session), far below the streams an edge
+        // grants the relay (10,000 by default).
+        max_flows: usize::MAX,
     };
     relay_transport::udp::serve_transparent_udp(sock, pick, limits, shared.udp.clone(), stop).await;
     "transparent udp"

@@ -64,6 +64,14 @@ fn check_config_names_the_bad_field() {
          [quic]\nkeepalive = \"30s\"\nidle_timeout = \"20s\"\n",
         "quic.keepalive",
     );
+    // An edge-only capture field in the relay's file.
+    rejected(
+        "udp-flows",
+        "[listen]\n\
+         [tls]\ncert = \"relay.pem\"\nkey = \"relay-key.pem\"\nclient_ca = \"ca.pem\"\n\
+         [capture]\nenabled = true\nmax_udp_flows = 64\n",
+        "capture.max_udp_flows",
+    );
     rejected(
         "unknown",
         "[listen]\nquic = \"0.0.0.0:8443\"\nbogus_field = 1\n",

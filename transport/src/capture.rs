@@ -7,9 +7,12 @@
 //! table inet <nft_table> {
 //!   set dst4  { type ipv4_addr; flags interval; }   # the captured prefixes
 //!   set skip4 { type ipv4_addr; flags interval; }   # never captured (own routes)
+//!   set src4  { type ipv4_addr; flags interval; }   # sources allowed in prerouting
+//!   counter src_refused {}                          # flows from other sources
 //!   chain pre_nat { type nat hook prerouting priority -110;   # before kube-proxy
 //!     ip daddr @skip4 return
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svcskip4 return
+//!     ip daddr @dst4 ip saddr != @src4 counter name src_refused return
 //!     ip daddr @dst4 meta l4proto { tcp, udp } redirect to :<port> }
 //!   chain out_nat { type nat hook output priority -110;
 //!     meta mark <own_mark> return
@@ -19,6 +22,7 @@
 //!   set svc4 { type ipv4_addr . inet_proto . inet_service; }  # captured ClusterIP ports
 //!   set svcskip4 { type ipv4_addr . inet_proto . inet_service; }  # ClusterIP ports left to kube-proxy
 //!   chain svc_pre { type nat hook prerouting priority -150;  # before kube-proxy (-100)
+//!     ip saddr != @src4 return
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svc4 redirect to :<port> }   # and its nftables mode (-110)
 //!   chain svc_out { type nat hook output priority -150;
 //!     meta mark <own_mark> return
@@ -29,7 +33,7 @@
 //! }
 //! ip rule  fwmark <own_mark> lookup main      pref <rule_pref - 1>   # our own sockets bypass
 //! ip rule  to <skip prefix> lookup main      pref <rule_pref - 1>   # one per skipped prefix
-//! ip rule  to <prefix> lookup <route_table>   pref <rule_pref>       # one per captured prefix
+//! ip rule  to <prefix> iif lo lookup <route_table> pref <rule_pref>  # one per captured prefix
 //! ip route local default dev lo src 127.0.0.1 table <route_table>
 //! ```
 //! Why NAT and not TPROXY: on Kubernetes nodes `bridge-nf-call-iptables`
@@ -44,7 +48,20 @@
 //! Locally generated packets (hostNetwork processes) need a route before
 //! the output NAT hook sees them; the `to <prefix>` rules give them the
 //! local table, whose route names a real local source (`127.0.0.1`), since
-//! a source equal to the foreign destination fails with ENETUNREACH.
+//! a source equal to the foreign destination fails with ENETUNREACH. The
+//! rules match `iif lo` (locally generated) only: forwarded traffic that is
+//! captured was already redirected to a local address in prerouting, and
+//! forwarded traffic that is not (a source outside `src4`) must be routed
+//! as if capture were not there, not delivered locally.
+//!
+//! Sources ([`Capture::apply_sources`]): only forwarded traffic from the
+//! prefixes in `src4` is captured (on an edge: its pod CIDRs and addresses,
+//! so a LAN device that routes through the node does not reach the cloud;
+//! on the relay node: the cloud ranges, so a host that routes edge prefixes
+//! to the relay's public address does not reach the edges). Host processes
+//! (the output hook) are the node itself and are captured whatever their
+//! source. A refused flow's first packet is counted in the `src_refused`
+//! counter ([`Capture::refused_sources`]); NAT chains see only first packets.
 //!
 //! ClusterIP ports ([`Capture::apply_services`]) are captured by exact
 //! `address . protocol . port`, in chains at priority -150: kube-proxy
@@ -73,99 +90,10 @@ use std::time::Duration;
 
 use relay_protocol::Cidr;
 use tokio::io::AsyncWriteExt;
+
+pub use crate::capture_config::{CaptureConfig, CaptureFile};
 use tokio::process::Command;
 use tracing::{debug, warn};
-
-/// Names and numbers of what capture installs.
-#[derive(Debug, Clone)]
-pub struct CaptureConfig {
-    /// nftables table name (family `inet`).
-    pub nft_table: String,
-    /// Routing table holding the `local default dev lo` route.
-    pub route_table: u32,
-    /// Priority of the per-prefix rules; the own-socket bypass uses one less.
-    pub rule_pref: u32,
-    /// Port of the transparent listeners (TCP and UDP), on loopback.
-    pub port: u16,
-    /// Firewall mark of our own sockets, which must never be captured.
-    pub own_mark: u32,
-}
-
-impl Default for CaptureConfig {
-    fn default() -> Self {
-        CaptureConfig {
-            nft_table: "edge_relay".into(),
-            route_table: 7100,
-            rule_pref: 7100,
-            port: 15001,
-            own_mark: 0x7100,
-        }
-    }
-}
-
-/// The `[capture]` section of either side's config file.
-#[derive(Debug, serde::Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct CaptureFile {
-    /// Install capture (default false).
-    #[serde(default)]
-    pub enabled: bool,
-    /// Transparent listener port on loopback (default 15001).
-    pub port: Option<u16>,
-    /// nftables table name (default `edge_relay`).
-    pub nft_table: Option<String>,
-    /// Routing table id (default 7100).
-    pub route_table: Option<u32>,
-    /// Policy rule priority (default 7100; the bypass rules use one less).
-    pub rule_pref: Option<u32>,
-    /// Firewall mark of our own sockets (default 0x7100).
-    pub mark: Option<u32>,
-}
-
-impl CaptureFile {
-    /// The capture config if enabled; errors are `(field, message)` with
-    /// the field relative to `[capture]`.
-    pub fn resolve(&self) -> Result<Option<CaptureConfig>, (&'static str, String)> {
-        if !self.enabled {
-            return Ok(None);
-        }
-        let d = CaptureConfig::default();
-        let c = CaptureConfig {
-            nft_table: self.nft_table.clone().unwrap_or(d.nft_table),
-            route_table: self.route_table.unwrap_or(d.route_table),
-            rule_pref: self.rule_pref.unwrap_or(d.rule_pref),
-            port: self.port.unwrap_or(d.port),
-            own_mark: self.mark.unwrap_or(d.own_mark),
-        };
-        if c.port == 0 {
-            return Err(("port", "must not be 0".into()));
-        }
-        if c.nft_table.is_empty()
-            || !c
-                .nft_table
-                .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
-        {
-            return Err(("nft_table", "letters, digits and _ only".into()));
-        }
-        if [0, 253, 254, 255].contains(&c.route_table) {
-            return Err((
-                "route_table",
-                "0, 253, 254, 255 are the kernel's tables".into(),
-            ));
-        }
-        if c.rule_pref < 2 || c.rule_pref >= 32766 {
-            return Err((
-                "rule_pref",
-                "must be between 2 and 32765 (before the main table)".into(),
-            ));
-        }
-        if c.own_mark == 0 {
-            return Err(("mark", "must not be 0".into()));
-        }
-        Ok(Some(c))
-    }
-}
 
 /// A capture command failed.
 #[derive(Debug, thiserror::Error)]
@@ -256,6 +184,8 @@ pub struct Capture {
     skipped: BTreeSet<Cidr>,
     services: BTreeSet<(SocketAddr, Proto)>,
     local_services: BTreeSet<(SocketAddr, Proto)>,
+    /// `None` until [`Capture::apply_sources`]: every source.
+    sources: Option<BTreeSet<Cidr>>,
 }
 
 /// A set of ClusterIP ports.
@@ -274,9 +204,12 @@ impl Capture {
              set skip4 {{ type ipv4_addr; flags interval; }}\n\
              set svc4 {{ type ipv4_addr . inet_proto . inet_service; }}\n\
              set svcskip4 {{ type ipv4_addr . inet_proto . inet_service; }}\n\
+             set src4 {{ type ipv4_addr; flags interval; elements = {{ 0.0.0.0/0 }} }}\n\
+             counter src_refused {{ }}\n\
              chain pre_nat {{ type nat hook prerouting priority -110; policy accept;\n\
              ip daddr @skip4 return\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svcskip4 return\n\
+             ip daddr @dst4 ip saddr != @src4 counter name src_refused return\n\
              ip daddr @dst4 meta l4proto {{ tcp, udp }} redirect to :{p}\n\
              }}\n\
              chain out_nat {{ type nat hook output priority -110; policy accept;\n\
@@ -286,6 +219,7 @@ impl Capture {
              ip daddr @dst4 meta l4proto {{ tcp, udp }} redirect to :{p}\n\
              }}\n\
              chain svc_pre {{ type nat hook prerouting priority -150; policy accept;\n\
+             ip saddr != @src4 return\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svc4 redirect to :{p}\n\
              }}\n\
              chain svc_out {{ type nat hook output priority -150; policy accept;\n\
@@ -329,6 +263,7 @@ impl Capture {
             skipped: BTreeSet::new(),
             services: BTreeSet::new(),
             local_services: BTreeSet::new(),
+            sources: None,
         })
     }
 
@@ -389,13 +324,13 @@ impl Capture {
         let bypass = pref - 1;
         let mut rules = String::new();
         for c in self.installed.difference(&want4) {
-            let _ = writeln!(rules, "rule del to {c} lookup {table} pref {pref}");
+            let _ = writeln!(rules, "rule del to {c} iif lo lookup {table} pref {pref}");
         }
         for c in self.skipped.difference(&skip4) {
             let _ = writeln!(rules, "rule del to {c} lookup main pref {bypass}");
         }
         for c in want4.difference(&self.installed) {
-            let _ = writeln!(rules, "rule add to {c} lookup {table} pref {pref}");
+            let _ = writeln!(rules, "rule add to {c} iif lo lookup {table} pref {pref}");
         }
         for c in skip4.difference(&self.skipped) {
             let _ = writeln!(rules, "rule add to {c} lookup main pref {bypass}");
@@ -416,6 +351,40 @@ impl Capture {
         self.installed = want4;
         self.skipped = skip4;
         Ok(())
+    }
+
+    /// Captures forwarded traffic only from `sources` (IPv4 prefixes; IPv6
+    /// ones are left out, and an empty set captures no forwarded traffic).
+    /// Until the first call every source is allowed. Host processes' own
+    /// traffic is not affected (see the module docs). The set is rewritten
+    /// whole in one transaction.
+    pub async fn apply_sources(&mut self, sources: &BTreeSet<Cidr>) -> Result<(), CaptureError> {
+        let v4: BTreeSet<Cidr> = sources
+            .iter()
+            .filter(|c| c.addr().is_ipv4())
+            .copied()
+            .collect();
+        if self.sources.as_ref() == Some(&v4) {
+            return Ok(());
+        }
+        let t = &self.cfg.nft_table;
+        let mut nft = format!("flush set inet {t} src4\n");
+        let cover: Vec<String> = minimal_cover(&v4).iter().map(|c| c.to_string()).collect();
+        if !cover.is_empty() {
+            let _ = writeln!(nft, "add element inet {t} src4 {{ {} }}", cover.join(", "));
+        }
+        run("nft", &["-f", "-"], Some(&nft)).await?;
+        debug!(sources = v4.len(), "capture sources updated");
+        self.sources = Some(v4);
+        Ok(())
+    }
+
+    /// Flows (first packets) that reached a captured prefix from a source
+    /// outside [`Capture::apply_sources`]'s set and were left uncaptured.
+    pub async fn refused_sources(&self) -> Result<u64, CaptureError> {
+        let t = &self.cfg.nft_table;
+        let out = output("nft", &["list", "counter", "inet", t, "src_refused"]).await?;
+        Ok(parse_counter_packets(&out).unwrap_or(0))
     }
 
     /// The service ports captured now.
@@ -609,6 +578,14 @@ const SOCKET_LB_MAPS: [&str; 2] = [
     "/sys/fs/bpf/tc/globals/cilium_lb6_services_v2",
 ];
 
+/// The packet count of an `nft list counter` listing
+/// (`... packets 3 bytes 180 ...`).
+pub fn parse_counter_packets(listing: &str) -> Option<u64> {
+    let mut words = listing.split_whitespace();
+    words.find(|w| *w == "packets")?;
+    words.next()?.parse().ok()
+}
+
 /// The prefixes of `set` not contained in another prefix of `set`.
 pub fn minimal_cover(set: &BTreeSet<Cidr>) -> Vec<Cidr> {
     let mut by_len: Vec<Cidr> = set.iter().copied().collect();
@@ -671,6 +648,14 @@ mod tests {
     }
 
     #[test]
+    fn counter_listing_parses() {
+        let l =
+            "table inet edge_relay {\n\tcounter src_refused {\n\t\tpackets 3 bytes 180\n\t}\n}\n";
+        assert_eq!(parse_counter_packets(l), Some(3));
+        assert_eq!(parse_counter_packets("no such counter"), None);
+    }
+
+    #[test]
     fn service_set_script_and_conntrack_arguments() {
         let set: BTreeSet<(SocketAddr, Proto)> = [
             ("10.96.0.10:53".parse().unwrap(), Proto::Udp),
@@ -692,55 +677,5 @@ mod tests {
             conntrack_delete_args("10.96.0.10:53".parse().unwrap(), Proto::Udp).join(" "),
             "-D -p udp --orig-dst 10.96.0.10 --dport 53"
         );
-    }
-
-    #[test]
-    fn file_section_validates_and_names_fields() {
-        assert!(
-            CaptureFile::default().resolve().unwrap().is_none(),
-            "off by default"
-        );
-        let on = CaptureFile {
-            enabled: true,
-            ..Default::default()
-        };
-        let c = on.resolve().unwrap().unwrap();
-        assert_eq!((c.port, c.route_table), (15001, 7100));
-        for (bad, field) in [
-            (
-                CaptureFile {
-                    enabled: true,
-                    port: Some(0),
-                    ..Default::default()
-                },
-                "port",
-            ),
-            (
-                CaptureFile {
-                    enabled: true,
-                    route_table: Some(254),
-                    ..Default::default()
-                },
-                "route_table",
-            ),
-            (
-                CaptureFile {
-                    enabled: true,
-                    nft_table: Some("x y".into()),
-                    ..Default::default()
-                },
-                "nft_table",
-            ),
-            (
-                CaptureFile {
-                    enabled: true,
-                    rule_pref: Some(40000),
-                    ..Default::default()
-                },
-                "rule_pref",
-            ),
-        ] {
-            assert_eq!(bad.resolve().unwrap_err().0, field);
-        }
     }
 }
