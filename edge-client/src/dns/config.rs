@@ -220,4 +220,14 @@ mod tests {
             .unwrap();
         assert_eq!(c.cluster_domain.as_deref(), Some("corp.example"));
     }
+
+    #[test]
+    fn edge_toml_carries_the_section_and_errors_name_dns_fields() {
+        let base = "node = \"edge-1\"\nrelay = \"relay.example:8443\"\n[tls]\ncert = \"/nonexistent/c\"\nkey = \"k\"\nrelay_ca = \"ca\"\n";
+        let f = crate::config::FileConfig::parse(&format!(
+            "{base}[dns]\nenabled = true\nupstream = \"10.96.0.10:53\"\nlisten = \"10.0.0.1:53\"\n"
+        ))
+        .unwrap();
+        assert_eq!(f.into_runtime().unwrap_err().field, "dns.listen");
+    }
 }
