@@ -206,6 +206,13 @@ fn external_names_are_aliases() {
         panic!("{m:?}")
     };
     assert_eq!(c.0.to_ascii(), "db.example.com.");
+    // Whatever the type, in the answer section.
+    let m = ask(&zone(), "ext.shop.svc.cluster.local.", RecordType::SRV);
+    assert!(
+        matches!(m.answers[..], [ref r] if matches!(r.data, RData::CNAME(_))),
+        "{m:?}"
+    );
+    assert!(m.additionals.is_empty());
 }
 
 #[test]

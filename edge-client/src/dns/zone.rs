@@ -135,9 +135,10 @@ impl Zone {
             Ok(answers) if !answers.is_empty() => {
                 // The additional section of SRV answers holds the targets'
                 // addresses, after the answers proper.
-                let (ans, add): (Vec<Record>, Vec<Record>) = answers
-                    .into_iter()
-                    .partition(|r| qtype != RecordType::SRV || r.record_type() == RecordType::SRV);
+                let (ans, add): (Vec<Record>, Vec<Record>) = answers.into_iter().partition(|r| {
+                    qtype != RecordType::SRV
+                        || !matches!(r.record_type(), RecordType::A | RecordType::AAAA)
+                });
                 resp.add_answers(ans);
                 resp.add_additionals(add);
             }
