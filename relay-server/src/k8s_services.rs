@@ -150,6 +150,7 @@ mod tests {
             ready,
             serving: ready,
             terminating: false,
+            hostname: None,
         }
     }
 
