@@ -28,7 +28,7 @@
 //! |---|---|
 //! | [`client`] | [`KubeClientConfig`]: in-cluster or kubeconfig → [`KubeClient`] |
 //! | [`nodes`] | [`NodeDirectory`], [`NodeClaims`], [`node_claims`] (pure) |
-//! | [`names`] | [`service_names`], [`names_delta`] (pure), [`NamesFeed`]: Service names for edge resolvers, per-session deltas |
+//! | [`names`] | [`service_names`], [`name_entry`] (pure): Service names for edge resolvers |
 //! | [`services`] | [`ServiceDirectory`] (reflectors over Services and EndpointSlices), [`ServiceTable`] and [`service_entry`] (pure) |
 //! | [`status`] | [`StatusWriter`] (server-side apply of the condition), [`next_condition`] (pure), [`SessionEvents`] |
 //! | [`pods`] | [`PodReader`]: the pod a bootstrap token is bound to |
@@ -46,7 +46,7 @@ pub mod tokenreview;
 use std::time::Duration;
 
 pub use client::{ClientOptions, KubeClient, KubeClientConfig};
-pub use names::{name_entry, names_delta, service_names, NameTable, NamesFeed};
+pub use names::{name_entry, service_names};
 pub use nodes::{node_claims, ClaimIssue, DirectoryOptions, NodeClaims, NodeDirectory};
 pub use pods::{pod_facts, PodFacts, PodReader};
 pub use services::{

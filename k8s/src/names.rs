@@ -1,6 +1,8 @@
 //! Service names for edge resolvers: the pure step from a
 //! [`ServiceTable`] to what [`relay_protocol::Control::ServiceNames`]
-//! carries, and the per-edge diff the relay sends.
+//! carries. The per-edge diff ([`relay_protocol::NamesFeed`],
+//! [`relay_protocol::names_delta`]) lives in the protocol crate, so the
+//! relay's session code uses it without this crate.
 //!
 //! What goes in follows what the cluster DNS (CoreDNS's `kubernetes`
 //! plugin) answers from:
@@ -19,14 +21,11 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use relay_protocol::{NameEndpoint, NameKind, NamePort, NameProtocol, ServiceName, ServiceNameKey};
+use relay_protocol::{
+    NameEndpoint, NameKind, NamePort, NameProtocol, NameTable, ServiceName, ServiceNameKey,
+};
 
 use crate::services::{Protocol, ServiceEntry, ServiceKind, ServiceTable};
-
-/// Every Service's names, by namespace and name: what one edge resolver
-/// holds. The relay keeps the last one it sent to each edge and sends the
-/// [`names_delta`] to the next.
-pub type NameTable = BTreeMap<ServiceNameKey, ServiceName>;
 
 /// The names of every Service in `table` (pure).
 pub fn service_names(table: &ServiceTable) -> NameTable {
@@ -90,69 +89,11 @@ pub fn name_entry(e: &ServiceEntry) -> Option<ServiceName> {
     s.is_valid().then_some(s)
 }
 
-/// What changed from `old` to `new`: entries added or different, and keys
-/// gone. Feed it to [`relay_protocol::Control::service_names`]; an edge
-/// that applies the frames in order then holds `new`.
-pub fn names_delta(old: &NameTable, new: &NameTable) -> (Vec<ServiceName>, Vec<ServiceNameKey>) {
-    let upsert = new
-        .iter()
-        .filter(|(k, v)| old.get(*k) != Some(*v))
-        .map(|(_, v)| v.clone())
-        .collect();
-    let remove = old
-        .keys()
-        .filter(|k| !new.contains_key(*k))
-        .cloned()
-        .collect();
-    (upsert, remove)
-}
-
-/// What one edge session has been sent, and the frames that bring it to
-/// the current table: everything (with `reset`) the first time, then only
-/// what changed. Tables are shared (`Arc`): the relay builds one per
-/// directory change with [`service_names`], every session keeps a pointer
-/// to the last one it sent, so memory does not grow with the number of
-/// edges.
-#[derive(Debug, Default)]
-pub struct NamesFeed {
-    sent: Option<std::sync::Arc<NameTable>>,
-}
-
-impl NamesFeed {
-    /// The frames to send for `current` (none when nothing changed since
-    /// the last call). Costs one comparison per Service when the table
-    /// changed.
-    pub fn frames(
-        &mut self,
-        current: &std::sync::Arc<NameTable>,
-        cluster_domain: &str,
-    ) -> Vec<relay_protocol::Control> {
-        let out = match &self.sent {
-            None => relay_protocol::Control::service_names(
-                true,
-                cluster_domain,
-                current.values().cloned().collect(),
-                Vec::new(),
-            ),
-            Some(last) if std::sync::Arc::ptr_eq(last, current) => Vec::new(),
-            Some(last) => {
-                let (upsert, remove) = names_delta(last, current);
-                if upsert.is_empty() && remove.is_empty() {
-                    Vec::new()
-                } else {
-                    relay_protocol::Control::service_names(false, cluster_domain, upsert, remove)
-                }
-            }
-        };
-        self.sent = Some(current.clone());
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::services::{Endpoint, ServicePort};
+    use relay_protocol::names_delta;
 
     fn ep(ip: &str, port: u16, ready: bool, hostname: Option<&str>) -> Endpoint {
         Endpoint {
@@ -363,51 +304,5 @@ mod tests {
         let n = name_entry(&e).unwrap();
         assert_eq!(n.endpoints[0].hostname.as_deref(), Some("db-0"));
         assert_eq!(n.endpoints[0].ports, vec![5432]);
-    }
-
-    #[test]
-    fn a_feed_sends_everything_once_then_changes_only() {
-        use relay_protocol::Control;
-        use std::sync::Arc;
-        let web = |ip: &str| {
-            entry(
-                "web",
-                ServiceKind::ClusterIp(vec![ip.parse().unwrap()]),
-                vec![("http", 80, vec![])],
-            )
-        };
-        let a = Arc::new(service_names(&table(vec![
-            web("10.96.0.20"),
-            entry("db", ServiceKind::Headless, vec![]),
-        ])));
-        let mut feed = NamesFeed::default();
-        let first = feed.frames(&a, "cluster.local");
-        assert!(
-            matches!(&first[..], [Control::ServiceNames { reset: true, upsert, complete: true, .. }] if upsert.len() == 2)
-        );
-        assert!(
-            feed.frames(&a, "cluster.local").is_empty(),
-            "same table: nothing"
-        );
-        // An equal table built again: still nothing.
-        let a2 = Arc::new((*a).clone());
-        assert!(feed.frames(&a2, "cluster.local").is_empty());
-        let b = Arc::new(service_names(&table(vec![web("10.96.0.21")])));
-        let next = feed.frames(&b, "cluster.local");
-        let [Control::ServiceNames {
-            reset: false,
-            upsert,
-            remove,
-            complete: true,
-            ..
-        }] = &next[..]
-        else {
-            panic!("{next:?}")
-        };
-        assert_eq!(upsert.len(), 1);
-        assert_eq!(
-            remove.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(),
-            ["db"]
-        );
     }
 }

@@ -11,9 +11,13 @@
 //! [`ServiceName::MAX_PORTS`] ports and [`ServiceName::MAX_ENDPOINTS`]
 //! endpoints per Service, and names within DNS limits
 //! ([`ServiceName::is_valid`]). [`Control::service_names`] cuts and splits a
-//! change into frames within [`Control::SERVICE_NAMES_BUDGET`].
+//! change into frames within [`Control::SERVICE_NAMES_BUDGET`];
+//! [`NamesFeed`] keeps, per edge session, what was sent and yields the
+//! frames for the next table ([`names_delta`]).
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -237,5 +241,131 @@ impl Control {
                 return out;
             }
         }
+    }
+}
+
+/// Every Service's names, by namespace and name: what one edge resolver
+/// holds (in Kubernetes mode, `relay_kube::service_names` builds it).
+pub type NameTable = BTreeMap<ServiceNameKey, ServiceName>;
+
+/// What changed from `old` to `new`: entries added or different, and keys
+/// gone. An edge that applies them in order then holds `new`.
+pub fn names_delta(old: &NameTable, new: &NameTable) -> (Vec<ServiceName>, Vec<ServiceNameKey>) {
+    let upsert = new
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(*v))
+        .map(|(_, v)| v.clone())
+        .collect();
+    let remove = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .cloned()
+        .collect();
+    (upsert, remove)
+}
+
+/// What one edge session has been sent, and the frames that bring it to
+/// the current table: everything (with `reset`) the first time, then only
+/// what changed. Tables are shared (`Arc`): the relay builds one per
+/// directory change, every session keeps a pointer to the last one it
+/// sent, so memory does not grow with the number of edges.
+#[derive(Debug, Default)]
+pub struct NamesFeed {
+    sent: Option<Arc<NameTable>>,
+}
+
+impl NamesFeed {
+    /// The frames to send for `current` (none when nothing changed since
+    /// the last call). Costs one comparison per Service when the table
+    /// changed, nothing when it is the same `Arc`.
+    pub fn frames(&mut self, current: &Arc<NameTable>, cluster_domain: &str) -> Vec<Control> {
+        let out = match &self.sent {
+            None => Control::service_names(
+                true,
+                cluster_domain,
+                current.values().cloned().collect(),
+                Vec::new(),
+            ),
+            Some(last) if Arc::ptr_eq(last, current) => Vec::new(),
+            Some(last) => {
+                let (upsert, remove) = names_delta(last, current);
+                if upsert.is_empty() && remove.is_empty() {
+                    Vec::new()
+                } else {
+                    Control::service_names(false, cluster_domain, upsert, remove)
+                }
+            }
+        };
+        self.sent = Some(current.clone());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, ip: &str) -> ServiceName {
+        ServiceName {
+            key: ServiceNameKey {
+                namespace: "shop".into(),
+                name: name.into(),
+            },
+            kind: NameKind::ClusterIp(vec![ip.parse().unwrap()]),
+            ports: vec![],
+            endpoints: vec![],
+        }
+    }
+
+    fn table(s: &[(&str, &str)]) -> Arc<NameTable> {
+        Arc::new(
+            s.iter()
+                .map(|(n, ip)| (svc(n, ip).key, svc(n, ip)))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_feed_sends_everything_once_then_changes_only() {
+        let a = table(&[("web", "10.96.0.20"), ("db", "10.96.0.30")]);
+        let mut feed = NamesFeed::default();
+        let first = feed.frames(&a, "cluster.local");
+        assert!(
+            matches!(&first[..], [Control::ServiceNames { reset: true, upsert, complete: true, .. }] if upsert.len() == 2)
+        );
+        assert!(
+            feed.frames(&a, "cluster.local").is_empty(),
+            "same table: nothing"
+        );
+        // An equal table built again: still nothing.
+        let a2 = Arc::new((*a).clone());
+        assert!(feed.frames(&a2, "cluster.local").is_empty());
+        let b = table(&[("web", "10.96.0.21")]);
+        let next = feed.frames(&b, "cluster.local");
+        let [Control::ServiceNames {
+            reset: false,
+            upsert,
+            remove,
+            complete: true,
+            ..
+        }] = &next[..]
+        else {
+            panic!("{next:?}")
+        };
+        assert_eq!(upsert, &vec![svc("web", "10.96.0.21")]);
+        assert_eq!(
+            remove.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(),
+            ["db"]
+        );
+        // Applying the delta to the old table gives the new one.
+        let (u, r) = names_delta(&a, &b);
+        let mut applied = (*a).clone();
+        for k in &r {
+            applied.remove(k);
+        }
+        for s in u {
+            applied.insert(s.key.clone(), s);
+        }
+        assert_eq!(applied, *b);
     }
 }
