@@ -119,6 +119,7 @@ pub struct EdgeClient {
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     capture: Option<tokio::task::JoinHandle<()>>,
+    dns: Option<crate::dns::Resolver>,
 }
 
 /// Starting the client failed (only possible with capture on).
@@ -136,6 +137,9 @@ pub enum StartError {
     /// Installing capture (nftables, policy routing) failed.
     #[error("installing capture: {0}")]
     Capture(#[from] relay_transport::capture::CaptureError),
+    /// Starting the node-local resolver failed.
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsError),
 }
 
 impl EdgeClient {
@@ -147,14 +151,22 @@ impl EdgeClient {
         if cfg.capture.take().is_some() {
             tracing::error!("EdgeClient::spawn ignores capture; use EdgeClient::start");
         }
-        Self::launch(cfg, None)
+        if cfg.dns.take().is_some() {
+            tracing::error!("EdgeClient::spawn ignores dns; use EdgeClient::start");
+        }
+        Self::launch(cfg, None, None)
     }
 
     /// Starts the client, first installing capture when configured (so a
     /// node without CAP_NET_ADMIN fails here, loudly, not later).
+    /// The node-local resolver starts here too when configured.
     pub async fn start(cfg: EdgeConfig) -> Result<Self, StartError> {
+        let dns = match cfg.dns.clone() {
+            Some(d) => Some(crate::dns::Resolver::spawn(d, CancellationToken::new()).await?),
+            None => None,
+        };
         let Some(ccfg) = cfg.capture.clone() else {
-            return Ok(Self::launch(cfg, None));
+            return Ok(Self::launch(cfg, None, dns));
         };
         let addr = SocketAddr::from(([0, 0, 0, 0], ccfg.port));
         let listener = relay_transport::capture::capture_tcp_listener(ccfg.port)
@@ -174,10 +186,15 @@ impl EdgeClient {
                 tcp: listener,
                 udp,
             }),
+            dns,
         ))
     }
 
-    fn launch(cfg: EdgeConfig, capture: Option<crate::capture::Parts>) -> Self {
+    fn launch(
+        cfg: EdgeConfig,
+        capture: Option<crate::capture::Parts>,
+        dns: Option<crate::dns::Resolver>,
+    ) -> Self {
         let (tx, rx) = watch::channel(EdgeState::Connecting { attempt: 1 });
         let (conn_tx, conn_rx) = watch::channel(None);
         let stats = Arc::new(EdgeStats::default());
@@ -209,6 +226,7 @@ impl EdgeClient {
                 conn_tx,
                 stats.clone(),
                 cancel.clone(),
+                dns.clone(),
             )
             .instrument(span),
         );
@@ -219,7 +237,13 @@ impl EdgeClient {
             cancel,
             task,
             capture,
+            dns,
         }
+    }
+
+    /// The node-local resolver, when `[dns]` is on.
+    pub fn dns(&self) -> Option<&crate::dns::Resolver> {
+        self.dns.as_ref()
     }
 
     /// The current state.
@@ -282,6 +306,9 @@ impl EdgeClient {
                 warn!("removing capture timed out");
             }
         }
+        if let Some(d) = self.dns {
+            d.shutdown().await;
+        }
     }
 }
 
@@ -306,6 +333,7 @@ async fn run(
     conn_tx: watch::Sender<Option<(TunnelConn, Arc<FlowTable>)>>,
     stats: Arc<EdgeStats>,
     cancel: CancellationToken,
+    dns: Option<crate::dns::Resolver>,
 ) {
     let mut backoff = Backoff::new(cfg.backoff.clone());
     let mut attempt = 0u32;
@@ -381,8 +409,17 @@ async fn run(
                     gen = hello.generation
                 );
                 let end = run_session(
-                    &conn, &flows, control, &cfg, &served, &services, &creds, &stats, &cancel,
+                    &conn,
+                    &flows,
+                    control,
+                    &cfg,
+                    &served,
+                    &services,
+                    &creds,
+                    &stats,
+                    &cancel,
                     &state,
+                    dns.as_ref(),
                 )
                 .instrument(span)
                 .await;
@@ -588,7 +625,7 @@ async fn say_hello(
         node: cfg.node.clone(),
         routes: cfg.routes.clone(),
         primary_addr: cfg.primary_addr,
-        capabilities: capability::ALL,
+        capabilities: crate::dns::capabilities(cfg.dns.is_some()),
         agent: concat!("edge-client/", env!("CARGO_PKG_VERSION")).to_string(),
         fallbacks: stats.fallbacks.load(Relaxed).min(u32::MAX as u64) as u32,
     };
@@ -632,8 +669,11 @@ async fn run_session(
     stats: &Arc<EdgeStats>,
     cancel: &CancellationToken,
     state: &watch::Sender<EdgeState>,
+    dns: Option<&crate::dns::Resolver>,
 ) -> SessionEnd {
     let BiStream { mut send, recv } = control;
+    // Service names for the resolver, put together per session.
+    let mut names = dns.map(crate::dns::Resolver::batch);
     let mut frames = FramedRead::new(recv, codec::frame_codec());
     // Tunnel routes being assembled from RouteDelta frames; published to
     // the state (and so to capture) only when a batch is complete, so the
@@ -756,6 +796,12 @@ async fn run_session(
                         }
                         msg @ Control::ServiceDelta { .. } => {
                             svc_batch.apply(&msg, services);
+                            continue;
+                        }
+                        Control::ServiceNames { reset, cluster_domain, upsert, remove, complete } => {
+                            if let Some(n) = names.as_mut() {
+                                n.frame(reset, cluster_domain, upsert, remove, complete);
+                            }
                             continue;
                         }
                         Control::GoAway { reason, grace_ms } => {

@@ -67,6 +67,8 @@ pub struct EdgeConfig {
     /// (cloud ranges, other edges) is captured and sent through the tunnel
     /// (nftables redirect + policy routing; needs CAP_NET_ADMIN).
     pub capture: Option<CaptureConfig>,
+    /// When set, the node-local resolver runs (see [`crate::dns`]).
+    pub dns: Option<crate::dns::DnsConfig>,
 }
 
 impl EdgeConfig {
@@ -95,6 +97,7 @@ impl EdgeConfig {
             udp_idle: Duration::from_secs(60),
             max_udp_flows: 1024,
             capture: None,
+            dns: None,
         }
     }
 }
@@ -237,6 +240,9 @@ pub struct FileConfig {
     /// Capture of traffic towards the tunnel routes.
     #[serde(default)]
     pub capture: CaptureFile,
+    /// The node-local resolver.
+    #[serde(default)]
+    pub dns: crate::dns::DnsFile,
 }
 
 /// The host part of `host:port` / `[v6]:port`.
@@ -296,6 +302,10 @@ impl FileConfig {
             .capture
             .resolve()
             .map_err(|(f, m)| err(format!("capture.{f}"), m))?;
+        let dns = self
+            .dns
+            .resolve()
+            .map_err(|(f, m)| err(format!("dns.{f}"), m))?;
         let d = BackoffConfig::default();
         let backoff = BackoffConfig {
             initial: nonzero("backoff.initial", self.backoff.initial, d.initial)?,
@@ -374,6 +384,7 @@ impl FileConfig {
             )?,
             max_udp_flows: 1024,
             capture,
+            dns,
         })
     }
 }

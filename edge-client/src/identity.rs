@@ -106,7 +106,7 @@ fn build(b: &BootstrapConfig, node: &str, cert_pem: &str, key_pem: &[u8]) -> Res
 
 /// Writes `data` to `path` through a temporary file and a rename, so a
 /// crash never leaves half a certificate; `private` files are 0600.
-fn write_atomic(path: &Path, data: &[u8], private: bool) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8], private: bool) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);

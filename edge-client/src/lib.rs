@@ -16,12 +16,15 @@
 //!   with a service-account token and renewed.
 //! - [`backoff`]: capped exponential backoff with full jitter.
 //! - [`liveness`]: the control-stream ping check and its dead-path bound.
+//! - [`dns`]: the node-local resolver: cluster names answered at the edge
+//!   (also while the cloud is away), the rest forwarded.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod backoff;
 mod capture;
 pub mod client;
 pub mod config;
+pub mod dns;
 mod identity;
 pub mod liveness;
 pub mod serve;

@@ -28,6 +28,7 @@
 //! |---|---|
 //! | [`client`] | [`KubeClientConfig`]: in-cluster or kubeconfig → [`KubeClient`] |
 //! | [`nodes`] | [`NodeDirectory`], [`NodeClaims`], [`node_claims`] (pure) |
+//! | [`names`] | [`service_names`], [`name_entry`] (pure): Service names for edge resolvers |
 //! | [`services`] | [`ServiceDirectory`] (reflectors over Services and EndpointSlices), [`ServiceTable`] and [`service_entry`] (pure) |
 //! | [`status`] | [`StatusWriter`] (server-side apply of the condition), [`next_condition`] (pure), [`SessionEvents`] |
 //! | [`pods`] | [`PodReader`]: the pod a bootstrap token is bound to |
@@ -35,6 +36,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod client;
+pub mod names;
 pub mod nodes;
 pub mod pods;
 pub mod services;
@@ -44,6 +46,7 @@ pub mod tokenreview;
 use std::time::Duration;
 
 pub use client::{ClientOptions, KubeClient, KubeClientConfig};
+pub use names::{name_entry, service_names};
 pub use nodes::{node_claims, ClaimIssue, DirectoryOptions, NodeClaims, NodeDirectory};
 pub use pods::{pod_facts, PodFacts, PodReader};
 pub use services::{

@@ -92,6 +92,9 @@ pub struct Endpoint {
     pub serving: bool,
     /// `conditions.terminating` (missing means false).
     pub terminating: bool,
+    /// `hostname` (set by StatefulSets): the endpoint's own DNS name under
+    /// a headless Service.
+    pub hostname: Option<String>,
 }
 
 impl Endpoint {
@@ -263,6 +266,7 @@ pub fn service_entry<'a>(
                     ready,
                     serving: c.serving.unwrap_or(ready),
                     terminating: c.terminating.unwrap_or(false),
+                    hostname: e.hostname.clone(),
                 };
                 if let (Some(known), Some(node)) = (known_nodes, &ep.node) {
                     if !known.contains(node) {
@@ -373,6 +377,16 @@ impl ServiceTable {
     /// The Service `namespace/name`.
     pub fn service(&self, namespace: &str, name: &str) -> Option<&ServiceEntry> {
         self.by_name.get(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// Every Service, ordered by namespace and name.
+    pub fn services(&self) -> impl Iterator<Item = &ServiceEntry> {
+        self.by_name.values()
+    }
+
+    /// The cluster domain the table was made for, without dots around it.
+    pub fn cluster_domain(&self) -> &str {
+        &self.cluster_domain
     }
 
     /// Number of Services held.

@@ -9,7 +9,8 @@
 //!   new edge within a bound;
 //! - a Service left without endpoints is refused fast, from both places;
 //! - an edge keeps using its own endpoint of a Service with the relay
-//!   stopped.
+//!   stopped, and its node-local resolver (`[dns]`, fed by the relay's
+//!   `ServiceNames`) keeps answering cluster names, asked with real `dig`.
 //!
 //! Needs root; skips loudly otherwise, and fails instead of skipping under
 //! CI=true or REQUIRE_LAB=1. Bounded: about 15 s.
@@ -141,7 +142,17 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
     rcfg.nodes.clear();
     rcfg.kubernetes = Some(cluster.relay_settings());
     let relay = start_relay(&lab, rcfg)?;
-    let edge1 = start_edge(&lab, 1, edge_config(&pki, 1)?)?;
+    // edge1 runs the node-local resolver on its loopback (the lab has no
+    // dummy interface for 169.254.20.10); upstream: a cluster DNS address
+    // (only asked for names the table does not answer).
+    let state = std::env::temp_dir().join(format!("lab-dns-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&state);
+    let mut cfg1 = edge_config(&pki, 1)?;
+    let mut dns =
+        edge_client::dns::DnsConfig::new(sa(Ipv4Addr::new(10, 96, 0, 10), 53), state.clone());
+    dns.listen = sa(Ipv4Addr::LOCALHOST, 53);
+    cfg1.dns = Some(dns);
+    let edge1 = start_edge(&lab, 1, cfg1)?;
     let edge2 = start_edge(&lab, 2, edge_config(&pki, 2)?)?;
     // Everything is installed asynchronously: wait for both paths.
     relay_lab::scenario::within(Duration::from_secs(10), || {
@@ -193,14 +204,56 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
         let b = http_from(&lab, Role::Edge1, mixed)?;
         ensure!(b.contains("epod1"), "relay up: answered by {b}");
     }
+    // Names at the edge, from the relay's table: the ClusterIP and, for a
+    // name the cluster does not have, NXDOMAIN (answered locally).
+    let dig = |name: &str| -> Result<String> {
+        lab.exec(
+            Role::Edge1,
+            &[
+                "dig",
+                "+short",
+                "+time=2",
+                "+tries=1",
+                "@127.0.0.1",
+                name,
+                "A",
+            ],
+        )
+        .map(|o| o.trim().to_string())
+    };
+    let named = relay_lab::scenario::within(Duration::from_secs(5), || {
+        Ok(dig("mixed.shop.svc.cluster.local")? == "10.96.0.50")
+    });
+    ensure!(
+        named.is_ok(),
+        "the edge resolver never answered mixed.shop: {:?}",
+        dig("mixed.shop.svc.cluster.local")
+    );
+    let nx = lab.exec(
+        Role::Edge1,
+        &[
+            "dig",
+            "+time=2",
+            "+tries=1",
+            "@127.0.0.1",
+            "nope.shop.svc.cluster.local",
+            "A",
+        ],
+    )?;
+    ensure!(nx.contains("NXDOMAIN"), "unknown cluster name: {nx}");
     relay.stop()?;
     for _ in 0..5 {
         let b = http_from(&lab, Role::Edge1, mixed)?;
         ensure!(b.contains("epod1"), "relay stopped: answered by {b}");
     }
+    ensure!(
+        dig("mover.shop.svc.cluster.local")? == "10.96.0.40",
+        "relay stopped: the edge resolver no longer answers"
+    );
     edge1.stop()?;
     edge2.stop()?;
     drop(hosts);
     drop(cluster);
+    let _ = std::fs::remove_file(&state);
     Ok(())
 }

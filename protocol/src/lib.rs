@@ -13,6 +13,8 @@
 //! - [`codec`]: the one place that knows about bincode; length-delimited
 //!   frames with a hard size limit checked before any allocation.
 //! - [`datagram`]: the header of a UDP datagram carried over the tunnel.
+//! - [`names`]: Service names for the edge's resolver
+//!   ([`Control::ServiceNames`]).
 //!
 //! Every stream, control or data, starts with frames: a 4-byte big-endian
 //! length followed by that many bytes of bincode (see `docs/architecture.md`).
@@ -23,10 +25,12 @@ pub mod cidr;
 pub mod codec;
 pub mod datagram;
 pub mod messages;
+pub mod names;
 
 pub use cidr::{Cidr, CidrError};
 pub use codec::{CodecError, FrameError, Incoming, MAX_FRAME_LEN};
 pub use messages::*;
+pub use names::*;
 
 /// The protocol version this build speaks. Bumped on any incompatible change
 /// to the messages below; the golden-byte tests fail when the encoding moves.

@@ -50,9 +50,19 @@ pub mod capability {
     /// the relay tells the edge which ClusterIP ports to capture ahead of
     /// its kube-proxy and which of their endpoints are on the edge itself.
     pub const SERVICES: u32 = 1 << 5;
+    /// Understands [`Control::ServiceNames`](super::Control::ServiceNames):
+    /// the edge runs a node-local resolver and wants the cluster's Service
+    /// names. An edge announces it only when its resolver is on. (Bit 6 is
+    /// taken by the replica-set work.)
+    pub const SERVICE_NAMES: u32 = 1 << 7;
     /// Every bit this build understands.
-    pub const ALL: u32 =
-        TCP_STREAMS | UDP_DATAGRAMS | ROUTE_DELTAS | EXTENSIBLE | SERVED_ROUTES | SERVICES;
+    pub const ALL: u32 = TCP_STREAMS
+        | UDP_DATAGRAMS
+        | ROUTE_DELTAS
+        | EXTENSIBLE
+        | SERVED_ROUTES
+        | SERVICES
+        | SERVICE_NAMES;
 }
 
 /// The first message of a session, sent by the edge on the control stream.
@@ -254,6 +264,27 @@ pub enum Control {
         /// The last frame of a batch: apply everything received so far.
         complete: bool,
     },
+    /// Placeholder for index 7, which the replica-set message takes; never
+    /// sent, and ignored when received. Merging that work replaces it.
+    #[doc(hidden)]
+    Reserved7,
+    /// A change to the edge resolver's table of Service names, sent only to
+    /// edges that announced [`capability::SERVICE_NAMES`]. Same batching as
+    /// [`Control::ServiceDelta`]: a session starts with an empty table, the
+    /// first frame of a full resync has `reset`, only the last frame of a
+    /// batch has `complete` (build them with [`Control::service_names`]).
+    ServiceNames {
+        /// Start from an empty table before applying this frame.
+        reset: bool,
+        /// The cluster's DNS domain (`cluster.local`), in every frame.
+        cluster_domain: String,
+        /// Services added or changed (replacing the entry with the same key).
+        upsert: Vec<crate::names::ServiceName>,
+        /// Services removed.
+        remove: Vec<crate::names::ServiceNameKey>,
+        /// The last frame of a batch: apply everything received so far.
+        complete: bool,
+    },
 }
 
 /// A ClusterIP port: address, port and transport.
@@ -289,7 +320,7 @@ impl ServicePort {
 impl Control {
     /// Number of variants this build knows; a frame whose variant index is
     /// at or above it comes from a newer peer.
-    pub const VARIANTS: u32 = 7;
+    pub const VARIANTS: u32 = 9;
 
     /// Byte budget of the entries in one [`Control::ServiceDelta`]: well
     /// inside [`crate::MAX_FRAME_LEN`] whatever the mix of entries.

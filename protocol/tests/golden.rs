@@ -134,6 +134,35 @@ fn golden() -> Vec<(&'static str, Vec<u8>, &'static str)> {
             "060101000a60001450000101000af40705fb901f01000a60000a350101",
         ),
         (
+            "Control::ServiceNames",
+            encode(&Control::ServiceNames {
+                reset: true,
+                cluster_domain: "c.l".into(),
+                upsert: vec![
+                    ServiceName {
+                        key: ServiceNameKey { namespace: "ns".into(), name: "web".into() },
+                        kind: NameKind::ClusterIp(vec!["10.96.0.20".parse().unwrap()]),
+                        ports: vec![NamePort { name: "http".into(), port: 80, protocol: NameProtocol::Tcp }],
+                        endpoints: vec![],
+                    },
+                    ServiceName {
+                        key: ServiceNameKey { namespace: "ns".into(), name: "db".into() },
+                        kind: NameKind::Headless,
+                        ports: vec![NamePort { name: "".into(), port: 5432, protocol: NameProtocol::Udp }],
+                        endpoints: vec![NameEndpoint {
+                            ip: "10.244.7.5".parse().unwrap(),
+                            hostname: Some("db-0".into()),
+                            ports: vec![5433],
+                        }],
+                    },
+                ],
+                remove: vec![ServiceNameKey { namespace: "a".into(), name: "b".into() }],
+                complete: true,
+            })
+            .unwrap(),
+            "080103632e6c02026e73037765620001000a600014010468747470500000026e73026462010100fb38150101000af40705010464622d3001fb3915010161016201",
+        ),
+        (
             "ServerHelloExt",
             encode(&ServerHelloExt {
                 served_routes: vec![cidr("10.244.7.0/24")],
@@ -332,6 +361,7 @@ proptest! {
             },
             Control::RouteDelta { reset: nonce % 2 == 0, add: routes.clone(), remove: routes.clone(), complete: grace % 2 == 0 },
         ] {
+
             prop_assert_eq!(decode::<Control>(&encode(&m).unwrap()).unwrap(), m);
         }
     }
@@ -490,4 +520,170 @@ fn service_deltas_stay_inside_a_frame() {
             complete: true
         }]
     );
+}
+
+#[test]
+fn service_names_stay_inside_a_frame_and_cut_to_the_caps() {
+    // 400 headless Services, each past the caps (200 endpoints with long
+    // hostnames, 40 ports): worst case per entry.
+    let label = |c: char, i: usize| format!("{}{i}", c.to_string().repeat(55));
+    let svc = |i: usize| ServiceName {
+        key: ServiceNameKey {
+            namespace: label('n', i),
+            name: label('s', i),
+        },
+        kind: NameKind::Headless,
+        ports: (0..40)
+            .map(|p| NamePort {
+                name: label('p', p),
+                port: p as u16,
+                protocol: NameProtocol::Tcp,
+            })
+            .collect(),
+        endpoints: (0..200)
+            .map(|e| NameEndpoint {
+                ip: IpAddr::V6((0xfd00u128 << 112 | e as u128).into()),
+                hostname: Some(label('h', e)),
+                ports: vec![65535; 40],
+            })
+            .collect(),
+    };
+    let mut bad = svc(9999);
+    bad.key.name = "a.b".into();
+    let mut upsert: Vec<ServiceName> = (0..400).map(svc).collect();
+    upsert.push(bad);
+    let remove: Vec<ServiceNameKey> = (0..3000).map(|i| svc(i).key).collect();
+    let frames = Control::service_names(true, "cluster.local", upsert, remove.clone());
+    let (mut ups, mut rms) = (0, Vec::new());
+    for (i, f) in frames.iter().enumerate() {
+        let body = encode(f).unwrap();
+        assert!(
+            body.len() <= codec::MAX_FRAME_LEN,
+            "frame {i}: {} bytes",
+            body.len()
+        );
+        let Control::ServiceNames {
+            reset,
+            cluster_domain,
+            upsert,
+            remove,
+            complete,
+        } = f
+        else {
+            panic!("not ServiceNames")
+        };
+        assert_eq!((*reset, *complete), (i == 0, i == frames.len() - 1));
+        assert_eq!(cluster_domain, "cluster.local");
+        for s in upsert {
+            assert_eq!(s.ports.len(), ServiceName::MAX_PORTS);
+            assert_eq!(s.endpoints.len(), ServiceName::MAX_ENDPOINTS);
+            assert!(s
+                .endpoints
+                .iter()
+                .all(|e| e.ports.len() == ServiceName::MAX_PORTS));
+        }
+        ups += upsert.len();
+        rms.extend(remove.iter().cloned());
+    }
+    // The invalid name is left out; everything else arrives.
+    assert_eq!((ups, rms), (400, remove));
+    assert_eq!(Control::service_names(false, "c", vec![], vec![]).len(), 1);
+}
+
+proptest! {
+    #[test]
+    fn service_names_round_trip(
+        reset: bool,
+        complete: bool,
+        domain in "[a-z.]{0,30}",
+        names in prop::collection::vec(arb_service_name(), 0..8),
+        remove in prop::collection::vec(("[a-z0-9-]{1,20}", "[a-z0-9-]{1,20}"), 0..8),
+    ) {
+        let remove: Vec<ServiceNameKey> = remove.into_iter().map(|(namespace, name)| ServiceNameKey { namespace, name }).collect();
+        let m = Control::ServiceNames { reset, cluster_domain: domain.clone(), upsert: names.clone(), remove: remove.clone(), complete };
+        prop_assert_eq!(decode::<Control>(&encode(&m).unwrap()).unwrap(), m);
+        // The splitter keeps every valid entry and its own bound holds.
+        for s in &names {
+            prop_assert!(encode(s).unwrap().len() <= s.max_encoded_len());
+        }
+        let frames = Control::service_names(reset, &domain, names.clone(), remove.clone());
+        let mut got = Vec::new();
+        for f in &frames {
+            let Control::ServiceNames { upsert, .. } = f else { unreachable!() };
+            got.extend(upsert.iter().cloned());
+            prop_assert!(encode(f).unwrap().len() <= codec::MAX_FRAME_LEN);
+        }
+        let want: Vec<ServiceName> = names
+            .into_iter()
+            .filter(ServiceName::is_valid)
+            .map(|mut s| {
+                s.clamp();
+                s
+            })
+            .collect();
+        prop_assert_eq!(got, want);
+    }
+}
+
+fn arb_service_name() -> impl Strategy<Value = ServiceName> {
+    let kind = prop_oneof![
+        prop::collection::vec(arb_ip(), 0..3).prop_map(NameKind::ClusterIp),
+        Just(NameKind::Headless),
+        "[a-z.]{0,40}".prop_map(NameKind::ExternalName),
+    ];
+    let port = ("[a-z-]{0,15}", any::<u16>(), 0..3u8).prop_map(|(name, port, p)| NamePort {
+        name,
+        port,
+        protocol: [NameProtocol::Tcp, NameProtocol::Udp, NameProtocol::Sctp][p as usize],
+    });
+    let ep = (
+        arb_ip(),
+        prop::option::of("[a-z0-9-]{0,10}"),
+        prop::collection::vec(any::<u16>(), 0..4),
+    )
+        .prop_map(|(ip, hostname, ports)| NameEndpoint {
+            ip,
+            hostname,
+            ports,
+        });
+    (
+        "[a-z0-9-]{0,12}",
+        "[a-z0-9-]{1,12}",
+        kind,
+        prop::collection::vec(port, 0..4),
+        prop::collection::vec(ep, 0..6),
+    )
+        .prop_map(|(namespace, name, kind, ports, endpoints)| ServiceName {
+            key: ServiceNameKey { namespace, name },
+            kind,
+            ports,
+            endpoints,
+        })
+}
+
+proptest! {
+    #[test]
+    fn service_names_never_panic_on_garbage(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        let mut b = bytes;
+        b.insert(0, 8);
+        if let Ok(Control::ServiceNames { upsert, .. }) = decode::<Control>(&b) {
+            for s in upsert {
+                let _ = s.is_valid();
+            }
+        }
+    }
+}
+
+#[test]
+fn control_variant_indices_are_frozen() {
+    // Index 8 is ServiceNames whatever lands at 7 (replica-set work).
+    let m = Control::ServiceNames {
+        reset: false,
+        cluster_domain: String::new(),
+        upsert: vec![],
+        remove: vec![],
+        complete: true,
+    };
+    assert_eq!(encode(&m).unwrap()[0], 8);
+    assert_eq!(Control::VARIANTS, 9);
 }

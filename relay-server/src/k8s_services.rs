@@ -47,7 +47,11 @@ pub fn snapshot_of(table: &ServiceTable) -> ServiceSnapshot {
             .collect();
         ports.insert(ServiceKey { vip: *vip, udp }, Arc::from(backends));
     }
-    ServiceSnapshot { ports }
+    ServiceSnapshot {
+        ports,
+        names: Arc::new(relay_kube::service_names(table)),
+        cluster_domain: Arc::from(table.cluster_domain()),
+    }
 }
 
 /// `CONNECT host:port` against `table` (see [`NameLookup`]).
@@ -150,6 +154,7 @@ mod tests {
             ready,
             serving: ready,
             terminating: false,
+            hostname: None,
         }
     }
 

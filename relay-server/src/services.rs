@@ -48,6 +48,11 @@ pub struct ServiceSnapshot {
     /// ClusterIP port → usable endpoints (possibly none: the Service
     /// exists and is refused fast).
     pub ports: BTreeMap<ServiceKey, Arc<[Backend]>>,
+    /// Every Service's DNS names, for edges' resolvers (empty in static
+    /// mode). Shared: each session keeps a pointer to the one it sent.
+    pub names: Arc<relay_protocol::NameTable>,
+    /// The cluster's DNS domain the names live in.
+    pub cluster_domain: Arc<str>,
 }
 
 impl ServiceSnapshot {
@@ -243,6 +248,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (*k, Arc::from(v.clone())))
                 .collect(),
+            ..Default::default()
         }
     }
 

@@ -357,10 +357,13 @@ pub(crate) async fn run_session(
     // table first, then what changed, a moment after each change.
     let wants_services = handle.capabilities & capability::SERVICES != 0;
     let mut svc_feed = crate::services::ServiceFeed::default();
+    // Its resolver's name table, the same way (edges running `[dns]`).
+    let wants_names = handle.capabilities & capability::SERVICE_NAMES != 0;
+    let mut names_feed = relay_protocol::NamesFeed::default();
     let mut svc_changes = shared.services.subscribe();
     let svc_settle = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(svc_settle);
-    let mut svc_due = wants_services;
+    let mut svc_due = wants_services || wants_names;
     let why = loop {
         let out = tokio::select! {
             biased;
@@ -394,7 +397,7 @@ pub(crate) async fn run_session(
                     }
                 }
             }
-            r = svc_changes.changed(), if wants_services && !svc_due => {
+            r = svc_changes.changed(), if (wants_services || wants_names) && !svc_due => {
                 if r.is_err() {
                     break "relay stopping".to_string();
                 }
@@ -411,10 +414,19 @@ pub(crate) async fn run_session(
                 }
                 svc_due = false;
                 let snap = svc_changes.borrow_and_update().clone();
-                match svc_feed.poll(&snap, &handle.node) {
-                    Some(frames) => frames,
-                    None => continue,
+                let mut frames = Vec::new();
+                if wants_services {
+                    frames.extend(svc_feed.poll(&snap, &handle.node).unwrap_or_default());
                 }
+                // Static mode has no names to give: say nothing rather
+                // than an empty table that would wipe a saved one.
+                if wants_names && !snap.cluster_domain.is_empty() {
+                    frames.extend(names_feed.frames(&snap.names, &snap.cluster_domain));
+                }
+                if frames.is_empty() {
+                    continue;
+                }
+                frames
             }
             f = frames.next() => match f {
                 Some(Ok(bytes)) => {

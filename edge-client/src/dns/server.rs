@@ -1,0 +1,337 @@
+//! The resolver's sockets: queries over UDP (with truncation) and TCP,
+//! answered from the [`Zone`] or forwarded to the upstream cluster DNS.
+//!
+//! Bad input never costs more than a reply: a datagram that is not a DNS
+//! message is answered FORMERR when its header is readable and is a query,
+//! and dropped otherwise (never answer a response: two resolvers would
+//! bounce it forever). Forwards are bounded twice: at most
+//! `max_forwards` in flight (past that, SERVFAIL at once, counted) and
+//! each within `forward_timeout` (then SERVFAIL).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+use super::zone::{Outcome, Zone};
+
+/// Largest UDP answer we send, whatever a client advertises: the EDNS
+/// size that avoids IP fragmentation (DNS flag day 2020).
+pub const MAX_UDP_ANSWER: usize = 1232;
+/// A TCP connection silent this long is closed.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Most TCP connections served at once (more are closed at accept).
+const MAX_TCP_CONNS: usize = 128;
+
+/// Counters of one resolver.
+#[derive(Debug, Default)]
+pub struct DnsStats {
+    /// Queries answered from the table (including NXDOMAIN and NODATA).
+    pub local: AtomicU64,
+    /// Of those, NXDOMAIN.
+    pub nxdomain: AtomicU64,
+    /// Queries forwarded to the upstream and answered by it.
+    pub forwarded: AtomicU64,
+    /// Forwards that failed or timed out (answered SERVFAIL).
+    pub forward_failed: AtomicU64,
+    /// Forwards refused because `max_forwards` were in flight (SERVFAIL).
+    pub forward_shed: AtomicU64,
+    /// UDP answers truncated (TC set; the client retries over TCP).
+    pub truncated: AtomicU64,
+    /// Malformed queries answered FORMERR.
+    pub formerr: AtomicU64,
+    /// Datagrams dropped (unreadable, or not a query).
+    pub dropped: AtomicU64,
+    /// Queries received over TCP.
+    pub tcp_queries: AtomicU64,
+}
+
+/// What the sockets share.
+pub(crate) struct Shared {
+    /// The table; `None` until one is received or loaded, and then every
+    /// query is forwarded (answering NXDOMAIN from nothing would break
+    /// names that exist).
+    pub(crate) zone: watch::Sender<Option<Arc<Zone>>>,
+    pub(crate) upstream: SocketAddr,
+    pub(crate) forward_timeout: Duration,
+    pub(crate) forwards: Arc<Semaphore>,
+    pub(crate) stats: Arc<DnsStats>,
+}
+
+/// The decision for one query.
+pub(crate) enum Handled {
+    /// Send these bytes back.
+    Reply(Vec<u8>),
+    /// Forward the query bytes as they are (the upstream's answer carries
+    /// the client's id); the parsed query makes the SERVFAIL if that fails.
+    Forward(Box<Message>),
+    /// Send nothing.
+    Drop,
+}
+
+/// Decides what to do with one query; `udp_limit` is set for UDP (the
+/// answer is truncated past the client's size).
+pub(crate) fn handle(shared: &Shared, bytes: &[u8], udp_limit: bool) -> Handled {
+    let msg = match Message::from_vec(bytes) {
+        Ok(m) => m,
+        Err(e) => {
+            // A readable header of a query: tell the client, else drop.
+            if bytes.len() >= 12 && bytes[2] & 0x80 == 0 {
+                debug!(error = %e, "malformed query: FORMERR");
+                shared.stats.formerr.fetch_add(1, Relaxed);
+                let id = u16::from_be_bytes([bytes[0], bytes[1]]);
+                let m = Message::error_msg(id, OpCode::Query, ResponseCode::FormErr);
+                return m.to_vec().map_or(Handled::Drop, Handled::Reply);
+            }
+            shared.stats.dropped.fetch_add(1, Relaxed);
+            return Handled::Drop;
+        }
+    };
+    if msg.metadata.message_type != MessageType::Query {
+        shared.stats.dropped.fetch_add(1, Relaxed);
+        return Handled::Drop;
+    }
+    if msg.metadata.op_code != OpCode::Query {
+        return reply(&msg, error(&msg, ResponseCode::NotImp), false, shared);
+    }
+    if msg.queries.len() != 1 {
+        shared.stats.formerr.fetch_add(1, Relaxed);
+        return reply(&msg, error(&msg, ResponseCode::FormErr), false, shared);
+    }
+    let zone = shared.zone.borrow().clone();
+    match zone.map(|z| z.answer(&msg)) {
+        Some(Outcome::Answer(resp)) => {
+            shared.stats.local.fetch_add(1, Relaxed);
+            if resp.metadata.response_code == ResponseCode::NXDomain {
+                shared.stats.nxdomain.fetch_add(1, Relaxed);
+            }
+            reply(&msg, resp, udp_limit, shared)
+        }
+        Some(Outcome::Forward) | None => Handled::Forward(Box::new(msg)),
+    }
+}
+
+/// An error answer to `query`, with its question.
+pub(crate) fn error(query: &Message, code: ResponseCode) -> Message {
+    let mut m = Message::error_msg(query.metadata.id, query.metadata.op_code, code);
+    m.metadata.recursion_desired = query.metadata.recursion_desired;
+    m.metadata.recursion_available = true;
+    m.add_queries(query.queries.iter().cloned());
+    m
+}
+
+/// Encodes `resp`, with an OPT record when the query had one, truncated
+/// (TC, no records) when it is a UDP answer larger than the client takes.
+fn reply(query: &Message, mut resp: Message, udp_limit: bool, shared: &Shared) -> Handled {
+    if query.edns.is_some() {
+        let mut e = Edns::new();
+        e.set_max_payload(MAX_UDP_ANSWER as u16);
+        resp.set_edns(e);
+    }
+    let Ok(bytes) = resp.to_vec() else {
+        return error(query, ResponseCode::ServFail)
+            .to_vec()
+            .map_or(Handled::Drop, Handled::Reply);
+    };
+    let limit = usize::from(query.max_payload()).clamp(512, MAX_UDP_ANSWER);
+    if udp_limit && bytes.len() > limit {
+        shared.stats.truncated.fetch_add(1, Relaxed);
+        return resp
+            .truncate()
+            .to_vec()
+            .map_or(Handled::Drop, Handled::Reply);
+    }
+    Handled::Reply(bytes)
+}
+
+/// Whether `resp` answers the query with id `id`.
+fn answers(resp: &[u8], id: u16) -> bool {
+    resp.len() >= 12 && u16::from_be_bytes([resp[0], resp[1]]) == id && resp[2] & 0x80 != 0
+}
+
+/// Asks the upstream over UDP, from a fresh socket (a random source port
+/// per query, so an off-path spoofer must guess it), connected so only
+/// the upstream's datagrams arrive.
+async fn forward_udp(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
+    let bind: SocketAddr = if upstream.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = UdpSocket::bind(bind).await?;
+    sock.connect(upstream).await?;
+    sock.send(query).await?;
+    let id = u16::from_be_bytes([query[0], query[1]]);
+    let mut buf = vec![0u8; 65535];
+    loop {
+        let n = sock.recv(&mut buf).await?;
+        if answers(&buf[..n], id) {
+            buf.truncate(n);
+            return Ok(buf);
+        }
+    }
+}
+
+/// Asks the upstream over TCP (the client came over TCP, or needs the
+/// whole answer).
+async fn forward_tcp(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(upstream).await?;
+    write_framed(&mut s, query).await?;
+    let resp = read_framed(&mut s).await?;
+    if answers(&resp, u16::from_be_bytes([query[0], query[1]])) {
+        Ok(resp)
+    } else {
+        Err(std::io::Error::other("upstream answered another query"))
+    }
+}
+
+/// Forwards within the bounds; SERVFAIL when the upstream fails, is
+/// slow, or too many forwards are in flight. `None`: send nothing.
+async fn forward(shared: &Shared, query: &Message, bytes: &[u8], tcp: bool) -> Option<Vec<u8>> {
+    let Ok(_permit) = shared.forwards.clone().try_acquire_owned() else {
+        shared.stats.forward_shed.fetch_add(1, Relaxed);
+        return error(query, ResponseCode::ServFail).to_vec().ok();
+    };
+    let work = async {
+        if tcp {
+            forward_tcp(shared.upstream, bytes).await
+        } else {
+            forward_udp(shared.upstream, bytes).await
+        }
+    };
+    match tokio::time::timeout(shared.forward_timeout, work).await {
+        Ok(Ok(resp)) => {
+            shared.stats.forwarded.fetch_add(1, Relaxed);
+            Some(resp)
+        }
+        failed => {
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => format!("no answer within {:?}", shared.forward_timeout),
+            };
+            debug!(upstream = %shared.upstream, error = %why, "forward failed: SERVFAIL");
+            shared.stats.forward_failed.fetch_add(1, Relaxed);
+            error(query, ResponseCode::ServFail).to_vec().ok()
+        }
+    }
+}
+
+/// Serves UDP queries until `cancel`. Local answers are sent inline (no
+/// task per query); forwards run as tracked tasks.
+pub(crate) async fn serve_udp(
+    sock: Arc<UdpSocket>,
+    shared: Arc<Shared>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+) {
+    // Queries are small; anything past 4 KiB is not a query we answer
+    // (it is cut, fails to parse, and is dropped or answered FORMERR).
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = sock.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // ICMP errors from earlier sends surface here on Linux:
+                    // not fatal for a server socket.
+                    debug!(error = %e, "dns udp receive");
+                    continue;
+                }
+            },
+        };
+        let bytes = &buf[..n];
+        match handle(&shared, bytes, true) {
+            Handled::Reply(r) => {
+                let _ = sock.send_to(&r, peer).await;
+            }
+            Handled::Drop => {}
+            Handled::Forward(q) => {
+                let (sock, shared, bytes) = (sock.clone(), shared.clone(), bytes.to_vec());
+                tasks.spawn(async move {
+                    if let Some(r) = forward(&shared, &q, &bytes, false).await {
+                        let _ = sock.send_to(&r, peer).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Serves TCP connections until `cancel`: queries one after another per
+/// connection (2-byte length framing, RFC 7766), idle ones closed.
+pub(crate) async fn serve_tcp(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+) {
+    let conns = Arc::new(Semaphore::new(MAX_TCP_CONNS));
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    debug!(error = %e, "dns tcp accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = conns.clone().try_acquire_owned() else {
+            continue; // dropping the stream closes it
+        };
+        let (shared, cancel) = (shared.clone(), cancel.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = serve_conn(stream, &shared) => {}
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_conn(mut s: TcpStream, shared: &Shared) {
+    loop {
+        let Ok(Ok(query)) = tokio::time::timeout(TCP_IDLE, read_framed(&mut s)).await else {
+            return;
+        };
+        shared.stats.tcp_queries.fetch_add(1, Relaxed);
+        let resp = match handle(shared, &query, false) {
+            Handled::Reply(r) => r,
+            Handled::Drop => return,
+            Handled::Forward(q) => match forward(shared, &q, &query, true).await {
+                Some(r) => r,
+                None => return,
+            },
+        };
+        if write_framed(&mut s, &resp).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn read_framed(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let len = s.read_u16().await?;
+    let mut buf = vec![0u8; usize::from(len)];
+    s.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_framed(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    let len = u16::try_from(msg.len()).map_err(|_| std::io::Error::other("message too long"))?;
+    let mut out = Vec::with_capacity(2 + msg.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(msg);
+    s.write_all(&out).await
+}

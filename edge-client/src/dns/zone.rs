@@ -1,0 +1,327 @@
+//! The cluster zone: which names the resolver answers itself, and how
+//! (pure: no sockets, no clock).
+//!
+//! Names follow the Kubernetes DNS specification (what CoreDNS's
+//! `kubernetes` plugin answers), under the cluster domain `D`:
+//!
+//! | name | answer |
+//! |---|---|
+//! | `svc.ns.svc.D` A/AAAA | ClusterIP Service: its ClusterIP of that family; headless: its ready endpoints' addresses |
+//! | `svc.ns.svc.D` any type, ExternalName | CNAME to the target |
+//! | `host.svc.ns.svc.D` A/AAAA | a headless endpoint by `hostname`, or by its address with dashes (`10-244-7-5`) |
+//! | `_port._proto.svc.ns.svc.D` SRV | ClusterIP: `0 100 port svc.ns.svc.D.`; headless: one per endpoint with its target port |
+//! | `svc.ns.svc.D` SRV | the same for every named port |
+//! | `*.pod.D` | forwarded (pod records need pod data this table does not hold) |
+//! | the apex, `svc.D`, `ns.svc.D` of a known namespace | NODATA |
+//! | anything else under `D` | NXDOMAIN |
+//! | names outside `D` | forwarded |
+//!
+//! Negative answers carry a SOA record for the domain, so stub resolvers
+//! cache them for [`NEGATIVE_TTL`] seconds; positive answers have [`TTL`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use hickory_proto::op::{Message, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, SOA, SRV};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use relay_protocol::{NameKind, ServiceName};
+
+/// TTL of local answers, in seconds (CoreDNS's default for the
+/// `kubernetes` plugin): short, since endpoints move.
+pub const TTL: u32 = 5;
+/// How long a NXDOMAIN or NODATA may be cached (the SOA minimum).
+pub const NEGATIVE_TTL: u32 = 5;
+
+/// What to do with a query.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Answered from the table: the complete response.
+    Answer(Message),
+    /// Not ours (outside the cluster domain, or pod records): ask the
+    /// upstream.
+    Forward,
+}
+
+/// The names of one cluster domain.
+#[derive(Debug, Clone, Default)]
+pub struct Zone {
+    /// Lower case, no dots at the ends (`cluster.local`).
+    domain: String,
+    domain_labels: Vec<String>,
+    services: BTreeMap<(String, String), ServiceName>,
+    namespaces: BTreeSet<String>,
+    /// SOA serial: changes with every table.
+    serial: u32,
+}
+
+impl Zone {
+    /// A zone for `domain` holding `services` (entries that fail
+    /// [`ServiceName::is_valid`] are left out); `serial` goes in the SOA.
+    pub fn new(domain: &str, services: impl IntoIterator<Item = ServiceName>, serial: u32) -> Zone {
+        let domain = domain.trim_matches('.').to_ascii_lowercase();
+        let domain_labels = domain.split('.').map(String::from).collect();
+        let mut z = Zone {
+            domain,
+            domain_labels,
+            serial,
+            ..Default::default()
+        };
+        for s in services.into_iter().filter(ServiceName::is_valid) {
+            let key = (
+                s.key.namespace.to_ascii_lowercase(),
+                s.key.name.to_ascii_lowercase(),
+            );
+            z.namespaces.insert(key.0.clone());
+            z.services.insert(key, s);
+        }
+        z
+    }
+
+    /// The cluster domain.
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    /// Number of Services.
+    pub fn len(&self) -> usize {
+        self.services.len()
+    }
+
+    /// Whether the zone holds no Service.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    /// Every Service, for saving.
+    pub fn services(&self) -> impl Iterator<Item = &ServiceName> {
+        self.services.values()
+    }
+
+    /// Answers `query`, which must be a standard query with exactly one
+    /// question (the server checks that first).
+    pub fn answer(&self, query: &Message) -> Outcome {
+        let Some(q) = query.queries.first() else {
+            return Outcome::Forward;
+        };
+        let Some(rel) = self.relative(q.name()) else {
+            return Outcome::Forward;
+        };
+        let qtype = q.query_type();
+        let r: Result<Vec<Record>, ResponseCode> = match rel.as_slice() {
+            [.., last] if last == "pod" => return Outcome::Forward,
+            [] | [_] if rel.first().is_none_or(|l| l == "svc") => Ok(vec![]),
+            [ns, svc] if svc == "svc" => {
+                if self.namespaces.contains(ns) {
+                    Ok(vec![])
+                } else {
+                    Err(ResponseCode::NXDomain)
+                }
+            }
+            [name, ns, svc] if svc == "svc" => self.service(q.name(), ns, name, qtype),
+            [host, name, ns, svc] if svc == "svc" => self.endpoint(q.name(), ns, name, host, qtype),
+            [port, proto, name, ns, svc] if svc == "svc" => {
+                self.srv(q.name(), ns, name, Some((port, proto)), qtype)
+            }
+            _ => Err(ResponseCode::NXDomain),
+        };
+        let mut resp = Message::response(query.metadata.id, OpCode::Query);
+        resp.metadata.authoritative = true;
+        resp.metadata.recursion_desired = query.metadata.recursion_desired;
+        resp.metadata.recursion_available = true;
+        resp.metadata.checking_disabled = query.metadata.checking_disabled;
+        resp.add_query(q.clone());
+        match r {
+            Ok(answers) if !answers.is_empty() => {
+                // The additional section of SRV answers holds the targets'
+                // addresses, after the answers proper.
+                let (ans, add): (Vec<Record>, Vec<Record>) = answers.into_iter().partition(|r| {
+                    qtype != RecordType::SRV
+                        || !matches!(r.record_type(), RecordType::A | RecordType::AAAA)
+                });
+                resp.add_answers(ans);
+                resp.add_additionals(add);
+            }
+            Ok(_) => {
+                resp.add_authority(self.soa());
+            }
+            Err(code) => {
+                resp.metadata.response_code = code;
+                resp.add_authority(self.soa());
+            }
+        }
+        Outcome::Answer(resp)
+    }
+
+    /// The labels of `name` before the cluster domain, lower case, or
+    /// `None` when `name` is outside it.
+    fn relative(&self, name: &Name) -> Option<Vec<String>> {
+        let labels: Vec<String> = name
+            .iter()
+            .map(|l| std::str::from_utf8(l).map(str::to_ascii_lowercase))
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let n = labels.len().checked_sub(self.domain_labels.len())?;
+        (labels[n..] == self.domain_labels[..]).then(|| labels[..n].to_vec())
+    }
+
+    fn fqdn(&self, labels: &[&str]) -> Option<Name> {
+        let mut parts = labels.to_vec();
+        parts.push(&self.domain);
+        Name::from_ascii(format!("{}.", parts.join("."))).ok()
+    }
+
+    fn soa(&self) -> Record {
+        let apex = self.fqdn(&[]).unwrap_or_else(Name::root);
+        let mname = self.fqdn(&["ns", "dns"]).unwrap_or_else(Name::root);
+        let rname = self.fqdn(&["hostmaster"]).unwrap_or_else(Name::root);
+        let soa = SOA::new(mname, rname, self.serial, 7200, 1800, 86400, NEGATIVE_TTL);
+        Record::from_rdata(apex, NEGATIVE_TTL, RData::SOA(soa))
+    }
+
+    fn lookup(&self, ns: &str, name: &str) -> Option<&ServiceName> {
+        self.services.get(&(ns.to_string(), name.to_string()))
+    }
+
+    fn service(
+        &self,
+        owner: &Name,
+        ns: &str,
+        name: &str,
+        qtype: RecordType,
+    ) -> Result<Vec<Record>, ResponseCode> {
+        let s = self.lookup(ns, name).ok_or(ResponseCode::NXDomain)?;
+        if let NameKind::ExternalName(target) = &s.kind {
+            // An alias whatever the type: the stub resolver follows it.
+            let t = Name::from_ascii(format!("{}.", target.trim_end_matches('.')))
+                .map_err(|_| ResponseCode::ServFail)?;
+            return Ok(vec![Record::from_rdata(
+                owner.clone(),
+                TTL,
+                RData::CNAME(CNAME(t)),
+            )]);
+        }
+        if qtype == RecordType::SRV {
+            return self.srv(owner, ns, name, None, qtype);
+        }
+        let ips: Vec<IpAddr> = match &s.kind {
+            NameKind::ClusterIp(ips) => ips.clone(),
+            _ => s.endpoints.iter().map(|e| e.ip).collect(),
+        };
+        Ok(address_records(owner, &ips, qtype))
+    }
+
+    fn endpoint(
+        &self,
+        owner: &Name,
+        ns: &str,
+        name: &str,
+        host: &str,
+        qtype: RecordType,
+    ) -> Result<Vec<Record>, ResponseCode> {
+        let s = self.lookup(ns, name).ok_or(ResponseCode::NXDomain)?;
+        let e = s
+            .endpoints
+            .iter()
+            .find(|e| endpoint_label(e) == host)
+            .ok_or(ResponseCode::NXDomain)?;
+        Ok(address_records(owner, &[e.ip], qtype))
+    }
+
+    /// SRV records of `ns/name` for one `_port._proto` (or every named
+    /// port), followed by the targets' address records.
+    fn srv(
+        &self,
+        owner: &Name,
+        ns: &str,
+        name: &str,
+        which: Option<(&String, &String)>,
+        qtype: RecordType,
+    ) -> Result<Vec<Record>, ResponseCode> {
+        let s = self.lookup(ns, name).ok_or(ResponseCode::NXDomain)?;
+        let ports: Vec<usize> = (0..s.ports.len())
+            .filter(|&i| {
+                let p = &s.ports[i];
+                !p.name.is_empty()
+                    && which.is_none_or(|(port, proto)| {
+                        port.strip_prefix('_') == Some(p.name.as_str())
+                            && proto.strip_prefix('_') == Some(p.protocol.label())
+                    })
+            })
+            .collect();
+        if ports.is_empty() {
+            // No such port: the name does not exist (as CoreDNS answers).
+            return if which.is_some() {
+                Err(ResponseCode::NXDomain)
+            } else {
+                Ok(vec![])
+            };
+        }
+        if qtype != RecordType::SRV {
+            return Ok(vec![]);
+        }
+        let (mut srvs, mut extra) = (Vec::new(), Vec::new());
+        match &s.kind {
+            NameKind::ClusterIp(ips) => {
+                let target = self
+                    .fqdn(&[name, ns, "svc"])
+                    .ok_or(ResponseCode::ServFail)?;
+                for &i in &ports {
+                    let srv = SRV::new(0, 100, s.ports[i].port, target.clone());
+                    srvs.push(Record::from_rdata(owner.clone(), TTL, RData::SRV(srv)));
+                }
+                extra.extend(address_records(&target, ips, RecordType::ANY));
+            }
+            NameKind::Headless => {
+                let eps: Vec<_> = s.endpoints.iter().collect();
+                let weight = (100 / eps.len().max(1)) as u16;
+                for e in eps {
+                    let label = endpoint_label(e);
+                    let target = self
+                        .fqdn(&[&label, name, ns, "svc"])
+                        .ok_or(ResponseCode::ServFail)?;
+                    let mut any = false;
+                    for &i in &ports {
+                        let port = e.ports.get(i).copied().unwrap_or(0);
+                        if port != 0 {
+                            let srv = SRV::new(0, weight, port, target.clone());
+                            srvs.push(Record::from_rdata(owner.clone(), TTL, RData::SRV(srv)));
+                            any = true;
+                        }
+                    }
+                    if any {
+                        extra.extend(address_records(&target, &[e.ip], RecordType::ANY));
+                    }
+                }
+            }
+            NameKind::ExternalName(_) => return Err(ResponseCode::NXDomain),
+        }
+        srvs.extend(extra);
+        Ok(srvs)
+    }
+}
+
+/// An endpoint's own label: its hostname, else its address with dashes
+/// (`10-244-7-5`, `fd00--5`), as CoreDNS names them.
+fn endpoint_label(e: &relay_protocol::NameEndpoint) -> String {
+    match &e.hostname {
+        Some(h) => h.to_ascii_lowercase(),
+        None => e.ip.to_string().replace(['.', ':'], "-"),
+    }
+}
+
+/// A and AAAA records of `ips` for `qtype` (A, AAAA, or ANY for both).
+fn address_records(owner: &Name, ips: &[IpAddr], qtype: RecordType) -> Vec<Record> {
+    ips.iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V4(v4) if matches!(qtype, RecordType::A | RecordType::ANY) => {
+                Some(RData::A(A(*v4)))
+            }
+            IpAddr::V6(v6) if matches!(qtype, RecordType::AAAA | RecordType::ANY) => {
+                Some(RData::AAAA(AAAA(*v6)))
+            }
+            _ => None,
+        })
+        .map(|d| Record::from_rdata(owner.clone(), TTL, d))
+        .collect()
+}
