@@ -47,7 +47,9 @@ use std::time::Duration;
 
 pub use client::{ClientOptions, KubeClient, KubeClientConfig};
 pub use names::{name_entry, service_names};
-pub use nodes::{node_claims, ClaimIssue, DirectoryOptions, NodeClaims, NodeDirectory};
+pub use nodes::{
+    node_claims, ClaimIssue, DirectoryOptions, NodeClaims, NodeDirectory, COMMUNITY_LABEL_PREFIX,
+};
 pub use pods::{pod_facts, PodFacts, PodReader};
 pub use services::{
     service_entry, ClusterIpEntry, Endpoint, Protocol, ServiceDirectory, ServiceDirectoryOptions,

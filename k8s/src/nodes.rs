@@ -38,7 +38,14 @@ pub struct NodeClaims {
     pub external_ips: Vec<IpAddr>,
     /// The `Hostname` address, which may differ from the Node name.
     pub hostname: Option<String>,
+    /// Edge-to-edge communities from labels `community.edge-relay.io/<name>`
+    /// (any value; FabEdge-style groups an operator sets with `kubectl
+    /// label node edge-1 community.edge-relay.io/shops=`).
+    pub communities: std::collections::BTreeSet<String>,
 }
+
+/// Prefix of the Node labels that put a node in a community.
+pub const COMMUNITY_LABEL_PREFIX: &str = "community.edge-relay.io/";
 
 /// An entry of a Node that could not be used; the rest of the Node is.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -89,6 +96,13 @@ pub fn node_claims(node: &Node) -> (NodeClaims, Vec<ClaimIssue>) {
                 value,
                 error,
             }),
+        }
+    }
+    for key in node.metadata.labels.iter().flatten().map(|(k, _)| k) {
+        if let Some(name) = key.strip_prefix(COMMUNITY_LABEL_PREFIX) {
+            if !name.is_empty() {
+                claims.communities.insert(name.to_string());
+            }
         }
     }
     let addresses = node

@@ -155,6 +155,57 @@ fn rejected(e: &EdgeClient) -> Option<RejectReason> {
     }
 }
 
+/// Stand-in, not a real apiserver (see the module doc). Communities from
+/// Node labels: two edges see each other's routes only while both carry
+/// the same `community.edge-relay.io/<name>` label; the change reaches the
+/// edges without a reconnect.
+#[tokio::test]
+async fn node_labels_put_edges_in_communities() -> Result<()> {
+    let lab = KubeLab::start(2, &[]).await?;
+    let e0 = lab.edge("edge-0")?;
+    let e1 = lab.edge("edge-1")?;
+    let (_, g0) = e0.wait_connected(BOUND).await.context("edge-0 connects")?;
+    e1.wait_connected(BOUND).await.context("edge-1 connects")?;
+    let other: Cidr = pod_cidr(1).parse()?;
+    let sees = |e: &EdgeClient| match e.state() {
+        EdgeState::Connected { tunnel_routes, .. } => tunnel_routes.contains(&other),
+        _ => false,
+    };
+    // No community anywhere: isolated (give the feed time to say so).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ensure!(!sees(&e0), "edge-0 sees edge-1 without a community");
+    let label = |i: u8, on: bool| {
+        let mut n = node(i);
+        if on {
+            n.metadata
+                .labels
+                .get_or_insert_with(Default::default)
+                .insert(
+                    format!("{}shops", relay_kube::COMMUNITY_LABEL_PREFIX),
+                    String::new(),
+                );
+        }
+        n
+    };
+    lab.standin.upsert_node(label(0, true));
+    lab.standin.upsert_node(label(1, true));
+    eventually("edge-0 sees edge-1's pods", async || {
+        Ok(sees(&e0).then_some(()))
+    })
+    .await?;
+    lab.standin.upsert_node(label(1, false));
+    eventually("edge-0 no longer sees them", async || {
+        Ok((!sees(&e0)).then_some(()))
+    })
+    .await?;
+    let (_, g) = e0.wait_connected(BOUND).await.context("still connected")?;
+    assert_eq!(g, g0, "no reconnect");
+    e0.shutdown().await;
+    e1.shutdown().await;
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
 /// Stand-in, not a real apiserver (see the module doc).
 #[tokio::test]
 async fn nodes_decide_claims_for_edges_configured_with_only_the_relay_address() -> Result<()> {

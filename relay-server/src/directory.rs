@@ -18,7 +18,7 @@
 //! cluster-wide; two nodes claiming overlapping pod CIDRs stay a typed
 //! refusal at registration.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,6 +80,11 @@ pub trait Directory: Send + Sync + 'static {
     fn ambiguous(&self) -> Vec<(Cidr, Vec<String>)>;
     /// `static` or `kubernetes`, for logs and the admin API.
     fn source(&self) -> &'static str;
+    /// Node → the communities its labels put it in (Kubernetes mode:
+    /// `community.edge-relay.io/<name>` labels); none in static mode.
+    fn label_communities(&self) -> HashMap<String, BTreeSet<String>> {
+        HashMap::new()
+    }
 }
 
 /// The host prefixes `node` shares with another node (empty for an

@@ -35,6 +35,15 @@ pub(crate) async fn follow_directory(shared: Arc<Shared>, stop: CancellationToke
 
 /// One walk over the live sessions.
 pub(crate) fn apply(shared: &Shared) {
+    // Communities from Node labels: a change changes what edges may see
+    // of each other; the route feeds resync.
+    if shared
+        .policy
+        .set_label_communities(shared.directory.label_communities())
+    {
+        info!("communities from Node labels changed; edges' routes follow");
+        shared.registry.poke();
+    }
     for s in shared.registry.sessions() {
         let entry = match shared.directory.lookup(&s.node) {
             Lookup::Known(e) => e,

@@ -314,6 +314,7 @@ async fn handshake(
     };
     let mut feed = RouteFeed::new(&hello.node, hello.capabilities);
     let cloud = shared.policy.cloud_ranges();
+    feed.at_epoch(shared.policy.epoch());
     let tunnel_routes = feed.hello_routes(&shared.registry, cloud, visible(shared, &hello.node));
     note_cut(shared, &feed);
     let accepted = HelloReply::Accepted(ServerHello {

@@ -8,7 +8,7 @@
 //! is the same in static and in-cluster mode. Built only with the
 //! `kubernetes` feature (on by default).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -192,6 +192,8 @@ struct Snapshot {
     entries: HashMap<String, Arc<NodeEntry>>,
     by_hostname: HashMap<String, String>,
     ambiguous: Vec<(Cidr, Vec<String>)>,
+    /// Node → communities from its labels (nodes with none left out).
+    communities: HashMap<String, BTreeSet<String>>,
 }
 
 /// The cluster's Nodes as the relay's [`Directory`]. Recomputed from the
@@ -229,6 +231,7 @@ impl KubeDirectory {
                 entries: HashMap::new(),
                 by_hostname: HashMap::new(),
                 ambiguous: Vec::new(),
+                communities: HashMap::new(),
             })),
             synced: AtomicBool::new(false),
             changes: watch::channel(0).0,
@@ -253,15 +256,18 @@ impl KubeDirectory {
         if !self.nodes.is_synced() {
             return;
         }
-        let sources: BTreeMap<String, NodeSource> = self
-            .nodes
-            .all_claims()
+        let claims = self.nodes.all_claims();
+        let sources: BTreeMap<String, NodeSource> =
+            claims.iter().map(|(n, c)| (n.clone(), source(c))).collect();
+        let communities: HashMap<String, BTreeSet<String>> = claims
             .iter()
-            .map(|(n, c)| (n.clone(), source(c)))
+            .filter(|(_, c)| !c.communities.is_empty())
+            .map(|(n, c)| (n.clone(), c.communities.clone()))
             .collect();
         let entries = build_entries(&sources);
         let first = !self.synced.load(Relaxed);
-        if !first && self.read().entries == entries {
+        let now = self.read();
+        if !first && now.entries == entries && now.communities == communities {
             return;
         }
         let by_hostname = entries
@@ -283,6 +289,7 @@ impl KubeDirectory {
             entries,
             by_hostname,
             ambiguous,
+            communities,
         });
         // Only now: a lookup that sees "synced" must also see the entries.
         self.synced
@@ -336,6 +343,10 @@ impl Directory for KubeDirectory {
 
     fn source(&self) -> &'static str {
         "kubernetes"
+    }
+
+    fn label_communities(&self) -> HashMap<String, BTreeSet<String>> {
+        self.read().communities.clone()
     }
 }
 

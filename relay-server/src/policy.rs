@@ -181,47 +181,58 @@ fn is_local_address(ip: IpAddr) -> bool {
 
 /// Edge-to-edge reachability: named groups of nodes (as FabEdge's
 /// communities). Two edges may reach each other's routes when some
-/// community lists both; a member `"*"` stands for every node.
+/// community lists both; a member `"*"` stands for every node. Groups come
+/// from relay.toml and, in Kubernetes mode, from Node labels
+/// (`community.edge-relay.io/<name>`); a name means the same community in
+/// both.
 #[derive(Debug, Clone, Default)]
 pub struct Communities {
-    /// Node → indices of the communities that list it.
-    members: HashMap<String, BTreeSet<usize>>,
-    /// Indices of communities that list `"*"`.
-    everyone: BTreeSet<usize>,
+    /// Node → the communities that list it.
+    members: HashMap<String, BTreeSet<String>>,
+    /// Communities that list `"*"`.
+    everyone: BTreeSet<String>,
 }
 
 impl Communities {
-    /// Builds the lookup from `name → members` (names only document).
+    /// Builds the lookup from `name → members`.
     pub fn new(groups: &HashMap<String, Vec<String>>) -> Self {
         let mut c = Communities::default();
-        let mut names: Vec<&String> = groups.keys().collect();
-        names.sort();
-        for (i, name) in names.into_iter().enumerate() {
-            for m in &groups[name] {
+        for (name, members) in groups {
+            for m in members {
                 if m == "*" {
-                    c.everyone.insert(i);
+                    c.everyone.insert(name.clone());
                 } else {
-                    c.members.entry(m.clone()).or_default().insert(i);
+                    c.members.entry(m.clone()).or_default().insert(name.clone());
                 }
             }
         }
         c
     }
 
-    fn of(&self, node: &str) -> impl Iterator<Item = usize> + '_ {
-        self.members
-            .get(node)
+    fn has(&self, node: &str, name: &str, labels: &HashMap<String, BTreeSet<String>>) -> bool {
+        self.everyone.contains(name)
+            || self.members.get(node).is_some_and(|m| m.contains(name))
+            || labels.get(node).is_some_and(|m| m.contains(name))
+    }
+
+    /// Whether nodes `a` and `b` share a community, counting `labels`
+    /// (node → communities from its labels) as members too.
+    pub fn share_with(&self, a: &str, b: &str, labels: &HashMap<String, BTreeSet<String>>) -> bool {
+        // Nodes belong to a handful of communities: a scan of `a`'s beats
+        // building a set on this per-route path.
+        let mine = self
+            .members
+            .get(a)
             .into_iter()
             .flatten()
             .chain(&self.everyone)
-            .copied()
+            .chain(labels.get(a).into_iter().flatten());
+        mine.into_iter().any(|name| self.has(b, name, labels))
     }
 
-    /// Whether nodes `a` and `b` share a community.
+    /// Whether nodes `a` and `b` share a community of this configuration.
     pub fn share(&self, a: &str, b: &str) -> bool {
-        // Nodes belong to a handful of communities: a nested scan beats
-        // building a set on this per-route path.
-        self.of(a).any(|i| self.of(b).any(|j| i == j))
+        self.share_with(a, b, &HashMap::new())
     }
 
     /// Whether no community is configured (edges are isolated).
@@ -235,6 +246,11 @@ impl Communities {
 pub struct Policy {
     cloud: Vec<Cidr>,
     communities: Communities,
+    /// Node → communities from its Node labels (Kubernetes mode).
+    labels: RwLock<HashMap<String, BTreeSet<String>>>,
+    /// Bumped whenever `labels` changes: route feeds resync (what each
+    /// edge may see changed without any route changing).
+    epoch: std::sync::atomic::AtomicU64,
     /// The relay's bound listeners; set once they are bound.
     own: RwLock<Vec<SocketAddr>>,
 }
@@ -245,6 +261,8 @@ impl Policy {
         Policy {
             cloud,
             communities,
+            labels: RwLock::default(),
+            epoch: std::sync::atomic::AtomicU64::new(0),
             own: RwLock::default(),
         }
     }
@@ -260,7 +278,27 @@ impl Policy {
     /// Whether edge `viewer` may reach routes served by edge `owner`; also
     /// decides which other edges' routes `viewer` is told about.
     pub fn edges_may_talk(&self, viewer: &str, owner: &str) -> bool {
-        viewer != owner && self.communities.share(viewer, owner)
+        let labels = self.labels.read().unwrap_or_else(|e| e.into_inner());
+        viewer != owner && self.communities.share_with(viewer, owner, &labels)
+    }
+
+    /// Replaces the communities taken from Node labels; returns whether
+    /// they changed (then [`Policy::epoch`] moved on).
+    pub fn set_label_communities(&self, labels: HashMap<String, BTreeSet<String>>) -> bool {
+        let mut cur = self.labels.write().unwrap_or_else(|e| e.into_inner());
+        if *cur == labels {
+            return false;
+        }
+        *cur = labels;
+        self.epoch
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+
+    /// Changes whenever edge-to-edge visibility may have changed without a
+    /// route changing (label communities).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The cloud ranges edges may reach.
@@ -304,7 +342,7 @@ impl Policy {
                 } else {
                     Err(Denied::new(
                         DenyReason::NoCommunity,
-                        format!("nodes {me} and {owner} share no community ([communities] in relay.toml)"),
+                        format!("nodes {me} and {owner} share no community ([communities] in relay.toml, or community.edge-relay.io/<name> Node labels)"),
                     ))
                 }
             }
@@ -534,6 +572,32 @@ mod tests {
             }
         }
         assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn label_communities_join_nodes_and_share_names_with_the_config() {
+        let cfg = Communities::new(&HashMap::from([(
+            "shops".to_string(),
+            vec!["a".to_string()],
+        )]));
+        let p = Policy::new(vec![], cfg);
+        assert!(!p.edges_may_talk("a", "b"));
+        let e0 = p.epoch();
+        let labels = HashMap::from([
+            ("b".to_string(), BTreeSet::from(["shops".to_string()])),
+            ("c".to_string(), BTreeSet::from(["depot".to_string()])),
+            ("d".to_string(), BTreeSet::from(["depot".to_string()])),
+        ]);
+        assert!(p.set_label_communities(labels.clone()));
+        assert!(p.epoch() > e0);
+        assert!(
+            p.edges_may_talk("a", "b") && p.edges_may_talk("b", "a"),
+            "same name as the config's"
+        );
+        assert!(p.edges_may_talk("c", "d") && !p.edges_may_talk("a", "c"));
+        assert!(!p.set_label_communities(labels), "unchanged: no new epoch");
+        p.set_label_communities(HashMap::new());
+        assert!(!p.edges_may_talk("c", "d"), "label removed");
     }
 
     #[test]

@@ -215,6 +215,12 @@ impl<S: RouteOwner> Registry<S> {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
     }
 
+    /// Wakes every subscriber as if routes had changed: what each edge may
+    /// see changed (communities), so route feeds look again.
+    pub fn poke(&self) {
+        self.changed();
+    }
+
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner<S>> {
         // A panic while holding the lock cannot leave the maps half-updated
         // in a way that matters more than stopping would; keep serving.

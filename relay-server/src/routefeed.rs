@@ -38,6 +38,9 @@ pub struct RouteFeed {
     legacy: Option<BTreeSet<Cidr>>,
     /// Whether the last whole list sent to a legacy edge was cut.
     cut: bool,
+    /// The policy epoch the feed's view was built under (see
+    /// [`RouteFeed::at_epoch`]).
+    epoch: Option<u64>,
 }
 
 /// What to send after a poll.
@@ -57,7 +60,18 @@ impl RouteFeed {
             cursor: None,
             legacy: (capabilities & capability::ROUTE_DELTAS == 0).then(BTreeSet::new),
             cut: false,
+            epoch: None,
         }
+    }
+
+    /// Notes the policy's visibility epoch; when it moved on (communities
+    /// from Node labels changed), the next poll is a full resync, since
+    /// what this edge may see changed without any route changing.
+    pub fn at_epoch(&mut self, epoch: u64) {
+        if self.epoch.is_some_and(|e| e != epoch) {
+            self.cursor = None;
+        }
+        self.epoch = Some(epoch);
     }
 
     /// Whether the edge gets whole lists (it predates route deltas).

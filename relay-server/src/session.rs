@@ -389,6 +389,7 @@ pub(crate) async fn run_session(
             _ = &mut settle, if update_due => {
                 update_due = false;
                 let cloud = shared.policy.cloud_ranges();
+                feed.at_epoch(shared.policy.epoch());
                 match feed.poll(&shared.registry, cloud, visible(&shared, &handle.node)) {
                     FeedUpdate::None => continue,
                     FeedUpdate::Send(frames) => {
