@@ -39,6 +39,7 @@ pub mod client;
 pub mod names;
 pub mod nodes;
 pub mod pods;
+pub mod service_directory;
 pub mod services;
 pub mod status;
 pub mod tokenreview;
