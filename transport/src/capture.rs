@@ -425,41 +425,40 @@ impl Capture {
         if want4 == self.services && local4 == self.local_services {
             return Ok(());
         }
+        // Host processes route before the output hook: a port left to
+        // kube-proxy inside a captured prefix must use the main table, or
+        // its packets leave with the capture route's 127.0.0.1 source
+        // after kube-proxy's DNAT (dropped: a connect hangs, a send fails
+        // with EINVAL). So a port never sits in `svcskip4` without its
+        // bypass rule: rules are added before the sets change and removed
+        // after (a rule without the set entry only routes by the main
+        // table, which capture's output chains handle as well).
+        let bypass = self.cfg.rule_pref - 1;
+        let rules = |op: &str, set: &mut dyn Iterator<Item = &(SocketAddr, Proto)>| {
+            set.map(|(a, p)| {
+                format!(
+                    "rule {op} to {}/32 ipproto {} dport {} lookup main pref {bypass}\n",
+                    a.ip(),
+                    p.as_str(),
+                    a.port()
+                )
+            })
+            .collect::<String>()
+        };
+        let added = rules("add", &mut local4.difference(&self.local_services));
+        let removed = rules("del", &mut self.local_services.difference(&local4));
+        batch_rules(&added).await;
         let t = &self.cfg.nft_table;
         let mut nft = services_script(t, "svc4", &want4);
         nft.push_str(&services_script(t, "svcskip4", &local4));
         run("nft", &["-f", "-"], Some(&nft)).await?;
+        batch_rules(&removed).await;
         let stale: BTreeSet<(SocketAddr, Proto)> = want4
             .symmetric_difference(&self.services)
             .chain(local4.symmetric_difference(&self.local_services))
             .filter(|(_, p)| *p == Proto::Udp)
             .copied()
             .collect();
-        // Host processes route before the output hook: a port left to
-        // kube-proxy inside a captured prefix must use the main table, or
-        // its packets leave with the capture route's 127.0.0.1 source
-        // after kube-proxy's DNAT (and are refused with EINVAL).
-        let bypass = self.cfg.rule_pref - 1;
-        let rule = |op: &str, (a, p): &(SocketAddr, Proto)| {
-            format!(
-                "rule {op} to {}/32 ipproto {} dport {} lookup main pref {bypass}\n",
-                a.ip(),
-                p.as_str(),
-                a.port()
-            )
-        };
-        let mut rules = String::new();
-        for k in self.local_services.difference(&local4) {
-            rules.push_str(&rule("del", k));
-        }
-        for k in local4.difference(&self.local_services) {
-            rules.push_str(&rule("add", k));
-        }
-        if !rules.is_empty() {
-            if let Err(e) = run("ip", &["-4", "-force", "-batch", "-"], Some(&rules)).await {
-                warn!(error = %e, "some service bypass rules did not apply");
-            }
-        }
         self.services = want4;
         self.local_services = local4;
         for (addr, proto) in stale {
@@ -480,6 +479,17 @@ impl Capture {
     /// Removes everything capture installed.
     pub async fn teardown(self) {
         remove_all(&self.cfg).await;
+    }
+}
+
+/// Applies `ip rule` lines in one `-force` batch (a line that fails, a
+/// rule already there or already gone, is logged, not retried).
+async fn batch_rules(rules: &str) {
+    if rules.is_empty() {
+        return;
+    }
+    if let Err(e) = run("ip", &["-4", "-force", "-batch", "-"], Some(rules)).await {
+        warn!(error = %e, "some service bypass rules did not apply");
     }
 }
 
