@@ -46,8 +46,14 @@ pub mod capability {
     /// the relay, not the edge's own config, says what the edge serves (in
     /// Kubernetes, from its Node object).
     pub const SERVED_ROUTES: u32 = 1 << 4;
+    /// Understands [`Control::Replicas`](super::Control::Replicas): the
+    /// relay tells the edge every replica it should hold a session to, and
+    /// the edge keeps one session per replica. A relay sends it only to
+    /// edges with this bit; an edge without it keeps one session.
+    pub const REPLICAS: u32 = 1 << 6;
     /// Every bit this build understands.
-    pub const ALL: u32 = TCP_STREAMS | UDP_DATAGRAMS | ROUTE_DELTAS | EXTENSIBLE | SERVED_ROUTES;
+    pub const ALL: u32 =
+        TCP_STREAMS | UDP_DATAGRAMS | ROUTE_DELTAS | EXTENSIBLE | SERVED_ROUTES | REPLICAS;
 }
 
 /// The first message of a session, sent by the edge on the control stream.
@@ -233,12 +239,42 @@ pub enum Control {
         /// The node's own address (see [`ServerHelloExt::primary_addr`]).
         primary_addr: Option<IpAddr>,
     },
+    /// Index 6 is taken by a message being added on another branch
+    /// (Services); this placeholder keeps [`Control::Replicas`] at index 7
+    /// until then. Never sent; received, it is ignored like an unknown
+    /// message (trailing fields are skipped by the decoder).
+    #[doc(hidden)]
+    Reserved6,
+    /// The relay replicas this edge should hold one session to each, sent
+    /// only to edges that announced [`capability::REPLICAS`]: once after the
+    /// hello and again whenever the set changes. The list is complete (a
+    /// lost or reordered message heals with the next one); an empty list
+    /// means "no replica set: keep the one session you have".
+    Replicas {
+        /// Every live replica, this one included, in a stable order.
+        replicas: Vec<Replica>,
+    },
+}
+
+/// One relay replica as an edge should reach it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Replica {
+    /// The replica's id (its `relay_id`; unique among live replicas).
+    pub id: String,
+    /// Where edges dial this replica: `host:port` of its own address, not
+    /// a load balancer's (a balancer hashing the UDP 5-tuple breaks QUIC
+    /// connection migration, and the edge must reach each replica).
+    pub addr: String,
 }
 
 impl Control {
     /// Number of variants this build knows; a frame whose variant index is
     /// at or above it comes from a newer peer.
-    pub const VARIANTS: u32 = 6;
+    pub const VARIANTS: u32 = 8;
+
+    /// Most replicas in one [`Control::Replicas`] (a frame's bound, far
+    /// above any sane deployment; edges cap what they follow lower).
+    pub const MAX_REPLICAS: usize = 256;
 
     /// Most prefixes (added plus removed) in one [`Control::RouteDelta`]:
     /// 2,048 IPv6 prefixes encode to about 37 KiB, well inside a frame.
