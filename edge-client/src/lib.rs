@@ -9,6 +9,8 @@
 //! Modules:
 //! - [`config`]: TOML file config and the runtime [`EdgeConfig`].
 //! - [`client`]: [`EdgeClient`], the reconnect loop and the session.
+//! - `supervisor`: one session per relay replica when the relay
+//!   advertises a replica set (else the one session, as before).
 //! - [`serve`]: serving the relay's streams within what this edge serves.
 //! - `identity`: the node certificate: given, or obtained from the relay
 //!   with a service-account token and renewed.
@@ -23,6 +25,7 @@ pub mod config;
 mod identity;
 pub mod liveness;
 pub mod serve;
+mod supervisor;
 
 pub use client::{EdgeClient, EdgeState, EdgeStats, StartError};
 pub use config::{EdgeConfig, FileConfig, TransportMode};

@@ -30,6 +30,8 @@
 //! - [`admin`]: the admin API (sessions, routes, health, metrics).
 //! - [`metrics`]: counters and the Prometheus rendering.
 //! - [`agent`]: the route agent for the other cloud nodes.
+//! - [`replicas`]: scale-out: the replica set (Leases or a static list)
+//!   that edges are told to connect to.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admin;
@@ -45,6 +47,7 @@ pub mod k8s;
 pub mod metrics;
 pub mod policy;
 pub mod registry;
+pub mod replicas;
 pub mod routefeed;
 pub mod server;
 pub mod session;

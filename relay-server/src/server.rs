@@ -54,6 +54,8 @@ pub struct Shared {
     pub connect_permits: Arc<Semaphore>,
     /// UDP counters (all sessions).
     pub udp: Arc<relay_transport::udp::UdpStats>,
+    /// The replica set edges are told about (empty without `[replicas]`).
+    pub replicas: tokio::sync::watch::Receiver<Vec<relay_protocol::Replica>>,
 }
 
 impl Shared {
@@ -118,6 +120,9 @@ pub enum StartError {
     #[cfg(feature = "kubernetes")]
     #[error(transparent)]
     Kube(#[from] crate::k8s::KubeStartError),
+    /// Replica membership could not be started.
+    #[error(transparent)]
+    Replicas(#[from] crate::replicas::ReplicasStartError),
 }
 
 /// A running relay.
@@ -133,6 +138,7 @@ pub struct Relay {
     sessions: TaskTracker,
     capture: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
     background: CancellationToken,
+    replicas: crate::replicas::Replicas,
 }
 
 fn bind_err(what: &'static str, addr: impl ToString) -> impl FnOnce(std::io::Error) -> StartError {
@@ -162,6 +168,7 @@ impl Relay {
         // Cancelled on shutdown: stops the Kubernetes watch and writers.
         let background = CancellationToken::new();
         let (directory, status, tokens) = directory_and_status(&cfg, &background).await?;
+        let replicas = crate::replicas::Replicas::start(&cfg, background.clone()).await?;
         let shared = Arc::new(Shared {
             registry: Registry::default(),
             policy,
@@ -176,6 +183,7 @@ impl Relay {
             handshake_queue: Arc::new(Semaphore::new(cfg.limits.max_concurrent_handshakes * 4)),
             connect_permits: Arc::new(Semaphore::new(cfg.limits.max_connect_connections)),
             udp: Arc::default(),
+            replicas: replicas.subscribe(),
             cfg,
         });
         let accept_stop = CancellationToken::new();
@@ -292,6 +300,7 @@ impl Relay {
             sessions,
             capture,
             background,
+            replicas,
         })
     }
 
@@ -330,6 +339,9 @@ impl Relay {
     pub async fn shutdown(mut self, grace: Duration) {
         self.shared.shutting_down.store(true, Relaxed);
         self.accept_stop.cancel();
+        // First, so the other replicas (and through them the edges) stop
+        // counting on this one while it drains.
+        self.replicas.release().await;
         let sessions = self.shared.registry.sessions();
         info!(sessions = sessions.len(), ?grace, "draining");
         for s in &sessions {

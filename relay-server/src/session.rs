@@ -353,6 +353,19 @@ pub(crate) async fn run_session(
     let settle = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(settle);
     let mut update_due = !feed.is_legacy();
+    // The replica set, for edges that follow it (one session per replica).
+    // The first set goes now; later ones whenever it changes.
+    let mut replicas = shared.replicas.clone();
+    let mut follows_replicas = handle.has(capability::REPLICAS);
+    if follows_replicas {
+        let set = replicas.borrow_and_update().clone();
+        if !set.is_empty() {
+            let msg = Control::Replicas { replicas: set };
+            if let Err(why) = write_all(&mut send, &[msg], write_timeout).await {
+                warn!(reason = %why, "sending the replica set failed");
+            }
+        }
+    }
     let why = loop {
         let out = tokio::select! {
             biased;
@@ -367,6 +380,14 @@ pub(crate) async fn run_session(
                 }
                 Err(e) => break e.to_string(),
             },
+            r = replicas.changed(), if follows_replicas => {
+                if r.is_err() {
+                    follows_replicas = false;
+                    continue;
+                }
+                let set = replicas.borrow_and_update().clone();
+                vec![Control::Replicas { replicas: set }]
+            }
             r = changes.changed(), if !update_due => {
                 if r.is_err() {
                     break "relay stopping".to_string();
