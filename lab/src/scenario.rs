@@ -657,6 +657,25 @@ pub fn relay_toml(cfg: &RelayConfig, certs: &Path, token_file: Option<&Path>) ->
     for (name, members) in communities {
         let _ = writeln!(t, "{name:?} = {members:?}");
     }
+    if let Some(r) = &cfg.replicas {
+        t.push_str(&replicas_toml(r));
+    }
+    t
+}
+
+/// `[replicas]` for a static peer list (Lease mode needs `[kubernetes]`,
+/// which [`relay_toml`] does not write).
+fn replicas_toml(r: &relay_server::replicas::ReplicaSettings) -> String {
+    let mut t = format!("\n[replicas]\nadvertise = {:?}\n", r.advertise);
+    if let relay_server::replicas::ReplicaSource::Static(peers) = &r.source {
+        for p in peers {
+            let _ = write!(
+                t,
+                "\n[[replicas.peers]]\nid = {:?}\naddress = {:?}\n",
+                p.id, p.addr
+            );
+        }
+    }
     t
 }
 
@@ -676,7 +695,19 @@ impl RelayProcess {
     /// token into a fresh directory, starts the binary and waits (bounded)
     /// for its ready file.
     pub fn start(lab: &NetnsLab, bin: &Path, pki: &DevPki, cfg: &RelayConfig) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("{}-relay", lab.tag()));
+        Self::start_named(lab, "relay", bin, pki, cfg)
+    }
+
+    /// [`RelayProcess::start`] with its own directory `<lab tag>-<name>`,
+    /// for several relays (replicas) in one lab.
+    pub fn start_named(
+        lab: &NetnsLab,
+        name: &str,
+        bin: &Path,
+        pki: &DevPki,
+        cfg: &RelayConfig,
+    ) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{}-{name}", lab.tag()));
         if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }

@@ -1,0 +1,231 @@
+//! Scale-out in the network-namespace lab: three `relay-server` processes
+//! (replicas relay-1..3, a static `[replicas]` list) in the relay node,
+//! each at its own WAN address (198.18.0.1-3, the address edges dial) with
+//! its own CONNECT and admin ports on the cloud LAN, and both edges behind
+//! their NATs, configured with relay-1's address only.
+//!
+//! Shown: every edge holds a session to each replica (each replica's admin
+//! API lists both edges); CONNECT from the apiserver host through each
+//! replica reaches each edge's pod; SIGKILL of relay-1 (the address the
+//! edges were given) leaves the other two serving at once, on the same
+//! sessions; relay-1 started again is joined by both edges within a bound.
+//!
+//! The replicas share one host here (one network namespace, three
+//! addresses), so relay-installed capture (one nftables table per node) is
+//! off; what differs per replica — address, sessions, registry — is what
+//! the test is about. Needs root; skips loudly otherwise, and fails
+//! instead of skipping under CI=true or REQUIRE_LAB=1.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use relay_lab::netns::{self, NetnsLab, Role};
+use relay_lab::scenario::{
+    edge_config, lab_pki, relay_config, relay_server_binary, sa, services, start_edge, within,
+    RelayProcess, Running, ADMIN_TOKEN, HTTP, QUIC_PORT,
+};
+use relay_protocol::Replica;
+use relay_server::admin::SessionRow;
+use relay_server::replicas::{ReplicaSettings, ReplicaSource};
+
+const REPLICAS: u8 = 3;
+
+/// Replica `i`'s (1-based) WAN address: the one it advertises.
+fn wan(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, i)
+}
+
+fn connect_port(i: u8) -> u16 {
+    8130 + u16::from(i)
+}
+
+fn admin_port(i: u8) -> u16 {
+    9089 + u16::from(i)
+}
+
+/// Replica `i`'s sessions: node → session id.
+fn sessions(lab: &NetnsLab, i: u8) -> Result<BTreeMap<String, u64>> {
+    let addr = sa(netns::RELAY_LAN_IP, admin_port(i));
+    let (code, body) = lab.run_in(
+        Role::Apiserver,
+        Duration::from_secs(5),
+        move || async move {
+            let s = tokio::net::TcpStream::connect(addr).await?;
+            relay_lab::http_request(s, "GET", "admin", "/v1/sessions", Some(ADMIN_TOKEN)).await
+        },
+    )?;
+    ensure!(
+        code == 200,
+        "replica {i}: GET /v1/sessions: HTTP {code}: {body}"
+    );
+    let rows: Vec<SessionRow> = serde_json::from_str(&body)?;
+    Ok(rows.into_iter().map(|r| (r.node, r.session_id)).collect())
+}
+
+/// `CONNECT <target>` through replica `i` from the apiserver host, then a
+/// GET; returns the body.
+fn fetch_via(lab: &NetnsLab, i: u8, target: SocketAddr) -> Result<String> {
+    let proxy = sa(netns::RELAY_LAN_IP, connect_port(i));
+    lab.run_in(
+        Role::Apiserver,
+        Duration::from_secs(10),
+        move || async move {
+            let s = relay_lab::connect_via(proxy, &target.to_string()).await?;
+            let (code, body) = relay_lab::http_get(s, "pod", "/", None).await?;
+            ensure!(code == 200, "HTTP {code}");
+            Ok(body.trim().to_string())
+        },
+    )
+}
+
+fn all_edges_everywhere(lab: &NetnsLab, replicas: &[u8]) -> Result<bool> {
+    for i in replicas {
+        match sessions(lab, *i) {
+            Ok(s) if s.len() == 2 => {}
+            _ => return Ok(false),
+        }
+    }
+    Ok(true)
+}
+
+#[test]
+fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
+    if let Some(skip) = netns::require_root() {
+        eprintln!("SKIPPED netns_replicas: {skip}");
+        return Ok(());
+    }
+    relay_lab::init();
+    let t0 = Instant::now();
+    let bin = relay_server_binary()?;
+    let lab = NetnsLab::new()?;
+    // Two more public addresses on the relay node's WAN interface.
+    for i in 2..=REPLICAS {
+        lab.exec(
+            Role::Relay,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", wan(i)),
+                "dev",
+                "wan0",
+            ],
+        )?;
+    }
+    let pki = lab_pki()?;
+    let set: Vec<Replica> = (1..=REPLICAS)
+        .map(|i| Replica {
+            id: format!("relay-{i}"),
+            addr: sa(wan(i), QUIC_PORT).to_string(),
+        })
+        .collect();
+    let mut relays = Vec::new();
+    for i in 1..=REPLICAS {
+        let mut cfg = relay_config(&pki)?;
+        cfg.relay_id = format!("relay-{i}");
+        cfg.quic_listen = sa(wan(i), QUIC_PORT);
+        cfg.tcp_fallback = false;
+        cfg.connect_listen = Some(sa(netns::RELAY_LAN_IP, connect_port(i)));
+        cfg.admin_listen = Some(sa(netns::RELAY_LAN_IP, admin_port(i)));
+        cfg.capture = None;
+        cfg.quic.keepalive = Duration::from_secs(1);
+        cfg.quic.idle_timeout = Duration::from_secs(5);
+        cfg.limits.drain_grace = Duration::from_millis(500);
+        let me = format!("relay-{i}");
+        cfg.replicas = Some(ReplicaSettings {
+            advertise: sa(wan(i), QUIC_PORT).to_string(),
+            source: ReplicaSource::Static(set.iter().filter(|r| r.id != me).cloned().collect()),
+        });
+        relays.push(RelayProcess::start_named(&lab, &me, &bin, &pki, &cfg)?);
+    }
+    let mut pods: Vec<Running> = Vec::new();
+    let mut edges: Vec<Running> = Vec::new();
+    for site in netns::SITES {
+        pods.push(services(
+            &lab,
+            Role::epod(site)?,
+            if site == 1 { "epod1" } else { "epod2" },
+        )?);
+        let mut cfg = edge_config(&pki, site)?;
+        // Only relay-1's address: the rest comes from the replica set.
+        cfg.relay = sa(wan(1), QUIC_PORT).to_string();
+        cfg.capture = None;
+        cfg.transport = edge_client::TransportMode::Quic;
+        cfg.quic.keepalive = Duration::from_secs(1);
+        cfg.quic.idle_timeout = Duration::from_secs(5);
+        cfg.handshake_timeout = Duration::from_secs(3);
+        cfg.backoff.initial = Duration::from_millis(200);
+        cfg.backoff.max = Duration::from_secs(1);
+        edges.push(start_edge(&lab, site, cfg)?);
+    }
+    let all: Vec<u8> = (1..=REPLICAS).collect();
+    let joined = within(Duration::from_secs(20), || all_edges_everywhere(&lab, &all))
+        .context("every edge on every replica")?;
+    println!(
+        "every edge on each of {REPLICAS} replicas {:.2}s after the edges started",
+        joined.as_secs_f64()
+    );
+
+    // Any replica reaches any edge.
+    for i in 1..=REPLICAS {
+        for site in netns::SITES {
+            let target = sa(netns::edge_pod_ip(site), HTTP);
+            let body = fetch_via(&lab, i, target)
+                .with_context(|| format!("CONNECT via relay-{i} to epod{site}"))?;
+            ensure!(
+                body.ends_with(&format!("epod{site}")),
+                "relay-{i} → epod{site}: {body}"
+            );
+        }
+    }
+    println!("CONNECT through each replica to each edge pod: 6/6 ok");
+
+    // SIGKILL relay-1, the only address the edges were configured with.
+    let before: Vec<_> = (2..=REPLICAS)
+        .map(|i| sessions(&lab, i))
+        .collect::<Result<_>>()?;
+    relays[0].kill9()?;
+    let t_kill = Instant::now();
+    for i in 2..=REPLICAS {
+        for site in netns::SITES {
+            let target = sa(netns::edge_pod_ip(site), HTTP);
+            fetch_via(&lab, i, target)
+                .with_context(|| format!("relay-{i} → epod{site} right after relay-1's SIGKILL"))?;
+        }
+    }
+    println!(
+        "after SIGKILL of relay-1: 4/4 CONNECTs through relay-2 and relay-3 done {:.2}s after the kill",
+        t_kill.elapsed().as_secs_f64()
+    );
+    let after: Vec<_> = (2..=REPLICAS)
+        .map(|i| sessions(&lab, i))
+        .collect::<Result<_>>()?;
+    ensure!(
+        before == after,
+        "sessions on the survivors changed: {before:?} → {after:?}"
+    );
+
+    // relay-1 comes back (same address): both edges rejoin it.
+    relays[0].spawn()?;
+    let rejoined = within(Duration::from_secs(15), || all_edges_everywhere(&lab, &[1]))
+        .context("edges rejoin relay-1")?;
+    println!(
+        "relay-1 restarted: both edges rejoined it {:.2}s after it was ready",
+        rejoined.as_secs_f64()
+    );
+    for site in netns::SITES {
+        fetch_via(&lab, 1, sa(netns::edge_pod_ip(site), HTTP))
+            .with_context(|| format!("relay-1 → epod{site} after its restart"))?;
+    }
+    for e in edges {
+        e.stop()?;
+    }
+    for p in pods {
+        p.stop()?;
+    }
+    drop(relays);
+    println!("netns_replicas done in {:.1}s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
