@@ -9,6 +9,11 @@
 //! replica reaches each edge's pod; SIGKILL of relay-1 (the address the
 //! edges were given) leaves the other two serving at once, on the same
 //! sessions; relay-1 started again is joined by both edges within a bound.
+//! On cloud2 the route agent (resilient multipath mode) routes each edge
+//! pod CIDR through a resilient nexthop group of the three replicas (each
+//! through its own LAN address 10.0.0.11-13 on the relay node); SIGKILL of
+//! relay-1 takes it out of the groups within a bound, in place (same group
+//! ids), and its return puts it back; the agent's exit removes it all.
 //!
 //! The replicas share one host here (one network namespace, three
 //! addresses), so relay-installed capture (one nftables table per node) is
@@ -23,8 +28,8 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::scenario::{
-    edge_config, lab_pki, relay_config, relay_server_binary, sa, services, start_edge, within,
-    RelayProcess, Running, ADMIN_TOKEN, HTTP, QUIC_PORT,
+    edge_config, lab_pki, launch, relay_config, relay_server_binary, sa, services, start_edge,
+    within, RelayProcess, Running, ADMIN_TOKEN, HTTP, QUIC_PORT,
 };
 use relay_protocol::Replica;
 use relay_server::admin::SessionRow;
@@ -80,6 +85,79 @@ fn fetch_via(lab: &NetnsLab, i: u8, target: SocketAddr) -> Result<String> {
     )
 }
 
+/// Replica `i`'s next hop as cloud2 sees it: its own LAN address.
+fn via(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 0, 10 + i)
+}
+
+/// Runs the route agent (resilient multipath) on cloud2.
+fn start_agent(lab: &NetnsLab) -> Result<Running> {
+    let cfg = relay_server::multipath::MultipathConfig {
+        replicas: (1..=REPLICAS)
+            .map(|i| relay_server::multipath::ReplicaTarget {
+                admin: sa(netns::RELAY_LAN_IP, admin_port(i)),
+                via: via(i).into(),
+                tls: None,
+            })
+            .collect(),
+        token: Some(relay_server::Secret::new(ADMIN_TOKEN)),
+        interval: Duration::from_millis(300),
+        proto: 250,
+    };
+    launch(
+        lab,
+        Role::Cloud2,
+        "route agent",
+        move |ready, stop| async move {
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let task = tokio::spawn(relay_server::multipath::run(cfg, cancel.clone()));
+            let _ = ready.send(Ok(()));
+            let _ = stop.await;
+            cancel.cancel();
+            task.await?;
+            Ok(())
+        },
+    )
+}
+
+/// On cloud2: prefix → (group id, member next hops), for our routes;
+/// fails if a group is not resilient.
+fn groups(lab: &NetnsLab) -> Result<BTreeMap<String, (String, Vec<String>)>> {
+    let routes = lab.exec(Role::Cloud2, &["ip", "-4", "route", "show", "proto", "250"])?;
+    let nhs = lab.exec(Role::Cloud2, &["ip", "nexthop", "show"])?;
+    let via_of: BTreeMap<&str, &str> = nhs
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() > 3 && w[0] == "id" && w[2] == "via").then(|| (w[1], w[3]))
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    for l in routes
+        .lines()
+        .filter(|l| !l.starts_with(char::is_whitespace))
+    {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let Some(g) = w.windows(2).find(|p| p[0] == "nhid").map(|p| p[1]) else {
+            continue;
+        };
+        let line = nhs
+            .lines()
+            .find(|l| l.starts_with(&format!("id {g} group ")))
+            .with_context(|| format!("no group {g}: {nhs}"))?;
+        ensure!(line.contains("type resilient"), "not resilient: {line}");
+        let members = line
+            .split_whitespace()
+            .nth(3)
+            .unwrap_or_default()
+            .split('/')
+            .map(|id| via_of.get(id).copied().unwrap_or(id).to_string())
+            .collect();
+        out.insert(w[0].to_string(), (g.to_string(), members));
+    }
+    Ok(out)
+}
+
 fn all_edges_everywhere(lab: &NetnsLab, replicas: &[u8]) -> Result<bool> {
     for i in replicas {
         match sessions(lab, *i) {
@@ -113,6 +191,11 @@ fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
                 "wan0",
             ],
         )?;
+    }
+    // One LAN address per replica: the next hops the route agent uses.
+    for i in 1..=REPLICAS {
+        let a = format!("{}/24", via(i));
+        lab.exec(Role::Relay, &["ip", "addr", "add", &a, "dev", "lan0"])?;
     }
     let pki = lab_pki()?;
     let set: Vec<Replica> = (1..=REPLICAS)
@@ -182,6 +265,35 @@ fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
     }
     println!("CONNECT through each replica to each edge pod: 6/6 ok");
 
+    // The route agent on cloud2: one resilient group per edge pod CIDR,
+    // with all three replicas.
+    let agent = start_agent(&lab)?;
+    let pod_cidrs: Vec<String> = netns::SITES
+        .iter()
+        .map(|s| netns::edge_pod_cidr(*s).to_string())
+        .collect();
+    let three: Vec<String> = (1..=REPLICAS).map(|i| via(i).to_string()).collect();
+    let full = |g: &BTreeMap<String, (String, Vec<String>)>, want: &[String]| {
+        pod_cidrs.iter().all(|c| {
+            g.get(c).is_some_and(|(_, m)| {
+                let mut m = m.clone();
+                m.sort();
+                m == want
+            })
+        })
+    };
+    within(Duration::from_secs(10), || Ok(full(&groups(&lab)?, &three)))
+        .context("route agent: groups with all three replicas")?;
+    let group_ids = |lab: &NetnsLab| -> Result<Vec<String>> {
+        let g = groups(lab)?;
+        Ok(pod_cidrs.iter().map(|c| g[c].0.clone()).collect())
+    };
+    let ids_before = group_ids(&lab)?;
+    println!(
+        "route agent: {} edge pod CIDRs via resilient groups of 3 replicas",
+        pod_cidrs.len()
+    );
+
     // SIGKILL relay-1, the only address the edges were configured with.
     let before: Vec<_> = (2..=REPLICAS)
         .map(|i| sessions(&lab, i))
@@ -206,6 +318,17 @@ fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
         before == after,
         "sessions on the survivors changed: {before:?} → {after:?}"
     );
+    let two: Vec<String> = (2..=REPLICAS).map(|i| via(i).to_string()).collect();
+    within(Duration::from_secs(3), || Ok(full(&groups(&lab)?, &two)))
+        .context("route agent: relay-1 out of the groups")?;
+    println!(
+        "route agent: relay-1 out of every group {:.2}s after the kill (poll interval 0.3s)",
+        t_kill.elapsed().as_secs_f64()
+    );
+    ensure!(
+        group_ids(&lab)? == ids_before,
+        "groups replaced rather than changed in place"
+    );
 
     // relay-1 comes back (same address): both edges rejoin it.
     relays[0].spawn()?;
@@ -219,6 +342,19 @@ fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
         fetch_via(&lab, 1, sa(netns::edge_pod_ip(site), HTTP))
             .with_context(|| format!("relay-1 → epod{site} after its restart"))?;
     }
+    within(Duration::from_secs(3), || Ok(full(&groups(&lab)?, &three)))
+        .context("route agent: relay-1 back in the groups")?;
+    ensure!(
+        group_ids(&lab)? == ids_before,
+        "groups replaced on relay-1's return"
+    );
+    agent.stop()?;
+    let left = lab.exec(Role::Cloud2, &["ip", "nexthop", "show"])?;
+    ensure!(
+        left.trim().is_empty(),
+        "route agent left nexthops behind: {left}"
+    );
+    ensure!(groups(&lab)?.is_empty(), "route agent left routes behind");
     for e in edges {
         e.stop()?;
     }

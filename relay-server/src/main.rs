@@ -50,11 +50,21 @@ enum Cmd {
     /// its admin API), and removes them on exit.
     RouteAgent {
         /// The relay's admin API address (host:port).
-        #[arg(long)]
-        admin: std::net::SocketAddr,
+        #[arg(
+            long,
+            required_unless_present = "replica",
+            conflicts_with = "replica",
+            requires = "via"
+        )]
+        admin: Option<std::net::SocketAddr>,
         /// The relay node's address on this node's network (next hop).
+        #[arg(long, requires = "admin")]
+        via: Option<std::net::IpAddr>,
+        /// Several relay replicas, `ADMIN=VIA` each (e.g.
+        /// `10.0.0.1:9090=10.0.0.1`): every edge prefix is routed through a
+        /// resilient nexthop group of the replicas serving it.
         #[arg(long)]
-        via: std::net::IpAddr,
+        replica: Vec<String>,
         /// File holding the admin API bearer token.
         #[arg(long)]
         token_file: Option<PathBuf>,
@@ -112,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Cmd::RouteAgent {
             admin,
             via,
+            replica,
             token_file,
             ca_file,
             server_name,
@@ -120,24 +131,45 @@ async fn main() -> anyhow::Result<()> {
             proto,
         }) => {
             anyhow::ensure!(!interval.is_zero(), "--interval must be greater than zero");
-            anyhow::ensure!(
-                ca_file.is_some()
-                    || token_file.is_none()
-                    || admin.ip().is_loopback()
-                    || allow_insecure_http,
-                "--token-file without --ca-file would send the admin token in clear to {admin}: \
-                 pass --ca-file (HTTPS), or --allow-insecure-http"
-            );
-            let tls = match &ca_file {
-                Some(ca) => Some(
-                    relay_server::agent::AgentTls::new(
-                        ca,
-                        &server_name.unwrap_or_else(|| admin.ip().to_string()),
-                    )
-                    .with_context(|| format!("--ca-file {}", ca.display()))?,
-                ),
-                None => None,
-            };
+            let mut targets = Vec::new();
+            for r in &replica {
+                let (a, v) = r
+                    .split_once('=')
+                    .with_context(|| format!("--replica {r:?}: expected ADMIN=VIA"))?;
+                targets.push((
+                    a.parse::<std::net::SocketAddr>()
+                        .with_context(|| format!("--replica {r:?}: admin address"))?,
+                    v.parse::<std::net::IpAddr>()
+                        .with_context(|| format!("--replica {r:?}: next hop"))?,
+                ));
+            }
+            anyhow::ensure!(targets.len() <= 64, "at most 64 --replica");
+            if let (Some(a), Some(v)) = (admin, via) {
+                targets.push((a, v));
+            }
+            let mut tls_of = Vec::new();
+            for (admin, _) in &targets {
+                anyhow::ensure!(
+                    ca_file.is_some()
+                        || token_file.is_none()
+                        || admin.ip().is_loopback()
+                        || allow_insecure_http,
+                    "--token-file without --ca-file would send the admin token in clear to {admin}: \
+                     pass --ca-file (HTTPS), or --allow-insecure-http"
+                );
+                tls_of.push(match &ca_file {
+                    Some(ca) => Some(
+                        relay_server::agent::AgentTls::new(
+                            ca,
+                            &server_name
+                                .clone()
+                                .unwrap_or_else(|| admin.ip().to_string()),
+                        )
+                        .with_context(|| format!("--ca-file {}", ca.display()))?,
+                    ),
+                    None => None,
+                });
+            }
             let token = match token_file {
                 Some(p) => Some(relay_server::Secret::new(
                     std::fs::read_to_string(&p)
@@ -147,15 +179,37 @@ async fn main() -> anyhow::Result<()> {
                 None => None,
             };
             let stop = tokio_util::sync::CancellationToken::new();
-            let cfg = relay_server::agent::AgentConfig {
-                admin,
-                token,
-                tls,
-                via,
-                interval,
-                proto,
+            let task = if replica.is_empty() {
+                let ((admin, via), tls) =
+                    targets.into_iter().zip(tls_of).next().context("--admin")?;
+                let cfg = relay_server::agent::AgentConfig {
+                    admin,
+                    token,
+                    tls,
+                    via,
+                    interval,
+                    proto,
+                };
+                tokio::spawn(relay_server::agent::run(cfg, stop.clone()))
+            } else {
+                let cfg = relay_server::multipath::MultipathConfig {
+                    replicas: targets
+                        .into_iter()
+                        .zip(tls_of)
+                        .map(
+                            |((admin, via), tls)| relay_server::multipath::ReplicaTarget {
+                                admin,
+                                via,
+                                tls,
+                            },
+                        )
+                        .collect(),
+                    token,
+                    interval,
+                    proto,
+                };
+                tokio::spawn(relay_server::multipath::run(cfg, stop.clone()))
             };
-            let task = tokio::spawn(relay_server::agent::run(cfg, stop.clone()));
             let mut term = signal(SignalKind::terminate())?;
             let mut int = signal(SignalKind::interrupt())?;
             tokio::select! {
