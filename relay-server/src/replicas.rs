@@ -18,6 +18,8 @@
 //! Without `[replicas]` the set is empty and edges keep one session, as
 //! before.
 
+#[cfg(test)]
+use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -382,9 +384,121 @@ async fn forward(
     }
 }
 
+/// Status with several writers: of the live replicas, exactly one writes
+/// a node's condition and Events, chosen by rendezvous hashing of (node,
+/// replica id): the replica with the highest hash. Every replica computes
+/// the same choice from the same set, without talking to the others; the
+/// nodes spread evenly over the replicas; and when a replica comes or goes
+/// only the nodes it wins or held change writer (a restart is no write
+/// storm: the restarted replica's sessions coming back write for its share
+/// of nodes only, instead of every replica rewriting every node).
+pub fn writer_of<'a>(node: &str, set: &'a [Replica]) -> Option<&'a Replica> {
+    set.iter().max_by_key(|r| (rendezvous(node, &r.id), &r.id))
+}
+
+/// FNV-1a over `node`, a separator and `replica`: stable across builds and
+/// processes (unlike std's randomly seeded hasher), which the choice needs.
+fn rendezvous(node: &str, replica: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in node.bytes().chain([0u8]).chain(replica.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // A final mix, so ids differing in their last byte still spread.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
+}
+
+/// A [`StatusSink`](crate::status::StatusSink) that passes on only what
+/// this replica writes ([`writer_of`]); with no replica set, everything.
+pub struct DesignatedStatus {
+    inner: std::sync::Arc<dyn crate::status::StatusSink>,
+    me: String,
+    set: watch::Receiver<Vec<Replica>>,
+}
+
+impl DesignatedStatus {
+    /// Wraps `inner` for replica `me` following `set`.
+    pub fn new(
+        inner: std::sync::Arc<dyn crate::status::StatusSink>,
+        me: &str,
+        set: watch::Receiver<Vec<Replica>>,
+    ) -> Self {
+        DesignatedStatus {
+            inner,
+            me: me.to_string(),
+            set,
+        }
+    }
+
+    fn writes(&self, node: &str) -> bool {
+        let set = self.set.borrow();
+        // Before the set is known (Leases not read yet), and if this
+        // replica is not in it (its Lease is held by another process),
+        // it writes: better two writers than none.
+        if set.is_empty() || !set.iter().any(|r| r.id == self.me) {
+            return true;
+        }
+        writer_of(node, &set).is_some_and(|w| w.id == self.me)
+    }
+}
+
+impl crate::status::StatusSink for DesignatedStatus {
+    fn up(&self, node: &str, info: &crate::status::SessionInfo) {
+        if self.writes(node) {
+            self.inner.up(node, info);
+        }
+    }
+    fn down(&self, node: &str, why: &str) {
+        if self.writes(node) {
+            self.inner.down(node, why);
+        }
+    }
+    fn rejected(&self, node: &str, reason: &str, message: &str) {
+        if self.writes(node) {
+            self.inner.rejected(node, reason, message);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_writer_per_node_spread_evenly_and_stable_when_a_replica_goes() {
+        let set: Vec<Replica> = (1..=3)
+            .map(|i| Replica {
+                id: format!("relay-{i}"),
+                addr: format!("10.0.0.{i}:8443"),
+            })
+            .collect();
+        let nodes: Vec<String> = (0..3000).map(|i| format!("edge-{i}")).collect();
+        let mut share = BTreeMap::new();
+        for n in &nodes {
+            *share
+                .entry(writer_of(n, &set).unwrap().id.clone())
+                .or_insert(0) += 1;
+        }
+        for (id, count) in &share {
+            assert!(
+                (800..1200).contains(count),
+                "{id} writes for {count} of 3000"
+            );
+        }
+        // relay-2 leaves: only its nodes change writer.
+        let without: Vec<Replica> = set.iter().filter(|r| r.id != "relay-2").cloned().collect();
+        for n in &nodes {
+            let before = &writer_of(n, &set).unwrap().id;
+            let after = &writer_of(n, &without).unwrap().id;
+            assert!(
+                before == "relay-2" || before == after,
+                "{n}: {before} → {after}"
+            );
+        }
+        assert!(writer_of("edge-1", &[]).is_none());
+    }
 
     fn parse(s: &str, kube: bool) -> Result<Option<ReplicaSettings>, ConfigError> {
         let f: ReplicasFile = toml::from_str(s).map_err(|e| err("file", e))?;

@@ -169,6 +169,15 @@ impl Relay {
         let background = CancellationToken::new();
         let (directory, status, tokens) = directory_and_status(&cfg, &background).await?;
         let replicas = crate::replicas::Replicas::start(&cfg, background.clone()).await?;
+        // Several replicas: one writer per node (see `replicas::writer_of`).
+        let status: Arc<dyn StatusSink> = match &cfg.replicas {
+            Some(_) => Arc::new(crate::replicas::DesignatedStatus::new(
+                status,
+                &cfg.relay_id,
+                replicas.subscribe(),
+            )),
+            None => status,
+        };
         let shared = Arc::new(Shared {
             registry: Registry::default(),
             policy,

@@ -453,7 +453,10 @@ pub(crate) async fn run_session(
     };
     // A superseded session finds a newer generation here and leaves it be
     // (and leaves the node's condition to the newer session).
-    if shared.registry.remove(&handle.node, handle.generation) {
+    // A replica shutting down (rolling update) does not mark its edges
+    // down: they hold sessions to the other replicas.
+    let leaving = shared.is_shutting_down() && shared.cfg.replicas.is_some();
+    if shared.registry.remove(&handle.node, handle.generation) && !leaving {
         shared.status.down(&handle.node, &why);
     }
     info!(reason = %why, open_streams = handle.open_streams.load(Relaxed), "session down");
