@@ -225,3 +225,70 @@ async fn without_a_replica_set_the_edge_keeps_one_session() -> Result<()> {
     lab.stop().await;
     Ok(())
 }
+
+/// Bad input: the relay advertises 51 replicas (over the edge's cap of 4),
+/// 50 of them at addresses that do not answer, and the live one sorts
+/// last (outside the cap). The edge follows 4 dead replicas with backoff
+/// and never loses its one working session.
+#[tokio::test]
+async fn a_set_over_the_cap_of_dead_addresses_never_costs_the_working_session() -> Result<()> {
+    relay_lab::init();
+    let pki = DevPki::generate(&["localhost", "127.0.0.1"], &["edge-0"])?;
+    let port = free_udp_port()?;
+    let me = format!("127.0.0.1:{port}");
+    let mut cfg = relay_config(&pki, 1)?;
+    cfg.relay_id = "relay-z".into();
+    cfg.quic_listen = me.parse()?;
+    cfg.tcp_fallback = false;
+    // Addresses nothing listens on: a UDP port bound and released.
+    let dead = (0..50)
+        .map(|i| {
+            Ok(Replica {
+                id: format!("dead-{i:02}"),
+                addr: format!("127.0.0.1:{}", free_udp_port()?),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    cfg.replicas = Some(ReplicaSettings {
+        advertise: me.clone(),
+        source: ReplicaSource::Static(dead),
+    });
+    let relay = Relay::spawn(cfg).await?;
+    let admin = relay.admin_addr().unwrap();
+    let mut ecfg = edge_config(&pki, 0, relay.quic_addr())?;
+    ecfg.transport = edge_client::TransportMode::Quic;
+    ecfg.max_relays = 4;
+    ecfg.handshake_timeout = Duration::from_millis(500);
+    ecfg.backoff.initial = Duration::from_millis(100);
+    ecfg.backoff.max = Duration::from_millis(300);
+    let edge = EdgeClient::spawn(ecfg);
+    edge.wait_connected(Duration::from_secs(5))
+        .await
+        .context("first session")?;
+    let first = sessions(admin).await?;
+    ensure!(first.len() == 1, "{first:?}");
+    // Several rounds of failing dials to the dead replicas (0.5 s each).
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        ensure!(
+            matches!(edge.state(), EdgeState::Connected { .. }),
+            "the edge lost its session: {:?}",
+            edge.state()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(
+        sessions(admin).await? == first,
+        "the working session was replaced"
+    );
+    ensure!(
+        edge.stats()
+            .sessions
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1,
+        "more than one session was ever established"
+    );
+    edge.shutdown().await;
+    relay.shutdown(Duration::from_millis(200)).await;
+    Ok(())
+}

@@ -24,6 +24,14 @@ struct Cli {
     /// tests that start the relay on port 0.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// This replica's id, overriding `relay_id` in the file: one ConfigMap
+    /// for every replica, the id from the pod (e.g. the node name).
+    #[arg(long, env = "RELAY_ID", global = true)]
+    relay_id: Option<String>,
+    /// This replica's dial address (`host:port`), overriding
+    /// `replicas.advertise` (e.g. `$(HOST_IP):8443` from the downward API).
+    #[arg(long, env = "RELAY_ADVERTISE", global = true)]
+    advertise: Option<String>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -89,6 +97,25 @@ enum Cmd {
         #[arg(long, default_value_t = 250)]
         proto: u8,
     },
+}
+
+/// Reads and validates the file with the per-replica overrides applied
+/// before validation (so a bad `--advertise` is named like a bad field).
+fn load(
+    path: &std::path::Path,
+    relay_id: &Option<String>,
+    advertise: &Option<String>,
+) -> anyhow::Result<relay_server::RelayConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut f = FileConfig::parse(&text)?;
+    if let Some(id) = relay_id {
+        f.relay_id = Some(id.clone());
+    }
+    if let Some(a) = advertise {
+        f.replicas.advertise = Some(a.clone());
+    }
+    Ok(f.into_runtime()?)
 }
 
 fn init_tracing() {
@@ -222,7 +249,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Some(Cmd::CheckConfig) => {
             let path = cli.config.context("--config is required")?;
-            let cfg = FileConfig::load(&path)?;
+            let cfg = load(&path, &cli.relay_id, &cli.advertise)?;
             println!(
                 "{}: ok (relay_id {}, {} nodes)",
                 path.display(),
@@ -235,7 +262,7 @@ async fn main() -> anyhow::Result<()> {
             let path = cli
                 .config
                 .context("--config is required (or use a subcommand; see --help)")?;
-            let cfg = FileConfig::load(&path)?;
+            let cfg = load(&path, &cli.relay_id, &cli.advertise)?;
             let grace = cfg.limits.drain_grace;
             let mut relay = Relay::spawn(cfg).await?;
             if let Some(path) = &cli.ready_file {
