@@ -185,16 +185,16 @@ pub(crate) async fn supervise(
     let mut published: Option<(Key, Option<u64>)> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
-        // The newest set any connected session reports (sessions of one
-        // cluster agree but for moments of a change; the first in key order
-        // wins, which is stable).
-        if let Some(s) = runners.values().find_map(|r| match &*r.state.borrow() {
+        // The set most connected sessions report (replicas agree but for
+        // moments of a change, or one with a stale view, e.g. cut off from
+        // the API); ties go to the first in key order, which is stable.
+        if let Some(s) = majority(runners.values().filter_map(|r| match &*r.state.borrow() {
             EdgeState::Connected {
                 replicas: Some(set),
                 ..
             } => Some(set.clone()),
             _ => None,
-        }) {
+        })) {
             if s != set {
                 info!(replicas = ?s.iter().map(|r| &r.id).collect::<Vec<_>>(), "relay replica set");
                 set = s;
@@ -293,6 +293,20 @@ pub(crate) async fn supervise(
     state.send_replace(EdgeState::Stopped);
 }
 
+/// The most frequent of `sets` (the first of equally frequent ones).
+fn majority(sets: impl Iterator<Item = Vec<Replica>>) -> Option<Vec<Replica>> {
+    let mut counts: Vec<(Vec<Replica>, usize)> = Vec::new();
+    for mut s in sets {
+        s.sort();
+        match counts.iter_mut().find(|(x, _)| *x == s) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((s, 1)),
+        }
+    }
+    let best = counts.iter().map(|(_, n)| *n).max()?;
+    counts.into_iter().find(|(_, n)| *n == best).map(|(s, _)| s)
+}
+
 /// Publishes the first connected session's state and connection (or, with
 /// none up, the first session's state and no connection).
 fn publish(
@@ -324,5 +338,36 @@ fn publish(
         };
         conn_tx.send_replace(c);
         *published = Some(sig);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(ids: &[&str]) -> Vec<Replica> {
+        ids.iter()
+            .map(|i| Replica {
+                id: i.to_string(),
+                addr: format!("{i}:8443"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_set_most_sessions_report_wins_and_ties_keep_order() {
+        let stale = set(&["a", "b", "c"]);
+        let fresh = set(&["a", "b"]);
+        let got = majority([stale.clone(), fresh.clone(), fresh.clone()].into_iter());
+        assert_eq!(got, Some(fresh.clone()));
+        // Order within a set does not matter.
+        let mut shuffled = fresh.clone();
+        shuffled.reverse();
+        assert_eq!(
+            majority([stale.clone(), shuffled, fresh.clone()].into_iter()),
+            Some(fresh.clone())
+        );
+        assert_eq!(majority([stale.clone(), fresh].into_iter()), Some(stale));
+        assert_eq!(majority(std::iter::empty()), None);
     }
 }
