@@ -109,7 +109,7 @@ pub fn parse_installed(routes: &str, nexthops: &str) -> Installed {
             continue;
         };
         if let Some(g) = words.windows(2).find(|p| p[0] == "group") {
-            if id >= GROUP_BASE && id < GROUP_BASE + MAX_GROUPS {
+            if (GROUP_BASE..GROUP_BASE + MAX_GROUPS).contains(&id) {
                 let members = g[1]
                     .split('/')
                     // `id,weight` when weighted.
@@ -297,13 +297,14 @@ pub async fn run(cfg: MultipathConfig, stop: CancellationToken) {
                 }
             }
         }
-        match merge(&views) {
-            Some(want) => match apply(&want, &vias, cfg.proto).await {
+        // None answered: change nothing (as the single-relay agent keeps
+        // its routes while the relay is away).
+        if let Some(want) = merge(&views) {
+            match apply(&want, &vias, cfg.proto).await {
                 Ok(0) => {}
                 Ok(n) => info!(changes = n, prefixes = want.len(), "routes synced"),
                 Err(e) => warn!(error = %e, "installing routes failed"),
-            },
-            None => {}
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => break,

@@ -2,7 +2,7 @@
 //!
 //! With `[replicas]` in relay.toml, every session of an edge that
 //! announced [`capability::REPLICAS`](relay_protocol::capability::REPLICAS)
-//! is told the current replica set ([`Control::Replicas`](relay_protocol::Control::Replicas)),
+//! is told the current replica set (`Control::Replicas`),
 //! once after the hello and again on every change; the edge then keeps one
 //! session per replica, so any replica can serve any edge. The set comes
 //! from one of two sources:

@@ -56,7 +56,7 @@ pub(crate) fn handle(
         "create" => {
             let mut lease = match parse(body) {
                 Ok(l) => l,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             let Some(name) = lease.metadata.name.clone().filter(|n| !n.is_empty()) else {
                 return failure(
@@ -83,7 +83,7 @@ pub(crate) fn handle(
         "update" => {
             let mut lease = match parse(body) {
                 Ok(l) => l,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             if lease.metadata.name.as_deref() != Some(name.as_str()) {
                 return failure(
@@ -177,13 +177,13 @@ pub(crate) fn store(
         .send(Arc::new(Signal::Event(Res::Leases, line)));
 }
 
-fn parse(body: &Bytes) -> Result<Lease, Response<Body>> {
+fn parse(body: &Bytes) -> Result<Lease, Box<Response<Body>>> {
     serde_json::from_slice(body).map_err(|e| {
-        failure(
+        Box::new(failure(
             StatusCode::BAD_REQUEST,
             "BadRequest",
             &format!("lease: {e}"),
-        )
+        ))
     })
 }
 
