@@ -365,3 +365,102 @@ fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
     println!("netns_replicas done in {:.1}s", t0.elapsed().as_secs_f64());
     Ok(())
 }
+
+/// Bytes on nat1's WAN interface (received, sent): everything edge1's
+/// sessions cost its uplink, IP and UDP headers included.
+fn wan_bytes(lab: &NetnsLab) -> Result<(u64, u64)> {
+    let out = lab.exec(Role::Nat1, &["ip", "-s", "-j", "link", "show", "wan0"])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let s = &v[0]["stats64"];
+    Ok((
+        s["rx"]["bytes"].as_u64().context("rx bytes")?,
+        s["tx"]["bytes"].as_u64().context("tx bytes")?,
+    ))
+}
+
+/// What an idle edge's uplink carries with three replicas, with the
+/// default keep-alives (5 s, both sides): measured on its NAT's WAN
+/// interface over 30 s, extrapolated to a day. Bounded loosely (a session
+/// re-established every few seconds would blow it) and the sessions must
+/// not change during the window.
+#[test]
+fn idle_bytes_per_edge_per_day_with_three_replicas() -> Result<()> {
+    if let Some(skip) = netns::require_root() {
+        eprintln!("SKIPPED netns_replicas idle bytes: {skip}");
+        return Ok(());
+    }
+    relay_lab::init();
+    let bin = relay_server_binary()?;
+    let lab = NetnsLab::new()?;
+    for i in 2..=REPLICAS {
+        let a = format!("{}/24", wan(i));
+        lab.exec(Role::Relay, &["ip", "addr", "add", &a, "dev", "wan0"])?;
+    }
+    let pki = lab_pki()?;
+    let set: Vec<Replica> = (1..=REPLICAS)
+        .map(|i| Replica {
+            id: format!("relay-{i}"),
+            addr: sa(wan(i), QUIC_PORT).to_string(),
+        })
+        .collect();
+    let mut relays = Vec::new();
+    for i in 1..=REPLICAS {
+        // Defaults for every timing: this is the figure a site pays.
+        let mut cfg = relay_config(&pki)?;
+        let me = format!("relay-{i}");
+        cfg.relay_id = me.clone();
+        cfg.quic_listen = sa(wan(i), QUIC_PORT);
+        cfg.tcp_fallback = false;
+        cfg.connect_listen = Some(sa(netns::RELAY_LAN_IP, connect_port(i)));
+        cfg.admin_listen = Some(sa(netns::RELAY_LAN_IP, admin_port(i)));
+        cfg.capture = None;
+        cfg.replicas = Some(ReplicaSettings {
+            advertise: sa(wan(i), QUIC_PORT).to_string(),
+            source: ReplicaSource::Static(set.iter().filter(|r| r.id != me).cloned().collect()),
+        });
+        relays.push(RelayProcess::start_named(&lab, &me, &bin, &pki, &cfg)?);
+    }
+    let mut cfg = edge_config(&pki, 1)?;
+    cfg.relay = sa(wan(1), QUIC_PORT).to_string();
+    cfg.capture = None;
+    cfg.transport = edge_client::TransportMode::Quic;
+    let edge = start_edge(&lab, 1, cfg)?;
+    within(Duration::from_secs(20), || {
+        Ok((1..=REPLICAS).all(|i| sessions(&lab, i).is_ok_and(|s| s.contains_key("edge1"))))
+    })
+    .context("edge1 on every replica")?;
+    // Let the handshakes' packets drain from the counters' window.
+    std::thread::sleep(Duration::from_secs(2));
+    let ids = |lab: &NetnsLab| -> Result<Vec<u64>> {
+        (1..=REPLICAS)
+            .map(|i| Ok(sessions(lab, i)?["edge1"]))
+            .collect()
+    };
+    let before_ids = ids(&lab)?;
+    let window = Duration::from_secs(30);
+    let (rx0, tx0) = wan_bytes(&lab)?;
+    std::thread::sleep(window);
+    let (rx1, tx1) = wan_bytes(&lab)?;
+    ensure!(
+        ids(&lab)? == before_ids,
+        "a session was re-established during the window"
+    );
+    let per_day = |b: u64| b as f64 * 86_400.0 / window.as_secs_f64();
+    let (up, down) = (per_day(tx1 - tx0), per_day(rx1 - rx0));
+    println!(
+        "idle edge, 3 replicas, default keep-alives: {:.1} MB/day up + {:.1} MB/day down = {:.1} MB/day ({:.1} MB/day per replica)",
+        up / 1e6,
+        down / 1e6,
+        (up + down) / 1e6,
+        (up + down) / 1e6 / f64::from(REPLICAS)
+    );
+    ensure!(up + down > 0.0, "no keep-alive traffic at all?");
+    ensure!(
+        up + down < 100e6,
+        "idle traffic far above keep-alives: {:.1} MB/day",
+        (up + down) / 1e6
+    );
+    edge.stop()?;
+    drop(relays);
+    Ok(())
+}
