@@ -797,6 +797,30 @@ impl RelayProcess {
         )
     }
 
+    /// Stops the process with SIGTERM (the relay drains: GOAWAY, in-flight
+    /// streams finish within its `drain_grace`) and waits up to `limit`
+    /// for it to exit; SIGKILL after that. Returns how long it took.
+    pub fn terminate(&mut self, limit: Duration) -> Result<Duration> {
+        let mut c = self.child.take().context("relay-server is not running")?;
+        let t = Instant::now();
+        // kill(1) rather than a signal API: the workspace's nix is built
+        // without its signal feature.
+        let st = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .context("SIGTERM relay-server")?;
+        anyhow::ensure!(st.success(), "kill -TERM {}: {st}", c.id());
+        while t.elapsed() < limit {
+            if c.try_wait()?.is_some() {
+                return Ok(t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        c.wait()?;
+        bail!("relay-server did not exit within {limit:?} of SIGTERM (killed)")
+    }
+
     /// Kills the process with SIGKILL (no cleanup of any kind runs) and
     /// reaps it.
     pub fn kill9(&mut self) -> Result<()> {

@@ -348,6 +348,7 @@ fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
         group_ids(&lab)? == ids_before,
         "groups replaced on relay-1's return"
     );
+    rolling_restart(&lab, &mut relays)?;
     agent.stop()?;
     let left = lab.exec(Role::Cloud2, &["ip", "nexthop", "show"])?;
     ensure!(
@@ -363,6 +364,85 @@ fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
     }
     drop(relays);
     println!("netns_replicas done in {:.1}s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// A rolling restart (SIGTERM, start again) of every replica in turn while
+/// a client on the apiserver host loops CONNECT + GET to both edge pods
+/// through a replica that is not being restarted: no request may fail, and
+/// each restarted replica must be rejoined by both edges within a bound.
+fn rolling_restart(lab: &NetnsLab, relays: &mut [RelayProcess]) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::SeqCst};
+    use std::sync::Arc;
+    let avoid = Arc::new(AtomicU8::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (a, st, o, f) = (avoid.clone(), stop.clone(), ok.clone(), failed.clone());
+    let client = lab.spawn_in(Role::Apiserver, move || async move {
+        let mut n = 0u64;
+        let mut failures = Vec::new();
+        while !st.load(SeqCst) {
+            // The first replica that is not being restarted.
+            let skip = a.load(SeqCst);
+            let via = (1..=REPLICAS).find(|i| *i != skip).unwrap_or(1);
+            let site = netns::SITES[(n % 2) as usize];
+            n += 1;
+            let proxy = sa(netns::RELAY_LAN_IP, connect_port(via));
+            let target = sa(netns::edge_pod_ip(site), HTTP).to_string();
+            let r = tokio::time::timeout(Duration::from_secs(5), async {
+                let s = relay_lab::connect_via(proxy, &target).await?;
+                let (code, _) = relay_lab::http_get(s, "pod", "/", None).await?;
+                ensure!(code == 200, "HTTP {code}");
+                Ok(())
+            })
+            .await;
+            match r {
+                Ok(Ok(())) => {
+                    o.fetch_add(1, SeqCst);
+                }
+                Ok(Err(e)) => {
+                    f.fetch_add(1, SeqCst);
+                    failures.push(format!("via relay-{via} to epod{site}: {e:#}"));
+                }
+                Err(_) => {
+                    f.fetch_add(1, SeqCst);
+                    failures.push(format!("via relay-{via} to epod{site}: timeout"));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(failures)
+    });
+    let t0 = Instant::now();
+    let mut worst = Duration::ZERO;
+    for i in 1..=REPLICAS {
+        avoid.store(i, SeqCst);
+        // Requests already under way through relay-i finish first.
+        std::thread::sleep(Duration::from_millis(300));
+        let r = &mut relays[usize::from(i - 1)];
+        r.terminate(Duration::from_secs(10))
+            .with_context(|| format!("relay-{i} stopping"))?;
+        r.spawn()
+            .with_context(|| format!("relay-{i} starting again"))?;
+        let back = within(Duration::from_secs(15), || all_edges_everywhere(lab, &[i]))
+            .with_context(|| format!("edges rejoin relay-{i} after its restart"))?;
+        worst = worst.max(back);
+    }
+    stop.store(true, SeqCst);
+    let failures = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    let (ok, failed) = (ok.load(SeqCst), failed.load(SeqCst));
+    println!(
+        "rolling restart of {REPLICAS} replicas in {:.1}s: {ok} requests through the others, {failed} failed; each restarted replica rejoined by both edges within {:.2}s",
+        t0.elapsed().as_secs_f64(),
+        worst.as_secs_f64()
+    );
+    ensure!(
+        failed == 0,
+        "requests failed during the rolling restart: {failures:?}"
+    );
+    ensure!(ok > 20, "too few requests to mean anything: {ok}");
     Ok(())
 }
 
