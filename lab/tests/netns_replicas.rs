@@ -8,7 +8,8 @@
 //! API lists both edges); CONNECT from the apiserver host through each
 //! replica reaches each edge's pod; SIGKILL of relay-1 (the address the
 //! edges were given) leaves the other two serving at once, on the same
-//! sessions; relay-1 started again is joined by both edges within a bound.
+//! sessions, and two 4 MiB transfers through relay-2 and relay-3 under
+//! way at the kill finish byte-exact; relay-1 started again is joined by both edges within a bound.
 //! On cloud2 the route agent (resilient multipath mode) routes each edge
 //! pod CIDR through a resilient nexthop group of the three replicas (each
 //! through its own LAN address 10.0.0.11-13 on the relay node); SIGKILL of
@@ -28,8 +29,8 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::scenario::{
-    edge_config, lab_pki, launch, relay_config, relay_server_binary, sa, services, start_edge,
-    within, RelayProcess, Running, ADMIN_TOKEN, HTTP, QUIC_PORT,
+    echo_service, edge_config, lab_pki, launch, relay_config, relay_server_binary, sa, services,
+    start_edge, within, RelayProcess, Running, ADMIN_TOKEN, ECHO, HTTP, QUIC_PORT,
 };
 use relay_protocol::Replica;
 use relay_server::admin::SessionRow;
@@ -231,6 +232,7 @@ fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
             Role::epod(site)?,
             if site == 1 { "epod1" } else { "epod2" },
         )?);
+        pods.push(echo_service(&lab, Role::epod(site)?)?);
         let mut cfg = edge_config(&pki, site)?;
         // Only relay-1's address: the rest comes from the replica set.
         cfg.relay = sa(wan(1), QUIC_PORT).to_string();
@@ -298,6 +300,23 @@ fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
     let before: Vec<_> = (2..=REPLICAS)
         .map(|i| sessions(&lab, i))
         .collect::<Result<_>>()?;
+    // Long transfers through relay-2 and relay-3 (to each edge's echo
+    // service) are under way when relay-1 dies; they must finish intact.
+    let transfers = lab.spawn_in(Role::Apiserver, || async {
+        let one = |i: u8, site: u8| {
+            echo_through(
+                sa(netns::RELAY_LAN_IP, connect_port(i)),
+                sa(netns::edge_pod_ip(site), ECHO),
+                4 << 20,
+                Duration::from_secs(2),
+            )
+        };
+        let (a, b) = tokio::join!(one(2, 1), one(3, 2));
+        a.context("relay-2 → epod1")?;
+        b.context("relay-3 → epod2")?;
+        Ok(())
+    });
+    std::thread::sleep(Duration::from_millis(700));
     relays[0].kill9()?;
     let t_kill = Instant::now();
     for i in 2..=REPLICAS {
@@ -328,6 +347,13 @@ fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
     ensure!(
         group_ids(&lab)? == ids_before,
         "groups replaced rather than changed in place"
+    );
+    transfers
+        .join()
+        .map_err(|_| anyhow::anyhow!("transfer thread panicked"))?
+        .context("transfers through the survivors while relay-1 was killed")?;
+    println!(
+        "two 4 MiB echo transfers through relay-2 and relay-3, under way at the kill: byte-exact"
     );
 
     // relay-1 comes back (same address): both edges rejoin it.
@@ -364,6 +390,41 @@ fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
     }
     drop(relays);
     println!("netns_replicas done in {:.1}s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// CONNECT through `proxy` to the echo service at `target`, then `total`
+/// bytes in 16 KiB writes paced over about `over`, a half-close, and the
+/// same bytes back before EOF.
+async fn echo_through(
+    proxy: SocketAddr,
+    target: SocketAddr,
+    total: usize,
+    over: Duration,
+) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = relay_lab::connect_via(proxy, &target.to_string()).await?;
+    let (mut r, mut w) = s.into_split();
+    let data: Vec<u8> = (0..total).map(|i| (i ^ (i >> 11)) as u8).collect();
+    let send = data.clone();
+    let pause = over / u32::try_from(total.div_ceil(16 << 10)).unwrap_or(1);
+    let writer = tokio::spawn(async move {
+        for c in send.chunks(16 << 10) {
+            w.write_all(c).await?;
+            tokio::time::sleep(pause).await;
+        }
+        w.shutdown().await
+    });
+    let mut got = Vec::with_capacity(total);
+    tokio::time::timeout(over + Duration::from_secs(10), r.read_to_end(&mut got))
+        .await
+        .context("echo timed out")??;
+    writer.await??;
+    ensure!(
+        got == data,
+        "echo differs: {} of {total} bytes back",
+        got.len()
+    );
     Ok(())
 }
 
