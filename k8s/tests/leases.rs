@@ -235,3 +235,55 @@ async fn the_standin_answers_lease_conflicts_like_the_apiserver() {
     assert_eq!(code(api.get("x").await.unwrap_err()), 404);
     assert_eq!(code(api.replace("x", &pp, &w2).await.unwrap_err()), 404);
 }
+
+#[tokio::test]
+async fn the_api_unreachable_longer_than_a_lease_keeps_the_last_set() {
+    let (standin, client) = setup().await;
+    let a = ReplicaMembership::spawn(&client, opts("relay-a", "198.18.0.1:8443"));
+    let b = ReplicaMembership::spawn(&client, opts("relay-b", "198.18.0.2:8443"));
+    wait_until("both see both", BOUND, || {
+        ids(&a) == ["relay-a", "relay-b"] && ids(&b) == ["relay-a", "relay-b"]
+    })
+    .await;
+    // Every request answers 503 for three lease durations: nobody can
+    // renew, and by the clock every Lease expires; the set must not empty.
+    standin.set_unavailable(true);
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(6) {
+        assert_eq!(
+            ids(&a),
+            ["relay-a", "relay-b"],
+            "set changed during the outage"
+        );
+        assert_eq!(
+            ids(&b),
+            ["relay-a", "relay-b"],
+            "set changed during the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        a.stats()
+            .renew_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    standin.set_unavailable(false);
+    // Back: renewals resume and the set is the live one again.
+    let renewed = a
+        .stats()
+        .renewals
+        .load(std::sync::atomic::Ordering::Relaxed);
+    wait_until("renewals resume", BOUND, || {
+        a.stats()
+            .renewals
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > renewed
+    })
+    .await;
+    drop(b);
+    wait_until("relay-b expires once the API is back", BOUND, || {
+        ids(&a) == ["relay-a"]
+    })
+    .await;
+}
