@@ -12,10 +12,10 @@ use std::sync::Arc;
 
 use relay_protocol::{Cidr, StreamOpen, Target, L4};
 use relay_transport::capture::Capture;
-use relay_transport::conn::accept_until;
 use relay_transport::conn::open_stream;
-use relay_transport::splice::splice;
-use relay_transport::udp::{FlowLimits, FlowTable, PickConn, RedirectUdp};
+use relay_transport::conn::{accept_bounded, AcceptBound};
+use relay_transport::splice::{dial_tcp, splice};
+use relay_transport::udp::{FlowLimits, FlowTable, PickConn, Picked, RedirectUdp};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +24,8 @@ use tracing::{debug, info, warn, Instrument};
 use crate::client::{ConnWatch, EdgeState, EdgeStats};
 use crate::config::EdgeConfig;
 use crate::serve::Served;
+use crate::services::EdgeServices;
+use std::sync::atomic::Ordering::Relaxed;
 
 /// Runs the transparent listener and keeps the capture in step with the
 /// session's tunnel routes until `cancel`, then removes the capture.
@@ -44,15 +46,25 @@ pub(crate) async fn run(
     cfg: Arc<EdgeConfig>,
     mut state: watch::Receiver<EdgeState>,
     conns: ConnWatch,
+    services: Arc<EdgeServices>,
     stats: Arc<EdgeStats>,
     cancel: CancellationToken,
 ) {
     let current = conns.clone();
-    let pick: Arc<PickConn> = Arc::new(move |_dst| current.borrow().clone());
+    // UDP always goes to the relay (a ClusterIP included: the relay picks
+    // the endpoint, this edge's own first).
+    let pick: Arc<PickConn> = Arc::new(move |dst| {
+        current.borrow().clone().map(|(conn, flows)| Picked {
+            conn,
+            flows,
+            target: dst,
+        })
+    });
     let limits = FlowLimits {
         open_timeout: cfg.handshake_timeout + cfg.dial_timeout,
         idle: cfg.udp_idle,
         mark: cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0),
+        max_flows: cfg.capture.as_ref().map_or(128, |c| c.max_udp_flows),
     };
     let udp = relay_transport::udp::serve_transparent_udp(
         udp,
@@ -62,9 +74,21 @@ pub(crate) async fn run(
         cancel.clone(),
     );
     tokio::spawn(udp.in_current_span());
-    let accept = accept_loop(listener, cfg.clone(), conns, stats, cancel.clone());
+    let accept = accept_loop(
+        listener,
+        cfg.clone(),
+        conns,
+        services.clone(),
+        stats,
+        cancel.clone(),
+    );
     tokio::pin!(accept);
+    let mut table = services.subscribe();
     loop {
+        let (want, local) = crate::services::capture_sets(&table.borrow_and_update());
+        if let Err(e) = cap.apply_services(&want, &local).await {
+            warn!(error = %e, "updating service capture failed; will retry on the next change");
+        }
         let routes = match &*state.borrow_and_update() {
             EdgeState::Connected {
                 tunnel_routes,
@@ -78,7 +102,16 @@ pub(crate) async fn run(
             // route (a cluster CIDR that contains this node's pod CIDR).
             let skip: BTreeSet<Cidr> = served.into_iter().collect();
             let want: BTreeSet<Cidr> = routes.into_iter().filter(|r| !skip.contains(r)).collect();
-            if let Err(e) = cap.apply(&want, &skip).await {
+            // Only what this node serves (its pods, its addresses) and the
+            // configured extra sources are captured when forwarded: a LAN
+            // device routing through the node must not reach the cloud.
+            let mut sources = skip.clone();
+            sources.extend(cfg.capture.iter().flat_map(|c| c.sources.iter().flatten()));
+            let applied = match cap.apply_sources(&sources).await {
+                Ok(()) => cap.apply(&want, &skip).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = applied {
                 warn!(error = %e, "updating capture failed; will retry on the next change");
             }
         }
@@ -86,6 +119,7 @@ pub(crate) async fn run(
             _ = cancel.cancelled() => break,
             _ = &mut accept => break,
             r = state.changed() => if r.is_err() { break },
+            r = table.changed() => if r.is_err() { break },
         }
     }
     cap.teardown().await;
@@ -96,24 +130,55 @@ async fn accept_loop(
     l: TcpListener,
     cfg: Arc<EdgeConfig>,
     conns: ConnWatch,
+    services: Arc<EdgeServices>,
     stats: Arc<EdgeStats>,
     cancel: CancellationToken,
 ) {
+    // Each captured connection holds a task, a socket and a stream: at most
+    // `capture.max_connections` at once, more are reset and counted.
+    let max = cfg.capture.as_ref().map_or(1, |c| c.max_connections);
+    let bound = stats.capture_bound.get_or_init(|| AcceptBound::new(max));
     loop {
-        let Some((sock, peer)) = accept_until(&cancel, "capture", || l.accept()).await else {
+        let Some((sock, peer, permit)) = accept_bounded(&cancel, "capture", &l, bound).await else {
             return;
         };
         let conn = conns.borrow().clone();
-        let (cfg, stats) = (cfg.clone(), stats.clone());
+        let (cfg, stats, services) = (cfg.clone(), stats.clone(), services.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let Ok(dst) = relay_transport::conntrack::original_dst_tcp(&sock) else {
                 return;
             };
+            if let Some(ep) = services.local_endpoint(dst) {
+                let span = tracing::debug_span!("service", %dst, %ep, src = %peer);
+                services.local_picks.fetch_add(1, Relaxed);
+                return local_service(sock, ep, cfg).instrument(span).await;
+            }
             let span = tracing::debug_span!("outbound", %dst, src = %peer);
             outbound(sock, peer, dst, conn, cfg, stats)
                 .instrument(span)
                 .await;
         });
+    }
+}
+
+/// A captured ClusterIP connection with an endpoint on this edge: dialled
+/// from here (our socket's mark keeps it out of capture; the address is a
+/// local pod's, which kube-proxy leaves alone), never through the relay.
+/// Works with the relay unreachable.
+async fn local_service(sock: TcpStream, ep: std::net::SocketAddr, cfg: Arc<EdgeConfig>) {
+    let _ = sock.set_nodelay(true);
+    let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
+    match dial_tcp(ep, cfg.dial_timeout, mark).await {
+        Ok(mut tcp) => {
+            let mut sock = sock;
+            let r = tokio::io::copy_bidirectional(&mut sock, &mut tcp).await;
+            debug!(result = ?r, "local service connection closed");
+        }
+        Err(reply) => {
+            info!(reason = reply.status.as_str(), msg = %reply.message, "local service endpoint refused");
+            let _ = sock.set_zero_linger();
+        }
     }
 }
 

@@ -27,6 +27,7 @@ use crate::config::{EdgeConfig, TransportMode};
 use crate::identity::{clock_hint, Credentials, IdentityError};
 use crate::liveness::{Liveness, Tick, DEAD_AFTER_KEEPALIVES};
 use crate::serve::{serve_stream, ServedRoutes, ServedSet};
+use crate::services::EdgeServices;
 
 /// Where the client is in its life cycle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +100,9 @@ pub struct EdgeStats {
     pub pongs_late: AtomicU64,
     /// UDP flow counters.
     pub udp: Arc<relay_transport::udp::UdpStats>,
+    /// The captured-connection bound (`capture.max_connections`) and its
+    /// refusal count; set once capture runs.
+    pub capture_bound: std::sync::OnceLock<relay_transport::conn::AcceptBound>,
 }
 
 impl Meter for EdgeStats {
@@ -115,6 +119,7 @@ impl Meter for EdgeStats {
 pub struct EdgeClient {
     state: watch::Receiver<EdgeState>,
     stats: Arc<EdgeStats>,
+    services: Arc<EdgeServices>,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     capture: Option<tokio::task::JoinHandle<()>>,
@@ -185,12 +190,14 @@ impl EdgeClient {
         let cfg = Arc::new(cfg);
         let served = Arc::new(ServedSet::from_config(&cfg));
         let creds = Arc::new(Credentials::new(&cfg));
+        let services = Arc::new(EdgeServices::default());
         let capture = capture.map(|parts| {
             let t = crate::capture::run(
                 parts,
                 cfg.clone(),
                 rx.clone(),
                 conn_rx,
+                services.clone(),
                 stats.clone(),
                 cancel.clone(),
             );
@@ -202,6 +209,7 @@ impl EdgeClient {
             crate::supervisor::supervise(
                 cfg,
                 served,
+                services.clone(),
                 creds,
                 tx,
                 conn_tx,
@@ -213,6 +221,7 @@ impl EdgeClient {
         EdgeClient {
             state: rx,
             stats,
+            services,
             cancel,
             task,
             capture,
@@ -232,6 +241,11 @@ impl EdgeClient {
     /// Counters.
     pub fn stats(&self) -> &Arc<EdgeStats> {
         &self.stats
+    }
+
+    /// The ClusterIP table the relay sent (empty until it does).
+    pub fn services(&self) -> &Arc<EdgeServices> {
+        &self.services
     }
 
     /// Waits (at most `timeout`) until the client is connected; returns
@@ -289,9 +303,12 @@ pub(crate) type ConnWatch = watch::Receiver<Option<(TunnelConn, Arc<FlowTable>)>
 
 /// One relay's reconnect loop: dial `cfg.relay`, run the session, back off,
 /// again, until `cancel`. The supervisor runs one per replica.
+// The session's shared parts, passed once at start; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     cfg: Arc<EdgeConfig>,
     served: Arc<ServedSet>,
+    services: Arc<EdgeServices>,
     creds: Arc<Credentials>,
     state: watch::Sender<EdgeState>,
     conn_tx: watch::Sender<Option<(TunnelConn, Arc<FlowTable>)>>,
@@ -373,7 +390,8 @@ pub(crate) async fn run(
                     gen = hello.generation
                 );
                 let end = run_session(
-                    &conn, &flows, control, &cfg, &served, &creds, &stats, &cancel, &state,
+                    &conn, &flows, control, &cfg, &served, &services, &creds, &stats, &cancel,
+                    &state,
                 )
                 .instrument(span)
                 .await;
@@ -618,6 +636,7 @@ async fn run_session(
     control: BiStream,
     cfg: &Arc<EdgeConfig>,
     served: &Arc<ServedSet>,
+    services: &EdgeServices,
     creds: &Arc<Credentials>,
     stats: &Arc<EdgeStats>,
     cancel: &CancellationToken,
@@ -642,6 +661,7 @@ async fn run_session(
     // timeout, while a late pong on a congested uplink costs nothing.
     let mut liveness = Liveness::new(cfg.quic.keepalive);
     let mut rtt_logged: Option<Instant> = None;
+    let mut svc_batch = crate::services::Batch::default();
     let mut tick = tokio::time::interval(cfg.quic.keepalive);
     // A tick delayed (a busy runtime) must not fire a burst of pings that
     // would then all count as in flight.
@@ -752,6 +772,10 @@ async fn run_session(
                                     *r = Some(replicas);
                                 }
                             });
+                            continue;
+                        }
+                        msg @ Control::ServiceDelta { .. } => {
+                            svc_batch.apply(&msg, services);
                             continue;
                         }
                         Control::GoAway { reason, grace_ms } => {

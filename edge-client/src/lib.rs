@@ -12,6 +12,8 @@
 //! - `supervisor`: one session per relay replica when the relay
 //!   advertises a replica set (else the one session, as before).
 //! - [`serve`]: serving the relay's streams within what this edge serves.
+//! - [`services`]: the ClusterIP table the relay sends: what capture takes
+//!   ahead of kube-proxy, and local endpoints preferred.
 //! - `identity`: the node certificate: given, or obtained from the relay
 //!   with a service-account token and renewed.
 //! - [`backoff`]: capped exponential backoff with full jitter.
@@ -25,6 +27,7 @@ pub mod config;
 mod identity;
 pub mod liveness;
 pub mod serve;
+pub mod services;
 mod supervisor;
 
 pub use client::{EdgeClient, EdgeState, EdgeStats, StartError};

@@ -45,6 +45,7 @@ use crate::client::{run, EdgeState, EdgeStats};
 use crate::config::EdgeConfig;
 use crate::identity::Credentials;
 use crate::serve::ServedSet;
+use crate::services::EdgeServices;
 
 type ConnSlot = Option<(TunnelConn, Arc<FlowTable>)>;
 
@@ -105,6 +106,9 @@ impl Runner {
 struct Common {
     cfg: Arc<EdgeConfig>,
     served: Arc<ServedSet>,
+    /// The ClusterIP table: one per edge, fed by every session (each
+    /// replica sends the same table).
+    services: Arc<EdgeServices>,
     creds: Arc<Credentials>,
     stats: Arc<EdgeStats>,
     wake: Arc<Notify>,
@@ -125,6 +129,7 @@ impl Common {
             run(
                 Arc::new(cfg),
                 self.served.clone(),
+                self.services.clone(),
                 self.creds.clone(),
                 state_tx,
                 conn_tx,
@@ -157,9 +162,11 @@ impl Common {
 
 /// Runs the edge's sessions until `cancel`; publishes the first connected
 /// session's state and connection.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn supervise(
     cfg: Arc<EdgeConfig>,
     served: Arc<ServedSet>,
+    services: Arc<EdgeServices>,
     creds: Arc<Credentials>,
     state: watch::Sender<EdgeState>,
     conn_tx: watch::Sender<ConnSlot>,
@@ -169,6 +176,7 @@ pub(crate) async fn supervise(
     let common = Common {
         cfg: cfg.clone(),
         served,
+        services,
         creds,
         stats,
         wake: Arc::new(Notify::new()),

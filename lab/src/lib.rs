@@ -9,8 +9,10 @@
 //! `127.0.0.x`, so edges' routes never overlap and each edge's services
 //! bind to its own address.
 
+pub mod cluster;
 pub mod netns;
 pub mod scenario;
+pub mod sources;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Once;

@@ -376,9 +376,6 @@ pub struct Row {
     pub cells: Vec<String>,
     /// Whether the row passed.
     pub ok: bool,
-    /// A cell expected to fail until a known issue is fixed (see
-    /// [`Table::known_gap`]): failing, but counted apart from failures.
-    pub known_gap: bool,
 }
 
 /// A result table rendered as Markdown-like text: every column padded but
@@ -403,41 +400,7 @@ impl Table {
     pub fn push(&mut self, lead: &[&str], result: String, ok: bool) {
         let mut cells: Vec<String> = lead.iter().map(|c| c.to_string()).collect();
         cells.push(result);
-        self.rows.push(Row {
-            cells,
-            ok,
-            known_gap: false,
-        });
-    }
-
-    /// Adds a cell that is a known gap of `issue`: when `got` fails, the row
-    /// says `known gap (<issue>)` with the error and counts as neither pass
-    /// nor failure ([`Table::known_gaps`]); when it reaches `expect` after
-    /// all, it is an ordinary pass that says the gap is closed.
-    pub fn known_gap(&mut self, lead: &[&str], issue: &str, expect: &str, got: Result<String>) {
-        let mut cells: Vec<String> = lead.iter().map(|c| c.to_string()).collect();
-        let (result, ok) = match got {
-            Ok(who) if who.strip_prefix("hello from ").unwrap_or(&who) == expect => (
-                format!("ok ({who}); the known gap ({issue}) is closed"),
-                true,
-            ),
-            Ok(who) => (
-                format!("known gap ({issue}): reached {who}, not {expect}"),
-                false,
-            ),
-            Err(e) => (format!("known gap ({issue}): {e:#}"), false),
-        };
-        cells.push(result);
-        self.rows.push(Row {
-            cells,
-            ok,
-            known_gap: !ok,
-        });
-    }
-
-    /// How many rows are open known gaps.
-    pub fn known_gaps(&self) -> usize {
-        self.rows.iter().filter(|r| r.known_gap).count()
+        self.rows.push(Row { cells, ok });
     }
 
     /// Adds a row that passes when `got` names the host `expect` (as
@@ -467,11 +430,11 @@ impl Table {
         self.rows.iter().filter(|r| r.ok).count()
     }
 
-    /// The first cell of every failed row (known gaps excluded).
+    /// The first cell of every failed row.
     pub fn failed(&self) -> Vec<&str> {
         self.rows
             .iter()
-            .filter(|r| !r.ok && !r.known_gap)
+            .filter(|r| !r.ok)
             .map(|r| r.cells.first().map(String::as_str).unwrap_or(""))
             .collect()
     }

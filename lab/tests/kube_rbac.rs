@@ -10,10 +10,16 @@
 //! 1. With exactly the manifests' rules, a full session lifecycle (edge up
 //!    with a certificate obtained by token bootstrap, condition written,
 //!    event published, reconnect folded into an event series, Node changed,
-//!    Node deleted) passes with zero 403s: the rules are enough.
+//!    Node deleted) and the service directory's watches (Services and
+//!    EndpointSlices listed, then a change watched) pass with zero 403s:
+//!    the rules are enough.
 //! 2. With any one verb of any one rule removed (and with any whole rule
 //!    removed), the same scenario fails and at least one 403 is seen: no
 //!    rule, and no verb, is unused. A rule no test needs fails here.
+//!
+//! The relay does not start a `ServiceDirectory` yet, so this test runs one
+//! beside it, as the same user through the same kind of kubeconfig: the
+//! calls are the ones relay-kube makes, whoever owns the directory.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -23,6 +29,12 @@ use std::sync::Arc;
 
 use edge_client::config::{BootstrapConfig, Identity};
 use edge_client::{EdgeClient, EdgeConfig, EdgeState};
+use relay_kube::{
+    ClientOptions, KubeClientConfig, Protocol, ServiceDirectory, ServiceDirectoryOptions,
+};
+use relay_kube_standin::k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use relay_kube_standin::k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
+use relay_kube_standin::k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use relay_kube_standin::{cluster_role_rules, daemonset_pod, kubelet_node, PolicyRule, StandIn};
 use relay_lab::sessions;
 use relay_protocol::Cidr;
@@ -59,6 +71,55 @@ fn node(pod_cidr: &str) -> relay_kube_standin::k8s_openapi::api::core::v1::Node 
         &[pod_cidr],
         &[("InternalIP", &ip), ("Hostname", "edge-0.site.example")],
     )
+}
+
+/// A ClusterIP Service `shop/<name>` on `vip` (TCP, port named `main`)
+/// with its EndpointSlice: one endpoint `ep` on edge-0, target port 8080.
+fn service_with_slice(name: &str, vip: std::net::SocketAddr, ep: &str) -> (Service, EndpointSlice) {
+    let meta = |n: &str| ObjectMeta {
+        namespace: Some("shop".into()),
+        name: Some(n.into()),
+        ..Default::default()
+    };
+    let svc = Service {
+        metadata: meta(name),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(vip.ip().to_string()),
+            cluster_ips: Some(vec![vip.ip().to_string()]),
+            ports: Some(vec![ServicePort {
+                name: Some("main".into()),
+                port: i32::from(vip.port()),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    let mut slice_meta = meta(&format!("{name}-x1"));
+    slice_meta.labels = Some(
+        [(
+            relay_kube::services::SERVICE_NAME_LABEL.to_string(),
+            name.to_string(),
+        )]
+        .into(),
+    );
+    let slice = EndpointSlice {
+        metadata: slice_meta,
+        address_type: "IPv4".into(),
+        ports: Some(vec![EndpointPort {
+            name: Some("main".into()),
+            port: Some(8080),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        endpoints: vec![Endpoint {
+            addresses: vec![ep.into()],
+            node_name: Some("edge-0".into()),
+            ..Default::default()
+        }],
+    };
+    (svc, slice)
 }
 
 /// Polls `f` every 50 ms until it yields `Some`, at most `bound`.
@@ -230,6 +291,42 @@ async fn lifecycle(rules: Vec<PolicyRule>, bound: Duration) -> Result<Outcome> {
             .await
             .context("reconnect not refused")?;
         }
+        // The service directory: LIST of Services and EndpointSlices
+        // (services list, endpointslices list) ...
+        step = "services listed";
+        let web: std::net::SocketAddr = "10.96.0.10:80".parse()?;
+        let (svc, slice) = service_with_slice("web", web, "10.244.7.5");
+        standin.upsert_service(svc);
+        standin.upsert_endpointslice(slice);
+        let client = KubeClientConfig::Kubeconfig {
+            path: standin.kubeconfig_path().to_path_buf(),
+            context: None,
+        }
+        .client(&ClientOptions::default())
+        .await?;
+        let services = ServiceDirectory::spawn(&client, &ServiceDirectoryOptions::default());
+        let endpoint_of = |vip| {
+            services.with_table(|t| {
+                t.lookup(vip, Protocol::Tcp)
+                    .and_then(|e| e.endpoints.first().map(|e| e.addr()))
+            })
+        };
+        services.wait_synced(bound).await?;
+        ensure!(
+            endpoint_of(web) == Some("10.244.7.5:8080".parse()?),
+            "web: {:?}",
+            endpoint_of(web)
+        );
+        // ... then WATCH from there (services watch, endpointslices
+        // watch): a Service and a slice created afterwards arrive. Both
+        // are needed: the entry has its endpoint only once both came.
+        step = "service change watched";
+        let api: std::net::SocketAddr = "10.96.0.11:443".parse()?;
+        let (svc, slice) = service_with_slice("api", api, "10.244.7.6");
+        standin.upsert_service(svc);
+        standin.upsert_endpointslice(slice);
+        let want = Some("10.244.7.6:8080".parse()?);
+        eventually(bound, async || Ok((endpoint_of(api) == want).then_some(()))).await?;
         Ok::<(), anyhow::Error>(())
     }
     .await;

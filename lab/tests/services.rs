@@ -49,7 +49,7 @@ fn start_capture(
         let cfg = CaptureConfig::default();
         let port = cfg.port;
         let mut cap = Capture::install(cfg).await?;
-        cap.apply_services(&initial).await?;
+        cap.apply_services(&initial, &Services::new()).await?;
         let tcp = capture::capture_tcp_listener(port)?;
         // Redirect rewrites the destination to the primary address of the
         // incoming interface (a pod behind cni0) or to 127.0.0.1 (a local
@@ -61,7 +61,8 @@ fn start_capture(
                 let mut buf = [0u8; 512];
                 while let Ok((_, SocketAddr::V4(from))) = s.recv_from(&mut buf).await {
                     let here = SocketAddrV4::new(local, port);
-                    let what = match relay_transport::conntrack::original_dst_udp(here, from) {
+                    let what = match relay_transport::conntrack::original_dst_udp(here, from).await
+                    {
                         Ok(orig) => format!("{CAPTURED}{orig}"),
                         Err(e) => format!("no original destination: {e}"),
                     };
@@ -84,7 +85,7 @@ fn start_capture(
             tokio::select! {
                 _ = &mut stop => break,
                 Some(set) = changes.recv() => {
-                    let r = cap.apply_services(&set).await.map_err(anyhow::Error::from);
+                    let r = cap.apply_services(&set, &Services::new()).await.map_err(anyhow::Error::from);
                     let _ = applied.send(r);
                 }
             }

@@ -46,14 +46,23 @@ pub mod capability {
     /// the relay, not the edge's own config, says what the edge serves (in
     /// Kubernetes, from its Node object).
     pub const SERVED_ROUTES: u32 = 1 << 4;
+    /// Understands [`Control::ServiceDelta`](super::Control::ServiceDelta):
+    /// the relay tells the edge which ClusterIP ports to capture ahead of
+    /// its kube-proxy and which of their endpoints are on the edge itself.
+    pub const SERVICES: u32 = 1 << 5;
     /// Understands [`Control::Replicas`](super::Control::Replicas): the
     /// relay tells the edge every replica it should hold a session to, and
     /// the edge keeps one session per replica. A relay sends it only to
     /// edges with this bit; an edge without it keeps one session.
     pub const REPLICAS: u32 = 1 << 6;
     /// Every bit this build understands.
-    pub const ALL: u32 =
-        TCP_STREAMS | UDP_DATAGRAMS | ROUTE_DELTAS | EXTENSIBLE | SERVED_ROUTES | REPLICAS;
+    pub const ALL: u32 = TCP_STREAMS
+        | UDP_DATAGRAMS
+        | ROUTE_DELTAS
+        | EXTENSIBLE
+        | SERVED_ROUTES
+        | SERVICES
+        | REPLICAS;
 }
 
 /// The first message of a session, sent by the edge on the control stream.
@@ -239,12 +248,22 @@ pub enum Control {
         /// The node's own address (see [`ServerHelloExt::primary_addr`]).
         primary_addr: Option<IpAddr>,
     },
-    /// Index 6 is taken by a message being added on another branch
-    /// (Services); this placeholder keeps [`Control::Replicas`] at index 7
-    /// until then. Never sent; received, it is ignored like an unknown
-    /// message (trailing fields are skipped by the decoder).
-    #[doc(hidden)]
-    Reserved6,
+    /// A change to the edge's table of ClusterIP ports, sent only to edges
+    /// that announced [`capability::SERVICES`]. Same batching as
+    /// [`Control::RouteDelta`]: a session starts with an empty table, the
+    /// first frame of a full resync has `reset`, a batch may span frames
+    /// and only its last has `complete` (build them with
+    /// [`Control::service_deltas`], which keeps every frame bounded).
+    ServiceDelta {
+        /// Start from an empty table before applying this frame.
+        reset: bool,
+        /// Ports added or changed (replacing the entry with the same key).
+        upsert: Vec<ServicePort>,
+        /// Ports removed.
+        remove: Vec<ServiceKey>,
+        /// The last frame of a batch: apply everything received so far.
+        complete: bool,
+    },
     /// The relay replicas this edge should hold one session to each, sent
     /// only to edges that announced [`capability::REPLICAS`]: once after the
     /// hello and again whenever the set changes. The list is complete (a
@@ -267,10 +286,44 @@ pub struct Replica {
     pub addr: String,
 }
 
+/// A ClusterIP port: address, port and transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ServiceKey {
+    /// ClusterIP and Service port.
+    pub vip: SocketAddr,
+    /// UDP when true, TCP otherwise.
+    pub udp: bool,
+}
+
+/// One ClusterIP port as an edge needs it to decide, ahead of its own
+/// kube-proxy, where a connection goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePort {
+    /// Which ClusterIP port.
+    pub key: ServiceKey,
+    /// Some usable endpoint is not on this edge: the edge captures the
+    /// port (when it has no endpoint of its own to use, the connection goes
+    /// to the relay, which picks an endpoint).
+    pub remote: bool,
+    /// Usable endpoints on this edge (`IP:targetPort`), at most
+    /// [`ServicePort::MAX_LOCAL`]; the edge prefers them.
+    pub local: Vec<SocketAddr>,
+}
+
+impl ServicePort {
+    /// Most local endpoints listed per port (an EndpointSlice holds 100 by
+    /// default; one node rarely runs more replicas of one Service).
+    pub const MAX_LOCAL: usize = 64;
+}
+
 impl Control {
     /// Number of variants this build knows; a frame whose variant index is
     /// at or above it comes from a newer peer.
     pub const VARIANTS: u32 = 8;
+
+    /// Byte budget of the entries in one [`Control::ServiceDelta`]: well
+    /// inside [`crate::MAX_FRAME_LEN`] whatever the mix of entries.
+    pub const SERVICE_DELTA_BUDGET: usize = 48 * 1024;
 
     /// Most replicas in one [`Control::Replicas`] (a frame's bound, far
     /// above any sane deployment; edges cap what they follow lower).
@@ -305,6 +358,85 @@ impl Control {
                 return out;
             }
         }
+    }
+}
+
+impl Control {
+    /// Splits a change of the service table into [`Control::ServiceDelta`]
+    /// frames whose entries stay within [`Control::SERVICE_DELTA_BUDGET`]
+    /// bytes (an entry's worst case is about 1.3 KiB: IPv6 with
+    /// [`ServicePort::MAX_LOCAL`] endpoints, which are cut to that number
+    /// here). Removals go first; the first frame carries `reset`, the last
+    /// is `complete`; an empty change yields one empty, complete frame.
+    pub fn service_deltas(
+        reset: bool,
+        upsert: Vec<ServicePort>,
+        remove: Vec<ServiceKey>,
+    ) -> Vec<Control> {
+        // Worst-case encoded sizes: an address is at most 1 + 16 + 2 bytes,
+        // each length prefix at most 9.
+        const ADDR: usize = 19;
+        const KEY: usize = ADDR + 1;
+        let cost = |p: &ServicePort| KEY + 1 + 9 + p.local.len() * ADDR;
+        let mut out = Vec::new();
+        let mut upsert = upsert.into_iter().peekable();
+        let mut remove = remove.into_iter().peekable();
+        loop {
+            let (mut r, mut u, mut used) = (Vec::new(), Vec::new(), 0usize);
+            while used + KEY <= Self::SERVICE_DELTA_BUDGET {
+                let Some(k) = remove.next() else { break };
+                used += KEY;
+                r.push(k);
+            }
+            while let Some(p) = upsert.peek() {
+                let c = cost(p).min(KEY + 10 + ServicePort::MAX_LOCAL * ADDR);
+                if used + c > Self::SERVICE_DELTA_BUDGET {
+                    break;
+                }
+                let Some(mut p) = upsert.next() else { break };
+                p.local.truncate(ServicePort::MAX_LOCAL);
+                used += c;
+                u.push(p);
+            }
+            let done = upsert.peek().is_none() && remove.peek().is_none();
+            out.push(Control::ServiceDelta {
+                reset: reset && out.is_empty(),
+                upsert: u,
+                remove: r,
+                complete: done,
+            });
+            if done {
+                return out;
+            }
+        }
+    }
+
+    /// Applies a [`Control::ServiceDelta`] to `table` (keyed by
+    /// [`ServicePort::key`]); returns `Some(complete)`, or `None` (table
+    /// untouched) for any other message.
+    pub fn apply_service_delta(
+        &self,
+        table: &mut std::collections::BTreeMap<ServiceKey, ServicePort>,
+    ) -> Option<bool> {
+        let Control::ServiceDelta {
+            reset,
+            upsert,
+            remove,
+            complete,
+        } = self
+        else {
+            return None;
+        };
+        if *reset {
+            table.clear();
+        }
+        for k in remove {
+            table.remove(k);
+        }
+        for p in upsert {
+            table.insert(p.key, p.clone());
+        }
+        Some(*complete)
     }
 }
 

@@ -300,6 +300,10 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
             shared.directory.source()
         );
         (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
+    } else if !shared.services.is_synced() {
+        // Capture and edges' service tables would start from nothing.
+        let msg = "services and endpointslices not loaded yet\n";
+        (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
     } else {
         "ready\n".into_response()
     }
@@ -396,7 +400,8 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         shared
             .metrics
             .render(shared.registry.len(), shared.cfg.limits.max_sessions)
-            + &crate::metrics::render_udp(&shared.udp),
+            + &crate::metrics::render_udp(&shared.udp)
+            + &crate::metrics::render_capture(&shared),
     )
         .into_response()
 }

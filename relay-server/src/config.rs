@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use relay_protocol::Cidr;
 use relay_transport::capture::{CaptureConfig, CaptureFile};
+
+pub use crate::config_tls::{RelayTlsFiles, TlsFiles, TlsReload};
 use relay_transport::{QuicFile, QuicTuning, TlsMaterial};
 use serde::Deserialize;
 
@@ -92,6 +94,12 @@ pub struct RelayConfig {
     pub tcp_fallback: bool,
     /// Relay certificate and the CA that signs edge certificates.
     pub tls: TlsMaterial,
+    /// Revoked edge certificates (`tls.crl`); empty: no revocation check.
+    pub tls_crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
+    /// Files to reload `tls` and `tls_crls` from (on SIGHUP, on
+    /// [`crate::Relay::reload_tls`], and when they change); `None` for a
+    /// config built by code.
+    pub tls_reload: Option<TlsReload>,
     /// QUIC transport settings.
     pub quic: QuicTuning,
     /// TCP address of the HTTP CONNECT ingress, if enabled.
@@ -150,6 +158,8 @@ impl RelayConfig {
             quic_listen: lo,
             tcp_fallback: true,
             tls,
+            tls_crls: Vec::new(),
+            tls_reload: None,
             quic: QuicTuning::relay_default(),
             connect_listen: Some(lo),
             connect_tls: None,
@@ -339,6 +349,12 @@ pub struct KubeSettings {
     pub events: bool,
     /// Bound on every API call (the watch has its own, longer bound).
     pub api_timeout: Duration,
+    /// Watch Services and EndpointSlices: capture ClusterIP ports with
+    /// edge endpoints on the relay node, resolve ClusterIPs and Service
+    /// names, and tell edges which ClusterIP ports to capture.
+    pub services: bool,
+    /// The cluster's DNS domain, for `CONNECT name.ns.svc.<domain>:port`.
+    pub cluster_domain: String,
 }
 
 impl Default for KubeSettings {
@@ -349,6 +365,8 @@ impl Default for KubeSettings {
             node_status: true,
             events: true,
             api_timeout: Duration::from_secs(10),
+            services: true,
+            cluster_domain: "cluster.local".into(),
         }
     }
 }
@@ -462,6 +480,10 @@ pub struct KubernetesFile {
     /// See [`KubeSettings::api_timeout`] (default 10 s).
     #[serde(default, with = "humantime_serde")]
     pub api_timeout: Option<Duration>,
+    /// See [`KubeSettings::services`] (default true).
+    pub services: Option<bool>,
+    /// See [`KubeSettings::cluster_domain`] (default `cluster.local`).
+    pub cluster_domain: Option<String>,
 }
 
 impl KubernetesFile {
@@ -473,6 +495,12 @@ impl KubernetesFile {
             node_status: self.node_status.unwrap_or(d.node_status),
             events: self.events.unwrap_or(d.events),
             api_timeout: self.api_timeout.unwrap_or(d.api_timeout),
+            services: self.services.unwrap_or(d.services),
+            cluster_domain: self
+                .cluster_domain
+                .as_deref()
+                .map(|c| c.trim_matches('.').to_ascii_lowercase())
+                .unwrap_or(d.cluster_domain),
         })
     }
 }
@@ -501,6 +529,19 @@ fn check_kubernetes(
     if k.api_timeout.is_zero() || k.api_timeout > MAX_DURATION {
         return Err(err("kubernetes.api_timeout", "must be between 1ms and 24h"));
     }
+    let domain_ok = !k.cluster_domain.is_empty()
+        && k.cluster_domain.len() <= 253
+        && k.cluster_domain.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if !domain_ok {
+        return Err(err(
+            "kubernetes.cluster_domain",
+            "must be a DNS domain such as cluster.local",
+        ));
+    }
     Ok(())
 }
 
@@ -521,28 +562,10 @@ pub struct ConfigError {
     pub message: String,
 }
 
-fn err(field: impl Into<String>, message: impl ToString) -> ConfigError {
+pub(crate) fn err(field: impl Into<String>, message: impl ToString) -> ConfigError {
     ConfigError {
         field: field.into(),
         message: message.to_string(),
-    }
-}
-
-/// `[tls]`-style certificate paths.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    /// Certificate chain (PEM).
-    pub cert: PathBuf,
-    /// Private key (PEM).
-    pub key: PathBuf,
-    /// CA that peers' certificates must chain to (PEM).
-    pub client_ca: PathBuf,
-}
-
-impl TlsFiles {
-    fn load(&self, section: &str) -> Result<TlsMaterial, ConfigError> {
-        TlsMaterial::from_files(&self.cert, &self.key, &self.client_ca).map_err(|e| err(section, e))
     }
 }
 
@@ -642,8 +665,8 @@ pub struct FileConfig {
     pub relay_id: Option<String>,
     /// Listening addresses.
     pub listen: ListenFile,
-    /// Relay certificate, key, and the CA of edge certificates.
-    pub tls: TlsFiles,
+    /// Relay certificate, key, the CA of edge certificates, CRLs.
+    pub tls: RelayTlsFiles,
     /// TLS for the CONNECT TCP listener (client certificates required).
     pub connect_tls: Option<TlsFiles>,
     /// Admin API settings.
@@ -719,6 +742,12 @@ impl FileConfig {
             .capture
             .resolve()
             .map_err(|(f, m)| err(format!("capture.{f}"), m))?;
+        if self.capture.max_udp_flows.is_some() {
+            return Err(err(
+                "capture.max_udp_flows",
+                "edge only (the relay bounds flows per session: limits.max_udp_flows_per_session)",
+            ));
+        }
         let quic = self
             .quic
             .resolve(QuicTuning::relay_default())
@@ -750,7 +779,7 @@ impl FileConfig {
                 Some(Secret::new(t))
             }
         };
-        let tls = self.tls.load("tls")?;
+        let (tls, tls_crls, tls_reload) = self.tls.load()?;
         let admin_tls_on = match (self.admin.tls, self.listen.admin) {
             (Some(on), _) => on,
             (None, Some(a)) => !is_loopback(&a),
@@ -790,6 +819,8 @@ impl FileConfig {
             quic_listen: self.listen.quic,
             tcp_fallback: self.listen.tcp_fallback,
             tls,
+            tls_crls,
+            tls_reload,
             quic,
             connect_listen: self.listen.connect,
             connect_tls: self

@@ -27,7 +27,8 @@ use tracing::{debug, info, Instrument};
 
 use crate::policy::{canonical, Origin, Proto};
 use crate::server::Shared;
-use crate::tunnel::{decide, open_on, route, Route};
+use crate::services::NameLookup;
+use crate::tunnel::{decide, open_on, route_any, route_backend, Route};
 
 /// Accepts CONNECT clients on TCP, optionally behind TLS with client auth.
 pub(crate) async fn serve_tcp(
@@ -478,22 +479,17 @@ async fn handle<S: LocalStream>(mut s: S, peer: String, mut audit: Audit, shared
     // client cannot forge audit lines.
     audit.target = head.authority.chars().filter(|c| !c.is_control()).collect();
     let (authority, auth) = (head.authority, head.target);
-    let (session, target) = match resolve(shared, &auth) {
+    let routed = match resolve(shared, &auth) {
         Ok(v) => v,
         Err(reply) => {
-            audit.answer(status_code(reply.status), reply.status.as_str());
             shared.metrics.stream_outcome(reply.status);
             info!(%peer, dst = %authority, reason = reply.status.as_str(), msg = %reply.message, "CONNECT refused");
-            let _ = respond(
-                &mut s,
-                status_code(reply.status),
-                reply.status.as_str(),
-                &reply.message,
-                shared,
-            )
-            .await;
-            return;
+            return refuse(&mut s, &mut audit, &reply, shared).await;
         }
+    };
+    let (session, target) = match routed {
+        Routed::Edge(session, target) => (session, target),
+        Routed::Direct(target) => return direct(s, pending, target, audit, shared).await,
     };
     audit.node = session.node.clone();
     audit.dst = target.to_string();
@@ -502,17 +498,8 @@ async fn handle<S: LocalStream>(mut s: S, peer: String, mut audit: Audit, shared
         let (bi, guard) = match open_on(shared, session, target, peer.parse().ok()).await {
             Ok(v) => v,
             Err(reply) => {
-                audit.answer(status_code(reply.status), reply.status.as_str());
                 info!(reason = reply.status.as_str(), msg = %reply.message, "stream refused");
-                let _ = respond(
-                    &mut s,
-                    status_code(reply.status),
-                    reply.status.as_str(),
-                    &reply.message,
-                    shared,
-                )
-                .await;
-                return;
+                return refuse(&mut s, &mut audit, &reply, shared).await;
             }
         };
         audit.answer(200, "ok");
@@ -528,51 +515,106 @@ async fn handle<S: LocalStream>(mut s: S, peer: String, mut audit: Audit, shared
     .await
 }
 
+/// Answers a refused CONNECT with the status for `reply` (its label and
+/// message in the reason phrase) and notes it in the audit line.
+async fn refuse<S: LocalStream>(
+    s: &mut S,
+    audit: &mut Audit,
+    reply: &StreamReply,
+    shared: &Shared,
+) {
+    let code = status_code(reply.status);
+    audit.answer(code, reply.status.as_str());
+    let _ = respond(s, code, reply.status.as_str(), &reply.message, shared).await;
+}
+
+/// A CONNECT to a Service whose picked endpoint is in the cloud (a webhook
+/// or aggregated API the apiserver names `svc.ns.svc:443`): the relay
+/// dials it itself.
+async fn direct<S: LocalStream>(
+    mut s: S,
+    pending: &[u8],
+    target: SocketAddr,
+    mut audit: Audit,
+    shared: &Arc<Shared>,
+) {
+    audit.node = "cloud".into();
+    audit.dst = target.to_string();
+    let tcp = match crate::tunnel::dial_direct(shared, target).await {
+        Ok(t) => t,
+        Err(reply) => {
+            info!(dst = %target, reason = reply.status.as_str(), msg = %reply.message, "CONNECT to a cloud endpoint refused");
+            return refuse(&mut s, &mut audit, &reply, shared).await;
+        }
+    };
+    audit.answer(200, "ok");
+    if respond(&mut s, 200, "", "", shared).await.is_err() {
+        audit.answer(200, "client_gone");
+        return;
+    }
+    let (up, down) = crate::tunnel::splice_direct(s, pending, tcp).await;
+    audit.spliced(up, down, false);
+}
+
 fn too_large(max: usize) -> String {
     format!("request header exceeds {max} bytes")
 }
 
-/// Finds the session and concrete address for a CONNECT authority, and
-/// asks the policy (the same seam every ingress uses).
-fn resolve(
-    shared: &Shared,
-    auth: &Authority,
-) -> Result<(Arc<crate::session::SessionHandle>, SocketAddr), StreamReply> {
+/// Where a CONNECT goes.
+enum Routed {
+    /// Through an edge's session, to this address.
+    Edge(Arc<crate::session::SessionHandle>, SocketAddr),
+    /// Dialled by the relay: a Service's cloud endpoint.
+    Direct(SocketAddr),
+}
+
+/// Finds where a CONNECT authority goes, asking the policy (the same seam
+/// every ingress uses): an address (a ClusterIP resolved to one of its
+/// endpoints), a Service name (`svc.ns`, `svc.ns.svc`,
+/// `svc.ns.svc.<cluster domain>`), or a node name.
+fn resolve(shared: &Shared, auth: &Authority) -> Result<Routed, StreamReply> {
     let (routed, target) = match auth {
-        Authority::Ip(sa) => route(shared, Origin::Connect, *sa, Proto::Tcp)?,
-        Authority::Name(name, port) => {
-            // By Node name, or by the node's Hostname address (which
-            // differs from the name on many providers).
-            let node = shared
-                .directory
-                .resolve_name(name)
-                .unwrap_or_else(|| name.clone());
-            let Some(s) = shared.registry.get(&node) else {
-                return Err(StreamReply::fail(
-                    StreamStatus::NoRoute,
-                    format!("no edge session for node {name} (service names are not resolved yet)"),
-                ));
-            };
-            let Some(ip) = s.primary_addr() else {
-                return Err(StreamReply::fail(
-                    StreamStatus::NoRoute,
-                    format!("node {name} advertised no primary address"),
-                ));
-            };
-            let target = canonical(SocketAddr::new(ip, *port));
-            (
-                decide(shared, Origin::Connect, target, Proto::Tcp, Some(s))?,
-                target,
-            )
-        }
+        Authority::Ip(sa) => route_any(shared, Origin::Connect, *sa, Proto::Tcp, None)?,
+        Authority::Name(name, port) => match shared.services.by_name(name, *port) {
+            NameLookup::Backends(b) => {
+                route_backend(shared, &b, None, Proto::Tcp, &format!("{name}:{port}"))?
+            }
+            NameLookup::Refused(msg) => {
+                return Err(StreamReply::fail(StreamStatus::NoRoute, msg));
+            }
+            NameLookup::NotAService => by_node(shared, name, *port)?,
+        },
     };
-    match routed {
-        Route::Edge(s) => Ok((s, target)),
-        Route::Cloud => Err(StreamReply::fail(
+    Ok(match routed {
+        Route::Edge(s) => Routed::Edge(s, target),
+        Route::Cloud => Routed::Direct(target),
+    })
+}
+
+/// `CONNECT <node>:<port>`: by Node name, or by the node's Hostname
+/// address (which differs from the name on many providers).
+fn by_node(shared: &Shared, name: &str, port: u16) -> Result<(Route, SocketAddr), StreamReply> {
+    let node = shared
+        .directory
+        .resolve_name(name)
+        .unwrap_or_else(|| name.to_string());
+    let Some(s) = shared.registry.get(&node) else {
+        return Err(StreamReply::fail(
             StreamStatus::NoRoute,
-            format!("no edge session serves {}", target.ip()),
-        )),
-    }
+            format!("no edge session for node {name}, and no Service of that name"),
+        ));
+    };
+    let Some(ip) = s.primary_addr() else {
+        return Err(StreamReply::fail(
+            StreamStatus::NoRoute,
+            format!("node {name} advertised no primary address"),
+        ));
+    };
+    let target = canonical(SocketAddr::new(ip, port));
+    Ok((
+        decide(shared, Origin::Connect, target, Proto::Tcp, Some(s))?,
+        target,
+    ))
 }
 
 #[cfg(test)]

@@ -44,6 +44,8 @@ pub struct Kube {
     pub status: Arc<dyn StatusSink>,
     /// Token verification for the certificate bootstrap (with `[bootstrap]`).
     pub tokens: Option<Arc<dyn TokenAuthority>>,
+    /// Services and EndpointSlices (unless `services = false`).
+    pub services: Option<Arc<dyn crate::services::ServiceSource>>,
 }
 
 /// Connects and starts the reflector and the status writer; both run
@@ -78,7 +80,7 @@ pub async fn start(
         let events = settings
             .events
             .then(|| SessionEvents::new(&client, Some(relay_id.to_string()), settings.api_timeout));
-        Arc::new(KubeStatus::start(writer, events, stop))
+        Arc::new(KubeStatus::start(writer, events, stop.clone()))
     } else {
         Arc::new(crate::status::NoStatus)
     };
@@ -94,10 +96,15 @@ pub async fn start(
             daemonset: b.daemonset.clone(),
         }) as Arc<dyn TokenAuthority>
     });
+    let services = settings.services.then(|| {
+        crate::k8s_services::KubeServices::start(&client, &settings.cluster_domain, stop.clone())
+            as Arc<dyn crate::services::ServiceSource>
+    });
     Ok(Kube {
         directory,
         status,
         tokens,
+        services,
     })
 }
 

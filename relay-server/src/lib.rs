@@ -6,7 +6,10 @@
 //! watch it all through the admin API.
 //!
 //! Modules:
-//! - [`config`]: TOML file config and the runtime [`RelayConfig`].
+//! - [`config`]: TOML file config and the runtime [`RelayConfig`];
+//!   [`config_tls`] its certificate sections.
+//! - [`tls_reload`]: the relay's TLS identity and CRLs reloaded on SIGHUP
+//!   and on file change, for new handshakes only.
 //! - [`server`]: [`Relay::spawn`], listeners, graceful shutdown.
 //! - [`bootstrap`]: node certificates for edges that hold only a token.
 //! - [`handshake`]: identity, claims from the directory, registration.
@@ -23,6 +26,9 @@
 //!   and streams opened by edges (edge → cloud, edge → edge).
 //! - `k8s` (feature `kubernetes`): Nodes as the directory; the Node
 //!   condition and Events as the status sink.
+//! - [`services`]: Services with edge endpoints: the relay node's
+//!   ClusterIP capture set, endpoint choice, each edge's Service feed;
+//!   `k8s_services` (feature `kubernetes`) feeds it from the API.
 //! - [`follow`]: sessions follow directory changes (node deleted, CIDRs
 //!   changed).
 //! - [`status`]: what operators see outside the relay (Node condition,
@@ -40,12 +46,15 @@ pub mod admin;
 pub mod agent;
 pub mod bootstrap;
 pub mod config;
+pub mod config_tls;
 pub mod connect;
 pub mod directory;
 pub mod follow;
 pub mod handshake;
 #[cfg(feature = "kubernetes")]
 pub mod k8s;
+#[cfg(feature = "kubernetes")]
+pub mod k8s_services;
 pub mod metrics;
 pub mod multipath;
 pub mod policy;
@@ -53,8 +62,10 @@ pub mod registry;
 pub mod replicas;
 pub mod routefeed;
 pub mod server;
+pub mod services;
 pub mod session;
 pub mod status;
+pub mod tls_reload;
 pub mod tunnel;
 
 pub use config::{FileConfig, Limits, RelayConfig, Secret};

@@ -44,12 +44,19 @@ enum Cmd {
         /// Output directory.
         #[arg(long, default_value = "dev-certs")]
         out: PathBuf,
-        /// Node names to issue client certificates for (repeatable).
-        #[arg(long = "node", required = true)]
+        /// Node names to issue client certificates for (repeatable; none
+        /// when edges get theirs from the certificate bootstrap).
+        #[arg(long = "node")]
         nodes: Vec<String>,
         /// DNS names or IPs the relay certificate is valid for (repeatable).
         #[arg(long = "relay-name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
         relay_names: Vec<String>,
+        /// Also write the CA's private key as `ca-key.pem`: the issuing CA
+        /// of `[bootstrap]` (`ca_cert = ca.pem`, `ca_key = ca-key.pem`).
+        /// Off by default, so the key that can sign any node's certificate
+        /// is only on disk when asked for.
+        #[arg(long)]
+        ca_key: bool,
     },
     /// Validate the configuration file (and load its certificates), then exit.
     CheckConfig,
@@ -134,15 +141,37 @@ async fn main() -> anyhow::Result<()> {
             out,
             nodes,
             relay_names,
+            ca_key,
         }) => {
             let names: Vec<&str> = relay_names.iter().map(String::as_str).collect();
             let nodes: Vec<&str> = nodes.iter().map(String::as_str).collect();
             let pki = DevPki::generate(&names, &nodes).context("generating certificates")?;
+            let ca_key_path = out.join("ca-key.pem");
+            // Checked before anything is written, as write_to does for its
+            // own files, so a refusal leaves no half-written PKI.
+            anyhow::ensure!(
+                !(ca_key && ca_key_path.exists()),
+                "{} exists; refusing to overwrite",
+                ca_key_path.display()
+            );
             for f in pki
                 .write_to(&out)
                 .with_context(|| format!("writing {}", out.display()))?
             {
                 println!("{}", f.display());
+            }
+            if ca_key {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&ca_key_path)
+                    .with_context(|| format!("writing {}", ca_key_path.display()))?;
+                f.write_all(pki.ca_pem_pair().1.as_bytes())
+                    .with_context(|| format!("writing {}", ca_key_path.display()))?;
+                println!("{}", ca_key_path.display());
             }
             Ok(())
         }
@@ -265,6 +294,12 @@ async fn main() -> anyhow::Result<()> {
             let cfg = load(&path, &cli.relay_id, &cli.advertise)?;
             let grace = cfg.limits.drain_grace;
             let mut relay = Relay::spawn(cfg).await?;
+            // Handlers first: whoever reads the ready file may signal at once
+            // (SIGHUP's default action would end the process).
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            // SIGHUP: reload certificates, keys and CRLs for new handshakes.
+            let mut hup = signal(SignalKind::hangup())?;
             if let Some(path) = &cli.ready_file {
                 let ready = serde_json::json!({
                     "quic": relay.quic_addr().to_string(),
@@ -279,12 +314,17 @@ async fn main() -> anyhow::Result<()> {
                 std::fs::rename(&tmp, path)
                     .with_context(|| format!("writing {}", path.display()))?;
             }
-            let mut term = signal(SignalKind::terminate())?;
-            let mut int = signal(SignalKind::interrupt())?;
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM"),
-                _ = int.recv() => tracing::info!("SIGINT"),
-                why = relay.wait() => anyhow::bail!("relay failed: {why}"),
+            loop {
+                tokio::select! {
+                    _ = term.recv() => { tracing::info!("SIGTERM"); break }
+                    _ = int.recv() => { tracing::info!("SIGINT"); break }
+                    _ = hup.recv() => {
+                        if let Err(e) = relay.reload_tls() {
+                            tracing::warn!(error = %e, "SIGHUP: tls reload failed; keeping the previous certificates");
+                        }
+                    }
+                    why = relay.wait() => anyhow::bail!("relay failed: {why}"),
+                }
             }
             relay.shutdown(grace).await;
             Ok(())

@@ -53,10 +53,16 @@ pub struct Metrics {
     /// Certificate requests refused.
     pub bootstrap_refused: AtomicU64,
     /// Policy refusals by origin (connect, captured, edge) and reason.
-    denials: [[AtomicU64; 6]; 3],
+    denials: [[AtomicU64; 6]; 4],
+    /// ClusterIP connections and flows the relay resolved, by where the
+    /// endpoint it picked was (see [`SERVICE_PICKS`]).
+    service_picks: [AtomicU64; 3],
 }
 
-const ORIGINS: [&str; 3] = ["connect", "captured", "edge"];
+/// Outcomes of resolving a ClusterIP or Service name at the relay.
+pub const SERVICE_PICKS: [&str; 3] = ["edge", "cloud", "no_endpoints"];
+
+const ORIGINS: [&str; 4] = ["connect", "captured", "edge", "service"];
 
 /// Transports a session runs over (`TransportKind::as_str`), in metric order.
 pub const TRANSPORTS: [&str; 2] = ["quic", "tcp"];
@@ -99,6 +105,13 @@ impl Metrics {
         let r = DenyReason::ALL.iter().position(|x| *x == reason);
         if let (Some(o), Some(r)) = (o, r) {
             self.denials[o][r].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Counts a Service resolution (`what` from [`SERVICE_PICKS`]).
+    pub fn service_pick(&self, what: &str) {
+        if let Some(i) = SERVICE_PICKS.iter().position(|x| *x == what) {
+            self.service_picks[i].fetch_add(1, Relaxed);
         }
     }
 
@@ -166,6 +179,17 @@ impl Metrics {
             "relay_handshake_failures_total",
             "counter",
             "Edge handshakes that failed, by reason.",
+            &rows,
+        );
+        let rows: Vec<(String, u64)> = SERVICE_PICKS
+            .iter()
+            .zip(&self.service_picks)
+            .map(|(w, a)| (format!("{{endpoint=\"{w}\"}}"), a.load(Relaxed)))
+            .collect();
+        metric(
+            "relay_service_resolutions_total",
+            "counter",
+            "ClusterIP connections and flows resolved by the relay, by where the picked endpoint is (no_endpoints: refused at once).",
             &rows,
         );
         metric(
@@ -263,6 +287,26 @@ impl Metrics {
     }
 }
 
+/// Renders the capture listener's counters (nothing without `[capture]`).
+pub fn render_capture(shared: &crate::server::Shared) -> String {
+    let Some(cap) = &shared.cfg.capture else {
+        return String::new();
+    };
+    let b = &shared.capture_bound;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "# HELP relay_capture_connections Captured TCP connections being served.\n# TYPE relay_capture_connections gauge\nrelay_capture_connections {}",
+        cap.max_connections.saturating_sub(b.available())
+    );
+    let _ = writeln!(
+        o,
+        "# HELP relay_capture_refused_total Captured TCP connections reset at once, by reason (busy: capture.max_connections reached).\n# TYPE relay_capture_refused_total counter\nrelay_capture_refused_total{{reason=\"busy\"}} {}",
+        b.refused.load(Relaxed)
+    );
+    o
+}
+
 /// Renders the UDP counters.
 pub fn render_udp(u: &relay_transport::udp::UdpStats) -> String {
     let mut o = String::new();
@@ -282,6 +326,7 @@ pub fn render_udp(u: &relay_transport::udp::UdpStats) -> String {
         ("queue_full", &u.dropped_queue_full),
         ("unknown_flow", &u.dropped_unknown_flow),
         ("flow_cap", &u.refused_cap),
+        ("starting", &u.dropped_starting),
     ] {
         let _ = writeln!(
             o,

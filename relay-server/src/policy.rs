@@ -13,7 +13,11 @@
 //! 4. An edge reaches another edge only when the two share a community
 //!    (`[communities]` in relay.toml). Without one, edges are isolated
 //!    from each other: a compromised shop node must not reach every site.
-//! 5. What the relay would dial itself for an edge is never an
+//! 5. An endpoint the relay picked for a Service (any client, Kubernetes
+//!    semantics: any pod may reach any Service) goes to the edge that
+//!    serves it, or is dialled by the relay, communities notwithstanding;
+//!    rule 6's address checks still apply to what the relay dials.
+//! 6. What the relay would dial itself for an edge is never an
 //!    unspecified, loopback, link-local, multicast or broadcast address,
 //!    nor one of the relay's own listeners (tunnel, CONNECT, admin,
 //!    capture) on any of its addresses; and it is inside `tunnel_routes`.
@@ -37,6 +41,9 @@ pub enum Origin<'a> {
     Captured,
     /// A stream or flow opened by the edge of this node.
     Edge(&'a str),
+    /// An endpoint the relay picked for a ClusterIP or Service name (the
+    /// client, cloud or edge, asked for the Service, not the endpoint).
+    Service,
 }
 
 impl Origin<'_> {
@@ -46,6 +53,7 @@ impl Origin<'_> {
             Origin::Connect => "connect",
             Origin::Captured => "captured",
             Origin::Edge(_) => "edge",
+            Origin::Service => "service",
         }
     }
 }
@@ -281,7 +289,7 @@ impl Policy {
     ) -> Result<Verdict, Denied> {
         let ip = target.ip();
         match (origin, owner) {
-            (Origin::Connect | Origin::Captured, Some(_)) => Ok(Verdict::ToEdge),
+            (Origin::Connect | Origin::Captured | Origin::Service, Some(_)) => Ok(Verdict::ToEdge),
             (Origin::Connect | Origin::Captured, None) => Err(Denied::new(
                 DenyReason::NoRoute,
                 format!("no edge session serves {ip}"),
@@ -302,14 +310,19 @@ impl Policy {
             }
             // The relay would dial this itself: never its own host's
             // special addresses or listeners, only the cloud ranges.
-            (Origin::Edge(_), None) if forbidden(ip) => Err(Denied::new(
+            (Origin::Edge(_) | Origin::Service, None) if forbidden(ip) => Err(Denied::new(
                 DenyReason::ForbiddenAddress,
                 format!("{ip} is a loopback, link-local, unspecified or multicast address"),
             )),
-            (Origin::Edge(_), None) if self.is_relay_itself(target) => Err(Denied::new(
-                DenyReason::RelayItself,
-                format!("{target} is one of the relay's own listeners"),
-            )),
+            (Origin::Edge(_) | Origin::Service, None) if self.is_relay_itself(target) => {
+                Err(Denied::new(
+                    DenyReason::RelayItself,
+                    format!("{target} is one of the relay's own listeners"),
+                ))
+            }
+            // A cloud endpoint of a Service (named by the cluster's
+            // EndpointSlices, not by the client).
+            (Origin::Service, None) => Ok(Verdict::ToCloud),
             (Origin::Edge(_), None) => {
                 if self.cloud.iter().any(|c| c.contains(&ip)) {
                     Ok(Verdict::ToCloud)
@@ -488,6 +501,24 @@ mod tests {
                 "10.244.7.5:80",
                 Some("edge-1"),
                 Err(OwnRoute),
+            ),
+            // Service endpoints the relay picked: any edge (no community
+            // needed, even the asking edge's own), any cloud address, never
+            // the relay's own host.
+            (Origin::Service, "10.244.8.5:80", Some("edge-2"), Ok(ToEdge)),
+            (Origin::Service, "10.244.1.2:80", None, Ok(ToCloud)),
+            (Origin::Service, "10.0.0.9:443", None, Ok(ToCloud)),
+            (
+                Origin::Service,
+                "127.0.0.1:9090",
+                None,
+                Err(ForbiddenAddress),
+            ),
+            (
+                Origin::Service,
+                "[::ffff:169.254.1.1]:80",
+                None,
+                Err(ForbiddenAddress),
             ),
         ];
         let mut wrong = Vec::new();

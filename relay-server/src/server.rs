@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use relay_protocol::close_code;
 use relay_transport::conn::accept_until;
+use relay_transport::reload::ReloadableServerTls;
 use relay_transport::{quic, TunnelConn};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -23,6 +24,7 @@ use crate::handshake::serve_connection;
 use crate::metrics::Metrics;
 use crate::policy::{Communities, Policy};
 use crate::registry::Registry;
+use crate::services::{NoServices, ServiceSource};
 use crate::session::SessionHandle;
 use crate::status::{NoStatus, StatusSink};
 
@@ -41,6 +43,8 @@ pub struct Shared {
     pub status: Arc<dyn StatusSink>,
     /// Verifies certificate-bootstrap tokens (with `[bootstrap]`).
     pub tokens: Option<Arc<dyn crate::bootstrap::TokenAuthority>>,
+    /// ClusterIP ports and their endpoints (none in static mode).
+    pub services: Arc<dyn ServiceSource>,
     /// Counters.
     pub metrics: Metrics,
     generation: AtomicU64,
@@ -54,6 +58,9 @@ pub struct Shared {
     pub connect_permits: Arc<Semaphore>,
     /// UDP counters (all sessions).
     pub udp: Arc<relay_transport::udp::UdpStats>,
+    /// Bound on captured TCP connections served at once
+    /// (`capture.max_connections`).
+    pub capture_bound: relay_transport::conn::AcceptBound,
     /// The replica set edges are told about (empty without `[replicas]`).
     pub replicas: tokio::sync::watch::Receiver<Vec<relay_protocol::Replica>>,
 }
@@ -138,6 +145,7 @@ pub struct Relay {
     sessions: TaskTracker,
     capture: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
     background: CancellationToken,
+    tls: Arc<ReloadableServerTls>,
     replicas: crate::replicas::Replicas,
 }
 
@@ -156,7 +164,10 @@ impl Relay {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(1);
-        let (endpoint, tcp_listener) = bind_quic_and_tcp(&cfg).await?;
+        // One TLS state behind the QUIC endpoint and the TCP fallback, so a
+        // reload reaches both (see `tls_reload`).
+        let tls = ReloadableServerTls::new(&cfg.tls, &cfg.tls_crls, cfg.bootstrap.is_some())?;
+        let (endpoint, tcp_listener) = bind_quic_and_tcp(&cfg, &tls).await?;
         let quic_addr = endpoint
             .local_addr()
             .map_err(bind_err("quic", cfg.quic_listen))?;
@@ -167,7 +178,7 @@ impl Relay {
         policy.add_own_listener(quic_addr);
         // Cancelled on shutdown: stops the Kubernetes watch and writers.
         let background = CancellationToken::new();
-        let (directory, status, tokens) = directory_and_status(&cfg, &background).await?;
+        let (directory, status, tokens, services) = directory_and_status(&cfg, &background).await?;
         let replicas = crate::replicas::Replicas::start(&cfg, background.clone()).await?;
         // Several replicas: one writer per node (see `replicas::writer_of`).
         let status: Arc<dyn StatusSink> = match &cfg.replicas {
@@ -184,6 +195,7 @@ impl Relay {
             directory,
             status,
             tokens,
+            services,
             metrics: Metrics::default(),
             generation: AtomicU64::new(gen0),
             shutdown: CancellationToken::new(),
@@ -192,6 +204,9 @@ impl Relay {
             handshake_queue: Arc::new(Semaphore::new(cfg.limits.max_concurrent_handshakes * 4)),
             connect_permits: Arc::new(Semaphore::new(cfg.limits.max_connect_connections)),
             udp: Arc::default(),
+            capture_bound: relay_transport::conn::AcceptBound::new(
+                cfg.capture.as_ref().map_or(1, |c| c.max_connections),
+            ),
             replicas: replicas.subscribe(),
             cfg,
         });
@@ -278,8 +293,8 @@ impl Relay {
         // Edges are let in last, once every listener is bound and known to
         // the policy as the relay's own (never a tunnel target).
         if let Some(l) = tcp_listener {
-            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(quic::relay_server_tls(
-                &shared.cfg.tls,
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(quic::relay_server_tls_with(
+                &tls,
                 shared.cfg.bootstrap.is_some(),
             )?));
             tasks.spawn(accept_tcp(
@@ -296,6 +311,9 @@ impl Relay {
             accept_stop.clone(),
             sessions.clone(),
         ));
+        if let Some(r) = shared.cfg.tls_reload.clone() {
+            tokio::spawn(crate::tls_reload::watch(tls.clone(), r, background.clone()));
+        }
         info!(%quic_addr, connect = ?connect_addr, unix = ?unix_path, admin = ?admin_addr, relay_id = %shared.cfg.relay_id, "relay listening");
         Ok(Relay {
             shared,
@@ -309,8 +327,20 @@ impl Relay {
             sessions,
             capture,
             background,
+            tls,
             replicas,
         })
+    }
+
+    /// Re-reads the relay's certificate, key, client CA and CRLs from the
+    /// files of its `[tls]` section and uses them for new handshakes;
+    /// sessions already up are not touched. On an error nothing changes.
+    /// Returns the leaf certificate now served. A config built by code
+    /// (no files) has nothing to reload: an error.
+    pub fn reload_tls(
+        &self,
+    ) -> Result<rustls::pki_types::CertificateDer<'static>, crate::tls_reload::ReloadError> {
+        crate::tls_reload::reload(&self.tls, self.shared.cfg.tls_reload.as_ref())
     }
 
     /// The bound QUIC (UDP) address.
@@ -397,6 +427,7 @@ type Sources = (
     Arc<dyn Directory>,
     Arc<dyn StatusSink>,
     Option<Arc<dyn crate::bootstrap::TokenAuthority>>,
+    Arc<dyn ServiceSource>,
 );
 
 async fn directory_and_status(
@@ -407,13 +438,17 @@ async fn directory_and_status(
     if let Some(k) = &cfg.kubernetes {
         let kube = crate::k8s::start(k, cfg, background.clone()).await?;
         info!("node claims from the Kubernetes API");
-        return Ok((kube.directory, kube.status, kube.tokens));
+        let services = kube
+            .services
+            .unwrap_or_else(|| Arc::new(NoServices::default()));
+        return Ok((kube.directory, kube.status, kube.tokens, services));
     }
     let _ = background;
     Ok((
         Arc::new(StaticDirectory::new(&cfg.nodes)),
         Arc::new(NoStatus),
         None,
+        Arc::new(NoServices::default()),
     ))
 }
 
@@ -490,17 +525,14 @@ async fn serve_edge(
 /// number of times.
 async fn bind_quic_and_tcp(
     cfg: &RelayConfig,
+    tls: &Arc<ReloadableServerTls>,
 ) -> Result<(quinn::Endpoint, Option<tokio::net::TcpListener>), StartError> {
     let attempts = if cfg.quic_listen.port() == 0 { 32 } else { 1 };
     let mut last = None;
     for _ in 0..attempts {
-        let endpoint = quic::server_endpoint(
-            cfg.quic_listen,
-            &cfg.tls,
-            &cfg.quic,
-            cfg.bootstrap.is_some(),
-        )
-        .map_err(bind_err("quic", cfg.quic_listen))?;
+        let rustls = quic::relay_server_tls_with(tls, cfg.bootstrap.is_some())?;
+        let endpoint = quic::server_endpoint_with(cfg.quic_listen, rustls, &cfg.tls, &cfg.quic)
+            .map_err(bind_err("quic", cfg.quic_listen))?;
         if !cfg.tcp_fallback {
             return Ok((endpoint, None));
         }

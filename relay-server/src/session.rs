@@ -353,6 +353,14 @@ pub(crate) async fn run_session(
     let settle = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(settle);
     let mut update_due = !feed.is_legacy();
+    // The edge's ClusterIP table (edges that understand it): the whole
+    // table first, then what changed, a moment after each change.
+    let wants_services = handle.capabilities & capability::SERVICES != 0;
+    let mut svc_feed = crate::services::ServiceFeed::default();
+    let mut svc_changes = shared.services.subscribe();
+    let svc_settle = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(svc_settle);
+    let mut svc_due = wants_services;
     // The replica set, for edges that follow it (one session per replica).
     // The first set goes now; later ones whenever it changes.
     let mut replicas = shared.replicas.clone();
@@ -405,6 +413,28 @@ pub(crate) async fn run_session(
                         note_cut(&shared, &feed);
                         frames
                     }
+                }
+            }
+            r = svc_changes.changed(), if wants_services && !svc_due => {
+                if r.is_err() {
+                    break "relay stopping".to_string();
+                }
+                svc_due = true;
+                svc_settle.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(100));
+                continue;
+            }
+            _ = &mut svc_settle, if svc_due => {
+                if !shared.services.is_synced() {
+                    // An empty table before the first list would make the
+                    // edge drop what it captures now: wait for the list.
+                    svc_settle.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(250));
+                    continue;
+                }
+                svc_due = false;
+                let snap = svc_changes.borrow_and_update().clone();
+                match svc_feed.poll(&snap, &handle.node) {
+                    Some(frames) => frames,
+                    None => continue,
                 }
             }
             f = frames.next() => match f {

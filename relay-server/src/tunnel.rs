@@ -11,7 +11,7 @@ use std::time::Duration;
 use relay_protocol::codec::write_frame;
 use relay_protocol::{Cidr, StreamOpen, StreamReply, StreamStatus, Target, L4};
 use relay_transport::capture::Capture;
-use relay_transport::conn::{accept_until, finish_with, read_stream_open};
+use relay_transport::conn::{accept_bounded, finish_with, read_stream_open};
 use relay_transport::splice::{dial_tcp, splice, splice_tunnels};
 use relay_transport::BiStream;
 use tokio::net::TcpListener;
@@ -43,6 +43,50 @@ pub(crate) fn route(
     let target = canonical(target);
     let owner = shared.registry.lookup(target.ip());
     decide(shared, origin, target, proto, owner).map(|r| (r, target))
+}
+
+/// [`route`], with a ClusterIP port first resolved to one of its
+/// endpoints (see [`crate::services`]): the relay picks it (endpoints on
+/// node `prefer` first) and the policy judges the endpoint as a Service's
+/// ([`Origin::Service`]). A Service with no usable endpoint is refused at
+/// once; anything else goes to [`route`] unchanged.
+pub(crate) fn route_any(
+    shared: &Shared,
+    origin: Origin<'_>,
+    target: SocketAddr,
+    proto: Proto,
+    prefer: Option<&str>,
+) -> Result<(Route, SocketAddr), StreamReply> {
+    let snap = shared.services.snapshot();
+    let Some(backends) = snap.backends(canonical(target), proto) else {
+        return route(shared, origin, target, proto);
+    };
+    route_backend(shared, backends, prefer, proto, &target)
+}
+
+/// Picks one of a Service's endpoints (those on node `prefer` first) and
+/// routes to it as [`Origin::Service`]; no endpoint is a fast refusal.
+/// Counted either way.
+pub(crate) fn route_backend(
+    shared: &Shared,
+    backends: &[crate::services::Backend],
+    prefer: Option<&str>,
+    proto: Proto,
+    service: &dyn std::fmt::Display,
+) -> Result<(Route, SocketAddr), StreamReply> {
+    let Some(b) = crate::services::pick(backends, prefer) else {
+        shared.metrics.service_pick("no_endpoints");
+        return Err(StreamReply::fail(
+            StreamStatus::Refused,
+            format!("service {service} has no ready endpoint"),
+        ));
+    };
+    let routed = route(shared, Origin::Service, b.addr, proto)?;
+    shared.metrics.service_pick(match routed.0 {
+        Route::Edge(_) => "edge",
+        Route::Cloud => "cloud",
+    });
+    Ok(routed)
 }
 
 /// The policy half of [`route`], for callers that found the session by
@@ -114,39 +158,89 @@ pub(crate) async fn serve_transparent(
     stop: CancellationToken,
 ) -> &'static str {
     loop {
-        let Some((sock, peer)) = accept_until(&stop, "transparent", || l.accept()).await else {
+        let accepted = accept_bounded(&stop, "transparent", &l, &shared.capture_bound).await;
+        let Some((sock, peer, permit)) = accepted else {
             return "transparent";
         };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let Ok(dst) = relay_transport::conntrack::original_dst_tcp(&sock) else {
                 return;
             };
             let _ = sock.set_nodelay(true);
-            let opened = match route(&shared, Origin::Captured, dst, Proto::Tcp) {
-                Ok((Route::Edge(session), dst)) => open_on(&shared, session, dst, Some(peer)).await,
-                Ok((Route::Cloud, _)) => Err(StreamReply::fail(
-                    StreamStatus::NoRoute,
-                    format!("no edge session serves {dst}"),
-                )),
+            match route_any(&shared, Origin::Captured, dst, Proto::Tcp, None) {
+                Ok((Route::Edge(session), to)) => {
+                    match open_on(&shared, session, to, Some(peer)).await {
+                        Ok((bi, guard)) => {
+                            let span = tracing::debug_span!("stream", node = %guard.session().node, %dst, %to, src = %peer);
+                            let out = splice(sock, &[], bi, &guard).instrument(span).await;
+                            debug!(up = out.to_tunnel, down = out.from_tunnel, reset = ?out.reset, "captured stream closed");
+                        }
+                        Err(reply) => refuse_captured(sock, peer, dst, &reply),
+                    }
+                }
+                // A Service's cloud endpoint: dialled from here, past
+                // capture and past the relay node's kube-proxy.
+                Ok((Route::Cloud, to)) => match dial_direct(&shared, to).await {
+                    Ok(tcp) => {
+                        let (up, down) = splice_direct(sock, &[], tcp).await;
+                        debug!(%dst, %to, up, down, "captured service connection closed");
+                    }
+                    Err(reply) => refuse_captured(sock, peer, dst, &reply),
+                },
                 Err(reply) => {
                     shared.metrics.stream_outcome(reply.status);
-                    Err(reply)
-                }
-            };
-            match opened {
-                Ok((bi, guard)) => {
-                    let span = tracing::debug_span!("stream", node = %guard.session().node, %dst, src = %peer);
-                    let out = splice(sock, &[], bi, &guard).instrument(span).await;
-                    debug!(up = out.to_tunnel, down = out.from_tunnel, reset = ?out.reset, "captured stream closed");
-                }
-                Err(reply) => {
-                    info!(%peer, %dst, reason = reply.status.as_str(), msg = %reply.message, "captured connection refused");
-                    let _ = sock.set_zero_linger();
+                    refuse_captured(sock, peer, dst, &reply)
                 }
             }
         });
     }
+}
+
+/// Dials `to` from the relay (past capture: our mark), for a Service's
+/// cloud endpoint; counts the outcome.
+pub(crate) async fn dial_direct(
+    shared: &Shared,
+    to: SocketAddr,
+) -> Result<tokio::net::TcpStream, StreamReply> {
+    let mark = shared.cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
+    let r = dial_tcp(to, shared.cfg.limits.dial_timeout, mark).await;
+    shared.metrics.stream_outcome(match &r {
+        Ok(_) => StreamStatus::Ok,
+        Err(reply) => reply.status,
+    });
+    r
+}
+
+/// Splices `local` with a connection [`dial_direct`] made, `pending`
+/// (bytes the client sent early) first; the bytes carried each way.
+pub(crate) async fn splice_direct<L: relay_transport::splice::LocalStream>(
+    mut local: L,
+    pending: &[u8],
+    mut tcp: tokio::net::TcpStream,
+) -> (u64, u64) {
+    use tokio::io::AsyncWriteExt;
+    local.prepare();
+    if !pending.is_empty() && tcp.write_all(pending).await.is_err() {
+        return (0, 0);
+    }
+    let (up, down) = tokio::io::copy_bidirectional(&mut local, &mut tcp)
+        .await
+        .unwrap_or((0, 0));
+    (up + pending.len() as u64, down)
+}
+
+/// Answers a captured connection that cannot be served with a TCP reset
+/// (there is no protocol to carry a reason) and logs why.
+fn refuse_captured(
+    sock: tokio::net::TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    reply: &StreamReply,
+) {
+    info!(%peer, %dst, reason = reply.status.as_str(), msg = %reply.message, "captured connection refused");
+    let _ = sock.set_zero_linger();
 }
 
 /// Serves a stream an edge opened: to another edge (hairpin through its
@@ -174,7 +268,7 @@ pub(crate) async fn serve_edge_stream(
                 return refuse(&mut bi, &shared, reply).await;
             }
         };
-        let (other, target) = match route(&shared, Origin::Edge(&origin.node), target, Proto::Tcp) {
+        let (other, target) = match route_any(&shared, Origin::Edge(&origin.node), target, Proto::Tcp, Some(&origin.node)) {
             Ok(r) => r,
             Err(reply) => return refuse(&mut bi, &shared, reply).await,
         };
@@ -219,24 +313,49 @@ async fn refuse(bi: &mut BiStream, shared: &Shared, reply: StreamReply) {
     finish_with(bi, &reply).await;
 }
 
-/// Keeps the kernel's capture in step with the live sessions' routes until
-/// `stop`, then removes it. Bursts of changes (a reconnect storm) are
-/// coalesced into one update.
+/// Keeps the kernel's capture in step with the live sessions' routes and
+/// the Services with endpoints behind them until `stop`, then removes it.
+/// Bursts of changes (a reconnect storm, a rollout) are coalesced into one
+/// update.
 pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: CancellationToken) {
     let mut changes = shared.registry.subscribe();
+    let mut services = shared.services.subscribe();
     let none = BTreeSet::new();
+    // Forwarded traffic is captured only from `capture.sources` (default:
+    // the cloud ranges edges may reach), before any prefix is captured:
+    // a host that routes edge prefixes to this node from elsewhere (the
+    // WAN) must not reach the edges.
+    let sources: BTreeSet<Cidr> = match shared.cfg.capture.as_ref().and_then(|c| c.sources.clone())
+    {
+        Some(s) => s,
+        None => shared.cfg.tunnel_routes.iter().copied().collect(),
+    };
     loop {
         let want: BTreeSet<Cidr> = shared.registry.routes().iter().map(|r| r.cidr).collect();
-        let retry = match cap.apply(&want, &none).await {
-            Ok(()) => false,
-            Err(e) => {
-                warn!(error = %e, "installing routes failed; retrying");
+        let mut failed = match cap.apply_sources(&sources).await {
+            Ok(()) => cap.apply(&want, &none).await.err(),
+            Err(e) => Some(e),
+        };
+        let snap = services.borrow_and_update().clone();
+        let svc = crate::services::relay_capture_set(&snap, |a| {
+            shared.registry.lookup(canonical(a).ip()).is_some()
+        });
+        if let Err(e) = cap.apply_services(&svc, &BTreeSet::new()).await {
+            failed = Some(e);
+        } else {
+            debug!(ports = ?crate::services::describe(&svc), "service capture");
+        }
+        let retry = match failed {
+            Some(e) => {
+                warn!(error = %e, "installing routes or service capture failed; retrying");
                 true
             }
+            None => false,
         };
         tokio::select! {
             _ = stop.cancelled() => break,
             r = changes.changed(), if !retry => if r.is_err() { break },
+            r = services.changed(), if !retry => if r.is_err() { break },
             _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -261,7 +380,13 @@ async fn serve_edge_flow(
         );
         return refuse(&mut bi, &shared, reply).await;
     };
-    let (other, target) = match route(&shared, Origin::Edge(&origin.node), target, Proto::Udp) {
+    let (other, target) = match route_any(
+        &shared,
+        Origin::Edge(&origin.node),
+        target,
+        Proto::Udp,
+        Some(&origin.node),
+    ) {
         Ok(r) => r,
         Err(reply) => return refuse(&mut bi, &shared, reply).await,
     };
@@ -342,19 +467,29 @@ pub(crate) async fn serve_transparent_udp(
     stop: CancellationToken,
 ) -> &'static str {
     let picker = shared.clone();
+    // Captured UDP reaches edges only (a Service's cloud endpoints are
+    // left to a retry: the next flow may pick an edge one).
     let pick: Arc<relay_transport::udp::PickConn> =
-        Arc::new(
-            move |dst: SocketAddr| match route(&picker, Origin::Captured, dst, Proto::Udp) {
-                Ok((Route::Edge(s), _)) if !s.is_draining() => {
-                    Some((s.conn.clone(), s.flows.clone()))
+        Arc::new(move |dst: SocketAddr| {
+            match route_any(&picker, Origin::Captured, dst, Proto::Udp, None) {
+                Ok((Route::Edge(s), target)) if !s.is_draining() => {
+                    Some(relay_transport::udp::Picked {
+                        conn: s.conn.clone(),
+                        flows: s.flows.clone(),
+                        target,
+                    })
                 }
                 _ => None,
-            },
-        );
+            }
+        });
     let limits = relay_transport::udp::FlowLimits {
         open_timeout: shared.cfg.limits.stream_open_timeout,
         idle: shared.cfg.limits.udp_idle_timeout,
         mark: shared.cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0),
+        // Bounded per session by the flow table instead
+        // (limits.max_udp_flows_per_session), far below the streams an edge
+        // grants the relay (10,000 by default).
+        max_flows: usize::MAX,
     };
     relay_transport::udp::serve_transparent_udp(sock, pick, limits, shared.udp.clone(), stop).await;
     "transparent udp"

@@ -64,6 +64,14 @@ fn check_config_names_the_bad_field() {
          [quic]\nkeepalive = \"30s\"\nidle_timeout = \"20s\"\n",
         "quic.keepalive",
     );
+    // An edge-only capture field in the relay's file.
+    rejected(
+        "udp-flows",
+        "[listen]\n\
+         [tls]\ncert = \"relay.pem\"\nkey = \"relay-key.pem\"\nclient_ca = \"ca.pem\"\n\
+         [capture]\nenabled = true\nmax_udp_flows = 64\n",
+        "capture.max_udp_flows",
+    );
     rejected(
         "unknown",
         "[listen]\nquic = \"0.0.0.0:8443\"\nbogus_field = 1\n",
@@ -135,4 +143,59 @@ fn route_agent_refuses_a_token_over_plain_http() {
         "{out:?}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `dev-certs --ca-key` without `--node`: the PKI of a certificate
+/// bootstrap install (deploy/README.md), where edges get their
+/// certificates from the relay. The CA key is written 0600, is not
+/// overwritten, and a relay.toml whose `[bootstrap]` uses it passes
+/// `check-config` (which loads the issuer and checks it is in
+/// `tls.client_ca`).
+#[test]
+fn dev_certs_can_write_the_issuing_ca_key_for_the_bootstrap() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("issuer");
+    let pki = dir.join("pki");
+    let pki_s = pki.to_str().expect("utf-8 path");
+    let out = relay_server(&["dev-certs", "--out", pki_s, "--ca-key"]);
+    assert!(out.status.success(), "{out:?}");
+    let key = pki.join("ca-key.pem");
+    let mode = std::fs::metadata(&key)
+        .expect("ca-key.pem written")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "ca-key.pem mode {mode:o}");
+    assert!(!pki.join("edge-1.pem").exists());
+    // Without --ca-key no key is written; with it, an existing one is kept.
+    let plain = dir.join("plain");
+    let out = relay_server(&["dev-certs", "--out", plain.to_str().expect("utf-8")]);
+    assert!(
+        out.status.success() && !plain.join("ca-key.pem").exists(),
+        "{out:?}"
+    );
+    let before = std::fs::read(&key).expect("read key");
+    std::fs::remove_file(pki.join("ca.pem")).expect("rm ca.pem");
+    let out = relay_server(&["dev-certs", "--out", pki_s, "--ca-key"]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refusing to overwrite"),
+        "{out:?}"
+    );
+    assert_eq!(std::fs::read(&key).expect("read key"), before);
+    assert!(!pki.join("ca.pem").exists(), "refused run wrote files");
+
+    let fresh = dir.join("fresh");
+    let f = fresh.to_str().expect("utf-8");
+    assert!(relay_server(&["dev-certs", "--out", f, "--ca-key"])
+        .status
+        .success());
+    let file = dir.join("relay.toml");
+    let text = format!(
+        "[listen]\nquic = \"127.0.0.1:0\"\n[tls]\ncert = \"{f}/relay.pem\"\nkey = \"{f}/relay-key.pem\"\nclient_ca = \"{f}/ca.pem\"\n\
+         [kubernetes]\nenabled = true\n[bootstrap]\nca_cert = \"{f}/ca.pem\"\nca_key = \"{f}/ca-key.pem\"\n"
+    );
+    std::fs::write(&file, text).expect("write config");
+    let out = check_config(&file);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "bootstrap config refused: {out:?}");
 }

@@ -407,6 +407,59 @@ where
     }
 }
 
+/// A concurrency bound on accepted connections: a permit per connection,
+/// and a count of those refused because none was left.
+#[derive(Debug)]
+pub struct AcceptBound {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Connections reset at once because the bound was reached.
+    pub refused: std::sync::atomic::AtomicU64,
+}
+
+impl AcceptBound {
+    /// At most `max` connections at once.
+    pub fn new(max: usize) -> Self {
+        AcceptBound {
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(max)),
+            refused: Default::default(),
+        }
+    }
+
+    /// Permits free now.
+    pub fn available(&self) -> usize {
+        self.permits.available_permits()
+    }
+}
+
+/// [`accept_until`] under `bound`: each connection comes with the permit
+/// its task holds until it ends. Past the bound a connection is reset at
+/// once (RST: the client fails now instead of waiting in a queue or
+/// holding a task and an fd here) and counted in [`AcceptBound::refused`].
+pub async fn accept_bounded(
+    stop: &tokio_util::sync::CancellationToken,
+    what: &str,
+    l: &tokio::net::TcpListener,
+    bound: &AcceptBound,
+) -> Option<(
+    tokio::net::TcpStream,
+    std::net::SocketAddr,
+    tokio::sync::OwnedSemaphorePermit,
+)> {
+    loop {
+        let (sock, peer) = accept_until(stop, what, || l.accept()).await?;
+        match bound.permits.clone().try_acquire_owned() {
+            Ok(permit) => return Some((sock, peer, permit)),
+            Err(_) => {
+                bound
+                    .refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(%peer, listener = what, "too many connections; reset");
+                let _ = sock.set_zero_linger();
+            }
+        }
+    }
+}
+
 /// Reads the header a peer sends first on a stream it opened, bounded by
 /// `timeout`. A garbled or late header resets the stream (so the opener is
 /// not left waiting); a stream closed before any header is simply `None`.

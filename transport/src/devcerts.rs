@@ -107,7 +107,53 @@ impl DevPki {
         Ok(&self.nodes[self.nodes.len() - 1].1)
     }
 
-    /// The relay's TLS material (server cert, trusting this CA for clients).
+    fn issuer(&self) -> Result<Issuer<'static, KeyPair>, rcgen::Error> {
+        let key = KeyPair::from_pem(&self.ca_key_pem)?;
+        Ok(Issuer::new(self.ca_issuer_params.clone(), key))
+    }
+
+    /// A new server certificate (new key) for `names`, from this CA: a
+    /// renewal of the relay's certificate.
+    pub fn issue_relay(&self, names: &[&str]) -> Result<PemPair, rcgen::Error> {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        leaf(
+            &names,
+            "edge-relay",
+            ExtendedKeyUsagePurpose::ServerAuth,
+            &self.issuer()?,
+        )
+    }
+
+    /// A certificate revocation list (PEM) signed by this CA, revoking the
+    /// certificates `revoked` (PEM), valid from an hour ago for a day.
+    pub fn crl_revoking(&self, revoked: &[&str]) -> Result<String, rcgen::Error> {
+        let now = time::OffsetDateTime::now_utc();
+        let mut list = Vec::new();
+        for pem in revoked {
+            let der = rustls_pemfile::certs(&mut pem.as_bytes())
+                .next()
+                .and_then(Result::ok)
+                .ok_or(rcgen::Error::CouldNotParseCertificate)?;
+            let (_, cert) = x509_parser::parse_x509_certificate(&der)
+                .map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
+            list.push(rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(cert.tbs_certificate.raw_serial()),
+                revocation_time: now,
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            });
+        }
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - time::Duration::hours(1),
+            next_update: now + time::Duration::days(1),
+            crl_number: rcgen::SerialNumber::from(now.unix_timestamp() as u64),
+            issuing_distribution_point: None,
+            revoked_certs: list,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params.signed_by(&self.issuer()?)?.pem()
+    }
+
     /// The CA's certificate and private key (PEM): the issuing CA for the
     /// certificate bootstrap in tests and the demo.
     pub fn ca_pem_pair(&self) -> (String, String) {

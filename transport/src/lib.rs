@@ -17,19 +17,26 @@
 //! - [`udp`]: UDP flows over datagrams; the capture side of UDP.
 //! - [`tcp`]: the TLS+TCP+yamux fallback transport.
 //! - [`capture`]: kernel capture of traffic (nftables redirect + policy routing)
-//!   of the prefixes to send through the tunnel.
+//!   of the prefixes to send through the tunnel, from allowed sources.
+//! - [`capture_config`]: what capture installs and its config file section.
+//! - [`conntrack`]: original destinations of redirected TCP and UDP.
+//! - [`reload`]: server TLS (certificate, client CA, CRLs) replaced while
+//!   running, for new handshakes only.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod capture;
+pub mod capture_config;
 pub mod conn;
 pub mod conntrack;
 pub mod devcerts;
 pub mod issue;
 pub mod quic;
+pub mod reload;
 pub mod splice;
 pub mod tcp;
 pub mod tls;
 pub mod udp;
+mod udp_capture;
 
 pub use conn::{BiStream, RecvHalf, SendHalf, TransportKind, TunnelConn};
 pub use quic::{QuicFile, QuicTuning};

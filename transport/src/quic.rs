@@ -212,6 +212,19 @@ pub fn server_endpoint(
     bootstrap: bool,
 ) -> Result<quinn::Endpoint, std::io::Error> {
     let rustls = relay_server_tls(tls, bootstrap).map_err(std::io::Error::other)?;
+    server_endpoint_with(addr, rustls, tls, tuning)
+}
+
+/// [`server_endpoint`] with a given TLS server config (the relay's
+/// reloadable one, see [`crate::reload`]); `tls` only seeds the endpoint's
+/// stateless-reset and connection-id keys, which must survive restarts and
+/// reloads alike.
+pub fn server_endpoint_with(
+    addr: SocketAddr,
+    rustls: rustls::ServerConfig,
+    tls: &TlsMaterial,
+    tuning: &QuicTuning,
+) -> Result<quinn::Endpoint, std::io::Error> {
     let crypto = QuicServerConfig::try_from(rustls).map_err(std::io::Error::other)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     // `tuning.max_bidi_streams` is what edges may open (see
@@ -242,16 +255,23 @@ pub fn relay_server_tls(
     tls: &TlsMaterial,
     bootstrap: bool,
 ) -> Result<rustls::ServerConfig, crate::TlsError> {
+    let state = crate::reload::ReloadableServerTls::new(tls, &[], bootstrap)?;
+    relay_server_tls_with(&state, bootstrap)
+}
+
+/// [`relay_server_tls`] resolving certificates and verifying clients
+/// through `state`, so that replacing them there reaches every listener.
+pub fn relay_server_tls_with(
+    state: &Arc<crate::reload::ReloadableServerTls>,
+    bootstrap: bool,
+) -> Result<rustls::ServerConfig, crate::TlsError> {
     if bootstrap {
-        tls.server_config_for(
-            &[
-                relay_protocol::ALPN,
-                relay_protocol::bootstrap::BOOTSTRAP_ALPN,
-            ],
-            true,
-        )
+        state.server_config(&[
+            relay_protocol::ALPN,
+            relay_protocol::bootstrap::BOOTSTRAP_ALPN,
+        ])
     } else {
-        tls.server_config(relay_protocol::ALPN)
+        state.server_config(&[relay_protocol::ALPN])
     }
 }
 

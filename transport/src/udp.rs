@@ -3,7 +3,8 @@
 //!
 //! - [`FlowTable`]: per connection, flow id → bounded queue of payloads
 //!   from the tunnel; [`pump_datagrams`] fills it from the connection.
-//! - [`RedirectUdp`]: the capture side's socket: it receives redirected
+//! - [`RedirectUdp`], [`serve_transparent_udp`] (in `udp_capture.rs`, re-exported
+//!   here): the capture side's socket and loop: it receives redirected
 //!   packets with the local address they were redirected to, looks up
 //!   their original destination in conntrack once per flow, and answers
 //!   from the redirected address so the kernel restores the original one.
@@ -16,8 +17,7 @@
 //! never fragmented or truncated.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::AsRawFd;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,8 +30,12 @@ use tracing::debug;
 
 use crate::conn::{BiStream, TunnelConn};
 
+pub use crate::udp_capture::{
+    serve_transparent_udp, FlowLimits, PickConn, Picked, RedirectUdp, Replier, MAX_STARTING_FLOWS,
+};
+
 /// Payloads queued per flow before new ones are dropped (and counted).
-const FLOW_QUEUE: usize = 256;
+pub(crate) const FLOW_QUEUE: usize = 256;
 
 /// Payload bytes queued from the tunnel across all flows of one session
 /// (one [`FlowTable`]) before new ones are dropped (and counted as queue
@@ -40,7 +44,7 @@ const FLOW_QUEUE: usize = 256;
 pub const SESSION_UDP_QUEUE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Largest UDP payload we read from a local socket.
-const MAX_UDP: usize = 65_535;
+pub(crate) const MAX_UDP: usize = 65_535;
 
 /// Counters shared by every flow of one side.
 #[derive(Debug, Default)]
@@ -57,6 +61,13 @@ pub struct UdpStats {
     pub dropped_unknown_flow: AtomicU64,
     /// New flows refused because of the per-session flow cap.
     pub refused_cap: AtomicU64,
+    /// Captured packets that would have started a flow while
+    /// [`MAX_STARTING_FLOWS`] were already starting (a flood of new
+    /// sources); dropped.
+    pub dropped_starting: AtomicU64,
+    /// Captured flows closed early to make room for a new one
+    /// (`FlowLimits::max_flows`).
+    pub evicted: AtomicU64,
 }
 
 /// Flow id → queue of payloads from the tunnel, for one connection.
@@ -336,232 +347,4 @@ pub async fn connect_target(target: SocketAddr, mark: u32) -> std::io::Result<Ud
     let sock = UdpSocket::from_std(s.into())?;
     sock.connect(target).await?;
     Ok(sock)
-}
-
-/// The capture side's UDP socket (IPv4, `0.0.0.0:port`): receives
-/// redirected packets together with the local address they were redirected
-/// to, and answers from that address so conntrack un-NATs the reply.
-pub struct RedirectUdp {
-    sock: UdpSocket,
-}
-
-impl RedirectUdp {
-    /// Binds `0.0.0.0:port` with `IP_RECVORIGDSTADDR`.
-    pub fn bind(port: u16) -> std::io::Result<Self> {
-        let s = socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::DGRAM,
-            Some(socket2::Protocol::UDP),
-        )?;
-        s.set_reuse_address(true)?;
-        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv4OrigDstAddr, &true)
-            .map_err(std::io::Error::from)?;
-        s.set_nonblocking(true)?;
-        s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
-        Ok(RedirectUdp {
-            sock: UdpSocket::from_std(s.into())?,
-        })
-    }
-
-    /// Receives one packet: `(payload, client, local address it arrived on)`.
-    pub async fn recv(&self) -> std::io::Result<(Bytes, SocketAddrV4, SocketAddrV4)> {
-        let mut buf = vec![0u8; MAX_UDP];
-        loop {
-            self.sock.readable().await?;
-            let fd = self.sock.as_raw_fd();
-            match self
-                .sock
-                .try_io(tokio::io::Interest::READABLE, || recv_orig(fd, &mut buf))
-            {
-                // Exactly the payload: `Bytes::from` of the truncated
-                // buffer kept its whole 64 KiB capacity per queued packet.
-                Ok((n, src, dst)) => return Ok((Bytes::copy_from_slice(&buf[..n]), src, dst)),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Sends `payload` to `client` from the local address `from`.
-    pub async fn send_from(
-        &self,
-        payload: &[u8],
-        from: SocketAddrV4,
-        client: SocketAddrV4,
-    ) -> std::io::Result<()> {
-        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn};
-        let info = nix::libc::in_pktinfo {
-            ipi_ifindex: 0,
-            ipi_spec_dst: nix::libc::in_addr {
-                s_addr: u32::from(*from.ip()).to_be(),
-            },
-            ipi_addr: nix::libc::in_addr { s_addr: 0 },
-        };
-        let to = SockaddrIn::from(client);
-        loop {
-            self.sock.writable().await?;
-            let fd = self.sock.as_raw_fd();
-            let r = self.sock.try_io(tokio::io::Interest::WRITABLE, || {
-                let iov = [std::io::IoSlice::new(payload)];
-                let cmsg = [ControlMessage::Ipv4PacketInfo(&info)];
-                sendmsg(fd, &iov, &cmsg, MsgFlags::empty(), Some(&to)).map_err(std::io::Error::from)
-            });
-            match r {
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-}
-
-/// Where replies of one captured flow go: to `client`, from `local`.
-pub struct Replier {
-    sock: Arc<RedirectUdp>,
-    local: SocketAddrV4,
-    client: SocketAddrV4,
-}
-
-impl Replier {
-    async fn send(&self, payload: &[u8]) {
-        // A lost reply is what UDP promises anyway.
-        if let Err(e) = self.sock.send_from(payload, self.local, self.client).await {
-            debug!(error = %e, "udp reply");
-        }
-    }
-}
-
-fn recv_orig(
-    fd: std::os::fd::RawFd,
-    buf: &mut [u8],
-) -> std::io::Result<(usize, SocketAddrV4, SocketAddrV4)> {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrIn};
-    let mut cmsg = nix::cmsg_space!(nix::libc::sockaddr_in);
-    let mut iov = [std::io::IoSliceMut::new(buf)];
-    let msg = recvmsg::<SockaddrIn>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())
-        .map_err(std::io::Error::from)?;
-    let src = msg
-        .address
-        .map(|a| SocketAddrV4::new(a.ip(), a.port()))
-        .ok_or_else(|| std::io::Error::other("packet without source address"))?;
-    let mut dst = None;
-    for c in msg.cmsgs().map_err(std::io::Error::from)? {
-        if let ControlMessageOwned::Ipv4OrigDstAddr(a) = c {
-            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
-            dst = Some(SocketAddrV4::new(ip, u16::from_be(a.sin_port)));
-        }
-    }
-    let dst = dst.ok_or_else(|| std::io::Error::other("packet without original destination"))?;
-    Ok((msg.bytes, src, dst))
-}
-
-/// Where a captured UDP packet's flow goes: the connection and its flow
-/// table, chosen by the original destination.
-pub type PickConn = dyn Fn(SocketAddr) -> Option<(TunnelConn, Arc<FlowTable>)> + Send + Sync;
-
-/// Bounds for captured UDP flows.
-#[derive(Debug, Clone)]
-pub struct FlowLimits {
-    /// Wait for the far side to accept a flow.
-    pub open_timeout: Duration,
-    /// A flow silent this long ends.
-    pub idle: Duration,
-    /// Mark for our reply sockets (see [`crate::capture`]).
-    pub mark: u32,
-}
-
-/// Serves captured UDP: each (client, redirected address) pair is one
-/// flow, whose original destination conntrack tells once, opened on the
-/// connection `pick` chooses; replies go back from the redirected address
-/// so the kernel restores the original one. Packets for a destination no
-/// session serves are dropped and counted. Runs until `stop`.
-pub async fn serve_transparent_udp(
-    sock: RedirectUdp,
-    pick: Arc<PickConn>,
-    limits: FlowLimits,
-    stats: Arc<UdpStats>,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    type Key = (SocketAddrV4, SocketAddrV4);
-    // (generation, queue): a flow that ends removes its entry only if it is
-    // still its own, not a successor's for the same key.
-    type Local = Mutex<HashMap<Key, (u64, mpsc::Sender<Bytes>)>>;
-    let local: Arc<Local> = Arc::default();
-    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-        // Poisoning would only mean a flow task panicked mid-update.
-        m.lock().unwrap_or_else(|e| e.into_inner())
-    }
-    let sock = Arc::new(sock);
-    let mut generation = 0u64;
-    loop {
-        let (payload, client, here) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = sock.recv() => match r {
-                Ok(v) => v,
-                Err(e) => {
-                    debug!(error = %e, "captured udp recv");
-                    continue;
-                }
-            },
-        };
-        let key = (client, here);
-        let sent = lock(&local)
-            .get(&key)
-            .map(|(_, tx)| tx.try_send(payload.clone()));
-        let payload = match sent {
-            Some(Ok(())) => continue,
-            Some(Err(mpsc::error::TrySendError::Full(_))) => {
-                stats.dropped_queue_full.fetch_add(1, Relaxed);
-                continue;
-            }
-            // The flow ended (idle); this packet starts a new one.
-            Some(Err(mpsc::error::TrySendError::Closed(p))) => p,
-            None => payload,
-        };
-        let dst = match crate::conntrack::original_dst_udp(here, client) {
-            Ok(d) => SocketAddr::V4(d),
-            Err(e) => {
-                stats.dropped_unknown_flow.fetch_add(1, Relaxed);
-                debug!(%client, %here, error = %e, "no conntrack entry for captured udp");
-                continue;
-            }
-        };
-        let Some((conn, flows)) = pick(dst) else {
-            stats.dropped_unknown_flow.fetch_add(1, Relaxed);
-            debug!(%client, %dst, "no session for captured udp destination");
-            continue;
-        };
-        let Some(flow) = flows.register(None) else {
-            debug!(%client, %dst, "udp flow cap reached");
-            continue;
-        };
-        generation += 1;
-        let my_gen = generation;
-        let (tx, rx) = mpsc::channel(FLOW_QUEUE);
-        let _ = tx.try_send(payload);
-        lock(&local).insert(key, (my_gen, tx));
-        let (local, limits, stats) = (local.clone(), limits.clone(), stats.clone());
-        let reply = Replier {
-            sock: sock.clone(),
-            local: here,
-            client,
-        };
-        tokio::spawn(async move {
-            let open = relay_protocol::StreamOpen {
-                target: relay_protocol::Target::Addr(dst),
-                source: Some(SocketAddr::V4(client)),
-                l4: relay_protocol::L4::Udp { flow: flow.id },
-            };
-            match crate::conn::open_stream(&conn, &open, limits.open_timeout).await {
-                Ok(bi) => run_opened_flow(bi, conn, flow, rx, reply, limits.idle, stats).await,
-                Err(r) => {
-                    debug!(%client, %dst, reason = r.status.as_str(), msg = %r.message, "udp flow refused")
-                }
-            }
-            let mut g = lock(&local);
-            if g.get(&key).is_some_and(|(gen, _)| *gen == my_gen) {
-                g.remove(&key);
-            }
-        });
-    }
 }

@@ -448,7 +448,19 @@ impl StandIn {
     /// Starts the stand-in on `127.0.0.1:0` with a fresh CA, server
     /// certificate and client bearer token, and writes the kubeconfig.
     pub async fn spawn() -> Result<StandIn, StandInError> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        StandIn::spawn_on(listener).await
+    }
+
+    /// [`StandIn::spawn`] on a listener bound elsewhere, e.g. in a lab
+    /// network namespace (a socket stays in the namespace it was created
+    /// in, whichever thread serves it): the server certificate names the
+    /// listener's address, and the kubeconfig points at it.
+    pub async fn spawn_on(listener: std::net::TcpListener) -> Result<StandIn, StandInError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
+        listener.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(listener)?;
+        let addr = listener.local_addr()?;
         let ca_key = rcgen::KeyPair::generate()?;
         let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
         ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -457,8 +469,11 @@ impl StandIn {
         let ca_pem = ca.self_signed(&ca_key)?.pem();
         let issuer = rcgen::Issuer::new(ca, ca_key);
         let key = rcgen::KeyPair::generate()?;
-        let mut params =
-            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+        let mut sans = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+        if !addr.ip().is_loopback() {
+            sans.push(addr.ip().to_string());
+        }
+        let mut params = rcgen::CertificateParams::new(sans)?;
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, "kube-apiserver");
@@ -474,8 +489,6 @@ impl StandIn {
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = TlsAcceptor::from(Arc::new(tls));
 
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "relay-kube-standin-{}-{}",

@@ -1,0 +1,201 @@
+//! The lab's cluster API: the apiserver stand-in (relay-kube-standin, an
+//! HTTPS server speaking the Kubernetes API subset the product uses, not a
+//! real kube-apiserver) listening on the apiserver host at
+//! `10.0.0.3:6443`, where the relay reaches it over the cloud LAN as it
+//! would a real control plane. It holds the lab's Nodes and the Services
+//! a test declares; the lab's kube-proxy model on every node is programmed
+//! from the same Services, so the relay and kube-proxy see one cluster.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use relay_kube_standin::k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use relay_kube_standin::k8s_openapi::api::discovery::v1::{
+    Endpoint, EndpointConditions, EndpointPort, EndpointSlice,
+};
+use relay_kube_standin::k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use relay_kube_standin::{kubelet_node, StandIn};
+use relay_server::config::KubeSettings;
+
+use crate::netns::{self, KubeProxyMode, KubeService, NetnsLab, Proto, Role};
+
+/// Where the stand-in listens: the apiserver host's LAN address.
+pub const APISERVER_PORT: u16 = 6443;
+
+/// One Service with one port, as a test declares it: kube-proxy and the
+/// relay both see it (through the stand-in's Service and EndpointSlice).
+#[derive(Debug, Clone)]
+pub struct LabService {
+    /// Namespace.
+    pub namespace: &'static str,
+    /// Name.
+    pub name: &'static str,
+    /// ClusterIP and port (IPv4).
+    pub vip: SocketAddr,
+    /// Protocol.
+    pub proto: Proto,
+    /// Ready endpoints: `IP:targetPort` and the node each runs on.
+    pub endpoints: Vec<(SocketAddr, &'static str)>,
+}
+
+impl LabService {
+    /// The Service and its one EndpointSlice, as the API holds them (port
+    /// named `p`; the slice's port is the endpoints' target port).
+    pub fn objects(&self) -> (Service, EndpointSlice) {
+        let meta = |name: String| ObjectMeta {
+            namespace: Some(self.namespace.into()),
+            name: Some(name),
+            labels: Some(
+                [(
+                    "kubernetes.io/service-name".to_string(),
+                    self.name.to_string(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        let proto = match self.proto {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+        };
+        let svc = Service {
+            metadata: meta(self.name.into()),
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(self.vip.ip().to_string()),
+                cluster_ips: Some(vec![self.vip.ip().to_string()]),
+                ports: Some(vec![ServicePort {
+                    name: Some("p".into()),
+                    port: i32::from(self.vip.port()),
+                    protocol: Some(proto.into()),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            status: None,
+        };
+        let target = self.endpoints.first().map(|(a, _)| a.port());
+        let slice = EndpointSlice {
+            metadata: meta(format!("{}-1", self.name)),
+            address_type: "IPv4".into(),
+            ports: Some(vec![EndpointPort {
+                name: Some("p".into()),
+                port: target.map(i32::from),
+                protocol: Some(proto.into()),
+                ..Default::default()
+            }]),
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|(a, node)| Endpoint {
+                    addresses: vec![a.ip().to_string()],
+                    node_name: Some(node.to_string()),
+                    conditions: Some(EndpointConditions {
+                        ready: Some(true),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        (svc, slice)
+    }
+
+    /// What the lab's kube-proxy model programs for it.
+    pub fn kube_proxy(&self) -> Result<KubeService> {
+        let eps: Vec<SocketAddr> = self.endpoints.iter().map(|(a, _)| *a).collect();
+        KubeService::new(
+            &format!("{}/{}:p", self.namespace, self.name),
+            self.vip,
+            self.proto,
+            &eps,
+        )
+    }
+}
+
+/// The running stand-in, with its own runtime (the lab's helpers run
+/// theirs per call).
+pub struct Cluster {
+    standin: StandIn,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Cluster {
+    /// Starts the stand-in on the apiserver host, with a Node for each
+    /// edge (its pod CIDR and host address as InternalIP) and for the two
+    /// cloud nodes.
+    pub fn start(lab: &NetnsLab) -> Result<Cluster> {
+        let addr = SocketAddr::new(IpAddr::V4(netns::APISERVER_IP), APISERVER_PORT);
+        let listener = lab.run_in(
+            Role::Apiserver,
+            Duration::from_secs(5),
+            move || async move { Ok(std::net::TcpListener::bind(addr)?) },
+        )?;
+        let rt = tokio::runtime::Runtime::new()?;
+        let standin = rt
+            .block_on(StandIn::spawn_on(listener))
+            .context("apiserver stand-in")?;
+        for site in netns::SITES {
+            let host = netns::edge_host_ip(site).to_string();
+            standin.upsert_node(kubelet_node(
+                &format!("edge{site}"),
+                &[&netns::edge_pod_cidr(site).to_string()],
+                &[("InternalIP", &host)],
+            ));
+        }
+        let relay = netns::RELAY_LAN_IP.to_string();
+        let cloud2 = netns::CLOUD2_LAN_IP.to_string();
+        standin.upsert_node(kubelet_node(
+            "relay",
+            &[netns::CPOD1_CIDR],
+            &[("InternalIP", &relay)],
+        ));
+        standin.upsert_node(kubelet_node(
+            "cloud2",
+            &[netns::CPOD2_CIDR],
+            &[("InternalIP", &cloud2)],
+        ));
+        Ok(Cluster { standin, rt })
+    }
+
+    /// The relay's `[kubernetes]` settings for this cluster.
+    pub fn relay_settings(&self) -> KubeSettings {
+        KubeSettings {
+            kubeconfig: Some(self.kubeconfig().to_path_buf()),
+            api_timeout: Duration::from_secs(3),
+            ..KubeSettings::default()
+        }
+    }
+
+    /// The kubeconfig pointing at the stand-in.
+    pub fn kubeconfig(&self) -> &Path {
+        self.standin.kubeconfig_path()
+    }
+
+    /// The stand-in itself.
+    pub fn standin(&self) -> &StandIn {
+        &self.standin
+    }
+
+    /// Declares `services` (replacing same-named ones) in the API and
+    /// programs every node's kube-proxy model with them.
+    pub fn set_services(
+        &self,
+        lab: &NetnsLab,
+        mode: KubeProxyMode,
+        services: &[LabService],
+    ) -> Result<()> {
+        let _enter = self.rt.enter();
+        for s in services {
+            let (svc, slice) = s.objects();
+            self.standin.upsert_service(svc);
+            self.standin.upsert_endpointslice(slice);
+        }
+        let kp = services
+            .iter()
+            .map(LabService::kube_proxy)
+            .collect::<Result<Vec<_>>>()?;
+        lab.sync_services(mode, &kp)
+    }
+}

@@ -1,0 +1,278 @@
+//! The cluster's Services and EndpointSlices as the relay's
+//! [`ServiceSource`]: relay-kube's `ServiceDirectory` keeps the table
+//! (kube-proxy's endpoint semantics), this adapter turns each change into
+//! an immutable [`ServiceSnapshot`] for the data path. Built only with the
+//! `kubernetes` feature.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use relay_kube::services::{Protocol, ServiceKind, ServiceTable};
+use relay_kube::{KubeClient, ServiceDirectory, ServiceDirectoryOptions};
+use relay_protocol::ServiceKey;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::services::{Backend, NameLookup, ServiceSnapshot, ServiceSource};
+
+/// Gathers a burst of changes (a relist, a rollout touching many slices)
+/// into one snapshot; well under the second an endpoint change may take.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// Services from the Kubernetes API.
+pub struct KubeServices {
+    dir: ServiceDirectory,
+    snapshot: watch::Sender<Arc<ServiceSnapshot>>,
+}
+
+/// The snapshot of `table`: every TCP and UDP ClusterIP port with its
+/// usable endpoints (SCTP is never captured, so never listed).
+pub fn snapshot_of(table: &ServiceTable) -> ServiceSnapshot {
+    let mut ports = BTreeMap::new();
+    for ((vip, proto), entry) in table.cluster_ips() {
+        let udp = match proto {
+            Protocol::Tcp => false,
+            Protocol::Udp => true,
+            Protocol::Sctp => continue,
+        };
+        let backends: Vec<Backend> = entry
+            .endpoints
+            .iter()
+            .map(|e| Backend {
+                addr: e.addr(),
+                node: e.node.as_deref().map(Arc::from),
+            })
+            .collect();
+        ports.insert(ServiceKey { vip: *vip, udp }, Arc::from(backends));
+    }
+    ServiceSnapshot { ports }
+}
+
+/// `CONNECT host:port` against `table` (see [`NameLookup`]).
+pub fn lookup_name(table: &ServiceTable, host: &str, port: u16) -> NameLookup {
+    let Some(svc) = table.resolve(host) else {
+        return NameLookup::NotAService;
+    };
+    let what = format!("service {}/{}", svc.namespace, svc.name);
+    let Some(p) = svc
+        .ports
+        .iter()
+        .find(|p| p.port == port && p.protocol == Protocol::Tcp)
+    else {
+        return NameLookup::Refused(format!("{what} has no TCP port {port}"));
+    };
+    match &svc.kind {
+        ServiceKind::ExternalName(target) => NameLookup::Refused(format!(
+            "{what} is an ExternalName for {target}: connect to that name"
+        )),
+        // Endpoints of the families the Service has (headless: both).
+        ServiceKind::ClusterIp(ips) => {
+            let mut out = Vec::new();
+            for ip in ips {
+                out.extend(p.usable(ip.is_ipv4()).into_iter().map(backend));
+            }
+            NameLookup::Backends(out)
+        }
+        ServiceKind::Headless => {
+            let mut out: Vec<Backend> = p.usable(true).into_iter().map(backend).collect();
+            out.extend(p.usable(false).into_iter().map(backend));
+            NameLookup::Backends(out)
+        }
+    }
+}
+
+fn backend(e: &relay_kube::services::Endpoint) -> Backend {
+    Backend {
+        addr: e.addr(),
+        node: e.node.as_deref().map(Arc::from),
+    }
+}
+
+impl KubeServices {
+    /// Starts the watches and the snapshot task (until `stop`).
+    pub fn start(client: &KubeClient, cluster_domain: &str, stop: CancellationToken) -> Arc<Self> {
+        let opts = ServiceDirectoryOptions {
+            cluster_domain: cluster_domain.to_string(),
+            ..ServiceDirectoryOptions::default()
+        };
+        let me = Arc::new(KubeServices {
+            dir: ServiceDirectory::spawn(client, &opts),
+            snapshot: watch::channel(Arc::default()).0,
+        });
+        let weak = Arc::downgrade(&me);
+        let mut changes = me.dir.subscribe();
+        tokio::spawn(async move {
+            loop {
+                {
+                    let Some(me) = weak.upgrade() else { return };
+                    let snap = me.dir.with_table(snapshot_of);
+                    debug!(ports = snap.ports.len(), "service snapshot");
+                    me.snapshot.send_replace(Arc::new(snap));
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = changes.changed() => if r.is_err() { return },
+                }
+                tokio::time::sleep(SETTLE).await;
+            }
+        });
+        me
+    }
+}
+
+impl ServiceSource for KubeServices {
+    fn snapshot(&self) -> Arc<ServiceSnapshot> {
+        self.snapshot.borrow().clone()
+    }
+    fn subscribe(&self) -> watch::Receiver<Arc<ServiceSnapshot>> {
+        self.snapshot.subscribe()
+    }
+    fn by_name(&self, host: &str, port: u16) -> NameLookup {
+        self.dir.with_table(|t| lookup_name(t, host, port))
+    }
+    fn is_synced(&self) -> bool {
+        self.dir.is_synced()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_kube::services::{Endpoint, ServiceEntry, ServicePort as KPort};
+
+    fn ep(ip: &str, port: u16, node: &str, ready: bool) -> Endpoint {
+        Endpoint {
+            ip: ip.parse().unwrap(),
+            port,
+            node: Some(node.into()),
+            ready,
+            serving: ready,
+            terminating: false,
+        }
+    }
+
+    fn entry(name: &str, kind: ServiceKind, ports: Vec<KPort>) -> ServiceEntry {
+        ServiceEntry {
+            namespace: "shop".into(),
+            name: name.into(),
+            kind,
+            ports,
+        }
+    }
+
+    fn port(port: u16, protocol: Protocol, eps: Vec<Endpoint>) -> KPort {
+        KPort {
+            name: "p".into(),
+            port,
+            protocol,
+            target_port: None,
+            all_endpoints: eps,
+        }
+    }
+
+    fn table() -> ServiceTable {
+        let mut t = ServiceTable::new("cluster.local");
+        let vip = "10.96.0.20".parse().unwrap();
+        t.set(
+            "shop",
+            "web",
+            Some(entry(
+                "web",
+                ServiceKind::ClusterIp(vec![vip]),
+                vec![
+                    port(
+                        80,
+                        Protocol::Tcp,
+                        vec![
+                            ep("10.244.7.5", 8080, "edge1", true),
+                            ep("10.244.8.5", 8080, "edge2", false),
+                        ],
+                    ),
+                    port(53, Protocol::Udp, vec![ep("10.244.7.5", 53, "edge1", true)]),
+                    port(9, Protocol::Sctp, vec![ep("10.244.7.5", 9, "edge1", true)]),
+                ],
+            )),
+        );
+        t.set(
+            "shop",
+            "db",
+            Some(entry(
+                "db",
+                ServiceKind::Headless,
+                vec![port(
+                    5432,
+                    Protocol::Tcp,
+                    vec![ep("10.244.8.7", 5432, "edge2", true)],
+                )],
+            )),
+        );
+        t.set(
+            "shop",
+            "ext",
+            Some(entry(
+                "ext",
+                ServiceKind::ExternalName("db.example.com".into()),
+                vec![port(443, Protocol::Tcp, vec![])],
+            )),
+        );
+        t
+    }
+
+    #[test]
+    fn snapshot_lists_tcp_and_udp_cluster_ip_ports_with_usable_endpoints() {
+        let s = snapshot_of(&table());
+        let keys: Vec<String> = s
+            .ports
+            .keys()
+            .map(|k| format!("{}/{}", k.vip, if k.udp { "udp" } else { "tcp" }))
+            .collect();
+        assert_eq!(
+            keys,
+            ["10.96.0.20:53/udp", "10.96.0.20:80/tcp"],
+            "no SCTP, no headless"
+        );
+        let web = &s.ports[&ServiceKey {
+            vip: "10.96.0.20:80".parse().unwrap(),
+            udp: false,
+        }];
+        assert_eq!(web.len(), 1, "the not-ready endpoint is left out");
+        assert_eq!(web[0].addr, "10.244.7.5:8080".parse().unwrap());
+        assert_eq!(web[0].node.as_deref(), Some("edge1"));
+    }
+
+    #[test]
+    fn names_resolve_to_endpoints_or_say_why_not() {
+        let t = table();
+        let backends = |host: &str, port: u16| match lookup_name(&t, host, port) {
+            NameLookup::Backends(b) => b.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>(),
+            other => panic!("{host}:{port}: {other:?}"),
+        };
+        for host in [
+            "web.shop",
+            "web.shop.svc",
+            "web.shop.svc.cluster.local",
+            "web.shop.svc.cluster.local.",
+        ] {
+            assert_eq!(backends(host, 80), ["10.244.7.5:8080"], "{host}");
+        }
+        assert_eq!(
+            backends("db.shop.svc", 5432),
+            ["10.244.8.7:5432"],
+            "headless: its endpoints"
+        );
+        let refused = |host: &str, port: u16| match lookup_name(&t, host, port) {
+            NameLookup::Refused(m) => m,
+            other => panic!("{host}:{port}: {other:?}"),
+        };
+        assert!(refused("web.shop", 81).contains("no TCP port 81"));
+        assert!(
+            refused("web.shop", 53).contains("no TCP port 53"),
+            "UDP port over CONNECT"
+        );
+        assert!(refused("ext.shop", 443).contains("ExternalName for db.example.com"));
+        assert_eq!(lookup_name(&t, "edge1", 10250), NameLookup::NotAService);
+        assert_eq!(lookup_name(&t, "web.other", 80), NameLookup::NotAService);
+    }
+}

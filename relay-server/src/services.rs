@@ -1,0 +1,356 @@
+//! Services with edge endpoints: which ClusterIP ports the relay node
+//! captures, how the relay picks an endpoint for a ClusterIP, and what
+//! each edge is told (its [`Control::ServiceDelta`] feed).
+//!
+//! Why the relay picks endpoints itself: kube-proxy DNATs a ClusterIP to
+//! one endpoint in the same NAT hook where capture would redirect it, and
+//! a connection gets one NAT binding per hook. So capture runs first (on
+//! the relay node, for ClusterIP ports with an endpoint behind a live
+//! session; on each edge, for ports with an endpoint off that edge), the
+//! original destination stays the ClusterIP:port, and the relay resolves
+//! it from the Service table: kube-proxy's own choice made one hop later,
+//! where the edge endpoints are reachable. The relay never dials a
+//! ClusterIP for a client: its own sockets bypass capture, and the relay
+//! node's kube-proxy would DNAT them to an edge pod address the relay's
+//! main table cannot route.
+//!
+//! Endpoint choice: among the usable endpoints (ready, else serving and
+//! terminating, as kube-proxy), those on the asking edge's own node first
+//! (same site: a Service whose endpoints are on the asking edge never
+//! crosses to another site), otherwise all of them, in round robin. Session
+//! affinity and `internalTrafficPolicy: Local` are not applied (see
+//! docs/architecture.md, "Services with edge endpoints").
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+
+use relay_protocol::{Control, ServiceKey, ServicePort};
+use relay_transport::capture::{Proto as CaptureProto, ServiceSet};
+use tokio::sync::watch;
+
+use crate::policy::Proto;
+
+/// One usable endpoint of a ClusterIP port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// `IP:targetPort`.
+    pub addr: SocketAddr,
+    /// The endpoint's `nodeName`, when the EndpointSlice says.
+    pub node: Option<Arc<str>>,
+}
+
+/// Every ClusterIP port (TCP and UDP) with its usable endpoints, as one
+/// immutable snapshot: lookups never wait for the watch that rebuilds it.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceSnapshot {
+    /// ClusterIP port → usable endpoints (possibly none: the Service
+    /// exists and is refused fast).
+    pub ports: BTreeMap<ServiceKey, Arc<[Backend]>>,
+}
+
+impl ServiceSnapshot {
+    /// The endpoints of `vip` over `proto`, if it is a ClusterIP port.
+    pub fn backends(&self, vip: SocketAddr, proto: Proto) -> Option<&Arc<[Backend]>> {
+        self.ports.get(&ServiceKey {
+            vip,
+            udp: proto == Proto::Udp,
+        })
+    }
+}
+
+/// What a Service name resolves to for `CONNECT name:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NameLookup {
+    /// The name is not a Service (maybe a node name).
+    NotAService,
+    /// A Service, but it cannot take this connection (no such TCP port, an
+    /// ExternalName Service); the message says which.
+    Refused(String),
+    /// The usable endpoints of the Service's TCP port.
+    Backends(Vec<Backend>),
+}
+
+/// Where the relay's Service table comes from: the cluster's Services and
+/// EndpointSlices in Kubernetes mode, nothing in static mode.
+pub trait ServiceSource: Send + Sync {
+    /// The current snapshot.
+    fn snapshot(&self) -> Arc<ServiceSnapshot>;
+    /// Changes whenever the snapshot is replaced.
+    fn subscribe(&self) -> watch::Receiver<Arc<ServiceSnapshot>>;
+    /// `svc.ns.svc.<domain>`, `svc.ns.svc` or `svc.ns`, port `port`.
+    fn by_name(&self, host: &str, port: u16) -> NameLookup;
+    /// Whether the first lists have been loaded (readiness).
+    fn is_synced(&self) -> bool;
+}
+
+/// Static mode: no Services (ClusterIPs are not resolved by the relay).
+pub struct NoServices(watch::Sender<Arc<ServiceSnapshot>>);
+
+impl Default for NoServices {
+    fn default() -> Self {
+        NoServices(watch::channel(Arc::default()).0)
+    }
+}
+
+impl ServiceSource for NoServices {
+    fn snapshot(&self) -> Arc<ServiceSnapshot> {
+        self.0.borrow().clone()
+    }
+    fn subscribe(&self) -> watch::Receiver<Arc<ServiceSnapshot>> {
+        self.0.subscribe()
+    }
+    fn by_name(&self, _host: &str, _port: u16) -> NameLookup {
+        NameLookup::NotAService
+    }
+    fn is_synced(&self) -> bool {
+        true
+    }
+}
+
+/// Round-robin position shared by every Service: cheap, and spreads a
+/// burst of connections evenly whatever the number of endpoints.
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// Picks an endpoint: those on node `prefer` when there are any, else all
+/// of them, in round robin. `None` when there is none.
+pub fn pick<'a>(backends: &'a [Backend], prefer: Option<&str>) -> Option<&'a Backend> {
+    let local: Vec<&Backend> = match prefer {
+        Some(n) => backends
+            .iter()
+            .filter(|b| b.node.as_deref() == Some(n))
+            .collect(),
+        None => Vec::new(),
+    };
+    let i = NEXT.fetch_add(1, Relaxed);
+    if local.is_empty() {
+        (!backends.is_empty()).then(|| &backends[i % backends.len()])
+    } else {
+        Some(local[i % local.len()])
+    }
+}
+
+/// The ClusterIP ports the relay node captures: those with an endpoint
+/// that `served` says is behind a live edge session (kube-proxy on the
+/// relay node could not reach it). Ports whose endpoints are all in the
+/// cloud stay with kube-proxy.
+pub fn relay_capture_set(
+    snap: &ServiceSnapshot,
+    served: impl Fn(SocketAddr) -> bool,
+) -> ServiceSet {
+    snap.ports
+        .iter()
+        .filter(|(_, b)| b.iter().any(|b| served(b.addr)))
+        .map(|(k, _)| (k.vip, capture_proto(k.udp)))
+        .collect()
+}
+
+fn capture_proto(udp: bool) -> CaptureProto {
+    if udp {
+        CaptureProto::Udp
+    } else {
+        CaptureProto::Tcp
+    }
+}
+
+/// Edge `node`'s view of one ClusterIP port, or `None` when it has no
+/// usable endpoint (kube-proxy on the edge rejects those itself).
+fn edge_port(key: ServiceKey, backends: &[Backend], node: &str) -> Option<ServicePort> {
+    if backends.is_empty() {
+        return None;
+    }
+    let local: Vec<SocketAddr> = backends
+        .iter()
+        .filter(|b| b.node.as_deref() == Some(node))
+        .map(|b| b.addr)
+        .take(ServicePort::MAX_LOCAL)
+        .collect();
+    let remote = backends.iter().any(|b| b.node.as_deref() != Some(node));
+    Some(ServicePort { key, remote, local })
+}
+
+/// One edge's Service feed: what it was last told, and the frames that
+/// move it to the current snapshot.
+#[derive(Debug, Default)]
+pub struct ServiceFeed {
+    sent: BTreeMap<ServiceKey, ServicePort>,
+    started: bool,
+}
+
+impl ServiceFeed {
+    /// The frames that bring edge `node` from what it was told to `snap`
+    /// (the first call sends everything, with `reset`); `None` when
+    /// nothing changed.
+    pub fn poll(&mut self, snap: &ServiceSnapshot, node: &str) -> Option<Vec<Control>> {
+        let now: BTreeMap<ServiceKey, ServicePort> = snap
+            .ports
+            .iter()
+            .filter_map(|(k, b)| edge_port(*k, b, node).map(|p| (*k, p)))
+            .collect();
+        let reset = !self.started;
+        let upsert: Vec<ServicePort> = now
+            .iter()
+            .filter(|(k, p)| reset || self.sent.get(k) != Some(p))
+            .map(|(_, p)| p.clone())
+            .collect();
+        let remove: Vec<ServiceKey> = if reset {
+            Vec::new()
+        } else {
+            self.sent
+                .keys()
+                .filter(|k| !now.contains_key(k))
+                .copied()
+                .collect()
+        };
+        if !reset && upsert.is_empty() && remove.is_empty() {
+            return None;
+        }
+        self.started = true;
+        self.sent = now;
+        Some(Control::service_deltas(reset, upsert, remove))
+    }
+}
+
+/// The relay node's capture set and each ClusterIP's keys, for logs.
+pub fn describe(set: &BTreeSet<(SocketAddr, CaptureProto)>) -> Vec<String> {
+    set.iter()
+        .map(|(a, p)| format!("{a}/{}", p.as_str()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(addr: &str, node: &str) -> Backend {
+        Backend {
+            addr: addr.parse().unwrap(),
+            node: Some(Arc::from(node)),
+        }
+    }
+
+    fn key(vip: &str, udp: bool) -> ServiceKey {
+        ServiceKey {
+            vip: vip.parse().unwrap(),
+            udp,
+        }
+    }
+
+    fn snap(entries: &[(ServiceKey, Vec<Backend>)]) -> ServiceSnapshot {
+        ServiceSnapshot {
+            ports: entries
+                .iter()
+                .map(|(k, v)| (*k, Arc::from(v.clone())))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn pick_prefers_the_asking_node_then_round_robins() {
+        let all = [
+            b("10.244.7.5:80", "edge1"),
+            b("10.244.8.5:80", "edge2"),
+            b("10.244.1.2:80", "cloud1"),
+        ];
+        for _ in 0..10 {
+            assert_eq!(pick(&all, Some("edge2")).unwrap().addr, all[1].addr);
+        }
+        let mut seen = BTreeSet::new();
+        for _ in 0..30 {
+            seen.insert(pick(&all, Some("edge9")).unwrap().addr);
+            seen.insert(pick(&all, None).unwrap().addr);
+        }
+        assert_eq!(seen.len(), 3, "round robin reaches every endpoint");
+        assert!(pick(&[], Some("edge1")).is_none());
+    }
+
+    #[test]
+    fn relay_captures_ports_with_served_endpoints_only() {
+        let s = snap(&[
+            (
+                key("10.96.0.20:80", false),
+                vec![b("10.244.7.5:80", "edge1")],
+            ),
+            (
+                key("10.96.0.10:80", false),
+                vec![b("10.244.1.2:80", "cloud1")],
+            ),
+            (
+                key("10.96.0.30:53", true),
+                vec![b("10.244.1.2:53", "cloud1"), b("10.244.8.5:53", "edge2")],
+            ),
+            (key("10.96.0.40:80", false), vec![]),
+        ]);
+        let served = |a: SocketAddr| {
+            a.ip().to_string().starts_with("10.244.7.")
+                || a.ip().to_string().starts_with("10.244.8.")
+        };
+        let set = relay_capture_set(&s, served);
+        assert_eq!(
+            describe(&set),
+            ["10.96.0.20:80/tcp", "10.96.0.30:53/udp"],
+            "cloud-only and endpoint-less ports stay with kube-proxy"
+        );
+    }
+
+    #[test]
+    fn feed_sends_everything_once_then_only_changes() {
+        let mixed = key("10.96.0.20:80", false);
+        let cloud = key("10.96.0.10:80", false);
+        let own = key("10.96.0.30:80", false);
+        let mut s = snap(&[
+            (
+                mixed,
+                vec![b("10.244.7.5:80", "edge1"), b("10.244.8.5:80", "edge2")],
+            ),
+            (cloud, vec![b("10.244.1.2:80", "cloud1")]),
+            (own, vec![b("10.244.7.6:8080", "edge1")]),
+            (key("10.96.0.40:80", false), vec![]),
+        ]);
+        let mut feed = ServiceFeed::default();
+        let mut edge = BTreeMap::new();
+        let first = feed.poll(&s, "edge1").expect("first batch");
+        assert!(matches!(
+            first[0],
+            Control::ServiceDelta { reset: true, .. }
+        ));
+        for f in &first {
+            f.apply_service_delta(&mut edge);
+        }
+        assert_eq!(edge.len(), 3, "the endpoint-less port is not sent");
+        assert_eq!(
+            (edge[&mixed].remote, edge[&mixed].local.len()),
+            (true, 1),
+            "mixed: captured, local endpoint preferred"
+        );
+        assert_eq!((edge[&cloud].remote, edge[&cloud].local.len()), (true, 0));
+        assert_eq!(
+            (edge[&own].remote, edge[&own].local.clone()),
+            (false, vec!["10.244.7.6:8080".parse().unwrap()]),
+            "all local: left to the edge's kube-proxy"
+        );
+        assert!(feed.poll(&s, "edge1").is_none(), "no change, no frame");
+
+        // The edge1 endpoint of the mixed Service moves to edge2; the
+        // cloud Service goes away.
+        s.ports
+            .insert(mixed, Arc::from(vec![b("10.244.8.6:80", "edge2")]));
+        s.ports.remove(&cloud);
+        let next = feed.poll(&s, "edge1").expect("a change");
+        assert!(matches!(
+            next[0],
+            Control::ServiceDelta { reset: false, .. }
+        ));
+        for f in &next {
+            f.apply_service_delta(&mut edge);
+        }
+        assert_eq!(edge.len(), 2);
+        assert!(edge[&mixed].local.is_empty() && edge[&mixed].remote);
+        let mut fresh = BTreeMap::new();
+        for f in ServiceFeed::default().poll(&s, "edge1").unwrap() {
+            f.apply_service_delta(&mut fresh);
+        }
+        assert_eq!(edge, fresh, "deltas reach what a fresh edge is sent");
+    }
+}

@@ -1,0 +1,319 @@
+//! The capture side of UDP: the socket redirected packets arrive on
+//! ([`RedirectUdp`]) and the loop that turns them into flows through the
+//! tunnel ([`serve_transparent_udp`]). Re-exported by [`crate::udp`].
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use crate::conn::TunnelConn;
+use crate::udp::{run_opened_flow, FlowTable, UdpStats, FLOW_QUEUE, MAX_UDP};
+
+/// Captured flows starting at once (conntrack lookup and stream open in
+/// progress), per capture loop: each holds a netlink socket and a task, so
+/// a flood of new sources must not open them without bound. A packet that
+/// would start one more is dropped and counted (`dropped_starting`).
+pub const MAX_STARTING_FLOWS: usize = 256;
+
+/// The capture side's UDP socket (IPv4, `0.0.0.0:port`): receives
+/// redirected packets together with the local address they were redirected
+/// to, and answers from that address so conntrack un-NATs the reply.
+pub struct RedirectUdp {
+    sock: UdpSocket,
+}
+
+impl RedirectUdp {
+    /// Binds `0.0.0.0:port` with `IP_RECVORIGDSTADDR`.
+    pub fn bind(port: u16) -> std::io::Result<Self> {
+        let s = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        s.set_reuse_address(true)?;
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv4OrigDstAddr, &true)
+            .map_err(std::io::Error::from)?;
+        s.set_nonblocking(true)?;
+        s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+        Ok(RedirectUdp {
+            sock: UdpSocket::from_std(s.into())?,
+        })
+    }
+
+    /// Receives one packet: `(payload, client, local address it arrived on)`.
+    pub async fn recv(&self) -> std::io::Result<(Bytes, SocketAddrV4, SocketAddrV4)> {
+        let mut buf = vec![0u8; MAX_UDP];
+        loop {
+            self.sock.readable().await?;
+            let fd = self.sock.as_raw_fd();
+            match self
+                .sock
+                .try_io(tokio::io::Interest::READABLE, || recv_orig(fd, &mut buf))
+            {
+                // Exactly the payload: `Bytes::from` of the truncated
+                // buffer kept its whole 64 KiB capacity per queued packet.
+                Ok((n, src, dst)) => return Ok((Bytes::copy_from_slice(&buf[..n]), src, dst)),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends `payload` to `client` from the local address `from`.
+    pub async fn send_from(
+        &self,
+        payload: &[u8],
+        from: SocketAddrV4,
+        client: SocketAddrV4,
+    ) -> std::io::Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrIn};
+        let info = nix::libc::in_pktinfo {
+            ipi_ifindex: 0,
+            ipi_spec_dst: nix::libc::in_addr {
+                s_addr: u32::from(*from.ip()).to_be(),
+            },
+            ipi_addr: nix::libc::in_addr { s_addr: 0 },
+        };
+        let to = SockaddrIn::from(client);
+        loop {
+            self.sock.writable().await?;
+            let fd = self.sock.as_raw_fd();
+            let r = self.sock.try_io(tokio::io::Interest::WRITABLE, || {
+                let iov = [std::io::IoSlice::new(payload)];
+                let cmsg = [ControlMessage::Ipv4PacketInfo(&info)];
+                sendmsg(fd, &iov, &cmsg, MsgFlags::empty(), Some(&to)).map_err(std::io::Error::from)
+            });
+            match r {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Where replies of one captured flow go: to `client`, from `local`.
+pub struct Replier {
+    sock: Arc<RedirectUdp>,
+    local: SocketAddrV4,
+    client: SocketAddrV4,
+}
+
+impl Replier {
+    pub(crate) async fn send(&self, payload: &[u8]) {
+        // A lost reply is what UDP promises anyway.
+        if let Err(e) = self.sock.send_from(payload, self.local, self.client).await {
+            debug!(error = %e, "udp reply");
+        }
+    }
+}
+
+fn recv_orig(
+    fd: std::os::fd::RawFd,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddrV4, SocketAddrV4)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrIn};
+    let mut cmsg = nix::cmsg_space!(nix::libc::sockaddr_in);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrIn>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())
+        .map_err(std::io::Error::from)?;
+    let src = msg
+        .address
+        .map(|a| SocketAddrV4::new(a.ip(), a.port()))
+        .ok_or_else(|| std::io::Error::other("packet without source address"))?;
+    let mut dst = None;
+    for c in msg.cmsgs().map_err(std::io::Error::from)? {
+        if let ControlMessageOwned::Ipv4OrigDstAddr(a) = c {
+            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            dst = Some(SocketAddrV4::new(ip, u16::from_be(a.sin_port)));
+        }
+    }
+    let dst = dst.ok_or_else(|| std::io::Error::other("packet without original destination"))?;
+    Ok((msg.bytes, src, dst))
+}
+
+/// Where a captured UDP flow goes, chosen by its original destination.
+pub struct Picked {
+    /// The connection to open the flow on.
+    pub conn: TunnelConn,
+    /// That connection's flow table.
+    pub flows: Arc<FlowTable>,
+    /// The target the flow names: the original destination, or the
+    /// endpoint the picker chose for it (a ClusterIP resolved by the relay).
+    pub target: SocketAddr,
+}
+
+/// Chooses a captured UDP flow's connection and target from its original
+/// destination; `None` drops the flow's packets (counted).
+pub type PickConn = dyn Fn(SocketAddr) -> Option<Picked> + Send + Sync;
+
+/// Bounds for captured UDP flows.
+#[derive(Debug, Clone)]
+pub struct FlowLimits {
+    /// Wait for the far side to accept a flow.
+    pub open_timeout: Duration,
+    /// A flow silent this long ends.
+    pub idle: Duration,
+    /// Mark for our reply sockets (see [`crate::capture`]).
+    pub mark: u32,
+    /// Captured flows open at once; a new one past this closes the flow
+    /// idle the longest (counted in `UdpStats::evicted`). Each flow holds a
+    /// tunnel stream until it is idle for `idle`, so on the edge this must
+    /// stay below the streams the relay grants (its `quic.max_streams`):
+    /// a resolver sending each query from a new port would otherwise use
+    /// up the credit, and every new TCP connection would wait for it.
+    pub max_flows: usize,
+}
+
+/// Serves captured UDP: each (client, redirected address) pair is one
+/// flow, whose original destination conntrack tells once, opened on the
+/// connection `pick` chooses; replies go back from the redirected address
+/// so the kernel restores the original one. Packets for a destination no
+/// session serves are dropped and counted. Runs until `stop`.
+pub async fn serve_transparent_udp(
+    sock: RedirectUdp,
+    pick: Arc<PickConn>,
+    limits: FlowLimits,
+    stats: Arc<UdpStats>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    type Key = (SocketAddrV4, SocketAddrV4);
+    // (generation, queue, last packet from the client): a flow that ends
+    // removes its entry only if it is still its own, not a successor's for
+    // the same key; the oldest last packet is evicted first.
+    type Local = Mutex<HashMap<Key, (u64, mpsc::Sender<Bytes>, Instant)>>;
+    let local: Arc<Local> = Arc::default();
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        // Poisoning would only mean a flow task panicked mid-update.
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    let sock = Arc::new(sock);
+    let starting = Arc::new(tokio::sync::Semaphore::new(MAX_STARTING_FLOWS));
+    let mut generation = 0u64;
+    loop {
+        let (payload, client, here) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = sock.recv() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    debug!(error = %e, "captured udp recv");
+                    continue;
+                }
+            },
+        };
+        let key = (client, here);
+        let now = Instant::now();
+        let sent = lock(&local).get_mut(&key).map(|(_, tx, last)| {
+            *last = now;
+            tx.try_send(payload.clone())
+        });
+        let payload = match sent {
+            Some(Ok(())) => continue,
+            Some(Err(mpsc::error::TrySendError::Full(_))) => {
+                stats.dropped_queue_full.fetch_add(1, Relaxed);
+                continue;
+            }
+            // The flow ended (idle); this packet starts a new one.
+            Some(Err(mpsc::error::TrySendError::Closed(p))) => p,
+            None => payload,
+        };
+        let Ok(permit) = starting.clone().try_acquire_owned() else {
+            stats.dropped_starting.fetch_add(1, Relaxed);
+            continue;
+        };
+        // The flow's queue is registered before its destination is known,
+        // so packets arriving meanwhile wait in it (bounded) instead of
+        // each starting a lookup; the lookup itself runs in the flow's
+        // task, never in this loop, which keeps receiving for every flow.
+        generation += 1;
+        let my_gen = generation;
+        let (tx, rx) = mpsc::channel(FLOW_QUEUE);
+        let _ = tx.try_send(payload);
+        {
+            let mut flows = lock(&local);
+            // Make room: closing a flow's queue ends its task, which
+            // finishes its stream and returns the stream's credit.
+            while flows.len() >= limits.max_flows.max(1) {
+                let Some(oldest) = flows.iter().min_by_key(|(_, e)| e.2).map(|(k, _)| *k) else {
+                    break;
+                };
+                flows.remove(&oldest);
+                stats.evicted.fetch_add(1, Relaxed);
+            }
+            flows.insert(key, (my_gen, tx, now));
+        }
+        let (local, limits, stats, pick) =
+            (local.clone(), limits.clone(), stats.clone(), pick.clone());
+        let reply = Replier {
+            sock: sock.clone(),
+            local: here,
+            client,
+        };
+        tokio::spawn(async move {
+            open_captured_flow(pick, rx, reply, limits, stats, permit).await;
+            let mut g = lock(&local);
+            if g.get(&key).is_some_and(|(gen, _, _)| *gen == my_gen) {
+                g.remove(&key);
+            }
+        });
+    }
+}
+
+/// The start of one captured flow: its original destination from
+/// conntrack, the session `pick` chooses for it, a flow id, a stream
+/// opened to the far side; then it runs until idle. A flow that cannot
+/// start drops its queued packets, counted as `dropped_unknown_flow`.
+async fn open_captured_flow(
+    pick: Arc<PickConn>,
+    rx: mpsc::Receiver<Bytes>,
+    reply: Replier,
+    limits: FlowLimits,
+    stats: Arc<UdpStats>,
+    starting: tokio::sync::OwnedSemaphorePermit,
+) {
+    let (client, here) = (reply.client, reply.local);
+    let dst = match crate::conntrack::original_dst_udp(here, client).await {
+        Ok(d) => SocketAddr::V4(d),
+        Err(e) => {
+            stats.dropped_unknown_flow.fetch_add(1, Relaxed);
+            debug!(%client, %here, error = %e, "no conntrack entry for captured udp");
+            return;
+        }
+    };
+    let Some(Picked {
+        conn,
+        flows,
+        target,
+    }) = pick(dst)
+    else {
+        stats.dropped_unknown_flow.fetch_add(1, Relaxed);
+        debug!(%client, %dst, "no session for captured udp destination");
+        return;
+    };
+    let Some(flow) = flows.register(None) else {
+        debug!(%client, %dst, "udp flow cap reached");
+        return;
+    };
+    let open = relay_protocol::StreamOpen {
+        target: relay_protocol::Target::Addr(target),
+        source: Some(SocketAddr::V4(client)),
+        l4: relay_protocol::L4::Udp { flow: flow.id },
+    };
+    let opened = crate::conn::open_stream(&conn, &open, limits.open_timeout).await;
+    // Started (or refused): it no longer counts against new flows.
+    drop(starting);
+    match opened {
+        Ok(bi) => run_opened_flow(bi, conn, flow, rx, reply, limits.idle, stats).await,
+        Err(r) => {
+            debug!(%client, %dst, reason = r.status.as_str(), msg = %r.message, "udp flow refused")
+        }
+    }
+}
