@@ -12,7 +12,7 @@ use relay_protocol::codec::{
 };
 use relay_protocol::{
     capability, close_code, Cidr, ClientHello, Control, HelloReply, RejectReason, Rejection,
-    ServerHelloExt, EDGE_FLOW_BIT, PROTOCOL_VERSION,
+    Replica, ServerHelloExt, EDGE_FLOW_BIT, PROTOCOL_VERSION,
 };
 use relay_transport::udp::FlowTable;
 use relay_transport::{quic, BiStream, Direction, Meter, TunnelConn};
@@ -50,6 +50,10 @@ pub enum EdgeState {
         /// Prefixes this edge serves (the relay's word if it decides,
         /// else the config's); never captured.
         served_routes: Vec<Cidr>,
+        /// The relay replicas this relay says to hold a session to each;
+        /// `None` until it says (a relay without a replica set never does:
+        /// one session is all).
+        replicas: Option<Vec<Replica>>,
     },
     /// The relay refused the last handshake (retrying with backoff).
     Rejected {
@@ -216,8 +220,10 @@ impl EdgeClient {
             );
             tokio::spawn(t.instrument(span.clone()))
         });
+        // One session, or one per relay replica when the relay advertises
+        // a replica set (see `supervisor`).
         let task = tokio::spawn(
-            run(
+            crate::supervisor::supervise(
                 cfg,
                 served,
                 services.clone(),
@@ -322,9 +328,11 @@ enum AttemptError {
 /// The current session's connection, for streams the edge opens.
 pub(crate) type ConnWatch = watch::Receiver<Option<(TunnelConn, Arc<FlowTable>)>>;
 
+/// One relay's reconnect loop: dial `cfg.relay`, run the session, back off,
+/// again, until `cancel`. The supervisor runs one per replica.
 // The session's shared parts, passed once at start; a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
-async fn run(
+pub(crate) async fn run(
     cfg: Arc<EdgeConfig>,
     served: Arc<ServedSet>,
     services: Arc<EdgeServices>,
@@ -394,6 +402,7 @@ async fn run(
                     relay_id: hello.relay_id.clone(),
                     tunnel_routes: hello.tunnel_routes.clone(),
                     served_routes: served.get().routes.clone(),
+                    replicas: None,
                 });
                 let up = Instant::now();
                 // Flows live and die with the session.
@@ -790,6 +799,17 @@ async fn run_session(
                             state.send_modify(|s| {
                                 if let EdgeState::Connected { served_routes, .. } = s {
                                     *served_routes = routes;
+                                }
+                            });
+                            continue;
+                        }
+                        Control::Replicas { replicas } => {
+                            // The supervisor reads it from the state and
+                            // keeps one session per replica.
+                            debug!(?replicas, "relay replica set");
+                            state.send_modify(|s| {
+                                if let EdgeState::Connected { replicas: r, .. } = s {
+                                    *r = Some(replicas);
                                 }
                             });
                             continue;

@@ -63,6 +63,10 @@ pub struct EdgeConfig {
     pub udp_idle: Duration,
     /// Most UDP flows open at once.
     pub max_udp_flows: usize,
+    /// Most relay replicas this edge holds a session to at once when the
+    /// relay advertises a replica set (one session per replica); replicas
+    /// past the cap are ignored, logged.
+    pub max_relays: usize,
     /// When set, traffic from this node towards the relay's tunnel routes
     /// (cloud ranges, other edges) is captured and sent through the tunnel
     /// (nftables redirect + policy routing; needs CAP_NET_ADMIN).
@@ -96,6 +100,7 @@ impl EdgeConfig {
             backoff: BackoffConfig::default(),
             udp_idle: Duration::from_secs(60),
             max_udp_flows: 1024,
+            max_relays: DEFAULT_MAX_RELAYS,
             capture: None,
             dns: None,
         }
@@ -243,7 +248,14 @@ pub struct FileConfig {
     /// The node-local resolver.
     #[serde(default)]
     pub dns: crate::dns::DnsFile,
+    /// Most relay replicas to hold a session to (default 8, at most 64).
+    pub max_relays: Option<usize>,
 }
+
+/// Default of [`EdgeConfig::max_relays`]: each replica costs an idle
+/// session (keep-alives on a metered uplink), and a handful is what a
+/// cluster runs.
+pub const DEFAULT_MAX_RELAYS: usize = 8;
 
 /// The host part of `host:port` / `[v6]:port`.
 fn host_of(relay: &str) -> Option<&str> {
@@ -383,6 +395,11 @@ impl FileConfig {
                 Duration::from_secs(60),
             )?,
             max_udp_flows: 1024,
+            max_relays: match self.max_relays {
+                None => DEFAULT_MAX_RELAYS,
+                Some(n @ 1..=64) => n,
+                Some(_) => return Err(err("max_relays", "must be between 1 and 64")),
+            },
             capture,
             dns,
         })

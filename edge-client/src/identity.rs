@@ -205,6 +205,13 @@ impl Credentials {
                 .ok_or_else(|| IdentityError::Failed("no certificate".into()));
         };
         let _one = self.obtaining.lock().await;
+        // With several relay replicas every session comes due at once; the
+        // first renews, the others take its certificate.
+        if let Some(c) = self.get() {
+            if SystemTime::now() < c.renew_at() {
+                return Ok(c.material);
+            }
+        }
         let cert = obtain(cfg, b, dial).await?;
         let material = cert.material.clone();
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(cert);

@@ -9,6 +9,8 @@
 //! Modules:
 //! - [`config`]: TOML file config and the runtime [`EdgeConfig`].
 //! - [`client`]: [`EdgeClient`], the reconnect loop and the session.
+//! - `supervisor`: one session per relay replica when the relay
+//!   advertises a replica set (else the one session, as before).
 //! - [`serve`]: serving the relay's streams within what this edge serves.
 //! - [`services`]: the ClusterIP table the relay sends: what capture takes
 //!   ahead of kube-proxy, and local endpoints preferred.
@@ -29,6 +31,7 @@ mod identity;
 pub mod liveness;
 pub mod serve;
 pub mod services;
+mod supervisor;
 
 pub use client::{EdgeClient, EdgeState, EdgeStats, StartError};
 pub use config::{EdgeConfig, FileConfig, TransportMode};

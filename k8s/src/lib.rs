@@ -13,6 +13,8 @@
 //!   [`SessionEvents`]);
 //! - authenticating an edge by a node-bound service-account token:
 //!   [`TokenReviewer`];
+//! - which relay replicas are live and where edges dial them:
+//!   [`ReplicaMembership`], one Lease per replica;
 //! - what each ClusterIP:port is and where its endpoints run, with
 //!   kube-proxy's rules, so ClusterIPs can be captured before kube-proxy
 //!   DNATs them: [`ServiceDirectory`].
@@ -31,11 +33,13 @@
 //! | [`names`] | [`service_names`], [`name_entry`] (pure): Service names for edge resolvers |
 //! | [`services`] | [`ServiceDirectory`] (reflectors over Services and EndpointSlices), [`ServiceTable`] and [`service_entry`] (pure) |
 //! | [`status`] | [`StatusWriter`] (server-side apply of the condition), [`next_condition`] (pure), [`SessionEvents`] |
+//! | [`leases`] | [`ReplicaMembership`]: relay replicas from Leases (renew, watch, expiry with a skew margin, collection); [`judge`] (pure) |
 //! | [`pods`] | [`PodReader`]: the pod a bootstrap token is bound to |
 //! | [`tokenreview`] | [`TokenReviewer`], [`ReviewedToken`], [`TokenReviewError`] |
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod client;
+pub mod leases;
 pub mod names;
 pub mod nodes;
 pub mod pods;
@@ -47,6 +51,10 @@ pub mod tokenreview;
 use std::time::Duration;
 
 pub use client::{ClientOptions, KubeClient, KubeClientConfig};
+pub use leases::{
+    judge, live_members, LeaseState, Member, MembershipOptions, MembershipStats, ReplicaMembership,
+    ADDRESS_ANNOTATION,
+};
 pub use names::{name_entry, service_names};
 pub use nodes::{
     node_claims, ClaimIssue, DirectoryOptions, NodeClaims, NodeDirectory, COMMUNITY_LABEL_PREFIX,

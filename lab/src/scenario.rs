@@ -620,6 +620,25 @@ pub fn relay_toml(cfg: &RelayConfig, certs: &Path, token_file: Option<&Path>) ->
     for (name, members) in communities {
         let _ = writeln!(t, "{name:?} = {members:?}");
     }
+    if let Some(r) = &cfg.replicas {
+        t.push_str(&replicas_toml(r));
+    }
+    t
+}
+
+/// `[replicas]` for a static peer list (Lease mode needs `[kubernetes]`,
+/// which [`relay_toml`] does not write).
+fn replicas_toml(r: &relay_server::replicas::ReplicaSettings) -> String {
+    let mut t = format!("\n[replicas]\nadvertise = {:?}\n", r.advertise);
+    if let relay_server::replicas::ReplicaSource::Static(peers) = &r.source {
+        for p in peers {
+            let _ = write!(
+                t,
+                "\n[[replicas.peers]]\nid = {:?}\naddress = {:?}\n",
+                p.id, p.addr
+            );
+        }
+    }
     t
 }
 
@@ -639,7 +658,19 @@ impl RelayProcess {
     /// token into a fresh directory, starts the binary and waits (bounded)
     /// for its ready file.
     pub fn start(lab: &NetnsLab, bin: &Path, pki: &DevPki, cfg: &RelayConfig) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("{}-relay", lab.tag()));
+        Self::start_named(lab, "relay", bin, pki, cfg)
+    }
+
+    /// [`RelayProcess::start`] with its own directory `<lab tag>-<name>`,
+    /// for several relays (replicas) in one lab.
+    pub fn start_named(
+        lab: &NetnsLab,
+        name: &str,
+        bin: &Path,
+        pki: &DevPki,
+        cfg: &RelayConfig,
+    ) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{}-{name}", lab.tag()));
         if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }
@@ -727,6 +758,30 @@ impl RelayProcess {
             "relay-server not ready within {READY_TIMEOUT:?}:\n{}",
             self.log()
         )
+    }
+
+    /// Stops the process with SIGTERM (the relay drains: GOAWAY, in-flight
+    /// streams finish within its `drain_grace`) and waits up to `limit`
+    /// for it to exit; SIGKILL after that. Returns how long it took.
+    pub fn terminate(&mut self, limit: Duration) -> Result<Duration> {
+        let mut c = self.child.take().context("relay-server is not running")?;
+        let t = Instant::now();
+        // kill(1) rather than a signal API: the workspace's nix is built
+        // without its signal feature.
+        let st = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .context("SIGTERM relay-server")?;
+        anyhow::ensure!(st.success(), "kill -TERM {}: {st}", c.id());
+        while t.elapsed() < limit {
+            if c.try_wait()?.is_some() {
+                return Ok(t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        c.wait()?;
+        bail!("relay-server did not exit within {limit:?} of SIGTERM (killed)")
     }
 
     /// Kills the process with SIGKILL (no cleanup of any kind runs) and

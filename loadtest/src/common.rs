@@ -375,9 +375,16 @@ impl Bench {
     /// sides start at and cap QUIC packets to that size (`[quic]
     /// max_udp_payload` and `initial_mtu`): for loopback, which carries
     /// 64 KiB packets, to show what packet size costs.
-    fn write_relay_config(&self, quic: SocketAddr, connect: SocketAddr) -> Result<PathBuf> {
+    fn write_relay_config(
+        &self,
+        name: &str,
+        quic: SocketAddr,
+        connect: SocketAddr,
+        extra: &str,
+    ) -> Result<PathBuf> {
         let mut t = String::new();
-        t.push_str("relay_id = \"bench-relay\"\n[listen]\n");
+        let id = if name == "relay" { "bench-relay" } else { name };
+        t.push_str(&format!("relay_id = \"{id}\"\n[listen]\n"));
         t.push_str(&format!(
             "quic = \"{quic}\"\nconnect = \"{connect}\"\nadmin = \"127.0.0.1:0\"\n"
         ));
@@ -398,7 +405,8 @@ impl Bench {
         for i in 0..self.nodes {
             t.push_str(&format!("\"{}\" = [\"{}/32\"]\n", edge_name(i), edge_ip(i)));
         }
-        let p = self.dir.path().join("relay.toml");
+        t.push_str(extra);
+        let p = self.dir.path().join(format!("{name}.toml"));
         std::fs::write(&p, t)?;
         Ok(p)
     }
@@ -415,18 +423,31 @@ impl Bench {
         quic: SocketAddr,
         connect: SocketAddr,
     ) -> Result<RelayProc> {
-        let cfg = self.write_relay_config(quic, connect)?;
-        let ready = self.dir.path().join("relay-ready.json");
+        self.start_named_relay("relay", quic, connect, "").await
+    }
+
+    /// Starts relay process `name` (its relay_id, config, ready file and
+    /// log named after it) with `extra` appended to its config.
+    pub(crate) async fn start_named_relay(
+        &self,
+        name: &str,
+        quic: SocketAddr,
+        connect: SocketAddr,
+        extra: &str,
+    ) -> Result<RelayProc> {
+        let cfg = self.write_relay_config(name, quic, connect, extra)?;
+        let ready = self.dir.path().join(format!("{name}-ready.json"));
         let _ = std::fs::remove_file(&ready);
         let mut cmd = self.bins.relay_cmd();
         cmd.arg("--config")
             .arg(&cfg)
             .arg("--ready-file")
             .arg(&ready);
-        let mut child = ChildGuard::spawn("relay", cmd, &self.dir.path().join("relay.log"))?;
+        let log = format!("{name}.log");
+        let mut child = ChildGuard::spawn(name, cmd, &self.dir.path().join(&log))?;
         let text = wait_file(&ready, &mut child, Duration::from_secs(20))
             .await
-            .with_context(|| format!("relay log: {}", self.log_tail("relay.log")))?;
+            .with_context(|| format!("relay log: {}", self.log_tail(&log)))?;
         let v: serde_json::Value = serde_json::from_str(&text).context("ready file")?;
         let addr = |k: &str| -> Result<SocketAddr> {
             v[k].as_str()

@@ -7,8 +7,8 @@
 //!
 //! Modules:
 //! - [`demo`]: `loadtest demo`, the README's local demo (all in-process);
-//! - [`bulk`], [`rr`], [`connect`], [`sessions`], [`streams`], [`storm`]:
-//!   one benchmark each;
+//! - [`bulk`], [`rr`], [`connect`], [`sessions`], [`streams`], [`storm`],
+//!   [`replicas`]: one benchmark each;
 //! - [`bare`]: bulk over quinn alone (`bulk`'s `bare-quic` path, the
 //!   ceiling), and its sink process;
 //! - [`common`]: PKI and config files, child processes (killed on drop),
@@ -29,6 +29,7 @@ mod connect;
 mod demo;
 mod procs;
 mod rathole;
+mod replicas;
 mod rr;
 mod sessions;
 mod storm;
@@ -63,6 +64,9 @@ enum Cmd {
     Streams(streams::Args),
     /// Relay restart with N edges: time until all are back, rr latency meanwhile.
     Storm(storm::Args),
+    /// R relay replicas, N edges on each: memory per replica, time until
+    /// every edge is on every replica, and back after one replica restarts.
+    Replicas(replicas::Args),
     #[command(hide = true)]
     RelayProcess(procs::RelayArgs),
     #[command(hide = true)]
@@ -84,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Sessions(a) => sessions::run(a).await,
         Cmd::Streams(a) => streams::run(a).await,
         Cmd::Storm(a) => storm::run(a).await,
+        Cmd::Replicas(a) => replicas::run(a).await,
         Cmd::RelayProcess(a) => procs::relay(a).await,
         Cmd::EdgeProcess(a) => procs::edge(a).await,
         Cmd::EchoProcess(a) => procs::echo(a).await,

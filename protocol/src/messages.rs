@@ -50,10 +50,14 @@ pub mod capability {
     /// the relay tells the edge which ClusterIP ports to capture ahead of
     /// its kube-proxy and which of their endpoints are on the edge itself.
     pub const SERVICES: u32 = 1 << 5;
+    /// Understands [`Control::Replicas`](super::Control::Replicas): the
+    /// relay tells the edge every replica it should hold a session to, and
+    /// the edge keeps one session per replica. A relay sends it only to
+    /// edges with this bit; an edge without it keeps one session.
+    pub const REPLICAS: u32 = 1 << 6;
     /// Understands [`Control::ServiceNames`](super::Control::ServiceNames):
     /// the edge runs a node-local resolver and wants the cluster's Service
-    /// names. An edge announces it only when its resolver is on. (Bit 6 is
-    /// taken by the replica-set work.)
+    /// names. An edge announces it only when its resolver is on.
     pub const SERVICE_NAMES: u32 = 1 << 7;
     /// Every bit this build understands.
     pub const ALL: u32 = TCP_STREAMS
@@ -62,6 +66,7 @@ pub mod capability {
         | EXTENSIBLE
         | SERVED_ROUTES
         | SERVICES
+        | REPLICAS
         | SERVICE_NAMES;
 }
 
@@ -264,10 +269,15 @@ pub enum Control {
         /// The last frame of a batch: apply everything received so far.
         complete: bool,
     },
-    /// Placeholder for index 7, which the replica-set message takes; never
-    /// sent, and ignored when received. Merging that work replaces it.
-    #[doc(hidden)]
-    Reserved7,
+    /// The relay replicas this edge should hold one session to each, sent
+    /// only to edges that announced [`capability::REPLICAS`]: once after the
+    /// hello and again whenever the set changes. The list is complete (a
+    /// lost or reordered message heals with the next one); an empty list
+    /// means "no replica set: keep the one session you have".
+    Replicas {
+        /// Every live replica, this one included, in a stable order.
+        replicas: Vec<Replica>,
+    },
     /// A change to the edge resolver's table of Service names, sent only to
     /// edges that announced [`capability::SERVICE_NAMES`]. Same batching as
     /// [`Control::ServiceDelta`]: a session starts with an empty table, the
@@ -285,6 +295,17 @@ pub enum Control {
         /// The last frame of a batch: apply everything received so far.
         complete: bool,
     },
+}
+
+/// One relay replica as an edge should reach it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Replica {
+    /// The replica's id (its `relay_id`; unique among live replicas).
+    pub id: String,
+    /// Where edges dial this replica: `host:port` of its own address, not
+    /// a load balancer's (a balancer hashing the UDP 5-tuple breaks QUIC
+    /// connection migration, and the edge must reach each replica).
+    pub addr: String,
 }
 
 /// A ClusterIP port: address, port and transport.
@@ -325,6 +346,10 @@ impl Control {
     /// Byte budget of the entries in one [`Control::ServiceDelta`]: well
     /// inside [`crate::MAX_FRAME_LEN`] whatever the mix of entries.
     pub const SERVICE_DELTA_BUDGET: usize = 48 * 1024;
+
+    /// Most replicas in one [`Control::Replicas`] (a frame's bound, far
+    /// above any sane deployment; edges cap what they follow lower).
+    pub const MAX_REPLICAS: usize = 256;
 
     /// Most prefixes (added plus removed) in one [`Control::RouteDelta`]:
     /// 2,048 IPv6 prefixes encode to about 37 KiB, well inside a frame.

@@ -134,6 +134,17 @@ fn golden() -> Vec<(&'static str, Vec<u8>, &'static str)> {
             "060101000a60001450000101000af40705fb901f01000a60000a350101",
         ),
         (
+            "Control::Replicas",
+            encode(&Control::Replicas {
+                replicas: vec![Replica {
+                    id: "r-1".into(),
+                    addr: "198.18.0.2:8443".into(),
+                }],
+            })
+            .unwrap(),
+            "070103722d310f3139382e31382e302e323a38343433",
+        ),
+        (
             "Control::ServiceNames",
             encode(&Control::ServiceNames {
                 reset: true,
@@ -359,6 +370,7 @@ proptest! {
                 remove: routes.iter().map(|c| ServiceKey { vip: SocketAddr::new(c.addr(), 53), udp: true }).collect(),
                 complete: grace % 2 == 0,
             },
+            Control::Replicas { replicas: vec![Replica { id: reason.clone(), addr: format!("r:{grace}") }] },
             Control::RouteDelta { reset: nonce % 2 == 0, add: routes.clone(), remove: routes.clone(), complete: grace % 2 == 0 },
         ] {
 
@@ -676,7 +688,7 @@ proptest! {
 
 #[test]
 fn control_variant_indices_are_frozen() {
-    // Index 8 is ServiceNames whatever lands at 7 (replica-set work).
+    // Index 7 is Replicas, 8 ServiceNames: frozen once released.
     let m = Control::ServiceNames {
         reset: false,
         cluster_domain: String::new(),

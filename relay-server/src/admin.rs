@@ -231,6 +231,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             get(get_session).delete(delete_session),
         )
         .route("/v1/routes", get(list_routes))
+        .route("/v1/replicas", get(list_replicas))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(shared.clone(), auth));
     Router::new()
@@ -380,6 +381,17 @@ async fn delete_session(
 
 async fn list_routes(State(shared): State<Arc<Shared>>) -> Json<Vec<crate::registry::RouteRow>> {
     Json(shared.registry.routes())
+}
+
+/// The replica set this relay tells edges about (empty without
+/// `[replicas]`).
+async fn list_replicas(State(shared): State<Arc<Shared>>) -> Response {
+    let set = shared.replicas.borrow().clone();
+    let rows: Vec<serde_json::Value> = set
+        .iter()
+        .map(|r| serde_json::json!({"id": r.id, "address": r.addr, "self": r.id == shared.cfg.relay_id}))
+        .collect();
+    Json(rows).into_response()
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {

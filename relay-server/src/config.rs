@@ -144,6 +144,9 @@ pub struct RelayConfig {
     /// When set, the relay captures traffic to every live session's routes
     /// (nftables redirect + policy routing; needs CAP_NET_ADMIN).
     pub capture: Option<CaptureConfig>,
+    /// Scale-out: this replica's dial address and where the others come
+    /// from (see [`crate::replicas`]); `None`: edges keep one session.
+    pub replicas: Option<crate::replicas::ReplicaSettings>,
 }
 
 impl RelayConfig {
@@ -173,6 +176,7 @@ impl RelayConfig {
             bootstrap: None,
             limits: Limits::default(),
             capture: None,
+            replicas: None,
         }
     }
 
@@ -189,6 +193,18 @@ impl RelayConfig {
                 "bootstrap",
                 "certificate bootstrap verifies tokens with the Kubernetes API: enable [kubernetes]",
             ));
+        }
+        if let Some(r) = &self.replicas {
+            crate::replicas::check_id("relay_id", &self.relay_id)
+                .map_err(|e| err("relay_id", e.message))?;
+            if matches!(r.source, crate::replicas::ReplicaSource::Leases(_))
+                && self.kubernetes.is_none()
+            {
+                return Err(err(
+                    "replicas.lease_namespace",
+                    "Leases are read through the Kubernetes API: enable [kubernetes], or list peers",
+                ));
+            }
         }
         check_exposure(self)
     }
@@ -679,6 +695,9 @@ pub struct FileConfig {
     /// Relay-installed routes.
     #[serde(default)]
     pub capture: CaptureFile,
+    /// Scale-out: several replicas, every edge connected to each.
+    #[serde(default)]
+    pub replicas: crate::replicas::ReplicasFile,
 }
 
 impl FileConfig {
@@ -793,8 +812,10 @@ impl FileConfig {
             Some(b) => Some(b.load(&tls.ca)?),
             None => None,
         };
+        let relay_id = self.relay_id.unwrap_or_else(|| "relay-0".into());
+        let replicas = self.replicas.resolve(&relay_id, kubernetes.is_some())?;
         let cfg = RelayConfig {
-            relay_id: self.relay_id.unwrap_or_else(|| "relay-0".into()),
+            relay_id,
             quic_listen: self.listen.quic,
             tcp_fallback: self.listen.tcp_fallback,
             tls,
@@ -820,6 +841,7 @@ impl FileConfig {
             kubernetes,
             limits,
             capture,
+            replicas,
         };
         check_exposure(&cfg)?;
         Ok(cfg)

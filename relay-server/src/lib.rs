@@ -36,6 +36,10 @@
 //! - [`admin`]: the admin API (sessions, routes, health, metrics).
 //! - [`metrics`]: counters and the Prometheus rendering.
 //! - [`agent`]: the route agent for the other cloud nodes.
+//! - [`multipath`]: the route agent with several replicas (resilient
+//!   nexthop groups).
+//! - [`replicas`]: scale-out: the replica set (Leases or a static list)
+//!   that edges are told to connect to.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admin;
@@ -52,8 +56,10 @@ pub mod k8s;
 #[cfg(feature = "kubernetes")]
 pub mod k8s_services;
 pub mod metrics;
+pub mod multipath;
 pub mod policy;
 pub mod registry;
+pub mod replicas;
 pub mod routefeed;
 pub mod server;
 pub mod services;

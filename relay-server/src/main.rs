@@ -24,6 +24,14 @@ struct Cli {
     /// tests that start the relay on port 0.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// This replica's id, overriding `relay_id` in the file: one ConfigMap
+    /// for every replica, the id from the pod (e.g. the node name).
+    #[arg(long, env = "RELAY_ID", global = true)]
+    relay_id: Option<String>,
+    /// This replica's dial address (`host:port`), overriding
+    /// `replicas.advertise` (e.g. `$(HOST_IP):8443` from the downward API).
+    #[arg(long, env = "RELAY_ADVERTISE", global = true)]
+    advertise: Option<String>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -57,11 +65,21 @@ enum Cmd {
     /// its admin API), and removes them on exit.
     RouteAgent {
         /// The relay's admin API address (host:port).
-        #[arg(long)]
-        admin: std::net::SocketAddr,
+        #[arg(
+            long,
+            required_unless_present = "replica",
+            conflicts_with = "replica",
+            requires = "via"
+        )]
+        admin: Option<std::net::SocketAddr>,
         /// The relay node's address on this node's network (next hop).
+        #[arg(long, requires = "admin")]
+        via: Option<std::net::IpAddr>,
+        /// Several relay replicas, `ADMIN=VIA` each (e.g.
+        /// `10.0.0.1:9090=10.0.0.1`): every edge prefix is routed through a
+        /// resilient nexthop group of the replicas serving it.
         #[arg(long)]
-        via: std::net::IpAddr,
+        replica: Vec<String>,
         /// File holding the admin API bearer token.
         #[arg(long)]
         token_file: Option<PathBuf>,
@@ -86,6 +104,25 @@ enum Cmd {
         #[arg(long, default_value_t = 250)]
         proto: u8,
     },
+}
+
+/// Reads and validates the file with the per-replica overrides applied
+/// before validation (so a bad `--advertise` is named like a bad field).
+fn load(
+    path: &std::path::Path,
+    relay_id: &Option<String>,
+    advertise: &Option<String>,
+) -> anyhow::Result<relay_server::RelayConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut f = FileConfig::parse(&text)?;
+    if let Some(id) = relay_id {
+        f.relay_id = Some(id.clone());
+    }
+    if let Some(a) = advertise {
+        f.replicas.advertise = Some(a.clone());
+    }
+    Ok(f.into_runtime()?)
 }
 
 fn init_tracing() {
@@ -141,6 +178,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Cmd::RouteAgent {
             admin,
             via,
+            replica,
             token_file,
             ca_file,
             server_name,
@@ -149,24 +187,45 @@ async fn main() -> anyhow::Result<()> {
             proto,
         }) => {
             anyhow::ensure!(!interval.is_zero(), "--interval must be greater than zero");
-            anyhow::ensure!(
-                ca_file.is_some()
-                    || token_file.is_none()
-                    || admin.ip().is_loopback()
-                    || allow_insecure_http,
-                "--token-file without --ca-file would send the admin token in clear to {admin}: \
-                 pass --ca-file (HTTPS), or --allow-insecure-http"
-            );
-            let tls = match &ca_file {
-                Some(ca) => Some(
-                    relay_server::agent::AgentTls::new(
-                        ca,
-                        &server_name.unwrap_or_else(|| admin.ip().to_string()),
-                    )
-                    .with_context(|| format!("--ca-file {}", ca.display()))?,
-                ),
-                None => None,
-            };
+            let mut targets = Vec::new();
+            for r in &replica {
+                let (a, v) = r
+                    .split_once('=')
+                    .with_context(|| format!("--replica {r:?}: expected ADMIN=VIA"))?;
+                targets.push((
+                    a.parse::<std::net::SocketAddr>()
+                        .with_context(|| format!("--replica {r:?}: admin address"))?,
+                    v.parse::<std::net::IpAddr>()
+                        .with_context(|| format!("--replica {r:?}: next hop"))?,
+                ));
+            }
+            anyhow::ensure!(targets.len() <= 64, "at most 64 --replica");
+            if let (Some(a), Some(v)) = (admin, via) {
+                targets.push((a, v));
+            }
+            let mut tls_of = Vec::new();
+            for (admin, _) in &targets {
+                anyhow::ensure!(
+                    ca_file.is_some()
+                        || token_file.is_none()
+                        || admin.ip().is_loopback()
+                        || allow_insecure_http,
+                    "--token-file without --ca-file would send the admin token in clear to {admin}: \
+                     pass --ca-file (HTTPS), or --allow-insecure-http"
+                );
+                tls_of.push(match &ca_file {
+                    Some(ca) => Some(
+                        relay_server::agent::AgentTls::new(
+                            ca,
+                            &server_name
+                                .clone()
+                                .unwrap_or_else(|| admin.ip().to_string()),
+                        )
+                        .with_context(|| format!("--ca-file {}", ca.display()))?,
+                    ),
+                    None => None,
+                });
+            }
             let token = match token_file {
                 Some(p) => Some(relay_server::Secret::new(
                     std::fs::read_to_string(&p)
@@ -176,15 +235,37 @@ async fn main() -> anyhow::Result<()> {
                 None => None,
             };
             let stop = tokio_util::sync::CancellationToken::new();
-            let cfg = relay_server::agent::AgentConfig {
-                admin,
-                token,
-                tls,
-                via,
-                interval,
-                proto,
+            let task = if replica.is_empty() {
+                let ((admin, via), tls) =
+                    targets.into_iter().zip(tls_of).next().context("--admin")?;
+                let cfg = relay_server::agent::AgentConfig {
+                    admin,
+                    token,
+                    tls,
+                    via,
+                    interval,
+                    proto,
+                };
+                tokio::spawn(relay_server::agent::run(cfg, stop.clone()))
+            } else {
+                let cfg = relay_server::multipath::MultipathConfig {
+                    replicas: targets
+                        .into_iter()
+                        .zip(tls_of)
+                        .map(
+                            |((admin, via), tls)| relay_server::multipath::ReplicaTarget {
+                                admin,
+                                via,
+                                tls,
+                            },
+                        )
+                        .collect(),
+                    token,
+                    interval,
+                    proto,
+                };
+                tokio::spawn(relay_server::multipath::run(cfg, stop.clone()))
             };
-            let task = tokio::spawn(relay_server::agent::run(cfg, stop.clone()));
             let mut term = signal(SignalKind::terminate())?;
             let mut int = signal(SignalKind::interrupt())?;
             tokio::select! {
@@ -197,7 +278,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Some(Cmd::CheckConfig) => {
             let path = cli.config.context("--config is required")?;
-            let cfg = FileConfig::load(&path)?;
+            let cfg = load(&path, &cli.relay_id, &cli.advertise)?;
             println!(
                 "{}: ok (relay_id {}, {} nodes)",
                 path.display(),
@@ -210,7 +291,7 @@ async fn main() -> anyhow::Result<()> {
             let path = cli
                 .config
                 .context("--config is required (or use a subcommand; see --help)")?;
-            let cfg = FileConfig::load(&path)?;
+            let cfg = load(&path, &cli.relay_id, &cli.advertise)?;
             let grace = cfg.limits.drain_grace;
             let mut relay = Relay::spawn(cfg).await?;
             // Handlers first: whoever reads the ready file may signal at once

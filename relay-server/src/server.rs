@@ -61,6 +61,8 @@ pub struct Shared {
     /// Bound on captured TCP connections served at once
     /// (`capture.max_connections`).
     pub capture_bound: relay_transport::conn::AcceptBound,
+    /// The replica set edges are told about (empty without `[replicas]`).
+    pub replicas: tokio::sync::watch::Receiver<Vec<relay_protocol::Replica>>,
 }
 
 impl Shared {
@@ -125,6 +127,9 @@ pub enum StartError {
     #[cfg(feature = "kubernetes")]
     #[error(transparent)]
     Kube(#[from] crate::k8s::KubeStartError),
+    /// Replica membership could not be started.
+    #[error(transparent)]
+    Replicas(#[from] crate::replicas::ReplicasStartError),
 }
 
 /// A running relay.
@@ -141,6 +146,7 @@ pub struct Relay {
     capture: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
     background: CancellationToken,
     tls: Arc<ReloadableServerTls>,
+    replicas: crate::replicas::Replicas,
 }
 
 fn bind_err(what: &'static str, addr: impl ToString) -> impl FnOnce(std::io::Error) -> StartError {
@@ -173,6 +179,16 @@ impl Relay {
         // Cancelled on shutdown: stops the Kubernetes watch and writers.
         let background = CancellationToken::new();
         let (directory, status, tokens, services) = directory_and_status(&cfg, &background).await?;
+        let replicas = crate::replicas::Replicas::start(&cfg, background.clone()).await?;
+        // Several replicas: one writer per node (see `replicas::writer_of`).
+        let status: Arc<dyn StatusSink> = match &cfg.replicas {
+            Some(_) => Arc::new(crate::replicas::DesignatedStatus::new(
+                status,
+                &cfg.relay_id,
+                replicas.subscribe(),
+            )),
+            None => status,
+        };
         let shared = Arc::new(Shared {
             registry: Registry::default(),
             policy,
@@ -191,6 +207,7 @@ impl Relay {
             capture_bound: relay_transport::conn::AcceptBound::new(
                 cfg.capture.as_ref().map_or(1, |c| c.max_connections),
             ),
+            replicas: replicas.subscribe(),
             cfg,
         });
         let accept_stop = CancellationToken::new();
@@ -311,6 +328,7 @@ impl Relay {
             capture,
             background,
             tls,
+            replicas,
         })
     }
 
@@ -360,6 +378,9 @@ impl Relay {
     pub async fn shutdown(mut self, grace: Duration) {
         self.shared.shutting_down.store(true, Relaxed);
         self.accept_stop.cancel();
+        // First, so the other replicas (and through them the edges) stop
+        // counting on this one while it drains.
+        self.replicas.release().await;
         let sessions = self.shared.registry.sessions();
         info!(sessions = sessions.len(), ?grace, "draining");
         for s in &sessions {

@@ -364,6 +364,19 @@ pub(crate) async fn run_session(
     let svc_settle = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(svc_settle);
     let mut svc_due = wants_services || wants_names;
+    // The replica set, for edges that follow it (one session per replica).
+    // The first set goes now; later ones whenever it changes.
+    let mut replicas = shared.replicas.clone();
+    let mut follows_replicas = handle.has(capability::REPLICAS);
+    if follows_replicas {
+        let set = replicas.borrow_and_update().clone();
+        if !set.is_empty() {
+            let msg = Control::Replicas { replicas: set };
+            if let Err(why) = write_all(&mut send, &[msg], write_timeout).await {
+                warn!(reason = %why, "sending the replica set failed");
+            }
+        }
+    }
     let why = loop {
         let out = tokio::select! {
             biased;
@@ -378,6 +391,14 @@ pub(crate) async fn run_session(
                 }
                 Err(e) => break e.to_string(),
             },
+            r = replicas.changed(), if follows_replicas => {
+                if r.is_err() {
+                    follows_replicas = false;
+                    continue;
+                }
+                let set = replicas.borrow_and_update().clone();
+                vec![Control::Replicas { replicas: set }]
+            }
             r = changes.changed(), if !update_due => {
                 if r.is_err() {
                     break "relay stopping".to_string();
@@ -475,7 +496,10 @@ pub(crate) async fn run_session(
     };
     // A superseded session finds a newer generation here and leaves it be
     // (and leaves the node's condition to the newer session).
-    if shared.registry.remove(&handle.node, handle.generation) {
+    // A replica shutting down (rolling update) does not mark its edges
+    // down: they hold sessions to the other replicas.
+    let leaving = shared.is_shutting_down() && shared.cfg.replicas.is_some();
+    if shared.registry.remove(&handle.node, handle.generation) && !leaving {
         shared.status.down(&handle.node, &why);
     }
     info!(reason = %why, open_streams = handle.open_streams.load(Relaxed), "session down");

@@ -14,6 +14,7 @@
 //! | `/api/v1/nodes/{name}`, `/status` | get; `PATCH application/apply-patch+yaml` on `/status` merges `status.conditions` by `type` per field manager ([`apply`]) |
 //! | `/apis/events.k8s.io/v1/namespaces/{ns}/events[/{name}]` | create, merge-patch, list |
 //! | `/apis/authentication.k8s.io/v1/tokenreviews` | create, answered from tokens minted with [`StandIn::mint_token`] |
+//! | `/apis/coordination.k8s.io/v1/namespaces/{ns}/leases[/{name}]` | get, create, update (resourceVersion conflicts), delete (preconditions), list, watch ([`leases`]) |
 //!
 //! Everything else answers 404 with a `Status`. Every request needs the
 //! bearer token written into the kubeconfig ([`StandIn::kubeconfig_path`]),
@@ -40,6 +41,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod apply;
+pub mod leases;
 pub mod rbac;
 pub mod request;
 
@@ -56,6 +58,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, NodeCondition, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
@@ -145,6 +148,7 @@ enum Res {
     Nodes,
     Services,
     EndpointSlices,
+    Leases,
 }
 
 impl Res {
@@ -154,6 +158,7 @@ impl Res {
             Res::Nodes => ("Node", "v1"),
             Res::Services => ("Service", "v1"),
             Res::EndpointSlices => ("EndpointSlice", "discovery.k8s.io/v1"),
+            Res::Leases => ("Lease", "coordination.k8s.io/v1"),
         }
     }
 }
@@ -174,6 +179,8 @@ struct State {
     services: BTreeMap<(String, String), Service>,
     /// EndpointSlices by (namespace, name).
     slices: BTreeMap<(String, String), EndpointSlice>,
+    /// Leases by (namespace, name).
+    leases: BTreeMap<(String, String), Lease>,
     owners: BTreeMap<String, ConditionOwners>,
     history: Vec<(u64, Res, Bytes)>,
     /// Oldest resourceVersion a watch may resume from.
@@ -514,6 +521,7 @@ impl StandIn {
                 nodes: BTreeMap::new(),
                 services: BTreeMap::new(),
                 slices: BTreeMap::new(),
+                leases: BTreeMap::new(),
                 owners: BTreeMap::new(),
                 history: Vec::new(),
                 oldest_rv: 100,
@@ -773,6 +781,33 @@ impl StandIn {
         true
     }
 
+    /// Creates or replaces a Lease as another writer would (ADDED or
+    /// MODIFIED on watches); `metadata.namespace` defaults to `default`.
+    /// Returns the new resourceVersion.
+    pub fn upsert_lease(&self, mut lease: Lease) -> u64 {
+        let mut st = self.shared.lock();
+        let key = object_key(&mut lease.metadata);
+        let rv = st.bump();
+        let kind = stamp(
+            &mut lease.metadata,
+            st.leases.get(&key).map(|o| &o.metadata),
+            rv,
+        );
+        leases::store(&self.shared, &mut st, key, lease, kind);
+        rv
+    }
+
+    /// The stored Leases of `namespace`, by name.
+    pub fn leases(&self, namespace: &str) -> BTreeMap<String, Lease> {
+        self.shared
+            .lock()
+            .leases
+            .iter()
+            .filter(|((ns, _), _)| ns == namespace)
+            .map(|((_, n), l)| (n.clone(), l.clone()))
+            .collect()
+    }
+
     /// Number of stored (Services, EndpointSlices).
     pub fn service_counts(&self) -> (usize, usize) {
         let st = self.shared.lock();
@@ -1022,6 +1057,7 @@ fn route(
             }
             apply_node_status(shared, a.name.as_deref().unwrap_or_default(), &q, body)
         }
+        ("coordination.k8s.io", "leases", None, _) => leases::handle(shared, a, &q, body),
         ("events.k8s.io", "events", None, verb) => events(shared, a, verb, content_type, body),
         ("authentication.k8s.io", "tokenreviews", None, "create") => token_review(shared, body),
         ("", "pods", None, "get") => {
@@ -1066,6 +1102,7 @@ fn list_of(shared: &Shared, res: Res) -> Response<Body> {
         Res::Nodes => st.nodes.values().map(list_item).collect(),
         Res::Services => st.services.values().map(list_item).collect(),
         Res::EndpointSlices => st.slices.values().map(list_item).collect(),
+        Res::Leases => st.leases.values().map(list_item).collect(),
     };
     let (kind, api_version) = res.kind();
     json_response(
@@ -1084,6 +1121,7 @@ fn initial_events(st: &State, res: Res) -> Vec<Bytes> {
         Res::Nodes => st.nodes.values().map(line).collect(),
         Res::Services => st.services.values().map(line).collect(),
         Res::EndpointSlices => st.slices.values().map(line).collect(),
+        Res::Leases => st.leases.values().map(line).collect(),
     }
 }
 

@@ -1,0 +1,607 @@
+//! Scale-out in the network-namespace lab: three `relay-server` processes
+//! (replicas relay-1..3, a static `[replicas]` list) in the relay node,
+//! each at its own WAN address (198.18.0.1-3, the address edges dial) with
+//! its own CONNECT and admin ports on the cloud LAN, and both edges behind
+//! their NATs, configured with relay-1's address only.
+//!
+//! Shown: every edge holds a session to each replica (each replica's admin
+//! API lists both edges); CONNECT from the apiserver host through each
+//! replica reaches each edge's pod; SIGKILL of relay-1 (the address the
+//! edges were given) leaves the other two serving at once, on the same
+//! sessions, and two 4 MiB transfers through relay-2 and relay-3 under
+//! way at the kill finish byte-exact; relay-1 started again is joined by both edges within a bound.
+//! On cloud2 the route agent (resilient multipath mode) routes each edge
+//! pod CIDR through a resilient nexthop group of the three replicas (each
+//! through its own LAN address 10.0.0.11-13 on the relay node); SIGKILL of
+//! relay-1 takes it out of the groups within a bound, in place (same group
+//! ids), and its return puts it back; the agent's exit removes it all.
+//!
+//! The replicas share one host here (one network namespace, three
+//! addresses), so relay-installed capture (one nftables table per node) is
+//! off; what differs per replica — address, sessions, registry — is what
+//! the test is about. Needs root; skips loudly otherwise, and fails
+//! instead of skipping under CI=true or REQUIRE_LAB=1.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use relay_lab::netns::{self, NetnsLab, Role};
+use relay_lab::scenario::{
+    echo_service, edge_config, lab_pki, launch, relay_config, relay_server_binary, sa, services,
+    start_edge, within, RelayProcess, Running, ADMIN_TOKEN, ECHO, HTTP, QUIC_PORT,
+};
+use relay_protocol::Replica;
+use relay_server::admin::SessionRow;
+use relay_server::replicas::{ReplicaSettings, ReplicaSource};
+
+const REPLICAS: u8 = 3;
+
+/// Replica `i`'s (1-based) WAN address: the one it advertises.
+fn wan(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, i)
+}
+
+fn connect_port(i: u8) -> u16 {
+    8130 + u16::from(i)
+}
+
+fn admin_port(i: u8) -> u16 {
+    9089 + u16::from(i)
+}
+
+/// Replica `i`'s sessions: node → session id.
+fn sessions(lab: &NetnsLab, i: u8) -> Result<BTreeMap<String, u64>> {
+    let addr = sa(netns::RELAY_LAN_IP, admin_port(i));
+    let (code, body) = lab.run_in(
+        Role::Apiserver,
+        Duration::from_secs(5),
+        move || async move {
+            let s = tokio::net::TcpStream::connect(addr).await?;
+            relay_lab::http_request(s, "GET", "admin", "/v1/sessions", Some(ADMIN_TOKEN)).await
+        },
+    )?;
+    ensure!(
+        code == 200,
+        "replica {i}: GET /v1/sessions: HTTP {code}: {body}"
+    );
+    let rows: Vec<SessionRow> = serde_json::from_str(&body)?;
+    Ok(rows.into_iter().map(|r| (r.node, r.session_id)).collect())
+}
+
+/// `CONNECT <target>` through replica `i` from the apiserver host, then a
+/// GET; returns the body.
+fn fetch_via(lab: &NetnsLab, i: u8, target: SocketAddr) -> Result<String> {
+    let proxy = sa(netns::RELAY_LAN_IP, connect_port(i));
+    lab.run_in(
+        Role::Apiserver,
+        Duration::from_secs(10),
+        move || async move {
+            let s = relay_lab::connect_via(proxy, &target.to_string()).await?;
+            let (code, body) = relay_lab::http_get(s, "pod", "/", None).await?;
+            ensure!(code == 200, "HTTP {code}");
+            Ok(body.trim().to_string())
+        },
+    )
+}
+
+/// Replica `i`'s next hop as cloud2 sees it: its own LAN address.
+fn via(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 0, 0, 10 + i)
+}
+
+/// Runs the route agent (resilient multipath) on cloud2.
+fn start_agent(lab: &NetnsLab) -> Result<Running> {
+    let cfg = relay_server::multipath::MultipathConfig {
+        replicas: (1..=REPLICAS)
+            .map(|i| relay_server::multipath::ReplicaTarget {
+                admin: sa(netns::RELAY_LAN_IP, admin_port(i)),
+                via: via(i).into(),
+                tls: None,
+            })
+            .collect(),
+        token: Some(relay_server::Secret::new(ADMIN_TOKEN)),
+        interval: Duration::from_millis(300),
+        proto: 250,
+    };
+    launch(
+        lab,
+        Role::Cloud2,
+        "route agent",
+        move |ready, stop| async move {
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let task = tokio::spawn(relay_server::multipath::run(cfg, cancel.clone()));
+            let _ = ready.send(Ok(()));
+            let _ = stop.await;
+            cancel.cancel();
+            task.await?;
+            Ok(())
+        },
+    )
+}
+
+/// On cloud2: prefix → (group id, member next hops), for our routes;
+/// fails if a group is not resilient.
+fn groups(lab: &NetnsLab) -> Result<BTreeMap<String, (String, Vec<String>)>> {
+    let routes = lab.exec(Role::Cloud2, &["ip", "-4", "route", "show", "proto", "250"])?;
+    let nhs = lab.exec(Role::Cloud2, &["ip", "nexthop", "show"])?;
+    let via_of: BTreeMap<&str, &str> = nhs
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() > 3 && w[0] == "id" && w[2] == "via").then(|| (w[1], w[3]))
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    for l in routes
+        .lines()
+        .filter(|l| !l.starts_with(char::is_whitespace))
+    {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let Some(g) = w.windows(2).find(|p| p[0] == "nhid").map(|p| p[1]) else {
+            continue;
+        };
+        let line = nhs
+            .lines()
+            .find(|l| l.starts_with(&format!("id {g} group ")))
+            .with_context(|| format!("no group {g}: {nhs}"))?;
+        ensure!(line.contains("type resilient"), "not resilient: {line}");
+        let members = line
+            .split_whitespace()
+            .nth(3)
+            .unwrap_or_default()
+            .split('/')
+            .map(|id| via_of.get(id).copied().unwrap_or(id).to_string())
+            .collect();
+        out.insert(w[0].to_string(), (g.to_string(), members));
+    }
+    Ok(out)
+}
+
+fn all_edges_everywhere(lab: &NetnsLab, replicas: &[u8]) -> Result<bool> {
+    for i in replicas {
+        match sessions(lab, *i) {
+            Ok(s) if s.len() == 2 => {}
+            _ => return Ok(false),
+        }
+    }
+    Ok(true)
+}
+
+#[test]
+fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
+    if let Some(skip) = netns::require_root() {
+        eprintln!("SKIPPED netns_replicas: {skip}");
+        return Ok(());
+    }
+    relay_lab::init();
+    let t0 = Instant::now();
+    let bin = relay_server_binary()?;
+    let lab = NetnsLab::new()?;
+    // Two more public addresses on the relay node's WAN interface.
+    for i in 2..=REPLICAS {
+        lab.exec(
+            Role::Relay,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", wan(i)),
+                "dev",
+                "wan0",
+            ],
+        )?;
+    }
+    // One LAN address per replica: the next hops the route agent uses.
+    for i in 1..=REPLICAS {
+        let a = format!("{}/24", via(i));
+        lab.exec(Role::Relay, &["ip", "addr", "add", &a, "dev", "lan0"])?;
+    }
+    let pki = lab_pki()?;
+    let set: Vec<Replica> = (1..=REPLICAS)
+        .map(|i| Replica {
+            id: format!("relay-{i}"),
+            addr: sa(wan(i), QUIC_PORT).to_string(),
+        })
+        .collect();
+    let mut relays = Vec::new();
+    for i in 1..=REPLICAS {
+        let mut cfg = relay_config(&pki)?;
+        cfg.relay_id = format!("relay-{i}");
+        cfg.quic_listen = sa(wan(i), QUIC_PORT);
+        cfg.tcp_fallback = false;
+        cfg.connect_listen = Some(sa(netns::RELAY_LAN_IP, connect_port(i)));
+        cfg.admin_listen = Some(sa(netns::RELAY_LAN_IP, admin_port(i)));
+        cfg.capture = None;
+        cfg.quic.keepalive = Duration::from_secs(1);
+        cfg.quic.idle_timeout = Duration::from_secs(5);
+        cfg.limits.drain_grace = Duration::from_millis(500);
+        let me = format!("relay-{i}");
+        cfg.replicas = Some(ReplicaSettings {
+            advertise: sa(wan(i), QUIC_PORT).to_string(),
+            source: ReplicaSource::Static(set.iter().filter(|r| r.id != me).cloned().collect()),
+        });
+        relays.push(RelayProcess::start_named(&lab, &me, &bin, &pki, &cfg)?);
+    }
+    let mut pods: Vec<Running> = Vec::new();
+    let mut edges: Vec<Running> = Vec::new();
+    for site in netns::SITES {
+        pods.push(services(
+            &lab,
+            Role::epod(site)?,
+            if site == 1 { "epod1" } else { "epod2" },
+        )?);
+        pods.push(echo_service(&lab, Role::epod(site)?)?);
+        let mut cfg = edge_config(&pki, site)?;
+        // Only relay-1's address: the rest comes from the replica set.
+        cfg.relay = sa(wan(1), QUIC_PORT).to_string();
+        cfg.capture = None;
+        cfg.transport = edge_client::TransportMode::Quic;
+        cfg.quic.keepalive = Duration::from_secs(1);
+        cfg.quic.idle_timeout = Duration::from_secs(5);
+        cfg.handshake_timeout = Duration::from_secs(3);
+        cfg.backoff.initial = Duration::from_millis(200);
+        cfg.backoff.max = Duration::from_secs(1);
+        edges.push(start_edge(&lab, site, cfg)?);
+    }
+    let all: Vec<u8> = (1..=REPLICAS).collect();
+    let joined = within(Duration::from_secs(20), || all_edges_everywhere(&lab, &all))
+        .context("every edge on every replica")?;
+    println!(
+        "every edge on each of {REPLICAS} replicas {:.2}s after the edges started",
+        joined.as_secs_f64()
+    );
+
+    // Any replica reaches any edge.
+    for i in 1..=REPLICAS {
+        for site in netns::SITES {
+            let target = sa(netns::edge_pod_ip(site), HTTP);
+            let body = fetch_via(&lab, i, target)
+                .with_context(|| format!("CONNECT via relay-{i} to epod{site}"))?;
+            ensure!(
+                body.ends_with(&format!("epod{site}")),
+                "relay-{i} → epod{site}: {body}"
+            );
+        }
+    }
+    println!("CONNECT through each replica to each edge pod: 6/6 ok");
+
+    // The route agent on cloud2: one resilient group per edge pod CIDR,
+    // with all three replicas.
+    let agent = start_agent(&lab)?;
+    let pod_cidrs: Vec<String> = netns::SITES
+        .iter()
+        .map(|s| netns::edge_pod_cidr(*s).to_string())
+        .collect();
+    let three: Vec<String> = (1..=REPLICAS).map(|i| via(i).to_string()).collect();
+    let full = |g: &BTreeMap<String, (String, Vec<String>)>, want: &[String]| {
+        pod_cidrs.iter().all(|c| {
+            g.get(c).is_some_and(|(_, m)| {
+                let mut m = m.clone();
+                m.sort();
+                m == want
+            })
+        })
+    };
+    within(Duration::from_secs(10), || Ok(full(&groups(&lab)?, &three)))
+        .context("route agent: groups with all three replicas")?;
+    let group_ids = |lab: &NetnsLab| -> Result<Vec<String>> {
+        let g = groups(lab)?;
+        Ok(pod_cidrs.iter().map(|c| g[c].0.clone()).collect())
+    };
+    let ids_before = group_ids(&lab)?;
+    println!(
+        "route agent: {} edge pod CIDRs via resilient groups of 3 replicas",
+        pod_cidrs.len()
+    );
+
+    // SIGKILL relay-1, the only address the edges were configured with.
+    let before: Vec<_> = (2..=REPLICAS)
+        .map(|i| sessions(&lab, i))
+        .collect::<Result<_>>()?;
+    // Long transfers through relay-2 and relay-3 (to each edge's echo
+    // service) are under way when relay-1 dies; they must finish intact.
+    let transfers = lab.spawn_in(Role::Apiserver, || async {
+        let one = |i: u8, site: u8| {
+            echo_through(
+                sa(netns::RELAY_LAN_IP, connect_port(i)),
+                sa(netns::edge_pod_ip(site), ECHO),
+                4 << 20,
+                Duration::from_secs(2),
+            )
+        };
+        let (a, b) = tokio::join!(one(2, 1), one(3, 2));
+        a.context("relay-2 → epod1")?;
+        b.context("relay-3 → epod2")?;
+        Ok(())
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    relays[0].kill9()?;
+    let t_kill = Instant::now();
+    for i in 2..=REPLICAS {
+        for site in netns::SITES {
+            let target = sa(netns::edge_pod_ip(site), HTTP);
+            fetch_via(&lab, i, target)
+                .with_context(|| format!("relay-{i} → epod{site} right after relay-1's SIGKILL"))?;
+        }
+    }
+    println!(
+        "after SIGKILL of relay-1: 4/4 CONNECTs through relay-2 and relay-3 done {:.2}s after the kill",
+        t_kill.elapsed().as_secs_f64()
+    );
+    let after: Vec<_> = (2..=REPLICAS)
+        .map(|i| sessions(&lab, i))
+        .collect::<Result<_>>()?;
+    ensure!(
+        before == after,
+        "sessions on the survivors changed: {before:?} → {after:?}"
+    );
+    let two: Vec<String> = (2..=REPLICAS).map(|i| via(i).to_string()).collect();
+    within(Duration::from_secs(3), || Ok(full(&groups(&lab)?, &two)))
+        .context("route agent: relay-1 out of the groups")?;
+    println!(
+        "route agent: relay-1 out of every group {:.2}s after the kill (poll interval 0.3s)",
+        t_kill.elapsed().as_secs_f64()
+    );
+    ensure!(
+        group_ids(&lab)? == ids_before,
+        "groups replaced rather than changed in place"
+    );
+    transfers
+        .join()
+        .map_err(|_| anyhow::anyhow!("transfer thread panicked"))?
+        .context("transfers through the survivors while relay-1 was killed")?;
+    println!(
+        "two 4 MiB echo transfers through relay-2 and relay-3, under way at the kill: byte-exact"
+    );
+
+    // relay-1 comes back (same address): both edges rejoin it.
+    relays[0].spawn()?;
+    let rejoined = within(Duration::from_secs(15), || all_edges_everywhere(&lab, &[1]))
+        .context("edges rejoin relay-1")?;
+    println!(
+        "relay-1 restarted: both edges rejoined it {:.2}s after it was ready",
+        rejoined.as_secs_f64()
+    );
+    for site in netns::SITES {
+        fetch_via(&lab, 1, sa(netns::edge_pod_ip(site), HTTP))
+            .with_context(|| format!("relay-1 → epod{site} after its restart"))?;
+    }
+    within(Duration::from_secs(3), || Ok(full(&groups(&lab)?, &three)))
+        .context("route agent: relay-1 back in the groups")?;
+    ensure!(
+        group_ids(&lab)? == ids_before,
+        "groups replaced on relay-1's return"
+    );
+    rolling_restart(&lab, &mut relays)?;
+    agent.stop()?;
+    let left = lab.exec(Role::Cloud2, &["ip", "nexthop", "show"])?;
+    ensure!(
+        left.trim().is_empty(),
+        "route agent left nexthops behind: {left}"
+    );
+    ensure!(groups(&lab)?.is_empty(), "route agent left routes behind");
+    for e in edges {
+        e.stop()?;
+    }
+    for p in pods {
+        p.stop()?;
+    }
+    drop(relays);
+    println!("netns_replicas done in {:.1}s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// CONNECT through `proxy` to the echo service at `target`, then `total`
+/// bytes in 16 KiB writes paced over about `over`, a half-close, and the
+/// same bytes back before EOF.
+async fn echo_through(
+    proxy: SocketAddr,
+    target: SocketAddr,
+    total: usize,
+    over: Duration,
+) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = relay_lab::connect_via(proxy, &target.to_string()).await?;
+    let (mut r, mut w) = s.into_split();
+    let data: Vec<u8> = (0..total).map(|i| (i ^ (i >> 11)) as u8).collect();
+    let send = data.clone();
+    let pause = over / u32::try_from(total.div_ceil(16 << 10)).unwrap_or(1);
+    let writer = tokio::spawn(async move {
+        for c in send.chunks(16 << 10) {
+            w.write_all(c).await?;
+            tokio::time::sleep(pause).await;
+        }
+        w.shutdown().await
+    });
+    let mut got = Vec::with_capacity(total);
+    tokio::time::timeout(over + Duration::from_secs(10), r.read_to_end(&mut got))
+        .await
+        .context("echo timed out")??;
+    writer.await??;
+    ensure!(
+        got == data,
+        "echo differs: {} of {total} bytes back",
+        got.len()
+    );
+    Ok(())
+}
+
+/// A rolling restart (SIGTERM, start again) of every replica in turn while
+/// a client on the apiserver host loops CONNECT + GET to both edge pods
+/// through a replica that is not being restarted: no request may fail, and
+/// each restarted replica must be rejoined by both edges within a bound.
+fn rolling_restart(lab: &NetnsLab, relays: &mut [RelayProcess]) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::SeqCst};
+    use std::sync::Arc;
+    let avoid = Arc::new(AtomicU8::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (a, st, o, f) = (avoid.clone(), stop.clone(), ok.clone(), failed.clone());
+    let client = lab.spawn_in(Role::Apiserver, move || async move {
+        let mut n = 0u64;
+        let mut failures = Vec::new();
+        while !st.load(SeqCst) {
+            // The first replica that is not being restarted.
+            let skip = a.load(SeqCst);
+            let via = (1..=REPLICAS).find(|i| *i != skip).unwrap_or(1);
+            let site = netns::SITES[(n % 2) as usize];
+            n += 1;
+            let proxy = sa(netns::RELAY_LAN_IP, connect_port(via));
+            let target = sa(netns::edge_pod_ip(site), HTTP).to_string();
+            let r = tokio::time::timeout(Duration::from_secs(5), async {
+                let s = relay_lab::connect_via(proxy, &target).await?;
+                let (code, _) = relay_lab::http_get(s, "pod", "/", None).await?;
+                ensure!(code == 200, "HTTP {code}");
+                Ok(())
+            })
+            .await;
+            match r {
+                Ok(Ok(())) => {
+                    o.fetch_add(1, SeqCst);
+                }
+                Ok(Err(e)) => {
+                    f.fetch_add(1, SeqCst);
+                    failures.push(format!("via relay-{via} to epod{site}: {e:#}"));
+                }
+                Err(_) => {
+                    f.fetch_add(1, SeqCst);
+                    failures.push(format!("via relay-{via} to epod{site}: timeout"));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(failures)
+    });
+    let t0 = Instant::now();
+    let mut worst = Duration::ZERO;
+    for i in 1..=REPLICAS {
+        avoid.store(i, SeqCst);
+        // Requests already under way through relay-i finish first.
+        std::thread::sleep(Duration::from_millis(300));
+        let r = &mut relays[usize::from(i - 1)];
+        r.terminate(Duration::from_secs(10))
+            .with_context(|| format!("relay-{i} stopping"))?;
+        r.spawn()
+            .with_context(|| format!("relay-{i} starting again"))?;
+        let back = within(Duration::from_secs(15), || all_edges_everywhere(lab, &[i]))
+            .with_context(|| format!("edges rejoin relay-{i} after its restart"))?;
+        worst = worst.max(back);
+    }
+    stop.store(true, SeqCst);
+    let failures = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    let (ok, failed) = (ok.load(SeqCst), failed.load(SeqCst));
+    println!(
+        "rolling restart of {REPLICAS} replicas in {:.1}s: {ok} requests through the others, {failed} failed; each restarted replica rejoined by both edges within {:.2}s",
+        t0.elapsed().as_secs_f64(),
+        worst.as_secs_f64()
+    );
+    ensure!(
+        failed == 0,
+        "requests failed during the rolling restart: {failures:?}"
+    );
+    ensure!(ok > 20, "too few requests to mean anything: {ok}");
+    Ok(())
+}
+
+/// Bytes on nat1's WAN interface (received, sent): everything edge1's
+/// sessions cost its uplink, IP and UDP headers included.
+fn wan_bytes(lab: &NetnsLab) -> Result<(u64, u64)> {
+    let out = lab.exec(Role::Nat1, &["ip", "-s", "-j", "link", "show", "wan0"])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let s = &v[0]["stats64"];
+    Ok((
+        s["rx"]["bytes"].as_u64().context("rx bytes")?,
+        s["tx"]["bytes"].as_u64().context("tx bytes")?,
+    ))
+}
+
+/// What an idle edge's uplink carries with three replicas, with the
+/// default keep-alives (5 s, both sides): measured on its NAT's WAN
+/// interface over 30 s, extrapolated to a day. Bounded loosely (a session
+/// re-established every few seconds would blow it) and the sessions must
+/// not change during the window.
+#[test]
+fn idle_bytes_per_edge_per_day_with_three_replicas() -> Result<()> {
+    if let Some(skip) = netns::require_root() {
+        eprintln!("SKIPPED netns_replicas idle bytes: {skip}");
+        return Ok(());
+    }
+    relay_lab::init();
+    let bin = relay_server_binary()?;
+    let lab = NetnsLab::new()?;
+    for i in 2..=REPLICAS {
+        let a = format!("{}/24", wan(i));
+        lab.exec(Role::Relay, &["ip", "addr", "add", &a, "dev", "wan0"])?;
+    }
+    let pki = lab_pki()?;
+    let set: Vec<Replica> = (1..=REPLICAS)
+        .map(|i| Replica {
+            id: format!("relay-{i}"),
+            addr: sa(wan(i), QUIC_PORT).to_string(),
+        })
+        .collect();
+    let mut relays = Vec::new();
+    for i in 1..=REPLICAS {
+        // Defaults for every timing: this is the figure a site pays.
+        let mut cfg = relay_config(&pki)?;
+        let me = format!("relay-{i}");
+        cfg.relay_id = me.clone();
+        cfg.quic_listen = sa(wan(i), QUIC_PORT);
+        cfg.tcp_fallback = false;
+        cfg.connect_listen = Some(sa(netns::RELAY_LAN_IP, connect_port(i)));
+        cfg.admin_listen = Some(sa(netns::RELAY_LAN_IP, admin_port(i)));
+        cfg.capture = None;
+        cfg.replicas = Some(ReplicaSettings {
+            advertise: sa(wan(i), QUIC_PORT).to_string(),
+            source: ReplicaSource::Static(set.iter().filter(|r| r.id != me).cloned().collect()),
+        });
+        relays.push(RelayProcess::start_named(&lab, &me, &bin, &pki, &cfg)?);
+    }
+    let mut cfg = edge_config(&pki, 1)?;
+    cfg.relay = sa(wan(1), QUIC_PORT).to_string();
+    cfg.capture = None;
+    cfg.transport = edge_client::TransportMode::Quic;
+    let edge = start_edge(&lab, 1, cfg)?;
+    within(Duration::from_secs(20), || {
+        Ok((1..=REPLICAS).all(|i| sessions(&lab, i).is_ok_and(|s| s.contains_key("edge1"))))
+    })
+    .context("edge1 on every replica")?;
+    // Let the handshakes' packets drain from the counters' window.
+    std::thread::sleep(Duration::from_secs(2));
+    let ids = |lab: &NetnsLab| -> Result<Vec<u64>> {
+        (1..=REPLICAS)
+            .map(|i| Ok(sessions(lab, i)?["edge1"]))
+            .collect()
+    };
+    let before_ids = ids(&lab)?;
+    let window = Duration::from_secs(30);
+    let (rx0, tx0) = wan_bytes(&lab)?;
+    std::thread::sleep(window);
+    let (rx1, tx1) = wan_bytes(&lab)?;
+    ensure!(
+        ids(&lab)? == before_ids,
+        "a session was re-established during the window"
+    );
+    let per_day = |b: u64| b as f64 * 86_400.0 / window.as_secs_f64();
+    let (up, down) = (per_day(tx1 - tx0), per_day(rx1 - rx0));
+    println!(
+        "idle edge, 3 replicas, default keep-alives: {:.1} MB/day up + {:.1} MB/day down = {:.1} MB/day ({:.1} MB/day per replica)",
+        up / 1e6,
+        down / 1e6,
+        (up + down) / 1e6,
+        (up + down) / 1e6 / f64::from(REPLICAS)
+    );
+    ensure!(up + down > 0.0, "no keep-alive traffic at all?");
+    ensure!(
+        up + down < 100e6,
+        "idle traffic far above keep-alives: {:.1} MB/day",
+        (up + down) / 1e6
+    );
+    edge.stop()?;
+    drop(relays);
+    Ok(())
+}

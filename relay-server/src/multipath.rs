@@ -1,0 +1,414 @@
+//! The route agent with several relay replicas: every edge prefix is
+//! routed through a **resilient nexthop group** of the replicas that
+//! currently serve it (`ip nexthop add id G group a/b/c type resilient`),
+//! instead of one next hop.
+//!
+//! Why resilient groups: the kernel's default multipath (hash-threshold)
+//! splits the hash space into one range per next hop; when a next hop is
+//! added or removed every range moves, so flows through the *surviving*
+//! replicas are remapped to other replicas, which have no state for them
+//! and reset them. A resilient group hashes flows into a fixed table of
+//! buckets: removing a next hop reassigns only its buckets, and a new next
+//! hop takes over buckets only once they have been idle (`idle_timer`), so
+//! established connections through the others are untouched.
+//!
+//! Each prefix gets its own group, changed in place as replicas come and
+//! go (a route moved to another group would be rehashed from scratch). The
+//! agent polls every replica's `GET /v1/routes`; a prefix's members are the
+//! replicas listing it. A replica that does not answer is left out (its
+//! node may be gone; the others serve every edge), unless none answers, in
+//! which case nothing changes. The agent owns nexthop ids from
+//! [`NEXTHOP_BASE`] (one per replica) and [`GROUP_BASE`] (one per prefix)
+//! and routes of its protocol number, and removes them all on exit.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use relay_protocol::Cidr;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::agent::{AgentConfig, AgentTls};
+use crate::config::Secret;
+
+/// Nexthop ids of the replicas: `NEXTHOP_BASE + index`.
+pub const NEXTHOP_BASE: u32 = 0x0ED0_0000;
+/// Group ids of prefixes: from `GROUP_BASE` up.
+pub const GROUP_BASE: u32 = 0x0ED1_0000;
+/// Most groups (prefixes) the agent allocates ids for.
+const MAX_GROUPS: u32 = 1 << 20;
+/// Buckets per resilient group: enough that one replica out of a handful
+/// moves a small share of flows.
+pub const BUCKETS: u32 = 64;
+/// Seconds a bucket must be idle before it may move to a new next hop.
+pub const IDLE_TIMER: u32 = 10;
+
+/// One replica as the agent reaches it.
+#[derive(Debug, Clone)]
+pub struct ReplicaTarget {
+    /// Its admin API.
+    pub admin: SocketAddr,
+    /// Its node's address on this node's network (the next hop).
+    pub via: IpAddr,
+    /// HTTPS to the admin API, if used.
+    pub tls: Option<AgentTls>,
+}
+
+/// What the multipath agent needs.
+#[derive(Debug, Clone)]
+pub struct MultipathConfig {
+    /// The replicas, in a fixed order (index = nexthop id offset).
+    pub replicas: Vec<ReplicaTarget>,
+    /// Bearer token for the admin APIs.
+    pub token: Option<Secret>,
+    /// Poll interval (the bound on how long a replica that lost an edge
+    /// keeps attracting its traffic).
+    pub interval: Duration,
+    /// Route protocol number marking our routes.
+    pub proto: u8,
+}
+
+/// What this host has of ours.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Installed {
+    /// Our routes: prefix → the group id they point at (`None`: not a group).
+    pub routes: BTreeMap<Cidr, Option<u32>>,
+    /// Our nexthops (replica ids).
+    pub nexthops: BTreeSet<u32>,
+    /// Our groups: id → member nexthop ids.
+    pub groups: BTreeMap<u32, BTreeSet<u32>>,
+}
+
+/// Parses `ip -4 route show proto P` (our routes) and `ip nexthop show`.
+pub fn parse_installed(routes: &str, nexthops: &str) -> Installed {
+    let mut out = Installed::default();
+    for l in routes
+        .lines()
+        .filter(|l| !l.starts_with(char::is_whitespace))
+    {
+        let mut w = l.split_whitespace();
+        let Some(Ok(c)) = w.next().map(str::parse::<Cidr>) else {
+            continue;
+        };
+        let words: Vec<&str> = l.split_whitespace().collect();
+        let nhid = words
+            .windows(2)
+            .find(|p| p[0] == "nhid")
+            .and_then(|p| p[1].parse().ok());
+        out.routes.insert(c, nhid);
+    }
+    for l in nexthops.lines() {
+        let words: Vec<&str> = l.split_whitespace().collect();
+        let Some(id) = words
+            .windows(2)
+            .find(|p| p[0] == "id")
+            .and_then(|p| p[1].parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(g) = words.windows(2).find(|p| p[0] == "group") {
+            if (GROUP_BASE..GROUP_BASE + MAX_GROUPS).contains(&id) {
+                let members = g[1]
+                    .split('/')
+                    // `id,weight` when weighted.
+                    .filter_map(|m| m.split(',').next()?.parse().ok())
+                    .collect();
+                out.groups.insert(id, members);
+            }
+        } else if (NEXTHOP_BASE..GROUP_BASE).contains(&id) {
+            out.nexthops.insert(id);
+        }
+    }
+    out
+}
+
+/// The `ip -batch` commands that turn `have` into `want` (prefix → member
+/// replica indices; empty members: no route). Nexthops first, groups
+/// changed in place, routes last; removals in the reverse order.
+/// `vias` are the replicas' next hops with the device each is reached
+/// through (a nexthop object needs one; `None`: already installed).
+pub fn plan(
+    have: &Installed,
+    want: &BTreeMap<Cidr, BTreeSet<usize>>,
+    vias: &[(IpAddr, Option<String>)],
+) -> String {
+    let mut b = String::new();
+    let nh = |i: usize| NEXTHOP_BASE + i as u32;
+    for (i, (via, dev)) in vias.iter().enumerate() {
+        if !have.nexthops.contains(&nh(i)) {
+            match dev {
+                Some(d) => {
+                    let _ = writeln!(b, "nexthop replace id {} via {via} dev {d}", nh(i));
+                }
+                None => warn!(%via, "no route to this replica's next hop; leaving it out"),
+            }
+        }
+    }
+    // Keep each prefix's group id; new prefixes get the lowest free ones.
+    let mut used: BTreeSet<u32> = have.groups.keys().copied().collect();
+    let mut next_free = GROUP_BASE;
+    let mut group_of: BTreeMap<Cidr, u32> = BTreeMap::new();
+    for c in want.keys() {
+        let id = match have.routes.get(c).copied().flatten() {
+            Some(g) if have.groups.contains_key(&g) && !group_of.values().any(|v| *v == g) => g,
+            _ => {
+                while used.contains(&next_free) {
+                    next_free += 1;
+                }
+                used.insert(next_free);
+                next_free
+            }
+        };
+        group_of.insert(*c, id);
+    }
+    for (c, members) in want {
+        let g = group_of[c];
+        let ids: BTreeSet<u32> = members.iter().map(|i| nh(*i)).collect();
+        if have.groups.get(&g) != Some(&ids) {
+            let list: Vec<String> = ids.iter().map(u32::to_string).collect();
+            let _ = writeln!(
+                b,
+                "nexthop replace id {g} group {} type resilient buckets {BUCKETS} idle_timer {IDLE_TIMER}",
+                list.join("/")
+            );
+        }
+        if have.routes.get(c) != Some(&Some(g)) {
+            let _ = writeln!(b, "route replace {c} nhid {g} proto {{proto}}");
+        }
+    }
+    for c in have.routes.keys().filter(|c| !want.contains_key(c)) {
+        let _ = writeln!(b, "route del {c} proto {{proto}}");
+    }
+    let keep: BTreeSet<u32> = group_of.values().copied().collect();
+    for g in have.groups.keys().filter(|g| !keep.contains(g)) {
+        let _ = writeln!(b, "nexthop del id {g}");
+    }
+    b
+}
+
+/// Every replica's view → prefix → serving replicas. `None` for a replica
+/// that did not answer: left out, unless none answered (then `None`:
+/// change nothing).
+pub fn merge(views: &[Option<BTreeSet<Cidr>>]) -> Option<BTreeMap<Cidr, BTreeSet<usize>>> {
+    if views.iter().all(Option::is_none) {
+        return None;
+    }
+    let mut out: BTreeMap<Cidr, BTreeSet<usize>> = BTreeMap::new();
+    for (i, v) in views.iter().enumerate() {
+        for c in v.iter().flatten() {
+            out.entry(*c).or_default().insert(i);
+        }
+    }
+    Some(out)
+}
+
+async fn ip(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+    Ok(relay_transport::capture::command("ip", args, stdin).await?)
+}
+
+async fn installed(proto: u8) -> anyhow::Result<Installed> {
+    let routes = ip(&["-4", "route", "show", "proto", &proto.to_string()], None).await?;
+    let nexthops = ip(&["nexthop", "show"], None).await?;
+    Ok(parse_installed(&routes, &nexthops))
+}
+
+/// The device the kernel reaches `via` through (`ip route get`).
+async fn device_of(via: IpAddr) -> Option<String> {
+    let out = ip(&["route", "get", &via.to_string()], None).await.ok()?;
+    let words: Vec<&str> = out.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|p| p[0] == "dev")
+        .map(|p| p[1].to_string())
+}
+
+async fn apply(
+    want: &BTreeMap<Cidr, BTreeSet<usize>>,
+    vias: &[IpAddr],
+    proto: u8,
+) -> anyhow::Result<usize> {
+    let have = installed(proto).await?;
+    let mut with_dev = Vec::new();
+    for (i, v) in vias.iter().enumerate() {
+        let dev = match have.nexthops.contains(&(NEXTHOP_BASE + i as u32)) {
+            true => None,
+            false => device_of(*v).await,
+        };
+        with_dev.push((*v, dev));
+    }
+    // A member whose nexthop could not be made is left out of groups.
+    let made: BTreeSet<usize> = with_dev
+        .iter()
+        .enumerate()
+        .filter(|(i, (_, d))| d.is_some() || have.nexthops.contains(&(NEXTHOP_BASE + *i as u32)))
+        .map(|(i, _)| i)
+        .collect();
+    let want: BTreeMap<Cidr, BTreeSet<usize>> = want
+        .iter()
+        .map(|(c, m)| {
+            (
+                *c,
+                m.intersection(&made).copied().collect::<BTreeSet<usize>>(),
+            )
+        })
+        .filter(|(_, m)| !m.is_empty())
+        .collect();
+    let batch = plan(&have, &want, &with_dev).replace("{proto}", &proto.to_string());
+    let n = batch.lines().count();
+    if n > 0 {
+        ip(&["-force", "-batch", "-"], Some(&batch)).await?;
+    }
+    Ok(n)
+}
+
+/// Runs until `stop`, then removes every route, group and nexthop it made.
+pub async fn run(cfg: MultipathConfig, stop: CancellationToken) {
+    let vias: Vec<IpAddr> = cfg.replicas.iter().map(|r| r.via).collect();
+    info!(
+        replicas = cfg.replicas.len(),
+        "route agent (resilient multipath) started"
+    );
+    let mut failing: BTreeSet<usize> = BTreeSet::new();
+    loop {
+        let mut views = Vec::new();
+        for (i, r) in cfg.replicas.iter().enumerate() {
+            let one = AgentConfig {
+                admin: r.admin,
+                token: cfg.token.clone(),
+                tls: r.tls.clone(),
+                via: r.via,
+                interval: cfg.interval,
+                proto: cfg.proto,
+            };
+            match crate::agent::fetch(&one).await {
+                Ok(v) => {
+                    if failing.remove(&i) {
+                        info!(admin = %r.admin, "replica answers again");
+                    }
+                    views.push(Some(v));
+                }
+                Err(e) => {
+                    if failing.insert(i) {
+                        warn!(admin = %r.admin, error = %e, "replica does not answer; routing around it");
+                    }
+                    views.push(None);
+                }
+            }
+        }
+        // None answered: change nothing (as the single-relay agent keeps
+        // its routes while the relay is away).
+        if let Some(want) = merge(&views) {
+            match apply(&want, &vias, cfg.proto).await {
+                Ok(0) => {}
+                Ok(n) => info!(changes = n, prefixes = want.len(), "routes synced"),
+                Err(e) => warn!(error = %e, "installing routes failed"),
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(cfg.interval) => {}
+        }
+    }
+    let mut ok = apply(&BTreeMap::new(), &[], cfg.proto).await.map(|_| ());
+    if ok.is_ok() {
+        let del: String = (0..cfg.replicas.len())
+            .map(|i| format!("nexthop del id {}\n", NEXTHOP_BASE + i as u32))
+            .collect();
+        ok = ip(&["-force", "-batch", "-"], Some(&del)).await.map(|_| ());
+    }
+    match ok {
+        Ok(()) => info!("route agent stopped; its routes and nexthops removed"),
+        Err(e) => warn!(error = %e, "removing routes on exit failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(s: &str) -> Cidr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_lost_replica_changes_groups_in_place_and_a_lost_prefix_goes() {
+        let vias: Vec<(IpAddr, Option<String>)> = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+            .iter()
+            .map(|v| (v.parse().unwrap(), Some("lan0".to_string())))
+            .collect();
+        let all = |cs: &[&str]| Some(cs.iter().map(|s| c(s)).collect::<BTreeSet<Cidr>>());
+        let want = merge(&[
+            all(&["10.244.7.0/24", "10.244.8.0/24"]),
+            all(&["10.244.7.0/24", "10.244.8.0/24"]),
+            all(&["10.244.7.0/24"]),
+        ])
+        .unwrap();
+        let first = plan(&Installed::default(), &want, &vias);
+        assert!(first.contains(&format!(
+            "nexthop replace id {} via 10.0.0.3 dev lan0",
+            NEXTHOP_BASE + 2
+        )));
+        assert!(first.contains(&format!(
+            "nexthop replace id {GROUP_BASE} group {}/{}/{} type resilient",
+            NEXTHOP_BASE,
+            NEXTHOP_BASE + 1,
+            NEXTHOP_BASE + 2
+        )));
+        assert!(first.contains(&format!(
+            "route replace 10.244.8.0/24 nhid {} proto {{proto}}",
+            GROUP_BASE + 1
+        )));
+        // As the kernel then shows it.
+        let routes = format!(
+            "10.244.7.0/24 nhid {g0} proto 250 \n\tnexthop via 10.0.0.1 dev lan0 weight 1 \n10.244.8.0/24 nhid {g1} proto 250 \n",
+            g0 = GROUP_BASE,
+            g1 = GROUP_BASE + 1
+        );
+        let nhs = format!(
+            "id {a} via 10.0.0.1 dev lan0 scope link \nid {b} via 10.0.0.2 dev lan0 scope link \nid {cc} via 10.0.0.3 dev lan0 scope link \nid {g0} group {a}/{b}/{cc} type resilient buckets 64 idle_timer 10 unbalanced_timer 0 unbalanced_time 0 \nid {g1} group {a}/{b} type resilient buckets 64 idle_timer 10 unbalanced_timer 0 unbalanced_time 0 \nid 7 via 192.0.2.1 dev eth0 scope link \n",
+            a = NEXTHOP_BASE,
+            b = NEXTHOP_BASE + 1,
+            cc = NEXTHOP_BASE + 2,
+            g0 = GROUP_BASE,
+            g1 = GROUP_BASE + 1
+        );
+        let have = parse_installed(&routes, &nhs);
+        assert_eq!(
+            have.nexthops.len(),
+            3,
+            "someone else's nexthop 7 is not ours"
+        );
+        assert_eq!(plan(&have, &want, &vias), "", "nothing to do when in step");
+        // Replica 0 stops answering and replica 1 loses edge 2's session:
+        // groups change in place (same ids), routes stay.
+        let want = merge(&[
+            None,
+            all(&["10.244.7.0/24"]),
+            all(&["10.244.7.0/24", "10.244.8.0/24"]),
+        ])
+        .unwrap();
+        let p = plan(&have, &want, &vias);
+        assert_eq!(
+            p,
+            format!(
+                "nexthop replace id {g0} group {b}/{cc} type resilient buckets 64 idle_timer 10\nnexthop replace id {g1} group {cc} type resilient buckets 64 idle_timer 10\n",
+                g0 = GROUP_BASE,
+                g1 = GROUP_BASE + 1,
+                b = NEXTHOP_BASE + 1,
+                cc = NEXTHOP_BASE + 2
+            )
+        );
+        // Nobody answers: change nothing. Edge 2 gone everywhere: its route
+        // and group go.
+        assert!(merge(&[None, None, None]).is_none());
+        let want = merge(&[all(&["10.244.7.0/24"]), None, None]).unwrap();
+        let p = plan(&have, &want, &vias);
+        assert!(p.contains("route del 10.244.8.0/24 proto {proto}"), "{p}");
+        assert!(
+            p.ends_with(&format!("nexthop del id {}\n", GROUP_BASE + 1)),
+            "{p}"
+        );
+    }
+}
