@@ -124,8 +124,10 @@ mod tests {
                     protocol: Protocol::Tcp,
                     target_port: None,
                     all_endpoints: eps,
+                    node_port: None,
                 })
                 .collect(),
+            external_ips: Vec::new(),
         }
     }
 

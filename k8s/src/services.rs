@@ -108,6 +108,9 @@ pub struct ServicePort {
     pub target_port: Option<String>,
     /// Every endpoint found for this port (all families), with conditions.
     pub all_endpoints: Vec<Endpoint>,
+    /// `nodePort` (NodePort and LoadBalancer Services): every node's own
+    /// addresses take connections on it, as on the ClusterIP.
+    pub node_port: Option<u16>,
 }
 
 impl ServicePort {
@@ -145,6 +148,9 @@ pub struct ServiceEntry {
     pub kind: ServiceKind,
     /// The ports with their endpoints.
     pub ports: Vec<ServicePort>,
+    /// `spec.externalIPs` and the load balancer's ingress IPs: kube-proxy
+    /// serves them like the ClusterIP (ClusterIP Services only).
+    pub external_ips: Vec<IpAddr>,
 }
 
 /// What one ClusterIP:port (protocol) resolves to.
@@ -273,7 +279,35 @@ pub fn service_entry<'a>(
             protocol,
             target_port,
             all_endpoints: eps.into_values().collect(),
+            node_port: sp
+                .node_port
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p != 0),
         });
+    }
+    let mut external_ips = Vec::new();
+    if matches!(kind, ServiceKind::ClusterIp(_)) {
+        let lb = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.ip.clone());
+        for raw in spec
+            .external_ips
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .chain(lb)
+        {
+            match raw.parse::<IpAddr>() {
+                Ok(ip) if !external_ips.contains(&ip) => external_ips.push(ip),
+                Ok(_) => {}
+                Err(_) => notes.skipped += 1,
+            }
+        }
     }
     (
         ServiceEntry {
@@ -281,9 +315,19 @@ pub fn service_entry<'a>(
             name,
             kind,
             ports,
+            external_ips,
         },
         notes,
     )
+}
+
+/// A ClusterIP Service's addresses taking connections: its ClusterIPs and
+/// external IPs (none for headless and ExternalName Services).
+fn addresses(e: &ServiceEntry) -> Vec<IpAddr> {
+    match &e.kind {
+        ServiceKind::ClusterIp(ips) => ips.iter().chain(&e.external_ips).copied().collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// The service table: every Service by name, every ClusterIP:port by
@@ -292,6 +336,8 @@ pub fn service_entry<'a>(
 pub struct ServiceTable {
     by_name: BTreeMap<(String, String), ServiceEntry>,
     by_vip: BTreeMap<(SocketAddr, Protocol), ClusterIpEntry>,
+    /// `nodePort` → the Service port's IPv4 endpoints.
+    by_node_port: BTreeMap<(u16, Protocol), ClusterIpEntry>,
     cluster_domain: String,
 }
 
@@ -306,16 +352,28 @@ impl ServiceTable {
     }
 
     /// Replaces (or, with `None`, removes) the Service `namespace/name`.
+    /// Its ClusterIPs and external IPs are entries by address, its node
+    /// ports entries by port.
     pub fn set(&mut self, namespace: &str, name: &str, entry: Option<ServiceEntry>) {
         let key = (namespace.to_string(), name.to_string());
-        // Only this Service's own ClusterIP entries go (no scan of the
-        // whole table: a slice update costs the size of its Service).
+        // Only this Service's own entries go (no scan of the whole table:
+        // a slice update costs the size of its Service).
         if let Some(old) = self.by_name.remove(&key) {
-            if let ServiceKind::ClusterIp(ips) = &old.kind {
-                for ip in ips {
-                    for p in &old.ports {
-                        self.by_vip
-                            .remove(&(SocketAddr::new(*ip, p.port), p.protocol));
+            for ip in addresses(&old) {
+                for p in &old.ports {
+                    self.by_vip
+                        .remove(&(SocketAddr::new(ip, p.port), p.protocol));
+                }
+            }
+            for p in &old.ports {
+                if let Some(np) = p.node_port {
+                    // Another Service may have taken the port meanwhile.
+                    if self
+                        .by_node_port
+                        .get(&(np, p.protocol))
+                        .is_some_and(|e| e.namespace == old.namespace && e.name == old.name)
+                    {
+                        self.by_node_port.remove(&(np, p.protocol));
                     }
                 }
             }
@@ -323,24 +381,39 @@ impl ServiceTable {
         let Some(entry) = entry else {
             return;
         };
-        if let ServiceKind::ClusterIp(ips) = &entry.kind {
-            for ip in ips {
-                for p in &entry.ports {
-                    let endpoints = p.usable(ip.is_ipv4()).into_iter().cloned().collect();
-                    self.by_vip.insert(
-                        (SocketAddr::new(*ip, p.port), p.protocol),
-                        ClusterIpEntry {
-                            namespace: entry.namespace.clone(),
-                            name: entry.name.clone(),
-                            port_name: p.name.clone(),
-                            target_port: p.target_port.clone(),
-                            endpoints,
-                        },
-                    );
+        let at = |p: &ServicePort, ipv4: bool| ClusterIpEntry {
+            namespace: entry.namespace.clone(),
+            name: entry.name.clone(),
+            port_name: p.name.clone(),
+            target_port: p.target_port.clone(),
+            endpoints: p.usable(ipv4).into_iter().cloned().collect(),
+        };
+        for ip in addresses(&entry) {
+            for p in &entry.ports {
+                self.by_vip.insert(
+                    (SocketAddr::new(ip, p.port), p.protocol),
+                    at(p, ip.is_ipv4()),
+                );
+            }
+        }
+        if matches!(entry.kind, ServiceKind::ClusterIp(_)) {
+            for p in &entry.ports {
+                if let Some(np) = p.node_port {
+                    self.by_node_port.insert((np, p.protocol), at(p, true));
                 }
             }
         }
         self.by_name.insert(key, entry);
+    }
+
+    /// What `nodePort` over `protocol` leads to (IPv4 endpoints).
+    pub fn node_port(&self, port: u16, protocol: Protocol) -> Option<&ClusterIpEntry> {
+        self.by_node_port.get(&(port, protocol))
+    }
+
+    /// Every node port with its entry.
+    pub fn node_ports(&self) -> impl Iterator<Item = (&(u16, Protocol), &ClusterIpEntry)> {
+        self.by_node_port.iter()
     }
 
     /// What `vip` (a ClusterIP and Service port) over `protocol` is.
@@ -389,7 +462,7 @@ impl ServiceTable {
         self.by_vip.len()
     }
 
-    /// Every ClusterIP:port entry.
+    /// Every ClusterIP:port entry (external IPs' ports included).
     pub fn cluster_ips(&self) -> impl Iterator<Item = (&(SocketAddr, Protocol), &ClusterIpEntry)> {
         self.by_vip.iter()
     }
@@ -732,5 +805,55 @@ mod tests {
         t.set("shop", "web", None);
         assert_eq!(t.cluster_ip_len(), 0);
         assert!(t.resolve("web.shop").is_none());
+    }
+
+    #[test]
+    fn node_ports_and_external_ips_are_served_like_the_cluster_ip() {
+        let mut s = svc(
+            "web",
+            &["10.96.0.20"],
+            &[("http", 80, "TCP", IntOrString::Int(8080))],
+        );
+        if let Some(spec) = s.spec.as_mut() {
+            spec.type_ = Some("LoadBalancer".into());
+            spec.external_ips = Some(vec!["203.0.113.7".into(), "bogus".into()]);
+            if let Some(p) = spec.ports.as_mut().and_then(|p| p.first_mut()) {
+                p.node_port = Some(30080);
+            }
+        }
+        s.status = Some(k8s_openapi::api::core::v1::ServiceStatus {
+            load_balancer: Some(k8s_openapi::api::core::v1::LoadBalancerStatus {
+                ingress: Some(vec![k8s_openapi::api::core::v1::LoadBalancerIngress {
+                    ip: Some("198.51.100.9".into()),
+                    ..Default::default()
+                }]),
+            }),
+            ..Default::default()
+        });
+        let sl = slice(
+            "web-1",
+            "web",
+            "IPv4",
+            &[("http", 8080, "TCP")],
+            &[("10.244.7.5", "edge1", None, None, None)],
+        );
+        let (e, notes) = service_entry(&s, [&sl], None);
+        assert_eq!(notes.skipped, 1, "the bad external IP");
+        let mut t = ServiceTable::new("cluster.local");
+        t.set("shop", "web", Some(e));
+        for vip in ["10.96.0.20:80", "203.0.113.7:80", "198.51.100.9:80"] {
+            let got = t
+                .lookup(sa(vip), Protocol::Tcp)
+                .map(|e| e.endpoints[0].addr());
+            assert_eq!(got, Some(sa("10.244.7.5:8080")), "{vip}");
+        }
+        let np = t.node_port(30080, Protocol::Tcp).expect("node port");
+        assert_eq!(np.endpoints[0].addr(), sa("10.244.7.5:8080"));
+        t.set("shop", "web", None);
+        assert_eq!(
+            (t.cluster_ip_len(), t.node_ports().count()),
+            (0, 0),
+            "all gone with the Service"
+        );
     }
 }

@@ -38,6 +38,8 @@ pub struct LabService {
     pub proto: Proto,
     /// Ready endpoints: `IP:targetPort` and the node each runs on.
     pub endpoints: Vec<(SocketAddr, &'static str)>,
+    /// `nodePort`, for a `NodePort` Service.
+    pub node_port: Option<u16>,
 }
 
 impl LabService {
@@ -69,8 +71,17 @@ impl LabService {
                     name: Some("p".into()),
                     port: i32::from(self.vip.port()),
                     protocol: Some(proto.into()),
+                    node_port: self.node_port.map(i32::from),
                     ..Default::default()
                 }]),
+                type_: Some(
+                    if self.node_port.is_some() {
+                        "NodePort"
+                    } else {
+                        "ClusterIP"
+                    }
+                    .into(),
+                ),
                 ..Default::default()
             }),
             status: None,
@@ -105,12 +116,16 @@ impl LabService {
     /// What the lab's kube-proxy model programs for it.
     pub fn kube_proxy(&self) -> Result<KubeService> {
         let eps: Vec<SocketAddr> = self.endpoints.iter().map(|(a, _)| *a).collect();
-        KubeService::new(
+        let ks = KubeService::new(
             &format!("{}/{}:p", self.namespace, self.name),
             self.vip,
             self.proto,
             &eps,
-        )
+        )?;
+        Ok(match self.node_port {
+            Some(np) => ks.with_node_port(np),
+            None => ks,
+        })
     }
 }
 

@@ -342,6 +342,9 @@ pub struct KubeService {
     /// (`numgen random`), as kube-proxy does. Empty: no endpoints, new
     /// connections are rejected.
     pub endpoints: Vec<SocketAddrV4>,
+    /// `nodePort`: every node's own addresses take connections on it too
+    /// (`fib daddr type local`), as kube-proxy programs NodePorts.
+    pub node_port: Option<u16>,
 }
 
 impl KubeService {
@@ -368,7 +371,14 @@ impl KubeService {
             port: vip.port(),
             proto,
             endpoints,
+            node_port: None,
         })
+    }
+
+    /// The same, also on `nodePort` of every node address.
+    pub fn with_node_port(mut self, node_port: u16) -> KubeService {
+        self.node_port = Some(node_port);
+        self
     }
 }
 
@@ -408,13 +418,19 @@ pub fn kube_proxy_ruleset(mode: KubeProxyMode, services: &[KubeService]) -> Resu
             );
             vmap.push(format!("{j} : jump endpoint-{i}-{j}"));
         }
-        let _ = writeln!(
-            services_chain,
-            "    {m} numgen random mod {} vmap {{ {} }} comment \"{}\"",
+        let vmap = format!(
+            "numgen random mod {} vmap {{ {} }} comment \"{}\"",
             svc.endpoints.len(),
             vmap.join(", "),
             svc.name
         );
+        let _ = writeln!(services_chain, "    {m} {vmap}");
+        if let Some(np) = svc.node_port {
+            let _ = writeln!(
+                services_chain,
+                "    fib daddr type local {p} dport {np} {vmap}"
+            );
+        }
     }
     let _ = write!(chains, "  chain services {{\n{services_chain}  }}\n");
     let _ = write!(chains, "  chain no-endpoints {{\n{no_endpoints}  }}\n");

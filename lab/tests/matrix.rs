@@ -30,6 +30,9 @@ use tokio::net::UdpSocket;
 
 const AGENT_PROTO: u8 = 250;
 
+/// The NodePort of Service `web-edge1` (endpoint on edge1).
+const NODE_PORT: u16 = 30080;
+
 /// The route agent on cloud2, polling the relay's admin API every 200 ms.
 fn start_agent(lab: &NetnsLab) -> Result<Running> {
     let cfg = relay_server::agent::AgentConfig {
@@ -126,19 +129,24 @@ fn run_matrix(udp_blocked_at: Option<u8>, report: &str) -> Result<()> {
         vip,
         proto,
         endpoints: vec![(sa(ep, if proto == Proto::Tcp { HTTP } else { DNS }), node)],
+        node_port: None,
     };
     let cluster = Cluster::start(&lab)?;
     cluster.set_services(
         &lab,
         KubeProxyMode::Iptables,
         &[
-            svc(
-                "web-edge1",
-                svc_edge1,
-                Proto::Tcp,
-                netns::edge_pod_ip(1),
-                "edge1",
-            ),
+            // Also a NodePort: every node's addresses take it.
+            LabService {
+                node_port: Some(NODE_PORT),
+                ..svc(
+                    "web-edge1",
+                    svc_edge1,
+                    Proto::Tcp,
+                    netns::edge_pod_ip(1),
+                    "edge1",
+                )
+            },
             svc("web-cloud", svc_cloud, Proto::Tcp, netns::CPOD1_IP, "relay"),
             svc(
                 "web-edge2",
@@ -341,6 +349,25 @@ fn run_matrix(udp_blocked_at: Option<u8>, report: &str) -> Result<()> {
         ],
         "epod1",
         http_from(&lab, Role::Relay, svc_edge1),
+    );
+    // NodePort on the relay node: kube-proxy would DNAT it to the edge pod
+    // in the same hook; capture takes the node's own address and port
+    // first and the relay picks the endpoint.
+    m.check(
+        &[
+            "cloud host → relay node's NodePort (edge endpoint)",
+            "cloud2 → 10.0.0.1:30080 ⇒ 10.244.7.5",
+        ],
+        "epod1",
+        http_from(&lab, Role::Cloud2, sa(netns::RELAY_LAN_IP, NODE_PORT)),
+    );
+    m.check(
+        &[
+            "relay node host → its own NodePort (edge endpoint)",
+            "relay (hostNetwork) → 10.0.0.1:30080 ⇒ 10.244.7.5",
+        ],
+        "epod1",
+        http_from(&lab, Role::Relay, sa(netns::RELAY_LAN_IP, NODE_PORT)),
     );
     m.check(
         &[

@@ -37,6 +37,7 @@ fn web(name: &'static str, vip: SocketAddr, endpoints: &[(Ipv4Addr, &'static str
             .iter()
             .map(|(ip, n)| (sa(*ip, HTTP), *n))
             .collect(),
+        node_port: None,
     }
 }
 

@@ -4,7 +4,6 @@
 //! an immutable [`ServiceSnapshot`] for the data path. Built only with the
 //! `kubernetes` feature.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,28 +26,33 @@ pub struct KubeServices {
     snapshot: watch::Sender<Arc<ServiceSnapshot>>,
 }
 
-/// The snapshot of `table`: every TCP and UDP ClusterIP port with its
-/// usable endpoints (SCTP is never captured, so never listed).
+/// The snapshot of `table`: every TCP and UDP ClusterIP (and external IP)
+/// port and node port with its usable endpoints (SCTP is never captured,
+/// so never listed).
 pub fn snapshot_of(table: &ServiceTable) -> ServiceSnapshot {
-    let mut ports = BTreeMap::new();
-    for ((vip, proto), entry) in table.cluster_ips() {
+    // `(udp, endpoints)` of an entry, or `None` for SCTP.
+    let usable = |proto: &Protocol, entry: &relay_kube::ClusterIpEntry| {
         let udp = match proto {
             Protocol::Tcp => false,
             Protocol::Udp => true,
-            Protocol::Sctp => continue,
+            Protocol::Sctp => return None,
         };
-        let backends: Vec<Backend> = entry
-            .endpoints
-            .iter()
-            .map(|e| Backend {
-                addr: e.addr(),
-                node: e.node.as_deref().map(Arc::from),
-            })
-            .collect();
-        ports.insert(ServiceKey { vip: *vip, udp }, Arc::from(backends));
-    }
+        let backends: Vec<Backend> = entry.endpoints.iter().map(backend).collect();
+        Some((udp, Arc::<[Backend]>::from(backends)))
+    };
+    let ports = table
+        .cluster_ips()
+        .filter_map(|((vip, proto), e)| {
+            usable(proto, e).map(|(udp, b)| (ServiceKey { vip: *vip, udp }, b))
+        })
+        .collect();
+    let node_ports = table
+        .node_ports()
+        .filter_map(|((port, proto), e)| usable(proto, e).map(|(udp, b)| ((*port, udp), b)))
+        .collect();
     ServiceSnapshot {
         ports,
+        node_ports,
         names: Arc::new(relay_kube::service_names(table)),
         cluster_domain: Arc::from(table.cluster_domain()),
     }
@@ -164,6 +168,7 @@ mod tests {
             name: name.into(),
             kind,
             ports,
+            external_ips: Vec::new(),
         }
     }
 
@@ -174,6 +179,7 @@ mod tests {
             protocol,
             target_port: None,
             all_endpoints: eps,
+            node_port: None,
         }
     }
 

@@ -175,7 +175,7 @@ fn forbidden(ip: IpAddr) -> bool {
 /// Whether `ip` is an address of this host: binding a socket to it only
 /// works if it is. Asked only for a target whose port is one of the
 /// relay's listener ports, so the cost (one syscall) is rare.
-fn is_local_address(ip: IpAddr) -> bool {
+pub(crate) fn is_local_address(ip: IpAddr) -> bool {
     std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 

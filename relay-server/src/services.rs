@@ -48,6 +48,9 @@ pub struct ServiceSnapshot {
     /// ClusterIP port → usable endpoints (possibly none: the Service
     /// exists and is refused fast).
     pub ports: BTreeMap<ServiceKey, Arc<[Backend]>>,
+    /// `(nodePort, udp)` → usable IPv4 endpoints: what the relay node's own
+    /// addresses take on a node port.
+    pub node_ports: BTreeMap<(u16, bool), Arc<[Backend]>>,
     /// Every Service's DNS names, for edges' resolvers (empty in static
     /// mode). Shared: each session keeps a pointer to the one it sent.
     pub names: Arc<relay_protocol::NameTable>,
@@ -62,6 +65,13 @@ impl ServiceSnapshot {
             vip,
             udp: proto == Proto::Udp,
         })
+    }
+}
+
+impl ServiceSnapshot {
+    /// The endpoints behind node port `port` over `proto`, if it is one.
+    pub fn node_port(&self, port: u16, proto: Proto) -> Option<&Arc<[Backend]>> {
+        self.node_ports.get(&(port, proto == Proto::Udp))
     }
 }
 
@@ -148,6 +158,19 @@ pub fn relay_capture_set(
         .iter()
         .filter(|(_, b)| b.iter().any(|b| served(b.addr)))
         .map(|(k, _)| (k.vip, capture_proto(k.udp)))
+        .collect()
+}
+
+/// The node ports the relay node captures: those with an endpoint behind
+/// a live edge session (as [`relay_capture_set`]).
+pub fn relay_node_port_set(
+    snap: &ServiceSnapshot,
+    served: impl Fn(SocketAddr) -> bool,
+) -> BTreeSet<(u16, CaptureProto)> {
+    snap.node_ports
+        .iter()
+        .filter(|(_, b)| b.iter().any(|b| served(b.addr)))
+        .map(|((port, udp), _)| (*port, capture_proto(*udp)))
         .collect()
 }
 

@@ -58,8 +58,19 @@ pub(crate) fn route_any(
     prefer: Option<&str>,
 ) -> Result<(Route, SocketAddr), StreamReply> {
     let snap = shared.services.snapshot();
-    let Some(backends) = snap.backends(canonical(target), proto) else {
-        return route(shared, origin, target, proto);
+    let target = canonical(target);
+    let backends = match snap.backends(target, proto) {
+        Some(b) => b,
+        // A node port of this node, captured on one of its own addresses
+        // (the bind test costs a syscall, and only for a node port).
+        None => match snap.node_port(target.port(), proto) {
+            Some(b)
+                if origin == Origin::Captured && crate::policy::is_local_address(target.ip()) =>
+            {
+                b
+            }
+            _ => return route(shared, origin, target, proto),
+        },
     };
     route_backend(shared, backends, prefer, proto, &target)
 }
@@ -340,10 +351,15 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
         let svc = crate::services::relay_capture_set(&snap, |a| {
             shared.registry.lookup(canonical(a).ip()).is_some()
         });
+        let node_ports = crate::services::relay_node_port_set(&snap, |a| {
+            shared.registry.lookup(canonical(a).ip()).is_some()
+        });
         if let Err(e) = cap.apply_services(&svc, &BTreeSet::new()).await {
             failed = Some(e);
+        } else if let Err(e) = cap.apply_node_ports(&node_ports).await {
+            failed = Some(e);
         } else {
-            debug!(ports = ?crate::services::describe(&svc), "service capture");
+            debug!(ports = ?crate::services::describe(&svc), ?node_ports, "service capture");
         }
         let retry = match failed {
             Some(e) => {

@@ -21,11 +21,14 @@
 //!     ip daddr @dst4 meta l4proto { tcp, udp } redirect to :<port> }
 //!   set svc4 { type ipv4_addr . inet_proto . inet_service; }  # captured ClusterIP ports
 //!   set svcskip4 { type ipv4_addr . inet_proto . inet_service; }  # ClusterIP ports left to kube-proxy
+//!   set np4 { type inet_proto . inet_service; }   # captured node ports (relay node)
 //!   chain svc_pre { type nat hook prerouting priority -150;  # before kube-proxy (-100)
+//!     fib daddr type local meta l4proto { tcp, udp } meta l4proto . th dport @np4 redirect to :<port>
 //!     ip saddr != @src4 return
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svc4 redirect to :<port> }   # and its nftables mode (-110)
 //!   chain svc_out { type nat hook output priority -150;
 //!     meta mark <own_mark> return
+//!     fib daddr type local meta l4proto { tcp, udp } meta l4proto . th dport @np4 redirect to :<port>
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svc4 redirect to :<port> }
 //!   chain guard { type filter hook input priority filter;
 //!     th dport <port> ct status dnat accept      # only redirected traffic
@@ -184,6 +187,7 @@ pub struct Capture {
     skipped: BTreeSet<Cidr>,
     services: BTreeSet<(SocketAddr, Proto)>,
     local_services: BTreeSet<(SocketAddr, Proto)>,
+    node_ports: BTreeSet<(u16, Proto)>,
     /// `None` until [`Capture::apply_sources`]: every source.
     sources: Option<BTreeSet<Cidr>>,
 }
@@ -218,12 +222,15 @@ impl Capture {
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svcskip4 return\n\
              ip daddr @dst4 meta l4proto {{ tcp, udp }} redirect to :{p}\n\
              }}\n\
+             set np4 {{ type inet_proto . inet_service; }}\n\
              chain svc_pre {{ type nat hook prerouting priority -150; policy accept;\n\
+             fib daddr type local meta l4proto {{ tcp, udp }} meta l4proto . th dport @np4 redirect to :{p}\n\
              ip saddr != @src4 return\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svc4 redirect to :{p}\n\
              }}\n\
              chain svc_out {{ type nat hook output priority -150; policy accept;\n\
              meta mark {mark:#x} return\n\
+             fib daddr type local meta l4proto {{ tcp, udp }} meta l4proto . th dport @np4 redirect to :{p}\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svc4 redirect to :{p}\n\
              }}\n\
              chain guard {{ type filter hook input priority filter; policy accept;\n\
@@ -263,6 +270,7 @@ impl Capture {
             skipped: BTreeSet::new(),
             services: BTreeSet::new(),
             local_services: BTreeSet::new(),
+            node_ports: BTreeSet::new(),
             sources: None,
         })
     }
@@ -472,6 +480,48 @@ impl Capture {
             services = self.services.len(),
             local = self.local_services.len(),
             "service capture updated"
+        );
+        Ok(())
+    }
+
+    /// Captures exactly the node ports `want` on this node's own addresses
+    /// (`fib daddr type local`), ahead of kube-proxy's NodePort DNAT, from
+    /// any source (a NodePort is open to whoever reaches the node: that is
+    /// what the Service asks for). Stale UDP conntrack entries are deleted
+    /// as for [`Capture::apply_services`].
+    pub async fn apply_node_ports(
+        &mut self,
+        want: &BTreeSet<(u16, Proto)>,
+    ) -> Result<(), CaptureError> {
+        if *want == self.node_ports {
+            return Ok(());
+        }
+        let t = &self.cfg.nft_table;
+        let mut nft = format!("flush set inet {t} np4\n");
+        let elems: Vec<String> = want
+            .iter()
+            .map(|(port, p)| format!("{} . {port}", p.as_str()))
+            .collect();
+        if !elems.is_empty() {
+            let _ = writeln!(nft, "add element inet {t} np4 {{ {} }}", elems.join(", "));
+        }
+        run("nft", &["-f", "-"], Some(&nft)).await?;
+        let stale: Vec<u16> = want
+            .symmetric_difference(&self.node_ports)
+            .filter(|(_, p)| *p == Proto::Udp)
+            .map(|(port, _)| *port)
+            .collect();
+        self.node_ports = want.clone();
+        for port in stale {
+            let port = port.to_string();
+            let args = ["-D", "-p", "udp", "--dport", port.as_str()];
+            if let Err(e) = run("conntrack", &args, None).await {
+                debug!(error = %e, %port, "no stale conntrack entries deleted");
+            }
+        }
+        debug!(
+            node_ports = self.node_ports.len(),
+            "node port capture updated"
         );
         Ok(())
     }
