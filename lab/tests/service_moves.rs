@@ -11,7 +11,9 @@
 //! - a Service left without endpoints is refused fast, from both places;
 //! - an edge keeps using its own endpoint of a Service with the relay
 //!   stopped, and its node-local resolver (`[dns]`, fed by the relay's
-//!   `ServiceNames`) keeps answering cluster names, asked with real `dig`.
+//!   `ServiceNames`) keeps answering cluster names, asked with real `dig`;
+//! - after a relay and an edge restart, the Service is served again
+//!   within a bound.
 //!
 //! Needs root; skips loudly otherwise, and fails instead of skipping under
 //! CI=true or REQUIRE_LAB=1. Bounded: about 15 s.
@@ -270,6 +272,24 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
         dig("mover.shop.svc.cluster.local")? == "10.96.0.40",
         "relay stopped: the edge resolver no longer answers"
     );
+
+    // Restarts: a new relay process state (capture reinstalled from the
+    // API's Services) and a restarted edge2 serve the moved endpoint again.
+    set(&[(epod2, "edge2")])?;
+    let mut rcfg = relay_config(&pki)?;
+    rcfg.nodes.clear();
+    rcfg.kubernetes = Some(cluster.relay_settings());
+    let relay = start_relay(&lab, rcfg)?;
+    edge2.stop()?;
+    let edge2 = start_edge(&lab, 2, edge_config(&pki, 2)?)?;
+    let back = relay_lab::scenario::within(Duration::from_secs(10), || {
+        Ok(
+            http_from(&lab, Role::Cpod1, mover).is_ok_and(|b| b.contains("epod2"))
+                && http_from(&lab, Role::Edge1, mover).is_ok_and(|b| b.contains("epod2")),
+        )
+    })?;
+    eprintln!("after a relay and an edge restart: served again within {back:?}");
+    relay.stop()?;
     edge1.stop()?;
     edge2.stop()?;
     drop(hosts);
