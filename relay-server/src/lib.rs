@@ -7,7 +7,8 @@
 //!
 //! Modules:
 //! - [`config`]: TOML file config and the runtime [`RelayConfig`];
-//!   [`config_tls`] its certificate sections.
+//!   [`config_tls`] its certificate sections, [`config_kube`] its
+//!   `[kubernetes]` and `[bootstrap]` sections.
 //! - [`tls_reload`]: the relay's TLS identity and CRLs reloaded on SIGHUP
 //!   and on file change, for new handshakes only.
 //! - [`server`]: [`Relay::spawn`], listeners, graceful shutdown.
@@ -46,6 +47,7 @@ pub mod admin;
 pub mod agent;
 pub mod bootstrap;
 pub mod config;
+pub mod config_kube;
 pub mod config_tls;
 pub mod connect;
 pub mod directory;

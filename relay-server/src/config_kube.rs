@@ -1,0 +1,220 @@
+//! The Kubernetes sections of relay.toml: `[kubernetes]` (how the relay
+//! reaches the API and what it watches and writes) and `[bootstrap]`
+//! (node certificates for edges holding only a token), in file and
+//! runtime form, validated naming the field. Re-exported from
+//! [`crate::config`].
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use relay_protocol::Cidr;
+use serde::Deserialize;
+
+use crate::config::{err, ConfigError, MAX_DURATION};
+
+/// `[kubernetes]` as the relay runs it: how to reach the API and what to
+/// write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeSettings {
+    /// A kubeconfig file; the pod's service account when `None`.
+    pub kubeconfig: Option<PathBuf>,
+    /// A context in the kubeconfig; its current context when `None`.
+    pub context: Option<String>,
+    /// Write the `EdgeTunnelReady` condition on Nodes.
+    pub node_status: bool,
+    /// Publish session Events on Nodes.
+    pub events: bool,
+    /// Bound on every API call (the watch has its own, longer bound).
+    pub api_timeout: Duration,
+    /// Watch Services and EndpointSlices: capture ClusterIP ports with
+    /// edge endpoints on the relay node, resolve ClusterIPs and Service
+    /// names, and tell edges which ClusterIP ports to capture.
+    pub services: bool,
+    /// The cluster's DNS domain, for `CONNECT name.ns.svc.<domain>:port`.
+    pub cluster_domain: String,
+}
+
+impl Default for KubeSettings {
+    fn default() -> Self {
+        KubeSettings {
+            kubeconfig: None,
+            context: None,
+            node_status: true,
+            events: true,
+            api_timeout: Duration::from_secs(10),
+            services: true,
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+}
+
+/// `[bootstrap]` as the relay runs it.
+#[derive(Debug, Clone)]
+pub struct BootstrapSettings {
+    /// Signs node certificates (the issuing CA's certificate and key).
+    pub issuer: std::sync::Arc<relay_transport::issue::NodeIssuer>,
+    /// The issuing CA's certificate (DER), which must be in `tls.client_ca`.
+    pub issuer_cert: rustls::pki_types::CertificateDer<'static>,
+    /// Namespace of the edge-client pods and service account.
+    pub namespace: String,
+    /// The edge-client service account tokens must belong to.
+    pub service_account: String,
+    /// The DaemonSet the token's pod must belong to.
+    pub daemonset: String,
+}
+
+/// `[bootstrap]` in relay.toml.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapFile {
+    /// The issuing CA's certificate (PEM); must also be in `tls.client_ca`.
+    pub ca_cert: PathBuf,
+    /// The issuing CA's private key (PEM).
+    pub ca_key: PathBuf,
+    /// Lifetime of issued certificates (default 12h, at most 24h).
+    #[serde(default, with = "humantime_serde")]
+    pub cert_lifetime: Option<Duration>,
+    /// `namespace/name` of the edge-client service account (default
+    /// `edge-relay/edge-client`).
+    pub service_account: Option<String>,
+    /// Name of the edge-client DaemonSet in that namespace (default
+    /// `edge-client`).
+    pub daemonset: Option<String>,
+}
+
+/// Default lifetime of bootstrap certificates.
+pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+
+impl BootstrapFile {
+    pub(crate) fn load(
+        &self,
+        client_ca: &[rustls::pki_types::CertificateDer<'static>],
+    ) -> Result<BootstrapSettings, ConfigError> {
+        let read = |field: &str, p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| err(field, format!("{}: {e}", p.display())))
+        };
+        let ca = read("bootstrap.ca_cert", &self.ca_cert)?;
+        let key = read("bootstrap.ca_key", &self.ca_key)?;
+        let lifetime = self.cert_lifetime.unwrap_or(DEFAULT_CERT_LIFETIME);
+        if lifetime < Duration::from_secs(600) || lifetime > relay_transport::issue::MAX_LIFETIME {
+            return Err(err(
+                "bootstrap.cert_lifetime",
+                "must be between 10m and 24h",
+            ));
+        }
+        let issuer = relay_transport::issue::NodeIssuer::from_pem(&ca, &key, lifetime)
+            .map_err(|e| err("bootstrap", e))?;
+        let der = relay_transport::tls::certs_from_pem(ca.as_bytes(), "bootstrap.ca_cert")
+            .map_err(|e| err("bootstrap.ca_cert", e))?;
+        let issuer_cert = der[0].clone();
+        if !client_ca.contains(&issuer_cert) {
+            return Err(err(
+                "bootstrap.ca_cert",
+                "the issuing CA must also be in tls.client_ca, or the certificates it issues are refused (keep old and new CAs there while rotating)",
+            ));
+        }
+        let sa = self
+            .service_account
+            .as_deref()
+            .unwrap_or("edge-relay/edge-client");
+        let Some((namespace, service_account)) = sa
+            .split_once('/')
+            .filter(|(n, s)| !n.is_empty() && !s.is_empty())
+        else {
+            return Err(err(
+                "bootstrap.service_account",
+                "write it as namespace/name",
+            ));
+        };
+        Ok(BootstrapSettings {
+            issuer: std::sync::Arc::new(issuer),
+            issuer_cert,
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+            daemonset: self
+                .daemonset
+                .clone()
+                .unwrap_or_else(|| "edge-client".into()),
+        })
+    }
+}
+
+/// `[kubernetes]` in relay.toml.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesFile {
+    /// Turn in-cluster mode on.
+    #[serde(default)]
+    pub enabled: bool,
+    /// See [`KubeSettings::kubeconfig`].
+    pub kubeconfig: Option<PathBuf>,
+    /// See [`KubeSettings::context`].
+    pub context: Option<String>,
+    /// See [`KubeSettings::node_status`] (default true).
+    pub node_status: Option<bool>,
+    /// See [`KubeSettings::events`] (default true).
+    pub events: Option<bool>,
+    /// See [`KubeSettings::api_timeout`] (default 10 s).
+    #[serde(default, with = "humantime_serde")]
+    pub api_timeout: Option<Duration>,
+    /// See [`KubeSettings::services`] (default true).
+    pub services: Option<bool>,
+    /// See [`KubeSettings::cluster_domain`] (default `cluster.local`).
+    pub cluster_domain: Option<String>,
+}
+
+impl KubernetesFile {
+    pub(crate) fn resolve(&self) -> Option<KubeSettings> {
+        let d = KubeSettings::default();
+        self.enabled.then(|| KubeSettings {
+            kubeconfig: self.kubeconfig.clone(),
+            context: self.context.clone(),
+            node_status: self.node_status.unwrap_or(d.node_status),
+            events: self.events.unwrap_or(d.events),
+            api_timeout: self.api_timeout.unwrap_or(d.api_timeout),
+            services: self.services.unwrap_or(d.services),
+            cluster_domain: self
+                .cluster_domain
+                .as_deref()
+                .map(|c| c.trim_matches('.').to_ascii_lowercase())
+                .unwrap_or(d.cluster_domain),
+        })
+    }
+}
+
+pub(crate) fn check_kubernetes(
+    k: Option<&KubeSettings>,
+    nodes: &HashMap<String, Vec<Cidr>>,
+) -> Result<(), ConfigError> {
+    let Some(k) = k else { return Ok(()) };
+    if !cfg!(feature = "kubernetes") {
+        return Err(err(
+            "kubernetes.enabled",
+            "this relay-server was built without the `kubernetes` feature",
+        ));
+    }
+    if !nodes.is_empty() {
+        return Err(err(
+            "nodes",
+            "with [kubernetes] enabled, Node objects decide what each node may claim: remove the [nodes] table",
+        ));
+    }
+    if k.api_timeout.is_zero() || k.api_timeout > MAX_DURATION {
+        return Err(err("kubernetes.api_timeout", "must be between 1ms and 24h"));
+    }
+    let domain_ok = !k.cluster_domain.is_empty()
+        && k.cluster_domain.len() <= 253
+        && k.cluster_domain.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if !domain_ok {
+        return Err(err(
+            "kubernetes.cluster_domain",
+            "must be a DNS domain such as cluster.local",
+        ));
+    }
+    Ok(())
+}
