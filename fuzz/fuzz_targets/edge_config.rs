@@ -24,8 +24,8 @@ fuzz_target!(|data: &[u8]| {
     };
     let f = pki::files();
     cfg.tls = TlsFile {
-        cert: f.node_cert.clone(),
-        key: f.node_key.clone(),
+        cert: Some(f.node_cert.clone()),
+        key: Some(f.node_key.clone()),
         relay_ca: f.ca.clone(),
     };
     if let Ok(rt) = cfg.into_runtime() {

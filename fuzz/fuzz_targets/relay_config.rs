@@ -7,7 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use relay_server::config::TlsFiles;
+use relay_server::config::{RelayTlsFiles, TlsFiles};
 use relay_server::FileConfig;
 
 #[path = "pki.rs"]
@@ -26,7 +26,15 @@ fuzz_target!(|data: &[u8]| {
         key: f.relay_key.clone(),
         client_ca: f.ca.clone(),
     };
-    cfg.tls = tls();
+    cfg.tls = RelayTlsFiles {
+        cert: f.relay_cert.clone(),
+        key: f.relay_key.clone(),
+        client_ca: f.ca.clone(),
+        // Whatever the input said about CRLs and reloading, but never a
+        // file outside the fuzzer's PKI.
+        crl: None,
+        reload_interval: cfg.tls.reload_interval,
+    };
     if cfg.connect_tls.is_some() {
         cfg.connect_tls = Some(tls());
     }

@@ -50,6 +50,7 @@ pub mod config;
 pub mod config_kube;
 pub mod config_tls;
 pub mod connect;
+mod connect_head;
 pub mod directory;
 pub mod follow;
 pub mod handshake;
