@@ -198,8 +198,19 @@ pub fn relay_config(pki: &DevPki) -> Result<RelayConfig> {
 }
 
 /// Edge `site`'s configuration: dials the relay's WAN address, serves its
-/// pod CIDR and host address, capture on.
+/// pod CIDR and host address, capture on (default topology; a lab built
+/// with other options: [`edge_config_in`]).
 pub fn edge_config(pki: &DevPki, site: u8) -> Result<EdgeConfig> {
+    edge_config_host(pki, site, netns::edge_host_ip(site))
+}
+
+/// [`edge_config`] for the topology `lab` was built with (its edge host
+/// addresses: with repeated LANs, the same one for both sites).
+pub fn edge_config_in(lab: &NetnsLab, pki: &DevPki, site: u8) -> Result<EdgeConfig> {
+    edge_config_host(pki, site, lab.edge_host_ip(site))
+}
+
+fn edge_config_host(pki: &DevPki, site: u8, host: Ipv4Addr) -> Result<EdgeConfig> {
     let node = format!("edge{site}");
     let mut cfg = EdgeConfig::new(
         &node,
@@ -207,7 +218,7 @@ pub fn edge_config(pki: &DevPki, site: u8) -> Result<EdgeConfig> {
         "relay.lab",
         pki.node_material(&node)?,
     );
-    let host = IpAddr::V4(netns::edge_host_ip(site));
+    let host = IpAddr::V4(host);
     cfg.routes = vec![netns::edge_pod_cidr(site), Cidr::host(host)];
     cfg.primary_addr = Some(host);
     cfg.capture = Some(CaptureConfig::default());
