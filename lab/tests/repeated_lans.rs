@@ -138,13 +138,18 @@ fn two_sites_with_one_lan_range_both_work() -> Result<()> {
             ))
         })(),
     );
-    // The relay's capture follows new sessions asynchronously, and the
-    // Node condition is written behind the handshake: wait for both.
+    // Capture is installed asynchronously (the relay's for new sessions,
+    // each edge's from route updates), and the Node condition is written
+    // behind the handshake: wait for every side.
+    let edge_set = |role| lab.exec(role, &["nft", "list", "set", "inet", "edge_relay", "dst4"]);
     within(Duration::from_secs(10), || {
         let c = captured_prefixes(&lab)?;
-        Ok(c.contains("10.244.7.0/24") && c.contains("10.244.8.0/24"))
+        Ok(c.contains("10.244.7.0/24")
+            && c.contains("10.244.8.0/24")
+            && edge_set(Role::Edge1)?.contains("10.244.8.0/24")
+            && edge_set(Role::Edge2)?.contains("10.244.7.0/24"))
     })
-    .context("relay capture of both pod CIDRs")?;
+    .context("capture of both pod CIDRs not installed everywhere within 10 s")?;
     m.note(
         &[
             "relay never captures the shared address",
