@@ -112,7 +112,9 @@ pub(crate) async fn run(
             // subnets stay exempt.
             match crate::subnets::connected_subnets() {
                 Ok(now) => connected = now,
-                Err(e) => warn!(error = %e, "cannot list interface addresses; keeping the last known LANs"),
+                Err(e) => {
+                    warn!(error = %e, "cannot list interface addresses; keeping the last known LANs")
+                }
             }
             // What we serve and the LANs we sit on are never captured,
             // even inside a wider tunnel route (a cluster CIDR containing

@@ -124,10 +124,7 @@ mod tests {
     #[test]
     fn interface_addresses_become_their_subnets() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(
-            subnet_of(ip("192.168.1.10"), 24),
-            Some(c("192.168.1.0/24"))
-        );
+        assert_eq!(subnet_of(ip("192.168.1.10"), 24), Some(c("192.168.1.0/24")));
         assert_eq!(subnet_of(ip("10.244.7.1"), 24), Some(c("10.244.7.0/24")));
         // No neighbours: a single address, loopback, link-local, no mask.
         for (a, len) in [
@@ -190,6 +187,8 @@ mod tests {
     #[test]
     fn this_hosts_interfaces_list_no_loopback() {
         let subnets = connected_subnets().unwrap();
-        assert!(subnets.iter().all(|s| !s.contains(&"127.0.0.1".parse().unwrap())));
+        assert!(subnets
+            .iter()
+            .all(|s| !s.contains(&"127.0.0.1".parse().unwrap())));
     }
 }

@@ -190,7 +190,10 @@ fn two_sites_with_one_lan_range_both_work() -> Result<()> {
         ("edge2:10250", "edge2-kubelet"),
     ] {
         m.check(
-            &["apiserver → kubelet by name", &format!("CONNECT {authority}")],
+            &[
+                "apiserver → kubelet by name",
+                &format!("CONNECT {authority}"),
+            ],
             host,
             connect_from(&lab, Role::Apiserver, authority),
         );
@@ -262,7 +265,10 @@ fn two_sites_with_one_lan_range_both_work() -> Result<()> {
         (Role::Edge2, 2),
     ] {
         m.check(
-            &["edge → own LAN neighbour (local)", &format!("{from} → {gw}:80")],
+            &[
+                "edge → own LAN neighbour (local)",
+                &format!("{from} → {gw}:80"),
+            ],
             &format!("nat{site}"),
             http_from(&lab, from, sa(gw, HTTP)),
         );
