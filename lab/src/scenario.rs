@@ -197,6 +197,23 @@ pub fn relay_config(pki: &DevPki) -> Result<RelayConfig> {
     Ok(cfg)
 }
 
+/// [`relay_config`] for the topology `lab` was built with: each edge's
+/// `[nodes]` entry names its host address there (with repeated LANs, the
+/// same one for both sites, which the relay then treats as ambiguous).
+pub fn relay_config_in(lab: &NetnsLab, pki: &DevPki) -> Result<RelayConfig> {
+    let mut cfg = relay_config(pki)?;
+    for site in netns::SITES {
+        cfg.nodes.insert(
+            format!("edge{site}"),
+            vec![
+                netns::edge_pod_cidr(site),
+                Cidr::host(IpAddr::V4(lab.edge_host_ip(site))),
+            ],
+        );
+    }
+    Ok(cfg)
+}
+
 /// Edge `site`'s configuration: dials the relay's WAN address, serves its
 /// pod CIDR and host address, capture on (default topology; a lab built
 /// with other options: [`edge_config_in`]).
