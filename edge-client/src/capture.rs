@@ -27,6 +27,9 @@ use crate::serve::Served;
 use crate::services::EdgeServices;
 use std::sync::atomic::Ordering::Relaxed;
 
+/// How often capture looks at the node's interface addresses again.
+const LAN_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Runs the transparent listener and keeps the capture in step with the
 /// session's tunnel routes until `cancel`, then removes the capture.
 /// What capture needs from start-up: the installed kernel state and the
@@ -84,6 +87,12 @@ pub(crate) async fn run(
     );
     tokio::pin!(accept);
     let mut table = services.subscribe();
+    let mut connected = BTreeSet::new();
+    let mut overlapping = BTreeSet::new();
+    // Interface addresses change without telling us; look again now and
+    // then (the capture calls below do nothing when nothing changed).
+    let mut lans = tokio::time::interval(LAN_RECHECK);
+    lans.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let (want, local) = crate::services::capture_sets(&table.borrow_and_update());
         if let Err(e) = cap.apply_services(&want, &local).await {
@@ -98,17 +107,37 @@ pub(crate) async fn run(
             _ => None,
         };
         if let Some((routes, served)) = routes {
-            // What we serve is never captured, even inside a wider tunnel
-            // route (a cluster CIDR that contains this node's pod CIDR).
-            let skip: BTreeSet<Cidr> = served.into_iter().collect();
-            let want: BTreeSet<Cidr> = routes.into_iter().filter(|r| !skip.contains(r)).collect();
+            // Read again on every pass (and the tick below): a DHCP lease
+            // or a new interface moves the LAN. On failure the last known
+            // subnets stay exempt.
+            match crate::subnets::connected_subnets() {
+                Ok(now) => connected = now,
+                Err(e) => {
+                    warn!(error = %e, "cannot list interface addresses; keeping the last known LANs")
+                }
+            }
+            // What we serve and the LANs we sit on are never captured,
+            // even inside a wider tunnel route (a cluster CIDR containing
+            // this node's pod CIDR; a cloud range containing the site LAN
+            // that other sites reuse): see `subnets`.
+            let plan = crate::subnets::plan(routes, served.iter().copied(), &connected);
+            if plan.overlapping != overlapping {
+                if !plan.overlapping.is_empty() {
+                    warn!(
+                        routes = ?plan.overlapping,
+                        lans = ?connected,
+                        "tunnel routes overlap this node's LAN; the LAN is reached locally, never through the relay"
+                    );
+                }
+                overlapping = plan.overlapping.clone();
+            }
             // Only what this node serves (its pods, its addresses) and the
             // configured extra sources are captured when forwarded: a LAN
             // device routing through the node must not reach the cloud.
-            let mut sources = skip.clone();
+            let mut sources: BTreeSet<Cidr> = served.into_iter().collect();
             sources.extend(cfg.capture.iter().flat_map(|c| c.sources.iter().flatten()));
             let applied = match cap.apply_sources(&sources).await {
-                Ok(()) => cap.apply(&want, &skip).await,
+                Ok(()) => cap.apply(&plan.want, &plan.skip).await,
                 Err(e) => Err(e),
             };
             if let Err(e) = applied {
@@ -120,6 +149,7 @@ pub(crate) async fn run(
             _ = &mut accept => break,
             r = state.changed() => if r.is_err() { break },
             r = table.changed() => if r.is_err() { break },
+            _ = lans.tick() => {}
         }
     }
     cap.teardown().await;

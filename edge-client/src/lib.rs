@@ -16,6 +16,8 @@
 //!   ahead of kube-proxy, and local endpoints preferred.
 //! - `identity`: the node certificate: given, or obtained from the relay
 //!   with a service-account token and renewed.
+//! - `subnets`: the node's connected LANs, which capture never takes
+//!   (sites reuse LAN ranges; a neighbour is reached on-link).
 //! - [`backoff`]: capped exponential backoff with full jitter.
 //! - [`liveness`]: the control-stream ping check and its dead-path bound.
 //! - [`dns`]: the node-local resolver: cluster names answered at the edge
@@ -31,6 +33,7 @@ mod identity;
 pub mod liveness;
 pub mod serve;
 pub mod services;
+mod subnets;
 mod supervisor;
 
 pub use client::{EdgeClient, EdgeState, EdgeStats, StartError};

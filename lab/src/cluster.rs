@@ -138,8 +138,9 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts the stand-in on the apiserver host, with a Node for each
-    /// edge (its pod CIDR and host address as InternalIP) and for the two
-    /// cloud nodes.
+    /// edge (its pod CIDR and host address as InternalIP: with repeated
+    /// LANs both edges' Nodes carry the same one) and for the two cloud
+    /// nodes.
     pub fn start(lab: &NetnsLab) -> Result<Cluster> {
         let addr = SocketAddr::new(IpAddr::V4(netns::APISERVER_IP), APISERVER_PORT);
         let listener = lab.run_in(
@@ -152,7 +153,7 @@ impl Cluster {
             .block_on(StandIn::spawn_on(listener))
             .context("apiserver stand-in")?;
         for site in netns::SITES {
-            let host = netns::edge_host_ip(site).to_string();
+            let host = lab.edge_host_ip(site).to_string();
             standin.upsert_node(kubelet_node(
                 &format!("edge{site}"),
                 &[&netns::edge_pod_cidr(site).to_string()],

@@ -40,6 +40,14 @@
 //! Pods have no kube-proxy of their own: their traffic meets it on their
 //! node's prerouting hook, as with the real one.
 //!
+//! With [`LabOptions::repeated_lans`] ([`NetnsLab::with_options`]) both
+//! sites use the same LAN, as shops and towers do: `192.168.1.0/24`, both
+//! edge hosts `192.168.1.10`, both NATs `192.168.1.1` on their LAN side
+//! (their WAN addresses stay distinct). The lab's methods
+//! ([`NetnsLab::edge_host_ip`], [`NetnsLab::nat_lan_ip`],
+//! [`NetnsLab::edge_lan_cidr`]) answer for the topology it was built
+//! with; the free functions of the same names describe the default one.
+//!
 //! Interfaces are created directly inside their namespaces, so their names
 //! (`lan0`, `eth0`, ...) only need to be unique per namespace and parallel
 //! labs never collide; nothing is created in, or changed in, the root
@@ -60,6 +68,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use nix::sched::CloneFlags;
 use relay_protocol::Cidr;
+
+mod options;
+pub use options::LabOptions;
 
 /// The relay node's cloud-LAN address (cloud-1).
 pub const RELAY_LAN_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -98,17 +109,20 @@ pub fn nat_wan_ip(site: u8) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 0, 10 + site)
 }
 
-/// NAT `site`'s LAN address, the edge host's gateway: `192.168.{site}.1`.
+/// NAT `site`'s LAN address, the edge host's gateway: `192.168.{site}.1`
+/// (default topology; see [`NetnsLab::nat_lan_ip`]).
 pub fn nat_lan_ip(site: u8) -> Ipv4Addr {
     Ipv4Addr::new(192, 168, site, 1)
 }
 
-/// Edge host `site`'s address: `192.168.{site}.10`.
+/// Edge host `site`'s address: `192.168.{site}.10` (default topology; see
+/// [`NetnsLab::edge_host_ip`]).
 pub fn edge_host_ip(site: u8) -> Ipv4Addr {
     Ipv4Addr::new(192, 168, site, 10)
 }
 
-/// Edge site `site`'s LAN (the edge host's node network): `192.168.{site}.0/24`.
+/// Edge site `site`'s LAN (the edge host's node network):
+/// `192.168.{site}.0/24` (default topology; see [`NetnsLab::edge_lan_cidr`]).
 pub fn edge_lan_cidr(site: u8) -> Cidr {
     cidr24(Ipv4Addr::new(192, 168, site, 0))
 }
@@ -231,7 +245,8 @@ impl Role {
 
     /// The role's main address: the one other hosts would dial (the LAN
     /// address for cloud nodes), or `None` for the pure-L2 `switch` and
-    /// `wan`.
+    /// `wan`. Edge hosts' addresses are the default topology's (a lab with
+    /// repeated LANs: [`NetnsLab::edge_host_ip`]).
     pub fn ip(self) -> Option<Ipv4Addr> {
         Some(match self {
             Role::Switch | Role::Wan => return None,
@@ -568,6 +583,7 @@ pub struct NetnsLab {
     /// Namespaces that exist and must be deleted on drop, in creation order.
     created: Vec<String>,
     build_time: Duration,
+    opts: LabOptions,
 }
 
 impl fmt::Debug for NetnsLab {
@@ -589,6 +605,16 @@ impl NetnsLab {
     /// `{prefix}{pid}x{n}-{role}` where `n` counts labs in this process.
     /// On error, whatever was already created is deleted.
     pub fn with_prefix(prefix: &str) -> Result<NetnsLab> {
+        NetnsLab::with_prefix_and_options(prefix, LabOptions::default())
+    }
+
+    /// Builds the topology `opts` describes, with the default prefix `rl`.
+    pub fn with_options(opts: LabOptions) -> Result<NetnsLab> {
+        NetnsLab::with_prefix_and_options("rl", opts)
+    }
+
+    /// [`NetnsLab::with_prefix`] with `opts`.
+    pub fn with_prefix_and_options(prefix: &str, opts: LabOptions) -> Result<NetnsLab> {
         let start = Instant::now();
         let tag = format!("{prefix}{}x{}", std::process::id(), next_id());
         let names = Role::ALL
@@ -600,6 +626,7 @@ impl NetnsLab {
             names,
             created: Vec::new(),
             build_time: Duration::ZERO,
+            opts,
         };
         // On `?` the partially built lab is dropped, which deletes what
         // exists so far.
@@ -704,32 +731,24 @@ impl NetnsLab {
             &format!("route add {CPOD2_CIDR} via {CLOUD2_LAN_IP}"),
         )?;
         for role in [Cloud2, Apiserver] {
-            for site in SITES {
-                for net in [edge_pod_cidr(site), edge_lan_cidr(site)] {
-                    self.ip(role, &format!("route add {net} via {RELAY_LAN_IP}"))?;
-                }
+            for net in self.edge_ranges() {
+                self.ip(role, &format!("route add {net} via {RELAY_LAN_IP}"))?;
             }
         }
         // Edge sites.
         for site in SITES {
             let (nat, edge) = (Role::nat(site)?, Role::edge(site)?);
             self.veth(edge, "eth0", nat, "lan0", None)?;
-            self.ip(nat, &format!("addr add {}/24 dev lan0", nat_lan_ip(site)))?;
-            self.ip(
-                edge,
-                &format!("addr add {}/24 dev eth0", edge_host_ip(site)),
-            )?;
-            self.ip(edge, &format!("route add default via {}", nat_lan_ip(site)))?;
+            let (gw, host) = (self.nat_lan_ip(site), self.edge_host_ip(site));
+            self.ip(nat, &format!("addr add {gw}/24 dev lan0"))?;
+            self.ip(edge, &format!("addr add {host}/24 dev eth0"))?;
+            self.ip(edge, &format!("route add default via {gw}"))?;
             // The site router knows the pod CIDR behind the edge host (a
             // static route), so replies to edge pods find their way back
             // after de-masquerading.
             self.ip(
                 nat,
-                &format!(
-                    "route add {} via {}",
-                    edge_pod_cidr(site),
-                    edge_host_ip(site)
-                ),
+                &format!("route add {} via {host}", edge_pod_cidr(site)),
             )?;
             self.nft(nat, &nat_ruleset())?;
         }
@@ -1025,7 +1044,7 @@ impl NetnsLab {
         self.ip(edge, "link set eth0 up")?;
         self.ip(
             edge,
-            &format!("route replace default via {}", nat_lan_ip(site)),
+            &format!("route replace default via {}", self.nat_lan_ip(site)),
         )
         .map(drop)
     }

@@ -197,9 +197,37 @@ pub fn relay_config(pki: &DevPki) -> Result<RelayConfig> {
     Ok(cfg)
 }
 
+/// [`relay_config`] for the topology `lab` was built with: each edge's
+/// `[nodes]` entry names its host address there (with repeated LANs, the
+/// same one for both sites, which the relay then treats as ambiguous).
+pub fn relay_config_in(lab: &NetnsLab, pki: &DevPki) -> Result<RelayConfig> {
+    let mut cfg = relay_config(pki)?;
+    for site in netns::SITES {
+        cfg.nodes.insert(
+            format!("edge{site}"),
+            vec![
+                netns::edge_pod_cidr(site),
+                Cidr::host(IpAddr::V4(lab.edge_host_ip(site))),
+            ],
+        );
+    }
+    Ok(cfg)
+}
+
 /// Edge `site`'s configuration: dials the relay's WAN address, serves its
-/// pod CIDR and host address, capture on.
+/// pod CIDR and host address, capture on (default topology; a lab built
+/// with other options: [`edge_config_in`]).
 pub fn edge_config(pki: &DevPki, site: u8) -> Result<EdgeConfig> {
+    edge_config_host(pki, site, netns::edge_host_ip(site))
+}
+
+/// [`edge_config`] for the topology `lab` was built with (its edge host
+/// addresses: with repeated LANs, the same one for both sites).
+pub fn edge_config_in(lab: &NetnsLab, pki: &DevPki, site: u8) -> Result<EdgeConfig> {
+    edge_config_host(pki, site, lab.edge_host_ip(site))
+}
+
+fn edge_config_host(pki: &DevPki, site: u8, host: Ipv4Addr) -> Result<EdgeConfig> {
     let node = format!("edge{site}");
     let mut cfg = EdgeConfig::new(
         &node,
@@ -207,7 +235,7 @@ pub fn edge_config(pki: &DevPki, site: u8) -> Result<EdgeConfig> {
         "relay.lab",
         pki.node_material(&node)?,
     );
-    let host = IpAddr::V4(netns::edge_host_ip(site));
+    let host = IpAddr::V4(host);
     cfg.routes = vec![netns::edge_pod_cidr(site), Cidr::host(host)];
     cfg.primary_addr = Some(host);
     cfg.capture = Some(CaptureConfig::default());

@@ -1,6 +1,7 @@
 //! The network-namespace lab's topology behaves as documented: it builds
 //! and tears down (even on panic), the reachability facts hold before any
-//! tunnel exists, ClusterIP DNAT works, and the fault knobs bite.
+//! tunnel exists (also with both sites on one LAN range), ClusterIP DNAT
+//! works, and the fault knobs bite.
 //! Skips loudly without root (fails instead under REQUIRE_LAB=1 / CI=true).
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -10,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use relay_lab::netns::{self, KubeProxyMode, KubeService, NetnsLab, Proto, Role};
+use relay_lab::netns::{self, KubeProxyMode, KubeService, LabOptions, NetnsLab, Proto, Role};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::oneshot;
@@ -294,6 +295,56 @@ fn reachability_before_any_tunnel() {
 }
 
 /// Sends one datagram from `role` to `to` and waits for the echo.
+/// With repeated LANs both sites are numbered alike but stay separate
+/// networks: each edge host reaches its own NAT at the shared gateway
+/// address, each NAT shows the relay its own WAN address, and nothing from
+/// the cloud reaches the shared host address before a tunnel exists.
+#[test]
+fn repeated_lans_are_separate_networks_with_one_numbering() {
+    if netns::require_root().is_some() {
+        return;
+    }
+    let lab = NetnsLab::with_options(LabOptions {
+        repeated_lans: true,
+    })
+    .expect("build netns lab with repeated LANs");
+    println!("lab {} built in {:?}", lab.tag(), lab.build_time());
+    let (host, gw) = (lab.edge_host_ip(1), lab.nat_lan_ip(1));
+    assert_eq!(host, Ipv4Addr::new(192, 168, 1, 10));
+    assert_eq!((lab.edge_host_ip(2), lab.nat_lan_ip(2)), (host, gw));
+    assert_eq!(lab.edge_lan_cidr(2).to_string(), "192.168.1.0/24");
+    // The cloud nodes' route to the one LAN range exists once.
+    let routes = lab
+        .exec(Role::Cloud2, &["ip", "-4", "route"])
+        .expect("cloud2 routes");
+    assert_eq!(routes.matches("192.168.1.0/24 via").count(), 1, "{routes}");
+    assert!(!routes.contains("192.168.2.0/24"), "{routes}");
+
+    let _nat1 = serve_tcp(&lab, Role::Nat1, sa(gw, 7002), "nat1");
+    let _nat2 = serve_tcp(&lab, Role::Nat2, sa(gw, 7002), "nat2");
+    for (edge, nat) in [(Role::Edge1, "nat1"), (Role::Edge2, "nat2")] {
+        let text = expect_ok(&lab, edge, sa(gw, 7002));
+        assert!(text.starts_with(&format!("{nat} peer={host}:")), "{text}");
+    }
+    let _relay = serve_tcp(&lab, Role::Relay, sa(Ipv4Addr::UNSPECIFIED, 7000), "relay");
+    for site in netns::SITES {
+        let text = expect_ok(
+            &lab,
+            Role::edge(site).unwrap(),
+            sa(netns::RELAY_WAN_IP, 7000),
+        );
+        assert!(
+            text.starts_with(&format!("relay peer={}:", netns::nat_wan_ip(site))),
+            "{text}"
+        );
+    }
+    let _edge1 = serve_tcp(&lab, Role::Edge1, sa(Ipv4Addr::UNSPECIFIED, 7001), "edge1");
+    expect_fail(&lab, Role::Cloud2, sa(host, 7001));
+    let names = lab.namespaces();
+    drop(lab);
+    assert_gone(&names);
+}
+
 fn udp_roundtrip(lab: &NetnsLab, role: Role, to: SocketAddr) -> Result<()> {
     lab.run_in(role, CONNECT, move || async move {
         let s = UdpSocket::bind("0.0.0.0:0").await?;

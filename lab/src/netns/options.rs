@@ -1,0 +1,73 @@
+//! Topology options of the namespace lab, and the edge-site addresses as
+//! the lab that was built with them has them.
+//!
+//! The default topology gives every site its own LAN (`192.168.{site}.0/24`).
+//! Real shops and towers reuse one range, so two edge nodes often share a
+//! host address; [`LabOptions::repeated_lans`] builds that world, where the
+//! product must route neither twin by its shared address, reach both by
+//! name, and keep each site's LAN traffic on the site.
+
+use std::net::Ipv4Addr;
+
+use relay_protocol::Cidr;
+
+use super::{cidr24, edge_pod_cidr, NetnsLab, SITES};
+
+/// How [`NetnsLab::with_options`] builds the lab. The default is the
+/// topology of the module docs, which every other test relies on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LabOptions {
+    /// Both sites on the same LAN, `192.168.1.0/24`: edge hosts both
+    /// `192.168.1.10`, NATs both `192.168.1.1` on their LAN side. Each
+    /// site is still its own namespace pair behind its own NAT, whose WAN
+    /// address stays distinct, so the two LANs are separate networks that
+    /// happen to use the same numbers.
+    pub repeated_lans: bool,
+}
+
+impl NetnsLab {
+    /// The options the lab was built with.
+    pub fn options(&self) -> LabOptions {
+        self.opts
+    }
+
+    /// The third octet of site `site`'s LAN: its own number, or `1` for
+    /// every site when LANs are repeated.
+    fn lan_octet(&self, site: u8) -> u8 {
+        if self.opts.repeated_lans {
+            1
+        } else {
+            site
+        }
+    }
+
+    /// Edge host `site`'s address in this lab: `192.168.{site}.10`, or
+    /// `192.168.1.10` for both sites with repeated LANs.
+    pub fn edge_host_ip(&self, site: u8) -> Ipv4Addr {
+        Ipv4Addr::new(192, 168, self.lan_octet(site), 10)
+    }
+
+    /// NAT `site`'s LAN address (the edge host's gateway) in this lab.
+    pub fn nat_lan_ip(&self, site: u8) -> Ipv4Addr {
+        Ipv4Addr::new(192, 168, self.lan_octet(site), 1)
+    }
+
+    /// Edge site `site`'s LAN in this lab.
+    pub fn edge_lan_cidr(&self, site: u8) -> Cidr {
+        cidr24(Ipv4Addr::new(192, 168, self.lan_octet(site), 0))
+    }
+
+    /// Every edge pod CIDR and edge LAN, each once (two sites with one LAN
+    /// range give one entry): what cloud nodes route to the relay node.
+    pub fn edge_ranges(&self) -> Vec<Cidr> {
+        let mut v = Vec::new();
+        for site in SITES {
+            for net in [edge_pod_cidr(site), self.edge_lan_cidr(site)] {
+                if !v.contains(&net) {
+                    v.push(net);
+                }
+            }
+        }
+        v
+    }
+}
