@@ -133,9 +133,9 @@ async fn start_idle(bench: &Bench, relay: &RelayProc, n: usize) -> Result<(Child
         if let Ok(t) = std::fs::read_to_string(&ready) {
             break t;
         }
-        child.check_alive().with_context(|| {
-            std::fs::read_to_string(&log).unwrap_or_default()
-        })?;
+        child
+            .check_alive()
+            .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
         ensure!(
             Instant::now() < deadline,
             "the {n} idle edges did not register within 200 s"
@@ -177,7 +177,11 @@ async fn one_run(
         (Some(p), Some(c0)) => Some((cpu_secs(p)? - c0) / secs * 100.0),
         _ => None,
     };
-    ensure!(rr.ok > 0, "{label}: no request answered ({} errors)", rr.errors);
+    ensure!(
+        rr.ok > 0,
+        "{label}: no request answered ({} errors)",
+        rr.errors
+    );
     eprintln!(
         "  {label}: p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs; relay CPU {relay_cpu:.1} %{}",
         rr.us(0.5),
@@ -275,8 +279,26 @@ pub(crate) async fn run(a: Args) -> Result<()> {
     let mut alone_t = Vec::new();
     let mut alone_d = Vec::new();
     for r in 0..a.runs {
-        alone_t.push(one_run(tunnel, &a, rpid, None, format!("alone, tunnel, run {}", r + 1)).await?);
-        alone_d.push(one_run(direct, &a, rpid, None, format!("alone, direct, run {}", r + 1)).await?);
+        alone_t.push(
+            one_run(
+                tunnel,
+                &a,
+                rpid,
+                None,
+                format!("alone, tunnel, run {}", r + 1),
+            )
+            .await?,
+        );
+        alone_d.push(
+            one_run(
+                direct,
+                &a,
+                rpid,
+                None,
+                format!("alone, direct, run {}", r + 1),
+            )
+            .await?,
+        );
     }
     let load_mid = loadavg();
     let (idle, reg_s) = {
@@ -295,12 +317,24 @@ pub(crate) async fn run(a: Args) -> Result<()> {
     let mut idle_d = Vec::new();
     for r in 0..a.runs {
         idle_t.push(
-            one_run(tunnel, &a, rpid, ipid, format!("{} idle, tunnel, run {}", a.idle_edges, r + 1))
-                .await?,
+            one_run(
+                tunnel,
+                &a,
+                rpid,
+                ipid,
+                format!("{} idle, tunnel, run {}", a.idle_edges, r + 1),
+            )
+            .await?,
         );
         idle_d.push(
-            one_run(direct, &a, rpid, ipid, format!("{} idle, direct, run {}", a.idle_edges, r + 1))
-                .await?,
+            one_run(
+                direct,
+                &a,
+                rpid,
+                ipid,
+                format!("{} idle, direct, run {}", a.idle_edges, r + 1),
+            )
+            .await?,
         );
     }
     // Still all there?
