@@ -55,9 +55,39 @@ pub(crate) struct Args {
     /// Runs per path and phase (the table shows medians).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Run the idle edges inside this process, beside the measuring client
+    /// and the echo service (the layout of `storm` and `sessions`), instead
+    /// of in a child of their own: shows what the simulated fleet's own
+    /// timers cost the client's runtime.
+    #[arg(long)]
+    idle_in_process: bool,
     /// Write results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+/// The idle edges: a child process, or `EdgeClient`s in this one.
+enum Idle {
+    Process(ChildGuard),
+    InProcess(Vec<EdgeClient>),
+}
+
+/// Starts `n` idle edges (`edge-1` ..) inside this process and waits until
+/// the relay lists them all (besides the measured edge).
+async fn start_idle_here(bench: &Bench, relay: &RelayProc, n: usize) -> Result<(Idle, f64)> {
+    let t0 = Instant::now();
+    let edges = (1..=n)
+        .map(|i| {
+            Ok(EdgeClient::spawn(relay_lab::edge_config(
+                bench.pki(),
+                i,
+                relay.quic,
+            )?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let took = wait_sessions(&edges, 1, t0, Duration::from_secs(180)).await?;
+    wait_relay_count(relay, n + 1, Duration::from_secs(10)).await?;
+    Ok((Idle::InProcess(edges), took.as_secs_f64()))
 }
 
 /// `idle-edges-process --pki DIR --relay A --first I --count N --ready-file R`:
@@ -305,14 +335,22 @@ pub(crate) async fn run(a: Args) -> Result<()> {
         let _p = Progress::start(format!("{} idle edges connecting", a.idle_edges), || {
             String::new()
         });
-        start_idle(&bench, &relay, a.idle_edges).await?
+        if a.idle_in_process {
+            start_idle_here(&bench, &relay, a.idle_edges).await?
+        } else {
+            let (c, t) = start_idle(&bench, &relay, a.idle_edges).await?;
+            (Idle::Process(c), t)
+        }
     };
     eprintln!(
         "  {} idle edges registered in {reg_s:.1} s; settling {:?}",
         a.idle_edges, a.settle
     );
     tokio::time::sleep(a.settle).await;
-    let ipid = Some(idle.pid());
+    let ipid = match &idle {
+        Idle::Process(c) => Some(c.pid()),
+        Idle::InProcess(_) => None,
+    };
     let mut idle_t = Vec::new();
     let mut idle_d = Vec::new();
     for r in 0..a.runs {
@@ -348,6 +386,11 @@ pub(crate) async fn run(a: Args) -> Result<()> {
             .collect::<Vec<_>>(),
     );
 
+    let idle_where = if a.idle_in_process {
+        "in this process (beside the client and the echo service)".to_string()
+    } else {
+        format!("in their own process, {idle_cpu:.1} % CPU")
+    };
     let mut table = Table::new(&[
         "idle edges",
         "path",
@@ -393,7 +436,7 @@ pub(crate) async fn run(a: Args) -> Result<()> {
     row(&n, "direct", id, &p99s(&idle_d));
     table.print();
     println!(
-        "tunnel p99 with / without the idle edges: {:.2}x ({:.0} vs {:.0} µs); added over direct: {:+.0} µs without, {:+.0} µs with; idle edges' process {idle_cpu:.1} % CPU; load average {load_start} (start), {load_mid} (before the idle edges), {load_end} (end)",
+        "tunnel p99 with / without the idle edges: {:.2}x ({:.0} vs {:.0} µs); added over direct: {:+.0} µs without, {:+.0} µs with; idle edges {idle_where}; load average {load_start} (start), {load_mid} (before the idle edges), {load_end} (end)",
         it[3] / at[3].max(1e-9),
         it[3],
         at[3],
@@ -404,12 +447,14 @@ pub(crate) async fn run(a: Args) -> Result<()> {
         json!({"req_per_s": m[0], "p50_us": m[1], "p90_us": m[2], "p99_us": m[3],
                "p999_us": m[4], "max_us": m[5], "relay_cpu_pct": m[6]})
     };
-    drop(idle);
+    if let Idle::InProcess(edges) = idle {
+        stop_edges(edges).await;
+    }
     write_json(
         a.json.as_deref(),
         &json!({"bench": "rr-idle", "machine": machine(), "relay": bench.bins.describe(),
                 "loadavg": [load_start, load_mid, load_end],
-                "idle_edges": a.idle_edges, "idle_register_s": reg_s,
+                "idle_edges": a.idle_edges, "idle_in_process": a.idle_in_process, "idle_register_s": reg_s,
                 "size": a.size, "rate": a.rate, "rate_conns": a.rate_conns,
                 "duration_s": a.duration.as_secs_f64(), "settle_s": a.settle.as_secs_f64(),
                 "idle_edges_cpu_pct": idle_cpu,
