@@ -702,7 +702,15 @@ async fn run_session(
     let mut liveness = Liveness::new(cfg.quic.keepalive);
     let mut rtt_logged: Option<Instant> = None;
     let mut svc_batch = crate::services::Batch::default();
-    let mut tick = tokio::time::interval(cfg.quic.keepalive);
+    // The first ping at a random point of the first interval, not at once:
+    // edges that connected together (after a relay restart, a thousand
+    // within seconds) then ping spread over the interval, not in one burst
+    // the relay answers while its data path waits. The dead-path bound is
+    // unchanged: later pings still leave every interval.
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + cfg.quic.keepalive.mul_f64(rand::random::<f64>()),
+        cfg.quic.keepalive,
+    );
     // A tick delayed (a busy runtime) must not fire a burst of pings that
     // would then all count as in flight.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

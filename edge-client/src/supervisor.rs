@@ -197,7 +197,13 @@ pub(crate) async fn supervise(
     let mut down_since: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
     let fallback_after = cfg.handshake_timeout;
     let mut published: Option<(Key, Option<u64>)> = None;
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // At a random phase: edges started together (a host running many, the
+    // load tester's fleet) do not all wake in the same millisecond.
+    let period = Duration::from_millis(500);
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + period.mul_f64(rand::random::<f64>()),
+        period,
+    );
     loop {
         // The set most connected sessions report (replicas agree but for
         // moments of a change, or one with a stale view, e.g. cut off from

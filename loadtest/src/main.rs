@@ -8,7 +8,7 @@
 //! Modules:
 //! - [`demo`]: `loadtest demo`, the README's local demo (all in-process);
 //! - [`bulk`], [`rr`], [`connect`], [`sessions`], [`streams`], [`storm`],
-//!   [`replicas`]: one benchmark each;
+//!   [`replicas`], [`idle`] (`rr-idle`): one benchmark each;
 //! - [`bare`]: bulk over quinn alone (`bulk`'s `bare-quic` path, the
 //!   ceiling), and its sink process;
 //! - [`common`]: PKI and config files, child processes (killed on drop),
@@ -27,6 +27,7 @@ mod bulk;
 mod common;
 mod connect;
 mod demo;
+mod idle;
 mod procs;
 mod rathole;
 mod replicas;
@@ -64,6 +65,9 @@ enum Cmd {
     Streams(streams::Args),
     /// Relay restart with N edges: time until all are back, rr latency meanwhile.
     Storm(storm::Args),
+    /// Fixed-rate rr through one edge, without and with N idle edges
+    /// connected to the same relay (and direct), in one invocation.
+    RrIdle(idle::Args),
     /// R relay replicas, N edges on each: memory per replica, time until
     /// every edge is on every replica, and back after one replica restarts.
     Replicas(replicas::Args),
@@ -73,6 +77,8 @@ enum Cmd {
     EdgeProcess(procs::EdgeArgs),
     #[command(hide = true)]
     EchoProcess(procs::EchoArgs),
+    #[command(hide = true)]
+    IdleEdgesProcess(idle::EdgesArgs),
     #[command(hide = true)]
     QuicSinkProcess(bare::SinkArgs),
 }
@@ -88,10 +94,12 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Sessions(a) => sessions::run(a).await,
         Cmd::Streams(a) => streams::run(a).await,
         Cmd::Storm(a) => storm::run(a).await,
+        Cmd::RrIdle(a) => idle::run(a).await,
         Cmd::Replicas(a) => replicas::run(a).await,
         Cmd::RelayProcess(a) => procs::relay(a).await,
         Cmd::EdgeProcess(a) => procs::edge(a).await,
         Cmd::EchoProcess(a) => procs::echo(a).await,
+        Cmd::IdleEdgesProcess(a) => idle::edges_process(a).await,
         Cmd::QuicSinkProcess(a) => bare::sink(a).await,
     }
 }

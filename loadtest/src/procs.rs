@@ -35,7 +35,7 @@ pub(crate) struct EchoArgs {
     ready_file: PathBuf,
 }
 
-async fn terminated() -> Result<()> {
+pub(crate) async fn terminated() -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
@@ -46,7 +46,7 @@ async fn terminated() -> Result<()> {
 }
 
 /// Writes then renames, so a reader never sees half a file.
-fn write_ready(path: &std::path::Path, text: &str) -> Result<()> {
+pub(crate) fn write_ready(path: &std::path::Path, text: &str) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;

@@ -298,6 +298,18 @@ pub(crate) fn note_cut(shared: &Shared, feed: &RouteFeed) {
     }
 }
 
+/// When a session's first keep-alive tick fires: a uniformly random point
+/// in the second half of the first interval and the first half of the
+/// next, so the periodic work of sessions that registered together (a
+/// relay restart brings a thousand edges back within seconds) is spread
+/// over the whole interval instead of arriving in one burst every
+/// interval, which delays every other task on the runtime (the data path
+/// among them). The first tick is never earlier than half an interval:
+/// the session has just been seen.
+pub(crate) fn first_tick(keepalive: Duration) -> tokio::time::Instant {
+    tokio::time::Instant::now() + keepalive.mul_f64(0.5 + rand::random::<f64>())
+}
+
 /// Writes control frames in order, each bounded by `limit`.
 async fn write_all(send: &mut SendHalf, frames: &[Control], limit: Duration) -> Result<(), String> {
     for f in frames {
@@ -338,12 +350,17 @@ pub(crate) async fn run_session(
     handle.touch();
     let BiStream { mut send, recv } = control;
     let mut frames = FramedRead::new(recv, codec::frame_codec());
-    // The relay pings every keep-alive interval: on QUIC this measures "last
-    // seen" for operators (QUIC keep-alives hold the NAT binding); on the
-    // TCP fallback it is also the liveness check yamux lacks, and keeps the
-    // NAT binding of an idle TCP connection warm.
-    let mut ping = tokio::time::interval(shared.cfg.quic.keepalive);
-    ping.tick().await;
+    // The relay pings every keep-alive interval when the edge has been
+    // silent: on QUIC this measures "last seen" for operators (QUIC
+    // keep-alives hold the NAT binding); on the TCP fallback it is also the
+    // liveness check yamux lacks, and keeps the NAT binding of an idle TCP
+    // connection warm. See the tick arm for why a pinging edge is not
+    // pinged back, and `first_tick` for the phase.
+    let keepalive = shared.cfg.quic.keepalive;
+    let quic = handle.conn.kind() == relay_transport::TransportKind::Quic;
+    let mut ping = tokio::time::interval_at(first_tick(keepalive), keepalive);
+    // A runtime held up must not answer with a burst of pings.
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let write_timeout = shared.cfg.limits.handshake_timeout;
     // Route updates: the registry says "something changed"; we wait a
     // moment so a burst of sessions coming or going costs one update, then
@@ -483,9 +500,22 @@ pub(crate) async fn run_session(
             _ = ping.tick() => {
                 // QUIC has its own idle timeout; yamux has none, so a
                 // silent edge is detected here, for both transports.
-                if handle.last_seen_ago() > shared.cfg.quic.idle_timeout {
+                let ago = handle.last_seen_ago();
+                if ago > shared.cfg.quic.idle_timeout {
                     handle.conn.close(close_code::PROTOCOL, "idle timeout");
                     break "idle timeout: no control message from the edge".to_string();
+                }
+                // On QUIC, an edge that pings (every keep-alive, see the
+                // edge's liveness) already shows it is there, and QUIC
+                // checks the path itself: a ping of ours would only double
+                // the control traffic of every idle session (relay CPU at
+                // 1,000 edges, an edge's metered bytes). An edge silent for
+                // 1.5 intervals (an older one, or one in trouble) is pinged
+                // as before. On TCP our ping is what finds a stale
+                // connection after a NAT rebinding (the NAT resets it), so
+                // it always goes.
+                if quic && ago < keepalive + keepalive / 2 {
+                    continue;
                 }
                 vec![Control::Ping { nonce: rand::random() }]
             }
