@@ -169,6 +169,17 @@ fn all_edges_everywhere(lab: &NetnsLab, replicas: &[u8]) -> Result<bool> {
     Ok(true)
 }
 
+/// The static replica set every relay of these tests advertises:
+/// `relay-i` at its own WAN address.
+fn replica_set() -> Vec<Replica> {
+    (1..=REPLICAS)
+        .map(|i| Replica {
+            id: format!("relay-{i}"),
+            addr: sa(wan(i), QUIC_PORT).to_string(),
+        })
+        .collect()
+}
+
 #[test]
 fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
     if let Some(skip) = netns::require_root() {
@@ -199,12 +210,7 @@ fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
         lab.exec(Role::Relay, &["ip", "addr", "add", &a, "dev", "lan0"])?;
     }
     let pki = lab_pki()?;
-    let set: Vec<Replica> = (1..=REPLICAS)
-        .map(|i| Replica {
-            id: format!("relay-{i}"),
-            addr: sa(wan(i), QUIC_PORT).to_string(),
-        })
-        .collect();
+    let set = replica_set();
     let mut relays = Vec::new();
     for i in 1..=REPLICAS {
         let mut cfg = relay_config(&pki)?;
@@ -538,12 +544,7 @@ fn idle_bytes_per_edge_per_day_with_three_replicas() -> Result<()> {
         lab.exec(Role::Relay, &["ip", "addr", "add", &a, "dev", "wan0"])?;
     }
     let pki = lab_pki()?;
-    let set: Vec<Replica> = (1..=REPLICAS)
-        .map(|i| Replica {
-            id: format!("relay-{i}"),
-            addr: sa(wan(i), QUIC_PORT).to_string(),
-        })
-        .collect();
+    let set = replica_set();
     let mut relays = Vec::new();
     for i in 1..=REPLICAS {
         // Defaults for every timing: this is the figure a site pays.
