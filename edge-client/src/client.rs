@@ -441,7 +441,7 @@ pub(crate) async fn run(
                 }
                 match end {
                     SessionEnd::Upgrade(c) => {
-                        info!(uptime = ?up.elapsed(), "QUIC works again; moving the session to it");
+                        info!(uptime = ?up.elapsed(), transport = c.conn.kind().as_str(), "moving the session to its new connection");
                         next = Some(*c);
                         continue;
                     }
@@ -471,6 +471,28 @@ pub(crate) async fn run(
         }
     }
     state.send_replace(EdgeState::Stopped);
+}
+
+/// The relay closed this session. When a move of ours is under way (a QUIC
+/// probe from the TCP fallback, or a session with a renewed certificate),
+/// that is usually the move itself: its new session registered and
+/// superseded this one, and the relay closed this one before the move's
+/// task read its answer. Let the move finish (bounded) rather than drop
+/// it: dropping it would close the new session too, and the node's routes
+/// would leave the relay until a reconnect after backoff.
+async fn finish_move(
+    pending: [&mut Option<AbortOnDropHandle<Result<Connected, AttemptError>>>; 2],
+    limit: Duration,
+    why: String,
+) -> SessionEnd {
+    for p in pending {
+        if let Some(p) = p.take() {
+            if let Ok(Ok(Ok(c))) = tokio::time::timeout(limit, p).await {
+                return SessionEnd::Upgrade(Box::new(c));
+            }
+        }
+    }
+    SessionEnd::Lost(why)
 }
 
 /// An established, registered session.
@@ -739,15 +761,7 @@ async fn run_session(
                 return SessionEnd::Lost("shutdown".into());
             }
             why = conn.closed() => {
-                // A QUIC probe that just registered supersedes this session,
-                // and the relay closes this one before the probe reads its
-                // answer: let the probe finish rather than drop it.
-                if let Some(p) = probe.take() {
-                    if let Ok(Ok(Ok(c))) = tokio::time::timeout(cfg.handshake_timeout, p).await {
-                        return SessionEnd::Upgrade(Box::new(c));
-                    }
-                }
-                return SessionEnd::Lost(why);
+                return finish_move([&mut probe, &mut renewal], cfg.handshake_timeout, why).await;
             }
             bi = conn.accept_bi() => match bi {
                 Ok(bi) => {
@@ -755,7 +769,9 @@ async fn run_session(
                     tokio::spawn(serve_stream(bi, f, cfg.clone(), served.clone(), stats.clone()).in_current_span());
                     continue;
                 }
-                Err(e) => return SessionEnd::Lost(e.to_string()),
+                Err(e) => {
+                    return finish_move([&mut probe, &mut renewal], cfg.handshake_timeout, e.to_string()).await;
+                }
             },
             f = frames.next() => match f {
                 Some(Ok(bytes)) => {
@@ -845,7 +861,10 @@ async fn run_session(
                     conn.close(close_code::PROTOCOL, "bad control frame");
                     return SessionEnd::Lost(format!("control stream: {e}"));
                 }
-                None => return SessionEnd::Lost("relay closed the control stream".into()),
+                None => {
+                    let why = "relay closed the control stream".to_string();
+                    return finish_move([&mut probe, &mut renewal], cfg.handshake_timeout, why).await;
+                }
             },
             _ = tick.tick() => {
                 if last_heard.elapsed() > cfg.quic.idle_timeout {
