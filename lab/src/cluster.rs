@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use relay_kube_standin::k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use relay_kube_standin::k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
 use relay_kube_standin::k8s_openapi::api::discovery::v1::{
     Endpoint, EndpointConditions, EndpointPort, EndpointSlice,
 };
@@ -153,12 +153,7 @@ impl Cluster {
             .block_on(StandIn::spawn_on(listener))
             .context("apiserver stand-in")?;
         for site in netns::SITES {
-            let host = lab.edge_host_ip(site).to_string();
-            standin.upsert_node(kubelet_node(
-                &format!("edge{site}"),
-                &[&netns::edge_pod_cidr(site).to_string()],
-                &[("InternalIP", &host)],
-            ));
+            standin.upsert_node(edge_node(lab, site));
         }
         let relay = netns::RELAY_LAN_IP.to_string();
         let cloud2 = netns::CLOUD2_LAN_IP.to_string();
@@ -173,6 +168,55 @@ impl Cluster {
             &[("InternalIP", &cloud2)],
         ));
         Ok(Cluster { standin, rt })
+    }
+
+    /// Stops the stand-in (every connection dropped, as when the
+    /// apiserver restarts), waits `down`, and serves again on the same
+    /// address in the apiserver host, with the same objects.
+    pub fn restart_apiserver(&self, lab: &NetnsLab, down: Duration) -> Result<()> {
+        let addr = self.standin.addr();
+        self.standin.stop();
+        std::thread::sleep(down);
+        let listener = lab.run_in(
+            Role::Apiserver,
+            Duration::from_secs(5),
+            move || async move { Ok(std::net::TcpListener::bind(addr)?) },
+        )?;
+        let _enter = self.rt.enter();
+        self.standin
+            .start_on(listener)
+            .context("apiserver stand-in restart")
+    }
+
+    /// Drops every packet to the API port on the apiserver host (`true`),
+    /// or lets them through again (`false`): the API unreachable, with no
+    /// reset, as when a control plane or the path to it is down.
+    pub fn blackhole(&self, lab: &NetnsLab, on: bool) -> Result<()> {
+        let script = if on {
+            format!(
+                "table inet lab_api_blackhole {{\n chain input {{\n  type filter hook input priority -300;\n  tcp dport {APISERVER_PORT} drop\n }}\n}}\n"
+            )
+        } else {
+            "delete table inet lab_api_blackhole".to_string()
+        };
+        lab.nft(Role::Apiserver, &script)
+    }
+
+    /// `EdgeTunnelReady` on `node` as the relay applied it: (status,
+    /// reason, message); `None` before the relay wrote it.
+    pub fn condition(&self, node: &str) -> Option<(String, String, String)> {
+        let c = self
+            .standin
+            .node(node)?
+            .status?
+            .conditions?
+            .into_iter()
+            .find(|c| c.type_ == "EdgeTunnelReady")?;
+        Some((
+            c.status,
+            c.reason.unwrap_or_default(),
+            c.message.unwrap_or_default(),
+        ))
     }
 
     /// The relay's `[kubernetes]` settings for this cluster.
@@ -214,4 +258,16 @@ impl Cluster {
             .collect::<Result<Vec<_>>>()?;
         lab.sync_services(mode, &kp)
     }
+}
+
+/// Edge `site`'s Node as its kubelet registers it: the pod CIDR and the
+/// host address as InternalIP (with repeated LANs, both edges' Nodes carry
+/// the same one).
+pub fn edge_node(lab: &NetnsLab, site: u8) -> Node {
+    let host = lab.edge_host_ip(site).to_string();
+    kubelet_node(
+        &format!("edge{site}"),
+        &[&netns::edge_pod_cidr(site).to_string()],
+        &[("InternalIP", &host)],
+    )
 }

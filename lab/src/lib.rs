@@ -10,6 +10,7 @@
 //! bind to its own address.
 
 pub mod cluster;
+pub mod edges;
 pub mod netns;
 pub mod scenario;
 pub mod sources;

@@ -46,19 +46,6 @@ fn streams(lab: &NetnsLab) -> Result<BTreeMap<String, u64>> {
         .collect())
 }
 
-/// The EdgeTunnelReady condition's status and message on `node`, as the
-/// relay applied it to the stand-in.
-fn condition(cluster: &Cluster, node: &str) -> Option<(String, String)> {
-    let c = cluster
-        .standin()
-        .node(node)?
-        .status?
-        .conditions?
-        .into_iter()
-        .find(|c| c.type_ == "EdgeTunnelReady")?;
-    Some((c.status, c.message.unwrap_or_default()))
-}
-
 /// Where the relay learns who may claim what.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Claims {
@@ -200,7 +187,7 @@ fn run(claims: Claims, report: &str) -> Result<()> {
             ],
             within(Duration::from_secs(10), || {
                 Ok(["edge1", "edge2"].iter().all(|n| {
-                    condition(cluster, n).is_some_and(|(s, msg)| {
+                    cluster.condition(n).is_some_and(|(s, _, msg)| {
                         s == "True" && msg.contains(&shared_host.to_string())
                     })
                 }))

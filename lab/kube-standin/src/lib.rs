@@ -403,6 +403,26 @@ impl StandIn {
         Ok(())
     }
 
+    /// [`StandIn::start`] on a listener bound elsewhere (e.g. again in the
+    /// lab network namespace [`StandIn::spawn_on`] served from); it must be
+    /// bound to the same address, which the kubeconfig and the server
+    /// certificate name.
+    pub fn start_on(&self, listener: std::net::TcpListener) -> Result<(), StandInError> {
+        if listener.local_addr()? != self.addr {
+            return Err(StandInError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "the stand-in serves {}, not {}",
+                    self.addr,
+                    listener.local_addr()?
+                ),
+            )));
+        }
+        listener.set_nonblocking(true)?;
+        self.serve(TcpListener::from_std(listener)?);
+        Ok(())
+    }
+
     /// While set, every request answers 503 ServiceUnavailable and open
     /// watches are closed.
     pub fn set_unavailable(&self, unavailable: bool) {
