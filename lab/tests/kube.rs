@@ -489,3 +489,60 @@ async fn two_sites_with_the_same_node_address_both_work() -> Result<()> {
     lab.relay.shutdown(Duration::from_secs(1)).await;
     Ok(())
 }
+
+/// Bad Nodes: one with no pod CIDR yet (registered before IPAM gave it
+/// one) serves its addresses only; one whose pod CIDR overlaps another
+/// Node's is refused, typed and counted, while the first keeps its
+/// session. Stand-in, not a real apiserver (see the module doc).
+#[tokio::test]
+async fn nodes_without_or_with_overlapping_pod_cidrs() -> Result<()> {
+    let lab = KubeLab::start(1, &["edge-1", "edge-2"]).await?;
+    // edge-1's range overlaps edge-0's 127.1.0.0/24.
+    lab.standin.upsert_node(kubelet_node(
+        "edge-1",
+        &["127.1.0.128/25"],
+        &[("InternalIP", &node_ip(1).to_string())],
+    ));
+    lab.standin.upsert_node(kubelet_node(
+        "edge-2",
+        &[],
+        &[("InternalIP", &node_ip(2).to_string())],
+    ));
+    let e0 = lab.edge("edge-0")?;
+    let (_, g0) = e0.wait_connected(BOUND).await.context("edge-0 connects")?;
+    let e1 = lab.edge("edge-1")?;
+    let r = eventually("edge-1 rejected", async || Ok(rejected(&e1))).await?;
+    assert_eq!(r, RejectReason::RouteConflict);
+    let EdgeState::Rejected { message, .. } = e1.state() else {
+        panic!("not rejected")
+    };
+    assert!(message.contains("overlaps 127.1.0.0/24"), "{message}");
+    let e2 = lab.edge("edge-2")?;
+    e2.wait_connected(BOUND).await.context("edge-2 connects")?;
+    assert_eq!(
+        lab.routes_of("edge-2").await?,
+        Some(vec![Cidr::host(node_ip(2))]),
+        "no pod CIDR: its address only"
+    );
+    // IPAM gives it one later: added without a reconnect.
+    let (_, g2) = e2.wait_connected(BOUND).await.context("edge-2")?;
+    lab.standin.upsert_node(node(2));
+    let cidr: Cidr = pod_cidr(2).parse()?;
+    eventually("the pod CIDR is added", async || {
+        Ok(lab.routes_of("edge-2").await?.filter(|r| r.contains(&cidr)))
+    })
+    .await?;
+    assert_eq!(e2.wait_connected(BOUND).await.map(|c| c.1), Some(g2));
+    let (_, m) = admin_get(lab.admin(), "/metrics", None).await?;
+    assert!(
+        m.contains("relay_handshake_failures_total{reason=\"route_conflict\"}"),
+        "{m}"
+    );
+    let (_, g) = e0.wait_connected(BOUND).await.context("edge-0 kept")?;
+    assert_eq!(g, g0, "edge-0 kept its session");
+    for e in [e0, e1, e2] {
+        e.shutdown().await;
+    }
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
