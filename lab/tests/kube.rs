@@ -546,3 +546,78 @@ async fn nodes_without_or_with_overlapping_pod_cidrs() -> Result<()> {
     lab.relay.shutdown(Duration::from_secs(1)).await;
     Ok(())
 }
+
+/// A node flapping (its edge connecting and leaving over and over) does
+/// not storm the API: condition writes paced per node, Events within the
+/// node's budget, the excess counted; the condition ends at the node's
+/// final state; another node's session is untouched. Stand-in, not a real
+/// apiserver (see the module doc).
+#[tokio::test]
+async fn a_flapping_node_does_not_storm_the_api() -> Result<()> {
+    let lab = KubeLab::start(2, &[]).await?;
+    let steady = lab.edge("edge-1")?;
+    let (_, g1) = steady.wait_connected(BOUND).await.context("edge-1")?;
+    const FLAPS: usize = 60;
+    let t = std::time::Instant::now();
+    for i in 0..FLAPS {
+        let e = lab.edge("edge-0")?;
+        e.wait_connected(BOUND)
+            .await
+            .with_context(|| format!("flap {i}"))?;
+        e.shutdown().await;
+        // About 200 flaps a minute: paced writes show over several
+        // hold-off periods.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let flapping = t.elapsed();
+    let (status, reason, _) = eventually("condition False at the end", async || {
+        Ok(lab.condition("edge-0").filter(|c| c.0 == "False"))
+    })
+    .await?;
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "NoSession"));
+    // Let a held write (if any) land before counting.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let requests = lab.standin.requests();
+    let writes = requests
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path == "/api/v1/nodes/edge-0/status")
+        .count();
+    let events = requests
+        .iter()
+        .filter(|r| r.path.contains("/events") && r.method != "GET")
+        .count();
+    // One write per 5 s hold-off at most, plus the first and the last.
+    let bound = 2 + (flapping.as_secs_f64() / 5.0).ceil() as usize;
+    assert!(
+        writes <= bound,
+        "{writes} condition writes for {FLAPS} flaps in {flapping:?} (bound {bound})"
+    );
+    // The node's event budget (edge-1 published one more).
+    assert!(
+        events <= 22,
+        "{events} event requests for {FLAPS} flaps in {flapping:?}"
+    );
+    let (_, m) = admin_get(lab.admin(), "/metrics", None).await?;
+    let sample = |name: &str| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        sample("relay_events_dropped_total{reason=\"rate_limited\"}") > 0,
+        "{m}"
+    );
+    assert!(sample("relay_node_condition_coalesced_total") > 0, "{m}");
+    assert_eq!(
+        sample("relay_node_condition_writes_total") as usize,
+        writes + 1,
+        "edge-1's one write and edge-0's"
+    );
+    let (_, g) = steady.wait_connected(BOUND).await.context("edge-1 kept")?;
+    assert_eq!(g, g1, "the steady node kept its session");
+    assert_eq!(lab.routes_of("edge-0").await?, None);
+    println!("{FLAPS} flaps in {flapping:?}: {writes} condition writes, {events} event requests");
+    steady.shutdown().await;
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}

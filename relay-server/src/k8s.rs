@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 use crate::bootstrap::{Refusal, TokenAuthority, TokenIdentity};
 use crate::config::{KubeSettings, RelayConfig};
 use crate::directory::{ambiguity, build_entries, Directory, Lookup, NodeEntry, NodeSource};
-use crate::status::{SessionInfo, StatusSink};
+use crate::status::{EventBudget, HoldOff, SessionInfo, StatusSink, StatusStats};
 
 /// Connecting to the API failed at start.
 #[derive(Debug, thiserror::Error)]
@@ -354,14 +354,28 @@ impl Directory for KubeDirectory {
 /// reconnect storm of thousands of edges must not queue without bound).
 const EVENT_QUEUE: usize = 4096;
 
+/// Least time between two condition writes for one node (see
+/// [`HoldOff`]): a flapping node's condition is written at most this often.
+const CONDITION_HOLD_OFF: Duration = Duration::from_secs(5);
+
 /// Writes conditions and Events in the background. Conditions are kept as
-/// the latest desired state per node (a burst of up/down for one node is
-/// one write); Events go through a bounded queue.
+/// the latest desired state per node and paced per node ([`HoldOff`]: a
+/// burst of ups and downs is one write); Events are budgeted per node
+/// ([`EventBudget`]) and go through a bounded queue.
 struct KubeStatus {
     desired: Arc<Mutex<HashMap<String, TunnelCondition>>>,
     wake: Arc<Notify>,
     events: Option<mpsc::Sender<(String, SessionEvent)>>,
-    dropped: Arc<AtomicU64>,
+    budget: Mutex<EventBudget>,
+    counters: Arc<StatusCounters>,
+}
+
+#[derive(Default)]
+struct StatusCounters {
+    writes: AtomicU64,
+    coalesced: AtomicU64,
+    rate_limited: AtomicU64,
+    queue_full: AtomicU64,
 }
 
 impl KubeStatus {
@@ -372,28 +386,15 @@ impl KubeStatus {
     ) -> Self {
         let desired: Arc<Mutex<HashMap<String, TunnelCondition>>> = Arc::default();
         let wake = Arc::new(Notify::new());
+        let counters = Arc::new(StatusCounters::default());
         if let Some(writer) = writer {
-            let (desired, wake, stop) = (desired.clone(), wake.clone(), stop.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = wake.notified() => {}
-                    }
-                    let batch: Vec<(String, TunnelCondition)> = desired
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .drain()
-                        .collect();
-                    for (node, cond) in batch {
-                        match writer.set(&node, &cond).await {
-                            Ok(outcome) => debug!(%node, ?outcome, "node condition"),
-                            Err(relay_kube::KubeError::NotFound { .. }) => writer.forget(&node),
-                            Err(e) => warn!(%node, error = %e, "writing the node condition failed"),
-                        }
-                    }
-                }
-            });
+            tokio::spawn(write_conditions(
+                writer,
+                desired.clone(),
+                wake.clone(),
+                counters.clone(),
+                stop.clone(),
+            ));
         }
         let tx = events.map(|events| {
             let (tx, mut rx) = mpsc::channel::<(String, SessionEvent)>(EVENT_QUEUE);
@@ -415,25 +416,91 @@ impl KubeStatus {
             desired,
             wake,
             events: tx,
-            dropped: Arc::default(),
+            budget: Mutex::default(),
+            counters,
         }
     }
 
     fn condition(&self, node: &str, cond: TunnelCondition) {
-        self.desired
+        let replaced = self
+            .desired
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(node.to_string(), cond);
+        if replaced.is_some() {
+            self.counters.coalesced.fetch_add(1, Relaxed);
+        }
         self.wake.notify_one();
     }
 
     fn event(&self, node: &str, ev: SessionEvent) {
-        if let Some(tx) = &self.events {
-            if tx.try_send((node.to_string(), ev)).is_err() {
-                let n = self.dropped.fetch_add(1, Relaxed) + 1;
-                if n.is_power_of_two() {
-                    warn!(dropped = n, "event queue full; events dropped");
+        let Some(tx) = &self.events else { return };
+        let allowed = self
+            .budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(node, std::time::Instant::now());
+        if !allowed {
+            let n = self.counters.rate_limited.fetch_add(1, Relaxed) + 1;
+            if n.is_power_of_two() {
+                warn!(%node, dropped = n, "a node over its event budget; events dropped (its condition still tells its state)");
+            }
+            return;
+        }
+        if tx.try_send((node.to_string(), ev)).is_err() {
+            let n = self.counters.queue_full.fetch_add(1, Relaxed) + 1;
+            if n.is_power_of_two() {
+                warn!(dropped = n, "event queue full; events dropped");
+            }
+        }
+    }
+}
+
+/// The condition writer: takes the latest desired state per node and
+/// writes each node when its hold-off allows, until `stop`.
+async fn write_conditions(
+    writer: StatusWriter,
+    desired: Arc<Mutex<HashMap<String, TunnelCondition>>>,
+    wake: Arc<Notify>,
+    counters: Arc<StatusCounters>,
+    stop: CancellationToken,
+) {
+    let mut pace = HoldOff::new(CONDITION_HOLD_OFF);
+    // Desired states waiting for their node's hold-off.
+    let mut held: HashMap<String, TunnelCondition> = HashMap::new();
+    loop {
+        let now = std::time::Instant::now();
+        let next = held.keys().map(|n| pace.due(n, now)).min();
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep_until(next.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std)), if next.is_some() => {}
+        }
+        for (node, cond) in desired.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+            if held.insert(node, cond).is_some() {
+                counters.coalesced.fetch_add(1, Relaxed);
+            }
+        }
+        let now = std::time::Instant::now();
+        let due: Vec<String> = held
+            .keys()
+            .filter(|n| pace.due(n, now) <= now)
+            .cloned()
+            .collect();
+        for node in due {
+            let Some(cond) = held.remove(&node) else {
+                continue;
+            };
+            match writer.set(&node, &cond).await {
+                Ok(outcome) => {
+                    debug!(%node, ?outcome, "node condition");
+                    if outcome == relay_kube::WriteOutcome::Written {
+                        counters.writes.fetch_add(1, Relaxed);
+                        pace.wrote(&node, std::time::Instant::now());
+                    }
                 }
+                Err(relay_kube::KubeError::NotFound { .. }) => writer.forget(&node),
+                Err(e) => warn!(%node, error = %e, "writing the node condition failed"),
             }
         }
     }
@@ -481,5 +548,15 @@ impl StatusSink for KubeStatus {
                 note: format!("{reason}: {message}"),
             },
         );
+    }
+
+    fn stats(&self) -> StatusStats {
+        let c = &self.counters;
+        StatusStats {
+            condition_writes: c.writes.load(Relaxed),
+            condition_coalesced: c.coalesced.load(Relaxed),
+            events_rate_limited: c.rate_limited.load(Relaxed),
+            events_queue_full: c.queue_full.load(Relaxed),
+        }
     }
 }

@@ -307,6 +307,20 @@ pub fn render_capture(shared: &crate::server::Shared) -> String {
     o
 }
 
+/// Renders the status writer's counters (node conditions and Events;
+/// zero in static mode).
+pub fn render_status(stats: crate::status::StatusStats) -> String {
+    format!(
+        "# HELP relay_node_condition_writes_total EdgeTunnelReady conditions applied to Nodes.\n# TYPE relay_node_condition_writes_total counter\nrelay_node_condition_writes_total {}\n\
+         # HELP relay_node_condition_coalesced_total Condition changes folded into a later write (a node changing again within the hold-off).\n# TYPE relay_node_condition_coalesced_total counter\nrelay_node_condition_coalesced_total {}\n\
+         # HELP relay_events_dropped_total Events not published, by reason (rate_limited: a node over its event budget).\n# TYPE relay_events_dropped_total counter\nrelay_events_dropped_total{{reason=\"rate_limited\"}} {}\nrelay_events_dropped_total{{reason=\"queue_full\"}} {}\n",
+        stats.condition_writes,
+        stats.condition_coalesced,
+        stats.events_rate_limited,
+        stats.events_queue_full
+    )
+}
+
 /// Renders the UDP counters.
 pub fn render_udp(u: &relay_transport::udp::UdpStats) -> String {
     let mut o = String::new();

@@ -460,6 +460,10 @@ impl crate::status::StatusSink for DesignatedStatus {
             self.inner.rejected(node, reason, message);
         }
     }
+
+    fn stats(&self) -> crate::status::StatusStats {
+        self.inner.stats()
+    }
 }
 
 #[cfg(test)]

@@ -6,8 +6,9 @@
 //! an implementation queues (bounded) and writes in the background, so a
 //! slow or unreachable API never delays a handshake.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use relay_protocol::Cidr;
 
@@ -78,6 +79,104 @@ pub trait StatusSink: Send + Sync + 'static {
     fn down(&self, node: &str, why: &str);
     /// A handshake claiming to be `node` was refused.
     fn rejected(&self, node: &str, reason: &str, message: &str);
+    /// What the sink wrote and held back so far (for `/metrics`).
+    fn stats(&self) -> StatusStats {
+        StatusStats::default()
+    }
+}
+
+/// Counters of a [`StatusSink`] that writes to an API.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StatusStats {
+    /// Node conditions applied (requests made).
+    pub condition_writes: u64,
+    /// Condition changes folded into a later write (a node that changed
+    /// again within the hold-off between two writes).
+    pub condition_coalesced: u64,
+    /// Events not published: over a node's event budget.
+    pub events_rate_limited: u64,
+    /// Events not published: the queue was full.
+    pub events_queue_full: u64,
+}
+
+/// Per-node pacing of condition writes: the first change after a quiet
+/// spell is written at once (operators see a tunnel go down within the
+/// write's latency), later changes within [`HoldOff::min`] of the last
+/// write wait until it has passed and are written as one (the latest
+/// state). A node flapping 100 times a minute then costs one write per
+/// `min`, not two per flap — 1,000 flapping nodes would otherwise be
+/// 200,000 writes a minute on the apiserver — while the condition still
+/// ends at the node's final state.
+#[derive(Debug)]
+pub struct HoldOff {
+    /// Least time between two writes for one node.
+    pub min: Duration,
+    last: HashMap<String, Instant>,
+}
+
+impl HoldOff {
+    /// Pacing with at least `min` between a node's writes.
+    pub fn new(min: Duration) -> HoldOff {
+        HoldOff {
+            min,
+            last: HashMap::new(),
+        }
+    }
+
+    /// When `node` may be written next (`now` if at once).
+    pub fn due(&self, node: &str, now: Instant) -> Instant {
+        self.last
+            .get(node)
+            .map_or(now, |t| (*t + self.min).max(now))
+    }
+
+    /// Records a write of `node` at `now`, and forgets nodes whose last
+    /// write is older than `min` (they may be written at once again), so
+    /// the map holds only recently written nodes.
+    pub fn wrote(&mut self, node: &str, now: Instant) {
+        let min = self.min;
+        self.last.retain(|_, t| now.duration_since(*t) < min);
+        self.last.insert(node.to_string(), now);
+    }
+}
+
+/// Per-node budget of Events, as client-go's event spam filter keeps one
+/// per object: a burst of [`EventBudget::BURST`], then one more every
+/// [`EventBudget::REFILL`]. Excess events are dropped and counted; the
+/// node's condition still tells its state.
+#[derive(Debug, Default)]
+pub struct EventBudget {
+    tokens: HashMap<String, (f64, Instant)>,
+}
+
+impl EventBudget {
+    /// Events a node may publish at once.
+    pub const BURST: f64 = 20.0;
+    /// Time for one more.
+    pub const REFILL: Duration = Duration::from_secs(15);
+
+    /// Takes one event's worth of budget for `node`; false if none is left.
+    pub fn take(&mut self, node: &str, now: Instant) -> bool {
+        let (tokens, at) = self
+            .tokens
+            .entry(node.to_string())
+            .or_insert((Self::BURST, now));
+        let refilled = now.duration_since(*at).as_secs_f64() / Self::REFILL.as_secs_f64();
+        *tokens = (*tokens + refilled).min(Self::BURST);
+        *at = now;
+        if *tokens < 1.0 {
+            return false;
+        }
+        *tokens -= 1.0;
+        // A full bucket is the default: forget it, so the map holds only
+        // nodes that spent some budget recently.
+        if self.tokens.len() > 4096 {
+            let full = Self::REFILL.mul_f64(Self::BURST);
+            self.tokens
+                .retain(|_, (_, t)| now.duration_since(*t) < full);
+        }
+        true
+    }
 }
 
 /// Static mode: nothing to write.
@@ -92,6 +191,36 @@ impl StatusSink for NoStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hold_off_writes_the_first_change_at_once_and_paces_the_rest() {
+        let t0 = Instant::now();
+        let s = |n: u64| t0 + Duration::from_secs(n);
+        let mut h = HoldOff::new(Duration::from_secs(5));
+        assert_eq!(h.due("a", t0), t0, "never written: at once");
+        h.wrote("a", t0);
+        assert_eq!(h.due("a", s(1)), s(5), "within the hold-off: at its end");
+        assert_eq!(h.due("b", s(1)), s(1), "other nodes are not held");
+        assert_eq!(h.due("a", s(7)), s(7), "after it: at once");
+        h.wrote("b", s(6));
+        assert_eq!(h.last.len(), 1, "a's old write is forgotten");
+    }
+
+    #[test]
+    fn event_budget_allows_a_burst_then_refills_slowly_per_node() {
+        let t0 = Instant::now();
+        let mut b = EventBudget::default();
+        let burst = EventBudget::BURST as usize;
+        let allowed = (0..100).filter(|_| b.take("a", t0)).count();
+        assert_eq!(allowed, burst);
+        assert!(b.take("b", t0), "another node has its own budget");
+        assert!(!b.take("a", t0 + EventBudget::REFILL / 2));
+        assert!(b.take("a", t0 + EventBudget::REFILL));
+        assert!(!b.take("a", t0 + EventBudget::REFILL));
+        let later = t0 + EventBudget::REFILL * 1000;
+        let allowed = (0..100).filter(|_| b.take("a", later)).count();
+        assert_eq!(allowed, burst, "refilled to the burst, never beyond");
+    }
 
     #[test]
     fn the_message_names_transport_replica_time_and_ambiguity() {
