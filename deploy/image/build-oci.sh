@@ -130,6 +130,7 @@ umoci config --image "$IMG" --no-history \
   --config.label "org.opencontainers.image.title=edge-relay" \
   --config.label "org.opencontainers.image.version=$TAG"
 umoci gc --layout "$OUT/oci"
+rm -rf "$OUT/bin-layer"
 tar -C "$OUT/oci" -cf "$OUT/edge-relay-$TAG.oci.tar" .
 
 manifest=$(jq -r --arg t "$TAG" '.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == $t) | .digest' "$OUT/oci/index.json")
