@@ -12,7 +12,7 @@
 #   oci/             the OCI image layout, tag = the manifests' newTag
 #   edge-relay-<tag>.oci.tar   the same layout as one tar (oci-archive)
 #   rootfs/          the Debian layer's tree (kept for inspection)
-#   debs/            the downloaded packages (reused by the next run)
+#   debs/            the downloaded packages
 # Then run deploy/image/verify-oci.sh to unpack and test the image.
 #
 # The image is what deploy/Containerfile builds with an engine, minus
@@ -74,19 +74,23 @@ done
 mapfile -t PKGS < <(printf '%s\n' "${!seen[@]}" | sort)
 echo "== ${#PKGS[@]} Debian packages: ${PKGS[*]}"
 
+rm -rf "$OUT/debs"
 mkdir -p "$OUT/debs"
 (cd "$OUT/debs" && apt-get download -q -o APT::Sandbox::User=root "${PKGS[@]}" >/dev/null) || die "apt-get download failed"
 
 ROOT=$OUT/rootfs
-rm -rf "$ROOT" "$OUT/oci" "$OUT/bin-layer"
+rm -rf "$ROOT" "$OUT/oci"
 # Merged /usr, as Debian bookworm images have: /bin, /sbin, /lib, /lib64
 # are links into /usr, and tar keeps them (--keep-directory-symlink).
 mkdir -p "$ROOT"/usr/{bin,sbin,lib,lib64}
 for d in bin sbin lib lib64; do ln -s "usr/$d" "$ROOT/$d"; done
 : >"$OUT/packages.txt"
 for p in "${PKGS[@]}"; do
-  deb=$(ls -t "$OUT/debs/${p}_"*.deb 2>/dev/null | head -1)
-  [ -n "$deb" ] || die "no downloaded .deb for $p"
+  debs=("$OUT/debs/${p}_"*.deb)
+  if [ "${#debs[@]}" != 1 ] || [ ! -f "${debs[0]}" ]; then
+    die "expected one downloaded .deb for $p, found: ${debs[*]}"
+  fi
+  deb=${debs[0]}
   dpkg-deb --fsys-tarfile "$deb" | tar -x --keep-directory-symlink -C "$ROOT" \
     || die "unpacking $deb"
   dpkg-deb -f "$deb" Package Version | paste -sd' ' >>"$OUT/packages.txt"
@@ -95,7 +99,7 @@ done
 rm -rf "$ROOT"/usr/share/{doc,man,info,locale,lintian,bug,bash-completion} \
        "$ROOT"/usr/lib/systemd "$ROOT"/etc/init.d "$ROOT"/etc/default
 # What a container runtime or Kubernetes mounts over, and what glibc reads.
-mkdir -p "$ROOT"/{dev,proc,sys,run,root,etc/edge-relay,var/lib/edge-relay,run/edge-relay}
+mkdir -p "$ROOT"/{dev,proc,sys,run,root,usr/local/bin,etc/edge-relay,var/lib/edge-relay,run/edge-relay}
 install -d -m 1777 "$ROOT/tmp"
 printf 'root:x:0:0:root:/root:/usr/sbin/nologin\n' >"$ROOT/etc/passwd"
 printf 'root:x:0:\n' >"$ROOT/etc/group"
@@ -110,17 +114,23 @@ ldconfig -r "$ROOT" || die "ldconfig -r $ROOT"
 mkdir -p "$ROOT/usr/share/edge-relay"
 cp "$OUT/packages.txt" "$ROOT/usr/share/edge-relay/debian-packages.txt"
 
-# Second layer: the binaries, which change more often than Debian's.
-mkdir -p "$OUT/bin-layer"
-install -m 0755 "$BIN/relay-server" "$BIN/edge-client" "$OUT/bin-layer/"
-
 IMG="$OUT/oci:$TAG"
+BUNDLE=$OUT/bundle
+rm -rf "$BUNDLE"
 umoci init --layout "$OUT/oci"
 umoci new --image "$IMG"
-umoci insert --image "$IMG" --history.created_by "Debian: ${PKGS[*]} (deploy/image/build-oci.sh)" \
-  "$ROOT" /
-umoci insert --image "$IMG" --history.created_by "relay-server, edge-client $TAG, static (deploy/image/build-static.sh)" \
-  "$OUT/bin-layer" /usr/local/bin
+# Layers through unpack + repack, not `umoci insert`: umoci 0.4.7's insert
+# leaves the tar without its end-of-archive blocks (umoci issue #436, fixed
+# after 0.4.7), which GNU tar and other strict readers reject. Checked below.
+umoci unpack --image "$IMG" "$BUNDLE" >/dev/null
+cp -a "$ROOT/." "$BUNDLE/rootfs/"
+umoci repack --refresh-bundle --image "$IMG" \
+  --history.created_by "Debian: ${PKGS[*]} (deploy/image/build-oci.sh)" "$BUNDLE"
+# Second layer: the binaries, which change more often than Debian's files.
+install -m 0755 "$BIN/relay-server" "$BIN/edge-client" "$BUNDLE/rootfs/usr/local/bin/"
+umoci repack --image "$IMG" \
+  --history.created_by "relay-server, edge-client $TAG, static (deploy/image/build-static.sh)" "$BUNDLE"
+rm -rf "$BUNDLE"
 # As deploy/Containerfile: no entrypoint (the manifests set command), root.
 umoci config --image "$IMG" --no-history \
   --os linux --architecture amd64 \
@@ -130,11 +140,19 @@ umoci config --image "$IMG" --no-history \
   --config.label "org.opencontainers.image.title=edge-relay" \
   --config.label "org.opencontainers.image.version=$TAG"
 umoci gc --layout "$OUT/oci"
-rm -rf "$OUT/bin-layer"
 tar -C "$OUT/oci" -cf "$OUT/edge-relay-$TAG.oci.tar" .
 
 manifest=$(jq -r --arg t "$TAG" '.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == $t) | .digest' "$OUT/oci/index.json")
 [ -n "$manifest" ] || die "index.json has no manifest for $TAG"
+# Every layer a complete tar for a strict reader (GNU tar), with the files
+# expected in it.
+mapfile -t layers < <(jq -r '.layers[].digest' "$OUT/oci/blobs/sha256/${manifest#sha256:}")
+[ "${#layers[@]}" = 2 ] || die "expected 2 layers, the manifest has ${#layers[@]}"
+for l in "${layers[@]}"; do
+  gzip -dc "$OUT/oci/blobs/sha256/${l#sha256:}" | tar -t >"$OUT/layer.txt" || die "layer $l is not a complete tar"
+done
+grep -qx 'usr/local/bin/relay-server' "$OUT/layer.txt" || die "the last layer lacks usr/local/bin/relay-server"
+rm -f "$OUT/layer.txt"
 echo "== $OUT/oci:$TAG ($NAME:$TAG)"
 echo "   manifest $manifest"
 jq -r '.layers[] | "   layer \(.digest) \(.size) bytes"' "$OUT/oci/blobs/sha256/${manifest#sha256:}"

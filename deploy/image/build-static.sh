@@ -41,7 +41,7 @@ for b in "${BINS[@]}"; do
   [ -x "$src" ] || die "$src was not built"
   # The release profile keeps line tables (debug = "line-tables-only", for
   # backtraces): 107 MiB for relay-server. The image gets them stripped
-  # (25 MiB; the symbol table stays, so backtraces still name functions);
+  # (24 MiB; the symbol table stays, so backtraces still name functions);
   # the unstripped binary stays in the target directory.
   objcopy --strip-debug "$src" "$OUT/$b.tmp"
   chmod 0755 "$OUT/$b.tmp"

@@ -50,6 +50,7 @@ if [ "$inside" = 1 ]; then
   # function, which would fork a shell): $! is then the binary's own pid
   # (env and chroot exec it). Whatever is left is stopped on exit.
   PIDS=()
+  # shellcheck disable=SC2317  # called by the trap
   stop_all() {
     local p
     for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
@@ -65,7 +66,7 @@ if [ "$inside" = 1 ]; then
     mount -t tmpfs -o mode=0755 tmpfs "$r/etc/edge-relay"
     mount -t tmpfs -o mode=1777 tmpfs "$r/tmp"
     mount --bind "$T/hosts" "$r/etc/hosts"
-    touch "$r/.probe" 2>/dev/null && die "$r: root filesystem is writable" || true
+    if touch "$r/.probe" 2>/dev/null; then die "$r: root filesystem is writable"; fi
   }
   wait_log() { # file pattern seconds
     local i
@@ -176,10 +177,12 @@ NFT
   session "$R" image true
 
   # -- the bare root: static binaries and three /etc files, nothing else
+  # (same namespace: lo is up, set by the image's ip above)
   R=$T/mnt-bare
   mount_root "$T/bare" "$R"
-  [ ! -e "$R/lib64/ld-linux-x86-64.so.2" ] && [ ! -e "$R/usr/lib/x86_64-linux-gnu/libc.so.6" ] \
-    || die "bare root has a loader or libc"
+  if [ -e "$R/lib64/ld-linux-x86-64.so.2" ] || [ -e "$R/usr/lib/x86_64-linux-gnu/libc.so.6" ]; then
+    die "bare root has a loader or libc"
+  fi
   session "$R" bare false
   # A name not in /etc/hosts must not resolve (no DNS server in the
   # namespace): the check above could not pass by accident.
