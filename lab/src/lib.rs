@@ -11,6 +11,7 @@
 
 pub mod cluster;
 pub mod netns;
+pub mod replicas;
 pub mod scenario;
 pub mod sources;
 
