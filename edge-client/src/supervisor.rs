@@ -303,7 +303,9 @@ pub(crate) async fn supervise(
             .map(|(k, _)| k.clone())
             .collect();
         for k in stale {
-            let Some(r) = runners.remove(&k) else { continue };
+            let Some(r) = runners.remove(&k) else {
+                continue;
+            };
             if matches!(k, Key::Replica(_)) && !want.contains_key(&k) && r.is_connected() {
                 // The replica left the set: on a rolling update it has
                 // released its Lease and is draining. Closing now would cut

@@ -410,7 +410,9 @@ impl Freeze {
 /// Publishes the live set, unless it is frozen (see [`Freeze`]).
 fn publish(s: &Shared, freeze: &mut Freeze, api_ok: tokio::time::Instant) {
     if !freeze.thawed(tokio::time::Instant::now(), api_ok, s.opts.lease_duration) {
-        tracing::debug!("API unreachable (or just back) for longer than a lease: keeping the last replica set");
+        tracing::debug!(
+            "API unreachable (or just back) for longer than a lease: keeping the last replica set"
+        );
         return;
     }
     let live = live_members(&s.store.state(), SystemTime::now(), s.opts.skew_margin);

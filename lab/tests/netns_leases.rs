@@ -115,7 +115,10 @@ fn sets_are(lab: &NetnsLab, on: &[u8], want: &[u8]) -> Result<bool> {
 /// UDP packets that reached the relay node for replica `i`'s QUIC address
 /// (counted by [`PROBE`]): the edges' dial attempts and session traffic.
 fn packets_to(lab: &NetnsLab, i: u8) -> Result<u64> {
-    let out = lab.exec(Role::Relay, &["nft", "list", "chain", "inet", "probe", "in"])?;
+    let out = lab.exec(
+        Role::Relay,
+        &["nft", "list", "chain", "inet", "probe", "in"],
+    )?;
     let line = out
         .lines()
         .find(|l| l.contains(&format!("ip daddr {}", wan(i))))
@@ -176,7 +179,10 @@ fn lease_membership_in_the_lab_join_leave_api_outage_and_rollout_with_streams() 
     let three: Vec<u8> = (1..=REPLICAS).collect();
     let t = within(Duration::from_secs(15), || sets_are(&lab, &three, &three))
         .context("three Leases, one set on every replica")?;
-    println!("3 replicas see each other through Leases {:.2}s after the last started", t.as_secs_f64());
+    println!(
+        "3 replicas see each other through Leases {:.2}s after the last started",
+        t.as_secs_f64()
+    );
     let leases = standin.leases(NS);
     for i in 1..=REPLICAS {
         let addr = leases
@@ -184,7 +190,11 @@ fn lease_membership_in_the_lab_join_leave_api_outage_and_rollout_with_streams() 
             .and_then(|l| l.metadata.annotations.as_ref())
             .and_then(|a| a.get(relay_kube::ADDRESS_ANNOTATION))
             .with_context(|| format!("{}'s Lease or its address: {leases:?}", id(i)))?;
-        ensure!(*addr == sa(wan(i), QUIC_PORT).to_string(), "{}: {addr}", id(i));
+        ensure!(
+            *addr == sa(wan(i), QUIC_PORT).to_string(),
+            "{}: {addr}",
+            id(i)
+        );
     }
 
     let mut pods: Vec<Running> = Vec::new();
@@ -198,8 +208,10 @@ fn lease_membership_in_the_lab_join_leave_api_outage_and_rollout_with_streams() 
         ensure!(cfg.quic.idle_timeout == EDGE_IDLE);
         edges.push(start_edge(&lab, site, cfg)?);
     }
-    within(Duration::from_secs(20), || all_edges_everywhere(&lab, &three))
-        .context("every edge on every replica")?;
+    within(Duration::from_secs(20), || {
+        all_edges_everywhere(&lab, &three)
+    })
+    .context("every edge on every replica")?;
     println!(
         "1. both edges (given relay-1's address only) on all 3 Lease-discovered replicas {:.2}s after they started",
         t_edges.elapsed().as_secs_f64()
@@ -250,15 +262,20 @@ fn lease_membership_in_the_lab_join_leave_api_outage_and_rollout_with_streams() 
     four.kill9()?;
     let t_kill = Instant::now();
     let at_kill = packets_to(&lab, 4)?;
-    within(LEASE + SKEW + Duration::from_secs(5), || sets_are(&lab, &three, &three))
-        .context("relay-4 out of every set after SIGKILL")?;
+    within(LEASE + SKEW + Duration::from_secs(5), || {
+        sets_are(&lab, &three, &three)
+    })
+    .context("relay-4 out of every set after SIGKILL")?;
     let gone = t_kill.elapsed();
     ensure!(
         gone + Duration::from_millis(200) >= LEASE + SKEW - Duration::from_millis(500),
         "relay-4 left the set before its Lease could have expired ({gone:?})"
     );
     let dialled = packets_to(&lab, 4)? - at_kill;
-    ensure!(dialled > 0, "the probe saw no dial attempt to the dead relay-4");
+    ensure!(
+        dialled > 0,
+        "the probe saw no dial attempt to the dead relay-4"
+    );
     println!(
         "   relay-4 SIGKILL: Lease expired, out of every set {:.2}s after the kill (duration {}s + margin {}s); {dialled} packets dialled it meanwhile",
         gone.as_secs_f64(),
@@ -275,7 +292,12 @@ fn lease_membership_in_the_lab_join_leave_api_outage_and_rollout_with_streams() 
     println!("   edges stopped dialling relay-4 both times; sessions on relay-1..3 unchanged");
 
     // 4. The API unreachable for longer than a Lease lasts.
-    api_outage(&lab, &cluster, &three, LEASE + SKEW + Duration::from_secs(3))?;
+    api_outage(
+        &lab,
+        &cluster,
+        &three,
+        LEASE + SKEW + Duration::from_secs(3),
+    )?;
 
     // The expired relay-4 Lease is collected by a survivor (gc_after 10 s).
     within(Duration::from_secs(20), || {
@@ -347,7 +369,9 @@ fn api_outage(lab: &NetnsLab, cluster: &Cluster, on: &[u8], outage: Duration) ->
     };
     let back_wall = std::time::SystemTime::now();
     let t_renew = within(Duration::from_secs(20), || {
-        Ok(on.iter().all(|i| renewed(&id(*i)).is_some_and(|r| r >= back_wall)))
+        Ok(on
+            .iter()
+            .all(|i| renewed(&id(*i)).is_some_and(|r| r >= back_wall)))
     })
     .context("Leases renewed after the outage")?;
     // And it stays whole: fresh Leases arrive with the watch, which
@@ -405,7 +429,12 @@ async fn ping_loop(proxy: SocketAddr, target: SocketAddr, max: Duration) -> Resu
             Ok(Ok(())) if back == out => rounds += 1,
             Ok(Ok(())) => anyhow::bail!("echo differs in round {rounds}"),
             // Silence counts from when the round began.
-            Err(_) => return Ok(Outcome::Cut(Instant::now() - Duration::from_secs(1), rounds)),
+            Err(_) => {
+                return Ok(Outcome::Cut(
+                    Instant::now() - Duration::from_secs(1),
+                    rounds,
+                ))
+            }
             Ok(Err(_)) => return Ok(Outcome::Cut(Instant::now(), rounds)),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -434,12 +463,22 @@ fn rollout_with_streams(lab: &NetnsLab, relays: &mut [RelayProcess]) -> Result<(
             let mut surv = Vec::new();
             for site in netns::SITES {
                 // Done 1 s in; the SIGTERM comes at 0.3 s, grace 2 s.
-                short.push(echo_through(proxy(r), echo(site), 256 << 10, Duration::from_secs(1)));
+                short.push(echo_through(
+                    proxy(r),
+                    echo(site),
+                    256 << 10,
+                    Duration::from_secs(1),
+                ));
                 // Would run 8 s: longer than the grace.
                 long.push(ping_loop(proxy(r), echo(site), Duration::from_secs(8)));
                 for i in &o {
                     // Spans the whole restart of r.
-                    surv.push(echo_through(proxy(*i), echo(site), 2 << 20, GRACE + Duration::from_secs(3)));
+                    surv.push(echo_through(
+                        proxy(*i),
+                        echo(site),
+                        2 << 20,
+                        GRACE + Duration::from_secs(3),
+                    ));
                 }
             }
             let (a, b, c) = tokio::join!(
@@ -510,15 +549,25 @@ fn rollout_with_streams(lab: &NetnsLab, relays: &mut [RelayProcess]) -> Result<(
     );
     // The drain's promise: in-flight streams get the grace, no more (plus
     // the close and the process's exit).
-    ensure!(long_done == 0, "a stream outlived its replica's drain grace");
-    ensure!(long_cut == usize::from(REPLICAS) * netns::SITES.len(), "cut: {long_cut}");
+    ensure!(
+        long_done == 0,
+        "a stream outlived its replica's drain grace"
+    );
+    ensure!(
+        long_cut == usize::from(REPLICAS) * netns::SITES.len(),
+        "cut: {long_cut}"
+    );
     for c in &cut_after {
         ensure!(
             *c + Duration::from_millis(100) >= GRACE && *c <= GRACE + Duration::from_millis(1500),
             "a long stream was cut {c:?} after SIGTERM (grace {GRACE:?})"
         );
     }
-    ensure!(report.rounds > 20, "too few session samples: {}", report.rounds);
+    ensure!(
+        report.rounds > 20,
+        "too few session samples: {}",
+        report.rounds
+    );
     for (edge, gap) in &report.longest_without {
         ensure!(
             *gap <= BACKOFF_MAX,
@@ -526,7 +575,10 @@ fn rollout_with_streams(lab: &NetnsLab, relays: &mut [RelayProcess]) -> Result<(
         );
     }
     ensure!(
-        report.fewest.values().all(|n| *n >= usize::from(REPLICAS) - 1),
+        report
+            .fewest
+            .values()
+            .all(|n| *n >= usize::from(REPLICAS) - 1),
         "an edge was on fewer than {} replicas at once: {:?}",
         REPLICAS - 1,
         report.fewest
