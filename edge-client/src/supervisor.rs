@@ -20,6 +20,12 @@
 //! advertised address fails, e.g. a Lease naming an address that does not
 //! answer), the bootstrap session is started again, whatever the set says.
 //!
+//! A session to a replica that leaves the set is not closed by the edge
+//! while it is up: a replica leaving on a rolling update has released its
+//! Lease and is draining, and the streams in flight through it get its
+//! drain grace; the relay closes the session when they are done, and only
+//! then is its reconnect loop stopped (at most [`RETIRE_LIMIT`] later).
+//!
 //! A relay that advertises no set (an older relay, or no `[replicas]`)
 //! leaves the edge with its one bootstrap session, as before.
 //!
@@ -48,6 +54,13 @@ use crate::serve::ServedSet;
 use crate::services::EdgeServices;
 
 type ConnSlot = Option<(TunnelConn, Arc<FlowTable>)>;
+
+/// How long a session to a replica that left the set is kept for the
+/// streams in flight through it: the relay's default drain grace. A
+/// draining relay closes the session sooner, as soon as they are done; the
+/// limit bounds a session to a replica that left the set without draining
+/// (its Lease expired while it still runs).
+const RETIRE_LIMIT: Duration = Duration::from_secs(30);
 
 /// Which session: the configured address, or a replica by id. Ordered so
 /// the bootstrap session comes first.
@@ -197,6 +210,9 @@ pub(crate) async fn supervise(
     let mut down_since: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
     let fallback_after = cfg.handshake_timeout;
     let mut published: Option<(Key, Option<u64>)> = None;
+    // Sessions to replicas that left the set, kept until the relay closes
+    // them (see RETIRE_LIMIT); never published.
+    let mut retiring: Vec<(Runner, tokio::time::Instant)> = Vec::new();
     // At a random phase: edges started together (a host running many, the
     // load tester's fleet) do not all wake in the same millisecond.
     let period = Duration::from_millis(500);
@@ -287,11 +303,34 @@ pub(crate) async fn supervise(
             .map(|(k, _)| k.clone())
             .collect();
         for k in stale {
-            if let Some(r) = runners.remove(&k) {
+            let Some(r) = runners.remove(&k) else {
+                continue;
+            };
+            if matches!(k, Key::Replica(_)) && !want.contains_key(&k) && r.is_connected() {
+                // The replica left the set: on a rolling update it has
+                // released its Lease and is draining. Closing now would cut
+                // the streams in flight through it, which its drain grace
+                // exists to let finish; the relay closes the session itself
+                // once they are done (or at its grace).
+                info!(session = ?k, relay = %r.addr, "replica left the set: its session ends when the relay closes it");
+                retiring.push((r, tokio::time::Instant::now() + RETIRE_LIMIT));
+            } else {
                 info!(session = ?k, relay = %r.addr, "closing the session to this relay");
                 r.stop().await;
             }
         }
+        // Retired sessions: stopped once the relay closed them (no
+        // reconnecting to a replica that left), or at the limit.
+        let mut keep = Vec::new();
+        for (r, until) in std::mem::take(&mut retiring) {
+            if r.is_connected() && tokio::time::Instant::now() < until {
+                keep.push((r, until));
+            } else {
+                info!(relay = %r.addr, "closing the session to a replica that left the set");
+                r.stop().await;
+            }
+        }
+        retiring = keep;
         // ... and start what is missing.
         for (k, addr) in &want {
             if !runners.contains_key(k) {
@@ -306,7 +345,10 @@ pub(crate) async fn supervise(
             _ = tick.tick() => {}
         }
     }
-    for (_, r) in std::mem::take(&mut runners) {
+    for r in std::mem::take(&mut runners)
+        .into_values()
+        .chain(retiring.into_iter().map(|(r, _)| r))
+    {
         r.stop().await;
     }
     conn_tx.send_replace(None);

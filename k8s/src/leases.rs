@@ -20,7 +20,8 @@
 //! so judging them by the clock would empty the set on every replica at
 //! once and leave edges with nothing to follow. Instead, once our own
 //! renewal has failed for longer than a lease duration, the last published
-//! set is kept (frozen) until the API answers again.
+//! set is kept (frozen) until the API answers again and the watch has
+//! caught up (`Freeze`: a lease duration after the API came back).
 //!
 //! [`judge`] and [`live_members`] are pure (they take `now`), so expiry,
 //! skew and collection are unit-tested without a clock.
@@ -308,17 +309,20 @@ where
     // Last time the API answered us (renewal or watch); a frozen set is
     // kept while this is older than a lease duration.
     let mut api_ok = tokio::time::Instant::now();
+    let mut freeze = Freeze::default();
     loop {
         tokio::select! {
             ev = stream.next() => match ev {
                 Some(Ok(watcher::Event::InitDone)) => {
                     synced = true;
                     api_ok = tokio::time::Instant::now();
-                    publish(&s, api_ok);
+                    freeze.watched();
+                    publish(&s, &mut freeze, api_ok);
                 }
                 Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) if synced => {
                     api_ok = tokio::time::Instant::now();
-                    publish(&s, api_ok);
+                    freeze.watched();
+                    publish(&s, &mut freeze, api_ok);
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
@@ -332,19 +336,83 @@ where
                     api_ok = tokio::time::Instant::now();
                 }
                 if synced {
-                    collect(&s).await;
-                    publish(&s, api_ok);
+                    // A stale store would make live Leases look expired
+                    // for long: collect only from a current one.
+                    if !freeze.frozen {
+                        collect(&s).await;
+                    }
+                    publish(&s, &mut freeze, api_ok);
                 }
             }
         }
     }
 }
 
-/// Publishes the live set, unless the API has been unreachable for longer
-/// than a lease duration (then the last set stays: see the module docs).
-fn publish(s: &Shared, api_ok: tokio::time::Instant) {
-    if api_ok.elapsed() > s.opts.lease_duration {
-        tracing::debug!("API unreachable for longer than a lease: keeping the last replica set");
+/// Keeping the last set through an API outage, and after it.
+///
+/// While the API is unreachable nobody's renewals reach us, so once ours
+/// have failed for longer than a lease duration the set is frozen. When
+/// the API answers again the Leases in our store are still the ones from
+/// before the outage (renewed long ago by their holders' clocks): judging
+/// them at once would drop every replica, ourselves included, until the
+/// watch delivers the fresh renewals. So the set thaws only once the
+/// watch has delivered an event since the API came back *and* a whole lease
+/// duration has passed since then, in which every live replica has renewed
+/// (at least three times: `renew_every` ≤ a third of it) and those renewals
+/// have reached the store; a replica that has not renewed by then is
+/// really gone and is dropped.
+#[derive(Debug, Default)]
+struct Freeze {
+    /// The set is frozen.
+    frozen: bool,
+    /// While frozen: when the API first answered again.
+    back: Option<tokio::time::Instant>,
+    /// While frozen: the watch delivered an event since the API came back.
+    watched: bool,
+}
+
+impl Freeze {
+    /// The watch delivered an event (the store is being refreshed).
+    fn watched(&mut self) {
+        if self.frozen {
+            self.watched = true;
+        }
+    }
+
+    /// Whether the live set may be published now, given the last time the
+    /// API answered us.
+    fn thawed(
+        &mut self,
+        now: tokio::time::Instant,
+        api_ok: tokio::time::Instant,
+        lease: Duration,
+    ) -> bool {
+        if now.saturating_duration_since(api_ok) > lease {
+            *self = Freeze {
+                frozen: true,
+                back: None,
+                watched: false,
+            };
+            return false;
+        }
+        if !self.frozen {
+            return true;
+        }
+        let back = *self.back.get_or_insert(api_ok);
+        if self.watched && now.saturating_duration_since(back) >= lease {
+            *self = Freeze::default();
+            return true;
+        }
+        false
+    }
+}
+
+/// Publishes the live set, unless it is frozen (see [`Freeze`]).
+fn publish(s: &Shared, freeze: &mut Freeze, api_ok: tokio::time::Instant) {
+    if !freeze.thawed(tokio::time::Instant::now(), api_ok, s.opts.lease_duration) {
+        tracing::debug!(
+            "API unreachable (or just back) for longer than a lease: keeping the last replica set"
+        );
         return;
     }
     let live = live_members(&s.store.state(), SystemTime::now(), s.opts.skew_margin);
@@ -541,6 +609,37 @@ mod tests {
         );
         // Not a replica Lease: ignored entirely.
         assert!(judge(&lease("kube-scheduler", Some(t0), 15, None), t0, margin, gc).is_none());
+    }
+
+    #[test]
+    fn the_set_stays_frozen_after_an_outage_until_the_watch_is_current() {
+        let t0 = tokio::time::Instant::now();
+        let lease = Duration::from_secs(15);
+        let s = |x: u64| t0 + Duration::from_secs(x);
+        let mut f = Freeze::default();
+        // The API answered 10 s ago: fine.
+        assert!(f.thawed(s(10), s(0), lease));
+        // 16 s without an answer: frozen.
+        assert!(!f.thawed(s(16), s(0), lease));
+        assert!(!f.thawed(s(40), s(0), lease));
+        // Our renewal succeeds at 41: still frozen (the store is stale),
+        // even a lease duration later while no watch event came.
+        assert!(!f.thawed(s(41), s(41), lease));
+        assert!(!f.thawed(s(50), s(50), lease));
+        assert!(!f.thawed(s(57), s(57), lease));
+        // A watch event: thaws, a lease duration after the API came back.
+        f.watched();
+        assert!(f.thawed(s(58), s(58), lease));
+        // Thawed: a watch event no longer arms anything.
+        f.watched();
+        assert!(!f.watched && !f.frozen);
+        assert!(f.thawed(s(60), s(58), lease));
+        // Another outage, the watch back early: still a lease duration.
+        assert!(!f.thawed(s(80), s(60), lease));
+        assert!(!f.thawed(s(81), s(81), lease));
+        f.watched();
+        assert!(!f.thawed(s(90), s(90), lease));
+        assert!(f.thawed(s(96), s(96), lease));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 pub mod cluster;
 pub mod edges;
 pub mod netns;
+pub mod replicas;
 pub mod scenario;
 pub mod sources;
 

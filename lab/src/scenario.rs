@@ -572,7 +572,8 @@ fn newest_source(dir: &Path) -> Option<(PathBuf, std::time::SystemTime)> {
 }
 
 /// `relay.toml` text equivalent to `cfg` (listen addresses, nodes, tunnel
-/// routes, QUIC tuning, drain grace, capture on or off), with certificates
+/// routes, QUIC tuning, drain grace, capture on or off, `[kubernetes]`,
+/// `[replicas]`), with certificates
 /// in `certs` (as written by [`DevPki::write_to`]) and the admin token in
 /// `token_file`.
 pub fn relay_toml(cfg: &RelayConfig, certs: &Path, token_file: Option<&Path>) -> String {
@@ -648,22 +649,61 @@ pub fn relay_toml(cfg: &RelayConfig, certs: &Path, token_file: Option<&Path>) ->
     for (name, members) in communities {
         let _ = writeln!(t, "{name:?} = {members:?}");
     }
+    if let Some(k) = &cfg.kubernetes {
+        t.push_str(&kubernetes_toml(k));
+    }
     if let Some(r) = &cfg.replicas {
         t.push_str(&replicas_toml(r));
     }
     t
 }
 
-/// `[replicas]` for a static peer list (Lease mode needs `[kubernetes]`,
-/// which [`relay_toml`] does not write).
+/// `[kubernetes]` (in-cluster mode through a kubeconfig, e.g. the lab
+/// cluster's: [`crate::cluster::Cluster::kubeconfig`]).
+fn kubernetes_toml(k: &relay_server::config::KubeSettings) -> String {
+    let mut t = String::from("\n[kubernetes]\nenabled = true\n");
+    if let Some(p) = &k.kubeconfig {
+        let _ = writeln!(t, "kubeconfig = {:?}", p.display().to_string());
+    }
+    if let Some(c) = &k.context {
+        let _ = writeln!(t, "context = {c:?}");
+    }
+    let _ = write!(
+        t,
+        "node_status = {}\nevents = {}\nservices = {}\napi_timeout = \"{}ms\"\ncluster_domain = {:?}\n",
+        k.node_status,
+        k.events,
+        k.services,
+        k.api_timeout.as_millis(),
+        k.cluster_domain
+    );
+    t
+}
+
+/// `[replicas]`: a static peer list, or Lease membership with its timings.
 fn replicas_toml(r: &relay_server::replicas::ReplicaSettings) -> String {
+    use relay_server::replicas::ReplicaSource;
+    let ms = |d: Duration| format!("\"{}ms\"", d.as_millis());
     let mut t = format!("\n[replicas]\nadvertise = {:?}\n", r.advertise);
-    if let relay_server::replicas::ReplicaSource::Static(peers) = &r.source {
-        for p in peers {
+    match &r.source {
+        ReplicaSource::Static(peers) => {
+            for p in peers {
+                let _ = write!(
+                    t,
+                    "\n[[replicas.peers]]\nid = {:?}\naddress = {:?}\n",
+                    p.id, p.addr
+                );
+            }
+        }
+        ReplicaSource::Leases(l) => {
             let _ = write!(
                 t,
-                "\n[[replicas.peers]]\nid = {:?}\naddress = {:?}\n",
-                p.id, p.addr
+                "lease_namespace = {:?}\nlease_duration = {}\nrenew_every = {}\nskew_margin = {}\ngc_after = {}\n",
+                l.namespace,
+                ms(l.lease_duration),
+                ms(l.renew_every),
+                ms(l.skew_margin),
+                ms(l.gc_after)
             );
         }
     }

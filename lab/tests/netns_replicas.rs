@@ -23,68 +23,23 @@
 //! instead of skipping under CI=true or REQUIRE_LAB=1.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use relay_lab::netns::{self, NetnsLab, Role};
+use relay_lab::replicas::{
+    add_wan_addresses, admin_port, all_edges_everywhere, connect_port, echo_through, fetch_via,
+    replica_config, replica_edge_config, sessions, wan,
+};
 use relay_lab::scenario::{
-    echo_service, edge_config, lab_pki, launch, relay_config, relay_server_binary, sa, services,
-    start_edge, within, RelayProcess, Running, ADMIN_TOKEN, ECHO, HTTP, QUIC_PORT,
+    echo_service, lab_pki, launch, relay_server_binary, sa, services, start_edge, within,
+    RelayProcess, Running, ADMIN_TOKEN, ECHO, HTTP, QUIC_PORT,
 };
 use relay_protocol::Replica;
-use relay_server::admin::SessionRow;
 use relay_server::replicas::{ReplicaSettings, ReplicaSource};
 
 const REPLICAS: u8 = 3;
-
-/// Replica `i`'s (1-based) WAN address: the one it advertises.
-fn wan(i: u8) -> Ipv4Addr {
-    Ipv4Addr::new(198, 18, 0, i)
-}
-
-fn connect_port(i: u8) -> u16 {
-    8130 + u16::from(i)
-}
-
-fn admin_port(i: u8) -> u16 {
-    9089 + u16::from(i)
-}
-
-/// Replica `i`'s sessions: node → session id.
-fn sessions(lab: &NetnsLab, i: u8) -> Result<BTreeMap<String, u64>> {
-    let addr = sa(netns::RELAY_LAN_IP, admin_port(i));
-    let (code, body) = lab.run_in(
-        Role::Apiserver,
-        Duration::from_secs(5),
-        move || async move {
-            let s = tokio::net::TcpStream::connect(addr).await?;
-            relay_lab::http_request(s, "GET", "admin", "/v1/sessions", Some(ADMIN_TOKEN)).await
-        },
-    )?;
-    ensure!(
-        code == 200,
-        "replica {i}: GET /v1/sessions: HTTP {code}: {body}"
-    );
-    let rows: Vec<SessionRow> = serde_json::from_str(&body)?;
-    Ok(rows.into_iter().map(|r| (r.node, r.session_id)).collect())
-}
-
-/// `CONNECT <target>` through replica `i` from the apiserver host, then a
-/// GET; returns the body.
-fn fetch_via(lab: &NetnsLab, i: u8, target: SocketAddr) -> Result<String> {
-    let proxy = sa(netns::RELAY_LAN_IP, connect_port(i));
-    lab.run_in(
-        Role::Apiserver,
-        Duration::from_secs(10),
-        move || async move {
-            let s = relay_lab::connect_via(proxy, &target.to_string()).await?;
-            let (code, body) = relay_lab::http_get(s, "pod", "/", None).await?;
-            ensure!(code == 200, "HTTP {code}");
-            Ok(body.trim().to_string())
-        },
-    )
-}
 
 /// Replica `i`'s next hop as cloud2 sees it: its own LAN address.
 fn via(i: u8) -> Ipv4Addr {
@@ -159,16 +114,6 @@ fn groups(lab: &NetnsLab) -> Result<BTreeMap<String, (String, Vec<String>)>> {
     Ok(out)
 }
 
-fn all_edges_everywhere(lab: &NetnsLab, replicas: &[u8]) -> Result<bool> {
-    for i in replicas {
-        match sessions(lab, *i) {
-            Ok(s) if s.len() == 2 => {}
-            _ => return Ok(false),
-        }
-    }
-    Ok(true)
-}
-
 /// The static replica set every relay of these tests advertises:
 /// `relay-i` at its own WAN address.
 fn replica_set() -> Vec<Replica> {
@@ -191,19 +136,7 @@ fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
     let bin = relay_server_binary()?;
     let lab = NetnsLab::new()?;
     // Two more public addresses on the relay node's WAN interface.
-    for i in 2..=REPLICAS {
-        lab.exec(
-            Role::Relay,
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("{}/24", wan(i)),
-                "dev",
-                "wan0",
-            ],
-        )?;
-    }
+    add_wan_addresses(&lab, 2..=REPLICAS)?;
     // One LAN address per replica: the next hops the route agent uses.
     for i in 1..=REPLICAS {
         let a = format!("{}/24", via(i));
@@ -213,13 +146,7 @@ fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
     let set = replica_set();
     let mut relays = Vec::new();
     for i in 1..=REPLICAS {
-        let mut cfg = relay_config(&pki)?;
-        cfg.relay_id = format!("relay-{i}");
-        cfg.quic_listen = sa(wan(i), QUIC_PORT);
-        cfg.tcp_fallback = false;
-        cfg.connect_listen = Some(sa(netns::RELAY_LAN_IP, connect_port(i)));
-        cfg.admin_listen = Some(sa(netns::RELAY_LAN_IP, admin_port(i)));
-        cfg.capture = None;
+        let mut cfg = replica_config(&pki, i)?;
         cfg.quic.keepalive = Duration::from_secs(1);
         cfg.quic.idle_timeout = Duration::from_secs(5);
         cfg.limits.drain_grace = Duration::from_millis(500);
@@ -239,16 +166,8 @@ fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
             if site == 1 { "epod1" } else { "epod2" },
         )?);
         pods.push(echo_service(&lab, Role::epod(site)?)?);
-        let mut cfg = edge_config(&pki, site)?;
         // Only relay-1's address: the rest comes from the replica set.
-        cfg.relay = sa(wan(1), QUIC_PORT).to_string();
-        cfg.capture = None;
-        cfg.transport = edge_client::TransportMode::Quic;
-        cfg.quic.keepalive = Duration::from_secs(1);
-        cfg.quic.idle_timeout = Duration::from_secs(5);
-        cfg.handshake_timeout = Duration::from_secs(3);
-        cfg.backoff.initial = Duration::from_millis(200);
-        cfg.backoff.max = Duration::from_secs(1);
+        let cfg = replica_edge_config(&pki, site, Duration::from_secs(1))?;
         edges.push(start_edge(&lab, site, cfg)?);
     }
     let all: Vec<u8> = (1..=REPLICAS).collect();
@@ -399,41 +318,6 @@ fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
     Ok(())
 }
 
-/// CONNECT through `proxy` to the echo service at `target`, then `total`
-/// bytes in 16 KiB writes paced over about `over`, a half-close, and the
-/// same bytes back before EOF.
-async fn echo_through(
-    proxy: SocketAddr,
-    target: SocketAddr,
-    total: usize,
-    over: Duration,
-) -> Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let s = relay_lab::connect_via(proxy, &target.to_string()).await?;
-    let (mut r, mut w) = s.into_split();
-    let data: Vec<u8> = (0..total).map(|i| (i ^ (i >> 11)) as u8).collect();
-    let send = data.clone();
-    let pause = over / u32::try_from(total.div_ceil(16 << 10)).unwrap_or(1);
-    let writer = tokio::spawn(async move {
-        for c in send.chunks(16 << 10) {
-            w.write_all(c).await?;
-            tokio::time::sleep(pause).await;
-        }
-        w.shutdown().await
-    });
-    let mut got = Vec::with_capacity(total);
-    tokio::time::timeout(over + Duration::from_secs(10), r.read_to_end(&mut got))
-        .await
-        .context("echo timed out")??;
-    writer.await??;
-    ensure!(
-        got == data,
-        "echo differs: {} of {total} bytes back",
-        got.len()
-    );
-    Ok(())
-}
-
 /// A rolling restart (SIGTERM, start again) of every replica in turn while
 /// a client on the apiserver host loops CONNECT + GET to both edge pods
 /// through a replica that is not being restarted: no request may fail, and
@@ -539,30 +423,22 @@ fn idle_bytes_per_edge_per_day_with_three_replicas() -> Result<()> {
     relay_lab::init();
     let bin = relay_server_binary()?;
     let lab = NetnsLab::new()?;
-    for i in 2..=REPLICAS {
-        let a = format!("{}/24", wan(i));
-        lab.exec(Role::Relay, &["ip", "addr", "add", &a, "dev", "wan0"])?;
-    }
+    add_wan_addresses(&lab, 2..=REPLICAS)?;
     let pki = lab_pki()?;
     let set = replica_set();
     let mut relays = Vec::new();
     for i in 1..=REPLICAS {
         // Defaults for every timing: this is the figure a site pays.
-        let mut cfg = relay_config(&pki)?;
-        let me = format!("relay-{i}");
-        cfg.relay_id = me.clone();
-        cfg.quic_listen = sa(wan(i), QUIC_PORT);
-        cfg.tcp_fallback = false;
-        cfg.connect_listen = Some(sa(netns::RELAY_LAN_IP, connect_port(i)));
-        cfg.admin_listen = Some(sa(netns::RELAY_LAN_IP, admin_port(i)));
-        cfg.capture = None;
+        let mut cfg = replica_config(&pki, i)?;
+        let me = cfg.relay_id.clone();
         cfg.replicas = Some(ReplicaSettings {
             advertise: sa(wan(i), QUIC_PORT).to_string(),
             source: ReplicaSource::Static(set.iter().filter(|r| r.id != me).cloned().collect()),
         });
         relays.push(RelayProcess::start_named(&lab, &me, &bin, &pki, &cfg)?);
     }
-    let mut cfg = edge_config(&pki, 1)?;
+    // Defaults for every timing here too.
+    let mut cfg = relay_lab::scenario::edge_config(&pki, 1)?;
     cfg.relay = sa(wan(1), QUIC_PORT).to_string();
     cfg.capture = None;
     cfg.transport = edge_client::TransportMode::Quic;

@@ -32,6 +32,12 @@ struct Cli {
     /// `replicas.advertise` (e.g. `$(HOST_IP):8443` from the downward API).
     #[arg(long, env = "RELAY_ADVERTISE", global = true)]
     advertise: Option<String>,
+    /// Lease membership in this namespace, overriding
+    /// `replicas.lease_namespace` (e.g. the pod's own namespace from the
+    /// downward API): turns scale-out on from the pod spec, without a
+    /// second relay.toml (deploy/kubernetes/components/replicas).
+    #[arg(long, env = "RELAY_LEASE_NAMESPACE", global = true)]
+    lease_namespace: Option<String>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -108,10 +114,12 @@ enum Cmd {
 
 /// Reads and validates the file with the per-replica overrides applied
 /// before validation (so a bad `--advertise` is named like a bad field).
+/// relay.toml with the per-pod overrides of the command line.
 fn load(
     path: &std::path::Path,
     relay_id: &Option<String>,
     advertise: &Option<String>,
+    lease_namespace: &Option<String>,
 ) -> anyhow::Result<relay_server::RelayConfig> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -121,6 +129,9 @@ fn load(
     }
     if let Some(a) = advertise {
         f.replicas.advertise = Some(a.clone());
+    }
+    if let Some(ns) = lease_namespace {
+        f.replicas.lease_namespace = Some(ns.clone());
     }
     Ok(f.into_runtime()?)
 }
@@ -278,7 +289,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Some(Cmd::CheckConfig) => {
             let path = cli.config.context("--config is required")?;
-            let cfg = load(&path, &cli.relay_id, &cli.advertise)?;
+            let cfg = load(&path, &cli.relay_id, &cli.advertise, &cli.lease_namespace)?;
             println!(
                 "{}: ok (relay_id {}, {} nodes)",
                 path.display(),
@@ -291,7 +302,7 @@ async fn main() -> anyhow::Result<()> {
             let path = cli
                 .config
                 .context("--config is required (or use a subcommand; see --help)")?;
-            let cfg = load(&path, &cli.relay_id, &cli.advertise)?;
+            let cfg = load(&path, &cli.relay_id, &cli.advertise, &cli.lease_namespace)?;
             let grace = cfg.limits.drain_grace;
             let mut relay = Relay::spawn(cfg).await?;
             // Handlers first: whoever reads the ready file may signal at once

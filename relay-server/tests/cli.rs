@@ -199,3 +199,38 @@ fn dev_certs_can_write_the_issuing_ca_key_for_the_bootstrap() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(out.status.success(), "bootstrap config refused: {out:?}");
 }
+
+/// `RELAY_LEASE_NAMESPACE` (with `RELAY_ADVERTISE`) turns Lease membership
+/// on from the environment, as deploy/kubernetes/components/replicas does:
+/// on a file without `[kubernetes]` the check then fails naming the field.
+#[test]
+fn lease_namespace_from_the_environment_turns_lease_membership_on() {
+    let dir = scratch("lease-env");
+    let pki =
+        relay_transport::devcerts::DevPki::generate(&["localhost"], &["edge-1"]).expect("pki");
+    pki.write_to(&dir).expect("write pki");
+    let file = dir.join("relay.toml");
+    let text = format!(
+        "[listen]\nquic = \"127.0.0.1:0\"\n[tls]\ncert = \"{d}/relay.pem\"\nkey = \"{d}/relay-key.pem\"\nclient_ca = \"{d}/ca.pem\"\n[nodes]\n\"edge-1\" = [\"10.244.7.0/24\"]\n",
+        d = dir.display()
+    );
+    std::fs::write(&file, text).expect("write config");
+    let run = |env: &[(&str, &str)]| {
+        Command::new(env!("CARGO_BIN_EXE_relay-server"))
+            .args(["check-config", "--config", file.to_str().expect("utf-8")])
+            .env_remove("RELAY_CONFIG")
+            .envs(env.iter().copied())
+            .output()
+            .expect("run relay-server")
+    };
+    let plain = run(&[("RELAY_ADVERTISE", "192.0.2.1:8443")]);
+    let leases = run(&[
+        ("RELAY_ADVERTISE", "192.0.2.1:8443"),
+        ("RELAY_LEASE_NAMESPACE", "edge-relay"),
+    ]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(plain.status.success(), "{plain:?}");
+    assert!(!leases.status.success(), "{leases:?}");
+    let err = String::from_utf8_lossy(&leases.stderr);
+    assert!(err.contains("lease_namespace"), "{err}");
+}

@@ -85,7 +85,7 @@ use tokio_rustls::TlsAcceptor;
 pub use apply::{apply_conditions, ConditionOwners, Conflict};
 /// The API types the stand-in serves, for tests that build objects.
 pub use k8s_openapi;
-pub use rbac::{cluster_role_rules, PolicyRule, RbacError};
+pub use rbac::{cluster_role_rules, role_rules, PolicyRule, RbacError};
 pub use request::{classify, RequestAttributes};
 
 /// Requests larger than this are refused (413), like the apiserver's 3 MiB limit.

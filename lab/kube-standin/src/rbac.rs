@@ -34,6 +34,10 @@ pub struct PolicyRule {
     /// `nonResourceURLs`: never matched by a resource request.
     #[serde(default, rename = "nonResourceURLs")]
     pub non_resource_urls: Vec<String>,
+    /// A Role's rule (its namespace: only requests there match); `None`
+    /// for a ClusterRole's (any namespace and the cluster scope).
+    #[serde(skip)]
+    pub namespace: Option<String>,
 }
 
 impl PolicyRule {
@@ -56,7 +60,15 @@ impl PolicyRule {
             || a.name
                 .as_ref()
                 .is_some_and(|n| self.resource_names.contains(n));
-        any(&self.verbs, &a.verb) && any(&self.api_groups, &a.group) && resource_ok && name_ok
+        let namespace_ok = self
+            .namespace
+            .as_ref()
+            .is_none_or(|ns| a.namespace.as_ref() == Some(ns));
+        any(&self.verbs, &a.verb)
+            && any(&self.api_groups, &a.group)
+            && resource_ok
+            && name_ok
+            && namespace_ok
     }
 
     /// `group resource verbs`, e.g. `"" nodes/status [get, patch]`, for
@@ -129,6 +141,31 @@ pub fn cluster_role_rules(yaml: &str, name: &str) -> Result<Vec<PolicyRule>, Rba
     Err(RbacError::NoRole(name.to_string()))
 }
 
+/// The rules of Role `name` in a (multi-document) YAML manifest, each
+/// limited to the Role's namespace (as if bound to the client's account
+/// with a RoleBinding there).
+pub fn role_rules(yaml: &str, name: &str) -> Result<Vec<PolicyRule>, RbacError> {
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let v = Value::deserialize(doc).map_err(|e| RbacError::Yaml(e.to_string()))?;
+        if v.get("kind").and_then(Value::as_str) == Some("Role")
+            && v.pointer("/metadata/name").and_then(Value::as_str) == Some(name)
+        {
+            let ns = v
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .ok_or_else(|| RbacError::Yaml(format!("Role {name:?} has no namespace")))?;
+            let rules = v.get("rules").cloned().unwrap_or(Value::Array(Vec::new()));
+            let mut rules: Vec<PolicyRule> =
+                serde_json::from_value(rules).map_err(|e| RbacError::Yaml(e.to_string()))?;
+            for r in &mut rules {
+                r.namespace = Some(ns.to_string());
+            }
+            return Ok(rules);
+        }
+    }
+    Err(RbacError::NoRole(name.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +179,7 @@ mod tests {
             verbs: s(verbs),
             resource_names: s(names),
             non_resource_urls: Vec::new(),
+            namespace: None,
         }
     }
 
@@ -168,6 +206,22 @@ mod tests {
         assert!(!rule(&[""], &["nodes"], &["list"], &["edge-1"]).allows(&list));
         // Non-resource requests are never allowed by resource rules.
         assert!(!allowed(&[rule(&["*"], &["*"], &["*"], &[])], None));
+    }
+
+    #[test]
+    fn a_roles_rules_match_only_in_its_namespace() {
+        let yaml = "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {name: r, namespace: edge-relay}\n\
+                    rules:\n- apiGroups: [coordination.k8s.io]\n  resources: [leases]\n  verbs: [get]\n";
+        let rules = role_rules(yaml, "r").unwrap();
+        let path = |ns: &str| format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/a");
+        let here = classify("GET", &path("edge-relay"), None).unwrap();
+        let there = classify("GET", &path("kube-system"), None).unwrap();
+        assert!(allowed(&rules, Some(&here)));
+        assert!(!allowed(&rules, Some(&there)));
+        assert!(matches!(
+            cluster_role_rules(yaml, "r"),
+            Err(RbacError::NoRole(_))
+        ));
     }
 
     #[test]
