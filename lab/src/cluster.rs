@@ -202,21 +202,10 @@ impl Cluster {
         lab.nft(Role::Apiserver, &script)
     }
 
-    /// `EdgeTunnelReady` on `node` as the relay applied it: (status,
-    /// reason, message); `None` before the relay wrote it.
+    /// `EdgeTunnelReady` on `node` as the relay applied it (see
+    /// [`condition_of`]).
     pub fn condition(&self, node: &str) -> Option<(String, String, String)> {
-        let c = self
-            .standin
-            .node(node)?
-            .status?
-            .conditions?
-            .into_iter()
-            .find(|c| c.type_ == "EdgeTunnelReady")?;
-        Some((
-            c.status,
-            c.reason.unwrap_or_default(),
-            c.message.unwrap_or_default(),
-        ))
+        condition_of(&self.standin, node)
     }
 
     /// The relay's `[kubernetes]` settings for this cluster.
@@ -270,4 +259,20 @@ pub fn edge_node(lab: &NetnsLab, site: u8) -> Node {
         &[&netns::edge_pod_cidr(site).to_string()],
         &[("InternalIP", &host)],
     )
+}
+
+/// `EdgeTunnelReady` on `node` as the relay applied it to `standin`:
+/// (status, reason, message); `None` before the relay wrote it.
+pub fn condition_of(standin: &StandIn, node: &str) -> Option<(String, String, String)> {
+    let c = standin
+        .node(node)?
+        .status?
+        .conditions?
+        .into_iter()
+        .find(|c| c.type_ == "EdgeTunnelReady")?;
+    Some((
+        c.status,
+        c.reason.unwrap_or_default(),
+        c.message.unwrap_or_default(),
+    ))
 }

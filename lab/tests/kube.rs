@@ -114,17 +114,7 @@ impl KubeLab {
 
     /// `EdgeTunnelReady` on `node` as stored: (status, reason, message).
     fn condition(&self, node: &str) -> Option<(String, String, String)> {
-        let n = self.standin.node(node)?;
-        let c = n
-            .status?
-            .conditions?
-            .into_iter()
-            .find(|c| c.type_ == "EdgeTunnelReady")?;
-        Some((
-            c.status,
-            c.reason.unwrap_or_default(),
-            c.message.unwrap_or_default(),
-        ))
+        relay_lab::cluster::condition_of(&self.standin, node)
     }
 }
 

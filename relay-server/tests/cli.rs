@@ -23,6 +23,21 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// A dev PKI and a minimal static `relay.toml` (one node) in `dir`; the
+/// config's path.
+fn static_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let pki =
+        relay_transport::devcerts::DevPki::generate(&["localhost"], &["edge-1"]).expect("pki");
+    pki.write_to(dir).expect("write pki");
+    let file = dir.join("relay.toml");
+    let text = format!(
+        "[listen]\nquic = \"127.0.0.1:0\"\n[tls]\ncert = \"{d}/relay.pem\"\nkey = \"{d}/relay-key.pem\"\nclient_ca = \"{d}/ca.pem\"\n[nodes]\n\"edge-1\" = [\"10.244.7.0/24\"]\n",
+        d = dir.display()
+    );
+    std::fs::write(&file, text).expect("write config");
+    file
+}
+
 /// `relay-server --config F check-config` (`--config` is an option of the
 /// command, not of the subcommand).
 fn check_config(file: &std::path::Path) -> Output {
@@ -83,15 +98,7 @@ fn check_config_names_the_bad_field() {
 fn config_may_follow_the_subcommand_and_a_good_config_passes() {
     // The form README.md shows: `relay-server check-config --config F`.
     let dir = scratch("good");
-    let pki =
-        relay_transport::devcerts::DevPki::generate(&["localhost"], &["edge-1"]).expect("pki");
-    pki.write_to(&dir).expect("write pki");
-    let file = dir.join("relay.toml");
-    let text = format!(
-        "[listen]\nquic = \"127.0.0.1:0\"\n[tls]\ncert = \"{d}/relay.pem\"\nkey = \"{d}/relay-key.pem\"\nclient_ca = \"{d}/ca.pem\"\n[nodes]\n\"edge-1\" = [\"10.244.7.0/24\"]\n",
-        d = dir.display()
-    );
-    std::fs::write(&file, text).expect("write config");
+    let file = static_config(&dir);
     let out = relay_server(&[
         "check-config",
         "--config",
@@ -206,15 +213,7 @@ fn dev_certs_can_write_the_issuing_ca_key_for_the_bootstrap() {
 #[test]
 fn lease_namespace_from_the_environment_turns_lease_membership_on() {
     let dir = scratch("lease-env");
-    let pki =
-        relay_transport::devcerts::DevPki::generate(&["localhost"], &["edge-1"]).expect("pki");
-    pki.write_to(&dir).expect("write pki");
-    let file = dir.join("relay.toml");
-    let text = format!(
-        "[listen]\nquic = \"127.0.0.1:0\"\n[tls]\ncert = \"{d}/relay.pem\"\nkey = \"{d}/relay-key.pem\"\nclient_ca = \"{d}/ca.pem\"\n[nodes]\n\"edge-1\" = [\"10.244.7.0/24\"]\n",
-        d = dir.display()
-    );
-    std::fs::write(&file, text).expect("write config");
+    let file = static_config(&dir);
     let run = |env: &[(&str, &str)]| {
         Command::new(env!("CARGO_BIN_EXE_relay-server"))
             .args(["check-config", "--config", file.to_str().expect("utf-8")])
