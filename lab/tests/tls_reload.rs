@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use edge_client::{EdgeClient, EdgeState};
 use relay_lab::{edge_config, init, relay_config, sessions};
 use relay_server::config::TlsReload;
@@ -22,6 +22,7 @@ use relay_server::Relay;
 use relay_transport::devcerts::DevPki;
 use relay_transport::reload::{crls_from_pem, TlsPaths};
 use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// A directory of its own, removed on drop (also when the test fails).
 struct TempDir(PathBuf);
@@ -230,6 +231,159 @@ async fn revoked_edges_are_refused_and_renewed_certificates_served_without_dropp
     for e in edges {
         e.shutdown().await;
     }
+    relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+/// A TLS client of a relay listener presenting edge-1's certificate if
+/// asked (the CONNECT listener asks, as kube-apiserver presents its egress
+/// certificate; the admin API does not); returns the stream and the leaf
+/// it was served.
+async fn tls_to(
+    pki: &DevPki,
+    addr: std::net::SocketAddr,
+) -> Result<(
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    CertificateDer<'static>,
+)> {
+    let cfg = pki.node_material("edge-1")?.client_config(b"http/1.1")?;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost")?, tcp)
+        .await?;
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first().cloned())
+        .context("no peer certificate")?;
+    Ok((tls, leaf))
+}
+
+/// Sends `CONNECT target` on `s` and expects `200`.
+async fn connect_on<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    target: std::net::SocketAddr,
+) -> Result<()> {
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        ensure!(head.len() < 4096, "endless response head");
+        ensure!(
+            s.read(&mut b).await? == 1,
+            "closed during the response head"
+        );
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    ensure!(head.starts_with("HTTP/1.1 200"), "{head}");
+    Ok(())
+}
+
+/// Writes `msg` and expects it echoed back.
+async fn echoes<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, msg: &[u8]) -> Result<()> {
+    s.write_all(msg).await?;
+    let mut back = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back)).await??;
+    ensure!(back == msg, "echo differs");
+    Ok(())
+}
+
+/// The CONNECT listener's `[connect_tls]` certificate and the admin API's
+/// certificate are reloaded like the relay's own: a renewal is served to
+/// new connections at once, tunnels and connections already open carry
+/// on, and a broken replacement changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_and_admin_certificates_reload_without_dropping_connections() -> Result<()> {
+    init();
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("tls-reload-listeners-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let pki = DevPki::generate(&["localhost", "127.0.0.1"], &["edge-0", "edge-1"])?;
+    pki.write_to(&dir.0)?;
+    let files = |name: &str| -> Result<TlsPaths> {
+        let p = TlsPaths {
+            cert: dir.0.join(format!("{name}.pem")),
+            key: dir.0.join(format!("{name}-key.pem")),
+            client_ca: dir.0.join("ca.pem"),
+            crl: None,
+        };
+        std::fs::copy(dir.0.join("relay.pem"), &p.cert)?;
+        std::fs::copy(dir.0.join("relay-key.pem"), &p.key)?;
+        Ok(p)
+    };
+    let (connect_files, admin_files) = (files("connect")?, files("admin")?);
+    let material =
+        |p: &TlsPaths| relay_transport::TlsMaterial::from_files(&p.cert, &p.key, &p.client_ca);
+    let mut cfg = relay_config(&pki, 1)?;
+    cfg.connect_tls = Some(material(&connect_files)?);
+    cfg.connect_tls_files = Some(connect_files.clone());
+    cfg.admin_tls = Some(material(&admin_files)?);
+    cfg.admin_tls_files = Some(admin_files.clone());
+    cfg.tls_reload = Some(TlsReload {
+        paths: TlsPaths {
+            cert: dir.0.join("relay.pem"),
+            key: dir.0.join("relay-key.pem"),
+            client_ca: dir.0.join("ca.pem"),
+            crl: None,
+        },
+        interval: Duration::from_millis(200),
+    });
+    let relay = Relay::spawn(cfg).await?;
+    let edge = EdgeClient::spawn(edge_config(&pki, 0, relay.quic_addr())?);
+    edge.wait_connected(Duration::from_secs(10))
+        .await
+        .context("edge-0 did not connect")?;
+    let (echo, _e) =
+        relay_lab::spawn_echo(std::net::SocketAddr::new(relay_lab::edge_ip(0), 0)).await?;
+    let (connect, admin) = (
+        relay.connect_addr().context("connect listener")?,
+        relay.admin_addr().context("admin listener")?,
+    );
+    let original = der(&pki.relay.cert)?;
+    // Before: a tunnel open through CONNECT over TLS, and a TLS connection
+    // to the CONNECT listener that has not asked for anything yet.
+    let (mut tunnel, leaf) = tls_to(&pki, connect).await?;
+    assert_eq!(leaf, original);
+    connect_on(&mut tunnel, echo).await?;
+    echoes(&mut tunnel, b"before").await?;
+    let (mut idle, _) = tls_to(&pki, connect).await?;
+    assert_eq!(tls_to(&pki, admin).await?.1, original);
+
+    // Renew both listeners' certificates: the file watcher picks them up.
+    let renewed = pki.issue_relay(&["localhost", "127.0.0.1"])?;
+    for p in [&connect_files, &admin_files] {
+        std::fs::write(&p.key, &renewed.key)?;
+        std::fs::write(&p.cert, &renewed.cert)?;
+    }
+    let new = der(&renewed.cert)?;
+    let took = within(Duration::from_secs(5), async || {
+        Ok(tls_to(&pki, connect).await?.1 == new && tls_to(&pki, admin).await?.1 == new)
+    })
+    .await
+    .context("the renewed certificates were not served")?;
+    eprintln!("connect_tls and admin certificates served {took:?} after the files changed");
+    // What was open carries on.
+    echoes(&mut tunnel, b"after the renewal").await?;
+    connect_on(&mut idle, echo).await?;
+    echoes(&mut idle, b"opened before, used after").await?;
+    // The relay's own certificate was not touched by these files.
+    assert_eq!(served_leaves(&pki, &relay).await?.0, original);
+
+    // A broken replacement (a key that does not match) changes nothing,
+    // and an explicit reload (SIGHUP) reports it.
+    std::fs::write(&connect_files.key, &pki.nodes[1].1.key)?;
+    assert!(
+        relay.reload_tls().is_err(),
+        "a broken connect_tls key must be reported"
+    );
+    assert_eq!(tls_to(&pki, connect).await?.1, new);
+    assert_eq!(tls_to(&pki, admin).await?.1, new);
+    echoes(&mut tunnel, b"still").await?;
+
+    edge.shutdown().await;
     relay.shutdown(Duration::from_secs(1)).await;
     Ok(())
 }

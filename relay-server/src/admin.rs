@@ -110,25 +110,14 @@ impl SessionRow {
     }
 }
 
+/// Serves the admin API on `l` until `stop`: over HTTPS with `tls` (a
+/// reloadable certificate, no client certificates), else plain HTTP.
 pub(crate) async fn serve(
     l: TcpListener,
+    tls: Option<rustls::ServerConfig>,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> &'static str {
-    let tls = match shared
-        .cfg
-        .admin_tls
-        .as_ref()
-        .map(|m| m.server_config_without_client_auth(b"http/1.1"))
-        .transpose()
-    {
-        Ok(t) => t,
-        Err(e) => {
-            // RelayConfig::validate built the same config: not expected.
-            tracing::error!(error = %e, "admin API TLS configuration");
-            return "admin";
-        }
-    };
     let app = router(shared);
     let shutdown = {
         let stop = stop.clone();

@@ -15,6 +15,7 @@ pub use crate::config_kube::{
     BootstrapFile, BootstrapSettings, KubeSettings, KubernetesFile, DEFAULT_CERT_LIFETIME,
 };
 pub use crate::config_tls::{RelayTlsFiles, TlsFiles, TlsReload};
+use relay_transport::reload::TlsPaths;
 use relay_transport::{QuicFile, QuicTuning, TlsMaterial};
 use serde::Deserialize;
 
@@ -111,6 +112,9 @@ pub struct RelayConfig {
     /// When set, the CONNECT TCP ingress requires TLS with client
     /// certificates from this material's CA (the apiserver's egress cert).
     pub connect_tls: Option<TlsMaterial>,
+    /// Files to reload `connect_tls` from (with the relay's `[tls]`, on
+    /// SIGHUP and when they change); `None` for a config built by code.
+    pub connect_tls_files: Option<TlsPaths>,
     /// Unix socket path of the HTTP CONNECT ingress, if enabled.
     pub connect_unix: Option<PathBuf>,
     /// Address of the admin API, if enabled (loopback by default).
@@ -121,6 +125,10 @@ pub struct RelayConfig {
     /// certificates: clients authenticate with the token) presenting this
     /// certificate. Required for an admin API off loopback.
     pub admin_tls: Option<TlsMaterial>,
+    /// Files to reload `admin_tls` from (`admin.cert`/`admin.key`, or the
+    /// relay's `[tls]` files when the admin API serves the relay's
+    /// certificate); `None` for a config built by code.
+    pub admin_tls_files: Option<TlsPaths>,
     /// Allow plaintext CONNECT (no [`RelayConfig::connect_tls`]) on a
     /// non-loopback address: whoever reaches it can open tunnels into
     /// every edge. Off by default; [`RelayConfig::validate`] refuses it.
@@ -167,10 +175,12 @@ impl RelayConfig {
             quic: QuicTuning::relay_default(),
             connect_listen: Some(lo),
             connect_tls: None,
+            connect_tls_files: None,
             connect_unix: None,
             admin_listen: Some(lo),
             admin_token: None,
             admin_tls: None,
+            admin_tls_files: None,
             allow_insecure_connect: false,
             allow_insecure_admin: false,
             nodes: HashMap::new(),
@@ -583,6 +593,21 @@ impl FileConfig {
             (None, Some(a)) => !is_loopback(&a),
             (None, None) => false,
         };
+        let admin_tls_files = match (&self.admin.cert, &self.admin.key) {
+            (Some(cert), Some(key)) if admin_tls_on => Some(TlsPaths {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls.client_ca.clone(),
+                crl: None,
+            }),
+            (None, None) if admin_tls_on => Some(TlsPaths {
+                cert: self.tls.cert.clone(),
+                key: self.tls.key.clone(),
+                client_ca: self.tls.client_ca.clone(),
+                crl: None,
+            }),
+            _ => None,
+        };
         let admin_tls = match (&self.admin.cert, &self.admin.key) {
             (Some(_), _) | (_, Some(_)) if !admin_tls_on => {
                 return Err(err(
@@ -626,10 +651,17 @@ impl FileConfig {
                 .as_ref()
                 .map(|t| t.load("connect_tls"))
                 .transpose()?,
+            connect_tls_files: self.connect_tls.as_ref().map(|t| TlsPaths {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+                client_ca: t.client_ca.clone(),
+                crl: None,
+            }),
             connect_unix: self.listen.connect_unix,
             admin_listen: self.listen.admin,
             admin_token,
             admin_tls,
+            admin_tls_files,
             allow_insecure_connect: self.listen.allow_insecure_connect,
             allow_insecure_admin: self.listen.allow_insecure_admin,
             nodes: self.nodes,

@@ -145,7 +145,9 @@ pub struct Relay {
     sessions: TaskTracker,
     capture: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
     background: CancellationToken,
-    tls: Arc<ReloadableServerTls>,
+    /// The listeners' TLS identities reloaded from files (the relay's own
+    /// `[tls]` first); empty for a config built by code.
+    reload_targets: Vec<crate::tls_reload::Target>,
     replicas: crate::replicas::Replicas,
 }
 
@@ -167,6 +169,15 @@ impl Relay {
         // One TLS state behind the QUIC endpoint and the TCP fallback, so a
         // reload reaches both (see `tls_reload`).
         let tls = ReloadableServerTls::new(&cfg.tls, &cfg.tls_crls, cfg.bootstrap.is_some())?;
+        let mut reload_targets: Vec<crate::tls_reload::Target> = cfg
+            .tls_reload
+            .iter()
+            .map(|r| crate::tls_reload::Target {
+                name: "tls",
+                state: tls.clone(),
+                paths: r.paths.clone(),
+            })
+            .collect();
         let (endpoint, tcp_listener) = bind_quic_and_tcp(&cfg, &tls).await?;
         let quic_addr = endpoint
             .local_addr()
@@ -222,9 +233,19 @@ impl Relay {
             connect_addr = Some(l.local_addr().map_err(bind_err("connect", addr))?);
             shared.policy.add_own_listener(connect_addr.unwrap_or(addr));
             let tls = match &shared.cfg.connect_tls {
-                Some(m) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
-                    m.server_config(b"http/1.1")?,
-                ))),
+                Some(m) => {
+                    let state = ReloadableServerTls::new(m, &[], false)?;
+                    if let Some(paths) = shared.cfg.connect_tls_files.clone() {
+                        reload_targets.push(crate::tls_reload::Target {
+                            name: "connect_tls",
+                            state: state.clone(),
+                            paths,
+                        });
+                    }
+                    Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+                        state.server_config(&[b"http/1.1"])?,
+                    )))
+                }
                 None => None,
             };
             tasks.spawn(crate::connect::serve_tcp(
@@ -256,7 +277,26 @@ impl Relay {
                 .map_err(bind_err("admin", addr))?;
             admin_addr = Some(l.local_addr().map_err(bind_err("admin", addr))?);
             shared.policy.add_own_listener(admin_addr.unwrap_or(addr));
-            tasks.spawn(crate::admin::serve(l, shared.clone(), accept_stop.clone()));
+            let tls = match &shared.cfg.admin_tls {
+                Some(m) => {
+                    let state = ReloadableServerTls::new(m, &[], false)?;
+                    if let Some(paths) = shared.cfg.admin_tls_files.clone() {
+                        reload_targets.push(crate::tls_reload::Target {
+                            name: "admin",
+                            state: state.clone(),
+                            paths,
+                        });
+                    }
+                    Some(state.server_config_without_client_auth(b"http/1.1")?)
+                }
+                None => None,
+            };
+            tasks.spawn(crate::admin::serve(
+                l,
+                tls,
+                shared.clone(),
+                accept_stop.clone(),
+            ));
         }
         let mut capture = None;
         if let Some(ccfg) = shared.cfg.capture.clone() {
@@ -311,8 +351,12 @@ impl Relay {
             accept_stop.clone(),
             sessions.clone(),
         ));
-        if let Some(r) = shared.cfg.tls_reload.clone() {
-            tokio::spawn(crate::tls_reload::watch(tls.clone(), r, background.clone()));
+        if let Some(r) = &shared.cfg.tls_reload {
+            tokio::spawn(crate::tls_reload::watch(
+                reload_targets.clone(),
+                r.interval,
+                background.clone(),
+            ));
         }
         info!(%quic_addr, connect = ?connect_addr, unix = ?unix_path, admin = ?admin_addr, relay_id = %shared.cfg.relay_id, "relay listening");
         Ok(Relay {
@@ -327,20 +371,23 @@ impl Relay {
             sessions,
             capture,
             background,
-            tls,
+            reload_targets,
             replicas,
         })
     }
 
     /// Re-reads the relay's certificate, key, client CA and CRLs from the
-    /// files of its `[tls]` section and uses them for new handshakes;
-    /// sessions already up are not touched. On an error nothing changes.
-    /// Returns the leaf certificate now served. A config built by code
-    /// (no files) has nothing to reload: an error.
+    /// files of its `[tls]` section, and the CONNECT listener's
+    /// (`[connect_tls]`) and the admin API's certificates from theirs, and
+    /// uses them for new handshakes; sessions and connections already up
+    /// are not touched. A listener whose files fail to load keeps what it
+    /// had (the others still reload). Returns the relay's leaf certificate
+    /// now served, or the first error. A config built by code (no files)
+    /// has nothing to reload: an error.
     pub fn reload_tls(
         &self,
     ) -> Result<rustls::pki_types::CertificateDer<'static>, crate::tls_reload::ReloadError> {
-        crate::tls_reload::reload(&self.tls, self.shared.cfg.tls_reload.as_ref())
+        crate::tls_reload::reload_all(&self.reload_targets)
     }
 
     /// The bound QUIC (UDP) address.

@@ -1,6 +1,8 @@
-//! The relay's TLS identity (certificate, key, client CA) and its CRLs,
-//! reloaded from their files on SIGHUP ([`crate::Relay::reload_tls`]) and
-//! when a poll every `tls.reload_interval` sees them change. A reload
+//! The relay's TLS identities — its own (certificate, key, client CA and
+//! CRLs: QUIC and the TCP fallback), the CONNECT listener's
+//! (`[connect_tls]`) and the admin API's — reloaded from their files on
+//! SIGHUP ([`crate::Relay::reload_tls`]) and when a poll every
+//! `tls.reload_interval` sees them change. A reload
 //! applies to new handshakes; sessions already up stay up (their TLS was
 //! verified when they connected). A failed reload (half-written file, key
 //! not matching the certificate) changes nothing and is retried every
@@ -8,13 +10,12 @@
 //! one is harmless.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use relay_transport::reload::ReloadableServerTls;
+use relay_transport::reload::{ReloadableServerTls, TlsPaths};
 use rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-
-use crate::config::TlsReload;
 
 /// A reload could not happen.
 #[derive(Debug, thiserror::Error)]
@@ -28,49 +29,80 @@ pub enum ReloadError {
     Tls(#[from] relay_transport::TlsError),
 }
 
-/// Reads `files` and puts what they hold in `state`; returns the leaf now
-/// served.
-pub(crate) fn reload(
-    state: &ReloadableServerTls,
-    files: Option<&TlsReload>,
-) -> Result<CertificateDer<'static>, ReloadError> {
-    let files = files.ok_or(ReloadError::NoFiles)?;
-    let (m, crls) = files.paths.load()?;
-    state.replace(&m, &crls)?;
-    let leaf = state.chain().into_iter().next();
-    info!(
-        cert = %files.paths.cert.display(),
-        crls = crls.len(),
-        "tls reloaded: new handshakes use it"
-    );
-    // `replace` refuses an empty chain, so there is a leaf.
-    leaf.ok_or(ReloadError::NoFiles)
+/// One listener's reloadable TLS and the files it is reloaded from.
+#[derive(Clone)]
+pub(crate) struct Target {
+    /// `tls` (QUIC and the TCP fallback), `connect_tls` or `admin`.
+    pub name: &'static str,
+    /// What its handshakes read.
+    pub state: Arc<ReloadableServerTls>,
+    /// Where it comes from.
+    pub paths: TlsPaths,
 }
 
-/// Polls the files' stamps every `files.interval` and reloads on a change
-/// (logging a failure and keeping the previous identity), until `stop`.
-pub(crate) async fn watch(
-    state: Arc<ReloadableServerTls>,
-    files: TlsReload,
-    stop: CancellationToken,
-) {
-    let mut seen = files.paths.stamp();
-    let mut tick = tokio::time::interval(files.interval);
+impl Target {
+    /// Reads the files and puts what they hold in the state; returns the
+    /// leaf now served.
+    pub(crate) fn reload(&self) -> Result<CertificateDer<'static>, ReloadError> {
+        let (m, crls) = self.paths.load()?;
+        self.state.replace(&m, &crls)?;
+        info!(
+            listener = self.name,
+            cert = %self.paths.cert.display(),
+            crls = crls.len(),
+            "tls reloaded: new handshakes use it"
+        );
+        // `replace` refuses an empty chain, so there is a leaf.
+        self.state
+            .chain()
+            .into_iter()
+            .next()
+            .ok_or(ReloadError::NoFiles)
+    }
+}
+
+/// Reloads every target; returns the first target's new leaf (the
+/// relay's own `[tls]`), or the first error (the others are still tried:
+/// one listener's broken file does not hold back another's renewal).
+pub(crate) fn reload_all(targets: &[Target]) -> Result<CertificateDer<'static>, ReloadError> {
+    let mut first: Option<Result<CertificateDer<'static>, ReloadError>> = None;
+    for t in targets {
+        let r = t.reload();
+        if let Err(e) = &r {
+            warn!(listener = t.name, error = %e, "tls reload failed; keeping the previous identity");
+        }
+        match (&first, r) {
+            (None, r) => first = Some(r),
+            (Some(Ok(_)), Err(e)) => first = Some(Err(e)),
+            _ => {}
+        }
+    }
+    first.unwrap_or(Err(ReloadError::NoFiles))
+}
+
+/// Polls each target's files every `interval` and reloads a target whose
+/// files changed (logging a failure and keeping its previous identity),
+/// until `stop`.
+pub(crate) async fn watch(targets: Vec<Target>, interval: Duration, stop: CancellationToken) {
+    let mut seen: Vec<_> = targets.iter().map(|t| t.paths.stamp()).collect();
+    let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = files.paths.stamp();
-        if now == seen {
-            continue;
-        }
-        // Stat and read run on this task: a few small files, once per change.
-        match reload(&state, Some(&files)) {
-            Ok(_) => seen = now,
-            Err(e) => {
-                warn!(error = %e, "tls files changed but could not be loaded; keeping the previous ones")
+        for (t, seen) in targets.iter().zip(seen.iter_mut()) {
+            let now = t.paths.stamp();
+            if now == *seen {
+                continue;
+            }
+            // Stat and read run on this task: a few small files, once per change.
+            match t.reload() {
+                Ok(_) => *seen = now,
+                Err(e) => {
+                    warn!(listener = t.name, error = %e, "tls files changed but could not be loaded; keeping the previous ones")
+                }
             }
         }
     }

@@ -207,6 +207,23 @@ impl ReloadableServerTls {
     }
 }
 
+impl ReloadableServerTls {
+    /// A TLS 1.3 server config resolving its certificate through `self`
+    /// and asking clients for none (the admin API: clients authenticate
+    /// with a bearer token), offering `alpn`.
+    pub fn server_config_without_client_auth(
+        self: &Arc<Self>,
+        alpn: &[u8],
+    ) -> Result<rustls::ServerConfig, TlsError> {
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        cfg.alpn_protocols = vec![alpn.to_vec()];
+        Ok(cfg)
+    }
+}
+
 impl ResolvesServerCert for ReloadableServerTls {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.now().cert)
