@@ -126,7 +126,6 @@ fn err(field: impl Into<String>, message: impl ToString) -> ConfigError {
 
 /// `[tls]`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TlsFile {
     /// Node certificate (PEM), SAN = node name; leave out with `[bootstrap]`.
     pub cert: Option<PathBuf>,
@@ -161,7 +160,6 @@ pub struct BootstrapConfig {
 
 /// `[bootstrap]` in edge.toml.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct BootstrapFile {
     /// See [`BootstrapConfig::token_file`].
     pub token_file: PathBuf,
@@ -171,7 +169,6 @@ pub struct BootstrapFile {
 
 /// `[timeouts]`.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TimeoutsFile {
     /// Dialing a local target (default 5s).
     #[serde(default, with = "humantime_serde")]
@@ -193,7 +190,6 @@ pub struct TimeoutsFile {
 
 /// `[backoff]`.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct BackoffFile {
     /// First delay cap (default 500ms).
     #[serde(default, with = "humantime_serde")]
@@ -208,8 +204,11 @@ pub struct BackoffFile {
 
 /// The edge client's TOML configuration file.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    /// The config format version the file was written for (default: this
+    /// build's). A newer one makes unknown keys warnings instead of errors
+    /// (see `relay_transport::config_file`).
+    pub config_version: Option<u32>,
     /// Node name. May be left out of the file when `--node` /
     /// `EDGE_NODE_NAME` gives it (one file for every edge).
     #[serde(default)]
@@ -282,7 +281,9 @@ impl FileConfig {
 
     /// Parses TOML text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| err("file", e.to_string().trim_end()))
+        relay_transport::config_file::parse(text, |f: &Self| f.config_version)
+            .map(|p| p.value)
+            .map_err(|e| err("file", e))
     }
 
     /// Validates and loads what the file points at.

@@ -379,7 +379,6 @@ pub(crate) fn err(field: impl Into<String>, message: impl ToString) -> ConfigErr
 
 /// `[listen]`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ListenFile {
     /// UDP address for QUIC.
     #[serde(default = "default_quic")]
@@ -416,7 +415,6 @@ fn default_admin() -> Option<SocketAddr> {
 
 /// `[limits]`.
 #[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 pub struct LimitsFile {
     /// See [`Limits::handshake_timeout`].
     #[serde(default, with = "humantime_serde")]
@@ -450,7 +448,6 @@ pub struct LimitsFile {
 
 /// `[admin]`.
 #[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 pub struct AdminFile {
     /// File holding the bearer token (trailing newline ignored).
     pub token_file: Option<PathBuf>,
@@ -467,8 +464,11 @@ pub struct AdminFile {
 
 /// The relay's TOML configuration file.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    /// The config format version the file was written for (default: this
+    /// build's). A newer one makes unknown keys warnings instead of errors
+    /// (see `relay_transport::config_file`).
+    pub config_version: Option<u32>,
     /// Replica name (default: the host name, else `relay-0`).
     pub relay_id: Option<String>,
     /// Listening addresses.
@@ -517,7 +517,9 @@ impl FileConfig {
 
     /// Parses TOML text; errors name the line and field.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| err("file", e.to_string().trim_end()))
+        relay_transport::config_file::parse(text, |f: &Self| f.config_version)
+            .map(|p| p.value)
+            .map_err(|e| err("file", e))
     }
 
     /// Validates and loads what the file points at.

@@ -66,7 +66,6 @@ pub struct BootstrapSettings {
 
 /// `[bootstrap]` in relay.toml.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct BootstrapFile {
     /// The issuing CA's certificate (PEM); must also be in `tls.client_ca`.
     pub ca_cert: PathBuf,
@@ -142,7 +141,6 @@ impl BootstrapFile {
 
 /// `[kubernetes]` in relay.toml.
 #[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 pub struct KubernetesFile {
     /// Turn in-cluster mode on.
     #[serde(default)]

@@ -14,7 +14,6 @@ use crate::config::{err, ConfigError};
 
 /// `[tls]`-style certificate paths.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TlsFiles {
     /// Certificate chain (PEM).
     pub cert: PathBuf,
@@ -32,7 +31,6 @@ impl TlsFiles {
 
 /// The relay's `[tls]`: [`TlsFiles`] plus revocation and reloading.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RelayTlsFiles {
     /// Relay certificate chain (PEM).
     pub cert: PathBuf,

@@ -32,7 +32,6 @@ use crate::config::ConfigError;
 
 /// `[replicas]` in relay.toml.
 #[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 pub struct ReplicasFile {
     /// `host:port` edges dial this replica at: its own address, not a load
     /// balancer's. Required with `[replicas]`.
@@ -58,7 +57,6 @@ pub struct ReplicasFile {
 
 /// One static peer.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PeerFile {
     /// The peer's `relay_id`.
     pub id: String,

@@ -233,3 +233,38 @@ fn lease_namespace_from_the_environment_turns_lease_membership_on() {
     let err = String::from_utf8_lossy(&leases.stderr);
     assert!(err.contains("lease_namespace"), "{err}");
 }
+
+/// A ConfigMap updated before every pod runs the new binary: a file that
+/// declares a newer `config_version` passes this binary's check with its
+/// unknown keys reported as warnings (no crash loop mid-rollout); the same
+/// keys without the declaration are typos, refused by name.
+#[test]
+fn a_newer_config_version_is_tolerated_and_typos_are_not() {
+    let dir = scratch("config-version");
+    let file = static_config(&dir);
+    let current = std::fs::read_to_string(&file).expect("read config");
+    let newer = format!("future_knob = 1\n{current}[limits]\nfuture_limit = 3\n");
+    let check = |text: &str| {
+        std::fs::write(&file, text).expect("write config");
+        relay_server(&["check-config", "--config", file.to_str().expect("utf-8")])
+    };
+    let out = check(&newer);
+    assert!(!out.status.success(), "typos accepted: {out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("`future_knob`") && stderr.contains("`limits.future_limit`"),
+        "{stderr}"
+    );
+    let out = check(&format!("config_version = 2\n{newer}"));
+    assert!(out.status.success(), "newer file refused: {out:?}");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        all.contains("future_knob") && all.contains("limits.future_limit"),
+        "the ignored keys must be reported: {all}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -49,7 +49,6 @@ impl Default for CaptureConfig {
 
 /// The `[capture]` section of either side's config file.
 #[derive(Debug, serde::Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 pub struct CaptureFile {
     /// Install capture (default false).
     #[serde(default)]

@@ -26,6 +26,7 @@
 
 pub mod capture;
 pub mod capture_config;
+pub mod config_file;
 pub mod conn;
 pub mod conntrack;
 pub mod devcerts;

@@ -323,7 +323,6 @@ pub fn client_endpoint_with(
 
 /// The `[quic]` section of either side's config file.
 #[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct QuicFile {
     /// Keep-alive interval (default 5s; keep well under 30s for CGNAT).
     #[serde(default, with = "humantime_serde")]

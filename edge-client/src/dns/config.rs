@@ -47,7 +47,6 @@ impl DnsConfig {
 
 /// `[dns]` in edge.toml.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DnsFile {
     /// Run the resolver (default false).
     #[serde(default)]
@@ -214,7 +213,11 @@ mod tests {
             };
             assert_eq!(parse(&text).unwrap_err().0, field, "{extra}");
         }
-        assert!(toml::from_str::<DnsFile>("enabled = true\nsurprise = 1").is_err());
+        assert!(relay_transport::config_file::parse::<DnsFile>(
+            "enabled = true\nsurprise = 1",
+            |_| None
+        )
+        .is_err());
         let c = parse(&format!("{base}cluster_domain = \"Corp.Example.\""))
             .unwrap()
             .unwrap();
