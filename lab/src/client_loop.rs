@@ -46,10 +46,12 @@ impl Event {
     }
 }
 
-/// One request of the loop: when it started, and its error if it failed.
+/// One request of the loop: when it started, how long it took, and its
+/// error if it failed.
 #[derive(Debug)]
 struct Attempt {
     at: Instant,
+    took: Duration,
     err: Option<String>,
 }
 
@@ -66,6 +68,8 @@ pub struct LoopReport {
     /// Per event: a row name, its text, and the time from the event to the
     /// start of the last failed request after it (zero: none failed).
     pub rows: Vec<(String, String, Duration)>,
+    /// The longest any request took, failed or not.
+    pub slowest: Duration,
 }
 
 /// The loop, running in its namespace until [`ClientLoop::finish`].
@@ -92,7 +96,11 @@ impl ClientLoop {
                 let at = Instant::now();
                 let target = targets[v.len() % targets.len()];
                 let err = get(target).await.err().map(|e| format!("{e:#}"));
-                v.push(Attempt { at, err });
+                v.push(Attempt {
+                    at,
+                    took: at.elapsed(),
+                    err,
+                });
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Ok(v)
@@ -113,6 +121,7 @@ impl ClientLoop {
             total: attempts.len(),
             ..LoopReport::default()
         };
+        r.slowest = attempts.iter().map(|a| a.took).max().unwrap_or_default();
         let owner = |a: &Attempt| events.iter().rposition(|e| e.at <= a.at);
         for a in attempts.iter().filter(|a| a.err.is_some()) {
             r.failed += 1;
@@ -125,6 +134,9 @@ impl ClientLoop {
             let mine: Vec<&Attempt> = attempts.iter().filter(|a| owner(a) == Some(k)).collect();
             let failed: Vec<&&Attempt> = mine.iter().filter(|a| a.err.is_some()).collect();
             let last = failed.iter().map(|a| a.at - e.at).max().unwrap_or_default();
+            // A request that succeeds only after a SYN retransmission is a
+            // gap too, even if nothing failed.
+            let slowest = mine.iter().map(|a| a.took).max().unwrap_or_default();
             let first = failed
                 .first()
                 .and_then(|a| a.err.as_deref())
@@ -133,10 +145,11 @@ impl ClientLoop {
             r.rows.push((
                 format!("new connections after {}", e.what),
                 format!(
-                    "{} of {} failed, the last {:.2}s after it{first}",
+                    "{} of {} failed, the last {:.2}s after it; slowest {:.2}s{first}",
                     failed.len(),
                     mine.len(),
-                    last.as_secs_f64()
+                    last.as_secs_f64(),
+                    slowest.as_secs_f64()
                 ),
                 last,
             ));

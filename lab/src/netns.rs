@@ -249,36 +249,6 @@ impl Role {
         }
     }
 
-    /// The NAT of edge site `site` (1 to 3).
-    pub fn nat(site: u8) -> Result<Role> {
-        match site {
-            1 => Ok(Role::Nat1),
-            2 => Ok(Role::Nat2),
-            3 => Ok(Role::Nat3),
-            _ => bail!("no edge site {site} (sites are 1 to 3)"),
-        }
-    }
-
-    /// The edge host of site `site` (1 to 3).
-    pub fn edge(site: u8) -> Result<Role> {
-        match site {
-            1 => Ok(Role::Edge1),
-            2 => Ok(Role::Edge2),
-            3 => Ok(Role::Edge3),
-            _ => bail!("no edge site {site} (sites are 1 to 3)"),
-        }
-    }
-
-    /// The edge pod of site `site` (1 to 3).
-    pub fn epod(site: u8) -> Result<Role> {
-        match site {
-            1 => Ok(Role::Epod1),
-            2 => Ok(Role::Epod2),
-            3 => Ok(Role::Epod3),
-            _ => bail!("no edge site {site} (sites are 1 to 3)"),
-        }
-    }
-
     /// The role's main address: the one other hosts would dial (the LAN
     /// address for cloud nodes), or `None` for the pure-L2 `switch` and
     /// `wan`. Edge hosts' addresses are the default topology's (a lab with

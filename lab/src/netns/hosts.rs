@@ -41,6 +41,30 @@ pub fn relay_host_lan_ip(i: u8) -> Ipv4Addr {
     }
 }
 
+impl Role {
+    /// The NAT of edge site `site` (1 to 3).
+    pub fn nat(site: u8) -> Result<Role> {
+        Role::of_site(site, [Role::Nat1, Role::Nat2, Role::Nat3])
+    }
+
+    /// The edge host of site `site` (1 to 3).
+    pub fn edge(site: u8) -> Result<Role> {
+        Role::of_site(site, [Role::Edge1, Role::Edge2, Role::Edge3])
+    }
+
+    /// The edge pod of site `site` (1 to 3).
+    pub fn epod(site: u8) -> Result<Role> {
+        Role::of_site(site, [Role::Epod1, Role::Epod2, Role::Epod3])
+    }
+
+    fn of_site(site: u8, roles: [Role; 3]) -> Result<Role> {
+        match site {
+            1..=3 => Ok(roles[usize::from(site - 1)]),
+            _ => anyhow::bail!("no edge site {site} (sites are 1 to 3)"),
+        }
+    }
+}
+
 impl LabOptions {
     /// Fails on values the lab cannot build.
     pub(super) fn check(&self) -> Result<()> {
