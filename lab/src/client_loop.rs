@@ -27,6 +27,9 @@ pub async fn get(target: SocketAddr) -> Result<()> {
     .with_context(|| format!("GET {target}"))
 }
 
+/// A request slower than this counts as stalled.
+pub const STALL: Duration = Duration::from_millis(500);
+
 /// Something that happened while the loop ran, and when.
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -62,11 +65,15 @@ pub struct LoopReport {
     pub total: usize,
     /// Requests that failed.
     pub failed: usize,
-    /// Failed requests that started before any event or later than the
-    /// gap after the last event before them.
+    /// Failed or stalled (slower than [`STALL`]) requests that started
+    /// before any event or later than the gap after the last event before
+    /// them.
     pub outside: usize,
+    /// Those requests: when they started (after the loop began), how long
+    /// they took, their error.
+    pub outside_detail: Vec<String>,
     /// Per event: a row name, its text, and the time from the event to the
-    /// start of the last failed request after it (zero: none failed).
+    /// start of the last failed or stalled request after it (zero: none).
     pub rows: Vec<(String, String, Duration)>,
     /// The longest any request took, failed or not.
     pub slowest: Duration,
@@ -80,7 +87,7 @@ pub struct ClientLoop {
 
 impl ClientLoop {
     /// Starts the loop in `ns`, round-robin over the HTTP pages of the
-    /// edge pods of `sites`, a request every 20 ms or so.
+    /// edge pods of `sites`, a new request every 20 ms.
     pub fn start(lab: &NetnsLab, ns: Role, sites: &[u8]) -> ClientLoop {
         let targets: Vec<SocketAddr> = sites
             .iter()
@@ -89,19 +96,28 @@ impl ClientLoop {
         let stop = Arc::new(AtomicBool::new(false));
         let st = stop.clone();
         let join = lab.spawn_in(ns, move || async move {
-            let mut v = Vec::new();
+            // Each request on a task of its own, started on a fixed beat:
+            // one request that hangs must not leave the loop blind to what
+            // happens meanwhile.
+            let mut tasks = Vec::new();
             let start = Instant::now();
             // Bounded whatever the caller does: ten minutes at most.
             while !st.load(SeqCst) && start.elapsed() < Duration::from_secs(600) {
-                let at = Instant::now();
-                let target = targets[v.len() % targets.len()];
-                let err = get(target).await.err().map(|e| format!("{e:#}"));
-                v.push(Attempt {
-                    at,
-                    took: at.elapsed(),
-                    err,
-                });
+                let target = targets[tasks.len() % targets.len()];
+                tasks.push(tokio::spawn(async move {
+                    let at = Instant::now();
+                    let err = get(target).await.err().map(|e| format!("{e:#}"));
+                    Attempt {
+                        at,
+                        took: at.elapsed(),
+                        err,
+                    }
+                }));
                 tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let mut v = Vec::new();
+            for t in tasks {
+                v.push(t.await?);
             }
             Ok(v)
         });
@@ -123,17 +139,33 @@ impl ClientLoop {
         };
         r.slowest = attempts.iter().map(|a| a.took).max().unwrap_or_default();
         let owner = |a: &Attempt| events.iter().rposition(|e| e.at <= a.at);
-        for a in attempts.iter().filter(|a| a.err.is_some()) {
-            r.failed += 1;
+        r.failed = attempts.iter().filter(|a| a.err.is_some()).count();
+        // A stall (a SYN retransmitted: 1 s) is held to the same gap as a
+        // failure.
+        let bad = |a: &&Attempt| a.err.is_some() || a.took > STALL;
+        for a in attempts.iter().filter(bad) {
             match owner(a) {
                 Some(k) if a.at - events[k].at <= gap => {}
-                _ => r.outside += 1,
+                _ => {
+                    r.outside += 1;
+                    r.outside_detail.push(format!(
+                        "started {:.2}s into the loop, took {:.2}s: {}",
+                        (a.at - attempts[0].at).as_secs_f64(),
+                        a.took.as_secs_f64(),
+                        a.err.as_deref().unwrap_or("ok, stalled")
+                    ));
+                }
             }
         }
         for (k, e) in events.iter().enumerate() {
             let mine: Vec<&Attempt> = attempts.iter().filter(|a| owner(a) == Some(k)).collect();
             let failed: Vec<&&Attempt> = mine.iter().filter(|a| a.err.is_some()).collect();
-            let last = failed.iter().map(|a| a.at - e.at).max().unwrap_or_default();
+            let last = mine
+                .iter()
+                .filter(|a| bad(a))
+                .map(|a| a.at - e.at)
+                .max()
+                .unwrap_or_default();
             // A request that succeeds only after a SYN retransmission is a
             // gap too, even if nothing failed.
             let slowest = mine.iter().map(|a| a.took).max().unwrap_or_default();
@@ -145,7 +177,7 @@ impl ClientLoop {
             r.rows.push((
                 format!("new connections after {}", e.what),
                 format!(
-                    "{} of {} failed, the last {:.2}s after it; slowest {:.2}s{first}",
+                    "{} of {} failed, the last failure or stall {:.2}s after it; slowest {:.2}s{first}",
                     failed.len(),
                     mine.len(),
                     last.as_secs_f64(),

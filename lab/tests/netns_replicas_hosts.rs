@@ -233,13 +233,17 @@ fn three_replicas_on_three_hosts_with_three_edges() -> Result<()> {
     table.push(
         &["client loop, whole run", "cpod2", "groups"],
         format!(
-            "{} requests, {} failed, every failure within {:.1}s of a kill or SIGTERM; slowest {:.2}s; rolling restart took {:.1}s",
+            "{} requests, {} failed, every failure and stall (> 0.5 s) within {:.1}s of a kill or SIGTERM; slowest {:.2}s; rolling restart took {:.1}s",
             report.total,
             report.failed,
             GAP.as_secs_f64(),
             report.slowest.as_secs_f64(),
             roll.as_secs_f64()
-        ),
+        ) + &if report.outside_detail.is_empty() {
+            String::new()
+        } else {
+            format!("; OUTSIDE: {:?}", report.outside_detail)
+        },
         report.outside == 0 && report.total > 100,
     );
 
