@@ -9,10 +9,12 @@
 //! `127.0.0.x`, so edges' routes never overlap and each edge's services
 //! bind to its own address.
 
+pub mod client_loop;
 pub mod cluster;
 pub mod edges;
 pub mod netns;
 pub mod replicas;
+pub mod route_agent;
 pub mod scenario;
 pub mod sources;
 

@@ -47,6 +47,9 @@
 //! ([`NetnsLab::edge_host_ip`], [`NetnsLab::nat_lan_ip`],
 //! [`NetnsLab::edge_lan_cidr`]) answer for the topology it was built
 //! with; the free functions of the same names describe the default one.
+//! [`LabOptions::relay_hosts`] and [`LabOptions::sites`] add relay hosts
+//! (`relay2`, `relay3`) and a third site (`nat3`, `edge3`, `epod3`): see
+//! `netns/hosts.rs`.
 //!
 //! Interfaces are created directly inside their namespaces, so their names
 //! (`lan0`, `eth0`, ...) only need to be unique per namespace and parallel
@@ -69,7 +72,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use nix::sched::CloneFlags;
 use relay_protocol::Cidr;
 
+mod hosts;
 mod options;
+pub use hosts::relay_host_lan_ip;
 pub use options::LabOptions;
 
 /// The relay node's cloud-LAN address (cloud-1).
@@ -101,7 +106,8 @@ pub const CPOD2_GW: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 1);
 pub const CPOD2_CIDR: &str = "10.244.2.0/24";
 /// The service (ClusterIP) range tests use with [`NetnsLab::sync_services`].
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
-/// The edge sites, numbered as in role and address names.
+/// The edge sites of the default topology, numbered as in role and
+/// address names (a lab's own: [`NetnsLab::sites`]).
 pub const SITES: [u8; 2] = [1, 2];
 
 /// NAT `site`'s public (WAN) address: `198.18.0.1{site}`.
@@ -177,10 +183,21 @@ pub enum Role {
     Epod1,
     /// A pod on edge host 2.
     Epod2,
+    /// A second relay host on the cloud LAN ([`LabOptions::relay_hosts`]).
+    Relay2,
+    /// A third relay host on the cloud LAN ([`LabOptions::relay_hosts`]).
+    Relay3,
+    /// Edge site 3's NAT router ([`LabOptions::sites`]).
+    Nat3,
+    /// Edge host 3 (behind nat3).
+    Edge3,
+    /// A pod on edge host 3.
+    Epod3,
 }
 
 impl Role {
-    /// Every role, in creation order.
+    /// Every role of the default topology, in creation order (the roles
+    /// [`LabOptions`] may add: [`Role::EXTRA`]).
     pub const ALL: [Role; 13] = [
         Role::Switch,
         Role::Relay,
@@ -195,6 +212,17 @@ impl Role {
         Role::Edge2,
         Role::Epod1,
         Role::Epod2,
+    ];
+
+    /// The roles built only when [`LabOptions`] asks for them, after
+    /// [`Role::ALL`] (declaration order, so a role's discriminant is its
+    /// index in `ALL` followed by `EXTRA`).
+    pub const EXTRA: [Role; 5] = [
+        Role::Relay2,
+        Role::Relay3,
+        Role::Nat3,
+        Role::Edge3,
+        Role::Epod3,
     ];
 
     /// The short name used as the namespace's suffix.
@@ -213,33 +241,11 @@ impl Role {
             Role::Edge2 => "edge2",
             Role::Epod1 => "epod1",
             Role::Epod2 => "epod2",
-        }
-    }
-
-    /// The NAT of edge site `site` (1 or 2).
-    pub fn nat(site: u8) -> Result<Role> {
-        match site {
-            1 => Ok(Role::Nat1),
-            2 => Ok(Role::Nat2),
-            _ => bail!("no edge site {site} (sites are 1 and 2)"),
-        }
-    }
-
-    /// The edge host of site `site` (1 or 2).
-    pub fn edge(site: u8) -> Result<Role> {
-        match site {
-            1 => Ok(Role::Edge1),
-            2 => Ok(Role::Edge2),
-            _ => bail!("no edge site {site} (sites are 1 and 2)"),
-        }
-    }
-
-    /// The edge pod of site `site` (1 or 2).
-    pub fn epod(site: u8) -> Result<Role> {
-        match site {
-            1 => Ok(Role::Epod1),
-            2 => Ok(Role::Epod2),
-            _ => bail!("no edge site {site} (sites are 1 and 2)"),
+            Role::Relay2 => "relay2",
+            Role::Relay3 => "relay3",
+            Role::Nat3 => "nat3",
+            Role::Edge3 => "edge3",
+            Role::Epod3 => "epod3",
         }
     }
 
@@ -261,6 +267,11 @@ impl Role {
             Role::Edge2 => edge_host_ip(2),
             Role::Epod1 => edge_pod_ip(1),
             Role::Epod2 => edge_pod_ip(2),
+            Role::Relay2 => relay_host_lan_ip(2),
+            Role::Relay3 => relay_host_lan_ip(3),
+            Role::Nat3 => nat_wan_ip(3),
+            Role::Edge3 => edge_host_ip(3),
+            Role::Epod3 => edge_pod_ip(3),
         })
     }
 }
@@ -313,8 +324,10 @@ impl Proto {
     }
 }
 
-/// The nodes that run kube-proxy (in their root namespaces): both cloud
-/// nodes, the apiserver host and both edge hosts.
+/// The nodes that run kube-proxy (in their root namespaces) in the default
+/// topology: both cloud nodes, the apiserver host and both edge hosts (a
+/// lab's own, extra relay hosts and edge hosts included:
+/// [`NetnsLab::kube_proxy_nodes`]).
 pub const KUBE_PROXY_NODES: [Role; 5] = [
     Role::Relay,
     Role::Cloud2,
@@ -575,7 +588,7 @@ fn run(cmd: &mut Command, what: &str) -> Result<String> {
 /// Default bound for [`NetnsLab::exec`].
 pub const EXEC_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The lab: thirteen namespaces wired as described in the module docs.
+/// The lab: the namespaces of the module docs (thirteen by default).
 /// Dropping it deletes them all.
 pub struct NetnsLab {
     tag: String,
@@ -617,8 +630,12 @@ impl NetnsLab {
     pub fn with_prefix_and_options(prefix: &str, opts: LabOptions) -> Result<NetnsLab> {
         let start = Instant::now();
         let tag = format!("{prefix}{}x{}", std::process::id(), next_id());
+        opts.check()?;
+        // A name for every role, built or not, so `ns` can index by
+        // discriminant; only the roles `opts` asks for are created.
         let names = Role::ALL
             .iter()
+            .chain(&Role::EXTRA)
             .map(|r| format!("{tag}-{}", r.as_str()))
             .collect();
         let mut lab = NetnsLab {
@@ -647,9 +664,12 @@ impl NetnsLab {
         &self.tag
     }
 
-    /// All namespace names of this lab.
+    /// All namespace names of this lab (of the roles it was built with).
     pub fn namespaces(&self) -> Vec<String> {
-        self.names.clone()
+        self.roles()
+            .into_iter()
+            .map(|r| self.ns(r).to_string())
+            .collect()
     }
 
     /// How long [`NetnsLab::new`] took.
@@ -658,15 +678,15 @@ impl NetnsLab {
     }
 
     fn build(&mut self) -> Result<()> {
-        for i in 0..self.names.len() {
-            let name = self.names[i].clone();
+        for role in self.roles() {
+            let name = self.ns(role).to_string();
             run(
                 Command::new("ip").args(["netns", "add", &name]),
                 &format!("ip netns add {name}"),
             )?;
             self.created.push(name);
         }
-        for role in Role::ALL {
+        for role in self.roles() {
             self.ip(role, "link set lo up")?;
         }
         use Role::*;
@@ -676,11 +696,8 @@ impl NetnsLab {
             (Wan, "br0"),
             (Relay, "cni0"),
             (Cloud2, "cni0"),
-            (Edge1, "cni0"),
-            (Edge2, "cni0"),
         ] {
-            self.ip(role, &format!("link add {br} type bridge"))?;
-            self.ip(role, &format!("link set {br} up"))?;
+            self.bridge(role, br)?;
         }
         // Cloud LAN.
         for (role, port, ip) in [
@@ -694,23 +711,13 @@ impl NetnsLab {
         // WAN.
         self.veth(Relay, "wan0", Wan, "relay", Some("br0"))?;
         self.ip(Relay, &format!("addr add {RELAY_WAN_IP}/24 dev wan0"))?;
-        for site in SITES {
-            let nat = Role::nat(site)?;
-            self.veth(nat, "wan0", Wan, nat.as_str(), Some("br0"))?;
-            self.ip(nat, &format!("addr add {}/24 dev wan0", nat_wan_ip(site)))?;
-        }
         // Pods: a veth whose node end is a port of the node's cni0 bridge,
         // so more pods could join the same segment later.
         for (node, pod, gw, ip) in [
             (Relay, Cpod1, CPOD1_GW, CPOD1_IP),
             (Cloud2, Cpod2, CPOD2_GW, CPOD2_IP),
-            (Edge1, Epod1, edge_pod_gw(1), edge_pod_ip(1)),
-            (Edge2, Epod2, edge_pod_gw(2), edge_pod_ip(2)),
         ] {
-            self.ip(node, &format!("addr add {gw}/24 dev cni0"))?;
-            self.veth(pod, "eth0", node, "vpod", Some("cni0"))?;
-            self.ip(pod, &format!("addr add {ip}/24 dev eth0"))?;
-            self.ip(pod, &format!("route add default via {gw}"))?;
+            self.pod(node, pod, gw, ip)?;
         }
         // Cloud routing, flannel host-gw style, plus what a route agent
         // would add for the edges on the nodes that do not run the relay.
@@ -735,22 +742,12 @@ impl NetnsLab {
                 self.ip(role, &format!("route add {net} via {RELAY_LAN_IP}"))?;
             }
         }
-        // Edge sites.
-        for site in SITES {
-            let (nat, edge) = (Role::nat(site)?, Role::edge(site)?);
-            self.veth(edge, "eth0", nat, "lan0", None)?;
-            let (gw, host) = (self.nat_lan_ip(site), self.edge_host_ip(site));
-            self.ip(nat, &format!("addr add {gw}/24 dev lan0"))?;
-            self.ip(edge, &format!("addr add {host}/24 dev eth0"))?;
-            self.ip(edge, &format!("route add default via {gw}"))?;
-            // The site router knows the pod CIDR behind the edge host (a
-            // static route), so replies to edge pods find their way back
-            // after de-masquerading.
-            self.ip(
-                nat,
-                &format!("route add {} via {host}", edge_pod_cidr(site)),
-            )?;
-            self.nft(nat, &nat_ruleset())?;
+        // Edge sites, and the relay hosts beyond the first.
+        for site in self.sites() {
+            self.build_site(site)?;
+        }
+        for i in 2..=self.opts.relay_hosts {
+            self.build_relay_host(i)?;
         }
         // The upstream gateway and every default route: nodes have one in
         // real clusters, and kube-proxy's output DNAT relies on it (the
@@ -781,10 +778,7 @@ impl NetnsLab {
         for role in [Cloud2, Apiserver] {
             self.ip(role, &format!("route add default via {RELAY_LAN_IP}"))?;
         }
-        for site in SITES {
-            self.ip(Role::nat(site)?, &format!("route add default via {WAN_GW}"))?;
-        }
-        for role in [Relay, Cloud2, Nat1, Nat2, Edge1, Edge2, Wan] {
+        for role in [Relay, Cloud2, Wan] {
             self.exec(role, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         }
         // kube-proxy on every node, with no Services yet.
@@ -793,7 +787,7 @@ impl NetnsLab {
     }
 
     /// `ip -n NS <args>` (args split on spaces).
-    fn ip(&self, ns: impl NsRef, args: &str) -> Result<String> {
+    pub(crate) fn ip(&self, ns: impl NsRef, args: &str) -> Result<String> {
         let ns = ns.ns_name(self);
         run(
             Command::new("ip").arg("-n").arg(ns).args(args.split(' ')),
@@ -803,7 +797,14 @@ impl NetnsLab {
 
     /// A veth pair created inside `a` with its peer moved straight into
     /// `b`, both up; the `b` end optionally enslaved to bridge `master`.
-    fn veth(&self, a: Role, a_if: &str, b: Role, b_if: &str, master: Option<&str>) -> Result<()> {
+    pub(crate) fn veth(
+        &self,
+        a: Role,
+        a_if: &str,
+        b: Role,
+        b_if: &str,
+        master: Option<&str>,
+    ) -> Result<()> {
         let b_ns = self.ns(b).to_string();
         self.ip(
             a,
@@ -970,7 +971,7 @@ impl NetnsLab {
     /// runs with no Services.
     pub fn sync_services(&self, mode: KubeProxyMode, services: &[KubeService]) -> Result<()> {
         let script = kube_proxy_ruleset(mode, services)?;
-        for node in KUBE_PROXY_NODES {
+        for node in self.kube_proxy_nodes() {
             self.nft(node, &script)
                 .with_context(|| format!("kube-proxy sync on {node}"))?;
         }
@@ -1048,26 +1049,6 @@ impl NetnsLab {
         )
         .map(drop)
     }
-}
-
-/// The edge NAT: masquerade out of the WAN, nothing new in from it. The
-/// `faults` chain runs first so a UDP block also hits established flows.
-fn nat_ruleset() -> String {
-    "table ip natlab {\n\
-       chain faults {\n\
-       }\n\
-       chain forward {\n\
-         type filter hook forward priority filter; policy accept;\n\
-         jump faults\n\
-         ct state established,related accept\n\
-         iifname \"wan0\" drop\n\
-       }\n\
-       chain postrouting {\n\
-         type nat hook postrouting priority srcnat;\n\
-         oifname \"wan0\" masquerade\n\
-       }\n\
-     }\n"
-    .to_string()
 }
 
 fn drain(pipe: Option<impl Read + Send + 'static>) -> mpsc::Receiver<String> {

@@ -7,9 +7,13 @@
 //! replica, byte-exact echo transfers, and a sampler of every edge's
 //! sessions across all replicas.
 //!
-//! The lab has one relay host: the replicas share its namespace and differ
-//! by address and ports, which is everything the protocol and the edges
-//! see of a replica (relay capture, one nftables table per node, is off).
+//! By default the lab has one relay host: the replicas share its namespace
+//! and differ by address and ports, which is everything the protocol and
+//! the edges see of a replica (relay capture, one nftables table per node,
+//! is off). A lab built with [`netns::LabOptions::relay_hosts`] gives
+//! replica `i` relay host `i` of its own ([`host`]): its admin and CONNECT
+//! ports are then on that host's LAN address ([`lan_ip`]), and capture can
+//! be on ([`replica_config_on`]).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -37,12 +41,32 @@ pub fn id(i: u8) -> String {
     format!("relay-{i}")
 }
 
-/// Replica `i`'s CONNECT port (on [`netns::RELAY_LAN_IP`]).
+/// Replica `i`'s relay host in `lab`: relay host `i` when the lab has it,
+/// the relay node otherwise.
+pub fn host(lab: &NetnsLab, i: u8) -> Role {
+    let hosts = lab.relay_hosts();
+    hosts
+        .get(usize::from(i).wrapping_sub(1))
+        .copied()
+        .unwrap_or(Role::Relay)
+}
+
+/// The cloud-LAN address replica `i`'s CONNECT and admin ports are on in
+/// `lab`: its own host's (see [`host`]).
+pub fn lan_ip(lab: &NetnsLab, i: u8) -> Ipv4Addr {
+    if usize::from(i) <= lab.relay_hosts().len() {
+        netns::relay_host_lan_ip(i)
+    } else {
+        netns::RELAY_LAN_IP
+    }
+}
+
+/// Replica `i`'s CONNECT port (on [`lan_ip`]).
 pub fn connect_port(i: u8) -> u16 {
     8130 + u16::from(i)
 }
 
-/// Replica `i`'s admin port (on [`netns::RELAY_LAN_IP`]).
+/// Replica `i`'s admin port (on [`lan_ip`]).
 pub fn admin_port(i: u8) -> u16 {
     9089 + u16::from(i)
 }
@@ -72,6 +96,23 @@ pub fn replica_config(pki: &DevPki, i: u8) -> Result<RelayConfig> {
     Ok(cfg)
 }
 
+/// [`replica_config`] for replica `i` in `lab`: CONNECT and admin on its
+/// host's LAN address ([`lan_ip`]), `[nodes]` for every site of the lab
+/// ([`crate::scenario::relay_config_in`]), and capture on when the replica
+/// has a host of its own (one nftables table per host).
+pub fn replica_config_on(lab: &NetnsLab, pki: &DevPki, i: u8) -> Result<RelayConfig> {
+    let mut cfg = replica_config(pki, i)?;
+    let own = crate::scenario::relay_config_in(lab, pki)?;
+    cfg.nodes = own.nodes;
+    cfg.connect_listen = Some(sa(lan_ip(lab, i), connect_port(i)));
+    cfg.admin_listen = Some(sa(lan_ip(lab, i), admin_port(i)));
+    let hosts = lab.relay_hosts().len();
+    if hosts > 1 && usize::from(i) <= hosts {
+        cfg.capture = own.capture;
+    }
+    Ok(cfg)
+}
+
 /// Edge `site`'s configuration for the replica tests: only replica 1's
 /// address (the rest comes from the replica set), QUIC, no capture, and
 /// short timings (keep-alive 1 s, handshake 3 s, backoff 0.2 s up to
@@ -89,36 +130,46 @@ pub fn replica_edge_config(pki: &DevPki, site: u8, backoff_max: Duration) -> Res
     Ok(cfg)
 }
 
-async fn admin_json(i: u8, path: &str) -> Result<serde_json::Value> {
-    let addr = sa(netns::RELAY_LAN_IP, admin_port(i));
+async fn admin_json(addr: SocketAddr, path: &str) -> Result<serde_json::Value> {
     let s = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr))
         .await
         .context("admin connect timed out")??;
     let (code, body) = crate::http_request(s, "GET", "admin", path, Some(ADMIN_TOKEN)).await?;
-    ensure!(code == 200, "replica {i}: GET {path}: HTTP {code}: {body}");
+    ensure!(
+        code == 200,
+        "replica at {addr}: GET {path}: HTTP {code}: {body}"
+    );
     Ok(serde_json::from_str(&body)?)
 }
 
-/// Replica `i`'s sessions, asked from inside the current namespace:
-/// node → session id.
+/// Replica `i`'s sessions (on the relay node), asked from inside the
+/// current namespace: node → session id.
 pub async fn sessions_async(i: u8) -> Result<BTreeMap<String, u64>> {
-    let rows: Vec<SessionRow> = serde_json::from_value(admin_json(i, "/v1/sessions").await?)?;
+    sessions_at(sa(netns::RELAY_LAN_IP, admin_port(i))).await
+}
+
+/// The sessions of the replica whose admin API is at `admin`, asked from
+/// inside the current namespace: node → session id.
+pub async fn sessions_at(admin: SocketAddr) -> Result<BTreeMap<String, u64>> {
+    let rows: Vec<SessionRow> = serde_json::from_value(admin_json(admin, "/v1/sessions").await?)?;
     Ok(rows.into_iter().map(|r| (r.node, r.session_id)).collect())
 }
 
 /// Replica `i`'s sessions (from the apiserver host): node → session id.
 pub fn sessions(lab: &NetnsLab, i: u8) -> Result<BTreeMap<String, u64>> {
+    let admin = sa(lan_ip(lab, i), admin_port(i));
     lab.run_in(Role::Apiserver, Duration::from_secs(5), move || {
-        sessions_async(i)
+        sessions_at(admin)
     })
 }
 
 /// The replica ids replica `i` tells its edges about (`GET /v1/replicas`).
 pub fn replica_ids(lab: &NetnsLab, i: u8) -> Result<Vec<String>> {
+    let admin = sa(lan_ip(lab, i), admin_port(i));
     let rows: Vec<serde_json::Value> = serde_json::from_value(lab.run_in(
         Role::Apiserver,
         Duration::from_secs(5),
-        move || async move { admin_json(i, "/v1/replicas").await },
+        move || async move { admin_json(admin, "/v1/replicas").await },
     )?)?;
     Ok(rows
         .iter()
@@ -126,11 +177,11 @@ pub fn replica_ids(lab: &NetnsLab, i: u8) -> Result<Vec<String>> {
         .collect())
 }
 
-/// Whether both edges have a session on each of `replicas`.
+/// Whether every edge of the lab has a session on each of `replicas`.
 pub fn all_edges_everywhere(lab: &NetnsLab, replicas: &[u8]) -> Result<bool> {
     for i in replicas {
         match sessions(lab, *i) {
-            Ok(s) if s.len() == netns::SITES.len() => {}
+            Ok(s) if s.len() == lab.sites().len() => {}
             _ => return Ok(false),
         }
     }
@@ -140,7 +191,7 @@ pub fn all_edges_everywhere(lab: &NetnsLab, replicas: &[u8]) -> Result<bool> {
 /// `CONNECT <target>` through replica `i` from the apiserver host, then a
 /// GET; returns the body.
 pub fn fetch_via(lab: &NetnsLab, i: u8, target: SocketAddr) -> Result<String> {
-    let proxy = sa(netns::RELAY_LAN_IP, connect_port(i));
+    let proxy = sa(lan_ip(lab, i), connect_port(i));
     lab.run_in(
         Role::Apiserver,
         Duration::from_secs(10),
@@ -162,8 +213,15 @@ pub async fn echo_through(
     total: usize,
     over: Duration,
 ) -> Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let s = crate::connect_via(proxy, &target.to_string()).await?;
+    echo_over(s, total, over).await
+}
+
+/// `total` bytes in 16 KiB writes paced over about `over` on `s` (a
+/// connection to an echo service, however it was reached), a half-close,
+/// and the same bytes back before EOF.
+pub async fn echo_over(s: TcpStream, total: usize, over: Duration) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut r, mut w) = s.into_split();
     let data: Vec<u8> = (0..total).map(|i| (i ^ (i >> 11)) as u8).collect();
     let send = data.clone();

@@ -202,7 +202,7 @@ pub fn relay_config(pki: &DevPki) -> Result<RelayConfig> {
 /// same one for both sites, which the relay then treats as ambiguous).
 pub fn relay_config_in(lab: &NetnsLab, pki: &DevPki) -> Result<RelayConfig> {
     let mut cfg = relay_config(pki)?;
-    for site in netns::SITES {
+    for site in lab.sites() {
         cfg.nodes.insert(
             format!("edge{site}"),
             vec![
@@ -738,6 +738,19 @@ impl RelayProcess {
         pki: &DevPki,
         cfg: &RelayConfig,
     ) -> Result<Self> {
+        Self::start_on(lab, Role::Relay, name, bin, pki, cfg)
+    }
+
+    /// [`RelayProcess::start_named`] on relay host `host` (see
+    /// [`NetnsLab::relay_hosts`]).
+    pub fn start_on(
+        lab: &NetnsLab,
+        host: Role,
+        name: &str,
+        bin: &Path,
+        pki: &DevPki,
+        cfg: &RelayConfig,
+    ) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("{}-{name}", lab.tag()));
         if dir.exists() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
@@ -753,7 +766,7 @@ impl RelayProcess {
         )?;
         let mut p = RelayProcess {
             bin: bin.to_path_buf(),
-            ns: lab.ns(Role::Relay).to_string(),
+            ns: lab.ns(host).to_string(),
             dir,
             child: None,
         };

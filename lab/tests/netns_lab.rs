@@ -306,6 +306,7 @@ fn repeated_lans_are_separate_networks_with_one_numbering() {
     }
     let lab = NetnsLab::with_options(LabOptions {
         repeated_lans: true,
+        ..LabOptions::default()
     })
     .expect("build netns lab with repeated LANs");
     println!("lab {} built in {:?}", lab.tag(), lab.build_time());

@@ -32,9 +32,10 @@ use relay_lab::replicas::{
     add_wan_addresses, admin_port, all_edges_everywhere, connect_port, echo_through, fetch_via,
     replica_config, replica_edge_config, sessions, wan,
 };
+use relay_lab::route_agent;
 use relay_lab::scenario::{
-    echo_service, lab_pki, launch, relay_server_binary, sa, services, start_edge, within,
-    RelayProcess, Running, ADMIN_TOKEN, ECHO, HTTP, QUIC_PORT,
+    echo_service, lab_pki, relay_server_binary, sa, services, start_edge, within, RelayProcess,
+    Running, ECHO, HTTP, QUIC_PORT,
 };
 use relay_protocol::Replica;
 use relay_server::replicas::{ReplicaSettings, ReplicaSource};
@@ -48,70 +49,15 @@ fn via(i: u8) -> Ipv4Addr {
 
 /// Runs the route agent (resilient multipath) on cloud2.
 fn start_agent(lab: &NetnsLab) -> Result<Running> {
-    let cfg = relay_server::multipath::MultipathConfig {
-        replicas: (1..=REPLICAS)
-            .map(|i| relay_server::multipath::ReplicaTarget {
-                admin: sa(netns::RELAY_LAN_IP, admin_port(i)),
-                via: via(i).into(),
-                tls: None,
-            })
-            .collect(),
-        token: Some(relay_server::Secret::new(ADMIN_TOKEN)),
-        interval: Duration::from_millis(300),
-        proto: 250,
-    };
-    launch(
-        lab,
-        Role::Cloud2,
-        "route agent",
-        move |ready, stop| async move {
-            let cancel = tokio_util::sync::CancellationToken::new();
-            let task = tokio::spawn(relay_server::multipath::run(cfg, cancel.clone()));
-            let _ = ready.send(Ok(()));
-            let _ = stop.await;
-            cancel.cancel();
-            task.await?;
-            Ok(())
-        },
-    )
+    let replicas: Vec<_> = (1..=REPLICAS)
+        .map(|i| (sa(netns::RELAY_LAN_IP, admin_port(i)), via(i)))
+        .collect();
+    route_agent::start(lab, Role::Cloud2, &replicas, Duration::from_millis(300))
 }
 
-/// On cloud2: prefix → (group id, member next hops), for our routes;
-/// fails if a group is not resilient.
+/// On cloud2: prefix → (group id, member next hops).
 fn groups(lab: &NetnsLab) -> Result<BTreeMap<String, (String, Vec<String>)>> {
-    let routes = lab.exec(Role::Cloud2, &["ip", "-4", "route", "show", "proto", "250"])?;
-    let nhs = lab.exec(Role::Cloud2, &["ip", "nexthop", "show"])?;
-    let via_of: BTreeMap<&str, &str> = nhs
-        .lines()
-        .filter_map(|l| {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            (w.len() > 3 && w[0] == "id" && w[2] == "via").then(|| (w[1], w[3]))
-        })
-        .collect();
-    let mut out = BTreeMap::new();
-    for l in routes
-        .lines()
-        .filter(|l| !l.starts_with(char::is_whitespace))
-    {
-        let w: Vec<&str> = l.split_whitespace().collect();
-        let Some(g) = w.windows(2).find(|p| p[0] == "nhid").map(|p| p[1]) else {
-            continue;
-        };
-        let line = nhs
-            .lines()
-            .find(|l| l.starts_with(&format!("id {g} group ")))
-            .with_context(|| format!("no group {g}: {nhs}"))?;
-        ensure!(line.contains("type resilient"), "not resilient: {line}");
-        let members = line
-            .split_whitespace()
-            .nth(3)
-            .unwrap_or_default()
-            .split('/')
-            .map(|id| via_of.get(id).copied().unwrap_or(id).to_string())
-            .collect();
-        out.insert(w[0].to_string(), (g.to_string(), members));
-    }
-    Ok(out)
+    route_agent::groups(lab, Role::Cloud2)
 }
 
 /// The static replica set every relay of these tests advertises:

@@ -78,6 +78,7 @@ fn run(claims: Claims, report: &str) -> Result<()> {
     let t0 = Instant::now();
     let lab = NetnsLab::with_options(LabOptions {
         repeated_lans: true,
+        ..LabOptions::default()
     })?;
     let build = lab.build_time();
     let shared = lab.edge_host_ip(1);

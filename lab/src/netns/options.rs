@@ -11,11 +11,11 @@ use std::net::Ipv4Addr;
 
 use relay_protocol::Cidr;
 
-use super::{cidr24, edge_pod_cidr, NetnsLab, SITES};
+use super::{cidr24, edge_pod_cidr, NetnsLab};
 
 /// How [`NetnsLab::with_options`] builds the lab. The default is the
 /// topology of the module docs, which every other test relies on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LabOptions {
     /// Both sites on the same LAN, `192.168.1.0/24`: edge hosts both
     /// `192.168.1.10`, NATs both `192.168.1.1` on their LAN side. Each
@@ -23,6 +23,25 @@ pub struct LabOptions {
     /// address stays distinct, so the two LANs are separate networks that
     /// happen to use the same numbers.
     pub repeated_lans: bool,
+    /// Relay hosts, 1 to 3 (default 1: the relay node alone). More add
+    /// `relay2` and `relay3`, cloud nodes on the cloud LAN and the WAN
+    /// like the relay node (see `netns/hosts.rs`), so relay replicas can
+    /// each run on a host of their own, with capture.
+    pub relay_hosts: u8,
+    /// Edge sites, 2 or 3 (default 2). Three add `nat3`, `edge3` and
+    /// `epod3`, numbered as the other sites are.
+    pub sites: u8,
+}
+
+impl Default for LabOptions {
+    /// The topology of the module docs.
+    fn default() -> Self {
+        LabOptions {
+            repeated_lans: false,
+            relay_hosts: 1,
+            sites: 2,
+        }
+    }
 }
 
 impl NetnsLab {
@@ -61,7 +80,7 @@ impl NetnsLab {
     /// range give one entry): what cloud nodes route to the relay node.
     pub fn edge_ranges(&self) -> Vec<Cidr> {
         let mut v = Vec::new();
-        for site in SITES {
+        for site in self.sites() {
             for net in [edge_pod_cidr(site), self.edge_lan_cidr(site)] {
                 if !v.contains(&net) {
                     v.push(net);

@@ -1,0 +1,109 @@
+//! The route agent (`relay-server route-agent`, resilient multipath mode)
+//! in the network-namespace lab: run in-process on a cloud node with a
+//! list of replicas, and read back what it installed there (one resilient
+//! nexthop group per edge prefix). Shared by the scale-out tests
+//! (`tests/netns_replicas.rs`, `tests/netns_replicas_hosts.rs`).
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+
+use crate::netns::{NetnsLab, Role};
+use crate::scenario::{launch, Running, ADMIN_TOKEN};
+
+/// Route protocol number the lab's agent marks its routes with.
+pub const PROTO: u8 = 250;
+
+/// Runs the route agent on `node`, polling every `interval` the replicas
+/// given as (admin API address, next hop) pairs; stopping the returned
+/// task makes it remove everything it installed.
+pub fn start(
+    lab: &NetnsLab,
+    node: Role,
+    replicas: &[(SocketAddr, Ipv4Addr)],
+    interval: Duration,
+) -> Result<Running> {
+    let cfg = relay_server::multipath::MultipathConfig {
+        replicas: replicas
+            .iter()
+            .map(|(admin, via)| relay_server::multipath::ReplicaTarget {
+                admin: *admin,
+                via: (*via).into(),
+                tls: None,
+            })
+            .collect(),
+        token: Some(relay_server::Secret::new(ADMIN_TOKEN)),
+        interval,
+        proto: PROTO,
+    };
+    launch(lab, node, "route agent", move |ready, stop| async move {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(relay_server::multipath::run(cfg, cancel.clone()));
+        let _ = ready.send(Ok(()));
+        let _ = stop.await;
+        cancel.cancel();
+        task.await?;
+        Ok(())
+    })
+}
+
+/// The agent's routes on `node`: prefix → (group id, member next hops);
+/// fails if a group is not resilient.
+pub fn groups(lab: &NetnsLab, node: Role) -> Result<BTreeMap<String, (String, Vec<String>)>> {
+    let proto = PROTO.to_string();
+    let routes = lab.exec(node, &["ip", "-4", "route", "show", "proto", &proto])?;
+    let nhs = lab.exec(node, &["ip", "nexthop", "show"])?;
+    let via_of: BTreeMap<&str, &str> = nhs
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() > 3 && w[0] == "id" && w[2] == "via").then(|| (w[1], w[3]))
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    for l in routes
+        .lines()
+        .filter(|l| !l.starts_with(char::is_whitespace))
+    {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let Some(g) = w.windows(2).find(|p| p[0] == "nhid").map(|p| p[1]) else {
+            continue;
+        };
+        let line = nhs
+            .lines()
+            .find(|l| l.starts_with(&format!("id {g} group ")))
+            .with_context(|| format!("no group {g}: {nhs}"))?;
+        ensure!(line.contains("type resilient"), "not resilient: {line}");
+        let members = line
+            .split_whitespace()
+            .nth(3)
+            .unwrap_or_default()
+            .split('/')
+            .map(|id| via_of.get(id).copied().unwrap_or(id).to_string())
+            .collect();
+        out.insert(w[0].to_string(), (g.to_string(), members));
+    }
+    Ok(out)
+}
+
+/// Whether every prefix of `prefixes` is routed on `node` through a group
+/// of exactly the next hops `want` (in any order).
+pub fn all_through(
+    lab: &NetnsLab,
+    node: Role,
+    prefixes: &[String],
+    want: &[String],
+) -> Result<bool> {
+    let g = groups(lab, node)?;
+    let mut want = want.to_vec();
+    want.sort();
+    Ok(prefixes.iter().all(|c| {
+        g.get(c).is_some_and(|(_, m)| {
+            let mut m = m.clone();
+            m.sort();
+            m == want
+        })
+    }))
+}
