@@ -233,7 +233,7 @@ fn three_replicas_on_three_hosts_with_three_edges() -> Result<()> {
     table.push(
         &["client loop, whole run", "cpod2", "groups"],
         format!(
-            "{} requests, {} failed, every failure and stall (> 0.5 s) within {:.1}s of a kill or SIGTERM; slowest {:.2}s; rolling restart took {:.1}s",
+            "{} requests, {} failed, every failure and stall (> 0.9 s) within {:.1}s of a kill or SIGTERM; slowest {:.2}s; rolling restart took {:.1}s",
             report.total,
             report.failed,
             GAP.as_secs_f64(),
