@@ -182,7 +182,7 @@ impl Credentials {
     pub(crate) async fn material(
         &self,
         cfg: &EdgeConfig,
-        dial: &super::client::Dialer<'_>,
+        dial: &super::dial::Dialer<'_>,
     ) -> Result<TlsMaterial, IdentityError> {
         if let Some(c) = self.get() {
             if matches!(cfg.identity, Identity::Static(_)) || SystemTime::now() < c.renew_at() {
@@ -196,7 +196,7 @@ impl Credentials {
     pub(crate) async fn renew(
         &self,
         cfg: &EdgeConfig,
-        dial: &super::client::Dialer<'_>,
+        dial: &super::dial::Dialer<'_>,
     ) -> Result<TlsMaterial, IdentityError> {
         let Identity::Bootstrap(b) = &cfg.identity else {
             return self
@@ -223,7 +223,7 @@ impl Credentials {
 async fn obtain(
     cfg: &EdgeConfig,
     b: &BootstrapConfig,
-    dial: &super::client::Dialer<'_>,
+    dial: &super::dial::Dialer<'_>,
 ) -> Result<Cert, IdentityError> {
     let fail =
         |what: &str, e: &dyn std::fmt::Display| IdentityError::Failed(format!("{what}: {e}"));

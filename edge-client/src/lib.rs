@@ -28,11 +28,13 @@ pub mod backoff;
 mod capture;
 pub mod client;
 pub mod config;
+mod dial;
 pub mod dns;
 mod identity;
 pub mod liveness;
 pub mod serve;
 pub mod services;
+mod session;
 mod subnets;
 mod supervisor;
 

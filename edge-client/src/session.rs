@@ -1,0 +1,384 @@
+//! One registered session, run until it ends: streams the relay opens,
+//! the control stream (pings, route and service updates, replica sets,
+//! GOAWAY), liveness, and the moves to a new connection (a QUIC probe
+//! from the TCP fallback, a renewed certificate).
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use relay_protocol::codec::{self, decode_control, write_frame, Incoming};
+use relay_protocol::{close_code, Cidr, Control};
+use relay_transport::udp::FlowTable;
+use relay_transport::{BiStream, TunnelConn};
+use tokio::sync::watch;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::client::{EdgeState, EdgeStats};
+use crate::config::{EdgeConfig, TransportMode};
+use crate::dial::{connect, AttemptError, Connected, Dialer};
+use crate::identity::{Credentials, IdentityError};
+use crate::liveness::{Liveness, Tick, DEAD_AFTER_KEEPALIVES};
+use crate::serve::{serve_stream, ServedRoutes, ServedSet};
+use crate::services::EdgeServices;
+
+/// Why a session's loop ended.
+pub(crate) enum SessionEnd {
+    /// The session is gone; reconnect after backoff.
+    Lost(String),
+    /// A QUIC session replaced this TCP one; run it now.
+    Upgrade(Box<Connected>),
+}
+
+/// The relay closed this session. When a move of ours is under way (a QUIC
+/// probe from the TCP fallback, or a session with a renewed certificate),
+/// that is usually the move itself: its new session registered and
+/// superseded this one, and the relay closed this one before the move's
+/// task read its answer. Let the move finish (bounded) rather than drop
+/// it: dropping it would close the new session too, and the node's routes
+/// would leave the relay until a reconnect after backoff.
+async fn finish_move(
+    pending: [&mut Option<AbortOnDropHandle<Result<Connected, AttemptError>>>; 2],
+    limit: Duration,
+    why: String,
+) -> SessionEnd {
+    for p in pending {
+        if let Some(p) = p.take() {
+            if let Ok(Ok(Ok(c))) = tokio::time::timeout(limit, p).await {
+                return SessionEnd::Upgrade(Box::new(c));
+            }
+        }
+    }
+    SessionEnd::Lost(why)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run_session(
+    conn: &TunnelConn,
+    flows: &Arc<FlowTable>,
+    control: BiStream,
+    cfg: &Arc<EdgeConfig>,
+    served: &Arc<ServedSet>,
+    services: &EdgeServices,
+    creds: &Arc<Credentials>,
+    stats: &Arc<EdgeStats>,
+    cancel: &CancellationToken,
+    state: &watch::Sender<EdgeState>,
+    dns: Option<&crate::dns::Resolver>,
+) -> SessionEnd {
+    let BiStream { mut send, recv } = control;
+    // Service names for the resolver, put together per session.
+    let mut names = dns.map(crate::dns::Resolver::batch);
+    let mut frames = FramedRead::new(recv, codec::frame_codec());
+    // Tunnel routes being assembled from RouteDelta frames; published to
+    // the state (and so to capture) only when a batch is complete, so the
+    // kernel never sees half of a large update.
+    let mut routes: std::collections::BTreeSet<Cidr> = match &*state.borrow() {
+        EdgeState::Connected { tunnel_routes, .. } => tunnel_routes.iter().copied().collect(),
+        _ => Default::default(),
+    };
+    // The relay pings every keep-alive interval; a relay silent for the
+    // idle timeout is gone (this is the only liveness check on TCP); the
+    // edge pings every interval too (see the tick arm).
+    let mut last_heard = Instant::now();
+    // Our pings: a ping unanswered for two keep-alive intervals means the
+    // path is gone (e.g. the NAT rebound and dropped the relay's reset), so
+    // we reconnect within 3 × keep-alive instead of waiting for the idle
+    // timeout, while a late pong on a congested uplink costs nothing.
+    let mut liveness = Liveness::new(cfg.quic.keepalive);
+    let mut rtt_logged: Option<Instant> = None;
+    let mut svc_batch = crate::services::Batch::default();
+    // The first ping at a random point of the first interval, not at once:
+    // edges that connected together (after a relay restart, a thousand
+    // within seconds) then ping spread over the interval, not in one burst
+    // the relay answers while its data path waits. The dead-path bound is
+    // unchanged: later pings still leave every interval.
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + cfg.quic.keepalive.mul_f64(rand::random::<f64>()),
+        cfg.quic.keepalive,
+    );
+    // A tick delayed (a busy runtime) must not fire a burst of pings that
+    // would then all count as in flight.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // On the TCP fallback in auto mode, keep trying QUIC in the background.
+    let probing =
+        cfg.transport == TransportMode::Auto && conn.kind() == relay_transport::TransportKind::Tcp;
+    let mut probe_at = tokio::time::Instant::now() + cfg.quic_probe_interval;
+    // Owned: dropping it (the session ends, the client shuts down) aborts
+    // the probe, so a probe can never outlive its session and register a
+    // QUIC session that supersedes a newer one (or appears after shutdown).
+    let mut probe: Option<AbortOnDropHandle<Result<Connected, AttemptError>>> = None;
+    // Certificate renewal (bootstrap identity): at two thirds of the
+    // certificate's life a new one is obtained and the session moves to a
+    // new connection that uses it; owned like the probe.
+    let mut renew_at = creds.renew_at(cfg).map(|t| {
+        tokio::time::Instant::now()
+            + t.duration_since(std::time::SystemTime::now())
+                .unwrap_or_default()
+    });
+    let mut renewal: Option<AbortOnDropHandle<Result<Connected, AttemptError>>> = None;
+    loop {
+        let reply = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                conn.close(close_code::NORMAL, "edge shutting down");
+                return SessionEnd::Lost("shutdown".into());
+            }
+            why = conn.closed() => {
+                return finish_move([&mut probe, &mut renewal], cfg.handshake_timeout, why).await;
+            }
+            bi = conn.accept_bi() => match bi {
+                Ok(bi) => {
+                    let f = (conn.clone(), flows.clone());
+                    tokio::spawn(serve_stream(bi, f, cfg.clone(), served.clone(), stats.clone()).in_current_span());
+                    continue;
+                }
+                Err(e) => {
+                    return finish_move([&mut probe, &mut renewal], cfg.handshake_timeout, e.to_string()).await;
+                }
+            },
+            f = frames.next() => match f {
+                Some(Ok(bytes)) => {
+                    last_heard = Instant::now();
+                    let msg = match decode_control(&bytes) {
+                        Ok(Incoming::Known { msg, .. }) => msg,
+                        Ok(Incoming::Unknown { variant }) => {
+                            // A newer relay's message: ignore it, so rolling
+                            // upgrades never cost a session.
+                            stats.control_unknown.fetch_add(1, Relaxed);
+                            debug!(variant, "ignoring unknown control message");
+                            continue;
+                        }
+                        Err(e) => {
+                            conn.close(close_code::PROTOCOL, "bad control frame");
+                            return SessionEnd::Lost(format!("bad control frame: {e}"));
+                        }
+                    };
+                    match msg {
+                        Control::Ping { nonce } => Control::Pong { nonce },
+                        Control::Pong { nonce } => {
+                            let late = liveness.in_flight() > 1;
+                            if let Some(rtt) = liveness.pong(nonce, Instant::now()) {
+                                note_rtt(stats, rtt, late, &mut rtt_logged);
+                            }
+                            continue;
+                        }
+                        Control::RouteUpdate { tunnel_routes } => {
+                            routes = tunnel_routes.iter().copied().collect();
+                            publish_routes(state, tunnel_routes);
+                            continue;
+                        }
+                        Control::RouteDelta { reset, add, remove, complete } => {
+                            if reset {
+                                routes.clear();
+                            }
+                            for c in &remove {
+                                routes.remove(c);
+                            }
+                            routes.extend(add);
+                            if complete {
+                                publish_routes(state, routes.iter().copied().collect());
+                            }
+                            continue;
+                        }
+                        Control::ServedRoutes { routes, primary_addr } => {
+                            info!(?routes, ?primary_addr, "relay changed what this edge serves");
+                            served.set(ServedRoutes { routes: routes.clone(), primary: primary_addr });
+                            state.send_modify(|s| {
+                                if let EdgeState::Connected { served_routes, .. } = s {
+                                    *served_routes = routes;
+                                }
+                            });
+                            continue;
+                        }
+                        Control::Replicas { replicas } => {
+                            // The supervisor reads it from the state and
+                            // keeps one session per replica.
+                            debug!(?replicas, "relay replica set");
+                            state.send_modify(|s| {
+                                if let EdgeState::Connected { replicas: r, .. } = s {
+                                    *r = Some(replicas);
+                                }
+                            });
+                            continue;
+                        }
+                        msg @ Control::ServiceDelta { .. } => {
+                            svc_batch.apply(&msg, services);
+                            continue;
+                        }
+                        Control::ServiceNames { reset, cluster_domain, upsert, remove, complete } => {
+                            if let Some(n) = names.as_mut() {
+                                n.frame(reset, cluster_domain, upsert, remove, complete);
+                            }
+                            continue;
+                        }
+                        Control::GoAway { reason, grace_ms } => {
+                            // The relay stops opening streams and closes when
+                            // the in-flight ones are done; we reconnect then.
+                            info!(%reason, grace_ms, "relay sent GOAWAY");
+                            continue;
+                        }
+                        _ => continue,
+                    }
+                }
+                Some(Err(e)) => {
+                    conn.close(close_code::PROTOCOL, "bad control frame");
+                    return SessionEnd::Lost(format!("control stream: {e}"));
+                }
+                None => {
+                    let why = "relay closed the control stream".to_string();
+                    return finish_move([&mut probe, &mut renewal], cfg.handshake_timeout, why).await;
+                }
+            },
+            _ = tick.tick() => {
+                if last_heard.elapsed() > cfg.quic.idle_timeout {
+                    conn.close(close_code::PROTOCOL, "relay silent");
+                    return SessionEnd::Lost(format!("nothing from the relay for {:?}", last_heard.elapsed()));
+                }
+                // The edge pings too: after a NAT rebinding an idle TCP
+                // session would otherwise send nothing until its idle
+                // timeout, while the relay's pings die at the NAT. Our ping
+                // leaves through the new mapping, the relay's kernel resets
+                // the unknown connection, and we reconnect in seconds.
+                match liveness.tick(Instant::now(), rand::random()) {
+                    Tick::Ping(nonce) => Control::Ping { nonce },
+                    Tick::Dead(age) => {
+                        conn.close(close_code::PROTOCOL, "ping unanswered");
+                        return SessionEnd::Lost(format!(
+                            "no answer to a ping for {age:?} ({} in flight)",
+                            liveness.in_flight()
+                        ));
+                    }
+                }
+            }
+            _ = sleep_until_some(renew_at), if renew_at.is_some() && renewal.is_none() => {
+                let (cfg, stats, creds) = (cfg.clone(), stats.clone(), creds.clone());
+                let limit = cfg.handshake_timeout * 2;
+                renewal = Some(AbortOnDropHandle::new(tokio::spawn(async move {
+                    let work = async {
+                        let dialer = Dialer { cfg: &cfg, stats: &stats, mode: cfg.transport };
+                        creds.renew(&cfg, &dialer).await.map_err(|e| match e {
+                            IdentityError::Refused(r) => AttemptError::Rejected(r),
+                            IdentityError::Failed(m) => AttemptError::Failed(m),
+                        })?;
+                        connect(&cfg, &stats, cfg.transport, &creds).await
+                    };
+                    tokio::time::timeout(limit, work)
+                        .await
+                        .unwrap_or_else(|_| Err(AttemptError::Failed(format!("no renewed session within {limit:?}"))))
+                })));
+                continue;
+            }
+            r = async {
+                match renewal.as_mut() {
+                    Some(p) => p.await,
+                    None => std::future::pending().await,
+                }
+            }, if renewal.is_some() => {
+                renewal = None;
+                match r {
+                    Ok(Ok(c)) => {
+                        info!("certificate renewed; moving the session to it");
+                        return SessionEnd::Upgrade(Box::new(c));
+                    }
+                    Ok(Err(e)) => {
+                        // The current certificate is still valid: try again
+                        // in a minute, until it is not.
+                        warn!(error = ?e, "certificate renewal failed; retrying in 60s");
+                        renew_at = Some(tokio::time::Instant::now() + Duration::from_secs(60));
+                    }
+                    Err(e) => warn!(error = %e, "certificate renewal task failed"),
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(probe_at), if probing && probe.is_none() => {
+                let (cfg, stats, creds) = (cfg.clone(), stats.clone(), creds.clone());
+                // A full QUIC session: registering it supersedes this one on
+                // the relay, in one step, so the routes never go away.
+                // Bounded like any attempt, so a probe into a black hole
+                // ends and the next one can start.
+                let limit = cfg.handshake_timeout;
+                probe = Some(AbortOnDropHandle::new(tokio::spawn(async move {
+                    tokio::time::timeout(limit, connect(&cfg, &stats, TransportMode::Quic, &creds))
+                        .await
+                        .unwrap_or_else(|_| Err(AttemptError::Failed(format!("no QUIC session within {limit:?}"))))
+                })));
+                continue;
+            }
+            r = async {
+                match probe.as_mut() {
+                    Some(p) => p.await,
+                    None => std::future::pending().await,
+                }
+            }, if probe.is_some() => {
+                probe = None;
+                probe_at = tokio::time::Instant::now() + cfg.quic_probe_interval;
+                match r {
+                    Ok(Ok(c)) => return SessionEnd::Upgrade(Box::new(c)),
+                    Ok(Err(AttemptError::Failed(e))) => debug!(error = %e, "QUIC probe failed; staying on TCP"),
+                    Ok(Err(AttemptError::Rejected(r))) => debug!(reason = r.reason.as_str(), "QUIC probe rejected"),
+                    Err(e) => debug!(error = %e, "QUIC probe task failed"),
+                }
+                continue;
+            }
+        };
+        // Bounded: on a path that died silently (a NAT that rebound and
+        // dropped the relay's reset) a write on the TCP fallback can block.
+        // The same allowance as an unanswered ping (two keep-alive
+        // intervals), so a write queued behind a slow uplink's backlog is
+        // not mistaken for a dead path, and a write started by a tick still
+        // fails within 3 × keep-alive of the path's death.
+        let write_limit = cfg.quic.keepalive * DEAD_AFTER_KEEPALIVES;
+        match tokio::time::timeout(write_limit, write_frame(&mut send, &reply)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return SessionEnd::Lost(format!("control write: {e}")),
+            Err(_) => {
+                conn.close(close_code::PROTOCOL, "control write stuck");
+                return SessionEnd::Lost(format!("control write not done within {write_limit:?}"));
+            }
+        }
+    }
+}
+
+/// How often the control RTT is logged at info (every pong is at debug).
+const RTT_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Records a measured control RTT in the stats, and logs it: at debug for
+/// every pong, at info once a minute (and for the first), so an operator
+/// sees a degraded uplink in the edge's log without debug logging.
+fn note_rtt(stats: &EdgeStats, rtt: Duration, late: bool, logged: &mut Option<Instant>) {
+    let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
+    stats.control_rtt_us.store(us, Relaxed);
+    stats.control_rtt_max_us.fetch_max(us, Relaxed);
+    if late {
+        stats.pongs_late.fetch_add(1, Relaxed);
+    }
+    let rtt_ms = rtt.as_secs_f64() * 1000.0;
+    if logged.is_none_or(|t| t.elapsed() >= RTT_LOG_EVERY) {
+        *logged = Some(Instant::now());
+        info!(rtt_ms, late, "control channel round trip");
+    } else {
+        debug!(rtt_ms, late, "control channel round trip");
+    }
+}
+
+/// Sleeps until `at`; never, for `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Makes a complete set of tunnel routes the session's (capture follows).
+fn publish_routes(state: &watch::Sender<EdgeState>, routes: Vec<Cidr>) {
+    state.send_modify(|s| {
+        if let EdgeState::Connected { tunnel_routes, .. } = s {
+            *tunnel_routes = routes;
+        }
+    });
+}
