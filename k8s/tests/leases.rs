@@ -77,15 +77,23 @@ async fn replicas_find_each_other_and_stale_leases_go() {
         !standin.leases(NS).contains_key("relay-old")
     })
     .await;
-    let collected = a
-        .stats()
-        .collected
-        .load(std::sync::atomic::Ordering::Relaxed)
-        + b.stats()
+    // The deleting replica counts it once the API has answered, which is
+    // after the stand-in's store shows the Lease gone: wait for the count,
+    // then give a second delete (which the preconditions must refuse) time
+    // to show up.
+    let collected = || {
+        a.stats()
             .collected
-            .load(std::sync::atomic::Ordering::Relaxed);
+            .load(std::sync::atomic::Ordering::Relaxed)
+            + b.stats()
+                .collected
+                .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    wait_until("the deletion is counted", BOUND, || collected() >= 1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
-        collected, 1,
+        collected(),
+        1,
         "exactly one replica deleted it (preconditions)"
     );
     // The calls a replica makes, as the RBAC rules must allow them.
