@@ -114,10 +114,17 @@ pub(crate) async fn snapshot(procs: &[(String, u32)], admin: SocketAddr) -> Resu
     })
 }
 
-/// Waits (at most `limit`) until the relay has no streams, CONNECT
-/// connections or UDP flows open and `sessions` sessions, then lets the
-/// processes settle `settle` more (freed memory returned, TIME_WAIT
-/// irrelevant to fds) and takes a snapshot. Returns it and the wait.
+/// Whether the relay is idle: no streams, CONNECT connections or UDP
+/// flows open, and `sessions` sessions.
+fn idle(g: &Gauges, sessions: f64) -> bool {
+    g.streams == 0.0 && g.connect == 0.0 && g.udp_flows == 0.0 && g.sessions == sessions
+}
+
+/// Waits (at most `limit`) until the relay is idle, lets the processes
+/// settle `settle` more (freed memory returned, closed sockets reaped)
+/// and takes a snapshot; repeated if the relay was busy again by then
+/// (a connection the kernel still held in its listen queue arriving
+/// late). Returns the snapshot and the wait.
 pub(crate) async fn settled(
     procs: &[(String, u32)],
     admin: SocketAddr,
@@ -128,8 +135,13 @@ pub(crate) async fn settled(
     let t0 = Instant::now();
     loop {
         let g = gauges(admin).await?;
-        if g.streams == 0.0 && g.connect == 0.0 && g.udp_flows == 0.0 && g.sessions == sessions {
-            break;
+        if idle(&g, sessions) {
+            tokio::time::sleep(settle).await;
+            let s = snapshot(procs, admin).await?;
+            if idle(&s.gauges, sessions) {
+                return Ok((s, t0.elapsed()));
+            }
+            eprintln!("  relay busy again after settling: {:?}", s.gauges);
         }
         ensure!(
             t0.elapsed() < limit,
@@ -137,9 +149,6 @@ pub(crate) async fn settled(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let idle = t0.elapsed();
-    tokio::time::sleep(settle).await;
-    Ok((snapshot(procs, admin).await?, idle))
 }
 
 /// One compared figure.
