@@ -88,6 +88,20 @@ fn dropped(lab: &NetnsLab, reason: &str) -> Result<f64> {
     )
 }
 
+/// Every reason of `relay_udp_dropped_total`, in the order printed.
+fn all_dropped(lab: &NetnsLab) -> Result<Vec<f64>> {
+    [
+        "oversize",
+        "queue_full",
+        "unknown_flow",
+        "flow_cap",
+        "starting",
+    ]
+    .iter()
+    .map(|r| dropped(lab, r))
+    .collect()
+}
+
 /// The relay has no flow and no stream open.
 fn relay_idle(lab: &NetnsLab) -> Result<bool> {
     Ok(metric(lab, "relay_udp_flows")? == 0.0 && metric(lab, "relay_streams_open")? == 0.0)
@@ -200,16 +214,7 @@ fn udp_flows_and_a_datagram_flood_leave_nothing_behind() -> Result<()> {
     }
 
     // 2. The flood, with HTTP over the tunnel meanwhile.
-    let before: Vec<f64> = [
-        "oversize",
-        "queue_full",
-        "unknown_flow",
-        "flow_cap",
-        "starting",
-    ]
-    .iter()
-    .map(|r| dropped(&lab, r))
-    .collect::<Result<_>>()?;
+    let before = all_dropped(&lab)?;
     let flood = lab.spawn_in(Role::Cpod1, move || async move {
         let s = UdpSocket::bind(sa(Ipv4Addr::UNSPECIFIED, 0)).await?;
         s.connect(udp).await?;
@@ -252,16 +257,7 @@ fn udp_flows_and_a_datagram_flood_leave_nothing_behind() -> Result<()> {
     let (sent_in, replies) = flood
         .join()
         .map_err(|_| anyhow::anyhow!("flood thread panicked"))??;
-    let after: Vec<f64> = [
-        "oversize",
-        "queue_full",
-        "unknown_flow",
-        "flow_cap",
-        "starting",
-    ]
-    .iter()
-    .map(|r| dropped(&lab, r))
-    .collect::<Result<_>>()?;
+    let after = all_dropped(&lab)?;
     let d: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
     eprintln!(
         "udp soak: flood of {FLOOD} × 1000 B + {BIG} × 3000 B sent in {:.2}s, {replies} replies; relay drops oversize {} queue_full {} unknown_flow {} flow_cap {} starting {}; {requests} HTTP requests during it, slowest {:.0} ms",

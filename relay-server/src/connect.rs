@@ -549,7 +549,10 @@ mod tests {
                 tokio::net::TcpStream::connect(addr),
             )
             .await;
-            clients.push(c.expect("handshake not completed: accept queue full").unwrap());
+            clients.push(
+                c.expect("handshake not completed: accept queue full")
+                    .unwrap(),
+            );
         }
         assert_eq!(clients.len(), n);
     }

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::flood::echo_probe;
 use super::probe::{relay_metrics, series};
-use super::{churn, snap_json, Rig, Sampler};
+use super::{churn, Rig};
 use crate::common::Counter;
 
 /// `relay_sessions_accepted_total`.
@@ -31,7 +31,6 @@ pub(crate) async fn run(rig: &mut Rig, flaps: u64, window: Duration) -> Result<s
     let probe = tokio::spawn(echo_probe(rig.via(0), stop.clone()));
     let done: Counter = Arc::new(AtomicU64::new(0));
     let traffic = tokio::spawn(churn(vec![rig.via(0)], u64::MAX, stop.clone(), 8, done));
-    let sampler = Sampler::start(rig);
     let t0 = Instant::now();
     let mut worst = Duration::ZERO;
     for k in 0..flaps {
@@ -65,7 +64,6 @@ pub(crate) async fn run(rig: &mut Rig, flaps: u64, window: Duration) -> Result<s
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Relaxed);
     let (ok, errors, first, p99, max) = probe.await??;
-    let peak = sampler.stop().await;
     let traffic = tokio::time::timeout(Duration::from_secs(30), traffic)
         .await
         .context("edge 0's traffic did not stop")???;
@@ -103,6 +101,6 @@ pub(crate) async fn run(rig: &mut Rig, flaps: u64, window: Duration) -> Result<s
         "edge0_connections": traffic.ok, "edge0_errors": traffic.errors, "edge0_first_error": traffic.first_error,
         "edge0_p99_us": traffic.p99_us, "edge0_max_us": traffic.max_us,
         "probe_ok": ok, "probe_errors": errors, "probe_first_error": first, "probe_p99_us": p99, "probe_max_us": max,
-        "pass": pass, "peak": peak.map(|p| snap_json(&p))}),
+        "pass": pass}),
     )
 }

@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::probe::{labelled, relay_metrics, tcp_ext};
-use super::{snap_json, Rig, Sampler};
+use super::Rig;
 use crate::common::{Binaries, ChildGuard, Via};
 use crate::rr::new_hist;
 
@@ -103,7 +103,6 @@ pub(crate) async fn run(
     let stop = Arc::new(AtomicBool::new(false));
     let probe = tokio::spawn(echo_probe(rig.via(0), stop.clone()));
     let tries = tokio::spawn(new_connects(rig.via(1), stop.clone()));
-    let sampler = Sampler::start(rig);
     let mut helpers = Vec::new();
     for p in 0..procs {
         let count = n / procs + u64::from(p < n % procs);
@@ -142,7 +141,6 @@ pub(crate) async fn run(
         results.push(v);
     }
     stop.store(true, Relaxed);
-    let peak = sampler.stop().await;
     let (ok, errors, first, p99, max) = probe.await??;
     let tried = tries.await?;
     let m1 = relay_metrics(rig.relay.admin).await?;
@@ -179,6 +177,6 @@ pub(crate) async fn run(
         json!({"clients": n, "procs": procs, "hold_s": hold.as_secs_f64(), "helpers": results,
               "relay_answers": answered, "probe_ok": ok, "probe_errors": errors, "probe_first_error": first,
               "probe_p99_us": p99, "probe_max_us": max, "new_connects": tried, "unexpected_client_outcomes": bad, "listen_overflows": overflows,
-              "pass": pass, "peak": peak.map(|p| snap_json(&p))}),
+              "pass": pass}),
     )
 }

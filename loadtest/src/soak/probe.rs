@@ -114,6 +114,26 @@ pub(crate) async fn snapshot(procs: &[(String, u32)], admin: SocketAddr) -> Resu
     })
 }
 
+/// [`snapshot`] for sampling under load: a process that is gone (an edge
+/// being restarted) counts as zeros rather than failing the sample.
+pub(crate) async fn snapshot_lenient(
+    procs: &[(String, u32)],
+    admin: SocketAddr,
+) -> Result<Snapshot> {
+    let zero = ProcFigures {
+        fds: 0,
+        rss: 0,
+        threads: 0,
+    };
+    Ok(Snapshot {
+        procs: procs
+            .iter()
+            .map(|(n, p)| (n.clone(), proc_figures(*p).unwrap_or(zero)))
+            .collect(),
+        gauges: gauges(admin).await?,
+    })
+}
+
 /// Whether the relay is idle: no streams, CONNECT connections or UDP
 /// flows open, and `sessions` sessions.
 fn idle(g: &Gauges, sessions: f64) -> bool {
