@@ -266,6 +266,37 @@ impl ChildGuard {
         Ok(())
     }
 
+    /// Waits (bounded) for the process to exit by itself; fails if it did
+    /// not or exited unsuccessfully.
+    pub(crate) async fn wait_exit(&mut self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        let Some(c) = self.child.as_mut() else {
+            return Ok(());
+        };
+        loop {
+            if let Some(st) = c.try_wait()? {
+                self.child = None;
+                ensure!(st.success(), "{} failed: {st}", self.name);
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{} still running after {limit:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends SIGKILL and reaps the process at once (a crash, for tests
+    /// of what the peers do then).
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Sends SIGTERM and waits (bounded) for exit; SIGKILL after `grace`.
     pub(crate) async fn terminate(&mut self, grace: Duration) -> Result<()> {
         let Some(mut c) = self.child.take() else {
@@ -340,6 +371,8 @@ pub(crate) struct Bench {
     pub(crate) bins: Binaries,
     /// Number of nodes in the PKI and the relay config.
     pub(crate) nodes: usize,
+    /// Lines added to the relay config's `[limits]` (`key = value\n`).
+    pub(crate) relay_limits: String,
     pki: DevPki,
 }
 
@@ -356,6 +389,7 @@ impl Bench {
             dir,
             bins: Binaries::locate()?,
             nodes,
+            relay_limits: String::new(),
             pki,
         })
     }
@@ -401,7 +435,9 @@ impl Bench {
         }
         // A short drain, so a restart (storm) does not wait 30 s for the
         // benchmark's own open streams.
-        t.push_str("[limits]\ndrain_grace = \"1s\"\n[nodes]\n");
+        t.push_str("[limits]\ndrain_grace = \"1s\"\n");
+        t.push_str(&self.relay_limits);
+        t.push_str("[nodes]\n");
         for i in 0..self.nodes {
             t.push_str(&format!("\"{}\" = [\"{}/32\"]\n", edge_name(i), edge_ip(i)));
         }

@@ -35,7 +35,7 @@ pub(crate) struct Args {
 
 /// One connection's life: open, 64-byte round trip, half-close, wait for
 /// the service's close.
-async fn one(via: Via) -> Result<()> {
+pub(crate) async fn one(via: Via) -> Result<()> {
     let mut s = via.open().await?;
     let msg = [0x42u8; 64];
     s.write_all(&msg).await?;

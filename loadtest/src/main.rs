@@ -9,6 +9,7 @@
 //! - [`demo`]: `loadtest demo`, the README's local demo (all in-process);
 //! - [`bulk`], [`rr`], [`connect`], [`sessions`], [`streams`], [`storm`],
 //!   [`replicas`], [`idle`] (`rr-idle`): one benchmark each;
+//! - [`soak`]: phases of load, each checked for a return to the baseline;
 //! - [`bare`]: bulk over quinn alone (`bulk`'s `bare-quic` path, the
 //!   ceiling), and its sink process;
 //! - [`common`]: PKI and config files, child processes (killed on drop),
@@ -33,6 +34,7 @@ mod rathole;
 mod replicas;
 mod rr;
 mod sessions;
+mod soak;
 mod storm;
 mod streams;
 mod svg;
@@ -71,6 +73,12 @@ enum Cmd {
     /// R relay replicas, N edges on each: memory per replica, time until
     /// every edge is on every replica, and back after one replica restarts.
     Replicas(replicas::Args),
+    /// One relay and two edges soaked in phases (100,000 tunnelled
+    /// connections, 100,000 half-open CONNECTs, an edge flapping 100 times
+    /// a minute); fds, RSS, threads and tasks compared with the baseline.
+    Soak(soak::Args),
+    #[command(hide = true)]
+    HalfopenProcess(soak::halfopen::ProcArgs),
     #[command(hide = true)]
     RelayProcess(procs::RelayArgs),
     #[command(hide = true)]
@@ -96,6 +104,8 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Storm(a) => storm::run(a).await,
         Cmd::RrIdle(a) => idle::run(a).await,
         Cmd::Replicas(a) => replicas::run(a).await,
+        Cmd::Soak(a) => soak::run(a).await,
+        Cmd::HalfopenProcess(a) => soak::halfopen::process(a).await,
         Cmd::RelayProcess(a) => procs::relay(a).await,
         Cmd::EdgeProcess(a) => procs::edge(a).await,
         Cmd::EchoProcess(a) => procs::echo(a).await,

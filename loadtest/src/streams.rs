@@ -38,7 +38,10 @@ pub(crate) struct Args {
 }
 
 /// Starts `loadtest echo-process` at `ip` and returns its address.
-async fn start_echo(bench: &Bench, ip: std::net::IpAddr) -> Result<(ChildGuard, SocketAddr)> {
+pub(crate) async fn start_echo(
+    bench: &Bench,
+    ip: std::net::IpAddr,
+) -> Result<(ChildGuard, SocketAddr)> {
     let ready = bench.dir.path().join("echo-ready");
     let _ = std::fs::remove_file(&ready);
     let mut cmd = Binaries::self_cmd()?;

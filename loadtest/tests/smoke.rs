@@ -111,3 +111,40 @@ fn nonsense_arguments_are_refused_with_a_reason() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+/// `soak` with tiny sizes: every phase's checks pass and fds, threads and
+/// relay tasks come back to the baseline (RSS only reported: a few
+/// thousand connections move it by more than 5 % once, see
+/// docs/benchmarks.md).
+#[test]
+fn soak_with_tiny_sizes_comes_back_to_its_baseline() {
+    let v = run(&[
+        "soak",
+        "--connections",
+        "2000",
+        "--halfopen",
+        "900",
+        "--halfopen-procs",
+        "3",
+        "--halfopen-hold",
+        "6s",
+        "--header-timeout",
+        "2s",
+        "--flaps",
+        "6",
+        "--flap-window",
+        "6s",
+        "--settle",
+        "1s",
+        "--rss",
+        "report",
+    ]);
+    assert_eq!(v["pass"], true, "{v}");
+    assert_eq!(f(&v["tcp"]["result"]["ok"]), 2000.0, "{v}");
+    let h = &v["halfopen"]["result"];
+    assert_eq!(f(&h["unexpected_client_outcomes"]), 0.0, "{h}");
+    assert_eq!(f(&h["probe_errors"]), 0.0, "{h}");
+    let fl = &v["flap"]["result"];
+    assert!(f(&fl["sessions_accepted"]) >= 6.0, "{fl}");
+    assert_eq!(f(&fl["edge0_errors"]), 0.0, "{fl}");
+}

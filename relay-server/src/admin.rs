@@ -391,7 +391,8 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
             .render(shared.registry.len(), shared.cfg.limits.max_sessions)
             + &crate::metrics::render_udp(&shared.udp)
             + &crate::metrics::render_capture(&shared)
-            + &crate::metrics::render_status(shared.status.stats()),
+            + &crate::metrics::render_status(shared.status.stats())
+            + &crate::metrics::render_runtime(&shared),
     )
         .into_response()
 }

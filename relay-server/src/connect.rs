@@ -34,6 +34,28 @@ use crate::server::Shared;
 use crate::services::NameLookup;
 use crate::tunnel::{decide, open_on, route_any, route_backend, Route};
 
+/// Listen backlog of the CONNECT ingress (the kernel caps it at
+/// `net.core.somaxconn`, 4096 by default). `TcpListener::bind` asks for
+/// 128: a burst of clients larger than that (100,000 half-open CONNECTs
+/// in `loadtest soak`) overflowed the accept queue, and a client that
+/// sends nothing after its SYN then waited for the kernel's SYN-ACK
+/// retransmissions (1, 3, 7, 15 s...) before the relay even saw it.
+pub(crate) const CONNECT_BACKLOG: u32 = 4096;
+
+/// Binds the CONNECT ingress's TCP listener with [`CONNECT_BACKLOG`]
+/// (and `SO_REUSEADDR`, as `TcpListener::bind` does on Unix: a restarted
+/// relay rebinds while its old connections are in TIME_WAIT).
+pub(crate) fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(CONNECT_BACKLOG)
+}
+
 /// Accepts CONNECT clients on TCP, optionally behind TLS with client auth.
 pub(crate) async fn serve_tcp(
     l: TcpListener,
@@ -506,6 +528,33 @@ mod tests {
         );
         assert!(r.tcp_user_timeout().unwrap().is_some());
         drop(c);
+    }
+
+    /// Clients the relay has not accepted yet complete their handshake as
+    /// long as the accept queue has room: 1,000 here (or somaxconn - 1),
+    /// where `TcpListener::bind`'s 128 let the rest hang in SYN retries.
+    #[tokio::test]
+    async fn a_burst_of_clients_fits_the_accept_queue() {
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(4096);
+        let n = 1000.min(somaxconn - 1);
+        let l = bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..n {
+            let c = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await;
+            clients.push(
+                c.expect("handshake not completed: accept queue full")
+                    .unwrap(),
+            );
+        }
+        assert_eq!(clients.len(), n);
     }
 
     #[test]

@@ -321,6 +321,25 @@ pub fn render_status(stats: crate::status::StatusStats) -> String {
     )
 }
 
+/// Renders the process-level gauges a soak compares with its baseline:
+/// live tokio tasks (every connection, stream and flow runs in one, so a
+/// leak of any of them shows here) and CONNECT connections holding a
+/// permit (client sockets the ingress has accepted and not yet closed).
+pub fn render_runtime(shared: &crate::server::Shared) -> String {
+    let tasks = tokio::runtime::Handle::try_current()
+        .map(|h| h.metrics().num_alive_tasks())
+        .unwrap_or(0);
+    let held = shared
+        .cfg
+        .limits
+        .max_connect_connections
+        .saturating_sub(shared.connect_permits.available_permits());
+    format!(
+        "# HELP relay_runtime_tasks Tokio tasks alive in the relay process.\n# TYPE relay_runtime_tasks gauge\nrelay_runtime_tasks {tasks}\n\
+         # HELP relay_connect_connections CONNECT client connections holding a permit (limits.max_connect_connections).\n# TYPE relay_connect_connections gauge\nrelay_connect_connections {held}\n"
+    )
+}
+
 /// Renders the UDP counters.
 pub fn render_udp(u: &relay_transport::udp::UdpStats) -> String {
     let mut o = String::new();

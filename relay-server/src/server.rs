@@ -227,9 +227,7 @@ impl Relay {
 
         let mut connect_addr = None;
         if let Some(addr) = shared.cfg.connect_listen {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(bind_err("connect", addr))?;
+            let l = crate::connect::bind_tcp(addr).map_err(bind_err("connect", addr))?;
             connect_addr = Some(l.local_addr().map_err(bind_err("connect", addr))?);
             shared.policy.add_own_listener(connect_addr.unwrap_or(addr));
             let tls = match &shared.cfg.connect_tls {

@@ -1,0 +1,305 @@
+//! What a soak compares with its baseline: per process (from `/proc`) the
+//! open fds, resident memory and threads; for the relay also the gauges of
+//! its `/metrics` (live tokio tasks, open streams, sessions, CONNECT
+//! connections, UDP flows). The edges have no metrics endpoint, so their
+//! tasks are not counted; their fds and RSS are.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use serde_json::json;
+
+use crate::common::{fmt_bytes, rss_bytes, Table};
+
+/// One process's figures.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ProcFigures {
+    /// Entries of `/proc/<pid>/fd`.
+    pub(crate) fds: u64,
+    /// `VmRSS`.
+    pub(crate) rss: u64,
+    /// `Threads` of `/proc/<pid>/status`.
+    pub(crate) threads: u64,
+}
+
+/// Reads `pid`'s figures now.
+pub(crate) fn proc_figures(pid: u32) -> Result<ProcFigures> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("listing /proc/{pid}/fd"))?
+        .count() as u64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no Threads line")?;
+    Ok(ProcFigures {
+        fds,
+        rss: rss_bytes(pid)?,
+        threads,
+    })
+}
+
+/// Reads one unlabelled series from a Prometheus text body.
+pub(crate) fn series(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Sum of every labelled series of `name` whose labels contain `label`
+/// (empty: all of them).
+pub(crate) fn labelled(body: &str, name: &str, label: &str) -> f64 {
+    body.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix('{'))
+        .filter(|l| l.contains(label))
+        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// The relay's `/metrics` body.
+pub(crate) async fn relay_metrics(admin: SocketAddr) -> Result<String> {
+    let (code, body) = relay_lab::admin_get(admin, "/metrics", None).await?;
+    ensure!(code == 200, "GET /metrics: {code}");
+    Ok(body)
+}
+
+/// The relay's gauges.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Gauges {
+    /// `relay_runtime_tasks`.
+    pub(crate) tasks: f64,
+    /// `relay_streams_open`.
+    pub(crate) streams: f64,
+    /// `relay_sessions`.
+    pub(crate) sessions: f64,
+    /// `relay_connect_connections`.
+    pub(crate) connect: f64,
+    /// `relay_udp_flows`.
+    pub(crate) udp_flows: f64,
+}
+
+/// Reads the relay's gauges.
+pub(crate) async fn gauges(admin: SocketAddr) -> Result<Gauges> {
+    let b = relay_metrics(admin).await?;
+    let g = |n: &str| series(&b, n).with_context(|| format!("no {n} in /metrics"));
+    Ok(Gauges {
+        tasks: g("relay_runtime_tasks")?,
+        streams: g("relay_streams_open")?,
+        sessions: g("relay_sessions")?,
+        connect: g("relay_connect_connections")?,
+        udp_flows: g("relay_udp_flows")?,
+    })
+}
+
+/// Everything compared: the relay, the edges still running the same
+/// process, and the relay's gauges.
+#[derive(Debug, Clone)]
+pub(crate) struct Snapshot {
+    /// `(name, figures)` per process.
+    pub(crate) procs: Vec<(String, ProcFigures)>,
+    /// The relay's gauges.
+    pub(crate) gauges: Gauges,
+}
+
+/// Takes a snapshot of `procs` (name, pid) and the relay's gauges.
+pub(crate) async fn snapshot(procs: &[(String, u32)], admin: SocketAddr) -> Result<Snapshot> {
+    Ok(Snapshot {
+        procs: procs
+            .iter()
+            .map(|(n, p)| Ok((n.to_string(), proc_figures(*p)?)))
+            .collect::<Result<_>>()?,
+        gauges: gauges(admin).await?,
+    })
+}
+
+/// [`snapshot`] for sampling under load: a process that is gone (an edge
+/// being restarted) counts as zeros rather than failing the sample.
+pub(crate) async fn snapshot_lenient(
+    procs: &[(String, u32)],
+    admin: SocketAddr,
+) -> Result<Snapshot> {
+    let zero = ProcFigures {
+        fds: 0,
+        rss: 0,
+        threads: 0,
+    };
+    Ok(Snapshot {
+        procs: procs
+            .iter()
+            .map(|(n, p)| (n.clone(), proc_figures(*p).unwrap_or(zero)))
+            .collect(),
+        gauges: gauges(admin).await?,
+    })
+}
+
+/// Whether the relay is idle: no streams, CONNECT connections or UDP
+/// flows open, and `sessions` sessions.
+fn idle(g: &Gauges, sessions: f64) -> bool {
+    g.streams == 0.0 && g.connect == 0.0 && g.udp_flows == 0.0 && g.sessions == sessions
+}
+
+/// Waits (at most `limit`) until the relay is idle, lets the processes
+/// settle `settle` more (freed memory returned, closed sockets reaped)
+/// and takes a snapshot; repeated if the relay was busy again by then
+/// (a connection the kernel still held in its listen queue arriving
+/// late). Returns the snapshot and the wait.
+pub(crate) async fn settled(
+    procs: &[(String, u32)],
+    admin: SocketAddr,
+    sessions: f64,
+    limit: Duration,
+    settle: Duration,
+) -> Result<(Snapshot, Duration)> {
+    let t0 = Instant::now();
+    loop {
+        let g = gauges(admin).await?;
+        if idle(&g, sessions) {
+            tokio::time::sleep(settle).await;
+            let s = snapshot(procs, admin).await?;
+            if idle(&s.gauges, sessions) {
+                return Ok((s, t0.elapsed()));
+            }
+            eprintln!("  relay busy again after settling: {:?}", s.gauges);
+        }
+        ensure!(
+            t0.elapsed() < limit,
+            "relay not idle {limit:?} after the load: {g:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// One compared figure.
+pub(crate) struct Delta {
+    /// What (`relay fds`).
+    pub(crate) what: String,
+    /// Baseline.
+    pub(crate) before: f64,
+    /// Under load (peak seen by the caller), if sampled.
+    pub(crate) peak: Option<f64>,
+    /// After the load, idle.
+    pub(crate) after: f64,
+    /// Bytes (formatting).
+    pub(crate) bytes: bool,
+}
+
+impl Delta {
+    /// Within `tol` (0.05) of the baseline: not above it by more.
+    pub(crate) fn ok(&self, tol: f64) -> bool {
+        self.after <= self.before * (1.0 + tol)
+    }
+
+    fn fmt(&self, v: f64) -> String {
+        if self.bytes {
+            fmt_bytes(v)
+        } else {
+            format!("{v:.0}")
+        }
+    }
+}
+
+/// The rows comparing `after` with `before` (procs matched by name;
+/// `peak`, if given, the highest figures seen under load).
+pub(crate) fn compare(before: &Snapshot, peak: Option<&Snapshot>, after: &Snapshot) -> Vec<Delta> {
+    let mut v = Vec::new();
+    for (name, b) in &before.procs {
+        let Some((_, a)) = after.procs.iter().find(|(n, _)| n == name) else {
+            continue;
+        };
+        let p = peak.and_then(|p| p.procs.iter().find(|(n, _)| n == name).map(|x| x.1));
+        let mut row = |what: &str, b: u64, p: Option<u64>, a: u64, bytes: bool| {
+            v.push(Delta {
+                what: format!("{name} {what}"),
+                before: b as f64,
+                peak: p.map(|x| x as f64),
+                after: a as f64,
+                bytes,
+            })
+        };
+        row("fds", b.fds, p.map(|x| x.fds), a.fds, false);
+        row("RSS", b.rss, p.map(|x| x.rss), a.rss, true);
+        row("threads", b.threads, p.map(|x| x.threads), a.threads, false);
+    }
+    v.push(Delta {
+        what: "relay tokio tasks".into(),
+        before: before.gauges.tasks,
+        peak: peak.map(|p| p.gauges.tasks),
+        after: after.gauges.tasks,
+        bytes: false,
+    });
+    v
+}
+
+/// Prints the comparison as a table, returns it as JSON and whether every
+/// figure is within `tol` (RSS only if `check_rss`; otherwise its rows
+/// are shown, marked `not checked`).
+pub(crate) fn report(
+    phase: &str,
+    rows: &[Delta],
+    tol: f64,
+    check_rss: bool,
+) -> (serde_json::Value, bool) {
+    let mut t = Table::new(&["figure", "baseline", "under load", "after", "change", "ok"]);
+    let mut all = true;
+    let mut js = Vec::new();
+    for d in rows {
+        let ok = d.ok(tol);
+        let checked = check_rss || !d.bytes;
+        all &= ok || !checked;
+        let change = if d.before > 0.0 {
+            format!("{:+.1} %", (d.after - d.before) * 100.0 / d.before)
+        } else {
+            format!("{:+.0}", d.after - d.before)
+        };
+        t.row(vec![
+            d.what.clone(),
+            d.fmt(d.before),
+            d.peak.map(|p| d.fmt(p)).unwrap_or_else(|| "-".into()),
+            d.fmt(d.after),
+            change,
+            match (ok, checked) {
+                (true, _) => "yes",
+                (false, true) => "NO",
+                (false, false) => "no (not checked)",
+            }
+            .into(),
+        ]);
+        js.push(json!({"figure": d.what, "before": d.before, "peak": d.peak, "after": d.after, "within": ok, "checked": checked}));
+    }
+    println!("{phase}: back to baseline (within {:.0} %)?", tol * 100.0);
+    t.print();
+    (json!(js), all)
+}
+
+/// Keeps the highest figures of each process seen while sampling.
+pub(crate) fn keep_peak(peak: &mut Option<Snapshot>, now: Snapshot) {
+    let Some(p) = peak else {
+        *peak = Some(now);
+        return;
+    };
+    for ((_, pf), (_, nf)) in p.procs.iter_mut().zip(&now.procs) {
+        pf.fds = pf.fds.max(nf.fds);
+        pf.rss = pf.rss.max(nf.rss);
+        pf.threads = pf.threads.max(nf.threads);
+    }
+    p.gauges.tasks = p.gauges.tasks.max(now.gauges.tasks);
+}
+
+/// Network statistics of the kernel (`/proc/net/netstat`): the value of
+/// `TcpExt: name` (`ListenOverflows`: connections the kernel could not
+/// queue for accept because the listen backlog was full).
+pub(crate) fn tcp_ext(name: &str) -> Result<u64> {
+    let t = std::fs::read_to_string("/proc/net/netstat")?;
+    let mut lines = t.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (h, v) = (
+        lines.next().context("no TcpExt")?,
+        lines.next().context("no TcpExt values")?,
+    );
+    h.split_whitespace()
+        .zip(v.split_whitespace())
+        .find(|(k, _)| *k == name)
+        .and_then(|(_, v)| v.parse().ok())
+        .with_context(|| format!("no TcpExt {name}"))
+}
