@@ -4,7 +4,7 @@
 //! `/proc`), live tokio tasks of the relay (its `relay_runtime_tasks`).
 //!
 //! - `tcp`: N tunnelled connections (CONNECT, 64-byte echo, close) over
-//!   both edges, K at a time ([`churn`]);
+//!   both edges, K at a time ([`mod@churn`]);
 //! - `halfopen`: N half-open CONNECT clients held at once by helper
 //!   processes ([`halfopen`]), while an established tunnel keeps echoing
 //!   and new CONNECTs keep being tried ([`flood`]);
