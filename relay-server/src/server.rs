@@ -232,14 +232,12 @@ impl Relay {
             shared.policy.add_own_listener(connect_addr.unwrap_or(addr));
             let tls = match &shared.cfg.connect_tls {
                 Some(m) => {
-                    let state = ReloadableServerTls::new(m, &[], false)?;
-                    if let Some(paths) = shared.cfg.connect_tls_files.clone() {
-                        reload_targets.push(crate::tls_reload::Target {
-                            name: "connect_tls",
-                            state: state.clone(),
-                            paths,
-                        });
-                    }
+                    let state = crate::tls_reload::listener_tls(
+                        "connect_tls",
+                        m,
+                        shared.cfg.connect_tls_files.as_ref(),
+                        &mut reload_targets,
+                    )?;
                     Some(tokio_rustls::TlsAcceptor::from(Arc::new(
                         state.server_config(&[b"http/1.1"])?,
                     )))
@@ -277,14 +275,12 @@ impl Relay {
             shared.policy.add_own_listener(admin_addr.unwrap_or(addr));
             let tls = match &shared.cfg.admin_tls {
                 Some(m) => {
-                    let state = ReloadableServerTls::new(m, &[], false)?;
-                    if let Some(paths) = shared.cfg.admin_tls_files.clone() {
-                        reload_targets.push(crate::tls_reload::Target {
-                            name: "admin",
-                            state: state.clone(),
-                            paths,
-                        });
-                    }
+                    let state = crate::tls_reload::listener_tls(
+                        "admin",
+                        m,
+                        shared.cfg.admin_tls_files.as_ref(),
+                        &mut reload_targets,
+                    )?;
                     Some(state.server_config_without_client_auth(b"http/1.1")?)
                 }
                 None => None,

@@ -61,6 +61,26 @@ impl Target {
     }
 }
 
+/// A listener's own reloadable TLS from `m` (no CRLs, client certificates
+/// required when its server config asks for them), added to `targets`
+/// when it has `files` to reload from.
+pub(crate) fn listener_tls(
+    name: &'static str,
+    m: &relay_transport::TlsMaterial,
+    files: Option<&TlsPaths>,
+    targets: &mut Vec<Target>,
+) -> Result<Arc<ReloadableServerTls>, relay_transport::TlsError> {
+    let state = ReloadableServerTls::new(m, &[], false)?;
+    if let Some(paths) = files {
+        targets.push(Target {
+            name,
+            state: state.clone(),
+            paths: paths.clone(),
+        });
+    }
+    Ok(state)
+}
+
 /// Reloads every target; returns the first target's new leaf (the
 /// relay's own `[tls]`), or the first error (the others are still tried:
 /// one listener's broken file does not hold back another's renewal).
