@@ -20,7 +20,9 @@ use k8s_openapi::api::coordination::v1::Lease;
 use serde_json::{json, Value};
 
 use crate::request::RequestAttributes;
-use crate::{failure, json_response, list_item, stamp, Body, Res, Shared, Signal, State};
+use crate::{
+    failure, json_response, list_item, parse_body, stamp, Body, Res, Shared, Signal, State,
+};
 
 const GROUP_RESOURCE: &str = "leases.coordination.k8s.io";
 
@@ -178,13 +180,7 @@ pub(crate) fn store(
 }
 
 fn parse(body: &Bytes) -> Result<Lease, Box<Response<Body>>> {
-    serde_json::from_slice(body).map_err(|e| {
-        Box::new(failure(
-            StatusCode::BAD_REQUEST,
-            "BadRequest",
-            &format!("lease: {e}"),
-        ))
-    })
+    parse_body(body, "lease")
 }
 
 fn to_value(l: &Lease) -> Value {

@@ -31,6 +31,22 @@ pub(crate) fn failure(code: StatusCode, reason: &str, message: &str) -> Response
     json_response(code, &status_body(code.as_u16(), reason, message))
 }
 
+/// A request body as JSON (kube sends JSON, which is YAML; that is all the
+/// stand-in parses), or the 400 `BadRequest` the apiserver answers,
+/// naming `what`.
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &str,
+) -> Result<T, Box<Response<Body>>> {
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(failure(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            &format!("{what}: {e}"),
+        ))
+    })
+}
+
 pub(crate) fn now_time() -> Time {
     // jiff's `Timestamp::now` needs its std feature, which k8s-openapi
     // does not turn on by itself.

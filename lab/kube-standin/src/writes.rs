@@ -51,15 +51,9 @@ pub(crate) fn apply_node_status(
     };
     let force = q.get("force").is_some_and(|v| v == "true");
     // kube sends JSON, which is YAML; that is all the stand-in parses.
-    let patch: Value = match serde_json::from_slice(body) {
+    let patch: Value = match parse_body(body, "apply patch") {
         Ok(v) => v,
-        Err(e) => {
-            return failure(
-                StatusCode::BAD_REQUEST,
-                "BadRequest",
-                &format!("apply patch: {e}"),
-            )
-        }
+        Err(r) => return *r,
     };
     if patch.get("apiVersion") != Some(&json!("v1")) || patch.get("kind") != Some(&json!("Node")) {
         return failure(
@@ -135,15 +129,9 @@ pub(crate) fn events(
     let mut st = shared.lock();
     match verb {
         "create" => {
-            let mut ev: Value = match serde_json::from_slice(body) {
+            let mut ev: Value = match parse_body(body, "event") {
                 Ok(v) => v,
-                Err(e) => {
-                    return failure(
-                        StatusCode::BAD_REQUEST,
-                        "BadRequest",
-                        &format!("event: {e}"),
-                    )
-                }
+                Err(r) => return *r,
             };
             let Some(name) = ev
                 .pointer("/metadata/name")
@@ -194,15 +182,9 @@ pub(crate) fn events(
                 );
             }
             let name = a.name.clone().unwrap_or_default();
-            let patch: Value = match serde_json::from_slice(body) {
+            let patch: Value = match parse_body(body, "patch") {
                 Ok(v) => v,
-                Err(e) => {
-                    return failure(
-                        StatusCode::BAD_REQUEST,
-                        "BadRequest",
-                        &format!("patch: {e}"),
-                    )
-                }
+                Err(r) => return *r,
             };
             let rv = st.bump();
             let Some(ev) = st.events.get_mut(&(ns, name.clone())) else {
@@ -240,15 +222,9 @@ pub(crate) fn events(
 }
 
 pub(crate) fn token_review(shared: &Shared, body: &Bytes) -> Response<Body> {
-    let review: Value = match serde_json::from_slice(body) {
+    let review: Value = match parse_body(body, "tokenreview") {
         Ok(v) => v,
-        Err(e) => {
-            return failure(
-                StatusCode::BAD_REQUEST,
-                "BadRequest",
-                &format!("tokenreview: {e}"),
-            )
-        }
+        Err(r) => return *r,
     };
     let token = review
         .pointer("/spec/token")
