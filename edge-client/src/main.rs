@@ -56,6 +56,9 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let client = EdgeClient::start(cfg).await?;
+    // Memory of a load peak (thousands of streams) goes back to the
+    // system once the peak has passed.
+    relay_transport::memory::spawn_trim_after_peaks();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {

@@ -305,6 +305,9 @@ async fn main() -> anyhow::Result<()> {
             let cfg = load(&path, &cli.relay_id, &cli.advertise, &cli.lease_namespace)?;
             let grace = cfg.limits.drain_grace;
             let mut relay = Relay::spawn(cfg).await?;
+            // Memory of a load peak (a CONNECT flood) goes back to the
+            // system once the peak has passed.
+            relay_transport::memory::spawn_trim_after_peaks();
             // Handlers first: whoever reads the ready file may signal at once
             // (SIGHUP's default action would end the process).
             let mut term = signal(SignalKind::terminate())?;

@@ -31,6 +31,7 @@ pub mod conn;
 pub mod conntrack;
 pub mod devcerts;
 pub mod issue;
+pub mod memory;
 pub mod quic;
 pub mod reload;
 pub mod splice;

@@ -1,0 +1,142 @@
+//! Giving memory back to the system after a load peak.
+//!
+//! glibc's malloc keeps the pages of freed blocks in its arenas for reuse.
+//! After a peak (a relay holding 16,384 CONNECT clients, an edge serving
+//! 9,000 streams at once) the process is back to its baseline in fds and
+//! tasks but keeps the peak's memory: measured, a relay at 15 MiB grew to
+//! 334 MiB and stayed at 339 MiB once every client had gone. `malloc_trim`
+//! hands the free pages inside every arena back (`MADV_DONTNEED`); run once
+//! the load has fallen, it brought that relay back to 38 MiB and the edge
+//! from 77 MiB to 15 MiB (docs/benchmarks.md, "Soak").
+//!
+//! Why a trim after the peak and not another allocator: jemalloc with fast
+//! decay did about as well (27 MiB) but builds a C library with autoconf in
+//! every build; the mimalloc versions tried kept 118-341 MiB. Why not
+//! always: a trim walks every arena under its lock (milliseconds at a
+//! large heap), so it runs only when the live task count has fallen to a
+//! quarter of a peak at least [`PEAK_TASKS`] above it, at most once per
+//! peak, on a blocking thread.
+
+use std::time::Duration;
+
+use tracing::info;
+
+/// Live tasks a peak must exceed the count after it by before a trim is
+/// worth its cost (each connection or stream is at least one task).
+pub const PEAK_TASKS: usize = 512;
+
+/// How often the live task count is sampled.
+const SAMPLE: Duration = Duration::from_secs(1);
+
+/// What the trimmer decided for one sample of the live task count.
+#[derive(Debug, Default)]
+pub struct PeakTracker {
+    /// The highest count since the last trim (or the start).
+    peak: usize,
+}
+
+impl PeakTracker {
+    /// Takes one sample; `true` when the load has fallen far enough from
+    /// its peak that a trim should run now.
+    pub fn sample(&mut self, live: usize) -> bool {
+        self.peak = self.peak.max(live);
+        let fallen = self.peak >= live + PEAK_TASKS && live <= self.peak / 4;
+        if fallen {
+            // One trim per peak: the next needs a new peak above this level.
+            self.peak = live;
+        }
+        fallen
+    }
+}
+
+/// Spawns the trimmer on the current tokio runtime: it samples the
+/// runtime's live task count every second and returns free heap pages to
+/// the system once a peak has passed. Lives as long as the runtime.
+pub fn spawn_trim_after_peaks() {
+    let handle = tokio::runtime::Handle::current();
+    tokio::spawn(async move {
+        let mut tracker = PeakTracker::default();
+        let mut tick = tokio::time::interval(SAMPLE);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let live = handle.metrics().num_alive_tasks();
+            if tracker.sample(live) {
+                let before = rss_kib();
+                let took = tokio::task::spawn_blocking(trim).await;
+                if let (Ok(took), Some(before), Some(after)) = (took, before, rss_kib()) {
+                    info!(
+                        live_tasks = live,
+                        rss_before_kib = before,
+                        rss_after_kib = after,
+                        took_ms = took.as_millis() as u64,
+                        "load peak over: free heap memory returned to the system"
+                    );
+                }
+            }
+        }
+    });
+}
+
+/// Returns free pages of every malloc arena to the system; how long it
+/// took.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim() -> Duration {
+    let start = std::time::Instant::now();
+    // SAFETY: malloc_trim takes a padding size, touches only the
+    // allocator's own free lists under the arenas' locks, and is safe to
+    // call from any thread at any time (glibc malloc(3)).
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    start.elapsed()
+}
+
+/// Other C libraries (musl) return memory themselves or have no trim.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim() -> Duration {
+    Duration::ZERO
+}
+
+/// The process's resident set, KiB (`VmRSS` of `/proc/self/status`).
+fn rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trims_once_per_peak_after_the_load_falls() {
+        let mut t = PeakTracker::default();
+        // Steady small load: never.
+        assert!(!(0..10).any(|_| t.sample(20)));
+        // A peak, still high: not yet.
+        assert!(!t.sample(5_000));
+        assert!(!t.sample(3_000));
+        // Fallen to a quarter of the peak: once.
+        assert!(t.sample(1_000));
+        assert!(!t.sample(900));
+        assert!(!t.sample(20));
+        // A peak too small to be worth a trim.
+        assert!(!t.sample(400));
+        assert!(!t.sample(20));
+        // The next real peak trims again.
+        assert!(!t.sample(2_000));
+        assert!(t.sample(30));
+    }
+
+    #[test]
+    fn the_process_rss_is_readable_and_a_trim_runs() {
+        let before = rss_kib().expect("VmRSS in /proc/self/status");
+        assert!(before > 0);
+        // Whatever it returns, it must not disturb live allocations.
+        let kept = vec![7u8; 1 << 20];
+        let _ = trim();
+        assert!(kept.iter().all(|&b| b == 7));
+    }
+}
