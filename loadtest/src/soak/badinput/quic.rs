@@ -82,7 +82,7 @@ impl First {
             First::RoutesNotAllowed => {
                 encode_frame(&hello(&edge_name(0), vec!["10.0.0.0/8".parse()?]))?.to_vec()
             }
-            First::Truncated if i % 2 == 0 => {
+            First::Truncated if i.is_multiple_of(2) => {
                 let mut f = 100u32.to_be_bytes().to_vec();
                 f.extend_from_slice(&[0u8; 10]);
                 f
@@ -90,7 +90,7 @@ impl First {
             First::Truncated => vec![0, 0],
             First::Random => {
                 let body = random_bytes(64);
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     framed(body)
                 } else {
                     body
