@@ -58,7 +58,7 @@ pub(crate) async fn connect(proxy: SocketAddr, authority: &str) -> Result<String
 /// Sends `head` one byte every 100 ms (then more header bytes, forever)
 /// until the relay answers or closes, or `hold` passes; names the answer
 /// and, for a relay that cut the client off, after how long (in whole
-/// seconds: the label groups repetitions).
+/// seconds, rounded: the label groups repetitions).
 pub(crate) async fn trickle(addr: SocketAddr, head: &[u8], hold: Duration) -> Result<String> {
     let s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
@@ -80,7 +80,8 @@ pub(crate) async fn trickle(addr: SocketAddr, head: &[u8], hold: Duration) -> Re
     };
     tokio::select! {
         v = reader => {
-            let secs = t.elapsed().as_secs();
+            // Rounded, not truncated: a cut-off at 0.98 s is "after 1 s".
+            let secs = t.elapsed().as_secs_f64().round();
             Ok(if v.is_empty() {
                 format!("closed without an answer after {secs} s")
             } else {
