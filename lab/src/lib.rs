@@ -276,7 +276,15 @@ pub async fn admin_request(admin: SocketAddr, method: &str, path: &str) -> Resul
 
 /// The admin API's session list.
 pub async fn sessions(admin: SocketAddr) -> Result<Vec<relay_server::admin::SessionRow>> {
-    let (code, body) = admin_get(admin, "/v1/sessions", None).await?;
+    sessions_as(admin, None).await
+}
+
+/// [`sessions`] from an admin API that requires a bearer token.
+pub async fn sessions_as(
+    admin: SocketAddr,
+    bearer: Option<&str>,
+) -> Result<Vec<relay_server::admin::SessionRow>> {
+    let (code, body) = admin_get(admin, "/v1/sessions", bearer).await?;
     if code != 200 {
         bail!("GET /v1/sessions: {code} {body}");
     }

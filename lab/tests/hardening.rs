@@ -227,3 +227,47 @@ async fn admin_api_over_tls_and_the_route_agent() -> anyhow::Result<()> {
     lab.stop().await;
     Ok(())
 }
+
+/// An admin request head trickled a byte at a time used to hold its
+/// connection and task for as long as the client liked (`axum::serve`
+/// arms no header read timeout), as many connections as it liked; found
+/// by `loadtest soak --phases badinput`. Now the head must arrive within
+/// `limits.connect_header_timeout`, as a CONNECT head must.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_admin_request_head_is_cut_off() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let lab = Lab::start(1, |c| {
+        c.limits.connect_header_timeout = Duration::from_millis(500);
+    })
+    .await?;
+    let (mut r, mut w) = TcpStream::connect(lab.admin_addr()).await?.into_split();
+    let t = Instant::now();
+    let trickle = async {
+        for b in b"GET /healthz HTTP/1.1\r\nX-Slow: "
+            .iter()
+            .chain(std::iter::repeat(&b'a'))
+        {
+            if w.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let mut got = Vec::new();
+    tokio::select! {
+        _ = r.read_to_end(&mut got) => {}
+        _ = trickle => {}
+        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+    }
+    let held = t.elapsed();
+    assert!(
+        held >= Duration::from_millis(400) && held < Duration::from_secs(3),
+        "a trickled admin head was held {held:?} (bound 500 ms)"
+    );
+    assert!(got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    // A prompt request is served as before.
+    let (code, _) = admin_request(lab.admin_addr(), "GET", "/healthz").await?;
+    assert_eq!(code, 200);
+    lab.stop().await;
+    Ok(())
+}

@@ -373,7 +373,23 @@ pub(crate) struct Bench {
     pub(crate) nodes: usize,
     /// Lines added to the relay config's `[limits]` (`key = value\n`).
     pub(crate) relay_limits: String,
+    /// Top-level lines added to every edge config (`key = value\n`).
+    pub(crate) edge_top: String,
+    /// A bearer token the relay's admin API then requires
+    /// (`admin.token_file`); see [`admin_bearer`].
+    pub(crate) admin_token: Option<String>,
     pki: DevPki,
+}
+
+/// The admin token of the relay this process started, if it has one.
+/// Process-wide because every reader of the admin API (the soak's probes
+/// and samplers, `start_edge`'s registration wait) talks to the one relay
+/// of this run.
+static ADMIN_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The bearer to send to the relay's admin API (`None`: it has no token).
+pub(crate) fn admin_bearer() -> Option<&'static str> {
+    ADMIN_TOKEN.get().map(String::as_str)
 }
 
 impl Bench {
@@ -390,6 +406,8 @@ impl Bench {
             bins: Binaries::locate()?,
             nodes,
             relay_limits: String::new(),
+            edge_top: String::new(),
+            admin_token: None,
             pki,
         })
     }
@@ -397,6 +415,11 @@ impl Bench {
     /// The in-memory PKI (for in-process edges).
     pub(crate) fn pki(&self) -> &DevPki {
         &self.pki
+    }
+
+    /// The PKI, to issue certificates for nodes the relay does not list.
+    pub(crate) fn pki_mut(&mut self) -> &mut DevPki {
+        &mut self.pki
     }
 
     fn pki_file(&self, name: &str) -> String {
@@ -428,6 +451,15 @@ impl Bench {
             self.pki_file("relay-key.pem"),
             self.pki_file("ca.pem")
         ));
+        if let Some(token) = &self.admin_token {
+            let f = self.dir.path().join("admin-token");
+            std::fs::write(&f, token)?;
+            t.push_str(&format!("[admin]\ntoken_file = \"{}\"\n", f.display()));
+            ensure!(
+                ADMIN_TOKEN.get_or_init(|| token.clone()) == token,
+                "one admin token per loadtest process"
+            );
+        }
         if let Some(p) = max_udp_payload()? {
             t.push_str(&format!(
                 "[quic]\nmax_udp_payload = {p}\ninitial_mtu = {p}\n"
@@ -543,8 +575,9 @@ impl Bench {
         let name = edge_name(i);
         let ip = edge_ip(i);
         let mut t = format!(
-            "node = \"{name}\"\nrelay = \"{}\"\nserver_name = \"localhost\"\nroutes = [\"{ip}/32\"]\nprimary_addr = \"{ip}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nrelay_ca = \"{}\"\n",
+            "node = \"{name}\"\nrelay = \"{}\"\nserver_name = \"localhost\"\nroutes = [\"{ip}/32\"]\nprimary_addr = \"{ip}\"\n{}[tls]\ncert = \"{}\"\nkey = \"{}\"\nrelay_ca = \"{}\"\n",
             relay.quic,
+            self.edge_top,
             self.pki_file(&format!("{name}.pem")),
             self.pki_file(&format!("{name}-key.pem")),
             self.pki_file("ca.pem"),
@@ -568,7 +601,7 @@ impl Bench {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             child.check_alive()?;
-            if relay_lab::sessions(relay.admin)
+            if relay_lab::sessions_as(relay.admin, admin_bearer())
                 .await?
                 .iter()
                 .any(|s| s.node == name)
@@ -605,7 +638,7 @@ impl RelayProc {
 
     /// `relay_sessions` from `/metrics` (cheap to poll).
     pub(crate) async fn session_count(&self) -> Result<u64> {
-        let (code, body) = relay_lab::admin_get(self.admin, "/metrics", None).await?;
+        let (code, body) = relay_lab::admin_get(self.admin, "/metrics", admin_bearer()).await?;
         ensure!(code == 200, "GET /metrics: {code}");
         body.lines()
             .find_map(|l| l.strip_prefix("relay_sessions "))
@@ -619,7 +652,7 @@ impl RelayProc {
     /// Non-zero `relay_handshake_failures_total` series, as `reason=count`
     /// (shows handshakes refused by `limits.max_concurrent_handshakes`).
     pub(crate) async fn handshake_failures(&self) -> Result<String> {
-        let (code, body) = relay_lab::admin_get(self.admin, "/metrics", None).await?;
+        let (code, body) = relay_lab::admin_get(self.admin, "/metrics", admin_bearer()).await?;
         ensure!(code == 200, "GET /metrics: {code}");
         let v: Vec<String> = body
             .lines()

@@ -118,21 +118,60 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> &'static str {
+    // The same bound as a CONNECT head: a client that trickles its request
+    // head (or sends none) would otherwise hold its fd and task for as
+    // long as it likes, as many times as it likes.
+    let head_timeout = shared.cfg.limits.connect_header_timeout;
     let app = router(shared);
-    let shutdown = {
-        let stop = stop.clone();
-        async move { stop.cancelled().await }
-    };
     match tls {
-        None => {
-            let _ = axum::serve(l, app).with_graceful_shutdown(shutdown).await;
-        }
+        None => serve_on(l, app, head_timeout, stop).await,
         Some(cfg) => {
-            let l = TlsListener::start(l, cfg, stop);
-            let _ = axum::serve(l, app).with_graceful_shutdown(shutdown).await;
+            let l = TlsListener::start(l, cfg, stop.clone());
+            serve_on(l, app, head_timeout, stop).await
         }
     }
     "admin"
+}
+
+/// Serves HTTP/1.1 connections from `l` with `app` until `stop`, each
+/// request head bounded by `head_timeout` (`axum::serve` sets no timer,
+/// so hyper's header read timeout never fires there); then closes idle
+/// connections and waits for requests in flight (each bounded by the
+/// router's 10 s timeout).
+async fn serve_on<L>(mut l: L, app: Router, head_timeout: Duration, stop: CancellationToken)
+where
+    L: axum::serve::Listener,
+{
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            (io, _) = l.accept() => {
+                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+                let stop = stop.clone();
+                conns.spawn(async move {
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(head_timeout)
+                        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        r = conn.as_mut() => {
+                            if let Err(e) = r {
+                                tracing::debug!(error = %e, "admin connection ended");
+                            }
+                        }
+                        _ = stop.cancelled() => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
+                });
+            }
+        }
+    }
+    while conns.join_next().await.is_some() {}
 }
 
 /// Most admin TLS handshakes in progress at once; more connections wait

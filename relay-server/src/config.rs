@@ -49,7 +49,8 @@ pub struct Limits {
     /// How long the relay waits for an edge to answer a stream open
     /// (the edge's own dial timeout should be shorter, to report precisely).
     pub stream_open_timeout: Duration,
-    /// A CONNECT request header must arrive within this.
+    /// A CONNECT request header must arrive within this; so must an admin
+    /// API request head.
     pub connect_header_timeout: Duration,
     /// Largest CONNECT request header accepted, in bytes.
     pub connect_max_header_bytes: usize,

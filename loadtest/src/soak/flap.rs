@@ -68,7 +68,7 @@ pub(crate) async fn run(rig: &mut Rig, flaps: u64, window: Duration) -> Result<s
         .await
         .context("edge 0's traffic did not stop")???;
     let acc = accepted(rig).await? - acc0;
-    let sessions = relay_lab::sessions(rig.relay.admin).await?;
+    let sessions = relay_lab::sessions_as(rig.relay.admin, crate::common::admin_bearer()).await?;
     let nodes: Vec<&str> = sessions.iter().map(|s| s.node.as_str()).collect();
     let routes: Vec<String> = sessions
         .iter()

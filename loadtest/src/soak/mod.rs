@@ -9,7 +9,10 @@
 //!   processes ([`halfopen`]), while an established tunnel keeps echoing
 //!   and new CONNECTs keep being tried ([`flood`]);
 //! - `flap`: edge 1 killed and restarted F times in a window while edge 0
-//!   carries traffic ([`flap`]).
+//!   carries traffic ([`flap`]);
+//! - `badinput`: each row of `docs/bad-input.md` that reaches a running
+//!   process sent K times, each row compared with the snapshot before it
+//!   ([`badinput`]).
 //!
 //! UDP flows are not carried on loopback (they exist only through
 //! capture, which needs nftables rules in network namespaces): see
@@ -29,6 +32,7 @@ use crate::common::{
     get, machine, write_json, Bench, ChildGuard, Counter, Progress, RelayProc, Via,
 };
 
+mod badinput;
 mod churn;
 mod flap;
 mod flood;
@@ -41,7 +45,8 @@ use probe::{compare, report, settled, Snapshot};
 /// Arguments of `soak`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
-    /// Phases to run, in order (comma-separated: tcp, halfopen, flap; a
+    /// Phases to run, in order (comma-separated: tcp, halfopen, flap,
+    /// badinput; a
     /// phase may repeat: memory that grows again on a repeat is in use,
     /// memory that does not is what the allocator keeps once grown).
     #[arg(long, default_value = "tcp,halfopen,flap", value_delimiter = ',')]
@@ -49,6 +54,9 @@ pub(crate) struct Args {
     /// Tunnelled connections of the `tcp` phase.
     #[arg(long, default_value_t = 100_000)]
     connections: u64,
+    /// Tunnelled connections of the warm-up before the baseline.
+    #[arg(long, default_value_t = 2000)]
+    warmup: u64,
     /// Connections in flight at once (tcp phase, warm-up).
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
@@ -70,6 +78,13 @@ pub(crate) struct Args {
     /// The window they are spread over.
     #[arg(long, value_parser = crate::common::parse_duration, default_value = "60s")]
     flap_window: Duration,
+    /// Repetitions of each bad input (badinput phase).
+    #[arg(long, default_value_t = 1000)]
+    repeat: u64,
+    /// Rows of docs/bad-input.md to drive (badinput phase; comma-separated
+    /// row numbers, default all it can drive).
+    #[arg(long, value_delimiter = ',')]
+    rows: Vec<String>,
     /// Allowed growth over the baseline, percent.
     #[arg(long, default_value_t = 5.0)]
     tolerance: f64,
@@ -170,22 +185,32 @@ impl Sampler {
 }
 
 async fn start(a: &Args) -> Result<Rig> {
-    let mut bench = Bench::new(2)?;
+    let bad = a.phases.iter().any(|p| p == "badinput");
+    // The badinput phase needs a node the relay lists but no process
+    // serves (its stand-in edge), a certificate of a node it does not
+    // list, an admin token to get wrong, and edges that allow only the
+    // echo ports (to be asked for another one).
+    let mut bench = Bench::new(if bad { badinput::STAND_IN + 1 } else { 2 })?;
     bench.relay_limits = format!(
         "connect_header_timeout = \"{}\"\n",
         humantime::format_duration(a.header_timeout)
     );
-    let relay = bench.start_relay().await?;
-    let edges = vec![
-        bench.start_edge(0, &relay, None).await?,
-        bench.start_edge(1, &relay, None).await?,
-    ];
     let mut echo = Vec::new();
     for i in 0..2 {
         // The tasks end with the process (the runtime drops them).
         let (addr, _task) = spawn_echo(SocketAddr::new(edge_ip(i), 0)).await?;
         echo.push(addr);
     }
+    if bad {
+        bench.pki_mut().add_node(badinput::STRANGER)?;
+        bench.admin_token = Some(badinput::ADMIN_TOKEN.into());
+        bench.edge_top = format!("allowed_ports = [{}, {}]\n", echo[0].port(), echo[1].port());
+    }
+    let relay = bench.start_relay().await?;
+    let edges = vec![
+        bench.start_edge(0, &relay, None).await?,
+        bench.start_edge(1, &relay, None).await?,
+    ];
     Ok(Rig {
         bench,
         relay,
@@ -229,14 +254,15 @@ pub(crate) fn snap_json(s: &Snapshot) -> serde_json::Value {
 pub(crate) async fn run(a: Args) -> Result<()> {
     for p in &a.phases {
         ensure!(
-            ["tcp", "halfopen", "flap"].contains(&p.as_str()),
-            "unknown phase {p:?} (tcp, halfopen, flap)"
+            ["tcp", "halfopen", "flap", "badinput"].contains(&p.as_str()),
+            "unknown phase {p:?} (tcp, halfopen, flap, badinput)"
         );
     }
     ensure!(
         (1..=1_000_000).contains(&a.connections),
         "--connections 1 to 1000000"
     );
+    ensure!((1..=100_000).contains(&a.warmup), "--warmup 1 to 100000");
     ensure!(
         (1..=1024).contains(&a.concurrency),
         "--concurrency 1 to 1024"
@@ -254,6 +280,7 @@ pub(crate) async fn run(a: Args) -> Result<()> {
         "at most 18000 half-open clients per helper process (fd limit); add --halfopen-procs"
     );
     ensure!((1..=1000).contains(&a.flaps), "--flaps 1 to 1000");
+    ensure!((1..=100_000).contains(&a.repeat), "--repeat 1 to 100000");
     ensure!(
         a.flap_window <= Duration::from_secs(600),
         "--flap-window at most 10m"
@@ -274,7 +301,7 @@ pub(crate) async fn run(a: Args) -> Result<()> {
     // pools; the baseline is what an idle relay that has served looks like.
     let warm = churn(
         vec![rig.via(0), rig.via(1)],
-        2000,
+        a.warmup,
         Arc::default(),
         a.concurrency,
         Arc::default(),
@@ -292,6 +319,16 @@ pub(crate) async fn run(a: Args) -> Result<()> {
         let res = match phase.as_str() {
             "tcp" => tcp(&rig, a.connections, a.concurrency).await?,
             "halfopen" => flood::run(&rig, a.halfopen, a.halfopen_procs, a.halfopen_hold).await?,
+            "badinput" => {
+                let s = badinput::Settings {
+                    repeat: a.repeat,
+                    rows: a.rows.clone(),
+                    tol,
+                    check_rss,
+                    header_timeout: a.header_timeout,
+                };
+                badinput::run(&rig, &before, &s).await?
+            }
             _ => flap::run(&mut rig, a.flaps, a.flap_window).await?,
         };
         let peak = sampler.stop().await;

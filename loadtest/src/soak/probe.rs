@@ -60,7 +60,8 @@ pub(crate) fn labelled(body: &str, name: &str, label: &str) -> f64 {
 
 /// The relay's `/metrics` body.
 pub(crate) async fn relay_metrics(admin: SocketAddr) -> Result<String> {
-    let (code, body) = relay_lab::admin_get(admin, "/metrics", None).await?;
+    let (code, body) =
+        relay_lab::admin_get(admin, "/metrics", crate::common::admin_bearer()).await?;
     ensure!(code == 200, "GET /metrics: {code}");
     Ok(body)
 }
