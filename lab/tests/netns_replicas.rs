@@ -366,6 +366,29 @@ fn idle_bytes_per_edge_per_day_with_three_replicas() -> Result<()> {
         eprintln!("SKIPPED netns_replicas idle bytes: {skip}");
         return Ok(());
     }
+    idle_bytes(None, Duration::from_secs(30))
+}
+
+/// The same with the keep-alives a metered uplink would configure on both
+/// sides (`quic.keepalive = "25s"`, under the usual 30 s CGNAT binding
+/// timeout, and `quic.idle_timeout = "60s"`), over 100 s (four pings).
+/// A benchmark, not a CI test (100 s): `cargo test -p relay-lab --test
+/// netns_replicas metered -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark: 100 s"]
+fn idle_bytes_per_edge_per_day_with_metered_keepalives() -> Result<()> {
+    if let Some(skip) = netns::require_root() {
+        eprintln!("SKIPPED netns_replicas metered idle bytes: {skip}");
+        return Ok(());
+    }
+    let keepalives = (Duration::from_secs(25), Duration::from_secs(60));
+    idle_bytes(Some(keepalives), Duration::from_secs(100))
+}
+
+/// Runs three replicas and one idle edge, `keepalives` (keep-alive, idle
+/// timeout) on every process or the defaults, and prints what the edge's
+/// WAN carried over `window`, per day.
+fn idle_bytes(keepalives: Option<(Duration, Duration)>, window: Duration) -> Result<()> {
     relay_lab::init();
     let bin = relay_server_binary()?;
     let lab = NetnsLab::new()?;
@@ -374,8 +397,13 @@ fn idle_bytes_per_edge_per_day_with_three_replicas() -> Result<()> {
     let set = replica_set();
     let mut relays = Vec::new();
     for i in 1..=REPLICAS {
-        // Defaults for every timing: this is the figure a site pays.
+        // Defaults for every timing but the keep-alives asked for: this is
+        // the figure a site pays.
         let mut cfg = replica_config(&pki, i)?;
+        if let Some((keepalive, idle)) = keepalives {
+            cfg.quic.keepalive = keepalive;
+            cfg.quic.idle_timeout = idle;
+        }
         let me = cfg.relay_id.clone();
         cfg.replicas = Some(ReplicaSettings {
             advertise: sa(wan(i), QUIC_PORT).to_string(),
@@ -385,6 +413,10 @@ fn idle_bytes_per_edge_per_day_with_three_replicas() -> Result<()> {
     }
     // Defaults for every timing here too.
     let mut cfg = relay_lab::scenario::edge_config(&pki, 1)?;
+    if let Some((keepalive, idle)) = keepalives {
+        cfg.quic.keepalive = keepalive;
+        cfg.quic.idle_timeout = idle;
+    }
     cfg.relay = sa(wan(1), QUIC_PORT).to_string();
     cfg.capture = None;
     cfg.transport = edge_client::TransportMode::Quic;
@@ -401,7 +433,6 @@ fn idle_bytes_per_edge_per_day_with_three_replicas() -> Result<()> {
             .collect()
     };
     let before_ids = ids(&lab)?;
-    let window = Duration::from_secs(30);
     let (rx0, tx0) = wan_bytes(&lab)?;
     std::thread::sleep(window);
     let (rx1, tx1) = wan_bytes(&lab)?;
@@ -412,7 +443,8 @@ fn idle_bytes_per_edge_per_day_with_three_replicas() -> Result<()> {
     let per_day = |b: u64| b as f64 * 86_400.0 / window.as_secs_f64();
     let (up, down) = (per_day(tx1 - tx0), per_day(rx1 - rx0));
     println!(
-        "idle edge, 3 replicas, default keep-alives: {:.1} MB/day up + {:.1} MB/day down = {:.1} MB/day ({:.1} MB/day per replica)",
+        "idle edge, 3 replicas, keep-alives {}: {:.1} MB/day up + {:.1} MB/day down = {:.1} MB/day ({:.1} MB/day per replica)",
+        keepalives.map_or("default".to_string(), |(k, i)| format!("{k:?} (idle timeout {i:?})")),
         up / 1e6,
         down / 1e6,
         (up + down) / 1e6,

@@ -14,8 +14,9 @@
 //! every build; the mimalloc versions tried kept 118-341 MiB. Why not
 //! always: a trim walks every arena under its lock (milliseconds at a
 //! large heap), so it runs only when the live task count has fallen to a
-//! quarter of a peak at least [`PEAK_TASKS`] above it, at most once per
-//! peak, on a blocking thread.
+//! quarter of its highest value since the last trim, and by at least
+//! [`PEAK_TASKS`], on a blocking thread: a few trims per peak at most
+//! (each needs the count to fall to a quarter again).
 
 use std::time::Duration;
 
@@ -28,7 +29,7 @@ pub const PEAK_TASKS: usize = 512;
 /// How often the live task count is sampled.
 const SAMPLE: Duration = Duration::from_secs(1);
 
-/// What the trimmer decided for one sample of the live task count.
+/// Tracks the live task count's highest value since the last trim.
 #[derive(Debug, Default)]
 pub struct PeakTracker {
     /// The highest count since the last trim (or the start).
@@ -42,7 +43,8 @@ impl PeakTracker {
         self.peak = self.peak.max(live);
         let fallen = self.peak >= live + PEAK_TASKS && live <= self.peak / 4;
         if fallen {
-            // One trim per peak: the next needs a new peak above this level.
+            // The next trim needs the load to fall that far again from
+            // here (or from a new peak).
             self.peak = live;
         }
         fallen
@@ -121,6 +123,8 @@ mod tests {
         // Fallen to a quarter of the peak: once.
         assert!(t.sample(1_000));
         assert!(!t.sample(900));
+        // Falling on by another quarter and 512: once more.
+        assert!(t.sample(20));
         assert!(!t.sample(20));
         // A peak too small to be worth a trim.
         assert!(!t.sample(400));
