@@ -386,6 +386,16 @@ pub fn tune_socket(s: &tokio::net::TcpStream) {
     let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
 }
 
+/// [`crate::splice::tune_listener`] (keep-alive, no Nagle) plus
+/// [`USER_TIMEOUT`], on a listener: every socket it accepts inherits them
+/// (no syscall per connection). For listeners whose clients' connections
+/// are spliced for as long as they last (the relay's CONNECT ingress), so
+/// a client that vanished without a FIN or RST is dropped.
+pub fn tune_listener_with_user_timeout(l: &tokio::net::TcpListener) {
+    crate::splice::tune_listener(l);
+    let _ = socket2::SockRef::from(l).set_tcp_user_timeout(Some(USER_TIMEOUT));
+}
+
 /// Dials the relay over TLS+TCP and starts yamux (edge side). The whole
 /// setup is bounded by `timeout`; a non-zero `mark` tags the socket so
 /// capture lets it pass.
