@@ -122,13 +122,15 @@ async fn serve_tcp_client(
 
 /// Socket options of every accepted CONNECT client, set once on the
 /// listener (Linux copies them to each accepted socket: no syscall per
-/// connection). TCP keep-alive (and the user timeout) matter after the
-/// 200: the header read is bounded, but the splice then waits for either
-/// side as long as it takes, and a client that vanished without a FIN or
-/// RST (a crashed host, a dropped NAT binding) would otherwise hold its
-/// task, fd and connection permit forever.
+/// connection; the splice sets none either, so these hold for the
+/// connection's whole life). TCP keep-alive (and the user timeout) matter
+/// after the 200: the header read is bounded, but the splice then waits
+/// for either side as long as it takes, and a client that vanished
+/// without a FIN or RST (a crashed host, a dropped NAT binding) would
+/// otherwise hold its task, fd and connection permit forever
+/// (`lab/tests/halfopen.rs`: freed about 30 s after it vanished).
 fn tune_listener(l: &TcpListener) {
-    relay_transport::tcp::tune_listener_with_user_timeout(l);
+    relay_transport::tcp::tune_listener(l);
 }
 
 /// Accepts CONNECT clients on a Unix socket.
@@ -603,6 +605,10 @@ mod tests {
             "no TCP keep-alive on a CONNECT socket"
         );
         assert!(r.tcp_user_timeout().unwrap().is_some());
+        assert_eq!(
+            r.tcp_keepalive_time().unwrap(),
+            std::time::Duration::from_secs(10)
+        );
         assert!(r.tcp_nodelay().unwrap());
         drop(c);
     }
