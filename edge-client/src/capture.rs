@@ -168,6 +168,9 @@ async fn accept_loop(
     // `capture.max_connections` at once, more are reset and counted.
     let max = cfg.capture.as_ref().map_or(1, |c| c.max_connections);
     let bound = stats.capture_bound.get_or_init(|| AcceptBound::new(max));
+    // Keep-alive and no Nagle for every captured connection, set once
+    // (accepted sockets inherit them).
+    relay_transport::splice::tune_listener(&l);
     loop {
         let Some((sock, peer, permit)) = accept_bounded(&cancel, "capture", &l, bound).await else {
             return;
@@ -197,7 +200,6 @@ async fn accept_loop(
 /// local pod's, which kube-proxy leaves alone), never through the relay.
 /// Works with the relay unreachable.
 async fn local_service(sock: TcpStream, ep: std::net::SocketAddr, cfg: Arc<EdgeConfig>) {
-    let _ = sock.set_nodelay(true);
     let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
     match dial_tcp(ep, cfg.dial_timeout, mark).await {
         Ok(mut tcp) => {
@@ -222,7 +224,6 @@ async fn outbound(
     cfg: Arc<EdgeConfig>,
     stats: Arc<EdgeStats>,
 ) {
-    let _ = sock.set_nodelay(true);
     let Some((conn, _)) = conn else {
         info!("no session to the relay; resetting captured connection");
         let _ = sock.set_zero_linger();

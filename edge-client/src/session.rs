@@ -134,7 +134,10 @@ pub(crate) async fn run_session(
             bi = conn.accept_bi() => match bi {
                 Ok(bi) => {
                     let f = (conn.clone(), flows.clone());
-                    tokio::spawn(serve_stream(bi, f, cfg.clone(), served.clone(), stats.clone()).in_current_span());
+                    // Boxed: the task holds a pointer rather than the
+                    // stream's whole state machine, which tokio copies
+                    // while spawning and finishing a task.
+                    tokio::spawn(Box::pin(serve_stream(bi, f, cfg.clone(), served.clone(), stats.clone())).in_current_span());
                     continue;
                 }
                 Err(e) => {

@@ -168,6 +168,9 @@ pub(crate) async fn serve_transparent(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> &'static str {
+    // Keep-alive and no Nagle for every captured connection, set once
+    // (accepted sockets inherit them).
+    relay_transport::splice::tune_listener(&l);
     loop {
         let accepted = accept_bounded(&stop, "transparent", &l, &shared.capture_bound).await;
         let Some((sock, peer, permit)) = accepted else {
@@ -179,7 +182,6 @@ pub(crate) async fn serve_transparent(
             let Ok(dst) = relay_transport::conntrack::original_dst_tcp(&sock) else {
                 return;
             };
-            let _ = sock.set_nodelay(true);
             match route_any(&shared, Origin::Captured, dst, Proto::Tcp, None) {
                 Ok((Route::Edge(session), to)) => {
                     match open_on(&shared, session, to, Some(peer)).await {
@@ -224,15 +226,15 @@ pub(crate) async fn dial_direct(
     r
 }
 
-/// Splices `local` with a connection [`dial_direct`] made, `pending`
-/// (bytes the client sent early) first; the bytes carried each way.
+/// Splices `local` (tuned by its listener) with a connection
+/// [`dial_direct`] made, `pending` (bytes the client sent early) first;
+/// the bytes carried each way.
 pub(crate) async fn splice_direct<L: relay_transport::splice::LocalStream>(
     mut local: L,
     pending: &[u8],
     mut tcp: tokio::net::TcpStream,
 ) -> (u64, u64) {
     use tokio::io::AsyncWriteExt;
-    local.prepare();
     if !pending.is_empty() && tcp.write_all(pending).await.is_err() {
         return (0, 0);
     }

@@ -13,8 +13,12 @@
 //! Bounds: a splice that moves no byte either way for the idle bound
 //! (default [`DEFAULT_IDLE_TIMEOUT`], see [`set_idle_timeout`]) is reset like
 //! any other failure, so a half-open peer cannot hold a task, a socket and
-//! a stream forever; local TCP sockets get keep-alive probes
-//! ([`tune_tcp`]) so a vanished host is noticed by the kernel as well.
+//! a stream forever; local TCP sockets get keep-alive probes so a vanished
+//! host is noticed by the kernel as well: dialled ones from [`dial_tcp`]
+//! ([`tune_tcp`]), accepted ones from their listener ([`tune_listener`]).
+//! [`splice`] sets no socket option itself: options set per connection
+//! were 10 of the syscalls of every tunnelled connection (loadtest
+//! `connect`).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -74,14 +78,25 @@ pub fn idle_timeout() -> Duration {
 /// Nagle on a local TCP socket. Best effort: a socket that refuses is
 /// still usable.
 pub fn tune_tcp(s: &tokio::net::TcpStream) {
+    tune(socket2::SockRef::from(s));
+}
+
+/// Sets what [`tune_tcp`] sets on a listener instead, once: Linux copies
+/// keep-alive (with its timings) and `TCP_NODELAY` from a listening socket
+/// to every socket it accepts, so accepted connections start tuned with no
+/// syscall of their own. Best effort, as [`tune_tcp`].
+pub fn tune_listener(l: &tokio::net::TcpListener) {
+    tune(socket2::SockRef::from(l));
+}
+
+fn tune(sock: socket2::SockRef<'_>) {
     let ka = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_TIME)
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_RETRIES);
-    let sock = socket2::SockRef::from(s);
     let _ = sock.set_tcp_keepalive(&ka);
     // Interactive traffic (kubectl exec) must not wait for Nagle.
-    let _ = s.set_nodelay(true);
+    let _ = sock.set_tcp_nodelay(true);
 }
 
 /// Last time a splice moved a byte, shared by its two directions (both run
@@ -129,22 +144,16 @@ impl Meter for () {
 }
 
 /// A local socket that can be closed abortively (RST instead of FIN).
+/// TCP sockets come tuned (keep-alive, no Nagle): see the module docs.
 pub trait LocalStream: AsyncRead + AsyncWrite + Unpin + Send {
     /// Arranges for the next close to send a reset.
     fn set_abortive_close(&self);
-
-    /// Socket options every spliced socket gets (TCP keep-alive).
-    fn prepare(&self) {}
 }
 
 impl LocalStream for tokio::net::TcpStream {
     fn set_abortive_close(&self) {
         // Failure only means the socket is already gone.
         let _ = self.set_zero_linger();
-    }
-
-    fn prepare(&self) {
-        tune_tcp(self)
     }
 }
 
@@ -155,10 +164,6 @@ impl LocalStream for tokio::net::UnixStream {
 impl<S: LocalStream> LocalStream for tokio_rustls::server::TlsStream<S> {
     fn set_abortive_close(&self) {
         self.get_ref().0.set_abortive_close()
-    }
-
-    fn prepare(&self) {
-        self.get_ref().0.prepare()
     }
 }
 
@@ -351,7 +356,9 @@ async fn both_ways(
 
 /// Splices `local` and the tunnel stream `bi` until both directions end.
 /// `pending` holds bytes already read from `local` (after a CONNECT header)
-/// that must go first. Returns byte counts and whether it was reset.
+/// that must go first. Returns byte counts and whether it was reset. A TCP
+/// `local` must come tuned ([`dial_tcp`], or a listener tuned with
+/// [`tune_listener`]).
 pub async fn splice<L: LocalStream>(
     local: L,
     pending: &[u8],
@@ -359,7 +366,6 @@ pub async fn splice<L: LocalStream>(
     meter: &dyn Meter,
 ) -> SpliceOutcome {
     let BiStream { mut send, mut recv } = bi;
-    local.prepare();
     let act = Activity::new();
     let (mut lr, mut lw) = tokio::io::split(local);
     let out = both_ways(
@@ -522,16 +528,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn spliced_and_dialled_tcp_sockets_get_keepalive() {
+    async fn accepted_and_dialled_tcp_sockets_get_keepalive() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let dialled = dial_tcp(addr, Duration::from_secs(5), 0).await.unwrap();
-        let (accepted, _) = l.accept().await.unwrap();
+        let (untuned, _) = l.accept().await.unwrap();
         assert!(socket2::SockRef::from(&dialled).keepalive().unwrap());
-        assert!(!socket2::SockRef::from(&accepted).keepalive().unwrap());
-        accepted.prepare();
+        assert!(socket2::SockRef::from(&dialled).tcp_nodelay().unwrap());
+        assert!(!socket2::SockRef::from(&untuned).keepalive().unwrap());
+        // Sockets accepted after the listener is tuned inherit the options.
+        tune_listener(&l);
+        let _dialled = dial_tcp(addr, Duration::from_secs(5), 0).await.unwrap();
+        let (accepted, _) = l.accept().await.unwrap();
         let s = socket2::SockRef::from(&accepted);
         assert!(s.keepalive().unwrap());
         assert_eq!(s.tcp_keepalive_time().unwrap(), KEEPALIVE_TIME);
+        assert_eq!(s.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(s.tcp_keepalive_retries().unwrap(), KEEPALIVE_RETRIES);
+        assert!(s.tcp_nodelay().unwrap());
     }
 }

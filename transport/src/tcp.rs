@@ -376,12 +376,22 @@ pub const USER_TIMEOUT: Duration = Duration::from_secs(30);
 /// connection (Linux: the user timeout overrides the probe count), so a
 /// vanished peer is dropped about 30 s after it last acknowledged anything.
 pub fn tune_socket(s: &tokio::net::TcpStream) {
-    let _ = s.set_nodelay(true);
+    tune(socket2::SockRef::from(s));
+}
+
+/// [`tune_socket`]'s options, set once on a listener: Linux copies them to
+/// every socket it accepts, so accepted connections (the relay's CONNECT
+/// clients) get them without a syscall of their own.
+pub fn tune_listener(l: &tokio::net::TcpListener) {
+    tune(socket2::SockRef::from(l));
+}
+
+fn tune(sock: socket2::SockRef<'_>) {
+    let _ = sock.set_tcp_nodelay(true);
     let ka = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(10))
         .with_interval(Duration::from_secs(5))
         .with_retries(3);
-    let sock = socket2::SockRef::from(s);
     let _ = sock.set_tcp_keepalive(&ka);
     let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
 }
