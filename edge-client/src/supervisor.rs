@@ -27,7 +27,9 @@
 //! then is its reconnect loop stopped (at most [`RETIRE_LIMIT`] later).
 //!
 //! A relay that advertises no set (an older relay, or no `[replicas]`)
-//! leaves the edge with its one bootstrap session, as before.
+//! leaves the edge with its one bootstrap session, as before. An empty set
+//! is treated the same way (the last set is kept): no live relay can
+//! truthfully report one, and following it would drop every session.
 //!
 //! Outside, the client still looks like one session: its state and the
 //! connection edge-opened streams use are those of the first connected
@@ -356,9 +358,11 @@ pub(crate) async fn supervise(
 }
 
 /// The most frequent of `sets` (the first of equally frequent ones).
+/// Empty sets are skipped: a relay answering us is live, so an empty set
+/// says nothing, and following it would drop every session at once.
 fn majority(sets: impl Iterator<Item = Vec<Replica>>) -> Option<Vec<Replica>> {
     let mut counts: Vec<(Vec<Replica>, usize)> = Vec::new();
-    for mut s in sets {
+    for mut s in sets.filter(|s| !s.is_empty()) {
         s.sort();
         match counts.iter_mut().find(|(x, _)| *x == s) {
             Some((_, n)) => *n += 1,
@@ -431,5 +435,11 @@ mod tests {
         );
         assert_eq!(majority([stale.clone(), fresh].into_iter()), Some(stale));
         assert_eq!(majority(std::iter::empty()), None);
+        // Empty sets say nothing: never followed, not even by a majority.
+        assert_eq!(majority([vec![], vec![]].into_iter()), None);
+        assert_eq!(
+            majority([vec![], vec![], set(&["a"])].into_iter()),
+            Some(set(&["a"]))
+        );
     }
 }

@@ -16,12 +16,22 @@
 //! another instance, refuses to take it over until it has expired (plus the
 //! margin), and says so ([`MembershipStats::id_conflicts`]).
 //!
+//! The set is judged from the watch's store, which can lag the API: after
+//! an outage the watch's TCP connection may sit in retransmission backoff
+//! for seconds while new requests (our renewals) already succeed, and its
+//! backlog then arrives in order. Judging a lagging store by the clock
+//! would drop replicas whose renewals are merely not delivered yet, so the
+//! set is only published once the store has caught up with our own latest
+//! renewal (the watch delivers in commit order: everything committed before
+//! it is in the store too).
+//!
 //! When the API cannot be reached the Leases in hand stop being renewed,
 //! so judging them by the clock would empty the set on every replica at
 //! once and leave edges with nothing to follow. Instead, once our own
 //! renewal has failed for longer than a lease duration, the last published
-//! set is kept (frozen) until the API answers again and the watch has
-//! caught up (`Freeze`: a lease duration after the API came back).
+//! set is kept (frozen) until the API answers again, a lease duration has
+//! passed in which every live replica renewed, and the store has caught up
+//! (`Freeze`).
 //!
 //! [`judge`] and [`live_members`] are pure (they take `now`), so expiry,
 //! skew and collection are unit-tested without a clock.
@@ -144,7 +154,7 @@ pub fn judge(
     let id = lease.metadata.name.clone()?;
     let member = Member { id, address };
     let spec = lease.spec.as_ref();
-    let Some(renewed) = spec.and_then(|s| s.renew_time.as_ref()).map(to_system) else {
+    let Some(renewed) = renewed(lease) else {
         return Some((member, LeaseState::Collectable));
     };
     let duration = spec
@@ -193,6 +203,9 @@ pub struct MembershipStats {
     pub collected: AtomicU64,
     /// Watch errors (each followed by a backoff and a retry).
     pub watch_errors: AtomicU64,
+    /// Renewal rounds at which the watch had not yet delivered the
+    /// previous round's renewal (the set was kept meanwhile).
+    pub store_behind: AtomicU64,
 }
 
 struct Shared {
@@ -310,19 +323,23 @@ where
     // kept while this is older than a lease duration.
     let mut api_ok = tokio::time::Instant::now();
     let mut freeze = Freeze::default();
+    // The renew time of our Lease as the API last showed it (written by us,
+    // or read when another instance holds it): the store is current once
+    // it holds this or a later one.
+    let mut seen: Option<SystemTime> = None;
+    // Since when the store has lagged our renewals (None: it has not).
+    let mut behind_since: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             ev = stream.next() => match ev {
                 Some(Ok(watcher::Event::InitDone)) => {
                     synced = true;
                     api_ok = tokio::time::Instant::now();
-                    freeze.watched();
-                    publish(&s, &mut freeze, api_ok);
+                    publish(&s, &mut freeze, api_ok, seen);
                 }
                 Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) if synced => {
                     api_ok = tokio::time::Instant::now();
-                    freeze.watched();
-                    publish(&s, &mut freeze, api_ok);
+                    publish(&s, &mut freeze, api_ok, seen);
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
@@ -332,16 +349,21 @@ where
                 None => return,
             },
             _ = tick.tick() => {
-                if renew(&s).await {
+                let current = synced && caught_up(&s, seen);
+                note_lag(&s, current || seen.is_none(), &mut behind_since);
+                // A stale store would make live Leases look expired: collect
+                // only from a current one (and before this round's renewal,
+                // which the store cannot hold yet).
+                if current && !freeze.frozen {
+                    collect(&s).await;
+                }
+                let r = renew(&s).await;
+                if r.answered {
                     api_ok = tokio::time::Instant::now();
                 }
+                seen = r.seen.or(seen);
                 if synced {
-                    // A stale store would make live Leases look expired
-                    // for long: collect only from a current one.
-                    if !freeze.frozen {
-                        collect(&s).await;
-                    }
-                    publish(&s, &mut freeze, api_ok);
+                    publish(&s, &mut freeze, api_ok, seen);
                 }
             }
         }
@@ -355,11 +377,11 @@ where
 /// the API answers again the Leases in our store are still the ones from
 /// before the outage (renewed long ago by their holders' clocks): judging
 /// them at once would drop every replica, ourselves included, until the
-/// watch delivers the fresh renewals. So the set thaws only once the
-/// watch has delivered an event since the API came back *and* a whole lease
-/// duration has passed since then, in which every live replica has renewed
-/// (at least three times: `renew_every` ≤ a third of it) and those renewals
-/// have reached the store; a replica that has not renewed by then is
+/// watch delivers the fresh renewals. So the set thaws only once a whole
+/// lease duration has passed since the API came back, in which every live
+/// replica has renewed (at least three times: `renew_every` ≤ a third of
+/// it), *and* the store has caught up with our own latest renewal, so
+/// those renewals are in it too; a replica that has not renewed by then is
 /// really gone and is dropped.
 #[derive(Debug, Default)]
 struct Freeze {
@@ -367,39 +389,31 @@ struct Freeze {
     frozen: bool,
     /// While frozen: when the API first answered again.
     back: Option<tokio::time::Instant>,
-    /// While frozen: the watch delivered an event since the API came back.
-    watched: bool,
 }
 
 impl Freeze {
-    /// The watch delivered an event (the store is being refreshed).
-    fn watched(&mut self) {
-        if self.frozen {
-            self.watched = true;
-        }
-    }
-
     /// Whether the live set may be published now, given the last time the
-    /// API answered us.
+    /// API answered us and whether the store has caught up with our latest
+    /// renewal.
     fn thawed(
         &mut self,
         now: tokio::time::Instant,
         api_ok: tokio::time::Instant,
         lease: Duration,
+        caught_up: bool,
     ) -> bool {
         if now.saturating_duration_since(api_ok) > lease {
             *self = Freeze {
                 frozen: true,
                 back: None,
-                watched: false,
             };
             return false;
         }
         if !self.frozen {
-            return true;
+            return caught_up;
         }
         let back = *self.back.get_or_insert(api_ok);
-        if self.watched && now.saturating_duration_since(back) >= lease {
+        if caught_up && now.saturating_duration_since(back) >= lease {
             *self = Freeze::default();
             return true;
         }
@@ -407,11 +421,80 @@ impl Freeze {
     }
 }
 
-/// Publishes the live set, unless it is frozen (see [`Freeze`]).
-fn publish(s: &Shared, freeze: &mut Freeze, api_ok: tokio::time::Instant) {
-    if !freeze.thawed(tokio::time::Instant::now(), api_ok, s.opts.lease_duration) {
+/// The renew time a Lease carries.
+fn renewed(lease: &Lease) -> Option<SystemTime> {
+    lease
+        .spec
+        .as_ref()
+        .and_then(|x| x.renew_time.as_ref())
+        .map(to_system)
+}
+
+/// Whether the store holds our Lease as the API last showed it (`seen`) or
+/// later.
+fn caught_up(s: &Shared, seen: Option<SystemTime>) -> bool {
+    let Some(seen) = seen else {
+        return false;
+    };
+    s.store
+        .state()
+        .iter()
+        .find(|l| l.metadata.name.as_deref() == Some(s.opts.id.as_str()))
+        .and_then(|l| renewed(l))
+        .is_some_and(|t| t >= seen)
+}
+
+/// Counts and reports a store lagging our renewals (`current` false) at a
+/// renewal round: once per lag longer than a lease duration, and when it
+/// ends.
+fn note_lag(s: &Shared, current: bool, since: &mut Option<tokio::time::Instant>) {
+    let lease = s.opts.lease_duration;
+    match (current, *since) {
+        (true, Some(t)) => {
+            if t.elapsed() > lease {
+                tracing::info!(
+                    lagged = ?t.elapsed(),
+                    "the lease watch caught up with our renewals; replica set current again"
+                );
+            }
+            *since = None;
+        }
+        (true, None) => {}
+        (false, _) => {
+            s.stats.store_behind.fetch_add(1, Ordering::Relaxed);
+            let t = *since.get_or_insert_with(tokio::time::Instant::now);
+            let lag = t.elapsed();
+            // Logged at the first round past a lease duration, not every round.
+            if lag > lease && lag <= lease + s.opts.renew_every {
+                tracing::warn!(
+                    ?lag,
+                    "the lease watch has not delivered our renewals for longer than a lease: \
+                     keeping the last replica set until it catches up"
+                );
+            }
+        }
+    }
+}
+
+/// Publishes the live set, unless the store lags our renewals or the set is
+/// frozen (see [`Freeze`]).
+fn publish(
+    s: &Shared,
+    freeze: &mut Freeze,
+    api_ok: tokio::time::Instant,
+    seen: Option<SystemTime>,
+) {
+    let current = caught_up(s, seen);
+    if !freeze.thawed(
+        tokio::time::Instant::now(),
+        api_ok,
+        s.opts.lease_duration,
+        current,
+    ) {
         tracing::debug!(
-            "API unreachable (or just back) for longer than a lease: keeping the last replica set"
+            current,
+            "store behind our renewals, or API unreachable (or just back) for longer than a lease: \
+             keeping the last replica set"
         );
         return;
     }
@@ -426,9 +509,17 @@ fn publish(s: &Shared, freeze: &mut Freeze, api_ok: tokio::time::Instant) {
     });
 }
 
-/// Creates or renews our Lease; true if the API answered (even with a
-/// conflict).
-async fn renew(s: &Shared) -> bool {
+/// What one renewal round learnt.
+struct Renewal {
+    /// The API answered (even with a conflict).
+    answered: bool,
+    /// The renew time of our Lease as the API now has it (ours if we wrote
+    /// it, another instance's if it holds our id), when known.
+    seen: Option<SystemTime>,
+}
+
+/// Creates or renews our Lease.
+async fn renew(s: &Shared) -> Renewal {
     let o = &s.opts;
     let now = SystemTime::now();
     let spec = |old: Option<&LeaseSpec>| {
@@ -454,6 +545,8 @@ async fn renew(s: &Shared) -> bool {
             .get_or_insert_with(Default::default)
             .insert(ADDRESS_ANNOTATION.to_string(), o.address.clone());
     };
+    let written = to_system(&micro_now(now));
+    let mut seen = None;
     let result = match bounded("get lease", o.api_timeout, s.api.get_opt(&o.id)).await {
         Err(e) => Err(e),
         Ok(None) => {
@@ -472,9 +565,10 @@ async fn renew(s: &Shared) -> bool {
                 s.api.create(&PostParams::default(), &lease),
             )
             .await
-            .map(|_| ())
+            .map(|_| seen = Some(written))
         }
         Ok(Some(mut lease)) => {
+            seen = renewed(&lease);
             let holder = lease
                 .spec
                 .as_ref()
@@ -489,7 +583,10 @@ async fn renew(s: &Shared) -> bool {
                     "another instance holds this replica id's Lease: two replicas are configured \
                      with one id; not taking it over until it expires"
                 );
-                return true;
+                return Renewal {
+                    answered: true,
+                    seen,
+                };
             }
             lease.spec = Some(spec(lease.spec.as_ref()));
             annotate(&mut lease.metadata);
@@ -501,10 +598,10 @@ async fn renew(s: &Shared) -> bool {
                 s.api.replace(&o.id, &PostParams::default(), &lease),
             )
             .await
-            .map(|_| ())
+            .map(|_| seen = Some(written))
         }
     };
-    match result {
+    let answered = match result {
         Ok(()) => {
             s.stats.renewals.fetch_add(1, Ordering::Relaxed);
             true
@@ -521,7 +618,8 @@ async fn renew(s: &Shared) -> bool {
             tracing::warn!(error = %e, "renewing the replica lease failed");
             false
         }
-    }
+    };
+    Renewal { answered, seen }
 }
 
 /// Deletes Leases expired for longer than `gc_after` (never our own).
@@ -617,29 +715,31 @@ mod tests {
         let lease = Duration::from_secs(15);
         let s = |x: u64| t0 + Duration::from_secs(x);
         let mut f = Freeze::default();
-        // The API answered 10 s ago: fine.
-        assert!(f.thawed(s(10), s(0), lease));
+        // The API answered 10 s ago and the store holds our renewal: fine.
+        assert!(f.thawed(s(10), s(0), lease, true));
+        // The store lags our renewal: kept, but nothing is frozen.
+        assert!(!f.thawed(s(11), s(10), lease, false));
+        assert!(!f.frozen);
         // 16 s without an answer: frozen.
-        assert!(!f.thawed(s(16), s(0), lease));
-        assert!(!f.thawed(s(40), s(0), lease));
-        // Our renewal succeeds at 41: still frozen (the store is stale),
-        // even a lease duration later while no watch event came.
-        assert!(!f.thawed(s(41), s(41), lease));
-        assert!(!f.thawed(s(50), s(50), lease));
-        assert!(!f.thawed(s(57), s(57), lease));
-        // A watch event: thaws, a lease duration after the API came back.
-        f.watched();
-        assert!(f.thawed(s(58), s(58), lease));
-        // Thawed: a watch event no longer arms anything.
-        f.watched();
-        assert!(!f.watched && !f.frozen);
-        assert!(f.thawed(s(60), s(58), lease));
-        // Another outage, the watch back early: still a lease duration.
-        assert!(!f.thawed(s(80), s(60), lease));
-        assert!(!f.thawed(s(81), s(81), lease));
-        f.watched();
-        assert!(!f.thawed(s(90), s(90), lease));
-        assert!(f.thawed(s(96), s(96), lease));
+        assert!(!f.thawed(s(16), s(0), lease, true));
+        assert!(!f.thawed(s(40), s(0), lease, true));
+        // Our renewal succeeds at 41: still frozen for a lease duration,
+        // whatever the store holds (the others have not renewed yet).
+        assert!(!f.thawed(s(41), s(41), lease, true));
+        assert!(!f.thawed(s(50), s(50), lease, true));
+        // A lease duration later, the watch still delivering its backlog
+        // (our latest renewal not in the store): still frozen.
+        assert!(!f.thawed(s(56), s(56), lease, false));
+        assert!(!f.thawed(s(60), s(60), lease, false));
+        // Caught up: thaws.
+        assert!(f.thawed(s(61), s(60), lease, true));
+        assert!(!f.frozen);
+        assert!(f.thawed(s(62), s(60), lease, true));
+        // Another outage, the watch current early: still a lease duration.
+        assert!(!f.thawed(s(80), s(62), lease, true));
+        assert!(!f.thawed(s(81), s(81), lease, true));
+        assert!(!f.thawed(s(90), s(90), lease, true));
+        assert!(f.thawed(s(96), s(96), lease, true));
     }
 
     #[test]

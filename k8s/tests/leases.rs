@@ -295,3 +295,52 @@ async fn the_api_unreachable_longer_than_a_lease_keeps_the_last_set() {
     })
     .await;
 }
+
+/// The watch stalls while every other request is answered, as after a
+/// network outage whose end the watch's TCP connection has not noticed
+/// yet (retransmission backoff). Renewals succeed, but none reaches the
+/// stores: judged by the clock, every Lease there (each replica's own
+/// included) expires. The set must stay whole until the watch delivers its
+/// backlog; a replica that really stops is still dropped afterwards.
+#[tokio::test]
+async fn a_stalled_watch_keeps_the_set_until_it_catches_up() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (standin, client) = setup().await;
+    let a = ReplicaMembership::spawn(&client, opts("relay-a", "198.18.0.1:8443"));
+    let b = ReplicaMembership::spawn(&client, opts("relay-b", "198.18.0.2:8443"));
+    let both = ["relay-a", "relay-b"];
+    wait_until("both see both", BOUND, || {
+        ids(&a) == both && ids(&b) == both
+    })
+    .await;
+    let renewed = a.stats().renewals.load(Relaxed);
+    standin.hold_watches(true);
+    let t = std::time::Instant::now();
+    // Lease 2 s + margin 0.5 s: well past it.
+    while t.elapsed() < Duration::from_secs(4) {
+        let at = t.elapsed();
+        assert_eq!(ids(&a), both, "relay-a's set {at:?} into a stalled watch");
+        assert_eq!(ids(&b), both, "relay-b's set {at:?} into a stalled watch");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        a.stats().renewals.load(Relaxed) >= renewed + 5,
+        "renewals went on while the watch stalled"
+    );
+    assert!(
+        a.stats().store_behind.load(Relaxed) > 0,
+        "the lag was noticed"
+    );
+    standin.hold_watches(false);
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(1) {
+        assert_eq!(ids(&a), both, "relay-a's set as the backlog arrives");
+        assert_eq!(ids(&b), both, "relay-b's set as the backlog arrives");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(b);
+    wait_until("relay-b expires once the watch is current", BOUND, || {
+        ids(&a) == ["relay-a"]
+    })
+    .await;
+}

@@ -310,7 +310,13 @@ fn lease_membership_in_the_lab_join_leave_api_outage_and_rollout_with_streams() 
     );
 
     // 5. Rolling update with streams in flight.
-    rollout_with_streams(&lab, &mut relays)?;
+    if let Err(e) = rollout_with_streams(&lab, &mut relays) {
+        // The replicas' directories go with them: show their logs first.
+        for (i, r) in relays.iter().enumerate() {
+            eprintln!("--- relay-{} log ---\n{}", i + 1, tail(&r.log(), 60));
+        }
+        return Err(e);
+    }
 
     for e in edges {
         e.stop()?;
@@ -322,6 +328,12 @@ fn lease_membership_in_the_lab_join_leave_api_outage_and_rollout_with_streams() 
     drop(four);
     println!("netns_leases done in {:.1}s", t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// The last `n` lines of `log`.
+fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Every replica's sessions: replica → node → session id.

@@ -414,6 +414,11 @@ pub(crate) async fn run_session(
                     continue;
                 }
                 let set = replicas.borrow_and_update().clone();
+                // Never an empty set (as for the first): no edge should
+                // drop its sessions on it, older ones included.
+                if set.is_empty() {
+                    continue;
+                }
                 vec![Control::Replicas { replicas: set }]
             }
             r = changes.changed(), if !update_due => {

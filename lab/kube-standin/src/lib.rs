@@ -27,6 +27,7 @@
 //!
 //! Test hooks: [`StandIn::inject_gone`] (in-stream `ERROR` 410 on every open
 //! watch), [`StandIn::set_unavailable`] (every request answers 503),
+//! [`StandIn::hold_watches`] (watches stall while requests are answered),
 //! [`StandIn::stop`] / [`StandIn::start`] (the listener goes away and comes
 //! back on the same port), and direct edits of the Node, Service and
 //! EndpointSlice sets ([`StandIn::upsert_service`],
@@ -213,6 +214,9 @@ struct Shared {
     bearer: String,
     bookmark_interval: Duration,
     open_watches: AtomicU64,
+    /// While true, open watches deliver nothing (see
+    /// [`StandIn::hold_watches`]).
+    hold: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -325,6 +329,7 @@ impl StandIn {
             bearer,
             bookmark_interval: Duration::from_secs(1),
             open_watches: AtomicU64::new(0),
+            hold: tokio::sync::watch::channel(false).0,
         });
         let s = StandIn {
             shared,
@@ -430,6 +435,15 @@ impl StandIn {
         if unavailable {
             let _ = self.shared.watch_tx.send(Arc::new(Signal::Close));
         }
+    }
+
+    /// While held, open watches deliver nothing (events queue, in order)
+    /// while every other request is answered: what a client sees when its
+    /// long-lived watch connection sits in TCP retransmission backoff after
+    /// a network outage, while its new requests already get through.
+    /// Releasing delivers the backlog.
+    pub fn hold_watches(&self, held: bool) {
+        self.shared.hold.send_replace(held);
     }
 
     /// Sends an in-stream `ERROR` event with a 410 Gone `Status` on every

@@ -306,7 +306,10 @@ pub(crate) async fn stream_watch(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
     let mut tick = tokio::time::interval(shared.bookmark_interval);
     tick.tick().await;
+    let mut hold = shared.hold.subscribe();
     loop {
+        // A held watch is a stalled connection: nothing at all goes out.
+        let _ = hold.wait_for(|held| !*held).await;
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => return Ok(()),
             _ = tick.tick() => {
