@@ -376,20 +376,37 @@ pub(crate) struct Bench {
     /// Top-level lines added to every edge config (`key = value\n`).
     pub(crate) edge_top: String,
     /// A bearer token the relay's admin API then requires
-    /// (`admin.token_file`); see [`admin_bearer`].
+    /// (`admin.token_file`); each [`RelayProc`] started carries it.
     pub(crate) admin_token: Option<String>,
     pki: DevPki,
 }
 
-/// The admin token of the relay this process started, if it has one.
-/// Process-wide because every reader of the admin API (the soak's probes
-/// and samplers, `start_edge`'s registration wait) talks to the one relay
-/// of this run.
-static ADMIN_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// A relay's admin API: where it listens and the bearer it requires.
+#[derive(Clone, Debug)]
+pub(crate) struct AdminApi {
+    /// Its address.
+    pub(crate) addr: SocketAddr,
+    /// The bearer token to send (`None`: the relay has none).
+    pub(crate) bearer: Option<Arc<str>>,
+}
 
-/// The bearer to send to the relay's admin API (`None`: it has no token).
-pub(crate) fn admin_bearer() -> Option<&'static str> {
-    ADMIN_TOKEN.get().map(String::as_str)
+impl AdminApi {
+    /// `GET path`: status and body.
+    pub(crate) async fn get(&self, path: &str) -> Result<(u16, String)> {
+        relay_lab::admin_get(self.addr, path, self.bearer.as_deref()).await
+    }
+
+    /// The `/metrics` body.
+    pub(crate) async fn metrics(&self) -> Result<String> {
+        let (code, body) = self.get("/metrics").await?;
+        ensure!(code == 200, "GET /metrics: {code}");
+        Ok(body)
+    }
+
+    /// The sessions the relay lists.
+    pub(crate) async fn sessions(&self) -> Result<Vec<relay_server::admin::SessionRow>> {
+        relay_lab::sessions_as(self.addr, self.bearer.as_deref()).await
+    }
 }
 
 impl Bench {
@@ -455,10 +472,6 @@ impl Bench {
             let f = self.dir.path().join("admin-token");
             std::fs::write(&f, token)?;
             t.push_str(&format!("[admin]\ntoken_file = \"{}\"\n", f.display()));
-            ensure!(
-                ADMIN_TOKEN.get_or_init(|| token.clone()) == token,
-                "one admin token per loadtest process"
-            );
         }
         if let Some(p) = max_udp_payload()? {
             t.push_str(&format!(
@@ -526,7 +539,10 @@ impl Bench {
         Ok(RelayProc {
             quic: addr("quic")?,
             connect: addr("connect")?,
-            admin: addr("admin")?,
+            admin: AdminApi {
+                addr: addr("admin")?,
+                bearer: self.admin_token.as_deref().map(Arc::from),
+            },
             child,
         })
     }
@@ -601,11 +617,7 @@ impl Bench {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             child.check_alive()?;
-            if relay_lab::sessions_as(relay.admin, admin_bearer())
-                .await?
-                .iter()
-                .any(|s| s.node == name)
-            {
+            if relay.admin.sessions().await?.iter().any(|s| s.node == name) {
                 return Ok(child);
             }
             ensure!(
@@ -624,8 +636,8 @@ pub(crate) struct RelayProc {
     pub(crate) quic: SocketAddr,
     /// HTTP CONNECT address.
     pub(crate) connect: SocketAddr,
-    /// Admin API address.
-    pub(crate) admin: SocketAddr,
+    /// Its admin API.
+    pub(crate) admin: AdminApi,
     /// The process.
     pub(crate) child: ChildGuard,
 }
@@ -638,8 +650,7 @@ impl RelayProc {
 
     /// `relay_sessions` from `/metrics` (cheap to poll).
     pub(crate) async fn session_count(&self) -> Result<u64> {
-        let (code, body) = relay_lab::admin_get(self.admin, "/metrics", admin_bearer()).await?;
-        ensure!(code == 200, "GET /metrics: {code}");
+        let body = self.admin.metrics().await?;
         body.lines()
             .find_map(|l| l.strip_prefix("relay_sessions "))
             .and_then(|v| v.trim().parse::<f64>().ok())
@@ -652,8 +663,7 @@ impl RelayProc {
     /// Non-zero `relay_handshake_failures_total` series, as `reason=count`
     /// (shows handshakes refused by `limits.max_concurrent_handshakes`).
     pub(crate) async fn handshake_failures(&self) -> Result<String> {
-        let (code, body) = relay_lab::admin_get(self.admin, "/metrics", admin_bearer()).await?;
-        ensure!(code == 200, "GET /metrics: {code}");
+        let body = self.admin.metrics().await?;
         let v: Vec<String> = body
             .lines()
             .filter_map(|l| l.strip_prefix("relay_handshake_failures_total{reason=\""))

@@ -131,7 +131,7 @@ async fn run_once(bench: &Bench, m: usize, settle: Duration) -> Result<One> {
     let open_s = t0.elapsed().as_secs_f64();
     ensure!(conns.len() == m, "opened {} of {m}", conns.len());
     tokio::time::sleep(settle).await;
-    let rows = relay_lab::sessions(relay.admin).await?;
+    let rows = relay.admin.sessions().await?;
     let open = rows.first().map(|r| r.open_streams).unwrap_or(0);
     ensure!(
         open as usize == m,

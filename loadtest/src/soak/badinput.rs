@@ -20,7 +20,7 @@ use relay_lab::edge_name;
 use serde_json::json;
 
 use super::flood::echo_probe;
-use super::probe::{compare, relay_metrics, Delta, Snapshot};
+use super::probe::{compare, Delta, Snapshot};
 use super::{snap_json, Rig};
 use crate::common::fmt_bytes;
 
@@ -128,7 +128,7 @@ async fn until_back(rig: &Rig, before: &Snapshot, after: Snapshot) -> Result<(Sn
         && t0.elapsed() < LATE_LIMIT
     {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        now = super::probe::snapshot(&rig.procs(), rig.relay.admin).await?;
+        now = super::probe::snapshot(&rig.procs(), &rig.relay.admin).await?;
     }
     Ok((now, t0.elapsed()))
 }
@@ -185,7 +185,7 @@ pub(crate) async fn run(rig: &Rig, start: &Snapshot, s: &Settings) -> Result<ser
     let ctx = Arc::new(Ctx {
         relay_quic: rig.relay.quic,
         connect: rig.relay.connect,
-        admin: rig.relay.admin,
+        admin: rig.relay.admin.addr,
         echo0: rig.echo[0],
         edge0: quic::endpoint(&pki.node_material(&edge_name(0))?)?,
         stranger: quic::endpoint(&pki.node_material(STRANGER)?)?,
@@ -202,7 +202,7 @@ pub(crate) async fn run(rig: &Rig, start: &Snapshot, s: &Settings) -> Result<ser
             continue;
         }
         let t0 = Instant::now();
-        let m0 = relay_metrics(ctx.admin).await?;
+        let m0 = rig.relay.admin.metrics().await?;
         let stop = Arc::new(AtomicBool::new(false));
         let probe = tokio::spawn(echo_probe(rig.via(0), stop.clone()));
         let fake = match case.kind {
@@ -224,7 +224,7 @@ pub(crate) async fn run(rig: &Rig, start: &Snapshot, s: &Settings) -> Result<ser
         let (ok, lost, first, _, max_us) = probe.await??;
         let took = t0.elapsed();
         let (after, late) = until_back(rig, &before, rig.settled().await?).await?;
-        let m1 = relay_metrics(ctx.admin).await?;
+        let m1 = rig.relay.admin.metrics().await?;
         let rows = compare(&before, None, &after);
         let figs_ok = rows.iter().all(|d| back(d, s.tol, s.check_rss));
         let unexpected: u64 = answers

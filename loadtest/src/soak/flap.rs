@@ -14,13 +14,13 @@ use relay_lab::edge_name;
 use serde_json::json;
 
 use super::flood::echo_probe;
-use super::probe::{relay_metrics, series};
+use super::probe::series;
 use super::{churn, Rig};
 use crate::common::Counter;
 
 /// `relay_sessions_accepted_total`.
 async fn accepted(rig: &Rig) -> Result<f64> {
-    let m = relay_metrics(rig.relay.admin).await?;
+    let m = rig.relay.admin.metrics().await?;
     series(&m, "relay_sessions_accepted_total").context("no relay_sessions_accepted_total")
 }
 
@@ -68,7 +68,7 @@ pub(crate) async fn run(rig: &mut Rig, flaps: u64, window: Duration) -> Result<s
         .await
         .context("edge 0's traffic did not stop")???;
     let acc = accepted(rig).await? - acc0;
-    let sessions = relay_lab::sessions_as(rig.relay.admin, crate::common::admin_bearer()).await?;
+    let sessions = rig.relay.admin.sessions().await?;
     let nodes: Vec<&str> = sessions.iter().map(|s| s.node.as_str()).collect();
     let routes: Vec<String> = sessions
         .iter()

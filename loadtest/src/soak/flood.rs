@@ -15,7 +15,7 @@ use anyhow::{ensure, Context, Result};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::probe::{labelled, relay_metrics, tcp_ext};
+use super::probe::{labelled, tcp_ext};
 use super::Rig;
 use crate::common::{Binaries, ChildGuard, Via};
 use crate::rr::new_hist;
@@ -98,7 +98,7 @@ pub(crate) async fn run(
     procs: u64,
     hold: Duration,
 ) -> Result<serde_json::Value> {
-    let m0 = relay_metrics(rig.relay.admin).await?;
+    let m0 = rig.relay.admin.metrics().await?;
     let overflows0 = tcp_ext("ListenOverflows")?;
     let stop = Arc::new(AtomicBool::new(false));
     let probe = tokio::spawn(echo_probe(rig.via(0), stop.clone()));
@@ -143,7 +143,7 @@ pub(crate) async fn run(
     stop.store(true, Relaxed);
     let (ok, errors, first, p99, max) = probe.await??;
     let tried = tries.await?;
-    let m1 = relay_metrics(rig.relay.admin).await?;
+    let m1 = rig.relay.admin.metrics().await?;
     // Whole-machine counter: nothing else here listens under load.
     let overflows = tcp_ext("ListenOverflows")? - overflows0;
     let code = |c: &str| {

@@ -136,7 +136,7 @@ impl Rig {
     pub(crate) async fn settled(&self) -> Result<Snapshot> {
         let (s, idle) = settled(
             &self.procs(),
-            self.relay.admin,
+            &self.relay.admin,
             2.0,
             Duration::from_secs(90),
             self.settle,
@@ -157,14 +157,14 @@ pub(crate) struct Sampler(
 impl Sampler {
     /// Starts sampling `rig`'s processes.
     pub(crate) fn start(rig: &Rig) -> Sampler {
-        let (procs, admin) = (rig.procs(), rig.relay.admin);
+        let (procs, admin) = (rig.procs(), rig.relay.admin.clone());
         let stop = Arc::new(tokio::sync::Notify::new());
         let s2 = stop.clone();
         Sampler(
             tokio::spawn(async move {
                 let mut peak = None;
                 loop {
-                    if let Ok(s) = probe::snapshot_lenient(&procs, admin).await {
+                    if let Ok(s) = probe::snapshot_lenient(&procs, &admin).await {
                         probe::keep_peak(&mut peak, s);
                     }
                     tokio::select! {

@@ -4,13 +4,12 @@
 //! connections, UDP flows). The edges have no metrics endpoint, so their
 //! tasks are not counted; their fds and RSS are.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
 
-use crate::common::{fmt_bytes, rss_bytes, Table};
+use crate::common::{fmt_bytes, rss_bytes, AdminApi, Table};
 
 /// One process's figures.
 #[derive(Debug, Clone, Copy)]
@@ -58,14 +57,6 @@ pub(crate) fn labelled(body: &str, name: &str, label: &str) -> f64 {
         .sum()
 }
 
-/// The relay's `/metrics` body.
-pub(crate) async fn relay_metrics(admin: SocketAddr) -> Result<String> {
-    let (code, body) =
-        relay_lab::admin_get(admin, "/metrics", crate::common::admin_bearer()).await?;
-    ensure!(code == 200, "GET /metrics: {code}");
-    Ok(body)
-}
-
 /// The relay's gauges.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Gauges {
@@ -82,8 +73,8 @@ pub(crate) struct Gauges {
 }
 
 /// Reads the relay's gauges.
-pub(crate) async fn gauges(admin: SocketAddr) -> Result<Gauges> {
-    let b = relay_metrics(admin).await?;
+pub(crate) async fn gauges(admin: &AdminApi) -> Result<Gauges> {
+    let b = admin.metrics().await?;
     let g = |n: &str| series(&b, n).with_context(|| format!("no {n} in /metrics"));
     Ok(Gauges {
         tasks: g("relay_runtime_tasks")?,
@@ -105,7 +96,7 @@ pub(crate) struct Snapshot {
 }
 
 /// Takes a snapshot of `procs` (name, pid) and the relay's gauges.
-pub(crate) async fn snapshot(procs: &[(String, u32)], admin: SocketAddr) -> Result<Snapshot> {
+pub(crate) async fn snapshot(procs: &[(String, u32)], admin: &AdminApi) -> Result<Snapshot> {
     Ok(Snapshot {
         procs: procs
             .iter()
@@ -119,7 +110,7 @@ pub(crate) async fn snapshot(procs: &[(String, u32)], admin: SocketAddr) -> Resu
 /// being restarted) counts as zeros rather than failing the sample.
 pub(crate) async fn snapshot_lenient(
     procs: &[(String, u32)],
-    admin: SocketAddr,
+    admin: &AdminApi,
 ) -> Result<Snapshot> {
     let zero = ProcFigures {
         fds: 0,
@@ -148,7 +139,7 @@ fn idle(g: &Gauges, sessions: f64) -> bool {
 /// late). Returns the snapshot and the wait.
 pub(crate) async fn settled(
     procs: &[(String, u32)],
-    admin: SocketAddr,
+    admin: &AdminApi,
     sessions: f64,
     limit: Duration,
     settle: Duration,
