@@ -13,7 +13,6 @@ use relay_protocol::{close_code, Cidr, Control};
 use relay_transport::udp::FlowTable;
 use relay_transport::{BiStream, TunnelConn};
 use tokio::sync::watch;
-use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn, Instrument};
@@ -73,7 +72,7 @@ pub(crate) async fn run_session(
     let BiStream { mut send, recv } = control;
     // Service names for the resolver, put together per session.
     let mut names = dns.map(crate::dns::Resolver::batch);
-    let mut frames = FramedRead::new(recv, codec::frame_codec());
+    let mut frames = codec::control_reader(recv);
     // Tunnel routes being assembled from RouteDelta frames; published to
     // the state (and so to capture) only when a batch is complete, so the
     // kernel never sees half of a large update.
