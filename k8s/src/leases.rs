@@ -327,8 +327,9 @@ where
     // or read when another instance holds it): the store is current once
     // it holds this or a later one.
     let mut seen: Option<SystemTime> = None;
-    // Since when the store has lagged our renewals (None: it has not).
-    let mut behind_since: Option<tokio::time::Instant> = None;
+    // Since when the store has lagged our renewals (None: it has not), and
+    // whether that lag has been reported.
+    let mut behind_since: Option<(tokio::time::Instant, bool)> = None;
     loop {
         tokio::select! {
             ev = stream.next() => match ev {
@@ -447,32 +448,27 @@ fn caught_up(s: &Shared, seen: Option<SystemTime>) -> bool {
 /// Counts and reports a store lagging our renewals (`current` false) at a
 /// renewal round: once per lag longer than a lease duration, and when it
 /// ends.
-fn note_lag(s: &Shared, current: bool, since: &mut Option<tokio::time::Instant>) {
+fn note_lag(s: &Shared, current: bool, since: &mut Option<(tokio::time::Instant, bool)>) {
     let lease = s.opts.lease_duration;
-    match (current, *since) {
-        (true, Some(t)) => {
-            if t.elapsed() > lease {
-                tracing::info!(
-                    lagged = ?t.elapsed(),
-                    "the lease watch caught up with our renewals; replica set current again"
-                );
-            }
-            *since = None;
+    if current {
+        if let Some((t, true)) = since.take() {
+            tracing::info!(
+                lagged = ?t.elapsed(),
+                "the lease watch caught up with our renewals; replica set current again"
+            );
         }
-        (true, None) => {}
-        (false, _) => {
-            s.stats.store_behind.fetch_add(1, Ordering::Relaxed);
-            let t = *since.get_or_insert_with(tokio::time::Instant::now);
-            let lag = t.elapsed();
-            // Logged at the first round past a lease duration, not every round.
-            if lag > lease && lag <= lease + s.opts.renew_every {
-                tracing::warn!(
-                    ?lag,
-                    "the lease watch has not delivered our renewals for longer than a lease: \
-                     keeping the last replica set until it catches up"
-                );
-            }
-        }
+        return;
+    }
+    s.stats.store_behind.fetch_add(1, Ordering::Relaxed);
+    let (t, warned) = since.get_or_insert_with(|| (tokio::time::Instant::now(), false));
+    // Reported once per lag, at the first round past a lease duration.
+    if !*warned && t.elapsed() > lease {
+        *warned = true;
+        tracing::warn!(
+            lag = ?t.elapsed(),
+            "the lease watch has not delivered our renewals for longer than a lease: \
+             keeping the last replica set until it catches up"
+        );
     }
 }
 
