@@ -31,6 +31,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
+/// The last `n` lines of `text` (a log), for error messages.
+pub fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// Installs a tracing subscriber once (honours `RUST_LOG`, default warn)
 /// and the process-wide rustls provider.
 pub fn init() {

@@ -313,7 +313,11 @@ fn lease_membership_in_the_lab_join_leave_api_outage_and_rollout_with_streams() 
     if let Err(e) = rollout_with_streams(&lab, &mut relays) {
         // The replicas' directories go with them: show their logs first.
         for (i, r) in relays.iter().enumerate() {
-            eprintln!("--- relay-{} log ---\n{}", i + 1, tail(&r.log(), 60));
+            eprintln!(
+                "--- relay-{} log ---\n{}",
+                i + 1,
+                relay_lab::last_lines(&r.log(), 60)
+            );
         }
         return Err(e);
     }
@@ -328,12 +332,6 @@ fn lease_membership_in_the_lab_join_leave_api_outage_and_rollout_with_streams() 
     drop(four);
     println!("netns_leases done in {:.1}s", t0.elapsed().as_secs_f64());
     Ok(())
-}
-
-/// The last `n` lines of `log`.
-fn tail(log: &str, n: usize) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Every replica's sessions: replica → node → session id.

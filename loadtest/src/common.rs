@@ -574,8 +574,7 @@ impl Bench {
 
     fn log_tail(&self, name: &str) -> String {
         let t = std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default();
-        let lines: Vec<&str> = t.lines().collect();
-        lines[lines.len().saturating_sub(10)..].join("\n")
+        relay_lab::last_lines(&t, 10)
     }
 
     /// Starts edge `i` as an `edge-client` process and waits until the
