@@ -90,6 +90,14 @@ pub struct EdgeStats {
     /// Pongs that arrived after the next ping had been sent (late, but
     /// within the dead-path bound, so the session was kept).
     pub pongs_late: AtomicU64,
+    /// QUIC's smoothed round-trip estimate, in microseconds, as of the last
+    /// keep-alive tick (0 on TCP). Control pings are rare on QUIC (see
+    /// [`relay_protocol::QUIC_CONTROL_PING`]); this follows the path every
+    /// interval, and, taken from acknowledgements of what the edge sends,
+    /// it includes the uplink's queueing delay.
+    pub path_rtt_us: AtomicU64,
+    /// The largest path RTT seen at a tick, in microseconds.
+    pub path_rtt_max_us: AtomicU64,
     /// UDP flow counters.
     pub udp: Arc<relay_transport::udp::UdpStats>,
     /// The captured-connection bound (`capture.max_connections`) and its

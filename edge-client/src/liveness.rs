@@ -1,22 +1,38 @@
-//! The edge's liveness check on the control stream: a ping every
-//! keep-alive interval, and a path declared dead only when a ping has gone
-//! unanswered for [`DEAD_AFTER_KEEPALIVES`] intervals.
+//! The edge's liveness check: is the path to the relay still there?
+//!
+//! **On the TCP fallback** the check is a ping on the control stream every
+//! keep-alive interval, and the path is declared dead only when a ping has
+//! gone unanswered for [`DEAD_AFTER_KEEPALIVES`] intervals.
+//!
+//! **On QUIC** the check is what arrives: QUIC's own keep-alive PING leaves
+//! whenever nothing arrived for an interval, and the relay's ACK of it is a
+//! datagram received, so a live path delivers something every interval
+//! (plus a round trip). The path is declared dead when nothing at all has
+//! arrived for [`DEAD_AFTER_KEEPALIVES`] intervals. A PING and its ACK are
+//! two small packets; a control ping, its pong and the ACK of the pong are
+//! three larger ones, so this is what keeps an idle edge's metered uplink
+//! cheap (see `docs/benchmarks.md`, idle bytes). The control stream is still
+//! pinged, every [`relay_protocol::QUIC_CONTROL_PING`]: that checks the
+//! relay's session task and not only its QUIC stack, and measures the
+//! control round trip operators see.
 //!
 //! Why not "one late pong is fatal" (the old rule): on a slow uplink with a
 //! deep queue (a 2 Mbit/s DSL line under a bulk upload) a pong can take
 //! seconds, longer than one keep-alive, while the path is perfectly alive.
 //! Why still bounded: a dead path (a NAT that rebound and dropped the
 //! relay's reset, a cable pulled) must be noticed well before the idle
-//! timeout. The bound: the first ping sent after the path died leaves at
-//! most one interval after the death, and is declared lost two intervals
-//! later at the latest, so **a dead path is declared within
-//! 3 × keep-alive**.
+//! timeout. The bound, both ways: the last thing that arrived before the
+//! path died is seen by the next tick, at most one interval later, and the
+//! path is declared dead two intervals after that at the latest, so **a
+//! dead path is declared within 3 × keep-alive** (on QUIC, sooner when the
+//! idle timeout is shorter: QUIC closes the connection itself then).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-/// A ping unanswered for this many keep-alive intervals means the path is
-/// dead (so one or two pings may be late, or lost, without cost).
+/// A ping unanswered (TCP), or nothing received (QUIC), for this many
+/// keep-alive intervals means the path is dead (so one or two pings may be
+/// late, or lost, without cost).
 pub const DEAD_AFTER_KEEPALIVES: u32 = 2;
 
 /// Pings in flight kept for matching pongs; beyond this the oldest is
@@ -27,8 +43,16 @@ const MAX_OUTSTANDING: usize = 8;
 #[derive(Debug)]
 pub(crate) struct Liveness {
     keepalive: Duration,
+    /// A control ping goes every this many ticks: every tick on TCP, every
+    /// [`relay_protocol::QUIC_CONTROL_PING`] on QUIC.
+    ping_every: u64,
+    /// Ticks so far.
+    ticks: u64,
     /// Pings sent and not answered yet, oldest first.
     outstanding: VecDeque<(u64, Instant)>,
+    /// QUIC: datagrams received as of the last change, and the tick that
+    /// saw it change.
+    received: Option<(u64, Instant)>,
 }
 
 /// What a keep-alive tick decided.
@@ -36,33 +60,91 @@ pub(crate) struct Liveness {
 pub(crate) enum Tick {
     /// Send a ping with this nonce.
     Ping(u64),
-    /// The oldest ping has been unanswered this long: the path is dead.
-    Dead(Duration),
+    /// Nothing to send (QUIC, between control pings).
+    Quiet,
+    /// The path is dead.
+    Dead(Dead),
+}
+
+/// Why the path was declared dead, and for how long it had been so.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Dead {
+    /// The oldest control ping has been unanswered this long.
+    Unanswered(Duration),
+    /// QUIC: no datagram at all has arrived for this long.
+    NothingReceived(Duration),
+}
+
+impl std::fmt::Display for Dead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dead::Unanswered(age) => write!(f, "no answer to a control ping for {age:?}"),
+            Dead::NothingReceived(age) => write!(f, "nothing received from the relay for {age:?}"),
+        }
+    }
 }
 
 impl Liveness {
+    /// The TCP fallback's check: a control ping every tick.
     pub(crate) fn new(keepalive: Duration) -> Self {
         Liveness {
             keepalive,
+            ping_every: 1,
+            ticks: 0,
             outstanding: VecDeque::new(),
+            received: None,
         }
     }
 
-    /// How long a ping may stay unanswered. A tenth of an interval less
-    /// than the round number, so a tick firing a little early (timer
-    /// granularity) still decides at the intended tick, not one later.
-    fn dead_after(&self) -> Duration {
-        self.keepalive * DEAD_AFTER_KEEPALIVES - self.keepalive / 10
+    /// QUIC's check: what arrives, and a control ping every
+    /// [`relay_protocol::QUIC_CONTROL_PING`] (every tick if the keep-alive
+    /// is longer than that).
+    pub(crate) fn quic(keepalive: Duration) -> Self {
+        let every = relay_protocol::QUIC_CONTROL_PING.as_millis() / keepalive.as_millis().max(1);
+        Liveness {
+            ping_every: u64::try_from(every).unwrap_or(u64::MAX).max(1),
+            ..Liveness::new(keepalive)
+        }
     }
 
-    /// Called every keep-alive interval: either a new ping to send, or the
-    /// verdict that the path is dead.
-    pub(crate) fn tick(&mut self, now: Instant, nonce: u64) -> Tick {
+    /// How long `interval` may pass without an answer. A tenth of an
+    /// interval less than the round number, so a tick firing a little
+    /// early (timer granularity) still decides at the intended tick, not
+    /// one later.
+    fn dead_after(interval: Duration) -> Duration {
+        interval * DEAD_AFTER_KEEPALIVES - interval / 10
+    }
+
+    /// Called every keep-alive interval with the datagrams received so far
+    /// (QUIC; `None` on TCP): a ping to send, nothing, or the verdict that
+    /// the path is dead.
+    pub(crate) fn tick(&mut self, now: Instant, nonce: u64, received: Option<u64>) -> Tick {
+        if let Some(n) = received {
+            let at = match self.received {
+                Some((last, at)) if last == n => at,
+                _ => {
+                    self.received = Some((n, now));
+                    now
+                }
+            };
+            let age = now.saturating_duration_since(at);
+            if age >= Self::dead_after(self.keepalive) {
+                return Tick::Dead(Dead::NothingReceived(age));
+            }
+        }
         if let Some(&(_, sent)) = self.outstanding.front() {
             let age = now.saturating_duration_since(sent);
-            if age >= self.dead_after() {
-                return Tick::Dead(age);
+            let interval = self
+                .keepalive
+                .saturating_mul(self.ping_every.try_into().unwrap_or(u32::MAX));
+            if age >= Self::dead_after(interval) {
+                return Tick::Dead(Dead::Unanswered(age));
             }
+        }
+        let due = self.ticks.is_multiple_of(self.ping_every);
+        self.ticks += 1;
+        if !due {
+            return Tick::Quiet;
         }
         if self.outstanding.len() == MAX_OUTSTANDING {
             self.outstanding.pop_front();
@@ -97,16 +179,16 @@ mod tests {
     fn a_pong_later_than_one_interval_is_tolerated_and_measured() {
         let t0 = Instant::now();
         let mut l = Liveness::new(K);
-        assert_eq!(l.tick(t0, 1), Tick::Ping(1));
+        assert_eq!(l.tick(t0, 1, None), Tick::Ping(1));
         // The old rule dropped the session here: ping 1 unanswered at the
         // next tick.
-        assert_eq!(l.tick(t0 + K, 2), Tick::Ping(2));
+        assert_eq!(l.tick(t0 + K, 2, None), Tick::Ping(2));
         assert_eq!(l.in_flight(), 2);
         // Ping 1's pong arrives 7.5 s after it was sent (deep queue).
         let rtt = l.pong(1, t0 + K + K / 2).unwrap();
         assert_eq!(rtt, K + K / 2);
         assert_eq!(l.in_flight(), 1);
-        assert_eq!(l.tick(t0 + 2 * K, 3), Tick::Ping(3));
+        assert_eq!(l.tick(t0 + 2 * K, 3, None), Tick::Ping(3));
         // Ping 3 answers ping 2 too (in order).
         assert_eq!(l.pong(3, t0 + 2 * K + K / 4), Some(K / 4));
         assert_eq!(l.in_flight(), 0);
@@ -126,18 +208,19 @@ mod tests {
             for i in 0..20u32 {
                 let now = start + K * i;
                 nonce += 1;
-                match l.tick(now, nonce) {
+                match l.tick(now, nonce, None) {
                     Tick::Ping(n) => {
                         let back = now + Duration::from_millis(100);
                         if back < death {
                             assert!(l.pong(n, back).is_some());
                         }
                     }
-                    Tick::Dead(age) => {
+                    Tick::Dead(Dead::Unanswered(age)) => {
                         assert!(age >= K * 2 - K / 10, "declared after {age:?}");
                         declared = Some(now);
                         break;
                     }
+                    other => panic!("{other:?} on TCP"),
                 }
             }
             let at = declared.expect("never declared dead");
@@ -154,10 +237,100 @@ mod tests {
     fn early_ticks_still_decide_on_time() {
         let t0 = Instant::now();
         let mut l = Liveness::new(K);
-        l.tick(t0, 1);
-        l.tick(t0 + K, 2);
+        l.tick(t0, 1, None);
+        l.tick(t0 + K, 2, None);
         // The second tick after the lost ping fires 1 ms early.
         let at = t0 + 2 * K - Duration::from_millis(1);
-        assert!(matches!(l.tick(at, 3), Tick::Dead(_)));
+        assert!(matches!(l.tick(at, 3, None), Tick::Dead(_)));
+    }
+
+    /// QUIC: a live path delivers a datagram every interval plus a round
+    /// trip (the edge's keep-alive PING leaves an interval after the last
+    /// arrival; the ACK comes back 100 ms later). Whatever the moment the
+    /// path dies, and whatever the ticks' phase, it is declared dead within
+    /// three intervals, never before it died, and never while alive.
+    #[test]
+    fn quic_a_dead_path_is_declared_within_three_intervals() {
+        let rtt = Duration::from_millis(100);
+        for phase in 0..10u32 {
+            for step in 0..20u32 {
+                let start = Instant::now();
+                let death = start + K * 5 + K * step / 20;
+                let mut l = Liveness::quic(K);
+                // Datagrams received by each instant (arrivals every
+                // K + rtt from `start`, until the path dies).
+                let arrivals: Vec<Instant> = (0..)
+                    .map(|i| start + (K + rtt) * i)
+                    .take_while(|&t| t < death)
+                    .collect();
+                let received = |now: Instant| arrivals.iter().filter(|&&t| t <= now).count() as u64;
+                let mut declared = None;
+                for i in 0..30u32 {
+                    let now = start + K * phase / 10 + K * i;
+                    match l.tick(now, u64::from(i), Some(received(now))) {
+                        Tick::Dead(Dead::NothingReceived(_)) => {
+                            declared = Some(now);
+                            break;
+                        }
+                        Tick::Dead(other) => panic!("{other}"),
+                        Tick::Ping(_) | Tick::Quiet => {}
+                    }
+                }
+                let at = declared.expect("never declared dead");
+                assert!(
+                    at > death,
+                    "phase {phase}, offset {step}: declared while alive"
+                );
+                assert!(
+                    at - death <= 3 * K,
+                    "phase {phase}, offset {step}: {:?} after death",
+                    at - death
+                );
+            }
+        }
+    }
+
+    /// QUIC: control pings go every `QUIC_CONTROL_PING` (every 24th tick
+    /// at 5 s), the ticks between send nothing, a pong may be late by more
+    /// than that interval while datagrams keep arriving, and a ping
+    /// unanswered for two intervals ends the session.
+    #[test]
+    fn quic_control_pings_go_every_interval_and_may_be_late() {
+        let n = (relay_protocol::QUIC_CONTROL_PING.as_secs() / K.as_secs()) as u32;
+        let t0 = Instant::now();
+        let mut l = Liveness::quic(K);
+        let mut pings = Vec::new();
+        let mut dead = None;
+        for i in 0..5 * n {
+            let now = t0 + K * i;
+            if i == n + n / 2 {
+                // Ping 0's pong, 1.5 intervals late: tolerated, measured.
+                assert_eq!(l.pong(0, now), Some(K * i));
+            }
+            match l.tick(now, u64::from(i), Some(u64::from(i))) {
+                Tick::Ping(p) => pings.push(p),
+                Tick::Quiet => {}
+                Tick::Dead(d) => {
+                    dead = Some((i, d));
+                    break;
+                }
+            }
+        }
+        assert_eq!(pings, [0, u64::from(n), u64::from(2 * n)]);
+        // Ping n unanswered for two intervals (less the tenth) while
+        // datagrams keep arriving: the relay's session task is stuck
+        // although its QUIC stack answers.
+        let (at, d) = dead.expect("never declared dead");
+        let Dead::Unanswered(age) = d else {
+            panic!("{d}")
+        };
+        assert_eq!(age, K * (at - n));
+        let limit = relay_protocol::QUIC_CONTROL_PING * 2;
+        assert!(age >= limit - limit / 20 && age < limit, "{age:?}");
+        // A keep-alive longer than the interval pings at every tick.
+        let k = relay_protocol::QUIC_CONTROL_PING + K;
+        let mut slow = Liveness::quic(k);
+        assert_eq!(slow.tick(t0, 1, Some(1)), Tick::Ping(1));
+        assert_eq!(slow.tick(t0 + k, 2, Some(2)), Tick::Ping(2));
     }
 }

@@ -80,15 +80,18 @@ pub(crate) async fn run_session(
         EdgeState::Connected { tunnel_routes, .. } => tunnel_routes.iter().copied().collect(),
         _ => Default::default(),
     };
-    // The relay pings every keep-alive interval; a relay silent for the
-    // idle timeout is gone (this is the only liveness check on TCP); the
-    // edge pings every interval too (see the tick arm).
+    // On TCP the relay pings every keep-alive interval, and a relay silent
+    // for the idle timeout is gone (yamux has no idle timeout of its own;
+    // on QUIC the connection's does this).
     let mut last_heard = Instant::now();
-    // Our pings: a ping unanswered for two keep-alive intervals means the
-    // path is gone (e.g. the NAT rebound and dropped the relay's reset), so
-    // we reconnect within 3 × keep-alive instead of waiting for the idle
-    // timeout, while a late pong on a congested uplink costs nothing.
-    let mut liveness = Liveness::new(cfg.quic.keepalive);
+    // The path check (see `liveness`): on TCP our control pings, on QUIC
+    // what arrives, with a control ping every `QUIC_CONTROL_PING`. Either way a dead path is
+    // noticed within 3 × keep-alive, while a late pong on a congested
+    // uplink costs nothing.
+    let mut liveness = match conn.kind() {
+        relay_transport::TransportKind::Quic => Liveness::quic(cfg.quic.keepalive),
+        relay_transport::TransportKind::Tcp => Liveness::new(cfg.quic.keepalive),
+    };
     let mut rtt_logged: Option<Instant> = None;
     let mut svc_batch = crate::services::Batch::default();
     // The first ping at a random point of the first interval, not at once:
@@ -237,7 +240,13 @@ pub(crate) async fn run_session(
                 }
             },
             _ = tick.tick() => {
-                if last_heard.elapsed() > cfg.quic.idle_timeout {
+                let received = conn.datagrams_received();
+                if received.is_some() {
+                    let us = u64::try_from(conn.rtt().as_micros()).unwrap_or(u64::MAX);
+                    stats.path_rtt_us.store(us, Relaxed);
+                    stats.path_rtt_max_us.fetch_max(us, Relaxed);
+                }
+                if received.is_none() && last_heard.elapsed() > cfg.quic.idle_timeout {
                     conn.close(close_code::PROTOCOL, "relay silent");
                     return SessionEnd::Lost(format!("nothing from the relay for {:?}", last_heard.elapsed()));
                 }
@@ -246,14 +255,14 @@ pub(crate) async fn run_session(
                 // timeout, while the relay's pings die at the NAT. Our ping
                 // leaves through the new mapping, the relay's kernel resets
                 // the unknown connection, and we reconnect in seconds.
-                match liveness.tick(Instant::now(), rand::random()) {
+                // (On QUIC, QUIC's keep-alive does this, and a rebinding is
+                // just a new path to the relay.)
+                match liveness.tick(Instant::now(), rand::random(), received) {
                     Tick::Ping(nonce) => Control::Ping { nonce },
-                    Tick::Dead(age) => {
-                        conn.close(close_code::PROTOCOL, "ping unanswered");
-                        return SessionEnd::Lost(format!(
-                            "no answer to a ping for {age:?} ({} in flight)",
-                            liveness.in_flight()
-                        ));
+                    Tick::Quiet => continue,
+                    Tick::Dead(dead) => {
+                        conn.close(close_code::PROTOCOL, "path dead");
+                        return SessionEnd::Lost(format!("{dead} ({} pings in flight)", liveness.in_flight()));
                     }
                 }
             }

@@ -909,3 +909,94 @@ async fn tcp_fallback_session_survives_idle_keepalive_periods() -> Result<()> {
     lab.stop().await;
     Ok(())
 }
+
+/// An edge announcing `QUIC_LIVENESS` keeps its path with QUIC's own PINGs
+/// and talks on the control stream once a minute: the relay neither pings
+/// it at keep-alive pace nor closes it for a control stream quieter than
+/// the idle timeout, and its "last seen" follows what arrives. An equally
+/// quiet edge without the bit (an older build) is pinged within 1.5
+/// keep-alives (asserted: before the idle timeout) and, not answering,
+/// closed at the idle timeout, as before.
+/// Hand-driven QUIC clients with the real transport (keep-alive on).
+#[tokio::test]
+async fn a_quic_edge_checking_its_path_itself_is_not_pinged_at_keepalive_pace() -> Result<()> {
+    use futures::StreamExt;
+    use relay_protocol::capability;
+    use relay_protocol::codec::{control_reader, decode_control, encode_frame};
+    use relay_protocol::{Control, Incoming};
+    let keepalive = Duration::from_millis(200);
+    let idle = Duration::from_secs(1);
+    let mut lab = Lab::start(2, |c| {
+        c.quic.keepalive = keepalive;
+        c.quic.idle_timeout = idle;
+    })
+    .await?;
+    // edge-1's certificate, for the hand-driven clients.
+    lab.edges.pop().unwrap().shutdown().await;
+    let tuning = QuicTuning {
+        keepalive,
+        idle_timeout: idle,
+        ..QuicTuning::default()
+    };
+    // Bits that add nothing to the hello reply, so it decodes alone.
+    let base = capability::TCP_STREAMS | capability::ROUTE_DELTAS | capability::EXTENSIBLE;
+    for lean in [true, false] {
+        let ep = quic::client_endpoint(
+            "127.0.0.1:0".parse()?,
+            &lab.pki.node_material("edge-1")?,
+            &tuning,
+            0,
+        )?;
+        let conn = TunnelConn::Quic(ep.connect(lab.relay.quic_addr(), "localhost")?.await?);
+        let mut c = conn.open_bi().await?;
+        let mut h = hello(relay_protocol::PROTOCOL_VERSION);
+        h.node = "edge-1".into();
+        h.capabilities = base | if lean { capability::QUIC_LIVENESS } else { 0 };
+        c.send.write_all(&encode_frame(&h)?).await?;
+        let reply: HelloReply =
+            tokio::time::timeout(Duration::from_secs(5), read_frame(&mut c.recv)).await??;
+        assert!(matches!(reply, HelloReply::Accepted(_)), "{reply:?}");
+        let mut frames = control_reader(c.recv);
+        // Silent on the control stream for 2.5 idle timeouts.
+        let quiet = idle * 5 / 2;
+        let start = Instant::now();
+        let mut first_ping = None;
+        let ended = loop {
+            let left = quiet.saturating_sub(start.elapsed());
+            tokio::select! {
+                f = frames.next() => match f {
+                    Some(Ok(b)) => {
+                        if let Ok(Incoming::Known { msg: Control::Ping { .. }, .. }) = decode_control(&b) {
+                            first_ping.get_or_insert(start.elapsed());
+                        }
+                    }
+                    _ => break Some(start.elapsed()),
+                },
+                _ = tokio::time::sleep(left) => break None,
+            }
+        };
+        if lean {
+            assert_eq!(first_ping, None, "pinged an edge that checks its path");
+            assert_eq!(ended, None, "closed a quiet control stream");
+            let rows = sessions(lab.admin_addr()).await?;
+            let row = rows
+                .iter()
+                .find(|r| r.node == "edge-1")
+                .expect("edge-1 registered");
+            assert!(
+                row.last_seen_secs < idle.as_secs_f64(),
+                "last seen {} s ago, although QUIC keep-alives arrive",
+                row.last_seen_secs
+            );
+        } else {
+            let ping = first_ping.expect("an older edge, quiet, was never pinged");
+            assert!(ping < idle, "first ping after {ping:?}");
+            let ended = ended.expect("an older edge, quiet, was never closed");
+            assert!(ended <= idle * 2, "closed after {ended:?}");
+        }
+        conn.close(0, "");
+        ep.wait_idle().await;
+    }
+    lab.stop().await;
+    Ok(())
+}

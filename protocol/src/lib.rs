@@ -36,6 +36,17 @@ pub use names::*;
 /// to the messages below; the golden-byte tests fail when the encoding moves.
 pub const PROTOCOL_VERSION: u16 = 1;
 
+/// How often an edge announcing
+/// [`capability::QUIC_LIVENESS`] pings on the control stream of a QUIC
+/// session (QUIC's own PINGs keep the path in between). It checks that the
+/// relay's session task answers, not just its QUIC stack, and measures the
+/// control round trip for operators. A relay takes such an edge's control
+/// stream for wedged after [`QUIC_CONTROL_SILENCE_LIMIT`] without a message.
+pub const QUIC_CONTROL_PING: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// See [`QUIC_CONTROL_PING`]: three missed pings.
+pub const QUIC_CONTROL_SILENCE_LIMIT: std::time::Duration = std::time::Duration::from_secs(3 * 60);
+
 /// ALPN identifier negotiated on QUIC and TLS, so a relay never mistakes an
 /// unrelated TLS client for an edge (and vice versa).
 pub const ALPN: &[u8] = b"edge-relay/1";

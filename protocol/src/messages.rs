@@ -59,6 +59,14 @@ pub mod capability {
     /// the edge runs a node-local resolver and wants the cluster's Service
     /// names. An edge announces it only when its resolver is on.
     pub const SERVICE_NAMES: u32 = 1 << 7;
+    /// On QUIC, the edge checks the path by what it receives and keeps it
+    /// warm with QUIC's own PINGs (two small packets per keep-alive, where
+    /// a ping and pong on the control stream cost three larger ones), and
+    /// pings on the control stream only every
+    /// [`QUIC_CONTROL_PING`](crate::QUIC_CONTROL_PING). A relay then does
+    /// not ping it at keep-alive pace, nor take a quieter control stream
+    /// for a lost edge (see `docs/architecture.md`, "Liveness").
+    pub const QUIC_LIVENESS: u32 = 1 << 8;
     /// Every bit this build understands.
     pub const ALL: u32 = TCP_STREAMS
         | UDP_DATAGRAMS
@@ -67,7 +75,8 @@ pub mod capability {
         | SERVED_ROUTES
         | SERVICES
         | REPLICAS
-        | SERVICE_NAMES;
+        | SERVICE_NAMES
+        | QUIC_LIVENESS;
 }
 
 /// The first message of a session, sent by the edge on the control stream.

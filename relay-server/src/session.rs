@@ -163,7 +163,11 @@ impl SessionHandle {
         Ok(changed || old != claim.primary)
     }
 
-    /// Time since the edge last sent anything on the control stream.
+    /// Time since the edge was last heard from: a message on the control
+    /// stream, or (QUIC edges with [`capability::QUIC_LIVENESS`], which
+    /// send control messages only every
+    /// [`relay_protocol::QUIC_CONTROL_PING`]) any datagram, as seen at
+    /// the session's last keep-alive tick.
     pub fn last_seen_ago(&self) -> Duration {
         let seen = Duration::from_millis(self.last_seen_ms.load(Relaxed));
         self.started.elapsed().saturating_sub(seen)
@@ -356,9 +360,15 @@ pub(crate) async fn run_session(
     // keep-alives hold the NAT binding); on the TCP fallback it is also the
     // liveness check yamux lacks, and keeps the NAT binding of an idle TCP
     // connection warm. See the tick arm for why a pinging edge is not
-    // pinged back, and `first_tick` for the phase.
+    // pinged back, what changes for an edge that checks the path with
+    // QUIC's own PINGs (`lean`), and `first_tick` for the phase.
     let keepalive = shared.cfg.quic.keepalive;
     let quic = handle.conn.kind() == relay_transport::TransportKind::Quic;
+    // A QUIC edge that checks the path with QUIC's own PINGs and pings the
+    // control stream every `QUIC_CONTROL_PING` (see the tick arm).
+    let lean = quic && handle.has(capability::QUIC_LIVENESS);
+    let mut last_control = Instant::now();
+    let mut received = 0;
     let mut ping = tokio::time::interval_at(first_tick(keepalive), keepalive);
     // A runtime held up must not answer with a burst of pings.
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -476,6 +486,7 @@ pub(crate) async fn run_session(
             f = frames.next() => match f {
                 Some(Ok(bytes)) => {
                     handle.touch();
+                    last_control = Instant::now();
                     match decode_control(&bytes) {
                         Ok(Incoming::Known { msg: Control::Ping { nonce }, .. }) => vec![Control::Pong { nonce }],
                         Ok(Incoming::Known { msg: Control::Pong { .. }, .. }) => continue,
@@ -504,26 +515,51 @@ pub(crate) async fn run_session(
                 }
             },
             _ = ping.tick() => {
-                // QUIC has its own idle timeout; yamux has none, so a
-                // silent edge is detected here, for both transports.
-                let ago = handle.last_seen_ago();
-                if ago > shared.cfg.quic.idle_timeout {
-                    handle.conn.close(close_code::PROTOCOL, "idle timeout");
-                    break "idle timeout: no control message from the edge".to_string();
+                if lean {
+                    // QUIC's idle timeout watches the path (the edge's
+                    // PINGs keep it busy); what arrives keeps "last seen"
+                    // current for operators. The control stream is checked
+                    // at the edge's pace: a ping of ours only when its
+                    // own is half an interval late, and a session
+                    // whose edge stopped talking on it (its session task
+                    // wedged while its QUIC stack answers) is closed.
+                    if let Some(n) = handle.conn.datagrams_received() {
+                        if n != received {
+                            received = n;
+                            handle.touch();
+                        }
+                    }
+                    let quiet = last_control.elapsed();
+                    if quiet > relay_protocol::QUIC_CONTROL_SILENCE_LIMIT {
+                        handle.conn.close(close_code::PROTOCOL, "control stream silent");
+                        break format!("control stream silent for {quiet:?}");
+                    }
+                    if quiet < relay_protocol::QUIC_CONTROL_PING.mul_f64(1.5) {
+                        continue;
+                    }
+                    vec![Control::Ping { nonce: rand::random() }]
+                } else {
+                    // QUIC has its own idle timeout; yamux has none, so a
+                    // silent edge is detected here, for both transports.
+                    let ago = handle.last_seen_ago();
+                    if ago > shared.cfg.quic.idle_timeout {
+                        handle.conn.close(close_code::PROTOCOL, "idle timeout");
+                        break "idle timeout: no control message from the edge".to_string();
+                    }
+                    // On QUIC, an edge that pings (every keep-alive, see the
+                    // edge's liveness) already shows it is there, and QUIC
+                    // checks the path itself: a ping of ours would only double
+                    // the control traffic of every idle session (relay CPU at
+                    // 1,000 edges, an edge's metered bytes). An edge silent for
+                    // 1.5 intervals (an older one, or one in trouble) is pinged
+                    // as before. On TCP our ping is what finds a stale
+                    // connection after a NAT rebinding (the NAT resets it), so
+                    // it always goes.
+                    if quic && ago < keepalive + keepalive / 2 {
+                        continue;
+                    }
+                    vec![Control::Ping { nonce: rand::random() }]
                 }
-                // On QUIC, an edge that pings (every keep-alive, see the
-                // edge's liveness) already shows it is there, and QUIC
-                // checks the path itself: a ping of ours would only double
-                // the control traffic of every idle session (relay CPU at
-                // 1,000 edges, an edge's metered bytes). An edge silent for
-                // 1.5 intervals (an older one, or one in trouble) is pinged
-                // as before. On TCP our ping is what finds a stale
-                // connection after a NAT rebinding (the NAT resets it), so
-                // it always goes.
-                if quic && ago < keepalive + keepalive / 2 {
-                    continue;
-                }
-                vec![Control::Ping { nonce: rand::random() }]
             }
         };
         if let Err(why) = write_all(&mut send, &out, write_timeout).await {

@@ -116,6 +116,17 @@ impl TunnelConn {
         }
     }
 
+    /// UDP datagrams received on this connection so far (QUIC; `None` on
+    /// the TCP fallback). Its growth between two looks is how a session
+    /// knows the path delivers without a message of its own: every QUIC
+    /// keep-alive PING is answered by an ACK.
+    pub fn datagrams_received(&self) -> Option<u64> {
+        match self {
+            TunnelConn::Quic(c) => Some(c.stats().udp_rx.datagrams),
+            TunnelConn::Tcp(_) => None,
+        }
+    }
+
     /// The application protocol negotiated in the TLS handshake (tunnel
     /// or certificate bootstrap).
     pub fn alpn(&self) -> Option<Vec<u8>> {
