@@ -85,9 +85,9 @@ pub(crate) async fn run_session(
     // on QUIC the connection's does this).
     let mut last_heard = Instant::now();
     // The path check (see `liveness`): on TCP our control pings, on QUIC
-    // what arrives, with a control ping every `QUIC_CONTROL_PING`. Either way a dead path is
-    // noticed within 3 × keep-alive, while a late pong on a congested
-    // uplink costs nothing.
+    // what arrives, with a control ping every `QUIC_CONTROL_PING`. Either
+    // way a dead path is noticed within 3 × keep-alive, while a late answer
+    // on a congested uplink costs nothing.
     let mut liveness = match conn.kind() {
         relay_transport::TransportKind::Quic => Liveness::quic(cfg.quic.keepalive),
         relay_transport::TransportKind::Tcp => Liveness::new(cfg.quic.keepalive),

@@ -44,8 +44,10 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// stream for wedged after [`QUIC_CONTROL_SILENCE_LIMIT`] without a message.
 pub const QUIC_CONTROL_PING: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// See [`QUIC_CONTROL_PING`]: three missed pings.
-pub const QUIC_CONTROL_SILENCE_LIMIT: std::time::Duration = std::time::Duration::from_secs(3 * 60);
+/// See [`QUIC_CONTROL_PING`]: three missed pings. A relay pings such an
+/// edge itself after 1.5 intervals of silence, well before this.
+pub const QUIC_CONTROL_SILENCE_LIMIT: std::time::Duration =
+    std::time::Duration::from_secs(3 * QUIC_CONTROL_PING.as_secs());
 
 /// ALPN identifier negotiated on QUIC and TLS, so a relay never mistakes an
 /// unrelated TLS client for an edge (and vice versa).

@@ -303,6 +303,29 @@ pub(crate) fn note_cut(shared: &Shared, feed: &RouteFeed) {
     }
 }
 
+/// What a keep-alive tick does about a `QUIC_LIVENESS` edge's control
+/// stream, quiet for so long.
+#[derive(Debug, PartialEq, Eq)]
+enum ControlCheck {
+    /// Within the edge's own ping interval (and half of one to spare).
+    Fine,
+    /// Its ping is half an interval late: ping it (its pong counts).
+    Ping,
+    /// Three intervals without a message: its session task is wedged
+    /// while its QUIC stack still answers.
+    Wedged,
+}
+
+fn control_check(quiet: Duration) -> ControlCheck {
+    if quiet > relay_protocol::QUIC_CONTROL_SILENCE_LIMIT {
+        ControlCheck::Wedged
+    } else if quiet >= relay_protocol::QUIC_CONTROL_PING.mul_f64(1.5) {
+        ControlCheck::Ping
+    } else {
+        ControlCheck::Fine
+    }
+}
+
 /// When a session's first keep-alive tick fires: a uniformly random point
 /// in the second half of the first interval and the first half of the
 /// next, so the periodic work of sessions that registered together (a
@@ -530,14 +553,14 @@ pub(crate) async fn run_session(
                         }
                     }
                     let quiet = last_control.elapsed();
-                    if quiet > relay_protocol::QUIC_CONTROL_SILENCE_LIMIT {
-                        handle.conn.close(close_code::PROTOCOL, "control stream silent");
-                        break format!("control stream silent for {quiet:?}");
+                    match control_check(quiet) {
+                        ControlCheck::Fine => continue,
+                        ControlCheck::Ping => vec![Control::Ping { nonce: rand::random() }],
+                        ControlCheck::Wedged => {
+                            handle.conn.close(close_code::PROTOCOL, "control stream silent");
+                            break format!("control stream silent for {quiet:?}");
+                        }
                     }
-                    if quiet < relay_protocol::QUIC_CONTROL_PING.mul_f64(1.5) {
-                        continue;
-                    }
-                    vec![Control::Ping { nonce: rand::random() }]
                 } else {
                     // QUIC has its own idle timeout; yamux has none, so a
                     // silent edge is detected here, for both transports.
@@ -575,4 +598,26 @@ pub(crate) async fn run_session(
         shared.status.down(&handle.node, &why);
     }
     info!(reason = %why, open_streams = handle.open_streams.load(Relaxed), "session down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_protocol::{QUIC_CONTROL_PING as P, QUIC_CONTROL_SILENCE_LIMIT as LIMIT};
+
+    /// A lean edge's control stream: quiet within its own ping interval
+    /// and half of one is fine; then the relay pings it, and for more than
+    /// a whole interval (its pong has time to come back, even over a
+    /// congested uplink) before the session is given up.
+    #[test]
+    fn a_quiet_control_stream_is_pinged_long_before_it_is_given_up() {
+        let ms = Duration::from_millis(1);
+        assert_eq!(control_check(Duration::ZERO), ControlCheck::Fine);
+        assert_eq!(control_check(P), ControlCheck::Fine);
+        assert_eq!(control_check(P.mul_f64(1.5) - ms), ControlCheck::Fine);
+        assert_eq!(control_check(P.mul_f64(1.5)), ControlCheck::Ping);
+        assert_eq!(control_check(LIMIT), ControlCheck::Ping);
+        assert_eq!(control_check(LIMIT + ms), ControlCheck::Wedged);
+        assert!(LIMIT - P.mul_f64(1.5) > P, "too little time for a pong");
+    }
 }
