@@ -17,6 +17,7 @@ pub mod replicas;
 pub mod route_agent;
 pub mod scenario;
 pub mod sources;
+pub mod traffic;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Once;

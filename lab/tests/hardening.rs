@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use edge_client::EdgeClient;
+use relay_lab::traffic::eventually;
 use relay_lab::{admin_request, edge_config, sessions, Lab};
 use relay_server::agent::{AgentConfig, AgentTls};
 use relay_server::Secret;
@@ -112,18 +113,6 @@ async fn udp_gate(relay: SocketAddr) -> anyhow::Result<UdpGate> {
         swallowed,
         _tasks: vec![AbortOnDrop(pump), AbortOnDrop(fwd)],
     })
-}
-
-/// Waits (bounded) until `f` holds.
-async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    f()
 }
 
 /// The background QUIC probe of an edge on the TCP fallback used to be a

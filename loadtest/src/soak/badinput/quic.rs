@@ -1,5 +1,5 @@
 //! Bad input over QUIC with the relay's own CA: raw first frames on the
-//! control stream (the way `lab/tests/tunnel.rs` `raw_hello` sends them),
+//! control stream (the way `lab/tests/handshake.rs` `raw_hello` sends them),
 //! certificates that must not pass, and a hand-driven edge session that
 //! opens streams to targets an edge may not reach.
 

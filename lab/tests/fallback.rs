@@ -1,0 +1,155 @@
+//! The TLS-over-TCP fallback on loopback: a real relay and real edge
+//! clients, with UDP swallowed by a stand-in for a network that blocks it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use edge_client::EdgeClient;
+use futures::future::join_all;
+use relay_lab::traffic::{echo_round_trip, eventually, random_bytes};
+use relay_lab::{connect_via, edge_config, edge_ip, sessions, spawn_echo, spawn_http, Lab};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A stand-in for a network that blocks UDP: a UDP socket that swallows
+/// every packet, and on the same port a TCP forwarder to the relay.
+async fn udp_blackhole_to(
+    relay: SocketAddr,
+) -> Result<(SocketAddr, Vec<tokio::task::JoinHandle<()>>)> {
+    let tcp = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = tcp.local_addr()?;
+    let udp = tokio::net::UdpSocket::bind(addr).await?;
+    let sink = tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while udp.recv_from(&mut buf).await.is_ok() {}
+    });
+    let fwd = tokio::spawn(async move {
+        while let Ok((mut client, _)) = tcp.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut up) = TcpStream::connect(relay).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                }
+            });
+        }
+    });
+    Ok((addr, vec![sink, fwd]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_fallback_carries_the_same_sessions_and_streams() -> Result<()> {
+    let mut lab = Lab::start(1, |_| {}).await?;
+    // Replace the QUIC edge with one that may only use TLS over TCP.
+    lab.edges.pop().unwrap().shutdown().await;
+    let mut cfg = edge_config(&lab.pki, 0, lab.relay.quic_addr())?;
+    cfg.transport = edge_client::TransportMode::Tcp;
+    let edge = EdgeClient::spawn(cfg);
+    edge.wait_connected(Duration::from_secs(10))
+        .await
+        .expect("connected over tcp");
+    let row = &sessions(lab.admin_addr()).await?[0];
+    assert_eq!(row.transport, "tcp", "{row:?}");
+
+    let (echo, _t) = spawn_echo(SocketAddr::new(edge_ip(0), 0)).await?;
+    let data = random_bytes(4 * 1024 * 1024 + 3);
+    let back = echo_round_trip(
+        connect_via(lab.connect_addr(), &echo.to_string()).await?,
+        &data,
+    )
+    .await?;
+    assert!(back == data, "tcp transport corrupted the echo");
+    let proxy = lab.connect_addr();
+    let tasks = (0..200u32).map(|i| {
+        tokio::spawn(async move {
+            let data: Vec<u8> = (0..4096u32).map(|j| (j ^ i) as u8).collect();
+            let back = echo_round_trip(connect_via(proxy, &echo.to_string()).await?, &data).await?;
+            anyhow::ensure!(back == data, "stream {i} differs");
+            anyhow::Ok(())
+        })
+    });
+    for r in join_all(tasks).await {
+        r??;
+    }
+    let shared = lab.relay.shared().clone();
+    assert!(
+        eventually(Duration::from_secs(10), || shared
+            .metrics
+            .streams_open
+            .load(Relaxed)
+            == 0)
+        .await
+    );
+    edge.shutdown().await;
+    lab.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mode_falls_back_to_tcp_when_udp_is_blocked() -> Result<()> {
+    let mut lab = Lab::start(1, |_| {}).await?;
+    lab.edges.pop().unwrap().shutdown().await;
+    let (hole, _tasks) = udp_blackhole_to(lab.relay.quic_addr()).await?;
+    let mut cfg = edge_config(&lab.pki, 0, hole)?;
+    cfg.quic_fallback_after = Duration::from_millis(500);
+    let t = Instant::now();
+    let edge = EdgeClient::spawn(cfg);
+    edge.wait_connected(Duration::from_secs(10))
+        .await
+        .expect("connected after falling back");
+    let took = t.elapsed();
+    let row = &sessions(lab.admin_addr()).await?[0];
+    assert_eq!(
+        (row.transport.as_str(), row.fallbacks),
+        ("tcp", 1),
+        "{row:?}"
+    );
+    assert_eq!(edge.stats().fallbacks.load(Relaxed), 1);
+    // Bounded: the QUIC attempt gets 500 ms, then TCP+TLS on loopback.
+    assert!(took < Duration::from_secs(5), "fallback took {took:?}");
+    let (web, _w) = spawn_http(SocketAddr::new(edge_ip(0), 0), "edge-0").await?;
+    let (code, body) = relay_lab::http_get(
+        connect_via(lab.connect_addr(), &web.to_string()).await?,
+        "x",
+        "/",
+        None,
+    )
+    .await?;
+    assert_eq!((code, body.as_str()), (200, "hello from edge-0\n"));
+    edge.shutdown().await;
+    lab.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_fallback_session_survives_idle_keepalive_periods() -> Result<()> {
+    let mut lab = Lab::start(1, |_| {}).await?;
+    lab.edges.pop().unwrap().shutdown().await;
+    let mut cfg = edge_config(&lab.pki, 0, lab.relay.quic_addr())?;
+    cfg.transport = edge_client::TransportMode::Tcp;
+    let edge = EdgeClient::spawn(cfg);
+    let (sid, _) = edge
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .expect("connected over tcp");
+    // Three keep-alive periods of silence: pings both ways must keep it.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let rows = sessions(lab.admin_addr()).await?;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (rows[0].session_id, rows[0].transport.as_str()),
+        (sid, "tcp"),
+        "{rows:?}"
+    );
+    let (web, _w) = spawn_http(SocketAddr::new(edge_ip(0), 0), "edge-0").await?;
+    let (code, _) = relay_lab::http_get(
+        connect_via(lab.connect_addr(), &web.to_string()).await?,
+        "x",
+        "/",
+        None,
+    )
+    .await?;
+    assert_eq!(code, 200);
+    edge.shutdown().await;
+    lab.stop().await;
+    Ok(())
+}
