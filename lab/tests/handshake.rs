@@ -282,3 +282,42 @@ async fn a_quic_edge_checking_its_path_itself_is_not_pinged_at_keepalive_pace() 
     lab.stop().await;
     Ok(())
 }
+
+/// Configs that differ: a relay with a short idle timeout (1 s) and an
+/// edge whose QUIC keep-alive is longer than that (3 s). The relay's
+/// keep-alive backstop (half its idle timeout) keeps the session: the same
+/// session for 4 s, where without it QUIC's idle timeout closed it every
+/// second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_keeping_alive_slower_than_the_relay_allows_keeps_its_session() -> Result<()> {
+    let mut lab = Lab::start(1, |c| {
+        c.quic.keepalive = Duration::from_millis(200);
+        c.quic.idle_timeout = Duration::from_secs(1);
+    })
+    .await?;
+    lab.edges.pop().unwrap().shutdown().await;
+    let mut cfg = edge_config(&lab.pki, 0, lab.relay.quic_addr())?;
+    cfg.quic.keepalive = Duration::from_secs(3);
+    cfg.quic.idle_timeout = Duration::from_secs(10);
+    cfg.transport = edge_client::TransportMode::Quic;
+    let edge = EdgeClient::spawn(cfg);
+    let (session, _) = edge
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .expect("connected");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let state = edge.state();
+    assert!(
+        matches!(state, EdgeState::Connected { session_id, .. } if session_id == session),
+        "session lost or replaced: {state:?}"
+    );
+    assert_eq!(
+        edge.stats()
+            .sessions
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    edge.shutdown().await;
+    lab.stop().await;
+    Ok(())
+}

@@ -15,8 +15,8 @@ pub struct QuicTuning {
     /// Keep-alive interval: well under the ~30 s UDP binding lifetime of
     /// carrier-grade NATs, so the binding never expires while idle. On
     /// QUIC the edge sends a QUIC PING when nothing arrived for this long
-    /// (the relay sends none); on the TCP fallback both sides ping on the
-    /// control stream at this pace.
+    /// (the relay only after half its idle timeout, as a backstop); on the
+    /// TCP fallback both sides ping on the control stream at this pace.
     pub keepalive: Duration,
     /// A peer silent for this long is considered dead.
     pub idle_timeout: Duration,
@@ -166,12 +166,12 @@ impl QuicTuning {
         Ok(e)
     }
 
-    /// `keep_alive`: whether this side sends QUIC PINGs when nothing
-    /// arrived for a keep-alive interval. Edges do; the relay does not
-    /// (see [`server_endpoint_with`]).
-    fn transport(&self, keep_alive: bool) -> Result<TransportConfig, TlsError> {
+    /// `keep_alive`: after how long without a packet from the peer this
+    /// side sends a QUIC PING. Edges: the keep-alive; the relay: half its
+    /// idle timeout (see [`server_endpoint_with`]).
+    fn transport(&self, keep_alive: Duration) -> Result<TransportConfig, TlsError> {
         let mut t = TransportConfig::default();
-        t.keep_alive_interval(keep_alive.then_some(self.keepalive));
+        t.keep_alive_interval(Some(keep_alive));
         t.max_idle_timeout(Some(
             IdleTimeout::try_from(self.idle_timeout)
                 .map_err(|_| TlsError::Verifier("idle timeout out of range".into()))?,
@@ -243,13 +243,17 @@ pub fn server_endpoint_with(
     let crypto = QuicServerConfig::try_from(rustls).map_err(std::io::Error::other)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     // `tuning.max_bidi_streams` is what edges may open (see
-    // `QuicTuning::relay_default`). No QUIC keep-alives from the relay:
-    // the edge, behind its NAT, is the side that must keep the binding
-    // warm, and it pings every keep-alive; a relay pinging too would only
-    // add packets to every idle edge's metered uplink (its timer, reset by
-    // the edge's ping, fires just before the edge's next one).
+    // `QuicTuning::relay_default`). The relay's QUIC keep-alive is only
+    // a backstop, at half its idle timeout: the edge, behind its NAT, is
+    // the side that keeps the binding warm (every keep-alive), and a relay
+    // timer at the same interval, reset by the edge's PING, would fire
+    // just before the edge's next one and take over the exchange, so that
+    // a path dead only upstream would still deliver the relay's PINGs to
+    // the edge. The backstop keeps a session whose edge pings less often
+    // than the relay's idle timeout allows (configs that differ).
+    let backstop = (tuning.idle_timeout / 2).max(Duration::from_millis(100));
     cfg.transport_config(Arc::new(
-        tuning.transport(false).map_err(std::io::Error::other)?,
+        tuning.transport(backstop).map_err(std::io::Error::other)?,
     ));
     // Address validation costs a round trip per handshake; relays face a
     // known population of edges and we prefer fast reconnect storms.
@@ -321,7 +325,9 @@ pub fn client_endpoint_with(
     let crypto = QuicClientConfig::try_from(rustls).map_err(std::io::Error::other)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(Arc::new(
-        tuning.transport(true).map_err(std::io::Error::other)?,
+        tuning
+            .transport(tuning.keepalive)
+            .map_err(std::io::Error::other)?,
     ));
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(bind),
@@ -444,7 +450,7 @@ mod tests {
         let t = QuicTuning::default();
         assert!(t.conn_window >= t.stream_window);
         assert!(u64::from(t.conn_window) <= 64 << 20);
-        t.transport(true).unwrap();
+        t.transport(t.keepalive).unwrap();
         let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
         size_socket_buffers(&sock);
         // Granted up to net.core.rmem_max; never less than the default.
