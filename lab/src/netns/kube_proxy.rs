@@ -1,0 +1,243 @@
+//! The lab's model of kube-proxy: the Services it programs
+//! ([`KubeService`]), the `ip kube-proxy` nftables table it generates
+//! ([`kube_proxy_ruleset`], a pure function of them) and
+//! [`NetnsLab::sync_services`], which loads it on every node.
+//!
+//! Kept apart from the topology: it is the only part of the lab that
+//! models a Kubernetes component rather than the network under it.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::{NetnsLab, Role};
+
+/// The service (ClusterIP) range tests use with [`NetnsLab::sync_services`].
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+
+/// Transport protocol of a ClusterIP service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Proto {
+    fn nft(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// The nodes that run kube-proxy (in their root namespaces) in the default
+/// topology: both cloud nodes, the apiserver host and both edge hosts (a
+/// lab's own, extra relay hosts and edge hosts included:
+/// [`NetnsLab::kube_proxy_nodes`]).
+pub const KUBE_PROXY_NODES: [Role; 5] = [
+    Role::Relay,
+    Role::Cloud2,
+    Role::Apiserver,
+    Role::Edge1,
+    Role::Edge2,
+];
+
+/// Which kube-proxy the lab models. Both DNAT in NAT chains at priority
+/// -100 (dstnat) on prerouting and output, in the node's root namespace,
+/// and reject new connections to a service port without endpoints (filter
+/// forward and output).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KubeProxyMode {
+    /// `--proxy-mode=iptables` (iptables-nft): `KUBE-SERVICES` jumped to
+    /// from nat `PREROUTING` and `OUTPUT`, both at -100.
+    Iptables,
+    /// `--proxy-mode=nftables`: the same, plus its filter chains at
+    /// dstnat-10 (-110, `filter-prerouting-pre-dnat` and
+    /// `filter-output-pre-dnat`, where it drops what
+    /// loadBalancerSourceRanges forbid) that run before any DNAT.
+    Nftables,
+}
+
+/// One ClusterIP port as kube-proxy programs it: what a Service and its
+/// EndpointSlices resolve to (the ClusterIP and Service port, and the
+/// usable endpoints' addresses with the target port matched by port name;
+/// see relay-kube's `ServiceDirectory`, which computes the same view).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubeService {
+    /// `namespace/name:portname`, for rule comments.
+    pub name: String,
+    /// The Service's ClusterIP.
+    pub cluster_ip: Ipv4Addr,
+    /// The Service port.
+    pub port: u16,
+    /// The port's protocol.
+    pub proto: Proto,
+    /// Endpoint `IP:targetPort`s; one is picked per connection at random
+    /// (`numgen random`), as kube-proxy does. Empty: no endpoints, new
+    /// connections are rejected.
+    pub endpoints: Vec<SocketAddrV4>,
+    /// `nodePort`: every node's own addresses take connections on it too
+    /// (`fib daddr type local`), as kube-proxy programs NodePorts.
+    pub node_port: Option<u16>,
+}
+
+impl KubeService {
+    /// A service port with endpoints.
+    pub fn new(
+        name: &str,
+        cluster_ip: SocketAddr,
+        proto: Proto,
+        endpoints: &[SocketAddr],
+    ) -> Result<KubeService> {
+        let SocketAddr::V4(vip) = cluster_ip else {
+            bail!("the lab is IPv4 only: {cluster_ip}");
+        };
+        let endpoints = endpoints
+            .iter()
+            .map(|e| match e {
+                SocketAddr::V4(e) => Ok(*e),
+                SocketAddr::V6(_) => Err(anyhow!("the lab is IPv4 only: {e}")),
+            })
+            .collect::<Result<_>>()?;
+        Ok(KubeService {
+            name: name.to_string(),
+            cluster_ip: *vip.ip(),
+            port: vip.port(),
+            proto,
+            endpoints,
+            node_port: None,
+        })
+    }
+
+    /// The same, also on `nodePort` of every node address.
+    pub fn with_node_port(mut self, node_port: u16) -> KubeService {
+        self.node_port = Some(node_port);
+        self
+    }
+}
+
+/// The whole `ip kube-proxy` table for `services` (pure): deletes and
+/// recreates it in one transaction. Each endpoint gets a chain that DNATs
+/// to it; each service port a rule in `services` that picks one endpoint
+/// chain with `numgen random mod N vmap` (kube-proxy's nftables mode does
+/// the same; its iptables mode uses `statistic --mode random`).
+pub fn kube_proxy_ruleset(mode: KubeProxyMode, services: &[KubeService]) -> Result<String> {
+    use std::fmt::Write as _;
+    // Regular chains first, so every jump names a chain already defined.
+    let mut chains = String::new();
+    let mut services_chain = String::new();
+    let mut no_endpoints = String::new();
+    for (i, svc) in services.iter().enumerate() {
+        if svc.name.contains('"') {
+            bail!("service name {:?} contains a quote", svc.name);
+        }
+        let p = svc.proto.nft();
+        let m = format!("ip daddr {} {p} dport {}", svc.cluster_ip, svc.port);
+        if svc.endpoints.is_empty() {
+            let _ = writeln!(
+                no_endpoints,
+                "    {m} reject comment \"{} has no endpoints\"",
+                svc.name
+            );
+            continue;
+        }
+        let mut vmap = Vec::new();
+        for (j, ep) in svc.endpoints.iter().enumerate() {
+            let _ = writeln!(
+                chains,
+                "  chain endpoint-{i}-{j} {{\n    meta l4proto {p} dnat to {}:{} comment \"{}\"\n  }}",
+                ep.ip(),
+                ep.port(),
+                svc.name
+            );
+            vmap.push(format!("{j} : jump endpoint-{i}-{j}"));
+        }
+        let vmap = format!(
+            "numgen random mod {} vmap {{ {} }} comment \"{}\"",
+            svc.endpoints.len(),
+            vmap.join(", "),
+            svc.name
+        );
+        let _ = writeln!(services_chain, "    {m} {vmap}");
+        if let Some(np) = svc.node_port {
+            let _ = writeln!(
+                services_chain,
+                "    fib daddr type local {p} dport {np} {vmap}"
+            );
+        }
+    }
+    let _ = write!(chains, "  chain services {{\n{services_chain}  }}\n");
+    let _ = write!(chains, "  chain no-endpoints {{\n{no_endpoints}  }}\n");
+    let base = |name: &str, kind: &str, hook: &str, prio: i32, rule: &str| {
+        format!(
+            "  chain {name} {{\n    type {kind} hook {hook} priority {prio}; policy accept;\n    {rule}\n  }}\n"
+        )
+    };
+    // kube-proxy's DNAT for pods (prerouting) and host processes (output).
+    chains += &base("nat-prerouting", "nat", "prerouting", -100, "jump services");
+    chains += &base("nat-output", "nat", "output", -100, "jump services");
+    // Connections to a service port without endpoints are rejected (no
+    // DNAT happened, so the destination is still the ClusterIP).
+    chains += &base(
+        "filter-forward",
+        "filter",
+        "forward",
+        -110,
+        "ct state new jump no-endpoints",
+    );
+    chains += &base(
+        "filter-output",
+        "filter",
+        "output",
+        -110,
+        "ct state new jump no-endpoints",
+    );
+    if mode == KubeProxyMode::Nftables {
+        // nftables mode's pre-DNAT chains (loadBalancerSourceRanges
+        // drops; the lab has no LoadBalancer Services, so they are empty).
+        chains += "  chain firewall-check {\n  }\n";
+        chains += &base(
+            "filter-prerouting-pre-dnat",
+            "filter",
+            "prerouting",
+            -110,
+            "ct state new jump firewall-check",
+        );
+        chains += &base(
+            "filter-output-pre-dnat",
+            "filter",
+            "output",
+            -110,
+            "ct state new jump firewall-check",
+        );
+    }
+    Ok(format!(
+        "table ip kube-proxy {{}}\ndelete table ip kube-proxy\ntable ip kube-proxy {{\n{chains}}}\n"
+    ))
+}
+
+impl NetnsLab {
+    /// kube-proxy's view of the cluster, applied on every node
+    /// ([`KUBE_PROXY_NODES`]): the `ip kube-proxy` table is replaced whole
+    /// by [`kube_proxy_ruleset`]`(mode, services)` in one `nft -f`
+    /// transaction per node, as kube-proxy regenerates its rules after
+    /// every Service or EndpointSlice change (no instant without rules).
+    /// Calling it with an empty list leaves empty chains, as kube-proxy
+    /// runs with no Services.
+    pub fn sync_services(&self, mode: KubeProxyMode, services: &[KubeService]) -> Result<()> {
+        let script = kube_proxy_ruleset(mode, services)?;
+        for node in self.kube_proxy_nodes() {
+            self.nft(node, &script)
+                .with_context(|| format!("kube-proxy sync on {node}"))?;
+        }
+        Ok(())
+    }
+
+    /// The `ip kube-proxy` table of `node` as `nft list table` shows it.
+    pub fn kube_proxy_rules(&self, node: Role) -> Result<String> {
+        self.exec(node, &["nft", "list", "table", "ip", "kube-proxy"])
+    }
+}
