@@ -1,0 +1,129 @@
+//! What the scenario tests ask the lab from the outside: clients that
+//! report what they reached (HTTP, CONNECT through the relay, a DNS-sized
+//! UDP query, a connection expected to fail fast) and calls to the relay's
+//! admin API (sessions, captured prefixes).
+//!
+//! Each runs inside a namespace through [`NetnsLab::run_in`], bounded, and
+//! answers with what it saw, so a test can put it in a [`super::Table`]
+//! cell rather than stop at the first failure.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use relay_server::admin::SessionRow;
+use tokio::net::{TcpStream, UdpSocket};
+
+use super::{sa, ADMIN_PORT, ADMIN_TOKEN, CONNECT_PORT};
+use crate::netns::{self, NetnsLab, Role};
+
+/// `method path` on the relay's admin API (with [`ADMIN_TOKEN`]), from
+/// inside the relay node; returns `(status, body)`.
+pub fn admin_call(
+    lab: &NetnsLab,
+    method: &'static str,
+    path: impl Into<String>,
+) -> Result<(u16, String)> {
+    let path = path.into();
+    lab.run_in(Role::Relay, Duration::from_secs(10), move || async move {
+        let s = TcpStream::connect(sa(netns::RELAY_LAN_IP, ADMIN_PORT)).await?;
+        crate::http_request(s, method, "admin", &path, Some(ADMIN_TOKEN)).await
+    })
+}
+
+/// `GET path` on the relay's admin API; anything but 200 is an error.
+pub fn admin(lab: &NetnsLab, path: &'static str) -> Result<String> {
+    let (code, body) = admin_call(lab, "GET", path)?;
+    anyhow::ensure!(code == 200, "{path}: HTTP {code}");
+    Ok(body)
+}
+
+/// The relay's sessions (`GET /v1/sessions`).
+pub fn sessions(lab: &NetnsLab) -> Result<Vec<SessionRow>> {
+    Ok(serde_json::from_str(&admin(lab, "/v1/sessions")?)?)
+}
+
+/// One node's session (`GET /v1/sessions/{node}`), `None` if it has none.
+pub fn session(lab: &NetnsLab, node: &str) -> Result<Option<SessionRow>> {
+    match admin_call(lab, "GET", format!("/v1/sessions/{node}"))? {
+        (200, body) => Ok(Some(serde_json::from_str(&body)?)),
+        (404, _) => Ok(None),
+        (code, body) => bail!("GET /v1/sessions/{node}: HTTP {code}: {body}"),
+    }
+}
+
+/// The prefixes the relay node captures now (`nft list set inet
+/// edge_relay dst4`); empty when the table does not exist.
+pub fn captured_prefixes(lab: &NetnsLab) -> Result<String> {
+    let tables = lab.exec(Role::Relay, &["nft", "list", "tables"])?;
+    if !tables.contains("edge_relay") {
+        return Ok(String::new());
+    }
+    lab.exec(
+        Role::Relay,
+        &["nft", "list", "set", "inet", "edge_relay", "dst4"],
+    )
+}
+
+/// Fetches `/` from `target` over plain TCP from inside `ns`; returns the body.
+pub fn http_from(lab: &NetnsLab, ns: Role, target: SocketAddr) -> Result<String> {
+    lab.run_in(ns, Duration::from_secs(15), move || async move {
+        let s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(target))
+            .await
+            .context("connect timed out")??;
+        let (code, body) = crate::http_get(s, &target.to_string(), "/", None).await?;
+        anyhow::ensure!(code == 200, "HTTP {code}");
+        Ok(body.trim_end().to_string())
+    })
+}
+
+/// CONNECT through the relay's ingress from inside `ns`, then GET.
+/// A refusal is an error holding a [`crate::Refused`].
+pub fn connect_from(lab: &NetnsLab, ns: Role, authority: &'static str) -> Result<String> {
+    lab.run_in(ns, Duration::from_secs(15), move || async move {
+        let s = crate::connect_via(sa(netns::RELAY_LAN_IP, CONNECT_PORT), authority).await?;
+        let (code, body) = crate::http_get(s, authority, "/", None).await?;
+        anyhow::ensure!(code == 200, "HTTP {code}");
+        Ok(body.trim_end().to_string())
+    })
+}
+
+/// One DNS-sized UDP query and its reply, from inside `ns`.
+pub fn udp_from(lab: &NetnsLab, ns: Role, target: SocketAddr) -> Result<String> {
+    lab.run_in(ns, Duration::from_secs(15), move || async move {
+        let s = UdpSocket::bind(sa(Ipv4Addr::UNSPECIFIED, 0)).await?;
+        s.connect(target).await?;
+        // A 48-byte query, the size of a small DNS question.
+        let query = format!("q{:046}", rand::random::<u32>());
+        let mut buf = [0u8; 512];
+        // The first packet also sets the flow up; one retransmission, as a
+        // DNS resolver would, and no more.
+        for _ in 0..2 {
+            s.send(query.as_bytes()).await?;
+            if let Ok(r) = tokio::time::timeout(Duration::from_secs(3), s.recv(&mut buf)).await {
+                let n = r?;
+                let reply = String::from_utf8_lossy(&buf[..n]).to_string();
+                let (name, echoed) = reply.split_once(':').context("bad reply")?;
+                anyhow::ensure!(echoed == query, "reply to another query");
+                return Ok(name.to_string());
+            }
+        }
+        bail!("no UDP reply")
+    })
+}
+
+/// Expects a connection attempt to fail (refused, unreachable or reset)
+/// within `limit`; returns how long it took.
+pub fn fails_fast(
+    lab: &NetnsLab,
+    ns: Role,
+    target: SocketAddr,
+    limit: Duration,
+) -> Result<Duration> {
+    let t = Instant::now();
+    match http_from(lab, ns, target) {
+        Ok(body) => bail!("reached {target} ({body})"),
+        Err(_) if t.elapsed() <= limit => Ok(t.elapsed()),
+        Err(e) => bail!("failed, but only after {:?}: {e:#}", t.elapsed()),
+    }
+}
