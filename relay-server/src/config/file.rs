@@ -1,0 +1,326 @@
+//! The file form of the configuration: [`FileConfig`] and its sections
+//! (`[listen]`, `[limits]`, `[admin]`; the others live with what they
+//! configure), parsed from TOML, and [`FileConfig::into_runtime`], which
+//! applies the defaults, loads the files the config points at (TLS
+//! material, the admin token) and yields a validated [`RelayConfig`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use relay_protocol::Cidr;
+use relay_transport::capture::CaptureFile;
+use relay_transport::reload::TlsPaths;
+use relay_transport::{QuicFile, QuicTuning, TlsMaterial};
+use serde::Deserialize;
+
+use super::validate::{check_exposure, check_values, is_loopback};
+use super::{
+    err, BootstrapFile, ConfigError, KubernetesFile, Limits, RelayConfig, RelayTlsFiles, Secret,
+    TlsFiles,
+};
+use crate::config_kube::check_kubernetes;
+
+/// `[listen]`.
+#[derive(Debug, Deserialize)]
+pub struct ListenFile {
+    /// UDP address for QUIC.
+    #[serde(default = "default_quic")]
+    pub quic: SocketAddr,
+    /// Accept the TLS+TCP fallback on the same address and port (TCP).
+    #[serde(default = "yes")]
+    pub tcp_fallback: bool,
+    /// TCP address for HTTP CONNECT.
+    pub connect: Option<SocketAddr>,
+    /// Unix socket for HTTP CONNECT.
+    pub connect_unix: Option<PathBuf>,
+    /// TCP address for the admin API.
+    #[serde(default = "default_admin")]
+    pub admin: Option<SocketAddr>,
+    /// See [`RelayConfig::allow_insecure_connect`].
+    #[serde(default)]
+    pub allow_insecure_connect: bool,
+    /// See [`RelayConfig::allow_insecure_admin`].
+    #[serde(default)]
+    pub allow_insecure_admin: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_quic() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8443))
+}
+
+fn default_admin() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 9090)))
+}
+
+/// `[limits]`.
+#[derive(Debug, Deserialize, Default)]
+pub struct LimitsFile {
+    /// See [`Limits::handshake_timeout`].
+    #[serde(default, with = "humantime_serde")]
+    pub handshake_timeout: Option<Duration>,
+    /// See [`Limits::stream_open_timeout`].
+    #[serde(default, with = "humantime_serde")]
+    pub stream_open_timeout: Option<Duration>,
+    /// See [`Limits::connect_header_timeout`].
+    #[serde(default, with = "humantime_serde")]
+    pub connect_header_timeout: Option<Duration>,
+    /// See [`Limits::connect_max_header_bytes`].
+    pub connect_max_header_bytes: Option<usize>,
+    /// See [`Limits::max_sessions`].
+    pub max_sessions: Option<usize>,
+    /// See [`Limits::max_concurrent_handshakes`].
+    pub max_concurrent_handshakes: Option<usize>,
+    /// See [`Limits::max_connect_connections`].
+    pub max_connect_connections: Option<usize>,
+    /// See [`Limits::drain_grace`].
+    #[serde(default, with = "humantime_serde")]
+    pub drain_grace: Option<Duration>,
+    /// See [`Limits::dial_timeout`].
+    #[serde(default, with = "humantime_serde")]
+    pub dial_timeout: Option<Duration>,
+    /// See [`Limits::udp_idle_timeout`].
+    #[serde(default, with = "humantime_serde")]
+    pub udp_idle_timeout: Option<Duration>,
+    /// See [`Limits::max_udp_flows_per_session`].
+    pub max_udp_flows_per_session: Option<usize>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Deserialize, Default)]
+pub struct AdminFile {
+    /// File holding the bearer token (trailing newline ignored).
+    pub token_file: Option<PathBuf>,
+    /// Serve the admin API over HTTPS. Default: on when `listen.admin` is
+    /// not a loopback address, off on loopback.
+    pub tls: Option<bool>,
+    /// Certificate chain (PEM) for the admin API's HTTPS; default: the
+    /// relay's `tls.cert` (which must then name the address or name admin
+    /// clients dial).
+    pub cert: Option<PathBuf>,
+    /// Private key of `cert` (set both or neither).
+    pub key: Option<PathBuf>,
+}
+
+/// The relay's TOML configuration file.
+#[derive(Debug, Deserialize)]
+pub struct FileConfig {
+    /// The config format version the file was written for (default: this
+    /// build's). A newer one makes unknown keys warnings instead of errors
+    /// (see `relay_transport::config_file`).
+    pub config_version: Option<u32>,
+    /// Replica name (default: the host name, else `relay-0`).
+    pub relay_id: Option<String>,
+    /// Listening addresses.
+    pub listen: ListenFile,
+    /// Relay certificate, key, the CA of edge certificates, CRLs.
+    pub tls: RelayTlsFiles,
+    /// TLS for the CONNECT TCP listener (client certificates required).
+    pub connect_tls: Option<TlsFiles>,
+    /// Admin API settings.
+    #[serde(default)]
+    pub admin: AdminFile,
+    /// QUIC settings.
+    #[serde(default)]
+    pub quic: QuicFile,
+    /// Bounds.
+    #[serde(default)]
+    pub limits: LimitsFile,
+    /// Node name → prefixes that node may serve.
+    #[serde(default)]
+    pub nodes: HashMap<String, Vec<Cidr>>,
+    /// Prefixes edges send back through the tunnel.
+    #[serde(default)]
+    pub tunnel_routes: Vec<Cidr>,
+    /// Community name → member nodes (`"*"`: every node).
+    #[serde(default)]
+    pub communities: HashMap<String, Vec<String>>,
+    /// In-cluster mode.
+    #[serde(default)]
+    pub kubernetes: KubernetesFile,
+    /// Certificate bootstrap (needs `[kubernetes]`).
+    pub bootstrap: Option<BootstrapFile>,
+    /// Relay-installed routes.
+    #[serde(default)]
+    pub capture: CaptureFile,
+    /// Scale-out: several replicas, every edge connected to each.
+    #[serde(default)]
+    pub replicas: crate::replicas::ReplicasFile,
+}
+
+impl FileConfig {
+    /// Reads, parses and validates a config file, loading the TLS files.
+    pub fn load(path: &Path) -> Result<RelayConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| err(path.display().to_string(), e))?;
+        Self::parse(&text)?.into_runtime()
+    }
+
+    /// Parses TOML text; errors name the line and field.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        relay_transport::config_file::parse(text, |f: &Self| f.config_version)
+            .map(|p| p.value)
+            .map_err(|e| err("file", e))
+    }
+
+    /// Validates and loads what the file points at.
+    pub fn into_runtime(self) -> Result<RelayConfig, ConfigError> {
+        let d = Limits::default();
+        let l = &self.limits;
+        // Defaults here; every value is checked by RelayConfig::validate.
+        let limits = Limits {
+            handshake_timeout: l.handshake_timeout.unwrap_or(d.handshake_timeout),
+            stream_open_timeout: l.stream_open_timeout.unwrap_or(d.stream_open_timeout),
+            connect_header_timeout: l.connect_header_timeout.unwrap_or(d.connect_header_timeout),
+            connect_max_header_bytes: l
+                .connect_max_header_bytes
+                .unwrap_or(d.connect_max_header_bytes),
+            max_sessions: l.max_sessions.unwrap_or(d.max_sessions),
+            max_concurrent_handshakes: l
+                .max_concurrent_handshakes
+                .unwrap_or(d.max_concurrent_handshakes),
+            max_connect_connections: l
+                .max_connect_connections
+                .unwrap_or(d.max_connect_connections),
+            drain_grace: l.drain_grace.unwrap_or(d.drain_grace),
+            dial_timeout: l.dial_timeout.unwrap_or(d.dial_timeout),
+            udp_idle_timeout: l.udp_idle_timeout.unwrap_or(d.udp_idle_timeout),
+            max_udp_flows_per_session: l
+                .max_udp_flows_per_session
+                .unwrap_or(d.max_udp_flows_per_session),
+        };
+        let capture = self
+            .capture
+            .resolve()
+            .map_err(|(f, m)| err(format!("capture.{f}"), m))?;
+        if self.capture.max_udp_flows.is_some() {
+            return Err(err(
+                "capture.max_udp_flows",
+                "edge only (the relay bounds flows per session: limits.max_udp_flows_per_session)",
+            ));
+        }
+        let quic = self
+            .quic
+            .resolve(QuicTuning::relay_default())
+            .map_err(|(f, m)| err(format!("quic.{f}"), m))?;
+        check_values(&quic, &limits, &self.nodes, &self.communities)?;
+        let kubernetes = self.kubernetes.resolve();
+        check_kubernetes(kubernetes.as_ref(), &self.nodes)?;
+        if self.listen.connect.is_none() && self.listen.connect_unix.is_none() {
+            tracing::warn!("no CONNECT listener configured (listen.connect / listen.connect_unix)");
+        }
+        if self.connect_tls.is_some() && self.listen.connect.is_none() {
+            return Err(err(
+                "connect_tls",
+                "set listen.connect too (TLS applies to the TCP listener)",
+            ));
+        }
+        let admin_token = match &self.admin.token_file {
+            None => None,
+            Some(p) => {
+                let t = std::fs::read_to_string(p)
+                    .map_err(|e| err("admin.token_file", format!("{}: {e}", p.display())))?;
+                let t = t.trim_end_matches(['\n', '\r']);
+                if t.len() < 16 {
+                    return Err(err(
+                        "admin.token_file",
+                        "token must be at least 16 characters",
+                    ));
+                }
+                Some(Secret::new(t))
+            }
+        };
+        let (tls, tls_crls, tls_reload) = self.tls.load()?;
+        let admin_tls_on = match (self.admin.tls, self.listen.admin) {
+            (Some(on), _) => on,
+            (None, Some(a)) => !is_loopback(&a),
+            (None, None) => false,
+        };
+        let admin_tls_files = match (&self.admin.cert, &self.admin.key) {
+            (Some(cert), Some(key)) if admin_tls_on => Some(TlsPaths {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls.client_ca.clone(),
+                crl: None,
+            }),
+            (None, None) if admin_tls_on => Some(TlsPaths {
+                cert: self.tls.cert.clone(),
+                key: self.tls.key.clone(),
+                client_ca: self.tls.client_ca.clone(),
+                crl: None,
+            }),
+            _ => None,
+        };
+        let admin_tls = match (&self.admin.cert, &self.admin.key) {
+            (Some(_), _) | (_, Some(_)) if !admin_tls_on => {
+                return Err(err(
+                    "admin.cert",
+                    "admin.cert/key given but admin.tls is off",
+                ));
+            }
+            (Some(cert), Some(key)) => Some(
+                TlsMaterial::from_files(cert, key, &self.tls.client_ca)
+                    .map_err(|e| err("admin.cert", e))?,
+            ),
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(err("admin.cert", "set admin.cert and admin.key together"));
+            }
+            (None, None) if admin_tls_on => Some(tls.clone()),
+            (None, None) => None,
+        };
+        let bootstrap = match &self.bootstrap {
+            Some(_) if kubernetes.is_none() => {
+                return Err(err(
+                    "bootstrap",
+                    "certificate bootstrap verifies tokens with the Kubernetes API: enable [kubernetes]",
+                ))
+            }
+            Some(b) => Some(b.load(&tls.ca)?),
+            None => None,
+        };
+        let relay_id = self.relay_id.unwrap_or_else(|| "relay-0".into());
+        let replicas = self.replicas.resolve(&relay_id, kubernetes.is_some())?;
+        let cfg = RelayConfig {
+            relay_id,
+            quic_listen: self.listen.quic,
+            tcp_fallback: self.listen.tcp_fallback,
+            tls,
+            tls_crls,
+            tls_reload,
+            quic,
+            connect_listen: self.listen.connect,
+            connect_tls: self
+                .connect_tls
+                .as_ref()
+                .map(|t| t.load("connect_tls"))
+                .transpose()?,
+            connect_tls_files: self.connect_tls.as_ref().map(|t| TlsPaths {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+                client_ca: t.client_ca.clone(),
+                crl: None,
+            }),
+            connect_unix: self.listen.connect_unix,
+            admin_listen: self.listen.admin,
+            admin_token,
+            admin_tls,
+            admin_tls_files,
+            allow_insecure_connect: self.listen.allow_insecure_connect,
+            allow_insecure_admin: self.listen.allow_insecure_admin,
+            nodes: self.nodes,
+            tunnel_routes: self.tunnel_routes,
+            communities: self.communities,
+            bootstrap,
+            kubernetes,
+            limits,
+            capture,
+            replicas,
+        };
+        check_exposure(&cfg)?;
+        Ok(cfg)
+    }
+}

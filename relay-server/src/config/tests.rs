@@ -1,0 +1,107 @@
+//! Tests of the configuration: field-naming errors, the exposure rules
+//! for files and for configs built by code, masked secrets.
+
+use super::*;
+
+#[test]
+fn unknown_fields_and_bad_values_name_the_field() {
+    let e = FileConfig::parse("[listen]\nquic = \"0.0.0.0:1\"\nbogus = 1\n").unwrap_err();
+    assert!(e.to_string().contains("bogus"), "{e}");
+    let e = FileConfig::parse(
+        "[listen]\n[tls]\ncert=\"a\"\nkey=\"b\"\nclient_ca=\"c\"\n[nodes]\nedge-1 = [\"10.0.0.1/24\"]\n",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("host bits"), "{e}");
+    let f = FileConfig::parse(
+        "[listen]\n[tls]\ncert=\"/nonexistent/a\"\nkey=\"b\"\nclient_ca=\"c\"\n[limits]\nhandshake_timeout=\"0s\"\n",
+    )
+    .unwrap();
+    let e = f.into_runtime().unwrap_err();
+    assert_eq!(e.field, "limits.handshake_timeout");
+    let f =
+        FileConfig::parse("[listen]\n[tls]\ncert=\"/nonexistent/a\"\nkey=\"b\"\nclient_ca=\"c\"\n")
+            .unwrap();
+    let e = f.into_runtime().unwrap_err();
+    assert_eq!(e.field, "tls");
+    assert!(e.to_string().contains("/nonexistent/a"), "{e}");
+}
+
+/// Writes a dev PKI and a token into a fresh directory; returns the
+/// `[tls]` and `[admin] token_file` lines pointing at them.
+fn files() -> (PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!(
+        "relay-config-test-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let pki = relay_transport::devcerts::DevPki::generate(&["localhost"], &["edge-1"]).unwrap();
+    pki.write_to(&dir).unwrap();
+    std::fs::write(dir.join("token"), "0123456789abcdef0123\n").unwrap();
+    let d = dir.display();
+    let tls = format!(
+        "[tls]\ncert=\"{d}/relay.pem\"\nkey=\"{d}/relay-key.pem\"\nclient_ca=\"{d}/ca.pem\"\n"
+    );
+    (dir, tls)
+}
+
+fn load(listen: &str, tls: &str, admin: &str) -> Result<RelayConfig, ConfigError> {
+    FileConfig::parse(&format!("[listen]\n{listen}\n{tls}[admin]\n{admin}\n"))?.into_runtime()
+}
+
+#[test]
+fn insecure_exposure_is_refused_unless_allowed() {
+    relay_transport::tls::install_default_provider();
+    let (dir, tls) = files();
+    let token = format!("token_file = \"{}/token\"", dir.display());
+    // Defaults: admin on loopback, plaintext, no token: fine.
+    let c = load("", &tls, "").unwrap();
+    assert!(c.admin_tls.is_none());
+    // Plaintext CONNECT off loopback.
+    let e = load("connect = \"0.0.0.0:8131\"", &tls, "").unwrap_err();
+    assert_eq!(e.field, "listen.connect", "{e}");
+    load("connect = \"127.0.0.1:8131\"", &tls, "").unwrap();
+    load(
+        "connect = \"0.0.0.0:8131\"\nallow_insecure_connect = true",
+        &tls,
+        "",
+    )
+    .unwrap();
+    // Admin off loopback: a token is required ...
+    let e = load("admin = \"0.0.0.0:9090\"", &tls, "").unwrap_err();
+    assert_eq!(e.field, "admin.token_file", "{e}");
+    // ... and TLS, which is then on by default (the relay's certificate).
+    let c = load("admin = \"0.0.0.0:9090\"", &tls, &token).unwrap();
+    assert!(c.admin_tls.is_some());
+    let e = load(
+        "admin = \"0.0.0.0:9090\"",
+        &tls,
+        &format!("{token}\ntls = false"),
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "admin.tls", "{e}");
+    // Explicitly allowed.
+    let c = load(
+        "admin = \"0.0.0.0:9090\"\nallow_insecure_admin = true",
+        &tls,
+        "tls = false",
+    )
+    .unwrap();
+    assert!(c.admin_tls.is_none() && c.admin_token.is_none());
+    // Its own certificate; both halves or neither.
+    let d = dir.display();
+    let own = format!("{token}\ncert = \"{d}/edge-1.pem\"\nkey = \"{d}/edge-1-key.pem\"");
+    load("admin = \"0.0.0.0:9090\"", &tls, &own).unwrap();
+    let half = format!("{token}\ncert = \"{d}/edge-1.pem\"");
+    let e = load("admin = \"0.0.0.0:9090\"", &tls, &half).unwrap_err();
+    assert_eq!(e.field, "admin.cert", "{e}");
+    // Built by code: the same rules.
+    let mut c = load("", &tls, "").unwrap();
+    c.admin_listen = Some(SocketAddr::from(([10, 0, 0, 1], 9090)));
+    assert_eq!(c.validate().unwrap_err().field, "admin.token_file");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn secrets_are_masked() {
+    assert_eq!(format!("{:?}", Secret::new("hunter2")), "MASKED");
+}
