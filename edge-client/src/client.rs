@@ -341,6 +341,9 @@ pub(crate) async fn run(
     // A session already established (a QUIC probe that succeeded while on
     // the TCP fallback): run it next, with no delay.
     let mut next: Option<Connected> = None;
+    // Whether QUIC carried the last session (see Dialer::quic_worked).
+    let mut quic_worked = false;
+    let attempt_limit = cfg.handshake_timeout * 2 + cfg.quic_fallback_after;
     loop {
         let result = match next.take() {
             Some(c) => Ok(c),
@@ -350,10 +353,11 @@ pub(crate) async fn run(
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     // Twice the handshake bound: a certificate bootstrap may
-                    // come first (its own connection and a token review).
-                    r = tokio::time::timeout(cfg.handshake_timeout * 2, connect(&cfg, &stats, cfg.transport, &creds)) => match r {
+                    // come first (its own connection and a token review);
+                    // plus one QUIC attempt for the retry before a fallback.
+                    r = tokio::time::timeout(attempt_limit, connect(&cfg, &stats, cfg.transport, &creds, quic_worked)) => match r {
                         Ok(r) => r,
-                        Err(_) => Err(AttemptError::Failed(format!("no session within {:?}", cfg.handshake_timeout * 2))),
+                        Err(_) => Err(AttemptError::Failed(format!("no session within {attempt_limit:?}"))),
                     },
                 }
             }
@@ -368,6 +372,7 @@ pub(crate) async fn run(
                 control,
             }) => {
                 attempt = 0;
+                quic_worked = conn.kind() == relay_transport::TransportKind::Quic;
                 stats.sessions.fetch_add(1, Relaxed);
                 info!(
                     session = hello.session_id,

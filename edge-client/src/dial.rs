@@ -46,6 +46,9 @@ pub(crate) struct Dialer<'a> {
     pub(crate) cfg: &'a EdgeConfig,
     pub(crate) stats: &'a EdgeStats,
     pub(crate) mode: TransportMode,
+    /// QUIC carried this edge's last session to the relay (in `Auto`: an
+    /// unanswered QUIC attempt is tried once more before falling back).
+    pub(crate) quic_worked: bool,
 }
 
 impl Dialer<'_> {
@@ -74,25 +77,59 @@ impl Dialer<'_> {
         };
         match self.mode {
             TransportMode::Quic => {
-                let (ep, c) = quic_transport(cfg, addr, mark, tls).await?;
+                let (ep, c) = quic_transport(cfg, addr, mark, tls)
+                    .await
+                    .map_err(QuicAttemptError::into_message)?;
                 Ok((Some(ep), c))
             }
             TransportMode::Tcp => Ok((None, tcp(tls).await?)),
             TransportMode::Auto => {
-                let quic = quic_transport(cfg, addr, mark, tls.clone());
-                match tokio::time::timeout(cfg.quic_fallback_after, quic).await {
-                    Ok(Ok((ep, c))) => Ok((Some(ep), c)),
-                    quic => {
-                        let why = match quic {
-                            Ok(Err(e)) => e,
-                            _ => format!("no QUIC handshake within {:?}", cfg.quic_fallback_after),
-                        };
-                        self.stats.fallbacks.fetch_add(1, Relaxed);
-                        warn!(reason = %why, "QUIC unavailable; falling back to TLS over TCP");
-                        Ok((None, tcp(tls).await?))
+                // Falling back is for paths that do not carry UDP: only a
+                // QUIC attempt that got no answer at all counts. A relay
+                // that answered (refused while draining, reset, a TLS
+                // error) proves UDP gets through, and TCP to the same relay
+                // would fare no better: that is an ordinary failed attempt.
+                // An unanswered attempt right after a QUIC session is more
+                // likely a relay restarting (its first Initial lost while
+                // nothing listened, the next one due only after quinn's
+                // backoff) than UDP newly blocked: one fresh attempt first,
+                // so a fleet does not land on TCP after every restart.
+                let tries = if self.quic_worked { 2 } else { 1 };
+                let mut why = String::new();
+                for _ in 0..tries {
+                    let quic = quic_transport(cfg, addr, mark, tls.clone());
+                    match tokio::time::timeout(cfg.quic_fallback_after, quic).await {
+                        Ok(Ok((ep, c))) => return Ok((Some(ep), c)),
+                        Ok(Err(QuicAttemptError::Answered(e))) => return Err(e),
+                        Ok(Err(QuicAttemptError::Unanswered(e))) => why = e,
+                        Err(_) => {
+                            why = format!("no QUIC handshake within {:?}", cfg.quic_fallback_after)
+                        }
                     }
                 }
+                self.stats.fallbacks.fetch_add(1, Relaxed);
+                warn!(reason = %why, "QUIC unavailable; falling back to TLS over TCP");
+                Ok((None, tcp(tls).await?))
             }
+        }
+    }
+}
+
+/// Why a QUIC attempt failed: whether the relay answered decides whether
+/// falling back to TCP can help.
+#[derive(Debug)]
+enum QuicAttemptError {
+    /// Nothing came back (or no UDP socket to send from): the path may
+    /// not carry UDP.
+    Unanswered(String),
+    /// The relay answered and ended the attempt: UDP gets through.
+    Answered(String),
+}
+
+impl QuicAttemptError {
+    fn into_message(self) -> String {
+        match self {
+            QuicAttemptError::Unanswered(m) | QuicAttemptError::Answered(m) => m,
         }
     }
 }
@@ -103,7 +140,7 @@ async fn quic_transport(
     addr: SocketAddr,
     mark: u32,
     tls: rustls::ClientConfig,
-) -> Result<(quinn::Endpoint, TunnelConn), String> {
+) -> Result<(quinn::Endpoint, TunnelConn), QuicAttemptError> {
     // A fresh endpoint per attempt: matches the relay's address family and
     // starts from a new source port if the old NAT binding went bad.
     let bind: SocketAddr = if addr.is_ipv4() {
@@ -112,26 +149,38 @@ async fn quic_transport(
         ([0u16; 8], 0).into()
     };
     let endpoint = quic::client_endpoint_with(bind, tls, &cfg.quic, mark)
-        .map_err(|e| format!("endpoint: {e}"))?;
+        .map_err(|e| QuicAttemptError::Unanswered(format!("endpoint: {e}")))?;
     let connecting = endpoint
         .connect(addr, &cfg.server_name)
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    let conn = connecting
-        .await
-        .map_err(|e| clock_hint(&format!("QUIC/TLS to {addr}: {e}")))?;
+        .map_err(|e| QuicAttemptError::Unanswered(format!("connect {addr}: {e}")))?;
+    let conn = connecting.await.map_err(|e| {
+        let msg = clock_hint(&format!("QUIC/TLS to {addr}: {e}"));
+        match e {
+            quinn::ConnectionError::TimedOut | quinn::ConnectionError::LocallyClosed => {
+                QuicAttemptError::Unanswered(msg)
+            }
+            _ => QuicAttemptError::Answered(msg),
+        }
+    })?;
     Ok((endpoint, TunnelConn::Quic(conn)))
 }
 
 /// Obtains the certificate to dial with (bootstrapping or renewing it
-/// first when needed), dials the relay over the transport `mode` asks for,
-/// then says hello.
+/// first when needed), dials the relay over the transport `mode` asks for
+/// (`quic_worked`: see [`Dialer`]), then says hello.
 pub(crate) async fn connect(
     cfg: &EdgeConfig,
     stats: &EdgeStats,
     mode: TransportMode,
     creds: &Credentials,
+    quic_worked: bool,
 ) -> Result<Connected, AttemptError> {
-    let dialer = Dialer { cfg, stats, mode };
+    let dialer = Dialer {
+        cfg,
+        stats,
+        mode,
+        quic_worked,
+    };
     let material = creds.material(cfg, &dialer).await.map_err(|e| match e {
         IdentityError::Refused(r) => AttemptError::Rejected(r),
         IdentityError::Failed(m) => AttemptError::Failed(m),

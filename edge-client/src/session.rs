@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use relay_protocol::codec::{self, decode_control, write_frame, Incoming};
 use relay_protocol::{close_code, Cidr, Control};
+use relay_transport::grant::StreamGrant;
 use relay_transport::udp::FlowTable;
 use relay_transport::{BiStream, TunnelConn};
 use tokio::sync::watch;
@@ -93,6 +94,9 @@ pub(crate) async fn run_session(
         relay_transport::TransportKind::Tcp => Liveness::new(cfg.quic.keepalive),
     };
     let mut rtt_logged: Option<Instant> = None;
+    // The relay's stream credit starts small and grows with use (see
+    // relay_transport::grant).
+    let mut grant = StreamGrant::new(conn, cfg.quic.max_bidi_streams);
     let mut svc_batch = crate::services::Batch::default();
     // The first ping at a random point of the first interval, not at once:
     // edges that connected together (after a relay restart, a thousand
@@ -136,10 +140,15 @@ pub(crate) async fn run_session(
             bi = conn.accept_bi() => match bi {
                 Ok(bi) => {
                     let f = (conn.clone(), flows.clone());
+                    let open = grant.accepted();
                     // Boxed: the task holds a pointer rather than the
                     // stream's whole state machine, which tokio copies
                     // while spawning and finishing a task.
-                    tokio::spawn(Box::pin(serve_stream(bi, f, cfg.clone(), served.clone(), stats.clone())).in_current_span());
+                    let serve = Box::pin(serve_stream(bi, f, cfg.clone(), served.clone(), stats.clone()));
+                    tokio::spawn(async move {
+                        serve.await;
+                        drop(open);
+                    }.in_current_span());
                     continue;
                 }
                 Err(e) => {
@@ -268,15 +277,16 @@ pub(crate) async fn run_session(
             }
             _ = sleep_until_some(renew_at), if renew_at.is_some() && renewal.is_none() => {
                 let (cfg, stats, creds) = (cfg.clone(), stats.clone(), creds.clone());
+                let quic_worked = conn.kind() == relay_transport::TransportKind::Quic;
                 let limit = cfg.handshake_timeout * 2;
                 renewal = Some(AbortOnDropHandle::new(tokio::spawn(async move {
                     let work = async {
-                        let dialer = Dialer { cfg: &cfg, stats: &stats, mode: cfg.transport };
+                        let dialer = Dialer { cfg: &cfg, stats: &stats, mode: cfg.transport, quic_worked };
                         creds.renew(&cfg, &dialer).await.map_err(|e| match e {
                             IdentityError::Refused(r) => AttemptError::Rejected(r),
                             IdentityError::Failed(m) => AttemptError::Failed(m),
                         })?;
-                        connect(&cfg, &stats, cfg.transport, &creds).await
+                        connect(&cfg, &stats, cfg.transport, &creds, quic_worked).await
                     };
                     tokio::time::timeout(limit, work)
                         .await
@@ -314,7 +324,7 @@ pub(crate) async fn run_session(
                 // ends and the next one can start.
                 let limit = cfg.handshake_timeout;
                 probe = Some(AbortOnDropHandle::new(tokio::spawn(async move {
-                    tokio::time::timeout(limit, connect(&cfg, &stats, TransportMode::Quic, &creds))
+                    tokio::time::timeout(limit, connect(&cfg, &stats, TransportMode::Quic, &creds, false))
                         .await
                         .unwrap_or_else(|_| Err(AttemptError::Failed(format!("no QUIC session within {limit:?}"))))
                 })));

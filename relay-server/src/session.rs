@@ -12,6 +12,7 @@ use relay_protocol::codec::{self, decode_control, write_frame, Incoming};
 use relay_protocol::{
     capability, close_code, Cidr, ClientHello, Control, StreamOpen, StreamReply, StreamStatus,
 };
+use relay_transport::grant::StreamGrant;
 use relay_transport::{BiStream, Direction, Meter, SendHalf, TunnelConn};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -428,6 +429,9 @@ pub(crate) async fn run_session(
             }
         }
     }
+    // The edge's stream credit starts small and grows with use (see
+    // relay_transport::grant).
+    let mut grant = StreamGrant::new(&handle.conn, shared.cfg.quic.max_bidi_streams);
     let why = loop {
         let out = tokio::select! {
             biased;
@@ -437,7 +441,12 @@ pub(crate) async fn run_session(
             bi = handle.conn.accept_bi() => match bi {
                 Ok(bi) => {
                     let span = tracing::Span::current();
-                    tokio::spawn(crate::tunnel::serve_edge_stream(bi, handle.clone(), shared.clone()).instrument(span));
+                    let open = grant.accepted();
+                    let serve = crate::tunnel::serve_edge_stream(bi, handle.clone(), shared.clone());
+                    tokio::spawn(async move {
+                        serve.await;
+                        drop(open);
+                    }.instrument(span));
                     continue;
                 }
                 Err(e) => break e.to_string(),

@@ -30,6 +30,7 @@ pub mod config_file;
 pub mod conn;
 pub mod conntrack;
 pub mod devcerts;
+pub mod grant;
 pub mod issue;
 pub mod memory;
 pub mod quic;

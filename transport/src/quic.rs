@@ -20,7 +20,9 @@ pub struct QuicTuning {
     pub keepalive: Duration,
     /// A peer silent for this long is considered dead.
     pub idle_timeout: Duration,
-    /// Concurrent bidirectional streams the *peer* may open towards us.
+    /// Concurrent bidirectional streams the *peer* may open towards us, at
+    /// most: a connection starts with a smaller grant, raised as the peer
+    /// uses it (see [`crate::grant`]).
     pub max_bidi_streams: u32,
     /// Per-stream receive window: what one stalled stream can buffer. This
     /// is the per-stream flow control that keeps one slow reader from
@@ -144,7 +146,9 @@ impl QuicTuning {
     /// once (their control stream and connections to cloud ranges; more
     /// wait for credit). quinn preallocates state for every stream the peer
     /// may open, so granting edges 10,000 cost ~900 KiB of relay memory per
-    /// idle session (loadtest `sessions`); 256 costs ~60 KiB.
+    /// idle session (loadtest `sessions`); an idle session now holds the
+    /// first grant of 32 (the whole session ~42 KiB) and a busy one up to
+    /// 256.
     pub fn relay_default() -> Self {
         QuicTuning {
             max_bidi_streams: 256,
@@ -176,7 +180,11 @@ impl QuicTuning {
             IdleTimeout::try_from(self.idle_timeout)
                 .map_err(|_| TlsError::Verifier("idle timeout out of range".into()))?,
         ));
-        t.max_concurrent_bidi_streams(VarInt::from_u32(self.max_bidi_streams));
+        // The peer starts with a small grant, raised as it is used by
+        // whoever accepts its streams (see `crate::grant`).
+        t.max_concurrent_bidi_streams(VarInt::from_u32(crate::grant::initial_grant(
+            self.max_bidi_streams,
+        )));
         // Unidirectional streams are not used by the protocol.
         t.max_concurrent_uni_streams(VarInt::from_u32(0));
         t.stream_receive_window(VarInt::from_u32(self.stream_window));
