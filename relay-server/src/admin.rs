@@ -408,7 +408,20 @@ async fn delete_session(
 }
 
 async fn list_routes(State(shared): State<Arc<Shared>>) -> Json<Vec<crate::registry::RouteRow>> {
-    Json(shared.registry.routes())
+    let captured = shared.captured.read().unwrap_or_else(|e| e.into_inner());
+    Json(routable(shared.registry.routes(), captured.as_ref()))
+}
+
+/// The routes a route agent may send here: with capture on, only the
+/// prefixes whose capture is installed (see [`Shared::captured`]).
+fn routable(
+    rows: Vec<crate::registry::RouteRow>,
+    captured: Option<&std::collections::BTreeSet<relay_protocol::Cidr>>,
+) -> Vec<crate::registry::RouteRow> {
+    match captured {
+        None => rows,
+        Some(c) => rows.into_iter().filter(|r| c.contains(&r.cidr)).collect(),
+    }
 }
 
 /// The replica set this relay tells edges about (empty without
@@ -449,5 +462,29 @@ mod tests {
         assert!(!same(b"0123456789abcdef", b"0123456789abcdef0"));
         assert!(!same(b"0123456789abcdef", b""));
         assert!(!same(b"", b"x"));
+    }
+
+    #[test]
+    fn routes_not_captured_yet_are_not_offered_to_route_agents() {
+        use crate::registry::RouteRow;
+        let row = |c: &str, n: &str| RouteRow {
+            cidr: c.parse().unwrap(),
+            node: n.into(),
+            session_id: 1,
+        };
+        let rows = vec![
+            row("10.244.7.0/24", "edge-1"),
+            row("10.244.8.0/24", "edge-2"),
+        ];
+        // Capture off: every registered route.
+        assert_eq!(super::routable(rows.clone(), None), rows);
+        // Capture on, edge-2's prefix registered but not installed yet.
+        let captured = ["10.244.7.0/24".parse().unwrap()].into();
+        assert_eq!(
+            super::routable(rows.clone(), Some(&captured)),
+            vec![rows[0].clone()]
+        );
+        // Nothing installed yet (a replica just started).
+        assert!(super::routable(rows, Some(&Default::default())).is_empty());
     }
 }

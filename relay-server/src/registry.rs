@@ -195,7 +195,7 @@ impl<S> Default for Registry<S> {
 }
 
 /// One row of the route table, for the admin API.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RouteRow {
     /// The prefix.
     pub cidr: Cidr,

@@ -63,6 +63,12 @@ pub struct Shared {
     pub capture_bound: relay_transport::conn::AcceptBound,
     /// The replica set edges are told about (empty without `[replicas]`).
     pub replicas: tokio::sync::watch::Receiver<Vec<relay_protocol::Replica>>,
+    /// The session prefixes the kernel capture is installed for (`None`:
+    /// capture is off). The admin API's `/v1/routes` lists only these, so
+    /// a route agent never sends traffic to a replica that registered a
+    /// session but has not captured its prefix yet (a restarted replica's
+    /// first ~100 ms: the agent's packets met no route there).
+    pub captured: std::sync::RwLock<Option<std::collections::BTreeSet<relay_protocol::Cidr>>>,
 }
 
 impl Shared {
@@ -219,6 +225,7 @@ impl Relay {
                 cfg.capture.as_ref().map_or(1, |c| c.max_connections),
             ),
             replicas: replicas.subscribe(),
+            captured: std::sync::RwLock::new(cfg.capture.as_ref().map(|_| Default::default())),
             cfg,
         });
         let accept_stop = CancellationToken::new();

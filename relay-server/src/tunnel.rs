@@ -349,6 +349,18 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
             Ok(()) => cap.apply(&want, &none).await.err(),
             Err(e) => Some(e),
         };
+        {
+            // What the admin API may report as routable here: all of it
+            // once applied; after a failure, only what was installed before
+            // and is still wanted.
+            let mut captured = shared.captured.write().unwrap_or_else(|e| e.into_inner());
+            let before = captured.take().unwrap_or_default();
+            *captured = Some(if failed.is_none() {
+                want.clone()
+            } else {
+                before.intersection(&want).copied().collect()
+            });
+        }
         let snap = services.borrow_and_update().clone();
         let svc = crate::services::relay_capture_set(&snap, |a| {
             shared.registry.lookup(canonical(a).ip()).is_some()
