@@ -97,6 +97,10 @@ use tokio::io::AsyncWriteExt;
 pub use crate::capture_config::{CaptureConfig, CaptureFile};
 use tokio::process::Command;
 use tracing::{debug, warn};
+mod services;
+#[cfg(test)]
+mod tests;
+pub use services::{conntrack_delete_args, services_script, socket_lb_suspected, ServiceSet};
 
 /// A capture command failed.
 #[derive(Debug, thiserror::Error)]
@@ -191,9 +195,6 @@ pub struct Capture {
     /// `None` until [`Capture::apply_sources`]: every source.
     sources: Option<BTreeSet<Cidr>>,
 }
-
-/// A set of ClusterIP ports.
-pub type ServiceSet = BTreeSet<(SocketAddr, Proto)>;
 
 impl Capture {
     /// Removes leftovers of a previous run, then installs the table, the
@@ -395,151 +396,9 @@ impl Capture {
         Ok(parse_counter_packets(&out).unwrap_or(0))
     }
 
-    /// The service ports captured now.
-    pub fn services(&self) -> &BTreeSet<(SocketAddr, Proto)> {
-        &self.services
-    }
-
-    /// Captures exactly the ClusterIP ports `want` (IPv4; IPv6 entries are
-    /// reported and left out), in prerouting and output ahead of kube-proxy
-    /// (see the module docs), redirected to the capture port so the
-    /// original destination is the ClusterIP:port; and exempts the ports
-    /// in `local` from prefix capture (they stay with the node's own
-    /// kube-proxy).
-    ///
-    /// Both sets are rewritten whole in one transaction. Then the UDP
-    /// conntrack entries the change makes stale are deleted: a UDP "flow"
-    /// keeps the NAT binding of its first packet for as long as packets
-    /// keep coming, so a resolver's socket that reached an endpoint through
-    /// kube-proxy's DNAT would never be captured (and one captured before a
-    /// removal would keep going to the capture port). TCP connections keep
-    /// their binding to their end, which is right for them. A failed
-    /// `conntrack -D` (usually: no such entry) is logged, not an error.
-    pub async fn apply_services(
-        &mut self,
-        want: &ServiceSet,
-        local: &ServiceSet,
-    ) -> Result<(), CaptureError> {
-        let v4 = |set: &ServiceSet| -> ServiceSet {
-            set.iter().filter(|(a, _)| a.is_ipv4()).copied().collect()
-        };
-        let (want4, local4) = (v4(want), v4(local));
-        if want4.len() < want.len() {
-            warn!(
-                ignored = want.len() - want4.len(),
-                "IPv6 service ports are not captured"
-            );
-        }
-        if want4 == self.services && local4 == self.local_services {
-            return Ok(());
-        }
-        // Host processes route before the output hook: a port left to
-        // kube-proxy inside a captured prefix must use the main table, or
-        // its packets leave with the capture route's 127.0.0.1 source
-        // after kube-proxy's DNAT (dropped: a connect hangs, a send fails
-        // with EINVAL). So a port never sits in `svcskip4` without its
-        // bypass rule: rules are added before the sets change and removed
-        // after (a rule without the set entry only routes by the main
-        // table, which capture's output chains handle as well).
-        let bypass = self.cfg.rule_pref - 1;
-        let rules = |op: &str, set: &mut dyn Iterator<Item = &(SocketAddr, Proto)>| {
-            set.map(|(a, p)| {
-                format!(
-                    "rule {op} to {}/32 ipproto {} dport {} lookup main pref {bypass}\n",
-                    a.ip(),
-                    p.as_str(),
-                    a.port()
-                )
-            })
-            .collect::<String>()
-        };
-        let added = rules("add", &mut local4.difference(&self.local_services));
-        let removed = rules("del", &mut self.local_services.difference(&local4));
-        batch_rules(&added).await;
-        let t = &self.cfg.nft_table;
-        let mut nft = services_script(t, "svc4", &want4);
-        nft.push_str(&services_script(t, "svcskip4", &local4));
-        run("nft", &["-f", "-"], Some(&nft)).await?;
-        batch_rules(&removed).await;
-        let stale: BTreeSet<(SocketAddr, Proto)> = want4
-            .symmetric_difference(&self.services)
-            .chain(local4.symmetric_difference(&self.local_services))
-            .filter(|(_, p)| *p == Proto::Udp)
-            .copied()
-            .collect();
-        self.services = want4;
-        self.local_services = local4;
-        for (addr, proto) in stale {
-            let args = conntrack_delete_args(addr, proto);
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            if let Err(e) = run("conntrack", &args, None).await {
-                debug!(error = %e, %addr, "no stale conntrack entries deleted");
-            }
-        }
-        debug!(
-            services = self.services.len(),
-            local = self.local_services.len(),
-            "service capture updated"
-        );
-        Ok(())
-    }
-
-    /// Captures exactly the node ports `want` on this node's own addresses
-    /// (`fib daddr type local`), ahead of kube-proxy's NodePort DNAT, from
-    /// any source (a NodePort is open to whoever reaches the node: that is
-    /// what the Service asks for). Stale UDP conntrack entries are deleted
-    /// as for [`Capture::apply_services`].
-    pub async fn apply_node_ports(
-        &mut self,
-        want: &BTreeSet<(u16, Proto)>,
-    ) -> Result<(), CaptureError> {
-        if *want == self.node_ports {
-            return Ok(());
-        }
-        let t = &self.cfg.nft_table;
-        let mut nft = format!("flush set inet {t} np4\n");
-        let elems: Vec<String> = want
-            .iter()
-            .map(|(port, p)| format!("{} . {port}", p.as_str()))
-            .collect();
-        if !elems.is_empty() {
-            let _ = writeln!(nft, "add element inet {t} np4 {{ {} }}", elems.join(", "));
-        }
-        run("nft", &["-f", "-"], Some(&nft)).await?;
-        let stale: Vec<u16> = want
-            .symmetric_difference(&self.node_ports)
-            .filter(|(_, p)| *p == Proto::Udp)
-            .map(|(port, _)| *port)
-            .collect();
-        self.node_ports = want.clone();
-        for port in stale {
-            let port = port.to_string();
-            let args = ["-D", "-p", "udp", "--dport", port.as_str()];
-            if let Err(e) = run("conntrack", &args, None).await {
-                debug!(error = %e, %port, "no stale conntrack entries deleted");
-            }
-        }
-        debug!(
-            node_ports = self.node_ports.len(),
-            "node port capture updated"
-        );
-        Ok(())
-    }
-
     /// Removes everything capture installed.
     pub async fn teardown(self) {
         remove_all(&self.cfg).await;
-    }
-}
-
-/// Applies `ip rule` lines in one `-force` batch (a line that fails, a
-/// rule already there or already gone, is logged, not retried).
-async fn batch_rules(rules: &str) {
-    if rules.is_empty() {
-        return;
-    }
-    if let Err(e) = run("ip", &["-4", "-force", "-batch", "-"], Some(rules)).await {
-        warn!(error = %e, "some service bypass rules did not apply");
     }
 }
 
@@ -574,69 +433,6 @@ async fn remove_all(cfg: &CaptureConfig) {
         let _ = run("ip", &[fam, "route", "flush", "table", &table], None).await;
     }
 }
-
-/// The `nft -f` script that makes service set `set` (`svc4` or
-/// `svcskip4`) of table `inet <table>` hold exactly `services` (flush and
-/// add in one transaction).
-pub fn services_script(table: &str, set: &str, services: &ServiceSet) -> String {
-    let mut nft = format!("flush set inet {table} {set}\n");
-    let elems: Vec<String> = services
-        .iter()
-        .filter(|(a, _)| a.is_ipv4())
-        .map(|(a, p)| format!("{} . {} . {}", a.ip(), p.as_str(), a.port()))
-        .collect();
-    if !elems.is_empty() {
-        let _ = writeln!(
-            nft,
-            "add element inet {table} {set} {{ {} }}",
-            elems.join(", ")
-        );
-    }
-    nft
-}
-
-/// `conntrack` arguments deleting the entries whose original destination
-/// is `addr` over `proto`.
-pub fn conntrack_delete_args(addr: SocketAddr, proto: Proto) -> Vec<String> {
-    vec![
-        "-D".into(),
-        "-p".into(),
-        proto.as_str().into(),
-        "--orig-dst".into(),
-        addr.ip().to_string(),
-        "--dport".into(),
-        addr.port().to_string(),
-    ]
-}
-
-/// Signs that a kube-proxy replacement balances Services at the socket
-/// (Cilium's eBPF socket-LB): then ClusterIPs never reach nftables and
-/// [`Capture::apply_services`] matches nothing (see docs/architecture.md,
-/// "Services with edge endpoints"). Returns what was found, or `None`.
-/// Looks at this network namespace's links and the BPF filesystem only;
-/// decides nothing by itself.
-pub async fn socket_lb_suspected() -> Option<String> {
-    let mut signs = Vec::new();
-    if command("ip", &["-o", "link", "show", "cilium_host"], None)
-        .await
-        .is_ok_and(|out| out.contains("cilium_host"))
-    {
-        signs.push("link cilium_host".to_string());
-    }
-    for map in SOCKET_LB_MAPS {
-        if std::path::Path::new(map).exists() {
-            signs.push(format!("pinned map {map}"));
-        }
-    }
-    (!signs.is_empty()).then(|| signs.join(", "))
-}
-
-/// Cilium's pinned service maps (IPv4, IPv6), present when its load
-/// balancer (socket-LB or per-packet) replaces kube-proxy.
-const SOCKET_LB_MAPS: [&str; 2] = [
-    "/sys/fs/bpf/tc/globals/cilium_lb4_services_v2",
-    "/sys/fs/bpf/tc/globals/cilium_lb6_services_v2",
-];
 
 /// The packet count of an `nft list counter` listing
 /// (`... packets 3 bytes 180 ...`).
@@ -683,59 +479,4 @@ pub fn capture_tcp_listener(port: u16) -> std::io::Result<tokio::net::TcpListene
     s.bind(&addr.into())?;
     s.listen(1024)?;
     tokio::net::TcpListener::from_std(s.into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cover_drops_contained_prefixes() {
-        let set: BTreeSet<Cidr> = [
-            "10.244.0.0/16",
-            "10.244.7.0/24",
-            "10.96.0.0/12",
-            "10.244.7.5/32",
-            "fd00::/64",
-            "fd00::1/128",
-        ]
-        .iter()
-        .map(|s| s.parse().unwrap())
-        .collect();
-        let mut cover: Vec<String> = minimal_cover(&set).iter().map(|c| c.to_string()).collect();
-        cover.sort();
-        assert_eq!(cover, ["10.244.0.0/16", "10.96.0.0/12", "fd00::/64"]);
-    }
-
-    #[test]
-    fn counter_listing_parses() {
-        let l =
-            "table inet edge_relay {\n\tcounter src_refused {\n\t\tpackets 3 bytes 180\n\t}\n}\n";
-        assert_eq!(parse_counter_packets(l), Some(3));
-        assert_eq!(parse_counter_packets("no such counter"), None);
-    }
-
-    #[test]
-    fn service_set_script_and_conntrack_arguments() {
-        let set: BTreeSet<(SocketAddr, Proto)> = [
-            ("10.96.0.10:53".parse().unwrap(), Proto::Udp),
-            ("10.96.0.10:53".parse().unwrap(), Proto::Tcp),
-            ("[fd00::10]:53".parse().unwrap(), Proto::Udp),
-        ]
-        .into_iter()
-        .collect();
-        assert_eq!(
-            services_script("edge_relay", "svc4", &set),
-            "flush set inet edge_relay svc4\n\
-             add element inet edge_relay svc4 { 10.96.0.10 . tcp . 53, 10.96.0.10 . udp . 53 }\n"
-        );
-        assert_eq!(
-            services_script("t", "svcskip4", &BTreeSet::new()),
-            "flush set inet t svcskip4\n"
-        );
-        assert_eq!(
-            conntrack_delete_args("10.96.0.10:53".parse().unwrap(), Proto::Udp).join(" "),
-            "-D -p udp --orig-dst 10.96.0.10 --dport 53"
-        );
-    }
 }
