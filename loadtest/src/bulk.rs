@@ -47,6 +47,10 @@ pub(crate) struct Args {
     /// on the same loopback path, and print tunnel / rathole ratios.
     #[arg(long)]
     rathole: Option<PathBuf>,
+    /// Draw throughput and CPU per GiB against the stream counts (medians,
+    /// every path) into this SVG file.
+    #[arg(long)]
+    svg: Option<PathBuf>,
 }
 
 /// One path of a configuration: where the bytes go.
@@ -188,6 +192,8 @@ pub(crate) async fn run(a: Args) -> Result<()> {
     ]);
     let mut results = Vec::new();
     let mut ratios = Vec::new();
+    // Medians per path and stream count, for the plot.
+    let mut plotted: Vec<Plotted> = Vec::new();
     for &n in &a.streams {
         let per = a.bytes.unwrap_or(a.total / n as u64);
         // (Gbit/s, relay or sender CPU, edge or receiver CPU) per path.
@@ -244,6 +250,12 @@ pub(crate) async fn run(a: Args) -> Result<()> {
                 median(&relay_cpu),
                 median(&edge_cpu),
             ));
+            plotted.push(Plotted {
+                path: via.label(),
+                streams: n,
+                gbps: median(&gbps),
+                cpu: tunnel.then(|| (median(&relay_cpu), median(&edge_cpu))),
+            });
             let cpu = |v: &[f64]| {
                 if tunnel {
                     format!("{:.2}", median(v))
@@ -311,8 +323,69 @@ pub(crate) async fn run(a: Args) -> Result<()> {
         }
         t.print();
     }
+    if let Some(p) = &a.svg {
+        std::fs::write(p, plot(&a.streams, &plotted))
+            .with_context(|| format!("writing {}", p.display()))?;
+        println!("plot written to {}", p.display());
+    }
     write_json(
         a.json.as_deref(),
         &json!({"bench": "bulk", "machine": machine(), "relay": bench.bins.describe(), "results": results}),
+    )
+}
+
+/// One point of the `--svg` plot: medians of a path at a stream count.
+struct Plotted {
+    path: &'static str,
+    streams: usize,
+    gbps: f64,
+    /// Relay-side and edge-side CPU s/GiB; `None` for direct (no relay).
+    cpu: Option<(f64, f64)>,
+}
+
+/// The `--svg` plot: one colour per path; throughput for every path, CPU
+/// per GiB (relay side solid, edge side dashed) for the paths that have a
+/// relay and an edge (not direct).
+fn plot(streams: &[usize], m: &[Plotted]) -> String {
+    use crate::svg::Line;
+    let mut labels: Vec<&str> = Vec::new();
+    for r in m {
+        if !labels.contains(&r.path) {
+            labels.push(r.path);
+        }
+    }
+    let mut gbps = Vec::new();
+    let mut cpu = Vec::new();
+    for (color, &label) in labels.iter().enumerate() {
+        let rows: Vec<&Plotted> = m.iter().filter(|r| r.path == label).collect();
+        gbps.push(Line {
+            label: label.into(),
+            points: rows.iter().map(|r| (r.streams, r.gbps)).collect(),
+            color,
+            dashed: false,
+        });
+        for (side, edge) in [("relay", false), ("edge", true)] {
+            let points: Vec<(usize, f64)> = rows
+                .iter()
+                .filter_map(|r| r.cpu.map(|c| (r.streams, if edge { c.1 } else { c.0 })))
+                .collect();
+            if !points.is_empty() {
+                cpu.push(Line {
+                    label: format!("{label} {side}"),
+                    points,
+                    color,
+                    dashed: edge,
+                });
+            }
+        }
+    }
+    crate::svg::streams_plot(
+        &format!(
+            "bulk: throughput and CPU per GiB by streams ({})",
+            machine()
+        ),
+        streams,
+        &gbps,
+        &cpu,
     )
 }
