@@ -1,0 +1,164 @@
+//! Building one Service's entry ([`service_entry`]) from the Service and
+//! its EndpointSlices, with kube-proxy's rules for ports, conditions and
+//! families (see the parent module's docs). Pure parsing of API objects,
+//! separate from the table that indexes the results.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::{Endpoint, Protocol, ServiceEntry, ServiceKind, ServicePort};
+
+/// Issues found building a Service's entry; the rest of it is used.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BuildNotes {
+    /// Endpoints whose `nodeName` is not a known node (kept).
+    pub unknown_node_endpoints: u64,
+    /// Entries that could not be used (bad ClusterIP, bad address, bad
+    /// protocol).
+    pub skipped: u64,
+}
+
+/// Builds one Service's entry from the Service and its EndpointSlices
+/// (pure). `known_nodes` `None` means "do not check node names".
+pub fn service_entry<'a>(
+    svc: &Service,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    known_nodes: Option<&BTreeSet<String>>,
+) -> (ServiceEntry, BuildNotes) {
+    let mut notes = BuildNotes::default();
+    let namespace = svc.metadata.namespace.clone().unwrap_or_default();
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let spec = svc.spec.clone().unwrap_or_default();
+    let kind = if spec.type_.as_deref() == Some("ExternalName") {
+        ServiceKind::ExternalName(spec.external_name.clone().unwrap_or_default())
+    } else if spec.cluster_ip.as_deref() == Some("None") {
+        ServiceKind::Headless
+    } else {
+        let mut raw: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
+        if raw.is_empty() {
+            raw.extend(spec.cluster_ip.clone());
+        }
+        let mut ips = Vec::new();
+        for r in raw.iter().filter(|r| !r.is_empty()) {
+            match r.parse::<IpAddr>() {
+                Ok(ip) if !ips.iter().any(|i: &IpAddr| i.is_ipv4() == ip.is_ipv4()) => ips.push(ip),
+                Ok(_) => notes.skipped += 1,
+                Err(_) => notes.skipped += 1,
+            }
+        }
+        ServiceKind::ClusterIp(ips)
+    };
+    let slices: Vec<&EndpointSlice> = match kind {
+        ServiceKind::ExternalName(_) => Vec::new(),
+        _ => slices.into_iter().collect(),
+    };
+    let mut ports = Vec::new();
+    for sp in spec.ports.clone().unwrap_or_default() {
+        let Some(protocol) = Protocol::parse(sp.protocol.as_deref()) else {
+            notes.skipped += 1;
+            continue;
+        };
+        let Ok(port) = u16::try_from(sp.port) else {
+            notes.skipped += 1;
+            continue;
+        };
+        let pname = sp.name.clone().unwrap_or_default();
+        let target_port = sp.target_port.as_ref().map(|t| match t {
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i) => i.to_string(),
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s) => s.clone(),
+        });
+        let mut eps: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
+        for slice in &slices {
+            let v4 = match slice.address_type.as_str() {
+                "IPv4" => true,
+                "IPv6" => false,
+                _ => continue, // FQDN slices are not proxied
+            };
+            let Some(slice_port) = slice.ports.iter().flatten().find(|p| {
+                p.name.clone().unwrap_or_default() == pname
+                    && Protocol::parse(p.protocol.as_deref()) == Some(protocol)
+            }) else {
+                continue;
+            };
+            let Some(eport) = slice_port.port.and_then(|p| u16::try_from(p).ok()) else {
+                continue;
+            };
+            for e in &slice.endpoints {
+                let Some(ip) = e.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+                    notes.skipped += 1;
+                    continue;
+                };
+                if ip.is_ipv4() != v4 {
+                    notes.skipped += 1;
+                    continue;
+                }
+                let c = e.conditions.clone().unwrap_or_default();
+                let ready = c.ready.unwrap_or(true);
+                let ep = Endpoint {
+                    ip,
+                    port: eport,
+                    node: e.node_name.clone(),
+                    ready,
+                    serving: c.serving.unwrap_or(ready),
+                    terminating: c.terminating.unwrap_or(false),
+                    hostname: e.hostname.clone(),
+                };
+                if let (Some(known), Some(node)) = (known_nodes, &ep.node) {
+                    if !known.contains(node) {
+                        notes.unknown_node_endpoints += 1;
+                    }
+                }
+                // The first slice listing an address wins, as in kube-proxy.
+                eps.entry(ep.addr()).or_insert(ep);
+            }
+        }
+        ports.push(ServicePort {
+            name: pname,
+            port,
+            protocol,
+            target_port,
+            all_endpoints: eps.into_values().collect(),
+            node_port: sp
+                .node_port
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p != 0),
+        });
+    }
+    let mut external_ips = Vec::new();
+    if matches!(kind, ServiceKind::ClusterIp(_)) {
+        let lb = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.ip.clone());
+        for raw in spec
+            .external_ips
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .chain(lb)
+        {
+            match raw.parse::<IpAddr>() {
+                Ok(ip) if !external_ips.contains(&ip) => external_ips.push(ip),
+                Ok(_) => {}
+                Err(_) => notes.skipped += 1,
+            }
+        }
+    }
+    (
+        ServiceEntry {
+            namespace,
+            name,
+            kind,
+            ports,
+            external_ips,
+        },
+        notes,
+    )
+}

@@ -1,0 +1,334 @@
+//! Tests of the service table: port mapping by name, endpoint conditions,
+//! headless, ExternalName and dual-stack Services, node ports and
+//! external IPs.
+
+use super::*;
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{ServicePort as K8sPort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint as K8sEndpoint, EndpointConditions, EndpointPort};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+fn svc(name: &str, ips: &[&str], ports: &[(&str, i32, &str, IntOrString)]) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            namespace: Some("shop".into()),
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: ips.first().map(|s| s.to_string()),
+            cluster_ips: Some(ips.iter().map(|s| s.to_string()).collect()),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, p, proto, t)| K8sPort {
+                        name: Some(n.to_string()),
+                        port: *p,
+                        protocol: Some(proto.to_string()),
+                        target_port: Some(t.clone()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+type Ep<'a> = (&'a str, &'a str, Option<bool>, Option<bool>, Option<bool>);
+
+fn slice(
+    name: &str,
+    service: &str,
+    family: &str,
+    ports: &[(&str, i32, &str)],
+    eps: &[Ep<'_>],
+) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            namespace: Some("shop".into()),
+            name: Some(name.into()),
+            labels: Some([(SERVICE_NAME_LABEL.to_string(), service.to_string())].into()),
+            ..Default::default()
+        },
+        address_type: family.into(),
+        ports: Some(
+            ports
+                .iter()
+                .map(|(n, p, proto)| EndpointPort {
+                    name: Some(n.to_string()),
+                    port: Some(*p),
+                    protocol: Some(proto.to_string()),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+        endpoints: eps
+            .iter()
+            .map(|(ip, node, ready, serving, terminating)| K8sEndpoint {
+                addresses: vec![ip.to_string()],
+                node_name: Some(node.to_string()),
+                conditions: Some(EndpointConditions {
+                    ready: *ready,
+                    serving: *serving,
+                    terminating: *terminating,
+                }),
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+fn table_of(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    known: Option<&BTreeSet<String>>,
+) -> (ServiceTable, BuildNotes) {
+    let mut t = ServiceTable::new("cluster.local");
+    let mut all = BuildNotes::default();
+    for s in services {
+        let name = s.metadata.name.clone().unwrap_or_default();
+        let mine = slices
+            .iter()
+            .filter(|sl| owner_of(sl).is_some_and(|o| o.1 == name));
+        let (e, n) = service_entry(s, mine, known);
+        all.unknown_node_endpoints += n.unknown_node_endpoints;
+        all.skipped += n.skipped;
+        t.set("shop", &name, Some(e));
+    }
+    (t, all)
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn ports_map_by_name_and_missing_ready_means_ready() {
+    let s = svc(
+        "web",
+        &["10.96.0.20"],
+        &[
+            ("http", 80, "TCP", IntOrString::String("web".into())),
+            ("dns", 53, "UDP", IntOrString::Int(5353)),
+        ],
+    );
+    let sl = slice(
+        "web-abc",
+        "web",
+        "IPv4",
+        // Slice ports in another order: matched by name, not position.
+        &[("dns", 5353, "UDP"), ("http", 8080, "TCP")],
+        &[
+            ("10.244.7.5", "edge1", None, None, None),
+            ("10.244.8.5", "edge2", Some(false), Some(false), Some(false)),
+        ],
+    );
+    let (t, _) = table_of(&[s], &[sl], None);
+    let e = t.lookup(sa("10.96.0.20:80"), Protocol::Tcp).unwrap();
+    assert_eq!(
+        (e.namespace.as_str(), e.name.as_str(), e.port_name.as_str()),
+        ("shop", "web", "http")
+    );
+    assert_eq!(e.target_port.as_deref(), Some("web"));
+    let addrs: Vec<SocketAddr> = e.endpoints.iter().map(Endpoint::addr).collect();
+    assert_eq!(addrs, [sa("10.244.7.5:8080")], "only the ready one");
+    assert_eq!(e.endpoints[0].node.as_deref(), Some("edge1"));
+    let d = t.lookup(sa("10.96.0.20:53"), Protocol::Udp).unwrap();
+    assert_eq!(d.endpoints[0].addr(), sa("10.244.7.5:5353"));
+    assert!(t.lookup(sa("10.96.0.20:53"), Protocol::Tcp).is_none());
+    let edges: BTreeSet<String> = ["edge1".to_string()].into();
+    assert_eq!(t.ports_with_endpoints_on(&edges).len(), 2);
+    // edge1 serves both ports itself (the not-ready edge2 endpoint is
+    // not usable): nothing for it to capture; edge2 must capture both.
+    assert!(t.ports_with_endpoints_off("edge1").is_empty());
+    assert_eq!(t.ports_with_endpoints_off("edge2").len(), 2);
+}
+
+#[test]
+fn serving_terminating_fallback_only_when_none_is_ready() {
+    let s = svc(
+        "api",
+        &["10.96.0.30"],
+        &[("", 443, "TCP", IntOrString::Int(8443))],
+    );
+    let eps: [Ep<'_>; 3] = [
+        ("10.244.7.6", "edge1", Some(false), Some(true), Some(true)),
+        ("10.244.7.7", "edge1", Some(false), Some(false), Some(true)),
+        ("10.244.7.8", "edge1", Some(false), None, None),
+    ];
+    let (t, _) = table_of(
+        std::slice::from_ref(&s),
+        &[slice("api-1", "api", "IPv4", &[("", 8443, "TCP")], &eps)],
+        None,
+    );
+    let e = t.lookup(sa("10.96.0.30:443"), Protocol::Tcp).unwrap();
+    let addrs: Vec<SocketAddr> = e.endpoints.iter().map(Endpoint::addr).collect();
+    assert_eq!(
+        addrs,
+        [sa("10.244.7.6:8443")],
+        "serving and terminating only"
+    );
+    // One ready endpoint: the terminating ones are not used.
+    let mut eps2 = eps.to_vec();
+    eps2.push(("10.244.8.9", "edge2", Some(true), None, None));
+    let (t, _) = table_of(
+        &[s],
+        &[slice("api-1", "api", "IPv4", &[("", 8443, "TCP")], &eps2)],
+        None,
+    );
+    let e = t.lookup(sa("10.96.0.30:443"), Protocol::Tcp).unwrap();
+    let addrs: Vec<SocketAddr> = e.endpoints.iter().map(Endpoint::addr).collect();
+    assert_eq!(addrs, [sa("10.244.8.9:8443")]);
+}
+
+#[test]
+fn headless_external_name_dual_stack_and_unknown_nodes() {
+    let mut headless = svc(
+        "db",
+        &["None"],
+        &[("pg", 5432, "TCP", IntOrString::Int(5432))],
+    );
+    if let Some(spec) = headless.spec.as_mut() {
+        spec.cluster_ips = Some(vec!["None".into()]);
+    }
+    let mut ext = svc("mail", &[], &[]);
+    if let Some(spec) = ext.spec.as_mut() {
+        spec.type_ = Some("ExternalName".into());
+        spec.external_name = Some("mail.example.com".into());
+    }
+    let dual = svc(
+        "web",
+        &["10.96.0.20", "fd00:96::20"],
+        &[("http", 80, "TCP", IntOrString::Int(8080))],
+    );
+    let slices = [
+        slice(
+            "db-1",
+            "db",
+            "IPv4",
+            &[("pg", 5432, "TCP")],
+            &[("10.244.7.9", "edge1", None, None, None)],
+        ),
+        slice(
+            "mail-1",
+            "mail",
+            "IPv4",
+            &[("", 25, "TCP")],
+            &[("10.244.7.10", "edge1", None, None, None)],
+        ),
+        slice(
+            "web-4",
+            "web",
+            "IPv4",
+            &[("http", 8080, "TCP")],
+            &[("10.244.7.5", "edge1", None, None, None)],
+        ),
+        slice(
+            "web-6",
+            "web",
+            "IPv6",
+            &[("http", 8080, "TCP")],
+            &[("fd00:244:7::5", "edge-gone", None, None, None)],
+        ),
+    ];
+    let known: BTreeSet<String> = ["edge1".to_string()].into();
+    let (t, notes) = table_of(&[headless, ext, dual], &slices, Some(&known));
+    assert_eq!(notes.unknown_node_endpoints, 1, "kept, counted");
+    // Headless: no ClusterIP entry, resolves by name with endpoints.
+    let db = t.resolve("db.shop.svc.cluster.local").unwrap();
+    assert_eq!(db.kind, ServiceKind::Headless);
+    assert_eq!(db.ports[0].all_endpoints[0].addr(), sa("10.244.7.9:5432"));
+    assert!(t.cluster_ips().all(|(_, e)| e.name != "db"));
+    // ExternalName: recorded, no endpoints, never a ClusterIP.
+    let mail = t.resolve("mail.shop").unwrap();
+    assert_eq!(
+        mail.kind,
+        ServiceKind::ExternalName("mail.example.com".into())
+    );
+    assert!(mail.ports.is_empty());
+    assert!(t.cluster_ips().all(|(_, e)| e.name != "mail"));
+    // Dual stack: one entry per family, each with its family's endpoints.
+    let v4 = t.lookup(sa("10.96.0.20:80"), Protocol::Tcp).unwrap();
+    let v6 = t.lookup(sa("[fd00:96::20]:80"), Protocol::Tcp).unwrap();
+    assert_eq!(v4.endpoints[0].addr(), sa("10.244.7.5:8080"));
+    assert_eq!(v6.endpoints[0].addr(), sa("[fd00:244:7::5]:8080"));
+    assert_eq!(v6.endpoints[0].node.as_deref(), Some("edge-gone"));
+    assert_eq!(t.cluster_ip_len(), 2);
+    // Names: every accepted form, and nothing else.
+    for n in [
+        "web.shop.svc.cluster.local",
+        "web.shop.svc.cluster.local.",
+        "web.shop.svc",
+        "web.shop",
+    ] {
+        assert_eq!(t.resolve(n).map(|e| e.name.as_str()), Some("web"), "{n}");
+    }
+    for n in [
+        "web",
+        "web.other",
+        "web.shop.svc.other.domain",
+        "x.web.shop",
+    ] {
+        assert!(t.resolve(n).is_none(), "{n}");
+    }
+    // Removing a Service removes its ClusterIP entries.
+    let mut t = t;
+    t.set("shop", "web", None);
+    assert_eq!(t.cluster_ip_len(), 0);
+    assert!(t.resolve("web.shop").is_none());
+}
+
+#[test]
+fn node_ports_and_external_ips_are_served_like_the_cluster_ip() {
+    let mut s = svc(
+        "web",
+        &["10.96.0.20"],
+        &[("http", 80, "TCP", IntOrString::Int(8080))],
+    );
+    if let Some(spec) = s.spec.as_mut() {
+        spec.type_ = Some("LoadBalancer".into());
+        spec.external_ips = Some(vec!["203.0.113.7".into(), "bogus".into()]);
+        if let Some(p) = spec.ports.as_mut().and_then(|p| p.first_mut()) {
+            p.node_port = Some(30080);
+        }
+    }
+    s.status = Some(k8s_openapi::api::core::v1::ServiceStatus {
+        load_balancer: Some(k8s_openapi::api::core::v1::LoadBalancerStatus {
+            ingress: Some(vec![k8s_openapi::api::core::v1::LoadBalancerIngress {
+                ip: Some("198.51.100.9".into()),
+                ..Default::default()
+            }]),
+        }),
+        ..Default::default()
+    });
+    let sl = slice(
+        "web-1",
+        "web",
+        "IPv4",
+        &[("http", 8080, "TCP")],
+        &[("10.244.7.5", "edge1", None, None, None)],
+    );
+    let (e, notes) = service_entry(&s, [&sl], None);
+    assert_eq!(notes.skipped, 1, "the bad external IP");
+    let mut t = ServiceTable::new("cluster.local");
+    t.set("shop", "web", Some(e));
+    for vip in ["10.96.0.20:80", "203.0.113.7:80", "198.51.100.9:80"] {
+        let got = t
+            .lookup(sa(vip), Protocol::Tcp)
+            .map(|e| e.endpoints[0].addr());
+        assert_eq!(got, Some(sa("10.244.7.5:8080")), "{vip}");
+    }
+    let np = t.node_port(30080, Protocol::Tcp).expect("node port");
+    assert_eq!(np.endpoints[0].addr(), sa("10.244.7.5:8080"));
+    t.set("shop", "web", None);
+    assert_eq!(
+        (t.cluster_ip_len(), t.node_ports().count()),
+        (0, 0),
+        "all gone with the Service"
+    );
+}
