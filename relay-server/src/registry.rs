@@ -5,11 +5,21 @@
 //! The lock is a `std::sync::RwLock` held only for map operations, never
 //! across an `.await` (clippy's `await_holding_lock` is denied).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
 use relay_protocol::{Cidr, RejectReason};
+
+mod journal;
+mod table;
+#[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
+mod tests;
+use journal::Journal;
+pub use journal::{RouteChanges, RouteEvent, JOURNAL_CAP};
+use table::RouteTable;
 
 /// What the registry needs to know about a session.
 pub trait RouteOwner: Send + Sync {
@@ -19,76 +29,6 @@ pub trait RouteOwner: Send + Sync {
     fn generation(&self) -> u64;
     /// Session id, for the admin API.
     fn session_id(&self) -> u64;
-}
-
-/// Longest-prefix-match table: prefix → owning session.
-struct RouteTable<S> {
-    /// Keyed by prefix length so a lookup probes at most one map per
-    /// length present (a handful), whatever the number of sessions; each
-    /// map is ordered, so the prefixes inside a wider one are a range.
-    by_len: BTreeMap<u8, BTreeMap<Cidr, Arc<S>>>,
-}
-
-impl<S> Default for RouteTable<S> {
-    fn default() -> Self {
-        RouteTable {
-            by_len: BTreeMap::new(),
-        }
-    }
-}
-
-impl<S: RouteOwner> RouteTable<S> {
-    fn lookup(&self, ip: IpAddr) -> Option<&Arc<S>> {
-        self.by_len
-            .iter()
-            .rev()
-            .find_map(|(len, map)| Cidr::containing(ip, *len).and_then(|c| map.get(&c)))
-    }
-
-    /// A prefix of a node other than `node` that overlaps `want`: one probe
-    /// per shorter length (the prefix containing `want`), one range per
-    /// longer length (the prefixes inside `want`). Logarithmic in the
-    /// table, where a scan of every route made a storm of 10,000
-    /// handshakes quadratic.
-    fn conflict(&self, want: &Cidr, node: &str) -> Option<(Cidr, &Arc<S>)> {
-        let other = |s: &&Arc<S>| s.node() != node;
-        for (len, map) in &self.by_len {
-            if *len <= want.prefix_len() {
-                let hit = Cidr::containing(want.addr(), *len)
-                    .and_then(|c| map.get_key_value(&c))
-                    .filter(|(_, s)| other(s));
-                if let Some((c, s)) = hit {
-                    return Some((*c, s));
-                }
-            } else if let Ok(start) = Cidr::new(want.addr(), *len) {
-                let hit = map
-                    .range(start..)
-                    .take_while(|(c, _)| want.contains_cidr(c))
-                    .find(|(_, s)| other(s));
-                if let Some((c, s)) = hit {
-                    return Some((*c, s));
-                }
-            }
-        }
-        None
-    }
-
-    fn insert(&mut self, c: Cidr, s: Arc<S>) {
-        self.by_len.entry(c.prefix_len()).or_default().insert(c, s);
-    }
-
-    fn remove(&mut self, c: &Cidr) {
-        if let Some(m) = self.by_len.get_mut(&c.prefix_len()) {
-            m.remove(c);
-            if m.is_empty() {
-                self.by_len.remove(&c.prefix_len());
-            }
-        }
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (&Cidr, &Arc<S>)> {
-        self.by_len.values().flat_map(|m| m.iter())
-    }
 }
 
 /// A live session and the prefixes routed to it (the registry owns the
@@ -103,65 +43,6 @@ struct Inner<S> {
     sessions: HashMap<String, Live<S>>,
     routes: RouteTable<S>,
     journal: Journal,
-}
-
-/// Most route changes remembered for sessions catching up; a session
-/// further behind gets a full resync instead (see [`Registry::route_changes`]).
-pub const JOURNAL_CAP: usize = 65_536;
-
-/// One route coming or going, as recorded in the journal.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteEvent {
-    /// The prefix.
-    pub cidr: Cidr,
-    /// The node that served it (or serves it now).
-    pub node: Arc<str>,
-    /// Added (true) or removed (false).
-    pub added: bool,
-}
-
-/// The ordered log of route changes, bounded: entry `i` has version
-/// `base + i`, and the next change gets `base + len`.
-#[derive(Default)]
-struct Journal {
-    base: u64,
-    entries: VecDeque<RouteEvent>,
-}
-
-impl Journal {
-    fn next(&self) -> u64 {
-        self.base + self.entries.len() as u64
-    }
-
-    fn push(&mut self, node: &Arc<str>, routes: &[Cidr], added: bool) {
-        for c in routes {
-            if self.entries.len() == JOURNAL_CAP {
-                self.entries.pop_front();
-                self.base += 1;
-            }
-            self.entries.push_back(RouteEvent {
-                cidr: *c,
-                node: node.clone(),
-                added,
-            });
-        }
-    }
-
-    /// Entries from version `since` on, or `None` if some were dropped.
-    fn since(&self, since: u64) -> Option<impl Iterator<Item = &RouteEvent>> {
-        let skip = since.checked_sub(self.base)?;
-        (skip <= self.entries.len() as u64).then(|| self.entries.iter().skip(skip as usize))
-    }
-}
-
-/// What changed for one viewer since its cursor (see [`Registry::route_changes`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RouteChanges {
-    /// The viewer is new or fell behind the journal: every prefix it may
-    /// see now, to replace whatever it had.
-    Resync(Vec<Cidr>),
-    /// The visible changes since the cursor, in order.
-    Events(Vec<(Cidr, bool)>),
 }
 
 /// A refusal to register, with its reason for the hello reply.
@@ -445,232 +326,5 @@ impl<S: RouteOwner> Registry<S> {
             .collect();
         v.sort_by_key(|r| r.cidr);
         v
-    }
-}
-
-/// A stand-in session for registry and route-feed tests.
-#[cfg(test)]
-pub(crate) mod testing {
-    use super::*;
-
-    /// A session with a node, a generation and the routes it registers.
-    #[derive(Debug)]
-    pub(crate) struct Fake {
-        pub(crate) node: String,
-        pub(crate) generation: u64,
-        pub(crate) routes: Vec<Cidr>,
-    }
-
-    impl RouteOwner for Fake {
-        fn node(&self) -> &str {
-            &self.node
-        }
-        fn generation(&self) -> u64 {
-            self.generation
-        }
-        fn session_id(&self) -> u64 {
-            self.generation * 100
-        }
-    }
-
-    /// Registers a fake with its own routes.
-    pub(crate) fn reg(
-        r: &Registry<Fake>,
-        f: Arc<Fake>,
-        max: usize,
-    ) -> Result<Option<Arc<Fake>>, RegisterError> {
-        let routes = f.routes.clone();
-        r.register(f, routes, max)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::testing::{reg, Fake};
-    use super::*;
-
-    fn fake(node: &str, generation: u64, routes: &[&str]) -> Arc<Fake> {
-        Arc::new(Fake {
-            node: node.into(),
-            generation,
-            routes: routes.iter().map(|r| r.parse().unwrap()).collect(),
-        })
-    }
-
-    fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn longest_prefix_wins() {
-        let r = Registry::default();
-        reg(&r, fake("wide", 1, &["10.0.0.0/8"]), 10).unwrap();
-        assert_eq!(r.lookup(ip("10.1.2.3")).unwrap().node, "wide");
-        assert!(r.lookup(ip("11.0.0.1")).is_none());
-        assert!(r.lookup(ip("::1")).is_none());
-    }
-
-    #[test]
-    fn lpm_within_one_node_and_v6() {
-        let r = Registry::default();
-        reg(
-            &r,
-            fake(
-                "a",
-                1,
-                &[
-                    "10.244.0.0/16",
-                    "10.244.7.0/24",
-                    "fd00::/64",
-                    "192.168.1.10/32",
-                ],
-            ),
-            10,
-        )
-        .unwrap();
-        assert_eq!(r.lookup(ip("10.244.7.5")).unwrap().node, "a");
-        assert_eq!(r.lookup(ip("fd00::5")).unwrap().node, "a");
-        assert_eq!(r.lookup(ip("192.168.1.10")).unwrap().node, "a");
-        assert!(r.lookup(ip("192.168.1.11")).is_none());
-        assert_eq!(r.routes().len(), 4);
-    }
-
-    #[test]
-    fn overlapping_routes_of_another_node_are_refused() {
-        let r = Registry::default();
-        reg(&r, fake("a", 1, &["10.244.1.0/24"]), 10).unwrap();
-        let e = reg(&r, fake("b", 2, &["10.244.0.0/16"]), 10).unwrap_err();
-        assert_eq!(e.reason, RejectReason::RouteConflict);
-        assert!(e.message.contains("node a"), "{}", e.message);
-        reg(&r, fake("b", 3, &["10.244.2.0/24"]), 10).unwrap();
-        assert_eq!(r.lookup(ip("10.244.2.1")).unwrap().node, "b");
-        let (_, seen) = r.route_changes(None, |n| n != "b");
-        assert_eq!(
-            seen,
-            RouteChanges::Resync(vec!["10.244.1.0/24".parse().unwrap()])
-        );
-        assert_eq!(r.lookup(ip("10.244.1.1")).unwrap().node, "a");
-    }
-
-    #[test]
-    fn newer_generation_replaces_and_stale_never_wins() {
-        let r = Registry::default();
-        reg(&r, fake("a", 5, &["10.1.0.0/16"]), 10).unwrap();
-        let old = reg(&r, fake("a", 7, &["10.2.0.0/16"]), 10)
-            .unwrap()
-            .unwrap();
-        assert_eq!(old.generation, 5);
-        // The old session's routes went with it.
-        assert!(r.lookup(ip("10.1.0.1")).is_none());
-        assert_eq!(r.lookup(ip("10.2.0.1")).unwrap().generation, 7);
-        // A late, older handshake cannot shadow the fresh session...
-        assert!(reg(&r, fake("a", 6, &["10.1.0.0/16"]), 10).is_err());
-        // ...and the old session's teardown does not remove the new one.
-        assert!(!r.remove("a", 5));
-        assert_eq!(r.get("a").unwrap().generation, 7);
-        let mut changes = r.subscribe();
-        changes.mark_unchanged();
-        assert!(r.remove("a", 7));
-        assert!(r.is_empty() && r.routes().is_empty());
-        assert!(
-            changes.has_changed().unwrap(),
-            "removal must notify subscribers"
-        );
-    }
-
-    #[test]
-    fn session_limit_counts_new_nodes_only() {
-        let r = Registry::default();
-        reg(&r, fake("a", 1, &[]), 1).unwrap();
-        assert_eq!(
-            reg(&r, fake("b", 2, &[]), 1).unwrap_err().reason,
-            RejectReason::Overloaded
-        );
-        // A reconnect of a known node is not a new session.
-        reg(&r, fake("a", 3, &[]), 1).unwrap();
-    }
-
-    #[test]
-    fn the_journal_replays_changes_and_resyncs_a_viewer_that_fell_behind() {
-        let r = Registry::default();
-        let (v0, first) = r.route_changes(None, |_| true);
-        assert_eq!(first, RouteChanges::Resync(vec![]));
-        reg(&r, fake("a", 1, &["10.1.0.0/16"]), 10).unwrap();
-        reg(&r, fake("b", 2, &["10.2.0.0/16"]), 10).unwrap();
-        reg(&r, fake("a", 3, &["10.3.0.0/16"]), 10).unwrap();
-        let c = |s: &str| s.parse::<Cidr>().unwrap();
-        let (v1, ev) = r.route_changes(Some(v0), |n| n != "b");
-        assert_eq!(
-            ev,
-            RouteChanges::Events(vec![
-                (c("10.1.0.0/16"), true),
-                (c("10.1.0.0/16"), false),
-                (c("10.3.0.0/16"), true),
-            ])
-        );
-        let (v2, ev) = r.route_changes(Some(v1), |_| true);
-        assert_eq!((v2, ev), (v1, RouteChanges::Events(vec![])));
-        // Push the viewer's cursor out of the journal.
-        for g in 0..(JOURNAL_CAP as u64 / 2 + 1) {
-            reg(&r, fake("c", 10 + g, &["10.9.0.0/16"]), 10).unwrap();
-        }
-        let (_, ev) = r.route_changes(Some(v1), |_| true);
-        let RouteChanges::Resync(mut all) = ev else {
-            panic!("expected a resync")
-        };
-        all.sort();
-        assert_eq!(all, [c("10.2.0.0/16"), c("10.3.0.0/16"), c("10.9.0.0/16")]);
-    }
-
-    #[test]
-    fn conflicts_are_found_in_both_directions_and_across_families() {
-        let r = Registry::default();
-        reg(
-            &r,
-            fake("a", 1, &["10.244.1.0/24", "10.9.0.0/16", "fd00::/64"]),
-            10,
-        )
-        .unwrap();
-        for (want, clash) in [
-            ("10.244.0.0/16", true),   // wider, contains a's /24
-            ("10.244.1.128/25", true), // narrower, inside a's /24
-            ("10.9.3.4/32", true),
-            ("10.244.2.0/24", false),
-            ("fd00::1/128", true),
-            ("fd01::/64", false),
-            ("0.0.0.0/0", true),
-            ("::/0", true),
-        ] {
-            let got = reg(&r, fake("b", 2, &[want]), 10);
-            assert_eq!(got.is_err(), clash, "{want}");
-            if !clash {
-                r.remove("b", 2);
-            }
-        }
-        // A node's own routes never conflict with its new session's.
-        reg(&r, fake("a", 3, &["10.244.0.0/16"]), 10).unwrap();
-    }
-
-    #[test]
-    fn routes_change_without_a_new_session() {
-        let r = Registry::default();
-        reg(&r, fake("a", 1, &["10.1.0.0/16"]), 10).unwrap();
-        reg(&r, fake("b", 2, &["10.2.0.0/16"]), 10).unwrap();
-        let c = |s: &str| s.parse::<Cidr>().unwrap();
-        let (v, _) = r.route_changes(None, |_| true);
-        assert!(r.set_routes("a", 1, vec![c("10.3.0.0/16")]).unwrap());
-        assert!(r.lookup(ip("10.1.0.1")).is_none());
-        assert_eq!(r.lookup(ip("10.3.0.1")).unwrap().node, "a");
-        assert_eq!(r.routes_of("a"), [c("10.3.0.0/16")]);
-        // Another node's prefix is still refused; a stale generation or an
-        // unchanged list changes nothing.
-        assert!(r.set_routes("a", 1, vec![c("10.2.1.0/24")]).is_err());
-        assert!(!r.set_routes("a", 9, vec![c("10.4.0.0/16")]).unwrap());
-        assert!(!r.set_routes("a", 1, vec![c("10.3.0.0/16")]).unwrap());
-        let (_, ev) = r.route_changes(Some(v), |_| true);
-        assert_eq!(
-            ev,
-            RouteChanges::Events(vec![(c("10.1.0.0/16"), false), (c("10.3.0.0/16"), true)])
-        );
     }
 }
