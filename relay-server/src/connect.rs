@@ -20,7 +20,6 @@ use std::sync::Arc;
 use relay_protocol::{StreamReply, StreamStatus};
 use relay_transport::conn::accept_until;
 use relay_transport::splice::{splice, LocalStream};
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
@@ -33,6 +32,14 @@ use crate::policy::{canonical, Origin, Proto};
 use crate::server::Shared;
 use crate::services::NameLookup;
 use crate::tunnel::{decide, open_on, route_any, route_backend, Route};
+mod audit;
+mod respond;
+#[cfg(test)]
+mod tests;
+pub use audit::Audit;
+use audit::{tls_identity, unix_identity, Client, Peer};
+pub use respond::status_code;
+use respond::{busy, refuse, respond, too_large};
 
 /// Listen backlog of the CONNECT ingress (the kernel caps it at
 /// `net.core.somaxconn`, 4096 by default). `TcpListener::bind` asks for
@@ -157,234 +164,6 @@ pub(crate) async fn serve_unix(
     }
 }
 
-async fn busy<S: LocalStream>(mut s: S, shared: &Shared, audit: &mut Audit) {
-    audit.answer(503, "busy");
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(1),
-        respond(&mut s, 503, "busy", "too many CONNECT connections", shared),
-    )
-    .await;
-}
-
-/// The audit record of one CONNECT connection, emitted exactly once when
-/// dropped (so every exit path, early refusals and panics included, leaves
-/// its line): target `audit`, level info, message `connect`, with fields
-/// `client` (who: `cert:<subject>` for TLS client certificates,
-/// `unix:uid=..,gid=..,pid=..` for the Unix socket, `addr:<ip:port>` for
-/// plain TCP), `peer`, `target` (the authority as requested), `node` and
-/// `dst` (where it went, once resolved), `code` (HTTP status; 0 when none
-/// was sent), `outcome` (`ok` or the failure's label), `bytes_up` (client
-/// → target), `bytes_down`, `duration_ms`.
-#[derive(Debug)]
-pub struct Audit {
-    client: Client,
-    peer: Peer,
-    target: String,
-    node: String,
-    dst: Option<SocketAddr>,
-    code: u16,
-    outcome: &'static str,
-    bytes_up: u64,
-    bytes_down: u64,
-    started: std::time::Instant,
-}
-
-/// Where a CONNECT client came from: kept as is and formatted only when a
-/// line that names it is written (the audit line is at info; formatting
-/// every peer up front cost each connection its share of the relay's CPU).
-#[derive(Debug, Clone, Copy)]
-enum Peer {
-    /// A TCP client (plain or TLS).
-    Tcp(SocketAddr),
-    /// A client of the Unix socket.
-    Unix,
-}
-
-impl Peer {
-    /// The client's address, as the stream's source.
-    fn addr(self) -> Option<SocketAddr> {
-        match self {
-            Peer::Tcp(a) => Some(a),
-            Peer::Unix => None,
-        }
-    }
-}
-
-impl std::fmt::Display for Peer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Peer::Tcp(a) => a.fmt(f),
-            Peer::Unix => f.write_str("unix"),
-        }
-    }
-}
-
-/// Who a CONNECT client is, as its audit line names it.
-#[derive(Debug)]
-enum Client {
-    /// Known by its address only (plain TCP): `addr:<ip:port>`.
-    Addr(Peer),
-    /// Proved an identity (a TLS certificate, Unix credentials), already
-    /// written out (`cert:...`, `unix:...`).
-    Named(String),
-}
-
-impl std::fmt::Display for Client {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Client::Addr(p) => write!(f, "addr:{p}"),
-            Client::Named(n) => f.write_str(n),
-        }
-    }
-}
-
-/// An address the audit line shows, or nothing before it is known.
-struct Shown(Option<SocketAddr>);
-
-impl std::fmt::Display for Shown {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(a) => a.fmt(f),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Audit {
-    fn new(client: Client, peer: Peer) -> Self {
-        Audit {
-            client,
-            peer,
-            target: String::new(),
-            node: String::new(),
-            dst: None,
-            code: 0,
-            outcome: "no_request",
-            bytes_up: 0,
-            bytes_down: 0,
-            started: std::time::Instant::now(),
-        }
-    }
-
-    /// Records the status sent and its label.
-    fn answer(&mut self, code: u16, outcome: &'static str) {
-        self.code = code;
-        self.outcome = outcome;
-    }
-
-    /// Records the end of the splice: bytes each way, and whether either
-    /// side reset (outcome `reset` rather than `ok`).
-    fn spliced(&mut self, up: u64, down: u64, reset: bool) {
-        self.bytes_up = up;
-        self.bytes_down = down;
-        if reset {
-            self.outcome = "reset";
-        }
-    }
-}
-
-impl Drop for Audit {
-    fn drop(&mut self) {
-        info!(
-            target: "audit",
-            client = %self.client,
-            peer = %self.peer,
-            target = %self.target,
-            node = %self.node,
-            dst = %Shown(self.dst),
-            code = self.code,
-            outcome = self.outcome,
-            bytes_up = self.bytes_up,
-            bytes_down = self.bytes_down,
-            duration_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            "connect"
-        );
-    }
-}
-
-/// The identity a TLS client proved: its leaf certificate's subject.
-fn tls_identity(certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> Client {
-    let Some(leaf) = certs.and_then(|c| c.first()) else {
-        return Client::Named("cert:none".to_string());
-    };
-    Client::Named(match x509_parser::parse_x509_certificate(leaf.as_ref()) {
-        Ok((_, cert)) => format!("cert:{}", cert.subject()),
-        // Verified by rustls already, so not expected; still say so.
-        Err(_) => "cert:unparsable".to_string(),
-    })
-}
-
-/// The identity of a Unix-socket client: its kernel-reported credentials.
-fn unix_identity(s: &tokio::net::UnixStream) -> Client {
-    Client::Named(match s.peer_cred() {
-        Ok(c) => format!(
-            "unix:uid={},gid={},pid={}",
-            c.uid(),
-            c.gid(),
-            c.pid().map_or_else(|| "?".to_string(), |p| p.to_string())
-        ),
-        Err(_) => "unix:unknown".to_string(),
-    })
-}
-
-fn phrase(code: u16) -> &'static str {
-    match code {
-        200 => "Connection established",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        431 => "Request Header Fields Too Large",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Error",
-    }
-}
-
-/// Writes a complete response. For failures the reason phrase carries
-/// `<label>: <detail>` and the body repeats it; `Connection: close` follows.
-async fn respond<S: LocalStream>(
-    s: &mut S,
-    code: u16,
-    label: &str,
-    detail: &str,
-    shared: &Shared,
-) -> std::io::Result<()> {
-    shared.metrics.connect_answer(code);
-    let text = if code == 200 {
-        format!("HTTP/1.1 200 {}\r\n\r\n", phrase(200))
-    } else {
-        // CR/LF in a detail would let a peer-controlled string split the
-        // response; keep it on one line.
-        let detail: String = detail
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect();
-        let body = format!("{label}: {detail}\n");
-        format!(
-            "HTTP/1.1 {code} {}: {label}: {detail}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            phrase(code),
-            body.len()
-        )
-    };
-    s.write_all(text.as_bytes()).await?;
-    if code != 200 {
-        s.shutdown().await?;
-    }
-    Ok(())
-}
-
-/// The HTTP status for a stream failure.
-pub fn status_code(s: StreamStatus) -> u16 {
-    match s {
-        StreamStatus::Ok => 200,
-        StreamStatus::Denied => 403,
-        StreamStatus::Timeout => 504,
-        _ => 502,
-    }
-}
-
 /// Serves one CONNECT client from header to the end of the splice; `audit`
 /// is filled in on the way and logged when it drops.
 async fn handle<S: LocalStream>(mut s: S, peer: Peer, mut audit: Audit, shared: &Arc<Shared>) {
@@ -485,19 +264,6 @@ async fn handle<S: LocalStream>(mut s: S, peer: Peer, mut audit: Audit, shared: 
     .await
 }
 
-/// Answers a refused CONNECT with the status for `reply` (its label and
-/// message in the reason phrase) and notes it in the audit line.
-async fn refuse<S: LocalStream>(
-    s: &mut S,
-    audit: &mut Audit,
-    reply: &StreamReply,
-    shared: &Shared,
-) {
-    let code = status_code(reply.status);
-    audit.answer(code, reply.status.as_str());
-    let _ = respond(s, code, reply.status.as_str(), &reply.message, shared).await;
-}
-
 /// A CONNECT to a Service whose picked endpoint is in the cloud (a webhook
 /// or aggregated API the apiserver names `svc.ns.svc:443`): the relay
 /// dials it itself.
@@ -524,10 +290,6 @@ async fn direct<S: LocalStream>(
     }
     let (up, down) = crate::tunnel::splice_direct(s, pending, tcp).await;
     audit.spliced(up, down, false);
-}
-
-fn too_large(max: usize) -> String {
-    format!("request header exceeds {max} bytes")
 }
 
 /// Where a CONNECT goes.
@@ -585,67 +347,4 @@ fn by_node(shared: &Shared, name: &str, port: u16) -> Result<(Route, SocketAddr)
         decide(shared, Origin::Connect, target, Proto::Tcp, Some(s))?,
         target,
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn accepted_connect_sockets_have_keepalive() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        tune_listener(&l);
-        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        let r = socket2::SockRef::from(&s);
-        assert!(
-            r.keepalive().unwrap(),
-            "no TCP keep-alive on a CONNECT socket"
-        );
-        assert!(r.tcp_user_timeout().unwrap().is_some());
-        assert_eq!(
-            r.tcp_keepalive_time().unwrap(),
-            std::time::Duration::from_secs(10)
-        );
-        assert!(r.tcp_nodelay().unwrap());
-        drop(c);
-    }
-
-    /// Clients the relay has not accepted yet complete their handshake as
-    /// long as the accept queue has room: 1,000 here (or somaxconn - 1),
-    /// where `TcpListener::bind`'s 128 let the rest hang in SYN retries.
-    #[tokio::test]
-    async fn a_burst_of_clients_fits_the_accept_queue() {
-        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(4096);
-        let n = 1000.min(somaxconn - 1);
-        let l = bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = l.local_addr().unwrap();
-        let mut clients = Vec::new();
-        for _ in 0..n {
-            let c = tokio::time::timeout(
-                std::time::Duration::from_secs(2),
-                tokio::net::TcpStream::connect(addr),
-            )
-            .await;
-            clients.push(
-                c.expect("handshake not completed: accept queue full")
-                    .unwrap(),
-            );
-        }
-        assert_eq!(clients.len(), n);
-    }
-
-    #[test]
-    fn status_mapping() {
-        assert_eq!(status_code(StreamStatus::Denied), 403);
-        assert_eq!(status_code(StreamStatus::Timeout), 504);
-        assert_eq!(status_code(StreamStatus::Refused), 502);
-        assert_eq!(status_code(StreamStatus::NoRoute), 502);
-        assert_eq!(status_code(StreamStatus::Unreachable), 502);
-    }
 }
