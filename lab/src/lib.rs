@@ -9,6 +9,7 @@
 //! `127.0.0.x`, so edges' routes never overlap and each edge's services
 //! bind to its own address.
 
+pub mod bulk;
 pub mod client_loop;
 pub mod cluster;
 pub mod edges;

@@ -37,7 +37,7 @@ pub use probes::{
     admin, admin_call, captured_prefixes, connect_from, fails_fast, http_from, session, sessions,
     udp_from,
 };
-pub use relay_process::{relay_server_binary, RelayProcess};
+pub use relay_process::{newest_source, relay_server_binary, RelayProcess};
 pub use relay_toml::relay_toml;
 pub use table::{Row, Table};
 

@@ -55,8 +55,8 @@ pub fn relay_server_binary() -> Result<PathBuf> {
 }
 
 /// The most recently modified `.rs` file below `dir`, if any (best effort;
-/// bounded depth).
-fn newest_source(dir: &Path) -> Option<(PathBuf, std::time::SystemTime)> {
+/// bounded depth): what a binary built from `dir` must not be older than.
+pub fn newest_source(dir: &Path) -> Option<(PathBuf, std::time::SystemTime)> {
     let mut newest: Option<(PathBuf, std::time::SystemTime)> = None;
     let mut todo = vec![(dir.to_path_buf(), 0)];
     while let Some((d, depth)) = todo.pop() {
