@@ -1,0 +1,253 @@
+//! The policy's decision table, communities from the config, labels and
+//! wildcards, the relay's own listeners, and denials as stream replies.
+
+use super::*;
+
+fn policy() -> Policy {
+    let groups = HashMap::from([
+        (
+            "north".to_string(),
+            vec!["edge-1".to_string(), "edge-2".to_string()],
+        ),
+        ("south".to_string(), vec!["edge-3".to_string()]),
+    ]);
+    let p = Policy::new(
+        vec![
+            "10.96.0.0/12".parse().unwrap(),
+            "10.244.0.0/24".parse().unwrap(),
+        ],
+        Communities::new(&groups),
+    );
+    p.add_own_listener("10.244.0.1:8443".parse().unwrap());
+    p.add_own_listener("127.0.0.1:9090".parse().unwrap());
+    p.add_own_listener("0.0.0.0:15001".parse().unwrap());
+    p
+}
+
+/// The table: origin, target, owner → verdict or reason.
+#[test]
+fn decision_table() {
+    use DenyReason::*;
+    use Verdict::*;
+    let p = policy();
+    type Row<'a> = (
+        Origin<'a>,
+        &'a str,
+        Option<&'a str>,
+        Result<Verdict, DenyReason>,
+    );
+    let rows: &[Row] = &[
+        // Cloud ingress reaches edges, nothing else.
+        (Origin::Connect, "10.244.7.5:80", Some("edge-1"), Ok(ToEdge)),
+        (
+            Origin::Captured,
+            "10.244.7.5:53",
+            Some("edge-1"),
+            Ok(ToEdge),
+        ),
+        (Origin::Connect, "10.96.0.10:443", None, Err(NoRoute)),
+        (Origin::Connect, "127.0.0.1:10250", None, Err(NoRoute)),
+        (Origin::Connect, "[::ffff:127.0.0.1]:22", None, Err(NoRoute)),
+        // An edge that claims a loopback address serves its own.
+        (Origin::Connect, "127.0.0.2:80", Some("edge-1"), Ok(ToEdge)),
+        // Edge to cloud: inside tunnel_routes only.
+        (Origin::Edge("edge-1"), "10.96.0.10:53", None, Ok(ToCloud)),
+        (Origin::Edge("edge-1"), "10.244.0.9:80", None, Ok(ToCloud)),
+        (
+            Origin::Edge("edge-1"),
+            "10.0.0.1:80",
+            None,
+            Err(OutsideCloudRanges),
+        ),
+        (
+            Origin::Edge("edge-1"),
+            "8.8.8.8:53",
+            None,
+            Err(OutsideCloudRanges),
+        ),
+        // Never the relay itself, in any spelling.
+        (
+            Origin::Edge("edge-1"),
+            "127.0.0.1:9090",
+            None,
+            Err(ForbiddenAddress),
+        ),
+        (
+            Origin::Edge("edge-1"),
+            "[::1]:9090",
+            None,
+            Err(ForbiddenAddress),
+        ),
+        (
+            Origin::Edge("edge-1"),
+            "[::ffff:127.0.0.1]:9090",
+            None,
+            Err(ForbiddenAddress),
+        ),
+        (
+            Origin::Edge("edge-1"),
+            "169.254.169.254:80",
+            None,
+            Err(ForbiddenAddress),
+        ),
+        (
+            Origin::Edge("edge-1"),
+            "[fe80::1]:80",
+            None,
+            Err(ForbiddenAddress),
+        ),
+        (
+            Origin::Edge("edge-1"),
+            "0.0.0.0:80",
+            None,
+            Err(ForbiddenAddress),
+        ),
+        (
+            Origin::Edge("edge-1"),
+            "224.0.0.1:5353",
+            None,
+            Err(ForbiddenAddress),
+        ),
+        (
+            Origin::Edge("edge-1"),
+            "255.255.255.255:67",
+            None,
+            Err(ForbiddenAddress),
+        ),
+        (
+            Origin::Edge("edge-1"),
+            "10.244.0.1:8443",
+            None,
+            Err(RelayItself),
+        ),
+        (
+            Origin::Edge("edge-1"),
+            "[::ffff:10.244.0.1]:8443",
+            None,
+            Err(RelayItself),
+        ),
+        // The relay's own address on another port is an ordinary cloud target.
+        (
+            Origin::Edge("edge-1"),
+            "10.244.0.1:10250",
+            None,
+            Ok(ToCloud),
+        ),
+        // Edge to edge: only within a community, never to itself.
+        (
+            Origin::Edge("edge-1"),
+            "10.244.8.5:80",
+            Some("edge-2"),
+            Ok(ToEdge),
+        ),
+        (
+            Origin::Edge("edge-2"),
+            "10.244.7.5:80",
+            Some("edge-1"),
+            Ok(ToEdge),
+        ),
+        (
+            Origin::Edge("edge-1"),
+            "10.244.9.5:80",
+            Some("edge-3"),
+            Err(NoCommunity),
+        ),
+        (
+            Origin::Edge("edge-9"),
+            "10.244.7.5:80",
+            Some("edge-1"),
+            Err(NoCommunity),
+        ),
+        (
+            Origin::Edge("edge-1"),
+            "10.244.7.5:80",
+            Some("edge-1"),
+            Err(OwnRoute),
+        ),
+        // Service endpoints the relay picked: any edge (no community
+        // needed, even the asking edge's own), any cloud address, never
+        // the relay's own host.
+        (Origin::Service, "10.244.8.5:80", Some("edge-2"), Ok(ToEdge)),
+        (Origin::Service, "10.244.1.2:80", None, Ok(ToCloud)),
+        (Origin::Service, "10.0.0.9:443", None, Ok(ToCloud)),
+        (
+            Origin::Service,
+            "127.0.0.1:9090",
+            None,
+            Err(ForbiddenAddress),
+        ),
+        (
+            Origin::Service,
+            "[::ffff:169.254.1.1]:80",
+            None,
+            Err(ForbiddenAddress),
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (origin, target, owner, want) in rows {
+        let t = canonical(target.parse().unwrap());
+        let got = p
+            .authorize(*origin, t, Proto::Tcp, *owner)
+            .map_err(|d| d.reason);
+        if got != *want {
+            wrong.push(format!(
+                "{origin:?} → {target} (owner {owner:?}): got {got:?}, want {want:?}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn label_communities_join_nodes_and_share_names_with_the_config() {
+    let cfg = Communities::new(&HashMap::from([(
+        "shops".to_string(),
+        vec!["a".to_string()],
+    )]));
+    let p = Policy::new(vec![], cfg);
+    assert!(!p.edges_may_talk("a", "b"));
+    let e0 = p.epoch();
+    let labels = HashMap::from([
+        ("b".to_string(), BTreeSet::from(["shops".to_string()])),
+        ("c".to_string(), BTreeSet::from(["depot".to_string()])),
+        ("d".to_string(), BTreeSet::from(["depot".to_string()])),
+    ]);
+    assert!(p.set_label_communities(labels.clone()));
+    assert!(p.epoch() > e0);
+    assert!(
+        p.edges_may_talk("a", "b") && p.edges_may_talk("b", "a"),
+        "same name as the config's"
+    );
+    assert!(p.edges_may_talk("c", "d") && !p.edges_may_talk("a", "c"));
+    assert!(!p.set_label_communities(labels), "unchanged: no new epoch");
+    p.set_label_communities(HashMap::new());
+    assert!(!p.edges_may_talk("c", "d"), "label removed");
+}
+
+#[test]
+fn a_wildcard_community_joins_every_edge_and_none_isolates() {
+    let all = Communities::new(&HashMap::from([("all".to_string(), vec!["*".to_string()])]));
+    assert!(all.share("a", "b"));
+    let none = Communities::new(&HashMap::new());
+    assert!(none.is_empty() && !none.share("a", "b"));
+    let p = Policy::new(vec![], all);
+    assert!(p.edges_may_talk("a", "b") && !p.edges_may_talk("a", "a"));
+}
+
+#[test]
+fn a_wildcard_listener_covers_every_local_address_only() {
+    let p = policy();
+    // 127.0.0.1 is local, but forbidden anyway; the capture port on a
+    // non-local address is someone else's service.
+    assert!(p.is_relay_itself("127.0.0.1:15001".parse().unwrap()));
+    assert!(!p.is_relay_itself("10.96.0.10:15001".parse().unwrap()));
+}
+
+#[test]
+fn denials_map_to_stream_statuses() {
+    let d = Denied::new(DenyReason::NoRoute, "x".into());
+    assert_eq!(d.reply().status, StreamStatus::NoRoute);
+    let d = Denied::new(DenyReason::NoCommunity, "x".into());
+    assert_eq!(d.reply().status, StreamStatus::Denied);
+    assert!(d.reply().message.starts_with("no_community: "));
+}
