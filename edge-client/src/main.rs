@@ -59,6 +59,9 @@ async fn main() -> anyhow::Result<()> {
     // Memory of a load peak (thousands of streams) goes back to the
     // system once the peak has passed.
     relay_transport::memory::spawn_trim_after_peaks();
+    // Bulk streams free and reallocate 64 KiB chunks all the time; a
+    // heap that shrank after each costs page faults (memory::keep_heap_top).
+    relay_transport::memory::keep_heap_top();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {

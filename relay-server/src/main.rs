@@ -308,6 +308,9 @@ async fn main() -> anyhow::Result<()> {
             // Memory of a load peak (a CONNECT flood) goes back to the
             // system once the peak has passed.
             relay_transport::memory::spawn_trim_after_peaks();
+            // Bulk streams free and reallocate 64 KiB chunks all the time; a
+            // heap that shrank after each costs page faults (memory::keep_heap_top).
+            relay_transport::memory::keep_heap_top();
             // Handlers first: whoever reads the ready file may signal at once
             // (SIGHUP's default action would end the process).
             let mut term = signal(SignalKind::terminate())?;
