@@ -198,11 +198,11 @@ pub(crate) async fn run(a: Args) -> Result<()> {
         let per = a.bytes.unwrap_or(a.total / n as u64);
         // (Gbit/s, relay or sender CPU, edge or receiver CPU) per path.
         let mut medians: Vec<(&str, f64, f64, f64)> = Vec::new();
-        for &via in &paths {
-            let mut gbps = Vec::new();
-            let mut relay_cpu = Vec::new();
-            let mut edge_cpu = Vec::new();
-            for r in 0..a.runs {
+        // Runs interleave the paths (run 1 of every path, then run 2...),
+        // so a change in the shared machine's load hits every path alike.
+        let mut runs: Vec<[Vec<f64>; 3]> = vec![Default::default(); paths.len()];
+        for r in 0..a.runs {
+            for (&via, [gbps, relay_cpu, edge_cpu]) in paths.iter().zip(runs.iter_mut()) {
                 let sent: Counter = Arc::new(AtomicU64::new(0));
                 let total = per * n as u64;
                 let s2 = sent.clone();
@@ -243,18 +243,20 @@ pub(crate) async fn run(a: Args) -> Result<()> {
                 relay_cpu.push((rc1 - rc0) / gib);
                 edge_cpu.push((ec1 - ec0) / gib);
             }
+        }
+        for (&via, [gbps, relay_cpu, edge_cpu]) in paths.iter().zip(&runs) {
             let tunnel = !matches!(via, Path::Via(Via::Direct(_)));
             medians.push((
                 via.label(),
-                median(&gbps),
-                median(&relay_cpu),
-                median(&edge_cpu),
+                median(gbps),
+                median(relay_cpu),
+                median(edge_cpu),
             ));
             plotted.push(Plotted {
                 path: via.label(),
                 streams: n,
-                gbps: median(&gbps),
-                cpu: tunnel.then(|| (median(&relay_cpu), median(&edge_cpu))),
+                gbps: median(gbps),
+                cpu: tunnel.then(|| (median(relay_cpu), median(edge_cpu))),
             });
             let cpu = |v: &[f64]| {
                 if tunnel {
@@ -267,20 +269,20 @@ pub(crate) async fn run(a: Args) -> Result<()> {
                 n.to_string(),
                 fmt_bytes(per as f64),
                 via.label().into(),
-                format!("{:.2}", median(&gbps)),
+                format!("{:.2}", median(gbps)),
                 gbps.iter()
                     .map(|g| format!("{g:.2}"))
                     .collect::<Vec<_>>()
                     .join(" "),
-                cpu(&relay_cpu),
-                cpu(&edge_cpu),
+                cpu(relay_cpu),
+                cpu(edge_cpu),
             ]);
             results.push(json!({
                 "streams": n,
                 "bytes_per_stream": per,
                 "path": via.label(),
                 "gbit_per_s": gbps,
-                "gbit_per_s_median": median(&gbps),
+                "gbit_per_s_median": median(gbps),
                 "relay_cpu_s_per_gib": if tunnel { json!(relay_cpu) } else { json!(null) },
                 "edge_cpu_s_per_gib": if tunnel { json!(edge_cpu) } else { json!(null) },
             }));
