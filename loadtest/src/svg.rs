@@ -116,29 +116,16 @@ pub(crate) fn percentile_plot(title: &str, series: &[Series]) -> String {
     ));
     for (i, s) in series.iter().enumerate() {
         let color = COLORS[(i / 2) % COLORS.len()];
-        let dash = if s.dashed {
-            " stroke-dasharray=\"6 4\""
-        } else {
-            ""
-        };
-        let pts: Vec<String> = s
-            .points
-            .iter()
-            .map(|&(q, us)| format!("{:.1},{:.1}", px(q), py(us)))
-            .collect();
-        o.push_str(&format!(
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"{dash} points=\"{}\"/>\n",
-            pts.join(" ")
-        ));
-        let ly = T + 16.0 + i as f64 * 18.0;
-        o.push_str(&format!(
-            "<line x1=\"{:.1}\" y1=\"{ly:.1}\" x2=\"{:.1}\" y2=\"{ly:.1}\" stroke=\"{color}\" stroke-width=\"2\"{dash}/>\n<text x=\"{:.1}\" y=\"{:.1}\">{}</text>\n",
+        let pts: Vec<(f64, f64)> = s.points.iter().map(|&(q, us)| (px(q), py(us))).collect();
+        polyline(&mut o, color, s.dashed, &pts);
+        legend(
+            &mut o,
             L + 12.0,
-            L + 42.0,
-            L + 48.0,
-            ly + 4.0,
-            esc(&s.label)
-        ));
+            T + 16.0 + i as f64 * 18.0,
+            color,
+            s.dashed,
+            &s.label,
+        );
     }
     o.push_str("</svg>\n");
     o
@@ -260,39 +247,54 @@ fn panel(
     ));
     for (i, s) in lines.iter().enumerate() {
         let color = COLORS[s.color % COLORS.len()];
-        let dash = if s.dashed {
-            " stroke-dasharray=\"6 4\""
-        } else {
-            ""
-        };
-        let pts: Vec<String> = s
-            .points
-            .iter()
-            .map(|&(x, v)| format!("{:.1},{:.1}", px(x), py(v)))
-            .collect();
-        o.push_str(&format!(
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"{dash} points=\"{}\"/>\n",
-            pts.join(" ")
-        ));
-        for p in &pts {
-            let (x, y) = p.split_once(',').unwrap_or(("0", "0"));
+        let pts: Vec<(f64, f64)> = s.points.iter().map(|&(x, v)| (px(x), py(v))).collect();
+        polyline(o, color, s.dashed, &pts);
+        for (x, y) in &pts {
             o.push_str(&format!(
-                "<circle cx=\"{x}\" cy=\"{y}\" r=\"3\" fill=\"{color}\"/>\n"
+                "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"3\" fill=\"{color}\"/>\n"
             ));
         }
         // Legend under the panel, two columns.
-        let (lx, ly) = (
-            l + (i % 2) as f64 * (r - l) / 2.0,
+        let lx = l + (i % 2) as f64 * (r - l) / 2.0;
+        legend(
+            o,
+            lx,
             b + 56.0 + (i / 2) as f64 * 16.0,
+            color,
+            s.dashed,
+            &s.label,
         );
-        o.push_str(&format!(
-            "<line x1=\"{lx:.1}\" y1=\"{ly:.1}\" x2=\"{:.1}\" y2=\"{ly:.1}\" stroke=\"{color}\" stroke-width=\"2\"{dash}/>\n<text x=\"{:.1}\" y=\"{:.1}\">{}</text>\n",
-            lx + 26.0,
-            lx + 32.0,
-            ly + 4.0,
-            esc(&s.label)
-        ));
     }
+}
+
+fn dash_attr(dashed: bool) -> &'static str {
+    if dashed {
+        " stroke-dasharray=\"6 4\""
+    } else {
+        ""
+    }
+}
+
+/// One series' line through `pts` (pixel coordinates).
+fn polyline(o: &mut String, color: &str, dashed: bool, pts: &[(f64, f64)]) {
+    let pts: Vec<String> = pts.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
+    o.push_str(&format!(
+        "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\"{} points=\"{}\"/>\n",
+        dash_attr(dashed),
+        pts.join(" ")
+    ));
+}
+
+/// A legend entry at `(x, y)`: a short line in the series' style and its label.
+fn legend(o: &mut String, x: f64, y: f64, color: &str, dashed: bool, label: &str) {
+    o.push_str(&format!(
+        "<line x1=\"{x:.1}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\" stroke=\"{color}\" stroke-width=\"2\"{}/>\n<text x=\"{:.1}\" y=\"{:.1}\">{}</text>\n",
+        x + 30.0,
+        dash_attr(dashed),
+        x + 36.0,
+        y + 4.0,
+        esc(label)
+    ));
 }
 
 /// A round tick step (1, 2 or 5 × 10^k) for about five ticks up to `hi`.
