@@ -145,10 +145,7 @@ pub(crate) async fn run_session(
                     // stream's whole state machine, which tokio copies
                     // while spawning and finishing a task.
                     let serve = Box::pin(serve_stream(bi, f, cfg.clone(), served.clone(), stats.clone()));
-                    tokio::spawn(async move {
-                        serve.await;
-                        drop(open);
-                    }.in_current_span());
+                    tokio::spawn(open.serving(serve).in_current_span());
                     continue;
                 }
                 Err(e) => {

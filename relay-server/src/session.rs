@@ -443,10 +443,7 @@ pub(crate) async fn run_session(
                     let span = tracing::Span::current();
                     let open = grant.accepted();
                     let serve = crate::tunnel::serve_edge_stream(bi, handle.clone(), shared.clone());
-                    tokio::spawn(async move {
-                        serve.await;
-                        drop(open);
-                    }.instrument(span));
+                    tokio::spawn(open.serving(serve).instrument(span));
                     continue;
                 }
                 Err(e) => break e.to_string(),

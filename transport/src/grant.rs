@@ -46,6 +46,16 @@ impl Drop for OpenStream {
     }
 }
 
+impl OpenStream {
+    /// `serve`, counting the stream as open until it finishes (or is
+    /// dropped unfinished): what both sides spawn per accepted stream.
+    pub async fn serving<F: std::future::Future>(self, serve: F) -> F::Output {
+        let out = serve.await;
+        drop(self);
+        out
+    }
+}
+
 impl StreamGrant {
     /// The grant of a connection whose transport was configured with
     /// `max` as the peer's limit (see [`crate::QuicTuning`]): QUIC
@@ -111,5 +121,24 @@ mod tests {
         assert_eq!(next_grant(8192, 10_000, 5000), Some(10_000));
         // A grant configured below the initial one never moves.
         assert_eq!(next_grant(10, 10, 10), None);
+    }
+
+    #[tokio::test]
+    async fn a_stream_counts_as_open_while_served_and_not_after() {
+        let open = Arc::new(AtomicU32::new(1));
+        let (tx, rx) = tokio::sync::oneshot::channel::<u8>();
+        let task = tokio::spawn(OpenStream(open.clone()).serving(rx));
+        tokio::task::yield_now().await;
+        assert_eq!(open.load(Relaxed), 1, "still serving");
+        tx.send(7).unwrap();
+        assert_eq!(task.await.unwrap(), Ok(7));
+        assert_eq!(open.load(Relaxed), 0, "released when served");
+        // Dropped unfinished (an aborted task): released too.
+        let open = Arc::new(AtomicU32::new(1));
+        let (_tx, rx) = tokio::sync::oneshot::channel::<u8>();
+        let task = tokio::spawn(OpenStream(open.clone()).serving(rx));
+        task.abort();
+        let _ = task.await;
+        assert_eq!(open.load(Relaxed), 0, "released when dropped");
     }
 }
