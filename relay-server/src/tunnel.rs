@@ -356,7 +356,7 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
             let mut captured = shared.captured.write().unwrap_or_else(|e| e.into_inner());
             let before = captured.take().unwrap_or_default();
             *captured = Some(if failed.is_none() {
-                want.clone()
+                want
             } else {
                 before.intersection(&want).copied().collect()
             });
