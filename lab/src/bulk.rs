@@ -417,58 +417,22 @@ fn edge_toml_text(certs: &FsPath) -> String {
     )
 }
 
-/// `rathole --genkey`: (private, public), base64.
-fn genkey(bin: &FsPath) -> Result<(String, String)> {
-    let out = procs::run_bounded(
-        std::process::Command::new(bin).arg("--genkey"),
-        "rathole --genkey",
-        Duration::from_secs(10),
-    )?;
-    ensure!(
-        out.status.success(),
-        "rathole --genkey failed: {}",
-        out.stderr
-    );
-    let mut keys = out
-        .stdout
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.ends_with(':'))
-        .map(String::from);
-    match (keys.next(), keys.next()) {
-        (Some(private), Some(public)) => Ok((private, public)),
-        _ => bail!("unexpected rathole --genkey output: {}", out.stdout),
-    }
-}
-
 /// rathole's server on the relay node and its client on edge1, configured
-/// as `loadtest/src/rathole.rs` does (noise transport, `nodelay`), with
-/// the lab's addresses.
+/// as `loadtest bulk --rathole` runs them ([`crate::rathole`]), with the
+/// lab's addresses.
 fn start_rathole(lab: &NetnsLab, bin: &FsPath, dir: &FsPath) -> Result<(NsChild, NsChild)> {
-    let (private, public) = genkey(bin)?;
-    let wan = netns::RELAY_WAN_IP;
-    let server_cfg = dir.join("rathole-server.toml");
-    std::fs::write(
-        &server_cfg,
-        format!(
-            "[server]\nbind_addr = \"{wan}:{RATHOLE_CONTROL}\"\n\
-             [server.transport]\ntype = \"noise\"\n\
-             [server.transport.noise]\nlocal_private_key = \"{private}\"\n\
-             [server.services.iperf]\ntoken = \"lab-bulk\"\nbind_addr = \"{}:{RATHOLE_SERVICE}\"\nnodelay = true\n",
-            netns::RELAY_LAN_IP
-        ),
+    let cfg = crate::rathole::write_configs(
+        bin,
+        dir,
+        crate::rathole::Service {
+            name: "iperf",
+            token: "lab-bulk",
+            control: (netns::RELAY_WAN_IP, RATHOLE_CONTROL).into(),
+            bind: (netns::RELAY_LAN_IP, RATHOLE_SERVICE).into(),
+            target: (netns::edge_pod_ip(1), EDGE_IPERF).into(),
+        },
     )?;
-    let client_cfg = dir.join("rathole-client.toml");
-    std::fs::write(
-        &client_cfg,
-        format!(
-            "[client]\nremote_addr = \"{wan}:{RATHOLE_CONTROL}\"\n\
-             [client.transport]\ntype = \"noise\"\n\
-             [client.transport.noise]\nremote_public_key = \"{public}\"\n\
-             [client.services.iperf]\ntoken = \"lab-bulk\"\nlocal_addr = \"{}:{EDGE_IPERF}\"\nnodelay = true\n",
-            netns::edge_pod_ip(1)
-        ),
-    )?;
+    let (server_cfg, client_cfg) = (cfg.server, cfg.client);
     let arg = |flag: &str, f: &FsPath| vec![flag.to_string(), f.display().to_string()];
     let server = NsChild::spawn(
         lab,

@@ -3,15 +3,14 @@
 //! with `loadtest/peers/install-rathole.sh` (into `target/peers/`, never
 //! committed). Its server plays the relay (the client connects to the
 //! service port it exposes), its client plays the edge (it dials the
-//! service at the edge's address); the transport between them is noise
-//! (Noise_NK_25519_ChaChaPoly_BLAKE2s over TCP, rathole's encrypted
-//! transport that needs no certificates).
+//! service at the edge's address); keys and configuration files come from
+//! [`relay_lab::rathole`], which `lab-bulk` uses too.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -32,24 +31,6 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// `rathole --genkey`: (private, public), base64.
-fn genkey(bin: &Path) -> Result<(String, String)> {
-    let out = std::process::Command::new(bin)
-        .arg("--genkey")
-        .output()
-        .with_context(|| format!("running {} --genkey", bin.display()))?;
-    ensure!(out.status.success(), "rathole --genkey failed");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut keys = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.ends_with(':'));
-    match (keys.next(), keys.next()) {
-        (Some(private), Some(public)) => Ok((private.to_string(), public.to_string())),
-        _ => bail!("unexpected rathole --genkey output: {text}"),
-    }
-}
-
 /// Starts rathole forwarding to `target` and waits until a connection
 /// through it reaches the target. `probe` checks one such connection.
 pub(crate) async fn start(
@@ -58,35 +39,21 @@ pub(crate) async fn start(
     target: SocketAddr,
     probe: fn(TcpStream) -> futures_probe::Probe,
 ) -> Result<Rathole> {
-    ensure!(
-        bin.is_file(),
-        "{} not found: run loadtest/peers/install-rathole.sh",
-        bin.display()
-    );
-    let (private, public) = genkey(bin)?;
     let control = free_port()?;
     let service = free_port()?;
     let dir = bench.dir.path();
-    let server_cfg = dir.join("rathole-server.toml");
-    std::fs::write(
-        &server_cfg,
-        format!(
-            "[server]\nbind_addr = \"127.0.0.1:{control}\"\n\
-             [server.transport]\ntype = \"noise\"\n\
-             [server.transport.noise]\nlocal_private_key = \"{private}\"\n\
-             [server.services.bench]\ntoken = \"loadtest\"\nbind_addr = \"127.0.0.1:{service}\"\nnodelay = true\n"
-        ),
+    let cfg = relay_lab::rathole::write_configs(
+        bin,
+        dir,
+        relay_lab::rathole::Service {
+            name: "bench",
+            token: "loadtest",
+            control: ([127, 0, 0, 1], control).into(),
+            bind: ([127, 0, 0, 1], service).into(),
+            target,
+        },
     )?;
-    let client_cfg = dir.join("rathole-client.toml");
-    std::fs::write(
-        &client_cfg,
-        format!(
-            "[client]\nremote_addr = \"127.0.0.1:{control}\"\n\
-             [client.transport]\ntype = \"noise\"\n\
-             [client.transport.noise]\nremote_public_key = \"{public}\"\n\
-             [client.services.bench]\ntoken = \"loadtest\"\nlocal_addr = \"{target}\"\nnodelay = true\n"
-        ),
-    )?;
+    let (server_cfg, client_cfg) = (cfg.server, cfg.client);
     let mut cmd = std::process::Command::new(bin);
     cmd.arg("--server").arg(&server_cfg);
     let server = ChildGuard::spawn("rathole server", cmd, &dir.join("rathole-server.log"))?;
