@@ -1,0 +1,129 @@
+//! Route hygiene and the control cell, the matrix's last phase: as each
+//! part leaves (edge2, then the relay, then the route agent) what it
+//! installed must go with it, and with the relay stopped cloud → edge must
+//! fail as it does with plain Flannel, which shows the other cells'
+//! answers came through the tunnel.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use relay_lab::netns::{self, NetnsLab, Role};
+use relay_lab::scenario::{fails_fast, sa, within, Running, Table, HTTP};
+
+use crate::observe::{agent_routes, capture_set};
+
+/// An edge leaves: its routes go from the relay within seconds,
+/// connections to its pods fail fast, the route agent withdraws them and
+/// the edge keeps nothing of its own.
+pub(crate) fn edge_leaves(lab: &NetnsLab, m: &mut Table, edge2: Running) -> Result<()> {
+    relay_forgets_edge2(lab, m, edge2)?;
+    let epod2 = netns::edge_pod_ip(2);
+    m.note(
+        &["edge leaves → its pods fail fast", "cpod2 → 10.244.8.5"],
+        fails_fast(lab, Role::Cpod2, sa(epod2, HTTP), Duration::from_secs(2))
+            .map(|d| format!("failed in {d:?}")),
+    );
+    m.note(
+        &[
+            "edge leaves → route agent withdraws its routes",
+            "cloud2: ip route proto 250",
+        ],
+        within(Duration::from_secs(5), || {
+            let r = agent_routes(lab)?;
+            Ok(!r.contains("10.244.8.0/24") && r.contains("10.244.7.0/24"))
+        })
+        .map(|d| format!("10.244.8.0/24 gone after {:?} more", d)),
+    );
+    let edge2_left = lab.exec(Role::Edge2, &["nft", "list", "tables"])?;
+    m.note(
+        &["edge leaves → edge keeps nothing", "edge2: nft tables"],
+        if edge2_left.contains("edge_relay") {
+            Err(anyhow::anyhow!("edge_relay table left: {edge2_left}"))
+        } else {
+            Ok("no edge_relay table".into())
+        },
+    );
+    Ok(())
+}
+
+/// Stops edge2 and polls the relay every 50 ms for at most 10 s until
+/// edge2's prefix is in neither its capture set nor its policy rules.
+fn relay_forgets_edge2(lab: &NetnsLab, m: &mut Table, edge2: Running) -> Result<()> {
+    let t = Instant::now();
+    edge2.stop()?;
+    let mut gone = None;
+    while t.elapsed() < Duration::from_secs(10) {
+        let set = capture_set(lab, Role::Relay)?;
+        let rules = lab.exec(Role::Relay, &["ip", "rule"])?;
+        if !set.contains("10.244.8.0/24") && !rules.contains("10.244.8.0/24") {
+            gone = Some(t.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    m.note(
+        &[
+            "edge leaves → its routes removed",
+            "edge2 stops; relay nft set + ip rules",
+        ],
+        gone.map(|d| format!("gone after {d:?}"))
+            .context("still installed after 10s"),
+    );
+    Ok(())
+}
+
+/// Control: with the relay stopped, cloud → edge pod fails, as it does
+/// with plain Flannel and no tunnel.
+pub(crate) fn relay_stopped(lab: &NetnsLab, m: &mut Table, relay: Running) -> Result<()> {
+    relay.stop()?;
+    let epod1 = netns::edge_pod_ip(1);
+    m.note(
+        &["control: relay stopped → unreachable", "cpod2 → 10.244.7.5"],
+        fails_fast(lab, Role::Cpod2, sa(epod1, HTTP), Duration::from_secs(6))
+            .map(|d| format!("failed in {d:?}")),
+    );
+    Ok(())
+}
+
+/// After the relay exits, nothing of its own remains on the relay node:
+/// no nftables table, no policy rules (7099, 7100), an empty table 7100.
+pub(crate) fn relay_left_nothing(lab: &NetnsLab, m: &mut Table) -> Result<()> {
+    let tables = lab.exec(Role::Relay, &["nft", "list", "tables"])?;
+    let rules = lab.exec(Role::Relay, &["ip", "rule"])?;
+    let table = lab.exec(Role::Relay, &["ip", "route", "show", "table", "7100"])?;
+    m.note(
+        &[
+            "relay exits → nothing of its own remains",
+            "relay: nft tables, ip rules, table 7100",
+        ],
+        if tables.contains("edge_relay")
+            || rules.contains("7100")
+            || rules.contains("7099")
+            || !table.trim().is_empty()
+        {
+            Err(anyhow::anyhow!("left behind:\n{tables}\n{rules}\n{table}"))
+        } else {
+            Ok("clean".into())
+        },
+    );
+    Ok(())
+}
+
+/// The route agent exits: it removes every route it installed on cloud2.
+pub(crate) fn agent_stops(lab: &NetnsLab, m: &mut Table, agent: Running) -> Result<()> {
+    agent.stop()?;
+    m.note(
+        &[
+            "route agent exits → its routes removed",
+            "cloud2: ip route proto 250",
+        ],
+        agent_routes(lab).and_then(|r| {
+            if r.trim().is_empty() {
+                Ok("none left".to_string())
+            } else {
+                Err(anyhow::anyhow!("left: {r}"))
+            }
+        }),
+    );
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! What the matrix reads back from the lab to judge a cell: edge1's
+//! session on the relay, the capture set of a node, the route agent's
+//! routes on cloud2. One place each, so every phase reads them alike.
+
+use anyhow::Result;
+use relay_lab::netns::{NetnsLab, Role};
+use relay_lab::scenario::admin;
+use relay_server::admin::SessionRow;
+
+use crate::setup::AGENT_PROTO;
+
+/// edge1's session as the relay's admin API reports it (an error when it
+/// has none or the answer does not parse).
+pub(crate) fn edge1_session(lab: &NetnsLab) -> Result<SessionRow> {
+    Ok(serde_json::from_str(&admin(lab, "/v1/sessions/edge1")?)?)
+}
+
+/// The IPv4 destinations `role`'s capture takes (its nftables set
+/// `inet edge_relay dst4`, as `nft` lists it).
+pub(crate) fn capture_set(lab: &NetnsLab, role: Role) -> Result<String> {
+    lab.exec(role, &["nft", "list", "set", "inet", "edge_relay", "dst4"])
+}
+
+/// The route agent's routes on cloud2.
+pub(crate) fn agent_routes(lab: &NetnsLab) -> Result<String> {
+    lab.exec(
+        Role::Cloud2,
+        &[
+            "ip",
+            "-4",
+            "route",
+            "show",
+            "proto",
+            &AGENT_PROTO.to_string(),
+        ],
+    )
+}

@@ -1,0 +1,193 @@
+//! Setting the matrix up: a service on every host, the cluster API with
+//! one Service per cell target, cloud2 left to the route agent for its
+//! edge routes, the relay in in-cluster mode, two edges behind their NATs
+//! and the route agent. Every later phase assumes exactly this topology.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use relay_lab::cluster::{Cluster, LabService};
+use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
+use relay_lab::scenario::{
+    edge_config, launch, relay_config, sa, services, start_edge, start_relay, Running, ADMIN_TOKEN,
+    DNS, HTTP,
+};
+use relay_transport::devcerts::DevPki;
+
+use crate::fallback;
+
+/// The route protocol number the route agent marks its routes with, so
+/// the cells can tell them from the lab's own.
+pub(crate) const AGENT_PROTO: u8 = 250;
+
+/// The NodePort of Service `web-edge1` (endpoint on edge1).
+pub(crate) const NODE_PORT: u16 = 30080;
+
+/// A ClusterIP in the lab's service range, `10.96.0.{last}:{port}`.
+const fn cluster_ip(last: u8, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, last)), port)
+}
+
+// One endpoint per Service, so each cell knows which host must answer.
+/// `web-edge1`: HTTP, endpoint epod1 (also NodePort [`NODE_PORT`]).
+pub(crate) const SVC_EDGE1: SocketAddr = cluster_ip(20, HTTP);
+/// `web-cloud`: HTTP, endpoint cpod1 on the relay node.
+pub(crate) const SVC_CLOUD: SocketAddr = cluster_ip(10, HTTP);
+/// `web-edge2`: HTTP, endpoint epod2.
+pub(crate) const SVC_EDGE2: SocketAddr = cluster_ip(30, HTTP);
+/// `dns-edge1`: UDP, endpoint epod1.
+pub(crate) const DNS_EDGE1: SocketAddr = cluster_ip(21, DNS);
+/// `dns-cloud`: UDP, endpoint cpod1 on the relay node.
+pub(crate) const DNS_CLOUD: SocketAddr = cluster_ip(11, DNS);
+/// `dns-edge2`: UDP, endpoint epod2.
+pub(crate) const DNS_EDGE2: SocketAddr = cluster_ip(31, DNS);
+
+/// Services everywhere, each naming its host, so a cell can tell which
+/// host answered.
+pub(crate) fn start_services(lab: &NetnsLab) -> Result<Vec<Running>> {
+    let mut svcs = Vec::new();
+    for (role, name) in [
+        (Role::Cpod1, "cpod1"),
+        (Role::Cpod2, "cpod2"),
+        (Role::Cloud2, "cloud2"),
+        (Role::Epod1, "epod1"),
+        (Role::Epod2, "epod2"),
+        (Role::Edge1, "edge1"),
+        (Role::Edge2, "edge2"),
+    ] {
+        svcs.push(services(lab, role, name)?);
+    }
+    Ok(svcs)
+}
+
+/// A Service `name` at `vip` with its one endpoint `ep` (on the HTTP or
+/// DNS port, by `proto`) running on `node`.
+fn one_endpoint(
+    name: &'static str,
+    vip: SocketAddr,
+    proto: Proto,
+    ep: Ipv4Addr,
+    node: &'static str,
+) -> LabService {
+    LabService {
+        namespace: "default",
+        name,
+        vip,
+        proto,
+        endpoints: vec![(sa(ep, if proto == Proto::Tcp { HTTP } else { DNS }), node)],
+        node_port: None,
+    }
+}
+
+/// The cluster API (the apiserver stand-in on the apiserver host, not a
+/// real kube-apiserver) holds the Nodes and the matrix's Services;
+/// kube-proxy on every node (root namespaces) is programmed from the same
+/// list.
+pub(crate) fn start_cluster(lab: &NetnsLab) -> Result<Cluster> {
+    let epod1 = netns::edge_pod_ip(1);
+    let epod2 = netns::edge_pod_ip(2);
+    let mut services: Vec<LabService> = [
+        ("web-edge1", SVC_EDGE1, Proto::Tcp, epod1, "edge1"),
+        ("web-cloud", SVC_CLOUD, Proto::Tcp, netns::CPOD1_IP, "relay"),
+        ("web-edge2", SVC_EDGE2, Proto::Tcp, epod2, "edge2"),
+        ("dns-edge1", DNS_EDGE1, Proto::Udp, epod1, "edge1"),
+        ("dns-cloud", DNS_CLOUD, Proto::Udp, netns::CPOD1_IP, "relay"),
+        ("dns-edge2", DNS_EDGE2, Proto::Udp, epod2, "edge2"),
+    ]
+    .into_iter()
+    .map(|(name, vip, proto, ep, node)| one_endpoint(name, vip, proto, ep, node))
+    .collect();
+    // web-edge1 is also a NodePort: every node's addresses take it.
+    services[0].node_port = Some(NODE_PORT);
+    let cluster = Cluster::start(lab)?;
+    cluster.set_services(lab, KubeProxyMode::Iptables, &services)?;
+    Ok(cluster)
+}
+
+/// cloud2 gets its edge routes from the route agent, not from the lab's
+/// static routes: removes those, so cloud2's cells test the agent.
+pub(crate) fn leave_cloud2_to_the_agent(lab: &NetnsLab) -> Result<()> {
+    for r in [
+        "10.244.7.0/24",
+        "10.244.8.0/24",
+        "192.168.1.0/24",
+        "192.168.2.0/24",
+    ] {
+        lab.exec(Role::Cloud2, &["ip", "route", "del", r])?;
+    }
+    Ok(())
+}
+
+/// The relay and both edges, running.
+pub(crate) struct Deployment {
+    /// The relay (library) on the relay node.
+    pub(crate) relay: Running,
+    /// Edge client on edge1.
+    pub(crate) edge1: Running,
+    /// Edge client on edge2.
+    pub(crate) edge2: Running,
+    /// How long the relay and both edges took to be up (the report's
+    /// footer; the UDP-blocked run's first cell).
+    pub(crate) up: Duration,
+    /// The relay's ping interval on the TCP fallback: it bounds how long a
+    /// stale session stays after a NAT rebinding.
+    pub(crate) relay_ping: Duration,
+}
+
+/// Starts the relay in in-cluster mode (Node objects decide claims,
+/// Services are watched) and both edges; with `udp_blocked_at`, UDP is
+/// blocked at that site's NAT first so its edge comes up over TCP.
+pub(crate) fn start_relay_and_edges(
+    lab: &NetnsLab,
+    pki: &DevPki,
+    cluster: &Cluster,
+    udp_blocked_at: Option<u8>,
+) -> Result<Deployment> {
+    let mut cfg1 = edge_config(pki, 1)?;
+    if let Some(site) = udp_blocked_at {
+        fallback::block_udp(lab, site, &mut cfg1)?;
+    }
+    let t_up = Instant::now();
+    let mut rcfg = relay_config(pki)?;
+    rcfg.nodes.clear();
+    rcfg.kubernetes = Some(cluster.relay_settings());
+    let relay_ping = rcfg.quic.keepalive;
+    let relay = start_relay(lab, rcfg)?;
+    let edge1 = start_edge(lab, 1, cfg1)?;
+    let edge2 = start_edge(lab, 2, edge_config(pki, 2)?)?;
+    Ok(Deployment {
+        relay,
+        edge1,
+        edge2,
+        up: t_up.elapsed(),
+        relay_ping,
+    })
+}
+
+/// The route agent on cloud2, polling the relay's admin API every 200 ms.
+pub(crate) fn start_agent(lab: &NetnsLab) -> Result<Running> {
+    let cfg = relay_server::agent::AgentConfig {
+        admin: sa(netns::RELAY_LAN_IP, 9090),
+        token: Some(relay_server::Secret::new(ADMIN_TOKEN)),
+        // Plain HTTP on the lab's private LAN (the relay allows it there).
+        tls: None,
+        via: IpAddr::V4(netns::RELAY_LAN_IP),
+        interval: Duration::from_millis(200),
+        proto: AGENT_PROTO,
+    };
+    launch(
+        lab,
+        Role::Cloud2,
+        "route agent",
+        move |ready, stop| async move {
+            let token = tokio_util::sync::CancellationToken::new();
+            let task = tokio::spawn(relay_server::agent::run(cfg, token.clone()));
+            let _ = ready.send(Ok(()));
+            let _ = stop.await;
+            token.cancel();
+            let _ = task.await;
+            Ok(())
+        },
+    )
+}

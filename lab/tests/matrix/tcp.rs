@@ -1,0 +1,298 @@
+//! The seed matrix's TCP cells: cloud → edge, from the apiserver (its
+//! CONNECT egress and its host), edge → cloud and edge → edge, each an HTTP
+//! page that names the host that served it, so a cell fails on a wrong
+//! endpoint as well as on no answer.
+
+use anyhow::Result;
+use relay_lab::netns::{self, NetnsLab, Role};
+use relay_lab::scenario::{admin, connect_from, http_from, sa, Table, HTTP};
+
+use crate::setup::{NODE_PORT, SVC_CLOUD, SVC_EDGE1, SVC_EDGE2};
+
+/// Cloud → edge by address: pods and hosts of the cloud (on the relay node
+/// and off it) reach edge pods and an edge node, the plain routing case.
+pub(crate) fn cloud_to_edge(lab: &NetnsLab, m: &mut Table) {
+    let epod1 = netns::edge_pod_ip(1);
+    let epod2 = netns::edge_pod_ip(2);
+    let host1 = netns::edge_host_ip(1);
+    m.check(
+        &["cloud pod → edge pod", "cpod2@cloud2 → 10.244.7.5"],
+        "epod1",
+        http_from(lab, Role::Cpod2, sa(epod1, HTTP)),
+    );
+    m.check(
+        &[
+            "cloud pod (relay node) → edge pod",
+            "cpod1@relay → 10.244.7.5",
+        ],
+        "epod1",
+        http_from(lab, Role::Cpod1, sa(epod1, HTTP)),
+    );
+    m.check(
+        &["cloud host → edge pod", "cloud2 (hostNetwork) → 10.244.7.5"],
+        "epod1",
+        http_from(lab, Role::Cloud2, sa(epod1, HTTP)),
+    );
+    m.check(
+        &[
+            "relay node host → edge pod",
+            "relay (hostNetwork, local) → 10.244.8.5",
+        ],
+        "epod2",
+        http_from(lab, Role::Relay, sa(epod2, HTTP)),
+    );
+    m.check(
+        &["cloud pod → edge node", "cpod2 → 192.168.1.10"],
+        "edge1",
+        http_from(lab, Role::Cpod2, sa(host1, HTTP)),
+    );
+}
+
+/// Cloud → edge through kube-proxy's Services (ClusterIP and NodePort):
+/// wherever kube-proxy would DNAT to an edge pod, the tunnel must still
+/// carry it, including on the relay node where capture goes first.
+pub(crate) fn cloud_to_edge_services(lab: &NetnsLab, m: &mut Table) {
+    m.check(
+        &[
+            "cloud pod → ClusterIP (edge endpoint)",
+            "cpod2 → 10.96.0.20 ⇒ 10.244.7.5",
+        ],
+        "epod1",
+        http_from(lab, Role::Cpod2, SVC_EDGE1),
+    );
+    m.check(
+        &[
+            "cloud host → ClusterIP (edge endpoint)",
+            "cloud2 (hostNetwork) → 10.96.0.20 ⇒ 10.244.7.5",
+        ],
+        "epod1",
+        http_from(lab, Role::Cloud2, SVC_EDGE1),
+    );
+    // On the relay node, capture takes the ClusterIP port ahead of
+    // kube-proxy (which would DNAT to the edge pod in the same hook) and
+    // the relay picks the endpoint.
+    m.check(
+        &[
+            "cloud pod (relay node) → ClusterIP (edge endpoint)",
+            "cpod1@relay → 10.96.0.20 ⇒ 10.244.7.5",
+        ],
+        "epod1",
+        http_from(lab, Role::Cpod1, SVC_EDGE1),
+    );
+    m.check(
+        &[
+            "relay node host → ClusterIP (edge endpoint)",
+            "relay (hostNetwork) → 10.96.0.20 ⇒ 10.244.7.5",
+        ],
+        "epod1",
+        http_from(lab, Role::Relay, SVC_EDGE1),
+    );
+    // NodePort on the relay node: kube-proxy would DNAT it to the edge pod
+    // in the same hook; capture takes the node's own address and port
+    // first and the relay picks the endpoint.
+    m.check(
+        &[
+            "cloud host → relay node's NodePort (edge endpoint)",
+            "cloud2 → 10.0.0.1:30080 ⇒ 10.244.7.5",
+        ],
+        "epod1",
+        http_from(lab, Role::Cloud2, sa(netns::RELAY_LAN_IP, NODE_PORT)),
+    );
+    m.check(
+        &[
+            "relay node host → its own NodePort (edge endpoint)",
+            "relay (hostNetwork) → 10.0.0.1:30080 ⇒ 10.244.7.5",
+        ],
+        "epod1",
+        http_from(lab, Role::Relay, sa(netns::RELAY_LAN_IP, NODE_PORT)),
+    );
+    m.check(
+        &[
+            "apiserver host → ClusterIP (edge endpoint)",
+            "apiserver (hostNetwork) → 10.96.0.30 ⇒ 10.244.8.5",
+        ],
+        "epod2",
+        http_from(lab, Role::Apiserver, SVC_EDGE2),
+    );
+}
+
+/// The apiserver's ways to the edges: its CONNECT egress (by node name,
+/// pod address, Service name and ClusterIP) and its host's own routes.
+pub(crate) fn from_apiserver(lab: &NetnsLab, m: &mut Table) {
+    let epod1 = netns::edge_pod_ip(1);
+    m.check(
+        &[
+            "apiserver → edge kubelet (CONNECT)",
+            "apiserver → CONNECT edge1:10250",
+        ],
+        "edge1-kubelet",
+        connect_from(lab, Role::Apiserver, "edge1:10250"),
+    );
+    m.check(
+        &[
+            "apiserver → edge pod (CONNECT)",
+            "apiserver → CONNECT 10.244.8.5:80",
+        ],
+        "epod2",
+        connect_from(lab, Role::Apiserver, "10.244.8.5:80"),
+    );
+    // CONNECT by Service name (the apiserver dials webhooks and aggregated
+    // APIs as svc.ns.svc:port through the same egress): edge endpoints
+    // through their edge, cloud endpoints dialled by the relay.
+    m.check(
+        &[
+            "apiserver → Service name (edge endpoint, CONNECT)",
+            "apiserver → CONNECT web-edge2.default.svc.cluster.local:80",
+        ],
+        "epod2",
+        connect_from(
+            lab,
+            Role::Apiserver,
+            "web-edge2.default.svc.cluster.local:80",
+        ),
+    );
+    m.check(
+        &[
+            "apiserver → Service name (cloud endpoint, CONNECT)",
+            "apiserver → CONNECT web-cloud.default.svc:80",
+        ],
+        "cpod1",
+        connect_from(lab, Role::Apiserver, "web-cloud.default.svc:80"),
+    );
+    m.check(
+        &[
+            "apiserver → ClusterIP (edge endpoint, CONNECT)",
+            "apiserver → CONNECT 10.96.0.20:80",
+        ],
+        "epod1",
+        connect_from(lab, Role::Apiserver, "10.96.0.20:80"),
+    );
+    m.check(
+        &[
+            "apiserver host → edge pod",
+            "apiserver (hostNetwork) → 10.244.7.5",
+        ],
+        "epod1",
+        http_from(lab, Role::Apiserver, sa(epod1, HTTP)),
+    );
+}
+
+/// Edge → cloud: edge pods and hosts reach cloud pods, a cloud node and
+/// ClusterIPs with cloud endpoints.
+pub(crate) fn edge_to_cloud(lab: &NetnsLab, m: &mut Table) {
+    m.check(
+        &["edge pod → cloud pod (relay node)", "epod1 → 10.244.1.2"],
+        "cpod1",
+        http_from(lab, Role::Epod1, sa(netns::CPOD1_IP, HTTP)),
+    );
+    m.check(
+        &["edge pod → cloud pod", "epod1 → 10.244.2.2"],
+        "cpod2",
+        http_from(lab, Role::Epod1, sa(netns::CPOD2_IP, HTTP)),
+    );
+    m.check(
+        &["edge host → cloud pod", "edge1 (hostNetwork) → 10.244.2.2"],
+        "cpod2",
+        http_from(lab, Role::Edge1, sa(netns::CPOD2_IP, HTTP)),
+    );
+    m.check(
+        &["edge pod → cloud node", "epod2 → 10.0.0.2"],
+        "cloud2",
+        http_from(lab, Role::Epod2, sa(netns::CLOUD2_LAN_IP, HTTP)),
+    );
+    m.check(
+        &[
+            "edge pod → ClusterIP (cloud endpoint)",
+            "epod1 → 10.96.0.10 ⇒ 10.244.1.2",
+        ],
+        "cpod1",
+        http_from(lab, Role::Epod1, SVC_CLOUD),
+    );
+    m.check(
+        &[
+            "edge host → ClusterIP (cloud endpoint)",
+            "edge1 (hostNetwork) → 10.96.0.10 ⇒ 10.244.1.2",
+        ],
+        "cpod1",
+        http_from(lab, Role::Edge1, SVC_CLOUD),
+    );
+}
+
+/// Edge → edge through the relay: pods, a node and ClusterIPs whose
+/// endpoint runs on the other edge.
+pub(crate) fn edge_to_edge(lab: &NetnsLab, m: &mut Table) {
+    let epod1 = netns::edge_pod_ip(1);
+    let epod2 = netns::edge_pod_ip(2);
+    let host1 = netns::edge_host_ip(1);
+    m.check(
+        &["edge pod → other edge's pod", "epod1 → 10.244.8.5"],
+        "epod2",
+        http_from(lab, Role::Epod1, sa(epod2, HTTP)),
+    );
+    m.check(
+        &[
+            "edge host → other edge's pod",
+            "edge2 (hostNetwork) → 10.244.7.5",
+        ],
+        "epod1",
+        http_from(lab, Role::Edge2, sa(epod1, HTTP)),
+    );
+    m.check(
+        &["edge pod → other edge's node", "epod2 → 192.168.1.10"],
+        "edge1",
+        http_from(lab, Role::Epod2, sa(host1, HTTP)),
+    );
+    // The edge captures the port (an endpoint elsewhere) ahead of its own
+    // kube-proxy; the relay picks the endpoint and opens a stream to the
+    // edge that runs it.
+    m.check(
+        &[
+            "edge pod → ClusterIP (other edge)",
+            "epod1 → 10.96.0.30 ⇒ 10.244.8.5",
+        ],
+        "epod2",
+        http_from(lab, Role::Epod1, SVC_EDGE2),
+    );
+    m.check(
+        &[
+            "edge host → ClusterIP (other edge)",
+            "edge2 (hostNetwork) → 10.96.0.20 ⇒ 10.244.7.5",
+        ],
+        "epod1",
+        http_from(lab, Role::Edge2, SVC_EDGE1),
+    );
+}
+
+/// The relay's count of Service resolutions (summed over its labels): a
+/// flow that stays local leaves it unchanged.
+fn service_resolutions(lab: &NetnsLab) -> Result<u64> {
+    Ok(admin(lab, "/metrics")?
+        .lines()
+        .filter(|l| l.starts_with("relay_service_resolutions_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
+}
+
+/// Every endpoint on the asking edge: left to its own kube-proxy (not
+/// captured, not even by the service range among the tunnel routes), so
+/// nothing goes through the relay.
+pub(crate) fn same_edge_stays_local(lab: &NetnsLab, m: &mut Table) {
+    // (From the edge host: a pod reaching a Service backed by itself
+    // needs the CNI's hairpin mode, which is not this product's business.)
+    let before = service_resolutions(lab);
+    let local = http_from(lab, Role::Edge1, SVC_EDGE1);
+    let after = service_resolutions(lab);
+    m.check(
+        &[
+            "edge host → ClusterIP (same edge) stays local",
+            "edge1 (hostNetwork) → 10.96.0.20 ⇒ 10.244.7.5, relay resolutions unchanged",
+        ],
+        "epod1",
+        match (before, after) {
+            (Ok(b), Ok(a)) if a == b => local,
+            (b, a) => Err(anyhow::anyhow!(
+                "went through the relay: resolutions {b:?} → {a:?} (answer {local:?})"
+            )),
+        },
+    );
+}
