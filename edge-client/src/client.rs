@@ -404,7 +404,12 @@ pub(crate) async fn run(
                 });
                 let up = Instant::now();
                 // Flows live and die with the session.
-                let flows = FlowTable::new(EDGE_FLOW_BIT, cfg.max_udp_flows, stats.udp.clone());
+                let flows = FlowTable::new(
+                    EDGE_FLOW_BIT,
+                    cfg.max_udp_flows,
+                    hello.capabilities & relay_protocol::capability::UDP_STREAM_PAYLOADS != 0,
+                    stats.udp.clone(),
+                );
                 tokio::spawn(relay_transport::udp::pump_datagrams(
                     conn.clone(),
                     flows.clone(),

@@ -124,7 +124,7 @@ where
 }
 
 /// HTTP pages on :80 (and :10250, the "kubelet") and a UDP responder on
-/// :53, all naming `name`.
+/// :53 (it answers `name:` followed by the query), all naming `name`.
 pub fn services(lab: &NetnsLab, ns: Role, name: &'static str) -> Result<Running> {
     launch(lab, ns, name, move |ready, stop| async move {
         let (_, h1) = crate::spawn_http(sa(Ipv4Addr::UNSPECIFIED, HTTP), name).await?;
@@ -135,7 +135,9 @@ pub fn services(lab: &NetnsLab, ns: Role, name: &'static str) -> Result<Running>
         .await?;
         let udp = UdpSocket::bind(sa(Ipv4Addr::UNSPECIFIED, DNS)).await?;
         let h3 = tokio::spawn(async move {
-            let mut buf = [0u8; 512];
+            // Whole datagrams (up to UDP's 65,535 bytes), so an answer to
+            // a query too large for a tunnel datagram is as large.
+            let mut buf = vec![0u8; 65_535];
             while let Ok((n, from)) = udp.recv_from(&mut buf).await {
                 let reply = format!("{name}:{}", String::from_utf8_lossy(&buf[..n]));
                 let _ = udp.send_to(reply.as_bytes(), from).await;

@@ -67,6 +67,13 @@ pub mod capability {
     /// not ping it at keep-alive pace, nor take a quieter control stream
     /// for a lost edge (see `docs/architecture.md`, "Liveness").
     pub const QUIC_LIVENESS: u32 = 1 << 8;
+    /// Carries a UDP payload too large for one datagram on its flow's
+    /// stream ([`crate::datagram::encode_stream_payload`]), as IP
+    /// fragmentation would carry it on the real network. Sent only to a
+    /// peer with this bit; an older peer reads and ignores bytes on a
+    /// flow's stream, so towards it such payloads are dropped and counted
+    /// as before.
+    pub const UDP_STREAM_PAYLOADS: u32 = 1 << 9;
     /// Every bit this build understands.
     pub const ALL: u32 = TCP_STREAMS
         | UDP_DATAGRAMS
@@ -76,7 +83,8 @@ pub mod capability {
         | SERVICES
         | REPLICAS
         | SERVICE_NAMES
-        | QUIC_LIVENESS;
+        | QUIC_LIVENESS
+        | UDP_STREAM_PAYLOADS;
 }
 
 /// The first message of a session, sent by the edge on the control stream.

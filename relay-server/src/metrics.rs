@@ -353,9 +353,15 @@ pub fn render_udp(u: &relay_transport::udp::UdpStats) -> String {
         "# HELP relay_udp_flows_total UDP flows opened.\n# TYPE relay_udp_flows_total counter\nrelay_udp_flows_total {}",
         u.flows_total.load(Relaxed)
     );
+    let _ = writeln!(
+        o,
+        "# HELP relay_udp_stream_payloads_total UDP payloads too large for a datagram, carried on their flow's stream.\n# TYPE relay_udp_stream_payloads_total counter\nrelay_udp_stream_payloads_total {}",
+        u.stream_payloads.load(Relaxed)
+    );
     let _ = writeln!(o, "# HELP relay_udp_dropped_total UDP payloads dropped, by reason.\n# TYPE relay_udp_dropped_total counter");
     for (reason, v) in [
         ("oversize", &u.dropped_oversize),
+        ("stream_stalled", &u.stream_payload_stalls),
         ("queue_full", &u.dropped_queue_full),
         ("unknown_flow", &u.dropped_unknown_flow),
         ("flow_cap", &u.refused_cap),

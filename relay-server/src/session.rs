@@ -116,6 +116,7 @@ impl SessionHandle {
             flows: relay_transport::udp::FlowTable::new(
                 0,
                 shared.cfg.limits.max_udp_flows_per_session,
+                hello.capabilities & capability::UDP_STREAM_PAYLOADS != 0,
                 shared.udp.clone(),
             ),
             draining: AtomicBool::new(false),

@@ -13,8 +13,12 @@
 //! - [`run_opened_flow`]: the capture side of a flow once the far side
 //!   accepted it.
 //!
-//! Payloads larger than the path's datagram size are counted and dropped,
-//! never fragmented or truncated.
+//! A payload larger than the path's datagram size travels on its flow's
+//! stream instead, length-prefixed, when the peer announced
+//! `capability::UDP_STREAM_PAYLOADS` (as IP fragmentation would carry it on
+//! the real network; reliable and in order, so such payloads may lag the
+//! flow's datagrams); towards an older peer it is counted and dropped.
+//! Never truncated.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,12 +27,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use relay_protocol::datagram::{decode_datagram, encode_datagram, DATAGRAM_HEADER_LEN};
+use relay_protocol::datagram::{
+    decode_datagram, encode_datagram, encode_stream_payload, StreamPayloads, DATAGRAM_HEADER_LEN,
+};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use crate::conn::{BiStream, TunnelConn};
+use crate::conn::{BiStream, RecvHalf, SendHalf, TunnelConn};
 
 pub use crate::udp_capture::{
     serve_transparent_udp, FlowLimits, PickConn, Picked, RedirectUdp, Replier, MAX_STARTING_FLOWS,
@@ -46,6 +52,12 @@ pub const SESSION_UDP_QUEUE_BYTES: usize = 4 * 1024 * 1024;
 /// Largest UDP payload we read from a local socket.
 pub(crate) const MAX_UDP: usize = 65_535;
 
+/// Bound on writing one payload to its flow's stream. QUIC flow control
+/// stalls the write only when the peer has stopped reading the flow; the
+/// flow then ends (its stream may hold part of a frame) and the client's
+/// next packet starts a new one.
+pub const STREAM_PAYLOAD_WRITE_LIMIT: Duration = Duration::from_secs(1);
+
 /// Counters shared by every flow of one side.
 #[derive(Debug, Default)]
 pub struct UdpStats {
@@ -53,8 +65,14 @@ pub struct UdpStats {
     pub flows_open: AtomicU64,
     /// Flows opened since start.
     pub flows_total: AtomicU64,
-    /// Payloads dropped because they exceed the path's datagram size.
+    /// Payloads dropped because they exceed the path's datagram size and
+    /// the peer cannot take them on the flow's stream.
     pub dropped_oversize: AtomicU64,
+    /// Payloads too large for a datagram sent on their flow's stream.
+    pub stream_payloads: AtomicU64,
+    /// Flows ended because a payload could not be written to their stream
+    /// within [`STREAM_PAYLOAD_WRITE_LIMIT`].
+    pub stream_payload_stalls: AtomicU64,
     /// Payloads dropped because a flow's queue was full.
     pub dropped_queue_full: AtomicU64,
     /// Datagrams for no known flow (a flow that just ended).
@@ -79,6 +97,8 @@ pub struct FlowTable {
     next: AtomicU32,
     id_bit: u32,
     cap: usize,
+    /// The peer takes oversized payloads on a flow's stream.
+    stream_payloads: bool,
     /// Counters.
     pub stats: Arc<UdpStats>,
 }
@@ -93,6 +113,12 @@ pub struct FlowHandle {
 }
 
 impl FlowHandle {
+    /// Whether the peer takes payloads too large for a datagram on this
+    /// flow's stream (it announced `UDP_STREAM_PAYLOADS`).
+    pub fn stream_payloads(&self) -> bool {
+        self.table.stream_payloads
+    }
+
     /// The next payload from the tunnel; `None` once the flow is gone.
     pub async fn recv(&mut self) -> Option<Bytes> {
         let p = self.rx.recv().await?;
@@ -115,14 +141,16 @@ impl Drop for FlowHandle {
 
 impl FlowTable {
     /// A table whose locally opened ids carry `id_bit` (0 for the relay,
-    /// `EDGE_FLOW_BIT` for the edge), holding at most `cap` flows.
-    pub fn new(id_bit: u32, cap: usize, stats: Arc<UdpStats>) -> Arc<Self> {
+    /// `EDGE_FLOW_BIT` for the edge), holding at most `cap` flows;
+    /// `stream_payloads`: the peer announced `UDP_STREAM_PAYLOADS`.
+    pub fn new(id_bit: u32, cap: usize, stream_payloads: bool, stats: Arc<UdpStats>) -> Arc<Self> {
         Arc::new(FlowTable {
             flows: Mutex::new(HashMap::new()),
             queued: AtomicUsize::new(0),
             next: AtomicU32::new(1),
             id_bit,
             cap,
+            stream_payloads,
             stats,
         })
     }
@@ -218,26 +246,65 @@ pub fn max_payload(conn: &TunnelConn) -> usize {
         .unwrap_or(0)
 }
 
-/// Sends a payload on flow `id`, dropping (counted) what does not fit.
-pub fn send_payload(conn: &TunnelConn, id: u32, payload: &[u8], stats: &UdpStats) {
-    if payload.len() > max_payload(conn) {
-        stats.dropped_oversize.fetch_add(1, Relaxed);
-        debug!(
-            len = payload.len(),
-            max = max_payload(conn),
-            "oversized UDP payload dropped"
-        );
-        return;
+/// The flow must end: a payload could not be written to its stream.
+#[derive(Debug)]
+pub struct StreamStalled;
+
+/// Sends a payload on `flow`: as a datagram when it fits; otherwise on the
+/// flow's stream (`stream`) when the peer takes it there, else dropped and
+/// counted. A datagram the connection cannot queue is lost, as UDP would
+/// lose it. `Err` when the stream write failed or stalled (see
+/// [`STREAM_PAYLOAD_WRITE_LIMIT`]): the caller ends the flow.
+pub async fn send_payload(
+    conn: &TunnelConn,
+    flow: &FlowHandle,
+    stream: &mut SendHalf,
+    payload: &[u8],
+    stats: &UdpStats,
+) -> Result<(), StreamStalled> {
+    let max = max_payload(conn);
+    if payload.len() <= max {
+        let _ = conn.send_datagram(encode_datagram(flow.id, payload));
+        return Ok(());
     }
-    // A full send buffer or a closing connection loses the datagram, as
-    // UDP would.
-    let _ = conn.send_datagram(encode_datagram(id, payload));
+    let frame = match encode_stream_payload(payload) {
+        Some(frame) if flow.stream_payloads() => frame,
+        _ => {
+            stats.dropped_oversize.fetch_add(1, Relaxed);
+            debug!(len = payload.len(), max, "oversized UDP payload dropped");
+            return Ok(());
+        }
+    };
+    match tokio::time::timeout(STREAM_PAYLOAD_WRITE_LIMIT, stream.write_chunk(frame)).await {
+        Ok(Ok(())) => {
+            stats.stream_payloads.fetch_add(1, Relaxed);
+            Ok(())
+        }
+        Ok(Err(_)) => Err(StreamStalled),
+        Err(_) => {
+            stats.stream_payload_stalls.fetch_add(1, Relaxed);
+            debug!(
+                flow = flow.id,
+                "UDP payload stalled on its flow's stream; flow ends"
+            );
+            Err(StreamStalled)
+        }
+    }
 }
 
-/// Waits until the flow's stream ends (the peer finished or reset it, or
-/// the connection died). Anything else read on it is ignored.
-async fn stream_closed(bi: &mut BiStream) {
-    while let Ok(Some(_)) = bi.recv.read_chunk().await {}
+/// The next payload the peer sent on a flow's stream (those too large for
+/// a datagram); `None` once the stream ends, the peer finished or reset it
+/// or the connection died. Cancel-safe: bytes read stay in `frames`.
+async fn stream_payload(recv: &mut RecvHalf, frames: &mut StreamPayloads) -> Option<Bytes> {
+    loop {
+        if let Some(p) = frames.next_payload() {
+            return Some(p);
+        }
+        match recv.read_chunk().await {
+            Ok(Some(chunk)) => frames.extend(&chunk),
+            Ok(None) | Err(_) => return None,
+        }
+    }
 }
 
 /// The far side of a flow: relays between the tunnel and a UDP socket
@@ -252,17 +319,23 @@ pub async fn serve_target(
     stats: Arc<UdpStats>,
 ) {
     let mut buf = vec![0u8; MAX_UDP];
+    let mut frames = StreamPayloads::default();
     loop {
+        // A send error (ICMP unreachable) is the target's answer; keep the
+        // flow, as a UDP client would.
         tokio::select! {
-            _ = stream_closed(&mut bi) => break,
+            p = stream_payload(&mut bi.recv, &mut frames) => match p {
+                Some(p) => { let _ = sock.send(&p).await; }
+                None => break,
+            },
             p = flow.recv() => match p {
-                // A send error (ICMP unreachable) is the target's answer;
-                // keep the flow, as a UDP client would.
                 Some(p) => { let _ = sock.send(&p).await; }
                 None => break,
             },
             r = sock.recv(&mut buf) => match r {
-                Ok(n) => send_payload(&conn, flow.id, &buf[..n], &stats),
+                Ok(n) => if send_payload(&conn, &flow, &mut bi.send, &buf[..n], &stats).await.is_err() {
+                    break;
+                },
                 Err(e) => debug!(error = %e, "udp target socket"),
             },
             _ = tokio::time::sleep(idle) => break,
@@ -284,11 +357,17 @@ pub async fn run_opened_flow(
     idle: Duration,
     stats: Arc<UdpStats>,
 ) {
+    let mut frames = StreamPayloads::default();
     loop {
         tokio::select! {
-            _ = stream_closed(&mut bi) => break,
+            p = stream_payload(&mut bi.recv, &mut frames) => match p {
+                Some(p) => reply.send(&p).await,
+                None => break,
+            },
             p = from_client.recv() => match p {
-                Some(p) => send_payload(&conn, flow.id, &p, &stats),
+                Some(p) => if send_payload(&conn, &flow, &mut bi.send, &p, &stats).await.is_err() {
+                    break;
+                },
                 None => break,
             },
             p = flow.recv() => match p {
@@ -309,19 +388,31 @@ pub async fn bridge_flows(
     idle: Duration,
     stats: Arc<UdpStats>,
 ) {
+    let (mut a_frames, mut b_frames) = (StreamPayloads::default(), StreamPayloads::default());
     loop {
-        tokio::select! {
-            _ = stream_closed(&mut a_bi) => break,
-            _ = stream_closed(&mut b_bi) => break,
+        // Whichever way a payload came from one side (datagram or stream),
+        // it leaves on the other as its size allows there.
+        let sent = tokio::select! {
+            p = stream_payload(&mut a_bi.recv, &mut a_frames) => match p {
+                Some(p) => send_payload(&b_conn, &b, &mut b_bi.send, &p, &stats).await,
+                None => break,
+            },
+            p = stream_payload(&mut b_bi.recv, &mut b_frames) => match p {
+                Some(p) => send_payload(&a_conn, &a, &mut a_bi.send, &p, &stats).await,
+                None => break,
+            },
             p = a.recv() => match p {
-                Some(p) => send_payload(&b_conn, b.id, &p, &stats),
+                Some(p) => send_payload(&b_conn, &b, &mut b_bi.send, &p, &stats).await,
                 None => break,
             },
             p = b.recv() => match p {
-                Some(p) => send_payload(&a_conn, a.id, &p, &stats),
+                Some(p) => send_payload(&a_conn, &a, &mut a_bi.send, &p, &stats).await,
                 None => break,
             },
             _ = tokio::time::sleep(idle) => break,
+        };
+        if sent.is_err() {
+            break;
         }
     }
     for bi in [&mut a_bi, &mut b_bi] {
