@@ -55,6 +55,9 @@ pub struct EdgeConfig {
     pub quic_fallback_after: Duration,
     /// In `Auto` on the TCP fallback, how often to try QUIC again.
     pub quic_probe_interval: Duration,
+    /// The TCP fallback's maximum segment size (`None`: the kernel's, from
+    /// path-MTU discovery); see [`relay_transport::tcp::DEFAULT_FALLBACK_MSS`].
+    pub tcp_fallback_mss: Option<u32>,
     /// QUIC transport settings.
     pub quic: QuicTuning,
     /// Reconnect backoff.
@@ -96,6 +99,7 @@ impl EdgeConfig {
             transport: TransportMode::Auto,
             quic_fallback_after: Duration::from_secs(3),
             quic_probe_interval: Duration::from_secs(60),
+            tcp_fallback_mss: Some(relay_transport::tcp::DEFAULT_FALLBACK_MSS),
             quic: QuicTuning::default(),
             backoff: BackoffConfig::default(),
             udp_idle: Duration::from_secs(60),
@@ -228,6 +232,10 @@ pub struct FileConfig {
     /// `auto` (default), `quic` or `tcp`.
     #[serde(default)]
     pub transport: TransportMode,
+    /// The TCP fallback's maximum segment size: default 1220 (works through
+    /// small-MTU links that send no ICMP), 0 = the kernel's (path-MTU
+    /// discovery), else 536 to 9000.
+    pub tcp_fallback_mss: Option<u32>,
     /// Certificates.
     pub tls: TlsFile,
     /// Certificates from the relay in exchange for a service-account token.
@@ -262,6 +270,20 @@ fn host_of(relay: &str) -> Option<&str> {
     port.parse::<u16>().ok()?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     (!host.is_empty()).then_some(host)
+}
+
+/// `tcp_fallback_mss` from the file: the default when absent, `None` (the
+/// kernel's choice) for 0, else a segment size TCP can use.
+fn fallback_mss(v: Option<u32>) -> Result<Option<u32>, ConfigError> {
+    match v {
+        None => Ok(Some(relay_transport::tcp::DEFAULT_FALLBACK_MSS)),
+        Some(0) => Ok(None),
+        Some(m @ 536..=9000) => Ok(Some(m)),
+        Some(m) => Err(err(
+            "tcp_fallback_mss",
+            format!("{m} must be 0 (the kernel's choice) or 536 to 9000"),
+        )),
+    }
 }
 
 fn nonzero(field: &str, d: Option<Duration>, default: Duration) -> Result<Duration, ConfigError> {
@@ -390,6 +412,7 @@ impl FileConfig {
                 self.timeouts.quic_probe,
                 Duration::from_secs(60),
             )?,
+            tcp_fallback_mss: fallback_mss(self.tcp_fallback_mss)?,
             udp_idle: nonzero(
                 "timeouts.udp_idle",
                 self.timeouts.udp_idle,
@@ -430,6 +453,19 @@ mod tests {
         assert!(e.to_string().contains("surprise"), "{e}");
         let f = FileConfig::parse(&format!("{BASE}[quic]\nkeepalive = \"1m\"\n")).unwrap();
         assert_eq!(f.into_runtime().unwrap_err().field, "quic.keepalive");
+    }
+
+    #[test]
+    fn tcp_fallback_mss_defaults_to_a_small_mtu_safe_size() {
+        let f = FileConfig::parse(BASE).unwrap();
+        assert_eq!(fallback_mss(f.tcp_fallback_mss).unwrap(), Some(1220));
+        let f = FileConfig::parse(&format!("tcp_fallback_mss = 0\n{BASE}")).unwrap();
+        assert_eq!(fallback_mss(f.tcp_fallback_mss).unwrap(), None);
+        let f = FileConfig::parse(&format!("tcp_fallback_mss = 1400\n{BASE}")).unwrap();
+        assert_eq!(fallback_mss(f.tcp_fallback_mss).unwrap(), Some(1400));
+        let e = fallback_mss(Some(100)).unwrap_err();
+        assert_eq!(e.field, "tcp_fallback_mss");
+        assert!(e.to_string().contains("536 to 9000"), "{e}");
     }
 
     #[test]

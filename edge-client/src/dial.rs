@@ -70,6 +70,7 @@ impl Dialer<'_> {
                 &cfg.server_name,
                 tls,
                 mark,
+                cfg.tcp_fallback_mss,
                 cfg.handshake_timeout,
             )
             .await

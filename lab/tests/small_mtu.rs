@@ -99,21 +99,9 @@ fn dns_sized_query(lab: &NetnsLab) -> Result<usize> {
     })
 }
 
-#[test]
-fn a_small_mtu_black_hole_on_the_edge_uplink() -> Result<()> {
-    if let Some(skip) = netns::require_root() {
-        eprintln!("SKIPPED small MTU black hole: {skip}");
-        return Ok(());
-    }
-    relay_lab::init();
-    let t0 = Instant::now();
-    let lab = NetnsLab::new()?;
-    let pki = lab_pki()?;
-    let _svcs = [
-        services(&lab, Role::Epod1, "epod1")?,
-        echo_in(&lab, Role::Epod1)?,
-        echo_in(&lab, Role::Cpod2)?,
-    ];
+/// Makes edge1's NAT carry at most [`MTU`]-byte packets on its WAN link
+/// and send no ICMP, and proves it with DF pings from edge1.
+fn black_hole(lab: &NetnsLab) -> Result<()> {
     let nat = Role::nat(1)?;
     lab.exec(
         nat,
@@ -126,51 +114,56 @@ fn a_small_mtu_black_hole_on_the_edge_uplink() -> Result<()> {
          add chain ip blackhole out { type filter hook output priority 0; }\n\
          add rule ip blackhole out icmp type destination-unreachable drop\n",
     )?;
-
-    // The lab really has the black hole: from edge1, a 1,200-byte ping to
-    // the relay's WAN address with DF set comes back, a 1,300-byte one
-    // does not, and no ICMP error tells edge1 why.
-    let ping = |size: u32| {
-        lab.exec_timeout(
-            Role::Edge1,
-            &[
-                "ping",
-                "-n",
-                "-c",
-                "1",
-                "-W",
-                "1",
-                "-M",
-                "do",
-                "-s",
-                &size.to_string(),
-                &netns::RELAY_WAN_IP.to_string(),
-            ],
-            Duration::from_secs(5),
-        )
+    // From edge1, a 1,200-byte ping to the relay's WAN address with DF set
+    // comes back, a 1,300-byte one does not, and no ICMP error tells edge1
+    // why.
+    let relay_wan = netns::RELAY_WAN_IP.to_string();
+    let ping = |size: &str| {
+        let args = [
+            "ping", "-n", "-c", "1", "-W", "1", "-M", "do", "-s", size, &relay_wan,
+        ];
+        lab.exec_timeout(Role::Edge1, &args, Duration::from_secs(5))
     };
-    ping(1200).context("a 1,200-byte ping through the small-MTU NAT")?;
-    let big = ping(1300);
+    ping("1200").context("a 1,200-byte ping through the small-MTU NAT")?;
+    let big = ping("1300");
     ensure!(
         big.is_err(),
         "a 1,300-byte ping crossed the {MTU}-byte link: {big:?}"
     );
-    let route = lab.exec(
-        Role::Edge1,
-        &["ip", "route", "get", &netns::RELAY_WAN_IP.to_string()],
-    )?;
+    let route = lab.exec(Role::Edge1, &["ip", "route", "get", &relay_wan])?;
     ensure!(
         !route.contains("mtu"),
         "edge1 learnt the path MTU from an ICMP error: {route}"
     );
+    Ok(())
+}
 
+/// The lab with the black hole, a relay and edge1 (`udp_blocked`: UDP
+/// dropped at edge1's NAT too, so it must use the TCP fallback), services
+/// in epod1 and echo servers in epod1 and cpod2; returns once cpod2 reaches
+/// epod1 through the tunnel, and edge1's transport row then.
+fn run(udp_blocked: bool) -> Result<()> {
+    let t0 = Instant::now();
+    let lab = NetnsLab::new()?;
+    let pki = lab_pki()?;
+    let _svcs = [
+        services(&lab, Role::Epod1, "epod1")?,
+        echo_in(&lab, Role::Epod1)?,
+        echo_in(&lab, Role::Cpod2)?,
+    ];
+    black_hole(&lab)?;
+    let mut edge_cfg = edge_config(&pki, 1)?;
+    if udp_blocked {
+        lab.block_udp(1)?;
+        edge_cfg.quic_fallback_after = Duration::from_secs(1);
+    }
     let _relay = start_relay(&lab, relay_config(&pki)?)?;
-    let _edge = start_edge(&lab, 1, edge_config(&pki, 1)?)?;
+    let _edge = start_edge(&lab, 1, edge_cfg)?;
     let epod1 = netns::edge_pod_ip(1);
-    within(Duration::from_secs(10), || {
+    within(Duration::from_secs(15), || {
         Ok(http_from(&lab, Role::Cpod2, sa(epod1, HTTP)).is_ok())
     })
-    .context("cpod2 → epod1 not through the tunnel within 10 s")?;
+    .context("cpod2 → epod1 not through the tunnel within 15 s")?;
 
     let down = bulk_echo(&lab, Role::Cpod2, sa(epod1, ECHO)).context("cpod2 → epod1 echo")?;
     let up =
@@ -178,24 +171,53 @@ fn a_small_mtu_black_hole_on_the_edge_uplink() -> Result<()> {
     let answer = dns_sized_query(&lab).context("1232-byte UDP query")?;
     let row = session(&lab, "edge1")?.context("edge1 has no session")?;
     eprintln!(
-        "small MTU ({MTU}, no ICMP): transport {}, fallbacks {}, udp_max_payload {}; 4 MiB echoed cpod2 → epod1 in {down:.2?}, epod1 → cpod2 in {up:.2?}; {DNS_SIZE}-byte query answered with {answer} bytes; whole test {:.1?}",
+        "small MTU ({MTU}, no ICMP{}): transport {}, fallbacks {}, udp_max_payload {}; 4 MiB echoed cpod2 → epod1 in {down:.2?}, epod1 → cpod2 in {up:.2?}; {DNS_SIZE}-byte query answered with {answer} bytes; whole test {:.1?}",
+        if udp_blocked { ", UDP blocked" } else { "" },
         row.transport,
         row.fallbacks,
         row.udp_max_payload,
         t0.elapsed()
     );
-    ensure!(
-        row.transport == "quic" && row.fallbacks == 0,
-        "edge1 left QUIC on a path that carries its 1,200-byte packets: transport {}, fallbacks {}",
-        row.transport,
-        row.fallbacks
-    );
-    // 1280 - 20 (IP) - 8 (UDP) bytes of QUIC packet at most on this path;
-    // a datagram's payload is smaller still.
-    ensure!(
-        row.udp_max_payload < (MTU - 28) as usize,
-        "udp_max_payload {} does not fit the path's {MTU}-byte MTU",
-        row.udp_max_payload
-    );
+    if udp_blocked {
+        ensure!(
+            row.transport == "tcp",
+            "edge1 on {} with UDP blocked",
+            row.transport
+        );
+    } else {
+        ensure!(
+            row.transport == "quic" && row.fallbacks == 0,
+            "edge1 left QUIC on a path that carries its 1,200-byte packets: transport {}, fallbacks {}",
+            row.transport,
+            row.fallbacks
+        );
+        // 1280 - 20 (IP) - 8 (UDP) bytes of QUIC packet at most on this
+        // path; a datagram's payload is smaller still.
+        ensure!(
+            row.udp_max_payload < (MTU - 28) as usize,
+            "udp_max_payload {} does not fit the path's {MTU}-byte MTU",
+            row.udp_max_payload
+        );
+    }
     Ok(())
+}
+
+#[test]
+fn a_small_mtu_black_hole_on_the_edge_uplink() -> Result<()> {
+    if let Some(skip) = netns::require_root() {
+        eprintln!("SKIPPED small MTU black hole: {skip}");
+        return Ok(());
+    }
+    relay_lab::init();
+    run(false)
+}
+
+#[test]
+fn a_small_mtu_black_hole_with_udp_blocked_too() -> Result<()> {
+    if let Some(skip) = netns::require_root() {
+        eprintln!("SKIPPED small MTU black hole with UDP blocked: {skip}");
+        return Ok(());
+    }
+    relay_lab::init();
+    run(true)
 }

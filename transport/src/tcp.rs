@@ -396,6 +396,16 @@ fn tune(sock: socket2::SockRef<'_>) {
     let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
 }
 
+/// The edge's default for the fallback's TCP maximum segment size
+/// (`tcp_fallback_mss`): segments of 1,220 bytes make packets of at most
+/// 1,260 bytes over IPv4 and 1,280 (IPv6's minimum MTU) over IPv6, so the
+/// fallback also works through links with a small MTU that drop larger
+/// packets without the ICMP error path-MTU discovery needs (a black hole;
+/// `lab/tests/small_mtu.rs` stalled without it). Set before connecting, it
+/// is also the MSS the edge announces, so it bounds the relay's segments
+/// too. Costs about 16 % more segments than a clean 1,500-byte path.
+pub const DEFAULT_FALLBACK_MSS: u32 = 1220;
+
 /// Dials the relay over TLS+TCP and starts yamux (edge side). The whole
 /// setup is bounded by `timeout`; a non-zero `mark` tags the socket so
 /// capture lets it pass.
@@ -409,16 +419,19 @@ pub async fn connect(
     let cfg = tls
         .client_config(relay_protocol::ALPN)
         .map_err(|e| ConnLost(format!("tls config: {e}")))?;
-    connect_with(addr, server_name, cfg, mark, timeout).await
+    connect_with(addr, server_name, cfg, mark, None, timeout).await
 }
 
 /// [`connect`] with a given client config (the certificate bootstrap
-/// connects without a client certificate, under its own ALPN).
+/// connects without a client certificate, under its own ALPN) and a
+/// maximum segment size (`mss`, see [`DEFAULT_FALLBACK_MSS`]; `None`: the
+/// kernel's, from the path MTU).
 pub async fn connect_with(
     addr: SocketAddr,
     server_name: &str,
     cfg: rustls::ClientConfig,
     mark: u32,
+    mss: Option<u32>,
     timeout: Duration,
 ) -> Result<crate::TunnelConn, ConnLost> {
     let fail = |what: &str, e: &dyn std::fmt::Display| ConnLost(format!("{what}: {e}"));
@@ -433,6 +446,11 @@ pub async fn connect_with(
         .map_err(|e| fail("socket", &e))?;
         crate::capture::mark_socket(socket2::SockRef::from(&sock), mark)
             .map_err(|e| fail("mark", &e))?;
+        if let Some(mss) = mss {
+            socket2::SockRef::from(&sock)
+                .set_tcp_mss(mss)
+                .map_err(|e| fail(&format!("TCP_MAXSEG {mss}"), &e))?;
+        }
         let tcp = sock
             .connect(addr)
             .await
