@@ -14,7 +14,8 @@ use relay_transport::conn::{BiStream, TunnelConn};
 use relay_transport::devcerts::DevPki;
 use relay_transport::quic::{client_endpoint, server_endpoint, QuicTuning};
 use relay_transport::udp::{
-    max_payload, pump_datagrams, send_payload, serve_target, FlowHandle, FlowTable, UdpStats,
+    max_payload, pump_datagrams, send_payload, serve_target, FlowHandle, FlowTable, StreamStalled,
+    UdpStats, STREAM_PAYLOAD_WRITE_LIMIT,
 };
 use tokio::net::UdpSocket;
 
@@ -40,11 +41,17 @@ struct Near {
     bi: BiStream,
     stats: Arc<UdpStats>,
     frames: StreamPayloads,
+    /// The far side's end of the flow's stream when nothing serves it.
+    _unserved: Option<BiStream>,
     _endpoints: (quinn::Endpoint, quinn::Endpoint),
 }
 
 impl Near {
     async fn send(&mut self, payload: &[u8]) {
+        self.try_send(payload).await.expect("stream write");
+    }
+
+    async fn try_send(&mut self, payload: &[u8]) -> Result<(), StreamStalled> {
         send_payload(
             &self.conn,
             &self.flow,
@@ -53,7 +60,6 @@ impl Near {
             &self.stats,
         )
         .await
-        .expect("stream write");
     }
 
     /// The next answer, from a datagram or the flow's stream: (via the
@@ -84,8 +90,9 @@ impl Near {
 /// A QUIC connection between an "edge" (near) and a "relay" (far) and one
 /// UDP flow to an echo service, served on the far side by `serve_target`.
 /// `near_peer_takes_streams` / `far_peer_takes_streams`: whether each side
-/// believes its peer announced `UDP_STREAM_PAYLOADS`.
-async fn flow(near_peer_takes_streams: bool, far_peer_takes_streams: bool) -> Near {
+/// believes its peer announced `UDP_STREAM_PAYLOADS`; without `serve`, the
+/// far side never reads the flow's stream (a peer that stopped).
+async fn flow(near_peer_takes_streams: bool, far_peer_takes_streams: bool, serve: bool) -> Near {
     let pki = DevPki::generate(&["relay.test"], &["edge-a"]).unwrap();
     let server = server_endpoint(
         "127.0.0.1:0".parse().unwrap(),
@@ -140,30 +147,36 @@ async fn flow(near_peer_takes_streams: bool, far_peer_takes_streams: bool) -> Ne
     assert_eq!(&bi.recv.read_chunk().await.unwrap().unwrap()[..], b"k");
 
     let far_flow = far_table.register(Some(flow.id)).unwrap();
-    let target = relay_transport::udp::connect_target(udp_echo().await, 0)
-        .await
-        .unwrap();
-    tokio::spawn(serve_target(
-        far_bi,
-        far.clone(),
-        far_flow,
-        target,
-        Duration::from_secs(30),
-        far_stats,
-    ));
+    let mut unserved = None;
+    if serve {
+        let target = relay_transport::udp::connect_target(udp_echo().await, 0)
+            .await
+            .unwrap();
+        tokio::spawn(serve_target(
+            far_bi,
+            far.clone(),
+            far_flow,
+            target,
+            Duration::from_secs(30),
+            far_stats,
+        ));
+    } else {
+        unserved = Some(far_bi);
+    }
     Near {
         conn: near,
         flow,
         bi,
         stats: near_stats,
         frames: StreamPayloads::default(),
+        _unserved: unserved,
         _endpoints: (server, client),
     }
 }
 
 #[tokio::test]
 async fn payloads_too_large_for_a_datagram_travel_whole_on_the_flow_stream() {
-    let mut near = flow(true, true).await;
+    let mut near = flow(true, true, true).await;
     let max = max_payload(&near.conn);
     assert!(max > 1000 && max < 1500, "datagram payload limit {max}");
 
@@ -205,11 +218,42 @@ async fn payloads_too_large_for_a_datagram_travel_whole_on_the_flow_stream() {
 
 #[tokio::test]
 async fn towards_an_older_peer_they_are_dropped_and_counted() {
-    let mut near = flow(false, true).await;
+    let mut near = flow(false, true, true).await;
     near.send(&vec![b'x'; 3000]).await;
     assert_eq!(near.stats.dropped_oversize.load(Relaxed), 1);
     assert_eq!(near.stats.stream_payloads.load(Relaxed), 0);
     // Nothing went out for it, and the flow still works.
     near.send(b"small").await;
     assert_eq!(near.answer().await, (false, b"small".to_vec()));
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_reading_the_flow_ends_it_within_the_bound() {
+    let mut near = flow(true, true, false).await;
+    // The stream's flow-control window (1 MiB by default) takes the first
+    // ones; then a write waits for credit that never comes, for at most
+    // STREAM_PAYLOAD_WRITE_LIMIT.
+    let big = vec![b'z'; 65_507];
+    let start = tokio::time::Instant::now();
+    let mut sent = 0u64;
+    let stalled_after = loop {
+        let t = tokio::time::Instant::now();
+        match near.try_send(&big).await {
+            Ok(()) => sent += 1,
+            Err(StreamStalled) => break t.elapsed(),
+        }
+        assert!(
+            sent < 1000,
+            "1,000 payloads accepted by a peer that reads nothing"
+        );
+    };
+    assert!(sent >= 1, "not even the first payload fitted the window");
+    assert!(
+        stalled_after >= STREAM_PAYLOAD_WRITE_LIMIT
+            && stalled_after < STREAM_PAYLOAD_WRITE_LIMIT * 3,
+        "stalled after {stalled_after:?}"
+    );
+    assert_eq!(near.stats.stream_payload_stalls.load(Relaxed), 1);
+    assert_eq!(near.stats.stream_payloads.load(Relaxed), sent);
+    assert!(start.elapsed() < Duration::from_secs(10));
 }
