@@ -90,6 +90,12 @@ pub struct EdgeStats {
     /// Pongs that arrived after the next ping had been sent (late, but
     /// within the dead-path bound, so the session was kept).
     pub pongs_late: AtomicU64,
+    /// Which of the relay name's addresses the next attempt dials, modulo
+    /// their number: advanced past an address that failed, so a name with
+    /// an IPv6 and an IPv4 address still connects where IPv6 is broken
+    /// (the resolver puts IPv6 first whenever the node has an IPv6
+    /// address, routed or not).
+    pub relay_addr_turn: AtomicU64,
     /// QUIC's smoothed round-trip estimate, in microseconds, as of the last
     /// keep-alive tick (0 on TCP). Control pings are rare on QUIC (see
     /// [`relay_protocol::QUIC_CONTROL_PING`]); this follows the path every

@@ -58,11 +58,44 @@ impl Dialer<'_> {
         tls: rustls::ClientConfig,
     ) -> Result<(Option<quinn::Endpoint>, TunnelConn), String> {
         let cfg = self.cfg;
-        let addr: SocketAddr = tokio::net::lookup_host(&cfg.relay)
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&cfg.relay)
             .await
             .map_err(|e| format!("resolve {}: {e}", cfg.relay))?
-            .next()
-            .ok_or_else(|| format!("resolve {}: no address", cfg.relay))?;
+            .collect();
+        self.dial_any(&addrs, tls).await
+    }
+
+    /// [`Dialer::dial`] to the address of `addrs` whose turn it is; after a
+    /// failure, the next attempt (after the backoff) takes the next one.
+    async fn dial_any(
+        &self,
+        addrs: &[SocketAddr],
+        tls: rustls::ClientConfig,
+    ) -> Result<(Option<quinn::Endpoint>, TunnelConn), String> {
+        let cfg = self.cfg;
+        let turn = self.stats.relay_addr_turn.load(Relaxed);
+        let addr = pick(addrs, turn).ok_or_else(|| format!("resolve {}: no address", cfg.relay))?;
+        let dialled = self.dial_addr(addr, tls).await;
+        if dialled.is_err() && addrs.len() > 1 {
+            // Concurrent attempts (a probe beside a session) advance once.
+            let _ = self
+                .stats
+                .relay_addr_turn
+                .compare_exchange(turn, turn + 1, Relaxed, Relaxed);
+            if let Some(next) = pick(addrs, turn + 1) {
+                warn!(relay = %cfg.relay, failed = %addr, %next, "relay address failed; the next attempt dials the next one");
+            }
+        }
+        dialled
+    }
+
+    /// [`Dialer::dial`] to one of the relay's addresses.
+    async fn dial_addr(
+        &self,
+        addr: SocketAddr,
+        tls: rustls::ClientConfig,
+    ) -> Result<(Option<quinn::Endpoint>, TunnelConn), String> {
+        let cfg = self.cfg;
         let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
         let tcp = |tls: rustls::ClientConfig| async move {
             relay_transport::tcp::connect_with(
@@ -114,6 +147,13 @@ impl Dialer<'_> {
             }
         }
     }
+}
+
+/// The address of `addrs` for attempt `turn` (they take turns), `None` when
+/// the name resolved to nothing.
+fn pick(addrs: &[SocketAddr], turn: u64) -> Option<SocketAddr> {
+    let n = u64::try_from(addrs.len()).ok().filter(|&n| n > 0)?;
+    addrs.get(usize::try_from(turn % n).ok()?).copied()
 }
 
 /// Why a QUIC attempt failed: whether the relay answered decides whether
@@ -255,5 +295,59 @@ async fn say_hello(
             conn.close(close_code::NORMAL, "rejected");
             Err(AttemptError::Rejected(r))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_take_turns() {
+        let a: SocketAddr = "[2001:db8::1]:8443".parse().unwrap();
+        let b: SocketAddr = "192.0.2.1:8443".parse().unwrap();
+        assert_eq!(pick(&[], 0), None);
+        assert_eq!(pick(&[a], 7), Some(a));
+        assert_eq!(pick(&[a, b], 0), Some(a));
+        assert_eq!(pick(&[a, b], 1), Some(b));
+        assert_eq!(pick(&[a, b], 2), Some(a));
+    }
+
+    /// Real sockets: the first address refuses, so the next attempt dials
+    /// the second (a listener that closes at once: that attempt fails too,
+    /// after reaching it, and the turn comes back to the first).
+    #[tokio::test]
+    async fn after_a_failed_address_the_next_attempt_dials_the_next() {
+        relay_transport::tls::install_default_provider();
+        let refused = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live = l.local_addr().unwrap();
+        let reached = tokio::spawn(async move { l.accept().await.map(|_| ()) });
+        let pki =
+            relay_transport::devcerts::DevPki::generate(&["relay.test"], &["edge-a"]).unwrap();
+        let tls = pki.node_material("edge-a").unwrap();
+        let client_tls = tls.client_config(relay_protocol::ALPN).unwrap();
+        let cfg = EdgeConfig::new("edge-a", "relay.test:8443", "relay.test", tls);
+        let stats = EdgeStats::default();
+        let dialer = Dialer {
+            cfg: &cfg,
+            stats: &stats,
+            mode: TransportMode::Tcp,
+            quic_worked: false,
+        };
+        let addrs = [refused, live];
+
+        assert!(dialer.dial_any(&addrs, client_tls.clone()).await.is_err());
+        assert_eq!(stats.relay_addr_turn.load(Relaxed), 1);
+        assert!(
+            !reached.is_finished(),
+            "the second address was dialled first"
+        );
+        assert!(dialer.dial_any(&addrs, client_tls).await.is_err());
+        reached.await.unwrap().unwrap();
+        assert_eq!(stats.relay_addr_turn.load(Relaxed), 2);
     }
 }
