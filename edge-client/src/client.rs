@@ -93,8 +93,8 @@ pub struct EdgeStats {
     /// Which of the relay name's addresses the next attempt dials, modulo
     /// their number: advanced past an address that failed, so a name with
     /// an IPv6 and an IPv4 address still connects where IPv6 is broken
-    /// (the resolver puts IPv6 first whenever the node has an IPv6
-    /// address, routed or not).
+    /// (the resolver puts IPv6 first whenever the node has an IPv6 route
+    /// to it, whether or not packets get through upstream).
     pub relay_addr_turn: AtomicU64,
     /// QUIC's smoothed round-trip estimate, in microseconds, as of the last
     /// keep-alive tick (0 on TCP). Control pings are rare on QUIC (see
