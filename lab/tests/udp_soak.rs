@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::scenario::{
-    admin, captured_prefixes, edge_config, http_from, lab_pki, relay_config, sa, services,
+    captured_prefixes, edge_config, http_from, lab_pki, metric, relay_config, sa, services,
     start_edge, start_relay, udp_from, within, DNS, HTTP,
 };
 use tokio::net::UdpSocket;
@@ -74,15 +74,6 @@ fn rss_mib() -> Result<f64> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .context("no VmRSS")?;
     Ok(kb / 1024.0)
-}
-
-/// One unlabelled or labelled series of the relay's `/metrics`.
-fn metric(lab: &NetnsLab, series: &str) -> Result<f64> {
-    let body = admin(lab, "/metrics")?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .with_context(|| format!("no {series} in /metrics"))
 }
 
 fn dropped(lab: &NetnsLab, reason: &str) -> Result<f64> {

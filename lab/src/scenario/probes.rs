@@ -38,6 +38,17 @@ pub fn admin(lab: &NetnsLab, path: &'static str) -> Result<String> {
     Ok(body)
 }
 
+/// The value of one series of the relay's `/metrics`, unlabelled
+/// (`relay_udp_flows`) or with its labels (`relay_udp_dropped_total{reason="oversize"}`);
+/// an error when the relay does not export it.
+pub fn metric(lab: &NetnsLab, series: &str) -> Result<f64> {
+    let body = admin(lab, "/metrics")?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no {series} in /metrics"))
+}
+
 /// The relay's sessions (`GET /v1/sessions`).
 pub fn sessions(lab: &NetnsLab) -> Result<Vec<SessionRow>> {
     Ok(serde_json::from_str(&admin(lab, "/v1/sessions")?)?)

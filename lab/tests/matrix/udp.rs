@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use relay_lab::netns::{self, NetnsLab, Role};
-use relay_lab::scenario::{admin, sa, udp_from, Table, DNS};
+use relay_lab::scenario::{metric, sa, udp_from, Table, DNS};
 use tokio::net::UdpSocket;
 
 use crate::observe::edge1_session;
@@ -111,16 +111,9 @@ fn answer_to_3000_bytes(lab: &NetnsLab, from: Role, pod: Ipv4Addr, name: &str) -
 /// The relay's counters of payloads dropped as oversized and of payloads
 /// carried on flow streams.
 fn large_payload_counters(lab: &NetnsLab) -> Result<(f64, f64)> {
-    let t = admin(lab, "/metrics")?;
-    let value = |series: &str| -> Result<f64> {
-        t.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| anyhow::anyhow!("no {series} in /metrics"))
-    };
     Ok((
-        value("relay_udp_dropped_total{reason=\"oversize\"}")?,
-        value("relay_udp_stream_payloads_total")?,
+        metric(lab, "relay_udp_dropped_total{reason=\"oversize\"}")?,
+        metric(lab, "relay_udp_stream_payloads_total")?,
     ))
 }
 
