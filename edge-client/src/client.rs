@@ -129,6 +129,8 @@ pub struct EdgeClient {
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     capture: Option<tokio::task::JoinHandle<()>>,
+    status: Option<tokio::task::JoinHandle<()>>,
+    status_addr: Option<SocketAddr>,
     dns: Option<crate::dns::Resolver>,
 }
 
@@ -150,6 +152,14 @@ pub enum StartError {
     /// Starting the node-local resolver failed.
     #[error(transparent)]
     Dns(#[from] crate::dns::DnsError),
+    /// Binding the status endpoint (`status_listen`) failed.
+    #[error("status endpoint on {addr}: {source}")]
+    Status {
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 impl EdgeClient {
@@ -164,19 +174,31 @@ impl EdgeClient {
         if cfg.dns.take().is_some() {
             tracing::error!("EdgeClient::spawn ignores dns; use EdgeClient::start");
         }
-        Self::launch(cfg, None, None)
+        if cfg.status_listen.take().is_some() {
+            tracing::error!("EdgeClient::spawn ignores status_listen; use EdgeClient::start");
+        }
+        Self::launch(cfg, None, None, None)
     }
 
     /// Starts the client, first installing capture when configured (so a
     /// node without CAP_NET_ADMIN fails here, loudly, not later).
-    /// The node-local resolver starts here too when configured.
+    /// The node-local resolver and the status endpoint start here too when
+    /// configured.
     pub async fn start(cfg: EdgeConfig) -> Result<Self, StartError> {
+        let status = match cfg.status_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Status { addr, source })?,
+            ),
+            None => None,
+        };
         let dns = match cfg.dns.clone() {
             Some(d) => Some(crate::dns::Resolver::spawn(d, CancellationToken::new()).await?),
             None => None,
         };
         let Some(ccfg) = cfg.capture.clone() else {
-            return Ok(Self::launch(cfg, None, dns));
+            return Ok(Self::launch(cfg, None, dns, status));
         };
         let addr = SocketAddr::from(([0, 0, 0, 0], ccfg.port));
         let listener = relay_transport::capture::capture_tcp_listener(ccfg.port)
@@ -197,6 +219,7 @@ impl EdgeClient {
                 udp,
             }),
             dns,
+            status,
         ))
     }
 
@@ -204,6 +227,7 @@ impl EdgeClient {
         cfg: EdgeConfig,
         capture: Option<crate::capture::Parts>,
         dns: Option<crate::dns::Resolver>,
+        status: Option<tokio::net::TcpListener>,
     ) -> Self {
         let (tx, rx) = watch::channel(EdgeState::Connecting { attempt: 1 });
         let (conn_tx, conn_rx) = watch::channel(None);
@@ -224,6 +248,14 @@ impl EdgeClient {
                 stats.clone(),
                 cancel.clone(),
             );
+            tokio::spawn(t.instrument(span.clone()))
+        });
+        let status_addr = status.as_ref().and_then(|l| l.local_addr().ok());
+        if let Some(addr) = status_addr {
+            tracing::info!(%addr, "status endpoint listening");
+        }
+        let status = status.map(|l| {
+            let t = crate::status::serve(l, rx.clone(), stats.clone(), cancel.clone());
             tokio::spawn(t.instrument(span.clone()))
         });
         // One session, or one per relay replica when the relay advertises
@@ -249,8 +281,16 @@ impl EdgeClient {
             cancel,
             task,
             capture,
+            status,
+            status_addr,
             dns,
         }
+    }
+
+    /// Where the status endpoint listens, when `status_listen` is set (the
+    /// bound address: a port 0 in the config is resolved here).
+    pub fn status_addr(&self) -> Option<SocketAddr> {
+        self.status_addr
     }
 
     /// The node-local resolver, when `[dns]` is on.
@@ -320,6 +360,16 @@ impl EdgeClient {
         }
         if let Some(d) = self.dns {
             d.shutdown().await;
+        }
+        // The endpoint stopped accepting at the cancel above; what remains
+        // are answers in flight, each bounded by the head timeout.
+        if let Some(s) = self.status {
+            if tokio::time::timeout(Duration::from_secs(6), s)
+                .await
+                .is_err()
+            {
+                warn!("status endpoint did not stop within 6s");
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Edge configuration: the TOML file form and the runtime [`EdgeConfig`].
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -76,6 +76,9 @@ pub struct EdgeConfig {
     pub capture: Option<CaptureConfig>,
     /// When set, the node-local resolver runs (see [`crate::dns`]).
     pub dns: Option<crate::dns::DnsConfig>,
+    /// Where the status endpoint (`/healthz`, `/readyz`, `/metrics`)
+    /// listens; `None`: nowhere (see `status`).
+    pub status_listen: Option<SocketAddr>,
 }
 
 impl EdgeConfig {
@@ -107,6 +110,7 @@ impl EdgeConfig {
             max_relays: DEFAULT_MAX_RELAYS,
             capture: None,
             dns: None,
+            status_listen: None,
         }
     }
 }
@@ -257,6 +261,11 @@ pub struct FileConfig {
     pub dns: crate::dns::DnsFile,
     /// Most relay replicas to hold a session to (default 8, at most 64).
     pub max_relays: Option<usize>,
+    /// Where the status endpoint listens (plain HTTP; default: nowhere).
+    pub status_listen: Option<SocketAddr>,
+    /// Lets `status_listen` be an address other than loopback.
+    #[serde(default)]
+    pub allow_insecure_status: bool,
 }
 
 /// Default of [`EdgeConfig::max_relays`]: each replica costs an idle
@@ -283,6 +292,24 @@ fn fallback_mss(v: Option<u32>) -> Result<Option<u32>, ConfigError> {
             "tcp_fallback_mss",
             format!("{m} must be 0 (the kernel's choice) or 536 to 9000"),
         )),
+    }
+}
+
+/// `status_listen` from the file: loopback, or anywhere when the file says
+/// so (the endpoint is plain HTTP and answers anyone who reaches it).
+fn status_listen(
+    addr: Option<SocketAddr>,
+    allow_insecure: bool,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    match addr {
+        Some(a) if !a.ip().is_loopback() && !allow_insecure => Err(err(
+            "status_listen",
+            format!(
+                "{a} is not a loopback address: the status endpoint is plain HTTP without \
+                 authentication; set allow_insecure_status = true to serve it there"
+            ),
+        )),
+        a => Ok(a),
     }
 }
 
@@ -329,6 +356,7 @@ impl FileConfig {
         if self.allowed_ports.contains(&0) {
             return Err(err("allowed_ports", "port 0 is not a port"));
         }
+        let status_listen = status_listen(self.status_listen, self.allow_insecure_status)?;
         let quic = self
             .quic
             .resolve(QuicTuning::default())
@@ -426,6 +454,7 @@ impl FileConfig {
             },
             capture,
             dns,
+            status_listen,
         })
     }
 }
@@ -466,6 +495,23 @@ mod tests {
         let e = fallback_mss(Some(100)).unwrap_err();
         assert_eq!(e.field, "tcp_fallback_mss");
         assert!(e.to_string().contains("536 to 9000"), "{e}");
+    }
+
+    #[test]
+    fn status_listen_is_loopback_unless_allowed() {
+        let f = FileConfig::parse(BASE).unwrap();
+        assert_eq!(status_listen(f.status_listen, false).unwrap(), None);
+        let f = FileConfig::parse(&format!("status_listen = \"127.0.0.1:9469\"\n{BASE}")).unwrap();
+        let local = status_listen(f.status_listen, f.allow_insecure_status).unwrap();
+        assert_eq!(local, Some("127.0.0.1:9469".parse().unwrap()));
+        let open = format!("status_listen = \"0.0.0.0:9469\"\n{BASE}");
+        let f = FileConfig::parse(&open).unwrap();
+        let e = f.into_runtime().unwrap_err();
+        assert_eq!(e.field, "status_listen");
+        assert!(e.to_string().contains("allow_insecure_status"), "{e}");
+        let f = FileConfig::parse(&format!("allow_insecure_status = true\n{open}")).unwrap();
+        let any = status_listen(f.status_listen, f.allow_insecure_status).unwrap();
+        assert_eq!(any, Some("0.0.0.0:9469".parse().unwrap()));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! over QUIC with the node's client certificate, registers the prefixes it
 //! serves, and serves the streams the relay opens: read the header, check
 //! the target is inside what this node advertised, dial it (bounded),
-//! answer, splice. Nothing here listens on the network.
+//! answer, splice. Nothing here listens on the network but the optional
+//! status endpoint (loopback unless configured otherwise).
 //!
 //! Modules:
 //! - [`config`]: TOML file config and the runtime [`EdgeConfig`].
@@ -20,6 +21,8 @@
 //!   (sites reuse LAN ranges; a neighbour is reached on-link).
 //! - [`backoff`]: capped exponential backoff with full jitter.
 //! - [`liveness`]: the control-stream ping check and its dead-path bound.
+//! - `status`: the status endpoint (`/healthz`, `/readyz`, `/metrics`)
+//!   when `status_listen` is set.
 //! - [`dns`]: the node-local resolver: cluster names answered at the edge
 //!   (also while the cloud is away), the rest forwarded.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -35,6 +38,7 @@ pub mod liveness;
 pub mod serve;
 pub mod services;
 mod session;
+mod status;
 mod subnets;
 mod supervisor;
 

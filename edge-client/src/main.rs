@@ -1,7 +1,8 @@
 //! `edge-client`: the edge side of the edge relay.
 //!
 //! `edge-client --config edge.toml` dials the relay and serves its streams
-//! until SIGTERM/SIGINT. It opens no listening socket.
+//! until SIGTERM/SIGINT. It opens no listening socket but the status
+//! endpoint, when `status_listen` sets one.
 
 use std::path::PathBuf;
 

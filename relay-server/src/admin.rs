@@ -124,54 +124,13 @@ pub(crate) async fn serve(
     let head_timeout = shared.cfg.limits.connect_header_timeout;
     let app = router(shared);
     match tls {
-        None => serve_on(l, app, head_timeout, stop).await,
+        None => relay_transport::http::serve(l, app, head_timeout, stop).await,
         Some(cfg) => {
             let l = TlsListener::start(l, cfg, stop.clone());
-            serve_on(l, app, head_timeout, stop).await
+            relay_transport::http::serve(l, app, head_timeout, stop).await
         }
     }
     "admin"
-}
-
-/// Serves HTTP/1.1 connections from `l` with `app` until `stop`, each
-/// request head bounded by `head_timeout` (`axum::serve` sets no timer,
-/// so hyper's header read timeout never fires there); then closes idle
-/// connections and waits for requests in flight (each bounded by the
-/// router's 10 s timeout).
-async fn serve_on<L>(mut l: L, app: Router, head_timeout: Duration, stop: CancellationToken)
-where
-    L: axum::serve::Listener,
-{
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            (io, _) = l.accept() => {
-                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
-                let stop = stop.clone();
-                conns.spawn(async move {
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(head_timeout)
-                        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
-                    tokio::pin!(conn);
-                    tokio::select! {
-                        r = conn.as_mut() => {
-                            if let Err(e) = r {
-                                tracing::debug!(error = %e, "admin connection ended");
-                            }
-                        }
-                        _ = stop.cancelled() => {
-                            conn.as_mut().graceful_shutdown();
-                            let _ = conn.await;
-                        }
-                    }
-                });
-            }
-        }
-    }
-    while conns.join_next().await.is_some() {}
 }
 
 /// Most admin TLS handshakes in progress at once; more connections wait
@@ -441,7 +400,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         shared
             .metrics
             .render(shared.registry.len(), shared.cfg.limits.max_sessions)
-            + &crate::metrics::render_udp(&shared.udp)
+            + &shared.udp.render_prometheus("relay")
             + &crate::metrics::render_capture(&shared)
             + &crate::metrics::render_status(shared.status.stats())
             + &crate::metrics::render_runtime(&shared),

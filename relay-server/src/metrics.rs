@@ -289,22 +289,10 @@ impl Metrics {
 
 /// Renders the capture listener's counters (nothing without `[capture]`).
 pub fn render_capture(shared: &crate::server::Shared) -> String {
-    let Some(cap) = &shared.cfg.capture else {
-        return String::new();
-    };
-    let b = &shared.capture_bound;
-    let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "# HELP relay_capture_connections Captured TCP connections being served.\n# TYPE relay_capture_connections gauge\nrelay_capture_connections {}",
-        cap.max_connections.saturating_sub(b.available())
-    );
-    let _ = writeln!(
-        o,
-        "# HELP relay_capture_refused_total Captured TCP connections reset at once, by reason (busy: capture.max_connections reached).\n# TYPE relay_capture_refused_total counter\nrelay_capture_refused_total{{reason=\"busy\"}} {}",
-        b.refused.load(Relaxed)
-    );
-    o
+    match &shared.cfg.capture {
+        Some(_) => shared.capture_bound.render_capture("relay"),
+        None => String::new(),
+    }
 }
 
 /// Renders the status writer's counters (node conditions and Events;
@@ -338,42 +326,6 @@ pub fn render_runtime(shared: &crate::server::Shared) -> String {
         "# HELP relay_runtime_tasks Tokio tasks alive in the relay process.\n# TYPE relay_runtime_tasks gauge\nrelay_runtime_tasks {tasks}\n\
          # HELP relay_connect_connections CONNECT client connections holding a permit (limits.max_connect_connections).\n# TYPE relay_connect_connections gauge\nrelay_connect_connections {held}\n"
     )
-}
-
-/// Renders the UDP counters.
-pub fn render_udp(u: &relay_transport::udp::UdpStats) -> String {
-    let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "# HELP relay_udp_flows UDP flows open.\n# TYPE relay_udp_flows gauge\nrelay_udp_flows {}",
-        u.flows_open.load(Relaxed)
-    );
-    let _ = writeln!(
-        o,
-        "# HELP relay_udp_flows_total UDP flows opened.\n# TYPE relay_udp_flows_total counter\nrelay_udp_flows_total {}",
-        u.flows_total.load(Relaxed)
-    );
-    let _ = writeln!(
-        o,
-        "# HELP relay_udp_stream_payloads_total UDP payloads too large for a datagram, carried on their flow's stream.\n# TYPE relay_udp_stream_payloads_total counter\nrelay_udp_stream_payloads_total {}",
-        u.stream_payloads.load(Relaxed)
-    );
-    let _ = writeln!(o, "# HELP relay_udp_dropped_total UDP payloads dropped, by reason.\n# TYPE relay_udp_dropped_total counter");
-    for (reason, v) in [
-        ("oversize", &u.dropped_oversize),
-        ("stream_stalled", &u.stream_payload_stalls),
-        ("queue_full", &u.dropped_queue_full),
-        ("unknown_flow", &u.dropped_unknown_flow),
-        ("flow_cap", &u.refused_cap),
-        ("starting", &u.dropped_starting),
-    ] {
-        let _ = writeln!(
-            o,
-            "relay_udp_dropped_total{{reason=\"{reason}\"}} {}",
-            v.load(Relaxed)
-        );
-    }
-    o
 }
 
 #[cfg(test)]

@@ -423,6 +423,7 @@ where
 #[derive(Debug)]
 pub struct AcceptBound {
     permits: std::sync::Arc<tokio::sync::Semaphore>,
+    max: usize,
     /// Connections reset at once because the bound was reached.
     pub refused: std::sync::atomic::AtomicU64,
 }
@@ -432,6 +433,7 @@ impl AcceptBound {
     pub fn new(max: usize) -> Self {
         AcceptBound {
             permits: std::sync::Arc::new(tokio::sync::Semaphore::new(max)),
+            max,
             refused: Default::default(),
         }
     }
@@ -439,6 +441,22 @@ impl AcceptBound {
     /// Permits free now.
     pub fn available(&self) -> usize {
         self.permits.available_permits()
+    }
+
+    /// The captured-connection gauge and refusal counter in the Prometheus
+    /// text format, named `{prefix}_capture_connections` and
+    /// `{prefix}_capture_refused_total`.
+    pub fn render_capture(&self, prefix: &str) -> String {
+        format!(
+            "# HELP {prefix}_capture_connections Captured TCP connections being served.\n\
+             # TYPE {prefix}_capture_connections gauge\n\
+             {prefix}_capture_connections {}\n\
+             # HELP {prefix}_capture_refused_total Captured TCP connections reset at once, by reason (busy: capture.max_connections reached).\n\
+             # TYPE {prefix}_capture_refused_total counter\n\
+             {prefix}_capture_refused_total{{reason=\"busy\"}} {}\n",
+            self.max.saturating_sub(self.available()),
+            self.refused.load(std::sync::atomic::Ordering::Relaxed)
+        )
     }
 }
 

@@ -20,6 +20,7 @@
 //!   of the prefixes to send through the tunnel, from allowed sources.
 //! - [`capture_config`]: what capture installs and its config file section.
 //! - [`conntrack`]: original destinations of redirected TCP and UDP.
+//! - [`http`]: serving a small HTTP API with bounded request heads.
 //! - [`reload`]: server TLS (certificate, client CA, CRLs) replaced while
 //!   running, for new handshakes only.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -31,6 +32,7 @@ pub mod conn;
 pub mod conntrack;
 pub mod devcerts;
 pub mod grant;
+pub mod http;
 pub mod issue;
 pub mod memory;
 pub mod quic;

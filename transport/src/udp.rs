@@ -88,6 +88,61 @@ pub struct UdpStats {
     pub evicted: AtomicU64,
 }
 
+impl UdpStats {
+    /// The counters in the Prometheus text format, every name starting
+    /// with `prefix` (`relay`, `edge`).
+    pub fn render_prometheus(&self, prefix: &str) -> String {
+        use std::fmt::Write;
+        let mut o = String::new();
+        for (name, kind, help, v) in [
+            ("udp_flows", "gauge", "UDP flows open.", &self.flows_open),
+            (
+                "udp_flows_total",
+                "counter",
+                "UDP flows opened.",
+                &self.flows_total,
+            ),
+            (
+                "udp_flows_evicted_total",
+                "counter",
+                "Captured UDP flows closed early to make room for a new one.",
+                &self.evicted,
+            ),
+            (
+                "udp_stream_payloads_total",
+                "counter",
+                "UDP payloads too large for a datagram, carried on their flow's stream.",
+                &self.stream_payloads,
+            ),
+        ] {
+            let _ = writeln!(
+                o,
+                "# HELP {prefix}_{name} {help}\n# TYPE {prefix}_{name} {kind}\n{prefix}_{name} {}",
+                v.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP {prefix}_udp_dropped_total UDP payloads dropped, by reason.\n# TYPE {prefix}_udp_dropped_total counter"
+        );
+        for (reason, v) in [
+            ("oversize", &self.dropped_oversize),
+            ("stream_stalled", &self.stream_payload_stalls),
+            ("queue_full", &self.dropped_queue_full),
+            ("unknown_flow", &self.dropped_unknown_flow),
+            ("flow_cap", &self.refused_cap),
+            ("starting", &self.dropped_starting),
+        ] {
+            let _ = writeln!(
+                o,
+                "{prefix}_udp_dropped_total{{reason=\"{reason}\"}} {}",
+                v.load(Relaxed)
+            );
+        }
+        o
+    }
+}
+
 /// Flow id → queue of payloads from the tunnel, for one connection.
 #[derive(Debug)]
 pub struct FlowTable {

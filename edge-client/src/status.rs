@@ -1,0 +1,240 @@
+//! The edge's status endpoint (`status_listen`, off by default): what
+//! kubelet probes and Prometheus scrapes on an edge node.
+//!
+//! - `GET /healthz`: 200 while the process's runtime answers. Deliberately
+//!   not tied to the session: a relay outage must not make kubelet restart
+//!   every edge client (a restart would only add a handshake storm when the
+//!   relay comes back).
+//! - `GET /readyz`: 200 while a session is registered, else 503 with what
+//!   the client is doing (dialling, refused and why). A DaemonSet rollout
+//!   of a build that cannot register stops at its first node.
+//! - `GET /metrics`: the edge's counters in the Prometheus text format
+//!   (`edge_*`; see README).
+//!
+//! Plain HTTP without authentication, so loopback unless the configuration
+//! says otherwise (`allow_insecure_status`): the figures are not secret,
+//! but a LAN at an edge site is not a place to expose more than needed.
+//! Each request head is bounded (`relay_transport::http`); the handlers
+//! only read atomics and the state, so requests need no other bound.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{EdgeState, EdgeStats};
+
+/// Bound on reading one request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+struct Status {
+    state: watch::Receiver<EdgeState>,
+    stats: Arc<EdgeStats>,
+}
+
+/// Serves the status endpoint on `l` until `stop`.
+pub(crate) async fn serve(
+    l: TcpListener,
+    state: watch::Receiver<EdgeState>,
+    stats: Arc<EdgeStats>,
+    stop: CancellationToken,
+) {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(Status { state, stats });
+    relay_transport::http::serve(l, app, HEAD_TIMEOUT, stop).await
+}
+
+async fn readyz(State(s): State<Status>) -> (StatusCode, String) {
+    match &*s.state.borrow() {
+        EdgeState::Connected {
+            session_id,
+            relay_id,
+            ..
+        } => (
+            StatusCode::OK,
+            format!("connected: session {session_id} with relay {relay_id}\n"),
+        ),
+        EdgeState::Connecting { attempt } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("connecting: attempt {attempt}\n"),
+        ),
+        EdgeState::Rejected { reason, message } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("refused by the relay: {}: {message}\n", reason.as_str()),
+        ),
+        EdgeState::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "stopped\n".into()),
+    }
+}
+
+async fn metrics(State(s): State<Status>) -> String {
+    let up = matches!(&*s.state.borrow(), EdgeState::Connected { .. });
+    render(up, &s.stats)
+}
+
+/// The edge's metrics in the Prometheus text format; `up`: a session is
+/// registered.
+pub(crate) fn render(up: bool, st: &EdgeStats) -> String {
+    let mut o = String::with_capacity(4096);
+    let mut one = |name: &str, kind: &str, help: &str, v: String| {
+        let _ = writeln!(
+            o,
+            "# HELP edge_{name} {help}\n# TYPE edge_{name} {kind}\nedge_{name} {v}"
+        );
+    };
+    let n = |a: &AtomicU64| a.load(Relaxed).to_string();
+    let secs = |a: &AtomicU64| (a.load(Relaxed) as f64 / 1e6).to_string();
+    one(
+        "session_up",
+        "gauge",
+        "1 while a session is registered with the relay.",
+        u8::from(up).to_string(),
+    );
+    one(
+        "sessions_total",
+        "counter",
+        "Sessions established since start.",
+        n(&st.sessions),
+    );
+    one(
+        "fallbacks_total",
+        "counter",
+        "Times the client fell back from QUIC to TLS over TCP.",
+        n(&st.fallbacks),
+    );
+    one(
+        "streams",
+        "gauge",
+        "Streams being served now.",
+        n(&st.open_streams),
+    );
+    one(
+        "streams_total",
+        "counter",
+        "Streams the relay opened.",
+        n(&st.streams_total),
+    );
+    one(
+        "streams_denied_total",
+        "counter",
+        "Streams refused: target outside this node's routes or ports.",
+        n(&st.denied),
+    );
+    one(
+        "dial_failures_total",
+        "counter",
+        "Streams whose local dial failed.",
+        n(&st.dial_failures),
+    );
+    one(
+        "control_unknown_total",
+        "counter",
+        "Control messages of a newer protocol revision, ignored.",
+        n(&st.control_unknown),
+    );
+    one(
+        "control_rtt_seconds",
+        "gauge",
+        "Round trip of the last answered control ping (0 before the first).",
+        secs(&st.control_rtt_us),
+    );
+    one(
+        "control_rtt_max_seconds",
+        "gauge",
+        "Largest control ping round trip seen.",
+        secs(&st.control_rtt_max_us),
+    );
+    one(
+        "pongs_late_total",
+        "counter",
+        "Control pongs that came after the next ping (late, session kept).",
+        n(&st.pongs_late),
+    );
+    one(
+        "path_rtt_seconds",
+        "gauge",
+        "QUIC's smoothed round-trip estimate at the last keep-alive tick (0 on TCP).",
+        secs(&st.path_rtt_us),
+    );
+    one(
+        "path_rtt_max_seconds",
+        "gauge",
+        "Largest QUIC round-trip estimate seen at a tick.",
+        secs(&st.path_rtt_max_us),
+    );
+    let tasks = tokio::runtime::Handle::try_current()
+        .map(|h| h.metrics().num_alive_tasks())
+        .unwrap_or(0);
+    one(
+        "runtime_tasks",
+        "gauge",
+        "Tokio tasks alive in the edge process.",
+        tasks.to_string(),
+    );
+    let _ = writeln!(
+        o,
+        "# HELP edge_bytes_total Tunnelled bytes, by direction (up: towards the relay).\n\
+         # TYPE edge_bytes_total counter\n\
+         edge_bytes_total{{direction=\"up\"}} {}\n\
+         edge_bytes_total{{direction=\"down\"}} {}",
+        st.bytes_up.load(Relaxed),
+        st.bytes_down.load(Relaxed)
+    );
+    o += &st.udp.render_prometheus("edge");
+    if let Some(b) = st.capture_bound.get() {
+        o += &b.render_capture("edge");
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_counter_with_its_type() {
+        let st = EdgeStats::default();
+        st.streams_total.store(7, Relaxed);
+        st.control_rtt_us.store(1_500, Relaxed);
+        st.bytes_up.store(42, Relaxed);
+        st.udp.dropped_queue_full.store(3, Relaxed);
+        let t = render(true, &st);
+        for line in [
+            "edge_session_up 1",
+            "edge_streams_total 7",
+            "edge_control_rtt_seconds 0.0015",
+            "edge_bytes_total{direction=\"up\"} 42",
+            "edge_udp_dropped_total{reason=\"queue_full\"} 3",
+            "# TYPE edge_udp_flows gauge",
+        ] {
+            assert!(t.lines().any(|l| l == line), "{line} missing in:\n{t}");
+        }
+        // Capture not running: no capture series.
+        assert!(!t.contains("edge_capture"), "{t}");
+        let _ = st
+            .capture_bound
+            .set(relay_transport::conn::AcceptBound::new(16));
+        let t = render(false, &st);
+        assert!(t.lines().any(|l| l == "edge_session_up 0"), "{t}");
+        assert!(t.lines().any(|l| l == "edge_capture_connections 0"), "{t}");
+        // Every sample has a TYPE line for its family.
+        for l in t.lines().filter(|l| !l.starts_with('#')) {
+            let family = l.split(['{', ' ']).next().unwrap_or_default();
+            assert!(
+                t.contains(&format!("# TYPE {family} ")),
+                "no TYPE for {family}"
+            );
+        }
+    }
+}
