@@ -78,7 +78,8 @@ pub(crate) async fn relay(a: RelayArgs) -> Result<()> {
 pub(crate) async fn edge(a: EdgeArgs) -> Result<()> {
     relay_lab::init();
     let cfg = edge_client::FileConfig::load(&a.config)?;
-    let client = edge_client::EdgeClient::spawn(cfg);
+    // `start`, not `spawn`: it binds the status endpoint (`status_listen`).
+    let client = edge_client::EdgeClient::start(cfg).await?;
     terminated().await?;
     client.shutdown().await;
     Ok(())

@@ -119,7 +119,7 @@ fn nonsense_arguments_are_refused_with_a_reason() {
 }
 
 /// `soak` with tiny sizes: every phase's checks pass and fds, threads and
-/// relay tasks come back to the baseline (RSS only reported: a few
+/// the relay's and edges' tasks come back to the baseline (RSS only reported: a few
 /// thousand connections move it by more than 5 % once, see
 /// docs/benchmarks.md).
 #[test]
@@ -157,7 +157,7 @@ fn soak_with_tiny_sizes_comes_back_to_its_baseline() {
 
 /// `soak --phases badinput` with 3 repetitions of every row it drives:
 /// each repetition got its row's typed answer, after each row the relay's
-/// and both edges' fds and threads and the relay's tasks are back exactly,
+/// and both edges' fds, threads and tasks and the relay's tasks are back exactly,
 /// and the tunnel opened before the row lost no echo (RSS only reported:
 /// a few repetitions move it by noise).
 #[test]

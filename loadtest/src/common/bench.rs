@@ -12,6 +12,41 @@ use relay_transport::devcerts::DevPki;
 
 use super::*;
 
+/// Where edge `i`'s status endpoint is asked to listen: its own loopback
+/// address, a port the kernel picks (benchmarks run side by side, so no
+/// fixed port); [`listening_on`] finds the port.
+fn edge_status_listen(i: usize) -> SocketAddr {
+    SocketAddr::new(edge_ip(i), 0)
+}
+
+/// The TCP address process `pid` listens on at `ip` (its sockets in
+/// `/proc/<pid>/fd` matched with `/proc/<pid>/net/tcp`'s listeners), if
+/// any: where an edge process's status endpoint ended up.
+pub(crate) fn listening_on(pid: u32, ip: std::net::IpAddr) -> Option<SocketAddr> {
+    let std::net::IpAddr::V4(v4) = ip else {
+        return None;
+    };
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .filter_map(|e| {
+            let l = std::fs::read_link(e.ok()?.path()).ok()?;
+            let l = l.to_str()?;
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    // The kernel prints an IPv4 address as the hex of its in-memory
+    // (network order) u32, read as a little-endian number.
+    let want = format!("{:08X}", u32::from_le_bytes(v4.octets()));
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (addr, port) = f.get(1)?.split_once(':')?;
+        let listening = f.get(3) == Some(&"0A");
+        (listening && addr == want && inodes.contains(*f.get(9)?))
+            .then(|| Some(SocketAddr::new(ip, u16::from_str_radix(port, 16).ok()?)))?
+    })
+}
+
 /// Installs the rustls provider and a tracing subscriber on stderr at
 /// `error` (or `RUST_LOG`), so the in-process edges' reconnect warnings
 /// never mix with the result tables on stdout.
@@ -242,7 +277,8 @@ impl Bench {
         relay_lab::last_lines(&t, 10)
     }
 
-    /// Starts edge `i` as an `edge-client` process and waits until the
+    /// Starts edge `i` as an `edge-client` process (its status endpoint on
+    /// its loopback address: [`listening_on`]) and waits until the
     /// relay lists its session.
     /// `max_streams` overrides the edge's `[quic] max_streams` (how many
     /// streams the relay may have open to it).
@@ -255,8 +291,9 @@ impl Bench {
         let name = edge_name(i);
         let ip = edge_ip(i);
         let mut t = format!(
-            "node = \"{name}\"\nrelay = \"{}\"\nserver_name = \"localhost\"\nroutes = [\"{ip}/32\"]\nprimary_addr = \"{ip}\"\n{}[tls]\ncert = \"{}\"\nkey = \"{}\"\nrelay_ca = \"{}\"\n",
+            "node = \"{name}\"\nrelay = \"{}\"\nserver_name = \"localhost\"\nroutes = [\"{ip}/32\"]\nprimary_addr = \"{ip}\"\nstatus_listen = \"{}\"\n{}[tls]\ncert = \"{}\"\nkey = \"{}\"\nrelay_ca = \"{}\"\n",
             relay.quic,
+            edge_status_listen(i),
             self.edge_top,
             self.pki_file(&format!("{name}.pem")),
             self.pki_file(&format!("{name}-key.pem")),

@@ -1,7 +1,8 @@
 //! `soak`: one relay and two edges as real processes on loopback, loaded
 //! in phases, each followed by a check that the processes came back to
 //! where they started: open fds, RSS and threads per process (from
-//! `/proc`), live tokio tasks of the relay (its `relay_runtime_tasks`).
+//! `/proc`), live tokio tasks of the relay (its `relay_runtime_tasks`) and
+//! of each edge (`edge_runtime_tasks` from its status endpoint).
 //!
 //! - `tcp`: N tunnelled connections (CONNECT, 64-byte echo, close) over
 //!   both edges, K at a time ([`mod@churn`]);
@@ -120,14 +121,22 @@ impl Rig {
         }
     }
 
-    /// `(name, pid)` of the relay and the edges.
-    pub(crate) fn procs(&self) -> Vec<(String, u32)> {
+    /// The relay and the edges, with the edges' status endpoints.
+    pub(crate) fn procs(&self) -> Vec<probe::Watched> {
         // Named with the pid: a restarted edge is another process, and
         // compares with nothing.
         let pid = self.relay.child.pid();
-        let mut v = vec![(format!("relay (pid {pid})"), pid)];
+        let mut v = vec![probe::Watched {
+            name: format!("relay (pid {pid})"),
+            pid,
+            status: None,
+        }];
         for (i, e) in self.edges.iter().enumerate() {
-            v.push((format!("{} (pid {})", edge_name(i), e.pid()), e.pid()));
+            v.push(probe::Watched {
+                name: format!("{} (pid {})", edge_name(i), e.pid()),
+                pid: e.pid(),
+                status: crate::common::listening_on(e.pid(), relay_lab::edge_ip(i)),
+            });
         }
         v
     }
@@ -211,6 +220,11 @@ async fn start(a: &Args) -> Result<Rig> {
         bench.start_edge(0, &relay, None).await?,
         bench.start_edge(1, &relay, None).await?,
     ];
+    // Their tasks are compared too: a soak that cannot read them fails.
+    for (i, e) in edges.iter().enumerate() {
+        crate::common::listening_on(e.pid(), relay_lab::edge_ip(i))
+            .with_context(|| format!("{}: no status endpoint found", edge_name(i)))?;
+    }
     Ok(Rig {
         bench,
         relay,

@@ -1,8 +1,8 @@
 //! What a soak compares with its baseline: per process (from `/proc`) the
 //! open fds, resident memory and threads; for the relay also the gauges of
 //! its `/metrics` (live tokio tasks, open streams, sessions, CONNECT
-//! connections, UDP flows). The edges have no metrics endpoint, so their
-//! tasks are not counted; their fds and RSS are.
+//! connections, UDP flows); for the edges their live tokio tasks, from
+//! their status endpoints (`edge_runtime_tasks`).
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,21 @@ pub(crate) struct ProcFigures {
     pub(crate) rss: u64,
     /// `Threads` of `/proc/<pid>/status`.
     pub(crate) threads: u64,
+    /// Live tokio tasks, for a process with a status endpoint (an edge).
+    pub(crate) tasks: Option<u64>,
+}
+
+/// A process a soak watches: its name, pid, and the status endpoint whose
+/// `edge_runtime_tasks` it reads (an edge's; the relay's tasks come from
+/// its admin API, see [`Gauges`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Watched {
+    /// Shown in the tables (with the pid: a restarted process is another).
+    pub(crate) name: String,
+    /// Its pid.
+    pub(crate) pid: u32,
+    /// Its status endpoint, if it has one.
+    pub(crate) status: Option<std::net::SocketAddr>,
 }
 
 /// Reads `pid`'s figures now.
@@ -37,7 +52,23 @@ pub(crate) fn proc_figures(pid: u32) -> Result<ProcFigures> {
         fds,
         rss: rss_bytes(pid)?,
         threads,
+        tasks: None,
     })
+}
+
+/// [`proc_figures`] of `w`, with its tasks when it has a status endpoint.
+async fn watched_figures(w: &Watched) -> Result<ProcFigures> {
+    let mut f = proc_figures(w.pid)?;
+    if let Some(addr) = w.status {
+        let (code, body) = relay_lab::admin_get(addr, "/metrics", None)
+            .await
+            .with_context(|| format!("{}: status endpoint {addr}", w.name))?;
+        ensure!(code == 200, "{}: /metrics answered {code}", w.name);
+        let tasks = series(&body, "edge_runtime_tasks")
+            .with_context(|| format!("{}: no edge_runtime_tasks", w.name))?;
+        f.tasks = Some(tasks as u64);
+    }
+    Ok(f)
 }
 
 /// Reads one unlabelled series from a Prometheus text body.
@@ -95,33 +126,33 @@ pub(crate) struct Snapshot {
     pub(crate) gauges: Gauges,
 }
 
-/// Takes a snapshot of `procs` (name, pid) and the relay's gauges.
-pub(crate) async fn snapshot(procs: &[(String, u32)], admin: &AdminApi) -> Result<Snapshot> {
+/// Takes a snapshot of `procs` and the relay's gauges.
+pub(crate) async fn snapshot(procs: &[Watched], admin: &AdminApi) -> Result<Snapshot> {
+    let mut v = Vec::with_capacity(procs.len());
+    for w in procs {
+        v.push((w.name.clone(), watched_figures(w).await?));
+    }
     Ok(Snapshot {
-        procs: procs
-            .iter()
-            .map(|(n, p)| Ok((n.to_string(), proc_figures(*p)?)))
-            .collect::<Result<_>>()?,
+        procs: v,
         gauges: gauges(admin).await?,
     })
 }
 
 /// [`snapshot`] for sampling under load: a process that is gone (an edge
 /// being restarted) counts as zeros rather than failing the sample.
-pub(crate) async fn snapshot_lenient(
-    procs: &[(String, u32)],
-    admin: &AdminApi,
-) -> Result<Snapshot> {
+pub(crate) async fn snapshot_lenient(procs: &[Watched], admin: &AdminApi) -> Result<Snapshot> {
     let zero = ProcFigures {
         fds: 0,
         rss: 0,
         threads: 0,
+        tasks: None,
     };
+    let mut v = Vec::with_capacity(procs.len());
+    for w in procs {
+        v.push((w.name.clone(), watched_figures(w).await.unwrap_or(zero)));
+    }
     Ok(Snapshot {
-        procs: procs
-            .iter()
-            .map(|(n, p)| (n.clone(), proc_figures(*p).unwrap_or(zero)))
-            .collect(),
+        procs: v,
         gauges: gauges(admin).await?,
     })
 }
@@ -138,7 +169,7 @@ fn idle(g: &Gauges, sessions: f64) -> bool {
 /// (a connection the kernel still held in its listen queue arriving
 /// late). Returns the snapshot and the wait.
 pub(crate) async fn settled(
-    procs: &[(String, u32)],
+    procs: &[Watched],
     admin: &AdminApi,
     sessions: f64,
     limit: Duration,
@@ -213,6 +244,9 @@ pub(crate) fn compare(before: &Snapshot, peak: Option<&Snapshot>, after: &Snapsh
         row("fds", b.fds, p.map(|x| x.fds), a.fds, false);
         row("RSS", b.rss, p.map(|x| x.rss), a.rss, true);
         row("threads", b.threads, p.map(|x| x.threads), a.threads, false);
+        if let (Some(bt), Some(at)) = (b.tasks, a.tasks) {
+            row("tokio tasks", bt, p.and_then(|x| x.tasks), at, false);
+        }
     }
     v.push(Delta {
         what: "relay tokio tasks".into(),
@@ -275,6 +309,7 @@ pub(crate) fn keep_peak(peak: &mut Option<Snapshot>, now: Snapshot) {
         pf.fds = pf.fds.max(nf.fds);
         pf.rss = pf.rss.max(nf.rss);
         pf.threads = pf.threads.max(nf.threads);
+        pf.tasks = pf.tasks.max(nf.tasks);
     }
     p.gauges.tasks = p.gauges.tasks.max(now.gauges.tasks);
 }
