@@ -15,7 +15,7 @@
 //! always: a trim walks every arena under its lock (milliseconds at a
 //! large heap), so it runs only when the live task count has fallen to a
 //! quarter of its highest value since the last trim, and by at least
-//! [`PEAK_TASKS`], on a blocking thread: a few trims per peak at most
+//! [`PEAK_TASKS`], on a thread of its own: a few trims per peak at most
 //! (each needs the count to fall to a quarter again).
 
 use std::time::Duration;
@@ -65,8 +65,8 @@ pub fn spawn_trim_after_peaks() {
             let live = handle.metrics().num_alive_tasks();
             if tracker.sample(live) {
                 let before = rss_kib();
-                let took = tokio::task::spawn_blocking(trim).await;
-                if let (Ok(took), Some(before), Some(after)) = (took, before, rss_kib()) {
+                let took = trim_on_own_thread().await;
+                if let (Some(took), Some(before), Some(after)) = (took, before, rss_kib()) {
                     info!(
                         live_tasks = live,
                         rss_before_kib = before,
@@ -78,6 +78,25 @@ pub fn spawn_trim_after_peaks() {
             }
         }
     });
+}
+
+/// Runs [`trim`] on a thread of its own that ends with it; how long the
+/// trim took (`None` if no thread could be started).
+///
+/// Not `spawn_blocking`: tokio keeps a blocking-pool thread alive for 10 s
+/// after its last job, so every trim left the process one thread above
+/// its baseline for a while (a soak settled 5 s after a peak counted it:
+/// relay and edge threads 3 → 4). A trim runs a few times per peak at
+/// most, so a thread per trim costs nothing that matters.
+async fn trim_on_own_thread() -> Option<Duration> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("malloc-trim".into())
+        .spawn(move || {
+            let _ = tx.send(trim());
+        })
+        .ok()?;
+    rx.await.ok()
 }
 
 /// Free memory glibc keeps at the top of each heap before giving it back
