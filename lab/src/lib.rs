@@ -40,6 +40,15 @@ pub fn last_lines(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The value of one series in a Prometheus text body, unlabelled
+/// (`relay_udp_flows`) or with its labels written out
+/// (`relay_udp_dropped_total{reason="oversize"}`); `None` if absent.
+pub fn metric_sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Installs a tracing subscriber once (honours `RUST_LOG`, default warn)
 /// and the process-wide rustls provider.
 pub fn init() {

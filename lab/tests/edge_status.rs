@@ -9,19 +9,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use edge_client::EdgeClient;
+use relay_lab::metric_sample as sample;
 use relay_lab::traffic::{echo_round_trip, random_bytes};
 use relay_lab::{admin_request, connect_via, edge_config, edge_ip, edge_name, init, spawn_echo};
 use relay_server::Relay;
 use relay_transport::devcerts::DevPki;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-
-/// The value of an unlabelled or labelled sample line `series value`.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
 
 /// `promtool check metrics` (Debian's prometheus package) on `text`: the
 /// exposition format and Prometheus' naming rules. Required under CI or

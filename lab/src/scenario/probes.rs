@@ -42,10 +42,7 @@ pub fn admin(lab: &NetnsLab, path: &'static str) -> Result<String> {
 /// (`relay_udp_flows`) or with its labels (`relay_udp_dropped_total{reason="oversize"}`);
 /// an error when the relay does not export it.
 pub fn metric(lab: &NetnsLab, series: &str) -> Result<f64> {
-    let body = admin(lab, "/metrics")?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
+    crate::metric_sample(&admin(lab, "/metrics")?, series)
         .with_context(|| format!("no {series} in /metrics"))
 }
 

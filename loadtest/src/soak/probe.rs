@@ -71,12 +71,7 @@ async fn watched_figures(w: &Watched) -> Result<ProcFigures> {
     Ok(f)
 }
 
-/// Reads one unlabelled series from a Prometheus text body.
-pub(crate) fn series(body: &str, name: &str) -> Option<f64> {
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-}
+pub(crate) use relay_lab::metric_sample as series;
 
 /// Sum of every labelled series of `name` whose labels contain `label`
 /// (empty: all of them).
