@@ -40,6 +40,24 @@ pub fn last_lines(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// A loopback address whose port is free for UDP and TCP and lies below
+/// the kernel's ephemeral range (32768 and up by default), for a relay a
+/// test restarts on the same address. A port the kernel handed out (`:0`)
+/// goes back to the ephemeral pool when the first relay closes, and an
+/// outgoing connection of a test running beside it can take it before the
+/// restart binds it again ("Address already in use", seen once in CI); no
+/// outgoing connection is ever given a port from below the range.
+pub fn restartable_loopback_addr() -> Result<SocketAddr> {
+    for _ in 0..200 {
+        let port = 20_000 + rand::random::<u16>() % 12_000;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        if std::net::UdpSocket::bind(addr).is_ok() && std::net::TcpListener::bind(addr).is_ok() {
+            return Ok(addr);
+        }
+    }
+    bail!("no free loopback port in 20000..32000 after 200 tries")
+}
+
 /// The value of one series in a Prometheus text body, unlabelled
 /// (`relay_udp_flows`) or with its labels written out
 /// (`relay_udp_dropped_total{reason="oversize"}`); `None` if absent.

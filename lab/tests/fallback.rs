@@ -166,8 +166,10 @@ async fn tcp_fallback_session_survives_idle_keepalive_periods() -> Result<()> {
 /// 995 of 1,000 edges were on TCP after `loadtest storm`'s restart.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_restart_brings_quic_edges_back_on_quic() -> Result<()> {
-    let lab = Lab::start(1, |_| {}).await?;
-    let quic = lab.relay.quic_addr();
+    // Restarted on the same address, so not a port from the ephemeral
+    // pool (see restartable_loopback_addr).
+    let quic = relay_lab::restartable_loopback_addr()?;
+    let lab = Lab::start(1, |c| c.quic_listen = quic).await?;
     let Lab { pki, relay, edges } = lab;
     assert_eq!(edges[0].stats().sessions.load(Relaxed), 1);
     relay.shutdown(Duration::ZERO).await;
