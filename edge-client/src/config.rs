@@ -281,18 +281,10 @@ fn host_of(relay: &str) -> Option<&str> {
     (!host.is_empty()).then_some(host)
 }
 
-/// `tcp_fallback_mss` from the file: the default when absent, `None` (the
-/// kernel's choice) for 0, else a segment size TCP can use.
+/// `tcp_fallback_mss` from the file (see
+/// [`relay_transport::tcp::fallback_mss_setting`]).
 fn fallback_mss(v: Option<u32>) -> Result<Option<u32>, ConfigError> {
-    match v {
-        None => Ok(Some(relay_transport::tcp::DEFAULT_FALLBACK_MSS)),
-        Some(0) => Ok(None),
-        Some(m @ 536..=9000) => Ok(Some(m)),
-        Some(m) => Err(err(
-            "tcp_fallback_mss",
-            format!("{m} must be 0 (the kernel's choice) or 536 to 9000"),
-        )),
-    }
+    relay_transport::tcp::fallback_mss_setting(v).map_err(|m| err("tcp_fallback_mss", m))
 }
 
 /// `status_listen` from the file: loopback, or anywhere when the file says

@@ -109,6 +109,13 @@ pub struct RelayConfig {
     /// Also accept the TLS+TCP+yamux fallback on the same address and port
     /// number (TCP), for edges whose networks block UDP.
     pub tcp_fallback: bool,
+    /// The maximum segment size set on the fallback listener (`None`: the
+    /// kernel's): it is the MSS the relay announces, and Linux also clamps
+    /// what the relay sends to it, so it bounds both directions of every
+    /// fallback connection, also those of edges that set none themselves
+    /// (older builds, `tcp_fallback_mss = 0`); see
+    /// [`relay_transport::tcp::DEFAULT_FALLBACK_MSS`].
+    pub tcp_fallback_mss: Option<u32>,
     /// Relay certificate and the CA that signs edge certificates.
     pub tls: TlsMaterial,
     /// Revoked edge certificates (`tls.crl`); empty: no revocation check.
@@ -181,6 +188,7 @@ impl RelayConfig {
             relay_id: "relay-0".into(),
             quic_listen: lo,
             tcp_fallback: true,
+            tcp_fallback_mss: Some(relay_transport::tcp::DEFAULT_FALLBACK_MSS),
             tls,
             tls_crls: Vec::new(),
             tls_reload: None,

@@ -386,6 +386,13 @@ pub fn tune_listener(l: &tokio::net::TcpListener) {
     tune(socket2::SockRef::from(l));
 }
 
+/// Sets the maximum segment size on a listener (the relay's fallback
+/// listener, see [`DEFAULT_FALLBACK_MSS`]): its SYN-ACKs announce it, and
+/// Linux clamps every accepted connection's own segments to it too.
+pub fn set_listener_mss(l: &tokio::net::TcpListener, mss: u32) -> std::io::Result<()> {
+    socket2::SockRef::from(l).set_tcp_mss(mss)
+}
+
 fn tune(sock: socket2::SockRef<'_>) {
     let _ = sock.set_tcp_nodelay(true);
     let ka = socket2::TcpKeepalive::new()
@@ -405,6 +412,21 @@ fn tune(sock: socket2::SockRef<'_>) {
 /// is also the MSS the edge announces, so it bounds the relay's segments
 /// too. Costs about 16 % more segments than a clean 1,500-byte path.
 pub const DEFAULT_FALLBACK_MSS: u32 = 1220;
+
+/// A `tcp_fallback_mss` setting as both configuration files take it: the
+/// default ([`DEFAULT_FALLBACK_MSS`]) when absent, `None` (the kernel's
+/// choice, from path-MTU discovery) for 0, else a segment size TCP can use
+/// (536 to 9000); the error says what is allowed.
+pub fn fallback_mss_setting(v: Option<u32>) -> Result<Option<u32>, String> {
+    match v {
+        None => Ok(Some(DEFAULT_FALLBACK_MSS)),
+        Some(0) => Ok(None),
+        Some(m @ 536..=9000) => Ok(Some(m)),
+        Some(m) => Err(format!(
+            "{m} must be 0 (the kernel's choice) or 536 to 9000"
+        )),
+    }
+}
 
 /// Dials the relay over TLS+TCP and starts yamux (edge side). The whole
 /// setup is bounded by `timeout`; a non-zero `mark` tags the socket so

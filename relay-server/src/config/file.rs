@@ -31,6 +31,9 @@ pub struct ListenFile {
     /// Accept the TLS+TCP fallback on the same address and port (TCP).
     #[serde(default = "yes")]
     pub tcp_fallback: bool,
+    /// See [`RelayConfig::tcp_fallback_mss`]: default 1220, 0 = the
+    /// kernel's, else 536 to 9000.
+    pub tcp_fallback_mss: Option<u32>,
     /// TCP address for HTTP CONNECT.
     pub connect: Option<SocketAddr>,
     /// Unix socket for HTTP CONNECT.
@@ -288,6 +291,10 @@ impl FileConfig {
             relay_id,
             quic_listen: self.listen.quic,
             tcp_fallback: self.listen.tcp_fallback,
+            tcp_fallback_mss: relay_transport::tcp::fallback_mss_setting(
+                self.listen.tcp_fallback_mss,
+            )
+            .map_err(|m| err("listen.tcp_fallback_mss", m))?,
             tls,
             tls_crls,
             tls_reload,

@@ -105,3 +105,20 @@ fn insecure_exposure_is_refused_unless_allowed() {
 fn secrets_are_masked() {
     assert_eq!(format!("{:?}", Secret::new("hunter2")), "MASKED");
 }
+
+#[test]
+fn tcp_fallback_mss_defaults_to_a_small_mtu_safe_size() {
+    relay_transport::tls::install_default_provider();
+    let (_dir, tls) = files();
+    let mss = |listen: &str| load(listen, &tls, "").map(|c| c.tcp_fallback_mss);
+    assert_eq!(mss("").unwrap(), Some(1220));
+    assert_eq!(mss("tcp_fallback_mss = 0").unwrap(), None);
+    assert_eq!(mss("tcp_fallback_mss = 1400").unwrap(), Some(1400));
+    let e = mss("tcp_fallback_mss = 100").unwrap_err();
+    assert_eq!(e.field, "listen.tcp_fallback_mss", "{e}");
+    assert!(e.to_string().contains("536 to 9000"), "{e}");
+    // A config built by code is held to the same range (0 is `None` there).
+    let mut c = load("", &tls, "").unwrap();
+    c.tcp_fallback_mss = Some(0);
+    assert_eq!(c.validate().unwrap_err().field, "listen.tcp_fallback_mss");
+}

@@ -26,6 +26,16 @@ impl RelayConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_values(&self.quic, &self.limits, &self.nodes, &self.communities)?;
         check_kubernetes(self.kubernetes.as_ref(), &self.nodes)?;
+        match self.tcp_fallback_mss {
+            // The file's 0 (the kernel's choice) is `None` here.
+            Some(m) if !(536..=9000).contains(&m) => {
+                return Err(err(
+                    "listen.tcp_fallback_mss",
+                    format!("{m} must be 536 to 9000 (None: the kernel's choice)"),
+                ));
+            }
+            _ => {}
+        }
         if self.bootstrap.is_some() && self.kubernetes.is_none() {
             return Err(err(
                 "bootstrap",

@@ -104,7 +104,16 @@ pub(super) async fn bind_quic_and_tcp(
             .local_addr()
             .map_err(bind_err("quic", cfg.quic_listen))?;
         match tokio::net::TcpListener::bind(addr).await {
-            Ok(l) => return Ok((endpoint, Some(l))),
+            Ok(l) => {
+                // Set on the listener: the SYN-ACK announces it and every
+                // accepted connection inherits it (both directions then
+                // use segments no larger, see RelayConfig::tcp_fallback_mss).
+                if let Some(mss) = cfg.tcp_fallback_mss {
+                    relay_transport::tcp::set_listener_mss(&l, mss)
+                        .map_err(bind_err("tcp fallback (TCP_MAXSEG)", addr))?;
+                }
+                return Ok((endpoint, Some(l)));
+            }
             Err(e) => last = Some((addr, e)),
         }
     }
