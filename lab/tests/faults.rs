@@ -180,9 +180,9 @@ fn echo_relay_edge1(lab: &NetnsLab, pki: &DevPki) -> Result<(Vec<Running>, Sessi
 /// loaded machine the echo loop sometimes sits in that state at the fault
 /// (measured: 4.5 to 5.9 s in 2 of 5 runs with three busy loops beside,
 /// 0.00 to 0.09 s otherwise; in the run traced, what ended the stall was
-/// the control ping of the edge's keep-alive tick). So the bound is one keep-alive plus a second of
-/// margin, the same bound an idle edge gets, and what docs/architecture.md
-/// states.
+/// the control ping of the edge's keep-alive tick). So the bound is one
+/// keep-alive plus a second of margin, the same bound an idle edge gets,
+/// and what docs/architecture.md states.
 fn nat_rebinding(t: &mut Table) -> Result<()> {
     const TOTAL: u64 = 32 << 20;
     const CHUNK: usize = 64 << 10;
