@@ -421,12 +421,16 @@ pub fn fallback_mss_setting(v: Option<u32>) -> Result<Option<u32>, String> {
     match v {
         None => Ok(Some(DEFAULT_FALLBACK_MSS)),
         Some(0) => Ok(None),
-        Some(m @ 536..=9000) => Ok(Some(m)),
+        Some(m) if FALLBACK_MSS_RANGE.contains(&m) => Ok(Some(m)),
         Some(m) => Err(format!(
             "{m} must be 0 (the kernel's choice) or 536 to 9000"
         )),
     }
 }
+
+/// The segment sizes a fallback MSS may be set to: from IPv4's minimum
+/// (536) to a jumbo frame's.
+pub const FALLBACK_MSS_RANGE: std::ops::RangeInclusive<u32> = 536..=9000;
 
 /// Dials the relay over TLS+TCP and starts yamux (edge side). The whole
 /// setup is bounded by `timeout`; a non-zero `mark` tags the socket so

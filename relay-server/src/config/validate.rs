@@ -28,7 +28,7 @@ impl RelayConfig {
         check_kubernetes(self.kubernetes.as_ref(), &self.nodes)?;
         match self.tcp_fallback_mss {
             // The file's 0 (the kernel's choice) is `None` here.
-            Some(m) if !(536..=9000).contains(&m) => {
+            Some(m) if !relay_transport::tcp::FALLBACK_MSS_RANGE.contains(&m) => {
                 return Err(err(
                     "listen.tcp_fallback_mss",
                     format!("{m} must be 536 to 9000 (None: the kernel's choice)"),
