@@ -42,7 +42,7 @@ use anyhow::{bail, ensure, Context, Result};
 
 use crate::netns::{self, NetnsLab, Role};
 use crate::scenario::{
-    captured_prefixes, lab_pki, relay_config_in, session, RelayProcess, QUIC_PORT,
+    captured_prefixes, edge_toml, lab_pki, relay_config_in, session, RelayProcess,
 };
 
 pub mod iperf;
@@ -185,14 +185,14 @@ impl Bench {
             .context("starting relay-server on the relay node")?;
         let certs = dir.0.join("certs");
         pki.write_to(&certs)?;
-        let edge_toml = dir.0.join("edge1.toml");
-        std::fs::write(&edge_toml, edge_toml_text(&certs))?;
+        let edge_file = dir.0.join("edge1.toml");
+        std::fs::write(&edge_file, edge_toml(&lab, 1, &certs, ""))?;
         let mut edge = NsChild::spawn(
             &lab,
             Role::Edge1,
             "edge-client",
             &opts.edge_bin,
-            &["--config".into(), edge_toml.display().to_string()],
+            &["--config".into(), edge_file.display().to_string()],
             &dir.0.join("edge1.log"),
         )?;
         let prefix = netns::edge_pod_cidr(1).to_string();
@@ -396,25 +396,6 @@ fn cloud_pod_ip(pod: Role) -> Ipv4Addr {
     } else {
         netns::CPOD2_IP
     }
-}
-
-/// edge1's configuration file, as `scenario::edge_config` builds it in
-/// code: the relay's WAN address, its pod CIDR and host address, capture
-/// on; QUIC only, so a failed QUIC handshake fails the benchmark rather
-/// than measuring the TCP fallback.
-fn edge_toml_text(certs: &FsPath) -> String {
-    let p = |f: &str| format!("{:?}", certs.join(f).display().to_string());
-    let host = netns::edge_host_ip(1);
-    format!(
-        "node = \"edge1\"\nrelay = \"{}:{QUIC_PORT}\"\nserver_name = \"relay.lab\"\n\
-         routes = [\"{}\", \"{host}/32\"]\nprimary_addr = \"{host}\"\ntransport = \"quic\"\n\n\
-         [tls]\ncert = {}\nkey = {}\nrelay_ca = {}\n\n[capture]\nenabled = true\n",
-        netns::RELAY_WAN_IP,
-        netns::edge_pod_cidr(1),
-        p("edge1.pem"),
-        p("edge1-key.pem"),
-        p("ca.pem"),
-    )
 }
 
 /// rathole's server on the relay node and its client on edge1, configured

@@ -14,6 +14,7 @@ pub mod client_loop;
 pub mod cluster;
 pub mod edges;
 pub mod netns;
+pub mod procfs;
 pub mod rathole;
 pub mod replicas;
 pub mod route_agent;

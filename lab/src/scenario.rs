@@ -38,7 +38,7 @@ pub use probes::{
     sessions, udp_from,
 };
 pub use relay_process::{newest_source, relay_server_binary, RelayProcess};
-pub use relay_toml::relay_toml;
+pub use relay_toml::{edge_toml, relay_toml};
 pub use table::{Row, Table};
 
 /// Port of the HTTP page every [`services`] host serves.
@@ -55,6 +55,9 @@ pub const CONNECT_PORT: u16 = 8131;
 pub const ADMIN_PORT: u16 = 9090;
 /// The relay's QUIC port (on every address of the relay node).
 pub const QUIC_PORT: u16 = 8443;
+/// Where an edge run as a process ([`edge_toml`]) serves its status
+/// endpoint, in its own namespace (the address the deployment uses).
+pub const EDGE_STATUS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9469);
 /// The admin API's bearer token in the lab.
 pub const ADMIN_TOKEN: &str = "lab-admin-token-0123456789";
 /// How long [`launch`] waits for a task to report readiness.

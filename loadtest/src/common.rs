@@ -75,38 +75,7 @@ pub(crate) fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Resident set size of a process, in bytes (`VmRSS` of `/proc/<pid>/status`).
-pub(crate) fn rss_bytes(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS line")?;
-    let kb: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .context("bad VmRSS line")?;
-    Ok(kb * 1024)
-}
-
-/// CPU time (user + system) a process has used so far, in seconds, from
-/// `/proc/<pid>/stat` (clock ticks of 1/100 s, the Linux default).
-pub(crate) fn cpu_secs(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // The command name may contain spaces; fields resume after ')'.
-    let rest = stat.rsplit_once(')').context("bad stat")?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> Result<f64> {
-        f.get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .context("bad stat field")
-    };
-    // utime and stime are fields 14 and 15 overall, 12 and 13 after ')'.
-    Ok((ticks(11)? + ticks(12)?) / 100.0)
-}
+pub(crate) use relay_lab::procfs::{cpu_seconds as cpu_secs, rss_bytes};
 
 /// One line describing the machine, for reports.
 pub(crate) fn machine() -> String {

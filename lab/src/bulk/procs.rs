@@ -8,7 +8,6 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -94,39 +93,7 @@ impl Drop for NsChild {
     }
 }
 
-/// Clock ticks per second of `/proc/<pid>/stat`'s times (`getconf
-/// CLK_TCK`; 100 on every Linux this runs on, which is the fallback).
-fn clock_ticks() -> f64 {
-    static TICKS: OnceLock<f64> = OnceLock::new();
-    *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    })
-}
-
-/// utime + stime of `pid`, in seconds (fields 14 and 15 of
-/// `/proc/<pid>/stat`; counted after the command name, which may itself
-/// hold spaces and parentheses, hence the last `)`).
-pub fn cpu_seconds(pid: u32) -> Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .with_context(|| format!("{path}: no command name"))?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state): utime is field 14, stime 15.
-    let tick = |i: usize| -> Result<f64> {
-        Ok(f.get(i)
-            .with_context(|| format!("{path}: too few fields"))?
-            .parse::<u64>()? as f64)
-    };
-    Ok((tick(11)? + tick(12)?) / clock_ticks())
-}
+pub use crate::procfs::cpu_seconds;
 
 /// What [`run_bounded`] saw.
 pub struct Output {

@@ -1,7 +1,8 @@
-//! [`relay_toml`]: a [`RelayConfig`] written back as the `relay.toml` the
-//! real `relay-server` binary reads, so a test can run the binary
-//! ([`super::RelayProcess`], the interop tests) with the configuration it
-//! built in code.
+//! The configuration files of the real binaries, for tests that run them
+//! as processes: [`relay_toml`], a [`RelayConfig`] written back as the
+//! `relay.toml` the `relay-server` binary reads ([`super::RelayProcess`],
+//! the interop tests), so a test runs the binary with the configuration
+//! it built in code; [`edge_toml`], a lab edge's `edge-client` file.
 //!
 //! It writes only the keys the lab sets, and some only when they differ
 //! from the default, so the previous release (interop) can read it too.
@@ -11,6 +12,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use relay_server::RelayConfig;
+
+use super::{EDGE_STATUS, QUIC_PORT};
+use crate::netns::{self, NetnsLab};
 
 /// `relay.toml` text equivalent to `cfg` (listen addresses, nodes, tunnel
 /// routes, QUIC tuning, drain grace, capture on or off, `[kubernetes]`,
@@ -70,10 +74,30 @@ pub fn relay_toml(cfg: &RelayConfig, certs: &Path, token_file: Option<&Path>) ->
         cfg.quic.max_bidi_streams,
         cfg.quic.stream_window
     );
+    let _ = writeln!(
+        t,
+        "\n[limits]\ndrain_grace = \"{}\"",
+        ms(cfg.limits.drain_grace)
+    );
+    // The UDP limits only when set (the lab's defaults are the relay's).
+    let d = relay_server::Limits::default();
+    if cfg.limits.udp_idle_timeout != d.udp_idle_timeout {
+        let _ = writeln!(
+            t,
+            "udp_idle_timeout = \"{}\"",
+            ms(cfg.limits.udp_idle_timeout)
+        );
+    }
+    if cfg.limits.max_udp_flows_per_session != d.max_udp_flows_per_session {
+        let _ = writeln!(
+            t,
+            "max_udp_flows_per_session = {}",
+            cfg.limits.max_udp_flows_per_session
+        );
+    }
     let _ = write!(
         t,
-        "\n[limits]\ndrain_grace = \"{}\"\n\n[capture]\nenabled = {}\n\n[nodes]\n",
-        ms(cfg.limits.drain_grace),
+        "\n[capture]\nenabled = {}\n\n[nodes]\n",
         cfg.capture.is_some()
     );
     let mut nodes: Vec<_> = cfg.nodes.iter().collect();
@@ -149,4 +173,29 @@ fn replicas_toml(r: &relay_server::replicas::ReplicaSettings) -> String {
         }
     }
     t
+}
+
+/// `edge-client` configuration text for `lab`'s edge on `site`, as
+/// `scenario::edge_config` builds it in code: the relay's WAN address,
+/// the site's pod CIDR and host address, capture on, QUIC only (a failed
+/// QUIC handshake fails the test rather than measuring the TCP fallback),
+/// the status endpoint on [`EDGE_STATUS`](super::EDGE_STATUS) in the
+/// edge's namespace; certificates in `certs` (as written by
+/// [`DevPki::write_to`](relay_transport::devcerts::DevPki::write_to));
+/// `extra` appended (sections of its own, e.g. `[timeouts]`).
+pub fn edge_toml(lab: &NetnsLab, site: u8, certs: &Path, extra: &str) -> String {
+    let p = |f: &str| format!("{:?}", certs.join(f).display().to_string());
+    let node = format!("edge{site}");
+    let host = lab.edge_host_ip(site);
+    format!(
+        "node = \"{node}\"\nrelay = \"{}:{QUIC_PORT}\"\nserver_name = \"relay.lab\"\n\
+         routes = [\"{}\", \"{host}/32\"]\nprimary_addr = \"{host}\"\ntransport = \"quic\"\n\
+         status_listen = \"{EDGE_STATUS}\"\n\n\
+         [tls]\ncert = {}\nkey = {}\nrelay_ca = {}\n\n[capture]\nenabled = true\n{extra}",
+        netns::RELAY_WAN_IP,
+        netns::edge_pod_cidr(site),
+        p(&format!("{node}.pem")),
+        p(&format!("{node}-key.pem")),
+        p("ca.pem"),
+    )
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
 
-use crate::common::{fmt_bytes, rss_bytes, AdminApi, Table};
+use crate::common::{fmt_bytes, AdminApi, Table};
 
 /// One process's figures.
 #[derive(Debug, Clone, Copy)]
@@ -37,21 +37,13 @@ pub(crate) struct Watched {
     pub(crate) status: Option<std::net::SocketAddr>,
 }
 
-/// Reads `pid`'s figures now.
+/// Reads `pid`'s figures now ([`relay_lab::procfs::figures`]).
 pub(crate) fn proc_figures(pid: u32) -> Result<ProcFigures> {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .with_context(|| format!("listing /proc/{pid}/fd"))?
-        .count() as u64;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let threads = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
-        .context("no Threads line")?;
+    let f = relay_lab::procfs::figures(pid)?;
     Ok(ProcFigures {
-        fds,
-        rss: rss_bytes(pid)?,
-        threads,
+        fds: f.fds,
+        rss: f.rss,
+        threads: f.threads,
         tasks: None,
     })
 }
