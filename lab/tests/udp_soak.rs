@@ -1,15 +1,24 @@
-//! UDP flows and a datagram flood through the relay, then back to where
-//! it started. UDP is only carried for captured traffic (nftables rules
-//! and conntrack), so this runs in the network-namespace lab, with the
-//! relay, the edge and the services inside this test process: the fd and
-//! memory figures are the whole process's.
+//! UDP flows and a datagram flood through the real `relay-server` and
+//! `edge-client` binaries, each its own process in its namespace, then
+//! back to where they started. UDP is only carried for captured traffic
+//! (nftables rules and conntrack), so this runs in the network-namespace
+//! lab; the services and the clients are in this test process, so the fd,
+//! thread, task and memory figures of relay and edge are theirs alone.
 //!
+//! 0. A warm-up ([`WARM_UP`] flows at the same rate, so as many flows are
+//!    alive at once as in the rounds), then the baseline once idle: per
+//!    process open fds, threads, `VmRSS`, and live tokio tasks (the
+//!    relay's `relay_runtime_tasks`, the edge's `edge_runtime_tasks` from
+//!    its status endpoint).
 //! 1. `SOAK_UDP_FLOWS` flows (default 500; the soak in docs/benchmarks.md
 //!    runs 10,000) from a cloud pod on the relay node to an edge pod's
-//!    responder: each a new source port (a new capture, conntrack lookup
-//!    and tunnel stream), one query answered; at most [`RATE`] new flows a
-//!    second so the flows alive at once (rate × idle timeout) stay under
-//!    the caps.
+//!    responder, `SOAK_UDP_ROUNDS` times (default 2): each a new source port (a new capture, conntrack
+//!    lookup and tunnel stream), one query answered; at most [`RATE`] new
+//!    flows a second so the flows alive at once (rate × idle timeout)
+//!    stay under the caps. After each round, once idle: fds, threads and
+//!    tasks within [`TOLERANCE`] of the baseline; RSS within it of the
+//!    first round's (a plateau, not memory per flow), and printed against
+//!    the baseline.
 //! 2. A flood on one flow: [`FLOOD`] 1,000-byte payloads as fast as the
 //!    socket takes them and [`BIG`] of 3,000 bytes (over the QUIC
 //!    datagram size, so they take the flow's stream): the relay's bounded
@@ -21,16 +30,13 @@
 //!    large for a datagram on the way back) and carried on the flow's
 //!    stream (`relay_udp_stream_payloads_total`), none dropped as oversize,
 //!    none truncated.
-//! 3. With the idle timeouts shortened to 1 s, the relay ends with no
-//!    flow or stream open and the process's open fds back at the
-//!    baseline. RSS is printed, not checked: it is this whole process's
-//!    (relay, edge, services and a thread with its own runtime for every
-//!    step in a namespace, each its own malloc arena), and it grows
-//!    until those arenas are warm (with 500 flows a round the second
-//!    round still grows it; with 10,000 the second adds 1 %, see
-//!    docs/benchmarks.md). Per-process memory is `loadtest soak`'s.
+//! 3. With the idle timeouts shortened to 1 s, relay and edge end with no
+//!    flow or stream open, and fds, threads and tasks are back within
+//!    [`TOLERANCE`] of the baseline; RSS after the flood is printed, not
+//!    checked (the flood is bad input, not load: docs/bad-input.md).
 //!
-//! Needs root; skips loudly otherwise (`REQUIRE_LAB=1` or `CI=true` fail).
+//! Needs root and the binaries built (`cargo build --workspace --bins`);
+//! skips loudly otherwise (`REQUIRE_LAB=1` or `CI=true` fail).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -38,42 +44,97 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use relay_lab::bulk::procs::{binary_next_to_exe, NsChild};
 use relay_lab::netns::{self, NetnsLab, Role};
+use relay_lab::procfs::{self, Figures};
 use relay_lab::scenario::{
-    captured_prefixes, edge_config, http_from, lab_pki, metric, relay_config, sa, services,
-    start_edge, start_relay, udp_from, within, DNS, HTTP,
+    captured_prefixes, edge_toml, http_from, lab_pki, metric, relay_config_in, relay_server_binary,
+    sa, services, udp_from, within, RelayProcess, DNS, EDGE_STATUS, HTTP,
 };
 use tokio::net::UdpSocket;
 
 /// New flows a second at most.
 const RATE: u64 = 400;
+/// Flows of the warm-up before the baseline.
+const WARM_UP: u64 = 1_000;
 /// Flood payloads of 1,000 bytes.
 const FLOOD: u64 = 20_000;
 /// Flood payloads of 3,000 bytes (over the path's datagram size).
 const BIG: u64 = 500;
 /// 3,000-byte payloads sent 10 ms apart after the flood.
 const PACED_BIG: u64 = 50;
+/// How far above the baseline a figure may end (the soak's 5 %).
+const TOLERANCE: f64 = 0.05;
 
-fn flows() -> u64 {
-    std::env::var("SOAK_UDP_FLOWS")
+/// `name` from the environment, or `default`; clamped to `range`.
+fn env_u64(name: &str, default: u64, range: std::ops::RangeInclusive<u64>) -> u64 {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(500)
-        .clamp(1, 100_000)
+        .unwrap_or(default)
+        .clamp(*range.start(), *range.end())
 }
 
-fn fds() -> Result<u64> {
-    Ok(std::fs::read_dir("/proc/self/fd")?.count() as u64)
+/// One series of the edge's status endpoint (`/metrics`), read from inside
+/// its namespace.
+fn edge_metric(lab: &NetnsLab, series: &'static str) -> Result<f64> {
+    let body = lab.run_in(Role::Edge1, Duration::from_secs(5), || async {
+        let (code, body) = relay_lab::admin_get(EDGE_STATUS, "/metrics", None).await?;
+        ensure!(code == 200, "edge /metrics answered {code}");
+        Ok(body)
+    })?;
+    relay_lab::metric_sample(&body, series).with_context(|| format!("no {series} on the edge"))
 }
 
-fn rss_mib() -> Result<f64> {
-    let s = std::fs::read_to_string("/proc/self/status")?;
-    let kb: f64 = s
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")?;
-    Ok(kb / 1024.0)
+/// What is compared with the baseline.
+#[derive(Debug, Clone, Copy)]
+struct Snapshot {
+    relay: Figures,
+    relay_tasks: f64,
+    edge: Figures,
+    edge_tasks: f64,
+}
+
+impl Snapshot {
+    fn take(lab: &NetnsLab, relay: u32, edge: u32) -> Result<Snapshot> {
+        Ok(Snapshot {
+            relay: procfs::figures(relay)?,
+            relay_tasks: metric(lab, "relay_runtime_tasks")?,
+            edge: procfs::figures(edge)?,
+            edge_tasks: edge_metric(lab, "edge_runtime_tasks")?,
+        })
+    }
+
+    /// `(figure, value)` in a fixed order; RSS in MiB.
+    fn rows(&self) -> [(&'static str, f64); 8] {
+        let mib = |b: u64| b as f64 / MIB;
+        [
+            ("relay fds", self.relay.fds as f64),
+            ("relay threads", self.relay.threads as f64),
+            ("relay tokio tasks", self.relay_tasks),
+            ("relay RSS MiB", mib(self.relay.rss)),
+            ("edge fds", self.edge.fds as f64),
+            ("edge threads", self.edge.threads as f64),
+            ("edge tokio tasks", self.edge_tasks),
+            ("edge RSS MiB", mib(self.edge.rss)),
+        ]
+    }
+
+    /// Prints this snapshot against `base` and returns the figures more
+    /// than [`TOLERANCE`] above it (RSS ones only if `rss`).
+    fn compare(&self, base: &Snapshot, what: &str, rss: bool) -> Vec<String> {
+        let mut over = Vec::new();
+        let mut line = format!("udp soak: {what}:");
+        for ((name, b), (_, v)) in base.rows().into_iter().zip(self.rows()) {
+            let change = if b > 0.0 { (v - b) * 100.0 / b } else { 0.0 };
+            line.push_str(&format!(" {name} {b:.1} → {v:.1} ({change:+.1} %);"));
+            if v > b * (1.0 + TOLERANCE) && (rss || !name.ends_with("MiB")) {
+                over.push(format!("{name} {b:.1} → {v:.1} ({change:+.1} %)"));
+            }
+        }
+        eprintln!("{line}");
+        over
+    }
 }
 
 fn dropped(lab: &NetnsLab, reason: &str) -> Result<f64> {
@@ -97,9 +158,23 @@ fn all_dropped(lab: &NetnsLab) -> Result<Vec<f64>> {
     .collect()
 }
 
-/// The relay has no flow and no stream open.
-fn relay_idle(lab: &NetnsLab) -> Result<bool> {
-    Ok(metric(lab, "relay_udp_flows")? == 0.0 && metric(lab, "relay_streams_open")? == 0.0)
+/// Neither the relay nor the edge has a flow or a stream open.
+fn idle(lab: &NetnsLab) -> Result<bool> {
+    Ok(metric(lab, "relay_udp_flows")? == 0.0
+        && metric(lab, "relay_streams_open")? == 0.0
+        && edge_metric(lab, "edge_udp_flows")? == 0.0
+        && edge_metric(lab, "edge_streams")? == 0.0)
+}
+
+/// Waits (bounded) until [`idle`], then lets both processes settle 5 s
+/// (closed sockets reaped; the trim after a fallen load, which follows the
+/// fall within a few seconds: `relay_transport::memory`) and takes a
+/// snapshot.
+fn settled(lab: &NetnsLab, pids: (u32, u32), after: &str) -> Result<Snapshot> {
+    within(Duration::from_secs(30), || idle(lab))
+        .with_context(|| format!("flows or streams still open 30 s after {after}"))?;
+    std::thread::sleep(Duration::from_secs(5));
+    Snapshot::take(lab, pids.0, pids.1)
 }
 
 /// `n` flows, each a new socket with one query (one retransmission after
@@ -156,48 +231,66 @@ fn udp_flows_and_a_datagram_flood_leave_nothing_behind() -> Result<()> {
     let lab = NetnsLab::new()?;
     let pki = lab_pki()?;
     let _svc = services(&lab, Role::Epod1, "epod1")?;
-    let mut cfg = relay_config(&pki)?;
+    let mut cfg = relay_config_in(&lab, &pki)?;
     // Short idle timeouts, so the run ends idle within seconds; more
     // flows per session than the default 1,024 alive at once.
     cfg.limits.udp_idle_timeout = Duration::from_secs(1);
     cfg.limits.max_udp_flows_per_session = 4096;
-    let _relay = start_relay(&lab, cfg)?;
-    let mut ecfg = edge_config(&pki, 1)?;
-    ecfg.udp_idle = Duration::from_secs(1);
-    let _edge = start_edge(&lab, 1, ecfg)?;
+    let relay = RelayProcess::start(&lab, &relay_server_binary()?, &pki, &cfg)?;
+    let dir = std::env::temp_dir().join(format!("{}-udp-soak", lab.tag()));
+    let _dir = TempDir(dir.clone());
+    let certs = dir.join("certs");
+    pki.write_to(&certs)?;
+    let edge_file = dir.join("edge1.toml");
+    std::fs::write(
+        &edge_file,
+        edge_toml(&lab, 1, &certs, "\n[timeouts]\nudp_idle = \"1s\"\n"),
+    )?;
+    let mut edge = NsChild::spawn(
+        &lab,
+        Role::Edge1,
+        "edge-client",
+        &binary_next_to_exe("edge-client", "edge-client/src", true)?,
+        &["--config".into(), edge_file.display().to_string()],
+        &dir.join("edge1.log"),
+    )?;
     within(Duration::from_secs(10), || {
+        edge.check_alive()?;
         Ok(captured_prefixes(&lab)?.contains("10.244.7.0/24"))
     })
     .context("the relay does not capture edge1's pods")?;
+    let pids = (relay.pid().context("relay not running")?, edge.pid());
     let epod1 = netns::edge_pod_ip(1);
     let (udp, http) = (sa(epod1, DNS), sa(epod1, HTTP));
 
-    // Warm-up, then the baseline once idle.
+    // 0. Warm-up, then the baseline once idle.
     ensure!(udp_from(&lab, Role::Cpod1, udp)? == "epod1");
     ensure!(http_from(&lab, Role::Cpod1, http)? == "hello from epod1");
-    run_flows(&lab, udp, 50)?;
-    within(Duration::from_secs(20), || relay_idle(&lab)).context("not idle after warm-up")?;
-    let (fds0, rss0) = (fds()?, rss_mib()?);
+    ensure!(
+        run_flows(&lab, udp, WARM_UP)? == WARM_UP,
+        "warm-up flows unanswered"
+    );
+    let base = settled(&lab, pids, "the warm-up")?;
 
-    // 1. Many flows, twice (RSS after each: memory held per flow would
-    // grow again in the second round).
-    let n = flows();
-    let mut rss_rounds = Vec::new();
-    for round in 1..=2 {
+    // 1. Many flows, in rounds (memory held per flow would grow again in
+    // every round).
+    let n = env_u64("SOAK_UDP_FLOWS", 500, 1..=100_000);
+    let rounds = env_u64("SOAK_UDP_ROUNDS", 2, 1..=50);
+    let mut not_back = Vec::new();
+    let mut first: Option<Snapshot> = None;
+    for round in 1..=rounds {
         let total0 = metric(&lab, "relay_udp_flows_total")?;
         let t = Instant::now();
+        let sampler = PeakRss::start(pids);
         let answered = run_flows(&lab, udp, n)?;
         let took = t.elapsed();
+        let (relay_peak, edge_peak) = sampler.stop();
         let opened = metric(&lab, "relay_udp_flows_total")? - total0;
-        within(Duration::from_secs(20), || relay_idle(&lab))
-            .context("flows still open 20 s after the last")?;
-        std::thread::sleep(Duration::from_secs(1));
-        rss_rounds.push(rss_mib()?);
         eprintln!(
-            "udp soak: round {round}: {answered} of {n} flows answered in {:.1}s; relay opened {opened} flows; then idle: fds {}, RSS {:.1} MiB (baseline {fds0}, {rss0:.1} MiB)",
+            "udp soak: round {round}: {answered} of {n} flows answered in {:.1}s; relay opened {opened} flows; peak RSS relay {:.1} MiB, edge {:.1} MiB",
             took.as_secs_f64(),
-            fds()?,
-            rss_rounds[round - 1]
+            relay_peak as f64 / MIB,
+            edge_peak as f64 / MIB,
         );
         ensure!(answered == n, "{} of {n} flows unanswered", n - answered);
         // A new socket may get the port of one whose flow is still alive
@@ -206,8 +299,26 @@ fn udp_flows_and_a_datagram_flood_leave_nothing_behind() -> Result<()> {
             opened >= n as f64 * 0.9,
             "relay counted {opened} flows for {n}"
         );
+        let now = settled(&lab, pids, &format!("round {round}"))?;
+        not_back.extend(
+            now.compare(&base, &format!("after round {round}"), false)
+                .into_iter()
+                .map(|o| format!("round {round}: {o}")),
+        );
+        // Memory: what a round leaves behind must not grow again in the
+        // next (memory held per flow would). Against the baseline it is
+        // printed: the first round's peak sizes some structures and the
+        // allocator's heaps for good (docs/benchmarks.md, "Soak").
+        match first {
+            None => first = Some(now),
+            Some(f) => not_back.extend(
+                now.compare(&f, &format!("after round {round}, against round 1"), true)
+                    .into_iter()
+                    .filter(|o| o.contains("MiB"))
+                    .map(|o| format!("round {round} against round 1: {o}")),
+            ),
+        }
     }
-
     // 2. The flood, with HTTP over the tunnel meanwhile.
     let before = all_dropped(&lab)?;
     let flood = lab.spawn_in(Role::Cpod1, move || async move {
@@ -302,19 +413,67 @@ fn udp_flows_and_a_datagram_flood_leave_nothing_behind() -> Result<()> {
     );
 
     // 3. Back to the baseline.
-    let idle = within(Duration::from_secs(30), || relay_idle(&lab))
-        .context("flows or streams still open 30 s after the flood")?;
-    // Sockets the runtimes close lazily: give them a moment.
-    std::thread::sleep(Duration::from_secs(2));
-    let (fds1, rss1) = (fds()?, rss_mib()?);
-    eprintln!(
-        "udp soak: idle {:.1}s after the flood; test process fds {fds0} → {fds1}, RSS {rss0:.1} → {rss1:.1} MiB ({:+.1} %)",
-        idle.as_secs_f64(),
-        (rss1 - rss0) * 100.0 / rss0
+    let after = settled(&lab, pids, "the flood")?;
+    not_back.extend(
+        after
+            .compare(&base, "after the flood", false)
+            .into_iter()
+            .map(|o| format!("after the flood: {o}")),
     );
+    edge.check_alive()?;
+    // The trims after a load (logged at info; the edge's only with
+    // RUST_LOG=info, as it runs at warn otherwise).
+    let edge_log = std::fs::read_to_string(dir.join("edge1.log")).unwrap_or_default();
+    for (who, log) in [("relay", relay.log()), ("edge", edge_log)] {
+        for l in log.lines().filter(|l| l.contains("heap memory returned")) {
+            eprintln!("udp soak: {who} log: {l}");
+        }
+    }
     ensure!(
-        fds1 as f64 <= fds0 as f64 * 1.05,
-        "open fds {fds0} → {fds1}"
+        not_back.is_empty(),
+        "not back within {:.0} % of the baseline: {}",
+        TOLERANCE * 100.0,
+        not_back.join("; ")
     );
     Ok(())
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// The highest `VmRSS` of relay and edge, sampled every 200 ms on a
+/// thread of its own while a round runs.
+struct PeakRss {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64)>,
+}
+
+impl PeakRss {
+    fn start((relay, edge): (u32, u32)) -> PeakRss {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = (0, 0);
+            while !flag.load(Relaxed) {
+                peak.0 = peak.0.max(procfs::rss_bytes(relay).unwrap_or(0));
+                peak.1 = peak.1.max(procfs::rss_bytes(edge).unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            peak
+        });
+        PeakRss { stop, thread }
+    }
+
+    fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Relaxed);
+        self.thread.join().unwrap_or((0, 0))
+    }
+}
+
+/// Removes the test's directory (configuration, certificates, edge log).
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
