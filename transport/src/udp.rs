@@ -52,6 +52,43 @@ pub const SESSION_UDP_QUEUE_BYTES: usize = 4 * 1024 * 1024;
 /// Largest UDP payload we read from a local socket.
 pub(crate) const MAX_UDP: usize = 65_535;
 
+thread_local! {
+    /// One receive buffer per thread, large enough for any UDP payload.
+    /// Reads from local UDP sockets land here and leave as a copy of
+    /// exactly the payload, so a flow waiting for its next datagram holds
+    /// no buffer of its own (it held 64 KiB: a thousand flows at an edge
+    /// kept 64 MiB) and a captured packet costs no 64 KiB allocation.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; MAX_UDP].into_boxed_slice());
+}
+
+/// Runs `read` on this thread's [`SCRATCH`] buffer and returns what it
+/// read (`read` returns the byte count and anything else it learnt) as
+/// exactly that many bytes. `read` must not block: it runs between a
+/// socket's readiness and its next `.await`.
+pub(crate) fn read_into_scratch<T>(
+    read: impl FnOnce(&mut [u8]) -> std::io::Result<(usize, T)>,
+) -> std::io::Result<(Bytes, T)> {
+    SCRATCH.with_borrow_mut(|buf| {
+        let (n, extra) = read(buf)?;
+        Ok((Bytes::copy_from_slice(&buf[..n]), extra))
+    })
+}
+
+/// The next datagram from a connected UDP socket, exactly its bytes (read
+/// through [`read_into_scratch`]). Cancel-safe: the datagram is taken from
+/// the socket and returned within one poll.
+async fn recv_datagram(sock: &UdpSocket) -> std::io::Result<Bytes> {
+    loop {
+        sock.readable().await?;
+        match read_into_scratch(|buf| sock.try_recv(buf).map(|n| (n, ()))) {
+            Ok((payload, ())) => return Ok(payload),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Bound on writing one payload to its flow's stream. QUIC flow control
 /// stalls the write only when the peer has stopped reading the flow; the
 /// flow then ends (its stream may hold part of a frame) and the client's
@@ -373,7 +410,6 @@ pub async fn serve_target(
     idle: Duration,
     stats: Arc<UdpStats>,
 ) {
-    let mut buf = vec![0u8; MAX_UDP];
     let mut frames = StreamPayloads::default();
     loop {
         // A send error (ICMP unreachable) is the target's answer; keep the
@@ -387,8 +423,8 @@ pub async fn serve_target(
                 Some(p) => { let _ = sock.send(&p).await; }
                 None => break,
             },
-            r = sock.recv(&mut buf) => match r {
-                Ok(n) => if send_payload(&conn, &flow, &mut bi.send, &buf[..n], &stats).await.is_err() {
+            r = recv_datagram(&sock) => match r {
+                Ok(p) => if send_payload(&conn, &flow, &mut bi.send, &p, &stats).await.is_err() {
                     break;
                 },
                 Err(e) => debug!(error = %e, "udp target socket"),

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::conn::TunnelConn;
-use crate::udp::{run_opened_flow, FlowTable, UdpStats, FLOW_QUEUE, MAX_UDP};
+use crate::udp::{read_into_scratch, run_opened_flow, FlowTable, UdpStats, FLOW_QUEUE};
 
 /// Captured flows starting at once (conntrack lookup and stream open in
 /// progress), per capture loop: each holds a netlink socket and a task, so
@@ -50,17 +50,20 @@ impl RedirectUdp {
 
     /// Receives one packet: `(payload, client, local address it arrived on)`.
     pub async fn recv(&self) -> std::io::Result<(Bytes, SocketAddrV4, SocketAddrV4)> {
-        let mut buf = vec![0u8; MAX_UDP];
         loop {
             self.sock.readable().await?;
             let fd = self.sock.as_raw_fd();
-            match self
-                .sock
-                .try_io(tokio::io::Interest::READABLE, || recv_orig(fd, &mut buf))
-            {
-                // Exactly the payload: `Bytes::from` of the truncated
-                // buffer kept its whole 64 KiB capacity per queued packet.
-                Ok((n, src, dst)) => return Ok((Bytes::copy_from_slice(&buf[..n]), src, dst)),
+            // Exactly the payload, read through the thread's scratch
+            // buffer: no 64 KiB allocation per packet, and a queued packet
+            // keeps only its own size (`Bytes::from` of a truncated 64 KiB
+            // buffer kept all of it).
+            let r = read_into_scratch(|buf| {
+                self.sock.try_io(tokio::io::Interest::READABLE, || {
+                    recv_orig(fd, buf).map(|(n, src, dst)| (n, (src, dst)))
+                })
+            });
+            match r {
+                Ok((payload, (src, dst))) => return Ok((payload, src, dst)),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
