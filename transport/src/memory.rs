@@ -17,7 +17,25 @@
 //! quarter of its highest value since the last trim, and by at least
 //! [`PEAK_TASKS`], on a thread of its own: a few trims per peak at most
 //! (each needs the count to fall to a quarter again).
+//!
+//! Smaller loads never make such a peak: an edge serving a few hundred UDP
+//! flows at a time, a relay after a burst of connections. Their freed
+//! memory stayed with glibc (up to [`KEEP_HEAP_TOP`] per heap and the free
+//! blocks inside it: an edge 13 → 14.2 MiB after 10,000 flows, all of it
+//! returned by a `malloc_trim` by hand). So a second trigger
+//! ([`FallTracker`]) trims when the live task count has halved within the
+//! last [`FALL_WINDOW`] samples, by at least [`FALL_TASKS`], and the
+//! resident set has grown by [`RSS_GROWTH`] since the last trim; at most
+//! once every [`MIN_TRIM_GAP`] samples. A steady load (bulk,
+//! request/response) never halves its task count, so it never trims; a
+//! process that grew because it holds more (sessions) trims once for
+//! nothing and then measures from there. Not glibc's own count of free
+//! bytes (`mallinfo2`): pages a trim returned stay counted as free, and
+//! when the next load touches them again the count does not grow, the
+//! resident set does (tried: the second of two equal loads was never
+//! trimmed).
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use tracing::info;
@@ -51,30 +69,96 @@ impl PeakTracker {
     }
 }
 
+/// Samples the live task count is compared over for a fall.
+pub const FALL_WINDOW: usize = 10;
+
+/// Live tasks a fall must drop by (besides halving) to count.
+pub const FALL_TASKS: usize = 64;
+
+/// Growth of the resident set (KiB) since the last trim that makes a
+/// fallen load worth a trim.
+pub const RSS_GROWTH: u64 = 256;
+
+/// Samples between two trims of a fallen load, at least.
+pub const MIN_TRIM_GAP: u32 = 3;
+
+/// The second trigger: a load that fell without a peak (see the module
+/// docs). Pure bookkeeping; the caller samples and trims.
+#[derive(Debug, Default)]
+pub struct FallTracker {
+    /// The last [`FALL_WINDOW`] samples, newest last.
+    recent: VecDeque<usize>,
+    /// Resident set (KiB) right after the last trim (0 before the first).
+    rss_after_trim: u64,
+    /// Samples since the last trim.
+    since_trim: u32,
+}
+
+impl FallTracker {
+    /// Takes one sample of the live task count; `true` when the load has
+    /// fallen (halved within the window, by at least [`FALL_TASKS`]) and
+    /// the last trim is [`MIN_TRIM_GAP`] samples ago: then the caller asks
+    /// [`FallTracker::worth_trim`] with the resident set.
+    pub fn fallen(&mut self, live: usize) -> bool {
+        if self.recent.len() == FALL_WINDOW {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(live);
+        self.since_trim = self.since_trim.saturating_add(1);
+        let high = self.recent.iter().copied().max().unwrap_or(0);
+        self.since_trim >= MIN_TRIM_GAP && high >= live + FALL_TASKS && live <= high / 2
+    }
+
+    /// Whether a resident set of `rss_kib` is [`RSS_GROWTH`] more than
+    /// right after the last trim.
+    pub fn worth_trim(&self, rss_kib: u64) -> bool {
+        rss_kib >= self.rss_after_trim.saturating_add(RSS_GROWTH)
+    }
+
+    /// Records a trim (of either trigger) that left `rss_kib`.
+    pub fn trimmed(&mut self, rss_kib: u64) {
+        self.rss_after_trim = rss_kib;
+        self.since_trim = 0;
+    }
+}
+
 /// Spawns the trimmer on the current tokio runtime: it samples the
 /// runtime's live task count every second and returns free heap pages to
-/// the system once a peak has passed. Lives as long as the runtime.
+/// the system once a peak has passed ([`PeakTracker`]) or a smaller load
+/// has fallen and left free memory behind ([`FallTracker`]). Lives as long
+/// as the runtime.
 pub fn spawn_trim_after_peaks() {
     let handle = tokio::runtime::Handle::current();
     tokio::spawn(async move {
-        let mut tracker = PeakTracker::default();
+        let mut peaks = PeakTracker::default();
+        let mut falls = FallTracker::default();
         let mut tick = tokio::time::interval(SAMPLE);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             let live = handle.metrics().num_alive_tasks();
-            if tracker.sample(live) {
-                let before = rss_kib();
-                let took = trim_on_own_thread().await;
-                if let (Some(took), Some(before), Some(after)) = (took, before, rss_kib()) {
-                    info!(
-                        live_tasks = live,
-                        rss_before_kib = before,
-                        rss_after_kib = after,
-                        took_ms = took.as_millis() as u64,
-                        "load peak over: free heap memory returned to the system"
-                    );
-                }
+            // Both see every sample.
+            let peak_over = peaks.sample(live);
+            let fallen = falls.fallen(live);
+            let before = rss_kib();
+            let why = if peak_over {
+                "load peak over"
+            } else if fallen && before.is_some_and(|r| falls.worth_trim(r)) {
+                "load fell"
+            } else {
+                continue;
+            };
+            let took = trim_on_own_thread().await;
+            let after = rss_kib();
+            falls.trimmed(after.unwrap_or(0));
+            if let (Some(took), Some(before), Some(after)) = (took, before, after) {
+                info!(
+                    live_tasks = live,
+                    rss_before_kib = before,
+                    rss_after_kib = after,
+                    took_ms = took.as_millis() as u64,
+                    "{why}: free heap memory returned to the system"
+                );
             }
         }
     });
@@ -181,6 +265,34 @@ mod tests {
         // The next real peak trims again.
         assert!(!t.sample(2_000));
         assert!(t.sample(30));
+    }
+
+    #[test]
+    fn trims_after_a_fall_that_left_free_memory() {
+        let mut t = FallTracker::default();
+        const MIB: u64 = 1024;
+        // A steady load, small or large, never falls.
+        assert!(!(0..20).any(|_| t.fallen(20)));
+        assert!(!(0..20).any(|_| t.fallen(800)));
+        // Halved, but by fewer than FALL_TASKS: no.
+        let mut small = FallTracker::default();
+        assert!(!(0..5).any(|_| small.fallen(100)));
+        assert!(!small.fallen(40));
+        // 800 -> 11: fallen, for as long as the window holds the 800s.
+        assert!(t.fallen(11));
+        // The first trim: any resident set is worth it.
+        assert!(t.worth_trim(5 * MIB));
+        t.trimmed(5 * MIB);
+        // Right after a trim: not before MIN_TRIM_GAP samples.
+        assert!(!t.fallen(11));
+        assert!(!t.fallen(11));
+        assert!(t.fallen(11));
+        // ... and only if the resident set grew RSS_GROWTH since.
+        assert!(!t.worth_trim(5 * MIB + RSS_GROWTH - 1));
+        assert!(t.worth_trim(5 * MIB + RSS_GROWTH));
+        // Once the window has forgotten the high samples: no longer fallen.
+        assert!(!(0..FALL_WINDOW).all(|_| t.fallen(11)));
+        assert!(!t.fallen(11));
     }
 
     #[test]
