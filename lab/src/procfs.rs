@@ -1,7 +1,8 @@
 //! What a process costs, read from `/proc/<pid>`: open fds, resident
-//! memory, threads and CPU time. The benchmarks and soaks of `loadtest`
-//! and the lab's per-process tests read their figures here, so every
-//! table counts the same way.
+//! memory, threads and CPU time; and the kernel's network counters
+//! (`/proc/net/snmp`, `/proc/net/netstat`). The benchmarks and soaks of
+//! `loadtest` and the lab's per-process tests read their figures here, so
+//! every table counts the same way.
 
 use std::process::Command;
 use std::sync::OnceLock;
@@ -93,6 +94,25 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((tick(11)? + tick(12)?) / clock_ticks())
 }
 
+/// One counter of the kernel's network statistics: `name` in the `group`
+/// (`Udp`, `TcpExt`, ...) of a `/proc/net/snmp` or `/proc/net/netstat`
+/// text, where each group is a line of names followed by a line of
+/// values.
+pub fn net_counter(text: &str, group: &str, name: &str) -> Result<u64> {
+    let prefix = format!("{group}:");
+    let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
+    let (names, values) = (
+        lines.next().with_context(|| format!("no {group} line"))?,
+        lines.next().with_context(|| format!("no {group} values"))?,
+    );
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(k, _)| *k == name)
+        .and_then(|(_, v)| v.parse().ok())
+        .with_context(|| format!("no {group} {name}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,6 +134,21 @@ mod tests {
         }
         assert!(x > 0);
         assert!(cpu_seconds(me).unwrap() > 0.0);
+    }
+
+    #[test]
+    fn network_counters_are_read_by_group_and_name() {
+        let snmp = "Udp: InDatagrams NoPorts InErrors RcvbufErrors\n\
+                    Udp: 10 2 7 5\n\
+                    UdpLite: InDatagrams NoPorts InErrors RcvbufErrors\n\
+                    UdpLite: 0 0 0 0\n";
+        assert_eq!(net_counter(snmp, "Udp", "RcvbufErrors").unwrap(), 5);
+        assert_eq!(net_counter(snmp, "UdpLite", "InDatagrams").unwrap(), 0);
+        assert!(net_counter(snmp, "Udp", "Nope").is_err());
+        assert!(net_counter(snmp, "TcpExt", "ListenOverflows").is_err());
+        // This machine's own, as the soaks read them.
+        let netstat = std::fs::read_to_string("/proc/net/netstat").unwrap();
+        assert!(net_counter(&netstat, "TcpExt", "ListenOverflows").is_ok());
     }
 
     #[test]

@@ -12,10 +12,10 @@
 //!    its status endpoint).
 //! 1. `SOAK_UDP_FLOWS` flows (default 500; the soak in docs/benchmarks.md
 //!    runs 10,000) from a cloud pod on the relay node to an edge pod's
-//!    responder, `SOAK_UDP_ROUNDS` times (default 2): each a new source port (a new capture, conntrack
-//!    lookup and tunnel stream), one query answered; at most [`RATE`] new
-//!    flows a second so the flows alive at once (rate × idle timeout)
-//!    stay under the caps. After each round, once idle: fds, threads and
+//!    responder, `SOAK_UDP_ROUNDS` times (default 2): each a new source
+//!    port (a new capture, conntrack lookup and tunnel stream), one query
+//!    answered; at most [`RATE`] new flows a second so the flows alive at
+//!    once (rate × idle timeout) stay under the caps. After each round, once idle: fds, threads and
 //!    tasks within [`TOLERANCE`] of the baseline; RSS within it of the
 //!    first round's (a plateau, not memory per flow), and printed against
 //!    the baseline.
@@ -169,17 +169,7 @@ fn udp_rcvbuf_errors(lab: &NetnsLab) -> Result<Vec<u64>> {
                 // thread-self: /proc/net is the thread group leader's
                 // namespace, this thread entered another.
                 let t = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
-                let mut udp = t.lines().filter(|l| l.starts_with("Udp:"));
-                let (names, values) = (
-                    udp.next().context("no Udp: line")?,
-                    udp.next().context("no Udp: values")?,
-                );
-                names
-                    .split_whitespace()
-                    .zip(values.split_whitespace())
-                    .find(|(k, _)| *k == "RcvbufErrors")
-                    .and_then(|(_, v)| v.parse().ok())
-                    .context("no Udp RcvbufErrors")
+                procfs::net_counter(&t, "Udp", "RcvbufErrors")
             })
         })
         .collect()
@@ -334,8 +324,8 @@ fn udp_flows_and_a_datagram_flood_leave_nothing_behind() -> Result<()> {
         );
         // Memory: what a round leaves behind must not grow again in the
         // next (memory held per flow would). Against the baseline it is
-        // printed: the first round's peak sizes some structures and the
-        // allocator's heaps for good (docs/benchmarks.md, "Soak").
+        // printed: the edge keeps a step from its first round
+        // (docs/benchmarks.md, "Soak").
         match first {
             None => first = Some(now),
             Some(f) => not_back.extend(

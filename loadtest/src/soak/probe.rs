@@ -306,14 +306,5 @@ pub(crate) fn keep_peak(peak: &mut Option<Snapshot>, now: Snapshot) {
 /// queue for accept because the listen backlog was full).
 pub(crate) fn tcp_ext(name: &str) -> Result<u64> {
     let t = std::fs::read_to_string("/proc/net/netstat")?;
-    let mut lines = t.lines().filter(|l| l.starts_with("TcpExt:"));
-    let (h, v) = (
-        lines.next().context("no TcpExt")?,
-        lines.next().context("no TcpExt values")?,
-    );
-    h.split_whitespace()
-        .zip(v.split_whitespace())
-        .find(|(k, _)| *k == name)
-        .and_then(|(_, v)| v.parse().ok())
-        .with_context(|| format!("no TcpExt {name}"))
+    relay_lab::procfs::net_counter(&t, "TcpExt", name)
 }
