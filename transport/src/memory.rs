@@ -137,9 +137,13 @@ pub fn spawn_trim_after_peaks() {
         loop {
             tick.tick().await;
             let live = handle.metrics().num_alive_tasks();
-            // Both see every sample.
+            // Both see every sample; the resident set is read only when
+            // one of them may trim.
             let peak_over = peaks.sample(live);
             let fallen = falls.fallen(live);
+            if !(peak_over || fallen) {
+                continue;
+            }
             let before = rss_kib();
             let why = if peak_over {
                 "load peak over"
