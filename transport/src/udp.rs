@@ -226,7 +226,11 @@ impl Drop for FlowHandle {
         while let Ok(p) = self.rx.try_recv() {
             self.table.queued.fetch_sub(p.len(), Relaxed);
         }
-        self.table.lock().remove(&self.id);
+        {
+            let mut flows = self.table.lock();
+            flows.remove(&self.id);
+            crate::memory::shrink_sparse(&mut flows);
+        }
         self.table.stats.flows_open.fetch_sub(1, Relaxed);
     }
 }

@@ -265,6 +265,7 @@ pub async fn serve_transparent_udp(
             let mut g = lock(&local);
             if g.get(&key).is_some_and(|(gen, _, _)| *gen == my_gen) {
                 g.remove(&key);
+                crate::memory::shrink_sparse(&mut g);
             }
         });
     }
