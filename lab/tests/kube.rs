@@ -611,3 +611,80 @@ async fn a_flapping_node_does_not_storm_the_api() -> Result<()> {
     lab.relay.shutdown(Duration::from_secs(1)).await;
     Ok(())
 }
+
+/// Many edges connecting at once get their conditions and Events written
+/// side by side, not one request at a time (one at a time, 1,000 edges
+/// left their Nodes saying "down" for 16 s after all were connected, at
+/// 10 ms per write), with at most the relay's bound in flight, and never
+/// two requests for one node's condition at once (its writes stay in
+/// order). The stand-in answers each write after 100 ms, as an apiserver
+/// waits for etcd, so requests that run together overlap for certain.
+#[tokio::test]
+async fn conditions_of_many_nodes_are_written_side_by_side_within_a_bound() -> Result<()> {
+    const N: u8 = 40;
+    let lab = KubeLab::start(N, &[]).await?;
+    lab.standin
+        .set_latency(Duration::from_millis(20), Duration::from_millis(100));
+    let edges = (0..N)
+        .map(|i| lab.edge(&node_name(i)))
+        .collect::<Result<Vec<_>>>()?;
+    for (i, e) in edges.iter().enumerate() {
+        e.wait_connected(BOUND)
+            .await
+            .with_context(|| format!("edge-{i}"))?;
+    }
+    eventually("every condition True", async || {
+        Ok((0..N)
+            .all(|i| lab.condition(&node_name(i)).is_some_and(|c| c.0 == "True"))
+            .then_some(()))
+    })
+    .await?;
+    let requests = lab.standin.requests();
+    let status: Vec<_> = requests
+        .iter()
+        .filter(|r| r.path.starts_with("/api/v1/nodes/") && r.path.ends_with("/status"))
+        .collect();
+    let events: Vec<_> = requests
+        .iter()
+        .filter(|r| r.path.contains("/events") && r.method == "POST")
+        .collect();
+    // Most requests in flight at once, as the stand-in served them.
+    let most = |rs: &[&relay_kube_standin::RequestRecord]| {
+        rs.iter()
+            .map(|a| {
+                rs.iter()
+                    .filter(|b| a.started >= b.started && a.started < b.answered)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    let (cond_most, event_most) = (most(&status), most(&events));
+    println!(
+        "{} condition requests, at most {cond_most} at once; {} event requests, at most {event_most} at once",
+        status.len(),
+        events.len()
+    );
+    assert!(
+        (2..=relay_server::k8s::CONDITION_WRITERS).contains(&cond_most),
+        "condition requests at once: {cond_most}"
+    );
+    assert!(
+        (2..=relay_server::k8s::EVENT_WRITERS).contains(&event_most),
+        "event requests at once: {event_most}"
+    );
+    for (i, a) in status.iter().enumerate() {
+        for b in &status[i + 1..] {
+            assert!(
+                a.path != b.path || !a.overlaps(b),
+                "two requests for {} at once",
+                a.path
+            );
+        }
+    }
+    for e in edges {
+        e.shutdown().await;
+    }
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}

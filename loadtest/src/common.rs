@@ -13,10 +13,12 @@ use tokio::task::JoinHandle;
 
 mod bench;
 mod child;
+mod kube;
 mod traffic;
 
 pub(crate) use bench::*;
 pub(crate) use child::*;
+pub(crate) use kube::*;
 pub(crate) use traffic::*;
 
 /// Parses `2GiB`, `256MiB`, `64KiB`, `1000` (bytes); also `k`/`M`/`G` as

@@ -11,7 +11,10 @@ use edge_client::{EdgeClient, EdgeState};
 use relay_lab::edge_config;
 use serde_json::json;
 
-use crate::common::{fmt_bytes, machine, median, write_json, Bench, Progress, RelayProc, Table};
+use crate::common::{
+    describe_requests, fmt_bytes, machine, median, write_json, Bench, BenchCluster, Progress,
+    RelayProc, Table,
+};
 
 /// Arguments of `sessions`.
 #[derive(clap::Args, Debug)]
@@ -28,6 +31,56 @@ pub(crate) struct Args {
     /// Write results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    #[command(flatten)]
+    kube: KubeArgs,
+}
+
+/// `--kube`: the relay in in-cluster mode against the apiserver stand-in
+/// (see [`crate::common::BenchCluster`]).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub(crate) struct KubeArgs {
+    /// Run the relay with `[kubernetes]` against the apiserver stand-in,
+    /// one Node per edge, and report when every Node's condition said the
+    /// tunnel is up and the API requests per session.
+    #[arg(long)]
+    kube: bool,
+    /// With `--kube`: time the stand-in takes per read and per write.
+    #[arg(long, value_parser = crate::common::parse_latency, default_value = "2ms,10ms")]
+    api_latency: (Duration, Duration),
+}
+
+impl KubeArgs {
+    /// Whether `--kube` was given.
+    pub(crate) fn on(&self) -> bool {
+        self.kube
+    }
+
+    /// The JSON report's `kube` object (`null` without `--kube`): the
+    /// latency set, per run the seconds until every Node said the tunnel
+    /// is up and the API requests by verb and resource.
+    pub(crate) fn json<'a>(
+        &self,
+        ready: &[f64],
+        requests: impl Iterator<Item = Option<&'a std::collections::BTreeMap<String, usize>>>,
+    ) -> serde_json::Value {
+        if !self.kube {
+            return serde_json::Value::Null;
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        json!({"api_latency_ms": [ms(self.api_latency.0), ms(self.api_latency.1)],
+               "all_ready_s": ready, "requests": requests.collect::<Vec<_>>()})
+    }
+
+    /// The stand-in for `nodes` edges, when `--kube`; the bench's relay
+    /// config then carries its `[kubernetes]` section.
+    pub(crate) fn start(&self, bench: &mut Bench) -> Result<Option<BenchCluster>> {
+        if !self.kube {
+            return Ok(None);
+        }
+        let c = BenchCluster::start(bench.nodes, self.api_latency)?;
+        bench.kube_section = Some(c.relay_section());
+        Ok(Some(c))
+    }
 }
 
 /// Checks an edge count argument.
@@ -120,9 +173,18 @@ struct One {
     after: u64,
     register_s: f64,
     failures: String,
+    /// `--kube`: seconds until every Node said the tunnel is up, and the
+    /// API requests from the relay's start to then.
+    kube: Option<(f64, std::collections::BTreeMap<String, usize>)>,
 }
 
-async fn run_once(bench: &Bench, n: usize, settle: Duration) -> Result<One> {
+async fn run_once(
+    bench: &Bench,
+    n: usize,
+    settle: Duration,
+    cluster: Option<&BenchCluster>,
+) -> Result<One> {
+    let log0 = cluster.map(BenchCluster::log_len);
     let relay = bench.start_relay().await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = relay.rss()?;
@@ -140,6 +202,13 @@ async fn run_once(bench: &Bench, n: usize, settle: Duration) -> Result<One> {
         wait_sessions(&edges, 1, t0, Duration::from_secs(60)).await?
     };
     wait_relay_count(&relay, n, Duration::from_secs(10)).await?;
+    let kube = match (cluster, log0) {
+        (Some(c), Some(from)) => {
+            let ready = c.wait_ready(from, t0, Duration::from_secs(300)).await?;
+            Some((ready.as_secs_f64(), c.requests_since(from)))
+        }
+        _ => None,
+    };
     tokio::time::sleep(settle).await;
     let after = relay.rss()?;
     // Still all there after the idle period?
@@ -151,7 +220,19 @@ async fn run_once(bench: &Bench, n: usize, settle: Duration) -> Result<One> {
         after,
         register_s: took.as_secs_f64(),
         failures,
+        kube,
     })
+}
+
+/// ` | relay with [kubernetes] against the stand-in (…)` when `--kube`.
+pub(crate) fn kube_banner(k: &KubeArgs) -> String {
+    if !k.kube {
+        return String::new();
+    }
+    format!(
+        " | relay with [kubernetes] against the apiserver stand-in, {:?} per read, {:?} per write",
+        k.api_latency.0, k.api_latency.1
+    )
 }
 
 /// Runs `sessions`.
@@ -167,13 +248,27 @@ pub(crate) async fn run(a: Args) -> Result<()> {
         "--runs must be between 1 and 20 (got {})",
         a.runs
     );
-    let bench = Bench::new(a.edges)?;
-    println!("sessions: {} | {} simulated edges", machine(), a.edges);
+    let mut bench = Bench::new(a.edges)?;
+    println!(
+        "sessions: {} | {} simulated edges{}",
+        machine(),
+        a.edges,
+        kube_banner(&a.kube)
+    );
     let mut runs = Vec::new();
     for r in 0..a.runs {
-        let o = run_once(&bench, a.edges, a.settle)
+        // A fresh cluster per run: from cold, no condition written yet.
+        let cluster = a.kube.start(&mut bench)?;
+        let o = run_once(&bench, a.edges, a.settle, cluster.as_ref())
             .await
             .with_context(|| format!("run {}", r + 1))?;
+        if let Some((s, counts)) = &o.kube {
+            eprintln!(
+                "  run {}: every Node EdgeTunnelReady=True at {s:.3}s; API requests: {}",
+                r + 1,
+                describe_requests(counts, a.edges)
+            );
+        }
         eprintln!(
             "  run {}: relay RSS {} -> {}, all {} registered in {:.3}s; handshake failures on the way: {}",
             r + 1,
@@ -200,6 +295,17 @@ pub(crate) async fn run(a: Args) -> Result<()> {
     t.stat(format!("relay RSS, {} sessions", a.edges), &after, mib);
     t.stat("relay memory per session", &per, kib);
     t.stat(format!("time until all {} registered", a.edges), &reg, secs);
+    let ready: Vec<f64> = runs
+        .iter()
+        .filter_map(|o| Some(o.kube.as_ref()?.0))
+        .collect();
+    if !ready.is_empty() {
+        t.stat(
+            "time until every Node says EdgeTunnelReady=True",
+            &ready,
+            secs,
+        );
+    }
     t.print();
     write_json(
         a.json.as_deref(),
@@ -208,6 +314,7 @@ pub(crate) async fn run(a: Args) -> Result<()> {
                 "relay_rss_before": idle, "relay_rss_after": after,
                 "bytes_per_session": per, "bytes_per_session_median": median(&per),
                 "register_s": reg, "register_s_median": median(&reg),
-                "handshake_failures": runs.iter().map(|o| o.failures.clone()).collect::<Vec<_>>()}),
+                "handshake_failures": runs.iter().map(|o| o.failures.clone()).collect::<Vec<_>>(),
+                "kube": a.kube.json(&ready, runs.iter().map(|o| o.kube.as_ref().map(|k| &k.1)))}),
     )
 }

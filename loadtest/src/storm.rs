@@ -14,9 +14,14 @@ use anyhow::{ensure, Context, Result};
 use relay_lab::{edge_ip, spawn_echo};
 use serde_json::json;
 
-use crate::common::{get, machine, median, write_json, Bench, Counter, Progress, Table, Via};
+use crate::common::{
+    describe_requests, get, machine, median, write_json, Bench, BenchCluster, Counter, Progress,
+    Table, Via,
+};
 use crate::rr::{check_rate, fixed_rate, RrResult};
-use crate::sessions::{check_edges, spawn_edges, stop_edges, wait_relay_count, wait_sessions};
+use crate::sessions::{
+    check_edges, kube_banner, spawn_edges, stop_edges, wait_relay_count, wait_sessions, KubeArgs,
+};
 
 /// Arguments of `storm`.
 #[derive(clap::Args, Debug)]
@@ -39,6 +44,8 @@ pub(crate) struct Args {
     /// Write results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    #[command(flatten)]
+    kube: KubeArgs,
 }
 
 struct One {
@@ -48,14 +55,24 @@ struct One {
     relay_ready_s: f64,
     all_back_s: f64,
     failures: String,
+    /// `--kube`: seconds after SIGTERM until the new relay had checked
+    /// every Node's condition and each said the tunnel is up, and the API
+    /// requests from the SIGTERM to then.
+    kube: Option<(f64, std::collections::BTreeMap<String, usize>)>,
 }
 
-async fn run_once(bench: &Bench, a: &Args) -> Result<One> {
+async fn run_once(bench: &Bench, a: &Args, cluster: Option<&BenchCluster>) -> Result<One> {
     let relay = bench.start_relay().await?;
     let (quic, connect) = (relay.quic, relay.connect);
+    let t_start = Instant::now();
     let edges = spawn_edges(bench, a.edges, &relay)?;
-    let took = wait_sessions(&edges, 1, Instant::now(), Duration::from_secs(60)).await?;
+    let took = wait_sessions(&edges, 1, t_start, Duration::from_secs(60)).await?;
     wait_relay_count(&relay, a.edges, Duration::from_secs(10)).await?;
+    if let Some(c) = cluster {
+        // Every condition up before the restart, so the restart's own
+        // writes are what is measured.
+        c.wait_ready(0, t_start, Duration::from_secs(300)).await?;
+    }
     eprintln!(
         "  {} edges registered in {:.2}s",
         a.edges,
@@ -80,6 +97,7 @@ async fn run_once(bench: &Bench, a: &Args) -> Result<One> {
     tokio::time::sleep(Duration::from_secs(2).min(a.rr_duration / 4)).await;
 
     let mut relay = relay;
+    let log0 = cluster.map(BenchCluster::log_len);
     let t0 = Instant::now();
     relay
         .child
@@ -87,11 +105,20 @@ async fn run_once(bench: &Bench, a: &Args) -> Result<One> {
         .await
         .context("stopping the relay")?;
     let relay_exit_s = t0.elapsed().as_secs_f64();
+    // Requests from here on are the new relay's: the old one has exited.
+    let log_new = cluster.map(BenchCluster::log_len);
     let relay = bench.start_relay_at(quic, connect).await?;
     let relay_ready_s = t0.elapsed().as_secs_f64();
     let all_back = wait_sessions(&edges, 2, t0, Duration::from_secs(60)).await?;
     wait_relay_count(&relay, a.edges, Duration::from_secs(10)).await?;
     let failures = relay.handshake_failures().await?;
+    let kube = match (cluster, log0, log_new) {
+        (Some(c), Some(from), Some(new)) => {
+            let ready = c.wait_ready(new, t0, Duration::from_secs(300)).await?;
+            Some((ready.as_secs_f64(), c.requests_since(from)))
+        }
+        _ => None,
+    };
     let storm = tokio::time::timeout(a.rr_duration + Duration::from_secs(20), rr)
         .await
         .context("rr run did not end")???;
@@ -103,6 +130,7 @@ async fn run_once(bench: &Bench, a: &Args) -> Result<One> {
         relay_ready_s,
         all_back_s: all_back.as_secs_f64(),
         failures,
+        kube,
     })
 }
 
@@ -120,18 +148,27 @@ pub(crate) async fn run(a: Args) -> Result<()> {
         "--runs must be between 1 and 20 (got {})",
         a.runs
     );
-    let bench = Bench::new(a.edges)?;
+    let mut bench = Bench::new(a.edges)?;
     println!(
-        "storm: {} | {} simulated edges, rr at {} req/s during the restart",
+        "storm: {} | {} simulated edges, rr at {} req/s during the restart{}",
         machine(),
         a.edges,
-        a.rate
+        a.rate,
+        kube_banner(&a.kube)
     );
     let mut runs = Vec::new();
     for r in 0..a.runs {
-        let o = run_once(&bench, &a)
+        let cluster = a.kube.start(&mut bench)?;
+        let o = run_once(&bench, &a, cluster.as_ref())
             .await
             .with_context(|| format!("run {}", r + 1))?;
+        if let Some((s, counts)) = &o.kube {
+            eprintln!(
+                "  run {}: every Node checked by the new relay and EdgeTunnelReady=True at {s:.2}s after SIGTERM; API requests since SIGTERM: {}",
+                r + 1,
+                describe_requests(counts, a.edges)
+            );
+        }
         eprintln!(
             "  run {}: relay exited {:.2}s after SIGTERM, new relay ready at {:.2}s, all {} back at {:.2}s; rr p99 {:.0} µs quiet, {:.0} µs during ({} errors); new relay's handshake failures: {}",
             r + 1,
@@ -167,6 +204,14 @@ pub(crate) async fn run(a: Args) -> Result<()> {
         &back,
         |x| format!("{x:.2}"),
     );
+    let ready = f(&|o| o.kube.as_ref().map_or(f64::NAN, |k| k.0));
+    if a.kube.on() {
+        t.stat(
+            "every Node checked and EdgeTunnelReady=True again (s after SIGTERM)",
+            &ready,
+            |x| format!("{x:.2}"),
+        );
+    }
     t.stat("rr p50 µs, quiet relay", &qp50, |x| format!("{x:.0}"));
     t.stat("rr p99 µs, quiet relay", &qp99, |x| format!("{x:.0}"));
     t.stat("rr p50 µs, during restart", &sp50, |x| format!("{x:.0}"));
@@ -188,6 +233,7 @@ pub(crate) async fn run(a: Args) -> Result<()> {
                 "rr_quiet_p50_us": qp50, "rr_quiet_p99_us": qp99,
                 "rr_storm_p50_us": sp50, "rr_storm_p99_us": sp99, "rr_storm_max_us": smax,
                 "rr_storm_errors": errs, "rr_storm_max_gap_s": gap,
+                "kube": a.kube.json(&ready, runs.iter().map(|o| o.kube.as_ref().map(|k| &k.1))),
                 "rr_storm_runs": runs.iter().map(|o| json!({"ok": o.storm.ok, "errors": o.storm.errors, "late": o.storm.late, "handshake_failures": o.failures})).collect::<Vec<_>>()}),
     )
 }

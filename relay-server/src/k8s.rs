@@ -9,8 +9,8 @@
 //! `kubernetes` feature (on by default).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use std::future::Future;
@@ -18,18 +18,22 @@ use std::pin::Pin;
 
 use relay_kube::{
     ClientOptions, DirectoryOptions, KubeClientConfig, NodeClaims, NodeDirectory, PodReader,
-    SessionEvent, SessionEvents, StatusWriter, TokenReviewError, TokenReviewer, TunnelCondition,
+    SessionEvents, StatusWriter, TokenReviewError, TokenReviewer,
 };
 use relay_protocol::Cidr;
 use relay_protocol::RejectReason;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use crate::bootstrap::{Refusal, TokenAuthority, TokenIdentity};
 use crate::config::{KubeSettings, RelayConfig};
 use crate::directory::{ambiguity, build_entries, Directory, Lookup, NodeEntry, NodeSource};
-use crate::status::{EventBudget, HoldOff, SessionInfo, StatusSink, StatusStats};
+use crate::status::StatusSink;
+
+mod status_writer;
+use status_writer::KubeStatus;
+pub use status_writer::{CONDITION_WRITERS, EVENT_WRITERS};
 
 /// Connecting to the API failed at start.
 #[derive(Debug, thiserror::Error)]
@@ -347,216 +351,5 @@ impl Directory for KubeDirectory {
 
     fn label_communities(&self) -> HashMap<String, BTreeSet<String>> {
         self.read().communities.clone()
-    }
-}
-
-/// Most Events waiting to be published; more are dropped and counted (a
-/// reconnect storm of thousands of edges must not queue without bound).
-const EVENT_QUEUE: usize = 4096;
-
-/// Least time between two condition writes for one node (see
-/// [`HoldOff`]): a flapping node's condition is written at most this often.
-const CONDITION_HOLD_OFF: Duration = Duration::from_secs(5);
-
-/// Writes conditions and Events in the background. Conditions are kept as
-/// the latest desired state per node and paced per node ([`HoldOff`]: a
-/// burst of ups and downs is one write); Events are budgeted per node
-/// ([`EventBudget`]) and go through a bounded queue.
-struct KubeStatus {
-    desired: Arc<Mutex<HashMap<String, TunnelCondition>>>,
-    wake: Arc<Notify>,
-    events: Option<mpsc::Sender<(String, SessionEvent)>>,
-    budget: Mutex<EventBudget>,
-    counters: Arc<StatusCounters>,
-}
-
-#[derive(Default)]
-struct StatusCounters {
-    writes: AtomicU64,
-    coalesced: AtomicU64,
-    rate_limited: AtomicU64,
-    queue_full: AtomicU64,
-}
-
-impl KubeStatus {
-    fn start(
-        writer: Option<StatusWriter>,
-        events: Option<SessionEvents>,
-        stop: CancellationToken,
-    ) -> Self {
-        let desired: Arc<Mutex<HashMap<String, TunnelCondition>>> = Arc::default();
-        let wake = Arc::new(Notify::new());
-        let counters = Arc::new(StatusCounters::default());
-        if let Some(writer) = writer {
-            tokio::spawn(write_conditions(
-                writer,
-                desired.clone(),
-                wake.clone(),
-                counters.clone(),
-                stop.clone(),
-            ));
-        }
-        let tx = events.map(|events| {
-            let (tx, mut rx) = mpsc::channel::<(String, SessionEvent)>(EVENT_QUEUE);
-            tokio::spawn(async move {
-                loop {
-                    let next = tokio::select! {
-                        _ = stop.cancelled() => return,
-                        n = rx.recv() => n,
-                    };
-                    let Some((node, ev)) = next else { return };
-                    if let Err(e) = events.publish(&node, &ev).await {
-                        debug!(%node, error = %e, "publishing an event failed");
-                    }
-                }
-            });
-            tx
-        });
-        KubeStatus {
-            desired,
-            wake,
-            events: tx,
-            budget: Mutex::default(),
-            counters,
-        }
-    }
-
-    fn condition(&self, node: &str, cond: TunnelCondition) {
-        let replaced = self
-            .desired
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(node.to_string(), cond);
-        if replaced.is_some() {
-            self.counters.coalesced.fetch_add(1, Relaxed);
-        }
-        self.wake.notify_one();
-    }
-
-    fn event(&self, node: &str, ev: SessionEvent) {
-        let Some(tx) = &self.events else { return };
-        let allowed = self
-            .budget
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take(node, std::time::Instant::now());
-        if !allowed {
-            let n = self.counters.rate_limited.fetch_add(1, Relaxed) + 1;
-            if n.is_power_of_two() {
-                warn!(%node, dropped = n, "a node over its event budget; events dropped (its condition still tells its state)");
-            }
-            return;
-        }
-        if tx.try_send((node.to_string(), ev)).is_err() {
-            let n = self.counters.queue_full.fetch_add(1, Relaxed) + 1;
-            if n.is_power_of_two() {
-                warn!(dropped = n, "event queue full; events dropped");
-            }
-        }
-    }
-}
-
-/// The condition writer: takes the latest desired state per node and
-/// writes each node when its hold-off allows, until `stop`.
-async fn write_conditions(
-    writer: StatusWriter,
-    desired: Arc<Mutex<HashMap<String, TunnelCondition>>>,
-    wake: Arc<Notify>,
-    counters: Arc<StatusCounters>,
-    stop: CancellationToken,
-) {
-    let mut pace = HoldOff::new(CONDITION_HOLD_OFF);
-    // Desired states waiting for their node's hold-off.
-    let mut held: HashMap<String, TunnelCondition> = HashMap::new();
-    loop {
-        let now = std::time::Instant::now();
-        let next = held.keys().map(|n| pace.due(n, now)).min();
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = wake.notified() => {}
-            _ = tokio::time::sleep_until(next.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std)), if next.is_some() => {}
-        }
-        for (node, cond) in desired.lock().unwrap_or_else(|e| e.into_inner()).drain() {
-            if held.insert(node, cond).is_some() {
-                counters.coalesced.fetch_add(1, Relaxed);
-            }
-        }
-        let now = std::time::Instant::now();
-        let due: Vec<String> = held
-            .keys()
-            .filter(|n| pace.due(n, now) <= now)
-            .cloned()
-            .collect();
-        for node in due {
-            let Some(cond) = held.remove(&node) else {
-                continue;
-            };
-            match writer.set(&node, &cond).await {
-                Ok(outcome) => {
-                    debug!(%node, ?outcome, "node condition");
-                    if outcome == relay_kube::WriteOutcome::Written {
-                        counters.writes.fetch_add(1, Relaxed);
-                        pace.wrote(&node, std::time::Instant::now());
-                    }
-                }
-                Err(relay_kube::KubeError::NotFound { .. }) => writer.forget(&node),
-                Err(e) => warn!(%node, error = %e, "writing the node condition failed"),
-            }
-        }
-    }
-}
-
-impl StatusSink for KubeStatus {
-    fn up(&self, node: &str, info: &SessionInfo) {
-        self.condition(
-            node,
-            TunnelCondition {
-                ready: true,
-                reason: "SessionUp".into(),
-                message: info.message(),
-            },
-        );
-        // Stable notes, so the recorder folds repeats into a series.
-        let note = format!(
-            "tunnel up over {} via relay {}",
-            info.transport, info.relay_id
-        );
-        self.event(node, SessionEvent::Up { note });
-    }
-
-    fn down(&self, node: &str, why: &str) {
-        self.condition(
-            node,
-            TunnelCondition {
-                ready: false,
-                reason: "NoSession".into(),
-                message: format!("no tunnel session: {why}"),
-            },
-        );
-        self.event(
-            node,
-            SessionEvent::Down {
-                note: why.to_string(),
-            },
-        );
-    }
-
-    fn rejected(&self, node: &str, reason: &str, message: &str) {
-        self.event(
-            node,
-            SessionEvent::Rejected {
-                note: format!("{reason}: {message}"),
-            },
-        );
-    }
-
-    fn stats(&self) -> StatusStats {
-        let c = &self.counters;
-        StatusStats {
-            condition_writes: c.writes.load(Relaxed),
-            condition_coalesced: c.coalesced.load(Relaxed),
-            events_rate_limited: c.rate_limited.load(Relaxed),
-            events_queue_full: c.queue_full.load(Relaxed),
-        }
     }
 }

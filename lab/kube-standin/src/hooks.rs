@@ -43,6 +43,16 @@ impl StandIn {
         }
     }
 
+    /// From now on, waits `read` before answering a get or list and
+    /// `write` before answering a create, update, patch or delete (watches
+    /// are not delayed). The stand-in answers from memory in microseconds;
+    /// a kube-apiserver answers after a round trip and, for a write, after
+    /// etcd has committed it (milliseconds), which is what a client that
+    /// writes one object at a time is bounded by.
+    pub fn set_latency(&self, read: std::time::Duration, write: std::time::Duration) {
+        self.shared.lock().latency = (read, write);
+    }
+
     /// While held, open watches deliver nothing (events queue, in order)
     /// while every other request is answered: what a client sees when its
     /// long-lived watch connection sits in TCP retransmission backoff after

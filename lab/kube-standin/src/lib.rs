@@ -136,9 +136,19 @@ pub struct RequestRecord {
     pub attrs: Option<RequestAttributes>,
     /// Status code answered (for streamed watches, the initial 200).
     pub status: u16,
+    /// When the request arrived.
+    pub started: std::time::Instant,
+    /// When it was answered (for streamed watches, when the stream began).
+    pub answered: std::time::Instant,
 }
 
 impl RequestRecord {
+    /// Whether this request and `other` were being served at the same
+    /// time.
+    pub fn overlaps(&self, other: &RequestRecord) -> bool {
+        self.started < other.answered && other.started < self.answered
+    }
+
     /// `verb resource[/subresource]`, e.g. `patch nodes/status`.
     pub fn verb_resource(&self) -> String {
         match &self.attrs {
@@ -209,6 +219,10 @@ struct State {
     pods: BTreeMap<(String, String), Pod>,
     log: Vec<RequestRecord>,
     unavailable: bool,
+    /// Added before answering a read (get, list) and a write (create,
+    /// update, patch, delete); watches are not delayed. See
+    /// [`StandIn::set_latency`].
+    latency: (Duration, Duration),
     /// ClusterRole rules every request must be allowed by (`None`: no RBAC).
     rbac: Option<Vec<PolicyRule>>,
 }
@@ -328,6 +342,7 @@ impl StandIn {
                 pods: BTreeMap::new(),
                 log: Vec::new(),
                 unavailable: false,
+                latency: (Duration::ZERO, Duration::ZERO),
                 rbac: None,
             }),
             watch_tx,

@@ -32,6 +32,7 @@ pub(crate) async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, sh
 }
 
 pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let started = std::time::Instant::now();
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
@@ -55,14 +56,22 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
         Ok(Ok(b)) => b.to_bytes(),
         _ => Bytes::new(),
     };
-    let (unavailable, permitted) = {
+    let (unavailable, permitted, latency) = {
         let st = shared.lock();
         let permitted = st
             .rbac
             .as_ref()
             .is_none_or(|rules| rbac::allowed(rules, attrs.as_ref()));
-        (st.unavailable, permitted)
+        let latency = match attrs.as_ref().map(|a| a.verb.as_str()) {
+            Some("get" | "list") => st.latency.0,
+            Some("create" | "update" | "patch" | "delete" | "deletecollection") => st.latency.1,
+            _ => std::time::Duration::ZERO,
+        };
+        (st.unavailable, permitted, latency)
     };
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
     let resp = if unavailable {
         failure(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -93,6 +102,8 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
         content_type,
         attrs,
         status: resp.status().as_u16(),
+        started,
+        answered: std::time::Instant::now(),
     });
     resp
 }

@@ -78,6 +78,9 @@ pub(crate) struct Bench {
     /// A bearer token the relay's admin API then requires
     /// (`admin.token_file`); each [`RelayProc`] started carries it.
     pub(crate) admin_token: Option<String>,
+    /// The relay's `[kubernetes]` section (`--kube`: [`BenchCluster`]),
+    /// which replaces its `[nodes]` table.
+    pub(crate) kube_section: Option<String>,
     pki: DevPki,
 }
 
@@ -125,6 +128,7 @@ impl Bench {
             relay_limits: String::new(),
             edge_top: String::new(),
             admin_token: None,
+            kube_section: None,
             pki,
         })
     }
@@ -182,9 +186,14 @@ impl Bench {
         // benchmark's own open streams.
         t.push_str("[limits]\ndrain_grace = \"1s\"\n");
         t.push_str(&self.relay_limits);
-        t.push_str("[nodes]\n");
-        for i in 0..self.nodes {
-            t.push_str(&format!("\"{}\" = [\"{}/32\"]\n", edge_name(i), edge_ip(i)));
+        match &self.kube_section {
+            Some(k) => t.push_str(k),
+            None => {
+                t.push_str("[nodes]\n");
+                for i in 0..self.nodes {
+                    t.push_str(&format!("\"{}\" = [\"{}/32\"]\n", edge_name(i), edge_ip(i)));
+                }
+            }
         }
         t.push_str(extra);
         let p = self.dir.path().join(format!("{name}.toml"));

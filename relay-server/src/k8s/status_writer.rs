@@ -1,0 +1,286 @@
+//! Node conditions and Events, written in the background ([`KubeStatus`]).
+//!
+//! Both go out with a bounded number of requests in flight, never one at a
+//! time: each request waits a round trip to the apiserver, and a condition
+//! write also waits for etcd to commit it. One write at a time, 1,000
+//! edges registering at once left Nodes saying their tunnel was down for
+//! 16 s after every edge was connected (`loadtest sessions --kube`, 2 ms per
+//! read and 10 ms per write at the stand-in); at 10,000 edges, minutes.
+//! The bound keeps one relay's share of the apiserver small: a reconnect
+//! storm is at most [`CONDITION_WRITERS`] + [`EVENT_WRITERS`] requests at
+//! once, however many edges there are. One node's condition is never
+//! written twice at once, so its writes stay in order.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use relay_kube::{
+    KubeError, SessionEvent, SessionEvents, StatusWriter, TunnelCondition, WriteOutcome,
+};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::status::{EventBudget, HoldOff, SessionInfo, StatusSink, StatusStats};
+
+/// Condition writes in flight at once (each a read of the Node's status the
+/// first time, then an apply).
+pub const CONDITION_WRITERS: usize = 16;
+
+/// Events being published at once.
+pub const EVENT_WRITERS: usize = 8;
+
+/// Most Events waiting to be published; more are dropped and counted (a
+/// reconnect storm of thousands of edges must not queue without bound).
+const EVENT_QUEUE: usize = 4096;
+
+/// Least time between two condition writes for one node (see
+/// [`HoldOff`]): a flapping node's condition is written at most this often.
+const CONDITION_HOLD_OFF: Duration = Duration::from_secs(5);
+
+/// Writes conditions and Events in the background. Conditions are kept as
+/// the latest desired state per node and paced per node ([`HoldOff`]: a
+/// burst of ups and downs is one write); Events are budgeted per node
+/// ([`EventBudget`]) and go through a bounded queue.
+pub(super) struct KubeStatus {
+    desired: Arc<Mutex<HashMap<String, TunnelCondition>>>,
+    wake: Arc<Notify>,
+    events: Option<mpsc::Sender<(String, SessionEvent)>>,
+    budget: Mutex<EventBudget>,
+    counters: Arc<StatusCounters>,
+}
+
+#[derive(Default)]
+struct StatusCounters {
+    writes: AtomicU64,
+    coalesced: AtomicU64,
+    rate_limited: AtomicU64,
+    queue_full: AtomicU64,
+}
+
+impl KubeStatus {
+    pub(super) fn start(
+        writer: Option<StatusWriter>,
+        events: Option<SessionEvents>,
+        stop: CancellationToken,
+    ) -> Self {
+        let desired: Arc<Mutex<HashMap<String, TunnelCondition>>> = Arc::default();
+        let wake = Arc::new(Notify::new());
+        let counters = Arc::new(StatusCounters::default());
+        if let Some(writer) = writer {
+            tokio::spawn(write_conditions(
+                writer,
+                desired.clone(),
+                wake.clone(),
+                counters.clone(),
+                stop.clone(),
+            ));
+        }
+        let tx = events.map(|events| {
+            let (tx, rx) = mpsc::channel::<(String, SessionEvent)>(EVENT_QUEUE);
+            tokio::spawn(publish_events(Arc::new(events), rx, stop));
+            tx
+        });
+        KubeStatus {
+            desired,
+            wake,
+            events: tx,
+            budget: Mutex::default(),
+            counters,
+        }
+    }
+
+    fn condition(&self, node: &str, cond: TunnelCondition) {
+        let replaced = self
+            .desired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.to_string(), cond);
+        if replaced.is_some() {
+            self.counters.coalesced.fetch_add(1, Relaxed);
+        }
+        self.wake.notify_one();
+    }
+
+    fn event(&self, node: &str, ev: SessionEvent) {
+        let Some(tx) = &self.events else { return };
+        let allowed = self
+            .budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(node, std::time::Instant::now());
+        if !allowed {
+            let n = self.counters.rate_limited.fetch_add(1, Relaxed) + 1;
+            if n.is_power_of_two() {
+                warn!(%node, dropped = n, "a node over its event budget; events dropped (its condition still tells its state)");
+            }
+            return;
+        }
+        if tx.try_send((node.to_string(), ev)).is_err() {
+            let n = self.counters.queue_full.fetch_add(1, Relaxed) + 1;
+            if n.is_power_of_two() {
+                warn!(dropped = n, "event queue full; events dropped");
+            }
+        }
+    }
+}
+
+/// Publishes queued Events, [`EVENT_WRITERS`] at a time, until `stop`.
+async fn publish_events(
+    events: Arc<SessionEvents>,
+    mut rx: mpsc::Receiver<(String, SessionEvent)>,
+    stop: CancellationToken,
+) {
+    let mut in_flight = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+            next = rx.recv(), if in_flight.len() < EVENT_WRITERS => {
+                let Some((node, ev)) = next else { break };
+                let events = events.clone();
+                in_flight.spawn(async move {
+                    if let Err(e) = events.publish(&node, &ev).await {
+                        debug!(%node, error = %e, "publishing an event failed");
+                    }
+                });
+            }
+        }
+    }
+    // The queue closed (the relay stopped): finish what was started.
+    while in_flight.join_next().await.is_some() {}
+}
+
+/// The condition writer: takes the latest desired state per node and
+/// writes each node when its hold-off allows, [`CONDITION_WRITERS`] nodes
+/// at a time, until `stop`.
+async fn write_conditions(
+    writer: StatusWriter,
+    desired: Arc<Mutex<HashMap<String, TunnelCondition>>>,
+    wake: Arc<Notify>,
+    counters: Arc<StatusCounters>,
+    stop: CancellationToken,
+) {
+    let writer = Arc::new(writer);
+    let mut pace = HoldOff::new(CONDITION_HOLD_OFF);
+    // Desired states waiting for their node's hold-off or a free writer.
+    let mut held: HashMap<String, TunnelCondition> = HashMap::new();
+    let mut in_flight: JoinSet<(String, Result<WriteOutcome, KubeError>)> = JoinSet::new();
+    // Nodes being written; a newer state for one waits in `held`.
+    let mut writing: std::collections::HashSet<String> = Default::default();
+    loop {
+        let now = std::time::Instant::now();
+        // The next hold-off to end, if a writer is free to act on it.
+        let next = (in_flight.len() < CONDITION_WRITERS)
+            .then(|| {
+                held.keys()
+                    .filter(|n| !writing.contains(*n))
+                    .map(|n| pace.due(n, now))
+                    .min()
+            })
+            .flatten();
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = wake.notified() => {}
+            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                if let Ok((node, result)) = done {
+                    writing.remove(&node);
+                    match result {
+                        Ok(outcome) => {
+                            debug!(%node, ?outcome, "node condition");
+                            if outcome == WriteOutcome::Written {
+                                counters.writes.fetch_add(1, Relaxed);
+                                pace.wrote(&node, std::time::Instant::now());
+                            }
+                        }
+                        Err(KubeError::NotFound { .. }) => writer.forget(&node),
+                        Err(e) => warn!(%node, error = %e, "writing the node condition failed"),
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(next.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std)), if next.is_some() => {}
+        }
+        for (node, cond) in desired.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+            if held.insert(node, cond).is_some() {
+                counters.coalesced.fetch_add(1, Relaxed);
+            }
+        }
+        let now = std::time::Instant::now();
+        let free = CONDITION_WRITERS.saturating_sub(in_flight.len());
+        let due: Vec<String> = held
+            .keys()
+            .filter(|n| !writing.contains(*n) && pace.due(n, now) <= now)
+            .take(free)
+            .cloned()
+            .collect();
+        for node in due {
+            let Some(cond) = held.remove(&node) else {
+                continue;
+            };
+            writing.insert(node.clone());
+            let writer = writer.clone();
+            in_flight.spawn(async move {
+                let result = writer.set(&node, &cond).await;
+                (node, result)
+            });
+        }
+    }
+}
+
+impl StatusSink for KubeStatus {
+    fn up(&self, node: &str, info: &SessionInfo) {
+        self.condition(
+            node,
+            TunnelCondition {
+                ready: true,
+                reason: "SessionUp".into(),
+                message: info.message(),
+            },
+        );
+        // Stable notes, so the recorder folds repeats into a series.
+        let note = format!(
+            "tunnel up over {} via relay {}",
+            info.transport, info.relay_id
+        );
+        self.event(node, SessionEvent::Up { note });
+    }
+
+    fn down(&self, node: &str, why: &str) {
+        self.condition(
+            node,
+            TunnelCondition {
+                ready: false,
+                reason: "NoSession".into(),
+                message: format!("no tunnel session: {why}"),
+            },
+        );
+        self.event(
+            node,
+            SessionEvent::Down {
+                note: why.to_string(),
+            },
+        );
+    }
+
+    fn rejected(&self, node: &str, reason: &str, message: &str) {
+        self.event(
+            node,
+            SessionEvent::Rejected {
+                note: format!("{reason}: {message}"),
+            },
+        );
+    }
+
+    fn stats(&self) -> StatusStats {
+        let c = &self.counters;
+        StatusStats {
+            condition_writes: c.writes.load(Relaxed),
+            condition_coalesced: c.coalesced.load(Relaxed),
+            events_rate_limited: c.rate_limited.load(Relaxed),
+            events_queue_full: c.queue_full.load(Relaxed),
+        }
+    }
+}
