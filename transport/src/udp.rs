@@ -66,7 +66,7 @@ thread_local! {
 /// read (`read` returns the byte count and anything else it learnt) as
 /// exactly that many bytes. `read` must not block: it runs between a
 /// socket's readiness and its next `.await`.
-pub(crate) fn read_into_scratch<T>(
+fn read_into_scratch<T>(
     read: impl FnOnce(&mut [u8]) -> std::io::Result<(usize, T)>,
 ) -> std::io::Result<(Bytes, T)> {
     SCRATCH.with_borrow_mut(|buf| {
@@ -75,18 +75,28 @@ pub(crate) fn read_into_scratch<T>(
     })
 }
 
-/// The next datagram from a connected UDP socket, exactly its bytes (read
-/// through [`read_into_scratch`]). Cancel-safe: the datagram is taken from
-/// the socket and returned within one poll.
-async fn recv_datagram(sock: &UdpSocket) -> std::io::Result<Bytes> {
+/// The next datagram `read` takes from `sock` once it is readable, exactly
+/// its bytes (read through [`read_into_scratch`]); `read` must clear the
+/// socket's readiness when it finds nothing (`try_recv`, `try_io`).
+/// Cancel-safe: the datagram is taken from the socket and returned within
+/// one poll.
+pub(crate) async fn recv_with<T>(
+    sock: &UdpSocket,
+    mut read: impl FnMut(&mut [u8]) -> std::io::Result<(usize, T)>,
+) -> std::io::Result<(Bytes, T)> {
     loop {
         sock.readable().await?;
-        match read_into_scratch(|buf| sock.try_recv(buf).map(|n| (n, ()))) {
-            Ok((payload, ())) => return Ok(payload),
+        match read_into_scratch(&mut read) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+            r => return r,
         }
     }
+}
+
+/// The next datagram from a connected UDP socket (see [`recv_with`]).
+async fn recv_datagram(sock: &UdpSocket) -> std::io::Result<Bytes> {
+    let (payload, ()) = recv_with(sock, |buf| sock.try_recv(buf).map(|n| (n, ()))).await?;
+    Ok(payload)
 }
 
 /// Bound on writing one payload to its flow's stream. QUIC flow control

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::conn::TunnelConn;
-use crate::udp::{read_into_scratch, run_opened_flow, FlowTable, UdpStats, FLOW_QUEUE};
+use crate::udp::{recv_with, run_opened_flow, FlowTable, UdpStats, FLOW_QUEUE};
 
 /// Captured flows starting at once (conntrack lookup and stream open in
 /// progress), per capture loop: each holds a netlink socket and a task, so
@@ -50,24 +50,18 @@ impl RedirectUdp {
 
     /// Receives one packet: `(payload, client, local address it arrived on)`.
     pub async fn recv(&self) -> std::io::Result<(Bytes, SocketAddrV4, SocketAddrV4)> {
-        loop {
-            self.sock.readable().await?;
-            let fd = self.sock.as_raw_fd();
-            // Exactly the payload, read through the thread's scratch
-            // buffer: no 64 KiB allocation per packet, and a queued packet
-            // keeps only its own size (`Bytes::from` of a truncated 64 KiB
-            // buffer kept all of it).
-            let r = read_into_scratch(|buf| {
-                self.sock.try_io(tokio::io::Interest::READABLE, || {
-                    recv_orig(fd, buf).map(|(n, src, dst)| (n, (src, dst)))
-                })
-            });
-            match r {
-                Ok((payload, (src, dst))) => return Ok((payload, src, dst)),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        }
+        let fd = self.sock.as_raw_fd();
+        // Exactly the payload, read through the thread's scratch buffer:
+        // no 64 KiB allocation per packet, and a queued packet keeps only
+        // its own size (`Bytes::from` of a truncated 64 KiB buffer kept
+        // all of it).
+        let (payload, (src, dst)) = recv_with(&self.sock, |buf| {
+            self.sock.try_io(tokio::io::Interest::READABLE, || {
+                recv_orig(fd, buf).map(|(n, src, dst)| (n, (src, dst)))
+            })
+        })
+        .await?;
+        Ok((payload, src, dst))
     }
 
     /// Sends `payload` to `client` from the local address `from`.
