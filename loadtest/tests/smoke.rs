@@ -81,6 +81,25 @@ fn every_subcommand_runs_with_tiny_sizes() {
     assert_eq!(f(&v["edges"]), 5.0);
     assert!(f(&v["register_s_median"]) > 0.0);
 
+    // Kubernetes mode against the apiserver stand-in: every Node's
+    // condition written, each node's condition read and applied once.
+    let v = run(&[
+        "sessions",
+        "--edges",
+        "5",
+        "--settle",
+        "100ms",
+        "--kube",
+        "--api-latency",
+        "1ms,5ms",
+    ]);
+    let k = &v["kube"];
+    assert_eq!(k["all_ready_s"].as_array().unwrap().len(), 1, "{v}");
+    assert!(f(&k["all_ready_s"][0]) > 0.0, "{v}");
+    let req = &k["requests"][0];
+    assert_eq!(f(&req["patch nodes/status"]), 5.0, "{v}");
+    assert_eq!(f(&req["get nodes/status"]), 5.0, "{v}");
+
     let v = run(&["streams", "--streams", "50", "--settle", "100ms"]);
     assert_eq!(f(&v["streams"]), 50.0);
     assert_eq!(v["relay_bytes_per_stream"].as_array().unwrap().len(), 1);
@@ -105,6 +124,7 @@ fn nonsense_arguments_are_refused_with_a_reason() {
         (&["rr", "--rate", "0"][..], "--rate"),
         (&["bulk", "--total", "3 parsecs"][..], "unknown size unit"),
         (&["sessions", "--edges", "0"][..], "--edges"),
+        (&["sessions", "--kube", "--api-latency", "5ms"][..], "READ,WRITE"),
         (&["streams", "--streams", "20000"][..], "--streams"),
         (&["connect", "--duration", "soon"][..], "--duration"),
     ] {
