@@ -124,7 +124,10 @@ fn nonsense_arguments_are_refused_with_a_reason() {
         (&["rr", "--rate", "0"][..], "--rate"),
         (&["bulk", "--total", "3 parsecs"][..], "unknown size unit"),
         (&["sessions", "--edges", "0"][..], "--edges"),
-        (&["sessions", "--kube", "--api-latency", "5ms"][..], "READ,WRITE"),
+        (
+            &["sessions", "--kube", "--api-latency", "5ms"][..],
+            "READ,WRITE",
+        ),
         (&["streams", "--streams", "20000"][..], "--streams"),
         (&["connect", "--duration", "soon"][..], "--duration"),
     ] {
