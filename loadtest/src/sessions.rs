@@ -12,8 +12,8 @@ use relay_lab::edge_config;
 use serde_json::json;
 
 use crate::common::{
-    describe_requests, fmt_bytes, machine, median, write_json, Bench, BenchCluster, Progress,
-    RelayProc, Table,
+    describe_requests, fmt_bytes, kube_banner, machine, median, write_json, Bench, BenchCluster,
+    KubeArgs, KubeRun, Progress, RelayProc, Table,
 };
 
 /// Arguments of `sessions`.
@@ -33,54 +33,6 @@ pub(crate) struct Args {
     json: Option<PathBuf>,
     #[command(flatten)]
     kube: KubeArgs,
-}
-
-/// `--kube`: the relay in in-cluster mode against the apiserver stand-in
-/// (see [`crate::common::BenchCluster`]).
-#[derive(clap::Args, Debug, Clone, Copy)]
-pub(crate) struct KubeArgs {
-    /// Run the relay with `[kubernetes]` against the apiserver stand-in,
-    /// one Node per edge, and report when every Node's condition said the
-    /// tunnel is up and the API requests per session.
-    #[arg(long)]
-    kube: bool,
-    /// With `--kube`: time the stand-in takes per read and per write.
-    #[arg(long, value_parser = crate::common::parse_latency, default_value = "2ms,10ms")]
-    api_latency: (Duration, Duration),
-}
-
-impl KubeArgs {
-    /// Whether `--kube` was given.
-    pub(crate) fn on(&self) -> bool {
-        self.kube
-    }
-
-    /// The JSON report's `kube` object (`null` without `--kube`): the
-    /// latency set, per run the seconds until every Node said the tunnel
-    /// is up and the API requests by verb and resource.
-    pub(crate) fn json<'a>(
-        &self,
-        ready: &[f64],
-        requests: impl Iterator<Item = Option<&'a std::collections::BTreeMap<String, usize>>>,
-    ) -> serde_json::Value {
-        if !self.kube {
-            return serde_json::Value::Null;
-        }
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        json!({"api_latency_ms": [ms(self.api_latency.0), ms(self.api_latency.1)],
-               "all_ready_s": ready, "requests": requests.collect::<Vec<_>>()})
-    }
-
-    /// The stand-in for `nodes` edges, when `--kube`; the bench's relay
-    /// config then carries its `[kubernetes]` section.
-    pub(crate) fn start(&self, bench: &mut Bench) -> Result<Option<BenchCluster>> {
-        if !self.kube {
-            return Ok(None);
-        }
-        let c = BenchCluster::start(bench.nodes, self.api_latency)?;
-        bench.kube_section = Some(c.relay_section());
-        Ok(Some(c))
-    }
 }
 
 /// Checks an edge count argument.
@@ -175,7 +127,7 @@ struct One {
     failures: String,
     /// `--kube`: seconds until every Node said the tunnel is up, and the
     /// API requests from the relay's start to then.
-    kube: Option<(f64, std::collections::BTreeMap<String, usize>)>,
+    kube: Option<KubeRun>,
 }
 
 async fn run_once(
@@ -222,17 +174,6 @@ async fn run_once(
         failures,
         kube,
     })
-}
-
-/// ` | relay with [kubernetes] against the stand-in (…)` when `--kube`.
-pub(crate) fn kube_banner(k: &KubeArgs) -> String {
-    if !k.kube {
-        return String::new();
-    }
-    format!(
-        " | relay with [kubernetes] against the apiserver stand-in, {:?} per read, {:?} per write",
-        k.api_latency.0, k.api_latency.1
-    )
 }
 
 /// Runs `sessions`.

@@ -15,13 +15,11 @@ use relay_lab::{edge_ip, spawn_echo};
 use serde_json::json;
 
 use crate::common::{
-    describe_requests, get, machine, median, write_json, Bench, BenchCluster, Counter, Progress,
-    Table, Via,
+    describe_requests, get, kube_banner, machine, median, write_json, Bench, BenchCluster, Counter,
+    KubeArgs, KubeRun, Progress, Table, Via,
 };
 use crate::rr::{check_rate, fixed_rate, RrResult};
-use crate::sessions::{
-    check_edges, kube_banner, spawn_edges, stop_edges, wait_relay_count, wait_sessions, KubeArgs,
-};
+use crate::sessions::{check_edges, spawn_edges, stop_edges, wait_relay_count, wait_sessions};
 
 /// Arguments of `storm`.
 #[derive(clap::Args, Debug)]
@@ -58,7 +56,7 @@ struct One {
     /// `--kube`: seconds after SIGTERM until the new relay had checked
     /// every Node's condition and each said the tunnel is up, and the API
     /// requests from the SIGTERM to then.
-    kube: Option<(f64, std::collections::BTreeMap<String, usize>)>,
+    kube: Option<KubeRun>,
 }
 
 async fn run_once(bench: &Bench, a: &Args, cluster: Option<&BenchCluster>) -> Result<One> {

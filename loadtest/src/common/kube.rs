@@ -20,6 +20,72 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use relay_kube_standin::{kubelet_node, StandIn};
 use relay_lab::{edge_ip, edge_name};
+use serde_json::json;
+
+use super::Bench;
+
+/// One run's Kubernetes figures: seconds until every Node said its tunnel
+/// was up, and the API requests by `verb resource[/sub]` until then.
+pub(crate) type KubeRun = (f64, BTreeMap<String, usize>);
+
+/// `--kube`: the relay in in-cluster mode against the apiserver stand-in
+/// (see [`BenchCluster`]).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub(crate) struct KubeArgs {
+    /// Run the relay with `[kubernetes]` against the apiserver stand-in,
+    /// one Node per edge, and report when every Node's condition said the
+    /// tunnel is up and the API requests per session.
+    #[arg(long)]
+    kube: bool,
+    /// With `--kube`: time the stand-in takes per read and per write.
+    #[arg(long, value_parser = parse_latency, default_value = "2ms,10ms")]
+    api_latency: (Duration, Duration),
+}
+
+impl KubeArgs {
+    /// Whether `--kube` was given.
+    pub(crate) fn on(&self) -> bool {
+        self.kube
+    }
+
+    /// The JSON report's `kube` object (`null` without `--kube`): the
+    /// latency set, per run the seconds until every Node said the tunnel
+    /// is up and the API requests by verb and resource.
+    pub(crate) fn json<'a>(
+        &self,
+        ready: &[f64],
+        requests: impl Iterator<Item = Option<&'a BTreeMap<String, usize>>>,
+    ) -> serde_json::Value {
+        if !self.kube {
+            return serde_json::Value::Null;
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        json!({"api_latency_ms": [ms(self.api_latency.0), ms(self.api_latency.1)],
+               "all_ready_s": ready, "requests": requests.collect::<Vec<_>>()})
+    }
+
+    /// The stand-in for `nodes` edges, when `--kube`; the bench's relay
+    /// config then carries its `[kubernetes]` section.
+    pub(crate) fn start(&self, bench: &mut Bench) -> Result<Option<BenchCluster>> {
+        if !self.kube {
+            return Ok(None);
+        }
+        let c = BenchCluster::start(bench.nodes, self.api_latency)?;
+        bench.kube_section = Some(c.relay_section());
+        Ok(Some(c))
+    }
+}
+
+/// ` | relay with [kubernetes] against the stand-in (…)` when `--kube`.
+pub(crate) fn kube_banner(k: &KubeArgs) -> String {
+    if !k.kube {
+        return String::new();
+    }
+    format!(
+        " | relay with [kubernetes] against the apiserver stand-in, {:?} per read, {:?} per write",
+        k.api_latency.0, k.api_latency.1
+    )
+}
 
 /// `--api-latency READ,WRITE` (e.g. `2ms,10ms`).
 pub(crate) fn parse_latency(s: &str) -> Result<(Duration, Duration), String> {
