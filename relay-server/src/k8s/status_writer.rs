@@ -168,16 +168,20 @@ async fn write_conditions(
     let mut pace = HoldOff::new(CONDITION_HOLD_OFF);
     // Desired states waiting for their node's hold-off or a free writer.
     let mut held: HashMap<String, TunnelCondition> = HashMap::new();
-    let mut in_flight: JoinSet<(String, Result<WriteOutcome, KubeError>)> = JoinSet::new();
-    // Nodes being written; a newer state for one waits in `held`.
-    let mut writing: std::collections::HashSet<String> = Default::default();
+    let mut in_flight: JoinSet<Result<WriteOutcome, KubeError>> = JoinSet::new();
+    // The node each write in flight is for (by task, so a write that
+    // panicked still frees its node); a newer state for one waits in
+    // `held`.
+    let mut writing: HashMap<tokio::task::Id, String> = HashMap::new();
+    let busy =
+        |writing: &HashMap<tokio::task::Id, String>, n: &str| writing.values().any(|w| w == n);
     loop {
         let now = std::time::Instant::now();
         // The next hold-off to end, if a writer is free to act on it.
         let next = (in_flight.len() < CONDITION_WRITERS)
             .then(|| {
                 held.keys()
-                    .filter(|n| !writing.contains(*n))
+                    .filter(|n| !busy(&writing, n))
                     .map(|n| pace.due(n, now))
                     .min()
             })
@@ -185,9 +189,13 @@ async fn write_conditions(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = wake.notified() => {}
-            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
-                if let Ok((node, result)) = done {
-                    writing.remove(&node);
+            Some(done) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
+                let (id, result) = match done {
+                    Ok((id, result)) => (id, Some(result)),
+                    Err(e) => (e.id(), None),
+                };
+                let node = writing.remove(&id).unwrap_or_default();
+                if let Some(result) = result {
                     match result {
                         Ok(outcome) => {
                             debug!(%node, ?outcome, "node condition");
@@ -199,6 +207,8 @@ async fn write_conditions(
                         Err(KubeError::NotFound { .. }) => writer.forget(&node),
                         Err(e) => warn!(%node, error = %e, "writing the node condition failed"),
                     }
+                } else {
+                    warn!(%node, "a node condition write panicked; the node's next change writes it again");
                 }
             }
             _ = tokio::time::sleep_until(next.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std)), if next.is_some() => {}
@@ -212,7 +222,7 @@ async fn write_conditions(
         let free = CONDITION_WRITERS.saturating_sub(in_flight.len());
         let due: Vec<String> = held
             .keys()
-            .filter(|n| !writing.contains(*n) && pace.due(n, now) <= now)
+            .filter(|n| !busy(&writing, n) && pace.due(n, now) <= now)
             .take(free)
             .cloned()
             .collect();
@@ -220,12 +230,10 @@ async fn write_conditions(
             let Some(cond) = held.remove(&node) else {
                 continue;
             };
-            writing.insert(node.clone());
             let writer = writer.clone();
-            in_flight.spawn(async move {
-                let result = writer.set(&node, &cond).await;
-                (node, result)
-            });
+            let name = node.clone();
+            let task = in_flight.spawn(async move { writer.set(&name, &cond).await });
+            writing.insert(task.id(), node);
         }
     }
 }
