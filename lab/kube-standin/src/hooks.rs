@@ -89,6 +89,18 @@ impl StandIn {
         self.shared.lock().log.clone()
     }
 
+    /// How many requests were served so far (without copying the log).
+    pub fn request_count(&self) -> usize {
+        self.shared.lock().log.len()
+    }
+
+    /// The requests from log index `from` on, in order: only the tail is
+    /// copied, for callers that poll a long log.
+    pub fn requests_from(&self, from: usize) -> Vec<RequestRecord> {
+        let st = self.shared.lock();
+        st.log.get(from..).map(<[_]>::to_vec).unwrap_or_default()
+    }
+
     /// Stored events.k8s.io/v1 Events (as JSON), ordered by namespace and name.
     pub fn events(&self) -> Vec<Value> {
         self.shared.lock().events.values().cloned().collect()

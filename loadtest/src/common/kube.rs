@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use relay_kube_standin::{kubelet_node, StandIn};
 use relay_lab::{edge_ip, edge_name};
 use serde_json::json;
@@ -157,13 +157,13 @@ impl BenchCluster {
     /// Requests served so far (an index into the log, for
     /// [`BenchCluster::requests_since`]).
     pub(crate) fn log_len(&self) -> usize {
-        self.standin.requests().len()
+        self.standin.request_count()
     }
 
     /// Requests since log index `from`, counted by `verb resource[/sub]`.
     pub(crate) fn requests_since(&self, from: usize) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
-        for r in self.standin.requests().iter().skip(from) {
+        for r in self.standin.requests_from(from) {
             *out.entry(r.verb_resource()).or_insert(0) += 1;
         }
         out
@@ -182,7 +182,7 @@ impl BenchCluster {
     /// Nodes whose condition a relay read or wrote since log index `from`.
     fn touched_since(&self, from: usize) -> usize {
         let mut nodes = std::collections::HashSet::new();
-        for r in self.standin.requests().iter().skip(from) {
+        for r in self.standin.requests_from(from) {
             if let Some(a) = &r.attrs {
                 if a.resource == "nodes" && a.subresource.as_deref() == Some("status") {
                     nodes.extend(a.name.clone());
@@ -204,15 +204,19 @@ impl BenchCluster {
     ) -> Result<Duration> {
         let deadline = t0 + limit;
         loop {
-            let (touched, ready) = (self.touched_since(from), self.ready());
-            if touched == self.nodes && ready == self.nodes {
+            // The log's tail first: the conditions are read (every Node
+            // copied) only once the relay has checked them all.
+            let touched = self.touched_since(from);
+            if touched == self.nodes && self.ready() == self.nodes {
                 return Ok(t0.elapsed());
             }
-            ensure!(
-                Instant::now() < deadline,
-                "after {limit:?}: {ready} of {} Nodes say EdgeTunnelReady=True, {touched} checked by the relay",
-                self.nodes
-            );
+            if Instant::now() >= deadline {
+                anyhow::bail!(
+                    "after {limit:?}: {} of {} Nodes say EdgeTunnelReady=True, {touched} checked by the relay",
+                    self.ready(),
+                    self.nodes
+                );
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
