@@ -1,7 +1,8 @@
 //! Reconnect delays: capped exponential backoff with full jitter, so a
-//! thousand edges cut off together do not come back in lock-step.
+//! thousand edges cut off together do not come back in lock-step; and a
+//! short fixed pace for a while after the relay said it was draining.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 
@@ -14,6 +15,21 @@ pub struct BackoffConfig {
     pub max: Duration,
     /// A session that stayed up this long resets the backoff.
     pub reset_after: Duration,
+    /// After a session the relay ended because it was draining (a restart,
+    /// a rolling update): for this long, failed attempts are retried at the
+    /// drain pace, uniform in [`initial`/10, 2 × `initial`], instead of
+    /// after a growing delay. Zero turns it off.
+    ///
+    /// Why: a relay that restarts is gone for a second or two, and an edge
+    /// that met the gap (a refusal from the draining relay, an Initial
+    /// lost while nothing listened) would otherwise wait 1, 2, then 4 s
+    /// between attempts and come back seconds after the new relay was
+    /// ready. The pace stays jittered, and a refusal with a reason in the
+    /// hello reply still grows the backoff and honours its retry-after (a
+    /// QUIC-level refusal carries no reason, so it is paced too).
+    ///
+    /// [`initial`]: BackoffConfig::initial
+    pub after_drain: Duration,
 }
 
 impl Default for BackoffConfig {
@@ -27,6 +43,9 @@ impl Default for BackoffConfig {
             // handshakes/s, which admission control absorbs.
             max: Duration::from_secs(8),
             reset_after: Duration::from_secs(60),
+            // A process restart or a pod rescheduled on a warm node; a
+            // longer outage is met by the ordinary backoff afterwards.
+            after_drain: Duration::from_secs(10),
         }
     }
 }
@@ -36,12 +55,48 @@ impl Default for BackoffConfig {
 pub struct Backoff {
     cfg: BackoffConfig,
     failures: u32,
+    /// Until when the drain pace applies (see [`BackoffConfig::after_drain`]).
+    drain_pace_until: Option<Instant>,
 }
 
 impl Backoff {
     /// Fresh state.
     pub fn new(cfg: BackoffConfig) -> Self {
-        Backoff { cfg, failures: 0 }
+        Backoff {
+            cfg,
+            failures: 0,
+            drain_pace_until: None,
+        }
+    }
+
+    /// The relay ended the session because it was draining: attempts
+    /// until `now + after_drain` are paced, not backed off.
+    pub fn relay_drained(&mut self, now: Instant) {
+        self.drain_pace_until = now.checked_add(self.cfg.after_drain);
+    }
+
+    /// Whether the drain pace applies at `now`.
+    pub fn drain_pace(&self, now: Instant) -> bool {
+        self.drain_pace_until.is_some_and(|t| now < t)
+    }
+
+    /// The delay before the next attempt after a lost session or a failed
+    /// attempt (`explicit_refusal`: the relay refused with a reason): the
+    /// drain pace while it applies (the backoff does not grow meanwhile),
+    /// else [`Backoff::next_delay`].
+    pub fn delay_after_failure(
+        &mut self,
+        now: Instant,
+        explicit_refusal: bool,
+        rng: &mut impl Rng,
+    ) -> Duration {
+        if explicit_refusal || !self.drain_pace(now) {
+            return self.next_delay(rng);
+        }
+        let lo = self.cfg.initial / 10;
+        let hi = self.cfg.initial.saturating_mul(2);
+        let span = u64::try_from(hi.saturating_sub(lo).as_micros()).unwrap_or(u64::MAX);
+        lo + Duration::from_micros(rng.random_range(0..=span))
     }
 
     /// The current cap: `initial * 2^failures`, at most `max`.
@@ -60,7 +115,9 @@ impl Backoff {
         lo + Duration::from_micros(rng.random_range(0..=span))
     }
 
-    /// Back to the first step (after a stable session).
+    /// Back to the first step (after a stable session). The drain pace,
+    /// if any, stays: a session that comes up and is drained again at
+    /// once is the next restart, not a stable session.
     pub fn reset(&mut self) {
         self.failures = 0;
     }
@@ -75,6 +132,47 @@ impl Backoff {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    /// After a drain notice, failures are retried at the pace without the
+    /// cap growing, an explicit refusal still grows it, and once the window
+    /// is over the backoff takes up where it was.
+    #[test]
+    fn after_a_drain_failures_are_paced_for_the_window_only() {
+        let cfg = BackoffConfig::default();
+        let (initial, window) = (cfg.initial, cfg.after_drain);
+        let mut b = Backoff::new(cfg);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let t0 = Instant::now();
+        assert!(!b.drain_pace(t0), "no pace before any drain");
+        b.next_delay(&mut rng);
+        b.next_delay(&mut rng);
+        let cap_before = b.cap();
+        assert_eq!(cap_before, initial * 4);
+
+        b.relay_drained(t0);
+        let during = t0 + window / 2;
+        for _ in 0..500 {
+            let d = b.delay_after_failure(during, false, &mut rng);
+            assert!(d >= initial / 10 && d <= initial * 2, "{d:?} off the pace");
+        }
+        assert_eq!(b.cap(), cap_before, "the pace does not grow the backoff");
+
+        let d = b.delay_after_failure(during, true, &mut rng);
+        assert!(d <= cap_before, "a refusal backs off from the current cap");
+        assert_eq!(b.cap(), cap_before * 2, "and grows it");
+
+        let after = t0 + window;
+        assert!(!b.drain_pace(after), "the window is over");
+        b.delay_after_failure(after, false, &mut rng);
+        assert_eq!(b.cap(), cap_before * 4, "backoff again after the window");
+
+        let mut off = Backoff::new(BackoffConfig {
+            after_drain: Duration::ZERO,
+            ..BackoffConfig::default()
+        });
+        off.relay_drained(t0);
+        assert!(!off.drain_pace(t0), "zero turns the pace off");
+    }
 
     #[test]
     fn grows_caps_jitters_and_resets() {

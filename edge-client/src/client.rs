@@ -419,6 +419,8 @@ pub(crate) async fn run(
             }
         };
         let mut min_delay = Duration::ZERO;
+        // The relay refused us with a reason: back off even after a drain.
+        let mut refused = false;
         match result {
             Ok(Connected {
                 endpoint,
@@ -476,6 +478,7 @@ pub(crate) async fn run(
                     session = hello.session_id,
                     gen = hello.generation
                 );
+                let mut went_away = false;
                 let end = run_session(
                     &conn,
                     &flows,
@@ -488,6 +491,7 @@ pub(crate) async fn run(
                     &cancel,
                     &state,
                     dns.as_ref(),
+                    &mut went_away,
                 )
                 .instrument(span)
                 .await;
@@ -504,6 +508,15 @@ pub(crate) async fn run(
                         next = Some(*c);
                         continue;
                     }
+                    // The relay is draining (a restart, a rolling update):
+                    // it said so, or, if the GOAWAY was dropped (its control
+                    // queue full), QUIC's close code says it.
+                    SessionEnd::Lost(why)
+                        if went_away || conn.peer_close_code() == Some(close_code::GOING_AWAY) =>
+                    {
+                        info!(reason = %why, uptime = ?up.elapsed(), pace_for = ?backoff.config().after_drain, "session down: the relay is draining; reconnecting at a short pace");
+                        backoff.relay_drained(Instant::now());
+                    }
                     SessionEnd::Lost(why) => {
                         info!(reason = %why, uptime = ?up.elapsed(), "session down")
                     }
@@ -512,6 +525,7 @@ pub(crate) async fn run(
             Err(AttemptError::Rejected(r)) => {
                 warn!(reason = r.reason.as_str(), message = %r.message, "relay rejected the session");
                 min_delay = Duration::from_millis(r.retry_after_ms.unwrap_or(0).into());
+                refused = true;
                 state.send_replace(EdgeState::Rejected {
                     reason: r.reason,
                     message: r.message,
@@ -522,7 +536,9 @@ pub(crate) async fn run(
         if cancel.is_cancelled() {
             break;
         }
-        let delay = backoff.next_delay(&mut rand::rng()).max(min_delay);
+        let delay = backoff
+            .delay_after_failure(Instant::now(), refused, &mut rand::rng())
+            .max(min_delay);
         debug!(?delay, "reconnecting after delay");
         tokio::select! {
             _ = cancel.cancelled() => break,

@@ -202,12 +202,16 @@ pub struct BackoffFile {
     /// First delay cap (default 500ms).
     #[serde(default, with = "humantime_serde")]
     pub initial: Option<Duration>,
-    /// Largest delay cap (default 30s).
+    /// Largest delay cap (default 8s).
     #[serde(default, with = "humantime_serde")]
     pub max: Option<Duration>,
     /// Uptime that resets the backoff (default 60s).
     #[serde(default, with = "humantime_serde")]
     pub reset_after: Option<Duration>,
+    /// How long after a relay's drain notice attempts are paced instead of
+    /// backed off (default 10s; `0s` turns it off).
+    #[serde(default, with = "humantime_serde")]
+    pub after_drain: Option<Duration>,
 }
 
 /// The edge client's TOML configuration file.
@@ -370,7 +374,14 @@ impl FileConfig {
                 self.backoff.reset_after,
                 d.reset_after,
             )?,
+            after_drain: self.backoff.after_drain.unwrap_or(d.after_drain),
         };
+        if backoff.after_drain > Duration::from_secs(300) {
+            return Err(err(
+                "backoff.after_drain",
+                "at most 300s: a longer pace keeps a fleet hammering a relay that is gone",
+            ));
+        }
         if backoff.initial > backoff.max {
             return Err(err("backoff.initial", "must not exceed backoff.max"));
         }
@@ -474,6 +485,8 @@ mod tests {
         assert!(e.to_string().contains("surprise"), "{e}");
         let f = FileConfig::parse(&format!("{BASE}[quic]\nkeepalive = \"1m\"\n")).unwrap();
         assert_eq!(f.into_runtime().unwrap_err().field, "quic.keepalive");
+        let f = FileConfig::parse(&format!("{BASE}[backoff]\nafter_drain = \"10m\"\n")).unwrap();
+        assert_eq!(f.into_runtime().unwrap_err().field, "backoff.after_drain");
     }
 
     #[test]

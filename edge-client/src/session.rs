@@ -56,6 +56,9 @@ async fn finish_move(
     SessionEnd::Lost(why)
 }
 
+/// Runs one session until it ends. `went_away` is set when the relay said
+/// it is draining (GOAWAY): a restart or a rolling update, so the caller
+/// reconnects at a short pace (see `backoff`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_session(
     conn: &TunnelConn,
@@ -69,6 +72,7 @@ pub(crate) async fn run_session(
     cancel: &CancellationToken,
     state: &watch::Sender<EdgeState>,
     dns: Option<&crate::dns::Resolver>,
+    went_away: &mut bool,
 ) -> SessionEnd {
     let BiStream { mut send, recv } = control;
     // Service names for the resolver, put together per session.
@@ -231,6 +235,7 @@ pub(crate) async fn run_session(
                             // The relay stops opening streams and closes when
                             // the in-flight ones are done; we reconnect then.
                             info!(%reason, grace_ms, "relay sent GOAWAY");
+                            *went_away = true;
                             continue;
                         }
                         _ => continue,

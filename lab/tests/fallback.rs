@@ -202,3 +202,93 @@ async fn a_relay_restart_brings_quic_edges_back_on_quic() -> Result<()> {
     relay.shutdown(Duration::from_secs(1)).await;
     Ok(())
 }
+
+/// A draining relay tells its edges (GOAWAY) and refuses new QUIC attempts
+/// until it exits; an edge told so retries at a short pace (at most twice
+/// the backoff's first step) instead of a growing backoff, and never falls
+/// back to TCP for it. Edge 1 is idle, so its session closes at once; a
+/// stream held open to edge 0 keeps the old relay draining (and refusing)
+/// for 5 s. Under the old rule the delays would have grown 0.5, 1, 2, 4 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_drain_notice_an_edge_retries_at_a_short_pace() -> Result<()> {
+    let quic = relay_lab::restartable_loopback_addr()?;
+    let lab = Lab::start(2, |c| c.quic_listen = quic).await?;
+    let (echo, _t) = spawn_echo(SocketAddr::new(edge_ip(0), 0)).await?;
+    let mut held = connect_via(lab.connect_addr(), &echo.to_string()).await?;
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        held.write_all(b"spliced").await?;
+        let mut back = [0u8; 7];
+        held.read_exact(&mut back).await?;
+        assert_eq!(&back, b"spliced", "the held stream carries data");
+    }
+    // Every attempt edge 1 starts, with its time, until it is connected again.
+    let mut watch = lab.edges[1].watch();
+    let attempts = tokio::spawn(async move {
+        let mut seen: Vec<Instant> = Vec::new();
+        while watch.changed().await.is_ok() {
+            match &*watch.borrow_and_update() {
+                EdgeState::Connecting { .. } => seen.push(Instant::now()),
+                EdgeState::Connected { .. } if !seen.is_empty() => break,
+                _ => {}
+            }
+        }
+        seen
+    });
+    let Lab { pki, relay, edges } = lab;
+    let metrics = relay.shared().clone();
+    let drain = tokio::spawn(relay.shutdown(Duration::from_secs(30)));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let refused = relay_lab::metric_sample(
+        &metrics.metrics.render(0, 0),
+        "relay_handshake_failures_total{reason=\"shutting_down\"}",
+    )
+    .unwrap_or(0.0);
+    // Shared holds the endpoint: let it go, so the address can be bound again.
+    drop(metrics);
+    // The stream ends, so does the drain.
+    drop(held);
+    drain.await?;
+    // The old endpoint's socket goes once its last connection has drained
+    // (a process that exits frees it at once): bind as soon as it is free.
+    let mut relay = None;
+    for _ in 0..50 {
+        let mut cfg = relay_config(&pki, 2)?;
+        cfg.quic_listen = quic;
+        if let Ok(r) = Relay::spawn(cfg).await {
+            relay = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let relay = relay.expect("the relay's address free again within 5 s");
+    let attempts = tokio::time::timeout(Duration::from_secs(20), attempts)
+        .await
+        .expect("edge 1 back within 20 s of the new relay")?;
+
+    assert!(
+        refused >= 4.0,
+        "the draining relay refused {refused} attempts in 5 s"
+    );
+    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
+    // During the 5 s drain: refusals come back at once, so the gap between
+    // two attempts is the pace (≤ 1 s) plus a loopback round trip.
+    let during: Vec<&Duration> = attempts
+        .windows(2)
+        .zip(&gaps)
+        .filter(|(w, _)| w[1] < attempts[0] + Duration::from_secs(4))
+        .map(|(_, g)| g)
+        .collect();
+    assert!(during.len() >= 3, "attempts {gaps:?}");
+    assert!(
+        during.iter().all(|g| **g < Duration::from_millis(1_500)),
+        "a gap beyond the pace: {gaps:?}"
+    );
+    assert_eq!(edges[1].stats().fallbacks.load(Relaxed), 0);
+    assert!(matches!(edges[1].state(), EdgeState::Connected { .. }));
+    for e in edges {
+        e.shutdown().await;
+    }
+    relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}

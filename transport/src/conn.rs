@@ -159,6 +159,20 @@ impl TunnelConn {
         }
     }
 
+    /// The application close code the peer closed the connection with,
+    /// once it has (QUIC carries it; the TCP fallback does not: `None`).
+    pub fn peer_close_code(&self) -> Option<u32> {
+        match self {
+            TunnelConn::Quic(c) => match c.close_reason()? {
+                quinn::ConnectionError::ApplicationClosed(a) => {
+                    u32::try_from(a.error_code.into_inner()).ok()
+                }
+                _ => None,
+            },
+            TunnelConn::Tcp(_) => None,
+        }
+    }
+
     /// Resolves when the connection is closed, with a description of why.
     pub async fn closed(&self) -> String {
         match self {

@@ -24,7 +24,10 @@ pub(super) async fn accept_quic(
 ) -> &'static str {
     loop {
         let incoming = tokio::select! {
-            _ = stop.cancelled() => return "quic",
+            _ = stop.cancelled() => {
+                refuse_while_draining(&endpoint, &shared).await;
+                return "quic";
+            }
             i = endpoint.accept() => match i {
                 Some(i) => i,
                 None => return "quic",
@@ -65,6 +68,21 @@ pub(super) async fn accept_quic(
                 };
             serve_edge(TunnelConn::Quic(conn), shared, permit).await;
         });
+    }
+}
+
+/// Answers every new QUIC attempt with a refusal until the endpoint
+/// closes (the drain's end). Left unanswered, an edge's Initial would wait
+/// for QUIC's retransmission (1 s, then 2 s more) and an edge told to
+/// reconnect would spend its first attempts waiting; refused, it learns at
+/// once and, having had the GOAWAY, retries at a short pace until a relay
+/// answers (`edge-client` `backoff`), without growing its backoff.
+async fn refuse_while_draining(endpoint: &quinn::Endpoint, shared: &Shared) {
+    while let Some(incoming) = endpoint.accept().await {
+        shared
+            .metrics
+            .reject(relay_protocol::RejectReason::ShuttingDown);
+        incoming.refuse();
     }
 }
 
