@@ -57,6 +57,10 @@ pub struct Backoff {
     failures: u32,
     /// Until when the drain pace applies (see [`BackoffConfig::after_drain`]).
     drain_pace_until: Option<Instant>,
+    /// The first delay after a drain notice is the backoff's own (its first
+    /// step after a stable session: a replica behind the same address may
+    /// answer at once); the pace takes the failures after it.
+    drain_first: bool,
 }
 
 impl Backoff {
@@ -66,6 +70,7 @@ impl Backoff {
             cfg,
             failures: 0,
             drain_pace_until: None,
+            drain_first: false,
         }
     }
 
@@ -73,6 +78,7 @@ impl Backoff {
     /// until `now + after_drain` are paced, not backed off.
     pub fn relay_drained(&mut self, now: Instant) {
         self.drain_pace_until = now.checked_add(self.cfg.after_drain);
+        self.drain_first = true;
     }
 
     /// Whether the drain pace applies at `now`.
@@ -83,14 +89,15 @@ impl Backoff {
     /// The delay before the next attempt after a lost session or a failed
     /// attempt (`explicit_refusal`: the relay refused with a reason): the
     /// drain pace while it applies (the backoff does not grow meanwhile),
-    /// else [`Backoff::next_delay`].
+    /// except right after the notice; else [`Backoff::next_delay`].
     pub fn delay_after_failure(
         &mut self,
         now: Instant,
         explicit_refusal: bool,
         rng: &mut impl Rng,
     ) -> Duration {
-        if explicit_refusal || !self.drain_pace(now) {
+        let first = std::mem::take(&mut self.drain_first);
+        if first || explicit_refusal || !self.drain_pace(now) {
             return self.next_delay(rng);
         }
         let lo = self.cfg.initial / 10;
@@ -145,12 +152,18 @@ mod tests {
         let t0 = Instant::now();
         assert!(!b.drain_pace(t0), "no pace before any drain");
         b.next_delay(&mut rng);
-        b.next_delay(&mut rng);
         let cap_before = b.cap();
-        assert_eq!(cap_before, initial * 4);
+        assert_eq!(cap_before, initial * 2);
 
         b.relay_drained(t0);
         let during = t0 + window / 2;
+        let d = b.delay_after_failure(during, false, &mut rng);
+        assert!(
+            d <= cap_before,
+            "right after the notice: the backoff's own delay"
+        );
+        let cap_before = b.cap();
+        assert_eq!(cap_before, initial * 4);
         for _ in 0..500 {
             let d = b.delay_after_failure(during, false, &mut rng);
             assert!(d >= initial / 10 && d <= initial * 2, "{d:?} off the pace");

@@ -510,11 +510,14 @@ pub(crate) async fn run(
                     }
                     // The relay is draining (a restart, a rolling update):
                     // it said so, or, if the GOAWAY was dropped (its control
-                    // queue full), QUIC's close code says it.
+                    // queue full), QUIC's close code says it; or it restarted
+                    // without a word and its stateless reset says it is up.
                     SessionEnd::Lost(why)
-                        if went_away || conn.peer_close_code() == Some(close_code::GOING_AWAY) =>
+                        if went_away
+                            || conn.peer_close_code() == Some(close_code::GOING_AWAY)
+                            || conn.was_reset() =>
                     {
-                        info!(reason = %why, uptime = ?up.elapsed(), pace_for = ?backoff.config().after_drain, "session down: the relay is draining; reconnecting at a short pace");
+                        info!(reason = %why, uptime = ?up.elapsed(), pace_for = ?backoff.config().after_drain, "session down: the relay is restarting; reconnecting at a short pace");
                         backoff.relay_drained(Instant::now());
                     }
                     SessionEnd::Lost(why) => {

@@ -173,6 +173,17 @@ impl TunnelConn {
         }
     }
 
+    /// Whether the peer ended the connection with a QUIC stateless reset:
+    /// it answered but holds no state for the connection (a relay that
+    /// restarted, or a replica that never had it), so it is up and a new
+    /// attempt may be made at once. Always false on the TCP fallback.
+    pub fn was_reset(&self) -> bool {
+        match self {
+            TunnelConn::Quic(c) => matches!(c.close_reason(), Some(quinn::ConnectionError::Reset)),
+            TunnelConn::Tcp(_) => false,
+        }
+    }
+
     /// Resolves when the connection is closed, with a description of why.
     pub async fn closed(&self) -> String {
         match self {
