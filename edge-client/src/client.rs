@@ -90,6 +90,11 @@ pub struct EdgeStats {
     /// Pongs that arrived after the next ping had been sent (late, but
     /// within the dead-path bound, so the session was kept).
     pub pongs_late: AtomicU64,
+    /// Control pings sent because data from the relay stopped dead while
+    /// streams were open (QUIC; see `liveness::StallProbe`): each is a
+    /// possible NAT rebinding, ended by the probe instead of a keep-alive
+    /// later.
+    pub stall_probes: AtomicU64,
     /// Which of the relay name's addresses the next attempt dials, modulo
     /// their number: advanced past an address that failed, so a name with
     /// an IPv6 and an IPv4 address still connects where IPv6 is broken

@@ -39,6 +39,45 @@ pub const DEAD_AFTER_KEEPALIVES: u32 = 2;
 /// dropped from the list (it is older than the dead bound by then anyway).
 const MAX_OUTSTANDING: usize = 8;
 
+/// How often [`StallProbe`] looks at what arrived.
+pub(crate) const STALL_CHECK: Duration = Duration::from_secs(1);
+
+/// Datagrams in one [`STALL_CHECK`] period that make a flow of data, not
+/// the trickle of an idle session (a keep-alive ACK, a pong).
+const STALL_BURST: u64 = 3;
+
+/// Notices data from the relay stopping dead while streams are open, and
+/// says when to send the relay something at once (a control ping).
+///
+/// Why: after a NAT rebinding the relay's packets go to the old mapping and
+/// are lost. An edge that is sending (an upload, an echo) retransmits
+/// through the new mapping within milliseconds and the relay moves the
+/// connection to it; an edge that is only receiving (a download from the
+/// cloud: it sends nothing but ACKs, which answer what arrives) stays
+/// silent until QUIC's keep-alive PING, up to a whole keep-alive interval
+/// (8 s) later, and the transfer stalls that long. A probe sent when a
+/// flow stops dead ends the stall within two checks. One probe per stop: an
+/// idle stream, or a pause in a transfer, costs at most one ping, and an
+/// idle session none.
+#[derive(Debug, Default)]
+pub(crate) struct StallProbe {
+    /// Datagrams received as of the last check.
+    last: Option<u64>,
+    /// The last period carried a flow.
+    flowing: bool,
+}
+
+impl StallProbe {
+    /// Called every [`STALL_CHECK`] with the datagrams received so far and
+    /// whether streams or flows are open; `true`: send a probe now.
+    pub(crate) fn check(&mut self, received: u64, busy: bool) -> bool {
+        let delta = self.last.map_or(0, |l| received.saturating_sub(l));
+        self.last = Some(received);
+        let was_flowing = std::mem::replace(&mut self.flowing, delta >= STALL_BURST);
+        was_flowing && delta == 0 && busy
+    }
+}
+
 /// Ping bookkeeping of one session.
 #[derive(Debug)]
 pub(crate) struct Liveness {
@@ -172,6 +211,40 @@ impl Liveness {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flow_that_stops_dead_is_probed_once_and_idle_never() {
+        let mut p = StallProbe::default();
+        // An idle session: keep-alive ACKs, a pong now and then.
+        let mut n = 100;
+        assert!(!p.check(n, true), "first look");
+        for step in [0, 1, 0, 0, 2, 0, 1, 0] {
+            n += step;
+            assert!(!p.check(n, true), "idle trickle probed");
+        }
+        // A download, then nothing at all (a rebinding): one probe.
+        for _ in 0..5 {
+            n += 800;
+            assert!(!p.check(n, true));
+        }
+        assert!(p.check(n, true), "the stop is probed");
+        assert!(!p.check(n, true), "once");
+        assert!(!p.check(n, true), "once");
+        // Flowing again (the relay moved to the new mapping), then a stop
+        // with nothing open (the transfer ended): no probe.
+        n += 500;
+        assert!(!p.check(n, true));
+        assert!(!p.check(n, false), "nothing open, nothing to probe for");
+        // A slowing flow (a trickle after a burst) is not a stop.
+        n += 500;
+        assert!(!p.check(n, true));
+        n += 1;
+        assert!(!p.check(n, true), "a trickle still arrives");
+        assert!(
+            !p.check(n, true),
+            "and after it, the flow had already ended"
+        );
+    }
 
     const K: Duration = Duration::from_secs(5);
 

@@ -22,7 +22,7 @@ use crate::client::{EdgeState, EdgeStats};
 use crate::config::{EdgeConfig, TransportMode};
 use crate::dial::{connect, AttemptError, Connected, Dialer};
 use crate::identity::{Credentials, IdentityError};
-use crate::liveness::{Liveness, Tick, DEAD_AFTER_KEEPALIVES};
+use crate::liveness::{Liveness, StallProbe, Tick, DEAD_AFTER_KEEPALIVES, STALL_CHECK};
 use crate::serve::{serve_stream, ServedRoutes, ServedSet};
 use crate::services::EdgeServices;
 
@@ -98,6 +98,12 @@ pub(crate) async fn run_session(
         relay_transport::TransportKind::Tcp => Liveness::new(cfg.quic.keepalive),
     };
     let mut rtt_logged: Option<Instant> = None;
+    // QUIC: a flow from the relay that stops dead is probed at once (see
+    // StallProbe); on TCP the control pings above find a rebinding.
+    let quic = conn.kind() == relay_transport::TransportKind::Quic;
+    let mut stall = StallProbe::default();
+    let mut stall_tick = tokio::time::interval(STALL_CHECK);
+    stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The relay's stream credit starts small and grows with use (see
     // relay_transport::grant).
     let mut grant = StreamGrant::new(conn, cfg.quic.max_bidi_streams);
@@ -275,6 +281,20 @@ pub(crate) async fn run_session(
                         conn.close(close_code::PROTOCOL, "path dead");
                         return SessionEnd::Lost(format!("{dead} ({} pings in flight)", liveness.in_flight()));
                     }
+                }
+            }
+            _ = stall_tick.tick(), if quic => {
+                let busy = stats.open_streams.load(Relaxed) > 0
+                    || stats.udp.flows_open.load(Relaxed) > 0;
+                match conn.datagrams_received() {
+                    Some(n) if stall.check(n, busy) => {
+                        stats.stall_probes.fetch_add(1, Relaxed);
+                        debug!("data from the relay stopped with streams open; probing the path");
+                        // Its pong matches no tracked ping and is ignored:
+                        // what counts is that it leaves now.
+                        Control::Ping { nonce: rand::random() }
+                    }
+                    _ => continue,
                 }
             }
             _ = sleep_until_some(renew_at), if renew_at.is_some() && renewal.is_none() => {

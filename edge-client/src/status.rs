@@ -162,6 +162,12 @@ pub(crate) fn render(up: bool, st: &EdgeStats) -> String {
         n(&st.pongs_late),
     );
     one(
+        "stall_probes_total",
+        "counter",
+        "Control pings sent because data from the relay stopped dead with streams open (QUIC; a possible NAT rebinding).",
+        n(&st.stall_probes),
+    );
+    one(
         "path_rtt_seconds",
         "gauge",
         "QUIC's smoothed round-trip estimate at the last keep-alive tick (0 on TCP).",
