@@ -77,6 +77,10 @@ pub struct EdgeStats {
     pub sessions: AtomicU64,
     /// Times the client fell back from QUIC to TLS over TCP.
     pub fallbacks: AtomicU64,
+    /// Sessions QUIC carries now, to any of the relay's replicas: while
+    /// there is one, UDP reaches the relay, and an unanswered QUIC attempt
+    /// waits out the handshake bound instead of falling back to TCP.
+    pub quic_sessions_live: AtomicU64,
     /// Control messages of a newer protocol revision, ignored.
     pub control_unknown: AtomicU64,
     /// Round-trip time of the edge's last answered control ping, in
@@ -379,6 +383,23 @@ impl EdgeClient {
     }
 }
 
+/// Counts one session QUIC carries in [`EdgeStats::quic_sessions_live`]
+/// while it lives.
+struct QuicLive<'a>(&'a EdgeStats);
+
+impl<'a> QuicLive<'a> {
+    fn new(stats: &'a EdgeStats) -> Self {
+        stats.quic_sessions_live.fetch_add(1, Relaxed);
+        QuicLive(stats)
+    }
+}
+
+impl Drop for QuicLive<'_> {
+    fn drop(&mut self) {
+        self.0.quic_sessions_live.fetch_sub(1, Relaxed);
+    }
+}
+
 /// The current session's connection, for streams the edge opens.
 pub(crate) type ConnWatch = watch::Receiver<Option<(TunnelConn, Arc<FlowTable>)>>;
 
@@ -404,7 +425,7 @@ pub(crate) async fn run(
     let mut next: Option<Connected> = None;
     // Whether QUIC carried the last session (see Dialer::quic_worked).
     let mut quic_worked = false;
-    let attempt_limit = cfg.handshake_timeout * 2 + cfg.quic_fallback_after;
+    let attempt_limit = cfg.handshake_timeout * 3 + cfg.quic_fallback_after;
     loop {
         let result = match next.take() {
             Some(c) => Ok(c),
@@ -413,9 +434,10 @@ pub(crate) async fn run(
                 state.send_replace(EdgeState::Connecting { attempt });
                 tokio::select! {
                     _ = cancel.cancelled() => break,
-                    // Twice the handshake bound: a certificate bootstrap may
-                    // come first (its own connection and a token review);
-                    // plus one QUIC attempt for the retry before a fallback.
+                    // A certificate bootstrap may come first (its own
+                    // connection and a token review), then QUIC (up to a
+                    // handshake bound while another session proves UDP
+                    // works, else two fallback timers), then TCP.
                     r = tokio::time::timeout(attempt_limit, connect(&cfg, &stats, cfg.transport, &creds, quic_worked)) => match r {
                         Ok(r) => r,
                         Err(_) => Err(AttemptError::Failed(format!("no session within {attempt_limit:?}"))),
@@ -436,6 +458,7 @@ pub(crate) async fn run(
             }) => {
                 attempt = 0;
                 quic_worked = conn.kind() == relay_transport::TransportKind::Quic;
+                let _quic_live = quic_worked.then(|| QuicLive::new(&stats));
                 stats.sessions.fetch_add(1, Relaxed);
                 info!(
                     session = hello.session_id,

@@ -128,17 +128,27 @@ impl Dialer<'_> {
                 // nothing listened, the next one due only after quinn's
                 // backoff) than UDP newly blocked: one fresh attempt first,
                 // so a fleet does not land on TCP after every restart.
-                let tries = if self.quic_worked { 2 } else { 1 };
+                // And while QUIC carries another session of this edge (to
+                // another replica, or the session a renewal replaces), UDP
+                // demonstrably gets through: silence is a relay too busy to
+                // answer yet (its handshakes queue behind a concurrency
+                // limit when a thousand edges arrive at once), so the one
+                // attempt may take the whole handshake bound.
+                let (tries, wait) = if self.stats.quic_sessions_live.load(Relaxed) > 0 {
+                    (1, cfg.handshake_timeout.max(cfg.quic_fallback_after))
+                } else if self.quic_worked {
+                    (2, cfg.quic_fallback_after)
+                } else {
+                    (1, cfg.quic_fallback_after)
+                };
                 let mut why = String::new();
                 for _ in 0..tries {
                     let quic = quic_transport(cfg, addr, mark, tls.clone());
-                    match tokio::time::timeout(cfg.quic_fallback_after, quic).await {
+                    match tokio::time::timeout(wait, quic).await {
                         Ok(Ok((ep, c))) => return Ok((Some(ep), c)),
                         Ok(Err(QuicAttemptError::Answered(e))) => return Err(e),
                         Ok(Err(QuicAttemptError::Unanswered(e))) => why = e,
-                        Err(_) => {
-                            why = format!("no QUIC handshake within {:?}", cfg.quic_fallback_after)
-                        }
+                        Err(_) => why = format!("no QUIC handshake within {wait:?}"),
                     }
                 }
                 self.stats.fallbacks.fetch_add(1, Relaxed);
@@ -349,5 +359,81 @@ mod tests {
         assert!(dialer.dial_any(&addrs, client_tls).await.is_err());
         reached.await.unwrap().unwrap();
         assert_eq!(stats.relay_addr_turn.load(Relaxed), 2);
+    }
+
+    /// Real QUIC and TCP on one port, as the relay binds them, with a relay
+    /// that answers a QUIC handshake only after 1.5 s (its handshake queue
+    /// full): an edge with nothing to go by falls back to TCP after
+    /// `quic_fallback_after`; an edge whose other session runs on QUIC
+    /// waits for the answer and stays on QUIC.
+    #[tokio::test]
+    async fn with_quic_live_elsewhere_a_slow_answer_is_awaited_not_fallen_back_from() {
+        use std::time::{Duration, Instant};
+        relay_transport::tls::install_default_provider();
+        let pki =
+            relay_transport::devcerts::DevPki::generate(&["relay.test"], &["edge-a"]).unwrap();
+        let relay = relay_transport::quic::server_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            &pki.relay_material().unwrap(),
+            &relay_transport::quic::QuicTuning::default(),
+            false,
+        )
+        .unwrap();
+        let addr = relay.local_addr().unwrap();
+        let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let busy = Duration::from_millis(1500);
+        // Each handshake answered after `busy`, as a full queue would; the
+        // abandoned first one times out on its own.
+        let (done, mut answered) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(incoming) = relay.accept().await {
+                let done = done.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(busy).await;
+                    if let Ok(conn) = incoming.await {
+                        let _ = done.send(conn);
+                    }
+                });
+            }
+        });
+        // The fallback's TCP connection: counted, then closed (its TLS fails).
+        let tcp_accepts = tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok(Ok((s, _))) =
+                tokio::time::timeout(Duration::from_secs(4), tcp.accept()).await
+            {
+                drop(s);
+                n += 1;
+            }
+            n
+        });
+        let tls = pki.node_material("edge-a").unwrap();
+        let client_tls = tls.client_config(relay_protocol::ALPN).unwrap();
+        let mut cfg = EdgeConfig::new("edge-a", addr.to_string(), "relay.test", tls);
+        cfg.quic_fallback_after = Duration::from_millis(300);
+        cfg.handshake_timeout = Duration::from_secs(5);
+        let stats = EdgeStats::default();
+        let dialer = Dialer {
+            cfg: &cfg,
+            stats: &stats,
+            mode: TransportMode::Auto,
+            quic_worked: false,
+        };
+
+        // Nothing known about UDP: silence past the fallback timer moves to TCP.
+        let first = dialer.dial_addr(addr, client_tls.clone()).await;
+        assert!(first.is_err(), "the TCP side has no TLS server");
+        assert_eq!(stats.fallbacks.load(Relaxed), 1);
+
+        // Another session on QUIC: the same silence is waited out.
+        stats.quic_sessions_live.store(1, Relaxed);
+        let started = Instant::now();
+        let (_ep, conn) = dialer.dial_addr(addr, client_tls).await.unwrap();
+        assert_eq!(conn.kind(), relay_transport::TransportKind::Quic);
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(stats.fallbacks.load(Relaxed), 1, "no second fallback");
+        let answered = tokio::time::timeout(Duration::from_secs(5), answered.recv()).await;
+        assert!(matches!(answered, Ok(Some(_))), "the relay answered it");
+        assert_eq!(tcp_accepts.await.unwrap(), 1);
     }
 }

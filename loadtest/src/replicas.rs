@@ -78,6 +78,19 @@ async fn all_on(relays: &[&RelayProc], n: usize, t0: Instant, limit: Duration) -
     }
 }
 
+/// How many of `relay`'s sessions run on the TCP fallback (each edge here
+/// reaches every replica over UDP, so every one of them is a fallback
+/// that should not have happened).
+async fn on_tcp(relay: &RelayProc) -> Result<usize> {
+    Ok(relay
+        .admin
+        .sessions()
+        .await?
+        .iter()
+        .filter(|s| s.transport == "tcp")
+        .count())
+}
+
 /// Runs `replicas`.
 pub(crate) async fn run(a: Args) -> Result<()> {
     check_edges(a.edges)?;
@@ -120,6 +133,11 @@ pub(crate) async fn run(a: Args) -> Result<()> {
         a.replicas,
         joined.as_secs_f64()
     );
+    let mut tcp_after_start = Vec::new();
+    for r in &relays {
+        tcp_after_start.push(on_tcp(r).await?);
+    }
+    eprintln!("  sessions on the TCP fallback, per replica: {tcp_after_start:?}");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let full: Vec<u64> = relays.iter().map(RelayProc::rss).collect::<Result<_>>()?;
 
@@ -136,6 +154,8 @@ pub(crate) async fn run(a: Args) -> Result<()> {
         ready.as_secs_f64(),
         again.as_secs_f64()
     );
+    let tcp_after_restart = on_tcp(&back).await?;
+    eprintln!("  sessions on the TCP fallback on the restarted replica: {tcp_after_restart}");
     for r in &relays {
         ensure!(
             r.session_count().await? as usize == a.edges,
@@ -172,6 +192,16 @@ pub(crate) async fn run(a: Args) -> Result<()> {
         format!("{:.2} s after it was ready", again.as_secs_f64()),
         "(dead path noticed within 3 × keep-alive, then backoff)".to_string(),
     ]);
+    t.row(vec![
+        "sessions on the TCP fallback, per replica, after the start".to_string(),
+        format!("{tcp_after_start:?}"),
+        "(UDP works here: each is a needless fallback)".to_string(),
+    ]);
+    t.row(vec![
+        "… on the restarted replica".to_string(),
+        tcp_after_restart.to_string(),
+        String::new(),
+    ]);
     t.print();
     write_json(
         a.json.as_deref(),
@@ -180,6 +210,8 @@ pub(crate) async fn run(a: Args) -> Result<()> {
                 "relay_rss_idle": idle, "relay_rss_full": full,
                 "all_on_all_s": joined.as_secs_f64(),
                 "restart_ready_s": ready.as_secs_f64(),
-                "back_after_restart_s": again.as_secs_f64()}),
+                "back_after_restart_s": again.as_secs_f64(),
+                "tcp_sessions_after_start": tcp_after_start,
+                "tcp_sessions_after_restart": tcp_after_restart}),
     )
 }
