@@ -201,7 +201,7 @@ async fn accept_loop(
 /// Works with the relay unreachable.
 async fn local_service(sock: TcpStream, ep: std::net::SocketAddr, cfg: Arc<EdgeConfig>) {
     let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
-    match dial_tcp(ep, cfg.dial_timeout, mark).await {
+    match dial_tcp(ep, None, cfg.dial_timeout, mark).await {
         Ok(mut tcp) => {
             let mut sock = sock;
             let r = tokio::io::copy_bidirectional(&mut sock, &mut tcp).await;

@@ -125,11 +125,15 @@ pub(crate) async fn serve_stream(
                 return;
             }
         };
-        let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
+        let capture = cfg.capture.as_ref();
+        let mark = capture.map(|c| c.own_mark).unwrap_or(0);
+        // The relay vouches for the client address it sends.
+        let from = capture.and_then(|c| c.keep_source(open.source, target));
         if let L4::Udp { flow } = open.l4 {
-            return serve_flow(bi, conn, &flows, flow, target, mark, &cfg, &stats).await;
+            let to = (target, from);
+            return serve_flow(bi, conn, &flows, flow, to, mark, &cfg, &stats).await;
         }
-        let tcp = match dial_tcp(target, cfg.dial_timeout, mark).await {
+        let tcp = match dial_tcp(target, from, cfg.dial_timeout, mark).await {
             Ok(t) => t,
             Err(reply) => {
                 stats.dial_failures.fetch_add(1, Relaxed);
@@ -157,7 +161,7 @@ async fn serve_flow(
     conn: TunnelConn,
     flows: &Arc<FlowTable>,
     flow: u32,
-    target: SocketAddr,
+    (target, from): (SocketAddr, Option<IpAddr>),
     mark: u32,
     cfg: &EdgeConfig,
     stats: &Arc<EdgeStats>,
@@ -169,7 +173,7 @@ async fn serve_flow(
         );
         return finish_with(&mut bi, &reply).await;
     };
-    let sock = match relay_transport::udp::connect_target(target, mark).await {
+    let sock = match relay_transport::udp::connect_target(target, from, mark).await {
         Ok(s) => s,
         Err(e) => {
             let reply = StreamReply::fail(StreamStatus::Unreachable, format!("udp {target}: {e}"));

@@ -218,7 +218,7 @@ pub(crate) async fn dial_direct(
     to: SocketAddr,
 ) -> Result<tokio::net::TcpStream, StreamReply> {
     let mark = shared.cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
-    let r = dial_tcp(to, shared.cfg.limits.dial_timeout, mark).await;
+    let r = dial_tcp(to, None, shared.cfg.limits.dial_timeout, mark).await;
     shared.metrics.stream_outcome(match &r {
         Ok(_) => StreamStatus::Ok,
         Err(reply) => reply.status,
@@ -264,10 +264,13 @@ pub(crate) async fn serve_edge_stream(
     origin: Arc<SessionHandle>,
     shared: Arc<Shared>,
 ) {
-    let Some(open) = read_stream_open(&mut bi, shared.cfg.limits.handshake_timeout).await else {
+    let Some(mut open) = read_stream_open(&mut bi, shared.cfg.limits.handshake_timeout).await
+    else {
         return;
     };
-    let span = tracing::info_span!("edge_stream", from = %origin.node, dst = %open.target, src = ?open.source);
+    let claimed = open.source;
+    open.source = vouched_source(&shared, &origin, claimed);
+    let span = tracing::info_span!("edge_stream", from = %origin.node, dst = %open.target, src = ?claimed, vouched = open.source.is_some());
     if let L4::Udp { flow } = open.l4 {
         return serve_edge_flow(bi, origin, shared, open, flow)
             .instrument(span)
@@ -300,8 +303,10 @@ pub(crate) async fn serve_edge_stream(
             return;
         }
         let guard = StreamGuard::new(origin.clone(), shared.clone());
-        let mark = shared.cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
-        match dial_tcp(target, shared.cfg.limits.dial_timeout, mark).await {
+        let capture = shared.cfg.capture.as_ref();
+        let mark = capture.map(|c| c.own_mark).unwrap_or(0);
+        let from = capture.and_then(|c| c.keep_source(open.source, target));
+        match dial_tcp(target, from, shared.cfg.limits.dial_timeout, mark).await {
             Ok(tcp) => {
                 shared.metrics.stream_outcome(StreamStatus::Ok);
                 if write_frame(&mut bi.send, &StreamReply::ok()).await.is_err() {
@@ -394,6 +399,31 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
     info!("relay routes removed");
 }
 
+/// The client address an edge gives for a stream it opened (an
+/// IPv4-mapped one in its IPv4 form), if the relay routes that address to
+/// this same edge; else `None`. Only a vouched
+/// address is passed on to another edge or used as the source of a dial
+/// (`capture.preserve_source`): an edge speaks for its own pods and host,
+/// never for addresses of the cloud or of other sites.
+fn vouched_source(
+    shared: &Shared,
+    origin: &SessionHandle,
+    claimed: Option<SocketAddr>,
+) -> Option<SocketAddr> {
+    vouched_by(&shared.registry, &origin.node, claimed)
+}
+
+/// [`vouched_source`] against any registry.
+fn vouched_by<S: crate::registry::RouteOwner>(
+    registry: &crate::registry::Registry<S>,
+    node: &str,
+    claimed: Option<SocketAddr>,
+) -> Option<SocketAddr> {
+    let source = canonical(claimed?);
+    let owner = registry.lookup(source.ip())?;
+    (owner.node() == node).then_some(source)
+}
+
 /// Serves a UDP flow an edge opened: bridged to a flow on another edge's
 /// session, or to a UDP socket towards a cloud target.
 async fn serve_edge_flow(
@@ -466,8 +496,10 @@ async fn serve_edge_flow(
         }
         return;
     }
-    let mark = shared.cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
-    match relay_transport::udp::connect_target(target, mark).await {
+    let capture = shared.cfg.capture.as_ref();
+    let mark = capture.map(|c| c.own_mark).unwrap_or(0);
+    let from = capture.and_then(|c| c.keep_source(open.source, target));
+    match relay_transport::udp::connect_target(target, from, mark).await {
         Ok(sock) => {
             shared.metrics.stream_outcome(StreamStatus::Ok);
             if write_frame(&mut bi.send, &StreamReply::ok()).await.is_err() {
@@ -523,4 +555,51 @@ pub(crate) async fn serve_transparent_udp(
     };
     relay_transport::udp::serve_transparent_udp(sock, pick, limits, shared.udp.clone(), stop).await;
     "transparent udp"
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::vouched_by;
+    use crate::registry::testing::{reg, Fake};
+    use crate::registry::Registry;
+
+    /// An edge speaks for the addresses routed to it, and for no others:
+    /// not another edge's, not the cloud's, not an IPv4-mapped form of
+    /// someone else's.
+    #[test]
+    fn an_edge_is_vouched_for_only_inside_its_own_routes() {
+        let r = Registry::default();
+        for (node, gen, cidr) in [
+            ("edge-a", 1, "10.244.7.0/24"),
+            ("edge-b", 2, "10.244.8.0/24"),
+        ] {
+            let f = Arc::new(Fake {
+                node: node.into(),
+                generation: gen,
+                routes: vec![cidr.parse().unwrap()],
+            });
+            reg(&r, f, 10).unwrap();
+        }
+        let sa = |s: &str| Some(s.parse().unwrap());
+        assert_eq!(
+            vouched_by(&r, "edge-a", sa("10.244.7.5:4000")),
+            sa("10.244.7.5:4000")
+        );
+        assert_eq!(
+            vouched_by(&r, "edge-a", sa("[::ffff:10.244.7.5]:4000")),
+            sa("10.244.7.5:4000"),
+            "in its IPv4 form"
+        );
+        for claim in [
+            "10.244.8.5:4000",          // edge-b's pod
+            "[::ffff:10.244.8.5]:4000", // the same, IPv4-mapped
+            "10.0.0.3:4000",            // the apiserver (no edge's)
+            "127.0.0.1:4000",
+        ] {
+            assert_eq!(vouched_by(&r, "edge-a", sa(claim)), None, "{claim}");
+        }
+        assert_eq!(vouched_by(&r, "edge-a", None), None);
+    }
 }

@@ -33,7 +33,14 @@
 //!   chain guard { type filter hook input priority filter;
 //!     th dport <port> ct status dnat accept      # only redirected traffic
 //!     th dport <port> drop }                     # reaches the listeners
+//!   # with preserve_source only (dials from the client's address, see install_kept_sources):
+//!   chain src_pre { type filter hook prerouting priority mangle;
+//!     ct direction reply ct mark & <own_mark> == <own_mark> meta mark set <reply_mark> }
+//!   chain src_out { type route hook output priority mangle;
+//!     meta mark <own_mark> fib saddr type != local ct mark set ct mark | <own_mark>
+//!     ct direction reply ct mark & <own_mark> == <own_mark> meta mark set <reply_mark> }
 //! }
+//! ip rule  fwmark <reply_mark> lookup <route_table> pref <rule_pref - 1> # replies to them
 //! ip rule  fwmark <own_mark> lookup main      pref <rule_pref - 1>   # our own sockets bypass
 //! ip rule  to <skip prefix> lookup main      pref <rule_pref - 1>   # one per skipped prefix
 //! ip rule  to <prefix> iif lo lookup <route_table> pref <rule_pref>  # one per captured prefix
@@ -200,6 +207,13 @@ impl Capture {
     /// Removes leftovers of a previous run, then installs the table, the
     /// bypass rule and the local route, with no prefix captured yet.
     pub async fn install(cfg: CaptureConfig) -> Result<Capture, CaptureError> {
+        if cfg.own_mark & crate::capture_config::KUBE_PROXY_MARK_BITS != 0 {
+            warn!(
+                mark = format_args!("{:#x}", cfg.own_mark),
+                "capture.mark has kube-proxy's masquerade/drop bits (0xc000): on a kube-proxy node our own sockets' packets are masqueraded (or dropped); the default is {:#x}",
+                crate::capture_config::DEFAULT_MARK
+            );
+        }
         remove_all(&cfg).await;
         let t = &cfg.nft_table;
         let (mark, p) = (cfg.own_mark, cfg.port);
@@ -240,6 +254,9 @@ impl Capture {
              }}\n}}\n"
         );
         run("nft", &["-f", "-"], Some(&script)).await?;
+        if !cfg.preserve_source.is_empty() {
+            install_kept_sources(&cfg).await?;
+        }
         let table = cfg.route_table.to_string();
         let mark = format!("{:#x}", cfg.own_mark);
         let bypass = (cfg.rule_pref - 1).to_string();
@@ -453,6 +470,58 @@ pub fn minimal_cover(set: &BTreeSet<Cidr>) -> Vec<Cidr> {
         }
     }
     kept
+}
+
+/// What dials from a client's address need ([`CaptureConfig::preserve_source`]):
+/// the kernel lets this process use `IP_TRANSPARENT` (else start fails,
+/// naming the field), the connections of our sockets bound to a foreign
+/// address carry our mark in conntrack (`src_out`, original direction;
+/// `fib saddr type != local` tells them from our other sockets), their
+/// replies, forwarded (`src_pre`) or answered by a host process
+/// (`src_out`, a route hook, so the output route is looked up again), get
+/// the reply mark, and the reply mark looks up the table whose only route
+/// is `local default dev lo`, so the foreign destination is delivered here.
+async fn install_kept_sources(cfg: &CaptureConfig) -> Result<(), CaptureError> {
+    let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .and_then(|s| s.set_ip_transparent_v4(true));
+    if let Err(e) = probe {
+        return Err(CaptureError {
+            cmd: "capture.preserve_source".into(),
+            msg: format!("IP_TRANSPARENT: {e} (needs CAP_NET_ADMIN)"),
+        });
+    }
+    let (t, own, reply) = (&cfg.nft_table, cfg.own_mark, cfg.reply_mark());
+    let script = format!(
+        "table inet {t} {{\n\
+         chain src_pre {{ type filter hook prerouting priority mangle; policy accept;\n\
+         ct direction reply ct mark & {own:#x} == {own:#x} meta mark set {reply:#x}\n\
+         }}\n\
+         chain src_out {{ type route hook output priority mangle; policy accept;\n\
+         meta mark {own:#x} fib saddr type != local ct mark set ct mark | {own:#x}\n\
+         ct direction reply ct mark & {own:#x} == {own:#x} meta mark set {reply:#x}\n\
+         }}\n}}\n"
+    );
+    run("nft", &["-f", "-"], Some(&script)).await?;
+    let pref = (cfg.rule_pref - 1).to_string();
+    let (reply, table) = (format!("{reply:#x}"), cfg.route_table.to_string());
+    let rule = [
+        "-4", "rule", "add", "fwmark", &reply, "lookup", &table, "pref", &pref,
+    ];
+    run("ip", &rule, None).await?;
+    Ok(())
+}
+
+/// Prepares `sock` to dial from `source`, an address of another host (the
+/// original client's, see [`CaptureConfig::keep_source`]): transparent,
+/// bound to `source` with an ephemeral port. Needs the chains
+/// [`Capture::install`] adds when `preserve_source` is set, or the replies
+/// go elsewhere.
+pub fn bind_foreign(sock: socket2::SockRef<'_>, source: std::net::IpAddr) -> std::io::Result<()> {
+    match source {
+        std::net::IpAddr::V4(_) => sock.set_ip_transparent_v4(true)?,
+        std::net::IpAddr::V6(_) => sock.set_ip_transparent_v6(true)?,
+    }
+    sock.bind(&std::net::SocketAddr::new(source, 0).into())
 }
 
 /// Marks a socket as ours so capture never catches its traffic (needs

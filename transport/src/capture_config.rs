@@ -30,7 +30,64 @@ pub struct CaptureConfig {
     /// `udp::FlowLimits::max_flows`); keep it below the relay's
     /// `quic.max_streams`. The relay bounds its flows per session instead.
     pub max_udp_flows: usize,
+    /// Targets dialled from the original client's address rather than this
+    /// host's (`capture.preserve_source`, IPv4 prefixes; empty: none). Only
+    /// for targets that answer through this host (its own pods and its own
+    /// addresses): their replies to the foreign address are delivered to
+    /// the dialling socket by the `src_pre`/`src_out` chains and the
+    /// reply-mark rule (see [`crate::capture`]).
+    pub preserve_source: Vec<Cidr>,
 }
+
+impl CaptureConfig {
+    /// The address a dial to `target` binds to: the original client's,
+    /// when the target is inside `preserve_source` and the client's address
+    /// is one a target can answer (IPv4, or IPv4-mapped, unicast, not
+    /// loopback or link-local); `None` otherwise (the host's own address).
+    pub fn keep_source(
+        &self,
+        source: Option<std::net::SocketAddr>,
+        target: std::net::SocketAddr,
+    ) -> Option<std::net::IpAddr> {
+        let src = match source?.ip() {
+            std::net::IpAddr::V4(a) => a,
+            // A dual-stack listener's view of an IPv4 client.
+            std::net::IpAddr::V6(a) => a.to_ipv4_mapped()?,
+        };
+        let answerable = !(src.is_loopback()
+            || src.is_unspecified()
+            || src.is_link_local()
+            || src.is_multicast()
+            || src.is_broadcast());
+        (answerable
+            && target.is_ipv4()
+            && self
+                .preserve_source
+                .iter()
+                .any(|c| c.contains(&target.ip())))
+        .then_some(std::net::IpAddr::V4(src))
+    }
+
+    /// The firewall mark that routes replies to a kept-source dial to this
+    /// host ([`CaptureConfig::own_mark`] with its lowest bit flipped: a
+    /// different value, so the own-socket bypass rule never matches it).
+    pub fn reply_mark(&self) -> u32 {
+        self.own_mark ^ 1
+    }
+}
+
+/// The default firewall mark of our own sockets. Clear of the bits other
+/// node components test: kube-proxy masquerades whatever carries 0x4000
+/// and drops what carries 0x8000 (both its modes), Calico keeps to
+/// 0xffff0000 by default, Cilium's magic values sit in 0x0f00. (It was
+/// 0x7100, which has kube-proxy's masquerade bit: every packet of our own
+/// sockets was masqueraded on kube-proxy nodes, harmless while they came
+/// from the host's own address, fatal to a kept client address.)
+pub const DEFAULT_MARK: u32 = 0x1070;
+
+/// kube-proxy's firewall-mark bits: 0x4000 has the packet masqueraded on
+/// its way out, 0x8000 has it dropped.
+pub const KUBE_PROXY_MARK_BITS: u32 = 0x4000 | 0x8000;
 
 impl Default for CaptureConfig {
     fn default() -> Self {
@@ -39,10 +96,11 @@ impl Default for CaptureConfig {
             route_table: 7100,
             rule_pref: 7100,
             port: 15001,
-            own_mark: 0x7100,
+            own_mark: DEFAULT_MARK,
             sources: None,
             max_connections: 16_384,
             max_udp_flows: 128,
+            preserve_source: Vec::new(),
         }
     }
 }
@@ -61,7 +119,7 @@ pub struct CaptureFile {
     pub route_table: Option<u32>,
     /// Policy rule priority (default 7100; the bypass rules use one less).
     pub rule_pref: Option<u32>,
-    /// Firewall mark of our own sockets (default 0x7100).
+    /// Firewall mark of our own sockets (default [`DEFAULT_MARK`]).
     pub mark: Option<u32>,
     /// Sources whose forwarded traffic may be captured (IPv4 prefixes;
     /// default: see [`CaptureConfig::sources`]).
@@ -70,6 +128,9 @@ pub struct CaptureFile {
     pub max_connections: Option<usize>,
     /// Edge only: captured UDP flows at once (default 128).
     pub max_udp_flows: Option<usize>,
+    /// Targets dialled from the original client's address (IPv4 prefixes;
+    /// default none; see [`CaptureConfig::preserve_source`]).
+    pub preserve_source: Option<Vec<Cidr>>,
 }
 
 impl CaptureFile {
@@ -77,6 +138,12 @@ impl CaptureFile {
     /// the field relative to `[capture]`.
     pub fn resolve(&self) -> Result<Option<CaptureConfig>, (&'static str, String)> {
         if !self.enabled {
+            if self.preserve_source.as_ref().is_some_and(|p| !p.is_empty()) {
+                return Err((
+                    "preserve_source",
+                    "needs capture (enabled = true): its rules carry the replies".into(),
+                ));
+            }
             return Ok(None);
         }
         let d = CaptureConfig::default();
@@ -89,6 +156,7 @@ impl CaptureFile {
             sources: self.sources.as_ref().map(|s| s.iter().copied().collect()),
             max_connections: self.max_connections.unwrap_or(d.max_connections),
             max_udp_flows: self.max_udp_flows.unwrap_or(d.max_udp_flows),
+            preserve_source: self.preserve_source.clone().unwrap_or_default(),
         };
         if c.max_udp_flows == 0 {
             return Err(("max_udp_flows", "must not be 0".into()));
@@ -98,6 +166,9 @@ impl CaptureFile {
         }
         if let Some(v6) = c.sources.iter().flatten().find(|s| !s.addr().is_ipv4()) {
             return Err(("sources", format!("{v6}: capture is IPv4 only")));
+        }
+        if let Some(v6) = c.preserve_source.iter().find(|s| !s.addr().is_ipv4()) {
+            return Err(("preserve_source", format!("{v6}: capture is IPv4 only")));
         }
         if c.port == 0 {
             return Err(("port", "must not be 0".into()));
@@ -124,6 +195,16 @@ impl CaptureFile {
         }
         if c.own_mark == 0 {
             return Err(("mark", "must not be 0".into()));
+        }
+        if !c.preserve_source.is_empty() && c.own_mark & KUBE_PROXY_MARK_BITS != 0 {
+            return Err((
+                "mark",
+                format!(
+                    "{:#x} has kube-proxy's bits ({KUBE_PROXY_MARK_BITS:#x}): it would \
+                     masquerade (or drop) what preserve_source dials; the default is {DEFAULT_MARK:#x}",
+                    c.own_mark
+                ),
+            ));
         }
         Ok(Some(c))
     }
@@ -181,6 +262,47 @@ mod tests {
         ] {
             assert_eq!(bad.resolve().unwrap_err().0, field);
         }
+    }
+
+    #[test]
+    fn a_kept_source_is_an_answerable_client_of_a_listed_target() {
+        let c = CaptureFile {
+            enabled: true,
+            preserve_source: Some(vec!["10.244.5.0/24".parse().unwrap()]),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap()
+        .unwrap();
+        let sa = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let pod = sa("10.244.5.7:80");
+        let client = sa("10.244.1.9:40000");
+        assert_eq!(c.keep_source(Some(client), pod), Some(client.ip()));
+        let mapped = Some(sa("[::ffff:10.244.1.9]:40000"));
+        assert_eq!(c.keep_source(mapped, pod), Some(client.ip()));
+        for (source, target) in [
+            (Some(client), sa("10.244.6.7:80")), // target not listed
+            (None, pod),                         // no client address known
+            (Some(sa("127.0.0.1:5000")), pod),   // loopback (a local CONNECT)
+            (Some(sa("169.254.1.1:5000")), pod), // link-local
+            (Some(sa("[fd00::1]:5000")), pod),   // another family
+            (Some(sa("0.0.0.0:5000")), pod),     // unspecified
+            (Some(sa("224.0.0.1:5000")), pod),   // multicast
+        ] {
+            assert_eq!(c.keep_source(source, target), None, "{source:?} → {target}");
+        }
+        assert_ne!(c.reply_mark(), c.own_mark);
+        let off = CaptureFile {
+            preserve_source: Some(vec!["10.244.5.0/24".parse().unwrap()]),
+            ..Default::default()
+        };
+        assert_eq!(off.resolve().unwrap_err().0, "preserve_source");
+        let v6 = CaptureFile {
+            enabled: true,
+            preserve_source: Some(vec!["fd00::/64".parse().unwrap()]),
+            ..Default::default()
+        };
+        assert_eq!(v6.resolve().unwrap_err().0, "preserve_source");
     }
 
     #[test]

@@ -419,9 +419,12 @@ pub async fn splice_tunnels(a: BiStream, b: BiStream, meter: &dyn Meter) -> Spli
 /// Dials a TCP target with a bound, mapping failures to the reason a
 /// caller should report. Used by the edge (to its targets) and by the
 /// relay (to cloud targets). A non-zero `mark` tags the socket so the
-/// host's capture rules let it pass (see [`crate::capture`]).
+/// host's capture rules let it pass (see [`crate::capture`]); `from`, the
+/// original client's address, is the source the target sees (see
+/// [`crate::capture::CaptureConfig::keep_source`]), else this host's.
 pub async fn dial_tcp(
     addr: std::net::SocketAddr,
+    from: Option<std::net::IpAddr>,
     timeout: Duration,
     mark: u32,
 ) -> Result<tokio::net::TcpStream, relay_protocol::StreamReply> {
@@ -433,6 +436,10 @@ pub async fn dial_tcp(
             tokio::net::TcpSocket::new_v6()?
         };
         crate::capture::mark_socket(socket2::SockRef::from(&sock), mark)?;
+        if let Some(from) = from {
+            crate::capture::bind_foreign(socket2::SockRef::from(&sock), from)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("bind {from}: {e}")))?;
+        }
         sock.connect(addr).await
     };
     match tokio::time::timeout(timeout, connect).await {
@@ -531,14 +538,18 @@ mod tests {
     async fn accepted_and_dialled_tcp_sockets_get_keepalive() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let dialled = dial_tcp(addr, Duration::from_secs(5), 0).await.unwrap();
+        let dialled = dial_tcp(addr, None, Duration::from_secs(5), 0)
+            .await
+            .unwrap();
         let (untuned, _) = l.accept().await.unwrap();
         assert!(socket2::SockRef::from(&dialled).keepalive().unwrap());
         assert!(socket2::SockRef::from(&dialled).tcp_nodelay().unwrap());
         assert!(!socket2::SockRef::from(&untuned).keepalive().unwrap());
         // Sockets accepted after the listener is tuned inherit the options.
         tune_listener(&l);
-        let _dialled = dial_tcp(addr, Duration::from_secs(5), 0).await.unwrap();
+        let _dialled = dial_tcp(addr, None, Duration::from_secs(5), 0)
+            .await
+            .unwrap();
         let (accepted, _) = l.accept().await.unwrap();
         let s = socket2::SockRef::from(&accepted);
         assert!(s.keepalive().unwrap());

@@ -525,8 +525,14 @@ pub async fn bridge_flows(
     }
 }
 
-/// A UDP socket connected to `target`, marked so capture lets it pass.
-pub async fn connect_target(target: SocketAddr, mark: u32) -> std::io::Result<UdpSocket> {
+/// A UDP socket connected to `target`, marked so capture lets it pass,
+/// bound to `from` (the original client's address, see
+/// [`crate::capture::CaptureConfig::keep_source`]) when given.
+pub async fn connect_target(
+    target: SocketAddr,
+    from: Option<std::net::IpAddr>,
+    mark: u32,
+) -> std::io::Result<UdpSocket> {
     let bind: SocketAddr = if target.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
@@ -539,7 +545,11 @@ pub async fn connect_target(target: SocketAddr, mark: u32) -> std::io::Result<Ud
     )?;
     crate::capture::mark_socket(socket2::SockRef::from(&s), mark)?;
     s.set_nonblocking(true)?;
-    s.bind(&bind.into())?;
+    match from {
+        Some(from) => crate::capture::bind_foreign(socket2::SockRef::from(&s), from)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("bind {from}: {e}")))?,
+        None => s.bind(&bind.into())?,
+    }
     let sock = UdpSocket::from_std(s.into())?;
     sock.connect(target).await?;
     Ok(sock)

@@ -149,7 +149,7 @@ async fn flow(near_peer_takes_streams: bool, far_peer_takes_streams: bool, serve
     let far_flow = far_table.register(Some(flow.id)).unwrap();
     let mut unserved = None;
     if serve {
-        let target = relay_transport::udp::connect_target(udp_echo().await, 0)
+        let target = relay_transport::udp::connect_target(udp_echo().await, None, 0)
             .await
             .unwrap();
         tokio::spawn(serve_target(

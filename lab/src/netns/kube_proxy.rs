@@ -195,6 +195,19 @@ pub fn kube_proxy_ruleset(mode: KubeProxyMode, services: &[KubeService]) -> Resu
         -110,
         "ct state new jump no-endpoints",
     );
+    // Masquerade whatever carries kube-proxy's masquerade bit (0x4000; its
+    // service chains set it for traffic needing SNAT, e.g. hairpin),
+    // clearing the bit: both modes do this in postrouting (iptables mode's
+    // KUBE-POSTROUTING, nftables mode's `masquerading`). A component whose
+    // own firewall mark has that bit gets its packets masqueraded here.
+    chains += "  chain masquerading {\n    meta mark & 0x4000 == 0 return\n    meta mark set meta mark ^ 0x4000\n    masquerade fully-random\n  }\n";
+    chains += &base(
+        "nat-postrouting",
+        "nat",
+        "postrouting",
+        100,
+        "jump masquerading",
+    );
     if mode == KubeProxyMode::Nftables {
         // nftables mode's pre-DNAT chains (loadBalancerSourceRanges
         // drops; the lab has no LoadBalancer Services, so they are empty).
