@@ -127,8 +127,9 @@ pub(crate) async fn serve_stream(
         };
         let capture = cfg.capture.as_ref();
         let mark = capture.map(|c| c.own_mark).unwrap_or(0);
-        // The relay vouches for the client address it sends.
-        let from = capture.and_then(|c| c.keep_source(open.source, target));
+        // The relay vouches for the client address it sends; the target is
+        // one this edge serves (checked above).
+        let from = capture.and_then(|c| c.keep_source(open.source, target, true));
         if let L4::Udp { flow } = open.l4 {
             let to = (target, from);
             return serve_flow(bi, conn, &flows, flow, to, mark, &cfg, &stats).await;

@@ -2,8 +2,9 @@
 //! network-namespace lab: each target answers with the peer address it
 //! saw.
 //!
-//! edge1 keeps the client's address for its pod CIDR and its host address,
-//! the relay for the cloud pod CIDRs; edge2 keeps nothing (the control: its
+//! edge1 keeps the client's address for everything it serves
+//! (`preserve_source_served`: its pod CIDR and its host address), the relay
+//! for the cloud pod CIDRs (`preserve_source`); edge2 keeps nothing (the control: its
 //! pod sees edge2's bridge address, as every target did before). kube-proxy
 //! is modelled on every node with its masquerade-by-mark rule (packets
 //! carrying 0x4000 are masqueraded on the way out), the rule that would
@@ -26,7 +27,6 @@ use relay_lab::scenario::{
     edge_config, lab_pki, launch, relay_config, sa, start_edge, start_relay, within, Running,
     CONNECT_PORT,
 };
-use relay_protocol::Cidr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
@@ -133,9 +133,11 @@ fn targets_see_the_original_client_where_preserve_source_is_set() -> Result<()> 
         c.preserve_source = vec![netns::CPOD1_CIDR.parse()?, netns::CPOD2_CIDR.parse()?];
     }
     let _relay = start_relay(&lab, rcfg)?;
+    // edge1 as a DaemonSet would configure every edge: whatever it serves
+    // (here its pod CIDR and its host address) sees the client.
     let mut e1 = edge_config(&pki, 1)?;
     if let Some(c) = e1.capture.as_mut() {
-        c.preserve_source = vec![netns::edge_pod_cidr(1), Cidr::host(IpAddr::V4(edge1_host))];
+        c.preserve_served = true;
     }
     let _edge1 = start_edge(&lab, 1, e1)?;
     let _edge2 = start_edge(&lab, 2, edge_config(&pki, 2)?)?;

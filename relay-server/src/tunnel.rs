@@ -305,7 +305,7 @@ pub(crate) async fn serve_edge_stream(
         let guard = StreamGuard::new(origin.clone(), shared.clone());
         let capture = shared.cfg.capture.as_ref();
         let mark = capture.map(|c| c.own_mark).unwrap_or(0);
-        let from = capture.and_then(|c| c.keep_source(open.source, target));
+        let from = capture.and_then(|c| c.keep_source(open.source, target, false));
         match dial_tcp(target, from, shared.cfg.limits.dial_timeout, mark).await {
             Ok(tcp) => {
                 shared.metrics.stream_outcome(StreamStatus::Ok);
@@ -498,7 +498,7 @@ async fn serve_edge_flow(
     }
     let capture = shared.cfg.capture.as_ref();
     let mark = capture.map(|c| c.own_mark).unwrap_or(0);
-    let from = capture.and_then(|c| c.keep_source(open.source, target));
+    let from = capture.and_then(|c| c.keep_source(open.source, target, false));
     match relay_transport::udp::connect_target(target, from, mark).await {
         Ok(sock) => {
             shared.metrics.stream_outcome(StreamStatus::Ok);

@@ -33,7 +33,7 @@
 //!   chain guard { type filter hook input priority filter;
 //!     th dport <port> ct status dnat accept      # only redirected traffic
 //!     th dport <port> drop }                     # reaches the listeners
-//!   # with preserve_source only (dials from the client's address, see install_kept_sources):
+//!   # with preserve_source(_served) only (dials from the client's address, see install_kept_sources):
 //!   chain src_pre { type filter hook prerouting priority mangle;
 //!     ct direction reply ct mark & <own_mark> == <own_mark> meta mark set <reply_mark> }
 //!   chain src_out { type route hook output priority mangle;
@@ -254,7 +254,7 @@ impl Capture {
              }}\n}}\n"
         );
         run("nft", &["-f", "-"], Some(&script)).await?;
-        if !cfg.preserve_source.is_empty() {
+        if cfg.keeps_sources() {
             install_kept_sources(&cfg).await?;
         }
         let table = cfg.route_table.to_string();

@@ -37,17 +37,32 @@ pub struct CaptureConfig {
     /// the dialling socket by the `src_pre`/`src_out` chains and the
     /// reply-mark rule (see [`crate::capture`]).
     pub preserve_source: Vec<Cidr>,
+    /// Edge only (`capture.preserve_source_served`): every target the edge
+    /// serves is dialled from the client's address, as if its served
+    /// prefixes were listed in `preserve_source`. One setting for a whole
+    /// DaemonSet, whose nodes each have their own pod CIDR; in Kubernetes
+    /// mode an edge serves its pod CIDRs and its own addresses, which all
+    /// answer through it.
+    pub preserve_served: bool,
 }
 
 impl CaptureConfig {
+    /// Whether any dial may keep a client's address (the kept-source chains
+    /// are needed).
+    pub fn keeps_sources(&self) -> bool {
+        self.preserve_served || !self.preserve_source.is_empty()
+    }
+
     /// The address a dial to `target` binds to: the original client's,
-    /// when the target is inside `preserve_source` and the client's address
+    /// when the target is inside `preserve_source` (or `served`, a target
+    /// this edge serves, with `preserve_served`) and the client's address
     /// is one a target can answer (IPv4, or IPv4-mapped, unicast, not
     /// loopback or link-local); `None` otherwise (the host's own address).
     pub fn keep_source(
         &self,
         source: Option<std::net::SocketAddr>,
         target: std::net::SocketAddr,
+        served: bool,
     ) -> Option<std::net::IpAddr> {
         let src = match source?.ip() {
             std::net::IpAddr::V4(a) => a,
@@ -59,13 +74,12 @@ impl CaptureConfig {
             || src.is_link_local()
             || src.is_multicast()
             || src.is_broadcast());
-        (answerable
-            && target.is_ipv4()
-            && self
+        let listed = (served && self.preserve_served)
+            || self
                 .preserve_source
                 .iter()
-                .any(|c| c.contains(&target.ip())))
-        .then_some(std::net::IpAddr::V4(src))
+                .any(|c| c.contains(&target.ip()));
+        (answerable && target.is_ipv4() && listed).then_some(std::net::IpAddr::V4(src))
     }
 
     /// The firewall mark that routes replies to a kept-source dial to this
@@ -101,6 +115,7 @@ impl Default for CaptureConfig {
             max_connections: 16_384,
             max_udp_flows: 128,
             preserve_source: Vec::new(),
+            preserve_served: false,
         }
     }
 }
@@ -131,6 +146,9 @@ pub struct CaptureFile {
     /// Targets dialled from the original client's address (IPv4 prefixes;
     /// default none; see [`CaptureConfig::preserve_source`]).
     pub preserve_source: Option<Vec<Cidr>>,
+    /// Edge only: every served target sees the client's address (default
+    /// false; see [`CaptureConfig::preserve_served`]).
+    pub preserve_source_served: Option<bool>,
 }
 
 impl CaptureFile {
@@ -138,6 +156,12 @@ impl CaptureFile {
     /// the field relative to `[capture]`.
     pub fn resolve(&self) -> Result<Option<CaptureConfig>, (&'static str, String)> {
         if !self.enabled {
+            if self.preserve_source_served == Some(true) {
+                return Err((
+                    "preserve_source_served",
+                    "needs capture (enabled = true): its rules carry the replies".into(),
+                ));
+            }
             if self.preserve_source.as_ref().is_some_and(|p| !p.is_empty()) {
                 return Err((
                     "preserve_source",
@@ -157,6 +181,7 @@ impl CaptureFile {
             max_connections: self.max_connections.unwrap_or(d.max_connections),
             max_udp_flows: self.max_udp_flows.unwrap_or(d.max_udp_flows),
             preserve_source: self.preserve_source.clone().unwrap_or_default(),
+            preserve_served: self.preserve_source_served.unwrap_or(false),
         };
         if c.max_udp_flows == 0 {
             return Err(("max_udp_flows", "must not be 0".into()));
@@ -196,7 +221,7 @@ impl CaptureFile {
         if c.own_mark == 0 {
             return Err(("mark", "must not be 0".into()));
         }
-        if !c.preserve_source.is_empty() && c.own_mark & KUBE_PROXY_MARK_BITS != 0 {
+        if c.keeps_sources() && c.own_mark & KUBE_PROXY_MARK_BITS != 0 {
             return Err((
                 "mark",
                 format!(
@@ -277,9 +302,9 @@ mod tests {
         let sa = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
         let pod = sa("10.244.5.7:80");
         let client = sa("10.244.1.9:40000");
-        assert_eq!(c.keep_source(Some(client), pod), Some(client.ip()));
+        assert_eq!(c.keep_source(Some(client), pod, false), Some(client.ip()));
         let mapped = Some(sa("[::ffff:10.244.1.9]:40000"));
-        assert_eq!(c.keep_source(mapped, pod), Some(client.ip()));
+        assert_eq!(c.keep_source(mapped, pod, false), Some(client.ip()));
         for (source, target) in [
             (Some(client), sa("10.244.6.7:80")), // target not listed
             (None, pod),                         // no client address known
@@ -289,9 +314,47 @@ mod tests {
             (Some(sa("0.0.0.0:5000")), pod),     // unspecified
             (Some(sa("224.0.0.1:5000")), pod),   // multicast
         ] {
-            assert_eq!(c.keep_source(source, target), None, "{source:?} → {target}");
+            assert_eq!(
+                c.keep_source(source, target, false),
+                None,
+                "{source:?} → {target}"
+            );
         }
         assert_ne!(c.reply_mark(), c.own_mark);
+        // Served targets: kept only with preserve_source_served.
+        let other = sa("10.244.6.7:80");
+        assert_eq!(c.keep_source(Some(client), other, true), None);
+        let served = CaptureFile {
+            enabled: true,
+            preserve_source_served: Some(true),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap()
+        .unwrap();
+        assert!(served.keeps_sources());
+        assert_eq!(
+            served.keep_source(Some(client), other, true),
+            Some(client.ip())
+        );
+        assert_eq!(served.keep_source(Some(client), other, false), None);
+        let loopback = Some(sa("127.0.0.1:5000"));
+        assert_eq!(served.keep_source(loopback, other, true), None);
+        let served_off = CaptureFile {
+            preserve_source_served: Some(true),
+            ..Default::default()
+        };
+        assert_eq!(
+            served_off.resolve().unwrap_err().0,
+            "preserve_source_served"
+        );
+        let kube_mark = CaptureFile {
+            enabled: true,
+            preserve_source_served: Some(true),
+            mark: Some(0x7100),
+            ..Default::default()
+        };
+        assert_eq!(kube_mark.resolve().unwrap_err().0, "mark");
         let off = CaptureFile {
             preserve_source: Some(vec!["10.244.5.0/24".parse().unwrap()]),
             ..Default::default()
