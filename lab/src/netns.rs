@@ -250,6 +250,11 @@ impl NetnsLab {
         }
         for role in self.roles() {
             self.ip(role, "link set lo up")?;
+            // Strict reverse-path filtering, as RHEL-family nodes have by
+            // default (Debian's and Ubuntu's systemd sets loose): a packet
+            // whose source would not be routed back out of the interface
+            // it came in on is dropped. `all` raises every interface to it.
+            self.exec(role, &["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1"])?;
         }
         use Role::*;
         // L2 segments.
