@@ -210,7 +210,8 @@ impl Capture {
         if cfg.own_mark & crate::capture_config::KUBE_PROXY_MARK_BITS != 0 {
             warn!(
                 mark = format_args!("{:#x}", cfg.own_mark),
-                "capture.mark has kube-proxy's masquerade/drop bits (0xc000): on a kube-proxy node our own sockets' packets are masqueraded (or dropped); the default is {:#x}",
+                "capture.mark has kube-proxy's masquerade/drop bits ({:#x}): on a kube-proxy node our own sockets' packets are masqueraded (or dropped); the default is {:#x}",
+                crate::capture_config::KUBE_PROXY_MARK_BITS,
                 crate::capture_config::DEFAULT_MARK
             );
         }
@@ -515,13 +516,14 @@ async fn install_kept_sources(cfg: &CaptureConfig) -> Result<(), CaptureError> {
 /// original client's, see [`CaptureConfig::keep_source`]): transparent,
 /// bound to `source` with an ephemeral port. Needs the chains
 /// [`Capture::install`] adds when `preserve_source` is set, or the replies
-/// go elsewhere.
+/// go elsewhere. Errors name the address.
 pub fn bind_foreign(sock: socket2::SockRef<'_>, source: std::net::IpAddr) -> std::io::Result<()> {
     match source {
-        std::net::IpAddr::V4(_) => sock.set_ip_transparent_v4(true)?,
-        std::net::IpAddr::V6(_) => sock.set_ip_transparent_v6(true)?,
+        std::net::IpAddr::V4(_) => sock.set_ip_transparent_v4(true),
+        std::net::IpAddr::V6(_) => sock.set_ip_transparent_v6(true),
     }
-    sock.bind(&std::net::SocketAddr::new(source, 0).into())
+    .and_then(|()| sock.bind(&std::net::SocketAddr::new(source, 0).into()))
+    .map_err(|e| std::io::Error::new(e.kind(), format!("bind {source}: {e}")))
 }
 
 /// Marks a socket as ours so capture never catches its traffic (needs

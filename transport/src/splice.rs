@@ -437,8 +437,7 @@ pub async fn dial_tcp(
         };
         crate::capture::mark_socket(socket2::SockRef::from(&sock), mark)?;
         if let Some(from) = from {
-            crate::capture::bind_foreign(socket2::SockRef::from(&sock), from)
-                .map_err(|e| std::io::Error::new(e.kind(), format!("bind {from}: {e}")))?;
+            crate::capture::bind_foreign(socket2::SockRef::from(&sock), from)?;
         }
         sock.connect(addr).await
     };

@@ -546,8 +546,7 @@ pub async fn connect_target(
     crate::capture::mark_socket(socket2::SockRef::from(&s), mark)?;
     s.set_nonblocking(true)?;
     match from {
-        Some(from) => crate::capture::bind_foreign(socket2::SockRef::from(&s), from)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("bind {from}: {e}")))?,
+        Some(from) => crate::capture::bind_foreign(socket2::SockRef::from(&s), from)?,
         None => s.bind(&bind.into())?,
     }
     let sock = UdpSocket::from_std(s.into())?;
