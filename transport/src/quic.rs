@@ -294,9 +294,10 @@ fn restart_safe_endpoint(tls: &TlsMaterial) -> quinn::EndpointConfig {
     // 150 connections pinging at once, 3.6 s with one per 100 µs
     // (`tests/restart_resets.rs`; 5 ms without a limit). The limit guards
     // against floods of garbage; here only packets whose connection ID
-    // carries the keyed hash above get a reset (a random one matches in
-    // 2^40), each reset is smaller than the packet that caused it, and it
-    // costs one HMAC beside the packet's own processing: no limit.
+    // carries our keyed tag get a reset (a made-up one passes once in 2^32,
+    // see `KeyedCids`), each reset is smaller than the packet that caused
+    // it, and it costs two HMACs (tag and token) beside the packet's own
+    // processing: no limit.
     e.min_reset_interval(MIN_RESET_INTERVAL);
     e
 }
