@@ -12,7 +12,9 @@
 //!   `publishNotReadyAddresses`), each with its `hostname` and the target
 //!   port it serves for each Service port, at most
 //!   [`ServiceName::MAX_ENDPOINTS`] (lowest addresses first, so the cut is
-//!   stable);
+//!   stable); a headless Service without ports has its endpoints all the
+//!   same, with no port (its names answer with their addresses and no SRV
+//!   record, as CoreDNS does);
 //! - ExternalName Services: their target.
 //!
 //! A Service whose names do not fit DNS (see [`ServiceName::is_valid`]) is
@@ -74,6 +76,14 @@ pub fn name_entry(e: &ServiceEntry) -> Option<ServiceName> {
                 }
             }
         }
+        // Without ports (`portless_endpoints`), A records only.
+        for ep in e.portless_endpoints.iter().filter(|ep| ep.ready) {
+            by_ip.entry(ep.ip).or_insert_with(|| NameEndpoint {
+                ip: ep.ip,
+                hostname: ep.hostname.clone(),
+                ports: Vec::new(),
+            });
+        }
         endpoints = by_ip.into_values().collect();
     }
     let mut s = ServiceName {
@@ -128,6 +138,7 @@ mod tests {
                 })
                 .collect(),
             external_ips: Vec::new(),
+            portless_endpoints: Vec::new(),
         }
     }
 
@@ -306,5 +317,76 @@ mod tests {
         let n = name_entry(&e).unwrap();
         assert_eq!(n.endpoints[0].hostname.as_deref(), Some("db-0"));
         assert_eq!(n.endpoints[0].ports, vec![5432]);
+    }
+
+    #[test]
+    fn a_headless_service_without_ports_has_its_ready_endpoints() {
+        // As the EndpointSlice controller writes them for a headless
+        // Service without ports: slices with an empty port list (or none).
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "peers"},
+            "spec": {"clusterIP": "None", "clusterIPs": ["None"]}
+        }))
+        .unwrap();
+        let slice = |name: &str, family: &str, ports: serde_json::Value, eps: serde_json::Value| {
+            let mut v = serde_json::json!({
+                "metadata": {"namespace": "shop", "name": name,
+                             "labels": {"kubernetes.io/service-name": "peers"}},
+                "addressType": family,
+                "endpoints": eps
+            });
+            if !ports.is_null() {
+                v["ports"] = ports;
+            }
+            serde_json::from_value::<k8s_openapi::api::discovery::v1::EndpointSlice>(v).unwrap()
+        };
+        let a = slice(
+            "peers-a",
+            "IPv4",
+            serde_json::json!([]),
+            serde_json::json!([
+                {"addresses": ["10.244.7.5"], "hostname": "peers-0", "nodeName": "edge1",
+                 "conditions": {"ready": true}},
+                {"addresses": ["10.244.8.5"], "nodeName": "edge2",
+                 "conditions": {"ready": false}}
+            ]),
+        );
+        let b = slice(
+            "peers-b",
+            "IPv6",
+            serde_json::Value::Null,
+            serde_json::json!([{"addresses": ["fd00:244:8::6"], "nodeName": "edge2"}]),
+        );
+        let (e, notes) = crate::services::service_entry(&svc, [&a, &b], None);
+        assert_eq!(notes, crate::services::BuildNotes::default());
+        assert!(e.ports.is_empty());
+        assert_eq!(
+            e.portless_endpoints.len(),
+            3,
+            "not-ready ones kept in the table"
+        );
+        assert!(e.portless_endpoints.iter().all(|ep| ep.port == 0));
+        let n = name_entry(&e).unwrap();
+        assert_eq!(n.kind, NameKind::Headless);
+        assert!(n.ports.is_empty());
+        let got: Vec<(IpAddr, Option<&str>, usize)> = n
+            .endpoints
+            .iter()
+            .map(|ep| (ep.ip, ep.hostname.as_deref(), ep.ports.len()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("10.244.7.5".parse().unwrap(), Some("peers-0"), 0),
+                ("fd00:244:8::6".parse().unwrap(), None, 0),
+            ],
+            "the ready ones, both families, no ports"
+        );
+        // A Service with ports takes nothing from a slice without them.
+        let mut with_port = svc.clone();
+        with_port.spec.as_mut().unwrap().ports = Some(vec![Default::default()]);
+        let (e, _) = crate::services::service_entry(&with_port, [&a, &b], None);
+        assert!(e.portless_endpoints.is_empty());
+        assert!(e.ports[0].all_endpoints.is_empty());
     }
 }

@@ -24,7 +24,11 @@
 //! - each ClusterIP family (`spec.clusterIPs`, dual stack) gets its own
 //!   entry, fed only by slices of the matching `addressType`;
 //! - headless Services (`clusterIP: None`) have no ClusterIP entry, but
-//!   resolve by name with their endpoints; ExternalName Services are
+//!   resolve by name with their endpoints; a headless Service may have no
+//!   ports at all (its EndpointSlices then list endpoints with an empty
+//!   port list), and its endpoints are kept apart
+//!   ([`ServiceEntry::portless_endpoints`]) for the names the cluster DNS
+//!   answers with them; ExternalName Services are
 //!   recorded as such and have no endpoints and no ClusterIP entry (never
 //!   captured);
 //! - endpoints on nodes the caller does not know
@@ -122,13 +126,19 @@ impl ServicePort {
     /// The endpoints kube-proxy would use for `family` (IPv4 when `true`):
     /// the ready ones, else the serving-and-terminating ones.
     pub fn usable(&self, ipv4: bool) -> Vec<&Endpoint> {
-        let fam = self.all_endpoints.iter().filter(|e| e.ip.is_ipv4() == ipv4);
-        let ready: Vec<&Endpoint> = fam.clone().filter(|e| e.ready).collect();
-        if !ready.is_empty() {
-            return ready;
-        }
-        fam.filter(|e| e.serving && e.terminating).collect()
+        usable(&self.all_endpoints, ipv4)
     }
+}
+
+/// Of `endpoints`, those of one family (IPv4 when `ipv4`) kube-proxy would
+/// use: the ready ones, else the serving-and-terminating ones.
+pub fn usable(endpoints: &[Endpoint], ipv4: bool) -> Vec<&Endpoint> {
+    let fam = endpoints.iter().filter(|e| e.ip.is_ipv4() == ipv4);
+    let ready: Vec<&Endpoint> = fam.clone().filter(|e| e.ready).collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    fam.filter(|e| e.serving && e.terminating).collect()
 }
 
 /// What kind of Service.
@@ -156,6 +166,11 @@ pub struct ServiceEntry {
     /// `spec.externalIPs` and the load balancer's ingress IPs: kube-proxy
     /// serves them like the ClusterIP (ClusterIP Services only).
     pub external_ips: Vec<IpAddr>,
+    /// A headless Service without ports: its endpoints (port 0), from the
+    /// slices that list no port, as the cluster DNS answers with them (an
+    /// A record per ready endpoint, no SRV). Empty for every other
+    /// Service.
+    pub portless_endpoints: Vec<Endpoint>,
 }
 
 /// What one ClusterIP:port (protocol) resolves to.

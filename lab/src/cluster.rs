@@ -46,18 +46,7 @@ impl LabService {
     /// The Service and its one EndpointSlice, as the API holds them (port
     /// named `p`; the slice's port is the endpoints' target port).
     pub fn objects(&self) -> (Service, EndpointSlice) {
-        let meta = |name: String| ObjectMeta {
-            namespace: Some(self.namespace.into()),
-            name: Some(name),
-            labels: Some(
-                [(
-                    "kubernetes.io/service-name".to_string(),
-                    self.name.to_string(),
-                )]
-                .into(),
-            ),
-            ..Default::default()
-        };
+        let meta = |name: String| service_meta(self.namespace, self.name, name);
         let proto = match self.proto {
             Proto::Tcp => "TCP",
             Proto::Udp => "UDP",
@@ -99,15 +88,7 @@ impl LabService {
             endpoints: self
                 .endpoints
                 .iter()
-                .map(|(a, node)| Endpoint {
-                    addresses: vec![a.ip().to_string()],
-                    node_name: Some(node.to_string()),
-                    conditions: Some(EndpointConditions {
-                        ready: Some(true),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })
+                .map(|(a, node)| ready_endpoint(a.ip(), None, node))
                 .collect(),
         };
         (svc, slice)
@@ -246,6 +227,76 @@ impl Cluster {
             .map(LabService::kube_proxy)
             .collect::<Result<Vec<_>>>()?;
         lab.sync_services(mode, &kp)
+    }
+
+    /// Declares a Service kube-proxy has nothing to program for (headless,
+    /// see [`headless_without_ports`]) and its EndpointSlice in the API.
+    pub fn declare(&self, svc: Service, slice: EndpointSlice) {
+        let _enter = self.rt.enter();
+        self.standin.upsert_service(svc);
+        self.standin.upsert_endpointslice(slice);
+    }
+}
+
+/// A headless Service without ports (`clusterIP: None`, no `ports`) and
+/// its EndpointSlice as the EndpointSlice controller writes it: an empty
+/// port list, one ready endpoint per `(address, hostname, node)`. kube-proxy
+/// programs nothing for it; the cluster DNS answers its names.
+pub fn headless_without_ports(
+    namespace: &str,
+    name: &str,
+    endpoints: &[(IpAddr, Option<&str>, &str)],
+) -> (Service, EndpointSlice) {
+    let meta = |n: String| service_meta(namespace, name, n);
+    let svc = Service {
+        metadata: meta(name.into()),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            cluster_ips: Some(vec!["None".into()]),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    let slice = EndpointSlice {
+        metadata: meta(format!("{name}-1")),
+        address_type: "IPv4".into(),
+        ports: Some(Vec::new()),
+        endpoints: endpoints
+            .iter()
+            .map(|(ip, hostname, node)| ready_endpoint(*ip, *hostname, node))
+            .collect(),
+    };
+    (svc, slice)
+}
+
+/// Metadata of Service `service`'s object `name` (the Service itself or
+/// one of its EndpointSlices, which carry the Service's name as a label).
+fn service_meta(namespace: &str, service: &str, name: String) -> ObjectMeta {
+    ObjectMeta {
+        namespace: Some(namespace.into()),
+        name: Some(name),
+        labels: Some(
+            [(
+                "kubernetes.io/service-name".to_string(),
+                service.to_string(),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    }
+}
+
+/// A ready EndpointSlice endpoint on `node`.
+fn ready_endpoint(ip: IpAddr, hostname: Option<&str>, node: &str) -> Endpoint {
+    Endpoint {
+        addresses: vec![ip.to_string()],
+        hostname: hostname.map(String::from),
+        node_name: Some(node.to_string()),
+        conditions: Some(EndpointConditions {
+            ready: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 

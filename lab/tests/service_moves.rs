@@ -11,7 +11,9 @@
 //! - a Service left without endpoints is refused fast, from both places;
 //! - an edge keeps using its own endpoint of a Service with the relay
 //!   stopped, and its node-local resolver (`[dns]`, fed by the relay's
-//!   `ServiceNames`) keeps answering cluster names, asked with real `dig`;
+//!   `ServiceNames`) keeps answering cluster names, asked with real `dig`
+//!   (also a headless Service without ports, whose name answers with its
+//!   pods, and which CONNECT reaches by name);
 //! - after a relay and an edge restart, the Service is served again
 //!   within a bound.
 //!
@@ -263,6 +265,42 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
         ],
     )?;
     ensure!(nx.contains("NXDOMAIN"), "unknown cluster name: {nx}");
+    // A headless Service without ports (the EndpointSlice lists its pods
+    // with no port): its name answers with every ready pod and a pod's
+    // own name with that pod, as the cluster DNS does; CONNECT by its name
+    // reaches a pod on the port asked.
+    let (peers, slice) = relay_lab::cluster::headless_without_ports(
+        "shop",
+        "peers",
+        &[
+            (epod1.into(), Some("peers-0"), "edge1"),
+            (epod2.into(), None, "edge2"),
+        ],
+    );
+    cluster.declare(peers, slice);
+    let want = format!("{epod1}\n{epod2}");
+    let sorted = |s: String| {
+        let mut l: Vec<&str> = s.lines().collect();
+        l.sort();
+        l.join("\n")
+    };
+    let portless = relay_lab::scenario::within(Duration::from_secs(5), || {
+        Ok(sorted(dig("peers.shop.svc.cluster.local")?) == want)
+    });
+    ensure!(
+        portless.is_ok(),
+        "a headless Service without ports: {:?}, want {want:?}",
+        dig("peers.shop.svc.cluster.local")
+    );
+    ensure!(
+        dig("peers-0.peers.shop.svc.cluster.local")? == epod1.to_string(),
+        "a pod's own name under it"
+    );
+    let via = relay_lab::scenario::connect_from(&lab, Role::Apiserver, "peers.shop:80")?;
+    ensure!(
+        via.contains("epod1") || via.contains("epod2"),
+        "CONNECT peers.shop:80 answered by {via}"
+    );
     relay.stop()?;
     for _ in 0..5 {
         let b = http_from(&lab, Role::Edge1, mixed)?;

@@ -4,10 +4,11 @@
 //! an immutable [`ServiceSnapshot`] for the data path. Built only with the
 //! `kubernetes` feature.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use relay_kube::services::{Protocol, ServiceKind, ServiceTable};
+use relay_kube::services::{usable, Protocol, ServiceKind, ServiceTable};
 use relay_kube::{KubeClient, ServiceDirectory, ServiceDirectoryOptions};
 use relay_protocol::ServiceKey;
 use tokio::sync::watch;
@@ -64,6 +65,19 @@ pub fn lookup_name(table: &ServiceTable, host: &str, port: u16) -> NameLookup {
         return NameLookup::NotAService;
     };
     let what = format!("service {}/{}", svc.namespace, svc.name);
+    if svc.kind == ServiceKind::Headless && svc.ports.is_empty() {
+        // No ports to check against: a client that resolved the name
+        // through DNS would connect to an endpoint's address on any port.
+        let eps = &svc.portless_endpoints;
+        let out = usable(eps, true).into_iter().chain(usable(eps, false));
+        return NameLookup::Backends(
+            out.map(|e| Backend {
+                addr: SocketAddr::new(e.ip, port),
+                ..backend(e)
+            })
+            .collect(),
+        );
+    }
     let Some(p) = svc
         .ports
         .iter()
@@ -169,6 +183,7 @@ mod tests {
             kind,
             ports,
             external_ips: Vec::new(),
+            portless_endpoints: Vec::new(),
         }
     }
 
@@ -219,6 +234,12 @@ mod tests {
                 )],
             )),
         );
+        let mut peers = entry("peers", ServiceKind::Headless, vec![]);
+        peers.portless_endpoints = vec![
+            ep("10.244.7.8", 0, "edge1", true),
+            ep("10.244.8.8", 0, "edge2", false),
+        ];
+        t.set("shop", "peers", Some(peers));
         t.set(
             "shop",
             "ext",
@@ -272,6 +293,11 @@ mod tests {
             backends("db.shop.svc", 5432),
             ["10.244.8.7:5432"],
             "headless: its endpoints"
+        );
+        assert_eq!(
+            backends("peers.shop", 7000),
+            ["10.244.7.8:7000"],
+            "headless without ports: its usable endpoints on the port asked"
         );
         let refused = |host: &str, port: u16| match lookup_name(&t, host, port) {
             NameLookup::Refused(m) => m,

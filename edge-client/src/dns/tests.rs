@@ -141,6 +141,39 @@ fn headless_services_answer_their_endpoints_and_per_pod_names() {
 }
 
 #[test]
+fn a_headless_service_without_ports_answers_addresses_and_no_srv() {
+    let z = Zone::new(
+        "cluster.local",
+        vec![svc(
+            "peers",
+            NameKind::Headless,
+            &[],
+            vec![
+                ep("10.244.7.8", Some("peers-0"), &[]),
+                ep("10.244.8.8", None, &[]),
+            ],
+        )],
+        7,
+    );
+    let m = ask(&z, "peers.shop.svc.cluster.local.", RecordType::A);
+    assert_eq!(
+        addrs(&m),
+        [
+            "10.244.7.8".parse::<IpAddr>().unwrap(),
+            "10.244.8.8".parse().unwrap()
+        ]
+    );
+    let m = ask(&z, "peers-0.peers.shop.svc.cluster.local.", RecordType::A);
+    assert_eq!(addrs(&m), ["10.244.7.8".parse::<IpAddr>().unwrap()]);
+    // No port, no SRV record: NODATA.
+    let m = ask(&z, "peers.shop.svc.cluster.local.", RecordType::SRV);
+    assert_eq!(
+        (m.metadata.response_code, m.answers.len()),
+        (ResponseCode::NoError, 0)
+    );
+}
+
+#[test]
 fn srv_names_give_ports_and_targets() {
     let z = zone();
     let m = ask(

@@ -72,11 +72,6 @@ pub fn service_entry<'a>(
         });
         let mut eps: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
         for slice in &slices {
-            let v4 = match slice.address_type.as_str() {
-                "IPv4" => true,
-                "IPv6" => false,
-                _ => continue, // FQDN slices are not proxied
-            };
             let Some(slice_port) = slice.ports.iter().flatten().find(|p| {
                 p.name.clone().unwrap_or_default() == pname
                     && Protocol::parse(p.protocol.as_deref()) == Some(protocol)
@@ -86,34 +81,7 @@ pub fn service_entry<'a>(
             let Some(eport) = slice_port.port.and_then(|p| u16::try_from(p).ok()) else {
                 continue;
             };
-            for e in &slice.endpoints {
-                let Some(ip) = e.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
-                    notes.skipped += 1;
-                    continue;
-                };
-                if ip.is_ipv4() != v4 {
-                    notes.skipped += 1;
-                    continue;
-                }
-                let c = e.conditions.clone().unwrap_or_default();
-                let ready = c.ready.unwrap_or(true);
-                let ep = Endpoint {
-                    ip,
-                    port: eport,
-                    node: e.node_name.clone(),
-                    ready,
-                    serving: c.serving.unwrap_or(ready),
-                    terminating: c.terminating.unwrap_or(false),
-                    hostname: e.hostname.clone(),
-                };
-                if let (Some(known), Some(node)) = (known_nodes, &ep.node) {
-                    if !known.contains(node) {
-                        notes.unknown_node_endpoints += 1;
-                    }
-                }
-                // The first slice listing an address wins, as in kube-proxy.
-                eps.entry(ep.addr()).or_insert(ep);
-            }
+            add_endpoints(slice, eport, known_nodes, &mut notes, &mut eps);
         }
         ports.push(ServicePort {
             name: pname,
@@ -126,6 +94,18 @@ pub fn service_entry<'a>(
                 .and_then(|p| u16::try_from(p).ok())
                 .filter(|p| *p != 0),
         });
+    }
+    // A headless Service without ports: the EndpointSlice controller lists
+    // its endpoints in slices without ports, and the cluster DNS answers
+    // its name with them all the same.
+    let mut portless: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
+    if kind == ServiceKind::Headless && ports.is_empty() {
+        for slice in slices
+            .iter()
+            .filter(|s| s.ports.as_ref().is_none_or(Vec::is_empty))
+        {
+            add_endpoints(slice, 0, known_nodes, &mut notes, &mut portless);
+        }
     }
     let mut external_ips = Vec::new();
     if matches!(kind, ServiceKind::ClusterIp(_)) {
@@ -158,7 +138,53 @@ pub fn service_entry<'a>(
             kind,
             ports,
             external_ips,
+            portless_endpoints: portless.into_values().collect(),
         },
         notes,
     )
+}
+
+/// Adds `slice`'s endpoints, serving `port`, to `eps` (keyed by address
+/// and port; the first slice listing an address wins, as in kube-proxy).
+/// FQDN slices are not proxied and add nothing; an address that does not
+/// parse or is not of the slice's family is skipped and counted.
+fn add_endpoints(
+    slice: &EndpointSlice,
+    port: u16,
+    known_nodes: Option<&BTreeSet<String>>,
+    notes: &mut BuildNotes,
+    eps: &mut BTreeMap<SocketAddr, Endpoint>,
+) {
+    let v4 = match slice.address_type.as_str() {
+        "IPv4" => true,
+        "IPv6" => false,
+        _ => return,
+    };
+    for e in &slice.endpoints {
+        let Some(ip) = e.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+            notes.skipped += 1;
+            continue;
+        };
+        if ip.is_ipv4() != v4 {
+            notes.skipped += 1;
+            continue;
+        }
+        let c = e.conditions.clone().unwrap_or_default();
+        let ready = c.ready.unwrap_or(true);
+        let ep = Endpoint {
+            ip,
+            port,
+            node: e.node_name.clone(),
+            ready,
+            serving: c.serving.unwrap_or(ready),
+            terminating: c.terminating.unwrap_or(false),
+            hostname: e.hostname.clone(),
+        };
+        if let (Some(known), Some(node)) = (known_nodes, &ep.node) {
+            if !known.contains(node) {
+                notes.unknown_node_endpoints += 1;
+            }
+        }
+        eps.entry(ep.addr()).or_insert(ep);
+    }
 }
