@@ -141,6 +141,8 @@ pub struct EdgeClient {
     status: Option<tokio::task::JoinHandle<()>>,
     status_addr: Option<SocketAddr>,
     dns: Option<crate::dns::Resolver>,
+    /// Saves the ClusterIP table (`services_state_file`).
+    saver: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Starting the client failed (only possible with capture on).
@@ -246,7 +248,22 @@ impl EdgeClient {
         let cfg = Arc::new(cfg);
         let served = Arc::new(ServedSet::from_config(&cfg));
         let creds = Arc::new(Credentials::new(&cfg));
-        let services = Arc::new(EdgeServices::default());
+        let services = Arc::new(match &cfg.services_state_file {
+            Some(path) => EdgeServices::from_saved(path),
+            None => EdgeServices::default(),
+        });
+        // Every complete table the relay sends is saved (at most once a
+        // second; the last one at shutdown).
+        let saver = cfg.services_state_file.clone().map(|path| {
+            let t = crate::saved::saver(
+                path,
+                services.subscribe(),
+                crate::services::save,
+                "service table",
+                cancel.clone(),
+            );
+            tokio::spawn(t.instrument(span.clone()))
+        });
         let capture = capture.map(|parts| {
             let t = crate::capture::run(
                 parts,
@@ -293,6 +310,7 @@ impl EdgeClient {
             status,
             status_addr,
             dns,
+            saver,
         }
     }
 
@@ -369,6 +387,15 @@ impl EdgeClient {
         }
         if let Some(d) = self.dns {
             d.shutdown().await;
+        }
+        // The last table not yet written (a small file; bounded anyway).
+        if let Some(s) = self.saver {
+            if tokio::time::timeout(Duration::from_secs(5), s)
+                .await
+                .is_err()
+            {
+                warn!("saving the service table did not finish within 5s");
+            }
         }
         // The endpoint stopped accepting at the cancel above; what remains
         // are answers in flight, each bounded by the head timeout.

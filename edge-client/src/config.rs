@@ -79,6 +79,10 @@ pub struct EdgeConfig {
     /// Where the status endpoint (`/healthz`, `/readyz`, `/metrics`)
     /// listens; `None`: nowhere (see `status`).
     pub status_listen: Option<SocketAddr>,
+    /// Where the ClusterIP table the relay sends is saved, so a restart
+    /// while the relay is unreachable captures (and serves locally) what
+    /// it did before; `None`: not saved (see [`crate::services`]).
+    pub services_state_file: Option<PathBuf>,
 }
 
 impl EdgeConfig {
@@ -111,6 +115,7 @@ impl EdgeConfig {
             capture: None,
             dns: None,
             status_listen: None,
+            services_state_file: None,
         }
     }
 }
@@ -270,6 +275,8 @@ pub struct FileConfig {
     /// Lets `status_listen` be an address other than loopback.
     #[serde(default)]
     pub allow_insecure_status: bool,
+    /// Where the ClusterIP table is saved (default: not saved).
+    pub services_state_file: Option<PathBuf>,
 }
 
 /// Default of [`EdgeConfig::max_relays`]: each replica costs an idle
@@ -458,6 +465,7 @@ impl FileConfig {
             capture,
             dns,
             status_listen,
+            services_state_file: self.services_state_file.clone(),
         })
     }
 }

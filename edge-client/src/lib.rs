@@ -35,6 +35,7 @@ mod dial;
 pub mod dns;
 mod identity;
 pub mod liveness;
+mod saved;
 pub mod serve;
 pub mod services;
 mod session;

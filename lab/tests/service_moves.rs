@@ -13,7 +13,9 @@
 //!   stopped, and its node-local resolver (`[dns]`, fed by the relay's
 //!   `ServiceNames`) keeps answering cluster names, asked with real `dig`
 //!   (also a headless Service without ports, whose name answers with its
-//!   pods, and which CONNECT reaches by name);
+//!   pods, and which CONNECT reaches by name), and after a restart with the
+//!   relay still away it starts from the table it saved and keeps using its
+//!   own endpoint;
 //! - after a relay and an edge restart, the Service is served again
 //!   within a bound.
 //!
@@ -23,7 +25,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use relay_lab::cluster::{Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
@@ -176,7 +178,11 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
         edge_client::dns::DnsConfig::new(sa(Ipv4Addr::new(10, 96, 0, 10), 53), state.clone());
     dns.listen = sa(Ipv4Addr::LOCALHOST, 53);
     cfg1.dns = Some(dns);
-    let edge1 = start_edge(&lab, 1, cfg1)?;
+    let services_file =
+        std::env::temp_dir().join(format!("lab-services-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&services_file);
+    cfg1.services_state_file = Some(services_file.clone());
+    let edge1 = start_edge(&lab, 1, cfg1.clone())?;
     let edge2 = start_edge(&lab, 2, edge_config(&pki, 2)?)?;
     // Everything is installed asynchronously: wait for both paths.
     relay_lab::scenario::within(Duration::from_secs(10), || {
@@ -310,6 +316,48 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
         dig("mover.shop.svc.cluster.local")? == "10.96.0.40",
         "relay stopped: the edge resolver no longer answers"
     );
+    // edge1 restarted while the relay is away: it starts from the table it
+    // saved, so the mixed Service is still captured and served by its own
+    // endpoint. (Without it kube-proxy picks either endpoint, and the
+    // cloud one is out of reach: about every other request would fail.)
+    let cfg_table = cfg1
+        .capture
+        .as_ref()
+        .map(|c| c.nft_table.clone())
+        .context("edge1 captures")?;
+    edge1.stop()?;
+    ensure!(
+        services_file.exists(),
+        "edge1 saved no service table at {}",
+        services_file.display()
+    );
+    let edge1 =
+        relay_lab::scenario::launch(&lab, Role::Edge1, "edge1", move |ready, stop| async move {
+            let edge = edge_client::EdgeClient::start(cfg1).await?;
+            let _ = ready.send(Ok(()));
+            let _ = stop.await;
+            edge.shutdown().await;
+            Ok(())
+        })?;
+    // Its capture is installed from the saved table moments after start
+    // (a request before that is kube-proxy's to place).
+    let local = relay_lab::scenario::within(Duration::from_secs(5), || {
+        // Our service set (kube-proxy's own rules name the ClusterIP too).
+        let table = &cfg_table;
+        let set = lab.exec(Role::Edge1, &["nft", "list", "set", "inet", table, "svc4"])?;
+        Ok(set.contains(&mixed.ip().to_string()))
+    })
+    .context("edge1 restarted with the relay away: the mixed Service is not captured")?;
+    for _ in 0..10 {
+        let b = http_from(&lab, Role::Edge1, mixed)?;
+        ensure!(
+            b.contains("epod1"),
+            "restarted with the relay away: answered by {b}"
+        );
+    }
+    eprintln!(
+        "edge1 restarted with the relay away: captured after {local:?}, its own endpoint 10 of 10"
+    );
 
     // Restarts: a new relay process state (capture reinstalled from the
     // API's Services) and a restarted edge2 serve the moved endpoint again.
@@ -333,5 +381,6 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
     drop(hosts);
     drop(cluster);
     let _ = std::fs::remove_file(&state);
+    let _ = std::fs::remove_file(&services_file);
     Ok(())
 }

@@ -153,7 +153,13 @@ impl Resolver {
             tasks.clone(),
             cancel.clone(),
         ));
-        tasks.spawn(saver(cfg.state_file.clone(), save_rx, cancel.clone()));
+        tasks.spawn(crate::saved::saver(
+            cfg.state_file.clone(),
+            save_rx,
+            store::save_latest,
+            "dns name table",
+            cancel.clone(),
+        ));
         info!(%addr, upstream = %cfg.upstream, "dns: resolver listening (udp, tcp)");
         Ok(Resolver {
             inner: Arc::new(Inner {
@@ -253,40 +259,6 @@ fn serial() -> u32 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_secs() as u32)
-}
-
-/// Saves the newest table, at most once a second, and once more at
-/// shutdown if one is waiting.
-async fn saver(
-    path: std::path::PathBuf,
-    mut rx: watch::Receiver<Option<Arc<Zone>>>,
-    cancel: CancellationToken,
-) {
-    loop {
-        let stop = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => true,
-            r = rx.changed() => r.is_err(),
-        };
-        // At shutdown, only a table not yet written.
-        let unsaved = !stop || rx.has_changed().unwrap_or(false);
-        let z = rx.borrow_and_update().clone();
-        if let Some(z) = z.filter(|_| unsaved) {
-            let p = path.clone();
-            match tokio::task::spawn_blocking(move || store::save(&p, &z)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!(file = %path.display(), error = %e, "dns: saving names failed"),
-                Err(e) => warn!(error = %e, "dns: saving names failed"),
-            }
-        }
-        if stop {
-            return;
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
 }
 
 /// Frames of one session's name batches being put together: a batch is

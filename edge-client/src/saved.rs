@@ -1,0 +1,133 @@
+//! Tables the edge keeps on disk so that a restart while the cloud is away
+//! still serves what it last knew: the resolver's names (`dns::store`) and
+//! the ClusterIP table (`services`). JSON (readable by operators), with a
+//! format version, written through a temporary file and a rename so a
+//! crash never leaves half a table, at most once a second.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+/// Why a saved table was not loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// Reading the file failed (other than its absence).
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a table of this kind and version.
+    #[error("{path} is not a saved {what}: {message}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// What it should have held.
+        what: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The file's envelope: the format version beside the table's own fields.
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    version: u32,
+    #[serde(flatten)]
+    table: T,
+}
+
+/// Only the version, read before the rest (a file of another version may
+/// not parse as this one).
+#[derive(Deserialize)]
+struct VersionOnly {
+    version: u32,
+}
+
+/// Writes `table` to `path` as format `version`, atomically.
+pub(crate) fn write_json<T: Serialize>(
+    path: &Path,
+    version: u32,
+    table: &T,
+) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(&Envelope { version, table }).map_err(std::io::Error::other)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    crate::identity::write_atomic(path, &bytes, false)
+}
+
+/// Reads a table of format `version` (a `what`, for errors): `Ok(None)`
+/// when there is no file.
+pub(crate) fn read_json<T: DeserializeOwned>(
+    path: &Path,
+    version: u32,
+    what: &'static str,
+) -> Result<Option<T>, LoadError> {
+    let p = path.display().to_string();
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(LoadError::Read { path: p, source }),
+    };
+    let invalid = |message: String| LoadError::Invalid {
+        path: p.clone(),
+        what,
+        message,
+    };
+    let v: VersionOnly = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+    if v.version != version {
+        return Err(invalid(format!(
+            "version {} (this build reads {version})",
+            v.version
+        )));
+    }
+    let e: Envelope<T> = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+    Ok(Some(e.table))
+}
+
+/// Saves the newest value `rx` holds with `save`, at most once a second,
+/// and once more when `cancel` fires if one is waiting. Values present
+/// when it starts are not saved (they came from the file or are empty).
+pub(crate) async fn saver<T: Clone + Send + Sync + 'static>(
+    path: PathBuf,
+    mut rx: watch::Receiver<T>,
+    save: fn(&Path, &T) -> std::io::Result<()>,
+    what: &'static str,
+    cancel: CancellationToken,
+) {
+    rx.borrow_and_update();
+    loop {
+        let stop = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => true,
+            r = rx.changed() => r.is_err(),
+        };
+        // At shutdown, only a value not yet written.
+        let unsaved = !stop || rx.has_changed().unwrap_or(false);
+        let value = rx.borrow_and_update().clone();
+        if unsaved {
+            let p = path.clone();
+            match tokio::task::spawn_blocking(move || save(&p, &value)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(file = %path.display(), error = %e, "saving the {what} failed"),
+                Err(e) => warn!(error = %e, "saving the {what} failed"),
+            }
+        }
+        if stop {
+            return;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
