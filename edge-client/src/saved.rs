@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 
 /// Why a saved table was not loaded.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +105,9 @@ pub(crate) async fn saver<T: Clone + Send + Sync + 'static>(
     cancel: CancellationToken,
 ) {
     rx.borrow_and_update();
+    // A failure is logged once, then again only when it changes or after
+    // a success: a read-only directory must not log every second.
+    let mut failing: Option<String> = None;
     loop {
         let stop = tokio::select! {
             biased;
@@ -116,11 +119,20 @@ pub(crate) async fn saver<T: Clone + Send + Sync + 'static>(
         let value = rx.borrow_and_update().clone();
         if unsaved {
             let p = path.clone();
-            match tokio::task::spawn_blocking(move || save(&p, &value)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => warn!(file = %path.display(), error = %e, "saving the {what} failed"),
-                Err(e) => warn!(error = %e, "saving the {what} failed"),
+            let why = match tokio::task::spawn_blocking(move || save(&p, &value)).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            match (&why, &failing) {
+                (Some(w), Some(f)) if w == f => {}
+                (Some(w), _) => {
+                    warn!(file = %path.display(), error = %w, "saving the {what} failed (logged again when this changes)")
+                }
+                (None, Some(_)) => info!(file = %path.display(), "saving the {what} works again"),
+                (None, None) => {}
             }
+            failing = why;
         }
         if stop {
             return;
@@ -129,5 +141,54 @@ pub(crate) async fn saver<T: Clone + Send + Sync + 'static>(
             _ = cancel.cancelled() => {}
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn save_text(path: &Path, v: &Arc<String>) -> std::io::Result<()> {
+        write_json(path, 1, &serde_json::json!({ "text": v.as_str() }))
+    }
+
+    fn saved_text(path: &Path) -> Option<String> {
+        let v: Option<serde_json::Value> = read_json(path, 1, "text").ok()?;
+        Some(v?["text"].as_str()?.to_string())
+    }
+
+    #[tokio::test]
+    async fn the_newest_value_is_saved_and_the_last_one_at_shutdown() {
+        let dir = std::env::temp_dir().join(format!("edge-saved-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("t.json");
+        let (tx, rx) = watch::channel(Arc::new("loaded".to_string()));
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(saver(path.clone(), rx, save_text, "text", cancel.clone()));
+        // What it starts with is not written back.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(saved_text(&path), None);
+        tx.send_replace(Arc::new("a".into()));
+        let t = std::time::Instant::now();
+        while saved_text(&path).as_deref() != Some("a") {
+            assert!(t.elapsed() < Duration::from_secs(5), "never saved");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Within the second after a save: written only at shutdown.
+        tx.send_replace(Arc::new("b".into()));
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(saved_text(&path).as_deref(), Some("b"));
+        // Another version is refused, naming it.
+        let e = read_json::<serde_json::Value>(&path, 2, "text").unwrap_err();
+        assert!(
+            e.to_string().contains("version 1 (this build reads 2)"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
