@@ -15,7 +15,7 @@ use relay_transport::capture::Capture;
 use relay_transport::conn::open_stream;
 use relay_transport::conn::{accept_bounded, AcceptBound};
 use relay_transport::splice::{dial_tcp, splice};
-use relay_transport::udp::{FlowLimits, FlowTable, PickConn, Picked, RedirectUdp};
+use relay_transport::udp::{FlowLimits, FlowTable, Pick, PickConn, Picked, RedirectUdp};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -54,13 +54,23 @@ pub(crate) async fn run(
     cancel: CancellationToken,
 ) {
     let current = conns.clone();
-    // UDP always goes to the relay (a ClusterIP included: the relay picks
-    // the endpoint, this edge's own first).
+    // UDP to a ClusterIP with an endpoint on this edge goes to that
+    // endpoint, as TCP does (no hairpin through the relay, and it works
+    // while the relay is away); everything else to the relay (a ClusterIP
+    // included: the relay picks the endpoint).
+    let local = services.clone();
     let pick: Arc<PickConn> = Arc::new(move |dst| {
-        current.borrow().clone().map(|(conn, flows)| Picked {
-            conn,
-            flows,
-            target: dst,
+        if let Some(ep) = local.local_endpoint(dst, true) {
+            local.local_picks.fetch_add(1, Relaxed);
+            debug!(%dst, %ep, "udp flow to a local service endpoint");
+            return Some(Pick::Local(ep));
+        }
+        current.borrow().clone().map(|(conn, flows)| {
+            Pick::Tunnel(Picked {
+                conn,
+                flows,
+                target: dst,
+            })
         })
     });
     let limits = FlowLimits {
@@ -182,7 +192,7 @@ async fn accept_loop(
             let Ok(dst) = relay_transport::conntrack::original_dst_tcp(&sock) else {
                 return;
             };
-            if let Some(ep) = services.local_endpoint(dst) {
+            if let Some(ep) = services.local_endpoint(dst, false) {
                 let span = tracing::debug_span!("service", %dst, %ep, src = %peer);
                 services.local_picks.fetch_add(1, Relaxed);
                 return local_service(sock, ep, cfg).instrument(span).await;

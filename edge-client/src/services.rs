@@ -4,12 +4,11 @@
 //! What the edge does with it, ahead of its own kube-proxy (which would
 //! DNAT a ClusterIP to a remote pod in the same hook as capture, where no
 //! later redirect can follow):
-//! - ports with an endpoint off this edge are captured; a connection to
-//!   one goes to a local endpoint when the edge has one (dialled here, so
-//!   a Service with endpoints on this edge never crosses to the cloud),
-//!   otherwise to the relay with the ClusterIP as target, and the relay
-//!   picks the endpoint (UDP always goes to the relay, which prefers this
-//!   edge's endpoints);
+//! - ports with an endpoint off this edge are captured; a connection (or
+//!   UDP flow) to one goes to a local endpoint when the edge has one
+//!   (dialled here, so a Service with endpoints on this edge never crosses
+//!   to the cloud), otherwise to the relay with the ClusterIP as target,
+//!   and the relay picks the endpoint;
 //! - ports whose endpoints are all on this edge are exempt from prefix
 //!   capture (a service range among the tunnel routes), so the node's own
 //!   kube-proxy serves them locally.
@@ -43,7 +42,8 @@ pub type ServiceTable = BTreeMap<ServiceKey, ServicePort>;
 pub struct EdgeServices {
     table: watch::Sender<Arc<ServiceTable>>,
     next: AtomicUsize,
-    /// Captured ClusterIP connections served by a local endpoint.
+    /// Captured ClusterIP connections and UDP flows served by a local
+    /// endpoint.
     pub local_picks: AtomicU64,
 }
 
@@ -112,14 +112,12 @@ impl EdgeServices {
         self.table.send_replace(Arc::new(t));
     }
 
-    /// A local endpoint for TCP connections to `dst`, when `dst` is a
-    /// ClusterIP port with endpoints on this edge (round robin).
-    pub fn local_endpoint(&self, dst: SocketAddr) -> Option<SocketAddr> {
+    /// A local endpoint for TCP connections (or, with `udp`, UDP flows) to
+    /// `dst`, when `dst` is a ClusterIP port with endpoints on this edge
+    /// (round robin).
+    pub fn local_endpoint(&self, dst: SocketAddr, udp: bool) -> Option<SocketAddr> {
         let t = self.table.borrow();
-        let p = t.get(&ServiceKey {
-            vip: dst,
-            udp: false,
-        })?;
+        let p = t.get(&ServiceKey { vip: dst, udp })?;
         if p.local.is_empty() {
             return None;
         }
@@ -224,10 +222,18 @@ mod tests {
         assert!(want.contains(&(mixed.key.vip, Proto::Tcp)));
         assert!(local.contains(&(own.key.vip, Proto::Tcp)));
         let picks: std::collections::BTreeSet<SocketAddr> = (0..4)
-            .filter_map(|_| s.local_endpoint(mixed.key.vip))
+            .filter_map(|_| s.local_endpoint(mixed.key.vip, false))
             .collect();
         assert_eq!(picks.len(), 2, "round robin over local endpoints");
-        assert_eq!(s.local_endpoint("10.96.0.99:80".parse().unwrap()), None);
+        assert_eq!(
+            s.local_endpoint("10.96.0.99:80".parse().unwrap(), false),
+            None
+        );
+        assert_eq!(
+            s.local_endpoint(mixed.key.vip, true),
+            None,
+            "UDP is its own port"
+        );
     }
 
     #[test]
@@ -244,7 +250,7 @@ mod tests {
         let s = EdgeServices::from_saved(&path);
         assert_eq!(*s.current(), t);
         assert_eq!(
-            s.local_endpoint(mixed.key.vip),
+            s.local_endpoint(mixed.key.vip, false),
             Some("10.244.7.5:8080".parse().unwrap()),
             "served locally from the saved table"
         );

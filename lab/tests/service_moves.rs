@@ -30,7 +30,7 @@ use relay_lab::cluster::{Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
     edge_config, fails_fast, http_from, lab_pki, relay_config, sa, services, start_edge,
-    start_relay, HTTP,
+    start_relay, udp_from, DNS, HTTP,
 };
 
 fn web(name: &'static str, vip: SocketAddr, endpoints: &[(Ipv4Addr, &'static str)]) -> LabService {
@@ -147,6 +147,9 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
     let epod2 = netns::edge_pod_ip(2);
     let mover = sa(Ipv4Addr::new(10, 96, 0, 40), HTTP);
     let mixed = sa(Ipv4Addr::new(10, 96, 0, 50), HTTP);
+    // UDP with an endpoint on edge1 and one in the cloud (each answers its
+    // name).
+    let mixed_udp = sa(Ipv4Addr::new(10, 96, 0, 53), DNS);
     let cluster = Cluster::start(&lab)?;
     let mode = KubeProxyMode::Nftables;
     let set = |mover_eps: &[(Ipv4Addr, &'static str)]| {
@@ -160,6 +163,17 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
                     mixed,
                     &[(epod1, "edge1"), (netns::CPOD1_IP, "relay")],
                 ),
+                LabService {
+                    namespace: "shop",
+                    name: "mixed-udp",
+                    vip: mixed_udp,
+                    proto: Proto::Udp,
+                    endpoints: vec![
+                        (sa(epod1, DNS), "edge1"),
+                        (sa(netns::CPOD1_IP, DNS), "relay"),
+                    ],
+                    node_port: None,
+                },
             ],
         )
     };
@@ -228,11 +242,13 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
         eprintln!("{ns}: no endpoints refused in {d:?}");
     }
 
-    // The mixed Service from edge1's host: its own endpoint, every time,
-    // also with the relay stopped (the edge dials it itself).
+    // The mixed Services from edge1's host: its own endpoint, every time,
+    // also with the relay stopped (the edge dials it itself; for UDP too).
     for _ in 0..5 {
         let b = http_from(&lab, Role::Edge1, mixed)?;
         ensure!(b.contains("epod1"), "relay up: answered by {b}");
+        let u = udp_from(&lab, Role::Edge1, mixed_udp)?;
+        ensure!(u == "epod1", "relay up, UDP: answered by {u}");
     }
     // Names at the edge, from the relay's table: the ClusterIP and, for a
     // name the cluster does not have, NXDOMAIN (answered locally).
@@ -311,6 +327,8 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
     for _ in 0..5 {
         let b = http_from(&lab, Role::Edge1, mixed)?;
         ensure!(b.contains("epod1"), "relay stopped: answered by {b}");
+        let u = udp_from(&lab, Role::Edge1, mixed_udp)?;
+        ensure!(u == "epod1", "relay stopped, UDP: answered by {u}");
     }
     ensure!(
         dig("mover.shop.svc.cluster.local")? == "10.96.0.40",
@@ -353,6 +371,11 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
         ensure!(
             b.contains("epod1"),
             "restarted with the relay away: answered by {b}"
+        );
+        let u = udp_from(&lab, Role::Edge1, mixed_udp)?;
+        ensure!(
+            u == "epod1",
+            "restarted with the relay away, UDP: answered by {u}"
         );
     }
     eprintln!(

@@ -534,13 +534,13 @@ pub(crate) async fn serve_transparent_udp(
     let pick: Arc<relay_transport::udp::PickConn> =
         Arc::new(move |dst: SocketAddr| {
             match route_any(&picker, Origin::Captured, dst, Proto::Udp, None) {
-                Ok((Route::Edge(s), target)) if !s.is_draining() => {
-                    Some(relay_transport::udp::Picked {
+                Ok((Route::Edge(s), target)) if !s.is_draining() => Some(
+                    relay_transport::udp::Pick::Tunnel(relay_transport::udp::Picked {
                         conn: s.conn.clone(),
                         flows: s.flows.clone(),
                         target,
-                    })
-                }
+                    }),
+                ),
                 _ => None,
             }
         });

@@ -37,7 +37,8 @@ use tracing::debug;
 use crate::conn::{BiStream, RecvHalf, SendHalf, TunnelConn};
 
 pub use crate::udp_capture::{
-    serve_transparent_udp, FlowLimits, PickConn, Picked, RedirectUdp, Replier, MAX_STARTING_FLOWS,
+    serve_transparent_udp, FlowLimits, Pick, PickConn, Picked, RedirectUdp, Replier,
+    MAX_STARTING_FLOWS,
 };
 
 /// Payloads queued per flow before new ones are dropped (and counted).
@@ -447,6 +448,32 @@ pub async fn serve_target(
         }
     }
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut bi.send).await;
+}
+
+/// The capture side of a flow to a target on this node: payloads from the
+/// local client (`from_client`) go to `sock` (connected to the target), its
+/// datagrams back to the client through `reply`. Ends on idleness or when
+/// the listener drops `from_client`. A send error (ICMP unreachable) is the
+/// target's answer; the flow stays, as a UDP client's would.
+pub async fn run_local_flow(
+    sock: UdpSocket,
+    mut from_client: mpsc::Receiver<Bytes>,
+    reply: Replier,
+    idle: Duration,
+) {
+    loop {
+        tokio::select! {
+            p = from_client.recv() => match p {
+                Some(p) => { let _ = sock.send(&p).await; }
+                None => break,
+            },
+            r = recv_datagram(&sock) => match r {
+                Ok(p) => reply.send(&p).await,
+                Err(e) => debug!(error = %e, "local udp target socket"),
+            },
+            _ = tokio::time::sleep(idle) => break,
+        }
+    }
 }
 
 /// The capture side of a flow the far side accepted: payloads from the

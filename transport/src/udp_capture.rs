@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::conn::TunnelConn;
-use crate::udp::{recv_with, run_opened_flow, FlowTable, UdpStats, FLOW_QUEUE};
+use crate::udp::{recv_with, run_local_flow, run_opened_flow, FlowTable, UdpStats, FLOW_QUEUE};
 
 /// Captured flows starting at once (conntrack lookup and stream open in
 /// progress), per capture loop: each holds a netlink socket and a task, so
@@ -148,9 +148,19 @@ pub struct Picked {
     pub target: SocketAddr,
 }
 
-/// Chooses a captured UDP flow's connection and target from its original
-/// destination; `None` drops the flow's packets (counted).
-pub type PickConn = dyn Fn(SocketAddr) -> Option<Picked> + Send + Sync;
+/// Where a captured UDP flow goes.
+pub enum Pick {
+    /// Through the tunnel.
+    Tunnel(Picked),
+    /// Straight to a target on this node (an edge's own endpoint of a
+    /// Service), from a socket of ours: never through the relay, so it
+    /// also works while the relay is unreachable.
+    Local(SocketAddr),
+}
+
+/// Chooses a captured UDP flow's way from its original destination; `None`
+/// drops the flow's packets (counted).
+pub type PickConn = dyn Fn(SocketAddr) -> Option<Pick> + Send + Sync;
 
 /// Bounds for captured UDP flows.
 #[derive(Debug, Clone)]
@@ -267,7 +277,8 @@ pub async fn serve_transparent_udp(
 
 /// The start of one captured flow: its original destination from
 /// conntrack, the session `pick` chooses for it, a flow id, a stream
-/// opened to the far side; then it runs until idle. A flow that cannot
+/// opened to the far side (or a socket to a local target); then it runs
+/// until idle. A flow that cannot
 /// start drops its queued packets, counted as `dropped_unknown_flow`.
 async fn open_captured_flow(
     pick: Arc<PickConn>,
@@ -286,15 +297,26 @@ async fn open_captured_flow(
             return;
         }
     };
-    let Some(Picked {
+    let Picked {
         conn,
         flows,
         target,
-    }) = pick(dst)
-    else {
-        stats.dropped_unknown_flow.fetch_add(1, Relaxed);
-        debug!(%client, %dst, "no session for captured udp destination");
-        return;
+    } = match pick(dst) {
+        Some(Pick::Tunnel(p)) => p,
+        Some(Pick::Local(ep)) => {
+            let sock = crate::udp::connect_target(ep, None, limits.mark).await;
+            drop(starting);
+            match sock {
+                Ok(sock) => run_local_flow(sock, rx, reply, limits.idle).await,
+                Err(e) => debug!(%client, %dst, %ep, error = %e, "local udp endpoint"),
+            }
+            return;
+        }
+        None => {
+            stats.dropped_unknown_flow.fetch_add(1, Relaxed);
+            debug!(%client, %dst, "no session for captured udp destination");
+            return;
+        }
     };
     let Some(flow) = flows.register(None) else {
         debug!(%client, %dst, "udp flow cap reached");
