@@ -5,7 +5,9 @@
 //! The capture follows the session: the routes come from the hello and
 //! from `RouteUpdate`s. While reconnecting, the last routes stay installed
 //! and captured connections are reset at once, so pod traffic fails fast
-//! instead of leaking out of the default route.
+//! instead of leaking out of the default route; with `capture_state_file`
+//! also from the start of a process restarted while the relay is away
+//! (`crate::capture_state`).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::capture_state::{Routes, SavedCapture};
 use crate::client::{ConnWatch, EdgeState, EdgeStats};
 use crate::config::EdgeConfig;
 use crate::serve::Served;
@@ -38,6 +41,9 @@ pub(crate) struct Parts {
     pub(crate) cap: Capture,
     pub(crate) tcp: TcpListener,
     pub(crate) udp: RedirectUdp,
+    /// What the previous run saved (`capture_state_file`): its routes are
+    /// applied until a session gives its own.
+    pub(crate) saved: Option<SavedCapture>,
 }
 
 pub(crate) async fn run(
@@ -45,6 +51,7 @@ pub(crate) async fn run(
         mut cap,
         tcp: listener,
         udp,
+        saved,
     }: Parts,
     cfg: Arc<EdgeConfig>,
     mut state: watch::Receiver<EdgeState>,
@@ -97,6 +104,26 @@ pub(crate) async fn run(
     );
     tokio::pin!(accept);
     let mut table = services.subscribe();
+    // The routes capture works from: the session's, and between sessions
+    // the last session's (kept, so pod traffic to the tunnel routes fails
+    // fast instead of leaving by the default route); at start, those saved
+    // by the previous run (`capture_state_file`).
+    let mut routes: Option<Routes> = saved.and_then(|s| s.routes);
+    // What capture knows, for the saver (at most once a second, and the
+    // last one when capture stops).
+    let (save_tx, save_rx) = tokio::sync::watch::channel(None);
+    let saver = cfg.capture_state_file.clone().map(|path| {
+        tokio::spawn(
+            crate::saved::saver(
+                path,
+                save_rx,
+                crate::capture_state::save,
+                "capture state",
+                cancel.clone(),
+            )
+            .in_current_span(),
+        )
+    });
     let mut connected = BTreeSet::new();
     let mut overlapping = BTreeSet::new();
     // Interface addresses change without telling us; look again now and
@@ -104,19 +131,31 @@ pub(crate) async fn run(
     let mut lans = tokio::time::interval(LAN_RECHECK);
     lans.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let (want, local) = crate::services::capture_sets(&table.borrow_and_update());
+        let now_table = table.borrow_and_update().clone();
+        let (want, local) = crate::services::capture_sets(&now_table);
         if let Err(e) = cap.apply_services(&want, &local).await {
             warn!(error = %e, "updating service capture failed; will retry on the next change");
         }
-        let routes = match &*state.borrow_and_update() {
-            EdgeState::Connected {
-                tunnel_routes,
-                served_routes,
-                ..
-            } => Some((tunnel_routes.clone(), served_routes.clone())),
-            _ => None,
-        };
-        if let Some((routes, served)) = routes {
+        if let EdgeState::Connected {
+            tunnel_routes,
+            served_routes,
+            ..
+        } = &*state.borrow_and_update()
+        {
+            routes = Some(Routes {
+                tunnel: tunnel_routes.clone(),
+                served: served_routes.clone(),
+            });
+        }
+        let snapshot = SavedCapture::of(routes.as_ref(), &now_table);
+        if save_tx.borrow().as_deref() != Some(&snapshot) {
+            save_tx.send_replace(Some(Arc::new(snapshot)));
+        }
+        if let Some(Routes {
+            tunnel: routes,
+            served,
+        }) = routes.clone()
+        {
             // Read again on every pass (and the tick below): a DHCP lease
             // or a new interface moves the LAN. On failure the last known
             // subnets stay exempt.
@@ -164,6 +203,16 @@ pub(crate) async fn run(
     }
     cap.teardown().await;
     info!("capture removed");
+    // The saver stops with `cancel` after its last write (bounded: one
+    // small file).
+    if let Some(t) = saver {
+        if tokio::time::timeout(std::time::Duration::from_secs(5), t)
+            .await
+            .is_err()
+        {
+            warn!("saving the capture state did not finish within 5s");
+        }
+    }
 }
 
 async fn accept_loop(

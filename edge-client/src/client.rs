@@ -141,8 +141,6 @@ pub struct EdgeClient {
     status: Option<tokio::task::JoinHandle<()>>,
     status_addr: Option<SocketAddr>,
     dns: Option<crate::dns::Resolver>,
-    /// Saves the ClusterIP table (`services_state_file`).
-    saver: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Starting the client failed (only possible with capture on).
@@ -222,12 +220,17 @@ impl EdgeClient {
             }
         })?;
         let cap = relay_transport::capture::Capture::install(ccfg).await?;
+        let saved = cfg
+            .capture_state_file
+            .as_deref()
+            .and_then(crate::capture_state::load_logged);
         Ok(Self::launch(
             cfg,
             Some(crate::capture::Parts {
                 cap,
                 tcp: listener,
                 udp,
+                saved,
             }),
             dns,
             status,
@@ -248,22 +251,13 @@ impl EdgeClient {
         let cfg = Arc::new(cfg);
         let served = Arc::new(ServedSet::from_config(&cfg));
         let creds = Arc::new(Credentials::new(&cfg));
-        let services = Arc::new(match &cfg.services_state_file {
-            Some(path) => EdgeServices::from_saved(path),
-            None => EdgeServices::default(),
-        });
-        // Every complete table the relay sends is saved (at most once a
-        // second; the last one at shutdown).
-        let saver = cfg.services_state_file.clone().map(|path| {
-            let t = crate::saved::saver(
-                path,
-                services.subscribe(),
-                crate::services::save,
-                "service table",
-                cancel.clone(),
-            );
-            tokio::spawn(t.instrument(span.clone()))
-        });
+        // The ClusterIP table capture saved last time, if any.
+        let saved_table = capture
+            .as_ref()
+            .and_then(|p| p.saved.as_ref())
+            .map(crate::capture_state::SavedCapture::table);
+        let services =
+            Arc::new(saved_table.map_or_else(EdgeServices::default, EdgeServices::with_table));
         let capture = capture.map(|parts| {
             let t = crate::capture::run(
                 parts,
@@ -310,7 +304,6 @@ impl EdgeClient {
             status,
             status_addr,
             dns,
-            saver,
         }
     }
 
@@ -387,15 +380,6 @@ impl EdgeClient {
         }
         if let Some(d) = self.dns {
             d.shutdown().await;
-        }
-        // The last table not yet written (a small file; bounded anyway).
-        if let Some(s) = self.saver {
-            if tokio::time::timeout(Duration::from_secs(5), s)
-                .await
-                .is_err()
-            {
-                warn!("saving the service table did not finish within 5s");
-            }
         }
         // The endpoint stopped accepting at the cancel above; what remains
         // are answers in flight, each bounded by the head timeout.

@@ -79,10 +79,10 @@ pub struct EdgeConfig {
     /// Where the status endpoint (`/healthz`, `/readyz`, `/metrics`)
     /// listens; `None`: nowhere (see `status`).
     pub status_listen: Option<SocketAddr>,
-    /// Where the ClusterIP table the relay sends is saved, so a restart
-    /// while the relay is unreachable captures (and serves locally) what
-    /// it did before; `None`: not saved (see [`crate::services`]).
-    pub services_state_file: Option<PathBuf>,
+    /// Where capture's last routes and ClusterIP table are saved, so a
+    /// restart while the relay is unreachable captures (and serves local
+    /// Service endpoints) as before; `None`: not saved. Needs `capture`.
+    pub capture_state_file: Option<PathBuf>,
 }
 
 impl EdgeConfig {
@@ -115,7 +115,7 @@ impl EdgeConfig {
             capture: None,
             dns: None,
             status_listen: None,
-            services_state_file: None,
+            capture_state_file: None,
         }
     }
 }
@@ -275,8 +275,9 @@ pub struct FileConfig {
     /// Lets `status_listen` be an address other than loopback.
     #[serde(default)]
     pub allow_insecure_status: bool,
-    /// Where the ClusterIP table is saved (default: not saved).
-    pub services_state_file: Option<PathBuf>,
+    /// Where capture's last routes and ClusterIP table are saved (default:
+    /// not saved).
+    pub capture_state_file: Option<PathBuf>,
 }
 
 /// Default of [`EdgeConfig::max_relays`]: each replica costs an idle
@@ -368,6 +369,18 @@ impl FileConfig {
             .capture
             .resolve()
             .map_err(|(f, m)| err(format!("capture.{f}"), m))?;
+        let capture_state_file = match (&self.capture_state_file, &capture) {
+            (Some(_), None) => {
+                return Err(err(
+                    "capture_state_file",
+                    "needs capture.enabled = true (it keeps what capture last knew)",
+                ))
+            }
+            (Some(p), _) if p.as_os_str().is_empty() => {
+                return Err(err("capture_state_file", "must not be empty"))
+            }
+            (p, _) => p.clone(),
+        };
         let dns = self
             .dns
             .resolve()
@@ -465,7 +478,7 @@ impl FileConfig {
             capture,
             dns,
             status_listen,
-            services_state_file: self.services_state_file.clone(),
+            capture_state_file,
         })
     }
 }
@@ -495,6 +508,14 @@ mod tests {
         assert_eq!(f.into_runtime().unwrap_err().field, "quic.keepalive");
         let f = FileConfig::parse(&format!("{BASE}[backoff]\nafter_drain = \"10m\"\n")).unwrap();
         assert_eq!(f.into_runtime().unwrap_err().field, "backoff.after_drain");
+        // The capture state without capture, or nowhere.
+        let f = FileConfig::parse(&format!("capture_state_file = \"/x.json\"\n{BASE}")).unwrap();
+        assert_eq!(f.into_runtime().unwrap_err().field, "capture_state_file");
+        let f = FileConfig::parse(&format!(
+            "capture_state_file = \"\"\n{BASE}[capture]\nenabled = true\n"
+        ))
+        .unwrap();
+        assert_eq!(f.into_runtime().unwrap_err().field, "capture_state_file");
     }
 
     #[test]

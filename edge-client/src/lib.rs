@@ -29,6 +29,7 @@
 
 pub mod backoff;
 mod capture;
+mod capture_state;
 pub mod client;
 pub mod config;
 mod dial;

@@ -15,10 +15,8 @@
 //!
 //! The table outlives sessions: while the relay is unreachable the last
 //! one keeps serving, so local endpoints keep answering. With
-//! `services_state_file` set it also outlives the process: every complete
-//! table is saved (see `crate::saved`), and a restart while the relay is
-//! away starts from the saved one until a session sends the current
-//! table (each session begins with the whole table, replacing it).
+//! `capture_state_file` set it also outlives the process (see
+//! `crate::capture_state`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -27,11 +25,7 @@ use std::sync::Arc;
 
 use relay_protocol::{Control, ServiceKey, ServicePort};
 use relay_transport::capture::{Proto, ServiceSet};
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tracing::{info, warn};
-
-use crate::saved::LoadError;
 
 /// ClusterIP port → what the edge knows about it.
 pub type ServiceTable = BTreeMap<ServiceKey, ServicePort>;
@@ -57,44 +51,11 @@ impl Default for EdgeServices {
     }
 }
 
-/// Format version of the saved table; a file of another version is
-/// ignored (logged).
-const SAVED_VERSION: u32 = 1;
-
-/// The saved table's fields.
-#[derive(Serialize, Deserialize)]
-struct Saved {
-    ports: Vec<ServicePort>,
-}
-
-/// Writes `table` to `path` atomically.
-pub(crate) fn save(path: &std::path::Path, table: &Arc<ServiceTable>) -> std::io::Result<()> {
-    let saved = Saved {
-        ports: table.values().cloned().collect(),
-    };
-    crate::saved::write_json(path, SAVED_VERSION, &saved)
-}
-
-/// Reads a saved table: `Ok(None)` when there is no file.
-pub(crate) fn load(path: &std::path::Path) -> Result<Option<ServiceTable>, LoadError> {
-    let saved: Option<Saved> = crate::saved::read_json(path, SAVED_VERSION, "service table")?;
-    Ok(saved.map(|s| s.ports.into_iter().map(|p| (p.key, p)).collect()))
-}
-
 impl EdgeServices {
-    /// Starts from the table saved at `path`, if there is one (an
-    /// unreadable one is logged and ignored: the first session sends the
-    /// whole table anyway).
-    pub fn from_saved(path: &std::path::Path) -> EdgeServices {
+    /// Starts from `table` (the saved one: `crate::capture_state`).
+    pub(crate) fn with_table(table: ServiceTable) -> EdgeServices {
         let s = EdgeServices::default();
-        match load(path) {
-            Ok(Some(t)) => {
-                info!(ports = t.len(), file = %path.display(), "saved service table loaded; used until a session sends the current one");
-                s.publish(t);
-            }
-            Ok(None) => {}
-            Err(e) => warn!(error = %e, "saved service table not used"),
-        }
+        s.publish(table);
         s
     }
 
@@ -234,36 +195,5 @@ mod tests {
             None,
             "UDP is its own port"
         );
-    }
-
-    #[test]
-    fn a_saved_table_is_where_a_restart_starts() {
-        let dir = std::env::temp_dir().join(format!("edge-services-{}", std::process::id()));
-        let path = dir.join("sub").join("services.json");
-        let _ = std::fs::remove_dir_all(&dir);
-        // Nothing saved: an empty table.
-        assert!(EdgeServices::from_saved(&path).current().is_empty());
-        let mixed = port("10.96.0.20:80", false, true, &["10.244.7.5:8080"]);
-        let cloud = port("10.96.0.10:53", true, true, &[]);
-        let t: ServiceTable = [(mixed.key, mixed.clone()), (cloud.key, cloud)].into();
-        save(&path, &Arc::new(t.clone())).unwrap();
-        let s = EdgeServices::from_saved(&path);
-        assert_eq!(*s.current(), t);
-        assert_eq!(
-            s.local_endpoint(mixed.key.vip, false),
-            Some("10.244.7.5:8080".parse().unwrap()),
-            "served locally from the saved table"
-        );
-        // Another format version, or not a table: ignored, nothing loaded.
-        std::fs::write(&path, br#"{"version": 99, "ports": []}"#).unwrap();
-        let e = load(&path).unwrap_err().to_string();
-        assert!(
-            e.contains("version 99") && e.contains("service table"),
-            "{e}"
-        );
-        assert!(EdgeServices::from_saved(&path).current().is_empty());
-        std::fs::write(&path, b"{").unwrap();
-        assert!(load(&path).is_err());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -18,7 +18,8 @@
 //! (`/etc/edge-relay/{tls,issuer,admin,relay-ca}/`, the token and state
 //! paths) to files of this test; listen addresses to `127.0.0.1:0` and the
 //! socket to a temporary path; `[kubernetes] kubeconfig` added (in a pod
-//! it is in-cluster); capture off (it needs root and nftables); the edge's
+//! it is in-cluster); capture off (it needs root and nftables), and with
+//! it `capture_state_file`; the edge's
 //! `relay` to the relay's bound address with `server_name` the name the
 //! manifests' edges dial. Every `[bootstrap]`, `[tls]` and `[admin]` key
 //! is the file's.
@@ -238,7 +239,13 @@ async fn the_base_configs_bootstrap_an_edge_with_the_walkthroughs_pki() -> Resul
                 "/var/run/secrets/edge-relay/token",
                 &token_file.display().to_string(),
             )
-            .replace("\"/var/lib/edge-relay\"", &q(&state));
+            .replace("\"/var/lib/edge-relay\"", &q(&state))
+            // Capture is off here (below), and its state file is refused
+            // without it.
+            .replace(
+                "capture_state_file = \"/var/lib/edge-relay/capture.json\"\n",
+                "",
+            );
         let v = values(&e);
         ensure!(
             !v.contains("/etc/edge-relay/") && !v.contains("/var/"),

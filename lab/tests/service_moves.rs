@@ -192,10 +192,10 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
         edge_client::dns::DnsConfig::new(sa(Ipv4Addr::new(10, 96, 0, 10), 53), state.clone());
     dns.listen = sa(Ipv4Addr::LOCALHOST, 53);
     cfg1.dns = Some(dns);
-    let services_file =
-        std::env::temp_dir().join(format!("lab-services-{}.json", std::process::id()));
-    let _ = std::fs::remove_file(&services_file);
-    cfg1.services_state_file = Some(services_file.clone());
+    let capture_file =
+        std::env::temp_dir().join(format!("lab-capture-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&capture_file);
+    cfg1.capture_state_file = Some(capture_file.clone());
     let edge1 = start_edge(&lab, 1, cfg1.clone())?;
     let edge2 = start_edge(&lab, 2, edge_config(&pki, 2)?)?;
     // Everything is installed asynchronously: wait for both paths.
@@ -334,10 +334,12 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
         dig("mover.shop.svc.cluster.local")? == "10.96.0.40",
         "relay stopped: the edge resolver no longer answers"
     );
-    // edge1 restarted while the relay is away: it starts from the table it
-    // saved, so the mixed Service is still captured and served by its own
-    // endpoint. (Without it kube-proxy picks either endpoint, and the
-    // cloud one is out of reach: about every other request would fail.)
+    // edge1 restarted while the relay is away: it starts from the capture
+    // state it saved, so the mixed Service is still captured and served by
+    // its own endpoint (without it kube-proxy picks either endpoint, and
+    // the cloud one is out of reach: about every other request would
+    // fail), and its pods' connections to cloud pods are still captured
+    // and reset at once, not sent out by the default route.
     let cfg_table = cfg1
         .capture
         .as_ref()
@@ -345,9 +347,9 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
         .context("edge1 captures")?;
     edge1.stop()?;
     ensure!(
-        services_file.exists(),
-        "edge1 saved no service table at {}",
-        services_file.display()
+        capture_file.exists(),
+        "edge1 saved no capture state at {}",
+        capture_file.display()
     );
     let edge1 =
         relay_lab::scenario::launch(&lab, Role::Edge1, "edge1", move |ready, stop| async move {
@@ -378,8 +380,15 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
             "restarted with the relay away, UDP: answered by {u}"
         );
     }
+    let reset = fails_fast(
+        &lab,
+        Role::Epod1,
+        sa(netns::CPOD1_IP, HTTP),
+        Duration::from_secs(1),
+    )
+    .context("edge1 restarted with the relay away: a pod's connection to a cloud pod")?;
     eprintln!(
-        "edge1 restarted with the relay away: captured after {local:?}, its own endpoint 10 of 10"
+        "edge1 restarted with the relay away: captured after {local:?}, its own endpoint 10 of 10, a cloud pod refused in {reset:?}"
     );
 
     // Restarts: a new relay process state (capture reinstalled from the
@@ -404,6 +413,6 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
     drop(hosts);
     drop(cluster);
     let _ = std::fs::remove_file(&state);
-    let _ = std::fs::remove_file(&services_file);
+    let _ = std::fs::remove_file(&capture_file);
     Ok(())
 }
