@@ -112,6 +112,10 @@ pub(crate) async fn run(
     // What capture knows, for the saver (at most once a second, and the
     // last one when capture stops).
     let (save_tx, save_rx) = tokio::sync::watch::channel(None);
+    // What the last snapshot was made from (the table by identity: each
+    // complete batch publishes a new one), so a pass that changed neither
+    // copies nothing.
+    let mut saved_from: Option<(Arc<crate::services::ServiceTable>, Option<Routes>)> = None;
     let saver = cfg.capture_state_file.clone().map(|path| {
         tokio::spawn(
             crate::saved::saver(
@@ -147,9 +151,15 @@ pub(crate) async fn run(
                 served: served_routes.clone(),
             });
         }
-        let snapshot = SavedCapture::of(routes.as_ref(), &now_table);
-        if save_tx.borrow().as_deref() != Some(&snapshot) {
-            save_tx.send_replace(Some(Arc::new(snapshot)));
+        let unchanged = saved_from
+            .as_ref()
+            .is_some_and(|(t, r)| Arc::ptr_eq(t, &now_table) && *r == routes);
+        if !unchanged {
+            let snapshot = SavedCapture::of(routes.as_ref(), &now_table);
+            if save_tx.borrow().as_deref() != Some(&snapshot) {
+                save_tx.send_replace(Some(Arc::new(snapshot)));
+            }
+            saved_from = Some((now_table.clone(), routes.clone()));
         }
         if let Some(Routes {
             tunnel: routes,

@@ -99,7 +99,7 @@ pub fn service_entry<'a>(
     // its endpoints in slices without ports, and the cluster DNS answers
     // its name with them all the same.
     let mut portless: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
-    if kind == ServiceKind::Headless && ports.is_empty() {
+    if kind == ServiceKind::Headless && spec.ports.as_ref().is_none_or(Vec::is_empty) {
         for slice in slices
             .iter()
             .filter(|s| s.ports.as_ref().is_none_or(Vec::is_empty))
