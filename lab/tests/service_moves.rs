@@ -242,6 +242,24 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
         eprintln!("{ns}: no endpoints refused in {d:?}");
     }
 
+    // The mixed UDP Service from the relay node's host: captured there,
+    // the relay picks either endpoint (round robin), the cloud one reached
+    // from the relay's own socket; every query answered at the first send.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let t = std::time::Instant::now();
+        let u = udp_from(&lab, Role::Relay, mixed_udp)?;
+        ensure!(
+            t.elapsed() < Duration::from_secs(2),
+            "relay node, UDP: {u} answered only after {:?} (a retransmission)",
+            t.elapsed()
+        );
+        seen.insert(u);
+    }
+    ensure!(
+        seen.len() == 2,
+        "relay node, UDP: answered by {seen:?}, not by both endpoints"
+    );
     // The mixed Services from edge1's host: its own endpoint, every time,
     // also with the relay stopped (the edge dials it itself; for UDP too).
     for _ in 0..5 {

@@ -529,8 +529,9 @@ pub(crate) async fn serve_transparent_udp(
     stop: CancellationToken,
 ) -> &'static str {
     let picker = shared.clone();
-    // Captured UDP reaches edges only (a Service's cloud endpoints are
-    // left to a retry: the next flow may pick an edge one).
+    // Captured UDP goes to the edge serving the target, or, for a
+    // Service's cloud endpoint, from the relay's own socket (as captured
+    // TCP is dialled by the relay).
     let pick: Arc<relay_transport::udp::PickConn> =
         Arc::new(move |dst: SocketAddr| {
             match route_any(&picker, Origin::Captured, dst, Proto::Udp, None) {
@@ -541,6 +542,7 @@ pub(crate) async fn serve_transparent_udp(
                         target,
                     }),
                 ),
+                Ok((Route::Cloud, target)) => Some(relay_transport::udp::Pick::Local(target)),
                 _ => None,
             }
         });
