@@ -11,7 +11,6 @@
 //! Service table first). Written with `crate::saved`.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use relay_protocol::{Cidr, ServicePort};
 use serde::{Deserialize, Serialize};
@@ -60,12 +59,9 @@ impl SavedCapture {
     }
 }
 
-/// Writes `state` to `path` atomically (nothing before there is a state).
-pub(crate) fn save(path: &Path, state: &Option<Arc<SavedCapture>>) -> std::io::Result<()> {
-    match state {
-        Some(s) => crate::saved::write_json(path, VERSION, s.as_ref()),
-        None => Ok(()),
-    }
+/// Writes `state` to `path` atomically.
+pub(crate) fn save(path: &Path, state: &SavedCapture) -> std::io::Result<()> {
+    crate::saved::write_json(path, VERSION, state)
 }
 
 /// Reads the saved state: `Ok(None)` when there is no file.
@@ -120,7 +116,7 @@ mod tests {
             served: vec!["10.244.7.0/24".parse().unwrap()],
         };
         let state = SavedCapture::of(Some(&routes), &table);
-        save(&path, &Some(Arc::new(state.clone()))).unwrap();
+        save(&path, &state).unwrap();
         let back = load(&path).unwrap().unwrap();
         assert_eq!(back, state);
         assert_eq!(back.table(), table);

@@ -1,10 +1,11 @@
 //! Tables the edge keeps on disk so that a restart while the cloud is away
 //! still serves what it last knew: the resolver's names (`dns::store`) and
-//! the ClusterIP table (`services`). JSON (readable by operators), with a
+//! capture's routes and ClusterIP table (`capture_state`). JSON (readable by operators), with a
 //! format version, written through a temporary file and a rename so a
 //! crash never leaves half a table, at most once a second.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -95,11 +96,12 @@ pub(crate) fn read_json<T: DeserializeOwned>(
 }
 
 /// Saves the newest value `rx` holds with `save`, at most once a second,
-/// and once more when `cancel` fires if one is waiting. Values present
-/// when it starts are not saved (they came from the file or are empty).
-pub(crate) async fn saver<T: Clone + Send + Sync + 'static>(
+/// and once more when `cancel` fires if one is waiting. `None` (nothing
+/// known yet) is never written, and neither is what `rx` holds when it
+/// starts (it came from the file).
+pub(crate) async fn saver<T: Send + Sync + 'static>(
     path: PathBuf,
-    mut rx: watch::Receiver<T>,
+    mut rx: watch::Receiver<Option<Arc<T>>>,
     save: fn(&Path, &T) -> std::io::Result<()>,
     what: &'static str,
     cancel: CancellationToken,
@@ -117,7 +119,7 @@ pub(crate) async fn saver<T: Clone + Send + Sync + 'static>(
         // At shutdown, only a value not yet written.
         let unsaved = !stop || rx.has_changed().unwrap_or(false);
         let value = rx.borrow_and_update().clone();
-        if unsaved {
+        if let Some(value) = value.filter(|_| unsaved) {
             let p = path.clone();
             let why = match tokio::task::spawn_blocking(move || save(&p, &value)).await {
                 Ok(Ok(())) => None,
@@ -147,10 +149,12 @@ pub(crate) async fn saver<T: Clone + Send + Sync + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
-    fn save_text(path: &Path, v: &Arc<String>) -> std::io::Result<()> {
-        write_json(path, 1, &serde_json::json!({ "text": v.as_str() }))
+    /// A value the saver writes.
+    struct Text(&'static str);
+
+    fn save_text(path: &Path, v: &Text) -> std::io::Result<()> {
+        write_json(path, 1, &serde_json::json!({ "text": v.0 }))
     }
 
     fn saved_text(path: &Path) -> Option<String> {
@@ -163,20 +167,20 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("edge-saved-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("t.json");
-        let (tx, rx) = watch::channel(Arc::new("loaded".to_string()));
+        let (tx, rx) = watch::channel(Some(Arc::new(Text("loaded"))));
         let cancel = CancellationToken::new();
         let task = tokio::spawn(saver(path.clone(), rx, save_text, "text", cancel.clone()));
         // What it starts with is not written back.
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(saved_text(&path), None);
-        tx.send_replace(Arc::new("a".into()));
+        tx.send_replace(Some(Arc::new(Text("a"))));
         let t = std::time::Instant::now();
         while saved_text(&path).as_deref() != Some("a") {
             assert!(t.elapsed() < Duration::from_secs(5), "never saved");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // Within the second after a save: written only at shutdown.
-        tx.send_replace(Arc::new("b".into()));
+        tx.send_replace(Some(Arc::new(Text("b"))));
         cancel.cancel();
         tokio::time::timeout(Duration::from_secs(5), task)
             .await

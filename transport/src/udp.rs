@@ -450,8 +450,9 @@ pub async fn serve_target(
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut bi.send).await;
 }
 
-/// The capture side of a flow to a target on this node: payloads from the
-/// local client (`from_client`) go to `sock` (connected to the target), its
+/// The capture side of a flow to a target reached directly ([`Pick::Local`]):
+/// payloads from the local client (`from_client`) go to `sock` (connected
+/// to the target), its
 /// datagrams back to the client through `reply`. Ends on idleness or when
 /// the listener drops `from_client`. A send error (ICMP unreachable) is the
 /// target's answer; the flow stays, as a UDP client's would.

@@ -152,9 +152,10 @@ pub struct Picked {
 pub enum Pick {
     /// Through the tunnel.
     Tunnel(Picked),
-    /// Straight to a target on this node (an edge's own endpoint of a
-    /// Service), from a socket of ours: never through the relay, so it
-    /// also works while the relay is unreachable.
+    /// Straight to the target from a socket of ours, not through a tunnel:
+    /// an edge's own endpoint of a Service (which then also answers while
+    /// the relay is unreachable), or, on the relay, a Service's cloud
+    /// endpoint.
     Local(SocketAddr),
 }
 
@@ -277,9 +278,9 @@ pub async fn serve_transparent_udp(
 
 /// The start of one captured flow: its original destination from
 /// conntrack, the session `pick` chooses for it, a flow id, a stream
-/// opened to the far side (or a socket to a local target); then it runs
-/// until idle. A flow that cannot
-/// start drops its queued packets, counted as `dropped_unknown_flow`.
+/// opened to the far side (or a socket connected to a target reached
+/// directly); then it runs until idle. A flow that cannot start drops its
+/// queued packets, counted as `dropped_unknown_flow`.
 async fn open_captured_flow(
     pick: Arc<PickConn>,
     rx: mpsc::Receiver<Bytes>,

@@ -156,7 +156,7 @@ impl Resolver {
         tasks.spawn(crate::saved::saver(
             cfg.state_file.clone(),
             save_rx,
-            store::save_latest,
+            store::save,
             "dns name table",
             cancel.clone(),
         ));

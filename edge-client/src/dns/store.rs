@@ -30,14 +30,6 @@ pub(crate) fn save(path: &Path, zone: &Zone) -> std::io::Result<()> {
     crate::saved::write_json(path, VERSION, &saved)
 }
 
-/// [`save`] for the resolver's save channel (nothing before a table).
-pub(crate) fn save_latest(path: &Path, zone: &Option<std::sync::Arc<Zone>>) -> std::io::Result<()> {
-    match zone {
-        Some(z) => save(path, z),
-        None => Ok(()),
-    }
-}
-
 /// Reads a saved table: `Ok(None)` when there is no file.
 pub(crate) fn load(path: &Path) -> Result<Option<(String, Vec<ServiceName>)>, LoadError> {
     let saved: Option<Saved> = crate::saved::read_json(path, VERSION, WHAT)?;
