@@ -25,6 +25,7 @@ fuzz_target!(|data: &[u8]| {
         cert: f.relay_cert.clone(),
         key: f.relay_key.clone(),
         client_ca: f.ca.clone(),
+        crl: None,
     };
     cfg.tls = RelayTlsFiles {
         cert: f.relay_cert.clone(),

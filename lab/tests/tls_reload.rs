@@ -9,6 +9,9 @@
 //!   while edge-1 is never disturbed.
 //! - A renewed relay certificate (new key) is served to new QUIC and TLS
 //!   connections at once, while edge-1's session stays the same one.
+//! - The CONNECT listener's `[connect_tls]` and the admin API's
+//!   certificates reload the same way, and `connect_tls.crl` refuses
+//!   revoked CONNECT clients, also when the list changes while running.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -90,6 +93,16 @@ async fn served_leaves(
     Ok((quic, tcp_leaf))
 }
 
+/// The relay's files as `DevPki::write_to` names them in `dir`, with `crl`.
+fn relay_paths(dir: &std::path::Path, crl: Option<PathBuf>) -> TlsPaths {
+    TlsPaths {
+        cert: dir.join("relay.pem"),
+        key: dir.join("relay-key.pem"),
+        client_ca: dir.join("ca.pem"),
+        crl,
+    }
+}
+
 fn der(pem: &str) -> Result<CertificateDer<'static>> {
     Ok(relay_transport::tls::certs_from_pem(pem.as_bytes(), "cert")?.remove(0))
 }
@@ -104,12 +117,7 @@ async fn revoked_edges_are_refused_and_renewed_certificates_served_without_dropp
     pki.write_to(&dir.0)?;
     let crl = dir.0.join("crl.pem");
     std::fs::write(&crl, pki.crl_revoking(&[])?)?;
-    let paths = TlsPaths {
-        cert: dir.0.join("relay.pem"),
-        key: dir.0.join("relay-key.pem"),
-        client_ca: dir.0.join("ca.pem"),
-        crl: Some(crl.clone()),
-    };
+    let paths = relay_paths(&dir.0, Some(crl.clone()));
     let mut cfg = relay_config(&pki, 2)?;
     cfg.tls_crls = crls_from_pem(&std::fs::read(&crl)?, "crl")?;
     cfg.tls_reload = Some(TlsReload {
@@ -246,7 +254,19 @@ async fn tls_to(
     tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
     CertificateDer<'static>,
 )> {
-    let cfg = pki.node_material("edge-1")?.client_config(b"http/1.1")?;
+    tls_as(pki, "edge-1", addr).await
+}
+
+/// [`tls_to`] presenting `node`'s certificate.
+async fn tls_as(
+    pki: &DevPki,
+    node: &str,
+    addr: std::net::SocketAddr,
+) -> Result<(
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    CertificateDer<'static>,
+)> {
+    let cfg = pki.node_material(node)?.client_config(b"http/1.1")?;
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(ServerName::try_from("localhost")?, tcp)
@@ -291,6 +311,27 @@ async fn echoes<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, msg: &[u8]) -> Res
     Ok(())
 }
 
+/// A relay from `cfg`, edge-0 connected to it, and an echo service behind
+/// edge-0 (its address, and the task to keep while it is used).
+async fn relay_and_edge0(
+    cfg: relay_server::RelayConfig,
+    pki: &DevPki,
+) -> Result<(
+    Relay,
+    EdgeClient,
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<()>,
+)> {
+    let relay = Relay::spawn(cfg).await?;
+    let edge = EdgeClient::spawn(edge_config(pki, 0, relay.quic_addr())?);
+    edge.wait_connected(Duration::from_secs(10))
+        .await
+        .context("edge-0 did not connect")?;
+    let (echo, task) =
+        relay_lab::spawn_echo(std::net::SocketAddr::new(relay_lab::edge_ip(0), 0)).await?;
+    Ok((relay, edge, echo, task))
+}
+
 /// The CONNECT listener's `[connect_tls]` certificate and the admin API's
 /// certificate are reloaded like the relay's own: a renewal is served to
 /// new connections at once, tunnels and connections already open carry
@@ -323,21 +364,10 @@ async fn connect_and_admin_certificates_reload_without_dropping_connections() ->
     cfg.admin_tls = Some(material(&admin_files)?);
     cfg.admin_tls_files = Some(admin_files.clone());
     cfg.tls_reload = Some(TlsReload {
-        paths: TlsPaths {
-            cert: dir.0.join("relay.pem"),
-            key: dir.0.join("relay-key.pem"),
-            client_ca: dir.0.join("ca.pem"),
-            crl: None,
-        },
+        paths: relay_paths(&dir.0, None),
         interval: Duration::from_millis(200),
     });
-    let relay = Relay::spawn(cfg).await?;
-    let edge = EdgeClient::spawn(edge_config(&pki, 0, relay.quic_addr())?);
-    edge.wait_connected(Duration::from_secs(10))
-        .await
-        .context("edge-0 did not connect")?;
-    let (echo, _e) =
-        relay_lab::spawn_echo(std::net::SocketAddr::new(relay_lab::edge_ip(0), 0)).await?;
+    let (relay, edge, echo, _e) = relay_and_edge0(cfg, &pki).await?;
     let (connect, admin) = (
         relay.connect_addr().context("connect listener")?,
         relay.admin_addr().context("admin listener")?,
@@ -382,6 +412,87 @@ async fn connect_and_admin_certificates_reload_without_dropping_connections() ->
     assert_eq!(tls_to(&pki, connect).await?.1, new);
     assert_eq!(tls_to(&pki, admin).await?.1, new);
     echoes(&mut tunnel, b"still").await?;
+
+    edge.shutdown().await;
+    relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+/// `connect_tls.crl`: the CONNECT listener refuses a client whose
+/// certificate is revoked (kube-apiserver's egress certificate, leaked),
+/// from the list read at start and from a new list the file watcher picks
+/// up, while a tunnel opened before the revocation carries on (a reload
+/// applies to new handshakes) and other clients are not disturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_connect_clients_are_refused_while_open_tunnels_carry_on() -> Result<()> {
+    init();
+    let dir = TempDir(
+        std::env::temp_dir().join(format!("tls-reload-connect-crl-{}", std::process::id())),
+    );
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let pki = DevPki::generate(&["localhost", "127.0.0.1"], &["edge-0", "edge-1", "edge-2"])?;
+    pki.write_to(&dir.0)?;
+    // edge-2's certificate stands for a leaked client certificate, revoked
+    // from the start; edge-1's for kube-apiserver's, revoked later.
+    let crl = dir.0.join("connect-crl.pem");
+    std::fs::write(&crl, pki.crl_revoking(&[&pki.nodes[2].1.cert])?)?;
+    let paths = relay_paths(&dir.0, Some(crl.clone()));
+    let mut cfg = relay_config(&pki, 1)?;
+    cfg.connect_tls = Some(relay_transport::TlsMaterial::from_files(
+        &paths.cert,
+        &paths.key,
+        &paths.client_ca,
+    )?);
+    cfg.connect_tls_crls = crls_from_pem(&std::fs::read(&crl)?, "crl")?;
+    cfg.connect_tls_files = Some(paths.clone());
+    cfg.tls_reload = Some(TlsReload {
+        paths: TlsPaths {
+            crl: None,
+            ..paths.clone()
+        },
+        interval: Duration::from_millis(200),
+    });
+    let (relay, edge, echo, _e) = relay_and_edge0(cfg, &pki).await?;
+    let connect = relay.connect_addr().context("connect listener")?;
+
+    // A CONNECT through a client presenting `node`'s certificate: whether
+    // it got its tunnel. TLS 1.3: the client may finish its handshake
+    // before the server's verdict, which then arrives as an alert on the
+    // first read, so the refusal shows as an error at any step.
+    let tunnel_as = async |node: &str| -> bool {
+        let attempt = async {
+            let (mut s, _) = tls_as(&pki, node, connect).await?;
+            connect_on(&mut s, echo).await?;
+            echoes(&mut s, b"through").await
+        };
+        tokio::time::timeout(Duration::from_secs(5), attempt)
+            .await
+            .is_ok_and(|r| r.is_ok())
+    };
+    assert!(
+        !tunnel_as("edge-2").await,
+        "a client certificate revoked by the CRL read at start got a tunnel"
+    );
+    let (mut open, _) = tls_as(&pki, "edge-1", connect).await?;
+    connect_on(&mut open, echo).await?;
+    echoes(&mut open, b"before the revocation").await?;
+
+    // Revoke edge-1's certificate too: the watcher picks the new list up.
+    std::fs::write(
+        &crl,
+        pki.crl_revoking(&[&pki.nodes[2].1.cert, &pki.nodes[1].1.cert])?,
+    )?;
+    let took = within(Duration::from_secs(5), async || {
+        Ok(!tunnel_as("edge-1").await)
+    })
+    .await
+    .context("the new connect_tls CRL was not applied to new handshakes")?;
+    eprintln!("connect_tls CRL applied to new handshakes after {took:?}");
+    assert!(!tunnel_as("edge-2").await, "edge-2 stays revoked");
+    // Not revoked: still served.
+    assert!(tunnel_as("edge-0").await, "an unrevoked client is refused");
+    // The tunnel opened before carries on.
+    echoes(&mut open, b"after the revocation").await?;
 
     edge.shutdown().await;
     relay.shutdown(Duration::from_secs(1)).await;

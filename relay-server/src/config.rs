@@ -131,7 +131,10 @@ pub struct RelayConfig {
     /// When set, the CONNECT TCP ingress requires TLS with client
     /// certificates from this material's CA (the apiserver's egress cert).
     pub connect_tls: Option<TlsMaterial>,
-    /// Files to reload `connect_tls` from (with the relay's `[tls]`, on
+    /// Revoked client certificates of the CONNECT listener
+    /// (`connect_tls.crl`); empty: no revocation check.
+    pub connect_tls_crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
+    /// Files to reload `connect_tls` and `connect_tls_crls` from (with the relay's `[tls]`, on
     /// SIGHUP and when they change); `None` for a config built by code.
     pub connect_tls_files: Option<TlsPaths>,
     /// Unix socket path of the HTTP CONNECT ingress, if enabled.
@@ -195,6 +198,7 @@ impl RelayConfig {
             quic: QuicTuning::relay_default(),
             connect_listen: Some(lo),
             connect_tls: None,
+            connect_tls_crls: Vec::new(),
             connect_tls_files: None,
             connect_unix: None,
             admin_listen: Some(lo),

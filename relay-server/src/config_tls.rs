@@ -1,6 +1,6 @@
 //! The certificate sections of relay.toml: `[tls]` (the relay's identity
-//! towards edges, with revocation and reloading) and the plain
-//! `cert`/`key`/`client_ca` triple other sections use.
+//! towards edges) and `[connect_tls]` (the CONNECT listener's, towards
+//! kube-apiserver), each with revocation lists and reloading.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,7 +12,9 @@ use serde::Deserialize;
 
 use crate::config::{err, ConfigError};
 
-/// `[tls]`-style certificate paths.
+/// `[connect_tls]`: the CONNECT listener's certificate, the CA its clients'
+/// certificates must chain to, and their revocation lists. Reloaded with
+/// the relay's `[tls]` (same poll, same SIGHUP).
 #[derive(Debug, Deserialize)]
 pub struct TlsFiles {
     /// Certificate chain (PEM).
@@ -21,12 +23,43 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// CA that peers' certificates must chain to (PEM).
     pub client_ca: PathBuf,
+    /// Certificate revocation lists (PEM) for the clients' certificates.
+    pub crl: Option<PathBuf>,
 }
 
 impl TlsFiles {
-    pub(crate) fn load(&self, section: &str) -> Result<TlsMaterial, ConfigError> {
-        TlsMaterial::from_files(&self.cert, &self.key, &self.client_ca).map_err(|e| err(section, e))
+    /// The paths as reloading reads them.
+    pub(crate) fn paths(&self) -> TlsPaths {
+        TlsPaths {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            client_ca: self.client_ca.clone(),
+            crl: self.crl.clone(),
+        }
     }
+
+    /// The material and CRLs, checked as [`load_checked`] does.
+    pub(crate) fn load(&self, section: &str) -> Result<Loaded, ConfigError> {
+        load_checked(&self.paths(), section)
+    }
+}
+
+/// Certificate material and its revocation lists.
+pub type Loaded = (TlsMaterial, Vec<CertificateRevocationListDer<'static>>);
+
+/// Loads `paths` and builds the verifier once, so that a CRL webpki cannot
+/// read (or a key that does not match its certificate) is refused at
+/// start, naming `section` (and its `crl` when one is set), not at the
+/// first handshake.
+fn load_checked(paths: &TlsPaths, section: &str) -> Result<Loaded, ConfigError> {
+    let field = match &paths.crl {
+        Some(_) => format!("{section} (or {section}.crl)"),
+        None => section.to_string(),
+    };
+    let (m, crls) = paths.load().map_err(|e| err(&field, e))?;
+    relay_transport::reload::ReloadableServerTls::new(&m, &crls, false)
+        .map_err(|e| err(&field, e))?;
+    Ok((m, crls))
 }
 
 /// The relay's `[tls]`: [`TlsFiles`] plus revocation and reloading.
@@ -76,16 +109,7 @@ impl RelayTlsFiles {
         if interval < Duration::from_secs(1) {
             return Err(err("tls.reload_interval", "must be at least 1s"));
         }
-        let field = match &self.crl {
-            Some(_) => "tls (or tls.crl)",
-            None => "tls",
-        };
-        let (m, crls) = paths.load().map_err(|e| err(field, e))?;
-        // The CRLs must also be acceptable to the verifier (a CRL not
-        // signed in a form webpki reads is refused here, not at the first
-        // handshake).
-        relay_transport::reload::ReloadableServerTls::new(&m, &crls, false)
-            .map_err(|e| err(field, e))?;
+        let (m, crls) = load_checked(&paths, "tls")?;
         Ok((m, crls, Some(TlsReload { paths, interval })))
     }
 }

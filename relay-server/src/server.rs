@@ -249,6 +249,7 @@ impl Relay {
                     let state = crate::tls_reload::listener_tls(
                         "connect_tls",
                         m,
+                        &shared.cfg.connect_tls_crls,
                         shared.cfg.connect_tls_files.as_ref(),
                         &mut reload_targets,
                     )?;
@@ -292,6 +293,7 @@ impl Relay {
                     let state = crate::tls_reload::listener_tls(
                         "admin",
                         m,
+                        &[],
                         shared.cfg.admin_tls_files.as_ref(),
                         &mut reload_targets,
                     )?;

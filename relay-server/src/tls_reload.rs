@@ -1,6 +1,6 @@
 //! The relay's TLS identities — its own (certificate, key, client CA and
 //! CRLs: QUIC and the TCP fallback), the CONNECT listener's
-//! (`[connect_tls]`) and the admin API's — reloaded from their files on
+//! (`[connect_tls]`, with its own CRLs) and the admin API's — reloaded from their files on
 //! SIGHUP ([`crate::Relay::reload_tls`]) and when a poll every
 //! `tls.reload_interval` sees them change. A reload
 //! applies to new handshakes; sessions already up stay up (their TLS was
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use relay_transport::reload::{ReloadableServerTls, TlsPaths};
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -61,16 +61,17 @@ impl Target {
     }
 }
 
-/// A listener's own reloadable TLS from `m` (no CRLs, client certificates
-/// required when its server config asks for them), added to `targets`
-/// when it has `files` to reload from.
+/// A listener's own reloadable TLS from `m` and `crls` (client
+/// certificates required when its server config asks for them), added to
+/// `targets` when it has `files` to reload from.
 pub(crate) fn listener_tls(
     name: &'static str,
     m: &relay_transport::TlsMaterial,
+    crls: &[CertificateRevocationListDer<'static>],
     files: Option<&TlsPaths>,
     targets: &mut Vec<Target>,
 ) -> Result<Arc<ReloadableServerTls>, relay_transport::TlsError> {
-    let state = ReloadableServerTls::new(m, &[], false)?;
+    let state = ReloadableServerTls::new(m, crls, false)?;
     if let Some(paths) = files {
         targets.push(Target {
             name,

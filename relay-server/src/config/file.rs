@@ -238,6 +238,13 @@ impl FileConfig {
             }
         };
         let (tls, tls_crls, tls_reload) = self.tls.load()?;
+        let (connect_tls, connect_tls_crls) = match &self.connect_tls {
+            Some(t) => {
+                let (m, crls) = t.load("connect_tls")?;
+                (Some(m), crls)
+            }
+            None => (None, Vec::new()),
+        };
         let admin_tls_on = match (self.admin.tls, self.listen.admin) {
             (Some(on), _) => on,
             (None, Some(a)) => !is_loopback(&a),
@@ -300,17 +307,9 @@ impl FileConfig {
             tls_reload,
             quic,
             connect_listen: self.listen.connect,
-            connect_tls: self
-                .connect_tls
-                .as_ref()
-                .map(|t| t.load("connect_tls"))
-                .transpose()?,
-            connect_tls_files: self.connect_tls.as_ref().map(|t| TlsPaths {
-                cert: t.cert.clone(),
-                key: t.key.clone(),
-                client_ca: t.client_ca.clone(),
-                crl: None,
-            }),
+            connect_tls,
+            connect_tls_crls,
+            connect_tls_files: self.connect_tls.as_ref().map(TlsFiles::paths),
             connect_unix: self.listen.connect_unix,
             admin_listen: self.listen.admin,
             admin_token,

@@ -122,3 +122,40 @@ fn tcp_fallback_mss_defaults_to_a_small_mtu_safe_size() {
     c.tcp_fallback_mss = Some(0);
     assert_eq!(c.validate().unwrap_err().field, "listen.tcp_fallback_mss");
 }
+
+/// `connect_tls.crl` is read at start (and kept for reloading); a file
+/// that holds no CRL is refused at start, naming the section and its
+/// `crl`, the relay's `[tls]` untouched.
+#[test]
+fn connect_tls_crl_is_loaded_or_refused_at_start() {
+    relay_transport::tls::install_default_provider();
+    let (dir, tls) = files();
+    let d = dir.display();
+    let pki = relay_transport::devcerts::DevPki::generate(&["localhost"], &["edge-1"]).unwrap();
+    // A list signed by another CA than the files' is still a readable
+    // list; what matters here is that it is read and kept.
+    std::fs::write(dir.join("crl.pem"), pki.crl_revoking(&[]).unwrap()).unwrap();
+    std::fs::write(dir.join("not-a-crl.pem"), "nothing here\n").unwrap();
+    let section = |crl: &str| {
+        format!(
+            "{tls}[connect_tls]\ncert=\"{d}/relay.pem\"\nkey=\"{d}/relay-key.pem\"\nclient_ca=\"{d}/ca.pem\"\n{crl}"
+        )
+    };
+    let listen = "connect = \"127.0.0.1:8131\"";
+    let c = load(listen, &section(&format!("crl=\"{d}/crl.pem\"\n")), "").unwrap();
+    assert_eq!(c.connect_tls_crls.len(), 1);
+    assert!(c.tls_crls.is_empty(), "[tls] has no crl of its own");
+    let files = c.connect_tls_files.expect("reload paths");
+    assert_eq!(files.crl, Some(dir.join("crl.pem")));
+    let c = load(listen, &section(""), "").unwrap();
+    assert!(c.connect_tls_crls.is_empty());
+    let e = load(
+        listen,
+        &section(&format!("crl=\"{d}/not-a-crl.pem\"\n")),
+        "",
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "connect_tls (or connect_tls.crl)", "{e}");
+    assert!(e.to_string().contains("not-a-crl.pem"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
