@@ -27,7 +27,7 @@ use crate::capture_state::{Routes, SavedCapture};
 use crate::client::{ConnWatch, EdgeState, EdgeStats};
 use crate::config::EdgeConfig;
 use crate::serve::Served;
-use crate::services::EdgeServices;
+use crate::services::{EdgeServices, Resolved};
 use std::sync::atomic::Ordering::Relaxed;
 
 /// How often capture looks at the node's interface addresses again.
@@ -67,16 +67,19 @@ pub(crate) async fn run(
     // included: the relay picks the endpoint).
     let local = services.clone();
     let pick: Arc<PickConn> = Arc::new(move |dst| {
-        if let Some(ep) = local.local_endpoint(dst, true) {
-            local.local_picks.fetch_add(1, Relaxed);
-            debug!(%dst, %ep, "udp flow to a local service endpoint");
-            return Some(Pick::Local(ep));
-        }
+        let target = match local.resolve(dst, true) {
+            Resolved::Local(ep) => {
+                local.local_picks.fetch_add(1, Relaxed);
+                debug!(%dst, %ep, "udp flow to a local service endpoint");
+                return Some(Pick::Local(ep));
+            }
+            Resolved::Relay(target) => target,
+        };
         current.borrow().clone().map(|(conn, flows)| {
             Pick::Tunnel(Picked {
                 conn,
                 flows,
-                target: dst,
+                target,
             })
         })
     });
@@ -136,9 +139,12 @@ pub(crate) async fn run(
     lans.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let now_table = table.borrow_and_update().clone();
-        let (want, local) = crate::services::capture_sets(&now_table);
-        if let Err(e) = cap.apply_services(&want, &local).await {
+        let sets = crate::services::capture_sets(&now_table);
+        if let Err(e) = cap.apply_services(&sets.want, &sets.local).await {
             warn!(error = %e, "updating service capture failed; will retry on the next change");
+        }
+        if let Err(e) = cap.apply_node_ports(&sets.node_ports).await {
+            warn!(error = %e, "updating node port capture failed; will retry on the next change");
         }
         if let EdgeState::Connected {
             tunnel_routes,
@@ -251,13 +257,16 @@ async fn accept_loop(
             let Ok(dst) = relay_transport::conntrack::original_dst_tcp(&sock) else {
                 return;
             };
-            if let Some(ep) = services.local_endpoint(dst, false) {
-                let span = tracing::debug_span!("service", %dst, %ep, src = %peer);
-                services.local_picks.fetch_add(1, Relaxed);
-                return local_service(sock, ep, cfg).instrument(span).await;
-            }
-            let span = tracing::debug_span!("outbound", %dst, src = %peer);
-            outbound(sock, peer, dst, conn, cfg, stats)
+            let target = match services.resolve(dst, false) {
+                Resolved::Local(ep) => {
+                    let span = tracing::debug_span!("service", %dst, %ep, src = %peer);
+                    services.local_picks.fetch_add(1, Relaxed);
+                    return local_service(sock, ep, cfg).instrument(span).await;
+                }
+                Resolved::Relay(target) => target,
+            };
+            let span = tracing::debug_span!("outbound", %dst, %target, src = %peer);
+            outbound(sock, peer, target, conn, cfg, stats)
                 .instrument(span)
                 .await;
         });
@@ -283,8 +292,9 @@ async fn local_service(sock: TcpStream, ep: std::net::SocketAddr, cfg: Arc<EdgeC
     }
 }
 
-/// One captured connection: open a stream to the relay for its original
-/// destination, and splice if the relay (or the far edge) accepts.
+/// One captured connection: open a stream to the relay for `dst` (its
+/// original destination, or the node port it reached), and splice if the
+/// relay (or the far edge) accepts.
 async fn outbound(
     sock: TcpStream,
     peer: std::net::SocketAddr,

@@ -18,7 +18,7 @@
 //! `capture_state_file` set it also outlives the process (see
 //! `crate::capture_state`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
@@ -73,35 +73,75 @@ impl EdgeServices {
         self.table.send_replace(Arc::new(t));
     }
 
-    /// A local endpoint for TCP connections (or, with `udp`, UDP flows) to
-    /// `dst`, when `dst` is a ClusterIP port with endpoints on this edge
-    /// (round robin).
-    pub fn local_endpoint(&self, dst: SocketAddr, udp: bool) -> Option<SocketAddr> {
-        let t = self.table.borrow();
-        let p = t.get(&ServiceKey { vip: dst, udp })?;
-        if p.local.is_empty() {
-            return None;
+    /// Where a captured TCP connection (or, with `udp`, UDP flow) to `dst`
+    /// goes: a local endpoint when `dst` is a ClusterIP port, or a node
+    /// port on one of this node's addresses, with endpoints on this edge
+    /// (round robin); otherwise the relay, asked for `dst` itself, or for
+    /// [`ServiceKey::node_port`] when `dst` is a node port (the relay
+    /// picks the endpoint).
+    pub fn resolve(&self, dst: SocketAddr, udp: bool) -> Resolved {
+        let t = self.current();
+        let key = match t.get(&ServiceKey { vip: dst, udp }) {
+            Some(p) => p.key,
+            None => {
+                let np = ServiceKey::node_port(dst.port(), udp);
+                // Capture takes node ports on local addresses only; a
+                // tunnelled destination on the same port is not one (the
+                // bind test costs a syscall, and only on a node port).
+                if !t.contains_key(&np) || !relay_transport::capture::is_local_address(dst.ip()) {
+                    return Resolved::Relay(dst);
+                }
+                np
+            }
+        };
+        match t.get(&key) {
+            Some(p) if !p.local.is_empty() => {
+                let i = self.next.fetch_add(1, Relaxed);
+                Resolved::Local(p.local[i % p.local.len()])
+            }
+            _ => Resolved::Relay(key.vip),
         }
-        let i = self.next.fetch_add(1, Relaxed);
-        Some(p.local[i % p.local.len()])
     }
 }
 
-/// What capture installs for `table`: the ports to capture (some endpoint
-/// elsewhere) and the ports left to the node's own kube-proxy (every
-/// endpoint here).
-pub fn capture_sets(table: &ServiceTable) -> (ServiceSet, ServiceSet) {
+/// Where [`EdgeServices::resolve`] sends a captured connection or flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Resolved {
+    /// To this endpoint on the edge, dialled here.
+    Local(SocketAddr),
+    /// Through the relay, with this target.
+    Relay(SocketAddr),
+}
+
+/// What capture installs for `table`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct CaptureSets {
+    /// ClusterIP ports to capture (some endpoint elsewhere).
+    pub want: ServiceSet,
+    /// ClusterIP ports left to the node's own kube-proxy (every endpoint
+    /// here).
+    pub local: ServiceSet,
+    /// Node ports to capture on this node's addresses (some endpoint
+    /// elsewhere); those with every endpoint here stay with kube-proxy.
+    pub node_ports: BTreeSet<(u16, Proto)>,
+}
+
+/// The sets capture installs for `table`.
+pub fn capture_sets(table: &ServiceTable) -> CaptureSets {
     let proto = |k: &ServiceKey| if k.udp { Proto::Udp } else { Proto::Tcp };
-    let mut want = ServiceSet::new();
-    let mut local = ServiceSet::new();
+    let mut sets = CaptureSets::default();
     for (k, p) in table {
-        if p.remote {
-            want.insert((k.vip, proto(k)));
+        if k.is_node_port() {
+            if p.remote {
+                sets.node_ports.insert((k.vip.port(), proto(k)));
+            }
+        } else if p.remote {
+            sets.want.insert((k.vip, proto(k)));
         } else if !p.local.is_empty() {
-            local.insert((k.vip, proto(k)));
+            sets.local.insert((k.vip, proto(k)));
         }
     }
-    (want, local)
+    sets
 }
 
 /// One session's batch being assembled: frames apply to a working copy,
@@ -178,22 +218,62 @@ mod tests {
         );
         let t = s.current();
         assert_eq!(t.len(), 2);
-        let (want, local) = capture_sets(&t);
-        assert_eq!(want.len(), 1, "{want:?}");
-        assert!(want.contains(&(mixed.key.vip, Proto::Tcp)));
-        assert!(local.contains(&(own.key.vip, Proto::Tcp)));
-        let picks: std::collections::BTreeSet<SocketAddr> = (0..4)
-            .filter_map(|_| s.local_endpoint(mixed.key.vip, false))
-            .collect();
+        let sets = capture_sets(&t);
+        assert_eq!(sets.want.len(), 1, "{sets:?}");
+        assert!(sets.want.contains(&(mixed.key.vip, Proto::Tcp)));
+        assert!(sets.local.contains(&(own.key.vip, Proto::Tcp)));
+        let picks: BTreeSet<Resolved> = (0..4).map(|_| s.resolve(mixed.key.vip, false)).collect();
         assert_eq!(picks.len(), 2, "round robin over local endpoints");
+        assert!(picks.iter().all(|p| matches!(p, Resolved::Local(_))));
+        let other: SocketAddr = "10.96.0.99:80".parse().unwrap();
+        assert_eq!(s.resolve(other, false), Resolved::Relay(other));
         assert_eq!(
-            s.local_endpoint("10.96.0.99:80".parse().unwrap(), false),
-            None
+            s.resolve(mixed.key.vip, true),
+            Resolved::Relay(mixed.key.vip),
+            "UDP is its own port"
+        );
+    }
+
+    /// Node ports: captured when some endpoint is elsewhere; a connection
+    /// to one of this host's addresses on one goes to a local endpoint or
+    /// to the relay as `0.0.0.0:nodePort`; the same port on an address
+    /// that is not this host's is not a node port.
+    #[test]
+    fn node_ports_resolve_on_local_addresses_only() {
+        let s = EdgeServices::default();
+        let mixed = port("0.0.0.0:30080", false, true, &["10.244.7.5:8080"]);
+        let remote = port("0.0.0.0:30053", true, true, &[]);
+        let own = port("0.0.0.0:30081", false, false, &["10.244.7.6:80"]);
+        let cip = port("10.96.0.20:30053", true, true, &["10.244.7.9:53"]);
+        s.publish(
+            [&mixed, &remote, &own, &cip]
+                .into_iter()
+                .map(|p| (p.key, p.clone()))
+                .collect(),
+        );
+        let sets = capture_sets(&s.current());
+        assert_eq!(
+            sets.node_ports,
+            BTreeSet::from([(30080, Proto::Tcp), (30053, Proto::Udp)]),
+            "all-local node ports stay with kube-proxy"
+        );
+        assert!(sets.want.iter().all(|(a, _)| !a.ip().is_unspecified()));
+        let lo = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        assert_eq!(
+            s.resolve(lo(30080), false),
+            Resolved::Local("10.244.7.5:8080".parse().unwrap())
         );
         assert_eq!(
-            s.local_endpoint(mixed.key.vip, true),
-            None,
-            "UDP is its own port"
+            s.resolve(lo(30053), true),
+            Resolved::Relay(remote.key.vip),
+            "no local endpoint: the relay picks, asked for 0.0.0.0:30053"
+        );
+        let far: SocketAddr = "192.0.2.1:30080".parse().unwrap();
+        assert_eq!(s.resolve(far, false), Resolved::Relay(far));
+        assert_eq!(
+            s.resolve(cip.key.vip, true),
+            Resolved::Local("10.244.7.9:53".parse().unwrap()),
+            "a ClusterIP on a node port's number is still the ClusterIP"
         );
     }
 }

@@ -118,7 +118,9 @@ pub struct ServicePort {
     /// Every endpoint found for this port (all families), with conditions.
     pub all_endpoints: Vec<Endpoint>,
     /// `nodePort` (NodePort and LoadBalancer Services): every node's own
-    /// addresses take connections on it, as on the ClusterIP.
+    /// addresses take connections on it, as on the ClusterIP. `None` also
+    /// for a Service with `externalTrafficPolicy: Local`, whose node ports
+    /// stay with each node's kube-proxy.
     pub node_port: Option<u16>,
 }
 

@@ -101,6 +101,7 @@ fn run_matrix(udp_blocked_at: Option<u8>, report: &str) -> Result<()> {
     tcp::edge_to_cloud(&lab, &mut m);
     tcp::edge_to_edge(&lab, &mut m);
     tcp::same_edge_stays_local(&lab, &mut m);
+    tcp::edge_node_ports(&lab, &mut m);
     udp::cells(&lab, &mut m);
     negative::cells(&lab, &mut m);
     udp::oversized(&lab, &mut m, udp_blocked_at.is_some());

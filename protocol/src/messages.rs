@@ -74,6 +74,12 @@ pub mod capability {
     /// flow's stream, so towards it such payloads are dropped and counted
     /// as before.
     pub const UDP_STREAM_PAYLOADS: u32 = 1 << 9;
+    /// Understands node ports in its [`Control::ServiceDelta`](super::Control::ServiceDelta)
+    /// table (a [`ServiceKey`](super::ServiceKey) at [`ServiceKey::node_port`](super::ServiceKey::node_port)),
+    /// and the relay resolves a stream to such an address: the edge
+    /// captures the cluster's NodePorts on its own addresses, as it
+    /// captures ClusterIPs. A relay sends them only to edges with this bit.
+    pub const NODE_PORTS: u32 = 1 << 10;
     /// Every bit this build understands.
     pub const ALL: u32 = TCP_STREAMS
         | UDP_DATAGRAMS
@@ -84,7 +90,8 @@ pub mod capability {
         | REPLICAS
         | SERVICE_NAMES
         | QUIC_LIVENESS
-        | UDP_STREAM_PAYLOADS;
+        | UDP_STREAM_PAYLOADS
+        | NODE_PORTS;
 }
 
 /// The first message of a session, sent by the edge on the control stream.
@@ -325,13 +332,33 @@ pub struct Replica {
     pub addr: String,
 }
 
-/// A ClusterIP port: address, port and transport.
+/// A ClusterIP port: address, port and transport; or, with the IPv4
+/// address `0.0.0.0` ([`ServiceKey::node_port`]), a node port, which every
+/// address of every node takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ServiceKey {
-    /// ClusterIP and Service port.
+    /// ClusterIP and Service port (`0.0.0.0:nodePort` for a node port).
     pub vip: SocketAddr,
     /// UDP when true, TCP otherwise.
     pub udp: bool,
+}
+
+impl ServiceKey {
+    /// Node port `port`: in an edge's table (sent only to edges announcing
+    /// [`capability::NODE_PORTS`]) and as the target of a stream an edge
+    /// opens for a connection it captured on one of its own addresses
+    /// (the relay picks one of the Service's endpoints).
+    pub fn node_port(port: u16, udp: bool) -> ServiceKey {
+        ServiceKey {
+            vip: SocketAddr::from(([0, 0, 0, 0], port)),
+            udp,
+        }
+    }
+
+    /// Whether this is a node port ([`ServiceKey::node_port`]).
+    pub fn is_node_port(&self) -> bool {
+        self.vip.ip() == std::net::IpAddr::from([0, 0, 0, 0])
+    }
 }
 
 /// One ClusterIP port as an edge needs it to decide, ahead of its own

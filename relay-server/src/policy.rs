@@ -177,12 +177,11 @@ fn forbidden(ip: IpAddr) -> bool {
     }
 }
 
-/// Whether `ip` is an address of this host: binding a socket to it only
-/// works if it is. Asked only for a target whose port is one of the
-/// relay's listener ports, so the cost (one syscall) is rare.
-pub(crate) fn is_local_address(ip: IpAddr) -> bool {
-    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
-}
+/// Whether `ip` is an address of this host (see
+/// [`relay_transport::capture::is_local_address`]). Asked only for a
+/// target whose port is one of the relay's listener ports, or a node port,
+/// so the cost (one syscall) is rare.
+pub(crate) use relay_transport::capture::is_local_address;
 
 /// The relay's authorisation policy.
 #[derive(Debug, Default)]

@@ -182,8 +182,9 @@ fn capture_proto(udp: bool) -> CaptureProto {
     }
 }
 
-/// Edge `node`'s view of one ClusterIP port, or `None` when it has no
-/// usable endpoint (kube-proxy on the edge rejects those itself).
+/// Edge `node`'s view of one ClusterIP port (or node port), or `None`
+/// when it has no usable endpoint (kube-proxy on the edge rejects those
+/// itself).
 fn edge_port(key: ServiceKey, backends: &[Backend], node: &str) -> Option<ServicePort> {
     if backends.is_empty() {
         return None;
@@ -209,12 +210,26 @@ pub struct ServiceFeed {
 impl ServiceFeed {
     /// The frames that bring edge `node` from what it was told to `snap`
     /// (the first call sends everything, with `reset`); `None` when
-    /// nothing changed.
-    pub fn poll(&mut self, snap: &ServiceSnapshot, node: &str) -> Option<Vec<Control>> {
+    /// nothing changed. With `node_ports` (the edge announced
+    /// `capability::NODE_PORTS`) the node ports are in the table too, as
+    /// [`ServiceKey::node_port`] entries.
+    pub fn poll(
+        &mut self,
+        snap: &ServiceSnapshot,
+        node: &str,
+        node_ports: bool,
+    ) -> Option<Vec<Control>> {
+        let np = snap
+            .node_ports
+            .iter()
+            .filter(|_| node_ports)
+            .map(|((port, udp), b)| (ServiceKey::node_port(*port, *udp), b));
         let now: BTreeMap<ServiceKey, ServicePort> = snap
             .ports
             .iter()
-            .filter_map(|(k, b)| edge_port(*k, b, node).map(|p| (*k, p)))
+            .map(|(k, b)| (*k, b))
+            .chain(np)
+            .filter_map(|(k, b)| edge_port(k, b, node).map(|p| (k, p)))
             .collect();
         let reset = !self.started;
         let upsert: Vec<ServicePort> = now
@@ -339,7 +354,7 @@ mod tests {
         ]);
         let mut feed = ServiceFeed::default();
         let mut edge = BTreeMap::new();
-        let first = feed.poll(&s, "edge1").expect("first batch");
+        let first = feed.poll(&s, "edge1", false).expect("first batch");
         assert!(matches!(
             first[0],
             Control::ServiceDelta { reset: true, .. }
@@ -359,14 +374,17 @@ mod tests {
             (false, vec!["10.244.7.6:8080".parse().unwrap()]),
             "all local: left to the edge's kube-proxy"
         );
-        assert!(feed.poll(&s, "edge1").is_none(), "no change, no frame");
+        assert!(
+            feed.poll(&s, "edge1", false).is_none(),
+            "no change, no frame"
+        );
 
         // The edge1 endpoint of the mixed Service moves to edge2; the
         // cloud Service goes away.
         s.ports
             .insert(mixed, Arc::from(vec![b("10.244.8.6:80", "edge2")]));
         s.ports.remove(&cloud);
-        let next = feed.poll(&s, "edge1").expect("a change");
+        let next = feed.poll(&s, "edge1", false).expect("a change");
         assert!(matches!(
             next[0],
             Control::ServiceDelta { reset: false, .. }
@@ -377,9 +395,47 @@ mod tests {
         assert_eq!(edge.len(), 2);
         assert!(edge[&mixed].local.is_empty() && edge[&mixed].remote);
         let mut fresh = BTreeMap::new();
-        for f in ServiceFeed::default().poll(&s, "edge1").unwrap() {
+        for f in ServiceFeed::default().poll(&s, "edge1", false).unwrap() {
             f.apply_service_delta(&mut fresh);
         }
         assert_eq!(edge, fresh, "deltas reach what a fresh edge is sent");
+    }
+
+    /// Node ports go only to edges that asked for them, keyed
+    /// `0.0.0.0:nodePort`, with the same local/remote split as ClusterIPs.
+    #[test]
+    fn node_ports_go_to_edges_that_capture_them() {
+        let mut s = snap(&[(
+            key("10.96.0.20:80", false),
+            vec![b("10.244.7.5:80", "edge1"), b("10.244.1.2:80", "cloud1")],
+        )]);
+        let both = Arc::from(vec![
+            b("10.244.7.5:80", "edge1"),
+            b("10.244.1.2:80", "cloud1"),
+        ]);
+        s.node_ports.insert((30080, false), both);
+        s.node_ports
+            .insert((30053, true), Arc::from(vec![b("10.244.8.5:53", "edge2")]));
+        let table = |node_ports: bool| {
+            let mut t = BTreeMap::new();
+            for f in ServiceFeed::default()
+                .poll(&s, "edge1", node_ports)
+                .unwrap()
+            {
+                f.apply_service_delta(&mut t);
+            }
+            t
+        };
+        let old = table(false);
+        assert!(old.keys().all(|k| !k.is_node_port()), "{old:?}");
+        let new = table(true);
+        let tcp = &new[&ServiceKey::node_port(30080, false)];
+        assert_eq!(
+            (tcp.remote, tcp.local.clone()),
+            (true, vec!["10.244.7.5:80".parse().unwrap()])
+        );
+        let udp = &new[&ServiceKey::node_port(30053, true)];
+        assert!(udp.remote && udp.local.is_empty());
+        assert_eq!(new.len(), old.len() + 2);
     }
 }

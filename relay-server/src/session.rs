@@ -409,6 +409,8 @@ pub(crate) async fn run_session(
     // The edge's ClusterIP table (edges that understand it): the whole
     // table first, then what changed, a moment after each change.
     let wants_services = handle.capabilities & capability::SERVICES != 0;
+    // Node ports in that table, for edges that capture them.
+    let node_ports = handle.has(capability::NODE_PORTS);
     let mut svc_feed = crate::services::ServiceFeed::default();
     // Its resolver's name table, the same way (edges running `[dns]`).
     let wants_names = handle.capabilities & capability::SERVICE_NAMES != 0;
@@ -501,7 +503,7 @@ pub(crate) async fn run_session(
                 let snap = svc_changes.borrow_and_update().clone();
                 let mut frames = Vec::new();
                 if wants_services {
-                    frames.extend(svc_feed.poll(&snap, &handle.node).unwrap_or_default());
+                    frames.extend(svc_feed.poll(&snap, &handle.node, node_ports).unwrap_or_default());
                 }
                 // Static mode has no names to give: say nothing rather
                 // than an empty table that would wipe a saved one.

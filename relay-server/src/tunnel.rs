@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use relay_protocol::codec::write_frame;
-use relay_protocol::{Cidr, StreamOpen, StreamReply, StreamStatus, Target, L4};
+use relay_protocol::{Cidr, ServiceKey, StreamOpen, StreamReply, StreamStatus, Target, L4};
 use relay_transport::capture::Capture;
 use relay_transport::conn::{accept_bounded, finish_with, read_stream_open};
 use relay_transport::splice::{dial_tcp, splice, splice_tunnels};
@@ -61,11 +61,19 @@ pub(crate) fn route_any(
     let target = canonical(target);
     let backends = match snap.backends(target, proto) {
         Some(b) => b,
-        // A node port of this node, captured on one of its own addresses
-        // (the bind test costs a syscall, and only for a node port).
+        // A node port: of this node, captured on one of its own addresses
+        // (the bind test costs a syscall, and only for a node port); or
+        // one an edge captured on its own addresses, asked for as
+        // `0.0.0.0:nodePort` (`ServiceKey::node_port`).
         None => match snap.node_port(target.port(), proto) {
             Some(b)
-                if origin == Origin::Captured && crate::policy::is_local_address(target.ip()) =>
+                if (origin == Origin::Captured && crate::policy::is_local_address(target.ip()))
+                    || (matches!(origin, Origin::Edge(_))
+                        && ServiceKey {
+                            vip: target,
+                            udp: false,
+                        }
+                        .is_node_port()) =>
             {
                 b
             }

@@ -107,7 +107,9 @@ use tracing::{debug, warn};
 mod services;
 #[cfg(test)]
 mod tests;
-pub use services::{conntrack_delete_args, services_script, socket_lb_suspected, ServiceSet};
+pub use services::{
+    conntrack_delete_args, is_local_address, services_script, socket_lb_suspected, ServiceSet,
+};
 
 /// A capture command failed.
 #[derive(Debug, thiserror::Error)]

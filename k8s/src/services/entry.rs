@@ -55,6 +55,11 @@ pub fn service_entry<'a>(
         ServiceKind::ExternalName(_) => Vec::new(),
         _ => slices.into_iter().collect(),
     };
+    // `externalTrafficPolicy: Local`: each node's kube-proxy sends its
+    // node ports to that node's own endpoints only (keeping the client's
+    // address), and nothing of ours may send them elsewhere: such node
+    // ports are left out of the table, so no node captures them.
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
     let mut ports = Vec::new();
     for sp in spec.ports.clone().unwrap_or_default() {
         let Some(protocol) = Protocol::parse(sp.protocol.as_deref()) else {
@@ -92,7 +97,7 @@ pub fn service_entry<'a>(
             node_port: sp
                 .node_port
                 .and_then(|p| u16::try_from(p).ok())
-                .filter(|p| *p != 0),
+                .filter(|p| *p != 0 && !external_local),
         });
     }
     // A headless Service without ports: the EndpointSlice controller lists

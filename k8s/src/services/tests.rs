@@ -325,6 +325,16 @@ fn node_ports_and_external_ips_are_served_like_the_cluster_ip() {
     }
     let np = t.node_port(30080, Protocol::Tcp).expect("node port");
     assert_eq!(np.endpoints[0].addr(), sa("10.244.7.5:8080"));
+    // `externalTrafficPolicy: Local`: the node port stays with each
+    // node's kube-proxy (not in the table); the ClusterIP is unchanged.
+    let mut local = s.clone();
+    if let Some(spec) = local.spec.as_mut() {
+        spec.external_traffic_policy = Some("Local".into());
+    }
+    let (e, _) = service_entry(&local, [&sl], None);
+    t.set("shop", "web", Some(e));
+    assert!(t.node_port(30080, Protocol::Tcp).is_none());
+    assert!(t.lookup(sa("10.96.0.20:80"), Protocol::Tcp).is_some());
     t.set("shop", "web", None);
     assert_eq!(
         (t.cluster_ip_len(), t.node_ports().count()),

@@ -23,6 +23,12 @@ pub(crate) const AGENT_PROTO: u8 = 250;
 
 /// The NodePort of Service `web-edge1` (endpoint on edge1).
 pub(crate) const NODE_PORT: u16 = 30080;
+/// The NodePort of Service `web-cloud` (endpoint cpod1).
+pub(crate) const NODE_PORT_CLOUD: u16 = 30081;
+/// The NodePort of Service `web-edge2` (endpoint epod2).
+pub(crate) const NODE_PORT_EDGE2: u16 = 30082;
+/// The UDP NodePort of Service `dns-edge2` (endpoint epod2).
+pub(crate) const NODE_PORT_DNS_EDGE2: u16 = 30053;
 
 /// A ClusterIP in the lab's service range, `10.96.0.{last}:{port}`.
 const fn cluster_ip(last: u8, port: u16) -> SocketAddr {
@@ -98,8 +104,11 @@ pub(crate) fn start_cluster(lab: &NetnsLab) -> Result<Cluster> {
     .into_iter()
     .map(|(name, vip, proto, ep, node)| one_endpoint(name, vip, proto, ep, node))
     .collect();
-    // web-edge1 is also a NodePort: every node's addresses take it.
+    // Some are also NodePorts: every node's addresses take them.
     services[0].node_port = Some(NODE_PORT);
+    services[1].node_port = Some(NODE_PORT_CLOUD);
+    services[2].node_port = Some(NODE_PORT_EDGE2);
+    services[5].node_port = Some(NODE_PORT_DNS_EDGE2);
     let cluster = Cluster::start(lab)?;
     cluster.set_services(lab, KubeProxyMode::Iptables, &services)?;
     Ok(cluster)

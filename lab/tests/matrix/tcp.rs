@@ -3,11 +3,16 @@
 //! page that names the host that served it, so a cell fails on a wrong
 //! endpoint as well as on no answer.
 
+use std::net::SocketAddr;
+
 use anyhow::Result;
 use relay_lab::netns::{self, NetnsLab, Role};
-use relay_lab::scenario::{admin, connect_from, http_from, sa, Table, HTTP};
+use relay_lab::scenario::{admin, connect_from, http_from, sa, udp_from, Table, HTTP};
 
-use crate::setup::{NODE_PORT, SVC_CLOUD, SVC_EDGE1, SVC_EDGE2};
+use crate::setup::{
+    NODE_PORT, NODE_PORT_CLOUD, NODE_PORT_DNS_EDGE2, NODE_PORT_EDGE2, SVC_CLOUD, SVC_EDGE1,
+    SVC_EDGE2,
+};
 
 /// Cloud → edge by address: pods and hosts of the cloud (on the relay node
 /// and off it) reach edge pods and an edge node, the plain routing case.
@@ -273,26 +278,74 @@ fn service_resolutions(lab: &NetnsLab) -> Result<u64> {
         .sum())
 }
 
+/// [`http_from`], and an error if the relay resolved a Service meanwhile
+/// (the connection went through it).
+fn http_not_resolved(lab: &NetnsLab, from: Role, target: SocketAddr) -> Result<String> {
+    let before = service_resolutions(lab);
+    let answer = http_from(lab, from, target);
+    let after = service_resolutions(lab);
+    match (before, after) {
+        (Ok(b), Ok(a)) if a == b => answer,
+        (b, a) => Err(anyhow::anyhow!(
+            "went through the relay: resolutions {b:?} → {a:?} (answer {answer:?})"
+        )),
+    }
+}
+
 /// Every endpoint on the asking edge: left to its own kube-proxy (not
 /// captured, not even by the service range among the tunnel routes), so
 /// nothing goes through the relay.
 pub(crate) fn same_edge_stays_local(lab: &NetnsLab, m: &mut Table) {
     // (From the edge host: a pod reaching a Service backed by itself
     // needs the CNI's hairpin mode, which is not this product's business.)
-    let before = service_resolutions(lab);
-    let local = http_from(lab, Role::Edge1, SVC_EDGE1);
-    let after = service_resolutions(lab);
     m.check(
         &[
             "edge host → ClusterIP (same edge) stays local",
             "edge1 (hostNetwork) → 10.96.0.20 ⇒ 10.244.7.5, relay resolutions unchanged",
         ],
         "epod1",
-        match (before, after) {
-            (Ok(b), Ok(a)) if a == b => local,
-            (b, a) => Err(anyhow::anyhow!(
-                "went through the relay: resolutions {b:?} → {a:?} (answer {local:?})"
-            )),
-        },
+        http_not_resolved(lab, Role::Edge1, SVC_EDGE1),
+    );
+}
+
+/// NodePorts on an edge node, reached from the site's LAN (the site
+/// router nat1, as a device in the shop would). edge1's kube-proxy would
+/// DNAT a node port to an endpoint it cannot reach (another site's pod, a
+/// cloud pod) and send it out by the site's default route; edge1 captures
+/// its own node ports first and the relay picks the endpoint. A node port
+/// whose endpoints are all on edge1 stays with edge1's kube-proxy.
+pub(crate) fn edge_node_ports(lab: &NetnsLab, m: &mut Table) {
+    let host1 = netns::edge_host_ip(1);
+    m.check(
+        &[
+            "LAN host at an edge site → edge node's NodePort (other edge's endpoint)",
+            "nat1 → 192.168.1.10:30082 ⇒ 10.244.8.5",
+        ],
+        "epod2",
+        http_from(lab, Role::Nat1, sa(host1, NODE_PORT_EDGE2)),
+    );
+    m.check(
+        &[
+            "LAN host at an edge site → edge node's NodePort (cloud endpoint)",
+            "nat1 → 192.168.1.10:30081 ⇒ 10.244.1.2",
+        ],
+        "cpod1",
+        http_from(lab, Role::Nat1, sa(host1, NODE_PORT_CLOUD)),
+    );
+    m.check(
+        &[
+            "UDP LAN host at an edge site → edge node's NodePort (other edge's endpoint)",
+            "nat1 → 192.168.1.10:30053/udp ⇒ 10.244.8.5",
+        ],
+        "epod2",
+        udp_from(lab, Role::Nat1, sa(host1, NODE_PORT_DNS_EDGE2)),
+    );
+    m.check(
+        &[
+            "LAN host at an edge site → edge node's NodePort (same edge) stays local",
+            "nat1 → 192.168.1.10:30080 ⇒ 10.244.7.5, relay resolutions unchanged",
+        ],
+        "epod1",
+        http_not_resolved(lab, Role::Nat1, sa(host1, NODE_PORT)),
     );
 }

@@ -149,6 +149,13 @@ impl Capture {
     }
 }
 
+/// Whether `ip` is an address of this host: binding a socket to it only
+/// works if it is (one syscall; what `fib daddr type local` asks the
+/// kernel in the node-port capture rule).
+pub fn is_local_address(ip: std::net::IpAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
 /// Applies `ip rule` lines in one `-force` batch (a line that fails, a
 /// rule already there or already gone, is logged, not retried).
 async fn batch_rules(rules: &str) {
