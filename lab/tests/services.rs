@@ -259,6 +259,66 @@ fn cluster_ips_are_captured_before_kube_proxy() -> Result<()> {
     Ok(())
 }
 
+/// Node ports are captured on the node's IPv4 addresses only: a
+/// dual-stack node's kube-proxy also serves them on its IPv6 addresses,
+/// and capture, whose listeners are IPv4, must leave those alone (a
+/// redirect there would reach no listener: the connection refused, where
+/// kube-proxy would have served it). A process listening on the node port
+/// over IPv6 stands for that service here.
+#[test]
+fn node_ports_over_ipv6_are_left_to_kube_proxy() -> Result<()> {
+    if let Some(skip) = netns::require_root() {
+        eprintln!("SKIPPED node ports over IPv6: {skip}");
+        return Ok(());
+    }
+    relay_lab::init();
+    let lab = NetnsLab::new()?;
+    const NODE_PORT: u16 = 30099;
+    let said = lab.run_in(Role::Relay, Duration::from_secs(30), || async {
+        let cfg = CaptureConfig::default();
+        let port = cfg.port;
+        let mut cap = Capture::install(cfg).await?;
+        cap.apply_node_ports(&[(NODE_PORT, capture::Proto::Tcp)].into())
+            .await?;
+        let captured = capture::capture_tcp_listener(port)?;
+        let v6 = tokio::net::TcpListener::bind("[::1]:30099").await?;
+        let serve = |l: tokio::net::TcpListener, what: &'static str| {
+            tokio::spawn(async move {
+                while let Ok((mut s, _)) = l.accept().await {
+                    let _ = s.write_all(what.as_bytes()).await;
+                }
+            })
+        };
+        let tasks = [serve(captured, "captured"), serve(v6, "kube-proxy")];
+        let first_words = async |to: SocketAddr| -> String {
+            let said = async {
+                let mut s = TcpStream::connect(to).await?;
+                let mut buf = Vec::new();
+                s.read_to_end(&mut buf).await?;
+                anyhow::Ok(String::from_utf8_lossy(&buf).to_string())
+            };
+            match tokio::time::timeout(Duration::from_secs(3), said).await {
+                Ok(Ok(w)) => w,
+                Ok(Err(e)) => format!("error: {e}"),
+                Err(_) => "timed out".to_string(),
+            }
+        };
+        let over_v4 = first_words(sa(Ipv4Addr::LOCALHOST, NODE_PORT)).await;
+        let over_v6 = first_words("[::1]:30099".parse()?).await;
+        for t in tasks {
+            t.abort();
+        }
+        cap.teardown().await;
+        Ok((over_v4, over_v6))
+    })?;
+    assert_eq!(said.0, "captured", "the node port over IPv4 is captured");
+    assert_eq!(
+        said.1, "kube-proxy",
+        "the node port over IPv6 must be left alone"
+    );
+    Ok(())
+}
+
 /// The lab's kube-proxy input from a service table: every IPv4 TCP/UDP
 /// ClusterIP port with its usable endpoints, as kube-proxy programs them.
 fn kube_services(table: &relay_kube::ServiceTable) -> Result<Vec<KubeService>> {

@@ -21,14 +21,14 @@
 //!     ip daddr @dst4 meta l4proto { tcp, udp } redirect to :<port> }
 //!   set svc4 { type ipv4_addr . inet_proto . inet_service; }  # captured ClusterIP ports
 //!   set svcskip4 { type ipv4_addr . inet_proto . inet_service; }  # ClusterIP ports left to kube-proxy
-//!   set np4 { type inet_proto . inet_service; }   # captured node ports (relay node)
+//!   set np4 { type inet_proto . inet_service; }   # captured node ports, IPv4 only as the listeners
 //!   chain svc_pre { type nat hook prerouting priority -150;  # before kube-proxy (-100)
-//!     fib daddr type local meta l4proto { tcp, udp } meta l4proto . th dport @np4 redirect to :<port>
+//!     meta nfproto ipv4 fib daddr type local meta l4proto { tcp, udp } meta l4proto . th dport @np4 redirect to :<port>
 //!     ip saddr != @src4 return
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svc4 redirect to :<port> }   # and its nftables mode (-110)
 //!   chain svc_out { type nat hook output priority -150;
 //!     meta mark <own_mark> return
-//!     fib daddr type local meta l4proto { tcp, udp } meta l4proto . th dport @np4 redirect to :<port>
+//!     meta nfproto ipv4 fib daddr type local meta l4proto { tcp, udp } meta l4proto . th dport @np4 redirect to :<port>
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svc4 redirect to :<port> }
 //!   chain guard { type filter hook input priority filter;
 //!     th dport <port> ct status dnat accept      # only redirected traffic
@@ -242,13 +242,13 @@ impl Capture {
              }}\n\
              set np4 {{ type inet_proto . inet_service; }}\n\
              chain svc_pre {{ type nat hook prerouting priority -150; policy accept;\n\
-             fib daddr type local meta l4proto {{ tcp, udp }} meta l4proto . th dport @np4 redirect to :{p}\n\
+             meta nfproto ipv4 fib daddr type local meta l4proto {{ tcp, udp }} meta l4proto . th dport @np4 redirect to :{p}\n\
              ip saddr != @src4 return\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svc4 redirect to :{p}\n\
              }}\n\
              chain svc_out {{ type nat hook output priority -150; policy accept;\n\
              meta mark {mark:#x} return\n\
-             fib daddr type local meta l4proto {{ tcp, udp }} meta l4proto . th dport @np4 redirect to :{p}\n\
+             meta nfproto ipv4 fib daddr type local meta l4proto {{ tcp, udp }} meta l4proto . th dport @np4 redirect to :{p}\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svc4 redirect to :{p}\n\
              }}\n\
              chain guard {{ type filter hook input priority filter; policy accept;\n\

@@ -106,11 +106,12 @@ impl Capture {
         Ok(())
     }
 
-    /// Captures exactly the node ports `want` on this node's own addresses
-    /// (`fib daddr type local`), ahead of kube-proxy's NodePort DNAT, from
-    /// any source (a NodePort is open to whoever reaches the node: that is
-    /// what the Service asks for). Stale UDP conntrack entries are deleted
-    /// as for [`Capture::apply_services`].
+    /// Captures exactly the node ports `want` on this node's own IPv4
+    /// addresses (`fib daddr type local`), ahead of kube-proxy's NodePort
+    /// DNAT, from any source (a NodePort is open to whoever reaches the
+    /// node: that is what the Service asks for). A node port reached over
+    /// IPv6 stays with kube-proxy: the capture listeners are IPv4. Stale
+    /// UDP conntrack entries are deleted as for [`Capture::apply_services`].
     pub async fn apply_node_ports(
         &mut self,
         want: &BTreeSet<(u16, Proto)>,
