@@ -48,8 +48,10 @@ pub(crate) fn route(
 /// [`route`], with a ClusterIP port first resolved to one of its
 /// endpoints (see [`crate::services`]): the relay picks it (endpoints on
 /// node `prefer` first) and the policy judges the endpoint as a Service's
-/// ([`Origin::Service`]). A Service with no usable endpoint is refused at
-/// once; anything else goes to [`route`] unchanged.
+/// ([`Origin::Service`]). A node port is resolved the same way where the
+/// node it reached would have served it (see [`node_port_of`]). A Service
+/// with no usable endpoint is refused at once; anything else goes to
+/// [`route`] unchanged.
 pub(crate) fn route_any(
     shared: &Shared,
     origin: Origin<'_>,
@@ -59,28 +61,52 @@ pub(crate) fn route_any(
 ) -> Result<(Route, SocketAddr), StreamReply> {
     let snap = shared.services.snapshot();
     let target = canonical(target);
-    let backends = match snap.backends(target, proto) {
-        Some(b) => b,
-        // A node port: of this node, captured on one of its own addresses
-        // (the bind test costs a syscall, and only for a node port); or
-        // one an edge captured on its own addresses, asked for as
-        // `0.0.0.0:nodePort` (`ServiceKey::node_port`).
-        None => match snap.node_port(target.port(), proto) {
-            Some(b)
-                if (origin == Origin::Captured && crate::policy::is_local_address(target.ip()))
-                    || (matches!(origin, Origin::Edge(_))
-                        && ServiceKey {
-                            vip: target,
-                            udp: false,
-                        }
-                        .is_node_port()) =>
-            {
-                b
-            }
-            _ => return route(shared, origin, target, proto),
+    if let Some(b) = snap.backends(target, proto) {
+        return route_backend(shared, b, prefer, proto, &target);
+    }
+    match snap.node_port(target.port(), proto) {
+        Some(b) => match node_port_of(shared, origin, target) {
+            Some(NodePortAt::Asker) => route_backend(shared, b, prefer, proto, &target),
+            Some(NodePortAt::Edge(node)) => route_backend(shared, b, Some(&node), proto, &target),
+            None => route(shared, origin, target, proto),
         },
-    };
-    route_backend(shared, backends, prefer, proto, &target)
+        None => route(shared, origin, target, proto),
+    }
+}
+
+/// Whose node port `target` (whose port is one) is.
+enum NodePortAt {
+    /// The asker's own: the relay node's, captured on one of its own
+    /// addresses; or an edge's, captured on its own addresses and asked
+    /// for as `0.0.0.0:nodePort` (`ServiceKey::node_port`).
+    Asker,
+    /// Edge node `node`'s, asked for at its primary address (a cloud
+    /// client dialling an edge node's NodePort, as a load balancer's
+    /// health check does): resolved here, that node's endpoints first, as
+    /// its kube-proxy would take it. The edge could not do it itself: its
+    /// own socket to its own address would be DNATed by its kube-proxy to
+    /// an endpoint it may not reach.
+    Edge(String),
+}
+
+/// See [`NodePortAt`]; `None`: `target` is not a node port's address (a
+/// pod's port that happens to be in the node port range).
+fn node_port_of(shared: &Shared, origin: Origin<'_>, target: SocketAddr) -> Option<NodePortAt> {
+    let asked_as_node_port = ServiceKey {
+        vip: target,
+        udp: false,
+    }
+    .is_node_port();
+    match origin {
+        Origin::Edge(_) if asked_as_node_port => return Some(NodePortAt::Asker),
+        // The bind test costs a syscall, and only for a node port.
+        Origin::Captured if crate::policy::is_local_address(target.ip()) => {
+            return Some(NodePortAt::Asker)
+        }
+        _ => {}
+    }
+    let owner = shared.registry.lookup(target.ip())?;
+    (owner.primary_addr() == Some(target.ip())).then(|| NodePortAt::Edge(owner.node.clone()))
 }
 
 /// Picks one of a Service's endpoints (those on node `prefer` first) and

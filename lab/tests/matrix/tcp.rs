@@ -313,9 +313,29 @@ pub(crate) fn same_edge_stays_local(lab: &NetnsLab, m: &mut Table) {
 /// DNAT a node port to an endpoint it cannot reach (another site's pod, a
 /// cloud pod) and send it out by the site's default route; edge1 captures
 /// its own node ports first and the relay picks the endpoint. A node port
-/// whose endpoints are all on edge1 stays with edge1's kube-proxy.
+/// whose endpoints are all on edge1 stays with edge1's kube-proxy. A
+/// cloud pod dialling edge1's address on a node port (as a load balancer
+/// in front of every node's NodePort does) has it resolved by the relay,
+/// edge1's endpoints first: edge1's own socket to its own address would
+/// be DNATed by its kube-proxy to an endpoint it cannot reach.
 pub(crate) fn edge_node_ports(lab: &NetnsLab, m: &mut Table) {
     let host1 = netns::edge_host_ip(1);
+    m.check(
+        &[
+            "cloud pod → edge node's NodePort (other edge's endpoint)",
+            "cpod2 → 192.168.1.10:30082 ⇒ 10.244.8.5",
+        ],
+        "epod2",
+        http_from(lab, Role::Cpod2, sa(host1, NODE_PORT_EDGE2)),
+    );
+    m.check(
+        &[
+            "cloud pod → edge node's NodePort (cloud endpoint)",
+            "cpod2 → 192.168.1.10:30081 ⇒ 10.244.1.2",
+        ],
+        "cpod1",
+        http_from(lab, Role::Cpod2, sa(host1, NODE_PORT_CLOUD)),
+    );
     m.check(
         &[
             "LAN host at an edge site → edge node's NodePort (other edge's endpoint)",
