@@ -320,38 +320,38 @@ pub(crate) fn same_edge_stays_local(lab: &NetnsLab, m: &mut Table) {
 /// be DNATed by its kube-proxy to an endpoint it cannot reach.
 pub(crate) fn edge_node_ports(lab: &NetnsLab, m: &mut Table) {
     let host1 = netns::edge_host_ip(1);
-    m.check(
-        &[
+    for (case, path, from, port, answer) in [
+        (
             "cloud pod → edge node's NodePort (other edge's endpoint)",
             "cpod2 → 192.168.1.10:30082 ⇒ 10.244.8.5",
-        ],
-        "epod2",
-        http_from(lab, Role::Cpod2, sa(host1, NODE_PORT_EDGE2)),
-    );
-    m.check(
-        &[
+            Role::Cpod2,
+            NODE_PORT_EDGE2,
+            "epod2",
+        ),
+        (
             "cloud pod → edge node's NodePort (cloud endpoint)",
             "cpod2 → 192.168.1.10:30081 ⇒ 10.244.1.2",
-        ],
-        "cpod1",
-        http_from(lab, Role::Cpod2, sa(host1, NODE_PORT_CLOUD)),
-    );
-    m.check(
-        &[
+            Role::Cpod2,
+            NODE_PORT_CLOUD,
+            "cpod1",
+        ),
+        (
             "LAN host at an edge site → edge node's NodePort (other edge's endpoint)",
             "nat1 → 192.168.1.10:30082 ⇒ 10.244.8.5",
-        ],
-        "epod2",
-        http_from(lab, Role::Nat1, sa(host1, NODE_PORT_EDGE2)),
-    );
-    m.check(
-        &[
+            Role::Nat1,
+            NODE_PORT_EDGE2,
+            "epod2",
+        ),
+        (
             "LAN host at an edge site → edge node's NodePort (cloud endpoint)",
             "nat1 → 192.168.1.10:30081 ⇒ 10.244.1.2",
-        ],
-        "cpod1",
-        http_from(lab, Role::Nat1, sa(host1, NODE_PORT_CLOUD)),
-    );
+            Role::Nat1,
+            NODE_PORT_CLOUD,
+            "cpod1",
+        ),
+    ] {
+        m.check(&[case, path], answer, http_from(lab, from, sa(host1, port)));
+    }
     m.check(
         &[
             "UDP LAN host at an edge site → edge node's NodePort (other edge's endpoint)",
