@@ -31,8 +31,8 @@ use edge_client::TransportMode;
 use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::scenario::{
     admin_call, captured_prefixes, connect_from, echo_service, edge_config, http_from, lab_pki,
-    relay_config, relay_server_binary, sa, services, session, sessions, start_edge, start_relay,
-    within, RelayProcess, Running, Table, ECHO, HTTP,
+    metric, relay_config, relay_server_binary, sa, services, session, sessions, start_edge,
+    start_relay, within, RelayProcess, Running, Table, ECHO, HTTP,
 };
 use relay_server::admin::SessionRow;
 use relay_transport::devcerts::DevPki;
@@ -306,15 +306,15 @@ fn link_down(t: &mut Table) -> Result<()> {
 
     lab.link_down(2)?;
     let t_down = Instant::now();
-    // The relay hears the edge's last keep-alive at most one keep-alive
-    // before the link goes; its backstop PING half an idle timeout later
-    // restarts QUIC's idle timer (RFC 9000 10.1: the first ack-eliciting
-    // packet sent after a receipt does), so the session times out at most
-    // keepalive + 1.5 x idle after the link went down (5.5 s here); a
-    // second for removing the capture and this poll. Measured before this
-    // bound was derived: 4.35 to 4.69 s in 9 runs, some under CPU load,
-    // against the 5 s (idle + 2 s) it had.
-    let gone_bound = keepalive + idle + idle / 2 + Duration::from_secs(1);
+    // The relay's silence sweep (every idle / 24, 125 ms here) ends the
+    // session once nothing has arrived for the idle timeout, counted from
+    // the sweep that last saw the edge's datagrams: at most idle + two
+    // sweeps after the link went down; a second for removing the capture
+    // and this poll (4.25 s). QUIC's idle timer alone took up to
+    // 1.5 x idle + keepalive: its backstop PING restarts the timer (RFC
+    // 9000 10.1), measured 4.35 to 4.69 s in 9 runs.
+    let sweep = relay_server::liveness::period(idle);
+    let gone_bound = idle + sweep * 2 + Duration::from_secs(1);
     let gone = within(gone_bound + Duration::from_secs(5), || {
         Ok(session(&lab, "edge2")?.is_none() && !captured_prefixes(&lab)?.contains(&prefix))
     });
@@ -322,11 +322,19 @@ fn link_down(t: &mut Table) -> Result<()> {
         t,
         &format!("{F}: session and {prefix} leave the relay (idle 3s)"),
         Some(gone_bound),
-        gone.map(|d| (d, "from link down; edge1 unaffected".to_string()))
-            .and_then(|r| {
-                anyhow::ensure!(session(&lab, "edge1")?.is_some(), "edge1 lost too");
-                Ok(r)
-            }),
+        gone.map(|d| {
+            (
+                d,
+                "from link down; edge1 unaffected; closed by the sweep".to_string(),
+            )
+        })
+        .and_then(|r| {
+            anyhow::ensure!(session(&lab, "edge1")?.is_some(), "edge1 lost too");
+            // The sweep ended it, not QUIC's own idle timer.
+            let silent = metric(&lab, "relay_sessions_silent_total")?;
+            anyhow::ensure!(silent == 1.0, "relay_sessions_silent_total {silent}, not 1");
+            Ok(r)
+        }),
     );
     // Down for twice the idle timeout in all, then up again.
     let hold = (idle * 2).saturating_sub(t_down.elapsed());

@@ -15,6 +15,7 @@
 //! - [`bootstrap`]: node certificates for edges that hold only a token.
 //! - [`handshake`]: identity, claims from the directory, registration.
 //! - [`session`]: the session handle, its actor, opening streams to an edge.
+//! - [`liveness`]: the relay-wide sweep that ends silent QUIC sessions.
 //! - [`registry`]: live sessions, the longest-prefix route table and the
 //!   journal of route changes.
 //! - [`policy`]: the one authorisation seam every ingress asks.
@@ -58,6 +59,7 @@ pub mod handshake;
 pub mod k8s;
 #[cfg(feature = "kubernetes")]
 pub mod k8s_services;
+pub mod liveness;
 pub mod metrics;
 pub mod multipath;
 pub mod policy;

@@ -48,6 +48,9 @@ pub struct Metrics {
     pub route_lists_cut: AtomicU64,
     /// Sessions closed because their node left the directory.
     pub node_gone: AtomicU64,
+    /// QUIC sessions closed because nothing arrived from the edge for the
+    /// idle timeout (see [`crate::liveness`]).
+    pub sessions_silent: AtomicU64,
     /// Node certificates issued by the bootstrap.
     pub bootstrap_issued: AtomicU64,
     /// Certificate requests refused.
@@ -276,6 +279,12 @@ impl Metrics {
             "counter",
             "Sessions closed because their node left the directory (Node deleted).",
             &one(&self.node_gone),
+        );
+        metric(
+            "relay_sessions_silent_total",
+            "counter",
+            "QUIC sessions closed because nothing arrived from the edge for quic.idle_timeout.",
+            &one(&self.sessions_silent),
         );
         metric(
             "relay_route_lists_cut_total",

@@ -261,14 +261,19 @@ impl<S: RouteOwner> Registry<S> {
 
     /// All live sessions, sorted by node name.
     pub fn sessions(&self) -> Vec<Arc<S>> {
-        let mut v: Vec<_> = self
-            .read()
+        let mut v = self.sessions_unsorted();
+        v.sort_by(|a, b| a.node().cmp(b.node()));
+        v
+    }
+
+    /// All live sessions in no particular order (for sweeps that visit
+    /// each once: no sort, and the lock is held only for the copy).
+    pub fn sessions_unsorted(&self) -> Vec<Arc<S>> {
+        self.read()
             .sessions
             .values()
             .map(|l| l.session.clone())
-            .collect();
-        v.sort_by(|a, b| a.node().cmp(b.node()));
-        v
+            .collect()
     }
 
     /// Number of live sessions.

@@ -55,6 +55,8 @@ pub struct SessionHandle {
     pub connected_at: SystemTime,
     started: Instant,
     last_seen_ms: AtomicU64,
+    /// What the relay's silence sweep last saw (QUIC sessions).
+    pub(crate) heard: crate::liveness::Heard,
     /// Streams open right now.
     pub open_streams: AtomicU64,
     /// Streams opened since the session started.
@@ -109,6 +111,7 @@ impl SessionHandle {
             connected_at: SystemTime::now(),
             started: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
+            heard: Default::default(),
             open_streams: AtomicU64::new(0),
             streams_total: AtomicU64::new(0),
             bytes_to_edge: AtomicU64::new(0),
@@ -168,16 +171,22 @@ impl SessionHandle {
     /// Time since the edge was last heard from: a message on the control
     /// stream, or (QUIC edges with [`capability::QUIC_LIVENESS`], which
     /// send control messages only every
-    /// [`relay_protocol::QUIC_CONTROL_PING`]) any datagram, as seen at
-    /// the session's last keep-alive tick.
+    /// [`relay_protocol::QUIC_CONTROL_PING`]) any datagram, as seen by
+    /// the relay's silence sweep ([`crate::liveness`], every second at the
+    /// defaults).
     pub fn last_seen_ago(&self) -> Duration {
         let seen = Duration::from_millis(self.last_seen_ms.load(Relaxed));
         self.started.elapsed().saturating_sub(seen)
     }
 
-    fn touch(&self) {
-        self.last_seen_ms
-            .store(self.started.elapsed().as_millis() as u64, Relaxed);
+    /// Milliseconds since the session started.
+    pub(crate) fn age_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Marks the edge as heard from now.
+    pub(crate) fn touch(&self) {
+        self.last_seen_ms.store(self.age_ms(), Relaxed);
     }
 
     /// Whether the session is draining (no new streams).
@@ -393,7 +402,6 @@ pub(crate) async fn run_session(
     // control stream every `QUIC_CONTROL_PING` (see the tick arm).
     let lean = quic && handle.has(capability::QUIC_LIVENESS);
     let mut last_control = Instant::now();
-    let mut received = 0;
     let mut ping = tokio::time::interval_at(first_tick(keepalive), keepalive);
     // A runtime held up must not answer with a burst of pings.
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -548,19 +556,14 @@ pub(crate) async fn run_session(
             },
             _ = ping.tick() => {
                 if lean {
-                    // QUIC's idle timeout watches the path (the edge's
-                    // PINGs keep it busy); what arrives keeps "last seen"
-                    // current for operators. The control stream is checked
-                    // at the edge's pace: a ping of ours only when its
-                    // own is half an interval late, and a session
-                    // whose edge stopped talking on it (its session task
-                    // wedged while its QUIC stack answers) is closed.
-                    if let Some(n) = handle.conn.datagrams_received() {
-                        if n != received {
-                            received = n;
-                            handle.touch();
-                        }
-                    }
+                    // The relay's silence sweep watches the path (the
+                    // edge's PINGs keep it busy) and keeps "last seen"
+                    // current for operators (`crate::liveness`). The
+                    // control stream is checked at the edge's pace: a
+                    // ping of ours only when its own is half an interval
+                    // late, and a session whose edge stopped talking on it
+                    // (its session task wedged while its QUIC stack
+                    // answers) is closed.
                     let quiet = last_control.elapsed();
                     match control_check(quiet) {
                         ControlCheck::Fine => continue,

@@ -1,0 +1,146 @@
+//! The relay's own watch on QUIC edges that went silent.
+//!
+//! QUIC's idle timeout alone lets a dead edge's session (and its routes)
+//! outlive `quic.idle_timeout` by half of it: the relay's keep-alive
+//! backstop, sent half an idle timeout into the edge's silence, restarts
+//! QUIC's idle timer (RFC 9000 §10.1: the first ack-eliciting packet sent
+//! after a receipt does), so the connection ended 1.5 × `idle_timeout`
+//! after the edge's last packet. One relay-wide task now reads every QUIC
+//! session's count of received datagrams each [`period`] and closes a
+//! session whose count has not moved for `idle_timeout` (or longer, on a
+//! path whose round trip QUIC's own timer would allow for). QUIC's timer
+//! stays as the backstop; this only ends a session sooner.
+//!
+//! One task for all sessions rather than a timer per session: at 10,000
+//! sessions a sweep is 10,000 reads of a counter behind quinn's connection
+//! lock, one wake-up a second at the defaults.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use relay_protocol::{capability, close_code};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::server::Shared;
+use crate::session::SessionHandle;
+
+/// How often the sweep runs for an idle timeout: a 24th of it (1 s at the
+/// default 24 s), so a silent edge's session ends at most two periods
+/// after `idle_timeout` of silence; never more often than every 50 ms.
+pub fn period(idle_timeout: Duration) -> Duration {
+    (idle_timeout / 24).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// How long a session may go without a datagram before the sweep ends
+/// it: `idle_timeout`, or more on a long path. QUIC's own idle timer waits
+/// at least three probe timeouts (RFC 9000 §10.1), and a probe timeout is
+/// the smoothed round trip plus four times its variation plus the ACK
+/// delay; quinn does not expose the variation, so twelve round trips stand
+/// in for three probe timeouts (the variation taken as up to half the
+/// round trip, with room to spare).
+pub fn silence_limit(idle_timeout: Duration, rtt: Duration) -> Duration {
+    idle_timeout.max(rtt.saturating_mul(12))
+}
+
+/// What the sweep remembers of one session: the received-datagram count
+/// it last saw and when it saw it change.
+#[derive(Debug, Default)]
+pub struct Heard {
+    datagrams: AtomicU64,
+    /// Milliseconds since the session started.
+    changed_ms: AtomicU64,
+}
+
+impl Heard {
+    /// Takes the session's current count at `now_ms` (milliseconds since it
+    /// started); returns how long the count has not moved, in
+    /// milliseconds. A change is dated at the sweep that saw it, never
+    /// earlier than the datagram that made it, so silence is never
+    /// overstated.
+    pub fn observe(&self, datagrams: u64, now_ms: u64) -> u64 {
+        if self.datagrams.swap(datagrams, Relaxed) != datagrams {
+            self.changed_ms.store(now_ms, Relaxed);
+            return 0;
+        }
+        now_ms.saturating_sub(self.changed_ms.load(Relaxed))
+    }
+}
+
+/// Sweeps until `stop`: see the module docs. Returns its name, as the
+/// relay's other long-running tasks do.
+pub(crate) async fn watch(shared: Arc<Shared>, stop: CancellationToken) -> &'static str {
+    let idle = shared.cfg.quic.idle_timeout;
+    let mut tick = tokio::time::interval(period(idle));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return "liveness",
+            _ = tick.tick() => {}
+        }
+        for s in shared.registry.sessions_unsorted() {
+            sweep_one(&shared, &s, idle);
+        }
+    }
+}
+
+fn sweep_one(shared: &Shared, s: &SessionHandle, idle: Duration) {
+    let Some(datagrams) = s.conn.datagrams_received() else {
+        // The TCP fallback: the session's own ping tick watches it.
+        return;
+    };
+    let quiet = Duration::from_millis(s.heard.observe(datagrams, s.age_ms()));
+    if quiet.is_zero() {
+        // For operators ("last seen"): edges with QUIC liveness send
+        // control messages only every couple of minutes.
+        if s.has(capability::QUIC_LIVENESS) {
+            s.touch();
+        }
+        return;
+    }
+    // The round trip is read only for a session already quiet that long.
+    if quiet > idle && quiet > silence_limit(idle, s.conn.rtt()) {
+        shared.metrics.sessions_silent.fetch_add(1, Relaxed);
+        info!(node = %s.node, ?quiet, "nothing heard from the edge: closing its session");
+        s.kick(close_code::PROTOCOL, "idle timeout");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silence_is_counted_from_the_sweep_that_last_saw_the_count_move() {
+        let h = Heard::default();
+        assert_eq!(h.observe(5, 1_000), 0, "first sight is a change");
+        assert_eq!(h.observe(5, 1_700), 700);
+        assert_eq!(h.observe(6, 2_000), 0);
+        assert_eq!(h.observe(6, 26_001), 24_001);
+        // A clock that reads earlier (never here) is no silence.
+        assert_eq!(h.observe(6, 1_000), 0);
+    }
+
+    #[test]
+    fn the_limit_is_the_idle_timeout_unless_the_round_trip_asks_for_more() {
+        let idle = Duration::from_secs(24);
+        assert_eq!(silence_limit(idle, Duration::from_millis(40)), idle);
+        assert_eq!(silence_limit(idle, Duration::from_secs(2)), idle);
+        assert_eq!(
+            silence_limit(idle, Duration::from_secs(3)),
+            Duration::from_secs(36)
+        );
+    }
+
+    #[test]
+    fn the_sweep_is_a_24th_of_the_idle_timeout_within_50_ms_and_1_s() {
+        assert_eq!(period(Duration::from_secs(24)), Duration::from_secs(1));
+        assert_eq!(period(Duration::from_secs(120)), Duration::from_secs(1));
+        assert_eq!(period(Duration::from_secs(3)), Duration::from_millis(125));
+        assert_eq!(
+            period(Duration::from_millis(600)),
+            Duration::from_millis(50)
+        );
+    }
+}
