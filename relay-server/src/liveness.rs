@@ -4,8 +4,8 @@
 //! outlive `quic.idle_timeout` by half of it: the relay's keep-alive
 //! backstop, sent half an idle timeout into the edge's silence, restarts
 //! QUIC's idle timer (RFC 9000 §10.1: the first ack-eliciting packet sent
-//! after a receipt does), so the connection ended 1.5 × `idle_timeout`
-//! after the edge's last packet. One relay-wide task now reads every QUIC
+//! after a receipt does), so the connection ends up to 1.5 ×
+//! `idle_timeout` after the edge's last packet. One relay-wide task now reads every QUIC
 //! session's count of received datagrams each [`period`] and closes a
 //! session whose count has not moved for `idle_timeout` (or longer, on a
 //! path whose round trip QUIC's own timer would allow for). QUIC's timer
@@ -13,7 +13,8 @@
 //!
 //! One task for all sessions rather than a timer per session: at 10,000
 //! sessions a sweep is 10,000 reads of a counter behind quinn's connection
-//! lock, one wake-up a second at the defaults.
+//! lock, one wake-up a second at the defaults, yielding to the runtime
+//! every 128 sessions so the data path is not held behind it.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -25,6 +26,9 @@ use tracing::info;
 
 use crate::server::Shared;
 use crate::session::SessionHandle;
+
+/// Sessions swept between two yields to the runtime.
+const SWEEP_CHUNK: usize = 128;
 
 /// How often the sweep runs for an idle timeout: a 24th of it (1 s at the
 /// default 24 s), so a silent edge's session ends at most two periods
@@ -79,8 +83,13 @@ pub(crate) async fn watch(shared: Arc<Shared>, stop: CancellationToken) -> &'sta
             _ = stop.cancelled() => return "liveness",
             _ = tick.tick() => {}
         }
-        for s in shared.registry.sessions_unsorted() {
-            sweep_one(&shared, &s, idle);
+        for (i, s) in shared.registry.sessions_unsorted().iter().enumerate() {
+            sweep_one(&shared, s, idle);
+            // Thousands of sessions in one go would hold this worker for
+            // milliseconds; the data path's tasks get a turn in between.
+            if i % SWEEP_CHUNK == SWEEP_CHUNK - 1 {
+                tokio::task::yield_now().await;
+            }
         }
     }
 }
