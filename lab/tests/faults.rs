@@ -10,8 +10,10 @@
 //!    node is killed with SIGKILL (its capture state is left behind, as
 //!    expected) and started again; both edges register again, their routes
 //!    are installed again, and cloud pod → edge pod works again.
-//! 3. Edge link down longer than the idle timeout: the edge's session and
-//!    routes leave the relay; when the link comes back, so does the edge.
+//! 3. Edge link down longer than the idle timeout, on QUIC and again with
+//!    every edge on the TCP fallback: the edge's session and routes leave
+//!    the relay (closed by its silence sweep); when the link comes back, so
+//!    does the edge.
 //! 4. Drain during 100 in-flight transfers: all complete byte-exact; a new
 //!    CONNECT during the drain gets a typed refusal (502, "draining"), and
 //!    once drained the edge is back as a newer session.
@@ -279,7 +281,16 @@ fn relay_restart(t: &mut Table) -> Result<()> {
 
 /// Fault 3: edge2's link goes down for longer than the idle timeout.
 fn link_down(t: &mut Table) -> Result<()> {
-    const F: &str = "edge2 link down";
+    link_down_over(t, TransportMode::Auto, "edge2 link down")
+}
+
+/// The same with every edge on the TCP fallback, where yamux has no idle
+/// timeout and the relay's sweep goes by the control messages.
+fn link_down_tcp(t: &mut Table) -> Result<()> {
+    link_down_over(t, TransportMode::Tcp, "edge2 link down, TCP fallback")
+}
+
+fn link_down_over(t: &mut Table, transport: TransportMode, what: &str) -> Result<()> {
     let keepalive = Duration::from_secs(1);
     let idle = Duration::from_secs(3);
     let lab = NetnsLab::new()?;
@@ -296,6 +307,7 @@ fn link_down(t: &mut Table) -> Result<()> {
         ecfg.quic.idle_timeout = idle;
         ecfg.backoff.initial = Duration::from_millis(200);
         ecfg.backoff.max = Duration::from_secs(2);
+        ecfg.transport = transport;
         edges.push(start_edge(&lab, site, ecfg)?);
     }
     let prefix = netns::edge_pod_cidr(2).to_string();
@@ -308,11 +320,13 @@ fn link_down(t: &mut Table) -> Result<()> {
     let t_down = Instant::now();
     // The relay's silence sweep (every idle / 24, 125 ms here) ends the
     // session once nothing has arrived for the idle timeout, counted from
-    // the sweep that last saw the edge's datagrams: at most idle + two
-    // sweeps after the link went down; a second for removing the capture
-    // and this poll (4.25 s). QUIC's idle timer alone took up to
-    // 1.5 x idle + keepalive: its backstop PING restarts the timer (RFC
-    // 9000 10.1), measured 4.35 to 4.69 s in 9 runs.
+    // the sweep that last saw the edge's datagrams (QUIC) or from its last
+    // control message (TCP): at most idle + two sweeps after the link went
+    // down; a second for removing the capture and this poll (4.25 s).
+    // QUIC's idle timer alone took up to 1.5 x idle + keepalive: its
+    // backstop PING restarts the timer (RFC 9000 10.1), measured 4.35 to
+    // 4.69 s in 9 runs. On TCP the session's keep-alive tick took up to
+    // idle + keepalive.
     let sweep = relay_server::liveness::period(idle);
     let gone_bound = idle + sweep * 2 + Duration::from_secs(1);
     let gone = within(gone_bound + Duration::from_secs(5), || {
@@ -320,7 +334,7 @@ fn link_down(t: &mut Table) -> Result<()> {
     });
     timed(
         t,
-        &format!("{F}: session and {prefix} leave the relay (idle 3s)"),
+        &format!("{what}: session and {prefix} leave the relay (idle 3s)"),
         Some(gone_bound),
         gone.map(|d| {
             (
@@ -349,7 +363,7 @@ fn link_down(t: &mut Table) -> Result<()> {
     });
     timed(
         t,
-        &format!("{F}: back after link up (backoff 200ms..2s)"),
+        &format!("{what}: back after link up (backoff 200ms..2s)"),
         Some(back_bound),
         back.map(|d| (d, format!("from link up; down {}", secs(t_up - t_down)))),
     );
@@ -357,7 +371,7 @@ fn link_down(t: &mut Table) -> Result<()> {
     let t0 = Instant::now();
     timed(
         t,
-        &format!("{F}: cpod2 → epod2 works again"),
+        &format!("{what}: cpod2 → epod2 works again"),
         Some(Duration::from_secs(2)),
         http_from(&lab, Role::Cpod2, epod2).and_then(|b| {
             anyhow::ensure!(b.ends_with("epod2"), "reached {b}");
@@ -519,11 +533,12 @@ fn faults() -> Result<()> {
     let t_all = Instant::now();
     let mut t = Table::new(&["fault", "bound", "measured", "result"]);
     type Fault = fn(&mut Table) -> Result<()>;
-    let faults: [(&str, Fault); 5] = [
+    let faults: [(&str, Fault); 6] = [
         ("NAT rebinding", nat_rebinding),
         ("NAT rebinding during a download", nat_rebinding_download),
         ("relay SIGKILL + restart", relay_restart),
         ("edge2 link down", link_down),
+        ("edge2 link down, TCP fallback", link_down_tcp),
         ("drain edge1", drain),
     ];
     // `FAULTS=rebinding` (say) runs only the faults whose name contains it.

@@ -11,6 +11,12 @@
 //! path whose round trip QUIC's own timer would allow for). QUIC's timer
 //! stays as the backstop; this only ends a session sooner.
 //!
+//! The same sweep ends a session whose edge is expected to talk on its
+//! control stream every keep-alive (the TCP fallback, where yamux has no
+//! idle timeout of its own, and QUIC edges without
+//! [`relay_protocol::capability::QUIC_LIVENESS`]) once nothing came on it
+//! for `idle_timeout`.
+//!
 //! One task for all sessions rather than a timer per session: at 10,000
 //! sessions a sweep is 10,000 reads of a counter behind quinn's connection
 //! lock, one wake-up a second at the defaults, yielding to the runtime
@@ -95,25 +101,36 @@ pub(crate) async fn watch(shared: Arc<Shared>, stop: CancellationToken) -> &'sta
 }
 
 fn sweep_one(shared: &Shared, s: &SessionHandle, idle: Duration) {
-    let Some(datagrams) = s.conn.datagrams_received() else {
-        // The TCP fallback: the session's own ping tick watches it.
-        return;
-    };
-    let quiet = Duration::from_millis(s.heard.observe(datagrams, s.age_ms()));
-    if quiet.is_zero() {
-        // For operators ("last seen"): edges with QUIC liveness send
-        // control messages only every couple of minutes.
-        if s.has(capability::QUIC_LIVENESS) {
+    let quic = s.conn.datagrams_received();
+    // A QUIC edge with QUIC liveness talks on its control stream only
+    // every couple of minutes (the session's tick watches that); every
+    // other edge (the TCP fallback, older QUIC edges) sends a control
+    // message at least every keep-alive.
+    let lean = quic.is_some() && s.has(capability::QUIC_LIVENESS);
+    if let Some(datagrams) = quic {
+        let quiet = Duration::from_millis(s.heard.observe(datagrams, s.age_ms()));
+        if quiet.is_zero() && lean {
+            // For operators ("last seen").
             s.touch();
         }
-        return;
+        // The round trip is read only for a session already quiet that long.
+        if quiet > idle && quiet > silence_limit(idle, s.conn.rtt()) {
+            return close(shared, s, "nothing heard from the edge", quiet);
+        }
     }
-    // The round trip is read only for a session already quiet that long.
-    if quiet > idle && quiet > silence_limit(idle, s.conn.rtt()) {
-        shared.metrics.sessions_silent.fetch_add(1, Relaxed);
-        info!(node = %s.node, ?quiet, "nothing heard from the edge: closing its session");
-        s.kick(close_code::PROTOCOL, "idle timeout");
+    if !lean {
+        let quiet = s.last_seen_ago();
+        if quiet > idle {
+            close(shared, s, "no control message from the edge", quiet);
+        }
     }
+}
+
+fn close(shared: &Shared, s: &SessionHandle, what: &str, quiet: Duration) {
+    shared.metrics.sessions_silent.fetch_add(1, Relaxed);
+    let why = format!("idle timeout: {what} for {:.1}s", quiet.as_secs_f64());
+    info!(node = %s.node, reason = %why, "closing a silent session");
+    s.kick(close_code::PROTOCOL, &why);
 }
 
 #[cfg(test)]

@@ -69,6 +69,8 @@ pub struct SessionHandle {
     pub flows: Arc<relay_transport::udp::FlowTable>,
     draining: AtomicBool,
     cancel: CancellationToken,
+    /// The first reason [`SessionHandle::kick`] was given.
+    kicked: std::sync::OnceLock<String>,
     /// Boxed: a channel allocates its first block of 32 slots up front,
     /// which for an unboxed `Control` is 2.3 KiB per idle session.
     control_tx: mpsc::Sender<Box<Control>>,
@@ -124,6 +126,7 @@ impl SessionHandle {
             ),
             draining: AtomicBool::new(false),
             cancel: shared.shutdown.child_token(),
+            kicked: std::sync::OnceLock::new(),
             control_tx,
         });
         (handle, control_rx)
@@ -189,13 +192,24 @@ impl SessionHandle {
         self.last_seen_ms.store(self.age_ms(), Relaxed);
     }
 
+    /// Why the session was kicked (the first reason given), or that the
+    /// relay closed it (shutting down).
+    fn kicked_why(&self) -> String {
+        self.kicked
+            .get()
+            .cloned()
+            .unwrap_or_else(|| "closed by relay".to_string())
+    }
+
     /// Whether the session is draining (no new streams).
     pub fn is_draining(&self) -> bool {
         self.draining.load(Relaxed)
     }
 
-    /// Closes the session now; in-flight streams are reset.
+    /// Closes the session now; in-flight streams are reset. `reason` goes
+    /// to the edge, the log and the node's status.
     pub fn kick(&self, code: u32, reason: &str) {
+        let _ = self.kicked.set(reason.to_string());
         self.cancel.cancel();
         self.conn.close(code, reason);
     }
@@ -446,7 +460,7 @@ pub(crate) async fn run_session(
     let why = loop {
         let out = tokio::select! {
             biased;
-            _ = handle.cancel.cancelled() => break "closed by relay".to_string(),
+            _ = handle.cancel.cancelled() => break handle.kicked_why(),
             why = handle.conn.closed() => break why,
             Some(msg) = control_rx.recv() => vec![*msg],
             bi = handle.conn.accept_bi() => match bi {
@@ -574,13 +588,9 @@ pub(crate) async fn run_session(
                         }
                     }
                 } else {
-                    // QUIC has its own idle timeout; yamux has none, so a
-                    // silent edge is detected here, for both transports.
+                    // A silent edge is closed by the relay's silence sweep
+                    // (`crate::liveness`), on both transports.
                     let ago = handle.last_seen_ago();
-                    if ago > shared.cfg.quic.idle_timeout {
-                        handle.conn.close(close_code::PROTOCOL, "idle timeout");
-                        break "idle timeout: no control message from the edge".to_string();
-                    }
                     // On QUIC, an edge that pings (every keep-alive, see the
                     // edge's liveness) already shows it is there, and QUIC
                     // checks the path itself: a ping of ours would only double
