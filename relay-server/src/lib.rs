@@ -15,7 +15,8 @@
 //! - [`bootstrap`]: node certificates for edges that hold only a token.
 //! - [`handshake`]: identity, claims from the directory, registration.
 //! - [`session`]: the session handle, its actor, opening streams to an edge.
-//! - [`liveness`]: the relay-wide sweep that ends silent QUIC sessions.
+//! - [`liveness`]: when an edge is gone: the relay-wide sweep that ends
+//!   silent sessions, the control-stream check, the keep-alive tick phase.
 //! - [`registry`]: live sessions, the longest-prefix route table and the
 //!   journal of route changes.
 //! - [`policy`]: the one authorisation seam every ingress asks.

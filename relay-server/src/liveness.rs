@@ -1,21 +1,23 @@
-//! The relay's own watch on QUIC edges that went silent.
+//! How the relay decides an edge is gone: a relay-wide silence sweep, and
+//! the checks and tick phase each session's keep-alive tick uses.
 //!
 //! QUIC's idle timeout alone lets a dead edge's session (and its routes)
 //! outlive `quic.idle_timeout` by half of it: the relay's keep-alive
 //! backstop, sent half an idle timeout into the edge's silence, restarts
 //! QUIC's idle timer (RFC 9000 §10.1: the first ack-eliciting packet sent
 //! after a receipt does), so the connection ends up to 1.5 ×
-//! `idle_timeout` after the edge's last packet. One relay-wide task now reads every QUIC
-//! session's count of received datagrams each [`period`] and closes a
-//! session whose count has not moved for `idle_timeout` (or longer, on a
-//! path whose round trip QUIC's own timer would allow for). QUIC's timer
-//! stays as the backstop; this only ends a session sooner.
+//! `idle_timeout` after the edge's last packet. One relay-wide task reads
+//! every QUIC session's count of received datagrams each [`period`] and
+//! closes a session whose count has not moved for `idle_timeout` (or
+//! longer, on a path whose round trip QUIC's own timer would allow for).
+//! QUIC's timer stays as the backstop; this only ends a session sooner.
 //!
 //! The same sweep ends a session whose edge is expected to talk on its
 //! control stream every keep-alive (the TCP fallback, where yamux has no
 //! idle timeout of its own, and QUIC edges without
 //! [`relay_protocol::capability::QUIC_LIVENESS`]) once nothing came on it
-//! for `idle_timeout`.
+//! for `idle_timeout`. A `QUIC_LIVENESS` edge's control stream is checked
+//! at its own slower pace by its session's tick (`control_check`).
 //!
 //! One task for all sessions rather than a timer per session: at 10,000
 //! sessions a sweep is 10,000 reads of a counter behind quinn's connection
@@ -133,9 +135,45 @@ fn close(shared: &Shared, s: &SessionHandle, what: &str, quiet: Duration) {
     s.kick(close_code::PROTOCOL, &why);
 }
 
+/// What a keep-alive tick does about a `QUIC_LIVENESS` edge's control
+/// stream, quiet for so long.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ControlCheck {
+    /// Within the edge's own ping interval (and half of one to spare).
+    Fine,
+    /// Its ping is half an interval late: ping it (its pong counts).
+    Ping,
+    /// Three intervals without a message: its session task is wedged
+    /// while its QUIC stack still answers.
+    Wedged,
+}
+
+pub(crate) fn control_check(quiet: Duration) -> ControlCheck {
+    if quiet > relay_protocol::QUIC_CONTROL_SILENCE_LIMIT {
+        ControlCheck::Wedged
+    } else if quiet >= relay_protocol::QUIC_CONTROL_PING.mul_f64(1.5) {
+        ControlCheck::Ping
+    } else {
+        ControlCheck::Fine
+    }
+}
+
+/// When a session's first keep-alive tick fires: a uniformly random point
+/// in the second half of the first interval and the first half of the
+/// next, so the periodic work of sessions that registered together (a
+/// relay restart brings a thousand edges back within seconds) is spread
+/// over the whole interval instead of arriving in one burst every
+/// interval, which delays every other task on the runtime (the data path
+/// among them). The first tick is never earlier than half an interval:
+/// the session has just been seen.
+pub(crate) fn first_tick(keepalive: Duration) -> tokio::time::Instant {
+    tokio::time::Instant::now() + keepalive.mul_f64(0.5 + rand::random::<f64>())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use relay_protocol::{QUIC_CONTROL_PING as P, QUIC_CONTROL_SILENCE_LIMIT as LIMIT};
 
     #[test]
     fn silence_is_counted_from_the_sweep_that_last_saw_the_count_move() {
@@ -168,5 +206,21 @@ mod tests {
             period(Duration::from_millis(600)),
             Duration::from_millis(50)
         );
+    }
+
+    /// A lean edge's control stream: quiet within its own ping interval
+    /// and half of one is fine; then the relay pings it, and for more than
+    /// a whole interval (its pong has time to come back, even over a
+    /// congested uplink) before the session is given up.
+    #[test]
+    fn a_quiet_control_stream_is_pinged_long_before_it_is_given_up() {
+        let ms = Duration::from_millis(1);
+        assert_eq!(control_check(Duration::ZERO), ControlCheck::Fine);
+        assert_eq!(control_check(P), ControlCheck::Fine);
+        assert_eq!(control_check(P.mul_f64(1.5) - ms), ControlCheck::Fine);
+        assert_eq!(control_check(P.mul_f64(1.5)), ControlCheck::Ping);
+        assert_eq!(control_check(LIMIT), ControlCheck::Ping);
+        assert_eq!(control_check(LIMIT + ms), ControlCheck::Wedged);
+        assert!(LIMIT - P.mul_f64(1.5) > P, "too little time for a pong");
     }
 }

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::handshake::Claim;
+use crate::liveness::{control_check, first_tick, ControlCheck};
 use crate::registry::RouteOwner;
 use crate::routefeed::{FeedUpdate, RouteFeed};
 use crate::server::Shared;
@@ -328,41 +329,6 @@ pub(crate) fn note_cut(shared: &Shared, feed: &RouteFeed) {
     }
 }
 
-/// What a keep-alive tick does about a `QUIC_LIVENESS` edge's control
-/// stream, quiet for so long.
-#[derive(Debug, PartialEq, Eq)]
-enum ControlCheck {
-    /// Within the edge's own ping interval (and half of one to spare).
-    Fine,
-    /// Its ping is half an interval late: ping it (its pong counts).
-    Ping,
-    /// Three intervals without a message: its session task is wedged
-    /// while its QUIC stack still answers.
-    Wedged,
-}
-
-fn control_check(quiet: Duration) -> ControlCheck {
-    if quiet > relay_protocol::QUIC_CONTROL_SILENCE_LIMIT {
-        ControlCheck::Wedged
-    } else if quiet >= relay_protocol::QUIC_CONTROL_PING.mul_f64(1.5) {
-        ControlCheck::Ping
-    } else {
-        ControlCheck::Fine
-    }
-}
-
-/// When a session's first keep-alive tick fires: a uniformly random point
-/// in the second half of the first interval and the first half of the
-/// next, so the periodic work of sessions that registered together (a
-/// relay restart brings a thousand edges back within seconds) is spread
-/// over the whole interval instead of arriving in one burst every
-/// interval, which delays every other task on the runtime (the data path
-/// among them). The first tick is never earlier than half an interval:
-/// the session has just been seen.
-pub(crate) fn first_tick(keepalive: Duration) -> tokio::time::Instant {
-    tokio::time::Instant::now() + keepalive.mul_f64(0.5 + rand::random::<f64>())
-}
-
 /// Writes control frames in order, each bounded by `limit`.
 async fn write_all(send: &mut SendHalf, frames: &[Control], limit: Duration) -> Result<(), String> {
     for f in frames {
@@ -620,26 +586,4 @@ pub(crate) async fn run_session(
         shared.status.down(&handle.node, &why);
     }
     info!(reason = %why, open_streams = handle.open_streams.load(Relaxed), "session down");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use relay_protocol::{QUIC_CONTROL_PING as P, QUIC_CONTROL_SILENCE_LIMIT as LIMIT};
-
-    /// A lean edge's control stream: quiet within its own ping interval
-    /// and half of one is fine; then the relay pings it, and for more than
-    /// a whole interval (its pong has time to come back, even over a
-    /// congested uplink) before the session is given up.
-    #[test]
-    fn a_quiet_control_stream_is_pinged_long_before_it_is_given_up() {
-        let ms = Duration::from_millis(1);
-        assert_eq!(control_check(Duration::ZERO), ControlCheck::Fine);
-        assert_eq!(control_check(P), ControlCheck::Fine);
-        assert_eq!(control_check(P.mul_f64(1.5) - ms), ControlCheck::Fine);
-        assert_eq!(control_check(P.mul_f64(1.5)), ControlCheck::Ping);
-        assert_eq!(control_check(LIMIT), ControlCheck::Ping);
-        assert_eq!(control_check(LIMIT + ms), ControlCheck::Wedged);
-        assert!(LIMIT - P.mul_f64(1.5) > P, "too little time for a pong");
-    }
 }
