@@ -48,8 +48,9 @@ pub struct Metrics {
     pub route_lists_cut: AtomicU64,
     /// Sessions closed because their node left the directory.
     pub node_gone: AtomicU64,
-    /// QUIC sessions closed because nothing arrived from the edge for the
-    /// idle timeout (see [`crate::liveness`]).
+    /// Sessions closed because nothing arrived from the edge for the idle
+    /// timeout: no datagram on QUIC, no control message on the TCP
+    /// fallback or from an older edge (see [`crate::liveness`]).
     pub sessions_silent: AtomicU64,
     /// Node certificates issued by the bootstrap.
     pub bootstrap_issued: AtomicU64,
@@ -283,7 +284,7 @@ impl Metrics {
         metric(
             "relay_sessions_silent_total",
             "counter",
-            "QUIC sessions closed because nothing arrived from the edge for quic.idle_timeout.",
+            "Sessions closed because nothing arrived from the edge (datagrams on QUIC, control messages on the TCP fallback) for quic.idle_timeout.",
             &one(&self.sessions_silent),
         );
         metric(
