@@ -99,6 +99,16 @@ pub struct EdgeStats {
     /// possible NAT rebinding, ended by the probe instead of a keep-alive
     /// later.
     pub stall_probes: AtomicU64,
+    /// Sessions the edge gave up because its own liveness check found the
+    /// path dead (nothing from the relay, or a control ping unanswered,
+    /// for the dead-path bound).
+    pub paths_dead: AtomicU64,
+    /// QUIC sessions the relay ended with a close of its own (its idle
+    /// timeout, a drain, the node deleted or refused, an operator's
+    /// close). On a path dead only upstream this, not `paths_dead`, is how
+    /// the edge learns: what the relay sends still arrives. The TCP
+    /// fallback cannot tell a close from a loss and never counts here.
+    pub closed_by_relay: AtomicU64,
     /// Which of the relay name's addresses the next attempt dials, modulo
     /// their number: advanced past an address that failed, so a name with
     /// an IPv6 and an IPv4 address still connects where IPv6 is broken
@@ -540,6 +550,9 @@ pub(crate) async fn run(
                 }
                 if let Some(ep) = endpoint {
                     ep.close(close_code::NORMAL.into(), b"");
+                }
+                if matches!(end, SessionEnd::Lost(_)) && conn.peer_close_code().is_some() {
+                    stats.closed_by_relay.fetch_add(1, Relaxed);
                 }
                 match end {
                     SessionEnd::Upgrade(c) => {

@@ -265,6 +265,7 @@ pub(crate) async fn run_session(
                 }
                 if received.is_none() && last_heard.elapsed() > cfg.quic.idle_timeout {
                     conn.close(close_code::PROTOCOL, "relay silent");
+                    stats.paths_dead.fetch_add(1, Relaxed);
                     return SessionEnd::Lost(format!("nothing from the relay for {:?}", last_heard.elapsed()));
                 }
                 // The edge pings too: after a NAT rebinding an idle TCP
@@ -279,6 +280,7 @@ pub(crate) async fn run_session(
                     Tick::Quiet => continue,
                     Tick::Dead(dead) => {
                         conn.close(close_code::PROTOCOL, "path dead");
+                        stats.paths_dead.fetch_add(1, Relaxed);
                         return SessionEnd::Lost(format!("{dead} ({} pings in flight)", liveness.in_flight()));
                     }
                 }

@@ -168,6 +168,18 @@ pub(crate) fn render(up: bool, st: &EdgeStats) -> String {
         n(&st.stall_probes),
     );
     one(
+        "paths_dead_total",
+        "counter",
+        "Sessions given up by the edge's own liveness check (nothing from the relay, or a control ping unanswered, for the dead-path bound).",
+        n(&st.paths_dead),
+    );
+    one(
+        "sessions_closed_by_relay_total",
+        "counter",
+        "QUIC sessions the relay closed (its idle timeout, a drain, the node deleted, an operator); a path dead only upstream ends here.",
+        n(&st.closed_by_relay),
+    );
+    one(
         "path_rtt_seconds",
         "gauge",
         "QUIC's smoothed round-trip estimate at the last keep-alive tick (0 on TCP).",
@@ -215,6 +227,8 @@ mod tests {
         st.control_rtt_us.store(1_500, Relaxed);
         st.bytes_up.store(42, Relaxed);
         st.udp.dropped_queue_full.store(3, Relaxed);
+        st.paths_dead.store(2, Relaxed);
+        st.closed_by_relay.store(5, Relaxed);
         let t = render(true, &st);
         for line in [
             "edge_session_up 1",
@@ -223,6 +237,8 @@ mod tests {
             "edge_bytes_total{direction=\"up\"} 42",
             "edge_udp_dropped_total{reason=\"queue_full\"} 3",
             "# TYPE edge_udp_flows gauge",
+            "edge_paths_dead_total 2",
+            "edge_sessions_closed_by_relay_total 5",
         ] {
             assert!(t.lines().any(|l| l == line), "{line} missing in:\n{t}");
         }

@@ -17,6 +17,10 @@
 //! 4. Drain during 100 in-flight transfers: all complete byte-exact; a new
 //!    CONNECT during the drain gets a typed refusal (502, "draining"), and
 //!    once drained the edge is back as a newer session.
+//! 5. Edge2's path dead only upstream (its NAT drops what it sends, the
+//!    relay's packets still arrive): the relay's sweep ends the session,
+//!    and its close, down the direction that still works, tells the edge.
+//!    In 3 and 5 the edge's own view (`/readyz`) is timed too.
 //!
 //! Each fault gets a fresh lab. The table `fault | bound | measured |
 //! result` is printed and written to `target/lab-faults.txt`. Needs root;
@@ -32,9 +36,10 @@ use anyhow::{bail, Context, Result};
 use edge_client::TransportMode;
 use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::scenario::{
-    admin_call, captured_prefixes, connect_from, echo_service, edge_config, http_from, lab_pki,
-    metric, relay_config, relay_server_binary, sa, services, session, sessions, start_edge,
-    start_relay, within, RelayProcess, Running, Table, ECHO, HTTP,
+    admin_call, captured_prefixes, connect_from, echo_service, edge_config, edge_metric,
+    edge_ready, http_from, lab_pki, metric, relay_config, relay_server_binary, sa, services,
+    session, sessions, start_edge, start_relay, within, RelayProcess, Running, Table, ECHO,
+    EDGE_STATUS, HTTP,
 };
 use relay_server::admin::SessionRow;
 use relay_transport::devcerts::DevPki;
@@ -279,18 +284,58 @@ fn relay_restart(t: &mut Table) -> Result<()> {
     Ok(())
 }
 
+/// How edge2's path to the relay is cut.
+#[derive(Clone, Copy, PartialEq)]
+enum Cut {
+    /// Its uplink goes down: nothing either way.
+    Link,
+    /// Its NAT drops what it sends; the relay's packets still arrive.
+    Upstream,
+}
+
+impl Cut {
+    fn apply(self, lab: &NetnsLab) -> Result<()> {
+        match self {
+            Cut::Link => lab.link_down(2),
+            Cut::Upstream => lab.drop_upstream(2),
+        }
+    }
+
+    fn undo(self, lab: &NetnsLab) -> Result<()> {
+        match self {
+            Cut::Link => lab.link_up(2),
+            Cut::Upstream => lab.clear_nat_faults(2),
+        }
+    }
+}
+
 /// Fault 3: edge2's link goes down for longer than the idle timeout.
 fn link_down(t: &mut Table) -> Result<()> {
-    link_down_over(t, TransportMode::Auto, "edge2 link down")
+    cut_path(t, TransportMode::Auto, Cut::Link, "edge2 link down")
 }
 
 /// The same with every edge on the TCP fallback, where yamux has no idle
 /// timeout and the relay's sweep goes by the control messages.
 fn link_down_tcp(t: &mut Table) -> Result<()> {
-    link_down_over(t, TransportMode::Tcp, "edge2 link down, TCP fallback")
+    cut_path(
+        t,
+        TransportMode::Tcp,
+        Cut::Link,
+        "edge2 link down, TCP fallback",
+    )
 }
 
-fn link_down_over(t: &mut Table, transport: TransportMode, what: &str) -> Result<()> {
+/// Fault 5: edge2's path dies only upstream. The relay's packets (its
+/// keep-alive backstop, its retransmissions) keep reaching the edge, so the
+/// edge's own liveness check, which counts what arrives, sees a live path:
+/// the edge learns of the loss from the relay's CONNECTION_CLOSE, sent
+/// once the relay's sweep gives the session up, down the direction that
+/// still works.
+fn upstream_dead(t: &mut Table) -> Result<()> {
+    cut_path(t, TransportMode::Auto, Cut::Upstream, "edge2 upstream dead")
+}
+
+fn cut_path(t: &mut Table, transport: TransportMode, cut: Cut, what: &str) -> Result<()> {
     let keepalive = Duration::from_secs(1);
     let idle = Duration::from_secs(3);
     let lab = NetnsLab::new()?;
@@ -308,6 +353,7 @@ fn link_down_over(t: &mut Table, transport: TransportMode, what: &str) -> Result
         ecfg.backoff.initial = Duration::from_millis(200);
         ecfg.backoff.max = Duration::from_secs(2);
         ecfg.transport = transport;
+        ecfg.status_listen = Some(EDGE_STATUS);
         edges.push(start_edge(&lab, site, ecfg)?);
     }
     let prefix = netns::edge_pod_cidr(2).to_string();
@@ -315,45 +361,90 @@ fn link_down_over(t: &mut Table, transport: TransportMode, what: &str) -> Result
         Ok(captured_prefixes(&lab)?.contains(&prefix))
     })
     .with_context(|| format!("{prefix} not captured before the fault"))?;
+    anyhow::ensure!(edge_ready(&lab, 2)?, "edge2 not ready before the fault");
 
-    lab.link_down(2)?;
+    cut.apply(&lab)?;
     let t_down = Instant::now();
     // The relay's silence sweep (every idle / 24, 125 ms here) ends the
     // session once nothing has arrived for the idle timeout, counted from
     // the sweep that last saw the edge's datagrams (QUIC) or from its last
-    // control message (TCP): at most idle + two sweeps after the link went
-    // down; a second for removing the capture and this poll (4.25 s).
-    // QUIC's idle timer alone took up to 1.5 x idle + keepalive: its
-    // backstop PING restarts the timer (RFC 9000 10.1), measured 4.35 to
-    // 4.69 s in 9 runs. On TCP the session's keep-alive tick took up to
-    // idle + keepalive.
+    // control message (TCP): at most idle + two sweeps after the cut; a
+    // second for removing the capture and this poll (4.25 s). QUIC's idle
+    // timer alone took up to 1.5 x idle + keepalive: its backstop PING
+    // restarts the timer (RFC 9000 10.1), measured 4.35 to 4.69 s in 9
+    // runs. On TCP the session's keep-alive tick took up to idle +
+    // keepalive.
     let sweep = relay_server::liveness::period(idle);
     let gone_bound = idle + sweep * 2 + Duration::from_secs(1);
-    let gone = within(gone_bound + Duration::from_secs(5), || {
-        Ok(session(&lab, "edge2")?.is_none() && !captured_prefixes(&lab)?.contains(&prefix))
-    });
+    // The edge: with nothing arriving, its liveness check gives the path
+    // up within 3 keep-alives. When only its upstream is dead, what
+    // arrives keeps the check content, and the relay's close (sent within
+    // idle + two sweeps) is what tells it.
+    let edge_bound = match cut {
+        Cut::Link => keepalive * 3,
+        Cut::Upstream => idle + sweep * 2,
+    } + Duration::from_millis(500);
+    let (mut relay_gone, mut edge_down) = (None, None);
+    while t_down.elapsed() < gone_bound + Duration::from_secs(5)
+        && (relay_gone.is_none() || edge_down.is_none())
+    {
+        if relay_gone.is_none()
+            && session(&lab, "edge2")?.is_none()
+            && !captured_prefixes(&lab)?.contains(&prefix)
+        {
+            relay_gone = Some(t_down.elapsed());
+        }
+        if edge_down.is_none() && !edge_ready(&lab, 2)? {
+            edge_down = Some(t_down.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let never = |side: &str| anyhow::anyhow!("{side} still up {}", secs(t_down.elapsed()));
     timed(
         t,
         &format!("{what}: session and {prefix} leave the relay (idle 3s)"),
         Some(gone_bound),
-        gone.map(|d| {
-            (
-                d,
-                "from link down; edge1 unaffected; closed by the sweep".to_string(),
-            )
-        })
-        .and_then(|r| {
-            anyhow::ensure!(session(&lab, "edge1")?.is_some(), "edge1 lost too");
-            // The sweep ended it, not QUIC's own idle timer.
-            let silent = metric(&lab, "relay_sessions_silent_total")?;
-            anyhow::ensure!(silent == 1.0, "relay_sessions_silent_total {silent}, not 1");
-            Ok(r)
+        relay_gone
+            .ok_or_else(|| never("relay's session"))
+            .and_then(|d| {
+                anyhow::ensure!(session(&lab, "edge1")?.is_some(), "edge1 lost too");
+                // The sweep ended it, not QUIC's own idle timer.
+                let silent = metric(&lab, "relay_sessions_silent_total")?;
+                anyhow::ensure!(silent == 1.0, "relay_sessions_silent_total {silent}, not 1");
+                Ok((
+                    d,
+                    "from the cut; edge1 unaffected; closed by the sweep".to_string(),
+                ))
+            }),
+    );
+    // Which of the two ended the edge's session: its own check when
+    // nothing arrives; the relay's close when only upstream is dead (QUIC
+    // carries the close; the TCP fallback cannot tell one).
+    let (how, dead, closed) = match cut {
+        Cut::Link => ("its own check, keepalive 1s", 1.0, 0.0),
+        Cut::Upstream => ("told by the relay's close", 0.0, 1.0),
+    };
+    timed(
+        t,
+        &format!("{what}: edge2 knows (/readyz 503)"),
+        Some(edge_bound),
+        edge_down.ok_or_else(|| never("edge2")).and_then(|d| {
+            let got = (
+                edge_metric(&lab, 2, "edge_paths_dead_total")?,
+                edge_metric(&lab, 2, "edge_sessions_closed_by_relay_total")?,
+            );
+            anyhow::ensure!(
+                got == (dead, closed),
+                "edge_paths_dead_total, edge_sessions_closed_by_relay_total = {got:?}, not {:?}",
+                (dead, closed)
+            );
+            Ok((d, format!("from the cut; {how}")))
         }),
     );
-    // Down for twice the idle timeout in all, then up again.
+    // Cut for twice the idle timeout in all, then restored.
     let hold = (idle * 2).saturating_sub(t_down.elapsed());
     std::thread::sleep(hold);
-    lab.link_up(2)?;
+    cut.undo(&lab)?;
     let t_up = Instant::now();
     // The edge notices a failed attempt by its idle timeout (3 s), then
     // waits at most the backoff cap (2 s).
@@ -363,9 +454,9 @@ fn link_down_over(t: &mut Table, transport: TransportMode, what: &str) -> Result
     });
     timed(
         t,
-        &format!("{what}: back after link up (backoff 200ms..2s)"),
+        &format!("{what}: back after the path is restored (backoff 200ms..2s)"),
         Some(back_bound),
-        back.map(|d| (d, format!("from link up; down {}", secs(t_up - t_down)))),
+        back.map(|d| (d, format!("from restore; cut {}", secs(t_up - t_down)))),
     );
     let epod2 = sa(netns::edge_pod_ip(2), HTTP);
     let t0 = Instant::now();
@@ -533,12 +624,13 @@ fn faults() -> Result<()> {
     let t_all = Instant::now();
     let mut t = Table::new(&["fault", "bound", "measured", "result"]);
     type Fault = fn(&mut Table) -> Result<()>;
-    let faults: [(&str, Fault); 6] = [
+    let faults: [(&str, Fault); 7] = [
         ("NAT rebinding", nat_rebinding),
         ("NAT rebinding during a download", nat_rebinding_download),
         ("relay SIGKILL + restart", relay_restart),
         ("edge2 link down", link_down),
         ("edge2 link down, TCP fallback", link_down_tcp),
+        ("edge2 upstream dead", upstream_dead),
         ("drain edge1", drain),
     ];
     // `FAULTS=rebinding` (say) runs only the faults whose name contains it.

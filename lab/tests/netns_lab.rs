@@ -393,7 +393,7 @@ fn faults_bite_and_heal() {
     assert!(udp_roundtrip(&lab, Role::Edge1, relay_udp).is_err());
     expect_ok(&lab, Role::Edge1, relay_udp); // TCP unaffected
     udp_roundtrip(&lab, Role::Edge2, relay_udp).expect("other site unaffected");
-    lab.unblock_udp(1).expect("unblock_udp");
+    lab.clear_nat_faults(1).expect("clear_nat_faults");
     udp_roundtrip(&lab, Role::Edge1, relay_udp).expect("UDP after unblock");
 
     // NAT rebinding: the relay sees the new public address.

@@ -1,5 +1,5 @@
-//! Faults the lab injects on an edge site: UDP blocked at its NAT, the
-//! NAT's mappings forgotten or rebound to another address, the edge host's
+//! Faults the lab injects on an edge site: UDP, or everything the edge
+//! sends, dropped at its NAT, the NAT's mappings forgotten or rebound to another address, the edge host's
 //! uplink down and up again.
 //!
 //! They act on the NAT's `ip natlab` table (its `faults` and `postrouting`
@@ -24,8 +24,18 @@ impl NetnsLab {
         )
     }
 
-    /// Undoes [`NetnsLab::block_udp`].
-    pub fn unblock_udp(&self, site: u8) -> Result<()> {
+    /// Fault: NAT `site` drops everything its edge sends to the WAN; what
+    /// comes back for existing flows still arrives (a path dead only
+    /// upstream, as an uplink whose transmit side has failed).
+    pub fn drop_upstream(&self, site: u8) -> Result<()> {
+        self.nft(
+            Role::nat(site)?,
+            "add rule ip natlab faults oifname \"wan0\" drop\n",
+        )
+    }
+
+    /// Undoes [`NetnsLab::block_udp`] and [`NetnsLab::drop_upstream`].
+    pub fn clear_nat_faults(&self, site: u8) -> Result<()> {
         self.nft(Role::nat(site)?, "flush chain ip natlab faults\n")
     }
 

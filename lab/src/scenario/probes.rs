@@ -60,6 +60,32 @@ pub fn session(lab: &NetnsLab, node: &str) -> Result<Option<SessionRow>> {
     }
 }
 
+/// `GET path` on edge host `site`'s status endpoint, which its edge must
+/// have been started with on [`EDGE_STATUS`](super::EDGE_STATUS).
+fn edge_status(lab: &NetnsLab, site: u8, path: &'static str) -> Result<(u16, String)> {
+    lab.run_in(Role::edge(site)?, Duration::from_secs(2), move || {
+        crate::admin_get(super::EDGE_STATUS, path, None)
+    })
+}
+
+/// Whether edge host `site`'s edge client says it is connected (`GET
+/// /readyz`; see [`edge_status`]).
+pub fn edge_ready(lab: &NetnsLab, site: u8) -> Result<bool> {
+    match edge_status(lab, site, "/readyz")? {
+        (200, _) => Ok(true),
+        (503, _) => Ok(false),
+        (code, body) => bail!("edge{site} GET /readyz: HTTP {code}: {body}"),
+    }
+}
+
+/// One series of edge host `site`'s `/metrics` (see [`edge_status`]).
+pub fn edge_metric(lab: &NetnsLab, site: u8, series: &str) -> Result<f64> {
+    let (code, body) = edge_status(lab, site, "/metrics")?;
+    anyhow::ensure!(code == 200, "edge{site} GET /metrics: HTTP {code}");
+    crate::metric_sample(&body, series)
+        .with_context(|| format!("no {series} in edge{site}'s /metrics"))
+}
+
 /// The prefixes the relay node captures now (`nft list set inet
 /// edge_relay dst4`); empty when the table does not exist.
 pub fn captured_prefixes(lab: &NetnsLab) -> Result<String> {

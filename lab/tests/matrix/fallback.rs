@@ -164,7 +164,7 @@ fn watch_move_to_quic(lab: &NetnsLab) -> Result<Move> {
 /// UDP comes back at `site`: edge1's probe finds QUIC and its new session
 /// supersedes the TCP one; its prefix must stay on the relay throughout.
 pub(crate) fn udp_returns(lab: &NetnsLab, m: &mut Table, site: u8) -> Result<()> {
-    lab.unblock_udp(site)?;
+    lab.clear_nat_faults(site)?;
     let Move {
         moved,
         gap,
