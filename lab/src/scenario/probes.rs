@@ -69,7 +69,8 @@ fn edge_status(lab: &NetnsLab, site: u8, path: &'static str) -> Result<(u16, Str
 }
 
 /// Whether edge host `site`'s edge client says it is connected (`GET
-/// /readyz`; see [`edge_status`]).
+/// /readyz`; the edge must have been started with its status endpoint on
+/// [`EDGE_STATUS`](super::EDGE_STATUS)).
 pub fn edge_ready(lab: &NetnsLab, site: u8) -> Result<bool> {
     match edge_status(lab, site, "/readyz")? {
         (200, _) => Ok(true),
@@ -78,7 +79,8 @@ pub fn edge_ready(lab: &NetnsLab, site: u8) -> Result<bool> {
     }
 }
 
-/// One series of edge host `site`'s `/metrics` (see [`edge_status`]).
+/// One series of edge host `site`'s `/metrics` (status endpoint on
+/// [`EDGE_STATUS`](super::EDGE_STATUS)).
 pub fn edge_metric(lab: &NetnsLab, site: u8, series: &str) -> Result<f64> {
     let (code, body) = edge_status(lab, site, "/metrics")?;
     anyhow::ensure!(code == 200, "edge{site} GET /metrics: HTTP {code}");
