@@ -36,6 +36,7 @@ pub mod http;
 pub mod issue;
 pub mod memory;
 pub mod quic;
+mod quic_runtime;
 pub mod reload;
 pub mod splice;
 pub mod tcp;

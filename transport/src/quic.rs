@@ -354,8 +354,8 @@ pub fn server_endpoint_with(
     sock.bind(&addr.into())?;
     let sock: std::net::UdpSocket = sock.into();
     crate::splice::set_idle_timeout(tuning.stream_idle_timeout);
-    let runtime =
-        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    let runtime = crate::quic_runtime::Batching::tokio()
+        .ok_or_else(|| std::io::Error::other("no async runtime"))?;
     let endpoint = tuning.endpoint_config(restart_safe_endpoint(tls))?;
     quinn::Endpoint::new(endpoint, Some(cfg), sock, runtime)
 }
@@ -425,8 +425,8 @@ pub fn client_endpoint_with(
     size_socket_buffers(&sock);
     sock.bind(&bind.into())?;
     crate::splice::set_idle_timeout(tuning.stream_idle_timeout);
-    let runtime =
-        quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime"))?;
+    let runtime = crate::quic_runtime::Batching::tokio()
+        .ok_or_else(|| std::io::Error::other("no async runtime"))?;
     let mut ep = quinn::Endpoint::new(
         tuning.endpoint_config(quinn::EndpointConfig::default())?,
         None,
