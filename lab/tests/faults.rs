@@ -285,7 +285,7 @@ fn relay_restart(t: &mut Table) -> Result<()> {
 }
 
 /// How edge2's path to the relay is cut.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Cut {
     /// Its uplink goes down: nothing either way.
     Link,

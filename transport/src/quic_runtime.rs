@@ -150,55 +150,65 @@ mod tests {
         }
     }
 
-    /// Never done; counts how often it was polled.
-    fn pending(polls: Arc<AtomicUsize>) -> Task {
-        Box::pin(std::future::poll_fn(move |_| {
-            polls.fetch_add(1, Relaxed);
-            Poll::Pending
-        }))
+    /// A [`Deferred`] around a future that is never done, counting how
+    /// often that future ran and how often the wrapper woke itself.
+    struct Probe {
+        d: Pin<Box<Deferred>>,
+        polls: Arc<AtomicUsize>,
+        wakes: Arc<Count>,
     }
 
-    /// Polls `d` `n` times; how often `inner` ran and `d` woke itself.
-    fn poll_n(busy: Duration, n: usize) -> (usize, usize) {
-        let polls = Arc::new(AtomicUsize::new(0));
-        let wakes = Arc::new(Count::default());
-        let waker = Waker::from(wakes.clone());
-        let mut cx = Context::from_waker(&waker);
-        let mut d = Box::pin(Deferred::new(pending(polls.clone()), busy));
-        for _ in 0..n {
-            assert!(d.as_mut().poll(&mut cx).is_pending());
+    impl Probe {
+        fn new(busy: Duration) -> Self {
+            let polls = Arc::new(AtomicUsize::new(0));
+            let p = polls.clone();
+            let inner: Task = Box::pin(std::future::poll_fn(move |_| {
+                p.fetch_add(1, Relaxed);
+                Poll::Pending
+            }));
+            Probe {
+                d: Box::pin(Deferred::new(inner, busy)),
+                polls,
+                wakes: Arc::default(),
+            }
         }
-        (polls.load(Relaxed), wakes.0.load(Relaxed))
+
+        /// Polls once (never done); then (runs, self-wakes) so far.
+        fn poll(&mut self) -> (usize, usize) {
+            let waker = Waker::from(self.wakes.clone());
+            assert!(self
+                .d
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending());
+            (self.polls.load(Relaxed), self.wakes.0.load(Relaxed))
+        }
     }
 
     #[test]
     fn a_busy_driver_yields_once_before_each_run() {
         // Every gap is under an hour: run, defer, run, defer, run.
-        assert_eq!(poll_n(Duration::from_secs(3600), 5), (3, 2));
+        let mut p = Probe::new(Duration::from_secs(3600));
+        let seen: Vec<_> = (0..5).map(|_| p.poll()).collect();
+        assert_eq!(seen, [(1, 0), (1, 1), (2, 1), (2, 2), (3, 2)]);
     }
 
     #[test]
     fn one_quick_wake_after_a_quiet_spell_is_not_busy() {
-        let polls = Arc::new(AtomicUsize::new(0));
-        let wakes = Arc::new(Count::default());
-        let waker = Waker::from(wakes.clone());
-        let mut cx = Context::from_waker(&waker);
-        let busy = Duration::from_micros(740);
-        let mut d = Box::pin(Deferred::new(pending(polls.clone()), busy));
+        let mut p = Probe::new(Duration::from_micros(740));
         // The average starts at the cap (1 ms): after one quick gap it is
         // at least 750 us, not busy, however quick the gap.
-        for _ in 0..2 {
-            assert!(d.as_mut().poll(&mut cx).is_pending());
-        }
-        assert_eq!((polls.load(Relaxed), wakes.0.load(Relaxed)), (2, 0));
+        assert_eq!(p.poll(), (1, 0));
+        assert_eq!(p.poll(), (2, 0));
         // A second quick gap (under 700 us) brings it under 740 us: busy.
-        assert!(d.as_mut().poll(&mut cx).is_pending());
-        assert_eq!((polls.load(Relaxed), wakes.0.load(Relaxed)), (2, 1));
+        assert_eq!(p.poll(), (2, 1));
     }
 
     #[test]
     fn an_idle_driver_runs_at_once() {
-        assert_eq!(poll_n(Duration::ZERO, 5), (5, 0));
+        let mut p = Probe::new(Duration::ZERO);
+        let seen: Vec<_> = (0..5).map(|_| p.poll()).collect();
+        assert_eq!(seen, [(1, 0), (2, 0), (3, 0), (4, 0), (5, 0)]);
     }
 
     #[test]

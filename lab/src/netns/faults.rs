@@ -1,6 +1,6 @@
 //! Faults the lab injects on an edge site: UDP, or everything the edge
-//! sends, dropped at its NAT, the NAT's mappings forgotten or rebound to another address, the edge host's
-//! uplink down and up again.
+//! sends, dropped at its NAT; the NAT's mappings forgotten or rebound to
+//! another address; the edge host's uplink down and up again.
 //!
 //! They act on the NAT's `ip natlab` table (its `faults` and `postrouting`
 //! chains, see `hosts.rs`) and on the edge host's `eth0`; kept apart from
