@@ -540,6 +540,7 @@ pub(crate) async fn run(
                     &cancel,
                     &state,
                     dns.as_ref(),
+                    hello.capabilities,
                     &mut went_away,
                 )
                 .instrument(span)

@@ -72,9 +72,20 @@ pub(crate) async fn run_session(
     cancel: &CancellationToken,
     state: &watch::Sender<EdgeState>,
     dns: Option<&crate::dns::Resolver>,
+    relay_caps: u32,
     went_away: &mut bool,
 ) -> SessionEnd {
     let BiStream { mut send, recv } = control;
+    // A relay that can use it learns our keep-alive: on QUIC it then ends
+    // the session after two intervals without a packet from us, which is
+    // how a path dead only upstream is noticed (we still hear the relay).
+    if relay_caps & relay_protocol::capability::EDGE_KEEPALIVE != 0 {
+        let interval_ms = u32::try_from(cfg.quic.keepalive.as_millis()).unwrap_or(u32::MAX);
+        let told = Control::Keepalive { interval_ms };
+        if let Err(end) = send_control(conn, &mut send, &told, cfg).await {
+            return end;
+        }
+    }
     // Service names for the resolver, put together per session.
     let mut names = dns.map(crate::dns::Resolver::batch);
     let mut frames = codec::control_reader(recv);
@@ -371,20 +382,33 @@ pub(crate) async fn run_session(
                 continue;
             }
         };
-        // Bounded: on a path that died silently (a NAT that rebound and
-        // dropped the relay's reset) a write on the TCP fallback can block.
-        // The same allowance as an unanswered ping (two keep-alive
-        // intervals), so a write queued behind a slow uplink's backlog is
-        // not mistaken for a dead path, and a write started by a tick still
-        // fails within 3 × keep-alive of the path's death.
-        let write_limit = cfg.quic.keepalive * DEAD_AFTER_KEEPALIVES;
-        match tokio::time::timeout(write_limit, write_frame(&mut send, &reply)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return SessionEnd::Lost(format!("control write: {e}")),
-            Err(_) => {
-                conn.close(close_code::PROTOCOL, "control write stuck");
-                return SessionEnd::Lost(format!("control write not done within {write_limit:?}"));
-            }
+        if let Err(end) = send_control(conn, &mut send, &reply, cfg).await {
+            return end;
+        }
+    }
+}
+
+/// Writes one control message, bounded: on a path that died silently (a
+/// NAT that rebound and dropped the relay's reset) a write on the TCP
+/// fallback can block. The same allowance as an unanswered ping (two
+/// keep-alive intervals), so a write queued behind a slow uplink's backlog
+/// is not mistaken for a dead path, and a write started by a tick still
+/// fails within 3 × keep-alive of the path's death.
+async fn send_control(
+    conn: &TunnelConn,
+    send: &mut relay_transport::SendHalf,
+    msg: &Control,
+    cfg: &EdgeConfig,
+) -> Result<(), SessionEnd> {
+    let limit = cfg.quic.keepalive * DEAD_AFTER_KEEPALIVES;
+    match tokio::time::timeout(limit, write_frame(send, msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(SessionEnd::Lost(format!("control write: {e}"))),
+        Err(_) => {
+            conn.close(close_code::PROTOCOL, "control write stuck");
+            Err(SessionEnd::Lost(format!(
+                "control write not done within {limit:?}"
+            )))
         }
     }
 }

@@ -329,15 +329,19 @@ fn link_down_tcp(t: &mut Table) -> Result<()> {
 /// keep-alive backstop, its retransmissions) keep reaching the edge, so the
 /// edge's own liveness check, which counts what arrives, sees a live path:
 /// the edge learns of the loss from the relay's CONNECTION_CLOSE, sent
-/// once the relay's sweep gives the session up, down the direction that
-/// still works.
+/// once the relay's sweep gives the session up (after two of the
+/// keep-alive intervals the edge told it), down the direction that still
+/// works: within the edge's own 3 × keep-alive bound.
 fn upstream_dead(t: &mut Table) -> Result<()> {
     cut_path(t, TransportMode::Auto, Cut::Upstream, "edge2 upstream dead")
 }
 
 fn cut_path(t: &mut Table, transport: TransportMode, cut: Cut, what: &str) -> Result<()> {
+    // An idle timeout longer than 3 keep-alives, as operators may set it:
+    // then only the edge's told keep-alive gets a path dead upstream
+    // noticed within the edge's 3 × keep-alive bound (see below).
     let keepalive = Duration::from_secs(1);
-    let idle = Duration::from_secs(3);
+    let idle = Duration::from_secs(4);
     let lab = NetnsLab::new()?;
     let pki = lab_pki()?;
     let _svc = services(&lab, Role::Epod2, "epod2")?;
@@ -365,25 +369,29 @@ fn cut_path(t: &mut Table, transport: TransportMode, cut: Cut, what: &str) -> Re
 
     cut.apply(&lab)?;
     let t_down = Instant::now();
-    // The relay's silence sweep (every idle / 24, 125 ms here) ends the
-    // session once nothing has arrived for the idle timeout, counted from
-    // the sweep that last saw the edge's datagrams (QUIC) or from its last
-    // control message (TCP): at most idle + two sweeps after the cut; a
-    // second for removing the capture and this poll (4.25 s). QUIC's idle
-    // timer alone took up to 1.5 x idle + keepalive: its backstop PING
-    // restarts the timer (RFC 9000 10.1), measured 4.35 to 4.69 s in 9
-    // runs. On TCP the session's keep-alive tick took up to idle +
-    // keepalive.
+    // The relay's silence sweep (every idle / 24, 167 ms here) ends the
+    // session once nothing has arrived for two of the edge's keep-alives
+    // (QUIC: the edge tells its interval) or the idle timeout (the TCP
+    // fallback, by its control messages), counted from the sweep that last
+    // saw the edge: at most that plus two sweeps after the cut; a second
+    // for removing the capture and this poll. QUIC's idle timer alone took
+    // up to 1.5 x idle + keepalive: its backstop PING restarts the timer
+    // (RFC 9000 10.1). On TCP the session's keep-alive tick took up to
+    // idle + keepalive.
     let sweep = relay_server::liveness::period(idle);
-    let gone_bound = idle + sweep * 2 + Duration::from_secs(1);
+    let silence = match transport {
+        TransportMode::Tcp => idle,
+        _ => relay_server::liveness::expected_silence(idle, Some(keepalive)),
+    };
+    let gone_bound = silence + sweep * 2 + Duration::from_secs(1);
     // The edge: with nothing arriving, its liveness check gives the path
     // up within 3 keep-alives. When only its upstream is dead, what
     // arrives keeps the check content, and the relay's close (sent within
-    // idle + two sweeps) is what tells it.
-    let edge_bound = match cut {
-        Cut::Link => keepalive * 3,
-        Cut::Upstream => idle + sweep * 2,
-    } + Duration::from_millis(500);
+    // two keep-alives and two sweeps) is what tells it: within the same
+    // bound. Before the edge told its keep-alive, the relay waited for the
+    // idle timeout (4.2 s here). The slack is this poll's: a round of its
+    // three probes into the namespaces takes up to a quarter second.
+    let edge_bound = keepalive * 3 + Duration::from_millis(750);
     let (mut relay_gone, mut edge_down) = (None, None);
     while t_down.elapsed() < gone_bound + Duration::from_secs(5)
         && (relay_gone.is_none() || edge_down.is_none())
@@ -402,7 +410,7 @@ fn cut_path(t: &mut Table, transport: TransportMode, cut: Cut, what: &str) -> Re
     let never = |side: &str| anyhow::anyhow!("{side} still up {}", secs(t_down.elapsed()));
     timed(
         t,
-        &format!("{what}: session and {prefix} leave the relay (idle 3s)"),
+        &format!("{what}: session and {prefix} leave the relay (idle 4s)"),
         Some(gone_bound),
         relay_gone
             .ok_or_else(|| never("relay's session"))
@@ -446,7 +454,7 @@ fn cut_path(t: &mut Table, transport: TransportMode, cut: Cut, what: &str) -> Re
     std::thread::sleep(hold);
     cut.undo(&lab)?;
     let t_up = Instant::now();
-    // The edge notices a failed attempt by its idle timeout (3 s), then
+    // The edge notices a failed attempt by its idle timeout (4 s), then
     // waits at most the backoff cap (2 s).
     let back_bound = idle + Duration::from_secs(2) + Duration::from_secs(1);
     let back = within(back_bound + Duration::from_secs(10), || {

@@ -357,10 +357,12 @@ mod tests {
 
     #[test]
     fn unknown_control_kinds_are_told_from_garbage() {
-        // Variant 9 with some payload: a newer peer's message.
+        // The first variant past this build's, with some payload: a newer
+        // peer's message.
+        let next = crate::Control::VARIANTS;
         assert_eq!(
-            decode_control(&[9, 1, 2, 3]).unwrap(),
-            Incoming::Unknown { variant: 9 }
+            decode_control(&[next as u8, 1, 2, 3]).unwrap(),
+            Incoming::Unknown { variant: next }
         );
         let mut body = encode(&Control::Ping { nonce: 5 }).unwrap();
         body.push(0xaa);

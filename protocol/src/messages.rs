@@ -80,6 +80,11 @@ pub mod capability {
     /// captures the cluster's NodePorts on its own addresses, as it
     /// captures ClusterIPs. A relay sends them only to edges with this bit.
     pub const NODE_PORTS: u32 = 1 << 10;
+    /// The relay understands [`Control::Keepalive`](super::Control::Keepalive)
+    /// and then ends a [`QUIC_LIVENESS`] session silent for two of the
+    /// edge's keep-alive intervals, instead of its whole idle timeout. An
+    /// edge sends the message only to a relay with this bit.
+    pub const EDGE_KEEPALIVE: u32 = 1 << 11;
     /// Every bit this build understands.
     pub const ALL: u32 = TCP_STREAMS
         | UDP_DATAGRAMS
@@ -91,7 +96,8 @@ pub mod capability {
         | SERVICE_NAMES
         | QUIC_LIVENESS
         | UDP_STREAM_PAYLOADS
-        | NODE_PORTS;
+        | NODE_PORTS
+        | EDGE_KEEPALIVE;
 }
 
 /// The first message of a session, sent by the edge on the control stream.
@@ -319,6 +325,17 @@ pub enum Control {
         /// The last frame of a batch: apply everything received so far.
         complete: bool,
     },
+    /// The edge's keep-alive interval, sent once after the hello to a relay
+    /// that announced [`capability::EDGE_KEEPALIVE`]. On QUIC such an edge
+    /// sends a packet at least this often while its path works (QUIC's PING
+    /// when nothing arrived for an interval, else the acknowledgements of
+    /// what did), so two intervals without one mean the path is dead. The
+    /// relay has to be the one to decide that for a path dead only
+    /// upstream: the edge still hears the relay and sees nothing wrong.
+    Keepalive {
+        /// The interval, in milliseconds.
+        interval_ms: u32,
+    },
 }
 
 /// One relay replica as an edge should reach it.
@@ -385,7 +402,7 @@ impl ServicePort {
 impl Control {
     /// Number of variants this build knows; a frame whose variant index is
     /// at or above it comes from a newer peer.
-    pub const VARIANTS: u32 = 9;
+    pub const VARIANTS: u32 = 10;
 
     /// Byte budget of the entries in one [`Control::ServiceDelta`]: well
     /// inside [`crate::MAX_FRAME_LEN`] whatever the mix of entries.

@@ -174,6 +174,11 @@ fn golden() -> Vec<(&'static str, Vec<u8>, &'static str)> {
             "080103632e6c02026e73037765620001000a600014010468747470500000026e73026462010100fb38150101000af40705010464622d3001fb3915010161016201",
         ),
         (
+            "Control::Keepalive",
+            encode(&Control::Keepalive { interval_ms: 8000 }).unwrap(),
+            "09fb401f",
+        ),
+        (
             "ServerHelloExt",
             encode(&ServerHelloExt {
                 served_routes: vec![cidr("10.244.7.0/24")],
@@ -688,7 +693,7 @@ proptest! {
 
 #[test]
 fn control_variant_indices_are_frozen() {
-    // Index 7 is Replicas, 8 ServiceNames: frozen once released.
+    // Index 7 is Replicas, 8 ServiceNames, 9 Keepalive: frozen once released.
     let m = Control::ServiceNames {
         reset: false,
         cluster_domain: String::new(),
@@ -697,5 +702,7 @@ fn control_variant_indices_are_frozen() {
         complete: true,
     };
     assert_eq!(encode(&m).unwrap()[0], 8);
-    assert_eq!(Control::VARIANTS, 9);
+    let m = Control::Keepalive { interval_ms: 8000 };
+    assert_eq!(encode(&m).unwrap()[0], 9);
+    assert_eq!(Control::VARIANTS, 10);
 }

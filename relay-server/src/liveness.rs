@@ -12,6 +12,16 @@
 //! longer, on a path whose round trip QUIC's own timer would allow for).
 //! QUIC's timer stays as the backstop; this only ends a session sooner.
 //!
+//! An edge that told the relay its keep-alive interval
+//! ([`relay_protocol::Control::Keepalive`]) is given two of its intervals
+//! instead, when that is shorter: such an edge sends a packet at least once
+//! an interval while its path works (QUIC's PING when nothing arrived, else
+//! its acknowledgements), so two intervals of silence are a dead path. This
+//! is what notices a path dead only upstream within the edge's 3 ×
+//! keep-alive bound (the edge still hears the relay and sees nothing wrong;
+//! the relay's CONNECTION_CLOSE, travelling the direction that works, tells
+//! it): two intervals, plus at most two sweeps.
+//!
 //! The same sweep ends a session whose edge is expected to talk on its
 //! control stream every keep-alive (the TCP fallback, where yamux has no
 //! idle timeout of its own, and QUIC edges without
@@ -24,7 +34,7 @@
 //! lock, one wake-up a second at the defaults, yielding to the runtime
 //! every 128 sessions so the data path is not held behind it.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,16 +66,48 @@ pub fn silence_limit(idle_timeout: Duration, rtt: Duration) -> Duration {
     idle_timeout.max(rtt.saturating_mul(12))
 }
 
+/// Keep-alive intervals of silence after which an edge that told its
+/// interval is taken for gone (the edge's own rule for what it receives).
+pub const DEAD_AFTER_KEEPALIVES: u32 = 2;
+
+/// How long a QUIC session may go without a datagram before it counts as
+/// silent (then [`silence_limit`] allows for a long path): the idle
+/// timeout, or two of the edge's keep-alive intervals if it told them and
+/// that is shorter.
+pub fn expected_silence(idle_timeout: Duration, edge_keepalive: Option<Duration>) -> Duration {
+    edge_keepalive.map_or(idle_timeout, |k| {
+        idle_timeout.min(k.saturating_mul(DEAD_AFTER_KEEPALIVES))
+    })
+}
+
 /// What the sweep remembers of one session: the received-datagram count
-/// it last saw and when it saw it change.
+/// it last saw and when it saw it change, and the edge's keep-alive
+/// interval if it told it.
 #[derive(Debug, Default)]
 pub struct Heard {
     datagrams: AtomicU64,
     /// Milliseconds since the session started.
     changed_ms: AtomicU64,
+    /// The edge's keep-alive interval in milliseconds; 0 until it tells.
+    keepalive_ms: AtomicU32,
 }
 
 impl Heard {
+    /// Records the interval an edge told in its
+    /// [`relay_protocol::Control::Keepalive`]; 0 is not an interval and
+    /// leaves the session on the idle timeout.
+    pub fn tell_keepalive(&self, interval_ms: u32) {
+        self.keepalive_ms.store(interval_ms, Relaxed);
+    }
+
+    /// The edge's keep-alive interval, if it told one.
+    pub fn edge_keepalive(&self) -> Option<Duration> {
+        match self.keepalive_ms.load(Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(u64::from(ms))),
+        }
+    }
+
     /// Takes the session's current count at `now_ms` (milliseconds since it
     /// started); returns how long the count has not moved, in
     /// milliseconds. A change is dated at the sweep that saw it, never
@@ -115,8 +157,9 @@ fn sweep_one(shared: &Shared, s: &SessionHandle, idle: Duration) {
             // For operators ("last seen").
             s.touch();
         }
+        let expected = expected_silence(idle, s.heard.edge_keepalive());
         // The round trip is read only for a session already quiet that long.
-        if quiet > idle && quiet > silence_limit(idle, s.conn.rtt()) {
+        if quiet > expected && quiet > silence_limit(expected, s.conn.rtt()) {
             return close(shared, s, "nothing heard from the edge", quiet);
         }
     }
@@ -195,6 +238,27 @@ mod tests {
             silence_limit(idle, Duration::from_secs(3)),
             Duration::from_secs(36)
         );
+    }
+
+    #[test]
+    fn an_edge_that_told_its_keepalive_gets_two_intervals_within_the_idle_timeout() {
+        let idle = Duration::from_secs(24);
+        let s = Duration::from_secs;
+        assert_eq!(expected_silence(idle, None), idle);
+        assert_eq!(expected_silence(idle, Some(s(8))), s(16));
+        assert_eq!(expected_silence(idle, Some(s(12))), idle);
+        assert_eq!(expected_silence(idle, Some(s(20))), idle, "never longer");
+        // A long path still gets its twelve round trips.
+        assert_eq!(
+            silence_limit(expected_silence(idle, Some(s(8))), s(2)),
+            s(24)
+        );
+        let h = Heard::default();
+        assert_eq!(h.edge_keepalive(), None);
+        h.tell_keepalive(8_000);
+        assert_eq!(h.edge_keepalive(), Some(s(8)));
+        h.tell_keepalive(0);
+        assert_eq!(h.edge_keepalive(), None, "0 is no interval");
     }
 
     #[test]

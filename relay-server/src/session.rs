@@ -510,6 +510,12 @@ pub(crate) async fn run_session(
                     match decode_control(&bytes) {
                         Ok(Incoming::Known { msg: Control::Ping { nonce }, .. }) => vec![Control::Pong { nonce }],
                         Ok(Incoming::Known { msg: Control::Pong { .. }, .. }) => continue,
+                        Ok(Incoming::Known { msg: Control::Keepalive { interval_ms }, .. }) => {
+                            // The silence sweep holds this edge to it.
+                            debug!(interval_ms, "edge keep-alive");
+                            handle.heard.tell_keepalive(interval_ms);
+                            continue
+                        }
                         Ok(Incoming::Known { msg, .. }) => { debug!(?msg, "ignoring control message"); continue }
                         Ok(Incoming::Unknown { variant }) => {
                             // A newer edge's message: ignore it, so rolling
