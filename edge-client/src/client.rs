@@ -28,6 +28,10 @@ pub enum EdgeState {
     Connecting {
         /// 1 for the first attempt.
         attempt: u32,
+        /// Why the last session ended, or the last attempt failed (`None`
+        /// before the first): what an operator reading `/readyz` during an
+        /// outage needs first.
+        last: Option<String>,
     },
     /// Registered with the relay.
     Connected {
@@ -253,7 +257,10 @@ impl EdgeClient {
         dns: Option<crate::dns::Resolver>,
         status: Option<tokio::net::TcpListener>,
     ) -> Self {
-        let (tx, rx) = watch::channel(EdgeState::Connecting { attempt: 1 });
+        let (tx, rx) = watch::channel(EdgeState::Connecting {
+            attempt: 1,
+            last: None,
+        });
         let (conn_tx, conn_rx) = watch::channel(None);
         let stats = Arc::new(EdgeStats::default());
         let cancel = CancellationToken::new();
@@ -441,6 +448,8 @@ pub(crate) async fn run(
 ) {
     let mut backoff = Backoff::new(cfg.backoff.clone());
     let mut attempt = 0u32;
+    // Why the last session ended or attempt failed (see EdgeState).
+    let mut last: Option<String> = None;
     // A session already established (a QUIC probe that succeeded while on
     // the TCP fallback): run it next, with no delay.
     let mut next: Option<Connected> = None;
@@ -452,7 +461,10 @@ pub(crate) async fn run(
             Some(c) => Ok(c),
             None => {
                 attempt = attempt.saturating_add(1);
-                state.send_replace(EdgeState::Connecting { attempt });
+                state.send_replace(EdgeState::Connecting {
+                    attempt,
+                    last: last.clone(),
+                });
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     // A certificate bootstrap may come first (its own
@@ -572,9 +584,11 @@ pub(crate) async fn run(
                     {
                         info!(reason = %why, uptime = ?up.elapsed(), pace_for = ?backoff.config().after_drain, "session down: the relay is restarting; reconnecting at a short pace");
                         backoff.relay_drained(Instant::now());
+                        last = Some(format!("session ended (relay restarting): {why}"));
                     }
                     SessionEnd::Lost(why) => {
-                        info!(reason = %why, uptime = ?up.elapsed(), "session down")
+                        info!(reason = %why, uptime = ?up.elapsed(), "session down");
+                        last = Some(format!("session ended: {why}"));
                     }
                 }
             }
@@ -587,10 +601,23 @@ pub(crate) async fn run(
                     message: r.message,
                 });
             }
-            Err(AttemptError::Failed(e)) => warn!(error = %e, attempt, "cannot reach relay"),
+            Err(AttemptError::Failed(e)) => {
+                warn!(error = %e, attempt, "cannot reach relay");
+                last = Some(format!("cannot reach the relay: {e}"));
+            }
         }
         if cancel.is_cancelled() {
             break;
+        }
+        // Not connected (any more): say so now, and why, not only when the
+        // next attempt starts after the backoff (until then `/readyz` and
+        // `edge_session_up` still showed the lost session, and the
+        // supervisor could take it for the live one).
+        if !refused {
+            state.send_replace(EdgeState::Connecting {
+                attempt: attempt.saturating_add(1),
+                last: last.clone(),
+            });
         }
         let delay = backoff
             .delay_after_failure(Instant::now(), refused, &mut rand::rng())

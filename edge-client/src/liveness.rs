@@ -117,8 +117,20 @@ pub(crate) enum Dead {
 impl std::fmt::Display for Dead {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Dead::Unanswered(age) => write!(f, "no answer to a control ping for {age:?}"),
-            Dead::NothingReceived(age) => write!(f, "nothing received from the relay for {age:?}"),
+            Dead::Unanswered(age) => {
+                write!(
+                    f,
+                    "no answer to a control ping for {:.1}s",
+                    age.as_secs_f64()
+                )
+            }
+            Dead::NothingReceived(age) => {
+                write!(
+                    f,
+                    "nothing received from the relay for {:.1}s",
+                    age.as_secs_f64()
+                )
+            }
         }
     }
 }

@@ -277,7 +277,7 @@ pub(crate) async fn run_session(
                 if received.is_none() && last_heard.elapsed() > cfg.quic.idle_timeout {
                     conn.close(close_code::PROTOCOL, "relay silent");
                     stats.paths_dead.fetch_add(1, Relaxed);
-                    return SessionEnd::Lost(format!("nothing from the relay for {:?}", last_heard.elapsed()));
+                    return SessionEnd::Lost(format!("nothing from the relay for {:.1}s", last_heard.elapsed().as_secs_f64()));
                 }
                 // The edge pings too: after a NAT rebinding an idle TCP
                 // session would otherwise send nothing until its idle
@@ -292,7 +292,7 @@ pub(crate) async fn run_session(
                     Tick::Dead(dead) => {
                         conn.close(close_code::PROTOCOL, "path dead");
                         stats.paths_dead.fetch_add(1, Relaxed);
-                        return SessionEnd::Lost(format!("{dead} ({} pings in flight)", liveness.in_flight()));
+                        return SessionEnd::Lost(format!("{dead} (control pings in flight: {})", liveness.in_flight()));
                     }
                 }
             }

@@ -6,8 +6,9 @@
 //!   every edge client (a restart would only add a handshake storm when the
 //!   relay comes back).
 //! - `GET /readyz`: 200 while a session is registered, else 503 with what
-//!   the client is doing (dialling, refused and why). A DaemonSet rollout
-//!   of a build that cannot register stops at its first node.
+//!   the client is doing (dialling, and why the last session ended or the
+//!   last attempt failed; refused and why). A DaemonSet rollout of a build
+//!   that cannot register stops at its first node.
 //! - `GET /metrics`: the edge's counters in the Prometheus text format
 //!   (`edge_*`; see README).
 //!
@@ -66,9 +67,12 @@ async fn readyz(State(s): State<Status>) -> (StatusCode, String) {
             StatusCode::OK,
             format!("connected: session {session_id} with relay {relay_id}\n"),
         ),
-        EdgeState::Connecting { attempt } => (
+        EdgeState::Connecting { attempt, last } => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("connecting: attempt {attempt}\n"),
+            match last {
+                Some(why) => format!("connecting: attempt {attempt}; last: {why}\n"),
+                None => format!("connecting: attempt {attempt}\n"),
+            },
         ),
         EdgeState::Rejected { reason, message } => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -219,6 +223,33 @@ pub(crate) fn render(up: bool, st: &EdgeStats) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn readyz_says_why_the_last_session_ended() {
+        let (tx, state) = watch::channel(EdgeState::Connecting {
+            attempt: 1,
+            last: None,
+        });
+        let s = Status {
+            state,
+            stats: Arc::default(),
+        };
+        let (code, body) = readyz(State(s.clone())).await;
+        assert_eq!(
+            (code, body.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "connecting: attempt 1\n")
+        );
+        tx.send_replace(EdgeState::Connecting {
+            attempt: 2,
+            last: Some("session ended: closed by peer: path dead".into()),
+        });
+        let (code, body) = readyz(State(s)).await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            body,
+            "connecting: attempt 2; last: session ended: closed by peer: path dead\n"
+        );
+    }
 
     #[test]
     fn renders_every_counter_with_its_type() {

@@ -136,7 +136,10 @@ impl Common {
     fn spawn(&self, key: &Key, addr: &str) -> Runner {
         let mut cfg = (*self.cfg).clone();
         cfg.relay = addr.to_string();
-        let (state_tx, state) = watch::channel(EdgeState::Connecting { attempt: 1 });
+        let (state_tx, state) = watch::channel(EdgeState::Connecting {
+            attempt: 1,
+            last: None,
+        });
         let (conn_tx, conn) = watch::channel(None);
         let cancel = CancellationToken::new();
         let span = match key {

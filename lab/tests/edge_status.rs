@@ -129,9 +129,11 @@ async fn readiness_follows_the_session_and_metrics_count_the_tunnel() -> Result<
 
     // The relay goes away: not ready, still alive.
     relay.shutdown(Duration::from_secs(2)).await;
+    // The body says what the edge does now and why the session ended.
     let body = until_status(status, "/readyz", 503, Duration::from_secs(30)).await?;
     assert!(
-        body.starts_with("connecting") || body.starts_with("refused"),
+        body.starts_with("refused")
+            || (body.starts_with("connecting: attempt") && body.contains("; last: ")),
         "{body}"
     );
     assert_eq!(admin_request(status, "GET", "/healthz").await?.0, 200);

@@ -37,9 +37,9 @@ use edge_client::TransportMode;
 use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::scenario::{
     admin_call, captured_prefixes, connect_from, echo_service, edge_config, edge_metric,
-    edge_ready, http_from, lab_pki, metric, relay_config, relay_server_binary, sa, services,
-    session, sessions, start_edge, start_relay, within, RelayProcess, Running, Table, ECHO,
-    EDGE_STATUS, HTTP,
+    edge_readiness, edge_ready, http_from, lab_pki, metric, relay_config, relay_server_binary, sa,
+    services, session, sessions, start_edge, start_relay, within, RelayProcess, Running, Table,
+    ECHO, EDGE_STATUS, HTTP,
 };
 use relay_server::admin::SessionRow;
 use relay_transport::devcerts::DevPki;
@@ -402,8 +402,10 @@ fn cut_path(t: &mut Table, transport: TransportMode, cut: Cut, what: &str) -> Re
         {
             relay_gone = Some(t_down.elapsed());
         }
-        if edge_down.is_none() && !edge_ready(&lab, 2)? {
-            edge_down = Some(t_down.elapsed());
+        if edge_down.is_none() {
+            if let (false, body) = edge_readiness(&lab, 2)? {
+                edge_down = Some((t_down.elapsed(), body));
+            }
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -427,27 +429,49 @@ fn cut_path(t: &mut Table, transport: TransportMode, cut: Cut, what: &str) -> Re
     );
     // Which of the two ended the edge's session: its own check when
     // nothing arrives; the relay's close when only upstream is dead (QUIC
-    // carries the close; the TCP fallback cannot tell one).
-    let (how, dead, closed) = match cut {
-        Cut::Link => ("its own check, keepalive 1s", 1.0, 0.0),
-        Cut::Upstream => ("told by the relay's close", 0.0, 1.0),
+    // carries the close; the TCP fallback cannot tell one). `/readyz` says
+    // which too, in the words of whichever side decided.
+    let own = "its own check, keepalive 1s";
+    let (how, dead, closed, said): (_, _, _, &[&str]) = match (cut, transport) {
+        // A ping unanswered, or (rarely: the kernel's buffer takes a ping
+        // at once) the write of one stuck.
+        (Cut::Link, TransportMode::Tcp) => (
+            own,
+            1.0,
+            0.0,
+            &["no answer to a control ping", "control write"],
+        ),
+        (Cut::Link, _) => (own, 1.0, 0.0, &["nothing received from the relay"]),
+        (Cut::Upstream, _) => (
+            "told by the relay's close",
+            0.0,
+            1.0,
+            &["path dead: nothing heard from the edge"],
+        ),
     };
     timed(
         t,
         &format!("{what}: edge2 knows (/readyz 503)"),
         Some(edge_bound),
-        edge_down.ok_or_else(|| never("edge2")).and_then(|d| {
-            let got = (
-                edge_metric(&lab, 2, "edge_paths_dead_total")?,
-                edge_metric(&lab, 2, "edge_sessions_closed_by_relay_total")?,
-            );
-            anyhow::ensure!(
+        edge_down
+            .ok_or_else(|| never("edge2"))
+            .and_then(|(d, body)| {
+                anyhow::ensure!(
+                    body.contains("; last: session ended: ")
+                        && said.iter().any(|w| body.contains(w)),
+                    "/readyz says {body:?}, not why ({said:?})"
+                );
+                let got = (
+                    edge_metric(&lab, 2, "edge_paths_dead_total")?,
+                    edge_metric(&lab, 2, "edge_sessions_closed_by_relay_total")?,
+                );
+                anyhow::ensure!(
                 got == (dead, closed),
                 "edge_paths_dead_total, edge_sessions_closed_by_relay_total = {got:?}, not {:?}",
                 (dead, closed)
             );
-            Ok((d, format!("from the cut; {how}")))
-        }),
+                Ok((d, format!("from the cut; {how}; /readyz: {}", body.trim())))
+            }),
     );
     // Cut for twice the idle timeout in all, then restored.
     let hold = (idle * 2).saturating_sub(t_down.elapsed());

@@ -157,23 +157,37 @@ fn sweep_one(shared: &Shared, s: &SessionHandle, idle: Duration) {
             // For operators ("last seen").
             s.touch();
         }
-        let expected = expected_silence(idle, s.heard.edge_keepalive());
+        let told = s.heard.edge_keepalive();
+        let expected = expected_silence(idle, told);
         // The round trip is read only for a session already quiet that long.
         if quiet > expected && quiet > silence_limit(expected, s.conn.rtt()) {
-            return close(shared, s, "nothing heard from the edge", quiet);
+            let secs = quiet.as_secs_f64();
+            // Say which limit it was: operators compare it with their
+            // configs (the edge logs it too, from the close).
+            let why = match told {
+                Some(k) if expected < idle => format!(
+                    "path dead: nothing heard from the edge for {secs:.1}s \
+                     ({DEAD_AFTER_KEEPALIVES} of its {k:?} keep-alives)"
+                ),
+                _ => format!("idle timeout: nothing heard from the edge for {secs:.1}s"),
+            };
+            return close(shared, s, why);
         }
     }
     if !lean {
         let quiet = s.last_seen_ago();
         if quiet > idle {
-            close(shared, s, "no control message from the edge", quiet);
+            let why = format!(
+                "idle timeout: no control message from the edge for {:.1}s",
+                quiet.as_secs_f64()
+            );
+            close(shared, s, why);
         }
     }
 }
 
-fn close(shared: &Shared, s: &SessionHandle, what: &str, quiet: Duration) {
+fn close(shared: &Shared, s: &SessionHandle, why: String) {
     shared.metrics.sessions_silent.fetch_add(1, Relaxed);
-    let why = format!("idle timeout: {what} for {:.1}s", quiet.as_secs_f64());
     info!(node = %s.node, reason = %why, "closing a silent session");
     s.kick(close_code::PROTOCOL, &why);
 }

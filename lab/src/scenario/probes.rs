@@ -72,9 +72,15 @@ fn edge_status(lab: &NetnsLab, site: u8, path: &'static str) -> Result<(u16, Str
 /// /readyz`; the edge must have been started with its status endpoint on
 /// [`EDGE_STATUS`](super::EDGE_STATUS)).
 pub fn edge_ready(lab: &NetnsLab, site: u8) -> Result<bool> {
+    edge_readiness(lab, site).map(|(ready, _)| ready)
+}
+
+/// [`edge_ready`] with the body: what the edge says it is doing (while
+/// not ready: the attempt, and why its last session ended).
+pub fn edge_readiness(lab: &NetnsLab, site: u8) -> Result<(bool, String)> {
     match edge_status(lab, site, "/readyz")? {
-        (200, _) => Ok(true),
-        (503, _) => Ok(false),
+        (200, body) => Ok((true, body)),
+        (503, body) => Ok((false, body)),
         (code, body) => bail!("edge{site} GET /readyz: HTTP {code}: {body}"),
     }
 }
