@@ -366,6 +366,26 @@ fn cut_path(t: &mut Table, transport: TransportMode, cut: Cut, what: &str) -> Re
     })
     .with_context(|| format!("{prefix} not captured before the fault"))?;
     anyhow::ensure!(edge_ready(&lab, 2)?, "edge2 not ready before the fault");
+    let sweep = relay_server::liveness::period(idle);
+    let silence = match transport {
+        TransportMode::Tcp => idle,
+        _ => relay_server::liveness::expected_silence(idle, Some(keepalive)),
+    };
+    // What the relay holds edge2 to, as its admin API says: two of the
+    // keep-alives the edge told (QUIC), or the idle timeout (TCP, where
+    // the edge tells it too but the rule goes by control messages).
+    let told = Some(keepalive.as_secs_f64());
+    within(Duration::from_secs(3), || {
+        Ok(session(&lab, "edge2")?.is_some_and(|s| {
+            s.edge_keepalive_secs == told && s.silence_limit_secs == silence.as_secs_f64()
+        }))
+    })
+    .with_context(|| {
+        format!(
+            "edge2's session not held to {silence:?}: {:?}",
+            session(&lab, "edge2")
+        )
+    })?;
 
     cut.apply(&lab)?;
     let t_down = Instant::now();
@@ -378,11 +398,6 @@ fn cut_path(t: &mut Table, transport: TransportMode, cut: Cut, what: &str) -> Re
     // up to 1.5 x idle + keepalive: its backstop PING restarts the timer
     // (RFC 9000 10.1). On TCP the session's keep-alive tick took up to
     // idle + keepalive.
-    let sweep = relay_server::liveness::period(idle);
-    let silence = match transport {
-        TransportMode::Tcp => idle,
-        _ => relay_server::liveness::expected_silence(idle, Some(keepalive)),
-    };
     let gone_bound = silence + sweep * 2 + Duration::from_secs(1);
     // The edge: with nothing arriving, its liveness check gives the path
     // up within 3 keep-alives. When only its upstream is dead, what

@@ -70,6 +70,14 @@ pub struct SessionRow {
     pub bytes_out: u64,
     /// Seconds since the edge last answered on the control stream.
     pub last_seen_secs: f64,
+    /// The keep-alive interval the edge told the relay, in seconds
+    /// (`None`: an edge that does not tell it).
+    #[serde(default)]
+    pub edge_keepalive_secs: Option<f64>,
+    /// How long the relay lets the edge go unheard before it closes the
+    /// session (see `crate::liveness::session_limit`), in seconds.
+    #[serde(default)]
+    pub silence_limit_secs: f64,
     /// Whether the session is draining.
     pub draining: bool,
     /// UDP flows open on the session.
@@ -103,6 +111,9 @@ impl SessionRow {
             bytes_in: s.bytes_from_edge.load(Relaxed),
             bytes_out: s.bytes_to_edge.load(Relaxed),
             last_seen_secs: s.last_seen_ago().as_secs_f64(),
+            edge_keepalive_secs: s.heard.edge_keepalive().map(|k| k.as_secs_f64()),
+            silence_limit_secs: crate::liveness::session_limit(s, shared.cfg.quic.idle_timeout)
+                .as_secs_f64(),
             draining: s.is_draining(),
             udp_flows: s.flows.len(),
             udp_max_payload: relay_transport::udp::max_payload(&s.conn),

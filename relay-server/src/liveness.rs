@@ -80,6 +80,19 @@ pub fn expected_silence(idle_timeout: Duration, edge_keepalive: Option<Duration>
     })
 }
 
+/// How long session `s` may go unheard before the sweep closes it, as
+/// the sweep applies it now: on QUIC [`expected_silence`], longer on a
+/// long path ([`silence_limit`]); on the TCP fallback the idle timeout.
+pub fn session_limit(s: &SessionHandle, idle_timeout: Duration) -> Duration {
+    match s.conn.datagrams_received() {
+        Some(_) => silence_limit(
+            expected_silence(idle_timeout, s.heard.edge_keepalive()),
+            s.conn.rtt(),
+        ),
+        None => idle_timeout,
+    }
+}
+
 /// What the sweep remembers of one session: the received-datagram count
 /// it last saw and when it saw it change, and the edge's keep-alive
 /// interval if it told it.
