@@ -83,7 +83,18 @@ pub struct EdgeConfig {
     /// restart while the relay is unreachable captures (and serves local
     /// Service endpoints) as before; `None`: not saved. Needs `capture`.
     pub capture_state_file: Option<PathBuf>,
+    /// Runtime worker threads of the `edge-client` binary (0: one per
+    /// CPU); the library runs on its caller's runtime and ignores it. See
+    /// [`DEFAULT_WORKER_THREADS`].
+    pub worker_threads: usize,
 }
+
+/// Default of [`EdgeConfig::worker_threads`]: one. An edge node is small
+/// and busy with its own pods; one worker moves several Gbit/s, above any
+/// site uplink, at less CPU per byte and per connection than two (no task
+/// hand-offs and wake-ups between threads: edge CPU per GiB -18 to -21 %,
+/// per new connection -23 %, see docs/benchmarks.md).
+pub const DEFAULT_WORKER_THREADS: usize = 1;
 
 impl EdgeConfig {
     /// A config with defaults for everything but identity and routes.
@@ -116,6 +127,7 @@ impl EdgeConfig {
             dns: None,
             status_listen: None,
             capture_state_file: None,
+            worker_threads: DEFAULT_WORKER_THREADS,
         }
     }
 }
@@ -278,6 +290,9 @@ pub struct FileConfig {
     /// Where capture's last routes and ClusterIP table are saved (default:
     /// not saved).
     pub capture_state_file: Option<PathBuf>,
+    /// Runtime worker threads (default 1; 0: one per CPU, or
+    /// `TOKIO_WORKER_THREADS`).
+    pub worker_threads: Option<usize>,
 }
 
 /// Default of [`EdgeConfig::max_relays`]: each replica costs an idle
@@ -291,6 +306,18 @@ fn host_of(relay: &str) -> Option<&str> {
     port.parse::<u16>().ok()?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     (!host.is_empty()).then_some(host)
+}
+
+/// `worker_threads` from the file (see [`DEFAULT_WORKER_THREADS`]).
+fn worker_threads(v: Option<usize>) -> Result<usize, ConfigError> {
+    match v {
+        None => Ok(DEFAULT_WORKER_THREADS),
+        Some(n @ 0..=256) => Ok(n),
+        Some(_) => Err(err(
+            "worker_threads",
+            "must be between 0 (one per CPU) and 256",
+        )),
+    }
 }
 
 /// `tcp_fallback_mss` from the file (see
@@ -475,6 +502,7 @@ impl FileConfig {
                 Some(n @ 1..=64) => n,
                 Some(_) => return Err(err("max_relays", "must be between 1 and 64")),
             },
+            worker_threads: worker_threads(self.worker_threads)?,
             capture,
             dns,
             status_listen,
@@ -529,6 +557,19 @@ mod tests {
         let e = fallback_mss(Some(100)).unwrap_err();
         assert_eq!(e.field, "tcp_fallback_mss");
         assert!(e.to_string().contains("536 to 9000"), "{e}");
+    }
+
+    #[test]
+    fn one_worker_thread_unless_the_file_says_otherwise() {
+        let f = FileConfig::parse(BASE).unwrap();
+        assert_eq!(worker_threads(f.worker_threads).unwrap(), 1);
+        let f = FileConfig::parse(&format!("worker_threads = 0\n{BASE}")).unwrap();
+        assert_eq!(worker_threads(f.worker_threads).unwrap(), 0, "one per CPU");
+        let f = FileConfig::parse(&format!("worker_threads = 4\n{BASE}")).unwrap();
+        assert_eq!(worker_threads(f.worker_threads).unwrap(), 4);
+        let e = worker_threads(Some(1000)).unwrap_err();
+        assert_eq!(e.field, "worker_threads");
+        assert!(e.to_string().contains("0 (one per CPU) and 256"), "{e}");
     }
 
     #[test]

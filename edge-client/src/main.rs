@@ -29,8 +29,7 @@ struct Cli {
     check: bool,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -56,6 +55,18 @@ async fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    // One worker by default (`worker_threads`): see
+    // `edge_client::config::DEFAULT_WORKER_THREADS`. 0 leaves it to tokio
+    // (`TOKIO_WORKER_THREADS`, else one per CPU).
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if cfg.worker_threads > 0 {
+        rt.worker_threads(cfg.worker_threads);
+    }
+    rt.enable_all().build()?.block_on(run(cfg))
+}
+
+/// Runs the client until SIGTERM or SIGINT.
+async fn run(cfg: edge_client::EdgeConfig) -> anyhow::Result<()> {
     let client = EdgeClient::start(cfg).await?;
     // Memory of a load peak (thousands of streams) goes back to the
     // system once the peak has passed.
