@@ -92,7 +92,7 @@ pub struct EdgeConfig {
 /// Default of [`EdgeConfig::worker_threads`]: one. An edge node is small
 /// and busy with its own pods; one worker moves several Gbit/s, above any
 /// site uplink, at less CPU per byte and per connection than two (no task
-/// hand-offs and wake-ups between threads: edge CPU per GiB -18 to -21 %,
+/// hand-offs and wake-ups between threads: edge CPU per GiB -11 to -22 %,
 /// per new connection -23 %, see docs/benchmarks.md).
 pub const DEFAULT_WORKER_THREADS: usize = 1;
 
