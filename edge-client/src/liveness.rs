@@ -30,10 +30,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-/// A ping unanswered (TCP), or nothing received (QUIC), for this many
-/// keep-alive intervals means the path is dead (so one or two pings may be
-/// late, or lost, without cost).
-pub const DEAD_AFTER_KEEPALIVES: u32 = 2;
+pub use relay_protocol::DEAD_AFTER_KEEPALIVES;
 
 /// Pings in flight kept for matching pongs; beyond this the oldest is
 /// dropped from the list (it is older than the dead bound by then anyway).

@@ -49,6 +49,13 @@ pub const QUIC_CONTROL_PING: std::time::Duration = std::time::Duration::from_sec
 pub const QUIC_CONTROL_SILENCE_LIMIT: std::time::Duration =
     std::time::Duration::from_secs(3 * QUIC_CONTROL_PING.as_secs());
 
+/// Keep-alive intervals without an answer (TCP) or without anything
+/// received (QUIC) after which a path is dead: the edge's rule for what
+/// reaches it, and the relay's for a QUIC edge that told it its interval
+/// ([`Control::Keepalive`]). One or two late or lost answers cost nothing;
+/// a dead path is still declared within 3 × keep-alive.
+pub const DEAD_AFTER_KEEPALIVES: u32 = 2;
+
 /// ALPN identifier negotiated on QUIC and TLS, so a relay never mistakes an
 /// unrelated TLS client for an edge (and vice versa).
 pub const ALPN: &[u8] = b"edge-relay/1";

@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use relay_protocol::{capability, close_code};
+use relay_protocol::{capability, close_code, DEAD_AFTER_KEEPALIVES};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -65,10 +65,6 @@ pub fn period(idle_timeout: Duration) -> Duration {
 pub fn silence_limit(idle_timeout: Duration, rtt: Duration) -> Duration {
     idle_timeout.max(rtt.saturating_mul(12))
 }
-
-/// Keep-alive intervals of silence after which an edge that told its
-/// interval is taken for gone (the edge's own rule for what it receives).
-pub const DEAD_AFTER_KEEPALIVES: u32 = 2;
 
 /// How long a QUIC session may go without a datagram before it counts as
 /// silent (then [`silence_limit`] allows for a long path): the idle
