@@ -434,6 +434,16 @@ pub(crate) type ConnWatch = watch::Receiver<Option<(TunnelConn, Arc<FlowTable>)>
 /// One relay's reconnect loop: dial `cfg.relay`, run the session, back off,
 /// again, until `cancel`. The supervisor runs one per replica.
 // The session's shared parts, passed once at start; a struct would only rename them.
+/// Publishes `s` unless it is the state already: watchers (capture, the
+/// supervisor) wake only for a change.
+pub(crate) fn set_state(tx: &watch::Sender<EdgeState>, s: EdgeState) {
+    tx.send_if_modified(|cur| {
+        let changed = *cur != s;
+        *cur = s;
+        changed
+    });
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     cfg: Arc<EdgeConfig>,
@@ -461,10 +471,14 @@ pub(crate) async fn run(
             Some(c) => Ok(c),
             None => {
                 attempt = attempt.saturating_add(1);
-                state.send_replace(EdgeState::Connecting {
-                    attempt,
-                    last: last.clone(),
-                });
+                // Usually already so (published when the last one ended).
+                set_state(
+                    &state,
+                    EdgeState::Connecting {
+                        attempt,
+                        last: last.clone(),
+                    },
+                );
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     // A certificate bootstrap may come first (its own
@@ -614,10 +628,13 @@ pub(crate) async fn run(
         // `edge_session_up` still showed the lost session, and the
         // supervisor could take it for the live one).
         if !refused {
-            state.send_replace(EdgeState::Connecting {
-                attempt: attempt.saturating_add(1),
-                last: last.clone(),
-            });
+            set_state(
+                &state,
+                EdgeState::Connecting {
+                    attempt: attempt.saturating_add(1),
+                    last: last.clone(),
+                },
+            );
         }
         let delay = backoff
             .delay_after_failure(Instant::now(), refused, &mut rand::rng())

@@ -49,7 +49,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
-use crate::client::{run, EdgeState, EdgeStats};
+use crate::client::{run, set_state, EdgeState, EdgeStats};
 use crate::config::EdgeConfig;
 use crate::identity::Credentials;
 use crate::serve::ServedSet;
@@ -392,11 +392,7 @@ fn publish(
         return;
     };
     let s = r.state.borrow().clone();
-    state.send_if_modified(|cur| {
-        let changed = *cur != s;
-        *cur = s;
-        changed
-    });
+    set_state(state, s);
     // A connection belongs to one session: republish when the primary or
     // its session changes, or its connection comes or goes.
     let sig = (key.clone(), r.session());
