@@ -102,7 +102,7 @@ pub(crate) async fn run(
         cfg.clone(),
         conns,
         services.clone(),
-        stats,
+        stats.clone(),
         cancel.clone(),
     );
     tokio::pin!(accept);
@@ -195,6 +195,8 @@ pub(crate) async fn run(
                     );
                 }
                 overlapping = plan.overlapping.clone();
+                *stats.lan_overlaps.lock().unwrap_or_else(|e| e.into_inner()) =
+                    overlapping.iter().copied().collect();
             }
             // Only what this node serves (its pods, its addresses) and the
             // configured extra sources are captured when forwarded: a LAN

@@ -132,6 +132,12 @@ pub struct EdgeStats {
     /// The captured-connection bound (`capture.max_connections`) and its
     /// refusal count; set once capture runs.
     pub capture_bound: std::sync::OnceLock<relay_transport::conn::AcceptBound>,
+    /// Tunnel routes that overlap one of this node's LANs, as capture last
+    /// planned them: that part of the route is reached on the LAN, never
+    /// through the relay (see `subnets`). Shown in `/metrics`, one series
+    /// per route, so an operator sees which cloud range a site cannot
+    /// reach without reading the edge's log.
+    pub lan_overlaps: std::sync::Mutex<Vec<relay_protocol::Cidr>>,
 }
 
 impl Meter for EdgeStats {

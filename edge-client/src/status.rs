@@ -216,8 +216,32 @@ pub(crate) fn render(up: bool, st: &EdgeStats) -> String {
     o += &st.udp.render_prometheus("edge");
     if let Some(b) = st.capture_bound.get() {
         o += &b.render_capture("edge");
+        render_lan_overlaps(&mut o, st);
     }
     o
+}
+
+/// The tunnel routes capture leaves to the LAN: a count that is always
+/// there while capture runs (to alert on), and one series per route (to
+/// see which).
+fn render_lan_overlaps(o: &mut String, st: &EdgeStats) {
+    let routes = st
+        .lan_overlaps
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let _ = writeln!(
+        o,
+        "# HELP edge_capture_lan_overlaps Tunnel routes that overlap this node's LANs: the LAN's part is reached locally, never through the relay.\n\
+         # TYPE edge_capture_lan_overlaps gauge\n\
+         edge_capture_lan_overlaps {}\n\
+         # HELP edge_capture_lan_overlap 1 for each tunnel route that overlaps this node's LANs.\n\
+         # TYPE edge_capture_lan_overlap gauge",
+        routes.len()
+    );
+    for r in routes {
+        let _ = writeln!(o, "edge_capture_lan_overlap{{route=\"{r}\"}} 1");
+    }
 }
 
 #[cfg(test)]
@@ -281,6 +305,16 @@ mod tests {
         let t = render(false, &st);
         assert!(t.lines().any(|l| l == "edge_session_up 0"), "{t}");
         assert!(t.lines().any(|l| l == "edge_capture_connections 0"), "{t}");
+        assert!(t.lines().any(|l| l == "edge_capture_lan_overlaps 0"), "{t}");
+        assert!(!t.contains("edge_capture_lan_overlap{"), "{t}");
+        *st.lan_overlaps.lock().unwrap() = vec!["192.168.0.0/16".parse().unwrap()];
+        let t = render(false, &st);
+        for line in [
+            "edge_capture_lan_overlaps 1",
+            "edge_capture_lan_overlap{route=\"192.168.0.0/16\"} 1",
+        ] {
+            assert!(t.lines().any(|l| l == line), "{line} missing in:\n{t}");
+        }
         // Every sample has a TYPE line for its family.
         for l in t.lines().filter(|l| !l.starts_with('#')) {
             let family = l.split(['{', ' ']).next().unwrap_or_default();

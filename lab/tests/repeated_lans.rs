@@ -28,8 +28,9 @@ use anyhow::{bail, Context, Result};
 use relay_lab::cluster::Cluster;
 use relay_lab::netns::{self, LabOptions, NetnsLab, Role};
 use relay_lab::scenario::{
-    captured_prefixes, connect_from, edge_config_in, fails_fast, http_from, lab_pki,
-    relay_config_in, sa, services, sessions, start_edge, start_relay, within, Table, HTTP,
+    captured_prefixes, connect_from, edge_config_in, edge_metric, fails_fast, http_from, lab_pki,
+    relay_config_in, sa, services, sessions, start_edge, start_relay, within, Table, EDGE_STATUS,
+    HTTP,
 };
 use relay_protocol::Cidr;
 
@@ -121,8 +122,15 @@ fn run(claims: Claims, report: &str) -> Result<()> {
     rcfg.tunnel_routes.push(CLOUD_VPC.parse()?);
     let t_up = Instant::now();
     let relay = start_relay(&lab, rcfg)?;
-    let edge1 = start_edge(&lab, 1, edge_config_in(&lab, &pki, 1)?)?;
-    let edge2 = start_edge(&lab, 2, edge_config_in(&lab, &pki, 2)?)?;
+    // Status endpoints on: each edge must say which tunnel route its LAN
+    // shadows.
+    let with_status = |site: u8| -> Result<_> {
+        let mut cfg = edge_config_in(&lab, &pki, site)?;
+        cfg.status_listen = Some(EDGE_STATUS);
+        Ok(cfg)
+    };
+    let edge1 = start_edge(&lab, 1, with_status(1)?)?;
+    let edge2 = start_edge(&lab, 2, with_status(2)?)?;
     let up = t_up.elapsed();
 
     let mut m = Table::new(&["case", "path", "result"]);
@@ -314,6 +322,24 @@ fn run(claims: Claims, report: &str) -> Result<()> {
             Ok(format!("{lan} exempt"))
         }),
     );
+    // The operator's view of the same: each edge's metrics name the cloud
+    // range its LAN shadows (capture plans it once the session is up;
+    // give the metric a moment after the first pass).
+    let series = format!("edge_capture_lan_overlap{{route=\"{CLOUD_VPC}\"}}");
+    for site in netns::SITES {
+        m.note(
+            &[
+                "edge reports the shadowed route",
+                &format!("edge{site}: /metrics"),
+            ],
+            within(Duration::from_secs(5), || {
+                Ok(edge_metric(&lab, site, &series).unwrap_or(0.0) == 1.0
+                    && edge_metric(&lab, site, "edge_capture_lan_overlaps")? >= 1.0)
+            })
+            .with_context(|| format!("{series} not 1 on edge{site}"))
+            .map(|t| format!("{CLOUD_VPC} listed after {t:?}")),
+        );
+    }
 
     drop(edge1);
     drop(edge2);
