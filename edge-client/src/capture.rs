@@ -195,8 +195,9 @@ pub(crate) async fn run(
                     );
                 }
                 overlapping = plan.overlapping.clone();
-                *stats.lan_overlaps.lock().unwrap_or_else(|e| e.into_inner()) =
-                    overlapping.iter().copied().collect();
+                stats
+                    .lan_overlaps
+                    .send_replace(overlapping.iter().copied().collect());
             }
             // Only what this node serves (its pods, its addresses) and the
             // configured extra sources are captured when forwarded: a LAN

@@ -136,8 +136,10 @@ pub struct EdgeStats {
     /// planned them: that part of the route is reached on the LAN, never
     /// through the relay (see `subnets`). Shown in `/metrics`, one series
     /// per route, so an operator sees which cloud range a site cannot
-    /// reach without reading the edge's log.
-    pub lan_overlaps: std::sync::Mutex<Vec<relay_protocol::Cidr>>,
+    /// reach without reading the edge's log, and sent to the relay
+    /// ([`Control::LanOverlaps`](relay_protocol::Control::LanOverlaps))
+    /// for its admin API.
+    pub lan_overlaps: watch::Sender<Vec<relay_protocol::Cidr>>,
 }
 
 impl Meter for EdgeStats {

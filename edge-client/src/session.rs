@@ -86,6 +86,13 @@ pub(crate) async fn run_session(
             return end;
         }
     }
+    // The tunnel routes our LANs shadow (capture's plan), for a relay that
+    // shows them: the current set first if there is one, then each change.
+    let mut lan_report = relay_caps & relay_protocol::capability::LAN_OVERLAPS != 0;
+    let mut overlaps = stats.lan_overlaps.subscribe();
+    if lan_report && !overlaps.borrow().is_empty() {
+        overlaps.mark_changed();
+    }
     // Service names for the resolver, put together per session.
     let mut names = dns.map(crate::dns::Resolver::batch);
     let mut frames = codec::control_reader(recv);
@@ -267,6 +274,17 @@ pub(crate) async fn run_session(
                     return finish_move([&mut probe, &mut renewal], cfg.handshake_timeout, why).await;
                 }
             },
+            r = overlaps.changed(), if lan_report => {
+                if r.is_err() {
+                    // No sender any more (cannot happen while the stats
+                    // live): stop asking rather than spin.
+                    lan_report = false;
+                    continue;
+                }
+                let mut routes = overlaps.borrow_and_update().clone();
+                routes.truncate(Control::MAX_LAN_OVERLAPS);
+                Control::LanOverlaps { routes }
+            }
             _ = tick.tick() => {
                 let received = conn.datagrams_received();
                 if received.is_some() {

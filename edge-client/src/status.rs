@@ -225,11 +225,7 @@ pub(crate) fn render(up: bool, st: &EdgeStats) -> String {
 /// there while capture runs (to alert on), and one series per route (to
 /// see which).
 fn render_lan_overlaps(o: &mut String, st: &EdgeStats) {
-    let routes = st
-        .lan_overlaps
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let routes = st.lan_overlaps.borrow().clone();
     let _ = writeln!(
         o,
         "# HELP edge_capture_lan_overlaps Tunnel routes that overlap this node's LANs: the LAN's part is reached locally, never through the relay.\n\
@@ -307,7 +303,8 @@ mod tests {
         assert!(t.lines().any(|l| l == "edge_capture_connections 0"), "{t}");
         assert!(t.lines().any(|l| l == "edge_capture_lan_overlaps 0"), "{t}");
         assert!(!t.contains("edge_capture_lan_overlap{"), "{t}");
-        *st.lan_overlaps.lock().unwrap() = vec!["192.168.0.0/16".parse().unwrap()];
+        st.lan_overlaps
+            .send_replace(vec!["192.168.0.0/16".parse().unwrap()]);
         let t = render(false, &st);
         for line in [
             "edge_capture_lan_overlaps 1",

@@ -23,6 +23,7 @@ GOLDEN = {
     "control_goaway": "0303627965fb3075",
     "control_route_delta": "040001000a6000000c01000af409001801",
     "control_keepalive": "09fb401f",
+    "control_lan_overlaps": "0a0100c0a8000010",
     "stream_open_addr": "00000af40705fb901f0101fd000000000000000000000000000001fb409c00",
     "stream_open_name": "0106656467652d31fb0a280000",
     "stream_open_udp": "00000af40705350001fc01000080",
@@ -48,7 +49,7 @@ bodies = {k: bytes.fromhex(v) for k, v in GOLDEN.items()}
 for k, b in bodies.items():
     put("messages", k, b)
 put("messages", "control_ping_extra_fields", bodies["control_ping"] + b"\x07\x08")
-put("messages", "control_unknown_kind", b"\x0a\x01\x02\x03")
+put("messages", "control_unknown_kind", b"\x0b\x01\x02\x03")
 put("messages", "datagram", b"\x80\x00\x00\x01hello")
 
 # frame: 2-byte little-endian limit (0xffff: the protocol limit), then frames.

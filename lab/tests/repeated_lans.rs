@@ -340,6 +340,28 @@ fn run(claims: Claims, report: &str) -> Result<()> {
             .map(|t| format!("{CLOUD_VPC} listed after {t:?}")),
         );
     }
+    // And the relay's (Control::LanOverlaps): each site's row names it.
+    let vpc: Cidr = CLOUD_VPC.parse()?;
+    m.note(
+        &[
+            "relay lists each site's shadowed route",
+            "admin: lan_overlaps",
+        ],
+        within(Duration::from_secs(5), || {
+            let rows = sessions(&lab)?;
+            Ok(rows.len() == 2 && rows.iter().all(|r| r.lan_overlaps.contains(&vpc)))
+        })
+        .with_context(|| {
+            format!(
+                "rows: {:?}",
+                sessions(&lab).map(|rows| rows
+                    .into_iter()
+                    .map(|r| (r.node, r.lan_overlaps))
+                    .collect::<Vec<_>>())
+            )
+        })
+        .map(|t| format!("{CLOUD_VPC} on both rows after {t:?}")),
+    );
 
     drop(edge1);
     drop(edge2);

@@ -85,6 +85,10 @@ pub mod capability {
     /// edge's keep-alive intervals, instead of its whole idle timeout. An
     /// edge sends the message only to a relay with this bit.
     pub const EDGE_KEEPALIVE: u32 = 1 << 11;
+    /// The relay understands [`Control::LanOverlaps`](super::Control::LanOverlaps)
+    /// and shows the routes in its admin API. An edge sends the message only
+    /// to a relay with this bit.
+    pub const LAN_OVERLAPS: u32 = 1 << 12;
     /// Every bit this build understands.
     pub const ALL: u32 = TCP_STREAMS
         | UDP_DATAGRAMS
@@ -97,7 +101,8 @@ pub mod capability {
         | QUIC_LIVENESS
         | UDP_STREAM_PAYLOADS
         | NODE_PORTS
-        | EDGE_KEEPALIVE;
+        | EDGE_KEEPALIVE
+        | LAN_OVERLAPS;
 }
 
 /// The first message of a session, sent by the edge on the control stream.
@@ -336,6 +341,17 @@ pub enum Control {
         /// The interval, in milliseconds.
         interval_ms: u32,
     },
+    /// The tunnel routes that overlap one of the edge's LANs, sent by the
+    /// edge to a relay that announced [`capability::LAN_OVERLAPS`]: after
+    /// the hello when there are any, and again whenever the set changes
+    /// (the list is complete; empty means none). The LAN's part of such a
+    /// route is reached on the LAN, never through the relay, so the
+    /// operator should know which sites cannot reach which cloud ranges.
+    LanOverlaps {
+        /// The overlapping tunnel routes, at most
+        /// [`Control::MAX_LAN_OVERLAPS`].
+        routes: Vec<Cidr>,
+    },
 }
 
 /// One relay replica as an edge should reach it.
@@ -402,7 +418,11 @@ impl ServicePort {
 impl Control {
     /// Number of variants this build knows; a frame whose variant index is
     /// at or above it comes from a newer peer.
-    pub const VARIANTS: u32 = 10;
+    pub const VARIANTS: u32 = 11;
+
+    /// Most routes one [`Control::LanOverlaps`] carries (well inside a
+    /// frame); a relay keeps no more than this per session either.
+    pub const MAX_LAN_OVERLAPS: usize = 256;
 
     /// Byte budget of the entries in one [`Control::ServiceDelta`]: well
     /// inside [`crate::MAX_FRAME_LEN`] whatever the mix of entries.

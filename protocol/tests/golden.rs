@@ -179,6 +179,14 @@ fn golden() -> Vec<(&'static str, Vec<u8>, &'static str)> {
             "09fb401f",
         ),
         (
+            "Control::LanOverlaps",
+            encode(&Control::LanOverlaps {
+                routes: vec![cidr("192.168.0.0/16")],
+            })
+            .unwrap(),
+            "0a0100c0a8000010",
+        ),
+        (
             "ServerHelloExt",
             encode(&ServerHelloExt {
                 served_routes: vec![cidr("10.244.7.0/24")],
@@ -693,7 +701,8 @@ proptest! {
 
 #[test]
 fn control_variant_indices_are_frozen() {
-    // Index 7 is Replicas, 8 ServiceNames, 9 Keepalive: frozen once released.
+    // Index 7 is Replicas, 8 ServiceNames, 9 Keepalive, 10 LanOverlaps:
+    // frozen once released.
     let m = Control::ServiceNames {
         reset: false,
         cluster_domain: String::new(),
@@ -704,5 +713,7 @@ fn control_variant_indices_are_frozen() {
     assert_eq!(encode(&m).unwrap()[0], 8);
     let m = Control::Keepalive { interval_ms: 8000 };
     assert_eq!(encode(&m).unwrap()[0], 9);
-    assert_eq!(Control::VARIANTS, 10);
+    let m = Control::LanOverlaps { routes: vec![] };
+    assert_eq!(encode(&m).unwrap()[0], 10);
+    assert_eq!(Control::VARIANTS, 11);
 }

@@ -78,6 +78,11 @@ pub struct SessionRow {
     /// session (see `crate::liveness::session_limit`), in seconds.
     #[serde(default)]
     pub silence_limit_secs: f64,
+    /// Tunnel routes the edge reports as overlapping its LANs: their LAN
+    /// part is reached on the site's LAN, never through the relay (empty
+    /// for an edge that does not report them).
+    #[serde(default)]
+    pub lan_overlaps: Vec<Cidr>,
     /// Whether the session is draining.
     pub draining: bool,
     /// UDP flows open on the session.
@@ -114,6 +119,11 @@ impl SessionRow {
             edge_keepalive_secs: s.heard.edge_keepalive().map(|k| k.as_secs_f64()),
             silence_limit_secs: crate::liveness::session_limit(s, shared.cfg.quic.idle_timeout)
                 .as_secs_f64(),
+            lan_overlaps: s
+                .lan_overlaps
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             draining: s.is_draining(),
             udp_flows: s.flows.len(),
             udp_max_payload: relay_transport::udp::max_payload(&s.conn),

@@ -68,6 +68,9 @@ pub struct SessionHandle {
     pub bytes_from_edge: AtomicU64,
     /// UDP flows on this session.
     pub flows: Arc<relay_transport::udp::FlowTable>,
+    /// Tunnel routes the edge reported as overlapping its LANs
+    /// ([`Control::LanOverlaps`]; at most [`Control::MAX_LAN_OVERLAPS`]).
+    pub lan_overlaps: std::sync::Mutex<Vec<Cidr>>,
     draining: AtomicBool,
     cancel: CancellationToken,
     /// The first reason [`SessionHandle::kick`] was given.
@@ -115,6 +118,7 @@ impl SessionHandle {
             started: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
             heard: Default::default(),
+            lan_overlaps: Default::default(),
             open_streams: AtomicU64::new(0),
             streams_total: AtomicU64::new(0),
             bytes_to_edge: AtomicU64::new(0),
@@ -514,6 +518,16 @@ pub(crate) async fn run_session(
                             // The silence sweep holds this edge to it.
                             debug!(interval_ms, "edge keep-alive");
                             handle.heard.tell_keepalive(interval_ms);
+                            continue
+                        }
+                        Ok(Incoming::Known { msg: Control::LanOverlaps { mut routes }, .. }) => {
+                            // Shown in the admin API; logged once per
+                            // change, as the edge logs it.
+                            routes.truncate(Control::MAX_LAN_OVERLAPS);
+                            if !routes.is_empty() {
+                                info!(routes = ?routes, "edge reports tunnel routes that overlap its LAN (reached there locally, never through the relay)");
+                            }
+                            *handle.lan_overlaps.lock().unwrap_or_else(|e| e.into_inner()) = routes;
                             continue
                         }
                         Ok(Incoming::Known { msg, .. }) => { debug!(?msg, "ignoring control message"); continue }
