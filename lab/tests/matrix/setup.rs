@@ -48,12 +48,24 @@ pub(crate) const DNS_EDGE1: SocketAddr = cluster_ip(21, DNS);
 pub(crate) const DNS_CLOUD: SocketAddr = cluster_ip(11, DNS);
 /// `dns-edge2`: UDP, endpoint epod2.
 pub(crate) const DNS_EDGE2: SocketAddr = cluster_ip(31, DNS);
+// Endpoints on a node's own address (a hostNetwork pod's EndpointSlice
+// entry is its node's InternalIP): the seed tables' "→ clusterIp" rows
+// with a hostNetwork target.
+/// `web-edge1-host`: HTTP, endpoint edge1's node address.
+pub(crate) const SVC_EDGE1_HOST: SocketAddr = cluster_ip(22, HTTP);
+/// `web-edge2-host`: HTTP, endpoint edge2's node address.
+pub(crate) const SVC_EDGE2_HOST: SocketAddr = cluster_ip(32, HTTP);
+/// `web-cloud2-host`: HTTP, endpoint cloud2's node address.
+pub(crate) const SVC_CLOUD2_HOST: SocketAddr = cluster_ip(12, HTTP);
 
 /// Services everywhere, each naming its host, so a cell can tell which
 /// host answered.
 pub(crate) fn start_services(lab: &NetnsLab) -> Result<Vec<Running>> {
     let mut svcs = Vec::new();
     for (role, name) in [
+        // The relay node's host too: a hostNetwork target on the node the
+        // relay runs on (seed rows edge → cloud-1, hostNetwork).
+        (Role::Relay, "relay"),
         (Role::Cpod1, "cpod1"),
         (Role::Cpod2, "cpod2"),
         (Role::Cloud2, "cloud2"),
@@ -100,6 +112,27 @@ pub(crate) fn start_cluster(lab: &NetnsLab) -> Result<Cluster> {
         ("dns-edge1", DNS_EDGE1, Proto::Udp, epod1, "edge1"),
         ("dns-cloud", DNS_CLOUD, Proto::Udp, netns::CPOD1_IP, "relay"),
         ("dns-edge2", DNS_EDGE2, Proto::Udp, epod2, "edge2"),
+        (
+            "web-edge1-host",
+            SVC_EDGE1_HOST,
+            Proto::Tcp,
+            netns::edge_host_ip(1),
+            "edge1",
+        ),
+        (
+            "web-edge2-host",
+            SVC_EDGE2_HOST,
+            Proto::Tcp,
+            netns::edge_host_ip(2),
+            "edge2",
+        ),
+        (
+            "web-cloud2-host",
+            SVC_CLOUD2_HOST,
+            Proto::Tcp,
+            netns::CLOUD2_LAN_IP,
+            "cloud2",
+        ),
     ]
     .into_iter()
     .map(|(name, vip, proto, ep, node)| one_endpoint(name, vip, proto, ep, node))

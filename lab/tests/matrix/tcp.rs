@@ -10,8 +10,8 @@ use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::scenario::{admin, connect_from, http_from, sa, udp_from, Table, HTTP};
 
 use crate::setup::{
-    NODE_PORT, NODE_PORT_CLOUD, NODE_PORT_DNS_EDGE2, NODE_PORT_EDGE2, SVC_CLOUD, SVC_EDGE1,
-    SVC_EDGE2,
+    NODE_PORT, NODE_PORT_CLOUD, NODE_PORT_DNS_EDGE2, NODE_PORT_EDGE2, SVC_CLOUD, SVC_CLOUD2_HOST,
+    SVC_EDGE1, SVC_EDGE1_HOST, SVC_EDGE2, SVC_EDGE2_HOST,
 };
 
 /// Cloud → edge by address: pods and hosts of the cloud (on the relay node
@@ -50,6 +50,20 @@ pub(crate) fn cloud_to_edge(lab: &NetnsLab, m: &mut Table) {
         &["cloud pod → edge node", "cpod2 → 192.168.1.10"],
         "edge1",
         http_from(lab, Role::Cpod2, sa(host1, HTTP)),
+    );
+    let host2 = netns::edge_host_ip(2);
+    m.check(
+        &[
+            "cloud pod (relay node) → edge node",
+            "cpod1@relay → 192.168.2.10",
+        ],
+        "edge2",
+        http_from(lab, Role::Cpod1, sa(host2, HTTP)),
+    );
+    m.check(
+        &["cloud host → edge pod", "cloud2 (hostNetwork) → 10.244.8.5"],
+        "epod2",
+        http_from(lab, Role::Cloud2, sa(epod2, HTTP)),
     );
 }
 
@@ -118,6 +132,24 @@ pub(crate) fn cloud_to_edge_services(lab: &NetnsLab, m: &mut Table) {
         ],
         "epod2",
         http_from(lab, Role::Apiserver, SVC_EDGE2),
+    );
+    // A hostNetwork endpoint: the EndpointSlice names the edge node's own
+    // address, which the edge serves.
+    m.check(
+        &[
+            "cloud pod (relay node) → ClusterIP (edge hostNetwork endpoint)",
+            "cpod1@relay → 10.96.0.32 ⇒ 192.168.2.10",
+        ],
+        "edge2",
+        http_from(lab, Role::Cpod1, SVC_EDGE2_HOST),
+    );
+    m.check(
+        &[
+            "cloud pod → ClusterIP (edge hostNetwork endpoint)",
+            "cpod2 → 10.96.0.22 ⇒ 192.168.1.10",
+        ],
+        "edge1",
+        http_from(lab, Role::Cpod2, SVC_EDGE1_HOST),
     );
 }
 
@@ -221,6 +253,97 @@ pub(crate) fn edge_to_cloud(lab: &NetnsLab, m: &mut Table) {
         "cpod1",
         http_from(lab, Role::Edge1, SVC_CLOUD),
     );
+    edge_to_cloud_mirrored(lab, m);
+}
+
+/// The seed tables' edge → cloud rows the cells above leave out: the
+/// second edge as the source, the relay node's own address as a
+/// hostNetwork target (a port that is not one of the relay's listeners),
+/// and a ClusterIP whose endpoint is a cloud node's address.
+fn edge_to_cloud_mirrored(lab: &NetnsLab, m: &mut Table) {
+    let relay_host = sa(netns::RELAY_LAN_IP, HTTP);
+    let cloud2_host = sa(netns::CLOUD2_LAN_IP, HTTP);
+    for (case, path, from, target, answer) in [
+        (
+            "edge host → cloud pod (relay node)",
+            "edge1 (hostNetwork) → 10.244.1.2",
+            Role::Edge1,
+            sa(netns::CPOD1_IP, HTTP),
+            "cpod1",
+        ),
+        (
+            "edge host → cloud pod (relay node)",
+            "edge2 (hostNetwork) → 10.244.1.2",
+            Role::Edge2,
+            sa(netns::CPOD1_IP, HTTP),
+            "cpod1",
+        ),
+        (
+            "edge host → cloud pod",
+            "edge2 (hostNetwork) → 10.244.2.2",
+            Role::Edge2,
+            sa(netns::CPOD2_IP, HTTP),
+            "cpod2",
+        ),
+        (
+            "edge host → ClusterIP (cloud endpoint)",
+            "edge2 (hostNetwork) → 10.96.0.10 ⇒ 10.244.1.2",
+            Role::Edge2,
+            SVC_CLOUD,
+            "cpod1",
+        ),
+        (
+            "edge pod → cloud pod (relay node)",
+            "epod2 → 10.244.1.2",
+            Role::Epod2,
+            sa(netns::CPOD1_IP, HTTP),
+            "cpod1",
+        ),
+        (
+            "edge pod → ClusterIP (cloud endpoint)",
+            "epod2 → 10.96.0.10 ⇒ 10.244.1.2",
+            Role::Epod2,
+            SVC_CLOUD,
+            "cpod1",
+        ),
+        (
+            "edge pod → relay node (hostNetwork)",
+            "epod1 → 10.0.0.1:80",
+            Role::Epod1,
+            relay_host,
+            "relay",
+        ),
+        (
+            "edge pod → relay node (hostNetwork)",
+            "epod2 → 10.0.0.1:80",
+            Role::Epod2,
+            relay_host,
+            "relay",
+        ),
+        (
+            "edge pod → cloud node",
+            "epod1 → 10.0.0.2",
+            Role::Epod1,
+            cloud2_host,
+            "cloud2",
+        ),
+        (
+            "edge pod → ClusterIP (cloud hostNetwork endpoint)",
+            "epod1 → 10.96.0.12 ⇒ 10.0.0.2",
+            Role::Epod1,
+            SVC_CLOUD2_HOST,
+            "cloud2",
+        ),
+        (
+            "edge pod → ClusterIP (cloud hostNetwork endpoint)",
+            "epod2 → 10.96.0.12 ⇒ 10.0.0.2",
+            Role::Epod2,
+            SVC_CLOUD2_HOST,
+            "cloud2",
+        ),
+    ] {
+        m.check(&[case, path], answer, http_from(lab, from, target));
+    }
 }
 
 /// Edge → edge through the relay: pods, a node and ClusterIPs whose
@@ -266,6 +389,40 @@ pub(crate) fn edge_to_edge(lab: &NetnsLab, m: &mut Table) {
         "epod1",
         http_from(lab, Role::Edge2, SVC_EDGE1),
     );
+    // The same the other way, and hostNetwork endpoints on the other edge.
+    let host2 = netns::edge_host_ip(2);
+    for (case, path, from, target, answer) in [
+        (
+            "edge host → other edge's pod",
+            "edge1 (hostNetwork) → 10.244.8.5",
+            Role::Edge1,
+            sa(epod2, HTTP),
+            "epod2",
+        ),
+        (
+            "edge pod → other edge's node",
+            "epod1 → 192.168.2.10",
+            Role::Epod1,
+            sa(host2, HTTP),
+            "edge2",
+        ),
+        (
+            "edge pod → ClusterIP (other edge's hostNetwork endpoint)",
+            "epod2 → 10.96.0.22 ⇒ 192.168.1.10",
+            Role::Epod2,
+            SVC_EDGE1_HOST,
+            "edge1",
+        ),
+        (
+            "edge pod → ClusterIP (other edge's hostNetwork endpoint)",
+            "epod1 → 10.96.0.32 ⇒ 192.168.2.10",
+            Role::Epod1,
+            SVC_EDGE2_HOST,
+            "edge2",
+        ),
+    ] {
+        m.check(&[case, path], answer, http_from(lab, from, target));
+    }
 }
 
 /// The relay's count of Service resolutions (summed over its labels): a
