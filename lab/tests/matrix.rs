@@ -27,7 +27,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use relay_lab::netns::{self, NetnsLab};
+use relay_lab::netns::{self, KubeProxyMode, NetnsLab};
 use relay_lab::scenario::{lab_pki, Table};
 
 #[path = "matrix/fallback.rs"]
@@ -49,7 +49,15 @@ mod udp;
 
 #[test]
 fn seed_matrix_through_relay_installed_routes() -> Result<()> {
-    run_matrix(None, "lab-matrix.txt")
+    run_matrix(None, KubeProxyMode::Iptables, "lab-matrix.txt")
+}
+
+/// The same matrix with kube-proxy in its nftables mode (GA since
+/// Kubernetes 1.33): its NAT chains at the `dstnat` priority and its
+/// filter chains in front of them, where capture must still come first.
+#[test]
+fn seed_matrix_with_kube_proxy_nftables() -> Result<()> {
+    run_matrix(None, KubeProxyMode::Nftables, "lab-matrix-nftables.txt")
 }
 
 /// The same matrix with UDP blocked at edge1's NAT: edge1 must come up
@@ -58,13 +66,18 @@ fn seed_matrix_through_relay_installed_routes() -> Result<()> {
 /// the relay.
 #[test]
 fn seed_matrix_with_udp_blocked_at_one_edge() -> Result<()> {
-    run_matrix(Some(1), "lab-matrix-udp-blocked.txt")
+    run_matrix(
+        Some(1),
+        KubeProxyMode::Iptables,
+        "lab-matrix-udp-blocked.txt",
+    )
 }
 
 /// Builds the lab, runs every phase of the matrix in order into one table,
 /// tears down and writes `target/{report}` (CI prints it); fails when any
-/// cell failed. `udp_blocked_at` runs the UDP-blocked variant at that site.
-fn run_matrix(udp_blocked_at: Option<u8>, report: &str) -> Result<()> {
+/// cell failed. `udp_blocked_at` runs the UDP-blocked variant at that site;
+/// `mode` is how kube-proxy programs every node.
+fn run_matrix(udp_blocked_at: Option<u8>, mode: KubeProxyMode, report: &str) -> Result<()> {
     if let Some(skip) = netns::require_root() {
         eprintln!("SKIPPED the seed matrix ({report}): {skip}");
         return Ok(());
@@ -76,7 +89,7 @@ fn run_matrix(udp_blocked_at: Option<u8>, report: &str) -> Result<()> {
     let pki = lab_pki()?;
 
     let svcs = setup::start_services(&lab)?;
-    let cluster = setup::start_cluster(&lab)?;
+    let cluster = setup::start_cluster(&lab, mode)?;
     setup::leave_cloud2_to_the_agent(&lab)?;
     let setup::Deployment {
         relay,

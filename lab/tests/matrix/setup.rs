@@ -101,8 +101,8 @@ fn one_endpoint(
 /// The cluster API (the apiserver stand-in on the apiserver host, not a
 /// real kube-apiserver) holds the Nodes and the matrix's Services;
 /// kube-proxy on every node (root namespaces) is programmed from the same
-/// list.
-pub(crate) fn start_cluster(lab: &NetnsLab) -> Result<Cluster> {
+/// list, in `mode`.
+pub(crate) fn start_cluster(lab: &NetnsLab, mode: KubeProxyMode) -> Result<Cluster> {
     let epod1 = netns::edge_pod_ip(1);
     let epod2 = netns::edge_pod_ip(2);
     let mut services: Vec<LabService> = [
@@ -143,7 +143,7 @@ pub(crate) fn start_cluster(lab: &NetnsLab) -> Result<Cluster> {
     services[2].node_port = Some(NODE_PORT_EDGE2);
     services[5].node_port = Some(NODE_PORT_DNS_EDGE2);
     let cluster = Cluster::start(lab)?;
-    cluster.set_services(lab, KubeProxyMode::Iptables, &services)?;
+    cluster.set_services(lab, mode, &services)?;
     Ok(cluster)
 }
 
