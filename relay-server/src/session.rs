@@ -521,13 +521,17 @@ pub(crate) async fn run_session(
                             continue
                         }
                         Ok(Incoming::Known { msg: Control::LanOverlaps { mut routes }, .. }) => {
-                            // Shown in the admin API; logged once per
-                            // change, as the edge logs it.
+                            // Shown in the admin API; logged only when
+                            // the set changes, so a repeating edge cannot
+                            // flood the log.
                             routes.truncate(Control::MAX_LAN_OVERLAPS);
-                            if !routes.is_empty() {
-                                info!(routes = ?routes, "edge reports tunnel routes that overlap its LAN (reached there locally, never through the relay)");
+                            let mut held = handle.lan_overlaps.lock().unwrap_or_else(|e| e.into_inner());
+                            if *held != routes {
+                                if !routes.is_empty() {
+                                    info!(routes = ?routes, "edge reports tunnel routes that overlap its LAN (reached there locally, never through the relay)");
+                                }
+                                *held = routes;
                             }
-                            *handle.lan_overlaps.lock().unwrap_or_else(|e| e.into_inner()) = routes;
                             continue
                         }
                         Ok(Incoming::Known { msg, .. }) => { debug!(?msg, "ignoring control message"); continue }
