@@ -42,10 +42,21 @@ pub struct NodeClaims {
     /// (any value; FabEdge-style groups an operator sets with `kubectl
     /// label node edge-1 community.edge-relay.io/shops=`).
     pub communities: std::collections::BTreeSet<String>,
+    /// An edge node: labelled [`EDGE_ROLE_LABEL`] (what the edge
+    /// DaemonSet selects), or carrying the relay's
+    /// [`CONDITION_TYPE`](crate::CONDITION_TYPE) condition (its edge
+    /// connected once). Every other Node is a cloud node, which the relay
+    /// may dial itself for a CONNECT client (the apiserver's kubelet
+    /// traffic through its egress selector).
+    pub edge: bool,
 }
 
 /// Prefix of the Node labels that put a node in a community.
 pub const COMMUNITY_LABEL_PREFIX: &str = "community.edge-relay.io/";
+
+/// The Node label that marks an edge node (any value): the edge
+/// DaemonSet's node selector.
+pub const EDGE_ROLE_LABEL: &str = "node-role.kubernetes.io/edge";
 
 /// An entry of a Node that could not be used; the rest of the Node is.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -104,7 +115,13 @@ pub fn node_claims(node: &Node) -> (NodeClaims, Vec<ClaimIssue>) {
                 claims.communities.insert(name.to_string());
             }
         }
+        claims.edge |= key == EDGE_ROLE_LABEL;
     }
+    claims.edge |= node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == crate::CONDITION_TYPE));
     let addresses = node
         .status
         .as_ref()
@@ -377,6 +394,36 @@ mod tests {
             vec!["203.0.113.7".parse::<IpAddr>().unwrap()]
         );
         assert_eq!(c.hostname.as_deref(), Some("edge-1.shop.example"));
+    }
+
+    #[test]
+    fn edges_are_told_by_their_label_or_the_relays_condition() {
+        let plain = node("cloud-1", &["10.244.0.0/24"], &[("InternalIP", "10.0.0.2")]);
+        assert!(!node_claims(&plain).0.edge, "no label, no condition: cloud");
+        let mut labelled = plain.clone();
+        labelled.metadata.labels = Some([(EDGE_ROLE_LABEL.to_string(), String::new())].into());
+        assert!(node_claims(&labelled).0.edge);
+        let mut other_label = plain.clone();
+        other_label.metadata.labels = Some(
+            [(
+                "node-role.kubernetes.io/control-plane".to_string(),
+                String::new(),
+            )]
+            .into(),
+        );
+        assert!(!node_claims(&other_label).0.edge);
+        let mut connected_once = plain.clone();
+        if let Some(st) = connected_once.status.as_mut() {
+            st.conditions = Some(vec![k8s_openapi::api::core::v1::NodeCondition {
+                type_: crate::CONDITION_TYPE.to_string(),
+                status: "False".into(),
+                ..Default::default()
+            }]);
+        }
+        assert!(
+            node_claims(&connected_once).0.edge,
+            "our condition, even False"
+        );
     }
 
     #[test]

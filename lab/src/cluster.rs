@@ -302,14 +302,23 @@ fn ready_endpoint(ip: IpAddr, hostname: Option<&str>, node: &str) -> Endpoint {
 
 /// Edge `site`'s Node as its kubelet registers it: the pod CIDR and the
 /// host address as InternalIP (with repeated LANs, both edges' Nodes carry
-/// the same one).
+/// the same one), labelled an edge as the edge DaemonSet's node selector
+/// requires.
 pub fn edge_node(lab: &NetnsLab, site: u8) -> Node {
     let host = lab.edge_host_ip(site).to_string();
-    kubelet_node(
+    let mut n = kubelet_node(
         &format!("edge{site}"),
         &[&netns::edge_pod_cidr(site).to_string()],
         &[("InternalIP", &host)],
-    )
+    );
+    n.metadata.labels = Some(
+        [(
+            relay_kube::nodes::EDGE_ROLE_LABEL.to_string(),
+            String::new(),
+        )]
+        .into(),
+    );
+    n
 }
 
 /// `EdgeTunnelReady` on `node` as the relay applied it to `standin`:

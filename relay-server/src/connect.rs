@@ -324,13 +324,26 @@ fn resolve(shared: &Shared, auth: &Authority) -> Result<Routed, StreamReply> {
 }
 
 /// `CONNECT <node>:<port>`: by Node name, or by the node's Hostname
-/// address (which differs from the name on many providers).
+/// address (which differs from the name on many providers): an edge
+/// through its session, a cloud node dialled by the relay.
 fn by_node(shared: &Shared, name: &str, port: u16) -> Result<(Route, SocketAddr), StreamReply> {
     let node = shared
         .directory
         .resolve_name(name)
         .unwrap_or_else(|| name.to_string());
     let Some(s) = shared.registry.get(&node) else {
+        // A cloud node (the apiserver names kubelets by their Hostname
+        // address first): the relay dials its address itself, as the
+        // policy allows for a cloud node's address.
+        if let crate::directory::Lookup::Known(e) = shared.directory.lookup(&node) {
+            if let (true, Some(ip)) = (e.cloud, e.primary) {
+                let target = canonical(SocketAddr::new(ip, port));
+                return Ok((
+                    decide(shared, Origin::Connect, target, Proto::Tcp, None)?,
+                    target,
+                ));
+            }
+        }
         return Err(StreamReply::fail(
             StreamStatus::NoRoute,
             format!("no edge session for node {name}, and no Service of that name"),

@@ -41,6 +41,10 @@ pub struct NodeEntry {
     pub primary: Option<IpAddr>,
     /// The node's `Hostname` address, which may differ from its name.
     pub hostname: Option<String>,
+    /// A cloud node (Kubernetes: neither labelled an edge nor ever
+    /// connected as one), which the relay may dial itself for a CONNECT
+    /// client; never in static mode, whose table lists edges.
+    pub cloud: bool,
 }
 
 impl NodeEntry {
@@ -80,6 +84,8 @@ pub trait Directory: Send + Sync + 'static {
     fn ambiguous(&self) -> Vec<(Cidr, Vec<String>)>;
     /// `static` or `kubernetes`, for logs and the admin API.
     fn source(&self) -> &'static str;
+    /// Who claims `ip` (asked for a target no live session serves).
+    fn claim(&self, ip: IpAddr) -> Claim;
     /// Node → the communities its labels put it in (Kubernetes mode:
     /// `community.edge-relay.io/<name>` labels); none in static mode.
     fn label_communities(&self) -> HashMap<String, BTreeSet<String>> {
@@ -124,6 +130,8 @@ pub struct NodeSource {
     pub primary: Option<IpAddr>,
     /// The `Hostname` address.
     pub hostname: Option<String>,
+    /// A cloud node (see [`NodeEntry::cloud`]).
+    pub cloud: bool,
 }
 
 /// Builds every node's entry from its source description, marking host
@@ -165,10 +173,75 @@ pub fn build_entries(nodes: &BTreeMap<String, NodeSource>) -> HashMap<String, Ar
                 ambiguous,
                 primary: s.primary,
                 hostname: s.hostname.clone(),
+                cloud: s.cloud,
             };
             (name.clone(), Arc::new(entry))
         })
         .collect()
+}
+
+/// Who claims an address that no live session serves: what lets a
+/// CONNECT to a cloud node (its kubelet) or a cloud pod be dialled by the
+/// relay, while one to an edge without a session still fails at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// No known node.
+    Nobody,
+    /// An edge node (its address or pod CIDR): only its session may carry
+    /// it. An address an edge and a cloud node share counts as the edge's.
+    Edge(String),
+    /// A cloud node's address or pod CIDR.
+    Cloud,
+}
+
+/// [`Claim`]s by address, built from the entries whenever they change.
+#[derive(Debug, Default)]
+pub struct ClaimIndex {
+    hosts: HashMap<IpAddr, (String, bool)>,
+    prefixes: Vec<(Cidr, String, bool)>,
+}
+
+impl ClaimIndex {
+    /// Indexes `entries`' claims (host addresses exactly, other prefixes
+    /// by containment).
+    pub fn new(entries: &HashMap<String, Arc<NodeEntry>>) -> Self {
+        let mut ix = ClaimIndex::default();
+        for (node, e) in entries {
+            for c in &e.allowed {
+                if c.is_host() {
+                    let held = ix.hosts.entry(c.addr()).or_insert((node.clone(), e.cloud));
+                    if held.1 && !e.cloud {
+                        *held = (node.clone(), false);
+                    }
+                } else {
+                    ix.prefixes.push((*c, node.clone(), e.cloud));
+                }
+            }
+        }
+        // Edges first, so an edge's claim wins over a cloud node's.
+        ix.prefixes
+            .sort_by_key(|(c, n, cloud)| (*cloud, std::cmp::Reverse(c.prefix_len()), n.clone()));
+        ix
+    }
+
+    /// Who claims `ip`.
+    pub fn claim(&self, ip: IpAddr) -> Claim {
+        let found = self
+            .hosts
+            .get(&ip)
+            .map(|(n, cloud)| (n, *cloud))
+            .or_else(|| {
+                self.prefixes
+                    .iter()
+                    .find(|(c, _, _)| c.contains(&ip))
+                    .map(|(_, n, cloud)| (n, *cloud))
+            });
+        match found {
+            None => Claim::Nobody,
+            Some((_, true)) => Claim::Cloud,
+            Some((n, false)) => Claim::Edge(n.clone()),
+        }
+    }
 }
 
 /// The ambiguous host prefixes of `entries` with the nodes sharing each.
@@ -190,6 +263,7 @@ pub fn ambiguity(entries: &HashMap<String, Arc<NodeEntry>>) -> Vec<(Cidr, Vec<St
 /// The `[nodes]` table of relay.toml: fixed for the relay's lifetime.
 pub struct StaticDirectory {
     entries: HashMap<String, Arc<NodeEntry>>,
+    claims: ClaimIndex,
     ambiguous: Vec<(Cidr, Vec<String>)>,
     changes: watch::Sender<u64>,
 }
@@ -210,6 +284,7 @@ impl StaticDirectory {
         let entries = build_entries(&sources);
         let ambiguous = ambiguity(&entries);
         StaticDirectory {
+            claims: ClaimIndex::new(&entries),
             entries,
             ambiguous,
             changes: watch::channel(0).0,
@@ -244,6 +319,10 @@ impl Directory for StaticDirectory {
     fn source(&self) -> &'static str {
         "static"
     }
+
+    fn claim(&self, ip: IpAddr) -> Claim {
+        self.claims.claim(ip)
+    }
 }
 
 #[cfg(test)]
@@ -254,6 +333,17 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A node with one pod CIDR and one address, its primary.
+    fn source(pod: &str, addr: &str, cloud: bool) -> NodeSource {
+        NodeSource {
+            prefixes: vec![c(pod)],
+            addresses: vec![addr.parse().unwrap()],
+            primary: Some(addr.parse().unwrap()),
+            hostname: None,
+            cloud,
+        }
+    }
+
     #[test]
     fn shared_host_addresses_are_ambiguous_for_every_claimant_and_pod_cidrs_never() {
         let mut nodes = BTreeMap::new();
@@ -262,15 +352,9 @@ mod tests {
             ("shop-2", "10.244.2.0/24", "192.168.1.10"),
             ("tower", "10.244.3.0/24", "192.168.7.1"),
         ] {
-            nodes.insert(
-                n.to_string(),
-                NodeSource {
-                    prefixes: vec![c(pod)],
-                    addresses: vec![addr.parse().unwrap()],
-                    primary: Some(addr.parse().unwrap()),
-                    hostname: Some(format!("{n}.local")),
-                },
-            );
+            let mut src = source(pod, addr, false);
+            src.hostname = Some(format!("{n}.local"));
+            nodes.insert(n.to_string(), src);
         }
         let e = build_entries(&nodes);
         assert_eq!(e["shop-1"].ambiguous, [c("192.168.1.10/32")]);
@@ -311,5 +395,25 @@ mod tests {
         assert_eq!(d.lookup("zz"), Lookup::Unknown);
         assert_eq!(d.ambiguous().len(), 1);
         assert!(d.is_synced());
+    }
+
+    #[test]
+    fn claims_by_address_edges_first() {
+        let mut nodes = BTreeMap::new();
+        for (n, pod, addr, cloud) in [
+            ("cloud-1", "10.244.0.0/24", "10.0.0.2", true),
+            ("edge-1", "10.244.7.0/24", "192.168.1.10", false),
+            // A cloud VM numbered like a shop's node: the edge's claim wins.
+            ("cloud-2", "10.244.1.0/24", "192.168.1.10", true),
+        ] {
+            nodes.insert(n.to_string(), source(pod, addr, cloud));
+        }
+        let ix = ClaimIndex::new(&build_entries(&nodes));
+        let at = |ip: &str| ix.claim(ip.parse().unwrap());
+        assert_eq!(at("10.0.0.2"), Claim::Cloud);
+        assert_eq!(at("10.244.0.9"), Claim::Cloud);
+        assert_eq!(at("10.244.7.5"), Claim::Edge("edge-1".into()));
+        assert_eq!(at("192.168.1.10"), Claim::Edge("edge-1".into()));
+        assert_eq!(at("10.0.0.3"), Claim::Nobody);
     }
 }

@@ -28,7 +28,9 @@ use tracing::info;
 
 use crate::bootstrap::{Refusal, TokenAuthority, TokenIdentity};
 use crate::config::{KubeSettings, RelayConfig};
-use crate::directory::{ambiguity, build_entries, Directory, Lookup, NodeEntry, NodeSource};
+use crate::directory::{
+    ambiguity, build_entries, Claim, ClaimIndex, Directory, Lookup, NodeEntry, NodeSource,
+};
 use crate::status::StatusSink;
 
 mod status_writer;
@@ -194,6 +196,7 @@ impl TokenAuthority for KubeTokens {
 
 struct Snapshot {
     entries: HashMap<String, Arc<NodeEntry>>,
+    claims: ClaimIndex,
     by_hostname: HashMap<String, String>,
     ambiguous: Vec<(Cidr, Vec<String>)>,
     /// Node → communities from its labels (nodes with none left out).
@@ -224,6 +227,7 @@ fn source(c: &NodeClaims) -> NodeSource {
         primary: c.internal_ips.first().or(c.external_ips.first()).copied(),
         addresses,
         hostname: c.hostname.clone(),
+        cloud: !c.edge,
     }
 }
 
@@ -233,6 +237,7 @@ impl KubeDirectory {
             nodes,
             snapshot: RwLock::new(Arc::new(Snapshot {
                 entries: HashMap::new(),
+                claims: ClaimIndex::default(),
                 by_hostname: HashMap::new(),
                 ambiguous: Vec::new(),
                 communities: HashMap::new(),
@@ -290,6 +295,7 @@ impl KubeDirectory {
             );
         }
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Snapshot {
+            claims: ClaimIndex::new(&entries),
             entries,
             by_hostname,
             ambiguous,
@@ -347,6 +353,10 @@ impl Directory for KubeDirectory {
 
     fn source(&self) -> &'static str {
         "kubernetes"
+    }
+
+    fn claim(&self, ip: std::net::IpAddr) -> Claim {
+        self.read().claims.claim(ip)
     }
 
     fn label_communities(&self) -> HashMap<String, BTreeSet<String>> {

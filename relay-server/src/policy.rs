@@ -7,8 +7,14 @@
 //! 1. IPv4-mapped IPv6 targets (`::ffff:10.0.0.1`) are judged as the IPv4
 //!    address they carry, so no rule can be stepped around by spelling.
 //! 2. Cloud origins reach edges (any session's routes, which the edge
-//!    checks again against what it serves) and nothing else: the relay is
-//!    not a general proxy into the cloud for cloud clients.
+//!    checks again against what it serves). A CONNECT client (the
+//!    apiserver's egress selector sends it all of its node and pod
+//!    traffic) also reaches the cloud itself, dialled by the relay: the
+//!    cloud ranges (`tunnel_routes`) and the addresses and pod CIDRs of
+//!    cloud Nodes (their kubelets), never an address an edge node claims
+//!    (an edge without a session fails at once, as before) and with rule
+//!    6's address checks. Captured traffic reaches edges only: the relay
+//!    is not a general proxy into the cloud.
 //! 3. An edge never reaches its own routes through the relay.
 //! 4. An edge reaches another edge only when the two share a community
 //!    (`[communities]` in relay.toml). Without one, edges are isolated
@@ -31,6 +37,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::RwLock;
 
 use relay_protocol::{Cidr, StreamReply, StreamStatus};
+
+pub use crate::directory::Claim;
 
 mod communities;
 #[cfg(test)]
@@ -248,6 +256,45 @@ impl Policy {
         &self.cloud
     }
 
+    /// Why the relay must not dial `target` itself, whoever asks: its
+    /// host's special addresses and its own listeners.
+    fn dial_refused(&self, target: SocketAddr) -> Option<Denied> {
+        let ip = target.ip();
+        if forbidden(ip) {
+            Some(Denied::new(
+                DenyReason::ForbiddenAddress,
+                format!("{ip} is a loopback, link-local, unspecified or multicast address"),
+            ))
+        } else if self.is_relay_itself(target) {
+            Some(Denied::new(
+                DenyReason::RelayItself,
+                format!("{target} is one of the relay's own listeners"),
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// A CONNECT no session serves: dialled by the relay when the target
+    /// is in the cloud (rule 2), else refused as unrouted.
+    fn connect_to_cloud(&self, target: SocketAddr, claim: &Claim) -> Result<Verdict, Denied> {
+        let ip = target.ip();
+        match claim {
+            Claim::Edge(node) => Err(Denied::new(
+                DenyReason::NoRoute,
+                format!("{ip} belongs to edge node {node}, and no edge session routes it (not connected, or an address several nodes share: reach the node by name)"),
+            )),
+            Claim::Nobody if !self.cloud.iter().any(|c| c.contains(&ip)) => Err(Denied::new(
+                DenyReason::NoRoute,
+                format!("no edge session serves {ip}, and it is neither in the cloud ranges (tunnel_routes) nor a cloud node's"),
+            )),
+            Claim::Nobody | Claim::Cloud => match self.dial_refused(target) {
+                Some(d) => Err(d),
+                None => Ok(Verdict::ToCloud),
+            },
+        }
+    }
+
     fn is_relay_itself(&self, target: SocketAddr) -> bool {
         let own = self.own.read().unwrap_or_else(|e| e.into_inner());
         own.iter().any(|l| {
@@ -258,19 +305,22 @@ impl Policy {
     }
 
     /// Decides `origin → target`. `owner` is the node whose session serves
-    /// the target (the registry's longest-prefix answer), if any; `target`
-    /// must already be [`canonical`].
+    /// the target (the registry's longest-prefix answer), if any; `claim`
+    /// is who the node directory says claims the target (asked only for a
+    /// CONNECT no session serves); `target` must already be [`canonical`].
     pub fn authorize(
         &self,
         origin: Origin<'_>,
         target: SocketAddr,
         _proto: Proto,
         owner: Option<&str>,
+        claim: &Claim,
     ) -> Result<Verdict, Denied> {
         let ip = target.ip();
         match (origin, owner) {
             (Origin::Connect | Origin::Captured | Origin::Service, Some(_)) => Ok(Verdict::ToEdge),
-            (Origin::Connect | Origin::Captured, None) => Err(Denied::new(
+            (Origin::Connect, None) => self.connect_to_cloud(target, claim),
+            (Origin::Captured, None) => Err(Denied::new(
                 DenyReason::NoRoute,
                 format!("no edge session serves {ip}"),
             )),
@@ -290,29 +340,19 @@ impl Policy {
             }
             // The relay would dial this itself: never its own host's
             // special addresses or listeners, only the cloud ranges.
-            (Origin::Edge(_) | Origin::Service, None) if forbidden(ip) => Err(Denied::new(
-                DenyReason::ForbiddenAddress,
-                format!("{ip} is a loopback, link-local, unspecified or multicast address"),
-            )),
-            (Origin::Edge(_) | Origin::Service, None) if self.is_relay_itself(target) => {
-                Err(Denied::new(
-                    DenyReason::RelayItself,
-                    format!("{target} is one of the relay's own listeners"),
-                ))
-            }
-            // A cloud endpoint of a Service (named by the cluster's
-            // EndpointSlices, not by the client).
-            (Origin::Service, None) => Ok(Verdict::ToCloud),
-            (Origin::Edge(_), None) => {
-                if self.cloud.iter().any(|c| c.contains(&ip)) {
-                    Ok(Verdict::ToCloud)
-                } else {
-                    Err(Denied::new(
-                        DenyReason::OutsideCloudRanges,
-                        format!("{target} is outside the cloud ranges this relay serves (tunnel_routes)"),
-                    ))
-                }
-            }
+            (Origin::Edge(_) | Origin::Service, None) => match self.dial_refused(target) {
+                Some(d) => Err(d),
+                // A cloud endpoint of a Service (named by the cluster's
+                // EndpointSlices, not by the client).
+                None if origin == Origin::Service => Ok(Verdict::ToCloud),
+                None if self.cloud.iter().any(|c| c.contains(&ip)) => Ok(Verdict::ToCloud),
+                None => Err(Denied::new(
+                    DenyReason::OutsideCloudRanges,
+                    format!(
+                        "{target} is outside the cloud ranges this relay serves (tunnel_routes)"
+                    ),
+                )),
+            },
         }
     }
 }

@@ -143,11 +143,18 @@ pub(crate) fn decide(
     proto: Proto,
     owner: Option<Arc<SessionHandle>>,
 ) -> Result<Route, StreamReply> {
+    // Who claims the target matters only to a CONNECT no session serves
+    // (see `Policy::authorize`): asked only then.
+    let claim = match (origin, &owner) {
+        (Origin::Connect, None) => shared.directory.claim(target.ip()),
+        _ => crate::policy::Claim::Nobody,
+    };
     let verdict = shared.policy.authorize(
         origin,
         target,
         proto,
         owner.as_deref().map(|s| s.node.as_str()),
+        &claim,
     );
     match (verdict, owner) {
         (Ok(Verdict::ToEdge), Some(s)) => Ok(Route::Edge(s)),

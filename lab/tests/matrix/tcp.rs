@@ -212,6 +212,53 @@ pub(crate) fn from_apiserver(lab: &NetnsLab, m: &mut Table) {
         "epod1",
         http_from(lab, Role::Apiserver, sa(epod1, HTTP)),
     );
+    from_apiserver_to_the_cloud(lab, m);
+}
+
+/// The egress selector sends the apiserver's cloud traffic to the relay
+/// too (`kubectl logs` of a cloud pod, webhooks and aggregated APIs by
+/// address): the relay dials cloud Nodes and cloud ranges itself, never
+/// its own listeners.
+fn from_apiserver_to_the_cloud(lab: &NetnsLab, m: &mut Table) {
+    for (case, path, authority, answer) in [
+        (
+            "apiserver → cloud kubelet by node name (CONNECT)",
+            "apiserver → CONNECT cloud2:10250",
+            "cloud2:10250",
+            "cloud2-kubelet",
+        ),
+        (
+            "apiserver → relay node's own kubelet (CONNECT)",
+            "apiserver → CONNECT 10.0.0.1:10250",
+            "10.0.0.1:10250",
+            "relay-kubelet",
+        ),
+        (
+            "apiserver → cloud pod (CONNECT)",
+            "apiserver → CONNECT 10.244.2.2:80",
+            "10.244.2.2:80",
+            "cpod2",
+        ),
+    ] {
+        m.check(
+            &[case, path],
+            answer,
+            connect_from(lab, Role::Apiserver, authority),
+        );
+    }
+    m.note(
+        &[
+            "apiserver → the relay's own admin listener (CONNECT) refused",
+            "apiserver → CONNECT 10.0.0.1:9090",
+        ],
+        match connect_from(lab, Role::Apiserver, "10.0.0.1:9090") {
+            Ok(body) => Err(anyhow::anyhow!("reached the admin API: {body}")),
+            Err(e) if format!("{e:#}").contains("relay_itself") => {
+                Ok("refused: relay_itself".into())
+            }
+            Err(e) => Err(anyhow::anyhow!("refused, but not as relay_itself: {e:#}")),
+        },
+    );
 }
 
 /// Edge → cloud: edge pods and hosts reach cloud pods, a cloud node and

@@ -37,7 +37,9 @@ fn decision_table() {
         Result<Verdict, DenyReason>,
     );
     let rows: &[Row] = &[
-        // Cloud ingress reaches edges, nothing else.
+        // Cloud ingress reaches edges; CONNECT also the cloud ranges (see
+        // `connect_reaches_the_cloud_but_never_an_edge_without_a_session`
+        // for cloud Nodes), captured traffic nothing else.
         (Origin::Connect, "10.244.7.5:80", Some("edge-1"), Ok(ToEdge)),
         (
             Origin::Captured,
@@ -45,7 +47,10 @@ fn decision_table() {
             Some("edge-1"),
             Ok(ToEdge),
         ),
-        (Origin::Connect, "10.96.0.10:443", None, Err(NoRoute)),
+        (Origin::Connect, "10.96.0.10:443", None, Ok(ToCloud)),
+        (Origin::Captured, "10.96.0.10:443", None, Err(NoRoute)),
+        (Origin::Connect, "10.244.0.1:8443", None, Err(RelayItself)),
+        (Origin::Connect, "10.0.0.9:10250", None, Err(NoRoute)),
         (Origin::Connect, "127.0.0.1:10250", None, Err(NoRoute)),
         (Origin::Connect, "[::ffff:127.0.0.1]:22", None, Err(NoRoute)),
         // An edge that claims a loopback address serves its own.
@@ -187,7 +192,7 @@ fn decision_table() {
     for (origin, target, owner, want) in rows {
         let t = canonical(target.parse().unwrap());
         let got = p
-            .authorize(*origin, t, Proto::Tcp, *owner)
+            .authorize(*origin, t, Proto::Tcp, *owner, &Claim::Nobody)
             .map_err(|d| d.reason);
         if got != *want {
             wrong.push(format!(
@@ -250,4 +255,44 @@ fn denials_map_to_stream_statuses() {
     let d = Denied::new(DenyReason::NoCommunity, "x".into());
     assert_eq!(d.reply().status, StreamStatus::Denied);
     assert!(d.reply().message.starts_with("no_community: "));
+}
+
+/// A CONNECT no session serves (the apiserver's egress selector sends it
+/// every kubelet and pod call): a cloud Node's address or pod CIDR is
+/// dialled by the relay, except its own listeners; an address an edge
+/// node claims never is, connected or not; anything else is unrouted.
+#[test]
+fn connect_reaches_the_cloud_but_never_an_edge_without_a_session() {
+    use DenyReason::*;
+    use Verdict::*;
+    let p = policy();
+    let edge = Claim::Edge("edge-1".into());
+    let rows: &[(&str, &Claim, Result<Verdict, DenyReason>)] = &[
+        // A cloud node's kubelet, outside tunnel_routes.
+        ("10.0.0.9:10250", &Claim::Cloud, Ok(ToCloud)),
+        ("10.0.0.9:10250", &Claim::Nobody, Err(NoRoute)),
+        // An edge's address or pod, even inside the cloud ranges.
+        ("10.244.0.7:80", &edge, Err(NoRoute)),
+        ("192.168.1.10:10250", &edge, Err(NoRoute)),
+        // The relay's own node is a cloud node, but not its listeners,
+        // nor loopback however it is claimed.
+        ("10.244.0.1:10250", &Claim::Cloud, Ok(ToCloud)),
+        ("10.244.0.1:8443", &Claim::Cloud, Err(RelayItself)),
+        ("127.0.0.1:10250", &Claim::Cloud, Err(ForbiddenAddress)),
+        (
+            "[::ffff:169.254.169.254]:80",
+            &Claim::Cloud,
+            Err(ForbiddenAddress),
+        ),
+    ];
+    for (target, claim, want) in rows {
+        let t = canonical(target.parse().unwrap());
+        let got = p
+            .authorize(Origin::Connect, t, Proto::Tcp, None, claim)
+            .map_err(|d| d.reason);
+        assert_eq!(got, *want, "CONNECT {target} claimed by {claim:?}");
+        // Captured traffic is never dialled by the relay.
+        let captured = p.authorize(Origin::Captured, t, Proto::Tcp, None, claim);
+        assert_eq!(captured.map_err(|d| d.reason), Err(NoRoute), "{target}");
+    }
 }
