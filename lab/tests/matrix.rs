@@ -113,6 +113,7 @@ fn run_matrix(udp_blocked_at: Option<u8>, mode: KubeProxyMode, report: &str) -> 
     tcp::from_apiserver(&lab, &mut m);
     tcp::edge_to_cloud(&lab, &mut m);
     tcp::edge_to_edge(&lab, &mut m);
+    tcp::edge_to_internet(&lab, &mut m);
     tcp::same_edge_stays_local(&lab, &mut m);
     tcp::edge_node_ports(&lab, &mut m);
     udp::cells(&lab, &mut m);

@@ -66,6 +66,9 @@ pub(crate) fn start_services(lab: &NetnsLab) -> Result<Vec<Running>> {
         // The relay node's host too: a hostNetwork target on the node the
         // relay runs on (seed rows edge → cloud-1, hostNetwork).
         (Role::Relay, "relay"),
+        // A host on the Internet side (the WAN's gateway): edges reach it
+        // through their site NAT, never through the tunnel.
+        (Role::Wan, "wan"),
         (Role::Cpod1, "cpod1"),
         (Role::Cpod2, "cpod2"),
         (Role::Cloud2, "cloud2"),

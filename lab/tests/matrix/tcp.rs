@@ -472,6 +472,36 @@ pub(crate) fn edge_to_edge(lab: &NetnsLab, m: &mut Table) {
     }
 }
 
+/// The Internet from an edge with capture on: what is not a tunnel route
+/// leaves by the site's own default route and NAT (the relay would refuse
+/// to dial it: outside the cloud ranges), TCP and UDP, from a pod and
+/// from the node.
+pub(crate) fn edge_to_internet(lab: &NetnsLab, m: &mut Table) {
+    let wan = netns::WAN_GW;
+    for (case, path, from) in [
+        (
+            "edge pod → Internet host",
+            "epod1 → 198.18.0.254:80",
+            Role::Epod1,
+        ),
+        (
+            "edge host → Internet host",
+            "edge2 (hostNetwork) → 198.18.0.254:80",
+            Role::Edge2,
+        ),
+    ] {
+        m.check(&[case, path], "wan", http_from(lab, from, sa(wan, HTTP)));
+    }
+    m.check(
+        &[
+            "edge pod → Internet host UDP",
+            "epod2 → 198.18.0.254:53/udp",
+        ],
+        "wan",
+        udp_from(lab, Role::Epod2, sa(wan, relay_lab::scenario::DNS)),
+    );
+}
+
 /// The relay's count of Service resolutions (summed over its labels): a
 /// flow that stays local leaves it unchanged.
 fn service_resolutions(lab: &NetnsLab) -> Result<u64> {
