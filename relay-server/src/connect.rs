@@ -336,7 +336,13 @@ fn by_node(shared: &Shared, name: &str, port: u16) -> Result<(Route, SocketAddr)
         // address first): the relay dials its address itself, as the
         // policy allows for a cloud node's address.
         if let crate::directory::Lookup::Known(e) = shared.directory.lookup(&node) {
-            if let (true, Some(ip)) = (e.cloud, e.primary) {
+            if e.cloud {
+                let Some(ip) = e.primary else {
+                    return Err(StreamReply::fail(
+                        StreamStatus::NoRoute,
+                        format!("cloud node {name} has no InternalIP or ExternalIP address"),
+                    ));
+                };
                 let target = canonical(SocketAddr::new(ip, port));
                 return Ok((
                     decide(shared, Origin::Connect, target, Proto::Tcp, None)?,
