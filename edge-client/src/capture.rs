@@ -139,7 +139,7 @@ pub(crate) async fn run(
     lans.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let now_table = table.borrow_and_update().clone();
-        let sets = crate::services::capture_sets(&now_table);
+        let sets = crate::services::capture_sets(&now_table, cfg.kube_proxy);
         if let Err(e) = cap.apply_services(&sets.want, &sets.local).await {
             warn!(error = %e, "updating service capture failed; will retry on the next change");
         }

@@ -87,6 +87,11 @@ pub struct EdgeConfig {
     /// CPU); the library runs on its caller's runtime and ignores it. See
     /// [`DEFAULT_WORKER_THREADS`].
     pub worker_threads: usize,
+    /// This node runs kube-proxy (or a replacement that programs
+    /// ClusterIPs in the kernel): Services whose endpoints are all on this
+    /// node are left to it. `false` (a node without one): capture takes
+    /// those too and the edge dials the local endpoint itself.
+    pub kube_proxy: bool,
 }
 
 /// Default of [`EdgeConfig::worker_threads`]: one. An edge node is small
@@ -128,6 +133,7 @@ impl EdgeConfig {
             status_listen: None,
             capture_state_file: None,
             worker_threads: DEFAULT_WORKER_THREADS,
+            kube_proxy: true,
         }
     }
 }
@@ -293,6 +299,8 @@ pub struct FileConfig {
     /// Runtime worker threads (default 1; 0: one per CPU, or
     /// `TOKIO_WORKER_THREADS`).
     pub worker_threads: Option<usize>,
+    /// Whether this node runs kube-proxy (default true).
+    pub kube_proxy: Option<bool>,
 }
 
 /// Default of [`EdgeConfig::max_relays`]: each replica costs an idle
@@ -503,6 +511,7 @@ impl FileConfig {
                 Some(_) => return Err(err("max_relays", "must be between 1 and 64")),
             },
             worker_threads: worker_threads(self.worker_threads)?,
+            kube_proxy: self.kube_proxy.unwrap_or(true),
             capture,
             dns,
             status_listen,

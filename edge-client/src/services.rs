@@ -126,16 +126,20 @@ pub struct CaptureSets {
     pub node_ports: BTreeSet<(u16, Proto)>,
 }
 
-/// The sets capture installs for `table`.
-pub fn capture_sets(table: &ServiceTable) -> CaptureSets {
+/// The sets capture installs for `table`. With `kube_proxy` false (the
+/// node runs none) ports whose endpoints are all here are captured too:
+/// nothing else would translate them, and the edge dials a local endpoint
+/// itself ([`EdgeServices::resolve`]).
+pub fn capture_sets(table: &ServiceTable, kube_proxy: bool) -> CaptureSets {
     let proto = |k: &ServiceKey| if k.udp { Proto::Udp } else { Proto::Tcp };
     let mut sets = CaptureSets::default();
     for (k, p) in table {
+        let capture = p.remote || (!kube_proxy && !p.local.is_empty());
         if k.is_node_port() {
-            if p.remote {
+            if capture {
                 sets.node_ports.insert((k.vip.port(), proto(k)));
             }
-        } else if p.remote {
+        } else if capture {
             sets.want.insert((k.vip, proto(k)));
         } else if !p.local.is_empty() {
             sets.local.insert((k.vip, proto(k)));
@@ -218,10 +222,19 @@ mod tests {
         );
         let t = s.current();
         assert_eq!(t.len(), 2);
-        let sets = capture_sets(&t);
+        let sets = capture_sets(&t, true);
         assert_eq!(sets.want.len(), 1, "{sets:?}");
         assert!(sets.want.contains(&(mixed.key.vip, Proto::Tcp)));
         assert!(sets.local.contains(&(own.key.vip, Proto::Tcp)));
+        // A node without kube-proxy: its own Service is captured too.
+        let bare = capture_sets(&t, false);
+        assert_eq!(bare.want.len(), 2, "{bare:?}");
+        assert!(bare.want.contains(&(own.key.vip, Proto::Tcp)));
+        assert!(bare.local.is_empty(), "{bare:?}");
+        assert_eq!(
+            s.resolve(own.key.vip, false),
+            Resolved::Local("10.244.7.7:80".parse().unwrap())
+        );
         let picks: BTreeSet<Resolved> = (0..4).map(|_| s.resolve(mixed.key.vip, false)).collect();
         assert_eq!(picks.len(), 2, "round robin over local endpoints");
         assert!(picks.iter().all(|p| matches!(p, Resolved::Local(_))));
@@ -251,11 +264,20 @@ mod tests {
                 .map(|p| (p.key, p.clone()))
                 .collect(),
         );
-        let sets = capture_sets(&s.current());
+        let sets = capture_sets(&s.current(), true);
         assert_eq!(
             sets.node_ports,
             BTreeSet::from([(30080, Proto::Tcp), (30053, Proto::Udp)]),
             "all-local node ports stay with kube-proxy"
+        );
+        assert_eq!(
+            capture_sets(&s.current(), false).node_ports,
+            BTreeSet::from([
+                (30080, Proto::Tcp),
+                (30053, Proto::Udp),
+                (30081, Proto::Tcp)
+            ]),
+            "without kube-proxy, captured too"
         );
         assert!(sets.want.iter().all(|(a, _)| !a.ip().is_unspecified()));
         let lo = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));

@@ -38,6 +38,16 @@ pub fn admin(lab: &NetnsLab, path: &'static str) -> Result<String> {
     Ok(body)
 }
 
+/// The relay's count of Service resolutions, summed over its labels: a
+/// connection the relay was not asked about leaves it unchanged.
+pub fn service_resolutions(lab: &NetnsLab) -> Result<u64> {
+    Ok(admin(lab, "/metrics")?
+        .lines()
+        .filter(|l| l.starts_with("relay_service_resolutions_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum())
+}
+
 /// The value of one series of the relay's `/metrics`, unlabelled
 /// (`relay_udp_flows`) or with its labels (`relay_udp_dropped_total{reason="oversize"}`);
 /// an error when the relay does not export it.

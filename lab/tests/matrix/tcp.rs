@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 
 use anyhow::Result;
 use relay_lab::netns::{self, NetnsLab, Role};
-use relay_lab::scenario::{admin, connect_from, http_from, sa, udp_from, Table, HTTP};
+use relay_lab::scenario::{
+    connect_from, http_from, sa, service_resolutions, udp_from, Table, HTTP,
+};
 
 use crate::setup::{
     NODE_PORT, NODE_PORT_CLOUD, NODE_PORT_DNS_EDGE2, NODE_PORT_EDGE2, SVC_CLOUD, SVC_CLOUD2_HOST,
@@ -500,16 +502,6 @@ pub(crate) fn edge_to_internet(lab: &NetnsLab, m: &mut Table) {
         "wan",
         udp_from(lab, Role::Epod2, sa(wan, relay_lab::scenario::DNS)),
     );
-}
-
-/// The relay's count of Service resolutions (summed over its labels): a
-/// flow that stays local leaves it unchanged.
-fn service_resolutions(lab: &NetnsLab) -> Result<u64> {
-    Ok(admin(lab, "/metrics")?
-        .lines()
-        .filter(|l| l.starts_with("relay_service_resolutions_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum())
 }
 
 /// [`http_from`], and an error if the relay resolved a Service meanwhile
