@@ -155,6 +155,11 @@ pub struct RelayConfig {
     /// non-loopback address: whoever reaches it can open tunnels into
     /// every edge. Off by default; [`RelayConfig::validate`] refuses it.
     pub allow_insecure_connect: bool,
+    /// CONNECT clients also reach the cloud, dialled by the relay: cloud
+    /// Nodes' addresses and pod CIDRs and `tunnel_routes` (what the
+    /// apiserver's egress selector needs for cloud kubelets). On by
+    /// default; off, CONNECT reaches edges only.
+    pub connect_cloud: bool,
     /// Allow the admin API on a non-loopback address without TLS or
     /// without a token. Off by default; [`RelayConfig::validate`] refuses it.
     pub allow_insecure_admin: bool,
@@ -206,6 +211,7 @@ impl RelayConfig {
             admin_tls: None,
             admin_tls_files: None,
             allow_insecure_connect: false,
+            connect_cloud: true,
             allow_insecure_admin: false,
             nodes: HashMap::new(),
             tunnel_routes: Vec::new(),

@@ -192,9 +192,12 @@ fn forbidden(ip: IpAddr) -> bool {
 pub(crate) use relay_transport::capture::is_local_address;
 
 /// The relay's authorisation policy.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Policy {
     cloud: Vec<Cidr>,
+    /// Whether CONNECT reaches the cloud (rule 2); see
+    /// [`Policy::set_connect_cloud`].
+    connect_cloud: bool,
     communities: Communities,
     /// Node → communities from its Node labels (Kubernetes mode).
     labels: RwLock<HashMap<String, BTreeSet<String>>>,
@@ -210,11 +213,19 @@ impl Policy {
     pub fn new(cloud: Vec<Cidr>, communities: Communities) -> Self {
         Policy {
             cloud,
+            connect_cloud: true,
             communities,
             labels: RwLock::default(),
             epoch: std::sync::atomic::AtomicU64::new(0),
             own: RwLock::default(),
         }
+    }
+
+    /// Whether a CONNECT no edge session serves may be dialled by the relay
+    /// in the cloud (rule 2; `listen.connect_cloud`, on by default). Off,
+    /// CONNECT reaches edges only.
+    pub fn set_connect_cloud(&mut self, on: bool) {
+        self.connect_cloud = on;
     }
 
     /// Records a listener of the relay's own, never a tunnel target.
@@ -283,6 +294,10 @@ impl Policy {
             Claim::Edge(node) => Err(Denied::new(
                 DenyReason::NoRoute,
                 format!("{ip} belongs to edge node {node}, and no edge session routes it (not connected, or an address several nodes share: reach the node by name)"),
+            )),
+            _ if !self.connect_cloud => Err(Denied::new(
+                DenyReason::NoRoute,
+                format!("no edge session serves {ip} (CONNECT reaches edges only: listen.connect_cloud = false)"),
             )),
             Claim::Nobody if !self.cloud.iter().any(|c| c.contains(&ip)) => Err(Denied::new(
                 DenyReason::NoRoute,

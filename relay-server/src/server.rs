@@ -195,10 +195,11 @@ impl Relay {
         let quic_addr = endpoint
             .local_addr()
             .map_err(bind_err("quic", cfg.quic_listen))?;
-        let policy = Policy::new(
+        let mut policy = Policy::new(
             cfg.tunnel_routes.clone(),
             Communities::new(&cfg.communities),
         );
+        policy.set_connect_cloud(cfg.connect_cloud);
         policy.add_own_listener(quic_addr);
         // Cancelled on shutdown: stops the Kubernetes watch and writers.
         let background = CancellationToken::new();

@@ -47,6 +47,9 @@ pub struct ListenFile {
     /// See [`RelayConfig::allow_insecure_admin`].
     #[serde(default)]
     pub allow_insecure_admin: bool,
+    /// See [`RelayConfig::connect_cloud`].
+    #[serde(default = "yes")]
+    pub connect_cloud: bool,
 }
 
 fn yes() -> bool {
@@ -316,6 +319,7 @@ impl FileConfig {
             admin_tls,
             admin_tls_files,
             allow_insecure_connect: self.listen.allow_insecure_connect,
+            connect_cloud: self.listen.connect_cloud,
             allow_insecure_admin: self.listen.allow_insecure_admin,
             nodes: self.nodes,
             tunnel_routes: self.tunnel_routes,

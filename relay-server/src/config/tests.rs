@@ -56,6 +56,12 @@ fn insecure_exposure_is_refused_unless_allowed() {
     // Defaults: admin on loopback, plaintext, no token: fine.
     let c = load("", &tls, "").unwrap();
     assert!(c.admin_tls.is_none());
+    assert!(c.connect_cloud, "CONNECT reaches the cloud by default");
+    assert!(
+        !load("connect_cloud = false", &tls, "")
+            .unwrap()
+            .connect_cloud
+    );
     // Plaintext CONNECT off loopback.
     let e = load("connect = \"0.0.0.0:8131\"", &tls, "").unwrap_err();
     assert_eq!(e.field, "listen.connect", "{e}");

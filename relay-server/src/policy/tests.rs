@@ -295,4 +295,21 @@ fn connect_reaches_the_cloud_but_never_an_edge_without_a_session() {
         let captured = p.authorize(Origin::Captured, t, Proto::Tcp, None, claim);
         assert_eq!(captured.map_err(|d| d.reason), Err(NoRoute), "{target}");
     }
+    // listen.connect_cloud = false: CONNECT reaches edges only again.
+    let mut edges_only = policy();
+    edges_only.set_connect_cloud(false);
+    for target in ["10.0.0.9:10250", "10.96.0.10:443"] {
+        let t = canonical(target.parse().unwrap());
+        let got = edges_only.authorize(Origin::Connect, t, Proto::Tcp, None, &Claim::Cloud);
+        assert_eq!(got.map_err(|d| d.reason), Err(NoRoute), "{target}");
+    }
+    let t = canonical("10.244.7.5:80".parse().unwrap());
+    let to_edge = edges_only.authorize(
+        Origin::Connect,
+        t,
+        Proto::Tcp,
+        Some("edge-1"),
+        &Claim::Nobody,
+    );
+    assert_eq!(to_edge, Ok(ToEdge));
 }
