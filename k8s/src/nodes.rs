@@ -47,8 +47,12 @@ pub struct NodeClaims {
     /// [`CONDITION_TYPE`](crate::CONDITION_TYPE) condition (its edge
     /// connected once). Every other Node is a cloud node, which the relay
     /// may dial itself for a CONNECT client (the apiserver's kubelet
-    /// traffic through its egress selector).
+    /// traffic through its egress selector) only with evidence that it
+    /// is one (see the relay's directory).
     pub edge: bool,
+    /// Labelled a control-plane node (`node-role.kubernetes.io/control-plane`,
+    /// or the older `.../master`): in the cloud.
+    pub control_plane: bool,
 }
 
 /// Prefix of the Node labels that put a node in a community.
@@ -57,6 +61,12 @@ pub const COMMUNITY_LABEL_PREFIX: &str = "community.edge-relay.io/";
 /// The Node label that marks an edge node (any value): the edge
 /// DaemonSet's node selector.
 pub const EDGE_ROLE_LABEL: &str = "node-role.kubernetes.io/edge";
+
+/// The Node labels that mark a control-plane node (any value).
+pub const CONTROL_PLANE_LABELS: [&str; 2] = [
+    "node-role.kubernetes.io/control-plane",
+    "node-role.kubernetes.io/master",
+];
 
 /// An entry of a Node that could not be used; the rest of the Node is.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -116,6 +126,7 @@ pub fn node_claims(node: &Node) -> (NodeClaims, Vec<ClaimIssue>) {
             }
         }
         claims.edge |= key == EDGE_ROLE_LABEL;
+        claims.control_plane |= CONTROL_PLANE_LABELS.contains(&key.as_str());
     }
     claims.edge |= node
         .status
@@ -411,7 +422,9 @@ mod tests {
             )]
             .into(),
         );
-        assert!(!node_claims(&other_label).0.edge);
+        let (c, _) = node_claims(&other_label);
+        assert!(!c.edge && c.control_plane);
+        assert!(!node_claims(&labelled).0.control_plane);
         let mut connected_once = plain.clone();
         if let Some(st) = connected_once.status.as_mut() {
             st.conditions = Some(vec![k8s_openapi::api::core::v1::NodeCondition {

@@ -114,6 +114,7 @@ fn run_matrix(udp_blocked_at: Option<u8>, mode: KubeProxyMode, report: &str) -> 
     tcp::edge_to_cloud(&lab, &mut m);
     tcp::edge_to_edge(&lab, &mut m);
     tcp::edge_to_internet(&lab, &mut m);
+    tcp::unlabelled_edge_node(&lab, &cluster, &mut m);
     tcp::same_edge_stays_local(&lab, &mut m);
     tcp::edge_node_ports(&lab, &mut m);
     udp::cells(&lab, &mut m);

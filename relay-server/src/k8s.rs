@@ -77,6 +77,7 @@ pub async fn start(
     let client = cfg.client(&opts).await?;
     let directory = KubeDirectory::start(
         NodeDirectory::spawn(&client, &DirectoryOptions::default()),
+        relay.tunnel_routes.clone(),
         stop.clone(),
     );
     let status: Arc<dyn StatusSink> = if settings.node_status || settings.events {
@@ -209,6 +210,8 @@ struct Snapshot {
 /// condition writes change Nodes too, and must not wake every session).
 pub struct KubeDirectory {
     nodes: NodeDirectory,
+    /// `tunnel_routes`: evidence that a Node is in the cloud ([`is_cloud`]).
+    cloud_ranges: Vec<Cidr>,
     snapshot: RwLock<Arc<Snapshot>>,
     synced: AtomicBool,
     changes: watch::Sender<u64>,
@@ -218,8 +221,26 @@ pub struct KubeDirectory {
 /// recomputation.
 const SETTLE: Duration = Duration::from_millis(100);
 
+/// Whether a Node is in the cloud, so that the relay may dial it for a
+/// CONNECT client: never with evidence of an edge (the edge label, or the
+/// relay's condition: [`NodeClaims::edge`]); otherwise only with evidence
+/// of the cloud: a control-plane label, or pod CIDRs or an address inside
+/// the cloud ranges (`tunnel_routes`, which list the cloud nodes' pod
+/// CIDRs). A Node with neither counts as an edge, so a CONNECT to an edge
+/// that never connected and carries no label still fails at once.
+fn is_cloud(c: &NodeClaims, cloud_ranges: &[Cidr]) -> bool {
+    let inside = |x: &Cidr| cloud_ranges.iter().any(|r| r.contains_cidr(x));
+    !c.edge
+        && (c.control_plane
+            || (!c.pod_cidrs.is_empty() && c.pod_cidrs.iter().all(inside))
+            || c.internal_ips
+                .iter()
+                .chain(&c.external_ips)
+                .any(|a| inside(&Cidr::host(*a))))
+}
+
 /// The relay's view of one Node's claims.
-fn source(c: &NodeClaims) -> NodeSource {
+fn source(c: &NodeClaims, cloud_ranges: &[Cidr]) -> NodeSource {
     let mut addresses = c.internal_ips.clone();
     addresses.extend(c.external_ips.iter().copied());
     NodeSource {
@@ -227,14 +248,15 @@ fn source(c: &NodeClaims) -> NodeSource {
         primary: c.internal_ips.first().or(c.external_ips.first()).copied(),
         addresses,
         hostname: c.hostname.clone(),
-        cloud: !c.edge,
+        cloud: is_cloud(c, cloud_ranges),
     }
 }
 
 impl KubeDirectory {
-    fn start(nodes: NodeDirectory, stop: CancellationToken) -> Arc<Self> {
+    fn start(nodes: NodeDirectory, cloud_ranges: Vec<Cidr>, stop: CancellationToken) -> Arc<Self> {
         let dir = Arc::new(KubeDirectory {
             nodes,
+            cloud_ranges,
             snapshot: RwLock::new(Arc::new(Snapshot {
                 entries: HashMap::new(),
                 claims: ClaimIndex::default(),
@@ -266,8 +288,10 @@ impl KubeDirectory {
             return;
         }
         let claims = self.nodes.all_claims();
-        let sources: BTreeMap<String, NodeSource> =
-            claims.iter().map(|(n, c)| (n.clone(), source(c))).collect();
+        let sources: BTreeMap<String, NodeSource> = claims
+            .iter()
+            .map(|(n, c)| (n.clone(), source(c, &self.cloud_ranges)))
+            .collect();
         let communities: HashMap<String, BTreeSet<String>> = claims
             .iter()
             .filter(|(_, c)| !c.communities.is_empty())
@@ -361,5 +385,49 @@ impl Directory for KubeDirectory {
 
     fn label_communities(&self) -> HashMap<String, BTreeSet<String>> {
         self.read().communities.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(pods: &[&str], addr: &str, edge: bool, control_plane: bool) -> NodeClaims {
+        NodeClaims {
+            pod_cidrs: pods.iter().map(|c| c.parse().unwrap()).collect(),
+            internal_ips: vec![addr.parse().unwrap()],
+            edge,
+            control_plane,
+            ..NodeClaims::default()
+        }
+    }
+
+    /// A Node is dialled by the relay only with evidence that it is in the
+    /// cloud, and never with evidence that it is an edge.
+    #[test]
+    fn cloud_nodes_need_evidence_and_edges_always_win() {
+        let ranges: Vec<Cidr> = ["10.244.0.0/24", "10.244.1.0/24", "10.96.0.0/12"]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect();
+        let cases = [
+            // A cloud worker: its pod CIDR is listed in tunnel_routes.
+            (claims(&["10.244.1.0/24"], "10.0.0.2", false, false), true),
+            // A control-plane node, whatever its ranges.
+            (claims(&[], "10.0.0.1", false, true), true),
+            // An address inside tunnel_routes (Calico: no pod CIDR).
+            (claims(&[], "10.96.0.9", false, false), true),
+            // No evidence either way: an edge that never connected.
+            (
+                claims(&["10.244.7.0/24"], "192.168.1.10", false, false),
+                false,
+            ),
+            (claims(&[], "192.168.1.10", false, false), false),
+            // Edge evidence wins over cloud evidence.
+            (claims(&["10.244.1.0/24"], "10.0.0.2", true, true), false),
+        ];
+        for (c, want) in cases {
+            assert_eq!(is_cloud(&c, &ranges), want, "{c:?}");
+        }
     }
 }

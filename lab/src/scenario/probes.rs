@@ -140,6 +140,25 @@ pub fn connect_from(lab: &NetnsLab, ns: Role, authority: &'static str) -> Result
     })
 }
 
+/// A CONNECT from inside `ns` that the relay must refuse within `limit`,
+/// with `reason` in its status line (a label such as `relay_itself`, or
+/// any text of the message); how long the refusal took.
+pub fn connect_refused(
+    lab: &NetnsLab,
+    ns: Role,
+    authority: &'static str,
+    limit: Duration,
+    reason: &str,
+) -> Result<Duration> {
+    let t = Instant::now();
+    match connect_from(lab, ns, authority) {
+        Ok(body) => bail!("reached {authority} ({body})"),
+        Err(e) if t.elapsed() > limit => bail!("refused, but only after {:?}: {e:#}", t.elapsed()),
+        Err(e) if format!("{e:#}").contains(reason) => Ok(t.elapsed()),
+        Err(e) => bail!("refused, but not for {reason:?}: {e:#}"),
+    }
+}
+
 /// One DNS-sized UDP query and its reply, from inside `ns`.
 pub fn udp_from(lab: &NetnsLab, ns: Role, target: SocketAddr) -> Result<String> {
     lab.run_in(ns, Duration::from_secs(15), move || async move {

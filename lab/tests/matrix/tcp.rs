@@ -4,11 +4,13 @@
 //! endpoint as well as on no answer.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::Result;
+use relay_lab::cluster::Cluster;
 use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::scenario::{
-    connect_from, http_from, sa, service_resolutions, udp_from, Table, HTTP,
+    connect_from, connect_refused, http_from, sa, service_resolutions, udp_from, Table, HTTP,
 };
 
 use crate::setup::{
@@ -253,13 +255,14 @@ fn from_apiserver_to_the_cloud(lab: &NetnsLab, m: &mut Table) {
             "apiserver → the relay's own admin listener (CONNECT) refused",
             "apiserver → CONNECT 10.0.0.1:9090",
         ],
-        match connect_from(lab, Role::Apiserver, "10.0.0.1:9090") {
-            Ok(body) => Err(anyhow::anyhow!("reached the admin API: {body}")),
-            Err(e) if format!("{e:#}").contains("relay_itself") => {
-                Ok("refused: relay_itself".into())
-            }
-            Err(e) => Err(anyhow::anyhow!("refused, but not as relay_itself: {e:#}")),
-        },
+        connect_refused(
+            lab,
+            Role::Apiserver,
+            "10.0.0.1:9090",
+            Duration::from_secs(1),
+            "relay_itself",
+        )
+        .map(|d| format!("403 relay_itself in {d:?}")),
     );
 }
 
@@ -472,6 +475,38 @@ pub(crate) fn edge_to_edge(lab: &NetnsLab, m: &mut Table) {
     ] {
         m.check(&[case, path], answer, http_from(lab, from, target));
     }
+}
+
+/// A Node with no evidence of being in the cloud (no control-plane label,
+/// pod CIDR and address outside `tunnel_routes`) and none of being an edge
+/// either (no label, never connected): an edge that was never started. A
+/// CONNECT to it must fail at once, as to any edge without a session; had
+/// the relay taken it for a cloud node it would dial 192.168.3.10 itself
+/// and fail only after its dial timeout.
+pub(crate) fn unlabelled_edge_node(lab: &NetnsLab, cluster: &Cluster, m: &mut Table) {
+    cluster
+        .standin()
+        .upsert_node(relay_kube_standin::kubelet_node(
+            "edge3",
+            &["10.244.9.0/24"],
+            &[("InternalIP", "192.168.3.10")],
+        ));
+    // The relay's Node watch settles within 100 ms of a change.
+    std::thread::sleep(Duration::from_secs(1));
+    m.note(
+        &[
+            "apiserver → a Node that is neither cloud nor connected (CONNECT) fails fast",
+            "apiserver → CONNECT edge3:10250",
+        ],
+        connect_refused(
+            lab,
+            Role::Apiserver,
+            "edge3:10250",
+            Duration::from_secs(1),
+            "no_route",
+        )
+        .map(|d| format!("502 no_route in {d:?}")),
+    );
 }
 
 /// The Internet from an edge with capture on: what is not a tunnel route
