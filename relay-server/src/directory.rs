@@ -194,52 +194,54 @@ pub enum Claim {
     Cloud,
 }
 
-/// [`Claim`]s by address, built from the entries whenever they change.
+/// [`Claim`]s by address, built from the entries whenever they change:
+/// one exact-match table per prefix length, so a lookup costs one hash
+/// probe per distinct length (a handful: /32, /24, /128, /64), however
+/// many Nodes the cluster has.
 #[derive(Debug, Default)]
 pub struct ClaimIndex {
-    hosts: HashMap<IpAddr, (String, bool)>,
-    prefixes: Vec<(Cidr, String, bool)>,
+    by_len: BTreeMap<std::cmp::Reverse<u8>, HashMap<Cidr, (String, bool)>>,
 }
 
 impl ClaimIndex {
-    /// Indexes `entries`' claims (host addresses exactly, other prefixes
-    /// by containment).
+    /// Indexes `entries`' claims (host addresses and pod CIDRs alike). Of
+    /// two Nodes claiming one prefix, an edge's claim is kept.
     pub fn new(entries: &HashMap<String, Arc<NodeEntry>>) -> Self {
         let mut ix = ClaimIndex::default();
         for (node, e) in entries {
             for c in &e.allowed {
-                if c.is_host() {
-                    let held = ix.hosts.entry(c.addr()).or_insert((node.clone(), e.cloud));
-                    if held.1 && !e.cloud {
-                        *held = (node.clone(), false);
-                    }
-                } else {
-                    ix.prefixes.push((*c, node.clone(), e.cloud));
+                let held = ix
+                    .by_len
+                    .entry(std::cmp::Reverse(c.prefix_len()))
+                    .or_default()
+                    .entry(*c)
+                    .or_insert((node.clone(), e.cloud));
+                if held.1 && !e.cloud {
+                    *held = (node.clone(), false);
                 }
             }
         }
-        // Edges first, so an edge's claim wins over a cloud node's.
-        ix.prefixes
-            .sort_by_key(|(c, n, cloud)| (*cloud, std::cmp::Reverse(c.prefix_len()), n.clone()));
         ix
     }
 
-    /// Who claims `ip`.
+    /// Who claims `ip`: an edge if any edge's prefix contains it (edges
+    /// win, whatever the prefix lengths), else a cloud Node if one does.
     pub fn claim(&self, ip: IpAddr) -> Claim {
-        let found = self
-            .hosts
-            .get(&ip)
-            .map(|(n, cloud)| (n, *cloud))
-            .or_else(|| {
-                self.prefixes
-                    .iter()
-                    .find(|(c, _, _)| c.contains(&ip))
-                    .map(|(_, n, cloud)| (n, *cloud))
-            });
-        match found {
-            None => Claim::Nobody,
-            Some((_, true)) => Claim::Cloud,
-            Some((n, false)) => Claim::Edge(n.clone()),
+        let mut cloud = false;
+        for (len, table) in &self.by_len {
+            let Some(c) = Cidr::containing(ip, len.0) else {
+                continue;
+            };
+            match table.get(&c) {
+                Some((node, false)) => return Claim::Edge(node.clone()),
+                Some((_, true)) => cloud = true,
+                None => {}
+            }
+        }
+        if cloud {
+            Claim::Cloud
+        } else {
+            Claim::Nobody
         }
     }
 }
