@@ -43,6 +43,34 @@ pub struct LabService {
 }
 
 impl LabService {
+    /// A ClusterIP Service whose ready `endpoints` (address, node) serve on
+    /// the port every [`services`](crate::scenario::services) host listens
+    /// on for `proto`: [`HTTP`](crate::scenario::HTTP) for TCP,
+    /// [`DNS`](crate::scenario::DNS) for UDP.
+    pub fn on_lab_ports(
+        namespace: &'static str,
+        name: &'static str,
+        vip: SocketAddr,
+        proto: Proto,
+        endpoints: &[(std::net::Ipv4Addr, &'static str)],
+    ) -> LabService {
+        let port = match proto {
+            Proto::Tcp => crate::scenario::HTTP,
+            Proto::Udp => crate::scenario::DNS,
+        };
+        LabService {
+            namespace,
+            name,
+            vip,
+            proto,
+            endpoints: endpoints
+                .iter()
+                .map(|(ip, node)| (crate::scenario::sa(*ip, port), *node))
+                .collect(),
+            node_port: None,
+        }
+    }
+
     /// The Service and its one EndpointSlice, as the API holds them (port
     /// named `p`; the slice's port is the endpoints' target port).
     pub fn objects(&self) -> (Service, EndpointSlice) {

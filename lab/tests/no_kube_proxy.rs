@@ -22,8 +22,8 @@ use anyhow::{bail, Result};
 use relay_lab::cluster::{Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
-    edge_config_in, fails_fast, http_from, lab_pki, relay_config_in, sa, service_resolutions,
-    services, start_edge, start_relay, Table, HTTP,
+    edge_config_in, fails_fast, http_from, lab_pki, relay_config_in, service_resolutions, services,
+    start_edge, start_relay, Table, HTTP,
 };
 
 /// `own-edge1`: endpoint epod1 (all on edge1).
@@ -66,13 +66,8 @@ fn an_edge_without_kube_proxy_serves_its_own_services() -> Result<()> {
         services(&lab, Role::Epod2, "epod2")?,
     ];
     let cluster = Cluster::start(&lab)?;
-    let one = |name, vip, ep: Ipv4Addr, node| LabService {
-        namespace: "default",
-        name,
-        vip,
-        proto: Proto::Tcp,
-        endpoints: vec![(sa(ep, HTTP), node)],
-        node_port: None,
+    let one = |name, vip, ep: Ipv4Addr, node| {
+        LabService::on_lab_ports("default", name, vip, Proto::Tcp, &[(ep, node)])
     };
     cluster.set_services(
         &lab,

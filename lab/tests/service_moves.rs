@@ -34,17 +34,7 @@ use relay_lab::scenario::{
 };
 
 fn web(name: &'static str, vip: SocketAddr, endpoints: &[(Ipv4Addr, &'static str)]) -> LabService {
-    LabService {
-        namespace: "shop",
-        name,
-        vip,
-        proto: Proto::Tcp,
-        endpoints: endpoints
-            .iter()
-            .map(|(ip, n)| (sa(*ip, HTTP), *n))
-            .collect(),
-        node_port: None,
-    }
+    LabService::on_lab_ports("shop", name, vip, Proto::Tcp, endpoints)
 }
 
 /// One request of a loop: when it started, how long it took, the answer.
@@ -163,17 +153,13 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
                     mixed,
                     &[(epod1, "edge1"), (netns::CPOD1_IP, "relay")],
                 ),
-                LabService {
-                    namespace: "shop",
-                    name: "mixed-udp",
-                    vip: mixed_udp,
-                    proto: Proto::Udp,
-                    endpoints: vec![
-                        (sa(epod1, DNS), "edge1"),
-                        (sa(netns::CPOD1_IP, DNS), "relay"),
-                    ],
-                    node_port: None,
-                },
+                LabService::on_lab_ports(
+                    "shop",
+                    "mixed-udp",
+                    mixed_udp,
+                    Proto::Udp,
+                    &[(epod1, "edge1"), (netns::CPOD1_IP, "relay")],
+                ),
             ],
         )
     };

@@ -82,25 +82,6 @@ pub(crate) fn start_services(lab: &NetnsLab) -> Result<Vec<Running>> {
     Ok(svcs)
 }
 
-/// A Service `name` at `vip` with its one endpoint `ep` (on the HTTP or
-/// DNS port, by `proto`) running on `node`.
-fn one_endpoint(
-    name: &'static str,
-    vip: SocketAddr,
-    proto: Proto,
-    ep: Ipv4Addr,
-    node: &'static str,
-) -> LabService {
-    LabService {
-        namespace: "default",
-        name,
-        vip,
-        proto,
-        endpoints: vec![(sa(ep, if proto == Proto::Tcp { HTTP } else { DNS }), node)],
-        node_port: None,
-    }
-}
-
 /// The cluster API (the apiserver stand-in on the apiserver host, not a
 /// real kube-apiserver) holds the Nodes and the matrix's Services;
 /// kube-proxy on every node (root namespaces) is programmed from the same
@@ -138,7 +119,9 @@ pub(crate) fn start_cluster(lab: &NetnsLab, mode: KubeProxyMode) -> Result<Clust
         ),
     ]
     .into_iter()
-    .map(|(name, vip, proto, ep, node)| one_endpoint(name, vip, proto, ep, node))
+    .map(|(name, vip, proto, ep, node)| {
+        LabService::on_lab_ports("default", name, vip, proto, &[(ep, node)])
+    })
     .collect();
     // Some are also NodePorts: every node's addresses take them.
     services[0].node_port = Some(NODE_PORT);
