@@ -288,8 +288,9 @@ async fn direct<S: LocalStream>(
         audit.answer(200, "client_gone");
         return;
     }
-    let (up, down) = crate::tunnel::splice_direct(s, pending, tcp).await;
-    audit.spliced(up, down, false);
+    let out = relay_transport::splice::splice_local(s, pending, tcp).await;
+    audit.spliced(out.to_tunnel, out.from_tunnel, out.reset.is_some());
+    debug!(up = out.to_tunnel, down = out.from_tunnel, reset = ?out.reset, "direct connection closed");
 }
 
 /// Where a CONNECT goes.

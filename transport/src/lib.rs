@@ -39,6 +39,7 @@ pub mod quic;
 mod quic_runtime;
 pub mod reload;
 pub mod splice;
+mod splice_local;
 pub mod tcp;
 pub mod tls;
 pub mod udp;

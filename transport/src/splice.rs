@@ -30,6 +30,8 @@ use tokio::time::Instant;
 use crate::conn::{BiStream, RecvHalf, SendHalf};
 use relay_protocol::close_code::STREAM_RESET;
 
+pub use crate::splice_local::splice_local;
+
 /// Read size for the local → tunnel direction once a stream carries bulk
 /// traffic. Each read is handed to the QUIC stream as one chunk (no copy),
 /// so a bigger read means fewer syscalls and fewer chunks per GiB; the
@@ -43,7 +45,7 @@ const GATHER: usize = 16;
 
 /// What an idle stream holds until its first full read (loadtest
 /// `streams`: 16 KiB up front cost ~19.5 KiB of relay memory per idle stream).
-const INITIAL_READ_BUF: usize = 2 * 1024;
+pub(crate) const INITIAL_READ_BUF: usize = 2 * 1024;
 
 /// Default idle bound of a spliced connection: no byte either way for this
 /// long and the splice is reset. Long enough for `kubectl logs -f` on a
@@ -102,14 +104,14 @@ fn tune(sock: socket2::SockRef<'_>) {
 /// Last time a splice moved a byte, shared by its two directions (both run
 /// in one task; atomics only so the future stays `Send`); and how many
 /// writes to the local socket since the last read from it.
-struct Activity {
+pub(crate) struct Activity {
     start: Instant,
     last_ms: AtomicU64,
     local_writes: AtomicU32,
 }
 
 impl Activity {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
@@ -129,7 +131,7 @@ impl Activity {
         self.local_writes.swap(0, Relaxed) > 1
     }
 
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         let ms = self.start.elapsed().as_millis() as u64;
         self.last_ms.store(ms, Relaxed);
     }
@@ -257,9 +259,9 @@ pub struct SpliceOutcome {
 }
 
 #[derive(Debug)]
-struct PumpError {
-    bytes: u64,
-    what: String,
+pub(crate) struct PumpError {
+    pub(crate) bytes: u64,
+    pub(crate) what: String,
 }
 
 async fn pump_to_tunnel<R: AsyncRead + Unpin>(
@@ -399,7 +401,7 @@ async fn write_all_chunks<W: AsyncWrite + Unpin>(
 /// Runs both directions until each ends, stopping at the first failure or
 /// when neither moved a byte for `idle`. Returns the outcome; the caller
 /// aborts both sides if it was reset.
-async fn both_ways(
+pub(crate) async fn both_ways(
     up: impl std::future::Future<Output = Result<u64, PumpError>>,
     down: impl std::future::Future<Output = Result<u64, PumpError>>,
     act: &Activity,
