@@ -60,11 +60,11 @@ pub struct Metrics {
     denials: [[AtomicU64; 6]; 4],
     /// ClusterIP connections and flows the relay resolved, by where the
     /// endpoint it picked was (see [`SERVICE_PICKS`]).
-    service_picks: [AtomicU64; 3],
+    service_picks: [AtomicU64; 4],
 }
 
 /// Outcomes of resolving a ClusterIP or Service name at the relay.
-pub const SERVICE_PICKS: [&str; 3] = ["edge", "cloud", "no_endpoints"];
+pub const SERVICE_PICKS: [&str; 4] = ["edge", "cloud", "no_endpoints", "edges_offline"];
 
 const ORIGINS: [&str; 4] = ["connect", "captured", "edge", "service"];
 
@@ -193,7 +193,7 @@ impl Metrics {
         metric(
             "relay_service_resolutions_total",
             "counter",
-            "ClusterIP connections and flows resolved by the relay, by where the picked endpoint is (no_endpoints: refused at once).",
+            "ClusterIP connections and flows resolved by the relay, by where the picked endpoint is (no_endpoints, edges_offline: refused at once, the Service having no endpoint or only ones on edges without a session).",
             &rows,
         );
         metric(

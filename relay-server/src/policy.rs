@@ -322,7 +322,8 @@ impl Policy {
     /// Decides `origin → target`. `owner` is the node whose session serves
     /// the target (the registry's longest-prefix answer), if any; `claim`
     /// is who the node directory says claims the target (asked only for a
-    /// CONNECT no session serves); `target` must already be [`canonical`].
+    /// CONNECT or a Service endpoint no session serves); `target` must
+    /// already be [`canonical`].
     pub fn authorize(
         &self,
         origin: Origin<'_>,
@@ -353,13 +354,21 @@ impl Policy {
                     ))
                 }
             }
+            // A Service's endpoint (named by the cluster's EndpointSlices,
+            // not by the client): a cloud one is dialled by the relay; one
+            // on an edge no session serves now never is, since its address
+            // means nothing in the cloud network (or another host).
+            (Origin::Service, None) => match claim {
+                Claim::Edge(node) => Err(Denied::new(
+                    DenyReason::NoRoute,
+                    format!("endpoint {target} is on edge node {node}, which has no live session"),
+                )),
+                _ => self.dial_refused(target).map_or(Ok(Verdict::ToCloud), Err),
+            },
             // The relay would dial this itself: never its own host's
             // special addresses or listeners, only the cloud ranges.
-            (Origin::Edge(_) | Origin::Service, None) => match self.dial_refused(target) {
+            (Origin::Edge(_), None) => match self.dial_refused(target) {
                 Some(d) => Err(d),
-                // A cloud endpoint of a Service (named by the cluster's
-                // EndpointSlices, not by the client).
-                None if origin == Origin::Service => Ok(Verdict::ToCloud),
                 None if self.cloud.iter().any(|c| c.contains(&ip)) => Ok(Verdict::ToCloud),
                 None => Err(Denied::new(
                     DenyReason::OutsideCloudRanges,

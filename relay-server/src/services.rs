@@ -128,35 +128,38 @@ impl ServiceSource for NoServices {
 /// burst of connections evenly whatever the number of endpoints.
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
-/// Picks an endpoint: those on node `prefer` when there are any, else all
-/// of them, in round robin. `None` when there is none.
-pub fn pick<'a>(backends: &'a [Backend], prefer: Option<&str>) -> Option<&'a Backend> {
-    let local: Vec<&Backend> = match prefer {
-        Some(n) => backends
-            .iter()
-            .filter(|b| b.node.as_deref() == Some(n))
-            .collect(),
-        None => Vec::new(),
-    };
+/// Picks an endpoint `usable` accepts (the relay can reach it now):
+/// those on node `prefer` when there are any, else all of them, in round
+/// robin. `None` when none is usable. `usable` is asked only of the
+/// endpoints met on the way, so a large Service costs one or two asks,
+/// not one per endpoint.
+pub fn pick<'a>(
+    backends: &'a [Backend],
+    prefer: Option<&str>,
+    usable: impl Fn(&Backend) -> bool,
+) -> Option<&'a Backend> {
     let i = NEXT.fetch_add(1, Relaxed);
-    if local.is_empty() {
-        (!backends.is_empty()).then(|| &backends[i % backends.len()])
-    } else {
-        Some(local[i % local.len()])
+    if let Some(n) = prefer {
+        let local: Vec<&Backend> = backends
+            .iter()
+            .filter(|b| b.node.as_deref() == Some(n) && usable(b))
+            .collect();
+        if !local.is_empty() {
+            return Some(local[i % local.len()]);
+        }
     }
+    let n = backends.len();
+    (0..n).map(|k| &backends[(i + k) % n]).find(|b| usable(b))
 }
 
 /// The ClusterIP ports the relay node captures: those with an endpoint
 /// that `served` says is behind a live edge session (kube-proxy on the
 /// relay node could not reach it). Ports whose endpoints are all in the
 /// cloud stay with kube-proxy.
-pub fn relay_capture_set(
-    snap: &ServiceSnapshot,
-    served: impl Fn(SocketAddr) -> bool,
-) -> ServiceSet {
+pub fn relay_capture_set(snap: &ServiceSnapshot, served: impl Fn(&Backend) -> bool) -> ServiceSet {
     snap.ports
         .iter()
-        .filter(|(_, b)| b.iter().any(|b| served(b.addr)))
+        .filter(|(_, b)| b.iter().any(&served))
         .map(|(k, _)| (k.vip, capture_proto(k.udp)))
         .collect()
 }
@@ -165,11 +168,11 @@ pub fn relay_capture_set(
 /// a live edge session (as [`relay_capture_set`]).
 pub fn relay_node_port_set(
     snap: &ServiceSnapshot,
-    served: impl Fn(SocketAddr) -> bool,
+    served: impl Fn(&Backend) -> bool,
 ) -> BTreeSet<(u16, CaptureProto)> {
     snap.node_ports
         .iter()
-        .filter(|(_, b)| b.iter().any(|b| served(b.addr)))
+        .filter(|(_, b)| b.iter().any(&served))
         .map(|((port, udp), _)| (*port, capture_proto(*udp)))
         .collect()
 }
@@ -297,16 +300,41 @@ mod tests {
             b("10.244.8.5:80", "edge2"),
             b("10.244.1.2:80", "cloud1"),
         ];
+        let any = |_: &Backend| true;
         for _ in 0..10 {
-            assert_eq!(pick(&all, Some("edge2")).unwrap().addr, all[1].addr);
+            assert_eq!(pick(&all, Some("edge2"), any).unwrap().addr, all[1].addr);
         }
         let mut seen = BTreeSet::new();
         for _ in 0..30 {
-            seen.insert(pick(&all, Some("edge9")).unwrap().addr);
-            seen.insert(pick(&all, None).unwrap().addr);
+            seen.insert(pick(&all, Some("edge9"), any).unwrap().addr);
+            seen.insert(pick(&all, None, any).unwrap().addr);
         }
         assert_eq!(seen.len(), 3, "round robin reaches every endpoint");
-        assert!(pick(&[], Some("edge1")).is_none());
+        assert!(pick(&[], Some("edge1"), any).is_none());
+    }
+
+    /// Endpoints the relay cannot reach now (on an edge with no session)
+    /// are passed over, the asking node's own included; when none is
+    /// usable there is no pick.
+    #[test]
+    fn pick_passes_over_unusable_endpoints() {
+        let all = [
+            b("10.244.7.5:80", "edge1"),
+            b("10.244.8.5:80", "edge2"),
+            b("10.244.1.2:80", "cloud1"),
+        ];
+        let not_edge1 = |b: &Backend| b.node.as_deref() != Some("edge1");
+        let mut seen = BTreeSet::new();
+        for _ in 0..30 {
+            seen.insert(pick(&all, None, not_edge1).unwrap().addr);
+            seen.insert(pick(&all, Some("edge1"), not_edge1).unwrap().addr);
+        }
+        assert_eq!(
+            seen,
+            BTreeSet::from([all[1].addr, all[2].addr]),
+            "every usable endpoint is reached, the unusable one never"
+        );
+        assert!(pick(&all, None, |_| false).is_none());
     }
 
     #[test]
@@ -326,10 +354,7 @@ mod tests {
             ),
             (key("10.96.0.40:80", false), vec![]),
         ]);
-        let served = |a: SocketAddr| {
-            a.ip().to_string().starts_with("10.244.7.")
-                || a.ip().to_string().starts_with("10.244.8.")
-        };
+        let served = |b: &Backend| b.node.as_deref().is_some_and(|n| n.starts_with("edge"));
         let set = relay_capture_set(&s, served);
         assert_eq!(
             describe(&set),

@@ -18,8 +18,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::policy::{canonical, Origin, Proto, Verdict};
+use crate::policy::{canonical, Claim, Origin, Proto, Verdict};
 use crate::server::Shared;
+use crate::services::Backend;
 use crate::session::{SessionHandle, StreamGuard};
 
 /// Where an authorised flow goes.
@@ -119,19 +120,61 @@ pub(crate) fn route_backend(
     proto: Proto,
     service: &dyn std::fmt::Display,
 ) -> Result<(Route, SocketAddr), StreamReply> {
-    let Some(b) = crate::services::pick(backends, prefer) else {
+    if backends.is_empty() {
         shared.metrics.service_pick("no_endpoints");
         return Err(StreamReply::fail(
             StreamStatus::Refused,
             format!("service {service} has no ready endpoint"),
         ));
+    }
+    // An endpoint on an edge with no live session stays Ready while that
+    // edge's kubelet still reaches the apiserver (the tunnel is down, the
+    // node is not): pass over it rather than fail one pick in N.
+    let usable = |b: &Backend| {
+        endpoint_session(shared, b).is_some()
+            || !matches!(
+                shared.directory.claim(canonical(b.addr).ip()),
+                Claim::Edge(_)
+            )
     };
-    let routed = route(shared, Origin::Service, b.addr, proto)?;
-    shared.metrics.service_pick(match routed.0 {
+    let Some(b) = crate::services::pick(backends, prefer, usable) else {
+        shared.metrics.service_pick("edges_offline");
+        let mut nodes: Vec<&str> = backends.iter().filter_map(|b| b.node.as_deref()).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        nodes.truncate(8);
+        return Err(StreamReply::fail(
+            StreamStatus::NoRoute,
+            format!(
+                "service {service}: every endpoint is on an edge node with no live session ({})",
+                nodes.join(", ")
+            ),
+        ));
+    };
+    let target = canonical(b.addr);
+    let routed = decide(
+        shared,
+        Origin::Service,
+        target,
+        proto,
+        endpoint_session(shared, b),
+    )?;
+    shared.metrics.service_pick(match routed {
         Route::Edge(_) => "edge",
         Route::Cloud => "cloud",
     });
-    Ok(routed)
+    Ok((routed, target))
+}
+
+/// The live session that serves a Service endpoint: its node's, when the
+/// EndpointSlice names a node with a session (this also reaches a
+/// host-network endpoint whose address several sites' LANs repeat, which
+/// is never routed by address), else the session routing its address.
+pub(crate) fn endpoint_session(shared: &Shared, b: &Backend) -> Option<Arc<SessionHandle>> {
+    b.node
+        .as_deref()
+        .and_then(|n| shared.registry.get(n))
+        .or_else(|| shared.registry.lookup(canonical(b.addr).ip()))
 }
 
 /// The policy half of [`route`], for callers that found the session by
@@ -143,11 +186,11 @@ pub(crate) fn decide(
     proto: Proto,
     owner: Option<Arc<SessionHandle>>,
 ) -> Result<Route, StreamReply> {
-    // Who claims the target matters only to a CONNECT no session serves
-    // (see `Policy::authorize`): asked only then.
+    // Who claims the target matters only to a CONNECT or a Service
+    // endpoint no session serves (see `Policy::authorize`): asked only then.
     let claim = match (origin, &owner) {
-        (Origin::Connect, None) => shared.directory.claim(target.ip()),
-        _ => crate::policy::Claim::Nobody,
+        (Origin::Connect | Origin::Service, None) => shared.directory.claim(target.ip()),
+        _ => Claim::Nobody,
     };
     let verdict = shared.policy.authorize(
         origin,
@@ -238,8 +281,8 @@ pub(crate) async fn serve_transparent(
                 // capture and past the relay node's kube-proxy.
                 Ok((Route::Cloud, to)) => match dial_direct(&shared, to).await {
                     Ok(tcp) => {
-                        let (up, down) = splice_direct(sock, &[], tcp).await;
-                        debug!(%dst, %to, up, down, "captured service connection closed");
+                        let out = relay_transport::splice::splice_local(sock, &[], tcp).await;
+                        debug!(%dst, %to, up = out.to_tunnel, down = out.from_tunnel, reset = ?out.reset, "captured service connection closed");
                     }
                     Err(reply) => refuse_captured(sock, peer, dst, &reply),
                 },
@@ -265,24 +308,6 @@ pub(crate) async fn dial_direct(
         Err(reply) => reply.status,
     });
     r
-}
-
-/// Splices `local` (tuned by its listener) with a connection
-/// [`dial_direct`] made, `pending` (bytes the client sent early) first;
-/// the bytes carried each way.
-pub(crate) async fn splice_direct<L: relay_transport::splice::LocalStream>(
-    mut local: L,
-    pending: &[u8],
-    mut tcp: tokio::net::TcpStream,
-) -> (u64, u64) {
-    use tokio::io::AsyncWriteExt;
-    if !pending.is_empty() && tcp.write_all(pending).await.is_err() {
-        return (0, 0);
-    }
-    let (up, down) = tokio::io::copy_bidirectional(&mut local, &mut tcp)
-        .await
-        .unwrap_or((0, 0));
-    (up + pending.len() as u64, down)
 }
 
 /// Answers a captured connection that cannot be served with a TCP reset
@@ -408,12 +433,9 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
             });
         }
         let snap = services.borrow_and_update().clone();
-        let svc = crate::services::relay_capture_set(&snap, |a| {
-            shared.registry.lookup(canonical(a).ip()).is_some()
-        });
-        let node_ports = crate::services::relay_node_port_set(&snap, |a| {
-            shared.registry.lookup(canonical(a).ip()).is_some()
-        });
+        let served = |b: &Backend| endpoint_session(&shared, b).is_some();
+        let svc = crate::services::relay_capture_set(&snap, served);
+        let node_ports = crate::services::relay_node_port_set(&snap, served);
         if let Err(e) = cap.apply_services(&svc, &BTreeSet::new()).await {
             failed = Some(e);
         } else if let Err(e) = cap.apply_node_ports(&node_ports).await {

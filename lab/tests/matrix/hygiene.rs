@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use relay_lab::netns::{self, NetnsLab, Role};
-use relay_lab::scenario::{connect_refused, fails_fast, sa, within, Running, Table, HTTP};
+use relay_lab::scenario::{
+    connect_from, connect_refused, fails_fast, sa, within, Running, Table, HTTP,
+};
 
 use crate::observe::{agent_routes, capture_set};
 
@@ -36,6 +38,38 @@ pub(crate) fn edge_leaves(lab: &NetnsLab, m: &mut Table, edge2: Running) -> Resu
             "10.244.8.5:80",
             Duration::from_secs(2),
             "edge node edge2",
+        )
+        .map(|d| format!("502 in {d:?}, naming edge2")),
+    );
+    // Its Node and endpoints stay Ready in the cluster API (its kubelet
+    // may still reach the apiserver): the relay passes over them.
+    m.note(
+        &[
+            "edge leaves → a Service on it and the cloud picks the cloud",
+            "apiserver → CONNECT web-edge2-cloud.default.svc:80 × 12",
+        ],
+        (0..12)
+            .map(|_| connect_from(lab, Role::Apiserver, "web-edge2-cloud.default.svc:80"))
+            .collect::<Result<Vec<_>>>()
+            .and_then(|bodies| {
+                anyhow::ensure!(
+                    bodies.iter().all(|b| b == "hello from cpod1"),
+                    "answered by {bodies:?}"
+                );
+                Ok("12 of 12 answered by cpod1".to_string())
+            }),
+    );
+    m.note(
+        &[
+            "edge leaves → a Service on it alone fails fast",
+            "apiserver → CONNECT web-edge2.default.svc:80",
+        ],
+        connect_refused(
+            lab,
+            Role::Apiserver,
+            "web-edge2.default.svc:80",
+            Duration::from_secs(2),
+            "no live session (edge2)",
         )
         .map(|d| format!("502 in {d:?}, naming edge2")),
     );

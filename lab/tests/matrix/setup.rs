@@ -57,6 +57,11 @@ pub(crate) const SVC_EDGE1_HOST: SocketAddr = cluster_ip(22, HTTP);
 pub(crate) const SVC_EDGE2_HOST: SocketAddr = cluster_ip(32, HTTP);
 /// `web-cloud2-host`: HTTP, endpoint cloud2's node address.
 pub(crate) const SVC_CLOUD2_HOST: SocketAddr = cluster_ip(12, HTTP);
+/// `web-edge2-cloud`: HTTP, two endpoints, epod2 and cpod1 (the one
+/// Service with two): once edge2 leaves (its Node and endpoints still
+/// Ready, as while an edge's kubelet reaches the apiserver but its tunnel
+/// is down), the relay must pick cpod1 every time.
+pub(crate) const SVC_EDGE2_CLOUD: SocketAddr = cluster_ip(33, HTTP);
 
 /// Services everywhere, each naming its host, so a cell can tell which
 /// host answered.
@@ -123,6 +128,13 @@ pub(crate) fn start_cluster(lab: &NetnsLab, mode: KubeProxyMode) -> Result<Clust
         LabService::on_lab_ports("default", name, vip, proto, &[(ep, node)])
     })
     .collect();
+    services.push(LabService::on_lab_ports(
+        "default",
+        "web-edge2-cloud",
+        SVC_EDGE2_CLOUD,
+        Proto::Tcp,
+        &[(epod2, "edge2"), (netns::CPOD1_IP, "relay")],
+    ));
     // Some are also NodePorts: every node's addresses take them.
     services[0].node_port = Some(NODE_PORT);
     services[1].node_port = Some(NODE_PORT_CLOUD);

@@ -313,3 +313,31 @@ fn connect_reaches_the_cloud_but_never_an_edge_without_a_session() {
     );
     assert_eq!(to_edge, Ok(ToEdge));
 }
+
+/// A Service endpoint no session serves: dialled by the relay when it is
+/// in the cloud, never when an edge claims it (an endpoint on an edge
+/// whose tunnel is down stays Ready while its kubelet reaches the
+/// apiserver directly); served by the session when there is one.
+#[test]
+fn service_endpoints_on_an_edge_without_a_session_are_never_dialled() {
+    use DenyReason::*;
+    use Verdict::*;
+    let p = policy();
+    let edge = Claim::Edge("edge-1".into());
+    type Row<'a> = (&'a str, Option<&'a str>, &'a Claim, Result<Verdict, DenyReason>);
+    let rows: &[Row] = &[
+        ("10.244.7.5:80", None, &edge, Err(NoRoute)),
+        ("192.168.1.10:10250", None, &edge, Err(NoRoute)),
+        ("10.244.7.5:80", Some("edge-1"), &edge, Ok(ToEdge)),
+        ("10.244.1.2:80", None, &Claim::Cloud, Ok(ToCloud)),
+        ("10.0.0.9:443", None, &Claim::Nobody, Ok(ToCloud)),
+        ("127.0.0.1:80", None, &Claim::Cloud, Err(ForbiddenAddress)),
+    ];
+    for (target, owner, claim, want) in rows {
+        let t = canonical(target.parse().unwrap());
+        let got = p
+            .authorize(Origin::Service, t, Proto::Tcp, *owner, claim)
+            .map_err(|d| d.reason);
+        assert_eq!(got, *want, "endpoint {target} (owner {owner:?}, {claim:?})");
+    }
+}
