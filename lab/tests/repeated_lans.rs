@@ -22,11 +22,13 @@
 //! CI=true or REQUIRE_LAB=1.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use relay_lab::cluster::Cluster;
-use relay_lab::netns::{self, LabOptions, NetnsLab, Role};
+
+use relay_lab::cluster::{Cluster, LabService};
+use relay_lab::netns::{self, KubeProxyMode, LabOptions, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
     captured_prefixes, connect_from, edge_config_in, edge_metric, fails_fast, http_from, lab_pki,
     relay_config_in, sa, services, sessions, start_edge, start_relay, within, Table, EDGE_STATUS,
@@ -242,6 +244,44 @@ fn run(claims: Claims, report: &str) -> Result<()> {
             Ok("edge1 +1, edge2 +1".into())
         }),
     );
+    // A host-network Service endpoint on the shared address (its
+    // EndpointSlice names the node): reached through that node's session,
+    // although the address itself is routed for neither site.
+    if let Some(cluster) = &cluster {
+        let host_svc = |name, last, node| {
+            LabService::on_lab_ports(
+                "default",
+                name,
+                sa(Ipv4Addr::new(10, 96, 0, last), HTTP),
+                Proto::Tcp,
+                &[(shared, node)],
+            )
+        };
+        cluster.set_services(
+            &lab,
+            KubeProxyMode::Iptables,
+            &[
+                host_svc("web-edge1-host", 22, "edge1"),
+                host_svc("web-edge2-host", 32, "edge2"),
+            ],
+        )?;
+        for (authority, host) in [
+            ("web-edge1-host.default.svc:80", "edge1"),
+            ("web-edge2-host.default.svc:80", "edge2"),
+        ] {
+            m.check(
+                &[
+                    "Service endpoint on the shared address, by its node",
+                    &format!("CONNECT {authority}"),
+                ],
+                host,
+                within(Duration::from_secs(5), || {
+                    Ok(connect_from(&lab, Role::Apiserver, authority).is_ok())
+                })
+                .and_then(|_| connect_from(&lab, Role::Apiserver, authority)),
+            );
+        }
+    }
     // The shared address by address: routed for neither site. It must
     // fail (the cloud's upstream gateway answers "unreachable"; CONNECT
     // is refused or cannot dial), and never reach either edge's host.
