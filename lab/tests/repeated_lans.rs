@@ -9,7 +9,9 @@
 //! What must hold: both sessions up and the shared address reported
 //! ambiguous; pods of both sites reachable from the cloud and from each
 //! other; each node reachable by name through CONNECT (`edge1:10250` on
-//! edge1's host, `edge2:10250` on edge2's); each site's own LAN reached
+//! edge1's host, `edge2:10250` on edge2's), and so each node's
+//! host-network Service endpoint on the shared address (in-cluster mode:
+//! the EndpointSlice names the node); each site's own LAN reached
 //! locally, never through the tunnel, even with a cloud range that
 //! contains the LAN among the tunnel routes; and the shared address itself
 //! delivered to neither site (a fast failure, never the wrong host).
