@@ -324,7 +324,12 @@ fn service_endpoints_on_an_edge_without_a_session_are_never_dialled() {
     use Verdict::*;
     let p = policy();
     let edge = Claim::Edge("edge-1".into());
-    type Row<'a> = (&'a str, Option<&'a str>, &'a Claim, Result<Verdict, DenyReason>);
+    type Row<'a> = (
+        &'a str,
+        Option<&'a str>,
+        &'a Claim,
+        Result<Verdict, DenyReason>,
+    );
     let rows: &[Row] = &[
         ("10.244.7.5:80", None, &edge, Err(NoRoute)),
         ("192.168.1.10:10250", None, &edge, Err(NoRoute)),
