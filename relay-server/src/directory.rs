@@ -91,6 +91,13 @@ pub trait Directory: Send + Sync + 'static {
     fn label_communities(&self) -> HashMap<String, BTreeSet<String>> {
         HashMap::new()
     }
+    /// The pod CIDRs and host prefixes of the Nodes known to be in the
+    /// cloud (Kubernetes mode; none in static mode, whose table lists
+    /// edges): forwarded traffic from them is captured like the cloud
+    /// ranges' (`capture.sources` unset).
+    fn cloud_prefixes(&self) -> Vec<Cidr> {
+        Vec::new()
+    }
 }
 
 /// The host prefixes `node` shares with another node (empty for an

@@ -198,8 +198,14 @@ impl TokenAuthority for KubeTokens {
 struct Snapshot {
     entries: HashMap<String, Arc<NodeEntry>>,
     claims: ClaimIndex,
-    by_hostname: HashMap<String, String>,
+    /// Hostname address → the one Node carrying it; `None` for a name
+    /// several Nodes carry, which resolves to none of them (a kubelet
+    /// writes its own addresses: an edge must not take a cloud node's
+    /// name by copying its Hostname).
+    by_hostname: HashMap<String, Option<String>>,
     ambiguous: Vec<(Cidr, Vec<String>)>,
+    /// The cloud Nodes' pod CIDRs and host prefixes (sorted).
+    cloud_prefixes: Vec<Cidr>,
     /// Node → communities from its labels (nodes with none left out).
     communities: HashMap<String, BTreeSet<String>>,
 }
@@ -239,6 +245,33 @@ fn is_cloud(c: &NodeClaims, cloud_ranges: &[Cidr]) -> bool {
                 .any(|a| inside(&Cidr::host(*a))))
 }
 
+/// Hostname address (lower case) → the Node carrying it, `None` where
+/// several do.
+fn hostnames(entries: &HashMap<String, Arc<NodeEntry>>) -> HashMap<String, Option<String>> {
+    let mut by_hostname: HashMap<String, Option<String>> = HashMap::new();
+    for (n, e) in entries {
+        if let Some(h) = &e.hostname {
+            by_hostname
+                .entry(h.to_ascii_lowercase())
+                .and_modify(|v| *v = None)
+                .or_insert_with(|| Some(n.clone()));
+        }
+    }
+    by_hostname
+}
+
+/// The cloud Nodes' routable prefixes (pod CIDRs, host prefixes), sorted.
+fn cloud_prefixes(entries: &HashMap<String, Arc<NodeEntry>>) -> Vec<Cidr> {
+    let mut all: Vec<Cidr> = entries
+        .values()
+        .filter(|e| e.cloud)
+        .flat_map(|e| e.routable())
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
 /// The relay's view of one Node's claims.
 fn source(c: &NodeClaims, cloud_ranges: &[Cidr]) -> NodeSource {
     let mut addresses = c.internal_ips.clone();
@@ -262,6 +295,7 @@ impl KubeDirectory {
                 claims: ClaimIndex::default(),
                 by_hostname: HashMap::new(),
                 ambiguous: Vec::new(),
+                cloud_prefixes: Vec::new(),
                 communities: HashMap::new(),
             })),
             synced: AtomicBool::new(false),
@@ -303,14 +337,15 @@ impl KubeDirectory {
         if !first && now.entries == entries && now.communities == communities {
             return;
         }
-        let by_hostname = entries
-            .iter()
-            .filter_map(|(n, e)| {
-                e.hostname
-                    .clone()
-                    .map(|h| (h.to_ascii_lowercase(), n.clone()))
-            })
-            .collect();
+        let by_hostname = hostnames(&entries);
+        let shared_names = by_hostname.values().filter(|v| v.is_none()).count();
+        if shared_names > 0 {
+            info!(
+                count = shared_names,
+                "Hostname addresses carried by several nodes resolve to none of them"
+            );
+        }
+        let cloud_prefixes = cloud_prefixes(&entries);
         let ambiguous = ambiguity(&entries);
         if !ambiguous.is_empty() {
             info!(
@@ -323,6 +358,7 @@ impl KubeDirectory {
             entries,
             by_hostname,
             ambiguous,
+            cloud_prefixes,
             communities,
         });
         // Only now: a lookup that sees "synced" must also see the entries.
@@ -360,7 +396,10 @@ impl Directory for KubeDirectory {
         if s.entries.contains_key(name) {
             return Some(name.to_string());
         }
-        s.by_hostname.get(&name.to_ascii_lowercase()).cloned()
+        s.by_hostname
+            .get(&name.to_ascii_lowercase())
+            .cloned()
+            .flatten()
     }
 
     fn is_synced(&self) -> bool {
@@ -385,6 +424,10 @@ impl Directory for KubeDirectory {
 
     fn label_communities(&self) -> HashMap<String, BTreeSet<String>> {
         self.read().communities.clone()
+    }
+
+    fn cloud_prefixes(&self) -> Vec<Cidr> {
+        self.read().cloud_prefixes.clone()
     }
 }
 
@@ -429,5 +472,73 @@ mod tests {
         for (c, want) in cases {
             assert_eq!(is_cloud(&c, &ranges), want, "{c:?}");
         }
+    }
+
+    /// The directory's entries for `(name, claims, Hostname)` under the
+    /// base's ranges.
+    fn entries(nodes: &[(&str, NodeClaims, &str)]) -> HashMap<String, Arc<NodeEntry>> {
+        let ranges: Vec<Cidr> = ["10.244.0.0/24", "10.244.1.0/24", "10.96.0.0/12"]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect();
+        let sources = nodes
+            .iter()
+            .map(|(n, c, h)| {
+                let mut c = c.clone();
+                c.hostname = Some(h.to_string());
+                (n.to_string(), source(&c, &ranges))
+            })
+            .collect();
+        build_entries(&sources)
+    }
+
+    /// A Hostname two Nodes carry resolves to neither (an edge's kubelet
+    /// writes its own addresses and could copy a cloud node's); a unique
+    /// one resolves, in any case.
+    #[test]
+    fn a_hostname_several_nodes_carry_resolves_to_none() {
+        let e = entries(&[
+            (
+                "worker-1",
+                claims(&["10.244.1.0/24"], "10.0.0.2", false, false),
+                "ip-10-0-0-2",
+            ),
+            (
+                "edge-1",
+                claims(&["10.244.7.0/24"], "192.168.1.10", true, false),
+                "IP-10-0-0-2",
+            ),
+            (
+                "edge-2",
+                claims(&["10.244.8.0/24"], "192.168.1.11", true, false),
+                "Shop-2",
+            ),
+        ]);
+        let h = hostnames(&e);
+        assert_eq!(h.get("ip-10-0-0-2"), Some(&None));
+        assert_eq!(h.get("shop-2"), Some(&Some("edge-2".to_string())));
+    }
+
+    /// Only cloud Nodes' pod CIDRs and addresses become capture sources.
+    #[test]
+    fn cloud_prefixes_are_the_cloud_nodes_own() {
+        let e = entries(&[
+            (
+                "worker-1",
+                claims(&["10.244.1.0/24"], "10.0.0.2", false, false),
+                "w1",
+            ),
+            ("cp", claims(&[], "10.0.0.1", false, true), "cp"),
+            (
+                "edge-1",
+                claims(&["10.244.7.0/24"], "192.168.1.10", true, false),
+                "e1",
+            ),
+        ]);
+        let want: Vec<Cidr> = ["10.0.0.1/32", "10.0.0.2/32", "10.244.1.0/24"]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect();
+        assert_eq!(cloud_prefixes(&e), want);
     }
 }

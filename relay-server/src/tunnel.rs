@@ -404,17 +404,27 @@ async fn refuse(bi: &mut BiStream, shared: &Shared, reply: StreamReply) {
 pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: CancellationToken) {
     let mut changes = shared.registry.subscribe();
     let mut services = shared.services.subscribe();
+    let mut nodes = shared.directory.subscribe();
     let none = BTreeSet::new();
-    // Forwarded traffic is captured only from `capture.sources` (default:
-    // the cloud ranges edges may reach), before any prefix is captured:
-    // a host that routes edge prefixes to this node from elsewhere (the
-    // WAN) must not reach the edges.
-    let sources: BTreeSet<Cidr> = match shared.cfg.capture.as_ref().and_then(|c| c.sources.clone())
-    {
-        Some(s) => s,
-        None => shared.cfg.tunnel_routes.iter().copied().collect(),
-    };
+    let configured = shared.cfg.capture.as_ref().and_then(|c| c.sources.clone());
     loop {
+        // Forwarded traffic is captured only from `capture.sources`,
+        // before any prefix is captured: a host that routes edge prefixes
+        // to this node from elsewhere (the WAN) must not reach the edges.
+        // Unset: the cloud ranges edges may reach, and the cloud Nodes'
+        // own prefixes, whose addresses are the source of their host
+        // processes (an ingress controller on the host network) and of
+        // what their kube-proxy masquerades (a NodePort reached there).
+        let sources: BTreeSet<Cidr> = match &configured {
+            Some(s) => s.clone(),
+            None => shared
+                .cfg
+                .tunnel_routes
+                .iter()
+                .copied()
+                .chain(shared.directory.cloud_prefixes())
+                .collect(),
+        };
         let want: BTreeSet<Cidr> = shared.registry.routes().iter().map(|r| r.cidr).collect();
         let mut failed = match cap.apply_sources(&sources).await {
             Ok(()) => cap.apply(&want, &none).await.err(),
@@ -454,6 +464,7 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
             _ = stop.cancelled() => break,
             r = changes.changed(), if !retry => if r.is_err() { break },
             r = services.changed(), if !retry => if r.is_err() { break },
+            r = nodes.changed(), if !retry && configured.is_none() => if r.is_err() { break },
             _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -19,8 +19,9 @@ pub struct CaptureConfig {
     /// Firewall mark of our own sockets, which must never be captured.
     pub own_mark: u32,
     /// Sources whose forwarded traffic may be captured (`capture.sources`);
-    /// `None`: the side's default (the relay: its `tunnel_routes`; the
-    /// edge: nothing beyond what it serves, which it always allows). Host
+    /// `None`: the side's default (the relay: its `tunnel_routes` and, in
+    /// Kubernetes mode, the cloud Nodes' own prefixes; the edge: nothing
+    /// beyond what it serves, which it always allows). Host
     /// processes' own traffic is captured whatever its source.
     pub sources: Option<BTreeSet<Cidr>>,
     /// Captured TCP connections served at once; more are reset at once and

@@ -1,0 +1,147 @@
+//! Which forwarded traffic the relay node captures, in in-cluster mode,
+//! when `tunnel_routes` lists the cloud's pod CIDRs and Service range but
+//! not the cloud node subnet (as the deploy base does): the cloud Nodes'
+//! own addresses are capture sources too, since their host processes (an
+//! ingress controller on the host network, a kubelet probe) and what
+//! their kube-proxy masquerades (a NodePort reached on that node) come
+//! from them. The relay runs against the apiserver stand-in on the
+//! apiserver host (relay-kube-standin, not a real kube-apiserver), whose
+//! Nodes include cloud2 (pod CIDR 10.244.2.0/24, listed in
+//! `tunnel_routes`: a cloud node).
+//!
+//! What must hold: cloud2's host reaches an edge pod through the relay; a
+//! cloud LAN host that is no Node (the apiserver host) routing the same
+//! prefix to the relay node gets no answer and is counted as refused by
+//! source; and with `capture.sources` set to the cloud ranges alone,
+//! cloud2's host is refused the same way, which shows what the default
+//! adds.
+//!
+//! Needs root; skips loudly otherwise, and fails instead of skipping under
+//! CI=true or REQUIRE_LAB=1. Time budget: about 15 s.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use relay_lab::cluster::Cluster;
+use relay_lab::netns::{self, NetnsLab, Proto, Role};
+use relay_lab::scenario::{
+    edge_config_in, http_from, lab_pki, relay_config_in, sa, services, start_edge, start_relay,
+    within, Table, HTTP,
+};
+use relay_lab::sources::not_tunnelled;
+use relay_protocol::Cidr;
+use relay_server::RelayConfig;
+use relay_transport::devcerts::DevPki;
+
+/// The relay's config for this lab: in-cluster mode, and `tunnel_routes`
+/// without the cloud LAN.
+fn relay_cfg(lab: &NetnsLab, pki: &DevPki, cluster: &Cluster) -> Result<RelayConfig> {
+    let mut cfg = relay_config_in(lab, pki)?;
+    cfg.nodes.clear();
+    cfg.kubernetes = Some(cluster.relay_settings());
+    let lan: Cidr = netns::CLOUD_LAN.parse()?;
+    cfg.tunnel_routes.retain(|c| *c != lan);
+    Ok(cfg)
+}
+
+/// Whether the relay's capture takes forwarded traffic from `ip`.
+fn is_source(lab: &NetnsLab, ip: std::net::Ipv4Addr) -> Result<bool> {
+    let set = lab.exec(
+        Role::Relay,
+        &["nft", "list", "set", "inet", "edge_relay", "src4"],
+    )?;
+    Ok(set.contains(&ip.to_string()))
+}
+
+#[test]
+fn cloud_nodes_host_addresses_are_capture_sources() -> Result<()> {
+    if let Some(skip) = netns::require_root() {
+        eprintln!("SKIPPED cloud node sources: {skip}");
+        return Ok(());
+    }
+    relay_lab::init();
+    let t0 = Instant::now();
+    let lab = NetnsLab::new()?;
+    let pki = lab_pki()?;
+    let _svcs = [services(&lab, Role::Epod1, "epod1")?];
+    let cluster = Cluster::start(&lab)?;
+    let epod1 = sa(netns::edge_pod_ip(1), HTTP);
+    let mut m = Table::new(&["case", "path", "result"]);
+
+    let relay = start_relay(&lab, relay_cfg(&lab, &pki, &cluster)?)?;
+    let edge1 = start_edge(&lab, 1, edge_config_in(&lab, &pki, 1)?)?;
+    let ready = within(Duration::from_secs(10), || {
+        Ok(is_source(&lab, netns::CLOUD2_LAN_IP)? && http_from(&lab, Role::Cpod2, epod1).is_ok())
+    });
+    m.note(
+        &[
+            "cloud2 (a cloud Node) is a capture source",
+            "relay: nft set src4",
+        ],
+        ready.map(|d| format!("10.0.0.2 listed after {d:?}")),
+    );
+    m.check(
+        &[
+            "cloud node host → edge pod",
+            "cloud2 (10.0.0.2) → 10.244.7.5",
+        ],
+        "epod1",
+        http_from(&lab, Role::Cloud2, epod1),
+    );
+    m.note(
+        &[
+            "cloud LAN host that is no Node → edge pod: not tunnelled",
+            "apiserver (10.0.0.3) via relay → 10.244.7.5",
+        ],
+        not_tunnelled(
+            &lab,
+            Role::Apiserver,
+            netns::RELAY_LAN_IP,
+            Role::Relay,
+            epod1,
+            Proto::Tcp,
+        ),
+    );
+    edge1.stop()?;
+    relay.stop()?;
+
+    // Control: sources set to the cloud ranges alone.
+    let mut cfg = relay_cfg(&lab, &pki, &cluster)?;
+    let ranges = cfg.tunnel_routes.iter().copied().collect();
+    if let Some(c) = cfg.capture.as_mut() {
+        c.sources = Some(ranges);
+    }
+    let relay = start_relay(&lab, cfg)?;
+    let _edge1 = start_edge(&lab, 1, edge_config_in(&lab, &pki, 1)?)?;
+    let up = within(Duration::from_secs(10), || {
+        Ok(http_from(&lab, Role::Cpod2, epod1).is_ok())
+    });
+    m.note(
+        &[
+            "control: capture.sources = tunnel_routes → cloud2 host refused",
+            "cloud2 (10.0.0.2) via relay → 10.244.7.5",
+        ],
+        up.and_then(|_| {
+            not_tunnelled(
+                &lab,
+                Role::Cloud2,
+                netns::RELAY_LAN_IP,
+                Role::Relay,
+                epod1,
+                Proto::Tcp,
+            )
+        }),
+    );
+    relay.stop()?;
+    let footer = format!(
+        "{}/{} passed, total {:?}",
+        m.passed(),
+        m.rows.len(),
+        t0.elapsed()
+    );
+    let out = m.publish("lab-cloud-sources.txt", &footer);
+    if !m.failed().is_empty() {
+        bail!("failed: {:?}\n{out}", m.failed());
+    }
+    Ok(())
+}
