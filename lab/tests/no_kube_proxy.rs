@@ -133,15 +133,5 @@ fn an_edge_without_kube_proxy_serves_its_own_services() -> Result<()> {
         http_from(&lab, Role::Edge1, SVC_OTHER),
     );
     relay.stop()?;
-    let footer = format!(
-        "{}/{} passed, total {:?}",
-        m.passed(),
-        m.rows.len(),
-        t0.elapsed()
-    );
-    let out = m.publish("lab-no-kube-proxy.txt", &footer);
-    if !m.failed().is_empty() {
-        bail!("failed: {:?}\n{out}", m.failed());
-    }
-    Ok(())
+    m.conclude("lab-no-kube-proxy.txt", t0)
 }

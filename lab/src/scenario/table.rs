@@ -110,6 +110,24 @@ impl Table {
         out
     }
 
+    /// Publishes the table with a footer counting the passed cells and
+    /// the time since `started`, and fails naming the failed cells.
+    pub fn conclude(&self, file: &str, started: std::time::Instant) -> anyhow::Result<()> {
+        let footer = format!(
+            "{}/{} passed, total {:?}",
+            self.passed(),
+            self.rows.len(),
+            started.elapsed()
+        );
+        let out = self.publish(file, &footer);
+        anyhow::ensure!(
+            self.failed().is_empty(),
+            "failed: {:?}\n{out}",
+            self.failed()
+        );
+        Ok(())
+    }
+
     /// Renders the table followed by `footer`, prints it, writes it to
     /// `target/<file>` of the workspace (best effort) and returns it.
     pub fn publish(&self, file: &str, footer: &str) -> String {
