@@ -187,11 +187,19 @@ pub(crate) async fn run(
             // that other sites reuse): see `subnets`.
             let plan = crate::subnets::plan(routes, served.iter().copied(), &connected);
             if plan.overlapping != overlapping {
-                if !plan.overlapping.is_empty() {
+                // Warned once when the LAN starts shadowing routes; later
+                // changes (other edges' host routes coming and going on a
+                // LAN range many sites reuse) only at debug level.
+                if !plan.overlapping.is_empty() && overlapping.is_empty() {
                     warn!(
                         routes = ?plan.overlapping,
                         lans = ?connected,
                         "tunnel routes overlap this node's LAN; the LAN is reached locally, never through the relay"
+                    );
+                } else {
+                    debug!(
+                        count = plan.overlapping.len(),
+                        "tunnel routes overlapping this node's LAN changed"
                     );
                 }
                 overlapping = plan.overlapping.clone();

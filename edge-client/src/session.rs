@@ -56,6 +56,9 @@ async fn finish_move(
     SessionEnd::Lost(why)
 }
 
+/// Least time between two reports of the LAN overlaps to the relay.
+const LAN_REPORT_GAP: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Runs one session until it ends. `went_away` is set when the relay said
 /// it is draining (GOAWAY): a restart or a rolling update, so the caller
 /// reconnects at a short pace (see `backoff`).
@@ -93,6 +96,13 @@ pub(crate) async fn run_session(
     if lan_report && !overlaps.borrow().is_empty() {
         overlaps.mark_changed();
     }
+    // At most one report per LAN_REPORT_GAP: other edges' host routes
+    // overlap a LAN range many sites reuse, so each edge joining or
+    // leaving changes the set on every such site; changes in between are
+    // folded into the next report (the watch keeps the latest).
+    let report_gate = tokio::time::sleep(std::time::Duration::ZERO);
+    tokio::pin!(report_gate);
+    let mut gated = false;
     // Service names for the resolver, put together per session.
     let mut names = dns.map(crate::dns::Resolver::batch);
     let mut frames = codec::control_reader(recv);
@@ -274,7 +284,11 @@ pub(crate) async fn run_session(
                     return finish_move([&mut probe, &mut renewal], cfg.handshake_timeout, why).await;
                 }
             },
-            r = overlaps.changed(), if lan_report => {
+            () = &mut report_gate, if gated => {
+                gated = false;
+                continue;
+            }
+            r = overlaps.changed(), if lan_report && !gated => {
                 if r.is_err() {
                     // No sender any more (cannot happen while the stats
                     // live): stop asking rather than spin.
@@ -283,6 +297,8 @@ pub(crate) async fn run_session(
                 }
                 let mut routes = overlaps.borrow_and_update().clone();
                 routes.truncate(Control::MAX_LAN_OVERLAPS);
+                report_gate.as_mut().reset(tokio::time::Instant::now() + LAN_REPORT_GAP);
+                gated = true;
                 Control::LanOverlaps { routes }
             }
             _ = tick.tick() => {

@@ -235,7 +235,11 @@ fn render_lan_overlaps(o: &mut String, st: &EdgeStats) {
          # TYPE edge_capture_lan_overlap gauge",
         routes.len()
     );
-    for r in routes {
+    // One series per route, as many as the relay is told of at most.
+    for r in routes
+        .iter()
+        .take(relay_protocol::Control::MAX_LAN_OVERLAPS)
+    {
         let _ = writeln!(o, "edge_capture_lan_overlap{{route=\"{r}\"}} 1");
     }
 }

@@ -527,8 +527,10 @@ pub(crate) async fn run_session(
                             routes.truncate(Control::MAX_LAN_OVERLAPS);
                             let mut held = handle.lan_overlaps.lock().unwrap_or_else(|e| e.into_inner());
                             if *held != routes {
-                                if !routes.is_empty() {
+                                if !routes.is_empty() && held.is_empty() {
                                     info!(routes = ?routes, "edge reports tunnel routes that overlap its LAN (reached there locally, never through the relay)");
+                                } else {
+                                    debug!(count = routes.len(), "edge's LAN overlaps changed");
                                 }
                                 *held = routes;
                             }
