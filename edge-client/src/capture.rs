@@ -71,7 +71,7 @@ pub(crate) async fn run(
             Resolved::Local(ep) => {
                 local.local_picks.fetch_add(1, Relaxed);
                 debug!(%dst, %ep, "udp flow to a local service endpoint");
-                return Some(Pick::Local(ep));
+                return Some(Pick::Local(ep, local.local_gone(dst, true, ep)));
             }
             Resolved::Relay(target) => target,
         };
@@ -80,6 +80,7 @@ pub(crate) async fn run(
                 conn,
                 flows,
                 target,
+                stale: relay_transport::udp::never_stale(),
             })
         })
     });

@@ -184,6 +184,14 @@ async fn serve_flow(
     if write_frame(&mut bi.send, &StreamReply::ok()).await.is_err() {
         return;
     }
-    relay_transport::udp::serve_target(bi, conn, handle, sock, cfg.udp_idle, stats.udp.clone())
-        .await;
+    relay_transport::udp::serve_target(
+        bi,
+        conn,
+        handle,
+        sock,
+        cfg.udp_idle,
+        relay_transport::udp::never_stale(),
+        stats.udp.clone(),
+    )
+    .await;
 }

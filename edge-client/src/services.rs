@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use relay_protocol::{Control, ServiceKey, ServicePort};
 use relay_transport::capture::{Proto, ServiceSet};
+use relay_transport::udp::Stale;
 use tokio::sync::watch;
 
 /// ClusterIP port → what the edge knows about it.
@@ -81,18 +82,8 @@ impl EdgeServices {
     /// picks the endpoint).
     pub fn resolve(&self, dst: SocketAddr, udp: bool) -> Resolved {
         let t = self.current();
-        let key = match t.get(&ServiceKey { vip: dst, udp }) {
-            Some(p) => p.key,
-            None => {
-                let np = ServiceKey::node_port(dst.port(), udp);
-                // Capture takes node ports on local addresses only; a
-                // tunnelled destination on the same port is not one (the
-                // bind test costs a syscall, and only on a node port).
-                if !t.contains_key(&np) || !relay_transport::capture::is_local_address(dst.ip()) {
-                    return Resolved::Relay(dst);
-                }
-                np
-            }
+        let Some(key) = service_key(&t, dst, udp) else {
+            return Resolved::Relay(dst);
         };
         match t.get(&key) {
             Some(p) if !p.local.is_empty() => {
@@ -102,6 +93,46 @@ impl EdgeServices {
             _ => Resolved::Relay(key.vip),
         }
     }
+
+    /// Resolves when `ep`, which [`EdgeServices::resolve`] picked for
+    /// `dst` (a local endpoint of a UDP Service), is no longer one of this
+    /// edge's endpoints of that Service (see
+    /// [`relay_transport::udp::Stale`]): the flow ends and the client's
+    /// next datagram is resolved again.
+    pub fn local_gone(&self, dst: SocketAddr, udp: bool, ep: SocketAddr) -> Stale {
+        let mut table = self.subscribe();
+        let Some(key) = service_key(&table.borrow(), dst, udp) else {
+            return relay_transport::udp::never_stale();
+        };
+        Box::pin(async move {
+            loop {
+                let listed = table
+                    .borrow_and_update()
+                    .get(&key)
+                    .is_some_and(|p| p.local.contains(&ep));
+                if !listed || table.changed().await.is_err() {
+                    break;
+                }
+            }
+            if table.has_changed().is_err() {
+                // The table's owner is gone: the edge is stopping.
+                std::future::pending::<()>().await;
+            }
+        })
+    }
+}
+
+/// The Service port `dst` names in `t`: a ClusterIP port, or a node port
+/// when `dst` is one of this node's addresses; `None` for anything else.
+fn service_key(t: &ServiceTable, dst: SocketAddr, udp: bool) -> Option<ServiceKey> {
+    if let Some(p) = t.get(&ServiceKey { vip: dst, udp }) {
+        return Some(p.key);
+    }
+    let np = ServiceKey::node_port(dst.port(), udp);
+    // Capture takes node ports on local addresses only; a tunnelled
+    // destination on the same port is not one (the bind test costs a
+    // syscall, and only on a node port).
+    (t.contains_key(&np) && relay_transport::capture::is_local_address(dst.ip())).then_some(np)
 }
 
 /// Where [`EdgeServices::resolve`] sends a captured connection or flow.

@@ -514,6 +514,7 @@ async fn serve_edge_flow(
         );
         return refuse(&mut bi, &shared, reply).await;
     };
+    let asked = target;
     let (other, target) = match route_any(
         &shared,
         Origin::Edge(&origin.node),
@@ -524,6 +525,7 @@ async fn serve_edge_flow(
         Ok(r) => r,
         Err(reply) => return refuse(&mut bi, &shared, reply).await,
     };
+    let stale = endpoint_gone(&shared, asked, target, Proto::Udp);
     let Some(a) = origin.flows.register(Some(flow)) else {
         let reply = StreamReply::fail(
             StreamStatus::Error,
@@ -559,6 +561,7 @@ async fn serve_edge_flow(
                     (bi, origin.conn.clone(), a),
                     (peer, other.conn.clone(), b),
                     idle,
+                    stale,
                     udp,
                 )
                 .await;
@@ -585,6 +588,7 @@ async fn serve_edge_flow(
                 a,
                 sock,
                 idle,
+                stale,
                 shared.udp.clone(),
             )
             .await;
@@ -594,6 +598,43 @@ async fn serve_edge_flow(
             refuse(&mut bi, &shared, reply).await;
         }
     }
+}
+
+/// Resolves when `endpoint`, which [`route_any`] picked for the Service
+/// address `asked` (a ClusterIP or node port), is no longer one of that
+/// Service's endpoints (moved, removed, or the Service gone): a UDP flow
+/// then ends, and the client's next datagram is picked again, as after
+/// kube-proxy deletes a removed endpoint's conntrack entries. Never for a
+/// target that was not resolved through a Service.
+pub(crate) fn endpoint_gone(
+    shared: &Shared,
+    asked: SocketAddr,
+    endpoint: SocketAddr,
+    proto: Proto,
+) -> relay_transport::udp::Stale {
+    let asked = canonical(asked);
+    if asked == endpoint {
+        return relay_transport::udp::never_stale();
+    }
+    let listed = move |snap: &crate::services::ServiceSnapshot| {
+        snap.backends(asked, proto)
+            .or_else(|| snap.node_port(asked.port(), proto))
+            .is_some_and(|b| b.iter().any(|b| canonical(b.addr) == endpoint))
+    };
+    let mut services = shared.services.subscribe();
+    Box::pin(async move {
+        // The snapshot may have changed between the pick and this
+        // subscription: judged once at the start too.
+        loop {
+            if !listed(&services.borrow_and_update()) {
+                return;
+            }
+            if services.changed().await.is_err() {
+                break;
+            }
+        }
+        std::future::pending().await
+    })
 }
 
 /// Serves captured UDP: flows towards live sessions' routes.
@@ -614,9 +655,13 @@ pub(crate) async fn serve_transparent_udp(
                         conn: s.conn.clone(),
                         flows: s.flows.clone(),
                         target,
+                        stale: endpoint_gone(&picker, dst, target, Proto::Udp),
                     }),
                 ),
-                Ok((Route::Cloud, target)) => Some(relay_transport::udp::Pick::Local(target)),
+                Ok((Route::Cloud, target)) => Some(relay_transport::udp::Pick::Local(
+                    target,
+                    endpoint_gone(&picker, dst, target, Proto::Udp),
+                )),
                 _ => None,
             }
         });

@@ -414,15 +414,28 @@ async fn stream_payload(recv: &mut RecvHalf, frames: &mut StreamPayloads) -> Opt
     }
 }
 
+/// Resolves when a flow must end before it is idle: the Service endpoint
+/// it was picked for has left its Service (kube-proxy deletes such a
+/// flow's conntrack entry for the same reason). The flow ends as on
+/// idleness, so the client's next datagram starts a new flow, picked
+/// again.
+pub type Stale = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// A [`Stale`] that never resolves: a flow to a fixed target.
+pub fn never_stale() -> Stale {
+    Box::pin(std::future::pending())
+}
+
 /// The far side of a flow: relays between the tunnel and a UDP socket
 /// connected to `target` until `idle` passes without traffic or the
-/// stream ends. Finishes the stream on the way out.
+/// stream ends, or `stale` resolves. Finishes the stream on the way out.
 pub async fn serve_target(
     mut bi: BiStream,
     conn: TunnelConn,
     mut flow: FlowHandle,
     sock: UdpSocket,
     idle: Duration,
+    mut stale: Stale,
     stats: Arc<UdpStats>,
 ) {
     let mut frames = StreamPayloads::default();
@@ -430,6 +443,7 @@ pub async fn serve_target(
         // A send error (ICMP unreachable) is the target's answer; keep the
         // flow, as a UDP client would.
         tokio::select! {
+            () = &mut stale => break,
             p = stream_payload(&mut bi.recv, &mut frames) => match p {
                 Some(p) => { let _ = sock.send(&p).await; }
                 None => break,
@@ -454,16 +468,18 @@ pub async fn serve_target(
 /// payloads from the local client (`from_client`) go to `sock` (connected
 /// to the target), its
 /// datagrams back to the client through `reply`. Ends on idleness or when
-/// the listener drops `from_client`. A send error (ICMP unreachable) is the
+/// the listener drops `from_client`, or `stale` resolves. A send error (ICMP unreachable) is the
 /// target's answer; the flow stays, as a UDP client's would.
 pub async fn run_local_flow(
     sock: UdpSocket,
     mut from_client: mpsc::Receiver<Bytes>,
     reply: Replier,
     idle: Duration,
+    mut stale: Stale,
 ) {
     loop {
         tokio::select! {
+            () = &mut stale => break,
             p = from_client.recv() => match p {
                 Some(p) => { let _ = sock.send(&p).await; }
                 None => break,
@@ -480,19 +496,20 @@ pub async fn run_local_flow(
 /// The capture side of a flow the far side accepted: payloads from the
 /// local client (`from_client`) go out as datagrams; datagrams for the flow
 /// go back to the client through `reply`. Ends on idleness, when the far
-/// side ends the stream, or when the listener drops `from_client`.
+/// side ends the stream, when the listener drops `from_client`, or when
+/// `stale` resolves.
 pub async fn run_opened_flow(
-    mut bi: BiStream,
-    conn: TunnelConn,
-    mut flow: FlowHandle,
+    (mut bi, conn, mut flow): (BiStream, TunnelConn, FlowHandle),
     mut from_client: mpsc::Receiver<Bytes>,
     reply: Replier,
     idle: Duration,
+    mut stale: Stale,
     stats: Arc<UdpStats>,
 ) {
     let mut frames = StreamPayloads::default();
     loop {
         tokio::select! {
+            () = &mut stale => break,
             p = stream_payload(&mut bi.recv, &mut frames) => match p {
                 Some(p) => reply.send(&p).await,
                 None => break,
@@ -514,11 +531,13 @@ pub async fn run_opened_flow(
 }
 
 /// Bridges two flows (edge to edge through the relay): datagrams of flow
-/// `a` on `a_conn` go out as flow `b` on `b_conn`, and back.
+/// `a` on `a_conn` go out as flow `b` on `b_conn`, and back, until idle,
+/// either side ends, or `stale` resolves.
 pub async fn bridge_flows(
     (mut a_bi, a_conn, mut a): (BiStream, TunnelConn, FlowHandle),
     (mut b_bi, b_conn, mut b): (BiStream, TunnelConn, FlowHandle),
     idle: Duration,
+    mut stale: Stale,
     stats: Arc<UdpStats>,
 ) {
     let (mut a_frames, mut b_frames) = (StreamPayloads::default(), StreamPayloads::default());
@@ -526,6 +545,7 @@ pub async fn bridge_flows(
         // Whichever way a payload came from one side (datagram or stream),
         // it leaves on the other as its size allows there.
         let sent = tokio::select! {
+            () = &mut stale => break,
             p = stream_payload(&mut a_bi.recv, &mut a_frames) => match p {
                 Some(p) => send_payload(&b_conn, &b, &mut b_bi.send, &p, &stats).await,
                 None => break,

@@ -15,7 +15,9 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::conn::TunnelConn;
-use crate::udp::{recv_with, run_local_flow, run_opened_flow, FlowTable, UdpStats, FLOW_QUEUE};
+use crate::udp::{
+    recv_with, run_local_flow, run_opened_flow, FlowTable, Stale, UdpStats, FLOW_QUEUE,
+};
 
 /// Captured flows starting at once (conntrack lookup and stream open in
 /// progress), per capture loop: each holds a netlink socket and a task, so
@@ -146,6 +148,8 @@ pub struct Picked {
     /// The target the flow names: the original destination, or the
     /// endpoint the picker chose for it (a ClusterIP resolved by the relay).
     pub target: SocketAddr,
+    /// Ends the flow early when that choice goes stale.
+    pub stale: Stale,
 }
 
 /// Where a captured UDP flow goes.
@@ -155,8 +159,8 @@ pub enum Pick {
     /// Straight to the target from a socket of ours, not through a tunnel:
     /// an edge's own endpoint of a Service (which then also answers while
     /// the relay is unreachable), or, on the relay, a Service's cloud
-    /// endpoint.
-    Local(SocketAddr),
+    /// endpoint; the flow ends early when that choice goes stale.
+    Local(SocketAddr, Stale),
 }
 
 /// Chooses a captured UDP flow's way from its original destination; `None`
@@ -302,13 +306,14 @@ async fn open_captured_flow(
         conn,
         flows,
         target,
+        stale,
     } = match pick(dst) {
         Some(Pick::Tunnel(p)) => p,
-        Some(Pick::Local(ep)) => {
+        Some(Pick::Local(ep, stale)) => {
             let sock = crate::udp::connect_target(ep, None, limits.mark).await;
             drop(starting);
             match sock {
-                Ok(sock) => run_local_flow(sock, rx, reply, limits.idle).await,
+                Ok(sock) => run_local_flow(sock, rx, reply, limits.idle, stale).await,
                 Err(e) => debug!(%client, %dst, %ep, error = %e, "local udp endpoint"),
             }
             return;
@@ -332,7 +337,7 @@ async fn open_captured_flow(
     // Started (or refused): it no longer counts against new flows.
     drop(starting);
     match opened {
-        Ok(bi) => run_opened_flow(bi, conn, flow, rx, reply, limits.idle, stats).await,
+        Ok(bi) => run_opened_flow((bi, conn, flow), rx, reply, limits.idle, stale, stats).await,
         Err(r) => {
             debug!(%client, %dst, reason = r.status.as_str(), msg = %r.message, "udp flow refused")
         }

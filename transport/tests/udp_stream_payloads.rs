@@ -158,6 +158,7 @@ async fn flow(near_peer_takes_streams: bool, far_peer_takes_streams: bool, serve
             far_flow,
             target,
             Duration::from_secs(30),
+            relay_transport::udp::never_stale(),
             far_stats,
         ));
     } else {

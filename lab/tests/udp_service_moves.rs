@@ -1,0 +1,223 @@
+//! A UDP client that keeps one socket (a metrics agent, a syslog or
+//! statsd sender) while its Service's endpoint moves, in the
+//! network-namespace lab with kube-proxy in every node's root namespace
+//! and the relay in in-cluster mode against the apiserver stand-in on the
+//! apiserver host (relay-kube-standin, not a real kube-apiserver).
+//!
+//! kube-proxy deletes the conntrack entries of a UDP endpoint that leaves
+//! its Service, so such a client's next datagram is balanced again. A
+//! captured flow must do the same: it ends when the endpoint it was picked
+//! for is no longer listed, and the next datagram is picked again. Shown
+//! for the three places a flow is picked: the relay node's capture (a
+//! cloud pod on the relay node, the endpoint moving from one edge to the
+//! other, so the relay node keeps capturing the Service: a change of what
+//! it captures deletes the Service's UDP conntrack entries anyway), the
+//! relay for a flow an edge captured (an edge pod, the endpoint moving
+//! from the other edge to the cloud), and an edge's own endpoint (an edge
+//! pod, its node's endpoint leaving). The old endpoint keeps answering
+//! throughout, so a flow that stays on it is seen.
+//!
+//! Needs root; skips loudly otherwise, and fails instead of skipping under
+//! CI=true or REQUIRE_LAB=1. Time budget: about 15 s (about 8 s here).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use relay_lab::cluster::{Cluster, LabService};
+use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
+use relay_lab::scenario::{
+    edge_config_in, lab_pki, relay_config_in, sa, services, start_edge, start_relay, Table, DNS,
+};
+use tokio::net::UdpSocket;
+
+/// `moving`: one endpoint, epod2 (on edge2), then cpod2 (in the cloud).
+const MOVING: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 60)), DNS);
+/// `moving-edges`: one endpoint, epod2, then epod1 (on edge1).
+const MOVING_EDGES: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 62)), DNS);
+/// `moving-local`: epod2 and cpod2, then cpod2 alone; edge2 serves its own
+/// endpoint itself while it has one.
+const MOVING_LOCAL: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 61)), DNS);
+
+/// How long each client sends, and when the endpoints change.
+const SPAN: Duration = Duration::from_secs(5);
+const MOVE_AT: Duration = Duration::from_millis(1500);
+/// The move must be seen within this.
+const BOUND: Duration = Duration::from_secs(3);
+
+/// One query of a client: when it was sent, and who answered (if anyone).
+type Sample = (Duration, Option<String>);
+
+/// A client in `ns` sending a query to `vip` every 100 ms for [`SPAN`]
+/// from one socket, waiting up to 300 ms for each answer.
+fn client(lab: &NetnsLab, ns: Role, vip: SocketAddr) -> JoinHandle<Result<Vec<Sample>>> {
+    lab.spawn_in(ns, move || async move {
+        let s = UdpSocket::bind(sa(Ipv4Addr::UNSPECIFIED, 0)).await?;
+        s.connect(vip).await?;
+        let t = Instant::now();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 512];
+        let mut n = 0u32;
+        while t.elapsed() < SPAN {
+            n += 1;
+            let query = format!("q{n:08}");
+            let at = t.elapsed();
+            let sent = tokio::time::Instant::now();
+            s.send(query.as_bytes()).await?;
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+            let mut who = None;
+            while let Ok(Ok(k)) = tokio::time::timeout_at(deadline, s.recv(&mut buf)).await {
+                let reply = String::from_utf8_lossy(&buf[..k]).to_string();
+                if let Some((name, echoed)) = reply.split_once(':') {
+                    if echoed == query {
+                        who = Some(name.to_string());
+                        break;
+                    }
+                }
+            }
+            out.push((at, who));
+            tokio::time::sleep_until(sent + Duration::from_millis(100)).await;
+        }
+        Ok(out)
+    })
+}
+
+/// Checks a client's log: answered by `old` before the move, by `new`
+/// within [`BOUND`] after it, never by `old` after the first answer from
+/// `new`, and at most one query unanswered after that.
+fn judged(log: &[Sample], old: &str, new: &str) -> Result<String> {
+    let by = |t: &Duration, who: &str| {
+        log.iter()
+            .any(|(at, w)| at < t && w.as_deref() == Some(who))
+    };
+    ensure!(
+        by(&MOVE_AT, old),
+        "never answered by {old} before the move: {log:?}"
+    );
+    let first_new = log
+        .iter()
+        .find(|(_, w)| w.as_deref() == Some(new))
+        .map(|(t, _)| *t)
+        .with_context(|| format!("never answered by {new}: {log:?}"))?;
+    let after: Vec<&Sample> = log.iter().filter(|(t, _)| *t > first_new).collect();
+    let stale = after
+        .iter()
+        .filter(|(_, w)| w.as_deref() == Some(old))
+        .count();
+    ensure!(
+        stale == 0,
+        "{stale} answers from {old} after {new} answered: {log:?}"
+    );
+    let lost = after.iter().filter(|(_, w)| w.is_none()).count();
+    ensure!(
+        lost <= 1,
+        "{lost} queries unanswered after the move: {log:?}"
+    );
+    let took = first_new.saturating_sub(MOVE_AT);
+    ensure!(took <= BOUND, "moved after {took:?} (bound {BOUND:?})");
+    Ok(format!(
+        "{new} answered {took:?} after the move, {} queries since, {lost} lost",
+        after.len()
+    ))
+}
+
+#[test]
+fn a_udp_flow_follows_its_service_endpoint() -> Result<()> {
+    if let Some(skip) = netns::require_root() {
+        eprintln!("SKIPPED UDP flows following their Service: {skip}");
+        return Ok(());
+    }
+    relay_lab::init();
+    let t0 = Instant::now();
+    let lab = NetnsLab::new()?;
+    let pki = lab_pki()?;
+    let _svcs = [
+        services(&lab, Role::Epod1, "epod1")?,
+        services(&lab, Role::Epod2, "epod2")?,
+        services(&lab, Role::Cpod2, "cpod2")?,
+    ];
+    let cluster = Cluster::start(&lab)?;
+    let epod2 = netns::edge_pod_ip(2);
+    let svc = |name, vip, endpoints: &[(Ipv4Addr, &'static str)]| {
+        LabService::on_lab_ports("default", name, vip, Proto::Udp, endpoints)
+    };
+    cluster.set_services(
+        &lab,
+        KubeProxyMode::Nftables,
+        &[
+            svc("moving", MOVING, &[(epod2, "edge2")]),
+            svc("moving-edges", MOVING_EDGES, &[(epod2, "edge2")]),
+            svc(
+                "moving-local",
+                MOVING_LOCAL,
+                &[(epod2, "edge2"), (netns::CPOD2_IP, "cloud2")],
+            ),
+        ],
+    )?;
+    let mut rcfg = relay_config_in(&lab, &pki)?;
+    rcfg.nodes.clear();
+    rcfg.kubernetes = Some(cluster.relay_settings());
+    let relay = start_relay(&lab, rcfg)?;
+    let _edge1 = start_edge(&lab, 1, edge_config_in(&lab, &pki, 1)?)?;
+    let _edge2 = start_edge(&lab, 2, edge_config_in(&lab, &pki, 2)?)?;
+    // Capture holds both Services everywhere once the sessions got their
+    // Service tables: wait until each client is answered once.
+    for (ns, vip) in [
+        (Role::Cpod1, MOVING_EDGES),
+        (Role::Epod1, MOVING),
+        (Role::Epod2, MOVING_LOCAL),
+    ] {
+        relay_lab::scenario::within(Duration::from_secs(10), || {
+            Ok(relay_lab::scenario::udp_from(&lab, ns, vip).is_ok())
+        })
+        .with_context(|| format!("{ns} never answered by {vip}"))?;
+    }
+
+    let clients = [
+        (
+            "relay node's capture",
+            "cpod1 → 10.96.0.62:53 (epod2, then epod1)",
+            "epod1",
+            client(&lab, Role::Cpod1, MOVING_EDGES),
+        ),
+        (
+            "the relay, for an edge's flow",
+            "epod1 → 10.96.0.60:53 (epod2, then cpod2)",
+            "cpod2",
+            client(&lab, Role::Epod1, MOVING),
+        ),
+        (
+            "an edge's own endpoint",
+            "epod2 → 10.96.0.61:53 (epod2 and cpod2, then cpod2)",
+            "cpod2",
+            client(&lab, Role::Epod2, MOVING_LOCAL),
+        ),
+    ];
+    std::thread::sleep(MOVE_AT);
+    cluster.set_services(
+        &lab,
+        KubeProxyMode::Nftables,
+        &[
+            svc("moving", MOVING, &[(netns::CPOD2_IP, "cloud2")]),
+            svc(
+                "moving-edges",
+                MOVING_EDGES,
+                &[(netns::edge_pod_ip(1), "edge1")],
+            ),
+            svc("moving-local", MOVING_LOCAL, &[(netns::CPOD2_IP, "cloud2")]),
+        ],
+    )?;
+    let mut m = Table::new(&["case", "path", "result"]);
+    for (place, path, new, handle) in clients {
+        let log = handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+        m.note(
+            &[&format!("one socket follows its endpoint: {place}"), path],
+            log.and_then(|l| judged(&l, "epod2", new)),
+        );
+    }
+    relay.stop()?;
+    m.conclude("lab-udp-service-moves.txt", t0)
+}
