@@ -28,9 +28,9 @@ pub enum EdgeState {
     Connecting {
         /// 1 for the first attempt.
         attempt: u32,
-        /// Why the last session ended, or the last attempt failed (`None`
-        /// before the first): what an operator reading `/readyz` during an
-        /// outage needs first.
+        /// Why the last session ended, or the last attempt failed and then
+        /// why the session before it ended (`None` before the first): what
+        /// an operator reading `/readyz` during an outage needs first.
         last: Option<String>,
     },
     /// Registered with the relay.
@@ -468,6 +468,11 @@ pub(crate) async fn run(
     let mut attempt = 0u32;
     // Why the last session ended or attempt failed (see EdgeState).
     let mut last: Option<String> = None;
+    // Why the last session ended, kept through the failed attempts after
+    // it (cleared by the next session): an attempt failing at once (no
+    // route while the link is down) must not hide the cause from the
+    // operator reading `/readyz`.
+    let mut ended: Option<String> = None;
     // A session already established (a QUIC probe that succeeded while on
     // the TCP fallback): run it next, with no delay.
     let mut next: Option<Connected> = None;
@@ -512,6 +517,7 @@ pub(crate) async fn run(
                 control,
             }) => {
                 attempt = 0;
+                ended = None;
                 quic_worked = conn.kind() == relay_transport::TransportKind::Quic;
                 let _quic_live = quic_worked.then(|| QuicLive::new(&stats));
                 stats.sessions.fetch_add(1, Relaxed);
@@ -607,10 +613,12 @@ pub(crate) async fn run(
                         info!(reason = %why, uptime = ?up.elapsed(), pace_for = ?backoff.config().after_drain, "session down: the relay is restarting; reconnecting at a short pace");
                         backoff.relay_drained(Instant::now());
                         last = Some(format!("session ended (relay restarting): {why}"));
+                        ended = last.clone();
                     }
                     SessionEnd::Lost(why) => {
                         info!(reason = %why, uptime = ?up.elapsed(), "session down");
                         last = Some(format!("session ended: {why}"));
+                        ended = last.clone();
                     }
                 }
             }
@@ -625,7 +633,10 @@ pub(crate) async fn run(
             }
             Err(AttemptError::Failed(e)) => {
                 warn!(error = %e, attempt, "cannot reach relay");
-                last = Some(format!("cannot reach the relay: {e}"));
+                last = Some(match &ended {
+                    Some(why) => format!("cannot reach the relay: {e}; before that, {why}"),
+                    None => format!("cannot reach the relay: {e}"),
+                });
             }
         }
         if cancel.is_cancelled() {
