@@ -66,6 +66,7 @@ pub mod multipath;
 pub mod policy;
 pub mod registry;
 pub mod replicas;
+mod route;
 pub mod routefeed;
 pub mod server;
 pub mod services;
@@ -73,6 +74,7 @@ pub mod session;
 pub mod status;
 pub mod tls_reload;
 pub mod tunnel;
+mod tunnel_udp;
 
 pub use config::{FileConfig, Limits, RelayConfig, Secret};
 pub use server::{Relay, StartError};

@@ -324,7 +324,7 @@ impl Relay {
                 shared.clone(),
                 accept_stop.clone(),
             ));
-            tasks.spawn(crate::tunnel::serve_transparent_udp(
+            tasks.spawn(crate::tunnel_udp::serve_transparent_udp(
                 udp,
                 shared.clone(),
                 accept_stop.clone(),

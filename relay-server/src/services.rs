@@ -130,9 +130,10 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 /// Picks an endpoint `usable` accepts (the relay can reach it now):
 /// those on node `prefer` when there are any, else all of them, in round
-/// robin. `None` when none is usable. `usable` is asked only of the
-/// endpoints met on the way, so a large Service costs one or two asks,
-/// not one per endpoint.
+/// robin. `None` when none is usable. While the endpoint whose turn it is
+/// is usable, that is the one ask; otherwise the usable ones are listed
+/// and take turns among themselves, so the endpoint after an unusable one
+/// gets no more than its share.
 pub fn pick<'a>(
     backends: &'a [Backend],
     prefer: Option<&str>,
@@ -148,8 +149,12 @@ pub fn pick<'a>(
             return Some(local[i % local.len()]);
         }
     }
-    let n = backends.len();
-    (0..n).map(|k| &backends[(i + k) % n]).find(|b| usable(b))
+    let first = backends.get(i % backends.len().max(1))?;
+    if usable(first) {
+        return Some(first);
+    }
+    let ok: Vec<&Backend> = backends.iter().filter(|b| usable(b)).collect();
+    (!ok.is_empty()).then(|| ok[i % ok.len()])
 }
 
 /// The ClusterIP ports the relay node captures: those with an endpoint
@@ -335,6 +340,25 @@ mod tests {
             "every usable endpoint is reached, the unusable one never"
         );
         assert!(pick(&all, None, |_| false).is_none());
+        // An even share for each usable endpoint, not a double one for
+        // the endpoint after the unusable one.
+        let four = [
+            b("10.244.7.5:80", "edge1"),
+            b("10.244.7.6:80", "edge1"),
+            b("10.244.1.2:80", "cloud1"),
+            b("10.244.1.3:80", "cloud1"),
+        ];
+        let mut counts = BTreeMap::new();
+        for _ in 0..400 {
+            *counts
+                .entry(pick(&four, None, not_edge1).unwrap().addr)
+                .or_insert(0) += 1;
+        }
+        let (lo, hi) = (counts.values().min(), counts.values().max());
+        assert!(
+            counts.len() == 2 && hi.unwrap() - lo.unwrap() <= 100,
+            "uneven: {counts:?}"
+        );
     }
 
     #[test]

@@ -1,0 +1,325 @@
+//! Where a stream or flow goes, and whether it may: the one path every
+//! ingress takes (CONNECT, captured TCP and UDP, streams edges open). Finds
+//! the session serving a destination, resolves a ClusterIP or node port to
+//! one of its endpoints, and asks the policy.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use relay_protocol::{ServiceKey, StreamReply, StreamStatus};
+
+use crate::policy::{canonical, Claim, Origin, Proto, Verdict};
+use crate::server::Shared;
+use crate::services::Backend;
+use crate::session::SessionHandle;
+
+/// Where an authorised flow goes.
+pub(crate) enum Route {
+    /// Through the session of the edge that serves the target.
+    Edge(Arc<SessionHandle>),
+    /// Dialled by the relay (a cloud target an edge asked for).
+    Cloud,
+}
+
+/// Finds who serves `target` and asks the policy whether `origin` may
+/// reach it: the one path every ingress takes. Returns the canonical
+/// target (IPv4-mapped IPv6 unwrapped) with the route, or the refusal,
+/// counted by origin and reason.
+pub(crate) fn route(
+    shared: &Shared,
+    origin: Origin<'_>,
+    target: SocketAddr,
+    proto: Proto,
+) -> Result<(Route, SocketAddr), StreamReply> {
+    let target = canonical(target);
+    let owner = shared.registry.lookup(target.ip());
+    decide(shared, origin, target, proto, owner).map(|r| (r, target))
+}
+
+/// [`route`], with a ClusterIP port first resolved to one of its
+/// endpoints (see [`crate::services`]): the relay picks it (endpoints on
+/// node `prefer` first) and the policy judges the endpoint as a Service's
+/// ([`Origin::Service`]). A node port is resolved the same way where the
+/// node it reached would have served it (see [`node_port_of`]). A Service
+/// with no usable endpoint is refused at once; anything else goes to
+/// [`route`] unchanged.
+pub(crate) fn route_any(
+    shared: &Shared,
+    origin: Origin<'_>,
+    target: SocketAddr,
+    proto: Proto,
+    prefer: Option<&str>,
+) -> Result<(Route, SocketAddr), StreamReply> {
+    let snap = shared.services.snapshot();
+    let target = canonical(target);
+    if let Some(b) = snap.backends(target, proto) {
+        return route_backend(shared, b, prefer, proto, &target);
+    }
+    match snap.node_port(target.port(), proto) {
+        Some(b) => match node_port_of(shared, origin, target) {
+            Some(NodePortAt::Asker) => route_backend(shared, b, prefer, proto, &target),
+            Some(NodePortAt::Edge(node)) => route_backend(shared, b, Some(&node), proto, &target),
+            None => route(shared, origin, target, proto),
+        },
+        None => route(shared, origin, target, proto),
+    }
+}
+
+/// Whose node port `target` (whose port is one) is.
+enum NodePortAt {
+    /// The asker's own: the relay node's, captured on one of its own
+    /// addresses; or an edge's, captured on its own addresses and asked
+    /// for as `0.0.0.0:nodePort` (`ServiceKey::node_port`).
+    Asker,
+    /// Edge node `node`'s, asked for at its primary address (a cloud
+    /// client dialling an edge node's NodePort, as a load balancer's
+    /// health check does): resolved here, that node's endpoints first, as
+    /// its kube-proxy would take it. The edge could not do it itself: its
+    /// own socket to its own address would be DNATed by its kube-proxy to
+    /// an endpoint it may not reach.
+    Edge(String),
+}
+
+/// See [`NodePortAt`]; `None`: `target` is not a node port's address (a
+/// pod's port that happens to be in the node port range).
+fn node_port_of(shared: &Shared, origin: Origin<'_>, target: SocketAddr) -> Option<NodePortAt> {
+    let asked_as_node_port = ServiceKey {
+        vip: target,
+        udp: false,
+    }
+    .is_node_port();
+    match origin {
+        Origin::Edge(_) if asked_as_node_port => return Some(NodePortAt::Asker),
+        // The bind test costs a syscall, and only for a node port.
+        Origin::Captured if crate::policy::is_local_address(target.ip()) => {
+            return Some(NodePortAt::Asker)
+        }
+        _ => {}
+    }
+    let owner = shared.registry.lookup(target.ip())?;
+    (owner.primary_addr() == Some(target.ip())).then(|| NodePortAt::Edge(owner.node.clone()))
+}
+
+/// Picks one of a Service's endpoints (those on node `prefer` first) and
+/// routes to it as [`Origin::Service`]; no endpoint is a fast refusal.
+/// Counted either way.
+pub(crate) fn route_backend(
+    shared: &Shared,
+    backends: &[crate::services::Backend],
+    prefer: Option<&str>,
+    proto: Proto,
+    service: &dyn std::fmt::Display,
+) -> Result<(Route, SocketAddr), StreamReply> {
+    if backends.is_empty() {
+        shared.metrics.service_pick("no_endpoints");
+        return Err(StreamReply::fail(
+            StreamStatus::Refused,
+            format!("service {service} has no ready endpoint"),
+        ));
+    }
+    // An endpoint on an edge with no live session stays Ready while that
+    // edge's kubelet still reaches the apiserver (the tunnel is down, the
+    // node is not): pass over it rather than fail one pick in N.
+    let usable = |b: &Backend| {
+        endpoint_session(shared, b).is_some()
+            || !matches!(endpoint_claim(&*shared.directory, b), Claim::Edge(_))
+    };
+    let Some(b) = crate::services::pick(backends, prefer, usable) else {
+        shared.metrics.service_pick("edges_offline");
+        let mut nodes: Vec<&str> = backends.iter().filter_map(|b| b.node.as_deref()).collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        nodes.truncate(8);
+        return Err(StreamReply::fail(
+            StreamStatus::NoRoute,
+            format!(
+                "service {service}: every endpoint is on an edge node with no live session ({})",
+                nodes.join(", ")
+            ),
+        ));
+    };
+    let target = canonical(b.addr);
+    let owner = endpoint_session(shared, b);
+    let claim = match owner {
+        Some(_) => Claim::Nobody,
+        None => endpoint_claim(&*shared.directory, b),
+    };
+    let routed = judge(shared, Origin::Service, target, proto, owner, &claim)?;
+    shared.metrics.service_pick(match routed {
+        Route::Edge(_) => "edge",
+        Route::Cloud => "cloud",
+    });
+    Ok((routed, target))
+}
+
+/// The live session that serves a Service endpoint: its node's, when the
+/// EndpointSlice names a node with a session (this also reaches a
+/// host-network endpoint whose address several sites' LANs repeat, which
+/// is never routed by address), else the session routing its address.
+pub(crate) fn endpoint_session(shared: &Shared, b: &Backend) -> Option<Arc<SessionHandle>> {
+    b.node
+        .as_deref()
+        .and_then(|n| shared.registry.get(n))
+        .or_else(|| shared.registry.lookup(canonical(b.addr).ip()))
+}
+
+/// Who claims a Service endpoint: its node's kind when the EndpointSlice
+/// names a node the directory knows (a host-network endpoint on a cloud
+/// node whose address an edge Node repeats is the cloud node's), else
+/// whoever claims its address.
+fn endpoint_claim(dir: &dyn crate::directory::Directory, b: &Backend) -> Claim {
+    if let Some(node) = b.node.as_deref() {
+        if let crate::directory::Lookup::Known(e) = dir.lookup(node) {
+            return if e.cloud {
+                Claim::Cloud
+            } else {
+                Claim::Edge(node.to_string())
+            };
+        }
+    }
+    dir.claim(canonical(b.addr).ip())
+}
+
+/// The policy half of [`route`], for callers that found the session by
+/// other means (`CONNECT <node>:<port>`).
+pub(crate) fn decide(
+    shared: &Shared,
+    origin: Origin<'_>,
+    target: SocketAddr,
+    proto: Proto,
+    owner: Option<Arc<SessionHandle>>,
+) -> Result<Route, StreamReply> {
+    // Who claims the target matters only to a CONNECT no session serves
+    // (see `Policy::authorize`): asked only then. A Service endpoint's
+    // claim comes from its EndpointSlice ([`route_backend`]).
+    let claim = match (origin, &owner) {
+        (Origin::Connect, None) => shared.directory.claim(target.ip()),
+        _ => Claim::Nobody,
+    };
+    judge(shared, origin, target, proto, owner, &claim)
+}
+
+/// [`decide`] with the target's claim given; counts a refusal.
+fn judge(
+    shared: &Shared,
+    origin: Origin<'_>,
+    target: SocketAddr,
+    proto: Proto,
+    owner: Option<Arc<SessionHandle>>,
+    claim: &Claim,
+) -> Result<Route, StreamReply> {
+    let verdict = shared.policy.authorize(
+        origin,
+        target,
+        proto,
+        owner.as_deref().map(|s| s.node.as_str()),
+        claim,
+    );
+    match (verdict, owner) {
+        (Ok(Verdict::ToEdge), Some(s)) => Ok(Route::Edge(s)),
+        (Ok(Verdict::ToCloud), _) => Ok(Route::Cloud),
+        (Ok(Verdict::ToEdge), None) => Err(StreamReply::fail(
+            StreamStatus::NoRoute,
+            format!("no edge session serves {}", target.ip()),
+        )),
+        (Err(d), _) => {
+            shared.metrics.denied(origin, d.reason);
+            Err(d.reply())
+        }
+    }
+}
+
+#[cfg(test)]
+mod endpoint_claims {
+    use std::collections::{BTreeMap, HashMap};
+    use std::net::IpAddr;
+    use std::sync::Arc;
+
+    use tokio::sync::watch;
+
+    use super::endpoint_claim;
+    use crate::directory::{build_entries, ClaimIndex, Directory, Lookup, NodeEntry, NodeSource};
+    use crate::policy::Claim;
+    use crate::services::Backend;
+
+    /// Nodes as the Kubernetes directory would hold them.
+    struct Dir {
+        entries: HashMap<String, Arc<NodeEntry>>,
+        claims: ClaimIndex,
+        changes: watch::Sender<u64>,
+    }
+
+    impl Directory for Dir {
+        fn lookup(&self, node: &str) -> Lookup {
+            self.entries
+                .get(node)
+                .map_or(Lookup::Unknown, |e| Lookup::Known(e.clone()))
+        }
+        fn resolve_name(&self, _: &str) -> Option<String> {
+            None
+        }
+        fn is_synced(&self) -> bool {
+            true
+        }
+        fn subscribe(&self) -> watch::Receiver<u64> {
+            self.changes.subscribe()
+        }
+        fn ambiguous(&self) -> Vec<(relay_protocol::Cidr, Vec<String>)> {
+            Vec::new()
+        }
+        fn source(&self) -> &'static str {
+            "test"
+        }
+        fn claim(&self, ip: IpAddr) -> Claim {
+            self.claims.claim(ip)
+        }
+    }
+
+    /// A Service endpoint's claim comes from the node its EndpointSlice
+    /// names: a host-network endpoint on a cloud node is the cloud's even
+    /// where an edge Node repeats the address (by address alone the edge
+    /// wins); without a known node, the address decides.
+    #[test]
+    fn an_endpoint_is_claimed_by_its_node_first() {
+        let shared: IpAddr = "192.168.1.10".parse().unwrap();
+        let sources = BTreeMap::from([
+            (
+                "cloud3".to_string(),
+                NodeSource {
+                    addresses: vec![shared],
+                    cloud: true,
+                    ..NodeSource::default()
+                },
+            ),
+            (
+                "shop1".to_string(),
+                NodeSource {
+                    prefixes: vec!["10.244.7.0/24".parse().unwrap()],
+                    addresses: vec![shared],
+                    ..NodeSource::default()
+                },
+            ),
+        ]);
+        let entries = build_entries(&sources);
+        let dir = Dir {
+            claims: ClaimIndex::new(&entries),
+            entries,
+            changes: watch::channel(0).0,
+        };
+        let ep = |addr: &str, node: Option<&str>| Backend {
+            addr: addr.parse().unwrap(),
+            node: node.map(Arc::from),
+        };
+        let shop = Claim::Edge("shop1".into());
+        for (b, want) in [
+            (ep("192.168.1.10:80", Some("cloud3")), Claim::Cloud),
+            (ep("192.168.1.10:80", Some("shop1")), shop.clone()),
+            (ep("192.168.1.10:80", None), shop.clone()),
+            (ep("192.168.1.10:80", Some("gone")), shop.clone()),
+            (ep("10.244.7.5:80", None), shop.clone()),
+            (ep("10.0.0.9:80", None), Claim::Nobody),
+        ] {
+            assert_eq!(endpoint_claim(&dir, &b), want, "{b:?}");
+        }
+    }
+}
