@@ -54,6 +54,7 @@ pub mod config_tls;
 pub mod connect;
 mod connect_head;
 pub mod directory;
+mod endpoint_watch;
 pub mod follow;
 pub mod handshake;
 #[cfg(feature = "kubernetes")]

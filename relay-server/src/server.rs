@@ -48,6 +48,9 @@ pub struct Shared {
     pub tokens: Option<Arc<dyn crate::bootstrap::TokenAuthority>>,
     /// ClusterIP ports and their endpoints (none in static mode).
     pub services: Arc<dyn ServiceSource>,
+    /// Which Service ports' endpoints changed (for UDP flows picked for
+    /// them).
+    pub(crate) endpoint_watch: Arc<crate::endpoint_watch::EndpointWatch>,
     /// Counters.
     pub metrics: Metrics,
     generation: AtomicU64,
@@ -220,6 +223,10 @@ impl Relay {
             directory,
             status,
             tokens,
+            endpoint_watch: crate::endpoint_watch::EndpointWatch::start(
+                services.clone(),
+                background.clone(),
+            ),
             services,
             metrics: Metrics::default(),
             generation: AtomicU64::new(gen0),

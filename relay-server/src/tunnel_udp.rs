@@ -6,11 +6,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use relay_protocol::codec::write_frame;
-use relay_protocol::{StreamOpen, StreamReply, StreamStatus, Target, L4};
+use relay_protocol::{ServiceKey, StreamOpen, StreamReply, StreamStatus, Target, L4};
 use relay_transport::conn::finish_with;
 use relay_transport::BiStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::endpoint_watch::WatchedPort;
 use crate::policy::{canonical, Origin, Proto};
 use crate::route::{route_any, Route};
 use crate::server::Shared;
@@ -135,20 +136,32 @@ pub(crate) fn endpoint_gone(
     if asked == endpoint {
         return relay_transport::udp::never_stale();
     }
+    let udp = proto == Proto::Udp;
+    let snap = shared.services.snapshot();
+    let port = if snap.backends(asked, proto).is_some() {
+        WatchedPort::Port(ServiceKey { vip: asked, udp })
+    } else if snap.node_port(asked.port(), proto).is_some() {
+        WatchedPort::NodePort(asked.port(), udp)
+    } else {
+        // The Service went away since the pick.
+        return Box::pin(std::future::ready(()));
+    };
     let listed = move |snap: &crate::services::ServiceSnapshot| {
-        snap.backends(asked, proto)
-            .or_else(|| snap.node_port(asked.port(), proto))
+        port.backends(snap)
             .is_some_and(|b| b.iter().any(|b| canonical(b.addr) == endpoint))
     };
-    let mut services = shared.services.subscribe();
+    // Woken only when this port's endpoints change (not by every new
+    // snapshot of the cluster's Services).
+    let mut changed = shared.endpoint_watch.subscribe(port);
+    let services = shared.services.clone();
     Box::pin(async move {
         // The snapshot may have changed between the pick and this
         // subscription: judged once at the start too.
         loop {
-            if !listed(&services.borrow_and_update()) {
+            if !listed(&services.snapshot()) {
                 return;
             }
-            if services.changed().await.is_err() {
+            if changed.changed().await.is_err() {
                 break;
             }
         }
