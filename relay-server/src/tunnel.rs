@@ -1,8 +1,8 @@
 //! The stream paths shared by every ingress: open and account a stream on
-//! the session [`crate::route`] found, and serve the two ingresses that
+//! the session `route` found, and serve the two ingresses that
 //! are not HTTP: transparently captured TCP connections and streams opened
 //! by edges (edge → cloud, edge → edge through the relay; their UDP flows
-//! in [`crate::tunnel_udp`]); and keep the relay node's capture in step.
+//! in `tunnel_udp`); and keep the relay node's capture in step.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
