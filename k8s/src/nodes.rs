@@ -43,7 +43,8 @@ pub struct NodeClaims {
     /// label node edge-1 community.edge-relay.io/shops=`).
     pub communities: std::collections::BTreeSet<String>,
     /// An edge node: labelled [`EDGE_ROLE_LABEL`] (what the edge
-    /// DaemonSet selects), or carrying the relay's
+    /// DaemonSet selects) or as one by another edge tool
+    /// ([`OTHER_EDGE_LABELS`]), or carrying the relay's
     /// [`CONDITION_TYPE`](crate::CONDITION_TYPE) condition (its edge
     /// connected once). Every other Node is a cloud node, which the relay
     /// may dial itself for a CONNECT client (the apiserver's kubelet
@@ -53,6 +54,8 @@ pub struct NodeClaims {
     /// Labelled a control-plane node (`node-role.kubernetes.io/control-plane`,
     /// or the older `.../master`): in the cloud.
     pub control_plane: bool,
+    /// Labelled a cloud node by another edge tool ([`CLOUD_LABELS`]).
+    pub cloud_label: bool,
 }
 
 /// Prefix of the Node labels that put a node in a community.
@@ -61,6 +64,19 @@ pub const COMMUNITY_LABEL_PREFIX: &str = "community.edge-relay.io/";
 /// The Node label that marks an edge node (any value): the edge
 /// DaemonSet's node selector.
 pub const EDGE_ROLE_LABEL: &str = "node-role.kubernetes.io/edge";
+
+/// Labels other edge tools put on their edge nodes, with the value that
+/// means "edge": OpenYurt's and SuperEdge's. A cluster moving from one of
+/// them keeps telling its edges apart before it labels them
+/// [`EDGE_ROLE_LABEL`] (KubeEdge's too) for the edge DaemonSet.
+pub const OTHER_EDGE_LABELS: [(&str, &str); 2] = [
+    ("openyurt.io/is-edge-worker", "true"),
+    ("superedge.io/node-edge", "enable"),
+];
+
+/// Labels other edge tools put on their cloud nodes, with the value that
+/// means "cloud" (OpenYurt's).
+pub const CLOUD_LABELS: [(&str, &str); 1] = [("openyurt.io/is-edge-worker", "false")];
 
 /// The Node labels that mark a control-plane node (any value).
 pub const CONTROL_PLANE_LABELS: [&str; 2] = [
@@ -119,14 +135,16 @@ pub fn node_claims(node: &Node) -> (NodeClaims, Vec<ClaimIssue>) {
             }),
         }
     }
-    for key in node.metadata.labels.iter().flatten().map(|(k, _)| k) {
+    for (key, value) in node.metadata.labels.iter().flatten() {
         if let Some(name) = key.strip_prefix(COMMUNITY_LABEL_PREFIX) {
             if !name.is_empty() {
                 claims.communities.insert(name.to_string());
             }
         }
-        claims.edge |= key == EDGE_ROLE_LABEL;
+        let pair = (key.as_str(), value.as_str());
+        claims.edge |= key == EDGE_ROLE_LABEL || OTHER_EDGE_LABELS.contains(&pair);
         claims.control_plane |= CONTROL_PLANE_LABELS.contains(&key.as_str());
+        claims.cloud_label |= CLOUD_LABELS.contains(&pair);
     }
     claims.edge |= node
         .status
@@ -424,6 +442,18 @@ mod tests {
         );
         let (c, _) = node_claims(&other_label);
         assert!(!c.edge && c.control_plane);
+        // Other edge tools' labels, by value.
+        for (key, value, edge, cloud) in [
+            ("openyurt.io/is-edge-worker", "true", true, false),
+            ("openyurt.io/is-edge-worker", "false", false, true),
+            ("superedge.io/node-edge", "enable", true, false),
+            ("superedge.io/node-edge", "disable", false, false),
+        ] {
+            let mut n = plain.clone();
+            n.metadata.labels = Some([(key.to_string(), value.to_string())].into());
+            let (c, _) = node_claims(&n);
+            assert_eq!((c.edge, c.cloud_label), (edge, cloud), "{key}={value}");
+        }
         assert!(!node_claims(&labelled).0.control_plane);
         let mut connected_once = plain.clone();
         if let Some(st) = connected_once.status.as_mut() {

@@ -230,7 +230,7 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// Whether a Node is in the cloud, so that the relay may dial it for a
 /// CONNECT client: never with evidence of an edge (the edge label, or the
 /// relay's condition: [`NodeClaims::edge`]); otherwise only with evidence
-/// of the cloud: a control-plane label, or pod CIDRs or an address inside
+/// of the cloud: a control-plane or cloud label, or pod CIDRs or an address inside
 /// the cloud ranges (`tunnel_routes`, which list the cloud nodes' pod
 /// CIDRs). A Node with neither counts as an edge, so a CONNECT to an edge
 /// that never connected and carries no label still fails at once.
@@ -238,6 +238,7 @@ fn is_cloud(c: &NodeClaims, cloud_ranges: &[Cidr]) -> bool {
     let inside = |x: &Cidr| cloud_ranges.iter().any(|r| r.contains_cidr(x));
     !c.edge
         && (c.control_plane
+            || c.cloud_label
             || (!c.pod_cidrs.is_empty() && c.pod_cidrs.iter().all(inside))
             || c.internal_ips
                 .iter()
@@ -466,6 +467,14 @@ mod tests {
                 false,
             ),
             (claims(&[], "192.168.1.10", false, false), false),
+            // Another edge tool's cloud label (OpenYurt's).
+            (
+                NodeClaims {
+                    cloud_label: true,
+                    ..claims(&["10.244.9.0/24"], "192.168.5.1", false, false)
+                },
+                true,
+            ),
             // Edge evidence wins over cloud evidence.
             (claims(&["10.244.1.0/24"], "10.0.0.2", true, true), false),
         ];
