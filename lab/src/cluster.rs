@@ -40,6 +40,9 @@ pub struct LabService {
     pub endpoints: Vec<(SocketAddr, &'static str)>,
     /// `nodePort`, for a `NodePort` Service.
     pub node_port: Option<u16>,
+    /// `externalIPs` (the lab's kube-proxy model does not program them;
+    /// the relay and edges capture them ahead of kube-proxy anyway).
+    pub external_ips: Vec<std::net::Ipv4Addr>,
 }
 
 impl LabService {
@@ -68,6 +71,7 @@ impl LabService {
                 .map(|(ip, node)| (crate::scenario::sa(*ip, port), *node))
                 .collect(),
             node_port: None,
+            external_ips: Vec::new(),
         }
     }
 
@@ -91,6 +95,8 @@ impl LabService {
                     node_port: self.node_port.map(i32::from),
                     ..Default::default()
                 }]),
+                external_ips: (!self.external_ips.is_empty())
+                    .then(|| self.external_ips.iter().map(|ip| ip.to_string()).collect()),
                 type_: Some(
                     if self.node_port.is_some() {
                         "NodePort"

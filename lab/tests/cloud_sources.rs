@@ -12,18 +12,21 @@
 //! What must hold: cloud2's host reaches an edge pod through the relay; a
 //! cloud LAN host that is no Node (the apiserver host) routing the same
 //! prefix to the relay node gets no answer and is counted as refused by
-//! source; and with `capture.sources` set to the cloud ranges alone,
-//! cloud2's host is refused the same way, which shows what the default
-//! adds.
+//! source; a host on the Internet side reaches a Service with an edge
+//! endpoint at its external IP (the relay node's public address), which
+//! is captured from any source as a node port is; and with
+//! `capture.sources` set to the cloud ranges alone, cloud2's host is
+//! refused the same way, which shows what the default adds.
 //!
 //! Needs root; skips loudly otherwise, and fails instead of skipping under
 //! CI=true or REQUIRE_LAB=1. Time budget: about 15 s (2 to 7 s here).
 
+use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use relay_lab::cluster::Cluster;
-use relay_lab::netns::{self, NetnsLab, Proto, Role};
+use relay_lab::cluster::{Cluster, LabService};
+use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
     edge_config_in, http_from, lab_pki, relay_config_in, sa, services, start_edge, start_relay,
     within, Table, HTTP,
@@ -66,6 +69,17 @@ fn cloud_nodes_host_addresses_are_capture_sources() -> Result<()> {
     let _svcs = [services(&lab, Role::Epod1, "epod1")?];
     let cluster = Cluster::start(&lab)?;
     let epod1 = sa(netns::edge_pod_ip(1), HTTP);
+    // A Service on epod1 whose external IP is the relay node's public
+    // address (as `externalIPs` and MetalLB's L2 addresses are a node's).
+    let mut web = LabService::on_lab_ports(
+        "default",
+        "web-ext",
+        sa(Ipv4Addr::new(10, 96, 0, 70), HTTP),
+        Proto::Tcp,
+        &[(netns::edge_pod_ip(1), "edge1")],
+    );
+    web.external_ips = vec![netns::RELAY_WAN_IP];
+    cluster.set_services(&lab, KubeProxyMode::Iptables, &[web])?;
     let mut m = Table::new(&["case", "path", "result"]);
 
     let relay = start_relay(&lab, relay_cfg(&lab, &pki, &cluster)?)?;
@@ -101,6 +115,17 @@ fn cloud_nodes_host_addresses_are_capture_sources() -> Result<()> {
             epod1,
             Proto::Tcp,
         ),
+    );
+    m.check(
+        &[
+            "Internet host → a Service's external IP on the relay node",
+            "wan (198.18.0.254) → 198.18.0.1:80 ⇒ 10.244.7.5",
+        ],
+        "epod1",
+        within(Duration::from_secs(5), || {
+            Ok(http_from(&lab, Role::Wan, sa(netns::RELAY_WAN_IP, HTTP)).is_ok())
+        })
+        .and_then(|_| http_from(&lab, Role::Wan, sa(netns::RELAY_WAN_IP, HTTP))),
     );
     edge1.stop()?;
     relay.stop()?;

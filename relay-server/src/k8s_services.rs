@@ -4,6 +4,7 @@
 //! an immutable [`ServiceSnapshot`] for the data path. Built only with the
 //! `kubernetes` feature.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,11 +42,26 @@ pub fn snapshot_of(table: &ServiceTable) -> ServiceSnapshot {
         let backends: Vec<Backend> = entry.endpoints.iter().map(backend).collect();
         Some((udp, Arc::<[Backend]>::from(backends)))
     };
-    let ports = table
+    let ports: BTreeMap<ServiceKey, Arc<[Backend]>> = table
         .cluster_ips()
         .filter_map(|((vip, proto), e)| {
             usable(proto, e).map(|(udp, b)| (ServiceKey { vip: *vip, udp }, b))
         })
+        .collect();
+    // External and load-balancer IPs share the table with ClusterIPs; the
+    // Service says which of its addresses they are.
+    let external = table
+        .cluster_ips()
+        .filter(|((vip, _), e)| {
+            table
+                .service(&e.namespace, &e.name)
+                .is_some_and(|s| s.external_ips.contains(&vip.ip()))
+        })
+        .map(|((vip, proto), _)| ServiceKey {
+            vip: *vip,
+            udp: *proto == Protocol::Udp,
+        })
+        .filter(|k| ports.contains_key(k))
         .collect();
     let node_ports = table
         .node_ports()
@@ -54,6 +70,7 @@ pub fn snapshot_of(table: &ServiceTable) -> ServiceSnapshot {
     ServiceSnapshot {
         ports,
         node_ports,
+        external,
         names: Arc::new(relay_kube::service_names(table)),
         cluster_domain: Arc::from(table.cluster_domain()),
     }

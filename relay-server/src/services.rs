@@ -51,6 +51,10 @@ pub struct ServiceSnapshot {
     /// `(nodePort, udp)` → usable IPv4 endpoints: what the relay node's own
     /// addresses take on a node port.
     pub node_ports: BTreeMap<(u16, bool), Arc<[Backend]>>,
+    /// The entries of `ports` that are a Service's external or
+    /// load-balancer IPs, not ClusterIPs: open to any client, as a node
+    /// port is (captured ahead of the source check).
+    pub external: BTreeSet<ServiceKey>,
     /// Every Service's DNS names, for edges' resolvers (empty in static
     /// mode). Shared: each session keeps a pointer to the one it sent.
     pub names: Arc<relay_protocol::NameTable>,
@@ -160,13 +164,24 @@ pub fn pick<'a>(
 /// The ClusterIP ports the relay node captures: those with an endpoint
 /// that `served` says is behind a live edge session (kube-proxy on the
 /// relay node could not reach it). Ports whose endpoints are all in the
-/// cloud stay with kube-proxy.
-pub fn relay_capture_set(snap: &ServiceSnapshot, served: impl Fn(&Backend) -> bool) -> ServiceSet {
-    snap.ports
-        .iter()
-        .filter(|(_, b)| b.iter().any(&served))
-        .map(|(k, _)| (k.vip, capture_proto(k.udp)))
-        .collect()
+/// cloud stay with kube-proxy. Returned as (ClusterIP ports, external and
+/// load-balancer IP ports): the second are taken from any source.
+pub fn relay_capture_set(
+    snap: &ServiceSnapshot,
+    served: impl Fn(&Backend) -> bool,
+) -> (ServiceSet, ServiceSet) {
+    let (mut cluster, mut open) = (ServiceSet::new(), ServiceSet::new());
+    for (k, b) in &snap.ports {
+        if b.iter().any(&served) {
+            let set = if snap.external.contains(k) {
+                &mut open
+            } else {
+                &mut cluster
+            };
+            set.insert((k.vip, capture_proto(k.udp)));
+        }
+    }
+    (cluster, open)
 }
 
 /// The node ports the relay node captures: those with an endpoint behind
@@ -377,14 +392,22 @@ mod tests {
                 vec![b("10.244.1.2:53", "cloud1"), b("10.244.8.5:53", "edge2")],
             ),
             (key("10.96.0.40:80", false), vec![]),
+            // The first Service's external IP.
+            (
+                key("203.0.113.9:80", false),
+                vec![b("10.244.7.5:80", "edge1")],
+            ),
         ]);
+        let mut s = s;
+        s.external.insert(key("203.0.113.9:80", false));
         let served = |b: &Backend| b.node.as_deref().is_some_and(|n| n.starts_with("edge"));
-        let set = relay_capture_set(&s, served);
+        let (set, open) = relay_capture_set(&s, served);
         assert_eq!(
             describe(&set),
             ["10.96.0.20:80/tcp", "10.96.0.30:53/udp"],
             "cloud-only and endpoint-less ports stay with kube-proxy"
         );
+        assert_eq!(describe(&open), ["203.0.113.9:80/tcp"], "external, apart");
     }
 
     #[test]

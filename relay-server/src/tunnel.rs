@@ -257,9 +257,11 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
         }
         let snap = services.borrow_and_update().clone();
         let served = |b: &Backend| endpoint_session(&shared, b).is_some();
-        let svc = crate::services::relay_capture_set(&snap, served);
+        let (svc, open) = crate::services::relay_capture_set(&snap, served);
         let node_ports = crate::services::relay_node_port_set(&snap, served);
         if let Err(e) = cap.apply_services(&svc, &BTreeSet::new()).await {
+            failed = Some(e);
+        } else if let Err(e) = cap.apply_open_services(&open).await {
             failed = Some(e);
         } else if let Err(e) = cap.apply_node_ports(&node_ports).await {
             failed = Some(e);

@@ -22,13 +22,16 @@
 //!   set svc4 { type ipv4_addr . inet_proto . inet_service; }  # captured ClusterIP ports
 //!   set svcskip4 { type ipv4_addr . inet_proto . inet_service; }  # ClusterIP ports left to kube-proxy
 //!   set np4 { type inet_proto . inet_service; }   # captured node ports, IPv4 only as the listeners
+//!   set svcext4 { type ipv4_addr . inet_proto . inet_service; }  # captured external IP ports (relay)
 //!   chain svc_pre { type nat hook prerouting priority -150;  # before kube-proxy (-100)
 //!     meta nfproto ipv4 fib daddr type local meta l4proto { tcp, udp } meta l4proto . th dport @np4 redirect to :<port>
+//!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svcext4 redirect to :<port>
 //!     ip saddr != @src4 return
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svc4 redirect to :<port> }   # and its nftables mode (-110)
 //!   chain svc_out { type nat hook output priority -150;
 //!     meta mark <own_mark> return
 //!     meta nfproto ipv4 fib daddr type local meta l4proto { tcp, udp } meta l4proto . th dport @np4 redirect to :<port>
+//!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svcext4 redirect to :<port>
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svc4 redirect to :<port> }
 //!   chain guard { type filter hook input priority filter;
 //!     th dport <port> ct status dnat accept      # only redirected traffic
@@ -200,6 +203,8 @@ pub struct Capture {
     skipped: BTreeSet<Cidr>,
     services: BTreeSet<(SocketAddr, Proto)>,
     local_services: BTreeSet<(SocketAddr, Proto)>,
+    /// External and load-balancer IP ports, taken from any source.
+    open_services: BTreeSet<(SocketAddr, Proto)>,
     node_ports: BTreeSet<(u16, Proto)>,
     /// `None` until [`Capture::apply_sources`]: every source.
     sources: Option<BTreeSet<Cidr>>,
@@ -241,14 +246,17 @@ impl Capture {
              ip daddr @dst4 meta l4proto {{ tcp, udp }} redirect to :{p}\n\
              }}\n\
              set np4 {{ type inet_proto . inet_service; }}\n\
+             set svcext4 {{ type ipv4_addr . inet_proto . inet_service; }}\n\
              chain svc_pre {{ type nat hook prerouting priority -150; policy accept;\n\
              meta nfproto ipv4 fib daddr type local meta l4proto {{ tcp, udp }} meta l4proto . th dport @np4 redirect to :{p}\n\
+             meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svcext4 redirect to :{p}\n\
              ip saddr != @src4 return\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svc4 redirect to :{p}\n\
              }}\n\
              chain svc_out {{ type nat hook output priority -150; policy accept;\n\
              meta mark {mark:#x} return\n\
              meta nfproto ipv4 fib daddr type local meta l4proto {{ tcp, udp }} meta l4proto . th dport @np4 redirect to :{p}\n\
+             meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svcext4 redirect to :{p}\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svc4 redirect to :{p}\n\
              }}\n\
              chain guard {{ type filter hook input priority filter; policy accept;\n\
@@ -291,6 +299,7 @@ impl Capture {
             skipped: BTreeSet::new(),
             services: BTreeSet::new(),
             local_services: BTreeSet::new(),
+            open_services: BTreeSet::new(),
             node_ports: BTreeSet::new(),
             sources: None,
         })

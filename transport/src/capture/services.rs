@@ -1,5 +1,6 @@
-//! Capture of ClusterIP ports and node ports ([`Capture::apply_services`],
-//! [`Capture::apply_node_ports`]): the `svc4`/`svcskip4`/`np4` sets, the
+//! Capture of ClusterIP ports, external IP ports and node ports
+//! ([`Capture::apply_services`], [`Capture::apply_open_services`],
+//! [`Capture::apply_node_ports`]): the `svc4`/`svcskip4`/`svcext4`/`np4` sets, the
 //! per-port bypass rules, the deletion of stale UDP conntrack entries, and
 //! the socket-LB check. Separate from prefix capture (`capture.rs`), which
 //! installs the table these sets live in; see the module docs there for
@@ -91,17 +92,37 @@ impl Capture {
             .collect();
         self.services = want4;
         self.local_services = local4;
-        for (addr, proto) in stale {
-            let args = conntrack_delete_args(addr, proto);
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            if let Err(e) = run("conntrack", &args, None).await {
-                debug!(error = %e, %addr, "no stale conntrack entries deleted");
-            }
-        }
+        delete_stale_udp(stale).await;
         debug!(
             services = self.services.len(),
             local = self.local_services.len(),
             "service capture updated"
+        );
+        Ok(())
+    }
+
+    /// Captures exactly the ports `want` of Services' external and
+    /// load-balancer IPs (IPv4), ahead of kube-proxy as ClusterIP ports
+    /// are, but from any source, as node ports are: such an address is
+    /// the Service's door for clients outside the cluster. Stale UDP
+    /// conntrack entries are deleted as for [`Capture::apply_services`].
+    pub async fn apply_open_services(&mut self, want: &ServiceSet) -> Result<(), CaptureError> {
+        let want4: ServiceSet = want.iter().filter(|(a, _)| a.is_ipv4()).copied().collect();
+        if want4 == self.open_services {
+            return Ok(());
+        }
+        let nft = services_script(&self.cfg.nft_table, "svcext4", &want4);
+        run("nft", &["-f", "-"], Some(&nft)).await?;
+        let stale: BTreeSet<(SocketAddr, Proto)> = want4
+            .symmetric_difference(&self.open_services)
+            .filter(|(_, p)| *p == Proto::Udp)
+            .copied()
+            .collect();
+        self.open_services = want4;
+        delete_stale_udp(stale).await;
+        debug!(
+            open_services = self.open_services.len(),
+            "external service capture updated"
         );
         Ok(())
     }
@@ -155,6 +176,19 @@ impl Capture {
 /// kernel in the node-port capture rule).
 pub fn is_local_address(ip: std::net::IpAddr) -> bool {
     std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+/// Deletes the UDP conntrack entries whose original destination is one of
+/// `stale` (a port whose capture changed); a failure (usually: no such
+/// entry) is logged, not an error.
+async fn delete_stale_udp(stale: BTreeSet<(SocketAddr, Proto)>) {
+    for (addr, proto) in stale {
+        let args = conntrack_delete_args(addr, proto);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        if let Err(e) = run("conntrack", &args, None).await {
+            debug!(error = %e, %addr, "no stale conntrack entries deleted");
+        }
+    }
 }
 
 /// Applies `ip rule` lines in one `-force` batch (a line that fails, a
