@@ -120,11 +120,16 @@ pub(crate) fn route_backend(
     // An endpoint on an edge with no live session stays Ready while that
     // edge's kubelet still reaches the apiserver (the tunnel is down, the
     // node is not): pass over it rather than fail one pick in N.
-    let usable = |b: &Backend| {
-        endpoint_session(shared, b).is_some()
-            || !matches!(endpoint_claim(&*shared.directory, b), Claim::Edge(_))
+    // Who serves an endpoint (its session, else who claims it), found
+    // once: `pick` hands it back with the endpoint.
+    let usable = |b: &Backend| match endpoint_session(shared, b) {
+        Some(s) => Some((Some(s), Claim::Nobody)),
+        None => match endpoint_claim(&*shared.directory, b) {
+            Claim::Edge(_) => None,
+            claim => Some((None, claim)),
+        },
     };
-    let Some(b) = crate::services::pick(backends, prefer, usable) else {
+    let Some((b, (owner, claim))) = crate::services::pick(backends, prefer, usable) else {
         shared.metrics.service_pick("edges_offline");
         let mut nodes: Vec<&str> = backends.iter().filter_map(|b| b.node.as_deref()).collect();
         nodes.sort_unstable();
@@ -139,11 +144,6 @@ pub(crate) fn route_backend(
         ));
     };
     let target = canonical(b.addr);
-    let owner = endpoint_session(shared, b);
-    let claim = match owner {
-        Some(_) => Claim::Nobody,
-        None => endpoint_claim(&*shared.directory, b),
-    };
     let routed = judge(shared, Origin::Service, target, proto, owner, &claim)?;
     shared.metrics.service_pick(match routed {
         Route::Edge(_) => "edge",

@@ -132,33 +132,39 @@ impl ServiceSource for NoServices {
 /// burst of connections evenly whatever the number of endpoints.
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
-/// Picks an endpoint `usable` accepts (the relay can reach it now):
+/// Picks an endpoint `usable` accepts (the relay can reach it now), with
+/// what `usable` found out about it (so the caller does not ask again):
 /// those on node `prefer` when there are any, else all of them, in round
 /// robin. `None` when none is usable. While the endpoint whose turn it is
 /// is usable, that is the one ask; otherwise the usable ones are listed
 /// and take turns among themselves, so the endpoint after an unusable one
 /// gets no more than its share.
-pub fn pick<'a>(
+pub fn pick<'a, T>(
     backends: &'a [Backend],
     prefer: Option<&str>,
-    usable: impl Fn(&Backend) -> bool,
-) -> Option<&'a Backend> {
+    usable: impl Fn(&Backend) -> Option<T>,
+) -> Option<(&'a Backend, T)> {
     let i = NEXT.fetch_add(1, Relaxed);
+    let one_of = |mut ok: Vec<(&'a Backend, T)>| {
+        let n = ok.len();
+        (n > 0).then(|| ok.swap_remove(i % n))
+    };
+    let with = |b: &'a Backend| usable(b).map(|t| (b, t));
     if let Some(n) = prefer {
-        let local: Vec<&Backend> = backends
+        let local = backends
             .iter()
-            .filter(|b| b.node.as_deref() == Some(n) && usable(b))
+            .filter(|b| b.node.as_deref() == Some(n))
+            .filter_map(with)
             .collect();
-        if !local.is_empty() {
-            return Some(local[i % local.len()]);
+        if let Some(picked) = one_of(local) {
+            return Some(picked);
         }
     }
     let first = backends.get(i % backends.len().max(1))?;
-    if usable(first) {
-        return Some(first);
+    if let Some(picked) = with(first) {
+        return Some(picked);
     }
-    let ok: Vec<&Backend> = backends.iter().filter(|b| usable(b)).collect();
-    (!ok.is_empty()).then(|| ok[i % ok.len()])
+    one_of(backends.iter().filter_map(with).collect())
 }
 
 /// The ClusterIP ports the relay node captures: those with an endpoint
@@ -320,14 +326,14 @@ mod tests {
             b("10.244.8.5:80", "edge2"),
             b("10.244.1.2:80", "cloud1"),
         ];
-        let any = |_: &Backend| true;
+        let any = |_: &Backend| Some(());
         for _ in 0..10 {
-            assert_eq!(pick(&all, Some("edge2"), any).unwrap().addr, all[1].addr);
+            assert_eq!(pick(&all, Some("edge2"), any).unwrap().0.addr, all[1].addr);
         }
         let mut seen = BTreeSet::new();
         for _ in 0..30 {
-            seen.insert(pick(&all, Some("edge9"), any).unwrap().addr);
-            seen.insert(pick(&all, None, any).unwrap().addr);
+            seen.insert(pick(&all, Some("edge9"), any).unwrap().0.addr);
+            seen.insert(pick(&all, None, any).unwrap().0.addr);
         }
         assert_eq!(seen.len(), 3, "round robin reaches every endpoint");
         assert!(pick(&[], Some("edge1"), any).is_none());
@@ -343,18 +349,18 @@ mod tests {
             b("10.244.8.5:80", "edge2"),
             b("10.244.1.2:80", "cloud1"),
         ];
-        let not_edge1 = |b: &Backend| b.node.as_deref() != Some("edge1");
+        let not_edge1 = |b: &Backend| (b.node.as_deref() != Some("edge1")).then_some(());
         let mut seen = BTreeSet::new();
         for _ in 0..30 {
-            seen.insert(pick(&all, None, not_edge1).unwrap().addr);
-            seen.insert(pick(&all, Some("edge1"), not_edge1).unwrap().addr);
+            seen.insert(pick(&all, None, not_edge1).unwrap().0.addr);
+            seen.insert(pick(&all, Some("edge1"), not_edge1).unwrap().0.addr);
         }
         assert_eq!(
             seen,
             BTreeSet::from([all[1].addr, all[2].addr]),
             "every usable endpoint is reached, the unusable one never"
         );
-        assert!(pick(&all, None, |_| false).is_none());
+        assert!(pick(&all, None, |_| None::<()>).is_none());
         // An even share for each usable endpoint, not a double one for
         // the endpoint after the unusable one.
         let four = [
@@ -366,7 +372,7 @@ mod tests {
         let mut counts = BTreeMap::new();
         for _ in 0..400 {
             *counts
-                .entry(pick(&four, None, not_edge1).unwrap().addr)
+                .entry(pick(&four, None, not_edge1).unwrap().0.addr)
                 .or_insert(0) += 1;
         }
         let (lo, hi) = (counts.values().min(), counts.values().max());
