@@ -410,6 +410,69 @@ async fn readyz_waits_for_the_first_list() -> Result<()> {
     Ok(())
 }
 
+/// The answer to a CONNECT: `(status, status line)`.
+async fn connect_answer(connect: SocketAddr, authority: &str) -> Result<(u16, String)> {
+    match connect_via(connect, authority).await {
+        Ok(_) => Ok((200, String::new())),
+        Err(e) => {
+            let r = e.downcast::<relay_lab::Refused>()?;
+            Ok((r.code, r.status_line))
+        }
+    }
+}
+
+/// A CONNECT that arrives before the first lists waits for them, then is
+/// decided on what they say: an edge's pod address is the edge's (502, no
+/// session), where before the lists nothing claimed it and the relay
+/// judged it as a cloud address. Past the bound (the dial timeout), 503.
+/// Stand-in, not a real apiserver (see the module doc).
+#[tokio::test]
+async fn connect_waits_for_the_first_list() -> Result<()> {
+    relay_lab::init();
+    let standin = StandIn::spawn().await?;
+    standin.upsert_node(node(0));
+    let pki = DevPki::generate(&["localhost"], &["edge-0"])?;
+    let relay_with = |dial: Duration| -> Result<RelayConfig> {
+        let mut cfg = RelayConfig::loopback(pki.relay_material()?);
+        cfg.limits.dial_timeout = dial;
+        cfg.kubernetes = Some(KubeSettings {
+            kubeconfig: Some(standin.kubeconfig_path().to_path_buf()),
+            ..KubeSettings::default()
+        });
+        Ok(cfg)
+    };
+    // Lists answered after 1 s: the CONNECT sent at once waits for them.
+    standin.set_latency(Duration::from_secs(1), Duration::ZERO);
+    let relay = Relay::spawn(relay_with(Duration::from_secs(10))?).await?;
+    let pod = format!("{}:80", pod_cidr(0).replace(".0/24", ".5"));
+    let t = std::time::Instant::now();
+    let (code, line) = connect_answer(relay.connect_addr().context("connect")?, &pod).await?;
+    ensure!(
+        code == 502 && line.contains("belongs to edge node edge-0"),
+        "CONNECT {pod} before the first list: {code} {line}"
+    );
+    ensure!(
+        t.elapsed() >= Duration::from_millis(900),
+        "answered before the lists"
+    );
+    relay.shutdown(Duration::from_secs(1)).await;
+
+    // No API at all: 503 within the bound, not a hang.
+    standin.set_latency(Duration::ZERO, Duration::ZERO);
+    standin.set_unavailable(true);
+    let relay = Relay::spawn(relay_with(Duration::from_secs(1))?).await?;
+    let t = std::time::Instant::now();
+    let (code, line) = connect_answer(relay.connect_addr().context("connect")?, &pod).await?;
+    ensure!(code == 503 && line.contains("not_ready"), "{code} {line}");
+    ensure!(
+        t.elapsed() < Duration::from_secs(3),
+        "503 after {:?}",
+        t.elapsed()
+    );
+    relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
 /// Two sites with the same LAN and the same node address: both up, pods
 /// of both routed, the shared address routed for neither, each node
 /// reachable by name. Stand-in, not a real apiserver (see the module doc).

@@ -6,8 +6,9 @@
 //! Every failure is answered at once with a status whose reason phrase says
 //! why (Go's HTTP client, used by the apiserver, puts it in its error):
 //! 400 malformed, 403 denied, 405 not CONNECT, 408 header too slow,
-//! 431 header too large, 502 no session / refused / unreachable, 503 busy,
-//! 504 dial timeout.
+//! 431 header too large, 502 no session / refused / unreachable, 503 busy
+//! or the cluster's Nodes and Services not loaded yet (after start-up, for
+//! at most the dial timeout), 504 dial timeout.
 //!
 //! Every CONNECT connection leaves one audit line: a `tracing` event at
 //! info with target `audit` (see [`Audit`]), so operators can route it to
@@ -228,6 +229,16 @@ async fn handle<S: LocalStream>(mut s: S, peer: Peer, mut audit: Audit, shared: 
     // client cannot forge audit lines.
     audit.target = head.authority.chars().filter(|c| !c.is_control()).collect();
     let (authority, auth) = (head.authority, head.target);
+    // Before the first lists nothing claims an edge's address, so a
+    // cluster range in `tunnel_routes` would send it to the cloud network
+    // (and no Service would resolve): wait for them, within the dial bound.
+    if !cluster_loaded(shared, limits.dial_timeout).await {
+        audit.answer(503, "not_ready");
+        let msg = "the relay has not loaded the cluster's Nodes and Services yet";
+        info!(%peer, dst = %authority, "CONNECT refused: not ready");
+        let _ = respond(&mut s, 503, "not_ready", msg, shared).await;
+        return;
+    }
     let routed = match resolve(shared, &auth) {
         Ok(v) => v,
         Err(reply) => {
@@ -299,6 +310,23 @@ enum Routed {
     Edge(Arc<crate::session::SessionHandle>, SocketAddr),
     /// Dialled by the relay: a Service's cloud endpoint.
     Direct(SocketAddr),
+}
+
+/// Waits (at most `limit`) until the Node directory and the Service
+/// table have loaded once; true if they have. Immediate after start-up.
+async fn cluster_loaded(shared: &Shared, limit: std::time::Duration) -> bool {
+    let services = &shared.services;
+    if shared.directory.is_synced() && services.is_synced() {
+        return true;
+    }
+    let deadline = tokio::time::Instant::now() + limit;
+    if !crate::directory::wait_synced(&*shared.directory, limit).await {
+        return false;
+    }
+    let wait = crate::directory::changed_until(services.subscribe(), || services.is_synced());
+    tokio::time::timeout_at(deadline, wait)
+        .await
+        .unwrap_or(false)
 }
 
 /// Finds where a CONNECT authority goes, asking the policy (the same seam

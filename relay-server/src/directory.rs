@@ -114,16 +114,19 @@ pub async fn wait_synced(dir: &dyn Directory, limit: Duration) -> bool {
     if dir.is_synced() {
         return true;
     }
-    let mut rx = dir.subscribe();
-    let wait = async {
-        while !dir.is_synced() {
-            if rx.changed().await.is_err() {
-                return false;
-            }
-        }
-        true
-    };
+    let wait = changed_until(dir.subscribe(), || dir.is_synced());
     tokio::time::timeout(limit, wait).await.unwrap_or(false)
+}
+
+/// Waits until `done()` holds, checking again at each change `rx` sees;
+/// false if its sender goes first.
+pub async fn changed_until<T>(mut rx: watch::Receiver<T>, done: impl Fn() -> bool) -> bool {
+    while !done() {
+        if rx.changed().await.is_err() {
+            return false;
+        }
+    }
+    true
 }
 
 /// One node as a source describes it, before ambiguity is computed.

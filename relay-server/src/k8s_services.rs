@@ -26,6 +26,10 @@ const SETTLE: Duration = Duration::from_millis(100);
 pub struct KubeServices {
     dir: ServiceDirectory,
     snapshot: watch::Sender<Arc<ServiceSnapshot>>,
+    /// Set once a snapshot built after the first lists is published: the
+    /// directory's own flag turns up to [`SETTLE`] earlier, while
+    /// `snapshot()` still returns the empty table.
+    published: std::sync::atomic::AtomicBool,
 }
 
 /// The snapshot of `table`: every TCP and UDP ClusterIP (and external IP)
@@ -139,6 +143,7 @@ impl KubeServices {
         let me = Arc::new(KubeServices {
             dir: ServiceDirectory::spawn(client, &opts),
             snapshot: watch::channel(Arc::default()).0,
+            published: std::sync::atomic::AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&me);
         let mut changes = me.dir.subscribe();
@@ -146,9 +151,17 @@ impl KubeServices {
             loop {
                 {
                     let Some(me) = weak.upgrade() else { return };
+                    // Read before the table: a snapshot taken after the
+                    // flag turned is one of the loaded table.
+                    let synced = me.dir.is_synced();
                     let snap = me.dir.with_table(snapshot_of);
                     debug!(ports = snap.ports.len(), "service snapshot");
                     me.snapshot.send_replace(Arc::new(snap));
+                    if synced && !me.published.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                        // Wakes readers that saw the snapshot above before
+                        // the flag (see `cluster_loaded`).
+                        me.snapshot.send_modify(|_| {});
+                    }
                 }
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -172,7 +185,7 @@ impl ServiceSource for KubeServices {
         self.dir.with_table(|t| lookup_name(t, host, port))
     }
     fn is_synced(&self) -> bool {
-        self.dir.is_synced()
+        self.published.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
