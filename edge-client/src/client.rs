@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::backoff::Backoff;
-use crate::config::EdgeConfig;
+use crate::config::{EdgeConfig, TransportMode};
 use crate::dial::{connect, AttemptError, Connected};
 use crate::identity::Credentials;
 use crate::serve::{ServedRoutes, ServedSet};
@@ -113,6 +113,10 @@ pub struct EdgeStats {
     /// the edge learns: what the relay sends still arrives. The TCP
     /// fallback cannot tell a close from a loss and never counts here.
     pub closed_by_relay: AtomicU64,
+    /// QUIC sessions in a row that the edge's liveness check gave up
+    /// (see [`QuicStrikes`]); at [`QuicStrikes::PREFER_TCP`] and above, an
+    /// `auto` edge dials TCP first and probes QUIC less often.
+    pub quic_strikes: AtomicU64,
     /// Which of the relay name's addresses the next attempt dials, modulo
     /// their number: advanced past an address that failed, so a name with
     /// an IPv6 and an IPv4 address still connects where IPv6 is broken
@@ -439,6 +443,58 @@ impl Drop for QuicLive<'_> {
 /// The current session's connection, for streams the edge opens.
 pub(crate) type ConnWatch = watch::Receiver<Option<(TunnelConn, Arc<FlowTable>)>>;
 
+/// The count of QUIC sessions in a row lost to a dead path soon after
+/// they came up. A middlebox that lets each new UDP flow through and
+/// drops it after a while (a DPI box classifying QUIC, a UDP volume cap)
+/// would otherwise have an `auto` edge flap for ever: every new attempt's
+/// handshake succeeds, the session dies a dead-path bound later, and
+/// again. After [`QuicStrikes::PREFER_TCP`] such losses the edge dials TCP
+/// first, and its QUIC probe waits twice as long after each further one.
+pub(crate) struct QuicStrikes<'a>(pub(crate) &'a AtomicU64);
+
+impl QuicStrikes<'_> {
+    /// Losses in a row after which an `auto` edge dials TCP first.
+    pub(crate) const PREFER_TCP: u64 = 2;
+    /// A QUIC session that lasted this long clears the count.
+    pub(crate) const WINDOW: Duration = Duration::from_secs(300);
+    /// The QUIC probe's interval grows at most this many times.
+    const MAX_PROBE_FACTOR: u32 = 32;
+
+    /// Counts a QUIC session's end: `died`, given up by the edge's own
+    /// liveness check, after `lasted`.
+    pub(crate) fn session_ended(&self, lasted: Duration, died: bool) {
+        if lasted >= Self::WINDOW {
+            self.0.store(0, Relaxed);
+        }
+        if died {
+            self.0.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The transport to dial: `configured`, except `auto` with a count at
+    /// [`Self::PREFER_TCP`] or above, which dials TCP (the probe tries
+    /// QUIC from there).
+    pub(crate) fn mode(&self, configured: TransportMode) -> TransportMode {
+        if configured == TransportMode::Auto && self.0.load(Relaxed) >= Self::PREFER_TCP {
+            TransportMode::Tcp
+        } else {
+            configured
+        }
+    }
+
+    /// How long the QUIC probe waits on the TCP fallback: `interval`,
+    /// doubled for each loss from [`Self::PREFER_TCP`] on (at most
+    /// [`Self::MAX_PROBE_FACTOR`] times).
+    pub(crate) fn probe_interval(&self, interval: Duration) -> Duration {
+        let over = self.0.load(Relaxed).saturating_sub(Self::PREFER_TCP - 1);
+        let factor = 1u32
+            .checked_shl(u32::try_from(over).unwrap_or(u32::MAX))
+            .unwrap_or(u32::MAX)
+            .min(Self::MAX_PROBE_FACTOR);
+        interval.saturating_mul(factor)
+    }
+}
+
 /// One relay's reconnect loop: dial `cfg.relay`, run the session, back off,
 /// again, until `cancel`. The supervisor runs one per replica.
 // The session's shared parts, passed once at start; a struct would only rename them.
@@ -498,7 +554,7 @@ pub(crate) async fn run(
                     // connection and a token review), then QUIC (up to a
                     // handshake bound while another session proves UDP
                     // works, else two fallback timers), then TCP.
-                    r = tokio::time::timeout(attempt_limit, connect(&cfg, &stats, cfg.transport, &creds, quic_worked)) => match r {
+                    r = tokio::time::timeout(attempt_limit, connect(&cfg, &stats, QuicStrikes(&stats.quic_strikes).mode(cfg.transport), &creds, quic_worked)) => match r {
                         Ok(r) => r,
                         Err(_) => Err(AttemptError::Failed(format!("no session within {attempt_limit:?}"))),
                     },
@@ -568,6 +624,7 @@ pub(crate) async fn run(
                     gen = hello.generation
                 );
                 let mut went_away = false;
+                let dead_before = stats.paths_dead.load(Relaxed);
                 let end = run_session(
                     &conn,
                     &flows,
@@ -588,6 +645,16 @@ pub(crate) async fn run(
                 conn_tx.send_replace(None);
                 if up.elapsed() >= backoff.config().reset_after {
                     backoff.reset();
+                }
+                if quic_worked {
+                    let died = stats.paths_dead.load(Relaxed) > dead_before;
+                    QuicStrikes(&stats.quic_strikes).session_ended(up.elapsed(), died);
+                    // A path that went dead is not a relay restarting (a
+                    // restarted relay answers with a stateless reset, and
+                    // one that restarts takes less than the dead-path
+                    // bound): UDP may be blocked now, so one unanswered
+                    // QUIC attempt is enough to fall back.
+                    quic_worked = !died;
                 }
                 if let Some(ep) = endpoint {
                     ep.close(close_code::NORMAL.into(), b"");
@@ -665,4 +732,41 @@ pub(crate) async fn run(
         }
     }
     state.send_replace(EdgeState::Stopped);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quic_strikes_prefer_tcp_after_two_quick_losses_and_clear_after_a_long_session() {
+        let n = AtomicU64::new(0);
+        let s = QuicStrikes(&n);
+        let quick = Duration::from_secs(20);
+        let probe = Duration::from_secs(60);
+        s.session_ended(quick, true);
+        assert_eq!(s.mode(TransportMode::Auto), TransportMode::Auto);
+        assert_eq!(s.probe_interval(probe), probe);
+        // Ended some other way: no strike, none cleared.
+        s.session_ended(quick, false);
+        assert_eq!(n.load(Relaxed), 1);
+        s.session_ended(quick, true);
+        assert_eq!(s.mode(TransportMode::Auto), TransportMode::Tcp);
+        // Only `auto` changes.
+        assert_eq!(s.mode(TransportMode::Quic), TransportMode::Quic);
+        assert_eq!(s.probe_interval(probe), probe * 2);
+        s.session_ended(quick, true);
+        assert_eq!(s.probe_interval(probe), probe * 4);
+        for _ in 0..100 {
+            s.session_ended(quick, true);
+        }
+        assert_eq!(s.probe_interval(probe), probe * 32, "capped");
+        // A session that lasted clears the count; if it died, it is the
+        // first strike of a new run.
+        s.session_ended(QuicStrikes::WINDOW, true);
+        assert_eq!(n.load(Relaxed), 1);
+        assert_eq!(s.mode(TransportMode::Auto), TransportMode::Auto);
+        s.session_ended(QuicStrikes::WINDOW, false);
+        assert_eq!(n.load(Relaxed), 0);
+    }
 }

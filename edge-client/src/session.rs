@@ -151,7 +151,9 @@ pub(crate) async fn run_session(
     // On the TCP fallback in auto mode, keep trying QUIC in the background.
     let probing =
         cfg.transport == TransportMode::Auto && conn.kind() == relay_transport::TransportKind::Tcp;
-    let mut probe_at = tokio::time::Instant::now() + cfg.quic_probe_interval;
+    let probe_every =
+        || crate::client::QuicStrikes(&stats.quic_strikes).probe_interval(cfg.quic_probe_interval);
+    let mut probe_at = tokio::time::Instant::now() + probe_every();
     // Owned: dropping it (the session ends, the client shuts down) aborts
     // the probe, so a probe can never outlive its session and register a
     // QUIC session that supersedes a newer one (or appears after shutdown).
@@ -406,7 +408,7 @@ pub(crate) async fn run_session(
                 }
             }, if probe.is_some() => {
                 probe = None;
-                probe_at = tokio::time::Instant::now() + cfg.quic_probe_interval;
+                probe_at = tokio::time::Instant::now() + probe_every();
                 match r {
                     Ok(Ok(c)) => return SessionEnd::Upgrade(Box::new(c)),
                     Ok(Err(AttemptError::Failed(e))) => debug!(error = %e, "QUIC probe failed; staying on TCP"),

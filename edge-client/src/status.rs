@@ -178,6 +178,12 @@ pub(crate) fn render(up: bool, st: &EdgeStats) -> String {
         n(&st.paths_dead),
     );
     one(
+        "quic_strikes",
+        "gauge",
+        "QUIC sessions in a row the edge's liveness check gave up soon after they came up; at 2 and above an auto edge dials TCP first and probes QUIC less often.",
+        n(&st.quic_strikes),
+    );
+    one(
         "sessions_closed_by_relay_total",
         "counter",
         "QUIC sessions the relay closed (its idle timeout, a drain, the node deleted, an operator); a path dead only upstream ends here.",
@@ -284,6 +290,7 @@ mod tests {
         st.udp.dropped_queue_full.store(3, Relaxed);
         st.paths_dead.store(2, Relaxed);
         st.closed_by_relay.store(5, Relaxed);
+        st.quic_strikes.store(1, Relaxed);
         let t = render(true, &st);
         for line in [
             "edge_session_up 1",
@@ -294,6 +301,7 @@ mod tests {
             "# TYPE edge_udp_flows gauge",
             "edge_paths_dead_total 2",
             "edge_sessions_closed_by_relay_total 5",
+            "edge_quic_strikes 1",
         ] {
             assert!(t.lines().any(|l| l == line), "{line} missing in:\n{t}");
         }

@@ -21,6 +21,10 @@
 //!    relay's packets still arrive): the relay's sweep ends the session,
 //!    and its close, down the direction that still works, tells the edge.
 //!    In 3 and 5 the edge's own view (`/readyz`) is timed too.
+//! 6. UDP blocked at edge2's NAT mid-session: on TCP within the dead-path
+//!    bound and one QUIC attempt; back on QUIC by the probe when UDP
+//!    returns; a second quick loss and TCP is dialled first (see
+//!    `faults/udp_blocked.rs`).
 //!
 //! Each fault gets a fresh lab. The table `fault | bound | measured |
 //! result` is printed and written to `target/lab-faults.txt`. Needs root;
@@ -49,6 +53,9 @@ use tokio::net::TcpStream;
 #[path = "faults/rebinding.rs"]
 mod rebinding;
 use rebinding::{nat_rebinding, nat_rebinding_download};
+#[path = "faults/udp_blocked.rs"]
+mod udp_blocked;
+use udp_blocked::udp_blocked_mid_session;
 
 /// Adds a row: passes when `got` is `Ok((measured, detail))` with
 /// `measured <= bound` (no bound: any `Ok` passes).
@@ -672,7 +679,7 @@ fn faults() -> Result<()> {
     let t_all = Instant::now();
     let mut t = Table::new(&["fault", "bound", "measured", "result"]);
     type Fault = fn(&mut Table) -> Result<()>;
-    let faults: [(&str, Fault); 7] = [
+    let faults: [(&str, Fault); 8] = [
         ("NAT rebinding", nat_rebinding),
         ("NAT rebinding during a download", nat_rebinding_download),
         ("relay SIGKILL + restart", relay_restart),
@@ -680,6 +687,7 @@ fn faults() -> Result<()> {
         ("edge2 link down, TCP fallback", link_down_tcp),
         ("edge2 upstream dead", upstream_dead),
         ("drain edge1", drain),
+        ("UDP blocked mid-session", udp_blocked_mid_session),
     ];
     // `FAULTS=rebinding` (say) runs only the faults whose name contains it.
     let only = std::env::var("FAULTS").unwrap_or_default();
