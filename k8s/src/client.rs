@@ -90,3 +90,20 @@ impl std::fmt::Debug for KubeClient {
         f.write_str("KubeClient")
     }
 }
+
+/// The last error of a watch (since start), for readiness to say why a
+/// list never completed: a 403 for want of RBAC, the apiserver unreachable.
+#[derive(Debug, Default)]
+pub struct LastError(std::sync::Mutex<Option<String>>);
+
+impl LastError {
+    /// Records `e` as the last error.
+    pub fn set(&self, e: &dyn std::fmt::Display) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+    }
+
+    /// The last error recorded, if any.
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}

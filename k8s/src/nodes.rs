@@ -197,6 +197,8 @@ struct Inner {
     changes: watch::Sender<u64>,
     skipped: AtomicU64,
     errors: AtomicU64,
+    /// The last watch error since start.
+    last_error: crate::client::LastError,
 }
 
 impl Inner {
@@ -262,6 +264,7 @@ impl NodeDirectory {
             changes: watch::channel(0).0,
             skipped: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            last_error: crate::client::LastError::default(),
         });
         let config = watcher::Config::default().timeout(opts.watch_timeout_secs);
         let stream = watcher(Api::<Node>::all(client.0.clone()), config)
@@ -329,6 +332,12 @@ impl NodeDirectory {
     pub fn watch_errors(&self) -> u64 {
         self.inner.errors.load(Ordering::Relaxed)
     }
+
+    /// The last watch error since start (a 403 for want
+    /// of RBAC, the apiserver unreachable), for readiness to say why.
+    pub fn last_error(&self) -> Option<String> {
+        self.inner.last_error.get()
+    }
 }
 
 impl Drop for NodeDirectory {
@@ -364,6 +373,7 @@ where
             }
             Err(e) => {
                 inner.errors.fetch_add(1, Ordering::Relaxed);
+                inner.last_error.set(&e);
                 tracing::warn!(error = %e, "node watch failed; keeping the last known nodes, retrying with backoff");
             }
         }

@@ -59,6 +59,8 @@ struct Inner {
     unknown_node_endpoints: AtomicU64,
     skipped: AtomicU64,
     errors: AtomicU64,
+    /// The last watch error since start.
+    last_error: crate::client::LastError,
 }
 
 impl Inner {
@@ -198,6 +200,7 @@ impl ServiceDirectory {
             unknown_node_endpoints: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            last_error: crate::client::LastError::default(),
         });
         let config = watcher::Config::default().timeout(opts.watch.watch_timeout_secs);
         let svc_stream = watcher(Api::<Service>::all(client.0.clone()), config.clone())
@@ -309,6 +312,12 @@ impl ServiceDirectory {
     pub fn watch_errors(&self) -> u64 {
         self.inner.errors.load(Ordering::Relaxed)
     }
+
+    /// The last watch error since start (a 403 for want
+    /// of RBAC, the apiserver unreachable), for readiness to say why.
+    pub fn last_error(&self) -> Option<String> {
+        self.inner.last_error.get()
+    }
 }
 
 impl Drop for ServiceDirectory {
@@ -359,6 +368,7 @@ async fn drive<K, S>(
             }
             Err(e) => {
                 inner.errors.fetch_add(1, Ordering::Relaxed);
+                inner.last_error.set(&e);
                 tracing::warn!(error = %e, "{what} watch failed; keeping the last known table, retrying with backoff");
             }
         }

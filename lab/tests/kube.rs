@@ -473,6 +473,80 @@ async fn connect_waits_for_the_first_list() -> Result<()> {
     Ok(())
 }
 
+/// A Service watch that cannot load (no RBAC on EndpointSlices) keeps
+/// `/readyz` at 503 and makes CONNECTs to Service addresses wait their
+/// bound, but not kubelet traffic: `CONNECT <node>:<port>` and the node's
+/// address need only the Nodes. Stand-in, not a real apiserver (see the
+/// module doc): it enforces these rules as kube-apiserver's RBAC does.
+#[tokio::test]
+async fn kubelet_connects_do_not_wait_for_services() -> Result<()> {
+    use relay_kube_standin::PolicyRule;
+    relay_lab::init();
+    let standin = StandIn::spawn().await?;
+    standin.upsert_node(node(0));
+    // Everything but the discovery group (EndpointSlices).
+    let rule = |groups: &[&str]| PolicyRule {
+        api_groups: groups.iter().map(|g| g.to_string()).collect(),
+        resources: vec!["*".into()],
+        verbs: vec!["*".into()],
+        resource_names: Vec::new(),
+        non_resource_urls: Vec::new(),
+        namespace: None,
+    };
+    standin.set_rbac(Some(vec![rule(&[
+        "",
+        "events.k8s.io",
+        "coordination.k8s.io",
+        "authentication.k8s.io",
+    ])]));
+    let pki = DevPki::generate(&["localhost"], &["edge-0"])?;
+    let mut cfg = RelayConfig::loopback(pki.relay_material()?);
+    cfg.limits.dial_timeout = Duration::from_secs(1);
+    cfg.kubernetes = Some(KubeSettings {
+        kubeconfig: Some(standin.kubeconfig_path().to_path_buf()),
+        ..KubeSettings::default()
+    });
+    let relay = Relay::spawn(cfg).await?;
+    let (web, _w) = spawn_http(SocketAddr::new(node_ip(0), 0), "edge-0 kubelet").await?;
+    let e0 = EdgeClient::spawn(EdgeConfig::new(
+        "edge-0",
+        relay.quic_addr().to_string(),
+        "localhost",
+        pki.node_material("edge-0")?,
+    ));
+    e0.wait_connected(BOUND).await.context("edge-0 connects")?;
+    let connect = relay.connect_addr().context("connect")?;
+    for authority in [
+        format!("edge-0:{}", web.port()),
+        format!("edge-0.site.example:{}", web.port()),
+        SocketAddr::new(node_ip(0), web.port()).to_string(),
+    ] {
+        let t = std::time::Instant::now();
+        assert_eq!(
+            fetch(connect, &authority).await?,
+            "edge-0 kubelet",
+            "{authority}"
+        );
+        ensure!(
+            t.elapsed() < Duration::from_millis(900),
+            "CONNECT {authority} waited {:?} for the Service watch",
+            t.elapsed()
+        );
+    }
+    // A ClusterIP-like address no node claims waits for the Services, in
+    // vain: 503 after the bound.
+    let (code, line) = connect_answer(connect, "10.96.0.10:53").await?;
+    ensure!(code == 503 && line.contains("not_ready"), "{code} {line}");
+    let (code, body) = admin_get(relay.admin_addr().context("admin")?, "/readyz", None).await?;
+    ensure!(
+        code == 503 && body.contains("endpointslices"),
+        "{code} {body}"
+    );
+    e0.shutdown().await;
+    relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
 /// Two sites with the same LAN and the same node address: both up, pods
 /// of both routed, the shared address routed for neither, each node
 /// reachable by name. Stand-in, not a real apiserver (see the module doc).

@@ -298,19 +298,29 @@ async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
     next.run(req).await
 }
 
+/// `; last watch error: …` (on one line), or nothing.
+fn why(e: Option<String>) -> String {
+    e.map(|e| format!("; last watch error: {}", e.replace(['\r', '\n'], " ")))
+        .unwrap_or_default()
+}
+
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     if shared.is_shutting_down() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else if !shared.directory.is_synced() {
         // A rollout pauses here until the relay knows which nodes exist.
         let msg = format!(
-            "{} node directory not loaded yet\n",
-            shared.directory.source()
+            "{} node directory not loaded yet{}\n",
+            shared.directory.source(),
+            why(shared.directory.last_error())
         );
         (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
     } else if !shared.services.is_synced() {
         // Capture and edges' service tables would start from nothing.
-        let msg = "services and endpointslices not loaded yet\n";
+        let msg = format!(
+            "services and endpointslices not loaded yet{}\n",
+            why(shared.services.last_error())
+        );
         (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
     } else {
         "ready\n".into_response()

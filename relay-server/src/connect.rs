@@ -232,7 +232,7 @@ async fn handle<S: LocalStream>(mut s: S, peer: Peer, mut audit: Audit, shared: 
     // Before the first lists nothing claims an edge's address, so a
     // cluster range in `tunnel_routes` would send it to the cloud network
     // (and no Service would resolve): wait for them, within the dial bound.
-    if !cluster_loaded(shared, limits.dial_timeout).await {
+    if !cluster_loaded(shared, &auth, limits.dial_timeout).await {
         audit.answer(503, "not_ready");
         let msg = "the relay has not loaded the cluster's Nodes and Services yet";
         info!(%peer, dst = %authority, "CONNECT refused: not ready");
@@ -312,9 +312,12 @@ enum Routed {
     Direct(SocketAddr),
 }
 
-/// Waits (at most `limit`) until the Node directory and the Service
-/// table have loaded once; true if they have. Immediate after start-up.
-async fn cluster_loaded(shared: &Shared, limit: std::time::Duration) -> bool {
+/// Waits (at most `limit`) until what deciding `auth` needs has loaded
+/// once: the Node directory, and the Service table unless `auth` is a
+/// node (so kubelet traffic does not wait on a Service watch that fails,
+/// say for want of RBAC on EndpointSlices); true if it has. Immediate
+/// after start-up.
+async fn cluster_loaded(shared: &Shared, auth: &Authority, limit: std::time::Duration) -> bool {
     let services = &shared.services;
     if shared.directory.is_synced() && services.is_synced() {
         return true;
@@ -323,10 +326,26 @@ async fn cluster_loaded(shared: &Shared, limit: std::time::Duration) -> bool {
     if !crate::directory::wait_synced(&*shared.directory, limit).await {
         return false;
     }
+    if !may_be_a_service(shared, auth) {
+        return true;
+    }
     let wait = crate::directory::changed_until(services.subscribe(), || services.is_synced());
     tokio::time::timeout_at(deadline, wait)
         .await
         .unwrap_or(false)
+}
+
+/// Whether resolving `auth` may need the Service table: an address no
+/// node claims (a ClusterIP, an external IP), a name that is no node's.
+fn may_be_a_service(shared: &Shared, auth: &Authority) -> bool {
+    use crate::directory::Lookup;
+    let dir = &shared.directory;
+    match auth {
+        Authority::Ip(sa) => matches!(dir.claim(canonical(*sa).ip()), crate::policy::Claim::Nobody),
+        Authority::Name(name, _) => {
+            dir.resolve_name(name).is_none() && !matches!(dir.lookup(name), Lookup::Known(_))
+        }
+    }
 }
 
 /// Finds where a CONNECT authority goes, asking the policy (the same seam

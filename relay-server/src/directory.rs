@@ -84,6 +84,10 @@ pub trait Directory: Send + Sync + 'static {
     fn ambiguous(&self) -> Vec<(Cidr, Vec<String>)>;
     /// `static` or `kubernetes`, for logs and the admin API.
     fn source(&self) -> &'static str;
+    /// Why loading fails, if it does (the last watch error), for `/readyz`.
+    fn last_error(&self) -> Option<String> {
+        None
+    }
     /// Who claims `ip` (asked for a target no live session serves).
     fn claim(&self, ip: IpAddr) -> Claim;
     /// Node → the communities its labels put it in (Kubernetes mode:

@@ -419,6 +419,10 @@ impl Directory for KubeDirectory {
         "kubernetes"
     }
 
+    fn last_error(&self) -> Option<String> {
+        self.nodes.last_error()
+    }
+
     fn claim(&self, ip: std::net::IpAddr) -> Claim {
         self.read().claims.claim(ip)
     }

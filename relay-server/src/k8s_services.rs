@@ -187,6 +187,9 @@ impl ServiceSource for KubeServices {
     fn is_synced(&self) -> bool {
         self.published.load(std::sync::atomic::Ordering::Acquire)
     }
+    fn last_error(&self) -> Option<String> {
+        self.dir.last_error()
+    }
 }
 
 #[cfg(test)]

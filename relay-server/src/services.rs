@@ -102,6 +102,10 @@ pub trait ServiceSource: Send + Sync {
     fn by_name(&self, host: &str, port: u16) -> NameLookup;
     /// Whether the first lists have been loaded (readiness).
     fn is_synced(&self) -> bool;
+    /// Why loading fails, if it does (the last watch error), for `/readyz`.
+    fn last_error(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Static mode: no Services (ClusterIPs are not resolved by the relay).
