@@ -15,7 +15,7 @@ use kube::Api;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::services::{key_of, owner_of, service_entry, Key, ServiceTable};
+use crate::services::{key_of, owner_of, service_entry, Key, ServiceEntry, ServiceTable};
 use crate::{DirectoryOptions, KubeClient, KubeError};
 /// Options for the service directory.
 #[derive(Clone, Debug)]
@@ -64,9 +64,31 @@ struct Inner {
 }
 
 impl Inner {
+    fn new(cluster_domain: &str) -> Inner {
+        Inner {
+            objects: RwLock::new(Objects::default()),
+            table: RwLock::new(ServiceTable::new(cluster_domain)),
+            known_nodes: RwLock::new(None),
+            synced: [watch::channel(false).0, watch::channel(false).0],
+            changes: watch::channel(0).0,
+            unknown_node_endpoints: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            last_error: crate::client::LastError::default(),
+        }
+    }
+
     /// Recomputes the table entry of Service `key` from the stored objects.
     fn recompute(&self, objects: &Objects, key: &Key) {
-        let entry = objects.services.get(key).map(|svc| {
+        let entry = self.entry_of(objects, key);
+        let mut table = self.table.write().unwrap_or_else(|p| p.into_inner());
+        table.set(&key.0, &key.1, entry);
+    }
+
+    /// The table entry of Service `key` from the stored objects (none when
+    /// the Service is gone); unknown-node endpoints and skips counted.
+    fn entry_of(&self, objects: &Objects, key: &Key) -> Option<ServiceEntry> {
+        objects.services.get(key).map(|svc| {
             let known = self.known_nodes.read().unwrap_or_else(|p| p.into_inner());
             let slices = objects.slices.get(key).into_iter().flat_map(|m| m.values());
             let (entry, notes) = service_entry(svc, slices, known.as_ref());
@@ -81,9 +103,7 @@ impl Inner {
             }
             self.skipped.fetch_add(notes.skipped, Ordering::Relaxed);
             entry
-        });
-        let mut table = self.table.write().unwrap_or_else(|p| p.into_inner());
-        table.set(&key.0, &key.1, entry);
+        })
     }
 
     fn apply_service(&self, svc: Service) {
@@ -155,11 +175,13 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner())
             .cluster_domain()
             .to_string();
-        *self.table.write().unwrap_or_else(|p| p.into_inner()) = ServiceTable::new(&domain);
-        let keys: Vec<Key> = o.services.keys().cloned().collect();
-        for k in &keys {
-            self.recompute(o, k);
+        // Built aside and swapped in whole: a reader (the relay's snapshot,
+        // a CONNECT by name) never sees a half-built table after a relist.
+        let mut table = ServiceTable::new(&domain);
+        for k in o.services.keys() {
+            table.set(&k.0, &k.1, self.entry_of(o, k));
         }
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = table;
     }
 
     fn changed(&self) {
@@ -191,17 +213,7 @@ impl ServiceDirectory {
     /// `endpointslices.discovery.k8s.io`, cluster-wide. Must be called
     /// within a Tokio runtime.
     pub fn spawn(client: &KubeClient, opts: &ServiceDirectoryOptions) -> ServiceDirectory {
-        let inner = Arc::new(Inner {
-            objects: RwLock::new(Objects::default()),
-            table: RwLock::new(ServiceTable::new(&opts.cluster_domain)),
-            known_nodes: RwLock::new(None),
-            synced: [watch::channel(false).0, watch::channel(false).0],
-            changes: watch::channel(0).0,
-            unknown_node_endpoints: AtomicU64::new(0),
-            skipped: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            last_error: crate::client::LastError::default(),
-        });
+        let inner = Arc::new(Inner::new(&opts.cluster_domain));
         let config = watcher::Config::default().timeout(opts.watch.watch_timeout_secs);
         let svc_stream = watcher(Api::<Service>::all(client.0.clone()), config.clone())
             .modify(|s: &mut Service| s.metadata.managed_fields = None)
@@ -374,4 +386,63 @@ async fn drive<K, S>(
         }
     }
     tracing::error!("{what} watch stream ended");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn service(i: u32) -> Service {
+        let ip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
+        Service {
+            metadata: ObjectMeta {
+                namespace: Some("shop".into()),
+                name: Some(format!("svc-{i}")),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(ip.clone()),
+                cluster_ips: Some(vec![ip]),
+                ports: Some(vec![ServicePort {
+                    port: 80,
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+
+    /// A relist rebuilds the table aside: a reader looping beside it never
+    /// sees fewer Services than there are (it saw an empty table when the
+    /// table was emptied and refilled in place).
+    #[test]
+    fn a_relist_never_shows_a_half_built_table() {
+        const N: usize = 2_000;
+        let inner = Arc::new(Inner::new("cluster.local"));
+        inner.relisted_services((0..N as u32).map(service).collect());
+        assert_eq!(inner.table.read().unwrap().services_len(), N);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (inner, stop) = (inner.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut min, mut reads) = (usize::MAX, 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    min = min.min(inner.table.read().unwrap().services_len());
+                    reads += 1;
+                }
+                (min, reads)
+            })
+        };
+        for _ in 0..20 {
+            inner.relisted_slices(Vec::new());
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (min, reads) = reader.join().unwrap();
+        assert!(reads > 0);
+        assert_eq!(min, N, "a reader saw {min} of {N} Services during a relist");
+    }
 }
