@@ -172,7 +172,10 @@ pub fn capture_sets(table: &ServiceTable, kube_proxy: bool) -> CaptureSets {
             }
         } else if capture {
             sets.want.insert((k.vip, proto(k)));
-        } else if !p.local.is_empty() {
+        } else {
+            // Every endpoint here, or `internalTrafficPolicy: Local` (not
+            // remote, whatever is here): the node's kube-proxy serves it,
+            // or drops it as it should when there is no endpoint here.
             sets.local.insert((k.vip, proto(k)));
         }
     }
@@ -214,6 +217,19 @@ mod tests {
             remote,
             local: local.iter().map(|a| a.parse().unwrap()).collect(),
         }
+    }
+
+    /// A port neither remote nor with an endpoint here (the relay says so
+    /// of an `internalTrafficPolicy: Local` Service with no endpoint on
+    /// this node) is left to the node's kube-proxy, which drops it: never
+    /// captured by a prefix into the tunnel.
+    #[test]
+    fn a_port_neither_remote_nor_local_is_left_to_kube_proxy() {
+        let p = port("10.96.0.51:80", false, false, &[]);
+        let t: ServiceTable = [(p.key, p.clone())].into();
+        let sets = capture_sets(&t, true);
+        assert!(sets.want.is_empty(), "{sets:?}");
+        assert!(sets.local.contains(&(p.key.vip, Proto::Tcp)), "{sets:?}");
     }
 
     #[test]

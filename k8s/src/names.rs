@@ -139,6 +139,7 @@ mod tests {
                 .collect(),
             external_ips: Vec::new(),
             portless_endpoints: Vec::new(),
+            internal_local: false,
         }
     }
 

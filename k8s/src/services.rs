@@ -173,6 +173,10 @@ pub struct ServiceEntry {
     /// A record per ready endpoint, no SRV). Empty for every other
     /// Service.
     pub portless_endpoints: Vec<Endpoint>,
+    /// `internalTrafficPolicy: Local`: each node's kube-proxy sends the
+    /// ClusterIP's traffic to that node's own endpoints only (none there:
+    /// dropped). External IPs and node ports are not affected.
+    pub internal_local: bool,
 }
 
 /// What one ClusterIP:port (protocol) resolves to.

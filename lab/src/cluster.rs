@@ -43,6 +43,8 @@ pub struct LabService {
     /// `externalIPs` (the lab's kube-proxy model does not program them;
     /// the relay and edges capture them ahead of kube-proxy anyway).
     pub external_ips: Vec<std::net::Ipv4Addr>,
+    /// `internalTrafficPolicy: Local` (each node's own endpoints only).
+    pub internal_local: bool,
 }
 
 impl LabService {
@@ -72,6 +74,7 @@ impl LabService {
                 .collect(),
             node_port: None,
             external_ips: Vec::new(),
+            internal_local: false,
         }
     }
 
@@ -97,6 +100,7 @@ impl LabService {
                 }]),
                 external_ips: (!self.external_ips.is_empty())
                     .then(|| self.external_ips.iter().map(|ip| ip.to_string()).collect()),
+                internal_traffic_policy: self.internal_local.then(|| "Local".into()),
                 type_: Some(
                     if self.node_port.is_some() {
                         "NodePort"
@@ -137,10 +141,14 @@ impl LabService {
             self.proto,
             &eps,
         )?;
-        Ok(match self.node_port {
+        let mut ks = match self.node_port {
             Some(np) => ks.with_node_port(np),
             None => ks,
-        })
+        };
+        if self.internal_local {
+            ks.local_only = Some(self.endpoints.iter().map(|(_, n)| n.to_string()).collect());
+        }
+        Ok(ks)
     }
 }
 

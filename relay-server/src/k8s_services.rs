@@ -67,6 +67,20 @@ pub fn snapshot_of(table: &ServiceTable) -> ServiceSnapshot {
         })
         .filter(|k| ports.contains_key(k))
         .collect();
+    // internalTrafficPolicy applies to ClusterIPs, not to external IPs.
+    let node_local = table
+        .cluster_ips()
+        .filter(|((vip, _), e)| {
+            table
+                .service(&e.namespace, &e.name)
+                .is_some_and(|s| s.internal_local && !s.external_ips.contains(&vip.ip()))
+        })
+        .map(|((vip, proto), _)| ServiceKey {
+            vip: *vip,
+            udp: *proto == Protocol::Udp,
+        })
+        .filter(|k| ports.contains_key(k))
+        .collect();
     let node_ports = table
         .node_ports()
         .filter_map(|((port, proto), e)| usable(proto, e).map(|(udp, b)| ((*port, udp), b)))
@@ -75,6 +89,7 @@ pub fn snapshot_of(table: &ServiceTable) -> ServiceSnapshot {
         ports,
         node_ports,
         external,
+        node_local,
         names: Arc::new(relay_kube::service_names(table)),
         cluster_domain: Arc::from(table.cluster_domain()),
     }
@@ -217,6 +232,7 @@ mod tests {
             ports,
             external_ips: Vec::new(),
             portless_endpoints: Vec::new(),
+            internal_local: false,
         }
     }
 

@@ -53,6 +53,12 @@ pub(crate) fn route_any(
     let snap = shared.services.snapshot();
     let target = canonical(target);
     if let Some(b) = snap.backends(target, proto) {
+        if snap.node_local.contains(&ServiceKey {
+            vip: target,
+            udp: proto == Proto::Udp,
+        }) {
+            return route_node_local(shared, b, prefer, proto, &target);
+        }
         return route_backend(shared, b, prefer, proto, &target);
     }
     match snap.node_port(target.port(), proto) {
@@ -63,6 +69,39 @@ pub(crate) fn route_any(
         },
         None => route(shared, origin, target, proto),
     }
+}
+
+/// A ClusterIP port of an `internalTrafficPolicy: Local` Service: only
+/// endpoints on the asking node `prefer` may serve it, as that node's
+/// kube-proxy would have it (it drops the traffic when it has none).
+/// Asked without a node (CONNECT, the relay node's capture, which leaves
+/// these ports to its own kube-proxy), it is refused.
+fn route_node_local(
+    shared: &Shared,
+    backends: &[Backend],
+    prefer: Option<&str>,
+    proto: Proto,
+    service: &SocketAddr,
+) -> Result<(Route, SocketAddr), StreamReply> {
+    let own: Vec<Backend> = backends
+        .iter()
+        .filter(|b| prefer.is_some() && b.node.as_deref() == prefer)
+        .cloned()
+        .collect();
+    if own.is_empty() {
+        shared.metrics.service_pick("no_endpoints");
+        return Err(StreamReply::fail(
+            StreamStatus::Refused,
+            format!(
+                "service {service} has internalTrafficPolicy Local and no ready endpoint on {}",
+                prefer.map_or(
+                    "the asking node (none: ask from a node)".to_string(),
+                    |n| format!("node {n}")
+                )
+            ),
+        ));
+    }
+    route_backend(shared, &own, prefer, proto, service)
 }
 
 /// Whose node port `target` (whose port is one) is.

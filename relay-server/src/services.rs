@@ -55,6 +55,11 @@ pub struct ServiceSnapshot {
     /// load-balancer IPs, not ClusterIPs: open to any client, as a node
     /// port is (captured ahead of the source check).
     pub external: BTreeSet<ServiceKey>,
+    /// The ClusterIP ports of `internalTrafficPolicy: Local` Services: each
+    /// node's own endpoints serve them, so no node captures them (its
+    /// kube-proxy serves or drops them) and the relay resolves them only
+    /// to the asking node's endpoints.
+    pub node_local: BTreeSet<ServiceKey>,
     /// Every Service's DNS names, for edges' resolvers (empty in static
     /// mode). Shared: each session keeps a pointer to the one it sent.
     pub names: Arc<relay_protocol::NameTable>,
@@ -182,7 +187,7 @@ pub fn relay_capture_set(
 ) -> (ServiceSet, ServiceSet) {
     let (mut cluster, mut open) = (ServiceSet::new(), ServiceSet::new());
     for (k, b) in &snap.ports {
-        if b.iter().any(&served) {
+        if b.iter().any(&served) && !snap.node_local.contains(k) {
             let set = if snap.external.contains(k) {
                 &mut open
             } else {
@@ -217,9 +222,16 @@ fn capture_proto(udp: bool) -> CaptureProto {
 
 /// Edge `node`'s view of one ClusterIP port (or node port), or `None`
 /// when it has no usable endpoint (kube-proxy on the edge rejects those
-/// itself).
-fn edge_port(key: ServiceKey, backends: &[Backend], node: &str) -> Option<ServicePort> {
-    if backends.is_empty() {
+/// itself). A `node_local` port (`internalTrafficPolicy: Local`) is
+/// never remote: the edge leaves it to its kube-proxy, which serves it
+/// with the node's own endpoints or drops it.
+fn edge_port(
+    key: ServiceKey,
+    backends: &[Backend],
+    node: &str,
+    node_local: bool,
+) -> Option<ServicePort> {
+    if backends.is_empty() && !node_local {
         return None;
     }
     let local: Vec<SocketAddr> = backends
@@ -228,7 +240,7 @@ fn edge_port(key: ServiceKey, backends: &[Backend], node: &str) -> Option<Servic
         .map(|b| b.addr)
         .take(ServicePort::MAX_LOCAL)
         .collect();
-    let remote = backends.iter().any(|b| b.node.as_deref() != Some(node));
+    let remote = !node_local && backends.iter().any(|b| b.node.as_deref() != Some(node));
     Some(ServicePort { key, remote, local })
 }
 
@@ -262,7 +274,9 @@ impl ServiceFeed {
             .iter()
             .map(|(k, b)| (*k, b))
             .chain(np)
-            .filter_map(|(k, b)| edge_port(k, b, node).map(|p| (k, p)))
+            .filter_map(|(k, b)| {
+                edge_port(k, b, node, snap.node_local.contains(&k)).map(|p| (k, p))
+            })
             .collect();
         let reset = !self.started;
         let upsert: Vec<ServicePort> = now
@@ -418,6 +432,43 @@ mod tests {
             "cloud-only and endpoint-less ports stay with kube-proxy"
         );
         assert_eq!(describe(&open), ["203.0.113.9:80/tcp"], "external, apart");
+    }
+
+    /// `internalTrafficPolicy: Local`: every node's own endpoints serve
+    /// it, so the relay node leaves it to its kube-proxy and each edge is
+    /// told it is not remote (its kube-proxy serves or drops it), even
+    /// with no endpoint of its own.
+    #[test]
+    fn node_local_ports_are_never_captured_and_never_remote() {
+        let agent = key("10.96.0.50:80", false);
+        let elsewhere = key("10.96.0.51:80", false);
+        let mut s = snap(&[
+            (
+                agent,
+                vec![b("10.244.7.5:80", "edge1"), b("10.244.1.2:80", "cloud1")],
+            ),
+            (elsewhere, vec![b("10.244.8.5:80", "edge2")]),
+        ]);
+        s.node_local.extend([agent, elsewhere]);
+        let served = |b: &Backend| b.node.as_deref().is_some_and(|n| n.starts_with("edge"));
+        let (set, open) = relay_capture_set(&s, served);
+        assert!(set.is_empty() && open.is_empty(), "{set:?} {open:?}");
+        let mut edge = BTreeMap::new();
+        for f in ServiceFeed::default()
+            .poll(&s, "edge1", false)
+            .expect("batch")
+        {
+            f.apply_service_delta(&mut edge);
+        }
+        assert_eq!(
+            (edge[&agent].remote, edge[&agent].local.clone()),
+            (false, vec!["10.244.7.5:80".parse().unwrap()])
+        );
+        assert_eq!(
+            (edge[&elsewhere].remote, edge[&elsewhere].local.len()),
+            (false, 0),
+            "no endpoint on edge1: still not remote"
+        );
     }
 
     #[test]

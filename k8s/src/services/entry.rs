@@ -144,6 +144,7 @@ pub fn service_entry<'a>(
             ports,
             external_ips,
             portless_endpoints: portless.into_values().collect(),
+            internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         },
         notes,
     )

@@ -335,6 +335,15 @@ fn node_ports_and_external_ips_are_served_like_the_cluster_ip() {
     t.set("shop", "web", Some(e));
     assert!(t.node_port(30080, Protocol::Tcp).is_none());
     assert!(t.lookup(sa("10.96.0.20:80"), Protocol::Tcp).is_some());
+    assert!(!t.service("shop", "web").unwrap().internal_local);
+    // `internalTrafficPolicy: Local` is noted on the entry (the relay
+    // leaves its ClusterIPs to each node's own endpoints).
+    let mut itp = s.clone();
+    if let Some(spec) = itp.spec.as_mut() {
+        spec.internal_traffic_policy = Some("Local".into());
+    }
+    let (e, _) = service_entry(&itp, [&sl], None);
+    assert!(e.internal_local);
     t.set("shop", "web", None);
     assert_eq!(
         (t.cluster_ip_len(), t.node_ports().count()),

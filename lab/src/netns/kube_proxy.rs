@@ -82,6 +82,10 @@ pub struct KubeService {
     /// `nodePort`: every node's own addresses take connections on it too
     /// (`fib daddr type local`), as kube-proxy programs NodePorts.
     pub node_port: Option<u16>,
+    /// `internalTrafficPolicy: Local`, with the node of each endpoint (in
+    /// `endpoints`' order): each node's kube-proxy sends the ClusterIP to
+    /// its own endpoints only, and drops it when it has none.
+    pub local_only: Option<Vec<String>>,
 }
 
 impl KubeService {
@@ -109,6 +113,7 @@ impl KubeService {
             proto,
             endpoints,
             node_port: None,
+            local_only: None,
         })
     }
 
@@ -119,12 +124,17 @@ impl KubeService {
     }
 }
 
-/// The whole `ip kube-proxy` table for `services` (pure): deletes and
-/// recreates it in one transaction. Each endpoint gets a chain that DNATs
+/// The whole `ip kube-proxy` table for `services` on node `node` (pure;
+/// the node matters only to `internalTrafficPolicy: Local` Services):
+/// deletes and recreates it in one transaction. Each endpoint gets a chain that DNATs
 /// to it; each service port a rule in `services` that picks one endpoint
 /// chain with `numgen random mod N vmap` (kube-proxy's nftables mode does
 /// the same; its iptables mode uses `statistic --mode random`).
-pub fn kube_proxy_ruleset(mode: KubeProxyMode, services: &[KubeService]) -> Result<String> {
+pub fn kube_proxy_ruleset(
+    mode: KubeProxyMode,
+    services: &[KubeService],
+    node: &str,
+) -> Result<String> {
     use std::fmt::Write as _;
     // Regular chains first, so every jump names a chain already defined.
     let mut chains = String::new();
@@ -136,7 +146,30 @@ pub fn kube_proxy_ruleset(mode: KubeProxyMode, services: &[KubeService]) -> Resu
         }
         let p = svc.proto.nft();
         let m = format!("ip daddr {} {p} dport {}", svc.cluster_ip, svc.port);
-        if svc.endpoints.is_empty() {
+        let endpoints: Vec<SocketAddrV4> = match &svc.local_only {
+            Some(nodes) => {
+                let own: Vec<SocketAddrV4> = svc
+                    .endpoints
+                    .iter()
+                    .zip(nodes)
+                    .filter(|(_, n)| *n == node)
+                    .map(|(e, _)| *e)
+                    .collect();
+                if own.is_empty() && !svc.endpoints.is_empty() {
+                    // kube-proxy drops (not rejects) what no local
+                    // endpoint serves.
+                    let _ = writeln!(
+                        no_endpoints,
+                        "    {m} drop comment \"{} has no local endpoints\"",
+                        svc.name
+                    );
+                    continue;
+                }
+                own
+            }
+            None => svc.endpoints.clone(),
+        };
+        if endpoints.is_empty() {
             let _ = writeln!(
                 no_endpoints,
                 "    {m} reject comment \"{} has no endpoints\"",
@@ -145,7 +178,7 @@ pub fn kube_proxy_ruleset(mode: KubeProxyMode, services: &[KubeService]) -> Resu
             continue;
         }
         let mut vmap = Vec::new();
-        for (j, ep) in svc.endpoints.iter().enumerate() {
+        for (j, ep) in endpoints.iter().enumerate() {
             let _ = writeln!(
                 chains,
                 "  chain endpoint-{i}-{j} {{\n    meta l4proto {p} dnat to {}:{} comment \"{}\"\n  }}",
@@ -157,7 +190,7 @@ pub fn kube_proxy_ruleset(mode: KubeProxyMode, services: &[KubeService]) -> Resu
         }
         let vmap = format!(
             "numgen random mod {} vmap {{ {} }} comment \"{}\"",
-            svc.endpoints.len(),
+            endpoints.len(),
             vmap.join(", "),
             svc.name
         );
@@ -241,8 +274,9 @@ impl NetnsLab {
     /// Calling it with an empty list leaves empty chains, as kube-proxy
     /// runs with no Services.
     pub fn sync_services(&self, mode: KubeProxyMode, services: &[KubeService]) -> Result<()> {
-        let script = kube_proxy_ruleset(mode, services)?;
         for node in self.kube_proxy_nodes() {
+            // Each node's Node object is named as its role.
+            let script = kube_proxy_ruleset(mode, services, node.as_str())?;
             self.nft(node, &script)
                 .with_context(|| format!("kube-proxy sync on {node}"))?;
         }

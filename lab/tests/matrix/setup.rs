@@ -62,6 +62,12 @@ pub(crate) const SVC_CLOUD2_HOST: SocketAddr = cluster_ip(12, HTTP);
 /// Ready, as while an edge's kubelet reaches the apiserver but its tunnel
 /// is down), the relay must pick cpod1 every time.
 pub(crate) const SVC_EDGE2_CLOUD: SocketAddr = cluster_ip(33, HTTP);
+/// `agent-local`: HTTP, `internalTrafficPolicy: Local`, endpoints epod1,
+/// epod2 and cpod1 (a node agent's DaemonSet): each node's own answers.
+pub(crate) const SVC_NODE_LOCAL: SocketAddr = cluster_ip(34, HTTP);
+/// `agent-away`: the same with endpoints epod2 and cpod1 only: edge1's
+/// kube-proxy drops it, and nothing may carry it elsewhere.
+pub(crate) const SVC_NODE_LOCAL_AWAY: SocketAddr = cluster_ip(35, HTTP);
 
 /// Services everywhere, each naming its host, so a cell can tell which
 /// host answered.
@@ -135,6 +141,26 @@ pub(crate) fn start_cluster(lab: &NetnsLab, mode: KubeProxyMode) -> Result<Clust
         Proto::Tcp,
         &[(epod2, "edge2"), (netns::CPOD1_IP, "relay")],
     ));
+    for (name, vip, eps) in [
+        (
+            "agent-local",
+            SVC_NODE_LOCAL,
+            &[
+                (epod1, "edge1"),
+                (epod2, "edge2"),
+                (netns::CPOD1_IP, "relay"),
+            ][..],
+        ),
+        (
+            "agent-away",
+            SVC_NODE_LOCAL_AWAY,
+            &[(epod2, "edge2"), (netns::CPOD1_IP, "relay")][..],
+        ),
+    ] {
+        let mut s = LabService::on_lab_ports("default", name, vip, Proto::Tcp, eps);
+        s.internal_local = true;
+        services.push(s);
+    }
     // Some are also NodePorts: every node's addresses take them.
     services[0].node_port = Some(NODE_PORT);
     services[1].node_port = Some(NODE_PORT_CLOUD);
