@@ -140,6 +140,7 @@ mod tests {
             external_ips: Vec::new(),
             portless_endpoints: Vec::new(),
             internal_local: false,
+            client_ip_affinity: false,
         }
     }
 

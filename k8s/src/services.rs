@@ -177,6 +177,8 @@ pub struct ServiceEntry {
     /// ClusterIP's traffic to that node's own endpoints only (none there:
     /// dropped). External IPs and node ports are not affected.
     pub internal_local: bool,
+    /// `sessionAffinity: ClientIP`: each client keeps to one endpoint.
+    pub client_ip_affinity: bool,
 }
 
 /// What one ClusterIP:port (protocol) resolves to.

@@ -45,6 +45,9 @@ pub struct LabService {
     pub external_ips: Vec<std::net::Ipv4Addr>,
     /// `internalTrafficPolicy: Local` (each node's own endpoints only).
     pub internal_local: bool,
+    /// `sessionAffinity: ClientIP` (the lab's kube-proxy model does not
+    /// keep it: nodes without capture still pick at random).
+    pub client_ip_affinity: bool,
 }
 
 impl LabService {
@@ -75,6 +78,7 @@ impl LabService {
             node_port: None,
             external_ips: Vec::new(),
             internal_local: false,
+            client_ip_affinity: false,
         }
     }
 
@@ -101,6 +105,7 @@ impl LabService {
                 external_ips: (!self.external_ips.is_empty())
                     .then(|| self.external_ips.iter().map(|ip| ip.to_string()).collect()),
                 internal_traffic_policy: self.internal_local.then(|| "Local".into()),
+                session_affinity: self.client_ip_affinity.then(|| "ClientIP".into()),
                 type_: Some(
                     if self.node_port.is_some() {
                         "NodePort"

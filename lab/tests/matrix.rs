@@ -19,8 +19,8 @@
 //! `tests/matrix/` (a subdirectory, so cargo does not take the modules
 //! for test binaries of their own): `setup` (services, cluster, relay,
 //! edges, route agent), `ready` (routes and capture in place), `tcp` and
-//! `udp` (the positive cells), `node_local` (`internalTrafficPolicy:
-//! Local` Services), `negative` (capture by source),
+//! `udp` (the positive cells), `service_fields` (`internalTrafficPolicy:
+//! Local`, `sessionAffinity: ClientIP`), `negative` (capture by source),
 //! `fallback` (the UDP-blocked run's own cells), `hygiene` (route hygiene
 //! and the control cell with the relay stopped) and `observe` (what the
 //! cells read back from the lab).
@@ -37,12 +37,12 @@ mod fallback;
 mod hygiene;
 #[path = "matrix/negative.rs"]
 mod negative;
-#[path = "matrix/node_local.rs"]
-mod node_local;
 #[path = "matrix/observe.rs"]
 mod observe;
 #[path = "matrix/ready.rs"]
 mod ready;
+#[path = "matrix/service_fields.rs"]
+mod service_fields;
 #[path = "matrix/setup.rs"]
 mod setup;
 #[path = "matrix/tcp.rs"]
@@ -120,7 +120,7 @@ fn run_matrix(udp_blocked_at: Option<u8>, mode: KubeProxyMode, report: &str) -> 
     tcp::unlabelled_edge_node(&lab, &cluster, &mut m);
     tcp::same_edge_stays_local(&lab, &mut m);
     tcp::edge_node_ports(&lab, &mut m);
-    node_local::cells(&lab, &mut m);
+    service_fields::cells(&lab, &mut m);
     udp::cells(&lab, &mut m);
     negative::cells(&lab, &mut m);
     udp::oversized(&lab, &mut m, udp_blocked_at.is_some());

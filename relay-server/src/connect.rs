@@ -354,11 +354,16 @@ fn may_be_a_service(shared: &Shared, auth: &Authority) -> bool {
 /// `svc.ns.svc.<cluster domain>`), or a node name.
 fn resolve(shared: &Shared, auth: &Authority) -> Result<Routed, StreamReply> {
     let (routed, target) = match auth {
-        Authority::Ip(sa) => route_any(shared, Origin::Connect, *sa, Proto::Tcp, None)?,
+        Authority::Ip(sa) => route_any(shared, Origin::Connect, *sa, Proto::Tcp, None, None)?,
         Authority::Name(name, port) => match shared.services.by_name(name, *port) {
-            NameLookup::Backends(b) => {
-                route_backend(shared, &b, None, Proto::Tcp, &format!("{name}:{port}"))?
-            }
+            NameLookup::Backends(b) => route_backend(
+                shared,
+                &b,
+                None,
+                None,
+                Proto::Tcp,
+                &format!("{name}:{port}"),
+            )?,
             NameLookup::Refused(msg) => {
                 return Err(StreamReply::fail(StreamStatus::NoRoute, msg));
             }

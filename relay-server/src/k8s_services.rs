@@ -81,6 +81,25 @@ pub fn snapshot_of(table: &ServiceTable) -> ServiceSnapshot {
         })
         .filter(|k| ports.contains_key(k))
         .collect();
+    let sticky_of = |e: &relay_kube::ClusterIpEntry| {
+        table
+            .service(&e.namespace, &e.name)
+            .is_some_and(|s| s.client_ip_affinity)
+    };
+    let sticky = table
+        .cluster_ips()
+        .filter(|(_, e)| sticky_of(e))
+        .map(|((vip, proto), _)| ServiceKey {
+            vip: *vip,
+            udp: *proto == Protocol::Udp,
+        })
+        .chain(
+            table
+                .node_ports()
+                .filter(|(_, e)| sticky_of(e))
+                .map(|((port, proto), _)| ServiceKey::node_port(*port, *proto == Protocol::Udp)),
+        )
+        .collect();
     let node_ports = table
         .node_ports()
         .filter_map(|((port, proto), e)| usable(proto, e).map(|(udp, b)| ((*port, udp), b)))
@@ -90,6 +109,7 @@ pub fn snapshot_of(table: &ServiceTable) -> ServiceSnapshot {
         node_ports,
         external,
         node_local,
+        sticky,
         names: Arc::new(relay_kube::service_names(table)),
         cluster_domain: Arc::from(table.cluster_domain()),
     }
@@ -233,6 +253,7 @@ mod tests {
             external_ips: Vec::new(),
             portless_endpoints: Vec::new(),
             internal_local: false,
+            client_ip_affinity: false,
         }
     }
 

@@ -42,29 +42,39 @@ pub(crate) fn route(
 /// ([`Origin::Service`]). A node port is resolved the same way where the
 /// node it reached would have served it (see [`node_port_of`]). A Service
 /// with no usable endpoint is refused at once; anything else goes to
-/// [`route`] unchanged.
+/// [`route`] unchanged. `client`, the address the connection or flow
+/// comes from when known, keeps it to one endpoint of a
+/// `sessionAffinity: ClientIP` Service.
 pub(crate) fn route_any(
     shared: &Shared,
     origin: Origin<'_>,
     target: SocketAddr,
     proto: Proto,
     prefer: Option<&str>,
+    client: Option<std::net::IpAddr>,
 ) -> Result<(Route, SocketAddr), StreamReply> {
     let snap = shared.services.snapshot();
     let target = canonical(target);
+    let udp = proto == Proto::Udp;
+    let sticky = |key: ServiceKey| {
+        client
+            .filter(|_| snap.sticky.contains(&key))
+            .map(crate::services::sticky_turn)
+    };
     if let Some(b) = snap.backends(target, proto) {
-        if snap.node_local.contains(&ServiceKey {
-            vip: target,
-            udp: proto == Proto::Udp,
-        }) {
-            return route_node_local(shared, b, prefer, proto, &target);
+        let key = ServiceKey { vip: target, udp };
+        if snap.node_local.contains(&key) {
+            return route_node_local(shared, b, prefer, sticky(key), proto, &target);
         }
-        return route_backend(shared, b, prefer, proto, &target);
+        return route_backend(shared, b, prefer, sticky(key), proto, &target);
     }
+    let sticky = sticky(ServiceKey::node_port(target.port(), udp));
     match snap.node_port(target.port(), proto) {
         Some(b) => match node_port_of(shared, origin, target) {
-            Some(NodePortAt::Asker) => route_backend(shared, b, prefer, proto, &target),
-            Some(NodePortAt::Edge(node)) => route_backend(shared, b, Some(&node), proto, &target),
+            Some(NodePortAt::Asker) => route_backend(shared, b, prefer, sticky, proto, &target),
+            Some(NodePortAt::Edge(node)) => {
+                route_backend(shared, b, Some(&node), sticky, proto, &target)
+            }
             None => route(shared, origin, target, proto),
         },
         None => route(shared, origin, target, proto),
@@ -80,6 +90,7 @@ fn route_node_local(
     shared: &Shared,
     backends: &[Backend],
     prefer: Option<&str>,
+    sticky: Option<u64>,
     proto: Proto,
     service: &SocketAddr,
 ) -> Result<(Route, SocketAddr), StreamReply> {
@@ -101,7 +112,7 @@ fn route_node_local(
             ),
         ));
     }
-    route_backend(shared, &own, prefer, proto, service)
+    route_backend(shared, &own, prefer, sticky, proto, service)
 }
 
 /// Whose node port `target` (whose port is one) is.
@@ -139,13 +150,15 @@ fn node_port_of(shared: &Shared, origin: Origin<'_>, target: SocketAddr) -> Opti
     (owner.primary_addr() == Some(target.ip())).then(|| NodePortAt::Edge(owner.node.clone()))
 }
 
-/// Picks one of a Service's endpoints (those on node `prefer` first) and
+/// Picks one of a Service's endpoints (those on node `prefer` first; the
+/// same for one client with `sticky`, see [`crate::services::pick`]) and
 /// routes to it as [`Origin::Service`]; no endpoint is a fast refusal.
 /// Counted either way.
 pub(crate) fn route_backend(
     shared: &Shared,
     backends: &[crate::services::Backend],
     prefer: Option<&str>,
+    sticky: Option<u64>,
     proto: Proto,
     service: &dyn std::fmt::Display,
 ) -> Result<(Route, SocketAddr), StreamReply> {
@@ -168,7 +181,7 @@ pub(crate) fn route_backend(
             claim => Some((None, claim)),
         },
     };
-    let Some((b, (owner, claim))) = crate::services::pick(backends, prefer, usable) else {
+    let Some((b, (owner, claim))) = crate::services::pick(backends, prefer, sticky, usable) else {
         shared.metrics.service_pick("edges_offline");
         let mut nodes: Vec<&str> = backends.iter().filter_map(|b| b.node.as_deref()).collect();
         nodes.sort_unstable();

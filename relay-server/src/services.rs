@@ -60,6 +60,10 @@ pub struct ServiceSnapshot {
     /// kube-proxy serves or drops them) and the relay resolves them only
     /// to the asking node's endpoints.
     pub node_local: BTreeSet<ServiceKey>,
+    /// The ports (ClusterIP, external and node ports, the last as
+    /// [`ServiceKey::node_port`]) of `sessionAffinity: ClientIP` Services:
+    /// a client's connections keep to one endpoint (see [`pick`]).
+    pub sticky: BTreeSet<ServiceKey>,
     /// Every Service's DNS names, for edges' resolvers (empty in static
     /// mode). Shared: each session keeps a pointer to the one it sent.
     pub names: Arc<relay_protocol::NameTable>,
@@ -147,13 +151,22 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 /// robin. `None` when none is usable. While the endpoint whose turn it is
 /// is usable, that is the one ask; otherwise the usable ones are listed
 /// and take turns among themselves, so the endpoint after an unusable one
-/// gets no more than its share.
+/// gets no more than its share. With `sticky` (a hash of the client's
+/// address, for `sessionAffinity: ClientIP`) the turn is that hash
+/// instead: the same client gets the same endpoint while the endpoints
+/// stay the same (kube-proxy's timed table of recent clients, without
+/// the state: a changed endpoint list may move a client once).
 pub fn pick<'a, T>(
     backends: &'a [Backend],
     prefer: Option<&str>,
+    sticky: Option<u64>,
     usable: impl Fn(&Backend) -> Option<T>,
 ) -> Option<(&'a Backend, T)> {
-    let i = NEXT.fetch_add(1, Relaxed);
+    let i = match sticky {
+        // Truncated on 32-bit targets: still one fixed turn per client.
+        Some(h) => h as usize,
+        None => NEXT.fetch_add(1, Relaxed),
+    };
     let one_of = |mut ok: Vec<(&'a Backend, T)>| {
         let n = ok.len();
         (n > 0).then(|| ok.swap_remove(i % n))
@@ -174,6 +187,16 @@ pub fn pick<'a, T>(
         return Some(picked);
     }
     one_of(backends.iter().filter_map(with).collect())
+}
+
+/// The turn [`pick`] gives `client` for a `sessionAffinity: ClientIP`
+/// Service: a hash of its address, the same in every relay process.
+pub fn sticky_turn(client: std::net::IpAddr) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: stable across processes and replicas.
+    let mut h = std::hash::DefaultHasher::new();
+    client.hash(&mut h);
+    h.finish()
 }
 
 /// The ClusterIP ports the relay node captures: those with an endpoint
@@ -346,15 +369,18 @@ mod tests {
         ];
         let any = |_: &Backend| Some(());
         for _ in 0..10 {
-            assert_eq!(pick(&all, Some("edge2"), any).unwrap().0.addr, all[1].addr);
+            assert_eq!(
+                pick(&all, Some("edge2"), None, any).unwrap().0.addr,
+                all[1].addr
+            );
         }
         let mut seen = BTreeSet::new();
         for _ in 0..30 {
-            seen.insert(pick(&all, Some("edge9"), any).unwrap().0.addr);
-            seen.insert(pick(&all, None, any).unwrap().0.addr);
+            seen.insert(pick(&all, Some("edge9"), None, any).unwrap().0.addr);
+            seen.insert(pick(&all, None, None, any).unwrap().0.addr);
         }
         assert_eq!(seen.len(), 3, "round robin reaches every endpoint");
-        assert!(pick(&[], Some("edge1"), any).is_none());
+        assert!(pick(&[], Some("edge1"), None, any).is_none());
     }
 
     /// Endpoints the relay cannot reach now (on an edge with no session)
@@ -370,15 +396,15 @@ mod tests {
         let not_edge1 = |b: &Backend| (b.node.as_deref() != Some("edge1")).then_some(());
         let mut seen = BTreeSet::new();
         for _ in 0..30 {
-            seen.insert(pick(&all, None, not_edge1).unwrap().0.addr);
-            seen.insert(pick(&all, Some("edge1"), not_edge1).unwrap().0.addr);
+            seen.insert(pick(&all, None, None, not_edge1).unwrap().0.addr);
+            seen.insert(pick(&all, Some("edge1"), None, not_edge1).unwrap().0.addr);
         }
         assert_eq!(
             seen,
             BTreeSet::from([all[1].addr, all[2].addr]),
             "every usable endpoint is reached, the unusable one never"
         );
-        assert!(pick(&all, None, |_| None::<()>).is_none());
+        assert!(pick(&all, None, None, |_| None::<()>).is_none());
         // An even share for each usable endpoint, not a double one for
         // the endpoint after the unusable one.
         let four = [
@@ -390,7 +416,7 @@ mod tests {
         let mut counts = BTreeMap::new();
         for _ in 0..400 {
             *counts
-                .entry(pick(&four, None, not_edge1).unwrap().0.addr)
+                .entry(pick(&four, None, None, not_edge1).unwrap().0.addr)
                 .or_insert(0) += 1;
         }
         let (lo, hi) = (counts.values().min(), counts.values().max());
@@ -398,6 +424,48 @@ mod tests {
             counts.len() == 2 && hi.unwrap() - lo.unwrap() <= 100,
             "uneven: {counts:?}"
         );
+    }
+
+    /// `sessionAffinity: ClientIP`: one client, one endpoint, whatever
+    /// the round robin does meanwhile; clients spread over the endpoints;
+    /// an unusable endpoint moves only its own clients.
+    #[test]
+    fn a_sticky_client_keeps_its_endpoint() {
+        let all = [
+            b("10.244.7.5:80", "edge1"),
+            b("10.244.8.5:80", "edge2"),
+            b("10.244.7.6:80", "edge1"),
+        ];
+        let any = |_: &Backend| Some(());
+        let turn = |last: u8| sticky_turn(std::net::IpAddr::from([10, 244, 1, last]));
+        let mut spread = BTreeSet::new();
+        for last in 1..=40 {
+            let first = pick(&all, None, Some(turn(last)), any).unwrap().0.addr;
+            for _ in 0..5 {
+                // Round-robin picks in between do not move it.
+                let _ = pick(&all, None, None, any);
+                assert_eq!(
+                    pick(&all, None, Some(turn(last)), any).unwrap().0.addr,
+                    first
+                );
+            }
+            spread.insert(first);
+        }
+        assert_eq!(spread.len(), 3, "40 clients over 3 endpoints: {spread:?}");
+        assert_eq!(turn(7), turn(7), "stable");
+        // Without edge2's endpoint, a client of another keeps its own.
+        let not_edge2 = |b: &Backend| (b.node.as_deref() != Some("edge2")).then_some(());
+        for last in 1..=40 {
+            let was = pick(&all, None, Some(turn(last)), any).unwrap().0.addr;
+            let now = pick(&all, None, Some(turn(last)), not_edge2)
+                .unwrap()
+                .0
+                .addr;
+            assert_ne!(now, all[1].addr);
+            if was != all[1].addr {
+                assert_eq!(now, was, "client {last} moved");
+            }
+        }
     }
 
     #[test]

@@ -79,7 +79,14 @@ pub(crate) async fn serve_transparent(
             let Ok(dst) = relay_transport::conntrack::original_dst_tcp(&sock) else {
                 return;
             };
-            match route_any(&shared, Origin::Captured, dst, Proto::Tcp, None) {
+            match route_any(
+                &shared,
+                Origin::Captured,
+                dst,
+                Proto::Tcp,
+                None,
+                Some(peer.ip()),
+            ) {
                 Ok((Route::Edge(session), to)) => {
                     match open_on(&shared, session, to, Some(peer)).await {
                         Ok((bi, guard)) => {
@@ -163,7 +170,8 @@ pub(crate) async fn serve_edge_stream(
                 return refuse(&mut bi, &shared, reply).await;
             }
         };
-        let (other, target) = match route_any(&shared, Origin::Edge(&origin.node), target, Proto::Tcp, Some(&origin.node)) {
+        let client = affinity_client(&origin, open.source);
+        let (other, target) = match route_any(&shared, Origin::Edge(&origin.node), target, Proto::Tcp, Some(&origin.node), client) {
             Ok(r) => r,
             Err(reply) => return refuse(&mut bi, &shared, reply).await,
         };
@@ -286,6 +294,17 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
     }
     cap.teardown().await;
     info!("relay routes removed");
+}
+
+/// Whom a stream or flow an edge opened counts as for `sessionAffinity:
+/// ClientIP`: its vouched source address, else the edge node's own
+/// address (an edge that does not say keeps all its clients to one
+/// endpoint, as kube-proxy does for a node that masquerades them).
+pub(crate) fn affinity_client(
+    origin: &SessionHandle,
+    vouched: Option<SocketAddr>,
+) -> Option<std::net::IpAddr> {
+    vouched.map(|s| s.ip()).or_else(|| origin.primary_addr())
 }
 
 /// The client address an edge gives for a stream it opened (an

@@ -35,12 +35,14 @@ pub(crate) async fn serve_edge_flow(
         return refuse(&mut bi, &shared, reply).await;
     };
     let asked = target;
+    let client = crate::tunnel::affinity_client(&origin, open.source);
     let (other, target) = match route_any(
         &shared,
         Origin::Edge(&origin.node),
         target,
         Proto::Udp,
         Some(&origin.node),
+        client,
     ) {
         Ok(r) => r,
         Err(reply) => return refuse(&mut bi, &shared, reply).await,
@@ -179,24 +181,24 @@ pub(crate) async fn serve_transparent_udp(
     // Captured UDP goes to the edge serving the target, or, for a
     // Service's cloud endpoint, from the relay's own socket (as captured
     // TCP is dialled by the relay).
-    let pick: Arc<relay_transport::udp::PickConn> =
-        Arc::new(move |dst: SocketAddr| {
-            match route_any(&picker, Origin::Captured, dst, Proto::Udp, None) {
-                Ok((Route::Edge(s), target)) if !s.is_draining() => Some(
-                    relay_transport::udp::Pick::Tunnel(relay_transport::udp::Picked {
-                        conn: s.conn.clone(),
-                        flows: s.flows.clone(),
-                        target,
-                        stale: endpoint_gone(&picker, dst, target, Proto::Udp),
-                    }),
-                ),
-                Ok((Route::Cloud, target)) => Some(relay_transport::udp::Pick::Local(
+    let pick: Arc<relay_transport::udp::PickConn> = Arc::new(move |dst: SocketAddr| {
+        // The capture hands over the destination only: no affinity.
+        match route_any(&picker, Origin::Captured, dst, Proto::Udp, None, None) {
+            Ok((Route::Edge(s), target)) if !s.is_draining() => Some(
+                relay_transport::udp::Pick::Tunnel(relay_transport::udp::Picked {
+                    conn: s.conn.clone(),
+                    flows: s.flows.clone(),
                     target,
-                    endpoint_gone(&picker, dst, target, Proto::Udp),
-                )),
-                _ => None,
-            }
-        });
+                    stale: endpoint_gone(&picker, dst, target, Proto::Udp),
+                }),
+            ),
+            Ok((Route::Cloud, target)) => Some(relay_transport::udp::Pick::Local(
+                target,
+                endpoint_gone(&picker, dst, target, Proto::Udp),
+            )),
+            _ => None,
+        }
+    });
     let limits = relay_transport::udp::FlowLimits {
         open_timeout: shared.cfg.limits.stream_open_timeout,
         idle: shared.cfg.limits.udp_idle_timeout,

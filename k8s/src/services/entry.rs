@@ -145,6 +145,7 @@ pub fn service_entry<'a>(
             external_ips,
             portless_endpoints: portless.into_values().collect(),
             internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+            client_ip_affinity: spec.session_affinity.as_deref() == Some("ClientIP"),
         },
         notes,
     )

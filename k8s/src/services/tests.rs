@@ -343,7 +343,11 @@ fn node_ports_and_external_ips_are_served_like_the_cluster_ip() {
         spec.internal_traffic_policy = Some("Local".into());
     }
     let (e, _) = service_entry(&itp, [&sl], None);
-    assert!(e.internal_local);
+    assert!(e.internal_local && !e.client_ip_affinity);
+    if let Some(spec) = itp.spec.as_mut() {
+        spec.session_affinity = Some("ClientIP".into());
+    }
+    assert!(service_entry(&itp, [&sl], None).0.client_ip_affinity);
     t.set("shop", "web", None);
     assert_eq!(
         (t.cluster_ip_len(), t.node_ports().count()),

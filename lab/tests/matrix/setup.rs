@@ -68,6 +68,10 @@ pub(crate) const SVC_NODE_LOCAL: SocketAddr = cluster_ip(34, HTTP);
 /// `agent-away`: the same with endpoints epod2 and cpod1 only: edge1's
 /// kube-proxy drops it, and nothing may carry it elsewhere.
 pub(crate) const SVC_NODE_LOCAL_AWAY: SocketAddr = cluster_ip(35, HTTP);
+/// `web-sticky`: HTTP, `sessionAffinity: ClientIP`, endpoints epod1 and
+/// epod2 (the lab's kube-proxy model does not keep affinity, so only the
+/// relay node's clients, whose connections the relay picks for, use it).
+pub(crate) const SVC_STICKY: SocketAddr = cluster_ip(36, HTTP);
 
 /// Services everywhere, each naming its host, so a cell can tell which
 /// host answered.
@@ -161,6 +165,15 @@ pub(crate) fn start_cluster(lab: &NetnsLab, mode: KubeProxyMode) -> Result<Clust
         s.internal_local = true;
         services.push(s);
     }
+    let mut sticky = LabService::on_lab_ports(
+        "default",
+        "web-sticky",
+        SVC_STICKY,
+        Proto::Tcp,
+        &[(epod1, "edge1"), (epod2, "edge2")],
+    );
+    sticky.client_ip_affinity = true;
+    services.push(sticky);
     // Some are also NodePorts: every node's addresses take them.
     services[0].node_port = Some(NODE_PORT);
     services[1].node_port = Some(NODE_PORT_CLOUD);
