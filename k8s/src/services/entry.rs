@@ -113,7 +113,12 @@ pub fn service_entry<'a>(
         }
     }
     let mut external_ips = Vec::new();
-    if matches!(kind, ServiceKind::ClusterIp(_)) {
+    // `externalTrafficPolicy: Local` governs external and load-balancer
+    // IPs as it does node ports: each node's own endpoints, else dropped,
+    // so they stay with kube-proxy. An ingress IP of `ipMode: Proxy` is
+    // the load balancer's own address (it proxies to the nodes), which
+    // kube-proxy leaves alone, and so do we.
+    if matches!(kind, ServiceKind::ClusterIp(_)) && !external_local {
         let lb = svc
             .status
             .as_ref()
@@ -121,6 +126,7 @@ pub fn service_entry<'a>(
             .and_then(|l| l.ingress.as_ref())
             .into_iter()
             .flatten()
+            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
             .filter_map(|i| i.ip.clone());
         for raw in spec
             .external_ips

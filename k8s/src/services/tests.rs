@@ -299,10 +299,18 @@ fn node_ports_and_external_ips_are_served_like_the_cluster_ip() {
     }
     s.status = Some(k8s_openapi::api::core::v1::ServiceStatus {
         load_balancer: Some(k8s_openapi::api::core::v1::LoadBalancerStatus {
-            ingress: Some(vec![k8s_openapi::api::core::v1::LoadBalancerIngress {
-                ip: Some("198.51.100.9".into()),
-                ..Default::default()
-            }]),
+            ingress: Some(vec![
+                k8s_openapi::api::core::v1::LoadBalancerIngress {
+                    ip: Some("198.51.100.9".into()),
+                    ..Default::default()
+                },
+                // The load balancer proxies: its address is its own.
+                k8s_openapi::api::core::v1::LoadBalancerIngress {
+                    ip: Some("198.51.100.10".into()),
+                    ip_mode: Some("Proxy".into()),
+                    ..Default::default()
+                },
+            ]),
         }),
         ..Default::default()
     });
@@ -323,10 +331,15 @@ fn node_ports_and_external_ips_are_served_like_the_cluster_ip() {
             .map(|e| e.endpoints[0].addr());
         assert_eq!(got, Some(sa("10.244.7.5:8080")), "{vip}");
     }
+    assert!(
+        t.lookup(sa("198.51.100.10:80"), Protocol::Tcp).is_none(),
+        "ipMode Proxy"
+    );
     let np = t.node_port(30080, Protocol::Tcp).expect("node port");
     assert_eq!(np.endpoints[0].addr(), sa("10.244.7.5:8080"));
-    // `externalTrafficPolicy: Local`: the node port stays with each
-    // node's kube-proxy (not in the table); the ClusterIP is unchanged.
+    // `externalTrafficPolicy: Local`: the node port and the external and
+    // load-balancer IPs stay with each node's kube-proxy (not in the
+    // table); the ClusterIP is unchanged.
     let mut local = s.clone();
     if let Some(spec) = local.spec.as_mut() {
         spec.external_traffic_policy = Some("Local".into());
@@ -334,6 +347,9 @@ fn node_ports_and_external_ips_are_served_like_the_cluster_ip() {
     let (e, _) = service_entry(&local, [&sl], None);
     t.set("shop", "web", Some(e));
     assert!(t.node_port(30080, Protocol::Tcp).is_none());
+    for vip in ["203.0.113.7:80", "198.51.100.9:80"] {
+        assert!(t.lookup(sa(vip), Protocol::Tcp).is_none(), "{vip}");
+    }
     assert!(t.lookup(sa("10.96.0.20:80"), Protocol::Tcp).is_some());
     assert!(!t.service("shop", "web").unwrap().internal_local);
     // `internalTrafficPolicy: Local` is noted on the entry (the relay
