@@ -58,6 +58,9 @@ pub struct EdgeConfig {
     /// The TCP fallback's maximum segment size (`None`: the kernel's, from
     /// path-MTU discovery); see [`relay_transport::tcp::DEFAULT_FALLBACK_MSS`].
     pub tcp_fallback_mss: Option<u32>,
+    /// The HTTP proxy the TCP fallback goes through (a site whose only way
+    /// out is a forward proxy); QUIC never does.
+    pub tcp_proxy: Option<relay_transport::proxy::HttpProxy>,
     /// QUIC transport settings.
     pub quic: QuicTuning,
     /// Reconnect backoff.
@@ -123,6 +126,7 @@ impl EdgeConfig {
             quic_fallback_after: Duration::from_secs(3),
             quic_probe_interval: Duration::from_secs(60),
             tcp_fallback_mss: Some(relay_transport::tcp::DEFAULT_FALLBACK_MSS),
+            tcp_proxy: None,
             quic: QuicTuning::default(),
             backoff: BackoffConfig::default(),
             udp_idle: Duration::from_secs(60),
@@ -267,6 +271,11 @@ pub struct FileConfig {
     /// small-MTU links that send no ICMP), 0 = the kernel's (path-MTU
     /// discovery), else 536 to 9000.
     pub tcp_fallback_mss: Option<u32>,
+    /// `http://[user:password@]host[:port]`: the TCP fallback goes through
+    /// this HTTP proxy. Absent: `https_proxy` / `HTTPS_PROXY` from the
+    /// environment unless `no_proxy` / `NO_PROXY` lists the relay's host;
+    /// `""`: never a proxy.
+    pub tcp_proxy: Option<String>,
     /// Certificates.
     pub tls: TlsFile,
     /// Certificates from the relay in exchange for a service-account token.
@@ -328,6 +337,27 @@ fn worker_threads(v: Option<usize>) -> Result<usize, ConfigError> {
     }
 }
 
+/// `tcp_proxy` from the file, else from the environment (see
+/// [`FileConfig::tcp_proxy`]); errors name the field or the variable.
+fn tcp_proxy(
+    v: Option<&str>,
+    relay_host: &str,
+) -> Result<Option<relay_transport::proxy::HttpProxy>, ConfigError> {
+    use relay_transport::proxy::HttpProxy;
+    match v.map(str::trim) {
+        Some("") => Ok(None),
+        Some(url) => HttpProxy::parse(url)
+            .map(Some)
+            .map_err(|m| err("tcp_proxy", m)),
+        None => HttpProxy::from_env(relay_host).transpose().map_err(|m| {
+            err(
+                "tcp_proxy",
+                format!("from the environment's https_proxy: {m}"),
+            )
+        }),
+    }
+}
+
 /// `tcp_fallback_mss` from the file (see
 /// [`relay_transport::tcp::fallback_mss_setting`]).
 fn fallback_mss(v: Option<u32>) -> Result<Option<u32>, ConfigError> {
@@ -384,6 +414,7 @@ impl FileConfig {
         }
         let host = host_of(&self.relay).ok_or_else(|| err("relay", "must be host:port"))?;
         let server_name = self.server_name.clone().unwrap_or_else(|| host.to_string());
+        let proxy = tcp_proxy(self.tcp_proxy.as_deref(), host)?;
         if let Some(p) = self.primary_addr {
             if !self.routes.iter().any(|r| r.contains(&p)) {
                 return Err(err(
@@ -499,6 +530,7 @@ impl FileConfig {
                 Duration::from_secs(60),
             )?,
             tcp_fallback_mss: fallback_mss(self.tcp_fallback_mss)?,
+            tcp_proxy: proxy,
             udp_idle: nonzero(
                 "timeouts.udp_idle",
                 self.timeouts.udp_idle,
@@ -553,6 +585,25 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(f.into_runtime().unwrap_err().field, "capture_state_file");
+    }
+
+    /// `tcp_proxy`: a URL, `""` for none (whatever the environment), and
+    /// errors that name the field and never echo a password. (Absent, it
+    /// comes from `https_proxy`: not tested here, where changing the
+    /// process environment would race other tests.)
+    #[test]
+    fn tcp_proxy_is_a_url_or_empty() {
+        let f =
+            FileConfig::parse(&format!("tcp_proxy = \"http://u:pw@p.site:8080\"\n{BASE}")).unwrap();
+        let p = tcp_proxy(f.tcp_proxy.as_deref(), "relay.example")
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.authority, "p.site:8080");
+        assert_eq!(p.to_string(), "http://***@p.site:8080");
+        assert!(tcp_proxy(Some(""), "relay.example").unwrap().is_none());
+        let e = tcp_proxy(Some("socks5://u:pw@p:1"), "relay.example").unwrap_err();
+        assert_eq!(e.field, "tcp_proxy");
+        assert!(!e.to_string().contains("pw"), "{e}");
     }
 
     #[test]

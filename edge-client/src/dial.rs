@@ -9,6 +9,7 @@ use relay_protocol::codec::{self, decode, decode_with_rest, read_frame_bytes, wr
 use relay_protocol::{
     capability, close_code, ClientHello, HelloReply, Rejection, ServerHelloExt, PROTOCOL_VERSION,
 };
+use relay_transport::tcp::TcpDial;
 use relay_transport::{quic, BiStream, TunnelConn};
 use tracing::warn;
 
@@ -58,11 +59,46 @@ impl Dialer<'_> {
         tls: rustls::ClientConfig,
     ) -> Result<(Option<quinn::Endpoint>, TunnelConn), String> {
         let cfg = self.cfg;
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&cfg.relay)
-            .await
-            .map_err(|e| format!("resolve {}: {e}", cfg.relay))?
-            .collect();
-        self.dial_any(&addrs, tls).await
+        match tokio::net::lookup_host(&cfg.relay).await {
+            Ok(addrs) => self.dial_any(&addrs.collect::<Vec<_>>(), tls).await,
+            // Behind a proxy the site's resolver may know no outside
+            // names: the proxy resolves the relay's.
+            Err(e) => match (&cfg.tcp_proxy, self.mode) {
+                (Some(proxy), TransportMode::Auto | TransportMode::Tcp) => {
+                    tracing::debug!(relay = %cfg.relay, error = %e, "relay name not resolved here; TCP through the proxy");
+                    self.tcp(
+                        TcpDial::Proxy {
+                            proxy,
+                            target: &cfg.relay,
+                        },
+                        tls,
+                    )
+                    .await
+                }
+                _ => Err(format!("resolve {}: {e}", cfg.relay)),
+            },
+        }
+    }
+
+    /// TLS over TCP to the relay (no hello yet).
+    async fn tcp(
+        &self,
+        to: TcpDial<'_>,
+        tls: rustls::ClientConfig,
+    ) -> Result<(Option<quinn::Endpoint>, TunnelConn), String> {
+        let cfg = self.cfg;
+        let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
+        relay_transport::tcp::connect_with(
+            to,
+            &cfg.server_name,
+            tls,
+            mark,
+            cfg.tcp_fallback_mss,
+            cfg.handshake_timeout,
+        )
+        .await
+        .map(|c| (None, c))
+        .map_err(|e| e.0)
     }
 
     /// [`Dialer::dial`] to the address of `addrs` whose turn it is; after a
@@ -97,17 +133,12 @@ impl Dialer<'_> {
     ) -> Result<(Option<quinn::Endpoint>, TunnelConn), String> {
         let cfg = self.cfg;
         let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
-        let tcp = |tls: rustls::ClientConfig| async move {
-            relay_transport::tcp::connect_with(
-                addr,
-                &cfg.server_name,
-                tls,
-                mark,
-                cfg.tcp_fallback_mss,
-                cfg.handshake_timeout,
-            )
-            .await
-            .map_err(|e| e.0)
+        let to = match &cfg.tcp_proxy {
+            Some(proxy) => TcpDial::Proxy {
+                proxy,
+                target: &cfg.relay,
+            },
+            None => TcpDial::Direct(addr),
         };
         match self.mode {
             TransportMode::Quic => {
@@ -116,7 +147,7 @@ impl Dialer<'_> {
                     .map_err(QuicAttemptError::into_message)?;
                 Ok((Some(ep), c))
             }
-            TransportMode::Tcp => Ok((None, tcp(tls).await?)),
+            TransportMode::Tcp => self.tcp(to, tls).await,
             TransportMode::Auto => {
                 // Falling back is for paths that do not carry UDP: only a
                 // QUIC attempt that got no answer at all counts. A relay
@@ -153,7 +184,7 @@ impl Dialer<'_> {
                 }
                 self.stats.fallbacks.fetch_add(1, Relaxed);
                 warn!(reason = %why, "QUIC unavailable; falling back to TLS over TCP");
-                Ok((None, tcp(tls).await?))
+                self.tcp(to, tls).await
             }
         }
     }

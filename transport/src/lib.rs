@@ -35,6 +35,7 @@ pub mod grant;
 pub mod http;
 pub mod issue;
 pub mod memory;
+pub mod proxy;
 pub mod quic;
 mod quic_runtime;
 pub mod reload;

@@ -445,15 +445,31 @@ pub async fn connect(
     let cfg = tls
         .client_config(relay_protocol::ALPN)
         .map_err(|e| ConnLost(format!("tls config: {e}")))?;
-    connect_with(addr, server_name, cfg, mark, None, timeout).await
+    connect_with(TcpDial::Direct(addr), server_name, cfg, mark, None, timeout).await
+}
+
+/// Where [`connect_with`] opens its TCP connection.
+#[derive(Clone, Copy, Debug)]
+pub enum TcpDial<'a> {
+    /// Straight to the relay at this address.
+    Direct(SocketAddr),
+    /// Through an HTTP proxy, asked for a tunnel to `target` (the relay's
+    /// `host:port` as configured; the proxy resolves it).
+    Proxy {
+        /// The proxy.
+        proxy: &'a crate::proxy::HttpProxy,
+        /// `host:port` of the relay.
+        target: &'a str,
+    },
 }
 
 /// [`connect`] with a given client config (the certificate bootstrap
-/// connects without a client certificate, under its own ALPN) and a
-/// maximum segment size (`mss`, see [`DEFAULT_FALLBACK_MSS`]; `None`: the
-/// kernel's, from the path MTU).
+/// connects without a client certificate, under its own ALPN), a way to
+/// the relay (direct, or through an HTTP proxy) and a maximum segment size
+/// (`mss`, see [`DEFAULT_FALLBACK_MSS`]; `None`: the kernel's, from the
+/// path MTU).
 pub async fn connect_with(
-    addr: SocketAddr,
+    to: TcpDial<'_>,
     server_name: &str,
     cfg: rustls::ClientConfig,
     mark: u32,
@@ -463,7 +479,19 @@ pub async fn connect_with(
     let fail = |what: &str, e: &dyn std::fmt::Display| ConnLost(format!("{what}: {e}"));
     let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
         .map_err(|e| fail("server name", &e))?;
+    let shown = match to {
+        TcpDial::Direct(a) => a.to_string(),
+        TcpDial::Proxy { proxy, target } => format!("{target} via {proxy}"),
+    };
     let setup = async {
+        let addr = match to {
+            TcpDial::Direct(a) => a,
+            TcpDial::Proxy { proxy, .. } => tokio::net::lookup_host(&proxy.authority)
+                .await
+                .map_err(|e| fail(&format!("resolve proxy {proxy}"), &e))?
+                .next()
+                .ok_or_else(|| ConnLost(format!("resolve proxy {proxy}: no address")))?,
+        };
         let sock = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()
         } else {
@@ -477,22 +505,28 @@ pub async fn connect_with(
                 .set_tcp_mss(mss)
                 .map_err(|e| fail(&format!("TCP_MAXSEG {mss}"), &e))?;
         }
-        let tcp = sock
+        let mut tcp = sock
             .connect(addr)
             .await
             .map_err(|e| fail(&format!("tcp {addr}"), &e))?;
         tune_socket(&tcp);
+        if let TcpDial::Proxy { proxy, target } = to {
+            proxy
+                .open_tunnel(&mut tcp, target)
+                .await
+                .map_err(ConnLost)?;
+        }
         let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
             .connect(name, tcp)
             .await
-            .map_err(|e| fail(&format!("tls {addr}"), &e))?;
+            .map_err(|e| fail(&format!("tls {shown}"), &e))?;
         let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
         let conn = YamuxConn::start(tls, true, addr, (Vec::new(), alpn), timeout).await?;
         Ok(crate::TunnelConn::Tcp(conn))
     };
     tokio::time::timeout(timeout, setup)
         .await
-        .map_err(|_| ConnLost(format!("tcp+tls to {addr}: no session within {timeout:?}")))?
+        .map_err(|_| ConnLost(format!("tcp+tls to {shown}: no session within {timeout:?}")))?
 }
 
 /// Completes a relay-side TLS+TCP accept and starts yamux; bounded by

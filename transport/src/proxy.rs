@@ -1,0 +1,290 @@
+//! HTTP CONNECT proxies for the TCP fallback: sites whose only way out is
+//! a forward proxy (a corporate network, a locked-down shop) reach the
+//! relay through it. QUIC cannot cross such a proxy, so the edge still
+//! tries QUIC first in `auto` mode and uses the proxy for TLS over TCP.
+//!
+//! The proxy gets `CONNECT <relay host:port>` with the relay's name as
+//! configured (proxies that allow by host name see it; the edge need not
+//! resolve it), optionally with Basic credentials; after its `200`, the
+//! TLS handshake with the relay runs end to end through it. A proxy that
+//! inspects TLS fails that handshake: the relay's certificate is checked
+//! against the relay's CA, never the proxy's.
+
+use std::fmt;
+
+use base64::Engine as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The largest proxy response head read (status line and headers).
+const MAX_HEAD: usize = 8 << 10;
+
+/// An HTTP proxy: `http://[user:password@]host[:port]` (port 3128, the
+/// usual forward proxy port, when left out).
+#[derive(Clone, PartialEq, Eq)]
+pub struct HttpProxy {
+    /// `host:port` to dial.
+    pub authority: String,
+    /// `Proxy-Authorization` value (`Basic …`), if credentials were given.
+    auth: Option<String>,
+}
+
+impl fmt::Debug for HttpProxy {
+    // Credentials never reach logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl fmt::Display for HttpProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let creds = if self.auth.is_some() { "***@" } else { "" };
+        write!(f, "http://{creds}{}", self.authority)
+    }
+}
+
+impl HttpProxy {
+    /// Parses `http://[user:password@]host[:port][/]`; the error says
+    /// what is wrong (never echoing a password).
+    pub fn parse(url: &str) -> Result<HttpProxy, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| "must start with http:// (the connection to the proxy is plain HTTP; TLS to the relay runs inside it)".to_string())?;
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains('/') || rest.contains('?') || rest.contains('#') {
+            return Err("must be http://[user:password@]host[:port] with no path".into());
+        }
+        let (creds, hostport) = match rest.rsplit_once('@') {
+            Some((c, h)) => (Some(c), h),
+            None => (None, rest),
+        };
+        if hostport.is_empty() || hostport.starts_with(':') {
+            return Err("has no host".into());
+        }
+        let has_port = match hostport.rsplit_once(':') {
+            // `[v6]` alone has a colon inside the brackets.
+            Some((h, p)) if !p.contains(']') => {
+                p.parse::<u16>()
+                    .map_err(|_| format!("port {p:?} is not a number from 1 to 65535"))
+                    .and_then(|n| if n == 0 { Err("port 0".into()) } else { Ok(()) })?;
+                if h.is_empty() {
+                    return Err("has no host".into());
+                }
+                true
+            }
+            _ => false,
+        };
+        let authority = if has_port {
+            hostport.to_string()
+        } else {
+            format!("{hostport}:3128")
+        };
+        let auth = match creds {
+            None => None,
+            Some(c) => {
+                let (user, pass) = c.split_once(':').unwrap_or((c, ""));
+                let plain = format!("{}:{}", percent_decode(user)?, percent_decode(pass)?);
+                Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(plain)
+                ))
+            }
+        };
+        Ok(HttpProxy { authority, auth })
+    }
+
+    /// The proxy the environment names for a connection to `host`, as
+    /// curl and Go read it: `https_proxy` or `HTTPS_PROXY`, unless
+    /// `no_proxy` or `NO_PROXY` lists `host` (exactly, as a domain suffix
+    /// with or without a leading dot, or `*`). `None` when none applies.
+    pub fn from_env(host: &str) -> Option<Result<HttpProxy, String>> {
+        let var = |a: &str, b: &str| {
+            std::env::var(a)
+                .ok()
+                .or_else(|| std::env::var(b).ok())
+                .filter(|v| !v.trim().is_empty())
+        };
+        let url = var("https_proxy", "HTTPS_PROXY")?;
+        if no_proxy_covers(var("no_proxy", "NO_PROXY").as_deref(), host) {
+            return None;
+        }
+        Some(HttpProxy::parse(url.trim()))
+    }
+
+    /// Asks the proxy, on `s` (connected to it), for a tunnel to
+    /// `target` (`host:port`); `Ok` once it answered 2xx. Callers bound it
+    /// in time.
+    pub async fn open_tunnel(&self, s: &mut TcpStream, target: &str) -> Result<(), String> {
+        let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+        if let Some(a) = &self.auth {
+            req.push_str(&format!("Proxy-Authorization: {a}\r\n"));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("proxy {self}: write: {e}"))?;
+        // Byte by byte up to the blank line: nothing of the tunnel's own
+        // bytes (the relay's TLS) may be consumed here.
+        let mut head = Vec::with_capacity(256);
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if head.len() >= MAX_HEAD {
+                return Err(format!("proxy {self}: response head over {MAX_HEAD} bytes"));
+            }
+            match s.read(&mut b).await {
+                Ok(0) => return Err(format!("proxy {self}: closed before answering CONNECT")),
+                Ok(_) => head.push(b[0]),
+                Err(e) => return Err(format!("proxy {self}: read: {e}")),
+            }
+        }
+        let text = String::from_utf8_lossy(&head);
+        let status = text.lines().next().unwrap_or_default().trim().to_string();
+        let code = status
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok());
+        match code {
+            Some(200..=299) => Ok(()),
+            Some(407) => Err(format!(
+                "proxy {self} wants credentials{} ({status})",
+                if self.auth.is_some() {
+                    " other than those given"
+                } else {
+                    ""
+                }
+            )),
+            _ => Err(format!("proxy {self} refused CONNECT {target}: {status}")),
+        }
+    }
+}
+
+/// Whether a `no_proxy` list covers `host`.
+fn no_proxy_covers(list: Option<&str>, host: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    list.into_iter()
+        .flat_map(|l| l.split(','))
+        .map(|e| e.trim().trim_start_matches('.').to_ascii_lowercase())
+        .filter(|e| !e.is_empty())
+        .any(|e| e == "*" || host == e || host.ends_with(&format!(".{e}")))
+}
+
+/// `%XX` escapes in URL credentials.
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| "credentials have a bad % escape".to_string())?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "credentials are not UTF-8".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls_and_hides_credentials() {
+        let p = HttpProxy::parse("http://proxy.corp:8080/").unwrap();
+        assert_eq!(
+            (p.authority.as_str(), p.auth.is_none()),
+            ("proxy.corp:8080", true)
+        );
+        assert_eq!(
+            HttpProxy::parse("http://10.0.0.1").unwrap().authority,
+            "10.0.0.1:3128"
+        );
+        assert_eq!(
+            HttpProxy::parse("http://[fd00::1]:3128").unwrap().authority,
+            "[fd00::1]:3128"
+        );
+        assert_eq!(
+            HttpProxy::parse("http://[fd00::1]").unwrap().authority,
+            "[fd00::1]:3128"
+        );
+        let p = HttpProxy::parse("http://shop%40x:p%3Ass@proxy:3128").unwrap();
+        // base64("shop@x:p:ss")
+        assert_eq!(p.auth.as_deref(), Some("Basic c2hvcEB4OnA6c3M="));
+        assert_eq!(format!("{p}"), "http://***@proxy:3128");
+        assert_eq!(format!("{p:?}"), "http://***@proxy:3128");
+        for bad in [
+            "https://p:3128",
+            "p:3128",
+            "http://",
+            "http://p:x",
+            "http://p:0",
+            "http://p/x",
+            "http://:3128",
+            "http://u:%zz@p",
+        ] {
+            let e = HttpProxy::parse(bad).unwrap_err();
+            assert!(!e.contains("zz"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn no_proxy_lists_match_hosts_and_domains() {
+        let l = Some("localhost, .corp.example,relay.other ");
+        assert!(no_proxy_covers(l, "relay.corp.example"));
+        assert!(no_proxy_covers(l, "corp.example"));
+        assert!(no_proxy_covers(l, "RELAY.OTHER."));
+        assert!(!no_proxy_covers(l, "relay.example"));
+        assert!(!no_proxy_covers(l, "notcorp.example"));
+        assert!(no_proxy_covers(Some("*"), "anything"));
+        assert!(!no_proxy_covers(None, "anything"));
+    }
+
+    /// A proxy that answers 200 leaves the stream at the tunnel's first
+    /// byte; 407 and other answers are errors that say so.
+    #[tokio::test]
+    async fn open_tunnel_reads_the_head_and_nothing_more() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let mut answers = vec![
+                &b"HTTP/1.1 200 Connection established\r\nVia: x\r\n\r\nTUNNEL"[..],
+                b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n",
+                b"HTTP/1.1 403 Forbidden\r\n\r\n",
+            ]
+            .into_iter();
+            let mut heads = Vec::new();
+            for answer in answers.by_ref() {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut buf = vec![0u8; 1024];
+                let n = s.read(&mut buf).await.unwrap();
+                heads.push(String::from_utf8_lossy(&buf[..n]).to_string());
+                s.write_all(answer).await.unwrap();
+            }
+            heads
+        });
+        let p = HttpProxy::parse(&format!("http://u:pw@{addr}")).unwrap();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        p.open_tunnel(&mut s, "relay.example:8443").await.unwrap();
+        let mut rest = [0u8; 6];
+        s.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"TUNNEL");
+        for want in [
+            "wants credentials other than those given",
+            "refused CONNECT relay.example:8443: HTTP/1.1 403 Forbidden",
+        ] {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let e = p
+                .open_tunnel(&mut s, "relay.example:8443")
+                .await
+                .unwrap_err();
+            assert!(e.contains(want), "{e}");
+        }
+        let heads = server.await.unwrap();
+        assert!(heads[0].starts_with("CONNECT relay.example:8443 HTTP/1.1\r\nHost: relay.example:8443\r\nProxy-Authorization: Basic dTpwdw==\r\n\r\n"), "{heads:?}");
+    }
+}
