@@ -19,7 +19,7 @@ use crate::dial::{connect, AttemptError, Connected};
 use crate::identity::Credentials;
 use crate::serve::{ServedRoutes, ServedSet};
 use crate::services::EdgeServices;
-use crate::session::{run_session, SessionEnd};
+use crate::session::{run_session, SessionEnd, SessionIo};
 
 /// Where the client is in its life cycle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -449,7 +449,10 @@ pub(crate) type ConnWatch = watch::Receiver<Option<(TunnelConn, Arc<FlowTable>)>
 /// would otherwise have an `auto` edge flap for ever: every new attempt's
 /// handshake succeeds, the session dies a dead-path bound later, and
 /// again. After [`QuicStrikes::PREFER_TCP`] such losses the edge dials TCP
-/// first, and its QUIC probe waits twice as long after each further one.
+/// first (an attempt after a failed TCP-first one is QUIC-first again, so
+/// a relay reachable only over QUIC is still reached), and its QUIC probe
+/// waits twice as long after each further one. Counted per reconnect loop
+/// (per relay replica), each path being its own.
 pub(crate) struct QuicStrikes<'a>(pub(crate) &'a AtomicU64);
 
 impl QuicStrikes<'_> {
@@ -534,8 +537,21 @@ pub(crate) async fn run(
     let mut next: Option<Connected> = None;
     // Whether QUIC carried the last session (see Dialer::quic_worked).
     let mut quic_worked = false;
+    // This loop's QUIC sessions lost to a dead path (see QuicStrikes): per
+    // loop, as each replica's path is its own.
+    let strikes = AtomicU64::new(0);
+    // A TCP-first attempt (see QuicStrikes) failed: the next one is the
+    // configured mode again, QUIC first, so a relay reachable only over
+    // QUIC (no TCP fallback, a UDP-only balancer) is not given up on.
+    let mut tcp_first_failed = false;
     let attempt_limit = cfg.handshake_timeout * 3 + cfg.quic_fallback_after;
     loop {
+        let mode = if tcp_first_failed {
+            cfg.transport
+        } else {
+            QuicStrikes(&strikes).mode(cfg.transport)
+        };
+        let tcp_first = mode != cfg.transport;
         let result = match next.take() {
             Some(c) => Ok(c),
             None => {
@@ -554,7 +570,7 @@ pub(crate) async fn run(
                     // connection and a token review), then QUIC (up to a
                     // handshake bound while another session proves UDP
                     // works, else two fallback timers), then TCP.
-                    r = tokio::time::timeout(attempt_limit, connect(&cfg, &stats, QuicStrikes(&stats.quic_strikes).mode(cfg.transport), &creds, quic_worked)) => match r {
+                    r = tokio::time::timeout(attempt_limit, connect(&cfg, &stats, mode, &creds, quic_worked)) => match r {
                         Ok(r) => r,
                         Err(_) => Err(AttemptError::Failed(format!("no session within {attempt_limit:?}"))),
                     },
@@ -574,6 +590,7 @@ pub(crate) async fn run(
             }) => {
                 attempt = 0;
                 ended = None;
+                tcp_first_failed = false;
                 quic_worked = conn.kind() == relay_transport::TransportKind::Quic;
                 let _quic_live = quic_worked.then(|| QuicLive::new(&stats));
                 stats.sessions.fetch_add(1, Relaxed);
@@ -623,8 +640,11 @@ pub(crate) async fn run(
                     session = hello.session_id,
                     gen = hello.generation
                 );
-                let mut went_away = false;
-                let dead_before = stats.paths_dead.load(Relaxed);
+                let mut io = SessionIo {
+                    probe_interval: QuicStrikes(&strikes).probe_interval(cfg.quic_probe_interval),
+                    went_away: false,
+                    path_dead: false,
+                };
                 let end = run_session(
                     &conn,
                     &flows,
@@ -638,7 +658,7 @@ pub(crate) async fn run(
                     &state,
                     dns.as_ref(),
                     hello.capabilities,
-                    &mut went_away,
+                    &mut io,
                 )
                 .instrument(span)
                 .await;
@@ -647,8 +667,9 @@ pub(crate) async fn run(
                     backoff.reset();
                 }
                 if quic_worked {
-                    let died = stats.paths_dead.load(Relaxed) > dead_before;
-                    QuicStrikes(&stats.quic_strikes).session_ended(up.elapsed(), died);
+                    let died = io.path_dead;
+                    QuicStrikes(&strikes).session_ended(up.elapsed(), died);
+                    stats.quic_strikes.store(strikes.load(Relaxed), Relaxed);
                     // A path that went dead is not a relay restarting (a
                     // restarted relay answers with a stateless reset, and
                     // one that restarts takes less than the dead-path
@@ -673,7 +694,7 @@ pub(crate) async fn run(
                     // queue full), QUIC's close code says it; or it restarted
                     // without a word and its stateless reset says it is up.
                     SessionEnd::Lost(why)
-                        if went_away
+                        if io.went_away
                             || conn.peer_close_code() == Some(close_code::GOING_AWAY)
                             || conn.was_reset() =>
                     {
@@ -699,6 +720,7 @@ pub(crate) async fn run(
                 });
             }
             Err(AttemptError::Failed(e)) => {
+                tcp_first_failed = tcp_first;
                 warn!(error = %e, attempt, "cannot reach relay");
                 last = Some(match &ended {
                     Some(why) => format!("cannot reach the relay: {e}; before that, {why}"),

@@ -59,9 +59,21 @@ async fn finish_move(
 /// Least time between two reports of the LAN overlaps to the relay.
 const LAN_REPORT_GAP: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Runs one session until it ends. `went_away` is set when the relay said
-/// it is draining (GOAWAY): a restart or a rolling update, so the caller
-/// reconnects at a short pace (see `backoff`).
+/// What the reconnect loop tells [`run_session`], and what it learns back
+/// besides how the session ended.
+#[derive(Debug)]
+pub(crate) struct SessionIo {
+    /// In: how long the QUIC probe waits on the TCP fallback (see
+    /// `crate::client::QuicStrikes`).
+    pub(crate) probe_interval: Duration,
+    /// Out: the relay said it is draining (GOAWAY): a restart or a rolling
+    /// update, so the caller reconnects at a short pace (see `backoff`).
+    pub(crate) went_away: bool,
+    /// Out: the edge's own liveness check gave the path up.
+    pub(crate) path_dead: bool,
+}
+
+/// Runs one session until it ends (see [`SessionIo`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_session(
     conn: &TunnelConn,
@@ -76,7 +88,7 @@ pub(crate) async fn run_session(
     state: &watch::Sender<EdgeState>,
     dns: Option<&crate::dns::Resolver>,
     relay_caps: u32,
-    went_away: &mut bool,
+    io: &mut SessionIo,
 ) -> SessionEnd {
     let BiStream { mut send, recv } = control;
     // A relay that can use it learns our keep-alive: on QUIC it then ends
@@ -151,9 +163,8 @@ pub(crate) async fn run_session(
     // On the TCP fallback in auto mode, keep trying QUIC in the background.
     let probing =
         cfg.transport == TransportMode::Auto && conn.kind() == relay_transport::TransportKind::Tcp;
-    let probe_every =
-        || crate::client::QuicStrikes(&stats.quic_strikes).probe_interval(cfg.quic_probe_interval);
-    let mut probe_at = tokio::time::Instant::now() + probe_every();
+    let probe_every = io.probe_interval;
+    let mut probe_at = tokio::time::Instant::now() + probe_every;
     // Owned: dropping it (the session ends, the client shuts down) aborts
     // the probe, so a probe can never outlive its session and register a
     // QUIC session that supersedes a newer one (or appears after shutdown).
@@ -271,7 +282,7 @@ pub(crate) async fn run_session(
                             // The relay stops opening streams and closes when
                             // the in-flight ones are done; we reconnect then.
                             info!(%reason, grace_ms, "relay sent GOAWAY");
-                            *went_away = true;
+                            io.went_away = true;
                             continue;
                         }
                         _ => continue,
@@ -313,6 +324,7 @@ pub(crate) async fn run_session(
                 if received.is_none() && last_heard.elapsed() > cfg.quic.idle_timeout {
                     conn.close(close_code::PROTOCOL, "relay silent");
                     stats.paths_dead.fetch_add(1, Relaxed);
+                    io.path_dead = true;
                     return SessionEnd::Lost(format!("nothing from the relay for {:.1}s", last_heard.elapsed().as_secs_f64()));
                 }
                 // The edge pings too: after a NAT rebinding an idle TCP
@@ -328,6 +340,7 @@ pub(crate) async fn run_session(
                     Tick::Dead(dead) => {
                         conn.close(close_code::PROTOCOL, "path dead");
                         stats.paths_dead.fetch_add(1, Relaxed);
+                        io.path_dead = true;
                         return SessionEnd::Lost(format!("{dead} (control pings in flight: {})", liveness.in_flight()));
                     }
                 }
@@ -408,7 +421,7 @@ pub(crate) async fn run_session(
                 }
             }, if probe.is_some() => {
                 probe = None;
-                probe_at = tokio::time::Instant::now() + probe_every();
+                probe_at = tokio::time::Instant::now() + probe_every;
                 match r {
                     Ok(Ok(c)) => return SessionEnd::Upgrade(Box::new(c)),
                     Ok(Err(AttemptError::Failed(e))) => debug!(error = %e, "QUIC probe failed; staying on TCP"),
