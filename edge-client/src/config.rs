@@ -349,11 +349,16 @@ fn tcp_proxy(
         Some(url) => HttpProxy::parse(url)
             .map(Some)
             .map_err(|m| err("tcp_proxy", m)),
-        None => HttpProxy::from_env(relay_host).transpose().map_err(|m| {
-            err(
-                "tcp_proxy",
-                format!("from the environment's https_proxy: {m}"),
-            )
+        // One the environment names but that cannot be used is ignored
+        // with a warning, not fatal: an edge that never needed a proxy
+        // must not stop starting because of a variable meant for others.
+        None => Ok(match HttpProxy::from_env(relay_host) {
+            Some(Ok(p)) => Some(p),
+            Some(Err(m)) => {
+                tracing::warn!(problem = %m, "https_proxy from the environment not usable; the TCP fallback goes direct (set tcp_proxy to choose)");
+                None
+            }
+            None => None,
         }),
     }
 }

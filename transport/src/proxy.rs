@@ -44,12 +44,15 @@ impl fmt::Display for HttpProxy {
 }
 
 impl HttpProxy {
-    /// Parses `http://[user:password@]host[:port][/]`; the error says
-    /// what is wrong (never echoing a password).
+    /// Parses `[http://][user:password@]host[:port][/]` (the scheme in any
+    /// case, or none, as curl and Go take `https_proxy`); the error says
+    /// what is wrong, never echoing what may be a password.
     pub fn parse(url: &str) -> Result<HttpProxy, String> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| "must start with http:// (the connection to the proxy is plain HTTP; TLS to the relay runs inside it)".to_string())?;
+        let rest = match url.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+            Some(_) => return Err("only http:// proxies are supported (the connection to the proxy is plain HTTP; TLS to the relay runs inside it)".into()),
+            None => url,
+        };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
         if rest.contains('/') || rest.contains('?') || rest.contains('#') {
             return Err("must be http://[user:password@]host[:port] with no path".into());
@@ -64,8 +67,10 @@ impl HttpProxy {
         let has_port = match hostport.rsplit_once(':') {
             // `[v6]` alone has a colon inside the brackets.
             Some((h, p)) if !p.contains(']') => {
+                // Not echoed: `http://user:secret` (no `@`) puts a
+                // password here.
                 p.parse::<u16>()
-                    .map_err(|_| format!("port {p:?} is not a number from 1 to 65535"))
+                    .map_err(|_| "the port is not a number from 1 to 65535".to_string())
                     .and_then(|n| if n == 0 { Err("port 0".into()) } else { Ok(()) })?;
                 if h.is_empty() {
                     return Err("has no host".into());
@@ -158,14 +163,39 @@ impl HttpProxy {
     }
 }
 
-/// Whether a `no_proxy` list covers `host`.
+/// Whether a `no_proxy` list covers `host` (a name, or an address in
+/// brackets or not): `*`, the host itself, a domain it is in (with or
+/// without a leading dot), or, for an address, an address or CIDR entry
+/// containing it. A `:port` on an entry is ignored.
 fn no_proxy_covers(list: Option<&str>, host: &str) -> bool {
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    let ip = host.parse::<std::net::IpAddr>().ok();
     list.into_iter()
         .flat_map(|l| l.split(','))
         .map(|e| e.trim().trim_start_matches('.').to_ascii_lowercase())
         .filter(|e| !e.is_empty())
-        .any(|e| e == "*" || host == e || host.ends_with(&format!(".{e}")))
+        .any(|e| {
+            if e == "*" {
+                return true;
+            }
+            // `[v6]:port`, `v4:port`, `name:port`: the host part.
+            let bare = match e.strip_prefix('[') {
+                Some(r) => r.split(']').next().unwrap_or_default().to_string(),
+                None if e.matches(':').count() == 1 => {
+                    e.split(':').next().unwrap_or_default().to_string()
+                }
+                None => e.clone(),
+            };
+            match (ip, bare.parse::<relay_protocol::Cidr>()) {
+                (Some(ip), Ok(net)) => net.contains(&ip),
+                (Some(ip), Err(_)) => bare.parse::<std::net::IpAddr>() == Ok(ip),
+                (None, _) => host == bare || host.ends_with(&format!(".{bare}")),
+            }
+        })
 }
 
 /// `%XX` escapes in URL credentials.
@@ -217,18 +247,22 @@ mod tests {
         assert_eq!(p.auth.as_deref(), Some("Basic c2hvcEB4OnA6c3M="));
         assert_eq!(format!("{p}"), "http://***@proxy:3128");
         assert_eq!(format!("{p:?}"), "http://***@proxy:3128");
+        // As curl and Go take `https_proxy`: no scheme, or any case.
+        assert_eq!(HttpProxy::parse("p:3128").unwrap().authority, "p:3128");
+        assert_eq!(HttpProxy::parse("HTTP://p").unwrap().authority, "p:3128");
         for bad in [
             "https://p:3128",
-            "p:3128",
+            "socks5://p",
             "http://",
             "http://p:x",
             "http://p:0",
             "http://p/x",
             "http://:3128",
             "http://u:%zz@p",
+            "http://user:secret",
         ] {
             let e = HttpProxy::parse(bad).unwrap_err();
-            assert!(!e.contains("zz"), "{bad}: {e}");
+            assert!(!e.contains("zz") && !e.contains("secret"), "{bad}: {e}");
         }
     }
 
@@ -242,6 +276,13 @@ mod tests {
         assert!(!no_proxy_covers(l, "notcorp.example"));
         assert!(no_proxy_covers(Some("*"), "anything"));
         assert!(!no_proxy_covers(None, "anything"));
+        // Addresses: exactly, in a CIDR entry, with a port on the entry.
+        let l = Some("10.0.0.0/8, 192.0.2.7:8443, [fd00::1]");
+        assert!(no_proxy_covers(l, "10.1.2.3"));
+        assert!(no_proxy_covers(l, "192.0.2.7"));
+        assert!(no_proxy_covers(l, "[fd00::1]"));
+        assert!(!no_proxy_covers(l, "192.0.2.8"));
+        assert!(!no_proxy_covers(l, "relay.example"));
     }
 
     /// A proxy that answers 200 leaves the stream at the tunnel's first
