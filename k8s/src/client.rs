@@ -93,13 +93,27 @@ impl std::fmt::Debug for KubeClient {
 
 /// The last error of a watch (since start), for readiness to say why a
 /// list never completed: a 403 for want of RBAC, the apiserver unreachable.
+/// Kept short (the API's status code and reason, the resource): readiness
+/// answers without a token, so the apiserver's address and the relay's
+/// identity stay in the log.
 #[derive(Debug, Default)]
 pub struct LastError(std::sync::Mutex<Option<String>>);
 
 impl LastError {
-    /// Records `e` as the last error.
-    pub fn set(&self, e: &dyn std::fmt::Display) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+    /// Records `e`, from the watch of `what` (`nodes`, `endpointslices`),
+    /// as the last error.
+    pub fn set(&self, what: &str, e: &kube::runtime::watcher::Error) {
+        use kube::runtime::watcher::Error as W;
+        let api = |e: &kube::Error| match e {
+            kube::Error::Api(s) => format!("HTTP {} {}", s.code, s.reason),
+            _ => "the apiserver could not be reached or failed (see the log)".to_string(),
+        };
+        let summary = match e {
+            W::InitialListFailed(e) | W::WatchStartFailed(e) | W::WatchFailed(e) => api(e),
+            W::WatchError(s) => format!("HTTP {} {}", s.code, s.reason),
+            W::NoResourceVersion => "no resourceVersion in the watch (see the log)".to_string(),
+        };
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{what}: {summary}"));
     }
 
     /// The last error recorded, if any.

@@ -373,7 +373,7 @@ where
             }
             Err(e) => {
                 inner.errors.fetch_add(1, Ordering::Relaxed);
-                inner.last_error.set(&e);
+                inner.last_error.set("nodes", &e);
                 tracing::warn!(error = %e, "node watch failed; keeping the last known nodes, retrying with backoff");
             }
         }

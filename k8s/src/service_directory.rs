@@ -380,7 +380,7 @@ async fn drive<K, S>(
             }
             Err(e) => {
                 inner.errors.fetch_add(1, Ordering::Relaxed);
-                inner.last_error.set(&e);
+                inner.last_error.set(what, &e);
                 tracing::warn!(error = %e, "{what} watch failed; keeping the last known table, retrying with backoff");
             }
         }
