@@ -172,10 +172,12 @@ pub fn capture_sets(table: &ServiceTable, kube_proxy: bool) -> CaptureSets {
             }
         } else if capture {
             sets.want.insert((k.vip, proto(k)));
-        } else {
+        } else if kube_proxy {
             // Every endpoint here, or `internalTrafficPolicy: Local` (not
             // remote, whatever is here): the node's kube-proxy serves it,
             // or drops it as it should when there is no endpoint here.
+            // Without kube-proxy nothing would: such a port is left to
+            // prefix capture, and the relay refuses it.
             sets.local.insert((k.vip, proto(k)));
         }
     }
@@ -230,6 +232,9 @@ mod tests {
         let sets = capture_sets(&t, true);
         assert!(sets.want.is_empty(), "{sets:?}");
         assert!(sets.local.contains(&(p.key.vip, Proto::Tcp)), "{sets:?}");
+        // No kube-proxy to drop it: not exempt from prefix capture (the
+        // site's default route would take it otherwise).
+        assert_eq!(capture_sets(&t, false), CaptureSets::default());
     }
 
     #[test]

@@ -141,6 +141,7 @@ mod tests {
             portless_endpoints: Vec::new(),
             internal_local: false,
             client_ip_affinity: false,
+            external_local: false,
         }
     }
 

@@ -179,6 +179,12 @@ pub struct ServiceEntry {
     pub internal_local: bool,
     /// `sessionAffinity: ClientIP`: each client keeps to one endpoint.
     pub client_ip_affinity: bool,
+    /// `externalTrafficPolicy: Local`: kube-proxy sends traffic from
+    /// outside the cluster to the receiving node's own endpoints only (else
+    /// drops it), for node ports (left out of the table: see
+    /// [`ServicePort::node_port`]) and external and load-balancer IPs; from
+    /// pods and nodes it still goes to every endpoint.
+    pub external_local: bool,
 }
 
 /// What one ClusterIP:port (protocol) resolves to.

@@ -53,13 +53,17 @@ pub fn snapshot_of(table: &ServiceTable) -> ServiceSnapshot {
         })
         .collect();
     // External and load-balancer IPs share the table with ClusterIPs; the
-    // Service says which of its addresses they are.
+    // Service says which of its addresses they are. Those of
+    // `externalTrafficPolicy: Local` Services are not open to any source:
+    // from outside the cluster kube-proxy gives them to the receiving
+    // node's own endpoints only, so they are captured, like ClusterIPs,
+    // from the cluster's own sources alone.
     let external = table
         .cluster_ips()
         .filter(|((vip, _), e)| {
             table
                 .service(&e.namespace, &e.name)
-                .is_some_and(|s| s.external_ips.contains(&vip.ip()))
+                .is_some_and(|s| s.external_ips.contains(&vip.ip()) && !s.external_local)
         })
         .map(|((vip, proto), _)| ServiceKey {
             vip: *vip,
@@ -144,6 +148,11 @@ pub fn lookup_name(table: &ServiceTable, host: &str, port: u16) -> NameLookup {
     match &svc.kind {
         ServiceKind::ExternalName(target) => NameLookup::Refused(format!(
             "{what} is an ExternalName for {target}: connect to that name"
+        )),
+        // Only the asking node's own endpoints may serve it, and a CONNECT
+        // comes from no node (as for its ClusterIP, see `route_node_local`).
+        ServiceKind::ClusterIp(_) if svc.internal_local => NameLookup::Refused(format!(
+            "{what} has internalTrafficPolicy Local: only a node's own endpoints serve it, and a CONNECT is from no node"
         )),
         // Endpoints of the families the Service has (headless: both).
         ServiceKind::ClusterIp(ips) => {
@@ -254,6 +263,7 @@ mod tests {
             portless_endpoints: Vec::new(),
             internal_local: false,
             client_ip_affinity: false,
+            external_local: false,
         }
     }
 
@@ -342,6 +352,69 @@ mod tests {
         assert_eq!(web.len(), 1, "the not-ready endpoint is left out");
         assert_eq!(web[0].addr, "10.244.7.5:8080".parse().unwrap());
         assert_eq!(web[0].node.as_deref(), Some("edge1"));
+    }
+
+    /// The snapshot's per-port sets from the Service's fields: external
+    /// IPs open to any source unless `externalTrafficPolicy: Local`;
+    /// `internalTrafficPolicy: Local` on ClusterIPs only; affinity on all.
+    #[test]
+    fn service_fields_sort_ports_into_the_snapshots_sets() {
+        let key = |a: &str| ServiceKey {
+            vip: a.parse().unwrap(),
+            udp: false,
+        };
+        let with = |name: &str, vip: &str, ext: &str, f: &dyn Fn(&mut ServiceEntry)| {
+            let mut e = entry(
+                name,
+                ServiceKind::ClusterIp(vec![vip.parse().unwrap()]),
+                vec![port(
+                    80,
+                    Protocol::Tcp,
+                    vec![ep("10.244.7.5", 8080, "edge1", true)],
+                )],
+            );
+            e.external_ips = vec![ext.parse().unwrap()];
+            f(&mut e);
+            e
+        };
+        let mut t = ServiceTable::new("cluster.local");
+        t.set(
+            "shop",
+            "open",
+            Some(with("open", "10.96.0.1", "203.0.113.1", &|_| {})),
+        );
+        t.set(
+            "shop",
+            "etp",
+            Some(with("etp", "10.96.0.2", "203.0.113.2", &|e| {
+                e.external_local = true
+            })),
+        );
+        t.set(
+            "shop",
+            "itp",
+            Some(with("itp", "10.96.0.3", "203.0.113.3", &|e| {
+                e.internal_local = true;
+                e.client_ip_affinity = true;
+            })),
+        );
+        let s = snapshot_of(&t);
+        assert!(
+            s.ports.contains_key(&key("203.0.113.2:80")),
+            "captured from the cluster"
+        );
+        assert_eq!(
+            s.external.iter().copied().collect::<Vec<_>>(),
+            [key("203.0.113.1:80"), key("203.0.113.3:80")]
+        );
+        assert_eq!(
+            s.node_local.iter().copied().collect::<Vec<_>>(),
+            [key("10.96.0.3:80")]
+        );
+        assert_eq!(
+            s.sticky.iter().copied().collect::<Vec<_>>(),
+            [key("10.96.0.3:80"), key("203.0.113.3:80")]
+        );
     }
 
     #[test]

@@ -151,22 +151,32 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 /// robin. `None` when none is usable. While the endpoint whose turn it is
 /// is usable, that is the one ask; otherwise the usable ones are listed
 /// and take turns among themselves, so the endpoint after an unusable one
-/// gets no more than its share. With `sticky` (a hash of the client's
-/// address, for `sessionAffinity: ClientIP`) the turn is that hash
-/// instead: the same client gets the same endpoint while the endpoints
-/// stay the same (kube-proxy's timed table of recent clients, without
-/// the state: a changed endpoint list may move a client once).
+/// gets no more than its share. With `sticky` (the client's key from
+/// [`sticky_turn`], for `sessionAffinity: ClientIP`) the usable endpoint
+/// scoring highest for that client is taken instead (rendezvous hashing):
+/// the same client gets the same endpoint while it stays usable, and an
+/// endpoint added takes over only its share of the clients (kube-proxy
+/// keeps a timed table of recent clients instead; this needs no state).
 pub fn pick<'a, T>(
     backends: &'a [Backend],
     prefer: Option<&str>,
     sticky: Option<u64>,
     usable: impl Fn(&Backend) -> Option<T>,
 ) -> Option<(&'a Backend, T)> {
-    let i = match sticky {
-        // Truncated on 32-bit targets: still one fixed turn per client.
-        Some(h) => h as usize,
-        None => NEXT.fetch_add(1, Relaxed),
-    };
+    if let Some(client) = sticky {
+        let best = |of: &mut dyn Iterator<Item = &'a Backend>| {
+            of.filter_map(|b| usable(b).map(|t| (b, t)))
+                .max_by_key(|(b, _)| fnv1a(client, &addr_bytes(b.addr)))
+        };
+        if let Some(n) = prefer {
+            let mut local = backends.iter().filter(|b| b.node.as_deref() == Some(n));
+            if let Some(picked) = best(&mut local) {
+                return Some(picked);
+            }
+        }
+        return best(&mut backends.iter());
+    }
+    let i = NEXT.fetch_add(1, Relaxed);
     let one_of = |mut ok: Vec<(&'a Backend, T)>| {
         let n = ok.len();
         (n > 0).then(|| ok.swap_remove(i % n))
@@ -189,14 +199,31 @@ pub fn pick<'a, T>(
     one_of(backends.iter().filter_map(with).collect())
 }
 
-/// The turn [`pick`] gives `client` for a `sessionAffinity: ClientIP`
-/// Service: a hash of its address, the same in every relay process.
+/// The key [`pick`] scores endpoints with for `client` of a
+/// `sessionAffinity: ClientIP` Service: FNV-1a of its address, a hash
+/// fixed by its definition, so every relay replica and every build picks
+/// alike.
 pub fn sticky_turn(client: std::net::IpAddr) -> u64 {
-    use std::hash::{Hash, Hasher};
-    // SipHash with fixed keys: stable across processes and replicas.
-    let mut h = std::hash::DefaultHasher::new();
-    client.hash(&mut h);
-    h.finish()
+    fnv1a(FNV_OFFSET, &addr_bytes(SocketAddr::new(client, 0)))
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a (64-bit) of `bytes`, starting from `seed`.
+fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(seed, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// An address's octets and port, IPv4 in its own 4-byte form.
+fn addr_bytes(a: SocketAddr) -> Vec<u8> {
+    let mut v = match a.ip() {
+        std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+        std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+    };
+    v.extend_from_slice(&a.port().to_be_bytes());
+    v
 }
 
 /// The ClusterIP ports the relay node captures: those with an endpoint
@@ -452,7 +479,27 @@ mod tests {
             spread.insert(first);
         }
         assert_eq!(spread.len(), 3, "40 clients over 3 endpoints: {spread:?}");
-        assert_eq!(turn(7), turn(7), "stable");
+        // Fixed by definition (FNV-1a), not by the toolchain's hasher.
+        assert_eq!(
+            turn(7),
+            0xbf83_1a0e_ea7a_abf3,
+            "FNV-1a of 10.244.1.7, port 0"
+        );
+        // An endpoint added takes over about its share of clients (a
+        // quarter here), not most of them.
+        let four = [
+            all[0].clone(),
+            all[1].clone(),
+            all[2].clone(),
+            b("10.244.8.6:80", "edge2"),
+        ];
+        let moved = (0..200u8)
+            .filter(|&c| {
+                pick(&all, None, Some(turn(c)), any).unwrap().0.addr
+                    != pick(&four, None, Some(turn(c)), any).unwrap().0.addr
+            })
+            .count();
+        assert!((20..=80).contains(&moved), "{moved} of 200 clients moved");
         // Without edge2's endpoint, a client of another keeps its own.
         let not_edge2 = |b: &Backend| (b.node.as_deref() != Some("edge2")).then_some(());
         for last in 1..=40 {

@@ -113,12 +113,11 @@ pub fn service_entry<'a>(
         }
     }
     let mut external_ips = Vec::new();
-    // `externalTrafficPolicy: Local` governs external and load-balancer
-    // IPs as it does node ports: each node's own endpoints, else dropped,
-    // so they stay with kube-proxy. An ingress IP of `ipMode: Proxy` is
-    // the load balancer's own address (it proxies to the nodes), which
-    // kube-proxy leaves alone, and so do we.
-    if matches!(kind, ServiceKind::ClusterIp(_)) && !external_local {
+    // An ingress IP of `ipMode: Proxy` is the load balancer's own address
+    // (it proxies to the nodes), which kube-proxy leaves alone, and so do
+    // we. (`externalTrafficPolicy: Local` is kept on the entry: see
+    // [`ServiceEntry::external_local`].)
+    if matches!(kind, ServiceKind::ClusterIp(_)) {
         let lb = svc
             .status
             .as_ref()
@@ -152,6 +151,7 @@ pub fn service_entry<'a>(
             portless_endpoints: portless.into_values().collect(),
             internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
             client_ip_affinity: spec.session_affinity.as_deref() == Some("ClientIP"),
+            external_local,
         },
         notes,
     )

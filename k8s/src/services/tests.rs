@@ -337,9 +337,10 @@ fn node_ports_and_external_ips_are_served_like_the_cluster_ip() {
     );
     let np = t.node_port(30080, Protocol::Tcp).expect("node port");
     assert_eq!(np.endpoints[0].addr(), sa("10.244.7.5:8080"));
-    // `externalTrafficPolicy: Local`: the node port and the external and
-    // load-balancer IPs stay with each node's kube-proxy (not in the
-    // table); the ClusterIP is unchanged.
+    // `externalTrafficPolicy: Local`: the node port stays with each
+    // node's kube-proxy (not in the table); the ClusterIP and the external
+    // IPs stay (in-cluster sources reach every endpoint), the entry says
+    // so.
     let mut local = s.clone();
     if let Some(spec) = local.spec.as_mut() {
         spec.external_traffic_policy = Some("Local".into());
@@ -348,8 +349,9 @@ fn node_ports_and_external_ips_are_served_like_the_cluster_ip() {
     t.set("shop", "web", Some(e));
     assert!(t.node_port(30080, Protocol::Tcp).is_none());
     for vip in ["203.0.113.7:80", "198.51.100.9:80"] {
-        assert!(t.lookup(sa(vip), Protocol::Tcp).is_none(), "{vip}");
+        assert!(t.lookup(sa(vip), Protocol::Tcp).is_some(), "{vip}");
     }
+    assert!(t.service("shop", "web").unwrap().external_local);
     assert!(t.lookup(sa("10.96.0.20:80"), Protocol::Tcp).is_some());
     assert!(!t.service("shop", "web").unwrap().internal_local);
     // `internalTrafficPolicy: Local` is noted on the entry (the relay

@@ -146,30 +146,7 @@ pub fn kube_proxy_ruleset(
         }
         let p = svc.proto.nft();
         let m = format!("ip daddr {} {p} dport {}", svc.cluster_ip, svc.port);
-        let endpoints: Vec<SocketAddrV4> = match &svc.local_only {
-            Some(nodes) => {
-                let own: Vec<SocketAddrV4> = svc
-                    .endpoints
-                    .iter()
-                    .zip(nodes)
-                    .filter(|(_, n)| *n == node)
-                    .map(|(e, _)| *e)
-                    .collect();
-                if own.is_empty() && !svc.endpoints.is_empty() {
-                    // kube-proxy drops (not rejects) what no local
-                    // endpoint serves.
-                    let _ = writeln!(
-                        no_endpoints,
-                        "    {m} drop comment \"{} has no local endpoints\"",
-                        svc.name
-                    );
-                    continue;
-                }
-                own
-            }
-            None => svc.endpoints.clone(),
-        };
-        if endpoints.is_empty() {
+        if svc.endpoints.is_empty() {
             let _ = writeln!(
                 no_endpoints,
                 "    {m} reject comment \"{} has no endpoints\"",
@@ -177,8 +154,8 @@ pub fn kube_proxy_ruleset(
             );
             continue;
         }
-        let mut vmap = Vec::new();
-        for (j, ep) in endpoints.iter().enumerate() {
+        // One chain per endpoint; a vmap over some of them.
+        for (j, ep) in svc.endpoints.iter().enumerate() {
             let _ = writeln!(
                 chains,
                 "  chain endpoint-{i}-{j} {{\n    meta l4proto {p} dnat to {}:{} comment \"{}\"\n  }}",
@@ -186,19 +163,46 @@ pub fn kube_proxy_ruleset(
                 ep.port(),
                 svc.name
             );
-            vmap.push(format!("{j} : jump endpoint-{i}-{j}"));
         }
-        let vmap = format!(
-            "numgen random mod {} vmap {{ {} }} comment \"{}\"",
-            endpoints.len(),
-            vmap.join(", "),
-            svc.name
-        );
-        let _ = writeln!(services_chain, "    {m} {vmap}");
+        let vmap = |picks: &[usize]| {
+            let arms: Vec<String> = picks
+                .iter()
+                .enumerate()
+                .map(|(k, j)| format!("{k} : jump endpoint-{i}-{j}"))
+                .collect();
+            format!(
+                "numgen random mod {} vmap {{ {} }} comment \"{}\"",
+                picks.len(),
+                arms.join(", "),
+                svc.name
+            )
+        };
+        let all: Vec<usize> = (0..svc.endpoints.len()).collect();
+        // internalTrafficPolicy governs the ClusterIP only; node ports
+        // follow externalTrafficPolicy (Cluster here: every endpoint).
+        let cluster: Vec<usize> = match &svc.local_only {
+            Some(nodes) => all
+                .iter()
+                .copied()
+                .filter(|&j| nodes.get(j).is_some_and(|n| n == node))
+                .collect(),
+            None => all.clone(),
+        };
+        if cluster.is_empty() {
+            // kube-proxy drops (not rejects) what no local endpoint serves.
+            let _ = writeln!(
+                no_endpoints,
+                "    {m} drop comment \"{} has no local endpoints\"",
+                svc.name
+            );
+        } else {
+            let _ = writeln!(services_chain, "    {m} {}", vmap(&cluster));
+        }
         if let Some(np) = svc.node_port {
             let _ = writeln!(
                 services_chain,
-                "    fib daddr type local {p} dport {np} {vmap}"
+                "    fib daddr type local {p} dport {np} {}",
+                vmap(&all)
             );
         }
     }
@@ -286,5 +290,55 @@ impl NetnsLab {
     /// The `ip kube-proxy` table of `node` as `nft list table` shows it.
     pub fn kube_proxy_rules(&self, node: Role) -> Result<String> {
         self.exec(node, &["nft", "list", "table", "ip", "kube-proxy"])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `internalTrafficPolicy: Local` narrows the ClusterIP to the node's
+    /// own endpoints (dropped where there is none) and leaves the node
+    /// port to every endpoint, as kube-proxy does.
+    #[test]
+    fn internal_traffic_policy_narrows_the_cluster_ip_only() {
+        let eps: Vec<SocketAddr> = ["10.244.7.5:80", "10.244.8.5:80"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let mut svc = KubeService::new(
+            "d/agent:p",
+            "10.96.0.34:80".parse().unwrap(),
+            Proto::Tcp,
+            &eps,
+        )
+        .unwrap()
+        .with_node_port(30080);
+        svc.local_only = Some(vec!["edge1".into(), "edge2".into()]);
+        let on =
+            |node: &str| kube_proxy_ruleset(KubeProxyMode::Iptables, &[svc.clone()], node).unwrap();
+        let edge1 = on("edge1");
+        let rule = |t: &str, m: &str| {
+            t.lines()
+                .find(|l| l.contains(m))
+                .unwrap_or_default()
+                .to_string()
+        };
+        let cip = rule(&edge1, "ip daddr 10.96.0.34");
+        assert!(
+            cip.contains("mod 1 vmap { 0 : jump endpoint-0-0 }"),
+            "{cip}"
+        );
+        let np = rule(&edge1, "dport 30080");
+        assert!(np.contains("mod 2 vmap"), "{np}");
+        let cloud = on("cloud2");
+        assert!(
+            rule(&cloud, "ip daddr 10.96.0.34").contains("drop"),
+            "{cloud}"
+        );
+        assert!(
+            rule(&cloud, "dport 30080").contains("mod 2 vmap"),
+            "{cloud}"
+        );
     }
 }
