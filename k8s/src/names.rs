@@ -142,6 +142,7 @@ mod tests {
             internal_local: false,
             client_ip_affinity: false,
             external_local: false,
+            other_proxy: false,
         }
     }
 

@@ -54,6 +54,10 @@ pub use table::ServiceTable;
 /// The label linking an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
+/// The Service label that hands a Service to another proxy (any value):
+/// kube-proxy leaves such Services alone, and so does the relay.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+
 /// Transport protocol of a Service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
@@ -185,6 +189,10 @@ pub struct ServiceEntry {
     /// [`ServicePort::node_port`]) and external and load-balancer IPs; from
     /// pods and nodes it still goes to every endpoint.
     pub external_local: bool,
+    /// Labelled [`SERVICE_PROXY_NAME_LABEL`]: another proxy serves it, so
+    /// none of its addresses is captured or resolved (its names still
+    /// resolve, to its ClusterIP).
+    pub other_proxy: bool,
 }
 
 /// What one ClusterIP:port (protocol) resolves to.

@@ -34,10 +34,17 @@ pub struct KubeServices {
 
 /// The snapshot of `table`: every TCP and UDP ClusterIP (and external IP)
 /// port and node port with its usable endpoints (SCTP is never captured,
-/// so never listed).
+/// so never listed, nor are Services another proxy serves).
 pub fn snapshot_of(table: &ServiceTable) -> ServiceSnapshot {
-    // `(udp, endpoints)` of an entry, or `None` for SCTP.
+    // `(udp, endpoints)` of an entry, or `None` for SCTP and for a Service
+    // labelled for another proxy (kube-proxy leaves those alone too).
     let usable = |proto: &Protocol, entry: &relay_kube::ClusterIpEntry| {
+        if table
+            .service(&entry.namespace, &entry.name)
+            .is_some_and(|s| s.other_proxy)
+        {
+            return None;
+        }
         let udp = match proto {
             Protocol::Tcp => false,
             Protocol::Udp => true,
@@ -264,6 +271,7 @@ mod tests {
             internal_local: false,
             client_ip_affinity: false,
             external_local: false,
+            other_proxy: false,
         }
     }
 
@@ -398,7 +406,20 @@ mod tests {
                 e.client_ip_affinity = true;
             })),
         );
+        t.set(
+            "shop",
+            "mesh",
+            Some(with("mesh", "10.96.0.4", "203.0.113.4", &|e| {
+                e.other_proxy = true
+            })),
+        );
         let s = snapshot_of(&t);
+        assert!(
+            !s.ports
+                .keys()
+                .any(|k| k.vip.ip().to_string().ends_with(".4")),
+            "another proxy's Service is left alone"
+        );
         assert!(
             s.ports.contains_key(&key("203.0.113.2:80")),
             "captured from the cluster"

@@ -152,6 +152,11 @@ pub fn service_entry<'a>(
             internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
             client_ip_affinity: spec.session_affinity.as_deref() == Some("ClientIP"),
             external_local,
+            other_proxy: svc
+                .metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(crate::services::SERVICE_PROXY_NAME_LABEL)),
         },
         notes,
     )

@@ -366,6 +366,15 @@ fn node_ports_and_external_ips_are_served_like_the_cluster_ip() {
         spec.session_affinity = Some("ClientIP".into());
     }
     assert!(service_entry(&itp, [&sl], None).0.client_ip_affinity);
+    assert!(!service_entry(&itp, [&sl], None).0.other_proxy);
+    itp.metadata.labels = Some(
+        [(
+            crate::services::SERVICE_PROXY_NAME_LABEL.to_string(),
+            "mesh".to_string(),
+        )]
+        .into(),
+    );
+    assert!(service_entry(&itp, [&sl], None).0.other_proxy);
     t.set("shop", "web", None);
     assert_eq!(
         (t.cluster_ip_len(), t.node_ports().count()),
