@@ -114,8 +114,9 @@ pub struct EdgeStats {
     /// fallback cannot tell a close from a loss and never counts here.
     pub closed_by_relay: AtomicU64,
     /// QUIC sessions in a row that the edge's liveness check gave up soon
-    /// after they came up; at 2 and above, an `auto` edge dials TCP first
-    /// and probes QUIC less often.
+    /// after they came up, as counted by the reconnect loop (one per relay
+    /// replica) whose QUIC session ended last; at 2 and above, that loop
+    /// dials TCP first and probes QUIC less often.
     pub quic_strikes: AtomicU64,
     /// Which of the relay name's addresses the next attempt dials, modulo
     /// their number: advanced past an address that failed, so a name with

@@ -403,15 +403,24 @@ mod tests {
         relay_transport::tls::install_default_provider();
         let pki =
             relay_transport::devcerts::DevPki::generate(&["relay.test"], &["edge-a"]).unwrap();
-        let relay = relay_transport::quic::server_endpoint(
-            "127.0.0.1:0".parse().unwrap(),
-            &pki.relay_material().unwrap(),
-            &relay_transport::quic::QuicTuning::default(),
-            false,
-        )
-        .unwrap();
-        let addr = relay.local_addr().unwrap();
-        let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+        // An ephemeral UDP port whose TCP twin is free (another test may
+        // hold it): a few tries.
+        let mut bound = None;
+        for _ in 0..20 {
+            let relay = relay_transport::quic::server_endpoint(
+                "127.0.0.1:0".parse().unwrap(),
+                &pki.relay_material().unwrap(),
+                &relay_transport::quic::QuicTuning::default(),
+                false,
+            )
+            .unwrap();
+            let addr = relay.local_addr().unwrap();
+            if let Ok(tcp) = tokio::net::TcpListener::bind(addr).await {
+                bound = Some((relay, addr, tcp));
+                break;
+            }
+        }
+        let (relay, addr, tcp) = bound.expect("no UDP port with its TCP twin free in 20 tries");
         let busy = Duration::from_millis(1500);
         // Each handshake answered after `busy`, as a full queue would; the
         // abandoned first one times out on its own.

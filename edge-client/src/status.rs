@@ -180,7 +180,7 @@ pub(crate) fn render(up: bool, st: &EdgeStats) -> String {
     one(
         "quic_strikes",
         "gauge",
-        "QUIC sessions in a row the edge's liveness check gave up soon after they came up; at 2 and above an auto edge dials TCP first and probes QUIC less often.",
+        "QUIC sessions in a row the edge's liveness check gave up soon after they came up, on the path to the relay (replica) whose QUIC session ended last; at 2 and above an auto edge dials TCP first on that path and probes QUIC less often.",
         n(&st.quic_strikes),
     );
     one(

@@ -132,6 +132,11 @@ pub fn lookup_name(table: &ServiceTable, host: &str, port: u16) -> NameLookup {
         return NameLookup::NotAService;
     };
     let what = format!("service {}/{}", svc.namespace, svc.name);
+    if svc.other_proxy {
+        return NameLookup::Refused(format!(
+            "{what} is served by another proxy (service.kubernetes.io/service-proxy-name)"
+        ));
+    }
     if svc.kind == ServiceKind::Headless && svc.ports.is_empty() {
         // No ports to check against: a client that resolved the name
         // through DNS would connect to an endpoint's address on any port.
@@ -420,6 +425,12 @@ mod tests {
                 .any(|k| k.vip.ip().to_string().ends_with(".4")),
             "another proxy's Service is left alone"
         );
+        for host in ["mesh.shop", "itp.shop"] {
+            assert!(
+                matches!(lookup_name(&t, host, 80), NameLookup::Refused(_)),
+                "CONNECT {host}:80 is not ours to resolve"
+            );
+        }
         assert!(
             s.ports.contains_key(&key("203.0.113.2:80")),
             "captured from the cluster"

@@ -100,8 +100,9 @@ impl HttpProxy {
 
     /// The proxy the environment names for a connection to `host`, as
     /// curl and Go read it: `https_proxy` or `HTTPS_PROXY`, unless
-    /// `no_proxy` or `NO_PROXY` lists `host` (exactly, as a domain suffix
-    /// with or without a leading dot, or `*`). `None` when none applies.
+    /// `no_proxy` or `NO_PROXY` covers `host` (entries of
+    /// names, domains, addresses and CIDRs, or `*`). `None` when none
+    /// applies.
     pub fn from_env(host: &str) -> Option<Result<HttpProxy, String>> {
         let var = |a: &str, b: &str| {
             std::env::var(a)
@@ -176,7 +177,12 @@ fn no_proxy_covers(list: Option<&str>, host: &str) -> bool {
     let ip = host.parse::<std::net::IpAddr>().ok();
     list.into_iter()
         .flat_map(|l| l.split(','))
-        .map(|e| e.trim().trim_start_matches('.').to_ascii_lowercase())
+        .map(|e| {
+            let e = e.trim();
+            // `*.corp.example` (Go's form), `.corp.example`, `corp.example`.
+            let e = e.strip_prefix("*.").unwrap_or(e);
+            e.trim_start_matches('.').to_ascii_lowercase()
+        })
         .filter(|e| !e.is_empty())
         .any(|e| {
             if e == "*" {
@@ -268,6 +274,10 @@ mod tests {
 
     #[test]
     fn no_proxy_lists_match_hosts_and_domains() {
+        assert!(no_proxy_covers(
+            Some("*.corp.example"),
+            "relay.corp.example"
+        ));
         let l = Some("localhost, .corp.example,relay.other ");
         assert!(no_proxy_covers(l, "relay.corp.example"));
         assert!(no_proxy_covers(l, "corp.example"));
