@@ -4,8 +4,8 @@
 //! an immutable [`ServiceSnapshot`] for the data path. Built only with the
 //! `kubernetes` feature.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,58 +59,43 @@ pub fn snapshot_of(table: &ServiceTable) -> ServiceSnapshot {
             usable(proto, e).map(|(udp, b)| (ServiceKey { vip: *vip, udp }, b))
         })
         .collect();
+    // The captured ClusterIP (and external IP) ports whose Service and
+    // address pass `pred`.
+    let keys_where = |pred: &dyn Fn(&relay_kube::ServiceEntry, IpAddr) -> bool| {
+        table
+            .cluster_ips()
+            .filter(|((vip, _), e)| {
+                table
+                    .service(&e.namespace, &e.name)
+                    .is_some_and(|s| pred(s, vip.ip()))
+            })
+            .map(|((vip, proto), _)| ServiceKey {
+                vip: *vip,
+                udp: *proto == Protocol::Udp,
+            })
+            .filter(|k| ports.contains_key(k))
+            .collect::<BTreeSet<ServiceKey>>()
+    };
     // External and load-balancer IPs share the table with ClusterIPs; the
     // Service says which of its addresses they are. Those of
     // `externalTrafficPolicy: Local` Services are not open to any source:
     // from outside the cluster kube-proxy gives them to the receiving
     // node's own endpoints only, so they are captured, like ClusterIPs,
     // from the cluster's own sources alone.
-    let external = table
-        .cluster_ips()
-        .filter(|((vip, _), e)| {
-            table
-                .service(&e.namespace, &e.name)
-                .is_some_and(|s| s.external_ips.contains(&vip.ip()) && !s.external_local)
-        })
-        .map(|((vip, proto), _)| ServiceKey {
-            vip: *vip,
-            udp: *proto == Protocol::Udp,
-        })
-        .filter(|k| ports.contains_key(k))
-        .collect();
+    let external = keys_where(&|s, ip| s.external_ips.contains(&ip) && !s.external_local);
     // internalTrafficPolicy applies to ClusterIPs, not to external IPs.
-    let node_local = table
-        .cluster_ips()
-        .filter(|((vip, _), e)| {
-            table
-                .service(&e.namespace, &e.name)
-                .is_some_and(|s| s.internal_local && !s.external_ips.contains(&vip.ip()))
-        })
-        .map(|((vip, proto), _)| ServiceKey {
-            vip: *vip,
-            udp: *proto == Protocol::Udp,
-        })
-        .filter(|k| ports.contains_key(k))
-        .collect();
-    let sticky_of = |e: &relay_kube::ClusterIpEntry| {
+    let node_local = keys_where(&|s, ip| s.internal_local && !s.external_ips.contains(&ip));
+    let mut sticky = keys_where(&|s, _| s.client_ip_affinity);
+    sticky.extend(
         table
-            .service(&e.namespace, &e.name)
-            .is_some_and(|s| s.client_ip_affinity)
-    };
-    let sticky = table
-        .cluster_ips()
-        .filter(|(_, e)| sticky_of(e))
-        .map(|((vip, proto), _)| ServiceKey {
-            vip: *vip,
-            udp: *proto == Protocol::Udp,
-        })
-        .chain(
-            table
-                .node_ports()
-                .filter(|(_, e)| sticky_of(e))
-                .map(|((port, proto), _)| ServiceKey::node_port(*port, *proto == Protocol::Udp)),
-        )
-        .collect();
+            .node_ports()
+            .filter(|(_, e)| {
+                table
+                    .service(&e.namespace, &e.name)
+                    .is_some_and(|s| s.client_ip_affinity)
+            })
+            .map(|((port, proto), _)| ServiceKey::node_port(*port, *proto == Protocol::Udp)),
+    );
     let node_ports = table
         .node_ports()
         .filter_map(|((port, proto), e)| usable(proto, e).map(|(udp, b)| ((*port, udp), b)))
