@@ -38,6 +38,10 @@ pub struct NodeClaims {
     pub external_ips: Vec<IpAddr>,
     /// The `Hostname` address, which may differ from the Node name.
     pub hostname: Option<String>,
+    /// `status.addresses` of type `InternalDNS` and `ExternalDNS`: names
+    /// kube-apiserver dials a kubelet by when its
+    /// `--kubelet-preferred-address-types` puts them first.
+    pub dns_names: Vec<String>,
     /// Edge-to-edge communities from labels `community.edge-relay.io/<name>`
     /// (any value; FabEdge-style groups an operator sets with `kubectl
     /// label node edge-1 community.edge-relay.io/shops=`).
@@ -159,6 +163,9 @@ pub fn node_claims(node: &Node) -> (NodeClaims, Vec<ClaimIssue>) {
     for a in addresses {
         match a.type_.as_str() {
             "Hostname" if claims.hostname.is_none() => claims.hostname = Some(a.address),
+            "InternalDNS" | "ExternalDNS" if !claims.dns_names.contains(&a.address) => {
+                claims.dns_names.push(a.address)
+            }
             kind @ ("InternalIP" | "ExternalIP") => match a.address.parse::<IpAddr>() {
                 Ok(ip) if kind == "InternalIP" => claims.internal_ips.push(ip),
                 Ok(ip) => claims.external_ips.push(ip),
@@ -421,6 +428,9 @@ mod tests {
                 ("InternalIP", "fd00::10"),
                 ("ExternalIP", "203.0.113.7"),
                 ("Hostname", "edge-1.shop.example"),
+                ("InternalDNS", "ip-192-168-1-10.shop.internal"),
+                ("ExternalDNS", "edge-1.shops.example.com"),
+                ("InternalDNS", "ip-192-168-1-10.shop.internal"),
             ],
         );
         let (c, issues) = node_claims(&n);
@@ -433,6 +443,10 @@ mod tests {
             vec!["203.0.113.7".parse::<IpAddr>().unwrap()]
         );
         assert_eq!(c.hostname.as_deref(), Some("edge-1.shop.example"));
+        assert_eq!(
+            c.dns_names,
+            ["ip-192-168-1-10.shop.internal", "edge-1.shops.example.com"]
+        );
     }
 
     #[test]

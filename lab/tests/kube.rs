@@ -38,13 +38,19 @@ fn node_name(i: u8) -> String {
     format!("edge-{i}")
 }
 
-/// Node `edge-i` as a kubelet registers it.
+/// Node `edge-i` as a kubelet registers it (with an InternalDNS name, as
+/// cloud providers' kubelets add).
 fn node(i: u8) -> relay_kube_standin::k8s_openapi::api::core::v1::Node {
     let (ip, host) = (node_ip(i).to_string(), format!("edge-{i}.site.example"));
+    let dns = format!("ip-{}.site.internal", ip.replace('.', "-"));
     kubelet_node(
         &node_name(i),
         &[&pod_cidr(i)],
-        &[("InternalIP", &ip), ("Hostname", &host)],
+        &[
+            ("InternalIP", &ip),
+            ("Hostname", &host),
+            ("InternalDNS", &dns),
+        ],
     )
 }
 
@@ -222,7 +228,9 @@ async fn nodes_decide_claims_for_edges_configured_with_only_the_relay_address() 
         .await?,
         "edge-0 kubelet"
     );
-    // By Node name and by its Hostname address, which differs from the name.
+    // By Node name, by its Hostname address, which differs from the name,
+    // and by its InternalDNS name (kube-apiserver's choice when its
+    // --kubelet-preferred-address-types puts InternalDNS first).
     assert_eq!(
         fetch(lab.connect(), &format!("edge-0:{}", web.port())).await?,
         "edge-0 kubelet"
@@ -233,6 +241,14 @@ async fn nodes_decide_claims_for_edges_configured_with_only_the_relay_address() 
             &format!("edge-0.site.example:{}", web.port())
         )
         .await?,
+        "edge-0 kubelet"
+    );
+    let dns = format!(
+        "ip-{}.site.internal",
+        node_ip(0).to_string().replace('.', "-")
+    );
+    assert_eq!(
+        fetch(lab.connect(), &format!("{dns}:{}", web.port())).await?,
         "edge-0 kubelet"
     );
     // The condition and an event, written by the relay's field manager.

@@ -39,8 +39,10 @@ pub struct NodeEntry {
     /// else the first ExternalIP (Kubernetes); none in static mode (the
     /// edge names its own).
     pub primary: Option<IpAddr>,
-    /// The node's `Hostname` address, which may differ from its name.
-    pub hostname: Option<String>,
+    /// The node's `Hostname`, `InternalDNS` and `ExternalDNS` addresses
+    /// (which may differ from its name): what `CONNECT <name>:<port>`
+    /// may name it by.
+    pub hostnames: Vec<String>,
     /// A cloud node (Kubernetes: neither labelled an edge nor ever
     /// connected as one), which the relay may dial itself for a CONNECT
     /// client; never in static mode, whose table lists edges.
@@ -142,8 +144,8 @@ pub struct NodeSource {
     pub addresses: Vec<IpAddr>,
     /// Preferred address for CONNECT by name.
     pub primary: Option<IpAddr>,
-    /// The `Hostname` address.
-    pub hostname: Option<String>,
+    /// The `Hostname`, `InternalDNS` and `ExternalDNS` addresses.
+    pub hostnames: Vec<String>,
     /// A cloud node (see [`NodeEntry::cloud`]).
     pub cloud: bool,
 }
@@ -186,7 +188,7 @@ pub fn build_entries(nodes: &BTreeMap<String, NodeSource>) -> HashMap<String, Ar
                 allowed,
                 ambiguous,
                 primary: s.primary,
-                hostname: s.hostname.clone(),
+                hostnames: s.hostnames.clone(),
                 cloud: s.cloud,
             };
             (name.clone(), Arc::new(entry))
@@ -355,7 +357,7 @@ mod tests {
             prefixes: vec![c(pod)],
             addresses: vec![addr.parse().unwrap()],
             primary: Some(addr.parse().unwrap()),
-            hostname: None,
+            hostnames: Vec::new(),
             cloud,
         }
     }
@@ -369,7 +371,7 @@ mod tests {
             ("tower", "10.244.3.0/24", "192.168.7.1"),
         ] {
             let mut src = source(pod, addr, false);
-            src.hostname = Some(format!("{n}.local"));
+            src.hostnames = vec![format!("{n}.local")];
             nodes.insert(n.to_string(), src);
         }
         let e = build_entries(&nodes);

@@ -381,7 +381,7 @@ mod tests {
             ],
             ambiguous: vec![c("192.168.1.10/32")],
             primary: Some("192.168.1.10".parse().unwrap()),
-            hostname: None,
+            hostnames: Vec::new(),
             cloud: false,
         }
     }

@@ -246,15 +246,19 @@ fn is_cloud(c: &NodeClaims, cloud_ranges: &[Cidr]) -> bool {
                 .any(|a| inside(&Cidr::host(*a))))
 }
 
-/// Hostname address (lower case) → the Node carrying it, `None` where
-/// several do.
+/// Hostname, InternalDNS or ExternalDNS address (lower case) → the Node
+/// carrying it, `None` where several do.
 fn hostnames(entries: &HashMap<String, Arc<NodeEntry>>) -> HashMap<String, Option<String>> {
     let mut by_hostname: HashMap<String, Option<String>> = HashMap::new();
     for (n, e) in entries {
-        if let Some(h) = &e.hostname {
+        for h in &e.hostnames {
             by_hostname
                 .entry(h.to_ascii_lowercase())
-                .and_modify(|v| *v = None)
+                .and_modify(|v| {
+                    if v.as_ref() != Some(n) {
+                        *v = None
+                    }
+                })
                 .or_insert_with(|| Some(n.clone()));
         }
     }
@@ -281,7 +285,7 @@ fn source(c: &NodeClaims, cloud_ranges: &[Cidr]) -> NodeSource {
         prefixes: c.pod_cidrs.clone(),
         primary: c.internal_ips.first().or(c.external_ips.first()).copied(),
         addresses,
-        hostname: c.hostname.clone(),
+        hostnames: c.hostname.iter().chain(&c.dns_names).cloned().collect(),
         cloud: is_cloud(c, cloud_ranges),
     }
 }
@@ -507,15 +511,21 @@ mod tests {
 
     /// A Hostname two Nodes carry resolves to neither (an edge's kubelet
     /// writes its own addresses and could copy a cloud node's); a unique
-    /// one resolves, in any case.
+    /// one resolves, in any case, and so do InternalDNS and ExternalDNS
+    /// names (kube-apiserver dials kubelets by them when its preferred
+    /// address types put them first), also where one Node carries a name
+    /// twice.
     #[test]
     fn a_hostname_several_nodes_carry_resolves_to_none() {
+        let mut dns = claims(&["10.244.9.0/24"], "192.168.1.12", true, false);
+        dns.dns_names = vec!["ip-192-168-1-12.shop.internal".into(), "Edge-3".into()];
         let e = entries(&[
             (
                 "worker-1",
                 claims(&["10.244.1.0/24"], "10.0.0.2", false, false),
                 "ip-10-0-0-2",
             ),
+            ("edge-3", dns, "edge-3"),
             (
                 "edge-1",
                 claims(&["10.244.7.0/24"], "192.168.1.10", true, false),
@@ -530,6 +540,9 @@ mod tests {
         let h = hostnames(&e);
         assert_eq!(h.get("ip-10-0-0-2"), Some(&None));
         assert_eq!(h.get("shop-2"), Some(&Some("edge-2".to_string())));
+        let edge3 = Some("edge-3".to_string());
+        assert_eq!(h.get("ip-192-168-1-12.shop.internal"), Some(&edge3));
+        assert_eq!(h.get("edge-3"), Some(&edge3));
     }
 
     /// Only cloud Nodes' pod CIDRs and addresses become capture sources.
