@@ -46,6 +46,28 @@ pub(crate) struct Parts {
     pub(crate) saved: Option<SavedCapture>,
 }
 
+/// The routes capture works from after a state change: a session's once
+/// its set is complete; until then (and between sessions) the routes it
+/// had, with what a new session says this edge serves.
+fn next_routes(routes: Option<Routes>, state: &EdgeState) -> Option<Routes> {
+    match state {
+        EdgeState::Connected {
+            tunnel_routes,
+            served_routes,
+            routes_complete: true,
+            ..
+        } => Some(Routes {
+            tunnel: tunnel_routes.clone(),
+            served: served_routes.clone(),
+        }),
+        EdgeState::Connected { served_routes, .. } => routes.map(|r| Routes {
+            tunnel: r.tunnel,
+            served: served_routes.clone(),
+        }),
+        _ => routes,
+    }
+}
+
 pub(crate) async fn run(
     Parts {
         mut cap,
@@ -147,17 +169,7 @@ pub(crate) async fn run(
         if let Err(e) = cap.apply_node_ports(&sets.node_ports).await {
             warn!(error = %e, "updating node port capture failed; will retry on the next change");
         }
-        if let EdgeState::Connected {
-            tunnel_routes,
-            served_routes,
-            ..
-        } = &*state.borrow_and_update()
-        {
-            routes = Some(Routes {
-                tunnel: tunnel_routes.clone(),
-                served: served_routes.clone(),
-            });
-        }
+        routes = next_routes(routes, &state.borrow_and_update());
         let unchanged = saved_from
             .as_ref()
             .is_some_and(|(t, r)| Arc::ptr_eq(t, &now_table) && *r == routes);
@@ -340,4 +352,66 @@ async fn outbound(
         }
     }
     drop(served);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cidrs(list: &[&str]) -> Vec<Cidr> {
+        list.iter().map(|c| c.parse().unwrap()).collect()
+    }
+
+    fn connected(tunnel: &[&str], served: &[&str], complete: bool) -> EdgeState {
+        EdgeState::Connected {
+            session_id: 1,
+            generation: 1,
+            relay_id: "relay-0".into(),
+            tunnel_routes: cidrs(tunnel),
+            routes_complete: complete,
+            served_routes: cidrs(served),
+            replicas: None,
+        }
+    }
+
+    /// A new session's hello from a relay sending deltas carries no routes:
+    /// capture keeps the ones it has (pod traffic to cloud ranges would
+    /// otherwise leave by the default route until the first batch), and
+    /// takes the session's once its set is complete, even an empty one.
+    #[test]
+    fn capture_keeps_its_routes_until_a_sessions_set_is_complete() {
+        let old = Some(Routes {
+            tunnel: cidrs(&["10.244.0.0/24", "10.96.0.0/12"]),
+            served: cidrs(&["10.244.7.0/24"]),
+        });
+        let lost = EdgeState::Connecting {
+            attempt: 1,
+            last: None,
+        };
+        assert_eq!(next_routes(old.clone(), &lost), old);
+        let hello = next_routes(old.clone(), &connected(&[], &["10.244.8.0/24"], false));
+        assert_eq!(
+            hello,
+            Some(Routes {
+                tunnel: cidrs(&["10.244.0.0/24", "10.96.0.0/12"]),
+                served: cidrs(&["10.244.8.0/24"]),
+            })
+        );
+        assert_eq!(next_routes(None, &connected(&[], &[], false)), None);
+        let batch = connected(&["10.96.0.0/12"], &["10.244.8.0/24"], true);
+        assert_eq!(
+            next_routes(hello.clone(), &batch),
+            Some(Routes {
+                tunnel: cidrs(&["10.96.0.0/12"]),
+                served: cidrs(&["10.244.8.0/24"]),
+            })
+        );
+        assert_eq!(
+            next_routes(hello, &connected(&[], &[], true)),
+            Some(Routes {
+                tunnel: Vec::new(),
+                served: Vec::new(),
+            })
+        );
+    }
 }

@@ -43,6 +43,12 @@ pub enum EdgeState {
         relay_id: String,
         /// Prefixes the relay asks us to send back through the tunnel.
         tunnel_routes: Vec<Cidr>,
+        /// Whether `tunnel_routes` is the relay's complete set. False from
+        /// the hello of a relay that sends routes as deltas until the
+        /// first complete batch: capture keeps the routes it had, so pod
+        /// traffic to cloud ranges is never let out by the default route
+        /// while a new session's routes are on their way.
+        routes_complete: bool,
         /// Prefixes this edge serves (the relay's word if it decides,
         /// else the config's); never captured.
         served_routes: Vec<Cidr>,
@@ -620,6 +626,9 @@ pub(crate) async fn run(
                     generation: hello.generation,
                     relay_id: hello.relay_id.clone(),
                     tunnel_routes: hello.tunnel_routes.clone(),
+                    // An older relay puts its whole list in the hello.
+                    routes_complete: hello.capabilities & relay_protocol::capability::ROUTE_DELTAS
+                        == 0,
                     served_routes: served.get().routes.clone(),
                     replicas: None,
                 });

@@ -495,8 +495,14 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
 /// Makes a complete set of tunnel routes the session's (capture follows).
 fn publish_routes(state: &watch::Sender<EdgeState>, routes: Vec<Cidr>) {
     state.send_modify(|s| {
-        if let EdgeState::Connected { tunnel_routes, .. } = s {
+        if let EdgeState::Connected {
+            tunnel_routes,
+            routes_complete,
+            ..
+        } = s
+        {
             *tunnel_routes = routes;
+            *routes_complete = true;
         }
     });
 }
