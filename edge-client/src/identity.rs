@@ -10,7 +10,10 @@
 //! relay is away still has one). Renewal starts at two thirds of the
 //! certificate's life, on a separate connection, and the session moves to
 //! a new connection with the new certificate (the relay keeps the routes:
-//! the new session supersedes the old one in one step).
+//! the new session supersedes the old one in one step). Until renewal
+//! succeeds, reconnects dial with the certificate the edge has, as long as
+//! it is valid: the bootstrap's own path (the apiserver reviewing tokens)
+//! may be what is down.
 //!
 //! Clocks: boards without a real-time clock may boot in 1970. The edge
 //! verifies the relay's certificate against its own clock, so with a wrong
@@ -46,18 +49,53 @@ pub(crate) enum IdentityError {
 #[derive(Clone)]
 struct Cert {
     material: TlsMaterial,
-    not_before: SystemTime,
     not_after: SystemTime,
+    /// When to get the next one, by this edge's clock (see
+    /// [`renew_at`] and [`Cert::timed_by_relay`]).
+    renew_at: SystemTime,
 }
 
+/// Two thirds into a certificate's life: time to get the next one. Life
+/// counts from issuance, which is [`CLOCK_SLACK`] after the relay's
+/// `not_before`.
+fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
+    let issued = (not_before + CLOCK_SLACK).min(not_after);
+    let life = not_after.duration_since(issued).unwrap_or_default();
+    issued + life * 2 / 3
+}
+
+/// A certificate this close to expiry is renewed before dialling with it
+/// (the handshake must finish while it is valid): a minute, or a quarter
+/// of the last third of a short life.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(60);
+
 impl Cert {
-    /// Two thirds into its life: time to get the next one. Life counts
-    /// from issuance, which is [`CLOCK_SLACK`] after the relay's
-    /// `not_before`.
-    fn renew_at(&self) -> SystemTime {
-        let issued = (self.not_before + CLOCK_SLACK).min(self.not_after);
-        let life = self.not_after.duration_since(issued).unwrap_or_default();
-        issued + life * 2 / 3
+    /// Times renewal from the moment the certificate arrived, `now` by this
+    /// edge's clock, and the life it had left by the relay's (its clock at
+    /// issuance, `relay_time_unix`): an edge whose clock is hours off
+    /// neither renews in a loop (ahead: every new certificate already
+    /// looks due) nor lets it expire first (behind).
+    fn timed_by_relay(
+        mut self,
+        now: SystemTime,
+        relay_time_unix: u64,
+        not_after_unix: u64,
+    ) -> Self {
+        if relay_time_unix > 0 && not_after_unix > relay_time_unix {
+            let left = Duration::from_secs(not_after_unix - relay_time_unix);
+            self.renew_at = now + left * 2 / 3;
+            self.not_after = now + left;
+        }
+        self
+    }
+
+    /// Whether the relay still takes it, by this edge's best reckoning.
+    fn valid_for_a_handshake(&self, now: SystemTime) -> bool {
+        let last_third = self
+            .not_after
+            .duration_since(self.renew_at)
+            .unwrap_or_default();
+        now + EXPIRY_MARGIN.min(last_third / 4) < self.not_after
     }
 }
 
@@ -81,7 +119,9 @@ fn load_kept(b: &BootstrapConfig, node: &str) -> Option<Cert> {
     let (cert_path, key_path) = state_files(b, node);
     let cert_pem = std::fs::read_to_string(cert_path).ok()?;
     let key_pem = std::fs::read(key_path).ok()?;
-    let cert = build(b, node, &cert_pem, &key_pem).ok()?;
+    let cert = build(b, node, &cert_pem, &key_pem)
+        .map_err(|e| warn!(error = %e, "the kept node certificate is unusable; a new one is bootstrapped"))
+        .ok()?;
     (cert.not_after > SystemTime::now()).then_some(cert)
 }
 
@@ -92,6 +132,14 @@ fn build(b: &BootstrapConfig, node: &str, cert_pem: &str, key_pem: &[u8]) -> Res
         return Err(format!("the issued certificate does not name node {node}"));
     }
     let key = key_from_pem(key_pem, "node key").map_err(|e| e.to_string())?;
+    // The two files are written one after the other: after a crash or a
+    // full disk between them, the kept pair may not belong together.
+    rustls::sign::CertifiedKey::from_der(
+        chain.clone(),
+        key.clone_key(),
+        &relay_transport::tls::provider(),
+    )
+    .map_err(|e| format!("the node key does not match the certificate: {e}"))?;
     let (not_before, not_after) = validity(cert_pem).map_err(|e| e.to_string())?;
     Ok(Cert {
         material: TlsMaterial {
@@ -99,8 +147,8 @@ fn build(b: &BootstrapConfig, node: &str, cert_pem: &str, key_pem: &[u8]) -> Res
             key,
             ca: b.relay_ca.clone(),
         },
-        not_before,
         not_after,
+        renew_at: renew_at(not_before, not_after),
     })
 }
 
@@ -147,13 +195,16 @@ impl Credentials {
     /// state directory.
     pub(crate) fn new(cfg: &EdgeConfig) -> Self {
         let current = match &cfg.identity {
-            Identity::Static(m) => Some(Cert {
-                material: m.clone(),
-                not_before: UNIX_EPOCH,
+            Identity::Static(m) => {
                 // A given certificate is used as it is; its expiry is the
                 // operator's (the relay refuses it once expired).
-                not_after: SystemTime::now() + Duration::from_secs(100 * 365 * 24 * 3600),
-            }),
+                let never = SystemTime::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+                Some(Cert {
+                    material: m.clone(),
+                    not_after: never,
+                    renew_at: never,
+                })
+            }
             Identity::Bootstrap(b) => load_kept(b, &cfg.node),
         };
         Credentials {
@@ -173,19 +224,24 @@ impl Credentials {
     pub(crate) fn renew_at(&self, cfg: &EdgeConfig) -> Option<SystemTime> {
         match cfg.identity {
             Identity::Static(_) => None,
-            Identity::Bootstrap(_) => self.get().map(|c| c.renew_at()),
+            Identity::Bootstrap(_) => self.get().map(|c| c.renew_at),
         }
     }
 
-    /// The material to dial with: obtains a certificate when there is none
-    /// or the current one is due for renewal.
+    /// The material to dial with: the current certificate while the relay
+    /// still takes it, even when it is due for renewal (a session renews it
+    /// once up, see `session`: so a reconnect works while the bootstrap's
+    /// own path, the apiserver's TokenReview, is down); a new one when
+    /// there is none or it is about to expire.
     pub(crate) async fn material(
         &self,
         cfg: &EdgeConfig,
         dial: &super::dial::Dialer<'_>,
     ) -> Result<TlsMaterial, IdentityError> {
         if let Some(c) = self.get() {
-            if matches!(cfg.identity, Identity::Static(_)) || SystemTime::now() < c.renew_at() {
+            if matches!(cfg.identity, Identity::Static(_))
+                || c.valid_for_a_handshake(SystemTime::now())
+            {
                 return Ok(c.material);
             }
         }
@@ -208,7 +264,7 @@ impl Credentials {
         // With several relay replicas every session comes due at once; the
         // first renews, the others take its certificate.
         if let Some(c) = self.get() {
-            if SystemTime::now() < c.renew_at() {
+            if SystemTime::now() < c.renew_at {
                 return Ok(c.material);
             }
         }
@@ -274,20 +330,44 @@ async fn obtain(
             "this edge's clock differs from the relay's by more than {CLOCK_SLACK:?}: certificates may look expired or not yet valid; set the time (NTP)"
         );
     }
-    let cert =
-        build(b, &cfg.node, &issued.cert_pem, key_pem.as_bytes()).map_err(IdentityError::Failed)?;
-    std::fs::create_dir_all(&b.state_dir)
-        .map_err(|e| fail(&b.state_dir.display().to_string(), &e))?;
+    let cert = build(b, &cfg.node, &issued.cert_pem, key_pem.as_bytes())
+        .map_err(IdentityError::Failed)?
+        .timed_by_relay(
+            SystemTime::now(),
+            issued.relay_time_unix,
+            issued.not_after_unix,
+        );
+    // Kept for a restart while the relay is away. Failing to keep it (a
+    // full or read-only disk) loses only that: the certificate serves
+    // this run, where throwing it away would leave the edge asking for
+    // one a minute until the disk is fixed, and offline once it cannot.
     let (cert_path, key_path) = state_files(b, &cfg.node);
-    write_atomic(&key_path, key_pem.as_bytes(), true)
-        .map_err(|e| fail(&key_path.display().to_string(), &e))?;
-    write_atomic(&cert_path, issued.cert_pem.as_bytes(), false)
-        .map_err(|e| fail(&cert_path.display().to_string(), &e))?;
+    let (dir, key_pem, cert_pem) = (b.state_dir.clone(), key_pem, issued.cert_pem.clone());
+    let kept =
+        tokio::task::spawn_blocking(move || keep(&dir, &key_path, &cert_path, &key_pem, &cert_pem))
+            .await
+            .unwrap_or_else(|e| Err(format!("saving task: {e}")));
+    if let Err(e) = kept {
+        warn!(error = %e, "the new node certificate could not be kept in the state directory; it serves this run only (a restart while the relay is away needs the bootstrap)");
+    }
     info!(
         not_after_unix = issued.not_after_unix,
         "node certificate obtained from the relay"
     );
     Ok(cert)
+}
+
+/// Writes the key, then the certificate, each atomically, then makes the
+/// renames durable (blocking: run off the runtime, whose single worker
+/// also carries every stream, on a slow SD card).
+fn keep(dir: &Path, key: &Path, cert: &Path, key_pem: &str, cert_pem: &str) -> Result<(), String> {
+    let at = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+    std::fs::create_dir_all(dir).map_err(|e| at(dir, e))?;
+    write_atomic(key, key_pem.as_bytes(), true).map_err(|e| at(key, e))?;
+    write_atomic(cert, cert_pem.as_bytes(), false).map_err(|e| at(cert, e))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| at(dir, e))
 }
 
 /// The token, read afresh (bounded: a token is a few KiB).
@@ -312,6 +392,57 @@ fn read_token(path: &Path) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use relay_transport::devcerts::DevPki;
+
+    fn bootstrap_config(pki: &DevPki, dir: &Path) -> BootstrapConfig {
+        BootstrapConfig {
+            token_file: dir.join("token"),
+            state_dir: dir.to_path_buf(),
+            relay_ca: certs_from_pem(pki.ca_cert.as_bytes(), "ca").unwrap(),
+        }
+    }
+
+    /// A kept pair whose key is not the certificate's (the two files are
+    /// written one after the other) is refused, and so not dialled with.
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused() {
+        let pki = DevPki::generate(&["localhost"], &["edge-a", "edge-b"]).unwrap();
+        let dir = std::env::temp_dir().join(format!("edge-identity-{}", std::process::id()));
+        let b = bootstrap_config(&pki, &dir);
+        let (a, other) = (&pki.nodes[0].1, &pki.nodes[1].1);
+        assert!(build(&b, "edge-a", &a.cert, a.key.as_bytes()).is_ok());
+        let e = build(&b, "edge-a", &a.cert, other.key.as_bytes())
+            .err()
+            .expect("a mismatched key must be refused");
+        assert!(e.contains("does not match"), "{e}");
+    }
+
+    /// Renewal is timed by the life the relay gave and the moment the
+    /// certificate arrived, whatever this edge's clock says: hours ahead,
+    /// a new certificate is not due at once (which renewed in a loop);
+    /// hours behind, it is renewed before the relay sees it expire.
+    #[test]
+    fn renewal_follows_the_relays_clock_not_the_edges() {
+        let pki = DevPki::generate(&["localhost"], &["edge-a"]).unwrap();
+        let dir = std::env::temp_dir().join(format!("edge-identity-t-{}", std::process::id()));
+        let b = bootstrap_config(&pki, &dir);
+        let (cert_pem, key_pem) = (&pki.nodes[0].1.cert, &pki.nodes[0].1.key);
+        let relay_now = 1_800_000_000u64;
+        let life = 12 * 3600;
+        for skew in [-10 * 3600i64, 0, 10 * 3600] {
+            let edge_now = UNIX_EPOCH + Duration::from_secs(relay_now.saturating_add_signed(skew));
+            let c = build(&b, "edge-a", cert_pem, key_pem.as_bytes())
+                .unwrap()
+                .timed_by_relay(edge_now, relay_now, relay_now + life);
+            assert_eq!(
+                c.renew_at,
+                edge_now + Duration::from_secs(life * 2 / 3),
+                "skew {skew}"
+            );
+            assert!(c.valid_for_a_handshake(edge_now), "skew {skew}");
+            assert!(!c.valid_for_a_handshake(edge_now + Duration::from_secs(life)));
+        }
+    }
 
     #[test]
     fn clock_errors_get_a_hint_and_others_do_not() {

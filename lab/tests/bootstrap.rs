@@ -187,6 +187,48 @@ async fn an_edge_with_only_a_token_obtains_a_certificate_connects_and_renews() -
     Ok(())
 }
 
+/// Stand-in, not a real apiserver (see the module doc). A certificate due
+/// for renewal but still valid keeps the edge connectable while the
+/// bootstrap fails (here a token the relay refuses; in production the
+/// apiserver's TokenReview down): a session that ends then comes back on
+/// it at once, where it used to wait for a renewal that could not come.
+#[tokio::test]
+async fn a_due_certificate_still_reconnects_while_the_bootstrap_fails() -> Result<()> {
+    // 30 s certificates: renewal is due 20 s after issuance.
+    let lab = lab(Duration::from_secs(30)).await?;
+    let token = lab.token("edge-0", "edge-client-0", "uid-0", "edge-relay");
+    let (e0, state_dir) = lab.edge("edge-0", &token)?;
+    let (_, first_gen) = e0.wait_connected(BOUND).await.context("edge-0 connects")?;
+    let issued = std::time::Instant::now();
+    let pem = std::fs::read_to_string(state_dir.join("edge-0.pem"))?;
+    std::fs::write(lab.dir.0.join("edge-0-token"), "not a token")?;
+    tokio::time::sleep(Duration::from_secs(21).saturating_sub(issued.elapsed())).await;
+    let admin = lab.relay.admin_addr().context("admin")?;
+    let (code, body) = relay_lab::admin_request(admin, "DELETE", "/v1/sessions/edge-0").await?;
+    ensure!(code < 300, "kick: {code} {body}");
+    let mut w = e0.watch();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        w.wait_for(
+            |s| matches!(s, EdgeState::Connected { generation, .. } if *generation > first_gen),
+        ),
+    )
+    .await
+    .with_context(|| format!("no new session within 5 s: {:?}", e0.state()))??;
+    ensure!(
+        issued.elapsed() < Duration::from_secs(28),
+        "the certificate was close to expiry: the test proves nothing"
+    );
+    let pem2 = std::fs::read_to_string(state_dir.join("edge-0.pem"))?;
+    ensure!(
+        pem2 == pem,
+        "the certificate was replaced, yet the bootstrap fails"
+    );
+    e0.shutdown().await;
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
 /// Stand-in, not a real apiserver (see the module doc).
 #[tokio::test]
 async fn tokens_that_do_not_prove_the_node_are_refused() -> Result<()> {
