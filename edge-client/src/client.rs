@@ -130,6 +130,10 @@ pub struct EdgeStats {
     /// (the resolver puts IPv6 first whenever the node has an IPv6 route
     /// to it, whether or not packets get through upstream).
     pub relay_addr_turn: AtomicU64,
+    /// The addresses each relay name resolved to last: dialled when the
+    /// name stops resolving (the site's or carrier's DNS down while the
+    /// uplink works), where a failed lookup used to fail every attempt.
+    pub relay_addrs_known: std::sync::Mutex<std::collections::HashMap<String, Vec<SocketAddr>>>,
     /// QUIC's smoothed round-trip estimate, in microseconds, as of the last
     /// keep-alive tick (0 on TCP). Control pings are rare on QUIC (see
     /// [`relay_protocol::QUIC_CONTROL_PING`]); this follows the path every

@@ -31,7 +31,8 @@ pub struct EdgeConfig {
     /// This node's name; must match the client certificate.
     pub node: String,
     /// Relay address, `host:port` (resolved again on every attempt, so a
-    /// relay Service IP change is followed).
+    /// relay Service IP change is followed; while the name does not
+    /// resolve, the addresses it had are dialled).
     pub relay: String,
     /// Name the relay certificate must carry.
     pub server_name: String,

@@ -59,8 +59,13 @@ impl Dialer<'_> {
         tls: rustls::ClientConfig,
     ) -> Result<(Option<quinn::Endpoint>, TunnelConn), String> {
         let cfg = self.cfg;
-        match tokio::net::lookup_host(&cfg.relay).await {
-            Ok(addrs) => self.dial_any(&addrs.collect::<Vec<_>>(), tls).await,
+        let looked_up = tokio::net::lookup_host(&cfg.relay)
+            .await
+            .map(|a| a.collect::<Vec<_>>());
+        let proxied = cfg.tcp_proxy.is_some()
+            && matches!(self.mode, TransportMode::Auto | TransportMode::Tcp);
+        match self.addresses(looked_up, proxied) {
+            Ok(addrs) => self.dial_any(&addrs, tls).await,
             // Behind a proxy the site's resolver may know no outside
             // names: the proxy resolves the relay's.
             Err(e) => match (&cfg.tcp_proxy, self.mode) {
@@ -76,6 +81,39 @@ impl Dialer<'_> {
                     .await
                 }
                 _ => Err(format!("resolve {}: {e}", cfg.relay)),
+            },
+        }
+    }
+
+    /// The relay's addresses to dial: what its name resolves to now (kept),
+    /// else, unless a proxy resolves it (`proxied`), what it resolved to
+    /// last.
+    fn addresses(
+        &self,
+        looked_up: std::io::Result<Vec<SocketAddr>>,
+        proxied: bool,
+    ) -> std::io::Result<Vec<SocketAddr>> {
+        let relay = &self.cfg.relay;
+        let mut known = self
+            .stats
+            .relay_addrs_known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match looked_up {
+            Ok(addrs) if !addrs.is_empty() => {
+                if known.get(relay) != Some(&addrs) {
+                    known.insert(relay.clone(), addrs.clone());
+                }
+                Ok(addrs)
+            }
+            Ok(_) => Ok(Vec::new()),
+            Err(e) if proxied => Err(e),
+            Err(e) => match known.get(relay) {
+                Some(last) => {
+                    warn!(%relay, error = %e, addrs = ?last, "relay name not resolved; dialling the addresses it had");
+                    Ok(last.clone())
+                }
+                None => Err(e),
             },
         }
     }
@@ -342,6 +380,41 @@ async fn say_hello(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A name that stops resolving is dialled at the addresses it had,
+    /// unless a proxy resolves it; one never resolved fails as before.
+    #[test]
+    fn a_name_that_stops_resolving_keeps_its_last_addresses() {
+        relay_transport::tls::install_default_provider();
+        let pki =
+            relay_transport::devcerts::DevPki::generate(&["relay.test"], &["edge-a"]).unwrap();
+        let cfg = EdgeConfig::new(
+            "edge-a",
+            "relay.test:8443",
+            "relay.test",
+            pki.node_material("edge-a").unwrap(),
+        );
+        let stats = EdgeStats::default();
+        let dialer = Dialer {
+            cfg: &cfg,
+            stats: &stats,
+            mode: TransportMode::Auto,
+            quic_worked: false,
+        };
+        let down = || {
+            Err(std::io::Error::other(
+                "temporary failure in name resolution",
+            ))
+        };
+        assert!(dialer.addresses(down(), false).is_err());
+        let a: SocketAddr = "192.0.2.1:8443".parse().unwrap();
+        assert_eq!(dialer.addresses(Ok(vec![a]), false).unwrap(), vec![a]);
+        assert_eq!(dialer.addresses(down(), false).unwrap(), vec![a]);
+        assert!(dialer.addresses(down(), true).is_err());
+        let b: SocketAddr = "192.0.2.2:8443".parse().unwrap();
+        assert_eq!(dialer.addresses(Ok(vec![b]), false).unwrap(), vec![b]);
+        assert_eq!(dialer.addresses(down(), false).unwrap(), vec![b]);
+    }
 
     #[test]
     fn addresses_take_turns() {
