@@ -241,8 +241,9 @@ pub(crate) async fn run(
             _ = lans.tick() => {}
         }
     }
-    cap.teardown().await;
-    info!("capture removed");
+    // Refusing what was captured for a while (`hold_after_exit`): the
+    // next process (a rollout's new pod) may take minutes to come.
+    cap.stop().await;
     // The saver stops with `cancel` after its last write (bounded: one
     // small file).
     if let Some(t) = saver {

@@ -182,6 +182,11 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
         std::env::temp_dir().join(format!("lab-capture-{}.json", std::process::id()));
     let _ = std::fs::remove_file(&capture_file);
     cfg1.capture_state_file = Some(capture_file.clone());
+    // Short, so the test sees the held rules lapse (default 10 minutes).
+    let hold = Duration::from_secs(4);
+    if let Some(c) = cfg1.capture.as_mut() {
+        c.hold_after_exit = hold;
+    }
     let edge1 = start_edge(&lab, 1, cfg1.clone())?;
     let edge2 = start_edge(&lab, 2, edge_config(&pki, 2)?)?;
     // Everything is installed asynchronously: wait for both paths.
@@ -350,10 +355,41 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
         .map(|c| c.nft_table.clone())
         .context("edge1 captures")?;
     edge1.stop()?;
+    let stopped = Instant::now();
     ensure!(
         capture_file.exists(),
         "edge1 saved no capture state at {}",
         capture_file.display()
+    );
+    // Stopped cleanly (a rollout's old pod), edge1 leaves rules that refuse
+    // what it captured for `hold_after_exit`: until the next process comes,
+    // a pod's connection to a cloud pod is refused at once, not sent out by
+    // the default route (where it timed out after 5 s); then they lapse.
+    let held = fails_fast(
+        &lab,
+        Role::Epod1,
+        sa(netns::CPOD1_IP, HTTP),
+        Duration::from_secs(1),
+    )
+    .context("edge1 stopped: a pod's connection to a cloud pod")?;
+    let held_set = || {
+        lab.exec(
+            Role::Edge1,
+            &["nft", "list", "set", "inet", &cfg_table, "dst4"],
+        )
+    };
+    ensure!(
+        held_set()?.contains("10.244."),
+        "edge1 stopped: the held set lacks the cloud pod range: {}",
+        held_set()?
+    );
+    let lapsed = relay_lab::scenario::within(hold + Duration::from_secs(4), || {
+        Ok(!held_set()?.contains("elements"))
+    })
+    .context("the held rules did not lapse")?;
+    eprintln!(
+        "edge1 stopped: a cloud pod refused in {held:?}; the held rules lapsed {:?} after the stop (hold {hold:?}, checked within {lapsed:?})",
+        stopped.elapsed()
     );
     let edge1 =
         relay_lab::scenario::launch(&lab, Role::Edge1, "edge1", move |ready, stop| async move {
@@ -372,6 +408,11 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
         Ok(set.contains(&mixed.ip().to_string()))
     })
     .context("edge1 restarted with the relay away: the mixed Service is not captured")?;
+    let listing = lab.exec(Role::Edge1, &["nft", "list", "table", "inet", &cfg_table])?;
+    ensure!(
+        !listing.contains("held_fwd"),
+        "the restarted edge kept the held rules: {listing}"
+    );
     for _ in 0..10 {
         let b = http_from(&lab, Role::Edge1, mixed)?;
         ensure!(

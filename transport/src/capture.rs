@@ -94,7 +94,10 @@
 //! so host processes route it by the main table, not the capture route.
 //!
 //! Everything is removed by [`Capture::teardown`], and [`Capture::install`]
-//! first removes whatever a crashed previous run left.
+//! first removes whatever a crashed previous run left. A clean exit
+//! ([`Capture::stop`]) leaves, for `hold_after_exit`, only filter rules
+//! that refuse what was captured: the next run (a rollout's new pod)
+//! replaces them, and they lapse on their own if none comes.
 
 use std::collections::BTreeSet;
 use std::fmt::Write;
@@ -107,6 +110,7 @@ use tokio::io::AsyncWriteExt;
 pub use crate::capture_config::{CaptureConfig, CaptureFile};
 use tokio::process::Command;
 use tracing::{debug, warn};
+mod park;
 mod services;
 #[cfg(test)]
 mod tests;
@@ -425,7 +429,8 @@ impl Capture {
         Ok(parse_counter_packets(&out).unwrap_or(0))
     }
 
-    /// Removes everything capture installed.
+    /// Removes everything capture installed, at once (see also
+    /// [`Capture::stop`]).
     pub async fn teardown(self) {
         remove_all(&self.cfg).await;
     }

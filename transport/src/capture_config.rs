@@ -45,7 +45,19 @@ pub struct CaptureConfig {
     /// mode an edge serves its pod CIDRs and its own addresses, which all
     /// answer through it.
     pub preserve_served: bool,
+    /// Edge only: how long traffic to the captured prefixes is still
+    /// refused after a clean exit (`capture.hold_after_exit`; zero:
+    /// everything is removed at once). See
+    /// [`crate::capture::Capture::stop`]. The relay removes its capture at
+    /// once: with replicas, the route agents move its prefixes to another
+    /// replica, which host processes on its node must then reach.
+    pub hold_after_exit: std::time::Duration,
 }
+
+/// Default of [`CaptureConfig::hold_after_exit`]: longer than a DaemonSet
+/// rollout's image pull over a slow uplink, short enough that a removed
+/// install stops refusing on its own.
+pub const DEFAULT_HOLD_AFTER_EXIT: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl CaptureConfig {
     /// Whether any dial may keep a client's address (the kept-source chains
@@ -117,6 +129,7 @@ impl Default for CaptureConfig {
             max_udp_flows: 128,
             preserve_source: Vec::new(),
             preserve_served: false,
+            hold_after_exit: DEFAULT_HOLD_AFTER_EXIT,
         }
     }
 }
@@ -150,6 +163,10 @@ pub struct CaptureFile {
     /// Edge only: every served target sees the client's address (default
     /// false; see [`CaptureConfig::preserve_served`]).
     pub preserve_source_served: Option<bool>,
+    /// Edge only: see [`CaptureConfig::hold_after_exit`] (default
+    /// [`DEFAULT_HOLD_AFTER_EXIT`]; at most a day).
+    #[serde(default, with = "humantime_serde")]
+    pub hold_after_exit: Option<std::time::Duration>,
 }
 
 impl CaptureFile {
@@ -183,7 +200,11 @@ impl CaptureFile {
             max_udp_flows: self.max_udp_flows.unwrap_or(d.max_udp_flows),
             preserve_source: self.preserve_source.clone().unwrap_or_default(),
             preserve_served: self.preserve_source_served.unwrap_or(false),
+            hold_after_exit: self.hold_after_exit.unwrap_or(d.hold_after_exit),
         };
+        if c.hold_after_exit > std::time::Duration::from_secs(24 * 3600) {
+            return Err(("hold_after_exit", "at most 24h".into()));
+        }
         if c.max_udp_flows == 0 {
             return Err(("max_udp_flows", "must not be 0".into()));
         }
@@ -284,6 +305,14 @@ mod tests {
                     ..Default::default()
                 },
                 "rule_pref",
+            ),
+            (
+                CaptureFile {
+                    enabled: true,
+                    hold_after_exit: Some(std::time::Duration::from_secs(2 * 24 * 3600)),
+                    ..Default::default()
+                },
+                "hold_after_exit",
             ),
         ] {
             assert_eq!(bad.resolve().unwrap_err().0, field);

@@ -51,3 +51,47 @@ fn service_set_script_and_conntrack_arguments() {
         "-D -p udp --orig-dst 10.96.0.10 --dport 53"
     );
 }
+
+/// The held table refuses the minimal cover of what was captured, from
+/// every source when none were set, with the hold as the set's timeout.
+#[test]
+fn held_script_refuses_what_was_captured_for_the_hold() {
+    let set = |l: &[&str]| -> BTreeSet<Cidr> { l.iter().map(|s| s.parse().unwrap()).collect() };
+    let s = park::held_script(
+        "edge_relay",
+        0x1070,
+        600,
+        &set(&["10.244.0.0/16", "10.244.1.0/24", "10.96.0.0/12"]),
+        &set(&["10.244.7.0/24"]),
+        None,
+    );
+    assert!(
+        s.contains(
+            "flags interval,timeout; timeout 600s; elements = { 10.96.0.0/12, 10.244.0.0/16 };"
+        ),
+        "{s}"
+    );
+    assert!(
+        s.contains("set skip4 { type ipv4_addr; flags interval; elements = { 10.244.7.0/24 }; }"),
+        "{s}"
+    );
+    assert!(s.contains("elements = { 0.0.0.0/0 }"), "{s}");
+    assert!(s.contains("meta mark 0x1070 return"), "{s}");
+    let sourced = park::held_script(
+        "t",
+        1,
+        5,
+        &set(&["10.96.0.0/12"]),
+        &BTreeSet::new(),
+        Some(&set(&["10.244.7.0/24"])),
+    );
+    assert!(
+        sourced
+            .contains("set src4 { type ipv4_addr; flags interval; elements = { 10.244.7.0/24 }; }"),
+        "{sourced}"
+    );
+    assert!(
+        sourced.contains("set skip4 { type ipv4_addr; flags interval; }"),
+        "{sourced}"
+    );
+}
