@@ -262,6 +262,45 @@ async fn tokens_that_do_not_prove_the_node_are_refused() -> Result<()> {
     let (e, _) = lab.edge("edge-1", "garbage")?;
     assert_eq!(rejected(&e).await?.0, RejectReason::IdentityMismatch);
     e.shutdown().await;
+    // A node with no Node object (bootstrap takes no client certificate:
+    // anyone may ask, under any name): refused without a TokenReview, and
+    // without an Event written for the invented name.
+    let reviews = |s: &StandIn| {
+        s.requests()
+            .iter()
+            .filter(|r| r.path.ends_with("/tokenreviews"))
+            .count()
+    };
+    // Once the Nodes are loaded (before, a request is reviewed).
+    let admin = lab.relay.admin_addr().context("admin")?;
+    let t = std::time::Instant::now();
+    while relay_lab::admin_get(admin, "/readyz", None).await?.0 != 200 {
+        ensure!(t.elapsed() < BOUND, "the relay never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = reviews(&lab.standin);
+    let (e, _) = lab.edge("no-such-node", "garbage")?;
+    let (r, m) = rejected(&e).await?;
+    assert_eq!(r, RejectReason::IdentityMismatch);
+    assert!(m.contains("no Node object"), "{m}");
+    e.shutdown().await;
+    assert_eq!(
+        reviews(&lab.standin),
+        before,
+        "a TokenReview for an unknown node"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let events = lab.standin.events();
+    assert!(
+        !events
+            .iter()
+            .any(|ev| ev.to_string().contains("no-such-node")),
+        "an Event for an unknown node: {events:?}"
+    );
+    assert!(
+        events.iter().any(|ev| ev.to_string().contains("edge-1")),
+        "refusals for a real node are still Events: {events:?}"
+    );
     // A pod of another DaemonSet on the right node.
     lab.standin.upsert_pod(daemonset_pod(
         NS,

@@ -29,6 +29,7 @@ use relay_protocol::{close_code, RejectReason, Rejection, PROTOCOL_VERSION};
 use relay_transport::TunnelConn;
 use tracing::{debug, info};
 
+use crate::directory::Lookup;
 use crate::server::Shared;
 
 /// Who a token says the edge is.
@@ -57,6 +58,91 @@ fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Bounds the token reviews (a TokenReview and a pod read each, at the
+/// apiserver) that bootstrap requests cause. Bootstrap takes no client
+/// certificate, so anyone who reaches the relay's port can ask: without a
+/// bound, a flood of junk tokens becomes a flood of API calls in the
+/// relay's own name, which the apiserver's priority and fairness then
+/// throttles together with the relay's watches and status writes.
+/// At most [`ReviewGate::IN_FLIGHT`] at once (the rest wait, within the
+/// request's bound), and [`ReviewGate::PER_SECOND`] on average with bursts
+/// of [`ReviewGate::BURST`] (the rest refused `overloaded`, which edges
+/// retry after their backoff).
+pub struct ReviewGate {
+    inner: Arc<dyn TokenAuthority>,
+    in_flight: tokio::sync::Semaphore,
+    /// Reviews that may start now, and when that was counted.
+    bucket: std::sync::Mutex<(f64, std::time::Instant)>,
+    /// Requests refused for want of budget (for the log).
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl ReviewGate {
+    /// Reviews running at once.
+    pub const IN_FLIGHT: usize = 16;
+    /// Reviews per second on average: 1,000 edges installed at once have
+    /// their certificates within a minute; renewals of 10,000 edges with
+    /// 12-hour certificates need one every 4 seconds.
+    pub const PER_SECOND: f64 = 20.0;
+    /// Reviews in a burst.
+    pub const BURST: f64 = 200.0;
+
+    /// Gates `inner`.
+    pub fn new(inner: Arc<dyn TokenAuthority>) -> Self {
+        ReviewGate {
+            inner,
+            in_flight: tokio::sync::Semaphore::new(Self::IN_FLIGHT),
+            bucket: std::sync::Mutex::new((Self::BURST, std::time::Instant::now())),
+            refused: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Takes one review's worth of budget, or says how long until one is
+    /// due.
+    fn take(&self, now: std::time::Instant) -> Result<(), Duration> {
+        let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let (tokens, at) = *b;
+        let tokens =
+            (tokens + now.duration_since(at).as_secs_f64() * Self::PER_SECOND).min(Self::BURST);
+        if tokens < 1.0 {
+            *b = (tokens, now);
+            return Err(Duration::from_secs_f64((1.0 - tokens) / Self::PER_SECOND));
+        }
+        *b = (tokens - 1.0, now);
+        Ok(())
+    }
+}
+
+impl TokenAuthority for ReviewGate {
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<TokenIdentity, Refusal>> + Send + 'a>> {
+        Box::pin(async move {
+            if let Err(wait) = self.take(std::time::Instant::now()) {
+                let n = self.refused.fetch_add(1, Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(refused = n, "more certificate requests than the token review budget; refusing the excess (overloaded)");
+                }
+                return Err((
+                    RejectReason::Overloaded,
+                    format!(
+                        "too many certificate requests; retry in {} ms",
+                        wait.as_millis().max(1)
+                    ),
+                ));
+            }
+            let _one = self.in_flight.acquire().await.map_err(|_| {
+                (
+                    RejectReason::ShuttingDown,
+                    "token reviews closed".to_string(),
+                )
+            })?;
+            self.inner.authenticate(token).await
+        })
+    }
 }
 
 /// Decides a request: the token's node must be the requested node.
@@ -106,7 +192,15 @@ pub(crate) async fn serve_bootstrap(conn: TunnelConn, shared: Arc<Shared>) {
     let served = tokio::time::timeout(limit, async {
         let mut bi = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let req: CertRequest = read_frame(&mut bi.recv).await.map_err(|e| e.to_string())?;
+        // A node without a Node object cannot have an edge-client pod:
+        // refused here, with no API call and no Event (a client inventing
+        // names would otherwise have one written for each).
+        let node = shared.directory.lookup(&req.node);
         let outcome = match (&shared.cfg.bootstrap, &shared.tokens) {
+            (Some(_), Some(_)) if node == Lookup::Unknown => Err((
+                RejectReason::IdentityMismatch,
+                format!("no Node object named {:?}", req.node),
+            )),
             (Some(b), Some(authority)) => decide(authority.as_ref(), &b.issuer, &req, SystemTime::now()).await,
             _ => Err((
                 RejectReason::Malformed,
@@ -122,7 +216,9 @@ pub(crate) async fn serve_bootstrap(conn: TunnelConn, shared: Arc<Shared>) {
             Err((reason, message)) => {
                 shared.metrics.bootstrap_refused.fetch_add(1, Relaxed);
                 info!(%remote, node = %req.node, reason = reason.as_str(), %message, "certificate request refused");
-                shared.status.rejected(&req.node, reason.as_str(), &message);
+                if node != Lookup::Unknown {
+                    shared.status.rejected(&req.node, reason.as_str(), &message);
+                }
                 CertReply::Refused(Rejection {
                     reason,
                     message,
@@ -186,6 +282,81 @@ mod tests {
             token: token.into(),
             public_key: node_key().unwrap().1,
         }
+    }
+
+    /// Counts reviews and the most running at once; each takes 20 ms.
+    #[derive(Default)]
+    struct Slow {
+        running: std::sync::atomic::AtomicUsize,
+        most: std::sync::atomic::AtomicUsize,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl TokenAuthority for Slow {
+        fn authenticate<'a>(
+            &'a self,
+            token: &'a str,
+        ) -> Pin<Box<dyn Future<Output = Result<TokenIdentity, Refusal>> + Send + 'a>> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Relaxed);
+                let now = self.running.fetch_add(1, Relaxed) + 1;
+                self.most.fetch_max(now, Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                self.running.fetch_sub(1, Relaxed);
+                Fixed.authenticate(token).await
+            })
+        }
+    }
+
+    /// A flood of requests (bootstrap needs no client certificate) costs
+    /// the apiserver at most the burst (and what the rate adds while it
+    /// lasts); at most 16 reviews run at once; the excess is refused
+    /// `overloaded` (edges retry).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn token_reviews_are_bounded_in_rate_and_concurrency() {
+        let slow = Arc::new(Slow::default());
+        let gate = Arc::new(ReviewGate::new(slow.clone()));
+        let started = std::time::Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..300 {
+            let g = gate.clone();
+            tasks.spawn(async move { g.authenticate(&format!("token-edge-{i}")).await });
+        }
+        let mut overloaded = 0;
+        while let Some(r) = tasks.join_next().await {
+            match r.unwrap() {
+                Ok(_) => {}
+                Err((RejectReason::Overloaded, m)) => {
+                    assert!(m.contains("retry in"), "{m}");
+                    overloaded += 1;
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        let calls = slow.calls.load(Relaxed);
+        let refill = (started.elapsed().as_secs_f64() * ReviewGate::PER_SECOND).ceil() as usize;
+        let burst = ReviewGate::BURST as usize;
+        assert!(
+            (burst..=burst + refill).contains(&calls),
+            "{calls} reviews for 300 requests"
+        );
+        assert_eq!(overloaded, 300 - calls);
+        assert_eq!(slow.most.load(Relaxed), ReviewGate::IN_FLIGHT);
+    }
+
+    /// The budget: the burst at once, then the rate.
+    #[test]
+    fn the_review_budget_refills_at_the_rate() {
+        let gate = ReviewGate::new(Arc::new(Fixed));
+        let t = std::time::Instant::now();
+        for _ in 0..ReviewGate::BURST as usize {
+            assert!(gate.take(t).is_ok());
+        }
+        let wait = gate.take(t).unwrap_err();
+        assert_eq!(wait, Duration::from_millis(50));
+        let later = t + Duration::from_secs(1);
+        let granted = (0..40).filter(|_| gate.take(later).is_ok()).count();
+        assert_eq!(granted, ReviewGate::PER_SECOND as usize);
     }
 
     #[tokio::test]

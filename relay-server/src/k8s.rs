@@ -103,6 +103,8 @@ pub async fn start(
             daemonset: b.daemonset.clone(),
         }) as Arc<dyn TokenAuthority>
     });
+    let tokens =
+        tokens.map(|t| Arc::new(crate::bootstrap::ReviewGate::new(t)) as Arc<dyn TokenAuthority>);
     let services = settings.services.then(|| {
         crate::k8s_services::KubeServices::start(&client, &settings.cluster_domain, stop.clone())
             as Arc<dyn crate::services::ServiceSource>
