@@ -309,7 +309,22 @@ pub(crate) async fn connect(
         .client_config(relay_protocol::ALPN)
         .map_err(|e| failed("tls config", &e))?;
     let (endpoint, conn) = dialer.dial(tls).await.map_err(AttemptError::Failed)?;
-    let (hello, ext, control) = say_hello(cfg, stats, &conn).await?;
+    let (hello, ext, control) = match say_hello(cfg, stats, &conn).await {
+        Ok(h) => h,
+        Err(e) => {
+            // A certificate the relay refuses (revoked, issued by a CA it
+            // no longer trusts) would be refused on every attempt until
+            // it expires: a bootstrapped edge gets a new one instead.
+            if matches!(cfg.identity, crate::config::Identity::Bootstrap(_))
+                && conn
+                    .refused_our_certificate(std::time::Duration::from_millis(500))
+                    .await
+            {
+                creds.refused(&material);
+            }
+            return Err(e);
+        }
+    };
     Ok(Connected {
         endpoint,
         conn,

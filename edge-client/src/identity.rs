@@ -248,6 +248,21 @@ impl Credentials {
         self.renew(cfg, dial).await
     }
 
+    /// The relay refused `material` at TLS: if it is still the current
+    /// certificate, it is dropped, so the next attempt bootstraps a new one
+    /// (the token, not the refused key, proves the node; a node the
+    /// cluster no longer vouches for is refused there).
+    pub(crate) fn refused(&self, material: &TlsMaterial) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if current
+            .as_ref()
+            .is_some_and(|c| c.material.chain.first() == material.chain.first())
+        {
+            warn!("the relay refused this edge's certificate (revoked, or from a CA it no longer trusts); obtaining a new one");
+            *current = None;
+        }
+    }
+
     /// Obtains a new certificate now (bootstrap only).
     pub(crate) async fn renew(
         &self,

@@ -13,14 +13,16 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{ensure, Context, Result};
+use edge_client::config::TransportMode;
 use edge_client::config::{BootstrapConfig, Identity};
 use edge_client::{EdgeClient, EdgeConfig, EdgeState};
 use relay_kube_standin::{daemonset_pod, kubelet_node, StandIn};
 use relay_protocol::RejectReason;
-use relay_server::config::{BootstrapSettings, KubeSettings};
+use relay_server::config::{BootstrapSettings, KubeSettings, TlsReload};
 use relay_server::{Relay, RelayConfig};
 use relay_transport::devcerts::DevPki;
 use relay_transport::issue::NodeIssuer;
+use relay_transport::reload::{crls_from_pem, TlsPaths};
 use relay_transport::tls::{cert_names_node, certs_from_pem};
 
 const BOUND: Duration = Duration::from_secs(20);
@@ -45,6 +47,15 @@ struct Lab {
 /// A stand-in with Nodes edge-0 and edge-1, each running an edge-client
 /// pod, and a relay issuing certificates that live `lifetime`.
 async fn lab(lifetime: Duration) -> Result<Lab> {
+    lab_with(lifetime, |_, _, _| Ok(())).await
+}
+
+/// [`lab`], with the relay's config changed by `tweak` (given the lab's
+/// PKI and directory) before it starts.
+async fn lab_with(
+    lifetime: Duration,
+    tweak: impl FnOnce(&mut RelayConfig, &DevPki, &std::path::Path) -> Result<()>,
+) -> Result<Lab> {
     relay_lab::init();
     let standin = StandIn::spawn().await?;
     for i in 0..2u8 {
@@ -78,13 +89,14 @@ async fn lab(lifetime: Duration) -> Result<Lab> {
         service_account: "edge-client".into(),
         daemonset: "edge-client".into(),
     });
-    let relay = Relay::spawn(cfg).await?;
     let dir = std::env::temp_dir().join(format!(
         "bootstrap-{}-{}",
         std::process::id(),
         rand::random::<u32>()
     ));
     std::fs::create_dir_all(&dir)?;
+    tweak(&mut cfg, &pki, &dir)?;
+    let relay = Relay::spawn(cfg).await?;
     Ok(Lab {
         standin,
         pki,
@@ -96,6 +108,16 @@ async fn lab(lifetime: Duration) -> Result<Lab> {
 impl Lab {
     /// An edge for `node` holding `token` and nothing else.
     fn edge(&self, node: &str, token: &str) -> Result<(EdgeClient, PathBuf)> {
+        self.edge_with(node, token, |_| {})
+    }
+
+    /// [`Lab::edge`], its config changed by `tweak`.
+    fn edge_with(
+        &self,
+        node: &str,
+        token: &str,
+        tweak: impl FnOnce(&mut EdgeConfig),
+    ) -> Result<(EdgeClient, PathBuf)> {
         let token_file = self.dir.0.join(format!("{node}-token"));
         std::fs::write(&token_file, token)?;
         let state_dir = self.dir.0.join(format!("{node}-state"));
@@ -112,6 +134,7 @@ impl Lab {
             state_dir: state_dir.clone(),
             relay_ca: certs_from_pem(self.pki.ca_cert.as_bytes(), "ca")?,
         });
+        tweak(&mut cfg);
         Ok((EdgeClient::spawn(cfg), state_dir))
     }
 
@@ -225,6 +248,82 @@ async fn a_due_certificate_still_reconnects_while_the_bootstrap_fails() -> Resul
         "the certificate was replaced, yet the bootstrap fails"
     );
     e0.shutdown().await;
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+/// Stand-in, not a real apiserver (see the module doc). A bootstrapped
+/// edge whose certificate the relay refuses (revoked: its key leaked)
+/// obtains a new one with its token and comes back, rather than dialling
+/// with the refused one until it expires.
+#[tokio::test]
+async fn an_edge_whose_certificate_is_revoked_bootstraps_a_new_one() -> Result<()> {
+    let lab = lab_with(Duration::from_secs(3600), |cfg, pki, dir| {
+        pki.write_to(dir)?;
+        let crl = dir.join("crl.pem");
+        std::fs::write(&crl, pki.crl_revoking(&[])?)?;
+        cfg.tls_crls = crls_from_pem(&std::fs::read(&crl)?, "crl")?;
+        cfg.tls_reload = Some(TlsReload {
+            paths: TlsPaths {
+                cert: dir.join("relay.pem"),
+                key: dir.join("relay-key.pem"),
+                client_ca: dir.join("ca.pem"),
+                crl: Some(crl),
+            },
+            interval: Duration::from_secs(3600),
+        });
+        Ok(())
+    })
+    .await?;
+    // edge-0 over QUIC, edge-1 over the TLS+TCP fallback.
+    let mut revoked = Vec::new();
+    let mut edges = Vec::new();
+    for (i, transport) in [TransportMode::Quic, TransportMode::Tcp]
+        .into_iter()
+        .enumerate()
+    {
+        let node = format!("edge-{i}");
+        let token = lab.token(
+            &node,
+            &format!("edge-client-{i}"),
+            &format!("uid-{i}"),
+            "edge-relay",
+        );
+        let (e, state_dir) = lab.edge_with(&node, &token, |c| c.transport = transport)?;
+        let (_, generation) = e
+            .wait_connected(BOUND)
+            .await
+            .with_context(|| format!("{node} connects"))?;
+        let pem = std::fs::read_to_string(state_dir.join(format!("{node}.pem")))?;
+        revoked.push(pem.clone());
+        edges.push((node, e, state_dir, generation, pem));
+    }
+    let refs: Vec<&str> = revoked.iter().map(String::as_str).collect();
+    std::fs::write(lab.dir.0.join("crl.pem"), lab.pki.crl_revoking(&refs)?)?;
+    lab.relay.reload_tls()?;
+    let admin = lab.relay.admin_addr().context("admin")?;
+    for (node, e, state_dir, first_gen, pem) in edges {
+        let (code, body) =
+            relay_lab::admin_request(admin, "DELETE", &format!("/v1/sessions/{node}")).await?;
+        ensure!(code < 300, "kick: {code} {body}");
+        let mut w = e.watch();
+        let t = std::time::Instant::now();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            w.wait_for(
+                |s| matches!(s, EdgeState::Connected { generation, .. } if *generation > first_gen),
+            ),
+        )
+        .await
+        .with_context(|| format!("{node} not back within 20 s: {:?}", e.state()))??;
+        let pem2 = std::fs::read_to_string(state_dir.join(format!("{node}.pem")))?;
+        ensure!(pem2 != pem, "{node} back with the revoked certificate");
+        eprintln!(
+            "{node} revoked: back on a new certificate after {:?}",
+            t.elapsed()
+        );
+        e.shutdown().await;
+    }
     lab.relay.shutdown(Duration::from_secs(1)).await;
     Ok(())
 }

@@ -43,6 +43,18 @@ pub enum TunnelConn {
     Tcp(std::sync::Arc<crate::tcp::YamuxConn>),
 }
 
+/// TLS alerts a server sends about the client's certificate: the number
+/// (QUIC carries it in a CONNECTION_CLOSE, as `0x100 + alert`) and rustls'
+/// name (in the TCP fallback's error text).
+const CERTIFICATE_ALERTS: [(u8, &str); 6] = [
+    (42, "BadCertificate"),
+    (43, "UnsupportedCertificate"),
+    (44, "CertificateRevoked"),
+    (45, "CertificateExpired"),
+    (46, "CertificateUnknown"),
+    (48, "UnknownCA"),
+];
+
 /// Opening or accepting a stream failed: the connection is gone.
 #[derive(Debug, thiserror::Error)]
 #[error("tunnel connection lost: {0}")]
@@ -181,6 +193,36 @@ impl TunnelConn {
         match self {
             TunnelConn::Quic(c) => matches!(c.close_reason(), Some(quinn::ConnectionError::Reset)),
             TunnelConn::Tcp(_) => false,
+        }
+    }
+
+    /// Whether the peer ended the connection with a TLS alert about our
+    /// certificate (bad, unsupported, revoked, expired, unknown, or from a
+    /// CA it does not trust): in TLS 1.3 the client finishes its handshake
+    /// first, and the server's verdict on its certificate arrives as the
+    /// connection's close. Waits up to `wait` for the close (the TCP
+    /// fallback learns it from its driver).
+    pub async fn refused_our_certificate(&self, wait: Duration) -> bool {
+        match self {
+            TunnelConn::Quic(c) => {
+                let _ = tokio::time::timeout(wait, c.closed()).await;
+                match c.close_reason() {
+                    Some(quinn::ConnectionError::ConnectionClosed(close)) => {
+                        let code = u64::from(close.error_code);
+                        (0x100..0x200).contains(&code)
+                            && CERTIFICATE_ALERTS
+                                .iter()
+                                .any(|(n, _)| u64::from(*n) == code & 0xff)
+                    }
+                    _ => false,
+                }
+            }
+            TunnelConn::Tcp(c) => match tokio::time::timeout(wait, c.closed()).await {
+                Ok(why) => CERTIFICATE_ALERTS
+                    .iter()
+                    .any(|(_, name)| why.contains(&format!("received fatal alert: {name}"))),
+                Err(_) => false,
+            },
         }
     }
 
