@@ -692,6 +692,64 @@ async fn nodes_without_or_with_overlapping_pod_cidrs() -> Result<()> {
     Ok(())
 }
 
+/// A tunnel that goes down while the apiserver answers 503 has its
+/// condition written once the apiserver is back (the failed write used to
+/// be dropped, the Node left `True` until the node's next change).
+/// Stand-in, not a real apiserver (see the module doc).
+#[tokio::test]
+async fn a_condition_that_failed_during_an_api_outage_is_written_after_it() -> Result<()> {
+    let lab = KubeLab::start(1, &[]).await?;
+    let e0 = lab.edge("edge-0")?;
+    e0.wait_connected(BOUND).await.context("edge-0")?;
+    eventually("condition True", async || {
+        Ok(lab.condition("edge-0").filter(|c| c.0 == "True"))
+    })
+    .await?;
+    lab.standin.set_unavailable(true);
+    e0.shutdown().await;
+    // The write of False is tried, and refused, while the API is down.
+    eventually("a failed condition write counted", async || {
+        let (_, m) = admin_get(lab.admin(), "/metrics", None).await?;
+        Ok(m.lines()
+            .find_map(|l| {
+                l.strip_prefix("relay_node_condition_write_failures_total ")?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .filter(|n| *n > 0))
+    })
+    .await?;
+    assert_eq!(
+        lab.condition("edge-0").map(|c| c.0).as_deref(),
+        Some("True")
+    );
+    lab.standin.set_unavailable(false);
+    let back = std::time::Instant::now();
+    let (status, reason, _) = eventually("condition False after the outage", async || {
+        Ok(lab.condition("edge-0").filter(|c| c.0 == "False"))
+    })
+    .await?;
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "NoSession"));
+    eprintln!(
+        "condition False {:?} after the API came back",
+        back.elapsed()
+    );
+    // The outage shows in the metrics, where readiness (the last known
+    // objects in use) does not.
+    let (_, m) = admin_get(lab.admin(), "/metrics", None).await?;
+    for watch in ["nodes", "services"] {
+        let line = format!("relay_kube_watch_errors_total{{watch=\"{watch}\"}} ");
+        let n: u64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix(&line)?.trim().parse().ok())
+            .with_context(|| format!("no {line} in {m}"))?;
+        ensure!(n > 0, "{line}{n}");
+    }
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
 /// A node flapping (its edge connecting and leaving over and over) does
 /// not storm the API: condition writes paced per node, Events within the
 /// node's budget, the excess counted; the condition ends at the node's

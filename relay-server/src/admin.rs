@@ -434,6 +434,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
             + &shared.udp.render_prometheus("relay")
             + &crate::metrics::render_capture(&shared)
             + &crate::metrics::render_status(shared.status.stats())
+            + &crate::metrics::render_watches(&shared)
             + &crate::metrics::render_runtime(&shared),
     )
         .into_response()

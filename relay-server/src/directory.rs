@@ -90,6 +90,11 @@ pub trait Directory: Send + Sync + 'static {
     fn last_error(&self) -> Option<String> {
         None
     }
+    /// Watch errors since start (each retried with backoff), for
+    /// `/metrics`.
+    fn watch_errors(&self) -> u64 {
+        0
+    }
     /// Who claims `ip` (asked for a target no live session serves).
     fn claim(&self, ip: IpAddr) -> Claim;
     /// Node → the communities its labels put it in (Kubernetes mode:

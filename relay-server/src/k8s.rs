@@ -381,13 +381,13 @@ impl KubeDirectory {
             .clone()
     }
 
-    /// Watch errors since start (each retried with backoff).
-    pub fn watch_errors(&self) -> u64 {
-        self.nodes.watch_errors()
-    }
 }
 
 impl Directory for KubeDirectory {
+    fn watch_errors(&self) -> u64 {
+        self.nodes.watch_errors()
+    }
+
     fn lookup(&self, node: &str) -> Lookup {
         if !self.is_synced() {
             return Lookup::NotSynced;

@@ -231,6 +231,9 @@ impl ServiceSource for KubeServices {
     fn last_error(&self) -> Option<String> {
         self.dir.last_error()
     }
+    fn watch_errors(&self) -> u64 {
+        self.dir.watch_errors()
+    }
 }
 
 #[cfg(test)]

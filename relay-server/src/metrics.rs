@@ -311,11 +311,24 @@ pub fn render_status(stats: crate::status::StatusStats) -> String {
     format!(
         "# HELP relay_node_condition_writes_total EdgeTunnelReady conditions applied to Nodes.\n# TYPE relay_node_condition_writes_total counter\nrelay_node_condition_writes_total {}\n\
          # HELP relay_node_condition_coalesced_total Condition changes folded into a later write (a node changing again within the hold-off).\n# TYPE relay_node_condition_coalesced_total counter\nrelay_node_condition_coalesced_total {}\n\
+         # HELP relay_node_condition_write_failures_total Condition writes the apiserver did not take (each retried after the hold-off).\n# TYPE relay_node_condition_write_failures_total counter\nrelay_node_condition_write_failures_total {}\n\
          # HELP relay_events_dropped_total Events not published, by reason (rate_limited: a node over its event budget).\n# TYPE relay_events_dropped_total counter\nrelay_events_dropped_total{{reason=\"rate_limited\"}} {}\nrelay_events_dropped_total{{reason=\"queue_full\"}} {}\n",
         stats.condition_writes,
         stats.condition_coalesced,
+        stats.condition_failures,
         stats.events_rate_limited,
         stats.events_queue_full
+    )
+}
+
+/// Renders the Kubernetes watches' errors (zero in static mode): during an
+/// apiserver outage the relay serves its last known Nodes and Services and
+/// stays ready, and this is where the outage shows.
+pub fn render_watches(shared: &crate::server::Shared) -> String {
+    format!(
+        "# HELP relay_kube_watch_errors_total Failed list or watch requests, by watch (each retried with backoff; the last known objects stay in use).\n# TYPE relay_kube_watch_errors_total counter\nrelay_kube_watch_errors_total{{watch=\"nodes\"}} {}\nrelay_kube_watch_errors_total{{watch=\"services\"}} {}\n",
+        shared.directory.watch_errors(),
+        shared.services.watch_errors(),
     )
 }
 

@@ -115,6 +115,11 @@ pub trait ServiceSource: Send + Sync {
     fn last_error(&self) -> Option<String> {
         None
     }
+    /// Watch errors since start (each retried with backoff), for
+    /// `/metrics`.
+    fn watch_errors(&self) -> u64 {
+        0
+    }
 }
 
 /// Static mode: no Services (ClusterIPs are not resolved by the relay).

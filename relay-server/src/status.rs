@@ -90,6 +90,8 @@ pub trait StatusSink: Send + Sync + 'static {
 pub struct StatusStats {
     /// Node conditions applied (requests made).
     pub condition_writes: u64,
+    /// Condition writes that failed (each retried after the hold-off).
+    pub condition_failures: u64,
     /// Condition changes folded into a later write (a node that changed
     /// again within the hold-off between two writes).
     pub condition_coalesced: u64,

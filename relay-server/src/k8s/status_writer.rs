@@ -56,6 +56,7 @@ pub(super) struct KubeStatus {
 #[derive(Default)]
 struct StatusCounters {
     writes: AtomicU64,
+    failed: AtomicU64,
     coalesced: AtomicU64,
     rate_limited: AtomicU64,
     queue_full: AtomicU64,
@@ -169,12 +170,13 @@ async fn write_conditions(
     // Desired states waiting for their node's hold-off or a free writer.
     let mut held: HashMap<String, TunnelCondition> = HashMap::new();
     let mut in_flight: JoinSet<Result<WriteOutcome, KubeError>> = JoinSet::new();
-    // The node each write in flight is for (by task, so a write that
-    // panicked still frees its node); a newer state for one waits in
-    // `held`.
-    let mut writing: HashMap<tokio::task::Id, String> = HashMap::new();
-    let busy =
-        |writing: &HashMap<tokio::task::Id, String>, n: &str| writing.values().any(|w| w == n);
+    // The node each write in flight is for, and the state it writes (by
+    // task, so a write that panicked still frees its node); a newer state
+    // for one waits in `held`.
+    let mut writing: HashMap<tokio::task::Id, (String, TunnelCondition)> = HashMap::new();
+    let busy = |writing: &HashMap<tokio::task::Id, (String, TunnelCondition)>, n: &str| {
+        writing.values().any(|(w, _)| w == n)
+    };
     loop {
         let now = std::time::Instant::now();
         // The next hold-off to end, if a writer is free to act on it.
@@ -194,21 +196,38 @@ async fn write_conditions(
                     Ok((id, result)) => (id, Some(result)),
                     Err(e) => (e.id(), None),
                 };
-                let node = writing.remove(&id).unwrap_or_default();
-                if let Some(result) = result {
-                    match result {
-                        Ok(outcome) => {
-                            debug!(%node, ?outcome, "node condition");
-                            if outcome == WriteOutcome::Written {
-                                counters.writes.fetch_add(1, Relaxed);
-                                pace.wrote(&node, std::time::Instant::now());
-                            }
+                let Some((node, cond)) = writing.remove(&id) else { continue };
+                let failed = match result {
+                    Some(Ok(outcome)) => {
+                        debug!(%node, ?outcome, "node condition");
+                        if outcome == WriteOutcome::Written {
+                            counters.writes.fetch_add(1, Relaxed);
+                            pace.wrote(&node, std::time::Instant::now());
                         }
-                        Err(KubeError::NotFound { .. }) => writer.forget(&node),
-                        Err(e) => warn!(%node, error = %e, "writing the node condition failed"),
+                        false
                     }
-                } else {
-                    warn!(%node, "a node condition write panicked; the node's next change writes it again");
+                    Some(Err(KubeError::NotFound { .. })) => {
+                        writer.forget(&node);
+                        false
+                    }
+                    Some(Err(e)) => {
+                        warn!(%node, error = %e, "writing the node condition failed; retrying after the hold-off");
+                        true
+                    }
+                    None => {
+                        warn!(%node, "a node condition write panicked; retrying after the hold-off");
+                        true
+                    }
+                };
+                // A state that did not reach the apiserver (it is down,
+                // throttling, timing out) is written again, one hold-off
+                // later, unless a newer one is waiting: a node whose tunnel
+                // went down during an apiserver outage must not stay
+                // `True` for ever.
+                if failed {
+                    counters.failed.fetch_add(1, Relaxed);
+                    pace.wrote(&node, std::time::Instant::now());
+                    held.entry(node).or_insert(cond);
                 }
             }
             _ = tokio::time::sleep_until(next.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std)), if next.is_some() => {}
@@ -231,9 +250,9 @@ async fn write_conditions(
                 continue;
             };
             let writer = writer.clone();
-            let name = node.clone();
-            let task = in_flight.spawn(async move { writer.set(&name, &cond).await });
-            writing.insert(task.id(), node);
+            let (name, sent) = (node.clone(), cond.clone());
+            let task = in_flight.spawn(async move { writer.set(&name, &sent).await });
+            writing.insert(task.id(), (node, cond));
         }
     }
 }
@@ -286,6 +305,7 @@ impl StatusSink for KubeStatus {
         let c = &self.counters;
         StatusStats {
             condition_writes: c.writes.load(Relaxed),
+            condition_failures: c.failed.load(Relaxed),
             condition_coalesced: c.coalesced.load(Relaxed),
             events_rate_limited: c.rate_limited.load(Relaxed),
             events_queue_full: c.queue_full.load(Relaxed),
