@@ -144,7 +144,7 @@ pub(crate) async fn run(
     let mut saved_from: Option<(Arc<crate::services::ServiceTable>, Option<Routes>)> = None;
     let saver = cfg.capture_state_file.clone().map(|path| {
         tokio::spawn(
-            crate::saved::saver(
+            relay_transport::saved::saver(
                 path,
                 save_rx,
                 crate::capture_state::save,

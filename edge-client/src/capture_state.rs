@@ -8,7 +8,7 @@
 //! - Services with an endpoint on this node are served by that endpoint.
 //!
 //! Each session replaces it (the relay sends the whole route list and
-//! Service table first). Written with `crate::saved`.
+//! Service table first). Written with `relay_transport::saved`.
 
 use std::path::Path;
 
@@ -16,8 +16,8 @@ use relay_protocol::{Cidr, ServicePort};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::saved::LoadError;
 use crate::services::ServiceTable;
+use relay_transport::saved::LoadError;
 
 /// Format version of the file; a file of another version is ignored
 /// (logged).
@@ -61,12 +61,12 @@ impl SavedCapture {
 
 /// Writes `state` to `path` atomically.
 pub(crate) fn save(path: &Path, state: &SavedCapture) -> std::io::Result<()> {
-    crate::saved::write_json(path, VERSION, state)
+    relay_transport::saved::write_json(path, VERSION, state)
 }
 
 /// Reads the saved state: `Ok(None)` when there is no file.
 pub(crate) fn load(path: &Path) -> Result<Option<SavedCapture>, LoadError> {
-    crate::saved::read_json(path, VERSION, WHAT)
+    relay_transport::saved::read_json(path, VERSION, WHAT)
 }
 
 /// [`load`], logging what it found; `None` when there is nothing usable

@@ -22,7 +22,6 @@
 //! minutes before issuance, and the edge warns when its clock and the
 //! relay's differ by more than that.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -150,22 +149,6 @@ fn build(b: &BootstrapConfig, node: &str, cert_pem: &str, key_pem: &[u8]) -> Res
         not_after,
         renew_at: renew_at(not_before, not_after),
     })
-}
-
-/// Writes `data` to `path` through a temporary file and a rename, so a
-/// crash never leaves half a certificate; `private` files are 0600.
-pub(crate) fn write_atomic(path: &Path, data: &[u8], private: bool) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    if private {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 /// A hint for TLS failures caused by this edge's clock.
@@ -378,8 +361,9 @@ async fn obtain(
 fn keep(dir: &Path, key: &Path, cert: &Path, key_pem: &str, cert_pem: &str) -> Result<(), String> {
     let at = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
     std::fs::create_dir_all(dir).map_err(|e| at(dir, e))?;
-    write_atomic(key, key_pem.as_bytes(), true).map_err(|e| at(key, e))?;
-    write_atomic(cert, cert_pem.as_bytes(), false).map_err(|e| at(cert, e))?;
+    relay_transport::saved::write_atomic(key, key_pem.as_bytes(), true).map_err(|e| at(key, e))?;
+    relay_transport::saved::write_atomic(cert, cert_pem.as_bytes(), false)
+        .map_err(|e| at(cert, e))?;
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| at(dir, e))

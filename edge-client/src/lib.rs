@@ -36,7 +36,6 @@ mod dial;
 pub mod dns;
 mod identity;
 pub mod liveness;
-mod saved;
 pub mod serve;
 pub mod services;
 mod session;

@@ -380,7 +380,6 @@ impl KubeDirectory {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
-
 }
 
 impl Directory for KubeDirectory {

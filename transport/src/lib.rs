@@ -23,6 +23,8 @@
 //! - [`http`]: serving a small HTTP API with bounded request heads.
 //! - [`reload`]: server TLS (certificate, client CA, CRLs) replaced while
 //!   running, for new handshakes only.
+//! - [`saved`]: tables kept on disk across restarts (JSON with a format
+//!   version, written atomically, at most once a second).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod capture;
@@ -39,6 +41,7 @@ pub mod proxy;
 pub mod quic;
 mod quic_runtime;
 pub mod reload;
+pub mod saved;
 pub mod splice;
 mod splice_local;
 pub mod tcp;

@@ -153,7 +153,7 @@ impl Resolver {
             tasks.clone(),
             cancel.clone(),
         ));
-        tasks.spawn(crate::saved::saver(
+        tasks.spawn(relay_transport::saved::saver(
             cfg.state_file.clone(),
             save_rx,
             store::save,

@@ -1,5 +1,5 @@
 //! The name table on disk, so a restart while the cloud is away still
-//! answers (the file format and its writing: `crate::saved`).
+//! answers (the file format and its writing: `relay_transport::saved`).
 
 use std::path::Path;
 
@@ -7,7 +7,7 @@ use relay_protocol::ServiceName;
 use serde::{Deserialize, Serialize};
 
 use super::zone::Zone;
-pub use crate::saved::LoadError;
+pub use relay_transport::saved::LoadError;
 
 /// Format version of the file; a file of another version is ignored.
 const VERSION: u32 = 1;
@@ -27,11 +27,11 @@ pub(crate) fn save(path: &Path, zone: &Zone) -> std::io::Result<()> {
         cluster_domain: zone.domain().to_string(),
         services: zone.services().cloned().collect(),
     };
-    crate::saved::write_json(path, VERSION, &saved)
+    relay_transport::saved::write_json(path, VERSION, &saved)
 }
 
 /// Reads a saved table: `Ok(None)` when there is no file.
 pub(crate) fn load(path: &Path) -> Result<Option<(String, Vec<ServiceName>)>, LoadError> {
-    let saved: Option<Saved> = crate::saved::read_json(path, VERSION, WHAT)?;
+    let saved: Option<Saved> = relay_transport::saved::read_json(path, VERSION, WHAT)?;
     Ok(saved.map(|s| (s.cluster_domain, s.services)))
 }

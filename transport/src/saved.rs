@@ -1,9 +1,11 @@
-//! Tables the edge keeps on disk so that a restart while the cloud is away
-//! still serves what it last knew: the resolver's names (`dns::store`) and
-//! capture's routes and ClusterIP table (`capture_state`). JSON (readable by operators), with a
-//! format version, written through a temporary file and a rename so a
-//! crash never leaves half a table, at most once a second.
+//! Tables kept on disk so that a restart while the cloud (or the
+//! Kubernetes API) is away still serves what was last known: at the edge,
+//! the resolver's names and capture's routes and ClusterIP table; at the
+//! relay, the Node claims. JSON (readable by operators), with a format
+//! version, written through a temporary file and a rename so a crash never
+//! leaves half a table, at most once a second.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,22 +55,34 @@ struct VersionOnly {
     version: u32,
 }
 
+/// Writes `data` to `path` through a temporary file, an fsync and a
+/// rename, so a crash never leaves half a file; `private` files are 0600.
+pub fn write_atomic(path: &Path, data: &[u8], private: bool) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    if private {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Writes `table` to `path` as format `version`, atomically.
-pub(crate) fn write_json<T: Serialize>(
-    path: &Path,
-    version: u32,
-    table: &T,
-) -> std::io::Result<()> {
+pub fn write_json<T: Serialize>(path: &Path, version: u32, table: &T) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(&Envelope { version, table }).map_err(std::io::Error::other)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    crate::identity::write_atomic(path, &bytes, false)
+    write_atomic(path, &bytes, false)
 }
 
 /// Reads a table of format `version` (a `what`, for errors): `Ok(None)`
 /// when there is no file.
-pub(crate) fn read_json<T: DeserializeOwned>(
+pub fn read_json<T: DeserializeOwned>(
     path: &Path,
     version: u32,
     what: &'static str,
@@ -99,7 +113,7 @@ pub(crate) fn read_json<T: DeserializeOwned>(
 /// and once more when `cancel` fires if one is waiting. `None` (nothing
 /// known yet) is never written, and neither is what `rx` holds when it
 /// starts (it came from the file).
-pub(crate) async fn saver<T: Send + Sync + 'static>(
+pub async fn saver<T: Send + Sync + 'static>(
     path: PathBuf,
     mut rx: watch::Receiver<Option<Arc<T>>>,
     save: fn(&Path, &T) -> std::io::Result<()>,
