@@ -27,7 +27,10 @@ use tokio::task::JoinHandle;
 use crate::{KubeClient, KubeError};
 
 /// What a Node claims, as the relay uses it to check an edge's routes.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Serializable for the relay's cache of them (fields missing from a
+/// cache written by another version take their defaults).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct NodeClaims {
     /// `spec.podCIDRs` (or `spec.podCIDR` when the list is empty), parsed;
     /// unparsable entries are left out (see [`ClaimIssue`]).

@@ -60,6 +60,25 @@ struct KubeLab {
     relay: Relay,
 }
 
+/// A relay in Kubernetes mode pointed at `standin` through a kubeconfig
+/// (no `[nodes]`), keeping its Node cache in `cache_file` if given.
+fn relay_config(
+    standin: &StandIn,
+    pki: &DevPki,
+    cache_file: Option<std::path::PathBuf>,
+) -> Result<RelayConfig> {
+    let mut cfg = RelayConfig::loopback(pki.relay_material()?);
+    cfg.quic.keepalive = Duration::from_millis(500);
+    cfg.quic.idle_timeout = Duration::from_secs(5);
+    cfg.kubernetes = Some(KubeSettings {
+        kubeconfig: Some(standin.kubeconfig_path().to_path_buf()),
+        api_timeout: Duration::from_secs(3),
+        cache_file,
+        ..KubeSettings::default()
+    });
+    Ok(cfg)
+}
+
 impl KubeLab {
     /// A stand-in holding Nodes `edge-0..edge-{n-1}`, and a relay in
     /// Kubernetes mode pointed at it through a kubeconfig (no `[nodes]`).
@@ -73,15 +92,7 @@ impl KubeLab {
         names.extend(extra_certs.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let pki = DevPki::generate(&["localhost"], &refs)?;
-        let mut cfg = RelayConfig::loopback(pki.relay_material()?);
-        cfg.quic.keepalive = Duration::from_millis(500);
-        cfg.quic.idle_timeout = Duration::from_secs(5);
-        cfg.kubernetes = Some(KubeSettings {
-            kubeconfig: Some(standin.kubeconfig_path().to_path_buf()),
-            api_timeout: Duration::from_secs(3),
-            ..KubeSettings::default()
-        });
-        let relay = Relay::spawn(cfg).await?;
+        let relay = Relay::spawn(relay_config(&standin, &pki, None)?).await?;
         Ok(KubeLab {
             standin,
             pki,
@@ -91,9 +102,14 @@ impl KubeLab {
 
     /// An edge configured with only the relay's address and its node name.
     fn edge(&self, node: &str) -> Result<EdgeClient> {
+        self.edge_of(&self.relay, node)
+    }
+
+    /// [`KubeLab::edge`], to another relay.
+    fn edge_of(&self, relay: &Relay, node: &str) -> Result<EdgeClient> {
         let cfg = EdgeConfig::new(
             node,
-            self.relay.quic_addr().to_string(),
+            relay.quic_addr().to_string(),
             "localhost",
             self.pki.node_material(node)?,
         );
@@ -689,6 +705,66 @@ async fn nodes_without_or_with_overlapping_pod_cidrs() -> Result<()> {
         e.shutdown().await;
     }
     lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+/// A relay whose container restarts while the apiserver is unreachable
+/// (the kubelet restarts it without the control plane) admits edges on
+/// the Node claims it cached, and still refuses a node the cache does not
+/// hold; without the cache it refuses every edge until the first list.
+/// Stand-in, not a real apiserver (see the module doc).
+#[tokio::test]
+async fn a_relay_started_while_the_api_is_down_admits_edges_on_its_node_cache() -> Result<()> {
+    let lab = KubeLab::start(2, &["edge-9"]).await?;
+    let cache = std::env::temp_dir().join(format!("relay-nodes-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&cache);
+    let first = Relay::spawn(relay_config(&lab.standin, &lab.pki, Some(cache.clone()))?).await?;
+    let e0 = lab.edge_of(&first, "edge-0")?;
+    e0.wait_connected(BOUND)
+        .await
+        .context("edge-0 on the first relay")?;
+    eventually("the node cache written", async || {
+        let text = std::fs::read_to_string(&cache).unwrap_or_default();
+        Ok((text.contains("\"edge-0\"") && text.contains("\"edge-1\"")).then_some(()))
+    })
+    .await?;
+    e0.shutdown().await;
+    first.shutdown(Duration::from_secs(1)).await;
+    lab.standin.set_unavailable(true);
+
+    let restarted =
+        Relay::spawn(relay_config(&lab.standin, &lab.pki, Some(cache.clone()))?).await?;
+    let e1 = lab.edge_of(&restarted, "edge-1")?;
+    let t = std::time::Instant::now();
+    e1.wait_connected(BOUND)
+        .await
+        .with_context(|| format!("edge-1 on the restarted relay: {:?}", e1.state()))?;
+    eprintln!(
+        "restarted with the API down: edge-1 admitted after {:?}",
+        t.elapsed()
+    );
+    let (_, ready) = admin_get(restarted.admin_addr().context("admin")?, "/readyz", None).await?;
+    ensure!(ready.contains("nodes from the cache written"), "{ready}");
+    let ghost = lab.edge_of(&restarted, "edge-9")?;
+    let r = eventually("edge-9 refused", async || Ok(rejected(&ghost))).await?;
+    assert_eq!(r, RejectReason::UnknownNode);
+    ghost.shutdown().await;
+    e1.shutdown().await;
+    restarted.shutdown(Duration::from_secs(1)).await;
+
+    // The same restart without the cache: refused until the first list.
+    let bare = Relay::spawn(relay_config(&lab.standin, &lab.pki, None)?).await?;
+    let e1 = lab.edge_of(&bare, "edge-1")?;
+    let r = eventually("edge-1 refused without the cache", async || {
+        Ok(rejected(&e1))
+    })
+    .await?;
+    assert_eq!(r, RejectReason::Overloaded);
+    e1.shutdown().await;
+    bare.shutdown(Duration::from_secs(1)).await;
+    lab.standin.set_unavailable(false);
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    let _ = std::fs::remove_file(&cache);
     Ok(())
 }
 

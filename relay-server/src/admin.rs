@@ -318,13 +318,30 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     } else if !shared.services.is_synced() {
         // Capture and edges' service tables would start from nothing.
         let msg = format!(
-            "services and endpointslices not loaded yet{}\n",
-            why(shared.services.last_error())
+            "services and endpointslices not loaded yet{}{}\n",
+            why(shared.services.last_error()),
+            cached(&shared)
         );
         (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
     } else {
-        "ready\n".into_response()
+        format!("ready{}\n", cached(&shared)).into_response()
     }
+}
+
+/// `; nodes from the cache written … ago (…)` while the directory serves
+/// its cache, or nothing.
+fn cached(shared: &Shared) -> String {
+    shared
+        .directory
+        .cached_since()
+        .map(|t| {
+            format!(
+                "; nodes from the cache written {}s ago until the first list{}",
+                t.elapsed().unwrap_or_default().as_secs(),
+                why(shared.directory.last_error())
+            )
+        })
+        .unwrap_or_default()
 }
 
 async fn list_sessions(State(shared): State<Arc<Shared>>) -> Json<Vec<SessionRow>> {

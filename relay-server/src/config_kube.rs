@@ -33,6 +33,11 @@ pub struct KubeSettings {
     pub services: bool,
     /// The cluster's DNS domain, for `CONNECT name.ns.svc.<domain>:port`.
     pub cluster_domain: String,
+    /// Where the Node claims are kept (`kubernetes.cache_file`): a relay
+    /// that starts while the apiserver is unreachable (its container
+    /// restarted during a control-plane outage) admits edges from them
+    /// until the first list arrives, instead of refusing every edge.
+    pub cache_file: Option<PathBuf>,
 }
 
 impl Default for KubeSettings {
@@ -45,6 +50,7 @@ impl Default for KubeSettings {
             api_timeout: Duration::from_secs(10),
             services: true,
             cluster_domain: "cluster.local".into(),
+            cache_file: None,
         }
     }
 }
@@ -160,6 +166,8 @@ pub struct KubernetesFile {
     pub services: Option<bool>,
     /// See [`KubeSettings::cluster_domain`] (default `cluster.local`).
     pub cluster_domain: Option<String>,
+    /// See [`KubeSettings::cache_file`] (default none).
+    pub cache_file: Option<PathBuf>,
 }
 
 impl KubernetesFile {
@@ -177,6 +185,7 @@ impl KubernetesFile {
                 .as_deref()
                 .map(|c| c.trim_matches('.').to_ascii_lowercase())
                 .unwrap_or(d.cluster_domain),
+            cache_file: self.cache_file.clone(),
         })
     }
 }

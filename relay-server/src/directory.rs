@@ -95,6 +95,11 @@ pub trait Directory: Send + Sync + 'static {
     fn watch_errors(&self) -> u64 {
         0
     }
+    /// When the cache the entries come from was written, while they come
+    /// from one rather than from the source itself.
+    fn cached_since(&self) -> Option<std::time::SystemTime> {
+        None
+    }
     /// Who claims `ip` (asked for a target no live session serves).
     fn claim(&self, ip: IpAddr) -> Claim;
     /// Node → the communities its labels put it in (Kubernetes mode:

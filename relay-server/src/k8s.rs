@@ -33,6 +33,7 @@ use crate::directory::{
 };
 use crate::status::StatusSink;
 
+mod node_cache;
 mod status_writer;
 use status_writer::KubeStatus;
 pub use status_writer::{CONDITION_WRITERS, EVENT_WRITERS};
@@ -78,6 +79,7 @@ pub async fn start(
     let directory = KubeDirectory::start(
         NodeDirectory::spawn(&client, &DirectoryOptions::default()),
         relay.tunnel_routes.clone(),
+        settings.cache_file.clone(),
         stop.clone(),
     );
     let status: Arc<dyn StatusSink> = if settings.node_status || settings.events {
@@ -223,7 +225,15 @@ pub struct KubeDirectory {
     snapshot: RwLock<Arc<Snapshot>>,
     synced: AtomicBool,
     changes: watch::Sender<u64>,
+    /// When the cache the entries came from was written, while they come
+    /// from it (until the first list).
+    cached: std::sync::Mutex<Option<std::time::SystemTime>>,
+    /// The claims to keep in the cache (`kubernetes.cache_file`).
+    to_cache: Option<watch::Sender<Option<Arc<AllClaims>>>>,
 }
+
+/// Every Node's claims, by name.
+type AllClaims = BTreeMap<String, NodeClaims>;
 
 /// Gathers a burst of Node changes (a relist touches every node) into one
 /// recomputation.
@@ -293,7 +303,14 @@ fn source(c: &NodeClaims, cloud_ranges: &[Cidr]) -> NodeSource {
 }
 
 impl KubeDirectory {
-    fn start(nodes: NodeDirectory, cloud_ranges: Vec<Cidr>, stop: CancellationToken) -> Arc<Self> {
+    fn start(
+        nodes: NodeDirectory,
+        cloud_ranges: Vec<Cidr>,
+        cache_file: Option<std::path::PathBuf>,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
+        let cached = cache_file.as_deref().and_then(node_cache::load);
+        let to_cache = cache_file.as_ref().map(|_| watch::channel(None).0);
         let dir = Arc::new(KubeDirectory {
             nodes,
             cloud_ranges,
@@ -307,7 +324,28 @@ impl KubeDirectory {
             })),
             synced: AtomicBool::new(false),
             changes: watch::channel(0).0,
+            cached: std::sync::Mutex::new(None),
+            to_cache,
         });
+        if let Some((claims, written)) = cached {
+            let age = written.elapsed().unwrap_or_default();
+            info!(
+                nodes = claims.len(),
+                age_secs = age.as_secs(),
+                "admitting edges on the node cache until the first Node list"
+            );
+            dir.install(&claims);
+            *dir.cached.lock().unwrap_or_else(|e| e.into_inner()) = Some(written);
+        }
+        if let (Some(path), Some(tx)) = (cache_file, &dir.to_cache) {
+            tokio::spawn(relay_transport::saved::saver(
+                path,
+                tx.subscribe(),
+                node_cache::save,
+                node_cache::WHAT,
+                stop.clone(),
+            ));
+        }
         let me = dir.clone();
         tokio::spawn(async move {
             let mut rx = me.nodes.subscribe();
@@ -324,11 +362,29 @@ impl KubeDirectory {
         dir
     }
 
+    /// Takes the reflector's claims, once it has listed: the first list
+    /// replaces what came from the cache.
     fn refresh(&self) {
         if !self.nodes.is_synced() {
             return;
         }
         let claims = self.nodes.all_claims();
+        let from_cache = self
+            .cached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .is_some();
+        let changed = self.install(&claims);
+        if let Some(tx) = &self.to_cache {
+            if changed || from_cache || tx.borrow().is_none() {
+                tx.send_replace(Some(Arc::new(claims)));
+            }
+        }
+    }
+
+    /// Makes `claims` the directory's entries; false when nothing changed.
+    fn install(&self, claims: &BTreeMap<String, NodeClaims>) -> bool {
         let sources: BTreeMap<String, NodeSource> = claims
             .iter()
             .map(|(n, c)| (n.clone(), source(c, &self.cloud_ranges)))
@@ -342,7 +398,7 @@ impl KubeDirectory {
         let first = !self.synced.load(Relaxed);
         let now = self.read();
         if !first && now.entries == entries && now.communities == communities {
-            return;
+            return false;
         }
         let by_hostname = hostnames(&entries);
         let shared_names = by_hostname.values().filter(|v| v.is_none()).count();
@@ -372,6 +428,7 @@ impl KubeDirectory {
         self.synced
             .store(true, std::sync::atomic::Ordering::Release);
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
+        true
     }
 
     fn read(&self) -> Arc<Snapshot> {
@@ -385,6 +442,10 @@ impl KubeDirectory {
 impl Directory for KubeDirectory {
     fn watch_errors(&self) -> u64 {
         self.nodes.watch_errors()
+    }
+
+    fn cached_since(&self) -> Option<std::time::SystemTime> {
+        *self.cached.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lookup(&self, node: &str) -> Lookup {
