@@ -30,6 +30,16 @@ fn free_udp_port() -> Result<u16> {
 }
 
 async fn start_replica(standin: &StandIn, pki: &DevPki, id: &str) -> Result<Relay> {
+    start_replica_with(standin, pki, id, Duration::from_secs(3)).await
+}
+
+/// [`start_replica`], with `api_timeout` bounding each API call.
+async fn start_replica_with(
+    standin: &StandIn,
+    pki: &DevPki,
+    id: &str,
+    api_timeout: Duration,
+) -> Result<Relay> {
     let mut cfg = RelayConfig::loopback(pki.relay_material()?);
     let addr = SocketAddr::from(([127, 0, 0, 1], free_udp_port()?));
     cfg.relay_id = id.into();
@@ -40,7 +50,7 @@ async fn start_replica(standin: &StandIn, pki: &DevPki, id: &str) -> Result<Rela
     cfg.limits.drain_grace = Duration::from_millis(200);
     cfg.kubernetes = Some(KubeSettings {
         kubeconfig: Some(standin.kubeconfig_path().to_path_buf()),
-        api_timeout: Duration::from_secs(3),
+        api_timeout,
         ..KubeSettings::default()
     });
     cfg.replicas = Some(ReplicaSettings {
@@ -223,5 +233,38 @@ async fn replicas_from_leases_every_edge_on_each_join_and_leave() -> Result<()> 
     for r in relays {
         r.shutdown(Duration::from_millis(200)).await;
     }
+    Ok(())
+}
+
+/// A replica shutting down while the apiserver hangs does not wait for it:
+/// the Lease release is bounded (2 s; the Lease then expires on its own),
+/// so the drain and capture removal that follow fit the pod's termination
+/// grace period (the release's GET and DELETE used to wait 10 s each).
+/// Stand-in, not a real apiserver (see the module doc).
+#[tokio::test]
+async fn a_replica_shuts_down_promptly_while_the_api_hangs() -> Result<()> {
+    relay_lab::init();
+    let standin = StandIn::spawn().await?;
+    let pki = DevPki::generate(&["localhost"], &[])?;
+    // The default API timeout, which the release used to wait out twice.
+    let relay = start_replica_with(&standin, &pki, "relay-a", Duration::from_secs(10)).await?;
+    eventually("relay-a's Lease", Duration::from_secs(10), async || {
+        Ok(standin.leases(NS).contains_key("relay-a"))
+    })
+    .await?;
+    standin.set_latency(Duration::from_secs(20), Duration::from_secs(20));
+    let t = Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        relay.shutdown(Duration::from_millis(200)),
+    )
+    .await
+    .context("shutdown waited for the hanging apiserver")?;
+    eprintln!("shut down in {:?} with the API hanging", t.elapsed());
+    ensure!(
+        t.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
     Ok(())
 }

@@ -346,12 +346,26 @@ impl Replicas {
     pub async fn release(&mut self) {
         #[cfg(feature = "kubernetes")]
         if let Some(m) = self.membership.take() {
-            if let Err(e) = m.release().await {
-                tracing::warn!(error = %e, "releasing the replica lease failed; it will expire");
+            // Bounded well below the API timeout: at shutdown an apiserver
+            // that hangs must not eat the pod's termination grace period
+            // (the drain after this, capture removal), and a Lease left
+            // behind only expires a lease duration later.
+            match tokio::time::timeout(RELEASE_BOUND, m.release()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "releasing the replica lease failed; it will expire")
+                }
+                Err(_) => tracing::warn!(
+                    "the replica lease was not released within {RELEASE_BOUND:?}; it will expire"
+                ),
             }
         }
     }
 }
+
+/// How long a shutdown waits to release the replica Lease.
+#[cfg(feature = "kubernetes")]
+const RELEASE_BOUND: Duration = Duration::from_secs(2);
 
 /// Copies the membership's set into the relay's, as protocol replicas.
 #[cfg(feature = "kubernetes")]
