@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::service_feed::changed_keys;
 use crate::services::{Backend, NameLookup, ServiceSnapshot, ServiceSource};
 
 /// Gathers a burst of changes (a relist, a rollout touching many slices)
@@ -108,7 +109,20 @@ pub fn snapshot_of(table: &ServiceTable) -> ServiceSnapshot {
         sticky,
         names: Arc::new(relay_kube::service_names(table)),
         cluster_domain: Arc::from(table.cluster_domain()),
+        changes: Arc::default(),
     }
+}
+
+/// `snap` as the snapshot after `prev`: numbered, with the ports it
+/// changed in its journal (sessions compare only those), and `prev`'s
+/// name table when the names did not change (sessions skip the names
+/// when the pointer is the one they sent).
+fn following(prev: &ServiceSnapshot, mut snap: ServiceSnapshot) -> ServiceSnapshot {
+    snap.changes = Arc::new(prev.changes.next(changed_keys(prev, &snap)));
+    if snap.names == prev.names {
+        snap.names = prev.names.clone();
+    }
+    snap
 }
 
 /// `CONNECT host:port` against `table` (see [`NameLookup`]).
@@ -196,7 +210,15 @@ impl KubeServices {
                     // flag turned is one of the loaded table.
                     let synced = me.dir.is_synced();
                     let snap = me.dir.with_table(snapshot_of);
-                    debug!(ports = snap.ports.len(), "service snapshot");
+                    let snap = following(&me.snapshot.borrow().clone(), snap);
+                    debug!(
+                        ports = snap.ports.len(),
+                        changed = snap
+                            .changes
+                            .since(snap.changes.generation - 1)
+                            .map_or(0, |k| k.len()),
+                        "service snapshot"
+                    );
                     me.snapshot.send_replace(Arc::new(snap));
                     if synced && !me.published.swap(true, std::sync::atomic::Ordering::AcqRel) {
                         // Wakes readers that saw the snapshot above before

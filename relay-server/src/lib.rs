@@ -70,6 +70,7 @@ pub mod replicas;
 mod route;
 pub mod routefeed;
 pub mod server;
+pub mod service_feed;
 pub mod services;
 pub mod session;
 pub mod status;

@@ -1,6 +1,7 @@
 //! Services with edge endpoints: which ClusterIP ports the relay node
 //! captures, how the relay picks an endpoint for a ClusterIP, and what
-//! each edge is told (its [`Control::ServiceDelta`] feed).
+//! each edge is told (its `Control::ServiceDelta` feed, in
+//! [`crate::service_feed`]).
 //!
 //! Why the relay picks endpoints itself: kube-proxy DNATs a ClusterIP to
 //! one endpoint in the same NAT hook where capture would redirect it, and
@@ -26,7 +27,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-use relay_protocol::{Control, ServiceKey, ServicePort};
+use relay_protocol::ServiceKey;
 use relay_transport::capture::{Proto as CaptureProto, ServiceSet};
 use tokio::sync::watch;
 
@@ -69,6 +70,9 @@ pub struct ServiceSnapshot {
     pub names: Arc<relay_protocol::NameTable>,
     /// The cluster's DNS domain the names live in.
     pub cluster_domain: Arc<str>,
+    /// Which ports this snapshot and the ones before it changed (see
+    /// [`crate::service_feed::Changes`]).
+    pub changes: Arc<crate::service_feed::Changes>,
 }
 
 impl ServiceSnapshot {
@@ -295,88 +299,6 @@ fn capture_proto(udp: bool) -> CaptureProto {
     }
 }
 
-/// Edge `node`'s view of one ClusterIP port (or node port), or `None`
-/// when it has no usable endpoint (kube-proxy on the edge rejects those
-/// itself). A `node_local` port (`internalTrafficPolicy: Local`) is
-/// never remote: the edge leaves it to its kube-proxy, which serves it
-/// with the node's own endpoints or drops it.
-fn edge_port(
-    key: ServiceKey,
-    backends: &[Backend],
-    node: &str,
-    node_local: bool,
-) -> Option<ServicePort> {
-    if backends.is_empty() && !node_local {
-        return None;
-    }
-    let local: Vec<SocketAddr> = backends
-        .iter()
-        .filter(|b| b.node.as_deref() == Some(node))
-        .map(|b| b.addr)
-        .take(ServicePort::MAX_LOCAL)
-        .collect();
-    let remote = !node_local && backends.iter().any(|b| b.node.as_deref() != Some(node));
-    Some(ServicePort { key, remote, local })
-}
-
-/// One edge's Service feed: what it was last told, and the frames that
-/// move it to the current snapshot.
-#[derive(Debug, Default)]
-pub struct ServiceFeed {
-    sent: BTreeMap<ServiceKey, ServicePort>,
-    started: bool,
-}
-
-impl ServiceFeed {
-    /// The frames that bring edge `node` from what it was told to `snap`
-    /// (the first call sends everything, with `reset`); `None` when
-    /// nothing changed. With `node_ports` (the edge announced
-    /// `capability::NODE_PORTS`) the node ports are in the table too, as
-    /// [`ServiceKey::node_port`] entries.
-    pub fn poll(
-        &mut self,
-        snap: &ServiceSnapshot,
-        node: &str,
-        node_ports: bool,
-    ) -> Option<Vec<Control>> {
-        let np = snap
-            .node_ports
-            .iter()
-            .filter(|_| node_ports)
-            .map(|((port, udp), b)| (ServiceKey::node_port(*port, *udp), b));
-        let now: BTreeMap<ServiceKey, ServicePort> = snap
-            .ports
-            .iter()
-            .map(|(k, b)| (*k, b))
-            .chain(np)
-            .filter_map(|(k, b)| {
-                edge_port(k, b, node, snap.node_local.contains(&k)).map(|p| (k, p))
-            })
-            .collect();
-        let reset = !self.started;
-        let upsert: Vec<ServicePort> = now
-            .iter()
-            .filter(|(k, p)| reset || self.sent.get(k) != Some(p))
-            .map(|(_, p)| p.clone())
-            .collect();
-        let remove: Vec<ServiceKey> = if reset {
-            Vec::new()
-        } else {
-            self.sent
-                .keys()
-                .filter(|k| !now.contains_key(k))
-                .copied()
-                .collect()
-        };
-        if !reset && upsert.is_empty() && remove.is_empty() {
-            return None;
-        }
-        self.started = true;
-        self.sent = now;
-        Some(Control::service_deltas(reset, upsert, remove))
-    }
-}
-
 /// The relay node's capture set and each ClusterIP's keys, for logs.
 pub fn describe(set: &BTreeSet<(SocketAddr, CaptureProto)>) -> Vec<String> {
     set.iter()
@@ -385,24 +307,27 @@ pub fn describe(set: &BTreeSet<(SocketAddr, CaptureProto)>) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn b(addr: &str, node: &str) -> Backend {
+    /// An endpoint on `node`.
+    pub(crate) fn b(addr: &str, node: &str) -> Backend {
         Backend {
             addr: addr.parse().unwrap(),
             node: Some(Arc::from(node)),
         }
     }
 
-    fn key(vip: &str, udp: bool) -> ServiceKey {
+    /// A ClusterIP port.
+    pub(crate) fn key(vip: &str, udp: bool) -> ServiceKey {
         ServiceKey {
             vip: vip.parse().unwrap(),
             udp,
         }
     }
 
-    fn snap(entries: &[(ServiceKey, Vec<Backend>)]) -> ServiceSnapshot {
+    /// A snapshot of these ports and nothing else.
+    pub(crate) fn snap(entries: &[(ServiceKey, Vec<Backend>)]) -> ServiceSnapshot {
         ServiceSnapshot {
             ports: entries
                 .iter()
@@ -590,143 +515,5 @@ mod tests {
             "cloud-only and endpoint-less ports stay with kube-proxy"
         );
         assert_eq!(describe(&open), ["203.0.113.9:80/tcp"], "external, apart");
-    }
-
-    /// `internalTrafficPolicy: Local`: every node's own endpoints serve
-    /// it, so the relay node leaves it to its kube-proxy and each edge is
-    /// told it is not remote (its kube-proxy serves or drops it), even
-    /// with no endpoint of its own.
-    #[test]
-    fn node_local_ports_are_never_captured_and_never_remote() {
-        let agent = key("10.96.0.50:80", false);
-        let elsewhere = key("10.96.0.51:80", false);
-        let mut s = snap(&[
-            (
-                agent,
-                vec![b("10.244.7.5:80", "edge1"), b("10.244.1.2:80", "cloud1")],
-            ),
-            (elsewhere, vec![b("10.244.8.5:80", "edge2")]),
-        ]);
-        s.node_local.extend([agent, elsewhere]);
-        let served = |b: &Backend| b.node.as_deref().is_some_and(|n| n.starts_with("edge"));
-        let (set, open) = relay_capture_set(&s, served);
-        assert!(set.is_empty() && open.is_empty(), "{set:?} {open:?}");
-        let mut edge = BTreeMap::new();
-        for f in ServiceFeed::default()
-            .poll(&s, "edge1", false)
-            .expect("batch")
-        {
-            f.apply_service_delta(&mut edge);
-        }
-        assert_eq!(
-            (edge[&agent].remote, edge[&agent].local.clone()),
-            (false, vec!["10.244.7.5:80".parse().unwrap()])
-        );
-        assert_eq!(
-            (edge[&elsewhere].remote, edge[&elsewhere].local.len()),
-            (false, 0),
-            "no endpoint on edge1: still not remote"
-        );
-    }
-
-    #[test]
-    fn feed_sends_everything_once_then_only_changes() {
-        let mixed = key("10.96.0.20:80", false);
-        let cloud = key("10.96.0.10:80", false);
-        let own = key("10.96.0.30:80", false);
-        let mut s = snap(&[
-            (
-                mixed,
-                vec![b("10.244.7.5:80", "edge1"), b("10.244.8.5:80", "edge2")],
-            ),
-            (cloud, vec![b("10.244.1.2:80", "cloud1")]),
-            (own, vec![b("10.244.7.6:8080", "edge1")]),
-            (key("10.96.0.40:80", false), vec![]),
-        ]);
-        let mut feed = ServiceFeed::default();
-        let mut edge = BTreeMap::new();
-        let first = feed.poll(&s, "edge1", false).expect("first batch");
-        assert!(matches!(
-            first[0],
-            Control::ServiceDelta { reset: true, .. }
-        ));
-        for f in &first {
-            f.apply_service_delta(&mut edge);
-        }
-        assert_eq!(edge.len(), 3, "the endpoint-less port is not sent");
-        assert_eq!(
-            (edge[&mixed].remote, edge[&mixed].local.len()),
-            (true, 1),
-            "mixed: captured, local endpoint preferred"
-        );
-        assert_eq!((edge[&cloud].remote, edge[&cloud].local.len()), (true, 0));
-        assert_eq!(
-            (edge[&own].remote, edge[&own].local.clone()),
-            (false, vec!["10.244.7.6:8080".parse().unwrap()]),
-            "all local: left to the edge's kube-proxy"
-        );
-        assert!(
-            feed.poll(&s, "edge1", false).is_none(),
-            "no change, no frame"
-        );
-
-        // The edge1 endpoint of the mixed Service moves to edge2; the
-        // cloud Service goes away.
-        s.ports
-            .insert(mixed, Arc::from(vec![b("10.244.8.6:80", "edge2")]));
-        s.ports.remove(&cloud);
-        let next = feed.poll(&s, "edge1", false).expect("a change");
-        assert!(matches!(
-            next[0],
-            Control::ServiceDelta { reset: false, .. }
-        ));
-        for f in &next {
-            f.apply_service_delta(&mut edge);
-        }
-        assert_eq!(edge.len(), 2);
-        assert!(edge[&mixed].local.is_empty() && edge[&mixed].remote);
-        let mut fresh = BTreeMap::new();
-        for f in ServiceFeed::default().poll(&s, "edge1", false).unwrap() {
-            f.apply_service_delta(&mut fresh);
-        }
-        assert_eq!(edge, fresh, "deltas reach what a fresh edge is sent");
-    }
-
-    /// Node ports go only to edges that asked for them, keyed
-    /// `0.0.0.0:nodePort`, with the same local/remote split as ClusterIPs.
-    #[test]
-    fn node_ports_go_to_edges_that_capture_them() {
-        let mut s = snap(&[(
-            key("10.96.0.20:80", false),
-            vec![b("10.244.7.5:80", "edge1"), b("10.244.1.2:80", "cloud1")],
-        )]);
-        let both = Arc::from(vec![
-            b("10.244.7.5:80", "edge1"),
-            b("10.244.1.2:80", "cloud1"),
-        ]);
-        s.node_ports.insert((30080, false), both);
-        s.node_ports
-            .insert((30053, true), Arc::from(vec![b("10.244.8.5:53", "edge2")]));
-        let table = |node_ports: bool| {
-            let mut t = BTreeMap::new();
-            for f in ServiceFeed::default()
-                .poll(&s, "edge1", node_ports)
-                .unwrap()
-            {
-                f.apply_service_delta(&mut t);
-            }
-            t
-        };
-        let old = table(false);
-        assert!(old.keys().all(|k| !k.is_node_port()), "{old:?}");
-        let new = table(true);
-        let tcp = &new[&ServiceKey::node_port(30080, false)];
-        assert_eq!(
-            (tcp.remote, tcp.local.clone()),
-            (true, vec!["10.244.7.5:80".parse().unwrap()])
-        );
-        let udp = &new[&ServiceKey::node_port(30053, true)];
-        assert!(udp.remote && udp.local.is_empty());
-        assert_eq!(new.len(), old.len() + 2);
     }
 }

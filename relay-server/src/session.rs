@@ -403,7 +403,7 @@ pub(crate) async fn run_session(
     let wants_services = handle.capabilities & capability::SERVICES != 0;
     // Node ports in that table, for edges that capture them.
     let node_ports = handle.has(capability::NODE_PORTS);
-    let mut svc_feed = crate::services::ServiceFeed::default();
+    let mut svc_feed = crate::service_feed::ServiceFeed::default();
     // Its resolver's name table, the same way (edges running `[dns]`).
     let wants_names = handle.capabilities & capability::SERVICE_NAMES != 0;
     let mut names_feed = relay_protocol::NamesFeed::default();
