@@ -41,6 +41,10 @@ const EVENT_QUEUE: usize = 4096;
 /// [`HoldOff`]): a flapping node's condition is written at most this often.
 const CONDITION_HOLD_OFF: Duration = Duration::from_secs(5);
 
+/// Longest wait before a failed condition write is tried again (the wait
+/// doubles from the hold-off with each failure in a row).
+const RETRY_LIMIT: Duration = Duration::from_secs(300);
+
 /// Writes conditions and Events in the background. Conditions are kept as
 /// the latest desired state per node and paced per node ([`HoldOff`]: a
 /// burst of ups and downs is one write); Events are budgeted per node
@@ -177,6 +181,19 @@ async fn write_conditions(
     let busy = |writing: &HashMap<tokio::task::Id, (String, TunnelCondition)>, n: &str| {
         writing.values().any(|(w, _)| w == n)
     };
+    // Nodes whose last write failed: how many times in a row, and when the
+    // next try is due (the hold-off doubling per failure, up to
+    // RETRY_LIMIT), so a write the apiserver keeps refusing (no RBAC for
+    // nodes/status, a 422) costs a request every few minutes per node, not
+    // every hold-off.
+    let mut failing: HashMap<String, (u32, std::time::Instant)> = HashMap::new();
+    let due = |pace: &HoldOff,
+               failing: &HashMap<String, (u32, std::time::Instant)>,
+               n: &str,
+               now: std::time::Instant| {
+        let paced = pace.due(n, now);
+        failing.get(n).map_or(paced, |(_, at)| paced.max(*at))
+    };
     loop {
         let now = std::time::Instant::now();
         // The next hold-off to end, if a writer is free to act on it.
@@ -184,7 +201,7 @@ async fn write_conditions(
             .then(|| {
                 held.keys()
                     .filter(|n| !busy(&writing, n))
-                    .map(|n| pace.due(n, now))
+                    .map(|n| due(&pace, &failing, n, now))
                     .min()
             })
             .flatten();
@@ -226,8 +243,16 @@ async fn write_conditions(
                 // `True` for ever.
                 if failed {
                     counters.failed.fetch_add(1, Relaxed);
-                    pace.wrote(&node, std::time::Instant::now());
+                    let now = std::time::Instant::now();
+                    let tries = failing.get(&node).map_or(1, |(n, _)| n + 1);
+                    let wait = CONDITION_HOLD_OFF
+                        .saturating_mul(1u32 << (tries.min(10) - 1))
+                        .min(RETRY_LIMIT);
+                    failing.insert(node.clone(), (tries, now + wait));
+                    pace.wrote(&node, now);
                     held.entry(node).or_insert(cond);
+                } else {
+                    failing.remove(&node);
                 }
             }
             _ = tokio::time::sleep_until(next.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std)), if next.is_some() => {}
@@ -239,13 +264,13 @@ async fn write_conditions(
         }
         let now = std::time::Instant::now();
         let free = CONDITION_WRITERS.saturating_sub(in_flight.len());
-        let due: Vec<String> = held
+        let ready: Vec<String> = held
             .keys()
-            .filter(|n| !busy(&writing, n) && pace.due(n, now) <= now)
+            .filter(|n| !busy(&writing, n) && due(&pace, &failing, n, now) <= now)
             .take(free)
             .cloned()
             .collect();
-        for node in due {
+        for node in ready {
             let Some(cond) = held.remove(&node) else {
                 continue;
             };
