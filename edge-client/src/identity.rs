@@ -52,7 +52,17 @@ struct Cert {
     /// When to get the next one, by this edge's clock (see
     /// [`renew_at`] and [`Cert::timed_by_relay`]).
     renew_at: SystemTime,
+    /// A relay refused it at TLS ([`Credentials::refused`]): the next
+    /// attempt bootstraps a new one, and dials with this one only if that
+    /// fails (another replica may still take it).
+    refused: bool,
 }
+
+/// Least time between two bootstraps a TLS refusal causes: a replica that
+/// refuses every certificate (its clock far behind, its client CA not yet
+/// updated in a rollout) must not make its edges bootstrap on every
+/// attempt.
+const REFUSAL_PAUSE: Duration = Duration::from_secs(600);
 
 /// Two thirds into a certificate's life: time to get the next one. Life
 /// counts from issuance, which is [`CLOCK_SLACK`] after the relay's
@@ -101,6 +111,8 @@ impl Cert {
 /// The certificate the edge dials with.
 pub(crate) struct Credentials {
     current: Mutex<Option<Cert>>,
+    /// When a TLS refusal last led to a bootstrap (see [`REFUSAL_PAUSE`]).
+    refusal_bootstrap: Mutex<Option<std::time::Instant>>,
     /// One bootstrap at a time (a renewal and a reconnect may both ask).
     obtaining: tokio::sync::Mutex<()>,
 }
@@ -148,6 +160,7 @@ fn build(b: &BootstrapConfig, node: &str, cert_pem: &str, key_pem: &[u8]) -> Res
         },
         not_after,
         renew_at: renew_at(not_before, not_after),
+        refused: false,
     })
 }
 
@@ -186,6 +199,7 @@ impl Credentials {
                     material: m.clone(),
                     not_after: never,
                     renew_at: never,
+                    refused: false,
                 })
             }
             Identity::Bootstrap(b) => load_kept(b, &cfg.node),
@@ -193,6 +207,7 @@ impl Credentials {
         Credentials {
             current: Mutex::new(current),
             obtaining: tokio::sync::Mutex::new(()),
+            refusal_bootstrap: Mutex::new(None),
         }
     }
 
@@ -221,29 +236,47 @@ impl Credentials {
         cfg: &EdgeConfig,
         dial: &super::dial::Dialer<'_>,
     ) -> Result<TlsMaterial, IdentityError> {
-        if let Some(c) = self.get() {
-            if matches!(cfg.identity, Identity::Static(_))
-                || c.valid_for_a_handshake(SystemTime::now())
-            {
-                return Ok(c.material);
-            }
+        let Some(c) = self.get() else {
+            return self.renew(cfg, dial).await;
+        };
+        let valid = c.valid_for_a_handshake(SystemTime::now());
+        if matches!(cfg.identity, Identity::Static(_)) || (valid && !c.refused) {
+            return Ok(c.material);
         }
-        self.renew(cfg, dial).await
+        match self.renew(cfg, dial).await {
+            // Refused by one relay but valid: the bootstrap failing (its
+            // path down) must not cost the replicas that take it.
+            Err(e) if valid => {
+                warn!(error = ?e, "no new certificate; dialling with the one a relay refused");
+                Ok(c.material)
+            }
+            r => r,
+        }
     }
 
-    /// The relay refused `material` at TLS: if it is still the current
-    /// certificate, it is dropped, so the next attempt bootstraps a new one
-    /// (the token, not the refused key, proves the node; a node the
-    /// cluster no longer vouches for is refused there).
+    /// A relay refused `material` at TLS: if it is still the current
+    /// certificate, the next attempt bootstraps a new one (the token, not
+    /// the refused key, proves the node; a node the cluster no longer
+    /// vouches for is refused there), at most once per [`REFUSAL_PAUSE`].
     pub(crate) fn refused(&self, material: &TlsMaterial) {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if current
-            .as_ref()
-            .is_some_and(|c| c.material.chain.first() == material.chain.first())
-        {
-            warn!("the relay refused this edge's certificate (revoked, or from a CA it no longer trusts); obtaining a new one");
-            *current = None;
+        let Some(c) = current
+            .as_mut()
+            .filter(|c| !c.refused && c.material.chain.first() == material.chain.first())
+        else {
+            return;
+        };
+        let mut last = self
+            .refusal_bootstrap
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < REFUSAL_PAUSE) {
+            warn!("a relay refused this edge's certificate again; keeping it (a new one was obtained for a refusal less than {REFUSAL_PAUSE:?} ago)");
+            return;
         }
+        warn!("a relay refused this edge's certificate (revoked, or from a CA it no longer trusts); obtaining a new one");
+        *last = Some(std::time::Instant::now());
+        c.refused = true;
     }
 
     /// Obtains a new certificate now (bootstrap only).
@@ -262,7 +295,7 @@ impl Credentials {
         // With several relay replicas every session comes due at once; the
         // first renews, the others take its certificate.
         if let Some(c) = self.get() {
-            if SystemTime::now() < c.renew_at {
+            if !c.refused && SystemTime::now() < c.renew_at {
                 return Ok(c.material);
             }
         }
@@ -359,11 +392,18 @@ async fn obtain(
 /// renames durable (blocking: run off the runtime, whose single worker
 /// also carries every stream, on a slow SD card).
 fn keep(dir: &Path, key: &Path, cert: &Path, key_pem: &str, cert_pem: &str) -> Result<(), String> {
+    use relay_transport::saved::write_temp;
     let at = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
     std::fs::create_dir_all(dir).map_err(|e| at(dir, e))?;
-    relay_transport::saved::write_atomic(key, key_pem.as_bytes(), true).map_err(|e| at(key, e))?;
-    relay_transport::saved::write_atomic(cert, cert_pem.as_bytes(), false)
-        .map_err(|e| at(cert, e))?;
+    // Both written before either is renamed: a full disk leaves the old
+    // pair whole, not a new key beside the old certificate.
+    let key_tmp = write_temp(key, key_pem.as_bytes(), true).map_err(|e| at(key, e))?;
+    let cert_tmp = write_temp(cert, cert_pem.as_bytes(), false).map_err(|e| {
+        let _ = std::fs::remove_file(&key_tmp);
+        at(cert, e)
+    })?;
+    std::fs::rename(&key_tmp, key).map_err(|e| at(key, e))?;
+    std::fs::rename(&cert_tmp, cert).map_err(|e| at(cert, e))?;
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| at(dir, e))

@@ -58,6 +58,15 @@ struct VersionOnly {
 /// Writes `data` to `path` through a temporary file, an fsync and a
 /// rename, so a crash never leaves half a file; `private` files are 0600.
 pub fn write_atomic(path: &Path, data: &[u8], private: bool) -> std::io::Result<()> {
+    let tmp = write_temp(path, data, private)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The first half of [`write_atomic`]: `data` written and synced to a
+/// temporary file beside `path`, whose name it returns, for a caller that
+/// renames several files into place only once all are written (a full
+/// disk then leaves the old set whole).
+pub fn write_temp(path: &Path, data: &[u8], private: bool) -> std::io::Result<PathBuf> {
     let tmp = path.with_extension("tmp");
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -65,10 +74,17 @@ pub fn write_atomic(path: &Path, data: &[u8], private: bool) -> std::io::Result<
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    let written = opts.open(&tmp).and_then(|mut f| {
+        f.write_all(data)?;
+        f.sync_all()
+    });
+    match written {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
 }
 
 /// Writes `table` to `path` as format `version`, atomically.
