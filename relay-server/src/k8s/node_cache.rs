@@ -21,6 +21,12 @@ const VERSION: u32 = 1;
 /// What the file holds, for messages.
 pub(super) const WHAT: &str = "node cache";
 
+/// A cache older than this is not used: by then Nodes may have been
+/// deleted and their pod CIDRs given to others (a relay whose saves kept
+/// failing, or one back on a node after weeks, would otherwise admit edges
+/// on claims long gone).
+pub(super) const MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
 /// The cache's contents.
 #[derive(Serialize, Deserialize)]
 struct Cached {
@@ -47,11 +53,21 @@ pub(super) fn save(path: &Path, nodes: &BTreeMap<String, NodeClaims>) -> std::io
 }
 
 /// The cached claims and when they were written; `None` without a file,
-/// or (logged) for one that cannot be read or holds no Node.
+/// or (logged) for one that cannot be read, holds no Node, or is older
+/// than [`MAX_AGE`].
 pub(super) fn load(path: &Path) -> Option<(BTreeMap<String, NodeClaims>, SystemTime)> {
     match read_json::<Cached>(path, VERSION, WHAT) {
         Ok(Some(c)) if !c.nodes.is_empty() => {
-            Some((c.nodes, UNIX_EPOCH + Duration::from_secs(c.written_unix)))
+            let written = UNIX_EPOCH + Duration::from_secs(c.written_unix);
+            let age = written.elapsed().unwrap_or_default();
+            if age > MAX_AGE {
+                warn!(
+                    age_secs = age.as_secs(),
+                    "the node cache is older than {MAX_AGE:?}: not used"
+                );
+                return None;
+            }
+            Some((c.nodes, written))
         }
         Ok(_) => None,
         Err(e) => {
@@ -65,8 +81,8 @@ pub(super) fn load(path: &Path) -> Option<(BTreeMap<String, NodeClaims>, SystemT
 mod tests {
     use super::*;
 
-    /// Claims survive the file; a file of another version, a corrupt one
-    /// and an empty one are not used.
+    /// Claims survive the file; a file of another version, a corrupt one,
+    /// an empty one and one written in 1970 are not used.
     #[test]
     fn claims_come_back_and_bad_files_are_not_used() {
         let dir = std::env::temp_dir().join(format!("relay-node-cache-{}", std::process::id()));
@@ -88,10 +104,16 @@ mod tests {
         let (back, written) = load(&path).unwrap();
         assert_eq!(back, nodes);
         assert!(written.elapsed().unwrap_or_default() < Duration::from_secs(60));
+        let old = std::fs::read_to_string(&path).unwrap().replacen(
+            "\"written_unix\":",
+            "\"written_unix\":1,\"was\":",
+            1,
+        );
         for bad in [
             r#"{"version":2,"written_unix":1,"nodes":{}}"#,
             "{ not json",
             r#"{"version":1,"written_unix":1,"nodes":{}}"#,
+            old.as_str(),
         ] {
             std::fs::write(&path, bad).unwrap();
             assert!(load(&path).is_none(), "{bad}");
