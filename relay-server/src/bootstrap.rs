@@ -104,6 +104,8 @@ impl ReviewGate {
     fn take(&self, now: std::time::Instant) -> Result<(), Duration> {
         let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
         let (tokens, at) = *b;
+        // `now` was read before the lock: never move the count back.
+        let now = now.max(at);
         let tokens =
             (tokens + now.duration_since(at).as_secs_f64() * Self::PER_SECOND).min(Self::BURST);
         if tokens < 1.0 {

@@ -376,9 +376,10 @@ fn resolve(shared: &Shared, auth: &Authority) -> Result<Routed, StreamReply> {
     })
 }
 
-/// `CONNECT <node>:<port>`: by Node name, or by the node's Hostname
-/// address (which differs from the name on many providers): an edge
-/// through its session, a cloud node dialled by the relay.
+/// `CONNECT <node>:<port>`: by Node name, or by the node's Hostname,
+/// InternalDNS or ExternalDNS address (which differ from the name on many
+/// providers): an edge through its session, a cloud node dialled by the
+/// relay.
 fn by_node(shared: &Shared, name: &str, port: u16) -> Result<(Route, SocketAddr), StreamReply> {
     let node = shared
         .directory

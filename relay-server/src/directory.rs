@@ -76,7 +76,8 @@ pub enum Lookup {
 pub trait Directory: Send + Sync + 'static {
     /// What `node` may claim.
     fn lookup(&self, node: &str) -> Lookup;
-    /// The node whose name or `Hostname` address is `name`.
+    /// The node whose name, or `Hostname`, `InternalDNS` or `ExternalDNS`
+    /// address, is `name`.
     fn resolve_name(&self, name: &str) -> Option<String>;
     /// Whether the source has loaded once (`/readyz` waits for it).
     fn is_synced(&self) -> bool;

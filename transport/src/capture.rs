@@ -97,7 +97,8 @@
 //! first removes whatever a crashed previous run left. A clean exit
 //! ([`Capture::stop`]) leaves, for `hold_after_exit`, only filter rules
 //! that refuse what was captured: the next run (a rollout's new pod)
-//! replaces them, and they lapse on their own if none comes.
+//! replaces them, and they stop refusing on their own if none comes (the
+//! set's elements time out; the empty table stays).
 
 use std::collections::BTreeSet;
 use std::fmt::Write;
