@@ -344,3 +344,47 @@ async fn a_stalled_watch_keeps_the_set_until_it_catches_up() {
     })
     .await;
 }
+
+/// A renewal is stamped when its write goes out, not before a slow read
+/// of the Lease: with reads taking 1.5 s, the renew time peers see was
+/// 1.5 s old on arrival (a margin meant for clock skew spent on API
+/// latency). Stand-in, not a real apiserver (see the module doc).
+#[tokio::test]
+async fn a_renewal_is_stamped_after_the_read() {
+    let (standin, client) = setup().await;
+    let mut o = opts("relay-a", "198.18.0.1:8443");
+    o.renew_every = Duration::from_millis(200);
+    o.lease_duration = Duration::from_secs(10);
+    let _m = ReplicaMembership::spawn(&client, o);
+    let renewed = || {
+        standin
+            .leases(NS)
+            .get("relay-a")
+            .and_then(|l| l.spec.as_ref()?.renew_time.clone())
+    };
+    wait_until("the first renewal", BOUND, || renewed().is_some()).await;
+    standin.set_latency(Duration::from_millis(1500), Duration::ZERO);
+    let first = renewed();
+    // The next renewal to land after the reads slowed down: how old its
+    // stamp is when it is seen (polled every 20 ms).
+    let t = std::time::Instant::now();
+    let seen = loop {
+        assert!(t.elapsed() < BOUND, "no renewal with slow reads");
+        let now = renewed();
+        if now != first {
+            break now.expect("a renew time");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let stamped = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(seen.0.as_second() as u64)
+        + Duration::from_nanos(seen.0.subsec_nanosecond() as u64);
+    let age = SystemTime::now()
+        .duration_since(stamped)
+        .unwrap_or_default();
+    assert!(
+        age < Duration::from_millis(800),
+        "renew time {age:?} old when written"
+    );
+    standin.set_latency(Duration::ZERO, Duration::ZERO);
+}

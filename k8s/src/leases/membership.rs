@@ -190,6 +190,9 @@ struct Renewal {
 /// Creates or renews our Lease.
 async fn renew(s: &Shared) -> Renewal {
     let o = &s.opts;
+    let got = bounded("get lease", o.api_timeout, s.api.get_opt(&o.id)).await;
+    // Stamped after the read, so a slow read does not age the renewal
+    // peers judge us by (their margin is meant for clock skew).
     let now = SystemTime::now();
     let spec = |old: Option<&LeaseSpec>| {
         let ours = old.and_then(|x| x.holder_identity.as_deref()) == Some(s.holder.as_str());
@@ -216,7 +219,7 @@ async fn renew(s: &Shared) -> Renewal {
     };
     let written = to_system(&micro_now(now));
     let mut seen = None;
-    let result = match bounded("get lease", o.api_timeout, s.api.get_opt(&o.id)).await {
+    let result = match got {
         Err(e) => Err(e),
         Ok(None) => {
             let mut lease = Lease {
