@@ -422,8 +422,22 @@ fn rendezvous(node: &str, replica: &str) -> u64 {
     h ^ (h >> 33)
 }
 
+/// Whether replica `me` writes `node`'s status under replica set `set`:
+/// before the set is known (Leases not read yet) it does, better two
+/// writers than none; while it is not in a known set (its Lease lapsed:
+/// renewals failing, so the others dropped it and its edges are leaving
+/// it) it does not, since the replicas in the set write for every node
+/// and this one would only write "down" for edges up elsewhere as they
+/// leave.
+fn writes(node: &str, me: &str, set: &[Replica]) -> bool {
+    if set.is_empty() {
+        return true;
+    }
+    writer_of(node, set).is_some_and(|w| w.id == me)
+}
+
 /// A [`StatusSink`](crate::status::StatusSink) that passes on only what
-/// this replica writes ([`writer_of`]); with no replica set, everything.
+/// this replica writes ([`writes`]); with no replica set, everything.
 pub struct DesignatedStatus {
     inner: std::sync::Arc<dyn crate::status::StatusSink>,
     me: String,
@@ -445,14 +459,7 @@ impl DesignatedStatus {
     }
 
     fn writes(&self, node: &str) -> bool {
-        let set = self.set.borrow();
-        // Before the set is known (Leases not read yet), and if this
-        // replica is not in it (its Lease is held by another process),
-        // it writes: better two writers than none.
-        if set.is_empty() || !set.iter().any(|r| r.id == self.me) {
-            return true;
-        }
-        writer_of(node, &set).is_some_and(|w| w.id == self.me)
+        writes(node, &self.me, &self.set.borrow())
     }
 }
 
@@ -514,6 +521,30 @@ mod tests {
             );
         }
         assert!(writer_of("edge-1", &[]).is_none());
+    }
+
+    /// Everything before the set is known; a third of the nodes in a set
+    /// of three; nothing while this replica is not in the set (its Lease
+    /// lapsed: it used to write for every node, "down" for each edge
+    /// leaving it while up on the others).
+    #[test]
+    fn a_replica_outside_its_set_writes_no_status() {
+        let set: Vec<Replica> = (1..=3)
+            .map(|i| Replica {
+                id: format!("relay-{i}"),
+                addr: format!("10.0.0.{i}:8443"),
+            })
+            .collect();
+        let nodes: Vec<String> = (0..300).map(|i| format!("edge-{i}")).collect();
+        let count = |me: &str, set: &[Replica]| nodes.iter().filter(|n| writes(n, me, set)).count();
+        assert_eq!(count("relay-1", &[]), 300);
+        assert!((70..130).contains(&count("relay-1", &set)));
+        assert_eq!(
+            count("relay-1", &set) + count("relay-2", &set) + count("relay-3", &set),
+            300
+        );
+        let without_me: Vec<Replica> = set[1..].to_vec();
+        assert_eq!(count("relay-1", &without_me), 0);
     }
 
     fn parse(s: &str, kube: bool) -> Result<Option<ReplicaSettings>, ConfigError> {
