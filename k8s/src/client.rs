@@ -32,7 +32,11 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// Bound on waiting for response bytes. Must exceed the watch timeout
     /// ([`crate::DirectoryOptions::watch_timeout_secs`]), since a quiet
-    /// watch only sends bookmarks.
+    /// watch may send nothing until the apiserver ends it; it is also what
+    /// ends a watch whose connection died silently (an apiserver load
+    /// balancer failing over without a reset), after which the watcher
+    /// watches again on a new connection. kube-apiserver ends other
+    /// requests within its own 60 s request timeout.
     pub read_timeout: Duration,
 }
 
@@ -40,7 +44,7 @@ impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
             connect_timeout: Duration::from_secs(10),
-            read_timeout: Duration::from_secs(330),
+            read_timeout: Duration::from_secs(90),
         }
     }
 }

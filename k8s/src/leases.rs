@@ -93,7 +93,7 @@ impl MembershipOptions {
             skew_margin: Duration::from_secs(5),
             gc_after: Duration::from_secs(600),
             api_timeout: Duration::from_secs(10),
-            watch_timeout_secs: 290,
+            watch_timeout_secs: 60,
         }
     }
 }

@@ -188,14 +188,18 @@ pub fn node_claims(node: &Node) -> (NodeClaims, Vec<ClaimIssue>) {
 #[derive(Clone, Debug)]
 pub struct DirectoryOptions {
     /// `timeoutSeconds` of each watch request; the watcher re-watches from
-    /// the last resourceVersion when it expires.
+    /// the last resourceVersion when it expires. Short (60 s, against the
+    /// usual 290), so the read timeout that notices a silently dead watch
+    /// connection can be short too (90 s, see
+    /// [`crate::ClientOptions::read_timeout`]): Node and Service changes
+    /// are then at most that late after such a failure, not 5.5 minutes.
     pub watch_timeout_secs: u32,
 }
 
 impl Default for DirectoryOptions {
     fn default() -> Self {
         DirectoryOptions {
-            watch_timeout_secs: 290,
+            watch_timeout_secs: 60,
         }
     }
 }

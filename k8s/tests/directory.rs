@@ -159,3 +159,60 @@ async fn outage_keeps_the_last_known_store_and_recovers() {
     .await;
     assert!(dir.claims("edge-2").is_some());
 }
+
+/// A watch whose connection stalls silently (nothing arrives, not even a
+/// bookmark, yet nothing closes it: an apiserver load balancer failing
+/// over without a reset) is ended by the client's read timeout, and the
+/// watcher's new watch brings the change it missed. The stand-in's held
+/// watches are that stall; a new watch gets its backlog first. With a
+/// read timeout longer than the test, the change stays unseen (control).
+#[tokio::test]
+async fn a_silently_stalled_watch_is_replaced_after_the_read_timeout() {
+    let (standin, _) = setup().await;
+    let config = relay_kube::KubeClientConfig::Kubeconfig {
+        path: standin.kubeconfig_path().to_path_buf(),
+        context: None,
+    };
+    let options = |read: std::time::Duration| relay_kube::ClientOptions {
+        read_timeout: read,
+        ..relay_kube::ClientOptions::default()
+    };
+    let quick = config
+        .client(&options(std::time::Duration::from_secs(3)))
+        .await
+        .expect("client");
+    let slow = config
+        .client(&options(std::time::Duration::from_secs(120)))
+        .await
+        .expect("client");
+    standin.upsert_node(node("edge-1", &["10.244.1.0/24"], "192.168.1.11"));
+    let opts = DirectoryOptions {
+        watch_timeout_secs: 2,
+    };
+    let healed = NodeDirectory::spawn(&quick, &opts);
+    let stuck = NodeDirectory::spawn(&slow, &opts);
+    healed.wait_synced(BOUND).await.expect("synced");
+    stuck.wait_synced(BOUND).await.expect("synced");
+    standin.hold_watches(true);
+    // A watch already waiting for an event sends that one before it sees
+    // the hold: one event first, then the watches stall.
+    standin.upsert_node(node("edge-0", &["10.244.0.0/24"], "192.168.1.10"));
+    wait_until("edge-0 seen", BOUND, || {
+        healed.claims("edge-0").is_some() && stuck.claims("edge-0").is_some()
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    standin.upsert_node(node("edge-2", &["10.244.2.0/24"], "192.168.1.12"));
+    let t = std::time::Instant::now();
+    wait_until("edge-2 through a new watch", BOUND, || {
+        healed.claims("edge-2").is_some()
+    })
+    .await;
+    let took = t.elapsed();
+    assert!(
+        stuck.claims("edge-2").is_none(),
+        "the control saw edge-2 through a held watch"
+    );
+    eprintln!("a stalled watch replaced; the change seen after {took:?}");
+    standin.hold_watches(false);
+}
