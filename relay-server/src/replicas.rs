@@ -437,7 +437,7 @@ fn writes(node: &str, me: &str, set: &[Replica]) -> bool {
 }
 
 /// A [`StatusSink`](crate::status::StatusSink) that passes on only what
-/// this replica writes ([`writes`]); with no replica set, everything.
+/// this replica writes (see `writes`); with no replica set, everything.
 pub struct DesignatedStatus {
     inner: std::sync::Arc<dyn crate::status::StatusSink>,
     me: String,
