@@ -104,6 +104,8 @@ key = "/etc/edge-relay/certs/edge-1-key.pem"
 relay_ca = "/etc/edge-relay/certs/ca.pem"
 [capture]
 enabled = $capture
+# As the shipped edge configs: after SIGTERM, refusals only (checked below).
+hold_after_exit = "10m"
 TOML
     "${JAIL[@]}" "$r" /usr/local/bin/relay-server --config /etc/edge-relay/relay.toml \
       >"$T/$label-relay.log" 2>&1 &
@@ -135,8 +137,9 @@ TOML
     [ "$rc" = 0 ] || { cat "$T/$label-edge.log" >&2; die "$label: edge-client exited $rc after SIGTERM"; }
     if [ "$capture" = true ]; then
       # A clean exit leaves only refusals of what was captured, for
-      # capture.hold_after_exit (nft sets with element timeouts, which the
-      # image's nft must be able to make): no redirect, no policy rule.
+      # capture.hold_after_exit as the manifests set it (nft sets with
+      # element timeouts, which the image's nft must be able to make): no
+      # redirect, no policy rule.
       left=$(jail "$r" nft list table inet edge_relay 2>&1) || true
       grep -q 'redirect to' <<<"$left" && die "$label: capture redirects left after SIGTERM: $left"
       grep -q 'chain held_fwd' <<<"$left" || { cat "$T/$label-edge.log" >&2; die "$label: no held refusals after SIGTERM (capture.hold_after_exit): $left"; }
