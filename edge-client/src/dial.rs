@@ -62,14 +62,16 @@ impl Dialer<'_> {
         let looked_up = tokio::net::lookup_host(&cfg.relay)
             .await
             .map(|a| a.collect::<Vec<_>>());
-        let proxied = cfg.tcp_proxy.is_some()
-            && matches!(self.mode, TransportMode::Auto | TransportMode::Tcp);
-        match self.addresses(looked_up, proxied) {
+        let proxy = cfg
+            .tcp_proxy
+            .as_ref()
+            .filter(|_| matches!(self.mode, TransportMode::Auto | TransportMode::Tcp));
+        match self.addresses(looked_up, proxy.is_some()) {
             Ok(addrs) => self.dial_any(&addrs, tls).await,
             // Behind a proxy the site's resolver may know no outside
             // names: the proxy resolves the relay's.
-            Err(e) => match (&cfg.tcp_proxy, self.mode) {
-                (Some(proxy), TransportMode::Auto | TransportMode::Tcp) => {
+            Err(e) => match proxy {
+                Some(proxy) => {
                     tracing::debug!(relay = %cfg.relay, error = %e, "relay name not resolved here; TCP through the proxy");
                     self.tcp(
                         TcpDial::Proxy {
@@ -80,7 +82,7 @@ impl Dialer<'_> {
                     )
                     .await
                 }
-                _ => Err(format!("resolve {}: {e}", cfg.relay)),
+                None => Err(format!("resolve {}: {e}", cfg.relay)),
             },
         }
     }

@@ -69,8 +69,12 @@ const REFUSAL_PAUSE: Duration = Duration::from_secs(600);
 /// `not_before`.
 fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
     let issued = (not_before + CLOCK_SLACK).min(not_after);
-    let life = not_after.duration_since(issued).unwrap_or_default();
-    issued + life * 2 / 3
+    two_thirds(issued, not_after.duration_since(issued).unwrap_or_default())
+}
+
+/// Two thirds into a life of `life` that began at `from`.
+fn two_thirds(from: SystemTime, life: Duration) -> SystemTime {
+    from + life * 2 / 3
 }
 
 /// A certificate this close to expiry is renewed before dialling with it
@@ -92,7 +96,7 @@ impl Cert {
     ) -> Self {
         if relay_time_unix > 0 && not_after_unix > relay_time_unix {
             let left = Duration::from_secs(not_after_unix - relay_time_unix);
-            self.renew_at = now + left * 2 / 3;
+            self.renew_at = two_thirds(now, left);
             self.not_after = now + left;
         }
         self
@@ -388,9 +392,10 @@ async fn obtain(
     Ok(cert)
 }
 
-/// Writes the key, then the certificate, each atomically, then makes the
-/// renames durable (blocking: run off the runtime, whose single worker
-/// also carries every stream, on a slow SD card).
+/// Writes the key and the certificate to temporary files, renames both
+/// into place, then makes the renames durable (blocking: run off the
+/// runtime, whose single worker also carries every stream, on a slow SD
+/// card).
 fn keep(dir: &Path, key: &Path, cert: &Path, key_pem: &str, cert_pem: &str) -> Result<(), String> {
     use relay_transport::saved::write_temp;
     let at = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());

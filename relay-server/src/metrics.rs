@@ -311,7 +311,7 @@ pub fn render_status(stats: crate::status::StatusStats) -> String {
     format!(
         "# HELP relay_node_condition_writes_total EdgeTunnelReady conditions applied to Nodes.\n# TYPE relay_node_condition_writes_total counter\nrelay_node_condition_writes_total {}\n\
          # HELP relay_node_condition_coalesced_total Condition changes folded into a later write (a node changing again within the hold-off).\n# TYPE relay_node_condition_coalesced_total counter\nrelay_node_condition_coalesced_total {}\n\
-         # HELP relay_node_condition_write_failures_total Condition writes the apiserver did not take (each retried after the hold-off).\n# TYPE relay_node_condition_write_failures_total counter\nrelay_node_condition_write_failures_total {}\n\
+         # HELP relay_node_condition_write_failures_total Condition writes the apiserver did not take (each retried after a wait doubling from the 5 s hold-off up to 5 minutes).\n# TYPE relay_node_condition_write_failures_total counter\nrelay_node_condition_write_failures_total {}\n\
          # HELP relay_events_dropped_total Events not published, by reason (rate_limited: a node over its event budget).\n# TYPE relay_events_dropped_total counter\nrelay_events_dropped_total{{reason=\"rate_limited\"}} {}\nrelay_events_dropped_total{{reason=\"queue_full\"}} {}\n",
         stats.condition_writes,
         stats.condition_coalesced,

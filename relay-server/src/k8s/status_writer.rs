@@ -228,28 +228,26 @@ async fn write_conditions(
                         false
                     }
                     Some(Err(e)) => {
-                        warn!(%node, error = %e, "writing the node condition failed; retrying after the hold-off");
+                        warn!(%node, error = %e, "writing the node condition failed; retrying later");
                         true
                     }
                     None => {
-                        warn!(%node, "a node condition write panicked; retrying after the hold-off");
+                        warn!(%node, "a node condition write panicked; retrying later");
                         true
                     }
                 };
                 // A state that did not reach the apiserver (it is down,
-                // throttling, timing out) is written again, one hold-off
-                // later, unless a newer one is waiting: a node whose tunnel
-                // went down during an apiserver outage must not stay
-                // `True` for ever.
+                // throttling, timing out, refusing) is written again after
+                // a wait (see `failing`), unless a newer one is waiting: a
+                // node whose tunnel went down during an apiserver outage
+                // must not stay `True` for ever.
                 if failed {
                     counters.failed.fetch_add(1, Relaxed);
-                    let now = std::time::Instant::now();
                     let tries = failing.get(&node).map_or(1, |(n, _)| n + 1);
                     let wait = CONDITION_HOLD_OFF
                         .saturating_mul(1u32 << (tries.min(10) - 1))
                         .min(RETRY_LIMIT);
-                    failing.insert(node.clone(), (tries, now + wait));
-                    pace.wrote(&node, now);
+                    failing.insert(node.clone(), (tries, std::time::Instant::now() + wait));
                     held.entry(node).or_insert(cond);
                 } else {
                     failing.remove(&node);
