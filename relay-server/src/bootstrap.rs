@@ -73,8 +73,8 @@ fn unix(t: SystemTime) -> u64 {
 pub struct ReviewGate {
     inner: Arc<dyn TokenAuthority>,
     in_flight: tokio::sync::Semaphore,
-    /// Reviews that may start now, and when that was counted.
-    bucket: std::sync::Mutex<(f64, std::time::Instant)>,
+    /// Reviews that may start now.
+    bucket: std::sync::Mutex<crate::bucket::TokenBucket>,
     /// Requests refused for want of budget (for the log).
     refused: std::sync::atomic::AtomicU64,
 }
@@ -94,7 +94,10 @@ impl ReviewGate {
         ReviewGate {
             inner,
             in_flight: tokio::sync::Semaphore::new(Self::IN_FLIGHT),
-            bucket: std::sync::Mutex::new((Self::BURST, std::time::Instant::now())),
+            bucket: std::sync::Mutex::new(crate::bucket::TokenBucket::full(
+                Self::BURST,
+                std::time::Instant::now(),
+            )),
             refused: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -102,18 +105,11 @@ impl ReviewGate {
     /// Takes one review's worth of budget, or says how long until one is
     /// due.
     fn take(&self, now: std::time::Instant) -> Result<(), Duration> {
-        let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-        let (tokens, at) = *b;
-        // `now` was read before the lock: never move the count back.
-        let now = now.max(at);
-        let tokens =
-            (tokens + now.duration_since(at).as_secs_f64() * Self::PER_SECOND).min(Self::BURST);
-        if tokens < 1.0 {
-            *b = (tokens, now);
-            return Err(Duration::from_secs_f64((1.0 - tokens) / Self::PER_SECOND));
-        }
-        *b = (tokens - 1.0, now);
-        Ok(())
+        self.bucket.lock().unwrap_or_else(|e| e.into_inner()).take(
+            now,
+            Duration::from_secs_f64(1.0 / Self::PER_SECOND),
+            Self::BURST,
+        )
     }
 }
 

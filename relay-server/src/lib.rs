@@ -48,6 +48,7 @@
 pub mod admin;
 pub mod agent;
 pub mod bootstrap;
+pub mod bucket;
 pub mod config;
 pub mod config_kube;
 pub mod config_tls;

@@ -148,7 +148,7 @@ impl HoldOff {
 /// node's condition still tells its state.
 #[derive(Debug, Default)]
 pub struct EventBudget {
-    tokens: HashMap<String, (f64, Instant)>,
+    tokens: HashMap<String, crate::bucket::TokenBucket>,
 }
 
 impl EventBudget {
@@ -159,23 +159,20 @@ impl EventBudget {
 
     /// Takes one event's worth of budget for `node`; false if none is left.
     pub fn take(&mut self, node: &str, now: Instant) -> bool {
-        let (tokens, at) = self
+        let taken = self
             .tokens
             .entry(node.to_string())
-            .or_insert((Self::BURST, now));
-        let refilled = now.duration_since(*at).as_secs_f64() / Self::REFILL.as_secs_f64();
-        *tokens = (*tokens + refilled).min(Self::BURST);
-        *at = now;
-        if *tokens < 1.0 {
+            .or_insert(crate::bucket::TokenBucket::full(Self::BURST, now))
+            .take(now, Self::REFILL, Self::BURST);
+        if taken.is_err() {
             return false;
         }
-        *tokens -= 1.0;
         // A full bucket is the default: forget it, so the map holds only
         // nodes that spent some budget recently.
         if self.tokens.len() > 4096 {
             let full = Self::REFILL.mul_f64(Self::BURST);
             self.tokens
-                .retain(|_, (_, t)| now.duration_since(*t) < full);
+                .retain(|_, b| now.duration_since(b.last()) < full);
         }
         true
     }
