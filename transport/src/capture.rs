@@ -354,14 +354,7 @@ impl Capture {
                 "IPv6 prefixes are not captured"
             );
         }
-        let mut nft = String::new();
-        for (set, items) in [("dst4", &want4), ("skip4", &skip4)] {
-            let _ = writeln!(nft, "flush set inet {t} {set}");
-            let cover: Vec<String> = minimal_cover(items).iter().map(|c| c.to_string()).collect();
-            if !cover.is_empty() {
-                let _ = writeln!(nft, "add element inet {t} {set} {{ {} }}", cover.join(", "));
-            }
-        }
+        let nft = rewrite_set(t, "dst4", &want4) + &rewrite_set(t, "skip4", &skip4);
         run("nft", &["-f", "-"], Some(&nft)).await?;
         let (table, pref) = (self.cfg.route_table, self.cfg.rule_pref);
         let bypass = pref - 1;
@@ -410,12 +403,7 @@ impl Capture {
         if self.sources.as_ref() == Some(&v4) {
             return Ok(());
         }
-        let t = &self.cfg.nft_table;
-        let mut nft = format!("flush set inet {t} src4\n");
-        let cover: Vec<String> = minimal_cover(&v4).iter().map(|c| c.to_string()).collect();
-        if !cover.is_empty() {
-            let _ = writeln!(nft, "add element inet {t} src4 {{ {} }}", cover.join(", "));
-        }
+        let nft = rewrite_set(&self.cfg.nft_table, "src4", &v4);
         run("nft", &["-f", "-"], Some(&nft)).await?;
         debug!(sources = v4.len(), "capture sources updated");
         self.sources = Some(v4);
@@ -467,6 +455,24 @@ async fn remove_all(cfg: &CaptureConfig) {
         }
         let _ = run("ip", &[fam, "route", "flush", "table", &table], None).await;
     }
+}
+
+/// The nft lines that make set `set` of table `table` hold exactly `items`
+/// (as their minimal cover: interval sets refuse overlapping elements),
+/// for one `nft -f` transaction.
+fn rewrite_set(table: &str, set: &str, items: &BTreeSet<Cidr>) -> String {
+    let mut nft = format!("flush set inet {table} {set}\n");
+    if let Some(list) = cover_list(items) {
+        let _ = writeln!(nft, "add element inet {table} {set} {{ {list} }}");
+    }
+    nft
+}
+
+/// `items`' minimal cover as an nft element list (`a, b`), `None` when
+/// empty.
+fn cover_list(items: &BTreeSet<Cidr>) -> Option<String> {
+    let cover: Vec<String> = minimal_cover(items).iter().map(|c| c.to_string()).collect();
+    (!cover.is_empty()).then(|| cover.join(", "))
 }
 
 /// The packet count of an `nft list counter` listing

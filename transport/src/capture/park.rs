@@ -34,7 +34,7 @@ use std::fmt::Write;
 use relay_protocol::Cidr;
 use tracing::{info, warn};
 
-use super::{minimal_cover, remove_all, run, Capture};
+use super::{cover_list, remove_all, run, Capture};
 
 impl Capture {
     /// Ends capture on a clean exit: removes it, and for
@@ -79,11 +79,9 @@ pub(super) fn held_script(
     sources: Option<&BTreeSet<Cidr>>,
 ) -> String {
     let elements = |set: &BTreeSet<Cidr>| -> String {
-        let cover: Vec<String> = minimal_cover(set).iter().map(|c| c.to_string()).collect();
-        match cover.is_empty() {
-            true => String::new(),
-            false => format!(" elements = {{ {} }};", cover.join(", ")),
-        }
+        cover_list(set)
+            .map(|list| format!(" elements = {{ {list} }};"))
+            .unwrap_or_default()
     };
     let all: BTreeSet<Cidr> = Cidr::containing(std::net::Ipv4Addr::UNSPECIFIED.into(), 0)
         .into_iter()
