@@ -144,11 +144,12 @@ impl ServiceFeed {
             };
             let now = backends.and_then(|b| edge_port(*k, b, node, snap.node_local.contains(k)));
             match now {
-                Some(p) if self.sent.get(k) != Some(&told(&p)) => {
-                    self.sent.insert(*k, told(&p));
-                    upsert.push(p);
+                Some(p) => {
+                    let fingerprint = told(&p);
+                    if self.sent.insert(*k, fingerprint) != Some(fingerprint) {
+                        upsert.push(p);
+                    }
                 }
-                Some(_) => {}
                 None => {
                     if self.sent.remove(k).is_some() {
                         remove.push(*k);
