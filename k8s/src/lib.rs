@@ -62,7 +62,7 @@ pub use nodes::{
 pub use pods::{pod_facts, PodFacts, PodReader};
 pub use services::{
     service_entry, ClusterIpEntry, Endpoint, Protocol, ServiceDirectory, ServiceDirectoryOptions,
-    ServiceEntry, ServiceKind, ServicePort, ServiceTable,
+    ServiceEntry, ServiceKind, ServiceObjects, ServicePort, ServiceTable,
 };
 pub use status::{
     next_condition, SessionEvent, SessionEvents, StatusWriter, TunnelCondition, WriteOutcome,

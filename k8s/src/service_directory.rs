@@ -10,8 +10,10 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Api;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -200,6 +202,16 @@ fn remove_slice(o: &mut Objects, key: &Key) -> Option<Key> {
     Some(owner)
 }
 
+/// Services and EndpointSlices as [`ServiceDirectory::objects`] gives
+/// them and [`ServiceDirectory::spawn_seeded`] takes them back.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceObjects {
+    /// The Services.
+    pub services: Vec<Service>,
+    /// The EndpointSlices (those labelled with their Service).
+    pub slices: Vec<EndpointSlice>,
+}
+
 /// A live [`ServiceTable`] from watches on Services and EndpointSlices.
 /// Dropping it stops the watches.
 pub struct ServiceDirectory {
@@ -213,7 +225,25 @@ impl ServiceDirectory {
     /// `endpointslices.discovery.k8s.io`, cluster-wide. Must be called
     /// within a Tokio runtime.
     pub fn spawn(client: &KubeClient, opts: &ServiceDirectoryOptions) -> ServiceDirectory {
+        Self::spawn_seeded(client, opts, None)
+    }
+
+    /// As [`ServiceDirectory::spawn`], the table first built from `seed`
+    /// (objects kept from an earlier run, see [`ServiceDirectory::objects`])
+    /// as if they had been listed, without counting as synced: each kind's
+    /// first list replaces them whole.
+    pub fn spawn_seeded(
+        client: &KubeClient,
+        opts: &ServiceDirectoryOptions,
+        seed: Option<ServiceObjects>,
+    ) -> ServiceDirectory {
         let inner = Arc::new(Inner::new(&opts.cluster_domain));
+        if let Some(seed) = seed {
+            // Before the watches start, so a list never precedes it.
+            inner.relisted_services(seed.services);
+            inner.relisted_slices(seed.slices);
+            inner.changed();
+        }
         let config = watcher::Config::default().timeout(opts.watch.watch_timeout_secs);
         let svc_stream = watcher(Api::<Service>::all(client.0.clone()), config.clone())
             .modify(|s: &mut Service| s.metadata.managed_fields = None)
@@ -283,6 +313,39 @@ impl ServiceDirectory {
     /// Runs `f` on the current table without copying it.
     pub fn with_table<T>(&self, f: impl FnOnce(&ServiceTable) -> T) -> T {
         f(&self.inner.table.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The Services and EndpointSlices the table is built from, trimmed
+    /// to what it reads (names, labels, spec, status; no annotations or
+    /// other metadata), for a cache that outlives the process.
+    pub fn objects(&self) -> ServiceObjects {
+        let o = self.inner.objects.read().unwrap_or_else(|p| p.into_inner());
+        let meta = |m: &ObjectMeta| ObjectMeta {
+            namespace: m.namespace.clone(),
+            name: m.name.clone(),
+            labels: m.labels.clone(),
+            ..ObjectMeta::default()
+        };
+        ServiceObjects {
+            services: o
+                .services
+                .values()
+                .map(|s| Service {
+                    metadata: meta(&s.metadata),
+                    spec: s.spec.clone(),
+                    status: s.status.clone(),
+                })
+                .collect(),
+            slices: o
+                .slices
+                .values()
+                .flat_map(|m| m.values())
+                .map(|s| EndpointSlice {
+                    metadata: meta(&s.metadata),
+                    ..s.clone()
+                })
+                .collect(),
+        }
     }
 
     /// Number of (Services, EndpointSlices) held: the live objects.
@@ -414,6 +477,60 @@ mod tests {
             }),
             status: None,
         }
+    }
+
+    /// Objects kept for a cache (trimmed, through JSON) rebuild the same
+    /// table in a directory seeded with them; what the table does not
+    /// read (annotations) is not kept.
+    #[test]
+    fn objects_kept_for_a_cache_rebuild_the_same_table() {
+        use crate::services::tests::{slice, svc};
+        use crate::services::Protocol;
+        use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+        let inner = Arc::new(Inner::new("cluster.local"));
+        let mut web = svc(
+            "web",
+            &["10.96.0.10"],
+            &[("http", 80, "TCP", IntOrString::Int(8080))],
+        );
+        web.metadata.annotations = Some(
+            [(
+                "kubectl.kubernetes.io/last-applied-configuration".to_string(),
+                "x".repeat(1_000),
+            )]
+            .into(),
+        );
+        let eps = [("10.244.7.5", "edge-1", Some(true), None, None)];
+        let slices = vec![slice(
+            "web-1",
+            "web",
+            "IPv4",
+            &[("http", 8080, "TCP")],
+            &eps,
+        )];
+        inner.relisted_services(vec![web]);
+        inner.relisted_slices(slices);
+        let dir = ServiceDirectory {
+            inner,
+            tasks: Vec::new(),
+        };
+        let json = serde_json::to_string(&dir.objects()).unwrap();
+        assert!(!json.contains("last-applied"), "{json}");
+        let back: ServiceObjects = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, dir.objects());
+        let seeded = Inner::new("cluster.local");
+        seeded.relisted_services(back.services);
+        seeded.relisted_slices(back.slices);
+        let vip = "10.96.0.10:80".parse().unwrap();
+        let entry = seeded
+            .table
+            .read()
+            .unwrap()
+            .lookup(vip, Protocol::Tcp)
+            .cloned();
+        assert_eq!(entry.as_ref(), dir.table().lookup(vip, Protocol::Tcp));
+        let endpoints: Vec<_> = entry.unwrap().endpoints.iter().map(|e| e.addr()).collect();
+        assert_eq!(endpoints, ["10.244.7.5:8080".parse().unwrap()]);
     }
 
     /// A relist rebuilds the table aside: a reader looping beside it never

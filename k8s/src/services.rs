@@ -47,7 +47,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 mod entry;
 mod table;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 pub use entry::{service_entry, BuildNotes};
 pub use table::ServiceTable;
 
@@ -229,4 +229,4 @@ pub(crate) fn owner_of(slice: &EndpointSlice) -> Option<Key> {
     ))
 }
 
-pub use crate::service_directory::{ServiceDirectory, ServiceDirectoryOptions};
+pub use crate::service_directory::{ServiceDirectory, ServiceDirectoryOptions, ServiceObjects};

@@ -16,6 +16,8 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use edge_client::{EdgeClient, EdgeConfig, EdgeState};
 use relay_kube_standin::{kubelet_node, StandIn};
+use relay_lab::cluster::LabService;
+use relay_lab::netns::Proto;
 use relay_lab::{admin_get, connect_via, http_get, sessions, spawn_http};
 use relay_protocol::{Cidr, RejectReason};
 use relay_server::config::KubeSettings;
@@ -61,11 +63,12 @@ struct KubeLab {
 }
 
 /// A relay in Kubernetes mode pointed at `standin` through a kubeconfig
-/// (no `[nodes]`), keeping its Node cache in `cache_file` if given.
+/// (no `[nodes]`), keeping its Node and Services caches in `cache_dir`
+/// (`nodes.json`, `services.json`) if given.
 fn relay_config(
     standin: &StandIn,
     pki: &DevPki,
-    cache_file: Option<std::path::PathBuf>,
+    cache_dir: Option<&std::path::Path>,
 ) -> Result<RelayConfig> {
     let mut cfg = RelayConfig::loopback(pki.relay_material()?);
     cfg.quic.keepalive = Duration::from_millis(500);
@@ -73,7 +76,8 @@ fn relay_config(
     cfg.kubernetes = Some(KubeSettings {
         kubeconfig: Some(standin.kubeconfig_path().to_path_buf()),
         api_timeout: Duration::from_secs(3),
-        cache_file,
+        cache_file: cache_dir.map(|d| d.join("nodes.json")),
+        services_cache_file: cache_dir.map(|d| d.join("services.json")),
         ..KubeSettings::default()
     });
     Ok(cfg)
@@ -711,29 +715,45 @@ async fn nodes_without_or_with_overlapping_pod_cidrs() -> Result<()> {
 /// A relay whose container restarts while the apiserver is unreachable
 /// (the kubelet restarts it without the control plane) admits edges on
 /// the Node claims it cached, and still refuses a node the cache does not
-/// hold; without the cache it refuses every edge until the first list.
+/// hold, and resolves a Service with an endpoint at an edge, by name and
+/// by ClusterIP, from the Services it cached; without the caches it
+/// refuses every edge until the first list.
 /// Stand-in, not a real apiserver (see the module doc).
 #[tokio::test]
-async fn a_relay_started_while_the_api_is_down_admits_edges_on_its_node_cache() -> Result<()> {
+async fn a_relay_started_while_the_api_is_down_works_from_its_caches() -> Result<()> {
     let lab = KubeLab::start(2, &["edge-9"]).await?;
-    let cache = std::env::temp_dir().join(format!("relay-nodes-{}.json", std::process::id()));
-    let _ = std::fs::remove_file(&cache);
-    let first = Relay::spawn(relay_config(&lab.standin, &lab.pki, Some(cache.clone()))?).await?;
+    let cache = std::env::temp_dir().join(format!("relay-caches-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    // Service shop/web: one endpoint, a pod on edge-1.
+    let pod: IpAddr = pod_cidr(1).replace(".0/24", ".5").parse()?;
+    let (web, _w) = spawn_http(SocketAddr::new(pod, 0), "web on edge-1").await?;
+    let vip: SocketAddr = "10.96.0.30:80".parse()?;
+    let service = LabService {
+        endpoints: vec![(web, "edge-1")],
+        ..LabService::on_lab_ports("shop", "web", vip, Proto::Tcp, &[])
+    };
+    let (svc, slice) = service.objects();
+    lab.standin.upsert_service(svc);
+    lab.standin.upsert_endpointslice(slice);
+    let first = Relay::spawn(relay_config(&lab.standin, &lab.pki, Some(&cache))?).await?;
     let e0 = lab.edge_of(&first, "edge-0")?;
     e0.wait_connected(BOUND)
         .await
         .context("edge-0 on the first relay")?;
-    eventually("the node cache written", async || {
-        let text = std::fs::read_to_string(&cache).unwrap_or_default();
-        Ok((text.contains("\"edge-0\"") && text.contains("\"edge-1\"")).then_some(()))
+    eventually("the caches written", async || {
+        let nodes = std::fs::read_to_string(cache.join("nodes.json")).unwrap_or_default();
+        let services = std::fs::read_to_string(cache.join("services.json")).unwrap_or_default();
+        Ok((nodes.contains("\"edge-0\"")
+            && nodes.contains("\"edge-1\"")
+            && services.contains("\"web-1\""))
+        .then_some(()))
     })
     .await?;
     e0.shutdown().await;
     first.shutdown(Duration::from_secs(1)).await;
     lab.standin.set_unavailable(true);
 
-    let restarted =
-        Relay::spawn(relay_config(&lab.standin, &lab.pki, Some(cache.clone()))?).await?;
+    let restarted = Relay::spawn(relay_config(&lab.standin, &lab.pki, Some(&cache))?).await?;
     let e1 = lab.edge_of(&restarted, "edge-1")?;
     let t = std::time::Instant::now();
     e1.wait_connected(BOUND)
@@ -745,6 +765,11 @@ async fn a_relay_started_while_the_api_is_down_admits_edges_on_its_node_cache() 
     );
     let (_, ready) = admin_get(restarted.admin_addr().context("admin")?, "/readyz", None).await?;
     ensure!(ready.contains("nodes from the cache written"), "{ready}");
+    ensure!(ready.contains("services from the cache written"), "{ready}");
+    let connect = restarted.connect_addr().context("connect")?;
+    for target in ["web.shop.svc.cluster.local:80".to_string(), vip.to_string()] {
+        assert_eq!(fetch(connect, &target).await?, "web on edge-1", "{target}");
+    }
     let ghost = lab.edge_of(&restarted, "edge-9")?;
     let r = eventually("edge-9 refused", async || Ok(rejected(&ghost))).await?;
     assert_eq!(r, RejectReason::UnknownNode);
@@ -752,7 +777,7 @@ async fn a_relay_started_while_the_api_is_down_admits_edges_on_its_node_cache() 
     e1.shutdown().await;
     restarted.shutdown(Duration::from_secs(1)).await;
 
-    // The same restart without the cache: refused until the first list.
+    // The same restart without the caches: refused until the first list.
     let bare = Relay::spawn(relay_config(&lab.standin, &lab.pki, None)?).await?;
     let e1 = lab.edge_of(&bare, "edge-1")?;
     let r = eventually("edge-1 refused without the cache", async || {
@@ -764,7 +789,7 @@ async fn a_relay_started_while_the_api_is_down_admits_edges_on_its_node_cache() 
     bare.shutdown(Duration::from_secs(1)).await;
     lab.standin.set_unavailable(false);
     lab.relay.shutdown(Duration::from_secs(1)).await;
-    let _ = std::fs::remove_file(&cache);
+    let _ = std::fs::remove_dir_all(&cache);
     Ok(())
 }
 

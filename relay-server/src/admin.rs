@@ -329,19 +329,24 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 /// `; nodes from the cache written … ago (…)` while the directory serves
-/// its cache, or nothing.
+/// its cache, the same for the Services, or nothing.
 fn cached(shared: &Shared) -> String {
-    shared
-        .directory
-        .cached_since()
-        .map(|t| {
-            format!(
-                "; nodes from the cache written {}s ago until the first list{}",
-                t.elapsed().unwrap_or_default().as_secs(),
-                why(shared.directory.last_error())
-            )
-        })
-        .unwrap_or_default()
+    let since = |t: std::time::SystemTime| t.elapsed().unwrap_or_default().as_secs();
+    let nodes = shared.directory.cached_since().map(|t| {
+        format!(
+            "; nodes from the cache written {}s ago until the first list{}",
+            since(t),
+            why(shared.directory.last_error())
+        )
+    });
+    let services = shared.services.cached_since().map(|t| {
+        format!(
+            "; services from the cache written {}s ago until the first lists{}",
+            since(t),
+            why(shared.services.last_error())
+        )
+    });
+    nodes.into_iter().chain(services).collect()
 }
 
 async fn list_sessions(State(shared): State<Arc<Shared>>) -> Json<Vec<SessionRow>> {

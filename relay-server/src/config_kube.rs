@@ -38,6 +38,11 @@ pub struct KubeSettings {
     /// restarted during a control-plane outage) admits edges from them
     /// until the first list arrives, instead of refusing every edge.
     pub cache_file: Option<PathBuf>,
+    /// Where the Services and EndpointSlices are kept
+    /// (`kubernetes.services_cache_file`): a relay that starts while the
+    /// apiserver is unreachable captures and resolves Services from them
+    /// until the first lists arrive, instead of from nothing.
+    pub services_cache_file: Option<PathBuf>,
 }
 
 impl Default for KubeSettings {
@@ -51,6 +56,7 @@ impl Default for KubeSettings {
             services: true,
             cluster_domain: "cluster.local".into(),
             cache_file: None,
+            services_cache_file: None,
         }
     }
 }
@@ -168,6 +174,8 @@ pub struct KubernetesFile {
     pub cluster_domain: Option<String>,
     /// See [`KubeSettings::cache_file`] (default none).
     pub cache_file: Option<PathBuf>,
+    /// See [`KubeSettings::services_cache_file`] (default none).
+    pub services_cache_file: Option<PathBuf>,
 }
 
 impl KubernetesFile {
@@ -186,6 +194,7 @@ impl KubernetesFile {
                 .map(|c| c.trim_matches('.').to_ascii_lowercase())
                 .unwrap_or(d.cluster_domain),
             cache_file: self.cache_file.clone(),
+            services_cache_file: self.services_cache_file.clone(),
         })
     }
 }
@@ -223,5 +232,46 @@ pub(crate) fn check_kubernetes(
             "must be a DNS domain such as cluster.local",
         ));
     }
+    if let Some(f) = &k.services_cache_file {
+        if !k.services {
+            return Err(err(
+                "kubernetes.services_cache_file",
+                "Services are not watched (kubernetes.services = false): remove it",
+            ));
+        }
+        if k.cache_file.as_ref() == Some(f) {
+            return Err(err(
+                "kubernetes.services_cache_file",
+                "must not be kubernetes.cache_file: each cache needs its own file",
+            ));
+        }
+    }
     Ok(())
+}
+
+#[cfg(all(test, feature = "kubernetes"))]
+mod tests {
+    use super::*;
+
+    /// The Services cache needs the Service watch and a file of its own.
+    #[test]
+    fn a_services_cache_needs_services_and_its_own_file() {
+        let nodes = HashMap::new();
+        let with = |services: bool, nodes_file: &str| KubeSettings {
+            services,
+            cache_file: Some(nodes_file.into()),
+            services_cache_file: Some("/var/lib/edge-relay/services.json".into()),
+            ..KubeSettings::default()
+        };
+        assert!(
+            check_kubernetes(Some(&with(true, "/var/lib/edge-relay/nodes.json")), &nodes).is_ok()
+        );
+        for bad in [
+            with(false, "/var/lib/edge-relay/nodes.json"),
+            with(true, "/var/lib/edge-relay/services.json"),
+        ] {
+            let e = check_kubernetes(Some(&bad), &nodes).unwrap_err();
+            assert_eq!(e.field, "kubernetes.services_cache_file", "{e}");
+        }
+    }
 }

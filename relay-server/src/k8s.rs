@@ -33,7 +33,7 @@ use crate::directory::{
 };
 use crate::status::StatusSink;
 
-mod node_cache;
+pub(crate) mod cache;
 mod status_writer;
 use status_writer::KubeStatus;
 pub use status_writer::{CONDITION_WRITERS, EVENT_WRITERS};
@@ -108,8 +108,12 @@ pub async fn start(
     let tokens =
         tokens.map(|t| Arc::new(crate::bootstrap::ReviewGate::new(t)) as Arc<dyn TokenAuthority>);
     let services = settings.services.then(|| {
-        crate::k8s_services::KubeServices::start(&client, &settings.cluster_domain, stop.clone())
-            as Arc<dyn crate::services::ServiceSource>
+        crate::k8s_services::KubeServices::start(
+            &client,
+            &settings.cluster_domain,
+            settings.services_cache_file.clone(),
+            stop.clone(),
+        ) as Arc<dyn crate::services::ServiceSource>
     });
     Ok(Kube {
         directory,
@@ -229,11 +233,8 @@ pub struct KubeDirectory {
     /// from it (until the first list).
     cached: std::sync::Mutex<Option<std::time::SystemTime>>,
     /// The claims to keep in the cache (`kubernetes.cache_file`).
-    to_cache: Option<watch::Sender<Option<Arc<AllClaims>>>>,
+    to_cache: Option<watch::Sender<Option<Arc<cache::Nodes>>>>,
 }
-
-/// Every Node's claims, by name.
-type AllClaims = BTreeMap<String, NodeClaims>;
 
 /// Gathers a burst of Node changes (a relist touches every node) into one
 /// recomputation.
@@ -309,7 +310,7 @@ impl KubeDirectory {
         cache_file: Option<std::path::PathBuf>,
         stop: CancellationToken,
     ) -> Arc<Self> {
-        let cached = cache_file.as_deref().and_then(node_cache::load);
+        let cached = cache_file.as_deref().and_then(cache::load::<cache::Nodes>);
         let to_cache = cache_file.as_ref().map(|_| watch::channel(None).0);
         let dir = Arc::new(KubeDirectory {
             nodes,
@@ -327,7 +328,7 @@ impl KubeDirectory {
             cached: std::sync::Mutex::new(None),
             to_cache,
         });
-        if let Some((claims, written)) = cached {
+        if let Some((cache::Nodes { nodes: claims }, written)) = cached {
             let age = written.elapsed().unwrap_or_default();
             info!(
                 nodes = claims.len(),
@@ -341,8 +342,8 @@ impl KubeDirectory {
             tokio::spawn(relay_transport::saved::saver(
                 path,
                 tx.subscribe(),
-                node_cache::save,
-                node_cache::WHAT,
+                cache::save::<cache::Nodes>,
+                <cache::Nodes as cache::Cached>::WHAT,
                 stop.clone(),
             ));
         }
@@ -378,7 +379,7 @@ impl KubeDirectory {
         let changed = self.install(&claims);
         if let Some(tx) = &self.to_cache {
             if changed || from_cache || tx.borrow().is_none() {
-                tx.send_replace(Some(Arc::new(claims)));
+                tx.send_replace(Some(Arc::new(cache::Nodes { nodes: claims })));
             }
         }
     }

@@ -10,12 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use relay_kube::services::{usable, Protocol, ServiceKind, ServiceTable};
-use relay_kube::{KubeClient, ServiceDirectory, ServiceDirectoryOptions};
+use relay_kube::{KubeClient, ServiceDirectory, ServiceDirectoryOptions, ServiceObjects};
 use relay_protocol::ServiceKey;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, info};
 
+use crate::k8s::cache;
 use crate::service_feed::changed_keys;
 use crate::services::{Backend, NameLookup, ServiceSnapshot, ServiceSource};
 
@@ -31,6 +32,9 @@ pub struct KubeServices {
     /// directory's own flag turns up to [`SETTLE`] earlier, while
     /// `snapshot()` still returns the empty table.
     published: std::sync::atomic::AtomicBool,
+    /// When the cache the table came from was written, while it comes
+    /// from it (until both first lists).
+    cached: std::sync::Mutex<Option<std::time::SystemTime>>,
 }
 
 /// The snapshot of `table`: every TCP and UDP ClusterIP (and external IP)
@@ -189,17 +193,40 @@ fn backend(e: &relay_kube::services::Endpoint) -> Backend {
 }
 
 impl KubeServices {
-    /// Starts the watches and the snapshot task (until `stop`).
-    pub fn start(client: &KubeClient, cluster_domain: &str, stop: CancellationToken) -> Arc<Self> {
+    /// Starts the watches and the snapshot task (until `stop`); with
+    /// `cache_file` (`kubernetes.services_cache_file`), the table starts
+    /// from the objects kept there, if any, and they are kept there.
+    pub fn start(
+        client: &KubeClient,
+        cluster_domain: &str,
+        cache_file: Option<std::path::PathBuf>,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
         let opts = ServiceDirectoryOptions {
             cluster_domain: cluster_domain.to_string(),
             ..ServiceDirectoryOptions::default()
         };
+        let seed = cache_file
+            .as_deref()
+            .and_then(cache::load::<ServiceObjects>);
+        if let Some((o, written)) = &seed {
+            info!(
+                services = o.services.len(),
+                endpointslices = o.slices.len(),
+                age_secs = written.elapsed().unwrap_or_default().as_secs(),
+                "routing Services on the services cache until the first lists"
+            );
+        }
+        let (seed, written) = seed.unzip();
         let me = Arc::new(KubeServices {
-            dir: ServiceDirectory::spawn(client, &opts),
+            dir: ServiceDirectory::spawn_seeded(client, &opts, seed),
             snapshot: watch::channel(Arc::default()).0,
             published: std::sync::atomic::AtomicBool::new(false),
+            cached: std::sync::Mutex::new(written),
         });
+        if let Some(path) = cache_file {
+            me.keep_in(path, stop.clone());
+        }
         let weak = Arc::downgrade(&me);
         let mut changes = me.dir.subscribe();
         tokio::spawn(async move {
@@ -209,6 +236,12 @@ impl KubeServices {
                     // Read before the table: a snapshot taken after the
                     // flag turned is one of the loaded table.
                     let synced = me.dir.is_synced();
+                    let mut cached = me.cached.lock().unwrap_or_else(|e| e.into_inner());
+                    if synced && cached.take().is_some() {
+                        info!("the first lists replace the services cache");
+                    }
+                    let loaded = synced || cached.is_some();
+                    drop(cached);
                     let snap = me.dir.with_table(snapshot_of);
                     let snap = following(&me.snapshot.borrow().clone(), snap);
                     debug!(
@@ -220,7 +253,7 @@ impl KubeServices {
                         "service snapshot"
                     );
                     me.snapshot.send_replace(Arc::new(snap));
-                    if synced && !me.published.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    if loaded && !me.published.swap(true, std::sync::atomic::Ordering::AcqRel) {
                         // Wakes readers that saw the snapshot above before
                         // the flag (see `cluster_loaded`).
                         me.snapshot.send_modify(|_| {});
@@ -234,6 +267,44 @@ impl KubeServices {
             }
         });
         me
+    }
+}
+
+impl KubeServices {
+    /// Keeps the objects in `path` after changes, at most every
+    /// [`cache::SERVICES_EVERY`], once both first lists are in (never the
+    /// cache it started from read back).
+    fn keep_in(self: &Arc<Self>, path: std::path::PathBuf, stop: CancellationToken) {
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(relay_transport::saved::saver(
+            path,
+            rx,
+            cache::save::<ServiceObjects>,
+            <ServiceObjects as cache::Cached>::WHAT,
+            stop.clone(),
+        ));
+        let weak = Arc::downgrade(self);
+        let mut changes = self.dir.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = changes.changed() => if r.is_err() { return },
+                }
+                let objects = {
+                    let Some(me) = weak.upgrade() else { return };
+                    if !me.dir.is_synced() {
+                        continue;
+                    }
+                    me.dir.objects()
+                };
+                tx.send_replace(Some(Arc::new(objects)));
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(cache::SERVICES_EVERY) => {}
+                }
+            }
+        });
     }
 }
 
@@ -255,6 +326,9 @@ impl ServiceSource for KubeServices {
     }
     fn watch_errors(&self) -> u64 {
         self.dir.watch_errors()
+    }
+    fn cached_since(&self) -> Option<std::time::SystemTime> {
+        *self.cached.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

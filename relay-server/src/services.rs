@@ -124,6 +124,11 @@ pub trait ServiceSource: Send + Sync {
     fn watch_errors(&self) -> u64 {
         0
     }
+    /// When the cache the table comes from was written, while it comes
+    /// from one rather than from the source itself.
+    fn cached_since(&self) -> Option<std::time::SystemTime> {
+        None
+    }
 }
 
 /// Static mode: no Services (ClusterIPs are not resolved by the relay).

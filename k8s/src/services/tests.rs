@@ -11,7 +11,7 @@ use k8s_openapi::api::discovery::v1::{Endpoint as K8sEndpoint, EndpointCondition
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-fn svc(name: &str, ips: &[&str], ports: &[(&str, i32, &str, IntOrString)]) -> Service {
+pub(crate) fn svc(name: &str, ips: &[&str], ports: &[(&str, i32, &str, IntOrString)]) -> Service {
     Service {
         metadata: ObjectMeta {
             namespace: Some("shop".into()),
@@ -39,9 +39,9 @@ fn svc(name: &str, ips: &[&str], ports: &[(&str, i32, &str, IntOrString)]) -> Se
     }
 }
 
-type Ep<'a> = (&'a str, &'a str, Option<bool>, Option<bool>, Option<bool>);
+pub(crate) type Ep<'a> = (&'a str, &'a str, Option<bool>, Option<bool>, Option<bool>);
 
-fn slice(
+pub(crate) fn slice(
     name: &str,
     service: &str,
     family: &str,
