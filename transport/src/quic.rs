@@ -440,10 +440,10 @@ pub fn client_endpoint_with(
 /// The `[quic]` section of either side's config file.
 #[derive(Debug, Default, serde::Deserialize)]
 pub struct QuicFile {
-    /// Keep-alive interval (default 5s; keep well under 30s for CGNAT).
+    /// Keep-alive interval (default 8s; keep well under 30s for CGNAT).
     #[serde(default, with = "humantime_serde")]
     pub keepalive: Option<Duration>,
-    /// Idle timeout (default 20s): a silent peer is dead after this.
+    /// Idle timeout (default 24s): a silent peer is dead after this.
     #[serde(default, with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
     /// Concurrent streams the peer may open (default 10000).
