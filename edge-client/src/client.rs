@@ -124,12 +124,16 @@ pub struct EdgeStats {
     /// replica) whose QUIC session ended last; at 2 and above, that loop
     /// dials TCP first and probes QUIC less often.
     pub quic_strikes: AtomicU64,
-    /// Which of the relay name's addresses the next attempt dials, modulo
-    /// their number: advanced past an address that failed, so a name with
-    /// an IPv6 and an IPv4 address still connects where IPv6 is broken
-    /// (the resolver puts IPv6 first whenever the node has an IPv6 route
-    /// to it, whether or not packets get through upstream).
-    pub relay_addr_turn: AtomicU64,
+    /// For each relay name (each replica's reconnect loop dials its own),
+    /// which of its addresses the next attempt dials, modulo their number:
+    /// advanced past an address that gave no answer, so a name with an
+    /// IPv6 and an IPv4 address still connects where IPv6 is broken (the
+    /// resolver puts IPv6 first whenever the node has an IPv6 route to
+    /// it, whether or not packets get through upstream). Only a silent
+    /// address moves it: a relay that answered and refused (draining,
+    /// overloaded, a TLS error) is reached at that address, and moving on
+    /// would send the next attempt to one that may be the broken one.
+    pub relay_addr_turns: std::sync::Mutex<std::collections::HashMap<String, u64>>,
     /// The addresses each relay name resolved to last: dialled when the
     /// name stops resolving (the site's or carrier's DNS down while the
     /// uplink works), where a failed lookup used to fail every attempt.
@@ -581,7 +585,7 @@ pub(crate) async fn run(
                     // connection and a token review), then QUIC (up to a
                     // handshake bound while another session proves UDP
                     // works, else two fallback timers), then TCP.
-                    r = tokio::time::timeout(attempt_limit, connect(&cfg, &stats, mode, &creds, quic_worked)) => match r {
+                    r = tokio::time::timeout(attempt_limit, connect(&cfg, &stats, mode, &creds, quic_worked, false)) => match r {
                         Ok(r) => r,
                         Err(_) => Err(AttemptError::Failed(format!("no session within {attempt_limit:?}"))),
                     },

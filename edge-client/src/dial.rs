@@ -9,7 +9,7 @@ use relay_protocol::codec::{self, decode, decode_with_rest, read_frame_bytes, wr
 use relay_protocol::{
     capability, close_code, ClientHello, HelloReply, Rejection, ServerHelloExt, PROTOCOL_VERSION,
 };
-use relay_transport::tcp::TcpDial;
+use relay_transport::tcp::{ConnectError, TcpDial};
 use relay_transport::{quic, BiStream, TunnelConn};
 use tracing::warn;
 
@@ -50,6 +50,12 @@ pub(crate) struct Dialer<'a> {
     /// QUIC carried this edge's last session to the relay (in `Auto`: an
     /// unanswered QUIC attempt is tried once more before falling back).
     pub(crate) quic_worked: bool,
+    /// A background QUIC probe from the TCP fallback: whatever becomes of
+    /// it, the relay's address turn stays (see [`EdgeStats::relay_addr_turns`]).
+    /// On a path without UDP every probe goes unanswered, and moving the
+    /// turn each time would send the next real attempt to whichever
+    /// address came up, a broken one included.
+    pub(crate) probe: bool,
 }
 
 impl Dialer<'_> {
@@ -81,6 +87,7 @@ impl Dialer<'_> {
                         tls,
                     )
                     .await
+                    .map_err(|e| e.lost.0)
                 }
                 None => Err(format!("resolve {}: {e}", cfg.relay)),
             },
@@ -120,15 +127,16 @@ impl Dialer<'_> {
         }
     }
 
-    /// TLS over TCP to the relay (no hello yet).
+    /// TLS over TCP to the relay (no hello yet); a failure says whether
+    /// the relay answered.
     async fn tcp(
         &self,
         to: TcpDial<'_>,
         tls: rustls::ClientConfig,
-    ) -> Result<(Option<quinn::Endpoint>, TunnelConn), String> {
+    ) -> Result<(Option<quinn::Endpoint>, TunnelConn), ConnectError> {
         let cfg = self.cfg;
         let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
-        relay_transport::tcp::connect_with(
+        relay_transport::tcp::connect_detailed(
             to,
             &cfg.server_name,
             tls,
@@ -138,31 +146,56 @@ impl Dialer<'_> {
         )
         .await
         .map(|c| (None, c))
-        .map_err(|e| e.0)
     }
 
-    /// [`Dialer::dial`] to the address of `addrs` whose turn it is; after a
-    /// failure, the next attempt (after the backoff) takes the next one.
+    /// [`Dialer::dial`] to the address of `addrs` whose turn it is; after
+    /// an attempt that got no answer there, the next attempt (after the
+    /// backoff) takes the next one. An answer, even a refusal, keeps the
+    /// turn: that address reaches the relay.
     async fn dial_any(
         &self,
         addrs: &[SocketAddr],
         tls: rustls::ClientConfig,
     ) -> Result<(Option<quinn::Endpoint>, TunnelConn), String> {
         let cfg = self.cfg;
-        let turn = self.stats.relay_addr_turn.load(Relaxed);
+        let turn = self.turn();
         let addr = pick(addrs, turn).ok_or_else(|| format!("resolve {}: no address", cfg.relay))?;
-        let dialled = self.dial_addr(addr, tls).await;
-        if dialled.is_err() && addrs.len() > 1 {
-            // Concurrent attempts (a probe beside a session) advance once.
-            let _ = self
-                .stats
-                .relay_addr_turn
-                .compare_exchange(turn, turn + 1, Relaxed, Relaxed);
-            if let Some(next) = pick(addrs, turn + 1) {
-                warn!(relay = %cfg.relay, failed = %addr, %next, "relay address failed; the next attempt dials the next one");
+        let failed = match self.dial_addr(addr, tls).await {
+            Ok(c) => return Ok(c),
+            Err(f) => f,
+        };
+        if failed.silent && addrs.len() > 1 && !self.probe && self.advance(turn) {
+            if let Some(next) = pick(addrs, turn.wrapping_add(1)) {
+                warn!(relay = %cfg.relay, silent = %addr, %next, "no answer from this relay address; the next attempt dials the next one");
             }
         }
-        dialled
+        Err(failed.message)
+    }
+
+    /// Whose turn it is among the relay name's addresses (see
+    /// [`EdgeStats::relay_addr_turns`]).
+    fn turn(&self) -> u64 {
+        let turns = self.stats.relay_addr_turns.lock();
+        let turns = turns.unwrap_or_else(|e| e.into_inner());
+        turns.get(&self.cfg.relay).copied().unwrap_or(0)
+    }
+
+    /// Moves the relay name's turn on from `from`, unless another attempt
+    /// did already (a renewal's beside the session's loop): concurrent
+    /// attempts that found the same address silent advance once. Says
+    /// whether this call moved it.
+    fn advance(&self, from: u64) -> bool {
+        let mut turns = self
+            .stats
+            .relay_addr_turns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let turn = turns.entry(self.cfg.relay.clone()).or_insert(0);
+        if *turn != from {
+            return false;
+        }
+        *turn = from.wrapping_add(1);
+        true
     }
 
     /// [`Dialer::dial`] to one of the relay's addresses.
@@ -170,7 +203,7 @@ impl Dialer<'_> {
         &self,
         addr: SocketAddr,
         tls: rustls::ClientConfig,
-    ) -> Result<(Option<quinn::Endpoint>, TunnelConn), String> {
+    ) -> Result<(Option<quinn::Endpoint>, TunnelConn), AddrFailed> {
         let cfg = self.cfg;
         let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
         let to = match &cfg.tcp_proxy {
@@ -180,14 +213,20 @@ impl Dialer<'_> {
             },
             None => TcpDial::Direct(addr),
         };
+        let direct = matches!(to, TcpDial::Direct(_));
         match self.mode {
             TransportMode::Quic => {
                 let (ep, c) = quic_transport(cfg, addr, mark, tls)
                     .await
-                    .map_err(QuicAttemptError::into_message)?;
+                    .map_err(QuicAttemptError::into_failed)?;
                 Ok((Some(ep), c))
             }
-            TransportMode::Tcp => self.tcp(to, tls).await,
+            // Through a proxy the address is not dialled at all: whatever
+            // the proxy does says nothing about it.
+            TransportMode::Tcp => self.tcp(to, tls).await.map_err(|e| AddrFailed {
+                silent: direct && !e.reached,
+                message: e.lost.0,
+            }),
             TransportMode::Auto => {
                 // Falling back is for paths that do not carry UDP: only a
                 // QUIC attempt that got no answer at all counts. A relay
@@ -217,14 +256,24 @@ impl Dialer<'_> {
                     let quic = quic_transport(cfg, addr, mark, tls.clone());
                     match tokio::time::timeout(wait, quic).await {
                         Ok(Ok((ep, c))) => return Ok((Some(ep), c)),
-                        Ok(Err(QuicAttemptError::Answered(e))) => return Err(e),
+                        Ok(Err(QuicAttemptError::Answered(message))) => {
+                            return Err(AddrFailed {
+                                message,
+                                silent: false,
+                            })
+                        }
                         Ok(Err(QuicAttemptError::Unanswered(e))) => why = e,
                         Err(_) => why = format!("no QUIC handshake within {wait:?}"),
                     }
                 }
                 self.stats.fallbacks.fetch_add(1, Relaxed);
                 warn!(reason = %why, "QUIC unavailable; falling back to TLS over TCP");
-                self.tcp(to, tls).await
+                // QUIC got no answer here; the address is silent unless TCP
+                // then reached the relay (UDP blocked, the address fine).
+                self.tcp(to, tls).await.map_err(|e| AddrFailed {
+                    silent: !e.reached,
+                    message: e.lost.0,
+                })
             }
         }
     }
@@ -249,11 +298,28 @@ enum QuicAttemptError {
 }
 
 impl QuicAttemptError {
-    fn into_message(self) -> String {
+    fn into_failed(self) -> AddrFailed {
         match self {
-            QuicAttemptError::Unanswered(m) | QuicAttemptError::Answered(m) => m,
+            QuicAttemptError::Unanswered(message) => AddrFailed {
+                message,
+                silent: true,
+            },
+            QuicAttemptError::Answered(message) => AddrFailed {
+                message,
+                silent: false,
+            },
         }
     }
+}
+
+/// A failed dial of one of the relay's addresses.
+#[derive(Debug)]
+struct AddrFailed {
+    message: String,
+    /// Nothing answered at the address (QUIC unanswered and no TCP
+    /// connection after it, or a TCP connection refused or timed out before
+    /// TLS began): only this moves the address turn.
+    silent: bool,
 }
 
 /// A QUIC connection to `addr` (no hello yet).
@@ -289,19 +355,21 @@ async fn quic_transport(
 
 /// Obtains the certificate to dial with (bootstrapping or renewing it
 /// first when needed), dials the relay over the transport `mode` asks for
-/// (`quic_worked`: see [`Dialer`]), then says hello.
+/// (`quic_worked`, `probe`: see [`Dialer`]), then says hello.
 pub(crate) async fn connect(
     cfg: &EdgeConfig,
     stats: &EdgeStats,
     mode: TransportMode,
     creds: &Credentials,
     quic_worked: bool,
+    probe: bool,
 ) -> Result<Connected, AttemptError> {
     let dialer = Dialer {
         cfg,
         stats,
         mode,
         quic_worked,
+        probe,
     };
     let material = creds.material(cfg, &dialer).await.map_err(|e| match e {
         IdentityError::Refused(r) => AttemptError::Rejected(r),
@@ -417,6 +485,7 @@ mod tests {
             stats: &stats,
             mode: TransportMode::Auto,
             quic_worked: false,
+            probe: false,
         };
         let down = || {
             Err(std::io::Error::other(
@@ -444,42 +513,164 @@ mod tests {
         assert_eq!(pick(&[a, b], 2), Some(a));
     }
 
-    /// Real sockets: the first address refuses, so the next attempt dials
-    /// the second (a listener that closes at once: that attempt fails too,
-    /// after reaching it, and the turn comes back to the first).
-    #[tokio::test]
-    async fn after_a_failed_address_the_next_attempt_dials_the_next() {
+    /// An edge config for `relay` with test certificates, and the client
+    /// TLS config to dial with.
+    fn test_cfg(relay: &str) -> (EdgeConfig, rustls::ClientConfig) {
         relay_transport::tls::install_default_provider();
-        let refused = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
-        };
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let live = l.local_addr().unwrap();
-        let reached = tokio::spawn(async move { l.accept().await.map(|_| ()) });
         let pki =
             relay_transport::devcerts::DevPki::generate(&["relay.test"], &["edge-a"]).unwrap();
         let tls = pki.node_material("edge-a").unwrap();
         let client_tls = tls.client_config(relay_protocol::ALPN).unwrap();
-        let cfg = EdgeConfig::new("edge-a", "relay.test:8443", "relay.test", tls);
+        (
+            EdgeConfig::new("edge-a", relay, "relay.test", tls),
+            client_tls,
+        )
+    }
+
+    /// A local TCP address nothing listens on (connections refused).
+    fn refusing_tcp() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }
+
+    /// Real sockets: the first address refuses the TCP connection (no
+    /// answer), so the next attempt dials the second; that one accepts and
+    /// closes at once (its TLS fails: the relay answered), so the turn
+    /// stays and the attempt after dials it again.
+    #[tokio::test]
+    async fn after_a_silent_address_the_next_attempt_dials_the_next_and_stays() {
+        let refused = refusing_tcp();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live = l.local_addr().unwrap();
+        let (tx, mut reached) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                drop(s);
+                let _ = tx.send(());
+            }
+        });
+        let (cfg, client_tls) = test_cfg("relay.test:8443");
         let stats = EdgeStats::default();
         let dialer = Dialer {
             cfg: &cfg,
             stats: &stats,
             mode: TransportMode::Tcp,
             quic_worked: false,
+            probe: false,
         };
         let addrs = [refused, live];
 
         assert!(dialer.dial_any(&addrs, client_tls.clone()).await.is_err());
-        assert_eq!(stats.relay_addr_turn.load(Relaxed), 1);
+        assert_eq!(dialer.turn(), 1);
         assert!(
-            !reached.is_finished(),
+            reached.try_recv().is_err(),
             "the second address was dialled first"
         );
+        assert!(dialer.dial_any(&addrs, client_tls.clone()).await.is_err());
+        reached.recv().await.unwrap();
+        assert_eq!(dialer.turn(), 1, "a TLS failure moved the turn");
         assert!(dialer.dial_any(&addrs, client_tls).await.is_err());
-        reached.await.unwrap().unwrap();
-        assert_eq!(stats.relay_addr_turn.load(Relaxed), 2);
+        reached.recv().await.unwrap();
+    }
+
+    /// A relay that answers QUIC with a refusal (draining, or over its
+    /// handshake limit) is reached at that address: the next attempt dials
+    /// it again, in `auto` (no TCP fallback: the answer shows UDP works)
+    /// and in `quic` mode, rather than the next address (the blackholed
+    /// IPv6 one on a dual-stack edge).
+    #[tokio::test]
+    async fn an_answered_refusal_does_not_advance() {
+        let pki =
+            relay_transport::devcerts::DevPki::generate(&["relay.test"], &["edge-a"]).unwrap();
+        let (cfg, client_tls) = test_cfg("relay.test:8443");
+        let relay = relay_transport::quic::server_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            &pki.relay_material().unwrap(),
+            &relay_transport::quic::QuicTuning::default(),
+            false,
+        )
+        .unwrap();
+        let refusing = relay.local_addr().unwrap();
+        let (tx, mut refused) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(incoming) = relay.accept().await {
+                incoming.refuse();
+                let _ = tx.send(());
+            }
+        });
+        let stats = EdgeStats::default();
+        let addrs = [refusing, refusing_tcp()];
+        for mode in [TransportMode::Auto, TransportMode::Quic] {
+            let dialer = Dialer {
+                cfg: &cfg,
+                stats: &stats,
+                mode,
+                quic_worked: false,
+                probe: false,
+            };
+            assert!(dialer.dial_any(&addrs, client_tls.clone()).await.is_err());
+            refused.recv().await.unwrap();
+            assert_eq!(dialer.turn(), 0, "{mode:?}: a refusal moved the turn");
+        }
+        assert_eq!(
+            stats.fallbacks.load(Relaxed),
+            0,
+            "an answer is no reason for TCP"
+        );
+    }
+
+    /// In `auto`, an address silent on QUIC (nothing listens on its UDP
+    /// port) whose TCP fallback is refused gave no answer at all: the
+    /// next attempt dials the next address.
+    #[tokio::test]
+    async fn in_auto_an_address_silent_on_quic_and_tcp_advances() {
+        let (mut cfg, client_tls) = test_cfg("relay.test:8443");
+        cfg.quic_fallback_after = std::time::Duration::from_millis(200);
+        let stats = EdgeStats::default();
+        let dialer = Dialer {
+            cfg: &cfg,
+            stats: &stats,
+            mode: TransportMode::Auto,
+            quic_worked: false,
+            probe: false,
+        };
+        let addrs = [refusing_tcp(), refusing_tcp()];
+        assert!(dialer.dial_any(&addrs, client_tls).await.is_err());
+        assert_eq!(stats.fallbacks.load(Relaxed), 1, "QUIC got no answer");
+        assert_eq!(dialer.turn(), 1);
+    }
+
+    /// Each relay name (one per replica's loop) has its own turn, and a
+    /// QUIC probe's failure never moves one.
+    #[tokio::test]
+    async fn turns_are_per_relay_name_and_probes_leave_them() {
+        let (cfg_a, client_tls) = test_cfg("relay-a.test:8443");
+        let (cfg_b, _) = test_cfg("relay-b.test:8443");
+        let stats = EdgeStats::default();
+        let dialer = |cfg, probe| Dialer {
+            cfg,
+            stats: &stats,
+            mode: TransportMode::Tcp,
+            quic_worked: false,
+            probe,
+        };
+        let addrs = [refusing_tcp(), refusing_tcp()];
+        assert!(dialer(&cfg_a, false)
+            .dial_any(&addrs, client_tls.clone())
+            .await
+            .is_err());
+        assert_eq!(dialer(&cfg_a, false).turn(), 1);
+        assert_eq!(
+            dialer(&cfg_b, false).turn(),
+            0,
+            "another replica's turn moved"
+        );
+        assert!(dialer(&cfg_b, true)
+            .dial_any(&addrs, client_tls)
+            .await
+            .is_err());
+        assert_eq!(dialer(&cfg_b, false).turn(), 0, "a probe moved the turn");
+        assert_eq!(dialer(&cfg_a, false).turn(), 1);
     }
 
     /// Real QUIC and TCP on one port, as the relay binds them, with a relay
@@ -548,6 +739,7 @@ mod tests {
             stats: &stats,
             mode: TransportMode::Auto,
             quic_worked: false,
+            probe: false,
         };
 
         // Nothing known about UDP: silence past the fallback timer moves to TCP.

@@ -365,12 +365,12 @@ pub(crate) async fn run_session(
                 let limit = cfg.handshake_timeout * 2;
                 renewal = Some(AbortOnDropHandle::new(tokio::spawn(async move {
                     let work = async {
-                        let dialer = Dialer { cfg: &cfg, stats: &stats, mode: cfg.transport, quic_worked };
+                        let dialer = Dialer { cfg: &cfg, stats: &stats, mode: cfg.transport, quic_worked, probe: false };
                         creds.renew(&cfg, &dialer).await.map_err(|e| match e {
                             IdentityError::Refused(r) => AttemptError::Rejected(r),
                             IdentityError::Failed(m) => AttemptError::Failed(m),
                         })?;
-                        connect(&cfg, &stats, cfg.transport, &creds, quic_worked).await
+                        connect(&cfg, &stats, cfg.transport, &creds, quic_worked, false).await
                     };
                     tokio::time::timeout(limit, work)
                         .await
@@ -406,9 +406,11 @@ pub(crate) async fn run_session(
                 // the relay, in one step, so the routes never go away.
                 // Bounded like any attempt, so a probe into a black hole
                 // ends and the next one can start.
+                // A probe (last `true`): its failures never move the
+                // relay's address turn (see `Dialer::probe`).
                 let limit = cfg.handshake_timeout;
                 probe = Some(AbortOnDropHandle::new(tokio::spawn(async move {
-                    tokio::time::timeout(limit, connect(&cfg, &stats, TransportMode::Quic, &creds, false))
+                    tokio::time::timeout(limit, connect(&cfg, &stats, TransportMode::Quic, &creds, false, true))
                         .await
                         .unwrap_or_else(|_| Err(AttemptError::Failed(format!("no QUIC session within {limit:?}"))))
                 })));

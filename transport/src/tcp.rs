@@ -476,9 +476,45 @@ pub async fn connect_with(
     mss: Option<u32>,
     timeout: Duration,
 ) -> Result<crate::TunnelConn, ConnLost> {
+    connect_detailed(to, server_name, cfg, mark, mss, timeout)
+        .await
+        .map_err(|e| e.lost)
+}
+
+/// Why [`connect_detailed`] failed, and how far it got.
+#[derive(Debug)]
+pub struct ConnectError {
+    /// What went wrong.
+    pub lost: ConnLost,
+    /// Whether the relay answered: a TCP connection was made (through
+    /// the proxy's tunnel, with a proxy) and TLS began. `false`: refused,
+    /// unreachable, or no connection within the timeout, so nothing at
+    /// that address answered (a dialler may try the relay's next one).
+    pub reached: bool,
+}
+
+/// [`connect_with`], saying whether the relay answered when it fails.
+pub async fn connect_detailed(
+    to: TcpDial<'_>,
+    server_name: &str,
+    cfg: rustls::ClientConfig,
+    mark: u32,
+    mss: Option<u32>,
+    timeout: Duration,
+) -> Result<crate::TunnelConn, ConnectError> {
+    // Set once the TCP connection (and a proxy's tunnel) is up: an atomic,
+    // not a `Cell`, so this future stays `Send`; read after the timeout
+    // dropped the setup future, to tell a silent address from a TLS
+    // failure (or a TLS handshake that stalled).
+    let reached = std::sync::atomic::AtomicBool::new(false);
+    let was_reached = || reached.load(std::sync::atomic::Ordering::Relaxed);
     let fail = |what: &str, e: &dyn std::fmt::Display| ConnLost(format!("{what}: {e}"));
-    let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
-        .map_err(|e| fail("server name", &e))?;
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).map_err(|e| {
+        ConnectError {
+            lost: fail("server name", &e),
+            reached: false,
+        }
+    })?;
     let shown = match to {
         TcpDial::Direct(a) => a.to_string(),
         TcpDial::Proxy { proxy, target } => format!("{target} via {proxy}"),
@@ -516,6 +552,7 @@ pub async fn connect_with(
                 .await
                 .map_err(ConnLost)?;
         }
+        reached.store(true, std::sync::atomic::Ordering::Relaxed);
         let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
             .connect(name, tcp)
             .await
@@ -524,9 +561,14 @@ pub async fn connect_with(
         let conn = YamuxConn::start(tls, true, addr, (Vec::new(), alpn), timeout).await?;
         Ok(crate::TunnelConn::Tcp(conn))
     };
-    tokio::time::timeout(timeout, setup)
-        .await
-        .map_err(|_| ConnLost(format!("tcp+tls to {shown}: no session within {timeout:?}")))?
+    let outcome = tokio::time::timeout(timeout, setup).await;
+    outcome
+        .map_err(|_| ConnLost(format!("tcp+tls to {shown}: no session within {timeout:?}")))
+        .and_then(|r| r)
+        .map_err(|lost| ConnectError {
+            lost,
+            reached: was_reached(),
+        })
 }
 
 /// Completes a relay-side TLS+TCP accept and starts yamux; bounded by
@@ -563,6 +605,45 @@ pub async fn accept(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refused connection is no answer; a relay that accepted the TCP
+    /// connection and then failed TLS (closed at once) answered.
+    #[tokio::test]
+    async fn a_failed_dial_says_whether_the_relay_answered() {
+        crate::tls::install_default_provider();
+        let pki = crate::devcerts::DevPki::generate(&["relay.test"], &["edge-a"]).unwrap();
+        let tls = || {
+            pki.node_material("edge-a")
+                .unwrap()
+                .client_config(relay_protocol::ALPN)
+                .unwrap()
+        };
+        let refused = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                drop(s);
+            }
+        });
+        let dial = |to| {
+            connect_detailed(
+                TcpDial::Direct(to),
+                "relay.test",
+                tls(),
+                0,
+                None,
+                Duration::from_secs(10),
+            )
+        };
+        let e = dial(refused).await.unwrap_err();
+        assert!(!e.reached, "{}", e.lost.0);
+        let e = dial(live).await.unwrap_err();
+        assert!(e.reached, "{}", e.lost.0);
+    }
 
     #[tokio::test]
     async fn tuned_sockets_have_keepalive_and_user_timeout() {
