@@ -475,8 +475,10 @@ impl QuicStrikes<'_> {
     pub(crate) const PREFER_TCP: u64 = 2;
     /// A QUIC session that lasted this long clears the count.
     pub(crate) const WINDOW: Duration = Duration::from_secs(300);
-    /// The QUIC probe's interval grows at most this many times.
-    const MAX_PROBE_FACTOR: u32 = 32;
+    /// The QUIC probe's interval grows at most this many times, for
+    /// strikes and failed probes together (see `session::ProbeBackoff`):
+    /// 32 minutes at the default 60 s.
+    pub(crate) const MAX_PROBE_FACTOR: u32 = 32;
 
     /// Counts a QUIC session's end: `died`, given up by the edge's own
     /// liveness check, after `lasted`.

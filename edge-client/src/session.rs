@@ -163,8 +163,16 @@ pub(crate) async fn run_session(
     // On the TCP fallback in auto mode, keep trying QUIC in the background.
     let probing =
         cfg.transport == TransportMode::Auto && conn.kind() == relay_transport::TransportKind::Tcp;
-    let probe_every = io.probe_interval;
-    let mut probe_at = tokio::time::Instant::now() + probe_every;
+    // Each failed probe doubles the wait for the next: on a path that
+    // blocks UDP every probe sends a handshake's worth of full-size QUIC
+    // Initials for nothing, which at a fixed minute was ~12 MB a day per
+    // replica on a metered uplink. A new session starts from the base.
+    let mut probe_wait = ProbeBackoff::new(
+        io.probe_interval,
+        cfg.quic_probe_interval
+            .saturating_mul(crate::client::QuicStrikes::MAX_PROBE_FACTOR),
+    );
+    let mut probe_at = tokio::time::Instant::now() + probe_wait.wait();
     // Owned: dropping it (the session ends, the client shuts down) aborts
     // the probe, so a probe can never outlive its session and register a
     // QUIC session that supersedes a newer one (or appears after shutdown).
@@ -423,19 +431,51 @@ pub(crate) async fn run_session(
                 }
             }, if probe.is_some() => {
                 probe = None;
-                probe_at = tokio::time::Instant::now() + probe_every;
                 match r {
                     Ok(Ok(c)) => return SessionEnd::Upgrade(Box::new(c)),
                     Ok(Err(AttemptError::Failed(e))) => debug!(error = %e, "QUIC probe failed; staying on TCP"),
                     Ok(Err(AttemptError::Rejected(r))) => debug!(reason = r.reason.as_str(), "QUIC probe rejected"),
                     Err(e) => debug!(error = %e, "QUIC probe task failed"),
                 }
+                probe_wait.failed();
+                probe_at = tokio::time::Instant::now() + probe_wait.wait();
+                debug!(after = ?probe_wait.wait(), "next QUIC probe");
                 continue;
             }
         };
         if let Err(end) = send_control(conn, &mut send, &reply, cfg).await {
             return end;
         }
+    }
+}
+
+/// How long the QUIC probe from the TCP fallback waits: the session's base
+/// interval (`timeouts.quic_probe`, longer after QUIC strikes), doubled
+/// after each failed probe, at most `cap`. Per session: a new session (a
+/// successful probe's among them) starts from the base again.
+#[derive(Debug)]
+pub(crate) struct ProbeBackoff {
+    wait: Duration,
+    cap: Duration,
+}
+
+impl ProbeBackoff {
+    /// Starts at `base`, never beyond `cap` (nor below `base`).
+    pub(crate) fn new(base: Duration, cap: Duration) -> Self {
+        ProbeBackoff {
+            wait: base,
+            cap: cap.max(base),
+        }
+    }
+
+    /// How long until the next probe.
+    pub(crate) fn wait(&self) -> Duration {
+        self.wait
+    }
+
+    /// A probe failed: the next one waits twice as long, up to the cap.
+    pub(crate) fn failed(&mut self) {
+        self.wait = self.wait.saturating_mul(2).min(self.cap);
     }
 }
 
@@ -507,4 +547,32 @@ fn publish_routes(state: &watch::Sender<EdgeState>, routes: Vec<Cidr>) {
             *routes_complete = true;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Failed probes double the wait up to the cap (32 × the configured
+    /// interval): on a path without UDP, ~45 probes a day instead of 1,440.
+    /// A base already raised by QUIC strikes shares the same cap.
+    #[test]
+    fn failed_probes_back_off_to_the_cap() {
+        let s = Duration::from_secs;
+        let mut p = ProbeBackoff::new(s(60), s(60 * 32));
+        let mut waits = vec![p.wait()];
+        for _ in 0..7 {
+            p.failed();
+            waits.push(p.wait());
+        }
+        let want = [60, 120, 240, 480, 960, 1920, 1920, 1920].map(s);
+        assert_eq!(waits, want);
+
+        let mut p = ProbeBackoff::new(s(60 * 16), s(60 * 32));
+        p.failed();
+        p.failed();
+        assert_eq!(p.wait(), s(60 * 32));
+        // A cap below the base never shortens it.
+        assert_eq!(ProbeBackoff::new(s(60), s(30)).wait(), s(60));
+    }
 }
