@@ -119,8 +119,9 @@ pub struct EdgeStats {
     /// the edge learns: what the relay sends still arrives. The TCP
     /// fallback cannot tell a close from a loss and never counts here.
     pub closed_by_relay: AtomicU64,
-    /// QUIC sessions in a row that the edge's liveness check gave up soon
-    /// after they came up, as counted by the reconnect loop (one per relay
+    /// QUIC sessions in a row lost to a dead path soon after they came up
+    /// (the edge's liveness check gave them up, or the relay closed them
+    /// for hearing nothing from the edge), as counted by the reconnect loop (one per relay
     /// replica) whose QUIC session ended last; at 2 and above, that loop
     /// dials TCP first and probes QUIC less often.
     pub quic_strikes: AtomicU64,
@@ -458,8 +459,19 @@ impl Drop for QuicLive<'_> {
 /// The current session's connection, for streams the edge opens.
 pub(crate) type ConnWatch = watch::Receiver<Option<(TunnelConn, Arc<FlowTable>)>>;
 
-/// The count of QUIC sessions in a row lost to a dead path soon after
-/// they came up. A middlebox that lets each new UDP flow through and
+/// Whether a QUIC session was lost to a dead path: the edge's own liveness
+/// check gave it up (`own_check`), or the relay closed it for hearing
+/// nothing from us ([`close_code::SILENT`]). The second is a path dead
+/// only upstream (a policer dropping our UDP after the handshake): the
+/// relay's packets still arrive, so our own check sees nothing wrong, and
+/// counted as an ordinary close it would have the edge reconnect on QUIC
+/// and lose the session again a dead-path bound later, for ever.
+pub(crate) fn path_died(own_check: bool, peer_close: Option<u32>) -> bool {
+    own_check || peer_close == Some(close_code::SILENT)
+}
+
+/// The count of QUIC sessions in a row lost to a dead path (see
+/// [`path_died`]) soon after they came up. A middlebox that lets each new UDP flow through and
 /// drops it after a while (a DPI box classifying QUIC, a UDP volume cap)
 /// would otherwise have an `auto` edge flap for ever: every new attempt's
 /// handshake succeeds, the session dies a dead-path bound later, and
@@ -687,7 +699,7 @@ pub(crate) async fn run(
                     backoff.reset();
                 }
                 if quic_worked {
-                    let died = io.path_dead;
+                    let died = path_died(io.path_dead, conn.peer_close_code());
                     QuicStrikes(&strikes).session_ended(up.elapsed(), died);
                     stats.quic_strikes.store(strikes.load(Relaxed), Relaxed);
                     // A path that went dead is not a relay restarting (a
@@ -779,6 +791,32 @@ pub(crate) async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A relay's close for silence (`SILENT`: a path dead only upstream)
+    /// is a strike like the edge's own dead-path verdict: two such quick
+    /// losses and the edge dials TCP first. Other closes by the relay (and
+    /// an older relay's `PROTOCOL` for the same silence) are not.
+    #[test]
+    fn a_relay_silence_close_is_a_dead_path_strike() {
+        assert!(path_died(false, Some(close_code::SILENT)));
+        assert!(path_died(true, None));
+        for other in [
+            None,
+            Some(close_code::NORMAL),
+            Some(close_code::PROTOCOL),
+            Some(close_code::GOING_AWAY),
+            Some(close_code::KICKED),
+        ] {
+            assert!(!path_died(false, other), "{other:?}");
+        }
+        let n = AtomicU64::new(0);
+        let s = QuicStrikes(&n);
+        let quick = Duration::from_secs(16);
+        for _ in 0..2 {
+            s.session_ended(quick, path_died(false, Some(close_code::SILENT)));
+        }
+        assert_eq!(s.mode(TransportMode::Auto), TransportMode::Tcp);
+    }
 
     #[test]
     fn quic_strikes_prefer_tcp_after_two_quick_losses_and_clear_after_a_long_session() {

@@ -75,6 +75,15 @@ pub mod close_code {
     pub const PROTOCOL: u32 = 4;
     /// The relay is draining; reconnect (to another replica if possible).
     pub const GOING_AWAY: u32 = 5;
+    /// The relay heard no packets from the edge for its silence limit (its
+    /// idle timeout, or two of the edge's keep-alive intervals): the path
+    /// from the edge is dead, even if what the relay sends still arrives
+    /// (a policer dropping the edge's UDP after the handshake, which the
+    /// edge's own liveness check cannot see). A new edge counts it as a
+    /// dead path (a QUIC strike); an older one treats this unknown code as
+    /// any other close by the relay, as it treated [`PROTOCOL`], which
+    /// relays used for this before.
+    pub const SILENT: u32 = 6;
     /// Stream reset because the other side of the splice failed.
     pub const STREAM_RESET: u32 = 16;
 }

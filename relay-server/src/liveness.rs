@@ -20,7 +20,8 @@
 //! is what notices a path dead only upstream within the edge's 3 ×
 //! keep-alive bound (the edge still hears the relay and sees nothing wrong;
 //! the relay's CONNECTION_CLOSE, travelling the direction that works, tells
-//! it): two intervals, plus at most two sweeps.
+//! it, with [`close_code::SILENT`] so the edge counts a dead path): two
+//! intervals, plus at most two sweeps.
 //!
 //! The same sweep ends a session whose edge is expected to talk on its
 //! control stream every keep-alive (the TCP fallback, where yamux has no
@@ -167,20 +168,8 @@ fn sweep_one(shared: &Shared, s: &SessionHandle, idle: Duration) {
             s.touch();
         }
         let told = s.heard.edge_keepalive();
-        let expected = expected_silence(idle, told);
-        // The round trip is read only for a session already quiet that long.
-        if quiet > expected && quiet > silence_limit(expected, s.conn.rtt()) {
-            let secs = quiet.as_secs_f64();
-            // Say which limit it was: operators compare it with their
-            // configs (the edge logs it too, from the close).
-            let why = match told {
-                Some(k) if expected < idle => format!(
-                    "path dead: nothing heard from the edge for {secs:.1}s \
-                     ({DEAD_AFTER_KEEPALIVES} of its {k:?} keep-alives)"
-                ),
-                _ => format!("idle timeout: nothing heard from the edge for {secs:.1}s"),
-            };
-            return close(shared, s, why);
+        if let Some((code, why)) = packet_silence(quiet, idle, told, || s.conn.rtt()) {
+            return close(shared, s, code, why);
         }
     }
     if !lean {
@@ -190,15 +179,46 @@ fn sweep_one(shared: &Shared, s: &SessionHandle, idle: Duration) {
                 "idle timeout: no control message from the edge for {:.1}s",
                 quiet.as_secs_f64()
             );
-            close(shared, s, why);
+            // Packets may still come (the edge's session task wedged, not
+            // its path): not `SILENT`, which would count as a dead path.
+            close(shared, s, close_code::PROTOCOL, why);
         }
     }
 }
 
-fn close(shared: &Shared, s: &SessionHandle, why: String) {
+/// Whether a QUIC session that has sent no packet for `quiet` is silent
+/// past its limit (see [`expected_silence`], [`silence_limit`]; `rtt` is
+/// read only for a session already quiet that long): the close code and
+/// the reason to close it with, else `None`. The code is
+/// [`close_code::SILENT`], so the edge, which may still hear us on a path
+/// dead only upstream, counts the session as lost to a dead path.
+fn packet_silence(
+    quiet: Duration,
+    idle: Duration,
+    told: Option<Duration>,
+    rtt: impl FnOnce() -> Duration,
+) -> Option<(u32, String)> {
+    let expected = expected_silence(idle, told);
+    if quiet <= expected || quiet <= silence_limit(expected, rtt()) {
+        return None;
+    }
+    let secs = quiet.as_secs_f64();
+    // Say which limit it was: operators compare it with their configs
+    // (the edge logs it too, from the close).
+    let why = match told {
+        Some(k) if expected < idle => format!(
+            "path dead: nothing heard from the edge for {secs:.1}s \
+             ({DEAD_AFTER_KEEPALIVES} of its {k:?} keep-alives)"
+        ),
+        _ => format!("idle timeout: nothing heard from the edge for {secs:.1}s"),
+    };
+    Some((close_code::SILENT, why))
+}
+
+fn close(shared: &Shared, s: &SessionHandle, code: u32, why: String) {
     shared.metrics.sessions_silent.fetch_add(1, Relaxed);
     info!(node = %s.node, reason = %why, "closing a silent session");
-    s.kick(close_code::PROTOCOL, &why);
+    s.kick(code, &why);
 }
 
 /// What a keep-alive tick does about a `QUIC_LIVENESS` edge's control
@@ -282,6 +302,28 @@ mod tests {
         assert_eq!(h.edge_keepalive(), Some(s(8)));
         h.tell_keepalive(0);
         assert_eq!(h.edge_keepalive(), None, "0 is no interval");
+    }
+
+    /// A session without packets past its limit is closed with `SILENT`
+    /// (the edge counts a dead path), with the reason naming the limit;
+    /// the round trip is read only once the session is that quiet.
+    #[test]
+    fn packet_silence_closes_with_the_silent_code() {
+        let s = Duration::from_secs;
+        let idle = s(24);
+        let unread = || -> Duration { panic!("round trip read for a session not quiet") };
+        assert_eq!(packet_silence(s(16), idle, Some(s(8)), unread), None);
+        let (code, why) = packet_silence(s(17), idle, Some(s(8)), || s(0)).unwrap();
+        assert_eq!(code, close_code::SILENT);
+        assert!(
+            why.starts_with("path dead: nothing heard from the edge for 17.0s"),
+            "{why}"
+        );
+        let (code, why) = packet_silence(s(25), idle, None, || s(0)).unwrap();
+        assert_eq!(code, close_code::SILENT);
+        assert!(why.starts_with("idle timeout"), "{why}");
+        // A long path's twelve round trips still count.
+        assert_eq!(packet_silence(s(25), idle, None, || s(3)), None);
     }
 
     #[test]
