@@ -58,6 +58,7 @@ pub use leases::{
 pub use names::{name_entry, service_names};
 pub use nodes::{
     node_claims, ClaimIssue, DirectoryOptions, NodeClaims, NodeDirectory, COMMUNITY_LABEL_PREFIX,
+    SELF_SET_COMMUNITY_PREFIX,
 };
 pub use pods::{pod_facts, PodFacts, PodReader};
 pub use services::{

@@ -45,9 +45,11 @@ pub struct NodeClaims {
     /// kube-apiserver dials a kubelet by when its
     /// `--kubelet-preferred-address-types` puts them first.
     pub dns_names: Vec<String>,
-    /// Edge-to-edge communities from labels `community.edge-relay.io/<name>`
-    /// (any value; FabEdge-style groups an operator sets with `kubectl
-    /// label node edge-1 community.edge-relay.io/shops=`).
+    /// Edge-to-edge communities from labels
+    /// `node-restriction.kubernetes.io/edge-relay-community-<name>` (any
+    /// value; FabEdge-style groups an operator sets with `kubectl label
+    /// node edge-1 node-restriction.kubernetes.io/edge-relay-community-shops=`).
+    /// See [`COMMUNITY_LABEL_PREFIX`] for why that prefix.
     pub communities: std::collections::BTreeSet<String>,
     /// An edge node: labelled [`EDGE_ROLE_LABEL`] (what the edge
     /// DaemonSet selects) or as one by another edge tool
@@ -65,8 +67,18 @@ pub struct NodeClaims {
     pub cloud_label: bool,
 }
 
-/// Prefix of the Node labels that put a node in a community.
-pub const COMMUNITY_LABEL_PREFIX: &str = "community.edge-relay.io/";
+/// Prefix of the Node labels that put a node in a community (the rest of
+/// the key names it). Membership lets an edge reach other edges, so a
+/// node must not be able to grant it to itself: a node's kubelet may
+/// update its own Node, labels included, except (with the NodeRestriction
+/// admission plugin, on in kubeadm, k3s and the managed services) labels
+/// under `node-restriction.kubernetes.io/`, the prefix Kubernetes keeps
+/// for exactly this.
+pub const COMMUNITY_LABEL_PREFIX: &str = "node-restriction.kubernetes.io/edge-relay-community-";
+
+/// The community label prefix of earlier builds, which a node's own
+/// kubelet may set: ignored, and reported ([`ClaimIssue::SelfSetCommunity`]).
+pub const SELF_SET_COMMUNITY_PREFIX: &str = "community.edge-relay.io/";
 
 /// The Node label that marks an edge node (any value): the edge
 /// DaemonSet's node selector.
@@ -104,6 +116,15 @@ pub enum ClaimIssue {
         value: String,
         /// Why it does not parse.
         error: CidrError,
+    },
+    /// A community label its node's kubelet may set
+    /// ([`SELF_SET_COMMUNITY_PREFIX`]): not a membership.
+    #[error("node {node}: label {label} ignored: the node's own kubelet may set it; put the node in a community with {COMMUNITY_LABEL_PREFIX}<name>, which NodeRestriction keeps from kubelets")]
+    SelfSetCommunity {
+        /// Node name.
+        node: String,
+        /// The label's key.
+        label: String,
     },
     /// An `InternalIP`/`ExternalIP` address that is not an IP address.
     #[error("node {node}: {kind} address {value:?} skipped: not an IP address")]
@@ -147,6 +168,12 @@ pub fn node_claims(node: &Node) -> (NodeClaims, Vec<ClaimIssue>) {
             if !name.is_empty() {
                 claims.communities.insert(name.to_string());
             }
+        }
+        if key.starts_with(SELF_SET_COMMUNITY_PREFIX) {
+            issues.push(ClaimIssue::SelfSetCommunity {
+                node: name.clone(),
+                label: key.clone(),
+            });
         }
         let pair = (key.as_str(), value.as_str());
         claims.edge |= key == EDGE_ROLE_LABEL || OTHER_EDGE_LABELS.contains(&pair);
@@ -498,6 +525,30 @@ mod tests {
             node_claims(&connected_once).0.edge,
             "our condition, even False"
         );
+    }
+
+    /// Only labels a kubelet cannot set on its own Node make a community
+    /// member; the old, self-settable prefix is reported and ignored.
+    #[test]
+    fn communities_come_only_from_labels_kubelets_cannot_set() {
+        let mut n = node("edge-3", &["10.244.3.0/24"], &[]);
+        n.metadata.labels = Some(
+            [
+                (format!("{COMMUNITY_LABEL_PREFIX}shops"), String::new()),
+                (format!("{SELF_SET_COMMUNITY_PREFIX}depots"), String::new()),
+            ]
+            .into(),
+        );
+        let (c, issues) = node_claims(&n);
+        assert_eq!(c.communities, ["shops".to_string()].into());
+        assert_eq!(
+            issues,
+            [ClaimIssue::SelfSetCommunity {
+                node: "edge-3".into(),
+                label: format!("{SELF_SET_COMMUNITY_PREFIX}depots"),
+            }]
+        );
+        assert!(issues[0].to_string().contains(COMMUNITY_LABEL_PREFIX));
     }
 
     #[test]

@@ -68,6 +68,15 @@ pub fn metric_sample(body: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// `kubernetes.edge_address_ranges` for a one-host lab whose Nodes'
+/// addresses are loopback addresses (`127.0.0.x`): a relay takes an edge
+/// Node's loopback address only when a loopback range is listed, which no
+/// real cluster does (its kubelet writes the Node's addresses, and a
+/// loopback one would capture the relay node's own traffic).
+pub fn loopback_node_ranges() -> Vec<relay_protocol::Cidr> {
+    vec![relay_protocol::Cidr::new([127, 0, 0, 0].into(), 8).expect("a valid prefix")]
+}
+
 /// Installs a tracing subscriber once (honours `RUST_LOG`, default warn)
 /// and the process-wide rustls provider.
 pub fn init() {

@@ -79,6 +79,7 @@ async fn lab_with(
     let (ca_cert, ca_key) = pki.ca_pem_pair();
     let mut cfg = RelayConfig::loopback(pki.relay_material()?);
     cfg.kubernetes = Some(KubeSettings {
+        edge_address_ranges: relay_lab::loopback_node_ranges(),
         kubeconfig: Some(standin.kubeconfig_path().to_path_buf()),
         ..KubeSettings::default()
     });

@@ -74,6 +74,7 @@ fn relay_config(
     cfg.quic.keepalive = Duration::from_millis(500);
     cfg.quic.idle_timeout = Duration::from_secs(5);
     cfg.kubernetes = Some(KubeSettings {
+        edge_address_ranges: relay_lab::loopback_node_ranges(),
         kubeconfig: Some(standin.kubeconfig_path().to_path_buf()),
         api_timeout: Duration::from_secs(3),
         cache_file: cache_dir.map(|d| d.join("nodes.json")),
@@ -173,8 +174,8 @@ fn rejected(e: &EdgeClient) -> Option<RejectReason> {
 
 /// Stand-in, not a real apiserver (see the module doc). Communities from
 /// Node labels: two edges see each other's routes only while both carry
-/// the same `community.edge-relay.io/<name>` label; the change reaches the
-/// edges without a reconnect.
+/// the same `node-restriction.kubernetes.io/edge-relay-community-<name>`
+/// label; the change reaches the edges without a reconnect.
 #[tokio::test]
 async fn node_labels_put_edges_in_communities() -> Result<()> {
     let lab = KubeLab::start(2, &[]).await?;
@@ -339,6 +340,45 @@ async fn unknown_nodes_and_claims_outside_the_node_are_refused_typed() -> Result
     Ok(())
 }
 
+/// An edge's kubelet writes its Node's addresses: those that cannot be
+/// its own (the metadata address, a public one, another node's pod
+/// address) are not routed to it, so its sessions serve only its pod CIDR
+/// and its own address, and a CONNECT to the metadata address is refused
+/// rather than sent to the edge. Stand-in, not a real apiserver (see the
+/// module doc).
+#[tokio::test]
+async fn addresses_an_edge_cannot_have_are_not_routed_to_it() -> Result<()> {
+    let lab = KubeLab::start(2, &[]).await?;
+    let mut n = node(0);
+    let other_pod = pod_cidr(1).replace(".0/24", ".9");
+    if let Some(st) = n.status.as_mut() {
+        for ip in ["169.254.169.254", "8.8.8.8", other_pod.as_str()] {
+            st.addresses.get_or_insert_with(Vec::new).push(
+                relay_kube_standin::k8s_openapi::api::core::v1::NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: ip.into(),
+                },
+            );
+        }
+    }
+    lab.standin.upsert_node(n);
+    let e0 = lab.edge("edge-0")?;
+    e0.wait_connected(BOUND).await.context("edge-0 connects")?;
+    let mut got = lab.routes_of("edge-0").await?.context("session")?;
+    got.sort();
+    let mut want: Vec<Cidr> = vec![pod_cidr(0).parse()?, Cidr::host(node_ip(0))];
+    want.sort();
+    assert_eq!(got, want, "only the pod CIDR and the edge's own address");
+    let (code, line) = connect_answer(lab.connect(), "169.254.169.254:80").await?;
+    ensure!(
+        code != 200 && !line.contains("edge-0"),
+        "CONNECT to the metadata address: {code} {line}"
+    );
+    e0.shutdown().await;
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
 /// Stand-in, not a real apiserver (see the module doc).
 #[tokio::test]
 async fn routes_follow_the_node_and_a_deleted_node_loses_its_session() -> Result<()> {
@@ -429,6 +469,7 @@ async fn readyz_waits_for_the_first_list() -> Result<()> {
     let pki = DevPki::generate(&["localhost"], &["edge-0"])?;
     let mut cfg = RelayConfig::loopback(pki.relay_material()?);
     cfg.kubernetes = Some(KubeSettings {
+        edge_address_ranges: relay_lab::loopback_node_ranges(),
         kubeconfig: Some(standin.kubeconfig_path().to_path_buf()),
         ..KubeSettings::default()
     });
@@ -472,6 +513,7 @@ async fn connect_waits_for_the_first_list() -> Result<()> {
         let mut cfg = RelayConfig::loopback(pki.relay_material()?);
         cfg.limits.dial_timeout = dial;
         cfg.kubernetes = Some(KubeSettings {
+            edge_address_ranges: relay_lab::loopback_node_ranges(),
             kubeconfig: Some(standin.kubeconfig_path().to_path_buf()),
             ..KubeSettings::default()
         });
@@ -539,6 +581,7 @@ async fn kubelet_connects_do_not_wait_for_services() -> Result<()> {
     let mut cfg = RelayConfig::loopback(pki.relay_material()?);
     cfg.limits.dial_timeout = Duration::from_secs(1);
     cfg.kubernetes = Some(KubeSettings {
+        edge_address_ranges: relay_lab::loopback_node_ranges(),
         kubeconfig: Some(standin.kubeconfig_path().to_path_buf()),
         ..KubeSettings::default()
     });

@@ -192,6 +192,7 @@ async fn lifecycle(rules: Vec<PolicyRule>, bound: Duration) -> Result<Outcome> {
     cfg.quic.keepalive = Duration::from_millis(500);
     cfg.quic.idle_timeout = Duration::from_secs(5);
     cfg.kubernetes = Some(KubeSettings {
+        edge_address_ranges: relay_lab::loopback_node_ranges(),
         kubeconfig: Some(standin.kubeconfig_path().to_path_buf()),
         api_timeout: Duration::from_secs(3),
         ..KubeSettings::default()

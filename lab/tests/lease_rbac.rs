@@ -57,6 +57,7 @@ async fn replica(standin: &StandIn, pki: &DevPki, id: &str) -> Result<Relay> {
     cfg.tcp_fallback = false;
     cfg.limits.drain_grace = Duration::from_millis(100);
     cfg.kubernetes = Some(KubeSettings {
+        edge_address_ranges: relay_lab::loopback_node_ranges(),
         kubeconfig: Some(standin.kubeconfig_path().to_path_buf()),
         api_timeout: Duration::from_secs(2),
         node_status: false,

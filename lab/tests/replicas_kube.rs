@@ -49,6 +49,7 @@ async fn start_replica_with(
     cfg.quic.idle_timeout = Duration::from_secs(5);
     cfg.limits.drain_grace = Duration::from_millis(200);
     cfg.kubernetes = Some(KubeSettings {
+        edge_address_ranges: relay_lab::loopback_node_ranges(),
         kubeconfig: Some(standin.kubeconfig_path().to_path_buf()),
         api_timeout,
         ..KubeSettings::default()

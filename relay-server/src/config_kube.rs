@@ -43,6 +43,11 @@ pub struct KubeSettings {
     /// apiserver is unreachable captures and resolves Services from them
     /// until the first lists arrive, instead of from nothing.
     pub services_cache_file: Option<PathBuf>,
+    /// The ranges an edge Node's IPv4 (or, when it lists IPv6 ranges,
+    /// IPv6) addresses must fall in to be taken as the edge's
+    /// (`kubernetes.edge_address_ranges`): its kubelet writes them, so
+    /// they are vetted (see `k8s/node_addresses.rs`).
+    pub edge_address_ranges: Vec<Cidr>,
 }
 
 impl Default for KubeSettings {
@@ -57,8 +62,23 @@ impl Default for KubeSettings {
             cluster_domain: "cluster.local".into(),
             cache_file: None,
             services_cache_file: None,
+            edge_address_ranges: default_edge_address_ranges(),
         }
     }
+}
+
+/// RFC 1918's private ranges and RFC 6598's shared range, where edge
+/// sites' LANs live: the default `kubernetes.edge_address_ranges`.
+pub fn default_edge_address_ranges() -> Vec<Cidr> {
+    [
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+    ]
+    .iter()
+    .filter_map(|r| r.parse().ok())
+    .collect()
 }
 
 /// `[bootstrap]` as the relay runs it.
@@ -176,6 +196,9 @@ pub struct KubernetesFile {
     pub cache_file: Option<PathBuf>,
     /// See [`KubeSettings::services_cache_file`] (default none).
     pub services_cache_file: Option<PathBuf>,
+    /// See [`KubeSettings::edge_address_ranges`] (default the private
+    /// and shared IPv4 ranges).
+    pub edge_address_ranges: Option<Vec<Cidr>>,
 }
 
 impl KubernetesFile {
@@ -195,6 +218,10 @@ impl KubernetesFile {
                 .unwrap_or(d.cluster_domain),
             cache_file: self.cache_file.clone(),
             services_cache_file: self.services_cache_file.clone(),
+            edge_address_ranges: self
+                .edge_address_ranges
+                .clone()
+                .unwrap_or(d.edge_address_ranges),
         })
     }
 }

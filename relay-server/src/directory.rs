@@ -104,7 +104,8 @@ pub trait Directory: Send + Sync + 'static {
     /// Who claims `ip` (asked for a target no live session serves).
     fn claim(&self, ip: IpAddr) -> Claim;
     /// Node → the communities its labels put it in (Kubernetes mode:
-    /// `community.edge-relay.io/<name>` labels); none in static mode.
+    /// `node-restriction.kubernetes.io/edge-relay-community-<name>`
+    /// labels); none in static mode.
     fn label_communities(&self) -> HashMap<String, BTreeSet<String>> {
         HashMap::new()
     }

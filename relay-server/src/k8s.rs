@@ -9,6 +9,7 @@
 //! `kubernetes` feature (on by default).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -24,7 +25,7 @@ use relay_protocol::Cidr;
 use relay_protocol::RejectReason;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::bootstrap::{Refusal, TokenAuthority, TokenIdentity};
 use crate::config::{KubeSettings, RelayConfig};
@@ -34,6 +35,7 @@ use crate::directory::{
 use crate::status::StatusSink;
 
 pub(crate) mod cache;
+pub(crate) mod node_addresses;
 mod status_writer;
 use status_writer::KubeStatus;
 pub use status_writer::{CONDITION_WRITERS, EVENT_WRITERS};
@@ -79,6 +81,7 @@ pub async fn start(
     let directory = KubeDirectory::start(
         NodeDirectory::spawn(&client, &DirectoryOptions::default()),
         relay.tunnel_routes.clone(),
+        settings.edge_address_ranges.clone(),
         settings.cache_file.clone(),
         stop.clone(),
     );
@@ -226,6 +229,10 @@ pub struct KubeDirectory {
     nodes: NodeDirectory,
     /// `tunnel_routes`: evidence that a Node is in the cloud ([`is_cloud`]).
     cloud_ranges: Vec<Cidr>,
+    /// `kubernetes.edge_address_ranges` (see [`node_addresses`]).
+    edge_ranges: Vec<Cidr>,
+    /// The Node addresses last refused, so each is logged once.
+    refused: std::sync::Mutex<Vec<node_addresses::Refused>>,
     snapshot: RwLock<Arc<Snapshot>>,
     synced: AtomicBool,
     changes: watch::Sender<u64>,
@@ -290,14 +297,13 @@ fn cloud_prefixes(entries: &HashMap<String, Arc<NodeEntry>>) -> Vec<Cidr> {
     all
 }
 
-/// The relay's view of one Node's claims.
-fn source(c: &NodeClaims, cloud_ranges: &[Cidr]) -> NodeSource {
-    let mut addresses = c.internal_ips.clone();
-    addresses.extend(c.external_ips.iter().copied());
+/// The relay's view of one Node's claims, with the addresses taken as
+/// its own (`InternalIP`s first; see [`node_addresses`]).
+fn source(c: &NodeClaims, addresses: &[IpAddr], cloud_ranges: &[Cidr]) -> NodeSource {
     NodeSource {
         prefixes: c.pod_cidrs.clone(),
-        primary: c.internal_ips.first().or(c.external_ips.first()).copied(),
-        addresses,
+        primary: addresses.first().copied(),
+        addresses: addresses.to_vec(),
         hostnames: c.hostname.iter().chain(&c.dns_names).cloned().collect(),
         cloud: is_cloud(c, cloud_ranges),
     }
@@ -307,6 +313,7 @@ impl KubeDirectory {
     fn start(
         nodes: NodeDirectory,
         cloud_ranges: Vec<Cidr>,
+        edge_ranges: Vec<Cidr>,
         cache_file: Option<std::path::PathBuf>,
         stop: CancellationToken,
     ) -> Arc<Self> {
@@ -315,6 +322,8 @@ impl KubeDirectory {
         let dir = Arc::new(KubeDirectory {
             nodes,
             cloud_ranges,
+            edge_ranges,
+            refused: std::sync::Mutex::new(Vec::new()),
             snapshot: RwLock::new(Arc::new(Snapshot {
                 entries: HashMap::new(),
                 claims: ClaimIndex::default(),
@@ -386,9 +395,16 @@ impl KubeDirectory {
 
     /// Makes `claims` the directory's entries; false when nothing changed.
     fn install(&self, claims: &BTreeMap<String, NodeClaims>) -> bool {
+        let cloud = |c: &NodeClaims| is_cloud(c, &self.cloud_ranges);
+        let (addresses, refused) =
+            node_addresses::vet(claims, cloud, &self.cloud_ranges, &self.edge_ranges);
+        self.report(refused);
         let sources: BTreeMap<String, NodeSource> = claims
             .iter()
-            .map(|(n, c)| (n.clone(), source(c, &self.cloud_ranges)))
+            .map(|(n, c)| {
+                let mine = addresses.get(n).map(Vec::as_slice).unwrap_or_default();
+                (n.clone(), source(c, mine, &self.cloud_ranges))
+            })
             .collect();
         let communities: HashMap<String, BTreeSet<String>> = claims
             .iter()
@@ -430,6 +446,21 @@ impl KubeDirectory {
             .store(true, std::sync::atomic::Ordering::Release);
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
         true
+    }
+
+    /// Logs the Node addresses refused that were not refused before.
+    fn report(&self, mut refused: Vec<node_addresses::Refused>) {
+        refused.sort();
+        let mut last = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        for r in refused.iter().filter(|r| last.binary_search(r).is_err()) {
+            warn!(
+                node = %r.node,
+                address = %r.ip,
+                why = %r.why,
+                "Node address not taken as the node's: not routed to it"
+            );
+        }
+        *last = refused;
     }
 
     fn read(&self) -> Arc<Snapshot> {
@@ -566,7 +597,9 @@ mod tests {
             .map(|(n, c, h)| {
                 let mut c = c.clone();
                 c.hostname = Some(h.to_string());
-                (n.to_string(), source(&c, &ranges))
+                let mut addresses = c.internal_ips.clone();
+                addresses.extend(&c.external_ips);
+                (n.to_string(), source(&c, &addresses, &ranges))
             })
             .collect();
         build_entries(&sources)

@@ -170,7 +170,10 @@ pub fn canonical(target: SocketAddr) -> SocketAddr {
     }
 }
 
-fn forbidden(ip: IpAddr) -> bool {
+/// Whether `ip` is no unicast address a peer can have (unspecified,
+/// loopback, link-local, multicast, broadcast): never a target, never a
+/// node's address.
+pub(crate) fn forbidden(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(a) => {
             a.is_unspecified()
@@ -350,7 +353,7 @@ impl Policy {
                 } else {
                     Err(Denied::new(
                         DenyReason::NoCommunity,
-                        format!("nodes {me} and {owner} share no community ([communities] in relay.toml, or community.edge-relay.io/<name> Node labels)"),
+                        format!("nodes {me} and {owner} share no community ([communities] in relay.toml, or node-restriction.kubernetes.io/edge-relay-community-<name> Node labels)"),
                     ))
                 }
             }

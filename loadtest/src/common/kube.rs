@@ -149,7 +149,9 @@ impl BenchCluster {
     /// `[nodes]` table: Nodes decide the claims).
     pub(crate) fn relay_section(&self) -> String {
         format!(
-            "[kubernetes]\nenabled = true\nkubeconfig = {:?}\n",
+            // The Nodes' addresses are loopback addresses, taken only when
+            // a loopback range is listed (no real cluster lists one).
+            "[kubernetes]\nenabled = true\nkubeconfig = {:?}\nedge_address_ranges = [\"127.0.0.0/8\"]\n",
             self.standin.kubeconfig_path().display().to_string()
         )
     }

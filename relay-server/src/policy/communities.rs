@@ -8,8 +8,8 @@ use std::collections::{BTreeSet, HashMap};
 /// communities). Two edges may reach each other's routes when some
 /// community lists both; a member `"*"` stands for every node. Groups come
 /// from relay.toml and, in Kubernetes mode, from Node labels
-/// (`community.edge-relay.io/<name>`); a name means the same community in
-/// both.
+/// (`node-restriction.kubernetes.io/edge-relay-community-<name>`); a name
+/// means the same community in both.
 #[derive(Debug, Clone, Default)]
 pub struct Communities {
     /// Node → the communities that list it.

@@ -1,0 +1,238 @@
+//! Which of an edge Node's addresses the relay takes as the edge's.
+//!
+//! A node's kubelet writes its own Node's `status.addresses`, so on an
+//! edge they are the edge's word, and a compromised edge could list any
+//! address. Taken as claims, they become routes: the relay node captures
+//! them (its host processes' traffic too), route agents point other cloud
+//! nodes' traffic at the relay, and CONNECTs to them go to the edge. An
+//! edge listing `127.0.0.1` or `169.254.169.254` would receive the relay
+//! node's loopback or instance-metadata traffic; one listing a cloud pod's
+//! or another edge's pod's address, their traffic; one listing a public
+//! address, the cloud's traffic to it. So an edge's address is taken only
+//! when it could be the edge's own: a unicast address outside the cloud
+//! (`tunnel_routes`, cloud Nodes' pod CIDRs and addresses) and outside
+//! every other Node's pod CIDR, and, for IPv4 (whose node addresses
+//! capture routes), inside `kubernetes.edge_address_ranges` (by default
+//! the private and shared ranges edge LANs use). Cloud Nodes' addresses
+//! are kept as they are (bar non-unicast ones): they are never routed to an
+//! edge. Static mode's `[nodes]` table is the operator's word and is not
+//! vetted.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use relay_kube::NodeClaims;
+use relay_protocol::Cidr;
+
+/// An address of a Node not taken, and why.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Refused {
+    pub(crate) node: String,
+    pub(crate) ip: IpAddr,
+    pub(crate) why: String,
+}
+
+/// Each Node's addresses (`InternalIP`s then `ExternalIP`s, in order) that
+/// are taken, and those refused. `cloud` says whether a Node is in the
+/// cloud; `cloud_ranges` are `tunnel_routes`; `edge_ranges` is
+/// `kubernetes.edge_address_ranges` (it restricts a family only when it
+/// lists a range of that family).
+pub(crate) fn vet(
+    claims: &BTreeMap<String, NodeClaims>,
+    cloud: impl Fn(&NodeClaims) -> bool,
+    cloud_ranges: &[Cidr],
+    edge_ranges: &[Cidr],
+) -> (BTreeMap<String, Vec<IpAddr>>, Vec<Refused>) {
+    let is_cloud: BTreeMap<&str, bool> =
+        claims.iter().map(|(n, c)| (n.as_str(), cloud(c))).collect();
+    let addresses = |c: &NodeClaims| -> Vec<IpAddr> {
+        c.internal_ips
+            .iter()
+            .chain(&c.external_ips)
+            .map(|ip| crate::policy::canonical(std::net::SocketAddr::new(*ip, 0)).ip())
+            .collect()
+    };
+    let cloud_addresses: Vec<IpAddr> = claims
+        .iter()
+        .filter(|(n, _)| is_cloud[n.as_str()])
+        .flat_map(|(_, c)| addresses(c))
+        .collect();
+    let mut kept = BTreeMap::new();
+    let mut refused = Vec::new();
+    for (name, c) in claims {
+        let mut mine = Vec::new();
+        for ip in addresses(c) {
+            let why = if crate::policy::forbidden(ip) && !listed_as_local(ip, edge_ranges) {
+                Some("not a unicast address a node can have".to_string())
+            } else if is_cloud[name.as_str()] {
+                None
+            } else {
+                edge_refusal(
+                    name,
+                    ip,
+                    claims,
+                    &is_cloud,
+                    &cloud_addresses,
+                    cloud_ranges,
+                    edge_ranges,
+                )
+            };
+            match why {
+                Some(why) => refused.push(Refused {
+                    node: name.clone(),
+                    ip,
+                    why,
+                }),
+                None if !mine.contains(&ip) => mine.push(ip),
+                None => {}
+            }
+        }
+        kept.insert(name.clone(), mine);
+    }
+    (kept, refused)
+}
+
+/// Whether `ip`, loopback or link-local, is inside a range of
+/// `edge_ranges` that is itself loopback or link-local: listed on purpose
+/// (a one-host lab whose nodes are loopback addresses), not by a wide
+/// range such as `0.0.0.0/0`.
+fn listed_as_local(ip: IpAddr, edge_ranges: &[Cidr]) -> bool {
+    let local = |a: IpAddr| match a {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.is_unicast_link_local(),
+    };
+    local(ip)
+        && edge_ranges
+            .iter()
+            .any(|r| local(r.addr()) && r.contains(&ip))
+}
+
+/// Why edge `name` may not have address `ip`, if it may not.
+fn edge_refusal(
+    name: &str,
+    ip: IpAddr,
+    claims: &BTreeMap<String, NodeClaims>,
+    is_cloud: &BTreeMap<&str, bool>,
+    cloud_addresses: &[IpAddr],
+    cloud_ranges: &[Cidr],
+    edge_ranges: &[Cidr],
+) -> Option<String> {
+    if let Some(r) = cloud_ranges.iter().find(|r| r.contains(&ip)) {
+        return Some(format!("inside tunnel_routes ({r}), the cloud's"));
+    }
+    if cloud_addresses.contains(&ip) {
+        return Some("a cloud node's address".to_string());
+    }
+    for (other, c) in claims.iter().filter(|(o, _)| o.as_str() != name) {
+        if let Some(p) = c.pod_cidrs.iter().find(|p| p.contains(&ip)) {
+            let whose = if is_cloud[other.as_str()] {
+                "cloud"
+            } else {
+                "edge"
+            };
+            return Some(format!("inside {whose} node {other}'s pod CIDR {p}"));
+        }
+    }
+    let family: Vec<&Cidr> = edge_ranges
+        .iter()
+        .filter(|r| r.addr().is_ipv4() == ip.is_ipv4())
+        .collect();
+    if !family.is_empty() && !family.iter().any(|r| r.contains(&ip)) {
+        return Some("outside kubernetes.edge_address_ranges".to_string());
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(pods: &[&str], internal: &[&str], external: &[&str], edge: bool) -> NodeClaims {
+        NodeClaims {
+            pod_cidrs: pods.iter().map(|p| p.parse().unwrap()).collect(),
+            internal_ips: internal.iter().map(|a| a.parse().unwrap()).collect(),
+            external_ips: external.iter().map(|a| a.parse().unwrap()).collect(),
+            edge,
+            ..NodeClaims::default()
+        }
+    }
+
+    /// An edge keeps LAN addresses only; the loopback, metadata, cloud,
+    /// other nodes' pod and public addresses it lists are refused, each
+    /// with its reason; a cloud node keeps its own, bar non-unicast ones.
+    #[test]
+    fn an_edge_keeps_only_addresses_that_could_be_its_own() {
+        let mut all = BTreeMap::new();
+        all.insert(
+            "cloud-1".to_string(),
+            claims(
+                &["10.244.0.0/24"],
+                &["10.0.0.5", "127.0.0.1"],
+                &["203.0.113.9"],
+                false,
+            ),
+        );
+        all.insert(
+            "edge-1".to_string(),
+            claims(
+                &["10.244.7.0/24"],
+                &[
+                    "192.168.1.10",
+                    "127.0.0.1",
+                    "169.254.169.254",
+                    "10.96.0.1",
+                    "10.0.0.5",
+                    "10.244.0.9",
+                    "10.244.8.3",
+                    "8.8.8.8",
+                    "::ffff:192.168.1.10",
+                    "fd00::10",
+                ],
+                &["100.64.3.4", "203.0.113.9"],
+                true,
+            ),
+        );
+        all.insert(
+            "edge-2".to_string(),
+            claims(&["10.244.8.0/24"], &[], &[], true),
+        );
+        let cloud_ranges: Vec<Cidr> = vec!["10.96.0.0/12".parse().unwrap()];
+        let edge_ranges = crate::config_kube::default_edge_address_ranges();
+        let (kept, refused) = vet(&all, |c| !c.edge, &cloud_ranges, &edge_ranges);
+        let ips = |v: &[&str]| -> Vec<IpAddr> { v.iter().map(|a| a.parse().unwrap()).collect() };
+        assert_eq!(kept["cloud-1"], ips(&["10.0.0.5", "203.0.113.9"]));
+        assert_eq!(
+            kept["edge-1"],
+            ips(&["192.168.1.10", "fd00::10", "100.64.3.4"]),
+            "the mapped form is the same address"
+        );
+        let why = |node: &str, ip: &str| {
+            refused
+                .iter()
+                .find(|r| r.node == node && r.ip == ip.parse::<IpAddr>().unwrap())
+                .map(|r| r.why.clone())
+                .unwrap_or_default()
+        };
+        assert!(why("cloud-1", "127.0.0.1").contains("unicast"));
+        assert!(why("edge-1", "127.0.0.1").contains("unicast"));
+        assert!(why("edge-1", "169.254.169.254").contains("unicast"));
+        assert!(why("edge-1", "10.96.0.1").contains("tunnel_routes"));
+        assert!(why("edge-1", "10.0.0.5").contains("cloud node's address"));
+        assert!(why("edge-1", "10.244.0.9").contains("cloud node cloud-1's pod CIDR"));
+        assert!(why("edge-1", "10.244.8.3").contains("edge node edge-2's pod CIDR"));
+        assert!(why("edge-1", "8.8.8.8").contains("edge_address_ranges"));
+        assert!(why("edge-1", "203.0.113.9").contains("cloud node's address"));
+        assert_eq!(refused.len(), 9, "{refused:?}");
+        // Ranges of one family restrict that family only.
+        let v6_only: Vec<Cidr> = vec!["fd00::/8".parse().unwrap()];
+        let (kept, _) = vet(&all, |c| !c.edge, &cloud_ranges, &v6_only);
+        assert!(kept["edge-1"].contains(&"8.8.8.8".parse().unwrap()));
+        // Loopback only when a loopback range is listed, not by 0.0.0.0/0.
+        let loopback = "127.0.0.1".parse::<IpAddr>().unwrap();
+        for (ranges, taken) in [("0.0.0.0/0", false), ("127.0.0.0/8", true)] {
+            let listed: Vec<Cidr> = vec![ranges.parse().unwrap()];
+            let (kept, _) = vet(&all, |c| !c.edge, &cloud_ranges, &listed);
+            assert_eq!(kept["edge-1"].contains(&loopback), taken, "{ranges}");
+        }
+    }
+}
