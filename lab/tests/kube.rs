@@ -379,6 +379,56 @@ async fn addresses_an_edge_cannot_have_are_not_routed_to_it() -> Result<()> {
     Ok(())
 }
 
+/// A name that is both a node's (its Hostname `edge-0.shop`) and a
+/// Service's (`edge-0` in namespace `shop`) goes to the node: the
+/// apiserver's kubelet traffic must not go to whoever may create Services
+/// in that namespace. Stand-in, not a real apiserver (see the module doc).
+#[tokio::test]
+async fn a_node_name_wins_over_a_service_of_the_same_name() -> Result<()> {
+    let lab = KubeLab::start(2, &[]).await?;
+    let mut n = node(0);
+    if let Some(a) = n.status.as_mut().and_then(|st| st.addresses.as_mut()) {
+        for a in a.iter_mut().filter(|a| a.type_ == "Hostname") {
+            a.address = "edge-0.shop".into();
+        }
+    }
+    lab.standin.upsert_node(n);
+    let (kubelet, _k) = spawn_http(SocketAddr::new(node_ip(0), 0), "edge-0 kubelet").await?;
+    let impostor_ip: IpAddr = pod_cidr(1).replace(".0/24", ".7").parse()?;
+    let (impostor, _i) = spawn_http(SocketAddr::new(impostor_ip, 0), "impostor").await?;
+    let service = LabService {
+        endpoints: vec![(impostor, "edge-1")],
+        ..LabService::on_lab_ports(
+            "shop",
+            "edge-0",
+            SocketAddr::new("10.96.0.31".parse()?, kubelet.port()),
+            Proto::Tcp,
+            &[],
+        )
+    };
+    let (svc, slice) = service.objects();
+    lab.standin.upsert_service(svc);
+    lab.standin.upsert_endpointslice(slice);
+    let (e0, e1) = (lab.edge("edge-0")?, lab.edge("edge-1")?);
+    e0.wait_connected(BOUND).await.context("edge-0 connects")?;
+    e1.wait_connected(BOUND).await.context("edge-1 connects")?;
+    let by_service = format!("edge-0.shop.svc:{}", kubelet.port());
+    let answer = eventually("the Service listed", async || {
+        Ok(fetch(lab.connect(), &by_service).await.ok())
+    })
+    .await?;
+    assert_eq!(
+        answer, "impostor",
+        "the Service's own name still reaches it"
+    );
+    let by_node = format!("edge-0.shop:{}", kubelet.port());
+    assert_eq!(fetch(lab.connect(), &by_node).await?, "edge-0 kubelet");
+    e0.shutdown().await;
+    e1.shutdown().await;
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
 /// Stand-in, not a real apiserver (see the module doc).
 #[tokio::test]
 async fn routes_follow_the_node_and_a_deleted_node_loses_its_session() -> Result<()> {

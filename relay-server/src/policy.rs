@@ -172,8 +172,20 @@ pub fn canonical(target: SocketAddr) -> SocketAddr {
 
 /// Whether `ip` is no unicast address a peer can have (unspecified,
 /// loopback, link-local, multicast, broadcast): never a target, never a
-/// node's address.
+/// node's address. IPv6 forms that carry an IPv4 address in their last 32
+/// bits (IPv4-compatible `::a.b.c.d`, NAT64's well-known `64:ff9b::/96`)
+/// are judged by that address: a NAT64 gateway next to the relay would
+/// take `64:ff9b::a9fe:a9fe` to the metadata address.
 pub(crate) fn forbidden(ip: IpAddr) -> bool {
+    if let IpAddr::V6(v6) = ip {
+        let s = v6.segments();
+        let compatible = s[..6] == [0; 6] && !v6.is_unspecified() && !v6.is_loopback();
+        let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+        if compatible || nat64 {
+            let [.., a, b, c, d] = v6.octets();
+            return forbidden(IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d)));
+        }
+    }
     match ip {
         IpAddr::V4(a) => {
             a.is_unspecified()
@@ -369,9 +381,16 @@ impl Policy {
                 _ => self.dial_refused(target).map_or(Ok(Verdict::ToCloud), Err),
             },
             // The relay would dial this itself: never its own host's
-            // special addresses or listeners, only the cloud ranges.
+            // special addresses or listeners, only the cloud ranges, and
+            // never an address an edge claims (an edge offline, or one of
+            // a LAN several sites share): in the cloud network it means
+            // another host, or none.
             (Origin::Edge(_), None) => match self.dial_refused(target) {
                 Some(d) => Err(d),
+                None if matches!(claim, Claim::Edge(_)) => Err(Denied::new(
+                    DenyReason::NoRoute,
+                    format!("{ip} belongs to an edge node with no live session routing it"),
+                )),
                 None if self.cloud.iter().any(|c| c.contains(&ip)) => Ok(Verdict::ToCloud),
                 None => Err(Denied::new(
                     DenyReason::OutsideCloudRanges,

@@ -241,11 +241,12 @@ pub(crate) fn decide(
     proto: Proto,
     owner: Option<Arc<SessionHandle>>,
 ) -> Result<Route, StreamReply> {
-    // Who claims the target matters only to a CONNECT no session serves
-    // (see `Policy::authorize`): asked only then. A Service endpoint's
-    // claim comes from its EndpointSlice ([`route_backend`]).
+    // Who claims the target matters only to a CONNECT or an edge's stream
+    // no session serves (see `Policy::authorize`): asked only then. A
+    // Service endpoint's claim comes from its EndpointSlice
+    // ([`route_backend`]).
     let claim = match (origin, &owner) {
-        (Origin::Connect, None) => shared.directory.claim(target.ip()),
+        (Origin::Connect | Origin::Edge(_), None) => shared.directory.claim(target.ip()),
         _ => Claim::Nobody,
     };
     judge(shared, origin, target, proto, owner, &claim)

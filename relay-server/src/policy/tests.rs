@@ -248,6 +248,39 @@ fn a_wildcard_listener_covers_every_local_address_only() {
     assert!(!p.is_relay_itself("10.96.0.10:15001".parse().unwrap()));
 }
 
+/// An edge's stream to an address another edge claims, with no session
+/// serving it (that edge offline), is not dialled by the relay in the
+/// cloud network, even inside the cloud ranges.
+#[test]
+fn an_edge_never_reaches_an_offline_edges_address_through_the_cloud() {
+    let p = policy();
+    let t = canonical("10.244.0.9:80".parse().unwrap());
+    let ask = |claim: &Claim| {
+        p.authorize(Origin::Edge("edge-1"), t, Proto::Tcp, None, claim)
+            .map_err(|d| d.reason)
+    };
+    assert_eq!(ask(&Claim::Nobody), Ok(Verdict::ToCloud));
+    assert_eq!(ask(&Claim::Edge("edge-2".into())), Err(DenyReason::NoRoute));
+}
+
+/// IPv6 forms carrying an IPv4 address are judged by it.
+#[test]
+fn ipv6_forms_of_forbidden_ipv4_addresses_are_forbidden() {
+    for (ip, bad) in [
+        ("64:ff9b::a9fe:a9fe", true),
+        ("64:ff9b::7f00:1", true),
+        ("::169.254.169.254", true),
+        ("::127.0.0.1", true),
+        ("::1", true),
+        ("::", true),
+        ("64:ff9b::a00:5", false),
+        ("::10.0.0.5", false),
+        ("fd00::1", false),
+    ] {
+        assert_eq!(super::forbidden(ip.parse().unwrap()), bad, "{ip}");
+    }
+}
+
 #[test]
 fn denials_map_to_stream_statuses() {
     let d = Denied::new(DenyReason::NoRoute, "x".into());
