@@ -73,7 +73,11 @@ impl Dialer<'_> {
             .as_ref()
             .filter(|_| matches!(self.mode, TransportMode::Auto | TransportMode::Tcp));
         match self.addresses(looked_up, proxy.is_some()) {
-            Ok(addrs) => self.dial_any(&addrs, tls).await,
+            Ok(addrs) => {
+                let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
+                let addrs = crate::nat64::reachable(addrs, mark).await;
+                self.dial_any(&addrs, tls).await
+            }
             // Behind a proxy the site's resolver may know no outside
             // names: the proxy resolves the relay's.
             Err(e) => match proxy {

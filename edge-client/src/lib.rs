@@ -36,6 +36,7 @@ mod dial;
 pub mod dns;
 mod identity;
 pub mod liveness;
+mod nat64;
 pub mod serve;
 pub mod services;
 mod session;
