@@ -199,10 +199,31 @@ impl Batch {
             .working
             .get_or_insert_with(|| services.current().as_ref().clone());
         if msg.apply_service_delta(table) == Some(true) {
-            if let Some(t) = self.working.take() {
+            if let Some(mut t) = self.working.take() {
+                drop_special_endpoints(&mut t);
                 services.publish(t);
             }
         }
+    }
+}
+
+/// Drops local endpoints no pod can have (loopback, link-local,
+/// unspecified, multicast). The edge dials local endpoints from its host
+/// with its own mark, so one at `127.0.0.1` would hand pods, and LAN hosts
+/// reaching a node port, the node's own loopback services; kube-apiserver
+/// refuses such addresses in Endpoints but not in an EndpointSlice written
+/// by hand, and kube-proxy could not reach them (no route_localnet).
+fn drop_special_endpoints(t: &mut ServiceTable) {
+    let special = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(a) => {
+            a.is_unspecified() || a.is_loopback() || a.is_link_local() || a.is_multicast()
+        }
+        std::net::IpAddr::V6(a) => {
+            a.is_unspecified() || a.is_loopback() || a.is_unicast_link_local() || a.is_multicast()
+        }
+    };
+    for p in t.values_mut() {
+        p.local.retain(|e| !special(e.ip()));
     }
 }
 
@@ -303,6 +324,38 @@ mod tests {
     /// to one of this host's addresses on one goes to a local endpoint or
     /// to the relay as `0.0.0.0:nodePort`; the same port on an address
     /// that is not this host's is not a node port.
+    #[test]
+    /// Loopback and link-local local endpoints (an EndpointSlice written
+    /// by hand) are dropped: never dialled from the edge's host.
+    #[test]
+    fn special_local_endpoints_are_never_dialled() {
+        let services = EdgeServices::default();
+        let mut batch = Batch::default();
+        let p = port(
+            "10.96.0.40:80",
+            false,
+            false,
+            &["127.0.0.1:2379", "169.254.169.254:80"],
+        );
+        let q = port(
+            "10.96.0.41:80",
+            false,
+            false,
+            &["127.0.0.1:10248", "10.244.7.5:80"],
+        );
+        let (pk, qk) = (p.key, q.key);
+        for f in Control::service_deltas(true, vec![p, q], vec![]) {
+            batch.apply(&f, &services);
+        }
+        assert_eq!(services.resolve(pk.vip, false), Resolved::Relay(pk.vip));
+        for _ in 0..4 {
+            assert_eq!(
+                services.resolve(qk.vip, false),
+                Resolved::Local("10.244.7.5:80".parse().unwrap())
+            );
+        }
+    }
+
     #[test]
     fn node_ports_resolve_on_local_addresses_only() {
         let s = EdgeServices::default();
