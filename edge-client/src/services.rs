@@ -320,11 +320,6 @@ mod tests {
         );
     }
 
-    /// Node ports: captured when some endpoint is elsewhere; a connection
-    /// to one of this host's addresses on one goes to a local endpoint or
-    /// to the relay as `0.0.0.0:nodePort`; the same port on an address
-    /// that is not this host's is not a node port.
-    #[test]
     /// Loopback and link-local local endpoints (an EndpointSlice written
     /// by hand) are dropped: never dialled from the edge's host.
     #[test]
@@ -356,6 +351,10 @@ mod tests {
         }
     }
 
+    /// Node ports: captured when some endpoint is elsewhere; a connection
+    /// to one of this host's addresses on one goes to a local endpoint or
+    /// to the relay as `0.0.0.0:nodePort`; the same port on an address
+    /// that is not this host's is not a node port.
     #[test]
     fn node_ports_resolve_on_local_addresses_only() {
         let s = EdgeServices::default();
