@@ -220,8 +220,17 @@ impl Dialer<'_> {
         let direct = matches!(to, TcpDial::Direct(_));
         match self.mode {
             TransportMode::Quic => {
-                let (ep, c) = quic_transport(cfg, addr, mark, tls)
+                // Bounded here, not only by the caller's limit: an attempt
+                // the caller drops never reaches the address turn, and an
+                // unanswered handshake lasts until quinn's idle timeout.
+                let wait = cfg.handshake_timeout;
+                let (ep, c) = tokio::time::timeout(wait, quic_transport(cfg, addr, mark, tls))
                     .await
+                    .unwrap_or_else(|_| {
+                        Err(QuicAttemptError::Unanswered(format!(
+                            "no QUIC handshake with {addr} within {wait:?}"
+                        )))
+                    })
                     .map_err(QuicAttemptError::into_failed)?;
                 Ok((Some(ep), c))
             }

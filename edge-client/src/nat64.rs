@@ -15,6 +15,8 @@
 //! network-specific prefixes carriers use.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
 
@@ -23,6 +25,17 @@ const DISCOVERY_NAME: &str = "ipv4only.arpa";
 
 /// The IPv4 addresses `ipv4only.arpa` has (RFC 7050, section 2.2).
 const WELL_KNOWN_V4: [Ipv4Addr; 2] = [Ipv4Addr::new(192, 0, 0, 170), Ipv4Addr::new(192, 0, 0, 171)];
+
+/// How long a discovery's answer (a prefix, or a definite none) is
+/// trusted: a carrier's prefix rarely changes, an uplink (cellular to a
+/// site's Wi-Fi) now and then.
+const TTL: Duration = Duration::from_secs(300);
+
+/// Bound on the discovery lookup: it runs inside a dial attempt.
+const LOOKUP_BOUND: Duration = Duration::from_secs(2);
+
+/// The last answer and when it came.
+static KNOWN: Mutex<Option<(Instant, Option<[u8; 12]>)>> = Mutex::new(None);
 
 /// `addrs`, each IPv4 address this host has no route to replaced by its
 /// NAT64 form when the network has a NAT64 prefix; unchanged otherwise.
@@ -75,15 +88,28 @@ fn has_route(addr: SocketAddr, mark: u32) -> bool {
     sock.connect(addr).is_ok()
 }
 
-/// The network's NAT64 prefix, from the AAAA records of `ipv4only.arpa`.
+/// The network's NAT64 prefix, from the AAAA records of `ipv4only.arpa`:
+/// remembered for [`TTL`] once the resolver answered; a lookup that fails
+/// or takes longer than [`LOOKUP_BOUND`] counts as none, and is tried
+/// again next time.
 async fn discover() -> Option<[u8; 12]> {
-    let answers = tokio::net::lookup_host((DISCOVERY_NAME, 0)).await.ok()?;
-    answers
+    let known = *KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((at, prefix)) = known.filter(|(at, _)| at.elapsed() < TTL) {
+        debug!(age = ?at.elapsed(), "NAT64 prefix from the last discovery");
+        return prefix;
+    }
+    let lookup = tokio::net::lookup_host((DISCOVERY_NAME, 0));
+    let Ok(Ok(answers)) = tokio::time::timeout(LOOKUP_BOUND, lookup).await else {
+        return None;
+    };
+    let prefix = answers
         .filter_map(|a| match a.ip() {
             IpAddr::V6(v6) => prefix_of(v6),
             IpAddr::V4(_) => None,
         })
-        .next()
+        .next();
+    *KNOWN.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), prefix));
+    prefix
 }
 
 /// The /96 prefix of a synthesised `ipv4only.arpa` address.

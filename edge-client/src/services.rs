@@ -70,7 +70,10 @@ impl EdgeServices {
         self.table.subscribe()
     }
 
-    fn publish(&self, t: ServiceTable) {
+    /// Makes `t` the table, without the local endpoints no pod can have
+    /// (whether it came from the relay or from the saved file).
+    fn publish(&self, mut t: ServiceTable) {
+        drop_special_endpoints(&mut t);
         self.table.send_replace(Arc::new(t));
     }
 
@@ -199,8 +202,7 @@ impl Batch {
             .working
             .get_or_insert_with(|| services.current().as_ref().clone());
         if msg.apply_service_delta(table) == Some(true) {
-            if let Some(mut t) = self.working.take() {
-                drop_special_endpoints(&mut t);
+            if let Some(t) = self.working.take() {
                 services.publish(t);
             }
         }
@@ -223,7 +225,7 @@ fn drop_special_endpoints(t: &mut ServiceTable) {
         }
     };
     for p in t.values_mut() {
-        p.local.retain(|e| !special(e.ip()));
+        p.local.retain(|e| !special(e.ip().to_canonical()));
     }
 }
 
@@ -330,7 +332,7 @@ mod tests {
             "10.96.0.40:80",
             false,
             false,
-            &["127.0.0.1:2379", "169.254.169.254:80"],
+            &["127.0.0.1:2379", "[::ffff:169.254.169.254]:80"],
         );
         let q = port(
             "10.96.0.41:80",
@@ -339,6 +341,9 @@ mod tests {
             &["127.0.0.1:10248", "10.244.7.5:80"],
         );
         let (pk, qk) = (p.key, q.key);
+        // The same from a table saved by an earlier build.
+        let saved = EdgeServices::with_table([(pk, p.clone())].into());
+        assert_eq!(saved.resolve(pk.vip, false), Resolved::Relay(pk.vip));
         for f in Control::service_deltas(true, vec![p, q], vec![]) {
             batch.apply(&f, &services);
         }

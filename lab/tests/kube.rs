@@ -382,7 +382,9 @@ async fn addresses_an_edge_cannot_have_are_not_routed_to_it() -> Result<()> {
 /// A name that is both a node's (its Hostname `edge-0.shop`) and a
 /// Service's (`edge-0` in namespace `shop`) goes to the node: the
 /// apiserver's kubelet traffic must not go to whoever may create Services
-/// in that namespace. Stand-in, not a real apiserver (see the module doc).
+/// in that namespace. A name of a Service's `.svc` form goes to the
+/// Service even when an edge's kubelet lists it among its Node's names.
+/// Stand-in, not a real apiserver (see the module doc).
 #[tokio::test]
 async fn a_node_name_wins_over_a_service_of_the_same_name() -> Result<()> {
     let lab = KubeLab::start(2, &[]).await?;
@@ -391,6 +393,13 @@ async fn a_node_name_wins_over_a_service_of_the_same_name() -> Result<()> {
         for a in a.iter_mut().filter(|a| a.type_ == "Hostname") {
             a.address = "edge-0.shop".into();
         }
+        // And the edge's kubelet claims the Service's own name.
+        a.push(
+            relay_kube_standin::k8s_openapi::api::core::v1::NodeAddress {
+                type_: "InternalDNS".into(),
+                address: "edge-0.shop.svc".into(),
+            },
+        );
     }
     lab.standin.upsert_node(n);
     let (kubelet, _k) = spawn_http(SocketAddr::new(node_ip(0), 0), "edge-0 kubelet").await?;

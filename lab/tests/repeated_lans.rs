@@ -152,10 +152,19 @@ fn run(claims: Claims, report: &str) -> Result<()> {
                     .iter()
                     .find(|r| r.node == node)
                     .with_context(|| format!("no session for {node}"))?;
+                // Static: shared, so ambiguous. In Kubernetes mode the
+                // address is inside a tunnel route (the cloud's
+                // 192.168.0.0/16), so the address vetting refuses it first.
+                let reported = if cluster.is_some() {
+                    &row.refused
+                } else {
+                    &row.ambiguous
+                };
                 anyhow::ensure!(
-                    row.ambiguous == vec![shared_host],
-                    "{node}: ambiguous {:?}, expected [{shared_host}]",
-                    row.ambiguous
+                    *reported == vec![shared_host],
+                    "{node}: ambiguous {:?}, refused {:?}, expected [{shared_host}]",
+                    row.ambiguous,
+                    row.refused
                 );
                 anyhow::ensure!(
                     row.routes == vec![netns::edge_pod_cidr(site)],

@@ -53,6 +53,11 @@ pub struct SessionRow {
     /// Host addresses this node shares with another node (repeated site
     /// LANs): not routed by address for either; reach the node by name.
     pub ambiguous: Vec<Cidr>,
+    /// Host addresses its Node lists that are not its own to serve
+    /// (loopback or link-local, the cloud's, another node's, outside
+    /// `kubernetes.edge_address_ranges`): not routed to it.
+    #[serde(default)]
+    pub refused: Vec<Cidr>,
     /// Served prefixes the relay node does not capture (IPv6: capture is
     /// IPv4 only); reachable through CONNECT.
     pub not_captured: Vec<Cidr>,
@@ -109,6 +114,7 @@ impl SessionRow {
             routes,
             primary_addr: s.primary_addr().map(|a| a.to_string()),
             ambiguous: crate::directory::ambiguous_of(shared.directory.as_ref(), &s.node),
+            refused: crate::directory::refused_of(shared.directory.as_ref(), &s.node),
             agent: s.agent.clone(),
             fallbacks: s.fallbacks,
             open_streams: s.open_streams.load(Relaxed),

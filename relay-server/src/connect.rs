@@ -351,14 +351,19 @@ fn may_be_a_service(shared: &Shared, auth: &Authority) -> bool {
 /// Finds where a CONNECT authority goes, asking the policy (the same seam
 /// every ingress uses): an address (a ClusterIP resolved to one of its
 /// endpoints), a node name (or its Hostname or DNS address), or a Service
-/// name (`svc.ns`, `svc.ns.svc`, `svc.ns.svc.<cluster domain>`). A node's
-/// name wins over a Service's: kube-apiserver's kubelet traffic names
-/// nodes (`edge-1.shop` may be a node's Hostname), and whoever may create
-/// a Service `edge-1` in namespace `shop` must not receive it.
+/// name (`svc.ns`, `svc.ns.svc`, `svc.ns.svc.<cluster domain>`). A name of
+/// the `.svc` forms is a Service's: kube-apiserver dials webhooks and
+/// aggregated APIs by them, and node names (which an edge's kubelet
+/// writes) must not take them. Any other name is a node's first:
+/// kube-apiserver's kubelet traffic names nodes (`edge-1.shop` may be a
+/// node's Hostname), and whoever may create a Service `edge-1` in
+/// namespace `shop` must not receive it.
 fn resolve(shared: &Shared, auth: &Authority) -> Result<Routed, StreamReply> {
     let (routed, target) = match auth {
         Authority::Ip(sa) => route_any(shared, Origin::Connect, *sa, Proto::Tcp, None, None)?,
-        Authority::Name(name, port) if !may_be_a_service(shared, auth) => {
+        Authority::Name(name, port)
+            if !crate::services::is_service_name(name) && !may_be_a_service(shared, auth) =>
+        {
             by_node(shared, name, *port)?
         }
         Authority::Name(name, port) => match shared.services.by_name(name, *port) {

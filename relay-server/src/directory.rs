@@ -35,6 +35,11 @@ pub struct NodeEntry {
     /// Host prefixes in `allowed` that another node claims too: never
     /// routed by address, for either node.
     pub ambiguous: Vec<Cidr>,
+    /// Host prefixes of the node's addresses that are not its own to serve
+    /// (Kubernetes: refused by the address vetting, see
+    /// `k8s/node_addresses.rs`): an edge advertising one is not refused
+    /// for it, it is left out, as an ambiguous one is.
+    pub refused: Vec<Cidr>,
     /// The address `CONNECT <node>:<port>` dials: the first InternalIP,
     /// else the first ExternalIP (Kubernetes); none in static mode (the
     /// edge names its own).
@@ -101,6 +106,11 @@ pub trait Directory: Send + Sync + 'static {
     fn cached_since(&self) -> Option<std::time::SystemTime> {
         None
     }
+    /// Edge Node addresses not taken as the edges' (Kubernetes mode; see
+    /// `k8s/node_addresses.rs`).
+    fn refused_addresses(&self) -> usize {
+        0
+    }
     /// Who claims `ip` (asked for a target no live session serves).
     fn claim(&self, ip: IpAddr) -> Claim;
     /// Node → the communities its labels put it in (Kubernetes mode:
@@ -123,6 +133,15 @@ pub trait Directory: Send + Sync + 'static {
 pub fn ambiguous_of(dir: &dyn Directory, node: &str) -> Vec<Cidr> {
     match dir.lookup(node) {
         Lookup::Known(e) => e.ambiguous.clone(),
+        _ => Vec::new(),
+    }
+}
+
+/// The host prefixes of `node`'s addresses that are not routed to it (see
+/// [`NodeEntry::refused`]); none for an unknown node.
+pub fn refused_of(dir: &dyn Directory, node: &str) -> Vec<Cidr> {
+    match dir.lookup(node) {
+        Lookup::Known(e) => e.refused.clone(),
         _ => Vec::new(),
     }
 }
@@ -152,8 +171,10 @@ pub async fn changed_until<T>(mut rx: watch::Receiver<T>, done: impl Fn() -> boo
 pub struct NodeSource {
     /// Prefixes other than host addresses (pod CIDRs; static ranges).
     pub prefixes: Vec<Cidr>,
-    /// Host addresses (InternalIP, ExternalIP).
+    /// Host addresses (InternalIP, ExternalIP) the node may serve.
     pub addresses: Vec<IpAddr>,
+    /// Its other addresses, which it may not (see [`NodeEntry::refused`]).
+    pub refused: Vec<IpAddr>,
     /// Preferred address for CONNECT by name.
     pub primary: Option<IpAddr>,
     /// The `Hostname`, `InternalDNS` and `ExternalDNS` addresses.
@@ -199,6 +220,7 @@ pub fn build_entries(nodes: &BTreeMap<String, NodeSource>) -> HashMap<String, Ar
             let entry = NodeEntry {
                 allowed,
                 ambiguous,
+                refused: s.refused.iter().map(|a| Cidr::host(*a)).collect(),
                 primary: s.primary,
                 hostnames: s.hostnames.clone(),
                 cloud: s.cloud,
@@ -369,8 +391,8 @@ mod tests {
             prefixes: vec![c(pod)],
             addresses: vec![addr.parse().unwrap()],
             primary: Some(addr.parse().unwrap()),
-            hostnames: Vec::new(),
             cloud,
+            ..NodeSource::default()
         }
     }
 

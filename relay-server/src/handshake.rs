@@ -91,14 +91,24 @@ pub struct Claim {
 /// its edge advertised. An edge that advertises nothing and lets the relay
 /// decide ([`capability::SERVED_ROUTES`]) serves everything its entry
 /// allows; otherwise every advertised prefix must be allowed. Ambiguous
-/// host prefixes (shared with another node) are never served by address.
+/// host prefixes (shared with another node) are never served by address,
+/// and neither are a cloud node's host prefixes: a cloud Node's addresses
+/// are not vetted as an edge's are (its kubelet writes them; see
+/// `k8s/node_addresses.rs`), so a node that holds a session while it looks
+/// like a cloud node (an edge that dropped its edge labels, or one before
+/// its first connection) serves its pod CIDRs only.
 pub fn decide_claim(
     entry: &NodeEntry,
     advertised: &[Cidr],
     primary: Option<IpAddr>,
     relay_decides: bool,
 ) -> Result<Claim, (RejectReason, String)> {
-    for r in advertised {
+    // Left out rather than refused: an edge may well advertise its own
+    // address, and the session still serves the rest.
+    let left_out = |c: &Cidr| {
+        entry.ambiguous.contains(c) || entry.refused.contains(c) || (entry.cloud && c.is_host())
+    };
+    for r in advertised.iter().filter(|r| !left_out(r)) {
         if !entry.allowed.iter().any(|a| a.contains_cidr(r)) {
             return Err((
                 RejectReason::RouteNotAllowed,
@@ -117,12 +127,9 @@ pub fn decide_claim(
     let served = if advertised.is_empty() && relay_decides {
         entry.routable()
     } else {
-        advertised
-            .iter()
-            .filter(|c| !entry.ambiguous.contains(c))
-            .copied()
-            .collect()
+        advertised.to_vec()
     };
+    let served = served.into_iter().filter(|c| !left_out(c)).collect();
     Ok(Claim {
         served,
         primary: primary.or(entry.primary),
@@ -380,6 +387,7 @@ mod tests {
                 c("192.168.9.9/32"),
             ],
             ambiguous: vec![c("192.168.1.10/32")],
+            refused: Vec::new(),
             primary: Some("192.168.1.10".parse().unwrap()),
             hostnames: Vec::new(),
             cloud: false,
@@ -416,5 +424,34 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(r, RejectReason::Malformed);
+    }
+
+    /// A node that looks like a cloud node serves its pod CIDRs through a
+    /// session, never its (unvetted) addresses.
+    #[test]
+    fn a_cloud_nodes_session_serves_no_address() {
+        let cloud = NodeEntry {
+            cloud: true,
+            ..entry()
+        };
+        let got = decide_claim(&cloud, &[], None, true).unwrap();
+        assert_eq!(got.served, [c("10.244.7.0/24")]);
+        let adv = [c("10.244.7.0/24"), c("192.168.9.9/32")];
+        let got = decide_claim(&cloud, &adv, None, true).unwrap();
+        assert_eq!(got.served, [c("10.244.7.0/24")], "left out, not refused");
+    }
+
+    /// An address the vetting refused is left out of what an edge that
+    /// advertises it serves; the session is not refused for it.
+    #[test]
+    fn a_refused_address_an_edge_advertises_is_left_out() {
+        let e = NodeEntry {
+            refused: vec![c("10.96.0.1/32")],
+            ..entry()
+        };
+        let adv = [c("10.244.7.0/24"), c("10.96.0.1/32")];
+        let got = decide_claim(&e, &adv, Some("10.96.0.1".parse().unwrap()), true).unwrap();
+        assert_eq!(got.served, [c("10.244.7.0/24")]);
+        assert!(decide_claim(&e, &[c("10.96.0.2/32")], None, true).is_err());
     }
 }

@@ -267,22 +267,44 @@ fn is_cloud(c: &NodeClaims, cloud_ranges: &[Cidr]) -> bool {
 }
 
 /// Hostname, InternalDNS or ExternalDNS address (lower case) → the Node
-/// carrying it, `None` where several do.
+/// carrying it. A node's kubelet writes these names, so an edge could
+/// copy another node's: where several Nodes carry a name, the one whose
+/// Node name it is keeps it, else the one cloud Node among them, else
+/// none (`None`). An edge's names of a Service's form
+/// ([`crate::services::is_service_name`]) are not taken at all.
 fn hostnames(entries: &HashMap<String, Arc<NodeEntry>>) -> HashMap<String, Option<String>> {
-    let mut by_hostname: HashMap<String, Option<String>> = HashMap::new();
+    let mut carriers: HashMap<String, Vec<(&String, bool)>> = HashMap::new();
     for (n, e) in entries {
         for h in &e.hostnames {
-            by_hostname
-                .entry(h.to_ascii_lowercase())
-                .and_modify(|v| {
-                    if v.as_ref() != Some(n) {
-                        *v = None
-                    }
-                })
-                .or_insert_with(|| Some(n.clone()));
+            let h = h.to_ascii_lowercase();
+            if !e.cloud && crate::services::is_service_name(&h) {
+                continue;
+            }
+            let v = carriers.entry(h).or_default();
+            if !v.iter().any(|(m, _)| *m == n) {
+                v.push((n, e.cloud));
+            }
         }
     }
-    by_hostname
+    carriers
+        .into_iter()
+        .map(|(h, v)| {
+            let owner = match v.as_slice() {
+                [(n, _)] => Some((*n).clone()),
+                _ => v
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(&h))
+                    .or_else(
+                        || match v.iter().filter(|(_, c)| *c).collect::<Vec<_>>()[..] {
+                            [one] => Some(one),
+                            _ => None,
+                        },
+                    )
+                    .map(|(n, _)| (*n).clone()),
+            };
+            (h, owner)
+        })
+        .collect()
 }
 
 /// The cloud Nodes' routable prefixes (pod CIDRs, host prefixes), sorted.
@@ -300,9 +322,27 @@ fn cloud_prefixes(entries: &HashMap<String, Arc<NodeEntry>>) -> Vec<Cidr> {
 /// The relay's view of one Node's claims, with the addresses taken as
 /// its own (`InternalIP`s first; see [`node_addresses`]).
 fn source(c: &NodeClaims, addresses: &[IpAddr], cloud_ranges: &[Cidr]) -> NodeSource {
+    let listed: Vec<IpAddr> = c
+        .internal_ips
+        .iter()
+        .chain(&c.external_ips)
+        .map(|ip| crate::policy::canonical(std::net::SocketAddr::new(*ip, 0)).ip())
+        .collect();
     NodeSource {
         prefixes: c.pod_cidrs.clone(),
-        primary: addresses.first().copied(),
+        // What `CONNECT <node>:<port>` dials: traffic named for the node
+        // goes to the node, so its own first address serves even when it
+        // is not routed to it (inside a cloud range, say); never a
+        // loopback or link-local one.
+        primary: addresses
+            .first()
+            .or_else(|| listed.iter().find(|ip| !crate::policy::forbidden(**ip)))
+            .copied(),
+        refused: listed
+            .iter()
+            .filter(|ip| !addresses.contains(ip))
+            .copied()
+            .collect(),
         addresses: addresses.to_vec(),
         hostnames: c.hostname.iter().chain(&c.dns_names).cloned().collect(),
         cloud: is_cloud(c, cloud_ranges),
@@ -353,6 +393,19 @@ impl KubeDirectory {
                 tx.subscribe(),
                 cache::save::<cache::Nodes>,
                 <cache::Nodes as cache::Cached>::WHAT,
+                stop.clone(),
+            ));
+            let (w1, w2) = (Arc::downgrade(&dir), Arc::downgrade(&dir));
+            tokio::spawn(cache::restamp(
+                move || w1.upgrade().map(|d| d.nodes.watch_errors()),
+                move || {
+                    if let Some(tx) = w2.upgrade().as_ref().and_then(|d| d.to_cache.as_ref()) {
+                        // Only claims from the API (none yet: nothing).
+                        if tx.borrow().is_some() {
+                            tx.send_modify(|_| {});
+                        }
+                    }
+                },
                 stop.clone(),
             ));
         }
@@ -480,6 +533,10 @@ impl Directory for KubeDirectory {
         *self.cached.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn refused_addresses(&self) -> usize {
+        self.refused.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     fn lookup(&self, node: &str) -> Lookup {
         if !self.is_synced() {
             return Lookup::NotSynced;
@@ -502,7 +559,10 @@ impl Directory for KubeDirectory {
     }
 
     fn is_synced(&self) -> bool {
+        // Entries from a cache that has aged past its limit while the
+        // first list never came are no longer trusted (as at start).
         self.synced.load(std::sync::atomic::Ordering::Acquire)
+            && !cache::too_old(self.cached_since())
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {
@@ -605,16 +665,22 @@ mod tests {
         build_entries(&sources)
     }
 
-    /// A Hostname two Nodes carry resolves to neither (an edge's kubelet
-    /// writes its own addresses and could copy a cloud node's); a unique
-    /// one resolves, in any case, and so do InternalDNS and ExternalDNS
-    /// names (kube-apiserver dials kubelets by them when its preferred
-    /// address types put them first), also where one Node carries a name
-    /// twice.
+    /// A Hostname two edges carry resolves to neither, unless it is one's
+    /// Node name; one an edge copies from a cloud node stays the cloud
+    /// node's (an edge's kubelet writes its own addresses); a unique one
+    /// resolves, in any case, and so do InternalDNS and ExternalDNS names
+    /// (kube-apiserver dials kubelets by them when its preferred address
+    /// types put them first), also where one Node carries a name twice; an
+    /// edge's name of a Service's form is not taken.
     #[test]
     fn a_hostname_several_nodes_carry_resolves_to_none() {
         let mut dns = claims(&["10.244.9.0/24"], "192.168.1.12", true, false);
-        dns.dns_names = vec!["ip-192-168-1-12.shop.internal".into(), "Edge-3".into()];
+        dns.dns_names = vec![
+            "ip-192-168-1-12.shop.internal".into(),
+            "Edge-3".into(),
+            "metrics-server.kube-system.svc".into(),
+            "shared.site".into(),
+        ];
         let e = entries(&[
             (
                 "worker-1",
@@ -633,12 +699,23 @@ mod tests {
                 "Shop-2",
             ),
         ]);
+        let mut e = e;
+        let mut two = (*e["edge-2"]).clone();
+        two.hostnames
+            .extend(["shared.site".into(), "edge-3".into()]);
+        e.insert("edge-2".into(), Arc::new(two));
         let h = hostnames(&e);
-        assert_eq!(h.get("ip-10-0-0-2"), Some(&None));
-        assert_eq!(h.get("shop-2"), Some(&Some("edge-2".to_string())));
         let edge3 = Some("edge-3".to_string());
+        assert_eq!(h.get("ip-10-0-0-2"), Some(&Some("worker-1".to_string())));
+        assert_eq!(h.get("shop-2"), Some(&Some("edge-2".to_string())));
+        assert_eq!(
+            h.get("edge-3"),
+            Some(&edge3),
+            "its own name, copied by edge-2"
+        );
+        assert_eq!(h.get("shared.site"), Some(&None));
+        assert_eq!(h.get("metrics-server.kube-system.svc"), None);
         assert_eq!(h.get("ip-192-168-1-12.shop.internal"), Some(&edge3));
-        assert_eq!(h.get("edge-3"), Some(&edge3));
     }
 
     /// Only cloud Nodes' pod CIDRs and addresses become capture sources.

@@ -283,6 +283,20 @@ impl KubeServices {
             <ServiceObjects as cache::Cached>::WHAT,
             stop.clone(),
         ));
+        let tx = Arc::new(tx);
+        let (w1, w2) = (Arc::downgrade(self), Arc::downgrade(&tx));
+        tokio::spawn(cache::restamp(
+            move || w1.upgrade().map(|me| me.dir.watch_errors()),
+            move || {
+                if let Some(tx) = w2.upgrade() {
+                    // Only objects from the API (none yet: nothing).
+                    if tx.borrow().is_some() {
+                        tx.send_modify(|_| {});
+                    }
+                }
+            },
+            stop.clone(),
+        ));
         let weak = Arc::downgrade(self);
         let mut changes = self.dir.subscribe();
         tokio::spawn(async move {
@@ -319,7 +333,10 @@ impl ServiceSource for KubeServices {
         self.dir.with_table(|t| lookup_name(t, host, port))
     }
     fn is_synced(&self) -> bool {
+        // A cached table that has aged past its limit while a first list
+        // never came (one watch failing for good) is no longer trusted.
         self.published.load(std::sync::atomic::Ordering::Acquire)
+            && !cache::too_old(self.cached_since())
     }
     fn last_error(&self) -> Option<String> {
         self.dir.last_error()

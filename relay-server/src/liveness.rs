@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use relay_protocol::{capability, close_code, DEAD_AFTER_KEEPALIVES};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::server::Shared;
 use crate::session::SessionHandle;
@@ -136,12 +136,24 @@ impl Heard {
 /// relay's other long-running tasks do.
 pub(crate) async fn watch(shared: Arc<Shared>, stop: CancellationToken) -> &'static str {
     let idle = shared.cfg.quic.idle_timeout;
-    let mut tick = tokio::time::interval(period(idle));
+    let every = period(idle);
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return "liveness",
             _ = tick.tick() => {}
+        }
+        let gap = last.elapsed();
+        last = tokio::time::Instant::now();
+        if late(gap, every) {
+            // This process stalled (a paused container, a host out of
+            // CPU): so did quinn, and packets edges sent meanwhile may not
+            // be counted yet. Closing now would tell every edge its path
+            // died (a strike each, and two move the fleet to TCP).
+            warn!(late_by = ?gap.saturating_sub(every), "liveness sweep late: this round closes nothing");
+            continue;
         }
         for (i, s) in shared.registry.sessions_unsorted().iter().enumerate() {
             sweep_one(&shared, s, idle);
@@ -152,6 +164,12 @@ pub(crate) async fn watch(shared: Arc<Shared>, stop: CancellationToken) -> &'sta
             }
         }
     }
+}
+
+/// Whether a sweep `gap` after the last one, for sweeps every `every`,
+/// follows a stall of this process.
+fn late(gap: Duration, every: Duration) -> bool {
+    gap > every * 2
 }
 
 fn sweep_one(shared: &Shared, s: &SessionHandle, idle: Duration) {
@@ -260,6 +278,16 @@ pub(crate) fn first_tick(keepalive: Duration) -> tokio::time::Instant {
 mod tests {
     use super::*;
     use relay_protocol::{QUIC_CONTROL_PING as P, QUIC_CONTROL_SILENCE_LIMIT as LIMIT};
+
+    /// A round more than two periods after the last one follows a stall
+    /// of this process, and closes nothing; an ordinary one does.
+    #[test]
+    fn a_sweep_after_a_stall_of_the_relay_is_late() {
+        let every = Duration::from_secs(4);
+        assert!(!late(Duration::from_millis(4_010), every));
+        assert!(!late(Duration::from_secs(8), every));
+        assert!(late(Duration::from_secs(20), every));
+    }
 
     #[test]
     fn silence_is_counted_from_the_sweep_that_last_saw_the_count_move() {

@@ -175,7 +175,9 @@ pub fn canonical(target: SocketAddr) -> SocketAddr {
 /// node's address. IPv6 forms that carry an IPv4 address in their last 32
 /// bits (IPv4-compatible `::a.b.c.d`, NAT64's well-known `64:ff9b::/96`)
 /// are judged by that address: a NAT64 gateway next to the relay would
-/// take `64:ff9b::a9fe:a9fe` to the metadata address.
+/// take `64:ff9b::a9fe:a9fe` to the metadata address. Network-specific
+/// NAT64 prefixes (`64:ff9b:1::/48`, a carrier's own) are not known here
+/// and are judged as IPv6.
 pub(crate) fn forbidden(ip: IpAddr) -> bool {
     if let IpAddr::V6(v6) = ip {
         let s = v6.segments();

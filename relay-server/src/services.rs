@@ -92,6 +92,17 @@ impl ServiceSnapshot {
     }
 }
 
+/// Whether `name` has the form of a Service's cluster DNS name,
+/// `svc.ns.svc` or `svc.ns.svc.<cluster domain>` (the third label `svc`):
+/// what kube-apiserver dials webhooks and aggregated APIs by. Such a name
+/// is a Service's before any node's, and never an edge's (an edge's
+/// kubelet writes its own Node's names).
+pub fn is_service_name(name: &str) -> bool {
+    name.split('.')
+        .nth(2)
+        .is_some_and(|l| l.eq_ignore_ascii_case("svc"))
+}
+
 /// What a Service name resolves to for `CONNECT name:port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NameLookup {

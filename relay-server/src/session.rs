@@ -362,6 +362,7 @@ pub(crate) async fn run_session(
             since: handle.connected_at,
             remote: handle.conn.remote_addr(),
             ambiguous: crate::directory::ambiguous_of(shared.directory.as_ref(), &handle.node),
+            refused: crate::directory::refused_of(shared.directory.as_ref(), &handle.node),
             not_captured: crate::status::not_captured(&routes, shared.cfg.capture.is_some()),
         },
     );

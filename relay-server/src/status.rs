@@ -25,6 +25,9 @@ pub struct SessionInfo {
     pub remote: SocketAddr,
     /// Host addresses the node shares with another node (not routed).
     pub ambiguous: Vec<Cidr>,
+    /// Host addresses its Node lists that are not its own to serve (not
+    /// routed; see `k8s/node_addresses.rs`).
+    pub refused: Vec<Cidr>,
     /// Served prefixes the relay node does not capture (IPv6: capture is
     /// IPv4 only); reachable through CONNECT.
     pub not_captured: Vec<Cidr>,
@@ -57,6 +60,13 @@ impl SessionInfo {
             let list: Vec<String> = self.ambiguous.iter().map(ToString::to_string).collect();
             m.push_str(&format!(
                 "; host addresses shared with another node are not routed by address (reach this node by name): {}",
+                list.join(", ")
+            ));
+        }
+        if !self.refused.is_empty() {
+            let list: Vec<String> = self.refused.iter().map(ToString::to_string).collect();
+            m.push_str(&format!(
+                "; host addresses the Node lists but may not serve (loopback or link-local, the cloud's, another node's, or outside kubernetes.edge_address_ranges) are not routed to it (reach this node by name): {}",
                 list.join(", ")
             ));
         }
@@ -229,6 +239,7 @@ mod tests {
             since: SystemTime::UNIX_EPOCH,
             remote: "203.0.113.7:4433".parse().unwrap(),
             ambiguous: vec![],
+            refused: vec![],
             not_captured: vec![],
         };
         assert_eq!(
@@ -239,5 +250,9 @@ mod tests {
         assert!(i
             .message()
             .ends_with("(reach this node by name): 192.168.1.10/32"));
+        i.refused = vec!["10.96.0.1/32".parse().unwrap()];
+        assert!(i
+            .message()
+            .ends_with("not routed to it (reach this node by name): 10.96.0.1/32"));
     }
 }

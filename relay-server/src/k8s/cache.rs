@@ -25,9 +25,48 @@ use tracing::warn;
 /// on a node after weeks, would otherwise act on a cluster long gone).
 pub(crate) const MAX_AGE: Duration = Duration::from_secs(24 * 3600);
 
+/// Whether what came from a cache written at `since` (none: not from a
+/// cache) is past [`MAX_AGE`]: no longer trusted, also while running.
+pub(crate) fn too_old(since: Option<SystemTime>) -> bool {
+    since.is_some_and(|t| t.elapsed().unwrap_or_default() > MAX_AGE)
+}
+
 /// The Services cache is rewritten at most this often: a large cluster's
 /// objects take megabytes, and endpoints change all the time.
 pub(crate) const SERVICES_EVERY: Duration = Duration::from_secs(10);
+
+/// While the watch feeding a cache works, it is written again this often
+/// even if nothing changed: the file's age then says when the cluster
+/// last confirmed it, not when it last changed (a stable cluster's cache
+/// would otherwise be older than [`MAX_AGE`] at the restart that needs it).
+pub(crate) const RESTAMP_EVERY: Duration = Duration::from_secs(3600);
+
+/// Every [`RESTAMP_EVERY`], calls `poke` (which writes the cache again)
+/// if `errors` (the watch's error count; `None` once its owner is gone,
+/// which ends the loop) has not moved since the last round: a watch that
+/// failed in between (an outage, a stalled connection cut by the read
+/// timeout) may have missed changes, so what it holds is not re-stamped.
+pub(crate) async fn restamp(
+    errors: impl Fn() -> Option<u64>,
+    poke: impl Fn(),
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut last = errors();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(RESTAMP_EVERY) => {}
+        }
+        let now = errors();
+        if now.is_none() {
+            return;
+        }
+        if now == last {
+            poke();
+        }
+        last = now;
+    }
+}
 
 /// What one cache file holds.
 pub(crate) trait Cached: Serialize + DeserializeOwned + Send + Sync + 'static {
@@ -115,6 +154,40 @@ pub(crate) fn load<T: Cached>(path: &Path) -> Option<(T, SystemTime)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cache is written again each hour the watch had no error, and
+    /// not after an hour with one.
+    #[tokio::test(start_paused = true)]
+    async fn a_cache_is_restamped_only_while_its_watch_works() {
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+        use std::sync::Arc;
+        let errors = Arc::new(AtomicU64::new(0));
+        let pokes = Arc::new(AtomicU64::new(0));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(restamp(
+            {
+                let errors = errors.clone();
+                move || Some(errors.load(Relaxed))
+            },
+            {
+                let pokes = pokes.clone();
+                move || {
+                    pokes.fetch_add(1, Relaxed);
+                }
+            },
+            stop.clone(),
+        ));
+        let hour = |n: u32| tokio::time::sleep(RESTAMP_EVERY * n + Duration::from_secs(1));
+        hour(2).await;
+        assert_eq!(pokes.load(Relaxed), 2, "two quiet hours");
+        errors.fetch_add(1, Relaxed);
+        tokio::time::sleep(RESTAMP_EVERY).await;
+        assert_eq!(pokes.load(Relaxed), 2, "an hour with an error");
+        tokio::time::sleep(RESTAMP_EVERY).await;
+        assert_eq!(pokes.load(Relaxed), 3, "quiet again");
+        stop.cancel();
+        task.await.unwrap();
+    }
 
     /// Claims survive the file; a file of another version, a corrupt one,
     /// an empty one and one written in 1970 are not used.

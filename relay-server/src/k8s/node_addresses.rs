@@ -167,7 +167,7 @@ mod tests {
             "cloud-1".to_string(),
             claims(
                 &["10.244.0.0/24"],
-                &["10.0.0.5", "127.0.0.1"],
+                &["10.0.0.5", "127.0.0.53"],
                 &["203.0.113.9"],
                 false,
             ),
@@ -213,7 +213,7 @@ mod tests {
                 .map(|r| r.why.clone())
                 .unwrap_or_default()
         };
-        assert!(why("cloud-1", "127.0.0.1").contains("unicast"));
+        assert!(why("cloud-1", "127.0.0.53").contains("unicast"));
         assert!(why("edge-1", "127.0.0.1").contains("unicast"));
         assert!(why("edge-1", "169.254.169.254").contains("unicast"));
         assert!(why("edge-1", "10.96.0.1").contains("tunnel_routes"));
