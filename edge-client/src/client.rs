@@ -303,6 +303,15 @@ impl EdgeClient {
             .map(crate::capture_state::SavedCapture::table);
         let services =
             Arc::new(saved_table.map_or_else(EdgeServices::default, EdgeServices::with_table));
+        if let Some(d) = &dns {
+            let saved = capture
+                .as_ref()
+                .and_then(|p| p.saved.as_ref())
+                .and_then(|s| s.routes.as_ref())
+                .map(|r| r.served.clone());
+            let t = follow_dns_clients(d.clone(), cfg.clone(), rx.clone(), saved, cancel.clone());
+            tokio::spawn(t.instrument(span.clone()));
+        }
         let capture = capture.map(|parts| {
             let t = crate::capture::run(
                 parts,
@@ -786,6 +795,38 @@ pub(crate) async fn run(
         }
     }
     state.send_replace(EdgeState::Stopped);
+}
+
+/// Keeps the node-local resolver's clients (see
+/// [`crate::dns::Resolver::set_clients`]) at what the edge serves (its
+/// pods) plus `capture.sources`: from the capture state saved last run at
+/// start, then from each session.
+async fn follow_dns_clients(
+    dns: crate::dns::Resolver,
+    cfg: Arc<EdgeConfig>,
+    mut state: watch::Receiver<EdgeState>,
+    saved: Option<Vec<Cidr>>,
+    cancel: CancellationToken,
+) {
+    let with_sources = |served: &[Cidr]| -> Vec<Cidr> {
+        let mut all: Vec<Cidr> = served.to_vec();
+        all.extend(cfg.capture.iter().flat_map(|c| c.sources.iter().flatten()));
+        all.sort();
+        all.dedup();
+        all
+    };
+    if let Some(served) = saved {
+        dns.set_clients(with_sources(&served));
+    }
+    loop {
+        if let EdgeState::Connected { served_routes, .. } = &*state.borrow_and_update() {
+            dns.set_clients(with_sources(served_routes));
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = state.changed() => if r.is_err() { return },
+        }
+    }
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use config::{DnsConfig, DnsFile, DEFAULT_LISTEN};
 pub use server::{DnsStats, MAX_UDP_ANSWER};
@@ -137,6 +137,7 @@ impl Resolver {
             forward_timeout: cfg.forward_timeout,
             forwards: Arc::new(Semaphore::new(cfg.max_forwards)),
             stats: Arc::new(DnsStats::default()),
+            clients: std::sync::RwLock::new(None),
         });
         let tasks = TaskTracker::new();
         let cancel = cancel.child_token();
@@ -171,6 +172,22 @@ impl Resolver {
                 save,
             }),
         })
+    }
+
+    /// Who may ask besides this node itself: the prefixes the edge
+    /// serves (its pods) and `capture.sources`. Until this is called,
+    /// anyone may (see `server::may_ask`).
+    pub fn set_clients(&self, prefixes: Vec<relay_protocol::Cidr>) {
+        let mut c = self
+            .inner
+            .shared
+            .clients
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if c.as_deref() != Some(&prefixes) {
+            debug!(?prefixes, "dns: clients");
+            *c = Some(Arc::new(prefixes));
+        }
     }
 
     /// The bound address (UDP and TCP).

@@ -8,12 +8,13 @@
 //! `max_forwards` in flight (past that, SERVFAIL at once, counted) and
 //! each within `forward_timeout` (then SERVFAIL).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use relay_protocol::Cidr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{watch, Semaphore};
@@ -52,6 +53,9 @@ pub struct DnsStats {
     pub dropped: AtomicU64,
     /// Queries received over TCP.
     pub tcp_queries: AtomicU64,
+    /// Queries (UDP) and connections (TCP) from peers that are neither
+    /// this node nor its pods, dropped unanswered.
+    pub refused_peers: AtomicU64,
 }
 
 /// What the sockets share.
@@ -64,6 +68,32 @@ pub(crate) struct Shared {
     pub(crate) forward_timeout: Duration,
     pub(crate) forwards: Arc<Semaphore>,
     pub(crate) stats: Arc<DnsStats>,
+    /// Who may ask besides this node itself: the prefixes the edge serves
+    /// (its pods) and `capture.sources`; `None` until known, when anyone
+    /// may (see [`may_ask`]).
+    pub(crate) clients: std::sync::RwLock<Option<Arc<Vec<Cidr>>>>,
+}
+
+/// Whether `peer` may ask: this node's own processes (a loopback or local
+/// source) and the edge's clients. The resolver listens on a link-local
+/// address that Linux accepts on any interface, so a device on the site's
+/// LAN could send to it through the node, and read cluster names or have
+/// queries forwarded to the cluster's DNS through the tunnel, past the
+/// source check capture applies. Until the clients are known (no session
+/// yet in this run), everyone may: pods must resolve during an outage.
+pub(crate) fn may_ask(shared: &Shared, peer: IpAddr) -> bool {
+    let peer = peer.to_canonical();
+    let clients = shared
+        .clients
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let Some(clients) = clients else {
+        return true;
+    };
+    peer.is_loopback()
+        || clients.iter().any(|c| c.contains(&peer))
+        || relay_transport::capture::is_local_address(peer)
 }
 
 /// The decision for one query.
@@ -248,6 +278,10 @@ pub(crate) async fn serve_udp(
                 }
             },
         };
+        if !may_ask(&shared, peer.ip()) {
+            shared.stats.refused_peers.fetch_add(1, Relaxed);
+            continue;
+        }
         let bytes = &buf[..n];
         match handle(&shared, bytes, true) {
             Handled::Reply(r) => {
@@ -276,7 +310,7 @@ pub(crate) async fn serve_tcp(
 ) {
     let conns = Arc::new(Semaphore::new(MAX_TCP_CONNS));
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -287,6 +321,10 @@ pub(crate) async fn serve_tcp(
                 }
             },
         };
+        if !may_ask(&shared, peer.ip()) {
+            shared.stats.refused_peers.fetch_add(1, Relaxed);
+            continue; // dropping the stream closes it
+        }
         let Ok(permit) = conns.clone().try_acquire_owned() else {
             continue; // dropping the stream closes it
         };

@@ -311,6 +311,7 @@ fn shared(zone: Option<Zone>) -> Shared {
         forward_timeout: Duration::from_secs(1),
         forwards: Arc::new(Semaphore::new(1)),
         stats: Arc::new(DnsStats::default()),
+        clients: std::sync::RwLock::new(None),
     }
 }
 
@@ -320,6 +321,23 @@ fn reply(h: Handled) -> Message {
         Handled::Forward(_) => panic!("forwarded"),
         Handled::Drop => panic!("dropped"),
     }
+}
+
+/// Once the edge's clients are known, a peer that is neither one of them
+/// nor this node (a device on the site's LAN) may not ask; before, anyone
+/// may.
+#[test]
+fn only_this_node_and_its_clients_may_ask() {
+    use super::server::may_ask;
+    let s = shared(None);
+    let lan: std::net::IpAddr = "192.0.2.50".parse().unwrap();
+    let pod: std::net::IpAddr = "10.244.7.5".parse().unwrap();
+    assert!(may_ask(&s, lan), "clients not known yet");
+    *s.clients.write().unwrap() = Some(Arc::new(vec!["10.244.7.0/24".parse().unwrap()]));
+    assert!(!may_ask(&s, lan));
+    assert!(may_ask(&s, pod));
+    assert!(may_ask(&s, "::ffff:10.244.7.5".parse().unwrap()));
+    assert!(may_ask(&s, "127.0.0.1".parse().unwrap()));
 }
 
 #[test]
