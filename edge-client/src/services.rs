@@ -216,16 +216,9 @@ impl Batch {
 /// refuses such addresses in Endpoints but not in an EndpointSlice written
 /// by hand, and kube-proxy could not reach them (no route_localnet).
 fn drop_special_endpoints(t: &mut ServiceTable) {
-    let special = |ip: std::net::IpAddr| match ip {
-        std::net::IpAddr::V4(a) => {
-            a.is_unspecified() || a.is_loopback() || a.is_link_local() || a.is_multicast()
-        }
-        std::net::IpAddr::V6(a) => {
-            a.is_unspecified() || a.is_loopback() || a.is_unicast_link_local() || a.is_multicast()
-        }
-    };
     for p in t.values_mut() {
-        p.local.retain(|e| !special(e.ip().to_canonical()));
+        p.local
+            .retain(|e| !relay_transport::addr::is_special(e.ip()));
     }
 }
 
@@ -338,7 +331,13 @@ mod tests {
             "10.96.0.41:80",
             false,
             false,
-            &["127.0.0.1:10248", "10.244.7.5:80"],
+            &[
+                "127.0.0.1:10248",
+                "[64:ff9b::7f00:1]:10248",
+                "[::169.254.169.254]:80",
+                "255.255.255.255:80",
+                "10.244.7.5:80",
+            ],
         );
         let (pk, qk) = (p.key, q.key);
         // The same from a table saved by an earlier build.

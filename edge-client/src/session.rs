@@ -370,7 +370,11 @@ pub(crate) async fn run_session(
             _ = sleep_until_some(renew_at), if renew_at.is_some() && renewal.is_none() => {
                 let (cfg, stats, creds) = (cfg.clone(), stats.clone(), creds.clone());
                 let quic_worked = conn.kind() == relay_transport::TransportKind::Quic;
-                let limit = cfg.handshake_timeout * 2;
+                // The renewal (one handshake) and the new session's dial
+                // (itself bounded per address by a handshake timeout, plus
+                // the TCP fallback's) both fit, so an address that does not
+                // answer is passed over before the limit cuts the attempt.
+                let limit = cfg.handshake_timeout * 3 + cfg.quic_fallback_after;
                 renewal = Some(AbortOnDropHandle::new(tokio::spawn(async move {
                     let work = async {
                         let dialer = Dialer { cfg: &cfg, stats: &stats, mode: cfg.transport, quic_worked, probe: false };

@@ -379,14 +379,15 @@ async fn addresses_an_edge_cannot_have_are_not_routed_to_it() -> Result<()> {
     Ok(())
 }
 
-/// A name that is both a node's (its Hostname `edge-0.shop`) and a
-/// Service's (`edge-0` in namespace `shop`) goes to the node: the
+/// A name that is both one a node reports (its Hostname `edge-0.shop`)
+/// and a Service's (`edge-0` in namespace `shop`) goes to neither: the
 /// apiserver's kubelet traffic must not go to whoever may create Services
-/// in that namespace. A name of a Service's `.svc` form goes to the
-/// Service even when an edge's kubelet lists it among its Node's names.
-/// Stand-in, not a real apiserver (see the module doc).
+/// in that namespace, nor a Service's to a node. The node stays reachable
+/// by its Node name, the Service by its `.svc` name, even when an edge's
+/// kubelet lists that among its Node's names. Stand-in, not a real
+/// apiserver (see the module doc).
 #[tokio::test]
-async fn a_node_name_wins_over_a_service_of_the_same_name() -> Result<()> {
+async fn a_name_a_node_reports_and_a_service_has_goes_to_neither() -> Result<()> {
     let lab = KubeLab::start(2, &[]).await?;
     let mut n = node(0);
     if let Some(a) = n.status.as_mut().and_then(|st| st.addresses.as_mut()) {
@@ -430,7 +431,13 @@ async fn a_node_name_wins_over_a_service_of_the_same_name() -> Result<()> {
         answer, "impostor",
         "the Service's own name still reaches it"
     );
-    let by_node = format!("edge-0.shop:{}", kubelet.port());
+    let reported = format!("edge-0.shop:{}", kubelet.port());
+    let (code, line) = connect_answer(lab.connect(), &reported).await?;
+    ensure!(
+        code == 502 && line.contains("both a name node edge-0 reports and a Service's"),
+        "CONNECT {reported}: {code} {line}"
+    );
+    let by_node = format!("edge-0:{}", kubelet.port());
     assert_eq!(fetch(lab.connect(), &by_node).await?, "edge-0 kubelet");
     e0.shutdown().await;
     e1.shutdown().await;

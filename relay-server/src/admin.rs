@@ -304,6 +304,20 @@ async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
     next.run(req).await
 }
 
+/// `; its cache (written … ago) is too old to use` for a source not
+/// loaded that still holds a cache (which it then no longer trusts), or
+/// nothing.
+fn expired(since: Option<std::time::SystemTime>) -> String {
+    since
+        .map(|t| {
+            format!(
+                "; its cache (written {}s ago) is too old to use",
+                t.elapsed().unwrap_or_default().as_secs()
+            )
+        })
+        .unwrap_or_default()
+}
+
 /// `; last watch error: …` (on one line), or nothing.
 fn why(e: Option<String>) -> String {
     e.map(|e| format!("; last watch error: {}", e.replace(['\r', '\n'], " ")))
@@ -316,15 +330,17 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     } else if !shared.directory.is_synced() {
         // A rollout pauses here until the relay knows which nodes exist.
         let msg = format!(
-            "{} node directory not loaded yet{}\n",
+            "{} node directory not loaded yet{}{}\n",
             shared.directory.source(),
+            expired(shared.directory.cached_since()),
             why(shared.directory.last_error())
         );
         (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
     } else if !shared.services.is_synced() {
         // Capture and edges' service tables would start from nothing.
         let msg = format!(
-            "services and endpointslices not loaded yet{}{}\n",
+            "services and endpointslices not loaded yet{}{}{}\n",
+            expired(shared.services.cached_since()),
             why(shared.services.last_error()),
             cached(&shared)
         );

@@ -343,48 +343,65 @@ fn may_be_a_service(shared: &Shared, auth: &Authority) -> bool {
     match auth {
         Authority::Ip(sa) => matches!(dir.claim(canonical(*sa).ip()), crate::policy::Claim::Nobody),
         Authority::Name(name, _) => {
-            dir.resolve_name(name).is_none() && !matches!(dir.lookup(name), Lookup::Known(_))
+            let domain = shared.services.snapshot().cluster_domain.clone();
+            crate::services::is_service_name(name, &domain)
+                || (dir.resolve_name(name).is_none()
+                    && !matches!(dir.lookup(name), Lookup::Known(_)))
         }
     }
 }
 
 /// Finds where a CONNECT authority goes, asking the policy (the same seam
 /// every ingress uses): an address (a ClusterIP resolved to one of its
-/// endpoints), a node name (or its Hostname or DNS address), or a Service
-/// name (`svc.ns`, `svc.ns.svc`, `svc.ns.svc.<cluster domain>`). A name of
-/// the `.svc` forms is a Service's: kube-apiserver dials webhooks and
-/// aggregated APIs by them, and node names (which an edge's kubelet
-/// writes) must not take them. Any other name is a node's first:
-/// kube-apiserver's kubelet traffic names nodes (`edge-1.shop` may be a
-/// node's Hostname), and whoever may create a Service `edge-1` in
-/// namespace `shop` must not receive it.
+/// endpoints), or a name ([`by_name`]).
 fn resolve(shared: &Shared, auth: &Authority) -> Result<Routed, StreamReply> {
     let (routed, target) = match auth {
         Authority::Ip(sa) => route_any(shared, Origin::Connect, *sa, Proto::Tcp, None, None)?,
-        Authority::Name(name, port)
-            if !crate::services::is_service_name(name) && !may_be_a_service(shared, auth) =>
-        {
-            by_node(shared, name, *port)?
-        }
-        Authority::Name(name, port) => match shared.services.by_name(name, *port) {
-            NameLookup::Backends(b) => route_backend(
-                shared,
-                &b,
-                None,
-                None,
-                Proto::Tcp,
-                &format!("{name}:{port}"),
-            )?,
-            NameLookup::Refused(msg) => {
-                return Err(StreamReply::fail(StreamStatus::NoRoute, msg));
-            }
-            NameLookup::NotAService => by_node(shared, name, *port)?,
-        },
+        Authority::Name(name, port) => by_name(shared, name, *port)?,
     };
     Ok(match routed {
         Route::Edge(s) => Routed::Edge(s, target),
         Route::Cloud => Routed::Direct(target),
     })
+}
+
+/// `CONNECT name:port`: a Node's name goes to the node; a Service's name
+/// (`svc.ns`, `svc.ns.svc`, `svc.ns.svc.<cluster domain>`) to the Service;
+/// a name a node reports (its `Hostname`, `InternalDNS` or `ExternalDNS`)
+/// to the node. Node names and the names a node reports are written by
+/// its kubelet, Services by whoever may create them in a namespace, so
+/// where both claim a name, neither gets it: kube-apiserver's kubelet
+/// traffic (by a node's reported name) must not reach a Service named
+/// like it, and its webhook calls (by `.svc` names, never taken from an
+/// edge) must not reach an edge.
+fn by_name(shared: &Shared, name: &str, port: u16) -> Result<(Route, SocketAddr), StreamReply> {
+    use crate::directory::Lookup;
+    let dir = &shared.directory;
+    let domain = shared.services.snapshot().cluster_domain.clone();
+    let service_form = crate::services::is_service_name(name, &domain);
+    if !service_form && matches!(dir.lookup(name), Lookup::Known(_)) {
+        return by_node(shared, name, port);
+    }
+    let reported = dir.resolve_name(name).filter(|_| !service_form);
+    match shared.services.by_name(name, port) {
+        NameLookup::NotAService => by_node(shared, name, port),
+        _ if reported.is_some() => Err(StreamReply::fail(
+            StreamStatus::NoRoute,
+            format!(
+                "{name} is both a name node {} reports and a Service's: reach the node by its Node name or address, the Service by {name}.svc",
+                reported.unwrap_or_default()
+            ),
+        )),
+        NameLookup::Backends(b) => route_backend(
+            shared,
+            &b,
+            None,
+            None,
+            Proto::Tcp,
+            &format!("{name}:{port}"),
+        ),
+        NameLookup::Refused(msg) => Err(StreamReply::fail(StreamStatus::NoRoute, msg)),
+    }
 }
 
 /// `CONNECT <node>:<port>`: by Node name, or by the node's Hostname,

@@ -82,6 +82,7 @@ pub async fn start(
         NodeDirectory::spawn(&client, &DirectoryOptions::default()),
         relay.tunnel_routes.clone(),
         settings.edge_address_ranges.clone(),
+        settings.cluster_domain.clone(),
         settings.cache_file.clone(),
         stop.clone(),
     );
@@ -231,6 +232,8 @@ pub struct KubeDirectory {
     cloud_ranges: Vec<Cidr>,
     /// `kubernetes.edge_address_ranges` (see [`node_addresses`]).
     edge_ranges: Vec<Cidr>,
+    /// The cluster's DNS domain (Service names are never an edge's).
+    cluster_domain: String,
     /// The Node addresses last refused, so each is logged once.
     refused: std::sync::Mutex<Vec<node_addresses::Refused>>,
     snapshot: RwLock<Arc<Snapshot>>,
@@ -269,20 +272,25 @@ fn is_cloud(c: &NodeClaims, cloud_ranges: &[Cidr]) -> bool {
 /// Hostname, InternalDNS or ExternalDNS address (lower case) → the Node
 /// carrying it. A node's kubelet writes these names, so an edge could
 /// copy another node's: where several Nodes carry a name, the one whose
-/// Node name it is keeps it, else the one cloud Node among them, else
-/// none (`None`). An edge's names of a Service's form
-/// ([`crate::services::is_service_name`]) are not taken at all.
-fn hostnames(entries: &HashMap<String, Arc<NodeEntry>>) -> HashMap<String, Option<String>> {
-    let mut carriers: HashMap<String, Vec<(&String, bool)>> = HashMap::new();
+/// Node name it is keeps it, else none (`None`; a cloud node has no better
+/// claim: whether a Node looks like one rests partly on what its kubelet
+/// writes). An edge's names of a Service's form
+/// ([`crate::services::is_service_name`], for cluster domain `domain`) are
+/// not taken at all.
+fn hostnames(
+    entries: &HashMap<String, Arc<NodeEntry>>,
+    domain: &str,
+) -> HashMap<String, Option<String>> {
+    let mut carriers: HashMap<String, Vec<&String>> = HashMap::new();
     for (n, e) in entries {
         for h in &e.hostnames {
             let h = h.to_ascii_lowercase();
-            if !e.cloud && crate::services::is_service_name(&h) {
+            if !e.cloud && crate::services::is_service_name(&h, domain) {
                 continue;
             }
             let v = carriers.entry(h).or_default();
-            if !v.iter().any(|(m, _)| *m == n) {
-                v.push((n, e.cloud));
+            if !v.contains(&n) {
+                v.push(n);
             }
         }
     }
@@ -290,17 +298,11 @@ fn hostnames(entries: &HashMap<String, Arc<NodeEntry>>) -> HashMap<String, Optio
         .into_iter()
         .map(|(h, v)| {
             let owner = match v.as_slice() {
-                [(n, _)] => Some((*n).clone()),
+                [n] => Some((*n).clone()),
                 _ => v
                     .iter()
-                    .find(|(n, _)| n.eq_ignore_ascii_case(&h))
-                    .or_else(
-                        || match v.iter().filter(|(_, c)| *c).collect::<Vec<_>>()[..] {
-                            [one] => Some(one),
-                            _ => None,
-                        },
-                    )
-                    .map(|(n, _)| (*n).clone()),
+                    .find(|n| n.eq_ignore_ascii_case(&h))
+                    .map(|n| (*n).clone()),
             };
             (h, owner)
         })
@@ -354,6 +356,7 @@ impl KubeDirectory {
         nodes: NodeDirectory,
         cloud_ranges: Vec<Cidr>,
         edge_ranges: Vec<Cidr>,
+        cluster_domain: String,
         cache_file: Option<std::path::PathBuf>,
         stop: CancellationToken,
     ) -> Arc<Self> {
@@ -363,6 +366,7 @@ impl KubeDirectory {
             nodes,
             cloud_ranges,
             edge_ranges,
+            cluster_domain,
             refused: std::sync::Mutex::new(Vec::new()),
             snapshot: RwLock::new(Arc::new(Snapshot {
                 entries: HashMap::new(),
@@ -470,7 +474,7 @@ impl KubeDirectory {
         if !first && now.entries == entries && now.communities == communities {
             return false;
         }
-        let by_hostname = hostnames(&entries);
+        let by_hostname = hostnames(&entries, &self.cluster_domain);
         let shared_names = by_hostname.values().filter(|v| v.is_none()).count();
         if shared_names > 0 {
             info!(
@@ -665,9 +669,9 @@ mod tests {
         build_entries(&sources)
     }
 
-    /// A Hostname two edges carry resolves to neither, unless it is one's
-    /// Node name; one an edge copies from a cloud node stays the cloud
-    /// node's (an edge's kubelet writes its own addresses); a unique one
+    /// A Hostname two Nodes carry resolves to neither, unless it is one's
+    /// Node name (an edge's kubelet writes its own addresses, and could
+    /// copy a cloud node's); a unique one
     /// resolves, in any case, and so do InternalDNS and ExternalDNS names
     /// (kube-apiserver dials kubelets by them when its preferred address
     /// types put them first), also where one Node carries a name twice; an
@@ -679,6 +683,7 @@ mod tests {
             "ip-192-168-1-12.shop.internal".into(),
             "Edge-3".into(),
             "metrics-server.kube-system.svc".into(),
+            "edge3.site7.svc.example.com".into(),
             "shared.site".into(),
         ];
         let e = entries(&[
@@ -704,9 +709,13 @@ mod tests {
         two.hostnames
             .extend(["shared.site".into(), "edge-3".into()]);
         e.insert("edge-2".into(), Arc::new(two));
-        let h = hostnames(&e);
+        let h = hostnames(&e, "cluster.local");
         let edge3 = Some("edge-3".to_string());
-        assert_eq!(h.get("ip-10-0-0-2"), Some(&Some("worker-1".to_string())));
+        assert_eq!(
+            h.get("ip-10-0-0-2"),
+            Some(&None),
+            "copied from a cloud node"
+        );
         assert_eq!(h.get("shop-2"), Some(&Some("edge-2".to_string())));
         assert_eq!(
             h.get("edge-3"),
@@ -715,6 +724,11 @@ mod tests {
         );
         assert_eq!(h.get("shared.site"), Some(&None));
         assert_eq!(h.get("metrics-server.kube-system.svc"), None);
+        assert_eq!(
+            h.get("edge3.site7.svc.example.com"),
+            Some(&edge3),
+            "not the cluster's domain"
+        );
         assert_eq!(h.get("ip-192-168-1-12.shop.internal"), Some(&edge3));
     }
 

@@ -130,6 +130,12 @@ impl Heard {
         }
         now_ms.saturating_sub(self.changed_ms.load(Relaxed))
     }
+
+    /// Counts silence from `now_ms` on: after a stall of the relay itself,
+    /// whose own silence is not the edge's.
+    pub fn restart(&self, now_ms: u64) {
+        self.changed_ms.store(now_ms, Relaxed);
+    }
 }
 
 /// Sweeps until `stop`: see the module docs. Returns its name, as the
@@ -150,9 +156,14 @@ pub(crate) async fn watch(shared: Arc<Shared>, stop: CancellationToken) -> &'sta
         if late(gap, every) {
             // This process stalled (a paused container, a host out of
             // CPU): so did quinn, and packets edges sent meanwhile may not
-            // be counted yet. Closing now would tell every edge its path
-            // died (a strike each, and two move the fleet to TCP).
-            warn!(late_by = ?gap.saturating_sub(every), "liveness sweep late: this round closes nothing");
+            // be counted yet, or were dropped by a full socket buffer.
+            // Closing now would tell every edge its path died (a strike
+            // each, and two move the fleet to TCP): silence counts again
+            // from now.
+            warn!(late_by = ?gap.saturating_sub(every), "liveness sweep late: silence counted again from now");
+            for s in shared.registry.sessions_unsorted().iter() {
+                s.heard.restart(s.age_ms());
+            }
             continue;
         }
         for (i, s) in shared.registry.sessions_unsorted().iter().enumerate() {
@@ -287,6 +298,11 @@ mod tests {
         assert!(!late(Duration::from_millis(4_010), every));
         assert!(!late(Duration::from_secs(8), every));
         assert!(late(Duration::from_secs(20), every));
+        // After a stall, silence counts from the restart.
+        let h = Heard::default();
+        assert_eq!(h.observe(5, 1_000), 0);
+        h.restart(30_000);
+        assert_eq!(h.observe(5, 31_000), 1_000);
     }
 
     #[test]

@@ -328,7 +328,7 @@ pub fn render_status(stats: crate::status::StatusStats) -> String {
 pub fn render_watches(shared: &crate::server::Shared) -> String {
     format!(
         "# HELP relay_kube_watch_errors_total Failed list or watch requests, by watch (each retried with backoff; the last known objects stay in use).\n# TYPE relay_kube_watch_errors_total counter\nrelay_kube_watch_errors_total{{watch=\"nodes\"}} {}\nrelay_kube_watch_errors_total{{watch=\"services\"}} {}\n\
-         # HELP relay_node_addresses_refused Edge Node addresses not routed to their edge (loopback, link-local, the cloud's, another node's pod address, outside kubernetes.edge_address_ranges; the log names each).\n# TYPE relay_node_addresses_refused gauge\nrelay_node_addresses_refused {}\n",
+         # HELP relay_node_addresses_refused Node addresses not taken as their node's (loopback or link-local on any Node; on an edge the cloud's, another node's pod address, outside kubernetes.edge_address_ranges; the log names each).\n# TYPE relay_node_addresses_refused gauge\nrelay_node_addresses_refused {}\n",
         shared.directory.watch_errors(),
         shared.services.watch_errors(),
         shared.directory.refused_addresses(),

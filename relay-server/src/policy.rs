@@ -170,36 +170,10 @@ pub fn canonical(target: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Whether `ip` is no unicast address a peer can have (unspecified,
-/// loopback, link-local, multicast, broadcast): never a target, never a
-/// node's address. IPv6 forms that carry an IPv4 address in their last 32
-/// bits (IPv4-compatible `::a.b.c.d`, NAT64's well-known `64:ff9b::/96`)
-/// are judged by that address: a NAT64 gateway next to the relay would
-/// take `64:ff9b::a9fe:a9fe` to the metadata address. Network-specific
-/// NAT64 prefixes (`64:ff9b:1::/48`, a carrier's own) are not known here
-/// and are judged as IPv6.
+/// Whether `ip` is no unicast address a peer can have: never a target,
+/// never a node's address (see [`relay_transport::addr::is_special`]).
 pub(crate) fn forbidden(ip: IpAddr) -> bool {
-    if let IpAddr::V6(v6) = ip {
-        let s = v6.segments();
-        let compatible = s[..6] == [0; 6] && !v6.is_unspecified() && !v6.is_loopback();
-        let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
-        if compatible || nat64 {
-            let [.., a, b, c, d] = v6.octets();
-            return forbidden(IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d)));
-        }
-    }
-    match ip {
-        IpAddr::V4(a) => {
-            a.is_unspecified()
-                || a.is_loopback()
-                || a.is_link_local()
-                || a.is_multicast()
-                || a.is_broadcast()
-        }
-        IpAddr::V6(a) => {
-            a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_unicast_link_local()
-        }
-    }
+    relay_transport::addr::is_special(ip)
 }
 
 /// Whether `ip` is an address of this host (see

@@ -93,14 +93,20 @@ impl ServiceSnapshot {
 }
 
 /// Whether `name` has the form of a Service's cluster DNS name,
-/// `svc.ns.svc` or `svc.ns.svc.<cluster domain>` (the third label `svc`):
-/// what kube-apiserver dials webhooks and aggregated APIs by. Such a name
-/// is a Service's before any node's, and never an edge's (an edge's
-/// kubelet writes its own Node's names).
-pub fn is_service_name(name: &str) -> bool {
-    name.split('.')
-        .nth(2)
-        .is_some_and(|l| l.eq_ignore_ascii_case("svc"))
+/// `svc.ns.svc` or `svc.ns.svc.<cluster domain>` (`domain`; a trailing
+/// dot allowed): what kube-apiserver dials webhooks and aggregated APIs
+/// by. Such a name is a Service's before any node's, and never an edge's
+/// (an edge's kubelet writes its own Node's names).
+pub fn is_service_name(name: &str, domain: &str) -> bool {
+    let name = name.trim_end_matches('.');
+    let mut labels = name.splitn(4, '.');
+    let (Some(_), Some(_), Some(svc)) = (labels.next(), labels.next(), labels.next()) else {
+        return false;
+    };
+    svc.eq_ignore_ascii_case("svc")
+        && labels.next().is_none_or(|rest| {
+            !domain.is_empty() && rest.eq_ignore_ascii_case(domain.trim_end_matches('.'))
+        })
 }
 
 /// What a Service name resolves to for `CONNECT name:port`.

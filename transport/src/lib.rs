@@ -27,6 +27,7 @@
 //!   version, written atomically, at most once a second).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod addr;
 pub mod capture;
 pub mod capture_config;
 pub mod config_file;

@@ -18,7 +18,7 @@
 //! edge. Static mode's `[nodes]` table is the operator's word and is not
 //! vetted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 
 use relay_kube::NodeClaims;
@@ -52,11 +52,14 @@ pub(crate) fn vet(
             .map(|ip| crate::policy::canonical(std::net::SocketAddr::new(*ip, 0)).ip())
             .collect()
     };
-    let cloud_addresses: Vec<IpAddr> = claims
+    // Indexed once per call: it runs on every Node change, and a scan of
+    // every Node per address would cost 10,000² at 10,000 Nodes.
+    let cloud_addresses: HashSet<IpAddr> = claims
         .iter()
         .filter(|(n, _)| is_cloud[n.as_str()])
         .flat_map(|(_, c)| addresses(c))
         .collect();
+    let pods = PodIndex::new(claims);
     let mut kept = BTreeMap::new();
     let mut refused = Vec::new();
     for (name, c) in claims {
@@ -66,16 +69,17 @@ pub(crate) fn vet(
                 Some("not a unicast address a node can have".to_string())
             } else if is_cloud[name.as_str()] {
                 None
+            } else if let Some(r) = cloud_ranges.iter().find(|r| r.contains(&ip)) {
+                Some(format!("inside tunnel_routes ({r}), the cloud's"))
+            } else if cloud_addresses.contains(&ip) {
+                Some("a cloud node's address".to_string())
+            } else if let Some((other, p)) = pods.owner(ip, name) {
+                let whose = if is_cloud[other] { "cloud" } else { "edge" };
+                Some(format!("inside {whose} node {other}'s pod CIDR {p}"))
+            } else if outside(ip, edge_ranges) {
+                Some("outside kubernetes.edge_address_ranges".to_string())
             } else {
-                edge_refusal(
-                    name,
-                    ip,
-                    claims,
-                    &is_cloud,
-                    &cloud_addresses,
-                    cloud_ranges,
-                    edge_ranges,
-                )
+                None
             };
             match why {
                 Some(why) => refused.push(Refused {
@@ -92,6 +96,47 @@ pub(crate) fn vet(
     (kept, refused)
 }
 
+/// Every Node's pod CIDRs by prefix length, so finding the pod CIDRs
+/// containing an address costs one probe per distinct length.
+struct PodIndex<'a> {
+    by_len: BTreeMap<u8, HashMap<Cidr, Vec<&'a str>>>,
+}
+
+impl<'a> PodIndex<'a> {
+    fn new(claims: &'a BTreeMap<String, NodeClaims>) -> Self {
+        let mut by_len: BTreeMap<u8, HashMap<Cidr, Vec<&'a str>>> = BTreeMap::new();
+        for (n, c) in claims {
+            for p in &c.pod_cidrs {
+                by_len
+                    .entry(p.prefix_len())
+                    .or_default()
+                    .entry(*p)
+                    .or_default()
+                    .push(n.as_str());
+            }
+        }
+        PodIndex { by_len }
+    }
+
+    /// A Node other than `me` whose pod CIDR contains `ip`, with that CIDR.
+    fn owner(&self, ip: IpAddr, me: &str) -> Option<(&'a str, Cidr)> {
+        self.by_len.iter().find_map(|(len, table)| {
+            let c = Cidr::containing(ip, *len)?;
+            let other = table.get(&c)?.iter().find(|n| **n != me)?;
+            Some((*other, c))
+        })
+    }
+}
+
+/// Whether `edge_ranges` restricts `ip`'s family and leaves `ip` out.
+fn outside(ip: IpAddr, edge_ranges: &[Cidr]) -> bool {
+    let mut family = edge_ranges
+        .iter()
+        .filter(|r| r.addr().is_ipv4() == ip.is_ipv4())
+        .peekable();
+    family.peek().is_some() && !family.any(|r| r.contains(&ip))
+}
+
 /// Whether `ip`, loopback or link-local, is inside a range of
 /// `edge_ranges` that is itself loopback or link-local: listed on purpose
 /// (a one-host lab whose nodes are loopback addresses), not by a wide
@@ -105,42 +150,6 @@ fn listed_as_local(ip: IpAddr, edge_ranges: &[Cidr]) -> bool {
         && edge_ranges
             .iter()
             .any(|r| local(r.addr()) && r.contains(&ip))
-}
-
-/// Why edge `name` may not have address `ip`, if it may not.
-fn edge_refusal(
-    name: &str,
-    ip: IpAddr,
-    claims: &BTreeMap<String, NodeClaims>,
-    is_cloud: &BTreeMap<&str, bool>,
-    cloud_addresses: &[IpAddr],
-    cloud_ranges: &[Cidr],
-    edge_ranges: &[Cidr],
-) -> Option<String> {
-    if let Some(r) = cloud_ranges.iter().find(|r| r.contains(&ip)) {
-        return Some(format!("inside tunnel_routes ({r}), the cloud's"));
-    }
-    if cloud_addresses.contains(&ip) {
-        return Some("a cloud node's address".to_string());
-    }
-    for (other, c) in claims.iter().filter(|(o, _)| o.as_str() != name) {
-        if let Some(p) = c.pod_cidrs.iter().find(|p| p.contains(&ip)) {
-            let whose = if is_cloud[other.as_str()] {
-                "cloud"
-            } else {
-                "edge"
-            };
-            return Some(format!("inside {whose} node {other}'s pod CIDR {p}"));
-        }
-    }
-    let family: Vec<&Cidr> = edge_ranges
-        .iter()
-        .filter(|r| r.addr().is_ipv4() == ip.is_ipv4())
-        .collect();
-    if !family.is_empty() && !family.iter().any(|r| r.contains(&ip)) {
-        return Some("outside kubernetes.edge_address_ranges".to_string());
-    }
-    None
 }
 
 #[cfg(test)]
