@@ -329,7 +329,8 @@ impl EdgeClient {
             tracing::info!(%addr, "status endpoint listening");
         }
         let status = status.map(|l| {
-            let t = crate::status::serve(l, rx.clone(), stats.clone(), cancel.clone());
+            let dns_stats = dns.as_ref().map(|d| d.stats().clone());
+            let t = crate::status::serve(l, rx.clone(), stats.clone(), dns_stats, cancel.clone());
             tokio::spawn(t.instrument(span.clone()))
         });
         // One session, or one per relay replica when the relay advertises
@@ -808,26 +809,56 @@ async fn follow_dns_clients(
     saved: Option<Vec<Cidr>>,
     cancel: CancellationToken,
 ) {
-    let with_sources = |served: &[Cidr]| -> Vec<Cidr> {
+    // This node's own addresses (its host processes, hostNetwork pods),
+    // read from its interfaces: asking the kernel whether a peer's address
+    // is local would take syscalls per query, and says yes to any address
+    // where `ip_nonlocal_bind` is set (keepalived, kube-vip nodes).
+    let local = || -> Vec<Cidr> {
+        nix::ifaddrs::getifaddrs()
+            .map(|ifs| {
+                ifs.filter_map(|i| i.address)
+                    .filter_map(|a| {
+                        a.as_sockaddr_in()
+                            .map(|v4| std::net::IpAddr::V4(v4.ip()))
+                            .or_else(|| a.as_sockaddr_in6().map(|v6| v6.ip().into()))
+                    })
+                    .map(Cidr::host)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let clients = |served: &[Cidr]| -> Vec<Cidr> {
         let mut all: Vec<Cidr> = served.to_vec();
         all.extend(cfg.capture.iter().flat_map(|c| c.sources.iter().flatten()));
+        all.extend(local());
         all.sort();
         all.dedup();
         all
     };
-    if let Some(served) = saved {
-        dns.set_clients(with_sources(&served));
-    }
+    // An empty list (an older relay that says nothing, an edge with no
+    // routes) names no pod: keep answering everyone rather than no pod.
+    let mut served: Option<Vec<Cidr>> = saved.filter(|s| !s.is_empty());
+    let mut reread = tokio::time::interval(LOCAL_ADDRESSES_EVERY);
     loop {
         if let EdgeState::Connected { served_routes, .. } = &*state.borrow_and_update() {
-            dns.set_clients(with_sources(served_routes));
+            if !served_routes.is_empty() {
+                served = Some(served_routes.clone());
+            }
+        }
+        if let Some(s) = &served {
+            dns.set_clients(clients(s));
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
             r = state.changed() => if r.is_err() { return },
+            _ = reread.tick() => {}
         }
     }
 }
+
+/// How often the resolver's list of this node's own addresses is read
+/// again (DHCP renewals, interfaces coming up).
+const LOCAL_ADDRESSES_EVERY: Duration = Duration::from_secs(10);
 
 #[cfg(test)]
 mod tests {

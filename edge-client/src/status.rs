@@ -40,6 +40,8 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 struct Status {
     state: watch::Receiver<EdgeState>,
     stats: Arc<EdgeStats>,
+    /// The node-local resolver's counters, when `[dns]` is on.
+    dns: Option<Arc<crate::dns::DnsStats>>,
 }
 
 /// Serves the status endpoint on `l` until `stop`.
@@ -47,13 +49,14 @@ pub(crate) async fn serve(
     l: TcpListener,
     state: watch::Receiver<EdgeState>,
     stats: Arc<EdgeStats>,
+    dns: Option<Arc<crate::dns::DnsStats>>,
     stop: CancellationToken,
 ) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(Status { state, stats });
+        .with_state(Status { state, stats, dns });
     relay_transport::http::serve(l, app, HEAD_TIMEOUT, stop).await
 }
 
@@ -84,7 +87,15 @@ async fn readyz(State(s): State<Status>) -> (StatusCode, String) {
 
 async fn metrics(State(s): State<Status>) -> String {
     let up = matches!(&*s.state.borrow(), EdgeState::Connected { .. });
-    render(up, &s.stats)
+    let mut out = render(up, &s.stats);
+    if let Some(d) = &s.dns {
+        let _ = writeln!(
+            out,
+            "# HELP edge_dns_refused_peers_total DNS queries and connections to the node-local resolver from peers that are neither this node nor its pods (dropped unanswered).\n# TYPE edge_dns_refused_peers_total counter\nedge_dns_refused_peers_total {}",
+            d.refused_peers.load(Relaxed)
+        );
+    }
+    out
 }
 
 /// The edge's metrics in the Prometheus text format; `up`: a session is
@@ -260,10 +271,16 @@ mod tests {
             attempt: 1,
             last: None,
         });
+        let dns = Arc::new(crate::dns::DnsStats::default());
+        dns.refused_peers.store(3, Relaxed);
         let s = Status {
             state,
             stats: Arc::default(),
+            dns: Some(dns),
         };
+        assert!(metrics(State(s.clone()))
+            .await
+            .contains("\nedge_dns_refused_peers_total 3\n"));
         let (code, body) = readyz(State(s.clone())).await;
         assert_eq!(
             (code, body.as_str()),

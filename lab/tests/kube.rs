@@ -431,11 +431,19 @@ async fn a_name_a_node_reports_and_a_service_has_goes_to_neither() -> Result<()>
         answer, "impostor",
         "the Service's own name still reaches it"
     );
-    let reported = format!("edge-0.shop:{}", kubelet.port());
-    let (code, line) = connect_answer(lab.connect(), &reported).await?;
+    for reported in ["edge-0.shop", "Edge-0.Shop."] {
+        let reported = format!("{reported}:{}", kubelet.port());
+        let (code, line) = connect_answer(lab.connect(), &reported).await?;
+        ensure!(
+            code == 502 && line.contains("both a name node edge-0 reports and a Service's"),
+            "CONNECT {reported}: {code} {line}"
+        );
+    }
+    let missing = format!("nosuch.shop.svc:{}", kubelet.port());
+    let (code, line) = connect_answer(lab.connect(), &missing).await?;
     ensure!(
-        code == 502 && line.contains("both a name node edge-0 reports and a Service's"),
-        "CONNECT {reported}: {code} {line}"
+        code == 502 && line.contains("no Service named nosuch.shop.svc"),
+        "CONNECT {missing}: {code} {line}"
     );
     let by_node = format!("edge-0:{}", kubelet.port());
     assert_eq!(fetch(lab.connect(), &by_node).await?, "edge-0 kubelet");

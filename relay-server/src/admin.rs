@@ -304,11 +304,11 @@ async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
     next.run(req).await
 }
 
-/// `; its cache (written … ago) is too old to use` for a source not
-/// loaded that still holds a cache (which it then no longer trusts), or
-/// nothing.
+/// `; its cache (written … ago) is too old to use` for a source whose
+/// cache is past its age limit (and so no longer trusted), or nothing.
 fn expired(since: Option<std::time::SystemTime>) -> String {
     since
+        .filter(|_| crate::directory::cache_too_old(since))
         .map(|t| {
             format!(
                 "; its cache (written {}s ago) is too old to use",

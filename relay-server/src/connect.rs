@@ -343,12 +343,26 @@ fn may_be_a_service(shared: &Shared, auth: &Authority) -> bool {
     match auth {
         Authority::Ip(sa) => matches!(dir.claim(canonical(*sa).ip()), crate::policy::Claim::Nobody),
         Authority::Name(name, _) => {
-            let domain = shared.services.snapshot().cluster_domain.clone();
-            crate::services::is_service_name(name, &domain)
-                || (dir.resolve_name(name).is_none()
-                    && !matches!(dir.lookup(name), Lookup::Known(_)))
+            let name = normal(name);
+            crate::services::is_service_name(&name, cluster_domain(shared))
+                || (dir.resolve_name(&name).is_none()
+                    && !matches!(dir.lookup(&name), Lookup::Known(_)))
         }
     }
+}
+
+/// `name` as names are compared: lower case, without a trailing dot.
+fn normal(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// The cluster's DNS domain as configured (none in static mode).
+fn cluster_domain(shared: &Shared) -> &str {
+    shared
+        .cfg
+        .kubernetes
+        .as_ref()
+        .map_or("", |k| k.cluster_domain.as_str())
 }
 
 /// Finds where a CONNECT authority goes, asking the policy (the same seam
@@ -377,13 +391,18 @@ fn resolve(shared: &Shared, auth: &Authority) -> Result<Routed, StreamReply> {
 fn by_name(shared: &Shared, name: &str, port: u16) -> Result<(Route, SocketAddr), StreamReply> {
     use crate::directory::Lookup;
     let dir = &shared.directory;
-    let domain = shared.services.snapshot().cluster_domain.clone();
-    let service_form = crate::services::is_service_name(name, &domain);
+    let name = &*normal(name);
+    let service_form = crate::services::is_service_name(name, cluster_domain(shared));
     if !service_form && matches!(dir.lookup(name), Lookup::Known(_)) {
         return by_node(shared, name, port);
     }
     let reported = dir.resolve_name(name).filter(|_| !service_form);
     match shared.services.by_name(name, port) {
+        // A `.svc` name is a Service's or no one's.
+        NameLookup::NotAService if service_form => Err(StreamReply::fail(
+            StreamStatus::NoRoute,
+            format!("no Service named {name}"),
+        )),
         NameLookup::NotAService => by_node(shared, name, port),
         _ if reported.is_some() => Err(StreamReply::fail(
             StreamStatus::NoRoute,

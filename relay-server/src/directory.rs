@@ -137,6 +137,17 @@ pub fn ambiguous_of(dir: &dyn Directory, node: &str) -> Vec<Cidr> {
     }
 }
 
+/// A cache of what the apiserver said (Nodes, Services) older than this is
+/// not used, at start or while running: by then Nodes and Services may be
+/// gone and their addresses given to others.
+pub const CACHE_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// Whether what came from a cache written at `since` (none: not from a
+/// cache) is past [`CACHE_MAX_AGE`].
+pub fn cache_too_old(since: Option<std::time::SystemTime>) -> bool {
+    since.is_some_and(|t| t.elapsed().unwrap_or_default() > CACHE_MAX_AGE)
+}
+
 /// The host prefixes of `node`'s addresses that are not routed to it (see
 /// [`NodeEntry::refused`]); none for an unknown node.
 pub fn refused_of(dir: &dyn Directory, node: &str) -> Vec<Cidr> {

@@ -274,9 +274,9 @@ fn is_cloud(c: &NodeClaims, cloud_ranges: &[Cidr]) -> bool {
 /// copy another node's: where several Nodes carry a name, the one whose
 /// Node name it is keeps it, else none (`None`; a cloud node has no better
 /// claim: whether a Node looks like one rests partly on what its kubelet
-/// writes). An edge's names of a Service's form
+/// writes). Names of a Service's form
 /// ([`crate::services::is_service_name`], for cluster domain `domain`) are
-/// not taken at all.
+/// no Node's.
 fn hostnames(
     entries: &HashMap<String, Arc<NodeEntry>>,
     domain: &str,
@@ -285,7 +285,9 @@ fn hostnames(
     for (n, e) in entries {
         for h in &e.hostnames {
             let h = h.to_ascii_lowercase();
-            if !e.cloud && crate::services::is_service_name(&h, domain) {
+            // Never a node's: not even a cloud-looking one's (an edge
+            // could look like one).
+            if crate::services::is_service_name(&h, domain) {
                 continue;
             }
             let v = carriers.entry(h).or_default();
@@ -566,7 +568,7 @@ impl Directory for KubeDirectory {
         // Entries from a cache that has aged past its limit while the
         // first list never came are no longer trusted (as at start).
         self.synced.load(std::sync::atomic::Ordering::Acquire)
-            && !cache::too_old(self.cached_since())
+            && !crate::directory::cache_too_old(self.cached_since())
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {

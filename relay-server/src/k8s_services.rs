@@ -336,7 +336,7 @@ impl ServiceSource for KubeServices {
         // A cached table that has aged past its limit while a first list
         // never came (one watch failing for good) is no longer trusted.
         self.published.load(std::sync::atomic::Ordering::Acquire)
-            && !cache::too_old(self.cached_since())
+            && !crate::directory::cache_too_old(self.cached_since())
     }
     fn last_error(&self) -> Option<String> {
         self.dir.last_error()

@@ -163,6 +163,8 @@ pub(crate) async fn watch(shared: Arc<Shared>, stop: CancellationToken) -> &'sta
             warn!(late_by = ?gap.saturating_sub(every), "liveness sweep late: silence counted again from now");
             for s in shared.registry.sessions_unsorted().iter() {
                 s.heard.restart(s.age_ms());
+                // And for sessions judged by their control messages.
+                s.touch();
             }
             continue;
         }

@@ -265,7 +265,7 @@ impl Policy {
         if forbidden(ip) {
             Some(Denied::new(
                 DenyReason::ForbiddenAddress,
-                format!("{ip} is a loopback, link-local, unspecified or multicast address"),
+                format!("{ip} is a loopback, link-local, unspecified, multicast or broadcast address (or an IPv6 form of one)"),
             ))
         } else if self.is_relay_itself(target) {
             Some(Denied::new(

@@ -74,13 +74,14 @@ pub(crate) struct Shared {
     pub(crate) clients: std::sync::RwLock<Option<Arc<Vec<Cidr>>>>,
 }
 
-/// Whether `peer` may ask: this node's own processes (a loopback or local
-/// source) and the edge's clients. The resolver listens on a link-local
-/// address that Linux accepts on any interface, so a device on the site's
-/// LAN could send to it through the node, and read cluster names or have
-/// queries forwarded to the cluster's DNS through the tunnel, past the
-/// source check capture applies. Until the clients are known (no session
-/// yet in this run), everyone may: pods must resolve during an outage.
+/// Whether `peer` may ask: loopback, and the clients (this node's own
+/// addresses, its pods, `capture.sources`). The resolver listens on a
+/// link-local address that Linux accepts on any interface, so a device on
+/// the site's LAN could send to it through the node, and read cluster
+/// names or have queries forwarded to the cluster's DNS through the
+/// tunnel, past the source check capture applies. Until the clients are
+/// known (no session yet in this run), everyone may: pods must resolve
+/// during an outage.
 pub(crate) fn may_ask(shared: &Shared, peer: IpAddr) -> bool {
     let peer = peer.to_canonical();
     let clients = shared
@@ -91,9 +92,7 @@ pub(crate) fn may_ask(shared: &Shared, peer: IpAddr) -> bool {
     let Some(clients) = clients else {
         return true;
     };
-    peer.is_loopback()
-        || clients.iter().any(|c| c.contains(&peer))
-        || relay_transport::capture::is_local_address(peer)
+    peer.is_loopback() || clients.iter().any(|c| c.contains(&peer))
 }
 
 /// The decision for one query.

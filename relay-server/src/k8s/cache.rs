@@ -23,13 +23,7 @@ use tracing::warn;
 /// deleted and their pod CIDRs given to others, Services deleted and
 /// their ClusterIPs reused (a relay whose saves kept failing, or one back
 /// on a node after weeks, would otherwise act on a cluster long gone).
-pub(crate) const MAX_AGE: Duration = Duration::from_secs(24 * 3600);
-
-/// Whether what came from a cache written at `since` (none: not from a
-/// cache) is past [`MAX_AGE`]: no longer trusted, also while running.
-pub(crate) fn too_old(since: Option<SystemTime>) -> bool {
-    since.is_some_and(|t| t.elapsed().unwrap_or_default() > MAX_AGE)
-}
+pub(crate) const MAX_AGE: Duration = crate::directory::CACHE_MAX_AGE;
 
 /// The Services cache is rewritten at most this often: a large cluster's
 /// objects take megabytes, and endpoints change all the time.
