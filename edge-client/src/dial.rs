@@ -541,6 +541,18 @@ mod tests {
     }
 
     /// A local TCP address nothing listens on (connections refused).
+    /// A QUIC relay endpoint on a free loopback port, with `pki`'s relay
+    /// certificate.
+    fn loopback_relay(pki: &relay_transport::devcerts::DevPki) -> quinn::Endpoint {
+        relay_transport::quic::server_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            &pki.relay_material().unwrap(),
+            &relay_transport::quic::QuicTuning::default(),
+            false,
+        )
+        .unwrap()
+    }
+
     fn refusing_tcp() -> SocketAddr {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
@@ -596,13 +608,7 @@ mod tests {
         let pki =
             relay_transport::devcerts::DevPki::generate(&["relay.test"], &["edge-a"]).unwrap();
         let (cfg, client_tls) = test_cfg("relay.test:8443");
-        let relay = relay_transport::quic::server_endpoint(
-            "127.0.0.1:0".parse().unwrap(),
-            &pki.relay_material().unwrap(),
-            &relay_transport::quic::QuicTuning::default(),
-            false,
-        )
-        .unwrap();
+        let relay = loopback_relay(&pki);
         let refusing = relay.local_addr().unwrap();
         let (tx, mut refused) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
@@ -701,13 +707,7 @@ mod tests {
         // hold it): a few tries.
         let mut bound = None;
         for _ in 0..20 {
-            let relay = relay_transport::quic::server_endpoint(
-                "127.0.0.1:0".parse().unwrap(),
-                &pki.relay_material().unwrap(),
-                &relay_transport::quic::QuicTuning::default(),
-                false,
-            )
-            .unwrap();
+            let relay = loopback_relay(&pki);
             let addr = relay.local_addr().unwrap();
             if let Ok(tcp) = tokio::net::TcpListener::bind(addr).await {
                 bound = Some((relay, addr, tcp));
