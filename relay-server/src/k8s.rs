@@ -326,12 +326,7 @@ fn cloud_prefixes(entries: &HashMap<String, Arc<NodeEntry>>) -> Vec<Cidr> {
 /// The relay's view of one Node's claims, with the addresses taken as
 /// its own (`InternalIP`s first; see [`node_addresses`]).
 fn source(c: &NodeClaims, addresses: &[IpAddr], cloud_ranges: &[Cidr]) -> NodeSource {
-    let listed: Vec<IpAddr> = c
-        .internal_ips
-        .iter()
-        .chain(&c.external_ips)
-        .map(|ip| crate::policy::canonical(std::net::SocketAddr::new(*ip, 0)).ip())
-        .collect();
+    let listed = node_addresses::addresses(c);
     NodeSource {
         prefixes: c.pod_cidrs.clone(),
         // What `CONNECT <node>:<port>` dials: traffic named for the node

@@ -45,13 +45,6 @@ pub(crate) fn vet(
 ) -> (BTreeMap<String, Vec<IpAddr>>, Vec<Refused>) {
     let is_cloud: BTreeMap<&str, bool> =
         claims.iter().map(|(n, c)| (n.as_str(), cloud(c))).collect();
-    let addresses = |c: &NodeClaims| -> Vec<IpAddr> {
-        c.internal_ips
-            .iter()
-            .chain(&c.external_ips)
-            .map(|ip| crate::policy::canonical(std::net::SocketAddr::new(*ip, 0)).ip())
-            .collect()
-    };
     // Indexed once per call: it runs on every Node change, and a scan of
     // every Node per address would cost 10,000² at 10,000 Nodes.
     let cloud_addresses: HashSet<IpAddr> = claims
@@ -94,6 +87,16 @@ pub(crate) fn vet(
         kept.insert(name.clone(), mine);
     }
     (kept, refused)
+}
+
+/// A Node's addresses as its kubelet lists them: `InternalIP`s, then
+/// `ExternalIP`s, IPv4-mapped ones as IPv4.
+pub(crate) fn addresses(c: &NodeClaims) -> Vec<IpAddr> {
+    c.internal_ips
+        .iter()
+        .chain(&c.external_ips)
+        .map(IpAddr::to_canonical)
+        .collect()
 }
 
 /// Every Node's pod CIDRs by prefix length, so finding the pod CIDRs
