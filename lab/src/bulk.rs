@@ -185,15 +185,12 @@ impl Bench {
             .context("starting relay-server on the relay node")?;
         let certs = dir.0.join("certs");
         pki.write_to(&certs)?;
-        let edge_file = dir.0.join("edge1.toml");
-        std::fs::write(&edge_file, edge_toml(&lab, 1, &certs, ""))?;
-        let mut edge = NsChild::spawn(
+        let mut edge = NsChild::edge(
             &lab,
-            Role::Edge1,
-            "edge-client",
+            1,
             &opts.edge_bin,
-            &["--config".into(), edge_file.display().to_string()],
-            &dir.0.join("edge1.log"),
+            &edge_toml(&lab, 1, &certs, ""),
+            &dir.0,
         )?;
         let prefix = netns::edge_pod_cidr(1).to_string();
         wait_for(

@@ -265,18 +265,12 @@ fn udp_flows_and_a_datagram_flood_leave_nothing_behind() -> Result<()> {
     let _dir = TempDir(dir.clone());
     let certs = dir.join("certs");
     pki.write_to(&certs)?;
-    let edge_file = dir.join("edge1.toml");
-    std::fs::write(
-        &edge_file,
-        edge_toml(&lab, 1, &certs, "\n[timeouts]\nudp_idle = \"1s\"\n"),
-    )?;
-    let mut edge = NsChild::spawn(
+    let mut edge = NsChild::edge(
         &lab,
-        Role::Edge1,
-        "edge-client",
+        1,
         &binary_next_to_exe("edge-client", "edge-client/src", true)?,
-        &["--config".into(), edge_file.display().to_string()],
-        &dir.join("edge1.log"),
+        &edge_toml(&lab, 1, &certs, "\n[timeouts]\nudp_idle = \"1s\"\n"),
+        &dir,
     )?;
     within(Duration::from_secs(10), || {
         edge.check_alive()?;

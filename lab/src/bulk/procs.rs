@@ -58,6 +58,22 @@ impl NsChild {
         })
     }
 
+    /// The `edge-client` binary `bin` on edge host `site`, configured by
+    /// `toml` (written to `dir/edge<site>.toml`; its log to
+    /// `dir/edge<site>.log`).
+    pub fn edge(lab: &NetnsLab, site: u8, bin: &Path, toml: &str, dir: &Path) -> Result<NsChild> {
+        let file = dir.join(format!("edge{site}.toml"));
+        std::fs::write(&file, toml).with_context(|| format!("writing {}", file.display()))?;
+        NsChild::spawn(
+            lab,
+            Role::edge(site)?,
+            "edge-client",
+            bin,
+            &["--config".into(), file.display().to_string()],
+            &dir.join(format!("edge{site}.log")),
+        )
+    }
+
     /// The process id (0 once stopped).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
