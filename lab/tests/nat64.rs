@@ -58,6 +58,20 @@ impl Drop for RemoveDir {
     }
 }
 
+/// A namespace's `/etc/netns` entry: removed when dropped, and
+/// `/etc/netns` itself once empty.
+struct EtcNetns(PathBuf);
+
+impl Drop for EtcNetns {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+        if let Some(parent) = self.0.parent() {
+            // Fails, harmlessly, while another namespace's entry is there.
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
 /// The tayga binary, if installed.
 fn tayga() -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -203,10 +217,10 @@ fn ipv6_only_site(lab: &NetnsLab, tayga: &Path, dir: &Path) -> Result<NsChild> {
 /// `/etc/netns/<edge1's namespace>/resolv.conf` naming the site's DNS64:
 /// `ip netns exec` mounts it over `/etc/resolv.conf` for the edge process
 /// only.
-fn edge_resolver(lab: &NetnsLab) -> Result<RemoveDir> {
+fn edge_resolver(lab: &NetnsLab) -> Result<EtcNetns> {
     let dir = Path::new("/etc/netns").join(lab.ns(Role::Edge1));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let guard = RemoveDir(dir.clone());
+    let guard = EtcNetns(dir.clone());
     std::fs::write(
         dir.join("resolv.conf"),
         format!("nameserver {ROUTER}\noptions timeout:1 attempts:2\n"),
