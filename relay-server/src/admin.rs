@@ -92,8 +92,10 @@ pub struct SessionRow {
     pub draining: bool,
     /// UDP flows open on the session.
     pub udp_flows: usize,
-    /// Largest UDP payload the session carries now (path datagram size
-    /// minus the flow header); larger payloads are counted and dropped.
+    /// Largest UDP payload one tunnel datagram carries now (path datagram
+    /// size minus the flow header); larger payloads travel whole on their
+    /// flow's stream (dropped and counted only towards a peer that does
+    /// not take them there).
     pub udp_max_payload: usize,
 }
 

@@ -67,7 +67,9 @@ pub struct Limits {
     pub connect_max_header_bytes: usize,
     /// Most sessions (distinct nodes) at once.
     pub max_sessions: usize,
-    /// Most handshakes in progress at once; more are refused at once.
+    /// Most handshakes in progress at once; up to four times as many more
+    /// wait for one to finish (each at most `handshake_timeout`), and
+    /// beyond that they are refused at once.
     pub max_concurrent_handshakes: usize,
     /// Most CONNECT client connections at once; more get 503.
     pub max_connect_connections: usize,

@@ -120,7 +120,8 @@ pub struct FileConfig {
     /// build's). A newer one makes unknown keys warnings instead of errors
     /// (see `relay_transport::config_file`).
     pub config_version: Option<u32>,
-    /// Replica name (default: the host name, else `relay-0`).
+    /// Replica name (default: `relay-0`; `--relay-id` / `RELAY_ID`
+    /// override it).
     pub relay_id: Option<String>,
     /// Listening addresses.
     pub listen: ListenFile,
