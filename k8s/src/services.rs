@@ -91,7 +91,7 @@ pub struct Endpoint {
     pub node: Option<String>,
     /// `conditions.ready` (missing means true).
     pub ready: bool,
-    /// `conditions.serving` (missing means the same as `ready`).
+    /// `conditions.serving` (missing means true).
     pub serving: bool,
     /// `conditions.terminating` (missing means false).
     pub terminating: bool,
@@ -139,12 +139,40 @@ impl ServicePort {
 /// Of `endpoints`, those of one family (IPv4 when `ipv4`) kube-proxy would
 /// use: the ready ones, else the serving-and-terminating ones.
 pub fn usable(endpoints: &[Endpoint], ipv4: bool) -> Vec<&Endpoint> {
-    let fam = endpoints.iter().filter(|e| e.ip.is_ipv4() == ipv4);
-    let ready: Vec<&Endpoint> = fam.clone().filter(|e| e.ready).collect();
+    ready_else_draining(endpoints.iter().filter(|e| e.ip.is_ipv4() == ipv4))
+}
+
+/// [`usable`] node by node: on each node (endpoints without a node counted
+/// as one more), its ready endpoints, else its serving-and-terminating
+/// ones, whatever other nodes have. This is what serves an
+/// `internalTrafficPolicy: Local` port, where each node's own endpoints
+/// are all it may use: a node whose only pod is shutting down drains to
+/// it even while other nodes have ready ones (kube-proxy does the same).
+pub fn usable_per_node(endpoints: &[Endpoint], ipv4: bool) -> Vec<&Endpoint> {
+    let mut nodes: Vec<Option<&str>> = endpoints.iter().map(|e| e.node.as_deref()).collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    let mut out: Vec<&Endpoint> = nodes
+        .into_iter()
+        .flat_map(|node| {
+            ready_else_draining(
+                endpoints
+                    .iter()
+                    .filter(move |e| e.ip.is_ipv4() == ipv4 && e.node.as_deref() == node),
+            )
+        })
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// The ready endpoints of `eps`, else its serving-and-terminating ones.
+fn ready_else_draining<'a>(eps: impl Iterator<Item = &'a Endpoint> + Clone) -> Vec<&'a Endpoint> {
+    let ready: Vec<&Endpoint> = eps.clone().filter(|e| e.ready).collect();
     if !ready.is_empty() {
         return ready;
     }
-    fam.filter(|e| e.serving && e.terminating).collect()
+    eps.filter(|e| e.serving && e.terminating).collect()
 }
 
 /// What kind of Service.

@@ -163,7 +163,10 @@ pub fn service_entry<'a>(
 }
 
 /// Adds `slice`'s endpoints, serving `port`, to `eps` (keyed by address
-/// and port; the first slice listing an address wins, as in kube-proxy).
+/// and port). An address listed twice (an endpoint moving between slices,
+/// or a new pod given a terminating pod's address) keeps the copy that is
+/// not terminating, else the first, as kube-proxy does: the running pod
+/// wins over the one shutting down.
 /// FQDN slices are not proxied and add nothing; an address that does not
 /// parse or is not of the slice's family is skipped and counted.
 fn add_endpoints(
@@ -194,7 +197,9 @@ fn add_endpoints(
             port,
             node: e.node_name.clone(),
             ready,
-            serving: c.serving.unwrap_or(ready),
+            // Missing means true (the v1 API's default, as kube-proxy
+            // reads it), not a copy of `ready`.
+            serving: c.serving.unwrap_or(true),
             terminating: c.terminating.unwrap_or(false),
             hostname: e.hostname.clone(),
         };
@@ -203,6 +208,14 @@ fn add_endpoints(
                 notes.unknown_node_endpoints += 1;
             }
         }
-        eps.entry(ep.addr()).or_insert(ep);
+        match eps.entry(ep.addr()) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(ep);
+            }
+            std::collections::btree_map::Entry::Occupied(mut o) if !ep.terminating => {
+                o.insert(ep);
+            }
+            std::collections::btree_map::Entry::Occupied(_) => {}
+        }
     }
 }

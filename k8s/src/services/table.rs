@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 
 #[cfg(doc)]
 use super::ServiceDirectory;
-use super::{ClusterIpEntry, Protocol, ServiceEntry, ServiceKind, ServicePort};
+use super::{ClusterIpEntry, Endpoint, Protocol, ServiceEntry, ServiceKind, ServicePort};
 
 /// A ClusterIP Service's addresses taking connections: its ClusterIPs and
 /// external IPs (none for headless and ExternalName Services).
@@ -17,6 +17,44 @@ fn addresses(e: &ServiceEntry) -> Vec<IpAddr> {
         ServiceKind::ClusterIp(ips) => ips.iter().chain(&e.external_ips).copied().collect(),
         _ => Vec::new(),
     }
+}
+
+/// `entry`'s port `p` at its address `ip` (a ClusterIP or an external
+/// IP), with the endpoints that serve it there: for a ClusterIP of an
+/// `internalTrafficPolicy: Local` Service, each node's own
+/// ([`super::usable_per_node`]); otherwise the cluster's
+/// ([`ServicePort::usable`]).
+fn vip_entry(entry: &ServiceEntry, p: &ServicePort, ip: IpAddr) -> ClusterIpEntry {
+    let node_local = entry.internal_local && !entry.external_ips.contains(&ip);
+    let endpoints = if node_local {
+        super::usable_per_node(&p.all_endpoints, ip.is_ipv4())
+    } else {
+        p.usable(ip.is_ipv4())
+    };
+    port_entry(entry, p, endpoints)
+}
+
+/// `entry`'s port `p` with `endpoints`.
+fn port_entry(entry: &ServiceEntry, p: &ServicePort, endpoints: Vec<&Endpoint>) -> ClusterIpEntry {
+    ClusterIpEntry {
+        namespace: entry.namespace.clone(),
+        name: entry.name.clone(),
+        port_name: p.name.clone(),
+        target_port: p.target_port.clone(),
+        endpoints: endpoints.into_iter().cloned().collect(),
+    }
+}
+
+/// `entry`'s claim on `k` (an address, port and protocol), if it lists it.
+fn claim(entry: &ServiceEntry, k: (SocketAddr, Protocol)) -> Option<ClusterIpEntry> {
+    if !addresses(entry).contains(&k.0.ip()) {
+        return None;
+    }
+    let p = entry
+        .ports
+        .iter()
+        .find(|p| p.port == k.0.port() && p.protocol == k.1)?;
+    Some(vip_entry(entry, p, k.0.ip()))
 }
 
 /// The service table: every Service by name, every ClusterIP:port by
@@ -48,20 +86,28 @@ impl ServiceTable {
         // Only this Service's own entries go (no scan of the whole table:
         // a slice update costs the size of its Service).
         if let Some(old) = self.by_name.remove(&key) {
+            let owned = |e: &ClusterIpEntry| e.namespace == old.namespace && e.name == old.name;
             for ip in addresses(&old) {
                 for p in &old.ports {
-                    self.by_vip
-                        .remove(&(SocketAddr::new(ip, p.port), p.protocol));
+                    let k = (SocketAddr::new(ip, p.port), p.protocol);
+                    // Another Service may list the same external IP and
+                    // port (ClusterIPs are never shared): it keeps it, or
+                    // takes it over once this one's goes.
+                    if !self.by_vip.get(&k).is_some_and(owned) {
+                        continue;
+                    }
+                    self.by_vip.remove(&k);
+                    if old.external_ips.contains(&ip) {
+                        if let Some(other) = self.by_name.values().find_map(|e| claim(e, k)) {
+                            self.by_vip.insert(k, other);
+                        }
+                    }
                 }
             }
             for p in &old.ports {
                 if let Some(np) = p.node_port {
                     // Another Service may have taken the port meanwhile.
-                    if self
-                        .by_node_port
-                        .get(&(np, p.protocol))
-                        .is_some_and(|e| e.namespace == old.namespace && e.name == old.name)
-                    {
+                    if self.by_node_port.get(&(np, p.protocol)).is_some_and(owned) {
                         self.by_node_port.remove(&(np, p.protocol));
                     }
                 }
@@ -70,25 +116,19 @@ impl ServiceTable {
         let Some(entry) = entry else {
             return;
         };
-        let at = |p: &ServicePort, ipv4: bool| ClusterIpEntry {
-            namespace: entry.namespace.clone(),
-            name: entry.name.clone(),
-            port_name: p.name.clone(),
-            target_port: p.target_port.clone(),
-            endpoints: p.usable(ipv4).into_iter().cloned().collect(),
-        };
         for ip in addresses(&entry) {
             for p in &entry.ports {
                 self.by_vip.insert(
                     (SocketAddr::new(ip, p.port), p.protocol),
-                    at(p, ip.is_ipv4()),
+                    vip_entry(&entry, p, ip),
                 );
             }
         }
         if matches!(entry.kind, ServiceKind::ClusterIp(_)) {
             for p in &entry.ports {
                 if let Some(np) = p.node_port {
-                    self.by_node_port.insert((np, p.protocol), at(p, true));
+                    self.by_node_port
+                        .insert((np, p.protocol), port_entry(&entry, p, p.usable(true)));
                 }
             }
         }

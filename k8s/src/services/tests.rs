@@ -382,3 +382,144 @@ fn node_ports_and_external_ips_are_served_like_the_cluster_ip() {
         "all gone with the Service"
     );
 }
+
+/// A missing `serving` means true (the v1 API's default), so a terminating
+/// endpoint that says nothing more is drained to when none is ready; an
+/// address two slices list keeps the copy that is not terminating (a new
+/// pod given a terminating pod's address), in either order.
+#[test]
+fn missing_serving_means_true_and_the_running_copy_of_an_address_wins() {
+    let s = svc(
+        "api",
+        &["10.96.0.31"],
+        &[("", 443, "TCP", IntOrString::Int(8443))],
+    );
+    let port = [("", 8443, "TCP")];
+    let draining = slice(
+        "api-1",
+        "api",
+        "IPv4",
+        &port,
+        &[("10.244.7.6", "edge1", Some(false), None, Some(true))],
+    );
+    let (t, _) = table_of(std::slice::from_ref(&s), &[draining], None);
+    let e = t.lookup(sa("10.96.0.31:443"), Protocol::Tcp).unwrap();
+    assert_eq!(
+        e.endpoints.iter().map(Endpoint::addr).collect::<Vec<_>>(),
+        [sa("10.244.7.6:8443")],
+        "terminating, serving unset: drained to"
+    );
+    let old = slice(
+        "api-a",
+        "api",
+        "IPv4",
+        &port,
+        &[("10.244.7.9", "edge1", Some(false), Some(true), Some(true))],
+    );
+    let new = slice(
+        "api-b",
+        "api",
+        "IPv4",
+        &port,
+        &[("10.244.7.9", "edge1", Some(true), Some(true), Some(false))],
+    );
+    for slices in [[old.clone(), new.clone()], [new, old]] {
+        let (t, _) = table_of(std::slice::from_ref(&s), &slices, None);
+        let e = t.lookup(sa("10.96.0.31:443"), Protocol::Tcp).unwrap();
+        assert_eq!(e.endpoints.len(), 1);
+        assert!(
+            e.endpoints[0].ready && !e.endpoints[0].terminating,
+            "the running pod's copy: {:?}",
+            e.endpoints[0]
+        );
+    }
+}
+
+/// Two Services listing the same external IP and port: removing or
+/// changing one leaves the address to the other, never to nobody.
+#[test]
+fn a_shared_external_ip_stays_with_the_service_still_listing_it() {
+    let with_ext = |name: &str, ip: &str, target: i32| {
+        let mut s = svc(
+            name,
+            &[ip],
+            &[("http", 80, "TCP", IntOrString::Int(target))],
+        );
+        if let Some(spec) = s.spec.as_mut() {
+            spec.external_ips = Some(vec!["203.0.113.7".into()]);
+        }
+        let sl = slice(
+            &format!("{name}-1"),
+            name,
+            "IPv4",
+            &[("http", target, "TCP")],
+            &[("10.244.7.5", "edge1", None, None, None)],
+        );
+        (s, sl)
+    };
+    let (a, a_sl) = with_ext("a", "10.96.0.41", 8081);
+    let (b, b_sl) = with_ext("b", "10.96.0.42", 8082);
+    let ext = sa("203.0.113.7:80");
+    let owner = |t: &ServiceTable| t.lookup(ext, Protocol::Tcp).map(|e| e.name.clone());
+    for (gone, stays) in [("a", "b"), ("b", "a")] {
+        let (mut t, _) = table_of(&[a.clone(), b.clone()], &[a_sl.clone(), b_sl.clone()], None);
+        t.set("shop", gone, None);
+        assert_eq!(owner(&t).as_deref(), Some(stays), "{gone} removed");
+        t.set("shop", stays, None);
+        assert_eq!(owner(&t), None, "both removed");
+    }
+    // A change to one that no longer lists the address leaves it too.
+    let (mut t, _) = table_of(&[a.clone(), b.clone()], &[a_sl.clone(), b_sl], None);
+    let mut a2 = a;
+    if let Some(spec) = a2.spec.as_mut() {
+        spec.external_ips = None;
+    }
+    let (e, _) = service_entry(&a2, [&a_sl], None);
+    t.set("shop", "a", Some(e));
+    assert_eq!(owner(&t).as_deref(), Some("b"));
+    assert!(t.lookup(sa("10.96.0.41:80"), Protocol::Tcp).is_some());
+}
+
+/// An `internalTrafficPolicy: Local` ClusterIP is served by each node's own
+/// endpoints: a node whose only pod is terminating (still serving) drains
+/// to it even while another node has a ready one; the cluster-wide rule
+/// would have dropped it. The Service's external IP keeps the cluster-wide
+/// choice (the policy applies to ClusterIPs only).
+#[test]
+fn node_local_ports_fall_back_to_draining_endpoints_node_by_node() {
+    let mut s = svc(
+        "dns",
+        &["10.96.0.10"],
+        &[("dns", 53, "UDP", IntOrString::Int(5353))],
+    );
+    if let Some(spec) = s.spec.as_mut() {
+        spec.internal_traffic_policy = Some("Local".into());
+        spec.external_ips = Some(vec!["203.0.113.53".into()]);
+    }
+    let sl = slice(
+        "dns-1",
+        "dns",
+        "IPv4",
+        &[("dns", 5353, "UDP")],
+        &[
+            ("10.244.7.5", "edge1", Some(false), Some(true), Some(true)),
+            ("10.244.8.5", "edge2", Some(true), Some(true), Some(false)),
+            ("10.244.8.6", "edge2", Some(false), Some(true), Some(true)),
+        ],
+    );
+    let (t, _) = table_of(&[s], &[sl], None);
+    let addrs = |vip: &str| -> Vec<SocketAddr> {
+        t.lookup(sa(vip), Protocol::Udp)
+            .unwrap()
+            .endpoints
+            .iter()
+            .map(Endpoint::addr)
+            .collect()
+    };
+    assert_eq!(
+        addrs("10.96.0.10:53"),
+        [sa("10.244.7.5:5353"), sa("10.244.8.5:5353")],
+        "edge1 drains to its own; edge2 has a ready one"
+    );
+    assert_eq!(addrs("203.0.113.53:53"), [sa("10.244.8.5:5353")]);
+}
