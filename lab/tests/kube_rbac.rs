@@ -17,9 +17,11 @@
 //!    removed), the same scenario fails and at least one 403 is seen: no
 //!    rule, and no verb, is unused. A rule no test needs fails here.
 //!
-//! The relay does not start a `ServiceDirectory` yet, so this test runs one
-//! beside it, as the same user through the same kind of kubeconfig: the
-//! calls are the ones relay-kube makes, whoever owns the directory.
+//! The Service watch is checked on a `ServiceDirectory` this test runs
+//! beside the relay, as the same user through the same kind of kubeconfig
+//! (the relay starts one of its own with `kubernetes.services`): the calls
+//! are the ones relay-kube makes, whoever owns the directory, and the test
+//! can tell when each step has happened.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
