@@ -138,6 +138,8 @@ mod tests {
                 })
                 .collect(),
             external_ips: Vec::new(),
+            lb_ips: Vec::new(),
+            lb_source_ranges: Vec::new(),
             portless_endpoints: Vec::new(),
             internal_local: false,
             client_ip_affinity: false,

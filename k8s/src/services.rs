@@ -43,6 +43,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use relay_protocol::Cidr;
 
 mod entry;
 mod table;
@@ -186,6 +187,22 @@ pub enum ServiceKind {
     ExternalName(String),
 }
 
+impl ServiceEntry {
+    /// The source ranges that restrict traffic to `ip`, one of this
+    /// Service's addresses: its `loadBalancerSourceRanges` of `ip`'s family
+    /// when `ip` is a load-balancer IP; empty (no restriction) otherwise.
+    pub fn source_ranges_of(&self, ip: IpAddr) -> Vec<Cidr> {
+        if !self.lb_ips.contains(&ip) {
+            return Vec::new();
+        }
+        self.lb_source_ranges
+            .iter()
+            .filter(|c| c.addr().is_ipv4() == ip.is_ipv4())
+            .copied()
+            .collect()
+    }
+}
+
 /// One Service as the table holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceEntry {
@@ -200,6 +217,15 @@ pub struct ServiceEntry {
     /// `spec.externalIPs` and the load balancer's ingress IPs: kube-proxy
     /// serves them like the ClusterIP (ClusterIP Services only).
     pub external_ips: Vec<IpAddr>,
+    /// The load balancer's ingress IPs (also in `external_ips`): the
+    /// addresses `lb_source_ranges` applies to.
+    pub lb_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges`: where kube-proxy takes traffic to
+    /// the load balancer's IPs from (everywhere else: dropped). Ranges of
+    /// the other family than a load-balancer IP's do not restrict it
+    /// (kube-proxy ignores them too); unparsable ones are skipped and
+    /// counted. Not `spec.externalIPs`: kube-proxy applies none there.
+    pub lb_source_ranges: Vec<Cidr>,
     /// A headless Service without ports: its endpoints (port 0), from the
     /// slices that list no port, as the cluster DNS answers with them (an
     /// A record per ready endpoint, no SRV). Empty for every other

@@ -11,7 +11,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use relay_kube_standin::k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
+use relay_kube_standin::k8s_openapi::api::core::v1::{
+    LoadBalancerIngress, LoadBalancerStatus, Node, Service, ServicePort, ServiceSpec, ServiceStatus,
+};
 use relay_kube_standin::k8s_openapi::api::discovery::v1::{
     Endpoint, EndpointConditions, EndpointPort, EndpointSlice,
 };
@@ -43,6 +45,12 @@ pub struct LabService {
     /// `externalIPs` (the lab's kube-proxy model does not program them;
     /// the relay and edges capture them ahead of kube-proxy anyway).
     pub external_ips: Vec<std::net::Ipv4Addr>,
+    /// The load balancer's ingress IPs (`status.loadBalancer`; a
+    /// `LoadBalancer` Service then), as MetalLB's L2 mode gives a node's
+    /// address; not programmed by the lab's kube-proxy model either.
+    pub lb_ips: Vec<std::net::Ipv4Addr>,
+    /// `spec.loadBalancerSourceRanges`.
+    pub lb_source_ranges: Vec<&'static str>,
     /// `internalTrafficPolicy: Local` (each node's own endpoints only).
     pub internal_local: bool,
     /// `sessionAffinity: ClientIP` (the lab's kube-proxy model does not
@@ -77,6 +85,8 @@ impl LabService {
                 .collect(),
             node_port: None,
             external_ips: Vec::new(),
+            lb_ips: Vec::new(),
+            lb_source_ranges: Vec::new(),
             internal_local: false,
             client_ip_affinity: false,
         }
@@ -104,10 +114,18 @@ impl LabService {
                 }]),
                 external_ips: (!self.external_ips.is_empty())
                     .then(|| self.external_ips.iter().map(|ip| ip.to_string()).collect()),
+                load_balancer_source_ranges: (!self.lb_source_ranges.is_empty()).then(|| {
+                    self.lb_source_ranges
+                        .iter()
+                        .map(|r| r.to_string())
+                        .collect()
+                }),
                 internal_traffic_policy: self.internal_local.then(|| "Local".into()),
                 session_affinity: self.client_ip_affinity.then(|| "ClientIP".into()),
                 type_: Some(
-                    if self.node_port.is_some() {
+                    if !self.lb_ips.is_empty() {
+                        "LoadBalancer"
+                    } else if self.node_port.is_some() {
                         "NodePort"
                     } else {
                         "ClusterIP"
@@ -116,7 +134,20 @@ impl LabService {
                 ),
                 ..Default::default()
             }),
-            status: None,
+            status: (!self.lb_ips.is_empty()).then(|| ServiceStatus {
+                load_balancer: Some(LoadBalancerStatus {
+                    ingress: Some(
+                        self.lb_ips
+                            .iter()
+                            .map(|ip| LoadBalancerIngress {
+                                ip: Some(ip.to_string()),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    ),
+                }),
+                ..Default::default()
+            }),
         };
         let target = self.endpoints.first().map(|(a, _)| a.port());
         let slice = EndpointSlice {

@@ -36,6 +36,9 @@ use relay_protocol::Cidr;
 use relay_server::RelayConfig;
 use relay_transport::devcerts::DevPki;
 
+/// The load-balancer Service's port (on the relay node's public address).
+const LB_PORT: u16 = 8080;
+
 /// The relay's config for this lab: in-cluster mode, and `tunnel_routes`
 /// without the cloud LAN.
 fn relay_cfg(lab: &NetnsLab, pki: &DevPki, cluster: &Cluster) -> Result<RelayConfig> {
@@ -79,7 +82,19 @@ fn cloud_nodes_host_addresses_are_capture_sources() -> Result<()> {
         &[(netns::edge_pod_ip(1), "edge1")],
     );
     web.external_ips = vec![netns::RELAY_WAN_IP];
-    cluster.set_services(&lab, KubeProxyMode::Iptables, &[web])?;
+    // A LoadBalancer Service on epod1 whose ingress IP is the relay node's
+    // public address too, open only to the WAN gateway's address
+    // (`loadBalancerSourceRanges`, kube-proxy's firewall).
+    let mut lb = LabService::on_lab_ports(
+        "default",
+        "web-lb",
+        sa(Ipv4Addr::new(10, 96, 0, 71), LB_PORT),
+        Proto::Tcp,
+        &[(netns::edge_pod_ip(1), "edge1")],
+    );
+    lb.lb_ips = vec![netns::RELAY_WAN_IP];
+    lb.lb_source_ranges = vec!["198.18.0.254/32"];
+    cluster.set_services(&lab, KubeProxyMode::Iptables, &[web, lb])?;
     let mut m = Table::new(&["case", "path", "result"]);
 
     let relay = start_relay(&lab, relay_cfg(&lab, &pki, &cluster)?)?;
@@ -126,6 +141,33 @@ fn cloud_nodes_host_addresses_are_capture_sources() -> Result<()> {
             Ok(http_from(&lab, Role::Wan, sa(netns::RELAY_WAN_IP, HTTP)).is_ok())
         })
         .and_then(|_| http_from(&lab, Role::Wan, sa(netns::RELAY_WAN_IP, HTTP))),
+    );
+    let lb_at = sa(netns::RELAY_WAN_IP, LB_PORT);
+    m.check(
+        &[
+            "Internet host inside loadBalancerSourceRanges → the load balancer's IP",
+            "wan (198.18.0.254) → 198.18.0.1:8080 ⇒ 10.244.7.5",
+        ],
+        "epod1",
+        within(Duration::from_secs(5), || {
+            Ok(http_from(&lab, Role::Wan, lb_at).is_ok())
+        })
+        .and_then(|_| http_from(&lab, Role::Wan, lb_at)),
+    );
+    let nat1 = Role::nat(1)?;
+    m.check(
+        &[
+            "Internet host outside loadBalancerSourceRanges → the load balancer's IP: not tunnelled",
+            "nat1 (198.18.0.11) → 198.18.0.1:8080",
+        ],
+        "refused",
+        // Not captured, and nothing else listens there: the relay node's
+        // kernel resets it (kube-proxy's firewall would drop it).
+        match http_from(&lab, nat1, lb_at) {
+            Ok(body) => Ok(format!("answered {body:?}")),
+            Err(e) if format!("{e:#}").contains("Connection refused") => Ok("refused".into()),
+            Err(e) => Err(e),
+        },
     );
     edge1.stop()?;
     relay.stop()?;

@@ -101,6 +101,21 @@ pub fn snapshot_of(table: &ServiceTable) -> ServiceSnapshot {
             })
             .map(|((port, proto), _)| ServiceKey::node_port(*port, *proto == Protocol::Udp)),
     );
+    // kube-proxy's firewall for load balancers: only their source ranges
+    // reach a load-balancer IP of a Service that lists some.
+    let source_ranges = table
+        .cluster_ips()
+        .filter_map(|((vip, proto), e)| {
+            let key = ServiceKey {
+                vip: *vip,
+                udp: *proto == Protocol::Udp,
+            };
+            let ranges = table
+                .service(&e.namespace, &e.name)?
+                .source_ranges_of(vip.ip());
+            (ports.contains_key(&key) && !ranges.is_empty()).then(|| (key, Arc::from(ranges)))
+        })
+        .collect();
     let node_ports = table
         .node_ports()
         .filter_map(|((port, proto), e)| usable(proto, e).map(|(udp, b)| ((*port, udp), b)))
@@ -111,6 +126,7 @@ pub fn snapshot_of(table: &ServiceTable) -> ServiceSnapshot {
         external,
         node_local,
         sticky,
+        source_ranges,
         names: Arc::new(relay_kube::service_names(table)),
         cluster_domain: Arc::from(table.cluster_domain()),
         changes: Arc::default(),
@@ -373,6 +389,8 @@ mod tests {
             kind,
             ports,
             external_ips: Vec::new(),
+            lb_ips: Vec::new(),
+            lb_source_ranges: Vec::new(),
             portless_endpoints: Vec::new(),
             internal_local: false,
             client_ip_affinity: false,

@@ -60,11 +60,17 @@ pub struct Metrics {
     denials: [[AtomicU64; 6]; 4],
     /// ClusterIP connections and flows the relay resolved, by where the
     /// endpoint it picked was (see [`SERVICE_PICKS`]).
-    service_picks: [AtomicU64; 4],
+    service_picks: [AtomicU64; 5],
 }
 
 /// Outcomes of resolving a ClusterIP or Service name at the relay.
-pub const SERVICE_PICKS: [&str; 4] = ["edge", "cloud", "no_endpoints", "edges_offline"];
+pub const SERVICE_PICKS: [&str; 5] = [
+    "edge",
+    "cloud",
+    "no_endpoints",
+    "edges_offline",
+    "source_range",
+];
 
 const ORIGINS: [&str; 4] = ["connect", "captured", "edge", "service"];
 

@@ -63,6 +63,16 @@ pub(crate) fn route_any(
     };
     if let Some(b) = snap.backends(target, proto) {
         let key = ServiceKey { vip: target, udp };
+        if !snap.source_allowed(&key, client) {
+            shared.metrics.service_pick("source_range");
+            return Err(StreamReply::fail(
+                StreamStatus::Refused,
+                format!(
+                    "service {target} is a load balancer's address with loadBalancerSourceRanges, and the client {} is outside them",
+                    client.map_or_else(String::new, |c| c.to_string())
+                ),
+            ));
+        }
         if snap.node_local.contains(&key) {
             return route_node_local(shared, b, prefer, sticky(key), proto, &target);
         }

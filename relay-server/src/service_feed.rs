@@ -268,8 +268,8 @@ mod tests {
         ]);
         s.node_local.extend([agent, elsewhere]);
         let served = |b: &Backend| b.node.as_deref().is_some_and(|n| n.starts_with("edge"));
-        let (set, open) = relay_capture_set(&s, served);
-        assert!(set.is_empty() && open.is_empty(), "{set:?} {open:?}");
+        let set = relay_capture_set(&s, served, &BTreeSet::new());
+        assert_eq!(set, Default::default());
         let mut edge = BTreeMap::new();
         for f in ServiceFeed::default()
             .poll(&s, "edge1", false)

@@ -23,12 +23,12 @@
 //! docs/architecture.md, "Services with edge endpoints").
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
-use relay_protocol::ServiceKey;
-use relay_transport::capture::{Proto as CaptureProto, ServiceSet};
+use relay_protocol::{Cidr, ServiceKey};
+use relay_transport::capture::{Proto as CaptureProto, RangedSet, ServiceSet};
 use tokio::sync::watch;
 
 use crate::policy::Proto;
@@ -65,6 +65,11 @@ pub struct ServiceSnapshot {
     /// [`ServiceKey::node_port`]) of `sessionAffinity: ClientIP` Services:
     /// a client's connections keep to one endpoint (see [`pick`]).
     pub sticky: BTreeSet<ServiceKey>,
+    /// The load-balancer IP ports of Services with
+    /// `loadBalancerSourceRanges` (of the address's family): only clients
+    /// inside these prefixes may reach them, as kube-proxy's firewall has
+    /// it (see [`relay_capture_set`] and [`Self::source_allowed`]).
+    pub source_ranges: BTreeMap<ServiceKey, Arc<[Cidr]>>,
     /// Every Service's DNS names, for edges' resolvers (empty in static
     /// mode). Shared: each session keeps a pointer to the one it sent.
     pub names: Arc<relay_protocol::NameTable>,
@@ -86,6 +91,18 @@ impl ServiceSnapshot {
 }
 
 impl ServiceSnapshot {
+    /// Whether `client` may reach `key`: always, unless the port is a
+    /// load-balancer IP's with source ranges and `client` is outside them.
+    /// Without a client address (the relay's captured UDP, which its
+    /// capture already took only from those ranges; a CONNECT, from an
+    /// authenticated cluster component) it is not checked here.
+    pub fn source_allowed(&self, key: &ServiceKey, client: Option<IpAddr>) -> bool {
+        match (self.source_ranges.get(key), client) {
+            (Some(r), Some(c)) => r.iter().any(|x| x.contains(&c)),
+            _ => true,
+        }
+    }
+
     /// The endpoints behind node port `port` over `proto`, if it is one.
     pub fn node_port(&self, port: u16, proto: Proto) -> Option<&Arc<[Backend]>> {
         self.node_ports.get(&(port, proto == Proto::Udp))
@@ -277,27 +294,71 @@ fn fnv1a(seed: u64, a: SocketAddr) -> u64 {
     a.port().to_be_bytes().iter().fold(h, step)
 }
 
+/// What the relay node captures of Services' addresses (see
+/// [`relay_capture_set`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RelayCapture {
+    /// ClusterIP ports (and external IPs of `externalTrafficPolicy:
+    /// Local` Services), taken from the capture sources only.
+    pub cluster: ServiceSet,
+    /// External and load-balancer IP ports taken from any source.
+    pub open: ServiceSet,
+    /// Load-balancer IP ports taken only from the prefixes listed with
+    /// each: its `loadBalancerSourceRanges` (within the capture sources
+    /// for an `externalTrafficPolicy: Local` Service). Clients elsewhere
+    /// are left to kube-proxy, whose firewall drops them.
+    pub ranged: RangedSet,
+}
+
 /// The ClusterIP ports the relay node captures: those with an endpoint
 /// that `served` says is behind a live edge session (kube-proxy on the
 /// relay node could not reach it). Ports whose endpoints are all in the
-/// cloud stay with kube-proxy. Returned as (ClusterIP ports, external and
-/// load-balancer IP ports): the second are taken from any source.
+/// cloud stay with kube-proxy. `sources` are the capture sources (the
+/// cloud's ranges) that [`RelayCapture::cluster`] is taken from.
 pub fn relay_capture_set(
     snap: &ServiceSnapshot,
     served: impl Fn(&Backend) -> bool,
-) -> (ServiceSet, ServiceSet) {
-    let (mut cluster, mut open) = (ServiceSet::new(), ServiceSet::new());
+    sources: &BTreeSet<Cidr>,
+) -> RelayCapture {
+    let mut out = RelayCapture::default();
     for (k, b) in &snap.ports {
-        if b.iter().any(&served) && !snap.node_local.contains(k) {
-            let set = if snap.external.contains(k) {
-                &mut open
-            } else {
-                &mut cluster
-            };
-            set.insert((k.vip, capture_proto(k.udp)));
+        if !b.iter().any(&served) || snap.node_local.contains(k) {
+            continue;
+        }
+        let at = (k.vip, capture_proto(k.udp));
+        let open = snap.external.contains(k);
+        match snap.source_ranges.get(k) {
+            Some(ranges) => {
+                let from: BTreeSet<Cidr> = if open {
+                    ranges.iter().copied().collect()
+                } else {
+                    intersection(ranges, sources)
+                };
+                if !from.is_empty() {
+                    out.ranged.insert(at, from);
+                }
+            }
+            None if open => {
+                out.open.insert(at);
+            }
+            None => {
+                out.cluster.insert(at);
+            }
         }
     }
-    (cluster, open)
+    out
+}
+
+/// The prefixes inside both `a` and `b` (of two prefixes that overlap,
+/// one holds the other: the smaller is what they share).
+fn intersection(a: &[Cidr], b: &BTreeSet<Cidr>) -> BTreeSet<Cidr> {
+    a.iter()
+        .flat_map(|x| {
+            b.iter()
+                .filter(|y| x.overlaps(y))
+                .map(|y| if x.contains_cidr(y) { *y } else { *x })
+        })
+        .collect()
 }
 
 /// The node ports the relay node captures: those with an endpoint behind
@@ -346,6 +407,61 @@ pub(crate) mod tests {
             vip: vip.parse().unwrap(),
             udp,
         }
+    }
+
+    /// A load balancer's port with source ranges is captured from those
+    /// ranges only (open: from anywhere inside them; of an
+    /// `externalTrafficPolicy: Local` Service: only where they meet the
+    /// capture sources), never from any source; and a client outside them
+    /// is refused where the relay knows it.
+    #[test]
+    fn load_balancer_ports_are_captured_only_from_their_source_ranges() {
+        let cidr = |s: &str| s.parse::<Cidr>().unwrap();
+        let (open_lb, local_lb, plain) = (
+            key("198.51.100.9:443", false),
+            key("198.51.100.10:443", false),
+            key("203.0.113.7:80", false),
+        );
+        let mut s = snap(&[
+            (open_lb, vec![b("10.244.7.5:443", "edge1")]),
+            (local_lb, vec![b("10.244.7.6:443", "edge1")]),
+            (plain, vec![b("10.244.7.7:80", "edge1")]),
+        ]);
+        s.external.extend([open_lb, plain]);
+        s.source_ranges.insert(
+            open_lb,
+            Arc::from([cidr("192.0.2.0/24"), cidr("10.0.0.0/8")]),
+        );
+        s.source_ranges.insert(
+            local_lb,
+            Arc::from([cidr("10.0.0.0/8"), cidr("192.0.2.0/24")]),
+        );
+        let sources: BTreeSet<Cidr> = [cidr("10.244.0.0/16"), cidr("172.16.0.0/12")].into();
+        let set = relay_capture_set(&s, |_| true, &sources);
+        assert_eq!(set.open, [(plain.vip, CaptureProto::Tcp)].into());
+        assert!(set.cluster.is_empty(), "{:?}", set.cluster);
+        assert_eq!(
+            set.ranged,
+            [
+                (
+                    (open_lb.vip, CaptureProto::Tcp),
+                    [cidr("10.0.0.0/8"), cidr("192.0.2.0/24")].into()
+                ),
+                (
+                    (local_lb.vip, CaptureProto::Tcp),
+                    [cidr("10.244.0.0/16")].into()
+                ),
+            ]
+            .into()
+        );
+        let ip = |a: &str| Some(a.parse::<IpAddr>().unwrap());
+        assert!(s.source_allowed(&open_lb, ip("192.0.2.77")));
+        assert!(!s.source_allowed(&open_lb, ip("198.18.0.11")));
+        assert!(s.source_allowed(&plain, ip("198.18.0.11")));
+        assert!(
+            s.source_allowed(&open_lb, None),
+            "not known: the capture checked"
+        );
     }
 
     /// A snapshot of these ports and nothing else.
@@ -530,7 +646,9 @@ pub(crate) mod tests {
         let mut s = s;
         s.external.insert(key("203.0.113.9:80", false));
         let served = |b: &Backend| b.node.as_deref().is_some_and(|n| n.starts_with("edge"));
-        let (set, open) = relay_capture_set(&s, served);
+        let RelayCapture {
+            cluster: set, open, ..
+        } = relay_capture_set(&s, served, &BTreeSet::new());
         assert_eq!(
             describe(&set),
             ["10.96.0.20:80/tcp", "10.96.0.30:53/udp"],

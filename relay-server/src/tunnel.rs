@@ -265,11 +265,12 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
         }
         let snap = services.borrow_and_update().clone();
         let served = |b: &Backend| endpoint_session(&shared, b).is_some();
-        let (svc, open) = crate::services::relay_capture_set(&snap, served);
+        let set = crate::services::relay_capture_set(&snap, served, &sources);
+        let svc = set.cluster;
         let node_ports = crate::services::relay_node_port_set(&snap, served);
         if let Err(e) = cap.apply_services(&svc, &BTreeSet::new()).await {
             failed = Some(e);
-        } else if let Err(e) = cap.apply_open_services(&open).await {
+        } else if let Err(e) = cap.apply_open_services(&set.open, &set.ranged).await {
             failed = Some(e);
         } else if let Err(e) = cap.apply_node_ports(&node_ports).await {
             failed = Some(e);

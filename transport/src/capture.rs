@@ -23,14 +23,18 @@
 //!   set svcskip4 { type ipv4_addr . inet_proto . inet_service; }  # ClusterIP ports left to kube-proxy
 //!   set np4 { type inet_proto . inet_service; }   # captured node ports, IPv4 only as the listeners
 //!   set svcext4 { type ipv4_addr . inet_proto . inet_service; }  # captured external IP ports (relay)
+//!   set svcextsrc4 { type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags interval; }
+//!                                  # source range . load-balancer IP ports with loadBalancerSourceRanges (relay)
 //!   chain svc_pre { type nat hook prerouting priority -150;  # before kube-proxy (-100)
 //!     meta nfproto ipv4 fib daddr type local meta l4proto { tcp, udp } meta l4proto . th dport @np4 redirect to :<port>
+//!     meta l4proto { tcp, udp } ip saddr . ip daddr . meta l4proto . th dport @svcextsrc4 redirect to :<port>
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svcext4 redirect to :<port>
 //!     ip saddr != @src4 return
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svc4 redirect to :<port> }   # and its nftables mode (-110)
 //!   chain svc_out { type nat hook output priority -150;
 //!     meta mark <own_mark> return
 //!     meta nfproto ipv4 fib daddr type local meta l4proto { tcp, udp } meta l4proto . th dport @np4 redirect to :<port>
+//!     meta l4proto { tcp, udp } ip saddr . ip daddr . meta l4proto . th dport @svcextsrc4 redirect to :<port>
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svcext4 redirect to :<port>
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svc4 redirect to :<port> }
 //!   chain guard { type filter hook input priority filter;
@@ -116,7 +120,8 @@ mod services;
 #[cfg(test)]
 mod tests;
 pub use services::{
-    conntrack_delete_args, is_local_address, services_script, socket_lb_suspected, ServiceSet,
+    conntrack_delete_args, is_local_address, ranged_services_script, services_script,
+    socket_lb_suspected, RangedSet, ServiceSet,
 };
 
 /// A capture command failed.
@@ -210,6 +215,8 @@ pub struct Capture {
     local_services: BTreeSet<(SocketAddr, Proto)>,
     /// External and load-balancer IP ports, taken from any source.
     open_services: BTreeSet<(SocketAddr, Proto)>,
+    /// Load-balancer IP ports taken only from their source ranges.
+    ranged_services: RangedSet,
     node_ports: BTreeSet<(u16, Proto)>,
     /// `None` until [`Capture::apply_sources`]: every source.
     sources: Option<BTreeSet<Cidr>>,
@@ -252,8 +259,10 @@ impl Capture {
              }}\n\
              set np4 {{ type inet_proto . inet_service; }}\n\
              set svcext4 {{ type ipv4_addr . inet_proto . inet_service; }}\n\
+             set svcextsrc4 {{ type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags interval; }}\n\
              chain svc_pre {{ type nat hook prerouting priority -150; policy accept;\n\
              meta nfproto ipv4 fib daddr type local meta l4proto {{ tcp, udp }} meta l4proto . th dport @np4 redirect to :{p}\n\
+             meta l4proto {{ tcp, udp }} ip saddr . ip daddr . meta l4proto . th dport @svcextsrc4 redirect to :{p}\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svcext4 redirect to :{p}\n\
              ip saddr != @src4 return\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svc4 redirect to :{p}\n\
@@ -261,6 +270,7 @@ impl Capture {
              chain svc_out {{ type nat hook output priority -150; policy accept;\n\
              meta mark {mark:#x} return\n\
              meta nfproto ipv4 fib daddr type local meta l4proto {{ tcp, udp }} meta l4proto . th dport @np4 redirect to :{p}\n\
+             meta l4proto {{ tcp, udp }} ip saddr . ip daddr . meta l4proto . th dport @svcextsrc4 redirect to :{p}\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svcext4 redirect to :{p}\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svc4 redirect to :{p}\n\
              }}\n\
@@ -305,6 +315,7 @@ impl Capture {
             services: BTreeSet::new(),
             local_services: BTreeSet::new(),
             open_services: BTreeSet::new(),
+            ranged_services: RangedSet::new(),
             node_ports: BTreeSet::new(),
             sources: None,
         })

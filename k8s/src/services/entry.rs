@@ -9,6 +9,8 @@ use std::net::{IpAddr, SocketAddr};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
+use relay_protocol::Cidr;
+
 use super::{Endpoint, Protocol, ServiceEntry, ServiceKind, ServicePort};
 
 /// Issues found building a Service's entry; the rest of it is used.
@@ -112,7 +114,7 @@ pub fn service_entry<'a>(
             add_endpoints(slice, 0, known_nodes, &mut notes, &mut portless);
         }
     }
-    let mut external_ips = Vec::new();
+    let (mut external_ips, mut lb_ips) = (Vec::new(), Vec::new());
     // An ingress IP of `ipMode: Proxy` is the load balancer's own address
     // (it proxies to the nodes), which kube-proxy leaves alone, and so do
     // we. (`externalTrafficPolicy: Local` is kept on the entry: see
@@ -126,19 +128,28 @@ pub fn service_entry<'a>(
             .into_iter()
             .flatten()
             .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
-            .filter_map(|i| i.ip.clone());
-        for raw in spec
-            .external_ips
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .chain(lb)
-        {
+            .filter_map(|i| i.ip.clone())
+            .map(|ip| (ip, true));
+        let listed = spec.external_ips.clone().unwrap_or_default();
+        for (raw, from_lb) in listed.into_iter().map(|ip| (ip, false)).chain(lb) {
             match raw.parse::<IpAddr>() {
-                Ok(ip) if !external_ips.contains(&ip) => external_ips.push(ip),
-                Ok(_) => {}
+                Ok(ip) => {
+                    if !external_ips.contains(&ip) {
+                        external_ips.push(ip);
+                    }
+                    if from_lb && !lb_ips.contains(&ip) {
+                        lb_ips.push(ip);
+                    }
+                }
                 Err(_) => notes.skipped += 1,
             }
+        }
+    }
+    let mut lb_source_ranges = Vec::new();
+    for raw in spec.load_balancer_source_ranges.iter().flatten() {
+        match raw.trim().parse::<Cidr>() {
+            Ok(c) => lb_source_ranges.push(c),
+            Err(_) => notes.skipped += 1,
         }
     }
     (
@@ -148,6 +159,8 @@ pub fn service_entry<'a>(
             kind,
             ports,
             external_ips,
+            lb_ips,
+            lb_source_ranges,
             portless_endpoints: portless.into_values().collect(),
             internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
             client_ip_affinity: spec.session_affinity.as_deref() == Some("ClientIP"),

@@ -523,3 +523,47 @@ fn node_local_ports_fall_back_to_draining_endpoints_node_by_node() {
     );
     assert_eq!(addrs("203.0.113.53:53"), [sa("10.244.8.5:5353")]);
 }
+
+/// `loadBalancerSourceRanges` restrict the load balancer's ingress IPs,
+/// with ranges of their own family only; `spec.externalIPs` are not
+/// restricted (kube-proxy applies no firewall there).
+#[test]
+fn source_ranges_apply_to_load_balancer_ips_only() {
+    let mut s = svc(
+        "web",
+        &["10.96.0.20"],
+        &[("http", 80, "TCP", IntOrString::Int(8080))],
+    );
+    if let Some(spec) = s.spec.as_mut() {
+        spec.type_ = Some("LoadBalancer".into());
+        spec.external_ips = Some(vec!["203.0.113.7".into()]);
+        spec.load_balancer_source_ranges = Some(vec![
+            "192.0.2.0/24".into(),
+            " 10.1.0.0/16".into(),
+            "2001:db8::/32".into(),
+            "bogus".into(),
+        ]);
+    }
+    s.status = Some(k8s_openapi::api::core::v1::ServiceStatus {
+        load_balancer: Some(k8s_openapi::api::core::v1::LoadBalancerStatus {
+            ingress: Some(vec![k8s_openapi::api::core::v1::LoadBalancerIngress {
+                ip: Some("198.51.100.9".into()),
+                ..Default::default()
+            }]),
+        }),
+        ..Default::default()
+    });
+    let (e, notes) = service_entry(&s, std::iter::empty(), None);
+    assert_eq!(notes.skipped, 1, "the bad range");
+    let ip = |a: &str| a.parse::<IpAddr>().unwrap();
+    assert_eq!(e.lb_ips, [ip("198.51.100.9")]);
+    assert_eq!(e.external_ips, [ip("203.0.113.7"), ip("198.51.100.9")]);
+    let ranges: Vec<String> = e
+        .source_ranges_of(ip("198.51.100.9"))
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(ranges, ["192.0.2.0/24", "10.1.0.0/16"]);
+    assert!(e.source_ranges_of(ip("203.0.113.7")).is_empty());
+    assert!(e.source_ranges_of(ip("10.96.0.20")).is_empty());
+}

@@ -6,16 +6,22 @@
 //! installs the table these sets live in; see the module docs there for
 //! why services are captured ahead of kube-proxy.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::net::SocketAddr;
 
 use tracing::{debug, warn};
 
+use relay_protocol::Cidr;
+
 use super::{command, run, Capture, CaptureError, Proto};
 
 /// A set of ClusterIP ports.
 pub type ServiceSet = BTreeSet<(SocketAddr, Proto)>;
+
+/// Load-balancer IP ports each taken only from the source prefixes listed
+/// with it (a Service's `loadBalancerSourceRanges`).
+pub type RangedSet = BTreeMap<(SocketAddr, Proto), BTreeSet<Cidr>>;
 
 impl Capture {
     /// The service ports captured now.
@@ -104,24 +110,48 @@ impl Capture {
     /// Captures exactly the ports `want` of Services' external and
     /// load-balancer IPs (IPv4), ahead of kube-proxy as ClusterIP ports
     /// are, but from any source, as node ports are: such an address is
-    /// the Service's door for clients outside the cluster. Stale UDP
-    /// conntrack entries are deleted as for [`Capture::apply_services`].
-    pub async fn apply_open_services(&mut self, want: &ServiceSet) -> Result<(), CaptureError> {
+    /// the Service's door for clients outside the cluster; and the ports
+    /// of `ranged` only from the source prefixes listed with each (a
+    /// Service's `loadBalancerSourceRanges`: traffic from elsewhere is
+    /// left to kube-proxy, whose firewall drops it). Both sets change in
+    /// one transaction. Stale UDP conntrack entries are deleted as for
+    /// [`Capture::apply_services`].
+    pub async fn apply_open_services(
+        &mut self,
+        want: &ServiceSet,
+        ranged: &RangedSet,
+    ) -> Result<(), CaptureError> {
         let want4: ServiceSet = want.iter().filter(|(a, _)| a.is_ipv4()).copied().collect();
-        if want4 == self.open_services {
+        let ranged4: RangedSet = ranged
+            .iter()
+            .filter(|((a, _), _)| a.is_ipv4())
+            .map(|(k, r)| {
+                (
+                    *k,
+                    r.iter().filter(|c| c.addr().is_ipv4()).copied().collect(),
+                )
+            })
+            .collect();
+        if want4 == self.open_services && ranged4 == self.ranged_services {
             return Ok(());
         }
-        let nft = services_script(&self.cfg.nft_table, "svcext4", &want4);
+        let t = &self.cfg.nft_table;
+        let mut nft = services_script(t, "svcext4", &want4);
+        nft.push_str(&ranged_services_script(t, "svcextsrc4", &ranged4));
         run("nft", &["-f", "-"], Some(&nft)).await?;
+        let ranged_keys = |r: &RangedSet| -> ServiceSet { r.keys().copied().collect() };
         let stale: BTreeSet<(SocketAddr, Proto)> = want4
             .symmetric_difference(&self.open_services)
+            .chain(ranged_keys(&ranged4).symmetric_difference(&ranged_keys(&self.ranged_services)))
             .filter(|(_, p)| *p == Proto::Udp)
             .copied()
             .collect();
         self.open_services = want4;
+        self.ranged_services = ranged4;
         delete_stale_udp(stale).await;
         debug!(
             open_services = self.open_services.len(),
+            ranged_services = self.ranged_services.len(),
             "external service capture updated"
         );
         Ok(())
@@ -206,12 +236,17 @@ async fn batch_rules(rules: &str) {
 /// `svcskip4`) of table `inet <table>` hold exactly `services` (flush and
 /// add in one transaction).
 pub fn services_script(table: &str, set: &str, services: &ServiceSet) -> String {
-    let mut nft = format!("flush set inet {table} {set}\n");
-    let elems: Vec<String> = services
+    let elems = services
         .iter()
         .filter(|(a, _)| a.is_ipv4())
-        .map(|(a, p)| format!("{} . {} . {}", a.ip(), p.as_str(), a.port()))
-        .collect();
+        .map(|(a, p)| format!("{} . {} . {}", a.ip(), p.as_str(), a.port()));
+    set_script(table, set, elems)
+}
+
+/// The nft script replacing set `set` of `table` with `elems`.
+fn set_script(table: &str, set: &str, elems: impl Iterator<Item = String>) -> String {
+    let mut nft = format!("flush set inet {table} {set}\n");
+    let elems: Vec<String> = elems.collect();
     if !elems.is_empty() {
         let _ = writeln!(
             nft,
@@ -220,6 +255,22 @@ pub fn services_script(table: &str, set: &str, services: &ServiceSet) -> String 
         );
     }
     nft
+}
+
+/// The nft script replacing set `set` of `table` with `ranged`'s IPv4
+/// elements, one per source prefix of each port (`source . address .
+/// protocol . port`); a port listed with no prefix gets no element.
+pub fn ranged_services_script(table: &str, set: &str, ranged: &RangedSet) -> String {
+    let elems = ranged
+        .iter()
+        .filter(|((a, _), _)| a.is_ipv4())
+        .flat_map(|((a, p), sources)| {
+            sources
+                .iter()
+                .filter(|c| c.addr().is_ipv4())
+                .map(move |c| format!("{c} . {} . {} . {}", a.ip(), p.as_str(), a.port()))
+        });
+    set_script(table, set, elems)
 }
 
 /// `conntrack` arguments deleting the entries whose original destination

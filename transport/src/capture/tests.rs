@@ -52,6 +52,40 @@ fn service_set_script_and_conntrack_arguments() {
     );
 }
 
+/// A load-balancer port with source ranges: one element per IPv4 range
+/// (`source . address . protocol . port`); IPv6 ranges and addresses are
+/// left out (capture is IPv4).
+#[test]
+fn ranged_set_script_has_an_element_per_source_range() {
+    let cidr = |s: &str| s.parse::<Cidr>().unwrap();
+    let ranged: RangedSet = [
+        (
+            ("198.51.100.9:443".parse().unwrap(), Proto::Tcp),
+            [
+                cidr("10.0.0.0/8"),
+                cidr("192.0.2.7/32"),
+                cidr("2001:db8::/32"),
+            ]
+            .into(),
+        ),
+        (
+            ("[2001:db8::9]:443".parse().unwrap(), Proto::Tcp),
+            [cidr("2001:db8::/32")].into(),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(
+        ranged_services_script("t", "svcextsrc4", &ranged),
+        "flush set inet t svcextsrc4\n\
+         add element inet t svcextsrc4 { 10.0.0.0/8 . 198.51.100.9 . tcp . 443, 192.0.2.7/32 . 198.51.100.9 . tcp . 443 }\n"
+    );
+    assert_eq!(
+        ranged_services_script("t", "svcextsrc4", &RangedSet::new()),
+        "flush set inet t svcextsrc4\n"
+    );
+}
+
 /// The held table refuses the minimal cover of what was captured, from
 /// every source when none were set, with the hold as the set's timeout.
 #[test]
