@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use relay_kube::services::{usable, Protocol, ServiceKind, ServiceTable};
 use relay_kube::{KubeClient, ServiceDirectory, ServiceDirectoryOptions, ServiceObjects};
-use relay_protocol::ServiceKey;
+use relay_protocol::{Cidr, ServiceKey};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -40,7 +40,9 @@ pub struct KubeServices {
 /// The snapshot of `table`: every TCP and UDP ClusterIP (and external IP)
 /// port and node port with its usable endpoints (SCTP is never captured,
 /// so never listed, nor are Services another proxy serves).
-pub fn snapshot_of(table: &ServiceTable) -> ServiceSnapshot {
+/// `cloud` is `tunnel_routes`, what the tunnel offers edges (see
+/// [`ServiceSnapshot::cloud`]).
+pub fn snapshot_of(table: &ServiceTable, cloud: &Arc<[Cidr]>) -> ServiceSnapshot {
     // `(udp, endpoints)` of an entry, or `None` for SCTP and for a Service
     // labelled for another proxy (kube-proxy leaves those alone too).
     let usable = |proto: &Protocol, entry: &relay_kube::ClusterIpEntry| {
@@ -127,6 +129,7 @@ pub fn snapshot_of(table: &ServiceTable) -> ServiceSnapshot {
         node_local,
         sticky,
         source_ranges,
+        cloud: cloud.clone(),
         names: Arc::new(relay_kube::service_names(table)),
         cluster_domain: Arc::from(table.cluster_domain()),
         changes: Arc::default(),
@@ -215,6 +218,7 @@ impl KubeServices {
     pub fn start(
         client: &KubeClient,
         cluster_domain: &str,
+        cloud: &[Cidr],
         cache_file: Option<std::path::PathBuf>,
         stop: CancellationToken,
     ) -> Arc<Self> {
@@ -245,6 +249,7 @@ impl KubeServices {
         }
         let weak = Arc::downgrade(&me);
         let mut changes = me.dir.subscribe();
+        let cloud: Arc<[Cidr]> = Arc::from(cloud);
         tokio::spawn(async move {
             loop {
                 {
@@ -258,7 +263,7 @@ impl KubeServices {
                     }
                     let loaded = synced || cached.is_some();
                     drop(cached);
-                    let snap = me.dir.with_table(snapshot_of);
+                    let snap = me.dir.with_table(|t| snapshot_of(t, &cloud));
                     let snap = following(&me.snapshot.borrow().clone(), snap);
                     debug!(
                         ports = snap.ports.len(),
@@ -466,7 +471,7 @@ mod tests {
 
     #[test]
     fn snapshot_lists_tcp_and_udp_cluster_ip_ports_with_usable_endpoints() {
-        let s = snapshot_of(&table());
+        let s = snapshot_of(&table(), &Arc::from([]));
         let keys: Vec<String> = s
             .ports
             .keys()
@@ -537,7 +542,7 @@ mod tests {
                 e.other_proxy = true
             })),
         );
-        let s = snapshot_of(&t);
+        let s = snapshot_of(&t, &Arc::from([]));
         assert!(
             !s.ports
                 .keys()
