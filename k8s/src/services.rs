@@ -123,9 +123,9 @@ pub struct ServicePort {
     /// Every endpoint found for this port (all families), with conditions.
     pub all_endpoints: Vec<Endpoint>,
     /// `nodePort` (NodePort and LoadBalancer Services): every node's own
-    /// addresses take connections on it, as on the ClusterIP. `None` also
-    /// for a Service with `externalTrafficPolicy: Local`, whose node ports
-    /// stay with each node's kube-proxy.
+    /// addresses take connections on it, as on the ClusterIP; with
+    /// `externalTrafficPolicy: Local`, each node's own endpoints only
+    /// (its table entry lists them node by node).
     pub node_port: Option<u16>,
 }
 
@@ -239,9 +239,9 @@ pub struct ServiceEntry {
     pub client_ip_affinity: bool,
     /// `externalTrafficPolicy: Local`: kube-proxy sends traffic from
     /// outside the cluster to the receiving node's own endpoints only (else
-    /// drops it), for node ports (left out of the table: see
-    /// [`ServicePort::node_port`]) and external and load-balancer IPs; from
-    /// pods and nodes it still goes to every endpoint.
+    /// drops it), for node ports (whose table entries list each node's own:
+    /// see [`ServicePort::node_port`]) and external and load-balancer IPs;
+    /// from pods and nodes it still goes to every endpoint.
     pub external_local: bool,
     /// Labelled [`SERVICE_PROXY_NAME_LABEL`]: another proxy serves it, so
     /// none of its addresses is captured or resolved (its names still

@@ -54,6 +54,9 @@ pub struct LabService {
     pub lb_source_ranges: Vec<&'static str>,
     /// `internalTrafficPolicy: Local` (each node's own endpoints only).
     pub internal_local: bool,
+    /// `externalTrafficPolicy: Local` (the lab's kube-proxy model does not
+    /// keep it: the cells that use it run where kube-proxy does not).
+    pub external_local: bool,
     /// `sessionAffinity: ClientIP` (the lab's kube-proxy model does not
     /// keep it: nodes without capture still pick at random).
     pub client_ip_affinity: bool,
@@ -89,6 +92,7 @@ impl LabService {
             lb_ips: Vec::new(),
             lb_source_ranges: Vec::new(),
             internal_local: false,
+            external_local: false,
             client_ip_affinity: false,
         }
     }
@@ -122,6 +126,7 @@ impl LabService {
                         .collect()
                 }),
                 internal_traffic_policy: self.internal_local.then(|| "Local".into()),
+                external_traffic_policy: self.external_local.then(|| "Local".into()),
                 session_affinity: self.client_ip_affinity.then(|| "ClientIP".into()),
                 type_: Some(
                     if !self.lb_ips.is_empty() {

@@ -30,6 +30,11 @@ use relay_lab::scenario::{
 const SVC_OWN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 40)), HTTP);
 /// `on-edge2`: endpoint epod2 (elsewhere).
 const SVC_OTHER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 41)), HTTP);
+/// `etp-local`: a NodePort Service with `externalTrafficPolicy: Local`,
+/// endpoint epod1.
+const SVC_ETP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 42)), HTTP);
+/// Its node port.
+const ETP_NODE_PORT: u16 = 30042;
 
 /// Waits (at most 5 s) until edge1's capture holds the own Service's
 /// port in nft set `set` (`svcskip4`: left to kube-proxy; `svc4`:
@@ -69,12 +74,16 @@ fn an_edge_without_kube_proxy_serves_its_own_services() -> Result<()> {
     let one = |name, vip, ep: Ipv4Addr, node| {
         LabService::on_lab_ports("default", name, vip, Proto::Tcp, &[(ep, node)])
     };
+    let mut etp = one("etp-local", SVC_ETP, netns::edge_pod_ip(1), "edge1");
+    etp.node_port = Some(ETP_NODE_PORT);
+    etp.external_local = true;
     cluster.set_services(
         &lab,
         KubeProxyMode::Iptables,
         &[
             one("own-edge1", SVC_OWN, netns::edge_pod_ip(1), "edge1"),
             one("on-edge2", SVC_OTHER, netns::edge_pod_ip(2), "edge2"),
+            etp,
         ],
     )?;
     // edge1 runs no kube-proxy.
@@ -131,6 +140,15 @@ fn an_edge_without_kube_proxy_serves_its_own_services() -> Result<()> {
         ],
         "epod2",
         http_from(&lab, Role::Edge1, SVC_OTHER),
+    );
+    let at_edge1 = SocketAddr::new(IpAddr::V4(lab.edge_host_ip(1)), ETP_NODE_PORT);
+    m.check(
+        &[
+            "kube_proxy = false: externalTrafficPolicy Local NodePort from the site LAN",
+            "nat1 (192.168.1.1) → 192.168.1.10:30042 ⇒ 10.244.7.5",
+        ],
+        "epod1",
+        http_from(&lab, Role::nat(1)?, at_edge1),
     );
     relay.stop()?;
     m.conclude("lab-no-kube-proxy.txt", t0)

@@ -90,19 +90,20 @@ pub fn snapshot_of(table: &ServiceTable, cloud: &Arc<[Cidr]>) -> ServiceSnapshot
     // node's own endpoints only, so they are captured, like ClusterIPs,
     // from the cluster's own sources alone.
     let external = keys_where(&|s, ip| s.external_ips.contains(&ip) && !s.external_local);
-    // internalTrafficPolicy applies to ClusterIPs, not to external IPs.
-    let node_local = keys_where(&|s, ip| s.internal_local && !s.external_ips.contains(&ip));
-    let mut sticky = keys_where(&|s, _| s.client_ip_affinity);
-    sticky.extend(
+    // The node ports whose Service passes `pred`.
+    let node_ports_where = |pred: &dyn Fn(&relay_kube::ServiceEntry) -> bool| {
         table
             .node_ports()
-            .filter(|(_, e)| {
-                table
-                    .service(&e.namespace, &e.name)
-                    .is_some_and(|s| s.client_ip_affinity)
-            })
-            .map(|((port, proto), _)| ServiceKey::node_port(*port, *proto == Protocol::Udp)),
-    );
+            .filter(|(_, e)| table.service(&e.namespace, &e.name).is_some_and(pred))
+            .map(|((port, proto), _)| ServiceKey::node_port(*port, *proto == Protocol::Udp))
+            .collect::<Vec<ServiceKey>>()
+    };
+    // internalTrafficPolicy applies to ClusterIPs, not to external IPs;
+    // externalTrafficPolicy to node ports (and external IPs, above).
+    let mut node_local = keys_where(&|s, ip| s.internal_local && !s.external_ips.contains(&ip));
+    node_local.extend(node_ports_where(&|s| s.external_local));
+    let mut sticky = keys_where(&|s, _| s.client_ip_affinity);
+    sticky.extend(node_ports_where(&|s| s.client_ip_affinity));
     // kube-proxy's firewall for load balancers: only their source ranges
     // reach a load-balancer IP of a Service that lists some.
     let source_ranges = table
@@ -492,8 +493,9 @@ mod tests {
     }
 
     /// The snapshot's per-port sets from the Service's fields: external
-    /// IPs open to any source unless `externalTrafficPolicy: Local`;
-    /// `internalTrafficPolicy: Local` on ClusterIPs only; affinity on all.
+    /// IPs open to any source unless `externalTrafficPolicy: Local`, which
+    /// makes its node ports node-local; `internalTrafficPolicy: Local` on
+    /// ClusterIPs only; affinity on all.
     #[test]
     fn service_fields_sort_ports_into_the_snapshots_sets() {
         let key = |a: &str| ServiceKey {
@@ -524,7 +526,8 @@ mod tests {
             "shop",
             "etp",
             Some(with("etp", "10.96.0.2", "203.0.113.2", &|e| {
-                e.external_local = true
+                e.external_local = true;
+                e.ports[0].node_port = Some(30002);
             })),
         );
         t.set(
@@ -565,7 +568,12 @@ mod tests {
         );
         assert_eq!(
             s.node_local.iter().copied().collect::<Vec<_>>(),
-            [key("10.96.0.3:80")]
+            [ServiceKey::node_port(30002, false), key("10.96.0.3:80")],
+            "ITP Local ClusterIPs and ETP Local node ports"
+        );
+        assert!(
+            crate::services::relay_node_port_set(&s, |_| true).is_empty(),
+            "the relay node leaves an ETP Local node port to its kube-proxy"
         );
         assert_eq!(
             s.sticky.iter().copied().collect::<Vec<_>>(),

@@ -78,10 +78,21 @@ pub(crate) fn route_any(
         }
         return route_backend(shared, b, prefer, sticky(key), proto, &target);
     }
-    let sticky = sticky(ServiceKey::node_port(target.port(), udp));
+    let np_key = ServiceKey::node_port(target.port(), udp);
+    let sticky = sticky(np_key);
+    // `externalTrafficPolicy: Local`: only the reached node's own
+    // endpoints serve it (no node captures these; asked anyway, the relay
+    // answers with that node's, or refuses).
+    let local = snap.node_local.contains(&np_key);
     match snap.node_port(target.port(), proto) {
         Some(b) => match node_port_of(shared, origin, target) {
+            Some(NodePortAt::Asker) if local => {
+                route_node_local(shared, b, prefer, sticky, proto, &target)
+            }
             Some(NodePortAt::Asker) => route_backend(shared, b, prefer, sticky, proto, &target),
+            Some(NodePortAt::Edge(node)) if local => {
+                route_node_local(shared, b, Some(&node), sticky, proto, &target)
+            }
             Some(NodePortAt::Edge(node)) => {
                 route_backend(shared, b, Some(&node), sticky, proto, &target)
             }
@@ -91,9 +102,10 @@ pub(crate) fn route_any(
     }
 }
 
-/// A ClusterIP port of an `internalTrafficPolicy: Local` Service: only
-/// endpoints on the asking node `prefer` may serve it, as that node's
-/// kube-proxy would have it (it drops the traffic when it has none).
+/// A ClusterIP port of an `internalTrafficPolicy: Local` Service (or a
+/// node port of an `externalTrafficPolicy: Local` one): only endpoints on
+/// the asking node `prefer` may serve it, as that node's kube-proxy would
+/// have it (it drops the traffic when it has none).
 /// Asked without a node (CONNECT, the relay node's capture, which leaves
 /// these ports to its own kube-proxy), it is refused.
 fn route_node_local(
@@ -114,7 +126,7 @@ fn route_node_local(
         return Err(StreamReply::fail(
             StreamStatus::Refused,
             format!(
-                "service {service} has internalTrafficPolicy Local and no ready endpoint on {}",
+                "service {service} is node-local (internalTrafficPolicy Local, or a node port with externalTrafficPolicy Local) and has no ready endpoint on {}",
                 prefer.map_or(
                     "the asking node (none: ask from a node)".to_string(),
                     |n| format!("node {n}")

@@ -56,10 +56,12 @@ pub struct ServiceSnapshot {
     /// load-balancer IPs, not ClusterIPs: open to any client, as a node
     /// port is (captured ahead of the source check).
     pub external: BTreeSet<ServiceKey>,
-    /// The ClusterIP ports of `internalTrafficPolicy: Local` Services: each
-    /// node's own endpoints serve them, so no node captures them (its
-    /// kube-proxy serves or drops them) and the relay resolves them only
-    /// to the asking node's endpoints.
+    /// The ClusterIP ports of `internalTrafficPolicy: Local` Services and
+    /// the node ports (as [`ServiceKey::node_port`]) of
+    /// `externalTrafficPolicy: Local` ones: each node's own endpoints serve
+    /// them, so no node captures them (its kube-proxy serves or drops
+    /// them; an edge without kube-proxy dials its own) and the relay
+    /// resolves them only to the asking node's endpoints.
     pub node_local: BTreeSet<ServiceKey>,
     /// The ports (ClusterIP, external and node ports, the last as
     /// [`ServiceKey::node_port`]) of `sessionAffinity: ClientIP` Services:
@@ -375,6 +377,11 @@ pub fn relay_node_port_set(
 ) -> BTreeSet<(u16, CaptureProto)> {
     snap.node_ports
         .iter()
+        .filter(|((port, udp), _)| {
+            !snap
+                .node_local
+                .contains(&ServiceKey::node_port(*port, *udp))
+        })
         .filter(|(_, b)| b.iter().any(&served))
         .map(|((port, udp), _)| (*port, capture_proto(*udp)))
         .collect()

@@ -99,7 +99,7 @@ pub fn service_entry<'a>(
             node_port: sp
                 .node_port
                 .and_then(|p| u16::try_from(p).ok())
-                .filter(|p| *p != 0 && !external_local),
+                .filter(|p| *p != 0),
         });
     }
     // A headless Service without ports: the EndpointSlice controller lists

@@ -127,8 +127,14 @@ impl ServiceTable {
         if matches!(entry.kind, ServiceKind::ClusterIp(_)) {
             for p in &entry.ports {
                 if let Some(np) = p.node_port {
+                    // `externalTrafficPolicy: Local`: each node's own.
+                    let endpoints = if entry.external_local {
+                        super::usable_per_node(&p.all_endpoints, true)
+                    } else {
+                        p.usable(true)
+                    };
                     self.by_node_port
-                        .insert((np, p.protocol), port_entry(&entry, p, p.usable(true)));
+                        .insert((np, p.protocol), port_entry(&entry, p, endpoints));
                 }
             }
         }

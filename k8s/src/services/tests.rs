@@ -337,17 +337,44 @@ fn node_ports_and_external_ips_are_served_like_the_cluster_ip() {
     );
     let np = t.node_port(30080, Protocol::Tcp).expect("node port");
     assert_eq!(np.endpoints[0].addr(), sa("10.244.7.5:8080"));
-    // `externalTrafficPolicy: Local`: the node port stays with each
-    // node's kube-proxy (not in the table); the ClusterIP and the external
-    // IPs stay (in-cluster sources reach every endpoint), the entry says
-    // so.
+    // `externalTrafficPolicy: Local`: the node port lists each node's own
+    // endpoints (its ready ones, else its draining ones: edge2's only pod
+    // is terminating, and still listed while edge1 has a ready one); the
+    // ClusterIP and the external IPs stay (in-cluster sources reach every
+    // endpoint), the entry says so.
     let mut local = s.clone();
     if let Some(spec) = local.spec.as_mut() {
         spec.external_traffic_policy = Some("Local".into());
     }
-    let (e, _) = service_entry(&local, [&sl], None);
+    let mut sl2 = sl.clone();
+    sl2.endpoints.push(K8sEndpoint {
+        addresses: vec!["10.244.8.5".into()],
+        node_name: Some("edge2".into()),
+        conditions: Some(EndpointConditions {
+            ready: Some(false),
+            serving: Some(true),
+            terminating: Some(true),
+        }),
+        ..Default::default()
+    });
+    let (e, _) = service_entry(&local, [&sl2], None);
     t.set("shop", "web", Some(e));
-    assert!(t.node_port(30080, Protocol::Tcp).is_none());
+    let np: Vec<SocketAddr> = t
+        .node_port(30080, Protocol::Tcp)
+        .expect("an externalTrafficPolicy Local node port")
+        .endpoints
+        .iter()
+        .map(Endpoint::addr)
+        .collect();
+    assert_eq!(np, [sa("10.244.7.5:8080"), sa("10.244.8.5:8080")]);
+    assert_eq!(
+        t.lookup(sa("10.96.0.20:80"), Protocol::Tcp)
+            .unwrap()
+            .endpoints
+            .len(),
+        1,
+        "the ClusterIP: the cluster's ready one"
+    );
     for vip in ["203.0.113.7:80", "198.51.100.9:80"] {
         assert!(t.lookup(sa(vip), Protocol::Tcp).is_some(), "{vip}");
     }
