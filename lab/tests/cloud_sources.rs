@@ -93,7 +93,9 @@ fn cloud_nodes_host_addresses_are_capture_sources() -> Result<()> {
         &[(netns::edge_pod_ip(1), "edge1")],
     );
     lb.lb_ips = vec![netns::RELAY_WAN_IP];
-    lb.lb_source_ranges = vec!["198.18.0.254/32"];
+    // Overlapping ranges, as operators write them (nft refuses overlapping
+    // set elements: they must be merged, or the capture update fails).
+    lb.lb_source_ranges = vec!["198.18.0.254/32", "198.18.0.252/30"];
     // A selectorless Service for a device on edge1's site LAN (its
     // router, 192.168.1.1): an endpoint naming no node, outside the cloud
     // ranges.

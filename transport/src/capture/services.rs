@@ -259,15 +259,21 @@ fn set_script(table: &str, set: &str, elems: impl Iterator<Item = String>) -> St
 
 /// The nft script replacing set `set` of `table` with `ranged`'s IPv4
 /// elements, one per source prefix of each port (`source . address .
-/// protocol . port`); a port listed with no prefix gets no element.
+/// protocol . port`) that no other of its prefixes holds (nft refuses an
+/// interval overlapping another of the same key, which would fail the
+/// whole update); a port listed with no prefix gets no element.
 pub fn ranged_services_script(table: &str, set: &str, ranged: &RangedSet) -> String {
     let elems = ranged
         .iter()
         .filter(|((a, _), _)| a.is_ipv4())
         .flat_map(|((a, p), sources)| {
-            sources
+            let v4: BTreeSet<Cidr> = sources
                 .iter()
                 .filter(|c| c.addr().is_ipv4())
+                .copied()
+                .collect();
+            super::minimal_cover(&v4)
+                .into_iter()
                 .map(move |c| format!("{c} . {} . {} . {}", a.ip(), p.as_str(), a.port()))
         });
     set_script(table, set, elems)
