@@ -38,8 +38,7 @@ pub struct LabService {
     pub vip: SocketAddr,
     /// Protocol.
     pub proto: Proto,
-    /// Ready endpoints: `IP:targetPort` and the node each runs on (`""`:
-    /// none named).
+    /// Ready endpoints: `IP:targetPort` and the node each runs on.
     pub endpoints: Vec<(SocketAddr, &'static str)>,
     /// `nodePort`, for a `NodePort` Service.
     pub node_port: Option<u16>,
@@ -371,13 +370,11 @@ fn service_meta(namespace: &str, service: &str, name: String) -> ObjectMeta {
 }
 
 /// A ready EndpointSlice endpoint on `node`.
-/// A ready endpoint at `ip` on `node` (`""`: none named, as in a
-/// selectorless Service's slice written by hand).
 fn ready_endpoint(ip: IpAddr, hostname: Option<&str>, node: &str) -> Endpoint {
     Endpoint {
         addresses: vec![ip.to_string()],
         hostname: hostname.map(String::from),
-        node_name: (!node.is_empty()).then(|| node.to_string()),
+        node_name: Some(node.to_string()),
         conditions: Some(EndpointConditions {
             ready: Some(true),
             ..Default::default()

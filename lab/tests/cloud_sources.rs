@@ -96,18 +96,7 @@ fn cloud_nodes_host_addresses_are_capture_sources() -> Result<()> {
     // Overlapping ranges, as operators write them (nft refuses overlapping
     // set elements: they must be merged, or the capture update fails).
     lb.lb_source_ranges = vec!["198.18.0.254/32", "198.18.0.252/30"];
-    // A selectorless Service for a device on edge1's site LAN (its
-    // router, 192.168.1.1): an endpoint naming no node, outside the cloud
-    // ranges.
-    let plc = LabService::on_lab_ports(
-        "default",
-        "plc",
-        sa(Ipv4Addr::new(10, 96, 0, 72), HTTP),
-        Proto::Tcp,
-        &[(lab.nat_lan_ip(1), "")],
-    );
-    let _plc_server = services(&lab, Role::nat(1)?, "plc")?;
-    cluster.set_services(&lab, KubeProxyMode::Iptables, &[web, lb, plc])?;
+    cluster.set_services(&lab, KubeProxyMode::Iptables, &[web, lb])?;
     let mut m = Table::new(&["case", "path", "result"]);
 
     let relay = start_relay(&lab, relay_cfg(&lab, &pki, &cluster)?)?;
@@ -166,14 +155,6 @@ fn cloud_nodes_host_addresses_are_capture_sources() -> Result<()> {
             Ok(http_from(&lab, Role::Wan, lb_at).is_ok())
         })
         .and_then(|_| http_from(&lab, Role::Wan, lb_at)),
-    );
-    m.check(
-        &[
-            "edge pod → a selectorless Service's device on the site LAN (no node named)",
-            "epod1 → 10.96.0.72:80 ⇒ 192.168.1.1 (edge1's kube-proxy)",
-        ],
-        "plc",
-        http_from(&lab, Role::Epod1, sa(Ipv4Addr::new(10, 96, 0, 72), HTTP)),
     );
     let nat1 = Role::nat(1)?;
     m.check(

@@ -115,7 +115,6 @@ pub async fn start(
         crate::k8s_services::KubeServices::start(
             &client,
             &settings.cluster_domain,
-            &relay.tunnel_routes,
             settings.services_cache_file.clone(),
             stop.clone(),
         ) as Arc<dyn crate::services::ServiceSource>

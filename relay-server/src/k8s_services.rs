@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use relay_kube::services::{usable, Protocol, ServiceKind, ServiceTable};
 use relay_kube::{KubeClient, ServiceDirectory, ServiceDirectoryOptions, ServiceObjects};
-use relay_protocol::{Cidr, ServiceKey};
+use relay_protocol::ServiceKey;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -40,9 +40,7 @@ pub struct KubeServices {
 /// The snapshot of `table`: every TCP and UDP ClusterIP (and external IP)
 /// port and node port with its usable endpoints (SCTP is never captured,
 /// so never listed, nor are Services another proxy serves).
-/// `cloud` is `tunnel_routes`, what the tunnel offers edges (see
-/// [`ServiceSnapshot::cloud`]).
-pub fn snapshot_of(table: &ServiceTable, cloud: &Arc<[Cidr]>) -> ServiceSnapshot {
+pub fn snapshot_of(table: &ServiceTable) -> ServiceSnapshot {
     // `(udp, endpoints)` of an entry, or `None` for SCTP and for a Service
     // labelled for another proxy (kube-proxy leaves those alone too).
     let usable = |proto: &Protocol, entry: &relay_kube::ClusterIpEntry| {
@@ -130,7 +128,6 @@ pub fn snapshot_of(table: &ServiceTable, cloud: &Arc<[Cidr]>) -> ServiceSnapshot
         node_local,
         sticky,
         source_ranges,
-        cloud: cloud.clone(),
         names: Arc::new(relay_kube::service_names(table)),
         cluster_domain: Arc::from(table.cluster_domain()),
         changes: Arc::default(),
@@ -219,7 +216,6 @@ impl KubeServices {
     pub fn start(
         client: &KubeClient,
         cluster_domain: &str,
-        cloud: &[Cidr],
         cache_file: Option<std::path::PathBuf>,
         stop: CancellationToken,
     ) -> Arc<Self> {
@@ -250,7 +246,6 @@ impl KubeServices {
         }
         let weak = Arc::downgrade(&me);
         let mut changes = me.dir.subscribe();
-        let cloud: Arc<[Cidr]> = Arc::from(cloud);
         tokio::spawn(async move {
             loop {
                 {
@@ -264,7 +259,7 @@ impl KubeServices {
                     }
                     let loaded = synced || cached.is_some();
                     drop(cached);
-                    let snap = me.dir.with_table(|t| snapshot_of(t, &cloud));
+                    let snap = me.dir.with_table(snapshot_of);
                     let snap = following(&me.snapshot.borrow().clone(), snap);
                     debug!(
                         ports = snap.ports.len(),
@@ -472,7 +467,7 @@ mod tests {
 
     #[test]
     fn snapshot_lists_tcp_and_udp_cluster_ip_ports_with_usable_endpoints() {
-        let s = snapshot_of(&table(), &Arc::from([]));
+        let s = snapshot_of(&table());
         let keys: Vec<String> = s
             .ports
             .keys()
@@ -545,7 +540,7 @@ mod tests {
                 e.other_proxy = true
             })),
         );
-        let s = snapshot_of(&t, &Arc::from([]));
+        let s = snapshot_of(&t);
         assert!(
             !s.ports
                 .keys()

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use relay_protocol::{Cidr, Control, ServiceKey, ServicePort};
+use relay_protocol::{Control, ServiceKey, ServicePort};
 
 use crate::services::{Backend, ServiceSnapshot};
 
@@ -16,31 +16,23 @@ use crate::services::{Backend, ServiceSnapshot};
 /// when it has no usable endpoint (kube-proxy on the edge rejects those
 /// itself). A `node_local` port (`internalTrafficPolicy: Local`) is
 /// never remote: the edge leaves it to its kube-proxy, which serves it
-/// with the node's own endpoints or drops it. An endpoint that names no
-/// node and lies outside `cloud` (`tunnel_routes`) is every edge's own to
-/// reach, as its kube-proxy would (a selectorless Service for a device on
-/// the site's LAN): local, not a reason to capture the port.
+/// with the node's own endpoints or drops it.
 pub(crate) fn edge_port(
     key: ServiceKey,
     backends: &[Backend],
     node: &str,
     node_local: bool,
-    cloud: &[Cidr],
 ) -> Option<ServicePort> {
     if backends.is_empty() && !node_local {
         return None;
     }
-    let own = |b: &Backend| match b.node.as_deref() {
-        Some(n) => n == node,
-        None => !node_local && !cloud.iter().any(|c| c.contains(&b.addr.ip())),
-    };
     let local: Vec<SocketAddr> = backends
         .iter()
-        .filter(|b| own(b))
+        .filter(|b| b.node.as_deref() == Some(node))
         .map(|b| b.addr)
         .take(ServicePort::MAX_LOCAL)
         .collect();
-    let remote = !node_local && backends.iter().any(|b| !own(b));
+    let remote = !node_local && backends.iter().any(|b| b.node.as_deref() != Some(node));
     Some(ServicePort { key, remote, local })
 }
 
@@ -109,7 +101,7 @@ impl ServiceFeed {
             .map(|(k, b)| (*k, b))
             .chain(np)
             .filter_map(|(k, b)| {
-                edge_port(k, b, node, snap.node_local.contains(&k), &snap.cloud).map(|p| (k, p))
+                edge_port(k, b, node, snap.node_local.contains(&k)).map(|p| (k, p))
             })
             .collect();
         let reset = !self.started;
@@ -150,8 +142,7 @@ impl ServiceFeed {
                 true => None,
                 false => snap.ports.get(k),
             };
-            let now = backends
-                .and_then(|b| edge_port(*k, b, node, snap.node_local.contains(k), &snap.cloud));
+            let now = backends.and_then(|b| edge_port(*k, b, node, snap.node_local.contains(k)));
             match now {
                 Some(p) => {
                     let fingerprint = told(&p);
@@ -295,42 +286,6 @@ mod tests {
             (false, 0),
             "no endpoint on edge1: still not remote"
         );
-    }
-
-    /// Endpoints that name no node: outside the cloud ranges (a device on
-    /// the site's LAN behind a selectorless Service) each edge reaches
-    /// itself, as its kube-proxy would, so such a port alone is not
-    /// remote; inside them (a cloud host) it is the tunnel's.
-    #[test]
-    fn nodeless_endpoints_outside_the_cloud_are_each_edges_own() {
-        let lan = key("10.96.0.60:502", false);
-        let vm = key("10.96.0.61:5432", false);
-        let both = key("10.96.0.62:80", false);
-        let nodeless = |a: &str| Backend {
-            addr: a.parse().unwrap(),
-            node: None,
-        };
-        let mut s = snap(&[
-            (lan, vec![nodeless("192.168.1.50:502")]),
-            (vm, vec![nodeless("10.244.1.9:5432")]),
-            (
-                both,
-                vec![nodeless("192.168.1.51:80"), b("10.244.8.5:80", "edge2")],
-            ),
-        ]);
-        s.cloud = Arc::from(["10.244.0.0/16".parse::<Cidr>().unwrap()]);
-        let mut edge = BTreeMap::new();
-        for f in ServiceFeed::default()
-            .poll(&s, "edge1", false)
-            .expect("batch")
-        {
-            f.apply_service_delta(&mut edge);
-        }
-        let view = |k: &ServiceKey| (edge[k].remote, edge[k].local.clone());
-        let sa = |a: &str| -> SocketAddr { a.parse().unwrap() };
-        assert_eq!(view(&lan), (false, vec![sa("192.168.1.50:502")]));
-        assert_eq!(view(&vm), (true, vec![]));
-        assert_eq!(view(&both), (true, vec![sa("192.168.1.51:80")]));
     }
 
     #[test]

@@ -72,12 +72,6 @@ pub struct ServiceSnapshot {
     /// inside these prefixes may reach them, as kube-proxy's firewall has
     /// it (see [`relay_capture_set`] and [`Self::source_allowed`]).
     pub source_ranges: BTreeMap<ServiceKey, Arc<[Cidr]>>,
-    /// `tunnel_routes`: what the tunnel offers edges. An endpoint with no
-    /// node outside these (a device on a site's LAN behind a selectorless
-    /// Service) is no more the tunnel's than any other such address: each
-    /// edge reaches it itself, as its kube-proxy would (see
-    /// [`crate::service_feed::edge_port`]).
-    pub cloud: Arc<[Cidr]>,
     /// Every Service's DNS names, for edges' resolvers (empty in static
     /// mode). Shared: each session keeps a pointer to the one it sent.
     pub names: Arc<relay_protocol::NameTable>,
