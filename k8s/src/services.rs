@@ -16,7 +16,7 @@
 //!   (the EndpointSlice controller has already resolved `targetPort`,
 //!   named or numbered, into the slice port's number), and protocol;
 //! - an endpoint's `ready` condition missing means ready; `serving`
-//!   missing means the same as `ready`; `terminating` missing means false;
+//!   missing means serving; `terminating` missing means false;
 //! - the usable endpoints are the ready ones; when none is ready, the ones
 //!   serving **and** terminating (so connections drain during a rollout);
 //! - an endpoint's first address is used (as kube-proxy does), endpoints

@@ -18,8 +18,10 @@
 //! Endpoint choice: among the usable endpoints (ready, else serving and
 //! terminating, as kube-proxy), those on the asking edge's own node first
 //! (same site: a Service whose endpoints are on the asking edge never
-//! crosses to another site), otherwise all of them, in round robin. Session
-//! affinity and `internalTrafficPolicy: Local` are not applied (see
+//! crosses to another site), otherwise all of them, in round robin; with
+//! `sessionAffinity: ClientIP`, one per client ([`pick`]); for a
+//! node-local port (`internalTrafficPolicy: Local`, or a node port with
+//! `externalTrafficPolicy: Local`), only the asking node's own (see
 //! docs/architecture.md, "Services with edge endpoints").
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -23,18 +23,20 @@
 //!   set svcskip4 { type ipv4_addr . inet_proto . inet_service; }  # ClusterIP ports left to kube-proxy
 //!   set np4 { type inet_proto . inet_service; }   # captured node ports, IPv4 only as the listeners
 //!   set svcext4 { type ipv4_addr . inet_proto . inet_service; }  # captured external IP ports (relay)
-//!   set svcextsrc4 { type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags interval; }
-//!                                  # source range . load-balancer IP ports with loadBalancerSourceRanges (relay)
+//!   chain svc_ranged { }           # load-balancer IP ports with loadBalancerSourceRanges (relay), once
+//!                                  # there are some (see Capture::apply_open_services):
+//!     # set svcextsrc4 { type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags interval; }
+//!     # meta l4proto { tcp, udp } ip saddr . ip daddr . meta l4proto . th dport @svcextsrc4 redirect to :<port>
 //!   chain svc_pre { type nat hook prerouting priority -150;  # before kube-proxy (-100)
 //!     meta nfproto ipv4 fib daddr type local meta l4proto { tcp, udp } meta l4proto . th dport @np4 redirect to :<port>
-//!     meta l4proto { tcp, udp } ip saddr . ip daddr . meta l4proto . th dport @svcextsrc4 redirect to :<port>
+//!     jump svc_ranged
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svcext4 redirect to :<port>
 //!     ip saddr != @src4 return
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svc4 redirect to :<port> }   # and its nftables mode (-110)
 //!   chain svc_out { type nat hook output priority -150;
 //!     meta mark <own_mark> return
 //!     meta nfproto ipv4 fib daddr type local meta l4proto { tcp, udp } meta l4proto . th dport @np4 redirect to :<port>
-//!     meta l4proto { tcp, udp } ip saddr . ip daddr . meta l4proto . th dport @svcextsrc4 redirect to :<port>
+//!     jump svc_ranged
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svcext4 redirect to :<port>
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svc4 redirect to :<port> }
 //!   chain guard { type filter hook input priority filter;
@@ -217,6 +219,10 @@ pub struct Capture {
     open_services: BTreeSet<(SocketAddr, Proto)>,
     /// Load-balancer IP ports taken only from their source ranges.
     ranged_services: RangedSet,
+    /// Whether the kernel and nft took the source-range set (intervals in
+    /// a concatenated key need Linux 5.6 and nft 0.9.4): `None` until the
+    /// first such port asks for it.
+    ranged_support: Option<bool>,
     node_ports: BTreeSet<(u16, Proto)>,
     /// `None` until [`Capture::apply_sources`]: every source.
     sources: Option<BTreeSet<Cidr>>,
@@ -259,10 +265,11 @@ impl Capture {
              }}\n\
              set np4 {{ type inet_proto . inet_service; }}\n\
              set svcext4 {{ type ipv4_addr . inet_proto . inet_service; }}\n\
-             set svcextsrc4 {{ type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags interval; }}\n\
+             chain svc_ranged {{\n\
+             }}\n\
              chain svc_pre {{ type nat hook prerouting priority -150; policy accept;\n\
              meta nfproto ipv4 fib daddr type local meta l4proto {{ tcp, udp }} meta l4proto . th dport @np4 redirect to :{p}\n\
-             meta l4proto {{ tcp, udp }} ip saddr . ip daddr . meta l4proto . th dport @svcextsrc4 redirect to :{p}\n\
+             jump svc_ranged\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svcext4 redirect to :{p}\n\
              ip saddr != @src4 return\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svc4 redirect to :{p}\n\
@@ -270,7 +277,7 @@ impl Capture {
              chain svc_out {{ type nat hook output priority -150; policy accept;\n\
              meta mark {mark:#x} return\n\
              meta nfproto ipv4 fib daddr type local meta l4proto {{ tcp, udp }} meta l4proto . th dport @np4 redirect to :{p}\n\
-             meta l4proto {{ tcp, udp }} ip saddr . ip daddr . meta l4proto . th dport @svcextsrc4 redirect to :{p}\n\
+             jump svc_ranged\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svcext4 redirect to :{p}\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svc4 redirect to :{p}\n\
              }}\n\
@@ -316,6 +323,7 @@ impl Capture {
             local_services: BTreeSet::new(),
             open_services: BTreeSet::new(),
             ranged_services: RangedSet::new(),
+            ranged_support: None,
             node_ports: BTreeSet::new(),
             sources: None,
         })

@@ -59,8 +59,10 @@ pub fn service_entry<'a>(
     };
     // `externalTrafficPolicy: Local`: each node's kube-proxy sends its
     // node ports to that node's own endpoints only (keeping the client's
-    // address), and nothing of ours may send them elsewhere: such node
-    // ports are left out of the table, so no node captures them.
+    // address), and nothing of ours may send them elsewhere: the table
+    // lists such node ports with each node's own endpoints, and the relay
+    // marks them node-local (no node captures them; an edge without
+    // kube-proxy serves its own).
     let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
     let mut ports = Vec::new();
     for sp in spec.ports.clone().unwrap_or_default() {
@@ -145,11 +147,21 @@ pub fn service_entry<'a>(
             }
         }
     }
+    // An address also listed in `spec.externalIPs` is matched as one by
+    // kube-proxy first, from any source: no firewall for it.
+    lb_ips.retain(|ip| {
+        !spec
+            .external_ips
+            .iter()
+            .flatten()
+            .any(|e| e.parse() == Ok(*ip))
+    });
     let mut lb_source_ranges = Vec::new();
     for raw in spec.load_balancer_source_ranges.iter().flatten() {
-        match raw.trim().parse::<Cidr>() {
-            Ok(c) => lb_source_ranges.push(c),
-            Err(_) => notes.skipped += 1,
+        // The apiserver validates the syntax, so a skip is not expected.
+        match source_range(raw) {
+            Some(c) => lb_source_ranges.push(c),
+            None => notes.skipped += 1,
         }
     }
     (
@@ -173,6 +185,17 @@ pub fn service_entry<'a>(
         },
         notes,
     )
+}
+
+/// A `loadBalancerSourceRanges` entry as the apiserver accepts it and
+/// kube-proxy reads it: host bits allowed (`203.0.113.5/24` is
+/// `203.0.113.0/24`).
+fn source_range(raw: &str) -> Option<Cidr> {
+    let raw = raw.trim();
+    match raw.split_once('/') {
+        Some((addr, len)) => Cidr::containing(addr.parse().ok()?, len.parse().ok()?),
+        None => raw.parse().ok(),
+    }
 }
 
 /// Adds `slice`'s endpoints, serving `port`, to `eps` (keyed by address

@@ -96,6 +96,11 @@ impl ServiceTable {
                     if !self.by_vip.get(&k).is_some_and(owned) {
                         continue;
                     }
+                    // Still this Service's after the update: rewritten
+                    // below, not handed over.
+                    if entry.as_ref().is_some_and(|e| claim(e, k).is_some()) {
+                        continue;
+                    }
                     self.by_vip.remove(&k);
                     if old.external_ips.contains(&ip) {
                         if let Some(other) = self.by_name.values().find_map(|e| claim(e, k)) {
@@ -117,11 +122,20 @@ impl ServiceTable {
             return;
         };
         for ip in addresses(&entry) {
+            let shared = entry.external_ips.contains(&ip);
             for p in &entry.ports {
-                self.by_vip.insert(
-                    (SocketAddr::new(ip, p.port), p.protocol),
-                    vip_entry(&entry, p, ip),
-                );
+                let k = (SocketAddr::new(ip, p.port), p.protocol);
+                // An external IP another Service listed first stays its
+                // own (else every update of either would move it).
+                if shared
+                    && self
+                        .by_vip
+                        .get(&k)
+                        .is_some_and(|e| e.namespace != entry.namespace || e.name != entry.name)
+                {
+                    continue;
+                }
+                self.by_vip.insert(k, vip_entry(&entry, p, ip));
             }
         }
         if matches!(entry.kind, ServiceKind::ClusterIp(_)) {

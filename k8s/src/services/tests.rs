@@ -495,6 +495,14 @@ fn a_shared_external_ip_stays_with_the_service_still_listing_it() {
         t.set("shop", stays, None);
         assert_eq!(owner(&t), None, "both removed");
     }
+    // An update of the second Service leaves the address with the first.
+    let (mut t, _) = table_of(&[a.clone(), b.clone()], &[a_sl.clone(), b_sl.clone()], None);
+    let first = owner(&t);
+    let (e, _) = service_entry(&b, [&b_sl], None);
+    t.set("shop", "b", Some(e));
+    let (e, _) = service_entry(&a, [&a_sl], None);
+    t.set("shop", "a", Some(e));
+    assert_eq!(owner(&t), first, "updates do not move it");
     // A change to one that no longer lists the address leaves it too.
     let (mut t, _) = table_of(&[a.clone(), b.clone()], &[a_sl.clone(), b_sl], None);
     let mut a2 = a;
@@ -565,7 +573,7 @@ fn source_ranges_apply_to_load_balancer_ips_only() {
         spec.type_ = Some("LoadBalancer".into());
         spec.external_ips = Some(vec!["203.0.113.7".into()]);
         spec.load_balancer_source_ranges = Some(vec![
-            "192.0.2.0/24".into(),
+            "192.0.2.9/24".into(),
             " 10.1.0.0/16".into(),
             "2001:db8::/32".into(),
             "bogus".into(),
@@ -590,7 +598,14 @@ fn source_ranges_apply_to_load_balancer_ips_only() {
         .iter()
         .map(ToString::to_string)
         .collect();
-    assert_eq!(ranges, ["192.0.2.0/24", "10.1.0.0/16"]);
+    assert_eq!(ranges, ["192.0.2.0/24", "10.1.0.0/16"], "host bits allowed");
     assert!(e.source_ranges_of(ip("203.0.113.7")).is_empty());
     assert!(e.source_ranges_of(ip("10.96.0.20")).is_empty());
+    // A load balancer's address also listed in externalIPs: kube-proxy
+    // matches it as an external IP first, from any source.
+    if let Some(spec) = s.spec.as_mut() {
+        spec.external_ips = Some(vec!["203.0.113.7".into(), "198.51.100.9".into()]);
+    }
+    let (e, _) = service_entry(&s, std::iter::empty(), None);
+    assert!(e.source_ranges_of(ip("198.51.100.9")).is_empty());
 }

@@ -114,15 +114,17 @@ impl Capture {
     /// of `ranged` only from the source prefixes listed with each (a
     /// Service's `loadBalancerSourceRanges`: traffic from elsewhere is
     /// left to kube-proxy, whose firewall drops it). Both sets change in
-    /// one transaction. Stale UDP conntrack entries are deleted as for
-    /// [`Capture::apply_services`].
+    /// one transaction. Where the kernel cannot hold the source-range set
+    /// (before Linux 5.6), ranged ports are not captured at all: left to
+    /// kube-proxy, never opened to every source. Stale UDP conntrack
+    /// entries are deleted as for [`Capture::apply_services`].
     pub async fn apply_open_services(
         &mut self,
         want: &ServiceSet,
         ranged: &RangedSet,
     ) -> Result<(), CaptureError> {
         let want4: ServiceSet = want.iter().filter(|(a, _)| a.is_ipv4()).copied().collect();
-        let ranged4: RangedSet = ranged
+        let mut ranged4: RangedSet = ranged
             .iter()
             .filter(|((a, _), _)| a.is_ipv4())
             .map(|(k, r)| {
@@ -132,12 +134,19 @@ impl Capture {
                 )
             })
             .collect();
+        if !ranged4.is_empty() && !self.ranged_ready().await {
+            // Not captured at all: kube-proxy keeps them, firewall
+            // included (fails closed, never open to every source).
+            ranged4.clear();
+        }
         if want4 == self.open_services && ranged4 == self.ranged_services {
             return Ok(());
         }
         let t = &self.cfg.nft_table;
         let mut nft = services_script(t, "svcext4", &want4);
-        nft.push_str(&ranged_services_script(t, "svcextsrc4", &ranged4));
+        if self.ranged_support == Some(true) {
+            nft.push_str(&ranged_services_script(t, "svcextsrc4", &ranged4));
+        }
         run("nft", &["-f", "-"], Some(&nft)).await?;
         let ranged_keys = |r: &RangedSet| -> ServiceSet { r.keys().copied().collect() };
         let stale: BTreeSet<(SocketAddr, Proto)> = want4
@@ -155,6 +164,30 @@ impl Capture {
             "external service capture updated"
         );
         Ok(())
+    }
+
+    /// Adds the source-range set and its rule to `svc_ranged` the first
+    /// time a port needs them, so that nodes which never have such a port
+    /// (every edge) need no more of the kernel than the rest of capture;
+    /// whether that worked, remembered (tried once).
+    async fn ranged_ready(&mut self) -> bool {
+        if let Some(ok) = self.ranged_support {
+            return ok;
+        }
+        let (t, p) = (&self.cfg.nft_table, self.cfg.port);
+        let script = format!(
+            "add set inet {t} svcextsrc4 {{ type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags interval; }}\n\
+             add rule inet {t} svc_ranged meta l4proto {{ tcp, udp }} ip saddr . ip daddr . meta l4proto . th dport @svcextsrc4 redirect to :{p}\n"
+        );
+        let ok = match run("nft", &["-f", "-"], Some(&script)).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "load balancers with loadBalancerSourceRanges are left to kube-proxy: this kernel or nft cannot match a source range in a set (needs Linux 5.6 and nft 0.9.4)");
+                false
+            }
+        };
+        self.ranged_support = Some(ok);
+        ok
     }
 
     /// Captures exactly the node ports `want` on this node's own IPv4
