@@ -3,6 +3,7 @@
 //! families (see the parent module's docs). Pure parsing of API objects,
 //! separate from the table that indexes the results.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
@@ -245,13 +246,13 @@ fn add_endpoints(
             }
         }
         match eps.entry(ep.addr()) {
-            std::collections::btree_map::Entry::Vacant(v) => {
+            Entry::Vacant(v) => {
                 v.insert(ep);
             }
-            std::collections::btree_map::Entry::Occupied(mut o) if !ep.terminating => {
+            Entry::Occupied(mut o) if !ep.terminating => {
                 o.insert(ep);
             }
-            std::collections::btree_map::Entry::Occupied(_) => {}
+            Entry::Occupied(_) => {}
         }
     }
 }

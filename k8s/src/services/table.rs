@@ -45,16 +45,20 @@ fn port_entry(entry: &ServiceEntry, p: &ServicePort, endpoints: Vec<&Endpoint>) 
     }
 }
 
-/// `entry`'s claim on `k` (an address, port and protocol), if it lists it.
-fn claim(entry: &ServiceEntry, k: (SocketAddr, Protocol)) -> Option<ClusterIpEntry> {
+/// `entry`'s port listed at `k` (an address, port and protocol), if any.
+fn listed(entry: &ServiceEntry, k: (SocketAddr, Protocol)) -> Option<&ServicePort> {
     if !addresses(entry).contains(&k.0.ip()) {
         return None;
     }
-    let p = entry
+    entry
         .ports
         .iter()
-        .find(|p| p.port == k.0.port() && p.protocol == k.1)?;
-    Some(vip_entry(entry, p, k.0.ip()))
+        .find(|p| p.port == k.0.port() && p.protocol == k.1)
+}
+
+/// `entry`'s claim on `k`, if it lists it.
+fn claim(entry: &ServiceEntry, k: (SocketAddr, Protocol)) -> Option<ClusterIpEntry> {
+    listed(entry, k).map(|p| vip_entry(entry, p, k.0.ip()))
 }
 
 /// The service table: every Service by name, every ClusterIP:port by
@@ -98,7 +102,7 @@ impl ServiceTable {
                     }
                     // Still this Service's after the update: rewritten
                     // below, not handed over.
-                    if entry.as_ref().is_some_and(|e| claim(e, k).is_some()) {
+                    if entry.as_ref().is_some_and(|e| listed(e, k).is_some()) {
                         continue;
                     }
                     self.by_vip.remove(&k);
