@@ -239,7 +239,7 @@ async fn handle<S: LocalStream>(mut s: S, peer: Peer, mut audit: Audit, shared: 
         let _ = respond(&mut s, 503, "not_ready", msg, shared).await;
         return;
     }
-    let routed = match resolve(shared, &auth) {
+    let routed = match resolve(shared, &auth, peer.addr().map(|a| a.ip())) {
         Ok(v) => v,
         Err(reply) => {
             shared.metrics.stream_outcome(reply.status);
@@ -367,10 +367,16 @@ fn cluster_domain(shared: &Shared) -> &str {
 
 /// Finds where a CONNECT authority goes, asking the policy (the same seam
 /// every ingress uses): an address (a ClusterIP resolved to one of its
-/// endpoints), or a name ([`by_name`]).
-fn resolve(shared: &Shared, auth: &Authority) -> Result<Routed, StreamReply> {
+/// endpoints), or a name ([`by_name`]). `client`, the CONNECT client's
+/// address when it has one (not over the unix socket), is checked against
+/// a load balancer's `loadBalancerSourceRanges`.
+fn resolve(
+    shared: &Shared,
+    auth: &Authority,
+    client: Option<std::net::IpAddr>,
+) -> Result<Routed, StreamReply> {
     let (routed, target) = match auth {
-        Authority::Ip(sa) => route_any(shared, Origin::Connect, *sa, Proto::Tcp, None, None)?,
+        Authority::Ip(sa) => route_any(shared, Origin::Connect, *sa, Proto::Tcp, None, client)?,
         Authority::Name(name, port) => by_name(shared, name, *port)?,
     };
     Ok(match routed {
