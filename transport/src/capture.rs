@@ -22,20 +22,22 @@
 //!   set svc4 { type ipv4_addr . inet_proto . inet_service; }  # captured ClusterIP ports
 //!   set svcskip4 { type ipv4_addr . inet_proto . inet_service; }  # ClusterIP ports left to kube-proxy
 //!   set np4 { type inet_proto . inet_service; }   # captured node ports, IPv4 only as the listeners
+//!   set npaddr4 { type ipv4_addr; flags interval; }  # the addresses node ports are taken on
+//!                                  # (capture.node_port_addresses; default 0.0.0.0/0)
 //!   set svcext4 { type ipv4_addr . inet_proto . inet_service; }  # captured external IP ports (relay)
 //!   chain svc_ranged { }           # load-balancer IP ports with loadBalancerSourceRanges (relay), once
 //!                                  # there are some (see Capture::apply_open_services):
 //!     # set svcextsrc4 { type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags interval; }
 //!     # meta l4proto { tcp, udp } ip saddr . ip daddr . meta l4proto . th dport @svcextsrc4 redirect to :<port>
 //!   chain svc_pre { type nat hook prerouting priority -150;  # before kube-proxy (-100)
-//!     meta nfproto ipv4 fib daddr type local meta l4proto { tcp, udp } meta l4proto . th dport @np4 redirect to :<port>
+//!     meta nfproto ipv4 fib daddr type local ip daddr @npaddr4 meta l4proto { tcp, udp } meta l4proto . th dport @np4 redirect to :<port>
 //!     jump svc_ranged
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svcext4 redirect to :<port>
 //!     ip saddr != @src4 return
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svc4 redirect to :<port> }   # and its nftables mode (-110)
 //!   chain svc_out { type nat hook output priority -150;
 //!     meta mark <own_mark> return
-//!     meta nfproto ipv4 fib daddr type local meta l4proto { tcp, udp } meta l4proto . th dport @np4 redirect to :<port>
+//!     meta nfproto ipv4 fib daddr type local ip daddr @npaddr4 meta l4proto { tcp, udp } meta l4proto . th dport @np4 redirect to :<port>
 //!     jump svc_ranged
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svcext4 redirect to :<port>
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svc4 redirect to :<port> }
@@ -243,6 +245,17 @@ impl Capture {
         remove_all(&cfg).await;
         let t = &cfg.nft_table;
         let (mark, p) = (cfg.own_mark, cfg.port);
+        // The addresses node ports are taken on (`capture.node_port_addresses`;
+        // every address of the node by default), merged: nft refuses
+        // overlapping intervals.
+        let npaddr = match &cfg.node_port_addresses {
+            Some(a) => minimal_cover(a)
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            None => "0.0.0.0/0".to_string(),
+        };
         let script = format!(
             "table inet {t} {{\n\
              set dst4 {{ type ipv4_addr; flags interval; }}\n\
@@ -264,11 +277,12 @@ impl Capture {
              ip daddr @dst4 meta l4proto {{ tcp, udp }} redirect to :{p}\n\
              }}\n\
              set np4 {{ type inet_proto . inet_service; }}\n\
+             set npaddr4 {{ type ipv4_addr; flags interval; elements = {{ {npaddr} }} }}\n\
              set svcext4 {{ type ipv4_addr . inet_proto . inet_service; }}\n\
              chain svc_ranged {{\n\
              }}\n\
              chain svc_pre {{ type nat hook prerouting priority -150; policy accept;\n\
-             meta nfproto ipv4 fib daddr type local meta l4proto {{ tcp, udp }} meta l4proto . th dport @np4 redirect to :{p}\n\
+             meta nfproto ipv4 fib daddr type local ip daddr @npaddr4 meta l4proto {{ tcp, udp }} meta l4proto . th dport @np4 redirect to :{p}\n\
              jump svc_ranged\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svcext4 redirect to :{p}\n\
              ip saddr != @src4 return\n\
@@ -276,7 +290,7 @@ impl Capture {
              }}\n\
              chain svc_out {{ type nat hook output priority -150; policy accept;\n\
              meta mark {mark:#x} return\n\
-             meta nfproto ipv4 fib daddr type local meta l4proto {{ tcp, udp }} meta l4proto . th dport @np4 redirect to :{p}\n\
+             meta nfproto ipv4 fib daddr type local ip daddr @npaddr4 meta l4proto {{ tcp, udp }} meta l4proto . th dport @np4 redirect to :{p}\n\
              jump svc_ranged\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svcext4 redirect to :{p}\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svc4 redirect to :{p}\n\

@@ -24,6 +24,12 @@ pub struct CaptureConfig {
     /// beyond what it serves, which it always allows). Host
     /// processes' own traffic is captured whatever its source.
     pub sources: Option<BTreeSet<Cidr>>,
+    /// The node's addresses node ports are captured on
+    /// (`capture.node_port_addresses`, IPv4 prefixes); `None`: every
+    /// address of the node, as kube-proxy's iptables mode by default. Set
+    /// it as kube-proxy's `--nodeport-addresses` is (its nftables mode
+    /// takes the node's primary addresses only, and never `127.0.0.1`).
+    pub node_port_addresses: Option<BTreeSet<Cidr>>,
     /// Captured TCP connections served at once; more are reset at once and
     /// counted (each holds a task, a socket and a tunnel stream).
     pub max_connections: usize,
@@ -126,6 +132,7 @@ impl Default for CaptureConfig {
             port: 15001,
             own_mark: DEFAULT_MARK,
             sources: None,
+            node_port_addresses: None,
             max_connections: 16_384,
             max_udp_flows: 128,
             preserve_source: Vec::new(),
@@ -154,6 +161,9 @@ pub struct CaptureFile {
     /// Sources whose forwarded traffic may be captured (IPv4 prefixes;
     /// default: see [`CaptureConfig::sources`]).
     pub sources: Option<Vec<Cidr>>,
+    /// Node addresses node ports are captured on (IPv4 prefixes; default:
+    /// every address; see [`CaptureConfig::node_port_addresses`]).
+    pub node_port_addresses: Option<Vec<Cidr>>,
     /// Captured TCP connections at once (default 16384).
     pub max_connections: Option<usize>,
     /// Edge only: captured UDP flows at once (default 128).
@@ -197,6 +207,10 @@ impl CaptureFile {
             port: self.port.unwrap_or(d.port),
             own_mark: self.mark.unwrap_or(d.own_mark),
             sources: self.sources.as_ref().map(|s| s.iter().copied().collect()),
+            node_port_addresses: self
+                .node_port_addresses
+                .as_ref()
+                .map(|s| s.iter().copied().collect()),
             max_connections: self.max_connections.unwrap_or(d.max_connections),
             max_udp_flows: self.max_udp_flows.unwrap_or(d.max_udp_flows),
             preserve_source: self.preserve_source.clone().unwrap_or_default(),
@@ -214,6 +228,20 @@ impl CaptureFile {
         }
         if let Some(v6) = c.sources.iter().flatten().find(|s| !s.addr().is_ipv4()) {
             return Err(("sources", format!("{v6}: capture is IPv4 only")));
+        }
+        if let Some(a) = &c.node_port_addresses {
+            if a.is_empty() {
+                return Err((
+                    "node_port_addresses",
+                    "list at least one prefix (leave it out for every address of the node)".into(),
+                ));
+            }
+            if let Some(v6) = a.iter().find(|s| !s.addr().is_ipv4()) {
+                return Err((
+                    "node_port_addresses",
+                    format!("{v6}: node ports are captured over IPv4 only"),
+                ));
+            }
         }
         if let Some(v6) = c.preserve_source.iter().find(|s| !s.addr().is_ipv4()) {
             return Err(("preserve_source", format!("{v6}: capture is IPv4 only")));
@@ -397,6 +425,31 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(v6.resolve().unwrap_err().0, "preserve_source");
+    }
+
+    /// `node_port_addresses`: IPv4 prefixes, at least one when set.
+    #[test]
+    fn node_port_addresses_are_ipv4_prefixes_and_not_empty() {
+        let with = |s: &[&str]| CaptureFile {
+            enabled: true,
+            node_port_addresses: Some(s.iter().map(|c| c.parse().unwrap()).collect()),
+            ..Default::default()
+        };
+        let c = with(&["10.0.0.0/24"]).resolve().unwrap().unwrap();
+        assert_eq!(c.node_port_addresses.unwrap().len(), 1);
+        for bad in [&[][..], &["fd00::/64"][..]] {
+            assert_eq!(with(bad).resolve().unwrap_err().0, "node_port_addresses");
+        }
+        let default = CaptureFile {
+            enabled: true,
+            ..Default::default()
+        };
+        assert!(default
+            .resolve()
+            .unwrap()
+            .unwrap()
+            .node_port_addresses
+            .is_none());
     }
 
     #[test]
