@@ -33,8 +33,8 @@ use anyhow::Result;
 use relay_lab::cluster::{Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
-    edge_config_in, http_from, lab_pki, relay_config_in, sa, services, start_edge, start_relay,
-    within, Table, HTTP,
+    connect_refused, edge_config_in, http_from, lab_pki, relay_config_in, sa, services, start_edge,
+    start_relay, within, Table, HTTP,
 };
 use relay_lab::sources::not_tunnelled;
 use relay_protocol::Cidr;
@@ -163,6 +163,20 @@ fn cloud_nodes_host_addresses_are_capture_sources() -> Result<()> {
             Ok(http_from(&lab, Role::Wan, lb_at).is_ok())
         })
         .and_then(|_| http_from(&lab, Role::Wan, lb_at)),
+    );
+    m.note(
+        &[
+            "CONNECT from outside loadBalancerSourceRanges to the load balancer's IP: refused",
+            "cloud2 (10.0.0.2) CONNECT 198.18.0.1:8080",
+        ],
+        connect_refused(
+            &lab,
+            Role::Cloud2,
+            "198.18.0.1:8080",
+            Duration::from_secs(3),
+            "loadBalancerSourceRanges",
+        )
+        .map(|d| format!("502 in {d:?}")),
     );
     let nat1 = Role::nat(1)?;
     m.check(

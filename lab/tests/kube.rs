@@ -453,60 +453,6 @@ async fn a_name_a_node_reports_and_a_service_has_goes_to_neither() -> Result<()>
     Ok(())
 }
 
-/// A CONNECT to a load balancer's address of a Service with
-/// `loadBalancerSourceRanges` is judged by the CONNECT client's address,
-/// as kube-proxy's firewall judges the packets' source: refused from
-/// outside the ranges, through to the edge endpoint from inside them.
-/// Stand-in, not a real apiserver (see the module doc).
-#[tokio::test]
-async fn a_connect_to_a_load_balancer_follows_its_source_ranges() -> Result<()> {
-    let lab = KubeLab::start(1, &[]).await?;
-    let pod_ip: IpAddr = pod_cidr(0).replace(".0/24", ".7").parse()?;
-    let (pod, _p) = spawn_http(SocketAddr::new(pod_ip, 0), "lb pod").await?;
-    let lb_ip = std::net::Ipv4Addr::new(198, 51, 100, 9);
-    let with_ranges = |ranges: Vec<&'static str>| LabService {
-        endpoints: vec![(pod, "edge-0")],
-        lb_ips: vec![lb_ip],
-        lb_source_ranges: ranges,
-        ..LabService::on_lab_ports(
-            "shop",
-            "lb",
-            SocketAddr::new("10.96.0.32".parse().expect("address"), pod.port()),
-            Proto::Tcp,
-            &[],
-        )
-    };
-    let apply = |svc: &LabService| {
-        let (svc, slice) = svc.objects();
-        lab.standin.upsert_service(svc);
-        lab.standin.upsert_endpointslice(slice);
-    };
-    apply(&with_ranges(vec!["192.0.2.0/24"]));
-    lab.edge("edge-0")?
-        .wait_connected(BOUND)
-        .await
-        .context("edge-0 connects")?;
-    let at = format!("{lb_ip}:{}", pod.port());
-    let (code, line) = eventually("the Service listed", async || {
-        let (code, line) = connect_answer(lab.connect(), &at).await?;
-        Ok((code == 502 && line.contains("loadBalancerSourceRanges")).then_some((code, line)))
-    })
-    .await?;
-    ensure!(
-        line.contains("127.0.0.1"),
-        "names the client: {code} {line}"
-    );
-    apply(&with_ranges(vec!["192.0.2.0/24", "127.0.0.0/8"]));
-    let answer = eventually("the ranges updated", async || {
-        Ok(fetch(lab.connect(), &at).await.ok())
-    })
-    .await?;
-    assert_eq!(answer, "lb pod");
-    lab.edge("edge-0")?.shutdown().await;
-    lab.relay.shutdown(Duration::from_secs(1)).await;
-    Ok(())
-}
-
 /// Stand-in, not a real apiserver (see the module doc).
 #[tokio::test]
 async fn routes_follow_the_node_and_a_deleted_node_loses_its_session() -> Result<()> {

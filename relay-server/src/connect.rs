@@ -239,7 +239,7 @@ async fn handle<S: LocalStream>(mut s: S, peer: Peer, mut audit: Audit, shared: 
         let _ = respond(&mut s, 503, "not_ready", msg, shared).await;
         return;
     }
-    let routed = match resolve(shared, &auth, peer.addr().map(|a| a.ip())) {
+    let routed = match resolve(shared, &auth, judged_client(&peer)) {
         Ok(v) => v,
         Err(reply) => {
             shared.metrics.stream_outcome(reply.status);
@@ -365,11 +365,21 @@ fn cluster_domain(shared: &Shared) -> &str {
         .map_or("", |k| k.cluster_domain.as_str())
 }
 
+/// The CONNECT client's address as Services judge it (source ranges,
+/// affinity): its IPv4 form when IPv4-mapped; none for a process on the
+/// relay's own node (the unix socket, or loopback), whose address means
+/// nothing to a Service's source ranges.
+fn judged_client(peer: &Peer) -> Option<std::net::IpAddr> {
+    peer.addr()
+        .map(|a| a.ip().to_canonical())
+        .filter(|ip| !ip.is_loopback())
+}
+
 /// Finds where a CONNECT authority goes, asking the policy (the same seam
 /// every ingress uses): an address (a ClusterIP resolved to one of its
-/// endpoints), or a name ([`by_name`]). `client`, the CONNECT client's
-/// address when it has one (not over the unix socket), is checked against
-/// a load balancer's `loadBalancerSourceRanges`.
+/// endpoints), or a name ([`by_name`]). `client` ([`judged_client`]) is
+/// checked against a load balancer's `loadBalancerSourceRanges` and keeps
+/// a `sessionAffinity: ClientIP` Service's address to one endpoint.
 fn resolve(
     shared: &Shared,
     auth: &Authority,

@@ -98,9 +98,9 @@ impl ServiceSnapshot {
     /// Whether `client` may reach `key`: always, unless the port is a
     /// load-balancer IP's with source ranges and `client` is outside them.
     /// Without a client address (the relay's captured UDP, which its
-    /// capture already took only from those ranges; a CONNECT over the
-    /// unix socket, from a process on the relay's node) it is not checked
-    /// here.
+    /// capture already took only from those ranges; a CONNECT from a
+    /// process on the relay's node, over the unix socket or loopback) it is
+    /// not checked here.
     pub fn source_allowed(&self, key: &ServiceKey, client: Option<IpAddr>) -> bool {
         match (self.source_ranges.get(key), client) {
             (Some(r), Some(c)) => r.iter().any(|x| x.contains(&c)),

@@ -245,17 +245,7 @@ impl Capture {
         remove_all(&cfg).await;
         let t = &cfg.nft_table;
         let (mark, p) = (cfg.own_mark, cfg.port);
-        // The addresses node ports are taken on (`capture.node_port_addresses`;
-        // every address of the node by default), merged: nft refuses
-        // overlapping intervals.
-        let npaddr = match &cfg.node_port_addresses {
-            Some(a) => minimal_cover(a)
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
-            None => "0.0.0.0/0".to_string(),
-        };
+        let npaddr = node_port_address_elements(&cfg);
         let script = format!(
             "table inet {t} {{\n\
              set dst4 {{ type ipv4_addr; flags interval; }}\n\
@@ -514,6 +504,20 @@ pub fn parse_counter_packets(listing: &str) -> Option<u64> {
     let mut words = listing.split_whitespace();
     words.find(|w| *w == "packets")?;
     words.next()?.parse().ok()
+}
+
+/// The elements of the `npaddr4` set: the addresses node ports are taken
+/// on (`capture.node_port_addresses`, merged: nft refuses overlapping
+/// intervals), or every address (`0.0.0.0/0`) by default.
+pub fn node_port_address_elements(cfg: &CaptureConfig) -> String {
+    match &cfg.node_port_addresses {
+        Some(a) => minimal_cover(a)
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        None => "0.0.0.0/0".to_string(),
+    }
 }
 
 /// The prefixes of `set` not contained in another prefix of `set`.

@@ -52,6 +52,24 @@ fn service_set_script_and_conntrack_arguments() {
     );
 }
 
+/// The `npaddr4` elements: every address by default, else the listed
+/// prefixes with those inside another dropped (nft refuses overlaps).
+#[test]
+fn node_port_addresses_render_as_merged_set_elements() {
+    let mut cfg = CaptureConfig::default();
+    assert_eq!(node_port_address_elements(&cfg), "0.0.0.0/0");
+    cfg.node_port_addresses = Some(
+        ["10.0.0.0/24", "10.0.0.1/32", "192.168.1.10/32"]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect(),
+    );
+    assert_eq!(
+        node_port_address_elements(&cfg),
+        "10.0.0.0/24, 192.168.1.10/32"
+    );
+}
+
 /// A load-balancer port with source ranges: one element per IPv4 range no
 /// other holds (`source . address . protocol . port`; nft refuses
 /// overlapping intervals, which failed the whole update); IPv6 ranges and
