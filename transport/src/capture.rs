@@ -510,14 +510,10 @@ pub fn parse_counter_packets(listing: &str) -> Option<u64> {
 /// on (`capture.node_port_addresses`, merged: nft refuses overlapping
 /// intervals), or every address (`0.0.0.0/0`) by default.
 pub fn node_port_address_elements(cfg: &CaptureConfig) -> String {
-    match &cfg.node_port_addresses {
-        Some(a) => minimal_cover(a)
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", "),
-        None => "0.0.0.0/0".to_string(),
-    }
+    cfg.node_port_addresses
+        .as_ref()
+        .and_then(cover_list)
+        .unwrap_or_else(|| "0.0.0.0/0".to_string())
 }
 
 /// The prefixes of `set` not contained in another prefix of `set`.

@@ -136,27 +136,21 @@ pub fn service_entry<'a>(
         let listed = spec.external_ips.clone().unwrap_or_default();
         for (raw, from_lb) in listed.into_iter().map(|ip| (ip, false)).chain(lb) {
             match raw.parse::<IpAddr>() {
-                Ok(ip) => {
-                    if !external_ips.contains(&ip) {
-                        external_ips.push(ip);
-                    }
-                    if from_lb && !lb_ips.contains(&ip) {
+                // `spec.externalIPs` come first: a load balancer's address
+                // already listed there is matched as one by kube-proxy
+                // first, from any source (no firewall for it), and is not
+                // one of `lb_ips`.
+                Ok(ip) if !external_ips.contains(&ip) => {
+                    external_ips.push(ip);
+                    if from_lb {
                         lb_ips.push(ip);
                     }
                 }
+                Ok(_) => {}
                 Err(_) => notes.skipped += 1,
             }
         }
     }
-    // An address also listed in `spec.externalIPs` is matched as one by
-    // kube-proxy first, from any source: no firewall for it.
-    lb_ips.retain(|ip| {
-        !spec
-            .external_ips
-            .iter()
-            .flatten()
-            .any(|e| e.parse() == Ok(*ip))
-    });
     let mut lb_source_ranges = Vec::new();
     for raw in spec.load_balancer_source_ranges.iter().flatten() {
         // The apiserver validates the syntax, so a skip is not expected.
