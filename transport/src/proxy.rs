@@ -11,6 +11,9 @@
 //! against the relay's CA, never the proxy's.
 
 use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -162,6 +165,40 @@ impl HttpProxy {
             _ => Err(format!("proxy {self} refused CONNECT {target}: {status}")),
         }
     }
+}
+
+/// The first of `addrs` that takes a TCP connection (`dial`), tried in
+/// order: one that refuses or is unreachable is passed over at once, a
+/// silent one after its share of `budget` (what is left, split evenly over
+/// the addresses not tried yet; the last gets all of it). A proxy's name
+/// often has several addresses (IPv4 and IPv6, or a pool behind one name),
+/// and one of them down must not stop the fallback. The error names every
+/// address's failure.
+pub(crate) async fn first_connected<F, Fut>(
+    addrs: &[SocketAddr],
+    budget: Duration,
+    dial: F,
+) -> Result<TcpStream, String>
+where
+    F: Fn(SocketAddr) -> Fut,
+    Fut: Future<Output = Result<TcpStream, String>>,
+{
+    let start = Instant::now();
+    let mut failed = Vec::with_capacity(addrs.len());
+    for (i, &a) in addrs.iter().enumerate() {
+        let untried = u32::try_from(addrs.len() - i).unwrap_or(u32::MAX);
+        let share = budget.saturating_sub(start.elapsed()) / untried;
+        match tokio::time::timeout(share, dial(a)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => failed.push(e),
+            Err(_) => failed.push(format!("tcp {a}: no answer within {share:?}")),
+        }
+    }
+    Err(if failed.is_empty() {
+        "no address".into()
+    } else {
+        failed.join("; ")
+    })
 }
 
 /// Whether a `no_proxy` list covers `host` (a name, or an address in
@@ -337,5 +374,69 @@ mod tests {
         }
         let heads = server.await.unwrap();
         assert!(heads[0].starts_with("CONNECT relay.example:8443 HTTP/1.1\r\nHost: relay.example:8443\r\nProxy-Authorization: Basic dTpwdw==\r\n\r\n"), "{heads:?}");
+    }
+
+    /// A listener that never accepts, its queue already full: SYNs to it
+    /// are dropped, as by a proxy address that is down behind a firewall.
+    fn silent_listener() -> (std::net::TcpListener, Vec<std::net::TcpStream>) {
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        sock.listen(0).unwrap();
+        let l: std::net::TcpListener = sock.into();
+        let addr = l.local_addr().unwrap();
+        // The queue holds backlog + 1; a connection beyond it waits (in
+        // the background, not here) for an accept that never comes.
+        let fill = (0..2)
+            .filter_map(|_| {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()
+            })
+            .collect();
+        (l, fill)
+    }
+
+    /// A proxy name with several addresses: a refusing one and a silent
+    /// one are passed over (the silent one after its share of the budget),
+    /// and when none answers the error names each.
+    #[tokio::test]
+    async fn the_first_address_that_answers_is_used() {
+        let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = up.local_addr().unwrap();
+        let refusing = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let (_silent, _held) = silent_listener();
+        let silent = _silent.local_addr().unwrap();
+        let dial = |a: SocketAddr| async move {
+            TcpStream::connect(a)
+                .await
+                .map_err(|e| format!("tcp {a}: {e}"))
+        };
+        let budget = Duration::from_secs(2);
+        let t = Instant::now();
+        let s = first_connected(&[refusing, silent, up_addr], budget, dial)
+            .await
+            .unwrap();
+        assert_eq!(s.peer_addr().unwrap(), up_addr);
+        let took = t.elapsed();
+        // The silent address had a third of what the refusing one left.
+        assert!(
+            took >= Duration::from_millis(500) && took < budget,
+            "took {took:?}"
+        );
+        let e = first_connected(&[refusing, silent], Duration::from_millis(600), dial)
+            .await
+            .unwrap_err();
+        assert!(
+            e.contains(&format!("tcp {refusing}: "))
+                && e.contains(&format!("tcp {silent}: no answer within")),
+            "{e}"
+        );
+        assert_eq!(
+            first_connected(&[], budget, dial).await.unwrap_err(),
+            "no address"
+        );
     }
 }

@@ -493,6 +493,31 @@ pub struct ConnectError {
     pub reached: bool,
 }
 
+/// A TCP connection to `addr` from a socket carrying `mark` (so capture
+/// leaves it alone) and, when set, maximum segment size `mss`.
+async fn dial_tcp(
+    addr: SocketAddr,
+    mark: u32,
+    mss: Option<u32>,
+) -> Result<tokio::net::TcpStream, String> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|e| format!("socket: {e}"))?;
+    crate::capture::mark_socket(socket2::SockRef::from(&sock), mark)
+        .map_err(|e| format!("mark: {e}"))?;
+    if let Some(mss) = mss {
+        socket2::SockRef::from(&sock)
+            .set_tcp_mss(mss)
+            .map_err(|e| format!("TCP_MAXSEG {mss}: {e}"))?;
+    }
+    sock.connect(addr)
+        .await
+        .map_err(|e| format!("tcp {addr}: {e}"))
+}
+
 /// [`connect_with`], saying whether the relay answered when it fails.
 pub async fn connect_detailed(
     to: TcpDial<'_>,
@@ -520,31 +545,20 @@ pub async fn connect_detailed(
         TcpDial::Proxy { proxy, target } => format!("{target} via {proxy}"),
     };
     let setup = async {
-        let addr = match to {
-            TcpDial::Direct(a) => a,
-            TcpDial::Proxy { proxy, .. } => tokio::net::lookup_host(&proxy.authority)
-                .await
-                .map_err(|e| fail(&format!("resolve proxy {proxy}"), &e))?
-                .next()
-                .ok_or_else(|| ConnLost(format!("resolve proxy {proxy}: no address")))?,
+        let dial = |addr| dial_tcp(addr, mark, mss);
+        let mut tcp = match to {
+            TcpDial::Direct(a) => dial(a).await.map_err(ConnLost)?,
+            TcpDial::Proxy { proxy, .. } => {
+                let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&proxy.authority)
+                    .await
+                    .map_err(|e| fail(&format!("resolve proxy {proxy}"), &e))?
+                    .collect();
+                crate::proxy::first_connected(&addrs, timeout, dial)
+                    .await
+                    .map_err(|e| ConnLost(format!("proxy {proxy}: {e}")))?
+            }
         };
-        let sock = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()
-        } else {
-            tokio::net::TcpSocket::new_v6()
-        }
-        .map_err(|e| fail("socket", &e))?;
-        crate::capture::mark_socket(socket2::SockRef::from(&sock), mark)
-            .map_err(|e| fail("mark", &e))?;
-        if let Some(mss) = mss {
-            socket2::SockRef::from(&sock)
-                .set_tcp_mss(mss)
-                .map_err(|e| fail(&format!("TCP_MAXSEG {mss}"), &e))?;
-        }
-        let mut tcp = sock
-            .connect(addr)
-            .await
-            .map_err(|e| fail(&format!("tcp {addr}"), &e))?;
+        let addr = tcp.peer_addr().map_err(|e| fail("peer address", &e))?;
         tune_socket(&tcp);
         if let TcpDial::Proxy { proxy, target } = to {
             proxy
