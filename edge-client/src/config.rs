@@ -59,6 +59,10 @@ pub struct EdgeConfig {
     /// The TCP fallback's maximum segment size (`None`: the kernel's, from
     /// path-MTU discovery); see [`relay_transport::tcp::DEFAULT_FALLBACK_MSS`].
     pub tcp_fallback_mss: Option<u32>,
+    /// The relay's TCP fallback port, where it differs from the QUIC one
+    /// (`None`: `relay`'s port). Applies to every relay address dialled,
+    /// advertised replicas' too, and to the proxy's CONNECT target.
+    pub tcp_fallback_port: Option<u16>,
     /// The HTTP proxy the TCP fallback goes through (a site whose only way
     /// out is a forward proxy); QUIC never does.
     pub tcp_proxy: Option<relay_transport::proxy::HttpProxy>,
@@ -127,6 +131,7 @@ impl EdgeConfig {
             quic_fallback_after: Duration::from_secs(3),
             quic_probe_interval: Duration::from_secs(60),
             tcp_fallback_mss: Some(relay_transport::tcp::DEFAULT_FALLBACK_MSS),
+            tcp_fallback_port: None,
             tcp_proxy: None,
             quic: QuicTuning::default(),
             backoff: BackoffConfig::default(),
@@ -272,6 +277,9 @@ pub struct FileConfig {
     /// small-MTU links that send no ICMP), 0 = the kernel's (path-MTU
     /// discovery), else 536 to 9000.
     pub tcp_fallback_mss: Option<u32>,
+    /// The relay's TCP fallback port, when not `relay`'s (the relay's
+    /// `listen.tcp_fallback_port`).
+    pub tcp_fallback_port: Option<u16>,
     /// `http://[user:password@]host[:port]`: the TCP fallback goes through
     /// this HTTP proxy. Absent: `https_proxy` / `HTTPS_PROXY` from the
     /// environment unless `no_proxy` / `NO_PROXY` lists the relay's host;
@@ -536,6 +544,10 @@ impl FileConfig {
                 Duration::from_secs(60),
             )?,
             tcp_fallback_mss: fallback_mss(self.tcp_fallback_mss)?,
+            tcp_fallback_port: match self.tcp_fallback_port {
+                Some(0) => return Err(err("tcp_fallback_port", "must be 1 to 65535")),
+                p => p,
+            },
             tcp_proxy: proxy,
             udp_idle: nonzero(
                 "timeouts.udp_idle",

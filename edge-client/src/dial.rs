@@ -86,7 +86,7 @@ impl Dialer<'_> {
                     self.tcp(
                         TcpDial::Proxy {
                             proxy,
-                            target: &cfg.relay,
+                            target: &tcp_target(cfg),
                         },
                         tls,
                     )
@@ -210,12 +210,16 @@ impl Dialer<'_> {
     ) -> Result<(Option<quinn::Endpoint>, TunnelConn), AddrFailed> {
         let cfg = self.cfg;
         let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
+        let target = tcp_target(cfg);
         let to = match &cfg.tcp_proxy {
             Some(proxy) => TcpDial::Proxy {
                 proxy,
-                target: &cfg.relay,
+                target: &target,
             },
-            None => TcpDial::Direct(addr),
+            None => TcpDial::Direct(SocketAddr::new(
+                addr.ip(),
+                cfg.tcp_fallback_port.unwrap_or(addr.port()),
+            )),
         };
         let direct = matches!(to, TcpDial::Direct(_));
         match self.mode {
@@ -289,6 +293,15 @@ impl Dialer<'_> {
                 })
             }
         }
+    }
+}
+
+/// Where the TCP fallback goes, as `host:port`: the relay's host, with
+/// `tcp_fallback_port` when set (what a proxy is asked to CONNECT to).
+fn tcp_target(cfg: &EdgeConfig) -> std::borrow::Cow<'_, str> {
+    match (cfg.tcp_fallback_port, cfg.relay.rsplit_once(':')) {
+        (Some(port), Some((host, _))) => format!("{host}:{port}").into(),
+        _ => cfg.relay.as_str().into(),
     }
 }
 
@@ -524,6 +537,18 @@ mod tests {
         assert_eq!(pick(&[a, b], 0), Some(a));
         assert_eq!(pick(&[a, b], 1), Some(b));
         assert_eq!(pick(&[a, b], 2), Some(a));
+    }
+
+    /// `tcp_fallback_port` replaces the relay's port in what the proxy is
+    /// asked for, host names and IPv6 literals alike.
+    #[test]
+    fn the_fallback_port_goes_into_the_proxy_target() {
+        let (mut cfg, _) = test_cfg("relay.example:4433");
+        assert_eq!(tcp_target(&cfg), "relay.example:4433");
+        cfg.tcp_fallback_port = Some(443);
+        assert_eq!(tcp_target(&cfg), "relay.example:443");
+        cfg.relay = "[2001:db8::1]:4433".into();
+        assert_eq!(tcp_target(&cfg), "[2001:db8::1]:443");
     }
 
     /// An edge config for `relay` with test certificates, and the client

@@ -123,6 +123,52 @@ async fn auto_mode_falls_back_to_tcp_when_udp_is_blocked() -> Result<()> {
     Ok(())
 }
 
+/// The fallback on a TCP port of its own (`listen.tcp_fallback_port`, as
+/// for QUIC on one port and TCP on 443 where a site lets nothing else
+/// out): an edge told the port (`tcp_fallback_port`) falls back to it; one
+/// not told dials the QUIC port's number on TCP, where nothing listens,
+/// and stays down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fallback_on_its_own_port_is_found_by_edges_told_it() -> Result<()> {
+    let mut lab = Lab::start(1, |c| c.tcp_fallback_port = Some(0)).await?;
+    lab.edges.pop().unwrap().shutdown().await;
+    let quic = lab.relay.quic_addr();
+    let tcp = lab.relay.tcp_fallback_addr().expect("fallback on");
+    assert_ne!(tcp.port(), quic.port());
+    assert!(
+        TcpStream::connect(quic).await.is_err(),
+        "TCP answered on the QUIC port"
+    );
+    // Where the edge dials: UDP swallowed, no TCP on that port.
+    let hole = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let hole_addr = hole.local_addr()?;
+    let _sink = tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while hole.recv_from(&mut buf).await.is_ok() {}
+    });
+    let mut cfg = edge_config(&lab.pki, 0, hole_addr)?;
+    cfg.quic_fallback_after = Duration::from_millis(300);
+    let untold = EdgeClient::spawn(cfg.clone());
+    assert!(
+        untold
+            .wait_connected(Duration::from_secs(2))
+            .await
+            .is_none(),
+        "connected without being told the fallback's port"
+    );
+    untold.shutdown().await;
+    cfg.tcp_fallback_port = Some(tcp.port());
+    let told = EdgeClient::spawn(cfg);
+    told.wait_connected(Duration::from_secs(10))
+        .await
+        .expect("connected on the fallback's own port");
+    let row = &sessions(lab.admin_addr()).await?[0];
+    assert_eq!(row.transport, "tcp", "{row:?}");
+    told.shutdown().await;
+    lab.stop().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_fallback_session_survives_idle_keepalive_periods() -> Result<()> {
     let mut lab = Lab::start(1, |_| {}).await?;

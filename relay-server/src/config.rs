@@ -108,9 +108,14 @@ pub struct RelayConfig {
     pub relay_id: String,
     /// UDP address of the QUIC endpoint edges dial.
     pub quic_listen: SocketAddr,
-    /// Also accept the TLS+TCP+yamux fallback on the same address and port
-    /// number (TCP), for edges whose networks block UDP.
+    /// Also accept the TLS+TCP+yamux fallback on the same address (TCP),
+    /// for edges whose networks block UDP.
     pub tcp_fallback: bool,
+    /// The fallback's TCP port (`None`: the QUIC port's number, so one
+    /// Service port serves both). A site that lets out TCP 443 only needs
+    /// the fallback there while QUIC keeps another port; edges are told
+    /// with their own `tcp_fallback_port`.
+    pub tcp_fallback_port: Option<u16>,
     /// The maximum segment size set on the fallback listener (`None`: the
     /// kernel's): it is the MSS the relay announces, and Linux also clamps
     /// what the relay sends to it, so it bounds both directions of every
@@ -198,6 +203,7 @@ impl RelayConfig {
             relay_id: "relay-0".into(),
             quic_listen: lo,
             tcp_fallback: true,
+            tcp_fallback_port: None,
             tcp_fallback_mss: Some(relay_transport::tcp::DEFAULT_FALLBACK_MSS),
             tls,
             tls_crls: Vec::new(),

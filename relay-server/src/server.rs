@@ -153,6 +153,7 @@ pub struct Relay {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     quic_addr: SocketAddr,
+    tcp_fallback_addr: Option<SocketAddr>,
     connect_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     unix_path: Option<PathBuf>,
@@ -204,6 +205,16 @@ impl Relay {
         );
         policy.set_connect_cloud(cfg.connect_cloud);
         policy.add_own_listener(quic_addr);
+        let tcp_fallback_addr = match &tcp_listener {
+            Some(l) => Some(
+                l.local_addr()
+                    .map_err(bind_err("tcp fallback", quic_addr))?,
+            ),
+            None => None,
+        };
+        if let Some(a) = tcp_fallback_addr.filter(|a| *a != quic_addr) {
+            policy.add_own_listener(a);
+        }
         // Cancelled on shutdown: stops the Kubernetes watch and writers.
         let background = CancellationToken::new();
         let (directory, status, tokens, services) = directory_and_status(&cfg, &background).await?;
@@ -377,11 +388,12 @@ impl Relay {
                 background.clone(),
             ));
         }
-        info!(%quic_addr, connect = ?connect_addr, unix = ?unix_path, admin = ?admin_addr, relay_id = %shared.cfg.relay_id, "relay listening");
+        info!(%quic_addr, tcp_fallback = ?tcp_fallback_addr, connect = ?connect_addr, unix = ?unix_path, admin = ?admin_addr, relay_id = %shared.cfg.relay_id, "relay listening");
         Ok(Relay {
             shared,
             endpoint,
             quic_addr,
+            tcp_fallback_addr,
             connect_addr,
             admin_addr,
             unix_path,
@@ -412,6 +424,11 @@ impl Relay {
     /// The bound QUIC (UDP) address.
     pub fn quic_addr(&self) -> SocketAddr {
         self.quic_addr
+    }
+
+    /// The bound TCP fallback address, if enabled.
+    pub fn tcp_fallback_addr(&self) -> Option<SocketAddr> {
+        self.tcp_fallback_addr
     }
 
     /// The bound CONNECT (TCP) address, if enabled.

@@ -28,9 +28,11 @@ pub struct ListenFile {
     /// UDP address for QUIC.
     #[serde(default = "default_quic")]
     pub quic: SocketAddr,
-    /// Accept the TLS+TCP fallback on the same address and port (TCP).
+    /// Accept the TLS+TCP fallback on the same address (TCP).
     #[serde(default = "yes")]
     pub tcp_fallback: bool,
+    /// See [`RelayConfig::tcp_fallback_port`].
+    pub tcp_fallback_port: Option<u16>,
     /// See [`RelayConfig::tcp_fallback_mss`]: default 1220, 0 = the
     /// kernel's, else 536 to 9000.
     pub tcp_fallback_mss: Option<u32>,
@@ -302,6 +304,7 @@ impl FileConfig {
             relay_id,
             quic_listen: self.listen.quic,
             tcp_fallback: self.listen.tcp_fallback,
+            tcp_fallback_port: self.listen.tcp_fallback_port,
             tcp_fallback_mss: relay_transport::tcp::fallback_mss_setting(
                 self.listen.tcp_fallback_mss,
             )

@@ -102,9 +102,9 @@ async fn serve_edge(
 }
 
 /// Binds the QUIC endpoint and, with the TCP fallback on, a TCP listener
-/// on the same port number, so one Service port serves both. With port 0,
-/// the ephemeral UDP port may be taken on TCP: try another, a bounded
-/// number of times.
+/// on the same address and port number, so one Service port serves both
+/// (or on `tcp_fallback_port`, when set). With port 0, the ephemeral UDP
+/// port may be taken on TCP: try another, a bounded number of times.
 pub(super) async fn bind_quic_and_tcp(
     cfg: &RelayConfig,
     tls: &Arc<ReloadableServerTls>,
@@ -118,9 +118,12 @@ pub(super) async fn bind_quic_and_tcp(
         if !cfg.tcp_fallback {
             return Ok((endpoint, None));
         }
-        let addr = endpoint
+        let mut addr = endpoint
             .local_addr()
             .map_err(bind_err("quic", cfg.quic_listen))?;
+        if let Some(port) = cfg.tcp_fallback_port {
+            addr.set_port(port);
+        }
         match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => {
                 // Set on the listener: the SYN-ACK announces it and every
@@ -131,6 +134,11 @@ pub(super) async fn bind_quic_and_tcp(
                         .map_err(bind_err("tcp fallback (TCP_MAXSEG)", addr))?;
                 }
                 return Ok((endpoint, Some(l)));
+            }
+            // Another try helps only where the TCP port follows an
+            // ephemeral QUIC port.
+            Err(e) if cfg.tcp_fallback_port.is_some() => {
+                return Err(bind_err("tcp fallback", addr)(e))
             }
             Err(e) => last = Some((addr, e)),
         }
