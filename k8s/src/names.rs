@@ -114,6 +114,8 @@ mod tests {
             serving: ready,
             terminating: false,
             hostname: hostname.map(String::from),
+            zone_hints: Vec::new(),
+            node_hints: Vec::new(),
         }
     }
 

@@ -65,7 +65,13 @@ pub struct NodeClaims {
     pub control_plane: bool,
     /// Labelled a cloud node by another edge tool ([`CLOUD_LABELS`]).
     pub cloud_label: bool,
+    /// The [`ZONE_LABEL`] value: the zone the node's kube-proxy keeps
+    /// traffic in when a Service's endpoints carry zone hints.
+    pub zone: Option<String>,
 }
+
+/// The Node label naming its zone, which topology hints refer to.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// Prefix of the Node labels that put a node in a community (the rest of
 /// the key names it). Membership lets an edge reach other edges, so a
@@ -179,6 +185,9 @@ pub fn node_claims(node: &Node) -> (NodeClaims, Vec<ClaimIssue>) {
         claims.edge |= key == EDGE_ROLE_LABEL || OTHER_EDGE_LABELS.contains(&pair);
         claims.control_plane |= CONTROL_PLANE_LABELS.contains(&key.as_str());
         claims.cloud_label |= CLOUD_LABELS.contains(&pair);
+        if key == ZONE_LABEL && !value.is_empty() {
+            claims.zone = Some(value.clone());
+        }
     }
     claims.edge |= node
         .status
@@ -481,6 +490,10 @@ mod tests {
             c.dns_names,
             ["ip-192-168-1-10.shop.internal", "edge-1.shops.example.com"]
         );
+        assert_eq!(c.zone, None, "no zone label");
+        let mut zoned = n.clone();
+        zoned.metadata.labels = Some([(ZONE_LABEL.to_string(), "shop-a".to_string())].into());
+        assert_eq!(node_claims(&zoned).0.zone.as_deref(), Some("shop-a"));
     }
 
     #[test]

@@ -99,6 +99,13 @@ pub struct Endpoint {
     /// `hostname` (set by StatefulSets): the endpoint's own DNS name under
     /// a headless Service.
     pub hostname: Option<String>,
+    /// `hints.forZones`: the zones whose nodes should use this endpoint
+    /// (set by the EndpointSlice controller for `trafficDistribution` and
+    /// `service.kubernetes.io/topology-mode: Auto`).
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes`: the nodes that should use it
+    /// (`trafficDistribution: PreferSameNode`).
+    pub node_hints: Vec<String>,
 }
 
 impl Endpoint {

@@ -48,6 +48,12 @@ pub struct KubeSettings {
     /// (`kubernetes.edge_address_ranges`): its kubelet writes them, so
     /// they are vetted (see `k8s/node_addresses.rs`).
     pub edge_address_ranges: Vec<Cidr>,
+    /// The Node the relay runs on (`kubernetes.node_name`, or
+    /// `--node-name` / `RELAY_NODE_NAME` from the downward API): whose zone
+    /// the relay's own Service picks follow where endpoints carry topology
+    /// hints (see [`crate::topology`]). `None`: hints apply to edges' picks
+    /// only.
+    pub node_name: Option<String>,
 }
 
 impl Default for KubeSettings {
@@ -62,6 +68,7 @@ impl Default for KubeSettings {
             cluster_domain: "cluster.local".into(),
             cache_file: None,
             services_cache_file: None,
+            node_name: None,
             edge_address_ranges: default_edge_address_ranges(),
         }
     }
@@ -199,6 +206,8 @@ pub struct KubernetesFile {
     /// See [`KubeSettings::edge_address_ranges`] (default the private
     /// and shared IPv4 ranges).
     pub edge_address_ranges: Option<Vec<Cidr>>,
+    /// See [`KubeSettings::node_name`].
+    pub node_name: Option<String>,
 }
 
 impl KubernetesFile {
@@ -222,6 +231,7 @@ impl KubernetesFile {
                 .edge_address_ranges
                 .clone()
                 .unwrap_or(d.edge_address_ranges),
+            node_name: self.node_name.clone().filter(|n| !n.is_empty()),
         })
     }
 }

@@ -52,6 +52,9 @@ pub struct NodeEntry {
     /// connected as one), which the relay may dial itself for a CONNECT
     /// client; never in static mode, whose table lists edges.
     pub cloud: bool,
+    /// Its `topology.kubernetes.io/zone` label (Kubernetes), which
+    /// Services' zone hints refer to (see [`crate::topology`]).
+    pub zone: Option<Arc<str>>,
 }
 
 impl NodeEntry {
@@ -192,6 +195,8 @@ pub struct NodeSource {
     pub hostnames: Vec<String>,
     /// A cloud node (see [`NodeEntry::cloud`]).
     pub cloud: bool,
+    /// See [`NodeEntry::zone`].
+    pub zone: Option<String>,
 }
 
 /// Builds every node's entry from its source description, marking host
@@ -235,6 +240,7 @@ pub fn build_entries(nodes: &BTreeMap<String, NodeSource>) -> HashMap<String, Ar
                 primary: s.primary,
                 hostnames: s.hostnames.clone(),
                 cloud: s.cloud,
+                zone: s.zone.as_deref().map(Arc::from),
             };
             (name.clone(), Arc::new(entry))
         })

@@ -106,6 +106,7 @@ mod tests {
                         .map(|a| Backend {
                             addr: a.parse().unwrap(),
                             node: None,
+                            hints: None,
                         })
                         .collect();
                     (key, Arc::from(b))

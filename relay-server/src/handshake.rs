@@ -391,6 +391,7 @@ mod tests {
             primary: Some("192.168.1.10".parse().unwrap()),
             hostnames: Vec::new(),
             cloud: false,
+            zone: None,
         }
     }
 

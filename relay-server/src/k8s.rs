@@ -345,6 +345,7 @@ fn source(c: &NodeClaims, addresses: &[IpAddr], cloud_ranges: &[Cidr]) -> NodeSo
         addresses: addresses.to_vec(),
         hostnames: c.hostname.iter().chain(&c.dns_names).cloned().collect(),
         cloud: is_cloud(c, cloud_ranges),
+        zone: c.zone.clone(),
     }
 }
 

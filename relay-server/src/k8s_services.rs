@@ -206,6 +206,7 @@ fn backend(e: &relay_kube::services::Endpoint) -> Backend {
     Backend {
         addr: e.addr(),
         node: e.node.as_deref().map(Arc::from),
+        hints: crate::topology::Hints::of(e.ready, &e.zone_hints, &e.node_hints),
     }
 }
 
@@ -380,6 +381,8 @@ mod tests {
             serving: ready,
             terminating: false,
             hostname: None,
+            zone_hints: Vec::new(),
+            node_hints: Vec::new(),
         }
     }
 

@@ -76,6 +76,7 @@ pub mod services;
 pub mod session;
 pub mod status;
 pub mod tls_reload;
+pub mod topology;
 pub mod tunnel;
 mod tunnel_udp;
 

@@ -38,6 +38,11 @@ struct Cli {
     /// second relay.toml (deploy/kubernetes/components/replicas).
     #[arg(long, env = "RELAY_LEASE_NAMESPACE", global = true)]
     lease_namespace: Option<String>,
+    /// The Node this relay runs on, overriding `kubernetes.node_name`
+    /// (`spec.nodeName` from the downward API): its zone decides which
+    /// hinted Service endpoints the relay's own picks use.
+    #[arg(long, env = "RELAY_NODE_NAME", global = true)]
+    node_name: Option<String>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -115,23 +120,21 @@ enum Cmd {
 /// Reads and validates the file with the per-replica overrides applied
 /// before validation (so a bad `--advertise` is named like a bad field).
 /// relay.toml with the per-pod overrides of the command line.
-fn load(
-    path: &std::path::Path,
-    relay_id: &Option<String>,
-    advertise: &Option<String>,
-    lease_namespace: &Option<String>,
-) -> anyhow::Result<relay_server::RelayConfig> {
+fn load(path: &std::path::Path, cli: &Cli) -> anyhow::Result<relay_server::RelayConfig> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut f = FileConfig::parse(&text)?;
-    if let Some(id) = relay_id {
+    if let Some(id) = &cli.relay_id {
         f.relay_id = Some(id.clone());
     }
-    if let Some(a) = advertise {
+    if let Some(a) = &cli.advertise {
         f.replicas.advertise = Some(a.clone());
     }
-    if let Some(ns) = lease_namespace {
+    if let Some(ns) = &cli.lease_namespace {
         f.replicas.lease_namespace = Some(ns.clone());
+    }
+    if let Some(n) = &cli.node_name {
+        f.kubernetes.node_name = Some(n.clone());
     }
     Ok(f.into_runtime()?)
 }
@@ -288,8 +291,8 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some(Cmd::CheckConfig) => {
-            let path = cli.config.context("--config is required")?;
-            let cfg = load(&path, &cli.relay_id, &cli.advertise, &cli.lease_namespace)?;
+            let path = cli.config.clone().context("--config is required")?;
+            let cfg = load(&path, &cli)?;
             println!(
                 "{}: ok (relay_id {}, {} nodes)",
                 path.display(),
@@ -301,8 +304,9 @@ async fn main() -> anyhow::Result<()> {
         None => {
             let path = cli
                 .config
+                .clone()
                 .context("--config is required (or use a subcommand; see --help)")?;
-            let cfg = load(&path, &cli.relay_id, &cli.advertise, &cli.lease_namespace)?;
+            let cfg = load(&path, &cli)?;
             let grace = cfg.limits.drain_grace;
             let mut relay = Relay::spawn(cfg).await?;
             // Memory of a load peak (a CONNECT flood) goes back to the

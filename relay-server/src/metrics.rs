@@ -60,16 +60,19 @@ pub struct Metrics {
     denials: [[AtomicU64; 6]; 4],
     /// ClusterIP connections and flows the relay resolved, by where the
     /// endpoint it picked was (see [`SERVICE_PICKS`]).
-    service_picks: [AtomicU64; 5],
+    service_picks: [AtomicU64; 6],
 }
 
-/// Outcomes of resolving a ClusterIP or Service name at the relay.
-pub const SERVICE_PICKS: [&str; 5] = [
+/// Outcomes of resolving a ClusterIP or Service name at the relay
+/// (`topology_unreachable` is counted besides where the pick then went:
+/// the endpoints topology hints chose were all cut off, others served).
+pub const SERVICE_PICKS: [&str; 6] = [
     "edge",
     "cloud",
     "no_endpoints",
     "edges_offline",
     "source_range",
+    "topology_unreachable",
 ];
 
 const ORIGINS: [&str; 4] = ["connect", "captured", "edge", "service"];

@@ -76,7 +76,7 @@ pub(crate) fn route_any(
         if snap.node_local.contains(&key) {
             return route_node_local(shared, b, prefer, sticky(key), proto, &target);
         }
-        return route_backend(shared, b, prefer, sticky(key), proto, &target);
+        return route_hinted(shared, b, prefer, sticky(key), proto, &target);
     }
     let np_key = ServiceKey::node_port(target.port(), udp);
     let sticky = sticky(np_key);
@@ -89,17 +89,47 @@ pub(crate) fn route_any(
             Some(NodePortAt::Asker) if local => {
                 route_node_local(shared, b, prefer, sticky, proto, &target)
             }
-            Some(NodePortAt::Asker) => route_backend(shared, b, prefer, sticky, proto, &target),
+            Some(NodePortAt::Asker) => route_hinted(shared, b, prefer, sticky, proto, &target),
             Some(NodePortAt::Edge(node)) if local => {
                 route_node_local(shared, b, Some(&node), sticky, proto, &target)
             }
             Some(NodePortAt::Edge(node)) => {
-                route_backend(shared, b, Some(&node), sticky, proto, &target)
+                route_hinted(shared, b, Some(&node), sticky, proto, &target)
             }
             None => route(shared, origin, target, proto),
         },
         None => route(shared, origin, target, proto),
     }
+}
+
+/// [`route_backend`] for a cluster-wide port: among the endpoints node
+/// `prefer`'s kube-proxy would use by their topology hints (see
+/// [`crate::topology`]; `None` is the relay's own node,
+/// `kubernetes.node_name`, whose capture and CONNECTs ask without one).
+/// When the tunnel reaches none of those (every one on an edge without a
+/// live session) the others serve, counted (`topology_unreachable`), as
+/// kube-proxy falls back when no endpoint is hinted for the zone: a site
+/// whose own endpoints are cut off keeps the Service. Node-local ports
+/// never get here: kube-proxy applies no hints to them.
+fn route_hinted(
+    shared: &Shared,
+    backends: &[Backend],
+    prefer: Option<&str>,
+    sticky: Option<u64>,
+    proto: Proto,
+    service: &SocketAddr,
+) -> Result<(Route, SocketAddr), StreamReply> {
+    if crate::topology::hinted(backends) {
+        let (node, zone) = placed(shared, prefer);
+        let near = crate::topology::for_node(backends, node, zone.as_deref());
+        if near.len() < backends.len() {
+            if near.iter().any(|b| reachable(shared, b).is_some()) {
+                return route_backend(shared, &near, prefer, sticky, proto, service);
+            }
+            shared.metrics.service_pick("topology_unreachable");
+        }
+    }
+    route_backend(shared, backends, prefer, sticky, proto, service)
 }
 
 /// A ClusterIP port of an `internalTrafficPolicy: Local` Service (or a
@@ -196,13 +226,7 @@ pub(crate) fn route_backend(
     // node is not): pass over it rather than fail one pick in N.
     // Who serves an endpoint (its session, else who claims it), found
     // once: `pick` hands it back with the endpoint.
-    let usable = |b: &Backend| match endpoint_session(shared, b) {
-        Some(s) => Some((Some(s), Claim::Nobody)),
-        None => match endpoint_claim(&*shared.directory, b) {
-            Claim::Edge(_) => None,
-            claim => Some((None, claim)),
-        },
-    };
+    let usable = |b: &Backend| reachable(shared, b);
     let Some((b, (owner, claim))) = crate::services::pick(backends, prefer, sticky, usable) else {
         shared.metrics.service_pick("edges_offline");
         let mut nodes: Vec<&str> = backends.iter().filter_map(|b| b.node.as_deref()).collect();
@@ -224,6 +248,36 @@ pub(crate) fn route_backend(
         Route::Cloud => "cloud",
     });
     Ok((routed, target))
+}
+
+/// Node `node` (`None`: the relay's own, `kubernetes.node_name`) with its
+/// zone, as topology hints see them.
+pub(crate) fn placed<'a>(
+    shared: &'a Shared,
+    node: Option<&'a str>,
+) -> (Option<&'a str>, Option<Arc<str>>) {
+    let node = node.or(shared
+        .cfg
+        .kubernetes
+        .as_ref()
+        .and_then(|k| k.node_name.as_deref()));
+    let zone = node.and_then(|n| match shared.directory.lookup(n) {
+        crate::directory::Lookup::Known(e) => e.zone.clone(),
+        _ => None,
+    });
+    (node, zone)
+}
+
+/// Whether the relay can reach endpoint `b` now, with who serves it: its
+/// live session, else (no session) who claims it, unless that is an edge.
+fn reachable(shared: &Shared, b: &Backend) -> Option<(Option<Arc<SessionHandle>>, Claim)> {
+    match endpoint_session(shared, b) {
+        Some(s) => Some((Some(s), Claim::Nobody)),
+        None => match endpoint_claim(&*shared.directory, b) {
+            Claim::Edge(_) => None,
+            claim => Some((None, claim)),
+        },
+    }
 }
 
 /// The live session that serves a Service endpoint: its node's, when the
@@ -384,6 +438,7 @@ mod endpoint_claims {
         let ep = |addr: &str, node: Option<&str>| Backend {
             addr: addr.parse().unwrap(),
             node: node.map(Arc::from),
+            hints: None,
         };
         let shop = Claim::Edge("shop1".into());
         for (b, want) in [

@@ -16,16 +16,23 @@ use crate::services::{Backend, ServiceSnapshot};
 /// when it has no usable endpoint (kube-proxy on the edge rejects those
 /// itself). A `node_local` port (`internalTrafficPolicy: Local`) is
 /// never remote: the edge leaves it to its kube-proxy, which serves it
-/// with the node's own endpoints or drops it.
+/// with the node's own endpoints or drops it. Other ports count only the
+/// endpoints the node (in `zone`) would use by their topology hints (see
+/// [`crate::topology`]): a port whose hints keep the node on its own
+/// endpoints is not remote either.
 pub(crate) fn edge_port(
     key: ServiceKey,
     backends: &[Backend],
-    node: &str,
+    (node, zone): (&str, Option<&str>),
     node_local: bool,
 ) -> Option<ServicePort> {
     if backends.is_empty() && !node_local {
         return None;
     }
+    let backends = match node_local {
+        true => std::borrow::Cow::Borrowed(backends),
+        false => crate::topology::for_node(backends, Some(node), zone),
+    };
     let local: Vec<SocketAddr> = backends
         .iter()
         .filter(|b| b.node.as_deref() == Some(node))
@@ -66,7 +73,9 @@ impl ServiceFeed {
     /// (the first call sends everything, with `reset`); `None` when
     /// nothing changed. With `node_ports` (the edge announced
     /// `capability::NODE_PORTS`) the node ports are in the table too, as
-    /// [`ServiceKey::node_port`] entries.
+    /// [`ServiceKey::node_port`] entries. `zone` is the node's, for
+    /// topology hints (a change of it alone reaches each port with the
+    /// port's next change).
     ///
     /// After the first call, only the ports the snapshots since the last
     /// call changed are looked at (see [`Changes`]), when the journal
@@ -76,7 +85,7 @@ impl ServiceFeed {
     pub fn poll(
         &mut self,
         snap: &ServiceSnapshot,
-        node: &str,
+        node: (&str, Option<&str>),
         node_ports: bool,
     ) -> Option<Vec<Control>> {
         let generation = snap.changes.generation;
@@ -131,7 +140,7 @@ impl ServiceFeed {
     fn poll_keys(
         &mut self,
         snap: &ServiceSnapshot,
-        node: &str,
+        node: (&str, Option<&str>),
         node_ports: bool,
         keys: &BTreeSet<ServiceKey>,
     ) -> Option<Vec<Control>> {
@@ -255,6 +264,43 @@ mod tests {
     /// it, so the relay node leaves it to its kube-proxy and each edge is
     /// told it is not remote (its kube-proxy serves or drops it), even
     /// with no endpoint of its own.
+    /// Zone hints: the relay node (zone `cloud`) leaves a port whose
+    /// hints keep it on cloud endpoints to kube-proxy, and an edge whose
+    /// zone has endpoints on its own node only is told the port is not
+    /// remote; an edge in a zone nobody is hinted for sees every endpoint.
+    #[test]
+    fn topology_hints_decide_capture_and_what_is_remote() {
+        let hinted = |addr: &str, node: &str, zone: &str| Backend {
+            hints: crate::topology::Hints::of(true, &[zone.to_string()], &[]),
+            ..b(addr, node)
+        };
+        let web = key("10.96.0.60:80", false);
+        let s = snap(&[(
+            web,
+            vec![
+                hinted("10.244.7.5:80", "edge1", "shop1"),
+                hinted("10.244.1.2:80", "cloud1", "cloud"),
+            ],
+        )]);
+        let served = |b: &Backend| b.node.as_deref().is_some_and(|n| n.starts_with("edge"));
+        let at_relay = |zone| relay_capture_set(&s, served, &BTreeSet::new(), (None, zone));
+        assert!(at_relay(Some("cloud")).cluster.is_empty());
+        assert_eq!(at_relay(None).cluster.len(), 1, "no zone known: captured");
+        let told = |zone| {
+            let mut edge = BTreeMap::new();
+            for f in ServiceFeed::default()
+                .poll(&s, ("edge1", zone), false)
+                .expect("batch")
+            {
+                f.apply_service_delta(&mut edge);
+            }
+            let p: &ServicePort = &edge[&web];
+            (p.remote, p.local.len())
+        };
+        assert_eq!(told(Some("shop1")), (false, 1));
+        assert_eq!(told(Some("shop9")), (true, 1));
+    }
+
     #[test]
     fn node_local_ports_are_never_captured_and_never_remote() {
         let agent = key("10.96.0.50:80", false);
@@ -268,11 +314,11 @@ mod tests {
         ]);
         s.node_local.extend([agent, elsewhere]);
         let served = |b: &Backend| b.node.as_deref().is_some_and(|n| n.starts_with("edge"));
-        let set = relay_capture_set(&s, served, &BTreeSet::new());
+        let set = relay_capture_set(&s, served, &BTreeSet::new(), (None, None));
         assert_eq!(set, Default::default());
         let mut edge = BTreeMap::new();
         for f in ServiceFeed::default()
-            .poll(&s, "edge1", false)
+            .poll(&s, ("edge1", None), false)
             .expect("batch")
         {
             f.apply_service_delta(&mut edge);
@@ -304,7 +350,7 @@ mod tests {
         ]);
         let mut feed = ServiceFeed::default();
         let mut edge = BTreeMap::new();
-        let first = feed.poll(&s, "edge1", false).expect("first batch");
+        let first = feed.poll(&s, ("edge1", None), false).expect("first batch");
         assert!(matches!(
             first[0],
             Control::ServiceDelta { reset: true, .. }
@@ -325,7 +371,7 @@ mod tests {
             "all local: left to the edge's kube-proxy"
         );
         assert!(
-            feed.poll(&s, "edge1", false).is_none(),
+            feed.poll(&s, ("edge1", None), false).is_none(),
             "no change, no frame"
         );
 
@@ -334,7 +380,7 @@ mod tests {
         s.ports
             .insert(mixed, Arc::from(vec![b("10.244.8.6:80", "edge2")]));
         s.ports.remove(&cloud);
-        let next = feed.poll(&s, "edge1", false).expect("a change");
+        let next = feed.poll(&s, ("edge1", None), false).expect("a change");
         assert!(matches!(
             next[0],
             Control::ServiceDelta { reset: false, .. }
@@ -345,7 +391,10 @@ mod tests {
         assert_eq!(edge.len(), 2);
         assert!(edge[&mixed].local.is_empty() && edge[&mixed].remote);
         let mut fresh = BTreeMap::new();
-        for f in ServiceFeed::default().poll(&s, "edge1", false).unwrap() {
+        for f in ServiceFeed::default()
+            .poll(&s, ("edge1", None), false)
+            .unwrap()
+        {
             f.apply_service_delta(&mut fresh);
         }
         assert_eq!(edge, fresh, "deltas reach what a fresh edge is sent");
@@ -369,7 +418,7 @@ mod tests {
         let table = |node_ports: bool| {
             let mut t = BTreeMap::new();
             for f in ServiceFeed::default()
-                .poll(&s, "edge1", node_ports)
+                .poll(&s, ("edge1", None), node_ports)
                 .unwrap()
             {
                 f.apply_service_delta(&mut t);
@@ -434,19 +483,22 @@ mod tests {
             }
             s.changes = Arc::new(prev.changes.next(changed_keys(&prev, &s)));
             let now = Arc::new(s.clone());
-            apply(follower.poll(&now, "edge1", true), &mut edge);
+            apply(follower.poll(&now, ("edge1", None), true), &mut edge);
             // The laggard polls every 80 snapshots: past the journal.
             if round % 80 == 79 {
-                apply(laggard.poll(&now, "edge1", true), &mut late);
+                apply(laggard.poll(&now, ("edge1", None), true), &mut late);
             }
             let mut fresh = BTreeMap::new();
-            apply(ServiceFeed::default().poll(&now, "edge1", true), &mut fresh);
+            apply(
+                ServiceFeed::default().poll(&now, ("edge1", None), true),
+                &mut fresh,
+            );
             assert_eq!(edge, fresh, "round {round}");
             if round % 80 == 79 {
                 assert_eq!(late, fresh, "laggard, round {round}");
             }
             assert!(
-                follower.poll(&now, "edge1", true).is_none(),
+                follower.poll(&now, ("edge1", None), true).is_none(),
                 "round {round}"
             );
             prev = now;
@@ -491,7 +543,7 @@ mod tests {
             let mut feeds: Vec<ServiceFeed> =
                 nodes.iter().map(|_| ServiceFeed::default()).collect();
             for (f, n) in feeds.iter_mut().zip(&nodes) {
-                f.poll(&base, n, true);
+                f.poll(&base, (n, None), true);
             }
             println!(
                 "RSS for 1,000 sessions' feeds: +{} KiB",
@@ -514,7 +566,7 @@ mod tests {
                 };
                 let next = Arc::new(next);
                 for (f, n) in feeds.iter_mut().zip(&nodes) {
-                    f.poll(&next, n, true);
+                    f.poll(&next, (n, None), true);
                 }
                 times.push(t.elapsed());
                 prev = next;

@@ -16,11 +16,12 @@
 //! main table cannot route.
 //!
 //! Endpoint choice: among the usable endpoints (ready, else serving and
-//! terminating, as kube-proxy), those on the asking edge's own node first
-//! (same site: a Service whose endpoints are on the asking edge never
-//! crosses to another site), otherwise all of them, in round robin; with
-//! `sessionAffinity: ClientIP`, one per client ([`pick`]); for a
-//! node-local port (`internalTrafficPolicy: Local`, or a node port with
+//! terminating, as kube-proxy) that the asking node would use by their
+//! topology hints ([`crate::topology`]), those on the asking edge's own
+//! node first (same site: a Service whose endpoints are on the asking
+//! edge never crosses to another site), otherwise all of them, in round
+//! robin; with `sessionAffinity: ClientIP`, one per client ([`pick`]);
+//! for a node-local port (`internalTrafficPolicy: Local`, or a node port with
 //! `externalTrafficPolicy: Local`), only the asking node's own (see
 //! docs/architecture.md, "Services with edge endpoints").
 
@@ -42,6 +43,9 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// The endpoint's `nodeName`, when the EndpointSlice says.
     pub node: Option<Arc<str>>,
+    /// Its topology hints, when it is ready and has any (see
+    /// [`crate::topology`]).
+    pub hints: Option<Arc<crate::topology::Hints>>,
 }
 
 /// Every ClusterIP port (TCP and UDP) with its usable endpoints, as one
@@ -317,17 +321,22 @@ pub struct RelayCapture {
 
 /// The ClusterIP ports the relay node captures: those with an endpoint
 /// that `served` says is behind a live edge session (kube-proxy on the
-/// relay node could not reach it). Ports whose endpoints are all in the
-/// cloud stay with kube-proxy. `sources` are the capture sources (the
-/// cloud's ranges) that [`RelayCapture::cluster`] is taken from.
+/// relay node could not reach it), among those the relay node (`here`:
+/// its name and zone) would use by their topology hints (see
+/// [`crate::topology`]). Ports whose endpoints are all in the cloud, or
+/// whose hints keep the relay node's clients on cloud endpoints, stay with
+/// kube-proxy. `sources` are the capture sources (the cloud's ranges)
+/// that [`RelayCapture::cluster`] is taken from.
 pub fn relay_capture_set(
     snap: &ServiceSnapshot,
     served: impl Fn(&Backend) -> bool,
     sources: &BTreeSet<Cidr>,
+    here: (Option<&str>, Option<&str>),
 ) -> RelayCapture {
     let mut out = RelayCapture::default();
     for (k, b) in &snap.ports {
-        if !b.iter().any(&served) || snap.node_local.contains(k) {
+        let near = crate::topology::for_node(b, here.0, here.1);
+        if !near.iter().any(&served) || snap.node_local.contains(k) {
             continue;
         }
         let at = (k.vip, capture_proto(k.udp));
@@ -408,6 +417,7 @@ pub(crate) mod tests {
         Backend {
             addr: addr.parse().unwrap(),
             node: Some(Arc::from(node)),
+            hints: None,
         }
     }
 
@@ -447,7 +457,7 @@ pub(crate) mod tests {
             Arc::from([cidr("10.0.0.0/8"), cidr("192.0.2.0/24")]),
         );
         let sources: BTreeSet<Cidr> = [cidr("10.244.0.0/16"), cidr("172.16.0.0/12")].into();
-        let set = relay_capture_set(&s, |_| true, &sources);
+        let set = relay_capture_set(&s, |_| true, &sources, (None, None));
         assert_eq!(set.open, [(plain.vip, CaptureProto::Tcp)].into());
         assert!(set.cluster.is_empty(), "{:?}", set.cluster);
         assert_eq!(
@@ -658,7 +668,7 @@ pub(crate) mod tests {
         let served = |b: &Backend| b.node.as_deref().is_some_and(|n| n.starts_with("edge"));
         let RelayCapture {
             cluster: set, open, ..
-        } = relay_capture_set(&s, served, &BTreeSet::new());
+        } = relay_capture_set(&s, served, &BTreeSet::new(), (None, None));
         assert_eq!(
             describe(&set),
             ["10.96.0.20:80/tcp", "10.96.0.30:53/udp"],

@@ -496,7 +496,9 @@ pub(crate) async fn run_session(
                 let snap = svc_changes.borrow_and_update().clone();
                 let mut frames = Vec::new();
                 if wants_services {
-                    frames.extend(svc_feed.poll(&snap, &handle.node, node_ports).unwrap_or_default());
+                    let zone = crate::route::placed(&shared, Some(&handle.node)).1;
+                    let at = (handle.node.as_str(), zone.as_deref());
+                    frames.extend(svc_feed.poll(&snap, at, node_ports).unwrap_or_default());
                 }
                 // Static mode has no names to give: say nothing rather
                 // than an empty table that would wipe a saved one.

@@ -265,7 +265,9 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
         }
         let snap = services.borrow_and_update().clone();
         let served = |b: &Backend| endpoint_session(&shared, b).is_some();
-        let set = crate::services::relay_capture_set(&snap, served, &sources);
+        let (node, zone) = crate::route::placed(&shared, None);
+        let set =
+            crate::services::relay_capture_set(&snap, served, &sources, (node, zone.as_deref()));
         let svc = set.cluster;
         let node_ports = crate::services::relay_node_port_set(&snap, served);
         if let Err(e) = cap.apply_services(&svc, &BTreeSet::new()).await {

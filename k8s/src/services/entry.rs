@@ -233,6 +233,18 @@ fn add_endpoints(
             serving: c.serving.unwrap_or(true),
             terminating: c.terminating.unwrap_or(false),
             hostname: e.hostname.clone(),
+            zone_hints: e
+                .hints
+                .iter()
+                .flat_map(|h| h.for_zones.iter().flatten())
+                .map(|z| z.name.clone())
+                .collect(),
+            node_hints: e
+                .hints
+                .iter()
+                .flat_map(|h| h.for_nodes.iter().flatten())
+                .map(|n| n.name.clone())
+                .collect(),
         };
         if let (Some(known), Some(node)) = (known_nodes, &ep.node) {
             if !known.contains(node) {

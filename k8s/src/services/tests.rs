@@ -609,3 +609,55 @@ fn source_ranges_apply_to_load_balancer_ips_only() {
     let (e, _) = service_entry(&s, std::iter::empty(), None);
     assert!(e.source_ranges_of(ip("198.51.100.9")).is_empty());
 }
+
+/// Topology hints are read from each endpoint (zones and nodes), and an
+/// endpoint without them has none.
+#[test]
+fn topology_hints_are_read_per_endpoint() {
+    use k8s_openapi::api::discovery::v1::{EndpointHints, ForNode, ForZone};
+    let s = svc(
+        "web",
+        &["10.96.0.20"],
+        &[("http", 80, "TCP", IntOrString::Int(8080))],
+    );
+    let mut sl = slice(
+        "web-abc",
+        "web",
+        "IPv4",
+        &[("http", 8080, "TCP")],
+        &[
+            ("10.244.7.5", "edge1", None, None, None),
+            ("10.244.8.5", "edge2", None, None, None),
+        ],
+    );
+    sl.endpoints[0].hints = Some(EndpointHints {
+        for_zones: Some(vec![
+            ForZone {
+                name: "shop-a".into(),
+            },
+            ForZone {
+                name: "shop-b".into(),
+            },
+        ]),
+        for_nodes: Some(vec![ForNode {
+            name: "edge1".into(),
+        }]),
+    });
+    let (t, _) = table_of(&[s], &[sl], None);
+    let e = t.lookup(sa("10.96.0.20:80"), Protocol::Tcp).unwrap();
+    let hints: Vec<(&[String], &[String])> = e
+        .endpoints
+        .iter()
+        .map(|e| (&e.zone_hints[..], &e.node_hints[..]))
+        .collect();
+    assert_eq!(
+        hints,
+        [
+            (
+                &["shop-a".to_string(), "shop-b".to_string()][..],
+                &["edge1".to_string()][..]
+            ),
+            (&[][..], &[][..]),
+        ]
+    );
+}
