@@ -1,0 +1,240 @@
+//! Dialling (edge) and accepting (relay) the fallback's TLS+TCP
+//! connection, then starting yamux on it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::CertificateDer;
+
+use super::mux::YamuxConn;
+use super::socket::tune_socket;
+use crate::conn::ConnLost;
+
+/// Dials the relay over TLS+TCP and starts yamux (edge side). The whole
+/// setup is bounded by `timeout`; a non-zero `mark` tags the socket so
+/// capture lets it pass.
+pub async fn connect(
+    addr: SocketAddr,
+    server_name: &str,
+    tls: &crate::TlsMaterial,
+    mark: u32,
+    timeout: Duration,
+) -> Result<crate::TunnelConn, ConnLost> {
+    let cfg = tls
+        .client_config(relay_protocol::ALPN)
+        .map_err(|e| ConnLost(format!("tls config: {e}")))?;
+    connect_with(TcpDial::Direct(addr), server_name, cfg, mark, None, timeout).await
+}
+
+/// Where [`connect_with`] opens its TCP connection.
+#[derive(Clone, Copy, Debug)]
+pub enum TcpDial<'a> {
+    /// Straight to the relay at this address.
+    Direct(SocketAddr),
+    /// Through an HTTP proxy, asked for a tunnel to `target` (the relay's
+    /// `host:port` as configured; the proxy resolves it).
+    Proxy {
+        /// The proxy.
+        proxy: &'a crate::proxy::HttpProxy,
+        /// `host:port` of the relay.
+        target: &'a str,
+    },
+}
+
+/// [`connect`] with a given client config (the certificate bootstrap
+/// connects without a client certificate, under its own ALPN), a way to
+/// the relay (direct, or through an HTTP proxy) and a maximum segment size
+/// (`mss`, see [`DEFAULT_FALLBACK_MSS`](super::DEFAULT_FALLBACK_MSS); `None`: the kernel's, from the
+/// path MTU).
+pub async fn connect_with(
+    to: TcpDial<'_>,
+    server_name: &str,
+    cfg: rustls::ClientConfig,
+    mark: u32,
+    mss: Option<u32>,
+    timeout: Duration,
+) -> Result<crate::TunnelConn, ConnLost> {
+    connect_detailed(to, server_name, cfg, mark, mss, timeout)
+        .await
+        .map_err(|e| e.lost)
+}
+
+/// Why [`connect_detailed`] failed, and how far it got.
+#[derive(Debug)]
+pub struct ConnectError {
+    /// What went wrong.
+    pub lost: ConnLost,
+    /// Whether the relay answered: a TCP connection was made (through
+    /// the proxy's tunnel, with a proxy) and TLS began. `false`: refused,
+    /// unreachable, or no connection within the timeout, so nothing at
+    /// that address answered (a dialler may try the relay's next one).
+    pub reached: bool,
+}
+
+/// A TCP connection to `addr` from a socket carrying `mark` (so capture
+/// leaves it alone) and, when set, maximum segment size `mss`.
+async fn dial_tcp(
+    addr: SocketAddr,
+    mark: u32,
+    mss: Option<u32>,
+) -> Result<tokio::net::TcpStream, String> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(|e| format!("socket: {e}"))?;
+    crate::capture::mark_socket(socket2::SockRef::from(&sock), mark)
+        .map_err(|e| format!("mark: {e}"))?;
+    if let Some(mss) = mss {
+        socket2::SockRef::from(&sock)
+            .set_tcp_mss(mss)
+            .map_err(|e| format!("TCP_MAXSEG {mss}: {e}"))?;
+    }
+    sock.connect(addr)
+        .await
+        .map_err(|e| format!("tcp {addr}: {e}"))
+}
+
+/// [`connect_with`], saying whether the relay answered when it fails.
+pub async fn connect_detailed(
+    to: TcpDial<'_>,
+    server_name: &str,
+    cfg: rustls::ClientConfig,
+    mark: u32,
+    mss: Option<u32>,
+    timeout: Duration,
+) -> Result<crate::TunnelConn, ConnectError> {
+    // Set once the TCP connection (and a proxy's tunnel) is up: an atomic,
+    // not a `Cell`, so this future stays `Send`; read after the timeout
+    // dropped the setup future, to tell a silent address from a TLS
+    // failure (or a TLS handshake that stalled).
+    let reached = std::sync::atomic::AtomicBool::new(false);
+    let was_reached = || reached.load(std::sync::atomic::Ordering::Relaxed);
+    let fail = |what: &str, e: &dyn std::fmt::Display| ConnLost(format!("{what}: {e}"));
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).map_err(|e| {
+        ConnectError {
+            lost: fail("server name", &e),
+            reached: false,
+        }
+    })?;
+    let shown = match to {
+        TcpDial::Direct(a) => a.to_string(),
+        TcpDial::Proxy { proxy, target } => format!("{target} via {proxy}"),
+    };
+    let setup = async {
+        let dial = |addr| dial_tcp(addr, mark, mss);
+        let mut tcp = match to {
+            TcpDial::Direct(a) => dial(a).await.map_err(ConnLost)?,
+            TcpDial::Proxy { proxy, .. } => {
+                let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&proxy.authority)
+                    .await
+                    .map_err(|e| fail(&format!("resolve proxy {proxy}"), &e))?
+                    .collect();
+                crate::proxy::first_connected(&addrs, timeout, dial)
+                    .await
+                    .map_err(|e| ConnLost(format!("proxy {proxy}: {e}")))?
+            }
+        };
+        let addr = tcp.peer_addr().map_err(|e| fail("peer address", &e))?;
+        tune_socket(&tcp);
+        if let TcpDial::Proxy { proxy, target } = to {
+            proxy
+                .open_tunnel(&mut tcp, target)
+                .await
+                .map_err(ConnLost)?;
+        }
+        reached.store(true, std::sync::atomic::Ordering::Relaxed);
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| fail(&format!("tls {shown}"), &e))?;
+        let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        let conn = YamuxConn::start(tls, true, addr, (Vec::new(), alpn), timeout).await?;
+        Ok(crate::TunnelConn::Tcp(conn))
+    };
+    let outcome = tokio::time::timeout(timeout, setup).await;
+    outcome
+        .map_err(|_| ConnLost(format!("tcp+tls to {shown}: no session within {timeout:?}")))
+        .and_then(|r| r)
+        .map_err(|lost| ConnectError {
+            lost,
+            reached: was_reached(),
+        })
+}
+
+/// Completes a relay-side TLS+TCP accept and starts yamux; bounded by
+/// `timeout`.
+pub async fn accept(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    remote: SocketAddr,
+    timeout: Duration,
+) -> Result<crate::TunnelConn, ConnLost> {
+    tune_socket(&tcp);
+    let setup = async {
+        let tls = acceptor
+            .accept(tcp)
+            .await
+            .map_err(|e| ConnLost(format!("tls from {remote}: {e}")))?;
+        let certs: Vec<CertificateDer<'static>> = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
+        let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        let conn = YamuxConn::start(tls, false, remote, (certs, alpn), timeout).await?;
+        Ok(crate::TunnelConn::Tcp(conn))
+    };
+    tokio::time::timeout(timeout, setup).await.map_err(|_| {
+        ConnLost(format!(
+            "tcp+tls from {remote}: no session within {timeout:?}"
+        ))
+    })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A refused connection is no answer; a relay that accepted the TCP
+    /// connection and then failed TLS (closed at once) answered.
+    #[tokio::test]
+    async fn a_failed_dial_says_whether_the_relay_answered() {
+        crate::tls::install_default_provider();
+        let pki = crate::devcerts::DevPki::generate(&["relay.test"], &["edge-a"]).unwrap();
+        let tls = || {
+            pki.node_material("edge-a")
+                .unwrap()
+                .client_config(relay_protocol::ALPN)
+                .unwrap()
+        };
+        let refused = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                drop(s);
+            }
+        });
+        let dial = |to| {
+            connect_detailed(
+                TcpDial::Direct(to),
+                "relay.test",
+                tls(),
+                0,
+                None,
+                Duration::from_secs(10),
+            )
+        };
+        let e = dial(refused).await.unwrap_err();
+        assert!(!e.reached, "{}", e.lost.0);
+        let e = dial(live).await.unwrap_err();
+        assert!(e.reached, "{}", e.lost.0);
+    }
+}

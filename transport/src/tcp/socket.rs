@@ -1,0 +1,93 @@
+//! Socket options of the fallback's TCP connections (and of CONNECT's).
+
+use std::time::Duration;
+
+/// How long sent data may stay unacknowledged before the kernel gives up
+/// on a TCP connection (`TCP_USER_TIMEOUT`). Without it a dead path is
+/// retransmitted into for ~15 minutes (tcp_retries2) and every write on the
+/// fallback session queues behind it. 30 s is well above the queueing delay
+/// of a slow, deep-buffered uplink (seconds), and the session layer's pings
+/// usually notice a dead path sooner (within 3 keep-alive intervals).
+pub const USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Socket options of tunnel and CONNECT TCP sockets: no Nagle delay;
+/// TCP keep-alive well under CGNAT idle timers, so the NAT binding of an
+/// idle fallback session stays open and a peer that vanished without a
+/// FIN or RST is probed (from 10 s of silence, every 5 s); and
+/// [`USER_TIMEOUT`], which also decides when unanswered probes end the
+/// connection (Linux: the user timeout overrides the probe count), so a
+/// vanished peer is dropped about 30 s after it last acknowledged anything.
+pub fn tune_socket(s: &tokio::net::TcpStream) {
+    tune(socket2::SockRef::from(s));
+}
+
+/// [`tune_socket`]'s options, set once on a listener: Linux copies them to
+/// every socket it accepts, so accepted connections (the relay's CONNECT
+/// clients) get them without a syscall of their own.
+pub fn tune_listener(l: &tokio::net::TcpListener) {
+    tune(socket2::SockRef::from(l));
+}
+
+/// Sets the maximum segment size on a listener (the relay's fallback
+/// listener, see [`DEFAULT_FALLBACK_MSS`]): its SYN-ACKs announce it, and
+/// Linux clamps every accepted connection's own segments to it too.
+pub fn set_listener_mss(l: &tokio::net::TcpListener, mss: u32) -> std::io::Result<()> {
+    socket2::SockRef::from(l).set_tcp_mss(mss)
+}
+
+fn tune(sock: socket2::SockRef<'_>) {
+    let _ = sock.set_tcp_nodelay(true);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(5))
+        .with_retries(3);
+    let _ = sock.set_tcp_keepalive(&ka);
+    let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
+}
+
+/// The edge's default for the fallback's TCP maximum segment size
+/// (`tcp_fallback_mss`): segments of 1,220 bytes make packets of at most
+/// 1,260 bytes over IPv4 and 1,280 (IPv6's minimum MTU) over IPv6, so the
+/// fallback also works through links with a small MTU that drop larger
+/// packets without the ICMP error path-MTU discovery needs (a black hole;
+/// `lab/tests/small_mtu.rs` stalled without it). Set before connecting, it
+/// is also the MSS the edge announces, so it bounds the relay's segments
+/// too. Costs about 16 % more segments than a clean 1,500-byte path.
+pub const DEFAULT_FALLBACK_MSS: u32 = 1220;
+
+/// A `tcp_fallback_mss` setting as both configuration files take it: the
+/// default ([`DEFAULT_FALLBACK_MSS`]) when absent, `None` (the kernel's
+/// choice, from path-MTU discovery) for 0, else a segment size TCP can use
+/// (536 to 9000); the error says what is allowed.
+pub fn fallback_mss_setting(v: Option<u32>) -> Result<Option<u32>, String> {
+    match v {
+        None => Ok(Some(DEFAULT_FALLBACK_MSS)),
+        Some(0) => Ok(None),
+        Some(m) if FALLBACK_MSS_RANGE.contains(&m) => Ok(Some(m)),
+        Some(m) => Err(format!(
+            "{m} must be 0 (the kernel's choice) or 536 to 9000"
+        )),
+    }
+}
+
+/// The segment sizes a fallback MSS may be set to: from IPv4's minimum
+/// (536) to a jumbo frame's.
+pub const FALLBACK_MSS_RANGE: std::ops::RangeInclusive<u32> = 536..=9000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tuned_sockets_have_keepalive_and_user_timeout() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        tune_socket(&c);
+        let r = socket2::SockRef::from(&c);
+        assert!(r.keepalive().unwrap());
+        assert_eq!(r.tcp_user_timeout().unwrap(), Some(USER_TIMEOUT));
+        assert!(r.tcp_nodelay().unwrap());
+    }
+}
