@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Assembles the edge-relay image as an OCI image layout without a container
 # engine: the static binaries of build-static.sh plus `nft` and `ip` (capture
-# and the route agent run them) with their shared libraries, unpacked from
-# Debian packages (apt-get download + dpkg-deb), put together with umoci.
+# and the route agent run them) and `conntrack` (capture deletes stale UDP
+# conntrack entries with it when Service capture changes) with their shared
+# libraries, unpacked from Debian packages (apt-get download + dpkg-deb),
+# put together with umoci.
 #
 #   deploy/image/build-oci.sh [BIN_DIR]     (default target/image/bin)
 #
@@ -46,8 +48,10 @@ done
 # Debian packages: these roots and their Depends, recursively, first
 # alternative of each; not the package manager's own (nothing installs
 # packages in this image) nor libcap2-bin (setcap/capsh, which `ip` does not
-# run).
-ROOTS=(nftables iproute2 netbase)
+# run). conntrack: `conntrack -D` in transport/src/capture/services.rs
+# (its Depends add libnetfilter-conntrack3 and libnfnetlink0; a missing
+# binary only logs at debug level, so verify-oci.sh checks it is there).
+ROOTS=(nftables iproute2 netbase conntrack)
 SKIP=" debconf debconf-2.0 cdebconf dpkg tar install-info perl-base libcap2-bin "
 apt-cache show nftables >/dev/null 2>&1 || die "apt-cache knows no nftables: run apt-get update"
 declare -A seen=()

@@ -11,9 +11,11 @@
 # In the image root:
 #   - config: user 0, PATH with /usr/sbin, CMD as deploy/Containerfile; the
 #     manifests' commands exist;
-#   - relay-server/edge-client --version (= the tag), nft --version, ip -V;
+#   - relay-server/edge-client --version (= the tag), nft --version, ip -V,
+#     conntrack --version;
 #   - the image's ip and nft change and list this namespace's routes and
-#     ruleset;
+#     ruleset; its conntrack deletes a UDP entry made in this namespace with
+#     the arguments capture uses (conntrack -D -p udp --orig-dst --dport);
 #   - a session: relay-server and edge-client (dev PKI), the edge dialing
 #     the relay by a name that only /etc/hosts knows, with capture on: the
 #     edge's own nft/ip calls (found through PATH) install its table and
@@ -167,6 +169,12 @@ TOML
   say "image: nft --version (PATH)" "$v"
   v=$(run ip -V) || die "image: ip -V failed"
   say "image: ip -V (PATH)" "$v"
+  # Capture runs `conntrack -D` when Service capture changes
+  # (transport/src/capture/services.rs) and only logs a failure at debug
+  # level: an image without it would look fine until a UDP flow stays on
+  # its stale NAT binding.
+  v=$(run conntrack --version 2>&1) || die "image: conntrack --version failed: $v"
+  say "image: conntrack --version (PATH)" "$v"
   run ip link set lo up || die "image: ip link set lo up"
   run ip route add 10.99.0.0/24 dev lo || die "image: ip route add"
   has '^10.99.0.0/24 dev lo' run ip route show || die "image: ip route does not list the route it added"
@@ -182,6 +190,26 @@ NFT
   run nft delete table inet image_check
   [ -z "$(run nft list ruleset)" ] || die "image: ruleset not empty after delete"
   say "image: nft -f / list ruleset / delete table" "ok"
+  # A UDP conntrack entry (a ct rule turns tracking on in this namespace;
+  # the datagram comes from this script's bash, the image has no shell),
+  # deleted by the image's conntrack with capture's arguments
+  # (conntrack_delete_args: -D -p udp --orig-dst ADDR --dport PORT).
+  run nft -f - <<'NFT' || die "image: nft -f (table with a ct rule)"
+table inet image_ct {
+  chain out { type filter hook output priority 0; ct state new counter; }
+}
+NFT
+  echo probe >/dev/udp/127.0.0.1/5399 || die "image: sending a UDP datagram to 127.0.0.1:5399"
+  has 'dport=5399' run conntrack -L -p udp --orig-dst 127.0.0.1 --dport 5399 2>/dev/null \
+    || die "image: conntrack -L does not list the UDP entry to 127.0.0.1:5399"
+  v=$(run conntrack -D -p udp --orig-dst 127.0.0.1 --dport 5399 2>&1) \
+    || die "image: conntrack -D -p udp --orig-dst 127.0.0.1 --dport 5399 failed: $v"
+  grep -q '1 flow entries have been deleted' <<<"$v" || die "image: conntrack -D: $v"
+  has 'dport=5399' run conntrack -L -p udp --orig-dst 127.0.0.1 --dport 5399 2>/dev/null \
+    && die "image: the UDP entry to 127.0.0.1:5399 is still listed after conntrack -D"
+  run nft delete table inet image_ct
+  [ -z "$(run nft list ruleset)" ] || die "image: ruleset not empty after deleting image_ct"
+  say "image: conntrack -D -p udp --orig-dst --dport (capture's)" "1 entry made, listed, deleted"
   session "$R" image true
 
   # -- the bare root: static binaries and three /etc files, nothing else
