@@ -13,7 +13,10 @@ mod mux;
 mod socket;
 
 pub use dial::{accept, connect, connect_detailed, connect_with, ConnectError, TcpDial};
-pub use mux::{TcpRecv, TcpSend, TcpStreamHalf, YamuxConn, DATAGRAM_STREAM_MARK, MAX_TCP_DATAGRAM};
+pub use mux::{
+    TcpRecv, TcpSend, TcpStreamHalf, YamuxConn, DATAGRAM_STREAM_MARK, MAX_TCP_DATAGRAM,
+    SESSION_RECEIVE_LIMIT,
+};
 pub use socket::{
     fallback_mss_setting, set_listener_mss, tune_listener, tune_socket, DEFAULT_FALLBACK_MSS,
     FALLBACK_MSS_RANGE, USER_TIMEOUT,

@@ -2,23 +2,49 @@
 //!
 //! yamux does all its I/O inside `poll_next_inbound`, so one driver task
 //! owns the connection and polls it without pause; other tasks ask it for
-//! new streams and take inbound ones from a queue as deep as yamux's own
-//! stream limit (so the driver never has to stop polling).
+//! new streams and take inbound ones from a queue as deep as the number
+//! of the peer's streams a side holds (so the driver never has to stop
+//! polling).
+//!
+//! **Stream limits.** yamux (0.13) keeps one table of streams for both
+//! directions and ends the whole connection when it is full: a local open
+//! fails with `TooManyStreams` and its connection moves to cleanup (inside
+//! yamux, whatever the caller does next), and a peer's new stream is
+//! answered with a GOAWAY. So the table must never fill, and the counts
+//! are kept below it here ([`LIMITS`]): a side opens at most
+//! [`StreamLimits::outbound`] streams itself and an open past that waits
+//! for one of them to end, as a QUIC open waits for stream credit (callers
+//! bound the wait, as they do on QUIC); it holds at most
+//! [`StreamLimits::inbound`] of the peer's (twice what a peer opens at
+//! once: the peer's count drops when it lets a stream go, this side's
+//! only once its own task has seen that), and a stream the peer opens past
+//! that is reset on its own, the connection staying up (an older peer that
+//! opens without a bound). A stream counts from its open (or its arrival)
+//! until its last handle is dropped.
+//!
+//! **Memory.** yamux gives every stream a receive window of 256 KiB, fixed
+//! by its specification (a peer may send that much on a new stream before
+//! any window update), and the connection window may not be set below
+//! table size × 256 KiB. It is set to exactly that, so no stream's window
+//! grows past 256 KiB, and what one session can make this side buffer
+//! (received, not yet read) is at most [`SESSION_RECEIVE_LIMIT`]: 1,024
+//! streams × 256 KiB = 256 MiB; with peers that keep the bounds above,
+//! (320 + 640) × 256 KiB = 240 MiB. (QUIC: `conn_window`, 8 MiB.)
 
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::{mpsc, oneshot, watch, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::conn::ConnLost;
 
@@ -29,22 +55,98 @@ pub const DATAGRAM_STREAM_MARK: u8 = 0x44;
 /// path MTU, but a flow's payload is still one UDP datagram).
 pub const MAX_TCP_DATAGRAM: usize = 65_507;
 
-/// Streams either side may have open at once on one connection.
-const MAX_STREAMS: usize = 4096;
+/// How many streams one connection holds; see the module's
+/// documentation.
+#[derive(Debug, Clone, Copy)]
+struct StreamLimits {
+    /// yamux's own table (`max_num_streams`): streams of both directions
+    /// together, including those whose handles were dropped and that
+    /// yamux has not removed yet. Reaching it ends the connection.
+    table: usize,
+    /// Streams this side opened and still holds (its datagram and control
+    /// streams included); an open past this waits.
+    outbound: usize,
+    /// Streams the peer opened that this side holds, queued or served;
+    /// one past this is reset.
+    inbound: usize,
+}
+
+/// The limits of every connection: `outbound` + `inbound` leaves 64 of
+/// the table for dropped streams yamux has not removed yet (it does so
+/// as it writes their reset or FIN).
+const LIMITS: StreamLimits = StreamLimits {
+    table: 1024,
+    outbound: 320,
+    inbound: 640,
+};
+const _: () = assert!(LIMITS.outbound * 2 <= LIMITS.inbound);
+const _: () = assert!(LIMITS.outbound + LIMITS.inbound < LIMITS.table);
+
+/// A stream's receive window: yamux's 256 KiB, and never more here (see
+/// [`config`]).
+const STREAM_WINDOW: usize = yamux::DEFAULT_CREDIT as usize;
+
+/// The most one session on the TCP fallback can make this side buffer,
+/// received and not yet read, all streams together: 256 MiB, a full table
+/// of yamux streams (1,024) with each one's 256 KiB window filled. yamux's
+/// windows are 256 KiB at least (its specification) and its connection
+/// window may not be smaller than table × 256 KiB, so this bound goes with
+/// the number of streams; QUIC's is `conn_window` (8 MiB).
+pub const SESSION_RECEIVE_LIMIT: usize = LIMITS.table * STREAM_WINDOW;
 
 /// Datagrams queued for sending before new ones are dropped, as UDP would.
 const DATAGRAM_QUEUE: usize = 1024;
 
-/// A yamux stream with tokio's I/O traits.
-pub type TcpStreamHalf = Compat<yamux::Stream>;
+/// A yamux stream with tokio's I/O traits, counted against its
+/// connection's stream limits until dropped.
+#[derive(Debug)]
+pub struct TcpStreamHalf {
+    // Dropped first: yamux learns of the drop before the slot is free.
+    io: Compat<yamux::Stream>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for TcpStreamHalf {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TcpStreamHalf {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 type OpenReply = oneshot::Sender<Result<yamux::Stream, String>>;
+
+/// A stream the peer opened, with its slot among [`StreamLimits::inbound`].
+type Inbound = (yamux::Stream, OwnedSemaphorePermit);
 
 /// One TLS+TCP+yamux tunnel connection.
 #[derive(Debug)]
 pub struct YamuxConn {
     open: mpsc::Sender<OpenReply>,
-    inbound: Mutex<mpsc::Receiver<yamux::Stream>>,
+    /// Slots for streams this side opens ([`StreamLimits::outbound`]);
+    /// closed when the connection ends.
+    outbound: Arc<Semaphore>,
+    inbound: Mutex<mpsc::Receiver<Inbound>>,
     dgram_out: mpsc::Sender<Bytes>,
     dgram_in: Mutex<mpsc::Receiver<Bytes>>,
     remote: SocketAddr,
@@ -55,11 +157,13 @@ pub struct YamuxConn {
     reason: std::sync::Mutex<Option<String>>,
 }
 
-fn config() -> yamux::Config {
+/// yamux's configuration for `limits`: its table, and the smallest
+/// connection window yamux takes for it (the initial 256 KiB per stream),
+/// so no stream's window is ever raised above that.
+fn config(limits: &StreamLimits) -> yamux::Config {
     let mut c = yamux::Config::default();
-    c.set_max_num_streams(MAX_STREAMS);
-    // yamux wants at least its 256 KiB default window per stream.
-    c.set_max_connection_receive_window(Some(256 * 1024 * MAX_STREAMS));
+    c.set_max_num_streams(limits.table);
+    c.set_max_connection_receive_window(Some(limits.table * STREAM_WINDOW));
     c
 }
 
@@ -68,6 +172,22 @@ impl YamuxConn {
     /// opens and marks the datagram stream; the relay accepts it (bounded
     /// by `timeout`).
     pub async fn start<S>(
+        io: S,
+        client: bool,
+        remote: SocketAddr,
+        peer: (Vec<CertificateDer<'static>>, Option<Vec<u8>>),
+        timeout: Duration,
+    ) -> Result<Arc<YamuxConn>, ConnLost>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        Self::start_with(LIMITS, io, client, remote, peer, timeout).await
+    }
+
+    /// [`YamuxConn::start`] with given stream limits (tests play an
+    /// unbounded peer with them).
+    async fn start_with<S>(
+        limits: StreamLimits,
         io: S,
         client: bool,
         remote: SocketAddr,
@@ -82,16 +202,34 @@ impl YamuxConn {
         } else {
             yamux::Mode::Server
         };
-        let conn = yamux::Connection::new(io.compat(), config(), mode);
+        let conn = yamux::Connection::new(io.compat(), config(&limits), mode);
         let (open_tx, open_rx) = mpsc::channel(64);
-        let (in_tx, in_rx) = mpsc::channel(MAX_STREAMS);
+        // Never full: it holds no more than the inbound slots.
+        let (in_tx, in_rx) = mpsc::channel(limits.inbound);
         let (closed_tx, closed_rx) = watch::channel(None);
         let close = CancellationToken::new();
-        tokio::spawn(drive(conn, open_rx, in_tx, close.clone(), closed_tx));
+        let outbound = Arc::new(Semaphore::new(limits.outbound));
+        let slots = Slots {
+            outbound: outbound.clone(),
+            inbound: Arc::new(Semaphore::new(limits.inbound)),
+        };
+        let inbound = Incoming {
+            queue: in_tx,
+            slots: slots.inbound.clone(),
+            reset: 0,
+        };
+        tokio::spawn(drive(
+            conn,
+            open_rx,
+            inbound,
+            close.clone(),
+            (closed_tx, slots),
+        ));
         let (dgram_out, out_rx) = mpsc::channel(DATAGRAM_QUEUE);
         let (in_dgram_tx, in_dgram_rx) = mpsc::channel(DATAGRAM_QUEUE);
         let me = Arc::new(YamuxConn {
             open: open_tx,
+            outbound,
             inbound: Mutex::new(in_rx),
             dgram_out,
             dgram_in: Mutex::new(in_dgram_rx),
@@ -104,14 +242,14 @@ impl YamuxConn {
         });
         let setup = async {
             if client {
-                let mut s = me.open_raw().await?.compat();
+                let mut s = me.open_raw().await?;
                 s.write_all(&[DATAGRAM_STREAM_MARK])
                     .await
                     .map_err(|e| ConnLost(e.to_string()))?;
                 s.flush().await.map_err(|e| ConnLost(e.to_string()))?;
                 Ok(s)
             } else {
-                let mut s = me.accept_raw().await?.compat();
+                let mut s = me.accept_raw().await?;
                 let mut mark = [0u8; 1];
                 s.read_exact(&mut mark)
                     .await
@@ -139,19 +277,37 @@ impl YamuxConn {
         Ok(me)
     }
 
-    async fn open_raw(&self) -> Result<yamux::Stream, ConnLost> {
+    /// Opens a stream once this side has fewer than
+    /// [`StreamLimits::outbound`] open; until then it waits (the
+    /// semaphore is closed when the connection ends, which ends the wait).
+    async fn open_raw(&self) -> Result<TcpStreamHalf, ConnLost> {
+        let slot = self
+            .outbound
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| self.lost())?;
         let (tx, rx) = oneshot::channel();
         self.open.send(tx).await.map_err(|_| self.lost())?;
-        rx.await.map_err(|_| self.lost())?.map_err(ConnLost)
+        let s = rx.await.map_err(|_| self.lost())?.map_err(ConnLost)?;
+        Ok(TcpStreamHalf {
+            io: s.compat(),
+            _slot: slot,
+        })
     }
 
-    async fn accept_raw(&self) -> Result<yamux::Stream, ConnLost> {
-        self.inbound
+    async fn accept_raw(&self) -> Result<TcpStreamHalf, ConnLost> {
+        let (s, slot) = self
+            .inbound
             .lock()
             .await
             .recv()
             .await
-            .ok_or_else(|| self.lost())
+            .ok_or_else(|| self.lost())?;
+        Ok(TcpStreamHalf {
+            io: s.compat(),
+            _slot: slot,
+        })
     }
 
     fn lost(&self) -> ConnLost {
@@ -237,18 +393,58 @@ pub type TcpSend = tokio::io::WriteHalf<TcpStreamHalf>;
 /// The read half of a yamux stream.
 pub type TcpRecv = tokio::io::ReadHalf<TcpStreamHalf>;
 
-fn split(s: yamux::Stream) -> (TcpSend, TcpRecv) {
-    let (r, w) = tokio::io::split(s.compat());
+fn split(s: TcpStreamHalf) -> (TcpSend, TcpRecv) {
+    let (r, w) = tokio::io::split(s);
     (w, r)
+}
+
+/// The stream slots of one connection, closed when it ends (so opens
+/// waiting for one end too).
+struct Slots {
+    outbound: Arc<Semaphore>,
+    inbound: Arc<Semaphore>,
+}
+
+/// Where the driver puts the peer's streams: the queue, while there are
+/// inbound slots; past them the stream is reset (dropped at once).
+struct Incoming {
+    queue: mpsc::Sender<Inbound>,
+    slots: Arc<Semaphore>,
+    /// Streams reset so far for want of a slot.
+    reset: u64,
+}
+
+impl Incoming {
+    fn take(&mut self, s: yamux::Stream) {
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            // Dropping an open stream makes yamux send its reset; the
+            // connection and every other stream carry on.
+            self.reset += 1;
+            if self.reset == 1 {
+                warn!(
+                    stream = %s.id(),
+                    "peer opened more streams than are held at once; resetting the excess"
+                );
+            } else {
+                debug!(stream = %s.id(), reset = self.reset, "peer stream reset: no slot");
+            }
+            return;
+        };
+        // The queue is as deep as the slots, so it is full only when nobody
+        // takes from it any more (the connection's handle is gone).
+        if self.queue.try_send((s, slot)).is_err() {
+            debug!("inbound stream dropped: nobody accepting");
+        }
+    }
 }
 
 /// Owns the yamux connection and keeps it polled until it ends or `close`.
 async fn drive<T>(
     mut conn: yamux::Connection<T>,
     mut open: mpsc::Receiver<OpenReply>,
-    inbound: mpsc::Sender<yamux::Stream>,
+    mut inbound: Incoming,
     close: CancellationToken,
-    closed: watch::Sender<Option<String>>,
+    (closed, slots): (watch::Sender<Option<String>>, Slots),
 ) where
     T: futures::AsyncRead + futures::AsyncWrite + Unpin,
 {
@@ -275,8 +471,13 @@ async fn drive<T>(
                     let _ = r.send(Ok(s));
                 }
                 Poll::Ready(Err(e)) => {
+                    // That one open fails. Whether the connection goes on is
+                    // yamux's to say (a refused open puts it into cleanup),
+                    // through `poll_next_inbound` below; the bounds kept
+                    // above make a refusal for a full table impossible.
+                    debug!(error = %e, "yamux refused an outbound stream");
                     let _ = r.send(Err(e.to_string()));
-                    return Poll::Ready(Some(e.to_string()));
+                    break;
                 }
                 Poll::Pending => {
                     pending = Some(r);
@@ -287,13 +488,7 @@ async fn drive<T>(
         // Inbound streams; this also drives every stream's I/O.
         loop {
             match conn.poll_next_inbound(cx) {
-                Poll::Ready(Some(Ok(s))) => {
-                    // The queue is as deep as yamux's stream limit; a full
-                    // queue means nobody accepts, and the stream is dropped.
-                    if inbound.try_send(s).is_err() {
-                        debug!("inbound stream dropped: nobody accepting");
-                    }
-                }
+                Poll::Ready(Some(Ok(s))) => inbound.take(s),
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(e.to_string())),
                 Poll::Ready(None) => return Poll::Ready(Some("closed by peer".to_string())),
                 Poll::Pending => return Poll::Pending,
@@ -313,6 +508,8 @@ async fn drive<T>(
     debug!(reason = %why, "yamux connection ended");
     close.cancel();
     closed.send_replace(Some(why));
+    slots.outbound.close();
+    slots.inbound.close();
 }
 
 async fn datagram_writer(
@@ -354,5 +551,198 @@ async fn datagram_reader(
     tokio::select! {
         _ = close.cancelled() => {}
         _ = read => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    /// A guard on waits that must end (never a measure of speed).
+    const GUARD: Duration = Duration::from_secs(120);
+
+    /// Both ends of a connection over an in-memory pipe, as the edge
+    /// (`client`) and the relay would run them.
+    async fn pair(client: StreamLimits, server: StreamLimits) -> (Arc<YamuxConn>, Arc<YamuxConn>) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let remote = ([192, 0, 2, 1], 1).into();
+        let t = Duration::from_secs(10);
+        let (c, s) = tokio::join!(
+            YamuxConn::start_with(client, a, true, remote, (Vec::new(), None), t),
+            YamuxConn::start_with(server, b, false, remote, (Vec::new(), None), t)
+        );
+        (c.unwrap(), s.unwrap())
+    }
+
+    fn is_up(c: &YamuxConn) -> bool {
+        c.closed().now_or_never().is_none()
+    }
+
+    /// 5,000 streams opened at once (yamux refused the 4,097th and the
+    /// whole connection ended): the first ones open, each answered with a
+    /// byte and held; the rest wait, and open as the earlier ones close.
+    /// The connection stays up throughout.
+    #[tokio::test]
+    async fn opens_past_the_bound_wait_for_streams_to_close() {
+        const OPENS: usize = 5000;
+        let (c, s) = pair(LIMITS, LIMITS).await;
+        // The accepting side answers a byte, then serves the stream until
+        // the opener closes it, and closes its side too (as a splice does).
+        let acceptor = s.clone();
+        tokio::spawn(async move {
+            while let Ok((mut w, mut r)) = acceptor.accept_bi().await {
+                tokio::spawn(async move {
+                    let _ = w.write_all(b"k").await;
+                    let _ = w.flush().await;
+                    let mut buf = [0u8; 16];
+                    while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        // Every open is a task; an opened stream is held until the test
+        // releases it, then closed both ways.
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+        for i in 0..OPENS {
+            let (c, done) = (c.clone(), done_tx.clone());
+            tokio::spawn(async move {
+                let opened = async {
+                    let (mut w, mut r) = c.open_bi().await.map_err(|e| e.0)?;
+                    w.write_all(b"x").await.map_err(|e| e.to_string())?;
+                    w.flush().await.map_err(|e| e.to_string())?;
+                    let mut k = [0u8; 1];
+                    r.read_exact(&mut k).await.map_err(|e| e.to_string())?;
+                    Ok::<_, String>((w, r))
+                }
+                .await;
+                let (mut w, mut r) = match opened {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = done.send((i, Err(e)));
+                        return;
+                    }
+                };
+                let (release, released) = oneshot::channel::<()>();
+                let _ = done.send((i, Ok(release)));
+                let _ = released.await;
+                let _ = w.shutdown().await;
+                let mut buf = [0u8; 16];
+                while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+        // The datagram stream holds one of the opener's slots.
+        let room = LIMITS.outbound - 1;
+        let (mut opened, mut rounds) = (0, 0);
+        while opened < OPENS {
+            rounds += 1;
+            assert!(
+                rounds <= OPENS / room + 1,
+                "{opened} opened in {rounds} rounds"
+            );
+            let mut held = Vec::new();
+            for _ in 0..room.min(OPENS - opened) {
+                let (i, r) = tokio::time::timeout(GUARD, done_rx.recv())
+                    .await
+                    .expect("an open with room never completed")
+                    .unwrap();
+                held.push(r.unwrap_or_else(|e| panic!("open {i} failed: {e}")));
+            }
+            opened += held.len();
+            // Every slot is taken, so no other open can have completed: the
+            // rest are waiting, and the connection is up.
+            assert!(
+                done_rx.try_recv().is_err(),
+                "more than {room} streams opened at once"
+            );
+            assert!(
+                is_up(&c) && is_up(&s),
+                "connection ended after {opened} opens"
+            );
+            // Closing them lets the next ones open.
+            for release in held {
+                let _ = release.send(());
+            }
+        }
+        assert_eq!(opened, OPENS);
+        assert!(is_up(&c) && is_up(&s));
+    }
+
+    /// A peer that opens without a bound (an older edge, or a relay of an
+    /// older release) more streams than yamux's table holds: the ones past
+    /// this side's inbound slots are reset, one by one, and the connection
+    /// stays up (yamux used to end it, for every stream and route).
+    #[tokio::test]
+    async fn a_peer_opening_past_the_bound_gets_resets_not_a_dead_connection() {
+        let unbounded = StreamLimits {
+            table: 4096,
+            outbound: 4096,
+            inbound: 4096,
+        };
+        let opens = LIMITS.table + 100;
+        let (c, s) = pair(unbounded, LIMITS).await;
+        // The accepting side answers a byte and holds every stream (a
+        // target that never finishes).
+        let acceptor = s.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut w, r)) = acceptor.accept_bi().await {
+                let _ = w.write_all(b"k").await;
+                let _ = w.flush().await;
+                held.push((w, r));
+            }
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..opens {
+            let c = c.clone();
+            tasks.spawn(async move {
+                let (mut w, mut r) = c.open_bi().await.map_err(|e| e.0)?;
+                w.write_all(b"x").await.map_err(|e| e.to_string())?;
+                w.flush().await.map_err(|e| e.to_string())?;
+                let mut k = [0u8; 1];
+                r.read_exact(&mut k).await.map_err(|e| e.to_string())?;
+                Ok::<_, String>((w, r))
+            });
+        }
+        let (mut held, mut reset) = (Vec::new(), 0);
+        for _ in 0..opens {
+            let r = tokio::time::timeout(GUARD, tasks.join_next())
+                .await
+                .expect("an open neither answered nor reset")
+                .unwrap()
+                .unwrap();
+            match r {
+                Ok(s) => held.push(s),
+                Err(_) => reset += 1,
+            }
+        }
+        // The datagram stream holds one of the acceptor's slots.
+        assert_eq!(held.len(), LIMITS.inbound - 1);
+        assert_eq!(reset, opens - held.len());
+        assert!(is_up(&c) && is_up(&s), "{:?}", s.closed().now_or_never());
+    }
+
+    /// What one session can make this side buffer is bounded by yamux's
+    /// configuration: its table of streams and a connection window that
+    /// leaves no stream more than the initial 256 KiB. The bounds kept on
+    /// the streams fit in the table.
+    #[test]
+    fn a_sessions_receive_buffers_are_bounded_by_the_configuration() {
+        let c = format!("{:?}", config(&LIMITS));
+        let setting = |name: &str| -> usize {
+            let at = c.find(name).unwrap_or_else(|| panic!("{name} in {c}")) + name.len();
+            let digits: String = c[at..].chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().unwrap_or_else(|_| panic!("{name} in {c}"))
+        };
+        let table = setting("max_num_streams: ");
+        let window = setting("max_connection_receive_window: Some(");
+        // yamux raises a stream's window only out of the connection window
+        // beyond table × 256 KiB: there is none, so no stream buffers more
+        // than its first 256 KiB, and all of them together the window.
+        assert_eq!(window, table * 256 * 1024, "{c}");
+        assert_eq!(window, SESSION_RECEIVE_LIMIT);
+        assert!(window <= 256 << 20, "{window} bytes per session");
+        // The streams both sides may hold fit in the table.
+        assert!(LIMITS.outbound + LIMITS.inbound < table, "{c}");
     }
 }
