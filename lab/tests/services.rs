@@ -47,15 +47,14 @@ fn start_capture(
 ) -> Result<Running> {
     launch(lab, Role::Relay, "capture", move |ready, stop| async move {
         let cfg = CaptureConfig::default();
-        let port = cfg.port;
+        let (port, local) = (cfg.port, cfg.redirect_address);
         let mut cap = Capture::install(cfg).await?;
         cap.apply_services(&initial, &Services::new()).await?;
         let tcp = capture::capture_tcp_listener(port)?;
-        // Redirect rewrites the destination to the primary address of the
-        // incoming interface (a pod behind cni0) or to 127.0.0.1 (a local
-        // process): one socket each, so the local address is known.
+        // Capture translates the destination to its own address, whatever
+        // the client (a pod, a local process): one socket there.
         let mut udp_tasks = Vec::new();
-        for local in [Ipv4Addr::LOCALHOST, netns::CPOD1_GW] {
+        {
             let s = UdpSocket::bind(sa(local, port)).await?;
             udp_tasks.push(tokio::spawn(async move {
                 let mut buf = [0u8; 512];

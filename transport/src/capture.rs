@@ -13,12 +13,12 @@
 //!     ip daddr @skip4 return
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svcskip4 return
 //!     ip daddr @dst4 ip saddr != @src4 counter name src_refused return
-//!     ip daddr @dst4 meta l4proto { tcp, udp } redirect to :<port> }
+//!     ip daddr @dst4 meta l4proto { tcp, udp } dnat ip to <redirect_address>:<port> }
 //!   chain out_nat { type nat hook output priority -110;
 //!     meta mark <own_mark> return
 //!     ip daddr @skip4 return
 //!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svcskip4 return
-//!     ip daddr @dst4 meta l4proto { tcp, udp } redirect to :<port> }
+//!     ip daddr @dst4 meta l4proto { tcp, udp } dnat ip to <redirect_address>:<port> }
 //!   set svc4 { type ipv4_addr . inet_proto . inet_service; }  # captured ClusterIP ports
 //!   set svcskip4 { type ipv4_addr . inet_proto . inet_service; }  # ClusterIP ports left to kube-proxy
 //!   set np4 { type inet_proto . inet_service; }   # captured node ports, IPv4 only as the listeners
@@ -28,19 +28,19 @@
 //!   chain svc_ranged { }           # load-balancer IP ports with loadBalancerSourceRanges (relay), once
 //!                                  # there are some (see Capture::apply_open_services):
 //!     # set svcextsrc4 { type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags interval; }
-//!     # meta l4proto { tcp, udp } ip saddr . ip daddr . meta l4proto . th dport @svcextsrc4 redirect to :<port>
+//!     # meta l4proto { tcp, udp } ip saddr . ip daddr . meta l4proto . th dport @svcextsrc4 dnat ip to <redirect_address>:<port>
 //!   chain svc_pre { type nat hook prerouting priority -150;  # before kube-proxy (-100)
-//!     meta nfproto ipv4 fib daddr type local ip daddr @npaddr4 meta l4proto { tcp, udp } meta l4proto . th dport @np4 redirect to :<port>
+//!     meta nfproto ipv4 fib daddr type local ip daddr @npaddr4 meta l4proto { tcp, udp } meta l4proto . th dport @np4 dnat ip to <redirect_address>:<port>
 //!     jump svc_ranged
-//!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svcext4 redirect to :<port>
+//!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svcext4 dnat ip to <redirect_address>:<port>
 //!     ip saddr != @src4 return
-//!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svc4 redirect to :<port> }   # and its nftables mode (-110)
+//!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svc4 dnat ip to <redirect_address>:<port> }   # and its nftables mode (-110)
 //!   chain svc_out { type nat hook output priority -150;
 //!     meta mark <own_mark> return
-//!     meta nfproto ipv4 fib daddr type local ip daddr @npaddr4 meta l4proto { tcp, udp } meta l4proto . th dport @np4 redirect to :<port>
+//!     meta nfproto ipv4 fib daddr type local ip daddr @npaddr4 meta l4proto { tcp, udp } meta l4proto . th dport @np4 dnat ip to <redirect_address>:<port>
 //!     jump svc_ranged
-//!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svcext4 redirect to :<port>
-//!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svc4 redirect to :<port> }
+//!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svcext4 dnat ip to <redirect_address>:<port>
+//!     meta l4proto { tcp, udp } ip daddr . meta l4proto . th dport @svc4 dnat ip to <redirect_address>:<port> }
 //!   chain guard { type filter hook input priority filter;
 //!     th dport <port> ct status dnat accept      # only redirected traffic
 //!     th dport <port> drop }                     # reaches the listeners
@@ -56,7 +56,16 @@
 //! ip rule  to <skip prefix> lookup main      pref <rule_pref - 1>   # one per skipped prefix
 //! ip rule  to <prefix> iif lo lookup <route_table> pref <rule_pref>  # one per captured prefix
 //! ip route local default dev lo src 127.0.0.1 table <route_table>
+//! ip addr <redirect_address>/32 dev lo scope host   # where captured traffic is sent
 //! ```
+//! Why a capture address of our own and not nft's `redirect`: `redirect`
+//! in prerouting rewrites the destination to the first IPv4 address of the
+//! interface the packet came in on, and drops the packet when that
+//! interface has none. Calico and Cilium wire pods with routed veths whose
+//! host side has no address (the pod's gateway is answered by proxy ARP),
+//! so every captured pod connection was dropped there, edge and relay node
+//! alike. An address on `lo` is local whichever way a packet arrives; host
+//! scope keeps the kernel from picking it as a source for anything else.
 //! Why NAT and not TPROXY: on Kubernetes nodes `bridge-nf-call-iptables`
 //! is 1 (kubeadm requires it), so traffic from pods behind a bridge runs the
 //! IP prerouting hooks at bridge level, and the kernel drops the socket
@@ -244,7 +253,7 @@ impl Capture {
         }
         remove_all(&cfg).await;
         let t = &cfg.nft_table;
-        let (mark, p) = (cfg.own_mark, cfg.port);
+        let (mark, p, a) = (cfg.own_mark, cfg.port, cfg.redirect_address);
         let npaddr = node_port_address_elements(&cfg);
         let script = format!(
             "table inet {t} {{\n\
@@ -258,13 +267,13 @@ impl Capture {
              ip daddr @skip4 return\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svcskip4 return\n\
              ip daddr @dst4 ip saddr != @src4 counter name src_refused return\n\
-             ip daddr @dst4 meta l4proto {{ tcp, udp }} redirect to :{p}\n\
+             ip daddr @dst4 meta l4proto {{ tcp, udp }} dnat ip to {a}:{p}\n\
              }}\n\
              chain out_nat {{ type nat hook output priority -110; policy accept;\n\
              meta mark {mark:#x} return\n\
              ip daddr @skip4 return\n\
              meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svcskip4 return\n\
-             ip daddr @dst4 meta l4proto {{ tcp, udp }} redirect to :{p}\n\
+             ip daddr @dst4 meta l4proto {{ tcp, udp }} dnat ip to {a}:{p}\n\
              }}\n\
              set np4 {{ type inet_proto . inet_service; }}\n\
              set npaddr4 {{ type ipv4_addr; flags interval; elements = {{ {npaddr} }} }}\n\
@@ -272,18 +281,18 @@ impl Capture {
              chain svc_ranged {{\n\
              }}\n\
              chain svc_pre {{ type nat hook prerouting priority -150; policy accept;\n\
-             meta nfproto ipv4 fib daddr type local ip daddr @npaddr4 meta l4proto {{ tcp, udp }} meta l4proto . th dport @np4 redirect to :{p}\n\
+             meta nfproto ipv4 fib daddr type local ip daddr @npaddr4 meta l4proto {{ tcp, udp }} meta l4proto . th dport @np4 dnat ip to {a}:{p}\n\
              jump svc_ranged\n\
-             meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svcext4 redirect to :{p}\n\
+             meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svcext4 dnat ip to {a}:{p}\n\
              ip saddr != @src4 return\n\
-             meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svc4 redirect to :{p}\n\
+             meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svc4 dnat ip to {a}:{p}\n\
              }}\n\
              chain svc_out {{ type nat hook output priority -150; policy accept;\n\
              meta mark {mark:#x} return\n\
-             meta nfproto ipv4 fib daddr type local ip daddr @npaddr4 meta l4proto {{ tcp, udp }} meta l4proto . th dport @np4 redirect to :{p}\n\
+             meta nfproto ipv4 fib daddr type local ip daddr @npaddr4 meta l4proto {{ tcp, udp }} meta l4proto . th dport @np4 dnat ip to {a}:{p}\n\
              jump svc_ranged\n\
-             meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svcext4 redirect to :{p}\n\
-             meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svc4 redirect to :{p}\n\
+             meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svcext4 dnat ip to {a}:{p}\n\
+             meta l4proto {{ tcp, udp }} ip daddr . meta l4proto . th dport @svc4 dnat ip to {a}:{p}\n\
              }}\n\
              chain guard {{ type filter hook input priority filter; policy accept;\n\
              meta l4proto {{ tcp, udp }} th dport {p} ct status dnat accept\n\
@@ -291,6 +300,13 @@ impl Capture {
              }}\n}}\n"
         );
         run("nft", &["-f", "-"], Some(&script)).await?;
+        let here = format!("{a}/32");
+        run(
+            "ip",
+            &["-4", "addr", "replace", &here, "dev", "lo", "scope", "host"],
+            None,
+        )
+        .await?;
         if cfg.keeps_sources() {
             install_kept_sources(&cfg).await?;
         }
@@ -453,6 +469,8 @@ impl Capture {
 /// `rule_pref` and `rule_pref - 1`) and deleted in one batch per family.
 async fn remove_all(cfg: &CaptureConfig) {
     let _ = run("nft", &["delete", "table", "inet", &cfg.nft_table], None).await;
+    let here = format!("{}/32", cfg.redirect_address);
+    let _ = run("ip", &["-4", "addr", "del", &here, "dev", "lo"], None).await;
     let table = cfg.route_table.to_string();
     let ours = [cfg.rule_pref.to_string(), (cfg.rule_pref - 1).to_string()];
     for fam in ["-4", "-6"] {
@@ -591,9 +609,9 @@ pub fn mark_socket(sock: socket2::SockRef<'_>, mark: u32) -> std::io::Result<()>
     sock.set_mark(mark)
 }
 
-/// The TCP listener for captured connections, on `0.0.0.0:port`: the
-/// redirect changes the destination to an address of the receiving
-/// interface. The `guard` chain drops anything that reaches this port
+/// The TCP listener for captured connections, on `0.0.0.0:port`: capture
+/// translates the destination to the capture address
+/// ([`CaptureConfig::redirect_address`]). The `guard` chain drops anything that reaches this port
 /// without having been redirected, so nothing new is reachable from the
 /// network. [`crate::conntrack::original_dst_tcp`] recovers where an
 /// accepted connection was going.

@@ -14,8 +14,17 @@ pub struct CaptureConfig {
     pub route_table: u32,
     /// Priority of the per-prefix rules; the own-socket bypass uses one less.
     pub rule_pref: u32,
-    /// Port of the transparent listeners (TCP and UDP), on loopback.
+    /// Port of the transparent listeners (TCP and UDP), on every address.
     pub port: u16,
+    /// The address captured connections are translated to
+    /// (`capture.redirect_address`, with [`CaptureConfig::port`]): added to
+    /// `lo` with host scope while capture runs, so it is local on every
+    /// node, whatever the interface a packet arrives on. nft's `redirect`
+    /// takes the receiving interface's first address instead, and drops
+    /// what arrives on one without an address: the host side of every pod
+    /// veth under Calico (and Cilium), which route pods without a bridge.
+    /// Host scope keeps the kernel from choosing it as anybody's source.
+    pub redirect_address: std::net::Ipv4Addr,
     /// Firewall mark of our own sockets, which must never be captured.
     pub own_mark: u32,
     /// Sources whose forwarded traffic may be captured (`capture.sources`);
@@ -119,6 +128,11 @@ impl CaptureConfig {
 /// from the host's own address, fatal to a kept client address.)
 pub const DEFAULT_MARK: u32 = 0x1070;
 
+/// Default of [`CaptureConfig::redirect_address`]: link-local, clear of
+/// the ones node software takes (Calico's pod gateway 169.254.1.1,
+/// NodeLocal DNSCache's 169.254.20.10, the clouds' 169.254.169.x).
+pub const DEFAULT_REDIRECT_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 70, 1);
+
 /// kube-proxy's firewall-mark bits: 0x4000 has the packet masqueraded on
 /// its way out, 0x8000 has it dropped.
 pub const KUBE_PROXY_MARK_BITS: u32 = 0x4000 | 0x8000;
@@ -130,6 +144,7 @@ impl Default for CaptureConfig {
             route_table: 7100,
             rule_pref: 7100,
             port: 15001,
+            redirect_address: DEFAULT_REDIRECT_ADDRESS,
             own_mark: DEFAULT_MARK,
             sources: None,
             node_port_addresses: None,
@@ -150,6 +165,8 @@ pub struct CaptureFile {
     pub enabled: bool,
     /// Transparent listener port on loopback (default 15001).
     pub port: Option<u16>,
+    /// See [`CaptureConfig::redirect_address`] (default 169.254.70.1).
+    pub redirect_address: Option<std::net::Ipv4Addr>,
     /// nftables table name (default `edge_relay`).
     pub nft_table: Option<String>,
     /// Routing table id (default 7100).
@@ -205,6 +222,7 @@ impl CaptureFile {
             route_table: self.route_table.unwrap_or(d.route_table),
             rule_pref: self.rule_pref.unwrap_or(d.rule_pref),
             port: self.port.unwrap_or(d.port),
+            redirect_address: self.redirect_address.unwrap_or(d.redirect_address),
             own_mark: self.mark.unwrap_or(d.own_mark),
             sources: self.sources.as_ref().map(|s| s.iter().copied().collect()),
             node_port_addresses: self
@@ -248,6 +266,13 @@ impl CaptureFile {
         }
         if c.port == 0 {
             return Err(("port", "must not be 0".into()));
+        }
+        let a = c.redirect_address;
+        if a.is_loopback() || a.is_unspecified() || a.is_multicast() || a.is_broadcast() {
+            return Err((
+                "redirect_address",
+                "a unicast address that is not loopback (packets from other interfaces may not reach 127/8); a link-local one such as the default 169.254.70.1 is best".into(),
+            ));
         }
         if c.nft_table.is_empty()
             || !c
@@ -302,7 +327,16 @@ mod tests {
         };
         let c = on.resolve().unwrap().unwrap();
         assert_eq!((c.port, c.route_table), (15001, 7100));
+        assert_eq!(c.redirect_address, DEFAULT_REDIRECT_ADDRESS);
         for (bad, field) in [
+            (
+                CaptureFile {
+                    enabled: true,
+                    redirect_address: Some(std::net::Ipv4Addr::LOCALHOST),
+                    ..Default::default()
+                },
+                "redirect_address",
+            ),
             (
                 CaptureFile {
                     enabled: true,

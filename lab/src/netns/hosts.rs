@@ -131,10 +131,26 @@ impl NetnsLab {
     /// (whose address is the pod's gateway), so more pods could join the
     /// same segment later.
     pub(super) fn pod(&self, node: Role, pod: Role, gw: Ipv4Addr, ip: Ipv4Addr) -> Result<()> {
+        if self.opts.routed_pods {
+            return self.routed_pod(node, pod, ip);
+        }
         self.ip(node, &format!("addr add {gw}/24 dev cni0"))?;
         self.veth(pod, "eth0", node, "vpod", Some("cni0"))?;
         self.ip(pod, &format!("addr add {ip}/24 dev eth0"))?;
         self.ip(pod, &format!("route add default via {gw}"))?;
+        Ok(())
+    }
+
+    /// A pod wired as Calico wires one ([`super::LabOptions::routed_pods`]):
+    /// the node end of its veth has no address and proxy-ARPs for the
+    /// pod's gateway, `169.254.1.1`, which exists nowhere.
+    fn routed_pod(&self, node: Role, pod: Role, ip: Ipv4Addr) -> Result<()> {
+        self.veth(pod, "eth0", node, "vpod", None)?;
+        self.exec(node, &["sysctl", "-qw", "net.ipv4.conf.vpod.proxy_arp=1"])?;
+        self.ip(node, &format!("route add {ip}/32 dev vpod"))?;
+        self.ip(pod, &format!("addr add {ip}/32 dev eth0"))?;
+        self.ip(pod, "route add 169.254.1.1 dev eth0 scope link")?;
+        self.ip(pod, "route add default via 169.254.1.1 dev eth0")?;
         Ok(())
     }
 

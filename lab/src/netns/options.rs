@@ -31,6 +31,13 @@ pub struct LabOptions {
     /// Edge sites, 2 or 3 (default 2). Three add `nat3`, `edge3` and
     /// `epod3`, numbered as the other sites are.
     pub sites: u8,
+    /// Pods wired as Calico (and Cilium) wire them: a routed veth whose
+    /// node end has no address and answers ARP for the pod's gateway
+    /// `169.254.1.1` by proxy ARP, a `/32` route per pod on the node, and
+    /// no `cni0` bridge. Every packet from a pod then arrives on an
+    /// interface without an IPv4 address. Default: the bridge of the
+    /// module docs (flannel's and the bridge plugin's wiring).
+    pub routed_pods: bool,
 }
 
 impl Default for LabOptions {
@@ -40,6 +47,7 @@ impl Default for LabOptions {
             repeated_lans: false,
             relay_hosts: 1,
             sites: 2,
+            routed_pods: false,
         }
     }
 }

@@ -174,10 +174,14 @@ impl Capture {
         if let Some(ok) = self.ranged_support {
             return ok;
         }
-        let (t, p) = (&self.cfg.nft_table, self.cfg.port);
+        let (t, p, a) = (
+            &self.cfg.nft_table,
+            self.cfg.port,
+            self.cfg.redirect_address,
+        );
         let script = format!(
             "add set inet {t} svcextsrc4 {{ type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags interval; }}\n\
-             add rule inet {t} svc_ranged meta l4proto {{ tcp, udp }} ip saddr . ip daddr . meta l4proto . th dport @svcextsrc4 redirect to :{p}\n"
+             add rule inet {t} svc_ranged meta l4proto {{ tcp, udp }} ip saddr . ip daddr . meta l4proto . th dport @svcextsrc4 dnat ip to {a}:{p}\n"
         );
         let ok = match run("nft", &["-f", "-"], Some(&script)).await {
             Ok(()) => true,
