@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use relay_protocol::codec::{self, decode, decode_with_rest, read_frame_bytes, write_frame};
 use relay_protocol::{
@@ -65,9 +66,12 @@ impl Dialer<'_> {
         tls: rustls::ClientConfig,
     ) -> Result<(Option<quinn::Endpoint>, TunnelConn), String> {
         let cfg = self.cfg;
-        let looked_up = tokio::net::lookup_host(&cfg.relay)
-            .await
-            .map(|a| a.collect::<Vec<_>>());
+        let looked_up = bounded(
+            tokio::net::lookup_host(&cfg.relay),
+            self.lookup_bound(),
+        )
+        .await
+        .map(|a| a.collect::<Vec<_>>());
         let proxy = cfg
             .tcp_proxy
             .as_ref()
@@ -95,6 +99,19 @@ impl Dialer<'_> {
                 }
                 None => Err(format!("resolve {}: {e}", cfg.relay)),
             },
+        }
+    }
+
+    /// How long the relay's name may take to resolve: [`LOOKUP_WITH_KNOWN`]
+    /// when it resolved before in this run (its last addresses stand in),
+    /// else the handshake timeout. The system resolver alone may take
+    /// 5 s × 2 tries per name server before it fails.
+    fn lookup_bound(&self) -> Duration {
+        let known = self.stats.relay_addrs_known.lock();
+        let known = known.unwrap_or_else(|e| e.into_inner());
+        match known.contains_key(&self.cfg.relay) {
+            true => LOOKUP_WITH_KNOWN,
+            false => self.cfg.handshake_timeout,
         }
     }
 
@@ -294,6 +311,25 @@ impl Dialer<'_> {
             }
         }
     }
+}
+
+/// The bound on resolving the relay's name when its last addresses are
+/// known ([`Dialer::lookup_bound`]): a resolver that stopped answering
+/// costs this much per attempt, not the resolver's own timeouts.
+const LOOKUP_WITH_KNOWN: Duration = Duration::from_secs(2);
+
+/// `lookup` (the relay name's resolution) bounded by `bound`: no answer
+/// within it is an error, as a failed lookup is.
+async fn bounded<T>(
+    lookup: impl std::future::Future<Output = std::io::Result<T>>,
+    bound: Duration,
+) -> std::io::Result<T> {
+    tokio::time::timeout(bound, lookup).await.unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer from the resolver within {bound:?}"),
+        ))
+    })
 }
 
 /// Where the TCP fallback goes, as `host:port`: the relay's host, with
@@ -526,6 +562,30 @@ mod tests {
         let b: SocketAddr = "192.0.2.2:8443".parse().unwrap();
         assert_eq!(dialer.addresses(Ok(vec![b]), false).unwrap(), vec![b]);
         assert_eq!(dialer.addresses(down(), false).unwrap(), vec![b]);
+    }
+
+    /// A resolver that never answers costs the short bound once the name
+    /// resolved before (its last addresses stand in), the handshake
+    /// timeout before that; its silence is an error like a failure.
+    #[tokio::test]
+    async fn a_silent_resolver_is_bounded() {
+        let (cfg, _) = test_cfg("relay.test:8443");
+        let stats = EdgeStats::default();
+        let dialer = Dialer {
+            cfg: &cfg,
+            stats: &stats,
+            mode: TransportMode::Auto,
+            quic_worked: false,
+            probe: false,
+        };
+        assert_eq!(dialer.lookup_bound(), cfg.handshake_timeout);
+        let a: SocketAddr = "192.0.2.1:8443".parse().unwrap();
+        dialer.addresses(Ok(vec![a]), false).unwrap();
+        assert_eq!(dialer.lookup_bound(), LOOKUP_WITH_KNOWN);
+        let silent = std::future::pending::<std::io::Result<Vec<SocketAddr>>>();
+        let e = bounded(silent, Duration::from_millis(20)).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(dialer.addresses(Err(e), false).unwrap(), vec![a]);
     }
 
     #[test]
