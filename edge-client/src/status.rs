@@ -94,6 +94,11 @@ async fn metrics(State(s): State<Status>) -> String {
             "# HELP edge_dns_refused_peers_total DNS queries and connections to the node-local resolver from peers that are neither this node nor its pods (dropped unanswered).\n# TYPE edge_dns_refused_peers_total counter\nedge_dns_refused_peers_total {}",
             d.refused_peers.load(Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP edge_dns_listening 1 while the node-local resolver's address is bound and served; 0 while its bind fails (another resolver holds it, or its interface is missing) and is retried.\n# TYPE edge_dns_listening gauge\nedge_dns_listening {}",
+            u8::from(d.listening.load(Relaxed))
+        );
     }
     out
 }

@@ -441,3 +441,44 @@ async fn latency_local_vs_forwarded() {
     r.shutdown().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An address another resolver holds (NodeLocal DNSCache's, say) does not
+/// stop the edge: the resolver starts without listening, says so, and
+/// takes the address once it is free, answering from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_held_elsewhere_is_retried_not_fatal() {
+    let up = FakeUpstream::start().await;
+    let dir = state_dir("held");
+    let holder = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut c = config(up.addr, &dir);
+    c.listen = holder.local_addr().unwrap();
+    c.bind_retry = Duration::from_millis(100);
+    let r = Resolver::spawn(c, CancellationToken::new())
+        .await
+        .expect("a held address is not a start failure");
+    assert!(!r.stats().listening.load(Relaxed));
+    drop(holder);
+    let t = Instant::now();
+    while !r.stats().listening.load(Relaxed) && t.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(r.stats().listening.load(Relaxed), "never listened");
+    let q = Message::query()
+        .add_query(Query::query(
+            Name::from_ascii("example.org.").unwrap(),
+            RecordType::A,
+        ))
+        .to_vec()
+        .unwrap();
+    let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    s.send_to(&q, r.local_addr()).await.unwrap();
+    let mut buf = [0u8; 512];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), s.recv_from(&mut buf))
+        .await
+        .expect("answered once listening")
+        .unwrap();
+    assert_eq!(Message::from_vec(&buf[..n]).unwrap().answers.len(), 1);
+    r.shutdown().await;
+    up.cancel.cancel();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -28,6 +28,9 @@ pub struct DnsConfig {
     pub forward_timeout: Duration,
     /// Most forwarded queries in flight.
     pub max_forwards: usize,
+    /// How often an address that could not be bound is tried again
+    /// (see [`crate::dns::Resolver::spawn`]).
+    pub bind_retry: Duration,
 }
 
 impl DnsConfig {
@@ -41,6 +44,7 @@ impl DnsConfig {
             state_file,
             forward_timeout: Duration::from_secs(2),
             max_forwards: 256,
+            bind_retry: Duration::from_secs(10),
         }
     }
 }

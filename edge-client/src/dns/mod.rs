@@ -113,11 +113,28 @@ impl Resolver {
     /// resolver forwarding everything until the relay sends one), binds UDP
     /// and TCP on `cfg.listen` (port 0 picks one, the same for both), and
     /// serves until `cancel`.
+    ///
+    /// An address that cannot be bound (taken by another resolver such as
+    /// NodeLocal DNSCache's, or an interface not there yet after a
+    /// reboot) is not fatal: the error is logged, `edge_dns_listening`
+    /// says 0, and the bind is retried every [`DnsConfig::bind_retry`]
+    /// while the rest of the edge (its tunnel) runs. Only an address that
+    /// can never work fails here: port 0 that cannot be bound at all.
     pub async fn spawn(cfg: DnsConfig, cancel: CancellationToken) -> Result<Resolver, DnsError> {
-        let (udp, tcp) = bind(cfg.listen).await?;
-        let addr = udp
-            .local_addr()
-            .map_err(|e| bind_err(cfg.listen, "udp", e))?;
+        let bound = match bind(cfg.listen).await {
+            Ok(b) => Some(b),
+            Err(e) if cfg.listen.port() != 0 => {
+                tracing::error!(error = %e, retry_every = ?cfg.bind_retry, "dns: resolver not listening; the tunnel runs without it, and the bind is retried");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let addr = match &bound {
+            Some((udp, _)) => udp
+                .local_addr()
+                .map_err(|e| bind_err(cfg.listen, "udp", e))?,
+            None => cfg.listen,
+        };
         let initial = match store::load(&cfg.state_file) {
             Ok(Some((domain, services))) => {
                 let domain = cfg.cluster_domain.clone().unwrap_or(domain);
@@ -142,18 +159,18 @@ impl Resolver {
         let tasks = TaskTracker::new();
         let cancel = cancel.child_token();
         let (save, save_rx) = watch::channel(None);
-        tasks.spawn(server::serve_udp(
-            Arc::new(udp),
-            shared.clone(),
-            tasks.clone(),
-            cancel.clone(),
-        ));
-        tasks.spawn(server::serve_tcp(
-            tcp,
-            shared.clone(),
-            tasks.clone(),
-            cancel.clone(),
-        ));
+        match bound {
+            Some((udp, tcp)) => serve(udp, tcp, &shared, &tasks, &cancel),
+            None => {
+                tasks.spawn(bind_later(
+                    cfg.listen,
+                    cfg.bind_retry,
+                    shared.clone(),
+                    tasks.clone(),
+                    cancel.clone(),
+                ));
+            }
+        }
         tasks.spawn(relay_transport::saved::saver(
             cfg.state_file.clone(),
             save_rx,
@@ -161,7 +178,6 @@ impl Resolver {
             "dns name table",
             cancel.clone(),
         ));
-        info!(%addr, upstream = %cfg.upstream, "dns: resolver listening (udp, tcp)");
         Ok(Resolver {
             inner: Arc::new(Inner {
                 shared,
@@ -247,6 +263,55 @@ impl Resolver {
             .is_err()
         {
             warn!("dns: resolver did not stop within 5s");
+        }
+    }
+}
+
+/// Serves the bound sockets until `cancel`, and says so.
+fn serve(
+    udp: UdpSocket,
+    tcp: TcpListener,
+    shared: &Arc<server::Shared>,
+    tasks: &TaskTracker,
+    cancel: &CancellationToken,
+) {
+    let addr = udp.local_addr().ok();
+    tasks.spawn(server::serve_udp(
+        Arc::new(udp),
+        shared.clone(),
+        tasks.clone(),
+        cancel.clone(),
+    ));
+    tasks.spawn(server::serve_tcp(
+        tcp,
+        shared.clone(),
+        tasks.clone(),
+        cancel.clone(),
+    ));
+    shared
+        .stats
+        .listening
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    info!(?addr, upstream = %shared.upstream, "dns: resolver listening (udp, tcp)");
+}
+
+/// Retries binding `listen` every `every` until it works (then serves)
+/// or `cancel`.
+async fn bind_later(
+    listen: SocketAddr,
+    every: Duration,
+    shared: Arc<server::Shared>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match bind(listen).await {
+            Ok((udp, tcp)) => return serve(udp, tcp, &shared, &tasks, &cancel),
+            Err(e) => debug!(error = %e, "dns: bind retried, still failing"),
         }
     }
 }

@@ -56,6 +56,9 @@ pub struct DnsStats {
     /// Queries (UDP) and connections (TCP) from peers that are neither
     /// this node nor its pods, dropped unanswered.
     pub refused_peers: AtomicU64,
+    /// The listen address is bound and served (false while its bind
+    /// fails and is retried).
+    pub listening: std::sync::atomic::AtomicBool,
 }
 
 /// What the sockets share.
