@@ -160,7 +160,15 @@ pub(crate) async fn run(
     // then (the capture calls below do nothing when nothing changed).
     let mut lans = tokio::time::interval(LAN_RECHECK);
     lans.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticked = false;
     loop {
+        // On the tick, also whether something else on the node removed
+        // capture (see `Capture::repair`); the calls below refill it.
+        if std::mem::take(&mut ticked) {
+            if let Err(e) = cap.repair().await {
+                warn!(error = %e, "installing capture again failed; will retry");
+            }
+        }
         let now_table = table.borrow_and_update().clone();
         let sets = crate::services::capture_sets(&now_table, cfg.kube_proxy);
         if let Err(e) = cap.apply_services(&sets.want, &sets.local).await {
@@ -238,7 +246,7 @@ pub(crate) async fn run(
             _ = &mut accept => break,
             r = state.changed() => if r.is_err() { break },
             r = table.changed() => if r.is_err() { break },
-            _ = lans.tick() => {}
+            _ = lans.tick() => ticked = true,
         }
     }
     // Refusing what was captured for a while (`hold_after_exit`): the

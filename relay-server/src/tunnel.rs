@@ -228,7 +228,18 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
     let mut nodes = shared.directory.subscribe();
     let none = BTreeSet::new();
     let configured = shared.cfg.capture.as_ref().and_then(|c| c.sources.clone());
+    // Now and then, whether something else on the node removed capture
+    // (see `Capture::repair`); the calls below refill it.
+    let mut check = tokio::time::interval(Duration::from_secs(10));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    check.tick().await;
+    let mut ticked = false;
     loop {
+        if std::mem::take(&mut ticked) {
+            if let Err(e) = cap.repair().await {
+                warn!(error = %e, "installing capture again failed; will retry");
+            }
+        }
         // Forwarded traffic is captured only from `capture.sources`,
         // before any prefix is captured: a host that routes edge prefixes
         // to this node from elsewhere (the WAN) must not reach the edges.
@@ -292,6 +303,7 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
             r = services.changed(), if !retry => if r.is_err() { break },
             r = nodes.changed(), if !retry && configured.is_none() => if r.is_err() { break },
             _ = tokio::time::sleep(Duration::from_secs(1)), if retry => {}
+            _ = check.tick() => ticked = true,
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

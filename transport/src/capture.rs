@@ -129,6 +129,7 @@ pub use crate::capture_config::{CaptureConfig, CaptureFile};
 use tokio::process::Command;
 use tracing::{debug, warn};
 mod park;
+mod repair;
 mod services;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,59 @@
+//! Putting capture back when something else on the node took it away.
+//!
+//! Capture's table, rules and address belong to it alone, but other
+//! software on a node removes what it did not make: Debian's
+//! `nftables.service` flushes the whole ruleset when it restarts, and
+//! systemd-networkd deletes routing-policy rules it does not know
+//! (`ManageForeignRoutingPolicyRules`, on by default) when a link changes
+//! or `networkctl reload` runs. Without the table, an edge's pods reach
+//! the cloud ranges by the default route instead of the tunnel; without
+//! the rules, the node's own processes do. So the owners of a
+//! [`Capture`] ask [`Capture::repair`] now and then (every 10 s, as
+//! kube-proxy checks its canary chains), which installs everything again
+//! when a piece is missing, and their next `apply*` calls refill it.
+
+use tracing::warn;
+
+use super::{output, Capture, CaptureError};
+
+impl Capture {
+    /// What of the installed capture is missing now (empty: all there):
+    /// the table with its prerouting chain, the own-socket bypass rule,
+    /// the capture address on `lo`.
+    pub async fn missing(&self) -> Vec<&'static str> {
+        let cfg = &self.cfg;
+        let mut gone = Vec::new();
+        let chain = ["list", "chain", "inet", cfg.nft_table.as_str(), "pre_nat"];
+        if output("nft", &chain).await.is_err() {
+            gone.push("nft table");
+        }
+        let bypass = (cfg.rule_pref - 1).to_string();
+        let rules = output("ip", &["-4", "rule", "show", "pref", &bypass]).await;
+        if !rules.is_ok_and(|r| r.contains("lookup main")) {
+            gone.push("bypass rule");
+        }
+        let addr = output("ip", &["-4", "addr", "show", "dev", "lo"]).await;
+        let here = format!("inet {}/32", cfg.redirect_address);
+        if !addr.is_ok_and(|a| a.contains(&here)) {
+            gone.push("capture address");
+        }
+        gone
+    }
+
+    /// Installs everything again when [`Capture::missing`] finds a piece
+    /// gone, forgetting what was applied, so that the caller's next
+    /// `apply*` calls put every prefix, source and Service back. Returns
+    /// whether it did.
+    pub async fn repair(&mut self) -> Result<bool, CaptureError> {
+        let gone = self.missing().await;
+        if gone.is_empty() {
+            return Ok(false);
+        }
+        warn!(
+            ?gone,
+            "capture was removed by something else on this node (an nftables or networkd restart?); installing it again"
+        );
+        *self = Capture::install(self.cfg.clone()).await?;
+        Ok(true)
+    }
+}
