@@ -66,12 +66,9 @@ impl Dialer<'_> {
         tls: rustls::ClientConfig,
     ) -> Result<(Option<quinn::Endpoint>, TunnelConn), String> {
         let cfg = self.cfg;
-        let looked_up = bounded(
-            tokio::net::lookup_host(&cfg.relay),
-            self.lookup_bound(),
-        )
-        .await
-        .map(|a| a.collect::<Vec<_>>());
+        let looked_up = bounded(tokio::net::lookup_host(&cfg.relay), self.lookup_bound())
+            .await
+            .map(|a| a.collect::<Vec<_>>());
         let proxy = cfg
             .tcp_proxy
             .as_ref()
@@ -324,12 +321,14 @@ async fn bounded<T>(
     lookup: impl std::future::Future<Output = std::io::Result<T>>,
     bound: Duration,
 ) -> std::io::Result<T> {
-    tokio::time::timeout(bound, lookup).await.unwrap_or_else(|_| {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("no answer from the resolver within {bound:?}"),
-        ))
-    })
+    tokio::time::timeout(bound, lookup)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer from the resolver within {bound:?}"),
+            ))
+        })
 }
 
 /// Where the TCP fallback goes, as `host:port`: the relay's host, with
@@ -583,7 +582,9 @@ mod tests {
         dialer.addresses(Ok(vec![a]), false).unwrap();
         assert_eq!(dialer.lookup_bound(), LOOKUP_WITH_KNOWN);
         let silent = std::future::pending::<std::io::Result<Vec<SocketAddr>>>();
-        let e = bounded(silent, Duration::from_millis(20)).await.unwrap_err();
+        let e = bounded(silent, Duration::from_millis(20))
+            .await
+            .unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
         assert_eq!(dialer.addresses(Err(e), false).unwrap(), vec![a]);
     }
