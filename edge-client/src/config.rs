@@ -39,6 +39,9 @@ pub struct EdgeConfig {
     /// Who this edge is to the relay: a certificate it was given, or one
     /// it obtains with a service-account token.
     pub identity: Identity,
+    /// Where `identity`'s files are, to read them again when they change
+    /// (`None` for a config built by code).
+    pub tls_files: Option<EdgeTlsFiles>,
     /// Prefixes served (pod CIDRs, host addresses). Streams to anything
     /// else are refused with `Denied`.
     pub routes: Vec<Cidr>,
@@ -122,6 +125,7 @@ impl EdgeConfig {
             relay: relay.into(),
             server_name: server_name.into(),
             identity: Identity::Static(tls),
+            tls_files: None,
             routes: Vec::new(),
             primary_addr: None,
             allowed_ports: Vec::new(),
@@ -185,6 +189,18 @@ pub enum Identity {
     /// Node certificates obtained from the relay with the pod's projected
     /// service-account token (Kubernetes), renewed before they expire.
     Bootstrap(BootstrapConfig),
+}
+
+/// The files the edge's TLS material came from, read again when they
+/// change (see `identity`).
+#[derive(Debug, Clone)]
+pub struct EdgeTlsFiles {
+    /// `tls.cert` (a certificate given by hand).
+    pub cert: Option<PathBuf>,
+    /// `tls.key`.
+    pub key: Option<PathBuf>,
+    /// `tls.relay_ca`.
+    pub relay_ca: PathBuf,
 }
 
 /// `[bootstrap]` as the client runs it.
@@ -527,6 +543,11 @@ impl FileConfig {
             relay: self.relay,
             server_name,
             identity,
+            tls_files: Some(EdgeTlsFiles {
+                cert: self.tls.cert.clone(),
+                key: self.tls.key.clone(),
+                relay_ca: self.tls.relay_ca.clone(),
+            }),
             routes: self.routes,
             primary_addr: self.primary_addr,
             allowed_ports: self.allowed_ports,

@@ -102,6 +102,18 @@ impl Cert {
         self
     }
 
+    /// A certificate given to the edge, used as it is: its expiry is the
+    /// operator's (the relay refuses it once expired).
+    fn given(material: TlsMaterial) -> Cert {
+        let never = SystemTime::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        Cert {
+            material,
+            not_after: never,
+            renew_at: never,
+            refused: false,
+        }
+    }
+
     /// Whether the relay still takes it, by this edge's best reckoning.
     fn valid_for_a_handshake(&self, now: SystemTime) -> bool {
         let last_third = self
@@ -119,7 +131,12 @@ pub(crate) struct Credentials {
     refusal_bootstrap: Mutex<Option<std::time::Instant>>,
     /// One bootstrap at a time (a renewal and a reconnect may both ask).
     obtaining: tokio::sync::Mutex<()>,
+    /// The certificate files as last read (`None`: a config built by
+    /// code); see [`files`].
+    files: Option<Mutex<files::FileState>>,
 }
+
+mod files;
 
 fn state_files(b: &BootstrapConfig, node: &str) -> (PathBuf, PathBuf) {
     (
@@ -195,23 +212,14 @@ impl Credentials {
     /// state directory.
     pub(crate) fn new(cfg: &EdgeConfig) -> Self {
         let current = match &cfg.identity {
-            Identity::Static(m) => {
-                // A given certificate is used as it is; its expiry is the
-                // operator's (the relay refuses it once expired).
-                let never = SystemTime::now() + Duration::from_secs(100 * 365 * 24 * 3600);
-                Some(Cert {
-                    material: m.clone(),
-                    not_after: never,
-                    renew_at: never,
-                    refused: false,
-                })
-            }
+            Identity::Static(m) => Some(Cert::given(m.clone())),
             Identity::Bootstrap(b) => load_kept(b, &cfg.node),
         };
         Credentials {
             current: Mutex::new(current),
             obtaining: tokio::sync::Mutex::new(()),
             refusal_bootstrap: Mutex::new(None),
+            files: files::FileState::at_start(cfg),
         }
     }
 
@@ -240,6 +248,7 @@ impl Credentials {
         cfg: &EdgeConfig,
         dial: &super::dial::Dialer<'_>,
     ) -> Result<TlsMaterial, IdentityError> {
+        self.reload_files(cfg);
         let Some(c) = self.get() else {
             return self.renew(cfg, dial).await;
         };
@@ -303,7 +312,8 @@ impl Credentials {
                 return Ok(c.material);
             }
         }
-        let cert = obtain(cfg, b, dial).await?;
+        self.reload_files(cfg);
+        let cert = obtain(cfg, &self.bootstrap_now(b), dial).await?;
         let material = cert.material.clone();
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(cert);
         Ok(material)

@@ -83,7 +83,7 @@ impl TlsPaths {
 
     /// The files' current stamps; a change means "reload".
     pub fn stamp(&self) -> Stamp {
-        [
+        let paths: Vec<&Path> = [
             Some(&self.cert),
             Some(&self.key),
             Some(&self.client_ca),
@@ -91,13 +91,23 @@ impl TlsPaths {
         ]
         .into_iter()
         .flatten()
+        .map(PathBuf::as_path)
+        .collect();
+        stamp_of(&paths)
+    }
+}
+
+/// The stamps of `paths` (see [`Stamp`]), following symlinks (a
+/// Kubernetes volume swaps its files by replacing a symlink).
+pub fn stamp_of(paths: &[&Path]) -> Stamp {
+    paths
+        .iter()
         .map(|p| {
             std::fs::metadata(p)
                 .ok()
                 .and_then(|m| Some((m.modified().ok()?, m.len())))
         })
         .collect()
-    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
