@@ -177,6 +177,9 @@ impl Dialer<'_> {
     ) -> Result<(Option<quinn::Endpoint>, TunnelConn), String> {
         let cfg = self.cfg;
         let turn = self.turn();
+        if self.probe && self.mode == TransportMode::Quic && addrs.len() > 1 {
+            return self.probe_each(addrs, turn, tls).await;
+        }
         let addr = pick(addrs, turn).ok_or_else(|| format!("resolve {}: no address", cfg.relay))?;
         let failed = match self.dial_addr(addr, tls).await {
             Ok(c) => return Ok(c),
@@ -188,6 +191,47 @@ impl Dialer<'_> {
             }
         }
         Err(failed.message)
+    }
+
+    /// A QUIC probe from the TCP fallback, over each of the relay name's
+    /// addresses from the one whose turn it is, each given
+    /// `quic_fallback_after`: the address TCP works on may be one UDP does
+    /// not reach (an IPv6 path that passes TCP only, say) while another
+    /// carries QUIC. An address that answers QUIC takes the turn (later
+    /// attempts start there); failures leave it (see [`Dialer::probe`]).
+    async fn probe_each(
+        &self,
+        addrs: &[SocketAddr],
+        turn: u64,
+        tls: rustls::ClientConfig,
+    ) -> Result<(Option<quinn::Endpoint>, TunnelConn), String> {
+        let cfg = self.cfg;
+        let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
+        let wait = cfg.quic_fallback_after.min(cfg.handshake_timeout);
+        let mut failed = Vec::new();
+        for k in 0..addrs.len() as u64 {
+            let Some(addr) = pick(addrs, turn.wrapping_add(k)) else {
+                break;
+            };
+            let quic = quic_transport(cfg, addr, mark, tls.clone());
+            match tokio::time::timeout(wait, quic).await {
+                Ok(Ok((ep, c))) => {
+                    if k > 0 {
+                        let mut turns = self
+                            .stats
+                            .relay_addr_turns
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner());
+                        turns.insert(cfg.relay.clone(), turn.wrapping_add(k));
+                        warn!(relay = %cfg.relay, %addr, "QUIC answers at this relay address; later attempts start there");
+                    }
+                    return Ok((Some(ep), c));
+                }
+                Ok(Err(e)) => failed.push(format!("{addr}: {}", e.into_failed().message)),
+                Err(_) => failed.push(format!("{addr}: no QUIC handshake within {wait:?}")),
+            }
+        }
+        Err(failed.join("; "))
     }
 
     /// Whose turn it is among the relay name's addresses (see
@@ -776,6 +820,55 @@ mod tests {
             .is_err());
         assert_eq!(dialer(&cfg_b, false).turn(), 0, "a probe moved the turn");
         assert_eq!(dialer(&cfg_a, false).turn(), 1);
+    }
+
+    /// A QUIC probe walks the relay name's addresses: the one whose turn
+    /// it is swallows UDP (TCP may work there, as on an IPv6 path that
+    /// passes TCP only), the next answers QUIC; the probe gets its session
+    /// there and moves the turn to it.
+    #[tokio::test]
+    async fn a_quic_probe_tries_each_address() {
+        relay_transport::tls::install_default_provider();
+        let pki =
+            relay_transport::devcerts::DevPki::generate(&["relay.test"], &["edge-a"]).unwrap();
+        let relay = loopback_relay(&pki);
+        let live = relay.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Some(incoming) = relay.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(conn) = incoming.await {
+                        // Held until the edge closes it.
+                        conn.closed().await;
+                    }
+                });
+            }
+        });
+        let hole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let silent = hole.local_addr().unwrap();
+        let tls = pki.node_material("edge-a").unwrap();
+        let client_tls = tls.client_config(relay_protocol::ALPN).unwrap();
+        let mut cfg = EdgeConfig::new("edge-a", "relay.test:8443", "relay.test", tls);
+        cfg.quic_fallback_after = Duration::from_millis(300);
+        let stats = EdgeStats::default();
+        let dialer = Dialer {
+            cfg: &cfg,
+            stats: &stats,
+            mode: TransportMode::Quic,
+            quic_worked: false,
+            probe: true,
+        };
+        let (ep, conn) = dialer
+            .dial_any(&[silent, live], client_tls)
+            .await
+            .expect("the second address answers QUIC");
+        assert!(ep.is_some());
+        assert_eq!(conn.remote_addr(), live);
+        assert_eq!(
+            dialer.turn(),
+            1,
+            "the turn moved to the address QUIC answers"
+        );
+        drop(hole);
     }
 
     /// Real QUIC and TCP on one port, as the relay binds them, with a relay

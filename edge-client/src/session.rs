@@ -172,7 +172,7 @@ pub(crate) async fn run_session(
         cfg.quic_probe_interval
             .saturating_mul(crate::client::QuicStrikes::MAX_PROBE_FACTOR),
     );
-    let mut probe_at = tokio::time::Instant::now() + probe_wait.wait();
+    let mut probe_at = tokio::time::Instant::now() + probe_wait.jittered(&mut rand::rng());
     // Owned: dropping it (the session ends, the client shuts down) aborts
     // the probe, so a probe can never outlive its session and register a
     // QUIC session that supersedes a newer one (or appears after shutdown).
@@ -442,7 +442,7 @@ pub(crate) async fn run_session(
                     Err(e) => debug!(error = %e, "QUIC probe task failed"),
                 }
                 probe_wait.failed();
-                probe_at = tokio::time::Instant::now() + probe_wait.wait();
+                probe_at = tokio::time::Instant::now() + probe_wait.jittered(&mut rand::rng());
                 debug!(after = ?probe_wait.wait(), "next QUIC probe");
                 continue;
             }
@@ -475,6 +475,17 @@ impl ProbeBackoff {
     /// How long until the next probe.
     pub(crate) fn wait(&self) -> Duration {
         self.wait
+    }
+
+    /// The wait drawn for one probe: uniform in `[wait/2, wait]`. A relay
+    /// outage puts a whole fleet on the TCP fallback within seconds; with
+    /// one fixed wait every edge would probe QUIC in the same second, and
+    /// again in step after each doubling, queueing behind the relay's
+    /// handshake limit together.
+    pub(crate) fn jittered(&self, rng: &mut impl rand::Rng) -> Duration {
+        let lo = self.wait / 2;
+        let span = u64::try_from((self.wait - lo).as_micros()).unwrap_or(u64::MAX);
+        lo + Duration::from_micros(rng.random_range(0..=span))
     }
 
     /// A probe failed: the next one waits twice as long, up to the cap.
@@ -578,5 +589,20 @@ mod tests {
         assert_eq!(p.wait(), s(60 * 32));
         // A cap below the base never shortens it.
         assert_eq!(ProbeBackoff::new(s(60), s(30)).wait(), s(60));
+    }
+
+    /// Each probe's wait is drawn in [wait/2, wait], so a fleet that fell
+    /// back together does not probe together.
+    #[test]
+    fn probe_waits_are_spread() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let p = ProbeBackoff::new(Duration::from_secs(60), Duration::from_secs(600));
+        let drawn: Vec<Duration> = (0..200).map(|_| p.jittered(&mut rng)).collect();
+        assert!(drawn
+            .iter()
+            .all(|d| (Duration::from_secs(30)..=Duration::from_secs(60)).contains(d)));
+        let (lo, hi) = (drawn.iter().min().unwrap(), drawn.iter().max().unwrap());
+        assert!(*hi - *lo > Duration::from_secs(20), "spread {lo:?}..{hi:?}");
     }
 }
