@@ -6,6 +6,11 @@
 //! TLS (`admin.tls`, see `config.rs`): it then serves HTTPS through
 //! `TlsListener`'s bounded handshakes. Requests are bounded: at most 64 in
 //! flight (more are shed with 503) and 10 s each.
+//!
+//! Those bounds are shared by every client that reaches the port, so
+//! kubelet's probes do not come here: `crate::health` serves the same
+//! `/healthz` and `/readyz` ([`probe_routes`]) on a loopback listener of
+//! their own, which idle or slow admin clients cannot starve.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -250,9 +255,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/replicas", get(list_replicas))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(shared.clone(), auth));
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+    probe_routes()
         .merge(protected)
         .layer(
             ServiceBuilder::new()
@@ -268,6 +271,17 @@ pub fn router(shared: Arc<Shared>) -> Router {
                 .timeout(Duration::from_secs(10)),
         )
         .with_state(shared)
+}
+
+/// `/healthz` (200 while the process answers) and `/readyz` (200 once the
+/// Nodes and Services are loaded, 503 before and while draining, saying
+/// why), open to anyone who reaches the listener: the admin API serves
+/// them, and so does the probe listener ([`crate::health`],
+/// `listen.health`) with exactly these handlers.
+pub fn probe_routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
 }
 
 /// Compares two secrets in time independent of their contents and of

@@ -148,6 +148,14 @@ pub struct RelayConfig {
     pub connect_unix: Option<PathBuf>,
     /// Address of the admin API, if enabled (loopback by default).
     pub admin_listen: Option<SocketAddr>,
+    /// Address of the probe listener (`/healthz` and `/readyz` only, plain
+    /// HTTP, see [`crate::health`]), if enabled; must be loopback.
+    pub health_listen: Option<SocketAddr>,
+    /// `health_listen` is the file's default, not a setting: if that
+    /// address is taken the relay logs it and starts without the probe
+    /// listener (as before it had one), where a configured address that
+    /// cannot be bound stops the start.
+    pub health_listen_defaulted: bool,
     /// Bearer token required by the admin API's `/v1` and `/metrics`.
     pub admin_token: Option<Secret>,
     /// When set, the admin API is served over HTTPS (TLS 1.3, no client
@@ -215,6 +223,8 @@ impl RelayConfig {
             connect_tls_files: None,
             connect_unix: None,
             admin_listen: Some(lo),
+            health_listen: Some(lo),
+            health_listen_defaulted: false,
             admin_token: None,
             admin_tls: None,
             admin_tls_files: None,

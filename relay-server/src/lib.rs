@@ -58,6 +58,7 @@ pub mod directory;
 mod endpoint_watch;
 pub mod follow;
 pub mod handshake;
+pub mod health;
 #[cfg(feature = "kubernetes")]
 pub mod k8s;
 #[cfg(feature = "kubernetes")]

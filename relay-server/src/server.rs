@@ -156,6 +156,7 @@ pub struct Relay {
     tcp_fallback_addr: Option<SocketAddr>,
     connect_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
+    health_addr: Option<SocketAddr>,
     unix_path: Option<PathBuf>,
     accept_stop: CancellationToken,
     tasks: JoinSet<&'static str>,
@@ -327,6 +328,27 @@ impl Relay {
                 accept_stop.clone(),
             ));
         }
+        // kubelet's probes, apart from the admin API so that its clients
+        // cannot starve them (see `crate::health`).
+        let mut health_addr = None;
+        if let Some(addr) = shared.cfg.health_listen {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => {
+                    let bound = l.local_addr().map_err(bind_err("health", addr))?;
+                    health_addr = Some(bound);
+                    shared.policy.add_own_listener(bound);
+                    tasks.spawn(crate::health::serve(l, shared.clone(), accept_stop.clone()));
+                }
+                // The default address, taken (another relay in this network
+                // namespace, or another program): start as before there was
+                // a probe listener rather than not at all.
+                Err(e) if shared.cfg.health_listen_defaulted => warn!(
+                    %addr, error = %e,
+                    "probe listener (listen.health, default address) not started: probes on it will fail; set listen.health"
+                ),
+                Err(e) => return Err(bind_err("health", addr)(e)),
+            }
+        }
         let mut capture = None;
         if let Some(ccfg) = shared.cfg.capture.clone() {
             let addr = std::net::SocketAddr::from(([0, 0, 0, 0], ccfg.port));
@@ -388,7 +410,7 @@ impl Relay {
                 background.clone(),
             ));
         }
-        info!(%quic_addr, tcp_fallback = ?tcp_fallback_addr, connect = ?connect_addr, unix = ?unix_path, admin = ?admin_addr, relay_id = %shared.cfg.relay_id, "relay listening");
+        info!(%quic_addr, tcp_fallback = ?tcp_fallback_addr, connect = ?connect_addr, unix = ?unix_path, admin = ?admin_addr, health = ?health_addr, relay_id = %shared.cfg.relay_id, "relay listening");
         Ok(Relay {
             shared,
             endpoint,
@@ -396,6 +418,7 @@ impl Relay {
             tcp_fallback_addr,
             connect_addr,
             admin_addr,
+            health_addr,
             unix_path,
             accept_stop,
             tasks,
@@ -439,6 +462,12 @@ impl Relay {
     /// The bound admin API address, if enabled.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// The bound probe listener address (`/healthz`, `/readyz`), if
+    /// enabled and bound.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_addr
     }
 
     /// Shared state (registry, metrics), for embedding and tests.

@@ -43,6 +43,9 @@ pub struct ListenFile {
     /// TCP address for the admin API.
     #[serde(default = "default_admin")]
     pub admin: Option<SocketAddr>,
+    /// TCP address of the probe listener (`/healthz`, `/readyz`; plain
+    /// HTTP, loopback only). Default: [`crate::health::DEFAULT_ADDR`].
+    pub health: Option<SocketAddr>,
     /// See [`RelayConfig::allow_insecure_connect`].
     #[serde(default)]
     pub allow_insecure_connect: bool,
@@ -319,6 +322,8 @@ impl FileConfig {
             connect_tls_files: self.connect_tls.as_ref().map(TlsFiles::paths),
             connect_unix: self.listen.connect_unix,
             admin_listen: self.listen.admin,
+            health_listen: Some(self.listen.health.unwrap_or(crate::health::DEFAULT_ADDR)),
+            health_listen_defaulted: self.listen.health.is_none(),
             admin_token,
             admin_tls,
             admin_tls_files,

@@ -107,6 +107,36 @@ fn insecure_exposure_is_refused_unless_allowed() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `listen.health`: on by default at 127.0.0.1:9470 (the manifests'
+/// probes), any loopback address, never another, not even with
+/// `allow_insecure_admin`.
+#[test]
+fn the_probe_listener_is_on_by_default_and_loopback_only() {
+    relay_transport::tls::install_default_provider();
+    let (dir, tls) = files();
+    let c = load("", &tls, "").unwrap();
+    assert_eq!(c.health_listen, Some(crate::health::DEFAULT_ADDR));
+    assert_eq!(
+        crate::health::DEFAULT_ADDR,
+        SocketAddr::from(([127, 0, 0, 1], 9470))
+    );
+    assert!(c.health_listen_defaulted);
+    let c = load("health = \"[::1]:9471\"", &tls, "").unwrap();
+    assert_eq!(c.health_listen, Some("[::1]:9471".parse().unwrap()));
+    assert!(!c.health_listen_defaulted);
+    for open in ["0.0.0.0:9470", "10.0.0.1:9470", "[::]:9470"] {
+        for extra in ["", "\nallow_insecure_admin = true"] {
+            let e = load(&format!("health = \"{open}\"{extra}"), &tls, "").unwrap_err();
+            assert_eq!(e.field, "listen.health", "{open}: {e}");
+        }
+    }
+    // Built by code: the same rule.
+    let mut c = load("", &tls, "").unwrap();
+    c.health_listen = Some(SocketAddr::from(([10, 0, 0, 1], 9470)));
+    assert_eq!(c.validate().unwrap_err().field, "listen.health");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn secrets_are_masked() {
     assert_eq!(format!("{:?}", Secret::new("hunter2")), "MASKED");

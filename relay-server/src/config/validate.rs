@@ -69,7 +69,8 @@ pub(super) fn is_loopback(a: &SocketAddr) -> bool {
 /// listener off loopback lets anyone who reaches it into every edge; an
 /// admin API off loopback without a token lets anyone list and close
 /// sessions (`DELETE /v1/sessions/..`), and without TLS its token crosses
-/// the network in clear.
+/// the network in clear. The probe listener must be on loopback: no
+/// setting allows more (see `crate::health`).
 pub(super) fn check_exposure(c: &RelayConfig) -> Result<(), ConfigError> {
     if let Some(a) = c.connect_listen {
         if !is_loopback(&a) && c.connect_tls.is_none() && !c.allow_insecure_connect {
@@ -80,6 +81,19 @@ pub(super) fn check_exposure(c: &RelayConfig) -> Result<(), ConfigError> {
                      open tunnels into every edge: configure [connect_tls] (client \
                      certificates), use listen.connect_unix or a loopback address, or set \
                      listen.allow_insecure_connect = true"
+                ),
+            ));
+        }
+    }
+    if let Some(a) = c.health_listen {
+        if !is_loopback(&a) {
+            return Err(err(
+                "listen.health",
+                format!(
+                    "the probe listener on {a} (not loopback) would let anyone who reaches \
+                     it take its few connection slots, which keep kubelet's probes answered \
+                     while the admin API is busy: use a loopback address (kubelet reaches \
+                     it with `host: 127.0.0.1` in a hostNetwork pod)"
                 ),
             ));
         }
