@@ -15,6 +15,9 @@
 //!   [`TokenReviewer`];
 //! - which relay replicas are live and where edges dial them:
 //!   [`ReplicaMembership`], one Lease per replica;
+//! - which pod prefixes a CNI's own IPAM gave each node where it does not
+//!   use the Node's `podCIDRs` (Calico's BlockAffinities, Cilium's
+//!   CiliumNodes), where those resources exist: [`IpamDirectory`];
 //! - what each ClusterIP:port is and where its endpoints run, with
 //!   kube-proxy's rules, so ClusterIPs can be captured before kube-proxy
 //!   DNATs them: [`ServiceDirectory`].
@@ -30,6 +33,7 @@
 //! |---|---|
 //! | [`client`] | [`KubeClientConfig`]: in-cluster or kubeconfig → [`KubeClient`] |
 //! | [`nodes`] | [`NodeDirectory`], [`NodeClaims`], [`node_claims`] (pure) |
+//! | [`ipam`] | [`IpamDirectory`] (probes, then watches, BlockAffinities and CiliumNodes), [`block_affinity`] and [`cilium_node`] (pure) |
 //! | [`names`] | [`service_names`], [`name_entry`] (pure): Service names for edge resolvers |
 //! | [`services`] | [`ServiceDirectory`] (reflectors over Services and EndpointSlices), [`ServiceTable`] and [`service_entry`] (pure) |
 //! | [`status`] | [`StatusWriter`] (server-side apply of the condition), [`next_condition`] (pure), [`SessionEvents`] |
@@ -39,6 +43,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod client;
+pub mod ipam;
 pub mod leases;
 pub mod names;
 pub mod nodes;
@@ -51,6 +56,10 @@ pub mod tokenreview;
 use std::time::Duration;
 
 pub use client::{ClientOptions, KubeClient, KubeClientConfig};
+pub use ipam::{
+    block_affinity, cilium_node, IpamDirectory, IpamEntry, IpamIssue, IpamKind, IpamOptions,
+    IpamState,
+};
 pub use leases::{
     judge, live_members, LeaseState, Member, MembershipOptions, MembershipStats, ReplicaMembership,
     ADDRESS_ANNOTATION,

@@ -35,6 +35,13 @@ pub struct NodeClaims {
     /// `spec.podCIDRs` (or `spec.podCIDR` when the list is empty), parsed;
     /// unparsable entries are left out (see [`ClaimIssue`]).
     pub pod_cidrs: Vec<Cidr>,
+    /// Pod prefixes the CNI's own IPAM gave the node (Calico's confirmed
+    /// BlockAffinities, Cilium's `CiliumNode` `spec.ipam.podCIDRs`; see
+    /// [`crate::IpamDirectory`]). Never filled from the Node: the relay
+    /// adds them, vetted, before it uses the claims. Unlike `pod_cidrs`
+    /// (set by kube-controller-manager) these are written by the CNI's
+    /// agents on the nodes, so they are a node's word.
+    pub ipam_cidrs: Vec<Cidr>,
     /// `status.addresses` of type `InternalIP`.
     pub internal_ips: Vec<IpAddr>,
     /// `status.addresses` of type `ExternalIP`.

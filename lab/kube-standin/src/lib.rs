@@ -15,6 +15,7 @@
 //! | `/apis/events.k8s.io/v1/namespaces/{ns}/events[/{name}]` | create, merge-patch, list |
 //! | `/apis/authentication.k8s.io/v1/tokenreviews` | create, answered from tokens minted with [`StandIn::mint_token`] |
 //! | `/apis/coordination.k8s.io/v1/namespaces/{ns}/leases[/{name}]` | get, create, update (resourceVersion conflicts), delete (preconditions), list, watch ([`leases`]) |
+//! | `/apis/crd.projectcalico.org/v1/blockaffinities`, `/apis/cilium.io/v2/ciliumnodes` | list, watch (same mechanics as Nodes), once the test installs the CRD ([`crds`]; 404 before, as without that CNI) |
 //!
 //! Everything else answers 404 with a `Status`. Every request needs the
 //! bearer token written into the kubeconfig ([`StandIn::kubeconfig_path`]),
@@ -47,6 +48,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod apply;
+pub mod crds;
 mod edits;
 mod hooks;
 pub mod leases;
@@ -89,6 +91,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
 pub use apply::{apply_conditions, ConditionOwners, Conflict};
+pub use crds::Crd;
 /// The API types the stand-in serves, for tests that build objects.
 pub use k8s_openapi;
 pub use rbac::{cluster_role_rules, role_rules, PolicyRule, RbacError};
@@ -170,12 +173,14 @@ struct Minted {
 }
 
 /// The watchable collections.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Res {
     Nodes,
     Services,
     EndpointSlices,
     Leases,
+    BlockAffinities,
+    CiliumNodes,
 }
 
 impl Res {
@@ -186,6 +191,8 @@ impl Res {
             Res::Services => ("Service", "v1"),
             Res::EndpointSlices => ("EndpointSlice", "discovery.k8s.io/v1"),
             Res::Leases => ("Lease", "coordination.k8s.io/v1"),
+            Res::BlockAffinities => ("BlockAffinity", "crd.projectcalico.org/v1"),
+            Res::CiliumNodes => ("CiliumNode", "cilium.io/v2"),
         }
     }
 }
@@ -208,6 +215,9 @@ struct State {
     slices: BTreeMap<(String, String), EndpointSlice>,
     /// Leases by (namespace, name).
     leases: BTreeMap<(String, String), Lease>,
+    /// Installed CRDs' objects (JSON) by name; a collection is served only
+    /// while its key is here ([`crds`]).
+    crds: BTreeMap<Res, BTreeMap<String, Value>>,
     owners: BTreeMap<String, ConditionOwners>,
     history: Vec<(u64, Res, Bytes)>,
     /// Oldest resourceVersion a watch may resume from.
@@ -334,6 +344,7 @@ impl StandIn {
                 services: BTreeMap::new(),
                 slices: BTreeMap::new(),
                 leases: BTreeMap::new(),
+                crds: BTreeMap::new(),
                 owners: BTreeMap::new(),
                 history: Vec::new(),
                 oldest_rv: 100,

@@ -139,6 +139,18 @@ pub(crate) fn route(
         ("discovery.k8s.io", "endpointslices", None, "watch") if a.name.is_none() => {
             watch(shared, &q, Res::EndpointSlices)
         }
+        (group, resource, None, verb @ ("list" | "watch"))
+            if a.name.is_none()
+                && crds::Crd::served_at(group, &a.version, resource)
+                    .is_some_and(|c| shared.lock().custom(c.res()).is_some()) =>
+        {
+            let res = crds::Crd::served_at(group, &a.version, resource)
+                .map_or(Res::Nodes, crds::Crd::res);
+            match verb {
+                "list" => list_of(shared, res),
+                _ => watch(shared, &q, res),
+            }
+        }
         ("", "nodes", None | Some("status"), "get") => {
             let name = a.name.clone().unwrap_or_default();
             match shared.lock().nodes.get(&name) {
@@ -209,6 +221,12 @@ pub(crate) fn list_of(shared: &Shared, res: Res) -> Response<Body> {
         Res::Services => st.services.values().map(list_item).collect(),
         Res::EndpointSlices => st.slices.values().map(list_item).collect(),
         Res::Leases => st.leases.values().map(list_item).collect(),
+        Res::BlockAffinities | Res::CiliumNodes => st
+            .custom(res)
+            .into_iter()
+            .flatten()
+            .map(|(_, o)| list_item(o))
+            .collect(),
     };
     let (kind, api_version) = res.kind();
     json_response(
@@ -228,6 +246,12 @@ pub(crate) fn initial_events(st: &State, res: Res) -> Vec<Bytes> {
         Res::Services => st.services.values().map(line).collect(),
         Res::EndpointSlices => st.slices.values().map(line).collect(),
         Res::Leases => st.leases.values().map(line).collect(),
+        Res::BlockAffinities | Res::CiliumNodes => st
+            .custom(res)
+            .into_iter()
+            .flatten()
+            .map(|(_, o)| line(o))
+            .collect(),
     }
 }
 

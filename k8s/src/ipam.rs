@@ -1,0 +1,687 @@
+//! [`IpamDirectory`]: the pod prefixes a CNI's own IPAM gives each node
+//! where it does not use the Node's `spec.podCIDRs`.
+//!
+//! - Calico's IPAM ignores `podCIDR` and hands each node blocks (/26 by
+//!   default) of its IP pools, each recorded as a cluster-scoped
+//!   `BlockAffinity` (`crd.projectcalico.org/v1`, `blockaffinities`):
+//!   `spec.node`, `spec.cidr`, `spec.state` (`confirmed` once the node may
+//!   use it; `pending` and `pendingDeletion` otherwise) and `spec.deleted`
+//!   (a string, `"true"` while the affinity is being released).
+//! - Cilium's default IPAM (cluster-pool) has its operator write each
+//!   node's ranges into the node's `CiliumNode` (`cilium.io/v2`,
+//!   `ciliumnodes`, named as the Node): `spec.ipam.podCIDRs`.
+//!
+//! Either resource exists only where that CNI is installed. Each is probed
+//! with a LIST at start: `404` means "not installed" (logged once, looked
+//! for again every [`IpamOptions::rediscover`]), `403` means the relay may
+//! not read it (logged once, likewise); once a LIST succeeds a kube-runtime
+//! watcher follows the resource as the Node reflector follows Nodes (LIST,
+//! WATCH, relist after `410 Gone` or a broken stream, default backoff), and
+//! the last complete state is kept while the API is unreachable (a relist
+//! replaces a source's objects only once it completes). A `404` from the
+//! watch (the CRD was removed) drops that source's prefixes and goes back
+//! to probing.
+//!
+//! What this module hands out is the CNI's word, written by its agents on
+//! the nodes themselves: the relay vets it before any prefix becomes a
+//! route (relay-server's `k8s/ipam_prefixes.rs`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::Api;
+use relay_protocol::{Cidr, CidrError};
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::{KubeClient, KubeError};
+
+/// A CNI's IPAM resource the relay reads node prefixes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum IpamKind {
+    /// Calico's `blockaffinities.crd.projectcalico.org` (v1).
+    CalicoBlockAffinity,
+    /// Cilium's `ciliumnodes.cilium.io` (v2).
+    CiliumNode,
+}
+
+impl IpamKind {
+    /// Every kind, in the order they are probed.
+    pub const ALL: [IpamKind; 2] = [IpamKind::CalicoBlockAffinity, IpamKind::CiliumNode];
+
+    /// `(group, version, kind, plural)`.
+    pub const fn gvk(self) -> (&'static str, &'static str, &'static str, &'static str) {
+        match self {
+            IpamKind::CalicoBlockAffinity => (
+                "crd.projectcalico.org",
+                "v1",
+                "BlockAffinity",
+                "blockaffinities",
+            ),
+            IpamKind::CiliumNode => ("cilium.io", "v2", "CiliumNode", "ciliumnodes"),
+        }
+    }
+
+    /// `plural.group`, as RBAC and `kubectl` name it.
+    pub fn resource_name(self) -> String {
+        let (group, _, _, plural) = self.gvk();
+        format!("{plural}.{group}")
+    }
+
+    fn api_resource(self) -> ApiResource {
+        let (group, version, kind, plural) = self.gvk();
+        ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
+    }
+
+    fn parse(self, obj: &DynamicObject) -> (Option<IpamEntry>, Vec<IpamIssue>) {
+        match self {
+            IpamKind::CalicoBlockAffinity => block_affinity(obj),
+            IpamKind::CiliumNode => cilium_node(obj),
+        }
+    }
+}
+
+impl std::fmt::Display for IpamKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.resource_name())
+    }
+}
+
+/// What one IPAM object gives: prefixes of one node's pods.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IpamEntry {
+    /// The Node the prefixes are for.
+    pub node: String,
+    /// The prefixes, parsed.
+    pub prefixes: Vec<Cidr>,
+}
+
+/// An entry of an IPAM object that could not be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IpamIssue {
+    /// A CIDR that does not parse (or has host bits set, or no length).
+    #[error("{kind} {object}: CIDR {value:?} skipped: {error}")]
+    BadCidr {
+        /// Which resource.
+        kind: IpamKind,
+        /// The object's name.
+        object: String,
+        /// The entry as written.
+        value: String,
+        /// Why it does not parse.
+        error: CidrError,
+    },
+    /// A usable object that names no node.
+    #[error("{kind} {object}: skipped: names no node")]
+    NoNode {
+        /// Which resource.
+        kind: IpamKind,
+        /// The object's name.
+        object: String,
+    },
+}
+
+/// A prefix as IPAM writes it: `addr/len`, no host bits.
+fn prefix(value: &str) -> Result<Cidr, CidrError> {
+    let c = value.trim().parse::<Cidr>()?;
+    if value.contains('/') {
+        Ok(c)
+    } else {
+        Err(CidrError::Length(value.to_string()))
+    }
+}
+
+fn being_deleted(obj: &DynamicObject) -> bool {
+    obj.metadata.deletion_timestamp.is_some()
+}
+
+/// A Calico `BlockAffinity`'s block, when it is the node's to use:
+/// `spec.state` `confirmed` and `spec.deleted` not true (Calico writes the
+/// string `"true"`; a boolean is taken too). Pending, releasing and
+/// deleted affinities give nothing and are no issue.
+pub fn block_affinity(obj: &DynamicObject) -> (Option<IpamEntry>, Vec<IpamIssue>) {
+    let kind = IpamKind::CalicoBlockAffinity;
+    let object = obj.metadata.name.clone().unwrap_or_default();
+    let spec = obj.data.get("spec").unwrap_or(&Value::Null);
+    let text = |k: &str| spec.get(k).and_then(Value::as_str).unwrap_or_default();
+    let deleted = match spec.get("deleted") {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) => s.eq_ignore_ascii_case("true"),
+        _ => false,
+    };
+    if text("state") != "confirmed" || deleted || being_deleted(obj) {
+        return (None, Vec::new());
+    }
+    let node = text("node").trim().to_string();
+    if node.is_empty() {
+        return (None, vec![IpamIssue::NoNode { kind, object }]);
+    }
+    let value = text("cidr");
+    match prefix(value) {
+        Ok(c) => (
+            Some(IpamEntry {
+                node,
+                prefixes: vec![c],
+            }),
+            Vec::new(),
+        ),
+        Err(error) => (
+            None,
+            vec![IpamIssue::BadCidr {
+                kind,
+                object,
+                value: value.to_string(),
+                error,
+            }],
+        ),
+    }
+}
+
+/// A `CiliumNode`'s `spec.ipam.podCIDRs`, for the Node of the same name;
+/// bad entries are skipped and reported.
+pub fn cilium_node(obj: &DynamicObject) -> (Option<IpamEntry>, Vec<IpamIssue>) {
+    let kind = IpamKind::CiliumNode;
+    let object = obj.metadata.name.clone().unwrap_or_default();
+    if being_deleted(obj) || object.is_empty() {
+        return (None, Vec::new());
+    }
+    let cidrs = obj
+        .data
+        .pointer("/spec/ipam/podCIDRs")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut issues = Vec::new();
+    let mut prefixes = Vec::new();
+    for v in cidrs {
+        let value = match &v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        match prefix(&value) {
+            Ok(c) if !prefixes.contains(&c) => prefixes.push(c),
+            Ok(_) => {}
+            Err(error) => issues.push(IpamIssue::BadCidr {
+                kind,
+                object: object.clone(),
+                value,
+                error,
+            }),
+        }
+    }
+    let entry = (!prefixes.is_empty()).then_some(IpamEntry {
+        node: object,
+        prefixes,
+    });
+    (entry, issues)
+}
+
+/// Options for the IPAM watches.
+#[derive(Clone, Debug)]
+pub struct IpamOptions {
+    /// `timeoutSeconds` of each watch request (as
+    /// [`crate::DirectoryOptions::watch_timeout_secs`]).
+    pub watch_timeout_secs: u32,
+    /// How long after a `404` (not installed) or `403` (not allowed) a
+    /// resource is probed again.
+    pub rediscover: Duration,
+    /// How long after a probe that got no answer (API down) it is tried
+    /// again (at most [`IpamOptions::rediscover`]).
+    pub retry: Duration,
+    /// Bound of each probe.
+    pub probe_timeout: Duration,
+}
+
+impl Default for IpamOptions {
+    fn default() -> Self {
+        IpamOptions {
+            watch_timeout_secs: 60,
+            rediscover: Duration::from_secs(300),
+            retry: Duration::from_secs(30),
+            probe_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where one resource stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IpamState {
+    /// Not answered yet (first probe under way, or it got no answer).
+    Unknown,
+    /// `404`: the CRD is not installed.
+    Absent,
+    /// `403`: the relay may not read it (RBAC).
+    Forbidden,
+    /// Served; the watch is running, waiting for its first list.
+    Watching,
+    /// Served and listed at least once.
+    Listed,
+}
+
+#[derive(Default)]
+struct SourceView {
+    state: Option<IpamState>,
+    /// Object name → what it gives.
+    objects: BTreeMap<String, IpamEntry>,
+    /// Object name → its issues last logged.
+    issues: BTreeMap<String, Vec<IpamIssue>>,
+}
+
+struct Inner {
+    sources: Mutex<BTreeMap<IpamKind, SourceView>>,
+    changes: watch::Sender<u64>,
+    skipped: AtomicU64,
+    errors: AtomicU64,
+    probes: AtomicU64,
+    last_error: crate::client::LastError,
+}
+
+impl Inner {
+    fn with<R>(&self, kind: IpamKind, f: impl FnOnce(&mut SourceView) -> R) -> R {
+        let mut map = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        f(map.entry(kind).or_default())
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    fn set_state(&self, kind: IpamKind, state: IpamState, clear: bool) {
+        let changed = self.with(kind, |s| {
+            let had = !s.objects.is_empty();
+            if clear {
+                s.objects.clear();
+                s.issues.clear();
+            }
+            let moved = s.state != Some(state);
+            s.state = Some(state);
+            moved || (clear && had)
+        });
+        if changed {
+            self.changed();
+        }
+    }
+
+    /// Parses `obj` into `s`; logs and counts its issues when they differ
+    /// from the last time.
+    fn put(&self, kind: IpamKind, s: &mut SourceView, obj: &DynamicObject) {
+        let Some(name) = obj.metadata.name.clone() else {
+            return;
+        };
+        let (entry, issues) = kind.parse(obj);
+        if s.issues.get(&name).unwrap_or(&Vec::new()) != &issues {
+            for i in &issues {
+                tracing::warn!("{i}");
+            }
+            self.skipped
+                .fetch_add(issues.len() as u64, Ordering::Relaxed);
+        }
+        if issues.is_empty() {
+            s.issues.remove(&name);
+        } else {
+            s.issues.insert(name.clone(), issues);
+        }
+        match entry {
+            Some(e) => s.objects.insert(name, e),
+            None => s.objects.remove(&name),
+        };
+    }
+
+    fn apply(&self, kind: IpamKind, obj: &DynamicObject) {
+        self.with(kind, |s| self.put(kind, s, obj));
+        self.changed();
+    }
+
+    fn delete(&self, kind: IpamKind, obj: &DynamicObject) {
+        if let Some(name) = &obj.metadata.name {
+            self.with(kind, |s| {
+                s.objects.remove(name);
+                s.issues.remove(name);
+            });
+            self.changed();
+        }
+    }
+
+    /// A (re)list completed: `objects` are all there is.
+    fn replace(&self, kind: IpamKind, objects: &[DynamicObject]) {
+        self.with(kind, |s| {
+            let names: std::collections::BTreeSet<&str> = objects
+                .iter()
+                .filter_map(|o| o.metadata.name.as_deref())
+                .collect();
+            s.objects.retain(|n, _| names.contains(n.as_str()));
+            s.issues.retain(|n, _| names.contains(n.as_str()));
+            for o in objects {
+                self.put(kind, s, o);
+            }
+            s.state = Some(IpamState::Listed);
+        });
+        self.changed();
+    }
+}
+
+/// Live view of the IPAM resources of the CNIs installed. Dropping it
+/// stops its tasks.
+pub struct IpamDirectory {
+    inner: Arc<Inner>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl IpamDirectory {
+    /// Starts probing and, where served, watching every [`IpamKind`].
+    /// Needs `list` and `watch` on each (a `403` only leaves that one
+    /// out). Must be called within a Tokio runtime.
+    pub fn spawn(client: &KubeClient, opts: &IpamOptions) -> IpamDirectory {
+        let inner = Arc::new(Inner {
+            sources: Mutex::new(BTreeMap::new()),
+            changes: watch::channel(0).0,
+            skipped: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            probes: AtomicU64::new(0),
+            last_error: crate::client::LastError::default(),
+        });
+        let tasks = IpamKind::ALL
+            .into_iter()
+            .map(|kind| {
+                let api: Api<DynamicObject> = Api::all_with(client.0.clone(), &kind.api_resource());
+                tokio::spawn(run(inner.clone(), api, kind, opts.clone()))
+            })
+            .collect();
+        IpamDirectory { inner, tasks }
+    }
+
+    /// Node → its IPAM prefixes from every resource (sorted, no
+    /// duplicates). The CNI's word: vet before use.
+    pub fn prefixes(&self) -> BTreeMap<String, Vec<Cidr>> {
+        let map = self.inner.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: BTreeMap<String, Vec<Cidr>> = BTreeMap::new();
+        for e in map.values().flat_map(|s| s.objects.values()) {
+            out.entry(e.node.clone())
+                .or_default()
+                .extend(e.prefixes.iter().copied());
+        }
+        for v in out.values_mut() {
+            v.sort_unstable();
+            v.dedup();
+        }
+        out
+    }
+
+    /// Where `kind` stands.
+    pub fn state(&self, kind: IpamKind) -> IpamState {
+        let map = self.inner.sources.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&kind)
+            .and_then(|s| s.state)
+            .unwrap_or(IpamState::Unknown)
+    }
+
+    /// Whether every resource has a definite answer: not installed, not
+    /// allowed, or listed (stays true through later outages).
+    pub fn is_settled(&self) -> bool {
+        IpamKind::ALL.iter().all(|k| {
+            matches!(
+                self.state(*k),
+                IpamState::Absent | IpamState::Forbidden | IpamState::Listed
+            )
+        })
+    }
+
+    /// A counter bumped on every change; `changed().await` to react.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Watch errors since start (not counting probes answered 404 or 403).
+    pub fn watch_errors(&self) -> u64 {
+        self.inner.errors.load(Ordering::Relaxed)
+    }
+
+    /// Probes (LISTs asking whether a resource is served) since start.
+    pub fn probes(&self) -> u64 {
+        self.inner.probes.load(Ordering::Relaxed)
+    }
+
+    /// Entries skipped as unusable since start ([`IpamIssue`]s, counted
+    /// when first seen on an object).
+    pub fn skipped_entries(&self) -> u64 {
+        self.inner.skipped.load(Ordering::Relaxed)
+    }
+
+    /// The last watch error since start.
+    pub fn last_error(&self) -> Option<String> {
+        self.inner.last_error.get()
+    }
+}
+
+impl Drop for IpamDirectory {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn status_of(e: &KubeError) -> Option<u16> {
+    match e {
+        KubeError::Api { status, .. } => *status,
+        _ => None,
+    }
+}
+
+fn watch_status(e: &watcher::Error) -> Option<u16> {
+    use watcher::Error as W;
+    match e {
+        W::InitialListFailed(kube::Error::Api(s))
+        | W::WatchStartFailed(kube::Error::Api(s))
+        | W::WatchFailed(kube::Error::Api(s)) => Some(s.code),
+        W::WatchError(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+/// Probes `kind` and follows it while it is served, forever.
+async fn run(inner: Arc<Inner>, api: Api<DynamicObject>, kind: IpamKind, opts: IpamOptions) {
+    // The last probe outcome logged: each is logged when it changes only.
+    let mut said = String::new();
+    let mut say = |now: String, warn: bool| {
+        if now != said {
+            if warn {
+                tracing::warn!("{now}");
+            } else {
+                tracing::info!("{now}");
+            }
+            said = now;
+        }
+    };
+    let every = opts.rediscover;
+    loop {
+        inner.probes.fetch_add(1, Ordering::Relaxed);
+        let probe = crate::bounded(
+            "IPAM resource probe",
+            opts.probe_timeout,
+            api.list(&ListParams::default().limit(1)),
+        )
+        .await;
+        let wait = match probe {
+            Ok(_) => {
+                say(
+                    format!("{kind} is served: its node prefixes count as pod prefixes"),
+                    false,
+                );
+                inner.set_state(kind, IpamState::Watching, false);
+                follow(&inner, &api, kind, &opts).await;
+                say(format!("{kind} is no longer served (404): its node prefixes are dropped; looking for it again every {every:?}"), false);
+                inner.set_state(kind, IpamState::Absent, true);
+                every
+            }
+            Err(e) if status_of(&e) == Some(404) => {
+                say(
+                    format!("{kind} is not installed (404); looking for it again every {every:?}"),
+                    false,
+                );
+                inner.set_state(kind, IpamState::Absent, true);
+                every
+            }
+            Err(e) if status_of(&e) == Some(403) => {
+                say(format!("{kind} may not be read (403: list and watch are needed, see deploy/kubernetes/base/rbac.yaml); its node prefixes are not used; trying again every {every:?}"), true);
+                inner.set_state(kind, IpamState::Forbidden, false);
+                every
+            }
+            Err(e) => {
+                say(format!("{kind} probe failed: {e}; retrying"), false);
+                opts.retry.min(every)
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Watches `kind` until a 404 says it is no longer served.
+async fn follow(inner: &Inner, api: &Api<DynamicObject>, kind: IpamKind, opts: &IpamOptions) {
+    let config = watcher::Config::default().timeout(opts.watch_timeout_secs);
+    let stream = watcher(api.clone(), config).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    let mut relist: Vec<DynamicObject> = Vec::new();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Apply(o)) => inner.apply(kind, &o),
+            Ok(watcher::Event::Delete(o)) => inner.delete(kind, &o),
+            Ok(watcher::Event::Init) => relist.clear(),
+            Ok(watcher::Event::InitApply(o)) => relist.push(o),
+            Ok(watcher::Event::InitDone) => {
+                inner.replace(kind, &relist);
+                relist.clear();
+                tracing::debug!(%kind, "IPAM objects (re)listed");
+            }
+            Err(e) if watch_status(&e) == Some(404) => return,
+            Err(e) => {
+                inner.errors.fetch_add(1, Ordering::Relaxed);
+                let (_, _, _, plural) = kind.gvk();
+                inner.last_error.set(plural, &e);
+                tracing::warn!(%kind, error = %e, "IPAM watch failed; keeping the last known prefixes, retrying with backoff");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> DynamicObject {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn affinity(name: &str, node: &str, cidr: &str, state: &str, deleted: Value) -> DynamicObject {
+        obj(json!({
+            "apiVersion": "crd.projectcalico.org/v1", "kind": "BlockAffinity",
+            "metadata": {"name": name},
+            "spec": {"node": node, "cidr": cidr, "state": state, "deleted": deleted},
+        }))
+    }
+
+    #[test]
+    fn only_confirmed_undeleted_affinities_give_their_block() {
+        let (e, issues) = block_affinity(&affinity(
+            "edge-1-10-70-1-0-26",
+            "edge-1",
+            "10.70.1.0/26",
+            "confirmed",
+            json!("false"),
+        ));
+        assert!(issues.is_empty());
+        let e = e.unwrap();
+        assert_eq!(e.node, "edge-1");
+        assert_eq!(e.prefixes, ["10.70.1.0/26".parse::<Cidr>().unwrap()]);
+        for (state, deleted) in [
+            ("pending", json!("false")),
+            ("pendingDeletion", json!("false")),
+            ("", json!("false")),
+            ("confirmed", json!("true")),
+            ("confirmed", json!(true)),
+            ("confirmed", json!("True")),
+        ] {
+            let (e, issues) = block_affinity(&affinity(
+                "a",
+                "edge-1",
+                "10.70.1.0/26",
+                state,
+                deleted.clone(),
+            ));
+            assert_eq!((e, issues), (None, vec![]), "{state} {deleted}");
+        }
+        // No `deleted` at all (older objects): usable.
+        let mut a = affinity("a", "edge-1", "fd00:70::/122", "confirmed", Value::Null);
+        a.data["spec"].as_object_mut().unwrap().remove("deleted");
+        assert_eq!(
+            block_affinity(&a).0.unwrap().prefixes[0].to_string(),
+            "fd00:70::/122"
+        );
+        // Being deleted (a finalizer holds it): nothing.
+        let mut a = affinity("a", "edge-1", "10.70.1.0/26", "confirmed", json!("false"));
+        a.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ));
+        assert_eq!(block_affinity(&a).0, None);
+    }
+
+    #[test]
+    fn bad_blocks_and_nameless_nodes_are_reported() {
+        for bad in ["10.70.1.1/26", "banana", "10.70.1.0", "10.70.1.0/33", ""] {
+            let (e, issues) =
+                block_affinity(&affinity("a", "edge-1", bad, "confirmed", json!("false")));
+            assert_eq!(e, None, "{bad}");
+            assert!(
+                matches!(&issues[..], [IpamIssue::BadCidr { value, .. }] if value == bad),
+                "{bad}: {issues:?}"
+            );
+        }
+        let (e, issues) = block_affinity(&affinity(
+            "a",
+            " ",
+            "10.70.1.0/26",
+            "confirmed",
+            json!("false"),
+        ));
+        assert_eq!(e, None);
+        assert!(matches!(&issues[..], [IpamIssue::NoNode { .. }]));
+        // A pending one is not looked at at all.
+        let (_, issues) = block_affinity(&affinity(
+            "a",
+            "edge-1",
+            "banana",
+            "pending",
+            json!("false"),
+        ));
+        assert!(issues.is_empty());
+    }
+
+    #[test]
+    fn cilium_nodes_give_their_pod_cidrs() {
+        let n = obj(json!({
+            "apiVersion": "cilium.io/v2", "kind": "CiliumNode",
+            "metadata": {"name": "edge-2"},
+            "spec": {"ipam": {"podCIDRs": ["10.0.7.0/24", "fd00:7::/64", "10.0.7.0/24", "10.0.8.1/24", 7]}},
+        }));
+        let (e, issues) = cilium_node(&n);
+        let e = e.unwrap();
+        assert_eq!(e.node, "edge-2");
+        let got: Vec<String> = e.prefixes.iter().map(ToString::to_string).collect();
+        assert_eq!(got, ["10.0.7.0/24", "fd00:7::/64"]);
+        assert_eq!(issues.len(), 2, "{issues:?}");
+        // No IPAM section (another IPAM mode, or not allocated yet).
+        let n = obj(json!({"apiVersion": "cilium.io/v2", "kind": "CiliumNode",
+            "metadata": {"name": "edge-2"}, "spec": {"ipam": {"pool": {}}}}));
+        assert_eq!(cilium_node(&n), (None, vec![]));
+    }
+}

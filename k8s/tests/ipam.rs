@@ -1,0 +1,161 @@
+//! IpamDirectory against `relay-kube-standin`, a kube-apiserver stand-in
+//! (real HTTPS, real list/watch framing), not a real apiserver, serving
+//! Calico's BlockAffinities and Cilium's CiliumNodes only once a test
+//! installs their CRD (404 before, as on a cluster without that CNI).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{count, setup, wait_until, BOUND};
+use relay_kube::{IpamDirectory, IpamKind, IpamOptions, IpamState};
+use relay_kube_standin::crds::{block_affinity, cilium_node};
+use relay_kube_standin::Crd;
+use relay_protocol::Cidr;
+
+fn prefixes_of(dir: &IpamDirectory, node: &str) -> Vec<String> {
+    dir.prefixes()
+        .get(node)
+        .map(|v| v.iter().map(Cidr::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// Confirmed, undeleted BlockAffinities give their node its block, from
+/// the first list and then over the watch; pending, deleted and removed
+/// ones do not.
+#[tokio::test]
+async fn calico_blocks_are_listed_then_watched() {
+    let (standin, client) = setup().await;
+    standin.install_crd(Crd::CalicoBlockAffinities);
+    standin.upsert_custom(
+        Crd::CalicoBlockAffinities,
+        block_affinity("edge-1", "10.70.1.0/26", "confirmed", false),
+    );
+    standin.upsert_custom(
+        Crd::CalicoBlockAffinities,
+        block_affinity("edge-1", "10.70.1.64/26", "pending", false),
+    );
+    standin.upsert_custom(
+        Crd::CalicoBlockAffinities,
+        block_affinity("edge-2", "10.70.2.0/26", "confirmed", true),
+    );
+    let dir = IpamDirectory::spawn(&client, &IpamOptions::default());
+    wait_until("settled", BOUND, || dir.is_settled()).await;
+    assert_eq!(dir.state(IpamKind::CalicoBlockAffinity), IpamState::Listed);
+    assert_eq!(dir.state(IpamKind::CiliumNode), IpamState::Absent);
+    assert_eq!(prefixes_of(&dir, "edge-1"), ["10.70.1.0/26"]);
+    assert!(prefixes_of(&dir, "edge-2").is_empty(), "deleted");
+
+    // Watched: the pending block confirmed, a new node's block.
+    standin.upsert_custom(
+        Crd::CalicoBlockAffinities,
+        block_affinity("edge-1", "10.70.1.64/26", "confirmed", false),
+    );
+    let edge3 = block_affinity("edge-3", "fd00:70:3::/122", "confirmed", false);
+    let edge3_name = edge3["metadata"]["name"].as_str().unwrap().to_string();
+    standin.upsert_custom(Crd::CalicoBlockAffinities, edge3);
+    wait_until("watched", BOUND, || {
+        prefixes_of(&dir, "edge-1") == ["10.70.1.0/26", "10.70.1.64/26"]
+            && prefixes_of(&dir, "edge-3") == ["fd00:70:3::/122"]
+    })
+    .await;
+    // Released, then deleted.
+    standin.upsert_custom(
+        Crd::CalicoBlockAffinities,
+        block_affinity("edge-1", "10.70.1.0/26", "pendingDeletion", false),
+    );
+    assert!(standin.delete_custom(Crd::CalicoBlockAffinities, &edge3_name));
+    wait_until("released and deleted", BOUND, || {
+        prefixes_of(&dir, "edge-1") == ["10.70.1.64/26"] && prefixes_of(&dir, "edge-3").is_empty()
+    })
+    .await;
+    assert!(count(&standin, "watch blockaffinities") >= 1);
+    assert_eq!(dir.watch_errors(), 0);
+}
+
+/// A CiliumNode's `spec.ipam.podCIDRs` are its node's.
+#[tokio::test]
+async fn cilium_node_ranges_are_listed_then_watched() {
+    let (standin, client) = setup().await;
+    standin.install_crd(Crd::CiliumNodes);
+    standin.upsert_custom(Crd::CiliumNodes, cilium_node("edge-1", &["10.0.1.0/24"]));
+    let dir = IpamDirectory::spawn(&client, &IpamOptions::default());
+    wait_until("settled", BOUND, || dir.is_settled()).await;
+    assert_eq!(dir.state(IpamKind::CiliumNode), IpamState::Listed);
+    assert_eq!(dir.state(IpamKind::CalicoBlockAffinity), IpamState::Absent);
+    assert_eq!(prefixes_of(&dir, "edge-1"), ["10.0.1.0/24"]);
+    standin.upsert_custom(
+        Crd::CiliumNodes,
+        cilium_node("edge-1", &["10.0.1.0/24", "fd00:1::/64"]),
+    );
+    wait_until("watched", BOUND, || {
+        prefixes_of(&dir, "edge-1") == ["10.0.1.0/24", "fd00:1::/64"]
+    })
+    .await;
+    standin.delete_custom(Crd::CiliumNodes, "edge-1");
+    wait_until("deleted", BOUND, || dir.prefixes().is_empty()).await;
+}
+
+/// Without the CRDs: settled at once, no prefixes, no watch, no errors,
+/// and no second probe before `rediscover`; a CRD installed later is found
+/// by the next probe, and one removed drops its prefixes.
+#[tokio::test]
+async fn without_the_crds_nothing_is_watched_until_they_appear() {
+    let (standin, client) = setup().await;
+    let quiet = IpamDirectory::spawn(&client, &IpamOptions::default());
+    wait_until("settled", BOUND, || quiet.is_settled()).await;
+    assert_eq!(
+        quiet.state(IpamKind::CalicoBlockAffinity),
+        IpamState::Absent
+    );
+    assert_eq!(quiet.state(IpamKind::CiliumNode), IpamState::Absent);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(count(&standin, "list blockaffinities"), 1);
+    assert_eq!(count(&standin, "list ciliumnodes"), 1);
+    assert_eq!(count(&standin, "watch blockaffinities"), 0);
+    assert_eq!((quiet.probes(), quiet.watch_errors()), (2, 0));
+    assert!(quiet.last_error().is_none());
+    drop(quiet);
+
+    let opts = IpamOptions {
+        rediscover: Duration::from_millis(500),
+        ..IpamOptions::default()
+    };
+    let dir = IpamDirectory::spawn(&client, &opts);
+    wait_until("settled", BOUND, || dir.is_settled()).await;
+    standin.upsert_custom(
+        Crd::CalicoBlockAffinities,
+        block_affinity("edge-1", "10.70.1.0/26", "confirmed", false),
+    );
+    wait_until("found by a later probe", BOUND, || {
+        prefixes_of(&dir, "edge-1") == ["10.70.1.0/26"]
+    })
+    .await;
+    standin.remove_crd(Crd::CalicoBlockAffinities);
+    wait_until("dropped with the CRD", BOUND, || dir.prefixes().is_empty()).await;
+}
+
+/// Through an API outage the last prefixes are kept.
+#[tokio::test]
+async fn an_outage_keeps_the_last_prefixes() {
+    let (standin, client) = setup().await;
+    standin.upsert_custom(Crd::CiliumNodes, cilium_node("edge-1", &["10.0.1.0/24"]));
+    let dir = IpamDirectory::spawn(
+        &client,
+        &IpamOptions {
+            watch_timeout_secs: 1,
+            ..IpamOptions::default()
+        },
+    );
+    wait_until("listed", BOUND, || prefixes_of(&dir, "edge-1").len() == 1).await;
+    standin.set_unavailable(true);
+    standin.inject_gone();
+    wait_until("a watch error", BOUND, || dir.watch_errors() > 0).await;
+    assert_eq!(prefixes_of(&dir, "edge-1"), ["10.0.1.0/24"]);
+    standin.set_unavailable(false);
+    standin.upsert_custom(Crd::CiliumNodes, cilium_node("edge-1", &["10.0.2.0/24"]));
+    wait_until("back", BOUND, || {
+        prefixes_of(&dir, "edge-1") == ["10.0.2.0/24"]
+    })
+    .await;
+}
