@@ -19,6 +19,7 @@ use relay_kube_standin::k8s_openapi::api::discovery::v1::{
 };
 use relay_kube_standin::k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use relay_kube_standin::{kubelet_node, StandIn};
+use relay_protocol::Cidr;
 use relay_server::config::KubeSettings;
 
 use crate::netns::{self, KubeProxyMode, KubeService, NetnsLab, Proto, Role};
@@ -270,6 +271,32 @@ impl Cluster {
     /// [`condition_of`]).
     pub fn condition(&self, node: &str) -> Option<(String, String, String)> {
         condition_of(&self.standin, node)
+    }
+
+    /// Calico's IPAM instead of `podCIDR` on edge `site`: its Node gets no
+    /// `spec.podCIDRs`, and a confirmed `BlockAffinity` (served once its
+    /// CRD is installed in the stand-in) gives it the /26 of its pod CIDR
+    /// that holds its pod, as Calico's IPAM records the blocks it hands a
+    /// node. Returns that block.
+    pub fn calico_block_for(&self, lab: &NetnsLab, site: u8) -> Result<Cidr> {
+        let block = Cidr::containing(IpAddr::V4(netns::edge_pod_ip(site)), 26)
+            .context("a /26 of an IPv4 address")?;
+        let mut node = edge_node(lab, site);
+        if let Some(spec) = node.spec.as_mut() {
+            spec.pod_cidr = None;
+            spec.pod_cidrs = None;
+        }
+        self.standin.upsert_node(node);
+        self.standin.upsert_custom(
+            relay_kube_standin::Crd::CalicoBlockAffinities,
+            relay_kube_standin::crds::block_affinity(
+                &format!("edge{site}"),
+                &block.to_string(),
+                "confirmed",
+                false,
+            ),
+        );
+        Ok(block)
     }
 
     /// The relay's `[kubernetes]` settings for this cluster.

@@ -10,7 +10,9 @@
 //! 1. With exactly the manifests' rules, a full session lifecycle (edge up
 //!    with a certificate obtained by token bootstrap, condition written,
 //!    event published, reconnect folded into an event series, Node changed,
-//!    Node deleted) and the service directory's watches (Services and
+//!    Node deleted, a Calico block and a Cilium range created after the
+//!    relay listed their resources served to the edge) and the service
+//!    directory's watches (Services and
 //!    EndpointSlices listed, then a change watched) pass with zero 403s:
 //!    the rules are enough.
 //! 2. With any one verb of any one rule removed (and with any whole rule
@@ -34,10 +36,13 @@ use edge_client::{EdgeClient, EdgeConfig, EdgeState};
 use relay_kube::{
     ClientOptions, KubeClientConfig, Protocol, ServiceDirectory, ServiceDirectoryOptions,
 };
+use relay_kube_standin::crds::{block_affinity, cilium_node};
 use relay_kube_standin::k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use relay_kube_standin::k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use relay_kube_standin::k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use relay_kube_standin::{cluster_role_rules, daemonset_pod, kubelet_node, PolicyRule, StandIn};
+use relay_kube_standin::{
+    cluster_role_rules, daemonset_pod, kubelet_node, Crd, PolicyRule, StandIn,
+};
 use relay_lab::sessions;
 use relay_protocol::Cidr;
 use relay_server::config::{BootstrapSettings, KubeSettings};
@@ -152,6 +157,10 @@ struct Outcome {
 async fn lifecycle(rules: Vec<PolicyRule>, bound: Duration) -> Result<Outcome> {
     let standin = StandIn::spawn_with_rbac(rules).await?;
     standin.upsert_node(node("127.1.0.0/24"));
+    // Calico and Cilium installed: the relay probes (list) and watches
+    // both IPAM resources.
+    standin.install_crd(Crd::CalicoBlockAffinities);
+    standin.install_crd(Crd::CiliumNodes);
     standin.upsert_pod(daemonset_pod(
         "edge-relay",
         "edge-client-0",
@@ -278,6 +287,31 @@ async fn lifecycle(rules: Vec<PolicyRule>, bound: Duration) -> Result<Outcome> {
         standin.upsert_node(node("127.1.77.0/24"));
         eventually(bound, async || {
             Ok(routes_of().await?.filter(|r| r.contains(&new)).map(|_| ()))
+        })
+        .await?;
+        // The CNI's IPAM objects, created after the relay listed them
+        // (blockaffinities and ciliumnodes list, then watch): served.
+        step = "calico block watched";
+        let block: Cidr = "127.1.78.0/26".parse()?;
+        standin.upsert_custom(
+            Crd::CalicoBlockAffinities,
+            block_affinity("edge-0", "127.1.78.0/26", "confirmed", false),
+        );
+        eventually(bound, async || {
+            Ok(routes_of()
+                .await?
+                .filter(|r| r.contains(&block))
+                .map(|_| ()))
+        })
+        .await?;
+        step = "cilium range watched";
+        let range: Cidr = "127.1.79.0/24".parse()?;
+        standin.upsert_custom(Crd::CiliumNodes, cilium_node("edge-0", &["127.1.79.0/24"]));
+        eventually(bound, async || {
+            Ok(routes_of()
+                .await?
+                .filter(|r| r.contains(&range))
+                .map(|_| ()))
         })
         .await?;
         // Node deleted: the watch delivers it, the session closes.

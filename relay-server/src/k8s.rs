@@ -18,8 +18,8 @@ use std::future::Future;
 use std::pin::Pin;
 
 use relay_kube::{
-    ClientOptions, DirectoryOptions, KubeClientConfig, NodeClaims, NodeDirectory, PodReader,
-    SessionEvents, StatusWriter, TokenReviewError, TokenReviewer,
+    ClientOptions, DirectoryOptions, IpamDirectory, IpamOptions, KubeClientConfig, NodeClaims,
+    NodeDirectory, PodReader, SessionEvents, StatusWriter, TokenReviewError, TokenReviewer,
 };
 use relay_protocol::Cidr;
 use relay_protocol::RejectReason;
@@ -35,6 +35,7 @@ use crate::directory::{
 use crate::status::StatusSink;
 
 pub(crate) mod cache;
+pub(crate) mod ipam_prefixes;
 pub(crate) mod node_addresses;
 mod status_writer;
 use status_writer::KubeStatus;
@@ -80,6 +81,7 @@ pub async fn start(
     let client = cfg.client(&opts).await?;
     let directory = KubeDirectory::start(
         NodeDirectory::spawn(&client, &DirectoryOptions::default()),
+        IpamDirectory::spawn(&client, &IpamOptions::default()),
         relay.tunnel_routes.clone(),
         settings.edge_address_ranges.clone(),
         settings.cluster_domain.clone(),
@@ -228,6 +230,14 @@ struct Snapshot {
 /// condition writes change Nodes too, and must not wake every session).
 pub struct KubeDirectory {
     nodes: NodeDirectory,
+    /// Pod prefixes from the CNI's IPAM objects (Calico, Cilium), where
+    /// installed; vetted by [`ipam_prefixes`] before use.
+    ipam: IpamDirectory,
+    /// When the directory started (it waits up to [`IPAM_WAIT`] after
+    /// it for the IPAM resources' first answer).
+    started: std::time::Instant,
+    /// The IPAM prefixes last refused, so each is logged once.
+    refused_prefixes: std::sync::Mutex<Vec<ipam_prefixes::Refused>>,
     /// `tunnel_routes`: evidence that a Node is in the cloud ([`is_cloud`]).
     cloud_ranges: Vec<Cidr>,
     /// `kubernetes.edge_address_ranges` (see [`node_addresses`]).
@@ -250,11 +260,19 @@ pub struct KubeDirectory {
 /// recomputation.
 const SETTLE: Duration = Duration::from_millis(100);
 
+/// How long after start the first Node list waits for the IPAM resources
+/// to be probed and listed (they answer in a round trip or two where the
+/// API answers the Node list), so that the first entries already hold
+/// Calico's and Cilium's prefixes; after it the entries are installed
+/// without them and follow when they come.
+const IPAM_WAIT: Duration = Duration::from_secs(5);
+
 /// Whether a Node is in the cloud, so that the relay may dial it for a
 /// CONNECT client: never with evidence of an edge (the edge label, or the
 /// relay's condition: [`NodeClaims::edge`]); otherwise only with evidence
-/// of the cloud: a control-plane or cloud label, or pod CIDRs or an address inside
-/// the cloud ranges (`tunnel_routes`, which list the cloud nodes' pod
+/// of the cloud: a control-plane or cloud label, or pod CIDRs, IPAM
+/// prefixes (Calico's blocks, Cilium's ranges) or an address inside the
+/// cloud ranges (`tunnel_routes`, which list the cloud nodes' pod
 /// CIDRs). A Node with neither counts as an edge, so a CONNECT to an edge
 /// that never connected and carries no label still fails at once.
 fn is_cloud(c: &NodeClaims, cloud_ranges: &[Cidr]) -> bool {
@@ -263,6 +281,7 @@ fn is_cloud(c: &NodeClaims, cloud_ranges: &[Cidr]) -> bool {
         && (c.control_plane
             || c.cloud_label
             || (!c.pod_cidrs.is_empty() && c.pod_cidrs.iter().all(inside))
+            || (!c.ipam_cidrs.is_empty() && c.ipam_cidrs.iter().all(inside))
             || c.internal_ips
                 .iter()
                 .chain(&c.external_ips)
@@ -327,8 +346,16 @@ fn cloud_prefixes(entries: &HashMap<String, Arc<NodeEntry>>) -> Vec<Cidr> {
 /// its own (`InternalIP`s first; see [`node_addresses`]).
 fn source(c: &NodeClaims, addresses: &[IpAddr], cloud_ranges: &[Cidr]) -> NodeSource {
     let listed = node_addresses::addresses(c);
+    // Pod CIDRs, then the IPAM prefixes the vetting left (Calico's blocks,
+    // Cilium's ranges): both are where the node's pods are.
+    let mut prefixes = c.pod_cidrs.clone();
+    for p in &c.ipam_cidrs {
+        if !prefixes.contains(p) {
+            prefixes.push(*p);
+        }
+    }
     NodeSource {
-        prefixes: c.pod_cidrs.clone(),
+        prefixes,
         // What `CONNECT <node>:<port>` dials: traffic named for the node
         // goes to the node, so its own first address serves even when it
         // is not routed to it (inside a cloud range, say); never a
@@ -352,6 +379,7 @@ fn source(c: &NodeClaims, addresses: &[IpAddr], cloud_ranges: &[Cidr]) -> NodeSo
 impl KubeDirectory {
     fn start(
         nodes: NodeDirectory,
+        ipam: IpamDirectory,
         cloud_ranges: Vec<Cidr>,
         edge_ranges: Vec<Cidr>,
         cluster_domain: String,
@@ -362,6 +390,9 @@ impl KubeDirectory {
         let to_cache = cache_file.as_ref().map(|_| watch::channel(None).0);
         let dir = Arc::new(KubeDirectory {
             nodes,
+            ipam,
+            started: std::time::Instant::now(),
+            refused_prefixes: std::sync::Mutex::new(Vec::new()),
             cloud_ranges,
             edge_ranges,
             cluster_domain,
@@ -414,26 +445,42 @@ impl KubeDirectory {
         let me = dir.clone();
         tokio::spawn(async move {
             let mut rx = me.nodes.subscribe();
+            let mut ipam_rx = me.ipam.subscribe();
+            let ipam_wait = tokio::time::sleep(IPAM_WAIT);
+            let mut ipam_wait = std::pin::pin!(ipam_wait);
+            let mut waited = false;
             loop {
                 me.refresh();
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     r = rx.changed() => if r.is_err() { return },
+                    r = ipam_rx.changed() => if r.is_err() { return },
+                    _ = &mut ipam_wait, if !waited => waited = true,
                 }
                 tokio::time::sleep(SETTLE).await;
                 rx.borrow_and_update();
+                ipam_rx.borrow_and_update();
             }
         });
         dir
     }
 
-    /// Takes the reflector's claims, once it has listed: the first list
-    /// replaces what came from the cache.
+    /// Takes the reflector's claims, once it has listed, with each node's
+    /// IPAM prefixes (once the IPAM resources answered, or [`IPAM_WAIT`]
+    /// passed): the first list replaces what came from the cache.
     fn refresh(&self) {
         if !self.nodes.is_synced() {
             return;
         }
-        let claims = self.nodes.all_claims();
+        if !self.ipam.is_settled() && self.started.elapsed() < IPAM_WAIT {
+            return;
+        }
+        let mut claims = self.nodes.all_claims();
+        for (node, prefixes) in self.ipam.prefixes() {
+            if let Some(c) = claims.get_mut(&node) {
+                c.ipam_cidrs = prefixes;
+            }
+        }
         let from_cache = self
             .cached
             .lock()
@@ -451,6 +498,13 @@ impl KubeDirectory {
     /// Makes `claims` the directory's entries; false when nothing changed.
     fn install(&self, claims: &BTreeMap<String, NodeClaims>) -> bool {
         let cloud = |c: &NodeClaims| is_cloud(c, &self.cloud_ranges);
+        // IPAM prefixes first: the addresses are vetted against the pod
+        // ranges taken (an edge's forged block must not cost another node
+        // its address). Vetting keeps each Node cloud or edge as it was.
+        let (claims, refused_prefixes) =
+            ipam_prefixes::vet(claims, cloud, &self.cloud_ranges, &self.edge_ranges);
+        self.report_prefixes(refused_prefixes);
+        let claims = &claims;
         let (addresses, refused) =
             node_addresses::vet(claims, cloud, &self.cloud_ranges, &self.edge_ranges);
         self.report(refused);
@@ -513,6 +567,24 @@ impl KubeDirectory {
                 address = %r.ip,
                 why = %r.why,
                 "Node address not taken as the node's: not routed to it"
+            );
+        }
+        *last = refused;
+    }
+
+    /// Logs the IPAM prefixes refused that were not refused before.
+    fn report_prefixes(&self, mut refused: Vec<ipam_prefixes::Refused>) {
+        refused.sort();
+        let mut last = self
+            .refused_prefixes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for r in refused.iter().filter(|r| last.binary_search(r).is_err()) {
+            warn!(
+                node = %r.node,
+                prefix = %r.prefix,
+                why = %r.why,
+                "IPAM prefix (Calico block, Cilium range) not taken as the node's: not routed to it"
             );
         }
         *last = refused;

@@ -109,7 +109,8 @@ impl<'a> PodIndex<'a> {
     fn new(claims: &'a BTreeMap<String, NodeClaims>) -> Self {
         let mut by_len: BTreeMap<u8, HashMap<Cidr, Vec<&'a str>>> = BTreeMap::new();
         for (n, c) in claims {
-            for p in &c.pod_cidrs {
+            // IPAM prefixes are vetted before (k8s/ipam_prefixes.rs).
+            for p in c.pod_cidrs.iter().chain(&c.ipam_cidrs) {
                 by_len
                     .entry(p.prefix_len())
                     .or_default()
