@@ -571,6 +571,23 @@ async fn say_hello(
 mod tests {
     use super::*;
 
+    /// A dialer for the tests.
+    fn dialer_for<'a>(
+        cfg: &'a EdgeConfig,
+        stats: &'a EdgeStats,
+        mode: TransportMode,
+        quic_worked: bool,
+        probe: bool,
+    ) -> Dialer<'a> {
+        Dialer {
+            cfg,
+            stats,
+            mode,
+            quic_worked,
+            probe,
+        }
+    }
+
     /// A name that stops resolving is dialled at the addresses it had,
     /// unless a proxy resolves it; one never resolved fails as before.
     #[test]
@@ -585,13 +602,7 @@ mod tests {
             pki.node_material("edge-a").unwrap(),
         );
         let stats = EdgeStats::default();
-        let dialer = Dialer {
-            cfg: &cfg,
-            stats: &stats,
-            mode: TransportMode::Auto,
-            quic_worked: false,
-            probe: false,
-        };
+        let dialer = dialer_for(&cfg, &stats, TransportMode::Auto, false, false);
         let down = || {
             Err(std::io::Error::other(
                 "temporary failure in name resolution",
@@ -614,13 +625,7 @@ mod tests {
     async fn a_silent_resolver_is_bounded() {
         let (cfg, _) = test_cfg("relay.test:8443");
         let stats = EdgeStats::default();
-        let dialer = Dialer {
-            cfg: &cfg,
-            stats: &stats,
-            mode: TransportMode::Auto,
-            quic_worked: false,
-            probe: false,
-        };
+        let dialer = dialer_for(&cfg, &stats, TransportMode::Auto, false, false);
         assert_eq!(dialer.lookup_bound(), cfg.handshake_timeout);
         let a: SocketAddr = "192.0.2.1:8443".parse().unwrap();
         dialer.addresses(Ok(vec![a]), false).unwrap();
@@ -706,13 +711,7 @@ mod tests {
         });
         let (cfg, client_tls) = test_cfg("relay.test:8443");
         let stats = EdgeStats::default();
-        let dialer = Dialer {
-            cfg: &cfg,
-            stats: &stats,
-            mode: TransportMode::Tcp,
-            quic_worked: false,
-            probe: false,
-        };
+        let dialer = dialer_for(&cfg, &stats, TransportMode::Tcp, false, false);
         let addrs = [refused, live];
 
         assert!(dialer.dial_any(&addrs, client_tls.clone()).await.is_err());
@@ -750,13 +749,7 @@ mod tests {
         let stats = EdgeStats::default();
         let addrs = [refusing, refusing_tcp()];
         for mode in [TransportMode::Auto, TransportMode::Quic] {
-            let dialer = Dialer {
-                cfg: &cfg,
-                stats: &stats,
-                mode,
-                quic_worked: false,
-                probe: false,
-            };
+            let dialer = dialer_for(&cfg, &stats, mode, false, false);
             assert!(dialer.dial_any(&addrs, client_tls.clone()).await.is_err());
             refused.recv().await.unwrap();
             assert_eq!(dialer.turn(), 0, "{mode:?}: a refusal moved the turn");
@@ -776,13 +769,7 @@ mod tests {
         let (mut cfg, client_tls) = test_cfg("relay.test:8443");
         cfg.quic_fallback_after = std::time::Duration::from_millis(200);
         let stats = EdgeStats::default();
-        let dialer = Dialer {
-            cfg: &cfg,
-            stats: &stats,
-            mode: TransportMode::Auto,
-            quic_worked: false,
-            probe: false,
-        };
+        let dialer = dialer_for(&cfg, &stats, TransportMode::Auto, false, false);
         let addrs = [refusing_tcp(), refusing_tcp()];
         assert!(dialer.dial_any(&addrs, client_tls).await.is_err());
         assert_eq!(stats.fallbacks.load(Relaxed), 1, "QUIC got no answer");
@@ -796,13 +783,7 @@ mod tests {
         let (cfg_a, client_tls) = test_cfg("relay-a.test:8443");
         let (cfg_b, _) = test_cfg("relay-b.test:8443");
         let stats = EdgeStats::default();
-        let dialer = |cfg, probe| Dialer {
-            cfg,
-            stats: &stats,
-            mode: TransportMode::Tcp,
-            quic_worked: false,
-            probe,
-        };
+        let dialer = |cfg, probe| dialer_for(cfg, &stats, TransportMode::Tcp, false, probe);
         let addrs = [refusing_tcp(), refusing_tcp()];
         assert!(dialer(&cfg_a, false)
             .dial_any(&addrs, client_tls.clone())
@@ -850,13 +831,7 @@ mod tests {
         let mut cfg = EdgeConfig::new("edge-a", "relay.test:8443", "relay.test", tls);
         cfg.quic_fallback_after = Duration::from_millis(300);
         let stats = EdgeStats::default();
-        let dialer = Dialer {
-            cfg: &cfg,
-            stats: &stats,
-            mode: TransportMode::Quic,
-            quic_worked: false,
-            probe: true,
-        };
+        let dialer = dialer_for(&cfg, &stats, TransportMode::Quic, false, true);
         let (ep, conn) = dialer
             .dial_any(&[silent, live], client_tls)
             .await
@@ -926,13 +901,7 @@ mod tests {
         cfg.quic_fallback_after = Duration::from_millis(300);
         cfg.handshake_timeout = Duration::from_secs(5);
         let stats = EdgeStats::default();
-        let dialer = Dialer {
-            cfg: &cfg,
-            stats: &stats,
-            mode: TransportMode::Auto,
-            quic_worked: false,
-            probe: false,
-        };
+        let dialer = dialer_for(&cfg, &stats, TransportMode::Auto, false, false);
 
         // Nothing known about UDP: silence past the fallback timer moves to TCP.
         let first = dialer.dial_addr(addr, client_tls.clone()).await;

@@ -35,8 +35,8 @@ use anyhow::{ensure, Context, Result};
 use relay_lab::cluster::{Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
-    edge_config_in, lab_pki, launch, relay_config_in, sa, start_edge, start_relay, udp_from,
-    within, Running, Table, DNS,
+    edge_config_in, lab_pki, launch, relay_config_in, sa, start_edge, start_relay, udp_client,
+    udp_from, within, Running, Table, UdpSample, DNS,
 };
 use relay_transport::capture_config::DEFAULT_REDIRECT_ADDRESS;
 use tokio::net::UdpSocket;
@@ -82,55 +82,29 @@ const REAP_AT: Duration = Duration::from_millis(1500);
 /// Answered again within this after the deletion.
 const BOUND: Duration = Duration::from_secs(1);
 
-/// One query: when it was sent, and whether it was answered.
-type Sample = (Duration, bool);
-
-/// A client in `ns` sending a query to `vip` every 100 ms for [`SPAN`]
-/// from one connected socket, waiting up to 300 ms for each answer.
-fn client(lab: &NetnsLab, ns: Role, vip: SocketAddr) -> JoinHandle<Result<Vec<Sample>>> {
-    lab.spawn_in(ns, move || async move {
-        let s = UdpSocket::bind(sa(Ipv4Addr::UNSPECIFIED, 0)).await?;
-        s.connect(vip).await?;
-        let t = Instant::now();
-        let mut out = Vec::new();
-        let mut buf = [0u8; 512];
-        let mut n = 0u32;
-        while t.elapsed() < SPAN {
-            n += 1;
-            let query = format!("q{n:08}");
-            let at = t.elapsed();
-            let sent = tokio::time::Instant::now();
-            s.send(query.as_bytes()).await?;
-            let deadline = sent + Duration::from_millis(300);
-            let mut answered = false;
-            while let Ok(Ok(k)) = tokio::time::timeout_at(deadline, s.recv(&mut buf)).await {
-                if String::from_utf8_lossy(&buf[..k]).ends_with(&format!(":{query}")) {
-                    answered = true;
-                    break;
-                }
-            }
-            out.push((at, answered));
-            tokio::time::sleep_until(sent + Duration::from_millis(100)).await;
-        }
-        Ok(out)
-    })
+/// A client in `ns` querying `vip` for [`SPAN`] (see [`udp_client`]).
+fn client(lab: &NetnsLab, ns: Role, vip: SocketAddr) -> JoinHandle<Result<Vec<UdpSample>>> {
+    udp_client(lab, ns, vip, SPAN)
 }
 
 /// Checks a client's log: answered before the deletion, and every query
 /// sent from [`BOUND`] after it on.
-fn judged(log: &[Sample], reaped: Duration) -> Result<String> {
+fn judged(log: &[UdpSample], reaped: Duration) -> Result<String> {
     ensure!(
-        log.iter().any(|(t, ok)| *t < reaped && *ok),
+        log.iter().any(|(t, who)| *t < reaped && who.is_some()),
         "never answered before the deletion: {log:?}"
     );
-    let late: Vec<&Sample> = log.iter().filter(|(t, _)| *t >= reaped + BOUND).collect();
-    let lost = late.iter().filter(|(_, ok)| !ok).count();
+    let late: Vec<&UdpSample> = log.iter().filter(|(t, _)| *t >= reaped + BOUND).collect();
+    let lost = late.iter().filter(|(_, who)| who.is_none()).count();
     ensure!(
         !late.is_empty() && lost == 0,
         "{lost} of {} queries unanswered from {BOUND:?} after the deletion on: {log:?}",
         late.len()
     );
-    let gap = log.iter().filter(|(t, ok)| *t >= reaped && !ok).count();
+    let gap = log
+        .iter()
+        .filter(|(t, who)| *t >= reaped && who.is_none())
+        .count();
     Ok(format!(
         "answered again; {gap} queries lost right after, {} answered since",
         late.len()

@@ -28,9 +28,9 @@ use anyhow::{ensure, Context, Result};
 use relay_lab::cluster::{Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
-    edge_config_in, lab_pki, relay_config_in, sa, services, start_edge, start_relay, Table, DNS,
+    edge_config_in, lab_pki, relay_config_in, services, start_edge, start_relay, udp_client, Table,
+    UdpSample, DNS,
 };
-use tokio::net::UdpSocket;
 
 /// `moving`: one endpoint, epod2 (on edge2), then cpod2 (in the cloud).
 const MOVING: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 60)), DNS);
@@ -46,47 +46,15 @@ const MOVE_AT: Duration = Duration::from_millis(1500);
 /// The move must be seen within this.
 const BOUND: Duration = Duration::from_secs(3);
 
-/// One query of a client: when it was sent, and who answered (if anyone).
-type Sample = (Duration, Option<String>);
-
-/// A client in `ns` sending a query to `vip` every 100 ms for [`SPAN`]
-/// from one socket, waiting up to 300 ms for each answer.
-fn client(lab: &NetnsLab, ns: Role, vip: SocketAddr) -> JoinHandle<Result<Vec<Sample>>> {
-    lab.spawn_in(ns, move || async move {
-        let s = UdpSocket::bind(sa(Ipv4Addr::UNSPECIFIED, 0)).await?;
-        s.connect(vip).await?;
-        let t = Instant::now();
-        let mut out = Vec::new();
-        let mut buf = [0u8; 512];
-        let mut n = 0u32;
-        while t.elapsed() < SPAN {
-            n += 1;
-            let query = format!("q{n:08}");
-            let at = t.elapsed();
-            let sent = tokio::time::Instant::now();
-            s.send(query.as_bytes()).await?;
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
-            let mut who = None;
-            while let Ok(Ok(k)) = tokio::time::timeout_at(deadline, s.recv(&mut buf)).await {
-                let reply = String::from_utf8_lossy(&buf[..k]).to_string();
-                if let Some((name, echoed)) = reply.split_once(':') {
-                    if echoed == query {
-                        who = Some(name.to_string());
-                        break;
-                    }
-                }
-            }
-            out.push((at, who));
-            tokio::time::sleep_until(sent + Duration::from_millis(100)).await;
-        }
-        Ok(out)
-    })
+/// A client in `ns` querying `vip` for [`SPAN`] (see [`udp_client`]).
+fn client(lab: &NetnsLab, ns: Role, vip: SocketAddr) -> JoinHandle<Result<Vec<UdpSample>>> {
+    udp_client(lab, ns, vip, SPAN)
 }
 
 /// Checks a client's log: answered by `old` before the move, by `new`
 /// within [`BOUND`] after it, never by `old` after the first answer from
 /// `new`, and at most one query unanswered after that.
-fn judged(log: &[Sample], old: &str, new: &str) -> Result<String> {
+fn judged(log: &[UdpSample], old: &str, new: &str) -> Result<String> {
     let by = |t: &Duration, who: &str| {
         log.iter()
             .any(|(at, w)| at < t && w.as_deref() == Some(who))
@@ -100,7 +68,7 @@ fn judged(log: &[Sample], old: &str, new: &str) -> Result<String> {
         .find(|(_, w)| w.as_deref() == Some(new))
         .map(|(t, _)| *t)
         .with_context(|| format!("never answered by {new}: {log:?}"))?;
-    let after: Vec<&Sample> = log.iter().filter(|(t, _)| *t > first_new).collect();
+    let after: Vec<&UdpSample> = log.iter().filter(|(t, _)| *t > first_new).collect();
     let stale = after
         .iter()
         .filter(|(_, w)| w.as_deref() == Some(old))

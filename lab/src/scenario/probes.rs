@@ -198,3 +198,49 @@ pub fn fails_fast(
         Err(e) => bail!("failed, but only after {:?}: {e:#}", t.elapsed()),
     }
 }
+
+/// One query of [`udp_client`]: when it was sent (since the client
+/// started), and who answered it (the name before `:` in the answer), if
+/// anyone did.
+pub type UdpSample = (Duration, Option<String>);
+
+/// A UDP client in `ns` that keeps one connected socket to `target` (as a
+/// metrics agent, a syslog or statsd sender does) and sends a query every
+/// 100 ms for `span`, waiting up to 300 ms for each answer (an answer
+/// echoing another query is not its answer): its log, once done.
+pub fn udp_client(
+    lab: &NetnsLab,
+    ns: Role,
+    target: SocketAddr,
+    span: Duration,
+) -> std::thread::JoinHandle<Result<Vec<UdpSample>>> {
+    lab.spawn_in(ns, move || async move {
+        let s = UdpSocket::bind(sa(Ipv4Addr::UNSPECIFIED, 0)).await?;
+        s.connect(target).await?;
+        let t = Instant::now();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 512];
+        let mut n = 0u32;
+        while t.elapsed() < span {
+            n += 1;
+            let query = format!("q{n:08}");
+            let at = t.elapsed();
+            let sent = tokio::time::Instant::now();
+            s.send(query.as_bytes()).await?;
+            let deadline = sent + Duration::from_millis(300);
+            let mut who = None;
+            while let Ok(Ok(k)) = tokio::time::timeout_at(deadline, s.recv(&mut buf)).await {
+                let reply = String::from_utf8_lossy(&buf[..k]).to_string();
+                if let Some((name, echoed)) = reply.split_once(':') {
+                    if echoed == query {
+                        who = Some(name.to_string());
+                        break;
+                    }
+                }
+            }
+            out.push((at, who));
+            tokio::time::sleep_until(sent + Duration::from_millis(100)).await;
+        }
+        Ok(out)
+    })
+}
