@@ -131,7 +131,8 @@ pub struct EdgeStats {
     /// IPv6 and an IPv4 address still connects where IPv6 is broken (the
     /// resolver puts IPv6 first whenever the node has an IPv6 route to
     /// it, whether or not packets get through upstream). Only a silent
-    /// address moves it: a relay that answered and refused (draining,
+    /// address moves it (and a QUIC probe that found QUIC answering at
+    /// another address): a relay that answered and refused (draining,
     /// overloaded, a TLS error) is reached at that address, and moving on
     /// would send the next attempt to one that may be the broken one.
     pub relay_addr_turns: std::sync::Mutex<std::collections::HashMap<String, u64>>,

@@ -51,11 +51,12 @@ pub(crate) struct Dialer<'a> {
     /// QUIC carried this edge's last session to the relay (in `Auto`: an
     /// unanswered QUIC attempt is tried once more before falling back).
     pub(crate) quic_worked: bool,
-    /// A background QUIC probe from the TCP fallback: whatever becomes of
-    /// it, the relay's address turn stays (see [`EdgeStats::relay_addr_turns`]).
+    /// A background QUIC probe from the TCP fallback: its failures never
+    /// move the relay's address turn (see [`EdgeStats::relay_addr_turns`]).
     /// On a path without UDP every probe goes unanswered, and moving the
     /// turn each time would send the next real attempt to whichever
-    /// address came up, a broken one included.
+    /// address came up, a broken one included. It walks every address,
+    /// and one that answers QUIC takes the turn ([`Dialer::probe_each`]).
     pub(crate) probe: bool,
 }
 
@@ -195,7 +196,8 @@ impl Dialer<'_> {
 
     /// A QUIC probe from the TCP fallback, over each of the relay name's
     /// addresses from the one whose turn it is, each given
-    /// `quic_fallback_after`: the address TCP works on may be one UDP does
+    /// `quic_fallback_after` (less where that many would not fit in the
+    /// handshake timeout together): the address TCP works on may be one UDP does
     /// not reach (an IPv6 path that passes TCP only, say) while another
     /// carries QUIC. An address that answers QUIC takes the turn (later
     /// attempts start there); failures leave it (see [`Dialer::probe`]).
@@ -207,7 +209,8 @@ impl Dialer<'_> {
     ) -> Result<(Option<quinn::Endpoint>, TunnelConn), String> {
         let cfg = self.cfg;
         let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
-        let wait = cfg.quic_fallback_after.min(cfg.handshake_timeout);
+        let n = u32::try_from(addrs.len()).unwrap_or(u32::MAX).max(1);
+        let wait = cfg.quic_fallback_after.min(cfg.handshake_timeout / n);
         let mut failed = Vec::new();
         for k in 0..addrs.len() as u64 {
             let Some(addr) = pick(addrs, turn.wrapping_add(k)) else {

@@ -420,7 +420,11 @@ pub(crate) async fn run_session(
                 // ends and the next one can start.
                 // A probe (last `true`): its failures never move the
                 // relay's address turn (see `Dialer::probe`).
-                let limit = cfg.handshake_timeout;
+                // Twice the handshake timeout: the probe may walk several
+                // addresses (their QUIC attempts together take at most one
+                // handshake timeout, see `Dialer::probe_each`), then says
+                // hello.
+                let limit = cfg.handshake_timeout.saturating_mul(2);
                 probe = Some(AbortOnDropHandle::new(tokio::spawn(async move {
                     tokio::time::timeout(limit, connect(&cfg, &stats, TransportMode::Quic, &creds, false, true))
                         .await

@@ -185,6 +185,7 @@ async fn the_base_configs_bootstrap_an_edge_with_the_walkthroughs_pki() -> Resul
         ("quic", "\"127.0.0.1:0\"".to_string()),
         ("connect", "\"127.0.0.1:0\"".to_string()),
         ("admin", "\"127.0.0.1:0\"".to_string()),
+        ("health", "\"127.0.0.1:0\"".to_string()),
         ("connect_unix", q(&dir.join("connect.sock"))),
     ] {
         relay = set_in(&relay, "listen", key, &value)?;

@@ -570,7 +570,7 @@ mod tests {
             "ITP Local ClusterIPs and ETP Local node ports"
         );
         assert!(
-            crate::services::relay_node_port_set(&s, |_| true).is_empty(),
+            crate::services::relay_node_port_set(&s, |_| true, (None, None)).is_empty(),
             "the relay node leaves an ETP Local node port to its kube-proxy"
         );
         assert_eq!(

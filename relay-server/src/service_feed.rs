@@ -275,17 +275,19 @@ mod tests {
             ..b(addr, node)
         };
         let web = key("10.96.0.60:80", false);
-        let s = snap(&[(
-            web,
-            vec![
-                hinted("10.244.7.5:80", "edge1", "shop1"),
-                hinted("10.244.1.2:80", "cloud1", "cloud"),
-            ],
-        )]);
+        let backends = vec![
+            hinted("10.244.7.5:80", "edge1", "shop1"),
+            hinted("10.244.1.2:80", "cloud1", "cloud"),
+        ];
+        let mut s = snap(&[(web, backends.clone())]);
+        s.node_ports.insert((30080, false), Arc::from(backends));
         let served = |b: &Backend| b.node.as_deref().is_some_and(|n| n.starts_with("edge"));
         let at_relay = |zone| relay_capture_set(&s, served, &BTreeSet::new(), (None, zone));
         assert!(at_relay(Some("cloud")).cluster.is_empty());
         assert_eq!(at_relay(None).cluster.len(), 1, "no zone known: captured");
+        let node_ports = |zone| crate::services::relay_node_port_set(&s, served, (None, zone));
+        assert!(node_ports(Some("cloud")).is_empty());
+        assert_eq!(node_ports(None).len(), 1);
         let told = |zone| {
             let mut edge = BTreeMap::new();
             for f in ServiceFeed::default()

@@ -376,10 +376,12 @@ fn intersection(a: &[Cidr], b: &BTreeSet<Cidr>) -> BTreeSet<Cidr> {
 }
 
 /// The node ports the relay node captures: those with an endpoint behind
-/// a live edge session (as [`relay_capture_set`]).
+/// a live edge session among those the relay node (`here`) would use by
+/// their topology hints (as [`relay_capture_set`]).
 pub fn relay_node_port_set(
     snap: &ServiceSnapshot,
     served: impl Fn(&Backend) -> bool,
+    here: (Option<&str>, Option<&str>),
 ) -> BTreeSet<(u16, CaptureProto)> {
     snap.node_ports
         .iter()
@@ -388,7 +390,11 @@ pub fn relay_node_port_set(
                 .node_local
                 .contains(&ServiceKey::node_port(*port, *udp))
         })
-        .filter(|(_, b)| b.iter().any(&served))
+        .filter(|(_, b)| {
+            crate::topology::for_node(b, here.0, here.1)
+                .iter()
+                .any(&served)
+        })
         .map(|((port, udp), _)| (*port, capture_proto(*udp)))
         .collect()
 }

@@ -280,7 +280,8 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
         let set =
             crate::services::relay_capture_set(&snap, served, &sources, (node, zone.as_deref()));
         let svc = set.cluster;
-        let node_ports = crate::services::relay_node_port_set(&snap, served);
+        let node_ports =
+            crate::services::relay_node_port_set(&snap, served, (node, zone.as_deref()));
         if let Err(e) = cap.apply_services(&svc, &BTreeSet::new()).await {
             failed = Some(e);
         } else if let Err(e) = cap.apply_open_services(&set.open, &set.ranged).await {

@@ -163,7 +163,8 @@ pub struct CaptureFile {
     /// Install capture (default false).
     #[serde(default)]
     pub enabled: bool,
-    /// Transparent listener port on loopback (default 15001).
+    /// The capture listeners' port (default 15001; see
+    /// [`CaptureConfig::port`]).
     pub port: Option<u16>,
     /// See [`CaptureConfig::redirect_address`] (default 169.254.70.1).
     pub redirect_address: Option<std::net::Ipv4Addr>,

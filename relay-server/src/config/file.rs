@@ -307,7 +307,17 @@ impl FileConfig {
             relay_id,
             quic_listen: self.listen.quic,
             tcp_fallback: self.listen.tcp_fallback,
-            tcp_fallback_port: self.listen.tcp_fallback_port,
+            tcp_fallback_port: match self.listen.tcp_fallback_port {
+                // A code-built config may ask for an ephemeral port (tests
+                // read it back); edges could never be told one.
+                Some(0) => {
+                    return Err(err(
+                        "listen.tcp_fallback_port",
+                        "must be 1 to 65535 (edges are told it with their tcp_fallback_port)",
+                    ))
+                }
+                p => p,
+            },
             tcp_fallback_mss: relay_transport::tcp::fallback_mss_setting(
                 self.listen.tcp_fallback_mss,
             )

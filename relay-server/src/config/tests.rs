@@ -157,6 +157,12 @@ fn tcp_fallback_mss_defaults_to_a_small_mtu_safe_size() {
     let mut c = load("", &tls, "").unwrap();
     c.tcp_fallback_mss = Some(0);
     assert_eq!(c.validate().unwrap_err().field, "listen.tcp_fallback_mss");
+    // The fallback's own port: any but 0, which no edge could be told.
+    let port = |listen: &str| load(listen, &tls, "").map(|c| c.tcp_fallback_port);
+    assert_eq!(port("").unwrap(), None);
+    assert_eq!(port("tcp_fallback_port = 443").unwrap(), Some(443));
+    let e = port("tcp_fallback_port = 0").unwrap_err();
+    assert_eq!(e.field, "listen.tcp_fallback_port", "{e}");
 }
 
 /// `connect_tls.crl` is read at start (and kept for reloading); a file
