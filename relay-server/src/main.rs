@@ -20,7 +20,8 @@ struct Cli {
     #[arg(short, long, env = "RELAY_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Once listening, write the bound addresses here as JSON
-    /// (`{"quic": .., "connect": .., "admin": ..}`), for supervisors and
+    /// (`{"quic": .., "tcp_fallback": .., "connect": .., "admin": ..,
+    /// "health": ..}`), for supervisors and
     /// tests that start the relay on port 0.
     #[arg(long)]
     ready_file: Option<PathBuf>,
@@ -324,8 +325,10 @@ async fn main() -> anyhow::Result<()> {
             if let Some(path) = &cli.ready_file {
                 let ready = serde_json::json!({
                     "quic": relay.quic_addr().to_string(),
+                    "tcp_fallback": relay.tcp_fallback_addr().map(|a| a.to_string()),
                     "connect": relay.connect_addr().map(|a| a.to_string()),
                     "admin": relay.admin_addr().map(|a| a.to_string()),
+                    "health": relay.health_addr().map(|a| a.to_string()),
                     "pid": std::process::id(),
                 });
                 // Write then rename, so a reader never sees half a file.
