@@ -21,6 +21,8 @@ use relay_kube_standin::k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMe
 use relay_kube_standin::{kubelet_node, StandIn};
 use relay_protocol::Cidr;
 use relay_server::config::KubeSettings;
+use relay_server::RelayConfig;
+use relay_transport::devcerts::DevPki;
 
 use crate::netns::{self, KubeProxyMode, KubeService, NetnsLab, Proto, Role};
 
@@ -306,6 +308,30 @@ impl Cluster {
             api_timeout: Duration::from_secs(3),
             ..KubeSettings::default()
         }
+    }
+
+    /// The lab relay's config (see
+    /// [`relay_config_in`](crate::scenario::relay_config_in)) in in-cluster
+    /// mode against this cluster: no static `[nodes]`, Node objects decide.
+    pub fn relay_config_in(&self, lab: &NetnsLab, pki: &DevPki) -> Result<RelayConfig> {
+        let mut cfg = crate::scenario::relay_config_in(lab, pki)?;
+        cfg.nodes.clear();
+        cfg.kubernetes = Some(self.relay_settings());
+        Ok(cfg)
+    }
+
+    /// [`Cluster::relay_config_in`] with `tunnel_routes` left without the
+    /// cloud node subnet, as the deploy base lists them (the cloud's pod
+    /// CIDRs and Service range only).
+    pub fn relay_config_without_cloud_lan(
+        &self,
+        lab: &NetnsLab,
+        pki: &DevPki,
+    ) -> Result<RelayConfig> {
+        let mut cfg = self.relay_config_in(lab, pki)?;
+        let lan: Cidr = netns::CLOUD_LAN.parse()?;
+        cfg.tunnel_routes.retain(|c| *c != lan);
+        Ok(cfg)
     }
 
     /// The kubeconfig pointing at the stand-in.

@@ -33,29 +33,16 @@ use anyhow::Result;
 use relay_lab::cluster::{Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
-    connect_refused, edge_config_in, http_from, lab_pki, relay_config_in, sa, services, start_edge,
-    start_relay, within, Table, HTTP,
+    connect_refused, edge_config_in, http_from, lab_pki, sa, services, start_edge, start_relay,
+    within, Table, HTTP,
 };
 use relay_lab::sources::not_tunnelled;
 use relay_protocol::Cidr;
-use relay_server::RelayConfig;
-use relay_transport::devcerts::DevPki;
 
 /// The load-balancer Service's port (on the relay node's public address).
 const LB_PORT: u16 = 8080;
 /// The external-IP Service's node port.
 const NODE_PORT: u16 = 30070;
-
-/// The relay's config for this lab: in-cluster mode, and `tunnel_routes`
-/// without the cloud LAN.
-fn relay_cfg(lab: &NetnsLab, pki: &DevPki, cluster: &Cluster) -> Result<RelayConfig> {
-    let mut cfg = relay_config_in(lab, pki)?;
-    cfg.nodes.clear();
-    cfg.kubernetes = Some(cluster.relay_settings());
-    let lan: Cidr = netns::CLOUD_LAN.parse()?;
-    cfg.tunnel_routes.retain(|c| *c != lan);
-    Ok(cfg)
-}
 
 /// Whether the relay's capture takes forwarded traffic from `ip`.
 fn is_source(lab: &NetnsLab, ip: std::net::Ipv4Addr) -> Result<bool> {
@@ -107,7 +94,7 @@ fn cloud_nodes_host_addresses_are_capture_sources() -> Result<()> {
     cluster.set_services(&lab, KubeProxyMode::Iptables, &[web, lb])?;
     let mut m = Table::new(&["case", "path", "result"]);
 
-    let relay = start_relay(&lab, relay_cfg(&lab, &pki, &cluster)?)?;
+    let relay = start_relay(&lab, cluster.relay_config_without_cloud_lan(&lab, &pki)?)?;
     let edge1 = start_edge(&lab, 1, edge_config_in(&lab, &pki, 1)?)?;
     let ready = within(Duration::from_secs(10), || {
         Ok(is_source(&lab, netns::CLOUD2_LAN_IP)? && http_from(&lab, Role::Cpod2, epod1).is_ok())
@@ -206,7 +193,7 @@ fn cloud_nodes_host_addresses_are_capture_sources() -> Result<()> {
 
     // Control: sources set to the cloud ranges alone, and node ports taken
     // on the cloud LAN address only (as kube-proxy's --nodeport-addresses).
-    let mut cfg = relay_cfg(&lab, &pki, &cluster)?;
+    let mut cfg = cluster.relay_config_without_cloud_lan(&lab, &pki)?;
     let ranges = cfg.tunnel_routes.iter().copied().collect();
     if let Some(c) = cfg.capture.as_mut() {
         c.sources = Some(ranges);

@@ -23,10 +23,9 @@ use anyhow::Result;
 use relay_lab::cluster::{Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, LabOptions, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
-    edge_config_in, http_from, lab_pki, relay_config_in, sa, services, start_edge, start_relay,
-    udp_from, within, Table, DNS, HTTP,
+    edge_config_in, http_from, lab_pki, sa, services, start_edge, start_relay, udp_from, within,
+    Table, DNS, HTTP,
 };
-use relay_protocol::Cidr;
 
 #[test]
 fn pods_on_routed_veths_without_addresses_are_captured() -> Result<()> {
@@ -67,12 +66,7 @@ fn pods_on_routed_veths_without_addresses_are_captured() -> Result<()> {
         KubeProxyMode::Iptables,
         &[to_edge.clone(), to_cloud.clone()],
     )?;
-    let mut cfg = relay_config_in(&lab, &pki)?;
-    cfg.nodes.clear();
-    cfg.kubernetes = Some(cluster.relay_settings());
-    let lan: Cidr = netns::CLOUD_LAN.parse()?;
-    cfg.tunnel_routes.retain(|c| *c != lan);
-    let relay = start_relay(&lab, cfg)?;
+    let relay = start_relay(&lab, cluster.relay_config_without_cloud_lan(&lab, &pki)?)?;
     let _edges = [
         start_edge(&lab, 1, edge_config_in(&lab, &pki, 1)?)?,
         start_edge(&lab, 2, edge_config_in(&lab, &pki, 2)?)?,

@@ -27,10 +27,8 @@ use relay_kube_standin::k8s_openapi::api::discovery::v1::{EndpointHints, ForZone
 use relay_lab::cluster::{edge_node, Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
-    edge_config_in, http_from, lab_pki, relay_config_in, sa, services, start_edge, start_relay,
-    within, Table, HTTP,
+    edge_config_in, http_from, lab_pki, sa, services, start_edge, start_relay, within, Table, HTTP,
 };
-use relay_protocol::Cidr;
 
 /// Connections per cell: with two endpoints picked in turn, the chance
 /// that none crosses to the wrong one by luck is 2^-12.
@@ -117,13 +115,10 @@ fn picks_follow_zone_hints_at_the_edge_and_on_the_relay_node() -> Result<()> {
         LabService::on_lab_ports("default", "web-near", vip, Proto::Tcp, &[(cpod2, "cloud2")]);
     lab.sync_services(KubeProxyMode::Iptables, &[cloud_view.kube_proxy()?])?;
 
-    let mut cfg = relay_config_in(&lab, &pki)?;
-    cfg.nodes.clear();
-    let mut kube = cluster.relay_settings();
-    kube.node_name = Some("relay".into());
-    cfg.kubernetes = Some(kube);
-    let lan: Cidr = netns::CLOUD_LAN.parse()?;
-    cfg.tunnel_routes.retain(|c| *c != lan);
+    let mut cfg = cluster.relay_config_without_cloud_lan(&lab, &pki)?;
+    if let Some(k) = cfg.kubernetes.as_mut() {
+        k.node_name = Some("relay".into());
+    }
     let _relay = start_relay(&lab, cfg)?;
     let _edges = [
         start_edge(&lab, 1, edge_config_in(&lab, &pki, 1)?)?,

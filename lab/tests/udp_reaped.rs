@@ -35,8 +35,8 @@ use anyhow::{ensure, Context, Result};
 use relay_lab::cluster::{Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
-    edge_config_in, lab_pki, launch, relay_config_in, sa, start_edge, start_relay, udp_client,
-    udp_from, within, Running, Table, UdpSample, DNS,
+    edge_config_in, lab_pki, launch, sa, start_edge, start_relay, udp_client, udp_from, within,
+    Running, Table, UdpSample, DNS,
 };
 use relay_transport::capture_config::DEFAULT_REDIRECT_ADDRESS;
 use tokio::net::UdpSocket;
@@ -160,10 +160,7 @@ fn a_captured_udp_flow_survives_kube_proxys_conntrack_cleanup() -> Result<()> {
             svc("in-cloud", IN_CLOUD, &[(netns::CPOD2_IP, "cloud2")]),
         ],
     )?;
-    let mut rcfg = relay_config_in(&lab, &pki)?;
-    rcfg.nodes.clear();
-    rcfg.kubernetes = Some(cluster.relay_settings());
-    let relay = start_relay(&lab, rcfg)?;
+    let relay = start_relay(&lab, cluster.relay_config_in(&lab, &pki)?)?;
     let _edge1 = start_edge(&lab, 1, edge_config_in(&lab, &pki, 1)?)?;
     let _edge2 = start_edge(&lab, 2, edge_config_in(&lab, &pki, 2)?)?;
     for (ns, vip) in [(Role::Cpod1, AT_EDGE), (Role::Epod1, IN_CLOUD)] {

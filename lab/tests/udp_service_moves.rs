@@ -28,8 +28,7 @@ use anyhow::{ensure, Context, Result};
 use relay_lab::cluster::{Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
-    edge_config_in, lab_pki, relay_config_in, services, start_edge, start_relay, udp_client, Table,
-    UdpSample, DNS,
+    edge_config_in, lab_pki, services, start_edge, start_relay, udp_client, Table, UdpSample, DNS,
 };
 
 /// `moving`: one endpoint, epod2 (on edge2), then cpod2 (in the cloud).
@@ -123,10 +122,7 @@ fn a_udp_flow_follows_its_service_endpoint() -> Result<()> {
             ),
         ],
     )?;
-    let mut rcfg = relay_config_in(&lab, &pki)?;
-    rcfg.nodes.clear();
-    rcfg.kubernetes = Some(cluster.relay_settings());
-    let relay = start_relay(&lab, rcfg)?;
+    let relay = start_relay(&lab, cluster.relay_config_in(&lab, &pki)?)?;
     let _edge1 = start_edge(&lab, 1, edge_config_in(&lab, &pki, 1)?)?;
     let _edge2 = start_edge(&lab, 2, edge_config_in(&lab, &pki, 2)?)?;
     // Capture holds both Services everywhere once the sessions got their
