@@ -267,6 +267,28 @@ pub enum IpamState {
     Listed,
 }
 
+impl IpamState {
+    /// Every state, for metrics that list each.
+    pub const ALL: [IpamState; 5] = [
+        IpamState::Unknown,
+        IpamState::Absent,
+        IpamState::Forbidden,
+        IpamState::Watching,
+        IpamState::Listed,
+    ];
+
+    /// Its name in metrics labels and `/readyz`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            IpamState::Unknown => "unknown",
+            IpamState::Absent => "absent",
+            IpamState::Forbidden => "forbidden",
+            IpamState::Watching => "watching",
+            IpamState::Listed => "listed",
+        }
+    }
+}
+
 #[derive(Default)]
 struct SourceView {
     state: Option<IpamState>,

@@ -160,6 +160,24 @@ async fn edges_without_pod_cidrs_serve_their_calico_blocks_and_cilium_ranges() -
     assert_eq!(routes_of(&relay, "edge-1").await?, Some(want1.clone()));
     assert_eq!(served(&e1), want1);
 
+    // The two blocks not taken are named where operators look: the
+    // session's admin row (and so the Node condition) and a gauge.
+    let admin = relay.admin_addr().context("admin listener")?;
+    let row = sessions(admin)
+        .await?
+        .into_iter()
+        .find(|s| s.node == "edge-0")
+        .context("edge-0's row")?;
+    assert_eq!(row.refused_ranges, cidrs(&["127.1.2.0/26", "127.9.1.0/26"]));
+    let (_, m) = relay_lab::admin_get(admin, "/metrics", None).await?;
+    for line in [
+        "relay_ipam_prefixes_refused 2",
+        "relay_ipam_source_state{resource=\"blockaffinities.crd.projectcalico.org\",state=\"listed\"} 1",
+        "relay_ipam_source_state{resource=\"ciliumnodes.cilium.io\",state=\"listed\"} 1",
+    ] {
+        assert!(m.lines().any(|l| l == line), "{line} in\n{m}");
+    }
+
     // The relay routes the block's addresses to edge-0.
     let connect = relay.connect_addr().context("connect listener")?;
     let s = connect_via(connect, &web.to_string()).await?;
@@ -214,6 +232,62 @@ async fn a_cluster_without_the_crds_works_as_before_and_is_asked_once() -> Resul
     assert_eq!(asked("list ciliumnodes"), [404]);
     assert!(asked("watch blockaffinities").is_empty());
     assert!(asked("watch ciliumnodes").is_empty());
+    e0.shutdown().await;
+    relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+/// Stand-in enforcing the manifests' RBAC without the BlockAffinity rule,
+/// not a real apiserver (see the module doc): the relay is ready (Nodes'
+/// pod CIDRs still route) and says in `/readyz` and `/metrics` that
+/// Calico's blocks cannot be read, so an operator whose edges' pods are
+/// unreachable on a Calico cluster sees why without reading logs.
+#[tokio::test]
+async fn an_unreadable_ipam_resource_shows_in_readyz_and_metrics() -> Result<()> {
+    use relay_kube_standin::cluster_role_rules;
+    relay_lab::init();
+    let standin = StandIn::spawn().await?;
+    let mut rules = cluster_role_rules(
+        include_str!("../../deploy/kubernetes/base/rbac.yaml"),
+        "edge-relay:relay-server",
+    )?;
+    let before = rules.len();
+    rules.retain(|r| !r.resources.iter().any(|x| x == "blockaffinities"));
+    ensure!(rules.len() + 1 == before, "one rule names blockaffinities");
+    standin.set_rbac(Some(rules));
+    standin.install_crd(Crd::CalicoBlockAffinities);
+    standin.upsert_node(node(0, &["127.1.0.0/24"]));
+    let pki = DevPki::generate(&["localhost"], &["edge-0"])?;
+    let relay = relay(&standin, &pki).await?;
+    let admin = relay.admin_addr().context("admin listener")?;
+    let body = eventually("ready", async || {
+        let (code, body) = relay_lab::admin_get(admin, "/readyz", None).await?;
+        Ok((code == 200).then_some(body))
+    })
+    .await?;
+    ensure!(
+        body.contains(
+            "CNI IPAM pod ranges not (yet) read: blockaffinities.crd.projectcalico.org forbidden"
+        ),
+        "readyz: {body}"
+    );
+    ensure!(!body.contains("ciliumnodes"), "absent is not news: {body}");
+    let (_, m) = relay_lab::admin_get(admin, "/metrics", None).await?;
+    for line in [
+        "relay_ipam_source_state{resource=\"blockaffinities.crd.projectcalico.org\",state=\"forbidden\"} 1",
+        "relay_ipam_source_state{resource=\"blockaffinities.crd.projectcalico.org\",state=\"listed\"} 0",
+        "relay_ipam_source_state{resource=\"ciliumnodes.cilium.io\",state=\"absent\"} 1",
+        "relay_kube_watch_errors_total{watch=\"ipam\"} 0",
+    ] {
+        ensure!(m.lines().any(|l| l == line), "{line} in\n{m}");
+    }
+    // The Node's own pod CIDR still routes.
+    let e0 = edge(&relay, &pki, "edge-0")?;
+    e0.wait_connected(BOUND).await.context("edge-0 connects")?;
+    assert_eq!(
+        routes_of(&relay, "edge-0").await?,
+        Some(cidrs(&["127.1.0.0/24", "127.0.0.2/32"]))
+    );
     e0.shutdown().await;
     relay.shutdown(Duration::from_secs(1)).await;
     Ok(())

@@ -63,6 +63,10 @@ pub struct SessionRow {
     /// `kubernetes.edge_address_ranges`): not routed to it.
     #[serde(default)]
     pub refused: Vec<Cidr>,
+    /// Pod ranges its CNI's IPAM gives the node that are not routed to it
+    /// (overlapping the cloud's, another node's or a reserved range).
+    #[serde(default)]
+    pub refused_ranges: Vec<Cidr>,
     /// Served prefixes the relay node does not capture (IPv6: capture is
     /// IPv4 only); reachable through CONNECT.
     pub not_captured: Vec<Cidr>,
@@ -122,6 +126,7 @@ impl SessionRow {
             primary_addr: s.primary_addr().map(|a| a.to_string()),
             ambiguous: crate::directory::ambiguous_of(shared.directory.as_ref(), &s.node),
             refused: crate::directory::refused_of(shared.directory.as_ref(), &s.node),
+            refused_ranges: crate::directory::refused_ranges_of(shared.directory.as_ref(), &s.node),
             agent: s.agent.clone(),
             fallbacks: s.fallbacks,
             open_streams: s.open_streams.load(Relaxed),
@@ -362,8 +367,32 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
         );
         (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
     } else {
-        format!("ready{}\n", cached(&shared)).into_response()
+        format!("ready{}{}\n", cached(&shared), ipam_note(&shared)).into_response()
     }
+}
+
+/// `; CNI IPAM …` naming the IPAM resources not yet listed or not
+/// readable, or nothing. Ready all the same: the relay routes what it
+/// knows (Nodes' pod CIDRs), and an apiserver hiccup on a CRD must not
+/// take every replica out of its Service; this says what is missing.
+fn ipam_note(shared: &Shared) -> String {
+    let Some(ipam) = shared.directory.ipam() else {
+        return String::new();
+    };
+    let pending: Vec<String> = ipam
+        .sources
+        .iter()
+        .filter(|(_, s)| !matches!(*s, "absent" | "listed"))
+        .map(|(r, s)| format!("{r} {s}"))
+        .collect();
+    if pending.is_empty() {
+        return String::new();
+    }
+    format!(
+        "; CNI IPAM pod ranges not (yet) read: {}{}",
+        pending.join(", "),
+        why(ipam.last_error)
+    )
 }
 
 /// `; nodes from the cache written … ago (…)` while the directory serves

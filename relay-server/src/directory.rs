@@ -40,6 +40,11 @@ pub struct NodeEntry {
     /// `k8s/node_addresses.rs`): an edge advertising one is not refused
     /// for it, it is left out, as an ambiguous one is.
     pub refused: Vec<Cidr>,
+    /// Pod ranges its CNI's IPAM gives the node that the relay does not
+    /// take as its own (Kubernetes: overlapping a cloud range, another
+    /// node's, or a reserved one; see `k8s/ipam_prefixes.rs`): its pods
+    /// there are not routed to it.
+    pub refused_ranges: Vec<Cidr>,
     /// The address `CONNECT <node>:<port>` dials: the first InternalIP,
     /// else the first ExternalIP (Kubernetes); none in static mode (the
     /// edge names its own).
@@ -114,6 +119,11 @@ pub trait Directory: Send + Sync + 'static {
     fn refused_addresses(&self) -> usize {
         0
     }
+    /// Where the CNIs' IPAM resources stand (Kubernetes mode), for
+    /// `/metrics` and `/readyz`; none in static mode.
+    fn ipam(&self) -> Option<IpamReport> {
+        None
+    }
     /// Who claims `ip` (asked for a target no live session serves).
     fn claim(&self, ip: IpAddr) -> Claim;
     /// Node → the communities its labels put it in (Kubernetes mode:
@@ -129,6 +139,25 @@ pub trait Directory: Send + Sync + 'static {
     fn cloud_prefixes(&self) -> Vec<Cidr> {
         Vec::new()
     }
+}
+
+/// Where the pod ranges read from CNIs' IPAM resources (Calico's
+/// BlockAffinities, Cilium's CiliumNodes) stand.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IpamReport {
+    /// Each resource (`plural.group`) and its state (`unknown`, `absent`,
+    /// `forbidden`, `watching`, `listed`).
+    pub sources: Vec<(String, &'static str)>,
+    /// Failed watch requests since start (each retried with backoff; the
+    /// last complete list stays in use).
+    pub watch_errors: u64,
+    /// The last of them.
+    pub last_error: Option<String>,
+    /// Entries skipped as unusable since start (a CIDR that does not
+    /// parse, say).
+    pub skipped_entries: u64,
+    /// Edge nodes' prefixes not taken as theirs now.
+    pub refused_prefixes: usize,
 }
 
 /// The host prefixes `node` shares with another node (empty for an
@@ -156,6 +185,15 @@ pub fn cache_too_old(since: Option<std::time::SystemTime>) -> bool {
 pub fn refused_of(dir: &dyn Directory, node: &str) -> Vec<Cidr> {
     match dir.lookup(node) {
         Lookup::Known(e) => e.refused.clone(),
+        _ => Vec::new(),
+    }
+}
+
+/// The pod ranges of `node` its CNI gives it that are not routed to it
+/// (see [`NodeEntry::refused_ranges`]); none for an unknown node.
+pub fn refused_ranges_of(dir: &dyn Directory, node: &str) -> Vec<Cidr> {
+    match dir.lookup(node) {
+        Lookup::Known(e) => e.refused_ranges.clone(),
         _ => Vec::new(),
     }
 }
@@ -189,6 +227,8 @@ pub struct NodeSource {
     pub addresses: Vec<IpAddr>,
     /// Its other addresses, which it may not (see [`NodeEntry::refused`]).
     pub refused: Vec<IpAddr>,
+    /// See [`NodeEntry::refused_ranges`].
+    pub refused_ranges: Vec<Cidr>,
     /// Preferred address for CONNECT by name.
     pub primary: Option<IpAddr>,
     /// The `Hostname`, `InternalDNS` and `ExternalDNS` addresses.
@@ -237,6 +277,7 @@ pub fn build_entries(nodes: &BTreeMap<String, NodeSource>) -> HashMap<String, Ar
                 allowed,
                 ambiguous,
                 refused: s.refused.iter().map(|a| Cidr::host(*a)).collect(),
+                refused_ranges: s.refused_ranges.clone(),
                 primary: s.primary,
                 hostnames: s.hostnames.clone(),
                 cloud: s.cloud,

@@ -388,6 +388,7 @@ mod tests {
             ],
             ambiguous: vec![c("192.168.1.10/32")],
             refused: Vec::new(),
+            refused_ranges: Vec::new(),
             primary: Some("192.168.1.10".parse().unwrap()),
             hostnames: Vec::new(),
             cloud: false,

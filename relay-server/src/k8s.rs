@@ -18,8 +18,9 @@ use std::future::Future;
 use std::pin::Pin;
 
 use relay_kube::{
-    ClientOptions, DirectoryOptions, IpamDirectory, IpamOptions, KubeClientConfig, NodeClaims,
-    NodeDirectory, PodReader, SessionEvents, StatusWriter, TokenReviewError, TokenReviewer,
+    ClientOptions, DirectoryOptions, IpamDirectory, IpamKind, IpamOptions, KubeClientConfig,
+    NodeClaims, NodeDirectory, PodReader, SessionEvents, StatusWriter, TokenReviewError,
+    TokenReviewer,
 };
 use relay_protocol::Cidr;
 use relay_protocol::RejectReason;
@@ -30,7 +31,8 @@ use tracing::{info, warn};
 use crate::bootstrap::{Refusal, TokenAuthority, TokenIdentity};
 use crate::config::{KubeSettings, RelayConfig};
 use crate::directory::{
-    ambiguity, build_entries, Claim, ClaimIndex, Directory, Lookup, NodeEntry, NodeSource,
+    ambiguity, build_entries, Claim, ClaimIndex, Directory, IpamReport, Lookup, NodeEntry,
+    NodeSource,
 };
 use crate::status::StatusSink;
 
@@ -373,6 +375,7 @@ fn source(c: &NodeClaims, addresses: &[IpAddr], cloud_ranges: &[Cidr]) -> NodeSo
         hostnames: c.hostname.iter().chain(&c.dns_names).cloned().collect(),
         cloud: is_cloud(c, cloud_ranges),
         zone: c.zone.clone(),
+        refused_ranges: Vec::new(),
     }
 }
 
@@ -503,6 +506,14 @@ impl KubeDirectory {
         // its address). Vetting keeps each Node cloud or edge as it was.
         let (claims, refused_prefixes) =
             ipam_prefixes::vet(claims, cloud, &self.cloud_ranges, &self.edge_ranges);
+        let mut refused_ranges: BTreeMap<&str, Vec<Cidr>> = BTreeMap::new();
+        for r in &refused_prefixes {
+            refused_ranges.entry(&r.node).or_default().push(r.prefix);
+        }
+        let refused_ranges: BTreeMap<String, Vec<Cidr>> = refused_ranges
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v))
+            .collect();
         self.report_prefixes(refused_prefixes);
         let claims = &claims;
         let (addresses, refused) =
@@ -512,7 +523,9 @@ impl KubeDirectory {
             .iter()
             .map(|(n, c)| {
                 let mine = addresses.get(n).map(Vec::as_slice).unwrap_or_default();
-                (n.clone(), source(c, mine, &self.cloud_ranges))
+                let mut s = source(c, mine, &self.cloud_ranges);
+                s.refused_ranges = refused_ranges.get(n).cloned().unwrap_or_default();
+                (n.clone(), s)
             })
             .collect();
         let communities: HashMap<String, BTreeSet<String>> = claims
@@ -609,6 +622,23 @@ impl Directory for KubeDirectory {
 
     fn refused_addresses(&self) -> usize {
         self.refused.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn ipam(&self) -> Option<IpamReport> {
+        Some(IpamReport {
+            sources: IpamKind::ALL
+                .iter()
+                .map(|k| (k.resource_name(), self.ipam.state(*k).as_str()))
+                .collect(),
+            watch_errors: self.ipam.watch_errors(),
+            last_error: self.ipam.last_error(),
+            skipped_entries: self.ipam.skipped_entries(),
+            refused_prefixes: self
+                .refused_prefixes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .len(),
+        })
     }
 
     fn lookup(&self, node: &str) -> Lookup {

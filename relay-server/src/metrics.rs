@@ -333,15 +333,34 @@ pub fn render_status(stats: crate::status::StatusStats) -> String {
 /// Renders the Kubernetes watches' errors (zero in static mode): during an
 /// apiserver outage the relay serves its last known Nodes and Services and
 /// stays ready, and this is where the outage shows. Also the edge Node
-/// addresses not taken as the edges' (each logged once when refused).
+/// addresses not taken as the edges' (each logged once when refused), and
+/// where the CNIs' IPAM resources stand: on a Calico or Cilium cluster
+/// whose Nodes carry no pod CIDR they are where edges' pod ranges come
+/// from, so an unreadable one leaves those pods unrouted.
 pub fn render_watches(shared: &crate::server::Shared) -> String {
-    format!(
-        "# HELP relay_kube_watch_errors_total Failed list or watch requests, by watch (each retried with backoff; the last known objects stay in use).\n# TYPE relay_kube_watch_errors_total counter\nrelay_kube_watch_errors_total{{watch=\"nodes\"}} {}\nrelay_kube_watch_errors_total{{watch=\"services\"}} {}\n\
-         # HELP relay_node_addresses_refused Node addresses not taken as their node's (loopback or link-local on any Node; on an edge the cloud's, another node's pod address, outside kubernetes.edge_address_ranges; the log names each).\n# TYPE relay_node_addresses_refused gauge\nrelay_node_addresses_refused {}\n",
+    let ipam = shared.directory.ipam().unwrap_or_default();
+    let mut out = format!(
+        "# HELP relay_kube_watch_errors_total Failed list or watch requests, by watch (each retried with backoff; the last known objects stay in use).\n# TYPE relay_kube_watch_errors_total counter\nrelay_kube_watch_errors_total{{watch=\"nodes\"}} {}\nrelay_kube_watch_errors_total{{watch=\"services\"}} {}\nrelay_kube_watch_errors_total{{watch=\"ipam\"}} {}\n\
+         # HELP relay_node_addresses_refused Node addresses not taken as their node's (loopback or link-local on any Node; on an edge the cloud's, another node's pod address, outside kubernetes.edge_address_ranges; the log names each).\n# TYPE relay_node_addresses_refused gauge\nrelay_node_addresses_refused {}\n\
+         # HELP relay_ipam_prefixes_refused Edge nodes' pod ranges from CNI IPAM (Calico blocks, Cilium ranges) not taken as theirs (overlapping the cloud's, another node's or a reserved range, or outside kubernetes.edge_address_ranges; the log and the Node condition name each).\n# TYPE relay_ipam_prefixes_refused gauge\nrelay_ipam_prefixes_refused {}\n\
+         # HELP relay_ipam_entries_skipped_total CNI IPAM entries skipped as unusable (a CIDR that does not parse; each logged).\n# TYPE relay_ipam_entries_skipped_total counter\nrelay_ipam_entries_skipped_total {}\n\
+         # HELP relay_ipam_source_state Where each CNI IPAM resource stands (1 for its current state): unknown (no answer yet), absent (not installed), forbidden (403: RBAC), watching (waiting for the first list), listed. Kubernetes mode only.\n# TYPE relay_ipam_source_state gauge\n",
         shared.directory.watch_errors(),
         shared.services.watch_errors(),
+        ipam.watch_errors,
         shared.directory.refused_addresses(),
-    )
+        ipam.refused_prefixes,
+        ipam.skipped_entries,
+    );
+    for (resource, now) in &ipam.sources {
+        for state in relay_kube::IpamState::ALL.map(relay_kube::IpamState::as_str) {
+            out.push_str(&format!(
+                "relay_ipam_source_state{{resource=\"{resource}\",state=\"{state}\"}} {}\n",
+                u8::from(state == *now)
+            ));
+        }
+    }
+    out
 }
 
 /// Renders the process-level gauges a soak compares with its baseline:

@@ -363,6 +363,10 @@ pub(crate) async fn run_session(
             remote: handle.conn.remote_addr(),
             ambiguous: crate::directory::ambiguous_of(shared.directory.as_ref(), &handle.node),
             refused: crate::directory::refused_of(shared.directory.as_ref(), &handle.node),
+            refused_ranges: crate::directory::refused_ranges_of(
+                shared.directory.as_ref(),
+                &handle.node,
+            ),
             not_captured: crate::status::not_captured(&routes, shared.cfg.capture.is_some()),
         },
     );

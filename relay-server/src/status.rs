@@ -28,6 +28,9 @@ pub struct SessionInfo {
     /// Host addresses its Node lists that are not its own to serve (not
     /// routed; see `k8s/node_addresses.rs`).
     pub refused: Vec<Cidr>,
+    /// Pod ranges its CNI gives the node that are not routed to it (see
+    /// `k8s/ipam_prefixes.rs`).
+    pub refused_ranges: Vec<Cidr>,
     /// Served prefixes the relay node does not capture (IPv6: capture is
     /// IPv4 only); reachable through CONNECT.
     pub not_captured: Vec<Cidr>,
@@ -67,6 +70,17 @@ impl SessionInfo {
             let list: Vec<String> = self.refused.iter().map(ToString::to_string).collect();
             m.push_str(&format!(
                 "; host addresses the Node lists but may not serve (loopback or link-local, the cloud's, another node's, or outside kubernetes.edge_address_ranges) are not routed to it (reach this node by name): {}",
+                list.join(", ")
+            ));
+        }
+        if !self.refused_ranges.is_empty() {
+            let list: Vec<String> = self
+                .refused_ranges
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            m.push_str(&format!(
+                "; pod ranges its CNI assigns it that overlap the cloud's, another node's or a reserved range, or lie outside kubernetes.edge_address_ranges, are not routed to it (its pods there are unreachable through the tunnel): {}",
                 list.join(", ")
             ));
         }
@@ -240,6 +254,7 @@ mod tests {
             remote: "203.0.113.7:4433".parse().unwrap(),
             ambiguous: vec![],
             refused: vec![],
+            refused_ranges: vec![],
             not_captured: vec![],
         };
         assert_eq!(
@@ -254,5 +269,9 @@ mod tests {
         assert!(i
             .message()
             .ends_with("not routed to it (reach this node by name): 10.96.0.1/32"));
+        i.refused_ranges = vec!["10.96.0.0/26".parse().unwrap()];
+        assert!(i
+            .message()
+            .ends_with("unreachable through the tunnel): 10.96.0.0/26"));
     }
 }
