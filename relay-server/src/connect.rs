@@ -112,6 +112,12 @@ async fn serve_tcp_client(
                     let client = tls_identity(s.get_ref().1.peer_certificates());
                     handle(s, peer, Audit::new(client, peer), &shared).await
                 }
+                Ok(Err(e)) if relay_transport::tcp::closed_early(&e) => {
+                    // A load balancer's health check, or a scanner.
+                    debug!(%peer, error = %e, "CONNECT closed before TLS completed");
+                    let mut audit = Audit::new(Client::Addr(peer), peer);
+                    audit.outcome = "closed_before_tls";
+                }
                 Ok(Err(e)) => {
                     info!(%peer, error = %e, "CONNECT TLS handshake failed");
                     let mut audit = Audit::new(Client::Addr(peer), peer);

@@ -11,7 +11,7 @@ use relay_protocol::{RejectReason, StreamStatus};
 use crate::policy::{DenyReason, Origin};
 
 /// Handshake failure reasons beyond the protocol's typed rejections.
-pub const HANDSHAKE_LOCAL_REASONS: [&str; 3] = ["tls", "timeout", "protocol"];
+pub const HANDSHAKE_LOCAL_REASONS: [&str; 4] = ["tls", "timeout", "protocol", "closed"];
 
 const REJECT_REASONS: [RejectReason; 8] = [
     RejectReason::UnsupportedVersion,
@@ -32,7 +32,7 @@ pub struct Metrics {
     /// Sessions accepted, by transport (see [`TRANSPORTS`]).
     accepted_by_transport: [AtomicU64; 2],
     rejects: [AtomicU64; 8],
-    local_failures: [AtomicU64; 3],
+    local_failures: [AtomicU64; HANDSHAKE_LOCAL_REASONS.len()],
     /// Streams currently open (all ingress paths).
     pub streams_open: AtomicU64,
     stream_outcomes: [AtomicU64; 7],

@@ -12,7 +12,10 @@ mod dial;
 mod mux;
 mod socket;
 
-pub use dial::{accept, connect, connect_detailed, connect_with, ConnectError, TcpDial};
+pub use dial::{
+    accept, closed_early, connect, connect_detailed, connect_with, AcceptError, ConnectError,
+    TcpDial,
+};
 pub use mux::{
     TcpRecv, TcpSend, TcpStreamHalf, YamuxConn, DATAGRAM_STREAM_MARK, MAX_TCP_DATAGRAM,
     SESSION_RECEIVE_LIMIT,

@@ -177,9 +177,14 @@ pub(super) async fn accept_tcp(
             let limit = shared.cfg.limits.handshake_timeout;
             match relay_transport::tcp::accept(&acceptor, sock, remote, limit).await {
                 Ok(conn) => serve_edge(conn, shared, permit).await,
+                Err(e) if e.closed_early => {
+                    // A load balancer's health check, or a scanner.
+                    shared.metrics.handshake_failed("closed");
+                    debug!(%remote, error = %e.lost, "TLS/TCP connection closed before TLS completed");
+                }
                 Err(e) => {
                     shared.metrics.handshake_failed("tls");
-                    info!(%remote, error = %e.0, "TLS/TCP handshake failed");
+                    info!(%remote, error = %e.lost, "TLS/TCP handshake failed");
                 }
             }
         });

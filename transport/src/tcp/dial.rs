@@ -164,6 +164,27 @@ pub async fn connect_detailed(
         })
 }
 
+/// Why [`accept`] failed.
+#[derive(Debug)]
+pub struct AcceptError {
+    /// What went wrong.
+    pub lost: ConnLost,
+    /// Whether the peer closed (or reset) the connection before TLS
+    /// completed, as a load balancer's TCP health check does every few
+    /// seconds: not worth a log line at info each time.
+    pub closed_early: bool,
+}
+
+/// Whether a TLS accept failing with `e` means the peer went away rather
+/// than spoke wrongly (see [`AcceptError::closed_early`]).
+pub fn closed_early(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::UnexpectedEof | K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe
+    )
+}
+
 /// Completes a relay-side TLS+TCP accept and starts yamux; bounded by
 /// `timeout`.
 pub async fn accept(
@@ -171,13 +192,16 @@ pub async fn accept(
     tcp: tokio::net::TcpStream,
     remote: SocketAddr,
     timeout: Duration,
-) -> Result<crate::TunnelConn, ConnLost> {
+) -> Result<crate::TunnelConn, AcceptError> {
     tune_socket(&tcp);
+    let failed = |lost, closed_early| AcceptError { lost, closed_early };
     let setup = async {
-        let tls = acceptor
-            .accept(tcp)
-            .await
-            .map_err(|e| ConnLost(format!("tls from {remote}: {e}")))?;
+        let tls = acceptor.accept(tcp).await.map_err(|e| {
+            failed(
+                ConnLost(format!("tls from {remote}: {e}")),
+                closed_early(&e),
+            )
+        })?;
         let certs: Vec<CertificateDer<'static>> = tls
             .get_ref()
             .1
@@ -185,13 +209,18 @@ pub async fn accept(
             .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
             .unwrap_or_default();
         let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-        let conn = YamuxConn::start(tls, false, remote, (certs, alpn), timeout).await?;
+        let conn = YamuxConn::start(tls, false, remote, (certs, alpn), timeout)
+            .await
+            .map_err(|lost| failed(lost, false))?;
         Ok(crate::TunnelConn::Tcp(conn))
     };
     tokio::time::timeout(timeout, setup).await.map_err(|_| {
-        ConnLost(format!(
-            "tcp+tls from {remote}: no session within {timeout:?}"
-        ))
+        failed(
+            ConnLost(format!(
+                "tcp+tls from {remote}: no session within {timeout:?}"
+            )),
+            false,
+        )
     })?
 }
 
@@ -236,5 +265,62 @@ mod tests {
         assert!(!e.reached, "{}", e.lost.0);
         let e = dial(live).await.unwrap_err();
         assert!(e.reached, "{}", e.lost.0);
+    }
+
+    /// A peer that connects and closes (or resets) without a byte of TLS,
+    /// as a load balancer's TCP health check does, is told apart from one
+    /// that speaks something other than TLS.
+    #[tokio::test]
+    async fn an_accept_says_whether_the_peer_just_went_away() {
+        use tokio::io::AsyncWriteExt;
+        crate::tls::install_default_provider();
+        let pki = crate::devcerts::DevPki::generate(&["relay.test"], &["edge-a"]).unwrap();
+        let server = pki
+            .relay_material()
+            .unwrap()
+            .server_config(relay_protocol::ALPN)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap();
+        let peers = [
+            ("closed", None, true),
+            ("reset", Some(&b""[..]), true),
+            (
+                "http",
+                Some(&b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"[..]),
+                false,
+            ),
+        ];
+        for (what, send, early) in peers {
+            let client = tokio::spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(at).await.unwrap();
+                match send {
+                    None => drop(s),
+                    Some(b"") => {
+                        // SO_LINGER 0: close with a RST.
+                        socket2::SockRef::from(&s)
+                            .set_linger(Some(Duration::ZERO))
+                            .unwrap();
+                        drop(s);
+                    }
+                    Some(bytes) => {
+                        s.write_all(bytes).await.unwrap();
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            tokio::io::AsyncReadExt::read(&mut s, &mut [0u8; 64]),
+                        )
+                        .await;
+                    }
+                }
+            });
+            let (sock, remote) = l.accept().await.unwrap();
+            let e = match accept(&acceptor, sock, remote, Duration::from_secs(5)).await {
+                Ok(_) => panic!("{what}: accepted"),
+                Err(e) => e,
+            };
+            client.await.unwrap();
+            assert_eq!(e.closed_early, early, "{what}: {}", e.lost.0);
+        }
     }
 }
