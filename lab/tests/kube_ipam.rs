@@ -188,13 +188,35 @@ async fn edges_without_pod_cidrs_serve_their_calico_blocks_and_cilium_ranges() -
         "CONNECT {web}"
     );
 
-    // The pending block is confirmed: served without a reconnect.
+    // The Node condition names them too.
+    let message = || {
+        relay_lab::cluster::condition_of(&standin, "edge-0")
+            .map(|(_, _, m)| m)
+            .unwrap_or_default()
+    };
+    eventually("the condition names the refused blocks", async || {
+        Ok(message()
+            .ends_with("through the tunnel): 127.1.2.0/26, 127.9.1.0/26")
+            .then_some(()))
+    })
+    .await?;
+
+    // The pending block is confirmed, another block is refused: the first
+    // served, the second named in the condition, without a reconnect.
     ba("edge-0", "127.1.0.64/26", "confirmed");
+    ba("edge-0", "127.9.2.0/26", "confirmed");
     let want0 = cidrs(&["127.1.0.0/26", "127.1.0.64/26", "127.0.0.2/32"]);
     eventually("the confirmed block served", async || {
         Ok((served(&e0) == want0).then_some(()))
     })
     .await?;
+    eventually("the condition follows the directory", async || {
+        Ok(message()
+            .ends_with("through the tunnel): 127.1.2.0/26, 127.9.1.0/26, 127.9.2.0/26")
+            .then_some(()))
+    })
+    .await
+    .with_context(message)?;
     assert_eq!(e0.wait_connected(BOUND).await.map(|c| c.1), Some(g0));
     for e in [e0, e1] {
         e.shutdown().await;

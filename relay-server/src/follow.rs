@@ -61,13 +61,19 @@ pub(crate) fn apply(shared: &Shared) {
         };
         let relay_decides = s.has(capability::SERVED_ROUTES);
         match decide_claim(&entry, &s.advertised, s.advertised_primary, relay_decides) {
-            Ok(claim) => match s.serve(shared, &claim) {
-                Ok(true) => {
-                    info!(node = %s.node, routes = ?claim.served, "routes follow the directory")
+            Ok(claim) => {
+                match s.serve(shared, &claim) {
+                    Ok(true) => {
+                        info!(node = %s.node, routes = ?claim.served, "routes follow the directory")
+                    }
+                    Ok(false) => {}
+                    Err(msg) => {
+                        warn!(node = %s.node, %msg, "new routes refused; keeping the old ones")
+                    }
                 }
-                Ok(false) => {}
-                Err(msg) => warn!(node = %s.node, %msg, "new routes refused; keeping the old ones"),
-            },
+                // What the Node condition says follows too.
+                s.report_status(shared);
+            }
             Err((reason, msg)) => {
                 info!(node = %s.node, reason = reason.as_str(), %msg, "node may no longer serve what it advertised; closing its session");
                 s.kick(close_code::KICKED, "advertised routes no longer allowed");

@@ -469,6 +469,11 @@ impl crate::status::StatusSink for DesignatedStatus {
             self.inner.up(node, info);
         }
     }
+    fn changed(&self, node: &str, info: &crate::status::SessionInfo) {
+        if self.writes(node) {
+            self.inner.changed(node, info);
+        }
+    }
     fn down(&self, node: &str, why: &str) {
         if self.writes(node) {
             self.inner.down(node, why);

@@ -75,6 +75,10 @@ pub struct SessionHandle {
     cancel: CancellationToken,
     /// The first reason [`SessionHandle::kick`] was given.
     kicked: std::sync::OnceLock<String>,
+    /// A digest of the status message last reported for the session (see
+    /// [`SessionHandle::report_status`]); a digest, not the text, to keep
+    /// idle sessions small.
+    reported: AtomicU64,
     /// Boxed: a channel allocates its first block of 32 slots up front,
     /// which for an unboxed `Control` is 2.3 KiB per idle session.
     control_tx: mpsc::Sender<Box<Control>>,
@@ -132,9 +136,45 @@ impl SessionHandle {
             draining: AtomicBool::new(false),
             cancel: shared.shutdown.child_token(),
             kicked: std::sync::OnceLock::new(),
+            reported: AtomicU64::new(0),
             control_tx,
         });
         (handle, control_rx)
+    }
+
+    /// The session as its Node condition describes it now.
+    pub(crate) fn status_info(&self, shared: &Shared) -> crate::status::SessionInfo {
+        let routes = shared.registry.routes_of(&self.node);
+        let dir = shared.directory.as_ref();
+        crate::status::SessionInfo {
+            transport: self.conn.kind().as_str(),
+            relay_id: shared.cfg.relay_id.clone(),
+            since: self.connected_at,
+            remote: self.conn.remote_addr(),
+            ambiguous: crate::directory::ambiguous_of(dir, &self.node),
+            refused: crate::directory::refused_of(dir, &self.node),
+            refused_ranges: crate::directory::refused_ranges_of(dir, &self.node),
+            not_captured: crate::status::not_captured(&routes, shared.cfg.capture.is_some()),
+        }
+    }
+
+    /// Reports the session to the status sink: as `up` the first time,
+    /// later only when its description changed (the directory refused an
+    /// address or a CNI range after the session came up, say), as
+    /// `changed`, so the Node condition follows without an Event per
+    /// directory change.
+    pub(crate) fn report_status(&self, shared: &Shared) {
+        use std::hash::{Hash, Hasher};
+        let info = self.status_info(shared);
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        info.message().hash(&mut h);
+        // Never 0, which stands for "not reported yet".
+        let digest = h.finish().max(1);
+        match self.reported.swap(digest, Relaxed) {
+            0 => shared.status.up(&self.node, &info),
+            d if d != digest => shared.status.changed(&self.node, &info),
+            _ => {}
+        }
     }
 
     /// The node's own address for `CONNECT <node>:<port>`.
@@ -354,22 +394,7 @@ pub(crate) async fn run_session(
 ) {
     let routes = shared.registry.routes_of(&handle.node);
     info!(remote = %handle.conn.remote_addr(), ?routes, "session up");
-    shared.status.up(
-        &handle.node,
-        &crate::status::SessionInfo {
-            transport: handle.conn.kind().as_str(),
-            relay_id: shared.cfg.relay_id.clone(),
-            since: handle.connected_at,
-            remote: handle.conn.remote_addr(),
-            ambiguous: crate::directory::ambiguous_of(shared.directory.as_ref(), &handle.node),
-            refused: crate::directory::refused_of(shared.directory.as_ref(), &handle.node),
-            refused_ranges: crate::directory::refused_ranges_of(
-                shared.directory.as_ref(),
-                &handle.node,
-            ),
-            not_captured: crate::status::not_captured(&routes, shared.cfg.capture.is_some()),
-        },
-    );
+    handle.report_status(&shared);
     // Ends by itself when the connection closes.
     tokio::spawn(relay_transport::udp::pump_datagrams(
         handle.conn.clone(),

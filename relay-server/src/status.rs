@@ -99,6 +99,12 @@ impl SessionInfo {
 pub trait StatusSink: Send + Sync + 'static {
     /// A session of `node` is up.
     fn up(&self, node: &str, info: &SessionInfo);
+    /// A live session of `node` is now described otherwise (the directory
+    /// changed what is routed to it): its condition's message follows;
+    /// no Event.
+    fn changed(&self, node: &str, info: &SessionInfo) {
+        let _ = (node, info);
+    }
     /// The session of `node` ended and no newer one replaced it.
     fn down(&self, node: &str, why: &str);
     /// A handshake claiming to be `node` was refused.

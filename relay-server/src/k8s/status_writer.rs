@@ -298,6 +298,17 @@ impl StatusSink for KubeStatus {
         self.event(node, SessionEvent::Up { note });
     }
 
+    fn changed(&self, node: &str, info: &SessionInfo) {
+        self.condition(
+            node,
+            TunnelCondition {
+                ready: true,
+                reason: "SessionUp".into(),
+                message: info.message(),
+            },
+        );
+    }
+
     fn down(&self, node: &str, why: &str) {
         self.condition(
             node,
