@@ -282,14 +282,7 @@ async fn write_conditions(
 
 impl StatusSink for KubeStatus {
     fn up(&self, node: &str, info: &SessionInfo) {
-        self.condition(
-            node,
-            TunnelCondition {
-                ready: true,
-                reason: "SessionUp".into(),
-                message: info.message(),
-            },
-        );
+        self.changed(node, info);
         // Stable notes, so the recorder folds repeats into a series.
         let note = format!(
             "tunnel up over {} via relay {}",
