@@ -161,14 +161,24 @@ pub(crate) async fn run(
     let mut lans = tokio::time::interval(LAN_RECHECK);
     lans.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticked = false;
+    let mut repair_error: Option<String> = None;
     loop {
         // On the tick, also whether something else on the node removed
         // capture (see `Capture::repair`); the calls below refill it.
         if std::mem::take(&mut ticked) {
-            if let Err(e) = cap.repair().await {
-                warn!(error = %e, "installing capture again failed; will retry");
+            match cap.repair().await {
+                // Said once per distinct error, not every 10 s.
+                Err(e) if repair_error.as_deref() != Some(e.to_string().as_str()) => {
+                    warn!(error = %e, "installing capture again failed; will retry");
+                    repair_error = Some(e.to_string());
+                }
+                Err(_) => {}
+                Ok(_) => repair_error = None,
             }
         }
+        stats
+            .capture_installed
+            .store(u64::from(cap.is_installed()), Relaxed);
         let now_table = table.borrow_and_update().clone();
         let sets = crate::services::capture_sets(&now_table, cfg.kube_proxy);
         if let Err(e) = cap.apply_services(&sets.want, &sets.local).await {

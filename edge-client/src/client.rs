@@ -161,6 +161,9 @@ pub struct EdgeStats {
     /// ([`Control::LanOverlaps`](relay_protocol::Control::LanOverlaps))
     /// for its admin API.
     pub lan_overlaps: watch::Sender<Vec<relay_protocol::Cidr>>,
+    /// 1 while capture is on the node, 0 while its install fails and is
+    /// retried (see [`relay_transport::capture::Capture::uninstalled`]).
+    pub capture_installed: AtomicU64,
 }
 
 impl Meter for EdgeStats {
@@ -262,7 +265,17 @@ impl EdgeClient {
                 source,
             }
         })?;
-        let cap = relay_transport::capture::Capture::install(ccfg).await?;
+        // A capture that cannot be installed (a kernel before 5.2 has no
+        // NAT chains in an `inet` table; nft missing) must not take the
+        // tunnel down with it: the cloud still reaches this node's pods
+        // and kubelet. It is retried every 10 s and shown in /metrics.
+        let cap = match relay_transport::capture::Capture::install(ccfg.clone()).await {
+            Ok(cap) => cap,
+            Err(e) => {
+                tracing::error!(error = %e, "installing capture failed: this node's pods do not reach the cloud through the tunnel until it succeeds (retried every 10 s; needs Linux 5.2 or later, nftables, CAP_NET_ADMIN); the tunnel runs meanwhile");
+                relay_transport::capture::Capture::uninstalled(ccfg)
+            }
+        };
         let saved = cfg
             .capture_state_file
             .as_deref()

@@ -238,6 +238,11 @@ pub(crate) fn render(up: bool, st: &EdgeStats) -> String {
     o += &st.udp.render_prometheus("edge");
     if let Some(b) = st.capture_bound.get() {
         o += &b.render_capture("edge");
+        let _ = writeln!(
+            o,
+            "# HELP edge_capture_installed 1 while capture is on the node; 0 while its install fails (retried every 10 s): pods do not reach the cloud through the tunnel meanwhile.\n# TYPE edge_capture_installed gauge\nedge_capture_installed {}",
+            st.capture_installed.load(Relaxed)
+        );
         render_lan_overlaps(&mut o, st);
     }
     o

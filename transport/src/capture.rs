@@ -238,12 +238,60 @@ pub struct Capture {
     node_ports: BTreeSet<(u16, Proto)>,
     /// `None` until [`Capture::apply_sources`]: every source.
     sources: Option<BTreeSet<Cidr>>,
+    /// Whether [`Capture::install`] put it on the node (false for
+    /// [`Capture::uninstalled`] until a [`Capture::repair`] succeeds).
+    on_node: bool,
 }
 
 impl Capture {
     /// Removes leftovers of a previous run, then installs the table, the
-    /// bypass rule and the local route, with no prefix captured yet.
+    /// bypass rule and the local route, with no prefix captured yet. A
+    /// failure removes what it had put in place (a table redirecting to
+    /// an address not on `lo` would drop what it caught).
     pub async fn install(cfg: CaptureConfig) -> Result<Capture, CaptureError> {
+        match Capture::install_once(cfg.clone()).await {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                remove_all(&cfg).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// A capture that is not on the node (its install failed: a kernel
+    /// without NAT chains in an `inet` table, before Linux 5.2, or nft
+    /// missing): the owner keeps running without it, and
+    /// [`Capture::repair`] installs it when it can. Its `apply*` calls
+    /// fail until then.
+    pub fn uninstalled(cfg: CaptureConfig) -> Capture {
+        Capture {
+            on_node: false,
+            ..Capture::empty(cfg)
+        }
+    }
+
+    /// Whether capture is on the node (see [`Capture::uninstalled`]).
+    pub fn is_installed(&self) -> bool {
+        self.on_node
+    }
+
+    fn empty(cfg: CaptureConfig) -> Capture {
+        Capture {
+            cfg,
+            installed: BTreeSet::new(),
+            skipped: BTreeSet::new(),
+            services: BTreeSet::new(),
+            local_services: BTreeSet::new(),
+            open_services: BTreeSet::new(),
+            ranged_services: RangedSet::new(),
+            ranged_support: None,
+            node_ports: BTreeSet::new(),
+            sources: None,
+            on_node: true,
+        }
+    }
+
+    async fn install_once(cfg: CaptureConfig) -> Result<Capture, CaptureError> {
         if cfg.own_mark & crate::capture_config::KUBE_PROXY_MARK_BITS != 0 {
             warn!(
                 mark = format_args!("{:#x}", cfg.own_mark),
@@ -336,18 +384,7 @@ impl Capture {
             &table,
         ];
         run("ip", &local, None).await?;
-        Ok(Capture {
-            cfg,
-            installed: BTreeSet::new(),
-            skipped: BTreeSet::new(),
-            services: BTreeSet::new(),
-            local_services: BTreeSet::new(),
-            open_services: BTreeSet::new(),
-            ranged_services: RangedSet::new(),
-            ranged_support: None,
-            node_ports: BTreeSet::new(),
-            sources: None,
-        })
+        Ok(Capture::empty(cfg))
     }
 
     /// The configuration in force.

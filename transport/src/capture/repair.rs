@@ -12,7 +12,7 @@
 //! kube-proxy checks its canary chains), which installs everything again
 //! when a piece is missing, and their next `apply*` calls refill it.
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::{output, Capture, CaptureError};
 
@@ -44,7 +44,14 @@ impl Capture {
     /// gone, forgetting what was applied, so that the caller's next
     /// `apply*` calls put every prefix, source and Service back. Returns
     /// whether it did.
+    /// A capture that never got on the node ([`Capture::uninstalled`]) is
+    /// tried again here.
     pub async fn repair(&mut self) -> Result<bool, CaptureError> {
+        if !self.is_installed() {
+            *self = Capture::install(self.cfg.clone()).await?;
+            info!("capture installed (its first install had failed)");
+            return Ok(true);
+        }
         let gone = self.missing().await;
         if gone.is_empty() {
             return Ok(false);
