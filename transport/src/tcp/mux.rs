@@ -43,7 +43,7 @@ use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, oneshot, watch, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, warn};
 
 use crate::conn::ConnLost;
@@ -103,7 +103,43 @@ const DATAGRAM_QUEUE: usize = 1024;
 pub struct TcpStreamHalf {
     // Dropped first: yamux learns of the drop before the slot is free.
     io: Compat<yamux::Stream>,
+    /// The connection's end, once for reads and once for writes (each
+    /// keeps the waker of the task polling it). When this side closes the
+    /// connection (a session superseded, kicked, or judged dead), yamux
+    /// 0.13 closes it gracefully without waking its streams, so a read
+    /// waiting for data or a write waiting for window would wait until
+    /// the stream's idle bound (an hour): instead, a stream with nothing
+    /// left to give fails with a reset once the connection has ended.
+    ended: [Pin<Box<WaitForCancellationFutureOwned>>; 2],
     _slot: OwnedSemaphorePermit,
+}
+
+impl TcpStreamHalf {
+    fn new(s: yamux::Stream, close: &CancellationToken, slot: OwnedSemaphorePermit) -> Self {
+        let end = || Box::pin(close.clone().cancelled_owned());
+        TcpStreamHalf {
+            io: s.compat(),
+            ended: [end(), end()],
+            _slot: slot,
+        }
+    }
+}
+
+/// `p`, unless it is pending and the connection has ended (`end`): then
+/// a reset. What yamux still holds for the stream (data received, an end
+/// of stream) comes first.
+fn unless_ended<T>(
+    end: &mut Pin<Box<WaitForCancellationFutureOwned>>,
+    cx: &mut Context<'_>,
+    p: Poll<std::io::Result<T>>,
+) -> Poll<std::io::Result<T>> {
+    match p {
+        Poll::Pending if end.as_mut().poll(cx).is_ready() => Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "tunnel connection closed",
+        ))),
+        p => p,
+    }
 }
 
 impl AsyncRead for TcpStreamHalf {
@@ -112,7 +148,9 @@ impl AsyncRead for TcpStreamHalf {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let this = &mut *self;
+        let p = Pin::new(&mut this.io).poll_read(cx, buf);
+        unless_ended(&mut this.ended[0], cx, p)
     }
 }
 
@@ -122,15 +160,21 @@ impl AsyncWrite for TcpStreamHalf {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let this = &mut *self;
+        let p = Pin::new(&mut this.io).poll_write(cx, buf);
+        unless_ended(&mut this.ended[1], cx, p)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let this = &mut *self;
+        let p = Pin::new(&mut this.io).poll_flush(cx);
+        unless_ended(&mut this.ended[1], cx, p)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        let this = &mut *self;
+        let p = Pin::new(&mut this.io).poll_shutdown(cx);
+        unless_ended(&mut this.ended[1], cx, p)
     }
 }
 
@@ -290,10 +334,7 @@ impl YamuxConn {
         let (tx, rx) = oneshot::channel();
         self.open.send(tx).await.map_err(|_| self.lost())?;
         let s = rx.await.map_err(|_| self.lost())?.map_err(ConnLost)?;
-        Ok(TcpStreamHalf {
-            io: s.compat(),
-            _slot: slot,
-        })
+        Ok(TcpStreamHalf::new(s, &self.close, slot))
     }
 
     async fn accept_raw(&self) -> Result<TcpStreamHalf, ConnLost> {
@@ -304,10 +345,7 @@ impl YamuxConn {
             .recv()
             .await
             .ok_or_else(|| self.lost())?;
-        Ok(TcpStreamHalf {
-            io: s.compat(),
-            _slot: slot,
-        })
+        Ok(TcpStreamHalf::new(s, &self.close, slot))
     }
 
     fn lost(&self) -> ConnLost {
@@ -577,6 +615,62 @@ mod tests {
 
     fn is_up(c: &YamuxConn) -> bool {
         c.closed().now_or_never().is_none()
+    }
+
+    /// This side closing the connection (a session superseded, kicked or
+    /// judged dead) ends its own streams with a reset: a read waiting for
+    /// data and a write waiting for the peer's window, on both ends. yamux
+    /// wakes neither on a local close; they waited for an hour.
+    #[tokio::test]
+    async fn a_local_close_resets_waiting_reads_and_writes() {
+        let (c, s) = pair(LIMITS, LIMITS).await;
+        let (mut cw, mut cr) = c.open_bi().await.unwrap();
+        cw.write_all(b"x").await.unwrap();
+        cw.flush().await.unwrap();
+        let (sw, mut sr) = s.accept_bi().await.unwrap();
+        let mut x = [0u8; 1];
+        sr.read_exact(&mut x).await.unwrap();
+        // A read waiting for data the peer never sends, and a write past
+        // the peer's 256 KiB window (it never reads again).
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            cr.read(&mut buf).await
+        });
+        let writer = tokio::spawn(async move {
+            let chunk = vec![7u8; 64 << 10];
+            loop {
+                cw.write_all(&chunk).await?;
+                cw.flush().await?;
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), std::io::Error>(())
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!reader.is_finished() && !writer.is_finished(), "both wait");
+        c.close_now("test: superseded");
+        let r = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("the waiting read ends")
+            .unwrap();
+        assert!(r.is_err() || r.as_ref().is_ok_and(|n| *n == 0), "{r:?}");
+        let w = tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the waiting write ends")
+            .unwrap();
+        assert!(w.is_err(), "{w:?}");
+        // The peer's stream ends too (its side learns from the close).
+        let mut buf = [0u8; 64];
+        let p = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match sr.read(&mut buf).await {
+                    Ok(n) if n > 0 => continue,
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("the peer's read ends");
+        drop((sw, p));
     }
 
     /// 5,000 streams opened at once (yamux refused the 4,097th and the
