@@ -1,6 +1,20 @@
-//! Route agent: runs on the *other* cloud nodes and keeps a route
-//! `<edge prefix> via <relay node address>` for every prefix the relay
-//! serves, adding and removing them as edge sessions come and go.
+//! Route agent: runs on the *other* cloud nodes and keeps a route to the
+//! relay node for every prefix the relay serves, adding and removing them
+//! as edge sessions come and go.
+//!
+//! Where the routes point ([`Toward`]): `<edge prefix> via <relay node
+//! address>` (`--via`), which needs a network that delivers a packet for
+//! an edge pod address to the relay node's MAC (a bridge, host-gw routing,
+//! BGP without encapsulation); or the way this node already reaches the
+//! relay node's *pods* (`--via-pod-network`), copied from the kernel each
+//! poll: with an overlay CNI (Flannel VXLAN, Calico IPIP or VXLAN) that is
+//! the CNI's tunnel device and the relay node's tunnel endpoint, so edge
+//! traffic is encapsulated node to node like pod traffic. Cloud fabrics
+//! (AWS's source/destination check, GCP's and Azure's routing by
+//! destination) drop a packet whose inner addresses are pod addresses on
+//! the node network, and the replies, which come back over the overlay,
+//! would fail a strict reverse-path check against a route out of the LAN
+//! interface; both need the second mode there.
 //!
 //! It reads `GET /v1/routes` from the relay's admin API (over HTTPS when
 //! given the CA of the admin API's certificate: the bearer token must not
@@ -8,7 +22,7 @@
 //! routes tagged with its own protocol number (`proto`, default 250), so it
 //! never touches a route it did not install. On exit it removes them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -30,7 +44,8 @@ pub struct AgentConfig {
     /// HTTPS to the admin API; `None`: plain HTTP (loopback, or explicitly
     /// allowed with `--allow-insecure-http`).
     pub tls: Option<AgentTls>,
-    /// The relay node's address on this node's network: the next hop.
+    /// The relay node's address on this node's network: the next hop of
+    /// [`run`] (`--via`). [`run_toward`] takes its target separately.
     pub via: IpAddr,
     /// How often to poll.
     pub interval: Duration,
@@ -137,64 +152,357 @@ async fn ip(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
     Ok(relay_transport::capture::command("ip", args, stdin).await?)
 }
 
-/// Our routes now on this host.
-async fn installed(proto: u8) -> anyhow::Result<BTreeSet<Cidr>> {
-    let out = ip(&["-4", "route", "show", "proto", &proto.to_string()], None).await?;
-    Ok(out
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter_map(|p| p.parse().ok())
-        .collect())
+/// Where the agent sends edge prefixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Toward {
+    /// `<prefix> via <addr>`, out of whichever interface reaches `addr`
+    /// (`--via`): the relay node's address on a network that delivers
+    /// any destination to its MAC.
+    Via(IpAddr),
+    /// The route this node has for `addr`, an address in the relay node's
+    /// pod range (`--via-pod-network`): same gateway, device and `onlink`
+    /// flag, looked up again every poll (`ip route get fibmatch`).
+    PodNetwork(IpAddr),
 }
 
-/// Makes this host's routes of protocol `proto` exactly `want` via `via`.
-async fn sync(want: &BTreeSet<Cidr>, via: IpAddr, proto: u8) -> anyhow::Result<(usize, usize)> {
-    let have = installed(proto).await?;
+/// A route's next hop: what the agent installs, or reads back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// Gateway (`via`); `None`: a device route.
+    pub via: Option<IpAddr>,
+    /// Output device (`dev`); `None`: the kernel picks it from `via`.
+    pub dev: Option<String>,
+    /// The gateway is reachable on `dev` without a connected route (as
+    /// overlay CNIs install their tunnel routes).
+    pub onlink: bool,
+}
+
+impl NextHop {
+    /// Reads the next hop from the words of an `ip route` line (the
+    /// prefix and anything unrelated are skipped).
+    pub fn parse(words: &[&str]) -> NextHop {
+        let mut hop = NextHop::default();
+        let mut i = 0;
+        while i < words.len() {
+            match words[i] {
+                "via" => {
+                    // `via inet6 fe80::1` for an IPv6 gateway of an IPv4
+                    // route (BGP unnumbered).
+                    let mut a = words.get(i + 1).copied();
+                    if matches!(a, Some("inet" | "inet6")) {
+                        i += 1;
+                        a = words.get(i + 1).copied();
+                    }
+                    hop.via = a.and_then(|a| a.parse().ok());
+                    i += 1;
+                }
+                "dev" => {
+                    hop.dev = words.get(i + 1).map(|d| d.to_string());
+                    i += 1;
+                }
+                "onlink" => hop.onlink = true,
+                _ => {}
+            }
+            i += 1;
+        }
+        hop
+    }
+
+    /// The next hop of the route `ip -4 route get fibmatch` printed: the
+    /// one this node uses toward the relay node's pods. Refuses what
+    /// would send edge traffic anywhere but to that node: the default
+    /// route (no route for the pod range here), a local or unreachable
+    /// type (an address of this node, a blackhole), multipath.
+    pub fn from_fibmatch(out: &str) -> anyhow::Result<NextHop> {
+        let line = out.lines().next().unwrap_or_default();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        anyhow::ensure!(!words.is_empty(), "no route");
+        anyhow::ensure!(
+            !out.lines()
+                .skip(1)
+                .any(|l| l.trim_start().starts_with("nexthop")),
+            "a multipath route ({line:?}): not supported"
+        );
+        match words[0] {
+            "default" | "0.0.0.0/0" => anyhow::bail!(
+                "only the default route ({line:?}): this node has no route to the relay node's \
+                 pod range; check the address given to --via-pod-network"
+            ),
+            "local" | "broadcast" | "anycast" | "multicast" => anyhow::bail!(
+                "an address of this node ({line:?}): the agent belongs on the other nodes"
+            ),
+            "unreachable" | "blackhole" | "prohibit" | "throw" | "nat" => {
+                anyhow::bail!("not a forwarding route ({line:?})")
+            }
+            _ => {}
+        }
+        let hop = NextHop::parse(&words[1..]);
+        anyhow::ensure!(hop.dev.is_some(), "no device in {line:?}");
+        Ok(hop)
+    }
+
+    /// `via X dev D onlink`, as `ip route replace` takes it.
+    fn args(&self) -> String {
+        let mut a = String::new();
+        match self.via {
+            Some(IpAddr::V6(v)) => {
+                let _ = write!(a, " via inet6 {v}");
+            }
+            Some(v) => {
+                let _ = write!(a, " via {v}");
+            }
+            None => {}
+        }
+        if let Some(d) = &self.dev {
+            let _ = write!(a, " dev {d}");
+        }
+        if self.onlink {
+            a += " onlink";
+        }
+        a
+    }
+
+    /// Whether an installed route's next hop `have` is what `self` asks
+    /// for; a device `self` leaves to the kernel is not compared.
+    fn satisfied_by(&self, have: &NextHop) -> bool {
+        self.via == have.via
+            && self.onlink == have.onlink
+            && (self.dev.is_none() || self.dev == have.dev)
+    }
+}
+
+/// The address probed for `--via-pod-network`'s prefix: its first host
+/// address (the network address itself may be an address of the CNI's
+/// own device, as Flannel's VTEPs are).
+pub fn pod_network_probe(c: Cidr) -> IpAddr {
+    match c.addr() {
+        IpAddr::V4(a) if c.prefix_len() < 31 => IpAddr::V4((u32::from(a) + 1).into()),
+        IpAddr::V6(a) if c.prefix_len() < 127 => IpAddr::V6((u128::from(a) + 1).into()),
+        a => a,
+    }
+}
+
+/// The next hop to install now.
+async fn resolve(toward: Toward) -> anyhow::Result<NextHop> {
+    match toward {
+        Toward::Via(v) => Ok(NextHop {
+            via: Some(v),
+            ..NextHop::default()
+        }),
+        Toward::PodNetwork(a) => {
+            let out = ip(&["-4", "route", "get", "fibmatch", &a.to_string()], None).await?;
+            NextHop::from_fibmatch(&out).map_err(|e| e.context(format!("route to {a}")))
+        }
+    }
+}
+
+/// Our routes now on this host, with their next hops.
+async fn installed(proto: u8) -> anyhow::Result<BTreeMap<Cidr, NextHop>> {
+    let out = ip(&["-4", "route", "show", "proto", &proto.to_string()], None).await?;
+    Ok(parse_routes(&out))
+}
+
+/// Parses `ip -4 route show proto P`: prefix → next hop.
+pub fn parse_routes(out: &str) -> BTreeMap<Cidr, NextHop> {
+    out.lines()
+        .filter(|l| !l.starts_with(char::is_whitespace))
+        .filter_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let c = words.first()?.parse().ok()?;
+            Some((c, NextHop::parse(&words[1..])))
+        })
+        .collect()
+}
+
+/// The `ip -batch` commands that make our routes exactly `want` through
+/// `hop` (`None`: only removals), and how many routes they add or
+/// change and remove. A route whose next hop differs (the CNI moved its
+/// tunnel, or the agent's target changed) is replaced.
+pub fn plan(
+    have: &BTreeMap<Cidr, NextHop>,
+    want: &BTreeSet<Cidr>,
+    hop: Option<&NextHop>,
+    proto: u8,
+) -> (String, usize, usize) {
     let mut batch = String::new();
-    let del: Vec<_> = have.difference(want).collect();
-    let add: Vec<_> = want.difference(&have).collect();
-    for c in &del {
+    let mut removed = 0;
+    for c in have.keys().filter(|c| !want.contains(c)) {
         let _ = writeln!(batch, "route del {c} proto {proto}");
+        removed += 1;
     }
-    for c in &add {
-        let _ = writeln!(batch, "route replace {c} via {via} proto {proto}");
+    let mut set = 0;
+    if let Some(hop) = hop {
+        for c in want {
+            if !have.get(c).is_some_and(|h| hop.satisfied_by(h)) {
+                let _ = writeln!(batch, "route replace {c}{} proto {proto}", hop.args());
+                set += 1;
+            }
+        }
     }
+    (batch, set, removed)
+}
+
+/// Makes this host's routes of protocol `proto` exactly `want` through
+/// `hop` (`None`: removes them all).
+async fn sync(
+    want: &BTreeSet<Cidr>,
+    hop: Option<&NextHop>,
+    proto: u8,
+) -> anyhow::Result<(usize, usize)> {
+    let have = installed(proto).await?;
+    let (batch, set, removed) = plan(&have, want, hop, proto);
     if !batch.is_empty() {
         ip(&["-4", "-force", "-batch", "-"], Some(&batch)).await?;
     }
-    Ok((add.len(), del.len()))
+    Ok((set, removed))
 }
 
-/// Runs until `stop`, then removes every route it installed.
+/// Runs until `stop` with routes via `cfg.via` (`--via`), then removes
+/// every route it installed.
 pub async fn run(cfg: AgentConfig, stop: CancellationToken) {
-    info!(admin = %cfg.admin, via = %cfg.via, "route agent started");
+    let toward = Toward::Via(cfg.via);
+    run_toward(cfg, toward, stop).await
+}
+
+/// Runs until `stop` with routes `toward` the relay node, then removes
+/// every route it installed. With [`Toward::PodNetwork`] the next hop is
+/// looked up every poll; when the CNI changes it, the routes follow.
+pub async fn run_toward(cfg: AgentConfig, toward: Toward, stop: CancellationToken) {
+    info!(admin = %cfg.admin, ?toward, "route agent started");
     let mut failing = false;
+    let mut last_hop: Option<NextHop> = None;
+    let mut hop_failing = false;
     loop {
-        match fetch(&cfg).await {
-            Ok(want) => match sync(&want, cfg.via, cfg.proto).await {
-                Ok((added, removed)) => {
-                    if added + removed > 0 {
-                        info!(added, removed, total = want.len(), "routes synced");
+        let hop = match resolve(toward).await {
+            Ok(h) => {
+                if last_hop.as_ref() != Some(&h) {
+                    info!(next_hop = %h.args().trim(), "next hop toward the relay node");
+                    last_hop = Some(h.clone());
+                }
+                hop_failing = false;
+                Some(h)
+            }
+            // Keep the routes we have: a CNI restarting may remove its
+            // routes for a moment.
+            Err(e) => {
+                if !hop_failing {
+                    warn!(error = %format!("{e:#}"), "no next hop toward the relay node's pods; keeping the current routes");
+                    hop_failing = true;
+                }
+                None
+            }
+        };
+        match (fetch(&cfg).await, hop) {
+            (Ok(want), Some(hop)) => match sync(&want, Some(&hop), cfg.proto).await {
+                Ok((set, removed)) => {
+                    if set + removed > 0 {
+                        info!(set, removed, total = want.len(), "routes synced");
                     }
                     failing = false;
                 }
                 Err(e) => warn!(error = %e, "installing routes failed"),
             },
+            (Ok(_), None) => {}
             // Keep the routes we have: if the relay is briefly away, traffic
             // to edges still goes to the relay node, which answers at once.
-            Err(e) if !failing => {
+            (Err(e), _) if !failing => {
                 warn!(error = %e, "cannot read the relay's routes; keeping the current ones");
                 failing = true;
             }
-            Err(_) => {}
+            (Err(_), _) => {}
         }
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(cfg.interval) => {}
         }
     }
-    match sync(&BTreeSet::new(), cfg.via, cfg.proto).await {
+    match sync(&BTreeSet::new(), None, cfg.proto).await {
         Ok((_, removed)) => info!(removed, "route agent stopped; its routes removed"),
         Err(e) => warn!(error = %e, "removing routes on exit failed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(s: &str) -> Cidr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn the_cnis_route_to_the_relay_nodes_pods_is_copied_or_refused() {
+        // Flannel VXLAN, Calico IPIP, a host-gw route.
+        let h =
+            NextHop::from_fibmatch("10.244.1.0/24 via 10.244.1.0 dev flannel.1 onlink \n").unwrap();
+        assert_eq!(h.args(), " via 10.244.1.0 dev flannel.1 onlink");
+        let h = NextHop::from_fibmatch("10.244.1.0/26 via 10.0.0.1 dev tunl0 proto bird onlink \n")
+            .unwrap();
+        assert_eq!(h.args(), " via 10.0.0.1 dev tunl0 onlink");
+        let h = NextHop::from_fibmatch("10.244.1.0/24 via 10.0.0.1 dev eth0 \n").unwrap();
+        assert_eq!(h.args(), " via 10.0.0.1 dev eth0");
+        let h = NextHop::from_fibmatch("10.244.1.0/24 dev wg0 scope link \n").unwrap();
+        assert_eq!(h.args(), " dev wg0");
+        for (out, why) in [
+            ("default via 10.0.0.254 dev eth0 \n", "default route"),
+            (
+                "local 10.244.1.0 dev flannel.1 proto kernel scope host src 10.244.1.0 \n",
+                "this node",
+            ),
+            ("blackhole 10.244.1.0/24 proto bird \n", "forwarding"),
+            (
+                "10.244.1.0/24 proto bird \n\tnexthop via 10.0.0.1 dev eth0 weight 1 \n\tnexthop via 10.0.0.9 dev eth0 weight 1 \n",
+                "multipath",
+            ),
+        ] {
+            let e = NextHop::from_fibmatch(out).unwrap_err().to_string();
+            assert!(e.contains(why), "{out:?}: {e}");
+        }
+        assert_eq!(
+            pod_network_probe(c("10.244.1.0/24")).to_string(),
+            "10.244.1.1"
+        );
+        assert_eq!(pod_network_probe(c("10.244.1.7")).to_string(), "10.244.1.7");
+    }
+
+    #[test]
+    fn routes_follow_a_changed_next_hop_and_only_ours_go() {
+        let flannel =
+            NextHop::from_fibmatch("10.244.1.0/24 via 10.244.1.0 dev flannel.1 onlink").unwrap();
+        let want: BTreeSet<Cidr> = [c("10.244.7.0/24"), c("10.244.8.0/24")].into();
+        // As `ip -4 route show proto 250` prints them (no proto word).
+        let have = parse_routes(
+            "10.244.7.0/24 via 10.244.1.0 dev flannel.1 onlink \n10.244.9.0/24 via 10.0.0.1 dev eth0 \n",
+        );
+        let (b, set, removed) = plan(&have, &want, Some(&flannel), 250);
+        assert_eq!(
+            b,
+            "route del 10.244.9.0/24 proto 250\n\
+             route replace 10.244.8.0/24 via 10.244.1.0 dev flannel.1 onlink proto 250\n"
+        );
+        assert_eq!((set, removed), (1, 1));
+        // In step: nothing to do.
+        let have = parse_routes(
+            "10.244.7.0/24 via 10.244.1.0 dev flannel.1 onlink \n10.244.8.0/24 via 10.244.1.0 dev flannel.1 onlink \n",
+        );
+        assert_eq!(plan(&have, &want, Some(&flannel), 250).0, "");
+        // The CNI's route now goes another way: every route is replaced.
+        let moved =
+            NextHop::from_fibmatch("10.244.1.0/24 via 10.0.0.1 dev flannel.1 onlink").unwrap();
+        let (b, set, _) = plan(&have, &want, Some(&moved), 250);
+        assert_eq!(set, 2, "{b}");
+        assert!(b.contains("route replace 10.244.7.0/24 via 10.0.0.1 dev flannel.1 onlink"));
+        // `--via`: the device the kernel chose is not compared.
+        let via = NextHop {
+            via: Some("10.0.0.1".parse().unwrap()),
+            ..NextHop::default()
+        };
+        let have = parse_routes(
+            "10.244.7.0/24 via 10.0.0.1 dev eth0 \n10.244.8.0/24 via 10.0.0.1 dev eth0 \n",
+        );
+        assert_eq!(plan(&have, &want, Some(&via), 250).0, "");
+        // On exit, no next hop: only removals.
+        let (b, set, removed) = plan(&have, &BTreeSet::new(), None, 250);
+        assert_eq!((set, removed), (0, 2), "{b}");
     }
 }

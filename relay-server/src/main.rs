@@ -72,21 +72,27 @@ enum Cmd {
     },
     /// Validate the configuration file (and load its certificates), then exit.
     CheckConfig,
-    /// Route agent for the other cloud nodes: keeps `<edge prefix> via
-    /// <relay node>` routes in step with the relay's live routes (read from
-    /// its admin API), and removes them on exit.
+    /// Route agent for the other cloud nodes: keeps routes from each edge
+    /// prefix to the relay node in step with the relay's live routes (read
+    /// from its admin API), and removes them on exit.
     RouteAgent {
         /// The relay's admin API address (host:port).
-        #[arg(
-            long,
-            required_unless_present = "replica",
-            conflicts_with = "replica",
-            requires = "via"
-        )]
+        #[arg(long, required_unless_present = "replica", conflicts_with = "replica")]
         admin: Option<std::net::SocketAddr>,
-        /// The relay node's address on this node's network (next hop).
+        /// The relay node's address on this node's network: routes
+        /// `<edge prefix> via <this>`. For networks that deliver any
+        /// destination to the relay node's MAC (host-gw, BGP without
+        /// encapsulation); cloud fabrics drop such packets (see
+        /// --via-pod-network).
         #[arg(long, requires = "admin")]
         via: Option<std::net::IpAddr>,
+        /// The relay node's pod CIDR, or an address in it: routes each edge
+        /// prefix the way this node reaches that address (the CNI's
+        /// overlay: same gateway, device and onlink flag, looked up every
+        /// poll). For overlay CNIs (Flannel VXLAN, Calico IPIP/VXLAN), as
+        /// in AWS, GCP and Azure. Not with --replica.
+        #[arg(long, conflicts_with = "via")]
+        via_pod_network: Option<relay_protocol::Cidr>,
         /// Several relay replicas, `ADMIN=VIA` each (e.g.
         /// `10.0.0.1:9090=10.0.0.1`): every edge prefix is routed through a
         /// resilient nexthop group of the replicas serving it.
@@ -193,6 +199,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Cmd::RouteAgent {
             admin,
             via,
+            via_pod_network,
             replica,
             token_file,
             ca_file,
@@ -202,6 +209,22 @@ async fn main() -> anyhow::Result<()> {
             proto,
         }) => {
             anyhow::ensure!(!interval.is_zero(), "--interval must be greater than zero");
+            // The multipath agent's nexthop objects go via each replica's
+            // own address; copying one CNI route per replica is not built.
+            anyhow::ensure!(
+                via_pod_network.is_none() || replica.is_empty(),
+                "--via-pod-network works with --admin (one relay), not with --replica: \
+                 the multipath agent routes through each replica's VIA address only"
+            );
+            anyhow::ensure!(
+                admin.is_none() || via.is_some() || via_pod_network.is_some(),
+                "--admin needs --via (the relay node's address) or --via-pod-network \
+                 (the relay node's pod CIDR, for overlay CNIs)"
+            );
+            anyhow::ensure!(
+                via_pod_network.is_none_or(|c| c.addr().is_ipv4()),
+                "--via-pod-network: an IPv4 prefix or address (the agent routes IPv4 edge prefixes)"
+            );
             let mut targets = Vec::new();
             for r in &replica {
                 let (a, v) = r
@@ -215,7 +238,13 @@ async fn main() -> anyhow::Result<()> {
                 ));
             }
             anyhow::ensure!(targets.len() <= 64, "at most 64 --replica");
-            if let (Some(a), Some(v)) = (admin, via) {
+            use relay_server::agent::{pod_network_probe, Toward};
+            let single = match (admin, via, via_pod_network) {
+                (Some(a), Some(v), None) => Some((a, Toward::Via(v))),
+                (Some(a), None, Some(c)) => Some((a, Toward::PodNetwork(pod_network_probe(c)))),
+                _ => None,
+            };
+            if let Some((a, Toward::Via(v) | Toward::PodNetwork(v))) = single {
                 targets.push((a, v));
             }
             let mut tls_of = Vec::new();
@@ -250,7 +279,7 @@ async fn main() -> anyhow::Result<()> {
                 None => None,
             };
             let stop = tokio_util::sync::CancellationToken::new();
-            let task = if replica.is_empty() {
+            let task = if let Some((_, toward)) = single {
                 let ((admin, via), tls) =
                     targets.into_iter().zip(tls_of).next().context("--admin")?;
                 let cfg = relay_server::agent::AgentConfig {
@@ -261,7 +290,7 @@ async fn main() -> anyhow::Result<()> {
                     interval,
                     proto,
                 };
-                tokio::spawn(relay_server::agent::run(cfg, stop.clone()))
+                tokio::spawn(relay_server::agent::run_toward(cfg, toward, stop.clone()))
             } else {
                 let cfg = relay_server::multipath::MultipathConfig {
                     replicas: targets

@@ -20,6 +20,12 @@
 //! which case nothing changes. The agent owns nexthop ids from
 //! [`NEXTHOP_BASE`] (one per replica) and [`GROUP_BASE`] (one per prefix)
 //! and routes of its protocol number, and removes them all on exit.
+//!
+//! Next hops are the replicas' `--replica ADMIN=VIA` addresses only, as
+//! `--via` is for one relay: on an overlay CNI in a cloud, where edge
+//! traffic must follow the CNI's tunnel route (`--via-pod-network`, see
+//! [`crate::agent`]), this mode does not apply and the command line
+//! refuses the combination.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
