@@ -49,7 +49,11 @@
 //! with; the free functions of the same names describe the default one.
 //! [`LabOptions::relay_hosts`] and [`LabOptions::sites`] add relay hosts
 //! (`relay2`, `relay3`) and a third site (`nat3`, `edge3`, `epod3`): see
-//! `netns/hosts.rs`.
+//! `netns/hosts.rs`. [`LabOptions::cloud_overlay`] makes the cloud LAN a
+//! cloud's fabric (IPv4 delivered only between the hosts' own addresses)
+//! and puts the cloud pods on a Flannel-style VXLAN overlay, in place of
+//! the host-gw routes and the static edge routes of the table above: see
+//! `netns/cloud_overlay.rs`.
 //!
 //! Interfaces are created directly inside their namespaces, so their names
 //! (`lan0`, `eth0`, ...) only need to be unique per namespace and parallel
@@ -63,7 +67,8 @@
 //! (addresses and [`Role`]s), `netns/exec.rs` (commands and tasks run
 //! inside a namespace), `netns/kube_proxy.rs` (the kube-proxy model),
 //! `netns/faults.rs` (faults injected at a site), `netns/hosts.rs` (the
-//! sites and relay hosts [`LabOptions`] may add) and `netns/options.rs`.
+//! sites and relay hosts [`LabOptions`] may add), `netns/cloud_overlay.rs`
+//! (the cloud fabric and overlay) and `netns/options.rs`.
 
 use std::fmt;
 use std::process::Command;
@@ -72,12 +77,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
+mod cloud_overlay;
 mod exec;
 mod faults;
 mod hosts;
 mod kube_proxy;
 mod options;
 mod roles;
+pub use cloud_overlay::{Vtep, VTEPS, VTEP_DEV, VXLAN_PORT};
 use exec::run;
 pub use exec::EXEC_TIMEOUT;
 pub use hosts::relay_host_lan_ip;
@@ -159,6 +166,8 @@ pub struct NetnsLab {
     created: Vec<String>,
     build_time: Duration,
     opts: LabOptions,
+    /// The VXLAN encapsulators of [`LabOptions::cloud_overlay`].
+    encapsulators: Vec<cloud_overlay::Encapsulator>,
 }
 
 impl fmt::Debug for NetnsLab {
@@ -193,6 +202,7 @@ impl NetnsLab {
         let start = Instant::now();
         let tag = format!("{prefix}{}x{}", std::process::id(), next_id());
         opts.check()?;
+        opts.check_cloud_overlay()?;
         // A name for every role, built or not, so `ns` can index by
         // discriminant; only the roles `opts` asks for are created.
         let names = Role::ALL
@@ -206,6 +216,7 @@ impl NetnsLab {
             created: Vec::new(),
             build_time: Duration::ZERO,
             opts,
+            encapsulators: Vec::new(),
         };
         // On `?` the partially built lab is dropped, which deletes what
         // exists so far.
@@ -287,26 +298,31 @@ impl NetnsLab {
             self.pod(node, pod, gw, ip)?;
         }
         // Cloud routing, flannel host-gw style, plus what a route agent
-        // would add for the edges on the nodes that do not run the relay.
-        self.ip(
-            Relay,
-            &format!("route add {CPOD2_CIDR} via {CLOUD2_LAN_IP}"),
-        )?;
-        self.ip(
-            Cloud2,
-            &format!("route add {CPOD1_CIDR} via {RELAY_LAN_IP}"),
-        )?;
-        self.ip(
-            Apiserver,
-            &format!("route add {CPOD1_CIDR} via {RELAY_LAN_IP}"),
-        )?;
-        self.ip(
-            Apiserver,
-            &format!("route add {CPOD2_CIDR} via {CLOUD2_LAN_IP}"),
-        )?;
-        for role in [Cloud2, Apiserver] {
-            for net in self.edge_ranges() {
-                self.ip(role, &format!("route add {net} via {RELAY_LAN_IP}"))?;
+        // would add for the edges on the nodes that do not run the relay;
+        // or a cloud's fabric with a VXLAN overlay, and no edge routes.
+        if self.opts.cloud_overlay {
+            self.build_cloud_overlay()?;
+        } else {
+            self.ip(
+                Relay,
+                &format!("route add {CPOD2_CIDR} via {CLOUD2_LAN_IP}"),
+            )?;
+            self.ip(
+                Cloud2,
+                &format!("route add {CPOD1_CIDR} via {RELAY_LAN_IP}"),
+            )?;
+            self.ip(
+                Apiserver,
+                &format!("route add {CPOD1_CIDR} via {RELAY_LAN_IP}"),
+            )?;
+            self.ip(
+                Apiserver,
+                &format!("route add {CPOD2_CIDR} via {CLOUD2_LAN_IP}"),
+            )?;
+            for role in [Cloud2, Apiserver] {
+                for net in self.edge_ranges() {
+                    self.ip(role, &format!("route add {net} via {RELAY_LAN_IP}"))?;
+                }
             }
         }
         // Edge sites, and the relay hosts beyond the first.
@@ -388,6 +404,8 @@ impl NetnsLab {
 
 impl Drop for NetnsLab {
     fn drop(&mut self) {
+        // Threads first: each holds its node's TAP device and namespace.
+        self.stop_encapsulators();
         // Deleting a namespace destroys its veths (and their peers),
         // bridges and nftables tables; nothing else was created.
         for name in self.created.iter().rev() {

@@ -1,8 +1,10 @@
-//! The route agent (`relay-server route-agent`, resilient multipath mode)
-//! in the network-namespace lab: run in-process on a cloud node with a
-//! list of replicas, and read back what it installed there (one resilient
-//! nexthop group per edge prefix). Shared by the scale-out tests
-//! (`tests/netns_replicas.rs`, `tests/netns_replicas_hosts.rs`).
+//! The route agent (`relay-server route-agent`) in the network-namespace
+//! lab: run in-process on a cloud node, and read back what it installed
+//! there. In resilient multipath mode ([`start`]) with a list of replicas
+//! (one resilient nexthop group per edge prefix), shared by the scale-out
+//! tests (`tests/netns_replicas.rs`, `tests/netns_replicas_hosts.rs`); with
+//! one relay ([`start_toward`]) and either next hop, `--via` or
+//! `--via-pod-network` (`tests/cloud_fabric.rs`).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -47,6 +49,46 @@ pub fn start(
         task.await?;
         Ok(())
     })
+}
+
+/// Runs the single-relay route agent on `node`, polling the relay's admin
+/// API at `admin` every `interval` and routing the edge prefixes `toward`
+/// the relay node; stopping the returned task makes it remove its routes.
+pub fn start_toward(
+    lab: &NetnsLab,
+    node: Role,
+    admin: SocketAddr,
+    toward: relay_server::agent::Toward,
+    interval: Duration,
+) -> Result<Running> {
+    let cfg = relay_server::agent::AgentConfig {
+        admin,
+        token: Some(relay_server::Secret::new(ADMIN_TOKEN)),
+        // Plain HTTP on the lab's private LAN (the lab's relay allows it).
+        tls: None,
+        // Used by `agent::run` only; `run_toward` takes `toward`.
+        via: admin.ip(),
+        interval,
+        proto: PROTO,
+    };
+    launch(lab, node, "route agent", move |ready, stop| async move {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(relay_server::agent::run_toward(cfg, toward, cancel.clone()));
+        let _ = ready.send(Ok(()));
+        let _ = stop.await;
+        cancel.cancel();
+        task.await?;
+        Ok(())
+    })
+}
+
+/// The agent's routes on `node` as `ip -4 route show proto 250` prints
+/// them, one per line.
+pub fn routes(lab: &NetnsLab, node: Role) -> Result<String> {
+    lab.exec(
+        node,
+        &["ip", "-4", "route", "show", "proto", &PROTO.to_string()],
+    )
 }
 
 /// The agent's routes on `node`: prefix → (group id, member next hops);

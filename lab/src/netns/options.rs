@@ -38,6 +38,14 @@ pub struct LabOptions {
     /// interface without an IPv4 address. Default: the bridge of the
     /// module docs (flannel's and the bridge plugin's wiring).
     pub routed_pods: bool,
+    /// The cloud LAN as a cloud's network (AWS, GCP, Azure): its switch
+    /// delivers IPv4 only from and to the addresses of the hosts on it,
+    /// and the cloud nodes reach each other's pods through a Flannel-style
+    /// VXLAN overlay (`flannel.1`, routes `<pod CIDR> via <VTEP> dev
+    /// flannel.1 onlink`) instead of host-gw routes; `cloud2` and the
+    /// apiserver host get no routes to the edges (see
+    /// `netns/cloud_overlay.rs`). One relay host only.
+    pub cloud_overlay: bool,
 }
 
 impl Default for LabOptions {
@@ -48,7 +56,20 @@ impl Default for LabOptions {
             relay_hosts: 1,
             sites: 2,
             routed_pods: false,
+            cloud_overlay: false,
         }
+    }
+}
+
+impl LabOptions {
+    /// Fails on combinations with [`LabOptions::cloud_overlay`] the lab
+    /// does not build: its fabric and overlay know three cloud nodes.
+    pub(super) fn check_cloud_overlay(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !(self.cloud_overlay && self.relay_hosts > 1),
+            "cloud_overlay has one relay host (the fabric and the overlay know three cloud nodes)"
+        );
+        Ok(())
     }
 }
 
