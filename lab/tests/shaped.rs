@@ -107,13 +107,14 @@ fn uploader(lab: &NetnsLab) -> Result<Running> {
     })
 }
 
-/// edge1 over QUIC with the lab's keep-alive; hands out its stats.
+/// edge1 over `transport` with the lab's keep-alive; hands out its stats.
 fn edge1(
     lab: &NetnsLab,
     pki: &relay_transport::devcerts::DevPki,
+    transport: TransportMode,
 ) -> Result<(Running, Arc<EdgeStats>)> {
     let mut cfg = edge_config(pki, 1)?;
-    cfg.transport = TransportMode::Quic;
+    cfg.transport = transport;
     cfg.quic.keepalive = KEEPALIVE;
     cfg.quic.idle_timeout = IDLE;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -136,8 +137,15 @@ fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
+/// How a run is set up: the edge's transport and the uploads at once.
+#[derive(Clone, Copy)]
+struct Setup {
+    transport: TransportMode,
+    streams: usize,
+}
+
 /// Runs the shaped upload for `hold`; returns the table's rows.
-fn shaped(t: &mut Table, hold: Duration) -> Result<()> {
+fn shaped(t: &mut Table, hold: Duration, setup: Setup) -> Result<()> {
     let lab = NetnsLab::new()?;
     let pki = lab_pki()?;
     let _src = source(&lab)?;
@@ -145,7 +153,7 @@ fn shaped(t: &mut Table, hold: Duration) -> Result<()> {
     rcfg.quic.keepalive = KEEPALIVE;
     rcfg.quic.idle_timeout = IDLE;
     let _relay = start_relay(&lab, rcfg)?;
-    let (_edge, stats) = edge1(&lab, &pki)?;
+    let (_edge, stats) = edge1(&lab, &pki, setup.transport)?;
     let prefix = netns::edge_pod_cidr(1).to_string();
     within(Duration::from_secs(10), || {
         Ok(captured_prefixes(&lab)?.contains(&prefix))
@@ -174,32 +182,47 @@ fn shaped(t: &mut Table, hold: Duration) -> Result<()> {
     let received = Arc::new(AtomicU64::new(0));
     let got = received.clone();
     let target = sa(netns::edge_pod_ip(1), SOURCE_PORT);
+    let streams = setup.streams;
     let reader = lab.spawn_in(Role::Cpod2, move || async move {
-        let mut s = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::net::TcpStream::connect(target),
-        )
-        .await
-        .context("connect timed out")??;
-        let mut buf = vec![0u8; 64 * 1024];
         let end = tokio::time::Instant::now() + hold;
-        while let Ok(r) = tokio::time::timeout_at(end, s.read(&mut buf)).await {
-            match r? {
-                0 => anyhow::bail!("source closed after {} bytes", got.load(Relaxed)),
-                n => got.fetch_add(n as u64, Relaxed),
-            };
-        }
+        let one = |got: Arc<AtomicU64>| async move {
+            let mut s = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::net::TcpStream::connect(target),
+            )
+            .await
+            .context("connect timed out")??;
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(r) = tokio::time::timeout_at(end, s.read(&mut buf)).await {
+                match r? {
+                    0 => anyhow::bail!("source closed after {} bytes", got.load(Relaxed)),
+                    n => got.fetch_add(n as u64, Relaxed),
+                };
+            }
+            anyhow::Ok(())
+        };
+        let all = (0..streams).map(|_| one(got.clone()));
+        futures::future::try_join_all(all).await?;
         Ok(())
     });
-    // Sample the path RTT (QUIC's estimate, read by the edge every
-    // keep-alive; control pings are rare on QUIC) once a second while the
-    // upload runs.
+    // Sample the path RTT once a second while the upload runs: on QUIC
+    // its estimate (read by the edge every keep-alive; control pings are
+    // rare there), on the TCP fallback the control ping's round trip
+    // (every keep-alive; yamux has no estimate of its own).
+    let quic = matches!(setup.transport, TransportMode::Quic);
+    let rtt_now = || {
+        if quic {
+            stats.path_rtt_us.load(Relaxed)
+        } else {
+            stats.control_rtt_us.load(Relaxed)
+        }
+    };
     let t0 = Instant::now();
     let mut samples = Vec::new();
     let mut last_us = 0u64;
     while t0.elapsed() < hold {
         std::thread::sleep(Duration::from_secs(1));
-        let us = stats.path_rtt_us.load(Relaxed);
+        let us = rtt_now();
         // Only after the queue has filled (the first few seconds).
         if t0.elapsed() > Duration::from_secs(10) && us != last_us {
             samples.push(us);
@@ -218,17 +241,25 @@ fn shaped(t: &mut Table, hold: Duration) -> Result<()> {
     let after = session(&lab, "edge1")?;
     samples.sort_unstable();
     let median = samples.get(samples.len() / 2).copied().unwrap_or(0);
-    let max = stats.path_rtt_max_us.load(Relaxed);
+    let max = if quic {
+        stats.path_rtt_max_us.load(Relaxed)
+    } else {
+        stats.control_rtt_max_us.load(Relaxed)
+    };
+    let case = format!(
+        "{}s shaped upload, {}, {} stream{}",
+        hold.as_secs(),
+        if quic { "QUIC" } else { "TCP fallback" },
+        setup.streams,
+        if setup.streams == 1 { "" } else { "s" }
+    );
     let sessions = stats.sessions.load(Relaxed);
     let mbit = bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e6;
     let same = after
         .as_ref()
         .is_some_and(|a| a.session_id == before.session_id && a.generation == before.generation);
     t.push(
-        &[
-            &format!("{}s shaped upload", hold.as_secs()),
-            "session kept",
-        ],
+        &[&case, "session kept"],
         format!(
             "{} (edge sessions established: {sessions}; session {} up {:.0}s in all)",
             if same && sessions == 1 { "ok" } else { "FAIL" },
@@ -238,21 +269,30 @@ fn shaped(t: &mut Table, hold: Duration) -> Result<()> {
         same && sessions == 1,
     );
     t.push(
-        &[&format!("{}s shaped upload", hold.as_secs()), "path RTT"],
+        &[&case, if quic { "path RTT" } else { "control RTT" }],
         format!(
-            "control ping idle {:.1} ms; path shaped median {:.0} ms, max {:.0} ms over {} samples (keep-alive {}s)",
+            "control ping idle {:.1} ms; shaped median {:.0} ms, max {:.0} ms over {} samples (keep-alive {}s)",
             ms(rtt_idle),
             ms(median),
             ms(max),
             samples.len(),
             KEEPALIVE.as_secs()
         ),
-        // Answers later than a keep-alive interval are what the older
-        // rules turned into a lost session: the test must see them.
-        !samples.is_empty() && median > 0 && Duration::from_micros(max) > KEEPALIVE,
+        // On QUIC, answers later than a keep-alive interval are what the
+        // older rules turned into a lost session: the test must see them.
+        // On the TCP fallback the control ping is the liveness check
+        // itself: it must come back within the dead bound (two
+        // intervals), which the send buffer's queue once exceeded.
+        !samples.is_empty()
+            && median > 0
+            && if quic {
+                Duration::from_micros(max) > KEEPALIVE
+            } else {
+                Duration::from_micros(max) < 2 * KEEPALIVE
+            },
     );
     t.push(
-        &[&format!("{}s shaped upload", hold.as_secs()), "upload"],
+        &[&case, "upload"],
         format!(
             "{:.1} MiB in {:.0}s = {mbit:.2} Mbit/s{}",
             bytes as f64 / (1 << 20) as f64,
@@ -268,14 +308,14 @@ fn shaped(t: &mut Table, hold: Duration) -> Result<()> {
     Ok(())
 }
 
-fn run(hold: Duration, file: &str) -> Result<()> {
+fn run(hold: Duration, file: &str, setup: Setup) -> Result<()> {
     if let Some(skip) = netns::require_root() {
         eprintln!("SKIPPED shaped uplink: {skip}");
         return Ok(());
     }
     relay_lab::init();
     let mut t = Table::new(&["case", "check", "result"]);
-    if let Err(e) = shaped(&mut t, hold) {
+    if let Err(e) = shaped(&mut t, hold, setup) {
         t.push(&["setup", "-"], format!("FAIL: {e:#}"), false);
     }
     let summary = t.publish(
@@ -287,9 +327,27 @@ fn run(hold: Duration, file: &str) -> Result<()> {
     Ok(())
 }
 
+const QUIC_ONE: Setup = Setup {
+    transport: TransportMode::Quic,
+    streams: 1,
+};
+
 #[test]
 fn shaped_uplink_keeps_the_session() -> Result<()> {
-    run(Duration::from_secs(60), "lab-shaped.txt")
+    run(Duration::from_secs(60), "lab-shaped.txt", QUIC_ONE)
+}
+
+/// The TCP fallback under the same queue, with 8 uploads at once: the
+/// control ping (the fallback's liveness check) must not wait behind the
+/// kernel's send buffer (see `TCP_NOTSENT_LOWAT` in
+/// `transport/src/tcp/socket.rs`).
+#[test]
+fn shaped_uplink_keeps_a_tcp_fallback_session() -> Result<()> {
+    let setup = Setup {
+        transport: TransportMode::Tcp,
+        streams: 8,
+    };
+    run(Duration::from_secs(40), "lab-shaped-tcp.txt", setup)
 }
 
 #[test]
@@ -298,5 +356,5 @@ fn shaped_uplink_soak_5_minutes() -> Result<()> {
         eprintln!("shaped uplink soak: set SOAK=1 to run the 5-minute variant");
         return Ok(());
     }
-    run(Duration::from_secs(300), "lab-shaped-soak.txt")
+    run(Duration::from_secs(300), "lab-shaped-soak.txt", QUIC_ONE)
 }

@@ -10,20 +10,53 @@ use std::time::Duration;
 /// usually notice a dead path sooner (within 3 keep-alive intervals).
 pub const USER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Socket options of tunnel and CONNECT TCP sockets: no Nagle delay;
-/// TCP keep-alive well under CGNAT idle timers, so the NAT binding of an
-/// idle fallback session stays open and a peer that vanished without a
-/// FIN or RST is probed (from 10 s of silence, every 5 s); and
-/// [`USER_TIMEOUT`], which also decides when unanswered probes end the
-/// connection (Linux: the user timeout overrides the probe count), so a
-/// vanished peer is dropped about 30 s after it last acknowledged anything.
+/// At most this much written and not yet sent stays in a fallback
+/// session's kernel send buffer (`TCP_NOTSENT_LOWAT`): yamux writes the
+/// next frame only when the socket has room, so with the kernel's
+/// auto-tuned buffer (megabytes) a control ping written during a bulk
+/// upload waited behind all of it — 30 s and more on a 1 Mbit/s uplink,
+/// longer than the liveness bound, and the session was dropped while
+/// the path was fine. With 128 KiB the ping waits about a second there,
+/// and a fast path still keeps enough queued to fill it (the low-water
+/// mark bounds only what is not yet sent; what is in flight is not
+/// counted).
+pub(super) const NOTSENT_LOWAT: u32 = 128 << 10;
+
+/// Socket options of the fallback's tunnel sockets (the edge's dialled
+/// one, the relay's accepted ones): [`tune_listener`]'s, and
+/// [`NOTSENT_LOWAT`], which CONNECT's client sockets do not need (they
+/// carry one stream each).
 pub fn tune_socket(s: &tokio::net::TcpStream) {
-    tune(socket2::SockRef::from(s));
+    let sock = socket2::SockRef::from(s);
+    tune(sock);
+    let lowat: libc::c_int = NOTSENT_LOWAT as libc::c_int;
+    // No safe wrapper in socket2 or nix for this option.
+    // SAFETY: a valid fd owned by `s`, and a c_int option of that size.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(s),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&lowat as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "TCP_NOTSENT_LOWAT not set");
+    }
 }
 
-/// [`tune_socket`]'s options, set once on a listener: Linux copies them to
-/// every socket it accepts, so accepted connections (the relay's CONNECT
-/// clients) get them without a syscall of their own.
+/// Socket options of CONNECT's client sockets, set once on their listener
+/// (Linux copies them to every socket it accepts, so accepted connections
+/// get them without a syscall of their own): no Nagle delay; TCP
+/// keep-alive well under CGNAT idle timers, so the NAT binding of an idle
+/// connection stays open and a peer that vanished without a FIN or RST is
+/// probed (from 10 s of silence, every 5 s); and [`USER_TIMEOUT`], which
+/// also decides when unanswered probes end the connection (Linux: the
+/// user timeout overrides the probe count), so a vanished peer is dropped
+/// about 30 s after it last acknowledged anything. [`tune_socket`] sets
+/// the same on the fallback's tunnel sockets.
 pub fn tune_listener(l: &tokio::net::TcpListener) {
     tune(socket2::SockRef::from(l));
 }
