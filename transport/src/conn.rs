@@ -242,6 +242,16 @@ impl TunnelConn {
         }
     }
 
+    /// Room left in the queue of datagrams waiting to be sent (QUIC; a
+    /// datagram larger than this makes quinn drop the oldest ones queued);
+    /// `None` on the TCP fallback, whose queue drops the newest itself.
+    pub fn datagram_send_space(&self) -> Option<usize> {
+        match self {
+            TunnelConn::Quic(c) => Some(c.datagram_send_buffer_space()),
+            TunnelConn::Tcp(_) => None,
+        }
+    }
+
     /// Receives the next datagram; `Err` when the connection is gone.
     pub async fn read_datagram(&self) -> Result<bytes::Bytes, ConnLost> {
         match self {

@@ -193,6 +193,7 @@ impl QuicTuning {
         t.send_window(u64::from(self.conn_window));
         // Datagrams carry UDP flows; 1 MiB of receive buffer per connection.
         t.datagram_receive_buffer_size(Some(1024 * 1024));
+        t.datagram_send_buffer_size(DATAGRAM_SEND_BUFFER);
         let mut mtu = quinn::MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload);
         t.mtu_discovery_config(Some(mtu));
@@ -200,6 +201,17 @@ impl QuicTuning {
         Ok(t)
     }
 }
+
+/// Datagrams (UDP flows' payloads) queued for sending per connection
+/// before the oldest is dropped. quinn puts datagrams into each packet
+/// before stream data, and its default queue is 1 MiB: a pod sending UDP
+/// faster than a 2 Mbit/s uplink made every other UDP flow (DNS
+/// forwarded through the tunnel among them) wait 4 s behind it, and
+/// starved the streams meanwhile. 128 KiB is half a second at 2 Mbit/s
+/// and still a burst of some hundred datagrams on a fast path. What it
+/// drops is counted (`udp_dropped_total{reason="queue_full"}`, see
+/// [`crate::udp::send_payload`]).
+pub const DATAGRAM_SEND_BUFFER: usize = 128 << 10;
 
 /// Connection IDs the relay issues: [`CID_NONCE`] random bytes and a tag
 /// keyed from the relay's private key ([`CID_TAG`] bytes of an HMAC), so a

@@ -121,7 +121,8 @@ pub struct UdpStats {
     /// Flows ended because a payload could not be written to their stream
     /// within [`STREAM_PAYLOAD_WRITE_LIMIT`].
     pub stream_payload_stalls: AtomicU64,
-    /// Payloads dropped because a flow's queue was full.
+    /// Payloads dropped because a queue was full: a flow's, or the
+    /// connection's datagram send queue (QUIC's drops its oldest).
     pub dropped_queue_full: AtomicU64,
     /// Datagrams for no known flow (a flow that just ended).
     pub dropped_unknown_flow: AtomicU64,
@@ -360,7 +361,9 @@ pub struct StreamStalled;
 /// Sends a payload on `flow`: as a datagram when it fits; otherwise on the
 /// flow's stream (`stream`) when the peer takes it there, else dropped and
 /// counted. A datagram the connection cannot queue is lost, as UDP would
-/// lose it. `Err` when the stream write failed or stalled (see
+/// lose it, and counted (`dropped_queue_full`): on QUIC, queueing one
+/// larger than the room left drops the oldest queued (quinn's rule, so
+/// what waits stays fresh), one each time at least. `Err` when the stream write failed or stalled (see
 /// [`STREAM_PAYLOAD_WRITE_LIMIT`]): the caller ends the flow.
 pub async fn send_payload(
     conn: &TunnelConn,
@@ -371,7 +374,14 @@ pub async fn send_payload(
 ) -> Result<(), StreamStalled> {
     let max = max_payload(conn);
     if payload.len() <= max {
-        let _ = conn.send_datagram(encode_datagram(flow.id, payload));
+        let d = encode_datagram(flow.id, payload);
+        let full = conn
+            .datagram_send_space()
+            .is_some_and(|room| room < d.len());
+        let sent = conn.send_datagram(d).is_ok();
+        if full || !sent {
+            stats.dropped_queue_full.fetch_add(1, Relaxed);
+        }
         return Ok(());
     }
     let frame = match encode_stream_payload(payload) {

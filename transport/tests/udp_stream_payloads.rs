@@ -258,3 +258,29 @@ async fn a_peer_that_stops_reading_the_flow_ends_it_within_the_bound() {
     assert_eq!(near.stats.stream_payloads.load(Relaxed), sent);
     assert!(start.elapsed() < Duration::from_secs(10));
 }
+
+/// A burst larger than the connection's datagram send queue
+/// (`quic::DATAGRAM_SEND_BUFFER`, 128 KiB) queued at once, with no chance
+/// for the connection to send in between (this runtime has one thread and
+/// the loop never yields): what the queue cannot hold is dropped, and every
+/// drop is counted as `queue_full`; the burst's tail still arrives.
+#[tokio::test]
+async fn a_burst_past_the_datagram_queue_is_counted_not_silent() {
+    let mut near = flow(true, true, true).await;
+    let payload = vec![b'b'; 1000];
+    let burst = 1000;
+    for _ in 0..burst {
+        near.send(&payload).await;
+    }
+    let dropped = near.stats.dropped_queue_full.load(Relaxed);
+    // About 128 KiB of ~1 KiB datagrams fit: the rest of the 1,000 were
+    // dropped (quinn drops the oldest; each counted once).
+    let fit = relay_transport::quic::DATAGRAM_SEND_BUFFER / payload.len();
+    assert!(
+        dropped >= (burst - fit - 10) as u64 && dropped < burst as u64,
+        "{dropped} of {burst} counted as dropped; about {fit} fit"
+    );
+    // The newest queued ones go out and are echoed.
+    let (on_stream, answer) = near.answer().await;
+    assert!(!on_stream && answer == payload);
+}

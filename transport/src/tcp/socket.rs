@@ -24,7 +24,7 @@ pub(super) const NOTSENT_LOWAT: u32 = 128 << 10;
 
 /// Socket options of the fallback's tunnel sockets (the edge's dialled
 /// one, the relay's accepted ones): [`tune_listener`]'s, and
-/// [`NOTSENT_LOWAT`], which CONNECT's client sockets do not need (they
+/// `NOTSENT_LOWAT` (128 KiB), which CONNECT's client sockets do not need (they
 /// carry one stream each).
 pub fn tune_socket(s: &tokio::net::TcpStream) {
     let sock = socket2::SockRef::from(s);
