@@ -140,6 +140,9 @@ pub struct EdgeStats {
     /// name stops resolving (the site's or carrier's DNS down while the
     /// uplink works), where a failed lookup used to fail every attempt.
     pub relay_addrs_known: std::sync::Mutex<std::collections::HashMap<String, Vec<SocketAddr>>>,
+    /// The same table, for the saver of `relay_addrs_file` (set when it
+    /// changes).
+    pub(crate) relay_addrs_saved: watch::Sender<Option<Arc<crate::relay_addrs::SavedRelayAddrs>>>,
     /// QUIC's smoothed round-trip estimate, in microseconds, as of the last
     /// keep-alive tick (0 on TCP). Control pings are rare on QUIC (see
     /// [`relay_protocol::QUIC_CONTROL_PING`]); this follows the path every
@@ -307,6 +310,23 @@ impl EdgeClient {
         let stats = Arc::new(EdgeStats::default());
         let cancel = CancellationToken::new();
         let span = tracing::info_span!("edge", node = %cfg.node);
+        if let Some(path) = cfg.relay_addrs_file.clone() {
+            // What the previous run resolved stands in for a failed lookup.
+            let saved = span.in_scope(|| crate::relay_addrs::load_logged(&path));
+            stats
+                .relay_addrs_known
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(saved.names);
+            let saver = relay_transport::saved::saver(
+                path,
+                stats.relay_addrs_saved.subscribe(),
+                crate::relay_addrs::save,
+                "relay addresses",
+                cancel.clone(),
+            );
+            tokio::spawn(saver.instrument(span.clone()));
+        }
         let cfg = Arc::new(cfg);
         let served = Arc::new(ServedSet::from_config(&cfg));
         let creds = Arc::new(Credentials::new(&cfg));

@@ -94,6 +94,10 @@ pub struct EdgeConfig {
     /// restart while the relay is unreachable captures (and serves local
     /// Service endpoints) as before; `None`: not saved. Needs `capture`.
     pub capture_state_file: Option<PathBuf>,
+    /// Where the relay's addresses are saved as its name last resolved, so
+    /// a restart while DNS is down still dials the relay (see
+    /// `relay_addrs.rs`); `None`: not saved.
+    pub relay_addrs_file: Option<PathBuf>,
     /// Runtime worker threads of the `edge-client` binary (0: one per
     /// CPU); the library runs on its caller's runtime and ignores it. See
     /// [`DEFAULT_WORKER_THREADS`].
@@ -146,6 +150,7 @@ impl EdgeConfig {
             dns: None,
             status_listen: None,
             capture_state_file: None,
+            relay_addrs_file: None,
             worker_threads: DEFAULT_WORKER_THREADS,
             kube_proxy: true,
         }
@@ -330,6 +335,9 @@ pub struct FileConfig {
     /// Where capture's last routes and ClusterIP table are saved (default:
     /// not saved).
     pub capture_state_file: Option<PathBuf>,
+    /// Where the relay's last resolved addresses are saved (default: not
+    /// saved).
+    pub relay_addrs_file: Option<PathBuf>,
     /// Runtime worker threads (default 1; 0: one per CPU, or
     /// `TOKIO_WORKER_THREADS`).
     pub worker_threads: Option<usize>,
@@ -477,6 +485,13 @@ impl FileConfig {
             }
             (p, _) => p.clone(),
         };
+        if self
+            .relay_addrs_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(err("relay_addrs_file", "must not be empty"));
+        }
         let dns = self
             .dns
             .resolve()
@@ -587,6 +602,7 @@ impl FileConfig {
             dns,
             status_listen,
             capture_state_file,
+            relay_addrs_file: self.relay_addrs_file.clone(),
         })
     }
 }

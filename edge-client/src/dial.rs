@@ -131,6 +131,11 @@ impl Dialer<'_> {
             Ok(addrs) if !addrs.is_empty() => {
                 if known.get(relay) != Some(&addrs) {
                     known.insert(relay.clone(), addrs.clone());
+                    let names = known.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                    let table = crate::relay_addrs::SavedRelayAddrs { names };
+                    self.stats
+                        .relay_addrs_saved
+                        .send_replace(Some(std::sync::Arc::new(table)));
                 }
                 Ok(addrs)
             }
