@@ -1,8 +1,10 @@
 //! The deploy manifests' RBAC (`deploy/kubernetes/base/rbac.yaml`) against
 //! the calls the relay really makes in Kubernetes mode.
 //!
-//! Every test here runs against `relay-kube-standin` enforcing the
-//! ClusterRole's rules (403 `Forbidden` for any request they do not allow,
+//! Every test here runs against `relay-kube-standin` enforcing the rules
+//! of the relay's ClusterRole and of its Role in the edge namespace (the
+//! Role's rules match only in that namespace, as its RoleBinding grants
+//! them; 403 `Forbidden` for any request the rules do not allow,
 //! classified as kube-apiserver's RBAC authorizer does) — NOT a real
 //! apiserver. The relay reaches it through an ordinary kubeconfig, so its
 //! production client path is the one checked.
@@ -16,8 +18,12 @@
 //!    EndpointSlices listed, then a change watched) pass with zero 403s:
 //!    the rules are enough.
 //! 2. With any one verb of any one rule removed (and with any whole rule
-//!    removed), the same scenario fails and at least one 403 is seen: no
-//!    rule, and no verb, is unused. A rule no test needs fails here.
+//!    removed, and with the Role in another namespace), the same scenario
+//!    fails and at least one 403 is seen: no rule, and no verb, is unused,
+//!    and the Role is in the namespace the relay reads. A rule no test
+//!    needs fails here.
+//! 3. Pods are readable in the edge namespace only: a pod GET in another
+//!    namespace, as the relay's user with its pod reader, is answered 403.
 //!
 //! The Service watch is checked on a `ServiceDirectory` this test runs
 //! beside the relay, as the same user through the same kind of kubeconfig
@@ -34,14 +40,15 @@ use std::sync::Arc;
 use edge_client::config::{BootstrapConfig, Identity};
 use edge_client::{EdgeClient, EdgeConfig, EdgeState};
 use relay_kube::{
-    ClientOptions, KubeClientConfig, Protocol, ServiceDirectory, ServiceDirectoryOptions,
+    ClientOptions, KubeClientConfig, KubeError, PodReader, Protocol, ServiceDirectory,
+    ServiceDirectoryOptions,
 };
 use relay_kube_standin::crds::{block_affinity, cilium_node};
 use relay_kube_standin::k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use relay_kube_standin::k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use relay_kube_standin::k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use relay_kube_standin::{
-    cluster_role_rules, daemonset_pod, kubelet_node, Crd, PolicyRule, StandIn,
+    cluster_role_rules, daemonset_pod, kubelet_node, role_rules, Crd, PolicyRule, StandIn,
 };
 use relay_lab::sessions;
 use relay_protocol::Cidr;
@@ -61,10 +68,25 @@ impl Drop for TempDir {
 }
 
 const RBAC_YAML: &str = include_str!("../../deploy/kubernetes/base/rbac.yaml");
+/// The name of both the relay's ClusterRole and its Role.
 const ROLE: &str = "edge-relay:relay-server";
+/// The edge namespace: the edge-client pods' and service account's, where
+/// the relay reads pods (`[bootstrap] service_account`, and here
+/// `BootstrapSettings::namespace`).
+const EDGE_NS: &str = "edge-relay";
 
+/// The ClusterRole's rules, then the Role's (each limited to the Role's
+/// namespace, which must be the edge namespace).
 fn manifest_rules() -> Vec<PolicyRule> {
-    cluster_role_rules(RBAC_YAML, ROLE).expect("rbac.yaml has the relay's ClusterRole")
+    let mut rules =
+        cluster_role_rules(RBAC_YAML, ROLE).expect("rbac.yaml has the relay's ClusterRole");
+    let role = role_rules(RBAC_YAML, ROLE).expect("rbac.yaml has the relay's Role");
+    assert!(
+        !role.is_empty() && role.iter().all(|r| r.namespace.as_deref() == Some(EDGE_NS)),
+        "the relay's Role must be in the edge namespace {EDGE_NS}: {role:?}"
+    );
+    rules.extend(role);
+    rules
 }
 
 fn node_ip() -> IpAddr {
@@ -77,6 +99,19 @@ fn node(pod_cidr: &str) -> relay_kube_standin::k8s_openapi::api::core::v1::Node 
         "edge-0",
         &[pod_cidr],
         &[("InternalIP", &ip), ("Hostname", "edge-0.site.example")],
+    )
+}
+
+/// The edge-client DaemonSet's pod on edge-0, in the edge namespace: the
+/// pod the bootstrap token is bound to.
+fn edge_pod() -> relay_kube_standin::k8s_openapi::api::core::v1::Pod {
+    daemonset_pod(
+        EDGE_NS,
+        "edge-client-0",
+        "uid-0",
+        "edge-0",
+        "edge-client",
+        "edge-client",
     )
 }
 
@@ -161,19 +196,12 @@ async fn lifecycle(rules: Vec<PolicyRule>, bound: Duration) -> Result<Outcome> {
     // both IPAM resources.
     standin.install_crd(Crd::CalicoBlockAffinities);
     standin.install_crd(Crd::CiliumNodes);
-    standin.upsert_pod(daemonset_pod(
-        "edge-relay",
-        "edge-client-0",
-        "uid-0",
-        "edge-0",
-        "edge-client",
-        "edge-client",
-    ));
+    standin.upsert_pod(edge_pod());
     let token = standin.mint_token(
         "edge-0",
         "edge-client-0",
         "uid-0",
-        "edge-relay",
+        "edge-relay", // the audience
         std::time::SystemTime::now() + Duration::from_secs(3600),
     );
     // The edge has no certificate: it bootstraps one with its token (token
@@ -196,7 +224,7 @@ async fn lifecycle(rules: Vec<PolicyRule>, bound: Duration) -> Result<Outcome> {
             Duration::from_secs(3600),
         )?),
         issuer_cert: certs_from_pem(ca_cert.as_bytes(), "ca")?.remove(0),
-        namespace: "edge-relay".into(),
+        namespace: EDGE_NS.into(),
         service_account: "edge-client".into(),
         daemonset: "edge-client".into(),
     });
@@ -401,7 +429,8 @@ async fn the_manifests_rbac_allows_the_whole_session_lifecycle() -> Result<()> {
 async fn every_rule_and_every_verb_of_the_manifests_rbac_is_needed() -> Result<()> {
     relay_lab::init();
     let rules = manifest_rules();
-    // Variants: each verb of each rule removed, then each whole rule.
+    // Variants: each verb of each rule removed, then each whole rule, then
+    // the Role's rules moved out of the edge namespace.
     let mut variants: Vec<(String, Vec<PolicyRule>)> = Vec::new();
     for (i, r) in rules.iter().enumerate() {
         for v in &r.verbs {
@@ -417,6 +446,21 @@ async fn every_rule_and_every_verb_of_the_manifests_rbac_is_needed() -> Result<(
         let mut less = rules.clone();
         less.remove(i);
         variants.push((format!("rule {}", r.describe()), less));
+    }
+    // The Role's rules in a namespace the relay does not read: as good as
+    // none, so the Role must be in the edge namespace.
+    for (i, r) in rules.iter().enumerate() {
+        if r.namespace.is_some() {
+            let mut moved = rules.clone();
+            moved[i].namespace = Some("elsewhere".into());
+            variants.push((
+                format!(
+                    "the {} Role in its namespace (moved)",
+                    r.resources.join(",")
+                ),
+                moved,
+            ));
+        }
     }
     // Concurrently, each against its own stand-in and relay on loopback.
     let runs = variants
@@ -440,6 +484,69 @@ async fn every_rule_and_every_verb_of_the_manifests_rbac_is_needed() -> Result<(
     assert!(
         unused.is_empty(),
         "removals with no failure or no 403 (unneeded rules): {unused:?}"
+    );
+    Ok(())
+}
+
+/// Stand-in enforcing the manifests' RBAC, not a real apiserver (see the
+/// module doc): the relay's pod reader, as the relay's user, reads the
+/// edge-client pod in the edge namespace, and a pod GET anywhere else is
+/// answered 403 (recorded by the stand-in), even for a pod that exists.
+#[tokio::test]
+async fn a_pod_outside_the_edge_namespace_is_forbidden_to_the_relay() -> Result<()> {
+    relay_lab::init();
+    let standin = StandIn::spawn_with_rbac(manifest_rules()).await?;
+    standin.upsert_pod(edge_pod());
+    standin.upsert_pod(daemonset_pod(
+        "kube-system",
+        "kube-proxy-0",
+        "uid-1",
+        "edge-0",
+        "kube-proxy",
+        "kube-proxy",
+    ));
+    let client = KubeClientConfig::Kubeconfig {
+        path: standin.kubeconfig_path().to_path_buf(),
+        context: None,
+    }
+    .client(&ClientOptions::default())
+    .await?;
+    let timeout = Duration::from_secs(5);
+    // In the edge namespace (what the bootstrap reads): allowed.
+    let here = PodReader::new(&client, EDGE_NS, timeout)
+        .get("edge-client-0")
+        .await?;
+    ensure!(
+        here.as_ref().and_then(|p| p.uid.as_deref()) == Some("uid-0"),
+        "edge pod: {here:?}"
+    );
+    ensure!(
+        standin.forbidden().is_empty(),
+        "403s: {:?}",
+        standin.forbidden()
+    );
+    // Anywhere else: forbidden, not merely absent.
+    match PodReader::new(&client, "kube-system", timeout)
+        .get("kube-proxy-0")
+        .await
+    {
+        Err(KubeError::Api {
+            status: Some(403), ..
+        }) => {}
+        other => bail!("a pod in kube-system was not forbidden to the relay: {other:?}"),
+    }
+    let forbidden: Vec<(String, String)> = standin
+        .forbidden()
+        .iter()
+        .map(|r| (r.verb_resource(), r.path.clone()))
+        .collect();
+    ensure!(
+        forbidden
+            == [(
+                "get pods".to_string(),
+                "/api/v1/namespaces/kube-system/pods/kube-proxy-0".to_string()
+            )],
+        "403s: {forbidden:?}"
     );
     Ok(())
 }

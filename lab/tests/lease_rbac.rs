@@ -2,9 +2,10 @@
 //! calls Lease membership really makes.
 //!
 //! Runs against `relay-kube-standin` enforcing RBAC — NOT a real
-//! apiserver: the base ClusterRole's rules (`deploy/kubernetes/base/
-//! rbac.yaml`) plus the component's Role, whose rules match only in its
-//! namespace (as a RoleBinding grants them). Two relay replicas in
+//! apiserver: the base's rules (`deploy/kubernetes/base/rbac.yaml`: the
+//! ClusterRole and the Role in the edge namespace) plus the component's
+//! Role; a Role's rules match only in its namespace (as a RoleBinding
+//! grants them). Two relay replicas in
 //! Kubernetes mode reach it through an ordinary kubeconfig, so the
 //! production client path is the one checked.
 //!
@@ -37,6 +38,7 @@ const BOUND: Duration = Duration::from_secs(6);
 
 fn manifest_rules() -> Result<Vec<PolicyRule>> {
     let mut rules = cluster_role_rules(BASE_RBAC, "edge-relay:relay-server")?;
+    rules.extend(role_rules(BASE_RBAC, "edge-relay:relay-server")?);
     let role = role_rules(LEASE_RBAC, "edge-relay:replicas")?;
     ensure!(
         role.iter().all(|r| r.namespace.as_deref() == Some(NS)),

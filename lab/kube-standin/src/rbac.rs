@@ -1,6 +1,6 @@
-//! RBAC enforcement in the stand-in: ClusterRole rules read from the deploy
-//! manifests (`deploy/kubernetes/base/rbac.yaml`), matched against each
-//! request's [`RequestAttributes`] the way kube-apiserver's RBAC authorizer
+//! RBAC enforcement in the stand-in: ClusterRole and Role rules read from
+//! the deploy manifests (`deploy/kubernetes/base/rbac.yaml`), matched
+//! against each request's [`RequestAttributes`] the way kube-apiserver's RBAC authorizer
 //! matches resource requests (API group, `resource[/subresource]`, verb,
 //! `resourceNames`; `*` wildcards), so a test can prove that the manifests
 //! grant what the code needs and nothing it does not.
@@ -8,7 +8,9 @@
 //! Only resource rules: a rule with `nonResourceURLs` allows nothing here,
 //! and a non-resource request (`/version`) is denied when RBAC is on (the
 //! relay makes none). Aggregation and role bindings are out of scope: the
-//! caller picks the ClusterRole, as if bound to the client's account.
+//! caller picks the ClusterRoles ([`cluster_role_rules`]) and Roles
+//! ([`role_rules`], whose rules match only in the Role's namespace), as if
+//! bound to the client's account.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -72,11 +74,11 @@ impl PolicyRule {
     }
 
     /// `group resource verbs`, e.g. `"" nodes/status [get, patch]`, for
-    /// messages.
+    /// messages; a Role's rule ends with its namespace.
     pub fn describe(&self) -> String {
         let groups: Vec<String> = self.api_groups.iter().map(|g| format!("{g:?}")).collect();
         format!(
-            "apiGroups [{}] resources [{}] verbs [{}]{}",
+            "apiGroups [{}] resources [{}] verbs [{}]{}{}",
             groups.join(", "),
             self.resources.join(", "),
             self.verbs.join(", "),
@@ -84,6 +86,10 @@ impl PolicyRule {
                 String::new()
             } else {
                 format!(" resourceNames [{}]", self.resource_names.join(", "))
+            },
+            match &self.namespace {
+                Some(ns) => format!(" in namespace {ns}"),
+                None => String::new(),
             }
         )
     }
