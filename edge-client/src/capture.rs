@@ -21,7 +21,7 @@ use relay_transport::udp::{FlowLimits, FlowTable, Pick, PickConn, Picked, Redire
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, warn, Instrument};
 
 use crate::capture_state::{Routes, SavedCapture};
 use crate::client::{ConnWatch, EdgeState, EdgeStats};
@@ -329,7 +329,7 @@ async fn local_service(sock: TcpStream, ep: std::net::SocketAddr, cfg: Arc<EdgeC
             debug!(result = ?r, "local service connection closed");
         }
         Err(reply) => {
-            info!(reason = reply.status.as_str(), msg = %reply.message, "local service endpoint refused");
+            relay_transport::sampled!(info, "local service endpoint refused", reason = reply.status.as_str(), msg = %reply.message);
             let _ = sock.set_zero_linger();
         }
     }
@@ -347,7 +347,11 @@ async fn outbound(
     stats: Arc<EdgeStats>,
 ) {
     let Some((conn, _)) = conn else {
-        info!("no session to the relay; resetting captured connection");
+        // Sampled: during an outage this fires at the pods' retry rate.
+        relay_transport::sampled!(
+            info,
+            "no session to the relay; resetting captured connection"
+        );
         let _ = sock.set_zero_linger();
         return;
     };
@@ -366,7 +370,7 @@ async fn outbound(
             debug!(up = out.to_tunnel, down = out.from_tunnel, reset = ?out.reset, "outbound stream closed");
         }
         Err(reply) => {
-            info!(reason = reply.status.as_str(), msg = %reply.message, "outbound connection refused");
+            relay_transport::sampled!(info, "outbound connection refused", reason = reply.status.as_str(), msg = %reply.message);
             let _ = sock.set_zero_linger();
         }
     }

@@ -16,7 +16,7 @@ use relay_transport::conn::{finish_with, read_stream_open};
 use relay_transport::splice::{dial_tcp, splice};
 use relay_transport::udp::FlowTable;
 use relay_transport::{BiStream, TunnelConn};
-use tracing::{debug, info, Instrument};
+use tracing::{debug, Instrument};
 
 use crate::client::EdgeStats;
 use crate::config::EdgeConfig;
@@ -120,7 +120,7 @@ pub(crate) async fn serve_stream(
             Ok(t) => t,
             Err(reply) => {
                 stats.denied.fetch_add(1, Relaxed);
-                info!(reason = reply.status.as_str(), msg = %reply.message, "stream refused");
+                relay_transport::sampled!(info, "stream refused", reason = reply.status.as_str(), msg = %reply.message);
                 finish_with(&mut bi, &reply).await;
                 return;
             }

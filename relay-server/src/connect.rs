@@ -23,7 +23,7 @@ use relay_transport::conn::accept_until;
 use relay_transport::splice::{splice, LocalStream};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, Instrument};
+use tracing::{debug, Instrument};
 
 pub use crate::connect_head::{
     parse_authority, parse_request_head, Authority, HeadProblem, RequestHead,
@@ -119,7 +119,7 @@ async fn serve_tcp_client(
                     audit.outcome = "closed_before_tls";
                 }
                 Ok(Err(e)) => {
-                    info!(%peer, error = %e, "CONNECT TLS handshake failed");
+                    relay_transport::sampled!(info, "CONNECT TLS handshake failed", %peer, error = %e);
                     let mut audit = Audit::new(Client::Addr(peer), peer);
                     audit.outcome = "tls_handshake_failed";
                 }
@@ -241,7 +241,7 @@ async fn handle<S: LocalStream>(mut s: S, peer: Peer, mut audit: Audit, shared: 
     if !cluster_loaded(shared, &auth, limits.dial_timeout).await {
         audit.answer(503, "not_ready");
         let msg = "the relay has not loaded the cluster's Nodes and Services yet";
-        info!(%peer, dst = %authority, "CONNECT refused: not ready");
+        relay_transport::sampled!(info, "CONNECT refused: not ready", %peer, dst = %authority);
         let _ = respond(&mut s, 503, "not_ready", msg, shared).await;
         return;
     }
@@ -249,7 +249,9 @@ async fn handle<S: LocalStream>(mut s: S, peer: Peer, mut audit: Audit, shared: 
         Ok(v) => v,
         Err(reply) => {
             shared.metrics.stream_outcome(reply.status);
-            info!(%peer, dst = %authority, reason = reply.status.as_str(), msg = %reply.message, "CONNECT refused");
+            // Sampled, unlike the audit line (one per connection by contract):
+            // a scraper polling offline edges would log at its poll rate.
+            relay_transport::sampled!(info, "CONNECT refused", %peer, dst = %authority, reason = reply.status.as_str(), msg = %reply.message);
             return refuse(&mut s, &mut audit, &reply, shared).await;
         }
     };
@@ -264,7 +266,7 @@ async fn handle<S: LocalStream>(mut s: S, peer: Peer, mut audit: Audit, shared: 
         let (bi, guard) = match open_on(shared, session, target, peer.addr()).await {
             Ok(v) => v,
             Err(reply) => {
-                info!(reason = reply.status.as_str(), msg = %reply.message, "stream refused");
+                relay_transport::sampled!(info, "stream refused", reason = reply.status.as_str(), msg = %reply.message);
                 return refuse(&mut s, &mut audit, &reply, shared).await;
             }
         };
@@ -296,7 +298,7 @@ async fn direct<S: LocalStream>(
     let tcp = match crate::tunnel::dial_direct(shared, target).await {
         Ok(t) => t,
         Err(reply) => {
-            info!(dst = %target, reason = reply.status.as_str(), msg = %reply.message, "CONNECT to a cloud endpoint refused");
+            relay_transport::sampled!(info, "CONNECT to a cloud endpoint refused", dst = %target, reason = reply.status.as_str(), msg = %reply.message);
             return refuse(&mut s, &mut audit, &reply, shared).await;
         }
     };

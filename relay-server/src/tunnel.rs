@@ -138,7 +138,9 @@ fn refuse_captured(
     dst: SocketAddr,
     reply: &StreamReply,
 ) {
-    info!(%peer, %dst, reason = reply.status.as_str(), msg = %reply.message, "captured connection refused");
+    // Sampled (the count stays in the stream metrics): a pod retrying
+    // against an offline edge would otherwise log at its retry rate.
+    relay_transport::sampled!(info, "captured connection refused", %peer, %dst, reason = reply.status.as_str(), msg = %reply.message);
     let _ = sock.set_zero_linger();
 }
 
@@ -214,7 +216,7 @@ pub(crate) async fn serve_edge_stream(
 
 pub(crate) async fn refuse(bi: &mut BiStream, shared: &Shared, reply: StreamReply) {
     shared.metrics.stream_outcome(reply.status);
-    info!(reason = reply.status.as_str(), msg = %reply.message, "edge stream refused");
+    relay_transport::sampled!(info, "edge stream refused", reason = reply.status.as_str(), msg = %reply.message);
     finish_with(bi, &reply).await;
 }
 
@@ -392,5 +394,79 @@ mod tests {
             assert_eq!(vouched_by(&r, "edge-a", sa(claim)), None, "{claim}");
         }
         assert_eq!(vouched_by(&r, "edge-a", None), None);
+    }
+
+    /// A `MakeWriter` that keeps what the test subscriber prints.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// docs/bad-input.md row 117: a cloud pod retrying every 10 ms against
+    /// a pod on an offline edge. Each of its 2,001 connections in 20 s is
+    /// reset at once through the real `refuse_captured`, and the log gets
+    /// three lines, not 2,001: the first at once, then one per 10 s saying
+    /// how many it stands for. (The paused clock makes the 10 ms steps
+    /// exact; the sampler reads tokio's clock for this.)
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_with_a_pod_retrying_every_10_ms_logs_a_line_per_window() {
+        use relay_protocol::{StreamReply, StreamStatus};
+        use tokio::io::AsyncReadExt;
+
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .without_time()
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap();
+        let dst: std::net::SocketAddr = "10.244.8.5:8080".parse().unwrap();
+        let reply = StreamReply::fail(StreamStatus::NoRoute, "no edge session serves 10.244.8.5");
+        for i in 0..2_001 {
+            let (client, accepted) = tokio::join!(tokio::net::TcpStream::connect(at), l.accept());
+            let (mut client, (sock, peer)) = (client.unwrap(), accepted.unwrap());
+            super::refuse_captured(sock, peer, dst, &reply);
+            let r = client.read(&mut [0u8; 1]).await;
+            assert_eq!(
+                r.map_err(|e| e.kind()),
+                Err(std::io::ErrorKind::ConnectionReset),
+                "attempt {i} is reset at once"
+            );
+            tokio::time::advance(std::time::Duration::from_millis(10)).await;
+        }
+
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(
+            lines.iter().all(|l| l.contains("INFO")
+                && l.contains("relay_server::tunnel")
+                && l.contains("captured connection refused")
+                && l.contains("dst=10.244.8.5:8080")
+                && l.contains("peer=127.0.0.1:")
+                && l.contains("reason=\"no_route\"")),
+            "{text}"
+        );
+        assert!(!lines[0].contains("more like it"), "{text}");
+        for l in &lines[1..] {
+            assert!(
+                l.contains("captured connection refused (and 999 more like it in the last 10 s)"),
+                "{text}"
+            );
+            assert!(l.contains("suppressed=999"), "{text}");
+        }
     }
 }

@@ -23,6 +23,8 @@
 //! - [`http`]: serving a small HTTP API with bounded request heads.
 //! - [`reload`]: server TLS (certificate, client CA, CRLs) replaced while
 //!   running, for new handshakes only.
+//! - [`log_sample`]: failure lines logged at most once per call site per
+//!   10 s, with the count of the ones left out ([`sampled!`]).
 //! - [`saved`]: tables kept on disk across restarts (JSON with a format
 //!   version, written atomically, at most once a second).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -37,6 +39,7 @@ pub mod devcerts;
 pub mod grant;
 pub mod http;
 pub mod issue;
+pub mod log_sample;
 pub mod memory;
 pub mod proxy;
 pub mod quic;
