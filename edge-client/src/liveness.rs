@@ -1,8 +1,12 @@
 //! The edge's liveness check: is the path to the relay still there?
 //!
 //! **On the TCP fallback** the check is a ping on the control stream every
-//! keep-alive interval, and the path is declared dead only when a ping has
-//! gone unanswered for [`DEAD_AFTER_KEEPALIVES`] intervals.
+//! keep-alive interval, and the path is declared dead when a ping has gone
+//! unanswered for [`DEAD_AFTER_KEEPALIVES`] intervals while nothing else
+//! arrived either, or when nothing at all (no byte) has arrived for that
+//! long. While bytes keep arriving (the relay's window updates during an
+//! upload, data), a ping's answer queued behind the upload on a slow,
+//! deep-buffered uplink is given as long as on QUIC (below).
 //!
 //! **On QUIC** the check is what arrives: QUIC's own keep-alive PING leaves
 //! whenever nothing arrived for an interval, and the relay's ACK of it is a
@@ -86,8 +90,12 @@ pub(crate) struct Liveness {
     ticks: u64,
     /// Pings sent and not answered yet, oldest first.
     outstanding: VecDeque<(u64, Instant)>,
-    /// QUIC: datagrams received as of the last change, and the tick that
-    /// saw it change.
+    /// When the oldest ping not answered yet was sent, kept when
+    /// [`MAX_OUTSTANDING`] drops it from `outstanding` (a control stream
+    /// that never answers must still be noticed).
+    unanswered_since: Option<Instant>,
+    /// What had arrived (datagrams on QUIC, bytes on TCP) as of the last
+    /// change, and the tick that saw it change.
     received: Option<(u64, Instant)>,
 }
 
@@ -140,6 +148,7 @@ impl Liveness {
             ping_every: 1,
             ticks: 0,
             outstanding: VecDeque::new(),
+            unanswered_since: None,
             received: None,
         }
     }
@@ -163,9 +172,10 @@ impl Liveness {
         interval * DEAD_AFTER_KEEPALIVES - interval / 10
     }
 
-    /// Called every keep-alive interval with the datagrams received so far
-    /// (QUIC; `None` on TCP): a ping to send, nothing, or the verdict that
-    /// the path is dead.
+    /// Called every keep-alive interval with what arrived so far
+    /// ([`relay_transport::TunnelConn::arrivals`]: datagrams on QUIC, bytes
+    /// on TCP; `None`: not known): a ping to send, nothing, or the verdict
+    /// that the path is dead.
     pub(crate) fn tick(&mut self, now: Instant, nonce: u64, received: Option<u64>) -> Tick {
         if let Some(n) = received {
             let at = match self.received {
@@ -180,11 +190,19 @@ impl Liveness {
                 return Tick::Dead(Dead::NothingReceived(age));
             }
         }
-        if let Some(&(_, sent)) = self.outstanding.front() {
+        if let Some(sent) = self.unanswered_since {
             let age = now.saturating_duration_since(sent);
-            let interval = self
+            let mut interval = self
                 .keepalive
                 .saturating_mul(self.ping_every.try_into().unwrap_or(u32::MAX));
+            // Something arrived after that ping left: the path lives, and
+            // its answer waits behind data (a deep uplink queue under an
+            // upload on the TCP fallback: 8 s and more). Given as long as a
+            // control ping on QUIC, which checks the relay's session task
+            // and not the path.
+            if self.received.is_some_and(|(_, at)| at > sent) {
+                interval = interval.max(relay_protocol::QUIC_CONTROL_PING);
+            }
             if age >= Self::dead_after(interval) {
                 return Tick::Dead(Dead::Unanswered(age));
             }
@@ -198,6 +216,7 @@ impl Liveness {
             self.outstanding.pop_front();
         }
         self.outstanding.push_back((nonce, now));
+        self.unanswered_since.get_or_insert(now);
         Tick::Ping(nonce)
     }
 
@@ -208,6 +227,8 @@ impl Liveness {
         let i = self.outstanding.iter().position(|&(n, _)| n == nonce)?;
         let sent = self.outstanding[i].1;
         self.outstanding.drain(..=i);
+        // In order: every older ping is answered too.
+        self.unanswered_since = self.outstanding.front().map(|&(_, t)| t);
         Some(now.saturating_duration_since(sent))
     }
 
@@ -313,6 +334,61 @@ mod tests {
                 "offset {step}/20: declared {took:?} after death"
             );
         }
+    }
+
+    /// TCP fallback under an upload on a deep-buffered uplink: no pong for
+    /// many intervals, but bytes from the relay (its window updates, its
+    /// pings) keep arriving. The path lives: no verdict while they do, one
+    /// within three intervals once nothing arrives, and one at the QUIC
+    /// bound if bytes arrive but the control stream never answers.
+    #[test]
+    fn pongs_queued_behind_an_upload_are_waited_for_while_bytes_arrive() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(K);
+        let mut bytes = 1000u64;
+        for i in 0..10u32 {
+            bytes += 300;
+            assert!(
+                matches!(l.tick(t0 + K * i, u64::from(i), Some(bytes)), Tick::Ping(_)),
+                "tick {i}: bytes arriving, pongs late"
+            );
+        }
+        // The pongs come (8 s late), then bytes stop altogether.
+        assert!(l.pong(9, t0 + K * 9 + Duration::from_secs(8)).is_some());
+        let stop = t0 + K * 10;
+        let mut declared = None;
+        for i in 10..20u32 {
+            let now = t0 + K * i;
+            if let Tick::Dead(d) = l.tick(now, u64::from(i), Some(bytes)) {
+                declared = Some((now, d));
+                break;
+            }
+        }
+        let (at, _) = declared.expect("never declared dead");
+        assert!(
+            at - stop <= 3 * K,
+            "declared {:?} after the stop",
+            at - stop
+        );
+
+        // Bytes arrive but the control stream never answers: the verdict
+        // comes at QUIC's control bound, not at two intervals.
+        let mut l = Liveness::new(K);
+        let mut verdict = None;
+        for i in 0..200u32 {
+            bytes += 300;
+            let now = t0 + K * i;
+            if let Tick::Dead(d) = l.tick(now, u64::from(i), Some(bytes)) {
+                verdict = Some((now - t0, d));
+                break;
+            }
+        }
+        let (after, d) = verdict.expect("a control stream that never answers is dead");
+        assert!(matches!(d, Dead::Unanswered(_)), "{d:?}");
+        let bound = relay_protocol::QUIC_CONTROL_PING * DEAD_AFTER_KEEPALIVES;
+        // Less a tenth of an interval (see `dead_after`), to the next tick.
+        let at_least = bound - relay_protocol::QUIC_CONTROL_PING / 10;
+        assert!(after >= at_least && after <= bound + K, "after {after:?}");
     }
 
     #[test]

@@ -455,13 +455,18 @@ fn cut_path(t: &mut Table, transport: TransportMode, cut: Cut, what: &str) -> Re
     // which too, in the words of whichever side decided.
     let own = "its own check, keepalive 1s";
     let (how, dead, closed, said): (_, _, _, &[&str]) = match (cut, transport) {
-        // A ping unanswered, or (rarely: the kernel's buffer takes a ping
-        // at once) the write of one stuck.
+        // Nothing arriving (the relay's pongs and window updates stop), a
+        // ping unanswered, or (rarely: the kernel's buffer takes a ping at
+        // once) the write of one stuck: whichever the check sees first.
         (Cut::Link, TransportMode::Tcp) => (
             own,
             1.0,
             0.0,
-            &["no answer to a control ping", "control write"],
+            &[
+                "nothing received from the relay",
+                "no answer to a control ping",
+                "control write",
+            ],
         ),
         (Cut::Link, _) => (own, 1.0, 0.0, &["nothing received from the relay"]),
         (Cut::Upstream, _) => (

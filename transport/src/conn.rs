@@ -139,6 +139,18 @@ impl TunnelConn {
         }
     }
 
+    /// A count that grows whenever anything arrives from the peer: UDP
+    /// datagrams on QUIC, bytes on the TCP fallback. What the edge's
+    /// liveness check watches: while it grows the path lives, even when
+    /// an answer to a control ping is queued behind data on a slow,
+    /// deep-buffered uplink.
+    pub fn arrivals(&self) -> u64 {
+        match self {
+            TunnelConn::Quic(c) => c.stats().udp_rx.datagrams,
+            TunnelConn::Tcp(c) => c.bytes_received(),
+        }
+    }
+
     /// The application protocol negotiated in the TLS handshake (tunnel
     /// or certificate bootstrap).
     pub fn alpn(&self) -> Option<Vec<u8>> {

@@ -199,6 +199,8 @@ pub struct YamuxConn {
     close: CancellationToken,
     closed: watch::Receiver<Option<String>>,
     reason: std::sync::Mutex<Option<String>>,
+    /// Bytes read from the peer so far (TLS records included).
+    received: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// yamux's configuration for `limits`: its table, and the smallest
@@ -246,6 +248,11 @@ impl YamuxConn {
         } else {
             yamux::Mode::Server
         };
+        let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let io = super::counted::Counted {
+            inner: io,
+            read: received.clone(),
+        };
         let conn = yamux::Connection::new(io.compat(), config(&limits), mode);
         let (open_tx, open_rx) = mpsc::channel(64);
         // Never full: it holds no more than the inbound slots.
@@ -283,6 +290,7 @@ impl YamuxConn {
             close,
             closed: closed_rx,
             reason: std::sync::Mutex::new(None),
+            received,
         });
         let setup = async {
             if client {
@@ -409,6 +417,12 @@ impl YamuxConn {
             r.get_or_insert_with(|| reason.to_string());
         }
         self.close.cancel();
+    }
+
+    /// Bytes read from the peer so far (TLS records included): grows
+    /// whenever anything arrives, data, window updates or control.
+    pub fn bytes_received(&self) -> u64 {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Resolves when the connection is closed, with why.
