@@ -1,7 +1,9 @@
 //! Keeps live sessions in step with the directory: a node deleted (no
 //! Node object, or removed from the table) loses its session within
 //! seconds; a node whose pod CIDRs or addresses changed has its routes
-//! follow without a reconnect.
+//! follow without a reconnect; the cloud Nodes' pod ranges join the cloud
+//! ranges (and leave them) as Nodes come and go, and reach every edge as
+//! tunnel routes without a reconnect ([`crate::policy::cloud_nodes`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,17 +21,48 @@ use crate::server::Shared;
 const SETTLE: Duration = Duration::from_millis(200);
 
 /// Runs until `stop`: walks the live sessions whenever the directory
-/// changes.
+/// changes; looks at the cloud Nodes' pod ranges again whenever the
+/// routes edges serve change (an edge's claim wins over them).
 pub(crate) async fn follow_directory(shared: Arc<Shared>, stop: CancellationToken) -> &'static str {
     let mut changes = shared.directory.subscribe();
+    let mut routes = shared.registry.subscribe();
+    // A directory loaded before this subscribed (from its cache) has its
+    // cloud Nodes already.
+    cloud_nodes(&shared);
     loop {
-        tokio::select! {
+        // `changed()` marks what it saw as seen: which branch fired is
+        // remembered, and a directory change during the settle counts too.
+        let mut directory = tokio::select! {
             _ = stop.cancelled() => return "directory",
-            r = changes.changed() => if r.is_err() { return "directory" },
-        }
+            r = changes.changed() => if r.is_err() { return "directory" } else { true },
+            r = routes.changed() => if r.is_err() { return "directory" } else { false },
+        };
         tokio::time::sleep(SETTLE).await;
-        changes.borrow_and_update();
-        apply(&shared);
+        routes.borrow_and_update();
+        directory |= changes.has_changed().unwrap_or(false);
+        if directory {
+            changes.borrow_and_update();
+            apply(&shared);
+        } else {
+            // Only routes changed: no session walk, just the cloud set
+            // (one probe of the route table per cloud Node prefix).
+            cloud_nodes(&shared);
+        }
+    }
+}
+
+/// Brings the cloud ranges' joined part up to date with the directory's
+/// cloud Nodes and the routes edges serve (see
+/// [`crate::policy::cloud_nodes`]); when it changed, every route feed
+/// looks again (batched as any route change is), so live edges are sent
+/// the difference without a reconnect.
+pub(crate) fn cloud_nodes(shared: &Shared) {
+    let candidates = shared.directory.cloud_prefixes();
+    if shared
+        .policy
+        .set_cloud_nodes(&candidates, |c| shared.registry.overlapping(c))
+    {
+        shared.registry.poke();
     }
 }
 
@@ -80,4 +113,7 @@ pub(crate) fn apply(shared: &Shared) {
             }
         }
     }
+    // Last: the sessions' routes above decide which cloud prefixes an
+    // edge's claim keeps out.
+    cloud_nodes(shared);
 }

@@ -10,8 +10,9 @@
 //!    checks again against what it serves). A CONNECT client (the
 //!    apiserver's egress selector sends it all of its node and pod
 //!    traffic) also reaches the cloud itself, dialled by the relay: the
-//!    cloud ranges (`tunnel_routes`) and the addresses and pod CIDRs of
-//!    cloud Nodes (their kubelets), never an address an edge node claims
+//!    cloud ranges (`tunnel_routes`, and the cloud Nodes' own pod ranges:
+//!    see [`cloud_nodes`]) and the addresses and pod CIDRs of cloud Nodes
+//!    (their kubelets), never an address an edge node claims
 //!    (an edge without a session fails at once, as before) and with rule
 //!    6's address checks. Captured traffic reaches edges only: the relay
 //!    is not a general proxy into the cloud.
@@ -26,7 +27,10 @@
 //! 6. What the relay would dial itself for an edge is never an
 //!    unspecified, loopback, link-local, multicast or broadcast address,
 //!    nor one of the relay's own listeners (tunnel, CONNECT, admin,
-//!    capture) on any of its addresses; and it is inside `tunnel_routes`.
+//!    capture) on any of its addresses; and it is inside the cloud ranges:
+//!    `tunnel_routes`, or a cloud Node's own pod range ([`cloud_nodes`]:
+//!    Kubernetes mode, followed without a restart, never one an edge
+//!    serves).
 //!
 //! Routing (which session serves a prefix) is the registry's business; the
 //! caller passes the owner it found, so the table below is pure and unit
@@ -34,16 +38,23 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex, RwLock};
 
 use relay_protocol::{Cidr, StreamReply, StreamStatus};
 
 pub use crate::directory::Claim;
 
+pub mod cloud_nodes;
 mod communities;
 #[cfg(test)]
 mod tests;
 pub use communities::Communities;
+
+/// The ranges edges send through the tunnel and may reach in the cloud:
+/// `tunnel_routes` and the cloud Nodes' own pod ranges. Replaced whole
+/// when it changes, so route feeds tell a change by pointer
+/// ([`crate::routefeed::RouteFeed::poll`]).
+pub type CloudRanges = Arc<BTreeSet<Cidr>>;
 
 /// Where a connection or flow comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,7 +112,8 @@ pub enum DenyReason {
     OwnRoute,
     /// Edge to edge without a shared community.
     NoCommunity,
-    /// Outside the cloud ranges (`tunnel_routes`) edges may reach.
+    /// Outside the cloud ranges edges may reach (`tunnel_routes` and the
+    /// cloud Nodes' own pod ranges).
     OutsideCloudRanges,
     /// No edge serves the target (cloud clients reach only edges).
     NoRoute,
@@ -185,7 +197,15 @@ pub(crate) use relay_transport::capture::is_local_address;
 /// The relay's authorisation policy.
 #[derive(Debug)]
 pub struct Policy {
+    /// `tunnel_routes`.
     cloud: Vec<Cidr>,
+    /// The cloud Nodes' own pod ranges that joined the cloud ranges (see
+    /// [`cloud_nodes`]).
+    cloud_nodes: RwLock<cloud_nodes::PrefixSet>,
+    /// `cloud` and the joined prefixes, as edges are sent them.
+    ranges: RwLock<CloudRanges>,
+    /// The prefixes last left out (logged once each) and the last joined.
+    last_vet: Mutex<cloud_nodes::Vetted>,
     /// Whether CONNECT reaches the cloud (rule 2); see
     /// [`Policy::set_connect_cloud`].
     connect_cloud: bool,
@@ -203,7 +223,10 @@ impl Policy {
     /// A policy from the cloud ranges edges may reach and the communities.
     pub fn new(cloud: Vec<Cidr>, communities: Communities) -> Self {
         Policy {
+            ranges: RwLock::new(Arc::new(cloud.iter().copied().collect())),
             cloud,
+            cloud_nodes: RwLock::default(),
+            last_vet: Mutex::default(),
             connect_cloud: true,
             communities,
             labels: RwLock::default(),
@@ -253,9 +276,88 @@ impl Policy {
         self.epoch.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The cloud ranges edges may reach.
-    pub fn cloud_ranges(&self) -> &[Cidr] {
+    /// The cloud ranges edges may reach and are sent as tunnel routes:
+    /// `tunnel_routes` and the cloud Nodes' pod ranges that joined them.
+    pub fn cloud_ranges(&self) -> CloudRanges {
+        self.ranges
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The configured cloud ranges (`tunnel_routes`) alone.
+    pub fn configured_ranges(&self) -> &[Cidr] {
         &self.cloud
+    }
+
+    /// Whether `ip` is inside the cloud ranges (configured or joined).
+    fn in_cloud(&self, ip: IpAddr) -> bool {
+        self.cloud.iter().any(|c| c.contains(&ip))
+            || self
+                .cloud_nodes
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(ip)
+    }
+
+    /// Makes the cloud Nodes' prefixes (`candidates`, as
+    /// `Directory::cloud_prefixes` gives them) the joined part of the
+    /// cloud ranges, as [`cloud_nodes::vet`] picks them (`served(prefix)`
+    /// names a route an edge session serves that overlaps it, and the
+    /// edge). Each prefix left out is logged once (again only if it
+    /// joined in between); what joined and left, in one line per change.
+    /// Returns whether the cloud ranges changed (route feeds must then
+    /// look again: the caller pokes the registry).
+    pub fn set_cloud_nodes(
+        &self,
+        candidates: &[Cidr],
+        served: impl Fn(&Cidr) -> Option<(Cidr, String)>,
+    ) -> bool {
+        let vetted = cloud_nodes::vet(candidates, &self.cloud, served);
+        let mut last = self.last_vet.lock().unwrap_or_else(|e| e.into_inner());
+        for (prefix, why) in vetted.left_out.difference(&last.left_out) {
+            match why {
+                cloud_nodes::LeftOut::TooWide => tracing::warn!(
+                    %prefix,
+                    "a cloud Node's pod range is wider than /{} (IPv4) or /{} (IPv6): not joined to the cloud ranges; list it in tunnel_routes if edges must reach it",
+                    cloud_nodes::MIN_V4_LEN,
+                    cloud_nodes::MIN_V6_LEN,
+                ),
+                cloud_nodes::LeftOut::EdgeServes(have, node) => tracing::warn!(
+                    %prefix,
+                    edge_route = %have,
+                    %node,
+                    "a cloud Node's pod range overlaps a route an edge serves: the edge's claim wins; the range is not a cloud range (edges are not sent it, the relay dials nothing in it for them) while the edge serves that route"
+                ),
+            }
+        }
+        if last.kept == vetted.kept {
+            *last = vetted;
+            return false;
+        }
+        // One line per change, not per prefix: a relist of a large cluster
+        // changes them all at once. Both lists are sorted (`vet`).
+        let joined: Vec<&Cidr> = (vetted.kept.iter())
+            .filter(|c| last.kept.binary_search(c).is_err())
+            .collect();
+        let gone: Vec<&Cidr> = (last.kept.iter())
+            .filter(|c| vetted.kept.binary_search(c).is_err())
+            .collect();
+        tracing::info!(
+            joined = joined.len(),
+            gone = gone.len(),
+            total = vetted.kept.len(),
+            first_joined = ?joined.first(),
+            first_gone = ?gone.first(),
+            "cloud Nodes' pod ranges in the cloud ranges changed; edges' routes follow"
+        );
+        let mut ranges: BTreeSet<Cidr> = self.cloud.iter().copied().collect();
+        ranges.extend(vetted.kept.iter().copied());
+        *self.cloud_nodes.write().unwrap_or_else(|e| e.into_inner()) =
+            cloud_nodes::PrefixSet::new(&vetted.kept);
+        *self.ranges.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ranges);
+        *last = vetted;
+        true
     }
 
     /// Why the relay must not dial `target` itself, whoever asks: its
@@ -290,9 +392,9 @@ impl Policy {
                 DenyReason::NoRoute,
                 format!("no edge session serves {ip} (CONNECT reaches edges only: listen.connect_cloud = false)"),
             )),
-            Claim::Nobody if !self.cloud.iter().any(|c| c.contains(&ip)) => Err(Denied::new(
+            Claim::Nobody if !self.in_cloud(ip) => Err(Denied::new(
                 DenyReason::NoRoute,
-                format!("no edge session serves {ip}, and it is neither in the cloud ranges (tunnel_routes) nor a cloud node's"),
+                format!("no edge session serves {ip}, and it is neither in the cloud ranges (tunnel_routes, cloud Nodes' pod ranges) nor a cloud node's"),
             )),
             Claim::Nobody | Claim::Cloud => match self.dial_refused(target) {
                 Some(d) => Err(d),
@@ -357,7 +459,8 @@ impl Policy {
                 _ => self.dial_refused(target).map_or(Ok(Verdict::ToCloud), Err),
             },
             // The relay would dial this itself: never its own host's
-            // special addresses or listeners, only the cloud ranges, and
+            // special addresses or listeners, only the cloud ranges
+            // (configured, or a cloud Node's own pod range), and
             // never an address an edge claims (an edge offline, or one of
             // a LAN several sites share): in the cloud network it means
             // another host, or none.
@@ -367,11 +470,11 @@ impl Policy {
                     DenyReason::NoRoute,
                     format!("{ip} belongs to an edge node with no live session routing it"),
                 )),
-                None if self.cloud.iter().any(|c| c.contains(&ip)) => Ok(Verdict::ToCloud),
+                None if self.in_cloud(ip) => Ok(Verdict::ToCloud),
                 None => Err(Denied::new(
                     DenyReason::OutsideCloudRanges,
                     format!(
-                        "{target} is outside the cloud ranges this relay serves (tunnel_routes)"
+                        "{target} is outside the cloud ranges this relay serves (tunnel_routes, and cloud Nodes' pod ranges)"
                     ),
                 )),
             },

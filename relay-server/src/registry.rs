@@ -249,6 +249,21 @@ impl<S: RouteOwner> Registry<S> {
             .unwrap_or_default()
     }
 
+    /// A route some session serves that overlaps `c`, and its node (the
+    /// cloud Nodes' pod ranges never join the cloud ranges over an edge's
+    /// route: see [`crate::policy::cloud_nodes`]).
+    pub fn overlapping(&self, c: &Cidr) -> Option<(Cidr, String)> {
+        let g = self.read();
+        g.routes
+            .overlap(c, |_| true)
+            .map(|(have, s)| (have, s.node().to_string()))
+    }
+
+    /// The node whose session serves exactly the prefix `c`.
+    pub fn serves_exactly(&self, c: &Cidr) -> Option<String> {
+        self.read().routes.get(c).map(|s| s.node().to_string())
+    }
+
     /// The session whose routes contain `ip`, by longest prefix.
     pub fn lookup(&self, ip: IpAddr) -> Option<Arc<S>> {
         self.read().routes.lookup(ip).cloned()

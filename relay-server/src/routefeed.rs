@@ -1,8 +1,10 @@
 //! What each edge is told to send back through the tunnel, kept up to date
 //! at a cost proportional to the changes, not to the number of edges.
 //!
-//! An edge's tunnel routes are the configured cloud ranges plus the routes
-//! of the other edges its policy lets it reach (a shared community; see
+//! An edge's tunnel routes are the cloud ranges (`tunnel_routes`, and in
+//! Kubernetes mode the cloud Nodes' own pod ranges, which change while
+//! the relay runs: see [`crate::policy::cloud_nodes`]) plus the routes of
+//! the other edges its policy lets it reach (a shared community; see
 //! [`crate::policy`]). Edges learn them in one of two ways:
 //! - an edge that announced [`capability::ROUTE_DELTAS`] gets
 //!   [`Control::RouteDelta`] frames: a full set once (flagged `reset`), then
@@ -15,12 +17,17 @@
 //!
 //! The relay keeps no per-session copy of what a delta edge has: the
 //! registry's journal says what changed since the session's cursor, and a
-//! session that fell behind the journal gets a resync.
+//! session that fell behind the journal gets a resync. Of the cloud ranges
+//! each feed holds only a reference to the set it last sent (shared by
+//! every feed, replaced whole by the policy when it changes), so a change
+//! of the cloud set costs each edge the difference, as a delta.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use relay_protocol::{capability, Cidr, Control};
 
+use crate::policy::CloudRanges;
 use crate::registry::{Registry, RouteChanges, RouteOwner};
 
 /// Most prefixes in the whole list sent to an edge without
@@ -41,6 +48,8 @@ pub struct RouteFeed {
     /// The policy epoch the feed's view was built under (see
     /// [`RouteFeed::at_epoch`]).
     epoch: Option<u64>,
+    /// The cloud ranges the edge was last sent (see [`CloudRanges`]).
+    cloud: Option<CloudRanges>,
 }
 
 /// What to send after a poll.
@@ -61,6 +70,7 @@ impl RouteFeed {
             legacy: (capabilities & capability::ROUTE_DELTAS == 0).then(BTreeSet::new),
             cut: false,
             epoch: None,
+            cloud: None,
         }
     }
 
@@ -85,41 +95,63 @@ impl RouteFeed {
         self.cut
     }
 
-    /// Brings the feed up to date with `reg`: `cloud` is the configured
-    /// cloud ranges, `visible(node)` whether this edge may reach `node`.
-    /// Returns the frames to send (none when nothing changed for it).
+    /// Brings the feed up to date with `reg`: `cloud` is the cloud ranges
+    /// now ([`crate::policy::Policy::cloud_ranges`]), `visible(node)`
+    /// whether this edge may reach `node`. Returns the frames to send
+    /// (none when nothing changed for it).
     pub fn poll<S: RouteOwner>(
         &mut self,
         reg: &Registry<S>,
-        cloud: &[Cidr],
+        cloud: CloudRanges,
         visible: impl Fn(&str) -> bool,
     ) -> FeedUpdate {
         let me = self.node.as_str();
-        let (next, changes) = reg.route_changes(self.cursor, |n: &str| n != me && visible(n));
+        let sees = |n: &str| n != me && visible(n);
+        let (next, changes) = reg.route_changes(self.cursor, sees);
         let first = self.cursor.is_none();
         self.cursor = Some(next);
-        let cloud: BTreeSet<Cidr> = cloud.iter().copied().collect();
+        let before = self.cloud.replace(cloud.clone());
         let (reset, add, remove) = match changes {
             RouteChanges::Resync(all) => {
-                let mut add: BTreeSet<Cidr> = cloud.clone();
+                let mut add: BTreeSet<Cidr> = (*cloud).clone();
                 add.extend(all);
                 (true, add, BTreeSet::new())
             }
             RouteChanges::Events(events) => {
-                // The last event of a prefix decides; a cloud range stays
-                // whatever edge comes or goes with the same prefix.
+                // The last event of a prefix decides.
                 let mut net: BTreeMap<Cidr, bool> = BTreeMap::new();
                 for (c, added) in events {
-                    if !cloud.contains(&c) {
-                        net.insert(c, added);
+                    net.insert(c, added);
+                }
+                let mut add = BTreeSet::new();
+                let mut remove = BTreeSet::new();
+                // The cloud set changed (a cloud Node came or went): its
+                // difference. A prefix that left it stays with the edge
+                // when an edge it sees serves that very prefix (the edge's
+                // claim is why it left), unless the journal says more.
+                let old = before.unwrap_or_default();
+                if !Arc::ptr_eq(&old, &cloud) {
+                    add.extend(cloud.difference(&old).copied());
+                    for c in old.difference(&cloud) {
+                        let kept = || reg.serves_exactly(c).is_some_and(|n| sees(&n));
+                        if !net.contains_key(c) && !kept() {
+                            remove.insert(*c);
+                        }
                     }
                 }
-                let (add, remove): (Vec<_>, Vec<_>) = net.into_iter().partition(|(_, a)| *a);
-                (
-                    false,
-                    add.into_iter().map(|(c, _)| c).collect(),
-                    remove.into_iter().map(|(c, _)| c).collect(),
-                )
+                for (c, added) in net {
+                    // A cloud range stays whatever edge comes or goes with
+                    // the same prefix.
+                    if cloud.contains(&c) {
+                        continue;
+                    }
+                    if added {
+                        add.insert(c);
+                    } else {
+                        remove.insert(c);
+                    }
+                }
+                (false, add, remove)
             }
         };
         if let Some(full) = &mut self.legacy {
@@ -152,7 +184,7 @@ impl RouteFeed {
     pub fn hello_routes<S: RouteOwner>(
         &mut self,
         reg: &Registry<S>,
-        cloud: &[Cidr],
+        cloud: CloudRanges,
         visible: impl Fn(&str) -> bool,
     ) -> Vec<Cidr> {
         if !self.is_legacy() {
@@ -252,7 +284,7 @@ mod tests {
     /// What node `me` should have: cloud ranges plus visible others' routes.
     fn expected(
         reg: &Registry<Fake>,
-        cloud: &[Cidr],
+        cloud: &BTreeSet<Cidr>,
         me: &str,
         vis: &dyn Fn(&str) -> bool,
     ) -> BTreeSet<Cidr> {
@@ -265,11 +297,19 @@ mod tests {
         want
     }
 
-    fn cloud() -> Vec<Cidr> {
-        vec![
-            "10.96.0.0/12".parse().unwrap(),
-            "192.168.0.0/24".parse().unwrap(),
-        ]
+    fn cloud() -> CloudRanges {
+        // One set for every call, as the policy keeps it until it changes.
+        static CLOUD: std::sync::OnceLock<CloudRanges> = std::sync::OnceLock::new();
+        CLOUD
+            .get_or_init(|| {
+                Arc::new(
+                    ["10.96.0.0/12", "192.168.0.0/24"]
+                        .iter()
+                        .map(|c| c.parse().unwrap())
+                        .collect(),
+                )
+            })
+            .clone()
     }
 
     #[test]
@@ -279,15 +319,15 @@ mod tests {
             add(&reg, session(i, 1), 100);
         }
         let mut feed = RouteFeed::new("n0", capability::ALL);
-        assert!(feed.hello_routes(&reg, &cloud(), |_| true).is_empty());
+        assert!(feed.hello_routes(&reg, cloud(), |_| true).is_empty());
         let mut edge = Edge::default();
-        edge.apply(feed.poll(&reg, &cloud(), |_| true));
+        edge.apply(feed.poll(&reg, cloud(), |_| true));
         assert_eq!(edge.applied, expected(&reg, &cloud(), "n0", &|_| true));
-        assert_eq!(feed.poll(&reg, &cloud(), |_| true), FeedUpdate::None);
+        assert_eq!(feed.poll(&reg, cloud(), |_| true), FeedUpdate::None);
         // n1 reconnects with other routes, n2 goes: one delta, exact.
         add(&reg, session(7, 2).with_node("n1"), 100);
         reg.remove("n2", 1);
-        let u = feed.poll(&reg, &cloud(), |_| true);
+        let u = feed.poll(&reg, cloud(), |_| true);
         let FeedUpdate::Send(frames) = &u else {
             panic!("no update")
         };
@@ -304,14 +344,14 @@ mod tests {
         }
         let mut feed = RouteFeed::new("n0", capability::TCP_STREAMS | capability::UDP_DATAGRAMS);
         assert!(feed.is_legacy());
-        let hello = feed.hello_routes(&reg, &cloud(), |_| true);
+        let hello = feed.hello_routes(&reg, cloud(), |_| true);
         assert_eq!(hello.len(), LEGACY_MAX_ROUTES);
         assert!(feed.was_cut());
         // Cloud ranges are never the part cut off.
         assert!(cloud().iter().all(|c| hello.contains(c)));
-        assert_eq!(feed.poll(&reg, &cloud(), |_| true), FeedUpdate::None);
+        assert_eq!(feed.poll(&reg, cloud(), |_| true), FeedUpdate::None);
         reg.remove("n5", 1);
-        let FeedUpdate::Send(f) = feed.poll(&reg, &cloud(), |_| true) else {
+        let FeedUpdate::Send(f) = feed.poll(&reg, cloud(), |_| true) else {
             panic!("no update")
         };
         assert!(matches!(&f[..], [Control::RouteUpdate { .. }]));
@@ -375,18 +415,18 @@ mod tests {
             }
             for (me, feed, edge) in &mut feeds {
                 let mine = community(me);
-                edge.apply(feed.poll(&reg, &cloud(), move |n: &str| community(n) == mine));
+                edge.apply(feed.poll(&reg, cloud(), move |n: &str| community(n) == mine));
                 let mut want = by_community.get(&mine).cloned().unwrap_or_default();
                 if let Some(s) = reg.get(me) {
                     for c in &s.routes {
                         want.remove(c);
                     }
                 }
-                want.extend(cloud());
+                want.extend(cloud().iter().copied());
                 assert_eq!(edge.applied, want, "{me} round {round}");
             }
             let (feed, edge) = &mut all_seeing;
-            edge.apply(feed.poll(&reg, &cloud(), |_| true));
+            edge.apply(feed.poll(&reg, cloud(), |_| true));
             assert_eq!(
                 edge.applied,
                 expected(&reg, &cloud(), "n0", &|_| true),
@@ -395,6 +435,97 @@ mod tests {
         }
         // ~20,000 prefixes: the first sync alone spans ten frames.
         assert!(all_seeing.1.frames >= 10, "{} frames", all_seeing.1.frames);
+    }
+
+    /// `base` and `extra` as one cloud set (a new one, as the policy makes
+    /// when a cloud Node comes or goes).
+    fn grown(base: &CloudRanges, extra: &[Cidr]) -> CloudRanges {
+        let mut s = (**base).clone();
+        s.extend(extra.iter().copied());
+        Arc::new(s)
+    }
+
+    /// The cloud set grows and shrinks while sessions live (a cloud worker
+    /// joins, an edge's claim pushes its range out, the worker goes): a
+    /// delta edge gets each difference as one delta, never a resync; a
+    /// legacy edge a whole list; both stay exact, and a prefix that left
+    /// the set because an edge now serves it stays with edges that see
+    /// that edge.
+    #[test]
+    fn cloud_ranges_that_change_reach_edges_as_deltas() {
+        let reg = Registry::default();
+        add(&reg, session(1, 1), 100);
+        let all = |_: &str| true;
+        let mut delta = (RouteFeed::new("n0", capability::ALL), Edge::default());
+        let mut legacy = (
+            RouteFeed::new("n9", capability::TCP_STREAMS),
+            Edge::default(),
+        );
+        let base = cloud();
+        delta.1.apply(delta.0.poll(&reg, base.clone(), all));
+        let hello = legacy.0.hello_routes(&reg, base.clone(), all);
+        legacy.1.apply(FeedUpdate::Send(vec![Control::RouteUpdate {
+            tunnel_routes: hello,
+        }]));
+        let check = |delta: &(RouteFeed, Edge), legacy: &(RouteFeed, Edge), cloud: &CloudRanges| {
+            assert_eq!(delta.1.applied, expected(&reg, cloud, "n0", &all));
+            assert_eq!(legacy.1.applied, expected(&reg, cloud, "n9", &all));
+        };
+        check(&delta, &legacy, &base);
+
+        // A cloud worker joins: its range alone, as one delta.
+        let worker: Cidr = "10.245.3.0/24".parse().unwrap();
+        let with_worker = grown(&base, &[worker]);
+        let u = delta.0.poll(&reg, with_worker.clone(), all);
+        let FeedUpdate::Send(frames) = &u else {
+            panic!("no update")
+        };
+        assert!(
+            matches!(&frames[..], [Control::RouteDelta { reset: false, add, remove, complete: true }]
+                if add == &vec![worker] && remove.is_empty()),
+            "{frames:?}"
+        );
+        delta.1.apply(u);
+        let u = legacy.0.poll(&reg, with_worker.clone(), all);
+        assert!(
+            matches!(&u, FeedUpdate::Send(f) if matches!(&f[..], [Control::RouteUpdate { .. }]))
+        );
+        legacy.1.apply(u);
+        check(&delta, &legacy, &with_worker);
+        // The same set rebuilt (another Node changed): nothing to send.
+        let same = grown(&with_worker, &[]);
+        assert_eq!(delta.0.poll(&reg, same.clone(), all), FeedUpdate::None);
+        assert_eq!(legacy.0.poll(&reg, same.clone(), all), FeedUpdate::None);
+
+        // An edge comes serving exactly the worker's range: the feeds look
+        // before the policy drops it from the cloud set, then after.
+        add(
+            &reg,
+            Arc::new(Fake {
+                node: "n5".into(),
+                generation: 1,
+                routes: vec![worker],
+            }),
+            100,
+        );
+        for feed in [&mut delta, &mut legacy] {
+            feed.1.apply(feed.0.poll(&reg, same.clone(), all));
+            feed.1.apply(feed.0.poll(&reg, base.clone(), all));
+        }
+        check(&delta, &legacy, &base);
+        assert!(delta.1.applied.contains(&worker), "the edge's route stays");
+        // The edge goes, the worker's range is back in the cloud set in
+        // the same round: still there; then the worker goes: gone.
+        reg.remove("n5", 1);
+        for feed in [&mut delta, &mut legacy] {
+            feed.1.apply(feed.0.poll(&reg, with_worker.clone(), all));
+        }
+        check(&delta, &legacy, &with_worker);
+        for feed in [&mut delta, &mut legacy] {
+            feed.1.apply(feed.0.poll(&reg, base.clone(), all));
+        }
+        check(&delta, &legacy, &base);
+        assert!(!delta.1.applied.contains(&worker));
     }
 
     impl Fake {

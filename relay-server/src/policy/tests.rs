@@ -21,8 +21,14 @@ fn policy() -> Policy {
     p.add_own_listener("10.244.0.1:8443".parse().unwrap());
     p.add_own_listener("127.0.0.1:9090".parse().unwrap());
     p.add_own_listener("0.0.0.0:15001".parse().unwrap());
+    // A cloud worker added after start: its pod CIDR, outside
+    // tunnel_routes, joined from the directory (see `cloud_nodes`).
+    p.set_cloud_nodes(&[WORKER.parse().unwrap()], |_| None);
     p
 }
+
+/// The pod CIDR of a cloud worker that joined after start.
+const WORKER: &str = "10.245.3.0/24";
 
 /// The table: origin, target, owner → verdict or reason.
 #[test]
@@ -70,6 +76,19 @@ fn decision_table() {
             None,
             Err(OutsideCloudRanges),
         ),
+        // A cloud Node's own pod range joined the cloud ranges: edges and
+        // CONNECT reach it, captured traffic does not; its neighbour
+        // range (no Node's) stays outside.
+        (Origin::Edge("edge-1"), "10.245.3.9:80", None, Ok(ToCloud)),
+        (Origin::Connect, "10.245.3.9:80", None, Ok(ToCloud)),
+        (Origin::Captured, "10.245.3.9:80", None, Err(NoRoute)),
+        (
+            Origin::Edge("edge-1"),
+            "10.245.4.9:80",
+            None,
+            Err(OutsideCloudRanges),
+        ),
+        (Origin::Connect, "10.245.4.9:80", None, Err(NoRoute)),
         // Never the relay itself, in any spelling.
         (
             Origin::Edge("edge-1"),
@@ -360,4 +379,86 @@ fn service_endpoints_on_an_edge_without_a_session_are_never_dialled() {
             .map_err(|d| d.reason);
         assert_eq!(got, *want, "endpoint {target} (owner {owner:?}, {claim:?})");
     }
+}
+
+/// The cloud Nodes' pod ranges join the cloud ranges and leave them as the
+/// directory says; an edge's claim wins over one (an address it claims,
+/// or a route it serves); the address checks and `connect_cloud` stay.
+#[test]
+fn cloud_nodes_pod_ranges_follow_the_directory_and_yield_to_edges() {
+    use DenyReason::*;
+    use Verdict::*;
+    let p = policy();
+    let worker: Cidr = WORKER.parse().unwrap();
+    let ask = |p: &Policy, origin, target: &str, claim: &Claim| {
+        let t = canonical(target.parse().unwrap());
+        p.authorize(origin, t, Proto::Tcp, None, claim)
+            .map_err(|d| d.reason)
+    };
+    let edge = Origin::Edge("edge-1");
+    assert!(p.cloud_ranges().contains(&worker));
+    assert!(!p.configured_ranges().contains(&worker));
+    // The same set again changes nothing (no feed is woken).
+    let before = p.cloud_ranges();
+    assert!(!p.set_cloud_nodes(&[worker], |_| None));
+    assert!(Arc::ptr_eq(&before, &p.cloud_ranges()));
+    // An address an offline edge claims inside it is still refused.
+    let offline = Claim::Edge("edge-2".into());
+    assert_eq!(ask(&p, edge, "10.245.3.9:80", &offline), Err(NoRoute));
+    assert_eq!(
+        ask(&p, Origin::Connect, "10.245.3.9:80", &offline),
+        Err(NoRoute)
+    );
+    // listen.connect_cloud = false: CONNECT still reaches edges only.
+    let mut edges_only = policy();
+    edges_only.set_connect_cloud(false);
+    assert_eq!(
+        ask(
+            &edges_only,
+            Origin::Connect,
+            "10.245.3.9:80",
+            &Claim::Nobody
+        ),
+        Err(NoRoute)
+    );
+    // Node addresses, ranges inside tunnel_routes and too wide ranges do
+    // not join; an edge serving part of a range keeps the whole range out.
+    let candidates: Vec<Cidr> = [WORKER, "10.0.0.9/32", "10.244.0.0/25", "10.0.0.0/8"]
+        .iter()
+        .map(|c| c.parse().unwrap())
+        .collect();
+    let served: Cidr = "10.245.3.128/25".parse().unwrap();
+    assert!(p.set_cloud_nodes(&candidates, |c| c
+        .overlaps(&served)
+        .then(|| (served, "edge-3".to_string()))));
+    assert_eq!(
+        *p.cloud_ranges(),
+        p.configured_ranges().iter().copied().collect()
+    );
+    assert_eq!(
+        ask(&p, edge, "10.245.3.9:80", &Claim::Nobody),
+        Err(OutsideCloudRanges)
+    );
+    assert_eq!(
+        ask(&p, edge, "10.0.0.9:80", &Claim::Nobody),
+        Err(OutsideCloudRanges)
+    );
+    assert_eq!(
+        ask(&p, edge, "10.1.0.9:80", &Claim::Nobody),
+        Err(OutsideCloudRanges)
+    );
+    // The edge gone, the range joins again; the Node gone, it leaves.
+    assert!(p.set_cloud_nodes(&candidates, |_| None));
+    assert_eq!(ask(&p, edge, "10.245.3.9:80", &Claim::Nobody), Ok(ToCloud));
+    assert!(p.set_cloud_nodes(&[], |_| None));
+    assert_eq!(
+        ask(&p, edge, "10.245.3.9:80", &Claim::Nobody),
+        Err(OutsideCloudRanges)
+    );
+    // Never the relay's own host, joined range or not.
+    assert!(p.set_cloud_nodes(&["127.0.0.0/16".parse().unwrap()], |_| None));
+    assert_eq!(
+        ask(&p, edge, "127.0.0.1:80", &Claim::Nobody),
+        Err(ForbiddenAddress)
+    );
 }

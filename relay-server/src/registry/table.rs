@@ -41,7 +41,17 @@ impl<S: RouteOwner> RouteTable<S> {
     /// table, where a scan of every route made a storm of 10,000
     /// handshakes quadratic.
     pub(super) fn conflict(&self, want: &Cidr, node: &str) -> Option<(Cidr, &Arc<S>)> {
-        let other = |s: &&Arc<S>| s.node() != node;
+        self.overlap(want, |s| s.node() != node)
+    }
+
+    /// A prefix overlapping `want` whose session `other` accepts (see
+    /// [`RouteTable::conflict`] for the cost).
+    pub(super) fn overlap(
+        &self,
+        want: &Cidr,
+        other: impl Fn(&Arc<S>) -> bool,
+    ) -> Option<(Cidr, &Arc<S>)> {
+        let other = |s: &&Arc<S>| other(s);
         for (len, map) in &self.by_len {
             if *len <= want.prefix_len() {
                 let hit = Cidr::containing(want.addr(), *len)
@@ -61,6 +71,11 @@ impl<S: RouteOwner> RouteTable<S> {
             }
         }
         None
+    }
+
+    /// The session `c` itself (not a wider prefix) is routed to.
+    pub(super) fn get(&self, c: &Cidr) -> Option<&Arc<S>> {
+        self.by_len.get(&c.prefix_len())?.get(c)
     }
 
     pub(super) fn insert(&mut self, c: Cidr, s: Arc<S>) {
