@@ -16,7 +16,7 @@
 //!
 //! What is rewritten for loopback, and only that: the mount paths
 //! (`/etc/edge-relay/{tls,issuer,admin,relay-ca}/`, the token and state
-//! paths) to files of this test; listen addresses to `127.0.0.1:0` and the
+//! paths, `relay_addrs_file`) to files of this test; listen addresses to `127.0.0.1:0` and the
 //! socket to a temporary path; `[kubernetes] kubeconfig` added (in a pod
 //! it is in-cluster); capture off (it needs root and nftables), and with
 //! it `capture_state_file`; the edge's
@@ -241,6 +241,10 @@ async fn the_base_configs_bootstrap_an_edge_with_the_walkthroughs_pki() -> Resul
                 &token_file.display().to_string(),
             )
             .replace("\"/var/lib/edge-relay\"", &q(&state))
+            .replace(
+                "\"/var/lib/edge-relay/relay-addrs.json\"",
+                &q(&state.join("relay-addrs.json")),
+            )
             // Capture is off here (below), and its state file is refused
             // without it.
             .replace(
