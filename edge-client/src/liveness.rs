@@ -36,9 +36,10 @@ use std::time::{Duration, Instant};
 
 pub use relay_protocol::DEAD_AFTER_KEEPALIVES;
 
-/// Pings in flight kept for matching pongs; beyond this the oldest is
-/// dropped from the list (it is older than the dead bound by then anyway).
-const MAX_OUTSTANDING: usize = 8;
+/// The most pings in flight kept for matching pongs, whatever the
+/// keep-alive (see [`Liveness::max_outstanding`]): a bound on memory for
+/// an absurdly short keep-alive.
+const MAX_OUTSTANDING: usize = 4096;
 
 /// How often [`StallProbe`] looks at what arrived.
 pub(crate) const STALL_CHECK: Duration = Duration::from_secs(1);
@@ -91,7 +92,7 @@ pub(crate) struct Liveness {
     /// Pings sent and not answered yet, oldest first.
     outstanding: VecDeque<(u64, Instant)>,
     /// When the oldest ping not answered yet was sent, kept when
-    /// [`MAX_OUTSTANDING`] drops it from `outstanding` (a control stream
+    /// the list's bound drops it from `outstanding` (a control stream
     /// that never answers must still be noticed).
     unanswered_since: Option<Instant>,
     /// What had arrived (datagrams on QUIC, bytes on TCP) as of the last
@@ -164,6 +165,23 @@ impl Liveness {
         }
     }
 
+    /// Pings kept in flight for matching pongs: every ping the longest
+    /// wait for an answer can span (a control ping's on QUIC, also given
+    /// on TCP while bytes arrive), so a pong arriving within it always
+    /// finds its ping (and answers the older ones); a pong for a ping
+    /// dropped from the list would be unknown and, on a path that answers
+    /// late but steadily, the oldest unanswered ping would never clear.
+    fn max_outstanding(&self) -> usize {
+        let longest = Self::dead_after(self.keepalive.max(relay_protocol::QUIC_CONTROL_PING));
+        let interval = self
+            .keepalive
+            .saturating_mul(self.ping_every.try_into().unwrap_or(u32::MAX));
+        let n = longest.as_millis() / interval.as_millis().max(1) + 2;
+        usize::try_from(n)
+            .unwrap_or(MAX_OUTSTANDING)
+            .min(MAX_OUTSTANDING)
+    }
+
     /// How long `interval` may pass without an answer. A tenth of an
     /// interval less than the round number, so a tick firing a little
     /// early (timer granularity) still decides at the intended tick, not
@@ -212,7 +230,7 @@ impl Liveness {
         if !due {
             return Tick::Quiet;
         }
-        if self.outstanding.len() == MAX_OUTSTANDING {
+        if self.outstanding.len() >= self.max_outstanding() {
             self.outstanding.pop_front();
         }
         self.outstanding.push_back((nonce, now));
@@ -389,6 +407,38 @@ mod tests {
         // Less a tenth of an interval (see `dead_after`), to the next tick.
         let at_least = bound - relay_protocol::QUIC_CONTROL_PING / 10;
         assert!(after >= at_least && after <= bound + K, "after {after:?}");
+    }
+
+    /// Pongs that come back steadily later than many keep-alives (a deep
+    /// queue on the TCP fallback: 25 s at a 3 s keep-alive, more pings in
+    /// flight than a short list would keep) each find their ping: the
+    /// round trip is measured and the session never declared dead.
+    #[test]
+    fn pongs_later_than_many_keepalives_still_match_and_clear() {
+        let k = Duration::from_secs(3);
+        let late = Duration::from_secs(25);
+        let t0 = Instant::now();
+        let mut l = Liveness::new(k);
+        let mut bytes = 0u64;
+        let mut sent: VecDeque<(u64, Instant)> = VecDeque::new();
+        let mut matched = 0;
+        for i in 0..200u32 {
+            let now = t0 + k * i;
+            while let Some(&(n, at)) = sent.front() {
+                if at + late > now {
+                    break;
+                }
+                sent.pop_front();
+                assert_eq!(l.pong(n, at + late), Some(late), "ping {n}");
+                matched += 1;
+            }
+            bytes += 500;
+            match l.tick(now, u64::from(i), Some(bytes)) {
+                Tick::Ping(n) => sent.push_back((n, now)),
+                other => panic!("tick {i} ({:?} in): {other:?}", now - t0),
+            }
+        }
+        assert!(matched > 180, "{matched} pongs matched");
     }
 
     #[test]
