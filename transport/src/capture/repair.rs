@@ -46,21 +46,35 @@ impl Capture {
     /// whether it did.
     /// A capture that never got on the node ([`Capture::uninstalled`]) is
     /// tried again here.
+    ///
+    /// An install that fails leaves nothing on the node, and the capture
+    /// then says so ([`Capture::is_installed`] false, as
+    /// [`Capture::uninstalled`]) rather than still counting the prefixes
+    /// it had.
     pub async fn repair(&mut self) -> Result<bool, CaptureError> {
-        if !self.is_installed() {
-            *self = Capture::install(self.cfg.clone()).await?;
-            info!("capture installed (its first install had failed)");
-            return Ok(true);
+        let first = !self.is_installed();
+        if !first {
+            let gone = self.missing().await;
+            if gone.is_empty() {
+                return Ok(false);
+            }
+            warn!(
+                ?gone,
+                "capture was removed by something else on this node (an nftables or networkd restart?); installing it again"
+            );
         }
-        let gone = self.missing().await;
-        if gone.is_empty() {
-            return Ok(false);
+        match Capture::install(self.cfg.clone()).await {
+            Ok(c) => {
+                *self = c;
+                if first {
+                    info!("capture installed (its first install had failed)");
+                }
+                Ok(true)
+            }
+            Err(e) => {
+                *self = Capture::uninstalled(self.cfg.clone());
+                Err(e)
+            }
         }
-        warn!(
-            ?gone,
-            "capture was removed by something else on this node (an nftables or networkd restart?); installing it again"
-        );
-        *self = Capture::install(self.cfg.clone()).await?;
-        Ok(true)
     }
 }
