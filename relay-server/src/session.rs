@@ -28,6 +28,9 @@ use crate::server::Shared;
 /// own bookkeeping (GOAWAY, route updates) produces them.
 const CONTROL_QUEUE: usize = 16;
 
+/// [`SessionHandle`]'s `reported` once the session has ended.
+const ENDED: u64 = u64::MAX;
+
 /// A live, registered edge session.
 pub struct SessionHandle {
     /// Node name, bound to the client certificate.
@@ -76,9 +79,12 @@ pub struct SessionHandle {
     /// The first reason [`SessionHandle::kick`] was given.
     kicked: std::sync::OnceLock<String>,
     /// A digest of the status message last reported for the session (see
-    /// [`SessionHandle::report_status`]); a digest, not the text, to keep
-    /// idle sessions small.
-    reported: AtomicU64,
+    /// [`SessionHandle::report_status`]; a digest, not the text, to keep
+    /// idle sessions small), [`ENDED`] once the session has ended. Locked
+    /// while reporting, so a report and the session's end never cross: a
+    /// directory walk that reaches an ended session must not write its
+    /// Node back to ready after the end wrote it down.
+    reported: std::sync::Mutex<u64>,
     /// Boxed: a channel allocates its first block of 32 slots up front,
     /// which for an unboxed `Control` is 2.3 KiB per idle session.
     control_tx: mpsc::Sender<Box<Control>>,
@@ -136,7 +142,7 @@ impl SessionHandle {
             draining: AtomicBool::new(false),
             cancel: shared.shutdown.child_token(),
             kicked: std::sync::OnceLock::new(),
-            reported: AtomicU64::new(0),
+            reported: std::sync::Mutex::new(0),
             control_tx,
         });
         (handle, control_rx)
@@ -163,18 +169,42 @@ impl SessionHandle {
     /// address or a CNI range after the session came up, say), as
     /// `changed`, so the Node condition follows without an Event per
     /// directory change.
+    ///
+    /// Nothing once the session has ended ([`SessionHandle::report_end`])
+    /// or while a newer session of the node holds the registry (a walk
+    /// that took its list before the newer one came): the node's condition
+    /// is the newer session's to write.
     pub(crate) fn report_status(&self, shared: &Shared) {
         use std::hash::{Hash, Hasher};
+        let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        let current = shared
+            .registry
+            .get(&self.node)
+            .is_some_and(|s| s.generation == self.generation);
+        if *reported == ENDED || !current {
+            return;
+        }
         let info = self.status_info(shared);
         let mut h = std::collections::hash_map::DefaultHasher::new();
         info.message().hash(&mut h);
-        // Never 0, which stands for "not reported yet".
-        let digest = h.finish().max(1);
-        match self.reported.swap(digest, Relaxed) {
+        // Never 0 ("not reported yet") nor ENDED.
+        let digest = h.finish().clamp(1, ENDED - 1);
+        let before = std::mem::replace(&mut *reported, digest);
+        // The sink only queues: holding the lock across it is cheap.
+        match before {
             0 => shared.status.up(&self.node, &info),
             d if d != digest => shared.status.changed(&self.node, &info),
             _ => {}
         }
+    }
+
+    /// Ends the session's reports: `end` (its removal from the registry
+    /// and the `down` report) runs under the same lock as
+    /// [`SessionHandle::report_status`], and no report follows it.
+    pub(crate) fn report_end<R>(&self, end: impl FnOnce() -> R) -> R {
+        let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        *reported = ENDED;
+        end()
     }
 
     /// The node's own address for `CONNECT <node>:<port>`.
@@ -640,8 +670,10 @@ pub(crate) async fn run_session(
     // A replica shutting down (rolling update) does not mark its edges
     // down: they hold sessions to the other replicas.
     let leaving = shared.is_shutting_down() && shared.cfg.replicas.is_some();
-    if shared.registry.remove(&handle.node, handle.generation) && !leaving {
-        shared.status.down(&handle.node, &why);
-    }
+    handle.report_end(|| {
+        if shared.registry.remove(&handle.node, handle.generation) && !leaving {
+            shared.status.down(&handle.node, &why);
+        }
+    });
     info!(reason = %why, open_streams = handle.open_streams.load(Relaxed), "session down");
 }
