@@ -140,8 +140,15 @@ pub struct EdgeStats {
     /// name stops resolving (the site's or carrier's DNS down while the
     /// uplink works), where a failed lookup used to fail every attempt.
     pub relay_addrs_known: std::sync::Mutex<std::collections::HashMap<String, Vec<SocketAddr>>>,
-    /// The same table, for the saver of `relay_addrs_file` (set when it
-    /// changes).
+    /// The addresses `relay_addrs_file` held at start: dialled when a name
+    /// does not resolve and has not resolved in this run either. Kept apart
+    /// from `relay_addrs_known` so the short lookup bound applies only to
+    /// names resolved in this run: a saved address may be stale, and a
+    /// slow but working resolver must get its full time.
+    pub(crate) relay_addrs_loaded:
+        std::sync::Mutex<std::collections::HashMap<String, Vec<SocketAddr>>>,
+    /// The table to save, for the saver of `relay_addrs_file` (set when a
+    /// name resolves to a different set of addresses).
     pub(crate) relay_addrs_saved: watch::Sender<Option<Arc<crate::relay_addrs::SavedRelayAddrs>>>,
     /// QUIC's smoothed round-trip estimate, in microseconds, as of the last
     /// keep-alive tick (0 on TCP). Control pings are rare on QUIC (see
@@ -314,7 +321,7 @@ impl EdgeClient {
             // What the previous run resolved stands in for a failed lookup.
             let saved = span.in_scope(|| crate::relay_addrs::load_logged(&path));
             stats
-                .relay_addrs_known
+                .relay_addrs_loaded
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .extend(saved.names);

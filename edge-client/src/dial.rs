@@ -129,9 +129,25 @@ impl Dialer<'_> {
             .unwrap_or_else(|e| e.into_inner());
         match looked_up {
             Ok(addrs) if !addrs.is_empty() => {
-                if known.get(relay) != Some(&addrs) {
-                    known.insert(relay.clone(), addrs.clone());
-                    let names = known.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                let sorted = |v: &[SocketAddr]| {
+                    let mut v = v.to_vec();
+                    v.sort_unstable();
+                    v
+                };
+                // Round-robin DNS reorders the same set: saved only when the
+                // set changes (the file lives on an SD card on many boards).
+                let changed = known.get(relay).map(|k| sorted(k)) != Some(sorted(&addrs));
+                known.insert(relay.clone(), addrs.clone());
+                if changed {
+                    // Names this run has not resolved keep what was saved.
+                    let loaded = self
+                        .stats
+                        .relay_addrs_loaded
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    let mut names: std::collections::BTreeMap<String, Vec<SocketAddr>> =
+                        loaded.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                    names.extend(known.iter().map(|(k, v)| (k.clone(), sorted(v))));
                     let table = crate::relay_addrs::SavedRelayAddrs { names };
                     self.stats
                         .relay_addrs_saved
@@ -146,7 +162,20 @@ impl Dialer<'_> {
                     warn!(%relay, error = %e, addrs = ?last, "relay name not resolved; dialling the addresses it had");
                     Ok(last.clone())
                 }
-                None => Err(e),
+                None => {
+                    let loaded = self
+                        .stats
+                        .relay_addrs_loaded
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    match loaded.get(relay) {
+                        Some(saved) => {
+                            warn!(%relay, error = %e, addrs = ?saved, "relay name not resolved; dialling the addresses saved by the previous run (relay_addrs_file)");
+                            Ok(saved.clone())
+                        }
+                        None => Err(e),
+                    }
+                }
             },
         }
     }
@@ -624,6 +653,35 @@ mod tests {
         let b: SocketAddr = "192.0.2.2:8443".parse().unwrap();
         assert_eq!(dialer.addresses(Ok(vec![b]), false).unwrap(), vec![b]);
         assert_eq!(dialer.addresses(down(), false).unwrap(), vec![b]);
+    }
+
+    /// Addresses saved by a previous run stand in for a failed lookup, but
+    /// do not shorten the lookup's bound (they may be stale, and a slow
+    /// resolver that works must get its time); a set reordered by
+    /// round-robin DNS is not saved again.
+    #[tokio::test]
+    async fn saved_addresses_stand_in_without_shortening_the_lookup() {
+        let (cfg, _) = test_cfg("relay.test:8443");
+        let stats = EdgeStats::default();
+        let a: SocketAddr = "192.0.2.1:8443".parse().unwrap();
+        let b: SocketAddr = "192.0.2.2:8443".parse().unwrap();
+        stats
+            .relay_addrs_loaded
+            .lock()
+            .unwrap()
+            .insert("relay.test:8443".into(), vec![a]);
+        let dialer = dialer_for(&cfg, &stats, TransportMode::Auto, false, false);
+        assert_eq!(dialer.lookup_bound(), cfg.handshake_timeout);
+        let down = || Err(std::io::Error::other("no answer"));
+        assert_eq!(dialer.addresses(down(), false).unwrap(), vec![a]);
+        let mut saved = stats.relay_addrs_saved.subscribe();
+        assert_eq!(dialer.addresses(Ok(vec![a, b]), false).unwrap(), vec![a, b]);
+        assert!(saved.has_changed().unwrap(), "a new set is saved");
+        saved.borrow_and_update();
+        assert_eq!(dialer.lookup_bound(), LOOKUP_WITH_KNOWN);
+        dialer.addresses(Ok(vec![b, a]), false).unwrap();
+        assert!(!saved.has_changed().unwrap(), "reordered: not saved again");
+        assert_eq!(dialer.addresses(down(), false).unwrap(), vec![b, a]);
     }
 
     /// A resolver that never answers costs the short bound once the name
