@@ -251,7 +251,12 @@ async fn handle<S: LocalStream>(mut s: S, peer: Peer, mut audit: Audit, shared: 
             shared.metrics.stream_outcome(reply.status);
             // Sampled, unlike the audit line (one per connection by contract):
             // a scraper polling offline edges would log at its poll rate.
-            relay_transport::sampled!(info, "CONNECT refused", %peer, dst = %authority, reason = reply.status.as_str(), msg = %reply.message);
+            // Policy denials sampled apart from the rest.
+            if reply.status == relay_protocol::StreamStatus::Denied {
+                relay_transport::sampled!(info, "CONNECT denied by policy", %peer, dst = %authority, msg = %reply.message);
+            } else {
+                relay_transport::sampled!(info, "CONNECT refused", %peer, dst = %authority, reason = reply.status.as_str(), msg = %reply.message);
+            }
             return refuse(&mut s, &mut audit, &reply, shared).await;
         }
     };

@@ -139,8 +139,13 @@ fn refuse_captured(
     reply: &StreamReply,
 ) {
     // Sampled (the count stays in the stream metrics): a pod retrying
-    // against an offline edge would otherwise log at its retry rate.
-    relay_transport::sampled!(info, "captured connection refused", %peer, %dst, reason = reply.status.as_str(), msg = %reply.message);
+    // against an offline edge would otherwise log at its retry rate. Policy
+    // denials are sampled apart, so a flood of one never hides the other.
+    if reply.status == StreamStatus::Denied {
+        relay_transport::sampled!(info, "captured connection denied by policy", %peer, %dst, msg = %reply.message);
+    } else {
+        relay_transport::sampled!(info, "captured connection refused", %peer, %dst, reason = reply.status.as_str(), msg = %reply.message);
+    }
     let _ = sock.set_zero_linger();
 }
 
@@ -216,7 +221,13 @@ pub(crate) async fn serve_edge_stream(
 
 pub(crate) async fn refuse(bi: &mut BiStream, shared: &Shared, reply: StreamReply) {
     shared.metrics.stream_outcome(reply.status);
-    relay_transport::sampled!(info, "edge stream refused", reason = reply.status.as_str(), msg = %reply.message);
+    // Denials apart from the rest: a compromised edge scanning must not
+    // hide behind (or be hidden by) refusals for an offline edge.
+    if reply.status == StreamStatus::Denied {
+        relay_transport::sampled!(info, "edge stream denied by policy", msg = %reply.message);
+    } else {
+        relay_transport::sampled!(info, "edge stream refused", reason = reply.status.as_str(), msg = %reply.message);
+    }
     finish_with(bi, &reply).await;
 }
 
