@@ -140,7 +140,7 @@ impl TunnelConn {
     }
 
     /// A count that grows whenever anything arrives from the peer: UDP
-    /// datagrams on QUIC, bytes on the TCP fallback. What the edge's
+    /// datagrams on QUIC, bytes (yamux frames) on the TCP fallback. What the edge's
     /// liveness check watches: while it grows the path lives, even when
     /// an answer to a control ping is queued behind data on a slow,
     /// deep-buffered uplink.

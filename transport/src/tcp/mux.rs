@@ -199,7 +199,7 @@ pub struct YamuxConn {
     close: CancellationToken,
     closed: watch::Receiver<Option<String>>,
     reason: std::sync::Mutex<Option<String>>,
-    /// Bytes read from the peer so far (TLS records included).
+    /// Bytes read from the peer so far (decrypted: yamux frames).
     received: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -419,7 +419,7 @@ impl YamuxConn {
         self.close.cancel();
     }
 
-    /// Bytes read from the peer so far (TLS records included): grows
+    /// Bytes read from the peer so far (decrypted: yamux frames): grows
     /// whenever anything arrives, data, window updates or control.
     pub fn bytes_received(&self) -> u64 {
         self.received.load(std::sync::atomic::Ordering::Relaxed)

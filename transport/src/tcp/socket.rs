@@ -112,7 +112,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn tuned_sockets_have_keepalive_and_user_timeout() {
+    async fn tuned_sockets_have_keepalive_user_timeout_and_notsent_lowat() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = tokio::net::TcpStream::connect(l.local_addr().unwrap())
             .await
@@ -122,5 +122,21 @@ mod tests {
         assert!(r.keepalive().unwrap());
         assert_eq!(r.tcp_user_timeout().unwrap(), Some(USER_TIMEOUT));
         assert!(r.tcp_nodelay().unwrap());
+        // The low-water mark, read back (no wrapper in socket2 or nix).
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid fd owned by `c`, and a c_int with its length.
+        #[allow(unsafe_code)]
+        let rc = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&c),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        assert_eq!(v as u32, NOTSENT_LOWAT);
     }
 }
