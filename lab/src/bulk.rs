@@ -33,6 +33,7 @@
 //! [`Bench`] kills every process and deletes the namespaces, also on error
 //! and after [`request_stop`] (the binary's SIGINT/SIGTERM handler).
 
+use crate::TempDir;
 use std::net::Ipv4Addr;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -136,14 +137,6 @@ pub struct Bench {
     opts: Options,
     dir: TempDir,
     lab: NetnsLab,
-}
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn check_stop() -> Result<()> {

@@ -20,7 +20,10 @@ pub mod replicas;
 pub mod route_agent;
 pub mod scenario;
 pub mod sources;
+pub mod tempdir;
 pub mod traffic;
+
+pub use tempdir::TempDir;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Once;

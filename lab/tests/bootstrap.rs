@@ -8,6 +8,7 @@
 //! the apiserver's REST shapes — NOT a real apiserver. The relay reaches it
 //! through an ordinary kubeconfig.
 
+use relay_lab::TempDir;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -27,15 +28,6 @@ use relay_transport::tls::{cert_names_node, certs_from_pem};
 
 const BOUND: Duration = Duration::from_secs(20);
 const NS: &str = "edge-relay";
-
-/// A directory removed on drop, even when a test fails.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 struct Lab {
     standin: StandIn,

@@ -18,6 +18,7 @@
 //! CI=true or REQUIRE_LAB=1. Time budget: about 25 s. The test changes
 //! this test process's `PATH`, so it is the only test in its binary.
 
+use relay_lab::TempDir;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
@@ -134,28 +135,6 @@ fn an_edge_whose_capture_cannot_be_installed_keeps_its_tunnel_and_retries() -> R
     drop(edge);
     relay.stop()?;
     m.conclude("lab-capture-unavailable.txt", t0)
-}
-
-/// A directory removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Result<TempDir> {
-        let p = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p)?;
-        Ok(TempDir(p))
-    }
-
-    fn path(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// The first `name` on `PATH`.

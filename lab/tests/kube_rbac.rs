@@ -31,6 +31,7 @@
 //! are the ones relay-kube makes, whoever owns the directory, and the test
 //! can tell when each step has happened.
 
+use relay_lab::TempDir;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -57,15 +58,6 @@ use relay_server::{Relay, RelayConfig};
 use relay_transport::devcerts::DevPki;
 use relay_transport::issue::NodeIssuer;
 use relay_transport::tls::certs_from_pem;
-
-/// A directory removed on drop, even when a run fails.
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 const RBAC_YAML: &str = include_str!("../../deploy/kubernetes/base/rbac.yaml");
 /// The name of both the relay's ClusterRole and its Role.

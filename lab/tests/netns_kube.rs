@@ -27,6 +27,7 @@
 //! Needs root; skips loudly otherwise, and fails instead of skipping under
 //! CI=true or REQUIRE_LAB=1. Time budget: about 40 s each.
 
+use relay_lab::TempDir;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -406,15 +407,6 @@ fn finish(m: &Table, file: &str, t0: Instant) -> Result<()> {
         bail!("failed: {failed:?}");
     }
     Ok(())
-}
-
-/// A directory removed on drop, even when a test fails.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// An edge holding only `token` (and the relay's CA): no certificate.

@@ -9,22 +9,13 @@
 //! resolves), the file naming it as the first run would have: with the
 //! file the edge connects, without it the edge never does.
 
-use std::path::PathBuf;
+use relay_lab::TempDir;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use edge_client::{EdgeClient, EdgeState};
 use relay_lab::traffic::eventually;
 use relay_lab::{edge_config, Lab};
-
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_restarted_while_dns_is_down_dials_the_saved_addresses() -> Result<()> {
@@ -33,9 +24,8 @@ async fn an_edge_restarted_while_dns_is_down_dials_the_saved_addresses() -> Resu
         e.shutdown().await;
     }
     let port = lab.relay.quic_addr().port();
-    let dir = TempDir(std::env::temp_dir().join(format!("relay-addrs-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0)?;
-    let file = dir.0.join("relay-addrs.json");
+    let dir = TempDir::new("relay-addrs")?;
+    let file = dir.path().join("relay-addrs.json");
     let mut cfg = edge_config(&lab.pki, 0, lab.relay.quic_addr())?;
     cfg.relay_addrs_file = Some(file.clone());
 

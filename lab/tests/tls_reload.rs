@@ -13,6 +13,7 @@
 //!   certificates reload the same way, and `connect_tls.crl` refuses
 //!   revoked CONNECT clients, also when the list changes while running.
 
+use relay_lab::TempDir;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,15 +27,6 @@ use relay_transport::devcerts::DevPki;
 use relay_transport::reload::{crls_from_pem, TlsPaths};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
-/// A directory of its own, removed on drop (also when the test fails).
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Polls `cond` every 50 ms for at most `limit`.
 async fn within(limit: Duration, mut cond: impl AsyncFnMut() -> Result<bool>) -> Result<Duration> {

@@ -39,6 +39,7 @@
 //! Needs root and the binaries built (`cargo build --workspace --bins`);
 //! skips loudly otherwise (`REQUIRE_LAB=1` or `CI=true` fail).
 
+use relay_lab::TempDir;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -500,14 +501,5 @@ impl PeakRss {
     fn stop(self) -> (u64, u64) {
         self.stop.store(true, Relaxed);
         self.thread.join().unwrap_or((0, 0))
-    }
-}
-
-/// Removes the test's directory (configuration, certificates, edge log).
-struct TempDir(std::path::PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
