@@ -332,7 +332,7 @@ fn shaped_uplink_keeps_the_session() -> Result<()> {
 
 /// The TCP fallback under the same queue, with 48 uploads at once
 /// (`TCP_STREAMS` to change): the control ping's answer queues behind
-/// them for far longer than two keep-alives (15 to 18 s here), while the
+/// them for far longer than two keep-alives (12 to 21 s here), while the
 /// relay's bytes keep arriving, which is what the edge's check now
 /// watches on TCP as on QUIC (`edge-client/src/liveness.rs`); with 8
 /// uploads the kernel's send buffer alone once held a ping past the
