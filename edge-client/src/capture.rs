@@ -176,9 +176,6 @@ pub(crate) async fn run(
                 Ok(_) => repair_error = None,
             }
         }
-        stats
-            .capture_installed
-            .store(u64::from(cap.is_installed()), Relaxed);
         let now_table = table.borrow_and_update().clone();
         let sets = crate::services::capture_sets(&now_table, cfg.kube_proxy);
         if let Err(e) = cap.apply_services(&sets.want, &sets.local).await {
@@ -251,6 +248,10 @@ pub(crate) async fn run(
                 warn!(error = %e, "updating capture failed; will retry on the next change");
             }
         }
+        // After the pass, so 1 means in place with what it captures.
+        stats
+            .capture_installed
+            .store(u64::from(cap.is_installed()), Relaxed);
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = &mut accept => break,
