@@ -173,6 +173,20 @@ pub fn lab_pki() -> Result<DevPki> {
     Ok(DevPki::generate(&["relay.lab"], &["edge1", "edge2"])?)
 }
 
+/// How a network-namespace lab test starts: `None` (after saying it is
+/// skipped, as `what`) without root, which [`netns::require_root`] turns
+/// into a failure under `CI=true` or `REQUIRE_LAB=1`; else the start
+/// time, a fresh lab and [`lab_pki`].
+pub fn netns_start(what: &str) -> Result<Option<(Instant, NetnsLab, DevPki)>> {
+    if let Some(skip) = netns::require_root() {
+        eprintln!("SKIPPED {what}: {skip}");
+        return Ok(None);
+    }
+    crate::init();
+    let t0 = Instant::now();
+    Ok(Some((t0, NetnsLab::new()?, lab_pki()?)))
+}
+
 /// The lab relay's configuration: QUIC on :8443 everywhere, CONNECT and
 /// the admin API (with [`ADMIN_TOKEN`]) on the cloud LAN, each edge allowed
 /// its pod CIDR and host address, the cloud ranges as tunnel routes, and

@@ -13,12 +13,12 @@
 //! Needs root; skips loudly otherwise, and fails instead of skipping under
 //! CI=true or REQUIRE_LAB=1. Time budget: about 20 s.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
 use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::scenario::{
-    edge_config_in, http_from, lab_pki, relay_config_in, sa, services, start_edge, start_relay,
+    edge_config_in, http_from, netns_start, relay_config_in, sa, services, start_edge, start_relay,
     within, Table, HTTP,
 };
 use relay_transport::capture_config::{CaptureConfig, DEFAULT_REDIRECT_ADDRESS};
@@ -47,14 +47,9 @@ fn wipe(lab: &NetnsLab, node: Role) -> Result<String> {
 
 #[test]
 fn capture_removed_by_something_else_comes_back() -> Result<()> {
-    if let Some(skip) = netns::require_root() {
-        eprintln!("SKIPPED capture repair: {skip}");
+    let Some((t0, lab, pki)) = netns_start("capture repair")? else {
         return Ok(());
-    }
-    relay_lab::init();
-    let t0 = Instant::now();
-    let lab = NetnsLab::new()?;
-    let pki = lab_pki()?;
+    };
     let _svcs = [
         services(&lab, Role::Epod1, "epod1")?,
         services(&lab, Role::Cpod2, "cpod2")?,

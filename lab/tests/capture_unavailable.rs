@@ -21,12 +21,12 @@
 use relay_lab::TempDir;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::scenario::{
-    edge_config_in, http_from, lab_pki, relay_config_in, sa, services, start_edge, start_relay,
+    edge_config_in, http_from, netns_start, relay_config_in, sa, services, start_edge, start_relay,
     within, Table, HTTP,
 };
 
@@ -44,14 +44,9 @@ fn installed_gauge(lab: &NetnsLab) -> Result<String> {
 
 #[test]
 fn an_edge_whose_capture_cannot_be_installed_keeps_its_tunnel_and_retries() -> Result<()> {
-    if let Some(skip) = netns::require_root() {
-        eprintln!("SKIPPED capture unavailable: {skip}");
+    let Some((t0, lab, pki)) = netns_start("capture unavailable")? else {
         return Ok(());
-    }
-    relay_lab::init();
-    let t0 = Instant::now();
-    let lab = NetnsLab::new()?;
-    let pki = lab_pki()?;
+    };
     let _svcs = [
         services(&lab, Role::Epod1, "epod1")?,
         services(&lab, Role::Cpod2, "cpod2")?,

@@ -27,13 +27,13 @@
 //! left uncaptured is waited out).
 
 use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
 use relay_lab::cluster::{Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
-    connect_refused, edge_config_in, http_from, lab_pki, sa, services, start_edge, start_relay,
+    connect_refused, edge_config_in, http_from, netns_start, sa, services, start_edge, start_relay,
     within, Table, HTTP,
 };
 use relay_lab::sources::not_tunnelled;
@@ -55,14 +55,9 @@ fn is_source(lab: &NetnsLab, ip: std::net::Ipv4Addr) -> Result<bool> {
 
 #[test]
 fn cloud_nodes_host_addresses_are_capture_sources() -> Result<()> {
-    if let Some(skip) = netns::require_root() {
-        eprintln!("SKIPPED cloud node sources: {skip}");
+    let Some((t0, lab, pki)) = netns_start("cloud node sources")? else {
         return Ok(());
-    }
-    relay_lab::init();
-    let t0 = Instant::now();
-    let lab = NetnsLab::new()?;
-    let pki = lab_pki()?;
+    };
     let _svcs = [services(&lab, Role::Epod1, "epod1")?];
     let cluster = Cluster::start(&lab)?;
     let epod1 = sa(netns::edge_pod_ip(1), HTTP);

@@ -22,8 +22,8 @@ use anyhow::{bail, Result};
 use relay_lab::cluster::{Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
-    edge_config_in, fails_fast, http_from, lab_pki, relay_config_in, service_resolutions, services,
-    start_edge, start_relay, Table, HTTP,
+    edge_config_in, fails_fast, http_from, netns_start, relay_config_in, service_resolutions,
+    services, start_edge, start_relay, Table, HTTP,
 };
 
 /// `own-edge1`: endpoint epod1 (all on edge1).
@@ -58,14 +58,9 @@ fn in_set(lab: &NetnsLab, set: &str) -> Result<()> {
 
 #[test]
 fn an_edge_without_kube_proxy_serves_its_own_services() -> Result<()> {
-    if let Some(skip) = netns::require_root() {
-        eprintln!("SKIPPED edge without kube-proxy: {skip}");
+    let Some((t0, lab, pki)) = netns_start("edge without kube-proxy")? else {
         return Ok(());
-    }
-    relay_lab::init();
-    let t0 = Instant::now();
-    let lab = NetnsLab::new()?;
-    let pki = lab_pki()?;
+    };
     let _svcs = [
         services(&lab, Role::Epod1, "epod1")?,
         services(&lab, Role::Epod2, "epod2")?,

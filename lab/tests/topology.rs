@@ -19,7 +19,7 @@
 //! CI=true or REQUIRE_LAB=1. Time budget: about 15 s.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use relay_kube_standin::k8s_openapi::api::core::v1::Node;
@@ -27,7 +27,8 @@ use relay_kube_standin::k8s_openapi::api::discovery::v1::{EndpointHints, ForZone
 use relay_lab::cluster::{edge_node, Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
-    edge_config_in, http_from, lab_pki, sa, services, start_edge, start_relay, within, Table, HTTP,
+    edge_config_in, http_from, netns_start, sa, services, start_edge, start_relay, within, Table,
+    HTTP,
 };
 
 /// Connections per cell: with two endpoints picked in turn, the chance
@@ -62,14 +63,9 @@ fn all_from(lab: &NetnsLab, from: Role, vip: SocketAddr, want: &str) -> Result<S
 
 #[test]
 fn picks_follow_zone_hints_at_the_edge_and_on_the_relay_node() -> Result<()> {
-    if let Some(skip) = netns::require_root() {
-        eprintln!("SKIPPED topology hints: {skip}");
+    let Some((t0, lab, pki)) = netns_start("topology hints")? else {
         return Ok(());
-    }
-    relay_lab::init();
-    let t0 = Instant::now();
-    let lab = NetnsLab::new()?;
-    let pki = lab_pki()?;
+    };
     let _svcs = [
         services(&lab, Role::Epod2, "epod2")?,
         services(&lab, Role::Cpod2, "cpod2")?,

@@ -35,7 +35,7 @@ use anyhow::{ensure, Context, Result};
 use relay_lab::cluster::{Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
-    edge_config_in, lab_pki, launch, sa, start_edge, start_relay, udp_client, udp_from, within,
+    edge_config_in, launch, netns_start, sa, start_edge, start_relay, udp_client, udp_from, within,
     Running, Table, UdpSample, DNS,
 };
 use relay_transport::capture_config::DEFAULT_REDIRECT_ADDRESS;
@@ -132,14 +132,9 @@ fn reap(lab: &NetnsLab, node: Role, vip: SocketAddr) -> Result<String> {
 
 #[test]
 fn a_captured_udp_flow_survives_kube_proxys_conntrack_cleanup() -> Result<()> {
-    if let Some(skip) = netns::require_root() {
-        eprintln!("SKIPPED captured UDP flows and kube-proxy's cleanup: {skip}");
+    let Some((t0, lab, pki)) = netns_start("captured UDP flows and kube-proxy's cleanup")? else {
         return Ok(());
-    }
-    relay_lab::init();
-    let t0 = Instant::now();
-    let lab = NetnsLab::new()?;
-    let pki = lab_pki()?;
+    };
     let _svcs = [
         twice(&lab, Role::Epod2, "epod2")?,
         twice(&lab, Role::Cpod2, "cpod2")?,

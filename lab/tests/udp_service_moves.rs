@@ -22,13 +22,14 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use relay_lab::cluster::{Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
-    edge_config_in, lab_pki, services, start_edge, start_relay, udp_client, Table, UdpSample, DNS,
+    edge_config_in, netns_start, services, start_edge, start_relay, udp_client, Table, UdpSample,
+    DNS,
 };
 
 /// `moving`: one endpoint, epod2 (on edge2), then cpod2 (in the cloud).
@@ -91,14 +92,9 @@ fn judged(log: &[UdpSample], old: &str, new: &str) -> Result<String> {
 
 #[test]
 fn a_udp_flow_follows_its_service_endpoint() -> Result<()> {
-    if let Some(skip) = netns::require_root() {
-        eprintln!("SKIPPED UDP flows following their Service: {skip}");
+    let Some((t0, lab, pki)) = netns_start("UDP flows following their Service")? else {
         return Ok(());
-    }
-    relay_lab::init();
-    let t0 = Instant::now();
-    let lab = NetnsLab::new()?;
-    let pki = lab_pki()?;
+    };
     let _svcs = [
         services(&lab, Role::Epod1, "epod1")?,
         services(&lab, Role::Epod2, "epod2")?,
