@@ -178,13 +178,21 @@ pub fn lab_pki() -> Result<DevPki> {
 /// into a failure under `CI=true` or `REQUIRE_LAB=1`; else the start
 /// time, a fresh lab and [`lab_pki`].
 pub fn netns_start(what: &str) -> Result<Option<(Instant, NetnsLab, DevPki)>> {
+    netns_start_with(what, netns::LabOptions::default())
+}
+
+/// [`netns_start`] with a lab built with `options`.
+pub fn netns_start_with(
+    what: &str,
+    options: netns::LabOptions,
+) -> Result<Option<(Instant, NetnsLab, DevPki)>> {
     if let Some(skip) = netns::require_root() {
         eprintln!("SKIPPED {what}: {skip}");
         return Ok(None);
     }
     crate::init();
     let t0 = Instant::now();
-    Ok(Some((t0, NetnsLab::new()?, lab_pki()?)))
+    Ok(Some((t0, NetnsLab::with_options(options)?, lab_pki()?)))
 }
 
 /// The lab relay's configuration: QUIC on :8443 everywhere, CONNECT and

@@ -24,14 +24,14 @@
 //! CI=true or REQUIRE_LAB=1. Time budget: under 60 s (the two negative
 //! cells wait out their timeouts, about 11 s together).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
 use relay_lab::netns::{self, LabOptions, NetnsLab, Role, VTEPS, VTEP_DEV};
 use relay_lab::route_agent;
 use relay_lab::scenario::{
-    edge_config, http_from, lab_pki, relay_config, sa, services, start_edge, start_relay, udp_from,
-    within, Table, ADMIN_PORT, DNS, HTTP,
+    edge_config, http_from, netns_start_with, relay_config, sa, services, start_edge, start_relay,
+    udp_from, within, Table, ADMIN_PORT, DNS, HTTP,
 };
 use relay_server::agent::{pod_network_probe, Toward};
 
@@ -67,17 +67,13 @@ fn must_fail(m: &mut Table, lead: &[&str], got: Result<String>) {
 
 #[test]
 fn the_route_agent_on_a_cloud_fabric_needs_the_overlay() -> Result<()> {
-    if let Some(skip) = netns::require_root() {
-        eprintln!("SKIPPED cloud fabric: {skip}");
-        return Ok(());
-    }
-    relay_lab::init();
-    let t0 = Instant::now();
-    let lab = NetnsLab::with_options(LabOptions {
+    let options = LabOptions {
         cloud_overlay: true,
         ..LabOptions::default()
-    })?;
-    let pki = lab_pki()?;
+    };
+    let Some((t0, lab, pki)) = netns_start_with("cloud fabric", options)? else {
+        return Ok(());
+    };
     let _svcs = [
         services(&lab, Role::Epod1, "epod1")?,
         services(&lab, Role::Epod2, "epod2")?,

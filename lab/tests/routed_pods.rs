@@ -17,29 +17,25 @@
 //! CI=true or REQUIRE_LAB=1. Time budget: about 15 s.
 
 use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
 use relay_lab::cluster::{Cluster, LabService};
-use relay_lab::netns::{self, KubeProxyMode, LabOptions, NetnsLab, Proto, Role};
+use relay_lab::netns::{self, KubeProxyMode, LabOptions, Proto, Role};
 use relay_lab::scenario::{
-    edge_config_in, http_from, lab_pki, sa, services, start_edge, start_relay, udp_from, within,
-    Table, DNS, HTTP,
+    edge_config_in, http_from, netns_start_with, sa, services, start_edge, start_relay, udp_from,
+    within, Table, DNS, HTTP,
 };
 
 #[test]
 fn pods_on_routed_veths_without_addresses_are_captured() -> Result<()> {
-    if let Some(skip) = netns::require_root() {
-        eprintln!("SKIPPED routed pods: {skip}");
-        return Ok(());
-    }
-    relay_lab::init();
-    let t0 = Instant::now();
-    let lab = NetnsLab::with_options(LabOptions {
+    let options = LabOptions {
         routed_pods: true,
         ..LabOptions::default()
-    })?;
-    let pki = lab_pki()?;
+    };
+    let Some((t0, lab, pki)) = netns_start_with("routed pods", options)? else {
+        return Ok(());
+    };
     let _svcs = [
         services(&lab, Role::Epod1, "epod1")?,
         services(&lab, Role::Epod2, "epod2")?,
