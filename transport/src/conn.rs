@@ -247,9 +247,14 @@ impl TunnelConn {
     }
 
     /// Sends one unreliable datagram (a UDP payload with its flow header).
-    pub fn send_datagram(&self, d: bytes::Bytes) -> Result<(), String> {
+    pub fn send_datagram(&self, d: bytes::Bytes) -> Result<(), DatagramRefused> {
         match self {
-            TunnelConn::Quic(c) => c.send_datagram(d).map_err(|e| e.to_string()),
+            TunnelConn::Quic(c) => c.send_datagram(d).map_err(|e| match e {
+                quinn::SendDatagramError::TooLarge => DatagramRefused::TooLarge,
+                quinn::SendDatagramError::ConnectionLost(_)
+                | quinn::SendDatagramError::UnsupportedByPeer
+                | quinn::SendDatagramError::Disabled => DatagramRefused::Closed,
+            }),
             TunnelConn::Tcp(c) => c.send_datagram(d),
         }
     }
@@ -279,6 +284,22 @@ impl TunnelConn {
             TunnelConn::Tcp(_) => Some(crate::tcp::MAX_TCP_DATAGRAM),
         }
     }
+}
+
+/// Why a datagram was not queued for sending. Counted apart, so a full
+/// queue (congestion: the operator's signal to look at the uplink) is not
+/// confused with a session that just ended or a path whose MTU shrank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatagramRefused {
+    /// No room in the send queue (the TCP fallback's bounded queue; QUIC
+    /// makes room by dropping its oldest instead, see
+    /// [`TunnelConn::datagram_send_space`]).
+    QueueFull,
+    /// Larger than the path carries now: its MTU shrank between the size
+    /// check and the send.
+    TooLarge,
+    /// The connection is gone (or takes no datagrams).
+    Closed,
 }
 
 /// The sending half of a tunnel stream.

@@ -53,7 +53,7 @@ pub mod tls;
 pub mod udp;
 mod udp_capture;
 
-pub use conn::{BiStream, RecvHalf, SendHalf, TransportKind, TunnelConn};
+pub use conn::{BiStream, DatagramRefused, RecvHalf, SendHalf, TransportKind, TunnelConn};
 pub use quic::{QuicFile, QuicTuning};
 pub use splice::{splice, splice_tunnels, Direction, Meter, SpliceOutcome};
 pub use tls::{TlsError, TlsMaterial};

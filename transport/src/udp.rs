@@ -34,7 +34,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use crate::conn::{BiStream, RecvHalf, SendHalf, TunnelConn};
+use crate::conn::{BiStream, DatagramRefused, RecvHalf, SendHalf, TunnelConn};
 
 pub use crate::udp_capture::{
     serve_transparent_udp, FlowLimits, Pick, PickConn, Picked, RedirectUdp, Replier,
@@ -126,6 +126,9 @@ pub struct UdpStats {
     pub dropped_queue_full: AtomicU64,
     /// Datagrams for no known flow (a flow that just ended).
     pub dropped_unknown_flow: AtomicU64,
+    /// Payloads not sent because the tunnel connection had ended (the
+    /// flow's task had not yet seen it).
+    pub dropped_closed: AtomicU64,
     /// New flows refused because of the per-session flow cap.
     pub refused_cap: AtomicU64,
     /// Captured packets that would have started a flow while
@@ -179,6 +182,7 @@ impl UdpStats {
             ("stream_stalled", &self.stream_payload_stalls),
             ("queue_full", &self.dropped_queue_full),
             ("unknown_flow", &self.dropped_unknown_flow),
+            ("closed", &self.dropped_closed),
             ("flow_cap", &self.refused_cap),
             ("starting", &self.dropped_starting),
         ] {
@@ -361,9 +365,11 @@ pub struct StreamStalled;
 /// Sends a payload on `flow`: as a datagram when it fits; otherwise on the
 /// flow's stream (`stream`) when the peer takes it there, else dropped and
 /// counted. A datagram the connection cannot queue is lost, as UDP would
-/// lose it, and counted (`dropped_queue_full`): on QUIC, queueing one
-/// larger than the room left drops the oldest queued (quinn's rule, so
-/// what waits stays fresh), one each time at least. `Err` when the stream write failed or stalled (see
+/// lose it, and counted by why: `dropped_queue_full` (on QUIC, queueing
+/// one larger than the room left drops the oldest queued, quinn's rule, so
+/// what waits stays fresh: one each time at least), `dropped_oversize`
+/// (the path's MTU shrank since the size check) or `dropped_closed` (the
+/// connection ended). `Err` when the stream write failed or stalled (see
 /// [`STREAM_PAYLOAD_WRITE_LIMIT`]): the caller ends the flow.
 pub async fn send_payload(
     conn: &TunnelConn,
@@ -378,9 +384,15 @@ pub async fn send_payload(
         let full = conn
             .datagram_send_space()
             .is_some_and(|room| room < d.len());
-        let sent = conn.send_datagram(d).is_ok();
-        if full || !sent {
-            stats.dropped_queue_full.fetch_add(1, Relaxed);
+        let counter = match conn.send_datagram(d) {
+            Ok(()) if full => Some(&stats.dropped_queue_full),
+            Ok(()) => None,
+            Err(DatagramRefused::QueueFull) => Some(&stats.dropped_queue_full),
+            Err(DatagramRefused::TooLarge) => Some(&stats.dropped_oversize),
+            Err(DatagramRefused::Closed) => Some(&stats.dropped_closed),
+        };
+        if let Some(c) = counter {
+            c.fetch_add(1, Relaxed);
         }
         return Ok(());
     }

@@ -284,3 +284,22 @@ async fn a_burst_past_the_datagram_queue_is_counted_not_silent() {
     let (on_stream, answer) = near.answer().await;
     assert!(!on_stream && answer == payload);
 }
+
+/// A payload sent after the tunnel connection ended (a flow task that has
+/// not yet seen the end) is counted as `closed`, not as a full queue: a
+/// `queue_full` count is the operator's sign of a congested uplink, and a
+/// session ending must not raise it.
+#[tokio::test]
+async fn a_send_after_the_connection_ended_is_counted_closed() {
+    let mut near = flow(true, true, true).await;
+    near.conn.close(0, "test");
+    let payload = vec![b'c'; 100];
+    near.send(&payload).await;
+    assert_eq!(near.stats.dropped_closed.load(Relaxed), 1);
+    assert_eq!(near.stats.dropped_queue_full.load(Relaxed), 0);
+    let metrics = near.stats.render_prometheus("edge");
+    assert!(
+        metrics.contains("edge_udp_dropped_total{reason=\"closed\"} 1"),
+        "{metrics}"
+    );
+}

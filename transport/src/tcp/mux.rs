@@ -46,7 +46,7 @@ use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompat
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, warn};
 
-use crate::conn::ConnLost;
+use crate::conn::{ConnLost, DatagramRefused};
 
 /// First byte the edge writes on the datagram stream.
 pub const DATAGRAM_STREAM_MARK: u8 = 0x44;
@@ -376,14 +376,14 @@ impl YamuxConn {
     }
 
     /// Queues a datagram; dropped when the queue is full (as UDP would).
-    pub fn send_datagram(&self, d: Bytes) -> Result<(), String> {
+    pub fn send_datagram(&self, d: Bytes) -> Result<(), DatagramRefused> {
         if d.len() > MAX_TCP_DATAGRAM {
-            return Err(format!(
-                "datagram of {} bytes is over {MAX_TCP_DATAGRAM}",
-                d.len()
-            ));
+            return Err(DatagramRefused::TooLarge);
         }
-        self.dgram_out.try_send(d).map_err(|e| e.to_string())
+        self.dgram_out.try_send(d).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => DatagramRefused::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => DatagramRefused::Closed,
+        })
     }
 
     /// Receives the next datagram.
@@ -685,6 +685,30 @@ mod tests {
         .await
         .expect("the peer's read ends");
         drop((sw, p));
+    }
+
+    /// The fallback's datagram queue says why it refused one: too large,
+    /// full (the writer cannot run between these sends: one thread, no
+    /// yield), or the connection ended.
+    #[tokio::test]
+    async fn datagram_refusals_say_why() {
+        let (c, _s) = pair(LIMITS, LIMITS).await;
+        let big = Bytes::from(vec![0u8; MAX_TCP_DATAGRAM + 1]);
+        assert_eq!(c.send_datagram(big), Err(DatagramRefused::TooLarge));
+        let d = Bytes::from_static(b"d");
+        for _ in 0..DATAGRAM_QUEUE {
+            c.send_datagram(d.clone()).unwrap();
+        }
+        assert_eq!(c.send_datagram(d.clone()), Err(DatagramRefused::QueueFull));
+        c.close_now("test");
+        tokio::time::timeout(GUARD, c.closed()).await.unwrap();
+        tokio::time::timeout(GUARD, async {
+            while c.send_datagram(d.clone()) != Err(DatagramRefused::Closed) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("a closed connection refuses datagrams as closed");
     }
 
     /// 5,000 streams opened at once (yamux refused the 4,097th and the
