@@ -286,6 +286,7 @@ impl EdgeClient {
                 relay_transport::capture::Capture::uninstalled(ccfg)
             }
         };
+        tokio::spawn(relay_transport::capture::warn_if_socket_lb());
         let saved = cfg
             .capture_state_file
             .as_deref()

@@ -251,6 +251,28 @@ fn cluster_ips_are_captured_before_kube_proxy() -> Result<()> {
         Ok(capture::socket_lb_suspected().await)
     })?;
     assert_eq!(lb, None, "no socket-level load balancer in the lab");
+    // Cilium's own pair of links on its node (`cilium_host` and
+    // `cilium_net`, a veth pair): the sign the relay and edges warn about
+    // at start.
+    lab.exec(
+        Role::Relay,
+        &[
+            "ip",
+            "link",
+            "add",
+            "cilium_host",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "cilium_net",
+        ],
+    )?;
+    let lb = lab.run_in(Role::Relay, Duration::from_secs(10), || async {
+        Ok(capture::socket_lb_suspected().await)
+    })?;
+    lab.exec(Role::Relay, &["ip", "link", "del", "cilium_host"])?;
+    assert_eq!(lb.as_deref(), Some("link cilium_host"));
 
     cap.stop()?;
     let tables = lab.exec(Role::Relay, &["nft", "list", "tables"])?;

@@ -359,6 +359,7 @@ impl Relay {
                 .map_err(bind_err("transparent udp", udp_addr))?;
             shared.policy.add_own_listener(addr);
             let cap = relay_transport::capture::Capture::install(ccfg).await?;
+            tokio::spawn(relay_transport::capture::warn_if_socket_lb());
             tasks.spawn(crate::tunnel::serve_transparent(
                 l,
                 shared.clone(),

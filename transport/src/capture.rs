@@ -135,7 +135,7 @@ mod services;
 mod tests;
 pub use services::{
     conntrack_delete_args, is_local_address, ranged_services_script, services_script,
-    socket_lb_suspected, RangedSet, ServiceSet,
+    socket_lb_suspected, warn_if_socket_lb, RangedSet, ServiceSet,
 };
 
 /// A capture command failed.

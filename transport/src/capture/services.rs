@@ -334,7 +334,8 @@ pub fn conntrack_delete_args(addr: SocketAddr, proto: Proto) -> Vec<String> {
 /// (Cilium's eBPF socket-LB): then ClusterIPs never reach nftables and
 /// [`Capture::apply_services`] matches nothing (see docs/architecture.md,
 /// "Services with edge endpoints"). Returns what was found, or `None`.
-/// Looks at this network namespace's links and the BPF filesystem only;
+/// Looks at this network namespace's links and the BPF filesystem only
+/// (not mounted in the manifests' pods, where the link is the sign);
 /// decides nothing by itself.
 pub async fn socket_lb_suspected() -> Option<String> {
     let mut signs = Vec::new();
@@ -350,6 +351,19 @@ pub async fn socket_lb_suspected() -> Option<String> {
         }
     }
     (!signs.is_empty()).then(|| signs.join(", "))
+}
+
+/// Logs, once at start, a warning naming [`socket_lb_suspected`]'s signs
+/// when there are any: an operator reading why ClusterIPs with edge
+/// endpoints are not captured on a Cilium node finds the reason in the
+/// first lines of the log instead of in packet traces.
+pub async fn warn_if_socket_lb() {
+    if let Some(signs) = socket_lb_suspected().await {
+        tracing::warn!(
+            %signs,
+            "Cilium seems to run on this node: where it replaces kube-proxy (socket-LB) ClusterIPs are rewritten before any packet exists, so Service-port capture matches nothing (pod and node addresses are still captured), and with its BPF host routing pod traffic bypasses nftables; see docs/architecture.md, kube-proxy replacements"
+        );
+    }
 }
 
 /// Cilium's pinned service maps (IPv4, IPv6), present when its load
