@@ -66,14 +66,12 @@ pub fn start_toward(
         token: Some(relay_server::Secret::new(ADMIN_TOKEN)),
         // Plain HTTP on the lab's private LAN (the lab's relay allows it).
         tls: None,
-        // Used by `agent::run` only; `run_toward` takes `toward`.
-        via: admin.ip(),
         interval,
         proto: PROTO,
     };
     launch(lab, node, "route agent", move |ready, stop| async move {
         let cancel = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(relay_server::agent::run_toward(cfg, toward, cancel.clone()));
+        let task = tokio::spawn(relay_server::agent::run(cfg, toward, cancel.clone()));
         let _ = ready.send(Ok(()));
         let _ = stop.await;
         cancel.cancel();

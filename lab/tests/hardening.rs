@@ -188,7 +188,6 @@ async fn admin_api_over_tls_and_the_route_agent() -> anyhow::Result<()> {
             } else {
                 None
             },
-            via: "127.0.0.1".parse()?,
             interval: Duration::from_secs(1),
             proto: 250,
         })

@@ -44,9 +44,6 @@ pub struct AgentConfig {
     /// HTTPS to the admin API; `None`: plain HTTP (loopback, or explicitly
     /// allowed with `--allow-insecure-http`).
     pub tls: Option<AgentTls>,
-    /// The relay node's address on this node's network: the next hop of
-    /// [`run`] (`--via`). [`run_toward`] takes its target separately.
-    pub via: IpAddr,
     /// How often to poll.
     pub interval: Duration,
     /// Route protocol number marking our routes (see `/etc/iproute2/rt_protos`).
@@ -357,17 +354,10 @@ async fn sync(
     Ok((set, removed))
 }
 
-/// Runs until `stop` with routes via `cfg.via` (`--via`), then removes
-/// every route it installed.
-pub async fn run(cfg: AgentConfig, stop: CancellationToken) {
-    let toward = Toward::Via(cfg.via);
-    run_toward(cfg, toward, stop).await
-}
-
 /// Runs until `stop` with routes `toward` the relay node, then removes
 /// every route it installed. With [`Toward::PodNetwork`] the next hop is
 /// looked up every poll; when the CNI changes it, the routes follow.
-pub async fn run_toward(cfg: AgentConfig, toward: Toward, stop: CancellationToken) {
+pub async fn run(cfg: AgentConfig, toward: Toward, stop: CancellationToken) {
     info!(admin = %cfg.admin, ?toward, "route agent started");
     let mut failing = false;
     let mut last_hop: Option<NextHop> = None;

@@ -280,17 +280,16 @@ async fn main() -> anyhow::Result<()> {
             };
             let stop = tokio_util::sync::CancellationToken::new();
             let task = if let Some((_, toward)) = single {
-                let ((admin, via), tls) =
+                let ((admin, _), tls) =
                     targets.into_iter().zip(tls_of).next().context("--admin")?;
                 let cfg = relay_server::agent::AgentConfig {
                     admin,
                     token,
                     tls,
-                    via,
                     interval,
                     proto,
                 };
-                tokio::spawn(relay_server::agent::run_toward(cfg, toward, stop.clone()))
+                tokio::spawn(relay_server::agent::run(cfg, toward, stop.clone()))
             } else {
                 let cfg = relay_server::multipath::MultipathConfig {
                     replicas: targets

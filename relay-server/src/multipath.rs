@@ -284,7 +284,6 @@ pub async fn run(cfg: MultipathConfig, stop: CancellationToken) {
                 admin: r.admin,
                 token: cfg.token.clone(),
                 tls: r.tls.clone(),
-                via: r.via,
                 interval: cfg.interval,
                 proto: cfg.proto,
             };

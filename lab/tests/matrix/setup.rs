@@ -251,7 +251,6 @@ pub(crate) fn start_agent(lab: &NetnsLab) -> Result<Running> {
         token: Some(relay_server::Secret::new(ADMIN_TOKEN)),
         // Plain HTTP on the lab's private LAN (the relay allows it there).
         tls: None,
-        via: IpAddr::V4(netns::RELAY_LAN_IP),
         interval: Duration::from_millis(200),
         proto: AGENT_PROTO,
     };
@@ -261,7 +260,11 @@ pub(crate) fn start_agent(lab: &NetnsLab) -> Result<Running> {
         "route agent",
         move |ready, stop| async move {
             let token = tokio_util::sync::CancellationToken::new();
-            let task = tokio::spawn(relay_server::agent::run(cfg, token.clone()));
+            let task = tokio::spawn(relay_server::agent::run(
+                cfg,
+                relay_server::agent::Toward::Via(IpAddr::V4(netns::RELAY_LAN_IP)),
+                token.clone(),
+            ));
             let _ = ready.send(Ok(()));
             let _ = stop.await;
             token.cancel();
