@@ -502,26 +502,62 @@ impl ProbeBackoff {
 
 /// Writes one control message, bounded: on a path that died silently (a
 /// NAT that rebound and dropped the relay's reset) a write on the TCP
-/// fallback can block. The same allowance as an unanswered ping (two
-/// keep-alive intervals), so a write queued behind a slow uplink's backlog
-/// is not mistaken for a dead path, and a write started by a tick still
-/// fails within 3 × keep-alive of the path's death.
+/// fallback can block. It fails once nothing has arrived from the relay
+/// for two keep-alive intervals while it waits (the allowance of an
+/// unanswered ping), so a write started by a tick still fails within
+/// 3 × keep-alive of the path's death. While the relay's bytes keep
+/// arriving the path lives and the write waits, as long as an unanswered
+/// ping may (2 × [`relay_protocol::QUIC_CONTROL_PING`]): on the fallback
+/// the control stream has no priority over this edge's own uploads, and a
+/// slow uplink carrying a hundred of them takes longer than two
+/// keep-alives to reach the control stream's turn.
 async fn send_control(
     conn: &TunnelConn,
     send: &mut relay_transport::SendHalf,
     msg: &Control,
     cfg: &EdgeConfig,
 ) -> Result<(), SessionEnd> {
-    let limit = cfg.quic.keepalive * DEAD_AFTER_KEEPALIVES;
-    match tokio::time::timeout(limit, write_frame(send, msg)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(SessionEnd::Lost(format!("control write: {e}"))),
-        Err(_) => {
-            conn.close(close_code::PROTOCOL, "control write stuck");
-            Err(SessionEnd::Lost(format!(
-                "control write not done within {limit:?}"
-            )))
+    let keepalive = cfg.quic.keepalive;
+    let write = write_frame(send, msg);
+    tokio::pin!(write);
+    let started = Instant::now();
+    let mut seen = conn.arrivals();
+    let mut heard = started;
+    loop {
+        match tokio::time::timeout(keepalive / 4, &mut write).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => return Err(SessionEnd::Lost(format!("control write: {e}"))),
+            Err(_) => {
+                let now = conn.arrivals();
+                if now != seen {
+                    seen = now;
+                    heard = Instant::now();
+                }
+                if let Some(why) = write_stuck(started.elapsed(), heard.elapsed(), keepalive) {
+                    conn.close(close_code::PROTOCOL, "control write stuck");
+                    return Err(SessionEnd::Lost(why));
+                }
+            }
         }
+    }
+}
+
+/// Whether a control write that has waited `waited`, with nothing from
+/// the relay for `quiet`, is stuck on a dead path (see [`send_control`]):
+/// the reason, else `None`.
+fn write_stuck(waited: Duration, quiet: Duration, keepalive: Duration) -> Option<String> {
+    let limit = keepalive * DEAD_AFTER_KEEPALIVES;
+    let longest = limit.max(relay_protocol::QUIC_CONTROL_PING * DEAD_AFTER_KEEPALIVES);
+    if quiet >= limit {
+        Some(format!(
+            "control write not done within {waited:.1?}, nothing received for {quiet:.1?}"
+        ))
+    } else if waited >= longest {
+        Some(format!(
+            "control write not done within {waited:.1?} while the relay's bytes arrived"
+        ))
+    } else {
+        None
     }
 }
 
@@ -573,6 +609,24 @@ fn publish_routes(state: &watch::Sender<EdgeState>, routes: Vec<Cidr>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A control write waiting while nothing arrives fails after two
+    /// keep-alives; while the relay's bytes arrive it waits as long as an
+    /// unanswered ping may (2 × 2 min), then fails too.
+    #[test]
+    fn a_control_write_is_stuck_by_silence_or_by_the_long_bound() {
+        let s = Duration::from_secs;
+        let k = s(8);
+        assert_eq!(write_stuck(s(15), s(15), k), None);
+        assert!(write_stuck(s(16), s(16), k).is_some_and(|w| w.contains("nothing received")));
+        // Bytes arriving: a minute behind uploads is not a dead path.
+        assert_eq!(write_stuck(s(60), s(1), k), None);
+        assert_eq!(write_stuck(s(239), s(1), k), None);
+        assert!(write_stuck(s(240), s(1), k).is_some_and(|w| w.contains("bytes arrived")));
+        // A keep-alive longer than the ping bound keeps its own limit.
+        assert_eq!(write_stuck(s(299), s(298), s(150)), None);
+        assert!(write_stuck(s(300), s(300), s(150)).is_some());
+    }
 
     /// Failed probes double the wait up to the cap (32 × the configured
     /// interval): on a path without UDP, ~45 probes a day instead of 1,440.

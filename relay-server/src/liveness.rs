@@ -23,12 +23,20 @@
 //! it, with [`close_code::SILENT`] so the edge counts a dead path): two
 //! intervals, plus at most two sweeps.
 //!
-//! The same sweep ends a session whose edge is expected to talk on its
-//! control stream every keep-alive (the TCP fallback, where yamux has no
-//! idle timeout of its own, and QUIC edges without
-//! [`relay_protocol::capability::QUIC_LIVENESS`]) once nothing came on it
-//! for `idle_timeout`. A `QUIC_LIVENESS` edge's control stream is checked
-//! at its own slower pace by its session's tick (`control_check`).
+//! On the TCP fallback (where yamux has no idle timeout of its own) the
+//! count is of bytes received, with the same limits: an edge sends a
+//! control ping every keep-alive, so bytes arrive at least that often on
+//! a working path, and while they arrive the path lives even when the
+//! pings themselves are queued behind an upload on a slow, deep-buffered
+//! uplink (a sudden upload can delay them by longer than `idle_timeout`).
+//!
+//! The same sweep ends a session whose QUIC edge lacks
+//! [`relay_protocol::capability::QUIC_LIVENESS`] (it talks on its control
+//! stream every keep-alive) once nothing came on it for `idle_timeout`. A
+//! `QUIC_LIVENESS` edge's control stream, and a TCP edge's, are checked
+//! at a slower pace by the session's tick (`control_check`): there a
+//! silent control stream with a live path is a wedged session task, not a
+//! dead path.
 //!
 //! One task for all sessions rather than a timer per session: at 10,000
 //! sessions a sweep is 10,000 reads of a counter behind quinn's connection
@@ -78,21 +86,28 @@ pub fn expected_silence(idle_timeout: Duration, edge_keepalive: Option<Duration>
 }
 
 /// How long session `s` may go unheard before the sweep closes it, as
-/// the sweep applies it now: on QUIC [`expected_silence`], longer on a
-/// long path ([`silence_limit`]); on the TCP fallback the idle timeout.
+/// the sweep applies it now: [`expected_silence`], longer on a long path
+/// ([`silence_limit`]); unheard is no datagram on QUIC, no byte on the TCP
+/// fallback.
 pub fn session_limit(s: &SessionHandle, idle_timeout: Duration) -> Duration {
-    match s.conn.datagrams_received() {
-        Some(_) => silence_limit(
-            expected_silence(idle_timeout, s.heard.edge_keepalive()),
-            s.conn.rtt(),
-        ),
-        None => idle_timeout,
-    }
+    silence_limit(
+        expected_silence(idle_timeout, s.heard.edge_keepalive()),
+        s.conn.rtt(),
+    )
 }
 
-/// What the sweep remembers of one session: the received-datagram count
-/// it last saw and when it saw it change, and the edge's keep-alive
-/// interval if it told it.
+/// Whether session `s` is judged by what arrives (QUIC datagrams, TCP
+/// bytes) and its control stream only at the slow pace of
+/// [`control_check`]: a QUIC edge with `QUIC_LIVENESS`, and every TCP
+/// edge. Otherwise (an older QUIC edge) a control message must come every
+/// `idle_timeout`.
+pub fn judged_by_arrivals(s: &SessionHandle) -> bool {
+    s.conn.kind() != relay_transport::TransportKind::Quic || s.has(capability::QUIC_LIVENESS)
+}
+
+/// What the sweep remembers of one session: the count of arrivals
+/// (QUIC datagrams, TCP bytes) it last saw and when it saw it change, and
+/// the edge's keep-alive interval if it told it.
 #[derive(Debug, Default)]
 pub struct Heard {
     datagrams: AtomicU64,
@@ -186,22 +201,22 @@ fn late(gap: Duration, every: Duration) -> bool {
 }
 
 fn sweep_one(shared: &Shared, s: &SessionHandle, idle: Duration) {
-    let quic = s.conn.datagrams_received();
+    // Datagrams on QUIC, bytes on the TCP fallback.
+    let arrivals = s.conn.arrivals();
     // A QUIC edge with QUIC liveness talks on its control stream only
-    // every couple of minutes (the session's tick watches that); every
-    // other edge (the TCP fallback, older QUIC edges) sends a control
-    // message at least every keep-alive.
-    let lean = quic.is_some() && s.has(capability::QUIC_LIVENESS);
-    if let Some(datagrams) = quic {
-        let quiet = Duration::from_millis(s.heard.observe(datagrams, s.age_ms()));
-        if quiet.is_zero() && lean {
-            // For operators ("last seen").
-            s.touch();
-        }
-        let told = s.heard.edge_keepalive();
-        if let Some((code, why)) = packet_silence(quiet, idle, told, || s.conn.rtt()) {
-            return close(shared, s, code, why);
-        }
+    // every couple of minutes, and a TCP edge's control messages may
+    // queue behind its uploads (the session's tick watches the control
+    // stream of both); an older QUIC edge sends a control message at
+    // least every keep-alive.
+    let lean = judged_by_arrivals(s);
+    let quiet = Duration::from_millis(s.heard.observe(arrivals, s.age_ms()));
+    if quiet.is_zero() && lean {
+        // For operators ("last seen").
+        s.touch();
+    }
+    let told = s.heard.edge_keepalive();
+    if let Some((code, why)) = packet_silence(quiet, idle, told, || s.conn.rtt()) {
+        return close(shared, s, code, why);
     }
     if !lean {
         let quiet = s.last_seen_ago();
@@ -252,8 +267,9 @@ fn close(shared: &Shared, s: &SessionHandle, code: u32, why: String) {
     s.kick(code, &why);
 }
 
-/// What a keep-alive tick does about a `QUIC_LIVENESS` edge's control
-/// stream, quiet for so long.
+/// What a keep-alive tick does about the control stream of a session
+/// [`judged_by_arrivals`], quiet for so long (a TCP edge is pinged every
+/// keep-alive regardless; only `Wedged` applies to it).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum ControlCheck {
     /// Within the edge's own ping interval (and half of one to spare).

@@ -49,8 +49,8 @@ pub struct Metrics {
     /// Sessions closed because their node left the directory.
     pub node_gone: AtomicU64,
     /// Sessions closed because nothing arrived from the edge for the idle
-    /// timeout: no datagram on QUIC, no control message on the TCP
-    /// fallback or from an older edge (see [`crate::liveness`]).
+    /// timeout: no datagram on QUIC, no byte on the TCP fallback, no
+    /// control message from an older QUIC edge (see [`crate::liveness`]).
     pub sessions_silent: AtomicU64,
     /// Node certificates issued by the bootstrap.
     pub bootstrap_issued: AtomicU64,

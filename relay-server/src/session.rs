@@ -445,6 +445,10 @@ pub(crate) async fn run_session(
     // A QUIC edge that checks the path with QUIC's own PINGs and pings the
     // control stream every `QUIC_CONTROL_PING` (see the tick arm).
     let lean = quic && handle.has(capability::QUIC_LIVENESS);
+    // Whose control stream is held to `control_check`'s slow bound (the
+    // sweep watches their path by what arrives): `lean` edges, and TCP
+    // edges, whose messages may queue behind their uploads.
+    let slow_control = crate::liveness::judged_by_arrivals(&handle);
     let mut last_control = Instant::now();
     let mut ping = tokio::time::interval_at(first_tick(keepalive), keepalive);
     // A runtime held up must not answer with a burst of pings.
@@ -623,6 +627,14 @@ pub(crate) async fn run_session(
                 }
             },
             _ = ping.tick() => {
+                let quiet = last_control.elapsed();
+                let check = control_check(quiet);
+                if slow_control && check == ControlCheck::Wedged {
+                    // The edge's session task stopped talking while its
+                    // path (QUIC's PINGs, the TCP bytes) still works.
+                    handle.conn.close(close_code::PROTOCOL, "control stream silent");
+                    break format!("control stream silent for {quiet:?}");
+                }
                 if lean {
                     // The relay's silence sweep watches the path (the
                     // edge's PINGs keep it busy) and keeps "last seen"
@@ -631,16 +643,11 @@ pub(crate) async fn run_session(
                     // ping of ours only when its own is half an interval
                     // late, and a session whose edge stopped talking on it
                     // (its session task wedged while its QUIC stack
-                    // answers) is closed.
-                    let quiet = last_control.elapsed();
-                    match control_check(quiet) {
-                        ControlCheck::Fine => continue,
-                        ControlCheck::Ping => vec![Control::Ping { nonce: rand::random() }],
-                        ControlCheck::Wedged => {
-                            handle.conn.close(close_code::PROTOCOL, "control stream silent");
-                            break format!("control stream silent for {quiet:?}");
-                        }
+                    // answers) is closed (above).
+                    if check == ControlCheck::Fine {
+                        continue;
                     }
+                    vec![Control::Ping { nonce: rand::random() }]
                 } else {
                     // A silent edge is closed by the relay's silence sweep
                     // (`crate::liveness`), on both transports.
