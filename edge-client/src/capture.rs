@@ -324,10 +324,13 @@ async fn accept_loop(
 async fn local_service(sock: TcpStream, ep: std::net::SocketAddr, cfg: Arc<EdgeConfig>) {
     let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
     match dial_tcp(ep, None, cfg.dial_timeout, mark).await {
-        Ok(mut tcp) => {
-            let mut sock = sock;
-            let r = tokio::io::copy_bidirectional(&mut sock, &mut tcp).await;
-            debug!(result = ?r, "local service connection closed");
+        Ok(tcp) => {
+            // The relay's splice for a local peer: an endpoint's reset
+            // reaches the client as a reset (not as a clean end that would
+            // pass a truncated response off as whole), half-close is
+            // carried, and an idle connection is bounded.
+            let out = relay_transport::splice::splice_local(sock, &[], tcp).await;
+            debug!(up = out.to_tunnel, down = out.from_tunnel, reset = ?out.reset, "local service connection closed");
         }
         Err(reply) => {
             relay_transport::sampled!(info, "local service endpoint refused", reason = reply.status.as_str(), msg = %reply.message);
@@ -381,6 +384,54 @@ async fn outbound(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A captured connection served by an endpoint on this node: the
+    /// endpoint's reset (a crash mid-response) reaches the client as a
+    /// reset. With `copy_bidirectional` the client saw a clean end, as if
+    /// the truncated response were whole.
+    #[tokio::test]
+    async fn a_local_endpoints_reset_reaches_the_client_as_a_reset() {
+        use std::time::Duration;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        relay_transport::tls::install_default_provider();
+        let pki =
+            relay_transport::devcerts::DevPki::generate(&["relay.test"], &["edge-a"]).unwrap();
+        let cfg = Arc::new(EdgeConfig::new(
+            "edge-a",
+            "relay.test:8443",
+            "relay.test",
+            pki.node_material("edge-a").unwrap(),
+        ));
+        // The endpoint: reads the request's first bytes, then aborts.
+        let ep = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ep_addr = ep.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = ep.accept().await.unwrap();
+            let mut b = [0u8; 4];
+            s.read_exact(&mut b).await.unwrap();
+            s.write_all(b"HTTP/1.0 200 OK\r\n").await.unwrap();
+            s.set_zero_linger().unwrap();
+        });
+        // The captured side: what capture's listener would accept.
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front_addr = front.local_addr().unwrap();
+        let serve = tokio::spawn(async move {
+            let (sock, _) = front.accept().await.unwrap();
+            local_service(sock, ep_addr, cfg).await;
+        });
+        let mut client = tokio::net::TcpStream::connect(front_addr).await.unwrap();
+        client.write_all(b"GET ").await.unwrap();
+        let mut got = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut got))
+            .await
+            .expect("the client's read ends");
+        let e = r.expect_err("a reset, not a clean end after the partial response");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        tokio::time::timeout(Duration::from_secs(10), serve)
+            .await
+            .unwrap()
+            .unwrap();
+    }
 
     fn cidrs(list: &[&str]) -> Vec<Cidr> {
         list.iter().map(|c| c.parse().unwrap()).collect()
