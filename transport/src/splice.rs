@@ -48,9 +48,14 @@ const GATHER: usize = 16;
 pub(crate) const INITIAL_READ_BUF: usize = 2 * 1024;
 
 /// Default idle bound of a spliced connection: no byte either way for this
-/// long and the splice is reset. Long enough for `kubectl logs -f` on a
-/// quiet pod; the kernel's keep-alive (below) covers dead hosts sooner.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// long and the splice is reset. Kubernetes' own streaming bound: the
+/// kubelet closes an idle `kubectl exec` or port-forward after 4 h
+/// (`streamingConnectionIdleTimeout`) and `kubectl logs -f` never, and a
+/// database pool keeps idle connections for hours; a shorter bound here
+/// cut what the cluster would have kept. The kernel's keep-alive (below)
+/// finds dead hosts within minutes, so this only bounds live peers that
+/// both stay silent.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(4 * 3600);
 
 /// TCP keep-alive on local sockets: first probe after this much silence.
 const KEEPALIVE_TIME: Duration = Duration::from_secs(60);
