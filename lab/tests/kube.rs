@@ -466,7 +466,7 @@ async fn routes_follow_the_node_and_a_deleted_node_loses_its_session() -> Result
         spec.pod_cidrs = Some(vec![new_cidr.to_string()]);
         spec.pod_cidr = Some(new_cidr.to_string());
     }
-    lab.standin.upsert_node(n);
+    lab.standin.upsert_node(n.clone());
     let new: Cidr = new_cidr.parse()?;
     eventually("relay routes follow", async || {
         Ok(lab.routes_of("edge-0").await?.filter(|r| r.contains(&new)))
@@ -494,6 +494,19 @@ async fn routes_follow_the_node_and_a_deleted_node_loses_its_session() -> Result
     assert_eq!(routes.trim(), "[]", "{routes}");
     let r = eventually("reconnect refused", async || Ok(rejected(&e0))).await?;
     assert_eq!(r, RejectReason::UnknownNode);
+    // The Node comes back under the same name and spec (re-registered)
+    // before the down was written (the writer holds a node's writes 5 s
+    // apart and folds down and up into one): the new Node gets its
+    // condition although the writer's cache remembers the old Node's
+    // "True" (the new session's message differs: its start and the
+    // edge's address are in it).
+    lab.standin.upsert_node(n);
+    eventually("the recreated Node's condition", async || {
+        Ok(lab
+            .condition("edge-0")
+            .filter(|(status, reason, _)| status == "True" && reason == "SessionUp"))
+    })
+    .await?;
     e0.shutdown().await;
     lab.relay.shutdown(Duration::from_secs(1)).await;
     Ok(())
