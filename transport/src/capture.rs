@@ -128,6 +128,7 @@ use tokio::io::AsyncWriteExt;
 pub use crate::capture_config::{CaptureConfig, CaptureFile};
 use tokio::process::Command;
 use tracing::{debug, warn};
+mod bypass;
 mod park;
 mod repair;
 mod services;
@@ -461,6 +462,12 @@ impl Capture {
             skipped = skip4.len(),
             "capture updated"
         );
+        // Flows that began while these were not captured would keep
+        // going past capture (NAT sees a flow's first packet only).
+        let added: BTreeSet<Cidr> = want4.difference(&self.installed).copied().collect();
+        if !added.is_empty() {
+            bypass::delete_bypassing(&added).await;
+        }
         self.installed = want4;
         self.skipped = skip4;
         Ok(())
