@@ -194,6 +194,7 @@ impl Relay {
                 name: "tls",
                 state: tls.clone(),
                 paths: r.paths.clone(),
+                must_trust: cfg.bootstrap.as_ref().map(|b| b.issuer_cert.clone()),
             })
             .collect();
         let (endpoint, tcp_listener) = bind_quic_and_tcp(&cfg, &tls).await?;

@@ -27,6 +27,16 @@ pub enum ReloadError {
     /// Reading or using the files failed; the previous identity stays.
     #[error(transparent)]
     Tls(#[from] relay_transport::TlsError),
+    /// The new client CA bundle leaves out the CA that issues bootstrap
+    /// certificates: every certificate the relay has issued, and every
+    /// one it would issue, would be refused at the next handshake (the
+    /// whole fleet locked out as sessions reconnect). Refused; the
+    /// previous identity stays.
+    #[error("tls.client_ca no longer holds the bootstrap issuer's CA ({subject}): every certificate it issued would be refused; keep it there until the relay issues with the new CA (bootstrap.ca_cert is read at start: restart the relay with the new one first)")]
+    IssuerDropped {
+        /// The issuing CA certificate's subject, for the operator.
+        subject: String,
+    },
 }
 
 /// One listener's reloadable TLS and the files it is reloaded from.
@@ -38,6 +48,9 @@ pub(crate) struct Target {
     pub state: Arc<ReloadableServerTls>,
     /// Where it comes from.
     pub paths: TlsPaths,
+    /// A CA the reloaded client CA bundle must still hold: the bootstrap
+    /// issuer's, for the relay's own `tls` (see [`ReloadError::IssuerDropped`]).
+    pub must_trust: Option<CertificateDer<'static>>,
 }
 
 impl Target {
@@ -45,6 +58,13 @@ impl Target {
     /// leaf now served.
     pub(crate) fn reload(&self) -> Result<CertificateDer<'static>, ReloadError> {
         let (m, crls) = self.paths.load()?;
+        if let Some(issuer) = &self.must_trust {
+            if !m.ca.contains(issuer) {
+                let subject = x509_parser::parse_x509_certificate(issuer.as_ref())
+                    .map_or_else(|_| "unparsable".into(), |(_, c)| c.subject().to_string());
+                return Err(ReloadError::IssuerDropped { subject });
+            }
+        }
         self.state.replace(&m, &crls)?;
         info!(
             listener = self.name,
@@ -77,6 +97,7 @@ pub(crate) fn listener_tls(
             name,
             state: state.clone(),
             paths: paths.clone(),
+            must_trust: None,
         });
     }
     Ok(state)
@@ -126,5 +147,51 @@ pub(crate) async fn watch(targets: Vec<Target>, interval: Duration, stop: Cancel
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_transport::devcerts::DevPki;
+
+    /// A client CA bundle that drops the bootstrap issuer's CA is refused
+    /// (the fleet's certificates would all fail their next handshake) and
+    /// the previous identity stays; one that keeps it, beside a new CA, is
+    /// taken.
+    #[test]
+    fn a_client_ca_without_the_bootstrap_issuer_is_refused() {
+        relay_transport::tls::install_default_provider();
+        let dir = std::env::temp_dir().join(format!("tls-reload-issuer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let pki = DevPki::generate(&["relay.test"], &[]).unwrap();
+        pki.write_to(&dir).unwrap();
+        let other = DevPki::generate(&["relay.test"], &[]).unwrap();
+        let (other_ca, _) = other.ca_pem_pair();
+        let (ca, _) = pki.ca_pem_pair();
+        let issuer = relay_transport::tls::certs_from_pem(ca.as_bytes(), "ca").unwrap()[0].clone();
+        let paths = TlsPaths {
+            cert: dir.join("relay.pem"),
+            key: dir.join("relay-key.pem"),
+            client_ca: dir.join("ca.pem"),
+            crl: None,
+        };
+        let state = ReloadableServerTls::new(&pki.relay_material().unwrap(), &[], true).unwrap();
+        let t = Target {
+            name: "tls",
+            state,
+            paths: paths.clone(),
+            must_trust: Some(issuer),
+        };
+        t.reload().expect("the issuer's CA is there");
+        // Rotation, step one: the new CA beside the old one.
+        std::fs::write(&paths.client_ca, format!("{ca}{other_ca}")).unwrap();
+        t.reload().expect("both CAs");
+        // The old CA dropped while the relay still issues with it.
+        std::fs::write(&paths.client_ca, &other_ca).unwrap();
+        let e = t.reload().expect_err("the issuer dropped");
+        assert!(matches!(e, ReloadError::IssuerDropped { .. }), "{e}");
+        assert!(e.to_string().contains("restart the relay"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
