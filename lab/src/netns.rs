@@ -53,7 +53,9 @@
 //! cloud's fabric (IPv4 delivered only between the hosts' own addresses)
 //! and puts the cloud pods on a Flannel-style VXLAN overlay, in place of
 //! the host-gw routes and the static edge routes of the table above: see
-//! `netns/cloud_overlay.rs`.
+//! `netns/cloud_overlay.rs`. [`LabOptions::silent_wan`] makes the
+//! upstream gateway drop what it cannot route without a word, as cloud
+//! routers and carriers do, instead of answering "network unreachable".
 //!
 //! Interfaces are created directly inside their namespaces, so their names
 //! (`lan0`, `eth0`, ...) only need to be unique per namespace and parallel
@@ -357,6 +359,11 @@ impl NetnsLab {
                  }}\n"
             ),
         )?;
+        if self.opts.silent_wan {
+            // Silently, as a cloud's router or a carrier drops private
+            // addresses it has no route for.
+            self.ip(Wan, "route add blackhole default")?;
+        }
         self.ip(Relay, &format!("route add default via {WAN_GW}"))?;
         for role in [Cloud2, Apiserver] {
             self.ip(role, &format!("route add default via {RELAY_LAN_IP}"))?;

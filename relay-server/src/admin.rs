@@ -486,9 +486,32 @@ async fn delete_session(
     }
 }
 
-async fn list_routes(State(shared): State<Arc<Shared>>) -> Json<Vec<crate::registry::RouteRow>> {
+/// `?offline=1` on `GET /v1/routes`.
+#[derive(serde::Deserialize, Default)]
+struct RoutesQuery {
+    #[serde(default)]
+    offline: Option<String>,
+}
+
+/// The live sessions' routes; with `?offline=1` also the offline edges'
+/// held routes (rows with `"offline": true`), which the relay captures
+/// and refuses at once. Route agents of this release ask for both; older
+/// ones do not, so the multipath agent of an older release never routes
+/// an edge's flows to a replica that lost its session while others serve it.
+async fn list_routes(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Query(q): axum::extract::Query<RoutesQuery>,
+) -> Json<Vec<crate::registry::RouteRow>> {
+    let mut rows = shared.registry.routes();
+    if q.offline
+        .as_deref()
+        .is_some_and(|v| v == "1" || v == "true")
+    {
+        rows.extend(shared.registry.offline_routes());
+        rows.sort_by_key(|r| r.cidr);
+    }
     let captured = shared.captured.read().unwrap_or_else(|e| e.into_inner());
-    Json(routable(shared.registry.routes(), captured.as_ref()))
+    Json(routable(rows, captured.as_ref()))
 }
 
 /// The routes a route agent may send here: with capture on, only the
@@ -551,6 +574,7 @@ mod tests {
             cidr: c.parse().unwrap(),
             node: n.into(),
             session_id: 1,
+            offline: false,
         };
         let rows = vec![
             row("10.244.7.0/24", "edge-1"),

@@ -81,11 +81,34 @@ impl AgentTls {
     }
 }
 
-/// Fetches the relay's route table (IPv4 prefixes only).
+/// A relay's route table as an agent reads it (IPv4 prefixes only).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteView {
+    /// Prefixes a live session serves.
+    pub live: BTreeSet<Cidr>,
+    /// Prefixes of offline edges, which the relay captures and refuses at
+    /// once (an older relay lists none).
+    pub offline: BTreeSet<Cidr>,
+}
+
+/// Fetches the relay's route table (IPv4 prefixes only): live and offline
+/// edges' prefixes alike, all to be routed to the relay (an offline
+/// edge's are refused there at once instead of leaving by this node's
+/// default route).
 pub async fn fetch(cfg: &AgentConfig) -> anyhow::Result<BTreeSet<Cidr>> {
+    let v = fetch_view(cfg).await?;
+    Ok(v.live.into_iter().chain(v.offline).collect())
+}
+
+/// Fetches the relay's route table, live and offline prefixes apart
+/// (`GET /v1/routes?offline=1`; an older relay ignores the query and lists
+/// live ones only).
+pub async fn fetch_view(cfg: &AgentConfig) -> anyhow::Result<RouteView> {
     #[derive(serde::Deserialize)]
     struct Row {
         cidr: Cidr,
+        #[serde(default)]
+        offline: bool,
     }
     let get = async {
         let tcp = tokio::net::TcpStream::connect(cfg.admin).await?;
@@ -107,11 +130,17 @@ pub async fn fetch(cfg: &AgentConfig) -> anyhow::Result<BTreeSet<Cidr>> {
     let status = head.lines().next().unwrap_or_default();
     anyhow::ensure!(status.contains(" 200 "), "admin API answered {status:?}");
     let rows: Vec<Row> = serde_json::from_str(body)?;
-    Ok(rows
-        .into_iter()
-        .map(|r| r.cidr)
-        .filter(|c| c.addr().is_ipv4())
-        .collect())
+    let mut view = RouteView::default();
+    for r in rows.into_iter().filter(|r| r.cidr.addr().is_ipv4()) {
+        if r.offline {
+            view.offline.insert(r.cidr);
+        } else {
+            view.live.insert(r.cidr);
+        }
+    }
+    // A prefix both live and offline (never from one relay) is live.
+    view.offline = view.offline.difference(&view.live).copied().collect();
+    Ok(view)
 }
 
 /// `GET /v1/routes` on an established (TCP or TLS) connection; the whole
@@ -127,7 +156,7 @@ where
             .map(|t| format!("Authorization: Bearer {}\r\n", t.expose()))
             .unwrap_or_default();
         s.write_all(
-            format!("GET /v1/routes HTTP/1.1\r\nHost: relay\r\n{auth}Connection: close\r\n\r\n")
+            format!("GET /v1/routes?offline=1 HTTP/1.1\r\nHost: relay\r\n{auth}Connection: close\r\n\r\n")
                 .as_bytes(),
         )
         .await?;

@@ -66,6 +66,7 @@ pub mod k8s_services;
 pub mod liveness;
 pub mod metrics;
 pub mod multipath;
+mod offline;
 pub mod policy;
 pub mod registry;
 pub mod replicas;

@@ -210,6 +210,29 @@ pub fn merge(views: &[Option<BTreeSet<Cidr>>]) -> Option<BTreeMap<Cidr, BTreeSet
     Some(out)
 }
 
+/// [`merge`] with offline edges' prefixes: a prefix some replica serves
+/// goes to the replicas serving it (never to one that lost the edge's
+/// session while others keep theirs); a prefix no replica serves but some
+/// hold for an offline edge goes to those, which refuse its connections
+/// at once.
+pub fn merge_views(
+    views: &[Option<crate::agent::RouteView>],
+) -> Option<BTreeMap<Cidr, BTreeSet<usize>>> {
+    let live: Vec<Option<BTreeSet<Cidr>>> = views
+        .iter()
+        .map(|v| v.as_ref().map(|v| v.live.clone()))
+        .collect();
+    let mut out = merge(&live)?;
+    for (i, v) in views.iter().enumerate() {
+        for c in v.iter().flat_map(|v| v.offline.iter()) {
+            if !live.iter().flatten().any(|l| l.contains(c)) {
+                out.entry(*c).or_default().insert(i);
+            }
+        }
+    }
+    Some(out)
+}
+
 async fn ip(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
     Ok(relay_transport::capture::command("ip", args, stdin).await?)
 }
@@ -287,7 +310,7 @@ pub async fn run(cfg: MultipathConfig, stop: CancellationToken) {
                 interval: cfg.interval,
                 proto: cfg.proto,
             };
-            match crate::agent::fetch(&one).await {
+            match crate::agent::fetch_view(&one).await {
                 Ok(v) => {
                     if failing.remove(&i) {
                         info!(admin = %r.admin, "replica answers again");
@@ -304,7 +327,7 @@ pub async fn run(cfg: MultipathConfig, stop: CancellationToken) {
         }
         // None answered: change nothing (as the single-relay agent keeps
         // its routes while the relay is away).
-        if let Some(want) = merge(&views) {
+        if let Some(want) = merge_views(&views) {
             match apply(&want, &vias, cfg.proto).await {
                 Ok(0) => {}
                 Ok(n) => info!(changes = n, prefixes = want.len(), "routes synced"),
@@ -415,5 +438,31 @@ mod tests {
             p.ends_with(&format!("nexthop del id {}\n", GROUP_BASE + 1)),
             "{p}"
         );
+    }
+
+    /// An offline edge's prefix goes to the replicas that hold it only
+    /// while no replica serves it: a replica that lost the edge's session
+    /// while the others keep theirs gets none of its flows.
+    #[test]
+    fn offline_prefixes_go_where_held_only_while_nobody_serves_them() {
+        use crate::agent::RouteView;
+        let view = |live: &[&str], offline: &[&str]| {
+            Some(RouteView {
+                live: live.iter().map(|s| c(s)).collect(),
+                offline: offline.iter().map(|s| c(s)).collect(),
+            })
+        };
+        let e2 = "10.244.8.0/24";
+        // Replica 0 lost edge 2's session; 1 and 2 serve it.
+        let want = merge_views(&[view(&[], &[e2]), view(&[e2], &[]), view(&[e2], &[])]).unwrap();
+        assert_eq!(want[&c(e2)], BTreeSet::from([1, 2]));
+        // Edge 2 offline everywhere (one replica restarted and holds
+        // nothing): routed to those that refuse it.
+        let want = merge_views(&[view(&[], &[e2]), view(&[], &[]), view(&[], &[e2])]).unwrap();
+        assert_eq!(want[&c(e2)], BTreeSet::from([0, 2]));
+        // An older relay lists live routes only.
+        let want = merge_views(&[view(&[], &[]), None, view(&[], &[e2])]).unwrap();
+        assert_eq!(want[&c(e2)], BTreeSet::from([2]));
+        assert!(merge_views(&[None, None]).is_none());
     }
 }

@@ -12,6 +12,7 @@ use std::sync::{Arc, RwLock};
 use relay_protocol::{Cidr, RejectReason};
 
 mod journal;
+mod offline;
 mod table;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -19,6 +20,8 @@ pub(crate) mod testing;
 mod tests;
 use journal::Journal;
 pub use journal::{RouteChanges, RouteEvent, JOURNAL_CAP};
+use offline::OfflineRoutes;
+pub use offline::OFFLINE_CAP;
 use table::RouteTable;
 
 /// What the registry needs to know about a session.
@@ -42,6 +45,10 @@ struct Live<S> {
 struct Inner<S> {
     sessions: HashMap<String, Live<S>>,
     routes: RouteTable<S>,
+    /// Routes of nodes whose session ended, still claimed for them (see
+    /// `registry/offline.rs`): captured and sent to other edges, served
+    /// by no session.
+    offline: OfflineRoutes,
     journal: Journal,
 }
 
@@ -68,6 +75,7 @@ impl<S> Default for Registry<S> {
             inner: RwLock::new(Inner {
                 sessions: HashMap::new(),
                 routes: RouteTable::default(),
+                offline: OfflineRoutes::default(),
                 journal: Journal::default(),
             }),
             changes: tokio::sync::watch::channel(0).0,
@@ -82,8 +90,13 @@ pub struct RouteRow {
     pub cidr: Cidr,
     /// The node that serves it.
     pub node: String,
-    /// The session that serves it.
+    /// The session that serves it (0 for an offline node's route).
     pub session_id: u64,
+    /// The node is offline: no session serves the route, which stays
+    /// captured and routed here so that connections to it are refused at
+    /// once (only `GET /v1/routes?offline=1` lists such rows).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub offline: bool,
 }
 
 impl<S: RouteOwner> Registry<S> {
@@ -143,6 +156,7 @@ impl<S: RouteOwner> Registry<S> {
         }
         Self::check_conflicts(&g, new.node(), &routes)?;
         let node: Arc<str> = Arc::from(new.node());
+        Self::claim_offline(&mut g, &node, &routes);
         if let Some(prev) = g.sessions.remove(new.node()) {
             Self::unroute(&mut g, &node, &prev.routes);
         }
@@ -180,6 +194,7 @@ impl<S: RouteOwner> Registry<S> {
             return Ok(false);
         };
         let name: Arc<str> = Arc::from(node);
+        Self::claim_offline(&mut g, &name, &routes);
         Self::unroute(&mut g, &name, &live.routes);
         Self::route(&mut g, &name, &live.session, &routes);
         g.sessions.insert(
@@ -209,6 +224,19 @@ impl<S: RouteOwner> Registry<S> {
         Ok(())
     }
 
+    /// `node` claims `routes`: what other nodes held offline overlapping
+    /// them is released (the prefix moved), and so is what `node` itself
+    /// held (its new routes replace them); withdrawn in the journal.
+    fn claim_offline(g: &mut Inner<S>, node: &Arc<str>, routes: &[Cidr]) {
+        let mut released = g.offline.release_overlapping(node, routes);
+        if let Some(own) = g.offline.release(node) {
+            released.push((node.clone(), own));
+        }
+        for (n, r) in released {
+            g.journal.push(&n, &r, false);
+        }
+    }
+
     fn unroute(g: &mut Inner<S>, node: &Arc<str>, routes: &[Cidr]) {
         for c in routes {
             g.routes.remove(c);
@@ -234,10 +262,73 @@ impl<S: RouteOwner> Registry<S> {
         let Some(live) = g.sessions.remove(node) else {
             return false;
         };
-        Self::unroute(&mut g, &Arc::from(node), &live.routes);
+        // Out of the live table, but not withdrawn: held while the node
+        // is offline (see `registry/offline.rs`).
+        for c in &live.routes {
+            g.routes.remove(c);
+        }
+        let name: Arc<str> = Arc::from(node);
+        for (n, r) in g.offline.hold(&name, live.routes, OFFLINE_CAP) {
+            g.journal.push(&n, &r, false);
+        }
         drop(g);
         self.changed();
         true
+    }
+
+    /// Keeps the offline nodes' routes `keep` accepts (node, prefix) and
+    /// withdraws the others: the directory no longer gives the node that
+    /// prefix (a Node deleted, a pod CIDR moved). Returns how many were
+    /// withdrawn.
+    pub fn retain_offline(&self, keep: impl Fn(&str, &Cidr) -> bool) -> usize {
+        let mut g = self.write();
+        let released = g.offline.retain(keep);
+        let n = released.iter().map(|(_, r)| r.len()).sum();
+        for (node, r) in released {
+            g.journal.push(&node, &r, false);
+        }
+        drop(g);
+        if n > 0 {
+            self.changed();
+        }
+        n
+    }
+
+    /// Withdraws every route held for offline `node` (an operator's
+    /// request); returns them.
+    pub fn forget_offline(&self, node: &str) -> Vec<Cidr> {
+        let mut g = self.write();
+        let Some(r) = g.offline.release(node) else {
+            return Vec::new();
+        };
+        g.journal.push(&Arc::from(node), &r, false);
+        drop(g);
+        self.changed();
+        r
+    }
+
+    /// The routes held for offline nodes, sorted by prefix.
+    pub fn offline_routes(&self) -> Vec<RouteRow> {
+        let mut v: Vec<_> = self
+            .read()
+            .offline
+            .iter()
+            .flat_map(|(n, routes)| {
+                routes.iter().map(|c| RouteRow {
+                    cidr: *c,
+                    node: n.to_string(),
+                    session_id: 0,
+                    offline: true,
+                })
+            })
+            .collect();
+        v.sort_by_key(|r| r.cidr);
+        v
+    }
+
+    /// Offline nodes whose routes are held.
+    pub fn offline_nodes(&self) -> usize {
+        self.read().offline.len()
     }
 
     /// The prefixes routed to `node`'s live session.
@@ -249,7 +340,8 @@ impl<S: RouteOwner> Registry<S> {
             .unwrap_or_default()
     }
 
-    /// A route some session serves that overlaps `c`, and its node (the
+    /// A route some session serves, or an offline node's held route, that
+    /// overlaps `c`, and its node (the
     /// cloud Nodes' pod ranges never join the cloud ranges over an edge's
     /// route: see [`crate::policy::cloud_nodes`]).
     pub fn overlapping(&self, c: &Cidr) -> Option<(Cidr, String)> {
@@ -257,11 +349,14 @@ impl<S: RouteOwner> Registry<S> {
         g.routes
             .overlap(c, |_| true)
             .map(|(have, s)| (have, s.node().to_string()))
+            .or_else(|| g.offline.overlap(c))
     }
 
-    /// The node whose session serves exactly the prefix `c`.
+    /// The node whose session serves exactly the prefix `c`, or holds it
+    /// while offline.
     pub fn serves_exactly(&self, c: &Cidr) -> Option<String> {
-        self.read().routes.get(c).map(|s| s.node().to_string())
+        let g = self.read();
+        (g.routes.get(c).map(|s| s.node().to_string())).or_else(|| g.offline.get(c))
     }
 
     /// The session whose routes contain `ip`, by longest prefix.
@@ -323,12 +418,17 @@ impl<S: RouteOwner> Registry<S> {
             return (next, RouteChanges::Events(changes));
         }
         // Per session, not per route: the policy is asked once per node.
-        let all = g
+        let live = g
             .sessions
             .values()
             .filter(|l| visible(l.session.node()))
-            .flat_map(|l| l.routes.iter().copied())
-            .collect();
+            .flat_map(|l| l.routes.iter().copied());
+        let offline = g
+            .offline
+            .iter()
+            .filter(|(n, _)| visible(n))
+            .flat_map(|(_, r)| r.iter().copied());
+        let all = live.chain(offline).collect();
         (next, RouteChanges::Resync(all))
     }
 
@@ -342,6 +442,7 @@ impl<S: RouteOwner> Registry<S> {
                 cidr: *c,
                 node: s.node().to_string(),
                 session_id: s.session_id(),
+                offline: false,
             })
             .collect();
         v.sort_by_key(|r| r.cidr);

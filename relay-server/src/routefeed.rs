@@ -294,6 +294,12 @@ mod tests {
                 want.extend(s.routes.iter().copied());
             }
         }
+        // Offline nodes' routes stay (see `registry/offline.rs`).
+        for r in reg.offline_routes() {
+            if r.node != me && vis(&r.node) {
+                want.insert(r.cidr);
+            }
+        }
         want
     }
 
@@ -350,7 +356,10 @@ mod tests {
         // Cloud ranges are never the part cut off.
         assert!(cloud().iter().all(|c| hello.contains(c)));
         assert_eq!(feed.poll(&reg, cloud(), |_| true), FeedUpdate::None);
+        // An offline node's routes stay; withdrawn, they change the list.
         reg.remove("n5", 1);
+        assert_eq!(feed.poll(&reg, cloud(), |_| true), FeedUpdate::None);
+        reg.forget_offline("n5");
         let FeedUpdate::Send(f) = feed.poll(&reg, cloud(), |_| true) else {
             panic!("no update")
         };
@@ -413,6 +422,13 @@ mod tests {
                     .or_default()
                     .extend(s.routes.iter().copied());
             }
+            let offline = reg.offline_routes();
+            for r in &offline {
+                by_community
+                    .entry(community(&r.node))
+                    .or_default()
+                    .insert(r.cidr);
+            }
             for (me, feed, edge) in &mut feeds {
                 let mine = community(me);
                 edge.apply(feed.poll(&reg, cloud(), move |n: &str| community(n) == mine));
@@ -421,6 +437,11 @@ mod tests {
                     for c in &s.routes {
                         want.remove(c);
                     }
+                }
+                // Its own routes held while it was offline (the test polls
+                // feeds of nodes whose session it removed).
+                for r in offline.iter().filter(|r| r.node == *me) {
+                    want.remove(&r.cidr);
                 }
                 want.extend(cloud().iter().copied());
                 assert_eq!(edge.applied, want, "{me} round {round}");
@@ -514,9 +535,18 @@ mod tests {
         }
         check(&delta, &legacy, &base);
         assert!(delta.1.applied.contains(&worker), "the edge's route stays");
-        // The edge goes, the worker's range is back in the cloud set in
-        // the same round: still there; then the worker goes: gone.
+        // The edge goes offline: its route stays (held), whatever the
+        // cloud set does.
         reg.remove("n5", 1);
+        for feed in [&mut delta, &mut legacy] {
+            feed.1.apply(feed.0.poll(&reg, base.clone(), all));
+        }
+        check(&delta, &legacy, &base);
+        assert!(delta.1.applied.contains(&worker), "held while offline");
+        // Its Node is deleted (the held route withdrawn), the worker's
+        // range is back in the cloud set in the same round: still there;
+        // then the worker goes: gone.
+        reg.forget_offline("n5");
         for feed in [&mut delta, &mut legacy] {
             feed.1.apply(feed.0.poll(&reg, with_worker.clone(), all));
         }

@@ -383,6 +383,10 @@ impl Relay {
             shared.clone(),
             accept_stop.clone(),
         ));
+        tasks.spawn(crate::offline::follow_offline(
+            shared.clone(),
+            accept_stop.clone(),
+        ));
         tasks.spawn(crate::liveness::watch(shared.clone(), accept_stop.clone()));
         // Edges are let in last, once every listener is bound and known to
         // the policy as the relay's own (never a tunnel target).

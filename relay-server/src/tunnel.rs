@@ -231,7 +231,8 @@ pub(crate) async fn refuse(bi: &mut BiStream, shared: &Shared, reply: StreamRepl
     finish_with(bi, &reply).await;
 }
 
-/// Keeps the kernel's capture in step with the live sessions' routes and
+/// Keeps the kernel's capture in step with the sessions' routes (live and
+/// offline) and
 /// the Services with endpoints behind them until `stop`, then removes it.
 /// Bursts of changes (a reconnect storm, a rollout) are coalesced into one
 /// update.
@@ -270,7 +271,14 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
                 .chain(shared.directory.cloud_prefixes())
                 .collect(),
         };
-        let want: BTreeSet<Cidr> = shared.registry.routes().iter().map(|r| r.cidr).collect();
+        // Offline edges' routes too: a connection to such an edge's pod is
+        // then reset at once (no session: `no_route`) rather than sent by
+        // the default route, where it would hang (see
+        // `registry/offline.rs`).
+        let want: BTreeSet<Cidr> = (shared.registry.routes().into_iter())
+            .chain(shared.registry.offline_routes())
+            .map(|r| r.cidr)
+            .collect();
         let mut failed = match cap.apply_sources(&sources).await {
             Ok(()) => cap.apply(&want, &none).await.err(),
             Err(e) => Some(e),

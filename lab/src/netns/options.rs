@@ -46,6 +46,12 @@ pub struct LabOptions {
     /// apiserver host get no routes to the edges (see
     /// `netns/cloud_overlay.rs`). One relay host only.
     pub cloud_overlay: bool,
+    /// The upstream gateway drops what it cannot route, silently, as
+    /// cloud VPC routers and carriers drop unroutable RFC 1918 traffic
+    /// (a `blackhole` default route), instead of answering ICMP "network
+    /// unreachable" at once. A connection that leaves by a default route
+    /// then hangs through its SYN retries rather than failing fast.
+    pub silent_wan: bool,
 }
 
 impl Default for LabOptions {
@@ -57,6 +63,7 @@ impl Default for LabOptions {
             sites: 2,
             routed_pods: false,
             cloud_overlay: false,
+            silent_wan: false,
         }
     }
 }

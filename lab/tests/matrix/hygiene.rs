@@ -1,6 +1,7 @@
 //! Route hygiene and the control cell, the matrix's last phase: as each
 //! part leaves (edge2, then the relay, then the route agent) what it
-//! installed must go with it, and with the relay stopped cloud → edge must
+//! installed must go with it (an offline edge's prefixes stay captured
+//! and routed to the relay, which refuses them at once), and with the relay stopped cloud → edge must
 //! fail as it does with plain Flannel, which shows the other cells'
 //! answers came through the tunnel.
 
@@ -9,14 +10,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::scenario::{
-    connect_from, connect_refused, fails_fast, sa, within, Running, Table, HTTP,
+    admin, connect_from, connect_refused, fails_fast, sa, Running, Table, HTTP,
 };
 
 use crate::observe::{agent_routes, capture_set};
 
-/// An edge leaves: its routes go from the relay within seconds,
-/// connections to its pods fail fast, the route agent withdraws them and
-/// the edge keeps nothing of its own.
+/// An edge leaves: its routes go offline at the relay within seconds
+/// (still captured), connections to its pods fail fast, the route agent
+/// keeps routing them to the relay and the edge keeps nothing of its own.
 pub(crate) fn edge_leaves(lab: &NetnsLab, m: &mut Table, edge2: Running) -> Result<()> {
     relay_forgets_edge2(lab, m, edge2)?;
     let epod2 = netns::edge_pod_ip(2);
@@ -73,16 +74,21 @@ pub(crate) fn edge_leaves(lab: &NetnsLab, m: &mut Table, edge2: Running) -> Resu
         )
         .map(|d| format!("502 in {d:?}, naming edge2")),
     );
+    // An offline edge's prefix stays routed to the relay node, which
+    // refuses its connections at once (by the default route they would
+    // hang where the upstream drops them silently: lab/tests/offline_edge.rs).
     m.note(
         &[
-            "edge leaves → route agent withdraws its routes",
+            "edge leaves → route agent keeps routing its prefix to the relay",
             "cloud2: ip route proto 250",
         ],
-        within(Duration::from_secs(5), || {
-            let r = agent_routes(lab)?;
-            Ok(!r.contains("10.244.8.0/24") && r.contains("10.244.7.0/24"))
-        })
-        .map(|d| format!("10.244.8.0/24 gone after {:?} more", d)),
+        agent_routes(lab).and_then(|r| {
+            anyhow::ensure!(
+                r.contains("10.244.8.0/24") && r.contains("10.244.7.0/24"),
+                "{r}"
+            );
+            Ok("10.244.8.0/24 still via the relay node".to_string())
+        }),
     );
     let edge2_left = lab.exec(Role::Edge2, &["nft", "list", "tables"])?;
     m.note(
@@ -99,27 +105,39 @@ pub(crate) fn edge_leaves(lab: &NetnsLab, m: &mut Table, edge2: Running) -> Resu
 }
 
 /// Stops edge2 and polls the relay every 50 ms for at most 10 s until
-/// edge2's prefix is in neither its capture set nor its policy rules.
+/// edge2's prefix is offline (no session serves it: `GET /v1/routes`
+/// lists it no more, `?offline=1` does), then checks that it is still
+/// in the relay's capture set and policy rules.
 fn relay_forgets_edge2(lab: &NetnsLab, m: &mut Table, edge2: Running) -> Result<()> {
     let t = Instant::now();
     edge2.stop()?;
-    let mut gone = None;
+    let mut offline = None;
     while t.elapsed() < Duration::from_secs(10) {
-        let set = capture_set(lab, Role::Relay)?;
-        let rules = lab.exec(Role::Relay, &["ip", "rule"])?;
-        if !set.contains("10.244.8.0/24") && !rules.contains("10.244.8.0/24") {
-            gone = Some(t.elapsed());
+        let live = admin(lab, "/v1/routes")?;
+        let all = admin(lab, "/v1/routes?offline=1")?;
+        if !live.contains("10.244.8.0/24") && all.contains("\"offline\":true") {
+            offline = Some(t.elapsed());
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let kept = || -> Result<String> {
+        let d = offline.context("edge2's route not offline after 10s")?;
+        std::thread::sleep(Duration::from_millis(500));
+        let set = capture_set(lab, Role::Relay)?;
+        let rules = lab.exec(Role::Relay, &["ip", "rule"])?;
+        anyhow::ensure!(
+            set.contains("10.244.8.0/24") && rules.contains("10.244.8.0/24"),
+            "not captured: {set} {rules}"
+        );
+        Ok(format!("offline after {d:?}, still captured 0.5 s later"))
+    };
     m.note(
         &[
-            "edge leaves → its routes removed",
-            "edge2 stops; relay nft set + ip rules",
+            "edge leaves → its routes stay captured, offline",
+            "edge2 stops; relay admin routes, nft set + ip rules",
         ],
-        gone.map(|d| format!("gone after {d:?}"))
-            .context("still installed after 10s"),
+        kept(),
     );
     Ok(())
 }

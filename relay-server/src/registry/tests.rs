@@ -188,3 +188,83 @@ fn routes_change_without_a_new_session() {
         RouteChanges::Events(vec![(c("10.1.0.0/16"), false), (c("10.3.0.0/16"), true)])
     );
 }
+
+/// An edge that goes offline keeps its prefixes claimed (no withdrawal in
+/// the journal, listed as offline, served by no session) until it comes
+/// back, another node claims them, or the directory takes them away.
+#[test]
+fn an_offline_edges_routes_are_held_until_claimed_again() {
+    let r = Registry::default();
+    let c = |s: &str| s.parse::<Cidr>().unwrap();
+    reg(&r, fake("a", 1, &["10.1.0.0/16"]), 10).unwrap();
+    reg(&r, fake("b", 2, &["10.2.0.0/16", "10.3.0.0/16"]), 10).unwrap();
+    let (v, _) = r.route_changes(None, |_| true);
+    assert!(r.remove("b", 2));
+    assert!(r.lookup(ip("10.2.0.1")).is_none(), "no session serves it");
+    assert_eq!(r.routes().len(), 1);
+    let offline: Vec<_> = r
+        .offline_routes()
+        .iter()
+        .map(|o| (o.cidr, o.node.clone(), o.offline))
+        .collect();
+    assert_eq!(
+        offline,
+        [
+            (c("10.2.0.0/16"), "b".into(), true),
+            (c("10.3.0.0/16"), "b".into(), true)
+        ]
+    );
+    // Other edges keep it: nothing withdrawn; a resync lists it.
+    let (v, ev) = r.route_changes(Some(v), |_| true);
+    assert_eq!(ev, RouteChanges::Events(vec![]));
+    let RouteChanges::Resync(mut all) = r.route_changes(None, |_| true).1 else {
+        panic!("resync")
+    };
+    all.sort();
+    assert_eq!(all, [c("10.1.0.0/16"), c("10.2.0.0/16"), c("10.3.0.0/16")]);
+    // Not a conflict: node c takes part of it; b's overlapping prefix is
+    // withdrawn, its other one stays held.
+    reg(&r, fake("c", 3, &["10.2.5.0/24"]), 10).unwrap();
+    let (v, ev) = r.route_changes(Some(v), |_| true);
+    assert_eq!(
+        ev,
+        RouteChanges::Events(vec![(c("10.2.0.0/16"), false), (c("10.2.5.0/24"), true)])
+    );
+    assert_eq!(r.offline_routes().len(), 1);
+    // b comes back with one prefix: the held one is replaced.
+    reg(&r, fake("b", 4, &["10.3.0.0/16"]), 10).unwrap();
+    assert!(r.offline_routes().is_empty());
+    assert_eq!(r.lookup(ip("10.3.0.1")).unwrap().node, "b");
+    let (_, ev) = r.route_changes(Some(v), |_| true);
+    assert_eq!(
+        ev,
+        RouteChanges::Events(vec![(c("10.3.0.0/16"), false), (c("10.3.0.0/16"), true)])
+    );
+    // The directory takes a prefix away: withdrawn.
+    assert!(r.remove("a", 1));
+    let (v, _) = r.route_changes(None, |_| true);
+    assert_eq!(r.retain_offline(|n, _| n != "a"), 1);
+    let (_, ev) = r.route_changes(Some(v), |_| true);
+    assert_eq!(ev, RouteChanges::Events(vec![(c("10.1.0.0/16"), false)]));
+    assert_eq!(r.offline_nodes(), 0);
+}
+
+/// Held routes are bounded: past [`OFFLINE_CAP`] offline nodes, the one
+/// offline the longest is withdrawn.
+#[test]
+fn offline_routes_are_bounded_oldest_first() {
+    let r = Registry::default();
+    let n = OFFLINE_CAP + 1;
+    for i in 0..n {
+        let cidr = format!("10.{}.{}.0/24", i / 256, i % 256);
+        let node = format!("e{i}");
+        reg(&r, fake(&node, i as u64 + 1, &[&cidr]), usize::MAX).unwrap();
+        assert!(r.remove(&node, i as u64 + 1));
+    }
+    assert_eq!(r.offline_nodes(), OFFLINE_CAP);
+    let nodes: std::collections::HashSet<String> =
+        r.offline_routes().into_iter().map(|o| o.node).collect();
+    assert!(
+        !nodes.contains("e0") && nodes.contains("e1") && nodes.contains(&format!("e{}", n - 1))
+    );
+}
