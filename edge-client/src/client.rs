@@ -761,16 +761,30 @@ pub(crate) async fn run(
                     // QUIC attempt is enough to fall back.
                     quic_worked = !died;
                 }
-                if let Some(ep) = endpoint {
-                    ep.close(close_code::NORMAL.into(), b"");
-                }
+                // Closed now unless the session moved (then `retire`
+                // closes it when the old connection is done).
+                let endpoint = match &end {
+                    SessionEnd::Upgrade(..) => endpoint,
+                    SessionEnd::Lost(_) => {
+                        if let Some(ep) = endpoint {
+                            ep.close(close_code::NORMAL.into(), b"");
+                        }
+                        None
+                    }
+                };
                 if matches!(end, SessionEnd::Lost(_)) && conn.peer_close_code().is_some() {
                     stats.closed_by_relay.fetch_add(1, Relaxed);
                 }
                 match end {
-                    SessionEnd::Upgrade(c) => {
+                    SessionEnd::Upgrade(c, old) => {
                         info!(uptime = ?up.elapsed(), transport = c.conn.kind().as_str(), "moving the session to its new connection");
                         next = Some(*c);
+                        // The old connection's streams finish on it (the
+                        // relay drains it) rather than being cut here.
+                        tokio::spawn(
+                            retire(conn, endpoint, old, cfg.handshake_timeout, cancel.clone())
+                                .in_current_span(),
+                        );
                         continue;
                     }
                     // The relay is draining (a restart, a rolling update):
@@ -838,6 +852,98 @@ pub(crate) async fn run(
         }
     }
     state.send_replace(EdgeState::Stopped);
+}
+
+/// How long past the relay's drain grace a moved-from connection is kept
+/// at most: the relay closes it when the grace ends; this only bounds a
+/// relay that does not.
+const RETIRE_MARGIN: Duration = Duration::from_secs(30);
+
+/// Keeps a connection the session moved away from (a renewed
+/// certificate, a QUIC probe from the TCP fallback) while its streams
+/// finish, then closes it and its endpoint. The relay decides: for a move
+/// the edge announced ([`relay_protocol::Control::Moving`]) it drains the
+/// old session (GOAWAY with its grace) and closes it when its streams are
+/// done or the grace has passed; here the old control stream is served
+/// meanwhile (pings answered). Without a GOAWAY within `wait` (an older
+/// relay closes the old session at once; the move was not announced; the
+/// new session went elsewhere), it is closed now, as before. At shutdown
+/// it is closed at once.
+async fn retire(
+    conn: TunnelConn,
+    endpoint: Option<quinn::Endpoint>,
+    old: Option<crate::session::Retired>,
+    wait: Duration,
+    cancel: CancellationToken,
+) {
+    use futures::StreamExt;
+    use relay_protocol::codec::{decode_control, write_frame, Incoming};
+    use relay_protocol::Control;
+    let work = async {
+        let Some(crate::session::Retired {
+            grace_ms,
+            mut send,
+            mut frames,
+        }) = old
+        else {
+            return;
+        };
+        // Until the relay says it drains: `wait`; then its grace and a margin.
+        let mut draining = grace_ms.is_some();
+        let mut until = tokio::time::Instant::now()
+            + match grace_ms {
+                Some(g) => Duration::from_millis(g.into()) + RETIRE_MARGIN,
+                None => wait,
+            };
+        if draining {
+            info!(grace = ?until.duration_since(tokio::time::Instant::now()), "the old session drains: its streams finish on it");
+        }
+        loop {
+            tokio::select! {
+                _ = conn.closed() => return,
+                _ = tokio::time::sleep_until(until) => {
+                    if !draining {
+                        debug!("the relay did not drain the old session; closing it");
+                    }
+                    return;
+                }
+                f = frames.next() => {
+                    let Some(Ok(bytes)) = f else {
+                        // The relay ended the control stream: it closes
+                        // the connection next; wait for that (bounded).
+                        tokio::select! {
+                            _ = conn.closed() => {}
+                            _ = tokio::time::sleep_until(until) => {}
+                        }
+                        return;
+                    };
+                    match decode_control(&bytes) {
+                        Ok(Incoming::Known { msg: Control::GoAway { grace_ms, .. }, .. }) if !draining => {
+                            draining = true;
+                            let grace = Duration::from_millis(grace_ms.into());
+                            info!(?grace, "the old session drains: its streams finish on it");
+                            until = tokio::time::Instant::now() + grace + RETIRE_MARGIN;
+                        }
+                        Ok(Incoming::Known { msg: Control::Ping { nonce }, .. }) => {
+                            let pong = Control::Pong { nonce };
+                            if tokio::time::timeout(wait, write_frame(&mut send, &pong)).await.is_err() {
+                                return;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        () = work => {}
+    }
+    conn.close(close_code::NORMAL, "moved to a new session");
+    if let Some(ep) = endpoint {
+        ep.close(close_code::NORMAL.into(), b"");
+    }
 }
 
 /// Keeps the node-local resolver's clients (see

@@ -30,8 +30,36 @@ use crate::services::EdgeServices;
 pub(crate) enum SessionEnd {
     /// The session is gone; reconnect after backoff.
     Lost(String),
-    /// A QUIC session replaced this TCP one; run it now.
-    Upgrade(Box<Connected>),
+    /// A new session replaced this one (a QUIC probe from the TCP
+    /// fallback, a renewed certificate); run it now. With the old
+    /// session's control stream when the move was planned with the relay
+    /// ([`Control::Moving`]): the old connection then drains (see
+    /// `crate::client::retire`).
+    Upgrade(Box<Connected>, Option<Retired>),
+}
+
+/// The control stream of a session the edge moved away from, kept so
+/// that the relay's drain (GOAWAY, pings) is answered while the old
+/// connection's streams finish.
+pub(crate) struct Retired {
+    /// The grace of a GOAWAY that came before the move was done (the
+    /// relay's drain of this session, when the new one registered first).
+    pub(crate) grace_ms: Option<u32>,
+    pub(crate) send: relay_transport::SendHalf,
+    pub(crate) frames: tokio_util::codec::FramedRead<
+        relay_transport::RecvHalf,
+        tokio_util::codec::LengthDelimitedCodec,
+    >,
+}
+
+/// Waits (at most `limit`) until the relay has answered the move with
+/// `nonce` (see [`Control::Moving`]); without `ack` (a relay that does
+/// not know moves), at once. The move goes ahead either way: unanswered,
+/// the relay closes the old session as it always did.
+async fn move_noted(ack: Option<watch::Receiver<u64>>, nonce: u64, limit: Duration) {
+    if let Some(mut ack) = ack {
+        let _ = tokio::time::timeout(limit, ack.wait_for(|n| *n == nonce)).await;
+    }
 }
 
 /// The relay closed this session. When a move of ours is under way (a QUIC
@@ -49,7 +77,8 @@ async fn finish_move(
     for p in pending {
         if let Some(p) = p.take() {
             if let Ok(Ok(Ok(c))) = tokio::time::timeout(limit, p).await {
-                return SessionEnd::Upgrade(Box::new(c));
+                // The old connection is closed: nothing to drain.
+                return SessionEnd::Upgrade(Box::new(c), None);
             }
         }
     }
@@ -186,6 +215,15 @@ pub(crate) async fn run_session(
                 .unwrap_or_default()
     });
     let mut renewal: Option<AbortOnDropHandle<Result<Connected, AttemptError>>> = None;
+    // Planned moves (renewal, probe): a relay that knows them is told
+    // first (`Control::Moving`) and drains this session instead of
+    // closing it when the new one registers, so streams in flight here
+    // (kubectl logs -f, exec, port-forwards) are not cut. The move dials
+    // once the relay answered with the nonce (bounded).
+    let moves = relay_caps & relay_protocol::capability::MOVES != 0;
+    let (move_ack, _) = watch::channel(0u64);
+    let ack_wait = cfg.handshake_timeout;
+    let mut goaway_grace: Option<u32> = None;
     loop {
         let reply = tokio::select! {
             biased;
@@ -286,11 +324,16 @@ pub(crate) async fn run_session(
                             }
                             continue;
                         }
+                        Control::Moving { nonce } => {
+                            move_ack.send_replace(nonce);
+                            continue;
+                        }
                         Control::GoAway { reason, grace_ms } => {
                             // The relay stops opening streams and closes when
                             // the in-flight ones are done; we reconnect then.
                             info!(%reason, grace_ms, "relay sent GOAWAY");
                             io.went_away = true;
+                            goaway_grace = Some(grace_ms);
                             continue;
                         }
                         _ => continue,
@@ -374,7 +417,10 @@ pub(crate) async fn run_session(
                 // (itself bounded per address by a handshake timeout, plus
                 // the TCP fallback's) both fit, so an address that does not
                 // answer is passed over before the limit cuts the attempt.
-                let limit = cfg.handshake_timeout * 3 + cfg.quic_fallback_after;
+                // Plus the wait for the relay's answer to the move.
+                let limit = cfg.handshake_timeout * 3 + cfg.quic_fallback_after + ack_wait;
+                let nonce = rand::random::<u64>() | 1;
+                let ack = moves.then(|| move_ack.subscribe());
                 renewal = Some(AbortOnDropHandle::new(tokio::spawn(async move {
                     let work = async {
                         let dialer = Dialer { cfg: &cfg, stats: &stats, mode: cfg.transport, quic_worked, probe: false };
@@ -382,13 +428,17 @@ pub(crate) async fn run_session(
                             IdentityError::Refused(r) => AttemptError::Rejected(r),
                             IdentityError::Failed(m) => AttemptError::Failed(m),
                         })?;
+                        move_noted(ack, nonce, ack_wait).await;
                         connect(&cfg, &stats, cfg.transport, &creds, quic_worked, false).await
                     };
                     tokio::time::timeout(limit, work)
                         .await
                         .unwrap_or_else(|_| Err(AttemptError::Failed(format!("no renewed session within {limit:?}"))))
                 })));
-                continue;
+                if !moves {
+                    continue;
+                }
+                Control::Moving { nonce }
             }
             r = async {
                 match renewal.as_mut() {
@@ -400,7 +450,7 @@ pub(crate) async fn run_session(
                 match r {
                     Ok(Ok(c)) => {
                         info!("certificate renewed; moving the session to it");
-                        return SessionEnd::Upgrade(Box::new(c));
+                        return SessionEnd::Upgrade(Box::new(c), Some(Retired { grace_ms: goaway_grace, send, frames }));
                     }
                     Ok(Err(e)) => {
                         // The current certificate is still valid: try again
@@ -424,13 +474,23 @@ pub(crate) async fn run_session(
                 // addresses (their QUIC attempts together take at most one
                 // handshake timeout, see `Dialer::probe_each`), then says
                 // hello.
-                let limit = cfg.handshake_timeout.saturating_mul(2);
+                // Plus the wait for the relay's answer to the move.
+                let limit = cfg.handshake_timeout.saturating_mul(2) + ack_wait;
+                let nonce = rand::random::<u64>() | 1;
+                let ack = moves.then(|| move_ack.subscribe());
                 probe = Some(AbortOnDropHandle::new(tokio::spawn(async move {
-                    tokio::time::timeout(limit, connect(&cfg, &stats, TransportMode::Quic, &creds, false, true))
+                    let work = async {
+                        move_noted(ack, nonce, ack_wait).await;
+                        connect(&cfg, &stats, TransportMode::Quic, &creds, false, true).await
+                    };
+                    tokio::time::timeout(limit, work)
                         .await
                         .unwrap_or_else(|_| Err(AttemptError::Failed(format!("no QUIC session within {limit:?}"))))
                 })));
-                continue;
+                if !moves {
+                    continue;
+                }
+                Control::Moving { nonce }
             }
             r = async {
                 match probe.as_mut() {
@@ -440,7 +500,7 @@ pub(crate) async fn run_session(
             }, if probe.is_some() => {
                 probe = None;
                 match r {
-                    Ok(Ok(c)) => return SessionEnd::Upgrade(Box::new(c)),
+                    Ok(Ok(c)) => return SessionEnd::Upgrade(Box::new(c), Some(Retired { grace_ms: goaway_grace, send, frames })),
                     Ok(Err(AttemptError::Failed(e))) => debug!(error = %e, "QUIC probe failed; staying on TCP"),
                     Ok(Err(AttemptError::Rejected(r))) => debug!(reason = r.reason.as_str(), "QUIC probe rejected"),
                     Err(e) => debug!(error = %e, "QUIC probe task failed"),

@@ -25,6 +25,7 @@ use relay_transport::devcerts::DevPki;
 use relay_transport::issue::NodeIssuer;
 use relay_transport::reload::{crls_from_pem, TlsPaths};
 use relay_transport::tls::{cert_names_node, certs_from_pem};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BOUND: Duration = Duration::from_secs(20);
 const NS: &str = "edge-relay";
@@ -176,6 +177,13 @@ async fn an_edge_with_only_a_token_obtains_a_certificate_connects_and_renews() -
         &std::fs::metadata(state_dir.join("edge-0-key.pem"))?.permissions(),
     );
     assert_eq!(key_mode & 0o777, 0o600, "the private key is private");
+    // A tunnelled connection open across the renewal (a `kubectl logs -f`,
+    // an exec): the renewal is a planned move, so the old session drains
+    // instead of being closed under it.
+    let (echo, _echo_task) = relay_lab::spawn_echo("127.0.0.2:0".parse()?).await?;
+    let proxy = lab.relay.connect_addr().context("connect listener")?;
+    let mut held = relay_lab::connect_via(proxy, &echo.to_string()).await?;
+    echo_line(&mut held, b"before the renewal\n").await?;
     // Renewal: a new certificate and a new session, the routes kept.
     let mut w = e0.watch();
     let renewed = tokio::time::timeout(
@@ -187,6 +195,32 @@ async fn an_edge_with_only_a_token_obtains_a_certificate_connects_and_renews() -
     .await
     .context("no renewed session within 45 s")?;
     drop(renewed);
+    // The connection opened before the renewal still carries bytes once
+    // the new session is up, and new connections go to the new session.
+    echo_line(&mut held, b"after the renewal\n")
+        .await
+        .context("the connection held across the renewal was cut")?;
+    let mut fresh = relay_lab::connect_via(proxy, &echo.to_string()).await?;
+    echo_line(&mut fresh, b"a new connection\n").await?;
+    // And it keeps doing so past the edge's own wait for the relay's
+    // drain notice (its handshake timeout, 10 s): the old connection is
+    // kept because the relay drains it, not by luck of timing. (The old
+    // certificate has 10 s left; the relay's drain lasts at least its
+    // drain grace, 30 s.)
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    echo_line(&mut held, b"11 s after the renewal\n")
+        .await
+        .context("the connection held across the renewal was cut after it")?;
+    // The held connection ends as its client ends it: the half-close goes
+    // through and comes back, no reset.
+    held.shutdown().await?;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), held.read_to_end(&mut rest))
+        .await
+        .context("no clean end within 5 s")?
+        .context("the held connection ended with an error, not its close")?;
+    ensure!(rest.is_empty(), "unexpected bytes at the end: {rest:?}");
+    drop(fresh);
     let pem2 = std::fs::read_to_string(state_dir.join("edge-0.pem"))?;
     ensure!(pem2 != pem, "the certificate was not replaced");
     let rows = relay_lab::sessions(lab.relay.admin_addr().context("admin")?).await?;
@@ -200,6 +234,17 @@ async fn an_edge_with_only_a_token_obtains_a_certificate_connects_and_renews() -
     );
     e0.shutdown().await;
     lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+/// Writes `line` on `s` and reads it back (an echo), within 5 s.
+async fn echo_line(s: &mut tokio::net::TcpStream, line: &[u8]) -> Result<()> {
+    s.write_all(line).await?;
+    let mut back = vec![0u8; line.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+        .await
+        .context("no echo within 5 s")??;
+    ensure!(back == line, "echo differs: {back:?}");
     Ok(())
 }
 

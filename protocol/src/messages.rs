@@ -89,6 +89,13 @@ pub mod capability {
     /// and shows the routes in its admin API. An edge sends the message only
     /// to a relay with this bit.
     pub const LAN_OVERLAPS: u32 = 1 << 12;
+    /// The relay understands [`Control::Moving`](super::Control::Moving):
+    /// when the next session of the node registers (a renewed certificate,
+    /// the QUIC probe from the TCP fallback) it drains the session the
+    /// edge sent it on, so that session's streams run to their end,
+    /// instead of closing it. An edge sends the message only to a relay
+    /// with this bit.
+    pub const MOVES: u32 = 1 << 13;
     /// Every bit this build understands.
     pub const ALL: u32 = TCP_STREAMS
         | UDP_DATAGRAMS
@@ -102,7 +109,8 @@ pub mod capability {
         | UDP_STREAM_PAYLOADS
         | NODE_PORTS
         | EDGE_KEEPALIVE
-        | LAN_OVERLAPS;
+        | LAN_OVERLAPS
+        | MOVES;
 }
 
 /// The first message of a session, sent by the edge on the control stream.
@@ -352,6 +360,17 @@ pub enum Control {
         /// [`Control::MAX_LAN_OVERLAPS`].
         routes: Vec<Cidr>,
     },
+    /// A planned move (edge to a relay that announced
+    /// [`capability::MOVES`]): the edge is about to open a new session of
+    /// its node (a renewed certificate, a QUIC probe from the TCP
+    /// fallback). When that session registers, the relay drains the
+    /// session this came on (GOAWAY; its streams run to their end, bounded)
+    /// instead of closing it, and answers with the same message (same
+    /// nonce) once it has taken note, so the edge dials only then.
+    Moving {
+        /// Echoed back by the relay.
+        nonce: u64,
+    },
 }
 
 /// One relay replica as an edge should reach it.
@@ -418,7 +437,7 @@ impl ServicePort {
 impl Control {
     /// Number of variants this build knows; a frame whose variant index is
     /// at or above it comes from a newer peer.
-    pub const VARIANTS: u32 = 11;
+    pub const VARIANTS: u32 = 12;
 
     /// Most routes one [`Control::LanOverlaps`] carries (well inside a
     /// frame); a relay keeps no more than this per session either.

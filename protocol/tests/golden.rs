@@ -187,6 +187,11 @@ fn golden() -> Vec<(&'static str, Vec<u8>, &'static str)> {
             "0a0100c0a8000010",
         ),
         (
+            "Control::Moving",
+            encode(&Control::Moving { nonce: 7 }).unwrap(),
+            "0b07",
+        ),
+        (
             "ServerHelloExt",
             encode(&ServerHelloExt {
                 served_routes: vec![cidr("10.244.7.0/24")],
@@ -701,8 +706,8 @@ proptest! {
 
 #[test]
 fn control_variant_indices_are_frozen() {
-    // Index 7 is Replicas, 8 ServiceNames, 9 Keepalive, 10 LanOverlaps:
-    // frozen once released.
+    // Index 7 is Replicas, 8 ServiceNames, 9 Keepalive, 10 LanOverlaps,
+    // 11 Moving: frozen once released.
     let m = Control::ServiceNames {
         reset: false,
         cluster_domain: String::new(),
@@ -715,5 +720,7 @@ fn control_variant_indices_are_frozen() {
     assert_eq!(encode(&m).unwrap()[0], 9);
     let m = Control::LanOverlaps { routes: vec![] };
     assert_eq!(encode(&m).unwrap()[0], 10);
-    assert_eq!(Control::VARIANTS, 11);
+    let m = Control::Moving { nonce: 1 };
+    assert_eq!(encode(&m).unwrap()[0], 11);
+    assert_eq!(Control::VARIANTS, 12);
 }

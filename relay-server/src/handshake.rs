@@ -19,7 +19,7 @@ use tracing::{debug, info, Instrument};
 use crate::directory::{Lookup, NodeEntry};
 use crate::routefeed::RouteFeed;
 use crate::server::Shared;
-use crate::session::{note_cut, run_session, visible, ControlParts, SessionHandle};
+use crate::session::{note_cut, run_session, supersede, visible, ControlParts, SessionHandle};
 
 /// Why a handshake ended without a session.
 enum HandshakeError {
@@ -297,10 +297,8 @@ async fn handshake(
         claim.served.clone(),
         shared.cfg.limits.max_sessions,
     ) {
-        Ok(Some(old)) => {
-            info!(node = %old.node, old_gen = old.generation, new_gen = generation, "session superseded");
-            old.kick(close_code::SUPERSEDED, "superseded by a newer session");
-        }
+        // Drained instead when the edge planned the move (see `supersede`).
+        Ok(Some(old)) => supersede(&old, &handle, shared),
         Ok(None) => {}
         Err(e) => {
             shared

@@ -31,6 +31,11 @@ const CONTROL_QUEUE: usize = 16;
 /// [`SessionHandle`]'s `reported` once the session has ended.
 const ENDED: u64 = u64::MAX;
 
+/// How long an edge's [`Control::Moving`] holds: it dials its next
+/// session as soon as the relay answered, and gives up on that attempt
+/// well within this (a renewal's bootstrap and dial).
+const MOVE_MARK: Duration = Duration::from_secs(120);
+
 /// A live, registered edge session.
 pub struct SessionHandle {
     /// Node name, bound to the client certificate.
@@ -75,6 +80,13 @@ pub struct SessionHandle {
     /// ([`Control::LanOverlaps`]; at most [`Control::MAX_LAN_OVERLAPS`]).
     pub lan_overlaps: std::sync::Mutex<Vec<Cidr>>,
     draining: AtomicBool,
+    /// Until when (in [`SessionHandle::age_ms`]) the edge's last
+    /// [`Control::Moving`] holds; 0 for none.
+    moving_until_ms: AtomicU64,
+    /// The session of this node a planned move left draining (see
+    /// [`supersede`]): at most one per node, closed when the next session
+    /// supersedes this one. Weak, so an ended session is not kept.
+    predecessor: std::sync::Mutex<std::sync::Weak<SessionHandle>>,
     cancel: CancellationToken,
     /// The first reason [`SessionHandle::kick`] was given.
     kicked: std::sync::OnceLock<String>,
@@ -140,6 +152,8 @@ impl SessionHandle {
                 shared.udp.clone(),
             ),
             draining: AtomicBool::new(false),
+            moving_until_ms: AtomicU64::new(0),
+            predecessor: Default::default(),
             cancel: shared.shutdown.child_token(),
             kicked: std::sync::OnceLock::new(),
             reported: std::sync::Mutex::new(0),
@@ -289,6 +303,18 @@ impl SessionHandle {
         self.conn.close(code, reason);
     }
 
+    /// The edge said its next session is a planned move (see [`supersede`]).
+    fn mark_moving(&self) {
+        let until = self.age_ms().saturating_add(MOVE_MARK.as_millis() as u64);
+        self.moving_until_ms.store(until, Relaxed);
+    }
+
+    /// Whether the edge's [`Control::Moving`] holds now; clears it.
+    fn take_moving(&self) -> bool {
+        let until = self.moving_until_ms.swap(0, Relaxed);
+        until != 0 && self.age_ms() <= until
+    }
+
     /// Stops new streams, tells the edge (GOAWAY), lets in-flight streams
     /// finish for up to `grace`, then closes.
     pub fn drain(self: &Arc<Self>, grace: Duration, reason: &str) {
@@ -304,9 +330,17 @@ impl SessionHandle {
         }
         let me = self.clone();
         tokio::spawn(async move {
-            let deadline = Instant::now() + grace;
-            while me.open_streams.load(Relaxed) > 0 && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            let deadline = tokio::time::Instant::now() + grace;
+            // Looked at every 20 ms at first, then less often (a planned
+            // move's drain may last hours), at most every 250 ms.
+            let mut pause = Duration::from_millis(20);
+            while me.open_streams.load(Relaxed) > 0 {
+                tokio::select! {
+                    _ = me.conn.closed() => return,
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_millis(250));
             }
             me.kick(close_code::GOING_AWAY, "drained");
         });
@@ -333,6 +367,53 @@ impl SessionHandle {
                 r
             })
     }
+}
+
+/// `old`, the node's session until `new` registered, makes way for it.
+/// A planned move (the edge said [`Control::Moving`] on `old`: a renewed
+/// certificate, a QUIC probe from the TCP fallback) drains `old`: the
+/// registry routes new streams to `new` already, and `old`'s streams run
+/// to their end, until its certificate expires (at least
+/// `limits.drain_grace`, at most [`crate::config::MAX_DURATION`]). Any
+/// other supersede (an edge restarted, a dead path) closes `old` at once.
+/// Either way a session an earlier move left draining closes now: at most
+/// one session of a node drains.
+pub(crate) fn supersede(old: &Arc<SessionHandle>, new: &SessionHandle, shared: &Shared) {
+    let earlier = std::mem::take(&mut *old.predecessor.lock().unwrap_or_else(|e| e.into_inner()));
+    if let Some(p) = earlier.upgrade() {
+        info!(node = %p.node, gen = p.generation, "a session still draining from an earlier move closed");
+        p.kick(close_code::SUPERSEDED, "superseded while draining");
+    }
+    if old.take_moving() {
+        let grace = move_grace(&old.conn, shared.cfg.limits.drain_grace);
+        info!(node = %old.node, old_gen = old.generation, new_gen = new.generation, ?grace, open_streams = old.open_streams.load(Relaxed), "session moved; the old one drains");
+        *new.predecessor.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(old);
+        old.drain(grace, "moved to a newer session of this node");
+    } else {
+        info!(node = %old.node, old_gen = old.generation, new_gen = new.generation, "session superseded");
+        old.kick(close_code::SUPERSEDED, "superseded by a newer session");
+    }
+}
+
+/// How long a session left by a planned move may drain: until the
+/// certificate it was opened with expires, at least `floor`, at most
+/// [`crate::config::MAX_DURATION`] (`floor` when the certificate cannot be
+/// read).
+fn move_grace(conn: &TunnelConn, floor: Duration) -> Duration {
+    let left = conn.peer_certs().first().and_then(|leaf| {
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+        let end = cert.validity().not_after.timestamp();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()?
+            .as_secs();
+        u64::try_from(end.saturating_sub(i64::try_from(now).ok()?))
+            .ok()
+            .map(Duration::from_secs)
+    });
+    left.unwrap_or_default()
+        .max(floor)
+        .min(crate::config::MAX_DURATION)
 }
 
 /// Counts one open stream for the session and the relay; decrements on
@@ -507,7 +588,9 @@ pub(crate) async fn run_session(
                 }
                 Err(e) => break e.to_string(),
             },
-            r = replicas.changed(), if follows_replicas => {
+            // A draining session (a planned move left it) gets no more
+            // routes, Services or replica sets: its successor does.
+            r = replicas.changed(), if follows_replicas && !handle.is_draining() => {
                 if r.is_err() {
                     follows_replicas = false;
                     continue;
@@ -520,7 +603,7 @@ pub(crate) async fn run_session(
                 }
                 vec![Control::Replicas { replicas: set }]
             }
-            r = changes.changed(), if !update_due => {
+            r = changes.changed(), if !update_due && !handle.is_draining() => {
                 if r.is_err() {
                     break "relay stopping".to_string();
                 }
@@ -540,7 +623,7 @@ pub(crate) async fn run_session(
                     }
                 }
             }
-            r = svc_changes.changed(), if (wants_services || wants_names) && !svc_due => {
+            r = svc_changes.changed(), if (wants_services || wants_names) && !svc_due && !handle.is_draining() => {
                 if r.is_err() {
                     break "relay stopping".to_string();
                 }
@@ -585,6 +668,13 @@ pub(crate) async fn run_session(
                             debug!(interval_ms, "edge keep-alive");
                             handle.heard.tell_keepalive(interval_ms);
                             continue
+                        }
+                        Ok(Incoming::Known { msg: Control::Moving { nonce }, .. }) => {
+                            // The edge's next session is a planned move:
+                            // this one will drain, not close (`supersede`).
+                            info!("edge announces a planned move to a new session");
+                            handle.mark_moving();
+                            vec![Control::Moving { nonce }]
                         }
                         Ok(Incoming::Known { msg: Control::LanOverlaps { mut routes }, .. }) => {
                             // Shown in the admin API; logged only when
