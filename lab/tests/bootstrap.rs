@@ -461,3 +461,113 @@ async fn tokens_that_do_not_prove_the_node_are_refused() -> Result<()> {
     lab.relay.shutdown(Duration::from_secs(1)).await;
     Ok(())
 }
+
+/// A network whose UDP is blocked until `open` is set: a UDP socket that
+/// drops every packet while closed and forwards both ways once open (one
+/// upstream socket per client address), and on the same port a TCP
+/// forwarder to the relay (its TLS fallback).
+async fn udp_gate_to(
+    relay: std::net::SocketAddr,
+    open: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<std::net::SocketAddr> {
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = tcp.local_addr()?;
+    let udp = Arc::new(tokio::net::UdpSocket::bind(addr).await?);
+    tokio::spawn(async move {
+        let mut ups: std::collections::HashMap<std::net::SocketAddr, Arc<tokio::net::UdpSocket>> =
+            Default::default();
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+            if !open.load(std::sync::atomic::Ordering::Relaxed) {
+                continue;
+            }
+            let up = match ups.get(&from) {
+                Some(u) => u.clone(),
+                None => {
+                    let Ok(u) = tokio::net::UdpSocket::bind("127.0.0.1:0").await else {
+                        continue;
+                    };
+                    if u.connect(relay).await.is_err() {
+                        continue;
+                    }
+                    let u = Arc::new(u);
+                    let (back, down) = (u.clone(), udp.clone());
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 65536];
+                        while let Ok(n) = back.recv(&mut buf).await {
+                            let _ = down.send_to(&buf[..n], from).await;
+                        }
+                    });
+                    ups.insert(from, u.clone());
+                    u
+                }
+            };
+            let _ = up.send(&buf[..n]).await;
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = tcp.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(relay).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Stand-in, not a real apiserver (see the module doc). The TCP
+/// fallback's QUIC probe is a planned move too: an edge that fell back to
+/// TCP (UDP blocked) moves to QUIC once UDP passes again, and a tunnelled
+/// connection opened on the TCP session keeps echoing after the move and
+/// ends with its client's close, not a reset.
+#[tokio::test]
+async fn a_connection_held_across_the_quic_probes_move_keeps_flowing() -> Result<()> {
+    let lab = lab(Duration::from_secs(3600)).await?;
+    let token = lab.token("edge-0", "edge-client-0", "uid-0", "edge-relay");
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = udp_gate_to(lab.relay.quic_addr(), open.clone()).await?;
+    let (e0, _) = lab.edge_with("edge-0", &token, |c| {
+        c.relay = gate.to_string();
+        c.transport = TransportMode::Auto;
+        c.quic_fallback_after = Duration::from_millis(500);
+        c.quic_probe_interval = Duration::from_secs(2);
+    })?;
+    let (_, first_gen) = e0.wait_connected(BOUND).await.context("edge-0 connects")?;
+    let rows = relay_lab::sessions(lab.relay.admin_addr().context("admin")?).await?;
+    ensure!(rows[0].transport == "tcp", "{rows:?}");
+    let (echo, _echo_task) = relay_lab::spawn_echo("127.0.0.2:0".parse()?).await?;
+    let proxy = lab.relay.connect_addr().context("connect listener")?;
+    let mut held = relay_lab::connect_via(proxy, &echo.to_string()).await?;
+    echo_line(&mut held, b"on tcp\n").await?;
+    open.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut w = e0.watch();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        w.wait_for(
+            |s| matches!(s, EdgeState::Connected { generation, .. } if *generation > first_gen),
+        ),
+    )
+    .await
+    .context("no QUIC session within 30 s")??;
+    let rows = relay_lab::sessions(lab.relay.admin_addr().context("admin")?).await?;
+    ensure!(rows.len() == 1 && rows[0].transport == "quic", "{rows:?}");
+    echo_line(&mut held, b"after the move to quic\n")
+        .await
+        .context("the connection held across the QUIC probe's move was cut")?;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    echo_line(&mut held, b"11 s after the move\n")
+        .await
+        .context("the connection held across the move was cut after it")?;
+    held.shutdown().await?;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), held.read_to_end(&mut rest))
+        .await
+        .context("no clean end within 5 s")?
+        .context("the held connection ended with an error, not its close")?;
+    ensure!(rest.is_empty(), "unexpected bytes at the end: {rest:?}");
+    e0.shutdown().await;
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
