@@ -90,6 +90,23 @@ pub(crate) fn edge_leaves(lab: &NetnsLab, m: &mut Table, edge2: Running) -> Resu
             Ok("10.244.8.0/24 still via the relay node".to_string())
         }),
     );
+    // Capture carries TCP and UDP only: the relay node's own ping of the
+    // offline edge's pod is not answered by the relay node itself,
+    // although its capture route delivers that prefix locally (`local
+    // default`): a dead pod must not look alive to a ping.
+    m.note(
+        &[
+            "edge leaves → the relay node's ping of its pod is not answered",
+            "relay: ping -c 1 10.244.8.5",
+        ],
+        match lab.exec(
+            Role::Relay,
+            &["ping", "-n", "-c", "1", "-W", "1", "10.244.8.5"],
+        ) {
+            Ok(out) => Err(anyhow::anyhow!("answered: {out}")),
+            Err(_) => Ok("no answer".to_string()),
+        },
+    );
     let edge2_left = lab.exec(Role::Edge2, &["nft", "list", "tables"])?;
     m.note(
         // (`capture.hold_after_exit` is off here, as by default; with it,
