@@ -98,7 +98,7 @@ pub fn session_limit(s: &SessionHandle, idle_timeout: Duration) -> Duration {
 
 /// Whether session `s` is judged by what arrives (QUIC datagrams, TCP
 /// bytes) and its control stream only at the slow pace of
-/// [`control_check`]: a QUIC edge with `QUIC_LIVENESS`, and every TCP
+/// `control_check`: a QUIC edge with `QUIC_LIVENESS`, and every TCP
 /// edge. Otherwise (an older QUIC edge) a control message must come every
 /// `idle_timeout`.
 pub fn judged_by_arrivals(s: &SessionHandle) -> bool {
