@@ -81,7 +81,7 @@ async fn lab_with(
         issuer_cert: certs_from_pem(ca_cert.as_bytes(), "ca")?.remove(0),
         namespace: NS.into(),
         service_account: "edge-client".into(),
-        daemonset: "edge-client".into(),
+        daemonsets: vec!["edge-client".into()],
     });
     let dir = std::env::temp_dir().join(format!(
         "bootstrap-{}-{}",
@@ -458,6 +458,56 @@ async fn tokens_that_do_not_prove_the_node_are_refused() -> Result<()> {
             .await?
             .is_empty()
     );
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+/// Sites behind an HTTP proxy run their own DaemonSet, with their own
+/// config: a relay listing both DaemonSets (`bootstrap.daemonset = [..]`)
+/// gives a pod of either a certificate, and its refusal of any other
+/// names both.
+#[tokio::test]
+async fn a_pod_of_a_second_listed_daemonset_gets_a_certificate() -> Result<()> {
+    let lab = lab_with(Duration::from_secs(3600), |cfg, _, _| {
+        cfg.bootstrap
+            .as_mut()
+            .context("bootstrap")?
+            .daemonsets
+            .push("edge-client-proxied".into());
+        Ok(())
+    })
+    .await?;
+    lab.standin.upsert_pod(daemonset_pod(
+        NS,
+        "proxied-1",
+        "uid-p",
+        "edge-1",
+        "edge-client",
+        "edge-client-proxied",
+    ));
+    let t = lab.token("edge-1", "proxied-1", "uid-p", "edge-relay");
+    let (e1, _) = lab.edge("edge-1", &t)?;
+    e1.wait_connected(BOUND)
+        .await
+        .context("a pod of the second DaemonSet connects")?;
+    e1.shutdown().await;
+    lab.standin.upsert_pod(daemonset_pod(
+        NS,
+        "intruder",
+        "uid-x",
+        "edge-0",
+        "edge-client",
+        "not-edge-client",
+    ));
+    let t = lab.token("edge-0", "intruder", "uid-x", "edge-relay");
+    let (e0, _) = lab.edge("edge-0", &t)?;
+    let (r, m) = rejected(&e0).await?;
+    assert_eq!(r, RejectReason::IdentityMismatch);
+    assert!(
+        m.contains("DaemonSet edge-client or edge-client-proxied"),
+        "{m}"
+    );
+    e0.shutdown().await;
     lab.relay.shutdown(Duration::from_secs(1)).await;
     Ok(())
 }

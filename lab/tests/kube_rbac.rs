@@ -218,7 +218,7 @@ async fn lifecycle(rules: Vec<PolicyRule>, bound: Duration) -> Result<Outcome> {
         issuer_cert: certs_from_pem(ca_cert.as_bytes(), "ca")?.remove(0),
         namespace: EDGE_NS.into(),
         service_account: "edge-client".into(),
-        daemonset: "edge-client".into(),
+        daemonsets: vec!["edge-client".into()],
     });
     cfg.quic.keepalive = Duration::from_millis(500);
     cfg.quic.idle_timeout = Duration::from_secs(5);

@@ -466,7 +466,7 @@ fn a_token_only_edge_gets_its_certificate_over_the_lab_network() -> Result<()> {
         issuer_cert: certs_from_pem(ca_cert.as_bytes(), "ca")?.remove(0),
         namespace: NS.into(),
         service_account: EDGE_SA.into(),
-        daemonset: "edge-client".into(),
+        daemonsets: vec!["edge-client".into()],
     });
     let _relay = start_relay(&lab, rcfg)?;
     let dir = TempDir(std::env::temp_dir().join(format!(

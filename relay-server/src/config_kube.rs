@@ -99,8 +99,9 @@ pub struct BootstrapSettings {
     pub namespace: String,
     /// The edge-client service account tokens must belong to.
     pub service_account: String,
-    /// The DaemonSet the token's pod must belong to.
-    pub daemonset: String,
+    /// The DaemonSets the token's pod may belong to (one of them): sites
+    /// behind an HTTP proxy run their own DaemonSet with their own config.
+    pub daemonsets: Vec<String>,
 }
 
 /// `[bootstrap]` in relay.toml.
@@ -116,9 +117,19 @@ pub struct BootstrapFile {
     /// `namespace/name` of the edge-client service account (default
     /// `edge-relay/edge-client`).
     pub service_account: Option<String>,
-    /// Name of the edge-client DaemonSet in that namespace (default
-    /// `edge-client`).
-    pub daemonset: Option<String>,
+    /// Name of the edge-client DaemonSet in that namespace, or a list of
+    /// names (default `edge-client`).
+    pub daemonset: Option<OneOrMany>,
+}
+
+/// A name, or a list of names (`daemonset = "a"` or `["a", "b"]`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// `"a"`.
+    One(String),
+    /// `["a", "b"]`.
+    Many(Vec<String>),
 }
 
 /// Default lifetime of bootstrap certificates.
@@ -165,15 +176,23 @@ impl BootstrapFile {
                 "write it as namespace/name",
             ));
         };
+        let daemonsets = match &self.daemonset {
+            None => vec!["edge-client".to_string()],
+            Some(OneOrMany::One(n)) => vec![n.clone()],
+            Some(OneOrMany::Many(list)) => list.clone(),
+        };
+        if daemonsets.is_empty() || daemonsets.iter().any(String::is_empty) {
+            return Err(err(
+                "bootstrap.daemonset",
+                "name at least one DaemonSet, and no empty name",
+            ));
+        }
         Ok(BootstrapSettings {
             issuer: std::sync::Arc::new(issuer),
             issuer_cert,
             namespace: namespace.to_string(),
             service_account: service_account.to_string(),
-            daemonset: self
-                .daemonset
-                .clone()
-                .unwrap_or_else(|| "edge-client".into()),
+            daemonsets,
         })
     }
 }
@@ -310,5 +329,45 @@ mod tests {
             let e = check_kubernetes(Some(&bad), &nodes).unwrap_err();
             assert_eq!(e.field, "kubernetes.services_cache_file", "{e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod bootstrap_tests {
+    use super::*;
+
+    /// `daemonset` takes one name or a list; an empty list or name is
+    /// refused naming the field.
+    #[test]
+    fn bootstrap_daemonset_is_one_name_or_a_list() {
+        relay_transport::tls::install_default_provider();
+        let pki = relay_transport::devcerts::DevPki::generate(&["relay.test"], &[]).unwrap();
+        let dir = std::env::temp_dir().join(format!("bootstrap-ds-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ca, key) = pki.ca_pem_pair();
+        std::fs::write(dir.join("ca.pem"), &ca).unwrap();
+        std::fs::write(dir.join("ca-key.pem"), &key).unwrap();
+        let client_ca = relay_transport::tls::certs_from_pem(ca.as_bytes(), "ca").unwrap();
+        let load = |daemonset: &str| {
+            let text = format!(
+                "ca_cert = {:?}\nca_key = {:?}\n{daemonset}",
+                dir.join("ca.pem"),
+                dir.join("ca-key.pem")
+            );
+            let file: BootstrapFile = toml::from_str(&text).unwrap();
+            file.load(&client_ca)
+        };
+        assert_eq!(load("").unwrap().daemonsets, ["edge-client"]);
+        assert_eq!(load("daemonset = \"ds-a\"").unwrap().daemonsets, ["ds-a"]);
+        assert_eq!(
+            load("daemonset = [\"ds-a\", \"ds-b\"]").unwrap().daemonsets,
+            ["ds-a", "ds-b"]
+        );
+        for bad in ["daemonset = []", "daemonset = [\"\"]", "daemonset = \"\""] {
+            let e = load(bad).unwrap_err().to_string();
+            assert!(e.contains("bootstrap.daemonset"), "{bad}: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

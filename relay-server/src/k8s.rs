@@ -110,7 +110,7 @@ pub async fn start(
                 b.namespace, b.service_account
             ),
             service_account: b.service_account.clone(),
-            daemonset: b.daemonset.clone(),
+            daemonsets: b.daemonsets.clone(),
         }) as Arc<dyn TokenAuthority>
     });
     let tokens =
@@ -137,7 +137,7 @@ struct KubeTokens {
     pods: PodReader,
     username: String,
     service_account: String,
-    daemonset: String,
+    daemonsets: Vec<String>,
 }
 
 impl KubeTokens {
@@ -189,10 +189,10 @@ impl KubeTokens {
                 self.service_account
             )));
         }
-        if !facts.daemonsets.contains(&self.daemonset) {
+        if !self.daemonsets.iter().any(|d| facts.daemonsets.contains(d)) {
             return Err(deny(format!(
                 "pod {pod} does not belong to DaemonSet {}",
-                self.daemonset
+                self.daemonsets.join(" or ")
             )));
         }
         Ok(TokenIdentity {
