@@ -439,20 +439,8 @@ async fn tokens_that_do_not_prove_the_node_are_refused() -> Result<()> {
         "refusals for a real node are still Events: {events:?}"
     );
     // A pod of another DaemonSet on the right node.
-    lab.standin.upsert_pod(daemonset_pod(
-        NS,
-        "intruder",
-        "uid-x",
-        "edge-1",
-        "edge-client",
-        "not-edge-client",
-    ));
-    let t = lab.token("edge-1", "intruder", "uid-x", "edge-relay");
-    let (e, _) = lab.edge("edge-1", &t)?;
-    let (r, m) = rejected(&e).await?;
-    assert_eq!(r, RejectReason::IdentityMismatch);
+    let m = intruder_refused(&lab, "edge-1").await?;
     assert!(m.contains("DaemonSet edge-client"), "{m}");
-    e.shutdown().await;
     assert!(
         relay_lab::sessions(lab.relay.admin_addr().context("admin")?)
             .await?
@@ -460,6 +448,25 @@ async fn tokens_that_do_not_prove_the_node_are_refused() -> Result<()> {
     );
     lab.relay.shutdown(Duration::from_secs(1)).await;
     Ok(())
+}
+
+/// A pod of an unlisted DaemonSet on `node` asks for a certificate: the
+/// refusal (`identity_mismatch`) and its message.
+async fn intruder_refused(lab: &Lab, node: &str) -> Result<String> {
+    lab.standin.upsert_pod(daemonset_pod(
+        NS,
+        "intruder",
+        "uid-x",
+        node,
+        "edge-client",
+        "not-edge-client",
+    ));
+    let t = lab.token(node, "intruder", "uid-x", "edge-relay");
+    let (e, _) = lab.edge(node, &t)?;
+    let (r, m) = rejected(&e).await?;
+    e.shutdown().await;
+    ensure!(r == RejectReason::IdentityMismatch, "{r:?}: {m}");
+    Ok(m)
 }
 
 /// Sites behind an HTTP proxy run their own DaemonSet, with their own
@@ -491,23 +498,11 @@ async fn a_pod_of_a_second_listed_daemonset_gets_a_certificate() -> Result<()> {
         .await
         .context("a pod of the second DaemonSet connects")?;
     e1.shutdown().await;
-    lab.standin.upsert_pod(daemonset_pod(
-        NS,
-        "intruder",
-        "uid-x",
-        "edge-0",
-        "edge-client",
-        "not-edge-client",
-    ));
-    let t = lab.token("edge-0", "intruder", "uid-x", "edge-relay");
-    let (e0, _) = lab.edge("edge-0", &t)?;
-    let (r, m) = rejected(&e0).await?;
-    assert_eq!(r, RejectReason::IdentityMismatch);
+    let m = intruder_refused(&lab, "edge-0").await?;
     assert!(
         m.contains("DaemonSet edge-client or edge-client-proxied"),
         "{m}"
     );
-    e0.shutdown().await;
     lab.relay.shutdown(Duration::from_secs(1)).await;
     Ok(())
 }
