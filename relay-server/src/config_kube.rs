@@ -157,7 +157,7 @@ impl BootstrapFile {
         let der = relay_transport::tls::certs_from_pem(ca.as_bytes(), "bootstrap.ca_cert")
             .map_err(|e| err("bootstrap.ca_cert", e))?;
         let issuer_cert = der[0].clone();
-        if !client_ca.contains(&issuer_cert) {
+        if !crate::tls_reload::trusts(client_ca, &issuer_cert) {
             return Err(err(
                 "bootstrap.ca_cert",
                 "the issuing CA must also be in tls.client_ca, or the certificates it issues are refused (keep old and new CAs there while rotating)",

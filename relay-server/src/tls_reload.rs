@@ -59,7 +59,7 @@ impl Target {
     pub(crate) fn reload(&self) -> Result<CertificateDer<'static>, ReloadError> {
         let (m, crls) = self.paths.load()?;
         if let Some(issuer) = &self.must_trust {
-            if !m.ca.contains(issuer) {
+            if !trusts(&m.ca, issuer) {
                 let subject = x509_parser::parse_x509_certificate(issuer.as_ref())
                     .map_or_else(|_| "unparsable".into(), |(_, c)| c.subject().to_string());
                 return Err(ReloadError::IssuerDropped { subject });
@@ -79,6 +79,22 @@ impl Target {
             .next()
             .ok_or(ReloadError::NoFiles)
     }
+}
+
+/// Whether `bundle` holds CA certificate `ca`, or one with the same
+/// subject and public key: a CA re-issued with its key kept (a new
+/// validity period, as cert-manager renews a CA) vouches for the same
+/// certificates, so it counts; byte equality alone would refuse it.
+pub(crate) fn trusts(bundle: &[CertificateDer<'static>], ca: &CertificateDer<'static>) -> bool {
+    let name_and_key = |c: &CertificateDer<'_>| {
+        x509_parser::parse_x509_certificate(c.as_ref())
+            .ok()
+            .map(|(_, c)| (c.subject().as_raw().to_vec(), c.public_key().raw.to_vec()))
+    };
+    let want = name_and_key(ca);
+    bundle
+        .iter()
+        .any(|c| c == ca || (want.is_some() && name_and_key(c) == want))
 }
 
 /// A listener's own reloadable TLS from `m` and `crls` (client
@@ -158,7 +174,7 @@ mod tests {
     /// A client CA bundle that drops the bootstrap issuer's CA is refused
     /// (the fleet's certificates would all fail their next handshake) and
     /// the previous identity stays; one that keeps it, beside a new CA, is
-    /// taken.
+    /// taken, and so is the issuer's CA renewed with its name and key.
     #[test]
     fn a_client_ca_without_the_bootstrap_issuer_is_refused() {
         relay_transport::tls::install_default_provider();
@@ -184,6 +200,12 @@ mod tests {
             must_trust: Some(issuer),
         };
         t.reload().expect("the issuer's CA is there");
+        // The issuer's CA renewed with its key kept (a new validity): the
+        // same certificates verify, so it counts as the issuer's.
+        let renewed = pki.reissued_ca_pem().unwrap();
+        assert_ne!(renewed, ca);
+        std::fs::write(&paths.client_ca, &renewed).unwrap();
+        t.reload().expect("the issuer's CA, renewed with its key");
         // Rotation, step one: the new CA beside the old one.
         std::fs::write(&paths.client_ca, format!("{ca}{other_ca}")).unwrap();
         t.reload().expect("both CAs");

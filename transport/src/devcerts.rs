@@ -107,6 +107,16 @@ impl DevPki {
         Ok(&self.nodes[self.nodes.len() - 1].1)
     }
 
+    /// The CA's certificate issued again with its name and key and a
+    /// later validity start (PEM): a CA renewal that keeps the key, as
+    /// cert-manager renews a CA, vouching for the same certificates.
+    pub fn reissued_ca_pem(&self) -> Result<String, rcgen::Error> {
+        let key = KeyPair::from_pem(&self.ca_key_pem)?;
+        let mut params = self.ca_issuer_params.clone();
+        params.not_before = rcgen::date_time_ymd(2001, 1, 1);
+        Ok(params.self_signed(&key)?.pem())
+    }
+
     fn issuer(&self) -> Result<Issuer<'static, KeyPair>, rcgen::Error> {
         let key = KeyPair::from_pem(&self.ca_key_pem)?;
         Ok(Issuer::new(self.ca_issuer_params.clone(), key))
