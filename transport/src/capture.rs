@@ -242,6 +242,9 @@ pub struct Capture {
     /// Whether [`Capture::install`] put it on the node (false for
     /// [`Capture::uninstalled`] until a [`Capture::repair`] succeeds).
     on_node: bool,
+    /// Deletes the conntrack entries of flows that went past capture
+    /// (see `capture/bypass.rs`), off the apply path.
+    sweeper: bypass::Sweeper,
 }
 
 impl Capture {
@@ -289,6 +292,7 @@ impl Capture {
             node_ports: BTreeSet::new(),
             sources: None,
             on_node: true,
+            sweeper: bypass::Sweeper::default(),
         }
     }
 
@@ -462,12 +466,12 @@ impl Capture {
             skipped = skip4.len(),
             "capture updated"
         );
-        // Flows that began while these were not captured would keep
-        // going past capture (NAT sees a flow's first packet only).
-        let added: BTreeSet<Cidr> = want4.difference(&self.installed).copied().collect();
-        if !added.is_empty() {
-            bypass::delete_bypassing(&added).await;
-        }
+        // Flows that began while these addresses were not captured would
+        // keep going past capture (NAT sees a flow's first packet only):
+        // deleted by a task of their own, so that this update (and the
+        // captured set the caller publishes after it) does not wait.
+        let added = bypass::newly_captured(&want4, &skip4, &self.installed, &self.skipped);
+        self.sweeper.queue(added);
         self.installed = want4;
         self.skipped = skip4;
         Ok(())
