@@ -11,17 +11,18 @@ use relay_protocol::Cidr;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::directory::{Directory, Lookup};
+use crate::directory::Lookup;
 use crate::server::Shared;
 
 /// How long a burst of changes is gathered before the held routes are
 /// checked (one directory lookup per offline node).
 const SETTLE: Duration = Duration::from_millis(200);
 
-/// Whether the directory still gives `node` the prefix `c`: unknown while
-/// it has not loaded (an outage keeps the last state).
-pub(crate) fn still_claimed(dir: &dyn Directory, node: &str, c: &Cidr) -> bool {
-    match dir.lookup(node) {
+/// Whether the directory's entry for a node (`lookup`) still gives it the
+/// prefix `c`: unknown while it has not loaded (an outage keeps the last
+/// state).
+pub(crate) fn still_claimed(lookup: &Lookup, c: &Cidr) -> bool {
+    match lookup {
         Lookup::NotSynced => true,
         Lookup::Unknown => false,
         Lookup::Known(e) => {
@@ -52,10 +53,16 @@ pub(crate) async fn follow_offline(shared: Arc<Shared>, stop: CancellationToken)
         if shared.registry.offline_nodes() == 0 {
             continue;
         }
+        // Decided without the registry's lock; one lookup per node (its
+        // routes come in a row).
         let dir = shared.directory.as_ref();
-        let n = shared
-            .registry
-            .retain_offline(|node, c| still_claimed(dir, node, c));
+        let mut last: Option<(String, Lookup)> = None;
+        let n = shared.registry.retain_offline(|node, c| {
+            if last.as_ref().is_none_or(|(n, _)| n != node) {
+                last = Some((node.to_string(), dir.lookup(node)));
+            }
+            last.as_ref().is_some_and(|(_, l)| still_claimed(l, c))
+        });
         if n > 0 {
             info!(
                 prefixes = n,

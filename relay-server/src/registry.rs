@@ -5,7 +5,7 @@
 //! The lock is a `std::sync::RwLock` held only for map operations, never
 //! across an `.await` (clippy's `await_holding_lock` is denied).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
@@ -280,9 +280,32 @@ impl<S: RouteOwner> Registry<S> {
     /// withdraws the others: the directory no longer gives the node that
     /// prefix (a Node deleted, a pod CIDR moved). Returns how many were
     /// withdrawn.
-    pub fn retain_offline(&self, keep: impl Fn(&str, &Cidr) -> bool) -> usize {
+    ///
+    /// `keep` is asked with no lock held (a copy of the held routes is
+    /// taken under the read lock; it is called for each node's routes in
+    /// a row), and the write lock is taken only when something must go,
+    /// to remove exactly those prefixes still held for the same node: with
+    /// ten thousand held routes, lookups are not blocked while they are
+    /// checked.
+    pub fn retain_offline(&self, mut keep: impl FnMut(&str, &Cidr) -> bool) -> usize {
+        let held: Vec<(Arc<str>, Vec<Cidr>)> = self
+            .read()
+            .offline
+            .iter()
+            .map(|(n, r)| (n.clone(), r.clone()))
+            .collect();
+        let gone: Vec<(Arc<str>, Vec<Cidr>)> = held
+            .into_iter()
+            .filter_map(|(node, routes)| {
+                let gone: Vec<Cidr> = routes.into_iter().filter(|c| !keep(&node, c)).collect();
+                (!gone.is_empty()).then_some((node, gone))
+            })
+            .collect();
+        if gone.is_empty() {
+            return 0;
+        }
         let mut g = self.write();
-        let released = g.offline.retain(keep);
+        let released = g.offline.release_held(gone);
         let n = released.iter().map(|(_, r)| r.len()).sum();
         for (node, r) in released {
             g.journal.push(&node, &r, false);
@@ -292,19 +315,6 @@ impl<S: RouteOwner> Registry<S> {
             self.changed();
         }
         n
-    }
-
-    /// Withdraws every route held for offline `node` (an operator's
-    /// request); returns them.
-    pub fn forget_offline(&self, node: &str) -> Vec<Cidr> {
-        let mut g = self.write();
-        let Some(r) = g.offline.release(node) else {
-            return Vec::new();
-        };
-        g.journal.push(&Arc::from(node), &r, false);
-        drop(g);
-        self.changed();
-        r
     }
 
     /// The routes held for offline nodes, sorted by prefix.
@@ -324,6 +334,15 @@ impl<S: RouteOwner> Registry<S> {
             .collect();
         v.sort_by_key(|r| r.cidr);
         v
+    }
+
+    /// The prefixes of `set` held for offline nodes.
+    pub fn held_among(&self, set: &BTreeSet<Cidr>) -> BTreeSet<Cidr> {
+        let g = self.read();
+        g.offline
+            .iter()
+            .flat_map(|(_, routes)| routes.iter().filter(|c| set.contains(c)).copied())
+            .collect()
     }
 
     /// Offline nodes whose routes are held.

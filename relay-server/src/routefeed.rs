@@ -164,7 +164,8 @@ impl RouteFeed {
             if !first && *full == before {
                 return FeedUpdate::None;
             }
-            let (tunnel_routes, cut) = legacy_list(full, &cloud);
+            let held = reg.held_among(full);
+            let (tunnel_routes, cut) = legacy_list(full, &cloud, &held);
             self.cut = cut;
             return FeedUpdate::Send(vec![Control::RouteUpdate { tunnel_routes }]);
         }
@@ -200,11 +201,19 @@ impl RouteFeed {
     }
 }
 
-/// The whole list for an edge without deltas, cloud ranges first, cut at
-/// [`LEGACY_MAX_ROUTES`]; the flag says whether it was cut.
-pub fn legacy_list(full: &BTreeSet<Cidr>, cloud: &BTreeSet<Cidr>) -> (Vec<Cidr>, bool) {
+/// The whole list for an edge without deltas, cloud ranges first, then
+/// the routes some session serves, then those held for offline edges
+/// (`held`), cut at [`LEGACY_MAX_ROUTES`]: a cut drops offline edges'
+/// prefixes before any live one. The flag says whether it was cut.
+pub fn legacy_list(
+    full: &BTreeSet<Cidr>,
+    cloud: &BTreeSet<Cidr>,
+    held: &BTreeSet<Cidr>,
+) -> (Vec<Cidr>, bool) {
     let mut out: Vec<Cidr> = cloud.iter().copied().collect();
-    out.extend(full.iter().filter(|c| !cloud.contains(c)).copied());
+    let rest = || full.iter().filter(|c| !cloud.contains(c));
+    out.extend(rest().filter(|c| !held.contains(c)).copied());
+    out.extend(rest().filter(|c| held.contains(c)).copied());
     let cut = out.len() > LEGACY_MAX_ROUTES;
     out.truncate(LEGACY_MAX_ROUTES);
     (out, cut)
@@ -359,11 +368,35 @@ mod tests {
         // An offline node's routes stay; withdrawn, they change the list.
         reg.remove("n5", 1);
         assert_eq!(feed.poll(&reg, cloud(), |_| true), FeedUpdate::None);
-        reg.forget_offline("n5");
+        reg.retain_offline(|n, _| n != "n5");
         let FeedUpdate::Send(f) = feed.poll(&reg, cloud(), |_| true) else {
             panic!("no update")
         };
         assert!(matches!(&f[..], [Control::RouteUpdate { .. }]));
+    }
+
+    #[test]
+    fn a_cut_whole_list_drops_offline_edges_prefixes_before_live_ones() {
+        let reg = Registry::default();
+        for i in 0..2000 {
+            add(&reg, session(i, 1), 10_000);
+        }
+        // Half the edges go offline: their prefixes (the lower ones) are
+        // held, and the list (4,000 prefixes) is still cut.
+        for i in 1..=1000 {
+            reg.remove(&format!("n{i}"), 1);
+        }
+        let mut feed = RouteFeed::new("n0", capability::TCP_STREAMS | capability::UDP_DATAGRAMS);
+        let tunnel_routes = feed.hello_routes(&reg, cloud(), |_| true);
+        assert_eq!(tunnel_routes.len(), LEGACY_MAX_ROUTES);
+        assert!(feed.was_cut());
+        let sent: BTreeSet<Cidr> = tunnel_routes.into_iter().collect();
+        for i in 1001..2000 {
+            for c in reg.routes_of(&format!("n{i}")) {
+                assert!(sent.contains(&c), "live route {c} of n{i} cut");
+            }
+        }
+        assert!(cloud().iter().all(|c| sent.contains(c)));
     }
 
     /// The scale the relay is configured for (`max_sessions` 10,000): every
@@ -546,7 +579,7 @@ mod tests {
         // Its Node is deleted (the held route withdrawn), the worker's
         // range is back in the cloud set in the same round: still there;
         // then the worker goes: gone.
-        reg.forget_offline("n5");
+        reg.retain_offline(|n, _| n != "n5");
         for feed in [&mut delta, &mut legacy] {
             feed.1.apply(feed.0.poll(&reg, with_worker.clone(), all));
         }

@@ -130,18 +130,20 @@ impl OfflineRoutes {
         released
     }
 
-    /// Keeps the held routes `keep` accepts; returns the others, by node.
-    pub(super) fn retain(
+    /// Releases each of `gone`'s prefixes still held for its node (one
+    /// held for another node since, or no longer held, is left alone);
+    /// returns those released, by node.
+    pub(super) fn release_held(
         &mut self,
-        keep: impl Fn(&str, &Cidr) -> bool,
+        gone: Vec<(Arc<str>, Vec<Cidr>)>,
     ) -> Vec<(Arc<str>, Vec<Cidr>)> {
         let mut released = Vec::new();
-        let nodes: Vec<Arc<str>> = self.by_node.keys().cloned().collect();
-        for node in nodes {
+        for (node, unwanted) in gone {
             let Some((_, routes)) = self.by_node.get_mut(&node) else {
                 continue;
             };
-            let (kept, gone): (Vec<Cidr>, Vec<Cidr>) = routes.iter().partition(|c| keep(&node, c));
+            let (gone, kept): (Vec<Cidr>, Vec<Cidr>) =
+                routes.iter().partition(|c| unwanted.contains(c));
             if gone.is_empty() {
                 continue;
             }

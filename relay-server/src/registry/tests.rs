@@ -249,6 +249,38 @@ fn an_offline_edges_routes_are_held_until_claimed_again() {
     assert_eq!(r.offline_nodes(), 0);
 }
 
+/// `retain_offline` asks `keep` with no lock held (a lookup, even a new
+/// session, may go on meanwhile), and withdraws only what is still held
+/// for that node when it decided.
+#[test]
+fn offline_routes_are_checked_without_the_lock() {
+    let r = Arc::new(Registry::default());
+    reg(&r, fake("a", 1, &["10.1.0.0/16"]), 10).unwrap();
+    reg(&r, fake("b", 1, &["10.2.0.0/16"]), 10).unwrap();
+    assert!(r.remove("a", 1) && r.remove("b", 1));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let r2 = r.clone();
+    std::thread::spawn(move || {
+        let n = r2.retain_offline(|n, c| {
+            // With the registry locked this would never return.
+            assert_eq!(r2.serves_exactly(c).as_deref(), Some(n));
+            // a comes back while its prefix is being judged.
+            if n == "a" {
+                reg(&r2, fake("a", 2, &["10.1.0.0/16"]), 10).unwrap();
+            }
+            false
+        });
+        let _ = tx.send(n);
+    });
+    let n = rx
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .expect("retain_offline blocked on its own lock");
+    // b's held prefix went; a's live one stayed.
+    assert_eq!(n, 1);
+    assert_eq!(r.offline_nodes(), 0);
+    assert_eq!(r.lookup(ip("10.1.0.1")).unwrap().node, "a");
+}
+
 /// Held routes are bounded: past [`OFFLINE_CAP`] offline nodes, the one
 /// offline the longest is withdrawn.
 #[test]
