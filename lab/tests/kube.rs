@@ -492,6 +492,16 @@ async fn routes_follow_the_node_and_a_deleted_node_loses_its_session() -> Result
     .await?;
     let (_, routes) = admin_get(lab.admin(), "/v1/routes", None).await?;
     assert_eq!(routes.trim(), "[]", "{routes}");
+    // The plain listing never shows the routes held for an offline edge:
+    // the listing with them must lose edge-0's too (a deleted Node's
+    // prefixes are released, not held: `offline.rs`).
+    eventually("edge-0's held routes released", async || {
+        let (code, body) = admin_get(lab.admin(), "/v1/routes?offline=1", None).await?;
+        ensure!(code == 200, "GET /v1/routes?offline=1: {code} {body}");
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&body)?;
+        Ok((!rows.iter().any(|r| r["node"] == "edge-0")).then_some(()))
+    })
+    .await?;
     let r = eventually("reconnect refused", async || Ok(rejected(&e0))).await?;
     assert_eq!(r, RejectReason::UnknownNode);
     // The Node comes back under the same name and spec (re-registered)
