@@ -85,6 +85,28 @@ async fn finish_move(
     SessionEnd::Lost(why)
 }
 
+/// How long after a planned move failed a GOAWAY on the session is taken
+/// for the relay's drain of it (see [`failed_move`]): the relay drains it
+/// when the move's session registers, well within the move's time limit,
+/// and its GOAWAY may only trail the failure on a congested uplink.
+const LATE_GOAWAY: Duration = Duration::from_secs(120);
+
+/// A planned move ([`Control::Moving`]) failed after the relay registered
+/// its new session (the hello reply lost or late, the move's time limit
+/// fired and the new connection was dropped): the relay drains this
+/// session (GOAWAY came), so it takes no new streams and the node is out
+/// of the relay's routes once the dropped session ends there. Staying on
+/// it would leave the node unreachable until its streams end or its
+/// grace does; close it and reconnect at once (`went_away` is set: the
+/// drain pace, see `crate::backoff`). The relay closes it too when it
+/// sees the new session end (`close_predecessor`); this does not wait
+/// for that.
+fn failed_move(conn: &TunnelConn, why: &str) -> SessionEnd {
+    warn!(reason = %why, "the planned move failed and the relay drains this session; reconnecting");
+    conn.close(close_code::NORMAL, "move failed; reconnecting");
+    SessionEnd::Lost(why.to_string())
+}
+
 /// Least time between two reports of the LAN overlaps to the relay.
 const LAN_REPORT_GAP: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -224,6 +246,8 @@ pub(crate) async fn run_session(
     let (move_ack, _) = watch::channel(0u64);
     let ack_wait = cfg.handshake_timeout;
     let mut goaway_grace: Option<u32> = None;
+    // When a planned move last failed (see `failed_move`).
+    let mut move_failed: Option<Instant> = None;
     loop {
         let reply = tokio::select! {
             biased;
@@ -334,6 +358,13 @@ pub(crate) async fn run_session(
                             info!(%reason, grace_ms, "relay sent GOAWAY");
                             io.went_away = true;
                             goaway_grace = Some(grace_ms);
+                            // Late for a move that already failed: the
+                            // relay registered its session, which then
+                            // ended (see `failed_move`).
+                            let late = move_failed.is_some_and(|t| t.elapsed() < LATE_GOAWAY);
+                            if late && probe.is_none() && renewal.is_none() {
+                                return failed_move(conn, "the relay drains this session after a move that failed");
+                            }
                             continue;
                         }
                         _ => continue,
@@ -452,7 +483,13 @@ pub(crate) async fn run_session(
                         info!("certificate renewed; moving the session to it");
                         return SessionEnd::Upgrade(Box::new(c), Some(Retired { grace_ms: goaway_grace, send, frames }));
                     }
+                    Ok(Err(e)) if moves && goaway_grace.is_some() => {
+                        return failed_move(conn, &format!("the move to a renewed certificate failed after the relay moved the node: {e:?}"));
+                    }
                     Ok(Err(e)) => {
+                        if moves {
+                            move_failed = Some(Instant::now());
+                        }
                         // The current certificate is still valid: try again
                         // in a minute, until it is not.
                         warn!(error = ?e, "certificate renewal failed; retrying in 60s");
@@ -499,6 +536,12 @@ pub(crate) async fn run_session(
                 }
             }, if probe.is_some() => {
                 probe = None;
+                if moves && !matches!(r, Ok(Ok(_))) {
+                    if goaway_grace.is_some() {
+                        return failed_move(conn, "the QUIC probe's move failed after the relay moved the node");
+                    }
+                    move_failed = Some(Instant::now());
+                }
                 match r {
                     Ok(Ok(c)) => return SessionEnd::Upgrade(Box::new(c), Some(Retired { grace_ms: goaway_grace, send, frames })),
                     Ok(Err(AttemptError::Failed(e))) => debug!(error = %e, "QUIC probe failed; staying on TCP"),

@@ -202,6 +202,12 @@ async fn an_edge_with_only_a_token_obtains_a_certificate_connects_and_renews() -
         .context("the connection held across the renewal was cut")?;
     let mut fresh = relay_lab::connect_via(proxy, &echo.to_string()).await?;
     echo_line(&mut fresh, b"a new connection\n").await?;
+    let admin = lab.relay.admin_addr().context("admin")?;
+    let (_, m) = relay_lab::admin_get(admin, "/metrics", None).await?;
+    ensure!(
+        m.contains("\nrelay_sessions_draining 1\n"),
+        "the old session is not counted as draining: {m}"
+    );
     // And it keeps doing so past the edge's own wait for the relay's
     // drain notice (its handshake timeout, 10 s): the old connection is
     // kept because the relay drains it, not by luck of timing. (The old
@@ -220,6 +226,20 @@ async fn an_edge_with_only_a_token_obtains_a_certificate_connects_and_renews() -
         .context("no clean end within 5 s")?
         .context("the held connection ended with an error, not its close")?;
     ensure!(rest.is_empty(), "unexpected bytes at the end: {rest:?}");
+    // Its last stream done, the drained session closes at once (woken,
+    // not polled).
+    let t = std::time::Instant::now();
+    loop {
+        let (_, m) = relay_lab::admin_get(admin, "/metrics", None).await?;
+        if m.contains("\nrelay_sessions_draining 0\n") {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(2),
+            "the drained session outlived its last stream: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     drop(fresh);
     let pem2 = std::fs::read_to_string(state_dir.join("edge-0.pem"))?;
     ensure!(pem2 != pem, "the certificate was not replaced");
@@ -507,14 +527,24 @@ async fn a_pod_of_a_second_listed_daemonset_gets_a_certificate() -> Result<()> {
     Ok(())
 }
 
-/// A network whose UDP is blocked until `open` is set: a UDP socket that
+/// What [`udp_gate_to`]'s UDP does now.
+#[derive(Default)]
+struct Gate {
+    /// Forwarded both ways when set, dropped while not.
+    open: std::sync::atomic::AtomicBool,
+    /// Relay-to-edge packets wait this long (ms) before they go on.
+    down_delay_ms: std::sync::atomic::AtomicU64,
+    /// Relay-to-edge packets are dropped (when sent on, after their
+    /// delay: those waiting in the delay are lost too).
+    down_blocked: std::sync::atomic::AtomicBool,
+}
+
+/// A network whose UDP is blocked until the gate opens: a UDP socket that
 /// drops every packet while closed and forwards both ways once open (one
 /// upstream socket per client address), and on the same port a TCP
 /// forwarder to the relay (its TLS fallback).
-async fn udp_gate_to(
-    relay: std::net::SocketAddr,
-    open: Arc<std::sync::atomic::AtomicBool>,
-) -> Result<std::net::SocketAddr> {
+async fn udp_gate_to(relay: std::net::SocketAddr, gate: Arc<Gate>) -> Result<std::net::SocketAddr> {
+    use std::sync::atomic::Ordering::Relaxed;
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = tcp.local_addr()?;
     let udp = Arc::new(tokio::net::UdpSocket::bind(addr).await?);
@@ -523,7 +553,7 @@ async fn udp_gate_to(
             Default::default();
         let mut buf = vec![0u8; 65536];
         while let Ok((n, from)) = udp.recv_from(&mut buf).await {
-            if !open.load(std::sync::atomic::Ordering::Relaxed) {
+            if !gate.open.load(Relaxed) {
                 continue;
             }
             let up = match ups.get(&from) {
@@ -536,11 +566,18 @@ async fn udp_gate_to(
                         continue;
                     }
                     let u = Arc::new(u);
-                    let (back, down) = (u.clone(), udp.clone());
+                    let (back, down, gate) = (u.clone(), udp.clone(), gate.clone());
                     tokio::spawn(async move {
                         let mut buf = vec![0u8; 65536];
                         while let Ok(n) = back.recv(&mut buf).await {
-                            let _ = down.send_to(&buf[..n], from).await;
+                            let delay = gate.down_delay_ms.load(Relaxed);
+                            let (pkt, down, gate) = (buf[..n].to_vec(), down.clone(), gate.clone());
+                            tokio::spawn(async move {
+                                tokio::time::sleep(Duration::from_millis(delay)).await;
+                                if !gate.down_blocked.load(Relaxed) {
+                                    let _ = down.send_to(&pkt, from).await;
+                                }
+                            });
                         }
                     });
                     ups.insert(from, u.clone());
@@ -571,8 +608,8 @@ async fn udp_gate_to(
 async fn a_connection_held_across_the_quic_probes_move_keeps_flowing() -> Result<()> {
     let lab = lab(Duration::from_secs(3600)).await?;
     let token = lab.token("edge-0", "edge-client-0", "uid-0", "edge-relay");
-    let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let gate = udp_gate_to(lab.relay.quic_addr(), open.clone()).await?;
+    let udp = Arc::new(Gate::default());
+    let gate = udp_gate_to(lab.relay.quic_addr(), udp.clone()).await?;
     let (e0, _) = lab.edge_with("edge-0", &token, |c| {
         c.relay = gate.to_string();
         c.transport = TransportMode::Auto;
@@ -586,7 +623,7 @@ async fn a_connection_held_across_the_quic_probes_move_keeps_flowing() -> Result
     let proxy = lab.relay.connect_addr().context("connect listener")?;
     let mut held = relay_lab::connect_via(proxy, &echo.to_string()).await?;
     echo_line(&mut held, b"on tcp\n").await?;
-    open.store(true, std::sync::atomic::Ordering::Relaxed);
+    udp.open.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut w = e0.watch();
     tokio::time::timeout(
         Duration::from_secs(30),
@@ -612,6 +649,113 @@ async fn a_connection_held_across_the_quic_probes_move_keeps_flowing() -> Result
         .context("no clean end within 5 s")?
         .context("the held connection ended with an error, not its close")?;
     ensure!(rest.is_empty(), "unexpected bytes at the end: {rest:?}");
+    e0.shutdown().await;
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
+/// Stand-in, not a real apiserver (see the module doc). A planned move
+/// that fails after the relay registered its new session: the TCP
+/// fallback's QUIC probe reaches the relay, which registers the QUIC
+/// session and drains the TCP one (GOAWAY), but the hello reply is lost
+/// (UDP towards the edge delayed 300 ms, then dropped once the session
+/// shows in the admin API), so the probe's time limit fires and the edge
+/// drops the QUIC connection. The node must be served again within
+/// seconds (the edge closes the drained session and reconnects; the relay
+/// closes it when the QUIC session ends). Before, the edge stayed on the
+/// drained session, which takes no new streams, while the relay held the
+/// node's routes offline: every connection to it was refused until the
+/// held stream ended or the old certificate expired (an hour here).
+#[tokio::test]
+async fn a_move_that_fails_after_the_relay_registered_it_reconnects_within_seconds() -> Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let lab = lab(Duration::from_secs(3600)).await?;
+    let token = lab.token("edge-0", "edge-client-0", "uid-0", "edge-relay");
+    let udp = Arc::new(Gate::default());
+    let gate = udp_gate_to(lab.relay.quic_addr(), udp.clone()).await?;
+    let (e0, _) = lab.edge_with("edge-0", &token, |c| {
+        c.relay = gate.to_string();
+        c.transport = TransportMode::Auto;
+        c.quic_fallback_after = Duration::from_millis(500);
+        c.quic_probe_interval = Duration::from_secs(2);
+        // The probe's limit: 2 x 2 s, plus 2 s for the relay's answer.
+        c.handshake_timeout = Duration::from_secs(2);
+    })?;
+    let (_, first_gen) = e0.wait_connected(BOUND).await.context("edge-0 connects")?;
+    let admin = lab.relay.admin_addr().context("admin")?;
+    let rows = relay_lab::sessions(admin).await?;
+    ensure!(rows.len() == 1 && rows[0].transport == "tcp", "{rows:?}");
+    // A stream open on the TCP session: it keeps that session draining.
+    let (echo, _echo_task) = relay_lab::spawn_echo("127.0.0.2:0".parse()?).await?;
+    let proxy = lab.relay.connect_addr().context("connect listener")?;
+    let mut held = relay_lab::connect_via(proxy, &echo.to_string()).await?;
+    echo_line(&mut held, b"on tcp\n").await?;
+    // UDP passes, slowly towards the edge; once the relay shows the QUIC
+    // session, nothing more reaches the edge (its hello reply is still in
+    // the delay).
+    udp.down_delay_ms.store(300, Relaxed);
+    udp.open.store(true, Relaxed);
+    let t = std::time::Instant::now();
+    let quic_gen = loop {
+        let rows = relay_lab::sessions(admin).await?;
+        if let Some(r) = rows.iter().find(|r| r.transport == "quic") {
+            udp.down_blocked.store(true, Relaxed);
+            break r.generation;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(30),
+            "no QUIC probe registered within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let blocked = std::time::Instant::now();
+    // The node is served again: a new connection echoes.
+    let served = loop {
+        let attempt = async {
+            let mut s = relay_lab::connect_via(proxy, &echo.to_string()).await?;
+            echo_line(&mut s, b"served again\n").await
+        };
+        match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+            Ok(Ok(())) => break blocked.elapsed(),
+            Ok(Err(e)) => eprintln!("{:?} after the block: {e:#}", blocked.elapsed()),
+            Err(_) => eprintln!(
+                "{:?} after the block: no answer within 2 s",
+                blocked.elapsed()
+            ),
+        }
+        ensure!(
+            blocked.elapsed() < Duration::from_secs(15),
+            "edge-0 not served again within 15 s of its failed move: {:?}, relay sessions {:?}",
+            e0.state(),
+            relay_lab::sessions(admin).await?
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("served again {served:?} after the hello reply was lost");
+    let rows = relay_lab::sessions(admin).await?;
+    ensure!(
+        rows.len() == 1 && rows[0].generation > quic_gen && rows[0].generation > first_gen,
+        "{rows:?}"
+    );
+    ensure!(
+        !matches!(e0.state(), EdgeState::Connected { generation, .. } if generation == quic_gen),
+        "the edge got the QUIC session's reply: the test proves nothing"
+    );
+    // No drained session is left behind (the failed move's old session
+    // closed, within a moment of the new one registering).
+    let t = std::time::Instant::now();
+    loop {
+        let (_, m) = relay_lab::admin_get(admin, "/metrics", None).await?;
+        if m.contains("\nrelay_sessions_draining 0\n") {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(5),
+            "a session still draining: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(held);
     e0.shutdown().await;
     lab.relay.shutdown(Duration::from_secs(1)).await;
     Ok(())

@@ -231,11 +231,12 @@ pub(crate) async fn serve_connection(
 }
 
 /// Removes a provisional registration unless committed (see
-/// [`handshake`]).
+/// [`handshake`]), and closes the session a planned move left draining
+/// for it: the edge never got its answer and stays on that one, which
+/// takes no new streams (see [`SessionHandle::close_predecessor`]).
 struct Registration<'a> {
     shared: &'a Shared,
-    node: &'a str,
-    generation: u64,
+    handle: &'a Arc<SessionHandle>,
     committed: bool,
 }
 
@@ -248,7 +249,9 @@ impl Registration<'_> {
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
         if !self.committed {
-            self.shared.registry.remove(self.node, self.generation);
+            let h = self.handle;
+            self.shared.registry.remove(&h.node, h.generation);
+            h.close_predecessor();
         }
     }
 }
@@ -313,8 +316,7 @@ async fn handshake(
     // registered with routes nobody serves.
     let registration = Registration {
         shared,
-        node: &handle.node,
-        generation,
+        handle: &handle,
         committed: false,
     };
     let mut feed = RouteFeed::new(&hello.node, hello.capabilities);

@@ -5,6 +5,7 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use relay_protocol::{RejectReason, StreamStatus};
 
@@ -33,6 +34,13 @@ pub struct Metrics {
     accepted_by_transport: [AtomicU64; 2],
     rejects: [AtomicU64; 8],
     local_failures: [AtomicU64; HANDSHAKE_LOCAL_REASONS.len()],
+    /// Sessions draining now (see [`crate::session::SessionHandle::drain`]):
+    /// those a planned move left (out of the registry, so not in
+    /// `relay_sessions`), and those an operator or a relay shutting down
+    /// drains.
+    /// Shared with each session (see `SessionHandle::new`), whose drain
+    /// counts itself.
+    pub sessions_draining: Arc<AtomicU64>,
     /// Streams currently open (all ingress paths).
     pub streams_open: AtomicU64,
     stream_outcomes: [AtomicU64; 7],
@@ -153,6 +161,12 @@ impl Metrics {
             "gauge",
             "Edge sessions currently registered.",
             &[(String::new(), sessions_live as u64)],
+        );
+        metric(
+            "relay_sessions_draining",
+            "gauge",
+            "Edge sessions draining: left by a planned move (not in relay_sessions) while their streams finish, or drained by an operator or a shutdown.",
+            &one(&self.sessions_draining),
         );
         metric(
             "relay_sessions_limit",
@@ -422,6 +436,10 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("relay_sessions_limit 10\n"), "{t}");
+        assert!(
+            t.contains("# TYPE relay_sessions_draining gauge\nrelay_sessions_draining 0\n"),
+            "{t}"
+        );
         assert!(
             t.contains("relay_sessions_accepted_by_transport_total{transport=\"tcp\"} 1\n"),
             "{t}"

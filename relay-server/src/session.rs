@@ -36,6 +36,17 @@ const ENDED: u64 = u64::MAX;
 /// well within this (a renewal's bootstrap and dial).
 const MOVE_MARK: Duration = Duration::from_secs(120);
 
+/// Longest a planned move's old session drains (unless
+/// `limits.drain_grace` is longer): an hour, not the certificate's
+/// remaining life (4 hours at the default 12-hour lifetime). A drained
+/// session holds a whole session's memory (its connection, ~46 KiB idle)
+/// beside its successor's, and what still runs an hour after the move is
+/// the tail of long-lived streams (a forgotten `kubectl logs -f`, a
+/// port-forward), which the edge's next renewal would cut anyway; an
+/// hour covers the streams a move used to reset (see "Planned moves" in
+/// docs/architecture.md).
+const MOVE_GRACE_MAX: Duration = Duration::from_secs(3600);
+
 /// A live, registered edge session.
 pub struct SessionHandle {
     /// Node name, bound to the client certificate.
@@ -85,8 +96,15 @@ pub struct SessionHandle {
     moving_until_ms: AtomicU64,
     /// The session of this node a planned move left draining (see
     /// [`supersede`]): at most one per node, closed when the next session
-    /// supersedes this one. Weak, so an ended session is not kept.
+    /// supersedes this one, or when this one ends without being
+    /// superseded ([`SessionHandle::close_predecessor`]). Weak, so an
+    /// ended session is not kept.
     predecessor: std::sync::Mutex<std::sync::Weak<SessionHandle>>,
+    /// Woken when `open_streams` drops to 0 (see [`StreamGuard`]): a
+    /// draining session closes then, without polling the count.
+    streams_done: tokio::sync::Notify,
+    /// The relay's `relay_sessions_draining` gauge.
+    draining_gauge: Arc<AtomicU64>,
     cancel: CancellationToken,
     /// The first reason [`SessionHandle::kick`] was given.
     kicked: std::sync::OnceLock<String>,
@@ -154,6 +172,8 @@ impl SessionHandle {
             draining: AtomicBool::new(false),
             moving_until_ms: AtomicU64::new(0),
             predecessor: Default::default(),
+            streams_done: tokio::sync::Notify::new(),
+            draining_gauge: shared.metrics.sessions_draining.clone(),
             cancel: shared.shutdown.child_token(),
             kicked: std::sync::OnceLock::new(),
             reported: std::sync::Mutex::new(0),
@@ -329,20 +349,27 @@ impl SessionHandle {
             debug!(node = %self.node, "control queue full; edge learns of the drain from the close");
         }
         let me = self.clone();
+        me.draining_gauge.fetch_add(1, Relaxed);
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + grace;
-            // Looked at every 20 ms at first, then less often (a planned
-            // move's drain may last hours), at most every 250 ms.
-            let mut pause = Duration::from_millis(20);
-            while me.open_streams.load(Relaxed) > 0 {
-                tokio::select! {
-                    _ = me.conn.closed() => return,
-                    _ = tokio::time::sleep_until(deadline) => break,
-                    _ = tokio::time::sleep(pause) => {}
+            // Woken when the last stream ends (`StreamGuard`'s drop stores
+            // a permit if nobody waits, so an end between the check and
+            // the wait is not missed), not by polling: a planned move's
+            // drain may last an hour, thousands of them at once.
+            let closed = loop {
+                if me.open_streams.load(Relaxed) == 0 {
+                    break false;
                 }
-                pause = (pause * 2).min(Duration::from_millis(250));
+                tokio::select! {
+                    _ = me.conn.closed() => break true,
+                    _ = tokio::time::sleep_until(deadline) => break false,
+                    _ = me.streams_done.notified() => {}
+                }
+            };
+            me.draining_gauge.fetch_sub(1, Relaxed);
+            if !closed {
+                me.kick(close_code::GOING_AWAY, "drained");
             }
-            me.kick(close_code::GOING_AWAY, "drained");
         });
     }
 
@@ -369,15 +396,44 @@ impl SessionHandle {
     }
 }
 
+impl SessionHandle {
+    /// This session ends (or its registration is withdrawn) without a
+    /// newer one having superseded it: the session a planned move left
+    /// draining for it closes now (GOING_AWAY). Either the move failed
+    /// after the relay registered this session (its hello reply lost or
+    /// late, the edge's time limit fired and it dropped this
+    /// connection): the edge is still on the drained session, which gets
+    /// no new streams and is out of the registry, so the node would be
+    /// unreachable until that session's streams end or its grace does;
+    /// closed, the edge reconnects in about a second. Or this session
+    /// died later: the edge reconnects anyway, and the drained one,
+    /// tied to no registered session, would otherwise escape the one
+    /// drain per node (a later move would start a second).
+    pub(crate) fn close_predecessor(&self) {
+        let p = std::mem::take(&mut *self.predecessor.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Some(p) = p.upgrade() {
+            if p.kicked.get().is_none() {
+                info!(node = %p.node, gen = p.generation, successor = self.generation, open_streams = p.open_streams.load(Relaxed), "the session a move left draining closes: its successor ended");
+                p.kick(
+                    close_code::GOING_AWAY,
+                    "the session it moved to ended; reconnect",
+                );
+            }
+        }
+    }
+}
+
 /// `old`, the node's session until `new` registered, makes way for it.
 /// A planned move (the edge said [`Control::Moving`] on `old`: a renewed
 /// certificate, a QUIC probe from the TCP fallback) drains `old`: the
 /// registry routes new streams to `new` already, and `old`'s streams run
 /// to their end, until its certificate expires (at least
-/// `limits.drain_grace`, at most [`crate::config::MAX_DURATION`]). Any
+/// `limits.drain_grace`, else at most an hour, see [`MOVE_GRACE_MAX`]). Any
 /// other supersede (an edge restarted, a dead path) closes `old` at once.
-/// Either way a session an earlier move left draining closes now: at most
-/// one session of a node drains.
+/// Either way a session an earlier move left draining closes now, as it
+/// does when `new` ends without being superseded
+/// ([`SessionHandle::close_predecessor`]): at most one session of a node
+/// drains.
 pub(crate) fn supersede(old: &Arc<SessionHandle>, new: &SessionHandle, shared: &Shared) {
     let earlier = std::mem::take(&mut *old.predecessor.lock().unwrap_or_else(|e| e.into_inner()));
     if let Some(p) = earlier.upgrade() {
@@ -396,9 +452,9 @@ pub(crate) fn supersede(old: &Arc<SessionHandle>, new: &SessionHandle, shared: &
 }
 
 /// How long a session left by a planned move may drain: until the
-/// certificate it was opened with expires, at least `floor`, at most
-/// [`crate::config::MAX_DURATION`] (`floor` when the certificate cannot be
-/// read).
+/// certificate it was opened with expires, at most [`MOVE_GRACE_MAX`],
+/// and at least `floor` (`limits.drain_grace`; alone when the certificate
+/// cannot be read).
 fn move_grace(conn: &TunnelConn, floor: Duration) -> Duration {
     let left = conn.peer_certs().first().and_then(|leaf| {
         let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
@@ -411,9 +467,7 @@ fn move_grace(conn: &TunnelConn, floor: Duration) -> Duration {
             .ok()
             .map(Duration::from_secs)
     });
-    left.unwrap_or_default()
-        .max(floor)
-        .min(crate::config::MAX_DURATION)
+    left.unwrap_or_default().min(MOVE_GRACE_MAX).max(floor)
 }
 
 /// Counts one open stream for the session and the relay; decrements on
@@ -440,7 +494,11 @@ impl StreamGuard {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.session.open_streams.fetch_sub(1, Relaxed);
+        if self.session.open_streams.fetch_sub(1, Relaxed) == 1 {
+            // The last one: a draining session may close now (see
+            // `SessionHandle::drain`).
+            self.session.streams_done.notify_one();
+        }
         self.shared.metrics.streams_open.fetch_sub(1, Relaxed);
     }
 }
@@ -772,5 +830,7 @@ pub(crate) async fn run_session(
             shared.status.down(&handle.node, &why);
         }
     });
+    // Not superseded (a supersede took it): see `close_predecessor`.
+    handle.close_predecessor();
     info!(reason = %why, open_streams = handle.open_streams.load(Relaxed), "session down");
 }
