@@ -611,9 +611,10 @@ impl ProbeBackoff {
 /// 3 × keep-alive of the path's death. While the relay's bytes keep
 /// arriving the path lives and the write waits, as long as an unanswered
 /// ping may (2 × [`relay_protocol::QUIC_CONTROL_PING`]): on the fallback
-/// the control stream has no priority over this edge's own uploads, and a
-/// slow uplink carrying a hundred of them takes longer than two
-/// keep-alives to reach the control stream's turn.
+/// a control message still waits for the bytes ahead of it in the socket
+/// and the modem's queue (the streams' budget inside yamux keeps the
+/// rest short), which on a slow, deep-buffered uplink can take longer
+/// than two keep-alives.
 async fn send_control(
     conn: &TunnelConn,
     send: &mut relay_transport::SendHalf,

@@ -51,6 +51,10 @@ pub(crate) struct Args {
     /// every path) into this SVG file.
     #[arg(long)]
     svg: Option<PathBuf>,
+    /// The edge's `transport` (`quic`, or `tcp`: the TLS-over-TCP
+    /// fallback with yamux, as a site whose UDP is blocked runs it).
+    #[arg(long, default_value = "quic", value_parser = ["quic", "tcp"])]
+    transport: String,
 }
 
 /// One path of a configuration: where the bytes go.
@@ -143,7 +147,8 @@ pub(crate) async fn run(a: Args) -> Result<()> {
             a.total
         );
     }
-    let bench = Bench::new(1)?;
+    let mut bench = Bench::new(1)?;
+    bench.edge_top = format!("transport = \"{}\"\n", a.transport);
     let relay = bench.start_relay().await?;
     let edge = bench.start_edge(0, &relay, None).await?;
     let (sink, _task) = spawn_sink(edge_ip(0)).await?;

@@ -348,8 +348,10 @@ impl SendHalf {
     /// to 0). On QUIC the connection's send scheduler serves data of
     /// higher-priority streams before any lower one's, so a control stream
     /// marked [`CONTROL_PRIORITY`] is not queued behind bulk transfers in
-    /// our own send buffers. yamux has no priorities: a no-op there (the
-    /// TCP connection's queue is first come, first served).
+    /// our own send buffers. yamux has no priorities: a no-op there; on
+    /// the TCP fallback the control stream is instead exempt from the
+    /// budget data streams queue under inside yamux (`tcp::budget`), known
+    /// by its place (the first stream after the datagram stream).
     pub fn set_priority(&self, priority: i32) {
         if let SendHalf::Quic(s) = self {
             // Err only when the stream is already closed: nothing to order.

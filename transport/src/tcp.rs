@@ -8,6 +8,7 @@
 //! ([`connect_detailed`], [`accept`]); `socket` holds the TCP socket
 //! options ([`tune_socket`], the fallback's MSS).
 
+mod budget;
 mod counted;
 mod dial;
 mod mux;

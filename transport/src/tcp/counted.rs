@@ -1,6 +1,8 @@
 //! A byte stream that counts the bytes read from it: what the TCP
 //! fallback's liveness check watches (see
-//! [`crate::TunnelConn::arrivals`]), as QUIC's watches datagrams.
+//! [`crate::TunnelConn::arrivals`]), as QUIC's watches datagrams; and
+//! the bytes written to it, which drain the streams' send budget (see
+//! [`super::budget`]).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -9,10 +11,12 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// `inner`, counting into `read` every byte read.
+/// `inner`, counting into `read` every byte read and into `written`
+/// every byte written.
 pub(super) struct Counted<S> {
     pub(super) inner: S,
     pub(super) read: Arc<AtomicU64>,
+    pub(super) written: Arc<super::budget::SendBudget>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
@@ -37,7 +41,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let p = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = p {
+            self.written.written(n);
+        }
+        p
     }
 
     fn poll_write_vectored(
@@ -45,7 +53,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let p = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = p {
+            self.written.written(n);
+        }
+        p
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -73,6 +85,7 @@ mod tests {
         let mut c = Counted {
             inner: a,
             read: read.clone(),
+            written: Arc::default(),
         };
         b.write_all(b"hello world").await.unwrap();
         let mut buf = [0u8; 5];

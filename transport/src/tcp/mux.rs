@@ -46,6 +46,7 @@ use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompat
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, warn};
 
+use super::budget::SendBudget;
 use crate::conn::{ConnLost, DatagramRefused};
 
 /// First byte the edge writes on the datagram stream.
@@ -111,15 +112,30 @@ pub struct TcpStreamHalf {
     /// the stream's idle bound (an hour): instead, a stream with nothing
     /// left to give fails with a reset once the connection has ended.
     ended: [Pin<Box<WaitForCancellationFutureOwned>>; 2],
+    /// The connection's budget of data queued inside yamux
+    /// ([`super::budget`]); `None` for the session's control stream,
+    /// which is exempt so it never waits a round behind bulk data.
+    budget: Option<Arc<SendBudget>>,
+    /// Nothing written yet: the stream's first write (the session's
+    /// stream header: an open, or the reply to one) is exempt too, so a
+    /// new stream is set up at once even while uploads fill the budget.
+    fresh: bool,
     _slot: OwnedSemaphorePermit,
 }
 
 impl TcpStreamHalf {
-    fn new(s: yamux::Stream, close: &CancellationToken, slot: OwnedSemaphorePermit) -> Self {
+    fn new(
+        s: yamux::Stream,
+        close: &CancellationToken,
+        slot: OwnedSemaphorePermit,
+        budget: Option<Arc<SendBudget>>,
+    ) -> Self {
         let end = || Box::pin(close.clone().cancelled_owned());
         TcpStreamHalf {
             io: s.compat(),
             ended: [end(), end()],
+            budget,
+            fresh: true,
             _slot: slot,
         }
     }
@@ -161,7 +177,18 @@ impl AsyncWrite for TcpStreamHalf {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
+        if let Some(b) = this.budget.as_ref().filter(|_| !this.fresh) {
+            if b.poll_room(cx).is_pending() {
+                return unless_ended(&mut this.ended[1], cx, Poll::Pending);
+            }
+        }
         let p = Pin::new(&mut this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &p {
+            this.fresh = false;
+            if let Some(b) = &this.budget {
+                b.queued(*n);
+            }
+        }
         unless_ended(&mut this.ended[1], cx, p)
     }
 
@@ -201,6 +228,14 @@ pub struct YamuxConn {
     reason: std::sync::Mutex<Option<String>>,
     /// Bytes read from the peer so far (decrypted: yamux frames).
     received: Arc<std::sync::atomic::AtomicU64>,
+    /// What data streams may queue inside yamux ([`super::budget`]).
+    budget: Arc<SendBudget>,
+    /// Whether this side is the edge (it opens the control stream).
+    client: bool,
+    /// Set once the session's control stream exists: the first stream
+    /// the edge opens after the datagram stream, the first the relay
+    /// accepts after it.
+    control_given: std::sync::atomic::AtomicBool,
 }
 
 /// yamux's configuration for `limits`: its table, and the smallest
@@ -249,9 +284,11 @@ impl YamuxConn {
             yamux::Mode::Server
         };
         let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let budget = Arc::new(SendBudget::default());
         let io = super::counted::Counted {
             inner: io,
             read: received.clone(),
+            written: budget.clone(),
         };
         let conn = yamux::Connection::new(io.compat(), config(&limits), mode);
         let (open_tx, open_rx) = mpsc::channel(64);
@@ -291,17 +328,20 @@ impl YamuxConn {
             closed: closed_rx,
             reason: std::sync::Mutex::new(None),
             received,
+            budget,
+            client,
+            control_given: std::sync::atomic::AtomicBool::new(false),
         });
         let setup = async {
             if client {
-                let mut s = me.open_raw().await?;
+                let mut s = me.open_raw(false).await?;
                 s.write_all(&[DATAGRAM_STREAM_MARK])
                     .await
                     .map_err(|e| ConnLost(e.to_string()))?;
                 s.flush().await.map_err(|e| ConnLost(e.to_string()))?;
                 Ok(s)
             } else {
-                let mut s = me.accept_raw().await?;
+                let mut s = me.accept_raw(false).await?;
                 let mut mark = [0u8; 1];
                 s.read_exact(&mut mark)
                     .await
@@ -332,7 +372,7 @@ impl YamuxConn {
     /// Opens a stream once this side has fewer than
     /// [`StreamLimits::outbound`] open; until then it waits (the
     /// semaphore is closed when the connection ends, which ends the wait).
-    async fn open_raw(&self) -> Result<TcpStreamHalf, ConnLost> {
+    async fn open_raw(&self, control: bool) -> Result<TcpStreamHalf, ConnLost> {
         let slot = self
             .outbound
             .clone()
@@ -342,10 +382,29 @@ impl YamuxConn {
         let (tx, rx) = oneshot::channel();
         self.open.send(tx).await.map_err(|_| self.lost())?;
         let s = rx.await.map_err(|_| self.lost())?.map_err(ConnLost)?;
-        Ok(TcpStreamHalf::new(s, &self.close, slot))
+        Ok(TcpStreamHalf::new(
+            s,
+            &self.close,
+            slot,
+            self.budget_for(control),
+        ))
     }
 
-    async fn accept_raw(&self) -> Result<TcpStreamHalf, ConnLost> {
+    /// The budget a new stream writes under: none for the control stream.
+    fn budget_for(&self, control: bool) -> Option<Arc<SendBudget>> {
+        (!control).then(|| self.budget.clone())
+    }
+
+    /// Whether the next stream this side opens (`opening`) or accepts is
+    /// the session's control stream (see `control_given`).
+    fn takes_control(&self, opening: bool) -> bool {
+        opening == self.client
+            && !self
+                .control_given
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn accept_raw(&self, control: bool) -> Result<TcpStreamHalf, ConnLost> {
         let (s, slot) = self
             .inbound
             .lock()
@@ -353,7 +412,12 @@ impl YamuxConn {
             .recv()
             .await
             .ok_or_else(|| self.lost())?;
-        Ok(TcpStreamHalf::new(s, &self.close, slot))
+        Ok(TcpStreamHalf::new(
+            s,
+            &self.close,
+            slot,
+            self.budget_for(control),
+        ))
     }
 
     fn lost(&self) -> ConnLost {
@@ -367,12 +431,12 @@ impl YamuxConn {
 
     /// Opens a stream, split for the session layer.
     pub async fn open_bi(&self) -> Result<(TcpSend, TcpRecv), ConnLost> {
-        Ok(split(self.open_raw().await?))
+        Ok(split(self.open_raw(self.takes_control(true)).await?))
     }
 
     /// Accepts the next stream the peer opened.
     pub async fn accept_bi(&self) -> Result<(TcpSend, TcpRecv), ConnLost> {
-        Ok(split(self.accept_raw().await?))
+        Ok(split(self.accept_raw(self.takes_control(false)).await?))
     }
 
     /// Queues a datagram; dropped when the queue is full (as UDP would).
