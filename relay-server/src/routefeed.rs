@@ -164,7 +164,13 @@ impl RouteFeed {
             if !first && *full == before {
                 return FeedUpdate::None;
             }
-            let held = reg.held_among(full);
+            // Which are held for offline edges matters only to a cut:
+            // the scan of every held route is skipped when all fit.
+            let held = if full.len() + cloud.len() > LEGACY_MAX_ROUTES {
+                reg.held_among(full)
+            } else {
+                BTreeSet::new()
+            };
             let (tunnel_routes, cut) = legacy_list(full, &cloud, &held);
             self.cut = cut;
             return FeedUpdate::Send(vec![Control::RouteUpdate { tunnel_routes }]);

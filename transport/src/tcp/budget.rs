@@ -18,9 +18,21 @@
 //! "Written" counts every byte yamux writes (headers, window updates,
 //! control and datagram frames too), so the queue is estimated on the
 //! low side and never below zero: the budget can only be loose, never
-//! leave a writer waiting for bytes that will not be written.
+//! leave a writer waiting for bytes that will not be written. A write
+//! reserves its bytes before handing them to yamux (and gives back what
+//! yamux did not take), so the connection cannot write a frame before
+//! it was counted. Every frame a data stream queued is written in time:
+//! yamux takes window credit before it queues a frame, and frames of a
+//! stream dropped meanwhile still go out.
+//!
+//! The datagram stream is a data stream here: with the budget full its
+//! writer waits, and the fallback's datagram queue may fill and drop
+//! (counted `queue_full`), as UDP behind a full link would. What still
+//! stands before a control frame besides the budget: TLS's own send
+//! buffer, the socket's unsent low-water mark (`TCP_NOTSENT_LOWAT`) and
+//! the path's queue.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
 
@@ -28,6 +40,10 @@ use std::task::{Context, Poll, Waker};
 /// module docs). Enough to keep the socket fed on a fast path: the
 /// kernel's own buffer and the bytes in flight are not counted in it.
 pub(super) const QUEUE_BUDGET: i64 = 256 * 1024;
+
+/// The most yamux takes from one write (its `split_send_size`): what a
+/// write reserves before handing yamux its bytes.
+pub(super) const MAX_FRAME: usize = 16 * 1024;
 
 /// The shared budget of one connection.
 #[derive(Debug, Default)]
@@ -47,31 +63,38 @@ impl SendBudget {
             return Poll::Ready(());
         }
         let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        w.push(cx.waker().clone());
-        self.has_waiters.store(true, Relaxed);
-        // Checked again with the waker in place: a drain between the
-        // first look and the push would otherwise wake nobody.
-        if self.queued.load(Relaxed) < QUEUE_BUDGET {
+        // One entry per task: a splice polls its write side again on
+        // every wake-up of its read side.
+        if !w.iter().any(|x| x.will_wake(cx.waker())) {
+            w.push(cx.waker().clone());
+        }
+        // Sequentially consistent with `written`'s decrement and look at
+        // `has_waiters`: one of the two sides sees the other, so a drain
+        // between the first look and this one cannot wake nobody.
+        self.has_waiters.store(true, SeqCst);
+        if self.queued.load(SeqCst) < QUEUE_BUDGET {
             return Poll::Ready(());
         }
         Poll::Pending
     }
 
-    /// A data stream handed yamux `n` bytes.
-    pub(super) fn queued(&self, n: usize) {
-        self.queued.fetch_add(n as i64, Relaxed);
+    /// A data stream is about to hand yamux up to `n` bytes: counted
+    /// before the connection can write them.
+    pub(super) fn reserve(&self, n: usize) {
+        self.queued.fetch_add(n as i64, SeqCst);
     }
 
-    /// The connection wrote `n` bytes.
+    /// The connection wrote `n` bytes, or a write gave back `n` bytes of
+    /// its reservation that yamux did not take.
     pub(super) fn written(&self, n: usize) {
-        let left = self.queued.fetch_sub(n as i64, Relaxed) - n as i64;
+        let left = self.queued.fetch_sub(n as i64, SeqCst) - n as i64;
         if left < 0 {
-            self.queued.fetch_max(0, Relaxed);
+            self.queued.fetch_max(0, SeqCst);
         }
-        if left <= QUEUE_BUDGET / 2 && self.has_waiters.load(Relaxed) {
+        if left <= QUEUE_BUDGET / 2 && self.has_waiters.load(SeqCst) {
             let woken = {
                 let mut w = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-                self.has_waiters.store(false, Relaxed);
+                self.has_waiters.store(false, SeqCst);
                 std::mem::take(&mut *w)
             };
             for w in woken {
@@ -106,18 +129,21 @@ mod tests {
         let waker = Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);
         assert!(b.poll_room(&mut cx).is_ready());
-        b.queued(QUEUE_BUDGET as usize);
+        b.reserve(QUEUE_BUDGET as usize);
         assert!(b.poll_room(&mut cx).is_pending());
+        // Polled again (a splice's read side woke it): one entry.
+        assert!(b.poll_room(&mut cx).is_pending());
+        assert_eq!(b.waiters.lock().unwrap().len(), 1);
         b.written(QUEUE_BUDGET as usize / 4);
         assert_eq!(count.0.load(Relaxed), 0, "not yet at half");
         assert!(b.poll_room(&mut cx).is_ready());
-        b.queued(QUEUE_BUDGET as usize / 4);
+        b.reserve(QUEUE_BUDGET as usize / 4);
         assert!(b.poll_room(&mut cx).is_pending());
         b.written(QUEUE_BUDGET as usize / 2);
-        assert!(count.0.load(Relaxed) >= 1, "woken at half");
+        assert_eq!(count.0.load(Relaxed), 1, "woken once, at half");
         // More written than queued: the queue is empty, not in credit.
         b.written(10 * QUEUE_BUDGET as usize);
-        b.queued(QUEUE_BUDGET as usize);
+        b.reserve(QUEUE_BUDGET as usize);
         assert!(b.poll_room(&mut cx).is_pending());
     }
 }

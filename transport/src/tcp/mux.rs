@@ -46,7 +46,7 @@ use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompat
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, warn};
 
-use super::budget::SendBudget;
+use super::budget::{SendBudget, MAX_FRAME};
 use crate::conn::{ConnLost, DatagramRefused};
 
 /// First byte the edge writes on the datagram stream.
@@ -182,11 +182,23 @@ impl AsyncWrite for TcpStreamHalf {
                 return unless_ended(&mut this.ended[1], cx, Poll::Pending);
             }
         }
+        // Reserved before yamux queues the frame, which the connection's
+        // task may write at once; what yamux did not take is given back.
+        let reserved = buf.len().min(MAX_FRAME);
+        if let Some(b) = &this.budget {
+            b.reserve(reserved);
+        }
         let p = Pin::new(&mut this.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &p {
-            this.fresh = false;
-            if let Some(b) = &this.budget {
-                b.queued(*n);
+        let taken = match &p {
+            Poll::Ready(Ok(n)) => {
+                this.fresh = false;
+                (*n).min(reserved)
+            }
+            _ => 0,
+        };
+        if let Some(b) = &this.budget {
+            if taken < reserved {
+                b.written(reserved - taken);
             }
         }
         unless_ended(&mut this.ended[1], cx, p)
