@@ -40,7 +40,7 @@ use anyhow::{bail, Context, Result};
 use edge_client::TransportMode;
 use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::scenario::{
-    admin, admin_call, captured_prefixes, connect_from, echo_service, edge_config, edge_metric,
+    admin_call, captured_prefixes, connect_from, echo_service, edge_config, edge_metric,
     edge_readiness, edge_ready, http_from, lab_pki, metric, relay_config, relay_server_binary, sa,
     services, session, sessions, start_edge, start_relay, within, RelayProcess, Running, Table,
     ECHO, EDGE_STATUS, HTTP,
@@ -423,12 +423,9 @@ fn cut_path(t: &mut Table, transport: TransportMode, cut: Cut, what: &str) -> Re
     while t_down.elapsed() < gone_bound + Duration::from_secs(5)
         && (relay_gone.is_none() || edge_down.is_none())
     {
-        // Its prefix goes offline: no session serves it (`/v1/routes`
-        // lists it no more); it stays captured, refused at once.
         if relay_gone.is_none()
             && session(&lab, "edge2")?.is_none()
-            && !admin(&lab, "/v1/routes")?.contains(&prefix)
-            && captured_prefixes(&lab)?.contains(&prefix)
+            && !captured_prefixes(&lab)?.contains(&prefix)
         {
             relay_gone = Some(t_down.elapsed());
         }
@@ -442,7 +439,7 @@ fn cut_path(t: &mut Table, transport: TransportMode, cut: Cut, what: &str) -> Re
     let never = |side: &str| anyhow::anyhow!("{side} still up {}", secs(t_down.elapsed()));
     timed(
         t,
-        &format!("{what}: session leaves the relay, {prefix} offline (idle 4s)"),
+        &format!("{what}: session and {prefix} leave the relay (idle 4s)"),
         Some(gone_bound),
         relay_gone
             .ok_or_else(|| never("relay's session"))

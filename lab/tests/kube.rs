@@ -73,6 +73,9 @@ fn relay_config(
     let mut cfg = RelayConfig::loopback(pki.relay_material()?);
     cfg.quic.keepalive = Duration::from_millis(500);
     cfg.quic.idle_timeout = Duration::from_secs(5);
+    // Offline edges' routes held, so their release by the directory (a
+    // Node deleted) is seen.
+    cfg.hold_offline_routes = true;
     cfg.kubernetes = Some(KubeSettings {
         edge_address_ranges: relay_lab::loopback_node_ranges(),
         kubeconfig: Some(standin.kubeconfig_path().to_path_buf()),

@@ -3,9 +3,9 @@
 //! ([`LabOptions::silent_wan`]; the default lab's gateway answers ICMP
 //! "network unreachable" at once, which hid this):
 //! - after edge2 stops, a cloud pod's and edge1's pod's connections to
-//!   edge2's pod fail fast (reset: the relay keeps capturing an offline
-//!   edge's prefixes, and edge1 keeps it in its tunnel routes), not after
-//!   a connect timeout;
+//!   edge2's pod fail fast (reset: with `hold_offline_routes` the relay
+//!   keeps capturing an offline edge's prefixes, and edge1 keeps it in its
+//!   tunnel routes), not after a connect timeout;
 //! - a UDP sender that started while edge2 was offline is answered within
 //!   2 s of edge2's return;
 //! - so is one that started while the relay node did not capture edge2's
@@ -76,6 +76,13 @@ fn session_gone(lab: &NetnsLab, node: &str) -> Result<Duration> {
     Ok(d)
 }
 
+/// The relay config with `hold_offline_routes` on: what this test is about
+/// (off by default, an edge's routes go with its session).
+fn holding(mut cfg: relay_server::RelayConfig) -> relay_server::RelayConfig {
+    cfg.hold_offline_routes = true;
+    cfg
+}
+
 #[test]
 fn offline_edges_fail_fast_and_come_back() -> Result<()> {
     let options = LabOptions {
@@ -89,7 +96,7 @@ fn offline_edges_fail_fast_and_come_back() -> Result<()> {
         services(&lab, Role::Epod1, "epod1")?,
         services(&lab, Role::Epod2, "epod2")?,
     ];
-    let mut relay = Some(start_relay(&lab, relay_config_in(&lab, &pki)?)?);
+    let mut relay = Some(start_relay(&lab, holding(relay_config_in(&lab, &pki)?))?);
     let _edge1 = start_edge(&lab, 1, edge_config_in(&lab, &pki, 1)?)?;
     let mut edge2 = Some(start_edge(&lab, 2, edge_config_in(&lab, &pki, 2)?)?);
     let epod2 = netns::edge_pod_ip(2);
@@ -136,7 +143,7 @@ fn offline_edges_fail_fast_and_come_back() -> Result<()> {
     edge2.take().context("edge2")?.stop()?;
     session_gone(&lab, "edge2")?;
     relay.take().context("relay")?.stop()?;
-    relay = Some(start_relay(&lab, relay_config_in(&lab, &pki)?)?);
+    relay = Some(start_relay(&lab, holding(relay_config_in(&lab, &pki)?))?);
     let _ = &relay;
     m.note(
         &[

@@ -183,6 +183,13 @@ pub struct RelayConfig {
     /// Cloud prefixes edges send back through the tunnel; the relay dials
     /// targets inside them for edges, and nothing else.
     pub tunnel_routes: Vec<Cidr>,
+    /// Keep an offline edge's prefixes claimed: still captured here,
+    /// still routed here by route agents and still in other edges' tunnel
+    /// routes, so connections to its pods are refused at once instead of
+    /// following the default route (where cloud routers and carriers drop
+    /// them silently: a connect hangs for minutes). Off by default: an
+    /// edge's routes go with its session.
+    pub hold_offline_routes: bool,
     /// Edge-to-edge reachability: community name → member nodes (`"*"`
     /// for every node). Edges reach each other's routes only within a
     /// community; with none, edges are isolated from each other.
@@ -233,6 +240,7 @@ impl RelayConfig {
             allow_insecure_admin: false,
             nodes: HashMap::new(),
             tunnel_routes: Vec::new(),
+            hold_offline_routes: false,
             communities: HashMap::new(),
             kubernetes: None,
             bootstrap: None,

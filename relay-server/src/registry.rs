@@ -49,6 +49,9 @@ struct Inner<S> {
     /// `registry/offline.rs`): captured and sent to other edges, served
     /// by no session.
     offline: OfflineRoutes,
+    /// Whether a node's routes are held when its session ends (see
+    /// [`Registry::hold_offline`]).
+    hold: bool,
     journal: Journal,
 }
 
@@ -76,6 +79,7 @@ impl<S> Default for Registry<S> {
                 sessions: HashMap::new(),
                 routes: RouteTable::default(),
                 offline: OfflineRoutes::default(),
+                hold: true,
                 journal: Journal::default(),
             }),
             changes: tokio::sync::watch::channel(0).0,
@@ -251,6 +255,15 @@ impl<S: RouteOwner> Registry<S> {
         g.journal.push(node, routes, true);
     }
 
+    /// Whether a node's routes are held when its session ends (the
+    /// relay's `hold_offline_routes`; on in a registry made by `default`,
+    /// as the unit tests of holding use it): held, they stay captured,
+    /// routed to the relay and in other edges' routes while the node is
+    /// offline; otherwise they are withdrawn with the session.
+    pub fn hold_offline(&self, on: bool) {
+        self.write().hold = on;
+    }
+
     /// Removes the session of `node` if it is still generation
     /// `generation`; a newer session of the same node is left alone.
     pub fn remove(&self, node: &str, generation: u64) -> bool {
@@ -262,12 +275,18 @@ impl<S: RouteOwner> Registry<S> {
         let Some(live) = g.sessions.remove(node) else {
             return false;
         };
+        let name: Arc<str> = Arc::from(node);
+        if !g.hold {
+            Self::unroute(&mut g, &name, &live.routes);
+            drop(g);
+            self.changed();
+            return true;
+        }
         // Out of the live table, but not withdrawn: held while the node
         // is offline (see `registry/offline.rs`).
         for c in &live.routes {
             g.routes.remove(c);
         }
-        let name: Arc<str> = Arc::from(node);
         for (n, r) in g.offline.hold(&name, live.routes, OFFLINE_CAP) {
             g.journal.push(&n, &r, false);
         }

@@ -230,8 +230,10 @@ impl Relay {
             )),
             None => status,
         };
+        let registry = Registry::default();
+        registry.hold_offline(cfg.hold_offline_routes);
         let shared = Arc::new(Shared {
-            registry: Registry::default(),
+            registry,
             policy,
             directory,
             status,

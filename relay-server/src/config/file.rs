@@ -149,6 +149,9 @@ pub struct FileConfig {
     /// Prefixes edges send back through the tunnel.
     #[serde(default)]
     pub tunnel_routes: Vec<Cidr>,
+    /// See [`RelayConfig::hold_offline_routes`].
+    #[serde(default)]
+    pub hold_offline_routes: bool,
     /// Community name → member nodes (`"*"`: every node).
     #[serde(default)]
     pub communities: HashMap<String, Vec<String>>,
@@ -342,6 +345,7 @@ impl FileConfig {
             allow_insecure_admin: self.listen.allow_insecure_admin,
             nodes: self.nodes,
             tunnel_routes: self.tunnel_routes,
+            hold_offline_routes: self.hold_offline_routes,
             communities: self.communities,
             bootstrap,
             kubernetes,

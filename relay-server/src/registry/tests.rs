@@ -192,6 +192,27 @@ fn routes_change_without_a_new_session() {
 /// An edge that goes offline keeps its prefixes claimed (no withdrawal in
 /// the journal, listed as offline, served by no session) until it comes
 /// back, another node claims them, or the directory takes them away.
+/// Without `hold_offline_routes` (the relay's default) an edge's routes
+/// go with its session: withdrawn from other edges, held for nobody.
+#[test]
+fn without_holding_an_edges_routes_go_with_its_session() {
+    let r = Registry::default();
+    r.hold_offline(false);
+    let c = |s: &str| s.parse::<Cidr>().unwrap();
+    reg(&r, fake("a", 1, &["10.1.0.0/16"]), 10).unwrap();
+    reg(&r, fake("b", 2, &["10.2.0.0/16"]), 10).unwrap();
+    let (v, _) = r.route_changes(None, |_| true);
+    assert!(r.remove("b", 2));
+    assert!(r.lookup(ip("10.2.0.1")).is_none());
+    assert!(r.offline_routes().is_empty());
+    let (_, ev) = r.route_changes(Some(v), |_| true);
+    assert_eq!(ev, RouteChanges::Events(vec![(c("10.2.0.0/16"), false)]));
+    let RouteChanges::Resync(all) = r.route_changes(None, |_| true).1 else {
+        panic!("resync")
+    };
+    assert_eq!(all, [c("10.1.0.0/16")]);
+}
+
 #[test]
 fn an_offline_edges_routes_are_held_until_claimed_again() {
     let r = Registry::default();
