@@ -506,6 +506,24 @@ pub(crate) async fn connect(
     quic_worked: bool,
     probe: bool,
 ) -> Result<Connected, AttemptError> {
+    let hello_sent = std::sync::atomic::AtomicBool::new(false);
+    connect_noting(cfg, stats, mode, creds, quic_worked, probe, &hello_sent).await
+}
+
+/// [`connect`], setting `hello_sent` just before the hello is written:
+/// from then on the relay may have registered the session, whatever
+/// becomes of the attempt (a planned move that fails after that may have
+/// had the relay drain the session it left, see
+/// `crate::session::MoveDrain`); before, it cannot have.
+pub(crate) async fn connect_noting(
+    cfg: &EdgeConfig,
+    stats: &EdgeStats,
+    mode: TransportMode,
+    creds: &Credentials,
+    quic_worked: bool,
+    probe: bool,
+    hello_sent: &std::sync::atomic::AtomicBool,
+) -> Result<Connected, AttemptError> {
     let dialer = Dialer {
         cfg,
         stats,
@@ -521,7 +539,7 @@ pub(crate) async fn connect(
         .client_config(relay_protocol::ALPN)
         .map_err(|e| failed("tls config", &e))?;
     let (endpoint, conn) = dialer.dial(tls).await.map_err(AttemptError::Failed)?;
-    let (hello, ext, control) = match say_hello(cfg, stats, &conn).await {
+    let (hello, ext, control) = match say_hello(cfg, stats, &conn, hello_sent).await {
         Ok(h) => h,
         Err(e) => {
             // A certificate the relay refuses (revoked, issued by a CA it
@@ -550,6 +568,7 @@ async fn say_hello(
     cfg: &EdgeConfig,
     stats: &EdgeStats,
     conn: &TunnelConn,
+    hello_sent: &std::sync::atomic::AtomicBool,
 ) -> Result<
     (
         relay_protocol::ServerHello,
@@ -576,6 +595,7 @@ async fn say_hello(
         agent: concat!("edge-client/", env!("CARGO_PKG_VERSION")).to_string(),
         fallbacks: stats.fallbacks.load(Relaxed).min(u32::MAX as u64) as u32,
     };
+    hello_sent.store(true, std::sync::atomic::Ordering::Release);
     write_frame(&mut control.send, &hello)
         .await
         .map_err(|e| failed("send hello", &e))?;

@@ -3,7 +3,8 @@
 //! GOAWAY), liveness, and the moves to a new connection (a QUIC probe
 //! from the TCP fallback, a renewed certificate).
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::client::{EdgeState, EdgeStats};
 use crate::config::{EdgeConfig, TransportMode};
-use crate::dial::{connect, AttemptError, Connected, Dialer};
+use crate::dial::{connect_noting, AttemptError, Connected, Dialer};
 use crate::identity::{Credentials, IdentityError};
 use crate::liveness::{Liveness, StallProbe, Tick, DEAD_AFTER_KEEPALIVES, STALL_CHECK};
 use crate::serve::{serve_stream, ServedRoutes, ServedSet};
@@ -85,19 +86,75 @@ async fn finish_move(
     SessionEnd::Lost(why)
 }
 
-/// How long after a planned move failed a GOAWAY on the session is taken
-/// for the relay's drain of it (see [`failed_move`]): the relay drains it
-/// when the move's session registers, well within the move's time limit,
-/// and its GOAWAY may only trail the failure on a congested uplink.
+/// How long after a planned move failed (its hello sent) a GOAWAY on the
+/// session is taken for the relay's drain of it (see [`MoveDrain`]): the
+/// relay drains it when the move's session registers, well within the
+/// move's time limit, and its GOAWAY may only trail the failure on a
+/// congested uplink.
 const LATE_GOAWAY: Duration = Duration::from_secs(120);
+
+/// Tells the relay's drain of this session for a planned move of ours
+/// that then failed (see [`failed_move`]) from any other GOAWAY (an
+/// operator's drain, a relay shutting down in a rolling update), by what
+/// this edge did, with nothing on the wire: the relay drains for a move
+/// only when the move's new session registers, which it does only once
+/// the hello arrived. So a GOAWAY is the move's when it comes while a
+/// move whose hello is out is pending (and that move then fails), or
+/// within [`LATE_GOAWAY`] after a move failed with its hello out. A move
+/// that failed before its hello (a QUIC probe where UDP is blocked fails
+/// every time, at the dial; a renewal whose certificate request failed),
+/// or that the relay refused, registered nothing: a drain after it is an
+/// ordinary one, and the session's streams get its grace (closing at
+/// once would reset the `kubectl exec` and `logs -f` streams the grace
+/// is there for).
+#[derive(Debug, Default)]
+pub(crate) struct MoveDrain {
+    /// A GOAWAY came while the pending move's hello was out.
+    goaway_during: bool,
+    /// When a move last failed with its hello out.
+    failed_after_hello: Option<Instant>,
+}
+
+impl MoveDrain {
+    /// A GOAWAY came at `now`; `pending` is whether a move is under way
+    /// and, if so, whether its hello was sent. True: it is the drain of a
+    /// move that already failed, close the session now.
+    pub(crate) fn goaway(&mut self, pending: Option<bool>, now: Instant) -> bool {
+        if pending == Some(true) {
+            // Maybe the move's: its outcome decides.
+            self.goaway_during = true;
+            return false;
+        }
+        self.failed_after_hello
+            .is_some_and(|t| now.saturating_duration_since(t) < LATE_GOAWAY)
+    }
+
+    /// The pending move failed at `now`: `hello_sent`, its attempt got
+    /// as far as sending its hello; `refused`, the relay answered it
+    /// with a rejection (which it gives before registering, never
+    /// after). True: the relay drains this session for it (its GOAWAY
+    /// came meanwhile), close the session now.
+    pub(crate) fn failed(&mut self, hello_sent: bool, refused: bool, now: Instant) -> bool {
+        if !hello_sent || refused {
+            // Not the GOAWAY's move, if one came: the other move pending
+            // (a probe and a renewal at once) had its hello out.
+            return false;
+        }
+        if std::mem::take(&mut self.goaway_during) {
+            return true;
+        }
+        self.failed_after_hello = Some(now);
+        false
+    }
+}
 
 /// A planned move ([`Control::Moving`]) failed after the relay registered
 /// its new session (the hello reply lost or late, the move's time limit
 /// fired and the new connection was dropped): the relay drains this
-/// session (GOAWAY came), so it takes no new streams and the node is out
-/// of the relay's routes once the dropped session ends there. Staying on
-/// it would leave the node unreachable until its streams end or its
-/// grace does; close it and reconnect at once (`went_away` is set: the
+/// session (its GOAWAY came, as [`MoveDrain`] tells), so it takes no new
+/// streams and the node is out of the relay's routes once the dropped
+/// session ends there. Staying on it would leave the node unreachable
+/// until its streams end or its grace does; close it and reconnect at once (`went_away` is set: the
 /// drain pace, see `crate::backoff`). The relay closes it too when it
 /// sees the new session end (`close_predecessor`); this does not wait
 /// for that.
@@ -246,8 +303,11 @@ pub(crate) async fn run_session(
     let (move_ack, _) = watch::channel(0u64);
     let ack_wait = cfg.handshake_timeout;
     let mut goaway_grace: Option<u32> = None;
-    // When a planned move last failed (see `failed_move`).
-    let mut move_failed: Option<Instant> = None;
+    // Whether a GOAWAY is the drain of a move that failed (see
+    // `MoveDrain`), with the pending move's "hello sent" flags.
+    let mut move_drain = MoveDrain::default();
+    let probe_hello = Arc::new(AtomicBool::new(false));
+    let renewal_hello = Arc::new(AtomicBool::new(false));
     loop {
         let reply = tokio::select! {
             biased;
@@ -358,11 +418,16 @@ pub(crate) async fn run_session(
                             info!(%reason, grace_ms, "relay sent GOAWAY");
                             io.went_away = true;
                             goaway_grace = Some(grace_ms);
-                            // Late for a move that already failed: the
-                            // relay registered its session, which then
-                            // ended (see `failed_move`).
-                            let late = move_failed.is_some_and(|t| t.elapsed() < LATE_GOAWAY);
-                            if late && probe.is_none() && renewal.is_none() {
+                            // Maybe the drain for a move whose hello is
+                            // out (its outcome decides), or late for one
+                            // that failed with its hello out: the relay
+                            // registered its session, which then ended
+                            // (see `MoveDrain`, `failed_move`).
+                            let pending = (probe.is_some() || renewal.is_some()).then(|| {
+                                (probe.is_some() && probe_hello.load(Acquire))
+                                    || (renewal.is_some() && renewal_hello.load(Acquire))
+                            });
+                            if moves && move_drain.goaway(pending, Instant::now()) {
                                 return failed_move(conn, "the relay drains this session after a move that failed");
                             }
                             continue;
@@ -452,6 +517,8 @@ pub(crate) async fn run_session(
                 let limit = cfg.handshake_timeout * 3 + cfg.quic_fallback_after + ack_wait;
                 let nonce = rand::random::<u64>() | 1;
                 let ack = moves.then(|| move_ack.subscribe());
+                renewal_hello.store(false, Release);
+                let hello_sent = renewal_hello.clone();
                 renewal = Some(AbortOnDropHandle::new(tokio::spawn(async move {
                     let work = async {
                         let dialer = Dialer { cfg: &cfg, stats: &stats, mode: cfg.transport, quic_worked, probe: false };
@@ -460,7 +527,7 @@ pub(crate) async fn run_session(
                             IdentityError::Failed(m) => AttemptError::Failed(m),
                         })?;
                         move_noted(ack, nonce, ack_wait).await;
-                        connect(&cfg, &stats, cfg.transport, &creds, quic_worked, false).await
+                        connect_noting(&cfg, &stats, cfg.transport, &creds, quic_worked, false, &hello_sent).await
                     };
                     tokio::time::timeout(limit, work)
                         .await
@@ -483,19 +550,25 @@ pub(crate) async fn run_session(
                         info!("certificate renewed; moving the session to it");
                         return SessionEnd::Upgrade(Box::new(c), Some(Retired { grace_ms: goaway_grace, send, frames }));
                     }
-                    Ok(Err(e)) if moves && goaway_grace.is_some() => {
+                    Ok(Err(e)) if moves && move_drain.failed(
+                        renewal_hello.load(Acquire),
+                        matches!(e, AttemptError::Rejected(_)),
+                        Instant::now(),
+                    ) => {
                         return failed_move(conn, &format!("the move to a renewed certificate failed after the relay moved the node: {e:?}"));
                     }
                     Ok(Err(e)) => {
-                        if moves {
-                            move_failed = Some(Instant::now());
-                        }
                         // The current certificate is still valid: try again
                         // in a minute, until it is not.
                         warn!(error = ?e, "certificate renewal failed; retrying in 60s");
                         renew_at = Some(tokio::time::Instant::now() + Duration::from_secs(60));
                     }
-                    Err(e) => warn!(error = %e, "certificate renewal task failed"),
+                    Err(e) => {
+                        if moves && move_drain.failed(renewal_hello.load(Acquire), false, Instant::now()) {
+                            return failed_move(conn, "the move to a renewed certificate failed after the relay moved the node");
+                        }
+                        warn!(error = %e, "certificate renewal task failed");
+                    }
                 }
                 continue;
             }
@@ -515,10 +588,12 @@ pub(crate) async fn run_session(
                 let limit = cfg.handshake_timeout.saturating_mul(2) + ack_wait;
                 let nonce = rand::random::<u64>() | 1;
                 let ack = moves.then(|| move_ack.subscribe());
+                probe_hello.store(false, Release);
+                let hello_sent = probe_hello.clone();
                 probe = Some(AbortOnDropHandle::new(tokio::spawn(async move {
                     let work = async {
                         move_noted(ack, nonce, ack_wait).await;
-                        connect(&cfg, &stats, TransportMode::Quic, &creds, false, true).await
+                        connect_noting(&cfg, &stats, TransportMode::Quic, &creds, false, true, &hello_sent).await
                     };
                     tokio::time::timeout(limit, work)
                         .await
@@ -537,10 +612,11 @@ pub(crate) async fn run_session(
             }, if probe.is_some() => {
                 probe = None;
                 if moves && !matches!(r, Ok(Ok(_))) {
-                    if goaway_grace.is_some() {
+                    let refused = matches!(r, Ok(Err(AttemptError::Rejected(_))));
+                    let sent = probe_hello.load(Acquire);
+                    if move_drain.failed(sent, refused, Instant::now()) {
                         return failed_move(conn, "the QUIC probe's move failed after the relay moved the node");
                     }
-                    move_failed = Some(Instant::now());
                 }
                 match r {
                     Ok(Ok(c)) => return SessionEnd::Upgrade(Box::new(c), Some(Retired { grace_ms: goaway_grace, send, frames })),
@@ -713,6 +789,60 @@ fn publish_routes(state: &watch::Sender<EdgeState>, routes: Vec<Cidr>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A QUIC probe that fails before its hello (UDP blocked: every probe
+    /// fails at the dial), or a hello the relay refused, registered
+    /// nothing: a drain that comes later (an operator's, a relay shutting
+    /// down) or during the next such probe is an ordinary one, and the
+    /// session stays for its grace, its streams running.
+    #[test]
+    fn a_move_that_failed_before_its_hello_does_not_close_a_later_drain() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut m = MoveDrain::default();
+        // The probe failed at the dial; a shutdown GOAWAY 10 s later.
+        assert!(!m.failed(false, false, t0));
+        assert!(!m.goaway(None, t0 + s(10)));
+        // A GOAWAY while the next probe dials (no hello yet), which then
+        // fails before its hello too.
+        assert!(!m.goaway(Some(false), t0 + s(20)));
+        assert!(!m.failed(false, false, t0 + s(21)));
+        assert!(!m.goaway(None, t0 + s(22)));
+        // A hello the relay refused.
+        assert!(!m.failed(true, true, t0 + s(30)));
+        assert!(!m.goaway(None, t0 + s(31)));
+        // A drain GOAWAY while a probe's hello is out, and that probe
+        // refused: not the move's drain either.
+        assert!(!m.goaway(Some(true), t0 + s(40)));
+        assert!(!m.failed(true, true, t0 + s(41)));
+        assert!(!m.goaway(None, t0 + s(42)));
+    }
+
+    /// A move that failed with its hello out may have been registered:
+    /// the relay's GOAWAY for it, come while the move was pending or
+    /// within 2 min after, closes the session at once (see
+    /// [`failed_move`]); later, a GOAWAY is an ordinary drain again.
+    #[test]
+    fn a_move_that_failed_after_its_hello_closes_on_the_relays_drain() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        // The GOAWAY came while the move's hello was out.
+        let mut m = MoveDrain::default();
+        assert!(!m.goaway(Some(true), t0));
+        assert!(m.failed(true, false, t0 + s(5)));
+        // The GOAWAY trails the failure.
+        let mut m = MoveDrain::default();
+        assert!(!m.failed(true, false, t0));
+        assert!(m.goaway(None, t0 + s(3)));
+        assert!(m.goaway(Some(false), t0 + s(60)));
+        assert!(!m.goaway(None, t0 + s(121)));
+        // A probe and a renewal pending at once: the GOAWAY came with the
+        // renewal's hello out, the probe failed at its dial first.
+        let mut m = MoveDrain::default();
+        assert!(!m.goaway(Some(true), t0));
+        assert!(!m.failed(false, false, t0 + s(1)));
+        assert!(m.failed(true, false, t0 + s(2)));
+    }
 
     /// A control write waiting while nothing arrives fails after two
     /// keep-alives; while the relay's bytes arrive it waits as long as an
