@@ -35,7 +35,7 @@ pub(crate) enum SessionEnd {
     /// fallback, a renewed certificate); run it now. With the old
     /// session's control stream when the move was planned with the relay
     /// ([`Control::Moving`]): the old connection then drains (see
-    /// `crate::client::retire`).
+    /// `retire` in `client/reconnect.rs`).
     Upgrade(Box<Connected>, Option<Retired>),
 }
 

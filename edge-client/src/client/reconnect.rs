@@ -1,0 +1,540 @@
+//! One relay's reconnect loop: dial, run the session, retire the
+//! connection a session moved away from, back off, again.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use relay_protocol::{close_code, EDGE_FLOW_BIT};
+use relay_transport::udp::FlowTable;
+use relay_transport::TunnelConn;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use super::{EdgeState, EdgeStats};
+use crate::backoff::Backoff;
+use crate::config::{EdgeConfig, TransportMode};
+use crate::dial::{connect, AttemptError, Connected};
+use crate::identity::Credentials;
+use crate::serve::{ServedRoutes, ServedSet};
+use crate::services::EdgeServices;
+use crate::session::{run_session, SessionEnd, SessionIo};
+
+/// Counts one session QUIC carries in [`EdgeStats::quic_sessions_live`]
+/// while it lives.
+struct QuicLive<'a>(&'a EdgeStats);
+
+impl<'a> QuicLive<'a> {
+    fn new(stats: &'a EdgeStats) -> Self {
+        stats.quic_sessions_live.fetch_add(1, Relaxed);
+        QuicLive(stats)
+    }
+}
+
+impl Drop for QuicLive<'_> {
+    fn drop(&mut self) {
+        self.0.quic_sessions_live.fetch_sub(1, Relaxed);
+    }
+}
+
+/// The current session's connection, for streams the edge opens.
+pub(crate) type ConnWatch = watch::Receiver<Option<(TunnelConn, Arc<FlowTable>)>>;
+
+/// Whether a QUIC session was lost to a dead path: the edge's own liveness
+/// check gave it up (`own_check`), or the relay closed it for hearing
+/// nothing from us ([`close_code::SILENT`]). The second is a path dead
+/// only upstream (a policer dropping our UDP after the handshake): the
+/// relay's packets still arrive, so our own check sees nothing wrong, and
+/// counted as an ordinary close it would have the edge reconnect on QUIC
+/// and lose the session again a dead-path bound later, for ever.
+pub(crate) fn path_died(own_check: bool, peer_close: Option<u32>) -> bool {
+    own_check || peer_close == Some(close_code::SILENT)
+}
+
+/// The count of QUIC sessions in a row lost to a dead path (see
+/// [`path_died`]) soon after they came up. A middlebox that lets each new UDP flow through and
+/// drops it after a while (a DPI box classifying QUIC, a UDP volume cap)
+/// would otherwise have an `auto` edge flap for ever: every new attempt's
+/// handshake succeeds, the session dies a dead-path bound later, and
+/// again. After [`QuicStrikes::PREFER_TCP`] such losses the edge dials TCP
+/// first (an attempt after a failed TCP-first one is QUIC-first again, so
+/// a relay reachable only over QUIC is still reached), and its QUIC probe
+/// waits twice as long after each further one. Counted per reconnect loop
+/// (per relay replica), each path being its own.
+pub(crate) struct QuicStrikes<'a>(pub(crate) &'a AtomicU64);
+
+impl QuicStrikes<'_> {
+    /// Losses in a row after which an `auto` edge dials TCP first.
+    pub(crate) const PREFER_TCP: u64 = 2;
+    /// A QUIC session that lasted this long clears the count.
+    pub(crate) const WINDOW: Duration = Duration::from_secs(300);
+    /// The QUIC probe's interval grows at most this many times, for
+    /// strikes and failed probes together (see `session::ProbeBackoff`):
+    /// 32 minutes at the default 60 s.
+    pub(crate) const MAX_PROBE_FACTOR: u32 = 32;
+
+    /// Counts a QUIC session's end: `died`, given up by the edge's own
+    /// liveness check, after `lasted`.
+    pub(crate) fn session_ended(&self, lasted: Duration, died: bool) {
+        if lasted >= Self::WINDOW {
+            self.0.store(0, Relaxed);
+        }
+        if died {
+            self.0.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The transport to dial: `configured`, except `auto` with a count at
+    /// [`Self::PREFER_TCP`] or above, which dials TCP (the probe tries
+    /// QUIC from there).
+    pub(crate) fn mode(&self, configured: TransportMode) -> TransportMode {
+        if configured == TransportMode::Auto && self.0.load(Relaxed) >= Self::PREFER_TCP {
+            TransportMode::Tcp
+        } else {
+            configured
+        }
+    }
+
+    /// How long the QUIC probe waits on the TCP fallback: `interval`,
+    /// doubled for each loss from [`Self::PREFER_TCP`] on (at most
+    /// [`Self::MAX_PROBE_FACTOR`] times).
+    pub(crate) fn probe_interval(&self, interval: Duration) -> Duration {
+        let over = self.0.load(Relaxed).saturating_sub(Self::PREFER_TCP - 1);
+        let factor = 1u32
+            .checked_shl(u32::try_from(over).unwrap_or(u32::MAX))
+            .unwrap_or(u32::MAX)
+            .min(Self::MAX_PROBE_FACTOR);
+        interval.saturating_mul(factor)
+    }
+}
+
+/// Publishes `s` unless it is the state already: watchers (capture, the
+/// supervisor) wake only for a change.
+pub(crate) fn set_state(tx: &watch::Sender<EdgeState>, s: EdgeState) {
+    tx.send_if_modified(|cur| {
+        let changed = *cur != s;
+        *cur = s;
+        changed
+    });
+}
+
+/// One relay's reconnect loop: dial `cfg.relay`, run the session, back off,
+/// again, until `cancel`. The supervisor runs one per replica.
+// The session's shared parts, passed once at start; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run(
+    cfg: Arc<EdgeConfig>,
+    served: Arc<ServedSet>,
+    services: Arc<EdgeServices>,
+    creds: Arc<Credentials>,
+    state: watch::Sender<EdgeState>,
+    conn_tx: watch::Sender<Option<(TunnelConn, Arc<FlowTable>)>>,
+    stats: Arc<EdgeStats>,
+    cancel: CancellationToken,
+    dns: Option<crate::dns::Resolver>,
+) {
+    let mut backoff = Backoff::new(cfg.backoff.clone());
+    let mut attempt = 0u32;
+    // Why the last session ended or attempt failed (see EdgeState).
+    let mut last: Option<String> = None;
+    // Why the last session ended, kept through the failed attempts after
+    // it (cleared by the next session): an attempt failing at once (no
+    // route while the link is down) must not hide the cause from the
+    // operator reading `/readyz`.
+    let mut ended: Option<String> = None;
+    // A session already established (a QUIC probe that succeeded while on
+    // the TCP fallback): run it next, with no delay.
+    let mut next: Option<Connected> = None;
+    // Whether QUIC carried the last session (see Dialer::quic_worked).
+    let mut quic_worked = false;
+    // This loop's QUIC sessions lost to a dead path (see QuicStrikes): per
+    // loop, as each replica's path is its own.
+    let strikes = AtomicU64::new(0);
+    // A TCP-first attempt (see QuicStrikes) failed: the next one is the
+    // configured mode again, QUIC first, so a relay reachable only over
+    // QUIC (no TCP fallback, a UDP-only balancer) is not given up on.
+    let mut tcp_first_failed = false;
+    let attempt_limit = cfg.handshake_timeout * 3 + cfg.quic_fallback_after;
+    loop {
+        let mode = if tcp_first_failed {
+            cfg.transport
+        } else {
+            QuicStrikes(&strikes).mode(cfg.transport)
+        };
+        let tcp_first = mode != cfg.transport;
+        let result = match next.take() {
+            Some(c) => Ok(c),
+            None => {
+                attempt = attempt.saturating_add(1);
+                // Usually already so (published when the last one ended).
+                set_state(
+                    &state,
+                    EdgeState::Connecting {
+                        attempt,
+                        last: last.clone(),
+                    },
+                );
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    // A certificate bootstrap may come first (its own
+                    // connection and a token review), then QUIC (up to a
+                    // handshake bound while another session proves UDP
+                    // works, else two fallback timers), then TCP.
+                    r = tokio::time::timeout(attempt_limit, connect(&cfg, &stats, mode, &creds, quic_worked, false)) => match r {
+                        Ok(r) => r,
+                        Err(_) => Err(AttemptError::Failed(format!("no session within {attempt_limit:?}"))),
+                    },
+                }
+            }
+        };
+        let mut min_delay = Duration::ZERO;
+        // The relay refused us with a reason: back off even after a drain.
+        let mut refused = false;
+        match result {
+            Ok(Connected {
+                endpoint,
+                conn,
+                hello,
+                ext,
+                control,
+            }) => {
+                attempt = 0;
+                ended = None;
+                tcp_first_failed = false;
+                quic_worked = conn.kind() == relay_transport::TransportKind::Quic;
+                let _quic_live = quic_worked.then(|| QuicLive::new(&stats));
+                stats.sessions.fetch_add(1, Relaxed);
+                info!(
+                    session = hello.session_id,
+                    gen = hello.generation,
+                    relay = %hello.relay_id,
+                    remote = %conn.remote_addr(),
+                    transport = conn.kind().as_str(),
+                    "session up"
+                );
+                // A relay that decides claims says what we serve; with an
+                // older relay, our config does.
+                served.set(match ext {
+                    Some(x) => ServedRoutes {
+                        routes: x.served_routes,
+                        primary: x.primary_addr,
+                    },
+                    None => ServedRoutes {
+                        routes: cfg.routes.clone(),
+                        primary: cfg.primary_addr,
+                    },
+                });
+                state.send_replace(EdgeState::Connected {
+                    session_id: hello.session_id,
+                    generation: hello.generation,
+                    relay_id: hello.relay_id.clone(),
+                    tunnel_routes: hello.tunnel_routes.clone(),
+                    // An older relay puts its whole list in the hello.
+                    routes_complete: hello.capabilities & relay_protocol::capability::ROUTE_DELTAS
+                        == 0,
+                    served_routes: served.get().routes.clone(),
+                    replicas: None,
+                });
+                let up = Instant::now();
+                // Flows live and die with the session.
+                let flows = FlowTable::new(
+                    EDGE_FLOW_BIT,
+                    cfg.max_udp_flows,
+                    hello.capabilities & relay_protocol::capability::UDP_STREAM_PAYLOADS != 0,
+                    stats.udp.clone(),
+                );
+                tokio::spawn(relay_transport::udp::pump_datagrams(
+                    conn.clone(),
+                    flows.clone(),
+                ));
+                conn_tx.send_replace(Some((conn.clone(), flows.clone())));
+                let span = tracing::info_span!(
+                    "session",
+                    session = hello.session_id,
+                    gen = hello.generation
+                );
+                let mut io = SessionIo {
+                    probe_interval: QuicStrikes(&strikes).probe_interval(cfg.quic_probe_interval),
+                    went_away: false,
+                    path_dead: false,
+                };
+                let end = run_session(
+                    &conn,
+                    &flows,
+                    control,
+                    &cfg,
+                    &served,
+                    &services,
+                    &creds,
+                    &stats,
+                    &cancel,
+                    &state,
+                    dns.as_ref(),
+                    hello.capabilities,
+                    &mut io,
+                )
+                .instrument(span)
+                .await;
+                conn_tx.send_replace(None);
+                if up.elapsed() >= backoff.config().reset_after {
+                    backoff.reset();
+                }
+                if quic_worked {
+                    let died = path_died(io.path_dead, conn.peer_close_code());
+                    QuicStrikes(&strikes).session_ended(up.elapsed(), died);
+                    stats.quic_strikes.store(strikes.load(Relaxed), Relaxed);
+                    // A path that went dead is not a relay restarting (a
+                    // restarted relay answers with a stateless reset, and
+                    // one that restarts takes less than the dead-path
+                    // bound): UDP may be blocked now, so one unanswered
+                    // QUIC attempt is enough to fall back.
+                    quic_worked = !died;
+                }
+                // Closed now unless the session moved (then `retire`
+                // closes it when the old connection is done).
+                let endpoint = match &end {
+                    SessionEnd::Upgrade(..) => endpoint,
+                    SessionEnd::Lost(_) => {
+                        if let Some(ep) = endpoint {
+                            ep.close(close_code::NORMAL.into(), b"");
+                        }
+                        None
+                    }
+                };
+                if matches!(end, SessionEnd::Lost(_)) && conn.peer_close_code().is_some() {
+                    stats.closed_by_relay.fetch_add(1, Relaxed);
+                }
+                match end {
+                    SessionEnd::Upgrade(c, old) => {
+                        info!(uptime = ?up.elapsed(), transport = c.conn.kind().as_str(), "moving the session to its new connection");
+                        next = Some(*c);
+                        // The old connection's streams finish on it (the
+                        // relay drains it) rather than being cut here.
+                        tokio::spawn(
+                            retire(conn, endpoint, old, cfg.handshake_timeout, cancel.clone())
+                                .in_current_span(),
+                        );
+                        continue;
+                    }
+                    // The relay is draining (a restart, a rolling update):
+                    // it said so, or, if the GOAWAY was dropped (its control
+                    // queue full), QUIC's close code says it; or it restarted
+                    // without a word and its stateless reset says it is up.
+                    SessionEnd::Lost(why)
+                        if io.went_away
+                            || conn.peer_close_code() == Some(close_code::GOING_AWAY)
+                            || conn.was_reset() =>
+                    {
+                        info!(reason = %why, uptime = ?up.elapsed(), pace_for = ?backoff.config().after_drain, "session down: the relay is restarting; reconnecting at a short pace");
+                        backoff.relay_drained(Instant::now());
+                        last = Some(format!("session ended (relay restarting): {why}"));
+                        ended = last.clone();
+                    }
+                    SessionEnd::Lost(why) => {
+                        info!(reason = %why, uptime = ?up.elapsed(), "session down");
+                        last = Some(format!("session ended: {why}"));
+                        ended = last.clone();
+                    }
+                }
+            }
+            Err(AttemptError::Rejected(r)) => {
+                warn!(reason = r.reason.as_str(), message = %r.message, "relay rejected the session");
+                min_delay = Duration::from_millis(r.retry_after_ms.unwrap_or(0).into());
+                refused = true;
+                state.send_replace(EdgeState::Rejected {
+                    reason: r.reason,
+                    message: r.message,
+                });
+            }
+            Err(AttemptError::Failed(e)) => {
+                tcp_first_failed = tcp_first;
+                warn!(error = %e, attempt, "cannot reach relay");
+                last = Some(match &ended {
+                    Some(why) => format!("cannot reach the relay: {e}; before that, {why}"),
+                    None => format!("cannot reach the relay: {e}"),
+                });
+            }
+        }
+        if cancel.is_cancelled() {
+            break;
+        }
+        // Not connected (any more): say so now, and why, not only when the
+        // next attempt starts after the backoff (until then `/readyz` and
+        // `edge_session_up` still showed the lost session, and the
+        // supervisor could take it for the live one).
+        if !refused {
+            set_state(
+                &state,
+                EdgeState::Connecting {
+                    attempt: attempt.saturating_add(1),
+                    last: last.clone(),
+                },
+            );
+        }
+        let delay = backoff
+            .delay_after_failure(Instant::now(), refused, &mut rand::rng())
+            .max(min_delay);
+        debug!(?delay, "reconnecting after delay");
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    state.send_replace(EdgeState::Stopped);
+}
+
+/// How long past the relay's drain grace a moved-from connection is kept
+/// at most: the relay closes it when the grace ends; this only bounds a
+/// relay that does not.
+const RETIRE_MARGIN: Duration = Duration::from_secs(30);
+
+/// Keeps a connection the session moved away from (a renewed
+/// certificate, a QUIC probe from the TCP fallback) while its streams
+/// finish, then closes it and its endpoint. The relay decides: for a move
+/// the edge announced ([`relay_protocol::Control::Moving`]) it drains the
+/// old session (GOAWAY with its grace) and closes it when its streams are
+/// done or the grace has passed; here the old control stream is served
+/// meanwhile (pings answered). Without a GOAWAY within `wait` (an older
+/// relay closes the old session at once; the move was not announced; the
+/// new session went elsewhere), it is closed now, as before. At shutdown
+/// it is closed at once.
+async fn retire(
+    conn: TunnelConn,
+    endpoint: Option<quinn::Endpoint>,
+    old: Option<crate::session::Retired>,
+    wait: Duration,
+    cancel: CancellationToken,
+) {
+    use futures::StreamExt;
+    use relay_protocol::codec::{decode_control, write_frame, Incoming};
+    use relay_protocol::Control;
+    let work = async {
+        let Some(crate::session::Retired {
+            grace_ms,
+            mut send,
+            mut frames,
+        }) = old
+        else {
+            return;
+        };
+        // Until the relay says it drains: `wait`; then its grace and a margin.
+        let mut draining = grace_ms.is_some();
+        let mut until = tokio::time::Instant::now()
+            + match grace_ms {
+                Some(g) => Duration::from_millis(g.into()) + RETIRE_MARGIN,
+                None => wait,
+            };
+        if draining {
+            info!(grace = ?until.duration_since(tokio::time::Instant::now()), "the old session drains: its streams finish on it");
+        }
+        loop {
+            tokio::select! {
+                _ = conn.closed() => return,
+                _ = tokio::time::sleep_until(until) => {
+                    if !draining {
+                        debug!("the relay did not drain the old session; closing it");
+                    }
+                    return;
+                }
+                f = frames.next() => {
+                    let Some(Ok(bytes)) = f else {
+                        // The relay ended the control stream: it closes
+                        // the connection next; wait for that (bounded).
+                        tokio::select! {
+                            _ = conn.closed() => {}
+                            _ = tokio::time::sleep_until(until) => {}
+                        }
+                        return;
+                    };
+                    match decode_control(&bytes) {
+                        Ok(Incoming::Known { msg: Control::GoAway { grace_ms, .. }, .. }) if !draining => {
+                            draining = true;
+                            let grace = Duration::from_millis(grace_ms.into());
+                            info!(?grace, "the old session drains: its streams finish on it");
+                            until = tokio::time::Instant::now() + grace + RETIRE_MARGIN;
+                        }
+                        Ok(Incoming::Known { msg: Control::Ping { nonce }, .. }) => {
+                            let pong = Control::Pong { nonce };
+                            if tokio::time::timeout(wait, write_frame(&mut send, &pong)).await.is_err() {
+                                return;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        () = work => {}
+    }
+    conn.close(close_code::NORMAL, "moved to a new session");
+    if let Some(ep) = endpoint {
+        ep.close(close_code::NORMAL.into(), b"");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A relay's close for silence (`SILENT`: a path dead only upstream)
+    /// is a strike like the edge's own dead-path verdict: two such quick
+    /// losses and the edge dials TCP first. Other closes by the relay (and
+    /// an older relay's `PROTOCOL` for the same silence) are not.
+    #[test]
+    fn a_relay_silence_close_is_a_dead_path_strike() {
+        assert!(path_died(false, Some(close_code::SILENT)));
+        assert!(path_died(true, None));
+        for other in [
+            None,
+            Some(close_code::NORMAL),
+            Some(close_code::PROTOCOL),
+            Some(close_code::GOING_AWAY),
+            Some(close_code::KICKED),
+        ] {
+            assert!(!path_died(false, other), "{other:?}");
+        }
+        let n = AtomicU64::new(0);
+        let s = QuicStrikes(&n);
+        let quick = Duration::from_secs(16);
+        for _ in 0..2 {
+            s.session_ended(quick, path_died(false, Some(close_code::SILENT)));
+        }
+        assert_eq!(s.mode(TransportMode::Auto), TransportMode::Tcp);
+    }
+
+    #[test]
+    fn quic_strikes_prefer_tcp_after_two_quick_losses_and_clear_after_a_long_session() {
+        let n = AtomicU64::new(0);
+        let s = QuicStrikes(&n);
+        let quick = Duration::from_secs(20);
+        let probe = Duration::from_secs(60);
+        s.session_ended(quick, true);
+        assert_eq!(s.mode(TransportMode::Auto), TransportMode::Auto);
+        assert_eq!(s.probe_interval(probe), probe);
+        // Ended some other way: no strike, none cleared.
+        s.session_ended(quick, false);
+        assert_eq!(n.load(Relaxed), 1);
+        s.session_ended(quick, true);
+        assert_eq!(s.mode(TransportMode::Auto), TransportMode::Tcp);
+        // Only `auto` changes.
+        assert_eq!(s.mode(TransportMode::Quic), TransportMode::Quic);
+        assert_eq!(s.probe_interval(probe), probe * 2);
+        s.session_ended(quick, true);
+        assert_eq!(s.probe_interval(probe), probe * 4);
+        for _ in 0..100 {
+            s.session_ended(quick, true);
+        }
+        assert_eq!(s.probe_interval(probe), probe * 32, "capped");
+        // A session that lasted clears the count; if it died, it is the
+        // first strike of a new run.
+        s.session_ended(QuicStrikes::WINDOW, true);
+        assert_eq!(n.load(Relaxed), 1);
+        assert_eq!(s.mode(TransportMode::Auto), TransportMode::Auto);
+        s.session_ended(QuicStrikes::WINDOW, false);
+        assert_eq!(n.load(Relaxed), 0);
+    }
+}

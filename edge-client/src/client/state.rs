@@ -1,0 +1,175 @@
+//! What the edge client tells its watchers: its life-cycle state and its
+//! counters (read by the status endpoint, capture and the supervisor).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use relay_protocol::{Cidr, RejectReason, Replica};
+use relay_transport::{Direction, Meter};
+use tokio::sync::watch;
+
+/// Where the client is in its life cycle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EdgeState {
+    /// Dialing the relay (attempt number since the last session).
+    Connecting {
+        /// 1 for the first attempt.
+        attempt: u32,
+        /// Why the last session ended, or the last attempt failed and then
+        /// why the session before it ended (`None` before the first): what
+        /// an operator reading `/readyz` during an outage needs first.
+        last: Option<String>,
+    },
+    /// Registered with the relay.
+    Connected {
+        /// Session id assigned by the relay.
+        session_id: u64,
+        /// Session generation.
+        generation: u64,
+        /// Which replica.
+        relay_id: String,
+        /// Prefixes the relay asks us to send back through the tunnel.
+        tunnel_routes: Vec<Cidr>,
+        /// Whether `tunnel_routes` is the relay's complete set. False from
+        /// the hello of a relay that sends routes as deltas until the
+        /// first complete batch: capture keeps the routes it had, so pod
+        /// traffic to cloud ranges is never let out by the default route
+        /// while a new session's routes are on their way.
+        routes_complete: bool,
+        /// Prefixes this edge serves (the relay's word if it decides,
+        /// else the config's); never captured.
+        served_routes: Vec<Cidr>,
+        /// The relay replicas this relay says to hold a session to each;
+        /// `None` until it says (a relay without a replica set never does:
+        /// one session is all).
+        replicas: Option<Vec<Replica>>,
+    },
+    /// The relay refused the last handshake (retrying with backoff).
+    Rejected {
+        /// Why.
+        reason: RejectReason,
+        /// The relay's explanation.
+        message: String,
+    },
+    /// Shut down.
+    Stopped,
+}
+
+/// Counters of one edge client (all sessions).
+#[derive(Debug, Default)]
+pub struct EdgeStats {
+    /// Streams being served now.
+    pub open_streams: AtomicU64,
+    /// Streams the relay opened, in total.
+    pub streams_total: AtomicU64,
+    /// Streams refused because the target is outside our routes or ports.
+    pub denied: AtomicU64,
+    /// Streams whose dial failed.
+    pub dial_failures: AtomicU64,
+    /// Bytes sent to the relay.
+    pub bytes_up: AtomicU64,
+    /// Bytes received from the relay.
+    pub bytes_down: AtomicU64,
+    /// Sessions established.
+    pub sessions: AtomicU64,
+    /// Times the client fell back from QUIC to TLS over TCP.
+    pub fallbacks: AtomicU64,
+    /// Sessions QUIC carries now, to any of the relay's replicas: while
+    /// there is one, UDP reaches the relay, and an unanswered QUIC attempt
+    /// waits out the handshake bound instead of falling back to TCP.
+    pub quic_sessions_live: AtomicU64,
+    /// Control messages of a newer protocol revision, ignored.
+    pub control_unknown: AtomicU64,
+    /// Round-trip time of the edge's last answered control ping, in
+    /// microseconds (0 before the first pong). Measured ping → pong on the
+    /// control stream, so on a congested uplink it includes the queueing
+    /// delay the tunnel's traffic sees (unlike QUIC's own RTT estimate,
+    /// which quinn takes from acknowledgements).
+    pub control_rtt_us: AtomicU64,
+    /// The largest control RTT seen, in microseconds.
+    pub control_rtt_max_us: AtomicU64,
+    /// Pongs that arrived after the next ping had been sent (late, but
+    /// within the dead-path bound, so the session was kept).
+    pub pongs_late: AtomicU64,
+    /// Control pings sent because data from the relay stopped dead while
+    /// streams were open (QUIC; see `liveness::StallProbe`): each is a
+    /// possible NAT rebinding, ended by the probe instead of a keep-alive
+    /// later.
+    pub stall_probes: AtomicU64,
+    /// Sessions the edge gave up because its own liveness check found the
+    /// path dead (nothing from the relay, or a control ping unanswered,
+    /// for the dead-path bound).
+    pub paths_dead: AtomicU64,
+    /// QUIC sessions the relay ended with a close of its own (its idle
+    /// timeout, a drain, the node deleted or refused, an operator's
+    /// close). On a path dead only upstream this, not `paths_dead`, is how
+    /// the edge learns: what the relay sends still arrives. The TCP
+    /// fallback cannot tell a close from a loss and never counts here.
+    pub closed_by_relay: AtomicU64,
+    /// QUIC sessions in a row lost to a dead path soon after they came up
+    /// (the edge's liveness check gave them up, or the relay closed them
+    /// for hearing nothing from the edge), as counted by the reconnect loop (one per relay
+    /// replica) whose QUIC session ended last; at 2 and above, that loop
+    /// dials TCP first and probes QUIC less often.
+    pub quic_strikes: AtomicU64,
+    /// For each relay name (each replica's reconnect loop dials its own),
+    /// which of its addresses the next attempt dials, modulo their number:
+    /// advanced past an address that gave no answer, so a name with an
+    /// IPv6 and an IPv4 address still connects where IPv6 is broken (the
+    /// resolver puts IPv6 first whenever the node has an IPv6 route to
+    /// it, whether or not packets get through upstream). Only a silent
+    /// address moves it (and a QUIC probe that found QUIC answering at
+    /// another address): a relay that answered and refused (draining,
+    /// overloaded, a TLS error) is reached at that address, and moving on
+    /// would send the next attempt to one that may be the broken one.
+    pub relay_addr_turns: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// The addresses each relay name resolved to last: dialled when the
+    /// name stops resolving (the site's or carrier's DNS down while the
+    /// uplink works), where a failed lookup used to fail every attempt.
+    pub relay_addrs_known: std::sync::Mutex<std::collections::HashMap<String, Vec<SocketAddr>>>,
+    /// The addresses `relay_addrs_file` held at start: dialled when a name
+    /// does not resolve and has not resolved in this run either. Kept apart
+    /// from `relay_addrs_known` so the short lookup bound applies only to
+    /// names resolved in this run: a saved address may be stale, and a
+    /// slow but working resolver must get its full time.
+    pub(crate) relay_addrs_loaded:
+        std::sync::Mutex<std::collections::HashMap<String, Vec<SocketAddr>>>,
+    /// The table to save, for the saver of `relay_addrs_file` (set when a
+    /// name resolves to a different set of addresses).
+    pub(crate) relay_addrs_saved: watch::Sender<Option<Arc<crate::relay_addrs::SavedRelayAddrs>>>,
+    /// QUIC's smoothed round-trip estimate, in microseconds, as of the last
+    /// keep-alive tick (0 on TCP). Control pings are rare on QUIC (see
+    /// [`relay_protocol::QUIC_CONTROL_PING`]); this follows the path every
+    /// interval, and, taken from acknowledgements of what the edge sends,
+    /// it includes the uplink's queueing delay.
+    pub path_rtt_us: AtomicU64,
+    /// The largest path RTT seen at a tick, in microseconds.
+    pub path_rtt_max_us: AtomicU64,
+    /// UDP flow counters.
+    pub udp: Arc<relay_transport::udp::UdpStats>,
+    /// The captured-connection bound (`capture.max_connections`) and its
+    /// refusal count; set once capture runs.
+    pub capture_bound: std::sync::OnceLock<relay_transport::conn::AcceptBound>,
+    /// Tunnel routes that overlap one of this node's LANs, as capture last
+    /// planned them: that part of the route is reached on the LAN, never
+    /// through the relay (see `subnets`). Shown in `/metrics`, one series
+    /// per route, so an operator sees which cloud range a site cannot
+    /// reach without reading the edge's log, and sent to the relay
+    /// ([`Control::LanOverlaps`](relay_protocol::Control::LanOverlaps))
+    /// for its admin API.
+    pub lan_overlaps: watch::Sender<Vec<relay_protocol::Cidr>>,
+    /// 1 while capture is on the node, 0 while its install fails and is
+    /// retried (see [`relay_transport::capture::Capture::uninstalled`]).
+    pub capture_installed: AtomicU64,
+}
+
+impl Meter for EdgeStats {
+    fn add(&self, dir: Direction, bytes: u64) {
+        // ToTunnel here is from the local target towards the relay.
+        match dir {
+            Direction::ToTunnel => self.bytes_up.fetch_add(bytes, Relaxed),
+            Direction::FromTunnel => self.bytes_down.fetch_add(bytes, Relaxed),
+        };
+    }
+}
