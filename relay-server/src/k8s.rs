@@ -14,21 +14,16 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use std::future::Future;
-use std::pin::Pin;
-
 use relay_kube::{
     ClientOptions, DirectoryOptions, IpamDirectory, IpamKind, IpamOptions, KubeClientConfig,
-    NodeClaims, NodeDirectory, PodReader, SessionEvents, StatusWriter, TokenReviewError,
-    TokenReviewer,
+    NodeClaims, NodeDirectory, PodReader, SessionEvents, StatusWriter, TokenReviewer,
 };
 use relay_protocol::Cidr;
-use relay_protocol::RejectReason;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::bootstrap::{Refusal, TokenAuthority, TokenIdentity};
+use crate::bootstrap::TokenAuthority;
 use crate::config::{KubeSettings, RelayConfig};
 use crate::directory::{
     ambiguity, build_entries, Claim, ClaimIndex, Directory, IpamReport, Lookup, NodeEntry,
@@ -40,8 +35,10 @@ pub(crate) mod cache;
 pub(crate) mod ipam_prefixes;
 pub(crate) mod node_addresses;
 mod status_writer;
+mod tokens;
 use status_writer::KubeStatus;
 pub use status_writer::{CONDITION_WRITERS, EVENT_WRITERS};
+use tokens::KubeTokens;
 
 /// Connecting to the API failed at start.
 #[derive(Debug, thiserror::Error)]
@@ -129,86 +126,6 @@ pub async fn start(
         tokens,
         services,
     })
-}
-
-/// TokenReview plus the checks on the pod the token is bound to.
-struct KubeTokens {
-    reviewer: TokenReviewer,
-    pods: PodReader,
-    username: String,
-    service_account: String,
-    daemonsets: Vec<String>,
-}
-
-impl KubeTokens {
-    async fn check(&self, token: &str) -> Result<TokenIdentity, Refusal> {
-        let deny = |m: String| (RejectReason::IdentityMismatch, m);
-        let t = self.reviewer.review(token).await.map_err(|e| match e {
-            // The API is down or slow: the edge retries; nothing is wrong
-            // with its token as far as we know.
-            TokenReviewError::Api(e) => (
-                RejectReason::Overloaded,
-                format!("cannot verify the token now: {e}"),
-            ),
-            other => deny(other.to_string()),
-        })?;
-        if t.username != self.username {
-            return Err(deny(format!(
-                "the token belongs to {}, not the edge service account {}",
-                t.username, self.username
-            )));
-        }
-        let (Some(pod), Some(uid)) = (t.pod_name.clone(), t.pod_uid.clone()) else {
-            return Err(deny("the token is not bound to a pod".into()));
-        };
-        let facts = self
-            .pods
-            .get(&pod)
-            .await
-            .map_err(|e| {
-                (
-                    RejectReason::Overloaded,
-                    format!("cannot read pod {pod}: {e}"),
-                )
-            })?
-            .ok_or_else(|| deny(format!("pod {pod} does not exist")))?;
-        if facts.uid.as_deref() != Some(uid.as_str()) {
-            return Err(deny(format!(
-                "pod {pod} was replaced (uid differs from the token's)"
-            )));
-        }
-        if facts.node_name.as_deref() != Some(t.node_name.as_str()) {
-            return Err(deny(format!(
-                "pod {pod} runs on {:?}, the token is bound to node {}",
-                facts.node_name, t.node_name
-            )));
-        }
-        if facts.service_account.as_deref() != Some(self.service_account.as_str()) {
-            return Err(deny(format!(
-                "pod {pod} does not use service account {}",
-                self.service_account
-            )));
-        }
-        if !self.daemonsets.iter().any(|d| facts.daemonsets.contains(d)) {
-            return Err(deny(format!(
-                "pod {pod} does not belong to DaemonSet {}",
-                self.daemonsets.join(" or ")
-            )));
-        }
-        Ok(TokenIdentity {
-            node: t.node_name,
-            pod,
-        })
-    }
-}
-
-impl TokenAuthority for KubeTokens {
-    fn authenticate<'a>(
-        &'a self,
-        token: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<TokenIdentity, Refusal>> + Send + 'a>> {
-        Box::pin(self.check(token))
-    }
 }
 
 struct Snapshot {
