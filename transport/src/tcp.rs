@@ -11,6 +11,7 @@
 mod budget;
 mod counted;
 mod dial;
+mod driver;
 mod mux;
 mod socket;
 
