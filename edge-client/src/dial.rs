@@ -78,7 +78,18 @@ impl Dialer<'_> {
             Ok(addrs) => {
                 let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
                 let addrs = crate::nat64::reachable(addrs, mark).await;
-                self.dial_any(&addrs, tls).await
+                let routed = |a: &SocketAddr| crate::nat64::has_route(*a, mark);
+                let ordered = dial_order(&addrs, &cfg.node, routed);
+                if ordered.is_empty() && !addrs.is_empty() {
+                    // The uplink is down (its routes gone with it): every
+                    // address would fail at once. Not the addresses'
+                    // fault, so the turn stays where it was.
+                    return Err(format!(
+                        "no route to any of {}'s addresses {addrs:?} (is the uplink down?)",
+                        cfg.relay
+                    ));
+                }
+                self.dial_any(&ordered, tls).await
             }
             // Behind a proxy the site's resolver may know no outside
             // names: the proxy resolves the relay's.
@@ -423,6 +434,38 @@ fn tcp_target(cfg: &EdgeConfig) -> std::borrow::Cow<'_, str> {
 
 /// The address of `addrs` for attempt `turn` (they take turns), `None` when
 /// the name resolved to nothing.
+/// The relay's addresses in the order an edge takes turns on them: those
+/// this host has a route to (`routed`; all of them unrouted gives none),
+/// each once, ordered by a hash of `node` and the address. The resolver's
+/// order is no order to keep a turn in: round-robin DNS rotates it on
+/// every answer, and glibc sorts IPv6 first whether or not IPv6 works past
+/// the site's router, so an index into it named a different address on
+/// each attempt and a dead address came round again however often it was
+/// passed. A hash keeps each edge's order the same across answers, and
+/// spreads a fleet's first choices over the addresses as round-robin DNS
+/// would; an address leaving the answer moves only the edges it was
+/// first for (rendezvous hashing). An address with no route (IPv6 on a
+/// site without it) would fail at once and cost an attempt.
+fn dial_order(
+    addrs: &[SocketAddr],
+    node: &str,
+    routed: impl Fn(&SocketAddr) -> bool,
+) -> Vec<SocketAddr> {
+    // FNV-1a: the same order in every run and every build.
+    let key = |a: &SocketAddr| {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in node.bytes().chain([0]).chain(a.to_string().into_bytes()) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        h
+    };
+    let mut out: Vec<SocketAddr> = addrs.iter().copied().filter(|a| routed(a)).collect();
+    out.sort_unstable();
+    out.dedup();
+    out.sort_by_cached_key(|a| (key(a), *a));
+    out
+}
+
 fn pick(addrs: &[SocketAddr], turn: u64) -> Option<SocketAddr> {
     let n = u64::try_from(addrs.len()).ok().filter(|&n| n > 0)?;
     addrs.get(usize::try_from(turn % n).ok()?).copied()
@@ -733,6 +776,41 @@ mod tests {
         assert_eq!(pick(&[a, b], 0), Some(a));
         assert_eq!(pick(&[a, b], 1), Some(b));
         assert_eq!(pick(&[a, b], 2), Some(a));
+    }
+
+    /// The order turns are taken in is the same however the resolver
+    /// orders the answer, differs between edges, skips addresses without
+    /// a route and lists each address once; with no route at all, none.
+    #[test]
+    fn the_dial_order_holds_across_answers_and_spreads_edges() {
+        let addrs: Vec<SocketAddr> = ["192.0.2.1:8443", "192.0.2.2:8443", "192.0.2.3:8443"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let all = |_: &SocketAddr| true;
+        let order = dial_order(&addrs, "edge-a", all);
+        assert_eq!(order.len(), 3);
+        let mut rotated = addrs.clone();
+        for _ in 0..3 {
+            rotated.rotate_left(1);
+            assert_eq!(dial_order(&rotated, "edge-a", all), order);
+        }
+        let twice: Vec<SocketAddr> = addrs.iter().chain(&addrs).copied().collect();
+        assert_eq!(dial_order(&twice, "edge-a", all), order);
+        // A fleet's first choices cover every address.
+        let firsts: std::collections::BTreeSet<SocketAddr> = (0..60)
+            .map(|i| dial_order(&addrs, &format!("edge-{i}"), all)[0])
+            .collect();
+        assert_eq!(firsts.len(), 3, "first choices {firsts:?}");
+        // An IPv6 address without a route is not dialled; nothing routed,
+        // nothing to dial.
+        let v6: SocketAddr = "[2001:db8::1]:8443".parse().unwrap();
+        let with_v6: Vec<SocketAddr> = addrs.iter().copied().chain([v6]).collect();
+        assert_eq!(
+            dial_order(&with_v6, "edge-a", |a: &SocketAddr| a.is_ipv4()),
+            order
+        );
+        assert!(dial_order(&addrs, "edge-a", |_: &SocketAddr| false).is_empty());
     }
 
     /// `tcp_fallback_port` replaces the relay's port in what the proxy is

@@ -73,7 +73,7 @@ fn rewrite(
 
 /// Whether this host has a route to `addr` (no packet is sent: a UDP
 /// socket's `connect` only picks the route).
-fn has_route(addr: SocketAddr, mark: u32) -> bool {
+pub(crate) fn has_route(addr: SocketAddr, mark: u32) -> bool {
     let bind: SocketAddr = if addr.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     } else {

@@ -1,7 +1,7 @@
 //! One relay's reconnect loop: dial, run the session, retire the
 //! connection a session moved away from, back off, again.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,44 +52,70 @@ pub(crate) fn path_died(own_check: bool, peer_close: Option<u32>) -> bool {
     own_check || peer_close == Some(close_code::SILENT)
 }
 
-/// The count of QUIC sessions in a row lost to a dead path (see
-/// [`path_died`]) soon after they came up. A middlebox that lets each new UDP flow through and
-/// drops it after a while (a DPI box classifying QUIC, a UDP volume cap)
-/// would otherwise have an `auto` edge flap for ever: every new attempt's
-/// handshake succeeds, the session dies a dead-path bound later, and
-/// again. After [`QuicStrikes::PREFER_TCP`] such losses the edge dials TCP
-/// first (an attempt after a failed TCP-first one is QUIC-first again, so
-/// a relay reachable only over QUIC is still reached), and its QUIC probe
-/// waits twice as long after each further one. Counted per reconnect loop
-/// (per relay replica), each path being its own.
-pub(crate) struct QuicStrikes<'a>(pub(crate) &'a AtomicU64);
+/// The QUIC sessions lost to a dead path (see [`path_died`]) in the last
+/// [`QuicStrikes::MEMORY`]. A middlebox that lets each new UDP flow
+/// through and drops it after a while (a DPI box classifying QUIC, a UDP
+/// volume cap, a firewall's session lifetime) would otherwise have an
+/// `auto` edge flap for ever: every new attempt's handshake succeeds, the
+/// session dies a dead-path bound later, and again. After
+/// [`QuicStrikes::PREFER_TCP`] such losses the edge dials TCP first (an
+/// attempt after a failed TCP-first one is QUIC-first again, so a relay
+/// reachable only over QUIC is still reached), and its QUIC probe waits
+/// twice as long after each further one. Losses count by when they
+/// happened, not by how long the session lasted: a flow cut after 6
+/// minutes strikes as surely as one cut after 20 s (a rule that cleared
+/// the count after any 5-minute session let that edge flap every 6
+/// minutes for ever). Counted per reconnect loop (per relay replica),
+/// each path being its own.
+#[derive(Debug, Default)]
+pub(crate) struct QuicStrikes {
+    /// When each loss happened, oldest first; at most [`Self::KEPT`].
+    losses: std::collections::VecDeque<Instant>,
+}
 
-impl QuicStrikes<'_> {
-    /// Losses in a row after which an `auto` edge dials TCP first.
+impl QuicStrikes {
+    /// Losses within [`Self::MEMORY`] from which an `auto` edge dials TCP
+    /// first.
     pub(crate) const PREFER_TCP: u64 = 2;
-    /// A QUIC session that lasted this long clears the count.
-    pub(crate) const WINDOW: Duration = Duration::from_secs(300);
+    /// How long a loss counts. Longer than the probe's longest wait
+    /// (32 minutes at the default), so the waits keep growing on a path
+    /// that keeps cutting QUIC; short enough that two real outages in a
+    /// morning do not keep an edge off QUIC all day (and on TCP its probe
+    /// moves it back to QUIC meanwhile, without resetting streams).
+    pub(crate) const MEMORY: Duration = Duration::from_secs(3600);
+    /// Losses kept at most: past `PREFER_TCP` + log2 of the probe's cap
+    /// more change nothing.
+    const KEPT: usize = 16;
     /// The QUIC probe's interval grows at most this many times, for
     /// strikes and failed probes together (see `session::ProbeBackoff`):
     /// 32 minutes at the default 60 s.
     pub(crate) const MAX_PROBE_FACTOR: u32 = 32;
 
-    /// Counts a QUIC session's end: `died`, given up by the edge's own
-    /// liveness check, after `lasted`.
-    pub(crate) fn session_ended(&self, lasted: Duration, died: bool) {
-        if lasted >= Self::WINDOW {
-            self.0.store(0, Relaxed);
-        }
+    /// Counts a QUIC session's end at `now`: `died`, lost to a dead path.
+    pub(crate) fn session_ended(&mut self, now: Instant, died: bool) {
         if died {
-            self.0.fetch_add(1, Relaxed);
+            if self.losses.len() == Self::KEPT {
+                self.losses.pop_front();
+            }
+            self.losses.push_back(now);
         }
     }
 
-    /// The transport to dial: `configured`, except `auto` with a count at
-    /// [`Self::PREFER_TCP`] or above, which dials TCP (the probe tries
-    /// QUIC from there).
-    pub(crate) fn mode(&self, configured: TransportMode) -> TransportMode {
-        if configured == TransportMode::Auto && self.0.load(Relaxed) >= Self::PREFER_TCP {
+    /// The losses that count at `now`.
+    pub(crate) fn count(&self, now: Instant) -> u64 {
+        let recent = self
+            .losses
+            .iter()
+            .filter(|&&at| now.saturating_duration_since(at) < Self::MEMORY)
+            .count();
+        u64::try_from(recent).unwrap_or(u64::MAX)
+    }
+
+    /// The transport to dial at `now`: `configured`, except `auto` with a
+    /// count at [`Self::PREFER_TCP`] or above, which dials TCP (the probe
+    /// tries QUIC from there).
+    pub(crate) fn mode(&self, configured: TransportMode, now: Instant) -> TransportMode {
+        if configured == TransportMode::Auto && self.count(now) >= Self::PREFER_TCP {
             TransportMode::Tcp
         } else {
             configured
@@ -97,10 +123,10 @@ impl QuicStrikes<'_> {
     }
 
     /// How long the QUIC probe waits on the TCP fallback: `interval`,
-    /// doubled for each loss from [`Self::PREFER_TCP`] on (at most
-    /// [`Self::MAX_PROBE_FACTOR`] times).
-    pub(crate) fn probe_interval(&self, interval: Duration) -> Duration {
-        let over = self.0.load(Relaxed).saturating_sub(Self::PREFER_TCP - 1);
+    /// doubled for each loss that counts at `now` from
+    /// [`Self::PREFER_TCP`] on (at most [`Self::MAX_PROBE_FACTOR`] times).
+    pub(crate) fn probe_interval(&self, interval: Duration, now: Instant) -> Duration {
+        let over = self.count(now).saturating_sub(Self::PREFER_TCP - 1);
         let factor = 1u32
             .checked_shl(u32::try_from(over).unwrap_or(u32::MAX))
             .unwrap_or(u32::MAX)
@@ -148,9 +174,9 @@ pub(crate) async fn run(
     let mut next: Option<Connected> = None;
     // Whether QUIC carried the last session (see Dialer::quic_worked).
     let mut quic_worked = false;
-    // This loop's QUIC sessions lost to a dead path (see QuicStrikes): per
-    // loop, as each replica's path is its own.
-    let strikes = AtomicU64::new(0);
+    // This loop's QUIC sessions lost to a dead path: per loop, as each
+    // replica's path is its own.
+    let mut strikes = QuicStrikes::default();
     // A TCP-first attempt (see QuicStrikes) failed: the next one is the
     // configured mode again, QUIC first, so a relay reachable only over
     // QUIC (no TCP fallback, a UDP-only balancer) is not given up on.
@@ -160,8 +186,11 @@ pub(crate) async fn run(
         let mode = if tcp_first_failed {
             cfg.transport
         } else {
-            QuicStrikes(&strikes).mode(cfg.transport)
+            strikes.mode(cfg.transport, Instant::now())
         };
+        stats
+            .quic_strikes
+            .store(strikes.count(Instant::now()), Relaxed);
         let tcp_first = mode != cfg.transport;
         let result = match next.take() {
             Some(c) => Ok(c),
@@ -255,7 +284,7 @@ pub(crate) async fn run(
                     gen = hello.generation
                 );
                 let mut io = SessionIo {
-                    probe_interval: QuicStrikes(&strikes).probe_interval(cfg.quic_probe_interval),
+                    probe_interval: strikes.probe_interval(cfg.quic_probe_interval, Instant::now()),
                     went_away: false,
                     path_dead: false,
                 };
@@ -282,8 +311,9 @@ pub(crate) async fn run(
                 }
                 if quic_worked {
                     let died = path_died(io.path_dead, conn.peer_close_code());
-                    QuicStrikes(&strikes).session_ended(up.elapsed(), died);
-                    stats.quic_strikes.store(strikes.load(Relaxed), Relaxed);
+                    let now = Instant::now();
+                    strikes.session_ended(now, died);
+                    stats.quic_strikes.store(strikes.count(now), Relaxed);
                     // A path that went dead is not a relay restarting (a
                     // restarted relay answers with a stateless reset, and
                     // one that restarts takes less than the dead-path
@@ -497,44 +527,62 @@ mod tests {
         ] {
             assert!(!path_died(false, other), "{other:?}");
         }
-        let n = AtomicU64::new(0);
-        let s = QuicStrikes(&n);
-        let quick = Duration::from_secs(16);
+        let mut s = QuicStrikes::default();
+        let now = Instant::now();
         for _ in 0..2 {
-            s.session_ended(quick, path_died(false, Some(close_code::SILENT)));
+            s.session_ended(now, path_died(false, Some(close_code::SILENT)));
         }
-        assert_eq!(s.mode(TransportMode::Auto), TransportMode::Tcp);
+        assert_eq!(s.mode(TransportMode::Auto, now), TransportMode::Tcp);
     }
 
     #[test]
-    fn quic_strikes_prefer_tcp_after_two_quick_losses_and_clear_after_a_long_session() {
-        let n = AtomicU64::new(0);
-        let s = QuicStrikes(&n);
-        let quick = Duration::from_secs(20);
+    fn quic_strikes_prefer_tcp_after_two_losses_within_the_memory() {
+        let mut s = QuicStrikes::default();
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
         let probe = Duration::from_secs(60);
-        s.session_ended(quick, true);
-        assert_eq!(s.mode(TransportMode::Auto), TransportMode::Auto);
-        assert_eq!(s.probe_interval(probe), probe);
+        s.session_ended(at(20), true);
+        assert_eq!(s.mode(TransportMode::Auto, at(20)), TransportMode::Auto);
+        assert_eq!(s.probe_interval(probe, at(20)), probe);
         // Ended some other way: no strike, none cleared.
-        s.session_ended(quick, false);
-        assert_eq!(n.load(Relaxed), 1);
-        s.session_ended(quick, true);
-        assert_eq!(s.mode(TransportMode::Auto), TransportMode::Tcp);
+        s.session_ended(at(40), false);
+        assert_eq!(s.count(at(40)), 1);
+        s.session_ended(at(60), true);
+        assert_eq!(s.mode(TransportMode::Auto, at(60)), TransportMode::Tcp);
         // Only `auto` changes.
-        assert_eq!(s.mode(TransportMode::Quic), TransportMode::Quic);
-        assert_eq!(s.probe_interval(probe), probe * 2);
-        s.session_ended(quick, true);
-        assert_eq!(s.probe_interval(probe), probe * 4);
-        for _ in 0..100 {
-            s.session_ended(quick, true);
+        assert_eq!(s.mode(TransportMode::Quic, at(60)), TransportMode::Quic);
+        assert_eq!(s.probe_interval(probe, at(60)), probe * 2);
+        s.session_ended(at(80), true);
+        assert_eq!(s.probe_interval(probe, at(80)), probe * 4);
+        for i in 0..100 {
+            s.session_ended(at(100 + i), true);
         }
-        assert_eq!(s.probe_interval(probe), probe * 32, "capped");
-        // A session that lasted clears the count; if it died, it is the
-        // first strike of a new run.
-        s.session_ended(QuicStrikes::WINDOW, true);
-        assert_eq!(n.load(Relaxed), 1);
-        assert_eq!(s.mode(TransportMode::Auto), TransportMode::Auto);
-        s.session_ended(QuicStrikes::WINDOW, false);
-        assert_eq!(n.load(Relaxed), 0);
+        assert_eq!(s.probe_interval(probe, at(200)), probe * 32, "capped");
+        // An hour later they no longer count.
+        let later = at(200) + QuicStrikes::MEMORY;
+        assert_eq!(s.count(later), 0);
+        assert_eq!(s.mode(TransportMode::Auto, later), TransportMode::Auto);
+        assert_eq!(s.probe_interval(probe, later), probe);
+    }
+
+    /// A path that cuts each QUIC flow after 6 minutes (a firewall's
+    /// session lifetime, a UDP volume cap) strikes as a quick cut does:
+    /// the second such loss sends the edge to TCP first, and the probe
+    /// waits longer after each further one (a count cleared by every
+    /// session that lasted 5 minutes had this edge flap for ever).
+    #[test]
+    fn sessions_cut_after_minutes_each_strike() {
+        let mut s = QuicStrikes::default();
+        let t0 = Instant::now();
+        let probe = Duration::from_secs(60);
+        let mut now = t0;
+        let mut waits = Vec::new();
+        for _ in 0..4 {
+            now += Duration::from_secs(6 * 60);
+            s.session_ended(now, true);
+            waits.push(s.probe_interval(probe, now));
+        }
+        assert_eq!(s.mode(TransportMode::Auto, now), TransportMode::Tcp);
+        assert_eq!(waits, [probe, probe * 2, probe * 4, probe * 8]);
     }
 }
