@@ -83,6 +83,8 @@ pub(crate) async fn run(
     cancel: CancellationToken,
 ) {
     let current = conns.clone();
+    let mut conn_changes = conns.clone();
+    let mut relay_addrs = stats.relay_addrs_saved.subscribe();
     // UDP to a ClusterIP with an endpoint on this edge goes to that
     // endpoint, as TCP does (no hairpin through the relay, and it works
     // while the relay is away); everything else to the relay (a ClusterIP
@@ -240,8 +242,9 @@ pub(crate) async fn run(
             // device routing through the node must not reach the cloud.
             let mut sources: BTreeSet<Cidr> = served.into_iter().collect();
             sources.extend(cfg.capture.iter().flat_map(|c| c.sources.iter().flatten()));
+            let peers = tunnel_peers(&stats, &conn_changes.borrow_and_update());
             let applied = match cap.apply_sources(&sources).await {
-                Ok(()) => cap.apply(&plan.want, &plan.skip).await,
+                Ok(()) => cap.apply(&plan.want, &plan.skip, &peers).await,
                 Err(e) => Err(e),
             };
             if let Err(e) = applied {
@@ -257,6 +260,10 @@ pub(crate) async fn run(
             _ = &mut accept => break,
             r = state.changed() => if r.is_err() { break },
             r = table.changed() => if r.is_err() { break },
+            // The relay's addresses are peers (see `tunnel_peers`): a name
+            // that resolves anew, a connection through a proxy.
+            r = relay_addrs.changed() => if r.is_err() { break },
+            r = conn_changes.changed() => if r.is_err() { break },
             _ = lans.tick() => ticked = true,
         }
     }
@@ -273,6 +280,34 @@ pub(crate) async fn run(
             warn!("saving the capture state did not finish within 5s");
         }
     }
+}
+
+/// Where the tunnel's own packets come from: every address this run
+/// resolved a relay name to, those the previous run saved
+/// (`relay_addrs_file`), and the far end of the live connection (a proxy,
+/// with `tcp_proxy`). Capture lets their packets pass the kernel's source
+/// check when a tunnel route covers them (the relay node's subnet listed
+/// as a cloud range, a relay reached over a VPN): otherwise every packet
+/// from the relay is dropped once the routes are installed, and the
+/// session is lost for good (see `relay_transport::capture`).
+fn tunnel_peers(
+    stats: &EdgeStats,
+    conn: &Option<(relay_transport::TunnelConn, Arc<FlowTable>)>,
+) -> BTreeSet<std::net::IpAddr> {
+    let lock =
+        |m: &std::sync::Mutex<std::collections::HashMap<String, Vec<std::net::SocketAddr>>>| {
+            m.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .flatten()
+                .map(|a| a.ip())
+                .collect::<Vec<_>>()
+        };
+    let mut peers: BTreeSet<std::net::IpAddr> =
+        lock(&stats.relay_addrs_known).into_iter().collect();
+    peers.extend(lock(&stats.relay_addrs_loaded));
+    peers.extend(conn.iter().map(|(c, _)| c.remote_addr().ip()));
+    peers
 }
 
 async fn accept_loop(

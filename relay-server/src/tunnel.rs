@@ -4,8 +4,8 @@
 //! by edges (edge → cloud, edge → edge through the relay; their UDP flows
 //! in `tunnel_udp`); and keep the relay node's capture in step.
 
-use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -248,6 +248,9 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     check.tick().await;
     let mut ticked = false;
+    // Where each node's session came from last: an offline node whose
+    // routes are held reconnects from there (see `peers` below).
+    let mut last_peer: HashMap<String, IpAddr> = HashMap::new();
     loop {
         if std::mem::take(&mut ticked) {
             if let Err(e) = cap.repair().await {
@@ -275,12 +278,26 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
         // then reset at once (no session: `no_route`) rather than sent by
         // the default route, where it would hang (see
         // `registry/offline.rs`).
+        let offline = shared.registry.offline_routes();
         let want: BTreeSet<Cidr> = (shared.registry.routes().into_iter())
-            .chain(shared.registry.offline_routes())
+            .chain(offline.iter().cloned())
             .map(|r| r.cidr)
             .collect();
+        // The addresses edges' sessions come from: an edge that reaches
+        // this node without NAT (a private APN, a site VPN) sends from the
+        // node address it claims, which capture would otherwise make the
+        // kernel drop as a martian (see `relay_transport::capture`), and
+        // the session would die as soon as its routes were captured. Held
+        // offline nodes keep theirs: they reconnect from it.
+        let sessions = shared.registry.sessions_unsorted();
+        let held: HashSet<&str> = offline.iter().map(|r| r.node.as_str()).collect();
+        last_peer.retain(|node, _| held.contains(node.as_str()));
+        for s in &sessions {
+            last_peer.insert(s.node.clone(), s.conn.remote_addr().ip());
+        }
+        let peers: BTreeSet<IpAddr> = last_peer.values().copied().collect();
         let mut failed = match cap.apply_sources(&sources).await {
-            Ok(()) => cap.apply(&want, &none).await.err(),
+            Ok(()) => cap.apply(&want, &none, &peers).await.err(),
             Err(e) => Some(e),
         };
         {

@@ -54,6 +54,7 @@
 //! ip rule  fwmark <reply_mark> lookup <route_table> pref <rule_pref - 1> # replies to them
 //! ip rule  fwmark <own_mark> lookup main      pref <rule_pref - 1>   # our own sockets bypass
 //! ip rule  to <skip prefix> lookup main      pref <rule_pref - 1>   # one per skipped prefix
+//! ip rule  to <peer>/32 lookup main          pref <rule_pref - 1>   # one per captured peer (below)
 //! ip rule  to <prefix> iif lo lookup <route_table> pref <rule_pref>  # one per captured prefix
 //! ip route local default dev lo src 127.0.0.1 table <route_table>
 //! ip addr <redirect_address>/32 dev lo scope host   # where captured traffic is sent
@@ -83,6 +84,27 @@
 //! captured was already redirected to a local address in prerouting, and
 //! forwarded traffic that is not (a source outside `src4`) must be routed
 //! as if capture were not there, not delivered locally.
+//!
+//! **Peers inside captured prefixes.** The kernel checks the source of
+//! every packet it receives by looking up the route back to it as if
+//! from `lo` (`fib_validate_source`; with policy rules installed it always
+//! does, whatever `rp_filter` says), so the `iif lo` rules above answer
+//! that lookup too: for a source inside a captured prefix the answer is
+//! the local route, and the packet is dropped as a martian. Traffic that
+//! capture carries never arrives from such a source, but the tunnel's own
+//! connection can: an edge dialling the relay at an address inside a
+//! tunnel route (the relay node's own subnet listed as a cloud range, a
+//! relay on a public address reached over a VPN), or a relay whose edge
+//! arrives without NAT (a private APN, a site VPN), its node address both
+//! claimed and the session's source. Every packet of that connection was
+//! dropped the moment the routes were installed, and the session never
+//! came back. So [`Capture::apply`] takes the tunnel's peers: each one
+//! inside a captured prefix gets a rule `to <peer>/32 lookup main` ahead
+//! of the capture rules, which answers the source check with the main
+//! table's route (the one the connection uses). It is a routing rule only,
+//! not a skip: host processes connecting to that address are still
+//! captured (the output NAT hook redirects them; the main table only has
+//! to have a route, which it has, the peer being reachable).
 //!
 //! Sources ([`Capture::apply_sources`]): only forwarded traffic from the
 //! prefixes in `src4` is captured (on an edge: its pod CIDRs and addresses,
@@ -119,7 +141,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use relay_protocol::Cidr;
@@ -226,6 +248,11 @@ pub struct Capture {
     cfg: CaptureConfig,
     installed: BTreeSet<Cidr>,
     skipped: BTreeSet<Cidr>,
+    /// The peers last given to [`Capture::apply`].
+    peers: BTreeSet<IpAddr>,
+    /// The prefixes with a bypass rule (`to <c> lookup main` at
+    /// `rule_pref - 1`): `skipped` and the peers inside `installed`.
+    bypassed: BTreeSet<Cidr>,
     services: BTreeSet<(SocketAddr, Proto)>,
     local_services: BTreeSet<(SocketAddr, Proto)>,
     /// External and load-balancer IP ports, taken from any source.
@@ -284,6 +311,8 @@ impl Capture {
             cfg,
             installed: BTreeSet::new(),
             skipped: BTreeSet::new(),
+            peers: BTreeSet::new(),
+            bypassed: BTreeSet::new(),
             services: BTreeSet::new(),
             local_services: BTreeSet::new(),
             open_services: BTreeSet::new(),
@@ -415,12 +444,18 @@ impl Capture {
     /// (an edge's own pod CIDR inside the cluster range it sends to the
     /// relay): they return early in nft and have bypass rules ahead of the
     /// capture rules.
+    ///
+    /// `peers` are the addresses the tunnel's own connections come from
+    /// (the relay, for an edge; edges' source addresses, for the relay):
+    /// those inside a captured prefix get a routing rule so that their
+    /// packets pass the kernel's source check (see the module docs).
     pub async fn apply(
         &mut self,
         want: &BTreeSet<Cidr>,
         skip: &BTreeSet<Cidr>,
+        peers: &BTreeSet<IpAddr>,
     ) -> Result<(), CaptureError> {
-        if *want == self.installed && *skip == self.skipped {
+        if *want == self.installed && *skip == self.skipped && *peers == self.peers {
             return Ok(());
         }
         let t = &self.cfg.nft_table;
@@ -436,22 +471,27 @@ impl Capture {
                 "IPv6 prefixes are not captured"
             );
         }
-        let nft = rewrite_set(t, "dst4", &want4) + &rewrite_set(t, "skip4", &skip4);
-        run("nft", &["-f", "-"], Some(&nft)).await?;
+        let bypassed = bypass_rules(&want4, &skip4, peers);
+        if want4 != self.installed || skip4 != self.skipped {
+            let nft = rewrite_set(t, "dst4", &want4) + &rewrite_set(t, "skip4", &skip4);
+            run("nft", &["-f", "-"], Some(&nft)).await?;
+        }
         let (table, pref) = (self.cfg.route_table, self.cfg.rule_pref);
         let bypass = pref - 1;
         let mut rules = String::new();
         for c in self.installed.difference(&want4) {
             let _ = writeln!(rules, "rule del to {c} iif lo lookup {table} pref {pref}");
         }
-        for c in self.skipped.difference(&skip4) {
+        for c in self.bypassed.difference(&bypassed) {
             let _ = writeln!(rules, "rule del to {c} lookup main pref {bypass}");
+        }
+        // Bypasses first: a peer's rule must be in place before the
+        // capture rule that would otherwise drop its packets.
+        for c in bypassed.difference(&self.bypassed) {
+            let _ = writeln!(rules, "rule add to {c} lookup main pref {bypass}");
         }
         for c in want4.difference(&self.installed) {
             let _ = writeln!(rules, "rule add to {c} iif lo lookup {table} pref {pref}");
-        }
-        for c in skip4.difference(&self.skipped) {
-            let _ = writeln!(rules, "rule add to {c} lookup main pref {bypass}");
         }
         // `-force` applies every line even if one fails (a rule that already
         // exists or is already gone); the sets above decide what is caught,
@@ -474,6 +514,8 @@ impl Capture {
         self.sweeper.queue(added);
         self.installed = want4;
         self.skipped = skip4;
+        self.peers = peers.clone();
+        self.bypassed = bypassed;
         Ok(())
     }
 
@@ -545,6 +587,23 @@ async fn remove_all(cfg: &CaptureConfig) {
         }
         let _ = run("ip", &[fam, "route", "flush", "table", &table], None).await;
     }
+}
+
+/// The prefixes that get a bypass rule: every skipped prefix, and each
+/// IPv4 peer inside a captured prefix (as a `/32`; one outside needs none,
+/// and a relay with thousands of edges behind NAT adds no rule for them).
+fn bypass_rules(
+    want4: &BTreeSet<Cidr>,
+    skip4: &BTreeSet<Cidr>,
+    peers: &BTreeSet<IpAddr>,
+) -> BTreeSet<Cidr> {
+    let captured = |p: &Cidr| want4.iter().any(|c| c.contains_cidr(p));
+    let peers = peers
+        .iter()
+        .filter(|p| p.is_ipv4())
+        .map(|&p| Cidr::host(p))
+        .filter(captured);
+    skip4.iter().copied().chain(peers).collect()
 }
 
 /// The nft lines that make set `set` of table `table` hold exactly `items`
