@@ -158,6 +158,9 @@ pub(crate) async fn run(
     });
     let mut connected = BTreeSet::new();
     let mut overlapping = BTreeSet::new();
+    // Far ends of this run's connections and the proxy's addresses (see
+    // `tunnel_peers`): kept after a connection ends, since the routes are.
+    let mut far_ends: BTreeSet<std::net::IpAddr> = BTreeSet::new();
     // Interface addresses change without telling us; look again now and
     // then (the capture calls below do nothing when nothing changed).
     let mut lans = tokio::time::interval(LAN_RECHECK);
@@ -167,7 +170,8 @@ pub(crate) async fn run(
     loop {
         // On the tick, also whether something else on the node removed
         // capture (see `Capture::repair`); the calls below refill it.
-        if std::mem::take(&mut ticked) {
+        let tick = std::mem::take(&mut ticked);
+        if tick {
             match cap.repair().await {
                 // Said once per distinct error, not every 10 s.
                 Err(e) if repair_error.as_deref() != Some(e.to_string().as_str()) => {
@@ -242,7 +246,31 @@ pub(crate) async fn run(
             // device routing through the node must not reach the cloud.
             let mut sources: BTreeSet<Cidr> = served.into_iter().collect();
             sources.extend(cfg.capture.iter().flat_map(|c| c.sources.iter().flatten()));
-            let peers = tunnel_peers(&stats, &conn_changes.borrow_and_update());
+            // A proxy's addresses are peers too (its answers must pass the
+            // source check before any connection through it exists): looked
+            // up once, and again on the tick; kept over a failed lookup.
+            if let Some(proxy) = cfg
+                .tcp_proxy
+                .as_ref()
+                .filter(|_| far_ends.is_empty() || tick)
+            {
+                let lookup = tokio::net::lookup_host(proxy.authority.as_str());
+                if let Ok(Ok(addrs)) = tokio::time::timeout(PROXY_LOOKUP, lookup).await {
+                    far_ends.extend(addrs.map(|a| a.ip()));
+                }
+            }
+            far_ends.extend(
+                conn_changes
+                    .borrow_and_update()
+                    .iter()
+                    .map(|(c, _)| c.remote_addr().ip()),
+            );
+            if far_ends.len() > MAX_FAR_ENDS {
+                // Only a relay behind ever-new addresses gets here: keep the
+                // newest connection's and the proxy's next lookup.
+                far_ends.clear();
+            }
+            let peers = tunnel_peers(&stats, &far_ends);
             let applied = match cap.apply_sources(&sources).await {
                 Ok(()) => cap.apply(&plan.want, &plan.skip, &peers).await,
                 Err(e) => Err(e),
@@ -282,17 +310,24 @@ pub(crate) async fn run(
     }
 }
 
+/// Bound on looking up `tcp_proxy`'s name for [`tunnel_peers`].
+const PROXY_LOOKUP: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Most far ends kept for [`tunnel_peers`] (relay replicas and proxies).
+const MAX_FAR_ENDS: usize = 64;
+
 /// Where the tunnel's own packets come from: every address this run
 /// resolved a relay name to, those the previous run saved
-/// (`relay_addrs_file`), and the far end of the live connection (a proxy,
-/// with `tcp_proxy`). Capture lets their packets pass the kernel's source
-/// check when a tunnel route covers them (the relay node's subnet listed
-/// as a cloud range, a relay reached over a VPN): otherwise every packet
-/// from the relay is dropped once the routes are installed, and the
-/// session is lost for good (see `relay_transport::capture`).
+/// (`relay_addrs_file`), and `far_ends` (the far ends of this run's
+/// connections, and `tcp_proxy`'s addresses). Capture lets their packets
+/// pass the kernel's source check when a tunnel route covers them (the
+/// relay node's subnet listed as a cloud range, a relay or proxy reached
+/// over a VPN): otherwise every packet from the relay is dropped once the
+/// routes are installed, and the session is lost for good, the routes
+/// staying between sessions (see `relay_transport::capture`).
 fn tunnel_peers(
     stats: &EdgeStats,
-    conn: &Option<(relay_transport::TunnelConn, Arc<FlowTable>)>,
+    far_ends: &BTreeSet<std::net::IpAddr>,
 ) -> BTreeSet<std::net::IpAddr> {
     let lock =
         |m: &std::sync::Mutex<std::collections::HashMap<String, Vec<std::net::SocketAddr>>>| {
@@ -306,7 +341,7 @@ fn tunnel_peers(
     let mut peers: BTreeSet<std::net::IpAddr> =
         lock(&stats.relay_addrs_known).into_iter().collect();
     peers.extend(lock(&stats.relay_addrs_loaded));
-    peers.extend(conn.iter().map(|(c, _)| c.remote_addr().ip()));
+    peers.extend(far_ends);
     peers
 }
 

@@ -78,7 +78,11 @@ impl Dialer<'_> {
             Ok(addrs) => {
                 let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
                 let addrs = crate::nat64::reachable(addrs, mark).await;
-                let routed = |a: &SocketAddr| crate::nat64::has_route(*a, mark);
+                // Through a proxy the addresses need no route of their own:
+                // the TCP fallback dials the proxy (a site whose only way
+                // out is a proxy often has no default route), and QUIC to
+                // an unrouted address fails at once, falling back to it.
+                let routed = |a: &SocketAddr| proxy.is_some() || crate::nat64::has_route(*a, mark);
                 let ordered = dial_order(&addrs, &cfg.node, routed);
                 if ordered.is_empty() && !addrs.is_empty() {
                     // The uplink is down (its routes gone with it): every
@@ -432,8 +436,6 @@ fn tcp_target(cfg: &EdgeConfig) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// The address of `addrs` for attempt `turn` (they take turns), `None` when
-/// the name resolved to nothing.
 /// The relay's addresses in the order an edge takes turns on them: those
 /// this host has a route to (`routed`; all of them unrouted gives none),
 /// each once, ordered by a hash of `node` and the address. The resolver's
@@ -443,9 +445,10 @@ fn tcp_target(cfg: &EdgeConfig) -> std::borrow::Cow<'_, str> {
 /// each attempt and a dead address came round again however often it was
 /// passed. A hash keeps each edge's order the same across answers, and
 /// spreads a fleet's first choices over the addresses as round-robin DNS
-/// would; an address leaving the answer moves only the edges it was
-/// first for (rendezvous hashing). An address with no route (IPv6 on a
-/// site without it) would fail at once and cost an attempt.
+/// would (an address leaving the answer moves the edges whose first
+/// choice it was, and shifts the turns of those past their first). An
+/// address with no route (IPv6 on a site without it) would fail at once
+/// and cost an attempt.
 fn dial_order(
     addrs: &[SocketAddr],
     node: &str,
@@ -466,6 +469,8 @@ fn dial_order(
     out
 }
 
+/// The address of `addrs` for attempt `turn` (they take turns), `None` when
+/// the name resolved to nothing.
 fn pick(addrs: &[SocketAddr], turn: u64) -> Option<SocketAddr> {
     let n = u64::try_from(addrs.len()).ok().filter(|&n| n > 0)?;
     addrs.get(usize::try_from(turn % n).ok()?).copied()

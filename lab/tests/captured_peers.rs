@@ -111,6 +111,18 @@ fn an_edge_dialling_the_relay_inside_a_tunnel_route_keeps_its_session() -> Resul
 /// the session stays, and a cloud pod still reaches the edge's pod.
 #[test]
 fn an_edge_arriving_from_an_address_it_claims_keeps_its_session() -> Result<()> {
+    arriving_from_a_claimed_address(false)
+}
+
+/// The same with the relay listening on `[::]` (dual stack, for IPv6-only
+/// edges): it sees the edge at `::ffff:198.18.0.11`, which must count as
+/// the IPv4 address it claims.
+#[test]
+fn an_edge_arriving_from_an_address_it_claims_at_a_dual_stack_relay() -> Result<()> {
+    arriving_from_a_claimed_address(true)
+}
+
+fn arriving_from_a_claimed_address(dual_stack: bool) -> Result<()> {
     let Some((_t0, lab, pki)) = netns_start("edge source inside its own claim")? else {
         return Ok(());
     };
@@ -118,6 +130,13 @@ fn an_edge_arriving_from_an_address_it_claims_keeps_its_session() -> Result<()> 
     let source = Cidr::host(IpAddr::V4(netns::nat_wan_ip(1)));
     let mut rcfg = relay_config_in(&lab, &pki)?;
     let keepalive = short_timers(&mut rcfg);
+    if dual_stack {
+        rcfg.quic_listen = "[::]:8443".parse()?;
+        ensure!(
+            rcfg.quic_listen.port() == relay_lab::scenario::QUIC_PORT,
+            "the lab's QUIC port moved"
+        );
+    }
     rcfg.nodes
         .get_mut("edge1")
         .context("edge1 in the lab's nodes")?
@@ -129,11 +148,11 @@ fn an_edge_arriving_from_an_address_it_claims_keeps_its_session() -> Result<()> 
     let _edge = start_edge(&lab, 1, ecfg)?;
     let id = session_id(&lab, "edge1")?;
     let seen = session(&lab, "edge1")?.context("edge1's session")?;
+    let from: std::net::SocketAddr = seen.remote_addr.parse()?;
     ensure!(
-        seen.remote_addr
-            .starts_with(&format!("{}:", netns::nat_wan_ip(1))),
-        "the relay sees edge1 at {}, not at the address it claims",
-        seen.remote_addr
+        from.ip().to_canonical() == IpAddr::V4(netns::nat_wan_ip(1))
+            && from.is_ipv6() == dual_stack,
+        "the relay sees edge1 at {from}, not at the address it claims"
     );
     let epod1 = sa(netns::edge_pod_ip(1), HTTP);
     // The relay captures the edge's prefixes just after it registers.

@@ -8,7 +8,9 @@
 //! the proxy's CONNECT, credentials sent), and cloud pods reach edge1's
 //! pod. The relay sees the session arrive from the NAT's WAN address, the
 //! proxy's own. Wrong credentials: the edge says so in `/readyz` (the
-//! proxy's 407), with no session.
+//! proxy's 407), with no session. Then again with no default route on
+//! the edge host, only its LAN: the relay's address has no route, and the
+//! proxy reaches it all the same.
 //!
 //! Needs root; skips loudly otherwise, and fails instead of skipping under
 //! CI=true or REQUIRE_LAB=1. About 10 s.
@@ -132,7 +134,7 @@ fn run() -> Result<()> {
     drop(edge);
 
     cfg.tcp_proxy = Some(proxy_url("shop:s3cret").map_err(anyhow::Error::msg)?);
-    let _edge = start_edge(&lab, 1, cfg)?;
+    let edge = start_edge(&lab, 1, cfg.clone())?;
     let epod1 = sa(netns::edge_pod_ip(1), HTTP);
     let took = within(Duration::from_secs(10), || {
         Ok(http_from(&lab, Role::Cpod2, epod1).is_ok_and(|b| b.ends_with("epod1")))
@@ -150,6 +152,23 @@ fn run() -> Result<()> {
         "tcp_proxy: cpod2 → epod1 through the proxied fallback after {took:?}; session from {from}; {} tunnel(s)",
         tunnels.load(Relaxed)
     );
+
+    // Such a site often has no default route at all, only its LAN: the
+    // relay's address has no route, and the proxy still reaches it (the
+    // edge once refused to dial an address without a route, proxy or not).
+    drop(edge);
+    lab.exec(Role::Edge1, &["ip", "route", "del", "default"])?;
+    let before = tunnels.load(Relaxed);
+    let _edge = start_edge(&lab, 1, cfg)?;
+    let took = within(Duration::from_secs(10), || {
+        Ok(http_from(&lab, Role::Cpod2, epod1).is_ok_and(|b| b.ends_with("epod1")))
+    })
+    .context("no default route: cpod2 never reached epod1 through the proxy")?;
+    ensure!(
+        tunnels.load(Relaxed) > before,
+        "the proxy opened no new tunnel"
+    );
+    eprintln!("tcp_proxy, no default route: cpod2 → epod1 after {took:?}");
     Ok(())
 }
 

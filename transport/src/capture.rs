@@ -248,8 +248,6 @@ pub struct Capture {
     cfg: CaptureConfig,
     installed: BTreeSet<Cidr>,
     skipped: BTreeSet<Cidr>,
-    /// The peers last given to [`Capture::apply`].
-    peers: BTreeSet<IpAddr>,
     /// The prefixes with a bypass rule (`to <c> lookup main` at
     /// `rule_pref - 1`): `skipped` and the peers inside `installed`.
     bypassed: BTreeSet<Cidr>,
@@ -311,7 +309,6 @@ impl Capture {
             cfg,
             installed: BTreeSet::new(),
             skipped: BTreeSet::new(),
-            peers: BTreeSet::new(),
             bypassed: BTreeSet::new(),
             services: BTreeSet::new(),
             local_services: BTreeSet::new(),
@@ -455,9 +452,6 @@ impl Capture {
         skip: &BTreeSet<Cidr>,
         peers: &BTreeSet<IpAddr>,
     ) -> Result<(), CaptureError> {
-        if *want == self.installed && *skip == self.skipped && *peers == self.peers {
-            return Ok(());
-        }
         let t = &self.cfg.nft_table;
         // IPv4 only: the listeners are IPv4. An IPv6 prefix is reported,
         // not half-captured.
@@ -465,13 +459,16 @@ impl Capture {
             set.iter().filter(|c| c.addr().is_ipv4()).copied().collect()
         };
         let (want4, skip4) = (v4(want), v4(skip));
+        let bypassed = bypass_rules(&want4, &skip4, peers);
+        if want4 == self.installed && skip4 == self.skipped && bypassed == self.bypassed {
+            return Ok(());
+        }
         if want4.len() < want.len() {
             warn!(
                 ignored = want.len() - want4.len(),
                 "IPv6 prefixes are not captured"
             );
         }
-        let bypassed = bypass_rules(&want4, &skip4, peers);
         if want4 != self.installed || skip4 != self.skipped {
             let nft = rewrite_set(t, "dst4", &want4) + &rewrite_set(t, "skip4", &skip4);
             run("nft", &["-f", "-"], Some(&nft)).await?;
@@ -514,7 +511,6 @@ impl Capture {
         self.sweeper.queue(added);
         self.installed = want4;
         self.skipped = skip4;
-        self.peers = peers.clone();
         self.bypassed = bypassed;
         Ok(())
     }
@@ -592,17 +588,23 @@ async fn remove_all(cfg: &CaptureConfig) {
 /// The prefixes that get a bypass rule: every skipped prefix, and each
 /// IPv4 peer inside a captured prefix (as a `/32`; one outside needs none,
 /// and a relay with thousands of edges behind NAT adds no rule for them).
+/// A peer in IPv4-mapped form (`::ffff:a.b.c.d`, how a relay listening on
+/// `[::]` sees IPv4 edges) is its IPv4 address. Containment is looked up
+/// by prefix length (33 set lookups per peer), not by scanning the
+/// captured prefixes: a relay has as many peers as sessions.
 fn bypass_rules(
     want4: &BTreeSet<Cidr>,
     skip4: &BTreeSet<Cidr>,
     peers: &BTreeSet<IpAddr>,
 ) -> BTreeSet<Cidr> {
-    let captured = |p: &Cidr| want4.iter().any(|c| c.contains_cidr(p));
+    let captured = |p: &IpAddr| {
+        (0..=32).any(|len| Cidr::containing(*p, len).is_some_and(|c| want4.contains(&c)))
+    };
     let peers = peers
         .iter()
-        .filter(|p| p.is_ipv4())
-        .map(|&p| Cidr::host(p))
-        .filter(captured);
+        .map(|p| p.to_canonical())
+        .filter(|p| p.is_ipv4() && captured(p))
+        .map(Cidr::host);
     skip4.iter().copied().chain(peers).collect()
 }
 

@@ -52,8 +52,8 @@ pub(crate) fn path_died(own_check: bool, peer_close: Option<u32>) -> bool {
     own_check || peer_close == Some(close_code::SILENT)
 }
 
-/// The QUIC sessions lost to a dead path (see [`path_died`]) in the last
-/// [`QuicStrikes::MEMORY`]. A middlebox that lets each new UDP flow
+/// The QUIC sessions lost to a dead path (see [`path_died`]) in the
+/// current run of such losses. A middlebox that lets each new UDP flow
 /// through and drops it after a while (a DPI box classifying QUIC, a UDP
 /// volume cap, a firewall's session lifetime) would otherwise have an
 /// `auto` edge flap for ever: every new attempt's handshake succeeds, the
@@ -61,54 +61,65 @@ pub(crate) fn path_died(own_check: bool, peer_close: Option<u32>) -> bool {
 /// [`QuicStrikes::PREFER_TCP`] such losses the edge dials TCP first (an
 /// attempt after a failed TCP-first one is QUIC-first again, so a relay
 /// reachable only over QUIC is still reached), and its QUIC probe waits
-/// twice as long after each further one. Losses count by when they
-/// happened, not by how long the session lasted: a flow cut after 6
-/// minutes strikes as surely as one cut after 20 s (a rule that cleared
-/// the count after any 5-minute session let that edge flap every 6
-/// minutes for ever). Counted per reconnect loop (per relay replica),
-/// each path being its own.
-#[derive(Debug, Default)]
+/// twice as long after each further one (at most
+/// [`QuicStrikes::MAX_PROBE_FACTOR`] times). A run lasts while each loss
+/// comes within the memory of the one before (an hour, or twice the
+/// probe's longest wait if that is longer, so that a path that keeps
+/// cutting QUIC keeps the probe at its longest wait), and ends when none
+/// has come for that long. Losses count by when they happened, not by how
+/// long the session lasted: a flow cut after 6 minutes strikes as surely
+/// as one cut after 20 s (a rule that cleared the count after any
+/// 5-minute session let that edge flap every 6 minutes for ever). Counted
+/// per reconnect loop (per relay replica), each path being its own.
+#[derive(Debug)]
 pub(crate) struct QuicStrikes {
-    /// When each loss happened, oldest first; at most [`Self::KEPT`].
-    losses: std::collections::VecDeque<Instant>,
+    /// The losses of the current run: how many (at most [`Self::KEPT`])
+    /// and when the last one was.
+    run: u64,
+    last: Option<Instant>,
+    /// How long after its last loss a run ends.
+    memory: Duration,
 }
 
 impl QuicStrikes {
-    /// Losses within [`Self::MEMORY`] from which an `auto` edge dials TCP
-    /// first.
+    /// Losses in a run from which an `auto` edge dials TCP first.
     pub(crate) const PREFER_TCP: u64 = 2;
-    /// How long a loss counts. Longer than the probe's longest wait
-    /// (32 minutes at the default), so the waits keep growing on a path
-    /// that keeps cutting QUIC; short enough that two real outages in a
-    /// morning do not keep an edge off QUIC all day (and on TCP its probe
-    /// moves it back to QUIC meanwhile, without resetting streams).
+    /// The shortest memory: two real outages in a morning do not keep an
+    /// edge off QUIC all day (and on TCP its probe moves it back to QUIC
+    /// meanwhile, without resetting streams).
     pub(crate) const MEMORY: Duration = Duration::from_secs(3600);
-    /// Losses kept at most: past `PREFER_TCP` + log2 of the probe's cap
+    /// Losses counted at most: past `PREFER_TCP` + log2 of the probe's cap
     /// more change nothing.
-    const KEPT: usize = 16;
+    const KEPT: u64 = 16;
     /// The QUIC probe's interval grows at most this many times, for
     /// strikes and failed probes together (see `session::ProbeBackoff`):
     /// 32 minutes at the default 60 s.
     pub(crate) const MAX_PROBE_FACTOR: u32 = 32;
 
-    /// Counts a QUIC session's end at `now`: `died`, lost to a dead path.
-    pub(crate) fn session_ended(&mut self, now: Instant, died: bool) {
-        if died {
-            if self.losses.len() == Self::KEPT {
-                self.losses.pop_front();
-            }
-            self.losses.push_back(now);
+    /// No losses yet, for a probe whose base interval is `probe`.
+    pub(crate) fn new(probe: Duration) -> Self {
+        let longest = probe.saturating_mul(Self::MAX_PROBE_FACTOR);
+        QuicStrikes {
+            run: 0,
+            last: None,
+            memory: Self::MEMORY.max(longest.saturating_mul(2)),
         }
     }
 
-    /// The losses that count at `now`.
+    /// Counts a QUIC session's end at `now`: `died`, lost to a dead path.
+    pub(crate) fn session_ended(&mut self, now: Instant, died: bool) {
+        if died {
+            self.run = (self.count(now) + 1).min(Self::KEPT);
+            self.last = Some(now);
+        }
+    }
+
+    /// The losses that count at `now`: the run's, unless it has ended.
     pub(crate) fn count(&self, now: Instant) -> u64 {
-        let recent = self
-            .losses
-            .iter()
-            .filter(|&&at| now.saturating_duration_since(at) < Self::MEMORY)
-            .count();
-        u64::try_from(recent).unwrap_or(u64::MAX)
+        match self.last {
+            Some(at) if now.saturating_duration_since(at) < self.memory => self.run,
+            _ => 0,
+        }
     }
 
     /// The transport to dial at `now`: `configured`, except `auto` with a
@@ -176,7 +187,7 @@ pub(crate) async fn run(
     let mut quic_worked = false;
     // This loop's QUIC sessions lost to a dead path: per loop, as each
     // replica's path is its own.
-    let mut strikes = QuicStrikes::default();
+    let mut strikes = QuicStrikes::new(cfg.quic_probe_interval);
     // A TCP-first attempt (see QuicStrikes) failed: the next one is the
     // configured mode again, QUIC first, so a relay reachable only over
     // QUIC (no TCP fallback, a UDP-only balancer) is not given up on.
@@ -527,7 +538,7 @@ mod tests {
         ] {
             assert!(!path_died(false, other), "{other:?}");
         }
-        let mut s = QuicStrikes::default();
+        let mut s = QuicStrikes::new(Duration::from_secs(60));
         let now = Instant::now();
         for _ in 0..2 {
             s.session_ended(now, path_died(false, Some(close_code::SILENT)));
@@ -537,7 +548,7 @@ mod tests {
 
     #[test]
     fn quic_strikes_prefer_tcp_after_two_losses_within_the_memory() {
-        let mut s = QuicStrikes::default();
+        let mut s = QuicStrikes::new(Duration::from_secs(60));
         let t0 = Instant::now();
         let at = |secs: u64| t0 + Duration::from_secs(secs);
         let probe = Duration::from_secs(60);
@@ -558,31 +569,51 @@ mod tests {
             s.session_ended(at(100 + i), true);
         }
         assert_eq!(s.probe_interval(probe, at(200)), probe * 32, "capped");
-        // An hour later they no longer count.
-        let later = at(200) + QuicStrikes::MEMORY;
+        // The memory (twice the probe's longest wait: 64 minutes) after
+        // the last loss, the run has ended.
+        assert_eq!(s.memory, Duration::from_secs(2 * 32 * 60));
+        assert_eq!(s.count(at(199) + s.memory - Duration::from_secs(1)), 16);
+        let later = at(199) + s.memory;
         assert_eq!(s.count(later), 0);
         assert_eq!(s.mode(TransportMode::Auto, later), TransportMode::Auto);
         assert_eq!(s.probe_interval(probe, later), probe);
     }
 
-    /// A path that cuts each QUIC flow after 6 minutes (a firewall's
-    /// session lifetime, a UDP volume cap) strikes as a quick cut does:
-    /// the second such loss sends the edge to TCP first, and the probe
-    /// waits longer after each further one (a count cleared by every
-    /// session that lasted 5 minutes had this edge flap for ever).
+    /// A path that cuts each QUIC flow after a while (a firewall's
+    /// session lifetime of 6 minutes, a DPI box after 20 s), each probe
+    /// getting a new flow through: the second loss sends the edge to TCP
+    /// first, the probe's waits grow to the cap and stay there as long as
+    /// the path keeps cutting (a count cleared by every session that
+    /// lasted 5 minutes had the 6-minute edge flap every 6 minutes for
+    /// ever; a count of the last hour's losses fell back from the cap);
+    /// once QUIC lasts, the run ends.
     #[test]
-    fn sessions_cut_after_minutes_each_strike() {
-        let mut s = QuicStrikes::default();
-        let t0 = Instant::now();
+    fn a_path_that_keeps_cutting_quic_keeps_the_probe_at_its_longest_wait() {
         let probe = Duration::from_secs(60);
-        let mut now = t0;
-        let mut waits = Vec::new();
-        for _ in 0..4 {
-            now += Duration::from_secs(6 * 60);
-            s.session_ended(now, true);
-            waits.push(s.probe_interval(probe, now));
+        for lifetime in [Duration::from_secs(6 * 60), Duration::from_secs(20)] {
+            let mut s = QuicStrikes::new(probe);
+            let mut now = Instant::now();
+            let mut waits = Vec::new();
+            for _ in 0..12 {
+                now += lifetime;
+                s.session_ended(now, true);
+                let wait = s.probe_interval(probe, now);
+                waits.push(wait.as_secs() / 60);
+                now += wait;
+            }
+            assert_eq!(s.mode(TransportMode::Auto, now), TransportMode::Tcp);
+            assert_eq!(
+                waits,
+                [1, 2, 4, 8, 16, 32, 32, 32, 32, 32, 32, 32],
+                "{lifetime:?}: probe waits in minutes"
+            );
+            // QUIC holds from the last probe on: the run ends.
+            let later = now + s.memory;
+            assert_eq!(s.count(later), 0);
+            assert_eq!(s.mode(TransportMode::Auto, later), TransportMode::Auto);
         }
-        assert_eq!(s.mode(TransportMode::Auto, now), TransportMode::Tcp);
-        assert_eq!(waits, [probe, probe * 2, probe * 4, probe * 8]);
+        // A longer configured probe lengthens the memory with it.
+        let s = QuicStrikes::new(Duration::from_secs(300));
+        assert_eq!(s.memory, Duration::from_secs(2 * 32 * 300));
     }
 }

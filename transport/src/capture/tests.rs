@@ -151,14 +151,15 @@ fn held_script_refuses_what_was_captured_for_the_hold() {
 }
 
 /// A peer gets a bypass rule only inside a captured prefix (a relay with
-/// thousands of edges behind NAT adds none), as a `/32`, IPv4 only, and
+/// thousands of edges behind NAT adds none), as a `/32`, IPv4 only (an
+/// IPv4-mapped peer, as a relay on `[::]` sees one, counts as IPv4), and
 /// skipped prefixes keep theirs.
 #[test]
 fn peers_inside_captured_prefixes_get_bypass_rules() {
     let cidrs = |v: &[&str]| -> BTreeSet<Cidr> { v.iter().map(|s| s.parse().unwrap()).collect() };
     let want = cidrs(&["10.0.0.0/16", "10.244.1.0/24"]);
     let skip = cidrs(&["10.244.1.0/26"]);
-    let peers: BTreeSet<IpAddr> = ["10.0.3.4", "198.18.0.11", "10.244.1.200", "fd00::1"]
+    let peers: BTreeSet<IpAddr> = ["::ffff:10.0.3.4", "198.18.0.11", "10.244.1.200", "fd00::1"]
         .iter()
         .map(|s| s.parse().unwrap())
         .collect();
