@@ -249,6 +249,11 @@ pub(crate) async fn run(
             // A proxy's addresses are peers too (its answers must pass the
             // source check before any connection through it exists): looked
             // up once, and again on the tick; kept over a failed lookup.
+            if far_ends.len() >= MAX_FAR_ENDS {
+                // Only a relay behind ever-new addresses gets here: start
+                // again from the live connection's and the proxy's.
+                far_ends.clear();
+            }
             if let Some(proxy) = cfg
                 .tcp_proxy
                 .as_ref()
@@ -265,11 +270,6 @@ pub(crate) async fn run(
                     .iter()
                     .map(|(c, _)| c.remote_addr().ip()),
             );
-            if far_ends.len() > MAX_FAR_ENDS {
-                // Only a relay behind ever-new addresses gets here: keep the
-                // newest connection's and the proxy's next lookup.
-                far_ends.clear();
-            }
             let peers = tunnel_peers(&stats, &far_ends);
             let applied = match cap.apply_sources(&sources).await {
                 Ok(()) => cap.apply(&plan.want, &plan.skip, &peers).await,
