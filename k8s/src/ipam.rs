@@ -13,14 +13,21 @@
 //!
 //! Either resource exists only where that CNI is installed. Each is probed
 //! with a LIST at start: `404` means "not installed" (logged once, looked
-//! for again every [`IpamOptions::rediscover`]), `403` means the relay may
-//! not read it (logged once, likewise); once a LIST succeeds a kube-runtime
-//! watcher follows the resource as the Node reflector follows Nodes (LIST,
-//! WATCH, relist after `410 Gone` or a broken stream, default backoff), and
-//! the last complete state is kept while the API is unreachable (a relist
-//! replaces a source's objects only once it completes). A `404` from the
-//! watch (the CRD was removed) drops that source's prefixes and goes back
-//! to probing.
+//! for again after [`IpamOptions::retry`], the wait doubling with each
+//! `404` in a row up to [`IpamOptions::rediscover`]), `403` means the relay
+//! may not read it (logged once, looked for again every `rediscover`);
+//! once a LIST succeeds a kube-runtime watcher follows the resource as the
+//! Node reflector follows Nodes (LIST, WATCH, relist after `410 Gone` or a
+//! broken stream, default backoff), and the last complete state is kept
+//! while the API is unreachable (a relist replaces a source's objects only
+//! once it completes). A `404` from the watch ends it but keeps that
+//! source's prefixes: kube-apiserver answers a stray `404` for a custom
+//! resource whose CRD exists (after an etcd restart, while its CRD
+//! informer resyncs: kubernetes/kubernetes#71218, #115241), and dropping
+//! them would cut every edge whose pod ranges they are. The next probe,
+//! after `retry`, decides: served, and the watch resumes (its relist
+//! replaces the objects); `404` again, and the CRD is taken as removed and
+//! the prefixes are dropped.
 //!
 //! What this module hands out is the CNI's word, written by its agents on
 //! the nodes themselves: the relay vets it before any prefix becomes a
@@ -230,11 +237,13 @@ pub struct IpamOptions {
     /// `timeoutSeconds` of each watch request (as
     /// [`crate::DirectoryOptions::watch_timeout_secs`]).
     pub watch_timeout_secs: u32,
-    /// How long after a `404` (not installed) or `403` (not allowed) a
-    /// resource is probed again.
+    /// How long after a `403` (not allowed) a resource is probed again,
+    /// and the longest wait after a `404` (not installed).
     pub rediscover: Duration,
-    /// How long after a probe that got no answer (API down) it is tried
-    /// again (at most [`IpamOptions::rediscover`]).
+    /// How long after a probe that got no answer (API down), or a watch
+    /// answered `404`, it is probed again; also the first wait after a
+    /// probe answered `404`, doubling with each one in a row (at most
+    /// [`IpamOptions::rediscover`] in every case).
     pub retry: Duration,
     /// Bound of each probe.
     pub probe_timeout: Duration,
@@ -510,6 +519,16 @@ fn watch_status(e: &watcher::Error) -> Option<u16> {
     }
 }
 
+/// The wait after the `n`th probe in a row answered `404` (`n` ≥ 1):
+/// `retry`, doubling each time, at most `rediscover`. A stray 404 at start
+/// (see the module docs) costs `retry`, while a cluster without that CNI
+/// is soon asked only every `rediscover`.
+fn absent_wait(opts: &IpamOptions, n: u32) -> Duration {
+    opts.retry
+        .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+        .min(opts.rediscover)
+}
+
 /// Probes `kind` and follows it while it is served, forever.
 async fn run(inner: Arc<Inner>, api: Api<DynamicObject>, kind: IpamKind, opts: IpamOptions) {
     // The last probe outcome logged: each is logged when it changes only.
@@ -525,6 +544,12 @@ async fn run(inner: Arc<Inner>, api: Api<DynamicObject>, kind: IpamKind, opts: I
         }
     };
     let every = opts.rediscover;
+    let retry = opts.retry.min(every);
+    // The watch ended with a 404 and its objects are kept: a 404 from the
+    // next probe confirms the CRD is gone, a success resumes the watch.
+    let mut unconfirmed = false;
+    // Probes answered 404 in a row (the wait grows with them).
+    let mut absent: u32 = 0;
     loop {
         inner.probes.fetch_add(1, Ordering::Relaxed);
         let probe = crate::bounded(
@@ -535,39 +560,55 @@ async fn run(inner: Arc<Inner>, api: Api<DynamicObject>, kind: IpamKind, opts: I
         .await;
         let wait = match probe {
             Ok(_) => {
+                absent = 0;
                 say(
                     format!("{kind} is served: its node prefixes count as pod prefixes"),
                     false,
                 );
-                inner.set_state(kind, IpamState::Watching, false);
+                // Still listed while its objects are kept: the relist
+                // replaces them, and readiness must not flap meanwhile.
+                if !unconfirmed {
+                    inner.set_state(kind, IpamState::Watching, false);
+                }
                 follow(&inner, &api, kind, &opts).await;
-                say(format!("{kind} is no longer served (404): its node prefixes are dropped; looking for it again every {every:?}"), false);
-                inner.set_state(kind, IpamState::Absent, true);
-                every
+                unconfirmed = true;
+                say(format!("{kind} answered 404 to its watch: its node prefixes are kept until a probe confirms it is gone; probing again in {retry:?}"), true);
+                retry
             }
             Err(e) if status_of(&e) == Some(404) => {
+                if std::mem::take(&mut unconfirmed) {
+                    say(
+                        format!(
+                            "{kind} is no longer served (404 again): its node prefixes are dropped"
+                        ),
+                        true,
+                    );
+                }
+                absent = absent.saturating_add(1);
                 say(
-                    format!("{kind} is not installed (404); looking for it again every {every:?}"),
+                    format!("{kind} is not installed (404); looking for it again after {retry:?}, then less often, at least every {every:?}"),
                     false,
                 );
                 inner.set_state(kind, IpamState::Absent, true);
-                every
+                absent_wait(&opts, absent)
             }
             Err(e) if status_of(&e) == Some(403) => {
+                absent = 0;
                 say(format!("{kind} may not be read (403: list and watch are needed, see deploy/kubernetes/base/rbac.yaml); its node prefixes are not used; trying again every {every:?}"), true);
                 inner.set_state(kind, IpamState::Forbidden, false);
                 every
             }
             Err(e) => {
                 say(format!("{kind} probe failed: {e}; retrying"), false);
-                opts.retry.min(every)
+                retry
             }
         };
         tokio::time::sleep(wait).await;
     }
 }
 
-/// Watches `kind` until a 404 says it is no longer served.
+/// Watches `kind` until it answers 404 (the caller's next probe tells a
+/// removed CRD from a stray 404).
 async fn follow(inner: &Inner, api: &Api<DynamicObject>, kind: IpamKind, opts: &IpamOptions) {
     let config = watcher::Config::default().timeout(opts.watch_timeout_secs);
     let stream = watcher(api.clone(), config).default_backoff();
@@ -610,6 +651,14 @@ mod tests {
             "metadata": {"name": name},
             "spec": {"node": node, "cidr": cidr, "state": state, "deleted": deleted},
         }))
+    }
+
+    #[test]
+    fn a_404_is_probed_again_soon_then_less_often() {
+        let opts = IpamOptions::default();
+        let waits: Vec<u64> = (1..=7).map(|n| absent_wait(&opts, n).as_secs()).collect();
+        assert_eq!(waits, [30, 60, 120, 240, 300, 300, 300]);
+        assert_eq!(absent_wait(&opts, u32::MAX), opts.rediscover);
     }
 
     #[test]

@@ -76,7 +76,7 @@ pub use services::{
 };
 pub use status::{
     next_condition, SessionEvent, SessionEvents, StatusWriter, TunnelCondition, WriteOutcome,
-    CONDITION_TYPE, FIELD_MANAGER,
+    ACTION_LIMIT, CONDITION_TYPE, FIELD_MANAGER, NOTE_LIMIT,
 };
 pub use tokenreview::{ReviewedToken, TokenReviewError, TokenReviewer, AUDIENCE};
 

@@ -12,7 +12,11 @@
 //!
 //! Events go through kube-runtime's `Recorder` (events.k8s.io/v1), which
 //! turns a repeat of the same event into a `series` patch instead of a new
-//! object.
+//! object. It tells a repeat by type, reason, action, reporter and object,
+//! not by the note, so a rejection's reason goes into the action: another
+//! rejection of the same node is a new Event with its own note, not a
+//! repeat of the first. Notes are cut to [`NOTE_LIMIT`] bytes, as the
+//! apiserver refuses longer ones.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -94,7 +98,10 @@ fn now() -> Time {
 /// Remembers what it last wrote per node, so repeated identical calls make
 /// no request; on first use for a node it reads the Node's status once
 /// (needs `get nodes/status`), so a restarted relay keeps the existing
-/// `lastTransitionTime`. Needs `patch nodes/status`.
+/// `lastTransitionTime`. Needs `patch nodes/status`. The memory holds only
+/// while this writer is the node's only one: when another may have
+/// written it meanwhile (the relay replicas' set changed, and with it
+/// which replica writes which node), [`StatusWriter::forget_all`].
 pub struct StatusWriter {
     api: Api<Node>,
     timeout: Duration,
@@ -121,6 +128,17 @@ impl StatusWriter {
     pub fn forget(&self, node: &str) {
         let mut g = self.last.lock().unwrap_or_else(|p| p.into_inner());
         g.remove(node);
+    }
+
+    /// Forgets what was written for every node: each node's next
+    /// [`StatusWriter::set`] reads its Node again. Needed whenever another
+    /// writer may have written the nodes since (another replica writes a
+    /// node while it is in the set): what this one last wrote may no longer
+    /// be what the Node says, and a write equal to it would be skipped (a
+    /// node left `True` while its tunnel is down).
+    pub fn forget_all(&self) {
+        let mut g = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        g.clear();
     }
 
     /// Makes the condition on `node` say `desired`, applying only if it
@@ -197,6 +215,28 @@ impl StatusWriter {
     }
 }
 
+/// Longest Event note kube-apiserver accepts, in bytes (events.k8s.io/v1
+/// validation, `NoteLengthLimit`): a longer one is refused with 422 and the
+/// Event is lost, so notes are cut to it.
+pub const NOTE_LIMIT: usize = 1024;
+
+/// Longest Event action kube-apiserver accepts, in bytes.
+pub const ACTION_LIMIT: usize = 128;
+
+/// `text` cut to at most `max` bytes at a char boundary, ending in `…`
+/// when cut (a note may carry a node's whole allowed prefix list).
+fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    const MORE: &str = "…";
+    let mut end = max.saturating_sub(MORE.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MORE}", &text[..end])
+}
+
 /// A tunnel session event on a Node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -211,9 +251,13 @@ pub enum SessionEvent {
         /// Stable detail, e.g. `idle timeout`.
         note: String,
     },
-    /// A hello from this node was refused.
+    /// A hello (or certificate request) from this node was refused.
     Rejected {
-        /// Stable detail, e.g. the rejection reason.
+        /// The rejection reason's stable name (`RejectReason::as_str`,
+        /// e.g. `route_not_allowed`): the Event's action, so rejections
+        /// for different reasons are different Events (`Reject` if empty).
+        reason: String,
+        /// Stable detail, e.g. the rejection message.
         note: String,
     },
 }
@@ -225,15 +269,18 @@ impl SessionEvent {
             SessionEvent::Down { note } => {
                 (EventType::Warning, "EdgeSessionDown", "Disconnect", note)
             }
-            SessionEvent::Rejected { note } => {
-                (EventType::Warning, "EdgeSessionRejected", "Reject", note)
-            }
+            SessionEvent::Rejected { reason, note } => (
+                EventType::Warning,
+                "EdgeSessionRejected",
+                if reason.is_empty() { "Reject" } else { reason },
+                note,
+            ),
         };
         Event {
             type_,
             reason: reason.to_string(),
-            note: Some(note.clone()),
-            action: action.to_string(),
+            note: Some(clip(note, NOTE_LIMIT)),
+            action: clip(action, ACTION_LIMIT),
             secondary: None,
         }
     }
@@ -330,10 +377,49 @@ mod tests {
     #[test]
     fn session_events_map_to_reasons() {
         let e = SessionEvent::Rejected {
+            reason: "route_not_allowed".into(),
             note: "routes not owned".into(),
         }
         .to_event();
         assert_eq!(e.reason, "EdgeSessionRejected");
+        assert_eq!(e.action, "route_not_allowed");
         assert_eq!(e.type_, EventType::Warning);
+        let e = SessionEvent::Rejected {
+            reason: String::new(),
+            note: String::new(),
+        }
+        .to_event();
+        assert_eq!(e.action, "Reject");
+        let e = SessionEvent::Up { note: "up".into() }.to_event();
+        assert_eq!(
+            (e.action.as_str(), e.note.as_deref()),
+            ("Connect", Some("up"))
+        );
+    }
+
+    #[test]
+    fn notes_are_cut_to_the_apiservers_limit_at_a_char_boundary() {
+        let exact = "a".repeat(NOTE_LIMIT);
+        assert_eq!(clip(&exact, NOTE_LIMIT), exact);
+        let long = format!("route_not_allowed: {}", "10.1.2.0/24, ".repeat(200));
+        let cut = clip(&long, NOTE_LIMIT);
+        assert_eq!(cut.len(), NOTE_LIMIT);
+        assert!(cut.ends_with('…') && long.starts_with(cut.trim_end_matches('…')));
+        // Multi-byte characters across the cut, at every offset: never
+        // split, never over.
+        for lead in 0..4 {
+            let text = format!("{}{}", "x".repeat(lead), "é€😀".repeat(200));
+            let cut = clip(&text, NOTE_LIMIT);
+            assert!(cut.len() <= NOTE_LIMIT && cut.len() > NOTE_LIMIT - 4 - 3);
+            assert!(cut.ends_with('…'));
+            assert!(text.starts_with(cut.trim_end_matches('…')));
+        }
+        let e = SessionEvent::Rejected {
+            reason: "r".repeat(200),
+            note: "😀".repeat(NOTE_LIMIT),
+        }
+        .to_event();
+        assert!(e.note.is_some_and(|n| n.len() <= NOTE_LIMIT));
+        assert!(e.action.len() <= ACTION_LIMIT);
     }
 }

@@ -97,8 +97,8 @@ async fn cilium_node_ranges_are_listed_then_watched() {
 }
 
 /// Without the CRDs: settled at once, no prefixes, no watch, no errors,
-/// and no second probe before `rediscover`; a CRD installed later is found
-/// by the next probe, and one removed drops its prefixes.
+/// and no second probe before `retry` (30 s); a CRD installed later is
+/// found by a later probe, and one removed drops its prefixes.
 #[tokio::test]
 async fn without_the_crds_nothing_is_watched_until_they_appear() {
     let (standin, client) = setup().await;
@@ -158,4 +158,133 @@ async fn an_outage_keeps_the_last_prefixes() {
         prefixes_of(&dir, "edge-1") == ["10.0.2.0/24"]
     })
     .await;
+}
+
+/// IpamOptions for the stray-404 tests: watches renewed every second (a
+/// stray 404 is answered to a new request, not an open watch), probes
+/// again after 200 ms, and `rediscover` left at its 5 minutes, which no
+/// test outlasts.
+fn quick_retry() -> IpamOptions {
+    IpamOptions {
+        watch_timeout_secs: 1,
+        retry: Duration::from_millis(200),
+        ..IpamOptions::default()
+    }
+}
+
+/// The requests for `plural` from log index `from` on: (status, verb).
+fn requests_for(
+    standin: &relay_kube_standin::StandIn,
+    from: usize,
+    plural: &str,
+) -> Vec<(u16, String)> {
+    standin
+        .requests_from(from)
+        .into_iter()
+        .filter(|r| r.path.ends_with(plural))
+        .map(|r| (r.status, r.attrs.map(|a| a.verb).unwrap_or_default()))
+        .collect()
+}
+
+/// A stray 404 to a watch of a CRD that still exists (kube-apiserver
+/// answers one, e.g. after an etcd restart) keeps the prefixes, at every
+/// moment, and the watch resumes after `retry`, not `rediscover`.
+#[tokio::test]
+async fn a_stray_404_keeps_the_prefixes() {
+    let (standin, client) = setup().await;
+    standin.upsert_custom(
+        Crd::CalicoBlockAffinities,
+        block_affinity("edge-1", "10.70.1.0/26", "confirmed", false),
+    );
+    let dir = IpamDirectory::spawn(&client, &quick_retry());
+    wait_until("listed", BOUND, || {
+        prefixes_of(&dir, "edge-1") == ["10.70.1.0/26"]
+    })
+    .await;
+    let from = standin.request_count();
+    standin.stray_not_found(Crd::CalicoBlockAffinities, 1);
+    let deadline = tokio::time::Instant::now() + BOUND;
+    loop {
+        assert_eq!(
+            prefixes_of(&dir, "edge-1"),
+            ["10.70.1.0/26"],
+            "kept through the stray 404"
+        );
+        assert_eq!(dir.state(IpamKind::CalicoBlockAffinity), IpamState::Listed);
+        let seen = requests_for(&standin, from, "blockaffinities");
+        let stray = seen.iter().position(|(status, _)| *status == 404);
+        if stray.is_some_and(|i| seen[i + 1..].contains(&(200, "watch".to_string()))) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no watch after the stray 404 within {BOUND:?}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Followed again.
+    standin.upsert_custom(
+        Crd::CalicoBlockAffinities,
+        block_affinity("edge-2", "10.70.2.0/26", "confirmed", false),
+    );
+    wait_until("watched again", BOUND, || {
+        prefixes_of(&dir, "edge-2") == ["10.70.2.0/26"]
+    })
+    .await;
+    assert_eq!(prefixes_of(&dir, "edge-1"), ["10.70.1.0/26"]);
+}
+
+/// A 404 to the watch confirmed by the next probe's 404 is a removed CRD:
+/// the prefixes go. Looked for again after `retry`, it is found (here it
+/// never went) and listed again.
+#[tokio::test]
+async fn a_404_confirmed_by_the_next_probe_drops_the_prefixes() {
+    let (standin, client) = setup().await;
+    standin.upsert_custom(
+        Crd::CalicoBlockAffinities,
+        block_affinity("edge-1", "10.70.1.0/26", "confirmed", false),
+    );
+    let dir = IpamDirectory::spawn(&client, &quick_retry());
+    wait_until("listed", BOUND, || {
+        prefixes_of(&dir, "edge-1") == ["10.70.1.0/26"]
+    })
+    .await;
+    let from = standin.request_count();
+    // The watch's next request, then the probe.
+    standin.stray_not_found(Crd::CalicoBlockAffinities, 2);
+    wait_until("dropped", BOUND, || dir.prefixes().is_empty()).await;
+    let seen = requests_for(&standin, from, "blockaffinities");
+    let verbs: Vec<&str> = seen
+        .iter()
+        .filter(|(status, _)| *status == 404)
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(
+        verbs,
+        ["watch", "list"],
+        "dropped only after the probe's 404"
+    );
+    wait_until("found again after retry", BOUND, || {
+        prefixes_of(&dir, "edge-1") == ["10.70.1.0/26"]
+    })
+    .await;
+    assert_eq!(dir.state(IpamKind::CalicoBlockAffinity), IpamState::Listed);
+}
+
+/// A 404 to the first probe (a stray one: the CRD is there) is probed
+/// again after `retry`, not after `rediscover`'s 5 minutes.
+#[tokio::test]
+async fn a_404_at_start_is_probed_again_soon() {
+    let (standin, client) = setup().await;
+    standin.upsert_custom(Crd::CiliumNodes, cilium_node("edge-1", &["10.0.1.0/24"]));
+    standin.stray_not_found(Crd::CiliumNodes, 1);
+    let dir = IpamDirectory::spawn(&client, &quick_retry());
+    wait_until("settled", BOUND, || dir.is_settled()).await;
+    wait_until("found by the second probe", BOUND, || {
+        prefixes_of(&dir, "edge-1") == ["10.0.1.0/24"]
+    })
+    .await;
+    let seen = requests_for(&standin, 0, "ciliumnodes");
+    assert_eq!(seen[0], (404, "list".to_string()));
+    assert_eq!(seen[1], (200, "list".to_string()));
 }

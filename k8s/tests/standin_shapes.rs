@@ -2,7 +2,8 @@
 //! driven with a plain `kube` client against `relay-kube-standin` (a
 //! kube-apiserver stand-in, not a real apiserver): resuming a watch from a
 //! compacted resourceVersion is an in-stream 410, a server-side apply that
-//! touches another manager's condition without force is a 409.
+//! touches another manager's condition without force is a 409, an Event
+//! whose note is over 1024 bytes is a 422.
 
 mod common;
 
@@ -191,4 +192,48 @@ async fn watches_of_each_collection_see_only_their_kind() {
     }
     assert_eq!(names(seen), "+web-1 -web-1");
     assert_eq!(standin.service_counts(), (2, 0));
+}
+
+/// events.k8s.io/v1 validation: a note over 1024 bytes (`NoteLengthLimit`)
+/// is refused with 422, on create and on update; 1024 is accepted.
+#[tokio::test]
+async fn an_event_note_over_1024_bytes_is_refused() {
+    init_tracing();
+    let standin = StandIn::spawn().await.unwrap();
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(raw_client(&standin).await, "default");
+    let event = |name: &str, note: String| {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "eventTime": "2025-01-01T00:00:00.000000Z",
+            "reportingController": "edge-relay", "reportingInstance": "relay-0",
+            "action": "route_not_allowed", "reason": "EdgeSessionRejected",
+            "type": "Warning", "note": note,
+            "regarding": {"kind": "Node", "name": "edge-1", "apiVersion": "v1"},
+        }))
+        .unwrap()
+    };
+    let refused = events
+        .create(&Default::default(), &event("long", "€".repeat(342)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, kube::Error::Api(s) if s.code == 422 && s.message.contains("note")),
+        "{refused:?}"
+    );
+    events
+        .create(&Default::default(), &event("at-limit", "x".repeat(1024)))
+        .await
+        .unwrap();
+    let patch = json!({"note": "y".repeat(1025)});
+    let refused = events
+        .patch("at-limit", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, kube::Error::Api(s) if s.code == 422),
+        "{refused:?}"
+    );
+    assert_eq!(standin.events().len(), 1);
+    assert_eq!(standin.events()[0]["note"], "x".repeat(1024));
 }

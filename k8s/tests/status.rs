@@ -10,7 +10,7 @@ use common::{count, node, setup};
 use k8s_openapi::api::core::v1::NodeCondition;
 use relay_kube::{
     KubeError, SessionEvent, SessionEvents, StatusWriter, TunnelCondition, WriteOutcome,
-    CONDITION_TYPE, FIELD_MANAGER,
+    CONDITION_TYPE, FIELD_MANAGER, NOTE_LIMIT,
 };
 
 const CALL: Duration = Duration::from_secs(5);
@@ -168,6 +168,7 @@ async fn session_events_are_created_then_deduplicated() {
 
     // A different event is a new object.
     let rejected = SessionEvent::Rejected {
+        reason: "route_not_allowed".into(),
         note: "routes not owned by the node".into(),
     };
     events.publish("edge-1", &rejected).await.unwrap();
@@ -175,5 +176,108 @@ async fn session_events_are_created_then_deduplicated() {
     assert!(standin
         .events()
         .iter()
-        .any(|e| e["reason"] == "EdgeSessionRejected" && e["type"] == "Warning"));
+        .any(|e| e["reason"] == "EdgeSessionRejected"
+            && e["type"] == "Warning"
+            && e["action"] == "route_not_allowed"));
+}
+
+/// Two rejections of one node for different reasons are two Events, each
+/// with its own note: the recorder tells repeats by action, not note, so
+/// with one action for every rejection the second was shown as a repeat
+/// of the first, with the first's note.
+#[tokio::test]
+async fn rejections_for_different_reasons_are_different_events() {
+    let (standin, client) = setup().await;
+    let events = SessionEvents::new(&client, Some("relay-0".into()), CALL);
+    let reject = |reason: &str, note: &str| SessionEvent::Rejected {
+        reason: reason.into(),
+        note: note.into(),
+    };
+    events
+        .publish(
+            "edge-1",
+            &reject("route_not_allowed", "10.9.0.0/24 not allowed"),
+        )
+        .await
+        .unwrap();
+    events
+        .publish(
+            "edge-1",
+            &reject("route_conflict", "10.1.0.0/24 is edge-2's"),
+        )
+        .await
+        .unwrap();
+    let mut notes: Vec<(String, String)> = standin
+        .events()
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().into(),
+                e["note"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    notes.sort();
+    assert_eq!(
+        notes,
+        [
+            ("route_conflict".into(), "10.1.0.0/24 is edge-2's".into()),
+            ("route_not_allowed".into(), "10.9.0.0/24 not allowed".into()),
+        ]
+    );
+    assert_eq!(count(&standin, "patch events"), 0);
+}
+
+/// A note over the apiserver's 1024 bytes (a rejection listing a node's
+/// allowed prefixes) is cut, not refused with 422 and lost.
+#[tokio::test]
+async fn a_long_note_is_cut_to_the_limit() {
+    let (standin, client) = setup().await;
+    let events = SessionEvents::new(&client, Some("relay-0".into()), CALL);
+    let allowed: Vec<String> = (0..200).map(|i| format!("10.{i}.0.0/16")).collect();
+    let note = format!("route_not_allowed: may serve only {}", allowed.join(", "));
+    assert!(note.len() > NOTE_LIMIT);
+    events
+        .publish(
+            "edge-1",
+            &SessionEvent::Rejected {
+                reason: "route_not_allowed".into(),
+                note: note.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    let stored = standin.events();
+    let kept = stored[0]["note"].as_str().unwrap();
+    assert!(kept.len() <= NOTE_LIMIT && kept.ends_with('…'));
+    assert!(note.starts_with(kept.trim_end_matches('…')));
+}
+
+/// A writer's memory of what it wrote is stale once another writer (the
+/// replica that wrote the node while it was in the set) has written the
+/// node: equal to the new state, it skips the write and the node keeps
+/// the other's `True`. `forget_all` (called when the replica set changes)
+/// makes it read the Node again and write.
+#[tokio::test]
+async fn a_writer_forgets_what_another_may_have_written() {
+    let (standin, client) = setup().await;
+    standin.upsert_node(node("edge-1", &["10.244.1.0/24"], "192.168.1.11"));
+    let a = StatusWriter::new(&client, CALL);
+    let b = StatusWriter::new(&client, CALL);
+    assert_eq!(
+        a.set("edge-1", &down()).await.unwrap(),
+        WriteOutcome::Written
+    );
+    assert_eq!(b.set("edge-1", &up()).await.unwrap(), WriteOutcome::Written);
+    assert_eq!(
+        a.set("edge-1", &down()).await.unwrap(),
+        WriteOutcome::Unchanged
+    );
+    assert_eq!(condition(&standin, CONDITION_TYPE).unwrap().status, "True");
+    a.forget_all();
+    assert_eq!(
+        a.set("edge-1", &down()).await.unwrap(),
+        WriteOutcome::Written
+    );
+    assert_eq!(condition(&standin, CONDITION_TYPE).unwrap().status, "False");
 }

@@ -438,10 +438,18 @@ fn writes(node: &str, me: &str, set: &[Replica]) -> bool {
 
 /// A [`StatusSink`](crate::status::StatusSink) that passes on only what
 /// this replica writes (see `writes`); with no replica set, everything.
+/// When the set has changed it first tells the sink
+/// ([`StatusSink::writers_changed`](crate::status::StatusSink::writers_changed)):
+/// a node this replica writes again may have been written by another
+/// replica meanwhile (replica A writes node N down for reason X; B comes
+/// back and writes N up; B leaves and N is down again for X, which A last
+/// wrote: trusting its memory, A skipped the write and N stayed up).
 pub struct DesignatedStatus {
     inner: std::sync::Arc<dyn crate::status::StatusSink>,
     me: String,
-    set: watch::Receiver<Vec<Replica>>,
+    /// Locked to mark a change seen and tell the sink as one step, before
+    /// any write under the new set is passed on.
+    set: std::sync::Mutex<watch::Receiver<Vec<Replica>>>,
 }
 
 impl DesignatedStatus {
@@ -454,12 +462,18 @@ impl DesignatedStatus {
         DesignatedStatus {
             inner,
             me: me.to_string(),
-            set,
+            set: std::sync::Mutex::new(set),
         }
     }
 
     fn writes(&self, node: &str) -> bool {
-        writes(node, &self.me, &self.set.borrow())
+        let mut set = self.set.lock().unwrap_or_else(|p| p.into_inner());
+        if set.has_changed().unwrap_or(false) {
+            set.mark_unchanged();
+            self.inner.writers_changed();
+        }
+        let me = writes(node, &self.me, &set.borrow());
+        me
     }
 }
 
@@ -483,6 +497,9 @@ impl crate::status::StatusSink for DesignatedStatus {
         if self.writes(node) {
             self.inner.rejected(node, reason, message);
         }
+    }
+    fn writers_changed(&self) {
+        self.inner.writers_changed();
     }
 
     fn stats(&self) -> crate::status::StatusStats {

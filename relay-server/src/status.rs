@@ -109,6 +109,11 @@ pub trait StatusSink: Send + Sync + 'static {
     fn down(&self, node: &str, why: &str);
     /// A handshake claiming to be `node` was refused.
     fn rejected(&self, node: &str, reason: &str, message: &str);
+    /// Which replica writes which node may have changed (the replica set
+    /// changed): another replica may have written this one's nodes since,
+    /// so what the sink remembers writing must not stand in for what the
+    /// API says (a write equal to it would be skipped).
+    fn writers_changed(&self) {}
     /// What the sink wrote and held back so far (for `/metrics`).
     fn stats(&self) -> StatusStats {
         StatusStats::default()

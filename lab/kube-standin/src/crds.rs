@@ -75,6 +75,21 @@ impl State {
     pub(crate) fn custom(&self, res: Res) -> Option<&BTreeMap<String, Value>> {
         self.crds.get(&res)
     }
+
+    /// Whether this list or watch of installed `res` is to be answered
+    /// 404 ([`StandIn::stray_not_found`]); counts it off if so.
+    pub(crate) fn take_stray_404(&mut self, res: Res) -> bool {
+        if !self.crds.contains_key(&res) {
+            return false;
+        }
+        match self.stray_404.get_mut(&res) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 impl StandIn {
@@ -89,6 +104,16 @@ impl StandIn {
     /// Installs `crd` (its list and watch are served from now on, empty).
     pub fn install_crd(&self, crd: Crd) {
         self.shared.lock().crds.entry(crd.res()).or_default();
+    }
+
+    /// Answers the next `n` lists and watches of `crd` 404 while it stays
+    /// installed, objects and all (open watches go on): what
+    /// kube-apiserver answers for a custom resource whose CRD exists while
+    /// its CRD handler is not yet (or for a moment no longer) serving it,
+    /// e.g. after an etcd restart (kubernetes/kubernetes#71218, #115241).
+    /// `0` ends it early.
+    pub fn stray_not_found(&self, crd: Crd, n: u32) {
+        self.shared.lock().stray_404.insert(crd.res(), n);
     }
 
     /// Removes `crd`: its objects are deleted (DELETED on watches, as the

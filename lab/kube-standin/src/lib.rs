@@ -12,7 +12,7 @@
 //! | `/api/v1/services` | list, watch (same mechanics as Nodes; all namespaces) |
 //! | `/apis/discovery.k8s.io/v1/endpointslices` | list, watch (same mechanics as Nodes; all namespaces) |
 //! | `/api/v1/nodes/{name}`, `/status` | get; `PATCH application/apply-patch+yaml` on `/status` merges `status.conditions` by `type` per field manager ([`apply`]) |
-//! | `/apis/events.k8s.io/v1/namespaces/{ns}/events[/{name}]` | create, merge-patch, list |
+//! | `/apis/events.k8s.io/v1/namespaces/{ns}/events[/{name}]` | create, merge-patch (both 422 for a note over 1024 bytes or an action over 128, as the apiserver's validation), list |
 //! | `/apis/authentication.k8s.io/v1/tokenreviews` | create, answered from tokens minted with [`StandIn::mint_token`] |
 //! | `/apis/coordination.k8s.io/v1/namespaces/{ns}/leases[/{name}]` | get, create, update (resourceVersion conflicts), delete (preconditions), list, watch ([`leases`]) |
 //! | `/apis/crd.projectcalico.org/v1/blockaffinities`, `/apis/cilium.io/v2/ciliumnodes` | list, watch (same mechanics as Nodes), once the test installs the CRD ([`crds`]; 404 before, as without that CNI) |
@@ -27,7 +27,8 @@
 //! `Forbidden`.
 //!
 //! Test hooks: [`StandIn::inject_gone`] (in-stream `ERROR` 410 on every open
-//! watch), [`StandIn::set_unavailable`] (every request answers 503),
+//! watch), [`StandIn::stray_not_found`] (an installed CRD's next lists and
+//! watches answer 404), [`StandIn::set_unavailable`] (every request answers 503),
 //! [`StandIn::hold_watches`] (watches stall while requests are answered),
 //! [`StandIn::stop`] / [`StandIn::start`] (the listener goes away and comes
 //! back on the same port), and direct edits of the Node, Service and
@@ -218,6 +219,9 @@ struct State {
     /// Installed CRDs' objects (JSON) by name; a collection is served only
     /// while its key is here ([`crds`]).
     crds: BTreeMap<Res, BTreeMap<String, Value>>,
+    /// Lists and watches of an installed CRD still to be answered 404
+    /// ([`StandIn::stray_not_found`]).
+    stray_404: BTreeMap<Res, u32>,
     owners: BTreeMap<String, ConditionOwners>,
     history: Vec<(u64, Res, Bytes)>,
     /// Oldest resourceVersion a watch may resume from.
@@ -345,6 +349,7 @@ impl StandIn {
                 slices: BTreeMap::new(),
                 leases: BTreeMap::new(),
                 crds: BTreeMap::new(),
+                stray_404: BTreeMap::new(),
                 owners: BTreeMap::new(),
                 history: Vec::new(),
                 oldest_rv: 100,

@@ -139,6 +139,17 @@ pub(crate) fn route(
         ("discovery.k8s.io", "endpointslices", None, "watch") if a.name.is_none() => {
             watch(shared, &q, Res::EndpointSlices)
         }
+        (group, resource, None, "list" | "watch")
+            if a.name.is_none()
+                && crds::Crd::served_at(group, &a.version, resource)
+                    .is_some_and(|c| shared.lock().take_stray_404(c.res())) =>
+        {
+            failure(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the server could not find the requested resource",
+            )
+        }
         (group, resource, None, verb @ ("list" | "watch"))
             if a.name.is_none()
                 && crds::Crd::served_at(group, &a.version, resource)

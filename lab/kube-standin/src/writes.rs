@@ -118,6 +118,29 @@ pub(crate) fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
+/// Longest `note` and `action` the apiserver's events.k8s.io/v1 validation
+/// accepts, in bytes (`NoteLengthLimit`, and its action limit).
+const NOTE_LIMIT: usize = 1024;
+const ACTION_LIMIT: usize = 128;
+
+/// The apiserver's length checks of an Event (create and update): a note
+/// over 1024 bytes or an action over 128 is refused with 422 `Invalid`.
+fn valid_event(ev: &Value) -> Result<(), Box<Response<Body>>> {
+    for (field, limit) in [("note", NOTE_LIMIT), ("action", ACTION_LIMIT)] {
+        let len = ev.get(field).and_then(Value::as_str).map_or(0, str::len);
+        if len > limit {
+            let message =
+                format!("{field}: Invalid value: \"\": can have at most {limit} characters");
+            return Err(Box::new(failure(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                &message,
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn events(
     shared: &Shared,
     a: &RequestAttributes,
@@ -157,6 +180,9 @@ pub(crate) fn events(
                     return failure(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &message);
                 }
             }
+            if let Err(r) = valid_event(&ev) {
+                return *r;
+            }
             if st.events.contains_key(&(ns.clone(), name.clone())) {
                 return failure(
                     StatusCode::CONFLICT,
@@ -194,7 +220,13 @@ pub(crate) fn events(
                     &format!("events.events.k8s.io \"{name}\" not found"),
                 );
             };
-            merge_patch(ev, &patch);
+            let mut patched = ev.clone();
+            merge_patch(&mut patched, &patch);
+            // An update is validated as a create is.
+            if let Err(r) = valid_event(&patched) {
+                return *r;
+            }
+            *ev = patched;
             if let Some(m) = ev.get_mut("metadata").and_then(Value::as_object_mut) {
                 m.insert("resourceVersion".into(), json!(rv.to_string()));
             }

@@ -50,6 +50,9 @@ const RETRY_LIMIT: Duration = Duration::from_secs(300);
 /// burst of ups and downs is one write); Events are budgeted per node
 /// ([`EventBudget`]) and go through a bounded queue.
 pub(super) struct KubeStatus {
+    /// Shared with the condition writer task, for
+    /// [`StatusSink::writers_changed`].
+    writer: Option<Arc<StatusWriter>>,
     desired: Arc<Mutex<HashMap<String, TunnelCondition>>>,
     wake: Arc<Notify>,
     events: Option<mpsc::Sender<(String, SessionEvent)>>,
@@ -75,9 +78,10 @@ impl KubeStatus {
         let desired: Arc<Mutex<HashMap<String, TunnelCondition>>> = Arc::default();
         let wake = Arc::new(Notify::new());
         let counters = Arc::new(StatusCounters::default());
-        if let Some(writer) = writer {
+        let writer = writer.map(Arc::new);
+        if let Some(writer) = &writer {
             tokio::spawn(write_conditions(
-                writer,
+                writer.clone(),
                 desired.clone(),
                 wake.clone(),
                 counters.clone(),
@@ -90,6 +94,7 @@ impl KubeStatus {
             tx
         });
         KubeStatus {
+            writer,
             desired,
             wake,
             events: tx,
@@ -163,13 +168,12 @@ async fn publish_events(
 /// writes each node when its hold-off allows, [`CONDITION_WRITERS`] nodes
 /// at a time, until `stop`.
 async fn write_conditions(
-    writer: StatusWriter,
+    writer: Arc<StatusWriter>,
     desired: Arc<Mutex<HashMap<String, TunnelCondition>>>,
     wake: Arc<Notify>,
     counters: Arc<StatusCounters>,
     stop: CancellationToken,
 ) {
-    let writer = Arc::new(writer);
     let mut pace = HoldOff::new(CONDITION_HOLD_OFF);
     // Desired states waiting for their node's hold-off or a free writer.
     let mut held: HashMap<String, TunnelCondition> = HashMap::new();
@@ -320,12 +324,24 @@ impl StatusSink for KubeStatus {
     }
 
     fn rejected(&self, node: &str, reason: &str, message: &str) {
+        // The reason is also the Event's action, so each reason is its own
+        // Event; the note keeps it for `kubectl describe`, which shows no
+        // action. relay-kube cuts the note to what the apiserver accepts.
         self.event(
             node,
             SessionEvent::Rejected {
+                reason: reason.to_string(),
                 note: format!("{reason}: {message}"),
             },
         );
+    }
+
+    fn writers_changed(&self) {
+        // Synchronously, before the caller passes on the write that follows:
+        // that write then reads the Node instead of trusting the memory.
+        if let Some(w) = &self.writer {
+            w.forget_all();
+        }
     }
 
     fn stats(&self) -> StatusStats {
