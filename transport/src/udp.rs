@@ -483,13 +483,41 @@ pub async fn serve_target(
             _ = tokio::time::sleep(idle) => break,
         }
     }
+    // Unregistered before the wait below: a datagram for the flow from now
+    // on is counted (`dropped_unknown_flow`), not queued for nobody.
+    drop(flow);
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut bi.send).await;
+}
+
+/// Resolves when a captured flow has been quiet (no packet either way, see
+/// [`Replier`]) for `idle`; re-armed on the way, so a busy flow costs no
+/// timer reset per packet.
+async fn quiet_past(reply: &Replier, idle: Duration) {
+    loop {
+        let quiet = reply.quiet_for();
+        if quiet >= idle {
+            return;
+        }
+        tokio::time::sleep(idle - quiet).await;
+    }
+}
+
+/// Ends a captured flow's queue from the capture loop: closed first, so
+/// the loop's next packet for this client starts a new flow instead of
+/// waiting in a queue nobody reads; those that got in before are counted
+/// (`dropped_unknown_flow`, as datagrams for a flow that just ended).
+fn close_from_client(from_client: &mut mpsc::Receiver<Bytes>, stats: &UdpStats) {
+    from_client.close();
+    while from_client.try_recv().is_ok() {
+        stats.dropped_unknown_flow.fetch_add(1, Relaxed);
+    }
 }
 
 /// The capture side of a flow to a target reached directly ([`Pick::Local`]):
 /// payloads from the local client (`from_client`) go to `sock` (connected
 /// to the target), its
-/// datagrams back to the client through `reply`. Ends on idleness or when
+/// datagrams back to the client through `reply`. Ends on idleness (no
+/// packet either way for `idle`) or when
 /// the listener drops `from_client`, or `stale` resolves. A send error (ICMP unreachable) is the
 /// target's answer; the flow stays, as a UDP client's would.
 pub async fn run_local_flow(
@@ -498,7 +526,10 @@ pub async fn run_local_flow(
     reply: Replier,
     idle: Duration,
     mut stale: Stale,
+    stats: Arc<UdpStats>,
 ) {
+    let quiet = quiet_past(&reply, idle);
+    tokio::pin!(quiet);
     loop {
         tokio::select! {
             () = &mut stale => break,
@@ -510,14 +541,16 @@ pub async fn run_local_flow(
                 Ok(p) => reply.send(&p).await,
                 Err(e) => debug!(error = %e, "local udp target socket"),
             },
-            _ = tokio::time::sleep(idle) => break,
+            () = &mut quiet => break,
         }
     }
+    close_from_client(&mut from_client, &stats);
 }
 
 /// The capture side of a flow the far side accepted: payloads from the
 /// local client (`from_client`) go out as datagrams; datagrams for the flow
-/// go back to the client through `reply`. Ends on idleness, when the far
+/// go back to the client through `reply`. Ends on idleness (no packet
+/// either way for `idle`), when the far
 /// side ends the stream, when the listener drops `from_client`, or when
 /// `stale` resolves.
 pub async fn run_opened_flow(
@@ -529,6 +562,8 @@ pub async fn run_opened_flow(
     stats: Arc<UdpStats>,
 ) {
     let mut frames = StreamPayloads::default();
+    let quiet = quiet_past(&reply, idle);
+    tokio::pin!(quiet);
     loop {
         tokio::select! {
             () = &mut stale => break,
@@ -546,9 +581,13 @@ pub async fn run_opened_flow(
                 Some(p) => reply.send(&p).await,
                 None => break,
             },
-            _ = tokio::time::sleep(idle) => break,
+            () = &mut quiet => break,
         }
     }
+    // Both queues end before the wait below (see `close_from_client`;
+    // the flow's datagrams from now on count as for an unknown flow).
+    close_from_client(&mut from_client, &stats);
+    drop(flow);
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut bi.send).await;
 }
 
@@ -590,6 +629,8 @@ pub async fn bridge_flows(
             break;
         }
     }
+    // Unregistered before the waits below (see `serve_target`).
+    drop((a, b));
     for bi in [&mut a_bi, &mut b_bi] {
         let _ = tokio::io::AsyncWriteExt::shutdown(&mut bi.send).await;
     }
@@ -622,4 +663,25 @@ pub async fn connect_target(
     let sock = UdpSocket::from_std(s.into())?;
     sock.connect(target).await?;
     Ok(sock)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flow that ends closes its queue before anything else: the capture
+    /// loop's next packet for the client finds it closed (and starts a new
+    /// flow with it) instead of waiting in it; one already queued counts.
+    #[test]
+    fn an_ending_flow_refuses_new_packets_and_counts_those_it_held() {
+        let (tx, mut rx) = mpsc::channel(4);
+        tx.try_send(Bytes::from_static(b"late")).unwrap();
+        let stats = UdpStats::default();
+        close_from_client(&mut rx, &stats);
+        assert_eq!(stats.dropped_unknown_flow.load(Relaxed), 1);
+        assert!(matches!(
+            tx.try_send(Bytes::from_static(b"next")),
+            Err(mpsc::error::TrySendError::Closed(_))
+        ));
+    }
 }

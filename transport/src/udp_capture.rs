@@ -5,14 +5,14 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::conn::TunnelConn;
 use crate::udp::{
@@ -24,6 +24,109 @@ use crate::udp::{
 /// a flood of new sources must not open them without bound. A packet that
 /// would start one more is dropped and counted (`dropped_starting`).
 pub const MAX_STARTING_FLOWS: usize = 256;
+
+/// Where the kernel keeps conntrack's UDP timeout (per network namespace):
+/// how long an entry lives after its last packet, either way, when it has
+/// not (yet) become a stream (`nf_conntrack_udp_timeout_stream`, longer).
+const CONNTRACK_UDP_TIMEOUT: &str = "/proc/sys/net/netfilter/nf_conntrack_udp_timeout";
+
+/// The kernel's default for [`CONNTRACK_UDP_TIMEOUT`], assumed when the
+/// file cannot be read.
+pub(crate) const DEFAULT_CONNTRACK_UDP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// conntrack's UDP timeout in this thread's network namespace (read from
+/// `/proc/sys/net/netfilter/nf_conntrack_udp_timeout`);
+/// [`DEFAULT_CONNTRACK_UDP_TIMEOUT`] when unreadable.
+pub(crate) fn conntrack_udp_timeout() -> Duration {
+    std::fs::read_to_string(CONNTRACK_UDP_TIMEOUT)
+        .ok()
+        .and_then(|s| parse_timeout(&s))
+        .unwrap_or(DEFAULT_CONNTRACK_UDP_TIMEOUT)
+}
+
+fn parse_timeout(s: &str) -> Option<Duration> {
+    s.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|&secs| secs > 0)
+        .map(Duration::from_secs)
+}
+
+/// The idle bound of captured flows: `idle`, but shorter than conntrack's
+/// UDP timeout `conntrack` (by a second, or by half of a timeout of 2 s or
+/// less). A captured flow is keyed by its client address and learns its
+/// original destination once; once conntrack forgets that destination,
+/// the same client port sending elsewhere gets a new entry with the same
+/// reply tuple (every flow is DNATed to one capture address), so its
+/// packets would land on the old flow and go to the old destination, and
+/// the old destination's answers would come back looking like the new
+/// one's. Ending first (our stamps trail the kernel's refreshes by far
+/// less than the margin) makes that packet start a flow of its own.
+pub(crate) fn captured_idle(idle: Duration, conntrack: Duration) -> Duration {
+    let margin = Duration::from_secs(1).min(conntrack / 2);
+    idle.min(conntrack - margin)
+}
+
+/// Milliseconds on a monotonic clock shared by this process's flows: the
+/// activity stamps of captured flows (see [`Activity`]).
+pub(crate) fn clock_ms() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// How long after its start a captured flow with traffic both ways counts
+/// as a stream (conntrack's rule for `IPS_ASSURED` on UDP: a packet more
+/// than 2 s after the entry's first, once a reply was seen).
+const STREAM_AFTER_MS: u64 = 2_000;
+
+/// What one captured flow did when ([`clock_ms`]), shared by the capture
+/// loop (packets from the client) and the flow's [`Replier`] (replies):
+/// conntrack refreshes its entry on packets either way, so the flow's idle
+/// timer goes by both, and so does eviction at `FlowLimits::max_flows`.
+#[derive(Debug)]
+pub(crate) struct Activity {
+    start: u64,
+    last: AtomicU64,
+    replied: AtomicBool,
+}
+
+impl Activity {
+    pub(crate) fn new(now: u64) -> Self {
+        Activity {
+            start: now,
+            last: AtomicU64::new(now),
+            replied: AtomicBool::new(false),
+        }
+    }
+
+    /// A packet from the client at `now`.
+    pub(crate) fn client(&self, now: u64) {
+        self.last.fetch_max(now, Relaxed);
+    }
+
+    /// A reply sent to the client at `now`.
+    pub(crate) fn reply(&self, now: u64) {
+        self.replied.store(true, Relaxed);
+        self.last.fetch_max(now, Relaxed);
+    }
+
+    /// How long since the flow's last packet, either way.
+    pub(crate) fn quiet_for(&self) -> Duration {
+        Duration::from_millis(clock_ms().saturating_sub(self.last.load(Relaxed)))
+    }
+
+    /// Eviction order, least first: flows that are not streams (no reply,
+    /// or nothing after their first 2 s: a DNS query and its answer)
+    /// before streams, as conntrack's early drop spares assured entries;
+    /// then the longest quiet. A server pushing every 100 ms after one
+    /// subscribe is a stream and stays; by last activity alone a burst of
+    /// queries within one push interval still closed it.
+    pub(crate) fn eviction_rank(&self) -> (bool, u64) {
+        let last = self.last.load(Relaxed);
+        let stream = self.replied.load(Relaxed) && last > self.start + STREAM_AFTER_MS;
+        (stream, last)
+    }
+}
 
 /// The capture side's UDP socket (IPv4, `0.0.0.0:port`): receives
 /// redirected packets together with the local address they were redirected
@@ -99,19 +202,31 @@ impl RedirectUdp {
     }
 }
 
-/// Where replies of one captured flow go: to `client`, from `local`.
+/// Where replies of one captured flow go: to `client`, from `local`; each
+/// reply sent is stamped on the flow's activity (see `Activity`), which
+/// the flow's idle timer and eviction at `FlowLimits::max_flows` go by.
 pub struct Replier {
     sock: Arc<RedirectUdp>,
     local: SocketAddrV4,
     client: SocketAddrV4,
+    activity: Arc<Activity>,
 }
 
 impl Replier {
     pub(crate) async fn send(&self, payload: &[u8]) {
-        // A lost reply is what UDP promises anyway.
-        if let Err(e) = self.sock.send_from(payload, self.local, self.client).await {
-            debug!(error = %e, "udp reply");
+        // A lost reply is what UDP promises anyway. One that never left
+        // (no route) refreshed no conntrack entry: no stamp.
+        match self.sock.send_from(payload, self.local, self.client).await {
+            Ok(()) => {
+                self.activity.reply(clock_ms());
+            }
+            Err(e) => debug!(error = %e, "udp reply"),
         }
+    }
+
+    /// How long since the flow's last packet, either way.
+    pub(crate) fn quiet_for(&self) -> Duration {
+        self.activity.quiet_for()
     }
 }
 
@@ -172,12 +287,15 @@ pub type PickConn = dyn Fn(SocketAddr) -> Option<Pick> + Send + Sync;
 pub struct FlowLimits {
     /// Wait for the far side to accept a flow.
     pub open_timeout: Duration,
-    /// A flow silent this long ends.
+    /// A flow silent this long (no packet either way) ends; captured flows
+    /// end a second before conntrack's UDP timeout when that is shorter
+    /// (see [`serve_transparent_udp`]).
     pub idle: Duration,
     /// Mark for our reply sockets (see [`crate::capture`]).
     pub mark: u32,
     /// Captured flows open at once; a new one past this closes the flow
-    /// idle the longest (counted in `UdpStats::evicted`). Each flow holds a
+    /// idle the longest, packets either way (counted in
+    /// `UdpStats::evicted`). Each flow holds a
     /// tunnel stream until it is idle for `idle`, so on the edge this must
     /// stay below the streams the relay grants (its `quic.max_streams`):
     /// a resolver sending each query from a new port would otherwise use
@@ -189,19 +307,39 @@ pub struct FlowLimits {
 /// flow, whose original destination conntrack tells once, opened on the
 /// connection `pick` chooses; replies go back from the redirected address
 /// so the kernel restores the original one. Packets for a destination no
-/// session serves are dropped and counted. Runs until `stop`.
+/// session serves are dropped and counted. A flow idle for
+/// `limits.idle` ends, or a second before conntrack's UDP timeout in this
+/// network namespace (`nf_conntrack_udp_timeout`, read once here) when
+/// that is shorter: a flow must not outlive its conntrack entry (see
+/// `captured_idle`). Runs until `stop`.
 pub async fn serve_transparent_udp(
     sock: RedirectUdp,
     pick: Arc<PickConn>,
-    limits: FlowLimits,
+    mut limits: FlowLimits,
     stats: Arc<UdpStats>,
     stop: tokio_util::sync::CancellationToken,
 ) {
+    let conntrack = conntrack_udp_timeout();
+    let idle = captured_idle(limits.idle, conntrack);
+    if idle < limits.idle {
+        info!(
+            ?idle,
+            configured = ?limits.idle,
+            ?conntrack,
+            "captured UDP flows end before conntrack forgets them"
+        );
+    }
+    limits.idle = idle;
     type Key = (SocketAddrV4, SocketAddrV4);
-    // (generation, queue, last packet from the client): a flow that ends
-    // removes its entry only if it is still its own, not a successor's for
-    // the same key; the oldest last packet is evicted first.
-    type Local = Mutex<HashMap<Key, (u64, mpsc::Sender<Bytes>, Instant)>>;
+    // The generation lets a flow that ends remove its entry only if it is
+    // still its own, not a successor's for the same key; the flow with the
+    // lowest `Activity::eviction_rank` is evicted first.
+    struct Entry {
+        generation: u64,
+        tx: mpsc::Sender<Bytes>,
+        activity: Arc<Activity>,
+    }
+    type Local = Mutex<HashMap<Key, Entry>>;
     let local: Arc<Local> = Arc::default();
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         // Poisoning would only mean a flow task panicked mid-update.
@@ -222,20 +360,30 @@ pub async fn serve_transparent_udp(
             },
         };
         let key = (client, here);
-        let now = Instant::now();
-        let sent = lock(&local).get_mut(&key).map(|(_, tx, last)| {
-            *last = now;
-            tx.try_send(payload.clone())
-        });
-        let payload = match sent {
-            Some(Ok(())) => continue,
-            Some(Err(mpsc::error::TrySendError::Full(_))) => {
-                stats.dropped_queue_full.fetch_add(1, Relaxed);
-                continue;
+        let now = clock_ms();
+        let payload = {
+            let mut flows = lock(&local);
+            match flows.get(&key) {
+                None => payload,
+                Some(e) => {
+                    e.activity.client(now);
+                    match e.tx.try_send(payload) {
+                        Ok(()) => continue,
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            stats.dropped_queue_full.fetch_add(1, Relaxed);
+                            continue;
+                        }
+                        // The flow is ending (idle, stale, stream ended: it
+                        // closes its queue first); this packet starts a new
+                        // one, in place of the old entry (which must not
+                        // count against `max_flows` and evict a live flow).
+                        Err(mpsc::error::TrySendError::Closed(p)) => {
+                            flows.remove(&key);
+                            p
+                        }
+                    }
+                }
             }
-            // The flow ended (idle); this packet starts a new one.
-            Some(Err(mpsc::error::TrySendError::Closed(p))) => p,
-            None => payload,
         };
         let Ok(permit) = starting.clone().try_acquire_owned() else {
             stats.dropped_starting.fetch_add(1, Relaxed);
@@ -249,18 +397,30 @@ pub async fn serve_transparent_udp(
         let my_gen = generation;
         let (tx, rx) = mpsc::channel(FLOW_QUEUE);
         let _ = tx.try_send(payload);
+        let activity = Arc::new(Activity::new(now));
         {
             let mut flows = lock(&local);
             // Make room: closing a flow's queue ends its task, which
             // finishes its stream and returns the stream's credit.
             while flows.len() >= limits.max_flows.max(1) {
-                let Some(oldest) = flows.iter().min_by_key(|(_, e)| e.2).map(|(k, _)| *k) else {
+                let Some(oldest) = flows
+                    .iter()
+                    .min_by_key(|(_, e)| e.activity.eviction_rank())
+                    .map(|(k, _)| *k)
+                else {
                     break;
                 };
                 flows.remove(&oldest);
                 stats.evicted.fetch_add(1, Relaxed);
             }
-            flows.insert(key, (my_gen, tx, now));
+            flows.insert(
+                key,
+                Entry {
+                    generation: my_gen,
+                    tx,
+                    activity: activity.clone(),
+                },
+            );
         }
         let (local, limits, stats, pick) =
             (local.clone(), limits.clone(), stats.clone(), pick.clone());
@@ -268,11 +428,12 @@ pub async fn serve_transparent_udp(
             sock: sock.clone(),
             local: here,
             client,
+            activity,
         };
         tokio::spawn(async move {
             open_captured_flow(pick, rx, reply, limits, stats, permit).await;
             let mut g = lock(&local);
-            if g.get(&key).is_some_and(|(gen, _, _)| *gen == my_gen) {
+            if g.get(&key).is_some_and(|e| e.generation == my_gen) {
                 g.remove(&key);
                 crate::memory::shrink_sparse(&mut g);
             }
@@ -313,7 +474,7 @@ async fn open_captured_flow(
             let sock = crate::udp::connect_target(ep, None, limits.mark).await;
             drop(starting);
             match sock {
-                Ok(sock) => run_local_flow(sock, rx, reply, limits.idle, stale).await,
+                Ok(sock) => run_local_flow(sock, rx, reply, limits.idle, stale, stats).await,
                 Err(e) => debug!(%client, %dst, %ep, error = %e, "local udp endpoint"),
             }
             return;
@@ -341,5 +502,69 @@ async fn open_captured_flow(
         Err(r) => {
             debug!(%client, %dst, reason = r.status.as_str(), msg = %r.message, "udp flow refused")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn captured_flows_end_before_their_conntrack_entry() {
+        let s = Duration::from_secs;
+        // The default: 30 s conntrack, 60 s configured.
+        assert_eq!(captured_idle(s(60), s(30)), s(29));
+        // A configured bound already shorter stays.
+        assert_eq!(captured_idle(s(10), s(30)), s(10));
+        assert_eq!(captured_idle(s(29), s(30)), s(29));
+        // Tiny timeouts keep a bound above zero and below the timeout.
+        assert_eq!(captured_idle(s(60), s(2)), s(1));
+        assert_eq!(captured_idle(s(60), s(1)), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn the_sysctl_is_read_as_seconds_or_not_at_all() {
+        assert_eq!(parse_timeout("30\n"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_timeout(" 5 "), Some(Duration::from_secs(5)));
+        assert_eq!(parse_timeout("0\n"), None);
+        assert_eq!(parse_timeout(""), None);
+        assert_eq!(parse_timeout("x"), None);
+        // Whatever the host says, something sane comes back.
+        assert!(conntrack_udp_timeout() > Duration::ZERO);
+    }
+
+    #[test]
+    fn eviction_spares_streams_then_the_recently_active() {
+        // A push flow: one subscribe at 0, pushes until 2,950.
+        let push = Activity::new(0);
+        push.client(0);
+        for t in (100..3_000).step_by(100) {
+            push.reply(t);
+        }
+        // DNS flows: a query and its answer, after the last push.
+        let dns = |t| {
+            let a = Activity::new(t);
+            a.reply(t + 5);
+            a
+        };
+        let (d1, d2) = (dns(2_910), dns(2_920));
+        let mut all = [("push", &push), ("d1", &d1), ("d2", &d2)];
+        all.sort_by_key(|(_, a)| a.eviction_rank());
+        assert_eq!(all.map(|(n, _)| n), ["d1", "d2", "push"]);
+        // Unanswered for 3 s: not a stream, however long it sends.
+        let unanswered = Activity::new(0);
+        unanswered.client(3_000);
+        assert!(!unanswered.eviction_rank().0);
+        // Among streams, the one quiet longer goes first.
+        let older = Activity::new(0);
+        older.reply(2_500);
+        assert!(older.eviction_rank() < push.eviction_rank());
+    }
+
+    #[test]
+    fn the_activity_clock_is_monotonic() {
+        let a = clock_ms();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(clock_ms() >= a + 5);
     }
 }
