@@ -161,6 +161,9 @@ pub(crate) async fn run(
     // Far ends of this run's connections and the proxy's addresses (see
     // `tunnel_peers`): kept after a connection ends, since the routes are.
     let mut far_ends: BTreeSet<std::net::IpAddr> = BTreeSet::new();
+    // Whether `tcp_proxy`'s name was looked up yet (then again only on the
+    // tick: a resolver that fails must not hold up every pass by its bound).
+    let mut proxy_looked_up = false;
     // Interface addresses change without telling us; look again now and
     // then (the capture calls below do nothing when nothing changed).
     let mut lans = tokio::time::interval(LAN_RECHECK);
@@ -248,17 +251,14 @@ pub(crate) async fn run(
             sources.extend(cfg.capture.iter().flat_map(|c| c.sources.iter().flatten()));
             // A proxy's addresses are peers too (its answers must pass the
             // source check before any connection through it exists): looked
-            // up once, and again on the tick; kept over a failed lookup.
+            // up on the first pass and on the tick; kept over a failed one.
             if far_ends.len() >= MAX_FAR_ENDS {
                 // Only a relay behind ever-new addresses gets here: start
                 // again from the live connection's and the proxy's.
                 far_ends.clear();
             }
-            if let Some(proxy) = cfg
-                .tcp_proxy
-                .as_ref()
-                .filter(|_| far_ends.is_empty() || tick)
-            {
+            if let Some(proxy) = cfg.tcp_proxy.as_ref().filter(|_| !proxy_looked_up || tick) {
+                proxy_looked_up = true;
                 let lookup = tokio::net::lookup_host(proxy.authority.as_str());
                 if let Ok(Ok(addrs)) = tokio::time::timeout(PROXY_LOOKUP, lookup).await {
                     far_ends.extend(addrs.map(|a| a.ip()));

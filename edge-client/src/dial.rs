@@ -78,12 +78,16 @@ impl Dialer<'_> {
             Ok(addrs) => {
                 let mark = cfg.capture.as_ref().map(|c| c.own_mark).unwrap_or(0);
                 let addrs = crate::nat64::reachable(addrs, mark).await;
-                // Through a proxy the addresses need no route of their own:
-                // the TCP fallback dials the proxy (a site whose only way
-                // out is a proxy often has no default route), and QUIC to
-                // an unrouted address fails at once, falling back to it.
-                let routed = |a: &SocketAddr| proxy.is_some() || crate::nat64::has_route(*a, mark);
-                let ordered = dial_order(&addrs, &cfg.node, routed);
+                let routed = |a: &SocketAddr| crate::nat64::has_route(*a, mark);
+                let mut ordered = dial_order(&addrs, &cfg.node, routed);
+                if ordered.is_empty() && proxy.is_some() {
+                    // Through a proxy the addresses need no route of their
+                    // own: the TCP fallback dials the proxy (a site whose
+                    // only way out is a proxy often has no default route).
+                    // Only then: quinn takes a send to an unrouted address
+                    // for sent, so QUIC there costs its whole wait.
+                    ordered = dial_order(&addrs, &cfg.node, |_: &SocketAddr| true);
+                }
                 if ordered.is_empty() && !addrs.is_empty() {
                     // The uplink is down (its routes gone with it): every
                     // address would fail at once. Not the addresses'

@@ -468,7 +468,10 @@ async fn run(inner: Arc<Inner>, api: Api<DynamicObject>, kind: IpamKind, opts: I
             Err(e) if status_of(&e) == Some(403) => {
                 absent = 0;
                 say(format!("{kind} may not be read (403: list and watch are needed, see deploy/kubernetes/base/rbac.yaml); its node prefixes are not used; trying again every {every:?}"), true);
-                inner.set_state(kind, IpamState::Forbidden, false);
+                // Objects a watch's 404 left kept are dropped: the log says
+                // its prefixes are not used, and from here nothing confirms
+                // them.
+                inner.set_state(kind, IpamState::Forbidden, std::mem::take(&mut unconfirmed));
                 every
             }
             Err(e) => {

@@ -37,7 +37,7 @@ use tracing::debug;
 use crate::conn::{BiStream, DatagramRefused, RecvHalf, SendHalf, TunnelConn};
 
 pub use crate::udp_capture::{
-    serve_transparent_udp, FlowLimits, Pick, PickConn, Picked, RedirectUdp, Replier,
+    serve_transparent_udp, FlowIdle, FlowLimits, Pick, PickConn, Picked, RedirectUdp, Replier,
     MAX_STARTING_FLOWS,
 };
 
@@ -492,13 +492,16 @@ pub async fn serve_target(
 /// Resolves when a captured flow has been quiet (no packet either way, see
 /// [`Replier`]) for `idle`; re-armed on the way, so a busy flow costs no
 /// timer reset per packet.
-async fn quiet_past(reply: &Replier, idle: Duration) {
+async fn quiet_past(reply: &Replier, idle: FlowIdle) {
     loop {
+        // Looked at on each wake: a flow that became a stream meanwhile
+        // (its conntrack entry kept longer) gets the longer bound.
+        let bound = reply.idle_bound(&idle);
         let quiet = reply.quiet_for();
-        if quiet >= idle {
+        if quiet >= bound {
             return;
         }
-        tokio::time::sleep(idle - quiet).await;
+        tokio::time::sleep(bound - quiet).await;
     }
 }
 
@@ -517,14 +520,14 @@ fn close_from_client(from_client: &mut mpsc::Receiver<Bytes>, stats: &UdpStats) 
 /// payloads from the local client (`from_client`) go to `sock` (connected
 /// to the target), its
 /// datagrams back to the client through `reply`. Ends on idleness (no
-/// packet either way for `idle`) or when
+/// packet either way for `idle`'s bound, see [`FlowIdle`]) or when
 /// the listener drops `from_client`, or `stale` resolves. A send error (ICMP unreachable) is the
 /// target's answer; the flow stays, as a UDP client's would.
 pub async fn run_local_flow(
     sock: UdpSocket,
     mut from_client: mpsc::Receiver<Bytes>,
     reply: Replier,
-    idle: Duration,
+    idle: FlowIdle,
     mut stale: Stale,
     stats: Arc<UdpStats>,
 ) {
@@ -550,14 +553,14 @@ pub async fn run_local_flow(
 /// The capture side of a flow the far side accepted: payloads from the
 /// local client (`from_client`) go out as datagrams; datagrams for the flow
 /// go back to the client through `reply`. Ends on idleness (no packet
-/// either way for `idle`), when the far
+/// either way for `idle`'s bound, see [`FlowIdle`]), when the far
 /// side ends the stream, when the listener drops `from_client`, or when
 /// `stale` resolves.
 pub async fn run_opened_flow(
     (mut bi, conn, mut flow): (BiStream, TunnelConn, FlowHandle),
     mut from_client: mpsc::Receiver<Bytes>,
     reply: Replier,
-    idle: Duration,
+    idle: FlowIdle,
     mut stale: Stale,
     stats: Arc<UdpStats>,
 ) {

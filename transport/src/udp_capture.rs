@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -25,23 +25,64 @@ use crate::udp::{
 /// would start one more is dropped and counted (`dropped_starting`).
 pub const MAX_STARTING_FLOWS: usize = 256;
 
-/// Where the kernel keeps conntrack's UDP timeout (per network namespace):
-/// how long an entry lives after its last packet, either way, when it has
-/// not (yet) become a stream (`nf_conntrack_udp_timeout_stream`, longer).
+/// Where the kernel keeps conntrack's UDP timeouts (per network
+/// namespace): how long an entry lives after its last packet, either way,
+/// before it is a stream, and once it is one (see [`Activity::is_stream`]).
 const CONNTRACK_UDP_TIMEOUT: &str = "/proc/sys/net/netfilter/nf_conntrack_udp_timeout";
+const CONNTRACK_UDP_TIMEOUT_STREAM: &str =
+    "/proc/sys/net/netfilter/nf_conntrack_udp_timeout_stream";
 
-/// The kernel's default for [`CONNTRACK_UDP_TIMEOUT`], assumed when the
-/// file cannot be read.
+/// The kernel's defaults for those, assumed when a file cannot be read.
 pub(crate) const DEFAULT_CONNTRACK_UDP_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_CONNTRACK_UDP_TIMEOUT_STREAM: Duration = Duration::from_secs(120);
 
-/// conntrack's UDP timeout in this thread's network namespace (read from
-/// `/proc/sys/net/netfilter/nf_conntrack_udp_timeout`);
-/// [`DEFAULT_CONNTRACK_UDP_TIMEOUT`] when unreadable.
-pub(crate) fn conntrack_udp_timeout() -> Duration {
-    std::fs::read_to_string(CONNTRACK_UDP_TIMEOUT)
-        .ok()
-        .and_then(|s| parse_timeout(&s))
-        .unwrap_or(DEFAULT_CONNTRACK_UDP_TIMEOUT)
+/// conntrack's UDP timeouts in this thread's network namespace: (before a
+/// stream, a stream), each its default when unreadable.
+pub(crate) fn conntrack_udp_timeouts() -> (Duration, Duration) {
+    let read = |path: &str, default: Duration| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| parse_timeout(&s))
+            .unwrap_or(default)
+    };
+    (
+        read(CONNTRACK_UDP_TIMEOUT, DEFAULT_CONNTRACK_UDP_TIMEOUT),
+        read(
+            CONNTRACK_UDP_TIMEOUT_STREAM,
+            DEFAULT_CONNTRACK_UDP_TIMEOUT_STREAM,
+        ),
+    )
+}
+
+/// How long a captured flow may be quiet (no packet either way): the
+/// configured bound, cut to end before the flow's conntrack entry would,
+/// whose timeout depends on whether it has become a stream (see
+/// [`captured_idle`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowIdle {
+    /// While the flow is not a stream.
+    pub(crate) unreplied: Duration,
+    /// Once it is one.
+    pub(crate) stream: Duration,
+}
+
+impl FlowIdle {
+    /// `idle`, cut for conntrack's timeouts (before a stream, a stream).
+    pub(crate) fn new(idle: Duration, (unreplied, stream): (Duration, Duration)) -> Self {
+        FlowIdle {
+            unreplied: captured_idle(idle, unreplied),
+            stream: captured_idle(idle, stream),
+        }
+    }
+
+    /// The bound for a flow whose activity is `a`.
+    pub(crate) fn of(&self, a: &Activity) -> Duration {
+        if a.is_stream() {
+            self.stream
+        } else {
+            self.unreplied
+        }
+    }
 }
 
 fn parse_timeout(s: &str) -> Option<Duration> {
@@ -76,8 +117,15 @@ pub(crate) fn clock_ms() -> u64 {
 
 /// How long after its start a captured flow with traffic both ways counts
 /// as a stream (conntrack's rule for `IPS_ASSURED` on UDP: a packet more
-/// than 2 s after the entry's first, once a reply was seen).
+/// than 2 s after the entry was made, once a reply was seen).
 const STREAM_AFTER_MS: u64 = 2_000;
+
+/// Slack on our side of that rule: our stamps are taken a little after the
+/// kernel saw the packet (the client's when the capture loop reads it), so
+/// a packet is counted only well past each threshold. Missing a stream
+/// merely ends its flow at the shorter bound; taking a flow for one that
+/// the kernel does not would let it outlive its entry.
+const STREAM_SLACK_MS: u64 = 250;
 
 /// What one captured flow did when ([`clock_ms`]), shared by the capture
 /// loop (packets from the client) and the flow's [`Replier`] (replies):
@@ -87,7 +135,8 @@ const STREAM_AFTER_MS: u64 = 2_000;
 pub(crate) struct Activity {
     start: u64,
     last: AtomicU64,
-    replied: AtomicBool,
+    /// When the first reply went out (`u64::MAX`: none yet).
+    first_reply: AtomicU64,
 }
 
 impl Activity {
@@ -95,7 +144,7 @@ impl Activity {
         Activity {
             start: now,
             last: AtomicU64::new(now),
-            replied: AtomicBool::new(false),
+            first_reply: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -106,8 +155,21 @@ impl Activity {
 
     /// A reply sent to the client at `now`.
     pub(crate) fn reply(&self, now: u64) {
-        self.replied.store(true, Relaxed);
+        self.first_reply.fetch_min(now, Relaxed);
         self.last.fetch_max(now, Relaxed);
+    }
+
+    /// Whether conntrack has made the flow's entry a stream (`ASSURED`,
+    /// kept `nf_conntrack_udp_timeout_stream` after each packet): a packet
+    /// either way after the first reply was seen and more than 2 s after
+    /// the entry was made (`nf_conntrack_udp_packet`; the first reply
+    /// itself does not count). Once so, always so: `last` only grows.
+    pub(crate) fn is_stream(&self) -> bool {
+        let first_reply = self.first_reply.load(Relaxed);
+        let last = self.last.load(Relaxed);
+        first_reply != u64::MAX
+            && last > first_reply.saturating_add(STREAM_SLACK_MS)
+            && last > self.start + STREAM_AFTER_MS + STREAM_SLACK_MS
     }
 
     /// How long since the flow's last packet, either way.
@@ -122,9 +184,7 @@ impl Activity {
     /// subscribe is a stream and stays; by last activity alone a burst of
     /// queries within one push interval still closed it.
     pub(crate) fn eviction_rank(&self) -> (bool, u64) {
-        let last = self.last.load(Relaxed);
-        let stream = self.replied.load(Relaxed) && last > self.start + STREAM_AFTER_MS;
-        (stream, last)
+        (self.is_stream(), self.last.load(Relaxed))
     }
 }
 
@@ -228,6 +288,11 @@ impl Replier {
     pub(crate) fn quiet_for(&self) -> Duration {
         self.activity.quiet_for()
     }
+
+    /// How long the flow may be quiet now (see [`FlowIdle::of`]).
+    pub(crate) fn idle_bound(&self, idle: &FlowIdle) -> Duration {
+        idle.of(&self.activity)
+    }
 }
 
 fn recv_orig(
@@ -315,21 +380,21 @@ pub struct FlowLimits {
 pub async fn serve_transparent_udp(
     sock: RedirectUdp,
     pick: Arc<PickConn>,
-    mut limits: FlowLimits,
+    limits: FlowLimits,
     stats: Arc<UdpStats>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let conntrack = conntrack_udp_timeout();
-    let idle = captured_idle(limits.idle, conntrack);
-    if idle < limits.idle {
+    let conntrack = conntrack_udp_timeouts();
+    let idle = FlowIdle::new(limits.idle, conntrack);
+    if idle.unreplied < limits.idle {
         info!(
-            ?idle,
+            unreplied = ?idle.unreplied,
+            stream = ?idle.stream,
             configured = ?limits.idle,
-            ?conntrack,
+            conntrack = ?conntrack,
             "captured UDP flows end before conntrack forgets them"
         );
     }
-    limits.idle = idle;
     type Key = (SocketAddrV4, SocketAddrV4);
     // The generation lets a flow that ends remove its entry only if it is
     // still its own, not a successor's for the same key; the flow with the
@@ -401,11 +466,13 @@ pub async fn serve_transparent_udp(
         {
             let mut flows = lock(&local);
             // Make room: closing a flow's queue ends its task, which
-            // finishes its stream and returns the stream's credit.
+            // finishes its stream and returns the stream's credit. A flow
+            // already ending (its queue closed, its stream being shut)
+            // goes first: it holds a slot and serves nobody.
             while flows.len() >= limits.max_flows.max(1) {
                 let Some(oldest) = flows
                     .iter()
-                    .min_by_key(|(_, e)| e.activity.eviction_rank())
+                    .min_by_key(|(_, e)| (!e.tx.is_closed(), e.activity.eviction_rank()))
                     .map(|(k, _)| *k)
                 else {
                     break;
@@ -431,7 +498,7 @@ pub async fn serve_transparent_udp(
             activity,
         };
         tokio::spawn(async move {
-            open_captured_flow(pick, rx, reply, limits, stats, permit).await;
+            open_captured_flow(pick, rx, reply, (limits, idle), stats, permit).await;
             let mut g = lock(&local);
             if g.get(&key).is_some_and(|e| e.generation == my_gen) {
                 g.remove(&key);
@@ -450,7 +517,7 @@ async fn open_captured_flow(
     pick: Arc<PickConn>,
     rx: mpsc::Receiver<Bytes>,
     reply: Replier,
-    limits: FlowLimits,
+    (limits, idle): (FlowLimits, FlowIdle),
     stats: Arc<UdpStats>,
     starting: tokio::sync::OwnedSemaphorePermit,
 ) {
@@ -474,7 +541,7 @@ async fn open_captured_flow(
             let sock = crate::udp::connect_target(ep, None, limits.mark).await;
             drop(starting);
             match sock {
-                Ok(sock) => run_local_flow(sock, rx, reply, limits.idle, stale, stats).await,
+                Ok(sock) => run_local_flow(sock, rx, reply, idle, stale, stats).await,
                 Err(e) => debug!(%client, %dst, %ep, error = %e, "local udp endpoint"),
             }
             return;
@@ -498,7 +565,7 @@ async fn open_captured_flow(
     // Started (or refused): it no longer counts against new flows.
     drop(starting);
     match opened {
-        Ok(bi) => run_opened_flow((bi, conn, flow), rx, reply, limits.idle, stale, stats).await,
+        Ok(bi) => run_opened_flow((bi, conn, flow), rx, reply, idle, stale, stats).await,
         Err(r) => {
             debug!(%client, %dst, reason = r.status.as_str(), msg = %r.message, "udp flow refused")
         }
@@ -530,7 +597,8 @@ mod tests {
         assert_eq!(parse_timeout(""), None);
         assert_eq!(parse_timeout("x"), None);
         // Whatever the host says, something sane comes back.
-        assert!(conntrack_udp_timeout() > Duration::ZERO);
+        let (unreplied, stream) = conntrack_udp_timeouts();
+        assert!(unreplied > Duration::ZERO && stream > Duration::ZERO);
     }
 
     #[test]
@@ -555,10 +623,33 @@ mod tests {
         let unanswered = Activity::new(0);
         unanswered.client(3_000);
         assert!(!unanswered.eviction_rank().0);
-        // Among streams, the one quiet longer goes first.
+        // The first reply alone, however late, does not make a stream
+        // (the kernel counts packets after it); one packet after it does.
         let older = Activity::new(0);
         older.reply(2_500);
+        assert!(!older.is_stream());
+        older.client(2_800);
+        assert!(older.is_stream());
+        // Among streams, the one quiet longer goes first.
         assert!(older.eviction_rank() < push.eviction_rank());
+    }
+
+    /// A flow's bound follows its conntrack entry's: 29 s before it is a
+    /// stream, 119 s after (the defaults, 60 s configured: 60 s).
+    #[test]
+    fn a_stream_keeps_the_longer_bound() {
+        let s = Duration::from_secs;
+        let idle = FlowIdle::new(s(60), (s(30), s(120)));
+        assert_eq!((idle.unreplied, idle.stream), (s(29), s(60)));
+        let idle = FlowIdle::new(s(300), (s(30), s(120)));
+        let a = Activity::new(0);
+        a.client(0);
+        a.reply(10);
+        assert_eq!(idle.of(&a), s(29), "a query and its answer");
+        a.client(1_000);
+        assert_eq!(idle.of(&a), s(29), "within the first 2 s");
+        a.client(2_500);
+        assert_eq!(idle.of(&a), s(119), "a stream");
     }
 
     #[test]
