@@ -132,12 +132,15 @@
 //! (`to <ip>/32 ipproto <p> dport <port> lookup main`, at `rule_pref - 1`)
 //! so host processes route it by the main table, not the capture route.
 //!
-//! Everything is removed by [`Capture::teardown`], and [`Capture::install`]
-//! first removes whatever a crashed previous run left. A clean exit
-//! ([`Capture::stop`]) leaves, for `hold_after_exit`, only filter rules
-//! that refuse what was captured: the next run (a rollout's new pod)
-//! replaces them, and they stop refusing on their own if none comes (the
-//! set's elements time out; the empty table stays).
+//! [`Capture::teardown`] removes everything but the capture address on
+//! `lo`, which connections and flows captured before the exit still need
+//! (see `remove_on_exit`), and [`Capture::install`] first removes whatever
+//! a previous run left, the address included. A clean exit
+//! ([`Capture::stop`]) leaves the address and, for `hold_after_exit`,
+//! filter rules that refuse what was captured (put in place with the
+//! capture table's removal, in one transaction): the next run (a rollout's
+//! new pod) replaces them, and they stop refusing on their own if none
+//! comes (the set's elements time out; the empty table stays).
 
 use std::collections::BTreeSet;
 use std::fmt::Write;
@@ -544,20 +547,46 @@ impl Capture {
         Ok(parse_counter_packets(&out).unwrap_or(0))
     }
 
-    /// Removes everything capture installed, at once (see also
-    /// [`Capture::stop`]).
+    /// Removes what capture installed, at once (see also
+    /// [`Capture::stop`]), but the capture address on `lo` (see
+    /// `remove_on_exit`).
     pub async fn teardown(self) {
-        remove_all(&self.cfg).await;
+        remove_on_exit(&self.cfg).await;
     }
 }
 
-/// Removes our table, our rules and our routing table's routes; every step
-/// is allowed to find nothing. Rules are found by priority (ours are at
-/// `rule_pref` and `rule_pref - 1`) and deleted in one batch per family.
+/// Removes our table, the capture address, our rules and our routing
+/// table's routes; every step is allowed to find nothing (see
+/// [`remove_routing`]).
 async fn remove_all(cfg: &CaptureConfig) {
     let _ = run("nft", &["delete", "table", "inet", &cfg.nft_table], None).await;
     let here = format!("{}/32", cfg.redirect_address);
     let _ = run("ip", &["-4", "addr", "del", &here, "dev", "lo"], None).await;
+    remove_routing(cfg).await;
+}
+
+/// What an exiting process removes: everything but the capture address on
+/// `lo`, which the next start removes and adds again. Captured
+/// connections and flows outlive the table: their conntrack entries still
+/// send their packets to that address. With it gone the kernel could not
+/// route from it, so this process's sockets could never send their FIN
+/// or reset (the client hung for its retry limit, ~15 minutes, or for
+/// ever reading), and the flows' packets were forwarded by the default
+/// route, past the held refusals (the filter hooks see them already
+/// rewritten to the capture address, which those do not list). Kept, the
+/// packets reach a local port with
+/// no listener once the process is gone: refused at once (TCP reset, ICMP
+/// port unreachable). An uninstalled client leaves the address behind (a
+/// host-scoped `/32`, harmless; deploy/README.md says how to remove it).
+async fn remove_on_exit(cfg: &CaptureConfig) {
+    let _ = run("nft", &["delete", "table", "inet", &cfg.nft_table], None).await;
+    remove_routing(cfg).await;
+}
+
+/// Removes our rules and our routing table's routes. Rules are found by
+/// priority (ours are at `rule_pref` and `rule_pref - 1`) and deleted in
+/// one batch per family.
+async fn remove_routing(cfg: &CaptureConfig) {
     let table = cfg.route_table.to_string();
     let ours = [cfg.rule_pref.to_string(), (cfg.rule_pref - 1).to_string()];
     for fam in ["-4", "-6"] {

@@ -57,7 +57,7 @@ pub(crate) fn conntrack_udp_timeouts() -> (Duration, Duration) {
 /// How long a captured flow may be quiet (no packet either way): the
 /// configured bound, cut to end before the flow's conntrack entry would,
 /// whose timeout depends on whether it has become a stream (see
-/// [`captured_idle`]).
+/// `captured_idle`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowIdle {
     /// While the flow is not a stream.

@@ -1,4 +1,5 @@
-//! What a clean exit leaves ([`Capture::stop`]): for `hold_after_exit`,
+//! What a clean exit leaves ([`Capture::stop`]): the capture address on
+//! `lo` (see `remove_on_exit`), and for `hold_after_exit`,
 //! filter rules that refuse traffic to the prefixes capture took, so that
 //! between this process and the next (a DaemonSet rollout pulling its new
 //! image over a cellular uplink, a restart after a config change) a pod's
@@ -34,7 +35,7 @@ use std::fmt::Write;
 use relay_protocol::Cidr;
 use tracing::{info, warn};
 
-use super::{cover_list, remove_all, run, Capture};
+use super::{cover_list, remove_on_exit, remove_routing, run, Capture};
 
 impl Capture {
     /// Ends capture on a clean exit: removes it, and for
@@ -42,28 +43,37 @@ impl Capture {
     /// nothing captured, a zero hold, or a kernel that refuses the held
     /// rules, everything is simply removed.
     pub async fn stop(self) {
-        remove_all(&self.cfg).await;
         let hold = self.cfg.hold_after_exit;
         if hold.is_zero() || self.installed.is_empty() {
+            remove_on_exit(&self.cfg).await;
             return;
         }
-        let script = held_script(
-            &self.cfg.nft_table,
-            self.cfg.own_mark,
-            hold.as_secs().max(1),
-            &self.installed,
-            &self.skipped,
-            self.sources.as_ref(),
-        );
+        // The capture table is replaced by the held one in one transaction
+        // (`add` first, so that `delete` finds a table to delete): between
+        // two commands a pod's new connection would leave by the default
+        // route, refused by neither.
+        let t = &self.cfg.nft_table;
+        let script = format!("add table inet {t}\ndelete table inet {t}\n")
+            + &held_script(
+                t,
+                self.cfg.own_mark,
+                hold.as_secs().max(1),
+                &self.installed,
+                &self.skipped,
+                self.sources.as_ref(),
+            );
         match run("nft", &["-f", "-"], Some(&script)).await {
-            Ok(()) => info!(
-                prefixes = self.installed.len(),
-                hold_secs = hold.as_secs(),
-                "capture removed; traffic to its prefixes is refused until the next start or the hold ends"
-            ),
+            Ok(()) => {
+                remove_routing(&self.cfg).await;
+                info!(
+                    prefixes = self.installed.len(),
+                    hold_secs = hold.as_secs(),
+                    "capture removed; traffic to its prefixes is refused until the next start or the hold ends"
+                );
+            }
             Err(e) => {
                 warn!(error = %e, "could not leave the held rules; capture removed");
-                remove_all(&self.cfg).await;
+                remove_on_exit(&self.cfg).await;
             }
         }
     }
