@@ -13,7 +13,8 @@
 //!
 //! The address now stays until the next start: the TCP client reads the
 //! end of its connection, and the UDP client's next datagram is refused
-//! (ICMP port unreachable: no listener any more), both at once.
+//! (ICMP port unreachable: no listener any more), both at once. The next
+//! start removes it even when configured with another address.
 //!
 //! Run: `REQUIRE_LAB=1 cargo test -p relay-lab --test clean_exit`.
 
@@ -45,7 +46,7 @@ fn a_clean_exit_ends_captured_connections_and_flows_at_once() -> Result<()> {
     if let Some(c) = cfg.capture.as_mut() {
         c.hold_after_exit = Duration::from_secs(30);
     }
-    let edge = start_edge(&lab, 1, cfg)?;
+    let edge = start_edge(&lab, 1, cfg.clone())?;
     let web = sa(netns::CPOD2_IP, HTTP);
     within(Duration::from_secs(5), || {
         Ok(relay_lab::scenario::http_from(&lab, Role::Epod1, web)
@@ -114,5 +115,18 @@ fn a_clean_exit_ends_captured_connections_and_flows_at_once() -> Result<()> {
         .join()
         .map_err(|_| anyhow!("epod1's client panicked"))??;
     eprintln!("clean exit: held TCP connection: {tcp_end}; UDP flow: {udp_end}");
+
+    // The next start, configured with another capture address, removes
+    // the one the last run kept (found by its label), not only its own.
+    let moved: std::net::Ipv4Addr = "169.254.70.2".parse()?;
+    if let Some(c) = cfg.capture.as_mut() {
+        c.redirect_address = moved;
+    }
+    let _edge = start_edge(&lab, 1, cfg)?;
+    let now = lab.exec(Role::Edge1, &["ip", "-4", "addr", "show", "dev", "lo"])?;
+    ensure!(
+        now.contains("169.254.70.2/32") && !now.contains("169.254.70.1/32"),
+        "after a start with capture.redirect_address {moved}: {now}"
+    );
     Ok(())
 }

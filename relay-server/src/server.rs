@@ -531,7 +531,8 @@ impl Relay {
         while self.tasks.join_next().await.is_some() {}
         self.background.cancel();
         // Routes go last but surely: awaited, not aborted, so the kernel is
-        // left with nothing of ours.
+        // left with nothing of ours but the capture address, which flows
+        // captured before now still need (see `Capture::teardown`).
         if let Some((stop, task)) = self.capture.take() {
             stop.cancel();
             if tokio::time::timeout(Duration::from_secs(15), task)

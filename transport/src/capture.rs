@@ -57,7 +57,7 @@
 //! ip rule  to <peer>/32 lookup main          pref <rule_pref - 1>   # one per captured peer (below)
 //! ip rule  to <prefix> iif lo lookup <route_table> pref <rule_pref>  # one per captured prefix
 //! ip route local default dev lo src 127.0.0.1 table <route_table>
-//! ip addr <redirect_address>/32 dev lo scope host   # where captured traffic is sent
+//! ip addr <redirect_address>/32 dev lo scope host label lo:edge_relay  # where captured traffic is sent
 //! ```
 //! Why a capture address of our own and not nft's `redirect`: `redirect`
 //! in prerouting rewrites the destination to the first IPv4 address of the
@@ -386,7 +386,18 @@ impl Capture {
         let here = format!("{a}/32");
         run(
             "ip",
-            &["-4", "addr", "replace", &here, "dev", "lo", "scope", "host"],
+            &[
+                "-4",
+                "addr",
+                "replace",
+                &here,
+                "dev",
+                "lo",
+                "scope",
+                "host",
+                "label",
+                ADDRESS_LABEL,
+            ],
             None,
         )
         .await?;
@@ -562,8 +573,22 @@ async fn remove_all(cfg: &CaptureConfig) {
     let _ = run("nft", &["delete", "table", "inet", &cfg.nft_table], None).await;
     let here = format!("{}/32", cfg.redirect_address);
     let _ = run("ip", &["-4", "addr", "del", &here, "dev", "lo"], None).await;
+    // And any capture address an earlier run added under another
+    // `redirect_address` (kept after its exit, see `remove_on_exit`),
+    // found by its label: left, the node would keep answering that
+    // address itself.
+    let _ = run(
+        "ip",
+        &["-4", "addr", "flush", "dev", "lo", "label", ADDRESS_LABEL],
+        None,
+    )
+    .await;
     remove_routing(cfg).await;
 }
+
+/// The label capture's address carries on `lo` (`ip addr show label`), so
+/// a start finds an earlier run's address whatever its config said.
+const ADDRESS_LABEL: &str = "lo:edge_relay";
 
 /// What an exiting process removes: everything but the capture address on
 /// `lo`, which the next start removes and adds again. Captured
