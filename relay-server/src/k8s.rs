@@ -429,7 +429,10 @@ impl KubeDirectory {
         }
         let refused_ranges: BTreeMap<String, Vec<Cidr>> = refused_ranges
             .into_iter()
-            .map(|(n, v)| (n.to_string(), v))
+            .map(|(n, mut v)| {
+                v.sort_unstable();
+                (n.to_string(), v)
+            })
             .collect();
         self.report_prefixes(refused_prefixes);
         let claims = &claims;

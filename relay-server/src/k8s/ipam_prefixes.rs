@@ -1,8 +1,19 @@
 //! Which of the pod prefixes a CNI's IPAM gives an edge node the relay
 //! takes as the edge's.
 //!
-//! A Node's `spec.podCIDRs` are written by kube-controller-manager, and are
-//! taken as they are. The prefixes from Calico's BlockAffinities and
+//! A Node's `spec.podCIDRs` are written by kube-controller-manager where
+//! it allocates them; where it does not (Calico's and Cilium's own IPAM),
+//! they are empty, and the API lets anyone who may update the Node set
+//! them once, to anything: an edge's kubelet may update its own Node, and
+//! the NodeRestriction admission plugin does not guard the field. So where
+//! most Nodes have no pod CIDR (the allocator is not running), an edge
+//! Node's pod CIDRs are vetted too: taken only when no wider than a
+//! /16 (/48), clear of the special ranges, `tunnel_routes`, cloud Nodes'
+//! ranges and other Nodes' IPAM prefixes and addresses, and inside
+//! `kubernetes.edge_address_ranges`. A compromised edge that wrote a
+//! victim's Calico block, or `0.0.0.0/0`, as its pod CIDR took the
+//! victim's (and every site's) traffic: the vetting below refused the
+//! victim's block for overlapping it. The prefixes from Calico's BlockAffinities and
 //! Cilium's CiliumNodes ([`relay_kube::IpamDirectory`]) are written by the
 //! CNI's agents, which run on every node with the right to write any
 //! node's objects: on an edge they are the edge's word, as its Node
@@ -121,15 +132,56 @@ pub(crate) fn vet(
 ) -> (BTreeMap<String, NodeClaims>, Vec<Refused>) {
     let is_cloud: BTreeMap<&str, bool> =
         claims.iter().map(|(n, c)| (n.as_str(), cloud(c))).collect();
+    let special: Vec<Cidr> = SPECIAL.iter().filter_map(|s| s.parse().ok()).collect();
     let mut out = claims.clone();
     let mut refused = Vec::new();
-    if claims.values().all(|c| c.ipam_cidrs.is_empty()) {
-        return (out, refused);
+    // First what an edge's range is on its own (too wide, special, the
+    // cloud's, public): such a range is refused and, being no node's,
+    // counts against no other node's below (a forged `0.0.0.0/0` must not
+    // cost every other node its ranges).
+    // Pod CIDRs are kube-controller-manager's where it allocates them: to
+    // every node, so most Nodes have one, and they cannot change once set.
+    // Where most Nodes have none (the CNI's IPAM allocates), the few that
+    // do were set by whoever may update that Node, and are vetted as IPAM
+    // prefixes are. (A compromised edge cannot make most Nodes have one.)
+    let with_pods = claims.values().filter(|c| !c.pod_cidrs.is_empty()).count();
+    let pods_vetted = with_pods * 2 <= claims.len();
+    let mut plausible: BTreeMap<&str, (Vec<Cidr>, Vec<Cidr>)> = BTreeMap::new();
+    for (name, c) in claims {
+        if is_cloud[name.as_str()] {
+            continue;
+        }
+        let mut alone = |ranges: &[Cidr]| -> Vec<Cidr> {
+            let mut ok = Vec::new();
+            for p in ranges {
+                match own_refusal(p, &special, cloud_ranges, edge_ranges) {
+                    Some(why) => refused.push(Refused {
+                        node: name.clone(),
+                        prefix: *p,
+                        why,
+                    }),
+                    None if !ok.contains(p) => ok.push(*p),
+                    None => {}
+                }
+            }
+            ok
+        };
+        let pods = if pods_vetted {
+            alone(&c.pod_cidrs)
+        } else {
+            c.pod_cidrs.clone()
+        };
+        let ipam = alone(&c.ipam_cidrs);
+        plausible.insert(name.as_str(), (pods, ipam));
     }
     let mut entries = Vec::new();
     for (n, c) in claims {
-        entries.extend(c.pod_cidrs.iter().map(|p| (*p, n.as_str(), What::PodCidr)));
-        entries.extend(c.ipam_cidrs.iter().map(|p| (*p, n.as_str(), What::Ipam)));
+        let (pods, ipam) = match plausible.get(n.as_str()) {
+            Some((pods, ipam)) => (pods.as_slice(), ipam.as_slice()),
+            None => (c.pod_cidrs.as_slice(), c.ipam_cidrs.as_slice()),
+        };
+        entries.extend(pods.iter().map(|p| (*p, n.as_str(), What::PodCidr)));
+        entries.extend(ipam.iter().map(|p| (*p, n.as_str(), What::Ipam)));
         if is_cloud[n.as_str()] {
             entries.extend(
                 super::node_addresses::addresses(c)
@@ -139,51 +191,120 @@ pub(crate) fn vet(
         }
     }
     let index = Index::new(entries);
-    let special: Vec<Cidr> = SPECIAL.iter().filter_map(|s| s.parse().ok()).collect();
-    for (name, c) in claims {
-        if is_cloud[name.as_str()] || c.ipam_cidrs.is_empty() {
-            continue;
-        }
-        let mut mine = Vec::new();
-        for p in &c.ipam_cidrs {
-            let why = if let Some(s) = special.iter().find(|s| s.overlaps(p)) {
-                (!listed_as_local(p, edge_ranges))
-                    .then(|| format!("overlaps {s}, where no node's pods are"))
-            } else {
-                None
-            };
-            let why = why.or_else(|| {
-                if let Some(r) = cloud_ranges.iter().find(|r| r.overlaps(p)) {
-                    Some(format!("overlaps tunnel_routes ({r}), the cloud's"))
-                } else if let Some((q, other, what)) =
-                    index.overlapping(*p).find(|(_, other, _)| *other != name)
-                {
-                    let whose = if is_cloud[*other] { "cloud" } else { "edge" };
-                    Some(format!(
-                        "overlaps {whose} node {other}'s {} {q}",
-                        what.name()
-                    ))
-                } else if outside(p, edge_ranges) {
-                    Some("outside kubernetes.edge_address_ranges".to_string())
-                } else {
-                    None
-                }
-            });
+    // Every Node's listed addresses, sorted, for the pod CIDRs below.
+    let mut addresses: Vec<(IpAddr, &str)> = claims
+        .iter()
+        .flat_map(|(n, c)| {
+            super::node_addresses::addresses(c)
+                .into_iter()
+                .map(move |ip| (ip, n.as_str()))
+        })
+        .collect();
+    addresses.sort_unstable();
+    for (name, (pods, ipam)) in &plausible {
+        let mut refuse = |p: &Cidr, why: String| {
+            refused.push(Refused {
+                node: name.to_string(),
+                prefix: *p,
+                why,
+            })
+        };
+        let mut kept_pods = Vec::new();
+        for p in pods {
+            let why = pods_vetted
+                .then(|| pod_cidr_refusal(p, name, &index, &addresses, &is_cloud))
+                .flatten();
             match why {
-                Some(why) => refused.push(Refused {
-                    node: name.clone(),
-                    prefix: *p,
-                    why,
-                }),
-                None if !mine.contains(p) => mine.push(*p),
-                None => {}
+                Some(why) => refuse(p, why),
+                None => kept_pods.push(*p),
             }
         }
-        if let Some(c) = out.get_mut(name) {
-            c.ipam_cidrs = mine;
+        let mut kept_ipam = Vec::new();
+        for p in ipam {
+            match index.overlapping(*p).find(|(_, other, _)| other != name) {
+                Some((q, other, what)) => {
+                    let whose = if is_cloud[*other] { "cloud" } else { "edge" };
+                    refuse(
+                        p,
+                        format!("overlaps {whose} node {other}'s {} {q}", what.name()),
+                    );
+                }
+                None => kept_ipam.push(*p),
+            }
+        }
+        if let Some(c) = out.get_mut(*name) {
+            c.pod_cidrs = kept_pods;
+            c.ipam_cidrs = kept_ipam;
         }
     }
     (out, refused)
+}
+
+/// Why an edge's pod range `p` is refused on its own, if so: wider than
+/// any node's pod range, overlapping a range no node's pods can be in
+/// (unless listed in `edge_ranges` on purpose), or `tunnel_routes`, or
+/// outside `edge_ranges`.
+fn own_refusal(
+    p: &Cidr,
+    special: &[Cidr],
+    cloud_ranges: &[Cidr],
+    edge_ranges: &[Cidr],
+) -> Option<String> {
+    let widest = if p.addr().is_ipv4() {
+        WIDEST_POD_CIDR.0
+    } else {
+        WIDEST_POD_CIDR.1
+    };
+    if let Some(s) = special.iter().find(|s| s.overlaps(p)) {
+        if !listed_as_local(p, edge_ranges) {
+            return Some(format!("overlaps {s}, where no node's pods are"));
+        }
+    }
+    if p.prefix_len() < widest {
+        return Some(format!(
+            "wider than /{widest}, which no node's pod range is"
+        ));
+    }
+    if let Some(r) = cloud_ranges.iter().find(|r| r.overlaps(p)) {
+        return Some(format!("overlaps tunnel_routes ({r}), the cloud's"));
+    }
+    outside(p, edge_ranges).then(|| "outside kubernetes.edge_address_ranges".to_string())
+}
+
+/// Narrowest a per-node pod range is taken as: kube-controller-manager
+/// gives nodes /24s (IPv6 /64s) by default and no cluster gives one node
+/// more than a /16 (/48).
+const WIDEST_POD_CIDR: (u8, u8) = (16, 48);
+
+/// Why edge node `name`'s pod CIDR `p` (plausible on its own) is not
+/// taken, by what other Nodes say (see `vet`), if so: overlapping a cloud
+/// Node's range or another Node's plausible IPAM prefix (neither is taken:
+/// neither is sure), or holding another Node's address. Overlapping
+/// another edge's pod CIDR is left to the registry (the node connected
+/// first keeps it, the other is refused `route_conflict`).
+fn pod_cidr_refusal(
+    p: &Cidr,
+    name: &str,
+    index: &Index<'_>,
+    addresses: &[(IpAddr, &str)],
+    is_cloud: &BTreeMap<&str, bool>,
+) -> Option<String> {
+    if let Some((q, other, what)) = index
+        .overlapping(*p)
+        .find(|(_, other, what)| *other != name && (is_cloud[*other] || *what == What::Ipam))
+    {
+        let whose = if is_cloud[*other] { "cloud" } else { "edge" };
+        return Some(format!(
+            "overlaps {whose} node {other}'s {} {q}",
+            what.name()
+        ));
+    }
+    let start = addresses.partition_point(|(a, _)| *a < p.addr());
+    addresses[start..]
+        .iter()
+        .take_while(|(a, _)| p.contains(a))
+        .find(|(_, other)| *other != name)
+        .map(|(a, other)| format!("holds node {other}'s address {a}"))
 }
 
 /// Whether `edge_ranges` restricts `p`'s family and `p` is not inside one
@@ -335,5 +456,82 @@ mod tests {
         );
         assert_eq!(kept["edge-1"], Vec::<String>::new());
         assert!(refused.is_empty());
+    }
+
+    /// On a cluster whose CNI allocates (most Nodes without a pod CIDR), a
+    /// compromised edge writes its own Node's empty `spec.podCIDRs`
+    /// (allowed once, and not guarded by NodeRestriction) over a victim's
+    /// Calico block, over a whole private range, over everything, or over
+    /// a range holding another node's address: each forged pod CIDR is
+    /// refused, and no victim's range is handed to it (a block it overlaps
+    /// is refused too: neither is sure). Where kube-controller-manager
+    /// allocates (most Nodes have one, set once by it), pod CIDRs are
+    /// taken as before.
+    #[test]
+    fn an_edge_pod_cidr_is_vetted_like_its_blocks() {
+        let victim = node(&[], &["10.20.1.0/26"], "192.168.1.10", true);
+        let cloud = node(&[], &["10.244.1.0/26"], "10.0.0.5", false);
+        for (forged, why) in [
+            (
+                "10.20.1.0/26",
+                "overlaps edge node shop1's IPAM prefix 10.20.1.0/26",
+            ),
+            ("10.0.0.0/8", "wider than /16, which no node's pod range is"),
+            ("0.0.0.0/0", "overlaps 0.0.0.0/8, where no node's pods are"),
+            (
+                "10.32.0.0/12",
+                "wider than /16, which no node's pod range is",
+            ),
+            ("192.168.1.0/24", "holds node shop1's address 192.168.1.10"),
+            (
+                "10.96.4.0/24",
+                "overlaps tunnel_routes (10.96.0.0/12), the cloud's",
+            ),
+            (
+                "127.0.0.0/24",
+                "overlaps 127.0.0.0/8, where no node's pods are",
+            ),
+            ("203.0.113.0/24", "outside kubernetes.edge_address_ranges"),
+        ] {
+            let evil = node(&[forged], &[], "192.168.9.9", true);
+            let claims: BTreeMap<String, NodeClaims> = [
+                ("evil".to_string(), evil),
+                ("shop1".to_string(), victim.clone()),
+                ("cloud1".to_string(), cloud.clone()),
+            ]
+            .into_iter()
+            .collect();
+            let tunnel = cidrs(&["10.96.0.0/12"]);
+            let (kept, refused) = vet(&claims, |c| !c.edge, &tunnel, &cidrs(&PRIVATE));
+            assert!(kept["evil"].pod_cidrs.is_empty(), "{forged} taken");
+            let r = refused
+                .iter()
+                .find(|r| r.node == "evil")
+                .unwrap_or_else(|| panic!("{forged}: not refused"));
+            assert_eq!(r.why, why, "{forged}");
+        }
+        let honest = node(&["10.30.7.0/24"], &[], "192.168.9.9", true);
+        let claims: BTreeMap<String, NodeClaims> = [
+            ("edge".to_string(), honest),
+            (
+                "shop1".to_string(),
+                node(&["10.30.8.0/24"], &[], "192.168.1.10", true),
+            ),
+            (
+                "cloud1".to_string(),
+                node(&["10.244.1.0/24"], &[], "10.0.0.5", false),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        let (kept, refused) = vet(
+            &claims,
+            |c| !c.edge,
+            &cidrs(&["10.96.0.0/12"]),
+            &cidrs(&PRIVATE),
+        );
+        assert_eq!(kept["edge"].pod_cidrs, cidrs(&["10.30.7.0/24"]));
+        assert_eq!(kept["shop1"].pod_cidrs, cidrs(&["10.30.8.0/24"]));
+        assert!(refused.is_empty(), "{refused:?}");
     }
 }
