@@ -338,3 +338,76 @@ async fn after_a_drain_notice_an_edge_retries_at_a_short_pace() -> Result<()> {
     relay.shutdown(Duration::from_secs(1)).await;
     Ok(())
 }
+
+/// Anyone who reaches the TCP fallback port opens connections that send
+/// nothing (here 1,400 from 127.0.0.9, replaced as the relay closes
+/// them): each used to take a place in the relay's handshake queue
+/// (1,024 waiting for 256 permits) for the whole handshake timeout, and a
+/// few hundred such connections a second locked every edge out of
+/// reconnecting. Now one address holds at most 64 places, and a
+/// connection that sends nothing for 3 s is closed before it queues: a
+/// TCP-fallback edge from another address connects during the flood, in
+/// milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_silent_connections_does_not_keep_edges_out() -> Result<()> {
+    let mut lab = Lab::start(1, |_| {}).await?;
+    lab.edges.pop().unwrap().shutdown().await;
+    let relay = lab.relay.quic_addr();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let flood = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut held: std::collections::VecDeque<TcpStream> = Default::default();
+            let mut opened = 0u64;
+            while !stop.is_cancelled() {
+                let s = tokio::net::TcpSocket::new_v4()?;
+                s.bind("127.0.0.9:0".parse()?)?;
+                if let Ok(Ok(c)) =
+                    tokio::time::timeout(Duration::from_millis(200), s.connect(relay)).await
+                {
+                    opened += 1;
+                    held.push_back(c);
+                }
+                while held.len() > 1_400 {
+                    held.pop_front();
+                }
+                if opened % 100 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            anyhow::Ok(opened)
+        })
+    };
+    // Let the flood fill what it can first.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut cfg = edge_config(&lab.pki, 0, relay)?;
+    cfg.transport = edge_client::TransportMode::Tcp;
+    let t = Instant::now();
+    let edge = EdgeClient::spawn(cfg);
+    // Unhindered, it connects in milliseconds; 5 s leaves room for a
+    // loaded machine, and none for a queue held until handshakes time out
+    // (10 s).
+    let connected = edge.wait_connected(Duration::from_secs(5)).await.is_some();
+    let took = t.elapsed();
+    stop.cancel();
+    let opened = flood.await??;
+    let m = relay_lab::admin_get(lab.admin_addr(), "/metrics", None)
+        .await?
+        .1;
+    let per_source = m
+        .lines()
+        .find(|l| l.starts_with("relay_handshake_failures_total{reason=\"per_source\"}"))
+        .unwrap_or("per_source: none")
+        .to_string();
+    edge.shutdown().await;
+    anyhow::ensure!(
+        connected,
+        "the edge did not connect within 5 s during the flood ({opened} connections opened; {per_source})"
+    );
+    anyhow::ensure!(
+        !per_source.ends_with(" 0") && per_source.starts_with("relay_"),
+        "the flood was never limited: {per_source}"
+    );
+    eprintln!("silent flood: {opened} connections opened from one address; the edge connected after {took:?}; {per_source}");
+    Ok(())
+}

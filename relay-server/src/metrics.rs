@@ -12,7 +12,15 @@ use relay_protocol::{RejectReason, StreamStatus};
 use crate::policy::{DenyReason, Origin};
 
 /// Handshake failure reasons beyond the protocol's typed rejections.
-pub const HANDSHAKE_LOCAL_REASONS: [&str; 4] = ["tls", "timeout", "protocol", "closed"];
+pub const HANDSHAKE_LOCAL_REASONS: [&str; 7] = [
+    "tls",
+    "timeout",
+    "protocol",
+    "closed",
+    "retry",
+    "per_source",
+    "silent",
+];
 
 const REJECT_REASONS: [RejectReason; 8] = [
     RejectReason::UnsupportedVersion,

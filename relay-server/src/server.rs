@@ -105,6 +105,15 @@ impl Shared {
         })
     }
 
+    /// Whether handshakes are queueing: every permit is taken, or close to
+    /// it (a quarter left). A QUIC attempt from an address it has not
+    /// proven is then asked to prove it first (a Retry: one round trip
+    /// more), so a flood of Initials from spoofed sources cannot fill the
+    /// queue and lock out every edge that has to reconnect.
+    fn handshakes_busy(&self) -> bool {
+        self.handshakes.available_permits() * 4 < self.cfg.limits.max_concurrent_handshakes
+    }
+
     /// Whether the relay is draining for shutdown.
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Relaxed)
