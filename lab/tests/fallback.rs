@@ -371,7 +371,7 @@ async fn a_flood_of_silent_connections_does_not_keep_edges_out() -> Result<()> {
                 while held.len() > 1_400 {
                     held.pop_front();
                 }
-                if opened % 100 == 0 {
+                if opened.is_multiple_of(100) {
                     tokio::task::yield_now().await;
                 }
             }
