@@ -15,8 +15,9 @@ use crate::Rejection;
 /// ALPN of a bootstrap connection (the tunnel's is [`crate::ALPN`]).
 pub const BOOTSTRAP_ALPN: &[u8] = b"edge-relay-bootstrap/1";
 
-/// An edge asking for a node certificate.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// An edge asking for a node certificate. Its `Debug` leaves the token
+/// out: a bearer credential must not reach a log by way of `{:?}`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CertRequest {
     /// Protocol version the edge speaks (first, as in the hello).
     pub version: u16,
@@ -26,6 +27,20 @@ pub struct CertRequest {
     pub token: String,
     /// The edge's public key, DER `SubjectPublicKeyInfo`.
     pub public_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for CertRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertRequest")
+            .field("version", &self.version)
+            .field("node", &self.node)
+            .field("token", &format_args!("<{} bytes>", self.token.len()))
+            .field(
+                "public_key",
+                &format_args!("<{} bytes>", self.public_key.len()),
+            )
+            .finish()
+    }
 }
 
 /// The relay's answer to a [`CertRequest`].
@@ -47,4 +62,29 @@ pub struct IssuedCert {
     /// The relay's clock when it issued, seconds since the Unix epoch, so
     /// an edge can tell that its own clock is off.
     pub relay_time_unix: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request's `Debug` names the node and the sizes, never the token.
+    #[test]
+    fn the_token_stays_out_of_debug_output() {
+        let r = CertRequest {
+            version: 1,
+            node: "shop-1".into(),
+            token: "eyJhbGciOiJSUzI1NiJ9.secret".into(),
+            public_key: vec![0; 91],
+        };
+        let shown = format!("{r:?}");
+        assert!(
+            shown.contains("shop-1") && shown.contains("<27 bytes>"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("secret") && !shown.contains("eyJ"),
+            "{shown}"
+        );
+    }
 }
