@@ -54,8 +54,34 @@ impl RelayConfig {
                 ));
             }
         }
+        warn_shared_connect_ca(self);
         check_exposure(self)
     }
+}
+
+/// Warns when the CONNECT listener trusts the edges' CA
+/// (`connect_tls.client_ca` holding a certificate of `tls.client_ca`):
+/// every edge's certificate is then a CONNECT client, and a compromised
+/// edge may open tunnels to every other edge and every cloud port through
+/// it. A warning, not a refusal: a one-CA lab or demo does it on purpose.
+fn warn_shared_connect_ca(c: &RelayConfig) {
+    if connect_trusts_edges(c) {
+        tracing::warn!(
+            "connect_tls.client_ca trusts the CA that signs edge certificates (tls.client_ca): \
+             every edge certificate can open CONNECT tunnels to every edge and cloud port; \
+             give kube-apiserver's client certificate a CA of its own"
+        );
+    }
+}
+
+/// Whether `connect_tls.client_ca` holds a CA of `tls.client_ca`.
+fn connect_trusts_edges(c: &RelayConfig) -> bool {
+    c.connect_tls.as_ref().is_some_and(|connect| {
+        c.tls
+            .ca
+            .iter()
+            .any(|ca| crate::tls_reload::trusts(&connect.ca, ca))
+    })
 }
 
 /// Whether an address is reachable only from this host. `0.0.0.0` and
@@ -206,4 +232,25 @@ fn check_node_name(field: &str, node: &str) -> Result<(), ConfigError> {
         return Err(err(field, "node names are 1 to 253 characters"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CONNECT listener whose client CA is the edges' is noticed (and
+    /// warned about at start); one with a CA of its own is not.
+    #[test]
+    fn a_connect_ca_shared_with_the_edges_is_noticed() {
+        relay_transport::tls::install_default_provider();
+        let edges = relay_transport::devcerts::DevPki::generate(&["relay"], &["edge-1"]).unwrap();
+        let apiserver =
+            relay_transport::devcerts::DevPki::generate(&["relay"], &["kube-apiserver"]).unwrap();
+        let mut c = RelayConfig::loopback(edges.relay_material().unwrap());
+        assert!(!connect_trusts_edges(&c), "no connect_tls");
+        c.connect_tls = Some(apiserver.relay_material().unwrap());
+        assert!(!connect_trusts_edges(&c), "a CA of its own");
+        c.connect_tls = Some(edges.relay_material().unwrap());
+        assert!(connect_trusts_edges(&c), "the edges' CA");
+    }
 }
