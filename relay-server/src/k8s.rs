@@ -431,6 +431,7 @@ impl KubeDirectory {
             .into_iter()
             .map(|(n, mut v)| {
                 v.sort_unstable();
+                v.dedup();
                 (n.to_string(), v)
             })
             .collect();

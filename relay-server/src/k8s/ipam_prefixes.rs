@@ -5,9 +5,12 @@
 //! it allocates them; where it does not (Calico's and Cilium's own IPAM),
 //! they are empty, and the API lets anyone who may update the Node set
 //! them once, to anything: an edge's kubelet may update its own Node, and
-//! the NodeRestriction admission plugin does not guard the field. So where
-//! most Nodes have no pod CIDR (the allocator is not running), an edge
-//! Node's pod CIDRs are vetted too: taken only when no wider than a
+//! the NodeRestriction admission plugin does not guard the field. So an
+//! edge Node's pod CIDRs are always checked on their own (no wider than a
+//! /16 or /48, clear of the special ranges and `tunnel_routes`, inside
+//! `kubernetes.edge_address_ranges`: nothing kube-controller-manager
+//! gives), and where most edge Nodes have none (the allocator is not
+//! running) also against the others: taken only when no wider than a
 //! /16 (/48), clear of the special ranges, `tunnel_routes`, cloud Nodes'
 //! ranges and other Nodes' IPAM prefixes and addresses, and inside
 //! `kubernetes.edge_address_ranges`. A compromised edge that wrote a
@@ -144,8 +147,16 @@ pub(crate) fn vet(
     // Where most Nodes have none (the CNI's IPAM allocates), the few that
     // do were set by whoever may update that Node, and are vetted as IPAM
     // prefixes are. (A compromised edge cannot make most Nodes have one.)
-    let with_pods = claims.values().filter(|c| !c.pod_cidrs.is_empty()).count();
-    let pods_vetted = with_pods * 2 <= claims.len();
+    // Counted over the edges: a cloud allocator that gives cloud Nodes
+    // their ranges and skips the others must not make an edge's forgery
+    // look like the allocator's.
+    let edges = claims.keys().filter(|n| !is_cloud[n.as_str()]);
+    let (mut edge_count, mut with_pods) = (0usize, 0usize);
+    for n in edges {
+        edge_count += 1;
+        with_pods += usize::from(!claims[n].pod_cidrs.is_empty());
+    }
+    let pods_vetted = with_pods * 2 <= edge_count;
     let mut plausible: BTreeMap<&str, (Vec<Cidr>, Vec<Cidr>)> = BTreeMap::new();
     for (name, c) in claims {
         if is_cloud[name.as_str()] {
@@ -166,11 +177,9 @@ pub(crate) fn vet(
             }
             ok
         };
-        let pods = if pods_vetted {
-            alone(&c.pod_cidrs)
-        } else {
-            c.pod_cidrs.clone()
-        };
+        // On their own, always: kube-controller-manager never gives a node
+        // a special range, the cloud's, or one wider than a /16.
+        let pods = alone(&c.pod_cidrs);
         let ipam = alone(&c.ipam_cidrs);
         plausible.insert(name.as_str(), (pods, ipam));
     }
@@ -433,11 +442,16 @@ mod tests {
         assert!(why("edge-1 10.70.2.0/25").contains("edge node edge-2's IPAM prefix"));
         assert!(why("edge-2 10.70.2.64/26").contains("edge node edge-1's IPAM prefix"));
         assert!(why("edge-1 10.71.0.0/24").contains("edge node edge-2's pod CIDR"));
+        // Half of the edges with a pod CIDR: it may be a forgery (a Node's
+        // empty pod CIDRs may be set once, by anyone who may update it),
+        // so it is vetted too, and it and the block over it are both
+        // refused: neither is sure.
+        assert!(why("edge-2 10.71.0.0/24").contains("edge node edge-1's IPAM prefix"));
         assert!(why("edge-1 127.0.0.0/26").contains("127.0.0.0/8"));
         assert!(why("edge-1 169.254.169.192/26").contains("169.254.0.0/16"));
         assert!(why("edge-1 8.8.8.0/26").contains("edge_address_ranges"));
         assert!(why("edge-1 0.0.0.0/0").contains("0.0.0.0/8"));
-        assert_eq!(refused.len(), 10, "{refused:?}");
+        assert_eq!(refused.len(), 11, "{refused:?}");
     }
 
     /// A loopback block is taken where a loopback range is listed (the
@@ -494,10 +508,20 @@ mod tests {
             ("203.0.113.0/24", "outside kubernetes.edge_address_ranges"),
         ] {
             let evil = node(&[forged], &[], "192.168.9.9", true);
+            // Cloud Nodes given pod CIDRs by a cloud allocator that skips
+            // the edges: they must not make the edge's forgery look like
+            // the allocator's (the majority is counted over edges).
+            let allocated = |i: u8| {
+                let pods = format!("10.244.{}.0/24", i + 10);
+                node(&[pods.as_str()], &[], &format!("10.0.0.{}", i + 10), false)
+            };
             let claims: BTreeMap<String, NodeClaims> = [
                 ("evil".to_string(), evil),
                 ("shop1".to_string(), victim.clone()),
                 ("cloud1".to_string(), cloud.clone()),
+                ("cloud2".to_string(), allocated(2)),
+                ("cloud3".to_string(), allocated(3)),
+                ("cloud4".to_string(), allocated(4)),
             ]
             .into_iter()
             .collect();

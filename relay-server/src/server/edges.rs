@@ -179,7 +179,6 @@ pub(super) async fn accept_tcp(
         };
         let (shared, acceptor) = (shared.clone(), acceptor.clone());
         sessions.spawn(async move {
-            let _held = held;
             // Its TLS hello first, bounded, before it may queue for a
             // permit: a connection that sends nothing holds no place an
             // edge could have.
@@ -202,7 +201,12 @@ pub(super) async fn accept_tcp(
                 return;
             };
             let limit = shared.cfg.limits.handshake_timeout;
-            match relay_transport::tcp::accept(&acceptor, sock, remote, limit).await {
+            let accepted = relay_transport::tcp::accept(&acceptor, sock, remote, limit).await;
+            // The place is for a pending handshake only: held through the
+            // session, it capped each address at 64 sessions (the 65th
+            // edge behind one carrier NAT address never got in).
+            drop(held);
+            match accepted {
                 Ok(conn) => serve_edge(conn, shared, permit).await,
                 Err(e) if e.closed_early => {
                     // A load balancer's health check, or a scanner.
