@@ -566,7 +566,7 @@ pub(crate) async fn connect(
 /// from then on the relay may have registered the session, whatever
 /// becomes of the attempt (a planned move that fails after that may have
 /// had the relay drain the session it left, see
-/// `crate::session::MoveDrain`); before, it cannot have.
+/// `session::moves::MoveDrain`); before, it cannot have.
 pub(crate) async fn connect_noting(
     cfg: &EdgeConfig,
     stats: &EdgeStats,

@@ -92,7 +92,7 @@ impl QuicStrikes {
     /// more change nothing.
     const KEPT: u64 = 16;
     /// The QUIC probe's interval grows at most this many times, for
-    /// strikes and failed probes together (see `session::ProbeBackoff`):
+    /// strikes and failed probes together (see `session::moves::ProbeBackoff`):
     /// 32 minutes at the default 60 s.
     pub(crate) const MAX_PROBE_FACTOR: u32 = 32;
 
