@@ -12,11 +12,13 @@ use relay_protocol::{
     capability, close_code, Cidr, ClientHello, FrameError, HelloReply, RejectReason, Rejection,
     ServerHello, ServerHelloExt, PROTOCOL_VERSION,
 };
+use relay_transport::log_sample::{self, LogSampler};
 use relay_transport::tls::cert_names_node;
 use relay_transport::{SendHalf, TunnelConn};
 use tracing::{debug, info, Instrument};
 
 use crate::directory::{Lookup, NodeEntry};
+use crate::metrics::REJECT_REASONS;
 use crate::routefeed::RouteFeed;
 use crate::server::Shared;
 use crate::session::{note_cut, run_session, supersede, visible, ControlParts, SessionHandle};
@@ -193,7 +195,7 @@ pub(crate) async fn serve_connection(
         Ok(Ok(v)) => v,
         Ok(Err((HandshakeError::Rejected(reason, msg), send))) => {
             shared.metrics.reject(reason);
-            info!(%remote, reason = reason.as_str(), %msg, "handshake rejected");
+            log_rejected(remote, reason, &msg);
             if let Some(mut send) = send {
                 let reply = HelloReply::Rejected(Rejection {
                     reason,
@@ -228,6 +230,37 @@ pub(crate) async fn serve_connection(
     };
     let span = tracing::info_span!("session", node = %handle.node, session = handle.session_id, gen = handle.generation);
     run_session(handle, control, shared).instrument(span).await;
+}
+
+/// One log sampler per rejection reason (in `metrics::REJECT_REASONS`
+/// order, then one for reasons of a newer protocol): a storm of one reason
+/// (edges refused `overloaded` during a reconnect storm) must not hide
+/// another (one edge's `identity_mismatch`).
+static REJECTED_LOG: [LogSampler; REJECT_REASONS.len() + 1] =
+    [const { LogSampler::new(log_sample::WINDOW) }; REJECT_REASONS.len() + 1];
+
+/// Logs a rejected handshake, sampled per reason: an edge refused retries
+/// (once a second and more across a fleet), and this line is written once
+/// per connection. The message names the node where it is known.
+fn log_rejected(remote: std::net::SocketAddr, reason: RejectReason, msg: &str) {
+    let i = REJECT_REASONS
+        .iter()
+        .position(|r| *r == reason)
+        .unwrap_or(REJECT_REASONS.len());
+    let Some(s) = REJECTED_LOG[i].admit(log_sample::now()) else {
+        return;
+    };
+    let reason = reason.as_str();
+    if s.suppressed == 0 {
+        info!(%remote, reason, %msg, "handshake rejected");
+    } else {
+        info!(
+            %remote, reason, %msg, suppressed = s.suppressed,
+            "handshake rejected (and {} more for {reason} in the last {} s)",
+            s.suppressed,
+            s.since.as_secs()
+        );
+    }
 }
 
 /// Removes a provisional registration unless committed (see
@@ -455,5 +488,68 @@ mod tests {
         let got = decide_claim(&e, &adv, Some("10.96.0.1".parse().unwrap()), true).unwrap();
         assert_eq!(got.served, [c("10.244.7.0/24")]);
         assert!(decide_claim(&e, &[c("10.96.0.2/32")], None, true).is_err());
+    }
+
+    /// A `MakeWriter` that keeps what the test subscriber prints.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Rejections are logged sampled, per reason: 1,000 edges refused
+    /// `overloaded` within 20 s write one line per 10 s window, and one
+    /// edge's `route_conflict` among them is still logged with its node.
+    #[tokio::test(start_paused = true)]
+    async fn rejections_are_sampled_per_reason() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .without_time()
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let remote: std::net::SocketAddr = "192.0.2.7:40000".parse().unwrap();
+        for i in 0..1_000 {
+            log_rejected(remote, RejectReason::Overloaded, "relay at max_sessions");
+            if i == 500 {
+                log_rejected(
+                    remote,
+                    RejectReason::RouteConflict,
+                    "node edge-7: 10.244.7.0/24 is served by edge-3",
+                );
+            }
+            tokio::time::advance(Duration::from_millis(20)).await;
+        }
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let overloaded = lines
+            .iter()
+            .filter(|l| l.contains("reason=\"overloaded\""))
+            .count();
+        assert_eq!(overloaded, 2, "{text}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l
+                    .contains("handshake rejected (and 499 more for overloaded in the last 10 s)")),
+            "{text}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("reason=\"route_conflict\"") && l.contains("node edge-7")),
+            "{text}"
+        );
+        assert_eq!(lines.len(), 3, "{text}");
     }
 }

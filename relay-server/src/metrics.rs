@@ -22,7 +22,8 @@ pub const HANDSHAKE_LOCAL_REASONS: [&str; 7] = [
     "silent",
 ];
 
-const REJECT_REASONS: [RejectReason; 8] = [
+/// The protocol's typed rejections, in metric order.
+pub(crate) const REJECT_REASONS: [RejectReason; 8] = [
     RejectReason::UnsupportedVersion,
     RejectReason::IdentityMismatch,
     RejectReason::RouteNotAllowed,
@@ -72,11 +73,19 @@ pub struct Metrics {
     pub bootstrap_issued: AtomicU64,
     /// Certificate requests refused.
     pub bootstrap_refused: AtomicU64,
+    /// Bootstrap connections that timed out without a reply (no request
+    /// in time, or the reply not taken).
+    pub bootstrap_timed_out: AtomicU64,
     /// Policy refusals by origin (connect, captured, edge) and reason.
     denials: [[AtomicU64; 6]; 4],
     /// ClusterIP connections and flows the relay resolved, by where the
     /// endpoint it picked was (see [`SERVICE_PICKS`]).
     service_picks: [AtomicU64; 6],
+    /// 1 when the last capture update (routes, sources, Services) applied,
+    /// 0 after a failed one (see [`Metrics::capture_applied`]).
+    capture_installed: AtomicU64,
+    /// Capture updates that failed (each retried a second later).
+    capture_failures: AtomicU64,
 }
 
 /// Outcomes of resolving a ClusterIP or Service name at the relay
@@ -141,6 +150,14 @@ impl Metrics {
     pub fn service_pick(&self, what: &str) {
         if let Some(i) = SERVICE_PICKS.iter().position(|x| *x == what) {
             self.service_picks[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Records the outcome of one capture update (`crate::tunnel::sync_capture`).
+    pub fn capture_applied(&self, ok: bool) {
+        self.capture_installed.store(u64::from(ok), Relaxed);
+        if !ok {
+            self.capture_failures.fetch_add(1, Relaxed);
         }
     }
 
@@ -304,6 +321,10 @@ impl Metrics {
                     "{outcome=\"refused\"}".into(),
                     self.bootstrap_refused.load(Relaxed),
                 ),
+                (
+                    "{outcome=\"timed_out\"}".into(),
+                    self.bootstrap_timed_out.load(Relaxed),
+                ),
             ],
         );
         metric(
@@ -315,7 +336,7 @@ impl Metrics {
         metric(
             "relay_sessions_silent_total",
             "counter",
-            "Sessions closed because nothing arrived from the edge (datagrams on QUIC, control messages on the TCP fallback) for quic.idle_timeout.",
+            "Sessions closed because nothing arrived from the edge (datagrams on QUIC, bytes on the TCP fallback, control messages from a QUIC edge without the liveness capability) for quic.idle_timeout, or for two of the edge's stated keep-alive intervals when that is shorter.",
             &one(&self.sessions_silent),
         );
         metric(
@@ -328,10 +349,20 @@ impl Metrics {
     }
 }
 
-/// Renders the capture listener's counters (nothing without `[capture]`).
+/// Renders the capture listener's counters and whether capture is
+/// installed (nothing without `[capture]`).
 pub fn render_capture(shared: &crate::server::Shared) -> String {
     match &shared.cfg.capture {
-        Some(_) => shared.capture_bound.render_capture("relay"),
+        Some(_) => {
+            let m = &shared.metrics;
+            shared.capture_bound.render_capture("relay")
+                + &format!(
+                    "# HELP relay_capture_installed 1 when the relay's last capture update (edge routes, capture sources, Services) applied, 0 while it fails (retried every second; traffic from this node to the edges may go uncaptured meanwhile).\n# TYPE relay_capture_installed gauge\nrelay_capture_installed {}\n\
+                     # HELP relay_capture_failures_total Capture updates that failed (each logged, sampled, and retried).\n# TYPE relay_capture_failures_total counter\nrelay_capture_failures_total {}\n",
+                    m.capture_installed.load(Relaxed),
+                    m.capture_failures.load(Relaxed)
+                )
+        }
         None => String::new(),
     }
 }
@@ -343,12 +374,13 @@ pub fn render_status(stats: crate::status::StatusStats) -> String {
         "# HELP relay_node_condition_writes_total EdgeTunnelReady conditions applied to Nodes.\n# TYPE relay_node_condition_writes_total counter\nrelay_node_condition_writes_total {}\n\
          # HELP relay_node_condition_coalesced_total Condition changes folded into a later write (a node changing again within the hold-off).\n# TYPE relay_node_condition_coalesced_total counter\nrelay_node_condition_coalesced_total {}\n\
          # HELP relay_node_condition_write_failures_total Condition writes the apiserver did not take (each retried after a wait doubling from the 5 s hold-off up to 5 minutes).\n# TYPE relay_node_condition_write_failures_total counter\nrelay_node_condition_write_failures_total {}\n\
-         # HELP relay_events_dropped_total Events not published, by reason (rate_limited: a node over its event budget).\n# TYPE relay_events_dropped_total counter\nrelay_events_dropped_total{{reason=\"rate_limited\"}} {}\nrelay_events_dropped_total{{reason=\"queue_full\"}} {}\n",
+         # HELP relay_events_dropped_total Events not published, by reason (rate_limited: a node over its event budget; api_error: the apiserver refused or did not answer).\n# TYPE relay_events_dropped_total counter\nrelay_events_dropped_total{{reason=\"rate_limited\"}} {}\nrelay_events_dropped_total{{reason=\"queue_full\"}} {}\nrelay_events_dropped_total{{reason=\"api_error\"}} {}\n",
         stats.condition_writes,
         stats.condition_coalesced,
         stats.condition_failures,
         stats.events_rate_limited,
-        stats.events_queue_full
+        stats.events_queue_full,
+        stats.events_api_errors
     )
 }
 
@@ -398,63 +430,128 @@ pub fn render_runtime(shared: &crate::server::Shared) -> String {
         .limits
         .max_connect_connections
         .saturating_sub(shared.connect_permits.available_permits());
+    // The certificates and the replica Lease follow here: their state is
+    // not in `Metrics` (see `tls_reload::file_status`,
+    // `replicas::lease_counters`), and this is the per-`Shared` render
+    // `/metrics` already calls.
     format!(
         "# HELP relay_runtime_tasks Tokio tasks alive in the relay process.\n# TYPE relay_runtime_tasks gauge\nrelay_runtime_tasks {tasks}\n\
          # HELP relay_connect_connections CONNECT client connections holding a permit (limits.max_connect_connections).\n# TYPE relay_connect_connections gauge\nrelay_connect_connections {held}\n"
+    ) + &render_tls(&served_certs(&shared.cfg))
+        + &render_replicas(crate::replicas::lease_counters(&shared.cfg))
+}
+
+/// One certificate the relay serves, for [`render_tls`].
+pub(crate) struct ServedCert<'a> {
+    /// `tls` (QUIC and the TCP fallback), `connect_tls`, `admin`, or
+    /// `bootstrap_issuer` (the CA that signs edges' bootstrap certificates).
+    pub listener: &'static str,
+    /// The leaf the relay started with.
+    pub leaf: Option<&'a rustls::pki_types::CertificateDer<'static>>,
+    /// The file it is reloaded from (`None`: never reloaded).
+    pub file: Option<&'a std::path::Path>,
+}
+
+/// The certificates `cfg`'s listeners serve: the relay's own, the CONNECT
+/// and admin listeners' where they are on and use TLS, and the bootstrap
+/// issuer's CA (read once at start, not reloaded).
+pub(crate) fn served_certs(cfg: &crate::config::RelayConfig) -> Vec<ServedCert<'_>> {
+    let mut out = vec![ServedCert {
+        listener: "tls",
+        leaf: cfg.tls.chain.first(),
+        file: cfg.tls_reload.as_ref().map(|r| r.paths.cert.as_path()),
+    }];
+    // CONNECT's and the admin API's TLS serve only where they listen.
+    let listeners = [
+        (
+            "connect_tls",
+            cfg.connect_listen.is_some(),
+            &cfg.connect_tls,
+            &cfg.connect_tls_files,
+        ),
+        (
+            "admin",
+            cfg.admin_listen.is_some(),
+            &cfg.admin_tls,
+            &cfg.admin_tls_files,
+        ),
+    ];
+    for (listener, on, m, files) in listeners {
+        if let (true, Some(m)) = (on, m) {
+            out.push(ServedCert {
+                listener,
+                leaf: m.chain.first(),
+                file: files.as_ref().map(|p| p.cert.as_path()),
+            });
+        }
+    }
+    if let Some(b) = &cfg.bootstrap {
+        out.push(ServedCert {
+            listener: "bootstrap_issuer",
+            leaf: Some(&b.issuer_cert),
+            file: None,
+        });
+    }
+    out
+}
+
+/// Renders when each served certificate expires (the last one loaded:
+/// after a failed reload, still the previous one, which is what edges
+/// see) and its reloads that failed (listeners reloaded from files).
+pub(crate) fn render_tls(certs: &[ServedCert<'_>]) -> String {
+    let mut expiry = String::new();
+    let mut failures = String::new();
+    for c in certs {
+        let st = c
+            .file
+            .map(|f| crate::tls_reload::file_status(c.listener, f))
+            .unwrap_or_default();
+        let l = c.listener;
+        if let Some(t) = st
+            .not_after
+            .or_else(|| c.leaf.and_then(|d| crate::tls_reload::not_after(d)))
+        {
+            let _ = writeln!(
+                expiry,
+                "relay_tls_cert_not_after_seconds{{listener=\"{l}\"}} {t}"
+            );
+        }
+        if c.file.is_some() {
+            let n = st.reload_failures;
+            let _ = writeln!(
+                failures,
+                "relay_tls_reload_failures_total{{listener=\"{l}\"}} {n}"
+            );
+        }
+    }
+    format!(
+        "# HELP relay_tls_cert_not_after_seconds When the certificate each listener serves expires (notAfter, Unix seconds; bootstrap_issuer: the CA signing edges' certificates).\n# TYPE relay_tls_cert_not_after_seconds gauge\n{expiry}\
+         # HELP relay_tls_reload_failures_total Certificate reloads that failed (the previous certificate stays; retried every tls.reload_interval while the files differ).\n# TYPE relay_tls_reload_failures_total counter\n{failures}"
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn renders_labelled_counters() {
-        let m = Metrics::default();
-        m.reject(RejectReason::IdentityMismatch);
-        m.stream_outcome(StreamStatus::Denied);
-        m.stream_outcome(StreamStatus::Denied);
-        m.connect_answer(502);
-        m.handshake_failed("tls");
-        m.denied(Origin::Edge("e"), DenyReason::NoCommunity);
-        m.accepted_on("tcp");
-        let t = m.render(3, 10);
-        assert!(
-            t.contains("relay_policy_denials_total{origin=\"edge\",reason=\"no_community\"} 1"),
-            "{t}"
-        );
-        assert!(
-            t.contains("relay_handshake_failures_total{reason=\"identity_mismatch\"} 1"),
-            "{t}"
-        );
-        assert!(
-            t.contains("relay_handshake_failures_total{reason=\"tls\"} 1"),
-            "{t}"
-        );
-        assert!(
-            t.contains("relay_streams_total{outcome=\"denied\"} 2"),
-            "{t}"
-        );
-        assert!(
-            t.contains("relay_connect_responses_total{code=\"502\"} 1"),
-            "{t}"
-        );
-        assert!(
-            t.contains("# TYPE relay_sessions gauge\nrelay_sessions 3\n"),
-            "{t}"
-        );
-        assert!(t.contains("relay_sessions_limit 10\n"), "{t}");
-        assert!(
-            t.contains("# TYPE relay_sessions_draining gauge\nrelay_sessions_draining 0\n"),
-            "{t}"
-        );
-        assert!(
-            t.contains("relay_sessions_accepted_by_transport_total{transport=\"tcp\"} 1\n"),
-            "{t}"
-        );
-        assert!(
-            t.contains("relay_sessions_accepted_by_transport_total{transport=\"quic\"} 0\n"),
-            "{t}"
-        );
+/// Renders the replica Lease membership's counters (nothing without
+/// Lease-based `[replicas]`). Failing renewals lose this replica its
+/// place in the set (its edges move away); an id conflict is two relays
+/// configured with one `relay_id`.
+pub fn render_replicas(c: Option<crate::replicas::LeaseCounters>) -> String {
+    let Some(c) = c else {
+        return String::new();
+    };
+    let mut o = String::new();
+    for (name, help, v) in [
+        ("relay_replica_lease_renewals_total", "Renewals (and the first create) of this replica's Lease.", c.renewals),
+        ("relay_replica_lease_renew_errors_total", "Renewals of this replica's Lease that failed (API error or timeout); after a lease duration of them the other replicas drop this one.", c.renew_errors),
+        ("relay_replica_lease_update_conflicts_total", "Lease updates refused with 409 (another writer first; retried at the next round).", c.rv_conflicts),
+        ("relay_replica_id_conflicts_total", "Renewal rounds in which this replica's id was held by another live instance (two relays with one relay_id).", c.id_conflicts),
+        ("relay_replica_leases_collected_total", "Stale replica Leases deleted.", c.collected),
+        ("relay_replica_watch_errors_total", "Failed list or watch requests on the replica Leases (each retried with backoff).", c.watch_errors),
+        ("relay_replica_store_behind_total", "Renewal rounds at which the Lease watch had not yet delivered the previous renewal (the set was kept).", c.store_behind),
+    ] {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
     }
+    o
 }
+
+#[cfg(test)]
+mod tests;

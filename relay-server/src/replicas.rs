@@ -30,6 +30,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ConfigError;
 
+mod lease_stats;
+pub use lease_stats::{lease_counters, LeaseCounters};
+
 /// `[replicas]` in relay.toml.
 #[derive(Debug, Deserialize, Default)]
 pub struct ReplicasFile {
@@ -307,6 +310,7 @@ impl Replicas {
                 o.gc_after = l.gc_after;
                 o.api_timeout = k.api_timeout;
                 let membership = relay_kube::ReplicaMembership::spawn(&client, o);
+                lease_stats::register(&me.id, &me.addr, membership.stats());
                 let (tx, rx) = watch::channel(Vec::new());
                 tokio::spawn(forward(membership.subscribe(), tx, stop));
                 Ok(Replicas {

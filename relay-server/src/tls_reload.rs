@@ -9,7 +9,9 @@
 //! interval until the files load, so a renewal tool writing them one by
 //! one is harmless.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use relay_transport::reload::{ReloadableServerTls, TlsPaths};
@@ -55,8 +57,15 @@ pub(crate) struct Target {
 
 impl Target {
     /// Reads the files and puts what they hold in the state; returns the
-    /// leaf now served.
+    /// leaf now served. The outcome is recorded for `/metrics` (see
+    /// [`file_status`]): the served leaf's expiry, or one more failure.
     pub(crate) fn reload(&self) -> Result<CertificateDer<'static>, ReloadError> {
+        let r = self.load();
+        record(self.name, &self.paths.cert, r.as_ref().ok());
+        r
+    }
+
+    fn load(&self) -> Result<CertificateDer<'static>, ReloadError> {
         let (m, crls) = self.paths.load()?;
         if let Some(issuer) = &self.must_trust {
             if !trusts(&m.ca, issuer) {
@@ -79,6 +88,50 @@ impl Target {
             .next()
             .ok_or(ReloadError::NoFiles)
     }
+}
+
+/// What `/metrics` says of one listener's certificate file: when the leaf
+/// last loaded from it expires, and how many reloads of it failed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileStatus {
+    /// The served leaf's notAfter (Unix seconds), once a reload took it;
+    /// `None` until then (the relay still serves what it started with).
+    pub not_after: Option<i64>,
+    /// Reloads from this file that failed (the previous identity stayed).
+    pub reload_failures: u64,
+}
+
+/// Reload outcomes by listener and certificate file. Process-wide because
+/// the reload targets are built before the relay's shared state (where
+/// `/metrics` reads from) exists; keyed by what a listener is reloaded
+/// from, so a relay's `/metrics` finds its own listeners' (the admin API
+/// reloads the `[tls]` files by default: the listener tells them apart).
+static FILES: Mutex<BTreeMap<(&'static str, PathBuf), FileStatus>> = Mutex::new(BTreeMap::new());
+
+fn record(listener: &'static str, cert: &Path, served: Option<&CertificateDer<'static>>) {
+    let mut files = FILES.lock().unwrap_or_else(|p| p.into_inner());
+    let e = files.entry((listener, cert.to_path_buf())).or_default();
+    match served {
+        Some(leaf) => e.not_after = not_after(leaf).or(e.not_after),
+        None => e.reload_failures += 1,
+    }
+}
+
+/// The reload outcomes recorded for `listener` reloading from certificate
+/// file `cert` (all zero before its first reload).
+pub(crate) fn file_status(listener: &'static str, cert: &Path) -> FileStatus {
+    let files = FILES.lock().unwrap_or_else(|p| p.into_inner());
+    files
+        .get(&(listener, cert.to_path_buf()))
+        .copied()
+        .unwrap_or_default()
+}
+
+/// A certificate's notAfter in Unix seconds (`None`: not parsable).
+pub(crate) fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    x509_parser::parse_x509_certificate(cert.as_ref())
+        .ok()
+        .map(|(_, c)| c.validity().not_after.timestamp())
 }
 
 /// Whether `bundle` holds CA certificate `ca`, or one with the same
@@ -214,6 +267,73 @@ mod tests {
         let e = t.reload().expect_err("the issuer dropped");
         assert!(matches!(e, ReloadError::IssuerDropped { .. }), "{e}");
         assert!(e.to_string().contains("restart the relay"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// rcgen's default notAfter, which `DevPki` keeps: 4096-01-01T00:00:00Z.
+    const DEV_NOT_AFTER: i64 = 67_090_118_400;
+
+    /// `/metrics` shows the served certificate's notAfter from the start
+    /// and after a reload, and counts a reload that failed (a key not
+    /// matching the certificate), which leaves the expiry as it was. The
+    /// admin API reloading the same files (its default) counts its own.
+    #[test]
+    fn metrics_show_the_served_expiry_and_count_failed_reloads() {
+        relay_transport::tls::install_default_provider();
+        let dir = std::env::temp_dir().join(format!("tls-reload-metrics-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let pki = DevPki::generate(&["relay.test"], &[]).unwrap();
+        pki.write_to(&dir).unwrap();
+        let paths = TlsPaths {
+            cert: dir.join("relay.pem"),
+            key: dir.join("relay-key.pem"),
+            client_ca: dir.join("ca.pem"),
+            crl: None,
+        };
+        let m = pki.relay_material().unwrap();
+        let t = Target {
+            name: "tls",
+            state: ReloadableServerTls::new(&m, &[], false).unwrap(),
+            paths: paths.clone(),
+            must_trust: None,
+        };
+        let render = || {
+            crate::metrics::render_tls(&["tls", "admin"].map(|listener| {
+                crate::metrics::ServedCert {
+                    listener,
+                    leaf: m.chain.first(),
+                    file: Some(&paths.cert),
+                }
+            }))
+        };
+        let expiry =
+            format!("relay_tls_cert_not_after_seconds{{listener=\"tls\"}} {DEV_NOT_AFTER}\n");
+        let text = render();
+        assert!(text.contains(&expiry), "{text}");
+        assert!(
+            text.contains("relay_tls_reload_failures_total{listener=\"tls\"} 0\n"),
+            "{text}"
+        );
+        t.reload().expect("the dev files load");
+        assert_eq!(
+            file_status("tls", &paths.cert).not_after,
+            Some(DEV_NOT_AFTER)
+        );
+        // Another relay's key: does not match the certificate.
+        let other = DevPki::generate(&["relay.test"], &[]).unwrap();
+        std::fs::write(&paths.key, other.relay.key.as_bytes()).unwrap();
+        t.reload().expect_err("the key does not match");
+        reload_all(std::slice::from_ref(&t)).expect_err("still not");
+        let text = render();
+        assert!(
+            text.contains("relay_tls_reload_failures_total{listener=\"tls\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("relay_tls_reload_failures_total{listener=\"admin\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains(&expiry), "{text}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
