@@ -36,7 +36,7 @@
 //! | [`ipam`] | [`IpamDirectory`] (probes, then watches, BlockAffinities and CiliumNodes), [`block_affinity`] and [`cilium_node`] (pure) |
 //! | [`names`] | [`service_names`], [`name_entry`] (pure): Service names for edge resolvers |
 //! | [`services`] | [`ServiceDirectory`] (reflectors over Services and EndpointSlices), [`ServiceTable`] and [`service_entry`] (pure) |
-//! | [`status`] | [`StatusWriter`] (server-side apply of the condition), [`next_condition`] (pure), [`SessionEvents`] |
+//! | [`status`] | [`StatusWriter`] (server-side apply of the condition), [`next_condition`] and [`says_ready`] (pure), [`SessionEvents`] |
 //! | [`leases`] | [`ReplicaMembership`]: relay replicas from Leases (renew, watch, expiry with a skew margin, collection); [`judge`] (pure) |
 //! | [`pods`] | [`PodReader`]: the pod a bootstrap token is bound to |
 //! | [`tokenreview`] | [`TokenReviewer`], [`ReviewedToken`], [`TokenReviewError`] |
@@ -75,8 +75,8 @@ pub use services::{
     ServiceEntry, ServiceKind, ServiceObjects, ServicePort, ServiceTable,
 };
 pub use status::{
-    next_condition, SessionEvent, SessionEvents, StatusWriter, TunnelCondition, WriteOutcome,
-    ACTION_LIMIT, CONDITION_TYPE, FIELD_MANAGER, NOTE_LIMIT,
+    next_condition, says_ready, SessionEvent, SessionEvents, StatusWriter, TunnelCondition,
+    WriteOutcome, ACTION_LIMIT, CONDITION_TYPE, FIELD_MANAGER, NOTE_LIMIT,
 };
 pub use tokenreview::{ReviewedToken, TokenReviewError, TokenReviewer, AUDIENCE};
 

@@ -89,6 +89,18 @@ pub fn next_condition(
     })
 }
 
+/// Whether `node`'s [`CONDITION_TYPE`] condition says `True` (as stored:
+/// whoever wrote it, however long ago).
+pub fn says_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == CONDITION_TYPE && c.status == "True")
+        })
+}
+
 fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
@@ -372,6 +384,26 @@ mod tests {
         let c3 = next_condition(Some(&c2), &want(false, "NoSession"), t(300)).unwrap();
         assert_eq!(c3.status, "False");
         assert_eq!(c3.last_transition_time, Some(t(300)));
+    }
+
+    #[test]
+    fn only_our_condition_saying_true_is_ready() {
+        use k8s_openapi::api::core::v1::NodeStatus;
+        let with = |type_: &str, status: &str| Node {
+            status: Some(NodeStatus {
+                conditions: Some(vec![NodeCondition {
+                    type_: type_.into(),
+                    status: status.into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(says_ready(&with(CONDITION_TYPE, "True")));
+        assert!(!says_ready(&with(CONDITION_TYPE, "False")));
+        assert!(!says_ready(&with("Ready", "True")));
+        assert!(!says_ready(&Node::default()));
     }
 
     #[test]

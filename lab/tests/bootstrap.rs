@@ -9,8 +9,9 @@
 //! through an ordinary kubeconfig.
 //!
 //! The TCP fallback's QUIC probe as a planned move has its tests in
-//! `tests/bootstrap/moves.rs` (a subdirectory, so cargo does not take it
-//! for a test binary of its own); the lab set-up here serves both.
+//! `tests/bootstrap/moves.rs`, and a slow apiserver's in
+//! `tests/bootstrap/slow_api.rs` (a subdirectory, so cargo does not take
+//! them for test binaries of their own); the lab set-up here serves all.
 
 use relay_lab::TempDir;
 use std::path::PathBuf;
@@ -33,6 +34,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[path = "bootstrap/moves.rs"]
 mod moves;
+#[path = "bootstrap/slow_api.rs"]
+mod slow_api;
 
 const BOUND: Duration = Duration::from_secs(20);
 const NS: &str = "edge-relay";

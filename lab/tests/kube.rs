@@ -14,8 +14,10 @@
 //! in `tests/kube/` (a subdirectory, so cargo does not take the modules
 //! for test binaries of their own), `addresses` (which addresses and
 //! names reach a node), `availability` (the relay before the first list
-//! and while the API is away) and `conditions` (the condition and Events
-//! written back). The lab set-up here serves them all.
+//! and while the API is away), `conditions` (the condition and Events
+//! written back) and `stale_conditions` (a `True` no session backs, after
+//! a relay died; the "down" of a relay that stops). The lab set-up here
+//! serves them all.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -35,6 +37,8 @@ mod addresses;
 mod availability;
 #[path = "kube/conditions.rs"]
 mod conditions;
+#[path = "kube/stale_conditions.rs"]
+mod stale_conditions;
 
 /// Anything that should happen "within seconds".
 const BOUND: Duration = Duration::from_secs(15);

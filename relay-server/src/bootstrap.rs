@@ -182,11 +182,53 @@ pub async fn decide(
     ))
 }
 
+/// Of the handshake timeout, what the token check leaves for the reply:
+/// the check (a TokenReview and a pod read, each bounded by
+/// `kubernetes.api_timeout`, 10 s by default, as is the handshake) must
+/// end this much before the connection's own bound, so that a slow
+/// apiserver is answered `overloaded` (counted, logged, retried by the
+/// edge after its backoff) instead of the connection timing out silently.
+const REPLY_ROOM: Duration = Duration::from_secs(2);
+
+/// How long into a bootstrap connection the token check may run, given
+/// the handshake timeout `limit`: up to [`REPLY_ROOM`] before the
+/// connection's bound, or half of it if the bound is shorter than twice
+/// that room.
+fn check_bound(limit: Duration) -> Duration {
+    limit.saturating_sub(REPLY_ROOM).max(limit / 2)
+}
+
+/// The token check of a connection that started at `started`, bounded by
+/// [`check_bound`]`(limit)` from then: past it, a typed `overloaded`
+/// refusal (the apiserver did not answer in time; nothing is known
+/// against the token, and the edge retries).
+async fn decide_by(
+    (started, limit): (tokio::time::Instant, Duration),
+    authority: &dyn TokenAuthority,
+    issuer: &relay_transport::issue::NodeIssuer,
+    req: &CertRequest,
+) -> Result<(IssuedCert, TokenIdentity), Refusal> {
+    let bound = check_bound(limit);
+    let check = decide(authority, issuer, req, SystemTime::now());
+    match tokio::time::timeout_at(started + bound, check).await {
+        Ok(r) => r,
+        // Stable (the bound, not the time left): it is also the Event's note.
+        Err(_) => Err((
+            RejectReason::Overloaded,
+            format!(
+                "cannot verify the token now: the Kubernetes API did not answer within {} ms of the request",
+                bound.as_millis()
+            ),
+        )),
+    }
+}
+
 /// Serves one bootstrap connection: one request, one reply, bounded by the
 /// handshake timeout, then the connection closes.
 pub(crate) async fn serve_bootstrap(conn: TunnelConn, shared: Arc<Shared>) {
     let remote = conn.remote_addr();
     let limit = shared.cfg.limits.handshake_timeout;
+    let started = tokio::time::Instant::now();
     let served = tokio::time::timeout(limit, async {
         let mut bi = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let req: CertRequest = read_frame(&mut bi.recv).await.map_err(|e| e.to_string())?;
@@ -199,7 +241,7 @@ pub(crate) async fn serve_bootstrap(conn: TunnelConn, shared: Arc<Shared>) {
                 RejectReason::IdentityMismatch,
                 format!("no Node object named {:?}", req.node),
             )),
-            (Some(b), Some(authority)) => decide(authority.as_ref(), &b.issuer, &req, SystemTime::now()).await,
+            (Some(b), Some(authority)) => decide_by((started, limit), authority.as_ref(), &b.issuer, &req).await,
             _ => Err((
                 RejectReason::Malformed,
                 "this relay does not issue certificates ([bootstrap] is not configured)".to_string(),
@@ -213,7 +255,13 @@ pub(crate) async fn serve_bootstrap(conn: TunnelConn, shared: Arc<Shared>) {
             }
             Err((reason, message)) => {
                 shared.metrics.bootstrap_refused.fetch_add(1, Relaxed);
-                info!(%remote, node = %req.node, reason = reason.as_str(), %message, "certificate request refused");
+                if reason == RejectReason::Overloaded {
+                    // A slow or unreachable apiserver refuses every edge
+                    // asking at once: one line per window, not one each.
+                    relay_transport::sampled!(warn, "certificate request refused: overloaded", %remote, node = %req.node, %message);
+                } else {
+                    info!(%remote, node = %req.node, reason = reason.as_str(), %message, "certificate request refused");
+                }
                 if node != Lookup::Unknown {
                     shared.status.rejected(&req.node, reason.as_str(), &message);
                 }
@@ -235,7 +283,12 @@ pub(crate) async fn serve_bootstrap(conn: TunnelConn, shared: Arc<Shared>) {
     match served {
         Ok(Ok(())) => {}
         Ok(Err(e)) => debug!(%remote, error = %e, "bootstrap connection failed"),
-        Err(_) => debug!(%remote, "bootstrap connection timed out"),
+        Err(_) => {
+            // The edge sent no request in time, or did not take the reply
+            // (the token check itself ends earlier: `check_bound`).
+            shared.metrics.bootstrap_timed_out.fetch_add(1, Relaxed);
+            relay_transport::sampled!(info, "bootstrap connection timed out", %remote);
+        }
     }
     conn.close(close_code::NORMAL, "bootstrap done");
 }
@@ -280,6 +333,49 @@ mod tests {
             token: token.into(),
             public_key: node_key().unwrap().1,
         }
+    }
+
+    /// Answers as [`Fixed`] after sleeping its duration (a slow apiserver).
+    struct Sleepy(Duration);
+
+    impl TokenAuthority for Sleepy {
+        fn authenticate<'a>(
+            &'a self,
+            token: &'a str,
+        ) -> Pin<Box<dyn Future<Output = Result<TokenIdentity, Refusal>> + Send + 'a>> {
+            Box::pin(async move {
+                tokio::time::sleep(self.0).await;
+                Fixed.authenticate(token).await
+            })
+        }
+    }
+
+    /// A token check slower than the handshake's bound (a TokenReview and
+    /// a pod read of 10 s each may take 20 s) ends at its deadline, room
+    /// for the reply left, with a typed `overloaded` the edge retries; a
+    /// check within it is answered as before.
+    #[tokio::test(start_paused = true)]
+    async fn a_token_check_past_its_deadline_is_refused_overloaded() {
+        let limit = Duration::from_secs(10);
+        assert_eq!(check_bound(limit), limit - REPLY_ROOM);
+        let short = Duration::from_secs(1);
+        assert_eq!(check_bound(short), short / 2);
+        let iss = issuer();
+        let start = tokio::time::Instant::now();
+        let slow = Sleepy(Duration::from_secs(20));
+        let (reason, msg) = decide_by((start, limit), &slow, &iss, &req("edge-a", "token-edge-a"))
+            .await
+            .unwrap_err();
+        assert_eq!(reason, RejectReason::Overloaded, "{msg}");
+        assert!(reason.is_transient());
+        assert!(msg.contains("within 8000 ms"), "{msg}");
+        assert_eq!(start.elapsed(), limit - REPLY_ROOM);
+        let start = tokio::time::Instant::now();
+        let quick = Sleepy(Duration::from_secs(5));
+        let (_, who) = decide_by((start, limit), &quick, &iss, &req("edge-a", "token-edge-a"))
+            .await
+            .unwrap();
+        assert_eq!(who.node, "edge-a");
     }
 
     /// Counts reviews and the most running at once; each takes 20 ms.

@@ -54,6 +54,12 @@ pub struct KubeSettings {
     /// hints (see [`crate::topology`]). `None`: hints apply to edges' picks
     /// only.
     pub node_name: Option<String>,
+    /// How long after its first Node list the relay takes a Node whose
+    /// `EdgeTunnelReady` says `True` with no session here for an edge on
+    /// its way back, before it writes it `False`
+    /// ([`crate::k8s::STALE_CONDITION_GRACE`] by default). Set by code
+    /// only (tests shorten it); relay.toml has no key for it.
+    pub stale_condition_grace: Duration,
 }
 
 impl Default for KubeSettings {
@@ -70,6 +76,9 @@ impl Default for KubeSettings {
             services_cache_file: None,
             node_name: None,
             edge_address_ranges: default_edge_address_ranges(),
+            // `crate::k8s::STALE_CONDITION_GRACE`, which exists only with
+            // the `kubernetes` feature.
+            stale_condition_grace: Duration::from_secs(26),
         }
     }
 }
@@ -251,6 +260,7 @@ impl KubernetesFile {
                 .clone()
                 .unwrap_or(d.edge_address_ranges),
             node_name: self.node_name.clone().filter(|n| !n.is_empty()),
+            stale_condition_grace: d.stale_condition_grace,
         })
     }
 }

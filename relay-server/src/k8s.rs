@@ -34,9 +34,11 @@ pub(crate) mod cache;
 pub(crate) mod ipam_prefixes;
 pub(crate) mod node_addresses;
 mod node_source;
+mod stale_conditions;
 mod status_writer;
 mod tokens;
 use node_source::{cloud_prefixes, hostnames, is_cloud, source};
+pub use stale_conditions::{ConditionUpkeep, STALE_CONDITION_GRACE};
 use status_writer::KubeStatus;
 pub use status_writer::{CONDITION_WRITERS, EVENT_WRITERS};
 use tokens::KubeTokens;
@@ -56,6 +58,9 @@ pub struct Kube {
     pub tokens: Option<Arc<dyn TokenAuthority>>,
     /// Services and EndpointSlices (unless `services = false`).
     pub services: Option<Arc<dyn crate::services::ServiceSource>>,
+    /// The sweep for stale conditions and the flush at shutdown (with
+    /// `node_status`); started once the relay's shared state exists.
+    pub conditions: Option<Arc<ConditionUpkeep>>,
 }
 
 /// Connects and starts the reflector and the status writer; both run
@@ -88,6 +93,7 @@ pub async fn start(
         settings.cache_file.clone(),
         stop.clone(),
     );
+    let mut conditions = None;
     let status: Arc<dyn StatusSink> = if settings.node_status || settings.events {
         let writer = settings
             .node_status
@@ -95,7 +101,15 @@ pub async fn start(
         let events = settings
             .events
             .then(|| SessionEvents::new(&client, Some(relay_id.to_string()), settings.api_timeout));
-        Arc::new(KubeStatus::start(writer, events, stop.clone()))
+        let status = Arc::new(KubeStatus::start(writer, events, stop.clone()));
+        if settings.node_status {
+            conditions = Some(Arc::new(ConditionUpkeep::new(
+                status.clone(),
+                directory.clone(),
+                settings.stale_condition_grace,
+            )));
+        }
+        status
     } else {
         Arc::new(crate::status::NoStatus)
     };
@@ -126,6 +140,7 @@ pub async fn start(
         status,
         tokens,
         services,
+        conditions,
     })
 }
 

@@ -134,6 +134,8 @@ pub struct StatusStats {
     pub events_rate_limited: u64,
     /// Events not published: the queue was full.
     pub events_queue_full: u64,
+    /// Events not published: the apiserver refused them or did not answer.
+    pub events_api_errors: u64,
 }
 
 /// Per-node pacing of condition writes: the first change after a quiet

@@ -12,7 +12,8 @@ use super::{eventually, node_name, KubeLab, BOUND};
 
 /// A tunnel that goes down while the apiserver answers 503 has its
 /// condition written once the apiserver is back (the failed write used to
-/// be dropped, the Node left `True` until the node's next change).
+/// be dropped, the Node left `True` until the node's next change); its
+/// Event, refused, is counted dropped (`api_error`).
 /// Stand-in, not a real apiserver (see the module doc).
 #[tokio::test]
 async fn a_condition_that_failed_during_an_api_outage_is_written_after_it() -> Result<()> {
@@ -42,6 +43,20 @@ async fn a_condition_that_failed_during_an_api_outage_is_written_after_it() -> R
         lab.condition("edge-0").map(|c| c.0).as_deref(),
         Some("True")
     );
+    // So is the session's Down Event, which is not retried: counted as
+    // dropped (it used to go by at debug, counted nowhere).
+    eventually("an Event the API refused counted", async || {
+        let (_, m) = admin_get(lab.admin(), "/metrics", None).await?;
+        Ok(m.lines()
+            .find_map(|l| {
+                l.strip_prefix("relay_events_dropped_total{reason=\"api_error\"} ")?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .filter(|n| *n > 0))
+    })
+    .await?;
     lab.standin.set_unavailable(false);
     let back = std::time::Instant::now();
     let (status, reason, _) = eventually("condition False after the outage", async || {

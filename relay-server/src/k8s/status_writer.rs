@@ -10,6 +10,12 @@
 //! storm is at most [`CONDITION_WRITERS`] + [`EVENT_WRITERS`] requests at
 //! once, however many edges there are. One node's condition is never
 //! written twice at once, so its writes stay in order.
+//!
+//! Two writes come from elsewhere than a session's report: a Node left
+//! saying `True` with no session here ([`KubeStatus::stale`], see
+//! `stale_conditions.rs`), and at shutdown [`KubeStatus::flush`] writes
+//! what is still queued (the last sessions' "down") before the writer
+//! stops.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -19,10 +25,12 @@ use std::time::Duration;
 use relay_kube::{
     KubeError, SessionEvent, SessionEvents, StatusWriter, TunnelCondition, WriteOutcome,
 };
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
+
+use relay_transport::sampled;
 
 use crate::status::{EventBudget, HoldOff, SessionInfo, StatusSink, StatusStats};
 
@@ -58,6 +66,10 @@ pub(super) struct KubeStatus {
     events: Option<mpsc::Sender<(String, SessionEvent)>>,
     budget: Mutex<EventBudget>,
     counters: Arc<StatusCounters>,
+    /// Flushes asked for (a count), read by the condition writer.
+    flush_asked: watch::Sender<u64>,
+    /// The last flush the condition writer finished.
+    flushed: watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -67,6 +79,17 @@ struct StatusCounters {
     coalesced: AtomicU64,
     rate_limited: AtomicU64,
     queue_full: AtomicU64,
+    event_errors: AtomicU64,
+}
+
+/// What the condition says when a node has no session: the one vocabulary
+/// for a session that ended and for a Node left `True` without one.
+fn no_session(why: &str) -> TunnelCondition {
+    TunnelCondition {
+        ready: false,
+        reason: "NoSession".into(),
+        message: format!("no tunnel session: {why}"),
+    }
 }
 
 impl KubeStatus {
@@ -79,18 +102,21 @@ impl KubeStatus {
         let wake = Arc::new(Notify::new());
         let counters = Arc::new(StatusCounters::default());
         let writer = writer.map(Arc::new);
+        let flush_asked = watch::channel(0).0;
+        let flushed = watch::channel(0).0;
         if let Some(writer) = &writer {
             tokio::spawn(write_conditions(
                 writer.clone(),
                 desired.clone(),
                 wake.clone(),
                 counters.clone(),
+                (flush_asked.subscribe(), flushed.clone()),
                 stop.clone(),
             ));
         }
         let tx = events.map(|events| {
             let (tx, rx) = mpsc::channel::<(String, SessionEvent)>(EVENT_QUEUE);
-            tokio::spawn(publish_events(Arc::new(events), rx, stop));
+            tokio::spawn(publish_events(Arc::new(events), rx, counters.clone(), stop));
             tx
         });
         KubeStatus {
@@ -100,7 +126,57 @@ impl KubeStatus {
             events: tx,
             budget: Mutex::default(),
             counters,
+            flush_asked,
+            flushed,
         }
+    }
+
+    /// Writes `node` down (`NoSession`, for `why`) for a Node that says
+    /// `True` while, as `unbacked` tells, no session of this relay backs
+    /// it. `unbacked` is asked under the lock every session report
+    /// takes, and a session reports only once it is registered: so a
+    /// session coming up meanwhile either is seen (nothing written) or
+    /// reports after this, and its `True` replaces this `False` (written
+    /// after it, in order). Nothing is written either while a report for
+    /// the node waits: it is newer than what the Node says. Returns
+    /// whether the write was queued.
+    pub(super) fn stale(&self, node: &str, why: &str, unbacked: impl FnOnce() -> bool) -> bool {
+        let Some(writer) = &self.writer else {
+            return false;
+        };
+        let mut desired = self.desired.lock().unwrap_or_else(|e| e.into_inner());
+        if desired.contains_key(node) || !unbacked() {
+            return false;
+        }
+        // The Node says `True`: what this writer remembers writing (say
+        // `False`, before another replica wrote `True`) must not make the
+        // write look unneeded.
+        writer.forget(node);
+        desired.insert(node.to_string(), no_session(why));
+        drop(desired);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Writes the conditions still queued, hold-offs ignored, and waits
+    /// for them, at most `bound`; false if some were left (or failed and
+    /// wait for their retry). For shutdown: the sessions' last "down"
+    /// reports must reach the Nodes before the writer stops, or the Nodes
+    /// stay `True` with no relay to correct them until one starts.
+    pub(super) async fn flush(&self, bound: Duration) -> bool {
+        if self.writer.is_none() {
+            return true;
+        }
+        let mut asked = 0;
+        self.flush_asked.send_modify(|n| {
+            *n += 1;
+            asked = *n;
+        });
+        let mut done = self.flushed.subscribe();
+        let finished = tokio::time::timeout(bound, done.wait_for(|n| *n >= asked))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        finished
     }
 
     fn condition(&self, node: &str, cond: TunnelCondition) {
@@ -142,6 +218,7 @@ impl KubeStatus {
 async fn publish_events(
     events: Arc<SessionEvents>,
     mut rx: mpsc::Receiver<(String, SessionEvent)>,
+    counters: Arc<StatusCounters>,
     stop: CancellationToken,
 ) {
     let mut in_flight = JoinSet::new();
@@ -151,10 +228,15 @@ async fn publish_events(
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
             next = rx.recv(), if in_flight.len() < EVENT_WRITERS => {
                 let Some((node, ev)) = next else { break };
-                let events = events.clone();
+                let (events, counters) = (events.clone(), counters.clone());
                 in_flight.spawn(async move {
                     if let Err(e) = events.publish(&node, &ev).await {
-                        debug!(%node, error = %e, "publishing an event failed");
+                        // Not retried (the condition tells the node's
+                        // state); counted, and logged once in a while, as
+                        // an apiserver refusing every Event (no RBAC for
+                        // events.k8s.io) fails them all.
+                        let n = counters.event_errors.fetch_add(1, Relaxed) + 1;
+                        sampled!(warn, "publishing an event failed; dropped", %node, error = %e, failed = n);
                     }
                 });
             }
@@ -166,14 +248,20 @@ async fn publish_events(
 
 /// The condition writer: takes the latest desired state per node and
 /// writes each node when its hold-off allows, [`CONDITION_WRITERS`] nodes
-/// at a time, until `stop`.
+/// at a time, until `stop`. Once a flush is asked (`flush`: asked, done)
+/// hold-offs no longer hold (a failed write still waits for its retry),
+/// and each flush is marked done once nothing is queued or in flight
+/// (but such failed writes).
 async fn write_conditions(
     writer: Arc<StatusWriter>,
     desired: Arc<Mutex<HashMap<String, TunnelCondition>>>,
     wake: Arc<Notify>,
     counters: Arc<StatusCounters>,
+    (mut flush_asked, flushed): (watch::Receiver<u64>, watch::Sender<u64>),
     stop: CancellationToken,
 ) {
+    // The last flush asked: from then on, the relay is stopping.
+    let mut flushing = 0u64;
     let mut pace = HoldOff::new(CONDITION_HOLD_OFF);
     // Desired states waiting for their node's hold-off or a free writer.
     let mut held: HashMap<String, TunnelCondition> = HashMap::new();
@@ -193,9 +281,10 @@ async fn write_conditions(
     let mut failing: HashMap<String, (u32, std::time::Instant)> = HashMap::new();
     let due = |pace: &HoldOff,
                failing: &HashMap<String, (u32, std::time::Instant)>,
+               flushing: bool,
                n: &str,
                now: std::time::Instant| {
-        let paced = pace.due(n, now);
+        let paced = if flushing { now } else { pace.due(n, now) };
         failing.get(n).map_or(paced, |(_, at)| paced.max(*at))
     };
     loop {
@@ -205,13 +294,18 @@ async fn write_conditions(
             .then(|| {
                 held.keys()
                     .filter(|n| !busy(&writing, n))
-                    .map(|n| due(&pace, &failing, n, now))
+                    .map(|n| due(&pace, &failing, flushing > 0, n, now))
                     .min()
             })
             .flatten();
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = wake.notified() => {}
+            r = flush_asked.changed() => match r {
+                Ok(()) => flushing = *flush_asked.borrow_and_update(),
+                // The sink is gone: nothing more can be asked or queued.
+                Err(_) => return,
+            },
             Some(done) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
                 let (id, result) = match done {
                     Ok((id, result)) => (id, Some(result)),
@@ -268,7 +362,7 @@ async fn write_conditions(
         let free = CONDITION_WRITERS.saturating_sub(in_flight.len());
         let ready: Vec<String> = held
             .keys()
-            .filter(|n| !busy(&writing, n) && due(&pace, &failing, n, now) <= now)
+            .filter(|n| !busy(&writing, n) && due(&pace, &failing, flushing > 0, n, now) <= now)
             .take(free)
             .cloned()
             .collect();
@@ -280,6 +374,14 @@ async fn write_conditions(
             let (name, sent) = (node.clone(), cond.clone());
             let task = in_flight.spawn(async move { writer.set(&name, &sent).await });
             writing.insert(task.id(), (node, cond));
+        }
+        // `desired` was drained above, after the flush was asked: every
+        // report made before it is written, failed, or in flight.
+        if flushing > *flushed.borrow()
+            && in_flight.is_empty()
+            && held.keys().all(|n| failing.contains_key(n))
+        {
+            flushed.send_replace(flushing);
         }
     }
 }
@@ -307,14 +409,7 @@ impl StatusSink for KubeStatus {
     }
 
     fn down(&self, node: &str, why: &str) {
-        self.condition(
-            node,
-            TunnelCondition {
-                ready: false,
-                reason: "NoSession".into(),
-                message: format!("no tunnel session: {why}"),
-            },
-        );
+        self.condition(node, no_session(why));
         self.event(
             node,
             SessionEvent::Down {
@@ -352,6 +447,74 @@ impl StatusSink for KubeStatus {
             condition_coalesced: c.coalesced.load(Relaxed),
             events_rate_limited: c.rate_limited.load(Relaxed),
             events_queue_full: c.queue_full.load(Relaxed),
+            events_api_errors: c.event_errors.load(Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_kube::{ClientOptions, KubeClientConfig};
+
+    /// A writer whose API is nowhere; on a current-thread runtime its task
+    /// never runs between the test's steps (no await), so `desired` shows
+    /// exactly what the calls queued.
+    async fn status() -> KubeStatus {
+        let path = std::env::temp_dir().join(format!(
+            "status-writer-{}-{}.kubeconfig",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::write(
+            &path,
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:9\n    insecure-skip-tls-verify: true\nusers:\n- name: u\n  user:\n    token: t\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\n",
+        )
+        .unwrap();
+        let client = KubeClientConfig::Kubeconfig {
+            path: path.clone(),
+            context: None,
+        }
+        .client(&ClientOptions::default())
+        .await
+        .unwrap();
+        let _ = std::fs::remove_file(&path);
+        let writer = StatusWriter::new(&client, Duration::from_secs(1));
+        KubeStatus::start(Some(writer), None, CancellationToken::new())
+    }
+
+    fn queued(s: &KubeStatus, node: &str) -> Option<bool> {
+        let d = s.desired.lock().unwrap();
+        d.get(node).map(|c| c.ready)
+    }
+
+    fn info() -> SessionInfo {
+        SessionInfo {
+            transport: "quic",
+            relay_id: "relay-a".into(),
+            since: std::time::SystemTime::UNIX_EPOCH,
+            remote: "203.0.113.7:4433".parse().unwrap(),
+            ambiguous: vec![],
+            refused: vec![],
+            refused_ranges: vec![],
+            not_captured: vec![],
+        }
+    }
+
+    /// The sweep's `False` never undoes a session: one registered is seen,
+    /// one whose report waits is left to it, and one reporting after the
+    /// sweep replaces its `False`.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_stale_write_yields_to_a_session() {
+        let s = status().await;
+        assert!(s.stale("edge-0", "none here", || true));
+        assert_eq!(queued(&s, "edge-0"), Some(false));
+        assert!(!s.stale("edge-1", "none here", || false), "a session");
+        assert_eq!(queued(&s, "edge-1"), None);
+        s.up("edge-2", &info());
+        assert!(!s.stale("edge-2", "none here", || true), "a report waits");
+        assert_eq!(queued(&s, "edge-2"), Some(true));
+        s.up("edge-0", &info());
+        assert_eq!(queued(&s, "edge-0"), Some(true), "the later report wins");
     }
 }

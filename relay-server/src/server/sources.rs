@@ -15,14 +15,24 @@ use crate::services::{NoServices, ServiceSource};
 use crate::status::{NoStatus, StatusSink};
 
 /// What the relay needs from its source of truth: the directory, the
-/// status sink and (with `[bootstrap]`) token verification; the cluster
-/// with `[kubernetes]`, else the static `[nodes]` table and none.
+/// status sink, (with `[bootstrap]`) token verification, and the upkeep of
+/// the Node conditions; the cluster with `[kubernetes]`, else the static
+/// `[nodes]` table and none.
 type Sources = (
     Arc<dyn Directory>,
     Arc<dyn StatusSink>,
     Option<Arc<dyn crate::bootstrap::TokenAuthority>>,
     Arc<dyn ServiceSource>,
+    Upkeep,
 );
+
+/// The sweep for stale Node conditions and their flush at shutdown
+/// (`crate::k8s::ConditionUpkeep`), where conditions are written.
+#[cfg(feature = "kubernetes")]
+pub(super) type Upkeep = Option<Arc<crate::k8s::ConditionUpkeep>>;
+/// Nothing to keep without the `kubernetes` feature.
+#[cfg(not(feature = "kubernetes"))]
+pub(super) type Upkeep = Option<std::convert::Infallible>;
 
 pub(super) async fn directory_and_status(
     cfg: &RelayConfig,
@@ -35,7 +45,13 @@ pub(super) async fn directory_and_status(
         let services = kube
             .services
             .unwrap_or_else(|| Arc::new(NoServices::default()));
-        return Ok((kube.directory, kube.status, kube.tokens, services));
+        return Ok((
+            kube.directory,
+            kube.status,
+            kube.tokens,
+            services,
+            kube.conditions,
+        ));
     }
     let _ = background;
     Ok((
@@ -43,5 +59,6 @@ pub(super) async fn directory_and_status(
         Arc::new(NoStatus),
         None,
         Arc::new(NoServices::default()),
+        None,
     ))
 }
