@@ -20,10 +20,11 @@
 //! for test binaries of their own): `setup` (services, cluster, relay,
 //! edges, route agent), `ready` (routes and capture in place), `tcp` and
 //! `udp` (the positive cells), `service_fields` (`internalTrafficPolicy:
-//! Local`, `sessionAffinity: ClientIP`), `negative` (capture by source),
-//! `fallback` (the UDP-blocked run's own cells), `hygiene` (route hygiene
-//! and the control cell with the relay stopped) and `observe` (what the
-//! cells read back from the lab).
+//! Local`, `sessionAffinity: ClientIP`), `relay_node_ports` (the relay
+//! node's NodePorts asked for through the tunnel), `negative` (capture by
+//! source), `fallback` (the UDP-blocked run's own cells), `hygiene`
+//! (route hygiene and the control cell with the relay stopped) and
+//! `observe` (what the cells read back from the lab).
 
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,8 @@ mod negative;
 mod observe;
 #[path = "matrix/ready.rs"]
 mod ready;
+#[path = "matrix/relay_node_ports.rs"]
+mod relay_node_ports;
 #[path = "matrix/service_fields.rs"]
 mod service_fields;
 #[path = "matrix/setup.rs"]
@@ -120,6 +123,7 @@ fn run_matrix(udp_blocked_at: Option<u8>, mode: KubeProxyMode, report: &str) -> 
     tcp::unlabelled_edge_node(&lab, &cluster, &mut m);
     tcp::same_edge_stays_local(&lab, &mut m);
     tcp::edge_node_ports(&lab, &mut m);
+    relay_node_ports::cells(&lab, &mut m);
     service_fields::cells(&lab, &mut m);
     udp::cells(&lab, &mut m);
     negative::cells(&lab, &mut m);

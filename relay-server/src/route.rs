@@ -90,6 +90,14 @@ pub(crate) fn route_any(
                 route_node_local(shared, b, prefer, sticky, proto, &target)
             }
             Some(NodePortAt::Asker) => route_hinted(shared, b, prefer, sticky, proto, &target),
+            // The relay node's: its own endpoints for a node-local port,
+            // its topology otherwise (`None` is the relay's node), whichever
+            // node asked.
+            Some(NodePortAt::Relay) if local => {
+                let (here, _) = placed(shared, None);
+                route_node_local(shared, b, here, sticky, proto, &target)
+            }
+            Some(NodePortAt::Relay) => route_hinted(shared, b, None, sticky, proto, &target),
             Some(NodePortAt::Edge(node)) if local => {
                 route_node_local(shared, b, Some(&node), sticky, proto, &target)
             }
@@ -136,8 +144,10 @@ fn route_hinted(
 /// node port of an `externalTrafficPolicy: Local` one): only endpoints on
 /// the asking node `prefer` may serve it, as that node's kube-proxy would
 /// have it (it drops the traffic when it has none).
-/// Asked without a node (CONNECT, the relay node's capture, which leaves
-/// these ports to its own kube-proxy), it is refused.
+/// Asked without a node (a CONNECT to a ClusterIP; the relay node's
+/// capture leaves these ports to its own kube-proxy), it is refused; the
+/// relay node's own node ports are asked with its name
+/// (`kubernetes.node_name`).
 fn route_node_local(
     shared: &Shared,
     backends: &[Backend],
@@ -169,10 +179,16 @@ fn route_node_local(
 
 /// Whose node port `target` (whose port is one) is.
 enum NodePortAt {
-    /// The asker's own: the relay node's, captured on one of its own
-    /// addresses; or an edge's, captured on its own addresses and asked
-    /// for as `0.0.0.0:nodePort` (`ServiceKey::node_port`).
+    /// An edge's own, captured on its own addresses and asked for as
+    /// `0.0.0.0:nodePort` (`ServiceKey::node_port`).
     Asker,
+    /// The relay node's: one of its own addresses, whoever asks (its own
+    /// capture, an edge's pod or host, a CONNECT client). Resolved here as
+    /// the relay node's kube-proxy would, by its topology, never dialled:
+    /// the relay's own marked socket skips its capture, so that
+    /// kube-proxy would DNAT it to any endpoint, an edge pod included,
+    /// which the main table then sends out the default route.
+    Relay,
     /// Edge node `node`'s, asked for at its primary address (a cloud
     /// client dialling an edge node's NodePort, as a load balancer's
     /// health check does): resolved here, that node's endpoints first, as
@@ -192,9 +208,19 @@ fn node_port_of(shared: &Shared, origin: Origin<'_>, target: SocketAddr) -> Opti
     .is_node_port();
     match origin {
         Origin::Edge(_) if asked_as_node_port => return Some(NodePortAt::Asker),
-        // The bind test costs a syscall, and only for a node port.
+        // The bind test costs a syscall, and only for a node port. The
+        // relay node's capture takes loopback node ports too (`fib daddr
+        // type local`), as its kube-proxy does; anyone else asking for a
+        // loopback or unspecified address is left to the policy, which
+        // refuses it.
         Origin::Captured if crate::policy::is_local_address(target.ip()) => {
-            return Some(NodePortAt::Asker)
+            return Some(NodePortAt::Relay)
+        }
+        Origin::Captured => {}
+        _ if !crate::policy::forbidden(target.ip())
+            && crate::policy::is_local_address(target.ip()) =>
+        {
+            return Some(NodePortAt::Relay)
         }
         _ => {}
     }
@@ -291,6 +317,24 @@ pub(crate) fn endpoint_session(shared: &Shared, b: &Backend) -> Option<Arc<Sessi
         .or_else(|| shared.registry.lookup(canonical(b.addr).ip()))
 }
 
+/// Whether a Service endpoint is the tunnel's to carry, so the relay
+/// node must capture its Service rather than leave it to its own
+/// kube-proxy: a live session serves it, or its node (or address) is an
+/// edge's whose session is down. The latter too, since the edge's Node
+/// and endpoints stay Ready while its kubelet reaches the apiserver: left
+/// to kube-proxy, some connections would go to the edge pod by the
+/// default route and hang; captured, the relay's pick passes over the
+/// endpoint ([`route_backend`]) and another serves, or the client is
+/// refused at once.
+pub(crate) fn behind_edge(shared: &Shared, b: &Backend) -> bool {
+    endpoint_session(shared, b).is_some() || edge_claimed(&*shared.directory, b)
+}
+
+/// Whether an edge claims Service endpoint `b` (see [`endpoint_claim`]).
+fn edge_claimed(dir: &dyn crate::directory::Directory, b: &Backend) -> bool {
+    matches!(endpoint_claim(dir, b), Claim::Edge(_))
+}
+
 /// Who claims a Service endpoint: its node's kind when the EndpointSlice
 /// names a node the directory knows (a host-network endpoint on a cloud
 /// node whose address an edge Node repeats is the cloud node's), else
@@ -366,7 +410,7 @@ mod endpoint_claims {
 
     use tokio::sync::watch;
 
-    use super::endpoint_claim;
+    use super::{edge_claimed, endpoint_claim};
     use crate::directory::{build_entries, ClaimIndex, Directory, Lookup, NodeEntry, NodeSource};
     use crate::policy::Claim;
     use crate::services::Backend;
@@ -449,6 +493,11 @@ mod endpoint_claims {
             (ep("10.244.7.5:80", None), shop.clone()),
             (ep("10.0.0.9:80", None), Claim::Nobody),
         ] {
+            // The relay node captures a Service for an edge's endpoint,
+            // session or not (`behind_edge`): never for a cloud one or one
+            // nobody claims, which its kube-proxy reaches.
+            let edge = matches!(want, Claim::Edge(_));
+            assert_eq!(edge_claimed(&dir, &b), edge, "{b:?}");
             assert_eq!(endpoint_claim(&dir, &b), want, "{b:?}");
         }
     }

@@ -6,9 +6,9 @@
 //! Why the relay picks endpoints itself: kube-proxy DNATs a ClusterIP to
 //! one endpoint in the same NAT hook where capture would redirect it, and
 //! a connection gets one NAT binding per hook. So capture runs first (on
-//! the relay node, for ClusterIP ports with an endpoint behind a live
-//! session; on each edge, for ports with an endpoint off that edge), the
-//! original destination stays the ClusterIP:port, and the relay resolves
+//! the relay node, for ClusterIP ports with an endpoint on an edge, its
+//! session live or not; on each edge, for ports with an endpoint off that
+//! edge), the original destination stays the ClusterIP:port, and the relay resolves
 //! it from the Service table: kube-proxy's own choice made one hop later,
 //! where the edge endpoints are reachable. The relay never dials a
 //! ClusterIP for a client: its own sockets bypass capture, and the relay
@@ -320,9 +320,10 @@ pub struct RelayCapture {
 }
 
 /// The ClusterIP ports the relay node captures: those with an endpoint
-/// that `served` says is behind a live edge session (kube-proxy on the
-/// relay node could not reach it), among those the relay node (`here`:
-/// its name and zone) would use by their topology hints (see
+/// that `served` says is behind an edge (kube-proxy on the relay node
+/// could not reach it; the relay's caller counts an edge whose session
+/// is down too, see `route::behind_edge`), among those the relay node
+/// (`here`: its name and zone) would use by their topology hints (see
 /// [`crate::topology`]). Ports whose endpoints are all in the cloud, or
 /// whose hints keep the relay node's clients on cloud endpoints, stay with
 /// kube-proxy. `sources` are the capture sources (the cloud's ranges)
@@ -376,8 +377,8 @@ fn intersection(a: &[Cidr], b: &BTreeSet<Cidr>) -> BTreeSet<Cidr> {
 }
 
 /// The node ports the relay node captures: those with an endpoint behind
-/// a live edge session among those the relay node (`here`) would use by
-/// their topology hints (as [`relay_capture_set`]).
+/// an edge (`served`) among those the relay node (`here`) would use by
+/// their topology hints (both as for [`relay_capture_set`]).
 pub fn relay_node_port_set(
     snap: &ServiceSnapshot,
     served: impl Fn(&Backend) -> bool,

@@ -24,7 +24,7 @@ use crate::server::Shared;
 use crate::services::Backend;
 use crate::session::{SessionHandle, StreamGuard};
 
-pub(crate) use crate::route::{decide, endpoint_session, route_any, route_backend, Route};
+pub(crate) use crate::route::{decide, route_any, route_backend, Route};
 
 /// Opens a stream to `target` on `session`, accounted by the returned
 /// guard, and counts the outcome.
@@ -313,7 +313,9 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
             });
         }
         let snap = services.borrow_and_update().clone();
-        let served = |b: &Backend| endpoint_session(&shared, b).is_some();
+        // An edge's endpoint counts with its session down too: captured,
+        // the relay passes over it; left to kube-proxy, it would hang.
+        let served = |b: &Backend| crate::route::behind_edge(&shared, b);
         let (node, zone) = crate::route::placed(&shared, None);
         let set =
             crate::services::relay_capture_set(&snap, served, &sources, (node, zone.as_deref()));
@@ -329,9 +331,12 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
         } else {
             debug!(ports = ?crate::services::describe(&svc), ?node_ports, "service capture");
         }
+        // Retried every second while it fails: the line is sampled, the
+        // count and the 0/1 gauge are on /metrics.
+        shared.metrics.capture_applied(failed.is_none());
         let retry = match failed {
             Some(e) => {
-                warn!(error = %e, "installing routes or service capture failed; retrying");
+                relay_transport::sampled!(warn, "installing routes or service capture failed; retrying", error = %e);
                 true
             }
             None => false,

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::scenario::{
-    connect_from, connect_refused, fails_fast, sa, within, Running, Table, HTTP,
+    connect_from, connect_refused, fails_fast, http_from, sa, within, Running, Table, HTTP,
 };
 
 use crate::observe::{agent_routes, capture_set};
+use crate::setup::{SVC_EDGE2, SVC_EDGE2_CLOUD};
 
 /// An edge leaves: its routes go from the relay within seconds,
 /// connections to its pods fail fast, the route agent withdraws them and
@@ -59,6 +60,32 @@ pub(crate) fn edge_leaves(lab: &NetnsLab, m: &mut Table, edge2: Running) -> Resu
                 Ok("12 of 12 answered by cpod1".to_string())
             }),
     );
+    // The relay node's own clients: kube-proxy there still has edge2's
+    // endpoint, so the relay must keep capturing the Service (and pass
+    // over edge2's endpoint) rather than leave it to kube-proxy, which
+    // would send some connections to edge2's pod by the default route.
+    for (case, path, from) in [
+        (
+            "edge leaves → relay node pod → a Service on it and the cloud picks the cloud",
+            "cpod1@relay → 10.96.0.33 × 12 ⇒ 10.244.1.2",
+            Role::Cpod1,
+        ),
+        (
+            "edge leaves → relay node host → a Service on it and the cloud picks the cloud",
+            "relay (hostNetwork) → 10.96.0.33 × 12 ⇒ 10.244.1.2",
+            Role::Relay,
+        ),
+    ] {
+        m.note(&[case, path], twelve_answered_by_cpod1(lab, from));
+    }
+    m.note(
+        &[
+            "edge leaves → relay node host → a Service on it alone fails fast",
+            "relay (hostNetwork) → 10.96.0.30",
+        ],
+        fails_fast(lab, Role::Relay, SVC_EDGE2, Duration::from_secs(2))
+            .map(|d| format!("failed in {d:?}")),
+    );
     m.note(
         &[
             "edge leaves → a Service on it alone fails fast",
@@ -96,6 +123,21 @@ pub(crate) fn edge_leaves(lab: &NetnsLab, m: &mut Table, edge2: Running) -> Resu
         },
     );
     Ok(())
+}
+
+/// 12 connections from `from` to `web-edge2-cloud`'s ClusterIP, each of
+/// which must be answered by cpod1 (edge2 gone).
+fn twelve_answered_by_cpod1(lab: &NetnsLab, from: Role) -> Result<String> {
+    let mut bodies = Vec::new();
+    for _ in 0..12 {
+        bodies.push(http_from(lab, from, SVC_EDGE2_CLOUD).unwrap_or_else(|e| format!("{e:#}")));
+    }
+    let cpod1 = bodies
+        .iter()
+        .filter(|b| b.strip_prefix("hello from ").unwrap_or(b) == "cpod1")
+        .count();
+    anyhow::ensure!(cpod1 == 12, "{cpod1} of 12 answered by cpod1: {bodies:?}");
+    Ok("12 of 12 answered by cpod1".to_string())
 }
 
 /// Stops edge2 and polls the relay every 50 ms for at most 10 s until
