@@ -39,7 +39,21 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 /// The last `n` lines of `text` (a log), for error messages.
+///
+/// A log ending in a backtrace (`RUST_BACKTRACE` is set in CI) shows the
+/// lines before it: the error or panic message, not stack frames.
 pub fn last_lines(text: &str, n: usize) -> String {
+    let text = match text.rfind("tack backtrace:") {
+        Some(i)
+            if text[i..]
+                .lines()
+                .skip(1)
+                .all(|l| l.is_empty() || l.starts_with(' ')) =>
+        {
+            text[..i].rfind('\n').map_or(text, |j| &text[..j])
+        }
+        _ => text,
+    };
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
@@ -391,4 +405,21 @@ pub async fn spawn_echo(addr: SocketAddr) -> Result<(SocketAddr, JoinHandle<()>)
         }
     });
     Ok((local, task))
+}
+
+#[cfg(test)]
+mod tests {
+    /// A process that ended with an error and its backtrace shows the
+    /// error; a backtrace followed by more log lines (a task's panic, the
+    /// process carrying on) leaves the tail as it is.
+    #[test]
+    fn last_lines_show_the_error_before_a_closing_backtrace() {
+        let log = "starting\nError: bind quic on 127.0.0.1:4433: in use\n\nStack backtrace:\n   0: main\n             at src/main.rs:1\n";
+        assert_eq!(
+            super::last_lines(log, 2),
+            "starting\nError: bind quic on 127.0.0.1:4433: in use"
+        );
+        let carried_on = "thread 'x' panicked\nstack backtrace:\n   0: f\nlater line\n";
+        assert_eq!(super::last_lines(carried_on, 1), "later line");
+    }
 }

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
+use super::per_source::{share, PerSource, QuicPending};
 use super::{bind_err, Shared, StartError};
 use crate::config::RelayConfig;
 use crate::handshake::serve_connection;
@@ -22,6 +23,7 @@ pub(super) async fn accept_quic(
     stop: CancellationToken,
     sessions: TaskTracker,
 ) -> &'static str {
+    let pending = QuicPending::new(shared.cfg.limits.max_concurrent_handshakes);
     loop {
         let incoming = tokio::select! {
             _ = stop.cancelled() => {
@@ -33,27 +35,59 @@ pub(super) async fn accept_quic(
                 None => return "quic",
             },
         };
-        // Under load an address must be proven before it may wait for a
+        // Under load, or once its address has its share of attempts
+        // pending, an address must be proven before it may wait for a
         // permit (see Shared::handshakes_busy): a stateless Retry costs us
-        // no state, and the edge one round trip.
-        if shared.handshakes_busy() && !incoming.remote_address_validated() {
-            shared.metrics.handshake_failed("retry");
-            if let Err(e) = incoming.retry() {
-                debug!(error = %e, "QUIC retry");
+        // no state, and the edge one round trip. A proven address has a
+        // share of its own, and waits past it (see QuicPending).
+        let remote = incoming.remote_address();
+        let place = if incoming.remote_address_validated() {
+            let limit = shared.cfg.limits.handshake_timeout;
+            match pending.proven_place(remote.ip(), limit) {
+                Ok(place) => place,
+                Err(()) => {
+                    shared.metrics.handshake_failed("per_source");
+                    debug!(%remote, "too many proven QUIC attempts waiting; refusing");
+                    incoming.refuse();
+                    continue;
+                }
             }
-            continue;
-        }
-        // Admission before any work for the handshake (see Shared::admit).
-        let Some(admitted) = shared.admit() else {
-            shared
-                .metrics
-                .reject(relay_protocol::RejectReason::Overloaded);
-            debug!(remote = %incoming.remote_address(), "handshake queue full; refusing");
-            incoming.refuse();
-            continue;
+        } else {
+            match (shared.handshakes_busy(), pending.unproven.take(remote.ip())) {
+                (false, Some(held)) => Ok(held),
+                _ => {
+                    shared.metrics.handshake_failed("retry");
+                    if let Err(e) = incoming.retry() {
+                        debug!(error = %e, "QUIC retry");
+                    }
+                    continue;
+                }
+            }
         };
         let shared = shared.clone();
         sessions.spawn(async move {
+            let held = match place {
+                Ok(held) => held,
+                Err(wait) => match wait.await {
+                    Some(held) => held,
+                    None => {
+                        shared.metrics.handshake_failed("per_source");
+                        debug!(%remote, "no place for this address within the handshake timeout; refusing");
+                        incoming.refuse();
+                        return;
+                    }
+                },
+            };
+            // Admission before any work for the handshake (see
+            // Shared::admit).
+            let Some(admitted) = shared.admit() else {
+                shared
+                    .metrics
+                    .reject(relay_protocol::RejectReason::Overloaded);
+                debug!(%remote, "handshake queue full; refusing");
+                incoming.refuse();
+                return;
+            };
             let Some(permit) = admitted.await else {
                 shared
                     .metrics
@@ -61,21 +95,24 @@ pub(super) async fn accept_quic(
                 incoming.refuse();
                 return;
             };
-            let remote = incoming.remote_address();
-            let conn =
-                match tokio::time::timeout(shared.cfg.limits.handshake_timeout, incoming).await {
-                    Ok(Ok(c)) => c,
-                    Ok(Err(e)) => {
-                        shared.metrics.handshake_failed("tls");
-                        info!(%remote, error = %e, "QUIC/TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        shared.metrics.handshake_failed("timeout");
-                        debug!(%remote, "QUIC/TLS handshake timed out");
-                        return;
-                    }
-                };
+            let handshake =
+                tokio::time::timeout(shared.cfg.limits.handshake_timeout, incoming).await;
+            // The place is for a pending handshake only (as on the TCP
+            // fallback, below).
+            drop(held);
+            let conn = match handshake {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    shared.metrics.handshake_failed("tls");
+                    info!(%remote, error = %e, "QUIC/TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    shared.metrics.handshake_failed("timeout");
+                    debug!(%remote, "QUIC/TLS handshake timed out");
+                    return;
+                }
+            };
             serve_edge(TunnelConn::Quic(conn), shared, permit).await;
         });
     }
@@ -164,13 +201,13 @@ pub(super) async fn accept_tcp(
     stop: CancellationToken,
     sessions: TaskTracker,
 ) -> &'static str {
-    let pending = Arc::new(PerSource::default());
+    let pending = PerSource::new(share(shared.cfg.limits.max_concurrent_handshakes));
     loop {
         let Some((sock, remote)) = accept_until(&stop, "tcp fallback", || l.accept()).await else {
             return "tcp fallback";
         };
-        // A TCP peer cannot spoof its address, so each may hold only so
-        // many handshakes at once (QUIC's answer is a Retry, above).
+        // A TCP peer cannot spoof its address, so each may hold only its
+        // share of handshakes at once (QUIC asks for a proof first, above).
         let Some(held) = pending.take(remote.ip()) else {
             shared.metrics.handshake_failed("per_source");
             debug!(%remote, "too many handshakes pending from this address; closing");
@@ -226,84 +263,3 @@ pub(super) async fn accept_tcp(
 /// (an edge sends it as soon as it connected; 3 s spans a satellite
 /// round trip several times).
 const FIRST_BYTES: std::time::Duration = std::time::Duration::from_secs(3);
-
-/// Handshakes one address may have pending on the TCP fallback at once:
-/// a quarter of the default permits, so that one address cannot fill the
-/// queue, while a site's edges behind one carrier NAT address (hundreds,
-/// reconnecting together after a relay restart) still get in at that
-/// rate, the rest retrying after their backoff.
-const PER_SOURCE: u32 = 64;
-
-/// The TCP-fallback handshakes pending per source address (an IPv6
-/// address by its /64, what one site gets).
-#[derive(Default)]
-struct PerSource(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>);
-
-/// One pending handshake of a source, counted until dropped.
-struct SourceHeld(Arc<PerSource>, std::net::IpAddr);
-
-impl PerSource {
-    fn key(ip: std::net::IpAddr) -> std::net::IpAddr {
-        match ip.to_canonical() {
-            std::net::IpAddr::V6(v6) => {
-                let s = v6.segments();
-                std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0).into()
-            }
-            v4 => v4,
-        }
-    }
-
-    /// A place for one more handshake from `ip`, unless it has
-    /// [`PER_SOURCE`] pending.
-    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<SourceHeld> {
-        let key = Self::key(ip);
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(key).or_insert(0);
-        if *n >= PER_SOURCE {
-            return None;
-        }
-        *n += 1;
-        Some(SourceHeld(self.clone(), key))
-    }
-}
-
-impl Drop for SourceHeld {
-    fn drop(&mut self) {
-        let mut m = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.1);
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// One address holds at most [`PER_SOURCE`] places, released as its
-    /// handshakes end; others are unaffected; an IPv6 site counts by /64.
-    #[test]
-    fn one_address_cannot_hold_every_place() {
-        let p = Arc::new(PerSource::default());
-        let a: std::net::IpAddr = "198.51.100.7".parse().unwrap();
-        let held: Vec<SourceHeld> = (0..PER_SOURCE).map(|_| p.take(a).unwrap()).collect();
-        assert!(p.take(a).is_none());
-        assert!(p.take("198.51.100.8".parse().unwrap()).is_some());
-        drop(held);
-        assert!(p.take(a).is_some());
-        let v6 = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
-        let site: Vec<SourceHeld> = (0..PER_SOURCE)
-            .map(|i| p.take(v6(&format!("2001:db8:1:2::{i:x}"))).unwrap())
-            .collect();
-        assert!(p.take(v6("2001:db8:1:2::ffff")).is_none());
-        assert!(p.take(v6("2001:db8:1:3::1")).is_some());
-        drop(site);
-        assert!(
-            p.0.lock().unwrap().is_empty(),
-            "released places are forgotten"
-        );
-    }
-}
