@@ -180,11 +180,9 @@ async fn claim(shared: &Shared, hello: &ClientHello) -> Result<Claim, HandshakeE
 
 /// Runs the handshake on a fresh connection and, if accepted, the session
 /// until it ends. Every step is bounded by the handshake timeout.
-pub(crate) async fn serve_connection(
-    conn: TunnelConn,
-    shared: Arc<Shared>,
-    permit: tokio::sync::OwnedSemaphorePermit,
-) {
+/// `permit` (the handshake permit, and the place of the edge's address)
+/// is held until the hello is answered.
+pub(crate) async fn serve_connection(conn: TunnelConn, shared: Arc<Shared>, permit: impl Send) {
     let remote = conn.remote_addr();
     let hs_timeout = shared.cfg.limits.handshake_timeout;
     let result = tokio::time::timeout(hs_timeout, handshake(&conn, &shared)).await;

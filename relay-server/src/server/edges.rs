@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info};
 
-use super::per_source::{share, PerSource, QuicPending};
+use super::per_source::{share, PerSource, QuicPending, SourceHeld};
 use super::{bind_err, Shared, StartError};
 use crate::config::RelayConfig;
 use crate::handshake::serve_connection;
@@ -41,8 +41,11 @@ pub(super) async fn accept_quic(
         // no state, and the edge one round trip. A proven address has a
         // share of its own, and waits past it (see QuicPending).
         let remote = incoming.remote_address();
+        // One bound for the whole attempt, from its arrival: waiting for
+        // a place, for a permit, and the handshake.
+        let deadline = tokio::time::Instant::now() + shared.cfg.limits.handshake_timeout;
         let place = if incoming.remote_address_validated() {
-            let limit = shared.cfg.limits.handshake_timeout;
+            let limit = PLACE_WAIT.min(shared.cfg.limits.handshake_timeout);
             match pending.proven_place(remote.ip(), limit) {
                 Ok(place) => place,
                 Err(()) => {
@@ -88,19 +91,14 @@ pub(super) async fn accept_quic(
                 incoming.refuse();
                 return;
             };
-            let Some(permit) = admitted.await else {
+            let Ok(Some(permit)) = tokio::time::timeout_at(deadline, admitted).await else {
                 shared
                     .metrics
                     .reject(relay_protocol::RejectReason::Overloaded);
                 incoming.refuse();
                 return;
             };
-            let handshake =
-                tokio::time::timeout(shared.cfg.limits.handshake_timeout, incoming).await;
-            // The place is for a pending handshake only (as on the TCP
-            // fallback, below).
-            drop(held);
-            let conn = match handshake {
+            let conn = match tokio::time::timeout_at(deadline, incoming).await {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
                     shared.metrics.handshake_failed("tls");
@@ -113,7 +111,7 @@ pub(super) async fn accept_quic(
                     return;
                 }
             };
-            serve_edge(TunnelConn::Quic(conn), shared, permit).await;
+            serve_edge(TunnelConn::Quic(conn), shared, (permit, held)).await;
         });
     }
 }
@@ -134,11 +132,14 @@ async fn refuse_while_draining(endpoint: &quinn::Endpoint, shared: &Shared) {
 }
 
 /// A tunnel session, or (by ALPN) a certificate bootstrap request; both
-/// count against the handshake permits while they run.
+/// hold their handshake permit and their address's place (`permit`) until
+/// the hello is answered, or the request: a client that completes TLS and
+/// then sends nothing holds both for the handshake timeout, and its
+/// address may not hold more than its share that way either.
 async fn serve_edge(
     conn: TunnelConn,
     shared: Arc<Shared>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: (tokio::sync::OwnedSemaphorePermit, SourceHeld),
 ) {
     if conn.alpn().as_deref() == Some(relay_protocol::bootstrap::BOOTSTRAP_ALPN) {
         crate::bootstrap::serve_bootstrap(conn, shared).await;
@@ -239,12 +240,12 @@ pub(super) async fn accept_tcp(
             };
             let limit = shared.cfg.limits.handshake_timeout;
             let accepted = relay_transport::tcp::accept(&acceptor, sock, remote, limit).await;
-            // The place is for a pending handshake only: held through the
-            // session, it capped each address at 64 sessions (the 65th
-            // edge behind one carrier NAT address never got in).
-            drop(held);
             match accepted {
-                Ok(conn) => serve_edge(conn, shared, permit).await,
+                // The place is for a pending handshake only, up to the
+                // hello's answer: held through the session, it capped each
+                // address at 64 sessions (the 65th edge behind one carrier
+                // NAT address never got in).
+                Ok(conn) => serve_edge(conn, shared, (permit, held)).await,
                 Err(e) if e.closed_early => {
                     // A load balancer's health check, or a scanner.
                     shared.metrics.handshake_failed("closed");
@@ -258,6 +259,12 @@ pub(super) async fn accept_tcp(
         });
     }
 }
+
+/// How long a proven QUIC attempt waits for one of its address's places:
+/// an edge gives QUIC 3 s (`quic_fallback_after`) before it tries TCP, so
+/// an attempt kept waiting longer has most likely been given up, and a
+/// handshake for it would be work for nobody.
+const PLACE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a TCP-fallback connection may stay silent before its TLS hello
 /// (an edge sends it as soon as it connected; 3 s spans a satellite
