@@ -203,7 +203,8 @@ async fn an_edge_with_only_a_token_obtains_a_certificate_connects_and_renews() -
         ),
     )
     .await
-    .context("no renewed session within 45 s")?;
+    .context("no renewed session within 45 s")?
+    .context("the edge's state channel closed before a renewed session")?;
     drop(renewed);
     // The connection opened before the renewal still carries bytes once
     // the new session is up, and new connections go to the new session.
