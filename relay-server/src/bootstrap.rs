@@ -229,6 +229,10 @@ pub(crate) async fn serve_bootstrap(conn: TunnelConn, shared: Arc<Shared>) {
     let remote = conn.remote_addr();
     let limit = shared.cfg.limits.handshake_timeout;
     let started = tokio::time::Instant::now();
+    // Set once the request is decided (and counted issued or refused): a
+    // connection whose reply is then not taken in time is not also
+    // counted `timed_out`.
+    let mut decided = false;
     let served = tokio::time::timeout(limit, async {
         let mut bi = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let req: CertRequest = read_frame(&mut bi.recv).await.map_err(|e| e.to_string())?;
@@ -247,6 +251,7 @@ pub(crate) async fn serve_bootstrap(conn: TunnelConn, shared: Arc<Shared>) {
                 "this relay does not issue certificates ([bootstrap] is not configured)".to_string(),
             )),
         };
+        decided = true;
         let reply = match outcome {
             Ok((cert, who)) => {
                 shared.metrics.bootstrap_issued.fetch_add(1, Relaxed);
@@ -283,9 +288,13 @@ pub(crate) async fn serve_bootstrap(conn: TunnelConn, shared: Arc<Shared>) {
     match served {
         Ok(Ok(())) => {}
         Ok(Err(e)) => debug!(%remote, error = %e, "bootstrap connection failed"),
+        // Decided and counted: the edge did not take the reply in time.
+        Err(_) if decided => {
+            debug!(%remote, "bootstrap reply not taken in time");
+        }
         Err(_) => {
-            // The edge sent no request in time, or did not take the reply
-            // (the token check itself ends earlier: `check_bound`).
+            // The edge sent no request in time (the token check itself
+            // ends earlier: `check_bound`).
             shared.metrics.bootstrap_timed_out.fetch_add(1, Relaxed);
             relay_transport::sampled!(info, "bootstrap connection timed out", %remote);
         }

@@ -455,7 +455,8 @@ fn by_name(shared: &Shared, name: &str, port: u16) -> Result<(Route, SocketAddr)
 /// `CONNECT <node>:<port>`: by Node name, or by the node's Hostname,
 /// InternalDNS or ExternalDNS address (which differ from the name on many
 /// providers): an edge through its session, a cloud node dialled by the
-/// relay.
+/// relay, but for the relay node's own node ports, resolved to an
+/// endpoint as by address.
 fn by_node(shared: &Shared, name: &str, port: u16) -> Result<(Route, SocketAddr), StreamReply> {
     let node = shared
         .directory
@@ -474,6 +475,13 @@ fn by_node(shared: &Shared, name: &str, port: u16) -> Result<(Route, SocketAddr)
                     ));
                 };
                 let target = canonical(SocketAddr::new(ip, port));
+                // The relay node's own node port: resolved as by address
+                // (`CONNECT <relay-ip>:<nodePort>`), never dialled: the
+                // relay's own socket would be DNATed by its kube-proxy,
+                // to an edge pod too, and sent out the default route.
+                if crate::route::relay_node_port(shared, target) {
+                    return route_any(shared, Origin::Connect, target, Proto::Tcp, None, None);
+                }
                 return Ok((
                     decide(shared, Origin::Connect, target, Proto::Tcp, None)?,
                     target,

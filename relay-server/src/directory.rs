@@ -126,6 +126,16 @@ pub trait Directory: Send + Sync + 'static {
     }
     /// Who claims `ip` (asked for a target no live session serves).
     fn claim(&self, ip: IpAddr) -> Claim;
+    /// Whether `node` is positively known as an edge, not merely short of
+    /// evidence that it is in the cloud (which [`NodeEntry::cloud`] and
+    /// [`Directory::claim`] treat as an edge, failing closed): every node
+    /// of a static `[nodes]` table (it lists edges); a Node labelled an
+    /// edge or carrying the relay's condition (its edge connected once) in
+    /// Kubernetes mode. What lets the relay node capture a Service for an
+    /// endpoint no session serves: without it, its own kube-proxy keeps
+    /// serving it (a cloud worker the directory cannot place must not be
+    /// captured and then refused).
+    fn marked_edge(&self, node: &str) -> bool;
     /// Node → the communities its labels put it in (Kubernetes mode:
     /// `node-restriction.kubernetes.io/edge-relay-community-<name>`
     /// labels); none in static mode.
@@ -432,6 +442,11 @@ impl Directory for StaticDirectory {
 
     fn claim(&self, ip: IpAddr) -> Claim {
         self.claims.claim(ip)
+    }
+
+    fn marked_edge(&self, node: &str) -> bool {
+        // The table lists edges only.
+        self.entries.contains_key(node)
     }
 }
 

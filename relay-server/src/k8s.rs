@@ -157,6 +157,10 @@ struct Snapshot {
     cloud_prefixes: Vec<Cidr>,
     /// Node → communities from its labels (nodes with none left out).
     communities: HashMap<String, BTreeSet<String>>,
+    /// The Nodes positively marked as edges ([`NodeClaims::edge`]: the
+    /// edge label, or the relay's condition, written once an edge
+    /// connected): see [`Directory::marked_edge`].
+    edges: BTreeSet<String>,
 }
 
 /// The cluster's Nodes as the relay's [`Directory`]. Recomputed from the
@@ -230,6 +234,7 @@ impl KubeDirectory {
                 ambiguous: Vec::new(),
                 cloud_prefixes: Vec::new(),
                 communities: HashMap::new(),
+                edges: BTreeSet::new(),
             })),
             synced: AtomicBool::new(false),
             changes: watch::channel(0).0,
@@ -360,10 +365,16 @@ impl KubeDirectory {
             .filter(|(_, c)| !c.communities.is_empty())
             .map(|(n, c)| (n.clone(), c.communities.clone()))
             .collect();
+        let edges: BTreeSet<String> = claims
+            .iter()
+            .filter(|(_, c)| c.edge)
+            .map(|(n, _)| n.clone())
+            .collect();
         let entries = build_entries(&sources);
         let first = !self.synced.load(Relaxed);
         let now = self.read();
-        if !first && now.entries == entries && now.communities == communities {
+        if !first && now.entries == entries && now.communities == communities && now.edges == edges
+        {
             return false;
         }
         let by_hostname = hostnames(&entries, &self.cluster_domain);
@@ -389,6 +400,7 @@ impl KubeDirectory {
             ambiguous,
             cloud_prefixes,
             communities,
+            edges,
         });
         // Only now: a lookup that sees "synced" must also see the entries.
         self.synced
@@ -514,6 +526,10 @@ impl Directory for KubeDirectory {
 
     fn claim(&self, ip: std::net::IpAddr) -> Claim {
         self.read().claims.claim(ip)
+    }
+
+    fn marked_edge(&self, node: &str) -> bool {
+        self.is_synced() && self.read().edges.contains(node)
     }
 
     fn label_communities(&self) -> HashMap<String, BTreeSet<String>> {

@@ -431,13 +431,13 @@ pub fn render_runtime(shared: &crate::server::Shared) -> String {
         .max_connect_connections
         .saturating_sub(shared.connect_permits.available_permits());
     // The certificates and the replica Lease follow here: their state is
-    // not in `Metrics` (see `tls_reload::file_status`,
+    // not in `Metrics` (see `tls_reload::FileStatuses`,
     // `replicas::lease_counters`), and this is the per-`Shared` render
     // `/metrics` already calls.
     format!(
         "# HELP relay_runtime_tasks Tokio tasks alive in the relay process.\n# TYPE relay_runtime_tasks gauge\nrelay_runtime_tasks {tasks}\n\
          # HELP relay_connect_connections CONNECT client connections holding a permit (limits.max_connect_connections).\n# TYPE relay_connect_connections gauge\nrelay_connect_connections {held}\n"
-    ) + &render_tls(&served_certs(&shared.cfg))
+    ) + &render_tls(&served_certs(&shared.cfg), &shared.tls_files)
         + &render_replicas(crate::replicas::lease_counters(&shared.cfg))
 }
 
@@ -497,15 +497,16 @@ pub(crate) fn served_certs(cfg: &crate::config::RelayConfig) -> Vec<ServedCert<'
 
 /// Renders when each served certificate expires (the last one loaded:
 /// after a failed reload, still the previous one, which is what edges
-/// see) and its reloads that failed (listeners reloaded from files).
-pub(crate) fn render_tls(certs: &[ServedCert<'_>]) -> String {
+/// see) and its reloads that failed (listeners reloaded from files), as
+/// this relay's reloads recorded them in `files`.
+pub(crate) fn render_tls(
+    certs: &[ServedCert<'_>],
+    files: &crate::tls_reload::FileStatuses,
+) -> String {
     let mut expiry = String::new();
     let mut failures = String::new();
     for c in certs {
-        let st = c
-            .file
-            .map(|f| crate::tls_reload::file_status(c.listener, f))
-            .unwrap_or_default();
+        let st = c.file.map(|f| files.get(c.listener, f)).unwrap_or_default();
         let l = c.listener;
         if let Some(t) = st
             .not_after

@@ -228,6 +228,22 @@ fn node_port_of(shared: &Shared, origin: Origin<'_>, target: SocketAddr) -> Opti
     (owner.primary_addr() == Some(target.ip())).then(|| NodePortAt::Edge(owner.node.clone()))
 }
 
+/// Whether `target` is a node port of the relay node's own (one of its
+/// addresses, a port in the Service snapshot's node ports), which
+/// [`route_any`] resolves as the relay node's kube-proxy would
+/// ([`NodePortAt::Relay`]): what `CONNECT <relay-node-name>:<nodePort>`
+/// must take too, rather than be dialled.
+pub(crate) fn relay_node_port(shared: &Shared, target: SocketAddr) -> bool {
+    let ip = target.ip();
+    shared
+        .services
+        .snapshot()
+        .node_port(target.port(), Proto::Tcp)
+        .is_some()
+        && !crate::policy::forbidden(ip)
+        && crate::policy::is_local_address(ip)
+}
+
 /// Picks one of a Service's endpoints (those on node `prefer` first; the
 /// same for one client with `sticky`, see [`crate::services::pick`]) and
 /// routes to it as [`Origin::Service`]; no endpoint is a fast refusal.
@@ -325,14 +341,29 @@ pub(crate) fn endpoint_session(shared: &Shared, b: &Backend) -> Option<Arc<Sessi
 /// to kube-proxy, some connections would go to the edge pod by the
 /// default route and hang; captured, the relay's pick passes over the
 /// endpoint ([`route_backend`]) and another serves, or the client is
-/// refused at once.
-pub(crate) fn behind_edge(shared: &Shared, b: &Backend) -> bool {
-    endpoint_session(shared, b).is_some() || edge_claimed(&*shared.directory, b)
+/// refused at once. Only a node positively marked an edge counts
+/// ([`Directory::marked_edge`](crate::directory::Directory::marked_edge)),
+/// not one merely short of cloud evidence (which a CONNECT or an edge's
+/// stream treats as an edge, failing closed): captured, a cloud worker
+/// the directory cannot place would be passed over and its Service
+/// refused, where the relay node's kube-proxy serves it. `held`: the
+/// nodes whose session here ended with their routes held offline, edges
+/// by that alone.
+pub(crate) fn behind_edge(shared: &Shared, b: &Backend, held: &dyn Fn(&str) -> bool) -> bool {
+    endpoint_session(shared, b).is_some() || edge_marked(&*shared.directory, b, held)
 }
 
-/// Whether an edge claims Service endpoint `b` (see [`endpoint_claim`]).
-fn edge_claimed(dir: &dyn crate::directory::Directory, b: &Backend) -> bool {
-    matches!(endpoint_claim(dir, b), Claim::Edge(_))
+/// Whether Service endpoint `b` is claimed by a node positively marked an
+/// edge, or one in `held` (see [`endpoint_claim`] and [`behind_edge`]).
+fn edge_marked(
+    dir: &dyn crate::directory::Directory,
+    b: &Backend,
+    held: &dyn Fn(&str) -> bool,
+) -> bool {
+    match endpoint_claim(dir, b) {
+        Claim::Edge(node) => held(&node) || dir.marked_edge(&node),
+        _ => false,
+    }
 }
 
 /// Who claims a Service endpoint: its node's kind when the EndpointSlice
@@ -410,7 +441,7 @@ mod endpoint_claims {
 
     use tokio::sync::watch;
 
-    use super::{edge_claimed, endpoint_claim};
+    use super::{edge_marked, endpoint_claim};
     use crate::directory::{build_entries, ClaimIndex, Directory, Lookup, NodeEntry, NodeSource};
     use crate::policy::Claim;
     use crate::services::Backend;
@@ -420,6 +451,30 @@ mod endpoint_claims {
         entries: HashMap<String, Arc<NodeEntry>>,
         claims: ClaimIndex,
         changes: watch::Sender<u64>,
+        /// The Nodes labelled an edge or carrying the relay's condition.
+        marked: Vec<&'static str>,
+    }
+
+    impl Dir {
+        /// The directory of `sources`, with `marked` marked edges.
+        fn new(sources: &BTreeMap<String, NodeSource>, marked: &[&'static str]) -> Self {
+            let entries = build_entries(sources);
+            Dir {
+                claims: ClaimIndex::new(&entries),
+                entries,
+                changes: watch::channel(0).0,
+                marked: marked.to_vec(),
+            }
+        }
+    }
+
+    /// Endpoint `addr` on `node` as its EndpointSlice names it.
+    fn ep(addr: &str, node: Option<&str>) -> Backend {
+        Backend {
+            addr: addr.parse().unwrap(),
+            node: node.map(Arc::from),
+            hints: None,
+        }
     }
 
     impl Directory for Dir {
@@ -445,6 +500,9 @@ mod endpoint_claims {
         }
         fn claim(&self, ip: IpAddr) -> Claim {
             self.claims.claim(ip)
+        }
+        fn marked_edge(&self, node: &str) -> bool {
+            self.marked.contains(&node)
         }
     }
 
@@ -473,17 +531,7 @@ mod endpoint_claims {
                 },
             ),
         ]);
-        let entries = build_entries(&sources);
-        let dir = Dir {
-            claims: ClaimIndex::new(&entries),
-            entries,
-            changes: watch::channel(0).0,
-        };
-        let ep = |addr: &str, node: Option<&str>| Backend {
-            addr: addr.parse().unwrap(),
-            node: node.map(Arc::from),
-            hints: None,
-        };
+        let dir = Dir::new(&sources, &["shop1"]);
         let shop = Claim::Edge("shop1".into());
         for (b, want) in [
             (ep("192.168.1.10:80", Some("cloud3")), Claim::Cloud),
@@ -493,12 +541,45 @@ mod endpoint_claims {
             (ep("10.244.7.5:80", None), shop.clone()),
             (ep("10.0.0.9:80", None), Claim::Nobody),
         ] {
-            // The relay node captures a Service for an edge's endpoint,
-            // session or not (`behind_edge`): never for a cloud one or one
-            // nobody claims, which its kube-proxy reaches.
+            // The relay node captures a Service for a marked edge's
+            // endpoint, session or not (`behind_edge`): never for a cloud
+            // one or one nobody claims, which its kube-proxy reaches.
             let edge = matches!(want, Claim::Edge(_));
-            assert_eq!(edge_claimed(&dir, &b), edge, "{b:?}");
+            assert_eq!(edge_marked(&dir, &b, &|_| false), edge, "{b:?}");
             assert_eq!(endpoint_claim(&dir, &b), want, "{b:?}");
+        }
+    }
+
+    /// A Node with no cloud evidence counts as an edge for a CONNECT or an
+    /// edge's stream (fail closed), but the relay node captures a Service
+    /// for its endpoint (no session) only when it is positively marked an
+    /// edge: a cloud worker the directory cannot place is left to the
+    /// relay node's kube-proxy, not captured and then refused.
+    #[test]
+    fn only_a_marked_edge_without_a_session_is_captured() {
+        let node = |pods: &str, addr: &str| NodeSource {
+            prefixes: vec![pods.parse().unwrap()],
+            addresses: vec![addr.parse().unwrap()],
+            ..NodeSource::default()
+        };
+        let sources = BTreeMap::from([
+            ("shop1".to_string(), node("10.244.7.0/24", "192.168.1.10")),
+            ("worker9".to_string(), node("10.250.0.0/24", "172.16.0.9")),
+        ]);
+        let dir = Dir::new(&sources, &["shop1"]);
+        for (b, claimed, captured) in [
+            (ep("10.250.0.5:80", Some("worker9")), "worker9", false),
+            (ep("10.250.0.5:80", None), "worker9", false),
+            (ep("172.16.0.9:80", None), "worker9", false),
+            (ep("10.244.7.5:80", Some("shop1")), "shop1", true),
+            (ep("10.244.7.5:80", None), "shop1", true),
+        ] {
+            // CONNECT and authorisation: still an edge's (fail closed).
+            assert_eq!(endpoint_claim(&dir, &b), Claim::Edge(claimed.into()));
+            assert_eq!(edge_marked(&dir, &b, &|_| false), captured, "{b:?}");
+            // A node whose session here ended (its routes held) is an
+            // edge by that alone.
+            assert!(edge_marked(&dir, &b, &|n| n == claimed), "{b:?}");
         }
     }
 }

@@ -76,6 +76,9 @@ pub struct Shared {
     /// session but has not captured its prefix yet (a restarted replica's
     /// first ~100 ms: the agent's packets met no route there).
     pub captured: std::sync::RwLock<Option<std::collections::BTreeSet<relay_protocol::Cidr>>>,
+    /// This relay's certificate reloads, for `/metrics` (its own, shared
+    /// with its reload targets: never another relay's in the process).
+    pub(crate) tls_files: Arc<crate::tls_reload::FileStatuses>,
 }
 
 impl Shared {
@@ -132,7 +135,14 @@ const DRAINING_WAIT: Duration = Duration::from_millis(250);
 /// 2 s, the manifests' `drain_grace` (30 s), the sessions' extra second,
 /// [`DRAINING_WAIT`] and the capture teardown's 15 s, shutdown takes at
 /// most 53.25 s: within the pod's `terminationGracePeriodSeconds` (60).
+/// It also bounds [`SESSIONS_CLOSING`], which comes out of it.
 const CONDITION_FLUSH: Duration = Duration::from_secs(5);
+
+/// How long a stopping relay waits, after closing the sessions still open
+/// past the grace period, for them to end and queue their "down" before
+/// the condition flush (out of [`CONDITION_FLUSH`]'s bound): closed, they
+/// end at once but for a task slow to notice.
+const SESSIONS_CLOSING: Duration = Duration::from_secs(1);
 
 /// Starting the relay failed.
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +219,7 @@ impl Relay {
         // One TLS state behind the QUIC endpoint and the TCP fallback, so a
         // reload reaches both (see `tls_reload`).
         let tls = ReloadableServerTls::new(&cfg.tls, &cfg.tls_crls, cfg.bootstrap.is_some())?;
+        let tls_files: Arc<crate::tls_reload::FileStatuses> = Arc::default();
         let mut reload_targets: Vec<crate::tls_reload::Target> = cfg
             .tls_reload
             .iter()
@@ -217,6 +228,7 @@ impl Relay {
                 state: tls.clone(),
                 paths: r.paths.clone(),
                 must_trust: cfg.bootstrap.as_ref().map(|b| b.issuer_cert.clone()),
+                files: tls_files.clone(),
             })
             .collect();
         let (endpoint, tcp_listener) = bind_quic_and_tcp(&cfg, &tls).await?;
@@ -279,6 +291,7 @@ impl Relay {
             ),
             replicas: replicas.subscribe(),
             captured: std::sync::RwLock::new(cfg.capture.as_ref().map(|_| Default::default())),
+            tls_files,
             cfg,
         });
         #[cfg(feature = "kubernetes")]
@@ -302,6 +315,7 @@ impl Relay {
                         &shared.cfg.connect_tls_crls,
                         shared.cfg.connect_tls_files.as_ref(),
                         &mut reload_targets,
+                        &shared.tls_files,
                     )?;
                     Some(tokio_rustls::TlsAcceptor::from(Arc::new(
                         state.server_config(&[b"http/1.1"])?,
@@ -346,6 +360,7 @@ impl Relay {
                         &[],
                         shared.cfg.admin_tls_files.as_ref(),
                         &mut reload_targets,
+                        &shared.tls_files,
                     )?;
                     Some(state.server_config_without_client_auth(b"http/1.1")?)
                 }
@@ -537,10 +552,10 @@ impl Relay {
         self.sessions.close();
         // Drained sessions close themselves once idle or at the deadline;
         // the extra second covers the close handshake.
-        if tokio::time::timeout(grace + Duration::from_secs(1), self.sessions.wait())
+        let overran = tokio::time::timeout(grace + Duration::from_secs(1), self.sessions.wait())
             .await
-            .is_err()
-        {
+            .is_err();
+        if overran {
             warn!("sessions still open after the grace period; closing them");
         }
         self.shared.shutdown.cancel();
@@ -557,12 +572,23 @@ impl Relay {
         let _ = tokio::time::timeout(DRAINING_WAIT, self.endpoint.wait_idle()).await;
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+        // The condition flush's bound starts here: it also covers waiting
+        // for the sessions closed above to end.
+        let flush_by = tokio::time::Instant::now() + CONDITION_FLUSH;
+        // Sessions that outlived the grace period end only now (closed
+        // above): their "down" must be queued before the flush, or the
+        // writer stops without it. A short wait, out of the flush's bound.
+        if overran {
+            let until = tokio::time::Instant::now() + SESSIONS_CLOSING;
+            let _ = tokio::time::timeout_at(until.min(flush_by), self.sessions.wait()).await;
+        }
         // The sessions' last "down" reports are queued (held off, 16 in
         // flight at a time): written before the writer stops with the
         // rest, or the Nodes would say `True` until a relay corrects them.
         #[cfg(feature = "kubernetes")]
         if let Some(c) = &self.conditions {
-            if !c.flush(CONDITION_FLUSH).await {
+            let left = flush_by.saturating_duration_since(tokio::time::Instant::now());
+            if !c.flush(left).await {
                 warn!(bound = ?CONDITION_FLUSH, "Node conditions still queued at shutdown; left for the next relay to correct");
             }
         }

@@ -53,15 +53,20 @@ pub(crate) struct Target {
     /// A CA the reloaded client CA bundle must still hold: the bootstrap
     /// issuer's, for the relay's own `tls` (see [`ReloadError::IssuerDropped`]).
     pub must_trust: Option<CertificateDer<'static>>,
+    /// Where its reloads are recorded: its relay's registry, which that
+    /// relay's `/metrics` reads.
+    pub files: Arc<FileStatuses>,
 }
 
 impl Target {
     /// Reads the files and puts what they hold in the state; returns the
     /// leaf now served. The outcome is recorded for `/metrics` (see
-    /// [`file_status`]): the served leaf's expiry, or one more failure.
+    /// [`FileStatuses::get`]): the served leaf's expiry, or one more
+    /// failure.
     pub(crate) fn reload(&self) -> Result<CertificateDer<'static>, ReloadError> {
         let r = self.load();
-        record(self.name, &self.paths.cert, r.as_ref().ok());
+        self.files
+            .record(self.name, &self.paths.cert, r.as_ref().ok());
         r
     }
 
@@ -101,30 +106,39 @@ pub(crate) struct FileStatus {
     pub reload_failures: u64,
 }
 
-/// Reload outcomes by listener and certificate file. Process-wide because
-/// the reload targets are built before the relay's shared state (where
-/// `/metrics` reads from) exists; keyed by what a listener is reloaded
-/// from, so a relay's `/metrics` finds its own listeners' (the admin API
-/// reloads the `[tls]` files by default: the listener tells them apart).
-static FILES: Mutex<BTreeMap<(&'static str, PathBuf), FileStatus>> = Mutex::new(BTreeMap::new());
+/// One relay's reload outcomes by listener and certificate file, shared
+/// by its reload [`Target`]s and its `/metrics` (one per relay, not per
+/// process: a second relay in the process, or one restarted in it, must
+/// not report an earlier one's expiry and failures). Keyed by listener
+/// and file: the admin API reloads the `[tls]` files by default, and the
+/// listener tells them apart.
+#[derive(Debug, Default)]
+pub(crate) struct FileStatuses(Mutex<BTreeMap<(&'static str, PathBuf), FileStatus>>);
 
-fn record(listener: &'static str, cert: &Path, served: Option<&CertificateDer<'static>>) {
-    let mut files = FILES.lock().unwrap_or_else(|p| p.into_inner());
-    let e = files.entry((listener, cert.to_path_buf())).or_default();
-    match served {
-        Some(leaf) => e.not_after = not_after(leaf).or(e.not_after),
-        None => e.reload_failures += 1,
+impl FileStatuses {
+    fn record(
+        &self,
+        listener: &'static str,
+        cert: &Path,
+        served: Option<&CertificateDer<'static>>,
+    ) {
+        let mut files = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let e = files.entry((listener, cert.to_path_buf())).or_default();
+        match served {
+            Some(leaf) => e.not_after = not_after(leaf).or(e.not_after),
+            None => e.reload_failures += 1,
+        }
     }
-}
 
-/// The reload outcomes recorded for `listener` reloading from certificate
-/// file `cert` (all zero before its first reload).
-pub(crate) fn file_status(listener: &'static str, cert: &Path) -> FileStatus {
-    let files = FILES.lock().unwrap_or_else(|p| p.into_inner());
-    files
-        .get(&(listener, cert.to_path_buf()))
-        .copied()
-        .unwrap_or_default()
+    /// The reload outcomes recorded for `listener` reloading from
+    /// certificate file `cert` (all zero before its first reload).
+    pub(crate) fn get(&self, listener: &'static str, cert: &Path) -> FileStatus {
+        let files = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        files
+            .get(&(listener, cert.to_path_buf()))
+            .copied()
+            .unwrap_or_default()
+    }
 }
 
 /// A certificate's notAfter in Unix seconds (`None`: not parsable).
@@ -159,6 +173,7 @@ pub(crate) fn listener_tls(
     crls: &[CertificateRevocationListDer<'static>],
     files: Option<&TlsPaths>,
     targets: &mut Vec<Target>,
+    statuses: &Arc<FileStatuses>,
 ) -> Result<Arc<ReloadableServerTls>, relay_transport::TlsError> {
     let state = ReloadableServerTls::new(m, crls, false)?;
     if let Some(paths) = files {
@@ -167,6 +182,7 @@ pub(crate) fn listener_tls(
             state: state.clone(),
             paths: paths.clone(),
             must_trust: None,
+            files: statuses.clone(),
         });
     }
     Ok(state)
@@ -251,6 +267,7 @@ mod tests {
             state,
             paths: paths.clone(),
             must_trust: Some(issuer),
+            files: Arc::default(),
         };
         t.reload().expect("the issuer's CA is there");
         // The issuer's CA renewed with its key kept (a new validity): the
@@ -291,21 +308,25 @@ mod tests {
             crl: None,
         };
         let m = pki.relay_material().unwrap();
+        let files: Arc<FileStatuses> = Arc::default();
         let t = Target {
             name: "tls",
             state: ReloadableServerTls::new(&m, &[], false).unwrap(),
             paths: paths.clone(),
             must_trust: None,
+            files: files.clone(),
         };
-        let render = || {
-            crate::metrics::render_tls(&["tls", "admin"].map(|listener| {
-                crate::metrics::ServedCert {
+        let render_of = |files: &FileStatuses| {
+            crate::metrics::render_tls(
+                &["tls", "admin"].map(|listener| crate::metrics::ServedCert {
                     listener,
                     leaf: m.chain.first(),
                     file: Some(&paths.cert),
-                }
-            }))
+                }),
+                files,
+            )
         };
+        let render = || render_of(&files);
         let expiry =
             format!("relay_tls_cert_not_after_seconds{{listener=\"tls\"}} {DEV_NOT_AFTER}\n");
         let text = render();
@@ -315,10 +336,7 @@ mod tests {
             "{text}"
         );
         t.reload().expect("the dev files load");
-        assert_eq!(
-            file_status("tls", &paths.cert).not_after,
-            Some(DEV_NOT_AFTER)
-        );
+        assert_eq!(files.get("tls", &paths.cert).not_after, Some(DEV_NOT_AFTER));
         // Another relay's key: does not match the certificate.
         let other = DevPki::generate(&["relay.test"], &[]).unwrap();
         std::fs::write(&paths.key, other.relay.key.as_bytes()).unwrap();
@@ -334,6 +352,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(&expiry), "{text}");
+        // Another relay in the process (a lab test's second, or this one
+        // restarted) reloading the same files: its registry is its own.
+        let text = render_of(&FileStatuses::default());
+        assert!(
+            text.contains("relay_tls_reload_failures_total{listener=\"tls\"} 0\n"),
+            "{text}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

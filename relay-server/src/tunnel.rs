@@ -315,7 +315,8 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
         let snap = services.borrow_and_update().clone();
         // An edge's endpoint counts with its session down too: captured,
         // the relay passes over it; left to kube-proxy, it would hang.
-        let served = |b: &Backend| crate::route::behind_edge(&shared, b);
+        // Only a known edge's (see `behind_edge`).
+        let served = |b: &Backend| crate::route::behind_edge(&shared, b, &|n| held.contains(n));
         let (node, zone) = crate::route::placed(&shared, None);
         let set =
             crate::services::relay_capture_set(&snap, served, &sources, (node, zone.as_deref()));

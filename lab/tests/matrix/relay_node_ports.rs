@@ -2,7 +2,7 @@
 //! pod or edge host dialling the relay node's address on a node port
 //! (routed to the tunnel when `tunnel_routes` lists the cloud nodes'
 //! subnet, as the README recommends), and a CONNECT client doing the
-//! same. The relay resolves the port itself, as the relay node's
+//! same, by address or by the relay node's name. The relay resolves the port itself, as the relay node's
 //! kube-proxy would: dialled from the relay's own marked socket, that
 //! kube-proxy would DNAT it to any endpoint, and one on an edge would go
 //! out the relay node's default route and hang.
@@ -47,5 +47,16 @@ pub(crate) fn cells(lab: &NetnsLab, m: &mut Table) {
         ],
         "epod2",
         connect_from(lab, Role::Apiserver, "10.0.0.1:30082"),
+    );
+    // By the relay node's name (a cloud Node): the same resolution, not a
+    // dial of its address (which its kube-proxy would DNAT to epod2 and
+    // the main table send out the default route: a hang).
+    m.check(
+        &[
+            "CONNECT → relay node's NodePort by node name (edge endpoint)",
+            "apiserver → CONNECT relay:30082 ⇒ 10.244.8.5",
+        ],
+        "epod2",
+        connect_from(lab, Role::Apiserver, "relay:30082"),
     );
 }

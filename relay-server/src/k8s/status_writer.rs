@@ -17,7 +17,7 @@
 //! what is still queued (the last sessions' "down") before the writer
 //! stops.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -61,7 +61,7 @@ pub(super) struct KubeStatus {
     /// Shared with the condition writer task, for
     /// [`StatusSink::writers_changed`].
     writer: Option<Arc<StatusWriter>>,
-    desired: Arc<Mutex<HashMap<String, TunnelCondition>>>,
+    desired: Arc<Mutex<Queued>>,
     wake: Arc<Notify>,
     events: Option<mpsc::Sender<(String, SessionEvent)>>,
     budget: Mutex<EventBudget>,
@@ -70,6 +70,19 @@ pub(super) struct KubeStatus {
     flush_asked: watch::Sender<u64>,
     /// The last flush the condition writer finished.
     flushed: watch::Sender<u64>,
+}
+
+/// The conditions reported and not yet written, under one lock: what
+/// [`KubeStatus::stale`] must never write over.
+#[derive(Default)]
+struct Queued {
+    /// The latest desired state per node, not yet taken by the writer.
+    desired: HashMap<String, TunnelCondition>,
+    /// The nodes the writer took a state for and has not finished writing
+    /// (held for their hold-off or a retry after a failure, or in
+    /// flight): moved here in the same lock as they leave `desired`, so a
+    /// report is always in one or the other until it is written.
+    pending: HashSet<String>,
 }
 
 #[derive(Default)]
@@ -98,7 +111,7 @@ impl KubeStatus {
         events: Option<SessionEvents>,
         stop: CancellationToken,
     ) -> Self {
-        let desired: Arc<Mutex<HashMap<String, TunnelCondition>>> = Arc::default();
+        let desired: Arc<Mutex<Queued>> = Arc::default();
         let wake = Arc::new(Notify::new());
         let counters = Arc::new(StatusCounters::default());
         let writer = writer.map(Arc::new);
@@ -138,22 +151,24 @@ impl KubeStatus {
     /// session coming up meanwhile either is seen (nothing written) or
     /// reports after this, and its `True` replaces this `False` (written
     /// after it, in order). Nothing is written either while a report for
-    /// the node waits: it is newer than what the Node says. Returns
-    /// whether the write was queued.
+    /// the node waits, queued or held by the writer (its hold-off, a retry
+    /// after a failed write) or in flight: it is newer than what the Node
+    /// says, and its reason (a real "down") must not be replaced by this
+    /// generic one. Returns whether the write was queued.
     pub(super) fn stale(&self, node: &str, why: &str, unbacked: impl FnOnce() -> bool) -> bool {
         let Some(writer) = &self.writer else {
             return false;
         };
-        let mut desired = self.desired.lock().unwrap_or_else(|e| e.into_inner());
-        if desired.contains_key(node) || !unbacked() {
+        let mut q = self.desired.lock().unwrap_or_else(|e| e.into_inner());
+        if q.desired.contains_key(node) || q.pending.contains(node) || !unbacked() {
             return false;
         }
         // The Node says `True`: what this writer remembers writing (say
         // `False`, before another replica wrote `True`) must not make the
         // write look unneeded.
         writer.forget(node);
-        desired.insert(node.to_string(), no_session(why));
-        drop(desired);
+        q.desired.insert(node.to_string(), no_session(why));
+        drop(q);
         self.wake.notify_one();
         true
     }
@@ -184,6 +199,7 @@ impl KubeStatus {
             .desired
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .desired
             .insert(node.to_string(), cond);
         if replaced.is_some() {
             self.counters.coalesced.fetch_add(1, Relaxed);
@@ -254,7 +270,7 @@ async fn publish_events(
 /// (but such failed writes).
 async fn write_conditions(
     writer: Arc<StatusWriter>,
-    desired: Arc<Mutex<HashMap<String, TunnelCondition>>>,
+    desired: Arc<Mutex<Queued>>,
     wake: Arc<Notify>,
     counters: Arc<StatusCounters>,
     (mut flush_asked, flushed): (watch::Receiver<u64>, watch::Sender<u64>),
@@ -349,13 +365,26 @@ async fn write_conditions(
                     held.entry(node).or_insert(cond);
                 } else {
                     failing.remove(&node);
+                    if !held.contains_key(&node) {
+                        // Written: no report of the node's waits any more.
+                        desired
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .pending
+                            .remove(&node);
+                    }
                 }
             }
             _ = tokio::time::sleep_until(next.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std)), if next.is_some() => {}
         }
-        for (node, cond) in desired.lock().unwrap_or_else(|e| e.into_inner()).drain() {
-            if held.insert(node, cond).is_some() {
-                counters.coalesced.fetch_add(1, Relaxed);
+        {
+            let mut q = desired.lock().unwrap_or_else(|e| e.into_inner());
+            let Queued { desired, pending } = &mut *q;
+            for (node, cond) in desired.drain() {
+                pending.insert(node.clone());
+                if held.insert(node, cond).is_some() {
+                    counters.coalesced.fetch_add(1, Relaxed);
+                }
             }
         }
         let now = std::time::Instant::now();
@@ -485,7 +514,7 @@ mod tests {
 
     fn queued(s: &KubeStatus, node: &str) -> Option<bool> {
         let d = s.desired.lock().unwrap();
-        d.get(node).map(|c| c.ready)
+        d.desired.get(node).map(|c| c.ready)
     }
 
     fn info() -> SessionInfo {
@@ -516,5 +545,27 @@ mod tests {
         assert_eq!(queued(&s, "edge-2"), Some(true));
         s.up("edge-0", &info());
         assert_eq!(queued(&s, "edge-0"), Some(true), "the later report wins");
+    }
+
+    /// A real "down" the writer has taken (held for its hold-off or a
+    /// retry, its writes failing: the API is nowhere, or in flight) is not
+    /// replaced by the sweep's generic one, however often the sweep runs.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_stale_write_yields_to_a_held_report() {
+        let s = status().await;
+        s.down("edge-3", "the edge closed the session");
+        // Let the writer take it (and fail to write it).
+        let t0 = std::time::Instant::now();
+        while queued(&s, "edge-3").is_some() {
+            assert!(t0.elapsed() < Duration::from_secs(5), "never taken");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        for _ in 0..3 {
+            assert!(!s.stale("edge-3", "none at relay a", || true));
+            assert_eq!(queued(&s, "edge-3"), None);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Another node with nothing pending is still written down.
+        assert!(s.stale("edge-4", "none at relay a", || true));
     }
 }
