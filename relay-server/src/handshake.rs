@@ -488,34 +488,12 @@ mod tests {
         assert!(decide_claim(&e, &[c("10.96.0.2/32")], None, true).is_err());
     }
 
-    /// A `MakeWriter` that keeps what the test subscriber prints.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// Rejections are logged sampled, per reason: 1,000 edges refused
     /// `overloaded` within 20 s write one line per 10 s window, and one
     /// edge's `route_conflict` among them is still logged with its node.
     #[tokio::test(start_paused = true)]
     async fn rejections_are_sampled_per_reason() {
-        let out = Captured::default();
-        let writer = out.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .without_time()
-            .with_max_level(tracing::Level::INFO)
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let (out, _guard) = crate::log_capture::Captured::start();
         let remote: std::net::SocketAddr = "192.0.2.7:40000".parse().unwrap();
         for i in 0..1_000 {
             log_rejected(remote, RejectReason::Overloaded, "relay at max_sessions");
@@ -528,7 +506,7 @@ mod tests {
             }
             tokio::time::advance(Duration::from_millis(20)).await;
         }
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let text = out.text();
         let lines: Vec<&str> = text.lines().collect();
         let overloaded = lines
             .iter()

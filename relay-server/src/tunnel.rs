@@ -438,20 +438,6 @@ mod tests {
         assert_eq!(vouched_by(&r, "edge-a", None), None);
     }
 
-    /// A `MakeWriter` that keeps what the test subscriber prints.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// docs/bad-input.md row 117: a cloud pod retrying every 10 ms against
     /// a pod on an offline edge. Each of its 2,001 connections in 20 s is
     /// reset at once through the real `refuse_captured`, and the log gets
@@ -463,15 +449,7 @@ mod tests {
         use relay_protocol::{StreamReply, StreamStatus};
         use tokio::io::AsyncReadExt;
 
-        let out = Captured::default();
-        let writer = out.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .without_time()
-            .with_max_level(tracing::Level::INFO)
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let (out, _guard) = crate::log_capture::Captured::start();
 
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let at = l.local_addr().unwrap();
@@ -490,7 +468,7 @@ mod tests {
             tokio::time::advance(std::time::Duration::from_millis(10)).await;
         }
 
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let text = out.text();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
         assert!(
