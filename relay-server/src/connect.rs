@@ -400,7 +400,7 @@ fn resolve(
 ) -> Result<Routed, StreamReply> {
     let (routed, target) = match auth {
         Authority::Ip(sa) => route_any(shared, Origin::Connect, *sa, Proto::Tcp, None, client)?,
-        Authority::Name(name, port) => by_name(shared, name, *port)?,
+        Authority::Name(name, port) => by_name(shared, name, *port, client)?,
     };
     Ok(match routed {
         Route::Edge(s) => Routed::Edge(s, target),
@@ -417,13 +417,18 @@ fn resolve(
 /// traffic (by a node's reported name) must not reach a Service named
 /// like it, and its webhook calls (by `.svc` names, never taken from an
 /// edge) must not reach an edge.
-fn by_name(shared: &Shared, name: &str, port: u16) -> Result<(Route, SocketAddr), StreamReply> {
+fn by_name(
+    shared: &Shared,
+    name: &str,
+    port: u16,
+    client: Option<std::net::IpAddr>,
+) -> Result<(Route, SocketAddr), StreamReply> {
     use crate::directory::Lookup;
     let dir = &shared.directory;
     let name = &*normal(name);
     let service_form = crate::services::is_service_name(name, cluster_domain(shared));
     if !service_form && matches!(dir.lookup(name), Lookup::Known(_)) {
-        return by_node(shared, name, port);
+        return by_node(shared, name, port, client);
     }
     let reported = dir.resolve_name(name).filter(|_| !service_form);
     match shared.services.by_name(name, port) {
@@ -432,7 +437,7 @@ fn by_name(shared: &Shared, name: &str, port: u16) -> Result<(Route, SocketAddr)
             StreamStatus::NoRoute,
             format!("no Service named {name}"),
         )),
-        NameLookup::NotAService => by_node(shared, name, port),
+        NameLookup::NotAService => by_node(shared, name, port, client),
         _ if reported.is_some() => Err(StreamReply::fail(
             StreamStatus::NoRoute,
             format!(
@@ -456,8 +461,13 @@ fn by_name(shared: &Shared, name: &str, port: u16) -> Result<(Route, SocketAddr)
 /// InternalDNS or ExternalDNS address (which differ from the name on many
 /// providers): an edge through its session, a cloud node dialled by the
 /// relay, but for the relay node's own node ports, resolved to an
-/// endpoint as by address.
-fn by_node(shared: &Shared, name: &str, port: u16) -> Result<(Route, SocketAddr), StreamReply> {
+/// endpoint as by address (`client` as there, for `sessionAffinity`).
+fn by_node(
+    shared: &Shared,
+    name: &str,
+    port: u16,
+    client: Option<std::net::IpAddr>,
+) -> Result<(Route, SocketAddr), StreamReply> {
     let node = shared
         .directory
         .resolve_name(name)
@@ -480,7 +490,7 @@ fn by_node(shared: &Shared, name: &str, port: u16) -> Result<(Route, SocketAddr)
                 // relay's own socket would be DNATed by its kube-proxy,
                 // to an edge pod too, and sent out the default route.
                 if crate::route::relay_node_port(shared, target) {
-                    return route_any(shared, Origin::Connect, target, Proto::Tcp, None, None);
+                    return route_any(shared, Origin::Connect, target, Proto::Tcp, None, client);
                 }
                 return Ok((
                     decide(shared, Origin::Connect, target, Proto::Tcp, None)?,

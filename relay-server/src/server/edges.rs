@@ -38,8 +38,8 @@ pub(super) async fn accept_quic(
         // Under load, or once its address has its share of attempts
         // pending, an address must be proven before it may wait for a
         // permit (see Shared::handshakes_busy): a stateless Retry costs us
-        // no state, and the edge one round trip. A proven address has a
-        // share of its own, and waits past it (see QuicPending).
+        // no state, and the edge one round trip. A proven address has two
+        // shares of its own, and waits past them (see QuicPending).
         let remote = incoming.remote_address();
         // One bound for the whole attempt, from its arrival: waiting for
         // a place, for a permit, and the handshake.
@@ -261,9 +261,12 @@ pub(super) async fn accept_tcp(
 }
 
 /// How long a proven QUIC attempt waits for one of its address's places:
-/// an edge gives QUIC 3 s (`quic_fallback_after`) before it tries TCP, so
-/// an attempt kept waiting longer has most likely been given up, and a
-/// handshake for it would be work for nobody.
+/// an edge in `auto` mode gives QUIC 3 s (`quic_fallback_after`) before it
+/// tries TCP, so an attempt kept waiting longer has most likely been
+/// given up, and a handshake for it would be work for nobody. The cost:
+/// an edge on QUIC alone (`transport = "quic"`, or moving sessions) would
+/// have waited up to its handshake timeout, and is refused after 2 s
+/// instead, into its backoff.
 const PLACE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a TCP-fallback connection may stay silent before its TLS hello

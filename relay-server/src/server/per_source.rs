@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Handshakes one address may have pending at once on each way in (and on
-/// QUIC as many again before it proved its address): a quarter of the
-/// permits (64 by default), so that one address stalling its handshakes
-/// leaves permits for every other.
+/// A quarter of the permits (64 by default): the handshakes one address
+/// may have pending on the TCP fallback, and on QUIC before it proved its
+/// address (after, twice that: see [`QuicPending`]), so that one address
+/// stalling its handshakes leaves permits for every other.
 pub(super) fn share(max_concurrent_handshakes: usize) -> u32 {
     u32::try_from(max_concurrent_handshakes / 4)
         .unwrap_or(u32::MAX)
@@ -56,7 +56,18 @@ impl QuicPending {
             // one address took up to twice as long to be back after a
             // relay restart: `loadtest storm`), and a quarter of the
             // permits is still left to everyone else.
-            proven: PerSource::new(share(max_concurrent_handshakes).saturating_mul(2)),
+            // At most the permits less the unproven share, so the two
+            // together never take them all (from 4 permits up).
+            proven: PerSource::new(
+                share(max_concurrent_handshakes)
+                    .saturating_mul(2)
+                    .min(
+                        u32::try_from(max_concurrent_handshakes)
+                            .unwrap_or(u32::MAX)
+                            .saturating_sub(share(max_concurrent_handshakes)),
+                    )
+                    .max(1),
+            ),
             waiting: Arc::default(),
             max_waiting: max_concurrent_handshakes.saturating_mul(4).max(1),
         }
@@ -234,6 +245,12 @@ mod tests {
     /// anyone else's), at most so long, and only so many attempts wait.
     #[tokio::test]
     async fn a_proven_address_past_its_share_waits_for_its_own_places() {
+        // Unproven and proven together never take every permit.
+        for (permits, proven) in [(256, 128), (8, 4), (4, 2), (2, 1)] {
+            let q = QuicPending::new(permits);
+            assert_eq!(q.proven.cap, proven, "{permits} permits");
+            assert!(q.unproven.cap + q.proven.cap < permits as u32 || permits < 4);
+        }
         let q = QuicPending::new(4); // two places when proven, 16 may wait
         let a: IpAddr = "198.51.100.7".parse().unwrap();
         let limit = Duration::from_secs(5);
