@@ -20,6 +20,13 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
+/// Handshake permits of the relay under test (`limits.max_concurrent_handshakes`).
+const PERMITS: usize = 32;
+/// An address's share of them: a quarter (unproven; twice that proven).
+const SHARE: usize = PERMITS / 4;
+/// Attempts of the flood, all from one address.
+const ATTEMPTS: usize = 60;
+
 /// A certificate check that never returns until told to stop: the
 /// attacker's side of a stalled handshake.
 #[derive(Debug)]
@@ -132,9 +139,6 @@ fn stalling_attempt(
 /// permits and the edge connects at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_quic_handshakes_from_one_address_leave_permits_for_edges() -> Result<()> {
-    const PERMITS: usize = 32;
-    const SHARE: usize = PERMITS / 4;
-    const ATTEMPTS: usize = 60;
     let mut lab = Lab::start(1, |cfg| {
         cfg.limits.max_concurrent_handshakes = PERMITS;
     })
@@ -222,9 +226,6 @@ async fn stalled_quic_handshakes_from_one_address_leave_permits_for_edges() -> R
 /// permits until it had them all; now the place is held with the permit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_after_tls_from_one_address_leave_permits_for_edges() -> Result<()> {
-    const PERMITS: usize = 32;
-    const SHARE: usize = PERMITS / 4;
-    const ATTEMPTS: usize = 60;
     let mut lab = Lab::start(2, |cfg| {
         cfg.limits.max_concurrent_handshakes = PERMITS;
     })

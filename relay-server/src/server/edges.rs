@@ -56,9 +56,14 @@ pub(super) async fn accept_quic(
                 }
             }
         } else {
-            match (shared.handshakes_busy(), pending.unproven.take(remote.ip())) {
-                (false, Some(held)) => Ok(held),
-                _ => {
+            // A place is taken only when not busy: busy, every unproven
+            // attempt is asked for a Retry anyway.
+            let held = (!shared.handshakes_busy())
+                .then(|| pending.unproven.take(remote.ip()))
+                .flatten();
+            match held {
+                Some(held) => Ok(held),
+                None => {
                     shared.metrics.handshake_failed("retry");
                     if let Err(e) = incoming.retry() {
                         debug!(error = %e, "QUIC retry");
