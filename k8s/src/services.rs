@@ -270,6 +270,13 @@ pub struct ClusterIpEntry {
     /// The usable endpoints of this ClusterIP's family (see
     /// [`ServicePort::usable`]).
     pub endpoints: Vec<Endpoint>,
+    /// The addresses of every serving endpoint of this port and family
+    /// (ready, or terminating and still serving), sorted: what
+    /// kube-proxy's conntrack cleanup keeps UDP flows to. A flow already
+    /// bound to an endpoint keeps it while the endpoint serves, even once
+    /// new flows go elsewhere (traffic policy, topology and terminating
+    /// state are not taken into account, as for TCP connections).
+    pub serving: Vec<IpAddr>,
 }
 
 /// A namespaced object's `(namespace, name)`.

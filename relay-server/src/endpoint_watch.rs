@@ -1,4 +1,4 @@
-//! Which Service ports' endpoints changed. A UDP flow picked for a Service
+//! Which Service ports' endpoints (usable or serving) changed. A UDP flow picked for a Service
 //! ends when its endpoint leaves (see `tunnel_udp::endpoint_gone`); it
 //! waits on its own port here, not on every new snapshot of the cluster's
 //! Services, which a busy cluster publishes up to ten times a second for
@@ -6,6 +6,7 @@
 //! every one would cost more than the flows.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use relay_protocol::ServiceKey;
@@ -30,6 +31,16 @@ impl WatchedPort {
             WatchedPort::Port(k) => s.ports.get(&k),
             WatchedPort::NodePort(p, udp) => s.node_ports.get(&(p, udp)),
         }
+    }
+
+    /// The addresses of its serving endpoints in `s`, usable or not
+    /// (UDP ports in Kubernetes mode; see [`ServiceSnapshot::udp_serving`]).
+    pub(crate) fn serving(self, s: &ServiceSnapshot) -> Option<&Arc<[IpAddr]>> {
+        let key = match self {
+            WatchedPort::Port(k) => k,
+            WatchedPort::NodePort(p, udp) => ServiceKey::node_port(p, udp),
+        };
+        s.udp_serving.get(&key)
     }
 }
 
@@ -70,7 +81,9 @@ impl EndpointWatch {
             if tx.receiver_count() == 0 {
                 return false;
             }
-            if port.backends(before) != port.backends(now) {
+            if port.backends(before) != port.backends(now)
+                || port.serving(before) != port.serving(now)
+            {
                 tx.send_replace(());
             }
             true
@@ -154,5 +167,24 @@ mod tests {
         w.compare(&b, &snap(&[("10.96.0.11:53", &["10.244.1.3:53"])]));
         assert!(dns.has_changed().unwrap() && !other.has_changed().unwrap());
         other.borrow_and_update();
+        // A terminating endpoint leaving the serving ones, its usable
+        // endpoints unchanged: a change too (a flow kept on it must end).
+        let serving = |ips: &[&str]| {
+            let mut s = b.clone();
+            let ips: Vec<IpAddr> = ips.iter().map(|i| i.parse().unwrap()).collect();
+            s.udp_serving.insert(
+                ServiceKey {
+                    vip: "10.96.0.11:53".parse().unwrap(),
+                    udp: true,
+                },
+                Arc::from(ips),
+            );
+            s
+        };
+        w.compare(
+            &serving(&["10.244.1.3", "10.244.1.9"]),
+            &serving(&["10.244.1.3"]),
+        );
+        assert!(other.has_changed().unwrap(), "a serving endpoint left");
     }
 }

@@ -117,13 +117,40 @@ pub fn snapshot_of(table: &ServiceTable) -> ServiceSnapshot {
             (ports.contains_key(&key) && !ranges.is_empty()).then(|| (key, Arc::from(ranges)))
         })
         .collect();
-    let node_ports = table
+    let node_ports: BTreeMap<(u16, bool), Arc<[Backend]>> = table
         .node_ports()
         .filter_map(|((port, proto), e)| usable(proto, e).map(|(udp, b)| ((*port, udp), b)))
+        .collect();
+    // UDP only (a TCP connection keeps its endpoint for its lifetime), and
+    // only the ports listed above (not another proxy's).
+    let serving = |e: &relay_kube::ClusterIpEntry| Arc::<[IpAddr]>::from(e.serving.as_slice());
+    let udp_serving = table
+        .cluster_ips()
+        .filter(|((_, proto), _)| *proto == Protocol::Udp)
+        .map(|((vip, _), e)| {
+            (
+                ServiceKey {
+                    vip: *vip,
+                    udp: true,
+                },
+                e,
+            )
+        })
+        .filter(|(k, _)| ports.contains_key(k))
+        .chain(
+            table
+                .node_ports()
+                .filter(|((p, proto), _)| {
+                    *proto == Protocol::Udp && node_ports.contains_key(&(*p, true))
+                })
+                .map(|((p, _), e)| (ServiceKey::node_port(*p, true), e)),
+        )
+        .map(|(k, e)| (k, serving(e)))
         .collect();
     ServiceSnapshot {
         ports,
         node_ports,
+        udp_serving,
         external,
         node_local,
         sticky,

@@ -58,6 +58,14 @@ pub struct ServiceSnapshot {
     /// `(nodePort, udp)` → usable IPv4 endpoints: what the relay node's own
     /// addresses take on a node port.
     pub node_ports: BTreeMap<(u16, bool), Arc<[Backend]>>,
+    /// UDP ClusterIP, external and node ports (the last as
+    /// [`ServiceKey::node_port`]) → the addresses of all their serving
+    /// endpoints, sorted, usable or not: a UDP flow keeps its endpoint
+    /// while it is listed here, as kube-proxy's conntrack cleanup keeps
+    /// flows to a terminating pod still serving (see
+    /// `tunnel_udp::endpoint_gone`). Empty in static mode, where `ports`
+    /// alone decides.
+    pub udp_serving: BTreeMap<ServiceKey, Arc<[IpAddr]>>,
     /// The entries of `ports` that are a Service's external or
     /// load-balancer IPs, not ClusterIPs: open to any client, as a node
     /// port is (captured ahead of the source check).

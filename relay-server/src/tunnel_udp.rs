@@ -128,6 +128,15 @@ pub(crate) async fn serve_edge_flow(
 /// then ends, and the client's next datagram is picked again, as after
 /// kube-proxy deletes a removed endpoint's conntrack entries. Never for a
 /// target that was not resolved through a Service.
+///
+/// In Kubernetes mode an endpoint stays while its address is among the
+/// port's serving ones ([`ServiceSnapshot::udp_serving`]), usable for new
+/// flows or not: kube-proxy's cleanup keeps a flow to a pod that is
+/// terminating but still serving (a rollout with ready pods elsewhere),
+/// so cutting it here would end, say, a game or VoIP session the pod was
+/// draining gracefully.
+///
+/// [`ServiceSnapshot::udp_serving`]: crate::services::ServiceSnapshot::udp_serving
 pub(crate) fn endpoint_gone(
     shared: &Shared,
     asked: SocketAddr,
@@ -151,6 +160,9 @@ pub(crate) fn endpoint_gone(
     let listed = move |snap: &crate::services::ServiceSnapshot| {
         port.backends(snap)
             .is_some_and(|b| b.iter().any(|b| canonical(b.addr) == endpoint))
+            || port
+                .serving(snap)
+                .is_some_and(|s| s.binary_search(&endpoint.ip()).is_ok())
     };
     // Woken only when this port's endpoints change (not by every new
     // snapshot of the cluster's Services).

@@ -31,17 +31,32 @@ fn vip_entry(entry: &ServiceEntry, p: &ServicePort, ip: IpAddr) -> ClusterIpEntr
     } else {
         p.usable(ip.is_ipv4())
     };
-    port_entry(entry, p, endpoints)
+    port_entry(entry, p, endpoints, ip.is_ipv4())
 }
 
-/// `entry`'s port `p` with `endpoints`.
-fn port_entry(entry: &ServiceEntry, p: &ServicePort, endpoints: Vec<&Endpoint>) -> ClusterIpEntry {
+/// `entry`'s port `p` with `endpoints`, and the addresses of its serving
+/// endpoints of one family (IPv4 when `ipv4`).
+fn port_entry(
+    entry: &ServiceEntry,
+    p: &ServicePort,
+    endpoints: Vec<&Endpoint>,
+    ipv4: bool,
+) -> ClusterIpEntry {
+    let mut serving: Vec<IpAddr> = p
+        .all_endpoints
+        .iter()
+        .filter(|e| e.serving && e.ip.is_ipv4() == ipv4)
+        .map(|e| e.ip)
+        .collect();
+    serving.sort_unstable();
+    serving.dedup();
     ClusterIpEntry {
         namespace: entry.namespace.clone(),
         name: entry.name.clone(),
         port_name: p.name.clone(),
         target_port: p.target_port.clone(),
         endpoints: endpoints.into_iter().cloned().collect(),
+        serving,
     }
 }
 
@@ -152,7 +167,7 @@ impl ServiceTable {
                         p.usable(true)
                     };
                     self.by_node_port
-                        .insert((np, p.protocol), port_entry(&entry, p, endpoints));
+                        .insert((np, p.protocol), port_entry(&entry, p, endpoints, true));
                 }
             }
         }

@@ -184,6 +184,15 @@ fn serving_terminating_fallback_only_when_none_is_ready() {
     let e = t.lookup(sa("10.96.0.30:443"), Protocol::Tcp).unwrap();
     let addrs: Vec<SocketAddr> = e.endpoints.iter().map(Endpoint::addr).collect();
     assert_eq!(addrs, [sa("10.244.8.9:8443")]);
+    // Serving (explicitly, or by a missing `serving`, as kube-proxy reads
+    // it), though no longer used for new connections: flows already bound
+    // to them keep them (kube-proxy's conntrack cleanup spares them); the
+    // one saying `serving: false` is listed nowhere.
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    assert_eq!(
+        e.serving,
+        [ip("10.244.7.6"), ip("10.244.7.8"), ip("10.244.8.9")]
+    );
 }
 
 #[test]
