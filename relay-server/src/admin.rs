@@ -11,143 +11,36 @@
 //! kubelet's probes do not come here: `crate::health` serves the same
 //! `/healthz` and `/readyz` ([`probe_routes`]) on a loopback listener of
 //! their own, which idle or slow admin clients cannot starve.
+//!
+//! By concern: [`sessions`] (`/v1/sessions`, paged), `readyz` (what
+//! `/readyz` weighs) and [`capture`] (the capture's state it reads).
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::error_handling::HandleErrorLayer;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use relay_protocol::{close_code, Cidr};
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 
 use crate::server::Shared;
-use crate::session::SessionHandle;
 
-/// One session as the admin API shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SessionRow {
-    /// Node name.
-    pub node: String,
-    /// Session id.
-    pub session_id: u64,
-    /// Generation (higher is newer).
-    pub generation: u64,
-    /// `quic` or `tcp`.
-    pub transport: String,
-    /// The edge's address as the relay sees it (after NAT).
-    pub remote_addr: String,
-    /// RFC 3339 time the session was registered.
-    pub connected_since: String,
-    /// Seconds since then.
-    pub connected_secs: u64,
-    /// Smoothed round-trip time, milliseconds.
-    pub rtt_ms: f64,
-    /// Prefixes served.
-    pub routes: Vec<Cidr>,
-    /// Primary node address.
-    pub primary_addr: Option<String>,
-    /// Host addresses this node shares with another node (repeated site
-    /// LANs): not routed by address for either; reach the node by name.
-    pub ambiguous: Vec<Cidr>,
-    /// Host addresses its Node lists that are not its own to serve
-    /// (loopback or link-local, the cloud's, another node's, outside
-    /// `kubernetes.edge_address_ranges`): not routed to it.
-    #[serde(default)]
-    pub refused: Vec<Cidr>,
-    /// Pod ranges its CNI's IPAM gives the node that are not routed to it
-    /// (overlapping the cloud's, another node's or a reserved range).
-    #[serde(default)]
-    pub refused_ranges: Vec<Cidr>,
-    /// Served prefixes the relay node does not capture (IPv6: capture is
-    /// IPv4 only); reachable through CONNECT.
-    pub not_captured: Vec<Cidr>,
-    /// Edge software version.
-    pub agent: String,
-    /// Times the edge fell back from QUIC to TCP since it started.
-    pub fallbacks: u32,
-    /// Streams open now.
-    pub open_streams: u64,
-    /// Streams opened in this session.
-    pub streams_total: u64,
-    /// Payload bytes from the edge.
-    pub bytes_in: u64,
-    /// Payload bytes to the edge.
-    pub bytes_out: u64,
-    /// Seconds since the edge last answered on the control stream.
-    pub last_seen_secs: f64,
-    /// The keep-alive interval the edge told the relay, in seconds
-    /// (`None`: an edge that does not tell it).
-    #[serde(default)]
-    pub edge_keepalive_secs: Option<f64>,
-    /// How long the relay lets the edge go unheard before it closes the
-    /// session (see `crate::liveness::session_limit`), in seconds.
-    #[serde(default)]
-    pub silence_limit_secs: f64,
-    /// Tunnel routes the edge reports as overlapping its LANs: their LAN
-    /// part is reached on the site's LAN, never through the relay (empty
-    /// for an edge that does not report them).
-    #[serde(default)]
-    pub lan_overlaps: Vec<Cidr>,
-    /// Whether the session is draining.
-    pub draining: bool,
-    /// UDP flows open on the session.
-    pub udp_flows: usize,
-    /// Largest UDP payload one tunnel datagram carries now (path datagram
-    /// size minus the flow header); larger payloads travel whole on their
-    /// flow's stream (dropped and counted only towards a peer that does
-    /// not take them there).
-    pub udp_max_payload: usize,
-}
+pub mod capture;
+mod readyz;
+pub mod sessions;
+#[cfg(test)]
+mod tests;
 
-impl SessionRow {
-    /// Snapshot of a live session.
-    pub fn of(s: &SessionHandle, shared: &Shared) -> Self {
-        let routes = shared.registry.routes_of(&s.node);
-        SessionRow {
-            node: s.node.clone(),
-            session_id: s.session_id,
-            generation: s.generation,
-            transport: s.conn.kind().as_str().to_string(),
-            remote_addr: s.conn.remote_addr().to_string(),
-            connected_since: humantime::format_rfc3339_seconds(s.connected_at).to_string(),
-            connected_secs: s.connected_at.elapsed().map(|d| d.as_secs()).unwrap_or(0),
-            rtt_ms: s.conn.rtt().as_secs_f64() * 1000.0,
-            not_captured: crate::status::not_captured(&routes, shared.cfg.capture.is_some()),
-            routes,
-            primary_addr: s.primary_addr().map(|a| a.to_string()),
-            ambiguous: crate::directory::ambiguous_of(shared.directory.as_ref(), &s.node),
-            refused: crate::directory::refused_of(shared.directory.as_ref(), &s.node),
-            refused_ranges: crate::directory::refused_ranges_of(shared.directory.as_ref(), &s.node),
-            agent: s.agent.clone(),
-            fallbacks: s.fallbacks,
-            open_streams: s.open_streams.load(Relaxed),
-            streams_total: s.streams_total.load(Relaxed),
-            bytes_in: s.bytes_from_edge.load(Relaxed),
-            bytes_out: s.bytes_to_edge.load(Relaxed),
-            last_seen_secs: s.last_seen_ago().as_secs_f64(),
-            edge_keepalive_secs: s.heard.edge_keepalive().map(|k| k.as_secs_f64()),
-            silence_limit_secs: crate::liveness::session_limit(s, shared.cfg.quic.idle_timeout)
-                .as_secs_f64(),
-            lan_overlaps: s
-                .lan_overlaps
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
-            draining: s.is_draining(),
-            udp_flows: s.flows.len(),
-            udp_max_payload: relay_transport::udp::max_payload(&s.conn),
-        }
-    }
-}
+pub use capture::CaptureHealth;
+use readyz::readyz;
+use sessions::{delete_session, get_session, list_sessions};
+pub use sessions::{SessionRow, SessionsPage, MAX_SESSIONS_PAGE};
 
 /// Serves the admin API on `l` until `stop`: over HTTPS with `tls` (a
 /// reloadable certificate, no client certificates), else plain HTTP.
@@ -279,8 +172,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 /// `/healthz` (200 while the process answers) and `/readyz` (200 once the
-/// Nodes and Services are loaded, 503 before and while draining, saying
-/// why), open to anyone who reaches the listener: the admin API serves
+/// Nodes and Services are loaded and, with `[capture]`, the capture is
+/// installed; 503 before and while draining, saying why), open to anyone who reaches the listener: the admin API serves
 /// them, and so does the probe listener ([`crate::health`],
 /// `listen.health`) with exactly these handlers.
 pub fn probe_routes() -> Router<Arc<Shared>> {
@@ -323,167 +216,6 @@ async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
         }
     }
     next.run(req).await
-}
-
-/// `; its cache (written … ago) is too old to use` for a source whose
-/// cache is past its age limit (and so no longer trusted), or nothing.
-fn expired(since: Option<std::time::SystemTime>) -> String {
-    since
-        .filter(|_| crate::directory::cache_too_old(since))
-        .map(|t| {
-            format!(
-                "; its cache (written {}s ago) is too old to use",
-                t.elapsed().unwrap_or_default().as_secs()
-            )
-        })
-        .unwrap_or_default()
-}
-
-/// `; last watch error: …` (on one line), or nothing.
-fn why(e: Option<String>) -> String {
-    e.map(|e| format!("; last watch error: {}", e.replace(['\r', '\n'], " ")))
-        .unwrap_or_default()
-}
-
-async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
-    if shared.is_shutting_down() {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
-    } else if !shared.directory.is_synced() {
-        // A rollout pauses here until the relay knows which nodes exist.
-        let msg = format!(
-            "{} node directory not loaded yet{}{}\n",
-            shared.directory.source(),
-            expired(shared.directory.cached_since()),
-            why(shared.directory.last_error())
-        );
-        (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
-    } else if !shared.services.is_synced() {
-        // Capture and edges' service tables would start from nothing.
-        let msg = format!(
-            "services and endpointslices not loaded yet{}{}{}\n",
-            expired(shared.services.cached_since()),
-            why(shared.services.last_error()),
-            cached(&shared)
-        );
-        (StatusCode::SERVICE_UNAVAILABLE, msg).into_response()
-    } else {
-        format!("ready{}{}\n", cached(&shared), ipam_note(&shared)).into_response()
-    }
-}
-
-/// `; CNI IPAM …` naming the IPAM resources not yet listed or not
-/// readable, or nothing. Ready all the same: the relay routes what it
-/// knows (Nodes' pod CIDRs), and an apiserver hiccup on a CRD must not
-/// take every replica out of its Service; this says what is missing.
-fn ipam_note(shared: &Shared) -> String {
-    let Some(ipam) = shared.directory.ipam() else {
-        return String::new();
-    };
-    let pending: Vec<String> = ipam
-        .sources
-        .iter()
-        .filter(|(_, s)| !matches!(*s, "absent" | "listed"))
-        .map(|(r, s)| format!("{r} {s}"))
-        .collect();
-    if pending.is_empty() {
-        return String::new();
-    }
-    format!(
-        "; CNI IPAM pod ranges not (yet) read: {}{}",
-        pending.join(", "),
-        why(ipam.last_error)
-    )
-}
-
-/// `; nodes from the cache written … ago (…)` while the directory serves
-/// its cache, the same for the Services, or nothing.
-fn cached(shared: &Shared) -> String {
-    let since = |t: std::time::SystemTime| t.elapsed().unwrap_or_default().as_secs();
-    let nodes = shared.directory.cached_since().map(|t| {
-        format!(
-            "; nodes from the cache written {}s ago until the first list{}",
-            since(t),
-            why(shared.directory.last_error())
-        )
-    });
-    let services = shared.services.cached_since().map(|t| {
-        format!(
-            "; services from the cache written {}s ago until the first lists{}",
-            since(t),
-            why(shared.services.last_error())
-        )
-    });
-    nodes.into_iter().chain(services).collect()
-}
-
-async fn list_sessions(State(shared): State<Arc<Shared>>) -> Json<Vec<SessionRow>> {
-    Json(
-        shared
-            .registry
-            .sessions()
-            .iter()
-            .map(|s| SessionRow::of(s, &shared))
-            .collect(),
-    )
-}
-
-fn not_found(node: &str) -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        format!("no session for node {node}\n"),
-    )
-        .into_response()
-}
-
-async fn get_session(State(shared): State<Arc<Shared>>, Path(node): Path<String>) -> Response {
-    match shared.registry.get(&node) {
-        Some(s) => Json(SessionRow::of(&s, &shared)).into_response(),
-        None => not_found(&node),
-    }
-}
-
-/// `?drain=true` drains instead of closing at once; `grace` (e.g. `30s`)
-/// overrides the configured drain grace.
-#[derive(Debug, Deserialize)]
-struct DeleteQuery {
-    #[serde(default)]
-    drain: bool,
-    #[serde(default, with = "humantime_serde")]
-    grace: Option<Duration>,
-}
-
-async fn delete_session(
-    State(shared): State<Arc<Shared>>,
-    Path(node): Path<String>,
-    Query(q): Query<DeleteQuery>,
-) -> Response {
-    let Some(s) = shared.registry.get(&node) else {
-        return not_found(&node);
-    };
-    if q.drain {
-        let grace = q.grace.unwrap_or(shared.cfg.limits.drain_grace);
-        // The drain task adds the grace to an Instant: an unbounded value
-        // from the query would overflow it (a panic in the task).
-        if grace > crate::config::MAX_DURATION {
-            return (
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "grace must be at most {}\n",
-                    humantime::format_duration(crate::config::MAX_DURATION)
-                ),
-            )
-                .into_response();
-        }
-        s.drain(grace, "drained by operator");
-        (
-            StatusCode::ACCEPTED,
-            format!("draining node {node} (grace {grace:?})\n"),
-        )
-            .into_response()
-    } else {
-        s.kick(close_code::KICKED, "closed by operator");
-        (StatusCode::OK, format!("closed session of node {node}\n")).into_response()
-    }
 }
 
 /// `?offline=1` on `GET /v1/routes`.
@@ -550,45 +282,4 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
             + &crate::metrics::render_runtime(&shared),
     )
         .into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::same;
-
-    #[test]
-    fn token_comparison() {
-        assert!(same(b"0123456789abcdef", b"0123456789abcdef"));
-        assert!(!same(b"0123456789abcdef", b"0123456789abcdeF"));
-        // Prefixes and different lengths are rejected like any other
-        // wrong token (no early length check to time).
-        assert!(!same(b"0123456789abcdef", b"0123456789abcdef0"));
-        assert!(!same(b"0123456789abcdef", b""));
-        assert!(!same(b"", b"x"));
-    }
-
-    #[test]
-    fn routes_not_captured_yet_are_not_offered_to_route_agents() {
-        use crate::registry::RouteRow;
-        let row = |c: &str, n: &str| RouteRow {
-            cidr: c.parse().unwrap(),
-            node: n.into(),
-            session_id: 1,
-            offline: false,
-        };
-        let rows = vec![
-            row("10.244.7.0/24", "edge-1"),
-            row("10.244.8.0/24", "edge-2"),
-        ];
-        // Capture off: every registered route.
-        assert_eq!(super::routable(rows.clone(), None), rows);
-        // Capture on, edge-2's prefix registered but not installed yet.
-        let captured = ["10.244.7.0/24".parse().unwrap()].into();
-        assert_eq!(
-            super::routable(rows.clone(), Some(&captured)),
-            vec![rows[0].clone()]
-        );
-        // Nothing installed yet (a replica just started).
-        assert!(super::routable(rows, Some(&Default::default())).is_empty());
-    }
 }

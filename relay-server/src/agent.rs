@@ -21,10 +21,14 @@
 //! cross the network in clear), and owns only
 //! routes tagged with its own protocol number (`proto`, default 250), so it
 //! never touches a route it did not install. On exit it removes them.
+//!
+//! With `--status-listen` it serves `/healthz`, `/readyz` and `/metrics`
+//! ([`status`]), which [`run_with_status`] keeps up to date.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use relay_protocol::Cidr;
@@ -33,6 +37,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Secret;
+
+pub mod status;
+use status::{AgentStatus, PollFailure};
 
 /// What the agent needs.
 #[derive(Debug, Clone)]
@@ -387,6 +394,17 @@ async fn sync(
 /// every route it installed. With [`Toward::PodNetwork`] the next hop is
 /// looked up every poll; when the CNI changes it, the routes follow.
 pub async fn run(cfg: AgentConfig, toward: Toward, stop: CancellationToken) {
+    run_with_status(cfg, toward, stop, Arc::default()).await
+}
+
+/// [`run`], recording each poll's outcome in `status` (what the status
+/// endpoint, [`status::serve`], answers from).
+pub async fn run_with_status(
+    cfg: AgentConfig,
+    toward: Toward,
+    stop: CancellationToken,
+    status: Arc<AgentStatus>,
+) {
     info!(admin = %cfg.admin, ?toward, "route agent started");
     let mut failing = false;
     let mut last_hop: Option<NextHop> = None;
@@ -399,7 +417,7 @@ pub async fn run(cfg: AgentConfig, toward: Toward, stop: CancellationToken) {
                     last_hop = Some(h.clone());
                 }
                 hop_failing = false;
-                Some(h)
+                Ok(h)
             }
             // Keep the routes we have: a CNI restarting may remove its
             // routes for a moment.
@@ -408,27 +426,33 @@ pub async fn run(cfg: AgentConfig, toward: Toward, stop: CancellationToken) {
                     warn!(error = %format!("{e:#}"), "no next hop toward the relay node's pods; keeping the current routes");
                     hop_failing = true;
                 }
-                None
+                Err(e)
             }
         };
         match (fetch(&cfg).await, hop) {
-            (Ok(want), Some(hop)) => match sync(&want, Some(&hop), cfg.proto).await {
+            (Ok(want), Ok(hop)) => match sync(&want, Some(&hop), cfg.proto).await {
                 Ok((set, removed)) => {
                     if set + removed > 0 {
                         info!(set, removed, total = want.len(), "routes synced");
                     }
                     failing = false;
+                    status.synced(want.len());
                 }
-                Err(e) => warn!(error = %e, "installing routes failed"),
+                Err(e) => {
+                    warn!(error = %e, "installing routes failed");
+                    status.failed(PollFailure::InstallFailed, &e);
+                }
             },
-            (Ok(_), None) => {}
+            (Ok(_), Err(e)) => status.failed(PollFailure::NoNextHop, &e),
             // Keep the routes we have: if the relay is briefly away, traffic
             // to edges still goes to the relay node, which answers at once.
-            (Err(e), _) if !failing => {
-                warn!(error = %e, "cannot read the relay's routes; keeping the current ones");
-                failing = true;
+            (Err(e), _) => {
+                if !failing {
+                    warn!(error = %e, "cannot read the relay's routes; keeping the current ones");
+                    failing = true;
+                }
+                status.failed(PollFailure::RelayUnreachable, &e);
             }
-            (Err(_), _) => {}
         }
         tokio::select! {
             _ = stop.cancelled() => break,

@@ -65,7 +65,15 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) -> &'static str {
-    let app = crate::admin::probe_routes().with_state(shared);
+    serve_router(l, crate::admin::probe_routes().with_state(shared), stop).await;
+    "health"
+}
+
+/// Serves `app` on `l` until `stop` with this listener's bounds (see the
+/// module docs): the relay's probes, and the route agent's status
+/// endpoint (`crate::agent::status`), whose probes need the same
+/// protection from idle clients.
+pub(crate) async fn serve_router(l: TcpListener, app: axum::Router, stop: CancellationToken) {
     let mut conns = JoinSet::new();
     // Open connections, oldest first.
     let mut open: VecDeque<AbortHandle> = VecDeque::with_capacity(MAX_CONNECTIONS);
@@ -102,5 +110,4 @@ pub(crate) async fn serve(
     }
     // Every connection is bounded anyway; none needs to finish.
     conns.shutdown().await;
-    "health"
 }

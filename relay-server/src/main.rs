@@ -121,6 +121,15 @@ enum Cmd {
         /// Route protocol number marking the agent's routes.
         #[arg(long, default_value_t = 250)]
         proto: u8,
+        /// Serve /healthz, /readyz (the last polls synced the routes) and
+        /// /metrics (Prometheus text) on this address (plain HTTP, no
+        /// token; e.g. 127.0.0.1:9471). With --admin only.
+        #[arg(long, conflicts_with = "replica")]
+        status_listen: Option<std::net::SocketAddr>,
+        /// Allow --status-listen off loopback (anyone reaching the address
+        /// may read the figures and take its few connection slots).
+        #[arg(long, requires = "status_listen")]
+        allow_insecure_status: bool,
     },
 }
 
@@ -207,8 +216,16 @@ async fn main() -> anyhow::Result<()> {
             allow_insecure_http,
             interval,
             proto,
+            status_listen,
+            allow_insecure_status,
         }) => {
             anyhow::ensure!(!interval.is_zero(), "--interval must be greater than zero");
+            anyhow::ensure!(
+                status_listen.is_none_or(|a| a.ip().is_loopback()) || allow_insecure_status,
+                "--status-listen off loopback serves the agent's status to anyone who reaches \
+                 it: use a loopback address (kubelet probes it through the host network), \
+                 or pass --allow-insecure-status"
+            );
             // The multipath agent's nexthop objects go via each replica's
             // own address; copying one CNI route per replica is not built.
             anyhow::ensure!(
@@ -279,6 +296,16 @@ async fn main() -> anyhow::Result<()> {
                 None => None,
             };
             let stop = tokio_util::sync::CancellationToken::new();
+            // Bound before the agent starts, so a taken port is an error
+            // at start rather than probes failing later.
+            let status_listener = match status_listen {
+                Some(a) => Some(
+                    tokio::net::TcpListener::bind(a)
+                        .await
+                        .with_context(|| format!("--status-listen {a}"))?,
+                ),
+                None => None,
+            };
             let task = if let Some((_, toward)) = single {
                 let ((admin, _), tls) =
                     targets.into_iter().zip(tls_of).next().context("--admin")?;
@@ -289,7 +316,21 @@ async fn main() -> anyhow::Result<()> {
                     interval,
                     proto,
                 };
-                tokio::spawn(relay_server::agent::run(cfg, toward, stop.clone()))
+                let status = std::sync::Arc::<relay_server::agent::status::AgentStatus>::default();
+                if let Some(l) = status_listener {
+                    tracing::info!(addr = ?l.local_addr(), "route agent status endpoint listening");
+                    tokio::spawn(relay_server::agent::status::serve(
+                        l,
+                        status.clone(),
+                        stop.clone(),
+                    ));
+                }
+                tokio::spawn(relay_server::agent::run_with_status(
+                    cfg,
+                    toward,
+                    stop.clone(),
+                    status,
+                ))
             } else {
                 let cfg = relay_server::multipath::MultipathConfig {
                     replicas: targets

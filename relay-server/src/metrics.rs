@@ -86,6 +86,9 @@ pub struct Metrics {
     capture_installed: AtomicU64,
     /// Capture updates that failed (each retried a second later).
     capture_failures: AtomicU64,
+    /// The capture updates' outcomes with their errors and times, for
+    /// `/readyz` (see [`crate::admin::CaptureHealth`]).
+    pub capture_health: crate::admin::CaptureHealth,
 }
 
 /// Outcomes of resolving a ClusterIP or Service name at the relay

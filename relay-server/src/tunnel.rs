@@ -335,6 +335,7 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
         // Retried every second while it fails: the line is sampled, the
         // count and the 0/1 gauge are on /metrics.
         shared.metrics.capture_applied(failed.is_none());
+        shared.metrics.capture_health.applied(failed.as_ref());
         let retry = match failed {
             Some(e) => {
                 relay_transport::sampled!(warn, "installing routes or service capture failed; retrying", error = %e);

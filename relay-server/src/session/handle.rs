@@ -88,6 +88,9 @@ pub struct SessionHandle {
     /// ([`Control::LanOverlaps`]; at most [`Control::MAX_LAN_OVERLAPS`]).
     pub lan_overlaps: std::sync::Mutex<Vec<Cidr>>,
     draining: AtomicBool,
+    /// When the drain began and with which grace (see
+    /// [`SessionHandle::drain_started`]).
+    drain_started: std::sync::OnceLock<(SystemTime, Duration)>,
     /// Until when (in [`SessionHandle::age_ms`]) the edge's last
     /// [`Control::Moving`] holds; 0 for none.
     moving_until_ms: AtomicU64,
@@ -168,6 +171,7 @@ impl SessionHandle {
                 shared.udp.clone(),
             ),
             draining: AtomicBool::new(false),
+            drain_started: std::sync::OnceLock::new(),
             moving_until_ms: AtomicU64::new(0),
             predecessor: Default::default(),
             streams_done: tokio::sync::Notify::new(),
@@ -333,12 +337,21 @@ impl SessionHandle {
         until != 0 && self.age_ms() <= until
     }
 
+    /// When the session began draining and with which grace, if it is
+    /// draining (the admin API says so to a second drain request).
+    pub fn drain_started(&self) -> Option<(SystemTime, Duration)> {
+        self.drain_started.get().copied()
+    }
+
     /// Stops new streams, tells the edge (GOAWAY), lets in-flight streams
-    /// finish for up to `grace`, then closes.
-    pub fn drain(self: &Arc<Self>, grace: Duration, reason: &str) {
+    /// finish for up to `grace`, then closes. Returns false, changing
+    /// nothing, when the session was draining already (its first grace
+    /// holds).
+    pub fn drain(self: &Arc<Self>, grace: Duration, reason: &str) -> bool {
         if self.draining.swap(true, Relaxed) {
-            return;
+            return false;
         }
+        let _ = self.drain_started.set((SystemTime::now(), grace));
         let msg = Control::GoAway {
             reason: reason.to_string(),
             grace_ms: grace.as_millis().min(u32::MAX as u128) as u32,
@@ -369,6 +382,7 @@ impl SessionHandle {
                 me.kick(close_code::GOING_AWAY, "drained");
             }
         });
+        true
     }
 
     /// Opens a stream to the edge, sends the header and waits (at most

@@ -1,0 +1,293 @@
+//! The admin API over real sockets, with stand-in edges: pages of
+//! `/v1/sessions`, and a second drain of a draining session.
+
+use super::same;
+
+#[test]
+fn token_comparison() {
+    assert!(same(b"0123456789abcdef", b"0123456789abcdef"));
+    assert!(!same(b"0123456789abcdef", b"0123456789abcdeF"));
+    // Prefixes and different lengths are rejected like any other
+    // wrong token (no early length check to time).
+    assert!(!same(b"0123456789abcdef", b"0123456789abcdef0"));
+    assert!(!same(b"0123456789abcdef", b""));
+    assert!(!same(b"", b"x"));
+}
+
+#[test]
+fn routes_not_captured_yet_are_not_offered_to_route_agents() {
+    use crate::registry::RouteRow;
+    let row = |c: &str, n: &str| RouteRow {
+        cidr: c.parse().unwrap(),
+        node: n.into(),
+        session_id: 1,
+        offline: false,
+    };
+    let rows = vec![
+        row("10.244.7.0/24", "edge-1"),
+        row("10.244.8.0/24", "edge-2"),
+    ];
+    // Capture off: every registered route.
+    assert_eq!(super::routable(rows.clone(), None), rows);
+    // Capture on, edge-2's prefix registered but not installed yet.
+    let captured = ["10.244.7.0/24".parse().unwrap()].into();
+    assert_eq!(
+        super::routable(rows.clone(), Some(&captured)),
+        vec![rows[0].clone()]
+    );
+    // Nothing installed yet (a replica just started).
+    assert!(super::routable(rows, Some(&Default::default())).is_empty());
+}
+
+/// A relay on loopback whose `[nodes]` are `edge-0` … `edge-{n-1}`, each
+/// allowed its `10.99.0.<i+1>/32`, and the PKI its stand-in edges use.
+async fn relay_with_nodes(n: usize) -> (crate::Relay, relay_transport::devcerts::DevPki) {
+    relay_transport::tls::install_default_provider();
+    let names: Vec<String> = (0..n).map(|i| format!("edge-{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let pki = relay_transport::devcerts::DevPki::generate(&["localhost"], &refs).expect("pki");
+    let mut cfg = crate::RelayConfig::loopback(pki.relay_material().expect("material"));
+    for (i, name) in names.iter().enumerate() {
+        cfg.nodes
+            .insert(name.clone(), vec![edge_prefix(i).parse().expect("cidr")]);
+    }
+    (crate::Relay::spawn(cfg).await.expect("relay"), pki)
+}
+
+fn edge_prefix(i: usize) -> String {
+    format!("10.99.0.{}/32", i + 1)
+}
+
+/// A hand-driven edge session of `edge-<i>` over QUIC: registers its
+/// prefix, holds its control stream, and accepts every stream the relay
+/// opens to it (answering ok and holding it open) until dropped.
+struct StandIn {
+    conn: relay_transport::TunnelConn,
+    _control: relay_transport::BiStream,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl StandIn {
+    async fn connect(
+        relay: &crate::Relay,
+        pki: &relay_transport::devcerts::DevPki,
+        i: usize,
+    ) -> Self {
+        use relay_protocol::codec::{encode_frame, read_frame, write_frame};
+        use relay_protocol::{ClientHello, HelloReply, StreamOpen, StreamReply};
+        use tokio::io::AsyncWriteExt;
+        let node = format!("edge-{i}");
+        let tls = pki.node_material(&node).expect("node material");
+        let ep = relay_transport::quic::client_endpoint(
+            "127.0.0.1:0".parse().expect("addr"),
+            &tls,
+            &relay_transport::QuicTuning::default(),
+            0,
+        )
+        .expect("endpoint");
+        let conn = relay_transport::TunnelConn::Quic(
+            ep.connect(relay.quic_addr(), "localhost")
+                .expect("connect")
+                .await
+                .expect("QUIC handshake"),
+        );
+        let mut control = conn.open_bi().await.expect("control stream");
+        let hello = ClientHello {
+            version: relay_protocol::PROTOCOL_VERSION,
+            node,
+            routes: vec![edge_prefix(i).parse().expect("cidr")],
+            primary_addr: None,
+            capabilities: relay_protocol::capability::EXTENSIBLE,
+            agent: "admin tests".into(),
+            fallbacks: 0,
+        };
+        control
+            .send
+            .write_all(&encode_frame(&hello).expect("encode"))
+            .await
+            .expect("send hello");
+        match read_frame::<_, HelloReply>(&mut control.recv)
+            .await
+            .expect("hello reply")
+        {
+            HelloReply::Accepted(_) => {}
+            HelloReply::Rejected(r) => panic!("stand-in edge {i} refused: {}", r.message),
+        }
+        let streams = conn.clone();
+        let accept = tokio::spawn(async move {
+            let _ep = ep;
+            let mut held = Vec::new();
+            while let Ok(mut bi) = streams.accept_bi().await {
+                if read_frame::<_, StreamOpen>(&mut bi.recv).await.is_ok()
+                    && write_frame(&mut bi.send, &StreamReply::ok()).await.is_ok()
+                {
+                    held.push(bi);
+                }
+            }
+        });
+        StandIn {
+            conn,
+            _control: control,
+            accept,
+        }
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        self.conn.close(0, "done");
+        self.accept.abort();
+    }
+}
+
+/// `method path` over plain HTTP/1.1; `(status, body)`.
+async fn request(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut out = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        s.read_to_string(&mut out),
+    )
+    .await
+    .expect("answer in time")
+    .expect("read");
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_string())
+}
+
+/// Until the registry holds `n` sessions (registration follows the
+/// hello reply closely, but not in lockstep).
+async fn until_sessions(relay: &crate::Relay, n: usize) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while relay.shared().registry.len() != n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} sessions, want {n}",
+            relay.shared().registry.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+fn nodes(rows: &[super::SessionRow]) -> Vec<&str> {
+    rows.iter().map(|r| r.node.as_str()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_paged_by_node_name_and_the_unpaged_list_keeps_its_shape() {
+    let (relay, pki) = relay_with_nodes(5).await;
+    let admin = relay.admin_addr().expect("admin");
+    let mut edges = Vec::new();
+    // Registered out of name order: pages follow names, not arrival.
+    for i in [3, 0, 4, 1, 2] {
+        edges.push(StandIn::connect(&relay, &pki, i).await);
+    }
+    until_sessions(&relay, 5).await;
+    // No pagination asked for: the whole list, a JSON array as before.
+    let (code, body) = request(admin, "GET", "/v1/sessions").await;
+    assert_eq!(code, 200, "{body}");
+    let all: Vec<super::SessionRow> = serde_json::from_str(&body).expect("array");
+    assert_eq!(
+        nodes(&all),
+        ["edge-0", "edge-1", "edge-2", "edge-3", "edge-4"]
+    );
+    // Page by page, each `next` the last node of its page.
+    let page = |body: &str| -> super::SessionsPage { serde_json::from_str(body).expect("page") };
+    let (code, body) = request(admin, "GET", "/v1/sessions?limit=2").await;
+    assert_eq!(code, 200, "{body}");
+    let p = page(&body);
+    assert_eq!(
+        (nodes(&p.sessions), p.next.as_deref()),
+        (vec!["edge-0", "edge-1"], Some("edge-1"))
+    );
+    let (_, body) = request(admin, "GET", "/v1/sessions?limit=2&after=edge-1").await;
+    let p = page(&body);
+    assert_eq!(
+        (nodes(&p.sessions), p.next.as_deref()),
+        (vec!["edge-2", "edge-3"], Some("edge-3"))
+    );
+    let (_, body) = request(admin, "GET", "/v1/sessions?after=edge-3&limit=2").await;
+    let p = page(&body);
+    assert_eq!(
+        (nodes(&p.sessions), p.next.as_deref()),
+        (vec!["edge-4"], None)
+    );
+    assert!(body.contains("\"next\":null"), "{body}");
+    // `after` alone: up to the ceiling.
+    let (_, body) = request(admin, "GET", "/v1/sessions?after=edge-2").await;
+    assert_eq!(nodes(&page(&body).sessions), ["edge-3", "edge-4"]);
+    let ceiling = format!("/v1/sessions?limit={}", super::MAX_SESSIONS_PAGE);
+    assert_eq!(request(admin, "GET", &ceiling).await.0, 200);
+    // Bad limits: 400, saying what is accepted.
+    let over = format!("/v1/sessions?limit={}", super::MAX_SESSIONS_PAGE + 1);
+    for path in [
+        "/v1/sessions?limit=0",
+        "/v1/sessions?limit=ten",
+        "/v1/sessions?limit=-2",
+        &over,
+    ] {
+        let (code, body) = request(admin, "GET", path).await;
+        assert_eq!(code, 400, "{path}: {body}");
+        assert!(
+            body.contains("limit must be a whole number from 1 to 1000"),
+            "{path}: {body}"
+        );
+    }
+    drop(edges);
+    relay.shutdown(std::time::Duration::ZERO).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_drain_of_a_draining_session_is_refused_naming_the_first() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (relay, pki) = relay_with_nodes(1).await;
+    let admin = relay.admin_addr().expect("admin");
+    let edge = StandIn::connect(&relay, &pki, 0).await;
+    until_sessions(&relay, 1).await;
+    // A stream held open through CONNECT: without one, a drain closes the
+    // session at once and there is nothing left to drain twice.
+    let mut client = tokio::net::TcpStream::connect(relay.connect_addr().expect("connect"))
+        .await
+        .expect("connect");
+    client
+        .write_all(b"CONNECT 10.99.0.1:80 HTTP/1.1\r\nHost: 10.99.0.1:80\r\n\r\n")
+        .await
+        .expect("write");
+    let mut head = [0u8; 12];
+    client.read_exact(&mut head).await.expect("CONNECT answer");
+    assert_eq!(&head, b"HTTP/1.1 200", "{}", String::from_utf8_lossy(&head));
+    let (code, body) = request(admin, "DELETE", "/v1/sessions/edge-0?drain=true&grace=60s").await;
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body, "draining node edge-0 (grace 60s)\n");
+    // Asked again with a shorter grace: the first drain's deadline holds,
+    // and the answer says so instead of claiming the new grace.
+    let (code, body) = request(admin, "DELETE", "/v1/sessions/edge-0?drain=true&grace=1s").await;
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body.starts_with("session of node edge-0 is already draining since "),
+        "{body}"
+    );
+    assert!(
+        body.contains("with grace 60s; grace 1s not applied"),
+        "{body}"
+    );
+    let (code, body) = request(admin, "GET", "/v1/sessions/edge-0").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"draining\":true"), "{body}");
+    // Closing it outright still works.
+    let (code, body) = request(admin, "DELETE", "/v1/sessions/edge-0").await;
+    assert_eq!(code, 200, "{body}");
+    drop((client, edge));
+    relay.shutdown(std::time::Duration::ZERO).await;
+}
