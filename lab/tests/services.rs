@@ -35,13 +35,15 @@ type Services = BTreeSet<(SocketAddr, capture::Proto)>;
 /// destination.
 const CAPTURED: &str = "captured ";
 
-/// Capture on the relay node with a listener that answers every captured
-/// TCP connection and UDP datagram with `captured <original destination>`.
+/// Capture on the relay node (`initial` ClusterIP ports, `node_ports`) with
+/// a listener that answers every captured TCP connection and UDP datagram
+/// with `captured <original destination>`.
 /// Service sets sent on `changes` are applied in order; each is
 /// acknowledged on `applied`.
 fn start_capture(
     lab: &NetnsLab,
     initial: Services,
+    node_ports: BTreeSet<(u16, capture::Proto)>,
     mut changes: tokio::sync::mpsc::UnboundedReceiver<Services>,
     applied: std::sync::mpsc::Sender<Result<()>>,
 ) -> Result<Running> {
@@ -50,6 +52,7 @@ fn start_capture(
         let (port, local) = (cfg.port, cfg.redirect_address);
         let mut cap = Capture::install(cfg).await?;
         cap.apply_services(&initial, &Services::new()).await?;
+        cap.apply_node_ports(&node_ports).await?;
         let tcp = capture::capture_tcp_listener(port)?;
         // Capture translates the destination to its own address, whatever
         // the client (a pod, a local process): one socket there.
@@ -187,7 +190,7 @@ fn cluster_ips_are_captured_before_kube_proxy() -> Result<()> {
             .context("no answer from the capture task")?
     };
     let tcp_only: Services = [(captured_tcp, capture::Proto::Tcp)].into();
-    let cap = start_capture(&lab, tcp_only.clone(), rx, ack_tx)?;
+    let cap = start_capture(&lab, tcp_only.clone(), BTreeSet::new(), rx, ack_tx)?;
 
     for mode in [KubeProxyMode::Iptables, KubeProxyMode::Nftables] {
         lab.sync_services(mode, &kube)?;
@@ -336,6 +339,120 @@ fn node_ports_over_ipv6_are_left_to_kube_proxy() -> Result<()> {
     assert_eq!(
         said.1, "kube-proxy",
         "the node port over IPv6 must be left alone"
+    );
+    Ok(())
+}
+
+/// A UDP node port whose capture begins: a flow to this node's own address
+/// on that port, which went past capture before, moves to capture on its
+/// next datagram (its conntrack entry deleted), while a flow the node
+/// forwards to another host's port of the same number keeps its entry (and
+/// so its NAT binding, where it has one). Deleting every entry with that
+/// destination port, as before, deleted the forwarded one too.
+#[test]
+fn udp_node_port_capture_deletes_only_this_nodes_flows() -> Result<()> {
+    if let Some(skip) = netns::require_root() {
+        eprintln!("SKIPPED UDP node port capture: {skip}");
+        return Ok(());
+    }
+    relay_lab::init();
+    let lab = NetnsLab::new()?;
+    const NODE_PORT: u16 = 30098;
+    // What answers on the port before capture: on the relay node, a
+    // process standing for kube-proxy's endpoint; on cloud2's pod, another
+    // host's service on the same port number.
+    // Bound to the address asked (a socket on the wildcard address would
+    // answer from the address facing the client, which its connected
+    // socket drops).
+    let answer = |ns: Role, at: Ipv4Addr, name: &'static str| {
+        launch(&lab, ns, name, move |ready, stop| async move {
+            let s = UdpSocket::bind(sa(at, NODE_PORT)).await?;
+            let _ = ready.send(Ok(()));
+            let serve = async {
+                let mut buf = [0u8; 512];
+                while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                    let said = format!("{name}:{}", String::from_utf8_lossy(&buf[..n]));
+                    let _ = s.send_to(said.as_bytes(), from).await;
+                }
+            };
+            tokio::select! { _ = serve => {}, _ = stop => {} }
+            Ok(())
+        })
+    };
+    let _here = answer(Role::Relay, netns::RELAY_LAN_IP, "node")?;
+    let _there = answer(Role::Cpod2, netns::CPOD2_IP, "cpod2")?;
+    let local = sa(netns::RELAY_LAN_IP, NODE_PORT);
+    let forwarded = sa(netns::CPOD2_IP, NODE_PORT);
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let (first_tx, first_rx) = std::sync::mpsc::channel::<(String, String)>();
+    let flows = lab.spawn_in(Role::Cpod1, move || async move {
+        let a = UdpSocket::bind(sa(Ipv4Addr::UNSPECIFIED, 0)).await?;
+        a.connect(local).await?;
+        let b = UdpSocket::bind(sa(Ipv4Addr::UNSPECIFIED, 0)).await?;
+        b.connect(forwarded).await?;
+        let first_a = ask_on(&a, "before").await.context("this node's address")?;
+        let first_b = ask_on(&b, "before").await.context("forwarded")?;
+        let _ = first_tx.send((first_a, first_b));
+        tokio::time::timeout(Duration::from_secs(30), go_rx).await??;
+        anyhow::Ok((ask_on(&a, "after").await?, ask_on(&b, "after").await?))
+    });
+    let Ok(first) = first_rx.recv_timeout(Duration::from_secs(15)) else {
+        let why = flows
+            .join()
+            .map_err(|_| anyhow::anyhow!("UDP flows panicked"))?;
+        bail!("no first UDP replies: {why:?}");
+    };
+    assert_eq!(first, ("node:before".into(), "cpod2:before".into()));
+    let entry = |dst: Ipv4Addr| -> Result<bool> {
+        let ip = dst.to_string();
+        let port = NODE_PORT.to_string();
+        let args = [
+            "conntrack",
+            "-L",
+            "-p",
+            "udp",
+            "--orig-dst",
+            &ip,
+            "--dport",
+            &port,
+        ];
+        // conntrack -L exits 0 with entries, 1 with none on some versions.
+        Ok(lab
+            .exec(Role::Relay, &args)
+            .is_ok_and(|out| out.contains(&format!("dport={NODE_PORT}"))))
+    };
+    assert!(
+        entry(netns::RELAY_LAN_IP)? && entry(netns::CPOD2_IP)?,
+        "both flows tracked"
+    );
+    let (_tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (ack_tx, _ack_rx) = std::sync::mpsc::channel();
+    let cap = start_capture(
+        &lab,
+        Services::new(),
+        [(NODE_PORT, capture::Proto::Udp)].into(),
+        rx,
+        ack_tx,
+    )?;
+    let kept = entry(netns::CPOD2_IP)?;
+    let deleted = !entry(netns::RELAY_LAN_IP)?;
+    let _ = go_tx.send(());
+    let after = flows
+        .join()
+        .map_err(|_| anyhow::anyhow!("UDP flows panicked"))??;
+    cap.stop()?;
+    assert!(
+        deleted,
+        "the flow to this node's address past capture was not deleted"
+    );
+    assert!(
+        kept,
+        "the forwarded flow's entry was deleted with this node's"
+    );
+    assert_eq!(
+        after,
+        (format!("{CAPTURED}{local}"), "cpod2:after".to_string()),
+        "this node's flow captured, the forwarded one unchanged"
     );
     Ok(())
 }

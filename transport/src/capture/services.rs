@@ -223,12 +223,21 @@ impl Capture {
             .map(|(port, _)| *port)
             .collect();
         self.node_ports = want.clone();
-        for port in stale {
-            let port = port.to_string();
-            let args = ["-D", "-p", "udp", "--dport", port.as_str()];
-            if let Err(e) = run("conntrack", &args, None).await {
-                debug!(error = %e, %port, "no stale conntrack entries deleted");
-            }
+        // Only the flows to this node's own addresses on those ports (what
+        // the node-port rule matches): a flow forwarded through the node
+        // to another host's port of the same number keeps its entry, and
+        // with it its NAT binding.
+        if !stale.is_empty() {
+            let local = local_ipv4_addresses();
+            let entries = stale
+                .iter()
+                .flat_map(|port| {
+                    local
+                        .iter()
+                        .map(move |ip| (SocketAddr::new((*ip).into(), *port), Proto::Udp))
+                })
+                .collect();
+            delete_stale_udp(entries).await;
         }
         debug!(
             node_ports = self.node_ports.len(),
@@ -243,6 +252,17 @@ impl Capture {
 /// kernel in the node-port capture rule).
 pub fn is_local_address(ip: std::net::IpAddr) -> bool {
     std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+/// This host's IPv4 addresses (empty if they cannot be listed: then no
+/// entry is deleted, and stale flows age out as they would anyway).
+fn local_ipv4_addresses() -> BTreeSet<std::net::Ipv4Addr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return BTreeSet::new();
+    };
+    addrs
+        .filter_map(|ifa| ifa.address?.as_sockaddr_in().map(|a| a.ip()))
+        .collect()
 }
 
 /// Deletes the UDP conntrack entries whose original destination is one of
