@@ -24,7 +24,7 @@ use crate::identity::{Credentials, IdentityError};
 mod addrs;
 mod transport;
 
-use addrs::{bounded, dial_order};
+use addrs::dial_order;
 use transport::tcp_target;
 
 /// Why an attempt ended without a session.
@@ -76,9 +76,7 @@ impl Dialer<'_> {
         tls: rustls::ClientConfig,
     ) -> Result<(Option<quinn::Endpoint>, TunnelConn), String> {
         let cfg = self.cfg;
-        let looked_up = bounded(tokio::net::lookup_host(&cfg.relay), self.lookup_bound())
-            .await
-            .map(|a| a.collect::<Vec<_>>());
+        let looked_up = self.look_up().await;
         let proxy = cfg
             .tcp_proxy
             .as_ref()

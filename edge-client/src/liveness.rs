@@ -5,20 +5,40 @@
 //! unanswered for [`DEAD_AFTER_KEEPALIVES`] intervals while nothing else
 //! arrived either, or when nothing at all (no byte) has arrived for that
 //! long. While bytes keep arriving (the relay's window updates during an
-//! upload, data), a ping's answer queued behind the upload on a slow,
-//! deep-buffered uplink is given as long as on QUIC (below).
+//! upload, its own pings, data), a ping's answer queued behind the upload
+//! on a slow, deep-buffered uplink is given as long as on QUIC (below).
 //!
 //! **On QUIC** the check is what arrives: QUIC's own keep-alive PING leaves
 //! whenever nothing arrived for an interval, and the relay's ACK of it is a
 //! datagram received, so a live path delivers something every interval
-//! (plus a round trip). The path is declared dead when nothing at all has
-//! arrived for [`DEAD_AFTER_KEEPALIVES`] intervals. A PING and its ACK are
-//! two small packets; a control ping, its pong and the ACK of the pong are
-//! three larger ones, so this is what keeps an idle edge's metered uplink
-//! cheap (see `docs/benchmarks.md`, idle bytes). The control stream is still
-//! pinged, every [`relay_protocol::QUIC_CONTROL_PING`]: that checks the
-//! relay's session task and not only its QUIC stack, and measures the
-//! control round trip operators see.
+//! plus a round trip (quinn restarts its keep-alive timer on each packet
+//! *received*, so on an idle session arrivals are spaced interval + round
+//! trip). The path is declared dead when nothing at all has arrived for
+//! [`quic_silence_limit`]: [`DEAD_AFTER_KEEPALIVES`] intervals (less a
+//! tenth), or one interval plus twelve round trips when that is longer.
+//! Twelve round trips stand in for three probe timeouts (RFC 9002: a
+//! probe timeout is the smoothed round trip plus four times its variation,
+//! which quinn does not expose), as in the relay's own silence limit
+//! (`relay-server/src/liveness.rs`). Without that allowance an idle
+//! session died whenever its round trip exceeded about one interval: a
+//! site backup filling an LTE or DSL uplink's queue (8 to 12 s of queue are
+//! real) delays the ACK of every keep-alive PING by that much. A PING and
+//! its ACK are two small packets; a control ping, its pong and the ACK of
+//! the pong are three larger ones, so this is what keeps an idle edge's
+//! metered uplink cheap (see `docs/benchmarks.md`, idle bytes). The control
+//! stream is still pinged, every [`relay_protocol::QUIC_CONTROL_PING`]:
+//! that checks the relay's session task and not only its QUIC stack, and
+//! measures the control round trip operators see.
+//!
+//! The round trip is quinn's smoothed estimate, which learns a new delay
+//! from the ACKs that carry it: on an idle session whose round trip jumps
+//! at once from short to beyond about an interval, the first keep-alive
+//! cycle after the jump is not told from a dead path (nothing can tell
+//! them apart until that first ACK arrives), and the session survives it
+//! only when the ACK comes back before the verdict's tick. Once one ACK of
+//! the longer delay has arrived (a queue that deepens over a few cycles,
+//! or a jump of less than about an interval first), the allowance covers
+//! it.
 //!
 //! Why not "one late pong is fatal" (the old rule): on a slow uplink with a
 //! deep queue (a 2 Mbit/s DSL line under a bulk upload) a pong can take
@@ -28,8 +48,13 @@
 //! timeout. The bound, both ways: the last thing that arrived before the
 //! path died is seen by the next tick, at most one interval later, and the
 //! path is declared dead two intervals after that at the latest, so **a
-//! dead path is declared within 3 × keep-alive** (on QUIC, sooner when the
-//! idle timeout is shorter: QUIC closes the connection itself then).
+//! dead path is declared within 3 × keep-alive** on TCP, and on QUIC while
+//! twelve round trips are under 0.9 of an interval (the round trip under
+//! 0.6 s at the default 8 s keep-alive). On QUIC with a longer round trip,
+//! within **3 × keep-alive + 12 × the round trip estimated before the path
+//! died**: a dead path acknowledges nothing, so the estimate does not grow
+//! after it died (both sooner when QUIC's idle timeout is shorter: QUIC
+//! closes the connection itself then).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -80,6 +105,23 @@ impl StallProbe {
     }
 }
 
+/// How long nothing may arrive on a QUIC session with keep-alive
+/// `keepalive` and round-trip estimate `rtt` before its path is declared
+/// dead: [`DEAD_AFTER_KEEPALIVES`] intervals less a tenth (see
+/// `Liveness::dead_after`), or, when longer, one interval plus twelve
+/// round trips. Why the round trip: on an idle session quinn's keep-alive
+/// PING leaves an interval after the last packet received and its ACK
+/// comes back a round trip later, so arrivals are spaced interval + round
+/// trip; twelve round trips (three probe timeouts, as the relay counts
+/// them) leave room for a round trip still growing beyond the smoothed
+/// estimate (a queue filling). Twelve round trips at the verdict's tick,
+/// never more: the estimate is updated by acknowledgements, which a dead
+/// path does not deliver, so it does not grow once the path is dead and
+/// the verdict stays bounded (see the module docs).
+pub(crate) fn quic_silence_limit(keepalive: Duration, rtt: Duration) -> Duration {
+    Liveness::dead_after(keepalive).max(keepalive.saturating_add(rtt.saturating_mul(12)))
+}
+
 /// Ping bookkeeping of one session.
 #[derive(Debug)]
 pub(crate) struct Liveness {
@@ -98,6 +140,11 @@ pub(crate) struct Liveness {
     /// What had arrived (datagrams on QUIC, bytes on TCP) as of the last
     /// change, and the tick that saw it change.
     received: Option<(u64, Instant)>,
+    /// QUIC: nothing arriving is judged by [`quic_silence_limit`], which
+    /// allows for the round trip. TCP: by two intervals, the relay's pings
+    /// (every interval, down a path an uplink's queue does not delay)
+    /// being what arrives on an idle session.
+    rtt_allowance: bool,
 }
 
 /// What a keep-alive tick decided.
@@ -151,6 +198,7 @@ impl Liveness {
             outstanding: VecDeque::new(),
             unanswered_since: None,
             received: None,
+            rtt_allowance: false,
         }
     }
 
@@ -161,6 +209,7 @@ impl Liveness {
         let every = relay_protocol::QUIC_CONTROL_PING.as_millis() / keepalive.as_millis().max(1);
         Liveness {
             ping_every: u64::try_from(every).unwrap_or(u64::MAX).max(1),
+            rtt_allowance: true,
             ..Liveness::new(keepalive)
         }
     }
@@ -192,9 +241,16 @@ impl Liveness {
 
     /// Called every keep-alive interval with what arrived so far
     /// ([`relay_transport::TunnelConn::arrivals`]: datagrams on QUIC, bytes
-    /// on TCP; `None`: not known): a ping to send, nothing, or the verdict
-    /// that the path is dead.
-    pub(crate) fn tick(&mut self, now: Instant, nonce: u64, received: Option<u64>) -> Tick {
+    /// on TCP; `None`: not known) and the path's round-trip estimate
+    /// ([`relay_transport::TunnelConn::rtt`]; used on QUIC only): a ping to
+    /// send, nothing, or the verdict that the path is dead.
+    pub(crate) fn tick(
+        &mut self,
+        now: Instant,
+        nonce: u64,
+        received: Option<u64>,
+        rtt: Duration,
+    ) -> Tick {
         if let Some(n) = received {
             let at = match self.received {
                 Some((last, at)) if last == n => at,
@@ -204,7 +260,11 @@ impl Liveness {
                 }
             };
             let age = now.saturating_duration_since(at);
-            if age >= Self::dead_after(self.keepalive) {
+            let limit = match self.rtt_allowance {
+                true => quic_silence_limit(self.keepalive, rtt),
+                false => Self::dead_after(self.keepalive),
+            };
+            if age >= limit {
                 return Tick::Dead(Dead::NothingReceived(age));
             }
         }
@@ -300,16 +360,16 @@ mod tests {
     fn a_pong_later_than_one_interval_is_tolerated_and_measured() {
         let t0 = Instant::now();
         let mut l = Liveness::new(K);
-        assert_eq!(l.tick(t0, 1, None), Tick::Ping(1));
+        assert_eq!(l.tick(t0, 1, None, Duration::ZERO), Tick::Ping(1));
         // The old rule dropped the session here: ping 1 unanswered at the
         // next tick.
-        assert_eq!(l.tick(t0 + K, 2, None), Tick::Ping(2));
+        assert_eq!(l.tick(t0 + K, 2, None, Duration::ZERO), Tick::Ping(2));
         assert_eq!(l.in_flight(), 2);
         // Ping 1's pong arrives 7.5 s after it was sent (deep queue).
         let rtt = l.pong(1, t0 + K + K / 2).unwrap();
         assert_eq!(rtt, K + K / 2);
         assert_eq!(l.in_flight(), 1);
-        assert_eq!(l.tick(t0 + 2 * K, 3, None), Tick::Ping(3));
+        assert_eq!(l.tick(t0 + 2 * K, 3, None, Duration::ZERO), Tick::Ping(3));
         // Ping 3 answers ping 2 too (in order).
         assert_eq!(l.pong(3, t0 + 2 * K + K / 4), Some(K / 4));
         assert_eq!(l.in_flight(), 0);
@@ -329,7 +389,7 @@ mod tests {
             for i in 0..20u32 {
                 let now = start + K * i;
                 nonce += 1;
-                match l.tick(now, nonce, None) {
+                match l.tick(now, nonce, None, Duration::ZERO) {
                     Tick::Ping(n) => {
                         let back = now + Duration::from_millis(100);
                         if back < death {
@@ -367,7 +427,10 @@ mod tests {
         for i in 0..10u32 {
             bytes += 300;
             assert!(
-                matches!(l.tick(t0 + K * i, u64::from(i), Some(bytes)), Tick::Ping(_)),
+                matches!(
+                    l.tick(t0 + K * i, u64::from(i), Some(bytes), Duration::ZERO),
+                    Tick::Ping(_)
+                ),
                 "tick {i}: bytes arriving, pongs late"
             );
         }
@@ -377,7 +440,7 @@ mod tests {
         let mut declared = None;
         for i in 10..20u32 {
             let now = t0 + K * i;
-            if let Tick::Dead(d) = l.tick(now, u64::from(i), Some(bytes)) {
+            if let Tick::Dead(d) = l.tick(now, u64::from(i), Some(bytes), Duration::ZERO) {
                 declared = Some((now, d));
                 break;
             }
@@ -396,7 +459,7 @@ mod tests {
         for i in 0..200u32 {
             bytes += 300;
             let now = t0 + K * i;
-            if let Tick::Dead(d) = l.tick(now, u64::from(i), Some(bytes)) {
+            if let Tick::Dead(d) = l.tick(now, u64::from(i), Some(bytes), Duration::ZERO) {
                 verdict = Some((now - t0, d));
                 break;
             }
@@ -433,7 +496,7 @@ mod tests {
                 matched += 1;
             }
             bytes += 500;
-            match l.tick(now, u64::from(i), Some(bytes)) {
+            match l.tick(now, u64::from(i), Some(bytes), Duration::ZERO) {
                 Tick::Ping(n) => sent.push_back((n, now)),
                 other => panic!("tick {i} ({:?} in): {other:?}", now - t0),
             }
@@ -445,11 +508,11 @@ mod tests {
     fn early_ticks_still_decide_on_time() {
         let t0 = Instant::now();
         let mut l = Liveness::new(K);
-        l.tick(t0, 1, None);
-        l.tick(t0 + K, 2, None);
+        l.tick(t0, 1, None, Duration::ZERO);
+        l.tick(t0 + K, 2, None, Duration::ZERO);
         // The second tick after the lost ping fires 1 ms early.
         let at = t0 + 2 * K - Duration::from_millis(1);
-        assert!(matches!(l.tick(at, 3, None), Tick::Dead(_)));
+        assert!(matches!(l.tick(at, 3, None, Duration::ZERO), Tick::Dead(_)));
     }
 
     /// QUIC: a live path delivers a datagram every interval plus a round
@@ -475,7 +538,7 @@ mod tests {
                 let mut declared = None;
                 for i in 0..30u32 {
                     let now = start + K * phase / 10 + K * i;
-                    match l.tick(now, u64::from(i), Some(received(now))) {
+                    match l.tick(now, u64::from(i), Some(received(now)), rtt) {
                         Tick::Dead(Dead::NothingReceived(_)) => {
                             declared = Some(now);
                             break;
@@ -498,6 +561,127 @@ mod tests {
         }
     }
 
+    /// The QUIC silence limit as a function: two intervals (less a tenth)
+    /// on a short path, one interval plus twelve round trips on a long
+    /// one; always longer than the spacing of an idle live session's
+    /// arrivals (interval + round trip).
+    #[test]
+    fn quic_silence_limit_allows_for_the_round_trip() {
+        let s = Duration::from_secs_f64;
+        let table = [
+            // (keep-alive, round trip, limit)
+            (s(8.0), s(0.1), s(15.2)),
+            (s(8.0), s(9.0), s(116.0)),
+            (s(8.0), s(12.0), s(152.0)),
+            (s(3.0), s(4.0), s(51.0)),
+        ];
+        for (k, rtt, want) in table {
+            let got = quic_silence_limit(k, rtt);
+            assert_eq!(got, want, "K {k:?}, RTT {rtt:?}");
+            assert!(
+                got > k + rtt,
+                "K {k:?}, RTT {rtt:?}: an idle live path's spacing"
+            );
+        }
+        // Where the round trip starts to count: twelve of them past 0.9 K.
+        assert_eq!(quic_silence_limit(s(8.0), s(0.6)), s(15.2));
+        assert_eq!(quic_silence_limit(s(8.0), s(0.7)), s(16.4));
+    }
+
+    /// Ticks every `k` from `start + phase` until a verdict (at most
+    /// `ticks`), on a QUIC session whose datagrams arrive at `arrivals`
+    /// and whose round-trip estimate is `rtt` (control pings answered a
+    /// round trip later while the path lives): when the path was declared
+    /// dead, if it was.
+    fn quic_verdict(
+        k: Duration,
+        rtt: Duration,
+        start: Instant,
+        phase: Duration,
+        arrivals: &[Instant],
+        ticks: u32,
+    ) -> Option<Instant> {
+        let mut l = Liveness::quic(k);
+        let received = |now: Instant| arrivals.iter().filter(|&&t| t <= now).count() as u64;
+        for i in 0..ticks {
+            let now = start + phase + k * i;
+            match l.tick(now, u64::from(i), Some(received(now)), rtt) {
+                Tick::Dead(Dead::NothingReceived(_)) => return Some(now),
+                Tick::Dead(other) => panic!("{other}"),
+                Tick::Ping(n) => {
+                    if arrivals.last().is_some_and(|&last| now + rtt <= last) {
+                        assert!(l.pong(n, now + rtt).is_some());
+                    }
+                }
+                Tick::Quiet => {}
+            }
+        }
+        None
+    }
+
+    /// An idle QUIC session on a long round trip (an uplink queue filled
+    /// by traffic outside the tunnel): arrivals every interval + round
+    /// trip, the round trip up to 1.5 intervals. It lives at every tick
+    /// phase (the old limit, two intervals whatever the round trip, ended
+    /// it), and once the path dies it is declared dead within
+    /// 3 × keep-alive + 12 × the round trip, never before it died.
+    #[test]
+    fn quic_an_idle_session_on_a_long_round_trip_lives_and_its_death_is_bounded() {
+        let s = Duration::from_secs_f64;
+        for (k, rtt) in [
+            (s(8.0), s(0.1)),
+            (s(8.0), s(9.0)),
+            (s(8.0), s(12.0)),
+            (s(3.0), s(4.0)),
+        ] {
+            let bound = if rtt * 12 <= k * 9 / 10 {
+                k * 3
+            } else {
+                k * 3 + rtt * 12
+            };
+            for phase in 0..8u32 {
+                let phase = k * phase / 8;
+                let start = Instant::now();
+                // Alive throughout: 40 keep-alive cycles.
+                let alive: Vec<Instant> = (0..40).map(|i| start + (k + rtt) * i).collect();
+                let ticks = u32::try_from(((k + rtt) * 40).as_millis() / k.as_millis()).unwrap();
+                assert_eq!(
+                    quic_verdict(k, rtt, start, phase, &alive, ticks),
+                    None,
+                    "K {k:?}, RTT {rtt:?}, phase {phase:?}: declared dead while alive"
+                );
+                // Dies after 5 cycles.
+                let death = start + (k + rtt) * 5 + rtt / 2;
+                let until: Vec<Instant> = alive.iter().copied().filter(|&t| t < death).collect();
+                let at = quic_verdict(k, rtt, start, phase, &until, 200)
+                    .unwrap_or_else(|| panic!("K {k:?}, RTT {rtt:?}: never declared dead"));
+                assert!(at > death, "K {k:?}, RTT {rtt:?}: declared before death");
+                assert!(
+                    at - death <= bound,
+                    "K {k:?}, RTT {rtt:?}, phase {phase:?}: {:?} after death, bound {bound:?}",
+                    at - death
+                );
+            }
+        }
+    }
+
+    /// The TCP fallback keeps two intervals whatever the round trip it is
+    /// given: what arrives there on an idle session is the relay's pings,
+    /// every interval, which an uplink's queue does not delay.
+    #[test]
+    fn tcp_nothing_received_ignores_the_round_trip() {
+        let t0 = Instant::now();
+        let mut l = Liveness::new(K);
+        let long = Duration::from_secs(30);
+        assert!(matches!(l.tick(t0, 1, Some(7), long), Tick::Ping(1)));
+        assert!(l.pong(1, t0 + Duration::from_millis(100)).is_some());
+        assert!(matches!(l.tick(t0 + K, 2, Some(7), long), Tick::Ping(2)));
+        assert!(matches!(
+            l.tick(t0 + 2 * K, 3, Some(7), long),
+            Tick::Dead(Dead::NothingReceived(_))
+        ));
+    }
+
     /// QUIC: control pings go every `QUIC_CONTROL_PING` (every 24th tick
     /// at 5 s), the ticks between send nothing, a pong may be late by more
     /// than that interval while datagrams keep arriving, and a ping
@@ -515,7 +699,7 @@ mod tests {
                 // Ping 0's pong, 1.5 intervals late: tolerated, measured.
                 assert_eq!(l.pong(0, now), Some(K * i));
             }
-            match l.tick(now, u64::from(i), Some(u64::from(i))) {
+            match l.tick(now, u64::from(i), Some(u64::from(i)), Duration::ZERO) {
                 Tick::Ping(p) => pings.push(p),
                 Tick::Quiet => {}
                 Tick::Dead(d) => {
@@ -538,7 +722,7 @@ mod tests {
         // A keep-alive longer than the interval pings at every tick.
         let k = relay_protocol::QUIC_CONTROL_PING + K;
         let mut slow = Liveness::quic(k);
-        assert_eq!(slow.tick(t0, 1, Some(1)), Tick::Ping(1));
-        assert_eq!(slow.tick(t0 + k, 2, Some(2)), Tick::Ping(2));
+        assert_eq!(slow.tick(t0, 1, Some(1), Duration::ZERO), Tick::Ping(1));
+        assert_eq!(slow.tick(t0 + k, 2, Some(2), Duration::ZERO), Tick::Ping(2));
     }
 }

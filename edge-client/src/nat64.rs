@@ -14,10 +14,12 @@
 //! Only /96 prefixes are understood: the well-known `64:ff9b::/96` and the
 //! network-specific prefixes carriers use.
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
 use tracing::{debug, info};
 
 /// The name RFC 7050 reserves for discovering the NAT64 prefix.
@@ -26,16 +28,40 @@ const DISCOVERY_NAME: &str = "ipv4only.arpa";
 /// The IPv4 addresses `ipv4only.arpa` has (RFC 7050, section 2.2).
 const WELL_KNOWN_V4: [Ipv4Addr; 2] = [Ipv4Addr::new(192, 0, 0, 170), Ipv4Addr::new(192, 0, 0, 171)];
 
-/// How long a discovery's answer (a prefix, or a definite none) is
-/// trusted: a carrier's prefix rarely changes, an uplink (cellular to a
-/// site's Wi-Fi) now and then.
+/// How long a discovered prefix is trusted: a carrier's prefix rarely
+/// changes. Past it, while a new discovery has not answered, the old
+/// prefix is still used: it is never worse than none (only addresses with
+/// no route are put behind it).
 const TTL: Duration = Duration::from_secs(300);
 
-/// Bound on the discovery lookup: it runs inside a dial attempt.
+/// How long a definite "no prefix" is trusted. Discovery runs only while
+/// an IPv4 relay address has no route, and with no prefix every such
+/// address fails at once: trusting "none" for long only delays the edge
+/// that just moved to an IPv6-only uplink (it cost up to [`TTL`], 5
+/// minutes, when the first answer came from the old network's resolver),
+/// while asking again costs one small DNS question per half minute.
+const NONE_TTL: Duration = Duration::from_secs(30);
+
+/// How long a dial attempt waits for discovery. A discovery not answered
+/// by then goes on in the background (up to [`GIVE_UP`]) and its answer
+/// serves the next attempt: cut at this bound, a resolver slower than it
+/// (a dead first name server costs glibc 5 s) never gave a prefix.
 const LOOKUP_BOUND: Duration = Duration::from_secs(2);
 
-/// The last answer and when it came.
-static KNOWN: Mutex<Option<(Instant, Option<[u8; 12]>)>> = Mutex::new(None);
+/// How long a discovery may run in all.
+const GIVE_UP: Duration = Duration::from_secs(30);
+
+/// The process's NAT64 discovery.
+static DISCOVERY: Discovery = Discovery::new();
+
+/// The NAT64 prefix discovery's last answer, and the one discovery that
+/// may be running.
+struct Discovery {
+    /// The last answer (a prefix, or a definite none) and when it came.
+    known: Mutex<Option<(Instant, Option<[u8; 12]>)>>,
+    /// Set once the running (or last) discovery ended.
+    running: Mutex<Option<watch::Receiver<bool>>>,
+}
 
 /// `addrs`, each IPv4 address this host has no route to replaced by its
 /// NAT64 form when the network has a NAT64 prefix; unchanged otherwise.
@@ -88,28 +114,105 @@ pub(crate) fn has_route(addr: SocketAddr, mark: u32) -> bool {
     sock.connect(addr).is_ok()
 }
 
-/// The network's NAT64 prefix, from the AAAA records of `ipv4only.arpa`:
-/// remembered for [`TTL`] once the resolver answered; a lookup that fails
-/// or takes longer than [`LOOKUP_BOUND`] counts as none, and is tried
-/// again next time.
+/// The network's NAT64 prefix, from the AAAA records of `ipv4only.arpa`
+/// (see [`Discovery::discover_with`]).
 async fn discover() -> Option<[u8; 12]> {
-    let known = *KNOWN.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((at, prefix)) = known.filter(|(at, _)| at.elapsed() < TTL) {
-        debug!(age = ?at.elapsed(), "NAT64 prefix from the last discovery");
-        return prefix;
-    }
-    let lookup = tokio::net::lookup_host((DISCOVERY_NAME, 0));
-    let Ok(Ok(answers)) = tokio::time::timeout(LOOKUP_BOUND, lookup).await else {
-        return None;
-    };
-    let prefix = answers
-        .filter_map(|a| match a.ip() {
-            IpAddr::V6(v6) => prefix_of(v6),
-            IpAddr::V4(_) => None,
+    DISCOVERY
+        .discover_with(|| async {
+            tokio::net::lookup_host((DISCOVERY_NAME, 0))
+                .await
+                .map(|a| a.map(|a| a.ip()).collect())
         })
-        .next();
-    *KNOWN.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), prefix));
-    prefix
+        .await
+}
+
+impl Discovery {
+    const fn new() -> Self {
+        Discovery {
+            known: Mutex::new(None),
+            running: Mutex::new(None),
+        }
+    }
+
+    /// The last answer while it is trusted ([`TTL`], [`NONE_TTL`]), else
+    /// that of a discovery (`lookup`, the addresses `ipv4only.arpa`
+    /// resolves to; one at a time, joined when running) waited for up to
+    /// [`LOOKUP_BOUND`]. A lookup that fails is not remembered, and tried
+    /// again next time; one slower than the bound is remembered when it
+    /// answers. Without a new answer in time, an expired prefix stands in.
+    async fn discover_with<F, Fut>(&'static self, lookup: F) -> Option<[u8; 12]>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::io::Result<Vec<IpAddr>>> + Send + 'static,
+    {
+        if let Some((at, prefix)) = self.trusted() {
+            debug!(age = ?at.elapsed(), "NAT64 prefix from the last discovery");
+            return prefix;
+        }
+        let mut done = {
+            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            match running.as_ref().filter(|rx| !*rx.borrow()) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let rx = self.spawn(lookup());
+                    *running = Some(rx.clone());
+                    rx
+                }
+            }
+        };
+        if tokio::time::timeout(LOOKUP_BOUND, done.wait_for(|d| *d))
+            .await
+            .is_err()
+        {
+            debug!("no answer for {DISCOVERY_NAME} within {LOOKUP_BOUND:?}; still asking");
+        }
+        // This discovery's answer if it came, else an expired prefix.
+        self.last().and_then(|(_, prefix)| prefix)
+    }
+
+    /// The last answer, trusted or not.
+    fn last(&self) -> Option<(Instant, Option<[u8; 12]>)> {
+        *self.known.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The last answer, if still trusted.
+    fn trusted(&self) -> Option<(Instant, Option<[u8; 12]>)> {
+        self.last().filter(|(at, prefix)| {
+            at.elapsed()
+                < match prefix {
+                    Some(_) => TTL,
+                    None => NONE_TTL,
+                }
+        })
+    }
+
+    /// Runs `lookup` to its end (at most [`GIVE_UP`]) whoever waits,
+    /// remembering its answer; the receiver turns true when it ended.
+    fn spawn(
+        &'static self,
+        lookup: impl Future<Output = std::io::Result<Vec<IpAddr>>> + Send + 'static,
+    ) -> watch::Receiver<bool> {
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            match tokio::time::timeout(GIVE_UP, lookup).await {
+                Ok(Ok(answers)) => {
+                    let prefix = answers
+                        .into_iter()
+                        .filter_map(|a| match a {
+                            IpAddr::V6(v6) => prefix_of(v6),
+                            IpAddr::V4(_) => None,
+                        })
+                        .next();
+                    *self.known.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((Instant::now(), prefix));
+                }
+                Ok(Err(e)) => debug!(error = %e, "{DISCOVERY_NAME} not resolved"),
+                Err(_) => debug!("no answer for {DISCOVERY_NAME} within {GIVE_UP:?}"),
+            }
+            tx.send_replace(true);
+        });
+        rx
+    }
 }
 
 /// The /96 prefix of a synthesised `ipv4only.arpa` address.
@@ -165,6 +268,127 @@ mod tests {
             "10.0.0.9:8443".parse().unwrap(),
         ];
         assert_eq!(out, want);
+    }
+
+    /// A discovery of its own (the process's is shared by every test).
+    fn discovery() -> &'static Discovery {
+        Box::leak(Box::new(Discovery::new()))
+    }
+
+    /// A resolver counting its lookups that answers `ipv4only.arpa`
+    /// behind `64:ff9b::/96` after `delay`, or with its A records only
+    /// (`dns64` false).
+    fn resolver(
+        delay: Duration,
+        dns64: bool,
+        count: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) -> impl FnOnce() -> std::pin::Pin<
+        Box<dyn Future<Output = std::io::Result<Vec<IpAddr>>> + Send + 'static>,
+    > {
+        let count = count.clone();
+        move || {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                Ok(match dns64 {
+                    true => vec!["64:ff9b::c000:aa".parse().unwrap()],
+                    false => vec![WELL_KNOWN_V4[0].into()],
+                })
+            })
+        }
+    }
+
+    fn wkp() -> [u8; 12] {
+        prefix_of("64:ff9b::c000:aa".parse().unwrap()).unwrap()
+    }
+
+    /// A DNS64 that answers after 3 s (a dead first name server costs
+    /// glibc 5 s): the attempt it held up finds no prefix, the discovery
+    /// goes on and the next attempt has the prefix; attempts meanwhile
+    /// join it, one lookup in all; once known, no lookup at all.
+    #[tokio::test]
+    async fn a_slow_dns64_still_gives_the_prefix() {
+        let d = discovery();
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let slow = || resolver(Duration::from_secs(3), true, &count);
+        let t0 = Instant::now();
+        assert_eq!(d.discover_with(slow()).await, None, "not within the bound");
+        assert!(t0.elapsed() < Duration::from_millis(2500));
+        for _ in 0..4 {
+            // Within the attempt's bound of the answer: joined.
+            assert_eq!(d.discover_with(slow()).await, Some(wkp()));
+        }
+        assert!(
+            t0.elapsed() < Duration::from_millis(3500),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// An answer that comes after every attempt stopped waiting is kept
+    /// for the next one.
+    #[tokio::test]
+    async fn an_answer_nobody_waited_for_is_kept() {
+        let d = discovery();
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        assert_eq!(
+            d.discover_with(resolver(Duration::from_secs(3), true, &count))
+                .await,
+            None
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let t0 = Instant::now();
+        let again = resolver(Duration::from_secs(3), true, &count);
+        assert_eq!(d.discover_with(again).await, Some(wkp()));
+        assert!(t0.elapsed() < Duration::from_millis(100));
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// A definite "no prefix" is trusted for half a minute, not the
+    /// prefix's 5 minutes (an edge that moved to an IPv6-only uplink
+    /// finds its prefix within 31 s); an
+    /// expired prefix stands in while its rediscovery is slow, and a new
+    /// answer replaces it.
+    #[tokio::test]
+    async fn answers_expire() {
+        let ago = |d: Duration| Instant::now().checked_sub(d).unwrap();
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let asked = || count.load(std::sync::atomic::Ordering::SeqCst);
+        let d = discovery();
+        *d.known.lock().unwrap() = Some((ago(Duration::from_secs(5)), None));
+        assert_eq!(
+            d.discover_with(resolver(Duration::ZERO, true, &count))
+                .await,
+            None
+        );
+        assert_eq!(asked(), 0, "a fresh none is trusted");
+        *d.known.lock().unwrap() = Some((ago(Duration::from_secs(31)), None));
+        let quick = resolver(Duration::ZERO, true, &count);
+        assert_eq!(
+            d.discover_with(quick).await,
+            Some(wkp()),
+            "the uplink moved"
+        );
+        assert_eq!(asked(), 1);
+
+        let d = discovery();
+        *d.known.lock().unwrap() = Some((ago(TTL), Some(wkp())));
+        let silent = resolver(Duration::from_secs(3600), false, &count);
+        assert_eq!(
+            d.discover_with(silent).await,
+            Some(wkp()),
+            "expired stands in"
+        );
+        assert_eq!(asked(), 2);
+        let d = discovery();
+        *d.known.lock().unwrap() = Some((ago(TTL), Some(wkp())));
+        let none = resolver(Duration::ZERO, false, &count);
+        assert_eq!(
+            d.discover_with(none).await,
+            None,
+            "a new answer replaces it"
+        );
     }
 
     /// Loopback is always routed: nothing is rewritten, nothing looked up.

@@ -361,7 +361,7 @@ pub(crate) async fn run_session(
                 // the unknown connection, and we reconnect in seconds.
                 // (On QUIC, QUIC's keep-alive does this, and a rebinding is
                 // just a new path to the relay.)
-                match liveness.tick(Instant::now(), rand::random(), Some(conn.arrivals())) {
+                match liveness.tick(Instant::now(), rand::random(), Some(conn.arrivals()), conn.rtt()) {
                     Tick::Ping(nonce) => Control::Ping { nonce },
                     Tick::Quiet => continue,
                     Tick::Dead(dead) => {

@@ -119,11 +119,19 @@ pub struct EdgeStats {
     /// IPv6 and an IPv4 address still connects where IPv6 is broken (the
     /// resolver puts IPv6 first whenever the node has an IPv6 route to
     /// it, whether or not packets get through upstream). Only a silent
-    /// address moves it (and a QUIC probe that found QUIC answering at
-    /// another address): a relay that answered and refused (draining,
-    /// overloaded, a TLS error) is reached at that address, and moving on
-    /// would send the next attempt to one that may be the broken one.
+    /// address moves it at once (and a QUIC probe that found QUIC answering
+    /// at another address): a relay that answered and refused (draining,
+    /// overloaded) is reached at that address, and moving on would send
+    /// the next attempt to one that may be the broken one. An address that
+    /// answers without showing a working relay (TLS failing, a connection
+    /// closed at once) moves it after a few attempts in a row
+    /// ([`EdgeStats::relay_addr_unproven`]).
     pub relay_addr_turns: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Per relay name, the address whose answers showed no working relay
+    /// and how many times in a row (see `dial::transport`'s
+    /// `UNPROVEN_TO_ADVANCE`): kept across attempts, as the turn is.
+    pub relay_addr_unproven:
+        std::sync::Mutex<std::collections::HashMap<String, (std::net::SocketAddr, u64)>>,
     /// The addresses each relay name resolved to last: dialled when the
     /// name stops resolving (the site's or carrier's DNS down while the
     /// uplink works), where a failed lookup used to fail every attempt.

@@ -1,16 +1,49 @@
 //! Which of the relay's addresses to dial: its name's resolution (bounded,
 //! with the addresses it had, or those a previous run saved, standing in
-//! when it fails), the order an edge takes turns on the addresses in, and
-//! whose turn it is.
+//! when it fails; a lookup cut short goes on in the background and its
+//! answer serves the next attempt), the order an edge takes turns on the
+//! addresses in, and whose turn it is.
 
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use tracing::warn;
+use tokio::sync::watch;
+use tracing::{debug, warn};
 
 use super::Dialer;
 
 impl Dialer<'_> {
+    /// What the relay's name resolves to, waited for up to
+    /// [`Dialer::lookup_bound`]; a lookup still running then goes on in
+    /// the background (see [`Lookups`]).
+    pub(super) async fn look_up(&self) -> io::Result<Vec<SocketAddr>> {
+        let name = self.cfg.relay.clone();
+        self.look_up_with(&RELAY_LOOKUPS, move || async move {
+            tokio::net::lookup_host(name).await.map(|a| a.collect())
+        })
+        .await
+    }
+
+    /// [`Dialer::look_up`] with the lookups and the resolver given (the
+    /// tests' slow resolvers).
+    pub(super) async fn look_up_with<F, Fut>(
+        &self,
+        lookups: &Lookups,
+        lookup: F,
+    ) -> io::Result<Vec<SocketAddr>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'static,
+    {
+        lookups
+            .resolve(&self.cfg.relay, self.lookup_bound(), lookup)
+            .await
+    }
+
     /// How long the relay's name may take to resolve: [`LOOKUP_WITH_KNOWN`]
     /// when it resolved before in this run (its last addresses stand in),
     /// else the handshake timeout. The system resolver alone may take
@@ -118,25 +151,159 @@ impl Dialer<'_> {
     }
 }
 
-/// The bound on resolving the relay's name when its last addresses are
-/// known ([`Dialer::lookup_bound`]): a resolver that stopped answering
-/// costs this much per attempt, not the resolver's own timeouts.
+/// The bound on an attempt's wait for the relay's name when its last
+/// addresses are known ([`Dialer::lookup_bound`]): a resolver that stopped
+/// answering costs this much per attempt, not the resolver's own timeouts.
+/// The lookup itself is not cut there (see [`Lookups`]): a slow resolver
+/// that works (a dead first name server costs glibc 5 s a try) still
+/// updates the addresses, one attempt later.
 const LOOKUP_WITH_KNOWN: Duration = Duration::from_secs(2);
 
-/// `lookup` (the relay name's resolution) bounded by `bound`: no answer
-/// within it is an error, as a failed lookup is.
-pub(super) async fn bounded<T>(
-    lookup: impl std::future::Future<Output = std::io::Result<T>>,
-    bound: Duration,
-) -> std::io::Result<T> {
-    tokio::time::timeout(bound, lookup)
-        .await
-        .unwrap_or_else(|_| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer from the resolver within {bound:?}"),
-            ))
-        })
+/// How long a lookup may run in all, in the background after its attempt
+/// stopped waiting: past glibc's 5 s × 2 tries on a dead first name server
+/// and a second server's answer, yet a resolver that never answers frees
+/// the name for a fresh lookup every half minute.
+const LOOKUP_GIVE_UP: Duration = Duration::from_secs(30);
+
+/// How old a background lookup's answer may be and still serve an attempt
+/// without a lookup of its own: about one reconnect backoff's cap and an
+/// attempt. An older one (the session it would have served stayed up)
+/// still stands in for a fresh lookup that fails or is slow: it is newer
+/// than the addresses known.
+const ANSWER_FRESH: Duration = Duration::from_secs(30);
+
+/// How a lookup ended: when, and the addresses or the error (its kind and
+/// text: an [`io::Error`] cannot be shared between attempts).
+#[derive(Clone, Debug)]
+struct Answer {
+    at: Instant,
+    result: Result<Vec<SocketAddr>, (io::ErrorKind, String)>,
+}
+
+impl Answer {
+    fn into_result(self) -> io::Result<Vec<SocketAddr>> {
+        self.result
+            .map_err(|(kind, text)| io::Error::new(kind, text))
+    }
+}
+
+/// The relay names' lookups that are running, or ended with nobody
+/// waiting: at most one per name. An attempt waits for its name's lookup
+/// up to its bound; one still running then goes on (up to
+/// [`LOOKUP_GIVE_UP`]) and the next attempt joins it instead of starting
+/// another, or takes its answer once it came. Cutting the lookup at the
+/// bound instead froze the name's addresses for good behind a resolver
+/// slower than the bound: no lookup ever finished, and a relay that moved
+/// was dialled at its old address until the edge restarted.
+///
+/// Kept per process, by name, where the addresses known are per
+/// [`EdgeStats`](crate::client::EdgeStats): an edge process has one,
+/// and an answer taken by another edge in the same process (the lab's)
+/// only costs this one a lookup of its own.
+pub(super) struct Lookups(Mutex<BTreeMap<String, watch::Receiver<Option<Answer>>>>);
+
+/// The process's relay name lookups.
+static RELAY_LOOKUPS: Lookups = Lookups::new();
+
+impl Lookups {
+    /// No lookups yet (a `const fn`: the process's are a `static`).
+    pub(super) const fn new() -> Self {
+        Lookups(Mutex::new(BTreeMap::new()))
+    }
+
+    /// `name`'s addresses: a fresh answer a background lookup left, else
+    /// the answer of the lookup running for it (`lookup` started when none
+    /// is), waited for up to `bound`. No answer within it is an error, as
+    /// a failed lookup is, unless an older background answer stands in.
+    async fn resolve<F, Fut>(
+        &self,
+        name: &str,
+        bound: Duration,
+        lookup: F,
+    ) -> io::Result<Vec<SocketAddr>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'static,
+    {
+        let (mut rx, earlier) = {
+            let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let ended = map.get(name).map(|rx| rx.borrow().clone());
+            let mut earlier = None;
+            let running = match ended {
+                Some(None) => map.get(name).cloned(),
+                Some(Some(answer)) => {
+                    map.remove(name);
+                    if answer.result.is_ok() && answer.at.elapsed() < ANSWER_FRESH {
+                        debug!(%name, age = ?answer.at.elapsed(), "relay name's addresses from a lookup that ended in the background");
+                        return answer.into_result();
+                    }
+                    earlier = answer.result.ok();
+                    None
+                }
+                None => None,
+            };
+            let rx = running.unwrap_or_else(|| {
+                // Only names that keep failing to answer in time are left
+                // (a replica's that went away): drop those long ended.
+                map.retain(|_, rx| {
+                    rx.borrow()
+                        .as_ref()
+                        .is_none_or(|a| a.at.elapsed() < LOOKUP_GIVE_UP * 10)
+                });
+                let rx = spawn_lookup(lookup());
+                map.insert(name.to_owned(), rx.clone());
+                rx
+            });
+            (rx, earlier)
+        };
+        let answer = match tokio::time::timeout(bound, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(answer)) => answer.clone(),
+            // The task is gone without an answer (the runtime shutting
+            // down): nothing to wait for.
+            Ok(Err(_)) => None,
+            Err(_) => {
+                let e = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer from the resolver within {bound:?} (still asking)"),
+                );
+                return earlier.ok_or(e);
+            }
+        };
+        // Taken: the next attempt looks the name up afresh.
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(name).is_some_and(|r| r.same_channel(&rx)) {
+            map.remove(name);
+        }
+        drop(map);
+        let result = match answer {
+            Some(answer) => answer.into_result(),
+            None => Err(io::Error::other("the lookup ended without an answer")),
+        };
+        result.or_else(|e| earlier.ok_or(e))
+    }
+}
+
+/// Runs `lookup` to its end (at most [`LOOKUP_GIVE_UP`]) whoever waits,
+/// and says how it ended.
+fn spawn_lookup(
+    lookup: impl Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'static,
+) -> watch::Receiver<Option<Answer>> {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(async move {
+        let result = match tokio::time::timeout(LOOKUP_GIVE_UP, lookup).await {
+            Ok(Ok(addrs)) => Ok(addrs),
+            Ok(Err(e)) => Err((e.kind(), e.to_string())),
+            Err(_) => Err((
+                io::ErrorKind::TimedOut,
+                format!("no answer from the resolver within {LOOKUP_GIVE_UP:?}"),
+            )),
+        };
+        tx.send_replace(Some(Answer {
+            at: Instant::now(),
+            result,
+        }));
+    });
+    rx
 }
 
 /// The relay's addresses in the order an edge takes turns on them: those
@@ -257,12 +424,156 @@ mod tests {
         let a: SocketAddr = "192.0.2.1:8443".parse().unwrap();
         dialer.addresses(Ok(vec![a]), false).unwrap();
         assert_eq!(dialer.lookup_bound(), LOOKUP_WITH_KNOWN);
-        let silent = std::future::pending::<std::io::Result<Vec<SocketAddr>>>();
-        let e = bounded(silent, Duration::from_millis(20))
+        let lookups = Lookups::new();
+        let silent = || std::future::pending::<io::Result<Vec<SocketAddr>>>();
+        let e = lookups
+            .resolve(&cfg.relay, Duration::from_millis(20), silent)
             .await
             .unwrap_err();
-        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert_eq!(dialer.addresses(Err(e), false).unwrap(), vec![a]);
+    }
+
+    /// A resolver counting its lookups that answers `addrs` after `delay`.
+    fn slow_resolver(
+        delay: Duration,
+        addrs: Vec<SocketAddr>,
+        count: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) -> impl FnOnce() -> std::pin::Pin<
+        Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'static>,
+    > {
+        let count = count.clone();
+        move || {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                Ok(addrs)
+            })
+        }
+    }
+
+    /// A resolver slower than the bound (a dead first name server costs
+    /// glibc 5 s) that answers a new address: the attempt it held up
+    /// dials the address known, and the one after the lookup ended dials
+    /// the new one, taken from the background lookup without asking
+    /// again; the address known is the new one from then on.
+    #[tokio::test]
+    async fn a_slow_answer_serves_the_next_attempt() {
+        let (cfg, _) = test_cfg("relay.test:8443");
+        let stats = EdgeStats::default();
+        let dialer = dialer_for(&cfg, &stats, TransportMode::Auto, false, false);
+        let old: SocketAddr = "192.0.2.1:8443".parse().unwrap();
+        let new: SocketAddr = "192.0.2.9:8443".parse().unwrap();
+        dialer.addresses(Ok(vec![old]), false).unwrap();
+        let lookups = Lookups::new();
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let asked = || count.load(std::sync::atomic::Ordering::SeqCst);
+        let slow = || slow_resolver(Duration::from_secs(3), vec![new], &count);
+
+        let t0 = Instant::now();
+        let first = dialer.look_up_with(&lookups, slow()).await;
+        assert!(
+            t0.elapsed() < Duration::from_millis(2500),
+            "{:?}",
+            t0.elapsed()
+        );
+        let first = dialer.addresses(first, false).unwrap();
+        assert_eq!(
+            first,
+            vec![old],
+            "the first attempt dials the address known"
+        );
+
+        // The lookup ends in the background, 3 s after it began.
+        tokio::time::sleep(Duration::from_millis(3300).saturating_sub(t0.elapsed())).await;
+        let t1 = Instant::now();
+        let second = dialer.look_up_with(&lookups, slow()).await;
+        assert!(
+            t1.elapsed() < Duration::from_millis(200),
+            "waited {:?}",
+            t1.elapsed()
+        );
+        assert_eq!(dialer.addresses(second, false).unwrap(), vec![new]);
+        assert_eq!(asked(), 1, "the answer was taken, not asked for again");
+        let down = || Err(io::Error::other("no answer"));
+        assert_eq!(dialer.addresses(down(), false).unwrap(), vec![new]);
+
+        // Taken once: the next attempt asks afresh (the fast path).
+        let quick = slow_resolver(Duration::ZERO, vec![old], &count);
+        assert_eq!(
+            dialer.look_up_with(&lookups, quick).await.unwrap(),
+            vec![old]
+        );
+        assert_eq!(asked(), 2);
+    }
+
+    /// However many attempts come while a slow lookup runs, concurrent
+    /// or one after another, it is the only one for its name: they join
+    /// it, and one that waits long enough gets its answer.
+    #[tokio::test]
+    async fn one_lookup_per_name_is_in_flight() {
+        let (cfg, _) = test_cfg("relay.test:8443");
+        let stats = EdgeStats::default();
+        let dialer = dialer_for(&cfg, &stats, TransportMode::Auto, false, false);
+        let old: SocketAddr = "192.0.2.1:8443".parse().unwrap();
+        let new: SocketAddr = "192.0.2.9:8443".parse().unwrap();
+        dialer.addresses(Ok(vec![old]), false).unwrap();
+        let lookups = Lookups::new();
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let slow = || slow_resolver(Duration::from_secs(3), vec![new], &count);
+        let t0 = Instant::now();
+        let concurrent =
+            futures::future::join_all((0..16).map(|_| dialer.look_up_with(&lookups, slow()))).await;
+        for r in concurrent {
+            assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        }
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // 2 s in: a short wait joins the lookup and times out...
+        for _ in 0..8 {
+            let r = lookups
+                .resolve(&cfg.relay, Duration::from_millis(10), slow())
+                .await;
+            assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        }
+        // ...one of the attempt's bound gets the answer when it comes.
+        let r = dialer.look_up_with(&lookups, slow()).await.unwrap();
+        assert_eq!(r, vec![new]);
+        let took = t0.elapsed();
+        assert!(
+            took < Duration::from_millis(3500),
+            "answered after {took:?}"
+        );
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(lookups.0.lock().unwrap().is_empty(), "taken, not kept");
+    }
+
+    /// A background answer older than [`ANSWER_FRESH`] does not spare a
+    /// lookup, but stands in when the lookup is slow: it is newer than
+    /// the addresses known.
+    #[tokio::test]
+    async fn an_old_background_answer_stands_in_for_a_slow_lookup() {
+        let lookups = Lookups::new();
+        let new: SocketAddr = "192.0.2.9:8443".parse().unwrap();
+        let (_tx, rx) = watch::channel(Some(Answer {
+            at: Instant::now().checked_sub(ANSWER_FRESH * 2).unwrap(),
+            result: Ok(vec![new]),
+        }));
+        lookups
+            .0
+            .lock()
+            .unwrap()
+            .insert("relay.test:8443".into(), rx);
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let silent = slow_resolver(Duration::from_secs(3600), vec![], &count);
+        let r = lookups
+            .resolve("relay.test:8443", Duration::from_millis(20), silent)
+            .await;
+        assert_eq!(r.unwrap(), vec![new]);
+        assert_eq!(
+            count.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "asked afresh"
+        );
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! for: QUIC, TLS over TCP (directly or through an HTTP proxy), or in
 //! `Auto` QUIC falling back to TCP when QUIC gets no answer; the QUIC
 //! probe that walks every address; and what a failed dial says about the
-//! address (only silence moves the address turn).
+//! address: silence moves the address turn at once, and
+//! [`UNPROVEN_TO_ADVANCE`] answers in a row that showed no working relay
+//! (a TLS failure or stall, a connection accepted then closed) move it
+//! too, while a relay's own refusal keeps it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -13,6 +16,17 @@ use tracing::warn;
 
 use super::addrs::pick;
 use super::Dialer;
+
+/// Failed attempts in a row at one relay address that answered without
+/// showing a working relay, after which the next attempt dials the next
+/// address. Why not at once, as for silence: a real relay's answer can fail
+/// once (a restart closing the connection it had just accepted); why not
+/// never: an address recycled to something else (an ingress on the port,
+/// a load balancer with no backends, a TLS-inspecting box, a replica with
+/// the wrong CA) answers every time, and the edges whose order puts it
+/// first never dialled the relay's healthy address. Three such attempts
+/// cost about 10 s with the default backoff and fallback timer.
+pub(super) const UNPROVEN_TO_ADVANCE: u64 = 3;
 use crate::config::{EdgeConfig, TransportMode};
 use crate::identity::clock_hint;
 
@@ -40,8 +54,12 @@ impl Dialer<'_> {
 
     /// [`Dialer::dial`] to the address of `addrs` whose turn it is; after
     /// an attempt that got no answer there, the next attempt (after the
-    /// backoff) takes the next one. An answer, even a refusal, keeps the
-    /// turn: that address reaches the relay.
+    /// backoff) takes the next one, and so it does after
+    /// [`UNPROVEN_TO_ADVANCE`] attempts in a row whose answer showed no
+    /// working relay (see [`AddrFailed::unproven`]). A relay's own refusal
+    /// keeps the turn (that address reaches the relay), as does a
+    /// connection made (its hello may still be rejected: the relay that
+    /// rejects it proved itself with its certificate).
     pub(super) async fn dial_any(
         &self,
         addrs: &[SocketAddr],
@@ -54,12 +72,32 @@ impl Dialer<'_> {
         }
         let addr = pick(addrs, turn).ok_or_else(|| format!("resolve {}: no address", cfg.relay))?;
         let failed = match self.dial_addr(addr, tls).await {
-            Ok(c) => return Ok(c),
+            Ok(c) => {
+                self.unproven().clear();
+                return Ok(c);
+            }
             Err(f) => f,
         };
-        if failed.silent && addrs.len() > 1 && !self.probe && self.advance(turn) {
-            if let Some(next) = pick(addrs, turn.wrapping_add(1)) {
-                warn!(relay = %cfg.relay, silent = %addr, %next, "no answer from this relay address; the next attempt dials the next one");
+        if addrs.len() < 2 || self.probe {
+            return Err(failed.message);
+        }
+        if failed.silent {
+            if self.advance(turn) {
+                self.unproven().clear();
+                if let Some(next) = pick(addrs, turn.wrapping_add(1)) {
+                    warn!(relay = %cfg.relay, silent = %addr, %next, "no answer from this relay address; the next attempt dials the next one");
+                }
+            }
+        } else if !failed.unproven {
+            // The relay itself answered (refused): the address is right.
+            self.unproven().clear();
+        } else {
+            let in_a_row = self.unproven().count(addr);
+            if in_a_row >= UNPROVEN_TO_ADVANCE && self.advance(turn) {
+                self.unproven().clear();
+                if let Some(next) = pick(addrs, turn.wrapping_add(1)) {
+                    warn!(relay = %cfg.relay, answered = %addr, %next, attempts = in_a_row, error = %failed.message, "this relay address answers but no working relay (TLS fails or the connection closes); the next attempt dials the next one");
+                }
             }
         }
         Err(failed.message)
@@ -148,6 +186,7 @@ impl Dialer<'_> {
             // the proxy does says nothing about it.
             TransportMode::Tcp => self.tcp(to, tls).await.map_err(|e| AddrFailed {
                 silent: direct && !e.reached,
+                unproven: direct && e.reached,
                 message: e.lost.0,
             }),
             TransportMode::Auto => {
@@ -179,12 +218,9 @@ impl Dialer<'_> {
                     let quic = quic_transport(cfg, addr, mark, tls.clone());
                     match tokio::time::timeout(wait, quic).await {
                         Ok(Ok((ep, c))) => return Ok((Some(ep), c)),
-                        Ok(Err(QuicAttemptError::Answered(message))) => {
-                            return Err(AddrFailed {
-                                message,
-                                silent: false,
-                            })
-                        }
+                        Ok(Err(
+                            e @ (QuicAttemptError::Answered(_) | QuicAttemptError::Refused(_)),
+                        )) => return Err(e.into_failed()),
                         Ok(Err(QuicAttemptError::Unanswered(e))) => why = e,
                         Err(_) => why = format!("no QUIC handshake within {wait:?}"),
                     }
@@ -193,8 +229,11 @@ impl Dialer<'_> {
                 warn!(reason = %why, "QUIC unavailable; falling back to TLS over TCP");
                 // QUIC got no answer here; the address is silent unless TCP
                 // then reached the relay (UDP blocked, the address fine).
+                // Through a proxy, TCP says nothing about this address (see
+                // `TransportMode::Tcp`).
                 self.tcp(to, tls).await.map_err(|e| AddrFailed {
                     silent: !e.reached,
+                    unproven: direct && e.reached,
                     message: e.lost.0,
                 })
             }
@@ -218,21 +257,29 @@ enum QuicAttemptError {
     /// Nothing came back (or no UDP socket to send from): the path may
     /// not carry UDP.
     Unanswered(String),
-    /// The relay answered and ended the attempt: UDP gets through.
+    /// Something answered and ended the attempt (a TLS error either way,
+    /// a QUIC server of another protocol's close, a reset): UDP gets
+    /// through, but nothing shows that a working relay is there.
     Answered(String),
+    /// The relay refused: a QUIC `CONNECTION_REFUSED` (what the relay's
+    /// `Incoming::refuse` sends while draining or over its handshake
+    /// limit), or an application close, which can only arrive once the
+    /// handshake's keys are up (the relay's certificate verified). UDP gets
+    /// through and the address reaches the relay.
+    Refused(String),
 }
 
 impl QuicAttemptError {
     fn into_failed(self) -> AddrFailed {
-        match self {
-            QuicAttemptError::Unanswered(message) => AddrFailed {
-                message,
-                silent: true,
-            },
-            QuicAttemptError::Answered(message) => AddrFailed {
-                message,
-                silent: false,
-            },
+        let (message, silent, unproven) = match self {
+            QuicAttemptError::Unanswered(m) => (m, true, false),
+            QuicAttemptError::Answered(m) => (m, false, true),
+            QuicAttemptError::Refused(m) => (m, false, false),
+        };
+        AddrFailed {
+            message,
+            silent,
+            unproven,
         }
     }
 }
@@ -243,8 +290,56 @@ struct AddrFailed {
     message: String,
     /// Nothing answered at the address (QUIC unanswered and no TCP
     /// connection after it, or a TCP connection refused or timed out before
-    /// TLS began): only this moves the address turn.
+    /// TLS began): this moves the address turn at once.
     silent: bool,
+    /// Something answered at the address but showed no working relay: a
+    /// TLS failure or stall (on TCP: anything after the connection was
+    /// made; on QUIC: any close but a relay's refusal). Counted per
+    /// address ([`UnprovenFailures`]); [`UNPROVEN_TO_ADVANCE`] in a row
+    /// move the turn. `false` for silence, a relay's refusal, and a TCP
+    /// attempt through a proxy (which says nothing about the address).
+    unproven: bool,
+}
+
+impl Dialer<'_> {
+    /// The relay name's count of unproven failures (see
+    /// [`UnprovenFailures`]).
+    fn unproven(&self) -> UnprovenFailures<'_> {
+        UnprovenFailures {
+            counts: &self.stats.relay_addr_unproven,
+            relay: &self.cfg.relay,
+        }
+    }
+}
+
+/// Unproven failures in a row (see [`AddrFailed::unproven`]) at one of a
+/// relay name's addresses (`EdgeStats::relay_addr_unproven`): the count
+/// must outlive the attempt's `Dialer`, as the turn does, and only one
+/// address of a name holds a count at a time (a failure at another address
+/// starts over).
+struct UnprovenFailures<'a> {
+    counts: &'a std::sync::Mutex<std::collections::HashMap<String, (SocketAddr, u64)>>,
+    relay: &'a str,
+}
+
+impl UnprovenFailures<'_> {
+    /// Counts one more at `addr` (starting over if the last was at another
+    /// address); returns how many in a row there now are.
+    fn count(&self, addr: SocketAddr) -> u64 {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = counts.entry(self.relay.to_string()).or_insert((addr, 0));
+        if entry.0 != addr {
+            *entry = (addr, 0);
+        }
+        entry.1 += 1;
+        entry.1
+    }
+
+    /// Forgets the count: the address proved itself, or the turn moved.
+    fn clear(&self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.remove(self.relay);
+    }
 }
 
 /// A QUIC connection to `addr` (no hello yet).
@@ -272,6 +367,12 @@ async fn quic_transport(
             quinn::ConnectionError::TimedOut | quinn::ConnectionError::LocallyClosed => {
                 QuicAttemptError::Unanswered(msg)
             }
+            quinn::ConnectionError::ConnectionClosed(c)
+                if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+            {
+                QuicAttemptError::Refused(msg)
+            }
+            quinn::ConnectionError::ApplicationClosed(_) => QuicAttemptError::Refused(msg),
             _ => QuicAttemptError::Answered(msg),
         }
     })?;
@@ -373,9 +474,12 @@ mod tests {
         let addrs = [refusing, refusing_tcp()];
         for mode in [TransportMode::Auto, TransportMode::Quic] {
             let dialer = dialer_for(&cfg, &stats, mode, false, false);
-            assert!(dialer.dial_any(&addrs, client_tls.clone()).await.is_err());
-            refused.recv().await.unwrap();
-            assert_eq!(dialer.turn(), 0, "{mode:?}: a refusal moved the turn");
+            // More than `UNPROVEN_TO_ADVANCE`: refusals never count.
+            for _ in 0..=UNPROVEN_TO_ADVANCE {
+                assert!(dialer.dial_any(&addrs, client_tls.clone()).await.is_err());
+                refused.recv().await.unwrap();
+                assert_eq!(dialer.turn(), 0, "{mode:?}: a refusal moved the turn");
+            }
         }
         assert_eq!(
             stats.fallbacks.load(Relaxed),
@@ -541,5 +645,151 @@ mod tests {
         let answered = tokio::time::timeout(Duration::from_secs(5), answered.recv()).await;
         assert!(matches!(answered, Ok(Some(_))), "the relay answered it");
         assert_eq!(tcp_accepts.await.unwrap(), 1);
+    }
+
+    /// A TCP listener that accepts each connection and closes it at once
+    /// (a port recycled to something else, a load balancer with no
+    /// backends); sends the number of each connection.
+    async fn accepting_and_closing() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<usize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut i = 0;
+            while let Ok((s, _)) = l.accept().await {
+                drop(s);
+                let _ = tx.send(i);
+                i += 1;
+            }
+        });
+        (at, rx)
+    }
+
+    /// An address that accepts TCP and closes at once keeps the turn for
+    /// `UNPROVEN_TO_ADVANCE - 1` attempts; the next one moves it.
+    #[tokio::test]
+    async fn an_address_that_answers_but_is_no_relay_is_left_after_a_few_attempts() {
+        let (cfg, client_tls) = test_cfg("relay.test:8443");
+        let (closing, mut seen) = accepting_and_closing().await;
+        let stats = EdgeStats::default();
+        let dialer = dialer_for(&cfg, &stats, TransportMode::Tcp, false, false);
+        let addrs = [closing, refusing_tcp()];
+        for n in 1..=UNPROVEN_TO_ADVANCE {
+            assert!(dialer.dial_any(&addrs, client_tls.clone()).await.is_err());
+            assert_eq!(seen.recv().await, Some(usize::try_from(n - 1).unwrap()));
+            let want = u64::from(n == UNPROVEN_TO_ADVANCE);
+            assert_eq!(dialer.turn(), want, "after {n} attempts");
+        }
+        // The next address refuses (silent): the turn moves on again, and
+        // the closing one starts from nothing.
+        assert!(dialer.dial_any(&addrs, client_tls.clone()).await.is_err());
+        assert_eq!(dialer.turn(), 2);
+        assert!(dialer.dial_any(&addrs, client_tls).await.is_err());
+        assert_eq!(dialer.turn(), 2, "the count started over");
+    }
+
+    /// A session made at the address in between starts the count over: a
+    /// real relay (QUIC) dialled with a TLS config that does not trust it
+    /// fails as a wrong-CA replica would; with the right one it works.
+    #[tokio::test]
+    async fn a_session_made_starts_the_count_over() {
+        let pki =
+            relay_transport::devcerts::DevPki::generate(&["relay.test"], &["edge-a"]).unwrap();
+        let relay = loopback_relay(&pki);
+        let live = relay.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Some(incoming) = relay.accept().await {
+                tokio::spawn(async move {
+                    if let Ok(conn) = incoming.await {
+                        conn.closed().await;
+                    }
+                });
+            }
+        });
+        let tls = pki.node_material("edge-a").unwrap();
+        let trusting = tls.client_config(relay_protocol::ALPN).unwrap();
+        let cfg = EdgeConfig::new("edge-a", "relay.test:8443", "relay.test", tls);
+        // Another PKI's edge config: its CA did not sign the relay's.
+        let (_, untrusting) = test_cfg("relay.test:8443");
+        let stats = EdgeStats::default();
+        let dialer = dialer_for(&cfg, &stats, TransportMode::Quic, false, false);
+        let addrs = [live, refusing_tcp()];
+        let untrusted = || dialer.dial_any(&addrs, untrusting.clone());
+        for _ in 1..UNPROVEN_TO_ADVANCE {
+            assert!(untrusted().await.is_err());
+        }
+        assert_eq!(dialer.turn(), 0);
+        let (ep, conn) = dialer.dial_any(&addrs, trusting).await.unwrap();
+        conn.close(0, "done");
+        drop(ep);
+        for _ in 1..UNPROVEN_TO_ADVANCE {
+            assert!(untrusted().await.is_err());
+        }
+        assert_eq!(dialer.turn(), 0, "the count did not start over");
+        assert!(untrusted().await.is_err());
+        assert_eq!(dialer.turn(), 1);
+    }
+
+    /// QUIC: a server whose certificate the edge does not trust (a replica
+    /// with the wrong CA, a TLS-inspecting box) answers every handshake
+    /// with a TLS error: after `UNPROVEN_TO_ADVANCE` attempts the turn
+    /// moves, in `quic` and in `auto` mode (where the answer also keeps
+    /// the edge off TCP).
+    #[tokio::test]
+    async fn quic_tls_failures_at_an_address_move_the_turn() {
+        let wrong_ca =
+            relay_transport::devcerts::DevPki::generate(&["relay.test"], &["edge-a"]).unwrap();
+        let (cfg, client_tls) = test_cfg("relay.test:8443");
+        let relay = loopback_relay(&wrong_ca);
+        let untrusted = relay.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Some(incoming) = relay.accept().await {
+                tokio::spawn(async move {
+                    let _ = incoming.await;
+                });
+            }
+        });
+        for mode in [TransportMode::Quic, TransportMode::Auto] {
+            let stats = EdgeStats::default();
+            let dialer = dialer_for(&cfg, &stats, mode, false, false);
+            let addrs = [untrusted, refusing_tcp()];
+            for n in 1..=UNPROVEN_TO_ADVANCE {
+                let e = dialer
+                    .dial_any(&addrs, client_tls.clone())
+                    .await
+                    .unwrap_err();
+                let want = u64::from(n == UNPROVEN_TO_ADVANCE);
+                assert_eq!(dialer.turn(), want, "{mode:?}: after {n} attempts ({e})");
+            }
+            assert_eq!(stats.fallbacks.load(Relaxed), 0, "{mode:?}: fell back");
+        }
+    }
+
+    /// The count is of failures in a row at one address: one at another
+    /// address starts it over, and clearing forgets it; other relay names
+    /// and the turn itself are untouched.
+    #[test]
+    fn unproven_failures_count_in_a_row_per_address() {
+        let counts = std::sync::Mutex::default();
+        let a = UnprovenFailures {
+            counts: &counts,
+            relay: "relay.test:8443",
+        };
+        let other = UnprovenFailures {
+            counts: &counts,
+            relay: "relay-b.test:8443",
+        };
+        let (x, y): (SocketAddr, SocketAddr) = (
+            "192.0.2.1:8443".parse().unwrap(),
+            "[2001:db8::1]:8443".parse().unwrap(),
+        );
+        assert_eq!(a.count(x), 1);
+        assert_eq!(a.count(x), 2);
+        assert_eq!(other.count(x), 1);
+        assert_eq!(a.count(y), 1, "another address starts over");
+        assert_eq!(a.count(x), 1);
+        a.clear();
+        assert_eq!(a.count(y), 1);
+        assert_eq!(other.count(x), 2, "another name's count");
     }
 }
