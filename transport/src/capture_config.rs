@@ -10,9 +10,12 @@ use relay_protocol::Cidr;
 pub struct CaptureConfig {
     /// nftables table name (family `inet`).
     pub nft_table: String,
-    /// Routing table holding the `local default dev lo` route.
+    /// Routing table holding capture's local routes: one per captured
+    /// prefix (skips and peers cut out) and the `local default dev lo`
+    /// replies with a kept source are delivered by.
     pub route_table: u32,
-    /// Priority of the per-prefix rules; the own-socket bypass uses one less.
+    /// Priority of capture's one `iif lo` rule (a constant number of rules
+    /// whatever the number of prefixes); the mark rules use one less.
     pub rule_pref: u32,
     /// Port of the transparent listeners (TCP and UDP), on every address.
     pub port: u16,
@@ -172,7 +175,7 @@ pub struct CaptureFile {
     pub nft_table: Option<String>,
     /// Routing table id (default 7100).
     pub route_table: Option<u32>,
-    /// Policy rule priority (default 7100; the bypass rules use one less).
+    /// Policy rule priority (default 7100; the mark rules use one less).
     pub rule_pref: Option<u32>,
     /// Firewall mark of our own sockets (default [`DEFAULT_MARK`]).
     pub mark: Option<u32>,

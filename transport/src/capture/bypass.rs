@@ -196,6 +196,42 @@ impl Ranges {
         self.0.get(i).is_some_and(|r| r.0 <= a)
     }
 
+    /// The fewest prefixes that hold exactly these addresses (each range
+    /// cut into the largest aligned blocks that fit), in address order.
+    /// The whole IPv4 space comes out as its two halves, never as
+    /// `0.0.0.0/0`: capture's routing table keeps its zero-length prefix
+    /// for the reply-mark route, which the `iif lo` rule suppresses (see
+    /// `capture.rs`).
+    pub(crate) fn prefixes(&self) -> Vec<Cidr> {
+        let mut out = Vec::new();
+        for &(s, e) in &self.0 {
+            let (mut cur, end) = (u64::from(s), u64::from(e));
+            while cur <= end {
+                // The largest block aligned at `cur`, shrunk until it fits.
+                let mut size = if cur == 0 {
+                    1u64 << 32
+                } else {
+                    1u64 << cur.trailing_zeros().min(32)
+                };
+                while cur + size - 1 > end {
+                    size >>= 1;
+                }
+                let len = 32 - size.trailing_zeros() as u8;
+                let at = |a: u64, len: u8| {
+                    let a = Ipv4Addr::from(u32::try_from(a).unwrap_or(u32::MAX));
+                    Cidr::new(IpAddr::V4(a), len).ok()
+                };
+                if len == 0 {
+                    out.extend(at(0, 1).into_iter().chain(at(1 << 31, 1)));
+                } else {
+                    out.extend(at(cur, len));
+                }
+                cur += size;
+            }
+        }
+        out
+    }
+
     /// The one prefix these addresses are, if they are exactly one.
     fn as_cidr(&self) -> Option<Cidr> {
         let [(s, e)] = self.0[..] else { return None };
@@ -505,5 +541,41 @@ tcp      6 96 SYN_SENT src=10.244.2.4 dst=10.244.8.5 sport=41000 dport=443 [UNRE
             Some("10.0.0.0/23".parse().unwrap())
         );
         assert_eq!(ranges(&["10.0.1.0/24", "10.0.2.0/24"]).as_cidr(), None);
+    }
+
+    /// Ranges back to prefixes: the fewest aligned blocks, holes punched
+    /// where a skipped prefix or a peer sits, the whole space as halves.
+    #[test]
+    fn ranges_cut_into_the_fewest_prefixes() {
+        let cut =
+            |r: Ranges| -> Vec<String> { r.prefixes().iter().map(|c| c.to_string()).collect() };
+        assert_eq!(
+            cut(ranges(&["10.0.0.0/25", "10.0.0.128/25", "10.0.2.0/24"])),
+            ["10.0.0.0/24", "10.0.2.0/24"]
+        );
+        assert_eq!(
+            cut(ranges(&["10.0.0.0/22"]).minus(&ranges(&["10.0.1.0/26", "10.0.3.255/32"]))),
+            [
+                "10.0.0.0/24",
+                "10.0.1.64/26",
+                "10.0.1.128/25",
+                "10.0.2.0/24",
+                "10.0.3.0/25",
+                "10.0.3.128/26",
+                "10.0.3.192/27",
+                "10.0.3.224/28",
+                "10.0.3.240/29",
+                "10.0.3.248/30",
+                "10.0.3.252/31",
+                "10.0.3.254/32",
+            ]
+        );
+        assert_eq!(cut(ranges(&["0.0.0.0/0"])), ["0.0.0.0/1", "128.0.0.0/1"]);
+        assert_eq!(cut(ranges(&["255.255.255.255/32"])), ["255.255.255.255/32"]);
+        assert!(cut(ranges(&["10.0.0.0/8"]).minus(&ranges(&["10.0.0.0/8"]))).is_empty());
+        // Odd bounds: every piece aligned, together exactly the range.
+        let odd = Ranges(vec![(3, 17), (u32::MAX - 2, u32::MAX)]);
+        let back = Ranges::of(&odd.prefixes());
+        assert_eq!(back, odd);
     }
 }

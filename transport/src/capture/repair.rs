@@ -5,9 +5,11 @@
 //! `nftables.service` flushes the whole ruleset when it restarts, and
 //! systemd-networkd deletes routing-policy rules it does not know
 //! (`ManageForeignRoutingPolicyRules`, on by default) when a link changes
-//! or `networkctl reload` runs. Without the table, an edge's pods reach
-//! the cloud ranges by the default route instead of the tunnel; without
-//! the rules, the node's own processes do. So the owners of a
+//! or `networkctl reload` runs (and, with `ManageForeignRoutes`, routes
+//! it did not make). Without the table, an edge's pods reach the cloud
+//! ranges by the default route instead of the tunnel; without the rules
+//! or the routing table's routes, the node's own processes do. So the
+//! owners of a
 //! [`Capture`] ask [`Capture::repair`] now and then (every 10 s, as
 //! kube-proxy checks its canary chains), which installs everything again
 //! when a piece is missing, and their next `apply*` calls refill it.
@@ -19,7 +21,10 @@ use super::{output, Capture, CaptureError};
 impl Capture {
     /// What of the installed capture is missing now (empty: all there):
     /// the table with its prerouting chain, the own-socket bypass rule,
-    /// the capture address on `lo`.
+    /// the capture rule, the routing table's `local default` (what removes
+    /// routes it did not make takes the table's all), the capture address
+    /// on `lo`. Each is one short listing, whatever the number of
+    /// prefixes.
     pub async fn missing(&self) -> Vec<&'static str> {
         let cfg = &self.cfg;
         let mut gone = Vec::new();
@@ -31,6 +36,21 @@ impl Capture {
         let rules = output("ip", &["-4", "rule", "show", "pref", &bypass]).await;
         if !rules.is_ok_and(|r| r.contains("lookup main")) {
             gone.push("bypass rule");
+        }
+        let (pref, table) = (cfg.rule_pref.to_string(), cfg.route_table.to_string());
+        let rule = output("ip", &["-4", "rule", "show", "pref", &pref]).await;
+        if !rule.is_ok_and(|r| r.contains(&format!("iif lo lookup {table}"))) {
+            gone.push("capture rule");
+        }
+        // The table's `local default`, there from install on: not one of
+        // the prefix routes, since one whose line failed in an apply would
+        // have the whole capture installed again every 10 s.
+        let listed = ["-4", "route", "show", "table", &table, "exact", "0.0.0.0/0"];
+        if !output("ip", &listed)
+            .await
+            .is_ok_and(|r| r.contains("local"))
+        {
+            gone.push("capture routes");
         }
         let addr = output("ip", &["-4", "addr", "show", "dev", "lo"]).await;
         let here = format!("inet {}/32", cfg.redirect_address);

@@ -150,12 +150,12 @@ fn held_script_refuses_what_was_captured_for_the_hold() {
     );
 }
 
-/// A peer gets a bypass rule only inside a captured prefix (a relay with
-/// thousands of edges behind NAT adds none), as a `/32`, IPv4 only (an
-/// IPv4-mapped peer, as a relay on `[::]` sees one, counts as IPv4), and
-/// skipped prefixes keep theirs.
+/// A peer is left out of the capture routes only inside a captured
+/// prefix (a relay with thousands of edges behind NAT cuts no hole for
+/// them), as a `/32`, IPv4 only (an IPv4-mapped peer, as a relay on `[::]`
+/// sees one, counts as IPv4), and skipped prefixes are always left out.
 #[test]
-fn peers_inside_captured_prefixes_get_bypass_rules() {
+fn peers_inside_captured_prefixes_are_bypassed() {
     let cidrs = |v: &[&str]| -> BTreeSet<Cidr> { v.iter().map(|s| s.parse().unwrap()).collect() };
     let want = cidrs(&["10.0.0.0/16", "10.244.1.0/24"]);
     let skip = cidrs(&["10.244.1.0/26"]);
@@ -163,10 +163,354 @@ fn peers_inside_captured_prefixes_get_bypass_rules() {
         .iter()
         .map(|s| s.parse().unwrap())
         .collect();
-    let got: Vec<String> = bypass_rules(&want, &skip, &peers)
+    let got: Vec<String> = bypassed_prefixes(&want, &skip, &peers)
         .iter()
         .map(|c| c.to_string())
         .collect();
     assert_eq!(got, ["10.0.3.4/32", "10.244.1.0/26", "10.244.1.200/32"]);
-    assert_eq!(bypass_rules(&want, &skip, &BTreeSet::new()), skip);
+    assert_eq!(bypassed_prefixes(&want, &skip, &BTreeSet::new()), skip);
+}
+
+/// The routing table gets one `local` route per captured prefix (merged
+/// when adjacent or nested), with holes where a skipped prefix or a peer
+/// sits; a prefix inside (or equal to) a skipped one gets none, as the
+/// skip rules did when they came first. The batch adds before it deletes.
+#[test]
+fn capture_routes_cut_holes_for_skips_and_peers() {
+    let cidrs = |v: &[&str]| -> BTreeSet<Cidr> { v.iter().map(|s| s.parse().unwrap()).collect() };
+    let names = |s: &BTreeSet<Cidr>| -> Vec<String> { s.iter().map(|c| c.to_string()).collect() };
+    let want = cidrs(&[
+        "10.244.0.0/16",
+        "10.244.7.0/24",
+        "10.96.0.0/12",
+        "172.16.0.0/24",
+        "172.16.1.0/24",
+        "192.168.5.0/24",
+        "203.0.113.9/32",
+    ]);
+    let skip = cidrs(&["10.244.0.0/17", "192.168.0.0/16"]);
+    let peers: BTreeSet<IpAddr> = ["172.16.1.1", "203.0.113.9", "198.51.100.1"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let routes = capture_routes(&want, &bypassed_prefixes(&want, &skip, &peers));
+    assert_eq!(
+        names(&routes),
+        [
+            "10.96.0.0/12",
+            "10.244.128.0/17",
+            "172.16.0.0/24",
+            // 172.16.1.0/24 but the peer 172.16.1.1.
+            "172.16.1.0/32",
+            "172.16.1.2/31",
+            "172.16.1.4/30",
+            "172.16.1.8/29",
+            "172.16.1.16/28",
+            "172.16.1.32/27",
+            "172.16.1.64/26",
+            "172.16.1.128/25",
+        ]
+    );
+    let fewer = capture_routes(
+        &cidrs(&["10.96.0.0/12", "10.244.128.0/17"]),
+        &BTreeSet::new(),
+    );
+    assert_eq!(
+        route_batch(7100, &fewer, &cidrs(&["10.96.0.0/12", "10.244.0.0/16"])),
+        "route replace local 10.244.0.0/16 dev lo src 127.0.0.1 table 7100\n\
+         route del local 10.244.128.0/17 dev lo table 7100\n"
+    );
+    assert!(route_batch(7100, &routes, &routes).is_empty());
+}
+
+/// Network-namespace tests: capture installed for real, in a namespace of
+/// the test's own (never the host's rules, routes or nftables).
+mod netns {
+    use std::process::Command as StdCommand;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// Runs `f` on a thread of its own moved into a fresh network
+    /// namespace, with `lo` up and a dummy uplink holding the main table's
+    /// default route. The namespace belongs to that thread alone and is
+    /// gone when the thread ends (nothing to delete, even on a panic).
+    /// `None` when not root (a failure under `REQUIRE_LAB=1` or `CI=true`).
+    fn in_netns<T: Send + 'static>(
+        f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static,
+    ) -> Option<T> {
+        if !nix::unistd::geteuid().is_root() {
+            let required = std::env::var("REQUIRE_LAB").is_ok_and(|v| v == "1")
+                || std::env::var("CI").is_ok_and(|v| v == "true");
+            assert!(!required, "capture namespace tests need root");
+            eprintln!("SKIPPED: capture namespace tests need root");
+            return None;
+        }
+        let thread = std::thread::spawn(move || {
+            // Moves only this thread; the processes it spawns (ip, nft)
+            // inherit its namespace.
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+            for cmd in [
+                "link set lo up",
+                "link add up0 type veth peer name up1",
+                "link set up1 up",
+                "addr add 192.0.2.1/24 dev up0",
+                "link set up0 up",
+                "route add default via 192.0.2.254 dev up0",
+            ] {
+                sh("ip", &cmd.split(' ').collect::<Vec<_>>());
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(f())
+        });
+        Some(
+            thread
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e)),
+        )
+    }
+
+    /// Runs a command in the calling thread's namespace; its output.
+    fn sh(prog: &str, args: &[&str]) -> String {
+        let out = StdCommand::new(prog).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{prog} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `n` disjoint, non-adjacent /24s (adjacent ones could be merged
+    /// into fewer routes, which would flatter the measurement).
+    fn synthetic(n: u32) -> BTreeSet<Cidr> {
+        (0..n)
+            .map(|i| {
+                let a = std::net::Ipv4Addr::from(0x0a00_0000u32 + (i * 2) * 256);
+                Cidr::new(IpAddr::V4(a), 24).unwrap()
+            })
+            .collect()
+    }
+
+    fn cidrs(v: &[&str]) -> BTreeSet<Cidr> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    /// Skips: a /26 inside a captured /24, a captured /24 itself, and one
+    /// containing a captured /24. Peers: one inside a captured /24, one
+    /// outside everything.
+    fn skips_and_peers() -> (BTreeSet<Cidr>, BTreeSet<IpAddr>) {
+        let skip = cidrs(&["10.0.4.0/26", "10.0.6.0/24", "10.0.8.0/23"]);
+        let peers = ["10.0.10.7", "198.51.100.1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        (skip, peers)
+    }
+
+    fn rule_count() -> usize {
+        sh("ip", &["-4", "rule", "show"]).lines().count()
+    }
+
+    /// One `apply` of `n` prefixes (plus the skips and peers) on a fresh
+    /// install: how long it took and how many policy rules there are
+    /// before and after.
+    async fn timed_apply(cfg: CaptureConfig, n: u32) -> (Duration, usize, usize, Capture) {
+        let mut cap = Capture::install(cfg).await.unwrap();
+        let before = rule_count();
+        let (skip, peers) = skips_and_peers();
+        let want = synthetic(n);
+        let t0 = Instant::now();
+        cap.apply(&want, &skip, &peers).await.unwrap();
+        let took = t0.elapsed();
+        (took, before, rule_count(), cap)
+    }
+
+    /// Times one apply of 2,000 and of 10,000 prefixes, and one small
+    /// update on top of the 10,000: a measurement (docs/capture.md), not
+    /// a timed test, so left out of the suite; its only check is the rule
+    /// count. `cargo test -p relay-transport --lib apply_timing --
+    /// --ignored --nocapture` (root).
+    #[test]
+    #[ignore = "a measurement: run with --ignored --nocapture"]
+    fn apply_timing() {
+        for n in [2_000, 10_000] {
+            let Some((took, before, after, update)) = in_netns(move || {
+                Box::pin(async move {
+                    let (took, before, after, mut cap) =
+                        timed_apply(CaptureConfig::default(), n).await;
+                    let (skip, peers) = skips_and_peers();
+                    let mut want = synthetic(n);
+                    want.insert("172.16.0.0/24".parse().unwrap());
+                    let t0 = Instant::now();
+                    cap.apply(&want, &skip, &peers).await.unwrap();
+                    let update = t0.elapsed();
+                    cap.teardown().await;
+                    (took, before, after, update)
+                })
+            }) else {
+                return;
+            };
+            eprintln!(
+                "apply of {n} prefixes: {took:?}; rules {before} → {after}; one more prefix: {update:?}"
+            );
+            assert_eq!(before, after, "rules added per prefix");
+        }
+    }
+
+    /// `ip -4 route get <args>`: where the kernel sends it (a lookup as
+    /// from `lo` unless `iif` is given, so capture's rule applies).
+    fn route_get(args: &str) -> String {
+        let args: Vec<&str> = ["-4", "route", "get"]
+            .into_iter()
+            .chain(args.split(' '))
+            .collect();
+        sh("ip", &args)
+    }
+
+    fn is_local(route: &str) -> bool {
+        route.starts_with("local ") && route.contains("dev lo") && route.contains("table 7100")
+    }
+
+    fn via_main(route: &str) -> bool {
+        route.contains("via 192.0.2.254 dev up0")
+    }
+
+    /// 2,000 captured prefixes, skips nested in them, peers inside them:
+    /// the policy rules are the same few as with none (the audit: one per
+    /// prefix, ~20,000 on a relay with 10,000 edges, walked by every
+    /// lookup), the routes are in the table, and each address routes as
+    /// the per-prefix rules routed it.
+    #[test]
+    fn rules_stay_constant_and_routes_decide() {
+        in_netns(|| {
+            Box::pin(async {
+                let cfg = CaptureConfig {
+                    // The kept-source reply rule and the table's default.
+                    preserve_source: vec!["10.0.0.0/8".parse().unwrap()],
+                    ..CaptureConfig::default()
+                };
+                let reply = format!("{:#x}", cfg.reply_mark());
+                let (took, before, after, mut cap) = timed_apply(cfg, 2_000).await;
+                eprintln!("apply of 2000 prefixes: {took:?}");
+                // The kernel's 3, own sockets, kept-source replies, capture.
+                assert_eq!(before, 6, "{}", sh("ip", &["-4", "rule"]));
+                assert_eq!(after, before, "{}", sh("ip", &["-4", "rule"]));
+                let table = sh("ip", &["-4", "route", "show", "table", "7100"]);
+                assert!(table.contains("local 10.0.0.0/24 dev lo"), "{table}");
+                assert!(table.contains("local 10.15.158.0/24 dev lo"), "{table}");
+                // 2,000 routes + the default, 2 lost to skips, 1 cut in
+                // four around 10.0.4.0/26 (2 pieces) and 10.0.10.7 (8).
+                assert_eq!(table.lines().count(), 2_000 + 1 - 2 - 2 + 2 + 8, "{table}");
+
+                for (dst, local) in [
+                    ("10.0.2.5", true),      // captured
+                    ("10.0.4.5", false),     // skip /26 inside a captured /24
+                    ("10.0.4.100", true),    // the rest of that /24
+                    ("10.0.6.1", false),     // skip equal to a captured /24
+                    ("10.0.8.1", false),     // skip holding a captured /24
+                    ("10.0.10.7", false),    // peer inside a captured /24
+                    ("10.0.10.8", true),     // its neighbour
+                    ("10.0.3.1", false),     // not captured
+                    ("198.51.100.1", false), // peer outside: nothing
+                ] {
+                    let r = route_get(dst);
+                    if local {
+                        assert!(is_local(&r), "{dst}: {r}");
+                    } else {
+                        assert!(via_main(&r), "{dst}: {r}");
+                    }
+                }
+                // The source check of received packets: a peer inside a
+                // captured prefix passes, a captured source does not (why
+                // peers are cut out).
+                let from = |src: &str| {
+                    StdCommand::new("ip")
+                        .args(["-4", "route", "get", "192.0.2.1", "from", src, "iif", "up0"])
+                        .output()
+                        .unwrap()
+                };
+                assert!(from("10.0.10.7").status.success());
+                assert!(!from("10.0.2.5").status.success());
+                // Replies to kept-source dials are delivered here whatever
+                // their destination, skipped, peer or uncaptured.
+                for dst in ["10.0.2.5", "10.0.4.5", "10.0.10.7", "198.51.100.7"] {
+                    let r = route_get(&format!("{dst} mark {reply}"));
+                    assert!(is_local(&r), "reply to {dst}: {r}");
+                }
+
+                // Shrinking, the skip gone: routes follow, rules do not.
+                let few = synthetic(10);
+                cap.apply(&few, &BTreeSet::new(), &BTreeSet::new())
+                    .await
+                    .unwrap();
+                assert_eq!(rule_count(), before);
+                let table = sh("ip", &["-4", "route", "show", "table", "7100"]);
+                assert_eq!(table.lines().count(), 11, "{table}");
+                assert!(is_local(&route_get("10.0.4.5")));
+                assert!(via_main(&route_get("10.0.40.1")));
+                assert!(cap.missing().await.is_empty());
+
+                // Routes taken away behind capture's back are noticed.
+                sh("ip", &["-4", "route", "flush", "table", "7100"]);
+                assert_eq!(cap.missing().await, ["capture routes"]);
+                sh("ip", &["-4", "rule", "del", "pref", "7100"]);
+                assert_eq!(cap.missing().await, ["capture rule", "capture routes"]);
+                assert!(cap.repair().await.unwrap());
+                cap.apply(&few, &BTreeSet::new(), &BTreeSet::new())
+                    .await
+                    .unwrap();
+                assert!(cap.missing().await.is_empty());
+                assert_eq!(rule_count(), before);
+
+                cap.teardown().await;
+                assert_eq!(rule_count(), 3, "{}", sh("ip", &["-4", "rule"]));
+                let left = sh(
+                    "ip",
+                    &["-4", "route", "show", "table", "all", "type", "local"],
+                );
+                assert!(!left.contains("table 7100"), "{left}");
+            })
+        });
+    }
+
+    /// An install over what the previous version left (one rule per
+    /// prefix at `rule_pref`, one per skip at `rule_pref - 1`, the old
+    /// `local default`): every old rule goes, in one batch, and capture
+    /// ends with its constant set.
+    #[test]
+    fn install_removes_the_old_per_prefix_rules() {
+        in_netns(|| {
+            Box::pin(async {
+                let (skip, _) = skips_and_peers();
+                let mut old = String::new();
+                for c in synthetic(10_000) {
+                    let _ = writeln!(old, "rule add to {c} iif lo lookup 7100 pref 7100");
+                }
+                for c in &skip {
+                    let _ = writeln!(old, "rule add to {c} lookup main pref 7099");
+                }
+                let _ = writeln!(old, "rule add fwmark 0x1070 lookup main pref 7099");
+                let _ = writeln!(
+                    old,
+                    "route add local default dev lo src 127.0.0.1 table 7100"
+                );
+                run("ip", &["-4", "-batch", "-"], Some(&old)).await.unwrap();
+                assert_eq!(rule_count(), 3 + 10_000 + skip.len() + 1);
+                let t0 = Instant::now();
+                let mut cap = Capture::install(CaptureConfig::default()).await.unwrap();
+                eprintln!("install over 10,000 old rules: {:?}", t0.elapsed());
+                assert_eq!(rule_count(), 3 + 2, "{}", sh("ip", &["-4", "rule"]));
+                let (skip, peers) = skips_and_peers();
+                cap.apply(&synthetic(100), &skip, &peers).await.unwrap();
+                assert!(is_local(&route_get("10.0.2.5")));
+                assert!(via_main(&route_get("10.0.4.5")));
+                assert_eq!(rule_count(), 3 + 2);
+                cap.teardown().await;
+            })
+        });
+    }
 }
