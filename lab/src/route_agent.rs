@@ -17,6 +17,10 @@ use crate::scenario::{launch, Running, ADMIN_TOKEN};
 
 /// Route protocol number the lab's agent marks its routes with.
 pub const PROTO: u8 = 250;
+/// Routing table the lab's agent installs its routes in (the default).
+pub const TABLE: u32 = relay_server::agent::DEFAULT_TABLE;
+/// Preference of the agent's rule `lookup` [`TABLE`] (the default).
+pub const RULE_PREF: u32 = relay_server::agent::DEFAULT_RULE_PREF;
 
 /// Runs the route agent on `node`, polling every `interval` the replicas
 /// given as (admin API address, next hop) pairs; stopping the returned
@@ -39,6 +43,7 @@ pub fn start(
         token: Some(relay_server::Secret::new(ADMIN_TOKEN)),
         interval,
         proto: PROTO,
+        table: relay_server::agent::RouteTable::default(),
     };
     launch(lab, node, "route agent", move |ready, stop| async move {
         let cancel = tokio_util::sync::CancellationToken::new();
@@ -80,20 +85,44 @@ pub fn start_toward(
     })
 }
 
-/// The agent's routes on `node` as `ip -4 route show proto 250` prints
-/// them, one per line.
-pub fn routes(lab: &NetnsLab, node: Role) -> Result<String> {
-    lab.exec(
+/// `node`'s IPv4 routes of protocol `proto` in routing table `table`, as
+/// `ip -4 route show table <table> proto <proto>` prints them, one per
+/// line; empty while the table has never held a route (the kernel then
+/// refuses the dump).
+pub fn routes_of(lab: &NetnsLab, node: Role, table: &str, proto: &str) -> Result<String> {
+    let out = lab.exec(
         node,
-        &["ip", "-4", "route", "show", "proto", &PROTO.to_string()],
-    )
+        &["ip", "-4", "route", "show", "table", table, "proto", proto],
+    );
+    match out {
+        Err(e) if format!("{e:#}").contains("table does not exist") => Ok(String::new()),
+        r => r,
+    }
+}
+
+/// The agent's routes on `node` (table 7250, proto 250).
+pub fn routes(lab: &NetnsLab, node: Role) -> Result<String> {
+    routes_of(lab, node, &TABLE.to_string(), &PROTO.to_string())
+}
+
+/// Routes of the agent's protocol in `node`'s **main** table (where an
+/// agent before its own table put them; none expected now).
+pub fn routes_in_main(lab: &NetnsLab, node: Role) -> Result<String> {
+    routes_of(lab, node, "main", &PROTO.to_string())
+}
+
+/// How many of `node`'s policy rules are the agent's (`RULE_PREF: from
+/// all lookup TABLE`): 1 while it runs, 0 once it has exited.
+pub fn rules(lab: &NetnsLab, node: Role) -> Result<usize> {
+    let listing = lab.exec(node, &["ip", "-4", "rule", "show"])?;
+    let ours = format!("{RULE_PREF}:\tfrom all lookup {TABLE}");
+    Ok(listing.lines().filter(|l| l.trim_end() == ours).count())
 }
 
 /// The agent's routes on `node`: prefix → (group id, member next hops);
 /// fails if a group is not resilient.
 pub fn groups(lab: &NetnsLab, node: Role) -> Result<BTreeMap<String, (String, Vec<String>)>> {
-    let proto = PROTO.to_string();
-    let routes = lab.exec(node, &["ip", "-4", "route", "show", "proto", &proto])?;
+    let routes = routes(lab, node)?;
     let nhs = lab.exec(node, &["ip", "nexthop", "show"])?;
     let via_of: BTreeMap<&str, &str> = nhs
         .lines()

@@ -15,10 +15,13 @@
 //!   route to the relay node's pods (`via 10.244.1.0 dev flannel.1
 //!   onlink`) for each edge prefix, and cloud2's pod reaches both edge
 //!   pods over TCP and UDP;
+//! - in either mode the routes are in the agent's own table (7250), behind
+//!   exactly one rule `7250: from all lookup 7250`, and none is in `main`
+//!   (`tests/route_agent_felix.rs` shows why, with a CNI pruning `main`);
 //! - when the CNI rewrites that route (here to Calico's style, the relay
 //!   node's LAN address as the gateway on the tunnel device), the agent's
 //!   routes follow within a bound and traffic still flows; on exit the
-//!   agent removes its routes.
+//!   agent removes its routes and its rule.
 //!
 //! Needs root; skips loudly otherwise, and fails instead of skipping under
 //! CI=true or REQUIRE_LAB=1. Time budget: under 60 s (the two negative
@@ -26,7 +29,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use relay_lab::netns::{self, LabOptions, NetnsLab, Role, VTEPS, VTEP_DEV};
 use relay_lab::route_agent;
 use relay_lab::scenario::{
@@ -51,6 +54,35 @@ fn routed(lab: &NetnsLab, how: &str) -> Result<bool> {
             .lines()
             .any(|l| l.starts_with(&format!("{c} ")) && l.contains(how))
     }))
+}
+
+/// That the agent's routes are in its table behind its one rule, none in
+/// `main` (a table cell).
+fn in_own_table(lab: &NetnsLab) -> Result<String> {
+    // The rule follows the routes in the same poll.
+    within(Duration::from_secs(2), || {
+        Ok(route_agent::rules(lab, Role::Cloud2)? == 1)
+    })
+    .with_context(|| {
+        format!(
+            "{} rules `lookup 7250`, want 1",
+            route_agent::rules(lab, Role::Cloud2).unwrap_or(0)
+        )
+    })?;
+    match route_agent::routes_in_main(lab, Role::Cloud2)?.trim() {
+        "" => Ok("1 rule, none in main".to_string()),
+        main => anyhow::bail!("in main: {main}"),
+    }
+}
+
+/// That the agent removed its routes and its rule on exit (a table cell).
+fn all_removed(lab: &NetnsLab) -> Result<String> {
+    let rules = route_agent::rules(lab, Role::Cloud2)?;
+    anyhow::ensure!(rules == 0, "{rules} rules `lookup 7250` left behind");
+    match route_agent::routes(lab, Role::Cloud2)?.trim() {
+        "" => Ok("none left, no rule".to_string()),
+        left => anyhow::bail!("left behind: {left}"),
+    }
 }
 
 /// A cell that passes when `got` failed: traffic that must not arrive.
@@ -124,6 +156,10 @@ fn the_route_agent_on_a_cloud_fabric_needs_the_overlay() -> Result<()> {
         ],
         within(Duration::from_secs(10), || routed(&lab, &via)).map(|d| format!("after {d:?}")),
     );
+    m.note(
+        &["--via: own table", "cloud2: table 7250, rule pref 7250"],
+        in_own_table(&lab),
+    );
     let drops = lab.fabric_drops()?;
     must_fail(
         &mut m,
@@ -155,11 +191,8 @@ fn the_route_agent_on_a_cloud_fabric_needs_the_overlay() -> Result<()> {
     );
     agent.stop()?;
     m.note(
-        &["--via: routes removed on exit", "cloud2: proto 250"],
-        match route_agent::routes(&lab, Role::Cloud2)?.trim() {
-            "" => Ok("none left".to_string()),
-            left => Err(anyhow::anyhow!("left behind: {left}")),
-        },
+        &["--via: routes removed on exit", "cloud2: proto 250, rule"],
+        all_removed(&lab),
     );
 
     // `--via-pod-network`: the CNI's own route to the relay node's pods.
@@ -174,6 +207,13 @@ fn the_route_agent_on_a_cloud_fabric_needs_the_overlay() -> Result<()> {
             "cloud2: edge pod CIDRs via 10.244.1.0 dev flannel.1 onlink",
         ],
         within(Duration::from_secs(10), || routed(&lab, &overlay)).map(|d| format!("after {d:?}")),
+    );
+    m.note(
+        &[
+            "--via-pod-network: own table",
+            "cloud2: table 7250, rule pref 7250",
+        ],
+        in_own_table(&lab),
     );
     for (case, to, want, udp) in [
         (
@@ -269,12 +309,9 @@ fn the_route_agent_on_a_cloud_fabric_needs_the_overlay() -> Result<()> {
     m.note(
         &[
             "--via-pod-network: routes removed on exit",
-            "cloud2: proto 250",
+            "cloud2: proto 250, rule",
         ],
-        match route_agent::routes(&lab, Role::Cloud2)?.trim() {
-            "" => Ok("none left".to_string()),
-            left => Err(anyhow::anyhow!("left behind: {left}")),
-        },
+        all_removed(&lab),
     );
     relay.stop()?;
     let took = t0.elapsed();

@@ -22,6 +22,20 @@
 //! routes tagged with its own protocol number (`proto`, default 250), so it
 //! never touches a route it did not install. On exit it removes them.
 //!
+//! The routes live in the agent's own routing table ([`RouteTable`],
+//! default 7250), consulted by one policy rule ahead of `main` (`pref
+//! 7250 lookup 7250`), not in `main`: CNIs manage `main`. Calico's Felix
+//! deletes, at every resync, routes on its devices (`vxlan.calico`,
+//! `tunl0`) that it did not program (`removeExternalRoutes`, on by
+//! default), which took `--via-pod-network`'s routes away until the next
+//! poll; and a CNI may hold its own route for an edge prefix in `main`
+//! (calico-node on an edge advertising its block through a VXLAN endpoint
+//! nobody here can reach), which an equal-length route of ours would
+//! fight over. A table nobody else writes is left alone, and the rule
+//! makes its routes win whatever `main` holds. One rule, whatever the
+//! number of prefixes. Only the routing decision moves: the `onlink`
+//! tunnel routes copied from `main` need nothing of `main` to forward.
+//!
 //! With `--status-listen` it serves `/healthz`, `/readyz` and `/metrics`
 //! ([`status`]), which [`run_with_status`] keeps up to date.
 
@@ -185,6 +199,148 @@ async fn ip(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
     Ok(relay_transport::capture::command("ip", args, stdin).await?)
 }
 
+/// Default routing table of the agent's routes (`--table`). Clear of the
+/// tables the kernel reserves (253 to 255), of Calico's default
+/// `routeTableRanges` (1 to 250) and of the relay node's capture table
+/// (`[capture] route_table`, default 7100; a different node anyway).
+pub const DEFAULT_TABLE: u32 = 7250;
+/// Default preference of the rule consulting that table (`--rule-pref`):
+/// ahead of `main` (32766), after `local` (0), apart from the capture's
+/// 7099 and 7100 (relay node).
+pub const DEFAULT_RULE_PREF: u32 = 7250;
+
+/// Where the agent's routes live: routing table `table`, consulted by the
+/// one policy rule `pref <pref> lookup <table>`, which the agent adds and
+/// keeps (checked every poll) and removes on exit.
+///
+/// Reverse-path filtering: a strict `rp_filter` validates a packet's
+/// source with a lookup through the whole FIB, policy rules included
+/// (`fib_validate_source`, as the reverse flow with `iif lo`). Replies from
+/// an edge prefix come back over the overlay's device, and the rule sends
+/// that lookup to our route on the same device: they pass, as they did
+/// with the route in `main`, and better than with a CNI's competing route
+/// for the prefix in `main` out of another device, which the rule now
+/// shadows. The rule has no selector (no `iif`, no `fwmark`), so it
+/// applies to forwarded, local and validation lookups alike.
+///
+/// The relay node itself is unaffected: the agent runs on the other
+/// nodes, and its rule preference is apart from the capture's rules.
+/// Mind that a rule ahead of `main` beats `main` whatever the prefix
+/// lengths: an edge prefix covering cluster ranges would take them over
+/// on this node, where in `main` longer cluster routes won.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteTable {
+    /// The routing table (`ip route ... table <table>`).
+    pub table: u32,
+    /// The rule's preference; must be below `main`'s 32766.
+    pub pref: u32,
+}
+
+impl Default for RouteTable {
+    fn default() -> Self {
+        RouteTable {
+            table: DEFAULT_TABLE,
+            pref: DEFAULT_RULE_PREF,
+        }
+    }
+}
+
+impl RouteTable {
+    /// Refuses a reserved table (0, `default`, `main`, `local`) or a
+    /// preference not strictly between `local`'s rule and `main`'s.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            ![0, 253, 254, 255].contains(&self.table),
+            "routing table {}: reserved (0, 253 default, 254 main, 255 local)",
+            self.table
+        );
+        anyhow::ensure!(
+            (1..32766).contains(&self.pref),
+            "rule preference {}: must be 1 to 32765, ahead of main's rule (32766)",
+            self.pref
+        );
+        Ok(())
+    }
+
+    /// Whether `ip -4 rule show` lists our rule (`<pref>: from all lookup
+    /// <table>`). The table is compared as a number: the agent's image
+    /// names no table in `rt_tables`.
+    pub fn rule_listed(&self, listing: &str) -> bool {
+        let (pref, table) = (self.pref.to_string(), self.table.to_string());
+        listing.lines().any(|l| {
+            l.split_once(':').is_some_and(|(p, rest)| {
+                p.trim() == pref
+                    && rest.split_whitespace().collect::<Vec<_>>()
+                        == ["from", "all", "lookup", table.as_str()]
+            })
+        })
+    }
+
+    /// Adds our rule unless it is there (checked first: older kernels
+    /// accept duplicates); whether it was added.
+    pub async fn ensure_rule(&self) -> anyhow::Result<bool> {
+        if self.rule_listed(&ip(&["-4", "rule", "show"], None).await?) {
+            return Ok(false);
+        }
+        let (pref, table) = (self.pref.to_string(), self.table.to_string());
+        ip(
+            &["-4", "rule", "add", "pref", &pref, "lookup", &table],
+            None,
+        )
+        .await?;
+        Ok(true)
+    }
+
+    /// Removes our rule (and any duplicate of it); nothing else at our
+    /// preference.
+    pub async fn remove_rule(&self) -> anyhow::Result<()> {
+        let (pref, table) = (self.pref.to_string(), self.table.to_string());
+        // Bounded: a handful of duplicates at most (see `ensure_rule`).
+        for _ in 0..16 {
+            if !self.rule_listed(&ip(&["-4", "rule", "show"], None).await?) {
+                return Ok(());
+            }
+            ip(
+                &["-4", "rule", "del", "pref", &pref, "lookup", &table],
+                None,
+            )
+            .await?;
+        }
+        anyhow::bail!("rule pref {pref} lookup {table} keeps coming back")
+    }
+}
+
+/// Removes routes of protocol `proto` from `main`: what an agent before
+/// [`RouteTable`] installed there (the upgrade path; an agent that exits
+/// cleanly removes its own, one killed leaves them). Ours by the same
+/// rule as always, the protocol number, so nothing else goes. Done once
+/// our table and rule are in place, so edge traffic never falls back to
+/// the default route in between; left, they would do no harm while the
+/// rule shadows them, but would come back to life if it went.
+pub async fn remove_from_main(proto: u8) -> anyhow::Result<usize> {
+    let out = ip(
+        &[
+            "-4",
+            "route",
+            "show",
+            "table",
+            "main",
+            "proto",
+            &proto.to_string(),
+        ],
+        None,
+    )
+    .await?;
+    let batch: String = parse_routes(&out)
+        .keys()
+        .map(|c| format!("route del {c} proto {proto} table main\n"))
+        .collect();
+    if !batch.is_empty() {
+        ip(&["-4", "-force", "-batch", "-"], Some(&batch)).await?;
+    }
+    Ok(batch.lines().count())
+}
+
 /// Where the agent sends edge prefixes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Toward {
@@ -329,13 +485,23 @@ async fn resolve(toward: Toward) -> anyhow::Result<NextHop> {
     }
 }
 
-/// Our routes now on this host, with their next hops.
-async fn installed(proto: u8) -> anyhow::Result<BTreeMap<Cidr, NextHop>> {
-    let out = ip(&["-4", "route", "show", "proto", &proto.to_string()], None).await?;
-    Ok(parse_routes(&out))
+/// Our routes now on this host (in our table), with their next hops.
+async fn installed(proto: u8, table: u32) -> anyhow::Result<BTreeMap<Cidr, NextHop>> {
+    Ok(parse_routes(&show_table(table, proto).await?))
 }
 
-/// Parses `ip -4 route show proto P`: prefix → next hop.
+/// `ip -4 route show table T proto P`; empty while table `T` has never
+/// held a route (newer kernels then refuse the dump: "FIB table does not
+/// exist").
+pub(crate) async fn show_table(table: u32, proto: u8) -> anyhow::Result<String> {
+    let (t, p) = (table.to_string(), proto.to_string());
+    match ip(&["-4", "route", "show", "table", &t, "proto", &p], None).await {
+        Err(e) if format!("{e:#}").contains("table does not exist") => Ok(String::new()),
+        r => r,
+    }
+}
+
+/// Parses `ip -4 route show [table T] proto P`: prefix → next hop.
 pub fn parse_routes(out: &str) -> BTreeMap<Cidr, NextHop> {
     out.lines()
         .filter(|l| !l.starts_with(char::is_whitespace))
@@ -347,27 +513,36 @@ pub fn parse_routes(out: &str) -> BTreeMap<Cidr, NextHop> {
         .collect()
 }
 
-/// The `ip -batch` commands that make our routes exactly `want` through
-/// `hop` (`None`: only removals), and how many routes they add or
-/// change and remove. A route whose next hop differs (the CNI moved its
-/// tunnel, or the agent's target changed) is replaced.
+/// The `ip -batch` commands that make our routes in `table` exactly
+/// `want` through `hop` (`None`: only removals), and how many routes they
+/// add or change and remove. A route whose next hop differs (the CNI
+/// moved its tunnel, or the agent's target changed) is replaced.
 pub fn plan(
     have: &BTreeMap<Cidr, NextHop>,
     want: &BTreeSet<Cidr>,
     hop: Option<&NextHop>,
     proto: u8,
+    table: u32,
 ) -> (String, usize, usize) {
     let mut batch = String::new();
     let mut removed = 0;
     for c in have.keys().filter(|c| !want.contains(c)) {
-        let _ = writeln!(batch, "route del {c} proto {proto}");
+        let _ = writeln!(batch, "route del {c} proto {proto} table {table}");
         removed += 1;
     }
     let mut set = 0;
     if let Some(hop) = hop {
         for c in want {
             if !have.get(c).is_some_and(|h| hop.satisfied_by(h)) {
-                let _ = writeln!(batch, "route replace {c}{} proto {proto}", hop.args());
+                // `via X` without `onlink` in a table of its own: the
+                // kernel checks the gateway in that table, then (finding
+                // nothing) through the whole FIB, so `main`'s connected
+                // route still resolves it.
+                let _ = writeln!(
+                    batch,
+                    "route replace {c}{} proto {proto} table {table}",
+                    hop.args()
+                );
                 set += 1;
             }
         }
@@ -375,24 +550,26 @@ pub fn plan(
     (batch, set, removed)
 }
 
-/// Makes this host's routes of protocol `proto` exactly `want` through
-/// `hop` (`None`: removes them all).
+/// Makes this host's routes of protocol `proto` in `table` exactly `want`
+/// through `hop` (`None`: removes them all).
 async fn sync(
     want: &BTreeSet<Cidr>,
     hop: Option<&NextHop>,
     proto: u8,
+    table: u32,
 ) -> anyhow::Result<(usize, usize)> {
-    let have = installed(proto).await?;
-    let (batch, set, removed) = plan(&have, want, hop, proto);
+    let have = installed(proto, table).await?;
+    let (batch, set, removed) = plan(&have, want, hop, proto, table);
     if !batch.is_empty() {
         ip(&["-4", "-force", "-batch", "-"], Some(&batch)).await?;
     }
     Ok((set, removed))
 }
 
-/// Runs until `stop` with routes `toward` the relay node, then removes
-/// every route it installed. With [`Toward::PodNetwork`] the next hop is
-/// looked up every poll; when the CNI changes it, the routes follow.
+/// Runs until `stop` with routes `toward` the relay node in the default
+/// [`RouteTable`], then removes every route it installed and its rule.
+/// With [`Toward::PodNetwork`] the next hop is looked up every poll; when
+/// the CNI changes it, the routes follow.
 pub async fn run(cfg: AgentConfig, toward: Toward, stop: CancellationToken) {
     run_with_status(cfg, toward, stop, Arc::default()).await
 }
@@ -405,8 +582,22 @@ pub async fn run_with_status(
     stop: CancellationToken,
     status: Arc<AgentStatus>,
 ) {
-    info!(admin = %cfg.admin, ?toward, "route agent started");
+    run_in_table(cfg, toward, RouteTable::default(), stop, status).await
+}
+
+/// [`run_with_status`] with the routes in `table` (`--table`,
+/// `--rule-pref`).
+pub async fn run_in_table(
+    cfg: AgentConfig,
+    toward: Toward,
+    table: RouteTable,
+    stop: CancellationToken,
+    status: Arc<AgentStatus>,
+) {
+    info!(admin = %cfg.admin, ?toward, table = table.table, rule_pref = table.pref, "route agent started");
     let mut failing = false;
+    // Whether `main` still needs its leftovers removed (once per run).
+    let mut main_checked = false;
     let mut last_hop: Option<NextHop> = None;
     let mut hop_failing = false;
     loop {
@@ -430,7 +621,8 @@ pub async fn run_with_status(
             }
         };
         match (fetch(&cfg).await, hop) {
-            (Ok(want), Ok(hop)) => match sync(&want, Some(&hop), cfg.proto).await {
+            (Ok(want), Ok(hop)) => match install(&want, &hop, &cfg, table, &mut main_checked).await
+            {
                 Ok((set, removed)) => {
                     if set + removed > 0 {
                         info!(set, removed, total = want.len(), "routes synced");
@@ -459,10 +651,42 @@ pub async fn run_with_status(
             _ = tokio::time::sleep(cfg.interval) => {}
         }
     }
-    match sync(&BTreeSet::new(), None, cfg.proto).await {
+    match sync(&BTreeSet::new(), None, cfg.proto, table.table).await {
         Ok((_, removed)) => info!(removed, "route agent stopped; its routes removed"),
         Err(e) => warn!(error = %e, "removing routes on exit failed"),
     }
+    if let Err(e) = table.remove_rule().await {
+        warn!(error = %e, "removing the routing rule on exit failed");
+    }
+}
+
+/// One poll's installation: our routes into our table, then the rule
+/// that consults it (every poll, so a rule someone removed comes back;
+/// not before there is a route to consult, so an agent with nothing to
+/// route changes nothing), then, once, what an older agent left in `main`
+/// ([`remove_from_main`]).
+async fn install(
+    want: &BTreeSet<Cidr>,
+    hop: &NextHop,
+    cfg: &AgentConfig,
+    table: RouteTable,
+    main_checked: &mut bool,
+) -> anyhow::Result<(usize, usize)> {
+    let done = sync(want, Some(hop), cfg.proto, table.table).await?;
+    if !want.is_empty() && table.ensure_rule().await? {
+        info!(table = table.table, pref = table.pref, "routing rule added");
+    }
+    if !*main_checked {
+        let n = remove_from_main(cfg.proto).await?;
+        if n > 0 {
+            info!(
+                removed = n,
+                "removed routes an older agent left in the main table"
+            );
+        }
+        *main_checked = true;
+    }
+    Ok(done)
 }
 
 #[cfg(test)]
@@ -513,28 +737,31 @@ mod tests {
         let flannel =
             NextHop::from_fibmatch("10.244.1.0/24 via 10.244.1.0 dev flannel.1 onlink").unwrap();
         let want: BTreeSet<Cidr> = [c("10.244.7.0/24"), c("10.244.8.0/24")].into();
-        // As `ip -4 route show proto 250` prints them (no proto word).
+        // As `ip -4 route show table 7250 proto 250` prints them (no
+        // proto or table word).
         let have = parse_routes(
             "10.244.7.0/24 via 10.244.1.0 dev flannel.1 onlink \n10.244.9.0/24 via 10.0.0.1 dev eth0 \n",
         );
-        let (b, set, removed) = plan(&have, &want, Some(&flannel), 250);
+        let (b, set, removed) = plan(&have, &want, Some(&flannel), 250, 7250);
         assert_eq!(
             b,
-            "route del 10.244.9.0/24 proto 250\n\
-             route replace 10.244.8.0/24 via 10.244.1.0 dev flannel.1 onlink proto 250\n"
+            "route del 10.244.9.0/24 proto 250 table 7250\n\
+             route replace 10.244.8.0/24 via 10.244.1.0 dev flannel.1 onlink proto 250 table 7250\n"
         );
         assert_eq!((set, removed), (1, 1));
         // In step: nothing to do.
         let have = parse_routes(
             "10.244.7.0/24 via 10.244.1.0 dev flannel.1 onlink \n10.244.8.0/24 via 10.244.1.0 dev flannel.1 onlink \n",
         );
-        assert_eq!(plan(&have, &want, Some(&flannel), 250).0, "");
+        assert_eq!(plan(&have, &want, Some(&flannel), 250, 7250).0, "");
         // The CNI's route now goes another way: every route is replaced.
         let moved =
             NextHop::from_fibmatch("10.244.1.0/24 via 10.0.0.1 dev flannel.1 onlink").unwrap();
-        let (b, set, _) = plan(&have, &want, Some(&moved), 250);
+        let (b, set, _) = plan(&have, &want, Some(&moved), 250, 7250);
         assert_eq!(set, 2, "{b}");
-        assert!(b.contains("route replace 10.244.7.0/24 via 10.0.0.1 dev flannel.1 onlink"));
+        assert!(b.contains(
+            "route replace 10.244.7.0/24 via 10.0.0.1 dev flannel.1 onlink proto 250 table 7250"
+        ));
         // `--via`: the device the kernel chose is not compared.
         let via = NextHop {
             via: Some("10.0.0.1".parse().unwrap()),
@@ -543,9 +770,54 @@ mod tests {
         let have = parse_routes(
             "10.244.7.0/24 via 10.0.0.1 dev eth0 \n10.244.8.0/24 via 10.0.0.1 dev eth0 \n",
         );
-        assert_eq!(plan(&have, &want, Some(&via), 250).0, "");
+        assert_eq!(plan(&have, &want, Some(&via), 250, 7250).0, "");
         // On exit, no next hop: only removals.
-        let (b, set, removed) = plan(&have, &BTreeSet::new(), None, 250);
+        let (b, set, removed) = plan(&have, &BTreeSet::new(), None, 250, 7250);
         assert_eq!((set, removed), (0, 2), "{b}");
+    }
+
+    #[test]
+    fn one_rule_ahead_of_main_is_recognised_and_reserved_tables_refused() {
+        let t = RouteTable::default();
+        assert_eq!((t.table, t.pref), (7250, 7250));
+        t.validate().unwrap();
+        // Not the capture's defaults (relay node: table 7100, prefs 7099
+        // and 7100).
+        assert_ne!(t.table, 7100);
+        assert!(![7099, 7100].contains(&t.pref));
+        let listing = "0:\tfrom all lookup local \n\
+                       7100:\tfrom all to 10.244.7.0/24 iif lo lookup 7100 \n\
+                       7250:\tfrom all lookup 7250 \n\
+                       32766:\tfrom all lookup main \n32767:\tfrom all lookup default \n";
+        assert!(t.rule_listed(listing));
+        // Someone else's rule at our preference, or ours at another one:
+        // not ours.
+        assert!(!t.rule_listed("7250:\tfrom all fwmark 0x1 lookup 7250 \n"));
+        assert!(!t.rule_listed("7251:\tfrom all lookup 7250 \n"));
+        assert!(!t.rule_listed("7250:\tfrom all lookup 7251 \n"));
+        for bad in [
+            RouteTable {
+                table: 254,
+                pref: 7250,
+            },
+            RouteTable {
+                table: 255,
+                pref: 7250,
+            },
+            RouteTable {
+                table: 0,
+                pref: 7250,
+            },
+            RouteTable {
+                table: 7250,
+                pref: 32766,
+            },
+            RouteTable {
+                table: 7250,
+                pref: 0,
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
     }
 }

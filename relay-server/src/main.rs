@@ -121,6 +121,14 @@ enum Cmd {
         /// Route protocol number marking the agent's routes.
         #[arg(long, default_value_t = 250)]
         proto: u8,
+        /// Routing table the agent's routes go in (not `main`, which CNIs
+        /// such as Calico's Felix manage and prune). Not 0, 253, 254, 255.
+        #[arg(long, default_value_t = relay_server::agent::DEFAULT_TABLE)]
+        table: u32,
+        /// Preference of the one policy rule `lookup <table>` the agent
+        /// keeps ahead of `main` (1 to 32765; main's is 32766).
+        #[arg(long, default_value_t = relay_server::agent::DEFAULT_RULE_PREF)]
+        rule_pref: u32,
         /// Serve /healthz, /readyz (the last polls synced the routes) and
         /// /metrics (Prometheus text) on this address (plain HTTP, no
         /// token; e.g. 127.0.0.1:9471). With --admin only.
@@ -216,10 +224,17 @@ async fn main() -> anyhow::Result<()> {
             allow_insecure_http,
             interval,
             proto,
+            table,
+            rule_pref,
             status_listen,
             allow_insecure_status,
         }) => {
             anyhow::ensure!(!interval.is_zero(), "--interval must be greater than zero");
+            let table = relay_server::agent::RouteTable {
+                table,
+                pref: rule_pref,
+            };
+            table.validate().context("--table/--rule-pref")?;
             anyhow::ensure!(
                 status_listen.is_none_or(|a| a.ip().is_loopback()) || allow_insecure_status,
                 "--status-listen off loopback serves the agent's status to anyone who reaches \
@@ -325,9 +340,10 @@ async fn main() -> anyhow::Result<()> {
                         stop.clone(),
                     ));
                 }
-                tokio::spawn(relay_server::agent::run_with_status(
+                tokio::spawn(relay_server::agent::run_in_table(
                     cfg,
                     toward,
+                    table,
                     stop.clone(),
                     status,
                 ))
@@ -347,6 +363,7 @@ async fn main() -> anyhow::Result<()> {
                     token,
                     interval,
                     proto,
+                    table,
                 };
                 tokio::spawn(relay_server::multipath::run(cfg, stop.clone()))
             };

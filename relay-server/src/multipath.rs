@@ -21,6 +21,12 @@
 //! [`NEXTHOP_BASE`] (one per replica) and [`GROUP_BASE`] (one per prefix)
 //! and routes of its protocol number, and removes them all on exit.
 //!
+//! As the single-relay agent's, the routes live in the agent's own
+//! routing table behind one policy rule ahead of `main`
+//! ([`crate::agent::RouteTable`], which says why), and `main`'s leftovers
+//! of an older agent go once the table is in place. Nexthop objects
+//! belong to no table: only the routes pointing at the groups move.
+//!
 //! Next hops are the replicas' `--replica ADMIN=VIA` addresses only, as
 //! `--via` is for one relay: on an overlay CNI in a cloud, where edge
 //! traffic must follow the CNI's tunnel route (`--via-pod-network`, see
@@ -74,6 +80,8 @@ pub struct MultipathConfig {
     pub interval: Duration,
     /// Route protocol number marking our routes.
     pub proto: u8,
+    /// The routing table of our routes, and the rule consulting it.
+    pub table: crate::agent::RouteTable,
 }
 
 /// What this host has of ours.
@@ -87,7 +95,8 @@ pub struct Installed {
     pub groups: BTreeMap<u32, BTreeSet<u32>>,
 }
 
-/// Parses `ip -4 route show proto P` (our routes) and `ip nexthop show`.
+/// Parses `ip -4 route show table T proto P` (our routes) and `ip nexthop
+/// show`.
 pub fn parse_installed(routes: &str, nexthops: &str) -> Installed {
     let mut out = Installed::default();
     for l in routes
@@ -132,7 +141,8 @@ pub fn parse_installed(routes: &str, nexthops: &str) -> Installed {
 
 /// The `ip -batch` commands that turn `have` into `want` (prefix → member
 /// replica indices; empty members: no route). Nexthops first, groups
-/// changed in place, routes last; removals in the reverse order.
+/// changed in place, routes last; removals in the reverse order. Route
+/// lines carry `{proto}` and `{table}` for the caller to fill in.
 /// `vias` are the replicas' next hops with the device each is reached
 /// through (a nexthop object needs one; `None`: already installed).
 pub fn plan(
@@ -181,11 +191,14 @@ pub fn plan(
             );
         }
         if have.routes.get(c) != Some(&Some(g)) {
-            let _ = writeln!(b, "route replace {c} nhid {g} proto {{proto}}");
+            let _ = writeln!(
+                b,
+                "route replace {c} nhid {g} proto {{proto}} table {{table}}"
+            );
         }
     }
     for c in have.routes.keys().filter(|c| !want.contains_key(c)) {
-        let _ = writeln!(b, "route del {c} proto {{proto}}");
+        let _ = writeln!(b, "route del {c} proto {{proto}} table {{table}}");
     }
     let keep: BTreeSet<u32> = group_of.values().copied().collect();
     for g in have.groups.keys().filter(|g| !keep.contains(g)) {
@@ -237,8 +250,8 @@ async fn ip(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
     Ok(relay_transport::capture::command("ip", args, stdin).await?)
 }
 
-async fn installed(proto: u8) -> anyhow::Result<Installed> {
-    let routes = ip(&["-4", "route", "show", "proto", &proto.to_string()], None).await?;
+async fn installed(proto: u8, table: u32) -> anyhow::Result<Installed> {
+    let routes = crate::agent::show_table(table, proto).await?;
     let nexthops = ip(&["nexthop", "show"], None).await?;
     Ok(parse_installed(&routes, &nexthops))
 }
@@ -257,8 +270,9 @@ async fn apply(
     want: &BTreeMap<Cidr, BTreeSet<usize>>,
     vias: &[IpAddr],
     proto: u8,
+    table: u32,
 ) -> anyhow::Result<usize> {
-    let have = installed(proto).await?;
+    let have = installed(proto, table).await?;
     let mut with_dev = Vec::new();
     for (i, v) in vias.iter().enumerate() {
         let dev = match have.nexthops.contains(&(NEXTHOP_BASE + i as u32)) {
@@ -284,7 +298,9 @@ async fn apply(
         })
         .filter(|(_, m)| !m.is_empty())
         .collect();
-    let batch = plan(&have, &want, &with_dev).replace("{proto}", &proto.to_string());
+    let batch = plan(&have, &want, &with_dev)
+        .replace("{proto}", &proto.to_string())
+        .replace("{table}", &table.to_string());
     let n = batch.lines().count();
     if n > 0 {
         ip(&["-force", "-batch", "-"], Some(&batch)).await?;
@@ -297,9 +313,13 @@ pub async fn run(cfg: MultipathConfig, stop: CancellationToken) {
     let vias: Vec<IpAddr> = cfg.replicas.iter().map(|r| r.via).collect();
     info!(
         replicas = cfg.replicas.len(),
+        table = cfg.table.table,
+        rule_pref = cfg.table.pref,
         "route agent (resilient multipath) started"
     );
     let mut failing: BTreeSet<usize> = BTreeSet::new();
+    // Whether `main` still needs an older agent's leftovers removed.
+    let mut main_checked = false;
     loop {
         let mut views = Vec::new();
         for (i, r) in cfg.replicas.iter().enumerate() {
@@ -328,10 +348,41 @@ pub async fn run(cfg: MultipathConfig, stop: CancellationToken) {
         // None answered: change nothing (as the single-relay agent keeps
         // its routes while the relay is away).
         if let Some(want) = merge_views(&views) {
-            match apply(&want, &vias, cfg.proto).await {
+            match apply(&want, &vias, cfg.proto, cfg.table.table).await {
                 Ok(0) => {}
                 Ok(n) => info!(changes = n, prefixes = want.len(), "routes synced"),
                 Err(e) => warn!(error = %e, "installing routes failed"),
+            }
+            // The rule every poll (one someone removed comes back), then
+            // `main`'s leftovers once, as the single-relay agent does.
+            let rule = match want.is_empty() {
+                true => Ok(false),
+                false => cfg.table.ensure_rule().await,
+            };
+            match rule {
+                Ok(true) => info!(
+                    table = cfg.table.table,
+                    pref = cfg.table.pref,
+                    "routing rule added"
+                ),
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "adding the routing rule failed"),
+            }
+            if !main_checked {
+                match crate::agent::remove_from_main(cfg.proto).await {
+                    Ok(n) => {
+                        if n > 0 {
+                            info!(
+                                removed = n,
+                                "removed routes an older agent left in the main table"
+                            );
+                        }
+                        main_checked = true;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "removing an older agent's routes from main failed")
+                    }
+                }
             }
         }
         tokio::select! {
@@ -339,15 +390,20 @@ pub async fn run(cfg: MultipathConfig, stop: CancellationToken) {
             _ = tokio::time::sleep(cfg.interval) => {}
         }
     }
-    let mut ok = apply(&BTreeMap::new(), &[], cfg.proto).await.map(|_| ());
+    let mut ok = apply(&BTreeMap::new(), &[], cfg.proto, cfg.table.table)
+        .await
+        .map(|_| ());
     if ok.is_ok() {
         let del: String = (0..cfg.replicas.len())
             .map(|i| format!("nexthop del id {}\n", NEXTHOP_BASE + i as u32))
             .collect();
         ok = ip(&["-force", "-batch", "-"], Some(&del)).await.map(|_| ());
     }
+    if ok.is_ok() {
+        ok = cfg.table.remove_rule().await;
+    }
     match ok {
-        Ok(()) => info!("route agent stopped; its routes and nexthops removed"),
+        Ok(()) => info!("route agent stopped; its routes, nexthops and rule removed"),
         Err(e) => warn!(error = %e, "removing routes on exit failed"),
     }
 }
@@ -385,7 +441,7 @@ mod tests {
             NEXTHOP_BASE + 2
         )));
         assert!(first.contains(&format!(
-            "route replace 10.244.8.0/24 nhid {} proto {{proto}}",
+            "route replace 10.244.8.0/24 nhid {} proto {{proto}} table {{table}}",
             GROUP_BASE + 1
         )));
         // As the kernel then shows it.
@@ -433,7 +489,10 @@ mod tests {
         assert!(merge(&[None, None, None]).is_none());
         let want = merge(&[all(&["10.244.7.0/24"]), None, None]).unwrap();
         let p = plan(&have, &want, &vias);
-        assert!(p.contains("route del 10.244.8.0/24 proto {proto}"), "{p}");
+        assert!(
+            p.contains("route del 10.244.8.0/24 proto {proto} table {table}"),
+            "{p}"
+        );
         assert!(
             p.ends_with(&format!("nexthop del id {}\n", GROUP_BASE + 1)),
             "{p}"

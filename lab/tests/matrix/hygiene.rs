@@ -103,7 +103,7 @@ pub(crate) fn edge_leaves(lab: &NetnsLab, m: &mut Table, edge2: Running) -> Resu
     m.note(
         &[
             "edge leaves → route agent withdraws its routes",
-            "cloud2: ip route proto 250",
+            "cloud2: ip route table 7250 proto 250",
         ],
         within(Duration::from_secs(5), || {
             let r = agent_routes(lab)?;
@@ -209,7 +209,7 @@ pub(crate) fn agent_stops(lab: &NetnsLab, m: &mut Table, agent: Running) -> Resu
     m.note(
         &[
             "route agent exits → its routes removed",
-            "cloud2: ip route proto 250",
+            "cloud2: ip route table 7250 proto 250",
         ],
         agent_routes(lab).and_then(|r| {
             if r.trim().is_empty() {

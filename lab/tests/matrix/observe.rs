@@ -7,8 +7,6 @@ use relay_lab::netns::{NetnsLab, Role};
 use relay_lab::scenario::admin;
 use relay_server::admin::SessionRow;
 
-use crate::setup::AGENT_PROTO;
-
 /// edge1's session as the relay's admin API reports it (an error when it
 /// has none or the answer does not parse).
 pub(crate) fn edge1_session(lab: &NetnsLab) -> Result<SessionRow> {
@@ -23,15 +21,5 @@ pub(crate) fn capture_set(lab: &NetnsLab, role: Role) -> Result<String> {
 
 /// The route agent's routes on cloud2.
 pub(crate) fn agent_routes(lab: &NetnsLab) -> Result<String> {
-    lab.exec(
-        Role::Cloud2,
-        &[
-            "ip",
-            "-4",
-            "route",
-            "show",
-            "proto",
-            &AGENT_PROTO.to_string(),
-        ],
-    )
+    relay_lab::route_agent::routes(lab, Role::Cloud2)
 }

@@ -16,7 +16,7 @@ pub(crate) fn agent_installs_routes(lab: &NetnsLab, m: &mut Table) {
     m.note(
         &[
             "route agent installs edge routes",
-            "cloud2: ip route proto 250",
+            "cloud2: ip route table 7250 proto 250",
         ],
         within(Duration::from_secs(5), || {
             let r = agent_routes(lab)?;
