@@ -14,7 +14,7 @@
 //! plus a round trip (quinn restarts its keep-alive timer on each packet
 //! *received*, so on an idle session arrivals are spaced interval + round
 //! trip). The path is declared dead when nothing at all has arrived for
-//! [`quic_silence_limit`]: [`DEAD_AFTER_KEEPALIVES`] intervals (less a
+//! `quic_silence_limit`: [`DEAD_AFTER_KEEPALIVES`] intervals (less a
 //! tenth), or one interval plus twelve round trips when that is longer.
 //! Twelve round trips stand in for three probe timeouts (RFC 9002: a
 //! probe timeout is the smoothed round trip plus four times its variation,

@@ -262,8 +262,8 @@ impl RouteTable {
         Ok(())
     }
 
-    /// Whether `ip -4 rule show` lists our rule (`<pref>: from all lookup
-    /// <table>`). The table is compared as a number: the agent's image
+    /// Whether `ip -4 rule show` lists our rule (`PREF: from all lookup
+    /// TABLE`). The table is compared as a number: the agent's image
     /// names no table in `rt_tables`.
     pub fn rule_listed(&self, listing: &str) -> bool {
         let (pref, table) = (self.pref.to_string(), self.table.to_string());

@@ -95,11 +95,11 @@
 //! delivered locally. A lookup the table has no route for (an address not
 //! captured) goes on to the next rules, as if the rule were not there;
 //! `suppress_prefixlength 0` makes the table's `local default`, there for
-//! the reply mark (see [`install_kept_sources`]), count as no route for
+//! the reply mark (see `install_kept_sources`), count as no route for
 //! this rule, so the whole table can serve both.
 //!
 //! The routes are the captured addresses less the skipped prefixes and
-//! the captured peers, cut into the fewest prefixes ([`capture_routes`]):
+//! the captured peers, cut into the fewest prefixes (`capture_routes`):
 //! a skipped `/26` inside a captured `/24` leaves two routes, a `/26` and
 //! a `/25`. Not `throw` routes over `local` ones: a `throw` would end the
 //! reply mark's lookup too (a reply to a kept client inside a skipped
@@ -280,7 +280,7 @@ pub struct Capture {
     skipped: BTreeSet<Cidr>,
     /// The prefixes with a `local` route in the routing table: the
     /// addresses of `installed` minus those of `skipped` and of the peers
-    /// inside `installed` (see [`capture_routes`]).
+    /// inside `installed` (see `capture_routes`).
     routes: BTreeSet<Cidr>,
     services: BTreeSet<(SocketAddr, Proto)>,
     local_services: BTreeSet<(SocketAddr, Proto)>,
@@ -499,7 +499,7 @@ impl Capture {
     /// interval sets refuse overlapping elements, and a cluster range such
     /// as `10.244.0.0/16` legitimately overlaps per-node `/24`s, so the set
     /// gets the minimal cover of `want`. The routing table's `local`
-    /// routes ([`capture_routes`]) are changed by difference in one
+    /// routes (`capture_routes`) are changed by difference in one
     /// `ip -batch`, however many there are; the policy rules stay as
     /// [`Capture::install`] left them.
     ///

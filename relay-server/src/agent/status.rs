@@ -14,7 +14,7 @@
 //! - `GET /metrics`: `route_agent_*` in the Prometheus text format.
 //!
 //! It is served with the relay's probe listener bounds
-//! ([`crate::health::serve_router`]: a few connections, oldest closed
+//! (`crate::health::serve_router`: a few connections, oldest closed
 //! first, one request each, short timeouts), plain HTTP without a token,
 //! so loopback unless `--allow-insecure-status`: the agent runs on the
 //! host network, where every pod of the node could otherwise reach it.
