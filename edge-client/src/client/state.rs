@@ -132,6 +132,11 @@ pub struct EdgeStats {
     /// `UNPROVEN_TO_ADVANCE`): kept across attempts, as the turn is.
     pub relay_addr_unproven:
         std::sync::Mutex<std::collections::HashMap<String, (std::net::SocketAddr, u64)>>,
+    /// Per relay name, the address that last gave this edge a connection:
+    /// it needs more unproven failures in a row before the turn leaves it
+    /// (`dial::transport`'s `UNPROVEN_TO_ADVANCE_PROVEN`).
+    pub relay_addr_proven:
+        std::sync::Mutex<std::collections::HashMap<String, std::net::SocketAddr>>,
     /// The addresses each relay name resolved to last: dialled when the
     /// name stops resolving (the site's or carrier's DNS down while the
     /// uplink works), where a failed lookup used to fail every attempt.

@@ -27,6 +27,14 @@ use super::Dialer;
 /// first never dialled the relay's healthy address. Three such attempts
 /// cost about 10 s with the default backoff and fallback timer.
 pub(super) const UNPROVEN_TO_ADVANCE: u64 = 3;
+
+/// The same for the address that last gave this edge a connection
+/// ([`EdgeStats::relay_addr_proven`](crate::client::EdgeStats)): on the TCP
+/// fallback a relay restarting or over its handshake limits accepts and
+/// closes connections, as a recycled address would, so the address known
+/// to hold the relay needs more such failures in a row (with the 8 s
+/// backoff cap, over a minute) before the turn leaves it.
+pub(super) const UNPROVEN_TO_ADVANCE_PROVEN: u64 = 10;
 use crate::config::{EdgeConfig, TransportMode};
 use crate::identity::clock_hint;
 
@@ -73,7 +81,7 @@ impl Dialer<'_> {
         let addr = pick(addrs, turn).ok_or_else(|| format!("resolve {}: no address", cfg.relay))?;
         let failed = match self.dial_addr(addr, tls).await {
             Ok(c) => {
-                self.unproven().clear();
+                self.unproven().prove(addr);
                 return Ok(c);
             }
             Err(f) => f,
@@ -93,7 +101,7 @@ impl Dialer<'_> {
             self.unproven().clear();
         } else {
             let in_a_row = self.unproven().count(addr);
-            if in_a_row >= UNPROVEN_TO_ADVANCE && self.advance(turn) {
+            if in_a_row >= self.unproven().needed(addr) && self.advance(turn) {
                 self.unproven().clear();
                 if let Some(next) = pick(addrs, turn.wrapping_add(1)) {
                     warn!(relay = %cfg.relay, answered = %addr, %next, attempts = in_a_row, error = %failed.message, "this relay address answers but no working relay (TLS fails or the connection closes); the next attempt dials the next one");
@@ -307,6 +315,7 @@ impl Dialer<'_> {
     fn unproven(&self) -> UnprovenFailures<'_> {
         UnprovenFailures {
             counts: &self.stats.relay_addr_unproven,
+            proven: &self.stats.relay_addr_proven,
             relay: &self.cfg.relay,
         }
     }
@@ -319,6 +328,7 @@ impl Dialer<'_> {
 /// starts over).
 struct UnprovenFailures<'a> {
     counts: &'a std::sync::Mutex<std::collections::HashMap<String, (SocketAddr, u64)>>,
+    proven: &'a std::sync::Mutex<std::collections::HashMap<String, SocketAddr>>,
     relay: &'a str,
 }
 
@@ -339,6 +349,24 @@ impl UnprovenFailures<'_> {
     fn clear(&self) {
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         counts.remove(self.relay);
+    }
+
+    /// `addr` gave a connection: the count starts over, and `addr` is the
+    /// one known to hold the relay.
+    fn prove(&self, addr: SocketAddr) {
+        self.clear();
+        let mut proven = self.proven.lock().unwrap_or_else(|e| e.into_inner());
+        proven.insert(self.relay.to_string(), addr);
+    }
+
+    /// How many unproven failures in a row at `addr` move the turn.
+    fn needed(&self, addr: SocketAddr) -> u64 {
+        let proven = self.proven.lock().unwrap_or_else(|e| e.into_inner());
+        if proven.get(self.relay) == Some(&addr) {
+            UNPROVEN_TO_ADVANCE_PROVEN
+        } else {
+            UNPROVEN_TO_ADVANCE
+        }
     }
 }
 
@@ -688,9 +716,10 @@ mod tests {
         assert_eq!(dialer.turn(), 2, "the count started over");
     }
 
-    /// A session made at the address in between starts the count over: a
-    /// real relay (QUIC) dialled with a TLS config that does not trust it
-    /// fails as a wrong-CA replica would; with the right one it works.
+    /// A session made at the address in between starts the count over,
+    /// and from then on that address needs more failures in a row: a real
+    /// relay (QUIC) dialled with a TLS config that does not trust it fails
+    /// as a wrong-CA replica would; with the right one it works.
     #[tokio::test]
     async fn a_session_made_starts_the_count_over() {
         let pki =
@@ -722,7 +751,9 @@ mod tests {
         let (ep, conn) = dialer.dial_any(&addrs, trusting).await.unwrap();
         conn.close(0, "done");
         drop(ep);
-        for _ in 1..UNPROVEN_TO_ADVANCE {
+        // The count starts over, and the address that gave a connection
+        // needs `UNPROVEN_TO_ADVANCE_PROVEN` in a row.
+        for _ in 1..UNPROVEN_TO_ADVANCE_PROVEN {
             assert!(untrusted().await.is_err());
         }
         assert_eq!(dialer.turn(), 0, "the count did not start over");
@@ -771,12 +802,15 @@ mod tests {
     #[test]
     fn unproven_failures_count_in_a_row_per_address() {
         let counts = std::sync::Mutex::default();
+        let proven = std::sync::Mutex::default();
         let a = UnprovenFailures {
             counts: &counts,
+            proven: &proven,
             relay: "relay.test:8443",
         };
         let other = UnprovenFailures {
             counts: &counts,
+            proven: &proven,
             relay: "relay-b.test:8443",
         };
         let (x, y): (SocketAddr, SocketAddr) = (
@@ -791,5 +825,14 @@ mod tests {
         a.clear();
         assert_eq!(a.count(y), 1);
         assert_eq!(other.count(x), 2, "another name's count");
+        // The address that gave a connection needs more: a relay over its
+        // handshake limits on TCP closes connections as a recycled
+        // address would.
+        assert_eq!(a.needed(x), UNPROVEN_TO_ADVANCE);
+        a.prove(x);
+        assert_eq!(a.needed(x), UNPROVEN_TO_ADVANCE_PROVEN);
+        assert_eq!(a.needed(y), UNPROVEN_TO_ADVANCE);
+        assert_eq!(other.needed(x), UNPROVEN_TO_ADVANCE, "another name's");
+        assert_eq!(a.count(y), 1, "proving started the count over");
     }
 }

@@ -228,7 +228,16 @@ impl Capture {
         // to another host's port of the same number keeps its entry, and
         // with it its NAT binding.
         if !stale.is_empty() {
-            let local = local_ipv4_addresses();
+            // Only the addresses the rule takes node ports on.
+            let taken = self.cfg.node_port_addresses.clone();
+            let local: BTreeSet<std::net::Ipv4Addr> = local_ipv4_addresses()
+                .into_iter()
+                .filter(|ip| {
+                    taken
+                        .as_ref()
+                        .is_none_or(|t| t.iter().any(|c| c.contains(&(*ip).into())))
+                })
+                .collect();
             let entries = stale
                 .iter()
                 .flat_map(|port| {
@@ -255,12 +264,16 @@ pub fn is_local_address(ip: std::net::IpAddr) -> bool {
 }
 
 /// This host's IPv4 addresses (empty if they cannot be listed: then no
-/// entry is deleted, and stale flows age out as they would anyway).
+/// entry is deleted, and stale flows age out as they would anyway), but
+/// for those on kube-proxy's IPVS device: `kube-ipvs0` holds every
+/// ClusterIP, thousands of addresses that are no node's, and one
+/// `conntrack` run each would hold up every capture update.
 fn local_ipv4_addresses() -> BTreeSet<std::net::Ipv4Addr> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return BTreeSet::new();
     };
     addrs
+        .filter(|ifa| ifa.interface_name != "kube-ipvs0")
         .filter_map(|ifa| ifa.address?.as_sockaddr_in().map(|a| a.ip()))
         .collect()
 }
