@@ -36,6 +36,10 @@
 //! number of prefixes. Only the routing decision moves: the `onlink`
 //! tunnel routes copied from `main` need nothing of `main` to forward.
 //!
+//! It refuses an edge prefix holding one of this node's addresses or the
+//! next hop ([`refuse_prefixes`]): behind a rule ahead of `main`, such a
+//! prefix would take this node's own traffic to the relay.
+//!
 //! With `--status-listen` it serves `/healthz`, `/readyz` and `/metrics`
 //! ([`status`]), which [`run_with_status`] keeps up to date.
 
@@ -227,7 +231,12 @@ pub const DEFAULT_RULE_PREF: u32 = 7250;
 /// nodes, and its rule preference is apart from the capture's rules.
 /// Mind that a rule ahead of `main` beats `main` whatever the prefix
 /// lengths: an edge prefix covering cluster ranges would take them over
-/// on this node, where in `main` longer cluster routes won.
+/// on this node, where in `main` longer cluster routes won. The agents
+/// refuse a prefix holding one of this node's addresses or the next hop
+/// ([`refuse_prefixes`]); narrower overlaps are not detected.
+///
+/// A start removes the rule a killed run left ([`Self::remove_stale_rule`]);
+/// one left under other `--table`/`--rule-pref` values is not recognised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RouteTable {
     /// The routing table (`ip route ... table <table>`).
@@ -292,13 +301,13 @@ impl RouteTable {
     }
 
     /// Removes our rule (and any duplicate of it); nothing else at our
-    /// preference.
-    pub async fn remove_rule(&self) -> anyhow::Result<()> {
+    /// preference. How many it removed.
+    pub async fn remove_rule(&self) -> anyhow::Result<usize> {
         let (pref, table) = (self.pref.to_string(), self.table.to_string());
         // Bounded: a handful of duplicates at most (see `ensure_rule`).
-        for _ in 0..16 {
+        for n in 0..16 {
             if !self.rule_listed(&ip(&["-4", "rule", "show"], None).await?) {
-                return Ok(());
+                return Ok(n);
             }
             ip(
                 &["-4", "rule", "del", "pref", &pref, "lookup", &table],
@@ -307,6 +316,25 @@ impl RouteTable {
             .await?;
         }
         anyhow::bail!("rule pref {pref} lookup {table} keeps coming back")
+    }
+
+    /// At start: removes our rule as a previous run left it (killed, so
+    /// it did not remove it on exit). It comes back with the first poll
+    /// that has a route to install; meanwhile the table's leftovers (which
+    /// that poll brings in step) are not consulted. A rule at another
+    /// preference or for another table (flags changed since) is not ours
+    /// to recognise: see deploy/README.md for removing it by hand.
+    pub async fn remove_stale_rule(&self) {
+        match self.remove_rule().await {
+            Ok(0) => {}
+            Ok(n) => info!(
+                table = self.table,
+                pref = self.pref,
+                removed = n,
+                "removed the routing rule a previous run left"
+            ),
+            Err(e) => warn!(error = %e, "removing a previous run's routing rule failed"),
+        }
     }
 }
 
@@ -339,6 +367,76 @@ pub async fn remove_from_main(proto: u8) -> anyhow::Result<usize> {
         ip(&["-4", "-force", "-batch", "-"], Some(&batch)).await?;
     }
     Ok(batch.lines().count())
+}
+
+/// Parses `ip -4 -o addr show`: this node's IPv4 interface addresses.
+pub fn parse_addrs(out: &str) -> Vec<IpAddr> {
+    out.lines()
+        .filter_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let w = words.windows(2).find(|p| p[0] == "inet")?;
+            w[1].split('/').next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// This node's IPv4 interface addresses (`ip -4 -o addr show`).
+pub(crate) async fn own_addrs() -> anyhow::Result<Vec<IpAddr>> {
+    Ok(parse_addrs(&ip(&["-4", "-o", "addr", "show"], None).await?))
+}
+
+/// Splits `want` into the prefixes safe to route and those refused, each
+/// with the address of `keep` it contains. `keep` is what must not be
+/// sent to the relay: this node's own addresses (a prefix holding one
+/// holds its subnet, its neighbours and the apiserver, and our rule ahead
+/// of `main` would beat `main`'s longer connected route) and the next
+/// hops the routes go through (a route for a prefix holding its own
+/// gateway would resolve that gateway through itself).
+pub fn refuse_prefixes(
+    want: &BTreeSet<Cidr>,
+    keep: &[IpAddr],
+) -> (BTreeSet<Cidr>, BTreeMap<Cidr, IpAddr>) {
+    let mut ok = BTreeSet::new();
+    let mut refused = BTreeMap::new();
+    for c in want {
+        match keep.iter().find(|a| c.contains(a)) {
+            Some(a) => {
+                refused.insert(*c, *a);
+            }
+            None => {
+                ok.insert(*c);
+            }
+        }
+    }
+    (ok, refused)
+}
+
+/// [`refuse_prefixes`] for an agent's loop: warns once per refused prefix
+/// (again only if it was accepted in between) and records how many the
+/// poll refused in `status`.
+#[derive(Debug, Default)]
+pub(crate) struct Refusals {
+    warned: BTreeSet<Cidr>,
+}
+
+impl Refusals {
+    /// The prefixes of `want` that contain none of `keep`.
+    pub(crate) fn filter(
+        &mut self,
+        want: &BTreeSet<Cidr>,
+        keep: &[IpAddr],
+        status: &AgentStatus,
+    ) -> BTreeSet<Cidr> {
+        let (ok, refused) = refuse_prefixes(want, keep);
+        for (c, a) in &refused {
+            if !self.warned.contains(c) {
+                warn!(prefix = %c, contains = %a, "refusing to route an edge prefix holding this node's own address or the next hop (it would take over this node's own traffic); fix the relay's [nodes] or the edge's routes");
+            }
+        }
+        self.warned = refused.keys().copied().collect();
+        status.refused(refused.len());
+        ok
+    }
 }
 
 /// Where the agent sends edge prefixes.
@@ -595,6 +693,8 @@ pub async fn run_in_table(
     status: Arc<AgentStatus>,
 ) {
     info!(admin = %cfg.admin, ?toward, table = table.table, rule_pref = table.pref, "route agent started");
+    table.remove_stale_rule().await;
+    let mut refusals = Refusals::default();
     let mut failing = false;
     // Whether `main` still needs its leftovers removed (once per run).
     let mut main_checked = false;
@@ -621,18 +721,32 @@ pub async fn run_in_table(
             }
         };
         match (fetch(&cfg).await, hop) {
-            (Ok(want), Ok(hop)) => match install(&want, &hop, &cfg, table, &mut main_checked).await
-            {
-                Ok((set, removed)) => {
-                    if set + removed > 0 {
-                        info!(set, removed, total = want.len(), "routes synced");
-                    }
-                    failing = false;
-                    status.synced(want.len());
-                }
+            (Ok(want), Ok(hop)) => match own_addrs().await {
                 Err(e) => {
-                    warn!(error = %e, "installing routes failed");
+                    warn!(error = %e, "reading this node's addresses failed");
                     status.failed(PollFailure::InstallFailed, &e);
+                }
+                Ok(mut keep) => {
+                    // Not the next hop, nor (`--via-pod-network`) the
+                    // relay node's pod address it is looked up by.
+                    keep.extend(hop.via);
+                    if let Toward::PodNetwork(a) = toward {
+                        keep.push(a);
+                    }
+                    let want = refusals.filter(&want, &keep, &status);
+                    match install(&want, &hop, &cfg, table, &mut main_checked).await {
+                        Ok((set, removed)) => {
+                            if set + removed > 0 {
+                                info!(set, removed, total = want.len(), "routes synced");
+                            }
+                            failing = false;
+                            status.synced(want.len());
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "installing routes failed");
+                            status.failed(PollFailure::InstallFailed, &e);
+                        }
+                    }
                 }
             },
             (Ok(_), Err(e)) => status.failed(PollFailure::NoNextHop, &e),
@@ -774,6 +888,117 @@ mod tests {
         // On exit, no next hop: only removals.
         let (b, set, removed) = plan(&have, &BTreeSet::new(), None, 250, 7250);
         assert_eq!((set, removed), (0, 2), "{b}");
+    }
+
+    /// An edge prefix holding this node's address (its subnet, its
+    /// neighbours) or the next hop is refused; another host's /32 is not.
+    #[test]
+    fn prefixes_holding_this_nodes_addresses_or_the_next_hop_are_refused() {
+        let own = parse_addrs(
+            "1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever\n\
+             2: eth0    inet 10.0.3.17/24 brd 10.0.3.255 scope global eth0\\       valid_lft forever preferred_lft forever\n\
+             5: flannel.1    inet 10.244.3.0/32 scope global flannel.1\\       valid_lft forever preferred_lft forever\n",
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(own, [ip("127.0.0.1"), ip("10.0.3.17"), ip("10.244.3.0")]);
+        let via = ip("192.168.9.1");
+        let keep: Vec<IpAddr> = own.iter().copied().chain([via]).collect();
+        for (prefix, refused_for) in [
+            // `[nodes]` listing the VPC's range: this node's own subnet.
+            ("10.0.0.0/16", Some("10.0.3.17")),
+            ("0.0.0.0/0", Some("127.0.0.1")),
+            // The cluster's whole pod range, this node's block in it.
+            ("10.244.0.0/16", Some("10.244.3.0")),
+            // The next hop inside.
+            ("192.168.0.0/16", Some("192.168.9.1")),
+            ("192.168.9.1/32", Some("192.168.9.1")),
+            // A neighbour's /32, an edge's pod block: fine.
+            ("10.0.3.18/32", None),
+            ("10.245.7.0/24", None),
+        ] {
+            let want = BTreeSet::from([c(prefix)]);
+            let (ok, refused) = refuse_prefixes(&want, &keep);
+            match refused_for {
+                Some(a) => {
+                    assert!(ok.is_empty(), "{prefix} accepted");
+                    assert_eq!(refused.get(&c(prefix)), Some(&ip(a)), "{prefix}");
+                }
+                None => {
+                    assert_eq!(ok, want, "{prefix} refused");
+                    assert!(refused.is_empty());
+                }
+            }
+        }
+        // The filter counts what it refused, every poll.
+        let status = status::AgentStatus::default();
+        let mut r = Refusals::default();
+        let want = BTreeSet::from([c("10.0.0.0/16"), c("10.245.7.0/24")]);
+        assert_eq!(
+            r.filter(&want, &keep, &status),
+            BTreeSet::from([c("10.245.7.0/24")])
+        );
+        assert!(status
+            .render()
+            .contains("\nroute_agent_prefixes_refused 1\n"));
+        r.filter(&BTreeSet::from([c("10.245.7.0/24")]), &keep, &status);
+        assert!(status
+            .render()
+            .contains("\nroute_agent_prefixes_refused 0\n"));
+    }
+
+    /// The single-relay agent for real, in a namespace of the test's own
+    /// (see `crate::multipath::tests::netns`): a killed run's rule goes
+    /// at start, and a prefix holding this node's address or the next hop
+    /// is not installed.
+    #[test]
+    fn a_previous_runs_rule_goes_and_prefixes_holding_this_node_are_refused() {
+        use crate::multipath::tests::netns::*;
+        use std::sync::{Arc, Mutex};
+        if !in_netns(&format!(
+            "{}::a_previous_runs_rule_goes_and_prefixes_holding_this_node_are_refused",
+            module_path!()
+        )) {
+            return;
+        }
+        rt().block_on(async {
+            sh(&["-4", "rule", "add", "pref", "7250", "lookup", "7250"]);
+            let routes = Arc::new(Mutex::new(vec![]));
+            let cfg = AgentConfig {
+                admin: fake_replica(routes.clone()).await,
+                token: None,
+                tls: None,
+                interval: Duration::from_millis(50),
+                proto: 250,
+            };
+            let status = Arc::<status::AgentStatus>::default();
+            let stop = CancellationToken::new();
+            let toward = Toward::Via("192.0.2.2".parse().unwrap());
+            let agent = tokio::spawn(run_with_status(cfg, toward, stop.clone(), status.clone()));
+            until("ready with no route", || {
+                status
+                    .readiness()
+                    .is_ok_and(|l| l.starts_with("ready: 0 routes"))
+            })
+            .await;
+            assert!(!rule_listed(), "a previous run's rule stays");
+            // This node's subnet, and a prefix holding the next hop.
+            *routes.lock().unwrap() = vec!["10.244.7.0/24", "192.0.0.0/16", "192.0.2.2/32"];
+            until("one route", || {
+                status
+                    .readiness()
+                    .is_ok_and(|l| l.starts_with("ready: 1 routes"))
+            })
+            .await;
+            assert_eq!(table(), "10.244.7.0/24 via 192.0.2.2 dev up0 proto 250 \n");
+            assert!(rule_listed());
+            assert!(status
+                .render()
+                .contains("\nroute_agent_prefixes_refused 2\n"));
+            stop.cancel();
+            agent.await.expect("agent");
+            assert_eq!(table(), "");
+            assert!(!rule_listed());
+        });
     }
 
     #[test]

@@ -131,8 +131,8 @@ enum Cmd {
         rule_pref: u32,
         /// Serve /healthz, /readyz (the last polls synced the routes) and
         /// /metrics (Prometheus text) on this address (plain HTTP, no
-        /// token; e.g. 127.0.0.1:9471). With --admin only.
-        #[arg(long, conflicts_with = "replica")]
+        /// token; e.g. 127.0.0.1:9471). With --admin or --replica.
+        #[arg(long)]
         status_listen: Option<std::net::SocketAddr>,
         /// Allow --status-listen off loopback (anyone reaching the address
         /// may read the figures and take its few connection slots).
@@ -321,6 +321,15 @@ async fn main() -> anyhow::Result<()> {
                 ),
                 None => None,
             };
+            let status = std::sync::Arc::<relay_server::agent::status::AgentStatus>::default();
+            if let Some(l) = status_listener {
+                tracing::info!(addr = ?l.local_addr(), "route agent status endpoint listening");
+                tokio::spawn(relay_server::agent::status::serve(
+                    l,
+                    status.clone(),
+                    stop.clone(),
+                ));
+            }
             let task = if let Some((_, toward)) = single {
                 let ((admin, _), tls) =
                     targets.into_iter().zip(tls_of).next().context("--admin")?;
@@ -331,15 +340,6 @@ async fn main() -> anyhow::Result<()> {
                     interval,
                     proto,
                 };
-                let status = std::sync::Arc::<relay_server::agent::status::AgentStatus>::default();
-                if let Some(l) = status_listener {
-                    tracing::info!(addr = ?l.local_addr(), "route agent status endpoint listening");
-                    tokio::spawn(relay_server::agent::status::serve(
-                        l,
-                        status.clone(),
-                        stop.clone(),
-                    ));
-                }
                 tokio::spawn(relay_server::agent::run_in_table(
                     cfg,
                     toward,
@@ -365,7 +365,11 @@ async fn main() -> anyhow::Result<()> {
                     proto,
                     table,
                 };
-                tokio::spawn(relay_server::multipath::run(cfg, stop.clone()))
+                tokio::spawn(relay_server::multipath::run_with_status(
+                    cfg,
+                    stop.clone(),
+                    status,
+                ))
             };
             let mut term = signal(SignalKind::terminate())?;
             let mut int = signal(SignalKind::interrupt())?;

@@ -23,9 +23,14 @@
 //!
 //! As the single-relay agent's, the routes live in the agent's own
 //! routing table behind one policy rule ahead of `main`
-//! ([`crate::agent::RouteTable`], which says why), and `main`'s leftovers
-//! of an older agent go once the table is in place. Nexthop objects
-//! belong to no table: only the routes pointing at the groups move.
+//! ([`crate::agent::RouteTable`], which says why; a previous run's rule
+//! is removed at start), and `main`'s leftovers of an older agent go once
+//! the table is in place. Nexthop objects belong to no table: only the
+//! routes pointing at the groups move. A prefix holding one of this
+//! node's addresses or a replica's VIA address is refused
+//! ([`crate::agent::refuse_prefixes`]). With `--status-listen` it serves
+//! the single-relay agent's `/healthz`, `/readyz` and `/metrics`
+//! ([`crate::agent::status`]), which [`run_with_status`] keeps up to date.
 //!
 //! Next hops are the replicas' `--replica ADMIN=VIA` addresses only, as
 //! `--via` is for one relay: on an overlay CNI in a cloud, where edge
@@ -36,13 +41,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use relay_protocol::Cidr;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::agent::{AgentConfig, AgentTls};
+use crate::agent::status::{AgentStatus, PollFailure};
+use crate::agent::{AgentConfig, AgentTls, Refusals};
 use crate::config::Secret;
 
 /// Nexthop ids of the replicas: `NEXTHOP_BASE + index`.
@@ -266,12 +273,24 @@ async fn device_of(via: IpAddr) -> Option<String> {
         .map(|p| p[1].to_string())
 }
 
+/// What one [`apply`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Applied {
+    /// `ip -batch` lines run.
+    changes: usize,
+    /// Prefixes now routed through a group.
+    routes: usize,
+    /// Wanted prefixes left unrouted: none of the replicas serving them
+    /// has a nexthop (no route toward its VIA address).
+    unroutable: usize,
+}
+
 async fn apply(
     want: &BTreeMap<Cidr, BTreeSet<usize>>,
     vias: &[IpAddr],
     proto: u8,
     table: u32,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<Applied> {
     let have = installed(proto, table).await?;
     let mut with_dev = Vec::new();
     for (i, v) in vias.iter().enumerate() {
@@ -288,7 +307,7 @@ async fn apply(
         .filter(|(i, (_, d))| d.is_some() || have.nexthops.contains(&(NEXTHOP_BASE + *i as u32)))
         .map(|(i, _)| i)
         .collect();
-    let want: BTreeMap<Cidr, BTreeSet<usize>> = want
+    let routed: BTreeMap<Cidr, BTreeSet<usize>> = want
         .iter()
         .map(|(c, m)| {
             (
@@ -298,18 +317,71 @@ async fn apply(
         })
         .filter(|(_, m)| !m.is_empty())
         .collect();
-    let batch = plan(&have, &want, &with_dev)
+    let batch = plan(&have, &routed, &with_dev)
         .replace("{proto}", &proto.to_string())
         .replace("{table}", &table.to_string());
-    let n = batch.lines().count();
-    if n > 0 {
+    let changes = batch.lines().count();
+    if changes > 0 {
         ip(&["-force", "-batch", "-"], Some(&batch)).await?;
     }
-    Ok(n)
+    Ok(Applied {
+        changes,
+        routes: routed.len(),
+        unroutable: want.len() - routed.len(),
+    })
+}
+
+/// One poll's installation, as the single-relay agent's: the prefixes
+/// that hold none of `keep` (this node's addresses, the replicas' VIA
+/// addresses: [`crate::agent::refuse_prefixes`]) into our table, then,
+/// only once that worked, the rule consulting it (every poll, so one
+/// someone removed comes back; not while there is no route) and, once,
+/// an older agent's leftovers in `main`
+/// ([`crate::agent::remove_from_main`]): never while our routes are not
+/// in place, as edge traffic would then fall back to the default route.
+async fn install(
+    want: &BTreeMap<Cidr, BTreeSet<usize>>,
+    vias: &[IpAddr],
+    cfg: &MultipathConfig,
+    main_checked: &mut bool,
+) -> anyhow::Result<Applied> {
+    let done = apply(want, vias, cfg.proto, cfg.table.table).await?;
+    if done.routes > 0 && cfg.table.ensure_rule().await? {
+        info!(
+            table = cfg.table.table,
+            pref = cfg.table.pref,
+            "routing rule added"
+        );
+    }
+    if !*main_checked {
+        let n = crate::agent::remove_from_main(cfg.proto).await?;
+        if n > 0 {
+            info!(
+                removed = n,
+                "removed routes an older agent left in the main table"
+            );
+        }
+        *main_checked = true;
+    }
+    Ok(done)
 }
 
 /// Runs until `stop`, then removes every route, group and nexthop it made.
 pub async fn run(cfg: MultipathConfig, stop: CancellationToken) {
+    run_with_status(cfg, stop, Arc::default()).await
+}
+
+/// [`run`], recording each poll's outcome in `status` (what the status
+/// endpoint, [`crate::agent::status::serve`], answers from), as the
+/// single-relay agent does: synced when every prefix the answering
+/// replicas serve is routed; `relay_unreachable` when none answers (the
+/// routes stay); `no_next_hop` when some prefix has no replica with a
+/// route toward its VIA address; `install_failed` when `ip` refused.
+pub async fn run_with_status(
+    cfg: MultipathConfig,
+    stop: CancellationToken,
+    status: Arc<AgentStatus>,
+) {
     let vias: Vec<IpAddr> = cfg.replicas.iter().map(|r| r.via).collect();
     info!(
         replicas = cfg.replicas.len(),
@@ -317,11 +389,14 @@ pub async fn run(cfg: MultipathConfig, stop: CancellationToken) {
         rule_pref = cfg.table.pref,
         "route agent (resilient multipath) started"
     );
+    cfg.table.remove_stale_rule().await;
+    let mut refusals = Refusals::default();
     let mut failing: BTreeSet<usize> = BTreeSet::new();
     // Whether `main` still needs an older agent's leftovers removed.
     let mut main_checked = false;
     loop {
         let mut views = Vec::new();
+        let mut last_error = None;
         for (i, r) in cfg.replicas.iter().enumerate() {
             let one = AgentConfig {
                 admin: r.admin,
@@ -341,49 +416,58 @@ pub async fn run(cfg: MultipathConfig, stop: CancellationToken) {
                     if failing.insert(i) {
                         warn!(admin = %r.admin, error = %e, "replica does not answer; routing around it");
                     }
+                    last_error = Some(format!("{}: {e:#}", r.admin));
                     views.push(None);
                 }
             }
         }
         // None answered: change nothing (as the single-relay agent keeps
         // its routes while the relay is away).
-        if let Some(want) = merge_views(&views) {
-            match apply(&want, &vias, cfg.proto, cfg.table.table).await {
-                Ok(0) => {}
-                Ok(n) => info!(changes = n, prefixes = want.len(), "routes synced"),
-                Err(e) => warn!(error = %e, "installing routes failed"),
-            }
-            // The rule every poll (one someone removed comes back), then
-            // `main`'s leftovers once, as the single-relay agent does.
-            let rule = match want.is_empty() {
-                true => Ok(false),
-                false => cfg.table.ensure_rule().await,
-            };
-            match rule {
-                Ok(true) => info!(
-                    table = cfg.table.table,
-                    pref = cfg.table.pref,
-                    "routing rule added"
+        match merge_views(&views) {
+            None => status.failed(
+                PollFailure::RelayUnreachable,
+                &format!(
+                    "no replica answers (last: {})",
+                    last_error.unwrap_or_default()
                 ),
-                Ok(false) => {}
-                Err(e) => warn!(error = %e, "adding the routing rule failed"),
-            }
-            if !main_checked {
-                match crate::agent::remove_from_main(cfg.proto).await {
-                    Ok(n) => {
-                        if n > 0 {
-                            info!(
-                                removed = n,
-                                "removed routes an older agent left in the main table"
-                            );
+            ),
+            Some(want) => match crate::agent::own_addrs().await {
+                Err(e) => {
+                    warn!(error = %e, "reading this node's addresses failed");
+                    status.failed(PollFailure::InstallFailed, &e);
+                }
+                Ok(mut keep) => {
+                    keep.extend(&vias);
+                    let prefixes: BTreeSet<Cidr> = want.keys().copied().collect();
+                    let ok = refusals.filter(&prefixes, &keep, &status);
+                    let want: BTreeMap<Cidr, BTreeSet<usize>> =
+                        want.into_iter().filter(|(c, _)| ok.contains(c)).collect();
+                    match install(&want, &vias, &cfg, &mut main_checked).await {
+                        Ok(done) => {
+                            if done.changes > 0 {
+                                info!(
+                                    changes = done.changes,
+                                    prefixes = done.routes,
+                                    "routes synced"
+                                );
+                            }
+                            match done.unroutable {
+                                0 => status.synced(done.routes),
+                                n => status.failed(
+                                    PollFailure::NoNextHop,
+                                    &format!(
+                                        "{n} prefixes unrouted: no replica serving them has a route toward its VIA address"
+                                    ),
+                                ),
+                            }
                         }
-                        main_checked = true;
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "removing an older agent's routes from main failed")
+                        Err(e) => {
+                            warn!(error = %e, "installing routes failed");
+                            status.failed(PollFailure::InstallFailed, &e);
+                        }
                     }
                 }
-            }
+            },
         }
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -394,13 +478,23 @@ pub async fn run(cfg: MultipathConfig, stop: CancellationToken) {
         .await
         .map(|_| ());
     if ok.is_ok() {
-        let del: String = (0..cfg.replicas.len())
-            .map(|i| format!("nexthop del id {}\n", NEXTHOP_BASE + i as u32))
-            .collect();
-        ok = ip(&["-force", "-batch", "-"], Some(&del)).await.map(|_| ());
+        // Those made only: one never made (no route toward its VIA) would
+        // fail the batch.
+        ok = match installed(cfg.proto, cfg.table.table).await {
+            Ok(have) if have.nexthops.is_empty() => Ok(()),
+            Ok(have) => {
+                let del: String = have
+                    .nexthops
+                    .iter()
+                    .map(|id| format!("nexthop del id {id}\n"))
+                    .collect();
+                ip(&["-force", "-batch", "-"], Some(&del)).await.map(|_| ())
+            }
+            Err(e) => Err(e),
+        };
     }
     if ok.is_ok() {
-        ok = cfg.table.remove_rule().await;
+        ok = cfg.table.remove_rule().await.map(|_| ());
     }
     match ok {
         Ok(()) => info!("route agent stopped; its routes, nexthops and rule removed"),
@@ -409,7 +503,7 @@ pub async fn run(cfg: MultipathConfig, stop: CancellationToken) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn c(s: &str) -> Cidr {
@@ -523,5 +617,343 @@ mod tests {
         let want = merge_views(&[view(&[], &[]), None, view(&[], &[e2])]).unwrap();
         assert_eq!(want[&c(e2)], BTreeSet::from([2]));
         assert!(merge_views(&[None, None]).is_none());
+    }
+
+    /// The agent for real, in a network namespace of the test's own
+    /// (never the host's routes, rules or nexthops): the test binary runs
+    /// itself again under `unshare -n`. Its replicas' admin APIs are fakes
+    /// answering a fixed route table.
+    pub(crate) mod netns {
+        use std::process::Command;
+        use std::sync::Mutex;
+
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::net::TcpListener;
+
+        use super::*;
+        use crate::agent::RouteTable;
+
+        const INSIDE: &str = "RELAY_SERVER_TEST_IN_NETNS";
+
+        /// `true` in the namespace (run the test's body); `false` when
+        /// the run there of `test` (its full path, `module_path!()`
+        /// included) passed, or when namespaces are not available (not
+        /// root; a failure under `REQUIRE_LAB=1` or `CI=true`). The
+        /// namespace has `lo` up and `up0`, 192.0.2.1/24, holding the
+        /// default route via 192.0.2.254.
+        pub(crate) fn in_netns(test: &str) -> bool {
+            if std::env::var_os(INSIDE).is_some() {
+                for cmd in [
+                    "link set lo up",
+                    "link add up0 type veth peer name up1",
+                    "link set up1 up",
+                    "addr add 192.0.2.1/24 dev up0",
+                    "link set up0 up",
+                    "route add default via 192.0.2.254 dev up0",
+                ] {
+                    sh(&cmd.split(' ').collect::<Vec<_>>());
+                }
+                return true;
+            }
+            let can = Command::new("unshare")
+                .args(["-n", "true"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if !can {
+                let required = std::env::var("REQUIRE_LAB").is_ok_and(|v| v == "1")
+                    || std::env::var("CI").is_ok_and(|v| v == "true");
+                assert!(!required, "multipath namespace tests need root");
+                eprintln!("SKIPPED: multipath namespace tests need root (unshare -n)");
+                return false;
+            }
+            let exe = std::env::current_exe().expect("test binary");
+            let name = test.strip_prefix("relay_server::").unwrap_or(test);
+            let out = Command::new("unshare")
+                .arg("-n")
+                .arg(exe)
+                .args(["--exact", name, "--nocapture", "--test-threads=1"])
+                .env(INSIDE, "1")
+                .output()
+                .expect("unshare");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "{name} in a namespace:\n{text}");
+            assert!(text.contains("1 passed"), "{name} did not run:\n{text}");
+            false
+        }
+
+        /// `ip ARGS` in this namespace; its output.
+        pub(crate) fn sh(args: &[&str]) -> String {
+            let out = Command::new("ip").args(args).output().expect("ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+
+        /// A replica's admin API answering `GET /v1/routes` with `routes`
+        /// (changeable), until the task is aborted.
+        pub(crate) async fn fake_replica(routes: Arc<Mutex<Vec<&'static str>>>) -> SocketAddr {
+            let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = l.local_addr().expect("addr");
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut s, _)) = l.accept().await else {
+                        return;
+                    };
+                    let rows: Vec<String> = routes
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .map(|c| format!("{{\"cidr\":\"{c}\"}}"))
+                        .collect();
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 4096];
+                        let _ = s.read(&mut buf).await;
+                        let body = format!("[{}]", rows.join(","));
+                        let _ = s
+                            .write_all(
+                                format!("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{body}")
+                                    .as_bytes(),
+                            )
+                            .await;
+                    });
+                }
+            });
+            addr
+        }
+
+        /// An address nothing listens on.
+        async fn dead_addr() -> SocketAddr {
+            let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            l.local_addr().expect("addr")
+        }
+
+        fn config(replicas: &[(SocketAddr, &str)]) -> MultipathConfig {
+            MultipathConfig {
+                replicas: replicas
+                    .iter()
+                    .map(|(admin, via)| ReplicaTarget {
+                        admin: *admin,
+                        via: via.parse().unwrap(),
+                        tls: None,
+                    })
+                    .collect(),
+                token: None,
+                interval: Duration::from_millis(50),
+                proto: 250,
+                table: RouteTable::default(),
+            }
+        }
+
+        /// Waits (10 s at most) until `f` holds.
+        pub(crate) async fn until(what: &str, mut f: impl FnMut() -> bool) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !f() {
+                assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+
+        pub(crate) fn rule_listed() -> bool {
+            RouteTable::default().rule_listed(&sh(&["-4", "rule", "show"]))
+        }
+
+        pub(crate) fn table() -> String {
+            sh(&["-4", "route", "show", "table", "7250"])
+        }
+
+        pub(crate) fn rt() -> tokio::runtime::Runtime {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        }
+
+        /// The status the single-relay agent serves, from the multipath
+        /// agent's polls; a previous run's rule removed at start; a prefix
+        /// holding this node's address refused and counted.
+        #[test]
+        fn the_status_follows_the_replicas_and_a_prefix_holding_this_node_is_refused() {
+            if !in_netns(&format!(
+                "{}::the_status_follows_the_replicas_and_a_prefix_holding_this_node_is_refused",
+                module_path!()
+            )) {
+                return;
+            }
+            rt().block_on(async {
+                // A killed run's rule, nothing in its table.
+                sh(&["-4", "rule", "add", "pref", "7250", "lookup", "7250"]);
+                let routes = Arc::new(Mutex::new(vec![]));
+                let live = fake_replica(routes.clone()).await;
+                let dead = dead_addr().await;
+                let cfg = config(&[(live, "192.0.2.2"), (dead, "192.0.2.3")]);
+                let status = Arc::<AgentStatus>::default();
+                let stop = CancellationToken::new();
+                let agent = tokio::spawn(run_with_status(cfg, stop.clone(), status.clone()));
+                until("ready with no route", || {
+                    status
+                        .readiness()
+                        .is_ok_and(|l| l.starts_with("ready: 0 routes"))
+                })
+                .await;
+                assert!(
+                    !rule_listed(),
+                    "a previous run's rule stays:\n{}",
+                    sh(&["rule"])
+                );
+                // This node's subnet among the edges' prefixes: refused.
+                *routes.lock().unwrap() = vec!["10.244.7.0/24", "192.0.0.0/16", "10.9.9.9/32"];
+                until("two routes", || {
+                    status
+                        .readiness()
+                        .is_ok_and(|l| l.starts_with("ready: 2 routes"))
+                })
+                .await;
+                let t = table();
+                assert!(
+                    t.contains("10.244.7.0/24 nhid") && t.contains("10.9.9.9 nhid"),
+                    "{t}"
+                );
+                assert!(!t.contains("192.0.0.0/16"), "{t}");
+                assert!(rule_listed());
+                let m = status.render();
+                assert!(m.contains("\nroute_agent_prefixes_refused 1\n"), "{m}");
+                assert!(m.contains("\nroute_agent_routes_installed 2\n"), "{m}");
+                assert!(m.contains("\nroute_agent_ready 1\n"), "{m}");
+                stop.cancel();
+                agent.await.expect("agent");
+                assert_eq!(table(), "");
+                assert!(!rule_listed());
+                assert_eq!(sh(&["nexthop", "show"]), "");
+            });
+        }
+
+        /// No replica answering fails the poll as the relay's absence
+        /// does, keeping the routes.
+        #[test]
+        fn no_replica_answering_is_not_ready_and_keeps_the_routes() {
+            if !in_netns(&format!(
+                "{}::no_replica_answering_is_not_ready_and_keeps_the_routes",
+                module_path!()
+            )) {
+                return;
+            }
+            rt().block_on(async {
+                let routes = Arc::new(Mutex::new(vec!["10.244.7.0/24"]));
+                let dead = dead_addr().await;
+                let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                let live = l.local_addr().expect("addr");
+                drop(l);
+                // Serves, then goes (same port).
+                let (stop_fake, fake) = {
+                    let routes = routes.clone();
+                    let stop = CancellationToken::new();
+                    let s = stop.clone();
+                    let l = TcpListener::bind(live).await.expect("rebind");
+                    (
+                        stop,
+                        tokio::spawn(async move {
+                            loop {
+                                tokio::select! {
+                                    _ = s.cancelled() => return,
+                                    a = l.accept() => {
+                                        let Ok((mut c, _)) = a else { return };
+                                        let body = format!(
+                                            "[{{\"cidr\":\"{}\"}}]",
+                                            routes.lock().unwrap()[0]
+                                        );
+                                        let mut buf = [0u8; 4096];
+                                        let _ = c.read(&mut buf).await;
+                                        let _ = c.write_all(format!("HTTP/1.1 200 OK\r\n\r\n{body}").as_bytes()).await;
+                                    }
+                                }
+                            }
+                        }),
+                    )
+                };
+                let cfg = config(&[(live, "192.0.2.2"), (dead, "192.0.2.3")]);
+                let status = Arc::<AgentStatus>::default();
+                let stop = CancellationToken::new();
+                let agent = tokio::spawn(run_with_status(cfg, stop.clone(), status.clone()));
+                until("ready", || {
+                    status.readiness().is_ok_and(|l| l.starts_with("ready: 1 routes"))
+                })
+                .await;
+                stop_fake.cancel();
+                fake.await.unwrap();
+                until("not ready", || status.readiness().is_err()).await;
+                let why = status.readiness().unwrap_err();
+                assert!(
+                    why.contains("last failure: relay_unreachable: no replica answers"),
+                    "{why}"
+                );
+                assert!(table().contains("10.244.7.0/24 nhid"), "{}", table());
+                stop.cancel();
+                agent.await.expect("agent");
+            });
+        }
+
+        /// An older agent's route in `main` stays while installing ours
+        /// fails (it is all that routes the prefix then), and goes once
+        /// ours are in place.
+        #[test]
+        fn main_keeps_an_older_agents_routes_until_ours_are_installed() {
+            if !in_netns(&format!(
+                "{}::main_keeps_an_older_agents_routes_until_ours_are_installed",
+                module_path!()
+            )) {
+                return;
+            }
+            rt().block_on(async {
+                sh(&[
+                    "route",
+                    "add",
+                    "10.244.7.0/24",
+                    "via",
+                    "192.0.2.2",
+                    "proto",
+                    "250",
+                ]);
+                let routes = Arc::new(Mutex::new(vec!["10.244.7.0/24"]));
+                let live = fake_replica(routes).await;
+                // Behind the default gateway, not on a link: the kernel
+                // refuses the nexthop ("invalid gateway").
+                let cfg = config(&[(live, "203.0.113.5")]);
+                let status = Arc::<AgentStatus>::default();
+                let stop = CancellationToken::new();
+                let agent = tokio::spawn(run_with_status(cfg, stop.clone(), status.clone()));
+                until("two failed polls", || {
+                    status
+                        .render()
+                        .contains("route_agent_polls_total{result=\"install_failed\"} 2\n")
+                })
+                .await;
+                let main = sh(&["-4", "route", "show", "proto", "250"]);
+                assert!(main.contains("10.244.7.0/24 via 192.0.2.2"), "{main}");
+                assert!(!rule_listed());
+                // The replica's node now on a link: installed, rule added,
+                // `main`'s leftover gone.
+                sh(&["route", "add", "203.0.113.0/24", "dev", "up0"]);
+                until("ready", || {
+                    status
+                        .readiness()
+                        .is_ok_and(|l| l.starts_with("ready: 1 routes"))
+                })
+                .await;
+                assert!(rule_listed());
+                until("main cleared", || {
+                    sh(&["-4", "route", "show", "proto", "250"]).is_empty()
+                })
+                .await;
+                stop.cancel();
+                agent.await.expect("agent");
+            });
+        }
     }
 }

@@ -141,15 +141,22 @@ fn twelve_answered_by_cpod1(lab: &NetnsLab, from: Role) -> Result<String> {
 }
 
 /// Stops edge2 and polls the relay every 50 ms for at most 10 s until
-/// edge2's prefix is in neither its capture set nor its policy rules.
+/// edge2's prefix is in neither its capture set nor capture's routes
+/// (table 7100, where each captured prefix has a local route).
 fn relay_forgets_edge2(lab: &NetnsLab, m: &mut Table, edge2: Running) -> Result<()> {
+    // Present before (else its absence after would prove nothing).
+    let table = || lab.exec(Role::Relay, &["ip", "-4", "route", "show", "table", "7100"]);
+    let before = table()?;
+    anyhow::ensure!(
+        before.contains("10.244.8."),
+        "edge2's prefix not in capture's routes while it is up:\n{before}"
+    );
     let t = Instant::now();
     edge2.stop()?;
     let mut gone = None;
     while t.elapsed() < Duration::from_secs(10) {
         let set = capture_set(lab, Role::Relay)?;
-        let rules = lab.exec(Role::Relay, &["ip", "rule"])?;
-        if !set.contains("10.244.8.0/24") && !rules.contains("10.244.8.0/24") {
+        if !set.contains("10.244.8.0/24") && !table()?.contains("10.244.8.") {
             gone = Some(t.elapsed());
             break;
         }
@@ -158,7 +165,7 @@ fn relay_forgets_edge2(lab: &NetnsLab, m: &mut Table, edge2: Running) -> Result<
     m.note(
         &[
             "edge leaves → its routes removed",
-            "edge2 stops; relay nft set + ip rules",
+            "edge2 stops; relay nft set + table 7100",
         ],
         gone.map(|d| format!("gone after {d:?}"))
             .context("still installed after 10s"),

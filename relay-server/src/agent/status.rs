@@ -13,6 +13,11 @@
 //!   stops at its first node; one failed poll does not flap readiness.
 //! - `GET /metrics`: `route_agent_*` in the Prometheus text format.
 //!
+//! Both agents serve it: the single-relay one ([`crate::agent`]) and the
+//! several-relay one ([`crate::multipath`]), where "the relay" above
+//! reads "the replicas": a poll fails as `relay_unreachable` when none of
+//! them answers (one that does not is routed around, as a success).
+//!
 //! It is served with the relay's probe listener bounds
 //! (`crate::health::serve_router`: a few connections, oldest closed
 //! first, one request each, short timeouts), plain HTTP without a token,
@@ -72,6 +77,7 @@ impl PollFailure {
 pub struct AgentStatus {
     polls_ok: AtomicU64,
     polls_failed: [AtomicU64; 3],
+    refused: AtomicU64,
     state: Mutex<Polls>,
 }
 
@@ -96,6 +102,13 @@ impl AgentStatus {
         s.routes = routes;
         s.synced_at = Some((SystemTime::now(), Instant::now()));
         s.failed_in_row = 0;
+    }
+
+    /// The last poll refused `n` of the relay's prefixes (each holds an
+    /// address of this node or the next hop; see
+    /// [`crate::agent::refuse_prefixes`]).
+    pub fn refused(&self, n: usize) {
+        self.refused.store(n as u64, Relaxed);
     }
 
     /// A poll failed, `why`, with this error.
@@ -176,8 +189,10 @@ impl AgentStatus {
             out,
             "# HELP route_agent_routes_installed Edge prefix routes of the agent's protocol on this node after its last successful sync.\n# TYPE route_agent_routes_installed gauge\nroute_agent_routes_installed {}\n\
              # HELP route_agent_last_sync_timestamp_seconds Unix time of the last poll that left this node's routes matching the relay's (0: none yet).\n# TYPE route_agent_last_sync_timestamp_seconds gauge\nroute_agent_last_sync_timestamp_seconds {synced:.3}\n\
-             # HELP route_agent_ready 1 while /readyz answers 200.\n# TYPE route_agent_ready gauge\nroute_agent_ready {ready}\n",
-            s.routes
+             # HELP route_agent_ready 1 while /readyz answers 200.\n# TYPE route_agent_ready gauge\nroute_agent_ready {ready}\n\
+             # HELP route_agent_prefixes_refused Edge prefixes the last poll refused to route because each holds an address of this node or the next hop (it would take over this node's own traffic).\n# TYPE route_agent_prefixes_refused gauge\nroute_agent_prefixes_refused {}\n",
+            s.routes,
+            self.refused.load(Relaxed)
         );
         out
     }
