@@ -28,12 +28,13 @@ use super::Dialer;
 /// cost about 10 s with the default backoff and fallback timer.
 pub(super) const UNPROVEN_TO_ADVANCE: u64 = 3;
 
-/// The same for the address that last gave this edge a connection
-/// ([`EdgeStats::relay_addr_proven`](crate::client::EdgeStats)): on the TCP
-/// fallback a relay restarting or over its handshake limits accepts and
-/// closes connections, as a recycled address would, so the address known
-/// to hold the relay needs more such failures in a row (with the 8 s
-/// backoff cap, over a minute) before the turn leaves it.
+/// The same on the TCP fallback for the address that last gave this edge a
+/// connection (`EdgeStats::relay_addr_proven`; a QUIC probe's success
+/// counts too): there a relay restarting or over its handshake limits
+/// accepts and closes connections, as a recycled address would, so the
+/// address known to hold the relay needs more such failures in a row
+/// (with the 8 s backoff cap, over a minute) before the turn leaves it.
+/// On QUIC such a relay is silent or refuses, which never counts.
 pub(super) const UNPROVEN_TO_ADVANCE_PROVEN: u64 = 10;
 use crate::config::{EdgeConfig, TransportMode};
 use crate::identity::clock_hint;
@@ -101,7 +102,15 @@ impl Dialer<'_> {
             self.unproven().clear();
         } else {
             let in_a_row = self.unproven().count(addr);
-            if in_a_row >= self.unproven().needed(addr) && self.advance(turn) {
+            // The higher count for a proven address is for TCP only: on
+            // QUIC a relay restarting is silent and one over its limits
+            // refuses, neither of which counts.
+            let needed = if failed.over_tcp {
+                self.unproven().needed(addr)
+            } else {
+                UNPROVEN_TO_ADVANCE
+            };
+            if in_a_row >= needed && self.advance(turn) {
                 self.unproven().clear();
                 if let Some(next) = pick(addrs, turn.wrapping_add(1)) {
                     warn!(relay = %cfg.relay, answered = %addr, %next, attempts = in_a_row, error = %failed.message, "this relay address answers but no working relay (TLS fails or the connection closes); the next attempt dials the next one");
@@ -145,6 +154,7 @@ impl Dialer<'_> {
                         turns.insert(cfg.relay.clone(), turn.wrapping_add(k));
                         warn!(relay = %cfg.relay, %addr, "QUIC answers at this relay address; later attempts start there");
                     }
+                    self.unproven().prove(addr);
                     return Ok((Some(ep), c));
                 }
                 Ok(Err(e)) => failed.push(format!("{addr}: {}", e.into_failed().message)),
@@ -195,6 +205,7 @@ impl Dialer<'_> {
             TransportMode::Tcp => self.tcp(to, tls).await.map_err(|e| AddrFailed {
                 silent: direct && !e.reached,
                 unproven: direct && e.reached,
+                over_tcp: true,
                 message: e.lost.0,
             }),
             TransportMode::Auto => {
@@ -242,6 +253,7 @@ impl Dialer<'_> {
                 self.tcp(to, tls).await.map_err(|e| AddrFailed {
                     silent: !e.reached,
                     unproven: direct && e.reached,
+                    over_tcp: true,
                     message: e.lost.0,
                 })
             }
@@ -288,6 +300,7 @@ impl QuicAttemptError {
             message,
             silent,
             unproven,
+            over_tcp: false,
         }
     }
 }
@@ -307,6 +320,11 @@ struct AddrFailed {
     /// move the turn. `false` for silence, a relay's refusal, and a TCP
     /// attempt through a proxy (which says nothing about the address).
     unproven: bool,
+    /// The failure was on the TCP fallback, where a relay restarting or
+    /// over its handshake limits accepts and closes, as a recycled address
+    /// would: only there does the address that last gave a connection get
+    /// [`UNPROVEN_TO_ADVANCE_PROVEN`].
+    over_tcp: bool,
 }
 
 impl Dialer<'_> {
@@ -717,9 +735,10 @@ mod tests {
     }
 
     /// A session made at the address in between starts the count over,
-    /// and from then on that address needs more failures in a row: a real
-    /// relay (QUIC) dialled with a TLS config that does not trust it fails
-    /// as a wrong-CA replica would; with the right one it works.
+    /// and from then on that address needs more failures in a row on TCP
+    /// (not on QUIC): a real relay (QUIC) dialled with a TLS config that
+    /// does not trust it fails as a wrong-CA replica would; with the right
+    /// one it works.
     #[tokio::test]
     async fn a_session_made_starts_the_count_over() {
         let pki =
@@ -748,17 +767,43 @@ mod tests {
             assert!(untrusted().await.is_err());
         }
         assert_eq!(dialer.turn(), 0);
+        let trusting_again = trusting.clone();
         let (ep, conn) = dialer.dial_any(&addrs, trusting).await.unwrap();
         conn.close(0, "done");
         drop(ep);
-        // The count starts over, and the address that gave a connection
-        // needs `UNPROVEN_TO_ADVANCE_PROVEN` in a row.
-        for _ in 1..UNPROVEN_TO_ADVANCE_PROVEN {
+        for _ in 1..UNPROVEN_TO_ADVANCE {
             assert!(untrusted().await.is_err());
         }
         assert_eq!(dialer.turn(), 0, "the count did not start over");
+        // On QUIC the address that gave the connection gets no more: a
+        // relay restarting is silent there, one over its limits refuses.
         assert!(untrusted().await.is_err());
         assert_eq!(dialer.turn(), 1);
+
+        // On TCP it does: the same address (a listener accepting and
+        // closing on the relay's port number stands for a relay over its
+        // handshake limits) keeps the turn for
+        // `UNPROVEN_TO_ADVANCE_PROVEN - 1` such failures.
+        let Ok(l) = tokio::net::TcpListener::bind(live).await else {
+            return; // The port is taken for TCP on this host: nothing to show.
+        };
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                drop(s);
+            }
+        });
+        let stats = EdgeStats::default();
+        let quic = dialer_for(&cfg, &stats, TransportMode::Quic, false, false);
+        let tcp = dialer_for(&cfg, &stats, TransportMode::Tcp, false, false);
+        let (ep, conn) = quic.dial_any(&addrs, trusting_again).await.unwrap();
+        conn.close(0, "done");
+        drop(ep);
+        for n in 1..UNPROVEN_TO_ADVANCE_PROVEN {
+            assert!(tcp.dial_any(&addrs, untrusting.clone()).await.is_err());
+            assert_eq!(tcp.turn(), 0, "after {n} failures on TCP");
+        }
+        assert!(tcp.dial_any(&addrs, untrusting.clone()).await.is_err());
+        assert_eq!(tcp.turn(), 1);
     }
 
     /// QUIC: a server whose certificate the edge does not trust (a replica
