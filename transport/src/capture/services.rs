@@ -228,24 +228,11 @@ impl Capture {
         // to another host's port of the same number keeps its entry, and
         // with it its NAT binding.
         if !stale.is_empty() {
-            // Only the addresses the rule takes node ports on.
-            let taken = self.cfg.node_port_addresses.clone();
-            let local: BTreeSet<std::net::Ipv4Addr> = local_ipv4_addresses()
-                .into_iter()
-                .filter(|ip| {
-                    taken
-                        .as_ref()
-                        .is_none_or(|t| t.iter().any(|c| c.contains(&(*ip).into())))
-                })
-                .collect();
-            let entries = stale
-                .iter()
-                .flat_map(|port| {
-                    local
-                        .iter()
-                        .map(move |ip| (SocketAddr::new((*ip).into(), *port), Proto::Udp))
-                })
-                .collect();
+            let entries = node_port_flows(
+                &interface_ipv4_addresses(),
+                self.cfg.node_port_addresses.as_ref(),
+                &stale,
+            );
             delete_stale_udp(entries).await;
         }
         debug!(
@@ -263,18 +250,46 @@ pub fn is_local_address(ip: std::net::IpAddr) -> bool {
     std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
-/// This host's IPv4 addresses (empty if they cannot be listed: then no
-/// entry is deleted, and stale flows age out as they would anyway), but
-/// for those on kube-proxy's IPVS device: `kube-ipvs0` holds every
-/// ClusterIP, thousands of addresses that are no node's, and one
-/// `conntrack` run each would hold up every capture update.
-fn local_ipv4_addresses() -> BTreeSet<std::net::Ipv4Addr> {
+/// This host's IPv4 addresses with their interfaces (empty if they cannot
+/// be listed: then no entry is deleted, and stale flows age out as they
+/// would anyway).
+fn interface_ipv4_addresses() -> Vec<(String, std::net::Ipv4Addr)> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return BTreeSet::new();
+        return Vec::new();
     };
     addrs
-        .filter(|ifa| ifa.interface_name != "kube-ipvs0")
-        .filter_map(|ifa| ifa.address?.as_sockaddr_in().map(|a| a.ip()))
+        .filter_map(|ifa| {
+            let ip = ifa.address?.as_sockaddr_in()?.ip();
+            Some((ifa.interface_name, ip))
+        })
+        .collect()
+}
+
+/// The UDP flows a change of node ports `ports` makes stale: to each of
+/// this node's addresses (`local`, with their interfaces) that node ports
+/// are captured on (`taken`, `capture.node_port_addresses`; `None`: all),
+/// on each port. Never the addresses on kube-proxy's IPVS device:
+/// `kube-ipvs0` holds every ClusterIP, thousands of addresses that are no
+/// node's, and one `conntrack` run each would hold up every capture
+/// update.
+pub(crate) fn node_port_flows(
+    local: &[(String, std::net::Ipv4Addr)],
+    taken: Option<&BTreeSet<Cidr>>,
+    ports: &[u16],
+) -> BTreeSet<(SocketAddr, Proto)> {
+    let addrs: BTreeSet<std::net::Ipv4Addr> = local
+        .iter()
+        .filter(|(ifname, _)| ifname != "kube-ipvs0")
+        .map(|(_, ip)| *ip)
+        .filter(|ip| taken.is_none_or(|t| t.iter().any(|c| c.contains(&(*ip).into()))))
+        .collect();
+    ports
+        .iter()
+        .flat_map(|port| {
+            addrs
+                .iter()
+                .map(move |ip| (SocketAddr::new((*ip).into(), *port), Proto::Udp))
+        })
         .collect()
 }
 

@@ -3,6 +3,43 @@
 
 use super::*;
 
+/// A node port's stale UDP flows: to this node's addresses node ports are
+/// captured on, on each changed port; never kube-ipvs0's ClusterIPs, and
+/// only inside `capture.node_port_addresses` when it is set.
+#[test]
+fn node_port_flows_are_this_nodes_addresses_only() {
+    let ip = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap();
+    let local = vec![
+        ("lo".to_string(), ip("127.0.0.1")),
+        ("eth0".to_string(), ip("10.0.0.1")),
+        ("eth1".to_string(), ip("198.18.0.1")),
+        ("kube-ipvs0".to_string(), ip("10.96.0.10")),
+        ("kube-ipvs0".to_string(), ip("10.96.0.11")),
+    ];
+    let flows = |taken: Option<&BTreeSet<Cidr>>| -> Vec<String> {
+        services::node_port_flows(&local, taken, &[30053, 30054])
+            .iter()
+            .map(|(a, p)| format!("{a}/{}", p.as_str()))
+            .collect()
+    };
+    assert_eq!(
+        flows(None),
+        [
+            "10.0.0.1:30053/udp",
+            "10.0.0.1:30054/udp",
+            "127.0.0.1:30053/udp",
+            "127.0.0.1:30054/udp",
+            "198.18.0.1:30053/udp",
+            "198.18.0.1:30054/udp",
+        ]
+    );
+    let lan: BTreeSet<Cidr> = ["10.0.0.0/24".parse().unwrap()].into();
+    assert_eq!(
+        flows(Some(&lan)),
+        ["10.0.0.1:30053/udp", "10.0.0.1:30054/udp"]
+    );
+}
+
 #[test]
 fn cover_drops_contained_prefixes() {
     let set: BTreeSet<Cidr> = [
