@@ -38,7 +38,11 @@
 //!
 //! It refuses an edge prefix holding one of this node's addresses or the
 //! next hop ([`refuse_prefixes`]): behind a rule ahead of `main`, such a
-//! prefix would take this node's own traffic to the relay.
+//! prefix would send this node's traffic for its own subnet (its
+//! neighbours, the apiserver) to the relay. A start keeps a killed run's
+//! rule and routes, so that edge traffic still goes to the relay node if
+//! the relay is unreachable, and removes only those leftovers the filter
+//! would refuse ([`RouteTable`]).
 //!
 //! With `--status-listen` it serves `/healthz`, `/readyz` and `/metrics`
 //! ([`status`]), which [`run_with_status`] keeps up to date.
@@ -235,8 +239,14 @@ pub const DEFAULT_RULE_PREF: u32 = 7250;
 /// refuse a prefix holding one of this node's addresses or the next hop
 /// ([`refuse_prefixes`]); narrower overlaps are not detected.
 ///
-/// A start removes the rule a killed run left ([`Self::remove_stale_rule`]);
-/// one left under other `--table`/`--rule-pref` values is not recognised.
+/// A start keeps the rule and routes a killed run left: the relay may be
+/// unreachable then, and they keep sending edge traffic to the relay
+/// node until the first successful poll brings the table in step. It
+/// removes only the leftover routes the filter would refuse (a prefix
+/// holding one of this node's addresses or a next hop: with the rule in
+/// place it could cut this node off from the relay, and the agent from
+/// the poll that would correct it). A rule left under other
+/// `--table`/`--rule-pref` values is not recognised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RouteTable {
     /// The routing table (`ip route ... table <table>`).
@@ -317,25 +327,6 @@ impl RouteTable {
         }
         anyhow::bail!("rule pref {pref} lookup {table} keeps coming back")
     }
-
-    /// At start: removes our rule as a previous run left it (killed, so
-    /// it did not remove it on exit). It comes back with the first poll
-    /// that has a route to install; meanwhile the table's leftovers (which
-    /// that poll brings in step) are not consulted. A rule at another
-    /// preference or for another table (flags changed since) is not ours
-    /// to recognise: see deploy/README.md for removing it by hand.
-    pub async fn remove_stale_rule(&self) {
-        match self.remove_rule().await {
-            Ok(0) => {}
-            Ok(n) => info!(
-                table = self.table,
-                pref = self.pref,
-                removed = n,
-                "removed the routing rule a previous run left"
-            ),
-            Err(e) => warn!(error = %e, "removing a previous run's routing rule failed"),
-        }
-    }
 }
 
 /// Removes routes of protocol `proto` from `main`: what an agent before
@@ -369,46 +360,113 @@ pub async fn remove_from_main(proto: u8) -> anyhow::Result<usize> {
     Ok(batch.lines().count())
 }
 
-/// Parses `ip -4 -o addr show`: this node's IPv4 interface addresses.
+/// The interface kube-proxy's IPVS mode puts every ClusterIP on (one /32
+/// each: thousands in a large cluster). Its addresses are left out of
+/// [`parse_addrs`]: they are answered by the `local` table like every
+/// address of this node, and hold no subnet of neighbours to protect.
+pub const KUBE_IPVS_DEVICE: &str = "kube-ipvs0";
+
+/// Parses `ip -4 -o addr show` (`N: IFNAME    inet A/L ...`): this node's
+/// IPv4 interface addresses, except those on [`KUBE_IPVS_DEVICE`].
 pub fn parse_addrs(out: &str) -> Vec<IpAddr> {
     out.lines()
         .filter_map(|l| {
             let words: Vec<&str> = l.split_whitespace().collect();
+            // `eth0@if12` for a veth in some versions: the name before `@`.
+            let dev = words.get(1)?.split('@').next()?;
+            if dev == KUBE_IPVS_DEVICE {
+                return None;
+            }
             let w = words.windows(2).find(|p| p[0] == "inet")?;
             w[1].split('/').next()?.parse().ok()
         })
         .collect()
 }
 
-/// This node's IPv4 interface addresses (`ip -4 -o addr show`).
+/// This node's IPv4 interface addresses (`ip -4 -o addr show`), except
+/// kube-proxy's ClusterIPs ([`KUBE_IPVS_DEVICE`]).
 pub(crate) async fn own_addrs() -> anyhow::Result<Vec<IpAddr>> {
     Ok(parse_addrs(&ip(&["-4", "-o", "addr", "show"], None).await?))
 }
 
 /// Splits `want` into the prefixes safe to route and those refused, each
-/// with the address of `keep` it contains. `keep` is what must not be
-/// sent to the relay: this node's own addresses (a prefix holding one
-/// holds its subnet, its neighbours and the apiserver, and our rule ahead
-/// of `main` would beat `main`'s longer connected route) and the next
-/// hops the routes go through (a route for a prefix holding its own
-/// gateway would resolve that gateway through itself).
+/// with the first address of `keep` it contains. `keep` is what must not
+/// be sent to the relay: this node's own addresses and the next hops the
+/// routes go through (a route for a prefix holding its own gateway would
+/// resolve that gateway through itself).
+///
+/// This node's own addresses are matched by the `local` table, whose rule
+/// (priority 0) comes before ours, so their own traffic stays anyway; what
+/// refusing a prefix holding one protects is the rest of the subnet it
+/// covers: this node's neighbours (the apiserver, the relay node among
+/// them), which `main`'s connected route reaches and our rule ahead of
+/// `main` would send to the relay whatever the prefix lengths.
+///
+/// Not quadratic: for each address of `keep`, one set lookup per prefix
+/// length present in `want` (at most 33 for IPv4), whatever the number
+/// of prefixes.
 pub fn refuse_prefixes(
     want: &BTreeSet<Cidr>,
     keep: &[IpAddr],
 ) -> (BTreeSet<Cidr>, BTreeMap<Cidr, IpAddr>) {
-    let mut ok = BTreeSet::new();
+    let lens: BTreeSet<u8> = want.iter().map(Cidr::prefix_len).collect();
     let mut refused = BTreeMap::new();
-    for c in want {
-        match keep.iter().find(|a| c.contains(a)) {
-            Some(a) => {
-                refused.insert(*c, *a);
-            }
-            None => {
-                ok.insert(*c);
+    for a in keep {
+        for len in &lens {
+            // `None`: longer than the address (an IPv6 prefix length).
+            if let Some(c) = Cidr::containing(*a, *len) {
+                if want.contains(&c) {
+                    refused.entry(c).or_insert(*a);
+                }
             }
         }
     }
+    let ok = want
+        .iter()
+        .filter(|c| !refused.contains_key(*c))
+        .copied()
+        .collect();
     (ok, refused)
+}
+
+/// At start, before the first poll: removes the routes of protocol
+/// `proto` that a previous run (killed, so it did not remove them on
+/// exit) left in `table` and that [`refuse_prefixes`] would refuse, with
+/// this node's addresses and `hops` (the next hops) to keep; nothing else.
+/// Such a route, behind the rule the previous run also left, could send
+/// this node's traffic to the relay node (the admin API included), and
+/// so keep the poll that would remove it from ever succeeding. The other
+/// leftovers stay, as does the rule: while the relay is unreachable they
+/// keep sending edge traffic to the relay node, as the routes of a
+/// running agent do; the first successful poll brings them in step.
+pub(crate) async fn remove_refused_leftovers(table: RouteTable, proto: u8, hops: &[IpAddr]) {
+    let removed = async {
+        let have = parse_routes(&show_table(table.table, proto).await?);
+        if have.is_empty() {
+            return anyhow::Ok(BTreeMap::new());
+        }
+        let mut keep = own_addrs().await?;
+        keep.extend(hops);
+        let (_, refused) = refuse_prefixes(&have.keys().copied().collect(), &keep);
+        let batch: String = refused
+            .keys()
+            .map(|c| format!("route del {c} proto {proto} table {}\n", table.table))
+            .collect();
+        if !batch.is_empty() {
+            ip(&["-4", "-force", "-batch", "-"], Some(&batch)).await?;
+        }
+        Ok(refused)
+    };
+    match removed.await {
+        Ok(refused) => {
+            for (c, a) in refused {
+                info!(prefix = %c, contains = %a, table = table.table, "removed a previous run's route holding this node's own address or a next hop");
+            }
+        }
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "removing a previous run's routes that hold this node's addresses failed")
+        }
+    }
 }
 
 /// [`refuse_prefixes`] for an agent's loop: warns once per refused prefix
@@ -693,7 +751,15 @@ pub async fn run_in_table(
     status: Arc<AgentStatus>,
 ) {
     info!(admin = %cfg.admin, ?toward, table = table.table, rule_pref = table.pref, "route agent started");
-    table.remove_stale_rule().await;
+    // A killed run's rule and routes stay (the relay may be away now):
+    // only those the filter below would refuse go.
+    let mut hops = match toward {
+        Toward::Via(v) | Toward::PodNetwork(v) => vec![v],
+    };
+    if let Toward::PodNetwork(_) = toward {
+        hops.extend(resolve(toward).await.ok().and_then(|h| h.via));
+    }
+    remove_refused_leftovers(table, cfg.proto, &hops).await;
     let mut refusals = Refusals::default();
     let mut failing = false;
     // Whether `main` still needs its leftovers removed (once per run).
@@ -897,9 +963,12 @@ mod tests {
         let own = parse_addrs(
             "1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever\n\
              2: eth0    inet 10.0.3.17/24 brd 10.0.3.255 scope global eth0\\       valid_lft forever preferred_lft forever\n\
-             5: flannel.1    inet 10.244.3.0/32 scope global flannel.1\\       valid_lft forever preferred_lft forever\n",
+             5: flannel.1    inet 10.244.3.0/32 scope global flannel.1\\       valid_lft forever preferred_lft forever\n\
+             7: kube-ipvs0    inet 10.96.0.1/32 scope global kube-ipvs0\\       valid_lft forever preferred_lft forever\n\
+             7: kube-ipvs0    inet 10.96.0.10/32 scope global kube-ipvs0\\       valid_lft forever preferred_lft forever\n",
         );
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // kube-proxy IPVS's ClusterIPs are not among them.
         assert_eq!(own, [ip("127.0.0.1"), ip("10.0.3.17"), ip("10.244.3.0")]);
         let via = ip("192.168.9.1");
         let keep: Vec<IpAddr> = own.iter().copied().chain([via]).collect();
@@ -915,6 +984,9 @@ mod tests {
             // A neighbour's /32, an edge's pod block: fine.
             ("10.0.3.18/32", None),
             ("10.245.7.0/24", None),
+            // The service range, whose ClusterIPs kube-ipvs0 holds: the
+            // `local` table answers for those whatever our rule routes.
+            ("10.96.0.0/12", None),
         ] {
             let want = BTreeSet::from([c(prefix)]);
             let (ok, refused) = refuse_prefixes(&want, &keep);
@@ -946,25 +1018,78 @@ mod tests {
             .contains("\nroute_agent_prefixes_refused 0\n"));
     }
 
-    /// The single-relay agent for real, in a namespace of the test's own
-    /// (see `crate::multipath::tests::netns`): a killed run's rule goes
-    /// at start, and a prefix holding this node's address or the next hop
-    /// is not installed.
+    /// The refusal's lookup by prefix length refuses what a scan of every
+    /// prefix against every address does, naming the same (first) address.
     #[test]
-    fn a_previous_runs_rule_goes_and_prefixes_holding_this_node_are_refused() {
+    fn the_refusal_lookup_agrees_with_a_scan() {
+        let mut x: u32 = 0x2545_f491;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        // Addresses and prefixes crowded into 10.0.0.0/20, so that many
+        // prefixes hold several addresses.
+        let keep: Vec<IpAddr> = (0..300)
+            .map(|_| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 | (next() & 0xfff))))
+            .chain(["192.0.2.1".parse().unwrap(), "::1".parse().unwrap()])
+            .collect();
+        let want: BTreeSet<Cidr> = (0..2000)
+            .filter_map(|_| {
+                let len = (next() % 33) as u8;
+                let a = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 | (next() & 0xfff)));
+                Cidr::containing(a, len)
+            })
+            .chain([c("2001:db8::/32")])
+            .collect();
+        let (ok, refused) = refuse_prefixes(&want, &keep);
+        assert!(!ok.is_empty() && !refused.is_empty());
+        for p in &want {
+            let scan = keep.iter().find(|a| p.contains(a));
+            assert_eq!(refused.get(p), scan, "{p}");
+            assert_eq!(ok.contains(p), scan.is_none(), "{p}");
+        }
+    }
+
+    /// The single-relay agent for real, in a namespace of the test's own
+    /// (see `crate::multipath::tests::netns`): a killed run's rule and
+    /// routes stay while the relay is unreachable, except a route holding
+    /// this node's address, removed at start; the first successful poll
+    /// brings the rest in step; a prefix holding this node's address or
+    /// the next hop is not installed.
+    #[test]
+    fn a_previous_runs_rule_and_routes_stay_and_prefixes_holding_this_node_are_refused() {
         use crate::multipath::tests::netns::*;
+        use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::{Arc, Mutex};
         if !in_netns(&format!(
-            "{}::a_previous_runs_rule_goes_and_prefixes_holding_this_node_are_refused",
+            "{}::a_previous_runs_rule_and_routes_stay_and_prefixes_holding_this_node_are_refused",
             module_path!()
         )) {
             return;
         }
         rt().block_on(async {
+            // What a killed run left: its rule, a route to an edge, and one
+            // holding this node's address (192.0.2.1) and the next hop.
             sh(&["-4", "rule", "add", "pref", "7250", "lookup", "7250"]);
+            for prefix in ["10.244.9.0/24", "192.0.0.0/16"] {
+                sh(&[
+                    "route",
+                    "add",
+                    prefix,
+                    "via",
+                    "192.0.2.2",
+                    "proto",
+                    "250",
+                    "table",
+                    "7250",
+                ]);
+            }
             let routes = Arc::new(Mutex::new(vec![]));
+            let up = Arc::new(AtomicBool::new(false));
             let cfg = AgentConfig {
-                admin: fake_replica(routes.clone()).await,
+                admin: fake_replica_while(routes.clone(), up.clone()).await,
                 token: None,
                 tls: None,
                 interval: Duration::from_millis(50),
@@ -974,15 +1099,23 @@ mod tests {
             let stop = CancellationToken::new();
             let toward = Toward::Via("192.0.2.2".parse().unwrap());
             let agent = tokio::spawn(run_with_status(cfg, toward, stop.clone(), status.clone()));
-            until("ready with no route", || {
-                status
-                    .readiness()
-                    .is_ok_and(|l| l.starts_with("ready: 0 routes"))
+            until("two polls with the relay unreachable", || {
+                polls(&status, "relay_unreachable") >= 2
             })
             .await;
-            assert!(!rule_listed(), "a previous run's rule stays");
-            // This node's subnet, and a prefix holding the next hop.
+            assert!(
+                rule_listed(),
+                "a previous run's rule went:\n{}",
+                sh(&["rule"])
+            );
+            assert_eq!(table(), "10.244.9.0/24 via 192.0.2.2 dev up0 proto 250 \n");
+            // Where this node's traffic for that edge goes meanwhile.
+            let get = sh(&["-4", "route", "get", "10.244.9.5"]);
+            assert!(get.contains("via 192.0.2.2 dev up0"), "{get}");
+            // The relay answers: this node's subnet, and a prefix holding
+            // the next hop, refused; the leftover edge route gone.
             *routes.lock().unwrap() = vec!["10.244.7.0/24", "192.0.0.0/16", "192.0.2.2/32"];
+            up.store(true, Ordering::SeqCst);
             until("one route", || {
                 status
                     .readiness()

@@ -23,12 +23,13 @@
 //!
 //! As the single-relay agent's, the routes live in the agent's own
 //! routing table behind one policy rule ahead of `main`
-//! ([`crate::agent::RouteTable`], which says why; a previous run's rule
-//! is removed at start), and `main`'s leftovers of an older agent go once
-//! the table is in place. Nexthop objects belong to no table: only the
-//! routes pointing at the groups move. A prefix holding one of this
-//! node's addresses or a replica's VIA address is refused
-//! ([`crate::agent::refuse_prefixes`]). With `--status-listen` it serves
+//! ([`crate::agent::RouteTable`], which says why; a killed run's rule and
+//! routes stay at start, to route edge traffic while no replica answers,
+//! except routes the filter below would refuse), and `main`'s leftovers
+//! of an older agent go once the table is in place. Nexthop objects
+//! belong to no table: only the routes pointing at the groups move. A
+//! prefix holding one of this node's addresses or a replica's VIA address
+//! is refused ([`crate::agent::refuse_prefixes`]). With `--status-listen` it serves
 //! the single-relay agent's `/healthz`, `/readyz` and `/metrics`
 //! ([`crate::agent::status`]), which [`run_with_status`] keeps up to date.
 //!
@@ -389,7 +390,9 @@ pub async fn run_with_status(
         rule_pref = cfg.table.pref,
         "route agent (resilient multipath) started"
     );
-    cfg.table.remove_stale_rule().await;
+    // A killed run's rule and routes stay (no replica may answer now):
+    // only those the filter below would refuse go.
+    crate::agent::remove_refused_leftovers(cfg.table, cfg.proto, &vias).await;
     let mut refusals = Refusals::default();
     let mut failing: BTreeSet<usize> = BTreeSet::new();
     // Whether `main` still needs an older agent's leftovers removed.
@@ -625,6 +628,7 @@ pub(crate) mod tests {
     /// answering a fixed route table.
     pub(crate) mod netns {
         use std::process::Command;
+        use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::Mutex;
 
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -633,16 +637,64 @@ pub(crate) mod tests {
         use super::*;
         use crate::agent::RouteTable;
 
+        /// Set for the run in the namespace, to the outer run's network
+        /// namespace (`/proc/self/ns/net`'s link, `net:[4026531840]`).
         const INSIDE: &str = "RELAY_SERVER_TEST_IN_NETNS";
+
+        /// The network namespace of process `pid` (`self`, `1`), as its
+        /// `/proc/PID/ns/net` link names it.
+        fn netns_id(pid: &str) -> Option<String> {
+            let link = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+            Some(link.to_string_lossy().into_owned())
+        }
+
+        /// Whether this run is the one in a namespace of its own: `outer`
+        /// is [`INSIDE`]'s value (`None`: unset, the outer run), `own`
+        /// this process's namespace, `init` pid 1's when readable. An
+        /// error when [`INSIDE`] is set but does not name another
+        /// namespace than this one (set in the environment by hand, or
+        /// left over), or this is pid 1's: then nothing may be touched.
+        pub(crate) fn netns_guard(
+            outer: Option<&str>,
+            own: Option<&str>,
+            init: Option<&str>,
+        ) -> Result<bool, String> {
+            let Some(outer) = outer else {
+                return Ok(false);
+            };
+            let named = |s: &str| s.starts_with("net:[") && s.ends_with(']');
+            match own {
+                _ if !named(outer) => Err(format!(
+                    "{INSIDE}={outer:?} names no network namespace; refusing to set up routes here"
+                )),
+                None => Err("cannot read /proc/self/ns/net; refusing to set up routes here".into()),
+                Some(own) if own == outer => Err(format!(
+                    "{INSIDE} is set, but this is that same network namespace ({own}); refusing to set up routes here"
+                )),
+                Some(own) if init == Some(own) => Err(format!(
+                    "{INSIDE} is set, but this is pid 1's network namespace ({own}); refusing to set up routes here"
+                )),
+                Some(_) => Ok(true),
+            }
+        }
 
         /// `true` in the namespace (run the test's body); `false` when
         /// the run there of `test` (its full path, `module_path!()`
         /// included) passed, or when namespaces are not available (not
         /// root; a failure under `REQUIRE_LAB=1` or `CI=true`). The
         /// namespace has `lo` up and `up0`, 192.0.2.1/24, holding the
-        /// default route via 192.0.2.254.
+        /// default route via 192.0.2.254. The run in the namespace panics
+        /// before changing anything unless its namespace differs from the
+        /// outer run's ([`netns_guard`]).
         pub(crate) fn in_netns(test: &str) -> bool {
-            if std::env::var_os(INSIDE).is_some() {
+            let outer = std::env::var_os(INSIDE).map(|v| v.to_string_lossy().into_owned());
+            let inside = netns_guard(
+                outer.as_deref(),
+                netns_id("self").as_deref(),
+                netns_id("1").as_deref(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            if inside {
                 for cmd in [
                     "link set lo up",
                     "link add up0 type veth peer name up1",
@@ -672,7 +724,7 @@ pub(crate) mod tests {
                 .arg("-n")
                 .arg(exe)
                 .args(["--exact", name, "--nocapture", "--test-threads=1"])
-                .env(INSIDE, "1")
+                .env(INSIDE, netns_id("self").expect("/proc/self/ns/net"))
                 .output()
                 .expect("unshare");
             let text = format!(
@@ -699,6 +751,15 @@ pub(crate) mod tests {
         /// A replica's admin API answering `GET /v1/routes` with `routes`
         /// (changeable), until the task is aborted.
         pub(crate) async fn fake_replica(routes: Arc<Mutex<Vec<&'static str>>>) -> SocketAddr {
+            fake_replica_while(routes, Arc::new(AtomicBool::new(true))).await
+        }
+
+        /// [`fake_replica`] answering only while `up` holds; 503 otherwise
+        /// (the agent's poll fails as with a relay away).
+        pub(crate) async fn fake_replica_while(
+            routes: Arc<Mutex<Vec<&'static str>>>,
+            up: Arc<AtomicBool>,
+        ) -> SocketAddr {
             let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = l.local_addr().expect("addr");
             tokio::spawn(async move {
@@ -712,20 +773,32 @@ pub(crate) mod tests {
                         .iter()
                         .map(|c| format!("{{\"cidr\":\"{c}\"}}"))
                         .collect();
+                    let answer = match up.load(Ordering::SeqCst) {
+                        true => format!(
+                            "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n[{}]",
+                            rows.join(",")
+                        ),
+                        false => "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\r\n"
+                            .to_string(),
+                    };
                     tokio::spawn(async move {
                         let mut buf = [0u8; 4096];
                         let _ = s.read(&mut buf).await;
-                        let body = format!("[{}]", rows.join(","));
-                        let _ = s
-                            .write_all(
-                                format!("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{body}")
-                                    .as_bytes(),
-                            )
-                            .await;
+                        let _ = s.write_all(answer.as_bytes()).await;
                     });
                 }
             });
             addr
+        }
+
+        /// `route_agent_polls_total{result="RESULT"}` in `status`.
+        pub(crate) fn polls(status: &AgentStatus, result: &str) -> u64 {
+            let key = format!("route_agent_polls_total{{result=\"{result}\"}} ");
+            status
+                .render()
+                .lines()
+                .find_map(|l| l.strip_prefix(key.as_str())?.parse().ok())
+                .unwrap_or(0)
         }
 
         /// An address nothing listens on.
@@ -776,8 +849,9 @@ pub(crate) mod tests {
         }
 
         /// The status the single-relay agent serves, from the multipath
-        /// agent's polls; a previous run's rule removed at start; a prefix
-        /// holding this node's address refused and counted.
+        /// agent's polls; a killed run's rule and routes kept while no
+        /// replica answers, except a route holding this node's address,
+        /// removed at start; such a prefix refused and counted.
         #[test]
         fn the_status_follows_the_replicas_and_a_prefix_holding_this_node_is_refused() {
             if !in_netns(&format!(
@@ -787,28 +861,69 @@ pub(crate) mod tests {
                 return;
             }
             rt().block_on(async {
-                // A killed run's rule, nothing in its table.
+                // What a killed run left: its rule, its nexthop and groups,
+                // a route to an edge and one holding this node's address
+                // (192.0.2.1).
                 sh(&["-4", "rule", "add", "pref", "7250", "lookup", "7250"]);
+                let (nh, g) = (NEXTHOP_BASE.to_string(), GROUP_BASE.to_string());
+                let g2 = (GROUP_BASE + 1).to_string();
+                sh(&[
+                    "nexthop",
+                    "add",
+                    "id",
+                    &nh,
+                    "via",
+                    "192.0.2.2",
+                    "dev",
+                    "up0",
+                ]);
+                for g in [&g, &g2] {
+                    sh(&[
+                        "nexthop",
+                        "add",
+                        "id",
+                        g,
+                        "group",
+                        &nh,
+                        "type",
+                        "resilient",
+                        "buckets",
+                        "64",
+                        "idle_timer",
+                        "10",
+                    ]);
+                }
+                for (prefix, g) in [("10.244.9.0/24", &g), ("192.0.0.0/16", &g2)] {
+                    sh(&[
+                        "route", "add", prefix, "nhid", g, "proto", "250", "table", "7250",
+                    ]);
+                }
                 let routes = Arc::new(Mutex::new(vec![]));
-                let live = fake_replica(routes.clone()).await;
+                let up = Arc::new(AtomicBool::new(false));
+                let live = fake_replica_while(routes.clone(), up.clone()).await;
                 let dead = dead_addr().await;
                 let cfg = config(&[(live, "192.0.2.2"), (dead, "192.0.2.3")]);
                 let status = Arc::<AgentStatus>::default();
                 let stop = CancellationToken::new();
                 let agent = tokio::spawn(run_with_status(cfg, stop.clone(), status.clone()));
-                until("ready with no route", || {
-                    status
-                        .readiness()
-                        .is_ok_and(|l| l.starts_with("ready: 0 routes"))
+                until("two polls with no replica answering", || {
+                    polls(&status, "relay_unreachable") >= 2
                 })
                 .await;
                 assert!(
-                    !rule_listed(),
-                    "a previous run's rule stays:\n{}",
+                    rule_listed(),
+                    "a previous run's rule went:\n{}",
                     sh(&["rule"])
                 );
+                let t = table();
+                assert!(t.contains("10.244.9.0/24 nhid"), "{t}");
+                assert!(!t.contains("192.0.0.0/16"), "{t}");
+                // Where this node's traffic for that edge goes meanwhile.
+                let get = sh(&["-4", "route", "get", "10.244.9.5"]);
+                assert!(get.contains("via 192.0.2.2 dev up0"), "{get}");
                 // This node's subnet among the edges' prefixes: refused.
                 *routes.lock().unwrap() = vec!["10.244.7.0/24", "192.0.0.0/16", "10.9.9.9/32"];
+                up.store(true, Ordering::SeqCst);
                 until("two routes", || {
                     status
                         .readiness()
@@ -820,7 +935,10 @@ pub(crate) mod tests {
                     t.contains("10.244.7.0/24 nhid") && t.contains("10.9.9.9 nhid"),
                     "{t}"
                 );
-                assert!(!t.contains("192.0.0.0/16"), "{t}");
+                assert!(
+                    !t.contains("192.0.0.0/16") && !t.contains("10.244.9.0/24"),
+                    "{t}"
+                );
                 assert!(rule_listed());
                 let m = status.render();
                 assert!(m.contains("\nroute_agent_prefixes_refused 1\n"), "{m}");
@@ -832,6 +950,63 @@ pub(crate) mod tests {
                 assert!(!rule_listed());
                 assert_eq!(sh(&["nexthop", "show"]), "");
             });
+        }
+
+        /// The run meant for a namespace of its own refuses to set up
+        /// anything unless [`INSIDE`] names a namespace other than its own.
+        #[test]
+        fn the_namespace_setup_runs_only_in_a_namespace_of_its_own() {
+            let (outer, own) = ("net:[4026531840]", "net:[4026532001]");
+            assert_eq!(netns_guard(None, Some(own), Some(outer)), Ok(false));
+            assert_eq!(netns_guard(Some(outer), Some(own), Some(outer)), Ok(true));
+            assert_eq!(netns_guard(Some(outer), Some(own), None), Ok(true));
+            for (var, own, init) in [
+                // Set by hand (the marker older tests used) or left over.
+                ("1", Some(own), Some(outer)),
+                ("", Some(own), Some(outer)),
+                // The outer run's own namespace, or pid 1's.
+                (outer, Some(outer), Some(outer)),
+                ("net:[4026532002]", Some(outer), Some(outer)),
+                // Unreadable.
+                (outer, None, None),
+            ] {
+                assert!(
+                    netns_guard(Some(var), own, init).is_err(),
+                    "{var:?} {own:?} {init:?}"
+                );
+            }
+            // For real, in a throwaway namespace: the variable naming the
+            // namespace the run is in. It must fail before its setup
+            // (which would otherwise pass in a fresh namespace).
+            if !Command::new("unshare")
+                .args(["-n", "true"])
+                .status()
+                .is_ok_and(|s| s.success())
+            {
+                eprintln!("SKIPPED: the namespace guard's run needs root (unshare -n)");
+                return;
+            }
+            let exe = std::env::current_exe().expect("test binary");
+            let name =
+                "multipath::tests::netns::no_replica_answering_is_not_ready_and_keeps_the_routes";
+            let out = Command::new("unshare")
+                .args(["-n", "sh", "-c"])
+                .arg(format!(
+                    "export {INSIDE}=$(readlink /proc/self/ns/net); exec \"$0\" --exact {name} --nocapture --test-threads=1"
+                ))
+                .arg(exe)
+                .output()
+                .expect("unshare");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(!out.status.success(), "{text}");
+            assert!(
+                text.contains("is set, but this is that same network namespace"),
+                "{text}"
+            );
         }
 
         /// No replica answering fails the poll as the relay's absence
