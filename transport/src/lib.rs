@@ -32,6 +32,7 @@
 pub mod addr;
 pub mod capture;
 pub mod capture_config;
+mod clock_skew;
 pub mod config_file;
 pub mod conn;
 pub mod conntrack;

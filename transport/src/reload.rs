@@ -27,6 +27,7 @@ use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 
+use crate::clock_skew::SkewTolerantClientVerifier;
 use crate::tls::{provider, TlsError, TlsMaterial};
 
 /// Certificate revocation lists from PEM text (`-----BEGIN X509 CRL-----`);
@@ -154,10 +155,12 @@ fn build(
     if anonymous_ok {
         b = b.allow_unauthenticated();
     }
-    let verifier = b.build().map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let webpki = b.build().map_err(|e| TlsError::Verifier(e.to_string()))?;
     Ok(Current {
         cert: Arc::new(cert),
-        verifier,
+        // The same notBefore slack as every verifier in tls.rs; the CRLs
+        // stay in the inner verifier, which also makes the retry's call.
+        verifier: SkewTolerantClientVerifier::new(webpki),
     })
 }
 

@@ -4,15 +4,26 @@
 //! whole workspace uses exactly one crypto provider whatever else is linked.
 //! Binaries also call [`install_default_provider`] so that any library that
 //! asks rustls for "the default" gets the same one.
+//!
+//! Every peer verifier built here (and in [`crate::reload`]) accepts a
+//! peer certificate whose notBefore lies up to
+//! [`CLOCK_SLACK`](crate::issue::CLOCK_SLACK) in the future: issuers such
+//! as cert-manager start a certificate at the moment they sign it, and a
+//! verifier whose clock is a little behind theirs would otherwise refuse
+//! it until the clock caught up. notAfter gets no slack: an expired
+//! certificate is refused as before.
 
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::client::danger::ServerCertVerifier;
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
+
+use crate::clock_skew::{SkewTolerantClientVerifier, SkewTolerantServerVerifier};
 
 /// Loading TLS material or building a config failed.
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +194,7 @@ impl TlsMaterial {
             .map_err(|e| TlsError::Verifier(e.to_string()))?;
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(SkewTolerantClientVerifier::new(verifier))
             .with_single_cert(self.chain.clone(), self.key.clone_key())?;
         cfg.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
         Ok(cfg)
@@ -207,17 +218,25 @@ impl TlsMaterial {
     /// A client config presenting our certificate and trusting only our CA
     /// (the relay CA is pinned; system roots are never consulted).
     pub fn client_config(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
-        let verifier =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(self.roots()?), provider())
-                .build()
-                .map_err(|e| TlsError::Verifier(e.to_string()))?;
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_webpki_verifier(verifier)
+            .dangerous()
+            .with_custom_certificate_verifier(server_verifier(self.roots()?)?)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
         cfg.alpn_protocols = vec![alpn.to_vec()];
         Ok(cfg)
     }
+}
+
+/// The verifier of a server's certificate for our client configs: webpki
+/// against `roots` only, with the notBefore slack (module docs). Set
+/// through rustls's "dangerous" builder only because that is the way to
+/// pass a verifier of our own type; the verification is webpki's.
+fn server_verifier(roots: RootCertStore) -> Result<Arc<dyn ServerCertVerifier>, TlsError> {
+    let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    Ok(SkewTolerantServerVerifier::new(webpki))
 }
 
 /// A client config without a client certificate that trusts only the CA
@@ -241,12 +260,10 @@ pub fn anonymous_client_config(
     for c in ca {
         roots.add(c.clone())?;
     }
-    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_webpki_verifier(verifier)
+        .dangerous()
+        .with_custom_certificate_verifier(server_verifier(roots)?)
         .with_no_client_auth();
     cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(cfg)
