@@ -44,6 +44,8 @@ mod session;
 mod status;
 mod subnets;
 mod supervisor;
+#[cfg(test)]
+mod test_resolver;
 
 pub use client::{EdgeClient, EdgeState, EdgeStats, StartError};
 pub use config::{EdgeConfig, FileConfig, TransportMode};

@@ -236,6 +236,7 @@ fn synthesize(prefix: [u8; 12], v4: Ipv4Addr) -> Ipv6Addr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_resolver::SlowResolver;
 
     /// The prefix comes only from a synthesised `ipv4only.arpa` answer, and
     /// only unrouted IPv4 addresses are put behind it, ports kept.
@@ -275,26 +276,13 @@ mod tests {
         Box::leak(Box::new(Discovery::new()))
     }
 
-    /// A resolver counting its lookups that answers `ipv4only.arpa`
-    /// behind `64:ff9b::/96` after `delay`, or with its A records only
-    /// (`dns64` false).
-    fn resolver(
-        delay: Duration,
-        dns64: bool,
-        count: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    ) -> impl FnOnce() -> std::pin::Pin<
-        Box<dyn Future<Output = std::io::Result<Vec<IpAddr>>> + Send + 'static>,
-    > {
-        let count = count.clone();
-        move || {
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Box::pin(async move {
-                tokio::time::sleep(delay).await;
-                Ok(match dns64 {
-                    true => vec!["64:ff9b::c000:aa".parse().unwrap()],
-                    false => vec![WELL_KNOWN_V4[0].into()],
-                })
-            })
+    /// `ipv4only.arpa`'s addresses as a DNS64 answers them (behind
+    /// `64:ff9b::/96`), or as a plain resolver does (`dns64` false: its A
+    /// records only).
+    fn ipv4only_arpa(dns64: bool) -> Vec<IpAddr> {
+        match dns64 {
+            true => vec!["64:ff9b::c000:aa".parse().unwrap()],
+            false => vec![WELL_KNOWN_V4[0].into()],
         }
     }
 
@@ -309,8 +297,8 @@ mod tests {
     #[tokio::test]
     async fn a_slow_dns64_still_gives_the_prefix() {
         let d = discovery();
-        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let slow = || resolver(Duration::from_secs(3), true, &count);
+        let resolver = SlowResolver::default();
+        let slow = || resolver.answer(Duration::from_secs(3), ipv4only_arpa(true));
         let t0 = Instant::now();
         assert_eq!(d.discover_with(slow()).await, None, "not within the bound");
         assert!(t0.elapsed() < Duration::from_millis(2500));
@@ -323,7 +311,7 @@ mod tests {
             "{:?}",
             t0.elapsed()
         );
-        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(resolver.started(), 1);
     }
 
     /// An answer that comes after every attempt stopped waiting is kept
@@ -331,18 +319,18 @@ mod tests {
     #[tokio::test]
     async fn an_answer_nobody_waited_for_is_kept() {
         let d = discovery();
-        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let resolver = SlowResolver::default();
         assert_eq!(
-            d.discover_with(resolver(Duration::from_secs(3), true, &count))
+            d.discover_with(resolver.answer(Duration::from_secs(3), ipv4only_arpa(true)))
                 .await,
             None
         );
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let t0 = Instant::now();
-        let again = resolver(Duration::from_secs(3), true, &count);
+        let again = resolver.answer(Duration::from_secs(3), ipv4only_arpa(true));
         assert_eq!(d.discover_with(again).await, Some(wkp()));
         assert!(t0.elapsed() < Duration::from_millis(100));
-        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(resolver.started(), 1);
     }
 
     /// A definite "no prefix" is trusted for half a minute, not the
@@ -353,37 +341,36 @@ mod tests {
     #[tokio::test]
     async fn answers_expire() {
         let ago = |d: Duration| Instant::now().checked_sub(d).unwrap();
-        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let asked = || count.load(std::sync::atomic::Ordering::SeqCst);
+        let resolver = SlowResolver::default();
         let d = discovery();
         *d.known.lock().unwrap() = Some((ago(Duration::from_secs(5)), None));
         assert_eq!(
-            d.discover_with(resolver(Duration::ZERO, true, &count))
+            d.discover_with(resolver.answer(Duration::ZERO, ipv4only_arpa(true)))
                 .await,
             None
         );
-        assert_eq!(asked(), 0, "a fresh none is trusted");
+        assert_eq!(resolver.started(), 0, "a fresh none is trusted");
         *d.known.lock().unwrap() = Some((ago(Duration::from_secs(31)), None));
-        let quick = resolver(Duration::ZERO, true, &count);
+        let quick = resolver.answer(Duration::ZERO, ipv4only_arpa(true));
         assert_eq!(
             d.discover_with(quick).await,
             Some(wkp()),
             "the uplink moved"
         );
-        assert_eq!(asked(), 1);
+        assert_eq!(resolver.started(), 1);
 
         let d = discovery();
         *d.known.lock().unwrap() = Some((ago(TTL), Some(wkp())));
-        let silent = resolver(Duration::from_secs(3600), false, &count);
+        let silent = resolver.answer(Duration::from_secs(3600), ipv4only_arpa(false));
         assert_eq!(
             d.discover_with(silent).await,
             Some(wkp()),
             "expired stands in"
         );
-        assert_eq!(asked(), 2);
+        assert_eq!(resolver.started(), 2);
         let d = discovery();
         *d.known.lock().unwrap() = Some((ago(TTL), Some(wkp())));
-        let none = resolver(Duration::ZERO, false, &count);
+        let none = resolver.answer(Duration::ZERO, ipv4only_arpa(false));
         assert_eq!(
             d.discover_with(none).await,
             None,

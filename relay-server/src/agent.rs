@@ -360,33 +360,12 @@ pub async fn remove_from_main(proto: u8) -> anyhow::Result<usize> {
     Ok(batch.lines().count())
 }
 
-/// The interface kube-proxy's IPVS mode puts every ClusterIP on (one /32
-/// each: thousands in a large cluster). Its addresses are left out of
-/// [`parse_addrs`]: they are answered by the `local` table like every
-/// address of this node, and hold no subnet of neighbours to protect.
-pub const KUBE_IPVS_DEVICE: &str = "kube-ipvs0";
-
-/// Parses `ip -4 -o addr show` (`N: IFNAME    inet A/L ...`): this node's
-/// IPv4 interface addresses, except those on [`KUBE_IPVS_DEVICE`].
-pub fn parse_addrs(out: &str) -> Vec<IpAddr> {
-    out.lines()
-        .filter_map(|l| {
-            let words: Vec<&str> = l.split_whitespace().collect();
-            // `eth0@if12` for a veth in some versions: the name before `@`.
-            let dev = words.get(1)?.split('@').next()?;
-            if dev == KUBE_IPVS_DEVICE {
-                return None;
-            }
-            let w = words.windows(2).find(|p| p[0] == "inet")?;
-            w[1].split('/').next()?.parse().ok()
-        })
-        .collect()
-}
-
-/// This node's IPv4 interface addresses (`ip -4 -o addr show`), except
-/// kube-proxy's ClusterIPs ([`KUBE_IPVS_DEVICE`]).
-pub(crate) async fn own_addrs() -> anyhow::Result<Vec<IpAddr>> {
-    Ok(parse_addrs(&ip(&["-4", "-o", "addr", "show"], None).await?))
+/// This node's IPv4 interface addresses, except kube-proxy's ClusterIPs
+/// ([`relay_transport::node_addrs::node_ipv4_addresses`]).
+pub(crate) fn own_addrs() -> anyhow::Result<Vec<IpAddr>> {
+    let own = relay_transport::node_addrs::node_ipv4_addresses()
+        .map_err(|e| anyhow::anyhow!("listing this node's addresses (getifaddrs): {e}"))?;
+    Ok(own.into_iter().map(IpAddr::from).collect())
 }
 
 /// Splits `want` into the prefixes safe to route and those refused, each
@@ -445,7 +424,7 @@ pub(crate) async fn remove_refused_leftovers(table: RouteTable, proto: u8, hops:
         if have.is_empty() {
             return anyhow::Ok(BTreeMap::new());
         }
-        let mut keep = own_addrs().await?;
+        let mut keep = own_addrs()?;
         keep.extend(hops);
         let (_, refused) = refuse_prefixes(&have.keys().copied().collect(), &keep);
         let batch: String = refused
@@ -787,7 +766,7 @@ pub async fn run_in_table(
             }
         };
         match (fetch(&cfg).await, hop) {
-            (Ok(want), Ok(hop)) => match own_addrs().await {
+            (Ok(want), Ok(hop)) => match own_addrs() {
                 Err(e) => {
                     warn!(error = %e, "reading this node's addresses failed");
                     status.failed(PollFailure::InstallFailed, &e);
@@ -960,16 +939,10 @@ mod tests {
     /// neighbours) or the next hop is refused; another host's /32 is not.
     #[test]
     fn prefixes_holding_this_nodes_addresses_or_the_next_hop_are_refused() {
-        let own = parse_addrs(
-            "1: lo    inet 127.0.0.1/8 scope host lo\\       valid_lft forever preferred_lft forever\n\
-             2: eth0    inet 10.0.3.17/24 brd 10.0.3.255 scope global eth0\\       valid_lft forever preferred_lft forever\n\
-             5: flannel.1    inet 10.244.3.0/32 scope global flannel.1\\       valid_lft forever preferred_lft forever\n\
-             7: kube-ipvs0    inet 10.96.0.1/32 scope global kube-ipvs0\\       valid_lft forever preferred_lft forever\n\
-             7: kube-ipvs0    inet 10.96.0.10/32 scope global kube-ipvs0\\       valid_lft forever preferred_lft forever\n",
-        );
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        // kube-proxy IPVS's ClusterIPs are not among them.
-        assert_eq!(own, [ip("127.0.0.1"), ip("10.0.3.17"), ip("10.244.3.0")]);
+        // As `own_addrs` lists them: lo, eth0, flannel.1; not kube-proxy
+        // IPVS's ClusterIPs (10.96.0.1 and .10 on kube-ipvs0).
+        let own = [ip("127.0.0.1"), ip("10.0.3.17"), ip("10.244.3.0")];
         let via = ip("192.168.9.1");
         let keep: Vec<IpAddr> = own.iter().copied().chain([via]).collect();
         for (prefix, refused_for) in [
@@ -1063,13 +1036,7 @@ mod tests {
         use crate::multipath::tests::netns::*;
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::{Arc, Mutex};
-        if !in_netns(&format!(
-            "{}::a_previous_runs_rule_and_routes_stay_and_prefixes_holding_this_node_are_refused",
-            module_path!()
-        )) {
-            return;
-        }
-        rt().block_on(async {
+        netns_test(async {
             // What a killed run left: its rule, a route to an edge, and one
             // holding this node's address (192.0.2.1) and the next hop.
             sh(&["-4", "rule", "add", "pref", "7250", "lookup", "7250"]);

@@ -434,7 +434,7 @@ pub async fn run_with_status(
                     last_error.unwrap_or_default()
                 ),
             ),
-            Some(want) => match crate::agent::own_addrs().await {
+            Some(want) => match crate::agent::own_addrs() {
                 Err(e) => {
                     warn!(error = %e, "reading this node's addresses failed");
                     status.failed(PollFailure::InstallFailed, &e);
@@ -679,14 +679,14 @@ pub(crate) mod tests {
         }
 
         /// `true` in the namespace (run the test's body); `false` when
-        /// the run there of `test` (its full path, `module_path!()`
-        /// included) passed, or when namespaces are not available (not
-        /// root; a failure under `REQUIRE_LAB=1` or `CI=true`). The
-        /// namespace has `lo` up and `up0`, 192.0.2.1/24, holding the
-        /// default route via 192.0.2.254. The run in the namespace panics
-        /// before changing anything unless its namespace differs from the
-        /// outer run's ([`netns_guard`]).
-        pub(crate) fn in_netns(test: &str) -> bool {
+        /// the run there of test `name` (as libtest lists it) passed, or
+        /// when namespaces are not available (not root; a failure under
+        /// `REQUIRE_LAB=1` or `CI=true`). The namespace is set up by
+        /// `relay_transport::test_netns::set_up`: `lo` up and `up0`,
+        /// 192.0.2.1/24, holding the default route via 192.0.2.254. The
+        /// run in the namespace panics before changing anything unless
+        /// its namespace differs from the outer run's ([`netns_guard`]).
+        fn in_netns(name: &str) -> bool {
             let outer = std::env::var_os(INSIDE).map(|v| v.to_string_lossy().into_owned());
             let inside = netns_guard(
                 outer.as_deref(),
@@ -695,16 +695,7 @@ pub(crate) mod tests {
             )
             .unwrap_or_else(|e| panic!("{e}"));
             if inside {
-                for cmd in [
-                    "link set lo up",
-                    "link add up0 type veth peer name up1",
-                    "link set up1 up",
-                    "addr add 192.0.2.1/24 dev up0",
-                    "link set up0 up",
-                    "route add default via 192.0.2.254 dev up0",
-                ] {
-                    sh(&cmd.split(' ').collect::<Vec<_>>());
-                }
+                relay_transport::test_netns::set_up();
                 return true;
             }
             let can = Command::new("unshare")
@@ -712,14 +703,12 @@ pub(crate) mod tests {
                 .status()
                 .is_ok_and(|s| s.success());
             if !can {
-                let required = std::env::var("REQUIRE_LAB").is_ok_and(|v| v == "1")
-                    || std::env::var("CI").is_ok_and(|v| v == "true");
-                assert!(!required, "multipath namespace tests need root");
-                eprintln!("SKIPPED: multipath namespace tests need root (unshare -n)");
+                relay_transport::test_netns::skip(
+                    "multipath namespace tests need root (unshare -n)",
+                );
                 return false;
             }
             let exe = std::env::current_exe().expect("test binary");
-            let name = test.strip_prefix("relay_server::").unwrap_or(test);
             let out = Command::new("unshare")
                 .arg("-n")
                 .arg(exe)
@@ -737,16 +726,24 @@ pub(crate) mod tests {
             false
         }
 
-        /// `ip ARGS` in this namespace; its output.
-        pub(crate) fn sh(args: &[&str]) -> String {
-            let out = Command::new("ip").args(args).output().expect("ip");
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).into_owned()
+        /// A namespace test: runs `body` on a current-thread runtime in
+        /// the run [`in_netns`] starts in a namespace of its own, which it
+        /// selects by the calling test's name (libtest names each test's
+        /// thread after it); the outer run only checks that it passed.
+        /// `body` is never polled in the outer run.
+        pub(crate) fn netns_test(body: impl std::future::Future<Output = ()>) {
+            let thread = std::thread::current();
+            let name = thread
+                .name()
+                .filter(|n| *n != "main")
+                .expect("netns_test runs on a test's own thread, named after it");
+            if in_netns(name) {
+                rt().block_on(body);
+            }
         }
+
+        /// `ip ARGS` in this namespace; its output.
+        pub(crate) use relay_transport::test_netns::ip as sh;
 
         /// A replica's admin API answering `GET /v1/routes` with `routes`
         /// (changeable), until the task is aborted.
@@ -841,7 +838,7 @@ pub(crate) mod tests {
             sh(&["-4", "route", "show", "table", "7250"])
         }
 
-        pub(crate) fn rt() -> tokio::runtime::Runtime {
+        fn rt() -> tokio::runtime::Runtime {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -854,13 +851,7 @@ pub(crate) mod tests {
         /// removed at start; such a prefix refused and counted.
         #[test]
         fn the_status_follows_the_replicas_and_a_prefix_holding_this_node_is_refused() {
-            if !in_netns(&format!(
-                "{}::the_status_follows_the_replicas_and_a_prefix_holding_this_node_is_refused",
-                module_path!()
-            )) {
-                return;
-            }
-            rt().block_on(async {
+            netns_test(async {
                 // What a killed run left: its rule, its nexthop and groups,
                 // a route to an edge and one holding this node's address
                 // (192.0.2.1).
@@ -1013,13 +1004,7 @@ pub(crate) mod tests {
         /// does, keeping the routes.
         #[test]
         fn no_replica_answering_is_not_ready_and_keeps_the_routes() {
-            if !in_netns(&format!(
-                "{}::no_replica_answering_is_not_ready_and_keeps_the_routes",
-                module_path!()
-            )) {
-                return;
-            }
-            rt().block_on(async {
+            netns_test(async {
                 let routes = Arc::new(Mutex::new(vec!["10.244.7.0/24"]));
                 let dead = dead_addr().await;
                 let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -1057,7 +1042,9 @@ pub(crate) mod tests {
                 let stop = CancellationToken::new();
                 let agent = tokio::spawn(run_with_status(cfg, stop.clone(), status.clone()));
                 until("ready", || {
-                    status.readiness().is_ok_and(|l| l.starts_with("ready: 1 routes"))
+                    status
+                        .readiness()
+                        .is_ok_and(|l| l.starts_with("ready: 1 routes"))
                 })
                 .await;
                 stop_fake.cancel();
@@ -1079,13 +1066,7 @@ pub(crate) mod tests {
         /// ours are in place.
         #[test]
         fn main_keeps_an_older_agents_routes_until_ours_are_installed() {
-            if !in_netns(&format!(
-                "{}::main_keeps_an_older_agents_routes_until_ours_are_installed",
-                module_path!()
-            )) {
-                return;
-            }
-            rt().block_on(async {
+            netns_test(async {
                 sh(&[
                     "route",
                     "add",

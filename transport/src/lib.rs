@@ -27,6 +27,8 @@
 //!   10 s, with the count of the ones left out ([`sampled!`]).
 //! - [`saved`]: tables kept on disk across restarts (JSON with a format
 //!   version, written atomically, at most once a second).
+//! - [`node_addrs`]: this node's own IPv4 addresses (not kube-proxy's
+//!   ClusterIPs), for node-port capture and the route agent.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod addr;
@@ -42,6 +44,7 @@ pub mod http;
 pub mod issue;
 pub mod log_sample;
 pub mod memory;
+pub mod node_addrs;
 pub mod proxy;
 pub mod quic;
 mod quic_runtime;
@@ -50,6 +53,10 @@ pub mod saved;
 pub mod splice;
 mod splice_local;
 pub mod tcp;
+// The namespace set-up shared with relay-server's tests.
+#[cfg(any(test, feature = "test-netns"))]
+#[doc(hidden)]
+pub mod test_netns;
 pub mod tls;
 pub mod udp;
 mod udp_capture;

@@ -352,6 +352,7 @@ mod tests {
     use crate::client::EdgeStats;
     use crate::config::{EdgeConfig, TransportMode};
     use crate::dial::test_support::{dialer_for, test_cfg};
+    use crate::test_resolver::SlowResolver;
 
     /// A name that stops resolving is dialled at the addresses it had,
     /// unless a proxy resolves it; one never resolved fails as before.
@@ -434,24 +435,6 @@ mod tests {
         assert_eq!(dialer.addresses(Err(e), false).unwrap(), vec![a]);
     }
 
-    /// A resolver counting its lookups that answers `addrs` after `delay`.
-    fn slow_resolver(
-        delay: Duration,
-        addrs: Vec<SocketAddr>,
-        count: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    ) -> impl FnOnce() -> std::pin::Pin<
-        Box<dyn Future<Output = io::Result<Vec<SocketAddr>>> + Send + 'static>,
-    > {
-        let count = count.clone();
-        move || {
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Box::pin(async move {
-                tokio::time::sleep(delay).await;
-                Ok(addrs)
-            })
-        }
-    }
-
     /// A resolver slower than the bound (a dead first name server costs
     /// glibc 5 s) that answers a new address: the attempt it held up
     /// dials the address known, and the one after the lookup ended dials
@@ -466,9 +449,8 @@ mod tests {
         let new: SocketAddr = "192.0.2.9:8443".parse().unwrap();
         dialer.addresses(Ok(vec![old]), false).unwrap();
         let lookups = Lookups::new();
-        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let asked = || count.load(std::sync::atomic::Ordering::SeqCst);
-        let slow = || slow_resolver(Duration::from_secs(3), vec![new], &count);
+        let resolver = SlowResolver::default();
+        let slow = || resolver.answer(Duration::from_secs(3), vec![new]);
 
         let t0 = Instant::now();
         let first = dialer.look_up_with(&lookups, slow()).await;
@@ -494,17 +476,21 @@ mod tests {
             t1.elapsed()
         );
         assert_eq!(dialer.addresses(second, false).unwrap(), vec![new]);
-        assert_eq!(asked(), 1, "the answer was taken, not asked for again");
+        assert_eq!(
+            resolver.started(),
+            1,
+            "the answer was taken, not asked for again"
+        );
         let down = || Err(io::Error::other("no answer"));
         assert_eq!(dialer.addresses(down(), false).unwrap(), vec![new]);
 
         // Taken once: the next attempt asks afresh (the fast path).
-        let quick = slow_resolver(Duration::ZERO, vec![old], &count);
+        let quick = resolver.answer(Duration::ZERO, vec![old]);
         assert_eq!(
             dialer.look_up_with(&lookups, quick).await.unwrap(),
             vec![old]
         );
-        assert_eq!(asked(), 2);
+        assert_eq!(resolver.started(), 2);
     }
 
     /// However many attempts come while a slow lookup runs, concurrent
@@ -519,15 +505,15 @@ mod tests {
         let new: SocketAddr = "192.0.2.9:8443".parse().unwrap();
         dialer.addresses(Ok(vec![old]), false).unwrap();
         let lookups = Lookups::new();
-        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let slow = || slow_resolver(Duration::from_secs(3), vec![new], &count);
+        let resolver = SlowResolver::default();
+        let slow = || resolver.answer(Duration::from_secs(3), vec![new]);
         let t0 = Instant::now();
         let concurrent =
             futures::future::join_all((0..16).map(|_| dialer.look_up_with(&lookups, slow()))).await;
         for r in concurrent {
             assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
         }
-        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(resolver.started(), 1);
         // 2 s in: a short wait joins the lookup and times out...
         for _ in 0..8 {
             let r = lookups
@@ -543,7 +529,7 @@ mod tests {
             took < Duration::from_millis(3500),
             "answered after {took:?}"
         );
-        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(resolver.started(), 1);
         assert!(lookups.0.lock().unwrap().is_empty(), "taken, not kept");
     }
 
@@ -563,17 +549,13 @@ mod tests {
             .lock()
             .unwrap()
             .insert("relay.test:8443".into(), rx);
-        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let silent = slow_resolver(Duration::from_secs(3600), vec![], &count);
+        let resolver = SlowResolver::default();
+        let silent = resolver.answer(Duration::from_secs(3600), vec![]);
         let r = lookups
             .resolve("relay.test:8443", Duration::from_millis(20), silent)
             .await;
         assert_eq!(r.unwrap(), vec![new]);
-        assert_eq!(
-            count.load(std::sync::atomic::Ordering::SeqCst),
-            1,
-            "asked afresh"
-        );
+        assert_eq!(resolver.started(), 1, "asked afresh");
     }
 
     #[test]

@@ -228,11 +228,10 @@ impl Capture {
         // to another host's port of the same number keeps its entry, and
         // with it its NAT binding.
         if !stale.is_empty() {
-            let entries = node_port_flows(
-                &interface_ipv4_addresses(),
-                self.cfg.node_port_addresses.as_ref(),
-                &stale,
-            );
+            // None listed (getifaddrs failed): no entry is deleted, and
+            // stale flows age out as they would anyway.
+            let local = crate::node_addrs::node_ipv4_addresses().unwrap_or_default();
+            let entries = node_port_flows(&local, self.cfg.node_port_addresses.as_ref(), &stale);
             delete_stale_udp(entries).await;
         }
         debug!(
@@ -250,37 +249,20 @@ pub fn is_local_address(ip: std::net::IpAddr) -> bool {
     std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
-/// This host's IPv4 addresses with their interfaces (empty if they cannot
-/// be listed: then no entry is deleted, and stale flows age out as they
-/// would anyway).
-fn interface_ipv4_addresses() -> Vec<(String, std::net::Ipv4Addr)> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
-    addrs
-        .filter_map(|ifa| {
-            let ip = ifa.address?.as_sockaddr_in()?.ip();
-            Some((ifa.interface_name, ip))
-        })
-        .collect()
-}
-
 /// The UDP flows a change of node ports `ports` makes stale: to each of
-/// this node's addresses (`local`, with their interfaces) that node ports
-/// are captured on (`taken`, `capture.node_port_addresses`; `None`: all),
-/// on each port. Never the addresses on kube-proxy's IPVS device:
-/// `kube-ipvs0` holds every ClusterIP, thousands of addresses that are no
-/// node's, and one `conntrack` run each would hold up every capture
-/// update.
+/// this node's addresses (`local`, as [`node_ipv4_addresses`] lists them:
+/// never kube-ipvs0's ClusterIPs) that node ports are captured on
+/// (`taken`, `capture.node_port_addresses`; `None`: all), on each port.
+///
+/// [`node_ipv4_addresses`]: crate::node_addrs::node_ipv4_addresses
 pub(crate) fn node_port_flows(
-    local: &[(String, std::net::Ipv4Addr)],
+    local: &[std::net::Ipv4Addr],
     taken: Option<&BTreeSet<Cidr>>,
     ports: &[u16],
 ) -> BTreeSet<(SocketAddr, Proto)> {
     let addrs: BTreeSet<std::net::Ipv4Addr> = local
         .iter()
-        .filter(|(ifname, _)| ifname != "kube-ipvs0")
-        .map(|(_, ip)| *ip)
+        .copied()
         .filter(|ip| taken.is_none_or(|t| t.iter().any(|c| c.contains(&(*ip).into()))))
         .collect();
     ports

@@ -4,18 +4,13 @@
 use super::*;
 
 /// A node port's stale UDP flows: to this node's addresses node ports are
-/// captured on, on each changed port; never kube-ipvs0's ClusterIPs, and
-/// only inside `capture.node_port_addresses` when it is set.
+/// captured on, on each changed port; only inside
+/// `capture.node_port_addresses` when it is set (kube-ipvs0's ClusterIPs
+/// are not in the listing: see `node_addrs`).
 #[test]
 fn node_port_flows_are_this_nodes_addresses_only() {
     let ip = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap();
-    let local = vec![
-        ("lo".to_string(), ip("127.0.0.1")),
-        ("eth0".to_string(), ip("10.0.0.1")),
-        ("eth1".to_string(), ip("198.18.0.1")),
-        ("kube-ipvs0".to_string(), ip("10.96.0.10")),
-        ("kube-ipvs0".to_string(), ip("10.96.0.11")),
-    ];
+    let local = [ip("127.0.0.1"), ip("10.0.0.1"), ip("198.18.0.1")];
     let flows = |taken: Option<&BTreeSet<Cidr>>| -> Vec<String> {
         services::node_port_flows(&local, taken, &[30053, 30054])
             .iter()
@@ -267,36 +262,26 @@ mod netns {
     use std::time::{Duration, Instant};
 
     use super::*;
+    use crate::test_netns::{self, ip};
 
     /// Runs `f` on a thread of its own moved into a fresh network
-    /// namespace, with `lo` up and a dummy uplink holding the main table's
-    /// default route. The namespace belongs to that thread alone and is
-    /// gone when the thread ends (nothing to delete, even on a panic).
+    /// namespace, set up by [`test_netns::set_up`] (`lo` up, a veth
+    /// uplink holding the main table's default route). The namespace
+    /// belongs to that thread alone and is gone when the thread ends
+    /// (nothing to delete, even on a panic).
     /// `None` when not root (a failure under `REQUIRE_LAB=1` or `CI=true`).
     fn in_netns<T: Send + 'static>(
         f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static,
     ) -> Option<T> {
         if !nix::unistd::geteuid().is_root() {
-            let required = std::env::var("REQUIRE_LAB").is_ok_and(|v| v == "1")
-                || std::env::var("CI").is_ok_and(|v| v == "true");
-            assert!(!required, "capture namespace tests need root");
-            eprintln!("SKIPPED: capture namespace tests need root");
+            test_netns::skip("capture namespace tests need root");
             return None;
         }
         let thread = std::thread::spawn(move || {
             // Moves only this thread; the processes it spawns (ip, nft)
             // inherit its namespace.
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
-            for cmd in [
-                "link set lo up",
-                "link add up0 type veth peer name up1",
-                "link set up1 up",
-                "addr add 192.0.2.1/24 dev up0",
-                "link set up0 up",
-                "route add default via 192.0.2.254 dev up0",
-            ] {
-                sh("ip", &cmd.split(' ').collect::<Vec<_>>());
-            }
+            test_netns::set_up();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -308,17 +293,6 @@ mod netns {
                 .join()
                 .unwrap_or_else(|e| std::panic::resume_unwind(e)),
         )
-    }
-
-    /// Runs a command in the calling thread's namespace; its output.
-    fn sh(prog: &str, args: &[&str]) -> String {
-        let out = StdCommand::new(prog).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{prog} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// `n` disjoint, non-adjacent /24s (adjacent ones could be merged
@@ -349,7 +323,7 @@ mod netns {
     }
 
     fn rule_count() -> usize {
-        sh("ip", &["-4", "rule", "show"]).lines().count()
+        ip(&["-4", "rule", "show"]).lines().count()
     }
 
     /// One `apply` of `n` prefixes (plus the skips and peers) on a fresh
@@ -405,7 +379,7 @@ mod netns {
             .into_iter()
             .chain(args.split(' '))
             .collect();
-        sh("ip", &args)
+        ip(&args)
     }
 
     fn is_local(route: &str) -> bool {
@@ -434,9 +408,9 @@ mod netns {
                 let (took, before, after, mut cap) = timed_apply(cfg, 2_000).await;
                 eprintln!("apply of 2000 prefixes: {took:?}");
                 // The kernel's 3, own sockets, kept-source replies, capture.
-                assert_eq!(before, 6, "{}", sh("ip", &["-4", "rule"]));
-                assert_eq!(after, before, "{}", sh("ip", &["-4", "rule"]));
-                let table = sh("ip", &["-4", "route", "show", "table", "7100"]);
+                assert_eq!(before, 6, "{}", ip(&["-4", "rule"]));
+                assert_eq!(after, before, "{}", ip(&["-4", "rule"]));
+                let table = ip(&["-4", "route", "show", "table", "7100"]);
                 assert!(table.contains("local 10.0.0.0/24 dev lo"), "{table}");
                 assert!(table.contains("local 10.15.158.0/24 dev lo"), "{table}");
                 // 2,000 routes + the default, 2 lost to skips, 1 cut in
@@ -485,16 +459,16 @@ mod netns {
                     .await
                     .unwrap();
                 assert_eq!(rule_count(), before);
-                let table = sh("ip", &["-4", "route", "show", "table", "7100"]);
+                let table = ip(&["-4", "route", "show", "table", "7100"]);
                 assert_eq!(table.lines().count(), 11, "{table}");
                 assert!(is_local(&route_get("10.0.4.5")));
                 assert!(via_main(&route_get("10.0.40.1")));
                 assert!(cap.missing().await.is_empty());
 
                 // Routes taken away behind capture's back are noticed.
-                sh("ip", &["-4", "route", "flush", "table", "7100"]);
+                ip(&["-4", "route", "flush", "table", "7100"]);
                 assert_eq!(cap.missing().await, ["capture routes"]);
-                sh("ip", &["-4", "rule", "del", "pref", "7100"]);
+                ip(&["-4", "rule", "del", "pref", "7100"]);
                 assert_eq!(cap.missing().await, ["capture rule", "capture routes"]);
                 assert!(cap.repair().await.unwrap());
                 cap.apply(&few, &BTreeSet::new(), &BTreeSet::new())
@@ -504,11 +478,8 @@ mod netns {
                 assert_eq!(rule_count(), before);
 
                 cap.teardown().await;
-                assert_eq!(rule_count(), 3, "{}", sh("ip", &["-4", "rule"]));
-                let left = sh(
-                    "ip",
-                    &["-4", "route", "show", "table", "all", "type", "local"],
-                );
+                assert_eq!(rule_count(), 3, "{}", ip(&["-4", "rule"]));
+                let left = ip(&["-4", "route", "show", "table", "all", "type", "local"]);
                 assert!(!left.contains("table 7100"), "{left}");
             })
         });
@@ -540,7 +511,7 @@ mod netns {
                 let t0 = Instant::now();
                 let mut cap = Capture::install(CaptureConfig::default()).await.unwrap();
                 eprintln!("install over 10,000 old rules: {:?}", t0.elapsed());
-                assert_eq!(rule_count(), 3 + 2, "{}", sh("ip", &["-4", "rule"]));
+                assert_eq!(rule_count(), 3 + 2, "{}", ip(&["-4", "rule"]));
                 let (skip, peers) = skips_and_peers();
                 cap.apply(&synthetic(100), &skip, &peers).await.unwrap();
                 assert!(is_local(&route_get("10.0.2.5")));
