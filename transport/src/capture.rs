@@ -164,10 +164,12 @@
 //! per-prefix rules an older version left go at the first start after an
 //! upgrade (one batch; 10,000 took 0.2 s). A clean exit
 //! ([`Capture::stop`]) leaves the address and, for `hold_after_exit`,
-//! filter rules that refuse what was captured (put in place with the
-//! capture table's removal, in one transaction): the next run (a rollout's
-//! new pod) replaces them, and they stop refusing on their own if none
-//! comes (the set's elements time out; the empty table stays).
+//! filter rules that refuse what was captured, in a table of their own
+//! (put in place with the capture table's removal, in one transaction):
+//! the next run (a rollout's new pod) removes them once its first
+//! [`Capture::apply`] has captured again, not at install, and they stop
+//! refusing on their own if none comes (the set's elements time out; the
+//! empty table stays).
 
 use std::collections::BTreeSet;
 use std::fmt::Write;
@@ -298,6 +300,10 @@ pub struct Capture {
     /// Whether [`Capture::install`] put it on the node (false for
     /// [`Capture::uninstalled`] until a [`Capture::repair`] succeeds).
     on_node: bool,
+    /// Whether a previous run's held refusals (see `capture/park.rs`) may
+    /// still be on the node: true until the first [`Capture::apply`]
+    /// succeeds, which removes them.
+    held_pending: bool,
     /// Deletes the conntrack entries of flows that went past capture
     /// (see `capture/bypass.rs`), off the apply path.
     sweeper: bypass::Sweeper,
@@ -350,6 +356,7 @@ impl Capture {
             node_ports: BTreeSet::new(),
             sources: None,
             on_node: true,
+            held_pending: true,
             sweeper: bypass::Sweeper::default(),
         }
     }
@@ -527,6 +534,7 @@ impl Capture {
         let (want4, skip4) = (v4(want), v4(skip));
         let routes = capture_routes(&want4, &bypassed_prefixes(&want4, &skip4, peers));
         if want4 == self.installed && skip4 == self.skipped && routes == self.routes {
+            self.release_held().await;
             return Ok(());
         }
         if want4.len() < want.len() {
@@ -563,6 +571,7 @@ impl Capture {
         self.installed = want4;
         self.skipped = skip4;
         self.routes = routes;
+        self.release_held().await;
         Ok(())
     }
 

@@ -278,13 +278,16 @@ impl CaptureFile {
                 "a unicast address that is not loopback (packets from other interfaces may not reach 127/8); a link-local one such as the default 169.254.70.1 is best".into(),
             ));
         }
+        // At most 64: the held table's name adds `_held` (see
+        // `capture/park.rs`) and nft refuses names past 255 bytes.
         if c.nft_table.is_empty()
+            || c.nft_table.len() > 64
             || !c
                 .nft_table
                 .chars()
                 .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
         {
-            return Err(("nft_table", "letters, digits and _ only".into()));
+            return Err(("nft_table", "1 to 64 letters, digits and _".into()));
         }
         if [0, 253, 254, 255].contains(&c.route_table) {
             return Err((

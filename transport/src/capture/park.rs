@@ -6,11 +6,21 @@
 //! connection to a cloud pod fails at once instead of leaving by the
 //! node's default route, where a site LAN reusing the cluster's ranges
 //! could answer it. The prefixes sit in a set whose elements time out, so
-//! an uninstalled client's rules stop refusing on their own; the next
-//! [`Capture::install`] removes the table.
+//! an uninstalled client's rules stop refusing on their own.
+//!
+//! The refusals live in a table of their own (`<nft_table>_held`), not in
+//! the capture table: [`Capture::install`] replaces the capture table, and
+//! had it removed the refusals too, a starting process would let pod
+//! traffic to the tunnel routes out by the default route from its install
+//! until its first [`Capture::apply`] (a proxy name to look up, the
+//! service sets to write first: up to a second or more). The first
+//! successful apply removes the held table (the filter hooks see captured
+//! traffic already rewritten to the capture address, so the two can be on
+//! the node together: the held rules refuse only what is not captured
+//! yet).
 //!
 //! ```text
-//! table inet <nft_table> {
+//! table inet <nft_table>_held {
 //!   set dst4  { type ipv4_addr; flags interval,timeout; timeout <hold>; }  # what was captured
 //!   set skip4 { type ipv4_addr; flags interval; }                          # never refused
 //!   set src4  { type ipv4_addr; flags interval; }                          # forwarded sources
@@ -27,13 +37,15 @@
 //! ```
 //! Filter chains see a ClusterIP's traffic after kube-proxy's DNAT, so a
 //! Service whose endpoints are cloud pods is refused too, and one whose
-//! endpoints are on this node is not.
+//! endpoints are on this node is not. An older release kept these chains
+//! in the capture table itself; the first start after an upgrade removes
+//! them with it at install.
 
 use std::collections::BTreeSet;
 use std::fmt::Write;
 
 use relay_protocol::Cidr;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{cover_list, remove_on_exit, remove_routing, run, Capture};
 
@@ -53,22 +65,24 @@ impl Capture {
         // two commands a pod's new connection would leave by the default
         // route, refused by neither.
         let t = &self.cfg.nft_table;
-        let script = format!("add table inet {t}\ndelete table inet {t}\n")
-            + &held_script(
-                t,
-                self.cfg.own_mark,
-                hold.as_secs().max(1),
-                &self.installed,
-                &self.skipped,
-                self.sources.as_ref(),
-            );
+        let h = held_table(&self.cfg);
+        let script = format!(
+            "add table inet {t}\ndelete table inet {t}\nadd table inet {h}\ndelete table inet {h}\n"
+        ) + &held_script(
+            &h,
+            self.cfg.own_mark,
+            hold.as_secs().max(1),
+            &self.installed,
+            &self.skipped,
+            self.sources.as_ref(),
+        );
         match run("nft", &["-f", "-"], Some(&script)).await {
             Ok(()) => {
                 remove_routing(&self.cfg).await;
                 info!(
                     prefixes = self.installed.len(),
                     hold_secs = hold.as_secs(),
-                    "capture removed; traffic to its prefixes is refused until the next start or the hold ends"
+                    "capture removed; traffic to its prefixes is refused until the next start captures them or the hold ends"
                 );
             }
             Err(e) => {
@@ -77,6 +91,31 @@ impl Capture {
             }
         }
     }
+
+    /// Removes a previous run's held table, once per run (see the module
+    /// docs): called when an apply succeeded, so what the refusals
+    /// covered is captured again or no longer wanted. A failure other than
+    /// "no such table" is tried again at the next apply; the held set's
+    /// elements time out anyway.
+    pub(super) async fn release_held(&mut self) {
+        if !self.held_pending {
+            return;
+        }
+        let h = held_table(&self.cfg);
+        match run("nft", &["delete", "table", "inet", &h], None).await {
+            Ok(()) => {
+                info!(table = %h, "the previous run's held refusals are removed: capture is in place");
+                self.held_pending = false;
+            }
+            Err(e) if e.to_string().contains("No such file") => self.held_pending = false,
+            Err(e) => debug!(error = %e, "removing the held refusals; will retry"),
+        }
+    }
+}
+
+/// The name of the held table for `cfg`'s capture table.
+pub(super) fn held_table(cfg: &crate::capture_config::CaptureConfig) -> String {
+    format!("{}_held", cfg.nft_table)
 }
 
 /// The held table (see the module docs): `sources` `None` is every source.

@@ -521,4 +521,56 @@ mod netns {
             })
         });
     }
+
+    /// A connection from this host to `ip:80`: refused at once (the held
+    /// rules' reset), or not (left by the default route toward a gateway
+    /// that never answers: a timeout).
+    fn refused_at_once(ip: &str) -> bool {
+        let to: std::net::SocketAddr = format!("{ip}:80").parse().unwrap();
+        matches!(
+            std::net::TcpStream::connect_timeout(&to, Duration::from_millis(500)),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
+    }
+
+    fn held_table_present() -> bool {
+        StdCommand::new("nft")
+            .args(["list", "table", "inet", "edge_relay_held"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// A clean stop with `hold_after_exit` leaves refusals in a table of
+    /// their own, and the next start keeps them until its first apply has
+    /// captured again: between its install and that apply (a second or
+    /// more at an edge's start) a connection to a prefix the last run
+    /// captured is refused, not sent out by the default route. Before,
+    /// the install removed them with the capture table.
+    #[test]
+    fn a_start_keeps_the_held_refusals_until_capture_is_back() {
+        in_netns(|| {
+            Box::pin(async {
+                let cfg = CaptureConfig {
+                    hold_after_exit: Duration::from_secs(60),
+                    ..CaptureConfig::default()
+                };
+                let want = cidrs(&["10.99.0.0/16"]);
+                let none = BTreeSet::new();
+                let mut cap = Capture::install(cfg.clone()).await.unwrap();
+                cap.apply(&want, &none, &BTreeSet::new()).await.unwrap();
+                cap.stop().await;
+                assert!(held_table_present(), "no held table after the stop");
+                assert!(refused_at_once("10.99.1.1"), "not refused while stopped");
+                let mut cap = Capture::install(cfg).await.unwrap();
+                assert!(held_table_present(), "the install removed the held table");
+                assert!(
+                    refused_at_once("10.99.1.1"),
+                    "not refused between the install and the first apply"
+                );
+                cap.apply(&want, &none, &BTreeSet::new()).await.unwrap();
+                assert!(!held_table_present(), "the first apply left the held table");
+                cap.teardown().await;
+            })
+        });
+    }
 }
