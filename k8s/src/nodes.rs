@@ -5,18 +5,29 @@
 //! every edge hello, and must keep working (with the last known state)
 //! when the apiserver is unreachable. The watcher relists on its own after
 //! `410 Gone` or a broken stream and the store is only replaced once a
-//! relist completes, so an outage never empties it. `managedFields` are
-//! stripped before storing: they are most of a Node's bytes and we never
-//! read them.
+//! relist completes, so an outage never empties it.
+//!
+//! Each Node is trimmed to what the relay reads of it before it is stored
+//! (see [`NodeDirectory::nodes`]). A real Node carries the kubelet's image
+//! list (up to 50 entries), its `nodeInfo`, capacities, the kubelet's
+//! conditions and the CNI's and CSI drivers' annotations: several KB to
+//! ~15 KB each, which the store would hold for every Node, twice while a
+//! relist builds the new store beside the old.
+//!
+//! Subscribers are told only when a Node's [`NodeClaims`] change: a
+//! kubelet re-reports its status at least every 5 minutes (heartbeat
+//! times, images), which at 10,000 Nodes is dozens of events a second
+//! that change nothing the relay's directory is built from.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, NodeSpec, NodeStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Api;
@@ -227,6 +238,62 @@ pub fn node_claims(node: &Node) -> (NodeClaims, Vec<ClaimIssue>) {
     (claims, issues)
 }
 
+/// Whether [`node_claims`] (or [`NodeClaims`]) depends on the Node label
+/// `key`: the only labels [`trim`] keeps.
+fn label_read(key: &str) -> bool {
+    key.starts_with(COMMUNITY_LABEL_PREFIX)
+        || key.starts_with(SELF_SET_COMMUNITY_PREFIX)
+        || key == EDGE_ROLE_LABEL
+        || key == ZONE_LABEL
+        || CONTROL_PLANE_LABELS.contains(&key)
+        || OTHER_EDGE_LABELS.iter().any(|(k, _)| *k == key)
+        || CLOUD_LABELS.iter().any(|(k, _)| *k == key)
+}
+
+/// Trims a Node to what the relay reads of it, in place, before it is
+/// stored: the name; the labels [`node_claims`] looks at; `spec.podCIDR`
+/// and `spec.podCIDRs`; `status.addresses`; and the relay's own
+/// [`CONDITION_TYPE`](crate::CONDITION_TYPE) condition, whole (its
+/// presence marks an edge in [`node_claims`], its status is what
+/// [`says_ready`](crate::says_ready) reads). Everything else goes: the
+/// other metadata (annotations, managedFields, resourceVersion: the
+/// watcher keeps its own), the rest of the spec (taints, providerID) and
+/// of the status (images, nodeInfo, capacity, the kubelet's conditions).
+/// [`node_claims`] of the trimmed Node equals that of the whole one.
+fn trim(node: &mut Node) {
+    let labels: BTreeMap<String, String> = node
+        .metadata
+        .labels
+        .take()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| label_read(k))
+        .collect();
+    node.metadata = ObjectMeta {
+        name: node.metadata.name.take(),
+        labels: (!labels.is_empty()).then_some(labels),
+        ..ObjectMeta::default()
+    };
+    node.spec = node.spec.take().map(|s| NodeSpec {
+        pod_cidr: s.pod_cidr,
+        pod_cidrs: s.pod_cidrs,
+        ..NodeSpec::default()
+    });
+    node.status = node.status.take().map(|s| {
+        let conditions: Vec<_> = s
+            .conditions
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| c.type_ == crate::CONDITION_TYPE)
+            .collect();
+        NodeStatus {
+            addresses: s.addresses,
+            conditions: (!conditions.is_empty()).then_some(conditions),
+            ..NodeStatus::default()
+        }
+    });
+}
+
 /// Options for the directory's watch.
 #[derive(Clone, Debug)]
 pub struct DirectoryOptions {
@@ -258,43 +325,71 @@ struct Inner {
     last_error: crate::client::LastError,
 }
 
+type ClaimMap = BTreeMap<String, (NodeClaims, Vec<ClaimIssue>)>;
+
 impl Inner {
-    /// Recomputes one node's claims; logs and counts issues only when they
-    /// differ from the last computation, so an unchanged bad Node is quiet.
-    fn update(&self, node: &Node) {
+    /// Recomputes one node's claims; true if they differ from the stored
+    /// ones (or the node is new).
+    fn update(&self, node: &Node) -> bool {
         let Some(name) = node.metadata.name.clone() else {
-            return;
+            return false;
         };
         let (claims, issues) = node_claims(node);
         let mut map = self.claims.write().unwrap_or_else(|p| p.into_inner());
-        let known = map.get(&name).map(|(_, i)| i);
-        if known != Some(&issues) {
+        self.store_claims(&mut map, name, claims, issues)
+    }
+
+    /// Stores one node's claims; true if they differ from the stored ones.
+    /// Logs and counts issues only when they differ from the last
+    /// computation, so an unchanged bad Node is quiet.
+    fn store_claims(
+        &self,
+        map: &mut ClaimMap,
+        name: String,
+        claims: NodeClaims,
+        issues: Vec<ClaimIssue>,
+    ) -> bool {
+        let known = map.get(&name);
+        if known.map(|(_, i)| i) != Some(&issues) {
             for i in &issues {
                 tracing::warn!(node = %name, "{i}");
             }
             self.skipped
                 .fetch_add(issues.len() as u64, Ordering::Relaxed);
         }
+        let changed = known.map(|(c, _)| c) != Some(&claims);
         map.insert(name, (claims, issues));
+        changed
     }
 
-    fn remove(&self, node: &Node) {
-        if let Some(name) = &node.metadata.name {
-            let mut map = self.claims.write().unwrap_or_else(|p| p.into_inner());
-            map.remove(name);
-        }
+    /// Forgets a deleted node; true if it was known.
+    fn remove(&self, node: &Node) -> bool {
+        let Some(name) = &node.metadata.name else {
+            return false;
+        };
+        let mut map = self.claims.write().unwrap_or_else(|p| p.into_inner());
+        map.remove(name).is_some()
     }
 
-    /// After a (re)list: the store was replaced, rebuild claims from it.
-    fn rebuild(&self) {
+    /// After a (re)list: the store was replaced, rebuild claims from it;
+    /// true if any node's claims changed (or a node came or went). The
+    /// claims are computed before the lock is taken, and the nodes gone
+    /// are found through a set: linear in the number of Nodes.
+    fn rebuild(&self) -> bool {
         let nodes = self.store.state();
-        {
-            let mut map = self.claims.write().unwrap_or_else(|p| p.into_inner());
-            map.retain(|name, _| nodes.iter().any(|n| n.metadata.name.as_ref() == Some(name)));
+        let fresh: Vec<(String, (NodeClaims, Vec<ClaimIssue>))> = nodes
+            .iter()
+            .filter_map(|n| Some((n.metadata.name.clone()?, node_claims(n))))
+            .collect();
+        let listed: HashSet<&str> = fresh.iter().map(|(name, _)| name.as_str()).collect();
+        let mut map = self.claims.write().unwrap_or_else(|p| p.into_inner());
+        let before = map.len();
+        map.retain(|name, _| listed.contains(name.as_str()));
+        let mut changed = map.len() != before;
+        for (name, (claims, issues)) in fresh {
+            changed |= self.store_claims(&mut map, name, claims, issues);
         }
-        for n in &nodes {
-            self.update(n);
-        }
+        changed
     }
 
     fn changed(&self) {
@@ -325,7 +420,7 @@ impl NodeDirectory {
         });
         let config = watcher::Config::default().timeout(opts.watch_timeout_secs);
         let stream = watcher(Api::<Node>::all(client.0.clone()), config)
-            .modify(|n: &mut Node| n.metadata.managed_fields = None)
+            .modify(trim)
             .default_backoff()
             .reflect(writer);
         let task = tokio::spawn(drive(inner.clone(), stream));
@@ -368,13 +463,22 @@ impl NodeDirectory {
             .collect()
     }
 
-    /// A snapshot of all known Nodes (managedFields stripped).
+    /// A snapshot of all known Nodes, each trimmed to what the relay reads
+    /// of it: `metadata.name`; the labels [`node_claims`] reads (the
+    /// community, edge, cloud, control-plane and zone labels);
+    /// `spec.podCIDR` and `spec.podCIDRs`; `status.addresses`; and the
+    /// relay's own [`CONDITION_TYPE`](crate::CONDITION_TYPE) condition in
+    /// `status.conditions`. Nothing else is kept (no annotations, images,
+    /// `nodeInfo`, capacities, or other conditions).
     pub fn nodes(&self) -> Vec<Arc<Node>> {
         self.inner.store.state()
     }
 
-    /// A counter bumped on every change (Node added, changed or deleted,
-    /// relist completed); `changed().await` on the receiver to react.
+    /// A counter bumped when some Node's claims change (a Node added or
+    /// deleted, its [`NodeClaims`] changed, a relist that changed any, the
+    /// first list); `changed().await` on the receiver to react. A Node
+    /// update that leaves its claims as they were (a kubelet's status
+    /// report, the relay's own condition) does not bump it.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.inner.changes.subscribe()
     }
@@ -411,18 +515,22 @@ where
     while let Some(event) = stream.next().await {
         match event {
             Ok(watcher::Event::Apply(n)) => {
-                inner.update(&n);
-                inner.changed();
+                if inner.update(&n) {
+                    inner.changed();
+                }
             }
             Ok(watcher::Event::Delete(n)) => {
-                inner.remove(&n);
-                inner.changed();
+                if inner.remove(&n) {
+                    inner.changed();
+                }
             }
             Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
             Ok(watcher::Event::InitDone) => {
-                inner.rebuild();
-                inner.synced.send_replace(true);
-                inner.changed();
+                let changed = inner.rebuild();
+                let was_synced = inner.synced.send_replace(true);
+                if changed || !was_synced {
+                    inner.changed();
+                }
                 tracing::debug!(
                     nodes = inner.store.state().len(),
                     "node directory (re)listed"
@@ -439,161 +547,4 @@ where
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use k8s_openapi::api::core::v1::{NodeAddress, NodeSpec, NodeStatus};
-
-    fn node(name: &str, cidrs: &[&str], addrs: &[(&str, &str)]) -> Node {
-        Node {
-            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            spec: Some(NodeSpec {
-                pod_cidrs: Some(cidrs.iter().map(|s| s.to_string()).collect()),
-                ..Default::default()
-            }),
-            status: Some(NodeStatus {
-                addresses: Some(
-                    addrs
-                        .iter()
-                        .map(|(t, a)| NodeAddress {
-                            type_: t.to_string(),
-                            address: a.to_string(),
-                        })
-                        .collect(),
-                ),
-                ..Default::default()
-            }),
-        }
-    }
-
-    #[test]
-    fn claims_from_a_dual_stack_node() {
-        let n = node(
-            "edge-1",
-            &["10.244.1.0/24", "fd00:10:244:1::/64"],
-            &[
-                ("InternalIP", "192.168.1.10"),
-                ("InternalIP", "fd00::10"),
-                ("ExternalIP", "203.0.113.7"),
-                ("Hostname", "edge-1.shop.example"),
-                ("InternalDNS", "ip-192-168-1-10.shop.internal"),
-                ("ExternalDNS", "edge-1.shops.example.com"),
-                ("InternalDNS", "ip-192-168-1-10.shop.internal"),
-            ],
-        );
-        let (c, issues) = node_claims(&n);
-        assert!(issues.is_empty());
-        assert_eq!(c.pod_cidrs.len(), 2);
-        assert_eq!(c.pod_cidrs[0].to_string(), "10.244.1.0/24");
-        assert_eq!(c.internal_ips.len(), 2);
-        assert_eq!(
-            c.external_ips,
-            vec!["203.0.113.7".parse::<IpAddr>().unwrap()]
-        );
-        assert_eq!(c.hostname.as_deref(), Some("edge-1.shop.example"));
-        assert_eq!(
-            c.dns_names,
-            ["ip-192-168-1-10.shop.internal", "edge-1.shops.example.com"]
-        );
-        assert_eq!(c.zone, None, "no zone label");
-        let mut zoned = n.clone();
-        zoned.metadata.labels = Some([(ZONE_LABEL.to_string(), "shop-a".to_string())].into());
-        assert_eq!(node_claims(&zoned).0.zone.as_deref(), Some("shop-a"));
-    }
-
-    #[test]
-    fn edges_are_told_by_their_label_or_the_relays_condition() {
-        let plain = node("cloud-1", &["10.244.0.0/24"], &[("InternalIP", "10.0.0.2")]);
-        assert!(!node_claims(&plain).0.edge, "no label, no condition: cloud");
-        let mut labelled = plain.clone();
-        labelled.metadata.labels = Some([(EDGE_ROLE_LABEL.to_string(), String::new())].into());
-        assert!(node_claims(&labelled).0.edge);
-        let mut other_label = plain.clone();
-        other_label.metadata.labels = Some(
-            [(
-                "node-role.kubernetes.io/control-plane".to_string(),
-                String::new(),
-            )]
-            .into(),
-        );
-        let (c, _) = node_claims(&other_label);
-        assert!(!c.edge && c.control_plane);
-        // Other edge tools' labels, by value.
-        for (key, value, edge, cloud) in [
-            ("openyurt.io/is-edge-worker", "true", true, false),
-            ("openyurt.io/is-edge-worker", "false", false, true),
-            ("superedge.io/node-edge", "enable", true, false),
-            ("superedge.io/node-edge", "disable", false, false),
-        ] {
-            let mut n = plain.clone();
-            n.metadata.labels = Some([(key.to_string(), value.to_string())].into());
-            let (c, _) = node_claims(&n);
-            assert_eq!((c.edge, c.cloud_label), (edge, cloud), "{key}={value}");
-        }
-        assert!(!node_claims(&labelled).0.control_plane);
-        let mut connected_once = plain.clone();
-        if let Some(st) = connected_once.status.as_mut() {
-            st.conditions = Some(vec![k8s_openapi::api::core::v1::NodeCondition {
-                type_: crate::CONDITION_TYPE.to_string(),
-                status: "False".into(),
-                ..Default::default()
-            }]);
-        }
-        assert!(
-            node_claims(&connected_once).0.edge,
-            "our condition, even False"
-        );
-    }
-
-    /// Only labels a kubelet cannot set on its own Node make a community
-    /// member; the old, self-settable prefix is reported and ignored.
-    #[test]
-    fn communities_come_only_from_labels_kubelets_cannot_set() {
-        let mut n = node("edge-3", &["10.244.3.0/24"], &[]);
-        n.metadata.labels = Some(
-            [
-                (format!("{COMMUNITY_LABEL_PREFIX}shops"), String::new()),
-                (format!("{SELF_SET_COMMUNITY_PREFIX}depots"), String::new()),
-            ]
-            .into(),
-        );
-        let (c, issues) = node_claims(&n);
-        assert_eq!(c.communities, ["shops".to_string()].into());
-        assert_eq!(
-            issues,
-            [ClaimIssue::SelfSetCommunity {
-                node: "edge-3".into(),
-                label: format!("{SELF_SET_COMMUNITY_PREFIX}depots"),
-            }]
-        );
-        assert!(issues[0].to_string().contains(COMMUNITY_LABEL_PREFIX));
-    }
-
-    #[test]
-    fn bad_entries_are_skipped_and_reported() {
-        let n = node(
-            "edge-2",
-            &["10.244.2.0/24", "10.244.2.1/24", "banana", "10.0.0.1"],
-            &[("InternalIP", "not-an-ip"), ("InternalIP", "10.0.0.2")],
-        );
-        let (c, issues) = node_claims(&n);
-        assert_eq!(c.pod_cidrs.len(), 1);
-        assert_eq!(c.internal_ips.len(), 1);
-        assert_eq!(issues.len(), 4, "{issues:?}");
-        assert!(matches!(issues[0], ClaimIssue::BadPodCidr { .. }));
-        assert!(matches!(issues[3], ClaimIssue::BadAddress { .. }));
-    }
-
-    #[test]
-    fn legacy_single_pod_cidr_is_used_when_the_list_is_empty() {
-        let mut n = node("edge-3", &[], &[]);
-        if let Some(s) = n.spec.as_mut() {
-            s.pod_cidr = Some("10.244.3.0/24".into());
-        }
-        let (c, _) = node_claims(&n);
-        assert_eq!(c.pod_cidrs.len(), 1);
-        assert_eq!(c.hostname, None);
-    }
-}
+mod tests;

@@ -1,6 +1,12 @@
 //! [`ServiceDirectory`]: the live [`ServiceTable`] kept by watches on
 //! Services and EndpointSlices (the pure table and kube-proxy's endpoint
 //! rules are in [`crate::services`]).
+//!
+//! Each Service and EndpointSlice is trimmed to what the table is built
+//! from before it is held (see [`ServiceDirectory::objects`]): a Service's
+//! annotations alone (`kubectl.kubernetes.io/last-applied-configuration`,
+//! a Helm release's) are often larger than the rest of it, and the
+//! EndpointSlice controller copies the Service's labels onto each slice.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,8 +23,47 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::services::{key_of, owner_of, service_entry, Key, ServiceEntry, ServiceTable};
+use crate::services::{
+    key_of, owner_of, service_entry, Key, ServiceEntry, ServiceTable, SERVICE_NAME_LABEL,
+    SERVICE_PROXY_NAME_LABEL,
+};
 use crate::{DirectoryOptions, KubeClient, KubeError};
+
+/// The metadata the table reads: namespace, name, and the one label
+/// `label` (of the Service, or of the slice), if set. Without
+/// annotations, managedFields, ownerReferences, other labels.
+fn trimmed_meta(m: &mut ObjectMeta, label: &str) -> ObjectMeta {
+    let labels = m
+        .labels
+        .take()
+        .and_then(|mut l| l.remove_entry(label))
+        .map(|(k, v)| BTreeMap::from([(k, v)]));
+    ObjectMeta {
+        namespace: m.namespace.take(),
+        name: m.name.take(),
+        labels,
+        ..ObjectMeta::default()
+    }
+}
+
+/// Trims a Service to what [`service_entry`] reads: its metadata to the
+/// namespace, the name and the [`SERVICE_PROXY_NAME_LABEL`] label; spec
+/// and status are kept whole. Idempotent.
+fn trim_service(s: &mut Service) {
+    s.metadata = trimmed_meta(&mut s.metadata, SERVICE_PROXY_NAME_LABEL);
+}
+
+/// Trims an EndpointSlice to what [`service_entry`] and [`owner_of`]
+/// read: its metadata to the namespace, the name and the
+/// [`SERVICE_NAME_LABEL`] label; each endpoint without its `targetRef`
+/// (the pod) and `deprecatedTopology`. Idempotent.
+fn trim_slice(s: &mut EndpointSlice) {
+    s.metadata = trimmed_meta(&mut s.metadata, SERVICE_NAME_LABEL);
+    for e in &mut s.endpoints {
+        e.target_ref = None;
+        e.deprecated_topology = None;
+    }
+}
 /// Options for the service directory.
 #[derive(Clone, Debug)]
 pub struct ServiceDirectoryOptions {
@@ -108,7 +153,8 @@ impl Inner {
         })
     }
 
-    fn apply_service(&self, svc: Service) {
+    fn apply_service(&self, mut svc: Service) {
+        trim_service(&mut svc);
         let key = key_of(&svc.metadata);
         let mut o = self.objects.write().unwrap_or_else(|p| p.into_inner());
         o.services.insert(key.clone(), svc);
@@ -123,7 +169,7 @@ impl Inner {
     }
 
     fn apply_slice(&self, mut slice: EndpointSlice) {
-        slice.metadata.managed_fields = None;
+        trim_slice(&mut slice);
         let key = key_of(&slice.metadata);
         let mut o = self.objects.write().unwrap_or_else(|p| p.into_inner());
         let old = remove_slice(&mut o, &key);
@@ -151,7 +197,13 @@ impl Inner {
     /// After a relist of one kind: replace those objects, rebuild the table.
     fn relisted_services(&self, list: Vec<Service>) {
         let mut o = self.objects.write().unwrap_or_else(|p| p.into_inner());
-        o.services = list.into_iter().map(|s| (key_of(&s.metadata), s)).collect();
+        o.services = list
+            .into_iter()
+            .map(|mut s| {
+                trim_service(&mut s);
+                (key_of(&s.metadata), s)
+            })
+            .collect();
         self.rebuild(&o);
     }
 
@@ -160,7 +212,7 @@ impl Inner {
         o.slices.clear();
         o.slice_owner.clear();
         for mut s in list {
-            s.metadata.managed_fields = None;
+            trim_slice(&mut s);
             if let Some(owner) = owner_of(&s) {
                 let key = key_of(&s.metadata);
                 o.slice_owner.insert(key.clone(), owner.clone());
@@ -246,10 +298,10 @@ impl ServiceDirectory {
         }
         let config = watcher::Config::default().timeout(opts.watch.watch_timeout_secs);
         let svc_stream = watcher(Api::<Service>::all(client.0.clone()), config.clone())
-            .modify(|s: &mut Service| s.metadata.managed_fields = None)
+            .modify(trim_service)
             .default_backoff();
         let slice_stream = watcher(Api::<EndpointSlice>::all(client.0.clone()), config)
-            .modify(|s: &mut EndpointSlice| s.metadata.managed_fields = None)
+            .modify(trim_slice)
             .default_backoff();
         let i1 = inner.clone();
         let i2 = inner.clone();
@@ -315,35 +367,21 @@ impl ServiceDirectory {
         f(&self.inner.table.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// The Services and EndpointSlices the table is built from, trimmed
-    /// to what it reads (names, labels, spec, status; no annotations or
-    /// other metadata), for a cache that outlives the process.
+    /// The Services and EndpointSlices the table is built from, as held:
+    /// trimmed to what it reads (namespaces, names, the labels
+    /// [`SERVICE_PROXY_NAME_LABEL`] and [`SERVICE_NAME_LABEL`], the
+    /// Services' spec and status, the slices' ports and endpoints without
+    /// `targetRef` or `deprecatedTopology`; no annotations or other
+    /// metadata), for a cache that outlives the process.
     pub fn objects(&self) -> ServiceObjects {
         let o = self.inner.objects.read().unwrap_or_else(|p| p.into_inner());
-        let meta = |m: &ObjectMeta| ObjectMeta {
-            namespace: m.namespace.clone(),
-            name: m.name.clone(),
-            labels: m.labels.clone(),
-            ..ObjectMeta::default()
-        };
         ServiceObjects {
-            services: o
-                .services
-                .values()
-                .map(|s| Service {
-                    metadata: meta(&s.metadata),
-                    spec: s.spec.clone(),
-                    status: s.status.clone(),
-                })
-                .collect(),
+            services: o.services.values().cloned().collect(),
             slices: o
                 .slices
                 .values()
                 .flat_map(|m| m.values())
-                .map(|s| EndpointSlice {
-                    metadata: meta(&s.metadata),
-                    ..s.clone()
-                })
+                .cloned()
                 .collect(),
         }
     }
@@ -452,114 +490,4 @@ async fn drive<K, S>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-
-    fn service(i: u32) -> Service {
-        let ip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
-        Service {
-            metadata: ObjectMeta {
-                namespace: Some("shop".into()),
-                name: Some(format!("svc-{i}")),
-                ..Default::default()
-            },
-            spec: Some(ServiceSpec {
-                cluster_ip: Some(ip.clone()),
-                cluster_ips: Some(vec![ip]),
-                ports: Some(vec![ServicePort {
-                    port: 80,
-                    protocol: Some("TCP".into()),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-            status: None,
-        }
-    }
-
-    /// Objects kept for a cache (trimmed, through JSON) rebuild the same
-    /// table in a directory seeded with them; what the table does not
-    /// read (annotations) is not kept.
-    #[test]
-    fn objects_kept_for_a_cache_rebuild_the_same_table() {
-        use crate::services::tests::{slice, svc};
-        use crate::services::Protocol;
-        use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-        let inner = Arc::new(Inner::new("cluster.local"));
-        let mut web = svc(
-            "web",
-            &["10.96.0.10"],
-            &[("http", 80, "TCP", IntOrString::Int(8080))],
-        );
-        web.metadata.annotations = Some(
-            [(
-                "kubectl.kubernetes.io/last-applied-configuration".to_string(),
-                "x".repeat(1_000),
-            )]
-            .into(),
-        );
-        let eps = [("10.244.7.5", "edge-1", Some(true), None, None)];
-        let slices = vec![slice(
-            "web-1",
-            "web",
-            "IPv4",
-            &[("http", 8080, "TCP")],
-            &eps,
-        )];
-        inner.relisted_services(vec![web]);
-        inner.relisted_slices(slices);
-        let dir = ServiceDirectory {
-            inner,
-            tasks: Vec::new(),
-        };
-        let json = serde_json::to_string(&dir.objects()).unwrap();
-        assert!(!json.contains("last-applied"), "{json}");
-        let back: ServiceObjects = serde_json::from_str(&json).unwrap();
-        assert_eq!(back, dir.objects());
-        let seeded = Inner::new("cluster.local");
-        seeded.relisted_services(back.services);
-        seeded.relisted_slices(back.slices);
-        let vip = "10.96.0.10:80".parse().unwrap();
-        let entry = seeded
-            .table
-            .read()
-            .unwrap()
-            .lookup(vip, Protocol::Tcp)
-            .cloned();
-        assert_eq!(entry.as_ref(), dir.table().lookup(vip, Protocol::Tcp));
-        let endpoints: Vec<_> = entry.unwrap().endpoints.iter().map(|e| e.addr()).collect();
-        assert_eq!(endpoints, ["10.244.7.5:8080".parse().unwrap()]);
-    }
-
-    /// A relist rebuilds the table aside: a reader looping beside it never
-    /// sees fewer Services than there are (it saw an empty table when the
-    /// table was emptied and refilled in place).
-    #[test]
-    fn a_relist_never_shows_a_half_built_table() {
-        const N: usize = 2_000;
-        let inner = Arc::new(Inner::new("cluster.local"));
-        inner.relisted_services((0..N as u32).map(service).collect());
-        assert_eq!(inner.table.read().unwrap().services_len(), N);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let reader = {
-            let (inner, stop) = (inner.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let (mut min, mut reads) = (usize::MAX, 0u64);
-                while !stop.load(Ordering::Relaxed) {
-                    min = min.min(inner.table.read().unwrap().services_len());
-                    reads += 1;
-                }
-                (min, reads)
-            })
-        };
-        for _ in 0..20 {
-            inner.relisted_slices(Vec::new());
-        }
-        stop.store(true, Ordering::Relaxed);
-        let (min, reads) = reader.join().unwrap();
-        assert!(reads > 0);
-        assert_eq!(min, N, "a reader saw {min} of {N} Services during a relist");
-    }
-}
+mod tests;

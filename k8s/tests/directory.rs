@@ -216,3 +216,149 @@ async fn a_silently_stalled_watch_is_replaced_after_the_read_timeout() {
     eprintln!("a stalled watch replaced; the change seen after {took:?}");
     standin.hold_watches(false);
 }
+
+/// The directory keeps of each Node only what the relay reads (the
+/// stand-in's Nodes are as large as real ones: images, nodeInfo, the
+/// kubelet's conditions, KBs of annotations), computes from it what it
+/// computes from the whole Node, and tells its subscribers only of
+/// changes to that: a kubelet's status report (heartbeats, images, its
+/// conditions) or the relay's own condition changing wakes nobody, a pod
+/// CIDR or an address change does.
+#[tokio::test]
+async fn keeps_only_what_it_reads_and_wakes_only_for_claim_changes() {
+    use relay_kube::nodes::{COMMUNITY_LABEL_PREFIX, EDGE_ROLE_LABEL, ZONE_LABEL};
+    use relay_kube::{node_claims, says_ready, CONDITION_TYPE, FIELD_MANAGER};
+    let (standin, client) = setup().await;
+    let labelled = |mut n: k8s_openapi::api::core::v1::Node| {
+        let l = n.metadata.labels.get_or_insert_with(Default::default);
+        l.insert(EDGE_ROLE_LABEL.into(), String::new());
+        l.insert(ZONE_LABEL.into(), "shop-a".into());
+        l.insert(format!("{COMMUNITY_LABEL_PREFIX}shops"), String::new());
+        n
+    };
+    standin.upsert_node(labelled(node("edge-1", &["10.244.1.0/24"], "192.168.1.11")));
+    standin.upsert_node(node("edge-2", &["10.244.2.0/24"], "192.168.1.12"));
+    let ours = |status: &str| k8s_openapi::api::core::v1::NodeCondition {
+        type_: CONDITION_TYPE.into(),
+        status: status.into(),
+        reason: Some("SessionUp".into()),
+        message: Some("tunnel up".into()),
+        ..Default::default()
+    };
+    standin
+        .apply_conditions_as("edge-1", FIELD_MANAGER, vec![ours("True")])
+        .unwrap();
+    let whole = standin.node("edge-1").unwrap();
+    let status = whole.status.clone().unwrap();
+    assert_eq!(
+        status.images.as_ref().map(Vec::len),
+        Some(50),
+        "a real Node's size"
+    );
+    assert!(status.node_info.is_some() && whole.metadata.annotations.is_some());
+    assert!(serde_json::to_vec(&whole).unwrap().len() > 10_000);
+
+    let dir = NodeDirectory::spawn(&client, &DirectoryOptions::default());
+    dir.wait_synced(BOUND).await.expect("synced");
+    let stored = |name: &str| {
+        dir.nodes()
+            .into_iter()
+            .find(|n| n.metadata.name.as_deref() == Some(name))
+            .expect("stored")
+    };
+    // What the directory computes is what the whole Nodes give.
+    let same_as_whole = |names: &[&str]| {
+        let all = dir.all_claims();
+        assert_eq!(all.keys().collect::<Vec<_>>(), names);
+        for (name, claims) in &all {
+            let whole = standin.node(name).unwrap();
+            assert_eq!(claims, &node_claims(&whole).0, "{name}");
+            assert_eq!(says_ready(&stored(name)), says_ready(&whole), "{name}");
+        }
+    };
+    same_as_whole(&["edge-1", "edge-2"]);
+    let c = dir.claims("edge-1").unwrap();
+    assert!(c.edge && c.zone.as_deref() == Some("shop-a") && c.communities.len() == 1);
+    for n in dir.nodes() {
+        let status = n.status.clone().unwrap_or_default();
+        assert!(
+            status.images.is_none() && status.node_info.is_none(),
+            "{n:?}"
+        );
+        assert!(status.capacity.is_none() && status.allocatable.is_none());
+        assert!(status
+            .conditions
+            .iter()
+            .flatten()
+            .all(|c| c.type_ == CONDITION_TYPE));
+        assert!(n.metadata.annotations.is_none() && n.metadata.managed_fields.is_none());
+        let labels: Vec<&String> = n.metadata.labels.iter().flatten().map(|(k, _)| k).collect();
+        assert!(
+            !labels
+                .iter()
+                .any(|k| k.as_str() == "kubernetes.io/hostname"),
+            "{labels:?}"
+        );
+    }
+    assert!(says_ready(&stored("edge-1")));
+
+    let changes = dir.subscribe();
+    let at = || *changes.borrow();
+    let start = at();
+    // Status reports: heartbeats and images change, the kubelet's Ready
+    // flips, the relay writes its condition down.
+    for round in 0..3 {
+        for name in ["edge-1", "edge-2"] {
+            let mut n = standin.node(name).unwrap();
+            n.metadata.managed_fields = None;
+            let st = n.status.as_mut().unwrap();
+            st.images.as_mut().unwrap().rotate_left(round + 1);
+            st.images.as_mut().unwrap().truncate(45 - round);
+            for c in st.conditions.iter_mut().flatten() {
+                c.last_heartbeat_time = None;
+                if c.type_ == "Ready" {
+                    c.status = if round % 2 == 0 { "False" } else { "True" }.into();
+                }
+            }
+            st.conditions
+                .as_mut()
+                .unwrap()
+                .retain(|c| c.type_ != CONDITION_TYPE);
+            standin.upsert_node(n);
+        }
+    }
+    standin
+        .apply_conditions_as("edge-1", FIELD_MANAGER, vec![ours("False")])
+        .unwrap();
+    wait_until("the relay's condition down in the store", BOUND, || {
+        !says_ready(&stored("edge-1"))
+    })
+    .await;
+    // A marker after them: once it is seen, so are they (one watch, in order).
+    standin.upsert_node(node("edge-9", &["10.244.9.0/24"], "192.168.1.19"));
+    wait_until("edge-9", BOUND, || dir.claims("edge-9").is_some()).await;
+    assert_eq!(at(), start + 1, "only the new node was a change");
+    same_as_whole(&["edge-1", "edge-2", "edge-9"]);
+
+    // A pod CIDR change is one.
+    let mut n = standin.node("edge-1").unwrap();
+    n.spec.as_mut().unwrap().pod_cidrs = Some(vec!["10.244.8.0/24".into()]);
+    standin.upsert_node(n);
+    wait_until("edge-1's new pod CIDR", BOUND, || {
+        dir.claims("edge-1")
+            .is_some_and(|c| c.pod_cidrs[0].to_string() == "10.244.8.0/24")
+    })
+    .await;
+    assert_eq!(at(), start + 2);
+    // An address change is one.
+    let mut n = standin.node("edge-2").unwrap();
+    n.status.as_mut().unwrap().addresses.as_mut().unwrap()[0].address = "192.168.1.22".into();
+    standin.upsert_node(n);
+    wait_until("edge-2's new address", BOUND, || {
+        dir.claims("edge-2")
+            .is_some_and(|c| c.internal_ips[0].to_string() == "192.168.1.22")
+    })
+    .await;
+    assert_eq!(at(), start + 3);
+    same_as_whole(&["edge-1", "edge-2", "edge-9"]);
+}

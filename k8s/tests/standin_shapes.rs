@@ -3,7 +3,8 @@
 //! kube-apiserver stand-in, not a real apiserver): resuming a watch from a
 //! compacted resourceVersion is an in-stream 410, a server-side apply that
 //! touches another manager's condition without force is a 409, an Event
-//! whose note is over 1024 bytes is a 422.
+//! whose note is over 1024 bytes is a 422, a kubelet's Node update keeps
+//! the conditions another manager applied.
 
 mod common;
 
@@ -236,4 +237,57 @@ async fn an_event_note_over_1024_bytes_is_refused() {
     );
     assert_eq!(standin.events().len(), 1);
     assert_eq!(standin.events()[0]["note"], "x".repeat(1024));
+}
+
+/// A kubelet's update of its Node (its own conditions, images, heartbeats)
+/// replaces its conditions and leaves the one the relay applied, as the
+/// apiserver merges a kubelet's status patch by condition type.
+#[tokio::test]
+async fn a_kubelet_update_keeps_the_relays_applied_condition() {
+    init_tracing();
+    let standin = StandIn::spawn().await.unwrap();
+    let nodes: Api<Node> = Api::all(raw_client(&standin).await);
+    standin.upsert_node(node("edge-1", &["10.244.1.0/24"], "192.168.1.11"));
+    let ours = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "edge-1"},
+        "status": {"conditions": [{"type": relay_kube::CONDITION_TYPE, "status": "True"}]}});
+    nodes
+        .patch_status(
+            "edge-1",
+            &PatchParams::apply(relay_kube::FIELD_MANAGER),
+            &Patch::Apply(&ours),
+        )
+        .await
+        .unwrap();
+    let mut update = node("edge-1", &["10.244.1.0/24"], "192.168.1.11");
+    let st = update.status.as_mut().unwrap();
+    assert!(st.conditions.iter().flatten().any(|c| c.type_ == "Ready"));
+    for c in st.conditions.iter_mut().flatten() {
+        if c.type_ == "Ready" {
+            c.status = "False".into();
+        }
+    }
+    standin.upsert_node(update);
+    let got = nodes.get_status("edge-1").await.unwrap();
+    let conditions = got.status.unwrap().conditions.unwrap();
+    let status_of = |t: &str| {
+        conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .map(|c| c.status.as_str())
+    };
+    assert_eq!(status_of(relay_kube::CONDITION_TYPE), Some("True"));
+    assert_eq!(status_of("Ready"), Some("False"), "the kubelet's own");
+    assert_eq!(
+        conditions
+            .iter()
+            .filter(|c| c.type_ == relay_kube::CONDITION_TYPE)
+            .count(),
+        1
+    );
+    assert_eq!(
+        standin
+            .condition_owner("edge-1", relay_kube::CONDITION_TYPE)
+            .as_deref(),
+        Some(relay_kube::FIELD_MANAGER)
+    );
 }

@@ -32,8 +32,21 @@ impl StandIn {
                 node.metadata.creation_timestamp = old.metadata.creation_timestamp.clone();
                 let kept = old.status.as_ref().and_then(|s| s.conditions.clone());
                 let status = node.status.get_or_insert_with(Default::default);
-                if status.conditions.is_none() {
-                    status.conditions = kept;
+                match (&mut status.conditions, kept) {
+                    (None, kept) => status.conditions = kept,
+                    // Merged by type, as a kubelet's status patch is: its
+                    // own conditions replace theirs, those another manager
+                    // applied stay.
+                    (Some(new), Some(kept)) => {
+                        let owners = st.owners.get(&name);
+                        for c in kept {
+                            let applied = owners.is_some_and(|o| o.contains_key(&c.type_));
+                            if applied && !new.iter().any(|n| n.type_ == c.type_) {
+                                new.push(c);
+                            }
+                        }
+                    }
+                    (Some(_), None) => {}
                 }
                 "MODIFIED"
             }
