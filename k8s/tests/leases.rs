@@ -2,8 +2,9 @@
 //! kube-apiserver stand-in on loopback, not a real apiserver): replicas
 //! find each other, a stale Lease is ignored and then deleted, a replica
 //! that stops renewing drops out, two processes with one id do not both
-//! hold it, and the stand-in answers resourceVersion conflicts as the
-//! apiserver does.
+//! hold it, replicas never drop one another with slow API calls or skewed
+//! clocks, a held Lease is renewed without reading it, and the stand-in
+//! answers resourceVersion conflicts as the apiserver does.
 
 mod common;
 
@@ -347,8 +348,9 @@ async fn a_stalled_watch_keeps_the_set_until_it_catches_up() {
 
 /// A renewal is stamped when its write goes out, not before a slow read
 /// of the Lease: with reads taking 1.5 s, the renew time peers see was
-/// 1.5 s old on arrival (a margin meant for clock skew spent on API
-/// latency). Stand-in, not a real apiserver (see the module doc).
+/// 1.5 s old on arrival. A held Lease is renewed without a read, so the
+/// read is brought about by a conflict (someone else's write). Stand-in,
+/// not a real apiserver (see the module doc).
 #[tokio::test]
 async fn a_renewal_is_stamped_after_the_read() {
     let (standin, client) = setup().await;
@@ -364,6 +366,9 @@ async fn a_renewal_is_stamped_after_the_read() {
     };
     wait_until("the first renewal", BOUND, || renewed().is_some()).await;
     standin.set_latency(Duration::from_millis(1500), Duration::ZERO);
+    // Rewritten as it is: relay-a's next update is refused (409) and it
+    // reads the Lease before writing it again.
+    standin.upsert_lease(standin.leases(NS)["relay-a"].clone());
     let first = renewed();
     // The next renewal to land after the reads slowed down: how old its
     // stamp is when it is seen (polled every 20 ms).
@@ -387,4 +392,252 @@ async fn a_renewal_is_stamped_after_the_read() {
         "renew time {age:?} old when written"
     );
     standin.set_latency(Duration::ZERO, Duration::ZERO);
+}
+
+/// Every read and every write of the API taking 1 s (an apiserver queueing
+/// requests under load; scaled with the 2 s Leases and 0.5 s margin here,
+/// as 8 s calls would be against the default 15 s + 5 s): three replicas
+/// never drop one another over several renewal rounds, and one that stops
+/// is still dropped in time. Judged by the holders' written renew times,
+/// each renewal arriving a call's latency after its stamp and the rounds
+/// spaced by a read and a write, a peer's Lease looked up to three
+/// latencies old (3 s against 2.5 s) before its next renewal landed; and
+/// a loop that waited for its renewal before reading the watch fell ever
+/// further behind it, so the set was never published again (a stopped
+/// replica stayed in it). Stand-in, not a real apiserver (see the module
+/// doc).
+#[tokio::test]
+async fn replicas_never_drop_each_other_while_every_call_is_slow() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (standin, client) = setup().await;
+    let all = ["relay-a", "relay-b", "relay-c"];
+    let mut ms: Vec<ReplicaMembership> = all
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let mut o = opts(id, &format!("198.18.0.{}:8443", i + 1));
+            // Nothing to collect here: deletes would be slow calls too.
+            o.gc_after = Duration::from_secs(600);
+            ReplicaMembership::spawn(&client, o)
+        })
+        .collect();
+    wait_until("every replica sees every replica", BOUND, || {
+        ms.iter().all(|m| ids(m) == all)
+    })
+    .await;
+    // Every change of a set, however brief, marks its receiver changed.
+    let mut sets: Vec<_> = ms.iter().map(ReplicaMembership::subscribe).collect();
+    for rx in &mut sets {
+        rx.borrow_and_update();
+    }
+    let latency = Duration::from_secs(1);
+    standin.set_latency(latency, latency);
+    let renewed = ms[0].stats().renewals.load(Relaxed);
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(8) {
+        for (m, rx) in ms.iter().zip(&sets) {
+            let at = t.elapsed();
+            assert!(
+                !rx.has_changed().unwrap(),
+                "{}'s set changed {at:?} into 1 s calls (now {:?})",
+                m.holder(),
+                ids(m)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        ms[0].stats().renewals.load(Relaxed) >= renewed + 3,
+        "several renewal rounds went by"
+    );
+    // relay-c stops renewing: the others drop it after 2 s + 0.5 s of
+    // seeing no change (plus up to a call for the set to be published),
+    // and never each other: each set changes once, to the two, and stays.
+    drop(ms.pop());
+    sets.pop();
+    let stopped = std::time::Instant::now();
+    let two = ["relay-a", "relay-b"];
+    let mut dropped = [None, None];
+    while stopped.elapsed() < Duration::from_secs(6) {
+        let at = stopped.elapsed();
+        for (i, rx) in sets.iter_mut().enumerate() {
+            if !rx.has_changed().unwrap() {
+                continue;
+            }
+            let set: Vec<String> = rx
+                .borrow_and_update()
+                .iter()
+                .map(|m| m.id.clone())
+                .collect();
+            assert!(
+                set == two && dropped[i].is_none(),
+                "set {i} changed to {set:?} {at:?} after relay-c stopped"
+            );
+            dropped[i] = Some(at);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for at in dropped {
+        let at = at.expect("relay-c still listed 6 s after it stopped");
+        assert!(
+            at >= Duration::from_millis(1500) && at < Duration::from_secs(5),
+            "relay-c dropped {at:?} after it stopped"
+        );
+    }
+    for m in &ms {
+        assert_eq!(m.stats().renew_errors.load(Relaxed), 0, "no call timed out");
+    }
+    standin.set_latency(Duration::ZERO, Duration::ZERO);
+}
+
+/// A peer whose clock runs a minute behind ours, and one whose clock runs
+/// a minute ahead: each is a member while its Lease keeps changing, and
+/// each is dropped a lease duration plus the margin after it stops, by our
+/// clock. (The peers are the test writing their Leases, renewTime stamped
+/// by their skewed clocks.) Judged by the written renew time, the one
+/// behind was never a member and the one ahead outlived its renewals by
+/// the minute.
+#[tokio::test]
+async fn peers_with_skewed_clocks_are_judged_by_when_their_leases_change() {
+    let (standin, client) = setup().await;
+    let a = ReplicaMembership::spawn(&client, opts("relay-a", "198.18.0.1:8443"));
+    let peer = |name: &str, ahead: bool| {
+        let now = SystemTime::now();
+        let skew = Duration::from_secs(60);
+        let stamped = if ahead { now + skew } else { now - skew };
+        let d = stamped.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        let ts =
+            k8s_openapi::jiff::Timestamp::new(d.as_secs() as i64, d.subsec_micros() as i32 * 1000)
+                .unwrap();
+        let mut l = stale_lease(name, 0);
+        let spec = l.spec.as_mut().unwrap();
+        spec.holder_identity = Some(format!("{name}_skewed"));
+        spec.renew_time = Some(MicroTime(ts));
+        l
+    };
+    let renew_peers = || {
+        standin.upsert_lease(peer("relay-behind", false));
+        standin.upsert_lease(peer("relay-ahead", true));
+    };
+    let all = ["relay-a", "relay-ahead", "relay-behind"];
+    let t = std::time::Instant::now();
+    loop {
+        assert!(
+            t.elapsed() < BOUND,
+            "the skewed peers never joined: {:?}",
+            ids(&a)
+        );
+        renew_peers();
+        if ids(&a) == all {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Renewing every 0.3 s for longer than a lease: they stay (the set
+    // never changes, however briefly).
+    let mut set = a.subscribe();
+    set.borrow_and_update();
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(4) {
+        renew_peers();
+        for _ in 0..15 {
+            assert!(
+                !set.has_changed().unwrap(),
+                "a renewing skewed peer was dropped: {:?}",
+                ids(&a)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // They stop: both leave after 2 s + 0.5 s by our clock, not before 2 s.
+    let stopped = std::time::Instant::now();
+    wait_until("the stopped peers leave", BOUND, || ids(&a) == ["relay-a"]).await;
+    let took = stopped.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(4),
+        "dropped {took:?} after their last renewal"
+    );
+}
+
+/// While a replica holds its Lease a renewal is one update, carrying the
+/// resourceVersion of its own last write: no read before it (a read per
+/// round doubled the time a renewal took on a slow API). It reads the
+/// Lease only when the update is refused: 409 (someone else wrote it; still
+/// ours, so renewed at once) or 404 (deleted; created again). The set never
+/// changes meanwhile.
+#[tokio::test]
+async fn a_held_lease_is_renewed_without_reading_it_until_a_conflict_or_a_deletion() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (standin, client) = setup().await;
+    let a = ReplicaMembership::spawn(&client, opts("relay-a", "198.18.0.1:8443"));
+    wait_until("relay-a holds its lease", BOUND, || ids(&a) == ["relay-a"]).await;
+    let mut set = a.subscribe();
+    set.borrow_and_update();
+    let calls = |from: usize, verb: &str| {
+        standin
+            .requests_from(from)
+            .iter()
+            .filter_map(|r| r.attrs.as_ref())
+            .filter(|x| x.resource == "leases" && x.verb == verb)
+            // A create names the Lease in its body only.
+            .filter(|x| x.name.as_deref().unwrap_or("relay-a") == "relay-a")
+            .count()
+    };
+    let from = standin.request_count();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(calls(from, "update") >= 3, "renewals went on");
+    assert_eq!(
+        calls(from, "get"),
+        0,
+        "a held lease was read before renewal"
+    );
+
+    // Someone else writes it (same holder: a kubectl edit, say): the next
+    // update is a 409, then one read, and the Lease is renewed again.
+    let conflicts = a.stats().rv_conflicts.load(Relaxed);
+    let from = standin.request_count();
+    let lease = standin.leases(NS)["relay-a"].clone();
+    standin.upsert_lease(lease);
+    wait_until("a 409, then a renewal", BOUND, || {
+        a.stats().rv_conflicts.load(Relaxed) > conflicts && calls(from, "update") >= 3
+    })
+    .await;
+    assert_eq!(calls(from, "get"), 1, "one read after the conflict");
+    let holder = |s: &StandIn| {
+        s.leases(NS)
+            .get("relay-a")
+            .and_then(|l| l.spec.as_ref()?.holder_identity.clone())
+    };
+    assert_eq!(holder(&standin).as_deref(), Some(a.holder()));
+
+    // Deleted: the next update is a 404, then a read (404) and a create.
+    let kc = Kubeconfig::read_from(standin.kubeconfig_path()).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    let api: Api<Lease> = Api::namespaced(kube::Client::try_from(config).unwrap(), NS);
+    let from = standin.request_count();
+    api.delete("relay-a", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_until("relay-a creates its lease again", BOUND, || {
+        calls(from, "create") == 1 && holder(&standin).as_deref() == Some(a.holder())
+    })
+    .await;
+    assert_eq!(calls(from, "get"), 1, "one read after the deletion");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(calls(from, "get"), 1, "renewed without reading it again");
+    // The watch delivers the new Lease: the store keeps up with our
+    // renewals (a round may find one in flight, not three in a row).
+    let behind = a.stats().store_behind.load(Relaxed);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        a.stats().store_behind.load(Relaxed) <= behind + 1,
+        "the store lags our renewals of the new Lease"
+    );
+    assert!(
+        !set.has_changed().unwrap(),
+        "the set changed: {:?}",
+        ids(&a)
+    );
 }

@@ -143,7 +143,7 @@ async fn lifecycle(rules: Vec<PolicyRule>) -> Result<(Result<()>, usize)> {
                 .and_then(|l| l.metadata.resource_version.clone())
         };
         let first = renewed("relay-a");
-        eventually("relay-a's Lease renewed (get, update)", || {
+        eventually("relay-a's Lease renewed (update)", || {
             renewed("relay-a") != first
         })
         .await?;

@@ -95,7 +95,10 @@ pub struct LeaseSettings {
     pub lease_duration: Duration,
     /// Renewal interval (default 5 s; under a third of the duration).
     pub renew_every: Duration,
-    /// Allowance for clocks that differ between replicas (default 5 s).
+    /// Allowance on top of the duration for a renewal delayed on its way
+    /// (a slow API, a watch behind): a Lease counts as live until this
+    /// process has seen it unchanged for the duration plus this (default
+    /// 5 s); clocks are never compared.
     pub skew_margin: Duration,
     /// Leases expired this long are deleted (default 10 min).
     pub gc_after: Duration,

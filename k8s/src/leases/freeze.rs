@@ -13,7 +13,7 @@ use super::{live_members, renewed, Shared};
 /// While the API is unreachable nobody's renewals reach us, so once ours
 /// have failed for longer than a lease duration the set is frozen. When
 /// the API answers again the Leases in our store are still the ones from
-/// before the outage (renewed long ago by their holders' clocks): judging
+/// before the outage (last seen to change before it began): judging
 /// them at once would drop every replica, ourselves included, until the
 /// watch delivers the fresh renewals. So the set thaws only once a whole
 /// lease duration has passed since the API came back, in which every live
@@ -126,7 +126,12 @@ pub(super) fn publish(
         );
         return;
     }
-    let live = live_members(&s.store.state(), SystemTime::now(), s.opts.skew_margin);
+    let live = live_members(
+        &s.store.state(),
+        &s.sightings(),
+        tokio::time::Instant::now(),
+        s.opts.skew_margin,
+    );
     s.members.send_if_modified(|m| {
         if *m == live {
             return false;

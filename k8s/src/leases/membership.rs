@@ -3,11 +3,13 @@
 //! the pure judging lives in the parent module and the rules for when the
 //! set is published in `freeze.rs`.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use futures::StreamExt;
+use futures::future::{Fuse, FusedFuture};
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, PostParams, Preconditions};
@@ -16,6 +18,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::Api;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use super::freeze::{caught_up, note_lag, publish, Freeze};
 use super::{
@@ -50,6 +53,7 @@ impl ReplicaMembership {
             store,
             members: watch::channel(Vec::new()).0,
             stats: Arc::default(),
+            sightings: Mutex::default(),
             api: api.clone(),
             opts,
         });
@@ -128,7 +132,7 @@ where
     let mut synced = false;
     // Last time the API answered us (renewal or watch); a frozen set is
     // kept while this is older than a lease duration.
-    let mut api_ok = tokio::time::Instant::now();
+    let mut api_ok = Instant::now();
     let mut freeze = Freeze::default();
     // The renew time of our Lease as the API last showed it (written by us,
     // or read when another instance holds it): the store is current once
@@ -136,45 +140,83 @@ where
     let mut seen: Option<SystemTime> = None;
     // Since when the store has lagged our renewals (None: it has not), and
     // whether that lag has been reported.
-    let mut behind_since: Option<(tokio::time::Instant, bool)> = None;
+    let mut behind_since: Option<(Instant, bool)> = None;
+    // Our Lease as our last write left it, while we hold it.
+    let mut held: Option<Lease> = None;
+    // The renewal and the collection run beside the watch, not in its
+    // way: with slow API calls, a loop that waited for them read the watch
+    // only between rounds, its store fell ever further behind our renewals
+    // and the set was never published again; and every change would be
+    // seen late, as if it were older than it is. Each is started by the
+    // tick when the previous one is done.
+    let mut renewal = std::pin::pin!(Fuse::terminated());
+    let mut collection = std::pin::pin!(Fuse::terminated());
     loop {
         tokio::select! {
             ev = stream.next() => match ev {
-                Some(Ok(watcher::Event::InitDone)) => {
-                    synced = true;
-                    api_ok = tokio::time::Instant::now();
+                Some(Ok(ev)) => {
+                    note(&s, &ev);
+                    match ev {
+                        watcher::Event::InitDone => synced = true,
+                        watcher::Event::Apply(_) | watcher::Event::Delete(_) if synced => {}
+                        _ => continue,
+                    }
+                    api_ok = Instant::now();
                     publish(&s, &mut freeze, api_ok, seen);
                 }
-                Some(Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))) if synced => {
-                    api_ok = tokio::time::Instant::now();
-                    publish(&s, &mut freeze, api_ok, seen);
-                }
-                Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     s.stats.watch_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "lease watch failed; retrying with backoff");
                 }
                 None => return,
             },
-            _ = tick.tick() => {
+            _ = tick.tick(), if renewal.is_terminated() => {
                 let current = synced && caught_up(&s, seen);
                 note_lag(&s, current || seen.is_none(), &mut behind_since);
                 // A stale store would make live Leases look expired: collect
-                // only from a current one (and before this round's renewal,
-                // which the store cannot hold yet).
-                if current && !freeze.frozen {
-                    collect(&s).await;
+                // only from a current one.
+                if current && !freeze.frozen && collection.is_terminated() {
+                    collection.set(collect(&s).fuse());
                 }
-                let r = renew(&s).await;
+                renewal.set(renew(&s, held.take()).fuse());
+            }
+            r = &mut renewal => {
                 if r.answered {
-                    api_ok = tokio::time::Instant::now();
+                    api_ok = Instant::now();
                 }
                 seen = r.seen.or(seen);
+                held = r.held;
                 if synced {
                     publish(&s, &mut freeze, api_ok, seen);
                 }
             }
+            () = &mut collection => {}
         }
+    }
+}
+
+/// Records what a watch event shows in the sightings, as seen now.
+fn note(s: &Shared, ev: &watcher::Event<Lease>) {
+    let gc = s.opts.gc_after;
+    match ev {
+        watcher::Event::Apply(l) | watcher::Event::InitApply(l) => {
+            s.sightings().note(l, Instant::now(), SystemTime::now(), gc);
+        }
+        watcher::Event::Delete(l) => {
+            if let Some(name) = l.metadata.name.as_deref() {
+                s.sightings().forget(name);
+            }
+        }
+        watcher::Event::InitDone => {
+            let names: HashSet<String> = s
+                .store
+                .state()
+                .iter()
+                .filter_map(|l| l.metadata.name.clone())
+                .collect();
+            s.sightings().retain(|n| names.contains(n));
+        }
+        watcher::Event::Init => {}
     }
 }
 
@@ -185,127 +227,195 @@ struct Renewal {
     /// The renew time of our Lease as the API now has it (ours if we wrote
     /// it, another instance's if it holds our id), when known.
     seen: Option<SystemTime>,
+    /// Our Lease as we last wrote it, while we hold it: the next round
+    /// renews it without reading it first.
+    held: Option<Lease>,
 }
 
-/// Creates or renews our Lease.
-async fn renew(s: &Shared) -> Renewal {
+/// Our Lease renewed from `old` (its spec, if any) at `now`, with our
+/// address.
+fn ours(s: &Shared, mut lease: Lease, now: SystemTime) -> Lease {
     let o = &s.opts;
-    let got = bounded("get lease", o.api_timeout, s.api.get_opt(&o.id)).await;
-    // Stamped after the read, so a slow read does not age the renewal
-    // peers judge us by (their margin is meant for clock skew).
+    let old = lease.spec.take();
+    let mine = old.as_ref().and_then(|x| x.holder_identity.as_deref()) == Some(s.holder.as_str());
+    lease.spec = Some(LeaseSpec {
+        holder_identity: Some(s.holder.clone()),
+        lease_duration_seconds: Some(i32::try_from(o.lease_duration.as_secs()).unwrap_or(15)),
+        renew_time: Some(micro_now(now)),
+        acquire_time: match &old {
+            Some(x) if mine => x.acquire_time.clone(),
+            _ => Some(micro_now(now)),
+        },
+        lease_transitions: match &old {
+            Some(x) if !mine => Some(x.lease_transitions.unwrap_or(0) + 1),
+            Some(x) => x.lease_transitions,
+            None => Some(0),
+        },
+        ..LeaseSpec::default()
+    });
+    lease
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(ADDRESS_ANNOTATION.to_string(), o.address.clone());
+    lease
+}
+
+/// Writes `lease` as ours, renewed now: an update carrying its
+/// resourceVersion (a writer in between makes it a 409), or a create when
+/// it has none. Returns the Lease as written and the renew time stamped.
+async fn write(s: &Shared, lease: Lease) -> Result<(Lease, SystemTime), KubeError> {
+    let o = &s.opts;
+    // Stamped as the write goes out, so a slow read before it does not
+    // age the renewal.
     let now = SystemTime::now();
-    let spec = |old: Option<&LeaseSpec>| {
-        let ours = old.and_then(|x| x.holder_identity.as_deref()) == Some(s.holder.as_str());
-        LeaseSpec {
-            holder_identity: Some(s.holder.clone()),
-            lease_duration_seconds: Some(i32::try_from(o.lease_duration.as_secs()).unwrap_or(15)),
-            renew_time: Some(micro_now(now)),
-            acquire_time: match old {
-                Some(x) if ours => x.acquire_time.clone(),
-                _ => Some(micro_now(now)),
-            },
-            lease_transitions: match old {
-                Some(x) if !ours => Some(x.lease_transitions.unwrap_or(0) + 1),
-                Some(x) => x.lease_transitions,
-                None => Some(0),
-            },
-            ..LeaseSpec::default()
+    let lease = ours(s, lease, now);
+    let pp = PostParams::default();
+    let written = if lease.metadata.resource_version.is_some() {
+        let put = s.api.replace(&o.id, &pp, &lease);
+        bounded("update lease", o.api_timeout, put).await?
+    } else {
+        bounded("create lease", o.api_timeout, s.api.create(&pp, &lease)).await?
+    };
+    s.sightings()
+        .note(&written, Instant::now(), SystemTime::now(), o.gc_after);
+    s.stats.renewals.fetch_add(1, Ordering::Relaxed);
+    Ok((written, to_system(&micro_now(now))))
+}
+
+/// Creates or renews our Lease. While we hold it (`held`), one update
+/// carrying the resourceVersion of our last write; only when that is
+/// refused (409: someone else wrote it; 404: it was deleted) or when we do
+/// not hold it yet, a read first, to create it, take it over or find it
+/// held by another instance.
+async fn renew(s: &Shared, held: Option<Lease>) -> Renewal {
+    let o = &s.opts;
+    if let Some(lease) = held {
+        match write(s, lease.clone()).await {
+            Ok((lease, t)) => {
+                return Renewal {
+                    answered: true,
+                    seen: Some(t),
+                    held: Some(lease),
+                };
+            }
+            Err(KubeError::Api {
+                status: Some(409), ..
+            }) => {
+                s.stats.rv_conflicts.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("our lease changed under us (409); reading it again");
+            }
+            Err(KubeError::Api {
+                status: Some(404), ..
+            }) => {
+                tracing::info!("our lease was deleted; creating it again");
+            }
+            Err(e) => {
+                s.stats.renew_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "renewing the replica lease failed");
+                // The write may not have happened: the resourceVersion
+                // we hold may still be the current one.
+                return Renewal {
+                    answered: false,
+                    seen: None,
+                    held: Some(lease),
+                };
+            }
         }
-    };
-    let annotate = |meta: &mut ObjectMeta| {
-        meta.annotations
-            .get_or_insert_with(Default::default)
-            .insert(ADDRESS_ANNOTATION.to_string(), o.address.clone());
-    };
-    let written = to_system(&micro_now(now));
+    }
+    let got = bounded("get lease", o.api_timeout, s.api.get_opt(&o.id)).await;
     let mut seen = None;
     let result = match got {
         Err(e) => Err(e),
         Ok(None) => {
-            let mut lease = Lease {
+            let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(o.id.clone()),
                     namespace: Some(o.namespace.clone()),
                     ..ObjectMeta::default()
                 },
-                spec: Some(spec(None)),
+                spec: None,
             };
-            annotate(&mut lease.metadata);
-            bounded(
-                "create lease",
-                o.api_timeout,
-                s.api.create(&PostParams::default(), &lease),
-            )
-            .await
-            .map(|_| seen = Some(written))
+            write(s, lease).await
         }
-        Ok(Some(mut lease)) => {
+        Ok(Some(lease)) => {
             seen = renewed(&lease);
             let holder = lease
                 .spec
                 .as_ref()
                 .and_then(|x| x.holder_identity.clone())
                 .unwrap_or_default();
-            let live = judge(&lease, now, o.skew_margin, o.gc_after)
-                .is_some_and(|(_, st)| st == LeaseState::Live);
+            let live = {
+                let now = Instant::now();
+                let mut sightings = s.sightings();
+                sightings.note(&lease, now, SystemTime::now(), o.gc_after);
+                judge(&lease, &sightings, now, o.skew_margin, o.gc_after)
+                    .is_some_and(|(_, st)| st == LeaseState::Live)
+            };
             if holder != s.holder && !holder.is_empty() && live {
                 s.stats.id_conflicts.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(
                     id = %o.id, %holder, ours = %s.holder,
                     "another instance holds this replica id's Lease: two replicas are configured \
-                     with one id; not taking it over until it expires"
+                     with one id; not taking it over until it stops being renewed"
                 );
                 return Renewal {
                     answered: true,
                     seen,
+                    held: None,
                 };
             }
-            lease.spec = Some(spec(lease.spec.as_ref()));
-            annotate(&mut lease.metadata);
-            // The resourceVersion read above goes back with the update:
-            // a writer in between makes it a 409, retried next round.
-            bounded(
-                "update lease",
-                o.api_timeout,
-                s.api.replace(&o.id, &PostParams::default(), &lease),
-            )
-            .await
-            .map(|_| seen = Some(written))
+            // The resourceVersion read goes back with the update.
+            write(s, lease).await
         }
     };
-    let answered = match result {
-        Ok(()) => {
-            s.stats.renewals.fetch_add(1, Ordering::Relaxed);
-            true
-        }
+    match result {
+        Ok((lease, t)) => Renewal {
+            answered: true,
+            seen: Some(t),
+            held: Some(lease),
+        },
         Err(KubeError::Api {
             status: Some(409), ..
         }) => {
             s.stats.rv_conflicts.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("lease changed under us (409); renewing next round");
-            true
+            Renewal {
+                answered: true,
+                seen,
+                held: None,
+            }
         }
         Err(e) => {
             s.stats.renew_errors.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %e, "renewing the replica lease failed");
-            false
+            Renewal {
+                answered: false,
+                seen,
+                held: None,
+            }
         }
-    };
-    Renewal { answered, seen }
+    }
 }
 
 /// Deletes Leases expired for longer than `gc_after` (never our own).
 async fn collect(s: &Shared) {
     let o = &s.opts;
-    let now = SystemTime::now();
-    for lease in s.store.state() {
-        let Some((m, LeaseState::Collectable)) = judge(&lease, now, o.skew_margin, o.gc_after)
-        else {
-            continue;
-        };
-        if m.id == o.id {
-            continue;
-        }
+    let stale: Vec<(Member, Arc<Lease>)> = {
+        let now = Instant::now();
+        let sightings = s.sightings();
+        s.store
+            .state()
+            .into_iter()
+            .filter_map(
+                |l| match judge(&l, &sightings, now, o.skew_margin, o.gc_after) {
+                    Some((m, LeaseState::Collectable)) if m.id != o.id => Some((m, l)),
+                    _ => None,
+                },
+            )
+            .collect()
+    };
+    for (m, lease) in stale {
         let dp = DeleteParams {
             preconditions: Some(Preconditions {
                 resource_version: lease.metadata.resource_version.clone(),
