@@ -32,6 +32,11 @@
 //! What this module hands out is the CNI's word, written by its agents on
 //! the nodes themselves: the relay vets it before any prefix becomes a
 //! route (relay-server's `k8s/ipam_prefixes.rs`).
+//!
+//! A Calico block is its node's whole only while Calico's IPAM never gives
+//! another node an address in it, which takes `strictAffinity: true`;
+//! where Calico's blocks are in use the directory also reads that setting
+//! and reports it ([`IpamDirectory::calico_strict_affinity`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,8 +54,10 @@ use tokio::task::JoinHandle;
 use crate::{KubeClient, KubeError};
 
 mod objects;
+mod strict;
 
 pub use objects::{block_affinity, cilium_node, IpamEntry, IpamIssue};
+pub use strict::{ipam_config, StrictAffinity, IPAM_CONFIG_GVK, IPAM_CONFIG_NAME};
 
 /// A CNI's IPAM resource the relay reads node prefixes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -187,6 +194,8 @@ struct Inner {
     errors: AtomicU64,
     probes: AtomicU64,
     last_error: crate::client::LastError,
+    /// Calico's `strictAffinity`, as last read.
+    strict: Mutex<StrictAffinity>,
 }
 
 impl Inner {
@@ -197,6 +206,20 @@ impl Inner {
 
     fn changed(&self) {
         self.changes.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Whether a confirmed Calico block is known: its addresses are taken
+    /// as its node's, so Calico's `strictAffinity` matters.
+    fn calico_in_use(&self) -> bool {
+        self.with(IpamKind::CalicoBlockAffinity, |s| !s.objects.is_empty())
+    }
+
+    fn strict(&self) -> StrictAffinity {
+        *self.strict.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_strict(&self, now: StrictAffinity) {
+        *self.strict.lock().unwrap_or_else(|p| p.into_inner()) = now;
     }
 
     fn set_state(&self, kind: IpamKind, state: IpamState, clear: bool) {
@@ -283,7 +306,10 @@ pub struct IpamDirectory {
 impl IpamDirectory {
     /// Starts probing and, where served, watching every [`IpamKind`].
     /// Needs `list` and `watch` on each (a `403` only leaves that one
-    /// out). Must be called within a Tokio runtime.
+    /// out), and `get` on Calico's `IPAMConfig` named `default` where
+    /// Calico's blocks are in use (a `403` only leaves
+    /// [`IpamDirectory::calico_strict_affinity`] unknown). Must be called
+    /// within a Tokio runtime.
     pub fn spawn(client: &KubeClient, opts: &IpamOptions) -> IpamDirectory {
         let inner = Arc::new(Inner {
             sources: Mutex::new(BTreeMap::new()),
@@ -292,14 +318,20 @@ impl IpamDirectory {
             errors: AtomicU64::new(0),
             probes: AtomicU64::new(0),
             last_error: crate::client::LastError::default(),
+            strict: Mutex::new(StrictAffinity::Unused),
         });
-        let tasks = IpamKind::ALL
+        let mut tasks: Vec<JoinHandle<()>> = IpamKind::ALL
             .into_iter()
             .map(|kind| {
                 let api: Api<DynamicObject> = Api::all_with(client.0.clone(), &kind.api_resource());
                 tokio::spawn(run(inner.clone(), api, kind, opts.clone()))
             })
             .collect();
+        tasks.push(tokio::spawn(strict::run(
+            inner.clone(),
+            strict::api(client),
+            opts.clone(),
+        )));
         IpamDirectory { inner, tasks }
     }
 
@@ -363,6 +395,16 @@ impl IpamDirectory {
     /// The last watch error since start.
     pub fn last_error(&self) -> Option<String> {
         self.inner.last_error.get()
+    }
+
+    /// What is known of Calico's `strictAffinity` while Calico's blocks
+    /// are in use ([`StrictAffinity::Unused`] otherwise). Off or unset
+    /// ([`StrictAffinity::lets_nodes_borrow`]), a node may be given
+    /// addresses of another node's block, which the relay routes to the
+    /// block's node: reported (logged once, shown to operators), never
+    /// acted on. Read again every [`IpamOptions::rediscover`].
+    pub fn calico_strict_affinity(&self) -> StrictAffinity {
+        self.inner.strict()
     }
 }
 

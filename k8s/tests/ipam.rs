@@ -1,16 +1,18 @@
 //! IpamDirectory against `relay-kube-standin`, a kube-apiserver stand-in
 //! (real HTTPS, real list/watch framing), not a real apiserver, serving
-//! Calico's BlockAffinities and Cilium's CiliumNodes only once a test
-//! installs their CRD (404 before, as on a cluster without that CNI).
+//! Calico's BlockAffinities, Calico's IPAMConfigs and Cilium's CiliumNodes
+//! only once a test installs their CRD (404 before, as on a cluster
+//! without that CNI).
 
 mod common;
 
 use std::time::Duration;
 
 use common::{count, setup, wait_until, BOUND};
+use relay_kube::ipam::StrictAffinity;
 use relay_kube::{IpamDirectory, IpamKind, IpamOptions, IpamState};
-use relay_kube_standin::crds::{block_affinity, cilium_node};
-use relay_kube_standin::Crd;
+use relay_kube_standin::crds::{block_affinity, cilium_node, ipam_config};
+use relay_kube_standin::{Crd, PolicyRule};
 use relay_protocol::Cidr;
 
 fn prefixes_of(dir: &IpamDirectory, node: &str) -> Vec<String> {
@@ -287,4 +289,231 @@ async fn a_404_at_start_is_probed_again_soon() {
     let seen = requests_for(&standin, 0, "ciliumnodes");
     assert_eq!(seen[0], (404, "list".to_string()));
     assert_eq!(seen[1], (200, "list".to_string()));
+}
+
+/// IpamOptions for the strictAffinity tests: Calico's IPAMConfig read
+/// again every 300 ms, 100 ms after a failed or unconfirmed read.
+fn quick_reread() -> IpamOptions {
+    IpamOptions {
+        rediscover: Duration::from_millis(300),
+        retry: Duration::from_millis(100),
+        ..IpamOptions::default()
+    }
+}
+
+/// (status, verb) of every request for Calico's IPAMConfig since `from`.
+fn config_reads(standin: &relay_kube_standin::StandIn, from: usize) -> Vec<(u16, String)> {
+    standin
+        .requests_from(from)
+        .into_iter()
+        .filter(|r| r.path.contains("/ipamconfigs"))
+        .map(|r| (r.status, r.attrs.map(|a| a.verb).unwrap_or_default()))
+        .collect()
+}
+
+/// Calico's strictAffinity is read only once a confirmed block is known;
+/// no IPAMConfig `default` (Calico's default, false) and `false` are
+/// reported as letting nodes borrow, `true` is not, and a field left out
+/// is false, as Calico reads it.
+#[tokio::test]
+async fn calico_strict_affinity_unset_or_false_is_reported_true_is_not() {
+    let (standin, client) = setup().await;
+    standin.install_crd(Crd::CalicoBlockAffinities);
+    let dir = IpamDirectory::spawn(&client, &quick_reread());
+    wait_until("settled", BOUND, || dir.is_settled()).await;
+    // No block: Calico's IPAM is not in use here, nothing to read.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(dir.calico_strict_affinity(), StrictAffinity::Unused);
+    assert!(config_reads(&standin, 0).is_empty());
+
+    // A confirmed block, no IPAMConfig (nor its CRD): unset.
+    standin.upsert_custom(
+        Crd::CalicoBlockAffinities,
+        block_affinity("edge-1", "10.70.1.0/26", "confirmed", false),
+    );
+    wait_until("unset", BOUND, || {
+        dir.calico_strict_affinity() == StrictAffinity::Unset
+    })
+    .await;
+    assert!(dir.calico_strict_affinity().lets_nodes_borrow());
+    assert_eq!(config_reads(&standin, 0)[0], (404, "get".to_string()));
+
+    standin.upsert_custom(Crd::CalicoIpamConfigs, ipam_config(Some(false)));
+    wait_until("off", BOUND, || {
+        dir.calico_strict_affinity() == StrictAffinity::Off
+    })
+    .await;
+    assert!(dir.calico_strict_affinity().lets_nodes_borrow());
+
+    standin.upsert_custom(Crd::CalicoIpamConfigs, ipam_config(Some(true)));
+    wait_until("strict", BOUND, || {
+        dir.calico_strict_affinity() == StrictAffinity::Strict
+    })
+    .await;
+    assert!(!dir.calico_strict_affinity().lets_nodes_borrow());
+
+    standin.upsert_custom(Crd::CalicoIpamConfigs, ipam_config(None));
+    wait_until("field left out: off", BOUND, || {
+        dir.calico_strict_affinity() == StrictAffinity::Off
+    })
+    .await;
+
+    // The blocks are gone: nothing to report.
+    standin.remove_crd(Crd::CalicoBlockAffinities);
+    wait_until("unused", BOUND, || {
+        dir.calico_strict_affinity() == StrictAffinity::Unused
+    })
+    .await;
+    // Throughout, the block was routed as before.
+    assert_eq!(dir.watch_errors(), 0);
+}
+
+/// Once the IPAMConfig was read, one 404 (a stray one, or the object
+/// deleted) keeps what was read until a second read, `retry` later,
+/// agrees; then it is unset.
+#[tokio::test]
+async fn a_deleted_calico_ipam_config_is_unset_after_a_second_404() {
+    let (standin, client) = setup().await;
+    standin.upsert_custom(
+        Crd::CalicoBlockAffinities,
+        block_affinity("edge-1", "10.70.1.0/26", "confirmed", false),
+    );
+    standin.upsert_custom(Crd::CalicoIpamConfigs, ipam_config(Some(true)));
+    let dir = IpamDirectory::spawn(&client, &quick_reread());
+    wait_until("strict", BOUND, || {
+        dir.calico_strict_affinity() == StrictAffinity::Strict
+    })
+    .await;
+    let from = standin.request_count();
+    assert!(standin.delete_custom(Crd::CalicoIpamConfigs, "default"));
+    let deadline = tokio::time::Instant::now() + BOUND;
+    loop {
+        let now = dir.calico_strict_affinity();
+        let not_found = config_reads(&standin, from)
+            .iter()
+            .filter(|(status, _)| *status == 404)
+            .count();
+        match now {
+            StrictAffinity::Strict => {}
+            StrictAffinity::Unset => {
+                assert!(not_found >= 2, "unset after {not_found} 404");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still {now:?}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// A `MakeWriter` keeping what is logged, for the warnings' tests.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn warnings_about(&self, what: &str) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains(what))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// `list` and `watch` on both IPAM resources, as the manifests grant
+/// them, and nothing on IPAMConfigs.
+fn ipam_rules_without_ipam_configs() -> Vec<PolicyRule> {
+    [
+        ("crd.projectcalico.org", "blockaffinities"),
+        ("cilium.io", "ciliumnodes"),
+    ]
+    .into_iter()
+    .map(|(group, resource)| PolicyRule {
+        api_groups: vec![group.into()],
+        resources: vec![resource.into()],
+        verbs: vec!["list".into(), "watch".into()],
+        resource_names: vec![],
+        non_resource_urls: vec![],
+        namespace: None,
+    })
+    .collect()
+}
+
+/// Without RBAC for Calico's IPAMConfig: one warning naming what to
+/// grant, however often it is read again (every `rediscover`, not in a
+/// loop), and the blocks are served as before; granted, it is read.
+#[tokio::test]
+async fn a_forbidden_calico_ipam_config_is_warned_once_and_blocks_still_route() {
+    let (standin, client) = setup().await;
+    let log = Captured::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    // The test's runtime has one thread, which polls the directory's tasks.
+    let _log = tracing::subscriber::set_default(subscriber);
+    standin.set_rbac(Some(ipam_rules_without_ipam_configs()));
+    standin.upsert_custom(
+        Crd::CalicoBlockAffinities,
+        block_affinity("edge-1", "10.70.1.0/26", "confirmed", false),
+    );
+    standin.upsert_custom(Crd::CalicoIpamConfigs, ipam_config(Some(true)));
+    let dir = IpamDirectory::spawn(&client, &quick_reread());
+    wait_until("forbidden", BOUND, || {
+        dir.calico_strict_affinity() == StrictAffinity::Forbidden
+    })
+    .await;
+    assert_eq!(prefixes_of(&dir, "edge-1"), ["10.70.1.0/26"]);
+    let from = standin.request_count();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let reads = config_reads(&standin, from);
+    // Every 300 ms: about 5, never a tight loop.
+    assert!(
+        (2..=8).contains(&reads.len()) && reads.iter().all(|(s, v)| *s == 403 && v == "get"),
+        "{reads:?}"
+    );
+    assert_eq!(dir.calico_strict_affinity(), StrictAffinity::Forbidden);
+    assert_eq!(prefixes_of(&dir, "edge-1"), ["10.70.1.0/26"]);
+    assert_eq!(dir.state(IpamKind::CalicoBlockAffinity), IpamState::Listed);
+    let warned = log.warnings_about("ipamconfigs.crd.projectcalico.org");
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert!(
+        warned[0].contains("403") && warned[0].contains("strictAffinity"),
+        "{}",
+        warned[0]
+    );
+
+    // Granted (get on that one object): read, strict, no new warning.
+    let mut rules = ipam_rules_without_ipam_configs();
+    rules.push(PolicyRule {
+        api_groups: vec!["crd.projectcalico.org".into()],
+        resources: vec!["ipamconfigs".into()],
+        verbs: vec!["get".into()],
+        resource_names: vec!["default".into()],
+        non_resource_urls: vec![],
+        namespace: None,
+    });
+    standin.set_rbac(Some(rules));
+    wait_until("strict", BOUND, || {
+        dir.calico_strict_affinity() == StrictAffinity::Strict
+    })
+    .await;
+    assert_eq!(
+        log.warnings_about("ipamconfigs.crd.projectcalico.org")
+            .len(),
+        1
+    );
+    assert_eq!(prefixes_of(&dir, "edge-1"), ["10.70.1.0/26"]);
 }

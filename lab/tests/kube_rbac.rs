@@ -13,7 +13,8 @@
 //!    with a certificate obtained by token bootstrap, condition written,
 //!    event published, reconnect folded into an event series, Node changed,
 //!    Node deleted, a Calico block and a Cilium range created after the
-//!    relay listed their resources served to the edge) and the service
+//!    relay listed their resources served to the edge, Calico's
+//!    strictAffinity read once its block was known) and the service
 //!    directory's watches (Services and
 //!    EndpointSlices listed, then a change watched) pass with zero 403s:
 //!    the rules are enough.
@@ -44,7 +45,7 @@ use relay_kube::{
     ClientOptions, KubeClientConfig, KubeError, PodReader, Protocol, ServiceDirectory,
     ServiceDirectoryOptions,
 };
-use relay_kube_standin::crds::{block_affinity, cilium_node};
+use relay_kube_standin::crds::{block_affinity, cilium_node, ipam_config};
 use relay_kube_standin::k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use relay_kube_standin::k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use relay_kube_standin::k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -188,6 +189,9 @@ async fn lifecycle(rules: Vec<PolicyRule>, bound: Duration) -> Result<Outcome> {
     // both IPAM resources.
     standin.install_crd(Crd::CalicoBlockAffinities);
     standin.install_crd(Crd::CiliumNodes);
+    // Calico's IPAM configuration, strictAffinity true: read (get, that
+    // one object) once a confirmed block is known.
+    standin.upsert_custom(Crd::CalicoIpamConfigs, ipam_config(Some(true)));
     standin.upsert_pod(edge_pod());
     let token = standin.mint_token(
         "edge-0",
@@ -324,6 +328,18 @@ async fn lifecycle(rules: Vec<PolicyRule>, bound: Duration) -> Result<Outcome> {
                 .map(|_| ()))
         })
         .await?;
+        // With the block known, Calico's IPAMConfig is read: strict, so
+        // /readyz has nothing to say about it (whether or not it is
+        // ready: the service rules' removals make it 503).
+        step = "calico strictAffinity read";
+        let strict = "relay_ipam_calico_strict_affinity{state=\"strict\"} 1";
+        eventually(bound, async || {
+            let (_, m) = relay_lab::admin_get(admin, "/metrics", None).await?;
+            Ok(m.lines().any(|l| l == strict).then_some(()))
+        })
+        .await?;
+        let (_, body) = relay_lab::admin_get(admin, "/readyz", None).await?;
+        ensure!(!body.contains("strictAffinity"), "readyz: {body}");
         step = "cilium range watched";
         let range: Cidr = "127.1.79.0/24".parse()?;
         standin.upsert_custom(Crd::CiliumNodes, cilium_node("edge-0", &["127.1.79.0/24"]));

@@ -168,6 +168,10 @@ pub struct IpamReport {
     pub skipped_entries: u64,
     /// Edge nodes' prefixes not taken as theirs now.
     pub refused_prefixes: usize,
+    /// Calico's `strictAffinity` where its blocks are in use: off or
+    /// unset, a node may be given addresses of another node's block, and
+    /// pods with them are routed to the block's node.
+    pub calico_strict_affinity: relay_kube::ipam::StrictAffinity,
 }
 
 /// The host prefixes `node` shares with another node (empty for an

@@ -477,6 +477,7 @@ impl Directory for KubeDirectory {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .len(),
+            calico_strict_affinity: self.ipam.calico_strict_affinity(),
         })
     }
 

@@ -417,6 +417,17 @@ pub fn render_watches(shared: &crate::server::Shared) -> String {
             ));
         }
     }
+    // Kubernetes mode only, as the sources.
+    if !ipam.sources.is_empty() {
+        out.push_str("# HELP relay_ipam_calico_strict_affinity Calico's IPAM strictAffinity (ipamconfigs.crd.projectcalico.org default), 1 for where it stands: unused (no confirmed Calico block known), unknown (not read yet), strict (true), off (false), unset (no such object: Calico's default, false), forbidden (403: RBAC). Off or unset, a node may be given addresses of another node's block, and pods with them are routed to the block's node.\n# TYPE relay_ipam_calico_strict_affinity gauge\n");
+        for state in relay_kube::ipam::StrictAffinity::ALL {
+            out.push_str(&format!(
+                "relay_ipam_calico_strict_affinity{{state=\"{}\"}} {}\n",
+                state.as_str(),
+                u8::from(state == ipam.calico_strict_affinity)
+            ));
+        }
+    }
     out
 }
 

@@ -1,8 +1,9 @@
 //! Custom resources the stand-in can serve: the CNI IPAM objects the relay
 //! reads node prefixes from (Calico's `BlockAffinity`, Cilium's
-//! `CiliumNode`; see relay-kube's `ipam`). Each is served (list, watch,
-//! sharing the one resourceVersion history) only once a test installs its
-//! CRD ([`StandIn::install_crd`]); before that, and after
+//! `CiliumNode`; see relay-kube's `ipam`), and Calico's `IPAMConfig`, whose
+//! `strictAffinity` the relay reports. Each is served (list, watch,
+//! sharing the one resourceVersion history, and get by name) only once a
+//! test installs its CRD ([`StandIn::install_crd`]); before that, and after
 //! [`StandIn::remove_crd`], its paths answer 404 as on a cluster without
 //! that CNI. Objects are kept as JSON: the stand-in does not model them
 //! beyond `metadata`.
@@ -23,6 +24,9 @@ pub enum Crd {
     CalicoBlockAffinities,
     /// `ciliumnodes.cilium.io`, v2, cluster-scoped.
     CiliumNodes,
+    /// `ipamconfigs.crd.projectcalico.org`, v1, cluster-scoped (the relay
+    /// GETs the one named `default`).
+    CalicoIpamConfigs,
 }
 
 impl Crd {
@@ -30,6 +34,7 @@ impl Crd {
         match self {
             Crd::CalicoBlockAffinities => Res::BlockAffinities,
             Crd::CiliumNodes => Res::CiliumNodes,
+            Crd::CalicoIpamConfigs => Res::IpamConfigs,
         }
     }
 
@@ -38,6 +43,7 @@ impl Crd {
         match (group, version, resource) {
             ("crd.projectcalico.org", "v1", "blockaffinities") => Some(Crd::CalicoBlockAffinities),
             ("cilium.io", "v2", "ciliumnodes") => Some(Crd::CiliumNodes),
+            ("crd.projectcalico.org", "v1", "ipamconfigs") => Some(Crd::CalicoIpamConfigs),
             _ => None,
         }
     }
@@ -51,6 +57,21 @@ pub fn block_affinity(node: &str, cidr: &str, state: &str, deleted: bool) -> Val
         "apiVersion": "crd.projectcalico.org/v1", "kind": "BlockAffinity",
         "metadata": {"name": name},
         "spec": {"node": node, "cidr": cidr, "state": state, "deleted": deleted.to_string()},
+    })
+}
+
+/// Calico's `IPAMConfig` `default` as `calicoctl ipam configure` writes
+/// it (`autoAllocateBlocks` true); `strict_affinity` `None` leaves the
+/// field out.
+pub fn ipam_config(strict_affinity: Option<bool>) -> Value {
+    let mut spec = json!({"autoAllocateBlocks": true});
+    if let Some(s) = strict_affinity {
+        spec["strictAffinity"] = json!(s);
+    }
+    json!({
+        "apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMConfig",
+        "metadata": {"name": "default"},
+        "spec": spec,
     })
 }
 

@@ -182,6 +182,7 @@ enum Res {
     Leases,
     BlockAffinities,
     CiliumNodes,
+    IpamConfigs,
 }
 
 impl Res {
@@ -194,6 +195,7 @@ impl Res {
             Res::Leases => ("Lease", "coordination.k8s.io/v1"),
             Res::BlockAffinities => ("BlockAffinity", "crd.projectcalico.org/v1"),
             Res::CiliumNodes => ("CiliumNode", "cilium.io/v2"),
+            Res::IpamConfigs => ("IPAMConfig", "crd.projectcalico.org/v1"),
         }
     }
 }

@@ -162,6 +162,27 @@ pub(crate) fn route(
                 _ => watch(shared, &q, res),
             }
         }
+        (group, resource, None, "get")
+            if crds::Crd::served_at(group, &a.version, resource)
+                .is_some_and(|c| shared.lock().custom(c.res()).is_some()) =>
+        {
+            let res = crds::Crd::served_at(group, &a.version, resource)
+                .map_or(Res::Nodes, crds::Crd::res);
+            let name = a.name.clone().unwrap_or_default();
+            let obj = shared
+                .lock()
+                .custom(res)
+                .and_then(|m| m.get(&name))
+                .cloned();
+            match obj {
+                Some(o) => json_response(StatusCode::OK, &o),
+                None => failure(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("{resource}.{group} \"{name}\" not found"),
+                ),
+            }
+        }
         ("", "nodes", None | Some("status"), "get") => {
             let name = a.name.clone().unwrap_or_default();
             match shared.lock().nodes.get(&name) {
@@ -232,7 +253,7 @@ pub(crate) fn list_of(shared: &Shared, res: Res) -> Response<Body> {
         Res::Services => st.services.values().map(list_item).collect(),
         Res::EndpointSlices => st.slices.values().map(list_item).collect(),
         Res::Leases => st.leases.values().map(list_item).collect(),
-        Res::BlockAffinities | Res::CiliumNodes => st
+        Res::BlockAffinities | Res::CiliumNodes | Res::IpamConfigs => st
             .custom(res)
             .into_iter()
             .flatten()
@@ -257,7 +278,7 @@ pub(crate) fn initial_events(st: &State, res: Res) -> Vec<Bytes> {
         Res::Services => st.services.values().map(line).collect(),
         Res::EndpointSlices => st.slices.values().map(line).collect(),
         Res::Leases => st.leases.values().map(line).collect(),
-        Res::BlockAffinities | Res::CiliumNodes => st
+        Res::BlockAffinities | Res::CiliumNodes | Res::IpamConfigs => st
             .custom(res)
             .into_iter()
             .flatten()

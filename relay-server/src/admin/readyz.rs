@@ -7,6 +7,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use relay_kube::ipam::StrictAffinity;
+
 use super::capture::CaptureReadiness;
 use crate::server::Shared;
 
@@ -84,9 +86,10 @@ fn capture_readiness(shared: &Shared) -> CaptureReadiness {
 }
 
 /// `; CNI IPAM …` naming the IPAM resources not yet listed or not
-/// readable, or nothing. Ready all the same: the relay routes what it
-/// knows (Nodes' pod CIDRs), and an apiserver hiccup on a CRD must not
-/// take every replica out of its Service; this says what is missing.
+/// readable, then [`strict_affinity_note`], or nothing. Ready all the
+/// same: the relay routes what it knows (Nodes' pod CIDRs), and an
+/// apiserver hiccup on a CRD must not take every replica out of its
+/// Service; this says what is missing.
 fn ipam_note(shared: &Shared) -> String {
     let Some(ipam) = shared.directory.ipam() else {
         return String::new();
@@ -97,14 +100,28 @@ fn ipam_note(shared: &Shared) -> String {
         .filter(|(_, s)| !matches!(*s, "absent" | "listed"))
         .map(|(r, s)| format!("{r} {s}"))
         .collect();
+    let strict = strict_affinity_note(ipam.calico_strict_affinity);
     if pending.is_empty() {
-        return String::new();
+        return strict.to_string();
     }
     format!(
-        "; CNI IPAM pod ranges not (yet) read: {}{}",
+        "; CNI IPAM pod ranges not (yet) read: {}{}{strict}",
         pending.join(", "),
         why(ipam.last_error)
     )
+}
+
+/// `; Calico IPAM strictAffinity …` where Calico's blocks are in use and
+/// it is not known to be true, or nothing. Ready all the same: the
+/// setting is the cluster's, not the relay's, and the tunnel serves every
+/// other pod; this says why some pods may be routed to the wrong node.
+fn strict_affinity_note(s: StrictAffinity) -> &'static str {
+    match s {
+        StrictAffinity::Off => "; Calico IPAM strictAffinity is false: a node may be given addresses of another node's block, and pods with them are routed to that node (set it true: deploy/README.md)",
+        StrictAffinity::Unset => "; Calico IPAM strictAffinity is unset (Calico's default, false): a node may be given addresses of another node's block, and pods with them are routed to that node (set it true: deploy/README.md)",
+        StrictAffinity::Forbidden => "; Calico IPAM strictAffinity unknown: 403 reading ipamconfigs.crd.projectcalico.org default",
+        _ => "",
+    }
 }
 
 /// `; nodes from the cache written … ago (…)` while the directory serves
@@ -126,4 +143,25 @@ fn cached(shared: &Shared) -> String {
         )
     });
     nodes.into_iter().chain(services).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strict_affinity_is_noted_only_when_not_known_true() {
+        for s in StrictAffinity::ALL {
+            let note = strict_affinity_note(s);
+            match s {
+                StrictAffinity::Off | StrictAffinity::Unset => {
+                    assert!(note.contains("strictAffinity is"), "{s:?}: {note}");
+                    assert!(note.contains("routed to that node"), "{s:?}: {note}");
+                }
+                StrictAffinity::Forbidden => assert!(note.contains("403"), "{note}"),
+                _ => assert_eq!(note, "", "{s:?}"),
+            }
+            assert!(!note.contains('\n'), "one line: {note}");
+        }
+    }
 }
