@@ -11,8 +11,13 @@
 //! measured and reported (EdgeStats) and exceeds the keep-alive, and the
 //! upload keeps moving.
 //!
-//! `shaped_uplink_keeps_the_session` runs ~60 s; `SOAK=1` also runs the
-//! 5-minute variant. Figures go to `target/lab-shaped.txt` and
+//! `an_idle_session_outlives_a_queue_deeper_than_its_keepalive` leaves
+//! the tunnel idle while uploads beside it fill the queue: only the
+//! edge's keep-alives cross, each a round trip late (see
+//! [`idle_behind_a_site_upload`]).
+//!
+//! `shaped_uplink_keeps_the_session` runs ~60 s, the idle case ~60 s;
+//! `SOAK=1` also runs the 5-minute variant. Figures go to `target/lab-shaped.txt` and
 //! docs/benchmarks.md. Needs root (skips otherwise; `REQUIRE_LAB=1` makes
 //! that a failure).
 
@@ -28,6 +33,7 @@ use relay_lab::scenario::{
     captured_prefixes, edge_config, lab_pki, launch, relay_config, sa, session, start_relay,
     within, Running, Table,
 };
+use relay_server::admin::SessionRow;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The bulk source on epod1.
@@ -98,18 +104,36 @@ fn sink(lab: &NetnsLab) -> Result<Running> {
 /// plain TCP flow whose congestion control fills the shaped queue to its
 /// limit, which the tunnel's own (QUIC, congestion-controlled) upload alone
 /// does not (it settled at ~0.5 s of queue in the lab).
-fn uploader(lab: &NetnsLab) -> Result<Running> {
-    launch(lab, Role::Edge1, "uploader", |ready, stop| async move {
-        let mut s = tokio::net::TcpStream::connect(sa(netns::RELAY_WAN_IP, SINK_PORT)).await?;
-        let task = tokio::spawn(async move {
-            let buf = vec![0xa5u8; 64 * 1024];
-            while s.write_all(&buf).await.is_ok() {}
-        });
-        let _ = ready.send(Ok(()));
-        let _ = stop.await;
-        task.abort();
-        Ok(())
-    })
+fn uploader(lab: &NetnsLab, flows: usize) -> Result<Running> {
+    launch(
+        lab,
+        Role::Edge1,
+        "uploader",
+        move |ready, stop| async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..flows {
+                // CUBIC, as most hosts at a site send with: loss-based, it fills
+                // a queue to its limit. A namespace takes the host's default,
+                // which may be BBR (this machine's), which keeps the queue near
+                // empty.
+                let sock = tokio::net::TcpSocket::new_v4()?;
+                nix::sys::socket::setsockopt(
+                    &sock,
+                    nix::sys::socket::sockopt::TcpCongestion,
+                    &std::ffi::OsString::from("cubic"),
+                )?;
+                let mut s = sock.connect(sa(netns::RELAY_WAN_IP, SINK_PORT)).await?;
+                tasks.spawn(async move {
+                    let buf = vec![0xa5u8; 64 * 1024];
+                    while s.write_all(&buf).await.is_ok() {}
+                });
+            }
+            let _ = ready.send(Ok(()));
+            let _ = stop.await;
+            tasks.abort_all();
+            Ok(())
+        },
+    )
 }
 
 /// edge1 over `transport` with the lab's keep-alive; hands out its stats.
@@ -180,7 +204,7 @@ fn shaped(t: &mut Table, hold: Duration, setup: Setup) -> Result<()> {
     // part of the CI check (docs/architecture.md, "Liveness").
     let beside = std::env::var("BESIDE").as_deref() == Ok("1");
     let _beside = if beside {
-        Some((sink(&lab)?, uploader(&lab)?))
+        Some((sink(&lab)?, uploader(&lab, 1)?))
     } else {
         None
     };
@@ -258,21 +282,8 @@ fn shaped(t: &mut Table, hold: Duration, setup: Setup) -> Result<()> {
         setup.streams,
         if setup.streams == 1 { "" } else { "s" }
     );
-    let sessions = stats.sessions.load(Relaxed);
     let mbit = bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e6;
-    let same = after
-        .as_ref()
-        .is_some_and(|a| a.session_id == before.session_id && a.generation == before.generation);
-    t.push(
-        &[&case, "session kept"],
-        format!(
-            "{} (edge sessions established: {sessions}; session {} up {:.0}s in all)",
-            if same && sessions == 1 { "ok" } else { "FAIL" },
-            before.session_id,
-            after.as_ref().map_or(0, |a| a.connected_secs)
-        ),
-        same && sessions == 1,
-    );
+    session_kept(t, &case, &stats, &before, after.as_ref());
     t.push(
         &[&case, if quic { "path RTT" } else { "control RTT" }],
         format!(
@@ -315,14 +326,44 @@ fn shaped(t: &mut Table, hold: Duration, setup: Setup) -> Result<()> {
     Ok(())
 }
 
+/// The row saying whether the edge kept one session throughout: the
+/// relay's row for it is the one seen `before`, and the edge established
+/// no other.
+fn session_kept(
+    t: &mut Table,
+    case: &str,
+    stats: &EdgeStats,
+    before: &SessionRow,
+    after: Option<&SessionRow>,
+) {
+    let sessions = stats.sessions.load(Relaxed);
+    let same = after
+        .is_some_and(|a| a.session_id == before.session_id && a.generation == before.generation);
+    t.push(
+        &[case, "session kept"],
+        format!(
+            "{} (edge sessions established: {sessions}; session {} up {:.0}s in all)",
+            if same && sessions == 1 { "ok" } else { "FAIL" },
+            before.session_id,
+            after.map_or(0, |a| a.connected_secs)
+        ),
+        same && sessions == 1,
+    );
+}
+
 fn run(hold: Duration, file: &str, setup: Setup) -> Result<()> {
+    run_table(file, |t| shaped(t, hold, setup))
+}
+
+/// Runs `case` into a table published as `file`; fails on a failed check.
+fn run_table(file: &str, case: impl FnOnce(&mut Table) -> Result<()>) -> Result<()> {
     if let Some(skip) = netns::require_root() {
         eprintln!("SKIPPED shaped uplink: {skip}");
         return Ok(());
     }
     relay_lab::init();
     let mut t = Table::new(&["case", "check", "result"]);
-    if let Err(e) = shaped(&mut t, hold, setup) {
+    if let Err(e) = case(&mut t) {
         t.push(&["setup", "-"], format!("FAIL: {e:#}"), false);
     }
     let summary = t.publish(
@@ -365,6 +406,85 @@ fn shaped_uplink_keeps_a_tcp_fallback_session() -> Result<()> {
         streams: streams.unwrap_or(160),
     };
     run(Duration::from_secs(40), "lab-shaped-tcp.txt", setup)
+}
+
+/// How long [`idle_behind_a_site_upload`] runs.
+const IDLE_HOLD: Duration = Duration::from_secs(60);
+
+/// An idle tunnel behind a site upload that is not the tunnel's (a backup
+/// job): nothing comes from the relay but its answers to the edge's QUIC
+/// keep-alives, which queue behind the upload on the way out, so the
+/// silence the edge sees between two arrivals is a keep-alive plus the
+/// queue's round trip. Its limit allows for the measured round trip
+/// (`quic_silence_limit`); under "two keep-alives without an arrival"
+/// (5.7 s at this 3 s keep-alive) the session ended once the round trip
+/// passed 2.7 s.
+fn idle_behind_a_site_upload(t: &mut Table) -> Result<()> {
+    let lab = NetnsLab::new()?;
+    let pki = lab_pki()?;
+    let mut rcfg = relay_config(&pki)?;
+    rcfg.quic.keepalive = KEEPALIVE;
+    rcfg.quic.idle_timeout = IDLE;
+    let _relay = start_relay(&lab, rcfg)?;
+    let (_edge, stats) = edge1(&lab, &pki, TransportMode::Quic)?;
+    within(Duration::from_secs(10), || {
+        Ok(session(&lab, "edge1")?.is_some())
+    })
+    .context("edge1 never registered")?;
+    let before = session(&lab, "edge1")?.context("edge1 not registered")?;
+    let _sink = sink(&lab)?;
+    lab.exec(Role::nat(1)?, TBF)?;
+    // Several flows (a backup job's): loss-based, their windows grow until
+    // the queue is at tbf's limit, over seconds (a ramp, as a modem's
+    // queue fills: not a jump from empty to full within one keep-alive,
+    // the limit docs/architecture.md states under "Liveness"). tbf's
+    // parameters are not changed while it runs: a change replaces its
+    // queue, dropping what it held.
+    let _upload = uploader(&lab, 8)?;
+    let t0 = Instant::now();
+    let mut rtts = Vec::new();
+    while t0.elapsed() < IDLE_HOLD {
+        std::thread::sleep(Duration::from_secs(1));
+        rtts.push(stats.path_rtt_us.load(Relaxed));
+    }
+    let elapsed = t0.elapsed();
+    let _ = lab.exec(
+        Role::nat(1)?,
+        &["tc", "qdisc", "del", "dev", "wan0", "root"],
+    );
+    let after = session(&lab, "edge1")?;
+    let case = format!(
+        "{:.0}s idle tunnel, site upload beside",
+        elapsed.as_secs_f64()
+    );
+    session_kept(t, &case, &stats, &before, after.as_ref());
+    let max = stats.path_rtt_max_us.load(Relaxed);
+    let mut sorted = rtts.clone();
+    sorted.sort_unstable();
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0);
+    // The case only shows something if the silence between arrivals
+    // (a keep-alive plus the round trip) went past the old limit.
+    let old_limit = KEEPALIVE * 2 - KEEPALIVE / 10;
+    t.push(
+        &[&case, "path RTT"],
+        format!(
+            "median {:.0} ms, max {:.0} ms over {} samples; keep-alive {}s, so up to {:.1} s between arrivals (the old limit {:.1} s)",
+            ms(median),
+            ms(max),
+            rtts.len(),
+            KEEPALIVE.as_secs(),
+            (KEEPALIVE + Duration::from_micros(max)).as_secs_f64(),
+            old_limit.as_secs_f64()
+        ),
+        KEEPALIVE + Duration::from_micros(max) > old_limit + Duration::from_secs(1),
+    );
+    Ok(())
+}
+
+/// See [`idle_behind_a_site_upload`]; ~60 s.
+#[test]
+fn an_idle_session_outlives_a_queue_deeper_than_its_keepalive() -> Result<()> {
+    run_table("lab-shaped-idle.txt", idle_behind_a_site_upload)
 }
 
 #[test]

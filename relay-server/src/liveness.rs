@@ -54,6 +54,10 @@ use tracing::{info, warn};
 use crate::server::Shared;
 use crate::session::SessionHandle;
 
+/// Each arrival after a gap shorter than [`Heard::peak_gap`] takes this
+/// fraction (its inverse) off it.
+const PEAK_DECAY: u64 = 8;
+
 /// Sessions swept between two yields to the runtime.
 const SWEEP_CHUNK: usize = 128;
 
@@ -65,14 +69,43 @@ pub fn period(idle_timeout: Duration) -> Duration {
 }
 
 /// How long a session may go without a datagram before the sweep ends
-/// it: `idle_timeout`, or more on a long path. QUIC's own idle timer waits
-/// at least three probe timeouts (RFC 9000 §10.1), and a probe timeout is
-/// the smoothed round trip plus four times its variation plus the ACK
-/// delay; quinn does not expose the variation, so twelve round trips stand
-/// in for three probe timeouts (the variation taken as up to half the
-/// round trip, with room to spare).
-pub fn silence_limit(idle_timeout: Duration, rtt: Duration) -> Duration {
-    idle_timeout.max(rtt.saturating_mul(12))
+/// it: `expected` ([`expected_silence`]), or more on a long path. QUIC's
+/// own idle timer waits at least three probe timeouts (RFC 9000 §10.1),
+/// and a probe timeout is the smoothed round trip plus four times its
+/// variation plus the ACK delay; quinn does not expose the variation, so
+/// twelve round trips stand in for three probe timeouts (the variation
+/// taken as up to half the round trip, with room to spare).
+///
+/// An edge that told its keep-alive `told` gets that interval on top of
+/// the twelve round trips, as the edge allows itself
+/// (`quic_silence_limit` in edge-client): on an idle session its QUIC PING
+/// leaves an interval after the last packet it received from us, and that
+/// packet (our acknowledgement of its previous PING) reached it a round
+/// trip after that PING left; so its packets arrive here an interval plus
+/// a round trip apart. Our own round-trip estimate is stale on an idle
+/// session, though (we send almost nothing it could be measured on: it
+/// read 323 to 446 ms in the lab while the edge measured 7 s), so for such
+/// an edge the round trip is taken as the longer of that estimate and the
+/// longest recent gap between its packets less an interval (`peak_gap`,
+/// see [`Heard::peak_gap`]). Without this, an idle edge behind a site
+/// upload filling its uplink's queue (round trips of 3 to 8 s at a 3 s
+/// keep-alive, or beyond 8 s at the default 8 s) was closed as a dead
+/// path while the edge, which measures its round trip on every PING, saw
+/// nothing wrong. A dead path is still declared within the largest of two
+/// intervals and an interval plus twelve of those round trips, both
+/// frozen when it died (nothing arrives to lengthen the gap, nothing
+/// acknowledges to update the estimate).
+pub fn silence_limit(
+    expected: Duration,
+    told: Option<Duration>,
+    rtt: Duration,
+    peak_gap: Duration,
+) -> Duration {
+    let Some(k) = told.map(|k| k.min(expected)) else {
+        return expected.max(rtt.saturating_mul(12));
+    };
+    let rtt = rtt.max(peak_gap.saturating_sub(k));
+    expected.max(k.saturating_add(rtt.saturating_mul(12)))
 }
 
 /// How long a QUIC session may go without a datagram before it counts as
@@ -90,9 +123,12 @@ pub fn expected_silence(idle_timeout: Duration, edge_keepalive: Option<Duration>
 /// ([`silence_limit`]); unheard is no datagram on QUIC, no byte on the TCP
 /// fallback.
 pub fn session_limit(s: &SessionHandle, idle_timeout: Duration) -> Duration {
+    let told = s.heard.edge_keepalive();
     silence_limit(
-        expected_silence(idle_timeout, s.heard.edge_keepalive()),
+        expected_silence(idle_timeout, told),
+        told,
         s.conn.rtt(),
+        s.heard.peak_gap(),
     )
 }
 
@@ -115,6 +151,8 @@ pub struct Heard {
     changed_ms: AtomicU64,
     /// The edge's keep-alive interval in milliseconds; 0 until it tells.
     keepalive_ms: AtomicU32,
+    /// See [`Heard::peak_gap`], in milliseconds.
+    peak_gap_ms: AtomicU64,
 }
 
 impl Heard {
@@ -140,10 +178,22 @@ impl Heard {
     /// overstated.
     pub fn observe(&self, datagrams: u64, now_ms: u64) -> u64 {
         if self.datagrams.swap(datagrams, Relaxed) != datagrams {
-            self.changed_ms.store(now_ms, Relaxed);
+            let gap = now_ms.saturating_sub(self.changed_ms.swap(now_ms, Relaxed));
+            let peak = self.peak_gap_ms.load(Relaxed);
+            self.peak_gap_ms
+                .store(gap.max(peak - peak / PEAK_DECAY), Relaxed);
             return 0;
         }
         now_ms.saturating_sub(self.changed_ms.load(Relaxed))
+    }
+
+    /// The longest gap between two arrivals lately, as the sweep saw them
+    /// (to a sweep period): a longer gap replaces it at once, and each
+    /// arrival after a shorter one takes an eighth off it, so a busy
+    /// session's (arrivals every sweep) is back to a sweep period within a
+    /// minute, and an idle one's follows its pace (see [`silence_limit`]).
+    pub fn peak_gap(&self) -> Duration {
+        Duration::from_millis(self.peak_gap_ms.load(Relaxed))
     }
 
     /// Counts silence from `now_ms` on: after a stall of the relay itself,
@@ -215,7 +265,9 @@ fn sweep_one(shared: &Shared, s: &SessionHandle, idle: Duration) {
         s.touch();
     }
     let told = s.heard.edge_keepalive();
-    if let Some((code, why)) = packet_silence(quiet, idle, told, || s.conn.rtt()) {
+    if let Some((code, why)) =
+        packet_silence(quiet, idle, told, s.heard.peak_gap(), || s.conn.rtt())
+    {
         return close(shared, s, code, why);
     }
     if !lean {
@@ -242,21 +294,31 @@ fn packet_silence(
     quiet: Duration,
     idle: Duration,
     told: Option<Duration>,
+    peak_gap: Duration,
     rtt: impl FnOnce() -> Duration,
 ) -> Option<(u32, String)> {
     let expected = expected_silence(idle, told);
-    if quiet <= expected || quiet <= silence_limit(expected, rtt()) {
+    if quiet <= expected {
+        return None;
+    }
+    let rtt = rtt();
+    if quiet <= silence_limit(expected, told, rtt, peak_gap) {
         return None;
     }
     let secs = quiet.as_secs_f64();
+    let ms = rtt.as_millis();
+    let gap = peak_gap.as_secs_f64();
     // Say which limit it was: operators compare it with their configs
     // (the edge logs it too, from the close).
     let why = match told {
         Some(k) if expected < idle => format!(
             "path dead: nothing heard from the edge for {secs:.1}s \
-             ({DEAD_AFTER_KEEPALIVES} of its {k:?} keep-alives)"
+             ({DEAD_AFTER_KEEPALIVES} of its {k:?} keep-alives; round trip {ms} ms, \
+             longest recent gap {gap:.1}s)"
         ),
-        _ => format!("idle timeout: nothing heard from the edge for {secs:.1}s"),
+        _ => {
+            format!("idle timeout: nothing heard from the edge for {secs:.1}s (round trip {ms} ms)")
+        }
     };
     Some((close_code::SILENT, why))
 }
@@ -337,10 +399,16 @@ mod tests {
     #[test]
     fn the_limit_is_the_idle_timeout_unless_the_round_trip_asks_for_more() {
         let idle = Duration::from_secs(24);
-        assert_eq!(silence_limit(idle, Duration::from_millis(40)), idle);
-        assert_eq!(silence_limit(idle, Duration::from_secs(2)), idle);
         assert_eq!(
-            silence_limit(idle, Duration::from_secs(3)),
+            silence_limit(idle, None, Duration::from_millis(40), Duration::ZERO),
+            idle
+        );
+        assert_eq!(
+            silence_limit(idle, None, Duration::from_secs(2), Duration::ZERO),
+            idle
+        );
+        assert_eq!(
+            silence_limit(idle, None, Duration::from_secs(3), Duration::ZERO),
             Duration::from_secs(36)
         );
     }
@@ -353,10 +421,20 @@ mod tests {
         assert_eq!(expected_silence(idle, Some(s(8))), s(16));
         assert_eq!(expected_silence(idle, Some(s(12))), idle);
         assert_eq!(expected_silence(idle, Some(s(20))), idle, "never longer");
-        // A long path still gets its twelve round trips.
+        // A long path gets its twelve round trips, after the interval
+        // the edge waits before each PING.
         assert_eq!(
-            silence_limit(expected_silence(idle, Some(s(8))), s(2)),
-            s(24)
+            silence_limit(expected_silence(idle, Some(s(8))), Some(s(8)), s(2), s(0)),
+            s(32)
+        );
+        assert_eq!(
+            silence_limit(expected_silence(idle, Some(s(3))), Some(s(3)), s(1), s(0)),
+            s(15)
+        );
+        // A short one still gets two intervals.
+        assert_eq!(
+            silence_limit(expected_silence(idle, Some(s(3))), Some(s(3)), s(0), s(0)),
+            s(6)
         );
         let h = Heard::default();
         assert_eq!(h.edge_keepalive(), None);
@@ -374,18 +452,61 @@ mod tests {
         let s = Duration::from_secs;
         let idle = s(24);
         let unread = || -> Duration { panic!("round trip read for a session not quiet") };
-        assert_eq!(packet_silence(s(16), idle, Some(s(8)), unread), None);
-        let (code, why) = packet_silence(s(17), idle, Some(s(8)), || s(0)).unwrap();
+        assert_eq!(packet_silence(s(16), idle, Some(s(8)), s(0), unread), None);
+        let (code, why) = packet_silence(s(17), idle, Some(s(8)), s(0), || s(0)).unwrap();
         assert_eq!(code, close_code::SILENT);
         assert!(
             why.starts_with("path dead: nothing heard from the edge for 17.0s"),
             "{why}"
         );
-        let (code, why) = packet_silence(s(25), idle, None, || s(0)).unwrap();
+        let (code, why) = packet_silence(s(25), idle, None, s(0), || s(0)).unwrap();
         assert_eq!(code, close_code::SILENT);
         assert!(why.starts_with("idle timeout"), "{why}");
         // A long path's twelve round trips still count.
-        assert_eq!(packet_silence(s(25), idle, None, || s(3)), None);
+        assert_eq!(packet_silence(s(25), idle, None, s(0), || s(3)), None);
+        // An edge's PINGs an interval plus a round trip apart (3 s, 1 s):
+        // not silent at 10 s, silent past 15 s, naming the round trip.
+        assert_eq!(packet_silence(s(10), idle, Some(s(3)), s(0), || s(1)), None);
+        let (_, why) = packet_silence(s(16), idle, Some(s(3)), s(0), || s(1)).unwrap();
+        assert!(why.contains("round trip 1000 ms"), "{why}");
+        // With a stale round trip (ours, on an idle session), the gaps
+        // its packets came with: 5 s apart lately at a 3 s interval, a
+        // round trip of 2 s, so not silent until 3 + 12 × 2 = 27 s.
+        let slow = Heard::default();
+        for (n, at) in [(1, 1_000), (2, 6_000), (3, 11_000)] {
+            slow.observe(n, at);
+        }
+        assert_eq!(slow.peak_gap(), s(5));
+        let gap = slow.peak_gap();
+        assert_eq!(packet_silence(s(27), idle, Some(s(3)), gap, || s(0)), None);
+        let (_, why) = packet_silence(s(28), idle, Some(s(3)), gap, || s(0)).unwrap();
+        assert!(why.contains("longest recent gap 5.0s"), "{why}");
+        // An edge that never told its interval is on the idle timeout,
+        // gaps or not.
+        assert!(packet_silence(s(25), idle, None, s(20), || s(0)).is_some());
+    }
+
+    /// A long gap is taken at once; shorter ones after it take an eighth
+    /// off each, so a session busy again is back near a sweep period
+    /// within a minute of arrivals.
+    #[test]
+    fn the_peak_gap_rises_at_once_and_decays_by_arrivals() {
+        let h = Heard::default();
+        h.observe(1, 500);
+        h.observe(2, 9_500);
+        assert_eq!(h.peak_gap(), Duration::from_millis(9_000));
+        h.observe(3, 10_500);
+        assert_eq!(h.peak_gap(), Duration::from_millis(7_875));
+        for i in 0..40 {
+            h.observe(4 + i, 11_500 + i * 1_000);
+        }
+        assert_eq!(h.peak_gap(), Duration::from_millis(1_000));
+        // No arrival: the peak stays what it was (a dead path's limit
+        // does not grow).
+        h.observe(44, 60_000);
+        assert_eq!(h.peak_gap(), Duration::from_millis(9_500));
+        h.observe(44, 90_000);
+        assert_eq!(h.peak_gap(), Duration::from_millis(9_500));
     }
 
     #[test]
