@@ -87,7 +87,7 @@ pub fn period(idle_timeout: Duration) -> Duration {
 /// read 323 to 446 ms in the lab while the edge measured 7 s), so for such
 /// an edge the round trip is taken as the longer of that estimate and the
 /// longest recent gap between its packets less an interval (`peak_gap`,
-/// see [`Heard::peak_gap`]). Without this, an idle edge behind a site
+/// see [`Heard::spacing`]). Without this, an idle edge behind a site
 /// upload filling its uplink's queue (round trips of 3 to 8 s at a 3 s
 /// keep-alive, or beyond 8 s at the default 8 s) was closed as a dead
 /// path while the edge, which measures its round trip on every PING, saw
@@ -128,7 +128,7 @@ pub fn session_limit(s: &SessionHandle, idle_timeout: Duration) -> Duration {
         expected_silence(idle_timeout, told),
         told,
         s.conn.rtt(),
-        s.heard.peak_gap(),
+        s.heard.spacing(idle_timeout),
     )
 }
 
@@ -194,6 +194,15 @@ impl Heard {
     /// minute, and an idle one's follows its pace (see [`silence_limit`]).
     pub fn peak_gap(&self) -> Duration {
         Duration::from_millis(self.peak_gap_ms.load(Relaxed))
+    }
+
+    /// [`Heard::peak_gap`] less one sweep [`period`] for `idle_timeout`:
+    /// the gap is dated by the sweeps that saw its ends, so it may read up
+    /// to a period longer than it was, and [`silence_limit`] multiplies
+    /// what it is over an interval by twelve (one second over at the
+    /// defaults would add twelve to a dead path's verdict).
+    pub fn spacing(&self, idle_timeout: Duration) -> Duration {
+        self.peak_gap().saturating_sub(period(idle_timeout))
     }
 
     /// Counts silence from `now_ms` on: after a stall of the relay itself,
@@ -266,7 +275,7 @@ fn sweep_one(shared: &Shared, s: &SessionHandle, idle: Duration) {
     }
     let told = s.heard.edge_keepalive();
     if let Some((code, why)) =
-        packet_silence(quiet, idle, told, s.heard.peak_gap(), || s.conn.rtt())
+        packet_silence(quiet, idle, told, s.heard.spacing(idle), || s.conn.rtt())
     {
         return close(shared, s, code, why);
     }
@@ -314,7 +323,7 @@ fn packet_silence(
         Some(k) if expected < idle => format!(
             "path dead: nothing heard from the edge for {secs:.1}s \
              ({DEAD_AFTER_KEEPALIVES} of its {k:?} keep-alives; round trip {ms} ms, \
-             longest recent gap {gap:.1}s)"
+             packet spacing {gap:.1}s)"
         ),
         _ => {
             format!("idle timeout: nothing heard from the edge for {secs:.1}s (round trip {ms} ms)")
@@ -470,17 +479,18 @@ mod tests {
         let (_, why) = packet_silence(s(16), idle, Some(s(3)), s(0), || s(1)).unwrap();
         assert!(why.contains("round trip 1000 ms"), "{why}");
         // With a stale round trip (ours, on an idle session), the gaps
-        // its packets came with: 5 s apart lately at a 3 s interval, a
-        // round trip of 2 s, so not silent until 3 + 12 × 2 = 27 s.
+        // its packets came with: 5 s apart lately as the sweeps saw them,
+        // 4 s less a sweep period, at a 3 s interval: a round trip of 1 s,
+        // so not silent until 3 + 12 × 1 = 15 s.
         let slow = Heard::default();
         for (n, at) in [(1, 1_000), (2, 6_000), (3, 11_000)] {
             slow.observe(n, at);
         }
         assert_eq!(slow.peak_gap(), s(5));
-        let gap = slow.peak_gap();
-        assert_eq!(packet_silence(s(27), idle, Some(s(3)), gap, || s(0)), None);
-        let (_, why) = packet_silence(s(28), idle, Some(s(3)), gap, || s(0)).unwrap();
-        assert!(why.contains("longest recent gap 5.0s"), "{why}");
+        let gap = slow.spacing(idle);
+        assert_eq!(packet_silence(s(15), idle, Some(s(3)), gap, || s(0)), None);
+        let (_, why) = packet_silence(s(16), idle, Some(s(3)), gap, || s(0)).unwrap();
+        assert!(why.contains("packet spacing 4.0s"), "{why}");
         // An edge that never told its interval is on the idle timeout,
         // gaps or not.
         assert!(packet_silence(s(25), idle, None, s(20), || s(0)).is_some());
@@ -507,6 +517,17 @@ mod tests {
         assert_eq!(h.peak_gap(), Duration::from_millis(9_500));
         h.observe(44, 90_000);
         assert_eq!(h.peak_gap(), Duration::from_millis(9_500));
+        // Less a sweep period (1 s at a 24 s idle timeout): an edge whose
+        // 8 s PINGs read 9 s apart at the sweeps still gets 2 K, not
+        // twelve times the second the sweeps added.
+        let s = Duration::from_secs;
+        let idle = s(24);
+        let at_defaults = Heard::default();
+        at_defaults.observe(1, 1_000);
+        at_defaults.observe(2, 10_000);
+        assert_eq!(at_defaults.spacing(idle), s(8));
+        let limit = silence_limit(s(16), Some(s(8)), Duration::ZERO, at_defaults.spacing(idle));
+        assert_eq!(limit, s(16));
     }
 
     #[test]
