@@ -128,8 +128,40 @@ pub fn session_limit(s: &SessionHandle, idle_timeout: Duration) -> Duration {
         expected_silence(idle_timeout, told),
         told,
         s.conn.rtt(),
-        s.heard.spacing(idle_timeout),
+        quic_spacing(s, idle_timeout),
     )
+}
+
+/// The packet spacing [`silence_limit`] may take a round trip from, for
+/// session `s`: [`Heard::spacing`] on QUIC, at most an interval plus a
+/// twelfth of `idle_timeout` (so that it never lengthens the limit past
+/// an interval plus the idle timeout: each gap a session survives raises
+/// the next limit, and a dead path freezes the last one); zero on the TCP
+/// fallback, where the edge's control pings every interval are what
+/// arrives, yamux has no idle timer of its own behind this one, and the
+/// limit stays two intervals.
+fn quic_spacing(s: &SessionHandle, idle_timeout: Duration) -> Duration {
+    bounded_spacing(
+        s.conn.kind() == relay_transport::TransportKind::Quic,
+        s.heard.spacing(idle_timeout),
+        s.heard.edge_keepalive(),
+        idle_timeout,
+    )
+}
+
+/// [`quic_spacing`]'s rule: `spacing` on QUIC, at most the interval `told`
+/// (else the idle timeout) plus a twelfth of `idle_timeout`; zero on TCP.
+fn bounded_spacing(
+    quic: bool,
+    spacing: Duration,
+    told: Option<Duration>,
+    idle_timeout: Duration,
+) -> Duration {
+    if !quic {
+        return Duration::ZERO;
+    }
+    let k = told.unwrap_or(idle_timeout);
+    spacing.min(k.saturating_add(idle_timeout / 12))
 }
 
 /// Whether session `s` is judged by what arrives (QUIC datagrams, TCP
@@ -275,7 +307,7 @@ fn sweep_one(shared: &Shared, s: &SessionHandle, idle: Duration) {
     }
     let told = s.heard.edge_keepalive();
     if let Some((code, why)) =
-        packet_silence(quiet, idle, told, s.heard.spacing(idle), || s.conn.rtt())
+        packet_silence(quiet, idle, told, quic_spacing(s, idle), || s.conn.rtt())
     {
         return close(shared, s, code, why);
     }
@@ -528,6 +560,23 @@ mod tests {
         assert_eq!(at_defaults.spacing(idle), s(8));
         let limit = silence_limit(s(16), Some(s(8)), Duration::ZERO, at_defaults.spacing(idle));
         assert_eq!(limit, s(16));
+    }
+
+    /// The spacing counts on QUIC only, and never lengthens the limit
+    /// past an interval plus the idle timeout, however long the gaps a
+    /// session survived (each raises the next limit).
+    #[test]
+    fn the_spacing_counts_on_quic_only_and_within_the_idle_timeout() {
+        let s = Duration::from_secs;
+        let idle = s(24);
+        assert_eq!(bounded_spacing(false, s(15), Some(s(8)), idle), s(0));
+        assert_eq!(bounded_spacing(true, s(9), Some(s(8)), idle), s(9));
+        let capped = bounded_spacing(true, s(600), Some(s(8)), idle);
+        assert_eq!(capped, s(10));
+        assert_eq!(silence_limit(s(16), Some(s(8)), s(0), capped), s(32));
+        // On TCP the limit stays two intervals, whatever the gaps.
+        let tcp = bounded_spacing(false, s(600), Some(s(8)), idle);
+        assert_eq!(silence_limit(s(16), Some(s(8)), s(0), tcp), s(16));
     }
 
     #[test]
