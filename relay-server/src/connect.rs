@@ -137,12 +137,14 @@ async fn serve_tcp_client(
 /// Socket options of every accepted CONNECT client, set once on the
 /// listener (Linux copies them to each accepted socket: no syscall per
 /// connection; the splice sets none either, so these hold for the
-/// connection's whole life). TCP keep-alive (and the user timeout) matter
-/// after the 200: the header read is bounded, but the splice then waits
-/// for either side as long as it takes, and a client that vanished
-/// without a FIN or RST (a crashed host, a dropped NAT binding) would
-/// otherwise hold its task, fd and connection permit forever
-/// (`lab/tests/halfopen.rs`: freed about 30 s after it vanished).
+/// connection's whole life). TCP keep-alive matters after the 200: the
+/// header read is bounded, but the splice then waits for either side as
+/// long as it takes, and a client that vanished without a FIN or RST (a
+/// crashed host, a dropped NAT binding) would otherwise hold its task, fd
+/// and connection permit forever (`lab/tests/halfopen.rs`: freed about
+/// 25 s after it vanished). No `TCP_USER_TIMEOUT`: it would also reset a
+/// client that merely stops reading for that long (see
+/// `relay_transport::tcp::tune_listener`).
 fn tune_listener(l: &TcpListener) {
     relay_transport::tcp::tune_listener(l);
 }
@@ -289,8 +291,8 @@ async fn handle<S: LocalStream>(mut s: S, peer: Peer, mut audit: Audit, shared: 
 }
 
 /// A CONNECT to a Service whose picked endpoint is in the cloud (a webhook
-/// or aggregated API the apiserver names `svc.ns.svc:443`): the relay
-/// dials it itself.
+/// or aggregated API, which the apiserver asks for by its ClusterIP, or a
+/// client naming the Service): the relay dials it itself.
 async fn direct<S: LocalStream>(
     mut s: S,
     pending: &[u8],

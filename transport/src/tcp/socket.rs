@@ -23,12 +23,16 @@ pub const USER_TIMEOUT: Duration = Duration::from_secs(30);
 pub(super) const NOTSENT_LOWAT: u32 = 128 << 10;
 
 /// Socket options of the fallback's tunnel sockets (the edge's dialled
-/// one, the relay's accepted ones): [`tune_listener`]'s, and
-/// `NOTSENT_LOWAT` (128 KiB), which CONNECT's client sockets do not need (they
-/// carry one stream each).
+/// one, the relay's accepted ones): [`tune_listener`]'s, [`USER_TIMEOUT`],
+/// and `NOTSENT_LOWAT` (128 KiB), which CONNECT's client sockets do not
+/// need (they carry one stream each).
 pub fn tune_socket(s: &tokio::net::TcpStream) {
     let sock = socket2::SockRef::from(s);
-    tune(sock);
+    tune(&sock);
+    // A tunnel socket is always read (yamux reads whatever arrives and
+    // applies flow control per stream), so a closed window here is a
+    // stalled peer, not a slow reader.
+    let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
     let lowat: libc::c_int = NOTSENT_LOWAT as libc::c_int;
     // No safe wrapper in socket2 or nix for this option.
     // SAFETY: a valid fd owned by `s`, and a c_int option of that size.
@@ -49,16 +53,23 @@ pub fn tune_socket(s: &tokio::net::TcpStream) {
 
 /// Socket options of CONNECT's client sockets, set once on their listener
 /// (Linux copies them to every socket it accepts, so accepted connections
-/// get them without a syscall of their own): no Nagle delay; TCP
+/// get them without a syscall of their own): no Nagle delay; and TCP
 /// keep-alive well under CGNAT idle timers, so the NAT binding of an idle
 /// connection stays open and a peer that vanished without a FIN or RST is
-/// probed (from 10 s of silence, every 5 s); and [`USER_TIMEOUT`], which
-/// also decides when unanswered probes end the connection (Linux: the
-/// user timeout overrides the probe count), so a vanished peer is dropped
-/// about 30 s after it last acknowledged anything. [`tune_socket`] sets
-/// the same on the fallback's tunnel sockets.
+/// probed (from 10 s of silence, every 5 s, given up after 3 unanswered:
+/// 25 s).
+///
+/// Not [`USER_TIMEOUT`]: Linux also aborts a connection whose peer has
+/// kept its receive window closed that long, however promptly it answers
+/// the window probes, and a CONNECT client legitimately stops reading
+/// (kube-apiserver copies an exec or port-forward stream to its own
+/// client, and stops reading when that client does: `kubectl exec ... |
+/// less` paused, a port-forward whose consumer stalls): with it such a
+/// stream was reset about 30 s into the pause. A vanished client with
+/// data unacknowledged is then given up by the kernel's retransmission
+/// limit (`tcp_retries2`, about 15 minutes) instead.
 pub fn tune_listener(l: &tokio::net::TcpListener) {
-    tune(socket2::SockRef::from(l));
+    tune(&socket2::SockRef::from(l));
 }
 
 /// Sets the maximum segment size on a listener (the relay's fallback
@@ -68,14 +79,13 @@ pub fn set_listener_mss(l: &tokio::net::TcpListener, mss: u32) -> std::io::Resul
     socket2::SockRef::from(l).set_tcp_mss(mss)
 }
 
-fn tune(sock: socket2::SockRef<'_>) {
+fn tune(sock: &socket2::SockRef<'_>) {
     let _ = sock.set_tcp_nodelay(true);
     let ka = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(10))
         .with_interval(Duration::from_secs(5))
         .with_retries(3);
     let _ = sock.set_tcp_keepalive(&ka);
-    let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
 }
 
 /// The edge's default for the fallback's TCP maximum segment size
