@@ -140,16 +140,18 @@ TOML
     if [ "$capture" = true ]; then
       # A clean exit leaves only refusals of what was captured, for
       # capture.hold_after_exit as the manifests set it (nft sets with
-      # element timeouts, which the image's nft must be able to make): no
-      # translation to the capture address, no policy rule; the capture
-      # address stays on lo, labelled (captured flows' conntrack entries
-      # still point at it; the next start replaces it).
+      # element timeouts, which the image's nft must be able to make), in
+      # a table of their own (the next start keeps it until it captures
+      # again): no capture table, no policy rule; the capture address
+      # stays on lo, labelled (captured flows' conntrack entries still
+      # point at it; the next start replaces it).
       left=$(jail "$r" nft list table inet edge_relay 2>&1) || true
       grep -Eq 'dnat ip to|redirect to|chain (pre_nat|svc_pre)' <<<"$left" && die "$label: capture rules left after SIGTERM: $left"
       has '169\.254\.70\.1/32 .*lo:edge_relay' jail "$r" ip -4 addr show dev lo || die "$label: the capture address (label lo:edge_relay) is not kept on lo after SIGTERM"
-      grep -q 'chain held_fwd' <<<"$left" || { cat "$T/$label-edge.log" >&2; die "$label: no held refusals after SIGTERM (capture.hold_after_exit): $left"; }
+      held=$(jail "$r" nft list table inet edge_relay_held 2>&1) || true
+      grep -q 'chain held_fwd' <<<"$held" || { cat "$T/$label-edge.log" >&2; die "$label: no held refusals after SIGTERM (capture.hold_after_exit): $held"; }
       has '^7100:' jail "$r" ip rule show && die "$label: ip rule 7100 left after SIGTERM"
-      say "$label: SIGTERM removed the capture, held its refusals" "edge exit 0, no capture rule or policy rule, the address kept; held_fwd/held_out"
+      say "$label: SIGTERM removed the capture, held its refusals" "edge exit 0, no capture rule or policy rule, the address kept; held_fwd/held_out in inet edge_relay_held"
     fi
     kill -TERM "$rpid"
     rc=0; wait "$rpid" || rc=$?
