@@ -444,20 +444,30 @@ fn absent_wait(opts: &IpamOptions, n: u32) -> Duration {
         .min(opts.rediscover)
 }
 
-/// Probes `kind` and follows it while it is served, forever.
-async fn run(inner: Arc<Inner>, api: Api<DynamicObject>, kind: IpamKind, opts: IpamOptions) {
-    // The last probe outcome logged: each is logged when it changes only.
-    let mut said = String::new();
-    let mut say = |now: String, warn: bool| {
-        if now != said {
+/// A log line written only when it differs from the last one (a probe
+/// repeated every few seconds or minutes says each outcome once).
+#[derive(Default)]
+pub(super) struct SaidOnce(String);
+
+impl SaidOnce {
+    /// Logs `now` (at warn or info) unless it is what was said last.
+    pub(super) fn say(&mut self, now: String, warn: bool) {
+        if now != self.0 {
             if warn {
                 tracing::warn!("{now}");
             } else {
                 tracing::info!("{now}");
             }
-            said = now;
+            self.0 = now;
         }
-    };
+    }
+}
+
+/// Probes `kind` and follows it while it is served, forever.
+async fn run(inner: Arc<Inner>, api: Api<DynamicObject>, kind: IpamKind, opts: IpamOptions) {
+    // Each probe outcome is logged when it changes only.
+    let mut said = SaidOnce::default();
+    let mut say = |now: String, warn: bool| said.say(now, warn);
     let every = opts.rediscover;
     let retry = opts.retry.min(every);
     // The watch ended with a 404 and its objects are kept: a 404 from the

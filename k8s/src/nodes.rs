@@ -328,6 +328,21 @@ struct Inner {
 type ClaimMap = BTreeMap<String, (NodeClaims, Vec<ClaimIssue>)>;
 
 impl Inner {
+    /// An empty directory's state and the writer of its store.
+    fn new() -> (Inner, reflector::store::Writer<Node>) {
+        let (store, writer) = reflector::store();
+        let inner = Inner {
+            store,
+            claims: RwLock::new(BTreeMap::new()),
+            synced: watch::channel(false).0,
+            changes: watch::channel(0).0,
+            skipped: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            last_error: crate::client::LastError::default(),
+        };
+        (inner, writer)
+    }
+
     /// Recomputes one node's claims; true if they differ from the stored
     /// ones (or the node is new).
     fn update(&self, node: &Node) -> bool {
@@ -408,16 +423,8 @@ impl NodeDirectory {
     /// default backoff between failures). Needs `list` and `watch` on nodes.
     /// Must be called within a Tokio runtime.
     pub fn spawn(client: &KubeClient, opts: &DirectoryOptions) -> NodeDirectory {
-        let (store, writer) = reflector::store();
-        let inner = Arc::new(Inner {
-            store,
-            claims: RwLock::new(BTreeMap::new()),
-            synced: watch::channel(false).0,
-            changes: watch::channel(0).0,
-            skipped: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-            last_error: crate::client::LastError::default(),
-        });
+        let (inner, writer) = Inner::new();
+        let inner = Arc::new(inner);
         let config = watcher::Config::default().timeout(opts.watch_timeout_secs);
         let stream = watcher(Api::<Node>::all(client.0.clone()), config)
             .modify(trim)

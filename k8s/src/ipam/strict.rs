@@ -137,18 +137,9 @@ fn message(now: StrictAffinity, every: Duration) -> (String, bool) {
 /// forever.
 pub(super) async fn run(inner: Arc<Inner>, api: Api<DynamicObject>, opts: IpamOptions) {
     let mut changes = inner.changes.subscribe();
-    // The last outcome logged: each is logged when it changes only.
-    let mut said = String::new();
-    let mut say = |(now, warn): (String, bool)| {
-        if now != said {
-            if warn {
-                tracing::warn!("{now}");
-            } else {
-                tracing::info!("{now}");
-            }
-            said = now;
-        }
-    };
+    // Each outcome is logged when it changes only.
+    let mut said = super::SaidOnce::default();
+    let mut say = |(now, warn): (String, bool)| said.say(now, warn);
     let every = opts.rediscover;
     let retry = opts.retry.min(every);
     // A 404 after the object was read: kube-apiserver answers stray ones

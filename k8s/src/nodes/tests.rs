@@ -275,17 +275,7 @@ fn trimming_keeps_what_the_claims_and_the_sweep_read() {
 }
 
 fn inner() -> (Inner, reflector::store::Writer<Node>) {
-    let (store, writer) = reflector::store();
-    let inner = Inner {
-        store,
-        claims: RwLock::new(BTreeMap::new()),
-        synced: watch::channel(false).0,
-        changes: watch::channel(0).0,
-        skipped: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
-        last_error: crate::client::LastError::default(),
-    };
-    (inner, writer)
+    Inner::new()
 }
 
 /// A kubelet's status report (heartbeats, images, its own conditions)
