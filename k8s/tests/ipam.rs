@@ -14,6 +14,7 @@ use relay_kube::{IpamDirectory, IpamKind, IpamOptions, IpamState};
 use relay_kube_standin::crds::{block_affinity, cilium_node, ipam_config};
 use relay_kube_standin::{Crd, PolicyRule};
 use relay_protocol::Cidr;
+use relay_transport::test_log::Captured;
 
 fn prefixes_of(dir: &IpamDirectory, node: &str) -> Vec<String> {
     dir.prefixes()
@@ -406,28 +407,13 @@ async fn a_deleted_calico_ipam_config_is_unset_after_a_second_404() {
     }
 }
 
-/// A `MakeWriter` keeping what is logged, for the warnings' tests.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn warnings_about(&self, what: &str) -> Vec<String> {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .filter(|l| l.contains("WARN") && l.contains(what))
-            .map(str::to_string)
-            .collect()
-    }
+/// The warning lines `log` has captured that mention `what`.
+fn warnings_about(log: &Captured, what: &str) -> Vec<String> {
+    log.text()
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains(what))
+        .map(str::to_string)
+        .collect()
 }
 
 /// `list` and `watch` on both IPAM resources, as the manifests grant
@@ -455,15 +441,8 @@ fn ipam_rules_without_ipam_configs() -> Vec<PolicyRule> {
 #[tokio::test]
 async fn a_forbidden_calico_ipam_config_is_warned_once_and_blocks_still_route() {
     let (standin, client) = setup().await;
-    let log = Captured::default();
-    let writer = log.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
     // The test's runtime has one thread, which polls the directory's tasks.
-    let _log = tracing::subscriber::set_default(subscriber);
+    let (log, _log) = Captured::start();
     standin.set_rbac(Some(ipam_rules_without_ipam_configs()));
     standin.upsert_custom(
         Crd::CalicoBlockAffinities,
@@ -487,7 +466,7 @@ async fn a_forbidden_calico_ipam_config_is_warned_once_and_blocks_still_route() 
     assert_eq!(dir.calico_strict_affinity(), StrictAffinity::Forbidden);
     assert_eq!(prefixes_of(&dir, "edge-1"), ["10.70.1.0/26"]);
     assert_eq!(dir.state(IpamKind::CalicoBlockAffinity), IpamState::Listed);
-    let warned = log.warnings_about("ipamconfigs.crd.projectcalico.org");
+    let warned = warnings_about(&log, "ipamconfigs.crd.projectcalico.org");
     assert_eq!(warned.len(), 1, "{warned:?}");
     assert!(
         warned[0].contains("403") && warned[0].contains("strictAffinity"),
@@ -511,8 +490,7 @@ async fn a_forbidden_calico_ipam_config_is_warned_once_and_blocks_still_route() 
     })
     .await;
     assert_eq!(
-        log.warnings_about("ipamconfigs.crd.projectcalico.org")
-            .len(),
+        warnings_about(&log, "ipamconfigs.crd.projectcalico.org").len(),
         1
     );
     assert_eq!(prefixes_of(&dir, "edge-1"), ["10.70.1.0/26"]);

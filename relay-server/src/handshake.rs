@@ -493,7 +493,7 @@ mod tests {
     /// edge's `route_conflict` among them is still logged with its node.
     #[tokio::test(start_paused = true)]
     async fn rejections_are_sampled_per_reason() {
-        let (out, _guard) = crate::log_capture::Captured::start();
+        let (out, _guard) = relay_transport::test_log::Captured::start();
         let remote: std::net::SocketAddr = "192.0.2.7:40000".parse().unwrap();
         for i in 0..1_000 {
             log_rejected(remote, RejectReason::Overloaded, "relay at max_sessions");

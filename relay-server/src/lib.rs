@@ -64,8 +64,6 @@ pub mod k8s;
 #[cfg(feature = "kubernetes")]
 pub mod k8s_services;
 pub mod liveness;
-#[cfg(test)]
-mod log_capture;
 pub mod metrics;
 pub mod multipath;
 mod offline;

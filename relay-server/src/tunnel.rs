@@ -450,7 +450,7 @@ mod tests {
         use relay_protocol::{StreamReply, StreamStatus};
         use tokio::io::AsyncReadExt;
 
-        let (out, _guard) = crate::log_capture::Captured::start();
+        let (out, _guard) = relay_transport::test_log::Captured::start();
 
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let at = l.local_addr().unwrap();

@@ -57,6 +57,10 @@ pub mod tcp;
 #[cfg(any(test, feature = "test-netns"))]
 #[doc(hidden)]
 pub mod test_netns;
+// The log capture shared with relay-server's and relay-kube's tests.
+#[cfg(feature = "test-log")]
+#[doc(hidden)]
+pub mod test_log;
 pub mod tls;
 pub mod udp;
 mod udp_capture;

@@ -301,10 +301,7 @@ async fn renew(s: &Shared, held: Option<Lease>) -> Renewal {
             }
             Err(KubeError::Api {
                 status: Some(409), ..
-            }) => {
-                s.stats.rv_conflicts.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!("our lease changed under us (409); reading it again");
-            }
+            }) => conflicted(s, "reading it again"),
             Err(KubeError::Api {
                 status: Some(404), ..
             }) => {
@@ -378,8 +375,7 @@ async fn renew(s: &Shared, held: Option<Lease>) -> Renewal {
         Err(KubeError::Api {
             status: Some(409), ..
         }) => {
-            s.stats.rv_conflicts.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!("lease changed under us (409); renewing next round");
+            conflicted(s, "renewing next round");
             Renewal {
                 answered: true,
                 seen,
@@ -396,6 +392,18 @@ async fn renew(s: &Shared, held: Option<Lease>) -> Renewal {
             }
         }
     }
+}
+
+/// Counts and logs a 409 on writing our Lease, wherever the write came
+/// from: the resourceVersion it carried is no longer current, so someone
+/// wrote the Lease since we last wrote or read it (an instance holding our
+/// id, a hand edit, or a write of ours whose answer was lost). Only at
+/// debug, as it is routine and settled by reading the Lease again; another
+/// live instance holding it is what that read reports, at error. `then`
+/// says what the round does next.
+fn conflicted(s: &Shared, then: &str) {
+    s.stats.rv_conflicts.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!("our lease changed under us (409); {then}");
 }
 
 /// Deletes Leases expired for longer than `gc_after` (never our own).
