@@ -37,6 +37,7 @@ pub mod dns;
 mod identity;
 pub mod liveness;
 mod nat64;
+pub mod probe;
 mod relay_addrs;
 pub mod serve;
 pub mod services;

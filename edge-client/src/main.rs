@@ -16,8 +16,13 @@ use tokio::signal::unix::{signal, SignalKind};
 #[command(version, about, long_about = None)]
 struct Cli {
     /// TOML configuration file (see README "Configuration reference").
-    #[arg(short, long, env = "EDGE_CONFIG")]
-    config: PathBuf,
+    #[arg(
+        short,
+        long,
+        env = "EDGE_CONFIG",
+        required_unless_present = "probe_ready"
+    )]
+    config: Option<PathBuf>,
     /// Override `node` from the file (e.g. from the downward API).
     #[arg(long, env = "EDGE_NODE_NAME")]
     node: Option<String>,
@@ -27,6 +32,12 @@ struct Cli {
     /// Validate the configuration and exit.
     #[arg(long)]
     check: bool,
+    /// Ask the running client's status endpoint at this address (its
+    /// `status_listen`) whether it is ready, print its answer and exit 0
+    /// if ready, 1 if not: kubelet's exec readiness probe, whose Event then
+    /// says why (see `edge_client::probe`). Reads no configuration.
+    #[arg(long, value_name = "ADDR", conflicts_with = "check")]
+    probe_ready: Option<std::net::SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,9 +45,13 @@ fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).init();
+    if let Some(listen) = cli.probe_ready {
+        probe_ready(listen);
+    }
     relay_transport::tls::install_default_provider();
-    let text = std::fs::read_to_string(&cli.config)
-        .with_context(|| format!("reading {}", cli.config.display()))?;
+    let path = cli.config.context("--config is required")?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut file = FileConfig::parse(&text)?;
     if let Some(n) = cli.node {
         file.node = n;
@@ -48,7 +63,7 @@ fn main() -> anyhow::Result<()> {
     if cli.check {
         println!(
             "{}: ok (node {}, relay {}, {} routes)",
-            cli.config.display(),
+            path.display(),
             cfg.node,
             cfg.relay,
             cfg.routes.len()
@@ -63,6 +78,23 @@ fn main() -> anyhow::Result<()> {
         rt.worker_threads(cfg.worker_threads);
     }
     rt.enable_all().build()?.block_on(run(cfg))
+}
+
+/// `--probe-ready`: prints what `/readyz` says and exits, 0 if ready,
+/// else 1.
+fn probe_ready(listen: std::net::SocketAddr) -> ! {
+    // Under kubelet's probe timeout (the manifest's 5 s), so the answer
+    // is ours, not kubelet's "timed out".
+    match edge_client::probe::readiness(listen, std::time::Duration::from_secs(3)) {
+        Ok(r) => {
+            println!("{}", r.text);
+            std::process::exit(if r.ready { 0 } else { 1 })
+        }
+        Err(e) => {
+            println!("status endpoint {listen} did not answer: {e}");
+            std::process::exit(1)
+        }
+    }
 }
 
 /// Runs the client until SIGTERM or SIGINT.
