@@ -60,6 +60,32 @@ pub(crate) async fn wait_sessions(
     t0: Instant,
     limit: Duration,
 ) -> Result<Duration> {
+    Ok(wait_arrivals(edges, sessions, t0, limit).await?.all)
+}
+
+/// When the edges got there, from `t0`: how a storm's stragglers differ
+/// from its bulk (a median alone hides whether one edge or a hundred
+/// came late).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Arrivals {
+    /// Half of the edges.
+    pub(crate) half: Duration,
+    /// 90 % of them.
+    pub(crate) p90: Duration,
+    /// 99 % of them.
+    pub(crate) p99: Duration,
+    /// All of them.
+    pub(crate) all: Duration,
+}
+
+/// [`wait_sessions`], with the times at which half, 90 % and 99 % of the
+/// edges were there.
+pub(crate) async fn wait_arrivals(
+    edges: &[EdgeClient],
+    sessions: u64,
+    t0: Instant,
+    limit: Duration,
+) -> Result<Arrivals> {
     use std::sync::atomic::Ordering::Relaxed;
     let count = || {
         edges
@@ -72,10 +98,24 @@ pub(crate) async fn wait_sessions(
     };
     let n = edges.len();
     let deadline = t0 + limit;
+    // Fractions in thousandths, so 1,000 edges give exact marks.
+    let marks = [500, 900, 990];
+    let mut at = [None; 3];
     loop {
         let c = count();
+        let now = t0.elapsed();
+        for (m, slot) in marks.iter().zip(at.iter_mut()) {
+            if slot.is_none() && c * 1000 >= m * n {
+                *slot = Some(now);
+            }
+        }
         if c == n {
-            return Ok(t0.elapsed());
+            return Ok(Arrivals {
+                half: at[0].unwrap_or(now),
+                p90: at[1].unwrap_or(now),
+                p99: at[2].unwrap_or(now),
+                all: now,
+            });
         }
         if Instant::now() >= deadline {
             let sample = edges

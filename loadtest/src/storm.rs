@@ -19,7 +19,9 @@ use crate::common::{
     KubeArgs, KubeRun, Progress, Table, Via,
 };
 use crate::rr::{check_rate, fixed_rate, RrResult};
-use crate::sessions::{check_edges, spawn_edges, stop_edges, wait_relay_count, wait_sessions};
+use crate::sessions::{
+    check_edges, spawn_edges, stop_edges, wait_arrivals, wait_relay_count, wait_sessions, Arrivals,
+};
 
 /// Arguments of `storm`.
 #[derive(clap::Args, Debug)]
@@ -52,6 +54,10 @@ struct One {
     relay_exit_s: f64,
     relay_ready_s: f64,
     all_back_s: f64,
+    /// When half, 90 % and 99 % were back.
+    back: Arrivals,
+    /// Edges that fell back to TLS over TCP during the restart.
+    fell_back: u64,
     failures: String,
     /// `--kube`: seconds after SIGTERM until the new relay had checked
     /// every Node's condition and each said the tunnel is up, and the API
@@ -105,9 +111,18 @@ async fn run_once(bench: &Bench, a: &Args, cluster: Option<&BenchCluster>) -> Re
     let relay_exit_s = t0.elapsed().as_secs_f64();
     // Requests from here on are the new relay's: the old one has exited.
     let log_new = cluster.map(BenchCluster::log_len);
+    let fallbacks = || -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        edges
+            .iter()
+            .map(|e| e.stats().fallbacks.load(Relaxed))
+            .sum()
+    };
+    let fallbacks_before = fallbacks();
     let relay = bench.start_relay_at(quic, connect).await?;
     let relay_ready_s = t0.elapsed().as_secs_f64();
-    let all_back = wait_sessions(&edges, 2, t0, Duration::from_secs(60)).await?;
+    let back = wait_arrivals(&edges, 2, t0, Duration::from_secs(60)).await?;
+    let fell_back = fallbacks() - fallbacks_before;
     wait_relay_count(&relay, a.edges, Duration::from_secs(10)).await?;
     let failures = relay.handshake_failures().await?;
     let kube = match (cluster, log0, log_new) {
@@ -126,7 +141,9 @@ async fn run_once(bench: &Bench, a: &Args, cluster: Option<&BenchCluster>) -> Re
         storm,
         relay_exit_s,
         relay_ready_s,
-        all_back_s: all_back.as_secs_f64(),
+        all_back_s: back.all.as_secs_f64(),
+        back,
+        fell_back,
         failures,
         kube,
     })
@@ -168,12 +185,16 @@ pub(crate) async fn run(a: Args) -> Result<()> {
             );
         }
         eprintln!(
-            "  run {}: relay exited {:.2}s after SIGTERM, new relay ready at {:.2}s, all {} back at {:.2}s; rr p99 {:.0} µs quiet, {:.0} µs during ({} errors); new relay's handshake failures: {}",
+            "  run {}: relay exited {:.2}s after SIGTERM, new relay ready at {:.2}s, all {} back at {:.2}s (half at {:.2}s, 90 % {:.2}s, 99 % {:.2}s; {} fell back to TCP); rr p99 {:.0} µs quiet, {:.0} µs during ({} errors); new relay's handshake failures: {}",
             r + 1,
             o.relay_exit_s,
             o.relay_ready_s,
             a.edges,
             o.all_back_s,
+            o.back.half.as_secs_f64(),
+            o.back.p90.as_secs_f64(),
+            o.back.p99.as_secs_f64(),
+            o.fell_back,
             o.quiet.us(0.99),
             o.storm.us(0.99),
             o.storm.errors,
