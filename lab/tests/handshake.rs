@@ -84,7 +84,7 @@ async fn certificates_from_an_unknown_ca_or_for_another_node_are_refused() -> Re
         eventually(Duration::from_secs(5), || shared
             .metrics
             .render(0, 0)
-            .contains("reason=\"tls\"} 1"))
+            .contains("reason=\"unknown_ca\"} 1"))
         .await,
         "TLS failure not counted"
     );

@@ -186,8 +186,8 @@ async fn revoked_edges_are_refused_and_renewed_certificates_served_without_dropp
     let (_, metrics) = relay_lab::admin_get(admin, "/metrics", None).await?;
     let tls_failures = metrics
         .lines()
-        .find(|l| l.starts_with("relay_handshake_failures_total{reason=\"tls\"}"))
-        .context("tls failure metric")?
+        .find(|l| l.starts_with("relay_handshake_failures_total{reason=\"revoked\"}"))
+        .context("revoked failure metric")?
         .to_string();
     assert!(!tls_failures.ends_with(" 0"), "{tls_failures}");
     assert_eq!(

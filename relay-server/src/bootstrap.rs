@@ -26,10 +26,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use relay_protocol::bootstrap::{CertReply, CertRequest, IssuedCert};
 use relay_protocol::codec::{read_frame, write_frame};
 use relay_protocol::{close_code, RejectReason, Rejection, PROTOCOL_VERSION};
+use relay_transport::log_sample::{self, LogSampler};
 use relay_transport::TunnelConn;
 use tracing::{debug, info};
 
 use crate::directory::Lookup;
+use crate::metrics::REJECT_REASONS;
 use crate::server::Shared;
 
 /// Who a token says the edge is.
@@ -225,6 +227,37 @@ async fn decide_by(
 
 /// Serves one bootstrap connection: one request, one reply, bounded by the
 /// handshake timeout, then the connection closes.
+/// One log sampler per refusal reason (in `metrics::REJECT_REASONS`
+/// order, then one for reasons of a newer protocol): edges refused a
+/// certificate retry (every edge of a cluster whose token reviews fail),
+/// and a storm of one reason must not hide another.
+static REFUSED_LOG: [LogSampler; REJECT_REASONS.len() + 1] =
+    [const { LogSampler::new(log_sample::WINDOW) }; REJECT_REASONS.len() + 1];
+
+/// Logs a refused certificate request, sampled per reason (this line is
+/// written once per request; `relay_bootstrap_total{outcome="refused"}`
+/// counts every one).
+fn log_refused(remote: std::net::SocketAddr, node: &str, reason: RejectReason, message: &str) {
+    let i = REJECT_REASONS
+        .iter()
+        .position(|r| *r == reason)
+        .unwrap_or(REJECT_REASONS.len());
+    let Some(s) = REFUSED_LOG[i].admit(log_sample::now()) else {
+        return;
+    };
+    let reason = reason.as_str();
+    if s.suppressed == 0 {
+        info!(%remote, node, reason, message, "certificate request refused");
+    } else {
+        info!(
+            %remote, node, reason, message, suppressed = s.suppressed,
+            "certificate request refused (and {} more for {reason} in the last {} s)",
+            s.suppressed,
+            s.since.as_secs()
+        );
+    }
+}
+
 pub(crate) async fn serve_bootstrap(conn: TunnelConn, shared: Arc<Shared>) {
     let remote = conn.remote_addr();
     let limit = shared.cfg.limits.handshake_timeout;
@@ -265,7 +298,7 @@ pub(crate) async fn serve_bootstrap(conn: TunnelConn, shared: Arc<Shared>) {
                     // asking at once: one line per window, not one each.
                     relay_transport::sampled!(warn, "certificate request refused: overloaded", %remote, node = %req.node, %message);
                 } else {
-                    info!(%remote, node = %req.node, reason = reason.as_str(), %message, "certificate request refused");
+                    log_refused(remote, &req.node, reason, &message);
                 }
                 if node != Lookup::Unknown {
                     shared.status.rejected(&req.node, reason.as_str(), &message);
@@ -487,5 +520,48 @@ mod tests {
             decide(&Fixed, &iss, &bad, now).await.unwrap_err().0,
             RejectReason::Malformed
         );
+    }
+
+    /// Refused certificate requests are logged sampled, per reason: 1,000
+    /// edges refused `identity_mismatch` within 20 s (a cluster whose
+    /// token reviews all fail) write one line per 10 s window, and one
+    /// `malformed` among them is still logged.
+    #[tokio::test(start_paused = true)]
+    async fn refused_requests_are_logged_sampled_per_reason() {
+        let (out, _guard) = relay_transport::test_log::Captured::start();
+        let remote: std::net::SocketAddr = "192.0.2.7:40000".parse().unwrap();
+        for i in 0..1_000 {
+            let node = format!("edge-{i}");
+            log_refused(
+                remote,
+                &node,
+                RejectReason::IdentityMismatch,
+                "unknown token",
+            );
+            if i == 500 {
+                log_refused(remote, "edge-x", RejectReason::Malformed, "bad key");
+            }
+            tokio::time::advance(Duration::from_millis(20)).await;
+        }
+        let text = out.text();
+        let lines: Vec<&str> = text.lines().collect();
+        let mismatch = lines
+            .iter()
+            .filter(|l| l.contains("reason=\"identity_mismatch\""))
+            .count();
+        assert_eq!(mismatch, 2, "{text}");
+        assert!(
+            lines.iter().any(|l| l.contains(
+                "certificate request refused (and 499 more for identity_mismatch in the last 10 s)"
+            )),
+            "{text}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("reason=\"malformed\"") && l.contains("edge-x")),
+            "{text}"
+        );
+        assert_eq!(lines.len(), 3, "{text}");
     }
 }

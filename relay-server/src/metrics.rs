@@ -11,9 +11,17 @@ use relay_protocol::{RejectReason, StreamStatus};
 
 use crate::policy::{DenyReason, Origin};
 
-/// Handshake failure reasons beyond the protocol's typed rejections.
-pub const HANDSHAKE_LOCAL_REASONS: [&str; 7] = [
+/// Handshake failure reasons beyond the protocol's typed rejections: `tls`
+/// is a TLS handshake that failed for any reason but the five after it,
+/// which are the client certificate's (`RefusalCause::as_str` of
+/// `relay_transport::reload`, told by the verifier).
+pub const HANDSHAKE_LOCAL_REASONS: [&str; 12] = [
     "tls",
+    "cert_expired",
+    "cert_not_yet_valid",
+    "revoked",
+    "unknown_ca",
+    "bad_certificate",
     "timeout",
     "protocol",
     "closed",
@@ -233,7 +241,7 @@ impl Metrics {
         metric(
             "relay_handshake_failures_total",
             "counter",
-            "Edge handshakes that failed, by reason.",
+            "Edge handshakes that failed, by reason: the edge's typed rejections; the client certificate refused at TLS (cert_expired, cert_not_yet_valid, revoked, unknown_ca, bad_certificate); tls for any other TLS failure; and the relay's own limits.",
             &rows,
         );
         let rows: Vec<(String, u64)> = SERVICE_PICKS

@@ -33,7 +33,7 @@ use crate::issue::CLOCK_SLACK;
 
 /// Whether `e` is about the validity period (either end): the kind of
 /// failure a verification at a shifted time may add or remove.
-fn is_validity(e: &Error) -> bool {
+pub(crate) fn is_validity(e: &Error) -> bool {
     matches!(
         e,
         Error::InvalidCertificate(

@@ -340,6 +340,9 @@ pub fn server_endpoint_with(
     tuning: &QuicTuning,
 ) -> Result<quinn::Endpoint, std::io::Error> {
     let crypto = QuicServerConfig::try_from(rustls).map_err(std::io::Error::other)?;
+    // Tells a refused client certificate to the accept loop that asked
+    // (`reload::refused`); otherwise quinn's own.
+    let crypto = crate::reload::refused::RefusalAwareQuic::new(crypto);
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     // `tuning.max_bidi_streams` is what edges may open (see
     // `QuicTuning::relay_default`). The relay's QUIC keep-alive is only

@@ -15,6 +15,11 @@
 //! [`TlsPaths`] names the files, loads them, and tells whether they changed
 //! since the last load (modification time and size), for a watcher that
 //! polls them.
+//!
+//! A client certificate the verifier refuses is examined (why, which node
+//! it names, whether our CA signed it) for the accept loop of the
+//! connection that presented it, when that loop asked ([`RefusalSlot`],
+//! see [`refused`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -29,6 +34,9 @@ use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureS
 
 use crate::clock_skew::SkewTolerantClientVerifier;
 use crate::tls::{provider, TlsError, TlsMaterial};
+
+pub mod refused;
+pub use refused::{ClientCertRefusal, RefusalCause, RefusalSlot};
 
 /// Certificate revocation lists from PEM text (`-----BEGIN X509 CRL-----`);
 /// at least one must be there.
@@ -264,9 +272,20 @@ impl ClientCertVerifier for ReloadableServerTls {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.now()
-            .verifier
-            .verify_client_cert(end_entity, intermediates, now)
+        let verifier = self.now().verifier;
+        let verified = verifier.verify_client_cert(end_entity, intermediates, now);
+        if let Err(e) = &verified {
+            // For the accept loop of this connection, if it asked (see
+            // `refused`); the same verifier checks the chain again.
+            refused::note(|| {
+                refused::examine(e, end_entity, |t| {
+                    verifier
+                        .verify_client_cert(end_entity, intermediates, t)
+                        .map(drop)
+                })
+            });
+        }
+        verified
     }
 
     fn verify_tls12_signature(

@@ -335,33 +335,41 @@ async fn write_conditions(
                             counters.writes.fetch_add(1, Relaxed);
                             pace.wrote(&node, std::time::Instant::now());
                         }
-                        false
+                        None
                     }
                     Some(Err(KubeError::NotFound { .. })) => {
                         writer.forget(&node);
-                        false
+                        None
                     }
-                    Some(Err(e)) => {
-                        warn!(%node, error = %e, "writing the node condition failed; retrying later");
-                        true
-                    }
-                    None => {
-                        warn!(%node, "a node condition write panicked; retrying later");
-                        true
-                    }
+                    Some(Err(e)) => Some(e.to_string()),
+                    None => Some("the write panicked".to_string()),
                 };
                 // A state that did not reach the apiserver (it is down,
                 // throttling, timing out, refusing) is written again after
                 // a wait (see `failing`), unless a newer one is waiting: a
                 // node whose tunnel went down during an apiserver outage
                 // must not stay `True` for ever.
-                if failed {
+                if let Some(error) = failed {
                     counters.failed.fetch_add(1, Relaxed);
                     let tries = failing.get(&node).map_or(1, |(n, _)| n + 1);
                     let wait = CONDITION_HOLD_OFF
                         .saturating_mul(1u32 << (tries.min(10) - 1))
                         .min(RETRY_LIMIT);
                     failing.insert(node.clone(), (tries, std::time::Instant::now() + wait));
+                    // Sampled: with the apiserver away every node's write
+                    // fails, and each is retried (a line per node per
+                    // retry was thousands a minute at 10,000 nodes). The
+                    // line names one node and how many are failing;
+                    // relay_node_condition_write_failures_total counts
+                    // every failure.
+                    sampled!(
+                        warn,
+                        "writing the node condition failed; retrying later",
+                        %node,
+                        %error,
+                        nodes_failing = failing.len(),
+                        retry_in = ?wait
+                    );
                     held.entry(node).or_insert(cond);
                 } else {
                     failing.remove(&node);
@@ -567,5 +575,31 @@ mod tests {
         }
         // Another node with nothing pending is still written down.
         assert!(s.stale("edge-4", "none at relay a", || true));
+    }
+
+    /// With the apiserver away every node's condition write fails (and is
+    /// retried): one warning per window names a node and how many fail,
+    /// not one per node per retry; the counter counts each. (At most one:
+    /// the sampler is per process, and another test here may have taken
+    /// the window, logging to its own thread.)
+    #[tokio::test(flavor = "current_thread")]
+    async fn failed_condition_writes_are_logged_sampled() {
+        let (out, _guard) = relay_transport::test_log::Captured::start();
+        let s = status().await;
+        for i in 0..40 {
+            s.down(&format!("edge-{i}"), "the edge closed the session");
+        }
+        let t0 = std::time::Instant::now();
+        while s.stats().condition_failures < 40 {
+            assert!(t0.elapsed() < Duration::from_secs(20), "never failed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let text = out.text();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("writing the node condition failed"))
+            .collect();
+        assert!(lines.len() <= 1, "{text}");
+        assert!(lines.iter().all(|l| l.contains("nodes_failing=")), "{text}");
     }
 }

@@ -71,3 +71,28 @@ fn renders_labelled_counters() {
         "{t}"
     );
 }
+
+/// Every cause the verifier tells (`RefusalCause`) is a label of its own
+/// (`handshake_failed` drops a label it does not know), and none is
+/// counted as `tls`.
+#[test]
+fn every_client_certificate_cause_is_a_handshake_failure_label() {
+    use relay_transport::reload::RefusalCause;
+    let m = Metrics::default();
+    for c in RefusalCause::ALL {
+        assert!(HANDSHAKE_LOCAL_REASONS.contains(&c.as_str()), "{c:?}");
+        m.handshake_failed(c.as_str());
+    }
+    let t = m.render(0, 1);
+    for c in RefusalCause::ALL {
+        let row = format!(
+            "relay_handshake_failures_total{{reason=\"{}\"}} 1\n",
+            c.as_str()
+        );
+        assert!(t.contains(&row), "{t}");
+    }
+    assert!(
+        t.contains("relay_handshake_failures_total{reason=\"tls\"} 0\n"),
+        "{t}"
+    );
+}
