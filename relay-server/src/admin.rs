@@ -4,8 +4,22 @@
 //! require `Authorization: Bearer <token>`; `/healthz` and `/readyz` stay
 //! open for probes. Off loopback the configuration must give it a token and
 //! TLS (`admin.tls`, see `config.rs`): it then serves HTTPS through
-//! `TlsListener`'s bounded handshakes. Requests are bounded: at most 64 in
-//! flight (more are shed with 503) and 10 s each.
+//! `TlsListener`'s bounded handshakes.
+//!
+//! Two tokens ([`Access`]): the full one (`admin.token_file`) may do
+//! anything, closing and draining sessions included; an optional
+//! read-only one (`admin.read_token_file`), for Prometheus and the route
+//! agents, is accepted for `GET` only and refused with 403 otherwise, so
+//! the copy every cloud node holds cannot disconnect edges. Closing and
+//! draining log who asked (peer address, token class).
+//!
+//! Requests are bounded in two budgets, each shared by every route in it
+//! and shed with 503 when full: [`API_SLOTS`] for `/v1/*`, and
+//! [`SCRAPE_SLOTS`] apart for `/metrics`, `/healthz` and `/readyz`, so
+//! route agents and operators filling the first cannot fail a scrape;
+//! 10 s each. `GET /v1/routes` carries an ETag ([`routes_etag`]) and
+//! answers `If-None-Match` with 304, so a route agent polling an
+//! unchanged table gets no body.
 //!
 //! Those bounds are shared by every client that reaches the port, so
 //! kubelet's probes do not come here: `crate::health` serves the same
@@ -19,8 +33,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::error_handling::HandleErrorLayer;
-use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -35,7 +49,7 @@ pub mod capture;
 mod readyz;
 pub mod sessions;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use capture::CaptureHealth;
 use readyz::readyz;
@@ -141,35 +155,126 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
+/// Requests to `/v1/*` served at once, every route of it together; more
+/// are shed with 503 ("admin API overloaded", `Retry-After: 1`).
+pub const API_SLOTS: usize = 64;
+
+/// Requests to `/metrics`, `/healthz` and `/readyz` served at once, apart
+/// from [`API_SLOTS`]: route agents and operators filling those cannot
+/// fail a Prometheus scrape. Shed with 503 likewise.
+pub const SCRAPE_SLOTS: usize = 16;
+
+/// Bound on one admin request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The admin API's request budgets (semaphores shared by every route of
+/// each), and the epoch of its route table's ETags.
+#[derive(Debug, Clone)]
+pub(crate) struct Budgets {
+    /// `/v1/*`: [`API_SLOTS`] permits.
+    pub(crate) api: Arc<tokio::sync::Semaphore>,
+    /// `/metrics`, `/healthz`, `/readyz`: [`SCRAPE_SLOTS`] permits.
+    pub(crate) scrape: Arc<tokio::sync::Semaphore>,
+    /// Random, drawn once per router (so per relay process): an ETag a
+    /// client holds from an earlier process never matches.
+    pub(crate) epoch: u64,
+}
+
+impl Default for Budgets {
+    fn default() -> Self {
+        Budgets {
+            api: Arc::new(tokio::sync::Semaphore::new(API_SLOTS)),
+            scrape: Arc::new(tokio::sync::Semaphore::new(SCRAPE_SLOTS)),
+            epoch: random_epoch(),
+        }
+    }
+}
+
+/// A random `u64` (the clock and the process id if the system's random
+/// source fails, which `ring` reports only on a broken system).
+fn random_epoch() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    match ring::rand::SystemRandom::new().fill(&mut b) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            (t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32)
+        }
+    }
+}
+
 /// The admin API's routes.
 pub fn router(shared: Arc<Shared>) -> Router {
-    let protected = Router::new()
+    router_with(shared, Budgets::default())
+}
+
+/// [`router`] with the budgets given (a test fills one to see the other
+/// still answer).
+///
+/// The budgets are semaphores shared by every route they cover
+/// (`GlobalConcurrencyLimitLayer`): axum applies `Router::layer` to each
+/// route (and method) separately, so a plain `concurrency_limit(64)` there
+/// gave each its own 64, and "at most 64 in flight" held per route only.
+pub(crate) fn router_with(shared: Arc<Shared>, budgets: Budgets) -> Router {
+    let auth = middleware::from_fn_with_state(shared.clone(), auth);
+    let epoch = budgets.epoch;
+    let api = Router::new()
         .route("/v1/sessions", get(list_sessions))
         .route(
             "/v1/sessions/{node}",
             get(get_session).delete(delete_session),
         )
-        .route("/v1/routes", get(list_routes))
-        .route("/v1/replicas", get(list_replicas))
-        .route("/metrics", get(metrics))
-        .layer(middleware::from_fn_with_state(shared.clone(), auth));
-    probe_routes()
-        .merge(protected)
-        .layer(
-            ServiceBuilder::new()
-                .layer(HandleErrorLayer::new(|e: tower::BoxError| async move {
-                    if e.is::<tower::timeout::error::Elapsed>() {
-                        (StatusCode::GATEWAY_TIMEOUT, "admin request timed out\n")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "admin API overloaded\n")
-                    }
-                }))
-                .load_shed()
-                .concurrency_limit(64)
-                .timeout(Duration::from_secs(10)),
+        .route(
+            "/v1/routes",
+            get(
+                move |st: State<Arc<Shared>>, q: Query<RoutesQuery>, h: HeaderMap| {
+                    list_routes(st, q, h, epoch)
+                },
+            ),
         )
+        .route("/v1/replicas", get(list_replicas))
+        .layer(auth.clone());
+    let scrape = Router::new()
+        .route("/metrics", get(metrics))
+        .layer(auth)
+        .merge(probe_routes());
+    bounded(api, budgets.api)
+        .merge(bounded(scrape, budgets.scrape))
         .with_state(shared)
 }
+
+/// `r` in one budget: shed with 503 when `slots` has no permit left, 504
+/// past [`REQUEST_TIMEOUT`].
+fn bounded(r: Router<Arc<Shared>>, slots: Arc<tokio::sync::Semaphore>) -> Router<Arc<Shared>> {
+    r.layer(
+        ServiceBuilder::new()
+            .layer(HandleErrorLayer::new(|e: tower::BoxError| async move {
+                if e.is::<tower::timeout::error::Elapsed>() {
+                    (StatusCode::GATEWAY_TIMEOUT, "admin request timed out\n").into_response()
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        [(header::RETRY_AFTER, "1")],
+                        OVERLOADED,
+                    )
+                        .into_response()
+                }
+            }))
+            .load_shed()
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
+                slots,
+            ))
+            .timeout(REQUEST_TIMEOUT),
+    )
+}
+
+/// The body of the 503 a full budget sheds with, which route agents read
+/// as "busy, alive" ([`crate::agent::Busy`]); relays before the budgets
+/// answered the same.
+pub const OVERLOADED: &str = "admin API overloaded\n";
 
 /// `/healthz` (200 while the process answers) and `/readyz` (200 once the
 /// Nodes and Services are loaded and, with `[capture]`, the capture is
@@ -198,23 +303,119 @@ pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
         == 0
 }
 
-async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
-    if let Some(token) = &shared.cfg.admin_token {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !same(given.as_bytes(), token.expose().as_bytes()) {
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                "missing or wrong bearer token\n",
-            )
-                .into_response();
+/// Which token an admin request to `/v1/*` or `/metrics` presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// No token is configured (loopback, or allowed insecure): anyone
+    /// who reaches the listener may do anything, as before tokens.
+    Open,
+    /// The full token (`admin.token_file`).
+    Full,
+    /// The read-only token (`admin.read_token_file`): `GET` only.
+    Read,
+}
+
+impl Access {
+    /// As the log lines name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Open => "none",
+            Access::Full => "full",
+            Access::Read => "read-only",
         }
     }
+}
+
+/// Who made an admin request, for the log lines of what changes state:
+/// put in the request's extensions by the admin API's token check.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    /// The client's address (`None` if the listener gave none).
+    pub peer: Option<std::net::SocketAddr>,
+    /// The token it presented.
+    pub access: Access,
+}
+
+impl std::fmt::Display for Caller {
+    /// `10.0.3.17:51234 (full token)`, `127.0.0.1:40000 (no token
+    /// configured)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.peer {
+            Some(p) => write!(f, "{p}")?,
+            None => f.write_str("unknown peer")?,
+        }
+        match self.access {
+            Access::Open => f.write_str(" (no token configured)"),
+            a => write!(f, " ({} token)", a.as_str()),
+        }
+    }
+}
+
+/// Which token `given` is, comparing it with both in constant time (and
+/// with both whatever the first gives, so the time taken says nothing
+/// about which one came close); `None`: neither.
+fn access_of(
+    given: &[u8],
+    full: &crate::config::Secret,
+    read: Option<&crate::config::Secret>,
+) -> Option<Access> {
+    let is_full = same(given, full.expose().as_bytes());
+    let is_read = read.is_some_and(|r| same(given, r.expose().as_bytes()));
+    match (is_full, is_read) {
+        (true, _) => Some(Access::Full),
+        (false, true) => Some(Access::Read),
+        (false, false) => None,
+    }
+}
+
+async fn auth(State(shared): State<Arc<Shared>>, mut req: Request, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0);
+    let access = match &shared.cfg.admin_token {
+        None => Access::Open,
+        Some(token) => {
+            let given = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            match access_of(
+                given.as_bytes(),
+                token,
+                shared.cfg.admin_read_token.as_ref(),
+            ) {
+                Some(a) => a,
+                None => {
+                    return (
+                        StatusCode::UNAUTHORIZED,
+                        [(header::WWW_AUTHENTICATE, "Bearer")],
+                        "missing or wrong bearer token\n",
+                    )
+                        .into_response()
+                }
+            }
+        }
+    };
+    if access == Access::Read && !matches!(*req.method(), Method::GET | Method::HEAD) {
+        let (method, path) = (req.method().clone(), req.uri().path().to_string());
+        relay_transport::sampled!(
+            warn,
+            "admin: refused the read-only token for a request that changes state",
+            peer = %peer.map_or("unknown".to_string(), |p| p.to_string()),
+            %method,
+            path
+        );
+        return (
+            StatusCode::FORBIDDEN,
+            "the read-only admin token may only read (GET); closing or draining a session \
+             needs the full token\n",
+        )
+            .into_response();
+    }
+    req.extensions_mut().insert(Caller { peer, access });
     next.run(req).await
 }
 
@@ -230,32 +431,95 @@ struct RoutesQuery {
 /// and refuses at once. Route agents of this release ask for both; older
 /// ones do not, so the multipath agent of an older release never routes
 /// an edge's flows to a replica that lost its session while others serve it.
+///
+/// With an ETag ([`routes_etag`]); a request whose `If-None-Match` holds
+/// it gets 304 and no body (route agents poll every second or two, and a
+/// table of 20,000 rows is 2 MB).
 async fn list_routes(
     State(shared): State<Arc<Shared>>,
-    axum::extract::Query(q): axum::extract::Query<RoutesQuery>,
-) -> Json<Vec<crate::registry::RouteRow>> {
-    let mut rows = shared.registry.routes();
-    if q.offline
+    Query(q): Query<RoutesQuery>,
+    headers: HeaderMap,
+    epoch: u64,
+) -> Response {
+    let offline = q
+        .offline
         .as_deref()
-        .is_some_and(|v| v == "1" || v == "true")
-    {
+        .is_some_and(|v| v == "1" || v == "true");
+    // Read before the rows: a change made while they are read moves the
+    // counter on after this, so the ETag is never newer than the rows it
+    // goes with (at worst a client gets the same table again next poll).
+    let generation = *shared.registry.subscribe().borrow();
+    let mut rows = shared.registry.routes();
+    if offline {
         rows.extend(shared.registry.offline_routes());
         rows.sort_by_key(|r| r.cidr);
     }
-    let captured = shared.captured.read().unwrap_or_else(|e| e.into_inner());
-    Json(routable(rows, captured.as_ref()))
+    let (rows, left_out) = {
+        let captured = shared.captured.read().unwrap_or_else(|e| e.into_inner());
+        routable(rows, captured.as_ref())
+    };
+    let etag = routes_etag(epoch, generation, offline, left_out);
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| etag_matches(v, &etag))
+    {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+    }
+    ([(header::ETAG, etag)], Json(rows)).into_response()
+}
+
+/// The ETag of `GET /v1/routes`: what the answer is a function of. The
+/// router's random `epoch` (a restarted relay's counter starts again, and
+/// must not match what a client holds from the last process); the
+/// registry's change counter (`Registry::subscribe`'s value, bumped by
+/// every change of sessions, routes and offline edges' held routes, which
+/// is all the rows hold); whether offline rows were asked for; and a
+/// digest of the prefixes left out because their capture is not installed
+/// yet (`left_out`, 0 when none: see `routable`), which changes without
+/// the counter.
+pub fn routes_etag(epoch: u64, generation: u64, offline: bool, left_out: u64) -> String {
+    format!(
+        "\"{epoch:016x}.{generation:x}.{}.{left_out:x}\"",
+        u8::from(offline)
+    )
+}
+
+/// Whether `If-None-Match` value `v` (a list, or `*`) holds `etag`,
+/// compared weakly as RFC 9110 says for this header.
+fn etag_matches(v: &HeaderValue, etag: &str) -> bool {
+    v.to_str().is_ok_and(|v| {
+        v.split(',')
+            .map(str::trim)
+            .any(|t| t == "*" || t.trim_start_matches("W/") == etag)
+    })
 }
 
 /// The routes a route agent may send here: with capture on, only the
-/// prefixes whose capture is installed (see [`Shared::captured`]).
+/// prefixes whose capture is installed (see [`Shared::captured`]); and a
+/// digest of those left out (0: none).
 fn routable(
     rows: Vec<crate::registry::RouteRow>,
     captured: Option<&std::collections::BTreeSet<relay_protocol::Cidr>>,
-) -> Vec<crate::registry::RouteRow> {
-    match captured {
-        None => rows,
-        Some(c) => rows.into_iter().filter(|r| c.contains(&r.cidr)).collect(),
-    }
+) -> (Vec<crate::registry::RouteRow>, u64) {
+    use std::hash::{Hash, Hasher};
+    let Some(c) = captured else {
+        return (rows, 0);
+    };
+    let mut h = std::hash::DefaultHasher::new();
+    let mut any = false;
+    let rows = rows
+        .into_iter()
+        .filter(|r| {
+            let keep = c.contains(&r.cidr);
+            if !keep {
+                r.cidr.hash(&mut h);
+                any = true;
+            }
+            keep
+        })
+        .collect();
+    // Never 0 for a non-empty set (0 says none was left out).
+    (rows, if any { h.finish() | 1 } else { 0 })
 }
 
 /// The replica set this relay tells edges about (empty without

@@ -18,7 +18,10 @@
 //!
 //! It reads `GET /v1/routes` from the relay's admin API (over HTTPS when
 //! given the CA of the admin API's certificate: the bearer token must not
-//! cross the network in clear), and owns only
+//! cross the network in clear) through [`RoutesPoll`]: one connection kept
+//! from poll to poll, and the last table's ETag sent back, so an unchanged
+//! table is a 304 and the last one is installed again. It needs only the
+//! read-only admin token (`admin.read_token_file`). It owns only
 //! routes tagged with its own protocol number (`proto`, default 250), so it
 //! never touches a route it did not install. On exit it removes them.
 //!
@@ -54,13 +57,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use relay_protocol::Cidr;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Secret;
 
+pub mod poll;
 pub mod status;
+pub use poll::{Busy, Polled, RoutesPoll};
 use status::{AgentStatus, PollFailure};
 
 /// What the agent needs.
@@ -120,87 +124,28 @@ pub struct RouteView {
     pub offline: BTreeSet<Cidr>,
 }
 
+impl RouteView {
+    /// Live and offline prefixes alike: what the single-relay agent routes.
+    pub fn all(self) -> BTreeSet<Cidr> {
+        self.live.into_iter().chain(self.offline).collect()
+    }
+}
+
 /// Fetches the relay's route table (IPv4 prefixes only): live and offline
 /// edges' prefixes alike, all to be routed to the relay (an offline
 /// edge's are refused there at once instead of leaving by this node's
-/// default route).
+/// default route). One request on a connection of its own; the agents'
+/// loops poll through a [`RoutesPoll`] instead, which keeps the connection
+/// and the last table's ETag.
 pub async fn fetch(cfg: &AgentConfig) -> anyhow::Result<BTreeSet<Cidr>> {
-    let v = fetch_view(cfg).await?;
-    Ok(v.live.into_iter().chain(v.offline).collect())
+    Ok(fetch_view(cfg).await?.all())
 }
 
 /// Fetches the relay's route table, live and offline prefixes apart
 /// (`GET /v1/routes?offline=1`; an older relay ignores the query and lists
-/// live ones only).
+/// live ones only). One request, as [`fetch`].
 pub async fn fetch_view(cfg: &AgentConfig) -> anyhow::Result<RouteView> {
-    #[derive(serde::Deserialize)]
-    struct Row {
-        cidr: Cidr,
-        #[serde(default)]
-        offline: bool,
-    }
-    let get = async {
-        let tcp = tokio::net::TcpStream::connect(cfg.admin).await?;
-        match &cfg.tls {
-            None => get_routes(tcp, cfg).await,
-            Some(t) => {
-                let s = tokio_rustls::TlsConnector::from(t.config.clone())
-                    .connect(t.server_name.clone(), tcp)
-                    .await?;
-                get_routes(s, cfg).await
-            }
-        }
-    };
-    let raw = tokio::time::timeout(Duration::from_secs(5), get).await??;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("no HTTP header end"))?;
-    let status = head.lines().next().unwrap_or_default();
-    anyhow::ensure!(status.contains(" 200 "), "admin API answered {status:?}");
-    let rows: Vec<Row> = serde_json::from_str(body)?;
-    let mut view = RouteView::default();
-    for r in rows.into_iter().filter(|r| r.cidr.addr().is_ipv4()) {
-        if r.offline {
-            view.offline.insert(r.cidr);
-        } else {
-            view.live.insert(r.cidr);
-        }
-    }
-    // A prefix both live and offline (never from one relay) is live.
-    view.offline = view.offline.difference(&view.live).copied().collect();
-    Ok(view)
-}
-
-/// `GET /v1/routes` on an established (TCP or TLS) connection; the whole
-/// response, bounded in size.
-async fn get_routes<S>(mut s: S, cfg: &AgentConfig) -> anyhow::Result<Vec<u8>>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    {
-        let auth = cfg
-            .token
-            .as_ref()
-            .map(|t| format!("Authorization: Bearer {}\r\n", t.expose()))
-            .unwrap_or_default();
-        s.write_all(
-            format!("GET /v1/routes?offline=1 HTTP/1.1\r\nHost: relay\r\n{auth}Connection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-        let mut body = Vec::new();
-        // A route table of 100,000 rows is well under 16 MiB.
-        match (&mut s).take(16 << 20).read_to_end(&mut body).await {
-            Ok(_) => {}
-            // A TLS peer closing without close_notify after the body: what
-            // was read is complete (Connection: close), or it fails to
-            // parse as JSON below.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !body.is_empty() => {}
-            Err(e) => return Err(e.into()),
-        }
-        anyhow::Ok(body)
-    }
+    Ok(RoutesPoll::default().poll(cfg).await?.view)
 }
 
 async fn ip(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
@@ -745,6 +690,7 @@ pub async fn run_in_table(
     let mut main_checked = false;
     let mut last_hop: Option<NextHop> = None;
     let mut hop_failing = false;
+    let mut relay = RoutesPoll::default();
     loop {
         let hop = match resolve(toward).await {
             Ok(h) => {
@@ -765,7 +711,9 @@ pub async fn run_in_table(
                 Err(e)
             }
         };
-        match (fetch(&cfg).await, hop) {
+        // A 304 gives the last table again: installed as any other (the
+        // kernel's routes and the next hop are checked every poll).
+        match (relay.poll(&cfg).await.map(|p| p.view.all()), hop) {
             (Ok(want), Ok(hop)) => match own_addrs() {
                 Err(e) => {
                     warn!(error = %e, "reading this node's addresses failed");
@@ -1098,6 +1046,65 @@ mod tests {
             agent.await.expect("agent");
             assert_eq!(table(), "");
             assert!(!rule_listed());
+        });
+    }
+
+    /// The single-relay agent against a real relay, in a namespace of the
+    /// test's own: after the first poll reads the table, every poll sends
+    /// its ETag on the one connection, gets 304 and installs the same
+    /// table again (the route stays, the polls count as synced); a change
+    /// is installed.
+    #[test]
+    fn polls_answered_304_keep_the_routes_on_one_connection() {
+        use crate::admin::tests::{relay_configured, until_sessions, StandIn};
+        use crate::agent::poll::tests::Proxy;
+        use crate::multipath::tests::netns::*;
+        netns_test(async {
+            let (relay, pki) = relay_configured(2, |_| {}).await;
+            let edge = StandIn::connect(&relay, &pki, 0).await;
+            until_sessions(&relay, 1).await;
+            let proxy = Proxy::start(relay.admin_addr().expect("admin")).await;
+            let cfg = AgentConfig {
+                admin: proxy.addr,
+                token: None,
+                tls: None,
+                interval: Duration::from_millis(50),
+                proto: 250,
+            };
+            let status = Arc::<status::AgentStatus>::default();
+            let stop = CancellationToken::new();
+            let toward = Toward::Via("192.0.2.2".parse().unwrap());
+            let agent = tokio::spawn(run_with_status(cfg, toward, stop.clone(), status.clone()));
+            until("one route", || {
+                status
+                    .readiness()
+                    .is_ok_and(|l| l.starts_with("ready: 1 routes"))
+            })
+            .await;
+            until("six polls", || polls(&status, "ok") >= 6).await;
+            assert_eq!(table(), "10.99.0.1 via 192.0.2.2 dev up0 proto 250 \n");
+            let sent = proxy.sent();
+            let asked = sent.matches("GET /v1/routes?offline=1 ").count();
+            assert!(asked >= 6, "{sent}");
+            assert_eq!(
+                sent.matches("\r\nIf-None-Match: ").count(),
+                asked - 1,
+                "every poll after the first sends the ETag:\n{sent}"
+            );
+            assert_eq!(proxy.opened(), 1, "one connection for every poll");
+            // A second edge: read, and installed.
+            let second = StandIn::connect(&relay, &pki, 1).await;
+            until("two routes", || {
+                status
+                    .readiness()
+                    .is_ok_and(|l| l.starts_with("ready: 2 routes"))
+            })
+            .await;
+            assert!(table().contains("10.99.0.2 via 192.0.2.2"), "{}", table());
+            stop.cancel();
+            agent.await.expect("agent");
+            drop((edge, second));
+            relay.shutdown(Duration::ZERO).await;
         });
     }
 

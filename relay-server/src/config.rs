@@ -156,8 +156,14 @@ pub struct RelayConfig {
     /// listener (as before it had one), where a configured address that
     /// cannot be bound stops the start.
     pub health_listen_defaulted: bool,
-    /// Bearer token required by the admin API's `/v1` and `/metrics`.
+    /// Bearer token required by the admin API's `/v1` and `/metrics`:
+    /// full access, closing and draining sessions included.
     pub admin_token: Option<Secret>,
+    /// A second bearer token, read-only (`admin.read_token_file`): accepted
+    /// for `GET` on `/v1` and `/metrics` only, refused (403) for closing or
+    /// draining a session. For Prometheus and the route agents, so a
+    /// cloud node's copy cannot disconnect edges. Needs `admin_token`.
+    pub admin_read_token: Option<Secret>,
     /// When set, the admin API is served over HTTPS (TLS 1.3, no client
     /// certificates: clients authenticate with the token) presenting this
     /// certificate. Required for an admin API off loopback.
@@ -233,6 +239,7 @@ impl RelayConfig {
             health_listen: Some(lo),
             health_listen_defaulted: false,
             admin_token: None,
+            admin_read_token: None,
             admin_tls: None,
             admin_tls_files: None,
             allow_insecure_connect: false,

@@ -14,10 +14,14 @@
 //!
 //! Each prefix gets its own group, changed in place as replicas come and
 //! go (a route moved to another group would be rehashed from scratch). The
-//! agent polls every replica's `GET /v1/routes`; a prefix's members are the
-//! replicas listing it. A replica that does not answer is left out (its
-//! node may be gone; the others serve every edge), unless none answers, in
-//! which case nothing changes. The agent owns nexthop ids from
+//! agent polls every replica's `GET /v1/routes` (each through a
+//! [`RoutesPoll`]: a kept connection, 304 for an unchanged table); a
+//! prefix's members are the replicas listing it. A replica that does not
+//! answer is left out (its node may be gone; the others serve every edge),
+//! unless none answers, in which case nothing changes. One that answers
+//! 503 "admin API overloaded" ([`Busy`]) is alive: its last table stays in
+//! the groups for fewer than [`BUSY_POLLS`] busy polls in a row, then it
+//! is left out as well. The agent owns nexthop ids from
 //! [`NEXTHOP_BASE`] (one per replica) and [`GROUP_BASE`] (one per prefix)
 //! and routes of its protocol number, and removes them all on exit.
 //!
@@ -49,8 +53,8 @@ use relay_protocol::Cidr;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::agent::status::{AgentStatus, PollFailure};
-use crate::agent::{AgentConfig, AgentTls, Refusals};
+use crate::agent::status::{AgentStatus, PollFailure, NOT_READY_AFTER};
+use crate::agent::{AgentConfig, AgentTls, Busy, Refusals, RouteView, RoutesPoll};
 use crate::config::Secret;
 
 /// Nexthop ids of the replicas: `NEXTHOP_BASE + index`.
@@ -367,6 +371,71 @@ async fn install(
     Ok(done)
 }
 
+/// Polls in a row a replica may answer busy (503 "admin API overloaded":
+/// alive, its admin API's request budget full) with its last table kept
+/// in the groups; at this many it is left out, as one that does not
+/// answer. The same count as readiness's ([`NOT_READY_AFTER`]): a busy
+/// replica's table is at most this many intervals old, where an answering
+/// one's is one interval old.
+pub const BUSY_POLLS: u64 = NOT_READY_AFTER;
+
+/// One replica as the agent's loop polls it.
+#[derive(Debug, Default)]
+struct ReplicaPoll {
+    /// Its connection and last table (see [`RoutesPoll`]).
+    poll: RoutesPoll,
+    /// Polls in a row it answered busy.
+    busy: u64,
+    /// Its table went into the groups at the last poll (read then, or
+    /// kept through a busy answer).
+    in_groups: bool,
+    /// Left out since it last put a table in (for the log lines).
+    failing: bool,
+}
+
+impl ReplicaPoll {
+    /// What this poll's `answer` puts in the groups for this replica
+    /// (`None`: left out): the table read; the last one while it answers
+    /// busy, fewer than [`BUSY_POLLS`] polls in a row after a poll that
+    /// put one in; nothing for a replica that does not answer, or answers
+    /// anything else. Logs when that changes.
+    fn view(&mut self, admin: SocketAddr, answer: anyhow::Result<RouteView>) -> Option<RouteView> {
+        let view = match answer {
+            Ok(v) => {
+                self.busy = 0;
+                Some(v)
+            }
+            Err(e) if e.downcast_ref::<Busy>().is_some() => {
+                self.busy += 1;
+                if self.in_groups && self.busy < BUSY_POLLS {
+                    if self.busy == 1 {
+                        info!(%admin, "replica busy (503, its admin API overloaded); keeping its last routes");
+                    }
+                    self.poll.last().cloned()
+                } else {
+                    if !self.failing {
+                        warn!(%admin, polls = self.busy, "replica busy poll after poll (or with no earlier routes to keep); routing around it");
+                    }
+                    None
+                }
+            }
+            Err(e) => {
+                if !self.failing {
+                    warn!(%admin, error = %format!("{e:#}"), "replica does not answer; routing around it");
+                }
+                self.busy = 0;
+                None
+            }
+        };
+        if view.is_some() && self.failing {
+            info!(%admin, "replica answers again");
+        }
+        self.failing = view.is_none();
+        self.in_groups = view.is_some();
+        view
+    }
+}
+
 /// Runs until `stop`, then removes every route, group and nexthop it made.
 pub async fn run(cfg: MultipathConfig, stop: CancellationToken) {
     run_with_status(cfg, stop, Arc::default()).await
@@ -394,13 +463,17 @@ pub async fn run_with_status(
     // only those the filter below would refuse go.
     crate::agent::remove_refused_leftovers(cfg.table, cfg.proto, &vias).await;
     let mut refusals = Refusals::default();
-    let mut failing: BTreeSet<usize> = BTreeSet::new();
+    let mut polled: Vec<ReplicaPoll> = cfg
+        .replicas
+        .iter()
+        .map(|_| ReplicaPoll::default())
+        .collect();
     // Whether `main` still needs an older agent's leftovers removed.
     let mut main_checked = false;
     loop {
         let mut views = Vec::new();
         let mut last_error = None;
-        for (i, r) in cfg.replicas.iter().enumerate() {
+        for (r, p) in cfg.replicas.iter().zip(&mut polled) {
             let one = AgentConfig {
                 admin: r.admin,
                 token: cfg.token.clone(),
@@ -408,21 +481,13 @@ pub async fn run_with_status(
                 interval: cfg.interval,
                 proto: cfg.proto,
             };
-            match crate::agent::fetch_view(&one).await {
-                Ok(v) => {
-                    if failing.remove(&i) {
-                        info!(admin = %r.admin, "replica answers again");
-                    }
-                    views.push(Some(v));
-                }
-                Err(e) => {
-                    if failing.insert(i) {
-                        warn!(admin = %r.admin, error = %e, "replica does not answer; routing around it");
-                    }
-                    last_error = Some(format!("{}: {e:#}", r.admin));
-                    views.push(None);
-                }
+            let answer = p.poll.poll(&one).await.map(|a| a.view);
+            let error = answer.as_ref().err().map(|e| format!("{}: {e:#}", r.admin));
+            let view = p.view(r.admin, answer);
+            if view.is_none() {
+                last_error = error.or(last_error);
             }
+            views.push(view);
         }
         // None answered: change nothing (as the single-relay agent keeps
         // its routes while the relay is away).
@@ -1056,6 +1121,104 @@ pub(crate) mod tests {
                     "{why}"
                 );
                 assert!(table().contains("10.244.7.0/24 nhid"), "{}", table());
+                stop.cancel();
+                agent.await.expect("agent");
+            });
+        }
+
+        /// A replica's admin API listing `routes`, until `busy` is set;
+        /// then answering the relay's "overloaded" 503, each after taking
+        /// a permit of `gate` (so a test can hold one back), and counting
+        /// them in `busy_answers` (before the permit).
+        async fn fake_busy_replica(
+            routes: &'static [&'static str],
+            busy: Arc<AtomicBool>,
+            gate: Arc<tokio::sync::Semaphore>,
+            busy_answers: Arc<std::sync::atomic::AtomicU64>,
+        ) -> SocketAddr {
+            let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = l.local_addr().expect("addr");
+            tokio::spawn(async move {
+                while let Ok((mut s, _)) = l.accept().await {
+                    let (busy, gate, n) = (busy.clone(), gate.clone(), busy_answers.clone());
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 4096];
+                        let _ = s.read(&mut buf).await;
+                        let answer = if busy.load(Ordering::SeqCst) {
+                            n.fetch_add(1, Ordering::SeqCst);
+                            gate.acquire().await.expect("gate").forget();
+                            format!(
+                                "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{}",
+                                crate::admin::OVERLOADED.len(),
+                                crate::admin::OVERLOADED
+                            )
+                        } else {
+                            let rows: Vec<String> = routes
+                                .iter()
+                                .map(|c| format!("{{\"cidr\":\"{c}\"}}"))
+                                .collect();
+                            format!(
+                                "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n[{}]",
+                                rows.join(",")
+                            )
+                        };
+                        let _ = s.write_all(answer.as_bytes()).await;
+                    });
+                }
+            });
+            addr
+        }
+
+        /// A replica answering 503 "overloaded" is alive: its last table
+        /// stays in the groups for [`BUSY_POLLS`] - 1 busy polls in a
+        /// row, and it is left out at the next one (as one that does not
+        /// answer); once it answers again it is back.
+        #[test]
+        fn a_busy_replica_keeps_its_routes_for_a_bound() {
+            netns_test(async {
+                use std::sync::atomic::AtomicU64;
+                let a = fake_replica(Arc::new(Mutex::new(vec!["10.244.7.0/24"]))).await;
+                let (busy, answers) = (
+                    Arc::new(AtomicBool::new(false)),
+                    Arc::new(AtomicU64::new(0)),
+                );
+                // Every busy answer but the last one within the bound.
+                let gate = Arc::new(tokio::sync::Semaphore::new(BUSY_POLLS as usize - 1));
+                let b = fake_busy_replica(
+                    &["10.244.7.0/24"],
+                    busy.clone(),
+                    gate.clone(),
+                    answers.clone(),
+                )
+                .await;
+                let cfg = config(&[(a, "192.0.2.2"), (b, "192.0.2.3")]);
+                let status = Arc::<AgentStatus>::default();
+                let stop = CancellationToken::new();
+                let agent = tokio::spawn(run_with_status(cfg, stop.clone(), status.clone()));
+                let group = || sh(&["nexthop", "show"]);
+                let both = format!(
+                    "id {GROUP_BASE} group {}/{} ",
+                    NEXTHOP_BASE,
+                    NEXTHOP_BASE + 1
+                );
+                let only_a = format!("id {GROUP_BASE} group {} ", NEXTHOP_BASE);
+                until("both replicas in the group", || group().contains(&both)).await;
+                busy.store(true, Ordering::SeqCst);
+                // The last busy answer within the bound is held back: the
+                // polls before it (and their installs) are done.
+                until("the bound's last busy poll", || {
+                    answers.load(Ordering::SeqCst) == BUSY_POLLS
+                })
+                .await;
+                let g = group();
+                assert!(g.contains(&both), "a busy replica was left out: {g}");
+                assert!(status.readiness().is_ok());
+                // The bound passed: left out.
+                gate.add_permits(1000);
+                until("replica b left out", || group().contains(&only_a)).await;
+                // Answering again: back in.
+                busy.store(false, Ordering::SeqCst);
+                until("both again", || group().contains(&both)).await;
                 stop.cancel();
                 agent.await.expect("agent");
             });

@@ -5,7 +5,9 @@
 //! there: a client that trickles its request head (or sends none) would
 //! hold its fd and task for as long as it likes, as many times as it
 //! likes. [`serve`] drives each connection with hyper's HTTP/1.1 builder
-//! and a timer instead.
+//! and a timer instead. Each request carries its connection's peer address
+//! (`axum::extract::ConnectInfo<L::Addr>`), as `axum::serve` gives it, for
+//! handlers that log who asked.
 
 use std::time::Duration;
 
@@ -18,14 +20,19 @@ use tokio_util::sync::CancellationToken;
 pub async fn serve<L>(mut l: L, app: Router, head_timeout: Duration, stop: CancellationToken)
 where
     L: axum::serve::Listener,
+    L::Addr: Clone + Send + Sync + 'static,
 {
     let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            (io, _) = l.accept() => {
-                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+            (io, peer) = l.accept() => {
+                let inner = hyper_util::service::TowerToHyperService::new(app.clone());
+                let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(axum::extract::ConnectInfo(peer.clone()));
+                    hyper::service::Service::call(&inner, req)
+                });
                 let stop = stop.clone();
                 conns.spawn(async move {
                     let conn = hyper::server::conn::http1::Builder::new()

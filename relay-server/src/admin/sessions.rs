@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use relay_protocol::{close_code, Cidr};
 use serde::{Deserialize, Serialize};
 
@@ -248,12 +248,16 @@ pub(super) struct DeleteQuery {
 /// Closes a session, or drains it. A drain of a session already draining
 /// is refused with 409, naming when that drain began and its grace: the
 /// drain task's deadline is fixed when it starts, so a second grace would
-/// not be applied, and a 202 would say it was.
+/// not be applied, and a 202 would say it was. Logs who asked (peer
+/// address and token class, [`super::Caller`]) at info, before acting, so
+/// the session's own "down" line that follows has its cause named.
 pub(super) async fn delete_session(
     State(shared): State<Arc<Shared>>,
     Path(node): Path<String>,
     Query(q): Query<DeleteQuery>,
+    caller: Option<Extension<super::Caller>>,
 ) -> Response {
+    let caller = caller.map_or_else(|| "unknown caller".to_string(), |c| c.0.to_string());
     let Some(s) = shared.registry.get(&node) else {
         return not_found(&node);
     };
@@ -271,6 +275,7 @@ pub(super) async fn delete_session(
             )
                 .into_response();
         }
+        tracing::info!(%node, session_id = s.session_id, %caller, ?grace, "admin: draining a session");
         if s.drain(grace, "drained by operator") {
             (
                 StatusCode::ACCEPTED,
@@ -281,6 +286,7 @@ pub(super) async fn delete_session(
             (StatusCode::CONFLICT, already_draining(&s, grace)).into_response()
         }
     } else {
+        tracing::info!(%node, session_id = s.session_id, %caller, "admin: closing a session");
         s.kick(close_code::KICKED, "closed by operator");
         (StatusCode::OK, format!("closed session of node {node}\n")).into_response()
     }

@@ -1,5 +1,6 @@
 //! The admin API over real sockets, with stand-in edges: pages of
-//! `/v1/sessions`, and a second drain of a draining session.
+//! `/v1/sessions`, a second drain of a draining session, the route
+//! table's ETag, the scrape's own request slots, and the read-only token.
 
 use super::same;
 
@@ -27,21 +28,54 @@ fn routes_not_captured_yet_are_not_offered_to_route_agents() {
         row("10.244.7.0/24", "edge-1"),
         row("10.244.8.0/24", "edge-2"),
     ];
-    // Capture off: every registered route.
-    assert_eq!(super::routable(rows.clone(), None), rows);
+    // Capture off: every registered route, nothing left out.
+    assert_eq!(super::routable(rows.clone(), None), (rows.clone(), 0));
     // Capture on, edge-2's prefix registered but not installed yet.
     let captured = ["10.244.7.0/24".parse().unwrap()].into();
-    assert_eq!(
-        super::routable(rows.clone(), Some(&captured)),
-        vec![rows[0].clone()]
-    );
+    let (some, left_out) = super::routable(rows.clone(), Some(&captured));
+    assert_eq!(some, vec![rows[0].clone()]);
+    assert_ne!(left_out, 0, "what is left out moves the ETag");
     // Nothing installed yet (a replica just started).
-    assert!(super::routable(rows, Some(&Default::default())).is_empty());
+    let (none, none_out) = super::routable(rows.clone(), Some(&Default::default()));
+    assert!(none.is_empty());
+    assert!(none_out != 0 && none_out != left_out);
+    // Everything installed: as with capture off.
+    let all = rows.iter().map(|r| r.cidr).collect();
+    assert_eq!(super::routable(rows.clone(), Some(&all)), (rows, 0));
+}
+
+#[test]
+fn if_none_match_is_compared_weakly_and_in_lists() {
+    use axum::http::HeaderValue;
+    let etag = super::routes_etag(0xabc, 7, true, 0);
+    assert_eq!(etag, "\"0000000000000abc.7.1.0\"");
+    let m = |v: &str| super::etag_matches(&HeaderValue::from_str(v).unwrap(), &etag);
+    assert!(m(&etag));
+    assert!(m(&format!("W/{etag}")));
+    assert!(m(&format!("\"x\", {etag}")));
+    assert!(m("*"));
+    assert!(!m("\"0000000000000abc.7.0.0\""));
+    assert!(!m(""));
+    // Each part moves it.
+    assert_ne!(etag, super::routes_etag(0xabd, 7, true, 0));
+    assert_ne!(etag, super::routes_etag(0xabc, 8, true, 0));
+    assert_ne!(etag, super::routes_etag(0xabc, 7, false, 0));
+    assert_ne!(etag, super::routes_etag(0xabc, 7, true, 5));
 }
 
 /// A relay on loopback whose `[nodes]` are `edge-0` … `edge-{n-1}`, each
 /// allowed its `10.99.0.<i+1>/32`, and the PKI its stand-in edges use.
-async fn relay_with_nodes(n: usize) -> (crate::Relay, relay_transport::devcerts::DevPki) {
+pub(crate) async fn relay_with_nodes(
+    n: usize,
+) -> (crate::Relay, relay_transport::devcerts::DevPki) {
+    relay_configured(n, |_| {}).await
+}
+
+/// [`relay_with_nodes`] with `f` changing its configuration first.
+pub(crate) async fn relay_configured(
+    n: usize,
+    f: impl FnOnce(&mut crate::RelayConfig),
+) -> (crate::Relay, relay_transport::devcerts::DevPki) {
     relay_transport::tls::install_default_provider();
     let names: Vec<String> = (0..n).map(|i| format!("edge-{i}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -51,24 +85,25 @@ async fn relay_with_nodes(n: usize) -> (crate::Relay, relay_transport::devcerts:
         cfg.nodes
             .insert(name.clone(), vec![edge_prefix(i).parse().expect("cidr")]);
     }
+    f(&mut cfg);
     (crate::Relay::spawn(cfg).await.expect("relay"), pki)
 }
 
-fn edge_prefix(i: usize) -> String {
+pub(crate) fn edge_prefix(i: usize) -> String {
     format!("10.99.0.{}/32", i + 1)
 }
 
 /// A hand-driven edge session of `edge-<i>` over QUIC: registers its
 /// prefix, holds its control stream, and accepts every stream the relay
 /// opens to it (answering ok and holding it open) until dropped.
-struct StandIn {
+pub(crate) struct StandIn {
     conn: relay_transport::TunnelConn,
     _control: relay_transport::BiStream,
     accept: tokio::task::JoinHandle<()>,
 }
 
 impl StandIn {
-    async fn connect(
+    pub(crate) async fn connect(
         relay: &crate::Relay,
         pki: &relay_transport::devcerts::DevPki,
         i: usize,
@@ -142,10 +177,24 @@ impl Drop for StandIn {
 
 /// `method path` over plain HTTP/1.1; `(status, body)`.
 async fn request(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let (status, _, body) = request_with(addr, method, path, &[]).await;
+    (status, body)
+}
+
+/// [`request`] with `headers` (`Name: value` lines); `(status, head,
+/// body)`.
+async fn request_with(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
     s.write_all(
-        format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("{method} {path} HTTP/1.1\r\nHost: admin\r\n{extra}Connection: close\r\n\r\n")
+            .as_bytes(),
     )
     .await
     .expect("write");
@@ -162,13 +211,21 @@ async fn request(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, 
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (status, body.to_string())
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (status, head.to_string(), body.to_string())
+}
+
+/// The value of header `name` in `head` (case-insensitive name).
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
 }
 
 /// Until the registry holds `n` sessions (registration follows the
 /// hello reply closely, but not in lockstep).
-async fn until_sessions(relay: &crate::Relay, n: usize) {
+pub(crate) async fn until_sessions(relay: &crate::Relay, n: usize) {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     while relay.shared().registry.len() != n {
         assert!(
@@ -289,5 +346,165 @@ async fn a_second_drain_of_a_draining_session_is_refused_naming_the_first() {
     let (code, body) = request(admin, "DELETE", "/v1/sessions/edge-0").await;
     assert_eq!(code, 200, "{body}");
     drop((client, edge));
+    relay.shutdown(std::time::Duration::ZERO).await;
+}
+
+/// `GET /v1/routes` answers `If-None-Match` with 304 while the table is
+/// the same, and 200 with a new ETag once a session registers, once it
+/// ends (its routes held offline), and from a restarted relay, whose
+/// change counter starts again where an earlier process's did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_answer_304_until_they_change_and_never_across_a_restart() {
+    const ROUTES: &str = "/v1/routes?offline=1";
+    let hold = |c: &mut crate::RelayConfig| c.hold_offline_routes = true;
+    let (relay, pki) = relay_configured(1, hold).await;
+    let admin = relay.admin_addr().expect("admin");
+    let (code, head, body) = request_with(admin, "GET", ROUTES, &[]).await;
+    assert_eq!((code, body.as_str()), (200, "[]"), "{head}");
+    let first = header(&head, "etag").expect("an ETag").to_string();
+    let if_none = |e: &str| format!("If-None-Match: {e}");
+    // Unchanged: 304, no body, the same ETag.
+    let (code, head, body) = request_with(admin, "GET", ROUTES, &[&if_none(&first)]).await;
+    assert_eq!((code, body.as_str()), (304, ""), "{head}");
+    assert_eq!(header(&head, "etag"), Some(first.as_str()));
+    // The live-only list is another answer, with another ETag.
+    let (code, head, _) = request_with(admin, "GET", "/v1/routes", &[&if_none(&first)]).await;
+    assert_eq!(code, 200, "{head}");
+    // A session registers: the table changed.
+    let edge = StandIn::connect(&relay, &pki, 0).await;
+    until_sessions(&relay, 1).await;
+    let (code, head, body) = request_with(admin, "GET", ROUTES, &[&if_none(&first)]).await;
+    assert_eq!(code, 200, "{head}");
+    assert!(
+        body.contains("10.99.0.1/32") && !body.contains("offline"),
+        "{body}"
+    );
+    let live = header(&head, "etag").expect("an ETag").to_string();
+    assert_ne!(live, first);
+    let (code, _, _) = request_with(admin, "GET", ROUTES, &[&if_none(&live)]).await;
+    assert_eq!(code, 304);
+    // It ends: its routes are held offline, another table.
+    drop(edge);
+    until_sessions(&relay, 0).await;
+    let (code, head, body) = request_with(admin, "GET", ROUTES, &[&if_none(&live)]).await;
+    assert_eq!(code, 200, "{head}");
+    assert!(body.contains("\"offline\":true"), "{body}");
+    relay.shutdown(std::time::Duration::ZERO).await;
+    // A restarted relay (the same configuration, no session yet, as the
+    // first one was when it gave `first`): not a match.
+    let (relay, _pki) = relay_configured(1, hold).await;
+    let admin = relay.admin_addr().expect("admin");
+    let (code, head, body) = request_with(admin, "GET", ROUTES, &[&if_none(&first)]).await;
+    assert_eq!((code, body.as_str()), (200, "[]"), "{head}");
+    assert_ne!(header(&head, "etag"), Some(first.as_str()));
+    relay.shutdown(std::time::Duration::ZERO).await;
+}
+
+/// `/metrics` (and the probes) have request slots of their own: with
+/// every slot of `/v1/*` taken, `/v1/routes` is shed with 503 and a
+/// scrape still answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_answer_while_the_api_slots_are_full() {
+    let (relay, _pki) = relay_with_nodes(1).await;
+    let budgets = super::Budgets::default();
+    let held = budgets
+        .api
+        .clone()
+        .acquire_many_owned(super::API_SLOTS as u32)
+        .await
+        .expect("every API slot");
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let admin = l.local_addr().expect("addr");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let served = tokio::spawn(relay_transport::http::serve(
+        l,
+        super::router_with(relay.shared().clone(), budgets),
+        std::time::Duration::from_secs(5),
+        stop.clone(),
+    ));
+    let (code, head, body) = request_with(admin, "GET", "/v1/routes?offline=1", &[]).await;
+    assert_eq!((code, body.as_str()), (503, super::OVERLOADED), "{head}");
+    assert_eq!(header(&head, "retry-after"), Some("1"));
+    let (code, body) = request(admin, "GET", "/metrics").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("relay_sessions"), "{body}");
+    for probe in ["/healthz", "/readyz"] {
+        assert_ne!(request(admin, "GET", probe).await.0, 503, "{probe}");
+    }
+    drop(held);
+    assert_eq!(request(admin, "GET", "/v1/routes").await.0, 200);
+    stop.cancel();
+    served.await.expect("served");
+    relay.shutdown(std::time::Duration::ZERO).await;
+}
+
+/// With `admin.read_token_file`, the read-only token reads (`GET`,
+/// `/metrics`) and is refused with 403 for closing or draining a session;
+/// the full token does both, and the close is logged naming its caller.
+#[tokio::test]
+async fn the_read_only_token_reads_and_cannot_close_sessions() {
+    const FULL: &str = "full-token-0123456789";
+    const READ: &str = "read-token-0123456789";
+    let (out, _guard) = relay_transport::test_log::Captured::start();
+    let (relay, pki) = relay_configured(1, |c| {
+        c.admin_token = Some(crate::config::Secret::new(FULL));
+        c.admin_read_token = Some(crate::config::Secret::new(READ));
+    })
+    .await;
+    let admin = relay.admin_addr().expect("admin");
+    let edge = StandIn::connect(&relay, &pki, 0).await;
+    until_sessions(&relay, 1).await;
+    let bearer = |t: &str| format!("Authorization: Bearer {t}");
+    let (read, full) = (bearer(READ), bearer(FULL));
+    for path in [
+        "/v1/sessions",
+        "/v1/sessions/edge-0",
+        "/v1/routes?offline=1",
+        "/v1/replicas",
+        "/metrics",
+    ] {
+        let (code, head, _) = request_with(admin, "GET", path, &[&read]).await;
+        assert_eq!(code, 200, "{path} with the read-only token: {head}");
+        let (code, _, _) =
+            request_with(admin, "GET", path, &[&bearer("wrong-token-0123456789")]).await;
+        assert_eq!(code, 401, "{path} with a wrong token");
+    }
+    for path in ["/v1/sessions/edge-0", "/v1/sessions/edge-0?drain=true"] {
+        let (code, _, body) = request_with(admin, "DELETE", path, &[&read]).await;
+        assert_eq!(code, 403, "{path}: {body}");
+        assert!(body.contains("needs the full token"), "{body}");
+    }
+    assert_eq!(relay.shared().registry.len(), 1, "the session is still up");
+    assert!(
+        !relay
+            .shared()
+            .registry
+            .get("edge-0")
+            .expect("session")
+            .is_draining(),
+        "and not draining"
+    );
+    let (code, _, body) = request_with(admin, "DELETE", "/v1/sessions/edge-0", &[&full]).await;
+    assert_eq!(code, 200, "{body}");
+    until_sessions(&relay, 0).await;
+    let log = out.text();
+    let closed = log
+        .lines()
+        .find(|l| l.contains("admin: closing a session"))
+        .unwrap_or_else(|| panic!("no close logged:\n{log}"));
+    assert!(
+        closed.contains("node=edge-0")
+            && closed.contains("127.0.0.1:")
+            && closed.contains("(full token)"),
+        "{closed}"
+    );
+    let refused = log
+        .lines()
+        .find(|l| l.contains("refused the read-only token"))
+        .unwrap_or_else(|| panic!("no refusal logged:\n{log}"));
+    assert!(refused.contains("method=DELETE"), "{refused}");
+    drop(edge);
     relay.shutdown(std::time::Duration::ZERO).await;
 }

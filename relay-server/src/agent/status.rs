@@ -16,7 +16,8 @@
 //! Both agents serve it: the single-relay one ([`crate::agent`]) and the
 //! several-relay one ([`crate::multipath`]), where "the relay" above
 //! reads "the replicas": a poll fails as `relay_unreachable` when none of
-//! them answers (one that does not is routed around, as a success), and
+//! them answers (one that does not is routed around, as a success; one
+//! answering busy counts as answering while its last table is kept), and
 //! as `no_next_hop` when a prefix the answering replicas list has none
 //! among those listing it with a route toward its VIA address.
 //!

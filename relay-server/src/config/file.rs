@@ -107,6 +107,9 @@ pub struct LimitsFile {
 pub struct AdminFile {
     /// File holding the bearer token (trailing newline ignored).
     pub token_file: Option<PathBuf>,
+    /// File holding a read-only bearer token (trailing newline ignored):
+    /// `GET` on `/v1` and `/metrics` only. Needs `token_file`.
+    pub read_token_file: Option<PathBuf>,
     /// Serve the admin API over HTTPS. Default: on when `listen.admin` is
     /// not a loopback address, off on loopback.
     pub tls: Option<bool>,
@@ -234,20 +237,18 @@ impl FileConfig {
                 "set listen.connect too (TLS applies to the TCP listener)",
             ));
         }
-        let admin_token = match &self.admin.token_file {
-            None => None,
-            Some(p) => {
-                let t = std::fs::read_to_string(p)
-                    .map_err(|e| err("admin.token_file", format!("{}: {e}", p.display())))?;
-                let t = t.trim_end_matches(['\n', '\r']);
-                if t.len() < 16 {
-                    return Err(err(
-                        "admin.token_file",
-                        "token must be at least 16 characters",
-                    ));
-                }
-                Some(Secret::new(t))
+        let admin_token = read_token(self.admin.token_file.as_deref(), "admin.token_file")?;
+        // A read token named but absent (its Secret, optional in the
+        // manifests, not created yet: an upgrade that skipped the step)
+        // starts the relay without one, loudly: its holders (route
+        // agents, Prometheus) then get 401, where refusing to start would
+        // take every edge's tunnel down with them.
+        let admin_read_token = match &self.admin.read_token_file {
+            Some(p) if !p.exists() => {
+                tracing::warn!(path = %p.display(), "admin.read_token_file does not exist: no read-only token, so route agents and scrapes that present one get 401 until it is created (the relay rereads it at its next start)");
+                None
             }
+            p => read_token(p.as_deref(), "admin.read_token_file")?,
         };
         let (tls, tls_crls, tls_reload) = self.tls.load()?;
         let (connect_tls, connect_tls_crls) = match &self.connect_tls {
@@ -338,6 +339,7 @@ impl FileConfig {
             health_listen: Some(self.listen.health.unwrap_or(crate::health::DEFAULT_ADDR)),
             health_listen_defaulted: self.listen.health.is_none(),
             admin_token,
+            admin_read_token,
             admin_tls,
             admin_tls_files,
             allow_insecure_connect: self.listen.allow_insecure_connect,
@@ -356,4 +358,18 @@ impl FileConfig {
         check_exposure(&cfg)?;
         Ok(cfg)
     }
+}
+
+/// The admin API token in file `path` (`field` names it in errors):
+/// trailing newlines ignored, at least 16 characters.
+fn read_token(path: Option<&Path>, field: &str) -> Result<Option<Secret>, ConfigError> {
+    let Some(p) = path else {
+        return Ok(None);
+    };
+    let t = std::fs::read_to_string(p).map_err(|e| err(field, format!("{}: {e}", p.display())))?;
+    let t = t.trim_end_matches(['\n', '\r']);
+    if t.len() < 16 {
+        return Err(err(field, "token must be at least 16 characters"));
+    }
+    Ok(Some(Secret::new(t)))
 }

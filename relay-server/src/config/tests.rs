@@ -107,6 +107,57 @@ fn insecure_exposure_is_refused_unless_allowed() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `admin.read_token_file`: a second token of its own, only beside the
+/// full one; its file read as the full token's is, but an absent one is
+/// no read token rather than a relay that does not start.
+#[test]
+fn a_read_only_token_needs_the_full_one_and_differs_from_it() {
+    relay_transport::tls::install_default_provider();
+    let (dir, tls) = files();
+    let d = dir.display();
+    std::fs::write(dir.join("read-token"), "read-token-0123456789\n").unwrap();
+    std::fs::write(dir.join("short"), "short\n").unwrap();
+    let (full, read) = (
+        format!("token_file = \"{d}/token\""),
+        format!("read_token_file = \"{d}/read-token\""),
+    );
+    // Off by default: behaviour unchanged.
+    let c = load("", &tls, &full).unwrap();
+    assert!(c.admin_token.is_some() && c.admin_read_token.is_none());
+    let c = load("", &tls, &format!("{full}\n{read}")).unwrap();
+    assert_eq!(
+        c.admin_read_token.as_ref().map(Secret::expose),
+        Some("read-token-0123456789")
+    );
+    // Alone, it would guard nothing.
+    let e = load("", &tls, &read).unwrap_err();
+    assert_eq!(e.field, "admin.read_token_file", "{e}");
+    // The same token as the full one.
+    let same = format!("{full}\nread_token_file = \"{d}/token\"");
+    let e = load("", &tls, &same).unwrap_err();
+    assert_eq!(e.field, "admin.read_token_file", "{e}");
+    assert!(e.to_string().contains("of its own"), "{e}");
+    // Short: refused.
+    let e = load(
+        "",
+        &tls,
+        &format!("{full}\nread_token_file = \"{d}/short\""),
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "admin.read_token_file", "{e}");
+    // Absent (its optional Secret not created, an upgrade that skipped
+    // the step): the relay starts without one, so its tunnels stay up;
+    // read-token holders get 401.
+    let c = load(
+        "",
+        &tls,
+        &format!("{full}\nread_token_file = \"{d}/missing\""),
+    )
+    .unwrap();
+    assert!(c.admin_token.is_some() && c.admin_read_token.is_none());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `listen.health`: on by default at 127.0.0.1:9470 (the manifests'
 /// probes), any loopback address, never another, not even with
 /// `allow_insecure_admin`.

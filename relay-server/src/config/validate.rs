@@ -124,6 +124,30 @@ pub(super) fn check_exposure(c: &RelayConfig) -> Result<(), ConfigError> {
             ));
         }
     }
+    if let Some(read) = &c.admin_read_token {
+        // Without a full token the admin API is open to anyone, and a
+        // read token would restrict nothing; the same token twice would
+        // make every holder of the read token a full one.
+        match &c.admin_token {
+            None => {
+                return Err(err(
+                    "admin.read_token_file",
+                    "a read-only token needs admin.token_file too (without it the admin API \
+                     asks for no token at all)",
+                ))
+            }
+            Some(full)
+                if crate::admin::same(full.expose().as_bytes(), read.expose().as_bytes()) =>
+            {
+                return Err(err(
+                    "admin.read_token_file",
+                    "the read-only token is the full token (admin.token_file): give it a \
+                     token of its own",
+                ))
+            }
+            Some(_) => {}
+        }
+    }
     if let Some(m) = &c.admin_tls {
         m.server_config_without_client_auth(b"http/1.1")
             .map_err(|e| err("admin.tls", e))?;
