@@ -10,6 +10,9 @@
 //! through the tunnel that is down. Kubelet sends its Events to the
 //! apiserver directly, not through the tunnel.
 //!
+//! The attempt counter is left out of what is printed: kubelet folds
+//! Events with the same message into one with a count.
+//!
 //! Blocking std sockets with a bound on each step: a probe is one short
 //! request from a fresh process, and kubelet's own timeout kills it anyway.
 
@@ -72,12 +75,43 @@ pub fn readiness(listen: SocketAddr, timeout: Duration) -> std::io::Result<Readi
         })?;
     Ok(Readiness {
         ready: status == 200,
-        text: body.trim_end().to_string(),
+        text: steady(body.trim_end()),
     })
+}
+
+/// `/readyz`'s text without the attempt counter ("connecting: attempt 12;
+/// last: ..." becomes "connecting; last: ..."): kubelet folds repeated
+/// Events with the same message into one with a count, and a counter in
+/// it would make every failed probe an Event of its own (a fleet-wide
+/// outage: one per edge per probe).
+fn steady(text: &str) -> String {
+    let Some(rest) = text.strip_prefix("connecting: attempt ") else {
+        return text.to_string();
+    };
+    let after = rest.trim_start_matches(|c: char| c.is_ascii_digit());
+    if after.len() == rest.len() {
+        return text.to_string();
+    }
+    format!("connecting{after}")
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_attempt_counter_is_left_out() {
+        use super::steady;
+        assert_eq!(
+            steady("connecting: attempt 12; last: relay refused: overloaded"),
+            "connecting; last: relay refused: overloaded"
+        );
+        assert_eq!(steady("connecting: attempt 1"), "connecting");
+        assert_eq!(
+            steady("connected: session 9 with relay a"),
+            "connected: session 9 with relay a"
+        );
+        assert_eq!(steady("connecting: attempt x"), "connecting: attempt x");
+    }
+
     use std::sync::Arc;
 
     use relay_protocol::RejectReason;

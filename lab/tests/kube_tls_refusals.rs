@@ -1,15 +1,18 @@
 //! Client certificates the relay refuses at TLS, in Kubernetes mode: a
 //! certificate our CA signed names its node for real, so its refusal
 //! (expired, not valid yet, revoked) is an `EdgeSessionRejected` Event on
-//! that Node, within the node's Event budget; a certificate no CA of ours
-//! signed names whatever its maker wrote, so it is logged as claimed and
-//! nothing is written to the API for it.
+//! that Node, within the node's Event budget, unless the node is connected
+//! (then the certificate was a copy: our CA signing it does not prove its
+//! holder has the key); a certificate no CA of ours signed names whatever
+//! its maker wrote, so it is logged as claimed and nothing is written to
+//! the API for it.
 //!
 //! Against `relay-kube-standin`, NOT a real apiserver (see `kube.rs`).
 
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
+use edge_client::{EdgeClient, EdgeConfig};
 use relay_kube_standin::{kubelet_node, StandIn};
 use relay_server::config::KubeSettings;
 use relay_server::{Relay, RelayConfig};
@@ -80,7 +83,7 @@ async fn a_refused_certificate_our_ca_signed_is_an_event_for_its_node_and_a_stra
 ) -> Result<()> {
     relay_lab::init();
     let standin = StandIn::spawn().await?;
-    for (i, name) in ["edge-0", "edge-1"].iter().enumerate() {
+    for (i, name) in ["edge-0", "edge-1", "edge-2"].iter().enumerate() {
         let ip = format!("127.0.0.{}", 2 + i);
         let cidr = format!("127.1.{i}.0/24");
         standin.upsert_node(kubelet_node(name, &[&cidr], &[("InternalIP", &ip)]));
@@ -107,8 +110,34 @@ async fn a_refused_certificate_our_ca_signed_is_an_event_for_its_node_and_a_stra
     })
     .await?;
 
-    // edge-0's certificate, from our CA, expired: an Event on edge-0
-    // saying so.
+    // edge-2 connected, and an expired certificate of edge-2 from our
+    // CA presented by someone else (a copy of an old certificate, without
+    // proof of its key): counted, but no Event on the healthy edge-2,
+    // whose Event budget it would spend.
+    let live = EdgeClient::spawn(EdgeConfig::new(
+        "edge-2",
+        relay.quic_addr().to_string(),
+        "localhost",
+        edge(&pki, &pki, "edge-2", now)?,
+    ));
+    until("edge-2's session", || {
+        relay.shared().registry.get("edge-2").is_some()
+    })
+    .await?;
+    let old_copy = edge(
+        &pki,
+        &pki,
+        "edge-2",
+        now - Duration::from_secs(2 * 24 * 3600),
+    )?;
+    dial(&relay, &old_copy, false).await?;
+    until("edge-2's old certificate refused", || {
+        failures(&relay, "cert_expired") == 1
+    })
+    .await?;
+
+    // edge-0's certificate, from our CA, expired, and edge-0 not
+    // connected: an Event on edge-0 saying so.
     let expired = edge(
         &pki,
         &pki,
@@ -127,7 +156,7 @@ async fn a_refused_certificate_our_ca_signed_is_an_event_for_its_node_and_a_stra
         })
     })
     .await?;
-    assert_eq!(failures(&relay, "cert_expired"), 1);
+    assert_eq!(failures(&relay, "cert_expired"), 2);
     assert_eq!(failures(&relay, "tls"), 0);
     let events = standin.events();
     assert!(
@@ -136,6 +165,14 @@ async fn a_refused_certificate_our_ca_signed_is_an_event_for_its_node_and_a_stra
             .any(|e| e["regarding"]["name"] == "edge-1" || e["action"] == "unknown_ca"),
         "an Event for a name no CA of ours signed: {events:#?}"
     );
+    // Published before edge-0's would have been (one queue, in order).
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["regarding"]["name"] == "edge-2" && e["action"] == "cert_expired"),
+        "an Event on a connected node for a copy of its old certificate: {events:#?}"
+    );
+    live.shutdown().await;
     relay.shutdown(Duration::from_secs(1)).await;
     Ok(())
 }

@@ -109,6 +109,11 @@ impl<S: RouteOwner> Registry<S> {
         self.changes.subscribe()
     }
 
+    /// Called with the write lock still held: a reader that takes the
+    /// counter and then the tables (the admin API's ETag on
+    /// `/v1/routes`) must never pair a change's rows with the counter from
+    /// before it, or a client holding that older ETag would be told 304
+    /// (unchanged) while the table had changed.
     fn changed(&self) {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
     }
@@ -172,8 +177,8 @@ impl<S: RouteOwner> Registry<S> {
                 routes,
             },
         );
-        drop(g);
         self.changed();
+        drop(g);
         Ok(old)
     }
 
@@ -208,8 +213,8 @@ impl<S: RouteOwner> Registry<S> {
                 routes,
             },
         );
-        drop(g);
         self.changed();
+        drop(g);
         Ok(true)
     }
 
@@ -278,8 +283,8 @@ impl<S: RouteOwner> Registry<S> {
         let name: Arc<str> = Arc::from(node);
         if !g.hold {
             Self::unroute(&mut g, &name, &live.routes);
-            drop(g);
             self.changed();
+            drop(g);
             return true;
         }
         // Out of the live table, but not withdrawn: held while the node
@@ -290,8 +295,8 @@ impl<S: RouteOwner> Registry<S> {
         for (n, r) in g.offline.hold(&name, live.routes, OFFLINE_CAP) {
             g.journal.push(&n, &r, false);
         }
-        drop(g);
         self.changed();
+        drop(g);
         true
     }
 
@@ -329,10 +334,10 @@ impl<S: RouteOwner> Registry<S> {
         for (node, r) in released {
             g.journal.push(&node, &r, false);
         }
-        drop(g);
         if n > 0 {
             self.changed();
         }
+        drop(g);
         n
     }
 

@@ -217,7 +217,7 @@ impl ClientCertVerifier for SkewTolerantClientVerifier {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use rcgen::{
         CertificateParams, DistinguishedName as Dn, DnType, ExtendedKeyUsagePurpose, Issuer,
         KeyPair, KeyUsagePurpose,
@@ -303,7 +303,11 @@ mod tests {
 
     /// A full TLS handshake between the two configs in memory (the client
     /// asks for "localhost"): Ok, or the error of the side that refused.
-    fn handshake(client: rustls::ClientConfig, server: rustls::ServerConfig) -> Result<(), Error> {
+    /// Also `reload::refused`'s tests'.
+    pub(crate) fn handshake(
+        client: rustls::ClientConfig,
+        server: rustls::ServerConfig,
+    ) -> Result<(), Error> {
         let name = ServerName::try_from("localhost").unwrap();
         let mut c = Connection::Client(
             rustls::ClientConnection::new(Arc::new(client), name.to_owned()).unwrap(),

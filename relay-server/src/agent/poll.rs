@@ -183,17 +183,26 @@ async fn exchange(c: &mut Conn, request: &str) -> anyhow::Result<Answer> {
     c.get_mut().write_all(request.as_bytes()).await?;
     c.get_mut().flush().await?;
     let mut head_len = 0;
-    let status_line = read_line(c, &mut head_len).await?;
-    let mut words = status_line.splitn(3, ' ');
-    let version = words.next().unwrap_or_default();
-    let status: u16 = words
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("not an HTTP answer: {status_line:?}"))?;
-    anyhow::ensure!(
-        version.starts_with("HTTP/1."),
-        "not an HTTP/1 answer: {status_line:?}"
-    );
+    // Interim answers (1xx: 100 Continue, a proxy's 103 Early Hints) come
+    // before the final one to the same request: skipped, head and all,
+    // or every later poll would read the answer to the one before it.
+    let (status_line, version, status) = loop {
+        let status_line = read_line(c, &mut head_len).await?;
+        let mut words = status_line.splitn(3, ' ');
+        let version = words.next().unwrap_or_default().to_string();
+        let status: u16 = words
+            .next()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("not an HTTP answer: {status_line:?}"))?;
+        anyhow::ensure!(
+            version.starts_with("HTTP/1."),
+            "not an HTTP/1 answer: {status_line:?}"
+        );
+        if !(100..200).contains(&status) {
+            break (status_line, version, status);
+        }
+        while !read_line(c, &mut head_len).await?.is_empty() {}
+    };
     let mut keep = version == "HTTP/1.1";
     let (mut length, mut chunked, mut etag) = (None, false, None);
     loop {
@@ -220,7 +229,7 @@ async fn exchange(c: &mut Conn, request: &str) -> anyhow::Result<Answer> {
         }
     }
     let mut body = Vec::new();
-    if status == 304 || status == 204 || (100..200).contains(&status) {
+    if status == 304 || status == 204 {
         // No body, whatever the headers say.
     } else if chunked {
         read_chunked(c, &mut body).await?;
@@ -278,8 +287,10 @@ async fn read_chunked(c: &mut Conn, body: &mut Vec<u8>) -> anyhow::Result<()> {
             while !read_line(c, &mut head_len).await?.is_empty() {}
             return Ok(());
         }
+        // Compared without adding: a size near 2^64 from a broken or
+        // hostile peer must not wrap past the bound.
         anyhow::ensure!(
-            body.len() as u64 + size <= MAX_BODY,
+            size <= MAX_BODY - body.len() as u64,
             "answer longer than {MAX_BODY} bytes"
         );
         let start = body.len();
@@ -548,7 +559,8 @@ pub(crate) mod tests {
 
     /// The answers the client must frame besides `Content-Length`: chunks,
     /// and a body ended by the connection (then not kept); the relay's
-    /// "overloaded" 503 is [`Busy`], another 503 is not.
+    /// "overloaded" 503 is [`Busy`], another 503 is not; interim 1xx
+    /// answers are skipped; a chunk size past the bound is refused.
     #[tokio::test]
     async fn chunked_and_unframed_answers_and_a_busy_relay() {
         async fn serve_once(answer: &'static str) -> SocketAddr {
@@ -590,5 +602,24 @@ pub(crate) mod tests {
         let e = RoutesPoll::default().poll(&config(away)).await.unwrap_err();
         assert!(e.downcast_ref::<Busy>().is_none(), "{e:#}");
         assert!(format!("{e:#}").contains("503"), "{e:#}");
+        // An interim answer (a proxy's 103 Early Hints) before the final
+        // one: skipped, and the final one read.
+        let hints = serve_once(
+            "HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 24\r\n\r\n[{\"cidr\":\"10.3.0.0/16\"}]",
+        )
+        .await;
+        let got = RoutesPoll::default()
+            .poll(&config(hints))
+            .await
+            .expect("after a 103");
+        assert_eq!(got.view.live, cidrs(&["10.3.0.0/16"]));
+        // A chunk size near 2^64 after a first chunk: refused, not a
+        // wrapped bound (a panic in the agent's loop).
+        let huge = serve_once(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n[\r\nffffffffffffffff\r\n",
+        )
+        .await;
+        let e = RoutesPoll::default().poll(&config(huge)).await.unwrap_err();
+        assert!(format!("{e:#}").contains("longer than"), "{e:#}");
     }
 }

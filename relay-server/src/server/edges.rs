@@ -332,7 +332,14 @@ fn tls_failed(
         None => (None, None),
     };
     let detail = refused.map(refusal_detail);
-    if let (Some(node), Some(r), Some(detail)) = (node, refused, &detail) {
+    // An Event only for a node without a session: our CA signing the
+    // certificate shows which node it was issued to, not that the peer
+    // holds its key (verified later in the handshake), so anyone with a
+    // copy of a node's old or revoked certificate could otherwise spend
+    // a healthy node's Event budget. A node that is connected is not the
+    // one whose certificate failed.
+    let event_for = node.filter(|n| shared.registry.get(n).is_none());
+    if let (Some(node), Some(r), Some(detail)) = (event_for, refused, &detail) {
         shared.status.rejected(
             node,
             r.cause.as_str(),

@@ -100,9 +100,9 @@ impl RefusalCause {
 pub struct ClientCertRefusal {
     /// Why.
     pub cause: RefusalCause,
-    /// The node the certificate names (its first DNS name, else its
-    /// common name), if that is a well-formed node name (a DNS-1123
-    /// subdomain); see [`ClientCertRefusal::authentic`] before trusting it.
+    /// The node the certificate names (its first DNS name), if that is a
+    /// well-formed node name (a DNS-1123 subdomain); see
+    /// [`ClientCertRefusal::authentic`] before trusting it.
     pub node: Option<String>,
     /// Whether a CA of `tls.client_ca` signed the certificate (its chain
     /// verifies at a time within its validity): only then does the name
@@ -260,24 +260,25 @@ fn unknown_ca(e: &CertificateError) -> bool {
     )
 }
 
-/// The node a certificate names: its first DNS name, else its common
-/// name, if that is a well-formed node name.
+/// The node a certificate names: its first DNS name, if that is a
+/// well-formed node name. Never its common name: the relay ties a
+/// certificate to a node by its DNS names only (`tls::cert_names_node`),
+/// so a certificate with nothing but a common name could not have been
+/// any node's, and naming one from it would report a node that was never
+/// refused.
 fn node_named(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<String> {
     use x509_parser::extensions::GeneralName;
-    let san = cert
+    let name = cert
         .subject_alternative_name()
         .ok()
-        .flatten()
-        .and_then(|s| {
-            s.value.general_names.iter().find_map(|n| match n {
-                GeneralName::DNSName(d) => Some(*d),
-                _ => None,
-            })
-        });
-    let name = match san {
-        Some(d) => d,
-        None => cert.subject().iter_common_name().next()?.as_str().ok()?,
-    };
+        .flatten()?
+        .value
+        .general_names
+        .iter()
+        .find_map(|n| match n {
+            GeneralName::DNSName(d) => Some(*d),
+            _ => None,
+        })?;
     is_node_name(name).then(|| name.to_string())
 }
 
@@ -409,10 +410,8 @@ mod tests {
     use std::sync::Weak;
     use std::time::SystemTime;
 
-    use rustls::pki_types::ServerName;
-    use rustls::Connection;
-
     use super::*;
+    use crate::clock_skew::tests::handshake;
     use crate::devcerts::DevPki;
     use crate::issue::{node_key, NodeIssuer};
     use crate::reload::{crls_from_pem, ReloadableServerTls};
@@ -456,36 +455,6 @@ mod tests {
         let key = KeyPair::generate().unwrap();
         let cert = p.signed_by(&key, &issuer).unwrap();
         TlsMaterial::from_pem(&cert.pem(), &key.serialize_pem(), &trust.ca_cert).unwrap()
-    }
-
-    fn transfer(from: &mut Connection, to: &mut Connection) -> Result<(), Error> {
-        let mut buf = Vec::new();
-        while from.wants_write() {
-            from.write_tls(&mut buf).unwrap();
-        }
-        let mut rest = &buf[..];
-        while !rest.is_empty() {
-            to.read_tls(&mut rest).unwrap();
-            to.process_new_packets()?;
-        }
-        Ok(())
-    }
-
-    /// A TLS handshake in memory (the client asks for "localhost").
-    fn handshake(client: rustls::ClientConfig, server: rustls::ServerConfig) -> Result<(), Error> {
-        let name = ServerName::try_from("localhost").unwrap();
-        let mut c = Connection::Client(
-            rustls::ClientConnection::new(Arc::new(client), name.to_owned()).unwrap(),
-        );
-        let mut s = Connection::Server(rustls::ServerConnection::new(Arc::new(server)).unwrap());
-        for _ in 0..10 {
-            transfer(&mut c, &mut s)?;
-            transfer(&mut s, &mut c)?;
-            if !c.is_handshaking() && !s.is_handshaking() {
-                return Ok(());
-            }
-        }
-        panic!("the handshake did not finish");
     }
 
     /// What the relay's verifier records for each kind of refused client
