@@ -46,6 +46,12 @@ pub(crate) fn check_edges(n: usize) -> Result<()> {
 
 /// Starts `n` in-process edge clients against `relay`.
 pub(crate) fn spawn_edges(bench: &Bench, n: usize, relay: &RelayProc) -> Result<Vec<EdgeClient>> {
+    // The allocator as the edge-client binary sets it (its main calls
+    // this): with glibc's dynamic mmap threshold instead, each QUIC
+    // attempt's 3 MB receive buffer (quinn: payload × GRO segments × 32)
+    // came from the heap and was zeroed by hand, and a thousand edges
+    // retrying through a relay restart spent their process's CPU on it.
+    relay_transport::memory::keep_heap_top();
     (0..n)
         .map(|i| Ok(EdgeClient::spawn(edge_config(bench.pki(), i, relay.quic)?)))
         .collect()
