@@ -143,6 +143,10 @@ async fn the_base_configs_bootstrap_an_edge_with_the_walkthroughs_pki() -> Resul
         dir.join("admin-token"),
         "deploy-bootstrap-token-0123456789\n",
     )?;
+    std::fs::write(
+        dir.join("admin-read-token"),
+        "deploy-bootstrap-read-token-0123456789\n",
+    )?;
 
     // The cluster: edge-1's Node, its edge-client pod, a token bound to both.
     let standin = StandIn::spawn().await?;
@@ -176,6 +180,10 @@ async fn the_base_configs_bootstrap_an_edge_with_the_walkthroughs_pki() -> Resul
         .replace(
             "/etc/edge-relay/admin/token",
             &dir.join("admin-token").display().to_string(),
+        )
+        .replace(
+            "/etc/edge-relay/admin-read/token",
+            &dir.join("admin-read-token").display().to_string(),
         );
     ensure!(
         !values(&relay).contains("/etc/edge-relay/"),
