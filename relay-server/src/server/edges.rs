@@ -312,9 +312,9 @@ static TLS_FAILED_LOG: [[LogSampler; RefusalCause::ALL.len() + 1]; 2] =
 /// else `tls`), logged sampled per cause, naming the node the certificate
 /// names (`node` when our CA signed it, `claimed_node` when anyone may
 /// have written it), and, for a certificate our CA signed that is expired,
-/// not valid yet or revoked, reported as that node's rejection (an
-/// `EdgeSessionRejected` Event in Kubernetes, within the node's Event
-/// budget). A name from a certificate no CA of ours signed is never
+/// not valid yet or revoked, reported as that node's rejection while the
+/// node has no session (an `EdgeSessionRejected` Event in Kubernetes,
+/// within the node's Event budget). A name from a certificate no CA of ours signed is never
 /// written anywhere but the log.
 fn tls_failed(
     shared: &Shared,
