@@ -205,37 +205,7 @@ pub(super) async fn list_sessions(
     let sessions = shared.registry.sessions();
     let row = |s: &Arc<SessionHandle>| SessionRow::of(s, &shared);
     match page {
-        // The whole list (the default, for older clients): at 10,000
-        // sessions, 30,000 directory lookups and several MB of JSON, built
-        // on a blocking thread rather than on a runtime worker, whose
-        // other tasks (tunnel streams among them) would wait for it.
-        None => {
-            let built = tokio::task::spawn_blocking(move || {
-                let rows: Vec<SessionRow> = sessions
-                    .iter()
-                    .map(|s| SessionRow::of(s, &shared))
-                    .collect();
-                serde_json::to_vec(&rows)
-            })
-            .await;
-            match built {
-                Ok(Ok(body)) => (
-                    [(axum::http::header::CONTENT_TYPE, "application/json")],
-                    body,
-                )
-                    .into_response(),
-                Ok(Err(e)) => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("sessions could not be serialised: {e}\n"),
-                )
-                    .into_response(),
-                Err(e) => (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("building the session list failed: {e}\n"),
-                )
-                    .into_response(),
-            }
-        }
+        None => Json(sessions.iter().map(row).collect::<Vec<_>>()).into_response(),
         Some((limit, after)) => {
             let (page, more) = window(&sessions, |s| s.node.as_str(), after, limit);
             Json(SessionsPage {
