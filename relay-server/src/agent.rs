@@ -1003,13 +1003,9 @@ mod tests {
             }
             let routes = Arc::new(Mutex::new(vec![]));
             let up = Arc::new(AtomicBool::new(false));
-            let cfg = AgentConfig {
-                admin: fake_replica_while(routes.clone(), up.clone()).await,
-                token: None,
-                tls: None,
-                interval: Duration::from_millis(50),
-                proto: 250,
-            };
+            let cfg = crate::agent::poll::tests::config(
+                fake_replica_while(routes.clone(), up.clone()).await,
+            );
             let status = Arc::<status::AgentStatus>::default();
             let stop = CancellationToken::new();
             let toward = Toward::Via("192.0.2.2".parse().unwrap());
@@ -1064,13 +1060,7 @@ mod tests {
             let edge = StandIn::connect(&relay, &pki, 0).await;
             until_sessions(&relay, 1).await;
             let proxy = Proxy::start(relay.admin_addr().expect("admin")).await;
-            let cfg = AgentConfig {
-                admin: proxy.addr,
-                token: None,
-                tls: None,
-                interval: Duration::from_millis(50),
-                proto: 250,
-            };
+            let cfg = crate::agent::poll::tests::config(proxy.addr);
             let status = Arc::<status::AgentStatus>::default();
             let stop = CancellationToken::new();
             let toward = Toward::Via("192.0.2.2".parse().unwrap());

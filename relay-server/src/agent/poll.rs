@@ -423,7 +423,9 @@ pub(crate) mod tests {
         }
     }
 
-    fn config(admin: SocketAddr) -> AgentConfig {
+    /// An agent of `admin`: no token, no TLS, a 50 ms interval, proto 250
+    /// (also the agent loop's namespace tests').
+    pub(crate) fn config(admin: SocketAddr) -> AgentConfig {
         AgentConfig {
             admin,
             token: None,
