@@ -78,42 +78,52 @@ pub(crate) fn apply(shared: &Shared) {
         shared.registry.poke();
     }
     for s in shared.registry.sessions() {
-        let entry = match shared.directory.lookup(&s.node) {
-            Lookup::Known(e) => e,
-            // An outage keeps the last known state; nothing to do.
-            Lookup::NotSynced => continue,
-            Lookup::Unknown => {
-                info!(node = %s.node, "node no longer known to the directory; closing its session");
-                shared
-                    .metrics
-                    .node_gone
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                s.kick(close_code::KICKED, "node deleted");
-                continue;
-            }
-        };
-        let relay_decides = s.has(capability::SERVED_ROUTES);
-        match decide_claim(&entry, &s.advertised, s.advertised_primary, relay_decides) {
-            Ok(claim) => {
-                match s.serve(shared, &claim) {
-                    Ok(true) => {
-                        info!(node = %s.node, routes = ?claim.served, "routes follow the directory")
-                    }
-                    Ok(false) => {}
-                    Err(msg) => {
-                        warn!(node = %s.node, %msg, "new routes refused; keeping the old ones")
-                    }
-                }
-                // What the Node condition says follows too.
-                s.report_status(shared);
-            }
-            Err((reason, msg)) => {
-                info!(node = %s.node, reason = reason.as_str(), %msg, "node may no longer serve what it advertised; closing its session");
-                s.kick(close_code::KICKED, "advertised routes no longer allowed");
-            }
-        }
+        follow_session(shared, &s);
     }
     // Last: the sessions' routes above decide which cloud prefixes an
     // edge's claim keeps out.
     cloud_nodes(shared);
+}
+
+/// Brings one live session in step with the directory: closed when its
+/// node is gone or may no longer serve what it advertised; otherwise its
+/// routes and Node condition follow its node's entry. [`apply`] runs it
+/// for every session; a handshake runs it for its own session when the
+/// directory changed between its lookup and its registration, which a
+/// walk in that window did not see.
+pub(crate) fn follow_session(shared: &Shared, s: &Arc<crate::session::SessionHandle>) {
+    let entry = match shared.directory.lookup(&s.node) {
+        Lookup::Known(e) => e,
+        // An outage keeps the last known state; nothing to do.
+        Lookup::NotSynced => return,
+        Lookup::Unknown => {
+            info!(node = %s.node, "node no longer known to the directory; closing its session");
+            shared
+                .metrics
+                .node_gone
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            s.kick(close_code::KICKED, "node deleted");
+            return;
+        }
+    };
+    let relay_decides = s.has(capability::SERVED_ROUTES);
+    match decide_claim(&entry, &s.advertised, s.advertised_primary, relay_decides) {
+        Ok(claim) => {
+            match s.serve(shared, &claim) {
+                Ok(true) => {
+                    info!(node = %s.node, routes = ?claim.served, "routes follow the directory")
+                }
+                Ok(false) => {}
+                Err(msg) => {
+                    warn!(node = %s.node, %msg, "new routes refused; keeping the old ones")
+                }
+            }
+            // What the Node condition says follows too.
+            s.report_status(shared);
+        }
+        Err((reason, msg)) => {
+            info!(node = %s.node, reason = reason.as_str(), %msg, "node may no longer serve what it advertised; closing its session");
+            s.kick(close_code::KICKED, "advertised routes no longer allowed");
+        }
+    }
 }

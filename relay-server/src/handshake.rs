@@ -315,6 +315,10 @@ async fn handshake(
         Ok(h) => h,
         Err(e) => return Err((e, Some(control.send))),
     };
+    // The directory's version before its lookup: a change after it that
+    // a walk of the live sessions handled before this one registered is
+    // looked at again below (see `follow_session`).
+    let directory_version = *shared.directory.subscribe().borrow();
     let claim = match claim(shared, &hello).await {
         Ok(c) => c,
         Err(e) => {
@@ -324,6 +328,16 @@ async fn handshake(
             return Err((e, Some(control.send)));
         }
     };
+    // The claim may have waited for the directory (up to half the
+    // handshake timeout): a shutdown that began meanwhile refuses it here,
+    // as `check_hello` would have, rather than register a session the
+    // shutdown's drain does not know of.
+    if shared.is_shutting_down() {
+        return Err((
+            reject(RejectReason::ShuttingDown, "relay is shutting down"),
+            Some(control.send),
+        ));
+    }
     let generation = shared.next_generation();
     let (handle, control_rx) = SessionHandle::new(&hello, &claim, conn, shared, generation);
     match shared.registry.register(
@@ -372,6 +386,18 @@ async fn handshake(
         return Err((HandshakeError::Failed("protocol", e.to_string()), None));
     }
     registration.commit();
+    // A shutdown that began after the check above took its list of
+    // sessions to drain before this one registered (or after: then this
+    // drain is refused as a second one): drained here, the edge gets its
+    // GOAWAY and the shutdown does not wait out its whole grace for it.
+    if let Some(grace) = shared.shutdown_grace() {
+        handle.drain(grace, "relay shutting down");
+    }
+    // A directory change between the claim's lookup and the registration
+    // may have been walked without this session: it follows now.
+    if *shared.directory.subscribe().borrow() != directory_version {
+        crate::follow::follow_session(shared, &handle);
+    }
     shared.metrics.sessions_accepted.fetch_add(1, Relaxed);
     shared.metrics.accepted_on(handle.conn.kind().as_str());
     Ok((handle, (control, control_rx, feed)))

@@ -57,6 +57,9 @@ pub struct Shared {
     /// Cancelled last on shutdown: closes every session still open.
     pub shutdown: CancellationToken,
     shutting_down: AtomicBool,
+    /// The drain grace of a shutdown under way (set before
+    /// `shutting_down`).
+    shutdown_grace: std::sync::OnceLock<std::time::Duration>,
     handshakes: Arc<Semaphore>,
     /// Places in the queue for a handshake permit (a few times the permits).
     handshake_queue: Arc<Semaphore>,
@@ -120,6 +123,25 @@ impl Shared {
     /// Whether the relay is draining for shutdown.
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Relaxed)
+    }
+
+    /// Marks the relay as shutting down, sessions draining for `grace`.
+    pub(crate) fn begin_shutdown(&self, grace: std::time::Duration) {
+        let _ = self.shutdown_grace.set(grace);
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The drain grace of the shutdown under way, if one is.
+    pub(crate) fn shutdown_grace(&self) -> Option<std::time::Duration> {
+        if self
+            .shutting_down
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            self.shutdown_grace.get().copied()
+        } else {
+            None
+        }
     }
 }
 
@@ -261,6 +283,7 @@ impl Relay {
             generation: AtomicU64::new(gen0),
             shutdown: CancellationToken::new(),
             shutting_down: AtomicBool::new(false),
+            shutdown_grace: std::sync::OnceLock::new(),
             handshakes: Arc::new(Semaphore::new(cfg.limits.max_concurrent_handshakes)),
             handshake_queue: Arc::new(Semaphore::new(cfg.limits.max_concurrent_handshakes * 4)),
             connect_permits: Arc::new(Semaphore::new(cfg.limits.max_connect_connections)),

@@ -294,3 +294,61 @@ async fn a_relay_started_while_the_api_is_down_works_from_its_caches() -> Result
     let _ = std::fs::remove_dir_all(&cache);
     Ok(())
 }
+
+/// A SIGTERM while a handshake waits for the first Node list: the
+/// handshake, let through once the list arrives, is refused as the relay
+/// is shutting down (the edge is told so), not registered as a session
+/// the shutdown's drain never saw and then waited for to the end of its
+/// grace. Before, this shutdown took the whole grace (20 s) plus a second.
+/// Stand-in, not a real apiserver (see the module doc).
+#[tokio::test]
+async fn a_handshake_waiting_for_the_first_list_when_shutdown_begins_is_refused() -> Result<()> {
+    relay_lab::init();
+    let standin = StandIn::spawn().await?;
+    standin.upsert_node(node(0));
+    let pki = DevPki::generate(&["localhost"], &["edge-0"])?;
+    // Lists answered after 3 s: the edge's handshake waits for them in
+    // the claim (up to half the handshake timeout, 5 s).
+    standin.set_latency(Duration::from_secs(3), Duration::ZERO);
+    let relay = Relay::spawn(relay_config(&standin, &pki, None)?).await?;
+    let shared = relay.shared().clone();
+    let started = std::time::Instant::now();
+    let e0 = EdgeClient::spawn(EdgeConfig::new(
+        "edge-0",
+        relay.quic_addr().to_string(),
+        "localhost",
+        pki.node_material("edge-0")?,
+    ));
+    // The hello is checked within milliseconds; the claim then waits.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ensure!(
+        shared.registry.get("edge-0").is_none() && !shared.directory.is_synced(),
+        "the handshake did not wait for the list"
+    );
+    let grace = Duration::from_secs(20);
+    let t = std::time::Instant::now();
+    let stopping = tokio::spawn(relay.shutdown(grace));
+    eventually(
+        "the waiting handshake refused as shutting down",
+        async || Ok((rejected(&e0) == Some(RejectReason::ShuttingDown)).then_some(())),
+    )
+    .await?;
+    ensure!(
+        started.elapsed() >= Duration::from_secs(2),
+        "refused before the list arrived: the handshake did not wait in the claim"
+    );
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .context("shutdown waited for a session its drain did not know of")??;
+    ensure!(
+        t.elapsed() < grace,
+        "shutdown took {:?}, its whole grace",
+        t.elapsed()
+    );
+    ensure!(
+        shared.registry.get("edge-0").is_none(),
+        "edge-0 registered during the shutdown"
+    );
+    e0.shutdown().await;
+    Ok(())
+}

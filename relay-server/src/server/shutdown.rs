@@ -1,7 +1,6 @@
 //! Stopping the relay: drain, close, flush what the cluster must know,
 //! and remove what it installed in the kernel, each step bounded.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use relay_protocol::close_code;
@@ -33,7 +32,7 @@ impl Relay {
     /// Graceful shutdown: stop accepting, send GOAWAY to every session, let
     /// in-flight streams finish for up to `grace`, then close everything.
     pub async fn shutdown(mut self, grace: Duration) {
-        self.shared.shutting_down.store(true, Relaxed);
+        self.shared.begin_shutdown(grace);
         self.accept_stop.cancel();
         // First, so the other replicas (and through them the edges) stop
         // counting on this one while it drains.
