@@ -241,26 +241,35 @@ pub(crate) fn router_with(shared: Arc<Shared>, budgets: Budgets) -> Router {
         .route("/metrics", get(metrics))
         .layer(auth)
         .merge(probe_routes());
-    bounded(api, budgets.api)
-        .merge(bounded(scrape, budgets.scrape))
+    bounded(api, budgets.api, "api", shared.clone())
+        .merge(bounded(scrape, budgets.scrape, "scrape", shared.clone()))
         .with_state(shared)
 }
 
-/// `r` in one budget: shed with 503 when `slots` has no permit left, 504
-/// past [`REQUEST_TIMEOUT`].
-fn bounded(r: Router<Arc<Shared>>, slots: Arc<tokio::sync::Semaphore>) -> Router<Arc<Shared>> {
+/// `r` in one budget (`name`, as counted in `shared`'s metrics): shed
+/// with 503 when `slots` has no permit left, 504 past [`REQUEST_TIMEOUT`].
+fn bounded(
+    r: Router<Arc<Shared>>,
+    slots: Arc<tokio::sync::Semaphore>,
+    name: &'static str,
+    shared: Arc<Shared>,
+) -> Router<Arc<Shared>> {
     r.layer(
         ServiceBuilder::new()
-            .layer(HandleErrorLayer::new(|e: tower::BoxError| async move {
-                if e.is::<tower::timeout::error::Elapsed>() {
-                    (StatusCode::GATEWAY_TIMEOUT, "admin request timed out\n").into_response()
-                } else {
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        [(header::RETRY_AFTER, "1")],
-                        OVERLOADED,
-                    )
-                        .into_response()
+            .layer(HandleErrorLayer::new(move |e: tower::BoxError| {
+                let timed_out = e.is::<tower::timeout::error::Elapsed>();
+                shared.metrics.admin_refused(name, timed_out);
+                async move {
+                    if timed_out {
+                        (StatusCode::GATEWAY_TIMEOUT, "admin request timed out\n").into_response()
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            [(header::RETRY_AFTER, "1")],
+                            OVERLOADED,
+                        )
+                            .into_response()
+                    }
                 }
             }))
             .load_shed()
@@ -463,6 +472,10 @@ async fn list_routes(
         .get(header::IF_NONE_MATCH)
         .is_some_and(|v| etag_matches(v, &etag))
     {
+        shared
+            .metrics
+            .routes_not_modified
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
     }
     ([(header::ETAG, etag)], Json(rows)).into_response()

@@ -97,7 +97,17 @@ pub struct Metrics {
     /// The capture updates' outcomes with their errors and times, for
     /// `/readyz` (see [`crate::admin::CaptureHealth`]).
     pub capture_health: crate::admin::CaptureHealth,
+    /// Admin requests shed (503, budget full) and timed out (504), per
+    /// budget (see [`ADMIN_BUDGETS`]).
+    admin_shed: [AtomicU64; 2],
+    admin_timed_out: [AtomicU64; 2],
+    /// `GET /v1/routes` answered 304 (the route agent's table unchanged).
+    pub routes_not_modified: AtomicU64,
 }
+
+/// The admin API's request budgets, in metric order: `api` (`/v1/*`) and
+/// `scrape` (`/metrics`, `/healthz`, `/readyz`).
+pub const ADMIN_BUDGETS: [&str; 2] = ["api", "scrape"];
 
 /// Outcomes of resolving a ClusterIP or Service name at the relay
 /// (`topology_unreachable` is counted besides where the pick then went:
@@ -169,6 +179,20 @@ impl Metrics {
         self.capture_installed.store(u64::from(ok), Relaxed);
         if !ok {
             self.capture_failures.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Counts an admin request the budget `budget` (from
+    /// [`ADMIN_BUDGETS`]) shed (503) or, with `timed_out`, cut at its
+    /// bound (504).
+    pub fn admin_refused(&self, budget: &str, timed_out: bool) {
+        if let Some(i) = ADMIN_BUDGETS.iter().position(|x| *x == budget) {
+            let per = if timed_out {
+                &self.admin_timed_out
+            } else {
+                &self.admin_shed
+            };
+            per[i].fetch_add(1, Relaxed);
         }
     }
 
@@ -292,6 +316,31 @@ impl Metrics {
             .zip(&self.connect_status)
             .map(|(c, a)| (format!("{{code=\"{c}\"}}"), a.load(Relaxed)))
             .collect();
+        let per_budget = |per: &[AtomicU64; 2]| -> Vec<(String, u64)> {
+            ADMIN_BUDGETS
+                .iter()
+                .zip(per)
+                .map(|(b, a)| (format!("{{budget=\"{b}\"}}"), a.load(Relaxed)))
+                .collect()
+        };
+        metric(
+            "relay_admin_requests_shed_total",
+            "counter",
+            "Admin requests answered 503 because their budget's slots were all taken (route agents read it as busy, alive).",
+            &per_budget(&self.admin_shed),
+        );
+        metric(
+            "relay_admin_requests_timed_out_total",
+            "counter",
+            "Admin requests answered 504 at the request bound (10 s).",
+            &per_budget(&self.admin_timed_out),
+        );
+        metric(
+            "relay_admin_routes_not_modified_total",
+            "counter",
+            "GET /v1/routes answered 304 Not Modified (the client's table is current).",
+            &one(&self.routes_not_modified),
+        );
         metric(
             "relay_connect_responses_total",
             "counter",

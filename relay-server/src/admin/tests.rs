@@ -383,6 +383,15 @@ async fn routes_answer_304_until_they_change_and_never_across_a_restart() {
     assert_ne!(live, first);
     let (code, _, _) = request_with(admin, "GET", ROUTES, &[&if_none(&live)]).await;
     assert_eq!(code, 304);
+    // Each 304 counted (two so far), the 200s not.
+    let not_modified = |relay: &crate::Relay| {
+        relay
+            .shared()
+            .metrics
+            .routes_not_modified
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(not_modified(&relay), 2);
     // It ends: its routes are held offline, another table.
     drop(edge);
     until_sessions(&relay, 0).await;
@@ -430,6 +439,13 @@ async fn metrics_answer_while_the_api_slots_are_full() {
     let (code, body) = request(admin, "GET", "/metrics").await;
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("relay_sessions"), "{body}");
+    // The shed request is counted against its budget, none timed out.
+    assert!(
+        body.contains("relay_admin_requests_shed_total{budget=\"api\"} 1\n")
+            && body.contains("relay_admin_requests_shed_total{budget=\"scrape\"} 0\n")
+            && body.contains("relay_admin_requests_timed_out_total{budget=\"api\"} 0\n"),
+        "{body}"
+    );
     for probe in ["/healthz", "/readyz"] {
         assert_ne!(request(admin, "GET", probe).await.0, 503, "{probe}");
     }
