@@ -436,7 +436,7 @@ fn rendezvous(node: &str, replica: &str) -> u64 {
 /// it) it does not, since the replicas in the set write for every node
 /// and this one would only write "down" for edges up elsewhere as they
 /// leave.
-fn writes(node: &str, me: &str, set: &[Replica]) -> bool {
+pub(crate) fn writes(node: &str, me: &str, set: &[Replica]) -> bool {
     if set.is_empty() {
         return true;
     }
@@ -451,6 +451,13 @@ fn writes(node: &str, me: &str, set: &[Replica]) -> bool {
 /// replica meanwhile (replica A writes node N down for reason X; B comes
 /// back and writes N up; B leaves and N is down again for X, which A last
 /// wrote: trusting its memory, A skipped the write and N stayed up).
+///
+/// A report dropped here is not made again by its session, which counts
+/// it as made: when this replica becomes a node's writer, the upkeep of
+/// the Node conditions tells the node's live session here to report
+/// again (`k8s/stale_conditions.rs`), or the node would keep what its
+/// last writer wrote (a "down" for its session there) while its edge is
+/// connected here.
 pub struct DesignatedStatus {
     inner: std::sync::Arc<dyn crate::status::StatusSink>,
     me: String,
@@ -503,6 +510,11 @@ impl crate::status::StatusSink for DesignatedStatus {
     fn rejected(&self, node: &str, reason: &str, message: &str) {
         if self.writes(node) {
             self.inner.rejected(node, reason, message);
+        }
+    }
+    fn report(&self, node: &str, generation: u64, report: crate::status::Report<'_>) {
+        if self.writes(node) {
+            self.inner.report(node, generation, report);
         }
     }
     fn writers_changed(&self) {

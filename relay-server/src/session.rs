@@ -21,6 +21,8 @@ use crate::routefeed::{FeedUpdate, RouteFeed};
 use crate::server::Shared;
 
 mod handle;
+#[cfg(test)]
+pub(crate) mod tests;
 
 pub(crate) use handle::supersede;
 pub use handle::{SessionHandle, StreamGuard};
@@ -101,11 +103,17 @@ pub(crate) async fn run_session(
     // Route updates: the registry says "something changed"; we wait a
     // moment so a burst of sessions coming or going costs one update, then
     // send what changed for this edge (see RouteFeed). An edge with route
-    // deltas got no routes in its hello: its first full set goes now.
+    // deltas got no routes in its hello: its first full set goes now. An
+    // older edge got its whole list in the hello, but the feed looks once
+    // more now all the same: the receiver below counts every change made
+    // before it as seen, and a peer that registered between the hello's
+    // list and here would otherwise reach this edge only with the next
+    // unrelated change. Nothing goes when nothing changed (the feed's
+    // journal cursor says so).
     let mut changes = shared.registry.subscribe();
     let settle = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(settle);
-    let mut update_due = !feed.is_legacy();
+    let mut update_due = true;
     // The edge's ClusterIP table (edges that understand it): the whole
     // table first, then what changed, a moment after each change.
     let wants_services = handle.capabilities & capability::SERVICES != 0;
@@ -330,9 +338,13 @@ pub(crate) async fn run_session(
     // A replica shutting down (rolling update) does not mark its edges
     // down: they hold sessions to the other replicas.
     let leaving = shared.is_shutting_down() && shared.cfg.replicas.is_some();
+    // The `down` carries the generation: a newer session of the node may
+    // have registered and reported `up` since the removal (this task
+    // preempted in between), and the sink keeps the newer report.
     handle.report_end(|| {
         if shared.registry.remove(&handle.node, handle.generation) && !leaving {
-            shared.status.down(&handle.node, &why);
+            let down = crate::status::Report::Down(&why);
+            shared.status.report(&handle.node, handle.generation, down);
         }
     });
     // Not superseded (a supersede took it): see `close_predecessor`.

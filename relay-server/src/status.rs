@@ -95,6 +95,20 @@ impl SessionInfo {
     }
 }
 
+/// What a session reports about its node (see [`StatusSink::report`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Report<'a> {
+    /// The session is up: its first report ([`StatusSink::up`]).
+    Up(&'a SessionInfo),
+    /// The live session is described otherwise, or told again to a sink
+    /// that may have dropped what it said before
+    /// ([`StatusSink::changed`]).
+    Changed(&'a SessionInfo),
+    /// The session ended, for this reason, and no newer one replaced it
+    /// ([`StatusSink::down`]).
+    Down(&'a str),
+}
+
 /// Where session comings and goings are reported.
 pub trait StatusSink: Send + Sync + 'static {
     /// A session of `node` is up.
@@ -109,6 +123,25 @@ pub trait StatusSink: Send + Sync + 'static {
     fn down(&self, node: &str, why: &str);
     /// A handshake claiming to be `node` was refused.
     fn rejected(&self, node: &str, reason: &str, message: &str);
+    /// `report` from the session of `node` whose generation is
+    /// `generation` (relay-wide, higher is newer): how sessions report.
+    /// Each session reports from its own task under its own lock, so a
+    /// report can reach the sink after a newer session's: a session that
+    /// ended is preempted between leaving the registry and its `down`,
+    /// and its successor's `up` goes first. A sink that keeps the latest
+    /// state per node must then keep the newest session's, dropping what
+    /// an older generation reports after it (or the node reads "down"
+    /// while its edge is connected). By default, the matching
+    /// [`StatusSink::up`], [`StatusSink::changed`] or [`StatusSink::down`],
+    /// for sinks that keep nothing.
+    fn report(&self, node: &str, generation: u64, report: Report<'_>) {
+        let _ = generation;
+        match report {
+            Report::Up(info) => self.up(node, info),
+            Report::Changed(info) => self.changed(node, info),
+            Report::Down(why) => self.down(node, why),
+        }
+    }
     /// Which replica writes which node may have changed (the replica set
     /// changed): another replica may have written this one's nodes since,
     /// so what the sink remembers writing must not stand in for what the

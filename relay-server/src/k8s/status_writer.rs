@@ -11,9 +11,15 @@
 //! once, however many edges there are. One node's condition is never
 //! written twice at once, so its writes stay in order.
 //!
+//! Sessions report with their generation ([`StatusSink::report`]): of a
+//! node's sessions, the newest one's report is the one kept, whatever
+//! order their tasks run in.
+//!
 //! Two writes come from elsewhere than a session's report: a Node left
 //! saying `True` with no session here ([`KubeStatus::stale`], see
-//! `stale_conditions.rs`), and at shutdown [`KubeStatus::flush`] writes
+//! `stale_conditions.rs`; the reverse, a Node saying `False` with a
+//! session here, is that session's report told again, after
+//! [`KubeStatus::unstale`]), and at shutdown [`KubeStatus::flush`] writes
 //! what is still queued (the last sessions' "down") before the writer
 //! stops.
 
@@ -32,7 +38,7 @@ use tracing::{debug, warn};
 
 use relay_transport::sampled;
 
-use crate::status::{EventBudget, HoldOff, SessionInfo, StatusSink, StatusStats};
+use crate::status::{EventBudget, HoldOff, Report, SessionInfo, StatusSink, StatusStats};
 
 /// Condition writes in flight at once (each a read of the Node's status the
 /// first time, then an apply).
@@ -73,7 +79,8 @@ pub(super) struct KubeStatus {
 }
 
 /// The conditions reported and not yet written, under one lock: what
-/// [`KubeStatus::stale`] must never write over.
+/// [`KubeStatus::stale`] must never write over; and which session's
+/// reports are still taken per node.
 #[derive(Default)]
 struct Queued {
     /// The latest desired state per node, not yet taken by the writer.
@@ -83,6 +90,16 @@ struct Queued {
     /// flight): moved here in the same lock as they leave `desired`, so a
     /// report is always in one or the other until it is written.
     pending: HashSet<String>,
+    /// The newest session generation that reported per node (see
+    /// [`StatusSink::report`]): a report of an older one comes from a
+    /// session its successor replaced, late, and is dropped. Checked and
+    /// updated in the same lock as the report is queued, so the newest
+    /// session's report is the last queued whatever order the sessions'
+    /// tasks run in. Never pruned: when an older session can no longer
+    /// report is not known here, and the map is small (a name and a
+    /// number per node that had a session here, which the cluster's Nodes
+    /// bound).
+    newest: HashMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -194,17 +211,86 @@ impl KubeStatus {
         finished
     }
 
-    fn condition(&self, node: &str, cond: TunnelCondition) {
-        let replaced = self
-            .desired
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .desired
-            .insert(node.to_string(), cond);
+    /// Whether the Node says `False` (or nothing) while, as the caller
+    /// saw, a session of this relay backs it: then what the writer
+    /// remembers writing (`True`, before another writer wrote `False`:
+    /// another replica, or the relay this one replaced in a rolling
+    /// update) is forgotten, so that the session's report, told again by
+    /// the caller next, is written rather than skipped as written already.
+    /// False while a report for the node waits, queued or held by the
+    /// writer or in flight: it is newer than what the Node says.
+    pub(super) fn unstale(&self, node: &str) -> bool {
+        let Some(writer) = &self.writer else {
+            return false;
+        };
+        let q = self.desired.lock().unwrap_or_else(|e| e.into_inner());
+        if q.desired.contains_key(node) || q.pending.contains(node) {
+            return false;
+        }
+        writer.forget(node);
+        true
+    }
+
+    /// Queues `cond` for `node`, reported by the session of `generation`
+    /// (`None`: not a session's report, always taken); false, queueing
+    /// nothing, when a newer session of the node reported already.
+    fn condition(&self, node: &str, generation: Option<u64>, cond: TunnelCondition) -> bool {
+        let mut q = self.desired.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(g) = generation {
+            match q.newest.get_mut(node) {
+                Some(newest) if g < *newest => {
+                    let newer = *newest;
+                    drop(q);
+                    debug!(%node, generation = g, newer, "a replaced session's late report dropped");
+                    return false;
+                }
+                Some(newest) => *newest = g,
+                None => {
+                    q.newest.insert(node.to_string(), g);
+                }
+            }
+        }
+        let replaced = q.desired.insert(node.to_string(), cond);
+        drop(q);
         if replaced.is_some() {
             self.counters.coalesced.fetch_add(1, Relaxed);
         }
         self.wake.notify_one();
+        true
+    }
+
+    /// A session's report (`generation` `None`: through the plain
+    /// [`StatusSink`] methods): its condition, and for a session coming or
+    /// going an Event; nothing when a newer session of the node reported
+    /// already (see [`StatusSink::report`]).
+    fn apply(&self, node: &str, generation: Option<u64>, report: Report<'_>) {
+        let ready = |info: &SessionInfo| TunnelCondition {
+            ready: true,
+            reason: "SessionUp".into(),
+            message: info.message(),
+        };
+        match report {
+            Report::Up(info) => {
+                if self.condition(node, generation, ready(info)) {
+                    // Stable notes, so the recorder folds repeats into a
+                    // series.
+                    let note = format!(
+                        "tunnel up over {} via relay {}",
+                        info.transport, info.relay_id
+                    );
+                    self.event(node, SessionEvent::Up { note });
+                }
+            }
+            Report::Changed(info) => {
+                self.condition(node, generation, ready(info));
+            }
+            Report::Down(why) => {
+                if self.condition(node, generation, no_session(why)) {
+                    let note = why.to_string();
+                    self.event(node, SessionEvent::Down { note });
+                }
+            }
+        }
     }
 
     fn event(&self, node: &str, ev: SessionEvent) {
@@ -387,7 +473,9 @@ async fn write_conditions(
         }
         {
             let mut q = desired.lock().unwrap_or_else(|e| e.into_inner());
-            let Queued { desired, pending } = &mut *q;
+            let Queued {
+                desired, pending, ..
+            } = &mut *q;
             for (node, cond) in desired.drain() {
                 pending.insert(node.clone());
                 if held.insert(node, cond).is_some() {
@@ -425,34 +513,19 @@ async fn write_conditions(
 
 impl StatusSink for KubeStatus {
     fn up(&self, node: &str, info: &SessionInfo) {
-        self.changed(node, info);
-        // Stable notes, so the recorder folds repeats into a series.
-        let note = format!(
-            "tunnel up over {} via relay {}",
-            info.transport, info.relay_id
-        );
-        self.event(node, SessionEvent::Up { note });
+        self.apply(node, None, Report::Up(info));
     }
 
     fn changed(&self, node: &str, info: &SessionInfo) {
-        self.condition(
-            node,
-            TunnelCondition {
-                ready: true,
-                reason: "SessionUp".into(),
-                message: info.message(),
-            },
-        );
+        self.apply(node, None, Report::Changed(info));
     }
 
     fn down(&self, node: &str, why: &str) {
-        self.condition(node, no_session(why));
-        self.event(
-            node,
-            SessionEvent::Down {
-                note: why.to_string(),
-            },
-        );
+        self.apply(node, None, Report::Down(why));
+    }
+
+    fn report(&self, node: &str, generation: u64, report: Report<'_>) {
+        self.apply(node, Some(generation), report);
     }
 
     fn rejected(&self, node: &str, reason: &str, message: &str) {
@@ -490,14 +563,16 @@ impl StatusSink for KubeStatus {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+    use crate::registry::testing::{reg, Fake};
+    use crate::registry::Registry;
     use relay_kube::{ClientOptions, KubeClientConfig};
 
     /// A writer whose API is nowhere; on a current-thread runtime its task
     /// never runs between the test's steps (no await), so `desired` shows
     /// exactly what the calls queued.
-    async fn status() -> KubeStatus {
+    pub(crate) async fn status() -> KubeStatus {
         let path = std::env::temp_dir().join(format!(
             "status-writer-{}-{}.kubeconfig",
             std::process::id(),
@@ -520,7 +595,8 @@ mod tests {
         KubeStatus::start(Some(writer), None, CancellationToken::new())
     }
 
-    fn queued(s: &KubeStatus, node: &str) -> Option<bool> {
+    /// Whether the condition queued for `node` says ready, if one is.
+    pub(crate) fn queued(s: &KubeStatus, node: &str) -> Option<bool> {
         let d = s.desired.lock().unwrap();
         d.desired.get(node).map(|c| c.ready)
     }
@@ -553,6 +629,45 @@ mod tests {
         assert_eq!(queued(&s, "edge-2"), Some(true));
         s.up("edge-0", &info());
         assert_eq!(queued(&s, "edge-0"), Some(true), "the later report wins");
+    }
+
+    /// Session 1 of a node ends: out of the registry, its task preempted
+    /// before its `down`. Session 2 registers and reports `up`; then
+    /// session 1's `down` comes: the node stays ready (the last call used
+    /// to win, leaving it `False` under a connected edge, and its Down
+    /// Event after the Up). Session 2's own `down` is still taken, and so
+    /// is a newer session's `up` after it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_replaced_sessions_late_down_does_not_undo_its_successor() {
+        let s = status().await;
+        let r = Registry::<Fake>::default();
+        let session = |generation| {
+            std::sync::Arc::new(Fake {
+                node: "edge-5".into(),
+                generation,
+                routes: vec![],
+            })
+        };
+        let (g1, g2, g3) = (7, 8, 9);
+        reg(&r, session(g1), 10).unwrap();
+        s.report("edge-5", g1, Report::Up(&info()));
+        assert!(r.remove("edge-5", g1), "session 1 ends");
+        reg(&r, session(g2), 10).unwrap();
+        s.report("edge-5", g2, Report::Up(&info()));
+        s.report("edge-5", g1, Report::Down("the edge closed the session"));
+        assert_eq!(queued(&s, "edge-5"), Some(true), "session 2 is live");
+        s.report("edge-5", g1, Report::Changed(&info()));
+        assert!(r.remove("edge-5", g2), "session 2 ends");
+        s.report("edge-5", g2, Report::Down("the edge closed the session"));
+        assert_eq!(queued(&s, "edge-5"), Some(false), "its own down is taken");
+        s.report("edge-5", g1, Report::Up(&info()));
+        assert_eq!(queued(&s, "edge-5"), Some(false), "nor a late up");
+        reg(&r, session(g3), 10).unwrap();
+        s.report("edge-5", g3, Report::Up(&info()));
+        assert_eq!(queued(&s, "edge-5"), Some(true));
+        // Other nodes keep their own order.
+        s.report("edge-6", 1, Report::Down("gone"));
+        assert_eq!(queued(&s, "edge-6"), Some(false));
     }
 
     /// A real "down" the writer has taken (held for its hold-off or a

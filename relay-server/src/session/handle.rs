@@ -204,34 +204,57 @@ impl SessionHandle {
     /// later only when its description changed (the directory refused an
     /// address or a CNI range after the session came up, say), as
     /// `changed`, so the Node condition follows without an Event per
-    /// directory change.
+    /// directory change. Each report carries the session's generation
+    /// ([`StatusSink::report`](crate::status::StatusSink::report)).
     ///
     /// Nothing once the session has ended ([`SessionHandle::report_end`])
     /// or while a newer session of the node holds the registry (a walk
     /// that took its list before the newer one came): the node's condition
     /// is the newer session's to write.
     pub(crate) fn report_status(&self, shared: &Shared) {
+        let info = || self.status_info(shared);
+        self.report_to(&shared.registry, &*shared.status, info, false);
+    }
+
+    /// [`SessionHandle::report_status`] with the registry that says
+    /// whether the session is current, the sink, and the session's
+    /// description (asked only when something is reported) given.
+    ///
+    /// With `again`, reports the session again, as `changed` even though
+    /// its description did not change (as `up` if it never reported): the
+    /// sink may not have written what it said before. Its replica did not
+    /// write its node then (`replicas::DesignatedStatus` dropped the
+    /// report) and does now, or its Node says `False` while it is live
+    /// (see `k8s/stale_conditions.rs`).
+    pub(crate) fn report_to(
+        &self,
+        registry: &crate::registry::Registry<SessionHandle>,
+        sink: &dyn crate::status::StatusSink,
+        info: impl FnOnce() -> crate::status::SessionInfo,
+        again: bool,
+    ) {
+        use crate::status::Report;
         use std::hash::{Hash, Hasher};
         let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
-        let current = shared
-            .registry
+        let current = registry
             .get(&self.node)
             .is_some_and(|s| s.generation == self.generation);
         if *reported == ENDED || !current {
             return;
         }
-        let info = self.status_info(shared);
+        let info = info();
         let mut h = std::collections::hash_map::DefaultHasher::new();
         info.message().hash(&mut h);
         // Never 0 ("not reported yet") nor ENDED.
         let digest = h.finish().clamp(1, ENDED - 1);
         let before = std::mem::replace(&mut *reported, digest);
         // The sink only queues: holding the lock across it is cheap.
-        match before {
-            0 => shared.status.up(&self.node, &info),
-            d if d != digest => shared.status.changed(&self.node, &info),
-            _ => {}
-        }
+        let report = match before {
+            0 => Report::Up(&info),
+            d if d != digest || again => Report::Changed(&info),
+            _ => return,
+        };
+        sink.report(&self.node, self.generation, report);
     }
 
     /// Ends the session's reports: `end` (its removal from the registry
