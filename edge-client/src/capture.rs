@@ -2,12 +2,16 @@
 //! the relay's tunnel routes (cloud ranges, other edges' routes) is caught
 //! by an nftables redirect and sent through the tunnel as streams the edge opens.
 //!
-//! The capture follows the session: the routes come from the hello and
-//! from `RouteUpdate`s. While reconnecting, the last routes stay installed
-//! and captured connections are reset at once, so pod traffic fails fast
-//! instead of leaking out of the default route; with `capture_state_file`
-//! also from the start of a process restarted while the relay is away
-//! (`crate::capture_state`).
+//! The capture follows the sessions: the routes come from the hellos and
+//! from `RouteUpdate`s, the union of what every connected session's relay
+//! lists, and each captured connection or UDP flow goes on a session whose
+//! relay lists its destination (the primary first; see
+//! `supervisor::sessions`), so a peer edge one replica withdrew while
+//! another serves it stays captured and reachable. While reconnecting, the
+//! last routes stay installed and captured connections are reset at once,
+//! so pod traffic fails fast instead of leaking out of the default route;
+//! with `capture_state_file` also from the start of a process restarted
+//! while the relay is away (`crate::capture_state`).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -17,24 +21,23 @@ use relay_transport::capture::Capture;
 use relay_transport::conn::open_stream;
 use relay_transport::conn::{accept_bounded, AcceptBound};
 use relay_transport::splice::{dial_tcp, splice};
-use relay_transport::udp::{FlowLimits, FlowTable, Pick, PickConn, Picked, RedirectUdp};
+use relay_transport::udp::{FlowLimits, Pick, PickConn, Picked, RedirectUdp};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
 use crate::capture_state::{Routes, SavedCapture};
-use crate::client::{ConnWatch, EdgeState, EdgeStats};
+use crate::client::EdgeStats;
 use crate::config::EdgeConfig;
 use crate::serve::Served;
 use crate::services::{EdgeServices, Resolved};
+use crate::supervisor::sessions::Sessions;
 use std::sync::atomic::Ordering::Relaxed;
 
 /// How often capture looks at the node's interface addresses again.
 const LAN_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Runs the transparent listener and keeps the capture in step with the
-/// session's tunnel routes until `cancel`, then removes the capture.
 /// What capture needs from start-up: the installed kernel state and the
 /// two listeners.
 pub(crate) struct Parts {
@@ -46,28 +49,33 @@ pub(crate) struct Parts {
     pub(crate) saved: Option<SavedCapture>,
 }
 
-/// The routes capture works from after a state change: a session's once
-/// its set is complete; until then (and between sessions) the routes it
-/// had, with what a new session says this edge serves.
-fn next_routes(routes: Option<Routes>, state: &EdgeState) -> Option<Routes> {
-    match state {
-        EdgeState::Connected {
-            tunnel_routes,
-            served_routes,
-            routes_complete: true,
-            ..
-        } => Some(Routes {
-            tunnel: tunnel_routes.clone(),
-            served: served_routes.clone(),
+/// The routes capture works from after the sessions changed: `union`, the
+/// tunnel routes of every connected session whose set is complete, once
+/// one is; until then (and between sessions, `served` being `None`) the
+/// routes it had. Either way with what the primary session says this
+/// edge serves (`served`).
+fn next_routes(
+    routes: Option<Routes>,
+    served: Option<&[Cidr]>,
+    union: Option<&[Cidr]>,
+) -> Option<Routes> {
+    let Some(served) = served else {
+        return routes;
+    };
+    match union {
+        Some(tunnel) => Some(Routes {
+            tunnel: tunnel.to_vec(),
+            served: served.to_vec(),
         }),
-        EdgeState::Connected { served_routes, .. } => routes.map(|r| Routes {
+        None => routes.map(|r| Routes {
             tunnel: r.tunnel,
-            served: served_routes.clone(),
+            served: served.to_vec(),
         }),
-        _ => routes,
     }
 }
 
+/// Runs the transparent listener and keeps the capture in step with the
+/// sessions' tunnel routes until `cancel`, then removes the capture.
 pub(crate) async fn run(
     Parts {
         mut cap,
@@ -76,19 +84,19 @@ pub(crate) async fn run(
         saved,
     }: Parts,
     cfg: Arc<EdgeConfig>,
-    mut state: watch::Receiver<EdgeState>,
-    conns: ConnWatch,
+    sessions: watch::Receiver<Arc<Sessions>>,
     services: Arc<EdgeServices>,
     stats: Arc<EdgeStats>,
     cancel: CancellationToken,
 ) {
-    let current = conns.clone();
-    let mut conn_changes = conns.clone();
+    let current = sessions.clone();
+    let mut changes = sessions.clone();
     let mut relay_addrs = stats.relay_addrs_saved.subscribe();
     // UDP to a ClusterIP with an endpoint on this edge goes to that
     // endpoint, as TCP does (no hairpin through the relay, and it works
     // while the relay is away); everything else to the relay (a ClusterIP
-    // included: the relay picks the endpoint).
+    // included: the relay picks the endpoint), on a session whose relay
+    // lists the target (picked once per flow).
     let local = services.clone();
     let pick: Arc<PickConn> = Arc::new(move |dst| {
         let target = match local.resolve(dst, true) {
@@ -99,10 +107,11 @@ pub(crate) async fn run(
             }
             Resolved::Relay(target) => target,
         };
-        current.borrow().clone().map(|(conn, flows)| {
+        let now = current.borrow().clone();
+        now.for_destination(target.ip()).map(|live| {
             Pick::Tunnel(Picked {
-                conn,
-                flows,
+                conn: live.conn.clone(),
+                flows: live.flows.clone(),
                 target,
                 stale: relay_transport::udp::never_stale(),
             })
@@ -125,7 +134,7 @@ pub(crate) async fn run(
     let accept = accept_loop(
         listener,
         cfg.clone(),
-        conns,
+        sessions,
         services.clone(),
         stats.clone(),
         cancel.clone(),
@@ -193,7 +202,8 @@ pub(crate) async fn run(
         if let Err(e) = cap.apply_node_ports(&sets.node_ports).await {
             warn!(error = %e, "updating node port capture failed; will retry on the next change");
         }
-        routes = next_routes(routes, &state.borrow_and_update());
+        let now_sessions = changes.borrow_and_update().clone();
+        routes = next_routes(routes, now_sessions.served(), now_sessions.tunnel_routes());
         let unchanged = saved_from
             .as_ref()
             .is_some_and(|(t, r)| Arc::ptr_eq(t, &now_table) && *r == routes);
@@ -264,12 +274,7 @@ pub(crate) async fn run(
                     far_ends.extend(addrs.map(|a| a.ip()));
                 }
             }
-            far_ends.extend(
-                conn_changes
-                    .borrow_and_update()
-                    .iter()
-                    .map(|(c, _)| c.remote_addr().ip()),
-            );
+            far_ends.extend(now_sessions.conns().map(|c| c.remote_addr().ip()));
             let peers = tunnel_peers(&stats, &far_ends);
             let applied = match cap.apply_sources(&sources).await {
                 Ok(()) => cap.apply(&plan.want, &plan.skip, &peers).await,
@@ -286,12 +291,11 @@ pub(crate) async fn run(
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = &mut accept => break,
-            r = state.changed() => if r.is_err() { break },
+            r = changes.changed() => if r.is_err() { break },
             r = table.changed() => if r.is_err() { break },
             // The relay's addresses are peers (see `tunnel_peers`): a name
             // that resolves anew, a connection through a proxy.
             r = relay_addrs.changed() => if r.is_err() { break },
-            r = conn_changes.changed() => if r.is_err() { break },
             _ = lans.tick() => ticked = true,
         }
     }
@@ -348,7 +352,7 @@ fn tunnel_peers(
 async fn accept_loop(
     l: TcpListener,
     cfg: Arc<EdgeConfig>,
-    conns: ConnWatch,
+    sessions: watch::Receiver<Arc<Sessions>>,
     services: Arc<EdgeServices>,
     stats: Arc<EdgeStats>,
     cancel: CancellationToken,
@@ -364,7 +368,9 @@ async fn accept_loop(
         let Some((sock, peer, permit)) = accept_bounded(&cancel, "capture", &l, bound).await else {
             return;
         };
-        let conn = conns.borrow().clone();
+        // The sessions up now (an Arc's count, no copy); the one to use is
+        // picked once the destination is known.
+        let now = sessions.borrow().clone();
         let (cfg, stats, services) = (cfg.clone(), stats.clone(), services.clone());
         tokio::spawn(async move {
             let _permit = permit;
@@ -379,6 +385,8 @@ async fn accept_loop(
                 }
                 Resolved::Relay(target) => target,
             };
+            let conn = now.for_destination(target.ip()).map(|l| l.conn.clone());
+            drop(now);
             let span = tracing::debug_span!("outbound", %dst, %target, src = %peer);
             outbound(sock, peer, target, conn, cfg, stats)
                 .instrument(span)
@@ -409,18 +417,18 @@ async fn local_service(sock: TcpStream, ep: std::net::SocketAddr, cfg: Arc<EdgeC
     }
 }
 
-/// One captured connection: open a stream to the relay for `dst` (its
-/// original destination, or the node port it reached), and splice if the
-/// relay (or the far edge) accepts.
+/// One captured connection: open a stream on `conn` (the session picked
+/// for it) for `dst` (its original destination, or the node port it
+/// reached), and splice if the relay (or the far edge) accepts.
 async fn outbound(
     sock: TcpStream,
     peer: std::net::SocketAddr,
     dst: std::net::SocketAddr,
-    conn: Option<(relay_transport::TunnelConn, Arc<FlowTable>)>,
+    conn: Option<relay_transport::TunnelConn>,
     cfg: Arc<EdgeConfig>,
     stats: Arc<EdgeStats>,
 ) {
-    let Some((conn, _)) = conn else {
+    let Some(conn) = conn else {
         // Sampled: during an outage this fires at the pods' retry rate.
         relay_transport::sampled!(
             info,
@@ -507,34 +515,21 @@ mod tests {
         list.iter().map(|c| c.parse().unwrap()).collect()
     }
 
-    fn connected(tunnel: &[&str], served: &[&str], complete: bool) -> EdgeState {
-        EdgeState::Connected {
-            session_id: 1,
-            generation: 1,
-            relay_id: "relay-0".into(),
-            tunnel_routes: cidrs(tunnel),
-            routes_complete: complete,
-            served_routes: cidrs(served),
-            replicas: None,
-        }
-    }
-
     /// A new session's hello from a relay sending deltas carries no routes:
     /// capture keeps the ones it has (pod traffic to cloud ranges would
     /// otherwise leave by the default route until the first batch), and
-    /// takes the session's once its set is complete, even an empty one.
+    /// takes the sessions' once a set is complete, even an empty one.
     #[test]
     fn capture_keeps_its_routes_until_a_sessions_set_is_complete() {
         let old = Some(Routes {
             tunnel: cidrs(&["10.244.0.0/24", "10.96.0.0/12"]),
             served: cidrs(&["10.244.7.0/24"]),
         });
-        let lost = EdgeState::Connecting {
-            attempt: 1,
-            last: None,
-        };
-        assert_eq!(next_routes(old.clone(), &lost), old);
-        let hello = next_routes(old.clone(), &connected(&[], &["10.244.8.0/24"], false));
+        // No session up.
+        assert_eq!(next_routes(old.clone(), None, None), old);
+        // A hello without routes.
+        let served = cidrs(&["10.244.8.0/24"]);
+        let hello = next_routes(old.clone(), Some(&served), None);
         assert_eq!(
             hello,
             Some(Routes {
@@ -542,17 +537,17 @@ mod tests {
                 served: cidrs(&["10.244.8.0/24"]),
             })
         );
-        assert_eq!(next_routes(None, &connected(&[], &[], false)), None);
-        let batch = connected(&["10.96.0.0/12"], &["10.244.8.0/24"], true);
+        assert_eq!(next_routes(None, Some(&[]), None), None);
+        let batch = cidrs(&["10.96.0.0/12"]);
         assert_eq!(
-            next_routes(hello.clone(), &batch),
+            next_routes(hello.clone(), Some(&served), Some(&batch)),
             Some(Routes {
                 tunnel: cidrs(&["10.96.0.0/12"]),
                 served: cidrs(&["10.244.8.0/24"]),
             })
         );
         assert_eq!(
-            next_routes(hello, &connected(&[], &[], true)),
+            next_routes(hello, Some(&[]), Some(&[])),
             Some(Routes {
                 tunnel: Vec::new(),
                 served: Vec::new(),

@@ -149,7 +149,8 @@ impl EdgeClient {
             attempt: 1,
             last: None,
         });
-        let (conn_tx, conn_rx) = watch::channel(None);
+        // Every connected session, for capture (see `supervisor::sessions`).
+        let (sessions_tx, sessions_rx) = watch::channel(Arc::default());
         let stats = Arc::new(EdgeStats::default());
         let cancel = CancellationToken::new();
         let span = tracing::info_span!("edge", node = %cfg.node);
@@ -193,8 +194,7 @@ impl EdgeClient {
             let t = crate::capture::run(
                 parts,
                 cfg.clone(),
-                rx.clone(),
-                conn_rx,
+                sessions_rx,
                 services.clone(),
                 stats.clone(),
                 cancel.clone(),
@@ -219,7 +219,7 @@ impl EdgeClient {
                 services.clone(),
                 creds,
                 tx,
-                conn_tx,
+                sessions_tx,
                 stats.clone(),
                 cancel.clone(),
                 dns.clone(),

@@ -5,20 +5,36 @@
 //! `[replicas]` then tells it the replica set ([`Control::Replicas`]); the
 //! supervisor keeps one session per replica, each dialling the replica's
 //! own address with its own reconnect loop and backoff
-//! ([`crate::client::run`], unchanged), adds and drops sessions as the set
-//! changes, and follows at most [`EdgeConfig::max_relays`] replicas.
+//! ([`crate::client::run`]), adds and drops sessions as the set changes,
+//! and follows at most [`EdgeConfig::max_relays`] replicas.
 //!
 //! When the configured address is one replica's advertised address, the
 //! bootstrap session simply becomes that replica's session. Otherwise the
-//! bootstrap session and a direct session to the same replica would
-//! supersede each other on that replica (one session per node per relay),
-//! so the bootstrap session gives way: direct sessions start for every
-//! replica but the one the bootstrap session is on, and once any direct
-//! session is up the bootstrap session closes and that replica gets its
-//! direct one. The edge is never without a session while a replica answers:
-//! when no direct session has been up for a handshake timeout (every
-//! advertised address fails, e.g. a Lease naming an address that does not
-//! answer), the bootstrap session is started again, whatever the set says.
+//! bootstrap session hands over to a direct one, make-before-break: once it
+//! is up on a replica X the edge follows, direct sessions start for every
+//! replica, X included, and the bootstrap session stays until the direct
+//! session to X is up. X registers that one over the bootstrap session in
+//! one step (one session per node per relay: the newer supersedes the
+//! older, and no route of this edge is withdrawn, so the edges whose
+//! traffic goes through X never lose this edge's routes, and X writes no
+//! Node condition for it); then the bootstrap session is closed. The
+//! superseded bootstrap session must not come back: its reconnect loop
+//! dials the configured address, which may well lead to X again, and
+//! would supersede the direct session in turn. So from the moment the
+//! direct session to X is started, the bootstrap loop dials no more: its
+//! session ending, superseded or otherwise, ends it (the supervisor sets
+//! its `give_way` flag before it starts that direct session; the relay's
+//! "superseded" close code is not relied on, as the TCP fallback does not
+//! carry it). A bootstrap session on a replica the edge does not follow
+//! (outside the set, or past `max_relays`), or one still dialling, gives
+//! way once any direct session is up.
+//!
+//! The edge is never without a session while a replica answers: when no
+//! session has been up for a handshake timeout (every advertised address
+//! fails, e.g. a Lease naming an address that does not answer), the
+//! bootstrap session is started again, whatever the set says. (This is
+//! also how a bootstrap session that ended after its hand-over began comes
+//! back when the direct session to its replica never came up.)
 //!
 //! A session to a replica that leaves the set is not closed by the edge
 //! while it is up: a replica leaving on a rolling update has released its
@@ -31,31 +47,34 @@
 //! is treated the same way (the last set is kept): no live relay can
 //! truthfully report one, and following it would drop every session.
 //!
-//! Outside, the client still looks like one session: its state and the
-//! connection edge-opened streams use are those of the first connected
-//! session (bootstrap first, then replicas by id), so capture and
-//! edge-opened streams follow whichever session is up.
+//! Outside, the client's state is that of the first connected session
+//! (bootstrap first, then replicas by id: the *primary*). Capture gets
+//! every connected session ([`sessions::Sessions`]): it installs the union
+//! of their relays' tunnel routes and sends each edge-opened stream or
+//! flow on a session whose relay lists its destination, the primary first,
+//! so a peer edge that one replica withdrew while another serves it stays
+//! reachable.
 //!
 //! [`Control::Replicas`]: relay_protocol::Control::Replicas
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 
 use relay_protocol::Replica;
-use relay_transport::udp::FlowTable;
-use relay_transport::TunnelConn;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
-use crate::client::{run, set_state, EdgeState, EdgeStats};
+use crate::client::{run, set_state, ConnWatch, EdgeState, EdgeStats};
 use crate::config::EdgeConfig;
 use crate::identity::Credentials;
 use crate::serve::ServedSet;
 use crate::services::EdgeServices;
 
-type ConnSlot = Option<(TunnelConn, Arc<FlowTable>)>;
+pub(crate) mod sessions;
+use sessions::{Live, Sessions};
 
 /// How long a session to a replica that left the set is kept for the
 /// streams in flight through it: the relay's default drain grace. A
@@ -76,33 +95,83 @@ enum Key {
 struct Runner {
     addr: String,
     cancel: CancellationToken,
+    /// Set on the bootstrap loop when the direct session to its replica is
+    /// started: it then dials no more (see the module doc).
+    give_way: Arc<AtomicBool>,
     state: watch::Receiver<EdgeState>,
-    conn: watch::Receiver<ConnSlot>,
+    conn: ConnWatch,
     task: tokio::task::JoinHandle<()>,
     notifier: tokio::task::JoinHandle<()>,
+    /// What capture was last given of this session: made anew only when
+    /// the session or its routes changed.
+    live: Option<Arc<Live>>,
 }
 
 impl Runner {
-    /// The replica id the session is registered with, if it is up.
-    fn connected_to(&self) -> Option<String> {
+    /// The replica id the session is registered with and its generation
+    /// there, if it is up.
+    fn connected(&self) -> Option<(String, u64)> {
         match &*self.state.borrow() {
-            EdgeState::Connected { relay_id, .. } => Some(relay_id.clone()),
-            _ => None,
-        }
-    }
-
-    /// The session id, if the session is up and its connection published.
-    fn session(&self) -> Option<u64> {
-        match &*self.state.borrow() {
-            EdgeState::Connected { session_id, .. } if self.conn.borrow().is_some() => {
-                Some(*session_id)
-            }
+            EdgeState::Connected {
+                relay_id,
+                generation,
+                ..
+            } => Some((relay_id.clone(), *generation)),
             _ => None,
         }
     }
 
     fn is_connected(&self) -> bool {
         matches!(&*self.state.borrow(), EdgeState::Connected { .. })
+    }
+
+    /// Whether the loop ended by itself (a bootstrap loop that gave way):
+    /// its last word is `Stopped`.
+    fn finished(&self) -> bool {
+        self.task.is_finished() || matches!(&*self.state.borrow(), EdgeState::Stopped)
+    }
+
+    /// The session as capture sees it, if it is up and its connection
+    /// published.
+    fn live(&mut self) -> Option<Arc<Live>> {
+        let state = self.state.borrow();
+        let conn = self.conn.borrow();
+        let (
+            EdgeState::Connected {
+                session_id,
+                tunnel_routes,
+                routes_complete,
+                served_routes,
+                ..
+            },
+            Some((c, flows)),
+        ) = (&*state, &*conn)
+        else {
+            self.live = None;
+            return None;
+        };
+        let same = self.live.as_ref().filter(|l| {
+            l.is(
+                *session_id,
+                flows,
+                tunnel_routes,
+                *routes_complete,
+                served_routes,
+            )
+        });
+        if let Some(l) = same {
+            return Some(l.clone());
+        }
+        let l = Arc::new(Live::new(
+            *session_id,
+            (c.clone(), flows.clone()),
+            tunnel_routes,
+            *routes_complete,
+            served_routes,
+        ));
+        drop((state, conn));
+        self.live = Some(l.clone());
+        Some(l)
     }
 
     async fn stop(self) {
@@ -142,6 +211,7 @@ impl Common {
         });
         let (conn_tx, conn) = watch::channel(None);
         let cancel = CancellationToken::new();
+        let give_way = Arc::new(AtomicBool::new(false));
         let span = match key {
             Key::Bootstrap => tracing::info_span!("relay", target = %addr),
             Key::Replica(id) => tracing::info_span!("relay", replica = %id, target = %addr),
@@ -157,33 +227,40 @@ impl Common {
                 self.stats.clone(),
                 cancel.clone(),
                 self.dns.clone(),
+                give_way.clone(),
             )
             .instrument(span),
         );
-        // Wakes the supervisor on any change of this session.
+        // Wakes the supervisor on any change of this session (and when
+        // its loop ends: both senders are dropped then).
         let (mut s, mut c, wake) = (state.clone(), conn.clone(), self.wake.clone());
         let notifier = tokio::spawn(async move {
             loop {
-                tokio::select! {
-                    r = s.changed() => if r.is_err() { break },
-                    r = c.changed() => if r.is_err() { break },
-                }
+                let open = tokio::select! {
+                    r = s.changed() => r.is_ok(),
+                    r = c.changed() => r.is_ok(),
+                };
                 wake.notify_one();
+                if !open {
+                    break;
+                }
             }
         });
         Runner {
             addr: addr.to_string(),
             cancel,
+            give_way,
             state,
             conn,
             task,
             notifier,
+            live: None,
         }
     }
 }
 
 /// Runs the edge's sessions until `cancel`; publishes the first connected
-/// session's state and connection.
+/// session's state, and every connected session for capture.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn supervise(
     cfg: Arc<EdgeConfig>,
@@ -191,7 +268,7 @@ pub(crate) async fn supervise(
     services: Arc<EdgeServices>,
     creds: Arc<Credentials>,
     state: watch::Sender<EdgeState>,
-    conn_tx: watch::Sender<ConnSlot>,
+    sessions_tx: watch::Sender<Arc<Sessions>>,
     stats: Arc<EdgeStats>,
     cancel: CancellationToken,
     dns: Option<crate::dns::Resolver>,
@@ -214,7 +291,6 @@ pub(crate) async fn supervise(
     // Since when no session has been up (None: one is up now).
     let mut down_since: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
     let fallback_after = cfg.handshake_timeout;
-    let mut published: Option<(Key, Option<u64>)> = None;
     // Sessions to replicas that left the set, kept until the relay closes
     // them (see RETIRE_LIMIT); never published.
     let mut retiring: Vec<(Runner, tokio::time::Instant)> = Vec::new();
@@ -226,6 +302,19 @@ pub(crate) async fn supervise(
         period,
     );
     loop {
+        // A loop that ended by itself (a bootstrap loop that gave way) is
+        // dropped; the rules below start what the edge still needs.
+        let ended: Vec<Key> = runners
+            .iter()
+            .filter(|(_, r)| r.finished())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in ended {
+            if let Some(r) = runners.remove(&k) {
+                info!(session = ?k, relay = %r.addr, "the session to this relay gave way");
+                r.stop().await;
+            }
+        }
         // The set most connected sessions report (replicas agree but for
         // moments of a change, or one with a stale view, e.g. cut off from
         // the API); ties go to the first in key order, which is stable.
@@ -262,6 +351,8 @@ pub(crate) async fn supervise(
             if !runners.contains_key(&k) {
                 if let Some(b) = runners.remove(&Key::Bootstrap) {
                     info!(replica = %r.id, "the configured relay address is this replica's; its session stays");
+                    // It is the replica's own loop now: it redials as any.
+                    b.give_way.store(false, SeqCst);
                     runners.insert(k, b);
                 }
             }
@@ -275,30 +366,45 @@ pub(crate) async fn supervise(
         let direct_up = runners
             .iter()
             .any(|(k, r)| matches!(k, Key::Replica(_)) && r.is_connected());
-        let boot_on = runners.get(&Key::Bootstrap).and_then(Runner::connected_to);
-        // The bootstrap session: alone without a set; gives way once a
-        // direct session is up; comes back when nothing has been up for a
-        // handshake timeout.
+        // The bootstrap session's replica and generation there, when the
+        // edge follows that replica: the handover to it is make-before-break.
+        let handover = runners
+            .get(&Key::Bootstrap)
+            .and_then(Runner::connected)
+            .filter(|(id, _)| wanted.iter().any(|r| r.id == *id));
+        // The bootstrap session: alone without a set; on a followed
+        // replica, until the direct session to it is up there (and newer:
+        // the relay registered it over the bootstrap session); otherwise
+        // gives way once any direct session is up; comes back when nothing
+        // has been up for a handshake timeout.
         let want_boot = if wanted.is_empty() {
             true
-        } else if direct_up || wanted.iter().any(|r| r.addr == cfg.relay) {
+        } else if wanted.iter().any(|r| r.addr == cfg.relay) {
             // (A replica's own loop already dials the configured address.)
             false
+        } else if let Some((id, boot_gen)) = &handover {
+            let direct = runners
+                .get(&Key::Replica(id.clone()))
+                .and_then(Runner::connected);
+            !direct.is_some_and(|(on, g)| on == *id && g > *boot_gen)
         } else if runners.contains_key(&Key::Bootstrap) {
-            true
+            !direct_up
         } else {
             down_since.is_some_and(|t| t.elapsed() >= fallback_after)
         };
+        if let (Some((id, _)), Some(b)) = (&handover, runners.get(&Key::Bootstrap)) {
+            // Before the direct session to its replica is started below:
+            // once that one registers, the bootstrap loop must not dial
+            // again (it could land on the same replica and supersede it).
+            if !b.give_way.swap(true, SeqCst) {
+                info!(replica = %id, "handing the bootstrap session over to a direct session to its replica");
+            }
+        }
         let mut want: BTreeMap<Key, String> = BTreeMap::new();
         if want_boot {
             want.insert(Key::Bootstrap, cfg.relay.clone());
         }
         for r in &wanted {
-            // Never a second session to the replica the bootstrap session
-            // is on: the two would supersede each other there.
-            if want_boot && boot_on.as_deref() == Some(r.id.as_str()) {
-                continue;
-            }
             want.insert(Key::Replica(r.id.clone()), r.addr.clone());
         }
         // Stop what is no longer wanted (or moved to a new address) ...
@@ -343,7 +449,7 @@ pub(crate) async fn supervise(
                 runners.insert(k.clone(), common.spawn(k, addr));
             }
         }
-        publish(&runners, &state, &conn_tx, &mut published);
+        publish(&mut runners, &state, &sessions_tx);
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = common.wake.notified() => {}
@@ -356,7 +462,7 @@ pub(crate) async fn supervise(
     {
         r.stop().await;
     }
-    conn_tx.send_replace(None);
+    sessions_tx.send_replace(Arc::new(Sessions::default()));
     state.send_replace(EdgeState::Stopped);
 }
 
@@ -376,33 +482,27 @@ fn majority(sets: impl Iterator<Item = Vec<Replica>>) -> Option<Vec<Replica>> {
     counts.into_iter().find(|(_, n)| *n == best).map(|(s, _)| s)
 }
 
-/// Publishes the first connected session's state and connection (or, with
-/// none up, the first session's state and no connection).
+/// Publishes the first connected session's state (or, with none up, the
+/// first session's), and every connected session for capture when any of
+/// them changed.
 fn publish(
-    runners: &BTreeMap<Key, Runner>,
+    runners: &mut BTreeMap<Key, Runner>,
     state: &watch::Sender<EdgeState>,
-    conn_tx: &watch::Sender<ConnSlot>,
-    published: &mut Option<(Key, Option<u64>)>,
+    sessions_tx: &watch::Sender<Arc<Sessions>>,
 ) {
     let primary = runners
-        .iter()
-        .find(|(_, r)| r.is_connected())
-        .or_else(|| runners.iter().next());
-    let Some((key, r)) = primary else {
-        return;
-    };
-    let s = r.state.borrow().clone();
-    set_state(state, s);
-    // A connection belongs to one session: republish when the primary or
-    // its session changes, or its connection comes or goes.
-    let sig = (key.clone(), r.session());
-    if published.as_ref() != Some(&sig) {
-        let c = match sig.1 {
-            Some(_) => r.conn.borrow().clone(),
-            None => None,
-        };
-        conn_tx.send_replace(c);
-        *published = Some(sig);
+        .values()
+        .find(|r| r.is_connected())
+        .or_else(|| runners.values().next());
+    if let Some(r) = primary {
+        let s = r.state.borrow().clone();
+        set_state(state, s);
+    }
+    // In key order, so the first is the primary whenever its connection
+    // is published.
+    let live: Vec<Arc<Live>> = runners.values_mut().filter_map(Runner::live).collect();
+    if !sessions_tx.borrow().is(&live) {
+        sessions_tx.send_replace(Arc::new(Sessions::new(live)));
     }
 }
 

@@ -81,6 +81,52 @@ pub fn add_wan_addresses(lab: &NetnsLab, replicas: impl IntoIterator<Item = u8>)
     Ok(())
 }
 
+/// Starts one in-process relay per replica of `set` on loopback, each
+/// with `[nodes]` for `edges` edges ([`crate::relay_config`]), QUIC only,
+/// short keep-alives and drain grace, and the others of `set` as its
+/// static peers. Replica `i` listens on `ports[i]`: replica 0 on every
+/// local address (so another loopback address reaches it, standing in for
+/// a load balancer's), the others on 127.0.0.1; each advertises its
+/// address in `set`.
+pub async fn loopback_replicas(
+    pki: &DevPki,
+    edges: usize,
+    set: &[relay_protocol::Replica],
+    ports: &[u16],
+) -> Result<Vec<relay_server::Relay>> {
+    let mut relays = Vec::new();
+    for (i, me) in set.iter().enumerate() {
+        let mut cfg = crate::relay_config(pki, edges)?;
+        cfg.relay_id = me.id.clone();
+        let ip = if i == 0 { [0, 0, 0, 0] } else { [127, 0, 0, 1] };
+        cfg.quic_listen = SocketAddr::from((ip, ports[i]));
+        cfg.tcp_fallback = false;
+        cfg.quic.keepalive = Duration::from_millis(500);
+        cfg.limits.drain_grace = Duration::from_millis(200);
+        cfg.replicas = Some(static_peers(set, &me.id, me.addr.clone()));
+        relays.push(
+            relay_server::Relay::spawn(cfg)
+                .await
+                .with_context(|| format!("relay {i}"))?,
+        );
+    }
+    Ok(relays)
+}
+
+/// Replica `me` of `set`, advertising `advertise`: its `[replicas]` with
+/// the others of `set` as its static peers.
+pub fn static_peers(
+    set: &[relay_protocol::Replica],
+    me: &str,
+    advertise: impl Into<String>,
+) -> relay_server::replicas::ReplicaSettings {
+    relay_server::replicas::ReplicaSettings {
+        advertise: advertise.into(),
+        source: relay_server::replicas::ReplicaSource::Static(
+            set.iter().filter(|r| r.id != me).cloned().collect(),
+        ),
+    }
+}
 /// The lab relay's configuration as replica `i`: its id, QUIC on its WAN
 /// address only (no TCP fallback), CONNECT and admin on its own ports,
 /// capture off (the replicas share one host). `[replicas]` is the

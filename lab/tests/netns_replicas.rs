@@ -38,7 +38,6 @@ use relay_lab::scenario::{
     Running, ECHO, HTTP, QUIC_PORT,
 };
 use relay_protocol::Replica;
-use relay_server::replicas::{ReplicaSettings, ReplicaSource};
 
 const REPLICAS: u8 = 3;
 
@@ -97,10 +96,11 @@ fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
         cfg.quic.idle_timeout = Duration::from_secs(5);
         cfg.limits.drain_grace = Duration::from_millis(500);
         let me = format!("relay-{i}");
-        cfg.replicas = Some(ReplicaSettings {
-            advertise: sa(wan(i), QUIC_PORT).to_string(),
-            source: ReplicaSource::Static(set.iter().filter(|r| r.id != me).cloned().collect()),
-        });
+        cfg.replicas = Some(relay_lab::replicas::static_peers(
+            &set,
+            &me,
+            sa(wan(i), QUIC_PORT).to_string(),
+        ));
         relays.push(RelayProcess::start_named(&lab, &me, &bin, &pki, &cfg)?);
     }
     let mut pods: Vec<Running> = Vec::new();
@@ -438,10 +438,11 @@ fn idle_bytes(keepalives: Option<(Duration, Duration)>, window: Duration) -> Res
             cfg.quic.idle_timeout = idle;
         }
         let me = cfg.relay_id.clone();
-        cfg.replicas = Some(ReplicaSettings {
-            advertise: sa(wan(i), QUIC_PORT).to_string(),
-            source: ReplicaSource::Static(set.iter().filter(|r| r.id != me).cloned().collect()),
-        });
+        cfg.replicas = Some(relay_lab::replicas::static_peers(
+            &set,
+            &me,
+            sa(wan(i), QUIC_PORT).to_string(),
+        ));
         relays.push(RelayProcess::start_named(&lab, &me, &bin, &pki, &cfg)?);
     }
     // Defaults for every timing here too.

@@ -36,7 +36,6 @@ use relay_lab::scenario::{
     RelayProcess, Running, Table, ECHO, HTTP, QUIC_PORT,
 };
 use relay_protocol::Replica;
-use relay_server::replicas::{ReplicaSettings, ReplicaSource};
 use relay_transport::devcerts::DevPki;
 
 const REPLICAS: u8 = 3;
@@ -298,10 +297,11 @@ fn start_relays(lab: &NetnsLab, bin: &std::path::Path, pki: &DevPki) -> Result<V
         cfg.quic.keepalive = Duration::from_secs(1);
         cfg.quic.idle_timeout = Duration::from_secs(5);
         cfg.limits.drain_grace = Duration::from_millis(500);
-        cfg.replicas = Some(ReplicaSettings {
-            advertise: sa(wan(i), QUIC_PORT).to_string(),
-            source: ReplicaSource::Static(set.iter().filter(|r| r.id != id(i)).cloned().collect()),
-        });
+        cfg.replicas = Some(relay_lab::replicas::static_peers(
+            &set,
+            &id(i),
+            sa(wan(i), QUIC_PORT).to_string(),
+        ));
         relays.push(RelayProcess::start_on(
             lab,
             host(lab, i),

@@ -87,30 +87,7 @@ async fn every_edge_on_every_replica_and_any_replica_serves_any_edge() -> Result
             addr: format!("127.0.0.1:{p}"),
         })
         .collect();
-    let mut relays = Vec::new();
-    for (i, me) in set.iter().enumerate() {
-        let mut cfg = relay_config(&pki, edges)?;
-        cfg.relay_id = me.id.clone();
-        // Replica 0 also answers on other loopback addresses (edge 1's
-        // "load balancer" address); it advertises 127.0.0.1.
-        cfg.quic_listen = if i == 0 {
-            SocketAddr::from(([0, 0, 0, 0], ports[0]))
-        } else {
-            me.addr.parse()?
-        };
-        cfg.tcp_fallback = false;
-        cfg.quic.keepalive = Duration::from_millis(500);
-        cfg.limits.drain_grace = Duration::from_millis(200);
-        cfg.replicas = Some(ReplicaSettings {
-            advertise: me.addr.clone(),
-            source: ReplicaSource::Static(set.iter().filter(|r| r.id != me.id).cloned().collect()),
-        });
-        relays.push(
-            Relay::spawn(cfg)
-                .await
-                .with_context(|| format!("relay {i}"))?,
-        );
-    }
+    let mut relays = relay_lab::replicas::loopback_replicas(&pki, edges, &set, &ports).await?;
     let admins: Vec<SocketAddr> = relays.iter().map(|r| r.admin_addr().unwrap()).collect();
     let connects: Vec<SocketAddr> = relays.iter().map(|r| r.connect_addr().unwrap()).collect();
     let mut services = Vec::new();

@@ -158,6 +158,15 @@ pub(crate) fn set_state(tx: &watch::Sender<EdgeState>, s: EdgeState) {
 
 /// One relay's reconnect loop: dial `cfg.relay`, run the session, back off,
 /// again, until `cancel`. The supervisor runs one per replica.
+///
+/// Once `give_way` is set the loop dials no more: the next time its
+/// session ends (or an attempt fails) it ends, publishing `Stopped`. The
+/// supervisor sets it on the bootstrap loop before it starts the direct
+/// session that will supersede it, so the bootstrap session, dialling the
+/// configured address again, can never land on that replica and supersede
+/// the direct session back (see `supervisor`). Set before the supersede
+/// happens, it needs no close code from the relay (the TCP fallback
+/// carries none).
 // The session's shared parts, passed once at start; a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
@@ -170,6 +179,7 @@ pub(crate) async fn run(
     stats: Arc<EdgeStats>,
     cancel: CancellationToken,
     dns: Option<crate::dns::Resolver>,
+    give_way: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut backoff = Backoff::new(cfg.backoff.clone());
     let mut attempt = 0u32;
@@ -205,6 +215,11 @@ pub(crate) async fn run(
         let tcp_first = mode != cfg.transport;
         let result = match next.take() {
             Some(c) => Ok(c),
+            // Set while this loop waited out its backoff (below).
+            None if give_way.load(std::sync::atomic::Ordering::SeqCst) => {
+                info!("a direct session took over; not dialling this address again");
+                break;
+            }
             None => {
                 attempt = attempt.saturating_add(1);
                 // Usually already so (published when the last one ended).
@@ -398,6 +413,10 @@ pub(crate) async fn run(
             }
         }
         if cancel.is_cancelled() {
+            break;
+        }
+        if give_way.load(std::sync::atomic::Ordering::SeqCst) {
+            info!("a direct session took over; not dialling this address again");
             break;
         }
         // Not connected (any more): say so now, and why, not only when the

@@ -1,0 +1,270 @@
+//! The edge's connected sessions as capture sees them: each one's
+//! connection and the tunnel routes its relay lists.
+//!
+//! Every relay replica sends the edge its own route list. They agree but
+//! for moments of a change, and one such moment matters: a peer edge whose
+//! session to replica A ended (a flap, a path cut to A only, A restarted
+//! and the peer not back yet) is withdrawn by A while replica B still
+//! serves it. So capture installs the union of the lists of every
+//! connected session (a session's list counted once it is complete, see
+//! [`EdgeState::Connected`]'s `routes_complete`), and each edge-opened
+//! stream or UDP flow goes on a session whose relay lists a route covering
+//! its destination: the primary session (the one the client's state
+//! shows) when its relay does, else the first other one that does, else
+//! the primary (whose relay then refuses, as it would have).
+//!
+//! [`EdgeState::Connected`]: crate::client::EdgeState::Connected
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use relay_protocol::Cidr;
+use relay_transport::udp::FlowTable;
+use relay_transport::TunnelConn;
+
+/// Prefixes to ask "does one of you cover this address?" per connection
+/// without allocating: one binary search per distinct prefix length (a
+/// handful), whatever the number of routes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct RouteSet {
+    /// Sorted, without duplicates.
+    routes: Vec<Cidr>,
+    /// The distinct prefix lengths in `routes`.
+    lens: Vec<u8>,
+}
+
+impl RouteSet {
+    /// The set of `routes`.
+    pub(crate) fn new(routes: &[Cidr]) -> Self {
+        let mut routes = routes.to_vec();
+        routes.sort_unstable();
+        routes.dedup();
+        let mut lens: Vec<u8> = routes.iter().map(Cidr::prefix_len).collect();
+        lens.sort_unstable();
+        lens.dedup();
+        RouteSet { routes, lens }
+    }
+
+    /// Whether a prefix of the set contains `ip`.
+    pub(crate) fn covers(&self, ip: IpAddr) -> bool {
+        self.lens.iter().any(|len| {
+            Cidr::containing(ip, *len).is_some_and(|c| self.routes.binary_search(&c).is_ok())
+        })
+    }
+}
+
+/// One connected session: its connection and what its relay lists.
+pub(crate) struct Live {
+    session_id: u64,
+    /// The session's connection, for streams the edge opens.
+    pub(crate) conn: TunnelConn,
+    /// Its UDP flow table (flows live and die with the session).
+    pub(crate) flows: Arc<FlowTable>,
+    /// The relay's tunnel routes, as the session's state holds them.
+    tunnel: Vec<Cidr>,
+    /// Whether `tunnel` is the relay's complete set.
+    complete: bool,
+    /// What the relay says this edge serves.
+    served: Vec<Cidr>,
+    /// `tunnel` for lookups once complete; empty until then.
+    set: RouteSet,
+}
+
+impl Live {
+    /// Session `session_id` on `conn` (with its `flows`), whose relay
+    /// lists `tunnel` (its whole set when `complete`) and says this edge
+    /// serves `served`.
+    pub(crate) fn new(
+        session_id: u64,
+        (conn, flows): (TunnelConn, Arc<FlowTable>),
+        tunnel: &[Cidr],
+        complete: bool,
+        served: &[Cidr],
+    ) -> Self {
+        Live {
+            session_id,
+            conn,
+            flows,
+            tunnel: tunnel.to_vec(),
+            complete,
+            served: served.to_vec(),
+            set: if complete {
+                RouteSet::new(tunnel)
+            } else {
+                RouteSet::default()
+            },
+        }
+    }
+
+    /// Whether this was made from exactly these (the supervisor makes a new
+    /// one only when something changed, so capture wakes only then).
+    pub(crate) fn is(
+        &self,
+        session_id: u64,
+        flows: &Arc<FlowTable>,
+        tunnel: &[Cidr],
+        complete: bool,
+        served: &[Cidr],
+    ) -> bool {
+        self.session_id == session_id
+            && Arc::ptr_eq(&self.flows, flows)
+            && self.complete == complete
+            && self.tunnel == tunnel
+            && self.served == served
+    }
+
+    /// Whether the relay's complete set has a route containing `ip`.
+    fn covers(&self, ip: IpAddr) -> bool {
+        self.complete && self.set.covers(ip)
+    }
+}
+
+/// The edge's connected sessions, the primary first (see the module doc).
+#[derive(Default)]
+pub(crate) struct Sessions {
+    live: Vec<Arc<Live>>,
+    /// The union of the complete sets, sorted; `None` when no session's set
+    /// is complete yet.
+    union: Option<Vec<Cidr>>,
+}
+
+impl Sessions {
+    /// The sessions `live`, the primary first.
+    pub(crate) fn new(live: Vec<Arc<Live>>) -> Self {
+        let union = union(
+            live.iter()
+                .map(|l| l.complete.then_some(l.tunnel.as_slice())),
+        );
+        Sessions { live, union }
+    }
+
+    /// Whether these are exactly `live`, in order.
+    pub(crate) fn is(&self, live: &[Arc<Live>]) -> bool {
+        self.live.len() == live.len() && self.live.iter().zip(live).all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+
+    /// The session for a stream or flow to `ip` (see the module doc);
+    /// `None` with no session up.
+    pub(crate) fn for_destination(&self, ip: IpAddr) -> Option<&Live> {
+        pick(&self.live, |l| l.covers(ip)).map(|l| &**l)
+    }
+
+    /// The routes capture installs: the union of every complete set;
+    /// `None` while no session's set is complete.
+    pub(crate) fn tunnel_routes(&self) -> Option<&[Cidr]> {
+        self.union.as_deref()
+    }
+
+    /// What the primary session's relay says this edge serves; `None`
+    /// with no session up.
+    pub(crate) fn served(&self) -> Option<&[Cidr]> {
+        self.live.first().map(|l| l.served.as_slice())
+    }
+
+    /// Every session's connection.
+    pub(crate) fn conns(&self) -> impl Iterator<Item = &TunnelConn> {
+        self.live.iter().map(|l| &l.conn)
+    }
+}
+
+/// The union of the complete sets (`None` stands for an incomplete one),
+/// sorted; `None` when none is complete.
+fn union<'a>(sets: impl Iterator<Item = Option<&'a [Cidr]>>) -> Option<Vec<Cidr>> {
+    let mut all: Option<Vec<Cidr>> = None;
+    for s in sets.flatten() {
+        all.get_or_insert_with(Vec::new).extend_from_slice(s);
+    }
+    if let Some(a) = &mut all {
+        a.sort_unstable();
+        a.dedup();
+    }
+    all
+}
+
+/// The first of `live` (the primary) when `covers` it, else the first
+/// that `covers`, else the first.
+fn pick<T>(live: &[T], covers: impl Fn(&T) -> bool) -> Option<&T> {
+    let primary = live.first()?;
+    if covers(primary) {
+        return Some(primary);
+    }
+    Some(live.iter().find(|l| covers(l)).unwrap_or(primary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cidrs(list: &[&str]) -> Vec<Cidr> {
+        list.iter().map(|c| c.parse().unwrap()).collect()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_route_set_answers_by_every_prefix_length_and_family() {
+        let set = RouteSet::new(&cidrs(&[
+            "10.96.0.0/12",
+            "10.244.8.0/24",
+            "10.244.8.0/24",
+            "192.168.2.10/32",
+            "fd00:8::/64",
+            "0.0.0.0/0",
+        ]));
+        assert_eq!(set.routes.len(), 5, "duplicates go");
+        for inside in [
+            "10.100.3.4",
+            "10.244.8.5",
+            "192.168.2.10",
+            "fd00:8::5",
+            "8.8.8.8",
+        ] {
+            assert!(set.covers(ip(inside)), "{inside}");
+        }
+        let no_default = RouteSet::new(&cidrs(&["10.96.0.0/12", "10.244.8.0/24", "fd00:8::/64"]));
+        for outside in ["10.244.9.5", "10.112.0.1", "fd00:9::5", "192.168.2.10"] {
+            assert!(!no_default.covers(ip(outside)), "{outside}");
+        }
+        assert!(!RouteSet::default().covers(ip("10.0.0.1")));
+    }
+
+    /// The union counts only complete sets, and says nothing until one is.
+    #[test]
+    fn the_union_is_of_complete_sets_only() {
+        let a = cidrs(&["10.244.8.0/24", "10.96.0.0/12"]);
+        let b = cidrs(&["10.96.0.0/12", "10.244.9.0/24"]);
+        assert_eq!(union([None, None].into_iter()), None);
+        assert_eq!(
+            union([Some(a.as_slice()), None].into_iter()),
+            Some(cidrs(&["10.96.0.0/12", "10.244.8.0/24"]))
+        );
+        assert_eq!(
+            union([Some(b.as_slice()), Some(a.as_slice())].into_iter()),
+            Some(cidrs(&["10.96.0.0/12", "10.244.8.0/24", "10.244.9.0/24"])),
+            "sorted, whichever session comes first"
+        );
+        assert_eq!(union([Some(&[][..])].into_iter()), Some(Vec::new()));
+    }
+
+    /// The primary when it covers the destination; else the first that
+    /// does; else the primary.
+    #[test]
+    fn a_destination_goes_to_the_primary_or_to_a_session_whose_relay_lists_it() {
+        let sets = [
+            RouteSet::new(&cidrs(&["10.96.0.0/12"])),
+            RouteSet::new(&cidrs(&["10.96.0.0/12", "10.244.8.0/24"])),
+            RouteSet::new(&cidrs(&["10.244.8.0/24", "10.244.9.0/24"])),
+        ];
+        let at = |dst: &str| {
+            pick(&sets, |s| s.covers(ip(dst)))
+                .map(|s| sets.iter().position(|x| std::ptr::eq(x, s)).unwrap())
+        };
+        assert_eq!(at("10.96.0.10"), Some(0));
+        assert_eq!(at("10.244.8.5"), Some(1));
+        assert_eq!(at("10.244.9.5"), Some(2));
+        assert_eq!(at("172.16.0.1"), Some(0), "nobody lists it: the primary");
+        assert_eq!(pick(&[] as &[RouteSet], |_| true), None);
+    }
+}
