@@ -91,7 +91,8 @@ use exec::run;
 pub use exec::EXEC_TIMEOUT;
 pub use hosts::relay_host_lan_ip;
 pub use kube_proxy::{
-    kube_proxy_ruleset, KubeProxyMode, KubeService, Proto, KUBE_PROXY_NODES, SERVICE_CIDR,
+    kube_proxy_ruleset, stale_udp_entries, KubeProxyMode, KubeService, Proto, UdpEndpoints,
+    UdpTuple, KUBE_PROXY_NODES, SERVICE_CIDR,
 };
 pub use options::LabOptions;
 use roles::cidr24;
@@ -170,6 +171,10 @@ pub struct NetnsLab {
     opts: LabOptions,
     /// The VXLAN encapsulators of [`LabOptions::cloud_overlay`].
     encapsulators: Vec<cloud_overlay::Encapsulator>,
+    /// Each UDP Service port's endpoints at the last
+    /// [`NetnsLab::sync_services`]: kube-proxy's conntrack cleanup runs
+    /// after a sync that changes them.
+    kube_udp: std::sync::Mutex<kube_proxy::UdpEndpoints>,
 }
 
 impl fmt::Debug for NetnsLab {
@@ -219,6 +224,7 @@ impl NetnsLab {
             build_time: Duration::ZERO,
             opts,
             encapsulators: Vec::new(),
+            kube_udp: Default::default(),
         };
         // On `?` the partially built lab is dropped, which deletes what
         // exists so far.

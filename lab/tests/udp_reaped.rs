@@ -7,8 +7,9 @@
 //! conntrack entries whose original destination is a UDP Service address
 //! and whose reply source is not one of its endpoints. A captured flow's
 //! entry is such an entry: its reply source is the capture address. The
-//! lab's kube-proxy model does not run that cleanup, so the test deletes
-//! the entries the way it does (`conntrack -D -p udp --orig-dst <ClusterIP>
+//! lab's kube-proxy model runs that cleanup after a sync that changes a
+//! UDP Service's endpoints (see `udp_conntrack_cleanup.rs`); here the test
+//! deletes the entries the way it does (`conntrack -D -p udp --orig-dst <ClusterIP>
 //! --reply-src <capture address>`) in the middle of a client's flow, on
 //! the relay node (a pod there, the endpoint at an edge) and on an edge (an
 //! edge pod, the endpoint in the cloud).
@@ -35,8 +36,8 @@ use anyhow::{ensure, Context, Result};
 use relay_lab::cluster::{Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
-    edge_config_in, launch, netns_start, sa, start_edge, start_relay, udp_client, udp_from, within,
-    Running, Table, UdpSample, DNS,
+    edge_config_in, launch, netns_start, sa, start_edge, start_relay, udp_client, Running, Table,
+    UdpSample, DNS,
 };
 use relay_transport::capture_config::DEFAULT_REDIRECT_ADDRESS;
 use tokio::net::UdpSocket;
@@ -158,12 +159,10 @@ fn a_captured_udp_flow_survives_kube_proxys_conntrack_cleanup() -> Result<()> {
     let relay = start_relay(&lab, cluster.relay_config_in(&lab, &pki)?)?;
     let _edge1 = start_edge(&lab, 1, edge_config_in(&lab, &pki, 1)?)?;
     let _edge2 = start_edge(&lab, 2, edge_config_in(&lab, &pki, 2)?)?;
-    for (ns, vip) in [(Role::Cpod1, AT_EDGE), (Role::Epod1, IN_CLOUD)] {
-        within(Duration::from_secs(10), || {
-            Ok(udp_from(&lab, ns, vip).is_ok())
-        })
-        .with_context(|| format!("{ns} never answered by {vip}"))?;
-    }
+    relay_lab::scenario::until_udp_answered(
+        &lab,
+        &[(Role::Cpod1, AT_EDGE), (Role::Epod1, IN_CLOUD)],
+    )?;
     let started = Instant::now();
     let clients = [
         (

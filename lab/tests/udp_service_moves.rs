@@ -142,16 +142,14 @@ fn a_udp_flow_follows_its_service_endpoint() -> Result<()> {
     let _edge2 = start_edge(&lab, 2, edge_config_in(&lab, &pki, 2)?)?;
     // Capture holds both Services everywhere once the sessions got their
     // Service tables: wait until each client is answered once.
-    for (ns, vip) in [
-        (Role::Cpod1, MOVING_EDGES),
-        (Role::Epod1, MOVING),
-        (Role::Epod2, MOVING_LOCAL),
-    ] {
-        relay_lab::scenario::within(Duration::from_secs(10), || {
-            Ok(relay_lab::scenario::udp_from(&lab, ns, vip).is_ok())
-        })
-        .with_context(|| format!("{ns} never answered by {vip}"))?;
-    }
+    relay_lab::scenario::until_udp_answered(
+        &lab,
+        &[
+            (Role::Cpod1, MOVING_EDGES),
+            (Role::Epod1, MOVING),
+            (Role::Epod2, MOVING_LOCAL),
+        ],
+    )?;
 
     let clients = [
         (
@@ -272,12 +270,10 @@ fn a_udp_flow_keeps_a_terminating_endpoint_while_it_serves() -> Result<()> {
     let relay = start_relay(&lab, cluster.relay_config_in(&lab, &pki)?)?;
     let _edge1 = start_edge(&lab, 1, edge_config_in(&lab, &pki, 1)?)?;
     let _edge2 = start_edge(&lab, 2, edge_config_in(&lab, &pki, 2)?)?;
-    for (ns, vip) in [(Role::Cpod1, DRAINING_EDGES), (Role::Epod1, DRAINING_CLOUD)] {
-        relay_lab::scenario::within(Duration::from_secs(10), || {
-            Ok(relay_lab::scenario::udp_from(&lab, ns, vip).is_ok())
-        })
-        .with_context(|| format!("{ns} never answered by {vip}"))?;
-    }
+    relay_lab::scenario::until_udp_answered(
+        &lab,
+        &[(Role::Cpod1, DRAINING_EDGES), (Role::Epod1, DRAINING_CLOUD)],
+    )?;
     let clients = [
         (
             "relay node's capture",

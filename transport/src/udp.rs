@@ -147,6 +147,12 @@ pub struct UdpStats {
     /// Captured flows closed early to make room for a new one
     /// (`FlowLimits::max_flows`).
     pub evicted: AtomicU64,
+    /// Conntrack entries of open captured flows created again after
+    /// something else deleted them (kube-proxy's stale-entry cleanup).
+    pub conntrack_restored: AtomicU64,
+    /// Such entries that could not be created again (the flow's replies
+    /// then leave un-NATed until the client's next datagram).
+    pub conntrack_restore_failed: AtomicU64,
 }
 
 impl UdpStats {
@@ -168,6 +174,18 @@ impl UdpStats {
                 "counter",
                 "Captured UDP flows closed early to make room for a new one.",
                 &self.evicted,
+            ),
+            (
+                "udp_conntrack_restored_total",
+                "counter",
+                "Conntrack entries of open captured UDP flows created again after something else (kube-proxy's cleanup) deleted them.",
+                &self.conntrack_restored,
+            ),
+            (
+                "udp_conntrack_restore_failed_total",
+                "counter",
+                "Conntrack entries of open captured UDP flows that could not be created again after a deletion.",
+                &self.conntrack_restore_failed,
             ),
             (
                 "udp_stream_payloads_total",

@@ -15,6 +15,8 @@ use tokio::sync::mpsc;
 use tracing::{debug, info};
 
 use crate::conn::TunnelConn;
+
+mod keep;
 use crate::udp::{
     recv_with, run_local_flow, run_opened_flow, FlowTable, Stale, UdpStats, FLOW_QUEUE,
 };
@@ -137,6 +139,9 @@ pub(crate) struct Activity {
     last: AtomicU64,
     /// When the first reply went out (`u64::MAX`: none yet).
     first_reply: AtomicU64,
+    /// The flow's original destination, once conntrack told it: what its
+    /// entry is created again with if something deletes it (`keep.rs`).
+    dst: OnceLock<SocketAddrV4>,
 }
 
 impl Activity {
@@ -145,7 +150,13 @@ impl Activity {
             start: now,
             last: AtomicU64::new(now),
             first_reply: AtomicU64::new(u64::MAX),
+            dst: OnceLock::new(),
         }
+    }
+
+    /// Whether a reply went out.
+    fn replied(&self) -> bool {
+        self.first_reply.load(Relaxed) != u64::MAX
     }
 
     /// A packet from the client at `now`.
@@ -368,6 +379,64 @@ pub struct FlowLimits {
     pub max_flows: usize,
 }
 
+/// A captured flow's key: (client, redirected address).
+type Key = (SocketAddrV4, SocketAddrV4);
+
+/// One open captured flow in the capture loop's table. The generation
+/// lets a flow that ends remove its entry only if it is still its own,
+/// not a successor's for the same key; the flow with the lowest
+/// `Activity::eviction_rank` is evicted first.
+struct FlowEntry {
+    generation: u64,
+    tx: mpsc::Sender<Bytes>,
+    activity: Arc<Activity>,
+}
+
+/// The capture loop's table of open flows.
+type Local = Mutex<HashMap<Key, FlowEntry>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Poisoning would only mean a flow task panicked mid-update.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The table as the conntrack keeper sees it: a flow counts while its
+/// queue is open and it is within its idle bound (past it, the flow is
+/// ending and its entry may expire).
+struct OpenFlows {
+    table: Arc<Local>,
+    idle: FlowIdle,
+}
+
+impl OpenFlows {
+    fn live(&self, (client, here): Key, e: &FlowEntry) -> Option<keep::LiveFlow> {
+        let a = &e.activity;
+        let quiet = a.quiet_for();
+        (!e.tx.is_closed() && quiet < self.idle.of(a)).then(|| keep::LiveFlow {
+            client,
+            here,
+            dst: a.dst.get().copied(),
+            quiet,
+            age: Duration::from_millis(clock_ms().saturating_sub(a.start)),
+            replied: a.replied(),
+            stream: a.is_stream(),
+        })
+    }
+}
+
+impl keep::LiveFlows for OpenFlows {
+    fn get(&self, client: SocketAddrV4, here: SocketAddrV4) -> Option<keep::LiveFlow> {
+        let t = lock(&self.table);
+        t.get(&(client, here))
+            .and_then(|e| self.live((client, here), e))
+    }
+
+    fn all(&self) -> Vec<keep::LiveFlow> {
+        let t = lock(&self.table);
+        t.iter().filter_map(|(k, e)| self.live(*k, e)).collect()
+    }
+}
+
 /// Serves captured UDP: each (client, redirected address) pair is one
 /// flow, whose original destination conntrack tells once, opened on the
 /// connection `pick` chooses; replies go back from the redirected address
@@ -376,7 +445,12 @@ pub struct FlowLimits {
 /// `limits.idle` ends, or a second before conntrack's UDP timeout in this
 /// network namespace (`nf_conntrack_udp_timeout`, read once here) when
 /// that is shorter: a flow must not outlive its conntrack entry (see
-/// `captured_idle`). Runs until `stop`.
+/// `captured_idle`). Meanwhile the flows' conntrack entries are kept: one
+/// that something else deletes (kube-proxy's stale-entry cleanup deletes
+/// them all whenever a UDP Service's endpoints change) is created again
+/// at once, so replies keep being un-NATed and the client keeps its port
+/// (`keep.rs`; counted in `UdpStats::conntrack_restored`). Runs until
+/// `stop`.
 pub async fn serve_transparent_udp(
     sock: RedirectUdp,
     pick: Arc<PickConn>,
@@ -395,20 +469,25 @@ pub async fn serve_transparent_udp(
             "captured UDP flows end before conntrack forgets them"
         );
     }
-    type Key = (SocketAddrV4, SocketAddrV4);
-    // The generation lets a flow that ends remove its entry only if it is
-    // still its own, not a successor's for the same key; the flow with the
-    // lowest `Activity::eviction_rank` is evicted first.
-    struct Entry {
-        generation: u64,
-        tx: mpsc::Sender<Bytes>,
-        activity: Arc<Activity>,
-    }
-    type Local = Mutex<HashMap<Key, Entry>>;
     let local: Arc<Local> = Arc::default();
-    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-        // Poisoning would only mean a flow task panicked mid-update.
-        m.lock().unwrap_or_else(|e| e.into_inner())
+    // The keeper of the flows' conntrack entries ends with this loop.
+    let keeper_stop = stop.child_token();
+    let _keeper = keeper_stop.clone().drop_guard();
+    match sock.sock.local_addr() {
+        Ok(a) => {
+            let flows = Arc::new(OpenFlows {
+                table: local.clone(),
+                idle,
+            });
+            tokio::spawn(keep::keep_entries(
+                flows,
+                a.port(),
+                conntrack,
+                stats.clone(),
+                keeper_stop,
+            ));
+        }
+        Err(e) => debug!(error = %e, "capture socket address; conntrack entries not kept"),
     }
     let sock = Arc::new(sock);
     let starting = Arc::new(tokio::sync::Semaphore::new(MAX_STARTING_FLOWS));
@@ -482,7 +561,7 @@ pub async fn serve_transparent_udp(
             }
             flows.insert(
                 key,
-                Entry {
+                FlowEntry {
                     generation: my_gen,
                     tx,
                     activity: activity.clone(),
@@ -523,7 +602,10 @@ async fn open_captured_flow(
 ) {
     let (client, here) = (reply.client, reply.local);
     let dst = match crate::conntrack::original_dst_udp(here, client).await {
-        Ok(d) => SocketAddr::V4(d),
+        Ok(d) => {
+            let _ = reply.activity.dst.set(d);
+            SocketAddr::V4(d)
+        }
         Err(e) => {
             stats.dropped_unknown_flow.fetch_add(1, Relaxed);
             debug!(%client, %here, error = %e, "no conntrack entry for captured udp");

@@ -1,11 +1,14 @@
 //! The lab's model of kube-proxy: the Services it programs
 //! ([`KubeService`]), the `ip kube-proxy` nftables table it generates
 //! ([`kube_proxy_ruleset`], a pure function of them) and
-//! [`NetnsLab::sync_services`], which loads it on every node.
+//! [`NetnsLab::sync_services`], which loads it on every node and then, when
+//! a UDP Service's endpoints changed, runs kube-proxy's conntrack cleanup
+//! ([`NetnsLab::clean_stale_udp`], matching with [`stale_udp_entries`]).
 //!
 //! Kept apart from the topology: it is the only part of the lab that
 //! models a Kubernetes component rather than the network under it.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -269,6 +272,70 @@ pub fn kube_proxy_ruleset(
     ))
 }
 
+/// Each UDP Service port (by name) and its endpoints, as the last sync
+/// programmed them: what decides whether a sync runs the conntrack
+/// cleanup (kube-proxy's `ConntrackCleanupRequired`).
+pub type UdpEndpoints = BTreeMap<String, BTreeSet<SocketAddrV4>>;
+
+fn udp_endpoints(services: &[KubeService]) -> UdpEndpoints {
+    services
+        .iter()
+        .filter(|s| s.proto == Proto::Udp)
+        .map(|s| (s.name.clone(), s.endpoints.iter().copied().collect()))
+        .collect()
+}
+
+/// One UDP conntrack entry's original tuple, as `conntrack -D` names it:
+/// `(src, dst, sport, dport)`.
+pub type UdpTuple = (Ipv4Addr, Ipv4Addr, u16, u16);
+
+/// The entries of a `conntrack -L -p udp` listing that kube-proxy's
+/// `CleanStaleEntries` (pkg/proxy/conntrack/cleanup.go) deletes for
+/// `services`: for each UDP Service port with endpoints (one without is
+/// skipped), the entries whose original destination is its ClusterIP:port
+/// and whose reply source is not one of its endpoint IPs, and the entries
+/// whose original destination port is its NodePort (any address) with
+/// the same condition. Pure.
+pub fn stale_udp_entries(listing: &str, services: &[KubeService]) -> Vec<UdpTuple> {
+    let mut by_ip: BTreeMap<(Ipv4Addr, u16), BTreeSet<Ipv4Addr>> = BTreeMap::new();
+    let mut by_node_port: BTreeMap<u16, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+    for s in services.iter().filter(|s| s.proto == Proto::Udp) {
+        let ips: BTreeSet<Ipv4Addr> = s.endpoints.iter().map(|e| *e.ip()).collect();
+        if ips.is_empty() {
+            continue;
+        }
+        if let Some(np) = s.node_port {
+            by_node_port.insert(np, ips.clone());
+        }
+        by_ip.insert((s.cluster_ip, s.port), ips);
+    }
+    let mut out = Vec::new();
+    for line in listing.lines() {
+        let mut f = line.split_whitespace();
+        if f.next() != Some("udp") {
+            continue;
+        }
+        // The first src/dst/sport/dport are the original tuple, the
+        // second the reply tuple.
+        let (mut ips, mut ports) = (Vec::new(), Vec::new());
+        for kv in f {
+            match kv.split_once('=') {
+                Some(("src" | "dst", v)) => ips.extend(v.parse::<Ipv4Addr>()),
+                Some(("sport" | "dport", v)) => ports.extend(v.parse::<u16>()),
+                _ => {}
+            }
+        }
+        let (&[osrc, odst, rsrc, _], &[osport, odport, ..]) = (&ips[..], &ports[..]) else {
+            continue;
+        };
+        let stale = |eps: Option<&BTreeSet<Ipv4Addr>>| eps.is_some_and(|e| !e.contains(&rsrc));
+        if stale(by_ip.get(&(odst, odport))) || stale(by_node_port.get(&odport)) {
+            out.push((osrc, odst, osport, odport));
+        }
+    }
+    out
+}
+
 impl NetnsLab {
     /// kube-proxy's view of the cluster, applied on every node
     /// ([`KUBE_PROXY_NODES`]): the `ip kube-proxy` table is replaced whole
@@ -276,7 +343,11 @@ impl NetnsLab {
     /// transaction per node, as kube-proxy regenerates its rules after
     /// every Service or EndpointSlice change (no instant without rules).
     /// Calling it with an empty list leaves empty chains, as kube-proxy
-    /// runs with no Services.
+    /// runs with no Services. When the endpoints of a UDP Service port
+    /// changed since the last sync (one added or removed too), each node
+    /// then runs kube-proxy's conntrack cleanup
+    /// ([`NetnsLab::clean_stale_udp`]), as kube-proxy does at the end of
+    /// such a sync.
     pub fn sync_services(&self, mode: KubeProxyMode, services: &[KubeService]) -> Result<()> {
         for node in self.kube_proxy_nodes() {
             // Each node's Node object is named as its role.
@@ -284,7 +355,56 @@ impl NetnsLab {
             self.nft(node, &script)
                 .with_context(|| format!("kube-proxy sync on {node}"))?;
         }
+        let udp = udp_endpoints(services);
+        let changed = {
+            let mut last = self.kube_udp.lock().unwrap_or_else(|e| e.into_inner());
+            let changed = *last != udp;
+            *last = udp;
+            changed
+        };
+        if changed {
+            for node in self.kube_proxy_nodes() {
+                self.clean_stale_udp(node, services)
+                    .with_context(|| format!("kube-proxy conntrack cleanup on {node}"))?;
+            }
+        }
         Ok(())
+    }
+
+    /// kube-proxy's UDP conntrack cleanup on `node` for `services`: lists
+    /// the UDP entries (`conntrack -L -p udp`) and deletes those
+    /// [`stale_udp_entries`] picks, one `conntrack -D` each (an entry gone
+    /// meanwhile is fine). Returns how many it deleted.
+    pub fn clean_stale_udp(&self, node: Role, services: &[KubeService]) -> Result<usize> {
+        let listing = self.exec(node, &["conntrack", "-L", "-p", "udp"])?;
+        let stale = stale_udp_entries(&listing, services);
+        let mut deleted = 0;
+        for (src, dst, sport, dport) in stale {
+            let (src, dst, sport, dport) = (
+                src.to_string(),
+                dst.to_string(),
+                sport.to_string(),
+                dport.to_string(),
+            );
+            let args = [
+                "conntrack",
+                "-D",
+                "-p",
+                "udp",
+                "--orig-src",
+                &src,
+                "--orig-dst",
+                &dst,
+                "--sport",
+                &sport,
+                "--dport",
+                &dport,
+            ];
+            if self.exec(node, &args).is_ok() {
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
     }
 
     /// The `ip kube-proxy` table of `node` as `nft list table` shows it.
@@ -296,6 +416,41 @@ impl NetnsLab {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cleanup deletes what `CleanStaleEntries` deletes: entries to a
+    /// UDP Service's ClusterIP:port or NodePort whose reply source is not
+    /// an endpoint (a captured flow's, replying from the capture
+    /// address), not those answered by an endpoint, not other Services',
+    /// and nothing for a Service without endpoints.
+    #[test]
+    fn the_conntrack_cleanup_matches_kube_proxys() {
+        let sa = |s: &str| -> SocketAddr { s.parse().unwrap() };
+        let dns = KubeService::new(
+            "kube-system/dns:dns",
+            sa("10.96.0.10:53"),
+            Proto::Udp,
+            &[sa("10.244.7.5:53")],
+        )
+        .unwrap()
+        .with_node_port(30053);
+        let empty = KubeService::new("d/empty:p", sa("10.96.0.11:53"), Proto::Udp, &[]).unwrap();
+        let listing = "\
+udp      17 29 src=10.244.1.2 dst=10.96.0.10 sport=4000 dport=53 src=169.254.70.1 dst=10.244.1.2 sport=15001 dport=4000 mark=0 use=1
+udp      17 29 src=10.244.1.3 dst=10.96.0.10 sport=4001 dport=53 src=10.244.7.5 dst=10.244.1.3 sport=53 dport=4001 [ASSURED] mark=0 use=1
+udp      17 29 src=10.244.1.4 dst=10.96.0.11 sport=4002 dport=53 src=169.254.70.1 dst=10.244.1.4 sport=15001 dport=4002 mark=0 use=1
+udp      17 29 src=192.168.1.9 dst=10.1.0.2 sport=4003 dport=30053 src=10.244.9.9 dst=192.168.1.9 sport=53 dport=4003 mark=0 use=1
+tcp      6 29 ESTABLISHED src=10.244.1.2 dst=10.96.0.10 sport=4000 dport=53 src=169.254.70.1 dst=10.244.1.2 sport=15001 dport=4000 mark=0 use=1
+";
+        let got = stale_udp_entries(listing, &[dns, empty]);
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(
+            got,
+            vec![
+                (ip("10.244.1.2"), ip("10.96.0.10"), 4000, 53),
+                (ip("192.168.1.9"), ip("10.1.0.2"), 4003, 30053),
+            ]
+        );
+    }
 
     /// `internalTrafficPolicy: Local` narrows the ClusterIP to the node's
     /// own endpoints (dropped where there is none) and leaves the node

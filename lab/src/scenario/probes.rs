@@ -159,6 +159,19 @@ pub fn connect_refused(
     }
 }
 
+/// Waits (at most 10 s each) until every `(ns, vip)` is answered by a
+/// UDP query from inside `ns` ([`udp_from`]): the Services are captured
+/// and reachable before a test starts its clients.
+pub fn until_udp_answered(lab: &NetnsLab, pairs: &[(Role, SocketAddr)]) -> Result<()> {
+    for &(ns, vip) in pairs {
+        super::within(Duration::from_secs(10), || {
+            Ok(udp_from(lab, ns, vip).is_ok())
+        })
+        .with_context(|| format!("{ns} never answered by {vip}"))?;
+    }
+    Ok(())
+}
+
 /// One DNS-sized UDP query and its reply, from inside `ns`.
 pub fn udp_from(lab: &NetnsLab, ns: Role, target: SocketAddr) -> Result<String> {
     lab.run_in(ns, Duration::from_secs(15), move || async move {

@@ -280,6 +280,9 @@ pub(crate) fn node_port_flows(
 /// entry) is logged, not an error.
 async fn delete_stale_udp(stale: BTreeSet<(SocketAddr, Proto)>) {
     for (addr, proto) in stale {
+        // Not to be re-created for the flows still open (see
+        // `udp_capture/keep.rs`): these flows must take their new way.
+        crate::conntrack::note_capture_deletes(addr);
         let args = conntrack_delete_args(addr, proto);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         if let Err(e) = run("conntrack", &args, None).await {
