@@ -371,10 +371,13 @@ pub(crate) fn parse_answer(kind: u16, msg: &[u8]) -> io::Result<Option<Entry>> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "conntrack answer"))
 }
 
-/// How long after the capture itself deleted the entries of a service
-/// port (its capture changed: [`note_capture_deletes`]) the entries of
-/// that port are left deleted: the flows must take their new way.
-const CAPTURE_DELETE_WINDOW: Duration = Duration::from_secs(5);
+/// How long the capture's own deletion of a service port's entries
+/// ([`note_capture_deletes`]) is remembered: the flows that started before
+/// it must take their new way, and such a flow gets no packet after it
+/// (they now go where the new rules send them), so it ends within its idle
+/// bound (60 s by default, and never past conntrack's UDP stream timeout,
+/// 120 s by default); the records are pruned well after that.
+const CAPTURE_DELETE_WINDOW: Duration = Duration::from_secs(600);
 
 /// Service ports whose entries the capture deleted lately, and when, by
 /// network namespace: a process may hold captures in several (the lab

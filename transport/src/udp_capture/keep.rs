@@ -26,8 +26,12 @@
 //! capture changed, and those flows must take their new way:
 //! [`crate::conntrack::capture_deleted`]) are left alone. When events were
 //! lost (the socket overflowed), every open flow's entry is checked
-//! instead. Deletions made from this socket are not reported back to it
-//! (netlink excludes the sender), so the repairs never feed themselves.
+//! instead. The kernel reports the deletions made from this socket back
+//! to it too (the event carries the requester's port): those are dropped,
+//! so the repairs never feed themselves. An entry of the flow's original
+//! tuple that is translated elsewhere (kube-proxy's DNAT to an endpoint:
+//! the capture of that Service ended) is never touched: the flow has
+//! moved on.
 
 use std::collections::VecDeque;
 use std::io;
@@ -96,6 +100,9 @@ enum Repair {
     Created,
     /// The right entry was there already.
     Present,
+    /// The flow's original tuple is translated elsewhere now (not to the
+    /// capture address): left alone, the flow has moved on.
+    Moved,
 }
 
 /// The keeper's socket: requests and destroy events on one socket, so
@@ -122,7 +129,8 @@ impl Keeper {
     fn take(&mut self, n: usize, seq: Option<u32>) -> Option<io::Result<Option<Entry>>> {
         let mut answer = None;
         for (h, msg) in messages(&self.buf[..n]) {
-            if is_destroy_event(h.kind) {
+            // Our own deletions come back as events with our port.
+            if is_destroy_event(h.kind) && h.port != self.ct.port() {
                 let Some(e) = parse_entry(msg) else { continue };
                 if e.reply.src.port() != self.port {
                     continue;
@@ -234,29 +242,30 @@ impl Keeper {
                 Err(e) => return Err(e),
             }
             let seq = self.ct.next_seq();
-            match self.call(&get_orig_request(orig, seq), seq).await {
-                // The entry whose destroy event we are answering, not yet
-                // unlinked: it goes by itself, ours is made next time.
-                Ok(Some(e)) if e.status & IPS_DYING != 0 => {
-                    tokio::time::sleep(DYING_WAIT).await;
-                }
-                Ok(Some(e)) if e.reply == want_reply => {
+            let found = match self.call(&get_orig_request(orig, seq), seq).await {
+                Ok(Some(e)) => Some(holder(&e, want_reply)),
+                Ok(None) => None,
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => None,
+                Err(e) => return Err(e),
+            };
+            match found {
+                Some(Holder::Dying) => tokio::time::sleep(DYING_WAIT).await,
+                Some(Holder::Ours) => {
+                    if !created {
+                        // There already (the client's datagram made it):
+                        // no insert of ours for a reply to clash with. No
+                        // wait either, which a check of every open flow
+                        // (after lost events) would pay per flow.
+                        return Ok(Repair::Present);
+                    }
                     // A reply that was on its way while the entry was made.
                     tokio::time::sleep(DYING_WAIT).await;
                     self.clear_bogus(want_reply).await?;
-                    return Ok(if created {
-                        Repair::Created
-                    } else {
-                        Repair::Present
-                    });
+                    return Ok(Repair::Created);
                 }
-                // Another reply tuple (its source remapped): it goes, so
-                // the next attempt (or the client's next datagram) makes
-                // one that leads back to the client's own port.
-                Ok(Some(_)) => self.delete(orig).await?,
-                Ok(None) => {}
-                Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => {}
-                Err(e) => return Err(e),
+                Some(Holder::Elsewhere) => return Ok(Repair::Moved),
+                Some(Holder::Remapped) => self.delete(orig).await?,
+                None => {}
             }
             created = false;
         }
@@ -290,6 +299,39 @@ impl Keeper {
             Err(e) if e.raw_os_error() == Some(nix::libc::ENOENT) => Ok(()),
             r => r.map(|_| ()),
         }
+    }
+}
+
+/// What holds a flow's original tuple, as [`holder`] reads it.
+#[derive(Debug, PartialEq, Eq)]
+enum Holder {
+    /// The entry whose destroy event is being answered, not yet unlinked:
+    /// it goes by itself, ours is made next time.
+    Dying,
+    /// The flow's own entry, translated to the capture address for the
+    /// client's own port.
+    Ours,
+    /// Translated to the capture address for another client port (the
+    /// kernel remapped it around a bogus entry): it goes, so the next
+    /// attempt (or the client's next datagram) makes one that leads back
+    /// to the client's own port.
+    Remapped,
+    /// Translated elsewhere (kube-proxy's DNAT to an endpoint: the
+    /// Service is no longer captured here): not ours to delete or replace.
+    Elsewhere,
+}
+
+/// Which [`Holder`] `e`, the entry holding a flow's original tuple, is,
+/// for a flow whose entry's reply tuple must be `want`.
+fn holder(e: &Entry, want: Tuple) -> Holder {
+    if e.status & IPS_DYING != 0 {
+        Holder::Dying
+    } else if e.reply == want {
+        Holder::Ours
+    } else if e.reply.src == want.src {
+        Holder::Remapped
+    } else {
+        Holder::Elsewhere
     }
 }
 
@@ -366,13 +408,17 @@ pub(crate) async fn keep_entries(
             _ = stop.cancelled() => return,
             ev = k.next() => ev,
         };
+        // Whether this is a check of every open flow (after lost events).
+        let mut full = false;
         let work: Vec<(Tuple, LiveFlow, u32)> = match ev {
             Ok(Event::Destroyed(e)) => match to_restore(&e, &*flows) {
                 Some(f) => vec![(e.orig, f, e.status)],
                 None => continue,
             },
             Ok(Event::Lost) => {
-                // Bounded: at most one full check per RESYNC_EVERY.
+                full = true;
+                // Bounded: RESYNC_EVERY between the end of one full check
+                // and the start of the next.
                 if let Some(t) = last_resync {
                     let wait = RESYNC_EVERY.saturating_sub(t.elapsed());
                     tokio::select! {
@@ -380,7 +426,6 @@ pub(crate) async fn keep_entries(
                         _ = tokio::time::sleep(wait) => {}
                     }
                 }
-                last_resync = Some(Instant::now());
                 crate::sampled!(
                     debug,
                     "conntrack events lost; checking every captured UDP flow's entry"
@@ -408,18 +453,24 @@ pub(crate) async fn keep_entries(
             }
         };
         for (orig, f, status) in work {
+            if stop.is_cancelled() {
+                return;
+            }
             let timeout = time_left(timeouts, status, f.quiet);
             match k.ensure(orig, f.here, timeout, status).await {
                 Ok(Repair::Created) => {
                     stats.conntrack_restored.fetch_add(1, Relaxed);
                     crate::sampled!(debug, "re-created a captured UDP flow's deleted conntrack entry", client = %orig.src, dst = %orig.dst, timeout);
                 }
-                Ok(Repair::Present) => {}
+                Ok(Repair::Present | Repair::Moved) => {}
                 Err(e) => {
                     stats.conntrack_restore_failed.fetch_add(1, Relaxed);
                     crate::sampled!(debug, "could not re-create a captured UDP flow's conntrack entry", client = %orig.src, dst = %orig.dst, error = %e);
                 }
             }
+        }
+        if full {
+            last_resync = Some(Instant::now());
         }
     }
 }
@@ -469,6 +520,34 @@ mod tests {
             },
             status: IPS_SEEN_REPLY | IPS_ASSURED,
         }
+    }
+
+    /// What holds a flow's original tuple decides what the keeper does:
+    /// never delete or replace an entry translated elsewhere (the Service
+    /// left the capture and kube-proxy's DNAT took the flow).
+    #[test]
+    fn only_entries_translated_to_the_capture_address_are_touched() {
+        let want = Tuple {
+            src: sa("169.254.70.1:15001"),
+            dst: sa("10.244.7.5:40000"),
+        };
+        let ours = entry("10.96.0.10:53", "169.254.70.1:15001");
+        assert_eq!(holder(&ours, want), Holder::Ours);
+        let dying = Entry {
+            status: ours.status | IPS_DYING,
+            ..ours
+        };
+        assert_eq!(holder(&dying, want), Holder::Dying);
+        let remapped = Entry {
+            reply: Tuple {
+                src: sa("169.254.70.1:15001"),
+                dst: sa("10.244.7.5:1481"),
+            },
+            ..ours
+        };
+        assert_eq!(holder(&remapped, want), Holder::Remapped);
+        let kube_proxys = entry("10.96.0.10:53", "10.244.8.5:53");
+        assert_eq!(holder(&kube_proxys, want), Holder::Elsewhere);
     }
 
     #[test]
