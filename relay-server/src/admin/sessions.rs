@@ -259,10 +259,13 @@ async fn array_in_pieces<T, R: Serialize>(
             if n > 0 || i > 0 {
                 out.push(b',');
             }
-            // A row is plain data; should serialising one ever fail, the
-            // array stays well-formed and the failure is logged.
+            // A row is plain data; should serialising one ever fail, what
+            // it wrote is cut off and `null` stands in its place, so the
+            // array stays well-formed, and the failure is logged.
+            let start = out.len();
             if let Err(e) = serde_json::to_writer(&mut out, &row(item)) {
                 tracing::warn!(error = %e, "admin: a row did not serialise");
+                out.truncate(start);
                 out.extend_from_slice(b"null");
             }
         }
