@@ -392,6 +392,17 @@ pub(crate) async fn supervise(
         } else {
             down_since.is_some_and(|t| t.elapsed() >= fallback_after)
         };
+        // A bootstrap session on a replica the edge no longer follows (it
+        // left the set, or max_relays cut it): no direct session to that
+        // replica will start, so nothing it could supersede; should it
+        // drop, its loop redials as before the handover began.
+        if let Some(b) = runners.get(&Key::Bootstrap) {
+            if b.connected()
+                .is_some_and(|(id, _)| !wanted.iter().any(|r| r.id == id))
+            {
+                b.give_way.store(false, SeqCst);
+            }
+        }
         if let (Some((id, _)), Some(b)) = (&handover, runners.get(&Key::Bootstrap)) {
             // Before the direct session to its replica is started below:
             // once that one registers, the bootstrap loop must not dial
