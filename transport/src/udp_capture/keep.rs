@@ -395,6 +395,13 @@ pub(crate) async fn keep_entries(
             return;
         }
     };
+    // 0: the kernel makes no conntrack events in this network namespace
+    // (1, or 2 as by default: made while someone listens, as we do now).
+    if std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_events")
+        .is_ok_and(|v| v.trim() == "0")
+    {
+        warn!("net.netfilter.nf_conntrack_events is 0: no conntrack destroy events, so captured UDP flows will not survive a deletion of their entries (kube-proxy's cleanup); set it to 2 (the kernel's default) or 1");
+    }
     let mut k = Keeper {
         ct,
         port,
