@@ -81,6 +81,34 @@ pub fn add_wan_addresses(lab: &NetnsLab, replicas: impl IntoIterator<Item = u8>)
     Ok(())
 }
 
+/// The replica set of replicas `1..=n` in the namespace lab: each
+/// advertising its WAN address ([`wan`]) on the QUIC port.
+pub fn wan_replica_set(n: u8) -> Vec<relay_protocol::Replica> {
+    (1..=n)
+        .map(|i| relay_protocol::Replica {
+            id: id(i),
+            addr: sa(wan(i), QUIC_PORT).to_string(),
+        })
+        .collect()
+}
+
+/// [`replica_config`] for replica `i` of `set` ([`wan_replica_set`]),
+/// with the others of `set` as its static peers and the short timings the
+/// replica lab tests use (keep-alive 1 s, idle timeout 5 s, drain grace
+/// 500 ms).
+pub fn wan_replica_config(
+    pki: &DevPki,
+    i: u8,
+    set: &[relay_protocol::Replica],
+) -> Result<RelayConfig> {
+    let mut cfg = replica_config(pki, i)?;
+    cfg.quic.keepalive = Duration::from_secs(1);
+    cfg.quic.idle_timeout = Duration::from_secs(5);
+    cfg.limits.drain_grace = Duration::from_millis(500);
+    cfg.replicas = Some(static_peers(set, &id(i), sa(wan(i), QUIC_PORT).to_string()));
+    Ok(cfg)
+}
+
 /// Starts one in-process relay per replica of `set` on loopback, each
 /// with `[nodes]` for `edges` edges ([`crate::relay_config`]), QUIC only,
 /// short keep-alives and drain grace, and the others of `set` as its

@@ -295,6 +295,15 @@ pub fn start_relay(lab: &NetnsLab, cfg: RelayConfig) -> Result<Running> {
     })
 }
 
+/// Runs the edge clients of sites 1 and 2 with their lab configuration
+/// ([`edge_config_in`]), each ready once connected ([`start_edge`]).
+pub fn start_edges(lab: &NetnsLab, pki: &DevPki) -> Result<[Running; 2]> {
+    Ok([
+        start_edge(lab, 1, edge_config_in(lab, pki, 1)?)?,
+        start_edge(lab, 2, edge_config_in(lab, pki, 2)?)?,
+    ])
+}
+
 /// Runs the edge client with `cfg` on edge host `site` until stopped;
 /// ready once it is connected (at most 15 s).
 pub fn start_edge(lab: &NetnsLab, site: u8, cfg: EdgeConfig) -> Result<Running> {

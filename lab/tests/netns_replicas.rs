@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::replicas::{
-    add_wan_addresses, admin_port, all_edges_everywhere, connect_port, echo_through, fetch_via,
+    add_wan_addresses, admin_port, all_edges_everywhere, connect_port, echo_through, fetch_via, id,
     replica_config, replica_edge_config, sessions, wan,
 };
 use relay_lab::route_agent;
@@ -62,12 +62,7 @@ fn groups(lab: &NetnsLab) -> Result<BTreeMap<String, (String, Vec<String>)>> {
 /// The static replica set every relay of these tests advertises:
 /// `relay-i` at its own WAN address.
 fn replica_set() -> Vec<Replica> {
-    (1..=REPLICAS)
-        .map(|i| Replica {
-            id: format!("relay-{i}"),
-            addr: sa(wan(i), QUIC_PORT).to_string(),
-        })
-        .collect()
+    relay_lab::replicas::wan_replica_set(REPLICAS)
 }
 
 #[test]
@@ -91,17 +86,8 @@ fn three_replicas_every_edge_on_each_and_sigkill_of_one() -> Result<()> {
     let set = replica_set();
     let mut relays = Vec::new();
     for i in 1..=REPLICAS {
-        let mut cfg = replica_config(&pki, i)?;
-        cfg.quic.keepalive = Duration::from_secs(1);
-        cfg.quic.idle_timeout = Duration::from_secs(5);
-        cfg.limits.drain_grace = Duration::from_millis(500);
-        let me = format!("relay-{i}");
-        cfg.replicas = Some(relay_lab::replicas::static_peers(
-            &set,
-            &me,
-            sa(wan(i), QUIC_PORT).to_string(),
-        ));
-        relays.push(RelayProcess::start_named(&lab, &me, &bin, &pki, &cfg)?);
+        let cfg = relay_lab::replicas::wan_replica_config(&pki, i, &set)?;
+        relays.push(RelayProcess::start_named(&lab, &id(i), &bin, &pki, &cfg)?);
     }
     let mut pods: Vec<Running> = Vec::new();
     let mut edges: Vec<Running> = Vec::new();

@@ -34,9 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use edge_client::{EdgeClient, EdgeState};
 use relay_lab::netns::{self, Role};
-use relay_lab::replicas::{
-    add_wan_addresses, admin_port, replica_config, replica_edge_config, wan,
-};
+use relay_lab::replicas::{add_wan_addresses, admin_port, replica_edge_config, wan};
 use relay_lab::scenario::{
     http_from, netns_start, sa, services, start_edge, start_relay, udp_from, within, ADMIN_TOKEN,
     DNS, HTTP, QUIC_PORT,
@@ -332,24 +330,10 @@ fn a_peer_withdrawn_by_the_primary_replica_stays_reachable_through_the_other() -
         return Ok(());
     };
     add_wan_addresses(&lab, [2])?;
-    let set: Vec<Replica> = (1..=2)
-        .map(|i| Replica {
-            id: format!("relay-{i}"),
-            addr: sa(wan(i), QUIC_PORT).to_string(),
-        })
-        .collect();
+    let set = relay_lab::replicas::wan_replica_set(2);
     let mut relays = Vec::new();
     for i in 1..=2u8 {
-        let mut cfg = replica_config(&pki, i)?;
-        cfg.quic.keepalive = Duration::from_secs(1);
-        cfg.quic.idle_timeout = Duration::from_secs(5);
-        cfg.limits.drain_grace = Duration::from_millis(500);
-        let me = format!("relay-{i}");
-        cfg.replicas = Some(relay_lab::replicas::static_peers(
-            &set,
-            &me,
-            sa(wan(i), QUIC_PORT).to_string(),
-        ));
+        let cfg = relay_lab::replicas::wan_replica_config(&pki, i, &set)?;
         relays.push(start_relay(&lab, cfg).with_context(|| format!("relay-{i}"))?);
     }
     let _pod = services(&lab, Role::Epod2, "epod2")?;

@@ -23,8 +23,7 @@ use anyhow::Result;
 use relay_lab::cluster::{Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, LabOptions, Proto, Role};
 use relay_lab::scenario::{
-    edge_config_in, http_from, netns_start_with, sa, services, start_edge, start_relay, udp_from,
-    within, Table, DNS, HTTP,
+    http_from, netns_start_with, sa, services, start_relay, udp_from, within, Table, DNS, HTTP,
 };
 
 #[test]
@@ -63,10 +62,7 @@ fn pods_on_routed_veths_without_addresses_are_captured() -> Result<()> {
         &[to_edge.clone(), to_cloud.clone()],
     )?;
     let relay = start_relay(&lab, cluster.relay_config_without_cloud_lan(&lab, &pki)?)?;
-    let _edges = [
-        start_edge(&lab, 1, edge_config_in(&lab, &pki, 1)?)?,
-        start_edge(&lab, 2, edge_config_in(&lab, &pki, 2)?)?,
-    ];
+    let _edges = relay_lab::scenario::start_edges(&lab, &pki)?;
     let mut m = Table::new(&["case", "path", "result"]);
     let up = within(Duration::from_secs(15), || {
         Ok(http_from(&lab, Role::Cloud2, sa(epod1, HTTP)).is_ok()

@@ -26,10 +26,7 @@ use relay_kube_standin::k8s_openapi::api::core::v1::Node;
 use relay_kube_standin::k8s_openapi::api::discovery::v1::{EndpointHints, ForZone};
 use relay_lab::cluster::{edge_node, Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
-use relay_lab::scenario::{
-    edge_config_in, http_from, netns_start, sa, services, start_edge, start_relay, within, Table,
-    HTTP,
-};
+use relay_lab::scenario::{http_from, netns_start, sa, services, start_relay, within, Table, HTTP};
 
 /// Connections per cell: with two endpoints picked in turn, the chance
 /// that none crosses to the wrong one by luck is 2^-12.
@@ -116,10 +113,7 @@ fn picks_follow_zone_hints_at_the_edge_and_on_the_relay_node() -> Result<()> {
         k.node_name = Some("relay".into());
     }
     let _relay = start_relay(&lab, cfg)?;
-    let _edges = [
-        start_edge(&lab, 1, edge_config_in(&lab, &pki, 1)?)?,
-        start_edge(&lab, 2, edge_config_in(&lab, &pki, 2)?)?,
-    ];
+    let _edges = relay_lab::scenario::start_edges(&lab, &pki)?;
     let mut m = Table::new(&["case", "path", "result"]);
     let up = within(Duration::from_secs(15), || {
         Ok(http_from(&lab, Role::Epod1, vip).is_ok()

@@ -34,9 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use relay_lab::cluster::{Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
-use relay_lab::scenario::{
-    edge_config_in, launch, netns_start, sa, start_edge, start_relay, Running, Table, DNS,
-};
+use relay_lab::scenario::{launch, netns_start, sa, start_relay, Running, Table, DNS};
 use tokio::net::UdpSocket;
 
 /// A Service whose endpoint is at edge2 (captured on the relay node).
@@ -196,8 +194,7 @@ fn captured_udp_streams_survive_kube_proxys_conntrack_cleanup() -> Result<()> {
         &services(&[(netns::CPOD2_IP, "cloud2")]),
     )?;
     let relay = start_relay(&lab, cluster.relay_config_in(&lab, &pki)?)?;
-    let _edge1 = start_edge(&lab, 1, edge_config_in(&lab, &pki, 1)?)?;
-    let _edge2 = start_edge(&lab, 2, edge_config_in(&lab, &pki, 2)?)?;
+    let _edges = relay_lab::scenario::start_edges(&lab, &pki)?;
     relay_lab::scenario::until_udp_answered(
         &lab,
         &[(Role::Cpod1, AT_EDGE), (Role::Epod1, IN_CLOUD)],

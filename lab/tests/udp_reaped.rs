@@ -36,8 +36,7 @@ use anyhow::{ensure, Context, Result};
 use relay_lab::cluster::{Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
-    edge_config_in, launch, netns_start, sa, start_edge, start_relay, udp_client, Running, Table,
-    UdpSample, DNS,
+    launch, netns_start, sa, start_relay, udp_client, Running, Table, UdpSample, DNS,
 };
 use relay_transport::capture_config::DEFAULT_REDIRECT_ADDRESS;
 use tokio::net::UdpSocket;
@@ -157,8 +156,7 @@ fn a_captured_udp_flow_survives_kube_proxys_conntrack_cleanup() -> Result<()> {
         ],
     )?;
     let relay = start_relay(&lab, cluster.relay_config_in(&lab, &pki)?)?;
-    let _edge1 = start_edge(&lab, 1, edge_config_in(&lab, &pki, 1)?)?;
-    let _edge2 = start_edge(&lab, 2, edge_config_in(&lab, &pki, 2)?)?;
+    let _edges = relay_lab::scenario::start_edges(&lab, &pki)?;
     relay_lab::scenario::until_udp_answered(
         &lab,
         &[(Role::Cpod1, AT_EDGE), (Role::Epod1, IN_CLOUD)],

@@ -35,8 +35,7 @@ use relay_kube_standin::k8s_openapi::api::discovery::v1::EndpointConditions;
 use relay_lab::cluster::{Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, NetnsLab, Proto, Role};
 use relay_lab::scenario::{
-    edge_config_in, netns_start, services, start_edge, start_relay, udp_client, Running, Table,
-    UdpSample, DNS,
+    netns_start, services, start_relay, udp_client, Running, Table, UdpSample, DNS,
 };
 
 /// `moving`: one endpoint, epod2 (on edge2), then cpod2 (in the cloud).
@@ -138,8 +137,7 @@ fn a_udp_flow_follows_its_service_endpoint() -> Result<()> {
         ],
     )?;
     let relay = start_relay(&lab, cluster.relay_config_in(&lab, &pki)?)?;
-    let _edge1 = start_edge(&lab, 1, edge_config_in(&lab, &pki, 1)?)?;
-    let _edge2 = start_edge(&lab, 2, edge_config_in(&lab, &pki, 2)?)?;
+    let _edges = relay_lab::scenario::start_edges(&lab, &pki)?;
     // Capture holds both Services everywhere once the sessions got their
     // Service tables: wait until each client is answered once.
     relay_lab::scenario::until_udp_answered(
@@ -268,8 +266,7 @@ fn a_udp_flow_keeps_a_terminating_endpoint_while_it_serves() -> Result<()> {
     ];
     cluster.set_services(&lab, KubeProxyMode::Nftables, &first)?;
     let relay = start_relay(&lab, cluster.relay_config_in(&lab, &pki)?)?;
-    let _edge1 = start_edge(&lab, 1, edge_config_in(&lab, &pki, 1)?)?;
-    let _edge2 = start_edge(&lab, 2, edge_config_in(&lab, &pki, 2)?)?;
+    let _edges = relay_lab::scenario::start_edges(&lab, &pki)?;
     relay_lab::scenario::until_udp_answered(
         &lab,
         &[(Role::Cpod1, DRAINING_EDGES), (Role::Epod1, DRAINING_CLOUD)],
