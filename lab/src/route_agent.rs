@@ -44,6 +44,7 @@ pub fn start(
         interval,
         proto: PROTO,
         table: relay_server::agent::RouteTable::default(),
+        on_exit: relay_server::agent::OnExit::Remove,
     };
     launch(lab, node, "route agent", move |ready, stop| async move {
         let cancel = tokio_util::sync::CancellationToken::new();

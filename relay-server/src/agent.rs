@@ -23,7 +23,8 @@
 //! table is a 304 and the last one is installed again. It needs only the
 //! read-only admin token (`admin.read_token_file`). It owns only
 //! routes tagged with its own protocol number (`proto`, default 250), so it
-//! never touches a route it did not install. On exit it removes them.
+//! never touches a route it did not install. On exit it removes them,
+//! unless told to leave them for the next agent ([`OnExit`]).
 //!
 //! The routes live in the agent's own routing table ([`RouteTable`],
 //! default 7250), consulted by one policy rule ahead of `main` (`pref
@@ -163,6 +164,35 @@ async fn ip(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
     Ok(relay_transport::capture::command("ip", args, stdin).await?)
 }
 
+/// What an agent does with its routes and rule when it stops.
+///
+/// A route-agent DaemonSet is updated one node at a time, and its new pod
+/// is created only once the old one is gone (it cannot surge: it runs in
+/// the host network, on a fixed status port): an old agent that removed
+/// its routes on the way out left that node's pods without a way to any
+/// edge until the new pod had pulled its image, started and polled. With
+/// [`OnExit::Keep`] the routes and rule stay and the next agent, which
+/// keeps what it finds at its start (see [`RouteTable`]), takes them over
+/// without a gap. Uninstalling then needs its own step
+/// ([`remove_installed`], `route-agent --cleanup`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnExit {
+    /// Remove every route it installed and its rule (the default).
+    #[default]
+    Remove,
+    /// Leave them for the next agent (`--keep-routes-on-exit`).
+    Keep,
+}
+
+/// Removes the single-relay agent's routes (protocol `proto` in
+/// `table.table`) and its rule: what it does on a stop with
+/// [`OnExit::Remove`]. How many routes went.
+pub async fn remove_installed(table: RouteTable, proto: u8) -> anyhow::Result<usize> {
+    let (_, removed) = sync(&BTreeSet::new(), None, proto, table.table).await?;
+    table.remove_rule().await?;
+    Ok(removed)
+}
+
 /// Runs until `stop` with routes `toward` the relay node in the default
 /// [`RouteTable`], then removes every route it installed and its rule.
 /// With [`Toward::PodNetwork`] the next hop is looked up every poll; when
@@ -179,17 +209,26 @@ pub async fn run_with_status(
     stop: CancellationToken,
     status: Arc<AgentStatus>,
 ) {
-    run_in_table(cfg, toward, RouteTable::default(), stop, status).await
+    run_in_table(
+        cfg,
+        toward,
+        RouteTable::default(),
+        stop,
+        status,
+        OnExit::Remove,
+    )
+    .await
 }
 
 /// [`run_with_status`] with the routes in `table` (`--table`,
-/// `--rule-pref`).
+/// `--rule-pref`), left in place on exit with [`OnExit::Keep`].
 pub async fn run_in_table(
     cfg: AgentConfig,
     toward: Toward,
     table: RouteTable,
     stop: CancellationToken,
     status: Arc<AgentStatus>,
+    on_exit: OnExit,
 ) {
     info!(admin = %cfg.admin, ?toward, table = table.table, rule_pref = table.pref, "route agent started");
     // A killed run's rule and routes stay (the relay may be away now):
@@ -275,12 +314,13 @@ pub async fn run_in_table(
             _ = tokio::time::sleep(cfg.interval) => {}
         }
     }
-    match sync(&BTreeSet::new(), None, cfg.proto, table.table).await {
-        Ok((_, removed)) => info!(removed, "route agent stopped; its routes removed"),
-        Err(e) => warn!(error = %e, "removing routes on exit failed"),
+    if on_exit == OnExit::Keep {
+        info!("route agent stopped; its routes and rule kept for the next agent");
+        return;
     }
-    if let Err(e) = table.remove_rule().await {
-        warn!(error = %e, "removing the routing rule on exit failed");
+    match remove_installed(table, cfg.proto).await {
+        Ok(removed) => info!(removed, "route agent stopped; its routes and rule removed"),
+        Err(e) => warn!(error = %format!("{e:#}"), "removing routes on exit failed"),
     }
 }
 
@@ -377,12 +417,7 @@ mod tests {
             // the next hop, refused; the leftover edge route gone.
             *routes.lock().unwrap() = vec!["10.244.7.0/24", "192.0.0.0/16", "192.0.2.2/32"];
             up.store(true, Ordering::SeqCst);
-            until("one route", || {
-                status
-                    .readiness()
-                    .is_ok_and(|l| l.starts_with("ready: 1 routes"))
-            })
-            .await;
+            until_routes(&status, 1).await;
             assert_eq!(table(), "10.244.7.0/24 via 192.0.2.2 dev up0 proto 250 \n");
             assert!(rule_listed());
             assert!(status
@@ -390,6 +425,68 @@ mod tests {
                 .contains("\nroute_agent_prefixes_refused 2\n"));
             stop.cancel();
             agent.await.expect("agent");
+            assert_eq!(table(), "");
+            assert!(!rule_listed());
+        });
+    }
+
+    /// A route-agent DaemonSet update, in a namespace of the test's own:
+    /// the old agent, stopped with [`OnExit::Keep`], leaves its route and
+    /// rule, so this node's edge traffic still goes to the relay node
+    /// while no agent runs; the next agent takes them over (kept while it
+    /// cannot reach the relay, brought in step by its first poll) and,
+    /// stopped with [`OnExit::Remove`], removes them.
+    #[test]
+    fn an_agent_keeping_its_routes_on_exit_hands_them_to_the_next() {
+        use crate::multipath::tests::netns::*;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        netns_test(async {
+            let routes = Arc::new(Mutex::new(vec!["10.244.7.0/24"]));
+            let up = Arc::new(AtomicBool::new(true));
+            let admin = fake_replica_while(routes.clone(), up.clone()).await;
+            let toward = Toward::Via("192.0.2.2".parse().unwrap());
+            let start = |on_exit| {
+                let status = Arc::<status::AgentStatus>::default();
+                let stop = CancellationToken::new();
+                let task = tokio::spawn(run_in_table(
+                    crate::agent::poll::tests::config(admin),
+                    toward,
+                    RouteTable::default(),
+                    stop.clone(),
+                    status.clone(),
+                    on_exit,
+                ));
+                (status, stop, task)
+            };
+            let (status, stop, old) = start(OnExit::Keep);
+            until_routes(&status, 1).await;
+            stop.cancel();
+            old.await.expect("agent");
+            // No agent runs: the route and rule are still there.
+            assert_eq!(table(), "10.244.7.0/24 via 192.0.2.2 dev up0 proto 250 \n");
+            assert!(rule_listed(), "{}", sh(&["rule"]));
+            let get = sh(&["-4", "route", "get", "10.244.7.5"]);
+            assert!(get.contains("via 192.0.2.2 dev up0"), "{get}");
+            // The next agent starts while the relay is away: it keeps them.
+            up.store(false, Ordering::SeqCst);
+            *routes.lock().unwrap() = vec!["10.244.7.0/24", "10.244.8.0/24"];
+            let (status, stop, new) = start(OnExit::Remove);
+            until("two polls with the relay unreachable", || {
+                polls(&status, "relay_unreachable") >= 2
+            })
+            .await;
+            assert_eq!(table(), "10.244.7.0/24 via 192.0.2.2 dev up0 proto 250 \n");
+            assert!(rule_listed());
+            up.store(true, Ordering::SeqCst);
+            until_routes(&status, 2).await;
+            assert!(
+                table().contains("10.244.8.0/24 via 192.0.2.2"),
+                "{}",
+                table()
+            );
+            stop.cancel();
+            new.await.expect("agent");
             assert_eq!(table(), "");
             assert!(!rule_listed());
         });
@@ -415,12 +512,7 @@ mod tests {
             let stop = CancellationToken::new();
             let toward = Toward::Via("192.0.2.2".parse().unwrap());
             let agent = tokio::spawn(run_with_status(cfg, toward, stop.clone(), status.clone()));
-            until("one route", || {
-                status
-                    .readiness()
-                    .is_ok_and(|l| l.starts_with("ready: 1 routes"))
-            })
-            .await;
+            until_routes(&status, 1).await;
             until("six polls", || polls(&status, "ok") >= 6).await;
             assert_eq!(table(), "10.99.0.1 via 192.0.2.2 dev up0 proto 250 \n");
             let sent = proxy.sent();
@@ -434,12 +526,7 @@ mod tests {
             assert_eq!(proxy.opened(), 1, "one connection for every poll");
             // A second edge: read, and installed.
             let second = StandIn::connect(&relay, &pki, 1).await;
-            until("two routes", || {
-                status
-                    .readiness()
-                    .is_ok_and(|l| l.starts_with("ready: 2 routes"))
-            })
-            .await;
+            until_routes(&status, 2).await;
             assert!(table().contains("10.99.0.2 via 192.0.2.2"), "{}", table());
             stop.cancel();
             agent.await.expect("agent");

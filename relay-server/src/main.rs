@@ -74,10 +74,15 @@ enum Cmd {
     CheckConfig,
     /// Route agent for the other cloud nodes: keeps routes from each edge
     /// prefix to the relay node in step with the relay's live routes (read
-    /// from its admin API), and removes them on exit.
+    /// from its admin API), and removes them on exit (unless
+    /// --keep-routes-on-exit).
     RouteAgent {
         /// The relay's admin API address (host:port).
-        #[arg(long, required_unless_present = "replica", conflicts_with = "replica")]
+        #[arg(
+            long,
+            required_unless_present_any = ["replica", "cleanup"],
+            conflicts_with = "replica"
+        )]
         admin: Option<std::net::SocketAddr>,
         /// The relay node's address on this node's network: routes
         /// `<edge prefix> via <this>`. For networks that deliver any
@@ -138,6 +143,18 @@ enum Cmd {
         /// may read the figures and take its few connection slots).
         #[arg(long, requires = "status_listen")]
         allow_insecure_status: bool,
+        /// On SIGTERM, leave the routes, nexthops and rule in place for the
+        /// next agent, which takes them over at its start: a DaemonSet
+        /// update then leaves no gap while the new pod starts. Before an
+        /// uninstall, roll out with this off (`false`), or run --cleanup
+        /// on each node after.
+        #[arg(long, env = "ROUTE_AGENT_KEEP_ROUTES_ON_EXIT")]
+        keep_routes_on_exit: bool,
+        /// Remove what an agent with these --table, --rule-pref and
+        /// --proto left (routes, nexthops, rule), then exit; the relay is
+        /// not asked.
+        #[arg(long, conflicts_with_all = ["admin", "replica"])]
+        cleanup: bool,
     },
 }
 
@@ -228,6 +245,8 @@ async fn main() -> anyhow::Result<()> {
             rule_pref,
             status_listen,
             allow_insecure_status,
+            keep_routes_on_exit,
+            cleanup,
         }) => {
             anyhow::ensure!(!interval.is_zero(), "--interval must be greater than zero");
             let table = relay_server::agent::RouteTable {
@@ -235,6 +254,22 @@ async fn main() -> anyhow::Result<()> {
                 pref: rule_pref,
             };
             table.validate().context("--table/--rule-pref")?;
+            if cleanup {
+                relay_server::multipath::remove_installed(table, proto)
+                    .await
+                    .context("removing the route agent's routes, nexthops and rule")?;
+                println!(
+                    "removed routes of protocol {proto} in table {}, nexthops {:#x}.. and rule pref {}",
+                    table.table,
+                    relay_server::multipath::NEXTHOP_BASE,
+                    table.pref
+                );
+                return Ok(());
+            }
+            let on_exit = match keep_routes_on_exit {
+                true => relay_server::agent::OnExit::Keep,
+                false => relay_server::agent::OnExit::Remove,
+            };
             anyhow::ensure!(
                 status_listen.is_none_or(|a| a.ip().is_loopback()) || allow_insecure_status,
                 "--status-listen off loopback serves the agent's status to anyone who reaches \
@@ -346,6 +381,7 @@ async fn main() -> anyhow::Result<()> {
                     table,
                     stop.clone(),
                     status,
+                    on_exit,
                 ))
             } else {
                 let cfg = relay_server::multipath::MultipathConfig {
@@ -364,6 +400,7 @@ async fn main() -> anyhow::Result<()> {
                     interval,
                     proto,
                     table,
+                    on_exit,
                 };
                 tokio::spawn(relay_server::multipath::run_with_status(
                     cfg,

@@ -23,7 +23,8 @@
 //! the groups for fewer than [`BUSY_POLLS`] busy polls in a row, then it
 //! is left out as well. The agent owns nexthop ids from
 //! [`NEXTHOP_BASE`] (one per replica) and [`GROUP_BASE`] (one per prefix)
-//! and routes of its protocol number, and removes them all on exit.
+//! and routes of its protocol number, and removes them all on exit (unless
+//! told to keep them for the next agent: [`OnExit`]).
 //!
 //! As the single-relay agent's, the routes live in the agent's own
 //! routing table behind one policy rule ahead of `main`
@@ -53,7 +54,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::agent::status::{AgentStatus, PollFailure};
-use crate::agent::{AgentConfig, AgentTls, Busy, Refusals, RouteView, RoutesPoll};
+use crate::agent::{AgentConfig, AgentTls, Busy, OnExit, Refusals, RouteView, RoutesPoll};
 use crate::config::Secret;
 
 mod groups;
@@ -103,9 +104,12 @@ pub struct MultipathConfig {
     pub proto: u8,
     /// The routing table of our routes, and the rule consulting it.
     pub table: crate::agent::RouteTable,
+    /// Whether the routes, groups, nexthops and rule go when it stops.
+    pub on_exit: OnExit,
 }
 
-/// Runs until `stop`, then removes every route, group and nexthop it made.
+/// Runs until `stop`, then removes every route, group and nexthop it made
+/// (unless `cfg.on_exit` keeps them).
 pub async fn run(cfg: MultipathConfig, stop: CancellationToken) {
     run_with_status(cfg, stop, Arc::default()).await
 }
@@ -211,30 +215,34 @@ pub async fn run_with_status(
             _ = tokio::time::sleep(cfg.interval) => {}
         }
     }
-    let mut ok = apply(&BTreeMap::new(), &[], cfg.proto, cfg.table.table)
-        .await
-        .map(|_| ());
-    if ok.is_ok() {
-        // Those made only: one never made (no route toward its VIA) would
-        // fail the batch.
-        ok = match installed(cfg.proto, cfg.table.table).await {
-            Ok(have) if have.nexthops.is_empty() => Ok(()),
-            Ok(have) => {
-                let del: String = have
-                    .nexthops
-                    .iter()
-                    .map(|id| format!("nexthop del id {id}\n"))
-                    .collect();
-                ip(&["-force", "-batch", "-"], Some(&del)).await.map(|_| ())
-            }
-            Err(e) => Err(e),
-        };
+    if cfg.on_exit == OnExit::Keep {
+        info!("route agent stopped; its routes, nexthops and rule kept for the next agent");
+        return;
     }
-    if ok.is_ok() {
-        ok = cfg.table.remove_rule().await.map(|_| ());
-    }
-    match ok {
+    match remove_installed(cfg.table, cfg.proto).await {
         Ok(()) => info!("route agent stopped; its routes, nexthops and rule removed"),
-        Err(e) => warn!(error = %e, "removing routes on exit failed"),
+        Err(e) => warn!(error = %format!("{e:#}"), "removing routes on exit failed"),
     }
+}
+
+/// Removes the multipath agent's routes (protocol `proto` in
+/// `table.table`), its groups and nexthops (ids from [`NEXTHOP_BASE`]) and
+/// its rule: what it does on a stop with [`OnExit::Remove`], and what
+/// `route-agent --cleanup` does for either agent (the single-relay
+/// agent's routes are routes of the same protocol in the same table).
+pub async fn remove_installed(table: crate::agent::RouteTable, proto: u8) -> anyhow::Result<()> {
+    apply(&BTreeMap::new(), &[], proto, table.table).await?;
+    // Those made only: one never made (no route toward its VIA) would
+    // fail the batch.
+    let have = installed(proto, table.table).await?;
+    if !have.nexthops.is_empty() {
+        let del: String = have
+            .nexthops
+            .iter()
+            .map(|id| format!("nexthop del id {id}\n"))
+            .collect();
+        ip(&["-force", "-batch", "-"], Some(&del)).await?;
+    }
+    table.remove_rule().await?;
+    Ok(())
 }

@@ -197,6 +197,7 @@ fn config(replicas: &[(SocketAddr, &str)]) -> MultipathConfig {
         interval: Duration::from_millis(50),
         proto: 250,
         table: RouteTable::default(),
+        on_exit: crate::agent::OnExit::Remove,
     }
 }
 
@@ -207,6 +208,15 @@ pub(crate) async fn until(what: &str, mut f: impl FnMut() -> bool) {
         assert!(tokio::time::Instant::now() < deadline, "never: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits (10 s at most) until `status` reads ready with `n` routes.
+pub(crate) async fn until_routes(status: &AgentStatus, n: usize) {
+    let want = format!("ready: {n} routes");
+    until(&want, || {
+        status.readiness().is_ok_and(|l| l.starts_with(&want))
+    })
+    .await
 }
 
 pub(crate) fn rule_listed() -> bool {
@@ -294,12 +304,7 @@ fn the_status_follows_the_replicas_and_a_prefix_holding_this_node_is_refused() {
         // This node's subnet among the edges' prefixes: refused.
         *routes.lock().unwrap() = vec!["10.244.7.0/24", "192.0.0.0/16", "10.9.9.9/32"];
         up.store(true, Ordering::SeqCst);
-        until("two routes", || {
-            status
-                .readiness()
-                .is_ok_and(|l| l.starts_with("ready: 2 routes"))
-        })
-        .await;
+        until_routes(&status, 2).await;
         let t = table();
         assert!(
             t.contains("10.244.7.0/24 nhid") && t.contains("10.9.9.9 nhid"),
@@ -319,6 +324,47 @@ fn the_status_follows_the_replicas_and_a_prefix_holding_this_node_is_refused() {
         assert_eq!(table(), "");
         assert!(!rule_listed());
         assert_eq!(sh(&["nexthop", "show"]), "");
+    });
+}
+
+/// The multipath agent stopped with [`OnExit::Keep`] leaves its
+/// routes, groups, nexthops and rule for the next agent;
+/// [`remove_installed`] (`route-agent --cleanup`) then removes them all.
+#[test]
+fn kept_routes_nexthops_and_rule_go_with_cleanup() {
+    netns_test(async {
+        let routes = Arc::new(Mutex::new(vec!["10.244.7.0/24", "10.244.8.0/24"]));
+        let live = fake_replica(routes).await;
+        let mut cfg = config(&[(live, "192.0.2.2")]);
+        cfg.on_exit = OnExit::Keep;
+        let status = Arc::<AgentStatus>::default();
+        let stop = CancellationToken::new();
+        let agent = tokio::spawn(run_with_status(cfg, stop.clone(), status.clone()));
+        until_routes(&status, 2).await;
+        stop.cancel();
+        agent.await.expect("agent");
+        let t = table();
+        assert!(
+            t.contains("10.244.7.0/24 nhid") && t.contains("10.244.8.0/24 nhid"),
+            "{t}"
+        );
+        assert!(rule_listed());
+        let nexthops = sh(&["nexthop", "show"]);
+        assert_eq!(
+            nexthops.lines().count(),
+            3,
+            "one member, two groups:\n{nexthops}"
+        );
+        remove_installed(RouteTable::default(), 250)
+            .await
+            .expect("cleanup");
+        assert_eq!(table(), "");
+        assert!(!rule_listed());
+        assert_eq!(sh(&["nexthop", "show"]), "");
+        // Nothing left: a second cleanup finds nothing and succeeds.
+        remove_installed(RouteTable::default(), 250)
+            .await
+            .expect("cleanup again");
     });
 }
 
@@ -419,12 +465,7 @@ fn no_replica_answering_is_not_ready_and_keeps_the_routes() {
         let status = Arc::<AgentStatus>::default();
         let stop = CancellationToken::new();
         let agent = tokio::spawn(run_with_status(cfg, stop.clone(), status.clone()));
-        until("ready", || {
-            status
-                .readiness()
-                .is_ok_and(|l| l.starts_with("ready: 1 routes"))
-        })
-        .await;
+        until_routes(&status, 1).await;
         stop_fake.cancel();
         fake.await.unwrap();
         until("not ready", || status.readiness().is_err()).await;
@@ -572,12 +613,7 @@ fn main_keeps_an_older_agents_routes_until_ours_are_installed() {
         // The replica's node now on a link: installed, rule added,
         // `main`'s leftover gone.
         sh(&["route", "add", "203.0.113.0/24", "dev", "up0"]);
-        until("ready", || {
-            status
-                .readiness()
-                .is_ok_and(|l| l.starts_with("ready: 1 routes"))
-        })
-        .await;
+        until_routes(&status, 1).await;
         assert!(rule_listed());
         until("main cleared", || {
             sh(&["-4", "route", "show", "proto", "250"]).is_empty()
