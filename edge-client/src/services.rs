@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use relay_protocol::{Control, ServiceKey, ServicePort};
@@ -36,7 +36,6 @@ pub type ServiceTable = BTreeMap<ServiceKey, ServicePort>;
 #[derive(Debug)]
 pub struct EdgeServices {
     table: watch::Sender<Arc<ServiceTable>>,
-    next: AtomicUsize,
     /// Captured ClusterIP connections and UDP flows served by a local
     /// endpoint.
     pub local_picks: AtomicU64,
@@ -46,7 +45,6 @@ impl Default for EdgeServices {
     fn default() -> Self {
         EdgeServices {
             table: watch::channel(Arc::default()).0,
-            next: AtomicUsize::new(0),
             local_picks: AtomicU64::new(0),
         }
     }
@@ -80,7 +78,7 @@ impl EdgeServices {
     /// Where a captured TCP connection (or, with `udp`, UDP flow) to `dst`
     /// goes: a local endpoint when `dst` is a ClusterIP port, or a node
     /// port on one of this node's addresses, with endpoints on this edge
-    /// (round robin); otherwise the relay, asked for `dst` itself, or for
+    /// (one drawn at random); otherwise the relay, asked for `dst` itself, or for
     /// [`ServiceKey::node_port`] when `dst` is a node port (the relay
     /// picks the endpoint).
     pub fn resolve(&self, dst: SocketAddr, udp: bool) -> Resolved {
@@ -89,9 +87,10 @@ impl EdgeServices {
             return Resolved::Relay(dst);
         };
         match t.get(&key) {
+            // Drawn at random, as kube-proxy does and as the relay picks
+            // (`relay_server::services::pick` says why not a counter).
             Some(p) if !p.local.is_empty() => {
-                let i = self.next.fetch_add(1, Relaxed);
-                Resolved::Local(p.local[i % p.local.len()])
+                Resolved::Local(p.local[rand::random_range(0..p.local.len())])
             }
             _ => Resolved::Relay(key.vip),
         }
@@ -303,8 +302,17 @@ mod tests {
             s.resolve(own.key.vip, false),
             Resolved::Local("10.244.7.7:80".parse().unwrap())
         );
-        let picks: BTreeSet<Resolved> = (0..4).map(|_| s.resolve(mixed.key.vip, false)).collect();
-        assert_eq!(picks.len(), 2, "round robin over local endpoints");
+        // Picked in turn with another Service (as a pod resolving a name,
+        // then connecting): both local endpoints still reached (a counter
+        // shared by every Service gave this one every other turn, and
+        // always the same endpoint).
+        let picks: BTreeSet<Resolved> = (0..40)
+            .map(|_| {
+                s.resolve(own.key.vip, false);
+                s.resolve(mixed.key.vip, false)
+            })
+            .collect();
+        assert_eq!(picks.len(), 2, "both local endpoints: {picks:?}");
         assert!(picks.iter().all(|p| matches!(p, Resolved::Local(_))));
         let other: SocketAddr = "10.96.0.99:80".parse().unwrap();
         assert_eq!(s.resolve(other, false), Resolved::Relay(other));

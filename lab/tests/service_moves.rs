@@ -234,10 +234,11 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
     }
 
     // The mixed UDP Service from the relay node's host: captured there,
-    // the relay picks either endpoint (round robin), the cloud one reached
+    // the relay picks either endpoint (drawn at random for each flow: 24
+    // queries miss one of two once in 8 million), the cloud one reached
     // from the relay's own socket; every query answered at the first send.
     let mut seen = std::collections::BTreeSet::new();
-    for _ in 0..6 {
+    for _ in 0..24 {
         let t = std::time::Instant::now();
         let u = udp_from(&lab, Role::Relay, mixed_udp)?;
         ensure!(
@@ -246,6 +247,9 @@ fn endpoints_move_between_edges_under_load_and_edges_keep_local_endpoints_offlin
             t.elapsed()
         );
         seen.insert(u);
+        if seen.len() == 2 {
+            break;
+        }
     }
     ensure!(
         seen.len() == 2,

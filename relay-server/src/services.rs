@@ -27,7 +27,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use relay_protocol::{Cidr, ServiceKey};
@@ -206,17 +205,18 @@ impl ServiceSource for NoServices {
     }
 }
 
-/// Round-robin position shared by every Service: cheap, and spreads a
-/// burst of connections evenly whatever the number of endpoints.
-static NEXT: AtomicUsize = AtomicUsize::new(0);
-
 /// Picks an endpoint `usable` accepts (the relay can reach it now), with
 /// what `usable` found out about it (so the caller does not ask again):
-/// those on node `prefer` when there are any, else all of them, in round
-/// robin. `None` when none is usable. While the endpoint whose turn it is
-/// is usable, that is the one ask; otherwise the usable ones are listed
-/// and take turns among themselves, so the endpoint after an unusable one
-/// gets no more than its share. With `sticky` (the client's key from
+/// those on node `prefer` when there are any, else all of them, one drawn
+/// at random for each connection or flow, as kube-proxy does (iptables'
+/// `statistic mode random`, nftables' `numgen random`). Not a counter: one
+/// counter shared by every Service made each Service's turn follow the
+/// client's pattern of calls (a pod resolving a name, then connecting,
+/// took every other turn, and always the same endpoint of two), and one
+/// counter per Service would be state to keep per port. `None` when none
+/// is usable. While the endpoint drawn is usable, that is the one ask;
+/// otherwise the usable ones are listed and one of them is drawn, so the
+/// endpoint after an unusable one gets no more than its share. With `sticky` (the client's key from
 /// [`sticky_turn`], for `sessionAffinity: ClientIP`) the usable endpoint
 /// scoring highest for that client is taken instead (rendezvous hashing):
 /// the same client gets the same endpoint while it stays usable, and an
@@ -253,7 +253,7 @@ pub fn pick<'a, T>(
         }
         return best(&mut backends.iter());
     }
-    let i = NEXT.fetch_add(1, Relaxed);
+    let i = rand::random::<u32>() as usize;
     let one_of = |mut ok: Vec<(&'a Backend, T)>| {
         let n = ok.len();
         (n > 0).then(|| ok.swap_remove(i % n))
@@ -511,7 +511,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn pick_prefers_the_asking_node_then_round_robins() {
+    fn pick_prefers_the_asking_node_then_spreads() {
         let all = [
             b("10.244.7.5:80", "edge1"),
             b("10.244.8.5:80", "edge2"),
@@ -529,8 +529,26 @@ pub(crate) mod tests {
             seen.insert(pick(&all, Some("edge9"), None, any).unwrap().0.addr);
             seen.insert(pick(&all, None, None, any).unwrap().0.addr);
         }
-        assert_eq!(seen.len(), 3, "round robin reaches every endpoint");
+        assert_eq!(seen.len(), 3, "every endpoint is reached");
         assert!(pick(&[], Some("edge1"), None, any).is_none());
+    }
+
+    /// Two Services picked in turn (a pod resolving a name through a
+    /// captured kube-dns, then connecting to the Service): each reaches
+    /// both of its endpoints. With one counter shared by every Service,
+    /// each took every other turn and always the same endpoint.
+    #[test]
+    fn services_picked_in_turn_each_reach_every_endpoint() {
+        let dns = [b("10.244.1.10:53", "cloud1"), b("10.244.2.10:53", "cloud2")];
+        let web = [b("10.244.7.5:80", "edge1"), b("10.244.1.2:80", "cloud1")];
+        let any = |_: &Backend| Some(());
+        let (mut dns_seen, mut web_seen) = (BTreeSet::new(), BTreeSet::new());
+        for _ in 0..40 {
+            dns_seen.insert(pick(&dns, None, None, any).unwrap().0.addr);
+            web_seen.insert(pick(&web, None, None, any).unwrap().0.addr);
+        }
+        assert_eq!(dns_seen.len(), 2, "{dns_seen:?}");
+        assert_eq!(web_seen.len(), 2, "{web_seen:?}");
     }
 
     /// Endpoints the relay cannot reach now (on an edge with no session)
@@ -577,7 +595,7 @@ pub(crate) mod tests {
     }
 
     /// `sessionAffinity: ClientIP`: one client, one endpoint, whatever
-    /// the round robin does meanwhile; clients spread over the endpoints;
+    /// the random picks do meanwhile; clients spread over the endpoints;
     /// an unusable endpoint moves only its own clients.
     #[test]
     fn a_sticky_client_keeps_its_endpoint() {
@@ -592,7 +610,7 @@ pub(crate) mod tests {
         for last in 1..=40 {
             let first = pick(&all, None, Some(turn(last)), any).unwrap().0.addr;
             for _ in 0..5 {
-                // Round-robin picks in between do not move it.
+                // Random picks in between do not move it.
                 let _ = pick(&all, None, None, any);
                 assert_eq!(
                     pick(&all, None, Some(turn(last)), any).unwrap().0.addr,
