@@ -99,6 +99,7 @@ fn probe_ready(listen: std::net::SocketAddr) -> ! {
 
 /// Runs the client until SIGTERM or SIGINT.
 async fn run(cfg: edge_client::EdgeConfig) -> anyhow::Result<()> {
+    relay_transport::fd_limit::raise_and_log("edge-client");
     let client = EdgeClient::start(cfg).await?;
     // Memory of a load peak (thousands of streams) goes back to the
     // system once the peak has passed.

@@ -436,6 +436,7 @@ async fn main() -> anyhow::Result<()> {
                 .context("--config is required (or use a subcommand; see --help)")?;
             let cfg = load(&path, &cli)?;
             let grace = cfg.limits.drain_grace;
+            relay_transport::fd_limit::raise_and_log("relay-server");
             let mut relay = Relay::spawn(cfg).await?;
             // Memory of a load peak (a CONNECT flood) goes back to the
             // system once the peak has passed.

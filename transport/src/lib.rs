@@ -13,6 +13,7 @@
 //! - [`mod@splice`]: copies a TCP connection and a tunnel stream both ways with
 //!   half-close and reset carried across, metering bytes as they pass.
 //! - [`devcerts`]: a development PKI (CA, relay and node certificates).
+//! - [`fd_limit`]: the open-file soft limit raised to the hard one at start.
 //! - [`issue`]: node certificates the relay issues (certificate bootstrap).
 //! - [`udp`]: UDP flows over datagrams; the capture side of UDP.
 //! - [`tcp`]: the TLS+TCP+yamux fallback transport.
@@ -39,6 +40,7 @@ pub mod config_file;
 pub mod conn;
 pub mod conntrack;
 pub mod devcerts;
+pub mod fd_limit;
 pub mod grant;
 pub mod http;
 pub mod issue;
