@@ -49,6 +49,24 @@ pub(crate) fn failed(what: &str, e: &dyn std::fmt::Display) -> AttemptError {
     AttemptError::Failed(format!("{what}: {e}"))
 }
 
+/// What an attempt whose certificate the relay refused with TLS alert
+/// `alert` reports (after the hello failed with `e`, a connection lost).
+fn refused_certificate(alert: &str, e: &AttemptError) -> String {
+    let what = match e {
+        AttemptError::Failed(m) => m.as_str(),
+        AttemptError::Rejected(_) => "hello refused",
+    };
+    let hint = match alert {
+        "CertificateExpired" => {
+            " (expired or not yet valid by the relay's clock: renew it, or check this node's clock)"
+        }
+        "CertificateRevoked" => " (revoked: on the relay's CRL)",
+        "UnknownCA" => " (issued by a CA the relay does not trust)",
+        _ => "",
+    };
+    format!("the relay refused this edge's certificate: TLS alert {alert}{hint}; {what}")
+}
+
 /// Dials the relay over the transport a mode asks for (in `Auto`: QUIC,
 /// falling back to TLS over TCP when QUIC cannot complete a handshake
 /// within `quic_fallback_after`), with a given TLS client config: the
@@ -174,17 +192,21 @@ pub(crate) async fn connect_noting(
     let (hello, ext, control) = match say_hello(cfg, stats, &conn, hello_sent).await {
         Ok(h) => h,
         Err(e) => {
+            let Some(alert) = conn
+                .refused_our_certificate(std::time::Duration::from_millis(500))
+                .await
+            else {
+                return Err(e);
+            };
             // A certificate the relay refuses (revoked, issued by a CA it
             // no longer trusts) would be refused on every attempt until
             // it expires: a bootstrapped edge gets a new one instead.
-            if matches!(cfg.identity, crate::config::Identity::Bootstrap(_))
-                && conn
-                    .refused_our_certificate(std::time::Duration::from_millis(500))
-                    .await
-            {
+            if matches!(cfg.identity, crate::config::Identity::Bootstrap(_)) {
                 creds.refused(&material);
             }
-            return Err(e);
+            // Named, whatever the identity: the hello's own error is only
+            // a connection lost, which reads as a network fault.
+            return Err(AttemptError::Failed(refused_certificate(alert, &e)));
         }
     };
     Ok(Connected {

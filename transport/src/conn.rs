@@ -208,32 +208,36 @@ impl TunnelConn {
         }
     }
 
-    /// Whether the peer ended the connection with a TLS alert about our
-    /// certificate (bad, unsupported, revoked, expired, unknown, or from a
-    /// CA it does not trust): in TLS 1.3 the client finishes its handshake
-    /// first, and the server's verdict on its certificate arrives as the
-    /// connection's close. Waits up to `wait` for the close (the TCP
-    /// fallback learns it from its driver).
-    pub async fn refused_our_certificate(&self, wait: Duration) -> bool {
+    /// The TLS alert about our certificate the peer ended the connection
+    /// with, by name (`CertificateExpired`, `CertificateRevoked`,
+    /// `UnknownCA`, `BadCertificate`, ...), if that is how it ended: in TLS
+    /// 1.3 the client finishes its handshake first, and the server's
+    /// verdict on its certificate arrives as the connection's close, after
+    /// which the tunnel sees only a connection lost. Waits up to `wait` for
+    /// the close (the TCP fallback learns it from its driver).
+    pub async fn refused_our_certificate(&self, wait: Duration) -> Option<&'static str> {
         match self {
             TunnelConn::Quic(c) => {
                 let _ = tokio::time::timeout(wait, c.closed()).await;
                 match c.close_reason() {
                     Some(quinn::ConnectionError::ConnectionClosed(close)) => {
                         let code = u64::from(close.error_code);
-                        (0x100..0x200).contains(&code)
-                            && CERTIFICATE_ALERTS
-                                .iter()
-                                .any(|(n, _)| u64::from(*n) == code & 0xff)
+                        CERTIFICATE_ALERTS
+                            .iter()
+                            .find(|(n, _)| {
+                                (0x100..0x200).contains(&code) && u64::from(*n) == code & 0xff
+                            })
+                            .map(|(_, name)| *name)
                     }
-                    _ => false,
+                    _ => None,
                 }
             }
             TunnelConn::Tcp(c) => match tokio::time::timeout(wait, c.closed()).await {
                 Ok(why) => CERTIFICATE_ALERTS
                     .iter()
-                    .any(|(_, name)| why.contains(&format!("received fatal alert: {name}"))),
-                Err(_) => false,
+                    .find(|(_, name)| why.contains(&format!("received fatal alert: {name}")))
+                    .map(|(_, name)| *name),
+                Err(_) => None,
             },
         }
     }

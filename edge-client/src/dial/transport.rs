@@ -59,6 +59,12 @@ impl Dialer<'_> {
         )
         .await
         .map(|c| (None, c))
+        // The same hint as on QUIC: sites where UDP is blocked see only
+        // this transport's error.
+        .map_err(|mut e| {
+            e.lost.0 = clock_hint(&e.lost.0);
+            e
+        })
     }
 
     /// [`Dialer::dial`] to the address of `addrs` whose turn it is; after
