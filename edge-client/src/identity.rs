@@ -64,17 +64,26 @@ struct Cert {
 /// attempt.
 const REFUSAL_PAUSE: Duration = Duration::from_secs(600);
 
-/// Two thirds into a certificate's life: time to get the next one. Life
-/// counts from issuance, which is [`CLOCK_SLACK`] after the relay's
-/// `not_before`.
+/// About two thirds into a certificate's life: time to get the next one
+/// ([`renewal_point`]). Life counts from issuance, which is
+/// [`CLOCK_SLACK`] after the relay's `not_before`.
 fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
     let issued = (not_before + CLOCK_SLACK).min(not_after);
-    two_thirds(issued, not_after.duration_since(issued).unwrap_or_default())
+    renewal_point(issued, not_after.duration_since(issued).unwrap_or_default())
 }
 
-/// Two thirds into a life of `life` that began at `from`.
-fn two_thirds(from: SystemTime, life: Duration) -> SystemTime {
-    from + life * 2 / 3
+/// Share of a certificate's life after which it is renewed, drawn per
+/// certificate from this range (around two thirds). A fixed point kept a
+/// fleet in step: after an outage longer than a third of the life, every
+/// edge came back due at once, renewed together (a TokenReview and a pod
+/// read each at the apiserver, a session move each at the relay), and
+/// stayed together at every renewal after.
+const RENEW_SHARE: std::ops::Range<f64> = 0.6..0.8;
+
+/// A point drawn in [`RENEW_SHARE`] of a life of `life` that began at
+/// `from`.
+fn renewal_point(from: SystemTime, life: Duration) -> SystemTime {
+    from + life.mul_f64(rand::random_range(RENEW_SHARE))
 }
 
 /// A certificate this close to expiry is renewed before dialling with it
@@ -96,7 +105,7 @@ impl Cert {
     ) -> Self {
         if relay_time_unix > 0 && not_after_unix > relay_time_unix {
             let left = Duration::from_secs(not_after_unix - relay_time_unix);
-            self.renew_at = two_thirds(now, left);
+            self.renew_at = renewal_point(now, left);
             self.not_after = now + left;
         }
         self
@@ -471,6 +480,31 @@ mod tests {
         assert!(e.contains("does not match"), "{e}");
     }
 
+    /// Renewal points are spread over 0.6 to 0.8 of the life, not all at
+    /// one point: a fleet whose certificates arrived together (after an
+    /// outage) does not renew together.
+    #[test]
+    fn renewal_points_spread_over_the_window() {
+        let from = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let life = Duration::from_secs(12 * 3600);
+        let shares: Vec<f64> = (0..200)
+            .map(|_| {
+                renewal_point(from, life)
+                    .duration_since(from)
+                    .unwrap()
+                    .as_secs_f64()
+                    / life.as_secs_f64()
+            })
+            .collect();
+        assert!(shares.iter().all(|s| (0.6..0.8).contains(s)), "{shares:?}");
+        let (lo, hi) = shares
+            .iter()
+            .fold((1.0f64, 0.0f64), |(l, h), s| (l.min(*s), h.max(*s)));
+        // 200 uniform draws: below 0.63 and above 0.77 each but with
+        // probability 0.85^200.
+        assert!(lo < 0.63 && hi > 0.77, "not spread: {lo} to {hi}");
+    }
+
     /// Renewal is timed by the life the relay gave and the moment the
     /// certificate arrived, whatever this edge's clock says: hours ahead,
     /// a new certificate is not due at once (which renewed in a loop);
@@ -488,10 +522,10 @@ mod tests {
             let c = build(&b, "edge-a", cert_pem, key_pem.as_bytes())
                 .unwrap()
                 .timed_by_relay(edge_now, relay_now, relay_now + life);
-            assert_eq!(
-                c.renew_at,
-                edge_now + Duration::from_secs(life * 2 / 3),
-                "skew {skew}"
+            let at = c.renew_at.duration_since(edge_now).unwrap().as_secs_f64();
+            assert!(
+                (0.6..=0.8).contains(&(at / life as f64)),
+                "skew {skew}: renewal after {at} s of {life}"
             );
             assert!(c.valid_for_a_handshake(edge_now), "skew {skew}");
             assert!(!c.valid_for_a_handshake(edge_now + Duration::from_secs(life)));

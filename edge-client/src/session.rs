@@ -32,6 +32,13 @@ mod moves;
 use moves::{failed_move, finish_move, move_noted, MoveDrain};
 pub(crate) use moves::{ProbeBackoff, Retired};
 
+/// A certificate already due for renewal when a session starts is renewed
+/// at a point drawn within this.
+const DUE_SPREAD: Duration = Duration::from_secs(120);
+/// About this long (drawn from 0.75 to 1.25 of it) after a failed
+/// renewal, the next try.
+const RENEW_RETRY: Duration = Duration::from_secs(60);
+
 /// Why a session's loop ended.
 pub(crate) enum SessionEnd {
     /// The session is gone; reconnect after backoff.
@@ -168,10 +175,15 @@ pub(crate) async fn run_session(
     // Certificate renewal (bootstrap identity): at two thirds of the
     // certificate's life a new one is obtained and the session moves to a
     // new connection that uses it; owned like the probe.
+    // One already due (the session came back after an outage longer
+    // than the rest of its life before renewal, as every edge's did) is
+    // renewed within the next two minutes, at a point drawn for this
+    // session, not at once: a fleet coming back together spreads its
+    // TokenReviews and session moves.
     let mut renew_at = creds.renew_at(cfg).map(|t| {
         tokio::time::Instant::now()
             + t.duration_since(std::time::SystemTime::now())
-                .unwrap_or_default()
+                .unwrap_or_else(|_| DUE_SPREAD.mul_f64(rand::random::<f64>()))
     });
     let mut renewal: Option<AbortOnDropHandle<Result<Connected, AttemptError>>> = None;
     // Planned moves (renewal, probe): a relay that knows them is told
@@ -440,8 +452,12 @@ pub(crate) async fn run_session(
                     Ok(Err(e)) => {
                         // The current certificate is still valid: try again
                         // in a minute, until it is not.
-                        warn!(error = ?e, "certificate renewal failed; retrying in 60s");
-                        renew_at = Some(tokio::time::Instant::now() + Duration::from_secs(60));
+                        // About a minute, drawn: edges refused together
+                        // (the apiserver's TokenReview budget spent) do
+                        // not all come back in the same second.
+                        let wait = RENEW_RETRY.mul_f64(rand::random_range(0.75..1.25));
+                        warn!(error = ?e, "certificate renewal failed; retrying in {}s", wait.as_secs());
+                        renew_at = Some(tokio::time::Instant::now() + wait);
                     }
                     Err(e) => {
                         if moves && move_drain.failed(renewal_hello.load(Acquire), false, Instant::now()) {
