@@ -266,6 +266,14 @@ pub struct BackoffFile {
     /// backed off (default 10s; `0s` turns it off).
     #[serde(default, with = "humantime_serde")]
     pub after_drain: Option<Duration>,
+    /// Time without a session after which the cap is `long_max` (default
+    /// 10m; `0s` turns it off).
+    #[serde(default, with = "humantime_serde")]
+    pub long_after: Option<Duration>,
+    /// The cap after `long_after` without a session (default 60s, or `max`
+    /// when that is longer; from `max` to 1h).
+    #[serde(default, with = "humantime_serde")]
+    pub long_max: Option<Duration>,
 }
 
 /// The edge client's TOML configuration file.
@@ -506,7 +514,20 @@ impl FileConfig {
                 d.reset_after,
             )?,
             after_drain: self.backoff.after_drain.unwrap_or(d.after_drain),
+            long_after: self.backoff.long_after.unwrap_or(d.long_after),
+            // Not below `max`: a file raising `max` past the default long
+            // cap keeps its own cap throughout.
+            long_max: match self.backoff.long_max {
+                Some(l) => l,
+                None => d.long_max.max(self.backoff.max.unwrap_or(d.max)),
+            },
         };
+        if backoff.long_max < backoff.max || backoff.long_max > Duration::from_secs(3600) {
+            return Err(err(
+                "backoff.long_max",
+                "from backoff.max to 1h: past an hour an edge would stay away long after its relay came back",
+            ));
+        }
         if backoff.after_drain > Duration::from_secs(300) {
             return Err(err(
                 "backoff.after_drain",
@@ -632,6 +653,21 @@ mod tests {
         assert_eq!(f.into_runtime().unwrap_err().field, "quic.keepalive");
         let f = FileConfig::parse(&format!("{BASE}[backoff]\nafter_drain = \"10m\"\n")).unwrap();
         assert_eq!(f.into_runtime().unwrap_err().field, "backoff.after_drain");
+        for bad in [
+            "long_max = \"1s\"",
+            "long_max = \"2h\"",
+            "max = \"2m\"\nlong_max = \"1m\"",
+        ] {
+            let f = FileConfig::parse(&format!("{BASE}[backoff]\n{bad}\n")).unwrap();
+            assert_eq!(
+                f.into_runtime().unwrap_err().field,
+                "backoff.long_max",
+                "{bad}"
+            );
+        }
+        // A longer `max` alone raises the default long cap with it.
+        let f = FileConfig::parse(&format!("{BASE}[backoff]\nmax = \"2m\"\n")).unwrap();
+        assert_eq!(f.into_runtime().unwrap_err().field, "tls");
         // The capture state without capture, or nowhere.
         let f = FileConfig::parse(&format!("capture_state_file = \"/x.json\"\n{BASE}")).unwrap();
         assert_eq!(f.into_runtime().unwrap_err().field, "capture_state_file");

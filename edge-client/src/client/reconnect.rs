@@ -257,6 +257,7 @@ pub(crate) async fn run(
                 attempt = 0;
                 ended = None;
                 tcp_first_failed = false;
+                backoff.connected();
                 quic_worked = conn.kind() == relay_transport::TransportKind::Quic;
                 let _quic_live = quic_worked.then(|| QuicLive::new(&stats));
                 stats.sessions.fetch_add(1, Relaxed);
