@@ -1,5 +1,6 @@
 //! `connect`: new connections per second (open, one round trip, close),
-//! through the tunnel and directly, with K of them in flight at a time.
+//! through the tunnel and directly (and through rathole with `--rathole`),
+//! with K of them in flight at a time.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -31,6 +32,11 @@ pub(crate) struct Args {
     /// Write results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also run through rathole (this binary, e.g. `target/peers/bin/rathole`
+    /// from `loadtest/peers/install-rathole.sh`) on the same loopback path,
+    /// and print the tunnel / rathole ratios.
+    #[arg(long)]
+    rathole: Option<PathBuf>,
 }
 
 /// One connection's life: open, 64-byte round trip, half-close, wait for
@@ -118,6 +124,32 @@ async fn run_once(via: Via, k: usize, dur: Duration, done: Counter) -> Result<Ou
     Ok(out)
 }
 
+/// Per path, one entry per run: conns/s, p50 and p99 µs, CPU µs per
+/// connection of the relay (or rathole's server) and of the edge (or
+/// rathole's client).
+#[derive(Default)]
+struct Runs {
+    rate: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    relay_cpu: Vec<f64>,
+    edge_cpu: Vec<f64>,
+    errors: u64,
+}
+
+/// `a / b` of the medians and of each run (the runs of all paths
+/// interleave, so run `i` of every path saw the same machine).
+fn ratio(a: &[f64], b: &[f64]) -> (f64, Vec<f64>) {
+    (
+        median(a) / median(b),
+        a.iter().zip(b).map(|(x, y)| x / y).collect(),
+    )
+}
+
+fn joined(v: &[f64], f: impl Fn(f64) -> String) -> String {
+    v.iter().map(|x| f(*x)).collect::<Vec<_>>().join(" ")
+}
+
 /// Runs `connect`.
 pub(crate) async fn run(a: Args) -> Result<()> {
     ensure!(
@@ -139,20 +171,83 @@ pub(crate) async fn run(a: Args) -> Result<()> {
     let relay = bench.start_relay().await?;
     let edge = bench.start_edge(0, &relay, None).await?;
     let (echo, _task) = spawn_echo(std::net::SocketAddr::new(edge_ip(0), 0)).await?;
-    println!(
-        "connect: {} | relay pid {} | edge pid {} | echo {echo} | {} in flight",
-        machine(),
-        relay.child.pid(),
-        edge.pid(),
-        a.concurrency
-    );
-    let vias = [
+    let mut vias = vec![
         Via::Tunnel {
             proxy: relay.connect,
             target: echo,
         },
         Via::Direct(echo),
     ];
+    let peer = crate::rathole::start_if(
+        &bench,
+        a.rathole.as_deref(),
+        echo,
+        crate::rathole::futures_probe::echo,
+    )
+    .await?;
+    vias.extend(peer.as_ref().map(crate::rathole::Rathole::via));
+    let peer_pids = peer
+        .as_ref()
+        .map(|r| {
+            format!(
+                " | rathole server pid {} client pid {}",
+                r.server.pid(),
+                r.client.pid()
+            )
+        })
+        .unwrap_or_default();
+    println!(
+        "connect: {} | relay pid {} | edge pid {}{peer_pids} | echo {echo} | {} in flight",
+        machine(),
+        relay.child.pid(),
+        edge.pid(),
+        a.concurrency
+    );
+    // Runs interleave the paths (run 1 of every path, then run 2...), so a
+    // change in the shared machine's load hits every path alike.
+    let mut runs: Vec<Runs> = vias.iter().map(|_| Runs::default()).collect();
+    for r in 0..a.runs {
+        for (via, m) in vias.iter().zip(runs.iter_mut()) {
+            // The processes whose CPU a connection costs: relay and edge,
+            // or rathole's server and client; none for direct.
+            let pids = match (via, &peer) {
+                (Via::Tunnel { .. }, _) => Some((relay.child.pid(), edge.pid())),
+                (Via::Peer { .. }, Some(p)) => Some((p.server.pid(), p.client.pid())),
+                _ => None,
+            };
+            let cpu = || -> Result<(f64, f64)> {
+                Ok(match pids {
+                    Some((x, y)) => (cpu_secs(x)?, cpu_secs(y)?),
+                    None => (0.0, 0.0),
+                })
+            };
+            let done: Counter = Arc::new(AtomicU64::new(0));
+            let d2 = done.clone();
+            let _p = Progress::start(
+                format!("connect {} run {}", via.label(), r + 1),
+                move || format!("{} connections", get(&d2)),
+            );
+            let (rc0, ec0) = cpu()?;
+            let o = run_once(*via, a.concurrency, a.duration, done).await?;
+            let (rc1, ec1) = cpu()?;
+            ensure!(
+                o.ok > 0,
+                "connect {}: no connection completed ({} errors, first: {:?})",
+                via.label(),
+                o.errors,
+                o.first_error
+            );
+            if let Some(e) = &o.first_error {
+                eprintln!("  connect {}: {} errors, first: {e}", via.label(), o.errors);
+            }
+            m.rate.push(o.ok as f64 / o.secs);
+            m.p50.push(o.p50_us);
+            m.p99.push(o.p99_us);
+            m.relay_cpu.push((rc1 - rc0) * 1e6 / o.ok as f64);
+            m.edge_cpu.push((ec1 - ec0) * 1e6 / o.ok as f64);
+            m.errors += o.errors;
+        }
+    }
     let mut table = Table::new(&[
         "path",
         "conns/s (median)",
@@ -164,40 +259,10 @@ pub(crate) async fn run(a: Args) -> Result<()> {
         "edge CPU µs/conn",
     ]);
     let mut results = Vec::new();
-    for via in vias {
-        let mut rates = Vec::new();
-        let (mut p50, mut p99, mut rcpu, mut ecpu) = (vec![], vec![], vec![], vec![]);
-        let mut errors = 0;
-        for r in 0..a.runs {
-            let done: Counter = Arc::new(AtomicU64::new(0));
-            let d2 = done.clone();
-            let _p = Progress::start(
-                format!("connect {} run {}", via.label(), r + 1),
-                move || format!("{} connections", get(&d2)),
-            );
-            let (rc0, ec0) = (cpu_secs(relay.child.pid())?, cpu_secs(edge.pid())?);
-            let o = run_once(via, a.concurrency, a.duration, done).await?;
-            let (rc1, ec1) = (cpu_secs(relay.child.pid())?, cpu_secs(edge.pid())?);
-            ensure!(
-                o.ok > 0,
-                "connect {}: no connection completed ({} errors, first: {:?})",
-                via.label(),
-                o.errors,
-                o.first_error
-            );
-            if let Some(e) = &o.first_error {
-                eprintln!("  connect {}: {} errors, first: {e}", via.label(), o.errors);
-            }
-            rates.push(o.ok as f64 / o.secs);
-            p50.push(o.p50_us);
-            p99.push(o.p99_us);
-            rcpu.push((rc1 - rc0) * 1e6 / o.ok as f64);
-            ecpu.push((ec1 - ec0) * 1e6 / o.ok as f64);
-            errors += o.errors;
-        }
-        let tunnel = matches!(via, Via::Tunnel { .. });
+    for (via, m) in vias.iter().zip(&runs) {
+        let proxied = !matches!(via, Via::Direct(_));
         let cpu = |v: &[f64]| {
-            if tunnel {
+            if proxied {
                 format!("{:.0}", median(v))
             } else {
                 "-".into()
@@ -205,29 +270,65 @@ pub(crate) async fn run(a: Args) -> Result<()> {
         };
         table.row(vec![
             via.label().into(),
-            format!("{:.0}", median(&rates)),
-            rates
-                .iter()
-                .map(|r| format!("{r:.0}"))
-                .collect::<Vec<_>>()
-                .join(" "),
-            format!("{:.0}", median(&p50)),
-            format!("{:.0}", median(&p99)),
-            errors.to_string(),
-            cpu(&rcpu),
-            cpu(&ecpu),
+            format!("{:.0}", median(&m.rate)),
+            joined(&m.rate, |r| format!("{r:.0}")),
+            format!("{:.0}", median(&m.p50)),
+            format!("{:.0}", median(&m.p99)),
+            m.errors.to_string(),
+            cpu(&m.relay_cpu),
+            cpu(&m.edge_cpu),
         ]);
+        let cpu_json = |v: &Vec<f64>| if proxied { json!(v) } else { json!(null) };
         results.push(json!({
-            "path": via.label(), "conns_per_s": rates, "conns_per_s_median": median(&rates),
-            "p50_us": p50, "p99_us": p99, "errors": errors,
-            "relay_cpu_us_per_conn": if tunnel { json!(rcpu) } else { json!(null) },
-            "edge_cpu_us_per_conn": if tunnel { json!(ecpu) } else { json!(null) },
+            "path": via.label(), "conns_per_s": m.rate, "conns_per_s_median": median(&m.rate),
+            "p50_us": m.p50, "p99_us": m.p99, "errors": m.errors,
+            "relay_cpu_us_per_conn": cpu_json(&m.relay_cpu),
+            "edge_cpu_us_per_conn": cpu_json(&m.edge_cpu),
+        }));
+    }
+    // Ratios of conns/s (of the medians, and run by run); tunnel / rathole
+    // also compares the CPU per connection, relay against rathole's server
+    // and edge against its client.
+    let mut ratios = Vec::new();
+    let pairs: &[(usize, usize)] = if peer.is_some() {
+        &[(0, 1), (2, 1), (0, 2)]
+    } else {
+        &[(0, 1)]
+    };
+    for &(i, j) in pairs {
+        let (x, y) = (&runs[i], &runs[j]);
+        let name = format!("{} / {}", vias[i].label(), vias[j].label());
+        let (rate, per_run) = ratio(&x.rate, &y.rate);
+        let cpu = (j == 2).then(|| {
+            (
+                median(&x.relay_cpu) / median(&y.relay_cpu),
+                median(&x.edge_cpu) / median(&y.edge_cpu),
+            )
+        });
+        let cell = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_default();
+        table.row(vec![
+            name.clone(),
+            format!("{rate:.2}"),
+            joined(&per_run, |r| format!("{r:.2}")),
+            String::new(),
+            String::new(),
+            String::new(),
+            cell(cpu.map(|c| c.0)),
+            cell(cpu.map(|c| c.1)),
+        ]);
+        ratios.push(json!({
+            "ratio": name, "conns_per_s": rate, "conns_per_s_per_run": per_run,
+            "relay_cpu_per_conn": cpu.map(|c| c.0), "edge_cpu_per_conn": cpu.map(|c| c.1),
         }));
     }
     table.print();
+    if peer.is_some() {
+        println!("\nrathole: relay column = its server, edge column = its client.");
+    }
     write_json(
         a.json.as_deref(),
         &json!({"bench": "connect", "machine": machine(), "relay": bench.bins.describe(),
-                "concurrency": a.concurrency, "duration_s": a.duration.as_secs_f64(), "results": results}),
+                "concurrency": a.concurrency, "duration_s": a.duration.as_secs_f64(),
+                "results": results, "ratios": ratios}),
     )
 }

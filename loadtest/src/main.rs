@@ -15,7 +15,7 @@
 //! - [`common`]: PKI and config files, child processes (killed on drop),
 //!   RSS/CPU from `/proc`, services, CONNECT client, progress and tables;
 //! - [`rathole`]: the peer users compare with, run on the same path by
-//!   `bulk` and `rr` when given `--rathole BIN`;
+//!   `bulk`, `rr` and `connect` when given `--rathole BIN`;
 //! - [`svg`]: the hand-written latency plot;
 //! - [`procs`]: hidden subcommands that run the relay / edge library code
 //!   as a child process when the release binaries are not built, and the

@@ -1,5 +1,5 @@
 //! rathole, the peer users compare with, on the same loopback path in the
-//! same invocation (`bulk --rathole BIN`, `rr --rathole BIN`). Install it
+//! same invocation (`bulk`, `rr`, `connect` with `--rathole BIN`). Install it
 //! with `loadtest/peers/install-rathole.sh` (into `target/peers/`, never
 //! committed). Its server plays the relay (the client connects to the
 //! service port it exposes), its client plays the edge (it dials the
@@ -14,7 +14,7 @@ use anyhow::{ensure, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::{Bench, ChildGuard};
+use crate::common::{Bench, ChildGuard, Via};
 
 /// A running rathole server and client forwarding one service.
 pub(crate) struct Rathole {
@@ -24,6 +24,29 @@ pub(crate) struct Rathole {
     pub(crate) client: ChildGuard,
     /// Where clients connect (the server's service port).
     pub(crate) addr: SocketAddr,
+}
+
+impl Rathole {
+    /// The path through it, labelled `rathole`.
+    pub(crate) fn via(&self) -> Via {
+        Via::Peer {
+            addr: self.addr,
+            name: "rathole",
+        }
+    }
+}
+
+/// [`start`] when given a binary (`--rathole BIN`), else nothing.
+pub(crate) async fn start_if(
+    bench: &Bench,
+    bin: Option<&Path>,
+    target: SocketAddr,
+    probe: fn(TcpStream) -> futures_probe::Probe,
+) -> Result<Option<Rathole>> {
+    match bin {
+        Some(bin) => Ok(Some(start(bench, bin, target, probe).await?)),
+        None => Ok(None),
+    }
 }
 
 fn free_port() -> Result<u16> {
