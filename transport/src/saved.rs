@@ -3,7 +3,8 @@
 //! the resolver's names and capture's routes and ClusterIP table; at the
 //! relay, the Node claims. JSON (readable by operators), with a format
 //! version, written through a temporary file and a rename so a crash never
-//! leaves half a table, at most once a second.
+//! leaves half a table, at most once a second ([`saver`]; at the edge at
+//! most once a minute, [`ON_FLASH`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -125,15 +126,35 @@ pub fn read_json<T: DeserializeOwned>(
     Ok(Some(e.table))
 }
 
+/// How often at most [`saver_every`] writes a table kept on an edge
+/// node's storage. Edge boards boot from SD cards and eMMC, which wear out
+/// by writes, and a table of the whole cluster's Services (tens of bytes
+/// per port) changes at the pace of endpoints anywhere: once a second that
+/// could be gigabytes a day. The tables serve only a restart while the
+/// relay is away, for which a minute-old table is as good.
+pub const ON_FLASH: Duration = Duration::from_secs(60);
+
 /// Saves the newest value `rx` holds with `save`, at most once a second,
 /// and once more when `cancel` fires if one is waiting. `None` (nothing
 /// known yet) is never written, and neither is what `rx` holds when it
 /// starts (it came from the file).
 pub async fn saver<T: Send + Sync + 'static>(
     path: PathBuf,
+    rx: watch::Receiver<Option<Arc<T>>>,
+    save: fn(&Path, &T) -> std::io::Result<()>,
+    what: &'static str,
+    cancel: CancellationToken,
+) {
+    saver_every(path, rx, save, what, Duration::from_secs(1), cancel).await
+}
+
+/// [`saver`], writing at most once every `every`.
+pub async fn saver_every<T: Send + Sync + 'static>(
+    path: PathBuf,
     mut rx: watch::Receiver<Option<Arc<T>>>,
     save: fn(&Path, &T) -> std::io::Result<()>,
     what: &'static str,
+    every: Duration,
     cancel: CancellationToken,
 ) {
     rx.borrow_and_update();
@@ -171,7 +192,7 @@ pub async fn saver<T: Send + Sync + 'static>(
         }
         tokio::select! {
             _ = cancel.cancelled() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(every) => {}
         }
     }
 }

@@ -171,11 +171,12 @@ impl Resolver {
                 ));
             }
         }
-        tasks.spawn(relay_transport::saved::saver(
+        tasks.spawn(relay_transport::saved::saver_every(
             cfg.state_file.clone(),
             save_rx,
             store::save,
             "dns name table",
+            relay_transport::saved::ON_FLASH,
             cancel.clone(),
         ));
         Ok(Resolver {
