@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
 use crate::capture_state::{Routes, SavedCapture};
-use crate::client::EdgeStats;
+use crate::client::{CaptureReport, EdgeStats};
 use crate::config::EdgeConfig;
 use crate::serve::Served;
 use crate::services::{EdgeServices, Resolved};
@@ -42,6 +42,8 @@ const LAN_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
 /// two listeners.
 pub(crate) struct Parts {
     pub(crate) cap: Capture,
+    /// Why `cap` is not on the node ([`Capture::uninstalled`]), if so.
+    pub(crate) install_error: Option<String>,
     pub(crate) tcp: TcpListener,
     pub(crate) udp: RedirectUdp,
     /// What the previous run saved (`capture_state_file`): its routes are
@@ -79,6 +81,7 @@ fn next_routes(
 pub(crate) async fn run(
     Parts {
         mut cap,
+        install_error,
         tcp: listener,
         udp,
         saved,
@@ -178,7 +181,11 @@ pub(crate) async fn run(
     let mut lans = tokio::time::interval(LAN_RECHECK);
     lans.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticked = false;
-    let mut repair_error: Option<String> = None;
+    // The last install's error while capture is not on the node (the
+    // start's, then the repairs'): logged at start already.
+    let mut repair_error: Option<String> = install_error;
+    // When the relay's report (`stats.capture_report`) was last changed.
+    let mut reported_at: Option<std::time::Instant> = None;
     loop {
         // On the tick, also whether something else on the node removed
         // capture (see `Capture::repair`); the calls below refill it.
@@ -285,9 +292,25 @@ pub(crate) async fn run(
             }
         }
         // After the pass, so 1 means in place with what it captures.
-        stats
-            .capture_installed
-            .store(u64::from(cap.is_installed()), Relaxed);
+        let installed = cap.is_installed();
+        stats.capture_installed.store(u64::from(installed), Relaxed);
+        // And the relay is told (by each session), when it changed.
+        let report = CaptureReport {
+            installed,
+            error: match (installed, &repair_error) {
+                (true, _) => String::new(),
+                (false, Some(e)) => e.clone(),
+                (false, None) => "capture is not installed".to_string(),
+            },
+        };
+        let now = std::time::Instant::now();
+        if report.due(stats.capture_report.borrow().as_ref(), reported_at, now) {
+            if !installed {
+                debug!(error = %report.error, "telling the relay capture is not installed");
+            }
+            stats.capture_report.send_replace(Some(report));
+            reported_at = Some(now);
+        }
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = &mut accept => break,

@@ -19,7 +19,7 @@ use crate::serve::ServedSet;
 use crate::services::EdgeServices;
 
 pub(crate) use reconnect::{run, set_state, ConnWatch, QuicStrikes};
-pub use state::{EdgeState, EdgeStats};
+pub use state::{CaptureReport, EdgeState, EdgeStats};
 
 /// A running edge client.
 pub struct EdgeClient {
@@ -114,11 +114,17 @@ impl EdgeClient {
         // NAT chains in an `inet` table; nft missing) must not take the
         // tunnel down with it: the cloud still reaches this node's pods
         // and kubelet. It is retried every 10 s and shown in /metrics.
-        let cap = match relay_transport::capture::Capture::install(ccfg.clone()).await {
-            Ok(cap) => cap,
+        // The error also goes to the relay (`Control::CaptureStatus`).
+        let (cap, install_error) = match relay_transport::capture::Capture::install(ccfg.clone())
+            .await
+        {
+            Ok(cap) => (cap, None),
             Err(e) => {
                 tracing::error!(error = %e, "installing capture failed: this node's pods do not reach the cloud through the tunnel until it succeeds (retried every 10 s; needs Linux 5.2 or later, nftables, CAP_NET_ADMIN); the tunnel runs meanwhile");
-                relay_transport::capture::Capture::uninstalled(ccfg)
+                (
+                    relay_transport::capture::Capture::uninstalled(ccfg),
+                    Some(e.to_string()),
+                )
             }
         };
         tokio::spawn(relay_transport::capture::warn_if_socket_lb());
@@ -130,6 +136,7 @@ impl EdgeClient {
             cfg,
             Some(crate::capture::Parts {
                 cap,
+                install_error,
                 tcp: listener,
                 udp,
                 saved,

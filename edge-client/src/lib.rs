@@ -48,5 +48,5 @@ mod supervisor;
 #[cfg(test)]
 mod test_resolver;
 
-pub use client::{EdgeClient, EdgeState, EdgeStats, StartError};
+pub use client::{CaptureReport, EdgeClient, EdgeState, EdgeStats, StartError};
 pub use config::{EdgeConfig, FileConfig, TransportMode};

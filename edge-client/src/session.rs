@@ -110,6 +110,15 @@ pub(crate) async fn run_session(
     let report_gate = tokio::time::sleep(std::time::Duration::ZERO);
     tokio::pin!(report_gate);
     let mut gated = false;
+    // Whether capture is on the node, for a relay that shows it (to the
+    // operator who cannot see this node's metrics): the current state
+    // first, then each change capture publishes (installed or failed, not
+    // every retry: see `CaptureReport::due`). Nothing without capture.
+    let mut capture_report = relay_caps & relay_protocol::capability::CAPTURE_STATUS != 0;
+    let mut capture = stats.capture_report.subscribe();
+    if capture_report && capture.borrow().is_some() {
+        capture.mark_changed();
+    }
     // Service names for the resolver, put together per session.
     let mut names = dns.map(crate::dns::Resolver::batch);
     let mut frames = codec::control_reader(recv);
@@ -352,6 +361,14 @@ pub(crate) async fn run_session(
                 report_gate.as_mut().reset(tokio::time::Instant::now() + LAN_REPORT_GAP);
                 gated = true;
                 Control::LanOverlaps { routes }
+            }
+            r = capture.changed(), if capture_report => {
+                if r.is_err() {
+                    capture_report = false;
+                    continue;
+                }
+                let Some(now) = capture.borrow_and_update().clone() else { continue };
+                Control::capture_status(now.installed, &now.error)
             }
             _ = tick.tick() => {
                 let received = conn.datagrams_received();

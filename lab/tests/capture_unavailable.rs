@@ -14,6 +14,12 @@
 //! the failed install ended the edge at start, so a node with an old
 //! kernel crash-looped and lost its tunnel altogether.
 //!
+//! And the cloud is told (`Control::CaptureStatus`): while capture fails,
+//! the relay's session row for edge1 says `capture_installed: false` with
+//! the `nft` error, and `relay_edges_capture_failing` is 1; once installed,
+//! `true` and 0. Before, only the edge's own loopback endpoint said it,
+//! and the relay showed the node as fine.
+//!
 //! Needs root; skips loudly otherwise, and fails instead of skipping under
 //! CI=true or REQUIRE_LAB=1. Time budget: about 25 s. The test changes
 //! this test process's `PATH`, so it is the only test in its binary.
@@ -26,8 +32,8 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::scenario::{
-    edge_config_in, http_from, netns_start, relay_config_in, sa, services, start_edge, start_relay,
-    within, Table, HTTP,
+    edge_config_in, http_from, metric, netns_start, relay_config_in, sa, services, session,
+    start_edge, start_relay, within, Table, HTTP,
 };
 
 const STATUS: &str = "127.0.0.1:9469";
@@ -40,6 +46,14 @@ fn installed_gauge(lab: &NetnsLab) -> Result<String> {
         .find_map(|l| l.strip_prefix("edge_capture_installed "))
         .map(str::to_string)
         .context("no edge_capture_installed in the edge's metrics")
+}
+
+/// What the relay shows of edge1's capture: its session row's
+/// `capture_installed` and `capture_error`, and `relay_edges_capture_failing`.
+fn relay_view(lab: &NetnsLab) -> Result<(Option<bool>, String, f64)> {
+    let row = session(lab, "edge1")?.context("no session of edge1 at the relay")?;
+    let failing = metric(lab, "relay_edges_capture_failing")?;
+    Ok((row.capture_installed, row.capture_error, failing))
 }
 
 #[test]
@@ -111,12 +125,48 @@ fn an_edge_whose_capture_cannot_be_installed_keeps_its_tunnel_and_retries() -> R
             Err(_) => Ok("refused or unreachable, as without capture".to_string()),
         },
     );
+    // The cloud's view: the relay's admin row and gauge (the edge tells
+    // it after its hello).
+    m.note(
+        &[
+            "relay shows capture failing",
+            "admin: edge1 row, relay_edges_capture_failing",
+        ],
+        within(Duration::from_secs(5), || {
+            Ok(
+                relay_view(&lab)
+                    .is_ok_and(|(installed, _, n)| installed == Some(false) && n == 1.0),
+            )
+        })
+        .and_then(|_| relay_view(&lab))
+        .with_context(|| format!("relay's view: {:?}", relay_view(&lab)))
+        .and_then(|(_, error, _)| {
+            ensure!(
+                error.contains("Operation not supported"),
+                "capture_error does not name nft's error: {error:?}"
+            );
+            Ok(format!("capture_installed false: {error}"))
+        }),
+    );
     std::fs::remove_file(&flag)?;
     m.note(
         &["capture installed once nft works", "edge_capture_installed"],
         within(Duration::from_secs(15), || {
             Ok(installed_gauge(&lab).is_ok_and(|g| g == "1"))
         })
+        .map(|d| format!("after {d:?}")),
+    );
+    m.note(
+        &[
+            "relay shows capture installed",
+            "admin: edge1 row, relay_edges_capture_failing",
+        ],
+        within(Duration::from_secs(5), || {
+            Ok(relay_view(&lab).is_ok_and(|(installed, error, n)| {
+                installed == Some(true) && error.is_empty() && n == 0.0
+            }))
+        })
+        .with_context(|| format!("relay's view: {:?}", relay_view(&lab)))
         .map(|d| format!("after {d:?}")),
     );
     m.check(

@@ -96,6 +96,11 @@ pub mod capability {
     /// instead of closing it. An edge sends the message only to a relay
     /// with this bit.
     pub const MOVES: u32 = 1 << 13;
+    /// The relay understands [`Control::CaptureStatus`](super::Control::CaptureStatus)
+    /// and shows whether the edge's capture is installed (admin API,
+    /// metrics, the Node condition). An edge sends the message only to a
+    /// relay with this bit.
+    pub const CAPTURE_STATUS: u32 = 1 << 14;
     /// Every bit this build understands.
     pub const ALL: u32 = TCP_STREAMS
         | UDP_DATAGRAMS
@@ -110,7 +115,8 @@ pub mod capability {
         | NODE_PORTS
         | EDGE_KEEPALIVE
         | LAN_OVERLAPS
-        | MOVES;
+        | MOVES
+        | CAPTURE_STATUS;
 }
 
 /// The first message of a session, sent by the edge on the control stream.
@@ -371,6 +377,22 @@ pub enum Control {
         /// Echoed back by the relay.
         nonce: u64,
     },
+    /// Whether the edge's capture is on its node, sent by an edge whose
+    /// capture is configured to a relay that announced
+    /// [`capability::CAPTURE_STATUS`]: after the hello, and again when it
+    /// is installed or fails (not on every retry of a failing install).
+    /// While it is not installed the tunnel still carries the cloud's
+    /// streams to the node, but the node's pods do not reach the cloud
+    /// ranges: the relay is where an operator of many edges looks, so it
+    /// is told. Build it with [`Control::capture_status`], which bounds
+    /// the error.
+    CaptureStatus {
+        /// Capture is on the node.
+        installed: bool,
+        /// Why not (the failing command's error), at most
+        /// [`Control::MAX_CAPTURE_ERROR`] bytes; empty while installed.
+        error: String,
+    },
 }
 
 /// One relay replica as an edge should reach it.
@@ -437,11 +459,28 @@ impl ServicePort {
 impl Control {
     /// Number of variants this build knows; a frame whose variant index is
     /// at or above it comes from a newer peer.
-    pub const VARIANTS: u32 = 12;
+    pub const VARIANTS: u32 = 13;
 
     /// Most routes one [`Control::LanOverlaps`] carries (well inside a
     /// frame); a relay keeps no more than this per session either.
     pub const MAX_LAN_OVERLAPS: usize = 256;
+
+    /// Most bytes of the error one [`Control::CaptureStatus`] carries: an
+    /// `nft` or `ip` error line and the command, not a whole listing. A
+    /// relay keeps no more per session, and puts it in a Node condition.
+    pub const MAX_CAPTURE_ERROR: usize = 512;
+
+    /// A [`Control::CaptureStatus`] with `error` cut to
+    /// [`Control::MAX_CAPTURE_ERROR`] bytes (at a character boundary), and
+    /// no error when `installed`.
+    pub fn capture_status(installed: bool, error: &str) -> Control {
+        let error = if installed {
+            String::new()
+        } else {
+            truncate_str(error.trim(), Self::MAX_CAPTURE_ERROR).to_string()
+        };
+        Control::CaptureStatus { installed, error }
+    }
 
     /// Byte budget of the entries in one [`Control::ServiceDelta`]: well
     /// inside [`crate::MAX_FRAME_LEN`] whatever the mix of entries.
@@ -560,6 +599,18 @@ impl Control {
         }
         Some(*complete)
     }
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn truncate_str(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// The destination of a tunnelled connection.

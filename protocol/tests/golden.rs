@@ -192,6 +192,20 @@ fn golden() -> Vec<(&'static str, Vec<u8>, &'static str)> {
             "0b07",
         ),
         (
+            "Control::CaptureStatus(failing)",
+            encode(&Control::CaptureStatus {
+                installed: false,
+                error: "nft".into(),
+            })
+            .unwrap(),
+            "0c00036e6674",
+        ),
+        (
+            "Control::CaptureStatus(installed)",
+            encode(&Control::capture_status(true, "ignored")).unwrap(),
+            "0c0100",
+        ),
+        (
             "ServerHelloExt",
             encode(&ServerHelloExt {
                 served_routes: vec![cidr("10.244.7.0/24")],
@@ -390,6 +404,8 @@ proptest! {
             },
             Control::Replicas { replicas: vec![Replica { id: reason.clone(), addr: format!("r:{grace}") }] },
             Control::RouteDelta { reset: nonce % 2 == 0, add: routes.clone(), remove: routes.clone(), complete: grace % 2 == 0 },
+            Control::CaptureStatus { installed: nonce % 2 == 0, error: reason.clone() },
+            Control::capture_status(grace % 2 == 0, &reason),
         ] {
 
             prop_assert_eq!(decode::<Control>(&encode(&m).unwrap()).unwrap(), m);
@@ -707,7 +723,7 @@ proptest! {
 #[test]
 fn control_variant_indices_are_frozen() {
     // Index 7 is Replicas, 8 ServiceNames, 9 Keepalive, 10 LanOverlaps,
-    // 11 Moving: frozen once released.
+    // 11 Moving, 12 CaptureStatus: frozen once released.
     let m = Control::ServiceNames {
         reset: false,
         cluster_domain: String::new(),
@@ -722,5 +738,51 @@ fn control_variant_indices_are_frozen() {
     assert_eq!(encode(&m).unwrap()[0], 10);
     let m = Control::Moving { nonce: 1 };
     assert_eq!(encode(&m).unwrap()[0], 11);
-    assert_eq!(Control::VARIANTS, 12);
+    let m = Control::capture_status(false, "e");
+    assert_eq!(encode(&m).unwrap()[0], 12);
+    assert_eq!(Control::VARIANTS, 13);
+}
+
+/// An edge's capture report: the error is bounded (an `nft -f` failure
+/// can quote a whole ruleset) at a character boundary, trimmed, and
+/// empty while installed; the new bit is announced by this build and is
+/// a bit of its own.
+#[test]
+fn capture_status_is_bounded_and_has_its_own_bit() {
+    let long = format!(
+        "  {}é{}\n",
+        "x".repeat(Control::MAX_CAPTURE_ERROR - 1),
+        "y".repeat(100)
+    );
+    let Control::CaptureStatus { installed, error } = Control::capture_status(false, &long) else {
+        panic!("not CaptureStatus")
+    };
+    assert!(!installed);
+    // "é" is two bytes straddling the bound: cut before it.
+    assert_eq!(error, "x".repeat(Control::MAX_CAPTURE_ERROR - 1));
+    let short = Control::capture_status(false, " nft: Operation not supported\n");
+    assert_eq!(
+        short,
+        Control::CaptureStatus {
+            installed: false,
+            error: "nft: Operation not supported".into()
+        }
+    );
+    assert_eq!(
+        Control::capture_status(true, "old error"),
+        Control::CaptureStatus {
+            installed: true,
+            error: String::new()
+        }
+    );
+    // The longest report: the bound plus variant, flag and length (5).
+    let m = Control::capture_status(false, &"\u{10ffff}".repeat(1000));
+    assert!(encode(&m).unwrap().len() <= Control::MAX_CAPTURE_ERROR + 5);
+    // The bit is frozen once released: the one after MOVES, announced
+    // by this build.
+    assert_eq!(capability::CAPTURE_STATUS, capability::MOVES << 1);
+    assert_eq!(
+        capability::ALL & capability::CAPTURE_STATUS,
+        capability::CAPTURE_STATUS
+    );
 }

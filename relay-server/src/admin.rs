@@ -554,6 +554,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
             .render(shared.registry.len(), shared.cfg.limits.max_sessions)
             + &shared.udp.render_prometheus("relay")
             + &crate::metrics::render_capture(&shared)
+            + &crate::metrics::render_edges(&shared)
             + &crate::metrics::render_status(shared.status.stats())
             + &crate::metrics::render_watches(&shared)
             + &crate::metrics::render_runtime(&shared),

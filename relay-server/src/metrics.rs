@@ -427,6 +427,21 @@ pub fn render_capture(shared: &crate::server::Shared) -> String {
     }
 }
 
+/// Renders what the edges report about themselves:
+/// `relay_edges_capture_failing`, the registered sessions whose edge says
+/// its capture is not installed (its pods do not reach the cloud through
+/// the tunnel while the tunnel itself is up). Counted from the registry at
+/// each scrape, so it cannot drift from the sessions it describes; one
+/// row per node (a session a move left draining is not counted beside its
+/// successor, which reports again).
+pub fn render_edges(shared: &crate::server::Shared) -> String {
+    let sessions = shared.registry.sessions_unsorted();
+    let failing = sessions.iter().filter(|s| s.capture_failing()).count();
+    format!(
+        "# HELP relay_edges_capture_failing Edge sessions whose edge reports its capture is not installed: the tunnel is up, but that node's pods do not reach the cloud through it (GET /v1/sessions, capture_installed false, names the nodes and errors).\n# TYPE relay_edges_capture_failing gauge\nrelay_edges_capture_failing {failing}\n"
+    )
+}
+
 /// Renders the status writer's counters (node conditions and Events;
 /// zero in static mode).
 pub fn render_status(stats: crate::status::StatusStats) -> String {

@@ -263,6 +263,22 @@ pub(crate) async fn run_session(
                             }
                             continue
                         }
+                        Ok(Incoming::Known { msg: Control::CaptureStatus { installed, error }, .. }) => {
+                            // Shown in the admin API, the metrics and the
+                            // Node condition; a repeat changes nothing and
+                            // writes nothing.
+                            let now = crate::status::EdgeCapture::reported(installed, &error);
+                            let Some(before) = handle.note_capture(now.clone()) else { continue };
+                            let was_failing = before.as_ref().is_some_and(|c| !c.installed);
+                            match now.failing() {
+                                Some(error) if !was_failing => warn!(%error, "edge reports its capture is not installed: its pods do not reach the cloud through the tunnel"),
+                                Some(error) => debug!(%error, "edge's capture error changed"),
+                                None if was_failing => info!("edge reports its capture installed"),
+                                None => debug!("edge reports its capture installed"),
+                            }
+                            handle.report_status(&shared);
+                            continue
+                        }
                         Ok(Incoming::Known { msg, .. }) => { debug!(?msg, "ignoring control message"); continue }
                         Ok(Incoming::Unknown { variant }) => {
                             // A newer edge's message: ignore it, so rolling

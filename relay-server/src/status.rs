@@ -34,6 +34,55 @@ pub struct SessionInfo {
     /// Served prefixes the relay node does not capture (IPv6: capture is
     /// IPv4 only); reachable through CONNECT.
     pub not_captured: Vec<Cidr>,
+    /// The edge reports its own capture is not installed, for this reason
+    /// (`Control::CaptureStatus`; `None` while it is, or from an edge that
+    /// does not report it).
+    pub capture_failing: Option<String>,
+}
+
+/// The condition's reason while the session is up and the edge's capture
+/// is not installed: still `True` (the tunnel is up, the cloud reaches the
+/// node), but a reason of its own, so that the `Reason` column of `kubectl
+/// describe node` and a query on the reason find such nodes.
+pub const REASON_CAPTURE_FAILING: &str = "CaptureFailing";
+
+/// The condition's reason while the session is up and nothing is amiss.
+pub const REASON_SESSION_UP: &str = "SessionUp";
+
+/// What an edge last reported about its own capture
+/// (`Control::CaptureStatus`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeCapture {
+    /// Capture is on the edge's node.
+    pub installed: bool,
+    /// Why not (bounded, see `Control::MAX_CAPTURE_ERROR`); empty while
+    /// installed.
+    pub error: String,
+}
+
+impl EdgeCapture {
+    /// The edge's report, its error bounded as the protocol says (a peer
+    /// may send more).
+    pub fn reported(installed: bool, error: &str) -> EdgeCapture {
+        match relay_protocol::Control::capture_status(installed, error) {
+            relay_protocol::Control::CaptureStatus { installed, error } => {
+                EdgeCapture { installed, error }
+            }
+            _ => unreachable!("capture_status builds a CaptureStatus"),
+        }
+    }
+
+    /// The error to show for a capture that is not installed (`None`
+    /// while it is).
+    pub fn failing(&self) -> Option<String> {
+        (!self.installed).then(|| {
+            if self.error.is_empty() {
+                "no reason given".to_string()
+            } else {
+                self.error.clone()
+            }
+        })
+    }
 }
 
 /// The served prefixes that capture leaves out: every IPv6 prefix when
@@ -91,7 +140,22 @@ impl SessionInfo {
                 list.join(", ")
             ));
         }
+        if let Some(error) = &self.capture_failing {
+            m.push_str(&format!(
+                "; capture failing on the edge: its capture is not installed, so this node's pods do not reach the cloud through the tunnel (the edge retries every 10 s): {error}"
+            ));
+        }
         m
+    }
+
+    /// The condition's reason: [`REASON_CAPTURE_FAILING`] while the edge
+    /// reports its capture is not installed, else [`REASON_SESSION_UP`].
+    pub fn reason(&self) -> &'static str {
+        if self.capture_failing.is_some() {
+            REASON_CAPTURE_FAILING
+        } else {
+            REASON_SESSION_UP
+        }
     }
 }
 
@@ -258,6 +322,24 @@ impl StatusSink for NoStatus {
 }
 
 #[cfg(test)]
+impl SessionInfo {
+    /// A session up over QUIC via `relay-a` since the epoch, nothing amiss.
+    pub(crate) fn for_tests() -> SessionInfo {
+        SessionInfo {
+            transport: "quic",
+            relay_id: "relay-a".into(),
+            since: SystemTime::UNIX_EPOCH,
+            remote: "203.0.113.7:4433".parse().unwrap(),
+            ambiguous: vec![],
+            refused: vec![],
+            refused_ranges: vec![],
+            not_captured: vec![],
+            capture_failing: None,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -293,20 +375,12 @@ mod tests {
 
     #[test]
     fn the_message_names_transport_replica_time_and_ambiguity() {
-        let mut i = SessionInfo {
-            transport: "quic",
-            relay_id: "relay-a".into(),
-            since: SystemTime::UNIX_EPOCH,
-            remote: "203.0.113.7:4433".parse().unwrap(),
-            ambiguous: vec![],
-            refused: vec![],
-            refused_ranges: vec![],
-            not_captured: vec![],
-        };
+        let mut i = SessionInfo::for_tests();
         assert_eq!(
             i.message(),
             "tunnel up over quic via relay relay-a since 1970-01-01T00:00:00Z (edge at 203.0.113.7:4433)"
         );
+        assert_eq!(i.reason(), "SessionUp");
         i.ambiguous = vec!["192.168.1.10/32".parse().unwrap()];
         assert!(i
             .message()
@@ -319,5 +393,30 @@ mod tests {
         assert!(i
             .message()
             .ends_with("unreachable through the tunnel): 10.96.0.0/26"));
+    }
+
+    /// An edge whose capture is not installed: the tunnel is up (True), so
+    /// the reason says it and the message names the error; an installed
+    /// report or none at all reads as before.
+    #[test]
+    fn a_failing_edge_capture_has_its_own_reason_and_names_the_error() {
+        let mut i = SessionInfo::for_tests();
+        let fine = i.message();
+        let err = "nft -f -: Error: Could not process rule: Operation not supported";
+        i.capture_failing = EdgeCapture::reported(false, err).failing();
+        assert_eq!(i.reason(), "CaptureFailing");
+        assert_eq!(
+            i.message(),
+            format!("{fine}; capture failing on the edge: its capture is not installed, so this node's pods do not reach the cloud through the tunnel (the edge retries every 10 s): {err}")
+        );
+        i.capture_failing = EdgeCapture::reported(true, err).failing();
+        assert_eq!((i.reason(), i.message()), ("SessionUp", fine.clone()));
+        // An edge that gives no reason is still named as failing.
+        let bare = EdgeCapture::reported(false, " ");
+        assert_eq!(bare.error, "");
+        assert_eq!(bare.failing().as_deref(), Some("no reason given"));
+        // A peer's overlong error is held to the protocol's bound.
+        let long = EdgeCapture::reported(false, &"e".repeat(10_000));
+        assert_eq!(long.error.len(), relay_protocol::Control::MAX_CAPTURE_ERROR);
     }
 }

@@ -77,6 +77,7 @@ fn a_writer_again_does_not_trust_what_it_last_wrote() {
         refused: vec![],
         refused_ranges: vec![],
         not_captured: vec![],
+        capture_failing: None,
     };
     let says = || api.lock().unwrap().get(&node).cloned().unwrap_or_default();
     a.down(&node, "X");

@@ -175,6 +175,53 @@ pub struct EdgeStats {
     /// 1 while capture is on the node, 0 while its install fails and is
     /// retried (see [`relay_transport::capture::Capture::uninstalled`]).
     pub capture_installed: AtomicU64,
+    /// What the relay is told about capture
+    /// ([`Control::CaptureStatus`](relay_protocol::Control::CaptureStatus)):
+    /// `None` without capture (nothing is told), else set by capture after
+    /// its first pass and again when it is installed or fails (see
+    /// [`CaptureReport::due`]); each session sends the current one after
+    /// its hello and every change.
+    pub capture_report: watch::Sender<Option<CaptureReport>>,
+}
+
+/// Whether capture is on the node, and if not, why: what the edge tells
+/// the relay, so the cloud sees a node whose pods cannot reach it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CaptureReport {
+    /// Capture is on the node.
+    pub installed: bool,
+    /// The last install's error while it is not; empty while it is.
+    pub error: String,
+}
+
+impl CaptureReport {
+    /// Least time between two reports of a failing capture that differ
+    /// only in the error's text: a failing install is retried every 10 s,
+    /// and an error quoting something that varies must not become a
+    /// message (and a Node condition write at the relay) per retry.
+    pub const ERROR_GAP: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// Whether this state is to be published, given the one published
+    /// last (`told`, at `told_at`): at once when there was none or capture
+    /// was installed or failed since; a new error of a capture still
+    /// failing once [`CaptureReport::ERROR_GAP`] has passed since (capture
+    /// retries every 10 s, so the latest error is published within that
+    /// and a retry); never the same again.
+    pub fn due(
+        &self,
+        told: Option<&CaptureReport>,
+        told_at: Option<std::time::Instant>,
+        now: std::time::Instant,
+    ) -> bool {
+        match told {
+            None => true,
+            Some(t) if t.installed != self.installed => true,
+            Some(t) if t.error != self.error => {
+                told_at.is_none_or(|at| now.duration_since(at) >= Self::ERROR_GAP)
+            }
+            Some(_) => false,
+        }
+    }
 }
 
 impl Meter for EdgeStats {
@@ -184,5 +231,43 @@ impl Meter for EdgeStats {
             Direction::ToTunnel => self.bytes_up.fetch_add(bytes, Relaxed),
             Direction::FromTunnel => self.bytes_down.fetch_add(bytes, Relaxed),
         };
+    }
+}
+
+#[cfg(test)]
+mod capture_report_tests {
+    use super::CaptureReport;
+    use std::time::{Duration, Instant};
+
+    fn failing(error: &str) -> CaptureReport {
+        CaptureReport {
+            installed: false,
+            error: error.into(),
+        }
+    }
+
+    #[test]
+    fn a_change_of_state_is_told_at_once_and_a_retry_never() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let ok = CaptureReport {
+            installed: true,
+            error: String::new(),
+        };
+        let bad = failing("nft: Operation not supported");
+        assert!(bad.due(None, None, t0), "the first state");
+        // Retries with the same error, every 10 s: nothing.
+        for s in (10..600).step_by(10) {
+            assert!(!bad.due(Some(&bad), Some(t0), at(s)), "retry at {s}s");
+        }
+        // Installed, and failing again: at once, however soon.
+        assert!(ok.due(Some(&bad), Some(t0), at(1)));
+        assert!(bad.due(Some(&ok), Some(at(1)), at(2)));
+        assert!(!ok.due(Some(&ok), Some(t0), at(5)));
+        // Another error while still failing: within the gap held back,
+        // then told (capture's next retry asks again).
+        let other = failing("nft: No such file or directory");
+        assert!(!other.due(Some(&bad), Some(t0), at(30)));
+        assert!(other.due(Some(&bad), Some(t0), t0 + CaptureReport::ERROR_GAP));
     }
 }

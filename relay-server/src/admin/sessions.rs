@@ -80,6 +80,16 @@ pub struct SessionRow {
     /// for an edge that does not report them).
     #[serde(default)]
     pub lan_overlaps: Vec<Cidr>,
+    /// Whether the edge's own capture is installed, as the edge reports
+    /// it: `false` while its install fails (the node's pods do not reach
+    /// the cloud through the tunnel; see `capture_error`); `null` from an
+    /// edge without capture or one that does not report it.
+    #[serde(default)]
+    pub capture_installed: Option<bool>,
+    /// Why the edge's capture is not installed (its error, bounded);
+    /// empty otherwise.
+    #[serde(default)]
+    pub capture_error: String,
     /// Whether the session is draining.
     pub draining: bool,
     /// UDP flows open on the session.
@@ -95,6 +105,7 @@ impl SessionRow {
     /// Snapshot of a live session.
     pub fn of(s: &SessionHandle, shared: &Shared) -> Self {
         let routes = shared.registry.routes_of(&s.node);
+        let capture = s.capture();
         SessionRow {
             node: s.node.clone(),
             session_id: s.session_id,
@@ -125,6 +136,8 @@ impl SessionRow {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
+            capture_installed: capture.as_ref().map(|c| c.installed),
+            capture_error: capture.map(|c| c.error).unwrap_or_default(),
             draining: s.is_draining(),
             udp_flows: s.flows.len(),
             udp_max_payload: relay_transport::udp::max_payload(&s.conn),

@@ -266,7 +266,7 @@ impl KubeStatus {
     fn apply(&self, node: &str, generation: Option<u64>, report: Report<'_>) {
         let ready = |info: &SessionInfo| TunnelCondition {
             ready: true,
-            reason: "SessionUp".into(),
+            reason: info.reason().into(),
             message: info.message(),
         };
         match report {
@@ -602,16 +602,31 @@ pub(super) mod tests {
     }
 
     fn info() -> SessionInfo {
-        SessionInfo {
-            transport: "quic",
-            relay_id: "relay-a".into(),
-            since: std::time::SystemTime::UNIX_EPOCH,
-            remote: "203.0.113.7:4433".parse().unwrap(),
-            ambiguous: vec![],
-            refused: vec![],
-            refused_ranges: vec![],
-            not_captured: vec![],
-        }
+        SessionInfo::for_tests()
+    }
+
+    /// An edge that reports its capture not installed: its node stays
+    /// `True` (the tunnel is up) with reason `CaptureFailing` and the
+    /// error in the message; installed again, `SessionUp` as before.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failing_edge_capture_keeps_true_with_a_reason_of_its_own() {
+        let s = status().await;
+        let queued_condition = |node: &str| s.desired.lock().unwrap().desired.get(node).cloned();
+        let mut failing = info();
+        failing.capture_failing = Some("nft: Operation not supported".into());
+        s.report("edge-7", 3, Report::Up(&failing));
+        let c = queued_condition("edge-7").expect("queued");
+        assert!(c.ready, "{c:?}");
+        assert_eq!(c.reason, "CaptureFailing");
+        assert!(
+            c.message.ends_with(": nft: Operation not supported"),
+            "{}",
+            c.message
+        );
+        s.report("edge-7", 3, Report::Changed(&info()));
+        let c = queued_condition("edge-7").expect("queued");
+        assert_eq!((c.ready, c.reason.as_str()), (true, "SessionUp"));
+        assert!(!c.message.contains("capture failing"), "{}", c.message);
     }
 
     /// The sweep's `False` never undoes a session: one registered is seen,

@@ -87,6 +87,10 @@ pub struct SessionHandle {
     /// Tunnel routes the edge reported as overlapping its LANs
     /// ([`Control::LanOverlaps`]; at most [`Control::MAX_LAN_OVERLAPS`]).
     pub lan_overlaps: std::sync::Mutex<Vec<Cidr>>,
+    /// What the edge last reported about its own capture
+    /// ([`Control::CaptureStatus`]); `None` from an edge without capture
+    /// or one that does not report it (see [`SessionHandle::note_capture`]).
+    capture: std::sync::Mutex<Option<crate::status::EdgeCapture>>,
     draining: AtomicBool,
     /// When the drain began and with which grace (see
     /// [`SessionHandle::drain_started`]).
@@ -160,6 +164,7 @@ impl SessionHandle {
             last_seen_ms: AtomicU64::new(0),
             heard: Default::default(),
             lan_overlaps: Default::default(),
+            capture: Default::default(),
             open_streams: AtomicU64::new(0),
             streams_total: AtomicU64::new(0),
             bytes_to_edge: AtomicU64::new(0),
@@ -197,7 +202,40 @@ impl SessionHandle {
             refused: crate::directory::refused_of(dir, &self.node),
             refused_ranges: crate::directory::refused_ranges_of(dir, &self.node),
             not_captured: crate::status::not_captured(&routes, shared.cfg.capture.is_some()),
+            capture_failing: self.capture().and_then(|c| c.failing()),
         }
+    }
+
+    /// What the edge last reported about its capture (`None`: nothing).
+    pub fn capture(&self) -> Option<crate::status::EdgeCapture> {
+        self.capture
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether the edge reports its capture is not installed (counted in
+    /// `relay_edges_capture_failing`).
+    pub fn capture_failing(&self) -> bool {
+        self.capture
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|c| !c.installed)
+    }
+
+    /// Takes the edge's capture report; returns what it replaces when it
+    /// changed anything (the caller then logs and reports the session's
+    /// status: one Node condition write per change, none for a repeat).
+    pub(crate) fn note_capture(
+        &self,
+        now: crate::status::EdgeCapture,
+    ) -> Option<Option<crate::status::EdgeCapture>> {
+        let mut held = self.capture.lock().unwrap_or_else(|e| e.into_inner());
+        if held.as_ref() == Some(&now) {
+            return None;
+        }
+        Some(held.replace(now))
     }
 
     /// Reports the session to the status sink: as `up` the first time,

@@ -171,3 +171,147 @@ async fn an_older_edge_learns_of_a_peer_that_registered_before_its_actor() {
     let _ = actor.await;
     drop(edge_control.send);
 }
+
+/// An edge reports its capture not installed (`Control::CaptureStatus`):
+/// its session keeps the report, its admin row names the error,
+/// `relay_edges_capture_failing` counts it (and not a peer that never
+/// reported), its Node condition would say `CaptureFailing`; installed
+/// again, all of that clears.
+#[tokio::test]
+async fn an_edge_reporting_its_capture_failing_shows_in_its_row_gauge_and_condition() {
+    let (relay, pki) = crate::admin::tests::relay_configured(2, |_| {}).await;
+    let shared = relay.shared().clone();
+    let caps = capability::ALL;
+    let me = bench(&shared, &pki, "edge-0", caps, vec![cidr("10.99.0.1/32")]).await;
+    register(&shared, &me.handle);
+    let peer = bench(&shared, &pki, "edge-1", caps, vec![cidr("10.99.0.2/32")]).await;
+    register(&shared, &peer.handle);
+    let gauge = || {
+        let text = crate::metrics::render_edges(&shared);
+        assert!(
+            text.contains("# TYPE relay_edges_capture_failing gauge\n"),
+            "{text}"
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix("relay_edges_capture_failing "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("relay_edges_capture_failing")
+    };
+    assert_eq!(gauge(), 0);
+    let Bench {
+        handle,
+        control,
+        control_rx,
+        mut edge_control,
+        edge: _edge,
+    } = me;
+    let actor = tokio::spawn(super::run_session(
+        handle.clone(),
+        (control, control_rx, RouteFeed::new("edge-0", caps)),
+        shared.clone(),
+    ));
+    let send = &mut edge_control.send;
+    let row = |h: &SessionHandle| {
+        let row = crate::admin::SessionRow::of(h, &shared);
+        (row.capture_installed, row.capture_error)
+    };
+    let error = "nft -f -: Error: Could not process rule: Operation not supported";
+    report_capture(send, &handle, false, error).await;
+    assert_eq!(gauge(), 1);
+    assert_eq!(row(&handle), (Some(false), error.to_string()));
+    let json = serde_json::to_value(crate::admin::SessionRow::of(&handle, &shared)).expect("json");
+    assert_eq!(json["capture_installed"], false);
+    assert_eq!(json["capture_error"], error);
+    assert_eq!(row(&peer.handle), (None, String::new()));
+    let info = handle.status_info(&shared);
+    assert_eq!(info.reason(), "CaptureFailing");
+    assert!(info.message().ends_with(error), "{}", info.message());
+    // Installed (a working nft): cleared.
+    report_capture(send, &handle, true, "").await;
+    assert_eq!(gauge(), 0);
+    assert_eq!(row(&handle), (Some(true), String::new()));
+    assert_eq!(handle.status_info(&shared).reason(), "SessionUp");
+    // A session that ends leaves the registry, and the gauge with it.
+    report_capture(send, &handle, false, error).await;
+    assert_eq!(gauge(), 1);
+    assert!(shared.registry.remove("edge-0", handle.generation));
+    assert_eq!(gauge(), 0);
+    handle.kick(relay_protocol::close_code::KICKED, "test over");
+    let _ = actor.await;
+}
+
+/// Sends the edge's capture report on `send` (its control stream) and
+/// waits until the relay's session `handle` holds it.
+async fn report_capture(
+    send: &mut relay_transport::SendHalf,
+    handle: &SessionHandle,
+    installed: bool,
+    error: &str,
+) {
+    write_frame(send, &Control::capture_status(installed, error))
+        .await
+        .expect("sent");
+    tokio::time::timeout(Duration::from_secs(3), async {
+        while handle.capture().map(|c| c.installed) != Some(installed) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the report taken");
+}
+
+/// What a session tells its Node about the edge's capture: one report
+/// per change of it, none for a repeat (the edge reports a failing
+/// install once, not each retry; a repeat from any edge still writes
+/// nothing).
+#[tokio::test]
+async fn a_capture_report_is_one_status_report_per_change() {
+    use crate::status::{EdgeCapture, SessionInfo, StatusSink};
+    #[derive(Default)]
+    struct Recorded(std::sync::Mutex<Vec<String>>);
+    impl StatusSink for Recorded {
+        fn up(&self, _: &str, info: &SessionInfo) {
+            self.0.lock().unwrap().push(format!("up {}", info.reason()));
+        }
+        fn changed(&self, _: &str, info: &SessionInfo) {
+            let seen = format!("changed {}", info.reason());
+            self.0.lock().unwrap().push(seen);
+        }
+        fn down(&self, _: &str, _: &str) {}
+        fn rejected(&self, _: &str, _: &str, _: &str) {}
+    }
+    let (relay, pki) = crate::admin::tests::relay_configured(1, |_| {}).await;
+    let shared = relay.shared().clone();
+    let me = bench(
+        &shared,
+        &pki,
+        "edge-0",
+        capability::ALL,
+        vec![cidr("10.99.0.1/32")],
+    )
+    .await;
+    register(&shared, &me.handle);
+    let h = &me.handle;
+    let sink = Recorded::default();
+    let report = || h.report_to(&shared.registry, &sink, || h.status_info(&shared), false);
+    report();
+    let failing = EdgeCapture::reported(false, "nft: Operation not supported");
+    for _ in 0..5 {
+        // The first changes what the relay knows; the retries do not.
+        if h.note_capture(failing.clone()).is_some() {
+            report();
+        }
+        report();
+    }
+    assert!(h.note_capture(EdgeCapture::reported(true, "")).is_some());
+    report();
+    report();
+    assert_eq!(
+        *sink.0.lock().unwrap(),
+        [
+            "up SessionUp",
+            "changed CaptureFailing",
+            "changed SessionUp"
+        ]
+    );
+}
