@@ -158,11 +158,12 @@ pub(crate) async fn run(
     let mut saved_from: Option<(Arc<crate::services::ServiceTable>, Option<Routes>)> = None;
     let saver = cfg.capture_state_file.clone().map(|path| {
         tokio::spawn(
-            relay_transport::saved::saver(
+            relay_transport::saved::saver_every(
                 path,
                 save_rx,
                 crate::capture_state::save,
                 "capture state",
+                relay_transport::saved::ON_FLASH,
                 cancel.clone(),
             )
             .in_current_span(),
