@@ -199,7 +199,12 @@ pub(crate) async fn run(
                     repair_error = Some(e.to_string());
                 }
                 Err(_) => {}
-                Ok(_) => repair_error = None,
+                Ok(repaired) => {
+                    if repaired {
+                        stats.capture_repairs.fetch_add(1, Relaxed);
+                    }
+                    repair_error = None;
+                }
             }
         }
         let now_table = table.borrow_and_update().clone();

@@ -240,8 +240,10 @@ pub(crate) fn render(up: bool, st: &EdgeStats) -> String {
         o += &b.render_capture("edge");
         let _ = writeln!(
             o,
-            "# HELP edge_capture_installed 1 while capture is on the node; 0 while its install fails (retried every 10 s): pods do not reach the cloud through the tunnel meanwhile.\n# TYPE edge_capture_installed gauge\nedge_capture_installed {}",
-            st.capture_installed.load(Relaxed)
+            "# HELP edge_capture_installed 1 while capture is on the node; 0 while its install fails (retried every 10 s): pods do not reach the cloud through the tunnel meanwhile.\n# TYPE edge_capture_installed gauge\nedge_capture_installed {}\n\
+             # HELP edge_capture_repairs_total Times capture was found removed from the node by something else (an nftables restart, a firewall reload, a flushed ruleset) and installed again.\n# TYPE edge_capture_repairs_total counter\nedge_capture_repairs_total {}",
+            st.capture_installed.load(Relaxed),
+            st.capture_repairs.load(Relaxed)
         );
         render_lan_overlaps(&mut o, st);
     }

@@ -18,8 +18,8 @@ use std::time::Duration;
 use anyhow::Result;
 use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::scenario::{
-    edge_config_in, http_from, netns_start, relay_config_in, sa, services, start_edge, start_relay,
-    within, Table, HTTP,
+    edge_config_in, edge_metric, http_from, metric, netns_start, relay_config_in, sa, services,
+    start_edge, start_relay, within, Table, EDGE_STATUS, HTTP,
 };
 use relay_transport::capture_config::{CaptureConfig, DEFAULT_REDIRECT_ADDRESS};
 
@@ -55,7 +55,9 @@ fn capture_removed_by_something_else_comes_back() -> Result<()> {
         services(&lab, Role::Cpod2, "cpod2")?,
     ];
     let relay = start_relay(&lab, relay_config_in(&lab, &pki)?)?;
-    let _edge = start_edge(&lab, 1, edge_config_in(&lab, &pki, 1)?)?;
+    let mut ecfg = edge_config_in(&lab, &pki, 1)?;
+    ecfg.status_listen = Some(EDGE_STATUS);
+    let _edge = start_edge(&lab, 1, ecfg)?;
     let (epod1, cpod2) = (sa(netns::edge_pod_ip(1), HTTP), sa(netns::CPOD2_IP, HTTP));
     let both = || {
         Ok(http_from(&lab, Role::Epod1, cpod2).is_ok()
@@ -66,12 +68,35 @@ fn capture_removed_by_something_else_comes_back() -> Result<()> {
         &["capture working", "epod1 → cpod2, cpod1 → epod1"],
         within(Duration::from_secs(15), both).map(|d| format!("after {d:?}")),
     );
+    // Counted, so that something on a node fighting capture shows.
+    let repairs = || -> Result<(f64, f64)> {
+        Ok((
+            metric(&lab, "relay_capture_repairs_total")?,
+            edge_metric(&lab, 1, "edge_capture_repairs_total")?,
+        ))
+    };
+    m.check(
+        &["no repair counted before", "relay, edge1 /metrics"],
+        "(0.0, 0.0)",
+        repairs().map(|r| format!("{r:?}")),
+    );
     for node in [Role::Edge1, Role::Relay] {
         m.note(&["capture removed", node.as_str()], wipe(&lab, node));
     }
     m.note(
         &["capture back on both nodes", "epod1 → cpod2, cpod1 → epod1"],
         within(Duration::from_secs(15), both).map(|d| format!("after {d:?}")),
+    );
+    // At least one each (a check landing between two of `wipe`'s steps
+    // repairs twice).
+    m.note(
+        &["each repair counted", "relay, edge1 /metrics"],
+        within(Duration::from_secs(5), || {
+            let r = repairs()?;
+            Ok(r.0 >= 1.0 && r.1 >= 1.0)
+        })
+        .and_then(|_| repairs())
+        .map(|r| format!("{r:?}")),
     );
     m.check(
         &["edge pod → cloud pod", "epod1 → 10.244.2.2"],

@@ -94,6 +94,9 @@ pub struct Metrics {
     capture_installed: AtomicU64,
     /// Capture updates that failed (each retried a second later).
     capture_failures: AtomicU64,
+    /// Times capture was found removed by something else on the node and
+    /// installed again (see [`Metrics::capture_repaired`]).
+    capture_repairs: AtomicU64,
     /// The capture updates' outcomes with their errors and times, for
     /// `/readyz` (see [`crate::admin::CaptureHealth`]).
     pub capture_health: crate::admin::CaptureHealth,
@@ -180,6 +183,14 @@ impl Metrics {
         if !ok {
             self.capture_failures.fetch_add(1, Relaxed);
         }
+    }
+
+    /// Counts capture installed again after something else on the node
+    /// removed it (`Capture::repair`): an nftables service restart, a
+    /// firewall reload, an agent flushing the ruleset. Once is a restart;
+    /// a steady rise is something on the node fighting capture.
+    pub fn capture_repaired(&self) {
+        self.capture_repairs.fetch_add(1, Relaxed);
     }
 
     /// Counts an admin request the budget `budget` (from
@@ -418,9 +429,11 @@ pub fn render_capture(shared: &crate::server::Shared) -> String {
             shared.capture_bound.render_capture("relay")
                 + &format!(
                     "# HELP relay_capture_installed 1 when the relay's last capture update (edge routes, capture sources, Services) applied, 0 while it fails (retried every second; traffic from this node to the edges may go uncaptured meanwhile).\n# TYPE relay_capture_installed gauge\nrelay_capture_installed {}\n\
-                     # HELP relay_capture_failures_total Capture updates that failed (each logged, sampled, and retried).\n# TYPE relay_capture_failures_total counter\nrelay_capture_failures_total {}\n",
+                     # HELP relay_capture_failures_total Capture updates that failed (each logged, sampled, and retried).\n# TYPE relay_capture_failures_total counter\nrelay_capture_failures_total {}\n\
+                     # HELP relay_capture_repairs_total Times capture was found removed from the node by something else (an nftables restart, a firewall reload, a flushed ruleset) and installed again.\n# TYPE relay_capture_repairs_total counter\nrelay_capture_repairs_total {}\n",
                     m.capture_installed.load(Relaxed),
-                    m.capture_failures.load(Relaxed)
+                    m.capture_failures.load(Relaxed),
+                    m.capture_repairs.load(Relaxed)
                 )
         }
         None => String::new(),

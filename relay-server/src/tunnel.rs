@@ -253,8 +253,10 @@ pub(crate) async fn sync_capture(mut cap: Capture, shared: Arc<Shared>, stop: Ca
     let mut last_peer: HashMap<String, IpAddr> = HashMap::new();
     loop {
         if std::mem::take(&mut ticked) {
-            if let Err(e) = cap.repair().await {
-                warn!(error = %e, "installing capture again failed; will retry");
+            match cap.repair().await {
+                Ok(true) => shared.metrics.capture_repaired(),
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "installing capture again failed; will retry"),
             }
         }
         // Forwarded traffic is captured only from `capture.sources`,

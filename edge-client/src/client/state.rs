@@ -175,6 +175,9 @@ pub struct EdgeStats {
     /// 1 while capture is on the node, 0 while its install fails and is
     /// retried (see [`relay_transport::capture::Capture::uninstalled`]).
     pub capture_installed: AtomicU64,
+    /// Times capture was found removed by something else on the node (an
+    /// nftables restart, a firewall reload) and installed again.
+    pub capture_repairs: AtomicU64,
     /// What the relay is told about capture
     /// ([`Control::CaptureStatus`](relay_protocol::Control::CaptureStatus)):
     /// `None` without capture (nothing is told), else set by capture after
