@@ -315,3 +315,75 @@ async fn a_capture_report_is_one_status_report_per_change() {
         ]
     );
 }
+
+/// A newer edge's control message of a kind this relay does not know,
+/// and a known one carrying fields this relay does not know (trailing
+/// bytes), on a live session: both ignored, the unknown kind counted in
+/// `relay_control_unknown_total`, and the session goes on (a ping after
+/// them is answered). What a rolling upgrade relies on: an old relay
+/// must not drop a new edge's session for a message it cannot read.
+#[tokio::test]
+async fn a_newer_edges_unknown_message_is_ignored_and_counted_on_a_live_session() {
+    use tokio::io::AsyncWriteExt;
+    let (relay, pki) = crate::admin::tests::relay_configured(2, |_| {}).await;
+    let shared = relay.shared().clone();
+    let caps = capability::ALL;
+    let Bench {
+        handle,
+        control,
+        control_rx,
+        mut edge_control,
+        edge: _edge,
+    } = bench(&shared, &pki, "edge-0", caps, vec![cidr("10.99.0.1/32")]).await;
+    register(&shared, &handle);
+    let actor = tokio::spawn(super::run_session(
+        handle.clone(),
+        (control, control_rx, RouteFeed::new("edge-0", caps)),
+        shared.clone(),
+    ));
+    let unknown =
+        |m: &crate::metrics::Metrics| m.control_unknown.load(std::sync::atomic::Ordering::Relaxed);
+    let before = unknown(&shared.metrics);
+    // A kind past the last one this build knows, with a body of its own.
+    let body = [Control::VARIANTS as u8, 0, 3, 0xaa, 0xbb, 0xcc];
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    // And a ping with a field appended by a newer edge.
+    let mut ping = codec::encode(&Control::Ping { nonce: 77 }).expect("ping");
+    ping.extend_from_slice(&[0x01, 0x02]);
+    frame.extend_from_slice(&(ping.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&ping);
+    edge_control.send.write_all(&frame).await.expect("sent");
+    // Then a plain ping: answered only if the session survived both.
+    write_frame(&mut edge_control.send, &Control::Ping { nonce: 78 })
+        .await
+        .expect("sent");
+    let mut frames = codec::control_reader(edge_control.recv);
+    let mut pongs = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while pongs.len() < 2 {
+            let frame = frames.next().await.expect("stream open").expect("frame");
+            if let Ok(Incoming::Known {
+                msg: Control::Pong { nonce },
+                ..
+            }) = decode_control(&frame)
+            {
+                pongs.push(nonce);
+            }
+        }
+    })
+    .await
+    .expect("both pings answered");
+    assert_eq!(pongs, [77, 78]);
+    assert_eq!(
+        unknown(&shared.metrics),
+        before + 1,
+        "the unknown kind counted"
+    );
+    assert!(
+        shared.registry.get("edge-0").is_some(),
+        "the session is still registered"
+    );
+    handle.kick(relay_protocol::close_code::KICKED, "test over");
+    let _ = actor.await;
+}
