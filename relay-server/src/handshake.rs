@@ -554,4 +554,41 @@ mod tests {
         );
         assert_eq!(lines.len(), 3, "{text}");
     }
+
+    /// A handshake that registered its session and then never finished
+    /// (its bound fired during the final write, the edge went away, the
+    /// task was cancelled: the future is dropped wherever it was) leaves
+    /// no session behind: the guard removes it. Committed, it stays.
+    #[tokio::test]
+    async fn a_registration_dropped_before_commit_leaves_no_session() {
+        use crate::session::tests::{bench, register};
+        let (relay, pki) = crate::admin::tests::relay_configured(2, |_| {}).await;
+        let shared = relay.shared().clone();
+        let caps = relay_protocol::capability::ALL;
+        let dropped = bench(&shared, &pki, "edge-0", caps, vec![c("10.99.0.1/32")]).await;
+        register(&shared, &dropped.handle);
+        assert!(shared.registry.get("edge-0").is_some());
+        // As a cancelled handshake future drops its guard.
+        drop(Registration {
+            shared: &shared,
+            handle: &dropped.handle,
+            committed: false,
+        });
+        assert!(
+            shared.registry.get("edge-0").is_none(),
+            "a zombie session stayed registered"
+        );
+        let kept = bench(&shared, &pki, "edge-1", caps, vec![c("10.99.0.2/32")]).await;
+        register(&shared, &kept.handle);
+        Registration {
+            shared: &shared,
+            handle: &kept.handle,
+            committed: false,
+        }
+        .commit();
+        assert!(
+            shared.registry.get("edge-1").is_some(),
+            "a committed one went"
+        );
+    }
 }
