@@ -7,10 +7,23 @@
 # put together with umoci.
 #
 #   deploy/image/build-oci.sh [BIN_DIR]     (default target/image/bin)
+#   ARCH=arm64 deploy/image/build-oci.sh [BIN_DIR]
+#                                  (default target/image/arm64/bin)
+#
+# ARCH (amd64, the default, or arm64) is the image's architecture: the
+# binaries' (ARCH=arm64 deploy/image/build-static.sh) and the Debian
+# packages'. Packages of the host's own architecture come through the
+# host's apt as before; another architecture's through a private apt state
+# under $OUT/apt (the host's sources.list, its own package lists, an empty
+# dpkg status): nothing of the host's apt or dpkg configuration changes (no
+# `dpkg --add-architecture`). The arm64 binaries' --version runs under
+# qemu-aarch64-static (qemu-user-static) when the host is not arm64;
+# without qemu that check is skipped, said so.
 #
 # Needs: root (the layers must hold root-owned files), umoci, apt-get with
 # current package lists (`apt-get update`) for this machine's Debian release,
-# dpkg-deb, jq. Writes under target/image/ (IMAGE_OUT overrides):
+# dpkg-deb, jq. Writes under target/image/ (target/image/arm64/ for arm64;
+# IMAGE_OUT overrides):
 #   oci/             the OCI image layout, tag = the manifests' newTag
 #   edge-relay-<tag>.oci.tar   the same layout as one tar (oci-archive)
 #   rootfs/          the Debian layer's tree (kept for inspection)
@@ -21,17 +34,53 @@
 # Debian's base system: the same /usr/local/bin paths, PATH, user and CMD.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${IMAGE_OUT:-target/image}
-BIN=${1:-$OUT/bin}
+ARCH=${ARCH:-amd64}
 die() { echo "build-oci: $*" >&2; exit 1; }
+case $ARCH in
+  amd64) OUT=${IMAGE_OUT:-target/image}; ELF_MACHINE='X86-64' ;;
+  arm64) OUT=${IMAGE_OUT:-target/image/arm64}; ELF_MACHINE='AArch64' ;;
+  *) die "ARCH must be amd64 or arm64, not '$ARCH'" ;;
+esac
+BIN=${1:-$OUT/bin}
 
 [ "$(id -u)" = 0 ] || die "run as root (the image's files must be owned by root)"
-for t in umoci apt-get apt-cache dpkg-deb jq; do
-  command -v "$t" >/dev/null || die "$t is missing (apt-get install umoci jq)"
+for t in umoci apt-get apt-cache dpkg-deb jq readelf; do
+  command -v "$t" >/dev/null || die "$t is missing (apt-get install umoci jq binutils)"
 done
 for b in relay-server edge-client; do
-  [ -x "$BIN/$b" ] || die "$BIN/$b missing: run deploy/image/build-static.sh first"
+  [ -x "$BIN/$b" ] || die "$BIN/$b missing: run ARCH=$ARCH deploy/image/build-static.sh first"
+  m=$(readelf -hW "$BIN/$b" | sed -n 's/^ *Machine: *//p')
+  [[ $m == *"$ELF_MACHINE" ]] || die "$BIN/$b is built for '$m', not $ARCH"
 done
+
+# Running the binaries (their --version), and apt for ARCH.
+HOST_ARCH=$(dpkg --print-architecture)
+RUN=()
+RUN_SKIP=
+APT=()
+if [ "$ARCH" != "$HOST_ARCH" ]; then
+  if [ "$ARCH" = arm64 ] && command -v qemu-aarch64-static >/dev/null; then
+    RUN=(qemu-aarch64-static)
+  else
+    RUN_SKIP="no qemu-aarch64-static here (apt-get install qemu-user-static) to run $ARCH binaries on $HOST_ARCH"
+  fi
+  # A private apt state for ARCH: the host's sources, lists of ARCH only,
+  # an empty dpkg status (nothing is installed for ARCH), no update hooks
+  # (appstream, packagekit) and no DEP-11 metadata.
+  mkdir -p "$OUT"
+  A=$(realpath "$OUT")/apt
+  mkdir -p "$A/lists/partial" "$A/cache/archives/partial"
+  : >"$A/status"
+  APT=(-o "APT::Architecture=$ARCH" -o "APT::Architectures::=$ARCH"
+       -o "Dir::State::Lists=$A/lists" -o "Dir::State::status=$A/status" -o "Dir::Cache=$A/cache"
+       -o APT::Sandbox::User=root
+       -o Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false
+       -o Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled=false
+       -o Acquire::IndexTargets::deb::DEP-11-icons-small::DefaultEnabled=false
+       -o APT::Update::Post-Invoke-Success::= -o APT::Update::Post-Invoke::=)
+  echo "== apt-get update for $ARCH (private state in $A)"
+  apt-get "${APT[@]}" -qq update >/dev/null || die "apt-get update for $ARCH failed"
+fi
 
 # The tag: the one every overlay's `images:` entry uses, which must also be
 # the binaries' version.
@@ -41,9 +90,14 @@ TAG=${tags[0]}
 mapfile -t names < <(sed -n 's/^ *newName: *//p' deploy/kubernetes/overlays/*/kustomization.yaml | sort -u)
 [ "${#names[@]}" = 1 ] || die "overlays disagree on newName: ${names[*]:-none}"
 NAME=${names[0]}
-for b in relay-server edge-client; do
-  [ "$("$BIN/$b" --version)" = "$b $TAG" ] || die "$b --version is '$("$BIN/$b" --version)', the manifests' tag is $TAG"
-done
+if [ -n "$RUN_SKIP" ]; then
+  echo "   binaries' --version against the tag SKIPPED: $RUN_SKIP"
+else
+  for b in relay-server edge-client; do
+    v=$("${RUN[@]}" "$BIN/$b" --version) || die "$b --version failed"
+    [ "$v" = "$b $TAG" ] || die "$b --version is '$v', the manifests' tag is $TAG"
+  done
+fi
 
 # Debian packages: these roots and their Depends, recursively, first
 # alternative of each; not the package manager's own (nothing installs
@@ -53,7 +107,7 @@ done
 # binary only logs at debug level, so verify-oci.sh checks it is there).
 ROOTS=(nftables iproute2 netbase conntrack)
 SKIP=" debconf debconf-2.0 cdebconf dpkg tar install-info perl-base libcap2-bin "
-apt-cache show nftables >/dev/null 2>&1 || die "apt-cache knows no nftables: run apt-get update"
+apt-cache "${APT[@]}" show nftables >/dev/null 2>&1 || die "apt-cache knows no nftables ($ARCH): run apt-get update"
 declare -A seen=()
 queue=("${ROOTS[@]}")
 while [ "${#queue[@]}" -gt 0 ]; do
@@ -72,15 +126,15 @@ while [ "${#queue[@]}" -gt 0 ]; do
     case $dep in "<"*) continue ;; esac  # a virtual package left alone
     [[ $SKIP == *" $dep "* ]] && continue
     queue+=("$dep")
-  done < <(apt-cache depends --no-recommends --no-suggests --no-conflicts --no-breaks \
+  done < <(apt-cache "${APT[@]}" depends --no-recommends --no-suggests --no-conflicts --no-breaks \
              --no-replaces --no-enhances "$p" | sed -n 's/^ *\(|\?\)\(Pre\)\?Depends: /\1Depends: /p')
 done
 mapfile -t PKGS < <(printf '%s\n' "${!seen[@]}" | sort)
-echo "== ${#PKGS[@]} Debian packages: ${PKGS[*]}"
+echo "== ${#PKGS[@]} Debian packages ($ARCH): ${PKGS[*]}"
 
 rm -rf "$OUT/debs"
 mkdir -p "$OUT/debs"
-(cd "$OUT/debs" && apt-get download -q -o APT::Sandbox::User=root "${PKGS[@]}" >/dev/null) || die "apt-get download failed"
+(cd "$OUT/debs" && apt-get "${APT[@]}" download -q -o APT::Sandbox::User=root "${PKGS[@]}" >/dev/null) || die "apt-get download failed"
 
 ROOT=$OUT/rootfs
 rm -rf "$ROOT" "$OUT/oci"
@@ -97,6 +151,8 @@ for p in "${PKGS[@]}"; do
   deb=${debs[0]}
   dpkg-deb --fsys-tarfile "$deb" | tar -x --keep-directory-symlink -C "$ROOT" \
     || die "unpacking $deb"
+  a=$(dpkg-deb -f "$deb" Architecture)
+  [ "$a" = "$ARCH" ] || [ "$a" = all ] || die "$deb is for $a, not $ARCH"
   dpkg-deb -f "$deb" Package Version | paste -sd' ' >>"$OUT/packages.txt"
 done
 # Docs, man pages, translations, package-manager and init leftovers.
@@ -114,7 +170,23 @@ printf 'passwd: files\ngroup: files\nshadow: files\nhosts: files dns\nnetworks: 
 printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' >"$ROOT/etc/hosts"
 printf '# replaced by the container runtime\n' >"$ROOT/etc/resolv.conf"
 printf 'include /etc/ld.so.conf.d/*.conf\n' >"$ROOT/etc/ld.so.conf"
-ldconfig -r "$ROOT" || die "ldconfig -r $ROOT"
+if [ "$ARCH" = "$HOST_ARCH" ]; then
+  ldconfig -r "$ROOT" || die "ldconfig -r $ROOT"
+elif [ -z "$RUN_SKIP" ]; then
+  # The host's ldconfig leaves another architecture's libraries out (its
+  # cache for the arm64 root listed none): ARCH's own ldconfig (libc-bin,
+  # static; downloaded, not put in the image) under qemu.
+  (cd "$OUT/debs" && apt-get "${APT[@]}" download -q libc-bin >/dev/null) || die "apt-get download libc-bin ($ARCH) failed"
+  rm -rf "$OUT/ldconfig" && mkdir -p "$OUT/ldconfig"
+  dpkg-deb -x "$OUT/debs"/libc-bin_*.deb "$OUT/ldconfig"
+  "${RUN[@]}" "$OUT/ldconfig/sbin/ldconfig" -r "$ROOT" || die "ldconfig -r $ROOT ($ARCH, under ${RUN[*]})"
+  rm -rf "$OUT/debs"/libc-bin_*.deb "$OUT/ldconfig"
+else
+  # No cache: the loader then searches its default (multiarch) directories.
+  echo "   ld.so.cache SKIPPED ($RUN_SKIP): the loader searches its default directories"
+fi
+[ ! -e "$ROOT/etc/ld.so.cache" ] || [ "$(stat -c %s "$ROOT/etc/ld.so.cache")" -gt 200 ] \
+  || die "$ROOT/etc/ld.so.cache lists no library"
 mkdir -p "$ROOT/usr/share/edge-relay"
 cp "$OUT/packages.txt" "$ROOT/usr/share/edge-relay/debian-packages.txt"
 
@@ -129,7 +201,7 @@ umoci new --image "$IMG"
 umoci unpack --image "$IMG" "$BUNDLE" >/dev/null
 cp -a "$ROOT/." "$BUNDLE/rootfs/"
 umoci repack --refresh-bundle --image "$IMG" \
-  --history.created_by "Debian: ${PKGS[*]} (deploy/image/build-oci.sh)" "$BUNDLE"
+  --history.created_by "Debian ($ARCH): ${PKGS[*]} (deploy/image/build-oci.sh)" "$BUNDLE"
 # Second layer: the binaries, which change more often than Debian's files.
 install -m 0755 "$BIN/relay-server" "$BIN/edge-client" "$BUNDLE/rootfs/usr/local/bin/"
 umoci repack --image "$IMG" \
@@ -137,7 +209,7 @@ umoci repack --image "$IMG" \
 rm -rf "$BUNDLE"
 # As deploy/Containerfile: no entrypoint (the manifests set command), root.
 umoci config --image "$IMG" --no-history \
-  --os linux --architecture amd64 \
+  --os linux --architecture "$ARCH" \
   --config.env "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
   --config.user 0:0 --config.workingdir / \
   --config.cmd /usr/local/bin/relay-server --config.cmd --help \
@@ -157,7 +229,7 @@ for l in "${layers[@]}"; do
 done
 grep -qx 'usr/local/bin/relay-server' "$OUT/layer.txt" || die "the last layer lacks usr/local/bin/relay-server"
 rm -f "$OUT/layer.txt"
-echo "== $OUT/oci:$TAG ($NAME:$TAG)"
+echo "== $OUT/oci:$TAG ($NAME:$TAG, linux/$ARCH)"
 echo "   manifest $manifest"
 jq -r '.layers[] | "   layer \(.digest) \(.size) bytes"' "$OUT/oci/blobs/sha256/${manifest#sha256:}"
 echo "   layout $(du -sh "$OUT/oci" | cut -f1), archive $OUT/edge-relay-$TAG.oci.tar"

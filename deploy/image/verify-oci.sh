@@ -25,13 +25,33 @@
 # same session without capture (static glibc resolves names from
 # /etc/hosts by itself), and a name absent from /etc/hosts fails to resolve.
 #
-# Needs root, umoci, jq, ip, unshare, chroot. Traffic stays on the loopback
-# of the namespace it creates; the namespace and the mounts are removed on
-# exit.
+# Both sessions are also checked through the relay's admin API
+# (GET /v1/sessions lists edge-1 with agent edge-client/<tag>).
+#
+# The image's architecture is read from its config. An arm64 image on an
+# x86_64 machine is run under qemu-user (qemu-aarch64-static, copied into
+# the jail's /tmp and run by chroot in front of every command, so the
+# programs still see only the image's root; there is no binfmt_misc
+# registration). qemu-user 7.2 (Debian bookworm) passes only NETLINK_ROUTE
+# (and uevent, audit) netlink sockets through, and not every rtnetlink
+# message (no RTM_GETRULE), so for arm64 under qemu:
+#   - nft and conntrack do not run (NETLINK_NETFILTER: "Protocol not
+#     supported"; conntrack --version crashes): their loader resolves every
+#     library instead (ld-linux-aarch64.so.1 --list, no "not found");
+#   - ip -V and ip route add/show/del run;
+#   - the image session runs without capture (its nft and ip rule calls
+#     could not run; and the edge's exec of nft would need binfmt_misc);
+#   - the bare-root session and the unresolvable name run as on amd64.
+# Without qemu-aarch64-static only the unpack and the config are checked,
+# and the run checks are reported SKIPPED.
+#
+# Needs root, umoci, jq, ip, unshare, chroot, curl. Traffic stays on the
+# loopback of the namespace it creates; the namespace and the mounts are
+# removed on exit.
 set -euo pipefail
 
 if [ "${1:-}" = --inside ]; then
-  inside=1; T=$2; TAG=$3; IMG_PATH=$4
+  inside=1; T=$2; TAG=$3; IMG_PATH=$4; EMU_NAME=${5:-}
 else
   inside=0
 fi
@@ -44,7 +64,21 @@ if [ "$inside" = 1 ]; then
   # The image's environment only (its PATH finds nft and ip, for us and for
   # the binaries' own calls); env finds chroot on the host with that PATH.
   JAIL=(env -i PATH="$IMG_PATH" RUST_LOG=info NO_COLOR=1 chroot)
-  jail() { "${JAIL[@]}" "$@"; }
+  # EMU: the emulator in front of every command in the jail (copied into
+  # the jail's /tmp by mount_root), or nothing. qemu-user does not search
+  # PATH, so a bare command name is looked up in the image's PATH here.
+  EMU=()
+  [ -n "$EMU_NAME" ] && EMU=("/tmp/$EMU_NAME")
+  resolve() { # root command
+    local r=$1 c=$2 d
+    if [ "${#EMU[@]}" = 0 ] || [[ $c == */* ]]; then echo "$c"; return; fi
+    IFS=: read -ra dirs <<<"$IMG_PATH"
+    for d in "${dirs[@]}"; do
+      [ -x "$r$d/$c" ] && { echo "$d/$c"; return; }
+    done
+    echo "$c"
+  }
+  jail() { local r=$1 c; c=$(resolve "$1" "$2"); shift 2; "${JAIL[@]}" "$r" "${EMU[@]}" "$c" "$@"; }
   # has PATTERN CMD...: CMD succeeds and its output matches (no pipe into
   # grep -q, whose early exit would fail the command under pipefail).
   has() { local pat=$1 out; shift; out=$("$@") || return 1; grep -q -- "$pat" <<<"$out"; }
@@ -69,6 +103,7 @@ if [ "$inside" = 1 ]; then
     mount -t tmpfs -o mode=1777 tmpfs "$r/tmp"
     mount --bind "$T/hosts" "$r/etc/hosts"
     if touch "$r/.probe" 2>/dev/null; then die "$r: root filesystem is writable"; fi
+    if [ -n "$EMU_NAME" ]; then install -m 0755 "$T/$EMU_NAME" "$r/tmp/$EMU_NAME"; fi
   }
   wait_log() { # file pattern seconds
     local i
@@ -109,11 +144,11 @@ enabled = $capture
 # As the shipped edge configs: after SIGTERM, refusals only (checked below).
 hold_after_exit = "10m"
 TOML
-    "${JAIL[@]}" "$r" /usr/local/bin/relay-server --config /etc/edge-relay/relay.toml \
+    "${JAIL[@]}" "$r" "${EMU[@]}" /usr/local/bin/relay-server --config /etc/edge-relay/relay.toml \
       >"$T/$label-relay.log" 2>&1 &
     rpid=$!
     PIDS+=("$rpid")
-    "${JAIL[@]}" "$r" /usr/local/bin/edge-client --config /etc/edge-relay/edge.toml \
+    "${JAIL[@]}" "$r" "${EMU[@]}" /usr/local/bin/edge-client --config /etc/edge-relay/edge.toml \
       >"$T/$label-edge.log" 2>&1 &
     epid=$!
     PIDS+=("$epid")
@@ -124,6 +159,12 @@ TOML
     grep -q 'session up.*remote=127.0.0.1:8443' "$T/$label-edge.log" \
       || { cat "$T/$label-edge.log" >&2; die "$label: session up, but not to 127.0.0.1:8443 (relay.image-test in /etc/hosts)"; }
     say "$label: edge dialed relay.image-test:8443 (/etc/hosts)" "session up, $(grep -o 'transport="[a-z]*"' "$T/$label-edge.log" | head -1)"
+    # The relay's side: its admin API (loopback, no token) lists the session.
+    local sessions
+    sessions=$(curl -sf --max-time 5 http://127.0.0.1:9090/v1/sessions) || die "$label: GET /v1/sessions on the relay's admin API failed"
+    jq -e --arg a "edge-client/$TAG" 'any(.[]; .node == "edge-1" and .agent == $a and (.routes | index("10.244.7.0/24")))' \
+      <<<"$sessions" >/dev/null || die "$label: the relay's /v1/sessions does not list edge-1 (edge-client/$TAG, 10.244.7.0/24): $sessions"
+    say "$label: relay admin API GET /v1/sessions" "edge-1, $(jq -r '.[0] | "\(.agent), \(.transport), routes \(.routes | join(","))"' <<<"$sessions")"
     if [ "$capture" = true ]; then
       local ok=0 i
       for ((i = 0; i < 100; i++)); do
@@ -170,6 +211,26 @@ TOML
     say "image: $b --version" "$v"
   done
   run /usr/local/bin/relay-server route-agent --help >/dev/null || die "image: relay-server route-agent --help"
+  if [ "${#EMU[@]}" != 0 ]; then
+    # qemu-user cannot run nft or conntrack (see the top): their loader
+    # must find every library in the image instead.
+    for c in nft conntrack ip; do
+      p=$(resolve "$R" "$c")
+      v=$(run /lib/ld-linux-aarch64.so.1 --list "$p" 2>&1) || die "image: the loader cannot load $p: $v"
+      grep -q 'not found' <<<"$v" && die "image: $p: libraries not found: $(grep 'not found' <<<"$v")"
+      say "image: $p's libraries (ld-linux-aarch64.so.1 --list)" "$(grep -c '=>' <<<"$v") found, none missing"
+    done
+    v=$(run ip -V) || die "image: ip -V failed"
+    say "image: ip -V (PATH, under qemu)" "$v"
+    run ip link set lo up || die "image: ip link set lo up"
+    run ip route add 10.99.0.0/24 dev lo || die "image: ip route add"
+    has '^10.99.0.0/24 dev lo' run ip route show || die "image: ip route does not list the route it added"
+    run ip route del 10.99.0.0/24 dev lo
+    say "image: ip route add/show/del in the namespace (qemu)" "ok"
+    say "image: nft, conntrack, capture session" "NOT RUN: qemu-user has no NETLINK_NETFILTER"
+    session "$R" image false
+  else
+  # Native: nft, ip and conntrack run (not indented: the here-documents).
   v=$(run nft --version) || die "image: nft --version failed"
   say "image: nft --version (PATH)" "$v"
   v=$(run ip -V) || die "image: ip -V failed"
@@ -216,18 +277,20 @@ NFT
   [ -z "$(run nft list ruleset)" ] || die "image: ruleset not empty after deleting image_ct"
   say "image: conntrack -D -p udp --orig-dst --dport (capture's)" "1 entry made, listed, deleted"
   session "$R" image true
+  fi # native
 
   # -- the bare root: static binaries and three /etc files, nothing else
   # (same namespace: lo is up, set by the image's ip above)
   R=$T/mnt-bare
   mount_root "$T/bare" "$R"
-  if [ -e "$R/lib64/ld-linux-x86-64.so.2" ] || [ -e "$R/usr/lib/x86_64-linux-gnu/libc.so.6" ]; then
+  if [ -e "$R/lib64/ld-linux-x86-64.so.2" ] || [ -e "$R/usr/lib/x86_64-linux-gnu/libc.so.6" ] \
+     || [ -e "$R/lib/ld-linux-aarch64.so.1" ] || [ -e "$R/usr/lib/aarch64-linux-gnu/libc.so.6" ]; then
     die "bare root has a loader or libc"
   fi
   session "$R" bare false
   # A name not in /etc/hosts must not resolve (no DNS server in the
   # namespace): the check above could not pass by accident.
-  timeout -s TERM 3 "${JAIL[@]}" "$R" /usr/local/bin/edge-client --config /etc/edge-relay/edge.toml \
+  timeout -s TERM 3 "${JAIL[@]}" "$R" "${EMU[@]}" /usr/local/bin/edge-client --config /etc/edge-relay/edge.toml \
     --relay relay.not-in-hosts.image-test:8443 >"$T/bare-missing.log" 2>&1 || true
   grep -q 'resolve relay.not-in-hosts.image-test:8443' "$T/bare-missing.log" \
     || { cat "$T/bare-missing.log" >&2; die "bare: a name absent from /etc/hosts did not fail to resolve"; }
@@ -239,7 +302,7 @@ fi
 cd "$(dirname "$0")/../.."
 LAYOUT=${1:-${IMAGE_OUT:-target/image}/oci}
 [ "$(id -u)" = 0 ] || die "run as root (network namespace, mounts, chroot)"
-for t in umoci jq ip unshare chroot; do command -v "$t" >/dev/null || die "$t is missing"; done
+for t in umoci jq ip unshare chroot curl; do command -v "$t" >/dev/null || die "$t is missing"; done
 [ -f "$LAYOUT/index.json" ] || die "$LAYOUT is not an OCI layout: run deploy/image/build-oci.sh"
 mapfile -t tags < <(sed -n 's/^ *newTag: *//p' deploy/kubernetes/overlays/*/kustomization.yaml | sort -u)
 [ "${#tags[@]}" = 1 ] || die "overlays disagree on newTag: ${tags[*]:-none}"
@@ -253,7 +316,23 @@ cleanup() {
 }
 trap cleanup EXIT
 
-echo "== verify $LAYOUT:$TAG"
+# The image's architecture (its config), and how to run it here.
+manifest=$(jq -r --arg t "$TAG" '.manifests[] | select(.annotations["org.opencontainers.image.ref.name"] == $t) | .digest' "$LAYOUT/index.json")
+[ -n "$manifest" ] || die "$LAYOUT has no manifest tagged $TAG"
+config=$(jq -r .config.digest "$LAYOUT/blobs/sha256/${manifest#sha256:}")
+ARCH=$(jq -r .architecture "$LAYOUT/blobs/sha256/${config#sha256:}")
+case $(uname -m) in x86_64) HOST_ARCH=amd64 ;; aarch64) HOST_ARCH=arm64 ;; *) HOST_ARCH=$(uname -m) ;; esac
+EMU_NAME=
+RUN_SKIP=
+if [ "$ARCH" != "$HOST_ARCH" ]; then
+  if [ "$ARCH" = arm64 ] && command -v qemu-aarch64-static >/dev/null; then
+    EMU_NAME=qemu-aarch64-static
+  else
+    RUN_SKIP="a linux/$ARCH image on $HOST_ARCH and no qemu-aarch64-static (apt-get install qemu-user-static)"
+  fi
+fi
+
+echo "== verify $LAYOUT:$TAG (linux/$ARCH${EMU_NAME:+, run under $EMU_NAME})"
 umoci unpack --image "$LAYOUT:$TAG" "$T/bundle" >/dev/null || die "umoci unpack $LAYOUT:$TAG failed"
 say "umoci unpack (digests checked)" "$(du -sh "$T/bundle/rootfs" | cut -f1) root filesystem"
 cfg=$T/bundle/config.json
@@ -269,11 +348,18 @@ for c in "${cmds[@]}"; do
 done
 say "config: user 0, PATH, CMD; manifests' commands present" "${cmds[*]}"
 
+if [ -n "$RUN_SKIP" ]; then
+  echo "   run checks (binaries, nft, ip, conntrack, sessions) SKIPPED: $RUN_SKIP"
+  echo "== image unpacked and its config checked; nothing in it was run"
+  exit 0
+fi
+[ -z "$EMU_NAME" ] || cp "$(command -v "$EMU_NAME")" "$T/$EMU_NAME"
+
 mkdir -p "$T/bare/usr/local/bin" "$T/bare/etc/edge-relay" "$T"/bare/{proc,dev,tmp}
 cp "$T/bundle/rootfs/usr/local/bin/"{relay-server,edge-client} "$T/bare/usr/local/bin/"
 cp "$T/bundle/rootfs/etc/"{hosts,nsswitch.conf,resolv.conf} "$T/bare/etc/"
 
 ip netns add "$NS"
 IMG_PATH=$(jq -r '.process.env[] | select(startswith("PATH=")) | .[5:]' "$cfg")
-ip netns exec "$NS" unshare --mount --propagation private "$(pwd)/deploy/image/verify-oci.sh" --inside "$T" "$TAG" "$IMG_PATH"
+ip netns exec "$NS" unshare --mount --propagation private "$(pwd)/deploy/image/verify-oci.sh" --inside "$T" "$TAG" "$IMG_PATH" "$EMU_NAME"
 echo "== image verified"
