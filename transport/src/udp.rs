@@ -462,3 +462,57 @@ async fn stream_payload(recv: &mut RecvHalf, frames: &mut StreamPayloads) -> Opt
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What one session's flows may hold from the tunnel is bounded as a
+    /// whole ([`SESSION_UDP_QUEUE_BYTES`]), whatever the number of flows
+    /// and their queues: past it datagrams are dropped and counted; a
+    /// payload taken, or a flow closed with payloads still queued, gives
+    /// its bytes back. And a queued payload is a copy of exactly its
+    /// bytes, not a slice keeping the received datagram's buffer alive.
+    #[tokio::test]
+    async fn the_session_queue_is_bounded_in_bytes_and_holds_copies() {
+        let stats = Arc::new(UdpStats::default());
+        let table = FlowTable::new(0, 64, false, stats.clone());
+        let mut a = table.register(Some(1)).expect("flow 1");
+        let b = table.register(Some(2)).expect("flow 2");
+        let payload = vec![7u8; 60_000];
+        let fits = SESSION_UDP_QUEUE_BYTES / payload.len();
+        for i in 0..100 {
+            // Alternating flows: the budget is the session's, not a flow's.
+            let id = if i % 2 == 0 { 1 } else { 2 };
+            table.dispatch(encode_datagram(id, &payload));
+        }
+        let dropped = stats.dropped_queue_full.load(Relaxed);
+        assert_eq!(dropped, (100 - fits) as u64, "{fits} fit in the budget");
+        assert_eq!(table.queued.load(Relaxed), fits * payload.len());
+        // One taken: room for one more.
+        let d = encode_datagram(1, &payload);
+        let range = d.as_ptr() as usize..d.as_ptr() as usize + d.len();
+        let got = a.recv().await.expect("a payload");
+        assert_eq!(got.len(), payload.len());
+        table.dispatch(d.clone());
+        assert_eq!(stats.dropped_queue_full.load(Relaxed), dropped, "it fit");
+        // Flow 2 closed with its payloads queued: they leave the budget.
+        drop(b);
+        let left = table.queued.load(Relaxed);
+        assert!(
+            left <= fits.div_ceil(2) * payload.len(),
+            "{left} still queued"
+        );
+        // The payload queued last is its own copy, not a slice of `d`.
+        let mut last = None;
+        while table.queued.load(Relaxed) > 0 {
+            last = a.recv().await;
+        }
+        let last = last.expect("payloads of flow 1");
+        assert!(
+            !range.contains(&(last.as_ptr() as usize)),
+            "the queued payload points into the received datagram"
+        );
+        assert_eq!(table.queued.load(Relaxed), 0);
+    }
+}
