@@ -189,16 +189,20 @@ async fn revoked_edges_are_refused_and_renewed_certificates_served_without_dropp
         matches!(e.state(), EdgeState::Connecting { last: Some(l), .. }
             if l.contains("refused this edge's certificate: TLS alert CertificateRevoked"))
     };
-    within(Duration::from_secs(10), async || Ok(says_revoked(&edges[0])))
-        .await
-        .with_context(|| format!("edge-0 over QUIC: {:?}", edges[0].state()))?;
+    within(Duration::from_secs(10), async || {
+        Ok(says_revoked(&edges[0]))
+    })
+    .await
+    .with_context(|| format!("edge-0 over QUIC: {:?}", edges[0].state()))?;
     let mut over_tcp = edge_config(&pki, 0, relay.quic_addr())?;
     over_tcp.transport = edge_client::config::TransportMode::Tcp;
     over_tcp.tcp_fallback_port = Some(relay.tcp_fallback_addr().context("tcp")?.port());
     let tcp_edge = EdgeClient::spawn(over_tcp);
-    within(Duration::from_secs(10), async || Ok(says_revoked(&tcp_edge)))
-        .await
-        .with_context(|| format!("edge-0 over TCP: {:?}", tcp_edge.state()))?;
+    within(Duration::from_secs(10), async || {
+        Ok(says_revoked(&tcp_edge))
+    })
+    .await
+    .with_context(|| format!("edge-0 over TCP: {:?}", tcp_edge.state()))?;
     tcp_edge.shutdown().await;
     let (_, metrics) = relay_lab::admin_get(admin, "/metrics", None).await?;
     let tls_failures = metrics

@@ -46,10 +46,16 @@ pub fn raise_and_log(who: &str) {
              beyond it fail with EMFILE; raise LimitNOFILE or the container runtime's limit"
         ),
         Ok((before, after)) if before != after => {
-            tracing::info!(before, after, "{who}: open-file soft limit raised to the hard limit")
+            tracing::info!(
+                before,
+                after,
+                "{who}: open-file soft limit raised to the hard limit"
+            )
         }
         Ok((_, after)) => tracing::debug!(after, "{who}: open-file limit"),
-        Err(e) => tracing::warn!(error = %e, "{who}: reading or raising the open-file limit failed"),
+        Err(e) => {
+            tracing::warn!(error = %e, "{who}: reading or raising the open-file limit failed")
+        }
     }
 }
 
