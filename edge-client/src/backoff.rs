@@ -36,11 +36,11 @@ pub struct BackoffConfig {
     /// off.
     ///
     /// Why: each attempt costs bytes on the uplink (a QUIC attempt's
-    /// Initials, 1,200 bytes each, then the TCP fallback's), about 7 KB;
-    /// at the 8 s cap a relay unreachable for a day costs an edge about
-    /// 33 MB, paid on metered cellular data by every edge of the fleet.
-    /// At a 60 s cap it is about 13 MB, and an edge comes back at most a
-    /// minute after a long outage ends; outages shorter than this (a
+    /// Initials, about five of 1,228 bytes, then the TCP fallback's SYNs),
+    /// about 6 KB; at the 8 s cap a relay unreachable for a day cost an
+    /// edge 30 MB (measured, docs/benchmarks.md), paid on metered cellular
+    /// data by every edge of the fleet. At a 60 s cap it was 12 MB, and an
+    /// edge comes back at most a minute after a long outage ends; outages shorter than this (a
     /// restart, a rolling update, a network blip) keep the short cap.
     ///
     /// [`long_max`]: BackoffConfig::long_max

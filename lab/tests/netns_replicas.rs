@@ -34,8 +34,8 @@ use relay_lab::replicas::{
 };
 use relay_lab::route_agent;
 use relay_lab::scenario::{
-    echo_service, lab_pki, relay_server_binary, sa, services, start_edge, within, RelayProcess,
-    Running, ECHO, HTTP, QUIC_PORT,
+    echo_service, edge_metric, edge_readiness, lab_pki, relay_server_binary, sa, services,
+    start_edge, within, RelayProcess, Running, ECHO, EDGE_STATUS, HTTP, QUIC_PORT,
 };
 use relay_protocol::Replica;
 
@@ -329,41 +329,77 @@ fn rolling_restart(lab: &NetnsLab, relays: &mut [RelayProcess]) -> Result<()> {
     Ok(())
 }
 
-/// Counts the tunnel's packets through nat1's WAN interface, both ways:
-/// what a carrier bills, IP and UDP headers included, and nothing of the
-/// lab's own chatter on that link (ARP, IPv6 router solicitations, which a
-/// cellular uplink does not carry and which are a third of an idle
-/// minute's frames here). Read with [`wan_bytes`].
-fn count_tunnel_bytes(lab: &NetnsLab) -> Result<()> {
+/// Counts the tunnel's packets through NAT `nat`'s WAN interface, both
+/// ways: what a carrier bills, IP and UDP (or TCP) headers included, and
+/// nothing of the lab's own chatter on that link (ARP, IPv6 router
+/// solicitations, which a cellular uplink does not carry and which are a
+/// third of an idle minute's frames here). The tunnel is QUIC and the TCP
+/// fallback to the relay's port; besides the totals, the TCP fallback's
+/// share, and the packets that open an attempt (QUIC Initials, TCP SYNs).
+/// Read with [`wan_bytes`] and [`tunnel_counters`].
+fn count_tunnel_bytes(lab: &NetnsLab, nat: Role) -> Result<()> {
     lab.nft(
-        Role::Nat1,
+        nat,
         &format!(
             r#"table inet idlebytes {{
                 counter down {{}}
                 counter up {{}}
+                counter tcp_down {{}}
+                counter tcp_up {{}}
+                counter initials {{}}
+                counter syns {{}}
                 chain forward {{
                     type filter hook forward priority -10; policy accept;
-                    iifname "wan0" udp sport {QUIC_PORT} counter name "down"
-                    oifname "wan0" udp dport {QUIC_PORT} counter name "up"
+                    iifname "wan0" meta l4proto {{ tcp, udp }} th sport {QUIC_PORT} counter name "down"
+                    oifname "wan0" meta l4proto {{ tcp, udp }} th dport {QUIC_PORT} counter name "up"
+                    iifname "wan0" tcp sport {QUIC_PORT} counter name "tcp_down"
+                    oifname "wan0" tcp dport {QUIC_PORT} counter name "tcp_up"
+                    oifname "wan0" udp dport {QUIC_PORT} @th,64,8 & 0xf0 == 0xc0 counter name "initials"
+                    oifname "wan0" tcp dport {QUIC_PORT} tcp flags & (syn | ack) == syn counter name "syns"
                 }}
             }}"#
         ),
     )
 }
 
-/// The tunnel's bytes through nat1's WAN interface (received, sent) so
-/// far; see [`count_tunnel_bytes`].
-fn wan_bytes(lab: &NetnsLab) -> Result<(u64, u64)> {
-    let bytes = |name: &str| -> Result<u64> {
-        let out = lab.exec(
-            Role::Nat1,
-            &["nft", "-j", "list", "counter", "inet", "idlebytes", name],
-        )?;
-        let v: serde_json::Value = serde_json::from_str(&out)?;
-        v["nftables"]
-            .as_array()
-            .and_then(|a| a.iter().find_map(|o| o["counter"]["bytes"].as_u64()))
-            .with_context(|| format!("counter {name} in {out}"))
+/// Every counter of [`count_tunnel_bytes`]'s table at NAT `nat` so far:
+/// name → (packets, bytes).
+fn tunnel_counters(lab: &NetnsLab, nat: Role) -> Result<BTreeMap<String, (u64, u64)>> {
+    let out = lab.exec(
+        nat,
+        &[
+            "nft",
+            "-j",
+            "list",
+            "counters",
+            "table",
+            "inet",
+            "idlebytes",
+        ],
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let mut counters = BTreeMap::new();
+    for c in v["nftables"].as_array().into_iter().flatten() {
+        let c = &c["counter"];
+        if let (Some(name), Some(packets), Some(bytes)) = (
+            c["name"].as_str(),
+            c["packets"].as_u64(),
+            c["bytes"].as_u64(),
+        ) {
+            counters.insert(name.to_string(), (packets, bytes));
+        }
+    }
+    Ok(counters)
+}
+
+/// The tunnel's bytes through NAT `nat`'s WAN interface (received, sent)
+/// so far; see [`count_tunnel_bytes`].
+fn wan_bytes(lab: &NetnsLab, nat: Role) -> Result<(u64, u64)> {
+    let c = tunnel_counters(lab, nat)?;
+    let bytes = |name: &str| {
+        c.get(name)
+            .map(|(_, b)| *b)
+            .with_context(|| format!("counter {name} at {nat:?}: {c:?}"))
     };
     Ok((bytes("down")?, bytes("up")?))
 }
@@ -381,11 +417,13 @@ fn idle_bytes_per_edge_per_day_with_three_replicas() -> Result<()> {
     }
     // A longer window for the benchmark figure (a control ping per replica
     // every two minutes): IDLE_BYTES_WINDOW_SECS=600.
-    let window = std::env::var("IDLE_BYTES_WINDOW_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
-    idle_bytes(None, Duration::from_secs(window))
+    idle_bytes(None, window_from_env("IDLE_BYTES_WINDOW_SECS", 60))
+}
+
+/// A benchmark's window: `var` in seconds, else `default_secs`.
+fn window_from_env(var: &str, default_secs: u64) -> Duration {
+    let secs = std::env::var(var).ok().and_then(|s| s.parse().ok());
+    Duration::from_secs(secs.unwrap_or(default_secs))
 }
 
 /// The same with the keep-alives a metered uplink would configure on both
@@ -453,10 +491,10 @@ fn idle_bytes(keepalives: Option<(Duration, Duration)>, window: Duration) -> Res
             .collect()
     };
     let before_ids = ids(&lab)?;
-    count_tunnel_bytes(&lab)?;
-    let (rx0, tx0) = wan_bytes(&lab)?;
+    count_tunnel_bytes(&lab, Role::Nat1)?;
+    let (rx0, tx0) = wan_bytes(&lab, Role::Nat1)?;
     std::thread::sleep(window);
-    let (rx1, tx1) = wan_bytes(&lab)?;
+    let (rx1, tx1) = wan_bytes(&lab, Role::Nat1)?;
     ensure!(
         ids(&lab)? == before_ids,
         "a session was re-established during the window"
@@ -480,4 +518,209 @@ fn idle_bytes(keepalives: Option<(Duration, Duration)>, window: Duration) -> Res
     edge.stop()?;
     drop(relays);
     Ok(())
+}
+
+/// What a relay that stays unreachable costs an edge's uplink in reconnect
+/// attempts, per day, at both backoff caps in one run: edge1 with the
+/// long-outage tier off (`backoff.long_after = 0`: the 8 s `max`) and
+/// edge2 with it from 1 s (the 60 s `long_max` from its second delay on),
+/// side by side against one relay, everything else at the defaults
+/// (transport `auto`: each attempt a 3 s QUIC attempt, then the TCP
+/// fallback's 10 s). With both sessions up, the relay node drops
+/// everything on its WAN interface, both ways: no ICMP, no RST, a dead
+/// relay behind a carrier. Each edge's tunnel packets (QUIC and TCP to the
+/// relay's port) are counted at its NAT's WAN interface once its backoff
+/// is at its cap, from one failed attempt to the first failure after
+/// `RECONNECT_BYTES_WINDOW_SECS` (default 300) more, so the count is of
+/// whole attempt-and-delay cycles. A benchmark, not a CI test (about 7
+/// minutes at the default window): `REQUIRE_LAB=1 cargo test -p relay-lab
+/// --test netns_replicas reconnect_bytes -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark: about 7 minutes"]
+fn reconnect_bytes_per_edge_per_day_with_the_relay_unreachable() -> Result<()> {
+    if let Some(skip) = netns::require_root() {
+        eprintln!("SKIPPED netns_replicas reconnect bytes: {skip}");
+        return Ok(());
+    }
+    relay_lab::init();
+    let window = window_from_env("RECONNECT_BYTES_WINDOW_SECS", 300);
+    let bin = relay_server_binary()?;
+    let lab = NetnsLab::new()?;
+    let pki = lab_pki()?;
+    // One relay, no replica set, default timings.
+    let relay = RelayProcess::start_named(&lab, &id(1), &bin, &pki, &replica_config(&pki, 1)?)?;
+    // Per edge: its `long_after`, and the attempt number `/readyz` shows
+    // when the delay at the steady cap starts (the delays' caps after a
+    // lost session are 0.5, 1, 2, 4 s, then 8; with the tier from 1 s, the
+    // second delay is already past it).
+    let mut runs = [
+        Outage::new(1, "8 s cap (long_after = 0)", Duration::ZERO, 5),
+        Outage::new(2, "60 s cap (long_after = 1s)", Duration::from_secs(1), 2),
+    ];
+    let mut edges = Vec::new();
+    for r in &runs {
+        let mut cfg = relay_lab::scenario::edge_config(&pki, r.site)?;
+        cfg.relay = sa(wan(1), QUIC_PORT).to_string();
+        cfg.capture = None;
+        cfg.status_listen = Some(EDGE_STATUS);
+        cfg.backoff.long_after = r.long_after;
+        ensure!(cfg.transport == edge_client::TransportMode::Auto);
+        edges.push(start_edge(&lab, r.site, cfg)?);
+    }
+    within(Duration::from_secs(20), || {
+        Ok(sessions(&lab, 1).is_ok_and(|s| s.contains_key("edge1") && s.contains_key("edge2")))
+    })
+    .context("both edges on the relay")?;
+    for r in &runs {
+        count_tunnel_bytes(&lab, Role::nat(r.site)?)?;
+    }
+    lab.nft(
+        Role::Relay,
+        r#"table inet blackhole {
+            chain input { type filter hook input priority -300; iifname "wan0" drop; }
+            chain output { type filter hook output priority -300; oifname "wan0" drop; }
+        }"#,
+    )?;
+    let dark = Instant::now();
+    println!(
+        "relay black-holed; counting each edge's tunnel over at least {}s once its backoff is at its cap",
+        window.as_secs()
+    );
+    let limit = window + Duration::from_secs(300);
+    while runs.iter().any(|r| r.end.is_none()) {
+        ensure!(dark.elapsed() < limit, "not done within {limit:?}");
+        for r in runs.iter_mut().filter(|r| r.end.is_none()) {
+            r.poll(&lab, dark, window)?;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut up_per_day = Vec::new();
+    for r in &runs {
+        let (start, end) = r.marks()?;
+        let secs = end.at.duration_since(start.at).as_secs_f64();
+        let attempts = end.attempt - start.attempt;
+        let d = |name: &str, bytes: bool| -> Result<u64> {
+            let pick = |c: &BTreeMap<String, (u64, u64)>| {
+                c.get(name)
+                    .map(|(p, b)| if bytes { *b } else { *p })
+                    .with_context(|| format!("counter {name}"))
+            };
+            Ok(pick(&end.counters)? - pick(&start.counters)?)
+        };
+        let (up, down, tcp_up) = (d("up", true)?, d("down", true)?, d("tcp_up", true)?);
+        let per_day = |b: u64| b as f64 * 86_400.0 / secs;
+        let per_attempt = |b: u64| b as f64 / f64::from(attempts);
+        println!(
+            "relay unreachable, edge{} at the {}: {attempts} attempts in {secs:.0}s (one every {:.1}s, {} fell back to TCP), {} QUIC Initials and {} TCP SYNs sent; {:.0} bytes up per attempt ({:.0} UDP + {:.0} TCP); {:.2} MB/day up + {:.2} MB/day down",
+            r.site,
+            r.label,
+            secs / f64::from(attempts),
+            end.fallbacks - start.fallbacks,
+            d("initials", false)?,
+            d("syns", false)?,
+            per_attempt(up),
+            per_attempt(up - tcp_up),
+            per_attempt(tcp_up),
+            per_day(up) / 1e6,
+            per_day(down) / 1e6,
+        );
+        ensure!(attempts >= 2, "edge{}: {attempts} attempts", r.site);
+        ensure!(up > 0, "edge{}: nothing sent while reconnecting", r.site);
+        ensure!(down == 0, "edge{}: the black-holed relay answered", r.site);
+        up_per_day.push(per_day(up));
+    }
+    ensure!(
+        up_per_day[1] < up_per_day[0],
+        "the 60 s cap cost no less than the 8 s cap: {up_per_day:?} bytes/day"
+    );
+    for e in edges {
+        e.stop()?;
+    }
+    drop(relay);
+    Ok(())
+}
+
+/// One edge's part of
+/// [`reconnect_bytes_per_edge_per_day_with_the_relay_unreachable`].
+struct Outage {
+    site: u8,
+    label: &'static str,
+    long_after: Duration,
+    /// The attempt `/readyz` shows when the counting starts.
+    steady_from: u32,
+    /// Whether the edge has lost its session yet.
+    lost: bool,
+    start: Option<Mark>,
+    /// The attempt shown when the window had passed: the count ends when
+    /// the next one shows.
+    at_window: Option<u32>,
+    end: Option<Mark>,
+}
+
+/// The counters when an attempt of the edge had just failed.
+struct Mark {
+    at: Instant,
+    attempt: u32,
+    fallbacks: u64,
+    counters: BTreeMap<String, (u64, u64)>,
+}
+
+impl Outage {
+    fn new(site: u8, label: &'static str, long_after: Duration, steady_from: u32) -> Self {
+        Outage {
+            site,
+            label,
+            long_after,
+            steady_from,
+            lost: false,
+            start: None,
+            at_window: None,
+            end: None,
+        }
+    }
+
+    /// Looks at the edge once: the attempt `/readyz` shows is published
+    /// as the attempt before it fails, when the backoff delay starts, so a
+    /// change of it is the end of an attempt (a delay follows, at least
+    /// 0.8 s at these caps: the counters then hold the whole attempt).
+    fn poll(&mut self, lab: &NetnsLab, dark: Instant, window: Duration) -> Result<()> {
+        let site = self.site;
+        let (ready, body) = edge_readiness(lab, site)?;
+        if ready {
+            ensure!(
+                !self.lost && dark.elapsed() < Duration::from_secs(120),
+                "edge{site} connected with the relay black-holed: {body}"
+            );
+            return Ok(());
+        }
+        self.lost = true;
+        let attempt: u32 = body
+            .strip_prefix("connecting: attempt ")
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("edge{site}'s /readyz: {body}"))?;
+        let mark = |attempt| -> Result<Mark> {
+            Ok(Mark {
+                at: Instant::now(),
+                attempt,
+                fallbacks: edge_metric(lab, site, "edge_fallbacks_total")? as u64,
+                counters: tunnel_counters(lab, Role::nat(site)?)?,
+            })
+        };
+        match (&self.start, self.at_window) {
+            (None, _) if attempt >= self.steady_from => self.start = Some(mark(attempt)?),
+            (None, _) => {}
+            (Some(s), None) if s.at.elapsed() >= window => self.at_window = Some(attempt),
+            (Some(_), Some(w)) if attempt > w => self.end = Some(mark(attempt)?),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn marks(&self) -> Result<(&Mark, &Mark)> {
+        self.start
+            .as_ref()
+            .zip(self.end.as_ref())
+            .with_context(|| format!("edge{}: no complete count", self.site))
+    }
 }
