@@ -105,8 +105,12 @@ impl Cert {
     ) -> Self {
         if relay_time_unix > 0 && not_after_unix > relay_time_unix {
             let left = Duration::from_secs(not_after_unix - relay_time_unix);
-            self.renew_at = renewal_point(now, left);
-            self.not_after = now + left;
+            // A peer's numbers: a life past what the clock can hold keeps
+            // the certificate's own timing (`now + left` would panic).
+            if let Some(not_after) = now.checked_add(left) {
+                self.renew_at = renewal_point(now, left);
+                self.not_after = not_after;
+            }
         }
         self
     }
@@ -530,6 +534,23 @@ mod tests {
             assert!(c.valid_for_a_handshake(edge_now), "skew {skew}");
             assert!(!c.valid_for_a_handshake(edge_now + Duration::from_secs(life)));
         }
+    }
+
+    /// A reply whose expiry is past what a `SystemTime` holds
+    /// (`not_after_unix` near `u64::MAX`, from a broken or hostile relay)
+    /// panicked adding it to the clock; the certificate now keeps the
+    /// timing of its own validity. Found reviewing the `CertReply` path
+    /// for fuzzing (docs/fuzzing.md, findings).
+    #[test]
+    fn an_expiry_past_the_clock_from_the_relay_is_ignored() {
+        let pki = DevPki::generate(&["localhost"], &["edge-a"]).unwrap();
+        let dir = std::env::temp_dir().join(format!("edge-identity-x-{}", std::process::id()));
+        let b = bootstrap_config(&pki, &dir);
+        let (cert_pem, key_pem) = (&pki.nodes[0].1.cert, &pki.nodes[0].1.key);
+        let own = build(&b, "edge-a", cert_pem, key_pem.as_bytes()).unwrap();
+        let (renew_at, not_after) = (own.renew_at, own.not_after);
+        let c = own.timed_by_relay(SystemTime::now(), 1, u64::MAX);
+        assert_eq!((c.renew_at, c.not_after), (renew_at, not_after));
     }
 
     #[test]

@@ -17,6 +17,12 @@ pub struct Files {
     pub node_cert: PathBuf,
     pub node_key: PathBuf,
     pub token: PathBuf,
+    /// Another token (for `admin.read_token_file`, which must differ).
+    pub read_token: PathBuf,
+    /// The CA's private key (for `[bootstrap] ca_key`).
+    pub ca_key: PathBuf,
+    /// A path in the PKI's directory where no file is.
+    pub missing: PathBuf,
 }
 
 /// Generates the PKI on first use, in a fresh directory under the system
@@ -31,6 +37,10 @@ pub fn files() -> &'static Files {
         pki.write_to(&dir).expect("dev PKI written");
         let token = dir.join("admin-token");
         std::fs::write(&token, "0123456789abcdef-fuzz\n").expect("token written");
+        let read_token = dir.join("admin-read-token");
+        std::fs::write(&read_token, "fedcba9876543210-fuzz-read\n").expect("token written");
+        let ca_key = dir.join("ca-key.pem");
+        std::fs::write(&ca_key, pki.ca_pem_pair().1).expect("CA key written");
         Files {
             ca: dir.join("ca.pem"),
             relay_cert: dir.join("relay.pem"),
@@ -38,6 +48,9 @@ pub fn files() -> &'static Files {
             node_cert: dir.join("edge-1.pem"),
             node_key: dir.join("edge-1-key.pem"),
             token,
+            read_token,
+            ca_key,
+            missing: dir.join("missing"),
         }
     })
 }
