@@ -7,8 +7,8 @@
 //! the relay under the bootstrap ALPN without a client certificate, send
 //! the node name, token and public key, receive a certificate naming this
 //! node only, keep both in the state directory (so a restart while the
-//! relay is away still has one). Renewal starts at two thirds of the
-//! certificate's life, on a separate connection, and the session moves to
+//! relay is away still has one). Renewal starts at a point drawn between
+//! 0.6 and 0.8 of the certificate's life, on a separate connection, and the session moves to
 //! a new connection with the new certificate (the relay keeps the routes:
 //! the new session supersedes the old one in one step). Until renewal
 //! succeeds, reconnects dial with the certificate the edge has, as long as

@@ -181,8 +181,8 @@ pub(crate) async fn run_session(
     // the probe, so a probe can never outlive its session and register a
     // QUIC session that supersedes a newer one (or appears after shutdown).
     let mut probe: Option<AbortOnDropHandle<Result<Connected, AttemptError>>> = None;
-    // Certificate renewal (bootstrap identity): at two thirds of the
-    // certificate's life a new one is obtained and the session moves to a
+    // Certificate renewal (bootstrap identity): at its renewal point (drawn
+    // between 0.6 and 0.8 of the certificate's life) a new one is obtained and the session moves to a
     // new connection that uses it; owned like the probe.
     // One already due (the session came back after an outage longer
     // than the rest of its life before renewal, as every edge's did) is

@@ -453,7 +453,7 @@ fn a_token_only_edge_gets_its_certificate_over_the_lab_network() -> Result<()> {
         ));
     }
     // No node certificates anywhere: the relay issues them, 30 s each so
-    // renewal (at two thirds of the lifetime) happens within the test.
+    // renewal (at 0.6 to 0.8 of the lifetime) happens within the test.
     let pki = DevPki::generate(&["relay.lab"], &[])?;
     let (ca_cert, ca_key) = pki.ca_pem_pair();
     let mut rcfg = relay_cfg(&pki, &cluster)?;
