@@ -98,6 +98,33 @@ pub(crate) async fn bench(
     }
 }
 
+/// A bench's session running: its actor's task, its handle, the edge's
+/// end of its control stream, and what must be held for its life.
+pub(crate) struct Running {
+    pub(crate) actor: tokio::task::JoinHandle<()>,
+    pub(crate) handle: Arc<SessionHandle>,
+    pub(crate) edge_control: BiStream,
+    pub(crate) _edge: (TunnelConn, [quinn::Endpoint; 2]),
+}
+
+impl Bench {
+    /// Starts the session's actor on `shared` with route feed `feed` (a
+    /// fresh one, or one the test brought to a given point).
+    pub(crate) fn start(self, shared: &Arc<Shared>, feed: RouteFeed) -> Running {
+        let actor = tokio::spawn(super::run_session(
+            self.handle.clone(),
+            (self.control, self.control_rx, feed),
+            shared.clone(),
+        ));
+        Running {
+            actor,
+            handle: self.handle,
+            edge_control: self.edge_control,
+            _edge: self.edge,
+        }
+    }
+}
+
 /// Registers `handle` in `shared`'s registry with the routes it
 /// advertised.
 pub(crate) fn register(shared: &Shared, handle: &Arc<SessionHandle>) {
@@ -138,18 +165,12 @@ async fn an_older_edge_learns_of_a_peer_that_registered_before_its_actor() {
     // The peer registers in the window.
     let peer = bench(&shared, &pki, "edge-1", older, vec![cidr("10.99.0.2/32")]).await;
     register(&shared, &peer.handle);
-    let Bench {
+    let Running {
+        actor,
         handle,
-        control,
-        control_rx,
         edge_control,
-        edge: _edge,
-    } = me;
-    let actor = tokio::spawn(super::run_session(
-        handle.clone(),
-        (control, control_rx, feed),
-        shared.clone(),
-    ));
+        _edge,
+    } = me.start(&shared, feed);
     let mut frames = codec::control_reader(edge_control.recv);
     let got = tokio::time::timeout(Duration::from_secs(3), async {
         loop {
@@ -198,18 +219,12 @@ async fn an_edge_reporting_its_capture_failing_shows_in_its_row_gauge_and_condit
             .expect("relay_edges_capture_failing")
     };
     assert_eq!(gauge(), 0);
-    let Bench {
+    let Running {
+        actor,
         handle,
-        control,
-        control_rx,
         mut edge_control,
-        edge: _edge,
-    } = me;
-    let actor = tokio::spawn(super::run_session(
-        handle.clone(),
-        (control, control_rx, RouteFeed::new("edge-0", caps)),
-        shared.clone(),
-    ));
+        _edge,
+    } = me.start(&shared, RouteFeed::new("edge-0", caps));
     let send = &mut edge_control.send;
     let row = |h: &SessionHandle| {
         let row = crate::admin::SessionRow::of(h, &shared);
@@ -328,19 +343,14 @@ async fn a_newer_edges_unknown_message_is_ignored_and_counted_on_a_live_session(
     let (relay, pki) = crate::admin::tests::relay_configured(2, |_| {}).await;
     let shared = relay.shared().clone();
     let caps = capability::ALL;
-    let Bench {
+    let me = bench(&shared, &pki, "edge-0", caps, vec![cidr("10.99.0.1/32")]).await;
+    register(&shared, &me.handle);
+    let Running {
+        actor,
         handle,
-        control,
-        control_rx,
         mut edge_control,
-        edge: _edge,
-    } = bench(&shared, &pki, "edge-0", caps, vec![cidr("10.99.0.1/32")]).await;
-    register(&shared, &handle);
-    let actor = tokio::spawn(super::run_session(
-        handle.clone(),
-        (control, control_rx, RouteFeed::new("edge-0", caps)),
-        shared.clone(),
-    ));
+        _edge,
+    } = me.start(&shared, RouteFeed::new("edge-0", caps));
     let unknown =
         |m: &crate::metrics::Metrics| m.control_unknown.load(std::sync::atomic::Ordering::Relaxed);
     let before = unknown(&shared.metrics);
