@@ -62,6 +62,9 @@ fn refused_certificate(alert: &str, e: &AttemptError) -> String {
         }
         "CertificateRevoked" => " (revoked: on the relay's CRL)",
         "UnknownCA" => " (issued by a CA the relay does not trust)",
+        "DecryptError" => {
+            " (its signature is not the relay's CA's: issued by another CA of the same name?)"
+        }
         _ => "",
     };
     format!("the relay refused this edge's certificate: TLS alert {alert}{hint}; {what}")
@@ -188,25 +191,41 @@ pub(crate) async fn connect_noting(
     let tls = material
         .client_config(relay_protocol::ALPN)
         .map_err(|e| failed("tls config", &e))?;
-    let (endpoint, conn) = dialer.dial(tls).await.map_err(AttemptError::Failed)?;
+    // A certificate the relay refuses (revoked, issued by a CA it no
+    // longer trusts) would be refused on every attempt until it expires:
+    // a bootstrapped edge gets a new one instead. Named, whatever the
+    // identity: the failure's own text is only a connection lost, which
+    // reads as a network fault.
+    let refused = |alert: &str, e: AttemptError| {
+        if matches!(cfg.identity, crate::config::Identity::Bootstrap(_)) {
+            creds.refused(&material);
+        }
+        AttemptError::Failed(refused_certificate(alert, &e))
+    };
+    let (endpoint, conn) = match dialer.dial(tls).await {
+        Ok(c) => c,
+        // On the TCP fallback the refusal can end the connection while it
+        // is still being set up (the client writes before the server has
+        // checked its certificate): the setup's error carries the alert.
+        Err(e) => {
+            return Err(match relay_transport::conn::certificate_alert_in(&e) {
+                Some(alert) => refused(alert, AttemptError::Failed(e)),
+                None => AttemptError::Failed(e),
+            })
+        }
+    };
     let (hello, ext, control) = match say_hello(cfg, stats, &conn, hello_sent).await {
         Ok(h) => h,
         Err(e) => {
-            let Some(alert) = conn
-                .refused_our_certificate(std::time::Duration::from_millis(500))
-                .await
-            else {
-                return Err(e);
-            };
-            // A certificate the relay refuses (revoked, issued by a CA it
-            // no longer trusts) would be refused on every attempt until
-            // it expires: a bootstrapped edge gets a new one instead.
-            if matches!(cfg.identity, crate::config::Identity::Bootstrap(_)) {
-                creds.refused(&material);
-            }
-            // Named, whatever the identity: the hello's own error is only
-            // a connection lost, which reads as a network fault.
-            return Err(AttemptError::Failed(refused_certificate(alert, &e)));
+            return Err(
+                match conn
+                    .refused_our_certificate(std::time::Duration::from_millis(500))
+                    .await
+                {
+                    Some(alert) => refused(alert, e),
+                    None => e,
+                },
+            )
         }
     };
     Ok(Connected {

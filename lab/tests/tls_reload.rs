@@ -184,10 +184,7 @@ async fn revoked_edges_are_refused_and_renewed_certificates_served_without_dropp
         edges[0].state()
     );
     // What the edge reports (its `/readyz`, its log): the relay's verdict
-    // by name, not a connection lost. On QUIC only: on the TCP fallback
-    // the edge names it only when it reads the TLS alert before it sees
-    // the connection closed, which a CI run showed failing 6 attempts of
-    // 6 (`connection is closed`), so it is not asserted there.
+    // by name, on QUIC and on the TCP fallback, not a connection lost.
     let says_revoked = |e: &EdgeClient| {
         matches!(e.state(), EdgeState::Connecting { last: Some(l), .. }
             if l.contains("refused this edge's certificate: TLS alert CertificateRevoked"))
@@ -197,6 +194,16 @@ async fn revoked_edges_are_refused_and_renewed_certificates_served_without_dropp
     })
     .await
     .with_context(|| format!("edge-0 over QUIC: {:?}", edges[0].state()))?;
+    let mut over_tcp = edge_config(&pki, 0, relay.quic_addr())?;
+    over_tcp.transport = edge_client::config::TransportMode::Tcp;
+    over_tcp.tcp_fallback_port = Some(relay.tcp_fallback_addr().context("tcp")?.port());
+    let tcp_edge = EdgeClient::spawn(over_tcp);
+    within(Duration::from_secs(10), async || {
+        Ok(says_revoked(&tcp_edge))
+    })
+    .await
+    .with_context(|| format!("edge-0 over TCP: {:?}", tcp_edge.state()))?;
+    tcp_edge.shutdown().await;
     let (_, metrics) = relay_lab::admin_get(admin, "/metrics", None).await?;
     let tls_failures = metrics
         .lines()

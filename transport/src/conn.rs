@@ -46,14 +46,30 @@ pub enum TunnelConn {
 /// TLS alerts a server sends about the client's certificate: the number
 /// (QUIC carries it in a CONNECTION_CLOSE, as `0x100 + alert`) and rustls'
 /// name (in the TCP fallback's error text).
-const CERTIFICATE_ALERTS: [(u8, &str); 6] = [
+/// `DecryptError` is how rustls (webpki's `BadSignature`) refuses a
+/// certificate whose issuer's name matches a trusted CA but whose
+/// signature that CA did not make: a CA generated again under the same
+/// name, the edge still holding the old one's certificate.
+const CERTIFICATE_ALERTS: [(u8, &str); 7] = [
     (42, "BadCertificate"),
     (43, "UnsupportedCertificate"),
     (44, "CertificateRevoked"),
     (45, "CertificateExpired"),
     (46, "CertificateUnknown"),
     (48, "UnknownCA"),
+    (51, "DecryptError"),
 ];
+
+/// The certificate alert a TCP fallback's error text names (rustls says
+/// `received fatal alert: <name>`), if any: the relay refused this side's
+/// certificate. The text may come from the connection's close or from a
+/// failed setup ([`crate::tcp::connect_with`] carries the close's reason).
+pub fn certificate_alert_in(text: &str) -> Option<&'static str> {
+    CERTIFICATE_ALERTS
+        .iter()
+        .find(|(_, name)| text.contains(&format!("received fatal alert: {name}")))
+        .map(|(_, name)| *name)
+}
 
 /// Opening or accepting a stream failed: the connection is gone.
 #[derive(Debug, thiserror::Error)]
@@ -233,10 +249,7 @@ impl TunnelConn {
                 }
             }
             TunnelConn::Tcp(c) => match tokio::time::timeout(wait, c.closed()).await {
-                Ok(why) => CERTIFICATE_ALERTS
-                    .iter()
-                    .find(|(_, name)| why.contains(&format!("received fatal alert: {name}")))
-                    .map(|(_, name)| *name),
+                Ok(why) => certificate_alert_in(&why),
                 Err(_) => None,
             },
         }

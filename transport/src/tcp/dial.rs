@@ -185,6 +185,33 @@ pub fn closed_early(e: &std::io::Error) -> bool {
     )
 }
 
+/// How long a refused TLS connection is kept half-closed (see [`linger`]).
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Closes a connection whose TLS handshake failed so that its peer reads
+/// the alert that says why.
+///
+/// In TLS 1.3 the client's handshake is over once it has sent its
+/// certificate and Finished, so an edge whose certificate the relay then
+/// refuses (revoked, expired, unknown CA) has already written its first
+/// application data when the alert leaves. Closing the socket with that
+/// data unread makes the kernel answer with a reset, and the edge's next
+/// write fails with `connection reset` before it reads the alert sitting
+/// in its receive queue: the refusal reads as a network fault. So: send
+/// our FIN after the alert, read and drop what the peer still sends until
+/// it closes or `max` passes (bounded: a flood of bad certificates holds
+/// each socket at most this long, inside the accept's own timeout), then
+/// close.
+async fn linger(mut tcp: tokio::net::TcpStream, max: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(max, async {
+        while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
 /// Completes a relay-side TLS+TCP accept and starts yamux; bounded by
 /// `timeout`.
 pub async fn accept(
@@ -196,12 +223,16 @@ pub async fn accept(
     tune_socket(&tcp);
     let failed = |lost, closed_early| AcceptError { lost, closed_early };
     let setup = async {
-        let tls = acceptor.accept(tcp).await.map_err(|e| {
-            failed(
-                ConnLost(format!("tls from {remote}: {e}")),
-                closed_early(&e),
-            )
-        })?;
+        let tls = match acceptor.accept(tcp).into_fallible().await {
+            Ok(tls) => tls,
+            Err((e, tcp)) => {
+                let early = closed_early(&e);
+                if !early {
+                    linger(tcp, LINGER).await;
+                }
+                return Err(failed(ConnLost(format!("tls from {remote}: {e}")), early));
+            }
+        };
         let certs: Vec<CertificateDer<'static>> = tls
             .get_ref()
             .1
@@ -227,6 +258,101 @@ pub async fn accept(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An edge whose certificate the relay refuses is told why, wherever
+    /// in the set-up the refusal lands. TLS 1.3 lets the client finish its
+    /// handshake and write (the datagram stream's mark, then the hello)
+    /// before the server has checked its certificate, so the alert ends
+    /// either the yamux set-up (the dial fails: its error must carry the
+    /// alert, not only "connection is closed") or the first stream (the
+    /// connection's close reason must be the alert, not a reset from the
+    /// relay closing with the edge's bytes unread). Both happen in a CI
+    /// run. Every other attempt here starts yamux 100 ms after the TLS
+    /// handshake, as a busy edge may, which makes the first branch likely;
+    /// each must name the alert: `DecryptError`, as the client's certificate
+    /// comes from another CA of the same name.
+    #[tokio::test]
+    async fn a_refused_certificate_is_named_wherever_the_refusal_lands() {
+        crate::tls::install_default_provider();
+        let relay = crate::devcerts::DevPki::generate(&["relay.test"], &[]).unwrap();
+        let mut other = crate::devcerts::DevPki::generate(&["elsewhere"], &[]).unwrap();
+        let foreign = other.add_node("edge-a").unwrap().clone();
+        let client =
+            crate::TlsMaterial::from_pem(&foreign.cert, &foreign.key, &relay.ca_pem_pair().0)
+                .unwrap()
+                .client_config(relay_protocol::ALPN)
+                .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+            relay
+                .relay_material()
+                .unwrap()
+                .server_config(relay_protocol::ALPN)
+                .unwrap(),
+        ));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, remote)) = l.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    accept(&acceptor, s, remote, Duration::from_secs(5))
+                        .await
+                        .map(|_| ())
+                });
+            }
+        });
+        let (mut at_setup, mut at_stream) = (0, 0);
+        for attempt in 0..20 {
+            let dialled = if attempt % 2 == 0 {
+                connect_detailed(
+                    TcpDial::Direct(at),
+                    "relay.test",
+                    client.clone(),
+                    0,
+                    None,
+                    Duration::from_secs(5),
+                )
+                .await
+            } else {
+                // An edge slow to start yamux after its TLS handshake (a
+                // busy machine; seen in a CI run): the alert is already
+                // there when the datagram stream's mark is written.
+                let tcp = tokio::net::TcpStream::connect(at).await.unwrap();
+                let name = rustls::pki_types::ServerName::try_from("relay.test").unwrap();
+                let tls = tokio_rustls::TlsConnector::from(Arc::new(client.clone()))
+                    .connect(name, tcp)
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                YamuxConn::start(tls, true, at, (Vec::new(), None), Duration::from_secs(5))
+                    .await
+                    .map(crate::TunnelConn::Tcp)
+                    .map_err(|lost| ConnectError {
+                        lost,
+                        reached: true,
+                    })
+            };
+            let named = match dialled {
+                Err(e) => {
+                    at_setup += 1;
+                    crate::conn::certificate_alert_in(&e.lost.0).ok_or(e.lost.0)
+                }
+                Ok(conn) => {
+                    at_stream += 1;
+                    // What the edge does next: its hello on a new stream.
+                    if let Ok(mut s) = conn.open_bi().await {
+                        use tokio::io::AsyncWriteExt;
+                        let _ = s.send.write_all(&[0u8; 64]).await;
+                    }
+                    conn.refused_our_certificate(Duration::from_secs(2))
+                        .await
+                        .ok_or(conn.closed().await)
+                }
+            };
+            assert_eq!(named, Ok("DecryptError"), "attempt {attempt}");
+        }
+        println!("refused during set-up {at_setup} times, on the first stream {at_stream} times");
+    }
 
     /// A refused connection is no answer; a relay that accepted the TCP
     /// connection and then failed TLS (closed at once) answered.

@@ -367,8 +367,17 @@ impl YamuxConn {
         let dstream = match tokio::time::timeout(timeout, setup).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
+                // The stream only says the connection is closed; the
+                // driver knows why (a TLS alert refusing our certificate
+                // arrives this way: TLS 1.3 lets the client write before
+                // the server has checked its certificate). Bounded: a
+                // connection still open is closed below.
+                let why = tokio::time::timeout(Duration::from_millis(500), me.closed()).await;
                 me.close_now(&e.0);
-                return Err(e);
+                return Err(match why {
+                    Ok(why) if !e.0.contains(&why) => ConnLost(format!("{}: {why}", e.0)),
+                    _ => e,
+                });
             }
             Err(_) => {
                 me.close_now("datagram stream setup timed out");
