@@ -157,6 +157,7 @@ mod tests {
             routes_complete: true,
             served_routes: vec![],
             replicas: None,
+            draining: false,
         });
         // `0.0.0.0:<port>` (a status endpoint opened to the LAN) is
         // asked on loopback.

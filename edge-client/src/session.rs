@@ -318,6 +318,11 @@ pub(crate) async fn run_session(
                             // the in-flight ones are done; we reconnect then.
                             info!(%reason, grace_ms, "relay sent GOAWAY");
                             io.went_away = true;
+                            state.send_modify(|s| {
+                                if let EdgeState::Connected { draining, .. } = s {
+                                    *draining = true;
+                                }
+                            });
                             goaway_grace = Some(grace_ms);
                             // Maybe the drain for a move whose hello is
                             // out (its outcome decides), or late for one

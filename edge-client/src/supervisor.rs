@@ -142,6 +142,7 @@ impl Runner {
                 tunnel_routes,
                 routes_complete,
                 served_routes,
+                draining,
                 ..
             },
             Some((c, flows)),
@@ -154,9 +155,9 @@ impl Runner {
             l.is(
                 *session_id,
                 flows,
-                tunnel_routes,
-                *routes_complete,
+                (tunnel_routes, *routes_complete),
                 served_routes,
+                *draining,
             )
         });
         if let Some(l) = same {
@@ -165,9 +166,9 @@ impl Runner {
         let l = Arc::new(Live::new(
             *session_id,
             (c.clone(), flows.clone()),
-            tunnel_routes,
-            *routes_complete,
+            (tunnel_routes, *routes_complete),
             served_routes,
+            *draining,
         ));
         drop((state, conn));
         self.live = Some(l.clone());

@@ -291,6 +291,7 @@ pub(crate) async fn run(
                         == 0,
                     served_routes: served.get().routes.clone(),
                     replicas: None,
+                    draining: false,
                 });
                 let up = Instant::now();
                 // Flows live and die with the session.

@@ -44,6 +44,11 @@ pub enum EdgeState {
         /// `None` until it says (a relay without a replica set never does:
         /// one session is all).
         replicas: Option<Vec<Replica>>,
+        /// The relay sent GOAWAY: it drains this session (a restart, a
+        /// rolling update). Streams and flows the edge opens go to another
+        /// replica's session whose relay lists their destination, if there
+        /// is one: anything opened here is cut when the drain's grace ends.
+        draining: bool,
     },
     /// The relay refused the last handshake (retrying with backoff).
     Rejected {

@@ -11,7 +11,11 @@
 //! stream or UDP flow goes on a session whose relay lists a route covering
 //! its destination: the primary session (the one the client's state
 //! shows) when its relay does, else the first other one that does, else
-//! the primary (whose relay then refuses, as it would have).
+//! the primary (whose relay then refuses, as it would have). Sessions whose
+//! relay drains them (GOAWAY: a restart, a rolling update) come last among
+//! those that cover: what is opened through them is cut when the drain's
+//! grace ends, and until the edge notices the relay is going every edge
+//! would keep sending its cloud traffic to it.
 //!
 //! [`EdgeState::Connected`]: crate::client::EdgeState::Connected
 
@@ -68,18 +72,20 @@ pub(crate) struct Live {
     served: Vec<Cidr>,
     /// `tunnel` for lookups once complete; empty until then.
     set: RouteSet,
+    /// The relay drains this session (it sent GOAWAY).
+    draining: bool,
 }
 
 impl Live {
     /// Session `session_id` on `conn` (with its `flows`), whose relay
-    /// lists `tunnel` (its whole set when `complete`) and says this edge
-    /// serves `served`.
+    /// lists `tunnel` (its whole set when `complete`), says this edge
+    /// serves `served`, and drains the session when `draining`.
     pub(crate) fn new(
         session_id: u64,
         (conn, flows): (TunnelConn, Arc<FlowTable>),
-        tunnel: &[Cidr],
-        complete: bool,
+        (tunnel, complete): (&[Cidr], bool),
         served: &[Cidr],
+        draining: bool,
     ) -> Self {
         Live {
             session_id,
@@ -93,6 +99,7 @@ impl Live {
             } else {
                 RouteSet::default()
             },
+            draining,
         }
     }
 
@@ -102,15 +109,16 @@ impl Live {
         &self,
         session_id: u64,
         flows: &Arc<FlowTable>,
-        tunnel: &[Cidr],
-        complete: bool,
+        (tunnel, complete): (&[Cidr], bool),
         served: &[Cidr],
+        draining: bool,
     ) -> bool {
         self.session_id == session_id
             && Arc::ptr_eq(&self.flows, flows)
             && self.complete == complete
             && self.tunnel == tunnel
             && self.served == served
+            && self.draining == draining
     }
 
     /// Whether the relay's complete set has a route containing `ip`.
@@ -146,7 +154,7 @@ impl Sessions {
     /// The session for a stream or flow to `ip` (see the module doc);
     /// `None` with no session up.
     pub(crate) fn for_destination(&self, ip: IpAddr) -> Option<&Live> {
-        pick(&self.live, |l| l.covers(ip)).map(|l| &**l)
+        pick(&self.live, |l| l.covers(ip), |l| l.draining).map(|l| &**l)
     }
 
     /// The routes capture installs: the union of every complete set;
@@ -181,14 +189,21 @@ fn union<'a>(sets: impl Iterator<Item = Option<&'a [Cidr]>>) -> Option<Vec<Cidr>
     all
 }
 
-/// The first of `live` (the primary) when `covers` it, else the first
-/// that `covers`, else the first.
-fn pick<T>(live: &[T], covers: impl Fn(&T) -> bool) -> Option<&T> {
+/// The first of `live` (the primary) that `covers` and is not
+/// `draining`, else the first that `covers`, else the first.
+///
+/// A draining session is passed over: its relay is going (a rolling
+/// update, a restart), and what is opened through it is cut when its
+/// grace ends, while another replica serves the same destinations.
+fn pick<T>(live: &[T], covers: impl Fn(&T) -> bool, draining: impl Fn(&T) -> bool) -> Option<&T> {
     let primary = live.first()?;
-    if covers(primary) {
-        return Some(primary);
-    }
-    Some(live.iter().find(|l| covers(l)).unwrap_or(primary))
+    let covering = || live.iter().filter(|l| covers(l));
+    Some(
+        covering()
+            .find(|l| !draining(l))
+            .or_else(|| covering().next())
+            .unwrap_or(primary),
+    )
 }
 
 #[cfg(test)]
@@ -249,7 +264,8 @@ mod tests {
     }
 
     /// The primary when it covers the destination; else the first that
-    /// does; else the primary.
+    /// does; else the primary. Draining sessions last among those that
+    /// cover.
     #[test]
     fn a_destination_goes_to_the_primary_or_to_a_session_whose_relay_lists_it() {
         let sets = [
@@ -257,14 +273,30 @@ mod tests {
             RouteSet::new(&cidrs(&["10.96.0.0/12", "10.244.8.0/24"])),
             RouteSet::new(&cidrs(&["10.244.8.0/24", "10.244.9.0/24"])),
         ];
-        let at = |dst: &str| {
-            pick(&sets, |s| s.covers(ip(dst)))
-                .map(|s| sets.iter().position(|x| std::ptr::eq(x, s)).unwrap())
+        let at = |dst: &str, draining: &[usize]| {
+            pick(
+                &sets,
+                |s| s.covers(ip(dst)),
+                |s| draining.iter().any(|d| std::ptr::eq(&sets[*d], s)),
+            )
+            .map(|s| sets.iter().position(|x| std::ptr::eq(x, s)).unwrap())
         };
-        assert_eq!(at("10.96.0.10"), Some(0));
-        assert_eq!(at("10.244.8.5"), Some(1));
-        assert_eq!(at("10.244.9.5"), Some(2));
-        assert_eq!(at("172.16.0.1"), Some(0), "nobody lists it: the primary");
-        assert_eq!(pick(&[] as &[RouteSet], |_| true), None);
+        assert_eq!(at("10.96.0.10", &[]), Some(0));
+        assert_eq!(at("10.244.8.5", &[]), Some(1));
+        assert_eq!(at("10.244.9.5", &[]), Some(2));
+        assert_eq!(
+            at("172.16.0.1", &[]),
+            Some(0),
+            "nobody lists it: the primary"
+        );
+        // A draining session (its relay sent GOAWAY) is passed over for one
+        // that covers and is not draining; it still serves what only it
+        // covers, and the primary still takes what nobody lists.
+        assert_eq!(at("10.96.0.10", &[0]), Some(1));
+        assert_eq!(at("10.244.8.5", &[0, 1]), Some(2));
+        assert_eq!(at("10.96.0.10", &[0, 1]), Some(0), "all covering drain");
+        assert_eq!(at("10.244.9.5", &[2]), Some(2), "only it covers");
+        assert_eq!(at("172.16.0.1", &[0]), Some(0), "nobody lists it");
+        assert_eq!(pick(&[] as &[RouteSet], |_| true, |_| false), None);
     }
 }
