@@ -616,12 +616,30 @@ fn write_stuck(waited: Duration, quiet: Duration, keepalive: Duration) -> Option
     }
 }
 
-/// How often the control RTT is logged at info (every pong is at debug).
-const RTT_LOG_EVERY: Duration = Duration::from_secs(60);
+/// How often a healthy control RTT is logged at info (every pong is at
+/// debug). Once an hour: a QUIC edge pongs every 2 minutes and a TCP one
+/// every keep-alive, and a line per pong was the only info line a healthy
+/// edge wrote (30 to 56 an hour, millions a day across a fleet).
+const RTT_LOG_EVERY: Duration = Duration::from_secs(3600);
+
+/// How often a degraded control RTT (a late pong, or one of at least
+/// [`RTT_SLOW`]) is logged at info, so an operator sees a degraded uplink in
+/// the edge's log without debug logging.
+const RTT_LOG_DEGRADED_EVERY: Duration = Duration::from_secs(60);
+
+/// A control round trip this long is a degraded uplink worth a line.
+const RTT_SLOW: Duration = Duration::from_secs(1);
+
+/// Whether a pong's round trip is logged at info: the first, then a healthy
+/// one hourly and a degraded one (`late`, or `rtt` of at least
+/// [`RTT_SLOW`]) once a minute; `since` is how long ago the last was.
+fn rtt_at_info(rtt: Duration, late: bool, since: Option<Duration>) -> bool {
+    let degraded = late || rtt >= RTT_SLOW;
+    since.is_none_or(|s| s >= RTT_LOG_EVERY || (degraded && s >= RTT_LOG_DEGRADED_EVERY))
+}
 
 /// Records a measured control RTT in the stats, and logs it: at debug for
-/// every pong, at info once a minute (and for the first), so an operator
-/// sees a degraded uplink in the edge's log without debug logging.
+/// every pong, at info as [`rtt_at_info`] says.
 fn note_rtt(stats: &EdgeStats, rtt: Duration, late: bool, logged: &mut Option<Instant>) {
     let us = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX);
     stats.control_rtt_us.store(us, Relaxed);
@@ -630,7 +648,7 @@ fn note_rtt(stats: &EdgeStats, rtt: Duration, late: bool, logged: &mut Option<In
         stats.pongs_late.fetch_add(1, Relaxed);
     }
     let rtt_ms = rtt.as_secs_f64() * 1000.0;
-    if logged.is_none_or(|t| t.elapsed() >= RTT_LOG_EVERY) {
+    if rtt_at_info(rtt, late, logged.map(|t| t.elapsed())) {
         *logged = Some(Instant::now());
         info!(rtt_ms, late, "control channel round trip");
     } else {
@@ -664,6 +682,20 @@ fn publish_routes(state: &watch::Sender<EdgeState>, routes: Vec<Cidr>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The first round trip is logged at info, then a healthy one hourly
+    /// and a degraded one (late, or 1 s and more) at most once a minute.
+    #[test]
+    fn control_round_trips_reach_info_first_hourly_or_when_degraded() {
+        let (ms, s) = (Duration::from_millis, Duration::from_secs);
+        assert!(rtt_at_info(ms(20), false, None));
+        assert!(!rtt_at_info(ms(20), false, Some(s(120))), "a healthy pong");
+        assert!(!rtt_at_info(ms(20), false, Some(s(3599))));
+        assert!(rtt_at_info(ms(20), false, Some(s(3600))), "hourly");
+        assert!(rtt_at_info(s(1), false, Some(s(60))), "slow");
+        assert!(rtt_at_info(ms(20), true, Some(s(60))), "late");
+        assert!(!rtt_at_info(s(4), true, Some(s(59))), "once a minute");
+    }
 
     /// A control write waiting while nothing arrives fails after two
     /// keep-alives; while the relay's bytes arrive it waits as long as an
