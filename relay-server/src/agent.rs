@@ -96,10 +96,26 @@ pub struct AgentConfig {
 }
 
 /// How the agent verifies the admin API's certificate.
+///
+/// The CA file is read again when it changes (its modification time or
+/// size, checked before each new connection): the relay CA's ConfigMap is
+/// updated in place when the CA is rotated (cert-manager with
+/// `rotationPolicy: Always`), and an agent holding the old CA would fail
+/// every poll from its next connection on, keeping stale routes, until
+/// restarted. A file that cannot be read or parsed keeps the CA last read
+/// (and is logged).
 #[derive(Clone)]
 pub struct AgentTls {
-    /// Trusts only the CA file given (`--ca-file`).
-    pub config: std::sync::Arc<rustls::ClientConfig>,
+    /// The CA file (`--ca-file`).
+    ca: std::path::PathBuf,
+    /// The config trusting only that file's CAs, and the file's stamp
+    /// when it was read.
+    current: std::sync::Arc<
+        std::sync::Mutex<(
+            std::sync::Arc<rustls::ClientConfig>,
+            relay_transport::reload::Stamp,
+        )>,
+    >,
     /// The name (or IP) the admin API's certificate must carry.
     pub server_name: rustls::pki_types::ServerName<'static>,
 }
@@ -107,6 +123,7 @@ pub struct AgentTls {
 impl std::fmt::Debug for AgentTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentTls")
+            .field("ca", &self.ca)
             .field("server_name", &self.server_name)
             .finish_non_exhaustive()
     }
@@ -116,13 +133,40 @@ impl AgentTls {
     /// HTTPS trusting only the CA certificates in `ca` (PEM), expecting
     /// `server_name` on the admin API's certificate.
     pub fn new(ca: &std::path::Path, server_name: &str) -> anyhow::Result<Self> {
+        let stamp = relay_transport::reload::stamp_of(&[ca]);
         let config = relay_transport::tls::ca_only_client_config(ca, b"http/1.1")?;
         let server_name = rustls::pki_types::ServerName::try_from(server_name.to_string())
             .map_err(|e| anyhow::anyhow!("server name {server_name:?}: {e}"))?;
         Ok(AgentTls {
-            config: std::sync::Arc::new(config),
+            ca: ca.to_path_buf(),
+            current: std::sync::Arc::new(std::sync::Mutex::new((
+                std::sync::Arc::new(config),
+                stamp,
+            ))),
             server_name,
         })
+    }
+
+    /// The client config for a new connection: from the CA file as it is
+    /// now, read again if it changed since the last read.
+    pub fn config(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        let stamp = relay_transport::reload::stamp_of(&[self.ca.as_path()]);
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if current.1 != stamp {
+            match relay_transport::tls::ca_only_client_config(&self.ca, b"http/1.1") {
+                Ok(c) => {
+                    tracing::info!(ca = %self.ca.display(), "CA file changed: read again");
+                    *current = (std::sync::Arc::new(c), stamp);
+                }
+                Err(e) => {
+                    // Not taken as read: tried again at the next
+                    // connection (a file caught mid-write reads whole
+                    // then).
+                    tracing::warn!(ca = %self.ca.display(), error = %e, "CA file changed but cannot be used; the CA read before stays");
+                }
+            }
+        }
+        current.0.clone()
     }
 }
 

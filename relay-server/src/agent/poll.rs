@@ -170,7 +170,7 @@ async fn connect(cfg: &AgentConfig) -> anyhow::Result<Conn> {
     let io: Box<dyn Io> = match &cfg.tls {
         None => Box::new(tcp),
         Some(t) => Box::new(
-            tokio_rustls::TlsConnector::from(t.config.clone())
+            tokio_rustls::TlsConnector::from(t.config())
                 .connect(t.server_name.clone(), tcp)
                 .await?,
         ),
@@ -554,6 +554,27 @@ pub(crate) mod tests {
             .poll(&agent(READ, false))
             .await
             .is_err());
+        // The CA file changes in place (a CA rotation updates its
+        // ConfigMap): the next connection reads it again. First another
+        // CA's certificate (refused), then the relay's CA (served); a file
+        // that cannot be parsed keeps the CA last read.
+        let rotated = dir.join("rotated-ca.pem");
+        let other = relay_transport::devcerts::DevPki::generate(&["localhost"], &[]).expect("PKI");
+        std::fs::write(&rotated, other.ca_pem_pair().0).expect("write");
+        let cfg = AgentConfig {
+            tls: Some(super::super::AgentTls::new(&rotated, "localhost").expect("CA")),
+            ..agent(READ, true)
+        };
+        let mut poll = RoutesPoll::default();
+        assert!(poll.poll(&cfg).await.is_err(), "another CA's certificate");
+        std::fs::write(&rotated, pki.ca_pem_pair().0).expect("write");
+        let got = poll.poll(&cfg).await.expect("the CA file read again");
+        assert_eq!(got.view.live, cidrs(&["10.99.0.1/32"]));
+        std::fs::write(&rotated, "not a PEM file").expect("write");
+        assert!(
+            RoutesPoll::default().poll(&cfg).await.is_ok(),
+            "a broken file keeps the CA read before"
+        );
         let _ = std::fs::remove_dir_all(&dir);
         drop(edge);
         relay.shutdown(Duration::ZERO).await;
