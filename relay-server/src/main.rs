@@ -7,7 +7,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use relay_server::{FileConfig, Relay};
 use relay_transport::devcerts::DevPki;
 use tokio::signal::unix::{signal, SignalKind};
@@ -16,36 +17,72 @@ use tokio::signal::unix::{signal, SignalKind};
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 struct Cli {
-    /// TOML configuration file (see README "Configuration reference").
-    #[arg(short, long, env = "RELAY_CONFIG", global = true)]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    relay: RelayArgs,
     /// Once listening, write the bound addresses here as JSON
     /// (`{"quic": .., "tcp_fallback": .., "connect": .., "admin": ..,
     /// "health": ..}`), for supervisors and
     /// tests that start the relay on port 0.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+/// The configuration file and its per-replica overrides: options of the
+/// relay itself and of `check-config` (before or after the subcommand's
+/// name), not of `dev-certs` or `route-agent`, which read no relay.toml.
+#[derive(Args, Debug, Clone)]
+struct RelayArgs {
+    /// TOML configuration file (see README "Configuration reference").
+    #[arg(short, long, env = "RELAY_CONFIG")]
+    config: Option<PathBuf>,
     /// This replica's id, overriding `relay_id` in the file: one ConfigMap
     /// for every replica, the id from the pod (e.g. the node name).
-    #[arg(long, env = "RELAY_ID", global = true)]
+    #[arg(long, env = "RELAY_ID")]
     relay_id: Option<String>,
     /// This replica's dial address (`host:port`), overriding
     /// `replicas.advertise` (e.g. `$(HOST_IP):8443` from the downward API).
-    #[arg(long, env = "RELAY_ADVERTISE", global = true)]
+    #[arg(long, env = "RELAY_ADVERTISE")]
     advertise: Option<String>,
     /// Lease membership in this namespace, overriding
     /// `replicas.lease_namespace` (e.g. the pod's own namespace from the
     /// downward API): turns scale-out on from the pod spec, without a
     /// second relay.toml (deploy/kubernetes/components/replicas).
-    #[arg(long, env = "RELAY_LEASE_NAMESPACE", global = true)]
+    #[arg(long, env = "RELAY_LEASE_NAMESPACE")]
     lease_namespace: Option<String>,
     /// The Node this relay runs on, overriding `kubernetes.node_name`
     /// (`spec.nodeName` from the downward API): its zone decides which
     /// hinted Service endpoints the relay's own picks use.
-    #[arg(long, env = "RELAY_NODE_NAME", global = true)]
+    #[arg(long, env = "RELAY_NODE_NAME")]
     node_name: Option<String>,
-    #[command(subcommand)]
-    cmd: Option<Cmd>,
+}
+
+impl RelayArgs {
+    /// `check-config`'s options: each one given after the subcommand's
+    /// name (`sub`, whose matches are `m`) where it was, else as given
+    /// before it or by its environment variable (`self`, which reads the
+    /// same variables).
+    fn under(self, sub: RelayArgs, m: Option<&ArgMatches>) -> RelayArgs {
+        fn pick<T>(m: Option<&ArgMatches>, id: &str, sub: Option<T>, top: Option<T>) -> Option<T> {
+            match m.and_then(|m| m.value_source(id)) {
+                Some(ValueSource::CommandLine) => sub,
+                _ => top,
+            }
+        }
+        RelayArgs {
+            config: pick(m, "config", sub.config, self.config),
+            relay_id: pick(m, "relay_id", sub.relay_id, self.relay_id),
+            advertise: pick(m, "advertise", sub.advertise, self.advertise),
+            lease_namespace: pick(
+                m,
+                "lease_namespace",
+                sub.lease_namespace,
+                self.lease_namespace,
+            ),
+            node_name: pick(m, "node_name", sub.node_name, self.node_name),
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -71,13 +108,14 @@ enum Cmd {
         ca_key: bool,
     },
     /// Validate the configuration file (and load its certificates), then exit.
-    CheckConfig,
+    CheckConfig(RelayArgs),
     /// Route agent for the other cloud nodes: keeps routes from each edge
     /// prefix to the relay node in step with the relay's live routes (read
     /// from its admin API), and removes them on exit (unless
     /// --keep-routes-on-exit).
     RouteAgent {
-        /// The relay's admin API address (host:port).
+        /// The relay's admin API address: an IP address and port
+        /// (`10.0.0.5:9090`, `[fd00::5]:9090`), not a host name.
         #[arg(
             long,
             required_unless_present_any = ["replica", "cleanup"],
@@ -161,20 +199,20 @@ enum Cmd {
 /// Reads and validates the file with the per-replica overrides applied
 /// before validation (so a bad `--advertise` is named like a bad field).
 /// relay.toml with the per-pod overrides of the command line.
-fn load(path: &std::path::Path, cli: &Cli) -> anyhow::Result<relay_server::RelayConfig> {
+fn load(path: &std::path::Path, args: &RelayArgs) -> anyhow::Result<relay_server::RelayConfig> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut f = FileConfig::parse(&text)?;
-    if let Some(id) = &cli.relay_id {
+    if let Some(id) = &args.relay_id {
         f.relay_id = Some(id.clone());
     }
-    if let Some(a) = &cli.advertise {
+    if let Some(a) = &args.advertise {
         f.replicas.advertise = Some(a.clone());
     }
-    if let Some(ns) = &cli.lease_namespace {
+    if let Some(ns) = &args.lease_namespace {
         f.replicas.lease_namespace = Some(ns.clone());
     }
-    if let Some(n) = &cli.node_name {
+    if let Some(n) = &args.node_name {
         f.kubernetes.node_name = Some(n.clone());
     }
     Ok(f.into_runtime()?)
@@ -188,7 +226,12 @@ fn init_tracing() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    // Parsed by hand (as `Cli::parse` does) to keep the matches, which
+    // tell where `check-config`'s options were given.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)
+        .map_err(|e| e.format(&mut Cli::command()))
+        .unwrap_or_else(|e| e.exit());
     init_tracing();
     relay_transport::tls::install_default_provider();
     match cli.cmd {
@@ -418,9 +461,12 @@ async fn main() -> anyhow::Result<()> {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(15), task).await;
             Ok(())
         }
-        Some(Cmd::CheckConfig) => {
-            let path = cli.config.clone().context("--config is required")?;
-            let cfg = load(&path, &cli)?;
+        Some(Cmd::CheckConfig(sub)) => {
+            let args = cli
+                .relay
+                .under(sub, matches.subcommand_matches("check-config"));
+            let path = args.config.clone().context("--config is required")?;
+            let cfg = load(&path, &args)?;
             println!(
                 "{}: ok (relay_id {}, {} nodes)",
                 path.display(),
@@ -431,10 +477,11 @@ async fn main() -> anyhow::Result<()> {
         }
         None => {
             let path = cli
+                .relay
                 .config
                 .clone()
                 .context("--config is required (or use a subcommand; see --help)")?;
-            let cfg = load(&path, &cli)?;
+            let cfg = load(&path, &cli.relay)?;
             let grace = cfg.limits.drain_grace;
             relay_transport::fd_limit::raise_and_log("relay-server");
             let mut relay = Relay::spawn(cfg).await?;

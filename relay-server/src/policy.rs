@@ -158,16 +158,23 @@ impl Denied {
     }
 
     /// The stream reply that carries this refusal to the asking side
-    /// (`NoRoute` for a target nobody serves, `Denied` for the rest).
+    /// (`NoRoute` for a target nobody serves, `Denied` for the rest). The
+    /// message starts with the reason where the status does not name it
+    /// already (`denied` → `no_community: …`); every reader prints the
+    /// status before the message (CONNECT's `502 Bad Gateway: no_route:
+    /// no edge session serves …`, the logs' `reason=`), so a `no_route`
+    /// reason stays out of the message: it would show twice.
     pub fn reply(&self) -> StreamReply {
         let status = match self.reason {
             DenyReason::NoRoute => StreamStatus::NoRoute,
             _ => StreamStatus::Denied,
         };
-        StreamReply::fail(
-            status,
-            format!("{}: {}", self.reason.as_str(), self.message),
-        )
+        let message = if self.reason.as_str() == status.as_str() {
+            self.message.clone()
+        } else {
+            format!("{}: {}", self.reason.as_str(), self.message)
+        };
+        StreamReply::fail(status, message)
     }
 }
 

@@ -475,7 +475,7 @@ pub struct QuicFile {
     /// `stream_window`): the memory ceiling of one session's streams.
     pub conn_window: Option<u32>,
     /// A tunnelled connection idle (no byte either way) this long is reset
-    /// (default 1h, at least 1s).
+    /// (default 4h, at least 1s).
     #[serde(default, with = "humantime_serde")]
     pub stream_idle_timeout: Option<Duration>,
 }

@@ -286,6 +286,9 @@ fn an_edge_never_reaches_an_offline_edges_address_through_the_cloud() {
 fn denials_map_to_stream_statuses() {
     let d = Denied::new(DenyReason::NoRoute, "x".into());
     assert_eq!(d.reply().status, StreamStatus::NoRoute);
+    // The status names the reason already: not repeated in the message
+    // (CONNECT said `502 Bad Gateway: no_route: no_route: ...`).
+    assert_eq!(d.reply().message, "x");
     let d = Denied::new(DenyReason::NoCommunity, "x".into());
     assert_eq!(d.reply().status, StreamStatus::Denied);
     assert!(d.reply().message.starts_with("no_community: "));
