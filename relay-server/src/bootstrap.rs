@@ -122,10 +122,15 @@ impl TokenAuthority for ReviewGate {
     ) -> Pin<Box<dyn Future<Output = Result<TokenIdentity, Refusal>> + Send + 'a>> {
         Box::pin(async move {
             if let Err(wait) = self.take(std::time::Instant::now()) {
+                // Sampled in time, not at powers of two of a count that
+                // lives as long as the process: months in, a new episode
+                // would wait for the next power of two to be logged.
                 let n = self.refused.fetch_add(1, Relaxed) + 1;
-                if n.is_power_of_two() {
-                    tracing::warn!(refused = n, "more certificate requests than the token review budget; refusing the excess (overloaded)");
-                }
+                relay_transport::sampled!(
+                    warn,
+                    "more certificate requests than the token review budget; refusing the excess (overloaded)",
+                    refused = n
+                );
                 return Err((
                     RejectReason::Overloaded,
                     format!(
@@ -173,7 +178,12 @@ pub async fn decide(
     }
     let issued = issuer
         .issue(&who.node, &req.public_key, now)
-        .map_err(|e| (RejectReason::Malformed, e.to_string()))?;
+        .map_err(|e| match e {
+            // The relay's own issuing CA (expired): not the request's
+            // fault; retried, and logged and counted as any refusal.
+            relay_transport::issue::IssueError::Ca(_) => (RejectReason::Overloaded, e.to_string()),
+            _ => (RejectReason::Malformed, e.to_string()),
+        })?;
     Ok((
         IssuedCert {
             cert_pem: issued.cert_pem,

@@ -34,7 +34,7 @@ use relay_kube::{
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use relay_transport::sampled;
 
@@ -301,17 +301,21 @@ impl KubeStatus {
             .unwrap_or_else(|e| e.into_inner())
             .take(node, std::time::Instant::now());
         if !allowed {
+            // Sampled in time (not at powers of two of a process-long
+            // count, which months in logs a new episode, or another node,
+            // only at the next power of two).
             let n = self.counters.rate_limited.fetch_add(1, Relaxed) + 1;
-            if n.is_power_of_two() {
-                warn!(%node, dropped = n, "a node over its event budget; events dropped (its condition still tells its state)");
-            }
+            sampled!(
+                warn,
+                "a node over its event budget; events dropped (its condition still tells its state)",
+                %node,
+                dropped = n
+            );
             return;
         }
         if tx.try_send((node.to_string(), ev)).is_err() {
             let n = self.counters.queue_full.fetch_add(1, Relaxed) + 1;
-            if n.is_power_of_two() {
-                warn!(dropped = n, "event queue full; events dropped");
-            }
+            sampled!(warn, "event queue full; events dropped", dropped = n);
         }
     }
 }
