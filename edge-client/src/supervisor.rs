@@ -105,6 +105,9 @@ struct Runner {
     /// What capture was last given of this session: made anew only when
     /// the session or its routes changed.
     live: Option<Arc<Live>>,
+    /// The keep-alive interval: how quiet a live path may be (see
+    /// [`Live`]'s quiet check).
+    keepalive: Duration,
 }
 
 impl Runner {
@@ -168,7 +171,7 @@ impl Runner {
             (c.clone(), flows.clone()),
             (tunnel_routes, *routes_complete),
             served_routes,
-            *draining,
+            (*draining, self.keepalive),
         ));
         drop((state, conn));
         self.live = Some(l.clone());
@@ -256,6 +259,7 @@ impl Common {
             task,
             notifier,
             live: None,
+            keepalive: self.cfg.quic.keepalive,
         }
     }
 }

@@ -20,7 +20,13 @@
 //! [`EdgeState::Connected`]: crate::client::EdgeState::Connected
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use tokio_util::task::AbortOnDropHandle;
 
 use relay_protocol::Cidr;
 use relay_transport::udp::FlowTable;
@@ -74,19 +80,94 @@ pub(crate) struct Live {
     set: RouteSet,
     /// The relay drains this session (it sent GOAWAY).
     draining: bool,
+    /// Nothing has arrived on the connection for longer than a live path
+    /// allows (see [`Heard`]).
+    heard: Arc<Heard>,
+    /// Samples the connection's arrivals into `heard` while this lives.
+    _sampler: Option<AbortOnDropHandle<()>>,
+}
+
+/// When something last arrived on a session's connection, sampled every
+/// [`HEARD_EVERY`], and how long a live path may stay quiet.
+///
+/// A live path delivers something at least every keep-alive interval
+/// plus a round trip (on QUIC the ACK of our keep-alive PING; on the TCP
+/// fallback the relay's pings and pongs), so a session quieter than
+/// [`quiet_after`] is suspect: its relay's node may have died without a
+/// word. Such a session is passed over like a draining one (see
+/// [`pick`]) while another serves the destination: until the edge's own
+/// liveness check gives the path up (3 keep-alives) its new cloud-bound
+/// connections would fail. A false suspicion (a deep uplink queue) only
+/// sends new connections to another replica.
+struct Heard {
+    /// When the sampling started.
+    start: Instant,
+    /// Milliseconds after `start` of the last sample that saw arrivals
+    /// grow (0: at the start).
+    at_ms: AtomicU64,
+    /// The quiet a live path stays under.
+    limit: Duration,
+}
+
+impl Heard {
+    fn new(limit: Duration) -> Self {
+        Heard {
+            start: Instant::now(),
+            at_ms: AtomicU64::new(0),
+            limit,
+        }
+    }
+
+    /// Whether nothing arrived for longer than the limit.
+    fn quiet(&self) -> bool {
+        let last = self.start + Duration::from_millis(self.at_ms.load(Relaxed));
+        last.elapsed() > self.limit
+    }
+
+    /// Notes, every [`HEARD_EVERY`], whether `arrivals` (a count that
+    /// grows with what arrives) grew; runs until aborted.
+    async fn sample(self: Arc<Self>, arrivals: impl Fn() -> u64) {
+        let mut seen = arrivals();
+        let mut tick = tokio::time::interval(HEARD_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = arrivals();
+            if now != seen {
+                seen = now;
+                let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+                self.at_ms.store(ms, Relaxed);
+            }
+        }
+    }
+}
+
+/// How often a session's arrivals are sampled.
+const HEARD_EVERY: Duration = Duration::from_secs(1);
+
+/// The quiet beyond which a path is suspect: a keep-alive interval plus
+/// two round trips, a second of margin and one sample's period.
+fn quiet_after(keepalive: Duration, rtt: Duration) -> Duration {
+    keepalive + rtt * 2 + Duration::from_secs(1) + HEARD_EVERY
 }
 
 impl Live {
     /// Session `session_id` on `conn` (with its `flows`), whose relay
     /// lists `tunnel` (its whole set when `complete`), says this edge
-    /// serves `served`, and drains the session when `draining`.
+    /// serves `served`, and drains the session when `draining`; its path
+    /// is sampled for quiet against `keepalive` (see [`Heard`]).
     pub(crate) fn new(
         session_id: u64,
         (conn, flows): (TunnelConn, Arc<FlowTable>),
         (tunnel, complete): (&[Cidr], bool),
         served: &[Cidr],
-        draining: bool,
+        (draining, keepalive): (bool, Duration),
     ) -> Self {
+        let heard = Arc::new(Heard::new(quiet_after(keepalive, conn.rtt())));
+        let sampler = tokio::runtime::Handle::try_current().ok().map(|rt| {
+            let (conn, heard) = (conn.clone(), heard.clone());
+            AbortOnDropHandle::new(rt.spawn(heard.sample(move || conn.arrivals())))
+        });
         Live {
             session_id,
             conn,
@@ -100,6 +181,8 @@ impl Live {
                 RouteSet::default()
             },
             draining,
+            heard,
+            _sampler: sampler,
         }
     }
 
@@ -154,7 +237,12 @@ impl Sessions {
     /// The session for a stream or flow to `ip` (see the module doc);
     /// `None` with no session up.
     pub(crate) fn for_destination(&self, ip: IpAddr) -> Option<&Live> {
-        pick(&self.live, |l| l.covers(ip), |l| l.draining).map(|l| &**l)
+        pick(
+            &self.live,
+            |l| l.covers(ip),
+            |l| l.draining || l.heard.quiet(),
+        )
+        .map(|l| &**l)
     }
 
     /// The routes capture installs: the union of every complete set;
@@ -190,7 +278,8 @@ fn union<'a>(sets: impl Iterator<Item = Option<&'a [Cidr]>>) -> Option<Vec<Cidr>
 }
 
 /// The first of `live` (the primary) that `covers` and is not
-/// `draining`, else the first that `covers`, else the first.
+/// `draining` (or quiet: see [`Heard`]), else the first that `covers`,
+/// else the first.
 ///
 /// A draining session is passed over: its relay is going (a rolling
 /// update, a restart), and what is opened through it is cut when its
@@ -298,5 +387,38 @@ mod tests {
         assert_eq!(at("10.244.9.5", &[2]), Some(2), "only it covers");
         assert_eq!(at("172.16.0.1", &[0]), Some(0), "nobody lists it");
         assert_eq!(pick(&[] as &[RouteSet], |_| true, |_| false), None);
+    }
+
+    /// A path is quiet once nothing has arrived for its limit (a
+    /// keep-alive, two round trips and two seconds), and no longer as soon
+    /// as a sample sees arrivals grow again.
+    #[tokio::test(start_paused = true)]
+    async fn a_session_is_quiet_after_a_keepalive_of_silence_and_heard_again_at_once() {
+        let s = Duration::from_secs;
+        assert_eq!(
+            quiet_after(s(8), Duration::from_millis(50)),
+            Duration::from_millis(10_100)
+        );
+        let heard = Arc::new(Heard::new(quiet_after(s(8), Duration::ZERO)));
+        let arrivals = Arc::new(AtomicU64::new(0));
+        let count = arrivals.clone();
+        let _sampler = AbortOnDropHandle::new(tokio::spawn(
+            heard.clone().sample(move || count.load(Relaxed)),
+        ));
+        // A live idle path: something every keep-alive plus a round trip.
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(8_100)).await;
+            arrivals.fetch_add(1, Relaxed);
+            assert!(!heard.quiet(), "a live path");
+        }
+        // The path dies: quiet after the limit, not before.
+        tokio::time::sleep(s(9)).await;
+        assert!(!heard.quiet(), "9 s of silence");
+        tokio::time::sleep(s(2)).await;
+        assert!(heard.quiet(), "11 s of silence");
+        // It comes back: heard at the next sample.
+        arrivals.fetch_add(1, Relaxed);
+        tokio::time::sleep(HEARD_EVERY).await;
+        assert!(!heard.quiet(), "heard again");
     }
 }
