@@ -9,16 +9,23 @@
 //! replicas are remapped to other replicas, which have no state for them
 //! and reset them. A resilient group hashes flows into a fixed table of
 //! buckets: removing a next hop reassigns only its buckets, and a new next
-//! hop takes over buckets only once they have been idle (`idle_timer`), so
-//! established connections through the others are untouched.
+//! hop takes over buckets only once they have been idle ([`IDLE_TIMER`],
+//! 120 s), so established connections through the others are untouched.
 //!
 //! Each prefix gets its own group, changed in place as replicas come and
 //! go (a route moved to another group would be rehashed from scratch). The
 //! agent polls every replica's `GET /v1/routes` (each through a
-//! [`RoutesPoll`]: a kept connection, 304 for an unchanged table); a
-//! prefix's members are the replicas listing it. A replica that does not
-//! answer is left out (its node may be gone; the others serve every edge),
-//! unless none answers, in which case nothing changes. One that answers
+//! [`RoutesPoll`]: a kept connection, 304 for an unchanged table), each
+//! replica by a task of its own at the interval (`replica::spawn`); the
+//! groups are brought in step with every replica's latest answer at the
+//! interval and at once when one's changes, so a replica whose poll hangs
+//! (its node black-holed: a poll fails only at its bound,
+//! [`crate::agent::poll::POLL_TIMEOUT`]) delays no other replica's
+//! change. A prefix's members are the replicas listing it. A replica that
+//! does not answer (its poll failed, or timed out) is left out (its node
+//! may be gone; the others serve every edge), unless none answers, in
+//! which case nothing changes; the first merge waits for every replica's
+//! first poll. One that answers
 //! 503 "admin API overloaded" ([`Busy`]) is alive: its last table stays in
 //! the groups for fewer than [`BUSY_POLLS`] busy polls in a row, then it
 //! is left out as well. The agent owns nexthop ids from
@@ -54,7 +61,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::agent::status::{AgentStatus, PollFailure};
-use crate::agent::{AgentConfig, AgentTls, Busy, OnExit, Refusals, RouteView, RoutesPoll};
+use crate::agent::{AgentTls, Busy, OnExit, Refusals, RouteView, RoutesPoll};
 use crate::config::Secret;
 
 mod groups;
@@ -64,7 +71,6 @@ mod replica;
 pub(crate) mod tests;
 pub use groups::{merge, merge_views, parse_installed, plan, Installed};
 use kernel::{apply, install, installed, ip};
-use replica::ReplicaPoll;
 pub use replica::BUSY_POLLS;
 
 /// Nexthop ids of the replicas: `NEXTHOP_BASE + index`.
@@ -76,8 +82,31 @@ const MAX_GROUPS: u32 = 1 << 20;
 /// Buckets per resilient group: enough that one replica out of a handful
 /// moves a small share of flows.
 pub const BUCKETS: u32 = 64;
-/// Seconds a bucket must be idle before it may move to a new next hop.
-pub const IDLE_TIMER: u32 = 10;
+/// Seconds a bucket must be idle before it may move to a new next hop:
+/// the kernel's default (`NH_RES_DEFAULT_IDLE_TIMER`, 120 s).
+///
+/// It decides only how soon a replica that (re)joins a group gets
+/// buckets: the kernel gives a next hop that wants more buckets only those
+/// idle this long (with `unbalanced_timer` 0, as here, it never forces
+/// busy ones). A replica that leaves loses its buckets at once whatever
+/// this is (the kernel unsets the buckets of a next hop no longer in the
+/// group and reassigns them at the same replace; see
+/// Documentation/networking/nexthop-group-resilient.rst), so a larger
+/// value never keeps traffic on a replica that is gone.
+///
+/// Why not shorter: the relay captures by DNAT to a local port, so a
+/// connection moved to another replica is reset there at its next packet
+/// (that replica has no socket for it). A connection idle longer than
+/// this (a keep-alive or pooled connection between requests) whose bucket
+/// moves to a rejoining replica meanwhile is such a connection: at 10 s
+/// (this value before), any connection idle for 10 s could be reset at
+/// a replica's return. 120 s covers common pool idle bounds (Go's net/http
+/// 90 s, nginx's upstream keepalive 60 s); a connection idle longer still
+/// can be moved, which only no rebalancing at all would avoid. The cost
+/// is a returning replica taking its share only as buckets fall idle.
+/// Groups an older agent made with another value take this one at their
+/// next change of members, which a replace sets before it moves buckets.
+pub const IDLE_TIMER: u32 = 120;
 
 /// One replica as the agent reaches it.
 #[derive(Debug, Clone)]
@@ -136,85 +165,54 @@ pub async fn run_with_status(
     // only those the filter below would refuse go.
     crate::agent::remove_refused_leftovers(cfg.table, cfg.proto, &vias).await;
     let mut refusals = Refusals::default();
-    let mut polled: Vec<ReplicaPoll> = cfg
-        .replicas
-        .iter()
-        .map(|_| ReplicaPoll::default())
-        .collect();
+    let (board, mut pollers) = replica::spawn(&cfg);
     // Whether `main` still needs an older agent's leftovers removed.
     let mut main_checked = false;
-    loop {
-        let mut views = Vec::new();
-        let mut last_error = None;
-        for (r, p) in cfg.replicas.iter().zip(&mut polled) {
-            let one = AgentConfig {
-                admin: r.admin,
-                token: cfg.token.clone(),
-                tls: r.tls.clone(),
-                interval: cfg.interval,
-                proto: cfg.proto,
-            };
-            let answer = p.poll.poll(&one).await.map(|a| a.view);
-            let error = answer.as_ref().err().map(|e| format!("{}: {e:#}", r.admin));
-            let view = p.view(r.admin, answer);
-            if view.is_none() {
-                last_error = error.or(last_error);
-            }
-            views.push(view);
-        }
-        // None answered: change nothing (as the single-relay agent keeps
-        // its routes while the relay is away).
-        match merge_views(&views) {
-            None => status.failed(
-                PollFailure::RelayUnreachable,
-                &format!(
-                    "no replica answers (last: {})",
-                    last_error.unwrap_or_default()
-                ),
-            ),
-            Some(want) => match crate::agent::own_addrs() {
-                Err(e) => {
-                    warn!(error = %e, "reading this node's addresses failed");
-                    status.failed(PollFailure::InstallFailed, &e);
-                }
-                Ok(mut keep) => {
-                    keep.extend(&vias);
-                    let prefixes: BTreeSet<Cidr> = want.keys().copied().collect();
-                    let ok = refusals.filter(&prefixes, &keep, &status);
-                    let want: BTreeMap<Cidr, BTreeSet<usize>> =
-                        want.into_iter().filter(|(c, _)| ok.contains(c)).collect();
-                    match install(&want, &vias, &cfg, &mut main_checked).await {
-                        Ok(done) => {
-                            if done.changes > 0 {
-                                info!(
-                                    changes = done.changes,
-                                    prefixes = done.routes,
-                                    "routes synced"
-                                );
-                            }
-                            match done.unroutable {
-                                0 => status.synced(done.routes),
-                                n => status.failed(
-                                    PollFailure::NoNextHop,
-                                    &format!(
-                                        "{n} prefixes unrouted: no replica serving them has a route toward its VIA address"
-                                    ),
-                                ),
-                            }
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "installing routes failed");
-                            status.failed(PollFailure::InstallFailed, &e);
-                        }
-                    }
-                }
-            },
-        }
+    // The first merge waits for every replica's first poll (each bounded
+    // by POLL_TIMEOUT): one not heard from yet would be left out of the
+    // groups a killed or kept run left, moving its flows elsewhere.
+    let mut stopped = false;
+    while board.latest().iter().any(Option::is_none) {
         tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(cfg.interval) => {}
+            _ = stop.cancelled() => {
+                stopped = true;
+                break;
+            }
+            _ = board.changed() => {}
         }
     }
+    // Then at every interval, and at once when a replica's view changes,
+    // from each replica's latest report: a replica whose poll is still
+    // outstanding (its node black-holed) holds up no other's change, and
+    // is left out once that poll fails.
+    while !stopped {
+        let latest = board.latest();
+        let views: Vec<Option<RouteView>> = latest
+            .iter()
+            .map(|r| r.as_ref().and_then(|r| r.view.clone()))
+            .collect();
+        let last_error = latest
+            .iter()
+            .flatten()
+            .filter_map(|r| r.error.clone())
+            .next_back();
+        sync(
+            &views,
+            last_error,
+            &vias,
+            &cfg,
+            &status,
+            &mut refusals,
+            &mut main_checked,
+        )
+        .await;
+        tokio::select! {
+            _ = stop.cancelled() => stopped = true,
+            _ = tokio::time::sleep(cfg.interval) => {}
+            _ = board.changed() => {}
+        }
+    }
+    pollers.shutdown().await;
     if cfg.on_exit == OnExit::Keep {
         info!("route agent stopped; its routes, nexthops and rule kept for the next agent");
         return;
@@ -222,6 +220,69 @@ pub async fn run_with_status(
     match remove_installed(cfg.table, cfg.proto).await {
         Ok(()) => info!("route agent stopped; its routes, nexthops and rule removed"),
         Err(e) => warn!(error = %format!("{e:#}"), "removing routes on exit failed"),
+    }
+}
+
+/// One merge of the replicas' `views` into the groups and routes, and its
+/// outcome in `status` (`last_error`: the last failing replica's, for
+/// when none answers).
+async fn sync(
+    views: &[Option<RouteView>],
+    last_error: Option<String>,
+    vias: &[IpAddr],
+    cfg: &MultipathConfig,
+    status: &AgentStatus,
+    refusals: &mut Refusals,
+    main_checked: &mut bool,
+) {
+    // None answered: change nothing (as the single-relay agent keeps
+    // its routes while the relay is away).
+    let Some(want) = merge_views(views) else {
+        status.failed(
+            PollFailure::RelayUnreachable,
+            &format!(
+                "no replica answers (last: {})",
+                last_error.unwrap_or_default()
+            ),
+        );
+        return;
+    };
+    let mut keep = match crate::agent::own_addrs() {
+        Ok(keep) => keep,
+        Err(e) => {
+            warn!(error = %e, "reading this node's addresses failed");
+            status.failed(PollFailure::InstallFailed, &e);
+            return;
+        }
+    };
+    keep.extend(vias);
+    let prefixes: BTreeSet<Cidr> = want.keys().copied().collect();
+    let ok = refusals.filter(&prefixes, &keep, status);
+    let want: BTreeMap<Cidr, BTreeSet<usize>> =
+        want.into_iter().filter(|(c, _)| ok.contains(c)).collect();
+    match install(&want, vias, cfg, main_checked).await {
+        Ok(done) => {
+            if done.changes > 0 {
+                info!(
+                    changes = done.changes,
+                    prefixes = done.routes,
+                    "routes synced"
+                );
+            }
+            match done.unroutable {
+                0 => status.synced(done.routes),
+                n => status.failed(
+                    PollFailure::NoNextHop,
+                    &format!(
+                        "{n} prefixes unrouted: no replica serving them has a route toward its VIA address"
+                    ),
+                ),
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "installing routes failed");
+            status.failed(PollFailure::InstallFailed, &e);
+        }
     }
 }
 

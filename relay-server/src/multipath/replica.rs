@@ -1,18 +1,30 @@
-//! One replica as the multipath loop polls it ([`ReplicaPoll`]): its kept
+//! One replica as its own poller polls it ([`ReplicaPoll`]): its kept
 //! connection and last table, and what its answer puts in the groups,
 //! with a replica answering busy keeping its last table for fewer than
-//! [`BUSY_POLLS`] polls in a row.
+//! [`BUSY_POLLS`] polls in a row; and the pollers themselves ([`spawn`]),
+//! one task per replica, each publishing its replica's latest report on
+//! a [`Board`] that the agent's merge reads.
 //!
 //! Apart from the loop because this per-replica state (answering, busy,
 //! silent, and the log lines when that changes) decides group membership
-//! on its own; the loop only gathers the views.
+//! on its own; the loop only merges the latest views.
+//!
+//! One task per replica, not one loop polling them in turn (nor all at
+//! once, waiting for the slowest): a replica whose node died without a
+//! word (no RST: its SYNs or its answer black-holed) takes a poll its
+//! whole bound ([`crate::agent::poll::POLL_TIMEOUT`]) to fail, and no
+//! other replica's change may wait behind that.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use super::{Busy, RouteView, RoutesPoll};
+use super::{Busy, MultipathConfig, RouteView, RoutesPoll};
 use crate::agent::status::NOT_READY_AFTER;
+use crate::agent::AgentConfig;
 
 /// Polls in a row a replica may answer busy (503 "admin API overloaded":
 /// alive, its admin API's request budget full) with its last table kept
@@ -81,4 +93,95 @@ impl ReplicaPoll {
         self.in_groups = view.is_some();
         view
     }
+}
+
+/// What a replica's poller found at its last finished poll.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Report {
+    /// What it puts in the groups ([`ReplicaPoll::view`]; `None`: left out).
+    pub(super) view: Option<RouteView>,
+    /// Why not, when left out: the poll's error, with the replica's address.
+    pub(super) error: Option<String>,
+}
+
+/// The replicas' latest reports (index = the replica's), written by their
+/// pollers, read by the merge; `changed` wakes the merge when a replica's
+/// view differs from its last one (or is its first).
+#[derive(Debug)]
+pub(super) struct Board {
+    latest: Mutex<Vec<Option<Report>>>,
+    changed: Notify,
+}
+
+impl Board {
+    fn new(replicas: usize) -> Board {
+        Board {
+            latest: Mutex::new(vec![None; replicas]),
+            changed: Notify::new(),
+        }
+    }
+
+    /// Every replica's latest report; `None` for one whose first poll has
+    /// not finished.
+    pub(super) fn latest(&self) -> Vec<Option<Report>> {
+        self.latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Until some replica's view changed since the last call (at once when
+    /// one did meanwhile: a change is never missed, though one already
+    /// read may wake it once more).
+    pub(super) async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    fn publish(&self, i: usize, report: Report) {
+        let changed = {
+            let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+            let changed = latest[i].as_ref().map(|r| &r.view) != Some(&report.view);
+            latest[i] = Some(report);
+            changed
+        };
+        if changed {
+            self.changed.notify_one();
+        }
+    }
+}
+
+/// One poller per replica of `cfg`: each polls its replica every
+/// `cfg.interval` (from the end of one poll to the start of the next, each
+/// bounded by [`crate::agent::poll::POLL_TIMEOUT`]: a replica whose poll is
+/// outstanding keeps its last report until the poll fails, then is left out
+/// as any failing one) and publishes its report on the returned board.
+/// They run until the set is dropped or shut down.
+pub(super) fn spawn(cfg: &MultipathConfig) -> (Arc<Board>, JoinSet<()>) {
+    let board = Arc::new(Board::new(cfg.replicas.len()));
+    let mut pollers = JoinSet::new();
+    for (i, r) in cfg.replicas.iter().enumerate() {
+        let one = AgentConfig {
+            admin: r.admin,
+            token: cfg.token.clone(),
+            tls: r.tls.clone(),
+            interval: cfg.interval,
+            proto: cfg.proto,
+        };
+        let board = board.clone();
+        pollers.spawn(async move {
+            let mut p = ReplicaPoll::default();
+            loop {
+                let answer = p.poll.poll(&one).await.map(|a| a.view);
+                let error = answer
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("{}: {e:#}", one.admin));
+                let view = p.view(one.admin, answer);
+                let error = view.is_none().then_some(error).flatten();
+                board.publish(i, Report { view, error });
+                tokio::time::sleep(one.interval).await;
+            }
+        });
+    }
+    (board, pollers)
 }

@@ -40,7 +40,9 @@ fn a_lost_replica_changes_groups_in_place_and_a_lost_prefix_goes() {
         "route replace 10.244.8.0/24 nhid {} proto {{proto}} table {{table}}",
         GROUP_BASE + 1
     )));
-    // As the kernel then shows it.
+    // As the kernel then shows it (`idle_timer 10`: groups an older
+    // agent made; only their members matter to the plan, and a change
+    // of members brings `IDLE_TIMER`).
     let routes = format!(
         "10.244.7.0/24 nhid {g0} proto 250 \n\tnexthop via 10.0.0.1 dev lan0 weight 1 \n10.244.8.0/24 nhid {g1} proto 250 \n",
         g0 = GROUP_BASE,
@@ -73,7 +75,7 @@ fn a_lost_replica_changes_groups_in_place_and_a_lost_prefix_goes() {
     assert_eq!(
         p,
         format!(
-            "nexthop replace id {g0} group {b}/{cc} type resilient buckets 64 idle_timer 10\nnexthop replace id {g1} group {cc} type resilient buckets 64 idle_timer 10\n",
+            "nexthop replace id {g0} group {b}/{cc} type resilient buckets 64 idle_timer {IDLE_TIMER}\nnexthop replace id {g1} group {cc} type resilient buckets 64 idle_timer {IDLE_TIMER}\n",
             g0 = GROUP_BASE,
             g1 = GROUP_BASE + 1,
             b = NEXTHOP_BASE + 1,

@@ -559,7 +559,8 @@ fn a_busy_replica_keeps_its_routes_for_a_bound() {
         until("both replicas in the group", || group().contains(&both)).await;
         busy.store(true, Ordering::SeqCst);
         // The last busy answer within the bound is held back: the
-        // polls before it (and their installs) are done.
+        // polls before it are done (each replica is polled by a task of
+        // its own: the busy answers kept the group as it was).
         until("the bound's last busy poll", || {
             answers.load(Ordering::SeqCst) == BUSY_POLLS
         })
@@ -621,5 +622,172 @@ fn main_keeps_an_older_agents_routes_until_ours_are_installed() {
         .await;
         stop.cancel();
         agent.await.expect("agent");
+    });
+}
+
+/// A replica's admin API on `l` listing `routes`, one answer per
+/// connection; once `silent` is set it reads each request and never
+/// answers (the connection held open), counting those in `held`.
+async fn fake_replica_falling_silent(
+    l: TcpListener,
+    routes: &'static [&'static str],
+    silent: Arc<AtomicBool>,
+    held: Arc<std::sync::atomic::AtomicU64>,
+) -> SocketAddr {
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let (silent, held) = (silent.clone(), held.clone());
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                if silent.load(Ordering::SeqCst) {
+                    held.fetch_add(1, Ordering::SeqCst);
+                    // Held until the peer goes (or the test ends).
+                    let _ = s.read(&mut buf).await;
+                    return;
+                }
+                let rows: Vec<String> = routes
+                    .iter()
+                    .map(|c| format!("{{\"cidr\":\"{c}\"}}"))
+                    .collect();
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n[{}]",
+                    rows.join(",")
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Replicas whose nodes die without a word (no RST): A accepts each
+/// connection and never answers, B's address stops answering at all
+/// (its SYNs go to a neighbour that drops them). While their polls are
+/// outstanding, replica C's changes (a prefix dropped, one added) are
+/// installed within about two intervals, not after A's and B's polls
+/// time out; A and B leave the group, in place, once theirs have
+/// ([`crate::agent::poll::POLL_TIMEOUT`]) plus an interval.
+#[test]
+fn a_silent_replica_holds_up_no_other_replicas_change() {
+    netns_test(async {
+        use crate::agent::poll::POLL_TIMEOUT;
+        use std::sync::atomic::AtomicU64;
+        use tokio::time::Instant;
+        const INTERVAL: Duration = Duration::from_millis(200);
+        // For `ip` runs and this test's own 20 ms polling of the table.
+        const MARGIN: Duration = Duration::from_secs(1);
+        const P1: &str = "10.244.7.0/24";
+        let (p1, p2, p3) = (P1, "10.244.8.0/24", "10.244.9.0/24");
+        let a_silent = Arc::new(AtomicBool::new(false));
+        let a_held = Arc::new(AtomicU64::new(0));
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let a = fake_replica_falling_silent(l, &[P1], a_silent.clone(), a_held.clone()).await;
+        // B on an address of this namespace's own, until it goes.
+        sh(&["addr", "add", "192.0.2.77/32", "dev", "lo"]);
+        let l = TcpListener::bind("192.0.2.77:0").await.expect("bind");
+        let b =
+            fake_replica_falling_silent(l, &[P1], Arc::new(AtomicBool::new(false)), Arc::default())
+                .await;
+        let c_routes = Arc::new(Mutex::new(vec![p1, p2]));
+        let c = fake_replica(c_routes.clone()).await;
+        let mut cfg = config(&[(a, "192.0.2.2"), (b, "192.0.2.3"), (c, "192.0.2.4")]);
+        cfg.interval = INTERVAL;
+        let status = Arc::<AgentStatus>::default();
+        let stop = CancellationToken::new();
+        let agent = tokio::spawn(run_with_status(cfg, stop.clone(), status.clone()));
+        let group = || sh(&["nexthop", "show"]);
+        let all = format!(
+            "id {GROUP_BASE} group {}/{}/{} ",
+            NEXTHOP_BASE,
+            NEXTHOP_BASE + 1,
+            NEXTHOP_BASE + 2
+        );
+        let only_c = format!("id {GROUP_BASE} group {} ", NEXTHOP_BASE + 2);
+        until("every replica in p1's group, p2 routed", || {
+            group().contains(&all) && table().contains(&format!("{p2} nhid"))
+        })
+        .await;
+        let g = group();
+        assert!(
+            g.contains(&format!(
+                "{all}type resilient buckets {BUCKETS} idle_timer {IDLE_TIMER} "
+            )),
+            "{g}"
+        );
+        // A and B go silent: A answers no more; B's address goes, and
+        // what is sent to it now leaves on up0 for a neighbour whose
+        // frames up1 drops (not its address): SYNs unanswered.
+        a_silent.store(true, Ordering::SeqCst);
+        sh(&["addr", "del", "192.0.2.77/32", "dev", "lo"]);
+        sh(&[
+            "neigh",
+            "replace",
+            "192.0.2.77",
+            "lladdr",
+            "02:00:00:00:00:77",
+            "dev",
+            "up0",
+            "nud",
+            "permanent",
+        ]);
+        let gone = Instant::now();
+        until("a poll of A held unanswered", || {
+            a_held.load(Ordering::SeqCst) >= 1
+        })
+        .await;
+        // B's next poll is under way too, its SYN unanswered.
+        until("a SYN of B's poll unanswered", || {
+            let out = Command::new("ss")
+                .args(["-Htn", "state", "syn-sent", "dst", "192.0.2.77"])
+                .output()
+                .expect("ss");
+            !out.stdout.is_empty()
+        })
+        .await;
+        let bound = 2 * INTERVAL + MARGIN;
+        // C drops p2 (only C listed it): its route goes.
+        *c_routes.lock().unwrap() = vec![p1];
+        let t = Instant::now();
+        until("p2's route gone", || !table().contains(p2)).await;
+        let dropped = t.elapsed();
+        assert!(
+            dropped <= bound,
+            "C's drop took {dropped:?}, more than {bound:?}"
+        );
+        // C adds p3: routed.
+        *c_routes.lock().unwrap() = vec![p1, p3];
+        let t = Instant::now();
+        until("p3 routed", || table().contains(&format!("{p3} nhid"))).await;
+        let added = t.elapsed();
+        assert!(
+            added <= bound,
+            "C's add took {added:?}, more than {bound:?}"
+        );
+        // Meanwhile A's and B's polls were still outstanding: both still
+        // in the group.
+        let g = group();
+        assert!(
+            gone.elapsed() < POLL_TIMEOUT && g.contains(&all),
+            "C's changes were not made while A's and B's polls were outstanding ({:?}): {g}",
+            gone.elapsed()
+        );
+        // Their polls time out: out of the group, the same group.
+        until("A and B out of p1's group", || group().contains(&only_c)).await;
+        let left = gone.elapsed();
+        eprintln!(
+            "C's drop installed in {dropped:?}, its add in {added:?}; A and B out after {left:?}"
+        );
+        let most = POLL_TIMEOUT + INTERVAL + MARGIN;
+        assert!(
+            left <= most,
+            "A and B left after {left:?}, more than {most:?}"
+        );
+        assert!(status.readiness().is_ok(), "{:?}", status.readiness());
+        stop.cancel();
+        agent.await.expect("agent");
+        assert_eq!(table(), "");
+        assert_eq!(sh(&["nexthop", "show"]), "");
     });
 }
