@@ -10,7 +10,8 @@
 //!   [`config_tls`] its certificate sections, [`config_kube`] its
 //!   `[kubernetes]` and `[bootstrap]` sections.
 //! - [`tls_reload`]: the relay's TLS identity and CRLs reloaded on SIGHUP
-//!   and on file change, for new handshakes only.
+//!   and on file change, for new handshakes; a changed client CA or CRL
+//!   also has live sessions verified again (`session::cert_check`).
 //! - [`server`]: [`Relay::spawn`], listeners, graceful shutdown.
 //! - [`bootstrap`]: node certificates for edges that hold only a token.
 //! - [`handshake`]: identity, claims from the directory, registration.

@@ -38,6 +38,11 @@
 //! silent control stream with a live path is a wedged session task, not a
 //! dead path.
 //!
+//! The same sweep closes a session whose client certificate is past its
+//! notAfter (read once when the session started, so a comparison per
+//! session; see `session::cert_check`): TLS checked it only at
+//! the handshake.
+//!
 //! One task for all sessions rather than a timer per session: at 10,000
 //! sessions a sweep is 10,000 reads of a counter behind quinn's connection
 //! lock, one wake-up a second at the defaults, yielding to the runtime
@@ -274,8 +279,12 @@ pub(crate) async fn watch(shared: Arc<Shared>, stop: CancellationToken) -> &'sta
             }
             continue;
         }
+        // One clock read per sweep for the certificates' expiry.
+        let now = crate::session::cert_check::unix_now();
         for (i, s) in shared.registry.sessions_unsorted().iter().enumerate() {
-            sweep_one(&shared, s, idle);
+            if !crate::session::cert_check::close_if_expired(&shared, s, now) {
+                sweep_one(&shared, s, idle);
+            }
             // Thousands of sessions in one go would hold this worker for
             // milliseconds; the data path's tasks get a turn in between.
             if i % SWEEP_CHUNK == SWEEP_CHUNK - 1 {

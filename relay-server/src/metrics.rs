@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use relay_protocol::{RejectReason, StreamStatus};
+use relay_transport::reload::RefusalCause;
 
 use crate::policy::{DenyReason, Origin};
 
@@ -77,6 +78,9 @@ pub struct Metrics {
     /// timeout: no datagram on QUIC, no byte on the TCP fallback, no
     /// control message from an older QUIC edge (see [`crate::liveness`]).
     pub sessions_silent: AtomicU64,
+    /// Sessions closed because their client certificate no longer
+    /// verifies, by [`RefusalCause`] (see [`crate::session::cert_check`]).
+    sessions_cert_closed: [AtomicU64; RefusalCause::ALL.len()],
     /// Node certificates issued by the bootstrap.
     pub bootstrap_issued: AtomicU64,
     /// Certificate requests refused.
@@ -151,6 +155,14 @@ impl Metrics {
     pub fn handshake_failed(&self, reason: &str) {
         if let Some(i) = HANDSHAKE_LOCAL_REASONS.iter().position(|x| *x == reason) {
             self.local_failures[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Counts a live session closed because its client certificate no
+    /// longer verifies (`cause`: expired, revoked, ...).
+    pub fn session_cert_closed(&self, cause: RefusalCause) {
+        if let Some(i) = RefusalCause::ALL.iter().position(|x| *x == cause) {
+            self.sessions_cert_closed[i].fetch_add(1, Relaxed);
         }
     }
 
@@ -409,6 +421,17 @@ impl Metrics {
             "counter",
             "Sessions closed because nothing arrived from the edge (datagrams on QUIC, bytes on the TCP fallback, control messages from a QUIC edge without the liveness capability) for quic.idle_timeout, or for two of the edge's stated keep-alive intervals when that is shorter.",
             &one(&self.sessions_silent),
+        );
+        let rows: Vec<(String, u64)> = RefusalCause::ALL
+            .iter()
+            .zip(&self.sessions_cert_closed)
+            .map(|(c, a)| (format!("{{reason=\"{}\"}}", c.as_str()), a.load(Relaxed)))
+            .collect();
+        metric(
+            "relay_sessions_certificate_closed_total",
+            "counter",
+            "Live sessions the relay closed because their client certificate no longer verifies, by reason: cert_expired (past its notAfter, checked every liveness sweep), or what the verifier says after a reload changed tls.client_ca or tls.crl (revoked, unknown_ca, ...).",
+            &rows,
         );
         metric(
             "relay_route_lists_cut_total",

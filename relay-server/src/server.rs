@@ -230,6 +230,7 @@ impl Relay {
                 paths: r.paths.clone(),
                 must_trust: cfg.bootstrap.as_ref().map(|b| b.issuer_cert.clone()),
                 files: tls_files.clone(),
+                sessions: None,
             })
             .collect();
         let (endpoint, tcp_listener) = bind_quic_and_tcp(&cfg, &tls).await?;
@@ -296,6 +297,8 @@ impl Relay {
             tls_files,
             cfg,
         });
+        // A reload changing the client CA or CRLs verifies live sessions again.
+        crate::tls_reload::watch_sessions(&mut reload_targets, &shared);
         #[cfg(feature = "kubernetes")]
         if let Some(c) = &conditions {
             c.spawn(shared.clone(), background.clone());
@@ -486,8 +489,10 @@ impl Relay {
     /// Re-reads the relay's certificate, key, client CA and CRLs from the
     /// files of its `[tls]` section, and the CONNECT listener's
     /// (`[connect_tls]`) and the admin API's certificates from theirs, and
-    /// uses them for new handshakes; sessions and connections already up
-    /// are not touched. A listener whose files fail to load keeps what it
+    /// uses them for new handshakes; connections already up are not
+    /// touched, except edge sessions whose certificates a changed `[tls]`
+    /// client CA or CRL now refuses, which are closed (see
+    /// `session::cert_check`). A listener whose files fail to load keeps what it
     /// had (the others still reload). Returns the relay's leaf certificate
     /// now served, or the first error. A config built by code (no files)
     /// has nothing to reload: an error.

@@ -20,6 +20,7 @@ use crate::liveness::{control_check, first_tick, ControlCheck};
 use crate::routefeed::{FeedUpdate, RouteFeed};
 use crate::server::Shared;
 
+pub(crate) mod cert_check;
 mod handle;
 #[cfg(test)]
 pub(crate) mod tests;

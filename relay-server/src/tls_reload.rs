@@ -3,15 +3,19 @@
 //! (`[connect_tls]`, with its own CRLs) and the admin API's — reloaded from their files on
 //! SIGHUP ([`crate::Relay::reload_tls`]) and when a poll every
 //! `tls.reload_interval` sees them change. A reload
-//! applies to new handshakes; sessions already up stay up (their TLS was
-//! verified when they connected). A failed reload (half-written file, key
+//! applies to new handshakes; one of `[tls]` that changed the client CA or
+//! the CRLs also has every live edge session's certificate verified again
+//! with the new material, and the sessions it refuses closed (revoked, or
+//! from a CA no longer trusted: `session::cert_check`); the
+//! others stay up. Connections through the CONNECT listener are not
+//! verified again. A failed reload (half-written file, key
 //! not matching the certificate) changes nothing and is retried every
 //! interval until the files load, so a renewal tool writing them one by
 //! one is harmless.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use relay_transport::reload::{ReloadableServerTls, TlsPaths};
@@ -56,6 +60,20 @@ pub(crate) struct Target {
     /// Where its reloads are recorded: its relay's registry, which that
     /// relay's `/metrics` reads.
     pub files: Arc<FileStatuses>,
+    /// The relay whose edge sessions this listener's client verification
+    /// vouches for (the relay's own `tls`, set by [`watch_sessions`]):
+    /// verified again after a reload that changed the client CA or the
+    /// CRLs. `None` for the other listeners.
+    pub sessions: Option<Weak<crate::server::Shared>>,
+}
+
+/// Has the relay `shared`'s live sessions verified again after each reload
+/// of its own `tls` target in `targets` that changes the client CA or
+/// CRLs (see [`Target::sessions`]).
+pub(crate) fn watch_sessions(targets: &mut [Target], shared: &Arc<crate::server::Shared>) {
+    for t in targets.iter_mut().filter(|t| t.name == "tls") {
+        t.sessions = Some(Arc::downgrade(shared));
+    }
 }
 
 impl Target {
@@ -79,13 +97,17 @@ impl Target {
                 return Err(ReloadError::IssuerDropped { subject });
             }
         }
-        self.state.replace(&m, &crls)?;
+        let trust_changed = self.state.replace(&m, &crls)?;
         info!(
             listener = self.name,
             cert = %self.paths.cert.display(),
             crls = crls.len(),
+            client_trust_changed = trust_changed,
             "tls reloaded: new handshakes use it"
         );
+        if let (true, Some(shared)) = (trust_changed, &self.sessions) {
+            crate::session::cert_check::spawn_recheck(shared, self.state.clone());
+        }
         // `replace` refuses an empty chain, so there is a leaf.
         self.state
             .chain()
@@ -183,6 +205,7 @@ pub(crate) fn listener_tls(
             paths: paths.clone(),
             must_trust: None,
             files: statuses.clone(),
+            sessions: None,
         });
     }
     Ok(state)
@@ -268,6 +291,7 @@ mod tests {
             paths: paths.clone(),
             must_trust: Some(issuer),
             files: Arc::default(),
+            sessions: None,
         };
         t.reload().expect("the issuer's CA is there");
         // The issuer's CA renewed with its key kept (a new validity): the
@@ -315,6 +339,7 @@ mod tests {
             paths: paths.clone(),
             must_trust: None,
             files: files.clone(),
+            sessions: None,
         };
         let render_of = |files: &FileStatuses| {
             crate::metrics::render_tls(

@@ -45,7 +45,22 @@ fn leaf(
     eku: ExtendedKeyUsagePurpose,
     issuer: &Issuer<'_, KeyPair>,
 ) -> Result<PemPair, rcgen::Error> {
+    leaf_until(names, cn, eku, issuer, None)
+}
+
+/// [`leaf`], expiring at `not_after` when given (else rcgen's default,
+/// 4096-01-01).
+fn leaf_until(
+    names: &[String],
+    cn: &str,
+    eku: ExtendedKeyUsagePurpose,
+    issuer: &Issuer<'_, KeyPair>,
+    not_after: Option<std::time::SystemTime>,
+) -> Result<PemPair, rcgen::Error> {
     let mut p = CertificateParams::new(names.to_vec())?;
+    if let Some(t) = not_after {
+        p.not_after = time::OffsetDateTime::from(t);
+    }
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, cn);
     p.distinguished_name = dn;
@@ -63,10 +78,21 @@ impl DevPki {
     /// Generates a CA, a relay certificate valid for `relay_names` (DNS
     /// names or IP addresses) and a client certificate for each node.
     pub fn generate(relay_names: &[&str], nodes: &[&str]) -> Result<Self, rcgen::Error> {
+        Self::generate_with_ca_name("edge-relay development CA", relay_names, nodes)
+    }
+
+    /// [`DevPki::generate`] with the CA's common name `ca_name`: a second
+    /// client CA trusted beside the first (webpki does not try a second
+    /// CA of the same name).
+    pub fn generate_with_ca_name(
+        ca_name: &str,
+        relay_names: &[&str],
+        nodes: &[&str],
+    ) -> Result<Self, rcgen::Error> {
         let mut ca = CertificateParams::new(Vec::<String>::new())?;
         ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "edge-relay development CA");
+        dn.push(DnType::CommonName, ca_name);
         ca.distinguished_name = dn;
         ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let ca_key = KeyPair::generate()?;
@@ -102,6 +128,25 @@ impl DevPki {
             node,
             ExtendedKeyUsagePurpose::ClientAuth,
             &issuer,
+        )?;
+        self.nodes.push((node.to_string(), pair));
+        Ok(&self.nodes[self.nodes.len() - 1].1)
+    }
+
+    /// Issues a client certificate for one more node that expires at
+    /// `not_after` (to the second; valid from 1975 on): a short-lived
+    /// certificate, or one already expired.
+    pub fn add_node_until(
+        &mut self,
+        node: &str,
+        not_after: std::time::SystemTime,
+    ) -> Result<&PemPair, rcgen::Error> {
+        let pair = leaf_until(
+            &[node.to_string()],
+            node,
+            ExtendedKeyUsagePurpose::ClientAuth,
+            &self.issuer()?,
+            Some(not_after),
         )?;
         self.nodes.push((node.to_string(), pair));
         Ok(&self.nodes[self.nodes.len() - 1].1)

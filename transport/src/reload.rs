@@ -8,9 +8,11 @@
 //! shared by the QUIC endpoint and the TCP fallback. Each handshake reads
 //! the current certificate and verifier; [`ReloadableServerTls::replace`]
 //! swaps them. A TLS session is verified once, at its handshake, so a
-//! replacement applies to the next handshakes only: live sessions keep
-//! running, and a revoked edge is refused when it next connects (the
-//! operator can close its session through the admin API to force that).
+//! replacement applies to the next handshakes by itself; the relay
+//! verifies its live sessions' certificates again with
+//! [`ReloadableServerTls::verify_peer`] after a replacement that changed
+//! the client CA or the CRLs ([`ReloadableServerTls::replace`] says so),
+//! and closes those the new material refuses.
 //!
 //! [`TlsPaths`] names the files, loads them, and tells whether they changed
 //! since the last load (modification time and size), for a watcher that
@@ -138,6 +140,32 @@ pub struct ReloadableServerTls {
 struct Current {
     cert: Arc<CertifiedKey>,
     verifier: Arc<dyn ClientCertVerifier>,
+    /// What the client verification was built from (see [`trust_digest`]).
+    trust: [u8; 32],
+}
+
+/// A SHA-256 digest of the client CA certificates and the CRLs, in order:
+/// whether a reload changed what client certificates are verified
+/// against (the relay then verifies its live sessions again) without
+/// keeping a second copy of a CRL that may be large.
+fn trust_digest(ca: &[CertificateDer<'_>], crls: &[CertificateRevocationListDer<'_>]) -> [u8; 32] {
+    let mut d = ring::digest::Context::new(&ring::digest::SHA256);
+    // Lengths before contents, and the count of each list: two different
+    // sets never hash the same bytes.
+    for part in [ca.len() as u64, crls.len() as u64] {
+        d.update(&part.to_be_bytes());
+    }
+    let ders = ca
+        .iter()
+        .map(|c| c.as_ref())
+        .chain(crls.iter().map(|c| c.as_ref()));
+    for der in ders {
+        d.update(&(der.len() as u64).to_be_bytes());
+        d.update(der);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.finish().as_ref());
+    out
 }
 
 fn build(
@@ -169,6 +197,7 @@ fn build(
         // The same notBefore slack as every verifier in tls.rs; the CRLs
         // stay in the inner verifier, which also makes the retry's call.
         verifier: SkewTolerantClientVerifier::new(webpki),
+        trust: trust_digest(&m.ca, crls),
     })
 }
 
@@ -189,15 +218,42 @@ impl ReloadableServerTls {
 
     /// Replaces certificate, key, client CA and CRLs for the next
     /// handshakes. Everything is built first: on an error (a key that does
-    /// not match its certificate, a bad CRL) nothing changes.
+    /// not match its certificate, a bad CRL) nothing changes. Returns
+    /// whether what client certificates are verified against changed (the
+    /// client CA certificates or the CRLs, byte for byte): only then may a
+    /// certificate verified before be refused now.
     pub fn replace(
         &self,
         m: &TlsMaterial,
         crls: &[CertificateRevocationListDer<'static>],
-    ) -> Result<(), TlsError> {
+    ) -> Result<bool, TlsError> {
         let next = build(m, crls, self.anonymous_ok)?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = next;
-        Ok(())
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        let changed = current.trust != next.trust;
+        *current = next;
+        Ok(changed)
+    }
+
+    /// Verifies a client certificate (`end_entity`, with the
+    /// `intermediates` it came with) at `now` as a handshake would now:
+    /// the current client CA and CRLs, the same clock-skew slack for
+    /// notBefore, none for notAfter. For a session verified at its
+    /// handshake with material that has since been replaced. A refusal is
+    /// examined as a handshake's is ([`ClientCertRefusal`]: why, which
+    /// node the certificate names).
+    pub fn verify_peer(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), ClientCertRefusal> {
+        let verifier = self.now().verifier;
+        let verify = |t| {
+            verifier
+                .verify_client_cert(end_entity, intermediates, t)
+                .map(drop)
+        };
+        verify(now).map_err(|e| refused::examine(&e, end_entity, verify))
     }
 
     /// The certificate chain served now (leaf first).
@@ -312,5 +368,94 @@ impl ClientCertVerifier for ReloadableServerTls {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.now().verifier.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devcerts::DevPki;
+    use std::time::{Duration, SystemTime};
+
+    fn leaf_of(pki: &DevPki, node: &str) -> CertificateDer<'static> {
+        let (_, pair) = pki.nodes.iter().find(|(n, _)| n == node).unwrap();
+        crate::tls::certs_from_pem(pair.cert.as_bytes(), "leaf")
+            .unwrap()
+            .remove(0)
+    }
+
+    /// A live session's certificate verified again after a reload: taken
+    /// while nothing refuses it; refused as revoked once a CRL lists it
+    /// (the other edge's still taken), as from an unknown CA once its CA
+    /// left the bundle, and as expired past its notAfter, each naming the
+    /// node. `replace` says whether the client CA or the CRLs changed: a
+    /// renewal of the server certificate alone changes neither.
+    #[test]
+    fn live_certificates_are_verified_again_with_the_replaced_material() {
+        crate::tls::install_default_provider();
+        let mut pki = DevPki::generate(&["relay.test"], &["edge-0", "edge-1"]).unwrap();
+        let past = SystemTime::now() - Duration::from_secs(3600);
+        pki.add_node_until("edge-2", past).unwrap();
+        let m = pki.relay_material().unwrap();
+        let tls = ReloadableServerTls::new(&m, &[], false).unwrap();
+        let now = UnixTime::now();
+        let (e0, e1, e2) = (
+            leaf_of(&pki, "edge-0"),
+            leaf_of(&pki, "edge-1"),
+            leaf_of(&pki, "edge-2"),
+        );
+        tls.verify_peer(&e0, &[], now)
+            .expect("edge-0 before the CRL");
+        // A renewed server certificate: client trust unchanged.
+        let renewed = pki.issue_relay(&["relay.test"]).unwrap();
+        let m2 = TlsMaterial::from_pem(&renewed.cert, &renewed.key, &pki.ca_cert).unwrap();
+        assert!(
+            !tls.replace(&m2, &[]).unwrap(),
+            "only the server certificate changed"
+        );
+        // A CRL revoking edge-0.
+        let crl = pki.crl_revoking(&[&pki.nodes[0].1.cert]).unwrap();
+        let crls = crls_from_pem(crl.as_bytes(), "crl").unwrap();
+        assert!(tls.replace(&m2, &crls).unwrap(), "a new CRL");
+        assert!(!tls.replace(&m2, &crls).unwrap(), "the same CRL again");
+        let r = tls.verify_peer(&e0, &[], now).expect_err("edge-0 revoked");
+        assert_eq!(r.cause, RefusalCause::Revoked);
+        assert_eq!(r.node.as_deref(), Some("edge-0"));
+        assert!(r.authentic);
+        tls.verify_peer(&e1, &[], now).expect("edge-1 not revoked");
+        // Past its notAfter: expired, at that time, our CA's.
+        let r = tls.verify_peer(&e2, &[], now).expect_err("edge-2 expired");
+        assert_eq!(r.cause, RefusalCause::Expired);
+        assert_eq!(r.node.as_deref(), Some("edge-2"));
+        assert!(r.authentic);
+        let at =
+            r.at.unwrap()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap();
+        let want = past.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(at.as_secs(), want.as_secs());
+        // The edges' CA dropped from the bundle.
+        let other = DevPki::generate(&["relay.test"], &[]).unwrap();
+        let m3 = TlsMaterial::from_pem(&renewed.cert, &renewed.key, &other.ca_cert).unwrap();
+        assert!(tls.replace(&m3, &[]).unwrap(), "another client CA");
+        let r = tls
+            .verify_peer(&e1, &[], now)
+            .expect_err("edge-1's CA gone");
+        assert_eq!(r.cause, RefusalCause::UnknownCa);
+        assert!(!r.authentic);
+    }
+
+    /// The digest tells the CA list from the CRL list: the same bytes
+    /// moved from one to the other are a change.
+    #[test]
+    fn the_trust_digest_tells_the_lists_apart() {
+        let a = CertificateDer::from(vec![1u8, 2, 3]);
+        let c = CertificateRevocationListDer::from(vec![1u8, 2, 3]);
+        assert_ne!(
+            trust_digest(std::slice::from_ref(&a), &[]),
+            trust_digest(&[], std::slice::from_ref(&c))
+        );
+        let b = CertificateDer::from(vec![1u8, 2, 3]);
+        assert_eq!(trust_digest(&[a], &[]), trust_digest(&[b], &[]));
     }
 }

@@ -70,6 +70,11 @@ pub struct SessionHandle {
     pub conn: TunnelConn,
     /// Wall-clock time the session was registered.
     pub connected_at: SystemTime,
+    /// The client certificate's notAfter (Unix seconds), read once at the
+    /// start: the liveness sweep closes the session past it
+    /// (`super::cert_check`). `None`: not readable (never for a session,
+    /// whose certificate named its node).
+    pub(crate) cert_not_after: Option<i64>,
     started: Instant,
     last_seen_ms: AtomicU64,
     /// What the relay's silence sweep last saw (QUIC sessions).
@@ -160,6 +165,7 @@ impl SessionHandle {
             capabilities: hello.capabilities,
             conn: conn.clone(),
             connected_at: SystemTime::now(),
+            cert_not_after: super::cert_check::not_after_of(conn),
             started: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
             heard: Default::default(),
@@ -470,6 +476,16 @@ impl SessionHandle {
 }
 
 impl SessionHandle {
+    /// The session a planned move left draining for this one, while it
+    /// is open (see [`supersede`]): out of the registry, still carrying
+    /// streams on its certificate (`super::cert_check` verifies it again).
+    pub(crate) fn draining_predecessor(&self) -> Option<Arc<SessionHandle>> {
+        self.predecessor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .upgrade()
+    }
+
     /// This session ends (or its registration is withdrawn) without a
     /// newer one having superseded it: the session a planned move left
     /// draining for it closes now (GOING_AWAY). Either the move failed
