@@ -354,6 +354,32 @@ pub async fn sessions_as(
     Ok(serde_json::from_str(&body)?)
 }
 
+/// The generation of `node`'s session on the relay whose admin API is at
+/// `admin`, if it has one.
+pub async fn session_generation(admin: SocketAddr, node: &str) -> Result<Option<u64>> {
+    Ok(sessions(admin)
+        .await?
+        .into_iter()
+        .find(|r| r.node == node)
+        .map(|r| r.generation))
+}
+
+/// Polls `cond` every 50 ms for at most `limit`; how long it took (an
+/// error past `limit`). The async twin of [`scenario::within`].
+pub async fn within_async(
+    limit: Duration,
+    mut cond: impl AsyncFnMut() -> Result<bool>,
+) -> Result<Duration> {
+    let t = std::time::Instant::now();
+    while t.elapsed() < limit {
+        if cond().await? {
+            return Ok(t.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("not within {limit:?}")
+}
+
 /// A tiny HTTP server answering every request with a page naming `name`,
 /// closing after each response. Stands in for "a service on the edge".
 pub async fn spawn_http(addr: SocketAddr, name: &str) -> Result<(SocketAddr, JoinHandle<()>)> {

@@ -13,9 +13,9 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use edge_client::config::TransportMode;
 use edge_client::{EdgeClient, EdgeConfig, EdgeState};
 use relay_lab::{edge_config, edge_ip, init, relay_config, sessions, TempDir};
@@ -26,26 +26,7 @@ use relay_transport::devcerts::DevPki;
 use relay_transport::reload::{crls_from_pem, TlsPaths};
 use relay_transport::TlsMaterial;
 
-/// Polls `cond` every 50 ms for at most `limit`; returns how long it took.
-async fn within(limit: Duration, mut cond: impl AsyncFnMut() -> Result<bool>) -> Result<Duration> {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if cond().await? {
-            return Ok(t.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("not within {limit:?}")
-}
-
-/// The generation of `node`'s session on the relay, if it has one.
-async fn generation(admin: SocketAddr, node: &str) -> Result<Option<u64>> {
-    Ok(sessions(admin)
-        .await?
-        .into_iter()
-        .find(|r| r.node == node)
-        .map(|r| r.generation))
-}
+use relay_lab::{session_generation as generation, within_async as within};
 
 /// `relay_sessions_certificate_closed_total{reason=...}` on the relay.
 async fn closed_for(admin: SocketAddr, reason: &str) -> Result<u64> {

@@ -17,11 +17,11 @@
 use relay_lab::TempDir;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use edge_client::{EdgeClient, EdgeState};
-use relay_lab::{edge_config, init, relay_config, sessions};
+use relay_lab::{edge_config, init, relay_config};
 use relay_server::config::TlsReload;
 use relay_server::Relay;
 use relay_transport::devcerts::DevPki;
@@ -29,26 +29,12 @@ use relay_transport::reload::{crls_from_pem, TlsPaths};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// Polls `cond` every 50 ms for at most `limit`.
-async fn within(limit: Duration, mut cond: impl AsyncFnMut() -> Result<bool>) -> Result<Duration> {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if cond().await? {
-            return Ok(t.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("not within {limit:?}")
-}
+use relay_lab::within_async as within;
 
 /// The generation of `node`'s session on the relay, if it has one.
 async fn generation(relay: &Relay, node: &str) -> Result<Option<u64>> {
     let admin = relay.admin_addr().context("admin listener")?;
-    Ok(sessions(admin)
-        .await?
-        .into_iter()
-        .find(|r| r.node == node)
-        .map(|r| r.generation))
+    relay_lab::session_generation(admin, node).await
 }
 
 /// The leaf certificate a new QUIC connection and a new TLS-over-TCP
