@@ -1,29 +1,35 @@
-//! UDP flows and a datagram flood through the real `relay-server` and
+//! UDP flows and a datagram flood through the real `relay-server` and two
 //! `edge-client` binaries, each its own process in its namespace, then
 //! back to where they started. UDP is only carried for captured traffic
 //! (nftables rules and conntrack), so this runs in the network-namespace
 //! lab; the services and the clients are in this test process, so the fd,
-//! thread, task and memory figures of relay and edge are theirs alone.
+//! thread, task and memory figures of relay and edges are theirs alone.
+//!
+//! Every flow takes one of four [`PATHS`] in turn: from the cloud pod on
+//! the relay node to edge1's pod and to edge2's pod, and from each edge's
+//! pod to the other edge's (bridged by the relay: the lab relay's `sites`
+//! community holds both edges). So half the flows come from the cloud,
+//! half go edge to edge, and each edge serves three quarters of them.
 //!
 //! 0. A warm-up ([`WARM_UP`] flows at the same rate, so as many flows are
-//!    alive at once as in the rounds, and more flows than the edge's
-//!    stream grant), then the baseline once idle: per
-//!    process open fds, threads, `VmRSS`, and live tokio tasks (the
-//!    relay's `relay_runtime_tasks`, the edge's `edge_runtime_tasks` from
-//!    its status endpoint).
+//!    alive at once as in the rounds, and more flows to each edge than
+//!    its stream grant), then the baseline once idle: per
+//!    process (relay, edge1, edge2) open fds, threads, `VmRSS`, and live
+//!    tokio tasks (the relay's `relay_runtime_tasks`, each edge's
+//!    `edge_runtime_tasks` from its status endpoint).
 //! 1. `SOAK_UDP_FLOWS` flows (default 500; the soak in docs/benchmarks.md
-//!    runs 10,000) from a cloud pod on the relay node to an edge pod's
-//!    responder, `SOAK_UDP_ROUNDS` times (default 2): each a new source
-//!    port (a new capture, conntrack lookup and tunnel stream), one query
-//!    answered; at most [`RATE`] new flows a second so the flows alive at
-//!    once (rate × idle timeout) stay under the caps. After each round, once idle: fds, threads and
-//!    tasks within [`TOLERANCE`] of the baseline; RSS within it of the
-//!    first round's (a plateau, not memory per flow), and printed against
-//!    the baseline.
-//! 2. A flood on one flow: [`FLOOD`] 1,000-byte payloads as fast as the
-//!    socket takes them and [`BIG`] of 3,000 bytes (over the QUIC
-//!    datagram size, so they take the flow's stream): the relay's bounded
-//!    queue overflows, counted
+//!    runs 10,000) over the [`PATHS`], `SOAK_UDP_ROUNDS` times (default
+//!    2): each a new source port (a new capture, conntrack lookup and
+//!    tunnel stream), one query answered by the pod it was sent to; at
+//!    most [`RATE`] new flows a second in all so the flows alive at once
+//!    (rate × idle timeout) stay under the caps. After each round, once
+//!    idle: fds, threads and tasks of all three processes within
+//!    [`TOLERANCE`] of the baseline; RSS within it of the first round's
+//!    (a plateau, not memory per flow), and printed against the baseline.
+//! 2. A flood on one flow (cloud pod to edge1's pod): [`FLOOD`] 1,000-byte
+//!    payloads as fast as the socket takes them and [`BIG`] of 3,000 bytes
+//!    (over the QUIC datagram size, so they take the flow's stream): the
+//!    relay's bounded queue overflows, counted
 //!    (`relay_udp_dropped_total{reason="queue_full"}`), and meanwhile an
 //!    HTTP request over the tunnel keeps being answered within 2 s. Then
 //!    [`PACED_BIG`] 3,000-byte queries, each sent once its predecessor's
@@ -31,10 +37,11 @@
 //!    large for a datagram on the way back) and carried on the flow's
 //!    stream (`relay_udp_stream_payloads_total`), none dropped as oversize,
 //!    none truncated.
-//! 3. With the idle timeouts shortened to 1 s, relay and edge end with no
-//!    flow or stream open, and fds, threads and tasks are back within
-//!    [`TOLERANCE`] of the baseline; RSS after the flood is printed, not
-//!    checked (the flood is bad input, not load: docs/bad-input.md).
+//! 3. With the idle timeouts shortened to 1 s, relay and both edges end
+//!    with no flow or stream open, and fds, threads and tasks of all three
+//!    are back within [`TOLERANCE`] of the baseline (edge2 sat the flood
+//!    out); RSS after the flood is printed, not checked (the flood is bad
+//!    input, not load: docs/bad-input.md).
 //!
 //! Needs root and the binaries built (`cargo build --workspace --bins`);
 //! skips loudly otherwise (`REQUIRE_LAB=1` or `CI=true` fail).
@@ -51,20 +58,34 @@ use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::procfs::{self, Figures};
 use relay_lab::scenario::{
     captured_prefixes, edge_toml, http_from, lab_pki, metric, relay_config_in, relay_server_binary,
-    sa, services, udp_from, within, RelayProcess, DNS, EDGE_STATUS, HTTP,
+    sa, services, udp_from, until_udp_answered, within, RelayProcess, DNS, EDGE_STATUS, HTTP,
 };
 use tokio::net::UdpSocket;
 
-/// New flows a second at most.
+/// New flows a second at most, over all [`PATHS`].
 const RATE: u64 = 400;
+/// The edge sites, each an `edge-client` process.
+const SITES: [u8; 2] = [1, 2];
+/// Where flow `i` goes: `PATHS[i % 4]`, (the namespace it is sent from,
+/// the site whose pod answers it). The cloud pod's flows alternate between
+/// the two edges; each edge's pod sends to the other edge's, a flow the
+/// relay bridges between the two sessions (and counts on both).
+const PATHS: [(Role, u8); 4] = [
+    (Role::Cpod1, 1),
+    (Role::Cpod1, 2),
+    (Role::Epod1, 2),
+    (Role::Epod2, 1),
+];
 /// Flows of the warm-up before the baseline (`SOAK_UDP_WARMUP` overrides).
-/// More than the stream grant the edge reaches at [`RATE`] (2,048: about
-/// 400 flows alive at once), so that every granted stream slot has been
-/// used once: quinn keeps a finished stream's receive state in the slots
-/// it grants, so the edge's memory grows with the slots used until all
-/// are, then stays (docs/benchmarks.md, "Soak"). With 1,000 flows the
+/// Each edge accepts the streams of half of them (the cloud pod's to it
+/// and the other edge's), 3,000: more than the stream grant an edge
+/// reaches at [`RATE`] (2,048: a few hundred flows alive at once), so that
+/// every granted stream slot has been used once: quinn keeps a finished
+/// stream's receive state in the slots it grants, so the edge's memory
+/// grows with the slots used until all are, then stays
+/// (docs/benchmarks.md, "Soak"). With 1,000 flows through one edge the
 /// baseline came before that plateau and the first round added 0.9 MiB.
-const WARM_UP: u64 = 3_000;
+const WARM_UP: u64 = 6_000;
 /// Flood payloads of 1,000 bytes.
 const FLOOD: u64 = 20_000;
 /// Flood payloads of 3,000 bytes (over the path's datagram size).
@@ -83,49 +104,56 @@ fn env_u64(name: &str, default: u64, range: std::ops::RangeInclusive<u64>) -> u6
         .clamp(*range.start(), *range.end())
 }
 
-/// One series of the edge's status endpoint (`/metrics`), read from inside
-/// its namespace.
-fn edge_metric(lab: &NetnsLab, series: &'static str) -> Result<f64> {
-    let body = lab.run_in(Role::Edge1, Duration::from_secs(5), || async {
+/// One series of edge `site`'s status endpoint (`/metrics`), read from
+/// inside its namespace (5 s: it may be busy).
+fn edge_metric(lab: &NetnsLab, site: u8, series: &'static str) -> Result<f64> {
+    let body = lab.run_in(Role::edge(site)?, Duration::from_secs(5), || async {
         let (code, body) = relay_lab::admin_get(EDGE_STATUS, "/metrics", None).await?;
         ensure!(code == 200, "edge /metrics answered {code}");
         Ok(body)
     })?;
-    relay_lab::metric_sample(&body, series).with_context(|| format!("no {series} on the edge"))
+    relay_lab::metric_sample(&body, series).with_context(|| format!("no {series} on edge{site}"))
 }
 
-/// What is compared with the baseline.
+/// The process ids: the relay's, then each edge's (in [`SITES`] order).
+type Pids = [u32; 3];
+
+/// What is compared with the baseline: per process its figures and live
+/// tokio tasks, relay first, then the edges in [`SITES`] order.
 #[derive(Debug, Clone, Copy)]
-struct Snapshot {
-    relay: Figures,
-    relay_tasks: f64,
-    edge: Figures,
-    edge_tasks: f64,
-}
+struct Snapshot([(Figures, f64); 3]);
+
+/// The processes of a [`Snapshot`], in its order.
+const WHO: [&str; 3] = ["relay", "edge1", "edge2"];
 
 impl Snapshot {
-    fn take(lab: &NetnsLab, relay: u32, edge: u32) -> Result<Snapshot> {
-        Ok(Snapshot {
-            relay: procfs::figures(relay)?,
-            relay_tasks: metric(lab, "relay_runtime_tasks")?,
-            edge: procfs::figures(edge)?,
-            edge_tasks: edge_metric(lab, "edge_runtime_tasks")?,
-        })
+    fn take(lab: &NetnsLab, pids: Pids) -> Result<Snapshot> {
+        Ok(Snapshot([
+            (
+                procfs::figures(pids[0])?,
+                metric(lab, "relay_runtime_tasks")?,
+            ),
+            (
+                procfs::figures(pids[1])?,
+                edge_metric(lab, SITES[0], "edge_runtime_tasks")?,
+            ),
+            (
+                procfs::figures(pids[2])?,
+                edge_metric(lab, SITES[1], "edge_runtime_tasks")?,
+            ),
+        ]))
     }
 
     /// `(figure, value)` in a fixed order; RSS in MiB.
-    fn rows(&self) -> [(&'static str, f64); 8] {
-        let mib = |b: u64| b as f64 / MIB;
-        [
-            ("relay fds", self.relay.fds as f64),
-            ("relay threads", self.relay.threads as f64),
-            ("relay tokio tasks", self.relay_tasks),
-            ("relay RSS MiB", mib(self.relay.rss)),
-            ("edge fds", self.edge.fds as f64),
-            ("edge threads", self.edge.threads as f64),
-            ("edge tokio tasks", self.edge_tasks),
-            ("edge RSS MiB", mib(self.edge.rss)),
-        ]
+    fn rows(&self) -> Vec<(String, f64)> {
+        let mut rows = Vec::new();
+        for (who, (f, tasks)) in WHO.iter().zip(self.0) {
+            rows.push((format!("{who} fds"), f.fds as f64));
+            rows.push((format!("{who} threads"), f.threads as f64));
+            rows.push((format!("{who} tokio tasks"), tasks));
+            rows.push((format!("{who} RSS MiB"), f.rss as f64 / MIB));
+        }
+        rows
     }
 
     /// Prints this snapshot against `base` and returns the figures more
@@ -183,67 +211,129 @@ fn udp_rcvbuf_errors(lab: &NetnsLab) -> Result<Vec<u64>> {
         .collect()
 }
 
-/// Neither the relay nor the edge has a flow or a stream open.
+/// Neither the relay nor an edge has a flow or a stream open.
 fn idle(lab: &NetnsLab) -> Result<bool> {
-    Ok(metric(lab, "relay_udp_flows")? == 0.0
-        && metric(lab, "relay_streams_open")? == 0.0
-        && edge_metric(lab, "edge_udp_flows")? == 0.0
-        && edge_metric(lab, "edge_streams")? == 0.0)
+    if metric(lab, "relay_udp_flows")? != 0.0 || metric(lab, "relay_streams_open")? != 0.0 {
+        return Ok(false);
+    }
+    for site in SITES {
+        if edge_metric(lab, site, "edge_udp_flows")? != 0.0
+            || edge_metric(lab, site, "edge_streams")? != 0.0
+        {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
-/// Waits (bounded) until [`idle`], then lets both processes settle 5 s
+/// Waits (bounded) until [`idle`], then lets the processes settle 5 s
 /// (closed sockets reaped; the trim after a fallen load, which follows the
 /// fall within a few seconds: `relay_transport::memory`) and takes a
 /// snapshot.
-fn settled(lab: &NetnsLab, pids: (u32, u32), after: &str) -> Result<Snapshot> {
+fn settled(lab: &NetnsLab, pids: Pids, after: &str) -> Result<Snapshot> {
     within(Duration::from_secs(30), || idle(lab))
         .with_context(|| format!("flows or streams still open 30 s after {after}"))?;
     std::thread::sleep(Duration::from_secs(5));
-    Snapshot::take(lab, pids.0, pids.1)
+    Snapshot::take(lab, pids)
 }
 
-/// `n` flows, each a new socket with one query (one retransmission after
-/// 2 s, as a resolver would); returns how many were answered.
-fn run_flows(lab: &NetnsLab, target: SocketAddr, n: u64) -> Result<u64> {
+/// The UDP responder of edge `site`'s pod.
+fn responder(site: u8) -> SocketAddr {
+    sa(netns::edge_pod_ip(site), DNS)
+}
+
+/// `n` flows over the [`PATHS`] (flow `i` on `PATHS[i % 4]`), each a new
+/// socket with one query (one retransmission after 2 s, as a resolver
+/// would), sent from every source namespace at once; returns how many
+/// were answered by the pod they were sent to, per path.
+fn run_flows(lab: &NetnsLab, n: u64) -> Result<[u64; 4]> {
     let limit = Duration::from_secs(n / RATE * 2 + 60);
-    lab.run_in(Role::Cpod1, limit, move || async move {
-        let answered = Arc::new(AtomicU64::new(0));
-        let next = Arc::new(AtomicU64::new(0));
-        let t0 = Instant::now();
-        let mut set = tokio::task::JoinSet::new();
-        for _ in 0..32 {
-            let (answered, next) = (answered.clone(), next.clone());
-            set.spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, Relaxed);
-                    if i >= n {
-                        return anyhow::Ok(());
-                    }
-                    // Paced: flow i starts no earlier than i / RATE s in.
-                    let at = t0 + Duration::from_micros(i * 1_000_000 / RATE);
-                    tokio::time::sleep_until(at.into()).await;
-                    let s = UdpSocket::bind(sa(Ipv4Addr::UNSPECIFIED, 0)).await?;
-                    s.connect(target).await?;
-                    let q = format!("flow{i:08}");
-                    let mut buf = [0u8; 128];
-                    for _ in 0..2 {
-                        s.send(q.as_bytes()).await?;
-                        let r = tokio::time::timeout(Duration::from_secs(2), s.recv(&mut buf));
-                        if let Ok(Ok(k)) = r.await {
-                            if buf[..k].ends_with(q.as_bytes()) {
-                                answered.fetch_add(1, Relaxed);
-                                break;
+    // Paced over all sources: flow i starts no earlier than i / RATE s in.
+    let t0 = Instant::now() + Duration::from_millis(50);
+    let mut sources: Vec<Role> = PATHS.iter().map(|p| p.0).collect();
+    sources.dedup();
+    let senders: Vec<_> = sources
+        .into_iter()
+        .map(|from| {
+            let mine: Arc<Vec<u64>> = Arc::new(
+                (0..n)
+                    .filter(|i| PATHS[(i % 4) as usize].0 == from)
+                    .collect(),
+            );
+            lab.spawn_in(from, move || async move {
+                let answered: Arc<[AtomicU64; 4]> = Arc::new(Default::default());
+                let next = Arc::new(AtomicU64::new(0));
+                let mut set = tokio::task::JoinSet::new();
+                for _ in 0..32 {
+                    let (answered, next, mine) = (answered.clone(), next.clone(), mine.clone());
+                    set.spawn(async move {
+                        loop {
+                            let k = next.fetch_add(1, Relaxed) as usize;
+                            let Some(&i) = mine.get(k) else {
+                                return anyhow::Ok(());
+                            };
+                            let path = (i % 4) as usize;
+                            let site = PATHS[path].1;
+                            let at = t0 + Duration::from_micros(i * 1_000_000 / RATE);
+                            tokio::time::sleep_until(at.into()).await;
+                            let s = UdpSocket::bind(sa(Ipv4Addr::UNSPECIFIED, 0)).await?;
+                            s.connect(responder(site)).await?;
+                            let q = format!("flow{i:08}");
+                            let a = format!("epod{site}:{q}");
+                            let mut buf = [0u8; 128];
+                            for _ in 0..2 {
+                                s.send(q.as_bytes()).await?;
+                                let r =
+                                    tokio::time::timeout(Duration::from_secs(2), s.recv(&mut buf));
+                                if let Ok(Ok(k)) = r.await {
+                                    if buf[..k] == *a.as_bytes() {
+                                        answered[path].fetch_add(1, Relaxed);
+                                        break;
+                                    }
+                                }
                             }
                         }
-                    }
+                    });
                 }
-            });
+                let all = async {
+                    while let Some(r) = set.join_next().await {
+                        r??;
+                    }
+                    anyhow::Ok(())
+                };
+                tokio::time::timeout(limit, all)
+                    .await
+                    .with_context(|| format!("flows from {from} not done within {limit:?}"))??;
+                Ok(std::array::from_fn(|p| answered[p].load(Relaxed)))
+            })
+        })
+        .collect();
+    let mut answered = [0u64; 4];
+    for s in senders {
+        let got: [u64; 4] = s
+            .join()
+            .map_err(|_| anyhow::anyhow!("a flow sender panicked"))??;
+        for (a, g) in answered.iter_mut().zip(got) {
+            *a += g;
         }
-        while let Some(r) = set.join_next().await {
-            r??;
-        }
-        Ok(answered.load(Relaxed))
-    })
+    }
+    Ok(answered)
+}
+
+/// How many of `n` flows take path `p` (flow `i` takes `PATHS[i % 4]`).
+fn on_path(n: u64, p: usize) -> u64 {
+    n / 4 + u64::from((n % 4) as usize > p)
+}
+
+/// `answered` (per path) printed, e.g. `cpod1→epod1 125/125`.
+fn per_path(answered: &[u64; 4], n: u64) -> String {
+    PATHS
+        .iter()
+        .zip(answered)
+        .enumerate()
+        .map(|(p, ((from, site), a))| format!("{from}→epod{site} {a}/{}", on_path(n, p)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[test]
@@ -255,40 +345,76 @@ fn udp_flows_and_a_datagram_flood_leave_nothing_behind() -> Result<()> {
     relay_lab::init();
     let lab = NetnsLab::new()?;
     let pki = lab_pki()?;
-    let _svc = services(&lab, Role::Epod1, "epod1")?;
+    let _svc = [
+        services(&lab, Role::Epod1, "epod1")?,
+        services(&lab, Role::Epod2, "epod2")?,
+    ];
     let mut cfg = relay_config_in(&lab, &pki)?;
     // Short idle timeouts, so the run ends idle within seconds; more
     // flows per session than the default 1,024 alive at once.
     cfg.limits.udp_idle_timeout = Duration::from_secs(1);
     cfg.limits.max_udp_flows_per_session = 4096;
+    // Edge to edge needs both edges in one community.
+    ensure!(
+        cfg.communities
+            .values()
+            .any(|c| SITES.iter().all(|s| c.contains(&format!("edge{s}")))),
+        "the lab relay's configuration has no community of edge1 and edge2"
+    );
     let relay = RelayProcess::start(&lab, &relay_server_binary()?, &pki, &cfg)?;
     let dir = std::env::temp_dir().join(format!("{}-udp-soak", lab.tag()));
     let _dir = TempDir(dir.clone());
     let certs = dir.join("certs");
     pki.write_to(&certs)?;
-    let mut edge = NsChild::edge(
-        &lab,
-        1,
-        &binary_next_to_exe("edge-client", "edge-client/src", true)?,
-        &edge_toml(&lab, 1, &certs, "\n[timeouts]\nudp_idle = \"1s\"\n"),
-        &dir,
-    )?;
+    let edge_bin = binary_next_to_exe("edge-client", "edge-client/src", true)?;
+    let mut edges = SITES
+        .iter()
+        .map(|&site| {
+            NsChild::edge(
+                &lab,
+                site,
+                &edge_bin,
+                &edge_toml(&lab, site, &certs, "\n[timeouts]\nudp_idle = \"1s\"\n"),
+                &dir,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
     within(Duration::from_secs(10), || {
-        edge.check_alive()?;
-        Ok(captured_prefixes(&lab)?.contains("10.244.7.0/24"))
+        for e in &mut edges {
+            e.check_alive()?;
+        }
+        let captured = captured_prefixes(&lab)?;
+        Ok(SITES
+            .iter()
+            .all(|&s| captured.contains(&netns::edge_pod_cidr(s).to_string())))
     })
-    .context("the relay does not capture edge1's pods")?;
-    let pids = (relay.pid().context("relay not running")?, edge.pid());
+    .context("the relay does not capture both edges' pods")?;
+    let pids = [
+        relay.pid().context("relay not running")?,
+        edges[0].pid(),
+        edges[1].pid(),
+    ];
     let epod1 = netns::edge_pod_ip(1);
-    let (udp, http) = (sa(epod1, DNS), sa(epod1, HTTP));
+    let (udp, http) = (responder(1), sa(epod1, HTTP));
 
-    // 0. Warm-up, then the baseline once idle.
-    ensure!(udp_from(&lab, Role::Cpod1, udp)? == "epod1");
+    // 0. Every path answered (edge to edge once each edge has the other's
+    // routes), a warm-up, then the baseline once idle.
+    let paths: Vec<(Role, SocketAddr)> = PATHS.iter().map(|&(f, s)| (f, responder(s))).collect();
+    until_udp_answered(&lab, &paths)?;
+    for &(from, site) in &PATHS {
+        let who = udp_from(&lab, from, responder(site))?;
+        ensure!(
+            who == format!("epod{site}"),
+            "{from} → epod{site}: {who} answered"
+        );
+    }
     ensure!(http_from(&lab, Role::Cpod1, http)? == "hello from epod1");
     let warm_up = env_u64("SOAK_UDP_WARMUP", WARM_UP, 1..=100_000);
+    let answered = run_flows(&lab, warm_up)?;
     ensure!(
-        run_flows(&lab, udp, warm_up)? == warm_up,
-        "warm-up flows unanswered"
+        answered.iter().sum::<u64>() == warm_up,
+        "warm-up flows unanswered: {}",
+        per_path(&answered, warm_up)
     );
     let base = settled(&lab, pids, "the warm-up")?;
 
@@ -296,28 +422,40 @@ fn udp_flows_and_a_datagram_flood_leave_nothing_behind() -> Result<()> {
     // every round).
     let n = env_u64("SOAK_UDP_FLOWS", 500, 1..=100_000);
     let rounds = env_u64("SOAK_UDP_ROUNDS", 2, 1..=50);
+    // The relay registers a bridged flow on both sessions.
+    let relay_flows = (0..4)
+        .map(|p| on_path(n, p) * if PATHS[p].0 == Role::Cpod1 { 1 } else { 2 })
+        .sum::<u64>();
     let mut not_back = Vec::new();
     let mut first: Option<Snapshot> = None;
     for round in 1..=rounds {
         let total0 = metric(&lab, "relay_udp_flows_total")?;
         let t = Instant::now();
         let sampler = PeakRss::start(pids);
-        let answered = run_flows(&lab, udp, n)?;
+        let answered = run_flows(&lab, n)?;
         let took = t.elapsed();
-        let (relay_peak, edge_peak) = sampler.stop();
+        let peaks = sampler.stop();
         let opened = metric(&lab, "relay_udp_flows_total")? - total0;
+        let total = answered.iter().sum::<u64>();
         eprintln!(
-            "udp soak: round {round}: {answered} of {n} flows answered in {:.1}s; relay opened {opened} flows; peak RSS relay {:.1} MiB, edge {:.1} MiB",
+            "udp soak: round {round}: {total} of {n} flows answered in {:.1}s ({}); relay opened {opened} flows (for {relay_flows}: bridged ones on both sessions); peak RSS relay {:.1} MiB, edge1 {:.1} MiB, edge2 {:.1} MiB",
             took.as_secs_f64(),
-            relay_peak as f64 / MIB,
-            edge_peak as f64 / MIB,
+            per_path(&answered, n),
+            peaks[0] as f64 / MIB,
+            peaks[1] as f64 / MIB,
+            peaks[2] as f64 / MIB,
         );
-        ensure!(answered == n, "{} of {n} flows unanswered", n - answered);
+        ensure!(
+            total == n,
+            "{} of {n} flows unanswered: {}",
+            n - total,
+            per_path(&answered, n)
+        );
         // A new socket may get the port of one whose flow is still alive
         // (the kernel picks ports at random): that query rides the live flow.
         ensure!(
-            opened >= n as f64 * 0.9,
-            "relay counted {opened} flows for {n}"
+            opened >= relay_flows as f64 * 0.9,
+            "relay counted {opened} flows for {relay_flows}"
         );
         let now = settled(&lab, pids, &format!("round {round}"))?;
         not_back.extend(
@@ -455,11 +593,17 @@ fn udp_flows_and_a_datagram_flood_leave_nothing_behind() -> Result<()> {
             .into_iter()
             .map(|o| format!("after the flood: {o}")),
     );
-    edge.check_alive()?;
-    // The trims after a load (logged at info; the edge's only with
-    // RUST_LOG=info, as it runs at warn otherwise).
-    let edge_log = std::fs::read_to_string(dir.join("edge1.log")).unwrap_or_default();
-    for (who, log) in [("relay", relay.log()), ("edge", edge_log)] {
+    for e in &mut edges {
+        e.check_alive()?;
+    }
+    // The trims after a load (logged at info; the edges' only with
+    // RUST_LOG=info, as they run at warn otherwise).
+    let mut logs = vec![("relay".to_string(), relay.log())];
+    for site in SITES {
+        let log = std::fs::read_to_string(dir.join(format!("edge{site}.log")));
+        logs.push((format!("edge{site}"), log.unwrap_or_default()));
+    }
+    for (who, log) in logs {
         for l in log.lines().filter(|l| l.contains("heap memory returned")) {
             eprintln!("udp soak: {who} log: {l}");
         }
@@ -475,22 +619,23 @@ fn udp_flows_and_a_datagram_flood_leave_nothing_behind() -> Result<()> {
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-/// The highest `VmRSS` of relay and edge, sampled every 200 ms on a
-/// thread of its own while a round runs.
+/// The highest `VmRSS` of each process, sampled every 200 ms on a thread
+/// of its own while a round runs.
 struct PeakRss {
     stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<(u64, u64)>,
+    thread: std::thread::JoinHandle<[u64; 3]>,
 }
 
 impl PeakRss {
-    fn start((relay, edge): (u32, u32)) -> PeakRss {
+    fn start(pids: Pids) -> PeakRss {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
-            let mut peak = (0, 0);
+            let mut peak = [0; 3];
             while !flag.load(Relaxed) {
-                peak.0 = peak.0.max(procfs::rss_bytes(relay).unwrap_or(0));
-                peak.1 = peak.1.max(procfs::rss_bytes(edge).unwrap_or(0));
+                for (p, pid) in peak.iter_mut().zip(pids) {
+                    *p = (*p).max(procfs::rss_bytes(pid).unwrap_or(0));
+                }
                 std::thread::sleep(Duration::from_millis(200));
             }
             peak
@@ -498,8 +643,8 @@ impl PeakRss {
         PeakRss { stop, thread }
     }
 
-    fn stop(self) -> (u64, u64) {
+    fn stop(self) -> [u64; 3] {
         self.stop.store(true, Relaxed);
-        self.thread.join().unwrap_or((0, 0))
+        self.thread.join().unwrap_or([0; 3])
     }
 }
