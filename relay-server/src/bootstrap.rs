@@ -178,12 +178,7 @@ pub async fn decide(
     }
     let issued = issuer
         .issue(&who.node, &req.public_key, now)
-        .map_err(|e| match e {
-            // The relay's own issuing CA (expired): not the request's
-            // fault; retried, and logged and counted as any refusal.
-            relay_transport::issue::IssueError::Ca(_) => (RejectReason::Overloaded, e.to_string()),
-            _ => (RejectReason::Malformed, e.to_string()),
-        })?;
+        .map_err(|e| (RejectReason::Malformed, e.to_string()))?;
     Ok((
         IssuedCert {
             cert_pem: issued.cert_pem,

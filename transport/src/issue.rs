@@ -53,9 +53,6 @@ pub struct Issued {
 pub struct NodeIssuer {
     issuer: Issuer<'static, KeyPair>,
     lifetime: Duration,
-    /// When the issuing CA's own certificate expires: no certificate is
-    /// issued valid past it (it would not verify then anyway).
-    ca_not_after: SystemTime,
 }
 
 impl std::fmt::Debug for NodeIssuer {
@@ -83,12 +80,9 @@ impl NodeIssuer {
         let key = KeyPair::from_pem(ca_key).map_err(|e| IssueError::Ca(format!("key: {e}")))?;
         let issuer = Issuer::from_ca_cert_pem(ca_cert, key)
             .map_err(|e| IssueError::Ca(format!("certificate: {e}")))?;
-        let (_, ca_not_after) =
-            validity(ca_cert).map_err(|e| IssueError::Ca(format!("certificate: {e}")))?;
         Ok(NodeIssuer {
             issuer,
             lifetime: lifetime.min(MAX_LIFETIME - CLOCK_SLACK),
-            ca_not_after,
         })
     }
 
@@ -99,10 +93,16 @@ impl NodeIssuer {
 
     /// A client certificate for `node`'s public key (DER
     /// SubjectPublicKeyInfo), valid from `now - CLOCK_SLACK` for the
-    /// issuer's lifetime, or until the issuing CA's certificate expires
-    /// when that comes first (the edge then renews sooner: its renewal
-    /// point is a share of the life it was given). Refused once the CA's
-    /// certificate has expired.
+    /// issuer's lifetime.
+    ///
+    /// Not cut short to end with the issuing CA's own certificate: the
+    /// relay verifies edges with webpki, which checks the dates of the
+    /// leaf and of intermediates but not of the trust anchor, so such a
+    /// certificate keeps verifying, and cutting it short would end every
+    /// bootstrapped edge's session at the CA's notAfter at once (the relay
+    /// closes sessions whose certificate expired). The CA's expiry is
+    /// alerted on ahead (`relay_tls_cert_not_after_seconds`,
+    /// `listener="bootstrap_issuer"`).
     pub fn issue(
         &self,
         node: &str,
@@ -119,15 +119,7 @@ impl NodeIssuer {
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let not_before = now.checked_sub(CLOCK_SLACK).unwrap_or(now);
-        if self.ca_not_after <= now {
-            return Err(IssueError::Ca(format!(
-                "the issuing CA's certificate expired {}s ago: renew it (bootstrap.ca_cert)",
-                now.duration_since(self.ca_not_after)
-                    .unwrap_or_default()
-                    .as_secs()
-            )));
-        }
-        let not_after = (now + self.lifetime).min(self.ca_not_after);
+        let not_after = now + self.lifetime;
         p.not_before = to_offset(not_before)?;
         p.not_after = to_offset(not_after)?;
         let cert = p
@@ -192,36 +184,5 @@ mod tests {
             Err(IssueError::PublicKey(_))
         ));
         assert!(NodeIssuer::from_pem("x", &ca_key, Duration::from_secs(60)).is_err());
-    }
-
-    /// A certificate never outlives the CA that signs it: with the CA's
-    /// certificate expiring within the lifetime, the certificate ends
-    /// with it; once the CA's has expired, nothing is issued.
-    #[test]
-    fn issued_certificates_end_no_later_than_the_issuing_ca() {
-        let now = SystemTime::now();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca.not_before = to_offset(now - Duration::from_secs(86_400)).unwrap();
-        ca.not_after = to_offset(now + Duration::from_secs(3_600)).unwrap();
-        let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
-        let issuer = NodeIssuer::from_pem(
-            &ca_pem,
-            &ca_key.serialize_pem(),
-            Duration::from_secs(12 * 3600),
-        )
-        .unwrap();
-        let (_key, public) = node_key().unwrap();
-        let got = issuer.issue("edge-7", &public, now).unwrap();
-        let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_secs();
-        let (_, ca_end) = validity(&ca_pem).unwrap();
-        assert_eq!(secs(got.not_after), secs(ca_end), "clipped to the CA's end");
-        assert_eq!(secs(validity(&got.cert_pem).unwrap().1), secs(ca_end));
-        let later = now + Duration::from_secs(7_200);
-        assert!(matches!(
-            issuer.issue("edge-7", &public, later),
-            Err(IssueError::Ca(m)) if m.contains("expired")
-        ));
     }
 }
