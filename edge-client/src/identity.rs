@@ -147,6 +147,9 @@ pub(crate) struct Credentials {
     /// The certificate files as last read (`None`: a config built by
     /// code); see [`files`].
     files: Option<Mutex<files::FileState>>,
+    /// How many times a certificate given by hand was taken again from
+    /// its changed files (see [`Credentials::given_changes`]).
+    given_changes: std::sync::atomic::AtomicU64,
 }
 
 mod files;
@@ -233,6 +236,7 @@ impl Credentials {
             obtaining: tokio::sync::Mutex::new(()),
             refusal_bootstrap: Mutex::new(None),
             files: files::FileState::at_start(cfg),
+            given_changes: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -241,6 +245,24 @@ impl Credentials {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// With a certificate given by hand (files), reads the files again if
+    /// they changed and says how many times a new certificate was taken
+    /// from them: a session that saw another count when it started runs on
+    /// the old one and should move to the new (the relay closes a session
+    /// whose certificate expires, and cert-manager renews the files well
+    /// before that). `None` for a bootstrapped identity (it renews on its
+    /// own schedule, [`Credentials::renew_at`]) or a config built by code.
+    pub(crate) fn given_changes(&self, cfg: &EdgeConfig) -> Option<u64> {
+        if !matches!(cfg.identity, Identity::Static(_)) || self.files.is_none() {
+            return None;
+        }
+        self.reload_files(cfg);
+        Some(
+            self.given_changes
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     /// When the current certificate should be renewed (bootstrap only).

@@ -195,6 +195,16 @@ pub(crate) async fn run_session(
                 .unwrap_or_else(|_| DUE_SPREAD.mul_f64(rand::random::<f64>()))
     });
     let mut renewal: Option<AbortOnDropHandle<Result<Connected, AttemptError>>> = None;
+    // A certificate given by hand is renewed by whoever writes its files
+    // (cert-manager): checked every [`GIVEN_FILES_CHECK`], a new one moves
+    // the session to it the way a renewal does (planned, streams drained),
+    // long before the relay would close the session at the old one's
+    // notAfter.
+    let mut given_seen = creds.given_changes(cfg);
+    let mut given_check = tokio::time::interval_at(
+        tokio::time::Instant::now() + GIVEN_FILES_CHECK,
+        GIVEN_FILES_CHECK,
+    );
     // Planned moves (renewal, probe): a relay that knows them is told
     // first (`Control::Moving`) and drains this session instead of
     // closing it when the new one registers, so streams in flight here
@@ -420,6 +430,15 @@ pub(crate) async fn run_session(
                     _ => continue,
                 }
             }
+            _ = given_check.tick(), if given_seen.is_some() => {
+                let now = creds.given_changes(cfg);
+                if now != given_seen && renewal.is_none() {
+                    info!("certificate files hold a new certificate; moving the session to it");
+                    given_seen = now;
+                    renew_at = Some(tokio::time::Instant::now());
+                }
+                continue;
+            }
             _ = sleep_until_some(renew_at), if renew_at.is_some() && renewal.is_none() => {
                 let (cfg, stats, creds) = (cfg.clone(), stats.clone(), creds.clone());
                 let quic_worked = conn.kind() == relay_transport::TransportKind::Quic;
@@ -615,6 +634,10 @@ fn write_stuck(waited: Duration, quiet: Duration, keepalive: Duration) -> Option
         None
     }
 }
+
+/// How often a session whose certificate was given by hand (files) checks
+/// whether the files hold a new one.
+const GIVEN_FILES_CHECK: Duration = Duration::from_secs(10);
 
 /// How often a healthy control RTT is logged at info (every pong is at
 /// debug). Once an hour: a QUIC edge pongs every 2 minutes and a TCP one

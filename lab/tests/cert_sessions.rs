@@ -242,3 +242,77 @@ async fn a_session_is_closed_when_its_certificate_expires() -> Result<()> {
     relay.shutdown(Duration::from_secs(1)).await;
     Ok(())
 }
+
+/// A certificate given by hand (files) and renewed in place, as
+/// cert-manager renews one, before it expires: the edge notices the new
+/// files (checked every 10 s), moves its session to the new certificate
+/// the way a bootstrapped edge moves at a renewal, and is still connected
+/// after the old certificate's notAfter; the relay closes no session for
+/// an expired certificate. Without the move the session would run on the
+/// old certificate until the relay closed it at that notAfter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_renewed_on_disk_moves_the_session_before_the_old_one_expires() -> Result<()>
+{
+    init();
+    let mut pki = DevPki::generate(&["localhost", "127.0.0.1"], &["edge-0"])?;
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 20;
+    let not_after = UNIX_EPOCH + Duration::from_secs(secs);
+    let short = pki.add_node_until("edge-1", not_after)?.clone();
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("cert-sessions-renewed-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(&dir.0)?;
+    let (cert, key, ca) = (
+        dir.0.join("edge-1.pem"),
+        dir.0.join("edge-1-key.pem"),
+        dir.0.join("ca.pem"),
+    );
+    std::fs::write(&cert, &short.cert)?;
+    std::fs::write(&key, &short.key)?;
+    std::fs::write(&ca, &pki.ca_cert)?;
+    let relay = Relay::spawn(relay_config(&pki, 2)?).await?;
+    let admin = relay.admin_addr().context("admin")?;
+    let mut cfg = edge_config(&pki, 1, relay.quic_addr())?;
+    cfg.identity =
+        edge_client::config::Identity::Static(TlsMaterial::from_files(&cert, &key, &ca)?);
+    cfg.tls_files = Some(edge_client::config::EdgeTlsFiles {
+        cert: Some(cert.clone()),
+        key: Some(key.clone()),
+        relay_ca: ca.clone(),
+    });
+    let edge = EdgeClient::spawn(cfg);
+    edge.wait_connected(Duration::from_secs(5))
+        .await
+        .context("edge-1 did not connect")?;
+    let first = generation(admin, "edge-1").await?.context("edge-1")?;
+    // Renewed in place: a new certificate and key (a new key, as
+    // cert-manager's default), valid for long.
+    let renewed = pki.add_node("edge-1")?.clone();
+    std::fs::write(&key, &renewed.key)?;
+    std::fs::write(&cert, &renewed.cert)?;
+    let moved = within(Duration::from_secs(15), async || {
+        Ok(generation(admin, "edge-1")
+            .await?
+            .is_some_and(|g| g != first))
+    })
+    .await
+    .context("the session did not move to the renewed certificate")?;
+    eprintln!("session moved {moved:?} after the files were renewed");
+    // Past the old certificate's notAfter (and the relay's sweep): the
+    // same new session, nothing closed as expired.
+    let second = generation(admin, "edge-1").await?.context("edge-1")?;
+    let until = not_after + Duration::from_secs(3);
+    if let Ok(wait) = until.duration_since(SystemTime::now()) {
+        tokio::time::sleep(wait).await;
+    }
+    assert_eq!(
+        generation(admin, "edge-1").await?,
+        Some(second),
+        "the moved session was closed"
+    );
+    assert!(matches!(edge.state(), EdgeState::Connected { .. }));
+    assert_eq!(closed_for(admin, "cert_expired").await?, 0);
+    edge.shutdown().await;
+    relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}

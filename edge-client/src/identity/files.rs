@@ -91,6 +91,8 @@ impl Credentials {
                         info!(cert = %cert.display(), relay_ca = %ca_file, "certificate files changed; dialling with what they hold now");
                         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
                         *current = Some(Cert::given(m));
+                        self.given_changes
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     Err(e) => {
                         warn!(error = %e, "certificate files changed but do not load; keeping the ones in use")
