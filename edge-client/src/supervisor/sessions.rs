@@ -163,7 +163,14 @@ impl Live {
         served: &[Cidr],
         (draining, keepalive): (bool, Duration),
     ) -> Self {
-        let heard = Arc::new(Heard::new(quiet_after(keepalive, conn.rtt())));
+        // The TCP fallback has no round-trip estimate (`rtt()` is zero
+        // there) and its arrivals when idle are pings and pongs that may
+        // queue behind an upload: a quarter of a keep-alive stands in.
+        let rtt = match conn.kind() {
+            relay_transport::TransportKind::Quic => conn.rtt(),
+            relay_transport::TransportKind::Tcp => keepalive / 4,
+        };
+        let heard = Arc::new(Heard::new(quiet_after(keepalive, rtt)));
         let sampler = tokio::runtime::Handle::try_current().ok().map(|rt| {
             let (conn, heard) = (conn.clone(), heard.clone());
             AbortOnDropHandle::new(rt.spawn(heard.sample(move || conn.arrivals())))

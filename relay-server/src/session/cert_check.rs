@@ -36,7 +36,9 @@
 //! A session a planned move left draining is out of the registry, so the
 //! sweep does not see it: it drains for its grace (until its certificate
 //! expires, but at least `limits.drain_grace`, `handle::move_grace`).
-//! A reload verifies it again, with its successor.
+//! A reload verifies it again, with its successor, and closes it if the
+//! certificate is revoked or its CA dropped (expiry alone leaves it to its
+//! grace).
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -53,6 +55,9 @@ use crate::server::Shared;
 /// Sessions verified between two yields to the runtime (a verification
 /// is a signature check or two: 128 of them take a few milliseconds).
 const CHUNK: usize = 128;
+
+/// Longest the recheck runs between two yields, whatever the count.
+const YIELD_AFTER: Duration = Duration::from_millis(2);
 
 /// The notAfter (Unix seconds) of the leaf certificate `conn`'s peer
 /// presented, if it has one that parses.
@@ -156,25 +161,42 @@ pub(crate) async fn recheck(
 ) -> (usize, usize) {
     let (mut checked, mut closed) = (0, 0);
     // Collected before the first yield: the future stays `Send`.
-    let sessions: Vec<Arc<SessionHandle>> = shared
+    let sessions: Vec<(Arc<SessionHandle>, bool)> = shared
         .registry
         .sessions_unsorted()
         .into_iter()
         .filter(|s| which(s))
-        .flat_map(|s| [s.draining_predecessor(), Some(s)])
+        .flat_map(|s| {
+            [
+                s.draining_predecessor().map(|p| (p, true)),
+                Some((s, false)),
+            ]
+        })
         .flatten()
         .collect();
-    for s in sessions {
+    let mut ran = Instant::now();
+    for (s, predecessor) in sessions {
         if s.cancel.is_cancelled() {
             continue;
         }
         checked += 1;
-        if let Some(refusal) = verdict(tls, &s, now) {
-            close(shared, &s, &refusal);
-            closed += 1;
+        match verdict(tls, &s, now) {
+            // A planned move's old session drains for at least
+            // `limits.drain_grace`, past its certificate's expiry if need
+            // be (`handle::move_grace`): expiry alone does not end it here.
+            Some(r) if predecessor && matches!(r.cause, RefusalCause::Expired) => {}
+            Some(refusal) => {
+                close(shared, &s, &refusal);
+                closed += 1;
+            }
+            None => {}
         }
-        if checked % CHUNK == 0 {
+        // By time as well as by count: with a CRL each verification also
+        // checks the list's signature and hashes it, so a large list
+        // makes a chunk of 128 take far longer than a few milliseconds.
+        if checked % CHUNK == 0 || ran.elapsed() >= YIELD_AFTER {
             tokio::task::yield_now().await;
+            ran = Instant::now();
         }
     }
     (checked, closed)
