@@ -280,6 +280,7 @@ impl ReloadableServerTls {
             .with_client_cert_verifier(self.clone())
             .with_cert_resolver(self.clone());
         cfg.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
+        crate::tls::without_resumption(&mut cfg);
         Ok(cfg)
     }
 }
@@ -443,6 +444,72 @@ mod tests {
             .expect_err("edge-1's CA gone");
         assert_eq!(r.cause, RefusalCause::UnknownCa);
         assert!(!r.authentic);
+    }
+
+    /// A client that keeps its session tickets (one client config for
+    /// every attempt, unlike our edges) never resumes: a revoked edge
+    /// cannot get back in with a ticket from before the revocation (a
+    /// resumed TLS 1.3 handshake verifies no certificate). Both handshakes
+    /// are full ones, and after the CRL lists it the second is refused.
+    #[tokio::test]
+    async fn a_client_keeping_its_tickets_gets_full_handshakes_and_no_way_around_a_crl() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        crate::tls::install_default_provider();
+        let pki = DevPki::generate(&["relay.test"], &["edge-0"]).unwrap();
+        let tls = ReloadableServerTls::new(&pki.relay_material().unwrap(), &[], false).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+            tls.server_config(&[relay_protocol::ALPN]).unwrap(),
+        ));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut t) = acceptor.accept(s).await {
+                        // Answer one byte, so the client reads the tickets a
+                        // server would send after its handshake.
+                        let mut b = [0u8; 1];
+                        if t.read_exact(&mut b).await.is_ok() {
+                            let _ = t.write_all(&b).await;
+                            let _ = t.flush().await;
+                        }
+                    }
+                });
+            }
+        });
+        // One config, so its in-memory resumption store is shared.
+        let client = Arc::new(
+            pki.node_material("edge-0")
+                .unwrap()
+                .client_config(relay_protocol::ALPN)
+                .unwrap(),
+        );
+        let connect = || {
+            let client = client.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(at).await?;
+                let name = rustls::pki_types::ServerName::try_from("relay.test").unwrap();
+                let mut t = tokio_rustls::TlsConnector::from(client)
+                    .connect(name, tcp)
+                    .await?;
+                t.write_all(b"x").await?;
+                let mut b = [0u8; 1];
+                t.read_exact(&mut b).await?;
+                Ok::<_, std::io::Error>(t.get_ref().1.handshake_kind())
+            }
+        };
+        for i in 0..2 {
+            assert_eq!(
+                connect().await.unwrap(),
+                Some(rustls::HandshakeKind::Full),
+                "handshake {i}"
+            );
+        }
+        let crl = pki.crl_revoking(&[&pki.nodes[0].1.cert]).unwrap();
+        let crls = crls_from_pem(crl.as_bytes(), "crl").unwrap();
+        tls.replace(&pki.relay_material().unwrap(), &crls).unwrap();
+        assert!(connect().await.is_err(), "revoked, tickets or not");
     }
 
     /// The digest tells the CA list from the CRL list: the same bytes

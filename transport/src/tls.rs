@@ -197,6 +197,7 @@ impl TlsMaterial {
             .with_client_cert_verifier(SkewTolerantClientVerifier::new(verifier))
             .with_single_cert(self.chain.clone(), self.key.clone_key())?;
         cfg.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
+        without_resumption(&mut cfg);
         Ok(cfg)
     }
 
@@ -226,6 +227,22 @@ impl TlsMaterial {
         cfg.alpn_protocols = vec![alpn.to_vec()];
         Ok(cfg)
     }
+}
+
+/// Makes a server config that verifies client certificates refuse TLS
+/// session resumption: no tickets sent, no sessions kept.
+///
+/// A resumed TLS 1.3 handshake takes the client's certificate chain from
+/// the stored session and verifies nothing (rustls, as the RFC allows):
+/// an edge whose certificate was revoked (`tls.crl`), whose CA was dropped
+/// or whose certificate expired would get back in with a ticket from
+/// before, for as long as the relay kept the session. Our own clients
+/// never resume (each attempt builds a new client config), so this costs
+/// them nothing; the relay also keeps no session cache (256 entries, about
+/// 0.3 MB, two tickets issued per handshake).
+pub(crate) fn without_resumption(cfg: &mut rustls::ServerConfig) {
+    cfg.send_tls13_tickets = 0;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
 }
 
 /// The verifier of a server's certificate for our client configs: webpki
