@@ -14,7 +14,7 @@ set -eu
 fuzz=$(cd "$(dirname "$0")" && pwd)
 secs=${1:-600}
 [ $# -gt 0 ] && shift
-targets=${*:-frame messages stream_payloads bootstrap dns connect_head relay_config edge_config}
+targets=${*:-frame messages stream_payloads tcp_datagrams bootstrap dns connect_head proxy_answer relay_config edge_config}
 jobs=${FUZZ_JOBS:-1}
 if [ "$jobs" -gt 2 ]; then
     echo "FUZZ_JOBS=$jobs: at most 2 on this machine" >&2

@@ -4,11 +4,13 @@
 Message bodies are the golden encodings of protocol/tests/golden.rs; the
 CONNECT heads are what kube-apiserver (Go), curl and a few broken clients
 send; the configs are deploy/examples/*.toml and variants with every
-section. Run from the repository root: python3 fuzz/seeds/make_seeds.py
+section. Run from the repository root: python3 fuzz/seeds/make_seeds.py [target...]
+(with targets, only their seeds are written).
 """
 import os
 import pathlib
 import struct
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SEEDS = ROOT / "fuzz" / "seeds"
@@ -43,7 +45,12 @@ GOLDEN = {
 }
 
 
+ONLY = set(sys.argv[1:])
+
+
 def put(target, name, data):
+    if ONLY and target not in ONLY:
+        return
     d = SEEDS / target
     d.mkdir(parents=True, exist_ok=True)
     (d / name).write_bytes(data)
@@ -384,3 +391,58 @@ state_dir = "/var/lib/edge-relay"
 enabled = true
 upstream = "[fd00:96::a]:53"
 """)
+
+# tcp_datagrams: byte 0 (bits 0-6: the stream cut into yamux data frames
+# of that many bytes, 0 for one frame; bit 7: ended by a reset, not a
+# FIN), then the datagram stream as an edge sends it: the mark 0x44, then
+# datagrams behind their 2-byte big-endian length, each a 4-byte flow id
+# and the payload. The target's relay has flows 1, 2 and 0x80000001.
+MARK = b"\x44"
+
+
+def dgram(flow, p):
+    d = struct.pack(">I", flow) + p
+    return struct.pack(">H", len(d)) + d
+
+
+DGRAMS = dgram(1, b"dns query") + dgram(0x80000001, b"x" * 100) + dgram(2, b"")
+put("tcp_datagrams", "whole", b"\x00" + MARK + DGRAMS)
+put("tcp_datagrams", "byte_frames", b"\x01" + MARK + DGRAMS)
+put("tcp_datagrams", "reset_frames_of_5", b"\x85" + MARK + DGRAMS)
+# Unknown flow, a datagram too short for a flow id, an empty one, then a
+# truncated last datagram.
+put("tcp_datagrams", "unknown_short_truncated",
+    b"\x00" + MARK + dgram(7, b"nobody") + b"\x00\x03abc" + b"\x00\x00" + dgram(1, b"ok") + b"\x00\x10abc")
+# A length of 65,535 with 3 bytes behind it: the reader's largest buffer.
+put("tcp_datagrams", "largest_length_truncated", b"\x00" + MARK + dgram(1, b"a") + b"\xff\xffabc")
+# 300 to one flow: past its queue of 256 (drops counted as queue full).
+put("tcp_datagrams", "flow_queue_overflow", b"\x00" + MARK + dgram(2, b"") * 300)
+# 1,100 datagrams (empty ones, then 8 for flow 1): past the connection's
+# queue of 1,024, where the reader may drop without counting.
+put("tcp_datagrams", "connection_queue_overflow", b"\x00" + MARK + b"\x00\x00" * 1092 + dgram(1, b"late") * 8)
+put("tcp_datagrams", "no_mark", b"\x00" + dgram(1, b"dns query"))
+put("tcp_datagrams", "mark_only", b"\x00" + MARK)
+put("tcp_datagrams", "empty_stream", b"\x00")
+
+# proxy_answer: what an HTTP proxy answers the edge's CONNECT (squid,
+# tinyproxy, corporate proxies; refusals; broken ones), and what follows.
+TLS_START = b"\x16\x03\x03\x00\x7a\x02\x00\x00\x76\x03\x03"
+answers = {
+    "squid_200": b"HTTP/1.1 200 Connection established\r\n\r\n",
+    "200_then_tls": b"HTTP/1.1 200 Connection established\r\nProxy-agent: tinyproxy/1.11.1\r\n\r\n" + TLS_START,
+    "http10_200": b"HTTP/1.0 200 Connection established\r\n\r\n",
+    "407": b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"corp\"\r\nContent-Length: 5\r\n\r\nnope!",
+    "403_squid": b"HTTP/1.1 403 Forbidden\r\nServer: squid/6.6\r\nMime-Version: 1.0\r\nContent-Type: text/html\r\nX-Squid-Error: ERR_ACCESS_DENIED 0\r\nConnection: close\r\n\r\n<html>denied</html>",
+    "502": b"HTTP/1.1 502 Bad Gateway\r\n\r\n",
+    "100_then_200": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n",
+    "lf_only": b"HTTP/1.1 200 OK\n\n",
+    "truncated": b"HTTP/1.1 200 Conn",
+    "signed_code": b"HTTP/1.1 +200 OK\r\n\r\n",
+    "no_reason": b"HTTP/1.1 204\r\n\r\n",
+    "not_utf8": b"HTTP/1.1 200 \xff\xfe\r\nX: \xc3\x28\r\n\r\n",
+    "empty": b"",
+    # A header past the 8 KiB bound (also makes libFuzzer's inputs this long).
+    "over_8k": b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 8200 + b"\r\n\r\n",
+}
+for k, a in answers.items():
+    put("proxy_answer", k, a)

@@ -1,0 +1,240 @@
+//! The HTTP proxy's answer to the edge's CONNECT, as the edge reads it
+//! when it dials the relay through a proxy: `proxy::HttpProxy::open_tunnel`
+//! (`transport/src/proxy.rs`; it reads the response head byte by byte up
+//! to the blank line, within `MAX_HEAD` = 8 KiB, then takes the status
+//! code from the first line). It takes a `tokio::net::TcpStream`, so the
+//! target runs a proxy on loopback: per input, one connection whose far
+//! end sends the input and then closes its sending side (both ends close
+//! with a zero linger: a reset, no TIME_WAIT, so millions of connections
+//! leave no ports behind).
+//!
+//! Input: the proxy's bytes, all of them (head and whatever follows).
+//!
+//! Properties: no panic and no hang (the call ends within 10 s of real
+//! time: it has no bound of its own, the dialer bounds it, see
+//! `tcp/dial.rs`); `Ok` exactly when a blank line ends the head within 8
+//! KiB and its first line's second word is a number 200 to 299; the
+//! error says which case it was (no blank line before the end, head over
+//! 8 KiB, credentials refused for a 407, the status line otherwise);
+//! **nothing after the head is consumed** (what the edge reads next is
+//! the relay's TLS) and never more than 8 KiB; the credentials given never
+//! appear in an error unless the proxy itself sent them; an error is at
+//! most the head's size plus a line of text; no single allocation while
+//! it reads exceeds 4 × `MAX_HEAD` (the head, then its text, lossy UTF-8
+//! taking up to 3 bytes per byte, in amortised growth).
+//! `FUZZ_DEBUG=1` prints the result of each input.
+#![no_main]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use libfuzzer_sys::fuzz_target;
+use relay_transport::proxy::HttpProxy;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Records the largest allocation made while `ARMED` is set.
+struct Watch;
+static ARMED: AtomicBool = AtomicBool::new(false);
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator; only records sizes.
+unsafe impl GlobalAlloc for Watch {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        note(l.size());
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        note(l.size());
+        unsafe { System.alloc_zeroed(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        note(n);
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+fn note(size: usize) {
+    if ARMED.load(Ordering::Relaxed) {
+        LARGEST.fetch_max(size, Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static A: Watch = Watch;
+
+/// `proxy::MAX_HEAD` (private): the largest response head read.
+const MAX_HEAD: usize = 8 << 10;
+
+const TARGET: &str = "relay.example:8443";
+const PASSWORD: &str = "s3cr3t-pw";
+/// base64("fuzzuser:s3cr3t-pw"), the `Proxy-Authorization` credentials.
+const BASIC: &str = "ZnV6enVzZXI6czNjcjN0LXB3";
+
+/// One listener for the process (a std listener; each input's runtime
+/// registers a copy of it).
+fn listener() -> &'static (std::net::TcpListener, SocketAddr) {
+    static L: OnceLock<(std::net::TcpListener, SocketAddr)> = OnceLock::new();
+    L.get_or_init(|| {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        l.set_nonblocking(true).expect("nonblocking");
+        let a = l.local_addr().expect("address");
+        (l, a)
+    })
+}
+
+fn proxy() -> &'static HttpProxy {
+    static P: OnceLock<HttpProxy> = OnceLock::new();
+    P.get_or_init(|| {
+        let (_, addr) = listener();
+        HttpProxy::parse(&format!("http://fuzzuser:{PASSWORD}@{addr}")).expect("proxy URL")
+    })
+}
+
+fn debug() -> bool {
+    static D: OnceLock<bool> = OnceLock::new();
+    *D.get_or_init(|| std::env::var_os("FUZZ_DEBUG").is_some())
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// What the edge should make of `answer`, and how many bytes it takes.
+enum Want {
+    /// A head of this many bytes (blank line included).
+    Head(usize),
+    /// The proxy closed before a blank line (all bytes read).
+    Closed,
+    /// No blank line within `MAX_HEAD` bytes (that many read).
+    TooLarge,
+}
+
+fn want(answer: &[u8]) -> Want {
+    let end = answer
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4);
+    match end {
+        Some(n) if n <= MAX_HEAD => Want::Head(n),
+        _ if answer.len() >= MAX_HEAD => Want::TooLarge,
+        _ => Want::Closed,
+    }
+}
+
+fuzz_target!(|answer: &[u8]| {
+    let (std_listener, addr) = listener();
+    let p = proxy();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let l = TcpListener::from_std(std_listener.try_clone().expect("listener fd"))
+            .expect("listener");
+        let (edge, accepted) = tokio::join!(TcpStream::connect(addr), l.accept());
+        let (mut edge, (proxy_side, _)) = (edge.expect("connect"), accepted.expect("accept"));
+        edge.set_zero_linger().expect("linger");
+        proxy_side.set_zero_linger().expect("linger");
+        // The proxy answers at once (it may: the edge writes its request
+        // first and reads only after), closes its sending side and keeps
+        // the socket until the edge is done, so nothing is lost to a reset.
+        let bytes = answer.to_vec();
+        let proxy_task = tokio::spawn(async move {
+            let mut s = proxy_side;
+            s.write_all(&bytes).await.expect("proxy write");
+            s.shutdown().await.expect("proxy shutdown");
+            s
+        });
+
+        LARGEST.store(0, Ordering::Relaxed);
+        ARMED.store(true, Ordering::Relaxed);
+        let result =
+            tokio::time::timeout(Duration::from_secs(10), p.open_tunnel(&mut edge, TARGET)).await;
+        ARMED.store(false, Ordering::Relaxed);
+        let largest = LARGEST.load(Ordering::Relaxed);
+        let result = result.expect("open_tunnel did not end within 10 s of the proxy closing");
+        if debug() {
+            eprintln!("{result:?} (largest allocation {largest} bytes)");
+        }
+
+        // What the edge reads after the call: exactly what follows what
+        // open_tunnel was entitled to take.
+        let mut rest = Vec::new();
+        edge.read_to_end(&mut rest).await.expect("read the rest");
+        let taken = answer.len() - rest.len();
+        assert_eq!(
+            &answer[taken..],
+            &rest[..],
+            "the rest is not the answer's tail"
+        );
+
+        let err = match (want(answer), &result) {
+            (Want::Head(n), r) => {
+                assert_eq!(taken, n, "bytes taken for a head of {n}");
+                let text = String::from_utf8_lossy(&answer[..n]);
+                let status = text.lines().next().unwrap_or_default().trim();
+                let code = status
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse::<u16>().ok());
+                match (code, r) {
+                    (Some(200..=299), Ok(())) => None,
+                    (Some(200..=299), Err(e)) => panic!("2xx refused: {e}"),
+                    (_, Ok(())) => panic!("accepted without a 2xx: {status:?}"),
+                    (Some(407), Err(e)) => {
+                        assert!(
+                            e.contains("wants credentials other than those given"),
+                            "{e}"
+                        );
+                        Some(e)
+                    }
+                    (_, Err(e)) => {
+                        assert!(
+                            e.contains(&format!("refused CONNECT {TARGET}: {status}")),
+                            "{e}"
+                        );
+                        Some(e)
+                    }
+                }
+            }
+            (Want::Closed, r) => {
+                assert_eq!(taken, answer.len());
+                let e = r.as_ref().expect_err("no head, yet Ok");
+                assert!(e.contains("closed before answering CONNECT"), "{e}");
+                Some(e)
+            }
+            (Want::TooLarge, r) => {
+                assert_eq!(taken, MAX_HEAD, "bytes taken for a head over the bound");
+                let e = r.as_ref().expect_err("head over the bound, yet Ok");
+                assert!(e.contains("response head over 8192 bytes"), "{e}");
+                Some(e)
+            }
+        };
+        if let Some(e) = err {
+            for secret in [PASSWORD, BASIC] {
+                assert!(
+                    !e.contains(secret) || contains(answer, secret.as_bytes()),
+                    "credentials in an error: {e}"
+                );
+            }
+            // The status line, at most the head's bytes (3 per byte when
+            // lossy), and a line of text.
+            assert!(e.len() <= 3 * MAX_HEAD + 256, "error of {} bytes", e.len());
+        }
+        assert!(
+            largest <= 4 * MAX_HEAD,
+            "an allocation of {largest} bytes while reading the head"
+        );
+
+        let proxy_side = proxy_task.await.expect("proxy task");
+        drop(proxy_side);
+        drop(edge);
+    });
+});

@@ -1,0 +1,309 @@
+//! The TCP fallback's datagram stream as the relay reads it from an edge:
+//! `tcp::YamuxConn::start` (the relay's side: it accepts the first stream
+//! and checks its one-byte mark, `DATAGRAM_STREAM_MARK`), the datagram
+//! reader it spawns (`tcp/driver.rs`, `datagram_reader`: a 2-byte
+//! big-endian length, then that many bytes, again and again) and what the
+//! sessions run on what it delivers, `udp::pump_datagrams` into a
+//! `udp::FlowTable` (`FlowTable::dispatch`: `decode_datagram`, the flow
+//! id, the flow's queue). All through public APIs: the fuzz input is the
+//! stream's content, carried in hand-made yamux frames over an in-memory
+//! pipe, exactly as a peer's yamux would send it.
+//!
+//! Input: byte 0 says how the stream arrives (bits 0-6: `n`, the stream
+//! cut into yamux data frames of `n` bytes, or one frame for 0; bit 7: the
+//! stream ends with a reset rather than a FIN); the rest is the stream:
+//! the mark, then datagrams (2-byte length, 4-byte flow id, payload).
+//!
+//! Properties: no panic; the set-up succeeds exactly when the stream
+//! starts with the mark; the reader and the pump end once the stream ends
+//! (whatever it held: a truncated last datagram is dropped); every
+//! complete datagram is delivered to its flow, in order, a short one or an
+//! unknown flow's counted as `dropped_unknown_flow`, one past a flow's
+//! queue of 256 as `dropped_queue_full` (exactly, when the connection's
+//! queue of 1,024 datagrams cannot have filled; beyond that, which the
+//! reader drops uncounted, as a full socket buffer would, a subsequence
+//! and nothing counted twice); no single allocation exceeds the reader's
+//! bound of one 2-byte length (65,535 bytes) while the connection runs.
+//!
+//! A stream without the mark is refused by the set-up, which then waits up
+//! to 500 ms for the connection to end to report why: for those inputs the
+//! edge's end of the pipe is closed once the frames are written, so the
+//! wait ends at once (for the others it stays open: the connection is up
+//! and only the datagram stream ends). A reader or pump that did not end
+//! within 10 s would be a panic, not a hang. `FUZZ_DEBUG=1` prints what
+//! each input did.
+#![no_main]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use libfuzzer_sys::fuzz_target;
+use relay_protocol::EDGE_FLOW_BIT;
+use relay_transport::tcp::{YamuxConn, DATAGRAM_STREAM_MARK};
+use relay_transport::udp::{pump_datagrams, FlowHandle, FlowTable, UdpStats};
+use relay_transport::TunnelConn;
+use tokio::io::AsyncWriteExt;
+
+/// Records the largest allocation made while `ARMED` is set.
+struct Watch;
+static ARMED: AtomicBool = AtomicBool::new(false);
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator; only records sizes.
+unsafe impl GlobalAlloc for Watch {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        note(l.size());
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        note(l.size());
+        unsafe { System.alloc_zeroed(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+        note(n);
+        unsafe { System.realloc(p, l, n) }
+    }
+}
+
+fn note(size: usize) {
+    if ARMED.load(Ordering::Relaxed) {
+        LARGEST.fetch_max(size, Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static A: Watch = Watch;
+
+/// The reader's bound: one datagram of the largest 2-byte length.
+const READER_BOUND: usize = u16::MAX as usize;
+
+/// Inputs up to this size are checked against [`READER_BOUND`]: the
+/// pipe's buffer and yamux's frame bodies grow with the input, and stay
+/// well under the bound below it (libFuzzer's inputs here are ~8 KiB).
+const CHECKED_INPUT: usize = 16 << 10;
+
+/// The flows the relay has open: two of its own ids and one the edge
+/// opened (`EDGE_FLOW_BIT`).
+const FLOWS: [u32; 3] = [1, 2, EDGE_FLOW_BIT | 1];
+
+/// `relay_transport`'s queue bounds (crate-private): the datagram queue of
+/// the connection and the queue of each flow. Past them datagrams are
+/// dropped, so exact delivery is only asserted below them.
+const DATAGRAM_QUEUE: usize = 1024;
+const FLOW_QUEUE: usize = 256;
+
+/// yamux frame: version 0, type 0 (data), flags, stream id, length, body.
+fn yamux_data(flags: u16, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(12 + body.len());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(&flags.to_be_bytes());
+    // Stream 1: the first stream a yamux client (the edge) opens.
+    f.extend_from_slice(&1u32.to_be_bytes());
+    f.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    f.extend_from_slice(body);
+    f
+}
+const SYN: u16 = 1;
+const FIN: u16 = 4;
+const RST: u16 = 8;
+
+/// The complete datagrams of `stream` (after the mark), as a straight
+/// parse finds them; a truncated last one is left out.
+fn datagrams(mut rest: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    while rest.len() >= 2 {
+        let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+        let Some(d) = rest.get(2..2 + len) else { break };
+        out.push(d);
+        rest = &rest[2 + len..];
+    }
+    out
+}
+
+/// The flow a datagram is for, if it is long enough to name one.
+fn flow_of(d: &[u8]) -> Option<u32> {
+    d.get(..4)
+        .map(|h| u32::from_be_bytes([h[0], h[1], h[2], h[3]]))
+}
+
+/// What a flow's queue holds now (a registered flow's queue never closes
+/// while the table holds its sender, so an empty queue is `Pending`).
+/// Unconstrained: tokio's cooperative budget would otherwise make a
+/// receive `Pending` after about 128 in one poll of the task.
+fn drain(h: &mut FlowHandle) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let waker = Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    loop {
+        let mut f = std::pin::pin!(tokio::task::unconstrained(h.recv()));
+        match f.as_mut().poll(&mut cx) {
+            Poll::Ready(Some(p)) => out.push(p),
+            _ => return out,
+        }
+    }
+}
+
+/// Whether `sub` is `full` with some elements left out, order kept.
+fn is_subsequence(sub: &[Bytes], full: &[&[u8]]) -> bool {
+    let mut it = full.iter();
+    sub.iter().all(|s| it.any(|f| f == s))
+}
+
+fn debug() -> bool {
+    static D: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *D.get_or_init(|| std::env::var_os("FUZZ_DEBUG").is_some())
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&how, stream)) = data.split_first() else {
+        return;
+    };
+    let cut = usize::from(how & 0x7f);
+    let end = if how & 0x80 != 0 { RST } else { FIN };
+
+    // The edge's yamux frames: the stream opened (SYN) with its first
+    // bytes, the rest in frames of `cut` bytes, then the end.
+    let mut wire = Vec::new();
+    let mut chunks: Vec<&[u8]> = if cut == 0 || stream.is_empty() {
+        vec![stream]
+    } else {
+        stream.chunks(cut).collect()
+    };
+    let first = chunks.remove(0);
+    wire.extend(yamux_data(SYN, first));
+    for c in chunks {
+        wire.extend(yamux_data(0, c));
+    }
+    wire.extend(yamux_data(end, &[]));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let checked = data.len() <= CHECKED_INPUT;
+    LARGEST.store(0, Ordering::Relaxed);
+    ARMED.store(checked, Ordering::Relaxed);
+    rt.block_on(async {
+        let marked = stream.first() == Some(&DATAGRAM_STREAM_MARK);
+        // With the mark, the edge's end of the pipe stays open throughout:
+        // the connection is up, only the datagram stream ends.
+        let (mut edge, relay) = tokio::io::duplex(1 << 20);
+        edge.write_all(&wire).await.expect("pipe write");
+        let edge = marked.then_some(edge);
+        let remote = ([192, 0, 2, 1], 40000).into();
+        let started = YamuxConn::start(
+            relay,
+            false,
+            remote,
+            (Vec::new(), None),
+            Duration::from_secs(10),
+        )
+        .await;
+        let conn = match started {
+            Ok(c) => {
+                assert!(marked, "datagram stream accepted without its mark");
+                c
+            }
+            Err(e) => {
+                assert!(!marked, "marked datagram stream refused: {e}");
+                if debug() {
+                    eprintln!("set-up refused: {e}");
+                }
+                return;
+            }
+        };
+
+        let stats = Arc::new(UdpStats::default());
+        let table = FlowTable::new(0, 16, false, stats.clone());
+        let mut flows: Vec<FlowHandle> = FLOWS
+            .iter()
+            .map(|&id| table.register(Some(id)).expect("register"))
+            .collect();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            pump_datagrams(TunnelConn::Tcp(conn.clone()), table.clone()),
+        )
+        .await
+        .expect("the pump (and the reader) did not end after the datagram stream ended");
+
+        let want = datagrams(&stream[1..]);
+        let got: Vec<Vec<Bytes>> = flows.iter_mut().map(drain).collect();
+        let unknown = want
+            .iter()
+            .filter(|d| !flow_of(d).is_some_and(|id| FLOWS.contains(&id)))
+            .count();
+        let per_flow: Vec<Vec<&[u8]>> = FLOWS
+            .iter()
+            .map(|&id| {
+                want.iter()
+                    .filter(|d| flow_of(d) == Some(id))
+                    .map(|d| &d[4..])
+                    .collect()
+            })
+            .collect();
+        let dropped_unknown = stats.dropped_unknown_flow.load(Ordering::Relaxed) as usize;
+        let dropped_full = stats.dropped_queue_full.load(Ordering::Relaxed) as usize;
+        if debug() {
+            eprintln!(
+                "{} datagrams in the stream ({} for no flow); delivered per flow {:?}; \
+                 dropped: unknown {dropped_unknown}, queue full {dropped_full}",
+                want.len(),
+                unknown,
+                got.iter().map(Vec::len).collect::<Vec<_>>()
+            );
+        }
+        let delivered: usize = got.iter().map(Vec::len).sum();
+        if want.len() <= DATAGRAM_QUEUE {
+            // The connection's queue cannot have filled: every datagram
+            // reached the table, and a flow's queue (drained only now)
+            // keeps its first `FLOW_QUEUE`.
+            let mut excess = 0;
+            for (g, w) in got.iter().zip(&per_flow) {
+                let kept = w.len().min(FLOW_QUEUE);
+                excess += w.len() - kept;
+                assert_eq!(g.len(), kept, "payloads delivered to a flow");
+                assert!(g.iter().zip(w).all(|(g, w)| g == w), "payloads differ");
+            }
+            assert_eq!(dropped_unknown, unknown, "datagrams for no flow");
+            assert_eq!(
+                dropped_full, excess,
+                "datagrams dropped for a full flow queue"
+            );
+        } else {
+            for (g, w) in got.iter().zip(&per_flow) {
+                assert!(g.len() <= FLOW_QUEUE, "a flow's queue past its bound");
+                assert!(
+                    is_subsequence(g, w),
+                    "payloads delivered out of order or made up"
+                );
+            }
+            assert!(dropped_unknown <= unknown, "datagrams for no flow");
+            assert!(
+                delivered + dropped_unknown + dropped_full <= want.len(),
+                "datagrams counted twice"
+            );
+        }
+        conn.close_now("fuzz: done");
+        drop(edge);
+    });
+    ARMED.store(false, Ordering::Relaxed);
+    let largest = LARGEST.load(Ordering::Relaxed);
+    if debug() {
+        eprintln!("largest allocation: {largest} bytes");
+    }
+    if checked {
+        assert!(
+            largest <= READER_BOUND,
+            "an allocation of {largest} bytes (bound {READER_BOUND})"
+        );
+    }
+    drop(rt);
+});
