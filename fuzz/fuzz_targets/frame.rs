@@ -7,9 +7,8 @@
 //! input buffer itself already holds); both decoders agree frame by frame.
 #![no_main]
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker};
 
 use bytes::BytesMut;
@@ -18,38 +17,9 @@ use relay_protocol::codec::{frame_codec, read_frame_bytes, FRAME_HEADER_LEN};
 use relay_protocol::{FrameError, MAX_FRAME_LEN};
 use tokio_util::codec::Decoder;
 
-/// Records the largest allocation made while `ARMED` is set.
-struct Watch;
-static ARMED: AtomicBool = AtomicBool::new(false);
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator; only records sizes.
-unsafe impl GlobalAlloc for Watch {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        note(l.size());
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        note(l.size());
-        unsafe { System.alloc_zeroed(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        note(n);
-        unsafe { System.realloc(p, l, n) }
-    }
-}
-
-fn note(size: usize) {
-    if ARMED.load(Ordering::Relaxed) {
-        LARGEST.fetch_max(size, Ordering::Relaxed);
-    }
-}
-
-#[global_allocator]
-static A: Watch = Watch;
+#[path = "watch_alloc.rs"]
+mod watch_alloc;
+use watch_alloc::{ARMED, LARGEST};
 
 /// Allocations this small are bookkeeping, whatever the frame limit.
 const SMALL: usize = 64;

@@ -25,9 +25,8 @@
 //! `FUZZ_DEBUG=1` prints the result of each input.
 #![no_main]
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -36,38 +35,9 @@ use relay_transport::proxy::HttpProxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Records the largest allocation made while `ARMED` is set.
-struct Watch;
-static ARMED: AtomicBool = AtomicBool::new(false);
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards to the system allocator; only records sizes.
-unsafe impl GlobalAlloc for Watch {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        note(l.size());
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        note(l.size());
-        unsafe { System.alloc_zeroed(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        note(n);
-        unsafe { System.realloc(p, l, n) }
-    }
-}
-
-fn note(size: usize) {
-    if ARMED.load(Ordering::Relaxed) {
-        LARGEST.fetch_max(size, Ordering::Relaxed);
-    }
-}
-
-#[global_allocator]
-static A: Watch = Watch;
+#[path = "watch_alloc.rs"]
+mod watch_alloc;
+use watch_alloc::{ARMED, LARGEST};
 
 /// `proxy::MAX_HEAD` (private): the largest response head read.
 const MAX_HEAD: usize = 8 << 10;
