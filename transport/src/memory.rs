@@ -200,8 +200,15 @@ pub const KEEP_HEAP_TOP: usize = 4 << 20;
 /// 4 KiB, in the kernel's copy of the next TCP read) all the time: 6 % of
 /// the relay's CPU during `loadtest bulk` in a `perf` profile, 1 % of the
 /// edge's; with a 4 MiB threshold none (1 MiB still left 1.6 %). What it
-/// costs: up to 4 MiB kept per heap between peaks, which the trim after a
-/// peak ([`spawn_trim_after_peaks`]) still returns. Call once, early.
+/// costs: up to 4 MiB kept per heap between peaks. The trim after a peak
+/// ([`spawn_trim_after_peaks`]) returns the main heap's, and the free
+/// blocks inside every heap, but not the free space at the end of a
+/// worker thread's heap: glibc's `malloc_trim` never shrinks those heaps,
+/// which shrink only at a free in them once that space exceeds this
+/// threshold. Measured on a relay after `loadtest soak --phases
+/// badinput`: 3.5 to 6.7 MiB held that way in its two workers' heaps, a
+/// trim by hand returning 36 kB to 3.6 MiB (docs/benchmarks.md, "Soak").
+/// Call once, early.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn keep_heap_top() {
     // SAFETY: mallopt only sets a tuning parameter of the allocator under
