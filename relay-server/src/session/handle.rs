@@ -530,7 +530,7 @@ pub(crate) fn supersede(old: &Arc<SessionHandle>, new: &SessionHandle, shared: &
         p.kick(close_code::SUPERSEDED, "superseded while draining");
     }
     if old.take_moving() {
-        let grace = move_grace(&old.conn, shared.cfg.limits.drain_grace);
+        let grace = move_grace(old.cert_not_after, shared.cfg.limits.drain_grace);
         info!(node = %old.node, old_gen = old.generation, new_gen = new.generation, ?grace, open_streams = old.open_streams.load(Relaxed), "session moved; the old one drains");
         *new.predecessor.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(old);
         old.drain(grace, "moved to a newer session of this node");
@@ -543,11 +543,10 @@ pub(crate) fn supersede(old: &Arc<SessionHandle>, new: &SessionHandle, shared: &
 /// How long a session left by a planned move may drain: until the
 /// certificate it was opened with expires, at most [`MOVE_GRACE_MAX`],
 /// and at least `floor` (`limits.drain_grace`; alone when the certificate
-/// cannot be read).
-fn move_grace(conn: &TunnelConn, floor: Duration) -> Duration {
-    let left = conn.peer_certs().first().and_then(|leaf| {
-        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
-        let end = cert.validity().not_after.timestamp();
+/// cannot be read). `not_after` is the session's own
+/// ([`SessionHandle::cert_not_after`], read once when it was created).
+fn move_grace(not_after: Option<i64>, floor: Duration) -> Duration {
+    let left = not_after.and_then(|end| {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .ok()?
