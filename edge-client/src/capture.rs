@@ -18,7 +18,6 @@ use std::sync::Arc;
 
 use relay_protocol::{Cidr, StreamOpen, Target, L4};
 use relay_transport::capture::Capture;
-use relay_transport::conn::open_stream;
 use relay_transport::conn::{accept_bounded, AcceptBound};
 use relay_transport::splice::{dial_tcp, splice};
 use relay_transport::udp::{FlowLimits, Pick, PickConn, Picked, RedirectUdp};
@@ -34,6 +33,8 @@ use crate::serve::Served;
 use crate::services::{EdgeServices, Resolved};
 use crate::supervisor::sessions::Sessions;
 use std::sync::atomic::Ordering::Relaxed;
+
+mod hedge;
 
 /// How often capture looks at the node's interface addresses again.
 const LAN_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
@@ -414,7 +415,9 @@ async fn accept_loop(
                 }
                 Resolved::Relay(target) => target,
             };
-            let conn = now.for_destination(target.ip()).map(|l| l.conn.clone());
+            let conn = now
+                .for_destination_with_spare(target.ip())
+                .map(|(l, spare)| (l.conn.clone(), spare.map(|s| s.conn.clone())));
             drop(now);
             let span = tracing::debug_span!("outbound", %dst, %target, src = %peer);
             outbound(sock, peer, target, conn, cfg, stats)
@@ -447,17 +450,21 @@ async fn local_service(sock: TcpStream, ep: std::net::SocketAddr, cfg: Arc<EdgeC
 }
 
 /// One captured connection: open a stream on `conn` (the session picked
-/// for it) for `dst` (its original destination, or the node port it
-/// reached), and splice if the relay (or the far edge) accepts.
+/// for it, and a spare for when its path turns out silent: see [`hedge`])
+/// for `dst` (its original destination, or the node port it reached), and
+/// splice if the relay (or the far edge) accepts.
 async fn outbound(
     sock: TcpStream,
     peer: std::net::SocketAddr,
     dst: std::net::SocketAddr,
-    conn: Option<relay_transport::TunnelConn>,
+    conn: Option<(
+        relay_transport::TunnelConn,
+        Option<relay_transport::TunnelConn>,
+    )>,
     cfg: Arc<EdgeConfig>,
     stats: Arc<EdgeStats>,
 ) {
-    let Some(conn) = conn else {
+    let Some((conn, spare)) = conn else {
         // Sampled: during an outage this fires at the pods' retry rate.
         relay_transport::sampled!(
             info,
@@ -474,7 +481,14 @@ async fn outbound(
     };
     // The relay may dial a cloud target or another edge; its own bounds are
     // shorter, this one only guards against a relay that never answers.
-    let opened = open_stream(&conn, &open, cfg.handshake_timeout + cfg.dial_timeout).await;
+    let opened = hedge::open_hedged(
+        &conn,
+        spare.as_ref(),
+        &open,
+        cfg.handshake_timeout + cfg.dial_timeout,
+        &stats.opens_hedged,
+    )
+    .await;
     match opened {
         Ok(bi) => {
             let out = splice(sock, &[], bi, &*stats).await;

@@ -194,6 +194,12 @@ pub(crate) fn render(up: bool, st: &EdgeStats) -> String {
         n(&st.paths_dead),
     );
     one(
+        "opens_hedged_total",
+        "counter",
+        "Captured connections also opened on another relay replica's session because the picked session's QUIC path was silent after the open (dead, not yet found quiet).",
+        n(&st.opens_hedged),
+    );
+    one(
         "quic_strikes",
         "gauge",
         "QUIC sessions in a row the edge's liveness check gave up soon after they came up, on the path to the relay (replica) whose QUIC session ended last; at 2 and above an auto edge dials TCP first on that path and probes QUIC less often.",

@@ -106,6 +106,11 @@ pub struct EdgeStats {
     /// path dead (nothing from the relay, or a control ping unanswered,
     /// for the dead-path bound).
     pub paths_dead: AtomicU64,
+    /// Captured connections whose open also went to a spare session
+    /// because nothing at all arrived on the picked QUIC session for a
+    /// while after the open was sent (its path dead, not yet found quiet:
+    /// see `capture::hedge`).
+    pub opens_hedged: AtomicU64,
     /// QUIC sessions the relay ended with a close of its own (its idle
     /// timeout, a drain, the node deleted or refused, an operator's
     /// close). On a path dead only upstream this, not `paths_dead`, is how

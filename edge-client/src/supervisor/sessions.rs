@@ -252,6 +252,22 @@ impl Sessions {
         .map(|l| &**l)
     }
 
+    /// [`Sessions::for_destination`]'s pick for `ip`, and a spare: the
+    /// best other session whose relay lists `ip` (one not draining or
+    /// quiet when there is one), where a captured connection's open also
+    /// goes when the picked path turns out dead before it is found quiet
+    /// (see `capture::hedge`). `None` with no session up.
+    pub(crate) fn for_destination_with_spare(&self, ip: IpAddr) -> Option<(&Live, Option<&Live>)> {
+        let first = self.for_destination(ip)?;
+        let spare = spare(
+            &self.live,
+            |l| std::ptr::eq(&**l, first),
+            |l| l.covers(ip),
+            |l| l.draining || l.heard.quiet(),
+        );
+        Some((first, spare.map(|l| &**l)))
+    }
+
     /// The routes capture installs: the union of every complete set;
     /// `None` while no session's set is complete.
     pub(crate) fn tunnel_routes(&self) -> Option<&[Cidr]> {
@@ -300,6 +316,20 @@ fn pick<T>(live: &[T], covers: impl Fn(&T) -> bool, draining: impl Fn(&T) -> boo
             .or_else(|| covering().next())
             .unwrap_or(primary),
     )
+}
+
+/// The first of `live` other than the `picked` one that `covers` and is
+/// not `draining`, else the first other one that covers; `None` when no
+/// other covers (the picked one's relay alone lists the destination, or
+/// none does and the picked one is the primary by default).
+fn spare<T>(
+    live: &[T],
+    picked: impl Fn(&T) -> bool,
+    covers: impl Fn(&T) -> bool,
+    draining: impl Fn(&T) -> bool,
+) -> Option<&T> {
+    let others = || live.iter().filter(|l| !picked(l) && covers(l));
+    others().find(|l| !draining(l)).or_else(|| others().next())
 }
 
 #[cfg(test)]
@@ -394,6 +424,37 @@ mod tests {
         assert_eq!(at("10.244.9.5", &[2]), Some(2), "only it covers");
         assert_eq!(at("172.16.0.1", &[0]), Some(0), "nobody lists it");
         assert_eq!(pick(&[] as &[RouteSet], |_| true, |_| false), None);
+    }
+
+    #[test]
+    fn a_spare_is_another_session_whose_relay_lists_the_destination() {
+        let sets = [
+            RouteSet::new(&cidrs(&["10.96.0.0/12"])),
+            RouteSet::new(&cidrs(&["10.96.0.0/12", "10.244.8.0/24"])),
+            RouteSet::new(&cidrs(&["10.96.0.0/12", "10.244.8.0/24"])),
+        ];
+        let at = |dst: &str, picked: usize, draining: &[usize]| {
+            spare(
+                &sets,
+                |s| std::ptr::eq(&sets[picked], s),
+                |s| s.covers(ip(dst)),
+                |s| draining.iter().any(|d| std::ptr::eq(&sets[*d], s)),
+            )
+            .map(|s| sets.iter().position(|x| std::ptr::eq(x, s)).unwrap())
+        };
+        assert_eq!(at("10.96.0.10", 0, &[]), Some(1));
+        assert_eq!(at("10.96.0.10", 1, &[]), Some(0), "never the picked one");
+        assert_eq!(at("10.96.0.10", 0, &[1]), Some(2), "quiet ones last");
+        assert_eq!(at("10.96.0.10", 0, &[1, 2]), Some(1), "all others quiet");
+        assert_eq!(at("10.244.8.5", 1, &[]), Some(2));
+        assert_eq!(at("10.244.8.5", 2, &[1]), Some(1));
+        assert_eq!(at("172.16.0.1", 0, &[]), None, "nobody lists it");
+        let one = &sets[..1];
+        assert_eq!(
+            spare(one, |s| std::ptr::eq(&one[0], s), |_| true, |_| false),
+            None,
+            "one session: no spare"
+        );
     }
 
     /// A path is quiet once nothing has arrived for its limit (a
