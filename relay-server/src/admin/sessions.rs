@@ -113,7 +113,9 @@ impl SessionRow {
             transport: s.conn.kind().as_str().to_string(),
             remote_addr: s.conn.remote_addr().to_string(),
             connected_since: humantime::format_rfc3339_seconds(s.connected_at).to_string(),
-            connected_secs: s.connected_at.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+            // The monotonic clock: a wall clock stepped back (NTP after a
+            // boot without RTC) would report 0, stepped forward years.
+            connected_secs: s.age_ms() / 1000,
             rtt_ms: s.conn.rtt().as_secs_f64() * 1000.0,
             not_captured: crate::status::not_captured(&routes, shared.cfg.capture.is_some()),
             routes,
