@@ -1,8 +1,8 @@
 //! The HTTP proxy's answer to the edge's CONNECT, as the edge reads it
 //! when it dials the relay through a proxy: `proxy::HttpProxy::open_tunnel`
 //! (`transport/src/proxy.rs`; it reads the response head byte by byte up
-//! to the blank line, within `MAX_HEAD` = 8 KiB, then takes the status
-//! code from the first line). It takes a `tokio::net::TcpStream`, so the
+//! to the blank line, within `MAX_HEAD` = 8 KiB, lines ended by CRLF or a
+//! bare LF, then takes the status code from the first line). It takes a `tokio::net::TcpStream`, so the
 //! target runs a proxy on loopback: per input, one connection whose far
 //! end sends the input and then closes its sending side (both ends close
 //! with a zero linger: a reset, no TIME_WAIT, so millions of connections
@@ -12,16 +12,20 @@
 //!
 //! Properties: no panic and no hang (the call ends within 10 s of real
 //! time: it has no bound of its own, the dialer bounds it, see
-//! `tcp/dial.rs`); `Ok` exactly when a blank line ends the head within 8
-//! KiB and its first line's second word is a number 200 to 299; the
-//! error says which case it was (no blank line before the end, head over
-//! 8 KiB, credentials refused for a 407, the status line otherwise);
-//! **nothing after the head is consumed** (what the edge reads next is
-//! the relay's TLS) and never more than 8 KiB; the credentials given never
-//! appear in an error unless the proxy itself sent them; an error is at
-//! most the head's size plus a line of text; no single allocation while
-//! it reads exceeds 4 × `MAX_HEAD` (the head, then its text, lossy UTF-8
-//! taking up to 3 bytes per byte, in amortised growth).
+//! `tcp/dial.rs`); `Ok` exactly when a blank line (`\r\n\r\n`, `\n\n`,
+//! or the two mixed: RFC 9112 lets a recipient take a bare LF as a line's
+//! end) ends the head within 8 KiB and its first line, split on
+//! whitespace, starts `HTTP/1.<digit>` then exactly three ASCII digits
+//! from 200 to 299; the error says which case it was (no blank line
+//! before the end, head over 8 KiB, credentials refused for a 407, a
+//! refusal naming the status line, or no HTTP/1.x status line); **nothing
+//! after the head is consumed** (what the edge reads next is the relay's
+//! TLS) and never more than 8 KiB; the credentials given never appear in
+//! an error unless the proxy itself sent them; an error shows at most 200
+//! bytes of the status line, every byte outside printable ASCII (and `\`)
+//! as `\xNN`, so it holds no control character and is at most 4 × 200
+//! bytes plus a line of text; no single allocation while it reads
+//! exceeds 2 × `MAX_HEAD` (the head, in amortised growth).
 //! `FUZZ_DEBUG=1` prints the result of each input.
 #![no_main]
 
@@ -41,6 +45,9 @@ use watch_alloc::{ARMED, LARGEST};
 
 /// `proxy::MAX_HEAD` (private): the largest response head read.
 const MAX_HEAD: usize = 8 << 10;
+/// `proxy::STATUS_SHOWN` (private): the most of the status line an error
+/// shows.
+const STATUS_SHOWN: usize = 200;
 
 const TARGET: &str = "relay.example:8443";
 const PASSWORD: &str = "s3cr3t-pw";
@@ -72,6 +79,39 @@ fn debug() -> bool {
     *D.get_or_init(|| std::env::var_os("FUZZ_DEBUG").is_some())
 }
 
+/// The status code of a status line: `HTTP/1.<digit>`, then three ASCII
+/// digits, words split on SP, HTAB, VT, FF and CR.
+fn code_of(status: &[u8]) -> Option<u16> {
+    let mut words = status
+        .split(|b| b" \t\x0b\x0c\r".contains(b))
+        .filter(|w| !w.is_empty());
+    let (version, code) = (words.next()?, words.next()?);
+    let ok = version.len() == 8
+        && version.starts_with(b"HTTP/1.")
+        && version[7].is_ascii_digit()
+        && code.len() == 3
+        && code.iter().all(u8::is_ascii_digit);
+    ok.then(|| std::str::from_utf8(code).ok()?.parse().ok())
+        .flatten()
+}
+
+/// The status line as an error shows it.
+fn shown(status: &[u8]) -> String {
+    let mut out: String = status
+        .iter()
+        .take(STATUS_SHOWN)
+        .map(|&b| match b {
+            b'\\' => "\\x5c".to_string(),
+            0x20..=0x7e => char::from(b).to_string(),
+            _ => format!("\\x{b:02x}"),
+        })
+        .collect();
+    if status.len() > STATUS_SHOWN {
+        out += &format!("... ({} bytes)", status.len());
+    }
+    out
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
@@ -87,10 +127,12 @@ enum Want {
 }
 
 fn want(answer: &[u8]) -> Want {
-    let end = answer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| i + 4);
+    // A blank line: a line's end (LF, or CRLF), then an empty line ended
+    // the same way.
+    let end = (1..=answer.len()).find(|&n| {
+        let h = &answer[..n];
+        h.ends_with(b"\n\n") || h.ends_with(b"\n\r\n")
+    });
     match end {
         Some(n) if n <= MAX_HEAD => Want::Head(n),
         _ if answer.len() >= MAX_HEAD => Want::TooLarge,
@@ -148,13 +190,10 @@ fuzz_target!(|answer: &[u8]| {
         let err = match (want(answer), &result) {
             (Want::Head(n), r) => {
                 assert_eq!(taken, n, "bytes taken for a head of {n}");
-                let text = String::from_utf8_lossy(&answer[..n]);
-                let status = text.lines().next().unwrap_or_default().trim();
-                let code = status
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|c| c.parse::<u16>().ok());
-                match (code, r) {
+                let line = answer[..n].split(|&b| b == b'\n').next().unwrap_or_default();
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let status = shown(line);
+                match (code_of(line), r) {
                     (Some(200..=299), Ok(())) => None,
                     (Some(200..=299), Err(e)) => panic!("2xx refused: {e}"),
                     (_, Ok(())) => panic!("accepted without a 2xx: {status:?}"),
@@ -165,9 +204,18 @@ fuzz_target!(|answer: &[u8]| {
                         );
                         Some(e)
                     }
-                    (_, Err(e)) => {
+                    (Some(_), Err(e)) => {
                         assert!(
                             e.contains(&format!("refused CONNECT {TARGET}: {status}")),
+                            "{e}"
+                        );
+                        Some(e)
+                    }
+                    (None, Err(e)) => {
+                        assert!(
+                            e.contains(&format!(
+                                "answered CONNECT {TARGET} without an HTTP/1.x status line: {status}"
+                            )),
                             "{e}"
                         );
                         Some(e)
@@ -194,12 +242,17 @@ fuzz_target!(|answer: &[u8]| {
                     "credentials in an error: {e}"
                 );
             }
-            // The status line, at most the head's bytes (3 per byte when
-            // lossy), and a line of text.
-            assert!(e.len() <= 3 * MAX_HEAD + 256, "error of {} bytes", e.len());
+            // At most 200 bytes of the status line (4 per byte when
+            // escaped), and a line of text; no control character.
+            assert!(
+                e.len() <= 4 * STATUS_SHOWN + 256,
+                "error of {} bytes",
+                e.len()
+            );
+            assert!(!e.chars().any(char::is_control), "control character in {e:?}");
         }
         assert!(
-            largest <= 4 * MAX_HEAD,
+            largest <= 2 * MAX_HEAD,
             "an allocation of {largest} bytes while reading the head"
         );
 

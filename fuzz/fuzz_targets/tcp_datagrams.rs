@@ -15,22 +15,34 @@
 //! the mark, then datagrams (2-byte length, 4-byte flow id, payload).
 //!
 //! Properties: no panic; the set-up succeeds exactly when the stream
-//! starts with the mark; the reader and the pump end once the stream ends
-//! (whatever it held: a truncated last datagram is dropped); every
-//! complete datagram is delivered to its flow, in order, a short one or an
-//! unknown flow's counted as `dropped_unknown_flow`, one past a flow's
-//! queue of 256 as `dropped_queue_full` (exactly, when the connection's
-//! queue of 1,024 datagrams cannot have filled; beyond that, which the
-//! reader drops uncounted, as a full socket buffer would, a subsequence
-//! and nothing counted twice); no single allocation exceeds the reader's
-//! bound of one 2-byte length (65,535 bytes) while the connection runs.
+//! starts with the mark; the pump ends once the stream ends (whatever it
+//! held: a truncated last datagram is dropped); a length over
+//! `MAX_TCP_DATAGRAM` (65,507) is refused, its bytes skipped, and counted
+//! (`YamuxConn::datagrams_refused_oversize`: exactly the over-long lengths
+//! read, the last one counted even when the stream ends inside it), the
+//! stream going on; every complete datagram within the bound is delivered
+//! to its flow, in order, a short one or an unknown flow's counted as
+//! `dropped_unknown_flow`, one past a flow's queue of 256 as
+//! `dropped_queue_full` (exactly, when the connection's queue of 1,024
+//! datagrams cannot have filled; beyond that, which the reader drops
+//! uncounted, as a full socket buffer would, a subsequence and nothing
+//! counted twice); no single allocation exceeds the reader's bound of one
+//! datagram of `MAX_TCP_DATAGRAM` bytes while the connection runs (an
+//! over-long one is skipped without a buffer of its size).
+//!
+//! The stream ending while the connection stays up (every marked input
+//! here) makes the reader close the connection ("peer ended the datagram
+//! stream") once 3 s have passed without the connection ending of itself;
+//! the target closes it first, so as not to wait 3 s per input: that close
+//! is `tcp::mux`'s unit test
+//! `a_peer_ending_the_datagram_stream_closes_the_connection`.
 //!
 //! A stream without the mark is refused by the set-up, which then waits up
 //! to 500 ms for the connection to end to report why: for those inputs the
 //! edge's end of the pipe is closed once the frames are written, so the
 //! wait ends at once (for the others it stays open: the connection is up
-//! and only the datagram stream ends). A reader or pump that did not end
-//! within 10 s would be a panic, not a hang. `FUZZ_DEBUG=1` prints what
+//! and only the datagram stream ends). A pump that did not end within 10 s
+//! would be a panic, not a hang. `FUZZ_DEBUG=1` prints what
 //! each input did.
 #![no_main]
 
@@ -43,7 +55,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use relay_protocol::EDGE_FLOW_BIT;
-use relay_transport::tcp::{YamuxConn, DATAGRAM_STREAM_MARK};
+use relay_transport::tcp::{YamuxConn, DATAGRAM_STREAM_MARK, MAX_TCP_DATAGRAM};
 use relay_transport::udp::{pump_datagrams, FlowHandle, FlowTable, UdpStats};
 use relay_transport::TunnelConn;
 use tokio::io::AsyncWriteExt;
@@ -52,8 +64,9 @@ use tokio::io::AsyncWriteExt;
 mod watch_alloc;
 use watch_alloc::{ARMED, LARGEST};
 
-/// The reader's bound: one datagram of the largest 2-byte length.
-const READER_BOUND: usize = u16::MAX as usize;
+/// The reader's bound: one datagram of the largest size it carries (it
+/// took up to 65,535, the largest 2-byte length).
+const READER_BOUND: usize = MAX_TCP_DATAGRAM;
 
 /// Inputs up to this size are checked against [`READER_BOUND`]: the
 /// pipe's buffer and yamux's frame bodies grow with the input, and stay
@@ -85,17 +98,23 @@ const SYN: u16 = 1;
 const FIN: u16 = 4;
 const RST: u16 = 8;
 
-/// The complete datagrams of `stream` (after the mark), as a straight
-/// parse finds them; a truncated last one is left out.
-fn datagrams(mut rest: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
+/// The complete datagrams of `stream` (after the mark) within
+/// `MAX_TCP_DATAGRAM`, as a straight parse finds them, a truncated last
+/// one left out; and how many lengths over the bound it holds (the last
+/// counted even if truncated: the reader counts a length when it reads
+/// it).
+fn datagrams(mut rest: &[u8]) -> (Vec<&[u8]>, usize) {
+    let (mut out, mut oversize) = (Vec::new(), 0);
     while rest.len() >= 2 {
         let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+        oversize += usize::from(len > MAX_TCP_DATAGRAM);
         let Some(d) = rest.get(2..2 + len) else { break };
-        out.push(d);
+        if len <= MAX_TCP_DATAGRAM {
+            out.push(d);
+        }
         rest = &rest[2 + len..];
     }
-    out
+    (out, oversize)
 }
 
 /// The flow a datagram is for, if it is long enough to name one.
@@ -202,9 +221,14 @@ fuzz_target!(|data: &[u8]| {
             pump_datagrams(TunnelConn::Tcp(conn.clone()), table.clone()),
         )
         .await
-        .expect("the pump (and the reader) did not end after the datagram stream ended");
+        .expect("the pump did not end after the datagram stream ended");
 
-        let want = datagrams(&stream[1..]);
+        let (want, oversize) = datagrams(&stream[1..]);
+        assert_eq!(
+            conn.datagrams_refused_oversize() as usize,
+            oversize,
+            "datagrams refused for a length over {MAX_TCP_DATAGRAM}"
+        );
         let got: Vec<Vec<Bytes>> = flows.iter_mut().map(drain).collect();
         let unknown = want
             .iter()
@@ -223,8 +247,9 @@ fuzz_target!(|data: &[u8]| {
         let dropped_full = stats.dropped_queue_full.load(Ordering::Relaxed) as usize;
         if debug() {
             eprintln!(
-                "{} datagrams in the stream ({} for no flow); delivered per flow {:?}; \
-                 dropped: unknown {dropped_unknown}, queue full {dropped_full}",
+                "{} datagrams in the stream ({} for no flow, {oversize} over-long); \
+                 delivered per flow {:?}; dropped: unknown {dropped_unknown}, \
+                 queue full {dropped_full}",
                 want.len(),
                 unknown,
                 got.iter().map(Vec::len).collect::<Vec<_>>()

@@ -136,7 +136,7 @@ impl HttpProxy {
         // bytes (the relay's TLS) may be consumed here.
         let mut head = Vec::with_capacity(256);
         let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
+        while !head_ended(&head) {
             if head.len() >= MAX_HEAD {
                 return Err(format!("proxy {self}: response head over {MAX_HEAD} bytes"));
             }
@@ -146,25 +146,91 @@ impl HttpProxy {
                 Err(e) => return Err(format!("proxy {self}: read: {e}")),
             }
         }
-        let text = String::from_utf8_lossy(&head);
-        let status = text.lines().next().unwrap_or_default().trim().to_string();
-        let code = status
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse::<u16>().ok());
-        match code {
+        let line = status_line(&head);
+        match status_code(line) {
             Some(200..=299) => Ok(()),
             Some(407) => Err(format!(
-                "proxy {self} wants credentials{} ({status})",
+                "proxy {self} wants credentials{} ({})",
                 if self.auth.is_some() {
                     " other than those given"
                 } else {
                     ""
-                }
+                },
+                shown(line)
             )),
-            _ => Err(format!("proxy {self} refused CONNECT {target}: {status}")),
+            Some(_) => Err(format!(
+                "proxy {self} refused CONNECT {target}: {}",
+                shown(line)
+            )),
+            None => Err(format!(
+                "proxy {self} answered CONNECT {target} without an HTTP/1.x status line: {}",
+                shown(line)
+            )),
         }
     }
+}
+
+/// The most of a proxy's status line an error (and so a log line or
+/// `/readyz`) repeats; the rest is cut, so a proxy cannot fill them with
+/// its 8 KiB head.
+const STATUS_SHOWN: usize = 200;
+
+/// Whether `head` (read so far) ends with a blank line: the end of the
+/// response head. Lines end with CRLF or a bare LF, which RFC 9112 (2.2)
+/// lets a recipient take as a line's end, so `\r\n\r\n`, `\n\n` and
+/// their mixes all end it; a bare CR does not.
+fn head_ended(head: &[u8]) -> bool {
+    head.ends_with(b"\n\n") || head.ends_with(b"\n\r\n")
+}
+
+/// The first line of `head`, without its line end.
+fn status_line(head: &[u8]) -> &[u8] {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// The status code of a status line: its first word `HTTP/1.` and a
+/// digit (a proxy answering a later 1.x is read as 1.1, RFC 9110 2.5),
+/// its second exactly three ASCII digits (RFC 9112 4: no sign, no more
+/// digits, nothing else). Words are split on any whitespace, which RFC
+/// 9112 4 lets a recipient do. `None` for anything else.
+fn status_code(line: &[u8]) -> Option<u16> {
+    let mut words = line
+        .split(|b| matches!(b, b' ' | b'\t' | 0x0b | 0x0c | b'\r'))
+        .filter(|w| !w.is_empty());
+    let version = words.next()?;
+    let code = words.next()?;
+    let minor = version.strip_prefix(b"HTTP/1.")?;
+    if !(minor.len() == 1 && minor[0].is_ascii_digit()) {
+        return None;
+    }
+    match code {
+        [a, b, c] if code.iter().all(u8::is_ascii_digit) => Some(
+            [a, b, c]
+                .iter()
+                .fold(0, |n, &&d| n * 10 + u16::from(d - b'0')),
+        ),
+        _ => None,
+    }
+}
+
+/// `line` as an error shows it: at most [`STATUS_SHOWN`] bytes, printable
+/// ASCII as it is and every other byte (control bytes, `\`, non-ASCII)
+/// as `\xNN`, with how long it was when cut.
+fn shown(line: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(line.len().min(STATUS_SHOWN) + 32);
+    for &b in line.iter().take(STATUS_SHOWN) {
+        if (0x20..0x7f).contains(&b) && b != b'\\' {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+    if line.len() > STATUS_SHOWN {
+        let _ = write!(out, "... ({} bytes)", line.len());
+    }
+    out
 }
 
 /// The first of `addrs` that takes a TCP connection (`dial`), tried in
@@ -374,6 +440,149 @@ mod tests {
         }
         let heads = server.await.unwrap();
         assert!(heads[0].starts_with("CONNECT relay.example:8443 HTTP/1.1\r\nHost: relay.example:8443\r\nProxy-Authorization: Basic dTpwdw==\r\n\r\n"), "{heads:?}");
+    }
+
+    /// What `open_tunnel` makes of a proxy that sends `answer` and keeps
+    /// the connection open (so a head never seen as ended waits, and the
+    /// guard fails the test), and the bytes the edge reads after it.
+    async fn answered(answer: &'static [u8]) -> (Result<(), String>, Vec<u8>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 1024];
+            let _ = s.read(&mut buf).await.unwrap();
+            s.write_all(answer).await.unwrap();
+            let _ = done_rx.await;
+        });
+        let p = HttpProxy::parse(&format!("http://{addr}")).unwrap();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            p.open_tunnel(&mut s, "relay.example:8443"),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("no end of head seen in {answer:?}"));
+        drop(done_tx);
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+        (r, rest)
+    }
+
+    /// A head ended by a bare LF blank line (RFC 9112 lets a recipient take
+    /// LF as a line's end), or by CRLF and LF mixed, is seen as ended, and
+    /// nothing after it is read. Before, only `\r\n\r\n` ended it and the
+    /// edge waited for its dial's timeout.
+    #[tokio::test]
+    async fn a_head_ended_by_bare_line_feeds_is_seen_as_ended() {
+        for answer in [
+            &b"HTTP/1.1 200 Connection established\n\nTUNNEL"[..],
+            b"HTTP/1.1 200 Connection established\nVia: x\n\nTUNNEL",
+            b"HTTP/1.1 200 OK\r\nVia: x\n\r\nTUNNEL",
+            b"HTTP/1.0 200 OK\nVia: x\r\n\nTUNNEL",
+            b"HTTP/1.1 200 OK\r\n\r\nTUNNEL",
+        ] {
+            let (r, rest) = answered(answer).await;
+            assert_eq!(r, Ok(()), "{answer:?}");
+            assert_eq!(rest, b"TUNNEL", "{answer:?}");
+        }
+        // A bare CR ends no line.
+        assert!(!head_ended(b"HTTP/1.1 200 OK\r\r"));
+        assert!(!head_ended(b"HTTP/1.1 200 OK\r\n\r"));
+        let (r, rest) = answered(b"HTTP/1.1 403 Forbidden\n\nTUNNEL").await;
+        assert!(
+            r.as_ref().is_err_and(
+                |e| e.contains("refused CONNECT relay.example:8443: HTTP/1.1 403 Forbidden")
+            ),
+            "{r:?}"
+        );
+        assert_eq!(rest, b"TUNNEL");
+    }
+
+    /// The status line must be `HTTP/1.<digit>`, then exactly three ASCII
+    /// digits. Before, the second word was taken by `u16::from_str`
+    /// (`+200` passed) and the first was not looked at.
+    #[tokio::test]
+    async fn only_an_http_1_status_line_with_three_digits_is_a_status() {
+        for (line, want) in [
+            (&b"HTTP/1.1 200 Connection established"[..], Some(200)),
+            (b"HTTP/1.0 200", Some(200)),
+            (b"HTTP/1.1 204 ", Some(204)),
+            (b"HTTP/1.1\t200\tOK", Some(200)),
+            (b" HTTP/1.1  407 Proxy Authentication Required", Some(407)),
+            (b"HTTP/1.9 200 OK", Some(200)),
+            (b"HTTP/1.1 +200 OK", None),
+            (b"HTTP/1.1 -200 OK", None),
+            (b"HTTP/1.1 0200 OK", None),
+            (b"HTTP/1.1 2000 OK", None),
+            (b"HTTP/1.1 20 OK", None),
+            (b"HTTP/1.1 20x OK", None),
+            (b"HTTP/1.1 200OK", None),
+            (b"HTTP/1.1", None),
+            (b"http/1.1 200 OK", None),
+            (b"HTTP/2 200", None),
+            (b"HTTP/2.0 200 OK", None),
+            (b"HTTP/1.10 200 OK", None),
+            (b"HTTP/1. 200 OK", None),
+            (b"ICY 200 OK", None),
+            (b"200 OK", None),
+            ("HTTP/1.1 \u{0662}00 OK".as_bytes(), None),
+            (b"", None),
+        ] {
+            assert_eq!(
+                status_code(line),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        for answer in [
+            &b"HTTP/1.1 +200 OK\r\n\r\nTUNNEL"[..],
+            b"XTTP/1.1 200 OK\r\n\r\nTUNNEL",
+            b"HTTP/1.1 2000 OK\r\n\r\nTUNNEL",
+        ] {
+            let (r, rest) = answered(answer).await;
+            assert!(
+                r.as_ref().is_err_and(|e| e.contains(
+                    "answered CONNECT relay.example:8443 without an HTTP/1.x status line: "
+                )),
+                "{answer:?}: {r:?}"
+            );
+            assert_eq!(rest, b"TUNNEL");
+        }
+    }
+
+    /// A refusal's error (and so the log line and `/readyz`) shows at most
+    /// 200 bytes of the proxy's status line, control bytes, `\` and
+    /// non-ASCII escaped. Before, up to 8 KiB went in, control bytes and
+    /// all.
+    #[tokio::test]
+    async fn a_refusals_status_line_is_clipped_and_escaped() {
+        let mut line = b"HTTP/1.1 403 \x1b[31mred\x07\x00\\caf\xc3\xa9 ".to_vec();
+        line.extend(std::iter::repeat_n(b'A', 7000));
+        let mut answer = line.clone();
+        answer.extend_from_slice(b"\r\n\r\n");
+        let (r, _) = answered(answer.leak()).await;
+        let e = r.unwrap_err();
+        assert!(
+            e.contains(r"HTTP/1.1 403 \x1b[31mred\x07\x00\x5ccaf\xc3\xa9 AAA"),
+            "{e}"
+        );
+        assert!(e.ends_with(&format!("... ({} bytes)", line.len())), "{e}");
+        assert!(!e.chars().any(char::is_control), "{e:?}");
+        assert!(e.len() < STATUS_SHOWN * 4 + 256, "{} bytes", e.len());
+        // Short lines are shown whole, printable ASCII unchanged.
+        assert_eq!(shown(b"HTTP/1.1 403 Forbidden"), "HTTP/1.1 403 Forbidden");
+        assert_eq!(shown(&[b'x'; STATUS_SHOWN]), "x".repeat(STATUS_SHOWN));
+        assert_eq!(
+            shown(&[b'x'; STATUS_SHOWN + 1]),
+            format!(
+                "{}... ({} bytes)",
+                "x".repeat(STATUS_SHOWN),
+                STATUS_SHOWN + 1
+            )
+        );
     }
 
     /// A listener that never accepts, its queue already full: SYNs to it

@@ -372,10 +372,18 @@ impl FlowTable {
 }
 
 /// Reads datagrams from `conn` into `table` until the connection ends.
+/// On the TCP fallback it also ends when the peer ends the datagram
+/// stream; the connection is then closed too, unless it ended of itself
+/// (see `tcp::YamuxConn::datagram_stream_ended_by_peer`), so the session
+/// is set up again rather than carrying on without UDP.
 pub async fn pump_datagrams(conn: TunnelConn, table: Arc<FlowTable>) {
-    while let Ok(d) = conn.read_datagram().await {
-        table.dispatch(d);
-    }
+    let ended = loop {
+        match conn.read_datagram().await {
+            Ok(d) => table.dispatch(d),
+            Err(e) => break e,
+        }
+    };
+    debug!(reason = %ended.0, "datagram pump ended");
 }
 
 /// The largest UDP payload `conn` can carry in one datagram now.

@@ -344,9 +344,17 @@ mod tests {
                         use tokio::io::AsyncWriteExt;
                         let _ = s.send.write_all(&[0u8; 64]).await;
                     }
-                    conn.refused_our_certificate(Duration::from_secs(2))
+                    let named = conn
+                        .refused_our_certificate(Duration::from_secs(2))
                         .await
-                        .ok_or(conn.closed().await)
+                        .ok_or(conn.closed().await);
+                    // The alert ended the datagram stream too: never taken
+                    // for the peer ending it (its reason would hide the
+                    // certificate's).
+                    if let crate::TunnelConn::Tcp(c) = &conn {
+                        assert!(!c.datagram_stream_ended_by_peer(), "attempt {attempt}");
+                    }
+                    named
                 }
             };
             assert_eq!(named, Ok("DecryptError"), "attempt {attempt}");

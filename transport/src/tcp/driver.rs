@@ -3,7 +3,9 @@
 //! within their slots), and the datagram stream's writer and reader.
 
 use std::future::{poll_fn, Future};
+use std::net::SocketAddr;
 use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -14,7 +16,31 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::mux::{Inbound, OpenReply, TcpStreamHalf};
+use super::mux::{Inbound, OpenReply, TcpStreamHalf, MAX_TCP_DATAGRAM, PEER_ENDED_DATAGRAM_STREAM};
+
+/// How long the datagram stream's reader waits, once the peer's end of
+/// the stream has ended, for the connection itself to end before it takes
+/// the stream's end for the peer's own doing. Whatever ends a connection
+/// ends its streams first: a TLS alert refusing this side's certificate
+/// (yamux closes every stream, then the driver records the alert), a
+/// GOAWAY or the peer's TCP close (a peer closing its connection drops
+/// its datagram stream as it goes, and takes up to 2 s to close, the
+/// driver's bound below). Its reason, not this one, must be the one
+/// reported.
+pub(super) const DATAGRAM_STREAM_GRACE: Duration = Duration::from_secs(3);
+
+/// What the datagram stream's reader saw of the peer, for the connection
+/// ([`super::YamuxConn`], which exposes it) and its driver.
+#[derive(Debug, Default)]
+pub(super) struct DatagramStream {
+    /// Datagrams whose length was over [`MAX_TCP_DATAGRAM`]: refused,
+    /// their bytes skipped.
+    pub(super) oversize: AtomicU64,
+    /// The peer ended the stream while the connection was up (see
+    /// [`datagram_reader`]): set before the connection is closed for it,
+    /// so the driver gives [`PEER_ENDED_DATAGRAM_STREAM`] as its reason.
+    pub(super) ended_by_peer: AtomicBool,
+}
 
 /// The stream slots of one connection, closed when it ends (so opens
 /// waiting for one end too).
@@ -63,6 +89,7 @@ pub(super) async fn drive<T>(
     mut inbound: Incoming,
     close: CancellationToken,
     (closed, slots): (watch::Sender<Option<String>>, Slots),
+    datagrams: Arc<DatagramStream>,
 ) where
     T: futures::AsyncRead + futures::AsyncWrite + Unpin,
 {
@@ -120,7 +147,13 @@ pub(super) async fn drive<T>(
             // Our side closes: bounded, so a dead peer cannot hold us.
             let _ = tokio::time::timeout(Duration::from_secs(2), poll_fn(|cx| conn.poll_close(cx)))
                 .await;
-            "closed locally".to_string()
+            // Only when the connection had not ended of itself (`why`
+            // above): its own reason always comes first.
+            if datagrams.ended_by_peer.load(Ordering::Acquire) {
+                PEER_ENDED_DATAGRAM_STREAM.to_string()
+            } else {
+                "closed locally".to_string()
+            }
         }
     };
     debug!(reason = %why, "yamux connection ended");
@@ -150,17 +183,57 @@ pub(super) async fn datagram_writer(
     }
 }
 
-/// Reads the datagram stream into `tx` (a full queue drops).
+/// Reads the datagram stream into `tx` (a full queue drops), until the
+/// connection is closed or the stream ends.
+///
+/// A length over [`MAX_TCP_DATAGRAM`] (no sender writes one: the
+/// connection refuses to queue it) is a protocol violation; its bytes are
+/// skipped unread and it is counted (`datagrams.oversize`), warned about
+/// once per connection, and the stream goes on. This is what every other
+/// malformed datagram gets (one too short to name a flow, or for no flow,
+/// is dropped and counted by `FlowTable::dispatch`): the framing is still
+/// intact, only the datagram is bad, and a lost datagram is what UDP
+/// promises anyway, where ending the stream would end the whole
+/// connection for one bad datagram.
+///
+/// The peer ending the stream (FIN or reset) while the connection stays
+/// up is another matter: a well-behaved peer never does, and no datagram
+/// would reach this side for the rest of the connection, silently. So
+/// once [`DATAGRAM_STREAM_GRACE`] has passed without the connection
+/// ending of itself (which would have ended the stream too, and whose
+/// reason comes first), the stream's end is logged, marked
+/// (`datagrams.ended_by_peer`) and the connection closed, its reason
+/// [`PEER_ENDED_DATAGRAM_STREAM`], so the session is set up again.
+/// `tx` is dropped as soon as the stream ends: the pump ends at once.
 pub(super) async fn datagram_reader(
     mut r: tokio::io::ReadHalf<TcpStreamHalf>,
     tx: mpsc::Sender<Bytes>,
     close: CancellationToken,
+    (datagrams, remote): (Arc<DatagramStream>, SocketAddr),
 ) {
     let read = async {
         loop {
             let mut len = [0u8; 2];
             r.read_exact(&mut len).await?;
-            let mut d = vec![0u8; u16::from_be_bytes(len) as usize];
+            let len = usize::from(u16::from_be_bytes(len));
+            if len > MAX_TCP_DATAGRAM {
+                let n = datagrams.oversize.fetch_add(1, Ordering::Relaxed) + 1;
+                if n == 1 {
+                    warn!(
+                        peer = %remote,
+                        len,
+                        max = MAX_TCP_DATAGRAM,
+                        "peer sent a datagram longer than the TCP fallback carries; skipping it (and any more)"
+                    );
+                } else {
+                    debug!(peer = %remote, len, refused = n, "over-long datagram skipped");
+                }
+                // Skipped without a buffer of its size; a stream that ends
+                // inside it ends at the next length.
+                tokio::io::copy(&mut (&mut r).take(len as u64), &mut tokio::io::sink()).await?;
+                continue;
+            }
+            let mut d = vec![0u8; len];
             r.read_exact(&mut d).await?;
             // A full queue drops the datagram, as a full socket buffer would.
             let _ = tx.try_send(Bytes::from(d));
@@ -168,8 +241,29 @@ pub(super) async fn datagram_reader(
         #[allow(unreachable_code)]
         std::io::Result::Ok(())
     };
-    tokio::select! {
-        _ = close.cancelled() => {}
-        _ = read => {}
+    let ended = tokio::select! {
+        _ = close.cancelled() => return,
+        r = read => r,
+    };
+    drop(tx);
+    // The connection's own end comes first (see `DATAGRAM_STREAM_GRACE`):
+    // the driver cancels `close` once it has recorded why.
+    if tokio::time::timeout(DATAGRAM_STREAM_GRACE, close.cancelled())
+        .await
+        .is_ok()
+    {
+        return;
     }
+    let how = match ended {
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => "finished".to_string(),
+        Err(e) => e.to_string(),
+        Ok(()) => "ended".to_string(),
+    };
+    warn!(
+        peer = %remote,
+        how = %how,
+        "peer ended the TCP fallback's datagram stream while the connection was up; closing the connection so the session is set up again"
+    );
+    datagrams.ended_by_peer.store(true, Ordering::Release);
+    close.cancel();
 }

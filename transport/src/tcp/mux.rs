@@ -46,7 +46,7 @@ use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompat
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::budget::{SendBudget, MAX_FRAME};
-use super::driver::{datagram_reader, datagram_writer, drive, Incoming, Slots};
+use super::driver::{datagram_reader, datagram_writer, drive, DatagramStream, Incoming, Slots};
 use crate::conn::{ConnLost, DatagramRefused};
 
 /// First byte the edge writes on the datagram stream.
@@ -55,6 +55,14 @@ pub const DATAGRAM_STREAM_MARK: u8 = 0x44;
 /// Largest datagram carried on the TCP transport (it is not bound by a
 /// path MTU, but a flow's payload is still one UDP datagram).
 pub const MAX_TCP_DATAGRAM: usize = 65_507;
+
+/// Why a connection was closed when the peer ended its datagram stream
+/// while the connection was otherwise up ([`YamuxConn::closed`] gives it;
+/// see [`YamuxConn::datagram_stream_ended_by_peer`]). A well-behaved peer
+/// never does: without the close, no datagram would arrive for the rest
+/// of the connection. (Crate-private: `tcp.rs` does not re-export it; the
+/// typed test is [`YamuxConn::datagram_stream_ended_by_peer`].)
+pub(crate) const PEER_ENDED_DATAGRAM_STREAM: &str = "peer ended the datagram stream";
 
 /// How many streams one connection holds; see the module's
 /// documentation.
@@ -248,6 +256,8 @@ pub struct YamuxConn {
     /// the edge opens after the datagram stream, the first the relay
     /// accepts after it.
     control_given: std::sync::atomic::AtomicBool,
+    /// What the datagram stream's reader saw of the peer.
+    datagrams: Arc<DatagramStream>,
 }
 
 /// yamux's configuration for `limits`: its table, and the smallest
@@ -318,12 +328,14 @@ impl YamuxConn {
             slots: slots.inbound.clone(),
             reset: 0,
         };
+        let datagrams = Arc::new(DatagramStream::default());
         tokio::spawn(drive(
             conn,
             open_rx,
             inbound,
             close.clone(),
             (closed_tx, slots),
+            datagrams.clone(),
         ));
         let (dgram_out, out_rx) = mpsc::channel(DATAGRAM_QUEUE);
         let (in_dgram_tx, in_dgram_rx) = mpsc::channel(DATAGRAM_QUEUE);
@@ -343,6 +355,7 @@ impl YamuxConn {
             budget,
             client,
             control_given: std::sync::atomic::AtomicBool::new(false),
+            datagrams,
         });
         let setup = async {
             if client {
@@ -386,7 +399,12 @@ impl YamuxConn {
         };
         let (r, w) = tokio::io::split(dstream);
         tokio::spawn(datagram_writer(w, out_rx, me.close.clone()));
-        tokio::spawn(datagram_reader(r, in_dgram_tx, me.close.clone()));
+        tokio::spawn(datagram_reader(
+            r,
+            in_dgram_tx,
+            me.close.clone(),
+            (me.datagrams.clone(), remote),
+        ));
         Ok(me)
     }
 
@@ -508,6 +526,27 @@ impl YamuxConn {
     /// whenever anything arrives, data, window updates or control.
     pub fn bytes_received(&self) -> u64 {
         self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Datagrams the peer sent with a length over [`MAX_TCP_DATAGRAM`]
+    /// (no sender writes one): refused, their bytes skipped, the stream
+    /// going on. Per connection; not yet in the processes' metrics.
+    pub fn datagrams_refused_oversize(&self) -> u64 {
+        self.datagrams
+            .oversize
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the connection was closed because the peer ended its
+    /// datagram stream (FIN or reset) while the connection was otherwise
+    /// up; [`YamuxConn::closed`] then says "peer ended the datagram
+    /// stream" (unless this side had closed it first for a reason of its own). A
+    /// stream ended by the connection's own end (a TLS alert, the peer
+    /// closing) never counts: its reason is the one reported.
+    pub fn datagram_stream_ended_by_peer(&self) -> bool {
+        self.datagrams
+            .ended_by_peer
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Resolves when the connection is closed, with why.
@@ -638,6 +677,149 @@ mod tests {
         })
         .await
         .expect("a closed connection refuses datagrams as closed");
+    }
+
+    /// A yamux data frame (version 0, type 0) on stream 1, the first
+    /// stream a client (the edge) opens.
+    fn yamux_data(flags: u16, body: &[u8]) -> Vec<u8> {
+        let mut f = vec![0, 0];
+        f.extend_from_slice(&flags.to_be_bytes());
+        f.extend_from_slice(&1u32.to_be_bytes());
+        f.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        f.extend_from_slice(body);
+        f
+    }
+    const SYN: u16 = 1;
+    const FIN: u16 = 4;
+    const RST: u16 = 8;
+
+    /// `len`, then `body`: one datagram as it travels on the stream.
+    fn framed(len: usize, body: &[u8]) -> Vec<u8> {
+        let mut f = u16::try_from(len).unwrap().to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        f
+    }
+
+    /// The relay's side of a connection whose edge is played by hand with
+    /// yamux frames: the datagram stream opened with its mark, then
+    /// `stream`, in frames of 16 KiB. The edge's end of the pipe is
+    /// returned, open: the connection stays up.
+    async fn relay_with_hand_made_edge(stream: &[u8]) -> (Arc<YamuxConn>, tokio::io::DuplexStream) {
+        let (mut edge, relay) = tokio::io::duplex(1 << 20);
+        let mut wire = yamux_data(SYN, &[DATAGRAM_STREAM_MARK]);
+        for chunk in stream.chunks(16 << 10) {
+            wire.extend(yamux_data(0, chunk));
+        }
+        edge.write_all(&wire).await.unwrap();
+        let remote = ([192, 0, 2, 1], 1).into();
+        let c = YamuxConn::start(relay, false, remote, (Vec::new(), None), GUARD)
+            .await
+            .unwrap();
+        (c, edge)
+    }
+
+    /// A datagram length over `MAX_TCP_DATAGRAM` (no sender writes one)
+    /// is refused: its bytes are skipped, it is counted, and the datagrams
+    /// after it arrive, the connection up. One of exactly the largest
+    /// size still arrives. Before, lengths up to 65,535 were delivered.
+    #[tokio::test]
+    async fn an_over_long_datagram_is_refused_and_counted() {
+        let mut stream = framed(MAX_TCP_DATAGRAM + 1, &vec![1u8; MAX_TCP_DATAGRAM + 1]);
+        stream.extend(framed(usize::from(u16::MAX), &[2u8; u16::MAX as usize]));
+        stream.extend(framed(MAX_TCP_DATAGRAM, &vec![3u8; MAX_TCP_DATAGRAM]));
+        stream.extend(framed(5, b"after"));
+        let (c, _edge) = relay_with_hand_made_edge(&stream).await;
+        let largest = tokio::time::timeout(GUARD, c.read_datagram())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(largest.len(), MAX_TCP_DATAGRAM, "the largest carried");
+        assert!(largest.iter().all(|&b| b == 3));
+        let next = tokio::time::timeout(GUARD, c.read_datagram())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&next[..], b"after");
+        assert_eq!(c.datagrams_refused_oversize(), 2);
+        assert!(is_up(&c));
+        assert!(!c.datagram_stream_ended_by_peer());
+    }
+
+    /// A peer that ends the datagram stream (FIN or reset) while the
+    /// connection is up: what it sent before still arrives, the pump ends
+    /// at once, and once `DATAGRAM_STREAM_GRACE` has passed without the
+    /// connection ending of itself, this side closes it with that reason
+    /// (the peer sees it closed), so the session is set up again. Before,
+    /// the connection stayed up with no datagram reaching this side again.
+    #[tokio::test]
+    async fn a_peer_ending_the_datagram_stream_closes_the_connection() {
+        for end in [FIN, RST] {
+            let (c, mut edge) = relay_with_hand_made_edge(&framed(6, b"before")).await;
+            let got = tokio::time::timeout(GUARD, c.read_datagram())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(&got[..], b"before");
+            let t = std::time::Instant::now();
+            edge.write_all(&yamux_data(end, &[])).await.unwrap();
+            let pumped = tokio::time::timeout(GUARD, c.read_datagram())
+                .await
+                .expect("the pump ends with the stream");
+            assert!(pumped.is_err(), "{pumped:?}");
+            assert!(is_up(&c), "closed before the grace");
+            let why = tokio::time::timeout(
+                super::super::driver::DATAGRAM_STREAM_GRACE + Duration::from_secs(10),
+                c.closed(),
+            )
+            .await
+            .expect("the connection is closed within the grace");
+            assert_eq!(why, PEER_ENDED_DATAGRAM_STREAM, "flags {end}");
+            assert!(c.datagram_stream_ended_by_peer());
+            assert!(t.elapsed() >= super::super::driver::DATAGRAM_STREAM_GRACE);
+            // The peer's end sees the connection close (GOAWAY, then EOF).
+            let mut rest = Vec::new();
+            tokio::time::timeout(GUARD, edge.read_to_end(&mut rest))
+                .await
+                .expect("the peer's end is closed")
+                .unwrap();
+        }
+    }
+
+    /// The connection's own end ends the datagram stream too, and its
+    /// reason is the one reported, never "peer ended the datagram stream":
+    /// the peer's TCP close, a yamux protocol error, and a peer closing
+    /// its connection (its yamux ends the datagram stream, then sends its
+    /// GOAWAY). (A TLS alert refusing the certificate: `tcp::dial`'s
+    /// `a_refused_certificate_is_named_wherever_the_refusal_lands`.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_connections_own_end_is_not_taken_for_the_datagram_streams() {
+        let settle = Duration::from_millis(300);
+        // The peer's TCP close.
+        let (c, edge) = relay_with_hand_made_edge(&framed(1, b"x")).await;
+        drop(edge);
+        let why = tokio::time::timeout(GUARD, c.closed()).await.unwrap();
+        assert_eq!(why, "closed by peer");
+        tokio::time::sleep(settle).await;
+        assert!(!c.datagram_stream_ended_by_peer());
+        assert_eq!(c.closed().await, "closed by peer");
+        // A frame yamux cannot take (version 9).
+        let (c, mut edge) = relay_with_hand_made_edge(&framed(1, b"x")).await;
+        edge.write_all(&[9; 12]).await.unwrap();
+        let why = tokio::time::timeout(GUARD, c.closed()).await.unwrap();
+        assert_ne!(why, PEER_ENDED_DATAGRAM_STREAM);
+        tokio::time::sleep(settle).await;
+        assert!(!c.datagram_stream_ended_by_peer());
+        assert_eq!(c.closed().await, why);
+        // A real peer closing its connection.
+        for _ in 0..10 {
+            let (c, s) = pair(LIMITS, LIMITS).await;
+            c.close_now("test: kicked");
+            let why = tokio::time::timeout(GUARD, s.closed()).await.unwrap();
+            assert_eq!(why, "closed by peer");
+            tokio::time::sleep(settle).await;
+            assert!(!s.datagram_stream_ended_by_peer());
+            assert_eq!(c.closed().await, "test: kicked");
+        }
     }
 
     /// 5,000 streams opened at once (yamux refused the 4,097th and the
