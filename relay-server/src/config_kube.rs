@@ -43,10 +43,12 @@ pub struct KubeSettings {
     /// apiserver is unreachable captures and resolves Services from them
     /// until the first lists arrive, instead of from nothing.
     pub services_cache_file: Option<PathBuf>,
-    /// The ranges an edge Node's IPv4 (or, when it lists IPv6 ranges,
-    /// IPv6) addresses must fall in to be taken as the edge's
-    /// (`kubernetes.edge_address_ranges`): its kubelet writes them, so
-    /// they are vetted (see `k8s/node_addresses.rs`).
+    /// The ranges an edge Node's addresses (and pod ranges) must fall in
+    /// to be taken as the edge's (`kubernetes.edge_address_ranges`): its
+    /// kubelet writes them, so they are vetted (see
+    /// `k8s/node_addresses.rs`). Each family by the ranges listed of it;
+    /// with none listed, IPv4 is not restricted and IPv6 is held to
+    /// `fc00::/7` (unique local addresses).
     pub edge_address_ranges: Vec<Cidr>,
     /// The Node the relay runs on (`kubernetes.node_name`, or
     /// `--node-name` / `RELAY_NODE_NAME` from the downward API): whose zone
@@ -84,7 +86,10 @@ impl Default for KubeSettings {
 }
 
 /// RFC 1918's private ranges and RFC 6598's shared range, where edge
-/// sites' LANs live: the default `kubernetes.edge_address_ranges`.
+/// sites' LANs live: the default `kubernetes.edge_address_ranges`. IPv6
+/// has its default apart (`fc00::/7` while no IPv6 range is listed, see
+/// [`KubeSettings::edge_address_ranges`]), so that a list replacing this
+/// one with IPv4 ranges only keeps it.
 pub fn default_edge_address_ranges() -> Vec<Cidr> {
     [
         "10.0.0.0/8",
@@ -232,7 +237,8 @@ pub struct KubernetesFile {
     /// See [`KubeSettings::services_cache_file`] (default none).
     pub services_cache_file: Option<PathBuf>,
     /// See [`KubeSettings::edge_address_ranges`] (default the private
-    /// and shared IPv4 ranges).
+    /// and shared IPv4 ranges; IPv6 held to `fc00::/7` while no IPv6 range
+    /// is listed).
     pub edge_address_ranges: Option<Vec<Cidr>>,
     /// See [`KubeSettings::node_name`].
     pub node_name: Option<String>,

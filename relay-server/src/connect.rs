@@ -52,16 +52,10 @@ pub(crate) const CONNECT_BACKLOG: u32 = 4096;
 
 /// Binds the CONNECT ingress's TCP listener with [`CONNECT_BACKLOG`]
 /// (and `SO_REUSEADDR`, as `TcpListener::bind` does on Unix: a restarted
-/// relay rebinds while its old connections are in TIME_WAIT).
+/// relay rebinds while its old connections are in TIME_WAIT; on `[::]`,
+/// IPv4 as well: see [`relay_transport::listen`]).
 pub(crate) fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let s = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    s.set_reuseaddr(true)?;
-    s.bind(addr)?;
-    s.listen(CONNECT_BACKLOG)
+    relay_transport::listen::tcp(addr, CONNECT_BACKLOG)
 }
 
 /// Accepts CONNECT clients on TCP, optionally behind TLS with client auth.

@@ -393,8 +393,7 @@ async fn main() -> anyhow::Result<()> {
             // at start rather than probes failing later.
             let status_listener = match status_listen {
                 Some(a) => Some(
-                    tokio::net::TcpListener::bind(a)
-                        .await
+                    relay_transport::listen::tcp(a, relay_transport::listen::BACKLOG)
                         .with_context(|| format!("--status-listen {a}"))?,
                 ),
                 None => None,

@@ -112,17 +112,24 @@ fn err(field: &str, msg: impl std::fmt::Display) -> ConfigError {
 }
 
 /// A `host:port` an edge can dial: a port, and a host that is an IP
-/// address or a DNS name.
-fn check_address(field: &str, a: &str) -> Result<(), ConfigError> {
+/// address or a DNS name; the address as edges are told it. An IPv6
+/// address without brackets (`fd00::10:8443`, what `$(HOST_IP):8443`
+/// makes of an IPv6 hostIP) is taken as the address before the last `:`
+/// and the port after it, and written `[fd00::10]:8443`.
+fn check_address(field: &str, a: &str) -> Result<String, ConfigError> {
     if a.parse::<std::net::SocketAddr>().is_ok() {
-        return Ok(());
+        return Ok(a.to_string());
     }
     let bad = || err(field, format!("{a:?} is not host:port"));
     let (host, port) = a.rsplit_once(':').ok_or_else(bad)?;
-    port.parse::<u16>()
+    let port = port
+        .parse::<u16>()
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(bad)?;
+    if let Ok(ip) = host.parse::<std::net::Ipv6Addr>() {
+        return Ok(std::net::SocketAddr::from((ip, port)).to_string());
+    }
     let ok_host = !host.is_empty()
         && host.len() <= 253
         && host
@@ -131,7 +138,7 @@ fn check_address(field: &str, a: &str) -> Result<(), ConfigError> {
     if !ok_host {
         return Err(bad());
     }
-    Ok(())
+    Ok(a.to_string())
 }
 
 /// A replica id must be a valid Lease name (a DNS subdomain; we ask for
@@ -176,7 +183,7 @@ impl ReplicasFile {
                 "required with [replicas]: the host:port edges dial this replica at",
             )
         })?;
-        check_address("advertise", &advertise)?;
+        let advertise = check_address("advertise", &advertise)?;
         check_id("relay_id", relay_id).map_err(|e| ConfigError {
             field: "relay_id".into(),
             message: e.message,
@@ -235,14 +242,14 @@ impl ReplicasFile {
                 let mut peers = Vec::new();
                 for (i, p) in self.peers.into_iter().enumerate() {
                     check_id(&format!("peers[{i}].id"), &p.id)?;
-                    check_address(&format!("peers[{i}].address"), &p.address)?;
+                    let address = check_address(&format!("peers[{i}].address"), &p.address)?;
                     if !seen.insert(p.id.clone()) {
                         return Err(err(
                             &format!("peers[{i}].id"),
                             format!("{:?} appears twice (relay_id included): replica ids must be unique", p.id),
                         ));
                     }
-                    peers.push(Replica { id: p.id, addr: p.address });
+                    peers.push(Replica { id: p.id, addr: address });
                 }
                 ReplicaSource::Static(peers)
             }
@@ -586,6 +593,50 @@ mod tests {
         );
         let without_me: Vec<Replica> = set[1..].to_vec();
         assert_eq!(count("relay-1", &without_me), 0);
+    }
+
+    /// `RELAY_ADVERTISE: "$(HOST_IP):8443"` with an IPv6 hostIP is
+    /// `fd00::10:8443`: taken, as `[fd00::10]:8443` (the relay crash-looped
+    /// in IPv6-primary clusters); the bracketed form is kept; a value that
+    /// is neither is still refused. Peers' addresses alike.
+    #[test]
+    fn an_ipv6_address_without_brackets_is_taken_bracketed() {
+        for (given, want) in [
+            ("fd00::10:8443", "[fd00::10]:8443"),
+            ("[fd00::10]:8443", "[fd00::10]:8443"),
+            ("2001:db8::7:1:443", "[2001:db8::7:1]:443"),
+            ("198.18.0.1:8443", "198.18.0.1:8443"),
+            ("relay-a.example.com:8443", "relay-a.example.com:8443"),
+        ] {
+            let s = parse(
+                &format!(
+                    "advertise = {given:?}\npeers = [{{ id = \"relay-b\", address = {given:?} }}]"
+                ),
+                false,
+            )
+            .unwrap_or_else(|e| panic!("{given}: {e:?}"))
+            .unwrap();
+            assert_eq!(s.advertise, want, "{given}");
+            assert_eq!(
+                s.source,
+                ReplicaSource::Static(vec![Replica {
+                    id: "relay-b".into(),
+                    addr: want.into()
+                }]),
+                "{given}"
+            );
+        }
+        for bad in [
+            "fd00::10",
+            "fd00::10:0",
+            "fd00::10:99999",
+            "fd00::zz:8443",
+            "[fd00::10]8443",
+            "fd00::10:8443]",
+        ] {
+            let e = parse(&format!("advertise = {bad:?}\npeers = []"), false).unwrap_err();
+            assert_eq!(e.field, "replicas.advertise", "{bad}");
+        }
     }
 
     fn parse(s: &str, kube: bool) -> Result<Option<ReplicaSettings>, ConfigError> {

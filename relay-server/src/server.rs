@@ -352,8 +352,7 @@ impl Relay {
         }
         let mut admin_addr = None;
         if let Some(addr) = shared.cfg.admin_listen {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
+            let l = relay_transport::listen::tcp(addr, relay_transport::listen::BACKLOG)
                 .map_err(bind_err("admin", addr))?;
             admin_addr = Some(l.local_addr().map_err(bind_err("admin", addr))?);
             shared.policy.add_own_listener(admin_addr.unwrap_or(addr));
@@ -382,7 +381,7 @@ impl Relay {
         // cannot starve them (see `crate::health`).
         let mut health_addr = None;
         if let Some(addr) = shared.cfg.health_listen {
-            match tokio::net::TcpListener::bind(addr).await {
+            match relay_transport::listen::tcp(addr, relay_transport::listen::BACKLOG) {
                 Ok(l) => {
                     let bound = l.local_addr().map_err(bind_err("health", addr))?;
                     health_addr = Some(bound);

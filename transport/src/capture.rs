@@ -307,6 +307,8 @@ pub struct Capture {
     /// Deletes the conntrack entries of flows that went past capture
     /// (see `capture/bypass.rs`), off the apply path.
     sweeper: bypass::Sweeper,
+    /// The IPv6 prefixes asked for and not captured (warned once per set).
+    ignored6: crate::log_sample::OncePerSet<Cidr>,
 }
 
 impl Capture {
@@ -358,6 +360,7 @@ impl Capture {
             on_node: true,
             held_pending: true,
             sweeper: bypass::Sweeper::default(),
+            ignored6: Default::default(),
         }
     }
 
@@ -532,16 +535,18 @@ impl Capture {
             set.iter().filter(|c| c.addr().is_ipv4()).copied().collect()
         };
         let (want4, skip4) = (v4(want), v4(skip));
+        let want6: BTreeSet<Cidr> = want.difference(&want4).copied().collect();
+        if let Some(prefixes) = self.ignored6.changed(&want6) {
+            warn!(
+                ignored = want6.len(),
+                %prefixes,
+                "IPv6 prefixes are not captured"
+            );
+        }
         let routes = capture_routes(&want4, &bypassed_prefixes(&want4, &skip4, peers));
         if want4 == self.installed && skip4 == self.skipped && routes == self.routes {
             self.release_held().await;
             return Ok(());
-        }
-        if want4.len() < want.len() {
-            warn!(
-                ignored = want.len() - want4.len(),
-                "IPv6 prefixes are not captured"
-            );
         }
         if want4 != self.installed || skip4 != self.skipped {
             let nft = rewrite_set(t, "dst4", &want4) + &rewrite_set(t, "skip4", &skip4);

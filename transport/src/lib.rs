@@ -30,6 +30,8 @@
 //!   version, written atomically, at most once a second).
 //! - [`node_addrs`]: this node's own IPv4 addresses (not kube-proxy's
 //!   ClusterIPs), for node-port capture and the route agent.
+//! - [`listen`]: listening sockets bound from configuration, taking IPv4
+//!   as well on `[::]` whatever `net.ipv6.bindv6only` says.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod addr;
@@ -44,6 +46,7 @@ pub mod fd_limit;
 pub mod grant;
 pub mod http;
 pub mod issue;
+pub mod listen;
 pub mod log_sample;
 pub mod memory;
 pub mod node_addrs;
@@ -59,8 +62,9 @@ pub mod tcp;
 #[cfg(any(test, feature = "test-netns"))]
 #[doc(hidden)]
 pub mod test_netns;
-// The log capture shared with relay-server's and relay-kube's tests.
-#[cfg(feature = "test-log")]
+// The log capture shared with relay-server's and relay-kube's tests (and
+// this crate's).
+#[cfg(any(test, feature = "test-log"))]
 #[doc(hidden)]
 pub mod test_log;
 pub mod tls;

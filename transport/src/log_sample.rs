@@ -1,4 +1,6 @@
-//! Sampled log lines for failure paths that fire once per connection.
+//! Sampled log lines for failure paths that fire once per connection;
+//! and [`OncePerSet`], a warning about a set of things left out given once
+//! per distinct set.
 //!
 //! During an outage the failures come at the rate of the clients' retries,
 //! not at a rate anyone chose: a pod retrying every 10 ms against an edge
@@ -145,6 +147,45 @@ macro_rules! sampled {
     }};
 }
 
+/// A set of things left out (the IPv6 prefixes of a table only IPv4 is
+/// taken from) to be logged once per distinct set, not on every change
+/// of what holds it, and named, the first [`NAMED`] of them.
+#[derive(Debug)]
+pub struct OncePerSet<T> {
+    last: std::collections::BTreeSet<T>,
+}
+
+impl<T> Default for OncePerSet<T> {
+    fn default() -> Self {
+        OncePerSet {
+            last: std::collections::BTreeSet::new(),
+        }
+    }
+}
+
+/// How many members of a set [`OncePerSet::changed`] names.
+pub const NAMED: usize = 4;
+
+impl<T: Ord + Clone + std::fmt::Display> OncePerSet<T> {
+    /// The set's members to log (the first [`NAMED`], then `and N more`)
+    /// when `set` is not empty and differs from the last one given;
+    /// `None` otherwise.
+    pub fn changed(&mut self, set: &std::collections::BTreeSet<T>) -> Option<String> {
+        if *set == self.last {
+            return None;
+        }
+        self.last = set.clone();
+        if set.is_empty() {
+            return None;
+        }
+        let mut names: Vec<String> = set.iter().take(NAMED).map(ToString::to_string).collect();
+        if set.len() > NAMED {
+            names.push(format!("and {} more", set.len() - NAMED));
+        }
+        Some(names.join(", "))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,5 +299,27 @@ mod tests {
             crate::sampled!(warn, "fields", %peer, reason = "no_route", n = 3);
             crate::sampled!(debug, "debug too", ?peer);
         }
+    }
+
+    /// A set is named once, the first few of it; the same set again says
+    /// nothing, another one is named; an empty one says nothing, and the
+    /// set after it is named again.
+    #[test]
+    fn a_set_is_named_once_until_it_changes() {
+        let set = |v: &[u32]| {
+            v.iter()
+                .copied()
+                .collect::<std::collections::BTreeSet<u32>>()
+        };
+        let mut once = OncePerSet::default();
+        assert_eq!(once.changed(&set(&[])), None);
+        assert_eq!(once.changed(&set(&[2, 1])).as_deref(), Some("1, 2"));
+        assert_eq!(once.changed(&set(&[1, 2])), None);
+        assert_eq!(
+            once.changed(&set(&[6, 5, 4, 3, 2, 1])).as_deref(),
+            Some("1, 2, 3, 4, and 2 more")
+        );
+        assert_eq!(once.changed(&set(&[])), None);
+        assert_eq!(once.changed(&set(&[1, 2])).as_deref(), Some("1, 2"));
     }
 }

@@ -366,6 +366,7 @@ pub fn server_endpoint_with(
         Some(socket2::Protocol::UDP),
     )?;
     size_socket_buffers(&sock);
+    crate::listen::dual_stack(socket2::SockRef::from(&sock), addr)?;
     sock.bind(&addr.into())?;
     let sock: std::net::UdpSocket = sock.into();
     crate::splice::set_idle_timeout(tuning.stream_idle_timeout);

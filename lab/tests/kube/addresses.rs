@@ -54,6 +54,92 @@ async fn addresses_an_edge_cannot_have_are_not_routed_to_it() -> Result<()> {
     Ok(())
 }
 
+/// IPv6 addresses an edge's kubelet lists are vetted with no IPv6 range
+/// in `kubernetes.edge_address_ranges` (here the lab's loopback range
+/// only, as a list of IPv4 LAN ranges would be): a global one
+/// (`2001:db8:ee::5`) is refused, in the session's `refused` list, and a
+/// CONNECT to it is not sent to the edge; a unique local one
+/// (`fd00:aa::7`) is routed to it. A relay whose list holds the global
+/// address's prefix takes it (and, that list replacing `fc00::/7`, not the
+/// unique local one). Stand-in, not a real apiserver (see the module doc).
+#[tokio::test]
+async fn a_global_ipv6_node_address_is_taken_only_inside_a_listed_range() -> Result<()> {
+    let lab = KubeLab::start(1, &[]).await?;
+    let (global, ula): (IpAddr, IpAddr) = ("2001:db8:ee::5".parse()?, "fd00:aa::7".parse()?);
+    let mut n = node(0);
+    if let Some(st) = n.status.as_mut() {
+        for ip in [global, ula] {
+            st.addresses.get_or_insert_with(Vec::new).push(
+                relay_kube_standin::k8s_openapi::api::core::v1::NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: ip.to_string(),
+                },
+            );
+        }
+    }
+    lab.standin.upsert_node(n);
+    // Streams the relay opened to edge-0 so far (one per CONNECT sent to
+    // it, whether or not the edge then reaches the address).
+    let streams = async |admin: SocketAddr| -> Result<u64> {
+        Ok(sessions(admin)
+            .await?
+            .into_iter()
+            .find(|r| r.node == "edge-0")
+            .context("edge-0's session")?
+            .streams_total)
+    };
+    let e0 = lab.edge("edge-0")?;
+    e0.wait_connected(BOUND).await.context("edge-0 connects")?;
+    let row = eventually("edge-0's Node addresses vetted", async || {
+        Ok(sessions(lab.admin())
+            .await?
+            .into_iter()
+            .find(|r| r.node == "edge-0" && r.routes.contains(&Cidr::host(ula))))
+    })
+    .await?;
+    assert_eq!(row.refused, vec![Cidr::host(global)], "{row:?}");
+    assert!(!row.routes.contains(&Cidr::host(global)), "{row:?}");
+    let before = streams(lab.admin()).await?;
+    let _ = connect_via(lab.connect(), &format!("[{global}]:80")).await;
+    assert_eq!(
+        streams(lab.admin()).await?,
+        before,
+        "a CONNECT to the refused address went to edge-0"
+    );
+    let _ = connect_via(lab.connect(), &format!("[{ula}]:80")).await;
+    assert_eq!(streams(lab.admin()).await?, before + 1, "to the ULA one");
+    e0.shutdown().await;
+
+    // A relay whose operator lists the global address's prefix.
+    let mut cfg = super::relay_config(&lab.standin, &lab.pki, None)?;
+    if let Some(k) = cfg.kubernetes.as_mut() {
+        k.edge_address_ranges.push("2001:db8:ee::/48".parse()?);
+    }
+    let relay = relay_server::Relay::spawn(cfg).await?;
+    let admin = relay.admin_addr().context("admin")?;
+    let e0 = lab.edge_of(&relay, "edge-0")?;
+    e0.wait_connected(BOUND).await.context("edge-0 connects")?;
+    let row = eventually("edge-0's Node addresses vetted", async || {
+        Ok(sessions(admin)
+            .await?
+            .into_iter()
+            .find(|r| r.node == "edge-0" && r.routes.contains(&Cidr::host(global))))
+    })
+    .await?;
+    assert_eq!(row.refused, vec![Cidr::host(ula)], "{row:?}");
+    let before = streams(admin).await?;
+    let _ = connect_via(
+        relay.connect_addr().context("connect")?,
+        &format!("[{global}]:80"),
+    )
+    .await;
+    assert_eq!(streams(admin).await?, before + 1, "to the listed one");
+    e0.shutdown().await;
+    relay.shutdown(Duration::from_secs(1)).await;
+    lab.relay.shutdown(Duration::from_secs(1)).await;
+    Ok(())
+}
+
 /// A name that is both one a node reports (its Hostname `edge-0.shop`)
 /// and a Service's (`edge-0` in namespace `shop`) goes to neither: the
 /// apiserver's kubelet traffic must not go to whoever may create Services

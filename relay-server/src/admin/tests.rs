@@ -108,6 +108,17 @@ impl StandIn {
         pki: &relay_transport::devcerts::DevPki,
         i: usize,
     ) -> Self {
+        let routes = vec![edge_prefix(i).parse().expect("cidr")];
+        StandIn::connect_serving(relay, pki, i, routes).await
+    }
+
+    /// [`StandIn::connect`] advertising `routes` instead of its prefix.
+    pub(crate) async fn connect_serving(
+        relay: &crate::Relay,
+        pki: &relay_transport::devcerts::DevPki,
+        i: usize,
+        routes: Vec<relay_protocol::Cidr>,
+    ) -> Self {
         use relay_protocol::codec::{encode_frame, read_frame, write_frame};
         use relay_protocol::{ClientHello, HelloReply, StreamOpen, StreamReply};
         use tokio::io::AsyncWriteExt;
@@ -130,7 +141,7 @@ impl StandIn {
         let hello = ClientHello {
             version: relay_protocol::PROTOCOL_VERSION,
             node,
-            routes: vec![edge_prefix(i).parse().expect("cidr")],
+            routes,
             primary_addr: None,
             capabilities: relay_protocol::capability::EXTENSIBLE,
             agent: "admin tests".into(),

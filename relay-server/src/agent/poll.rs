@@ -52,6 +52,8 @@ pub struct RoutesPoll {
     conn: Option<Conn>,
     etag: Option<String>,
     view: Option<RouteView>,
+    /// The IPv6 prefixes of the table, left out (logged once per set).
+    ipv6: relay_transport::log_sample::OncePerSet<relay_protocol::Cidr>,
 }
 
 impl std::fmt::Debug for RoutesPoll {
@@ -122,7 +124,15 @@ impl RoutesPoll {
         }
         match answer.status {
             200 => {
-                let view = parse_view(&answer.body)?;
+                let (view, ipv6) = parse_view(&answer.body)?;
+                if let Some(prefixes) = self.ipv6.changed(&ipv6) {
+                    tracing::warn!(
+                        admin = %cfg.admin,
+                        count = ipv6.len(),
+                        %prefixes,
+                        "the relay routes IPv6 prefixes; the route agent installs IPv4 routes only and leaves them out (reach them through CONNECT)"
+                    );
+                }
                 self.etag = answer.etag;
                 self.view = Some(view.clone());
                 Ok(Polled {
@@ -303,8 +313,11 @@ async fn read_chunked(c: &mut Conn, body: &mut Vec<u8>) -> anyhow::Result<()> {
 }
 
 /// The JSON rows of `/v1/routes` (IPv4 prefixes only), live and offline
-/// apart; a prefix listed both ways (never from one relay) is live.
-fn parse_view(body: &[u8]) -> anyhow::Result<RouteView> {
+/// apart; a prefix listed both ways (never from one relay) is live. And
+/// the IPv6 prefixes left out.
+fn parse_view(
+    body: &[u8],
+) -> anyhow::Result<(RouteView, std::collections::BTreeSet<relay_protocol::Cidr>)> {
     #[derive(serde::Deserialize)]
     struct Row {
         cidr: relay_protocol::Cidr,
@@ -313,15 +326,18 @@ fn parse_view(body: &[u8]) -> anyhow::Result<RouteView> {
     }
     let rows: Vec<Row> = serde_json::from_slice(body)?;
     let mut view = RouteView::default();
-    for r in rows.into_iter().filter(|r| r.cidr.addr().is_ipv4()) {
-        if r.offline {
+    let mut ipv6 = std::collections::BTreeSet::new();
+    for r in rows {
+        if !r.cidr.addr().is_ipv4() {
+            ipv6.insert(r.cidr);
+        } else if r.offline {
             view.offline.insert(r.cidr);
         } else {
             view.live.insert(r.cidr);
         }
     }
     view.offline = view.offline.difference(&view.live).copied().collect();
-    Ok(view)
+    Ok((view, ipv6))
 }
 
 #[cfg(test)]
@@ -644,5 +660,69 @@ pub(crate) mod tests {
         .await;
         let e = RoutesPoll::default().poll(&config(huge)).await.unwrap_err();
         assert!(format!("{e:#}").contains("longer than"), "{e:#}");
+    }
+
+    /// The route agent installs IPv4 routes only: a table holding IPv6
+    /// prefixes is read without them, and they are named in a warning
+    /// once per distinct set, not on every poll or every change of the
+    /// IPv4 part (they used to be dropped without a word).
+    #[tokio::test]
+    async fn ipv6_prefixes_are_left_out_and_named_once_per_set() {
+        let (out, _guard) = relay_transport::test_log::Captured::start();
+        let serves = |i: usize, v6: &[&str]| -> Vec<relay_protocol::Cidr> {
+            let mut r = vec![crate::admin::tests::edge_prefix(i)];
+            r.extend(v6.iter().map(|s| s.to_string()));
+            r.iter().map(|c| c.parse().unwrap()).collect()
+        };
+        let routes = [
+            serves(0, &["fd00:99::/64", "fd00:98::/64"]),
+            serves(1, &[]),
+            serves(2, &["fd00:97::/64"]),
+        ];
+        let table = routes.clone();
+        let (relay, pki) = relay_configured(3, move |c| {
+            for (i, r) in table.into_iter().enumerate() {
+                c.nodes.insert(format!("edge-{i}"), r);
+            }
+        })
+        .await;
+        let cfg = config(relay.admin_addr().expect("admin"));
+        let warnings = || {
+            out.text()
+                .lines()
+                .filter(|l| l.contains("WARN") && l.contains("IPv4 routes only"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        let mut poll = RoutesPoll::default();
+        let _e0 = StandIn::connect_serving(&relay, &pki, 0, routes[0].clone()).await;
+        until_sessions(&relay, 1).await;
+        let got = poll.poll(&cfg).await.expect("poll");
+        assert_eq!(got.view.live, cidrs(&["10.99.0.1/32"]));
+        let w = warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("prefixes=fd00:98::/64, fd00:99::/64") && w[0].contains("count=2"),
+            "{w:?}"
+        );
+        assert!(!poll.poll(&cfg).await.expect("poll").changed);
+        // The IPv4 part changes, the IPv6 part does not: no new line.
+        let _e1 = StandIn::connect_serving(&relay, &pki, 1, routes[1].clone()).await;
+        until_sessions(&relay, 2).await;
+        let got = poll.poll(&cfg).await.expect("poll");
+        assert!(got.changed);
+        assert_eq!(got.view.live, cidrs(&["10.99.0.1/32", "10.99.0.2/32"]));
+        assert_eq!(warnings().len(), 1, "{:?}", warnings());
+        // Another IPv6 set: named.
+        let _e2 = StandIn::connect_serving(&relay, &pki, 2, routes[2].clone()).await;
+        until_sessions(&relay, 3).await;
+        poll.poll(&cfg).await.expect("poll");
+        let w = warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[1].contains("fd00:97::/64") && w[1].contains("count=3"),
+            "{w:?}"
+        );
+        relay.shutdown(Duration::ZERO).await;
     }
 }

@@ -29,9 +29,10 @@
 //! unless such a range is listed in `kubernetes.edge_address_ranges`, as
 //! the one-host labs do), no `tunnel_routes` range, no cloud Node's
 //! address, no other Node's pod CIDR and no other Node's IPAM prefix (two
-//! nodes' overlapping blocks are both refused: neither is sure), and, for
-//! IPv4, lies inside `kubernetes.edge_address_ranges` (the private and
-//! shared ranges by default, where IP pools are). Cloud Nodes' IPAM
+//! nodes' overlapping blocks are both refused: neither is sure), and lies
+//! inside `kubernetes.edge_address_ranges` (the private and shared IPv4
+//! ranges by default, where IP pools are; an IPv6 prefix, while no IPv6
+//! range is listed, inside the unique local `fc00::/7`). Cloud Nodes' IPAM
 //! prefixes are kept as they are: they are never routed to an edge.
 
 use std::collections::BTreeMap;
@@ -125,8 +126,8 @@ impl<'a> Index<'a> {
 /// `claims` with each edge Node's `ipam_cidrs` cut to those taken, and the
 /// ones refused. `cloud` says whether a Node is in the cloud (judged on
 /// the claims as they came); `cloud_ranges` are `tunnel_routes`;
-/// `edge_ranges` is `kubernetes.edge_address_ranges` (it restricts a
-/// family only when it lists a range of that family).
+/// `edge_ranges` is `kubernetes.edge_address_ranges` (see
+/// [`super::node_addresses::family_ranges`]).
 pub(crate) fn vet(
     claims: &BTreeMap<String, NodeClaims>,
     cloud: impl Fn(&NodeClaims) -> bool,
@@ -316,15 +317,12 @@ fn pod_cidr_refusal(
         .map(|(a, other)| format!("holds node {other}'s address {a}"))
 }
 
-/// Whether `edge_ranges` restricts `p`'s family and `p` is not inside one
-/// of its ranges.
+/// Whether `p` is not inside one of the edge ranges of its family (see
+/// [`super::node_addresses::family_ranges`]: IPv6 ones held to `fc00::/7`
+/// when no IPv6 range is listed).
 fn outside(p: &Cidr, edge_ranges: &[Cidr]) -> bool {
-    let v4 = p.addr().is_ipv4();
-    let mut family = edge_ranges
-        .iter()
-        .filter(|r| r.addr().is_ipv4() == v4)
-        .peekable();
-    family.peek().is_some() && !family.any(|r| r.contains_cidr(p))
+    super::node_addresses::family_ranges(p.addr().is_ipv4(), edge_ranges)
+        .is_some_and(|f| !f.iter().any(|r| r.contains_cidr(p)))
 }
 
 /// Whether `p` is inside a range of `edge_ranges` that is itself loopback
@@ -403,7 +401,8 @@ mod tests {
                         &[],
                         &[
                             "10.70.1.0/26",       // its own
-                            "fd00:70:1::/122",    // its own (no IPv6 edge range)
+                            "fd00:70:1::/122",    // its own (ULA: no IPv6 edge range)
+                            "2001:db8:70::/122",  // global (no IPv6 edge range)
                             "10.244.1.0/26",      // inside tunnel_routes
                             "10.70.9.0/26",       // a cloud node's block
                             "10.0.0.0/30",        // contains a cloud node's address
@@ -450,8 +449,37 @@ mod tests {
         assert!(why("edge-1 127.0.0.0/26").contains("127.0.0.0/8"));
         assert!(why("edge-1 169.254.169.192/26").contains("169.254.0.0/16"));
         assert!(why("edge-1 8.8.8.0/26").contains("edge_address_ranges"));
+        assert!(why("edge-1 2001:db8:70::/122").contains("edge_address_ranges"));
         assert!(why("edge-1 0.0.0.0/0").contains("0.0.0.0/8"));
-        assert_eq!(refused.len(), 11, "{refused:?}");
+        assert_eq!(refused.len(), 12, "{refused:?}");
+    }
+
+    /// With no IPv6 range listed, an edge's IPv6 block is taken inside
+    /// `fc00::/7` only; a listed IPv6 range takes the place of that
+    /// default.
+    #[test]
+    fn an_ipv6_block_outside_unique_local_needs_a_listed_range() {
+        let edge = || {
+            node(
+                &[],
+                &["2001:db8:70::/122", "fd00:70::/122"],
+                "192.168.1.10",
+                true,
+            )
+        };
+        let (kept, refused) = run(&[("edge-1", edge())], &PRIVATE);
+        assert_eq!(kept["edge-1"], ["fd00:70::/122"]);
+        assert_eq!(
+            refused,
+            [(
+                "edge-1 2001:db8:70::/122".to_string(),
+                "outside kubernetes.edge_address_ranges".to_string()
+            )]
+        );
+        let listed = [PRIVATE.as_slice(), &["2001:db8:70::/48"]].concat();
+        let (kept, refused) = run(&[("edge-1", edge())], &listed);
+        assert_eq!(kept["edge-1"], ["2001:db8:70::/122"]);
+        assert_eq!(refused.len(), 1, "{refused:?}");
     }
 
     /// A loopback block is taken where a loopback range is listed (the

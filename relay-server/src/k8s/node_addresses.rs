@@ -11,9 +11,10 @@
 //! address, the cloud's traffic to it. So an edge's address is taken only
 //! when it could be the edge's own: a unicast address outside the cloud
 //! (`tunnel_routes`, cloud Nodes' pod CIDRs and addresses) and outside
-//! every other Node's pod CIDR, and, for IPv4 (whose node addresses
-//! capture routes), inside `kubernetes.edge_address_ranges` (by default
-//! the private and shared ranges edge LANs use). Cloud Nodes' addresses
+//! every other Node's pod CIDR, and inside `kubernetes.edge_address_ranges`
+//! (by default the private and shared IPv4 ranges edge LANs use; an IPv6
+//! address, while no IPv6 range is listed, inside the unique local
+//! `fc00::/7`: see [`family_ranges`]). Cloud Nodes' addresses
 //! are kept as they are (bar non-unicast ones): they are never routed to an
 //! edge. Static mode's `[nodes]` table is the operator's word and is not
 //! vetted.
@@ -35,8 +36,7 @@ pub(crate) struct Refused {
 /// Each Node's addresses (`InternalIP`s then `ExternalIP`s, in order) that
 /// are taken, and those refused. `cloud` says whether a Node is in the
 /// cloud; `cloud_ranges` are `tunnel_routes`; `edge_ranges` is
-/// `kubernetes.edge_address_ranges` (it restricts a family only when it
-/// lists a range of that family).
+/// `kubernetes.edge_address_ranges` (see [`family_ranges`]).
 pub(crate) fn vet(
     claims: &BTreeMap<String, NodeClaims>,
     cloud: impl Fn(&NodeClaims) -> bool,
@@ -132,13 +132,42 @@ impl<'a> PodIndex<'a> {
     }
 }
 
-/// Whether `edge_ranges` restricts `ip`'s family and leaves `ip` out.
+/// Whether `ip` is outside the edge ranges of its family (see
+/// [`family_ranges`]).
 fn outside(ip: IpAddr, edge_ranges: &[Cidr]) -> bool {
-    let mut family = edge_ranges
+    family_ranges(ip.is_ipv4(), edge_ranges).is_some_and(|f| !f.iter().any(|r| r.contains(&ip)))
+}
+
+/// The ranges an edge's address (or pod range) of the IPv4 (`v4`) or IPv6
+/// family must fall in: the ranges of that family `edge_ranges` lists.
+/// When it lists none, IPv4 is not restricted (the default list is
+/// IPv4's private and shared ranges, and an operator who lists only IPv6
+/// ranges restricts only IPv6), and IPv6 is held to the unique local
+/// addresses `fc00::/7`, IPv6's counterpart of the private ranges. That
+/// IPv6 default lives here, not in the default list, because an
+/// operator's list replaces the default whole: a list written for a
+/// site's IPv4 LANs (as most are, the labs' `127.0.0.0/8` too) would leave
+/// IPv6 unvetted, and any global IPv6 address an edge's kubelet wrote (a
+/// compromised edge writes its own Node's status) would be taken as the
+/// edge's, with CONNECTs and Service endpoints there sent to it.
+pub(crate) fn family_ranges(v4: bool, edge_ranges: &[Cidr]) -> Option<Vec<Cidr>> {
+    let family: Vec<Cidr> = edge_ranges
         .iter()
-        .filter(|r| r.addr().is_ipv4() == ip.is_ipv4())
-        .peekable();
-    family.peek().is_some() && !family.any(|r| r.contains(&ip))
+        .filter(|r| r.addr().is_ipv4() == v4)
+        .copied()
+        .collect();
+    match (family.is_empty(), v4) {
+        (false, _) => Some(family),
+        (true, true) => None,
+        (true, false) => Some(
+            Cidr::new(
+                std::net::Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0).into(),
+                7,
+            )
+            .into_iter()
+            .collect(),
+        ),
+    }
 }
 
 /// Whether `ip`, loopback or link-local, is inside a range of
@@ -247,5 +276,62 @@ mod tests {
             let (kept, _) = vet(&all, |c| !c.edge, &cloud_ranges, &listed);
             assert_eq!(kept["edge-1"].contains(&loopback), taken, "{ranges}");
         }
+    }
+
+    /// With no IPv6 range listed (the default, or a list of IPv4 ranges
+    /// such as the labs'), an edge's global IPv6 address is refused and a
+    /// unique local one (`fc00::/7`) taken; an operator who lists an IPv6
+    /// prefix takes the addresses inside it, and only those.
+    #[test]
+    fn a_global_ipv6_address_needs_a_listed_range() {
+        let mut all = BTreeMap::new();
+        all.insert(
+            "edge-1".to_string(),
+            claims(
+                &["10.244.7.0/24"],
+                &["192.168.1.10", "2001:db8:ee::5", "fd00:aa::7"],
+                &["2a00:1450::1"],
+                true,
+            ),
+        );
+        let ips = |v: &[&str]| -> Vec<IpAddr> { v.iter().map(|a| a.parse().unwrap()).collect() };
+        let defaults = crate::config_kube::default_edge_address_ranges();
+        let lab: Vec<Cidr> = vec!["127.0.0.0/8".parse().unwrap()];
+        for ranges in [&defaults, &lab] {
+            let (kept, refused) = vet(&all, |c| !c.edge, &[], ranges);
+            let ipv4 = if ranges == &lab {
+                vec![]
+            } else {
+                vec!["192.168.1.10"]
+            };
+            assert_eq!(
+                kept["edge-1"],
+                ips(&[ipv4.as_slice(), &["fd00:aa::7"]].concat()),
+                "{ranges:?}"
+            );
+            let mut why: Vec<(IpAddr, &str)> =
+                refused.iter().map(|r| (r.ip, r.why.as_str())).collect();
+            why.retain(|(ip, _)| ip.is_ipv6());
+            assert_eq!(
+                why,
+                [
+                    (
+                        ips(&["2001:db8:ee::5"])[0],
+                        "outside kubernetes.edge_address_ranges"
+                    ),
+                    (
+                        ips(&["2a00:1450::1"])[0],
+                        "outside kubernetes.edge_address_ranges"
+                    ),
+                ],
+                "{ranges:?}"
+            );
+        }
+        let mut listed = defaults.clone();
+        listed.push("2001:db8:ee::/48".parse().unwrap());
+        let (kept, refused) = vet(&all, |c| !c.edge, &[], &listed);
+        assert_eq!(kept["edge-1"], ips(&["192.168.1.10", "2001:db8:ee::5"]));
+        let refused: Vec<IpAddr> = refused.iter().map(|r| r.ip).collect();
+        assert_eq!(refused, ips(&["fd00:aa::7", "2a00:1450::1"]));
     }
 }

@@ -189,7 +189,7 @@ pub(super) async fn bind_quic_and_tcp(
         if let Some(port) = cfg.tcp_fallback_port {
             addr.set_port(port);
         }
-        match tokio::net::TcpListener::bind(addr).await {
+        match relay_transport::listen::tcp(addr, relay_transport::listen::BACKLOG) {
             Ok(l) => {
                 // Set on the listener: the SYN-ACK announces it and every
                 // accepted connection inherits it (both directions then

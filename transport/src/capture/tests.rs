@@ -522,6 +522,57 @@ mod netns {
         });
     }
 
+    /// IPv6 prefixes are not captured (the listeners are IPv4): the
+    /// warning names them (the first few) once per distinct set, not on
+    /// every apply; it used to give a count only, on every change.
+    #[test]
+    fn ipv6_prefixes_left_out_are_named_once_per_set() {
+        in_netns(|| {
+            Box::pin(async {
+                let (out, _guard) = crate::test_log::Captured::start();
+                let warned = || {
+                    out.text()
+                        .lines()
+                        .filter(|l| l.contains("IPv6 prefixes are not captured"))
+                        .map(str::to_string)
+                        .collect::<Vec<_>>()
+                };
+                let (none, peers) = (BTreeSet::new(), BTreeSet::new());
+                let mut cap = Capture::install(CaptureConfig::default()).await.unwrap();
+                let mut want = cidrs(&[
+                    "10.0.2.0/24",
+                    "fd00:10:244:7::/64",
+                    "fd00:10:96::/108",
+                    "fd00:1::/64",
+                    "fd00:2::/64",
+                    "fd00:3::/64",
+                ]);
+                cap.apply(&want, &none, &peers).await.unwrap();
+                // The IPv4 part changes, the IPv6 part does not.
+                want.insert("10.0.3.0/24".parse().unwrap());
+                cap.apply(&want, &none, &peers).await.unwrap();
+                cap.apply(&want, &none, &peers).await.unwrap();
+                assert_eq!(cap.installed(), &cidrs(&["10.0.2.0/24", "10.0.3.0/24"]));
+                let w = warned();
+                assert_eq!(w.len(), 1, "{w:?}");
+                assert!(
+                    w[0].contains("ignored=5")
+                        && w[0].contains(
+                            "prefixes=fd00:1::/64, fd00:2::/64, fd00:3::/64, fd00:10:96::/108, and 1 more"
+                        ),
+                    "{w:?}"
+                );
+                // Another IPv6 set, the IPv4 part as it was: named.
+                let want = cidrs(&["10.0.2.0/24", "10.0.3.0/24", "fd00:9::/64"]);
+                cap.apply(&want, &none, &peers).await.unwrap();
+                let w = warned();
+                assert_eq!(w.len(), 2, "{w:?}");
+                assert!(w[1].contains("ignored=1 prefixes=fd00:9::/64"), "{w:?}");
+                cap.teardown().await;
+            })
+        });
+    }
+
     /// A connection from this host to `ip:80`: refused at once (the held
     /// rules' reset), or not (left by the default route toward a gateway
     /// that never answers: a timeout).
