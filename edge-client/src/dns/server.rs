@@ -103,8 +103,9 @@ pub(crate) enum Handled {
     /// Send these bytes back.
     Reply(Vec<u8>),
     /// Forward the query bytes as they are (the upstream's answer carries
-    /// the client's id); the parsed query makes the SERVFAIL if that fails.
-    Forward(Box<Message>),
+    /// the client's id); the parsed query makes the SERVFAIL if that
+    /// fails, unless there is an answer to give instead (encoded).
+    Forward(Box<Message>, Option<Vec<u8>>),
     /// Send nothing.
     Drop,
 }
@@ -131,6 +132,11 @@ pub(crate) fn handle(shared: &Shared, bytes: &[u8], udp_limit: bool) -> Handled 
         shared.stats.dropped.fetch_add(1, Relaxed);
         return Handled::Drop;
     }
+    // EDNS version 0 is the only one (RFC 6891 6.1.3: BADVERS, with an
+    // OPT of the version we speak).
+    if msg.edns.as_ref().is_some_and(|e| e.version() != 0) {
+        return reply(&msg, error(&msg, ResponseCode::BADVERS), false, shared);
+    }
     if msg.metadata.op_code != OpCode::Query {
         return reply(&msg, error(&msg, ResponseCode::NotImp), false, shared);
     }
@@ -147,25 +153,44 @@ pub(crate) fn handle(shared: &Shared, bytes: &[u8], udp_limit: bool) -> Handled 
             }
             reply(&msg, resp, udp_limit, shared)
         }
-        Some(Outcome::Forward) | None => Handled::Forward(Box::new(msg)),
+        Some(Outcome::ForwardOr(resp)) => {
+            let fallback = match reply(&msg, resp, udp_limit, shared) {
+                Handled::Reply(b) => Some(b),
+                _ => None,
+            };
+            Handled::Forward(Box::new(msg), fallback)
+        }
+        Some(Outcome::Forward) | None => Handled::Forward(Box::new(msg), None),
     }
 }
 
-/// An error answer to `query`, with its question.
+/// The OPT record of an answer to `query`, when it had one: our UDP size,
+/// version 0, its DO bit echoed (RFC 3225; no DNSSEC data is added).
+fn opt(query: &Message) -> Option<Edns> {
+    let q = query.edns.as_ref()?;
+    let mut e = Edns::new();
+    e.set_max_payload(MAX_UDP_ANSWER as u16);
+    e.set_dnssec_ok(q.flags().dnssec_ok);
+    Some(e)
+}
+
+/// An error answer to `query`, with its question (and an OPT record when
+/// the query had one).
 pub(crate) fn error(query: &Message, code: ResponseCode) -> Message {
     let mut m = Message::error_msg(query.metadata.id, query.metadata.op_code, code);
     m.metadata.recursion_desired = query.metadata.recursion_desired;
     m.metadata.recursion_available = true;
     m.add_queries(query.queries.iter().cloned());
+    if let Some(e) = opt(query) {
+        m.set_edns(e);
+    }
     m
 }
 
-/// Encodes `resp`, with an OPT record when the query had one, truncated
-/// (TC, no records) when it is a UDP answer larger than the client takes.
+/// Encodes `resp`, with an OPT record when the query had one; a UDP
+/// answer larger than the client takes is cut to fit ([`fit`]).
 fn reply(query: &Message, mut resp: Message, udp_limit: bool, shared: &Shared) -> Handled {
-    if query.edns.is_some() {
-        let mut e = Edns::new();
-        e.set_max_payload(MAX_UDP_ANSWER as u16);
+    if let Some(e) = opt(query) {
         resp.set_edns(e);
     }
     let Ok(bytes) = resp.to_vec() else {
@@ -175,13 +200,41 @@ fn reply(query: &Message, mut resp: Message, udp_limit: bool, shared: &Shared) -
     };
     let limit = usize::from(query.max_payload()).clamp(512, MAX_UDP_ANSWER);
     if udp_limit && bytes.len() > limit {
-        shared.stats.truncated.fetch_add(1, Relaxed);
-        return resp
-            .truncate()
-            .to_vec()
-            .map_or(Handled::Drop, Handled::Reply);
+        return fit(resp, limit, shared).map_or(Handled::Drop, Handled::Reply);
     }
     Handled::Reply(bytes)
+}
+
+/// `resp` cut to `limit` bytes: first without its additional section
+/// (the addresses of SRV targets, which a client can ask for; no TC, as
+/// RFC 2181 9 says), else with as many leading answer records as fit
+/// and TC set (the authority section dropped too). Stub resolvers that
+/// never retry over TCP (musl before 1.2.4) use what there is, as with
+/// CoreDNS; hickory's `Message::truncate` would leave no record at all.
+fn fit(mut resp: Message, limit: usize, shared: &Shared) -> Option<Vec<u8>> {
+    resp.additionals.clear();
+    let bytes = resp.to_vec().ok()?;
+    if bytes.len() <= limit {
+        return Some(bytes);
+    }
+    shared.stats.truncated.fetch_add(1, Relaxed);
+    resp.authorities.clear();
+    resp.metadata.truncation = true;
+    let all = std::mem::take(&mut resp.answers);
+    // The encoded size grows with the number of records kept: the most
+    // that fit, by bisection (about 7 encodings for 100 records).
+    let (mut lo, mut hi) = (0, all.len());
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        resp.answers = all[..mid].to_vec();
+        if resp.to_vec().ok()?.len() <= limit {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    resp.answers = all[..lo].to_vec();
+    resp.to_vec().ok()
 }
 
 /// Whether `resp` answers the query with id `id`.
@@ -225,12 +278,22 @@ async fn forward_tcp(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<
     }
 }
 
-/// Forwards within the bounds; SERVFAIL when the upstream fails, is
-/// slow, or too many forwards are in flight. `None`: send nothing.
-async fn forward(shared: &Shared, query: &Message, bytes: &[u8], tcp: bool) -> Option<Vec<u8>> {
+/// Forwards within the bounds; when the upstream fails, is slow, or too
+/// many forwards are in flight: `fallback` if there is one, else
+/// SERVFAIL. `None`: send nothing.
+async fn forward(
+    shared: &Shared,
+    query: &Message,
+    bytes: &[u8],
+    tcp: bool,
+    fallback: Option<Vec<u8>>,
+) -> Option<Vec<u8>> {
+    let failed_answer = |fallback: Option<Vec<u8>>| {
+        fallback.or_else(|| error(query, ResponseCode::ServFail).to_vec().ok())
+    };
     let Ok(_permit) = shared.forwards.clone().try_acquire_owned() else {
         shared.stats.forward_shed.fetch_add(1, Relaxed);
-        return error(query, ResponseCode::ServFail).to_vec().ok();
+        return failed_answer(fallback);
     };
     let work = async {
         if tcp {
@@ -249,9 +312,9 @@ async fn forward(shared: &Shared, query: &Message, bytes: &[u8], tcp: bool) -> O
                 Ok(Err(e)) => e.to_string(),
                 _ => format!("no answer within {:?}", shared.forward_timeout),
             };
-            debug!(upstream = %shared.upstream, error = %why, "forward failed: SERVFAIL");
+            debug!(upstream = %shared.upstream, error = %why, fallback = fallback.is_some(), "forward failed");
             shared.stats.forward_failed.fetch_add(1, Relaxed);
-            error(query, ResponseCode::ServFail).to_vec().ok()
+            failed_answer(fallback)
         }
     }
 }
@@ -290,10 +353,10 @@ pub(crate) async fn serve_udp(
                 let _ = sock.send_to(&r, peer).await;
             }
             Handled::Drop => {}
-            Handled::Forward(q) => {
+            Handled::Forward(q, fallback) => {
                 let (sock, shared, bytes) = (sock.clone(), shared.clone(), bytes.to_vec());
                 tasks.spawn(async move {
-                    if let Some(r) = forward(&shared, &q, &bytes, false).await {
+                    if let Some(r) = forward(&shared, &q, &bytes, false, fallback).await {
                         let _ = sock.send_to(&r, peer).await;
                     }
                 });
@@ -350,10 +413,12 @@ async fn serve_conn(mut s: TcpStream, shared: &Shared) {
         let resp = match handle(shared, &query, false) {
             Handled::Reply(r) => r,
             Handled::Drop => return,
-            Handled::Forward(q) => match forward(shared, &q, &query, true).await {
-                Some(r) => r,
-                None => return,
-            },
+            Handled::Forward(q, fallback) => {
+                match forward(shared, &q, &query, true, fallback).await {
+                    Some(r) => r,
+                    None => return,
+                }
+            }
         };
         if write_framed(&mut s, &resp).await.is_err() {
             return;

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::{Name, RData, RecordType};
+use hickory_proto::rr::rdata::{A, CNAME};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use relay_protocol::{NameEndpoint, NameKind, NamePort, NameProtocol, ServiceName, ServiceNameKey};
 use tokio::sync::{watch, Semaphore};
 
@@ -91,7 +92,7 @@ fn query(name: &str, t: RecordType) -> Message {
 fn ask(z: &Zone, name: &str, t: RecordType) -> Message {
     match z.answer(&query(name, t)) {
         Outcome::Answer(m) => m,
-        Outcome::Forward => panic!("{name} {t} was forwarded"),
+        Outcome::Forward | Outcome::ForwardOr(_) => panic!("{name} {t} was forwarded"),
     }
 }
 
@@ -233,19 +234,32 @@ fn srv_names_give_ports_and_targets() {
 }
 
 #[test]
-fn external_names_are_aliases() {
-    let m = ask(&zone(), "ext.shop.svc.cluster.local.", RecordType::A);
+fn external_names_outside_the_cluster_are_forwarded_with_the_alias_to_fall_back_on() {
+    let q = query("ext.shop.svc.cluster.local.", RecordType::A);
+    let Outcome::ForwardOr(m) = zone().answer(&q) else {
+        panic!("not forwarded")
+    };
     let RData::CNAME(c) = &m.answers[0].data else {
         panic!("{m:?}")
     };
     assert_eq!(c.0.to_ascii(), "db.example.com.");
     // Whatever the type, in the answer section.
-    let m = ask(&zone(), "ext.shop.svc.cluster.local.", RecordType::SRV);
+    let Outcome::ForwardOr(m) =
+        zone().answer(&query("ext.shop.svc.cluster.local.", RecordType::SRV))
+    else {
+        panic!("not forwarded")
+    };
     assert!(
         matches!(m.answers[..], [ref r] if matches!(r.data, RData::CNAME(_))),
         "{m:?}"
     );
     assert!(m.additionals.is_empty());
+    // Asked for the CNAME itself: answered here, not followed.
+    let m = ask(&zone(), "ext.shop.svc.cluster.local.", RecordType::CNAME);
+    assert!(
+        matches!(m.answers[..], [ref r] if matches!(r.data, RData::CNAME(_))),
+        "{m:?}"
+    );
 }
 
 #[test]
@@ -282,7 +296,7 @@ fn unknown_cluster_names_are_nxdomain_and_the_rest_is_forwarded() {
     }
     for n in [
         "example.com.",
-        "10-244-7-5.shop.pod.cluster.local.",
+        "10-244-7-5.nobody.pod.cluster.local.",
         "xcluster.local.",
         "local.",
         ".",
@@ -318,7 +332,7 @@ fn shared(zone: Option<Zone>) -> Shared {
 fn reply(h: Handled) -> Message {
     match h {
         Handled::Reply(b) => Message::from_vec(&b).unwrap(),
-        Handled::Forward(_) => panic!("forwarded"),
+        Handled::Forward(..) => panic!("forwarded"),
         Handled::Drop => panic!("dropped"),
     }
 }
@@ -412,12 +426,15 @@ fn big_udp_answers_are_truncated_and_whole_over_tcp() {
     let q = query("big.shop.svc.cluster.local.", RecordType::A)
         .to_vec()
         .unwrap();
+    let whole = reply(handle(&s, &q, false));
+    assert!(!whole.metadata.truncation);
+    assert_eq!(whole.answers.len(), 100);
+    // No EDNS: 512 bytes, the leading records that fit, TC set.
     let m = reply(handle(&s, &q, true));
-    assert!(m.metadata.truncation && m.answers.is_empty());
+    assert!(m.metadata.truncation);
     assert_eq!(m.queries.len(), 1);
-    let m = reply(handle(&s, &q, false));
-    assert!(!m.metadata.truncation);
-    assert_eq!(m.answers.len(), 100);
+    assert!((25..=30).contains(&m.answers.len()), "{}", m.answers.len());
+    assert_eq!(m.answers[..], whole.answers[..m.answers.len()]);
 }
 
 #[test]
@@ -426,5 +443,425 @@ fn without_a_table_everything_is_forwarded() {
     let q = query("web.shop.svc.cluster.local.", RecordType::A)
         .to_vec()
         .unwrap();
-    assert!(matches!(handle(&s, &q, true), Handled::Forward(_)));
+    assert!(matches!(handle(&s, &q, true), Handled::Forward(_, None)));
+}
+
+// On real sockets: a resolver on loopback, asked over UDP (and TCP), with
+// a stand-in for the cluster DNS that records what it is asked.
+
+/// The cluster DNS stand-in: answers `ext.shop.svc.cluster.local` A as
+/// CoreDNS would (the alias, then the target's address 192.0.2.7), any
+/// other question with A 192.0.2.1; or, `silent`, nothing (the cloud is
+/// away).
+struct Upstream {
+    addr: std::net::SocketAddr,
+    asked: Arc<std::sync::Mutex<Vec<(String, RecordType, DNSClass)>>>,
+}
+
+async fn upstream(silent: bool) -> Upstream {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = asked.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let Ok((n, peer)) = sock.recv_from(&mut buf).await else {
+                return;
+            };
+            let Ok(q) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let Some(question) = q.queries.first().cloned() else {
+                continue;
+            };
+            log.lock().unwrap().push((
+                question.name().to_ascii().to_ascii_lowercase(),
+                question.query_type(),
+                question.query_class(),
+            ));
+            if silent {
+                continue;
+            }
+            let mut m = Message::response(q.metadata.id, q.metadata.op_code);
+            m.metadata.recursion_available = true;
+            m.add_query(question.clone());
+            let owner = question.name().clone();
+            if owner
+                .to_ascii()
+                .eq_ignore_ascii_case("ext.shop.svc.cluster.local.")
+            {
+                let target = Name::from_ascii("db.example.com.").unwrap();
+                m.add_answer(Record::from_rdata(
+                    owner,
+                    5,
+                    RData::CNAME(CNAME(target.clone())),
+                ));
+                m.add_answer(Record::from_rdata(
+                    target,
+                    60,
+                    RData::A(A::new(192, 0, 2, 7)),
+                ));
+            } else {
+                m.add_answer(Record::from_rdata(
+                    owner,
+                    60,
+                    RData::A(A::new(192, 0, 2, 1)),
+                ));
+            }
+            let _ = sock.send_to(&m.to_vec().unwrap(), peer).await;
+        }
+    });
+    Upstream { addr, asked }
+}
+
+impl Upstream {
+    fn asked(&self) -> Vec<(String, RecordType, DNSClass)> {
+        self.asked.lock().unwrap().clone()
+    }
+}
+
+/// A resolver on loopback serving `services` (cluster.local), forwarding
+/// to `up` within 300 ms.
+async fn resolver(up: &Upstream, services: Vec<ServiceName>) -> super::Resolver {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let state =
+        std::env::temp_dir().join(format!("edge-dns-unit-{}-{nanos}.json", std::process::id()));
+    let mut c = super::DnsConfig::new(up.addr, state);
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.forward_timeout = Duration::from_millis(300);
+    let r = super::Resolver::spawn(c, tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+    r.replace_table("cluster.local", services);
+    r
+}
+
+/// Sends `q` over UDP and waits (3 s at most) for the answer.
+async fn over_udp(r: &super::Resolver, q: &Message) -> Message {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    s.send_to(&q.to_vec().unwrap(), r.local_addr())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 65535];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(3), s.recv_from(&mut buf))
+        .await
+        .expect("no answer within 3 s")
+        .unwrap();
+    assert!(n <= super::MAX_UDP_ANSWER, "{n} bytes over UDP");
+    Message::from_vec(&buf[..n]).unwrap()
+}
+
+async fn udp(r: &super::Resolver, name: &str, t: RecordType) -> Message {
+    over_udp(r, &query(name, t)).await
+}
+
+/// The answer section as text, `type data` per record.
+fn texts(m: &Message) -> Vec<String> {
+    m.answers
+        .iter()
+        .map(|r| format!("{} {}", r.record_type(), r.data))
+        .collect()
+}
+
+fn alias(name: &str, target: &str) -> ServiceName {
+    svc(name, NameKind::ExternalName(target.into()), &[], vec![])
+}
+
+/// Stub resolvers (glibc, musl) do not chase a CNAME themselves: an
+/// ExternalName answer must carry the target's addresses. A target in the
+/// cluster is followed here (bounded, loops cut); one outside is forwarded
+/// (the cluster DNS chases it), and with the cloud away the bare alias is
+/// the answer.
+#[tokio::test]
+async fn external_names_are_followed_to_addresses() {
+    let up = upstream(false).await;
+    let mut table = sample();
+    table.push(alias("ext-in", "web.shop.svc.cluster.local"));
+    table.push(alias("ext-2", "ext-in.shop.svc.cluster.local."));
+    table.push(alias("ext-gone", "nope.shop.svc.cluster.local"));
+    table.push(alias("loop-a", "loop-b.shop.svc.cluster.local"));
+    table.push(alias("loop-b", "loop-a.shop.svc.cluster.local"));
+    let r = resolver(&up, table.clone()).await;
+
+    let m = udp(&r, "ext-in.shop.svc.cluster.local.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(
+        texts(&m),
+        ["CNAME web.shop.svc.cluster.local.", "A 10.96.0.20"]
+    );
+    assert_eq!(m.answers[1].name.to_ascii(), "web.shop.svc.cluster.local.");
+    let m = udp(&r, "ext-2.shop.svc.cluster.local.", RecordType::AAAA).await;
+    assert_eq!(
+        texts(&m),
+        [
+            "CNAME ext-in.shop.svc.cluster.local.",
+            "CNAME web.shop.svc.cluster.local.",
+            "AAAA fd00::20"
+        ]
+    );
+    // A target that does not exist: the alias, and NXDOMAIN for the end
+    // of the chain (RFC 6604).
+    let m = udp(&r, "ext-gone.shop.svc.cluster.local.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(texts(&m), ["CNAME nope.shop.svc.cluster.local."]);
+    // A loop ends, with each alias once.
+    let m = udp(&r, "loop-a.shop.svc.cluster.local.", RecordType::A).await;
+    assert_eq!(texts(&m).len(), 2, "{m:?}");
+    assert!(up.asked().is_empty(), "{:?}", up.asked());
+
+    // Outside the cluster: the cluster DNS's whole chain.
+    let m = udp(&r, "ext.shop.svc.cluster.local.", RecordType::A).await;
+    assert_eq!(texts(&m), ["CNAME db.example.com.", "A 192.0.2.7"]);
+    assert_eq!(up.asked()[0].0, "ext.shop.svc.cluster.local.");
+    r.shutdown().await;
+
+    // The cloud away: the bare alias, after the forward timeout.
+    let away = upstream(true).await;
+    let r = resolver(&away, table).await;
+    let m = udp(&r, "ext.shop.svc.cluster.local.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(texts(&m), ["CNAME db.example.com."]);
+    assert_eq!(away.asked().len(), 1);
+    // In the cluster needs no cloud.
+    let m = udp(&r, "ext-in.shop.svc.cluster.local.", RecordType::A).await;
+    assert_eq!(texts(&m).len(), 2);
+    r.shutdown().await;
+}
+
+fn big(n: usize) -> ServiceName {
+    let eps: Vec<NameEndpoint> = (0..n)
+        .map(|i| ep(&format!("10.244.8.{i}"), None, &[80]))
+        .collect();
+    svc(
+        "big",
+        NameKind::Headless,
+        &[("http", 80, NameProtocol::Tcp)],
+        eps,
+    )
+}
+
+/// A UDP answer too large for the client keeps the leading records that
+/// fit, with TC: musl before 1.2.4 never retries over TCP and uses what
+/// it got (as CoreDNS answers). The additional section goes first, and
+/// alone costs no TC.
+#[tokio::test]
+async fn a_truncated_answer_keeps_the_records_that_fit() {
+    let up = upstream(true).await;
+    let r = resolver(&up, vec![big(100)]).await;
+    // No EDNS: 512 bytes.
+    let m = udp(&r, "big.shop.svc.cluster.local.", RecordType::A).await;
+    assert!(m.metadata.truncation);
+    assert!((25..=30).contains(&m.answers.len()), "{}", m.answers.len());
+    let want: Vec<IpAddr> = (0..m.answers.len())
+        .map(|i| format!("10.244.8.{i}").parse().unwrap())
+        .collect();
+    assert_eq!(addrs(&m), want, "the leading records, in order");
+    // EDNS 4096: our limit, 1,232.
+    let mut q = query("big.shop.svc.cluster.local.", RecordType::A);
+    let mut e = hickory_proto::op::Edns::new();
+    e.set_max_payload(4096);
+    q.set_edns(e);
+    let m = over_udp(&r, &q).await;
+    assert!(m.metadata.truncation && m.edns.is_some());
+    assert!((60..100).contains(&m.answers.len()), "{}", m.answers.len());
+    // SRV: 100 records do not fit either; 7 endpoints' do without their
+    // addresses (no TC then: a client can ask for those).
+    let m = udp(
+        &r,
+        "_http._tcp.big.shop.svc.cluster.local.",
+        RecordType::SRV,
+    )
+    .await;
+    assert!(m.metadata.truncation && !m.answers.is_empty());
+    assert!(m.additionals.is_empty());
+    r.shutdown().await;
+    let r = resolver(&up, vec![big(7)]).await;
+    let m = udp(
+        &r,
+        "_http._tcp.big.shop.svc.cluster.local.",
+        RecordType::SRV,
+    )
+    .await;
+    assert!(!m.metadata.truncation);
+    assert_eq!((m.answers.len(), m.additionals.len()), (7, 0));
+    let mut q = query("_http._tcp.big.shop.svc.cluster.local.", RecordType::SRV);
+    q.set_edns(hickory_proto::op::Edns::new());
+    q.edns.as_mut().unwrap().set_max_payload(1232);
+    let m = over_udp(&r, &q).await;
+    assert_eq!(
+        (m.answers.len(), m.additionals.len()),
+        (7, 7),
+        "room for all"
+    );
+    r.shutdown().await;
+}
+
+/// `a-b-c-d.ns.pod.<domain>` is answered from the name itself (CoreDNS's
+/// default `pods insecure`), so it works with the cloud away.
+#[tokio::test]
+async fn pod_names_answer_their_address_without_the_cloud() {
+    let up = upstream(true).await;
+    let r = resolver(&up, sample()).await;
+    let m = udp(&r, "10-244-7-5.shop.pod.cluster.local.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.metadata.authoritative);
+    assert_eq!(addrs(&m), ["10.244.7.5".parse::<IpAddr>().unwrap()]);
+    let m = udp(&r, "10-244-7-5.shop.pod.cluster.local.", RecordType::AAAA).await;
+    assert_eq!(
+        (m.metadata.response_code, m.answers.len()),
+        (ResponseCode::NoError, 0)
+    );
+    let m = udp(&r, "fd00--7-5.Shop.pod.cluster.local.", RecordType::AAAA).await;
+    assert_eq!(addrs(&m), ["fd00::7:5".parse::<IpAddr>().unwrap()]);
+    for bad in [
+        "10-244-7.shop.pod.cluster.local.",
+        "10-244-7-500.shop.pod.cluster.local.",
+        "web.shop.pod.cluster.local.",
+    ] {
+        let m = udp(&r, bad, RecordType::A).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{bad}");
+    }
+    let m = udp(&r, "shop.pod.cluster.local.", RecordType::A).await;
+    assert_eq!(
+        (m.metadata.response_code, m.answers.len()),
+        (ResponseCode::NoError, 0)
+    );
+    assert!(up.asked().is_empty(), "{:?}", up.asked());
+    // A namespace the table knows no Service of may still have pods.
+    let m = udp(&r, "10-244-7-5.other.pod.cluster.local.", RecordType::A).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    assert_eq!(up.asked().len(), 1);
+    r.shutdown().await;
+}
+
+/// The relay sends at most 100 endpoints and 32 ports per Service: a
+/// per-pod or SRV name missing from a Service cut there may exist, so it
+/// is forwarded rather than denied.
+#[tokio::test]
+async fn names_past_the_relays_caps_are_forwarded() {
+    use relay_protocol::ServiceName as S;
+    let up = upstream(false).await;
+    let mut many_ports = svc(
+        "ports",
+        NameKind::ClusterIp(vec!["10.96.0.30".parse().unwrap()]),
+        &[],
+        vec![],
+    );
+    many_ports.ports = (0..S::MAX_PORTS)
+        .map(|i| NamePort {
+            name: format!("p{i}"),
+            port: 1000 + i as u16,
+            protocol: NameProtocol::Tcp,
+        })
+        .collect();
+    let mut small = big(S::MAX_ENDPOINTS - 1);
+    small.key.name = "small".into();
+    let r = resolver(&up, vec![big(S::MAX_ENDPOINTS), small, many_ports]).await;
+    let m = udp(&r, "10-244-9-1.big.shop.svc.cluster.local.", RecordType::A).await;
+    assert_eq!(addrs(&m), ["192.0.2.1".parse::<IpAddr>().unwrap()]);
+    let m = udp(
+        &r,
+        "_more._tcp.ports.shop.svc.cluster.local.",
+        RecordType::SRV,
+    )
+    .await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert_eq!(
+        up.asked().iter().map(|a| a.0.as_str()).collect::<Vec<_>>(),
+        [
+            "10-244-9-1.big.shop.svc.cluster.local.",
+            "_more._tcp.ports.shop.svc.cluster.local."
+        ]
+    );
+    // Held names still answer here; a Service below the cap is complete.
+    let m = udp(&r, "10-244-8-7.big.shop.svc.cluster.local.", RecordType::A).await;
+    assert!(m.metadata.authoritative && addrs(&m).len() == 1);
+    let m = udp(
+        &r,
+        "10-244-9-1.small.shop.svc.cluster.local.",
+        RecordType::A,
+    )
+    .await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    assert_eq!(up.asked().len(), 2);
+    r.shutdown().await;
+}
+
+fn with_edns(mut q: Message, version: u8, dnssec_ok: bool) -> Message {
+    let mut e = hickory_proto::op::Edns::new();
+    e.set_max_payload(1232);
+    e.set_version(version);
+    e.set_dnssec_ok(dnssec_ok);
+    q.set_edns(e);
+    q
+}
+
+/// EDNS (RFC 6891, RFC 3225): the DO bit is echoed, a version other than
+/// 0 is answered BADVERS, and error answers carry an OPT record too.
+#[tokio::test]
+async fn edns_answers_echo_do_refuse_other_versions_and_keep_opt_in_errors() {
+    let up = upstream(true).await;
+    let r = resolver(&up, sample()).await;
+    let q = query("web.shop.svc.cluster.local.", RecordType::A);
+    let m = over_udp(&r, &with_edns(q.clone(), 0, true)).await;
+    assert_eq!(addrs(&m).len(), 1);
+    assert!(m.edns.as_ref().unwrap().flags().dnssec_ok);
+    let m = over_udp(&r, &with_edns(q.clone(), 0, false)).await;
+    assert!(!m.edns.as_ref().unwrap().flags().dnssec_ok);
+    let m = over_udp(&r, &with_edns(q.clone(), 1, false)).await;
+    // BADVERS is 16, which hickory reads back as its twin BADSIG.
+    assert_eq!(u16::from(m.metadata.response_code), 16);
+    assert!(m.answers.is_empty());
+    assert_eq!(m.edns.as_ref().unwrap().version(), 0);
+    let mut notify = with_edns(q.clone(), 0, true);
+    notify.metadata.op_code = OpCode::Notify;
+    let m = over_udp(&r, &notify).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NotImp);
+    assert!(m.edns.as_ref().unwrap().flags().dnssec_ok, "{m:?}");
+    // A failed forward's SERVFAIL too.
+    let m = over_udp(
+        &r,
+        &with_edns(query("example.com.", RecordType::A), 0, false),
+    )
+    .await;
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    assert!(m.edns.is_some());
+    r.shutdown().await;
+}
+
+/// The table is class IN data: a cluster name asked in another class
+/// goes to the upstream. The apex's SOA is an answer.
+#[tokio::test]
+async fn other_classes_are_forwarded_and_the_apex_soa_is_answered() {
+    let up = upstream(false).await;
+    let r = resolver(&up, sample()).await;
+    let mut q = query("web.shop.svc.cluster.local.", RecordType::A);
+    q.queries[0].set_query_class(DNSClass::CH);
+    let m = over_udp(&r, &q).await;
+    assert!(!m.metadata.authoritative);
+    assert_eq!(
+        up.asked(),
+        [(
+            "web.shop.svc.cluster.local.".to_string(),
+            RecordType::A,
+            DNSClass::CH
+        )]
+    );
+    let m = udp(&r, "Cluster.Local.", RecordType::SOA).await;
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(
+        matches!(m.answers[..], [ref s] if matches!(s.data, RData::SOA(_))
+            && s.name.to_ascii() == "Cluster.Local."),
+        "{m:?}"
+    );
+    assert!(m.authorities.is_empty());
+    // Other types at the apex: NODATA as before.
+    let m = udp(&r, "cluster.local.", RecordType::A).await;
+    assert!(m.answers.is_empty());
+    assert!(matches!(m.authorities[0].data, RData::SOA(_)));
+    r.shutdown().await;
 }

@@ -7,14 +7,16 @@
 //! | name | answer |
 //! |---|---|
 //! | `svc.ns.svc.D` A/AAAA | ClusterIP Service: its ClusterIP of that family; headless: its ready endpoints' addresses |
-//! | `svc.ns.svc.D` any type, ExternalName | CNAME to the target |
-//! | `host.svc.ns.svc.D` A/AAAA | a headless endpoint by `hostname`, or by its address with dashes (`10-244-7-5`) |
+//! | `svc.ns.svc.D` any type, ExternalName | CNAME to the target, followed: a target inside `D` adds its own records (at most [`MAX_CHAIN`] CNAMEs, no loops); one outside is forwarded (the upstream chases it), the bare CNAME if that fails |
+//! | `host.svc.ns.svc.D` A/AAAA | a headless endpoint by `hostname`, or by its address with dashes (`10-244-7-5`); a name not held, when the relay cut the endpoints at [`ServiceName::MAX_ENDPOINTS`]: forwarded |
 //! | `_port._proto.svc.ns.svc.D` SRV | ClusterIP: `0 100 port svc.ns.svc.D.`; headless: one per endpoint with its target port |
 //! | `svc.ns.svc.D` SRV | the same for every named port |
-//! | `*.pod.D` | forwarded (pod records need pod data this table does not hold) |
-//! | the apex, `svc.D`, `ns.svc.D` of a known namespace | NODATA |
+//! | `_port._proto.svc.ns.svc.D` SRV, no such port, ports cut at [`ServiceName::MAX_PORTS`] | forwarded |
+//! | `a-b-c-d.ns.pod.D` A, `fd00--5.ns.pod.D` AAAA | the address in the name (CoreDNS's `pods insecure`), NXDOMAIN if it is none; a namespace without Services here: forwarded |
+//! | the apex SOA | the SOA |
+//! | the apex, `svc.D`, `pod.D`, `ns.svc.D` / `ns.pod.D` of a known namespace | NODATA |
 //! | anything else under `D` | NXDOMAIN |
-//! | names outside `D` | forwarded |
+//! | names outside `D`, other names under `pod.D`, any class but IN | forwarded |
 //!
 //! Negative answers carry a SOA record for the domain, so stub resolvers
 //! cache them for [`NEGATIVE_TTL`] seconds; positive answers have [`TTL`].
@@ -24,7 +26,7 @@ use std::net::IpAddr;
 
 use hickory_proto::op::{Message, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, SOA, SRV};
-use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use relay_protocol::{NameKind, ServiceName};
 
 /// TTL of local answers, in seconds (CoreDNS's default for the
@@ -38,9 +40,30 @@ pub const NEGATIVE_TTL: u32 = 5;
 pub enum Outcome {
     /// Answered from the table: the complete response.
     Answer(Message),
-    /// Not ours (outside the cluster domain, or pod records): ask the
-    /// upstream.
+    /// Not ours (outside the cluster domain, another class, a name the
+    /// table may lack): ask the upstream.
     Forward,
+    /// Ask the upstream; if it cannot be asked (the cloud is away), this
+    /// answer: an ExternalName alias to a name outside the cluster, which
+    /// the upstream chases (its answer has the target's records too).
+    ForwardOr(Message),
+}
+
+/// Most CNAMEs in one local answer (CoreDNS stops at 8 too).
+pub const MAX_CHAIN: usize = 8;
+
+/// Why a name has no records here.
+enum Not {
+    /// An answer with this code (NXDOMAIN, SERVFAIL).
+    Code(ResponseCode),
+    /// An ExternalName: an alias of this name.
+    Alias(Name),
+    /// The upstream knows better (the table was cut, or lacks the data).
+    Forward,
+}
+
+fn nx() -> Not {
+    Not::Code(ResponseCode::NXDomain)
 }
 
 /// The names of one cluster domain.
@@ -104,33 +127,61 @@ impl Zone {
         let Some(q) = query.queries.first() else {
             return Outcome::Forward;
         };
-        let Some(rel) = self.relative(q.name()) else {
+        let Some(mut rel) = self.relative(q.name()) else {
             return Outcome::Forward;
         };
+        // The table holds class IN data only; CHAOS and the rest are the
+        // upstream's business (CoreDNS's plugin answers only IN).
+        if q.query_class() != DNSClass::IN {
+            return Outcome::Forward;
+        }
         let qtype = q.query_type();
-        let r: Result<Vec<Record>, ResponseCode> = match rel.as_slice() {
-            [.., last] if last == "pod" => return Outcome::Forward,
-            [] | [_] if rel.first().is_none_or(|l| l == "svc") => Ok(vec![]),
-            [ns, svc] if svc == "svc" => {
-                if self.namespaces.contains(ns) {
-                    Ok(vec![])
-                } else {
-                    Err(ResponseCode::NXDomain)
-                }
-            }
-            [name, ns, svc] if svc == "svc" => self.service(q.name(), ns, name, qtype),
-            [host, name, ns, svc] if svc == "svc" => self.endpoint(q.name(), ns, name, host, qtype),
-            [port, proto, name, ns, svc] if svc == "svc" => {
-                self.srv(q.name(), ns, name, Some((port, proto)), qtype)
-            }
-            _ => Err(ResponseCode::NXDomain),
-        };
         let mut resp = Message::response(query.metadata.id, OpCode::Query);
         resp.metadata.authoritative = true;
         resp.metadata.recursion_desired = query.metadata.recursion_desired;
         resp.metadata.recursion_available = true;
         resp.metadata.checking_disabled = query.metadata.checking_disabled;
         resp.add_query(q.clone());
+        // ExternalName aliases are followed here, as CoreDNS does: stub
+        // resolvers (glibc, musl) expect the server to chase a CNAME and
+        // give up on a bare one. `chain` holds the CNAMEs so far.
+        let mut owner = q.name().clone();
+        let mut chain: Vec<Record> = Vec::new();
+        let mut seen: Vec<Vec<String>> = Vec::new();
+        let r = loop {
+            match self.records(&owner, &rel, qtype) {
+                Err(Not::Alias(target)) => {
+                    let cname = Record::from_rdata(owner, TTL, RData::CNAME(CNAME(target.clone())));
+                    chain.push(cname);
+                    if qtype == RecordType::CNAME {
+                        break Ok(vec![]);
+                    }
+                    seen.push(rel);
+                    match self.relative(&target) {
+                        // Outside the cluster: the upstream chases it (its
+                        // answer is the whole chain); the bare alias if it
+                        // cannot be asked.
+                        None => {
+                            resp.add_answers(chain);
+                            return Outcome::ForwardOr(resp);
+                        }
+                        // A loop, or too long a chain: the aliases so far.
+                        Some(t) if seen.contains(&t) || chain.len() >= MAX_CHAIN => {
+                            break Ok(vec![]);
+                        }
+                        Some(t) => (owner, rel) = (target, t),
+                    }
+                }
+                Err(Not::Forward) if chain.is_empty() => return Outcome::Forward,
+                Err(Not::Forward) => {
+                    resp.add_answers(chain);
+                    return Outcome::ForwardOr(resp);
+                }
+                Err(Not::Code(code)) => break Err(code),
+                Ok(records) => break Ok(records),
+            }
+        };
+        resp.add_answers(chain);
         match r {
             Ok(answers) if !answers.is_empty() => {
                 // The additional section of SRV answers holds the targets'
@@ -153,6 +204,44 @@ impl Zone {
         Outcome::Answer(resp)
     }
 
+    /// The records of the name `owner` (its labels before the domain:
+    /// `rel`) for `qtype`.
+    fn records(&self, owner: &Name, rel: &[String], qtype: RecordType) -> Result<Vec<Record>, Not> {
+        match rel {
+            [] if qtype == RecordType::SOA => Ok(vec![self.soa_at(owner)]),
+            [] | [_] if rel.first().is_none_or(|l| l == "svc" || l == "pod") => Ok(vec![]),
+            [ns, pod] if pod == "pod" => {
+                if self.namespaces.contains(ns) {
+                    Ok(vec![])
+                } else {
+                    // Namespaces are known here only by their Services.
+                    Err(Not::Forward)
+                }
+            }
+            [ip, ns, pod] if pod == "pod" => {
+                if !self.namespaces.contains(ns) {
+                    return Err(Not::Forward);
+                }
+                let ip = pod_address(ip).ok_or_else(nx)?;
+                Ok(address_records(owner, &[ip], qtype))
+            }
+            [.., last] if last == "pod" => Err(Not::Forward),
+            [ns, svc] if svc == "svc" => {
+                if self.namespaces.contains(ns) {
+                    Ok(vec![])
+                } else {
+                    Err(nx())
+                }
+            }
+            [name, ns, svc] if svc == "svc" => self.service(owner, ns, name, qtype),
+            [host, name, ns, svc] if svc == "svc" => self.endpoint(owner, ns, name, host, qtype),
+            [port, proto, name, ns, svc] if svc == "svc" => {
+                self.srv(owner, ns, name, Some((port, proto)), qtype)
+            }
+            _ => Err(nx()),
+        }
+    }
+
     /// The labels of `name` before the cluster domain, lower case, or
     /// `None` when `name` is outside it.
     fn relative(&self, name: &Name) -> Option<Vec<String>> {
@@ -172,11 +261,15 @@ impl Zone {
     }
 
     fn soa(&self) -> Record {
-        let apex = self.fqdn(&[]).unwrap_or_else(Name::root);
+        self.soa_at(&self.fqdn(&[]).unwrap_or_else(Name::root))
+    }
+
+    /// The SOA record, owned by `apex` (the domain as the asker spelt it).
+    fn soa_at(&self, apex: &Name) -> Record {
         let mname = self.fqdn(&["ns", "dns"]).unwrap_or_else(Name::root);
         let rname = self.fqdn(&["hostmaster"]).unwrap_or_else(Name::root);
         let soa = SOA::new(mname, rname, self.serial, 7200, 1800, 86400, NEGATIVE_TTL);
-        Record::from_rdata(apex, NEGATIVE_TTL, RData::SOA(soa))
+        Record::from_rdata(apex.clone(), NEGATIVE_TTL, RData::SOA(soa))
     }
 
     fn lookup(&self, ns: &str, name: &str) -> Option<&ServiceName> {
@@ -189,17 +282,13 @@ impl Zone {
         ns: &str,
         name: &str,
         qtype: RecordType,
-    ) -> Result<Vec<Record>, ResponseCode> {
-        let s = self.lookup(ns, name).ok_or(ResponseCode::NXDomain)?;
+    ) -> Result<Vec<Record>, Not> {
+        let s = self.lookup(ns, name).ok_or_else(nx)?;
         if let NameKind::ExternalName(target) = &s.kind {
-            // An alias whatever the type: the stub resolver follows it.
+            // An alias whatever the type ([`Zone::answer`] follows it).
             let t = Name::from_ascii(format!("{}.", target.trim_end_matches('.')))
-                .map_err(|_| ResponseCode::ServFail)?;
-            return Ok(vec![Record::from_rdata(
-                owner.clone(),
-                TTL,
-                RData::CNAME(CNAME(t)),
-            )]);
+                .map_err(|_| Not::Code(ResponseCode::ServFail))?;
+            return Err(Not::Alias(t));
         }
         if qtype == RecordType::SRV {
             return self.srv(owner, ns, name, None, qtype);
@@ -218,13 +307,19 @@ impl Zone {
         name: &str,
         host: &str,
         qtype: RecordType,
-    ) -> Result<Vec<Record>, ResponseCode> {
-        let s = self.lookup(ns, name).ok_or(ResponseCode::NXDomain)?;
-        let e = s
-            .endpoints
-            .iter()
-            .find(|e| endpoint_label(e) == host)
-            .ok_or(ResponseCode::NXDomain)?;
+    ) -> Result<Vec<Record>, Not> {
+        let s = self.lookup(ns, name).ok_or_else(nx)?;
+        let Some(e) = s.endpoints.iter().find(|e| endpoint_label(e) == host) else {
+            // The relay cuts a Service's endpoints at the cap: past it,
+            // a name not held here may well exist.
+            return Err(
+                if s.kind == NameKind::Headless && s.endpoints.len() >= ServiceName::MAX_ENDPOINTS {
+                    Not::Forward
+                } else {
+                    nx()
+                },
+            );
+        };
         Ok(address_records(owner, &[e.ip], qtype))
     }
 
@@ -237,8 +332,8 @@ impl Zone {
         name: &str,
         which: Option<(&String, &String)>,
         qtype: RecordType,
-    ) -> Result<Vec<Record>, ResponseCode> {
-        let s = self.lookup(ns, name).ok_or(ResponseCode::NXDomain)?;
+    ) -> Result<Vec<Record>, Not> {
+        let s = self.lookup(ns, name).ok_or_else(nx)?;
         let ports: Vec<usize> = (0..s.ports.len())
             .filter(|&i| {
                 let p = &s.ports[i];
@@ -250,9 +345,12 @@ impl Zone {
             })
             .collect();
         if ports.is_empty() {
-            // No such port: the name does not exist (as CoreDNS answers).
-            return if which.is_some() {
-                Err(ResponseCode::NXDomain)
+            // No such port: the name does not exist (as CoreDNS answers),
+            // unless the relay cut the ports at the cap.
+            return if which.is_some() && s.ports.len() >= ServiceName::MAX_PORTS {
+                Err(Not::Forward)
+            } else if which.is_some() {
+                Err(nx())
             } else {
                 Ok(vec![])
             };
@@ -265,7 +363,7 @@ impl Zone {
             NameKind::ClusterIp(ips) => {
                 let target = self
                     .fqdn(&[name, ns, "svc"])
-                    .ok_or(ResponseCode::ServFail)?;
+                    .ok_or(Not::Code(ResponseCode::ServFail))?;
                 for &i in &ports {
                     let srv = SRV::new(0, 100, s.ports[i].port, target.clone());
                     srvs.push(Record::from_rdata(owner.clone(), TTL, RData::SRV(srv)));
@@ -279,7 +377,7 @@ impl Zone {
                     let label = endpoint_label(e);
                     let target = self
                         .fqdn(&[&label, name, ns, "svc"])
-                        .ok_or(ResponseCode::ServFail)?;
+                        .ok_or(Not::Code(ResponseCode::ServFail))?;
                     let mut any = false;
                     for &i in &ports {
                         let port = e.ports.get(i).copied().unwrap_or(0);
@@ -294,7 +392,7 @@ impl Zone {
                     }
                 }
             }
-            NameKind::ExternalName(_) => return Err(ResponseCode::NXDomain),
+            NameKind::ExternalName(_) => return Err(nx()),
         }
         srvs.extend(extra);
         Ok(srvs)
@@ -307,6 +405,25 @@ fn endpoint_label(e: &relay_protocol::NameEndpoint) -> String {
     match &e.hostname {
         Some(h) => h.to_ascii_lowercase(),
         None => e.ip.to_string().replace(['.', ':'], "-"),
+    }
+}
+
+/// The address of a pod name's first label, as CoreDNS's `pods insecure`
+/// reads it: four numbers with three single dashes an IPv4 address
+/// (`10-244-7-5`), otherwise dashes as colons an IPv6 one (`fd00--5`).
+fn pod_address(label: &str) -> Option<IpAddr> {
+    if label.matches('-').count() == 3 && !label.contains("--") {
+        label
+            .replace('-', ".")
+            .parse::<std::net::Ipv4Addr>()
+            .ok()
+            .map(IpAddr::V4)
+    } else {
+        label
+            .replace('-', ":")
+            .parse::<std::net::Ipv6Addr>()
+            .ok()
+            .map(IpAddr::V6)
     }
 }
 
