@@ -163,10 +163,10 @@ pub(crate) fn vet(
         if is_cloud[name.as_str()] {
             continue;
         }
-        let mut alone = |ranges: &[Cidr]| -> Vec<Cidr> {
+        let mut alone = |ranges: &[Cidr], v6_default: bool| -> Vec<Cidr> {
             let mut ok = Vec::new();
             for p in ranges {
-                match own_refusal(p, &special, cloud_ranges, edge_ranges) {
+                match own_refusal(p, &special, cloud_ranges, edge_ranges, v6_default) {
                     Some(why) => refused.push(Refused {
                         node: name.clone(),
                         prefix: *p,
@@ -179,9 +179,14 @@ pub(crate) fn vet(
             ok
         };
         // On their own, always: kube-controller-manager never gives a node
-        // a special range, the cloud's, or one wider than a /16.
-        let pods = alone(&c.pod_cidrs);
-        let ipam = alone(&c.ipam_cidrs);
+        // a special range, the cloud's, or one wider than a /16. The IPv6
+        // default range (`fc00::/7`, see `family_ranges`) is for what an
+        // edge can write: its IPAM blocks, and pod CIDRs where the
+        // allocator does not set them; the allocator's IPv6 pod CIDRs come
+        // from the cluster's own (often global) range and were always
+        // taken while no IPv6 range is listed.
+        let pods = alone(&c.pod_cidrs, pods_vetted);
+        let ipam = alone(&c.ipam_cidrs, true);
         plausible.insert(name.as_str(), (pods, ipam));
     }
     let mut entries = Vec::new();
@@ -259,6 +264,7 @@ fn own_refusal(
     special: &[Cidr],
     cloud_ranges: &[Cidr],
     edge_ranges: &[Cidr],
+    v6_default: bool,
 ) -> Option<String> {
     let widest = if p.addr().is_ipv4() {
         WIDEST_POD_CIDR.0
@@ -278,7 +284,8 @@ fn own_refusal(
     if let Some(r) = cloud_ranges.iter().find(|r| r.overlaps(p)) {
         return Some(format!("overlaps tunnel_routes ({r}), the cloud's"));
     }
-    outside(p, edge_ranges).then(|| "outside kubernetes.edge_address_ranges".to_string())
+    outside(p, edge_ranges, v6_default)
+        .then(|| super::node_addresses::outside_reason(p.addr().is_ipv4(), edge_ranges))
 }
 
 /// Narrowest a per-node pod range is taken as: kube-controller-manager
@@ -319,9 +326,14 @@ fn pod_cidr_refusal(
 
 /// Whether `p` is not inside one of the edge ranges of its family (see
 /// [`super::node_addresses::family_ranges`]: IPv6 ones held to `fc00::/7`
-/// when no IPv6 range is listed).
-fn outside(p: &Cidr, edge_ranges: &[Cidr]) -> bool {
-    super::node_addresses::family_ranges(p.addr().is_ipv4(), edge_ranges)
+/// when no IPv6 range is listed, unless `v6_default` is off, when an
+/// unlisted IPv6 is not restricted).
+fn outside(p: &Cidr, edge_ranges: &[Cidr], v6_default: bool) -> bool {
+    let v4 = p.addr().is_ipv4();
+    if !v4 && !v6_default && !edge_ranges.iter().any(|r| r.addr().is_ipv6()) {
+        return false;
+    }
+    super::node_addresses::family_ranges(v4, edge_ranges)
         .is_some_and(|f| !f.iter().any(|r| r.contains_cidr(p)))
 }
 
@@ -473,13 +485,61 @@ mod tests {
             refused,
             [(
                 "edge-1 2001:db8:70::/122".to_string(),
-                "outside kubernetes.edge_address_ranges".to_string()
+                "outside fc00::/7, the IPv6 default while kubernetes.edge_address_ranges lists no IPv6 range".to_string()
             )]
         );
         let listed = [PRIVATE.as_slice(), &["2001:db8:70::/48"]].concat();
         let (kept, refused) = run(&[("edge-1", edge())], &listed);
         assert_eq!(kept["edge-1"], ["2001:db8:70::/122"]);
         assert_eq!(refused.len(), 1, "{refused:?}");
+    }
+
+    /// The allocator's IPv6 pod CIDRs (most edges have pod CIDRs:
+    /// kube-controller-manager's, from the cluster's range, global or not)
+    /// are taken while no IPv6 range is listed; where most edges have none
+    /// (the CNI's IPAM allocates), one an edge's Node shows was written by
+    /// whoever may update that Node and is held to `fc00::/7` as IPAM
+    /// blocks are.
+    #[test]
+    fn an_allocators_global_ipv6_pod_cidr_is_taken() {
+        let tunnel = cidrs(&["10.244.0.0/16", "10.96.0.0/12"]);
+        let edge1 = || {
+            node(
+                &["10.70.1.0/24", "2001:db8:42:1::/64"],
+                &[],
+                "192.168.1.10",
+                true,
+            )
+        };
+        let mut claims: BTreeMap<String, NodeClaims> = BTreeMap::new();
+        claims.insert("edge-1".into(), edge1());
+        claims.insert(
+            "edge-2".into(),
+            node(
+                &["10.70.2.0/24", "2001:db8:42:2::/64"],
+                &[],
+                "192.168.1.11",
+                true,
+            ),
+        );
+        let (kept, refused) = vet(&claims, |c| !c.edge, &tunnel, &cidrs(&PRIVATE));
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!(
+            kept["edge-1"].pod_cidrs,
+            cidrs(&["10.70.1.0/24", "2001:db8:42:1::/64"])
+        );
+        // Two of three edges without pod CIDRs: edge-1's are vetted.
+        claims.insert("edge-2".into(), node(&[], &[], "192.168.1.11", true));
+        claims.insert("edge-3".into(), node(&[], &[], "192.168.1.12", true));
+        let (kept, refused) = vet(&claims, |c| !c.edge, &tunnel, &cidrs(&PRIVATE));
+        assert_eq!(kept["edge-1"].pod_cidrs, cidrs(&["10.70.1.0/24"]));
+        let why: Vec<_> = refused
+            .iter()
+            .map(|r| (r.prefix.to_string(), r.why.as_str()))
+            .collect();
+        assert_eq!(why.len(), 1, "{why:?}");
+        assert_eq!(why[0].0, "2001:db8:42:1::/64");
+        assert!(why[0].1.contains("fc00::/7"), "{why:?}");
     }
 
     /// A loopback block is taken where a loopback range is listed (the

@@ -70,7 +70,7 @@ pub(crate) fn vet(
                 let whose = if is_cloud[other] { "cloud" } else { "edge" };
                 Some(format!("inside {whose} node {other}'s pod CIDR {p}"))
             } else if outside(ip, edge_ranges) {
-                Some("outside kubernetes.edge_address_ranges".to_string())
+                Some(outside_reason(ip.is_ipv4(), edge_ranges))
             } else {
                 None
             };
@@ -167,6 +167,18 @@ pub(crate) fn family_ranges(v4: bool, edge_ranges: &[Cidr]) -> Option<Vec<Cidr>>
             .into_iter()
             .collect(),
         ),
+    }
+}
+
+/// Why an address or range of the IPv4 (`v4`) or IPv6 family is refused
+/// for being outside [`family_ranges`]: the listed ranges, or the IPv6
+/// default, named as such so that an operator sees which list to extend.
+pub(crate) fn outside_reason(v4: bool, edge_ranges: &[Cidr]) -> String {
+    if !v4 && !edge_ranges.iter().any(|r| r.addr().is_ipv6()) {
+        "outside fc00::/7, the IPv6 default while kubernetes.edge_address_ranges lists no IPv6 range"
+            .to_string()
+    } else {
+        "outside kubernetes.edge_address_ranges".to_string()
     }
 }
 
@@ -297,6 +309,7 @@ mod tests {
         let ips = |v: &[&str]| -> Vec<IpAddr> { v.iter().map(|a| a.parse().unwrap()).collect() };
         let defaults = crate::config_kube::default_edge_address_ranges();
         let lab: Vec<Cidr> = vec!["127.0.0.0/8".parse().unwrap()];
+        const DEFAULT_V6: &str = "outside fc00::/7, the IPv6 default while kubernetes.edge_address_ranges lists no IPv6 range";
         for ranges in [&defaults, &lab] {
             let (kept, refused) = vet(&all, |c| !c.edge, &[], ranges);
             let ipv4 = if ranges == &lab {
@@ -315,14 +328,8 @@ mod tests {
             assert_eq!(
                 why,
                 [
-                    (
-                        ips(&["2001:db8:ee::5"])[0],
-                        "outside kubernetes.edge_address_ranges"
-                    ),
-                    (
-                        ips(&["2a00:1450::1"])[0],
-                        "outside kubernetes.edge_address_ranges"
-                    ),
+                    (ips(&["2001:db8:ee::5"])[0], DEFAULT_V6),
+                    (ips(&["2a00:1450::1"])[0], DEFAULT_V6),
                 ],
                 "{ranges:?}"
             );
