@@ -43,8 +43,11 @@ const LOCAL_READ_BUF: usize = 64 * 1024;
 /// per chunk was one syscall per packet.
 const GATHER: usize = 16;
 
-/// What an idle stream holds until its first full read (loadtest
-/// `streams`: 16 KiB up front cost ~19.5 KiB of relay memory per idle stream).
+/// Largest read of a stream until one fills it (then [`LOCAL_READ_BUF`]).
+/// These reads go to a buffer on the stack and are copied out at their
+/// size, so an idle stream holds no read buffer (loadtest `streams`: 16 KiB
+/// up front cost ~19.5 KiB of relay memory per idle stream; a 2 KiB buffer
+/// held while waiting, about 2 KiB per stream on each side).
 pub(crate) const INITIAL_READ_BUF: usize = 2 * 1024;
 
 /// Default idle bound of a spliced connection: no byte either way for this
@@ -289,18 +292,25 @@ async fn pump_to_tunnel<R: AsyncRead + Unpin>(
         total += pending.len() as u64;
         meter.add(Direction::ToTunnel, pending.len() as u64);
     }
-    // Each read lands in a fresh chunk that the QUIC stream keeps as is
-    // (no copy into its send buffer). Idle streams reserve a small chunk;
-    // a read that fills it means bulk traffic, and chunks grow to
-    // LOCAL_READ_BUF for good.
+    // Until a read fills INITIAL_READ_BUF, reads go to a buffer on the
+    // stack and leave as a chunk of their own size: a waiting stream holds
+    // no buffer, and a request costs one allocation of its size (a 2 KiB
+    // one per read took glibc malloc's slow path: over its thread cache's
+    // 1,032 bytes, and a consolidation of its fast bins each time). A read
+    // that fills it means bulk traffic: from then on each read lands in a
+    // fresh LOCAL_READ_BUF chunk that the QUIC stream keeps as is (no
+    // copy).
     let mut size = INITIAL_READ_BUF;
     let mut buf = BytesMut::new();
     loop {
-        buf.reserve(size);
-        let n = local
-            .read_buf(&mut buf)
-            .await
-            .map_err(|e| fail(total, "local read", e))?;
+        let read = if size == INITIAL_READ_BUF {
+            read_small(local).await
+        } else {
+            buf.reserve(size);
+            local.read_buf(&mut buf).await.map(|_| buf.split().freeze())
+        };
+        let chunk = read.map_err(|e| fail(total, "local read", e))?;
+        let n = chunk.len();
         if n == 0 {
             send.shutdown()
                 .await
@@ -316,7 +326,7 @@ async fn pump_to_tunnel<R: AsyncRead + Unpin>(
         if act.read_after_parts() && !full {
             ack_now(local);
         }
-        send.write_chunk(buf.split().freeze())
+        send.write_chunk(chunk)
             .await
             .map_err(|e| fail(total, "tunnel write", e))?;
         total += n as u64;
@@ -325,6 +335,19 @@ async fn pump_to_tunnel<R: AsyncRead + Unpin>(
             size = LOCAL_READ_BUF;
         }
     }
+}
+
+/// One read of at most [`INITIAL_READ_BUF`] bytes into a buffer on the
+/// stack (alive only while the read is polled), copied out at its size;
+/// empty at end of stream.
+async fn read_small<R: AsyncRead + Unpin>(local: &mut R) -> std::io::Result<Bytes> {
+    std::future::poll_fn(|cx| {
+        let mut space = [std::mem::MaybeUninit::<u8>::uninit(); INITIAL_READ_BUF];
+        let mut rb = tokio::io::ReadBuf::uninit(&mut space);
+        std::task::ready!(std::pin::Pin::new(&mut *local).poll_read(cx, &mut rb))?;
+        std::task::Poll::Ready(Ok(Bytes::copy_from_slice(rb.filled())))
+    })
+    .await
 }
 
 async fn pump_from_tunnel<W: AsyncWrite + Unpin>(
@@ -632,6 +655,50 @@ mod tests {
             "{out:?}"
         );
         assert!(t0.elapsed() >= Duration::from_millis(300));
+    }
+
+    /// What a local socket sends crosses whole and in order, the bytes
+    /// read with the header first: a small read (copied off the stack),
+    /// then reads that fill the small buffer and switch to bulk chunks;
+    /// the socket's FIN ends the tunnel stream and the far end's FIN
+    /// reaches the socket.
+    #[tokio::test]
+    async fn small_reads_then_bulk_cross_whole_and_in_order() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (ca, cb) = yamux_pair().await;
+        let (s, r) = ca.open_bi().await.unwrap();
+        let bi = BiStream {
+            send: SendHalf::Tcp(s),
+            recv: RecvHalf::Tcp(r),
+        };
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (peer, local) = tokio::join!(
+            tokio::net::TcpStream::connect(l.local_addr().unwrap()),
+            async { l.accept().await.unwrap().0 }
+        );
+        let mut peer = peer.unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let spliced = tokio::spawn(async move { splice(local, b"head", bi, &()).await });
+        let far = tokio::spawn(async move {
+            let (mut send, mut recv) = cb.accept_bi().await.unwrap();
+            let mut got = Vec::new();
+            recv.read_to_end(&mut got).await.unwrap();
+            send.shutdown().await.unwrap();
+            got
+        });
+        peer.write_all(&data[..100]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        peer.write_all(&data[100..]).await.unwrap();
+        peer.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        peer.read_to_end(&mut back).await.unwrap();
+        let got = far.await.unwrap();
+        assert_eq!(&got[..4], b"head");
+        assert!(got[4..] == data[..], "bytes differ or missing");
+        assert!(back.is_empty());
+        let out = spliced.await.unwrap();
+        assert!(out.reset.is_none(), "{out:?}");
+        assert_eq!(out.to_tunnel, 4 + data.len() as u64);
     }
 
     /// Only a read after more than one write asks for an ACK at once.
