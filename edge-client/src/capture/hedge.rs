@@ -18,12 +18,14 @@
 //! that connection ends at once (its stream is finished when dropped).
 //! The TCP fallback is never hedged: yamux acknowledges a new stream only
 //! when the relay's side takes it, and an idle connection may then be
-//! silent far longer than a round trip.
+//! silent far longer than a round trip. On either transport, an open that
+//! fails because the picked session's connection has closed (between the
+//! look at the sessions and the open) goes to the spare at once.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use relay_protocol::{StreamOpen, StreamReply};
+use relay_protocol::{StreamOpen, StreamReply, StreamStatus};
 use relay_transport::conn::{open_stream, BiStream};
 use relay_transport::{TransportKind, TunnelConn};
 use tracing::debug;
@@ -38,8 +40,11 @@ pub(super) fn hedge_after(rtt: Duration) -> Duration {
 /// Opens `open` on `picked`, bounded by `timeout`; when `picked` is QUIC,
 /// there is a `spare`, and nothing arrives on `picked` for
 /// [`hedge_after`] its round trip, on `spare` as well (counted in
-/// `hedged`): the first success is kept. When both fail, the spare's
-/// answer is the one returned (the picked path is the silent one).
+/// `hedged`): the first success is kept. When both fail, a relay's own
+/// answer is preferred to a timeout, the spare's when both are answers.
+/// An open that fails at once because `picked`'s connection is gone (it
+/// ended after capture took its snapshot of the sessions) goes to the
+/// spare, whatever the transport.
 pub(super) async fn open_hedged(
     picked: &TunnelConn,
     spare: Option<&TunnelConn>,
@@ -51,12 +56,24 @@ pub(super) async fn open_hedged(
     let heard = picked.arrivals();
     let first = open_stream(picked, open, timeout);
     tokio::pin!(first);
-    let spare = match spare {
-        Some(s) if picked.kind() == TransportKind::Quic => s,
-        _ => return first.await,
+    let Some(spare) = spare else {
+        return first.await;
     };
+    if picked.kind() != TransportKind::Quic {
+        return match first.await {
+            Err(_) if closed(picked) => {
+                open_stream(spare, open, timeout.saturating_sub(start.elapsed())).await
+            }
+            r => r,
+        };
+    }
     tokio::select! {
-        r = &mut first => return r,
+        r = &mut first => return match r {
+            Err(_) if closed(picked) => {
+                open_stream(spare, open, timeout.saturating_sub(start.elapsed())).await
+            }
+            r => r,
+        },
         _ = tokio::time::sleep(hedge_after(picked.rtt()).min(timeout)) => {}
     }
     if picked.arrivals() != heard {
@@ -73,12 +90,31 @@ pub(super) async fn open_hedged(
     tokio::select! {
         r = &mut first => match r {
             Ok(bi) => Ok(bi),
-            Err(_) => second.await,
+            Err(a) => second.await.map_err(|b| either(a, b, picked, spare)),
         },
         r = &mut second => match r {
             Ok(bi) => Ok(bi),
-            Err(e) => first.await.map_err(|_| e),
+            Err(b) => first.await.map_err(|a| either(a, b, picked, spare)),
         },
+    }
+}
+
+/// Whether `conn` is closed (an open on it then failed for that, not by
+/// the relay's answer).
+fn closed(conn: &TunnelConn) -> bool {
+    futures::FutureExt::now_or_never(conn.closed()).is_some()
+}
+
+/// Of two failed opens' replies (`a` on `picked`, `b` on the spare), the
+/// one to report: a relay's answer before a timeout or a failure of a
+/// closed connection, the spare's when both are answers or neither is.
+fn either(a: StreamReply, b: StreamReply, picked: &TunnelConn, spare: &TunnelConn) -> StreamReply {
+    let answered =
+        |e: &StreamReply, conn: &TunnelConn| e.status != StreamStatus::Timeout && !closed(conn);
+    if answered(&a, picked) && !answered(&b, spare) {
+        a
+    } else {
+        b
     }
 }
 
@@ -112,11 +148,14 @@ mod tests {
                 tokio::spawn(async move {
                     let Ok(conn) = inc.await else { return };
                     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                        let _: StreamOpen = read_frame(&mut recv).await.unwrap();
-                        seen.fetch_add(1, Relaxed);
-                        write_frame(&mut send, &StreamReply::ok()).await.unwrap();
-                        // Held open until the edge ends the stream.
-                        let _ = recv.read_to_end(1 << 16).await;
+                        let seen = seen.clone();
+                        tokio::spawn(async move {
+                            let _: StreamOpen = read_frame(&mut recv).await.unwrap();
+                            seen.fetch_add(1, Relaxed);
+                            write_frame(&mut send, &StreamReply::ok()).await.unwrap();
+                            // Held open until the edge ends the stream.
+                            let _ = recv.read_to_end(1 << 16).await;
+                        });
                     }
                 });
             }
@@ -215,6 +254,24 @@ mod tests {
         let r = open_hedged(&a, None, &open(), short, &hedged).await;
         assert_eq!(r.err().map(|e| e.status), Some(StreamStatus::Timeout));
         assert_eq!(hedged.load(Relaxed), 1);
+
+        // The picked session's connection is gone (it ended after the
+        // sessions were looked at): the open goes to the spare at once.
+        a.close(0, "gone");
+        let at = std::time::Instant::now();
+        let bi = open_hedged(&a, Some(&b), &open(), timeout, &hedged).await;
+        assert!(bi.is_ok(), "{:?}", bi.err());
+        assert!(
+            at.elapsed() < hedge_after(Duration::ZERO),
+            "{:?}",
+            at.elapsed()
+        );
+        assert_eq!(seen_b.load(Relaxed), 2);
+        assert_eq!(
+            hedged.load(Relaxed),
+            1,
+            "not a hedge: the picked one failed"
+        );
     }
 
     #[test]
