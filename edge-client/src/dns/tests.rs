@@ -254,12 +254,14 @@ fn external_names_outside_the_cluster_are_forwarded_with_the_alias_to_fall_back_
         "{m:?}"
     );
     assert!(m.additionals.is_empty());
-    // Asked for the CNAME itself: answered here, not followed.
+    // Asked for the CNAME itself: answered here, not followed, and a
+    // positive answer (no SOA, as a NODATA would carry).
     let m = ask(&zone(), "ext.shop.svc.cluster.local.", RecordType::CNAME);
     assert!(
         matches!(m.answers[..], [ref r] if matches!(r.data, RData::CNAME(_))),
         "{m:?}"
     );
+    assert!(m.authorities.is_empty(), "{m:?}");
 }
 
 #[test]

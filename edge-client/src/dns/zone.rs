@@ -181,8 +181,11 @@ impl Zone {
                 Ok(records) => break Ok(records),
             }
         };
+        // A query for the CNAME itself is answered by it: positive, no SOA.
+        let alias_asked = qtype == RecordType::CNAME && !chain.is_empty();
         resp.add_answers(chain);
         match r {
+            Ok(_) if alias_asked => {}
             Ok(answers) if !answers.is_empty() => {
                 // The additional section of SRV answers holds the targets'
                 // addresses, after the answers proper.
