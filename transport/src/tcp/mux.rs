@@ -793,7 +793,9 @@ mod tests {
     /// `a_refused_certificate_is_named_wherever_the_refusal_lands`.)
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_connections_own_end_is_not_taken_for_the_datagram_streams() {
-        let settle = Duration::from_millis(300);
+        // Past the reader's grace: a reader that took the stream's end for
+        // the peer's doing would have marked it by then.
+        let settle = super::super::driver::DATAGRAM_STREAM_GRACE + Duration::from_millis(500);
         // The peer's TCP close.
         let (c, edge) = relay_with_hand_made_edge(&framed(1, b"x")).await;
         drop(edge);
@@ -810,13 +812,18 @@ mod tests {
         tokio::time::sleep(settle).await;
         assert!(!c.datagram_stream_ended_by_peer());
         assert_eq!(c.closed().await, why);
-        // A real peer closing its connection.
+        // A real peer closing its connection, ten times (one wait past the
+        // grace for all).
+        let mut pairs = Vec::new();
         for _ in 0..10 {
             let (c, s) = pair(LIMITS, LIMITS).await;
             c.close_now("test: kicked");
             let why = tokio::time::timeout(GUARD, s.closed()).await.unwrap();
             assert_eq!(why, "closed by peer");
-            tokio::time::sleep(settle).await;
+            pairs.push((c, s));
+        }
+        tokio::time::sleep(settle).await;
+        for (c, s) in pairs {
             assert!(!s.datagram_stream_ended_by_peer());
             assert_eq!(c.closed().await, "test: kicked");
         }
