@@ -153,6 +153,13 @@ pub struct UdpStats {
     /// Such entries that could not be created again (the flow's replies
     /// then leave un-NATed until the client's next datagram).
     pub conntrack_restore_failed: AtomicU64,
+    /// Datagrams the peer sent on the TCP fallback with a length past the
+    /// most a sender writes (`tcp::MAX_TCP_DATAGRAM`): skipped.
+    pub dropped_malformed: AtomicU64,
+    /// TCP-fallback connections closed because the peer ended its
+    /// datagram stream while the connection was up (see
+    /// `tcp::YamuxConn::datagram_stream_ended_by_peer`).
+    pub datagram_streams_ended: AtomicU64,
 }
 
 impl UdpStats {
@@ -193,6 +200,12 @@ impl UdpStats {
                 "UDP payloads too large for a datagram, carried on their flow's stream.",
                 &self.stream_payloads,
             ),
+            (
+                "udp_datagram_streams_ended_total",
+                "counter",
+                "TCP-fallback connections closed because the peer ended its datagram stream while the connection was up (no UDP would have crossed it).",
+                &self.datagram_streams_ended,
+            ),
         ] {
             let _ = writeln!(
                 o,
@@ -212,6 +225,7 @@ impl UdpStats {
             ("closed", &self.dropped_closed),
             ("flow_cap", &self.refused_cap),
             ("starting", &self.dropped_starting),
+            ("malformed", &self.dropped_malformed),
         ] {
             let _ = writeln!(
                 o,
@@ -376,14 +390,43 @@ impl FlowTable {
 /// stream; the connection is then closed too, unless it ended of itself
 /// (see `tcp::YamuxConn::datagram_stream_ended_by_peer`), so the session
 /// is set up again rather than carrying on without UDP.
+///
+/// On the TCP fallback it also counts, in `table`'s stats, the datagrams
+/// the connection's reader skipped as over-long (as they are seen, and
+/// when the pump ends) and, once the connection has closed, whether it
+/// was closed for the peer ending the datagram stream.
 pub async fn pump_datagrams(conn: TunnelConn, table: Arc<FlowTable>) {
+    let mut malformed = 0;
     let ended = loop {
         match conn.read_datagram().await {
-            Ok(d) => table.dispatch(d),
+            Ok(d) => {
+                table.dispatch(d);
+                count_malformed(&conn, &table.stats, &mut malformed);
+            }
             Err(e) => break e,
         }
     };
+    count_malformed(&conn, &table.stats, &mut malformed);
     debug!(reason = %ended.0, "datagram pump ended");
+    if let TunnelConn::Tcp(c) = &conn {
+        c.closed().await;
+        count_malformed(&conn, &table.stats, &mut malformed);
+        if c.datagram_stream_ended_by_peer() {
+            table.stats.datagram_streams_ended.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// Adds to `stats` the over-long datagrams `conn`'s TCP-fallback reader
+/// skipped since `seen`.
+fn count_malformed(conn: &TunnelConn, stats: &UdpStats, seen: &mut u64) {
+    if let TunnelConn::Tcp(c) = conn {
+        let now = c.datagrams_refused_oversize();
+        stats
+            .dropped_malformed
+            .fetch_add(now.saturating_sub(*seen), Relaxed);
+        *seen = now;
+    }
 }
 
 /// The largest UDP payload `conn` can carry in one datagram now.

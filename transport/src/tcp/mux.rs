@@ -530,7 +530,8 @@ impl YamuxConn {
 
     /// Datagrams the peer sent with a length over [`MAX_TCP_DATAGRAM`]
     /// (no sender writes one): refused, their bytes skipped, the stream
-    /// going on. Per connection; not yet in the processes' metrics.
+    /// going on. Per connection; `udp::pump_datagrams` adds them to the
+    /// process's `udp_dropped_total{reason="malformed"}`.
     pub fn datagrams_refused_oversize(&self) -> u64 {
         self.datagrams
             .oversize
@@ -783,6 +784,40 @@ mod tests {
                 .expect("the peer's end is closed")
                 .unwrap();
         }
+    }
+
+    /// `udp::pump_datagrams` over such a connection counts, in the
+    /// process's UDP stats (`udp_dropped_total{reason="malformed"}`,
+    /// `udp_datagram_streams_ended_total`), the over-long datagrams the
+    /// reader skipped and the connection closed for the peer ending its
+    /// datagram stream.
+    #[tokio::test]
+    async fn the_pump_counts_over_long_datagrams_and_an_ended_stream() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut stream = framed(MAX_TCP_DATAGRAM + 1, &vec![1u8; MAX_TCP_DATAGRAM + 1]);
+        stream.extend(framed(5, b"after"));
+        let (c, mut edge) = relay_with_hand_made_edge(&stream).await;
+        let stats = Arc::new(crate::udp::UdpStats::default());
+        let table = crate::udp::FlowTable::new(0, 16, false, stats.clone());
+        let pump = tokio::spawn(crate::udp::pump_datagrams(
+            crate::conn::TunnelConn::Tcp(c.clone()),
+            table,
+        ));
+        // "after" is for no flow; it reaches the table after the skip.
+        let t = std::time::Instant::now();
+        while stats.dropped_unknown_flow.load(Relaxed) == 0 {
+            assert!(t.elapsed() < GUARD, "the pump never saw the datagram");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(stats.dropped_malformed.load(Relaxed), 1);
+        assert_eq!(stats.datagram_streams_ended.load(Relaxed), 0);
+        edge.write_all(&yamux_data(FIN, &[])).await.unwrap();
+        tokio::time::timeout(super::super::driver::DATAGRAM_STREAM_GRACE + GUARD, pump)
+            .await
+            .expect("the pump ends once the connection is closed")
+            .unwrap();
+        assert_eq!(stats.datagram_streams_ended.load(Relaxed), 1);
+        assert_eq!(stats.dropped_malformed.load(Relaxed), 1);
     }
 
     /// The connection's own end ends the datagram stream too, and its
