@@ -369,11 +369,11 @@ pub(super) async fn delete_session(
 fn already_draining(s: &SessionHandle, asked: Duration) -> String {
     let since = s
         .drain_started()
-        .map(|(at, grace)| {
+        .map(|(at, ago, grace)| {
             format!(
                 " since {} ({}s ago) with grace {grace:?}",
                 humantime::format_rfc3339_seconds(at),
-                at.elapsed().unwrap_or_default().as_secs()
+                ago.as_secs()
             )
         })
         .unwrap_or_default();

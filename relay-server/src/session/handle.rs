@@ -99,7 +99,7 @@ pub struct SessionHandle {
     draining: AtomicBool,
     /// When the drain began and with which grace (see
     /// [`SessionHandle::drain_started`]).
-    drain_started: std::sync::OnceLock<(SystemTime, Duration)>,
+    drain_started: std::sync::OnceLock<(SystemTime, Instant, Duration)>,
     /// Until when (in [`SessionHandle::age_ms`]) the edge's last
     /// [`Control::Moving`] holds; 0 for none.
     moving_until_ms: AtomicU64,
@@ -404,10 +404,14 @@ impl SessionHandle {
         until != 0 && self.age_ms() <= until
     }
 
-    /// When the session began draining and with which grace, if it is
-    /// draining (the admin API says so to a second drain request).
-    pub fn drain_started(&self) -> Option<(SystemTime, Duration)> {
-        self.drain_started.get().copied()
+    /// When the session began draining (wall clock), how long ago (the
+    /// monotonic clock: a stepped wall clock does not change it) and with
+    /// which grace, if it is draining (the admin API says so to a second
+    /// drain request).
+    pub fn drain_started(&self) -> Option<(SystemTime, Duration, Duration)> {
+        self.drain_started
+            .get()
+            .map(|(at, since, grace)| (*at, since.elapsed(), *grace))
     }
 
     /// Stops new streams, tells the edge (GOAWAY), lets in-flight streams
@@ -418,7 +422,9 @@ impl SessionHandle {
         if self.draining.swap(true, Relaxed) {
             return false;
         }
-        let _ = self.drain_started.set((SystemTime::now(), grace));
+        let _ = self
+            .drain_started
+            .set((SystemTime::now(), Instant::now(), grace));
         let msg = Control::GoAway {
             reason: reason.to_string(),
             grace_ms: grace.as_millis().min(u32::MAX as u128) as u32,
