@@ -44,6 +44,8 @@
 //!   chain guard { type filter hook input priority filter;
 //!     th dport <port> ct status dnat accept      # only redirected traffic
 //!     th dport <port> drop }                     # reaches the listeners
+//!   chain unnated { type filter hook output priority filter;
+//!     ip saddr <redirect_address> udp sport <port> ct state new drop }  # a captured UDP reply whose entry is gone
 //!   # with preserve_source(_served) only (dials from the client's address, see install_kept_sources):
 //!   chain src_pre { type filter hook prerouting priority mangle;
 //!     ct direction reply ct mark & <own_mark> == <own_mark> meta mark set <reply_mark> }
@@ -419,6 +421,9 @@ impl Capture {
              chain guard {{ type filter hook input priority filter; policy accept;\n\
              meta l4proto {{ tcp, udp }} th dport {p} ct status dnat accept\n\
              meta l4proto {{ tcp, udp }} th dport {p} drop\n\
+             }}\n\
+             chain unnated {{ type filter hook output priority filter; policy accept;\n\
+             ip saddr {a} udp sport {p} ct state new drop\n\
              }}\n}}\n"
         );
         run("nft", &["-f", "-"], Some(&script)).await?;

@@ -573,6 +573,85 @@ mod netns {
         });
     }
 
+    /// A captured UDP flow's reply whose conntrack entry is gone (kube-
+    /// proxy's stale-entry cleanup deleted it; `udp_capture::keep`
+    /// re-creates it a moment later) is dropped, not sent un-NATed: the
+    /// client would get it from the capture address, not the address it
+    /// asked (seen in `lab/tests/udp_conntrack_cleanup.rs` on a busy
+    /// machine), and the entry the reply made would collide with the
+    /// client's next datagram. That next datagram makes the right entry
+    /// again, from the same port.
+    #[test]
+    fn a_captured_udp_reply_without_its_entry_is_dropped() {
+        in_netns(|| {
+            Box::pin(async {
+                use tokio::time::timeout;
+                let cfg = CaptureConfig::default();
+                let here = std::net::SocketAddr::from((cfg.redirect_address, cfg.port));
+                let none = BTreeSet::new();
+                let mut cap = Capture::install(cfg).await.unwrap();
+                cap.apply(&cidrs(&["10.0.2.0/24"]), &none, &BTreeSet::new())
+                    .await
+                    .unwrap();
+                let server = tokio::net::UdpSocket::bind(here).await.unwrap();
+                let client = tokio::net::UdpSocket::bind("0.0.0.0:0").await.unwrap();
+                let target: std::net::SocketAddr = "10.0.2.5:53".parse().unwrap();
+                let wait = Duration::from_secs(2);
+                let mut b = [0u8; 16];
+                client.send_to(b"q1", target).await.unwrap();
+                let (_, from) = timeout(wait, server.recv_from(&mut b))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                server.send_to(b"a1", from).await.unwrap();
+                let (_, src) = timeout(wait, client.recv_from(&mut b))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(src, target, "un-NATed by the flow's entry");
+                let deleted = StdCommand::new("conntrack")
+                    .args(["-D", "-p", "udp", "--orig-dst", "10.0.2.5"])
+                    .output()
+                    .unwrap();
+                assert!(deleted.status.success(), "{deleted:?}");
+                // Dropped on its way out: the sender is told (EPERM), as
+                // the capture's replier is (it logs it and goes on).
+                let sent = server.send_to(b"a2", from).await;
+                assert!(
+                    sent.as_ref()
+                        .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied),
+                    "{sent:?}"
+                );
+                let r = timeout(Duration::from_millis(500), client.recv_from(&mut b)).await;
+                assert!(
+                    r.is_err(),
+                    "a reply without its entry reached the client: {r:?}"
+                );
+                let left = StdCommand::new("conntrack")
+                    .args(["-L", "-p", "udp", "--orig-src", &here.ip().to_string()])
+                    .output()
+                    .unwrap();
+                assert!(
+                    !String::from_utf8_lossy(&left.stdout).contains("udp"),
+                    "the dropped reply made an entry: {left:?}"
+                );
+                client.send_to(b"q2", target).await.unwrap();
+                let (_, again) = timeout(wait, server.recv_from(&mut b))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(again, from, "the client's port was remapped");
+                server.send_to(b"a3", from).await.unwrap();
+                let (_, src) = timeout(wait, client.recv_from(&mut b))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(src, target);
+                cap.teardown().await;
+            })
+        });
+    }
+
     /// A connection from this host to `ip:80`: refused at once (the held
     /// rules' reset), or not (left by the default route toward a gateway
     /// that never answers: a timeout).

@@ -7,10 +7,12 @@
 //! Service's endpoints change anywhere in the cluster) deletes every UDP
 //! entry whose original destination is a UDP Service port and whose reply
 //! source is not one of its serving endpoints, and the capture address
-//! never is. Without the entry our next reply leaves un-NATed (the client
-//! drops it) and makes an entry of its own, with which the client's next
-//! datagram collides: the kernel remaps its source port, the endpoint sees
-//! a new 5-tuple and the old flow is black-holed.
+//! never is. Without the entry our next reply would leave un-NATed and
+//! make an entry of its own, with which the client's next datagram
+//! collides: the kernel remaps its source port, the endpoint sees a new
+//! 5-tuple and the old flow is black-holed. (The capture table's
+//! `unnated` chain drops such a reply on its way out, so until the entry
+//! is back replies are lost rather than sent from the capture address.)
 //!
 //! So a socket subscribed to conntrack's destroy events watches for the
 //! end of entries whose reply source port is the capture port; when one
