@@ -103,9 +103,22 @@ fn upstream_answer(q: &[u8]) -> Option<Vec<u8>> {
 
 impl FakeUpstream {
     async fn start() -> FakeUpstream {
-        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = udp.local_addr().unwrap();
-        let tcp = TcpListener::bind(addr).await.unwrap();
+        // The same port for UDP and TCP: the UDP port the kernel picks
+        // may be a TCP connection's (other tests run beside this one), so
+        // another pick until both are free.
+        let mut tries = 0;
+        let (udp, addr, tcp) = loop {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let addr = udp.local_addr().unwrap();
+            match TcpListener::bind(addr).await {
+                Ok(tcp) => break (udp, addr, tcp),
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    eprintln!("fake upstream: {addr} taken for TCP ({e}); another port");
+                }
+                Err(e) => panic!("no port free for both UDP and TCP: {e}"),
+            }
+        };
         let queries = Arc::new(AtomicU64::new(0));
         let cancel = CancellationToken::new();
         let (n, c) = (queries.clone(), cancel.clone());

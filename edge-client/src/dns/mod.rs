@@ -317,8 +317,10 @@ async fn bind_later(
     }
 }
 
-/// Binds UDP, then TCP on the same port (with port 0, retried a few times
-/// when another socket holds the TCP side of the port UDP got).
+/// Binds UDP, then TCP on the same port (with port 0, retried up to 50
+/// times when another socket holds the TCP side of the port UDP got: on a
+/// host with tens of thousands of TCP connections most ephemeral ports
+/// are taken for TCP, and 5 tries were seen to fail).
 async fn bind(listen: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> {
     let mut tries = 0;
     loop {
@@ -328,7 +330,7 @@ async fn bind(listen: SocketAddr) -> Result<(UdpSocket, TcpListener), DnsError> 
         let addr = udp.local_addr().map_err(|e| bind_err(listen, "udp", e))?;
         match TcpListener::bind(addr).await {
             Ok(tcp) => return Ok((udp, tcp)),
-            Err(e) if listen.port() == 0 && tries < 5 => {
+            Err(e) if listen.port() == 0 && tries < 50 => {
                 tries += 1;
                 tracing::debug!(error = %e, "dns: tcp port taken, trying another");
             }
