@@ -77,7 +77,11 @@ fn main() -> anyhow::Result<()> {
     if cfg.worker_threads > 0 {
         rt.worker_threads(cfg.worker_threads);
     }
-    rt.enable_all().build()?.block_on(run(cfg))
+    // After a trim each worker shrinks its own malloc heap (memory::on_park).
+    rt.enable_all()
+        .on_thread_park(relay_transport::memory::on_park)
+        .build()?
+        .block_on(run(cfg))
 }
 
 /// `--probe-ready`: prints what `/readyz` says and exits, 0 if ready,

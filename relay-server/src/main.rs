@@ -224,8 +224,17 @@ fn init_tracing() {
     tracing_subscriber::fmt().with_env_filter(filter).init();
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // As #[tokio::main], plus the park hook: after a trim each worker
+    // shrinks its own malloc heap (memory::on_park).
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(relay_transport::memory::on_park)
+        .build()?
+        .block_on(relay_main())
+}
+
+async fn relay_main() -> anyhow::Result<()> {
     // Parsed by hand (as `Cli::parse` does) to keep the matches, which
     // tell where `check-config`'s options were given.
     let matches = Cli::command().get_matches();

@@ -153,6 +153,9 @@ pub fn spawn_trim_after_peaks() {
                 continue;
             };
             let took = trim_on_own_thread().await;
+            // malloc_trim cannot shrink the worker threads' heaps from
+            // their top; each worker does that itself at its next park.
+            request_worker_heap_shrink();
             let after = rss_kib();
             falls.trimmed(after.unwrap_or(0));
             if let (Some(took), Some(before), Some(after)) = (took, before, after) {
@@ -208,7 +211,9 @@ pub const KEEP_HEAP_TOP: usize = 4 << 20;
 /// threshold. Measured on a relay after `loadtest soak --phases
 /// badinput`: 3.5 to 6.7 MiB held that way in its two workers' heaps, a
 /// trim by hand returning 36 kB to 3.6 MiB (docs/benchmarks.md, "Soak").
-/// Call once, early.
+/// So each trim also has every runtime worker shrink its own heap at its
+/// next park ([`on_park`]), with the threshold lowered for that moment
+/// only. Call once, early.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn keep_heap_top() {
     // SAFETY: mallopt only sets a tuning parameter of the allocator under
@@ -223,6 +228,114 @@ pub fn keep_heap_top() {
 /// Other C libraries have no such parameter.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 pub fn keep_heap_top() {}
+
+/// Trim threshold a worker sets for the moment it shrinks its own heap
+/// ([`on_park`]): glibc's default, so everything above it goes back.
+pub const SHRINK_HEAP_TOP: usize = 128 << 10;
+
+/// Size of the block a worker frees to make glibc look at its heap's top:
+/// at least `FASTBIN_CONSOLIDATION_THRESHOLD` (64 KiB), below which a free
+/// never trims, and below the mmap threshold (128 KiB, fixed by
+/// [`keep_heap_top`]), above which the block would be mapped on its own
+/// and not come from the thread's heap at all.
+pub const SHRINK_BLOCK: usize = 64 << 10;
+
+/// Generation of worker-heap shrinks asked for: bumped by the trimmer each
+/// time it trims ([`request_worker_heap_shrink`]); each worker shrinks its
+/// heap once per generation ([`on_park`]).
+static SHRINK_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+thread_local! {
+    /// The last generation this thread has shrunk its heap for.
+    static SHRUNK_FOR: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Asks every runtime worker to shrink its own malloc heap at its next
+/// park ([`on_park`]).
+pub fn request_worker_heap_shrink() {
+    SHRINK_GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The runtime's park hook (`tokio::runtime::Builder::on_thread_park`):
+/// once after each trim, the worker gives the free space at the top of
+/// its own malloc heap back to the system.
+///
+/// Why here: glibc gives each thread an arena of its own (sticky to the
+/// thread) whose heap is a mapping that shrinks from its top only inside
+/// `free`, in the thread using it: a freed (coalesced) chunk of at least
+/// 64 KiB makes `_int_free` call `heap_trim`, which returns the top chunk
+/// beyond the padding only once it is at least `M_TRIM_THRESHOLD`.
+/// `malloc_trim` returns free pages inside every heap but never shrinks a
+/// non-main heap from its top, and [`keep_heap_top`] lets that top hold
+/// up to [`KEEP_HEAP_TOP`] (for bulk throughput), so after a burst each
+/// worker kept up to 4 MiB (relay after `loadtest soak --phases badinput`:
+/// 3.5 to 6.7 MiB in its two workers' heaps, docs/benchmarks.md). Only the
+/// worker itself can make its heap shrink, and parking is when it has
+/// nothing else to do. What it does, once per trim: under a process-wide
+/// lock (the threshold is global; two workers must not restore it under
+/// each other), lower the threshold to [`SHRINK_HEAP_TOP`], allocate and
+/// free one [`SHRINK_BLOCK`], restore [`KEEP_HEAP_TOP`]. Between trims
+/// (steady bulk never trims) the cost per park is one relaxed atomic load
+/// and a thread-local compare.
+pub fn on_park() {
+    let generation = SHRINK_GENERATION.load(std::sync::atomic::Ordering::Relaxed);
+    if SHRUNK_FOR.with(|seen| due(seen, generation)) {
+        shrink_own_heap();
+        #[cfg(test)]
+        record_shrink();
+    }
+}
+
+/// Whether a thread that last shrank for `seen` should shrink for
+/// `generation` (recording that it does).
+fn due(seen: &std::cell::Cell<u64>, generation: u64) -> bool {
+    if seen.get() == generation {
+        return false;
+    }
+    seen.set(generation);
+    true
+}
+
+/// Heap shrinks done by [`on_park`]: thread and generation (tests).
+#[cfg(test)]
+static SHRINKS: std::sync::Mutex<Vec<(std::thread::ThreadId, u64)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Shrinks the calling thread's malloc heap from its top (see
+/// [`on_park`]).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn shrink_own_heap() {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // Byte-aligned: std's System allocator takes it from plain malloc.
+    let layout = std::alloc::Layout::new::<[u8; SHRINK_BLOCK]>();
+    // SAFETY: mallopt only sets a tuning parameter under the allocator's
+    // lock (glibc mallopt(3)); the block is allocated with a non-zero
+    // size, checked for null, and freed with the same layout.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, SHRINK_HEAP_TOP as libc::c_int);
+        let block = std::alloc::alloc(layout);
+        if !block.is_null() {
+            // Not optimised away: the free is what trims.
+            std::alloc::dealloc(std::hint::black_box(block), layout);
+        }
+        libc::mallopt(libc::M_TRIM_THRESHOLD, KEEP_HEAP_TOP as libc::c_int);
+    }
+}
+
+/// Other C libraries: nothing to shrink this way.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn shrink_own_heap() {}
+
+#[cfg(test)]
+fn record_shrink() {
+    let generation = SHRUNK_FOR.with(|s| s.get());
+    SHRINKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((std::thread::current().id(), generation));
+}
 
 /// Returns free pages of every malloc arena to the system; how long it
 /// took.
@@ -357,6 +470,147 @@ mod tests {
         // Once the window has forgotten the high samples: no longer fallen.
         assert!(!(0..FALL_WINDOW).all(|_| t.fallen(11)));
         assert!(!t.fallen(11));
+    }
+
+    #[test]
+    fn a_shrink_is_due_once_per_generation() {
+        let seen = std::cell::Cell::new(0);
+        // Nothing asked for yet: nothing to do, however often it parks.
+        assert!(!due(&seen, 0));
+        assert!(!due(&seen, 0));
+        // A trim: once.
+        assert!(due(&seen, 1));
+        assert!(!due(&seen, 1));
+        // Several trims while the thread was busy: still once.
+        assert!(due(&seen, 4));
+        assert!((0..100).all(|_| !due(&seen, 4)));
+    }
+
+    /// The one test that asks for shrinks (the generation is global).
+    #[test]
+    fn each_worker_shrinks_its_heap_once_per_trim() {
+        const WORKERS: usize = 2;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(WORKERS)
+            .enable_all()
+            .on_thread_park(on_park)
+            .build()
+            .expect("runtime");
+        // Keeps both workers busy for a while, so that each runs (and
+        // parks after) some of the tasks.
+        let work = || {
+            rt.block_on(async {
+                let tasks: Vec<_> = (0..64)
+                    .map(|_| {
+                        tokio::spawn(async {
+                            std::thread::sleep(Duration::from_millis(2));
+                            tokio::task::yield_now().await;
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.expect("task");
+                }
+            })
+        };
+        let ours = |generation: u64| {
+            let shrinks = SHRINKS.lock().unwrap_or_else(|e| e.into_inner());
+            shrinks
+                .iter()
+                .filter(|(_, g)| *g == generation)
+                .map(|(t, _)| *t)
+                .collect::<Vec<_>>()
+        };
+        // Parking before any trim shrinks nothing.
+        work();
+        let before = SHRINK_GENERATION.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(before, 0, "no other test asks for shrinks");
+        assert!(SHRINKS.lock().unwrap_or_else(|e| e.into_inner()).is_empty());
+        for generation in [before + 1, before + 2] {
+            request_worker_heap_shrink();
+            assert_eq!(
+                SHRINK_GENERATION.load(std::sync::atomic::Ordering::Relaxed),
+                generation
+            );
+            // Every worker parks again sooner or later: once each.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while ours(generation).len() < WORKERS && std::time::Instant::now() < deadline {
+                work();
+            }
+            // More parks: no second shrink for the same trim.
+            for _ in 0..5 {
+                work();
+            }
+            let mut threads = ours(generation);
+            assert_eq!(threads.len(), WORKERS, "shrinks for {generation}");
+            threads.sort_by_key(|t| format!("{t:?}"));
+            threads.dedup();
+            assert_eq!(threads.len(), WORKERS, "one shrink per worker");
+        }
+    }
+
+    /// Resident KiB of the mapping holding `addr` (`/proc/self/smaps`).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn resident_kib_around(addr: usize) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut inside = false;
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if let Some((lo, hi)) = first.split_once('-') {
+                if let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                {
+                    inside = (lo..hi).contains(&addr);
+                    continue;
+                }
+            }
+            if inside && line.starts_with("Rss:") {
+                return line.split_whitespace().nth(1)?.parse().ok();
+            }
+        }
+        None
+    }
+
+    /// A thread of its own gets a malloc arena of its own (a heap mapped
+    /// apart from the main heap); freed blocks below the 4 MiB threshold
+    /// stay resident at its top, a malloc_trim leaves them, the shrink
+    /// returns them.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn the_shrink_returns_the_top_of_the_threads_heap() {
+        keep_heap_top();
+        std::thread::spawn(|| {
+            const BLOCK: usize = 96 << 10; // from the heap, not mmap
+            const BLOCKS: usize = 32; // 3 MiB, below KEEP_HEAP_TOP
+            let blocks: Vec<Vec<u8>> = (0..BLOCKS).map(|i| vec![i as u8 | 1; BLOCK]).collect();
+            // An address in the thread's heap (a small probe block may come
+            // from elsewhere: seen from the main heap).
+            let at = blocks[BLOCKS - 1].as_ptr() as usize;
+            let full = resident_kib_around(at).expect("heap mapping");
+            assert!(full >= 3 * 1024, "{full} KiB resident with 3 MiB in use");
+            drop(blocks);
+            let freed = resident_kib_around(at).expect("heap mapping");
+            // The freed blocks are the top chunk now, kept (4 MiB
+            // threshold); malloc_trim does not shrink a thread's heap from
+            // its top.
+            let _ = trim();
+            let trimmed = resident_kib_around(at).expect("heap mapping");
+            shrink_own_heap();
+            let shrunk = resident_kib_around(at).expect("heap mapping");
+            eprintln!(
+                "thread heap: {full} KiB in use, {freed} KiB freed, {trimmed} KiB after malloc_trim, {shrunk} KiB after the shrink"
+            );
+            assert!(
+                trimmed >= 3 * 1024 - 256,
+                "malloc_trim returned the top ({freed} -> {trimmed} KiB)"
+            );
+            assert!(
+                shrunk + 2 * 1024 < trimmed,
+                "the shrink left {shrunk} KiB of {trimmed} KiB"
+            );
+        })
+        .join()
+        .expect("measuring thread");
     }
 
     #[test]
