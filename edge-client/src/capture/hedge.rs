@@ -59,21 +59,19 @@ pub(super) async fn open_hedged(
     let Some(spare) = spare else {
         return first.await;
     };
+    // The picked session's answer, or the spare's when the picked
+    // connection has closed.
+    let or_spare = async |r: Result<BiStream, StreamReply>| match r {
+        Err(_) if closed(picked) => {
+            open_stream(spare, open, timeout.saturating_sub(start.elapsed())).await
+        }
+        r => r,
+    };
     if picked.kind() != TransportKind::Quic {
-        return match first.await {
-            Err(_) if closed(picked) => {
-                open_stream(spare, open, timeout.saturating_sub(start.elapsed())).await
-            }
-            r => r,
-        };
+        return or_spare(first.await).await;
     }
     tokio::select! {
-        r = &mut first => return match r {
-            Err(_) if closed(picked) => {
-                open_stream(spare, open, timeout.saturating_sub(start.elapsed())).await
-            }
-            r => r,
-        },
+        r = &mut first => return or_spare(r).await,
         _ = tokio::time::sleep(hedge_after(picked.rtt()).min(timeout)) => {}
     }
     if picked.arrivals() != heard {
