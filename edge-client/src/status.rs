@@ -200,6 +200,18 @@ pub(crate) fn render(up: bool, st: &EdgeStats) -> String {
         n(&st.opens_hedged),
     );
     one(
+        "streams_stalled",
+        "gauge",
+        "QUIC streams whose local reader has not taken their data for 1 s or more; each holds up to quic.stream_window on top of its session's receive window, for up to 24 per session.",
+        relay_transport::stall::stalled_now().to_string(),
+    );
+    one(
+        "streams_stalled_total",
+        "counter",
+        "Times a QUIC stream's local reader left its data waiting for 1 s or more (see edge_streams_stalled).",
+        relay_transport::stall::stalls_total().to_string(),
+    );
+    one(
         "quic_strikes",
         "gauge",
         "QUIC sessions in a row the edge's liveness check gave up soon after they came up, on the path to the relay (replica) whose QUIC session ended last; at 2 and above an auto edge dials TCP first on that path and probes QUIC less often.",

@@ -422,6 +422,18 @@ impl Metrics {
             "Sessions closed because nothing arrived from the edge (datagrams on QUIC, bytes on the TCP fallback, control messages from a QUIC edge without the liveness capability) for quic.idle_timeout, or for two of the edge's stated keep-alive intervals when that is shorter.",
             &one(&self.sessions_silent),
         );
+        metric(
+            "relay_streams_stalled",
+            "gauge",
+            "QUIC streams whose local reader has not taken their data for 1 s or more (a paused kubectl logs -f, a client that stopped reading); each holds up to quic.stream_window on top of its session's receive window, not out of it, for up to 24 per session.",
+            &[(String::new(), relay_transport::stall::stalled_now())],
+        );
+        metric(
+            "relay_streams_stalled_total",
+            "counter",
+            "Times a QUIC stream's local reader left its data waiting for 1 s or more (see relay_streams_stalled).",
+            &[(String::new(), relay_transport::stall::stalls_total())],
+        );
         let rows: Vec<(String, u64)> = RefusalCause::ALL
             .iter()
             .zip(&self.sessions_cert_closed)

@@ -85,7 +85,7 @@ impl TunnelConn {
                 let (s, r) = c.open_bi().await.map_err(|e| ConnLost(e.to_string()))?;
                 Ok(BiStream {
                     send: SendHalf::Quic(s),
-                    recv: RecvHalf::Quic(r),
+                    recv: RecvHalf::Quic(r, crate::stall::Stalls::new(c.clone())),
                 })
             }
             TunnelConn::Tcp(c) => {
@@ -105,7 +105,7 @@ impl TunnelConn {
                 let (s, r) = c.accept_bi().await.map_err(|e| ConnLost(e.to_string()))?;
                 Ok(BiStream {
                     send: SendHalf::Quic(s),
-                    recv: RecvHalf::Quic(r),
+                    recv: RecvHalf::Quic(r, crate::stall::Stalls::new(c.clone())),
                 })
             }
             TunnelConn::Tcp(c) => {
@@ -331,8 +331,9 @@ pub enum SendHalf {
 /// The receiving half of a tunnel stream.
 #[derive(Debug)]
 pub enum RecvHalf {
-    /// A QUIC receive stream.
-    Quic(quinn::RecvStream),
+    /// A QUIC receive stream, and its connection for marking the stream
+    /// stalled ([`crate::stall`]).
+    Quic(quinn::RecvStream, crate::stall::Stalls),
     /// The read half of a yamux stream.
     Tcp(crate::tcp::TcpRecv),
 }
@@ -393,10 +394,21 @@ impl SendHalf {
 }
 
 impl RecvHalf {
+    /// Marks the stream stalled while the guard lives (its reader waits on
+    /// the local side): on QUIC the connection's receive window grows by
+    /// a stream window meanwhile ([`crate::stall`]); `None` on the TCP
+    /// fallback, whose connection window already covers every stream.
+    pub fn stalled(&self) -> Option<crate::stall::Stalled> {
+        match self {
+            RecvHalf::Quic(_, stalls) => Some(stalls.stalled()),
+            RecvHalf::Tcp(_) => None,
+        }
+    }
+
     /// Tells the peer to stop sending (its writes fail).
     pub fn stop(&mut self, code: u32) {
         match self {
-            RecvHalf::Quic(r) => {
+            RecvHalf::Quic(r, _) => {
                 let _ = r.stop(VarInt::from_u32(code));
             }
             RecvHalf::Tcp(_) => {}
@@ -439,7 +451,7 @@ impl AsyncRead for RecvHalf {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            RecvHalf::Quic(r) => Pin::new(r).poll_read(cx, buf),
+            RecvHalf::Quic(r, _) => Pin::new(r).poll_read(cx, buf),
             RecvHalf::Tcp(r) => Pin::new(r).poll_read(cx, buf),
         }
     }
@@ -451,7 +463,7 @@ impl RecvHalf {
     /// `Ok(None)` is a clean end of stream.
     pub async fn read_chunk(&mut self) -> io::Result<Option<bytes::Bytes>> {
         match self {
-            RecvHalf::Quic(r) => match r.read_chunk(usize::MAX, true).await {
+            RecvHalf::Quic(r, _) => match r.read_chunk(usize::MAX, true).await {
                 Ok(c) => Ok(c.map(|c| c.bytes)),
                 Err(e) => Err(io::Error::from(e)),
             },
@@ -473,7 +485,7 @@ impl RecvHalf {
     /// reader hand many ~1.4 KB QUIC frames to one `writev`.
     pub async fn read_chunks(&mut self, bufs: &mut [bytes::Bytes]) -> io::Result<Option<usize>> {
         match self {
-            RecvHalf::Quic(r) => r.read_chunks(bufs).await.map_err(io::Error::from),
+            RecvHalf::Quic(r, _) => r.read_chunks(bufs).await.map_err(io::Error::from),
             RecvHalf::Tcp(_) => match self.read_chunk().await? {
                 Some(c) if !bufs.is_empty() => {
                     bufs[0] = c;

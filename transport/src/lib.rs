@@ -30,6 +30,8 @@
 //!   version, written atomically, at most once a second).
 //! - [`node_addrs`]: this node's own IPv4 addresses (not kube-proxy's
 //!   ClusterIPs), for node-port capture and the route agent.
+//! - [`stall`]: a QUIC stream whose local reader stopped holds its data on
+//!   top of the connection's receive window, not out of it.
 //! - [`listen`]: listening sockets bound from configuration, taking IPv4
 //!   as well on `[::]` whatever `net.ipv6.bindv6only` says.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -56,6 +58,7 @@ mod quic_runtime;
 pub mod reload;
 pub mod saved;
 pub mod splice;
+pub mod stall;
 mod splice_local;
 pub mod tcp;
 // The namespace set-up shared with relay-server's tests.

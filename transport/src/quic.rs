@@ -370,6 +370,7 @@ pub fn server_endpoint_with(
     sock.bind(&addr.into())?;
     let sock: std::net::UdpSocket = sock.into();
     crate::splice::set_idle_timeout(tuning.stream_idle_timeout);
+    crate::stall::configure(tuning.conn_window, tuning.stream_window);
     let runtime = crate::quic_runtime::Batching::tokio()
         .ok_or_else(|| std::io::Error::other("no async runtime"))?;
     let endpoint = tuning.endpoint_config(restart_safe_endpoint(tls))?;
@@ -441,6 +442,7 @@ pub fn client_endpoint_with(
     size_socket_buffers(&sock);
     sock.bind(&bind.into())?;
     crate::splice::set_idle_timeout(tuning.stream_idle_timeout);
+    crate::stall::configure(tuning.conn_window, tuning.stream_window);
     let runtime = crate::quic_runtime::Batching::tokio()
         .ok_or_else(|| std::io::Error::other("no async runtime"))?;
     let mut ep = quinn::Endpoint::new(

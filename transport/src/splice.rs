@@ -367,7 +367,7 @@ async fn pump_from_tunnel<W: AsyncWrite + Unpin>(
         match recv.read_chunks(&mut chunks).await {
             Ok(Some(k)) => {
                 act.touch();
-                let n = write_all_chunks(local, &mut chunks[..k])
+                let n = write_marking_stall(recv, write_all_chunks(local, &mut chunks[..k]))
                     .await
                     .map_err(|e| fail(total, "local write", e))?;
                 act.wrote();
@@ -382,6 +382,30 @@ async fn pump_from_tunnel<W: AsyncWrite + Unpin>(
                 return Ok(total);
             }
             Err(e) => return Err(fail(total, "tunnel read", e)),
+        }
+    }
+}
+
+/// Runs `write` (of data read from `recv`); once it has waited
+/// [`crate::stall::STALL_AFTER`], marks `recv` stalled until it completes,
+/// so what the stream holds meanwhile does not come out of its session's
+/// shared receive window ([`crate::stall`]). A write done at once (the
+/// usual case) costs one poll and no timer.
+async fn write_marking_stall<T>(
+    recv: &RecvHalf,
+    write: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    tokio::pin!(write);
+    if let std::task::Poll::Ready(r) =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(write.as_mut().poll(cx))).await
+    {
+        return r;
+    }
+    match tokio::time::timeout(crate::stall::STALL_AFTER, &mut write).await {
+        Ok(r) => r,
+        Err(_) => {
+            let _stalled = recv.stalled();
+            write.await
         }
     }
 }
