@@ -18,14 +18,15 @@
 //! (`edge-client/src/dial.rs`) and accepted (`relay-server/src/handshake.rs`)
 //! with the same [`SendHalf::set_priority`] call used here.
 
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use relay_transport::conn::{BiStream, RecvHalf, SendHalf, TunnelConn, CONTROL_PRIORITY};
-use relay_transport::devcerts::DevPki;
-use relay_transport::quic::{client_endpoint, server_endpoint, QuicTuning};
+use relay_transport::quic::QuicTuning;
 
 /// Streams uploading at once.
 const BULK_STREAMS: usize = 6;
@@ -41,44 +42,6 @@ const STREAM_WINDOW: u32 = 128 * 1024;
 const CHUNK: usize = 16 * 1024;
 /// The whole test's bound.
 const LIMIT: Duration = Duration::from_secs(30);
-
-/// A QUIC connection: (edge side, relay side, endpoints kept alive).
-async fn pair() -> (TunnelConn, TunnelConn, (quinn::Endpoint, quinn::Endpoint)) {
-    let pki = DevPki::generate(&["relay.test"], &["edge-a"]).unwrap();
-    let server = server_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &pki.relay_material().unwrap(),
-        &QuicTuning {
-            stream_window: STREAM_WINDOW,
-            ..QuicTuning::relay_default()
-        },
-        false,
-    )
-    .unwrap();
-    let client = client_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &pki.node_material("edge-a").unwrap(),
-        &QuicTuning::default(),
-        0,
-    )
-    .unwrap();
-    let server_addr = server.local_addr().unwrap();
-    let (edge, relay) = tokio::join!(
-        async {
-            client
-                .connect(server_addr, "relay.test")
-                .unwrap()
-                .await
-                .unwrap()
-        },
-        async { server.accept().await.unwrap().await.unwrap() },
-    );
-    (
-        TunnelConn::Quic(edge),
-        TunnelConn::Quic(relay),
-        (server, client),
-    )
-}
 
 /// Opens a stream and makes it known to the peer (a stream exists there
 /// only once data on it arrived): one byte, read on the far side.
@@ -129,7 +92,11 @@ async fn arrival(
 /// a data stream, with [`BULK_STREAMS`] uploads keeping quinn's send
 /// buffers full; returns where each arrived: (data stream's, control's).
 async fn race(control_priority: Option<i32>) -> (Arrival, Arrival) {
-    let (edge, relay, _endpoints) = pair().await;
+    let (edge, relay, _endpoints) = common::quic_pair(&QuicTuning {
+        stream_window: STREAM_WINDOW,
+        ..QuicTuning::relay_default()
+    })
+    .await;
     let (mut control, control_recv) = open(&edge, &relay).await;
     if let Some(p) = control_priority {
         control.set_priority(p);

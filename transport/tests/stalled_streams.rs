@@ -8,13 +8,14 @@
 //! more than the connection's: before, nothing more moved on the session,
 //! on any stream; now an eleventh stream still carries its data.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use relay_transport::conn::{BiStream, TunnelConn};
-use relay_transport::devcerts::DevPki;
-use relay_transport::quic::{client_endpoint, server_endpoint, QuicTuning};
+use relay_transport::conn::BiStream;
+use relay_transport::quic::QuicTuning;
 use relay_transport::splice::splice;
 use relay_transport::stall;
 use tokio::net::{TcpSocket, TcpStream};
@@ -29,41 +30,6 @@ const PROBE_BYTES: usize = 256 * 1024;
 /// Bound on the eleventh stream's transfer (a blocked session never
 /// completes it).
 const PROBE_LIMIT: Duration = Duration::from_secs(15);
-
-/// A QUIC connection: (edge side, relay side, endpoints kept alive).
-async fn pair() -> (TunnelConn, TunnelConn, (quinn::Endpoint, quinn::Endpoint)) {
-    let pki = DevPki::generate(&["relay.test"], &["edge-a"]).unwrap();
-    let server = server_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &pki.relay_material().unwrap(),
-        &QuicTuning::relay_default(),
-        false,
-    )
-    .unwrap();
-    let client = client_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &pki.node_material("edge-a").unwrap(),
-        &QuicTuning::default(),
-        0,
-    )
-    .unwrap();
-    let server_addr = server.local_addr().unwrap();
-    let (edge, relay) = tokio::join!(
-        async {
-            client
-                .connect(server_addr, "relay.test")
-                .unwrap()
-                .await
-                .unwrap()
-        },
-        async { server.accept().await.unwrap().await.unwrap() },
-    );
-    (
-        TunnelConn::Quic(edge),
-        TunnelConn::Quic(relay),
-        (server, client),
-    )
-}
 
 /// A local service that accepts connections and never reads them; the
 /// accepted sockets are kept open.
@@ -93,7 +59,7 @@ async fn dial(to: SocketAddr) -> TcpStream {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_whose_reader_stopped_do_not_stop_the_session() {
-    let (edge, relay, _endpoints) = pair().await;
+    let (edge, relay, _endpoints) = common::quic_pair(&QuicTuning::relay_default()).await;
     let target = paused_reader().await;
 
     // The relay side: every stream the edge opens is spliced into a

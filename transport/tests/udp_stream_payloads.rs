@@ -4,6 +4,8 @@
 //! flow's stream, both ways; towards an older peer they are dropped and
 //! counted, as before; small payloads stay datagrams either way.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -11,8 +13,7 @@ use std::time::Duration;
 
 use relay_protocol::datagram::StreamPayloads;
 use relay_transport::conn::{BiStream, TunnelConn};
-use relay_transport::devcerts::DevPki;
-use relay_transport::quic::{client_endpoint, server_endpoint, QuicTuning};
+use relay_transport::quic::QuicTuning;
 use relay_transport::udp::{
     max_payload, pump_datagrams, send_payload, serve_target, FlowHandle, FlowTable, StreamStalled,
     UdpStats, STREAM_PAYLOAD_WRITE_LIMIT,
@@ -93,33 +94,7 @@ impl Near {
 /// believes its peer announced `UDP_STREAM_PAYLOADS`; without `serve`, the
 /// far side never reads the flow's stream (a peer that stopped).
 async fn flow(near_peer_takes_streams: bool, far_peer_takes_streams: bool, serve: bool) -> Near {
-    let pki = DevPki::generate(&["relay.test"], &["edge-a"]).unwrap();
-    let server = server_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &pki.relay_material().unwrap(),
-        &QuicTuning::relay_default(),
-        false,
-    )
-    .unwrap();
-    let client = client_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &pki.node_material("edge-a").unwrap(),
-        &QuicTuning::default(),
-        0,
-    )
-    .unwrap();
-    let server_addr = server.local_addr().unwrap();
-    let (near, far) = tokio::join!(
-        async {
-            client
-                .connect(server_addr, "relay.test")
-                .unwrap()
-                .await
-                .unwrap()
-        },
-        async { server.accept().await.unwrap().await.unwrap() },
-    );
-    let (near, far) = (TunnelConn::Quic(near), TunnelConn::Quic(far));
+    let (near, far, endpoints) = common::quic_pair(&QuicTuning::relay_default()).await;
 
     let near_stats = Arc::new(UdpStats::default());
     let far_stats = Arc::new(UdpStats::default());
@@ -171,7 +146,7 @@ async fn flow(near_peer_takes_streams: bool, far_peer_takes_streams: bool, serve
         stats: near_stats,
         frames: StreamPayloads::default(),
         _unserved: unserved,
-        _endpoints: (server, client),
+        _endpoints: endpoints,
     }
 }
 
