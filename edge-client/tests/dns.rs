@@ -101,24 +101,28 @@ fn upstream_answer(q: &[u8]) -> Option<Vec<u8>> {
     m.to_vec().ok()
 }
 
+/// A UDP socket and a TCP listener on one loopback port. The UDP port the
+/// kernel picks may be a TCP connection's (other tests run beside this
+/// one; a busy host has thousands), so another pick until both are free.
+async fn udp_and_tcp_on_one_port() -> (UdpSocket, SocketAddr, TcpListener) {
+    let mut tries = 0;
+    loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        match TcpListener::bind(addr).await {
+            Ok(tcp) => return (udp, addr, tcp),
+            Err(e) if tries < 50 => {
+                tries += 1;
+                eprintln!("{addr} taken for TCP ({e}); another port");
+            }
+            Err(e) => panic!("no port free for both UDP and TCP: {e}"),
+        }
+    }
+}
+
 impl FakeUpstream {
     async fn start() -> FakeUpstream {
-        // The same port for UDP and TCP: the UDP port the kernel picks
-        // may be a TCP connection's (other tests run beside this one), so
-        // another pick until both are free.
-        let mut tries = 0;
-        let (udp, addr, tcp) = loop {
-            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            let addr = udp.local_addr().unwrap();
-            match TcpListener::bind(addr).await {
-                Ok(tcp) => break (udp, addr, tcp),
-                Err(e) if tries < 50 => {
-                    tries += 1;
-                    eprintln!("fake upstream: {addr} taken for TCP ({e}); another port");
-                }
-                Err(e) => panic!("no port free for both UDP and TCP: {e}"),
-            }
-        };
+        let (udp, addr, tcp) = udp_and_tcp_on_one_port().await;
         let queries = Arc::new(AtomicU64::new(0));
         let cancel = CancellationToken::new();
         let (n, c) = (queries.clone(), cancel.clone());
@@ -300,6 +304,16 @@ async fn dig_resolves_cluster_names_locally_and_forwards_the_rest() {
     let nx = dig(at, &["nope.shop.svc.cluster.local"]).await;
     assert!(nx.contains("status: NXDOMAIN"), "{nx}");
     assert!(nx.contains("flags: qr aa rd ra"), "{nx}");
+    // Reverse lookups of a ClusterIP and of a headless endpoint, as
+    // CoreDNS answers them.
+    assert_eq!(
+        short(at, &["-x", "10.96.0.20"]).await,
+        ["web.shop.svc.cluster.local."]
+    );
+    assert_eq!(
+        short(at, &["-x", "10.244.7.5"]).await,
+        ["db-0.db.shop.svc.cluster.local."]
+    );
     let before = up.queries.load(Relaxed);
     // Outside the cluster domain: forwarded, over UDP and over TCP.
     assert_eq!(short(at, &["example.com"]).await, ["192.0.2.1"]);
@@ -327,6 +341,10 @@ async fn dig_resolves_cluster_names_locally_and_forwards_the_rest() {
     assert_eq!(
         short(at, &["web.shop.svc.cluster.local"]).await,
         ["10.96.0.20"]
+    );
+    assert_eq!(
+        short(at, &["-x", "10.244.7.6"]).await,
+        ["db-1.db.shop.svc.cluster.local."]
     );
     let t = Instant::now();
     let sf = dig(at, &["example.org"]).await;
@@ -483,9 +501,11 @@ async fn latency_local_vs_forwarded() {
 async fn an_address_held_elsewhere_is_retried_not_fatal() {
     let up = FakeUpstream::start().await;
     let dir = state_dir("held");
-    let holder = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // Held for both protocols, so the port is free for both once let go
+    // (the resolver takes UDP and TCP on it).
+    let holder = udp_and_tcp_on_one_port().await;
     let mut c = config(up.addr, &dir);
-    c.listen = holder.local_addr().unwrap();
+    c.listen = holder.1;
     c.bind_retry = Duration::from_millis(100);
     let r = Resolver::spawn(c, CancellationToken::new())
         .await

@@ -1,29 +1,31 @@
 //! The edge's node-local resolver on a query from a pod (or anything that
-//! reaches its address): hickory's `Message::from_vec`, then what
-//! `dns::server::handle` and `reply` do with it (crate-private, so
-//! mirrored here step by step): FORMERR for an unreadable query with a
-//! readable header, nothing for a response, NOTIMP for another opcode,
-//! FORMERR unless exactly one question, else `Zone::answer` from a fixed
-//! table (every kind of Service: ClusterIP with both families, headless
-//! with a named and an unnamed endpoint, ExternalName), encoded, with an
-//! OPT record when the query had one, truncated past the UDP limit.
+//! reaches its address): the resolver's own decision
+//! (`edge_client::dns::fuzzing::Handler`, which calls `dns::server::handle`,
+//! the function the UDP and TCP loops call) on the bytes as a datagram
+//! and as a TCP message, answering from a fixed table (every kind of
+//! Service: ClusterIP with both families, headless with a named and an
+//! unnamed endpoint, ExternalName), and for a forward what the client
+//! gets when the upstream cannot be asked.
 //!
-//! Properties: no panic; a local answer is a response with the query's id
-//! and question; every answer the resolver would send encodes, and a
-//! local answer decodes again.
+//! Properties: no panic; every reply is a response with the query's id
+//! that decodes again, and, when the query parsed, with its question;
+//! nothing is sent only for bytes that are not a readable query; a UDP
+//! answer to one question fits the client's size (512 bytes without
+//! EDNS, at most `MAX_UDP_ANSWER`), a TCP one fits its 2-byte length.
 #![no_main]
 
 use std::sync::OnceLock;
 
-use edge_client::dns::zone::{Outcome, Zone};
+use edge_client::dns::fuzzing::{Decision, Handler};
+use edge_client::dns::zone::Zone;
 use edge_client::dns::MAX_UDP_ANSWER;
-use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Message, MessageType};
 use libfuzzer_sys::fuzz_target;
 use relay_protocol::{NameEndpoint, NameKind, NamePort, NameProtocol, ServiceName, ServiceNameKey};
 
-fn zone() -> &'static Zone {
-    static ZONE: OnceLock<Zone> = OnceLock::new();
-    ZONE.get_or_init(|| {
+fn handler() -> &'static Handler {
+    static HANDLER: OnceLock<Handler> = OnceLock::new();
+    HANDLER.get_or_init(|| {
         let key = |ns: &str, name: &str| ServiceNameKey {
             namespace: ns.into(),
             name: name.into(),
@@ -73,77 +75,47 @@ fn zone() -> &'static Zone {
         ];
         let z = Zone::new("cluster.local", services, 7);
         assert_eq!(z.len(), 3);
-        z
+        Handler::new(Some(z))
     })
 }
 
-/// `server::reply`: the bytes sent for a local answer.
-fn reply(query: &Message, mut resp: Message) -> Option<Vec<u8>> {
-    if query.edns.is_some() {
-        let mut e = Edns::new();
-        e.set_max_payload(MAX_UDP_ANSWER as u16);
-        resp.set_edns(e);
-    }
-    let bytes = resp.to_vec().expect("a local answer encodes");
-    let limit = usize::from(query.max_payload()).clamp(512, MAX_UDP_ANSWER);
-    if bytes.len() > limit {
-        return Some(
-            resp.truncate()
-                .to_vec()
-                .expect("a truncated answer encodes"),
+/// Checks one reply to `bytes` (`msg`: them parsed, if they parse).
+fn check_reply(bytes: &[u8], msg: Option<&Message>, out: &[u8], udp: bool) {
+    let back = Message::from_vec(out).expect("a reply decodes");
+    assert_eq!(back.metadata.message_type, MessageType::Response);
+    assert_eq!(back.metadata.id, u16::from_be_bytes([bytes[0], bytes[1]]));
+    let Some(msg) = msg else {
+        return;
+    };
+    assert_eq!(back.queries, msg.queries);
+    if udp && msg.queries.len() == 1 {
+        let limit = usize::from(msg.max_payload()).clamp(512, MAX_UDP_ANSWER);
+        assert!(
+            out.len() <= limit,
+            "{} bytes over UDP, limit {limit}",
+            out.len()
         );
     }
-    Some(bytes)
-}
-
-/// `server::error`: an error answer with the query's question.
-fn error(query: &Message, code: ResponseCode) -> Vec<u8> {
-    let mut m = Message::error_msg(query.metadata.id, query.metadata.op_code, code);
-    m.metadata.recursion_desired = query.metadata.recursion_desired;
-    m.metadata.recursion_available = true;
-    m.add_queries(query.queries.iter().cloned());
-    m.to_vec().expect("an error answer encodes")
+    assert!(out.len() <= usize::from(u16::MAX));
 }
 
 fuzz_target!(|bytes: &[u8]| {
-    let msg = match Message::from_vec(bytes) {
-        Ok(m) => m,
-        Err(_) => {
-            if bytes.len() >= 12 && bytes[2] & 0x80 == 0 {
-                let id = u16::from_be_bytes([bytes[0], bytes[1]]);
-                Message::error_msg(id, OpCode::Query, ResponseCode::FormErr)
-                    .to_vec()
-                    .expect("FORMERR encodes");
+    let msg = Message::from_vec(bytes).ok();
+    let query = msg
+        .as_ref()
+        .is_some_and(|m| m.metadata.message_type == MessageType::Query);
+    for udp in [true, false] {
+        match handler().handle(bytes, udp) {
+            Decision::Reply(out) => check_reply(bytes, msg.as_ref(), &out, udp),
+            Decision::Forward { query: q, failed } => {
+                // Only a readable query is forwarded, as it came.
+                assert!(query, "forwarded what is not a query");
+                assert_eq!(Some(&*q), msg.as_ref());
+                let out = failed.expect("a failed forward answers");
+                check_reply(bytes, msg.as_ref(), &out, udp);
             }
-            return;
-        }
-    };
-    if msg.metadata.message_type != MessageType::Query {
-        return;
-    }
-    if msg.metadata.op_code != OpCode::Query {
-        error(&msg, ResponseCode::NotImp);
-        return;
-    }
-    if msg.queries.len() != 1 {
-        error(&msg, ResponseCode::FormErr);
-        return;
-    }
-    match zone().answer(&msg) {
-        // A forward's fallback (an ExternalName's bare alias, sent when the
-        // upstream cannot be asked) is an answer like the others.
-        Outcome::Answer(resp) | Outcome::ForwardOr(resp) => {
-            assert_eq!(resp.metadata.id, msg.metadata.id);
-            assert_eq!(resp.metadata.message_type, MessageType::Response);
-            assert_eq!(resp.queries, msg.queries);
-            if let Some(out) = reply(&msg, resp) {
-                let back = Message::from_vec(&out).expect("our answer decodes");
-                assert_eq!(back.metadata.id, msg.metadata.id);
-            }
-        }
-        Outcome::Forward => {
-            // Forwarded as received; a failed forward answers SERVFAIL.
-            error(&msg, ResponseCode::ServFail);
+            // Never a readable query: only garbage and responses.
+            Decision::Drop => assert!(!query, "a query left unanswered"),
         }
     }
 });

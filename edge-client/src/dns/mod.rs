@@ -16,6 +16,8 @@
 //! `config` (`[dns]`).
 
 mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 mod server;
 mod store;
 #[cfg(test)]

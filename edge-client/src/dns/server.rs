@@ -13,11 +13,13 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use relay_protocol::Cidr;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{watch, Semaphore};
+use tokio_util::codec::LengthDelimitedCodec;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
@@ -31,6 +33,10 @@ pub const MAX_UDP_ANSWER: usize = 1232;
 const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Most TCP connections served at once (more are closed at accept).
 const MAX_TCP_CONNS: usize = 128;
+/// Most queries of one TCP connection forwarded at once; past that the
+/// connection is not read until one is answered (the resolver-wide bound
+/// is `max_forwards`).
+const TCP_PIPELINE: usize = 16;
 
 /// Counters of one resolver.
 #[derive(Debug, Default)]
@@ -278,9 +284,15 @@ async fn forward_tcp(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<
     }
 }
 
+/// What a forward that failed (or was shed) answers: `fallback` if there
+/// is one, else SERVFAIL; `None` (send nothing) only if that does not
+/// encode.
+pub(crate) fn failed_answer(query: &Message, fallback: Option<Vec<u8>>) -> Option<Vec<u8>> {
+    fallback.or_else(|| error(query, ResponseCode::ServFail).to_vec().ok())
+}
+
 /// Forwards within the bounds; when the upstream fails, is slow, or too
-/// many forwards are in flight: `fallback` if there is one, else
-/// SERVFAIL. `None`: send nothing.
+/// many forwards are in flight: [`failed_answer`]. `None`: send nothing.
 async fn forward(
     shared: &Shared,
     query: &Message,
@@ -288,12 +300,9 @@ async fn forward(
     tcp: bool,
     fallback: Option<Vec<u8>>,
 ) -> Option<Vec<u8>> {
-    let failed_answer = |fallback: Option<Vec<u8>>| {
-        fallback.or_else(|| error(query, ResponseCode::ServFail).to_vec().ok())
-    };
     let Ok(_permit) = shared.forwards.clone().try_acquire_owned() else {
         shared.stats.forward_shed.fetch_add(1, Relaxed);
-        return failed_answer(fallback);
+        return failed_answer(query, fallback);
     };
     let work = async {
         if tcp {
@@ -314,7 +323,7 @@ async fn forward(
             };
             debug!(upstream = %shared.upstream, error = %why, fallback = fallback.is_some(), "forward failed");
             shared.stats.forward_failed.fetch_add(1, Relaxed);
-            failed_answer(fallback)
+            failed_answer(query, fallback)
         }
     }
 }
@@ -365,8 +374,9 @@ pub(crate) async fn serve_udp(
     }
 }
 
-/// Serves TCP connections until `cancel`: queries one after another per
-/// connection (2-byte length framing, RFC 7766), idle ones closed.
+/// Serves TCP connections until `cancel`: several queries per connection
+/// (2-byte length framing, RFC 7766), forwards among them concurrently,
+/// idle ones closed.
 pub(crate) async fn serve_tcp(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -404,23 +414,63 @@ pub(crate) async fn serve_tcp(
     }
 }
 
-async fn serve_conn(mut s: TcpStream, shared: &Shared) {
+/// Serves one connection: every query is decided as it arrives, a local
+/// answer written at once, a forward run beside the next queries (at most
+/// [`TCP_PIPELINE`] at a time) and its answer written when it comes, so
+/// a slow forward (up to `forward_timeout` with the cloud away) no longer
+/// holds up the cluster names asked after it. Answers may so leave in
+/// another order than their queries, as RFC 7766 7 allows (clients match
+/// them by id). When the client closes its side or goes idle, the
+/// forwards under way are still answered, then the connection closed.
+async fn serve_conn(s: TcpStream, shared: &Shared) {
+    let (rd, mut wr) = s.into_split();
+    // A framed reader keeps a half-read query buffered when an answer
+    // wins the select below, where `read_framed` would lose its bytes.
+    let mut queries = LengthDelimitedCodec::builder()
+        .length_field_length(2)
+        .max_frame_length(usize::from(u16::MAX))
+        .new_read(rd);
+    let mut forwards = FuturesUnordered::new();
+    let mut reading = true;
     loop {
-        let Ok(Ok(query)) = tokio::time::timeout(TCP_IDLE, read_framed(&mut s)).await else {
-            return;
-        };
-        shared.stats.tcp_queries.fetch_add(1, Relaxed);
-        let resp = match handle(shared, &query, false) {
-            Handled::Reply(r) => r,
-            Handled::Drop => return,
-            Handled::Forward(q, fallback) => {
-                match forward(shared, &q, &query, true, fallback).await {
-                    Some(r) => r,
-                    None => return,
+        let answer = tokio::select! {
+            q = tokio::time::timeout(TCP_IDLE, queries.next()),
+                if reading && forwards.len() < TCP_PIPELINE =>
+            {
+                let Ok(Some(Ok(query))) = q else {
+                    // Closed, unreadable or idle.
+                    reading = false;
+                    if forwards.is_empty() {
+                        return;
+                    }
+                    continue;
+                };
+                shared.stats.tcp_queries.fetch_add(1, Relaxed);
+                match handle(shared, &query, false) {
+                    Handled::Reply(r) => Some(r),
+                    Handled::Drop => return,
+                    Handled::Forward(q, fallback) => {
+                        forwards.push(async move {
+                            forward(shared, &q, &query, true, fallback).await
+                        });
+                        continue;
+                    }
                 }
             }
+            Some(r) = forwards.next() => r,
+            else => return,
         };
-        if write_framed(&mut s, &resp).await.is_err() {
+        let Some(resp) = answer else {
+            return;
+        };
+        // A client that stops reading holds no connection slot forever.
+        if !matches!(
+            tokio::time::timeout(TCP_IDLE, write_framed(&mut wr, &resp)).await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
+        if !reading && forwards.is_empty() {
             return;
         }
     }
@@ -433,7 +483,7 @@ async fn read_framed(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-async fn write_framed(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
+async fn write_framed(s: &mut (impl AsyncWrite + Unpin), msg: &[u8]) -> std::io::Result<()> {
     let len = u16::try_from(msg.len()).map_err(|_| std::io::Error::other("message too long"))?;
     let mut out = Vec::with_capacity(2 + msg.len());
     out.extend_from_slice(&len.to_be_bytes());

@@ -867,3 +867,233 @@ async fn other_classes_are_forwarded_and_the_apex_soa_is_answered() {
     assert!(matches!(m.authorities[0].data, RData::SOA(_)));
     r.shutdown().await;
 }
+
+/// `ip` as its reverse name: `d.c.b.a.in-addr.arpa.` or 32 nibbles then
+/// `ip6.arpa.` (what `dig -x` asks).
+fn arpa(ip: &str) -> String {
+    match ip.parse::<IpAddr>().unwrap() {
+        IpAddr::V4(v4) => {
+            let [a, b, c, d] = v4.octets();
+            format!("{d}.{c}.{b}.{a}.in-addr.arpa.")
+        }
+        IpAddr::V6(v6) => {
+            let hex: String = v6.octets().iter().map(|o| format!("{o:02x}")).collect();
+            let nibbles: Vec<String> = hex.chars().rev().map(String::from).collect();
+            format!("{}.ip6.arpa.", nibbles.join("."))
+        }
+    }
+}
+
+/// The PTR targets of an answer, as text.
+fn ptrs(m: &Message) -> Vec<String> {
+    m.answers
+        .iter()
+        .map(|r| match &r.data {
+            RData::PTR(p) => p.0.to_ascii(),
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+/// Reverse lookups of the table's addresses answer at the edge, as
+/// CoreDNS's do (`kubernetes … in-addr.arpa ip6.arpa`): a ClusterIP (either
+/// family) gives the Service's name, a headless endpoint's address its
+/// per-pod name under each Service it serves; so they work with the cloud
+/// away. Before, every reverse name was forwarded (SERVFAIL here).
+#[tokio::test]
+async fn ptr_of_cluster_ips_and_endpoints_answers_without_the_cloud() {
+    let away = upstream(true).await;
+    let mut table = sample();
+    // db-0's pod is also behind a second headless Service.
+    table.push(svc(
+        "db-peers",
+        NameKind::Headless,
+        &[],
+        vec![ep("10.244.7.5", None, &[])],
+    ));
+    // A ClusterIP and a headless endpoint over IPv6.
+    table.push(svc(
+        "v6",
+        NameKind::Headless,
+        &[],
+        vec![ep("fd00:244::6", None, &[])],
+    ));
+    let r = resolver(&away, table).await;
+    for (ip, want) in [
+        ("10.96.0.20", vec!["web.shop.svc.cluster.local."]),
+        ("fd00::20", vec!["web.shop.svc.cluster.local."]),
+        (
+            "10.244.7.5",
+            vec![
+                "db-0.db.shop.svc.cluster.local.",
+                "10-244-7-5.db-peers.shop.svc.cluster.local.",
+            ],
+        ),
+        ("10.244.7.7", vec!["10-244-7-7.db.shop.svc.cluster.local."]),
+        (
+            "fd00:244::6",
+            vec!["fd00-244--6.v6.shop.svc.cluster.local."],
+        ),
+    ] {
+        let name = arpa(ip);
+        let m = udp(&r, &name, RecordType::PTR).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{ip}");
+        assert!(m.metadata.authoritative, "{ip}");
+        let mut got = ptrs(&m);
+        got.sort();
+        let mut want = want;
+        want.sort();
+        assert_eq!(got, want, "{ip}");
+        assert!(m
+            .answers
+            .iter()
+            .all(|a| a.ttl == super::zone::TTL && a.name.to_ascii() == name));
+    }
+    // Case is the asker's (resolvers that randomise it check the echo).
+    let upper = arpa("fd00::20").to_ascii_uppercase();
+    let m = udp(&r, &upper, RecordType::PTR).await;
+    assert_eq!(ptrs(&m), ["web.shop.svc.cluster.local."]);
+    assert_eq!(m.answers[0].name.to_ascii(), upper);
+    let m = udp(&r, "20.0.96.10.IN-ADDR.ARPA.", RecordType::PTR).await;
+    assert_eq!(ptrs(&m), ["web.shop.svc.cluster.local."]);
+    // The IPv4-mapped form of a ClusterIP names it too (CoreDNS reads it
+    // as the IPv4 address).
+    let m = udp(&r, &arpa("::ffff:10.96.0.20"), RecordType::PTR).await;
+    assert_eq!(ptrs(&m), ["web.shop.svc.cluster.local."]);
+    assert!(away.asked().is_empty(), "{:?}", away.asked());
+    r.shutdown().await;
+}
+
+/// `name` with its labels taken as raw bytes (`+20` and `0/25` are no
+/// host names, which `Name::from_ascii` refuses).
+fn raw(name: &str) -> Name {
+    let labels: Vec<&[u8]> = name
+        .trim_end_matches('.')
+        .split('.')
+        .map(str::as_bytes)
+        .collect();
+    Name::from_labels(labels).unwrap()
+}
+
+/// Only PTR of an address the table holds is answered: an unknown
+/// address, a partial or malformed reverse name, another type or class
+/// falls through to the upstream (CoreDNS's `fallthrough in-addr.arpa
+/// ip6.arpa`), which owns the rest of the reverse tree; a held address
+/// beside them is still answered here.
+#[tokio::test]
+async fn other_reverse_names_fall_through_to_the_upstream() {
+    let up = upstream(false).await;
+    let r = resolver(&up, sample()).await;
+    let v6 = arpa("fd00::20");
+    let forwarded: Vec<(String, RecordType)> = vec![
+        (arpa("10.96.0.99"), RecordType::PTR),
+        (arpa("fd00::99"), RecordType::PTR),
+        ("0.96.10.in-addr.arpa.".into(), RecordType::PTR),
+        ("in-addr.arpa.".into(), RecordType::PTR),
+        ("020.0.96.10.in-addr.arpa.".into(), RecordType::PTR),
+        ("+20.0.96.10.in-addr.arpa.".into(), RecordType::PTR),
+        ("256.0.96.10.in-addr.arpa.".into(), RecordType::PTR),
+        ("x.20.0.96.10.in-addr.arpa.".into(), RecordType::PTR),
+        ("0/25.0.96.10.in-addr.arpa.".into(), RecordType::PTR),
+        (v6[2..].to_string(), RecordType::PTR),
+        (format!("0.{v6}"), RecordType::PTR),
+        (v6.replacen('2', "g", 1), RecordType::PTR),
+        (v6.replacen("2.", "22.", 1), RecordType::PTR),
+        ("20.0.96.10.in-addr.arpa.".into(), RecordType::A),
+        ("20.0.96.10.in-addr.arpa.".into(), RecordType::TXT),
+    ];
+    for (name, t) in &forwarded {
+        let mut q = query(".", *t);
+        q.queries[0].set_name(raw(name));
+        let m = over_udp(&r, &q).await;
+        assert!(!m.metadata.authoritative, "{name} {t}: answered here");
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{name}");
+        // A held address, between them: here.
+        let m = udp(&r, &arpa("10.96.0.20"), RecordType::PTR).await;
+        assert_eq!(ptrs(&m), ["web.shop.svc.cluster.local."], "after {name}");
+    }
+    let mut ch = query(&arpa("10.96.0.20"), RecordType::PTR);
+    ch.queries[0].set_query_class(DNSClass::CH);
+    assert!(!over_udp(&r, &ch).await.metadata.authoritative);
+    let mut want: Vec<(String, RecordType, DNSClass)> = forwarded
+        .into_iter()
+        .map(|(n, t)| (raw(&n).to_ascii().to_ascii_lowercase(), t, DNSClass::IN))
+        .collect();
+    want.push((arpa("10.96.0.20"), RecordType::PTR, DNSClass::CH));
+    assert_eq!(up.asked(), want);
+    r.shutdown().await;
+}
+
+/// Queries pipelined on one TCP connection (RFC 7766 6.2.1.1) are served
+/// concurrently: a cluster name asked after a name whose forward hangs
+/// (the cloud away) is answered at once, not after the forward's
+/// timeout; and a client that closes its side after asking still gets
+/// every answer. Before, the connection was served one query at a time.
+#[tokio::test]
+async fn pipelined_tcp_queries_are_not_held_up_by_a_forward() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that takes TCP connections and never answers (a
+    // refused connection would fail the forward at once).
+    let hang = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let away = Upstream {
+        addr: hang.local_addr().unwrap(),
+        asked: Arc::default(),
+    };
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = hang.accept().await {
+            held.push(c);
+        }
+    });
+    let r = resolver(&away, sample()).await;
+    let mut s = tokio::net::TcpStream::connect(r.local_addr())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for (id, name) in [
+        (1u16, "example.com."),
+        (2, "web.shop.svc.cluster.local."),
+        (3, "db-0.db.shop.svc.cluster.local."),
+    ] {
+        let mut q = query(name, RecordType::A);
+        q.metadata.id = id;
+        let b = q.to_vec().unwrap();
+        out.extend_from_slice(&(b.len() as u16).to_be_bytes());
+        out.extend_from_slice(&b);
+    }
+    // All three in one write, then the client's side closed.
+    s.write_all(&out).await.unwrap();
+    s.shutdown().await.unwrap();
+    let t = std::time::Instant::now();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let len = tokio::time::timeout(Duration::from_secs(3), s.read_u16())
+            .await
+            .expect("an answer within 3 s")
+            .unwrap();
+        let mut b = vec![0u8; usize::from(len)];
+        s.read_exact(&mut b).await.unwrap();
+        let m = Message::from_vec(&b).unwrap();
+        got.push((m.metadata.id, m.metadata.response_code, t.elapsed()));
+    }
+    assert_eq!(
+        got.iter().map(|g| (g.0, g.1)).collect::<Vec<_>>(),
+        [
+            (2, ResponseCode::NoError),
+            (3, ResponseCode::NoError),
+            (1, ResponseCode::ServFail)
+        ],
+        "{got:?}"
+    );
+    // The local answers at once, the forward's SERVFAIL after its 300 ms.
+    assert!(got[1].2 < Duration::from_millis(200), "{got:?}");
+    assert!(got[2].2 >= Duration::from_millis(250), "{got:?}");
+    // Everything answered: the resolver closes the connection.
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest))
+        .await
+        .expect("closed after the last answer")
+        .unwrap();
+    assert_eq!(n, 0);
+    r.shutdown().await;
+}

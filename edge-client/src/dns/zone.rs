@@ -17,15 +17,26 @@
 //! | the apex, `svc.D`, `pod.D`, `ns.svc.D` / `ns.pod.D` of a known namespace | NODATA |
 //! | anything else under `D` | NXDOMAIN |
 //! | names outside `D`, other names under `pod.D`, any class but IN | forwarded |
+//! | `d.c.b.a.in-addr.arpa` / 32-nibble `….ip6.arpa` PTR, a ClusterIP | `svc.ns.svc.D.` |
+//! | the same, a headless endpoint's address (no ClusterIP's) | `host.svc.ns.svc.D.`, one per Service it is an endpoint of |
+//! | other reverse names: unknown or partial addresses, malformed names, other types or classes | forwarded |
 //!
 //! Negative answers carry a SOA record for the domain, so stub resolvers
 //! cache them for [`NEGATIVE_TTL`] seconds; positive answers have [`TTL`].
+//!
+//! Reverse names are answered as CoreDNS's default Corefile does
+//! (`kubernetes cluster.local in-addr.arpa ip6.arpa { fallthrough
+//! in-addr.arpa ip6.arpa }`): only PTR for an address the table holds;
+//! everything else there falls through to the upstream, which owns the
+//! rest of the reverse tree. Endpoints are known here for headless
+//! Services only (the relay sends no others), so the PTR of a ClusterIP
+//! Service's pod is forwarded, as before.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hickory_proto::op::{Message, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, CNAME, SOA, SRV};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, PTR, SOA, SRV};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use relay_protocol::{NameKind, ServiceName};
 
@@ -74,6 +85,12 @@ pub struct Zone {
     domain_labels: Vec<String>,
     services: BTreeMap<(String, String), ServiceName>,
     namespaces: BTreeSet<String>,
+    /// The Service (key of `services`) whose ClusterIP each address is,
+    /// for PTR answers (the first in key order if several claim one).
+    cluster_ips: BTreeMap<IpAddr, (String, String)>,
+    /// The headless Services each address is an endpoint of, for PTR
+    /// answers of addresses that are no ClusterIP.
+    endpoint_ips: BTreeMap<IpAddr, Vec<(String, String)>>,
     /// SOA serial: changes with every table.
     serial: u32,
 }
@@ -97,6 +114,28 @@ impl Zone {
             );
             z.namespaces.insert(key.0.clone());
             z.services.insert(key, s);
+        }
+        // The reverse index, built once per table so a PTR query costs a
+        // lookup, not a walk over every endpoint.
+        for (key, s) in &z.services {
+            match &s.kind {
+                NameKind::ClusterIp(ips) => {
+                    for ip in ips {
+                        z.cluster_ips
+                            .entry(ip.to_canonical())
+                            .or_insert_with(|| key.clone());
+                    }
+                }
+                NameKind::Headless => {
+                    for e in &s.endpoints {
+                        let owners = z.endpoint_ips.entry(e.ip.to_canonical()).or_default();
+                        if !owners.contains(key) {
+                            owners.push(key.clone());
+                        }
+                    }
+                }
+                NameKind::ExternalName(_) => {}
+            }
         }
         z
     }
@@ -127,21 +166,30 @@ impl Zone {
         let Some(q) = query.queries.first() else {
             return Outcome::Forward;
         };
-        let Some(mut rel) = self.relative(q.name()) else {
-            return Outcome::Forward;
-        };
         // The table holds class IN data only; CHAOS and the rest are the
         // upstream's business (CoreDNS's plugin answers only IN).
         if q.query_class() != DNSClass::IN {
             return Outcome::Forward;
         }
         let qtype = q.query_type();
-        let mut resp = Message::response(query.metadata.id, OpCode::Query);
-        resp.metadata.authoritative = true;
-        resp.metadata.recursion_desired = query.metadata.recursion_desired;
-        resp.metadata.recursion_available = true;
-        resp.metadata.checking_disabled = query.metadata.checking_disabled;
-        resp.add_query(q.clone());
+        if qtype == RecordType::PTR {
+            let targets = reverse_address(q.name()).map_or_else(Vec::new, |ip| self.ptr(ip));
+            if !targets.is_empty() {
+                let mut resp = response(query);
+                resp.add_answers(
+                    targets
+                        .into_iter()
+                        .map(|t| Record::from_rdata(q.name().clone(), TTL, RData::PTR(PTR(t)))),
+                );
+                return Outcome::Answer(resp);
+            }
+            // Not an address held here: on to the forward names (a
+            // reverse name is outside the cluster domain).
+        }
+        let Some(mut rel) = self.relative(q.name()) else {
+            return Outcome::Forward;
+        };
+        let mut resp = response(query);
         // ExternalName aliases are followed here, as CoreDNS does: stub
         // resolvers (glibc, musl) expect the server to chase a CNAME and
         // give up on a bare one. `chain` holds the CNAMEs so far.
@@ -243,6 +291,33 @@ impl Zone {
             }
             _ => Err(nx()),
         }
+    }
+
+    /// The names of `ip` for PTR answers: the Service whose ClusterIP it
+    /// is, else each headless Service's name for it as an endpoint (its
+    /// hostname or dashed address, as the forward names); none when the
+    /// table does not hold it.
+    fn ptr(&self, ip: IpAddr) -> Vec<Name> {
+        let ip = ip.to_canonical();
+        if let Some((ns, name)) = self.cluster_ips.get(&ip) {
+            return self.fqdn(&[name, ns, "svc"]).into_iter().collect();
+        }
+        let mut names: Vec<Name> = Vec::new();
+        for key in self.endpoint_ips.get(&ip).into_iter().flatten() {
+            let Some(s) = self.services.get(key) else {
+                continue;
+            };
+            let (ns, name) = (key.0.as_str(), key.1.as_str());
+            for e in s.endpoints.iter().filter(|e| e.ip.to_canonical() == ip) {
+                // A hostname that makes no name gets no PTR (as no A).
+                if let Some(n) = self.fqdn(&[&endpoint_label(e), name, ns, "svc"]) {
+                    if !names.contains(&n) {
+                        names.push(n);
+                    }
+                }
+            }
+        }
+        names
     }
 
     /// The labels of `name` before the cluster domain, lower case, or
@@ -400,6 +475,56 @@ impl Zone {
         srvs.extend(extra);
         Ok(srvs)
     }
+}
+
+/// The response skeleton for `query`: its id and question, authoritative,
+/// the flags a resolver echoes.
+fn response(query: &Message) -> Message {
+    let mut resp = Message::response(query.metadata.id, OpCode::Query);
+    resp.metadata.authoritative = true;
+    resp.metadata.recursion_desired = query.metadata.recursion_desired;
+    resp.metadata.recursion_available = true;
+    resp.metadata.checking_disabled = query.metadata.checking_disabled;
+    resp.add_queries(query.queries.first().cloned());
+    resp
+}
+
+/// The address a reverse name spells: `d.c.b.a.in-addr.arpa.` (four
+/// decimal octets, no leading zeros, as `inet_pton` and CoreDNS read
+/// them) or 32 single hex nibbles then `ip6.arpa.`, any case. Anything
+/// else (a partial address, an RFC 2317 delegation label, a stray
+/// label) is `None`: not an address, so not answered here.
+fn reverse_address(name: &Name) -> Option<IpAddr> {
+    let labels: Vec<&[u8]> = name.iter().collect();
+    let is = |l: &[u8], s: &str| l.eq_ignore_ascii_case(s.as_bytes());
+    match labels.as_slice() {
+        [d, c, b, a, zone, arpa] if is(zone, "in-addr") && is(arpa, "arpa") => Some(IpAddr::V4(
+            Ipv4Addr::new(octet(a)?, octet(b)?, octet(c)?, octet(d)?),
+        )),
+        [nibbles @ .., zone, arpa]
+            if nibbles.len() == 32 && is(zone, "ip6") && is(arpa, "arpa") =>
+        {
+            // The first label is the lowest nibble.
+            let mut v: u128 = 0;
+            for l in nibbles.iter().rev() {
+                let &[h] = *l else {
+                    return None;
+                };
+                v = (v << 4) | u128::from(char::from(h).to_digit(16)?);
+            }
+            Some(IpAddr::V6(Ipv6Addr::from(v)))
+        }
+        _ => None,
+    }
+}
+
+/// One decimal octet label: `0` to `255`, no sign, no leading zero.
+fn octet(l: &[u8]) -> Option<u8> {
+    let digits = !l.is_empty() && l.len() <= 3 && l.iter().all(u8::is_ascii_digit);
+    if !digits || (l.len() > 1 && l[0] == b'0') {
+        return None;
+    }
+    std::str::from_utf8(l).ok()?.parse().ok()
 }
 
 /// An endpoint's own label: its hostname, else its address with dashes
