@@ -202,7 +202,7 @@ pub(crate) fn render(up: bool, st: &EdgeStats) -> String {
     one(
         "streams_stalled",
         "gauge",
-        "QUIC streams whose local reader has not taken their data for 1 s or more; each holds up to quic.stream_window on top of its session's receive window, for up to 24 per session.",
+        "QUIC streams whose local reader has not taken their data for 1 s or more; their session's receive window then makes room for 24 stream windows on top of quic.conn_window.",
         relay_transport::stall::stalled_now().to_string(),
     );
     one(

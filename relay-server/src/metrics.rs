@@ -425,7 +425,7 @@ impl Metrics {
         metric(
             "relay_streams_stalled",
             "gauge",
-            "QUIC streams whose local reader has not taken their data for 1 s or more (a paused kubectl logs -f, a client that stopped reading); each holds up to quic.stream_window on top of its session's receive window, not out of it, for up to 24 per session.",
+            "QUIC streams whose local reader has not taken their data for 1 s or more (a paused kubectl logs -f, a client that stopped reading); their session's receive window then makes room for 24 stream windows on top of quic.conn_window.",
             &[(String::new(), relay_transport::stall::stalled_now())],
         );
         metric(

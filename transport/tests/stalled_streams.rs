@@ -59,7 +59,8 @@ async fn dial(to: SocketAddr) -> TcpStream {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_whose_reader_stopped_do_not_stop_the_session() {
-    let (edge, relay, _endpoints) = common::quic_pair(&QuicTuning::relay_default()).await;
+    let (edge, relay, _endpoints) =
+        common::quic_pair(&QuicTuning::relay_default(), &QuicTuning::default()).await;
     let target = paused_reader().await;
 
     // The relay side: every stream the edge opens is spliced into a

@@ -94,7 +94,8 @@ impl Near {
 /// believes its peer announced `UDP_STREAM_PAYLOADS`; without `serve`, the
 /// far side never reads the flow's stream (a peer that stopped).
 async fn flow(near_peer_takes_streams: bool, far_peer_takes_streams: bool, serve: bool) -> Near {
-    let (near, far, endpoints) = common::quic_pair(&QuicTuning::relay_default()).await;
+    let (near, far, endpoints) =
+        common::quic_pair(&QuicTuning::relay_default(), &QuicTuning::default()).await;
 
     let near_stats = Arc::new(UdpStats::default());
     let far_stats = Arc::new(UdpStats::default());

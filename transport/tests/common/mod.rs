@@ -7,9 +7,10 @@ use relay_transport::quic::{client_endpoint, server_endpoint, QuicTuning};
 
 /// A QUIC connection on loopback: (edge side, relay side, the endpoints,
 /// kept alive by the caller). The relay side uses `relay`, the edge side
-/// the edge's default tuning.
+/// `edge`.
 pub(crate) async fn quic_pair(
     relay: &QuicTuning,
+    edge: &QuicTuning,
 ) -> (TunnelConn, TunnelConn, (quinn::Endpoint, quinn::Endpoint)) {
     let pki = DevPki::generate(&["relay.test"], &["edge-a"]).unwrap();
     let server = server_endpoint(
@@ -22,7 +23,7 @@ pub(crate) async fn quic_pair(
     let client = client_endpoint(
         "127.0.0.1:0".parse().unwrap(),
         &pki.node_material("edge-a").unwrap(),
-        &QuicTuning::default(),
+        edge,
         0,
     )
     .unwrap();
