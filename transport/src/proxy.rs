@@ -19,8 +19,15 @@ use base64::Engine as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// The largest proxy response head read (status line and headers).
+/// The largest proxy response head read (status line and headers), all
+/// heads together when interim (1xx) ones come first.
 const MAX_HEAD: usize = 8 << 10;
+
+/// The most interim (1xx) response heads skipped before the answer to
+/// CONNECT; one more is an error. RFC 9110 (15.2) has a client take any
+/// number; a proxy has no reason to send more than one or two, and the
+/// bound ends a proxy's stream of them well before [`MAX_HEAD`] would.
+const MAX_INTERIM: usize = 8;
 
 /// An HTTP proxy: `http://[user:password@]host[:port]` (port 3128, the
 /// usual forward proxy port, when left out).
@@ -121,8 +128,12 @@ impl HttpProxy {
     }
 
     /// Asks the proxy, on `s` (connected to it), for a tunnel to
-    /// `target` (`host:port`); `Ok` once it answered 2xx. Callers bound it
-    /// in time.
+    /// `target` (`host:port`); `Ok` once it answered 2xx. Interim (1xx)
+    /// responses before the answer are skipped, as RFC 9110 (15.2) has a
+    /// client do, up to 8 of them and within 8 KiB for all heads
+    /// together; `101 Switching Protocols` is no interim response (it
+    /// would end HTTP on the connection) and, as an answer to CONNECT, a
+    /// refusal. Callers bound it in time.
     pub async fn open_tunnel(&self, s: &mut TcpStream, target: &str) -> Result<(), String> {
         let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
         if let Some(a) = &self.auth {
@@ -132,18 +143,25 @@ impl HttpProxy {
         s.write_all(req.as_bytes())
             .await
             .map_err(|e| format!("proxy {self}: write: {e}"))?;
-        // Byte by byte up to the blank line: nothing of the tunnel's own
-        // bytes (the relay's TLS) may be consumed here.
         let mut head = Vec::with_capacity(256);
-        let mut b = [0u8; 1];
-        while !head_ended(&head) {
-            if head.len() >= MAX_HEAD {
-                return Err(format!("proxy {self}: response head over {MAX_HEAD} bytes"));
-            }
-            match s.read(&mut b).await {
-                Ok(0) => return Err(format!("proxy {self}: closed before answering CONNECT")),
-                Ok(_) => head.push(b[0]),
-                Err(e) => return Err(format!("proxy {self}: read: {e}")),
+        // Bytes of the interim heads read before `head`, and how many.
+        let (mut before, mut interim) = (0, 0);
+        loop {
+            self.read_head(s, &mut head, before, interim).await?;
+            let line = status_line(&head);
+            match status_code(line) {
+                Some(code @ 100..=199) if code != 101 => {
+                    interim += 1;
+                    if interim > MAX_INTERIM {
+                        return Err(format!(
+                            "proxy {self} sent more than {MAX_INTERIM} interim (1xx) responses to CONNECT {target} without a final one: {}",
+                            shown(line)
+                        ));
+                    }
+                    before += head.len();
+                    head.clear();
+                }
+                _ => break,
             }
         }
         let line = status_line(&head);
@@ -167,6 +185,37 @@ impl HttpProxy {
                 shown(line)
             )),
         }
+    }
+
+    /// Reads one response head from `s` into `head` (empty), up to and
+    /// including its blank line, byte by byte: nothing of the tunnel's
+    /// own bytes (the relay's TLS) may be consumed here. `before` bytes of
+    /// `interim` interim heads were read already and count against
+    /// [`MAX_HEAD`].
+    async fn read_head(
+        &self,
+        s: &mut TcpStream,
+        head: &mut Vec<u8>,
+        before: usize,
+        interim: usize,
+    ) -> Result<(), String> {
+        let mut b = [0u8; 1];
+        while !head_ended(head) {
+            if before + head.len() >= MAX_HEAD {
+                return Err(match interim {
+                    0 => format!("proxy {self}: response head over {MAX_HEAD} bytes"),
+                    n => format!(
+                        "proxy {self}: response head over {MAX_HEAD} bytes ({n} interim 1xx heads included)"
+                    ),
+                });
+            }
+            match s.read(&mut b).await {
+                Ok(0) => return Err(format!("proxy {self}: closed before answering CONNECT")),
+                Ok(_) => head.push(b[0]),
+                Err(e) => return Err(format!("proxy {self}: read: {e}")),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -470,6 +519,20 @@ mod tests {
         (r, rest)
     }
 
+    /// `answer` is refused with an error containing `says`, and what the
+    /// proxy sent after the head it judged is left unread: `rest`.
+    async fn refused(answer: &'static [u8], says: &str, rest: &[u8]) {
+        let (r, left) = answered(answer).await;
+        assert!(
+            r.as_ref().is_err_and(|e| e.contains(says)),
+            "{answer:?}: {r:?}"
+        );
+        assert_eq!(left, rest, "{answer:?}");
+    }
+
+    /// The refusal of a `403` answer.
+    const REFUSED_403: &str = "refused CONNECT relay.example:8443: HTTP/1.1 403 Forbidden";
+
     /// A head ended by a bare LF blank line (RFC 9112 lets a recipient take
     /// LF as a line's end), or by CRLF and LF mixed, is seen as ended, and
     /// nothing after it is read. Before, only `\r\n\r\n` ended it and the
@@ -490,14 +553,7 @@ mod tests {
         // A bare CR ends no line.
         assert!(!head_ended(b"HTTP/1.1 200 OK\r\r"));
         assert!(!head_ended(b"HTTP/1.1 200 OK\r\n\r"));
-        let (r, rest) = answered(b"HTTP/1.1 403 Forbidden\n\nTUNNEL").await;
-        assert!(
-            r.as_ref().is_err_and(
-                |e| e.contains("refused CONNECT relay.example:8443: HTTP/1.1 403 Forbidden")
-            ),
-            "{r:?}"
-        );
-        assert_eq!(rest, b"TUNNEL");
+        refused(b"HTTP/1.1 403 Forbidden\n\nTUNNEL", REFUSED_403, b"TUNNEL").await;
     }
 
     /// The status line must be `HTTP/1.<digit>`, then exactly three ASCII
@@ -542,14 +598,131 @@ mod tests {
             b"XTTP/1.1 200 OK\r\n\r\nTUNNEL",
             b"HTTP/1.1 2000 OK\r\n\r\nTUNNEL",
         ] {
+            refused(
+                answer,
+                "answered CONNECT relay.example:8443 without an HTTP/1.x status line: ",
+                b"TUNNEL",
+            )
+            .await;
+        }
+    }
+
+    /// Interim (1xx) responses before the proxy's `200` are skipped (RFC
+    /// 9110 15.2), headers and all, up to eight of them, and the tunnel's
+    /// bytes after the final head are left intact. Before, the first
+    /// interim head was taken for the answer: "refused CONNECT ...: HTTP/1.1
+    /// 100 Continue".
+    #[tokio::test]
+    async fn interim_responses_before_the_200_are_skipped() {
+        let eight: &'static [u8] = [&b"HTTP/1.1 100 Continue\r\n\r\n"[..]; MAX_INTERIM]
+            .concat()
+            .into_iter()
+            .chain(b"HTTP/1.1 200 OK\r\n\r\nTUNNEL".iter().copied())
+            .collect::<Vec<u8>>()
+            .leak();
+        for answer in [
+            &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 Connection established\r\n\r\nTUNNEL"[..],
+            b"HTTP/1.1 100 Continue\n\nHTTP/1.1 200 OK\nVia: x\n\nTUNNEL",
+            b"HTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\nHTTP/1.1 199 Whatever\r\n\r\nHTTP/1.1 200 OK\r\n\r\nTUNNEL",
+            eight,
+        ] {
             let (r, rest) = answered(answer).await;
-            assert!(
-                r.as_ref().is_err_and(|e| e.contains(
-                    "answered CONNECT relay.example:8443 without an HTTP/1.x status line: "
-                )),
-                "{answer:?}: {r:?}"
-            );
-            assert_eq!(rest, b"TUNNEL");
+            assert_eq!(r, Ok(()), "{answer:?}");
+            assert_eq!(rest, b"TUNNEL", "{answer:?}");
+        }
+        // The final answer is judged as ever.
+        refused(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 403 Forbidden\r\n\r\nTUNNEL",
+            REFUSED_403,
+            b"TUNNEL",
+        )
+        .await;
+    }
+
+    /// A proxy that sends interim responses without end is refused once a
+    /// ninth arrives, with an error that says so, the bytes after that
+    /// head unread; and the 8 KiB bound holds for all heads together, so
+    /// a few large interim heads end it too. Before, the first `100` was
+    /// taken for a refusal of its own.
+    #[tokio::test]
+    async fn endless_interim_responses_are_refused_within_the_bounds() {
+        // A proxy writing `100 Continue` heads until the edge hangs up.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let proxy = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 1024];
+            let _ = s.read(&mut buf).await.unwrap();
+            let mut sent = 0usize;
+            while s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.is_ok() {
+                sent += 1;
+            }
+            sent
+        });
+        let p = HttpProxy::parse(&format!("http://{addr}")).unwrap();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            p.open_tunnel(&mut s, "relay.example:8443"),
+        )
+        .await
+        .expect("endless interim responses are refused, not waited out");
+        let e = r.unwrap_err();
+        assert!(
+            e.contains("sent more than 8 interim (1xx) responses to CONNECT relay.example:8443 without a final one: HTTP/1.1 100 Continue"),
+            "{e}"
+        );
+        drop(s);
+        let sent = tokio::time::timeout(Duration::from_secs(10), proxy)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(sent > MAX_INTERIM, "{sent}");
+        // Exactly nine heads are read: what follows stays unread.
+        let nine: &'static [u8] = [&b"HTTP/1.1 100 Continue\r\n\r\n"[..]; MAX_INTERIM + 1]
+            .concat()
+            .into_iter()
+            .chain(b"HTTP/1.1 200 OK\r\n\r\nTUNNEL".iter().copied())
+            .collect::<Vec<u8>>()
+            .leak();
+        let (r, rest) = answered(nine).await;
+        assert!(r.is_err_and(|e| e.contains("more than 8 interim")));
+        assert_eq!(rest, b"HTTP/1.1 200 OK\r\n\r\nTUNNEL");
+        // Three interim heads of 3 KiB each: the bound on all head bytes
+        // ends it in the third, exactly 8 KiB read.
+        let mut big = Vec::new();
+        for _ in 0..3 {
+            big.extend_from_slice(b"HTTP/1.1 103 Early Hints\r\nLink: ");
+            big.extend(std::iter::repeat_n(b'a', 3 << 10));
+            big.extend_from_slice(b"\r\n\r\n");
+        }
+        big.extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\nTUNNEL");
+        let big: &'static [u8] = big.leak();
+        let (r, rest) = answered(big).await;
+        let e = r.unwrap_err();
+        assert!(
+            e.ends_with(": response head over 8192 bytes (2 interim 1xx heads included)"),
+            "{e}"
+        );
+        assert_eq!(rest, &big[MAX_HEAD..]);
+    }
+
+    /// `101 Switching Protocols` is not an interim response to skip: for
+    /// CONNECT it is no tunnel, and it is refused like any other answer
+    /// that is not 2xx, nothing after its head read, also after a `100`.
+    /// (A guard: refused before too; a skip of every 1xx would take it.)
+    #[tokio::test]
+    async fn a_101_answer_is_refused() {
+        for answer in [
+            &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\nHTTP/1.1 200 OK\r\n\r\nTUNNEL"[..],
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 Switching Protocols\r\n\r\nHTTP/1.1 200 OK\r\n\r\nTUNNEL",
+        ] {
+            refused(
+                answer,
+                "refused CONNECT relay.example:8443: HTTP/1.1 101 Switching Protocols",
+                b"HTTP/1.1 200 OK\r\n\r\nTUNNEL",
+            )
+            .await;
         }
     }
 

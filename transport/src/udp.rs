@@ -131,7 +131,8 @@ pub struct UdpStats {
     /// within [`STREAM_PAYLOAD_WRITE_LIMIT`].
     pub stream_payload_stalls: AtomicU64,
     /// Payloads dropped because a queue was full: a flow's, or the
-    /// connection's datagram send queue (QUIC's drops its oldest).
+    /// connection's datagram send queue (QUIC's drops its oldest), or on
+    /// the TCP fallback its queue of received datagrams.
     pub dropped_queue_full: AtomicU64,
     /// Datagrams for no known flow (a flow that just ended).
     pub dropped_unknown_flow: AtomicU64,
@@ -392,41 +393,63 @@ impl FlowTable {
 /// is set up again rather than carrying on without UDP.
 ///
 /// On the TCP fallback it also counts, in `table`'s stats, the datagrams
-/// the connection's reader skipped as over-long (as they are seen, and
-/// when the pump ends) and, once the connection has closed, whether it
-/// was closed for the peer ending the datagram stream.
+/// the connection's reader skipped as over-long or dropped for a full
+/// queue (as they are seen, and when the pump ends) and, once the
+/// connection has closed, whether it was closed for the peer ending the
+/// datagram stream.
 pub async fn pump_datagrams(conn: TunnelConn, table: Arc<FlowTable>) {
-    let mut malformed = 0;
+    let mut seen = ReaderDrops::default();
     let ended = loop {
         match conn.read_datagram().await {
             Ok(d) => {
                 table.dispatch(d);
-                count_malformed(&conn, &table.stats, &mut malformed);
+                count_reader_drops(&conn, &table.stats, &mut seen);
             }
             Err(e) => break e,
         }
     };
-    count_malformed(&conn, &table.stats, &mut malformed);
+    count_reader_drops(&conn, &table.stats, &mut seen);
     debug!(reason = %ended.0, "datagram pump ended");
     if let TunnelConn::Tcp(c) = &conn {
         c.closed().await;
-        count_malformed(&conn, &table.stats, &mut malformed);
+        count_reader_drops(&conn, &table.stats, &mut seen);
         if c.datagram_stream_ended_by_peer() {
             table.stats.datagram_streams_ended.fetch_add(1, Relaxed);
         }
     }
 }
 
-/// Adds to `stats` the over-long datagrams `conn`'s TCP-fallback reader
-/// skipped since `seen`.
-fn count_malformed(conn: &TunnelConn, stats: &UdpStats, seen: &mut u64) {
+/// Adds to `stats` what `conn`'s TCP-fallback reader dropped since
+/// `seen` (which it updates): datagrams skipped as over-long
+/// (`malformed`), and datagrams dropped because the connection's queue of
+/// received datagrams was full (`queue_full`).
+fn count_reader_drops(conn: &TunnelConn, stats: &UdpStats, seen: &mut ReaderDrops) {
     if let TunnelConn::Tcp(c) = conn {
-        let now = c.datagrams_refused_oversize();
-        stats
-            .dropped_malformed
-            .fetch_add(now.saturating_sub(*seen), Relaxed);
+        let now = ReaderDrops {
+            oversize: c.datagrams_refused_oversize(),
+            queue_full: c.datagrams_dropped_queue_full(),
+        };
+        // Called per datagram: the shared counters are touched only when
+        // something was dropped.
+        if now.oversize != seen.oversize {
+            stats
+                .dropped_malformed
+                .fetch_add(now.oversize.saturating_sub(seen.oversize), Relaxed);
+        }
+        if now.queue_full != seen.queue_full {
+            stats
+                .dropped_queue_full
+                .fetch_add(now.queue_full.saturating_sub(seen.queue_full), Relaxed);
+        }
         *seen = now;
     }
+}
+
+/// The TCP-fallback reader's drop counts already added to the stats.
+#[derive(Default)]
+struct ReaderDrops {
+    oversize: u64,
+    queue_full: u64,
 }
 
 /// The largest UDP payload `conn` can carry in one datagram now.

@@ -36,6 +36,10 @@ pub(super) struct DatagramStream {
     /// Datagrams whose length was over [`MAX_TCP_DATAGRAM`]: refused,
     /// their bytes skipped.
     pub(super) oversize: AtomicU64,
+    /// Datagrams read whole and dropped because the connection's queue of
+    /// received datagrams (`DATAGRAM_QUEUE`) was full: nobody took them
+    /// fast enough.
+    pub(super) queue_full: AtomicU64,
     /// The peer ended the stream while the connection was up (see
     /// [`datagram_reader`]): set before the connection is closed for it,
     /// so the driver gives [`PEER_ENDED_DATAGRAM_STREAM`] as its reason.
@@ -183,8 +187,16 @@ pub(super) async fn datagram_writer(
     }
 }
 
-/// Reads the datagram stream into `tx` (a full queue drops), until the
-/// connection is closed or the stream ends.
+/// Reads the datagram stream into `tx` (a full queue drops, counted in
+/// `datagrams.queue_full`), until the connection is closed or the stream
+/// ends.
+///
+/// It takes part in tokio's cooperative budget, one unit per datagram:
+/// yamux is not tokio I/O and hands over what it holds for the stream (up
+/// to its 256 KiB window) without ever returning `Pending`, so a peer's
+/// burst of small datagrams (tens of thousands in one window) would
+/// otherwise be read in a single poll, every other task of the thread
+/// (the pump emptying the queue among them) waiting meanwhile.
 ///
 /// A length over [`MAX_TCP_DATAGRAM`] (no sender writes one: the
 /// connection refuses to queue it) is a protocol violation; its bytes are
@@ -213,6 +225,9 @@ pub(super) async fn datagram_reader(
 ) {
     let read = async {
         loop {
+            // Yields only once the task's budget is spent: a thread-local
+            // count otherwise (see above for why).
+            tokio::task::consume_budget().await;
             let mut len = [0u8; 2];
             r.read_exact(&mut len).await?;
             let len = usize::from(u16::from_be_bytes(len));
@@ -235,8 +250,13 @@ pub(super) async fn datagram_reader(
             }
             let mut d = vec![0u8; len];
             r.read_exact(&mut d).await?;
-            // A full queue drops the datagram, as a full socket buffer would.
-            let _ = tx.try_send(Bytes::from(d));
+            // A full queue drops the datagram, as a full socket buffer
+            // would, and counts it (the pump reports it as
+            // `udp_dropped_total{reason="queue_full"}`). A closed one
+            // means the connection's handle is gone: nobody is counting.
+            if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(Bytes::from(d)) {
+                datagrams.queue_full.fetch_add(1, Ordering::Relaxed);
+            }
         }
         #[allow(unreachable_code)]
         std::io::Result::Ok(())

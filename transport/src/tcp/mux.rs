@@ -103,7 +103,8 @@ const STREAM_WINDOW: usize = yamux::DEFAULT_CREDIT as usize;
 /// the number of streams; QUIC's is `conn_window` (8 MiB).
 pub const SESSION_RECEIVE_LIMIT: usize = LIMITS.table * STREAM_WINDOW;
 
-/// Datagrams queued for sending before new ones are dropped, as UDP would.
+/// Datagrams queued each way (to send, and received but not yet read)
+/// before new ones are dropped, as UDP would.
 const DATAGRAM_QUEUE: usize = 1024;
 
 /// A yamux stream with tokio's I/O traits, counted against its
@@ -538,6 +539,17 @@ impl YamuxConn {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Datagrams the peer sent that were dropped on arrival because this
+    /// side's queue of received datagrams (1,024) was full, as a full
+    /// socket buffer drops them: nothing took them in time. Per
+    /// connection; `udp::pump_datagrams` adds them to the process's
+    /// `udp_dropped_total{reason="queue_full"}`.
+    pub fn datagrams_dropped_queue_full(&self) -> u64 {
+        self.datagrams
+            .queue_full
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Whether the connection was closed because the peer ended its
     /// datagram stream (FIN or reset) while the connection was otherwise
     /// up; [`YamuxConn::closed`] then says "peer ended the datagram
@@ -818,6 +830,142 @@ mod tests {
             .unwrap();
         assert_eq!(stats.datagram_streams_ended.load(Relaxed), 1);
         assert_eq!(stats.dropped_malformed.load(Relaxed), 1);
+    }
+
+    /// `n` datagrams as the edge sends them on the datagram stream, each
+    /// its 4-byte index (a flow id no flow has), in one yamux frame: yamux
+    /// hands the whole frame to the stream at once (well within its
+    /// 256 KiB window for the `n` used here).
+    fn burst(n: usize) -> Vec<u8> {
+        let mut stream = Vec::with_capacity(n * 6);
+        for i in 0..n {
+            stream.extend(framed(4, &u32::try_from(i).unwrap().to_be_bytes()));
+        }
+        assert!(stream.len() < STREAM_WINDOW);
+        yamux_data(0, &stream)
+    }
+
+    /// Datagrams the reader has handled so far: queued for the pump, or
+    /// dropped for a full queue.
+    fn handled(c: &YamuxConn) -> usize {
+        let queued = c.dgram_in.try_lock().map(|q| q.len()).unwrap_or(0);
+        queued + c.datagrams_dropped_queue_full() as usize
+    }
+
+    /// Waits until the reader has handled `n` datagrams.
+    async fn until_handled(c: &YamuxConn, n: usize) {
+        tokio::time::timeout(GUARD, async {
+            while handled(c) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the reader handled {} of {n}", handled(c)));
+    }
+
+    /// A burst past the queue of received datagrams (1,024) while nothing
+    /// reads them: the first 1,024 are kept, in order, and every one lost
+    /// is counted, exactly sent − received. Before, they were dropped
+    /// uncounted.
+    #[tokio::test]
+    async fn datagrams_dropped_for_a_full_queue_are_counted() {
+        const SENT: usize = 3 * DATAGRAM_QUEUE + 17;
+        let (c, mut edge) = relay_with_hand_made_edge(&[]).await;
+        edge.write_all(&burst(SENT)).await.unwrap();
+        until_handled(&c, SENT).await;
+        // Everything queued: the reader has handled the whole burst.
+        let mut received = Vec::new();
+        while !c.dgram_in.lock().await.is_empty() {
+            received.push(c.read_datagram().await.unwrap());
+        }
+        assert_eq!(received.len(), DATAGRAM_QUEUE);
+        for (i, d) in received.iter().enumerate() {
+            assert_eq!(&d[..], &u32::try_from(i).unwrap().to_be_bytes());
+        }
+        assert_eq!(
+            c.datagrams_dropped_queue_full(),
+            (SENT - received.len()) as u64
+        );
+        assert!(is_up(&c));
+    }
+
+    /// `udp::pump_datagrams` adds those drops to the process's UDP stats
+    /// (`udp_dropped_total{reason="queue_full"}`, the reason QUIC's full
+    /// send queue is counted under): with the pump started after the
+    /// burst, the kept datagrams reach the table (no flow takes them) and
+    /// the rest are counted as queue full, together exactly what was sent.
+    #[tokio::test]
+    async fn the_pump_counts_datagrams_dropped_for_a_full_queue() {
+        use std::sync::atomic::Ordering::Relaxed;
+        const SENT: usize = 2 * DATAGRAM_QUEUE + 5;
+        let (c, mut edge) = relay_with_hand_made_edge(&[]).await;
+        edge.write_all(&burst(SENT)).await.unwrap();
+        until_handled(&c, SENT).await;
+        let stats = Arc::new(crate::udp::UdpStats::default());
+        let table = crate::udp::FlowTable::new(0, 16, false, stats.clone());
+        let pump = tokio::spawn(crate::udp::pump_datagrams(
+            crate::conn::TunnelConn::Tcp(c.clone()),
+            table,
+        ));
+        tokio::time::timeout(GUARD, async {
+            while (stats.dropped_unknown_flow.load(Relaxed) as usize) < DATAGRAM_QUEUE {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the pump never took the queued datagrams");
+        assert_eq!(
+            stats.dropped_queue_full.load(Relaxed) as usize,
+            SENT - DATAGRAM_QUEUE
+        );
+        let shown = stats.render_prometheus("relay");
+        let line = format!(
+            "relay_udp_dropped_total{{reason=\"queue_full\"}} {}\n",
+            SENT - DATAGRAM_QUEUE
+        );
+        assert!(shown.contains(&line), "{shown}");
+        c.close_now("test: done");
+        tokio::time::timeout(GUARD, pump).await.unwrap().unwrap();
+        assert_eq!(
+            (stats.dropped_unknown_flow.load(Relaxed) + stats.dropped_queue_full.load(Relaxed))
+                as usize,
+            SENT
+        );
+    }
+
+    /// While the reader works through a burst yamux already holds (here
+    /// 20,000 datagrams, one frame), another task on the same thread runs
+    /// between its steps: a task sampling how far the reader got sees it
+    /// part-way, many times, and never more than a few hundred datagrams
+    /// on between two of its turns. Before, the reader took the whole
+    /// burst in one poll (yamux never returns `Pending` while it holds
+    /// data), and the sampler saw nothing between none and all.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_burst_of_datagrams_does_not_starve_the_thread() {
+        const SENT: usize = 20_000;
+        let (c, mut edge) = relay_with_hand_made_edge(&[]).await;
+        let sampler = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut samples = vec![handled(&c)];
+                while *samples.last().unwrap() < SENT {
+                    tokio::task::yield_now().await;
+                    samples.push(handled(&c));
+                }
+                samples
+            })
+        };
+        edge.write_all(&burst(SENT)).await.unwrap();
+        let samples = tokio::time::timeout(GUARD, sampler)
+            .await
+            .expect("the reader never handled the burst")
+            .unwrap();
+        let part_way = samples.iter().filter(|&&n| 0 < n && n < SENT).count();
+        let largest_step = samples.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+        assert!(
+            part_way >= SENT / 1024 && largest_step <= 1024,
+            "{part_way} samples part-way, the largest step {largest_step} datagrams"
+        );
     }
 
     /// The connection's own end ends the datagram stream too, and its
