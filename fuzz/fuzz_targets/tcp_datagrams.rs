@@ -23,19 +23,27 @@
 //! stream going on; every complete datagram within the bound is delivered
 //! to its flow, in order, a short one or an unknown flow's counted as
 //! `dropped_unknown_flow`, one past a flow's queue of 256 as
-//! `dropped_queue_full` (exactly, when the connection's queue of 1,024
-//! datagrams cannot have filled; beyond that, which the reader drops
-//! uncounted, as a full socket buffer would, a subsequence and nothing
-//! counted twice); no single allocation exceeds the reader's bound of one
+//! `dropped_queue_full`, and so is one the reader dropped because the
+//! connection's queue of 1,024 received datagrams was full (as a full
+//! socket buffer would drop it; counted by the reader,
+//! `YamuxConn::datagrams_dropped_queue_full`, and added by the pump): so
+//! delivered + `dropped_unknown_flow` + `dropped_queue_full` is exactly
+//! the number of datagrams sent, whatever the timing; the connection's
+//! queue drops none of 1,024 or fewer, and when it dropped none delivery
+//! and counts are exact per flow (otherwise each flow gets a subsequence
+//! of its datagrams, in order, within the bounds those drops allow); no
+//! single allocation exceeds the reader's bound of one
 //! datagram of `MAX_TCP_DATAGRAM` bytes while the connection runs (an
 //! over-long one is skipped without a buffer of its size).
 //!
 //! The stream ending while the connection stays up (every marked input
 //! here) makes the reader close the connection ("peer ended the datagram
-//! stream") once 3 s have passed without the connection ending of itself;
-//! the target closes it first, so as not to wait 3 s per input: that close
-//! is `tcp::mux`'s unit test
-//! `a_peer_ending_the_datagram_stream_closes_the_connection`.
+//! stream") once 3 s have passed without the connection ending of itself
+//! (`tcp::mux`'s unit test
+//! `a_peer_ending_the_datagram_stream_closes_the_connection`); the pump
+//! returns once the connection has closed, so the target shortens that
+//! grace to 10 ms (`tcp::set_datagram_stream_grace`, hidden, for this
+//! target only) rather than wait 3 s per input.
 //!
 //! A stream without the mark is refused by the set-up, which then waits up
 //! to 500 ms for the connection to end to report why: for those inputs the
@@ -77,9 +85,9 @@ const CHECKED_INPUT: usize = 16 << 10;
 /// opened (`EDGE_FLOW_BIT`).
 const FLOWS: [u32; 3] = [1, 2, EDGE_FLOW_BIT | 1];
 
-/// `relay_transport`'s queue bounds (crate-private): the datagram queue of
-/// the connection and the queue of each flow. Past them datagrams are
-/// dropped, so exact delivery is only asserted below them.
+/// `relay_transport`'s queue bounds (crate-private): the connection's
+/// queue of received datagrams and the queue of each flow. Past them
+/// datagrams are dropped, and counted.
 const DATAGRAM_QUEUE: usize = 1024;
 const FLOW_QUEUE: usize = 256;
 
@@ -173,6 +181,9 @@ fuzz_target!(|data: &[u8]| {
     }
     wire.extend(yamux_data(end, &[]));
 
+    // See the module docs: 10 ms, not 3 s, before a connection whose
+    // datagram stream ended closes for it.
+    relay_transport::tcp::set_datagram_stream_grace(Duration::from_millis(10));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
@@ -245,21 +256,53 @@ fuzz_target!(|data: &[u8]| {
             .collect();
         let dropped_unknown = stats.dropped_unknown_flow.load(Ordering::Relaxed) as usize;
         let dropped_full = stats.dropped_queue_full.load(Ordering::Relaxed) as usize;
+        // Dropped by the reader for a full connection queue; the pump has
+        // added them to `dropped_queue_full`. Read after the pump ended,
+        // which it does only once the reader has dropped its sender, done
+        // with every datagram (the connection's handle, `conn`, keeps the
+        // receiver: a send fails only for a full queue, never a closed
+        // one).
+        let dropped_conn = conn.datagrams_dropped_queue_full() as usize;
         if debug() {
             eprintln!(
                 "{} datagrams in the stream ({} for no flow, {oversize} over-long); \
                  delivered per flow {:?}; dropped: unknown {dropped_unknown}, \
-                 queue full {dropped_full}",
+                 queue full {dropped_full} ({dropped_conn} of them at the \
+                 connection's queue)",
                 want.len(),
                 unknown,
                 got.iter().map(Vec::len).collect::<Vec<_>>()
             );
         }
         let delivered: usize = got.iter().map(Vec::len).sum();
+        // Exactly, not `<=`: every complete datagram within the bound is
+        // read (yamux hands over a stream's data before its FIN or reset),
+        // then queued or dropped-and-counted by the reader; every queued
+        // one is dispatched, and `dispatch` delivers it or counts it once,
+        // as for no flow or as a flow's queue full (its 256, or the
+        // table's 4 MiB of queued payloads, `SESSION_UDP_QUEUE_BYTES`, more
+        // than any input here holds).
+        assert_eq!(
+            delivered + dropped_unknown + dropped_full,
+            want.len(),
+            "datagrams delivered and counted as dropped, against those sent \
+             ({dropped_conn} dropped for the connection's full queue)"
+        );
+        assert!(
+            dropped_conn <= dropped_full,
+            "{dropped_conn} dropped for the connection's full queue, \
+             {dropped_full} counted as queue full"
+        );
         if want.len() <= DATAGRAM_QUEUE {
-            // The connection's queue cannot have filled: every datagram
-            // reached the table, and a flow's queue (drained only now)
-            // keeps its first `FLOW_QUEUE`.
+            // However slow the pump, the connection's queue holds them all.
+            assert_eq!(
+                dropped_conn, 0,
+                "datagrams dropped by a queue of {DATAGRAM_QUEUE}"
+            );
+        }
+        if dropped_conn == 0 {
+            // Every datagram reached the table, in order, and a flow's
+            // queue (drained only now) keeps its first `FLOW_QUEUE`.
             let mut excess = 0;
             for (g, w) in got.iter().zip(&per_flow) {
                 let kept = w.len().min(FLOW_QUEUE);
@@ -273,17 +316,26 @@ fuzz_target!(|data: &[u8]| {
                 "datagrams dropped for a full flow queue"
             );
         } else {
+            // Which datagrams the connection's queue dropped depends on
+            // when the pump ran: `dropped_conn` of them, from any flow.
             for (g, w) in got.iter().zip(&per_flow) {
                 assert!(g.len() <= FLOW_QUEUE, "a flow's queue past its bound");
+                assert!(
+                    g.len() >= w.len().saturating_sub(dropped_conn).min(FLOW_QUEUE),
+                    "a flow got {} of its {} datagrams, {dropped_conn} dropped \
+                     for the connection's full queue",
+                    g.len(),
+                    w.len()
+                );
                 assert!(
                     is_subsequence(g, w),
                     "payloads delivered out of order or made up"
                 );
             }
-            assert!(dropped_unknown <= unknown, "datagrams for no flow");
             assert!(
-                delivered + dropped_unknown + dropped_full <= want.len(),
-                "datagrams counted twice"
+                dropped_unknown <= unknown && dropped_unknown + dropped_conn >= unknown,
+                "{dropped_unknown} datagrams counted for no flow of {unknown}, \
+                 {dropped_conn} dropped for the connection's full queue"
             );
         }
         conn.close_now("fuzz: done");

@@ -19,6 +19,8 @@ pub use dial::{
     accept, closed_early, connect, connect_detailed, connect_with, AcceptError, ConnectError,
     TcpDial,
 };
+#[doc(hidden)]
+pub use driver::set_datagram_stream_grace;
 pub use mux::{
     TcpRecv, TcpSend, TcpStreamHalf, YamuxConn, DATAGRAM_STREAM_MARK, MAX_TCP_DATAGRAM,
     SESSION_RECEIVE_LIMIT,

@@ -29,6 +29,22 @@ use super::mux::{Inbound, OpenReply, TcpStreamHalf, MAX_TCP_DATAGRAM, PEER_ENDED
 /// reported.
 pub(super) const DATAGRAM_STREAM_GRACE: Duration = Duration::from_secs(3);
 
+/// The grace in use, in milliseconds: [`DATAGRAM_STREAM_GRACE`] unless a
+/// fuzz target shortened it ([`set_datagram_stream_grace`]).
+static GRACE_MS: AtomicU64 = AtomicU64::new(DATAGRAM_STREAM_GRACE.as_millis() as u64);
+
+/// Sets the datagram stream's grace (process-wide) for connections whose
+/// stream ends from now on. For the `tcp_datagrams` fuzz target only,
+/// whose every input ends the stream with the connection up and would
+/// otherwise wait 3 s each; the binaries never call it.
+#[doc(hidden)]
+pub fn set_datagram_stream_grace(d: Duration) {
+    GRACE_MS.store(
+        u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
+}
+
 /// What the datagram stream's reader saw of the peer, for the connection
 /// ([`super::YamuxConn`], which exposes it) and its driver.
 #[derive(Debug, Default)]
@@ -268,10 +284,8 @@ pub(super) async fn datagram_reader(
     drop(tx);
     // The connection's own end comes first (see `DATAGRAM_STREAM_GRACE`):
     // the driver cancels `close` once it has recorded why.
-    if tokio::time::timeout(DATAGRAM_STREAM_GRACE, close.cancelled())
-        .await
-        .is_ok()
-    {
+    let grace = Duration::from_millis(GRACE_MS.load(Ordering::Relaxed));
+    if tokio::time::timeout(grace, close.cancelled()).await.is_ok() {
         return;
     }
     let how = match ended {
