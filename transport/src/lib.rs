@@ -58,8 +58,8 @@ mod quic_runtime;
 pub mod reload;
 pub mod saved;
 pub mod splice;
-pub mod stall;
 mod splice_local;
+pub mod stall;
 pub mod tcp;
 // The namespace set-up shared with relay-server's tests.
 #[cfg(any(test, feature = "test-netns"))]
