@@ -491,6 +491,24 @@ mod tests {
         assert!(heads[0].starts_with("CONNECT relay.example:8443 HTTP/1.1\r\nHost: relay.example:8443\r\nProxy-Authorization: Basic dTpwdw==\r\n\r\n"), "{heads:?}");
     }
 
+    /// Asks the proxy stand-in at `addr` for a tunnel to
+    /// `relay.example:8443`, within 10 s; the answer and the connection.
+    async fn ask(
+        addr: std::net::SocketAddr,
+    ) -> (
+        Result<Result<(), String>, tokio::time::error::Elapsed>,
+        TcpStream,
+    ) {
+        let p = HttpProxy::parse(&format!("http://{addr}")).unwrap();
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            p.open_tunnel(&mut s, "relay.example:8443"),
+        )
+        .await;
+        (r, s)
+    }
+
     /// What `open_tunnel` makes of a proxy that sends `answer` and keeps
     /// the connection open (so a head never seen as ended waits, and the
     /// guard fails the test), and the bytes the edge reads after it.
@@ -505,14 +523,8 @@ mod tests {
             s.write_all(answer).await.unwrap();
             let _ = done_rx.await;
         });
-        let p = HttpProxy::parse(&format!("http://{addr}")).unwrap();
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        let r = tokio::time::timeout(
-            Duration::from_secs(10),
-            p.open_tunnel(&mut s, "relay.example:8443"),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("no end of head seen in {answer:?}"));
+        let (r, mut s) = ask(addr).await;
+        let r = r.unwrap_or_else(|_| panic!("no end of head seen in {answer:?}"));
         drop(done_tx);
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).await.unwrap();
@@ -659,14 +671,8 @@ mod tests {
             }
             sent
         });
-        let p = HttpProxy::parse(&format!("http://{addr}")).unwrap();
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        let r = tokio::time::timeout(
-            Duration::from_secs(10),
-            p.open_tunnel(&mut s, "relay.example:8443"),
-        )
-        .await
-        .expect("endless interim responses are refused, not waited out");
+        let (r, s) = ask(addr).await;
+        let r = r.expect("endless interim responses are refused, not waited out");
         let e = r.unwrap_err();
         assert!(
             e.contains("sent more than 8 interim (1xx) responses to CONNECT relay.example:8443 without a final one: HTTP/1.1 100 Continue"),
