@@ -395,9 +395,9 @@ impl SendHalf {
 
 impl RecvHalf {
     /// Marks the stream stalled while the guard lives (its reader waits on
-    /// the local side): on QUIC the connection's receive window grows by
-    /// a stream window meanwhile ([`crate::stall`]); `None` on the TCP
-    /// fallback, whose connection window already covers every stream.
+    /// the local side): on QUIC the connection's receive window is raised
+    /// at its first stall and stays so ([`crate::stall`]); `None` on the
+    /// TCP fallback, whose connection window already covers every stream.
     pub fn stalled(&self) -> Option<crate::stall::Stalled> {
         match self {
             RecvHalf::Quic(_, stalls) => Some(stalls.stalled()),
