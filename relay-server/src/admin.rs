@@ -11,7 +11,9 @@
 //! read-only one (`admin.read_token_file`), for Prometheus and the route
 //! agents, is accepted for `GET` only and refused with 403 otherwise, so
 //! the copy every cloud node holds cannot disconnect edges. Closing and
-//! draining log who asked (peer address, token class).
+//! draining log who asked (peer address, token class). The tokens are
+//! those their files hold now: re-read when the files change and on
+//! SIGHUP (`crate::token_reload`), swapped whole for the checks here.
 //!
 //! Requests are bounded in two budgets, each shared by every route in it
 //! and shed with 503 when full: [`API_SLOTS`] for `/v1/*`, and
@@ -68,6 +70,11 @@ pub(crate) async fn serve(
     // head (or sends none) would otherwise hold its fd and task for as
     // long as it likes, as many times as it likes.
     let head_timeout = shared.cfg.limits.connect_header_timeout;
+    // The token files, looked at while the API serves (a rotated Secret
+    // is taken without a restart).
+    if let Some(tokens) = &shared.cfg.admin_token_files {
+        tokio::spawn(crate::token_reload::watch(tokens.clone(), stop.clone()));
+    }
     let app = router(shared);
     match tls {
         None => relay_transport::http::serve(l, app, head_timeout, stop).await,
@@ -382,7 +389,21 @@ async fn auth(State(shared): State<Arc<Shared>>, mut req: Request, next: Next) -
         .extensions()
         .get::<ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0);
-    let access = match &shared.cfg.admin_token {
+    // The tokens the files hold now (one snapshot for both checks), or a
+    // code-built config's fixed ones.
+    let live = shared
+        .cfg
+        .admin_token_files
+        .as_ref()
+        .map(crate::token_reload::AdminTokens::current);
+    let (full, read) = match &live {
+        Some(t) => (t.full.as_ref(), t.read.as_ref()),
+        None => (
+            shared.cfg.admin_token.as_ref(),
+            shared.cfg.admin_read_token.as_ref(),
+        ),
+    };
+    let access = match full {
         None => Access::Open,
         Some(token) => {
             let given = req
@@ -391,11 +412,7 @@ async fn auth(State(shared): State<Arc<Shared>>, mut req: Request, next: Next) -
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .unwrap_or("");
-            match access_of(
-                given.as_bytes(),
-                token,
-                shared.cfg.admin_read_token.as_ref(),
-            ) {
+            match access_of(given.as_bytes(), token, read) {
                 Some(a) => a,
                 None => {
                     return (
@@ -557,7 +574,13 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
             + &crate::metrics::render_edges(&shared)
             + &crate::metrics::render_status(shared.status.stats())
             + &crate::metrics::render_watches(&shared)
-            + &crate::metrics::render_runtime(&shared),
+            + &crate::metrics::render_runtime(&shared)
+            + &shared
+                .cfg
+                .admin_token_files
+                .as_ref()
+                .map(crate::token_reload::AdminTokens::render)
+                .unwrap_or_default(),
     )
         .into_response()
 }

@@ -21,7 +21,9 @@
 //! cross the network in clear) through [`RoutesPoll`]: one connection kept
 //! from poll to poll, and the last table's ETag sent back, so an unchanged
 //! table is a 304 and the last one is installed again. It needs only the
-//! read-only admin token (`admin.read_token_file`). It owns only
+//! read-only admin token (`admin.read_token_file`), read again from its
+//! file when the file changes and after a 401, so a rotated Secret needs
+//! no restart of the agent (nor of the relay). It owns only
 //! routes tagged with its own protocol number (`proto`, default 250), so it
 //! never touches a route it did not install. On exit it removes them,
 //! unless told to leave them for the next agent ([`OnExit`]).
@@ -84,7 +86,9 @@ pub use table::{remove_from_main, RouteTable, DEFAULT_RULE_PREF, DEFAULT_TABLE};
 pub struct AgentConfig {
     /// The relay's admin API address.
     pub admin: SocketAddr,
-    /// Bearer token for the admin API, if it requires one.
+    /// Bearer token for the admin API, if it requires one. One made with
+    /// [`Secret::from_file`] (`--token-file`) is read again when the file
+    /// changes and after a 401 (see [`poll`]).
     pub token: Option<Secret>,
     /// HTTPS to the admin API; `None`: plain HTTP (loopback, or explicitly
     /// allowed with `--allow-insecure-http`).

@@ -31,20 +31,87 @@ pub use file::{AdminFile, FileConfig, LimitsFile, ListenFile};
 pub use validate::MAX_DURATION;
 
 /// A secret string whose `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+///
+/// One made with [`Secret::from_file`] (the route agent's `--token-file`)
+/// also knows its file: [`Secret::current`] gives the file's token as it
+/// is now, so a Secret rotated in place reaches every holder of a clone
+/// (the multipath agent's pollers share one) without a restart.
+#[derive(Clone)]
+pub struct Secret {
+    value: String,
+    file: Option<std::sync::Arc<crate::token_reload::TokenFile>>,
+}
 
 impl Secret {
     /// Wraps a secret.
     pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
+        Secret {
+            value: s.into(),
+            file: None,
+        }
     }
 
-    /// The secret itself; call only where it is compared or sent.
+    /// The token in file `path` (trailing whitespace dropped), read again
+    /// from it when the file changes: see [`Secret::current`].
+    pub fn from_file(path: &std::path::Path) -> std::io::Result<Self> {
+        let (file, value) = crate::token_reload::TokenFile::open(path)?;
+        Ok(Secret {
+            value,
+            file: Some(file),
+        })
+    }
+
+    /// The secret itself; call only where it is compared or sent. For one
+    /// read from a file: as read when this value was made (see
+    /// [`Secret::current`]).
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.value
+    }
+
+    /// The secret to send now: this one, or for one read from a file, the
+    /// file's token as it is now (read again when the file's metadata
+    /// changed since the last read; a file that cannot be read or is empty
+    /// keeps the token read before, logged).
+    pub fn current(&self) -> Secret {
+        match &self.file {
+            None => self.clone(),
+            Some(f) => Secret {
+                value: f.current(),
+                file: Some(f.clone()),
+            },
+        }
+    }
+
+    /// After a refusal (401): the file read again whatever its metadata
+    /// says, and its token if it differs from this one; `None` when there
+    /// is no file or it holds the same token.
+    pub fn reread(&self) -> Option<Secret> {
+        let f = self.file.as_ref()?;
+        let value = f.reread();
+        (value != self.value).then(|| Secret {
+            value,
+            file: Some(f.clone()),
+        })
     }
 }
+
+#[cfg(test)]
+impl Secret {
+    /// The file it is read from, for tests that fake what its metadata
+    /// shows.
+    pub(crate) fn file_for_tests(&self) -> Option<&crate::token_reload::TokenFile> {
+        self.file.as_deref()
+    }
+}
+
+/// Equal when the values are (whatever file either came from).
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.value == other.value
+    }
+}
+
+impl Eq for Secret {}
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -164,6 +231,14 @@ pub struct RelayConfig {
     /// draining a session. For Prometheus and the route agents, so a
     /// cloud node's copy cannot disconnect edges. Needs `admin_token`.
     pub admin_read_token: Option<Secret>,
+    /// The files `admin_token` and `admin_read_token` were read from, and
+    /// the tokens they hold now: looked at again every
+    /// `tls.reload_interval` and on SIGHUP, and what the admin API checks
+    /// (see [`crate::token_reload`]); `admin_token` and `admin_read_token`
+    /// stay the tokens the relay started with. `None` for a config built
+    /// by code: those two are then the tokens, fixed. Clones of the config
+    /// share the tokens held (read from the same files anyway).
+    pub admin_token_files: Option<crate::token_reload::AdminTokens>,
     /// When set, the admin API is served over HTTPS (TLS 1.3, no client
     /// certificates: clients authenticate with the token) presenting this
     /// certificate. Required for an admin API off loopback.
@@ -240,6 +315,7 @@ impl RelayConfig {
             health_listen_defaulted: false,
             admin_token: None,
             admin_read_token: None,
+            admin_token_files: None,
             admin_tls: None,
             admin_tls_files: None,
             allow_insecure_connect: false,

@@ -12,6 +12,9 @@
 //! - [`tls_reload`]: the relay's TLS identity and CRLs reloaded on SIGHUP
 //!   and on file change, for new handshakes; a changed client CA or CRL
 //!   also has live sessions verified again (`session::cert_check`).
+//! - [`token_reload`]: the admin tokens re-read from their files on
+//!   change and on SIGHUP (relay), and on change and after a 401 (route
+//!   agent), so a rotated Secret needs no restart.
 //! - [`server`]: [`Relay::spawn`], listeners, graceful shutdown.
 //! - [`bootstrap`]: node certificates for edges that hold only a token.
 //! - [`handshake`]: identity, claims from the directory, registration.
@@ -79,6 +82,7 @@ pub mod services;
 pub mod session;
 pub mod status;
 pub mod tls_reload;
+pub mod token_reload;
 pub mod topology;
 pub mod tunnel;
 mod tunnel_udp;

@@ -141,7 +141,8 @@ enum Cmd {
         /// resilient nexthop group of the replicas serving it.
         #[arg(long)]
         replica: Vec<String>,
-        /// File holding the admin API bearer token.
+        /// File holding the admin API bearer token; read again when it
+        /// changes and after a 401 (a rotated Secret needs no restart).
         #[arg(long)]
         token_file: Option<PathBuf>,
         /// Talk HTTPS to the admin API, trusting only the CA certificate(s)
@@ -389,12 +390,13 @@ async fn relay_main() -> anyhow::Result<()> {
                     None => None,
                 });
             }
+            // Read again when the file changes and after a 401: a rotated
+            // Secret is taken without restarting the agent.
             let token = match token_file {
-                Some(p) => Some(relay_server::Secret::new(
-                    std::fs::read_to_string(&p)
-                        .with_context(|| format!("reading {}", p.display()))?
-                        .trim_end(),
-                )),
+                Some(p) => Some(
+                    relay_server::Secret::from_file(&p)
+                        .with_context(|| format!("reading {}", p.display()))?,
+                ),
                 None => None,
             };
             let stop = tokio_util::sync::CancellationToken::new();
@@ -503,7 +505,8 @@ async fn relay_main() -> anyhow::Result<()> {
             // (SIGHUP's default action would end the process).
             let mut term = signal(SignalKind::terminate())?;
             let mut int = signal(SignalKind::interrupt())?;
-            // SIGHUP: reload certificates, keys and CRLs for new handshakes.
+            // SIGHUP: reload certificates, keys and CRLs for new handshakes,
+            // and the admin tokens.
             let mut hup = signal(SignalKind::hangup())?;
             if let Some(path) = &cli.ready_file {
                 let ready = serde_json::json!({
@@ -528,6 +531,10 @@ async fn relay_main() -> anyhow::Result<()> {
                     _ = hup.recv() => {
                         if let Err(e) = relay.reload_tls() {
                             tracing::warn!(error = %e, "SIGHUP: tls reload failed; keeping the previous certificates");
+                        }
+                        // Logs what it took and what it refused itself.
+                        if let Some(tokens) = &relay.shared().cfg.admin_token_files {
+                            tokens.reload();
                         }
                     }
                     why = relay.wait() => anyhow::bail!("relay failed: {why}"),

@@ -194,7 +194,7 @@ async fn request(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, 
 
 /// [`request`] with `headers` (`Name: value` lines); `(status, head,
 /// body)`.
-async fn request_with(
+pub(crate) async fn request_with(
     addr: std::net::SocketAddr,
     method: &str,
     path: &str,

@@ -11,6 +11,12 @@
 //! idle bound, a restart) fails the first write or read: the request is
 //! sent once more on a new connection (a `GET`, so harmless twice).
 //!
+//! The token ([`crate::Secret::current`]) is the token file as it is at
+//! each request (read again when its metadata changed); after a 401 the
+//! file is read once more and, if it holds another token, the request is
+//! sent again with it, once: a rotated Secret is taken whichever of relay
+//! and agent sees it first, without a restart (`crate::token_reload`).
+//!
 //! A 503 whose body is the relay's own [`crate::admin::OVERLOADED`] is
 //! [`Busy`]: the relay answered, its admin API's budget was full. The
 //! multipath agent keeps such a replica's last table a while instead of
@@ -21,6 +27,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use super::{AgentConfig, RouteView};
+use crate::config::Secret;
 
 /// Bound on one poll (connection, TLS, request and answer; a retry on a
 /// new connection included).
@@ -103,24 +110,19 @@ impl RoutesPoll {
     }
 
     async fn poll_once(&mut self, cfg: &AgentConfig) -> anyhow::Result<Polled> {
-        let request = self.request(cfg);
-        let (answer, conn) = match self.conn.take() {
-            Some(mut c) => match exchange(&mut c, &request).await {
-                Ok(a) => (a, c),
-                // Closed by the relay since the last poll (idle, restart):
-                // once more, on a new connection.
-                Err(_) => {
-                    let mut c = connect(cfg).await?;
-                    (exchange(&mut c, &request).await?, c)
-                }
-            },
-            None => {
-                let mut c = connect(cfg).await?;
-                (exchange(&mut c, &request).await?, c)
+        // The token file as it is now (read again if it changed).
+        let token = cfg.token.as_ref().map(Secret::current);
+        let mut request = self.request(token.as_ref());
+        let mut answer = self.send(cfg, &request).await?;
+        if answer.status == 401 {
+            // The relay may have taken a rotated token before this node's
+            // copy of the Secret looked changed: the file read again, and
+            // asked once more if it holds another token.
+            if let Some(t) = token.as_ref().and_then(Secret::reread) {
+                tracing::info!(admin = %cfg.admin, "admin API answered 401: the token file holds another token now; asking again with it");
+                request = self.request(Some(&t));
+                answer = self.send(cfg, &request).await?;
             }
-        };
-        if answer.keep {
-            self.conn = Some(conn);
         }
         match answer.status {
             200 => {
@@ -157,12 +159,33 @@ impl RoutesPoll {
         }
     }
 
+    /// Sends `request` on the kept connection, or on a new one when there
+    /// is none or the kept one fails (closed by the relay since the last
+    /// poll: idle, restart); keeps the connection when the answer allows.
+    async fn send(&mut self, cfg: &AgentConfig, request: &str) -> anyhow::Result<Answer> {
+        let (answer, conn) = match self.conn.take() {
+            Some(mut c) => match exchange(&mut c, request).await {
+                Ok(a) => (a, c),
+                Err(_) => {
+                    let mut c = connect(cfg).await?;
+                    (exchange(&mut c, request).await?, c)
+                }
+            },
+            None => {
+                let mut c = connect(cfg).await?;
+                (exchange(&mut c, request).await?, c)
+            }
+        };
+        if answer.keep {
+            self.conn = Some(conn);
+        }
+        Ok(answer)
+    }
+
     /// The request head: the token, and the last table's ETag when there
     /// is one.
-    fn request(&self, cfg: &AgentConfig) -> String {
-        let auth = cfg
-            .token
-            .as_ref()
+    fn request(&self, token: Option<&Secret>) -> String {
+        let auth = token
             .map(|t| format!("Authorization: Bearer {}\r\n", t.expose()))
             .unwrap_or_default();
         let cached = match (&self.etag, &self.view) {

@@ -105,10 +105,12 @@ pub struct LimitsFile {
 /// `[admin]`.
 #[derive(Debug, Deserialize, Default)]
 pub struct AdminFile {
-    /// File holding the bearer token (trailing newline ignored).
+    /// File holding the bearer token (trailing newline ignored); read
+    /// again when it changes and on SIGHUP (`crate::token_reload`).
     pub token_file: Option<PathBuf>,
     /// File holding a read-only bearer token (trailing newline ignored):
-    /// `GET` on `/v1` and `/metrics` only. Needs `token_file`.
+    /// `GET` on `/v1` and `/metrics` only. Needs `token_file`. Read again
+    /// as `token_file` is.
     pub read_token_file: Option<PathBuf>,
     /// Serve the admin API over HTTPS. Default: on when `listen.admin` is
     /// not a loopback address, off on loopback.
@@ -245,12 +247,27 @@ impl FileConfig {
         // take every edge's tunnel down with them.
         let admin_read_token = match &self.admin.read_token_file {
             Some(p) if !p.exists() => {
-                tracing::warn!(path = %p.display(), "admin.read_token_file does not exist: no read-only token, so route agents and scrapes that present one get 401 until it is created (the relay rereads it at its next start)");
+                tracing::warn!(path = %p.display(), "admin.read_token_file does not exist: no read-only token, so route agents and scrapes that present one get 401 until it is created (the relay reads it when it appears, within tls.reload_interval, or on SIGHUP)");
                 None
             }
             p => read_token(p.as_deref(), "admin.read_token_file")?,
         };
         let (tls, tls_crls, tls_reload) = self.tls.load()?;
+        // Re-read when they change, with the TLS files' poll and SIGHUP
+        // (a rotated Secret without a restart: see `token_reload`).
+        let admin_token_files = self.admin.token_file.clone().map(|full| {
+            crate::token_reload::AdminTokens::new(
+                full,
+                self.admin.read_token_file.clone(),
+                tls_reload
+                    .as_ref()
+                    .map_or(crate::config_tls::DEFAULT_RELOAD_INTERVAL, |r| r.interval),
+                crate::token_reload::Tokens {
+                    full: admin_token.clone(),
+                    read: admin_read_token.clone(),
+                },
+            )
+        });
         let (connect_tls, connect_tls_crls) = match &self.connect_tls {
             Some(t) => {
                 let (m, crls) = t.load("connect_tls")?;
@@ -340,6 +357,7 @@ impl FileConfig {
             health_listen_defaulted: self.listen.health.is_none(),
             admin_token,
             admin_read_token,
+            admin_token_files,
             admin_tls,
             admin_tls_files,
             allow_insecure_connect: self.listen.allow_insecure_connect,
@@ -361,15 +379,13 @@ impl FileConfig {
 }
 
 /// The admin API token in file `path` (`field` names it in errors):
-/// trailing newlines ignored, at least 16 characters.
+/// trailing newlines ignored, at least 16 characters (the rule reloads
+/// hold it to as well: `token_reload::read_admin_token`).
 fn read_token(path: Option<&Path>, field: &str) -> Result<Option<Secret>, ConfigError> {
     let Some(p) = path else {
         return Ok(None);
     };
-    let t = std::fs::read_to_string(p).map_err(|e| err(field, format!("{}: {e}", p.display())))?;
-    let t = t.trim_end_matches(['\n', '\r']);
-    if t.len() < 16 {
-        return Err(err(field, "token must be at least 16 characters"));
-    }
-    Ok(Some(Secret::new(t)))
+    crate::token_reload::read_admin_token(p)
+        .map(Some)
+        .map_err(|e| err(field, e))
 }
