@@ -35,6 +35,7 @@ use crate::supervisor::sessions::Sessions;
 use std::sync::atomic::Ordering::Relaxed;
 
 mod hedge;
+mod refused6;
 
 /// How often capture looks at the node's interface addresses again.
 const LAN_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
@@ -93,6 +94,13 @@ pub(crate) async fn run(
     stats: Arc<EdgeStats>,
     cancel: CancellationToken,
 ) {
+    // The tunnel's IPv6 routes are refused rather than left to the
+    // default route (capture is IPv4 only): see `subnets`. Unless the
+    // site routes IPv6 to the cloud by itself (`capture.refuse_ipv6`).
+    if cfg.capture_refuse_ipv6 {
+        cap.refuse_ipv6().await;
+    }
+    let (mut refused6, mut first_pass) = (refused6::Refused6::default(), true);
     let current = sessions.clone();
     let mut changes = sessions.clone();
     let mut relay_addrs = stats.relay_addrs_saved.subscribe();
@@ -193,6 +201,8 @@ pub(crate) async fn run(
         // capture (see `Capture::repair`); the calls below refill it.
         let tick = std::mem::take(&mut ticked);
         if tick {
+            // Before a repair, which would start the counter from 0.
+            refused6.read(&cap, &stats).await;
             match cap.repair().await {
                 // Said once per distinct error, not every 10 s.
                 Err(e) if repair_error.as_deref() != Some(e.to_string().as_str()) => {
@@ -203,6 +213,7 @@ pub(crate) async fn run(
                 Ok(repaired) => {
                     if repaired {
                         stats.capture_repairs.fetch_add(1, Relaxed);
+                        refused6.reinstalled();
                     }
                     repair_error = None;
                 }
@@ -300,6 +311,10 @@ pub(crate) async fn run(
         }
         // After the pass, so 1 means in place with what it captures.
         let installed = cap.is_installed();
+        if std::mem::take(&mut first_pass) {
+            // Then on the tick.
+            refused6.read(&cap, &stats).await;
+        }
         stats.capture_installed.store(u64::from(installed), Relaxed);
         // And the relay is told (by each session), when it changed.
         let report = CaptureReport {

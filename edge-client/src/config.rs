@@ -107,6 +107,10 @@ pub struct EdgeConfig {
     /// node are left to it. `false` (a node without one): capture takes
     /// those too and the edge dials the local endpoint itself.
     pub kube_proxy: bool,
+    /// With `capture`: traffic to the tunnel's IPv6 prefixes (capture
+    /// takes IPv4 only) is refused and counted instead of leaving by the
+    /// node's default route (`capture.refuse_ipv6`, default true).
+    pub capture_refuse_ipv6: bool,
 }
 
 /// Default of [`EdgeConfig::worker_threads`]: one. An edge node is small
@@ -153,6 +157,7 @@ impl EdgeConfig {
             relay_addrs_file: None,
             worker_threads: DEFAULT_WORKER_THREADS,
             kube_proxy: true,
+            capture_refuse_ipv6: true,
         }
     }
 }
@@ -619,6 +624,7 @@ impl FileConfig {
             },
             worker_threads: worker_threads(self.worker_threads)?,
             kube_proxy: self.kube_proxy.unwrap_or(true),
+            capture_refuse_ipv6: self.capture.refuse_ipv6.unwrap_or(true),
             capture,
             dns,
             status_listen,
@@ -676,6 +682,35 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(f.into_runtime().unwrap_err().field, "capture_state_file");
+    }
+
+    /// `capture.refuse_ipv6`: on by default (the tunnel's IPv6 prefixes
+    /// are refused, not left to the default route), off when written so.
+    #[test]
+    fn capture_refuses_ipv6_unless_told_not_to() {
+        relay_transport::tls::install_default_provider();
+        let dir = std::env::temp_dir().join(format!("edge-refuse6-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        relay_transport::devcerts::DevPki::generate(&["relay.test"], &["edge-a"])
+            .unwrap()
+            .write_to(&dir)
+            .unwrap();
+        let base = format!(
+            "node = \"edge-a\"\nrelay = \"relay.test:8443\"\n[tls]\ncert = \"{d}/edge-a.pem\"\nkey = \"{d}/edge-a-key.pem\"\nrelay_ca = \"{d}/ca.pem\"\n[capture]\nenabled = true\n",
+            d = dir.display()
+        );
+        let refuses = |extra: &str| {
+            let cfg = FileConfig::parse(&format!("{base}{extra}"))
+                .unwrap()
+                .into_runtime()
+                .unwrap();
+            assert!(cfg.capture.is_some());
+            cfg.capture_refuse_ipv6
+        };
+        assert!(refuses(""));
+        assert!(refuses("refuse_ipv6 = true\n"));
+        assert!(!refuses("refuse_ipv6 = false\n"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// `tcp_proxy`: a URL, `""` for none (whatever the environment), and

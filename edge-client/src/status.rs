@@ -259,9 +259,13 @@ pub(crate) fn render(up: bool, st: &EdgeStats) -> String {
         let _ = writeln!(
             o,
             "# HELP edge_capture_installed 1 while capture is on the node; 0 while its install fails (retried every 10 s): pods do not reach the cloud through the tunnel meanwhile.\n# TYPE edge_capture_installed gauge\nedge_capture_installed {}\n\
-             # HELP edge_capture_repairs_total Times capture was found removed from the node by something else (an nftables restart, a firewall reload, a flushed ruleset) and installed again.\n# TYPE edge_capture_repairs_total counter\nedge_capture_repairs_total {}",
+             # HELP edge_capture_repairs_total Times capture was found removed from the node by something else (an nftables restart, a firewall reload, a flushed ruleset) and installed again.\n# TYPE edge_capture_repairs_total counter\nedge_capture_repairs_total {}\n\
+             # HELP edge_capture_ipv6_refusing 1 while the tunnel's IPv6 routes (not captured: capture is IPv4 only) are refused on the node; 0 while the kernel refuses those rules, and such traffic leaves by the default route.\n# TYPE edge_capture_ipv6_refusing gauge\nedge_capture_ipv6_refusing {}\n\
+             # HELP edge_capture_ipv6_refused_total Packets to the tunnel's IPv6 routes refused (TCP reset, ICMPv6 administratively prohibited) rather than sent out by the default route; read every 10 s.\n# TYPE edge_capture_ipv6_refused_total counter\nedge_capture_ipv6_refused_total {}",
             st.capture_installed.load(Relaxed),
-            st.capture_repairs.load(Relaxed)
+            st.capture_repairs.load(Relaxed),
+            st.capture_ipv6_refusing.load(Relaxed),
+            st.capture_ipv6_refused.load(Relaxed)
         );
         render_lan_overlaps(&mut o, st);
     }
@@ -361,6 +365,14 @@ mod tests {
         assert!(t.lines().any(|l| l == "edge_session_up 0"), "{t}");
         assert!(t.lines().any(|l| l == "edge_capture_connections 0"), "{t}");
         assert!(t.lines().any(|l| l == "edge_capture_lan_overlaps 0"), "{t}");
+        assert!(
+            t.lines().any(|l| l == "edge_capture_ipv6_refused_total 0"),
+            "{t}"
+        );
+        assert!(
+            t.lines().any(|l| l == "edge_capture_ipv6_refusing 0"),
+            "{t}"
+        );
         assert!(!t.contains("edge_capture_lan_overlap{"), "{t}");
         st.lan_overlaps
             .send_replace(vec!["192.168.0.0/16".parse().unwrap()]);

@@ -52,6 +52,22 @@
 //!   chain src_out { type route hook output priority mangle;
 //!     meta mark <own_mark> fib saddr type != local ct mark set ct mark | <own_mark>
 //!     ct direction reply ct mark & <own_mark> == <own_mark> meta mark set <reply_mark> }
+//!   # with refuse_ipv6 (an edge's; see capture/refuse6.rs): IPv6 tunnel prefixes refused, not leaked
+//!   set dst6 { type ipv6_addr; flags interval; }   # the IPv6 prefixes asked for (none captured)
+//!   set skip6 { type ipv6_addr; flags interval; }  # never refused: served, connected subnets, peers
+//!   set src6 { type ipv6_addr; flags interval; }   # forwarded sources refused (IPv6 of src4's list)
+//!   counter v6_refused {}                          # packets refused (Capture::refused_ipv6)
+//!   chain v6_fwd { type filter hook forward priority filter;
+//!     ip6 daddr { ::1, fe80::/10, ff00::/8 } return
+//!     ip6 daddr @skip6 return
+//!     ip6 daddr @dst6 ip6 saddr @src6 meta l4proto tcp counter name v6_refused reject with tcp reset
+//!     ip6 daddr @dst6 ip6 saddr @src6 counter name v6_refused reject with icmpx admin-prohibited }
+//!   chain v6_out { type filter hook output priority filter;
+//!     meta mark <own_mark> return
+//!     ip6 daddr { ::1, fe80::/10, ff00::/8 } return
+//!     ip6 daddr @skip6 return
+//!     ip6 daddr @dst6 meta l4proto tcp counter name v6_refused reject with tcp reset
+//!     ip6 daddr @dst6 counter name v6_refused reject with icmpx admin-prohibited }
 //! }
 //! ip rule  fwmark <reply_mark> lookup <route_table> pref <rule_pref - 1> # replies to them
 //! ip rule  fwmark <own_mark> lookup main      pref <rule_pref - 1>   # our own sockets bypass
@@ -186,6 +202,7 @@ use tokio::process::Command;
 use tracing::{debug, warn};
 mod bypass;
 mod park;
+mod refuse6;
 mod repair;
 mod services;
 #[cfg(test)]
@@ -311,6 +328,9 @@ pub struct Capture {
     sweeper: bypass::Sweeper,
     /// The IPv6 prefixes asked for and not captured (warned once per set).
     ignored6: crate::log_sample::OncePerSet<Cidr>,
+    /// Their refusal, for [`CaptureConfig::refuse_ipv6`] (see
+    /// `capture/refuse6.rs`).
+    refuse6: refuse6::Refusal6,
 }
 
 impl Capture {
@@ -363,6 +383,7 @@ impl Capture {
             held_pending: true,
             sweeper: bypass::Sweeper::default(),
             ignored6: Default::default(),
+            refuse6: Default::default(),
         }
     }
 
@@ -494,7 +515,12 @@ impl Capture {
             &table,
         ];
         run("ip", &local, None).await?;
-        Ok(Capture::empty(cfg))
+        let mut cap = Capture::empty(cfg);
+        // Last, and never a failure of the install (see capture/refuse6.rs).
+        if cap.cfg.refuse_ipv6 {
+            cap.refuse6.installed = refuse6::install(&cap.cfg).await;
+        }
+        Ok(cap)
     }
 
     /// The configuration in force.
@@ -533,9 +559,8 @@ impl Capture {
         skip: &BTreeSet<Cidr>,
         peers: &BTreeSet<IpAddr>,
     ) -> Result<(), CaptureError> {
-        let t = &self.cfg.nft_table;
         // IPv4 only: the listeners are IPv4. An IPv6 prefix is reported,
-        // not half-captured.
+        // not half-captured, and refused with `refuse_ipv6` (an edge's).
         let v4 = |set: &BTreeSet<Cidr>| -> BTreeSet<Cidr> {
             set.iter().filter(|c| c.addr().is_ipv4()).copied().collect()
         };
@@ -545,15 +570,18 @@ impl Capture {
             warn!(
                 ignored = want6.len(),
                 %prefixes,
+                refused = self.refuse6.installed,
                 "IPv6 prefixes are not captured"
             );
         }
+        self.apply_refused6(&want6, skip, peers).await;
         let routes = capture_routes(&want4, &bypassed_prefixes(&want4, &skip4, peers));
         if want4 == self.installed && skip4 == self.skipped && routes == self.routes {
             self.release_held().await;
             return Ok(());
         }
         if want4 != self.installed || skip4 != self.skipped {
+            let t = &self.cfg.nft_table;
             let nft = rewrite_set(t, "dst4", &want4) + &rewrite_set(t, "skip4", &skip4);
             run("nft", &["-f", "-"], Some(&nft)).await?;
         }
@@ -591,6 +619,8 @@ impl Capture {
     /// traffic is not affected (see the module docs). The set is rewritten
     /// whole in one transaction.
     pub async fn apply_sources(&mut self, sources: &BTreeSet<Cidr>) -> Result<(), CaptureError> {
+        // With `refuse_ipv6`, the IPv6 ones are the refusal's (src6).
+        self.apply_sources6(sources).await;
         let v4: BTreeSet<Cidr> = sources
             .iter()
             .filter(|c| c.addr().is_ipv4())

@@ -70,6 +70,11 @@ pub struct CaptureConfig {
     /// once: with replicas, the route agents move its prefixes to another
     /// replica, which host processes on its node must then reach.
     pub hold_after_exit: std::time::Duration,
+    /// Edge only, not a file setting: refuse traffic to the IPv6 prefixes
+    /// capture is asked for (it captures IPv4 only) rather than let it
+    /// leave by the default route. Turned on by
+    /// [`crate::capture::Capture::refuse_ipv6`]; see `capture/refuse6.rs`.
+    pub refuse_ipv6: bool,
 }
 
 /// Default of [`CaptureConfig::hold_after_exit`]: off, so a process that
@@ -156,6 +161,7 @@ impl Default for CaptureConfig {
             preserve_source: Vec::new(),
             preserve_served: false,
             hold_after_exit: DEFAULT_HOLD_AFTER_EXIT,
+            refuse_ipv6: false,
         }
     }
 }
@@ -199,6 +205,13 @@ pub struct CaptureFile {
     /// [`DEFAULT_HOLD_AFTER_EXIT`]; at most a day).
     #[serde(default, with = "humantime_serde")]
     pub hold_after_exit: Option<std::time::Duration>,
+    /// Edge only: refuse traffic to the tunnel's IPv6 prefixes, which
+    /// capture does not take, rather than let it leave by the node's
+    /// default route (default true; see `capture/refuse6.rs`). `false`
+    /// for a dual-stack site whose IPv6 reaches the cloud's IPv6 ranges
+    /// by a route of its own. Read by the edge's config, not by
+    /// [`CaptureFile::resolve`]: the relay never refuses.
+    pub refuse_ipv6: Option<bool>,
 }
 
 impl CaptureFile {
@@ -238,6 +251,7 @@ impl CaptureFile {
             preserve_source: self.preserve_source.clone().unwrap_or_default(),
             preserve_served: self.preserve_source_served.unwrap_or(false),
             hold_after_exit: self.hold_after_exit.unwrap_or(d.hold_after_exit),
+            refuse_ipv6: d.refuse_ipv6,
         };
         if c.hold_after_exit > std::time::Duration::from_secs(24 * 3600) {
             return Err(("hold_after_exit", "at most 24h".into()));

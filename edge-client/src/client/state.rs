@@ -188,6 +188,13 @@ pub struct EdgeStats {
     /// Times capture was found removed by something else on the node (an
     /// nftables restart, a firewall reload) and installed again.
     pub capture_repairs: AtomicU64,
+    /// 1 while capture's IPv6 refusal is on the node (the tunnel's IPv6
+    /// routes are refused, not left to the default route), 0 while the
+    /// kernel refuses its rules; read on capture's 10 s tick.
+    pub capture_ipv6_refusing: AtomicU64,
+    /// Packets to the tunnel's IPv6 routes refused (capture's `v6_refused`
+    /// counter, kept rising across repairs); read on capture's 10 s tick.
+    pub capture_ipv6_refused: AtomicU64,
     /// What the relay is told about capture
     /// ([`Control::CaptureStatus`](relay_protocol::Control::CaptureStatus)):
     /// `None` without capture (nothing is told), else set by capture after

@@ -257,7 +257,7 @@ fn capture_routes_cut_holes_for_skips_and_peers() {
 
 /// Network-namespace tests: capture installed for real, in a namespace of
 /// the test's own (never the host's rules, routes or nftables).
-mod netns {
+pub(super) mod netns {
     use std::process::Command as StdCommand;
     use std::time::{Duration, Instant};
 
@@ -270,7 +270,7 @@ mod netns {
     /// belongs to that thread alone and is gone when the thread ends
     /// (nothing to delete, even on a panic).
     /// `None` when not root (a failure under `REQUIRE_LAB=1` or `CI=true`).
-    fn in_netns<T: Send + 'static>(
+    pub(in crate::capture) fn in_netns<T: Send + 'static>(
         f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static,
     ) -> Option<T> {
         if !nix::unistd::geteuid().is_root() {

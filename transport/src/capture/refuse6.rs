@@ -1,0 +1,255 @@
+//! IPv6 tunnel prefixes refused, not leaked (an edge's capture: see
+//! [`Capture::refuse_ipv6`]).
+//!
+//! Capture is IPv4 only (its listeners, NAT and routes are), but a
+//! dual-stack cluster's tunnel routes list IPv6 prefixes too: a
+//! dual-stack Node's second pod CIDR, the cloud's IPv6 pod and service
+//! ranges. Left alone, a pod's (or the node's own) connection to one of
+//! them leaves by the site's default route: onto the site LAN or the
+//! Internet, unencrypted, where a site network reusing the range could
+//! even answer it. These filter chains, in the capture table, refuse it
+//! at once instead (a TCP reset, ICMPv6 "administratively prohibited"
+//! for the rest) and count it:
+//!
+//! ```text
+//! table inet <nft_table> {
+//!   set dst6  { type ipv6_addr; flags interval; }  # the IPv6 tunnel prefixes (none captured)
+//!   set skip6 { type ipv6_addr; flags interval; }  # never refused: what the edge serves, its
+//!                                                  # connected IPv6 subnets, the tunnel's peers
+//!   set src6  { type ipv6_addr; flags interval; }  # forwarded sources refused (::/0 until
+//!                                                  # apply_sources: its IPv6 prefixes)
+//!   counter v6_refused {}                          # packets refused, both chains
+//!   chain v6_fwd { type filter hook forward priority filter;
+//!     ip6 daddr { ::1, fe80::/10, ff00::/8 } return
+//!     ip6 daddr @skip6 return
+//!     ip6 daddr @dst6 ip6 saddr @src6 meta l4proto tcp counter name v6_refused reject with tcp reset
+//!     ip6 daddr @dst6 ip6 saddr @src6 counter name v6_refused reject with icmpx admin-prohibited }
+//!   chain v6_out { type filter hook output priority filter;
+//!     meta mark <own_mark> return
+//!     ip6 daddr { ::1, fe80::/10, ff00::/8 } return
+//!     ip6 daddr @skip6 return
+//!     ip6 daddr @dst6 meta l4proto tcp counter name v6_refused reject with tcp reset
+//!     ip6 daddr @dst6 counter name v6_refused reject with icmpx admin-prohibited }
+//! }
+//! ```
+//!
+//! `skip6` mirrors `skip4`: the edge's plan (`edge-client`'s `subnets`)
+//! exempts what it serves and the subnets it is connected to, for IPv6 as
+//! for IPv4, so a site LAN inside a wider cloud range is still reached on
+//! the LAN. The tunnel's own peers are exempt too (a relay reached at an
+//! IPv6 address inside a tunnel route): our sockets carry the own mark,
+//! but a refused peer would end the session for good, as a captured one
+//! once did (see the capture module docs). Loopback, link-local and
+//! multicast are never refused whatever the routes say: a `::/0` route
+//! would otherwise cut neighbour discovery and the node's own loopback.
+//!
+//! Filter chains see a ClusterIP's traffic after kube-proxy's DNAT (as
+//! the held refusals do, `capture/park.rs`): a Service whose endpoints are
+//! cloud pods is refused, one whose endpoints are on this node is not.
+//!
+//! A kernel (or nft) that refuses these rules (a node booted with IPv6
+//! disabled has no ICMPv6 reject) gets a warning, once per process, and
+//! capture runs without them: refusing IPv6 must never cost the IPv4
+//! capture. The relay's capture does not turn this on: see
+//! docs/architecture.md ("Known limits").
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use relay_protocol::Cidr;
+use tracing::{debug, warn};
+
+use super::{output, parse_counter_packets, rewrite_set, run, Capture};
+use crate::capture_config::CaptureConfig;
+
+/// The IPv6 refusal's state on the node.
+#[derive(Debug, Default)]
+pub(super) struct Refusal6 {
+    /// Whether its chains are in the capture table (the kernel and nft
+    /// took them at install).
+    pub(super) installed: bool,
+    /// What `dst6` holds.
+    dst: BTreeSet<Cidr>,
+    /// What `skip6` holds.
+    skip: BTreeSet<Cidr>,
+    /// What `src6` holds; `None` until the first
+    /// [`Capture::apply_sources`]: every source.
+    src: Option<BTreeSet<Cidr>>,
+}
+
+/// Whether the kernel's refusal was warned about: once per process, not
+/// at every repair's install.
+static WARNED: AtomicBool = AtomicBool::new(false);
+
+/// Destinations never refused (see the module docs).
+const NEVER: &str = "::1, fe80::/10, ff00::/8";
+
+/// The chains and sets of the module docs, added to table `table`.
+pub(super) fn script(table: &str, own_mark: u32) -> String {
+    format!(
+        "table inet {table} {{\n\
+         set dst6 {{ type ipv6_addr; flags interval; }}\n\
+         set skip6 {{ type ipv6_addr; flags interval; }}\n\
+         set src6 {{ type ipv6_addr; flags interval; elements = {{ ::/0 }} }}\n\
+         counter v6_refused {{ }}\n\
+         chain v6_fwd {{ type filter hook forward priority filter; policy accept;\n\
+         ip6 daddr {{ {NEVER} }} return\n\
+         ip6 daddr @skip6 return\n\
+         ip6 daddr @dst6 ip6 saddr @src6 meta l4proto tcp counter name v6_refused reject with tcp reset\n\
+         ip6 daddr @dst6 ip6 saddr @src6 counter name v6_refused reject with icmpx admin-prohibited\n\
+         }}\n\
+         chain v6_out {{ type filter hook output priority filter; policy accept;\n\
+         meta mark {own_mark:#x} return\n\
+         ip6 daddr {{ {NEVER} }} return\n\
+         ip6 daddr @skip6 return\n\
+         ip6 daddr @dst6 meta l4proto tcp counter name v6_refused reject with tcp reset\n\
+         ip6 daddr @dst6 counter name v6_refused reject with icmpx admin-prohibited\n\
+         }}\n}}\n"
+    )
+}
+
+/// Adds the refusal to the installed capture table, in a transaction of
+/// its own so that a kernel refusing it leaves the rest of capture as it
+/// was; whether it is in place.
+pub(super) async fn install(cfg: &CaptureConfig) -> bool {
+    match run(
+        "nft",
+        &["-f", "-"],
+        Some(&script(&cfg.nft_table, cfg.own_mark)),
+    )
+    .await
+    {
+        Ok(()) => true,
+        Err(e) if !WARNED.swap(true, Ordering::Relaxed) => {
+            warn!(
+                error = %e,
+                "the kernel or nft refused the IPv6 refusal rules: capture runs without them, and connections to the tunnel's IPv6 prefixes leave by the default route"
+            );
+            false
+        }
+        Err(e) => {
+            debug!(error = %e, "the IPv6 refusal rules were refused again");
+            false
+        }
+    }
+}
+
+/// The IPv6 prefixes of `set`.
+fn v6(set: &BTreeSet<Cidr>) -> BTreeSet<Cidr> {
+    set.iter().filter(|c| c.addr().is_ipv6()).copied().collect()
+}
+
+/// What `skip6` holds: the IPv6 prefixes of `skip` and each IPv6 peer's
+/// address (an IPv4-mapped peer is an IPv4 one).
+pub(super) fn skip_set(skip: &BTreeSet<Cidr>, peers: &BTreeSet<IpAddr>) -> BTreeSet<Cidr> {
+    let peers = peers
+        .iter()
+        .map(|p| p.to_canonical())
+        .filter(IpAddr::is_ipv6)
+        .map(Cidr::host);
+    v6(skip).into_iter().chain(peers).collect()
+}
+
+impl Capture {
+    /// Refuses traffic to the IPv6 prefixes [`Capture::apply`] is given,
+    /// from now on and after every [`Capture::repair`] (see
+    /// `capture/refuse6.rs`): an edge's capture, whose IPv6 tunnel routes
+    /// would otherwise leave by the site's default route. A kernel that
+    /// refuses the rules is warned about once, and capture goes on
+    /// without them ([`Capture::refuses_ipv6`] false).
+    pub async fn refuse_ipv6(&mut self) {
+        if self.cfg.refuse_ipv6 {
+            return;
+        }
+        // In the config, so that a repair's install puts it back.
+        self.cfg.refuse_ipv6 = true;
+        if self.on_node {
+            self.refuse6.installed = install(&self.cfg).await;
+        }
+    }
+
+    /// Whether the IPv6 refusal's rules are on the node.
+    pub fn refuses_ipv6(&self) -> bool {
+        self.refuse6.installed
+    }
+
+    /// Packets the IPv6 refusal refused (its `v6_refused` counter, which
+    /// starts again from 0 when a repair installs capture anew); `None`
+    /// while its rules are not on the node.
+    pub async fn refused_ipv6(&self) -> Option<u64> {
+        if !self.refuse6.installed {
+            return None;
+        }
+        let t = &self.cfg.nft_table;
+        let out = output("nft", &["list", "counter", "inet", t, "v6_refused"]).await;
+        match out {
+            Ok(listing) => Some(parse_counter_packets(&listing).unwrap_or(0)),
+            Err(e) => {
+                debug!(error = %e, "reading the IPv6 refusal counter");
+                None
+            }
+        }
+    }
+
+    /// Makes `dst6` the IPv6 prefixes of `want` and `skip6` those of
+    /// `skip` and the IPv6 peers, in one transaction, when they changed.
+    /// A failure is logged and tried again at the next apply, never
+    /// returned: the IPv4 capture must go on whatever this does.
+    pub(super) async fn apply_refused6(
+        &mut self,
+        want: &BTreeSet<Cidr>,
+        skip: &BTreeSet<Cidr>,
+        peers: &BTreeSet<IpAddr>,
+    ) {
+        if !self.refuse6.installed {
+            return;
+        }
+        let (dst, skip) = (v6(want), skip_set(skip, peers));
+        if dst == self.refuse6.dst && skip == self.refuse6.skip {
+            return;
+        }
+        let t = &self.cfg.nft_table;
+        let nft = rewrite_set(t, "dst6", &dst) + &rewrite_set(t, "skip6", &skip);
+        match run("nft", &["-f", "-"], Some(&nft)).await {
+            Ok(()) => {
+                debug!(
+                    refused = dst.len(),
+                    skipped = skip.len(),
+                    "IPv6 refusal updated"
+                );
+                self.refuse6.dst = dst;
+                self.refuse6.skip = skip;
+            }
+            Err(e) => warn!(error = %e, "updating the IPv6 refusal failed; will retry"),
+        }
+    }
+
+    /// Makes `src6` the IPv6 prefixes of `sources` (see
+    /// [`Capture::apply_sources`]). As for IPv4's `src4`, forwarded traffic
+    /// from other sources is left alone: it is a LAN device routing
+    /// through the node, not the tunnel's traffic, which IPv4 routes as if
+    /// capture were not there (`src_refused`); refusing it for IPv6 alone
+    /// would make the node route other hosts' traffic differently by
+    /// family. An edge's sources are what it serves, whose IPv6 prefixes
+    /// (a dual-stack Node's second pod CIDR, its IPv6 addresses) are its
+    /// pods' IPv6 sources. Failures as for [`Capture::apply_refused6`].
+    pub(super) async fn apply_sources6(&mut self, sources: &BTreeSet<Cidr>) {
+        if !self.refuse6.installed {
+            return;
+        }
+        let src = v6(sources);
+        if self.refuse6.src.as_ref() == Some(&src) {
+            return;
+        }
+        let nft = rewrite_set(&self.cfg.nft_table, "src6", &src);
+        match run("nft", &["-f", "-"], Some(&nft)).await {
+            Ok(()) => self.refuse6.src = Some(src),
+            Err(e) => warn!(error = %e, "updating the IPv6 refusal's sources failed; will retry"),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "refuse6_tests.rs"]
+mod tests;

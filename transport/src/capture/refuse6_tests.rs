@@ -1,0 +1,311 @@
+//! The IPv6 refusal: its script and skip set, and, in network namespaces
+//! of the test's own, what it refuses and what it leaves alone.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use super::*;
+
+fn cidrs(v: &[&str]) -> BTreeSet<Cidr> {
+    v.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+/// `skip6`: the IPv6 skips and IPv6 peers (as `/128`s); IPv4 ones and
+/// IPv4-mapped peers are IPv4's business.
+#[test]
+fn skip_set_is_the_ipv6_skips_and_peers() {
+    let skip = cidrs(&["10.244.7.0/24", "fd00:44::/64"]);
+    let peers: BTreeSet<IpAddr> = ["2001:db8::7", "::ffff:10.0.0.1", "10.0.0.2"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(
+        skip_set(&skip, &peers),
+        cidrs(&["fd00:44::/64", "2001:db8::7/128"])
+    );
+}
+
+#[test]
+fn script_refuses_in_both_hooks_and_skips_our_own_mark() {
+    let s = script("edge_relay", 0x1070);
+    assert!(s.starts_with("table inet edge_relay {"), "{s}");
+    for line in [
+        "chain v6_fwd { type filter hook forward priority filter; policy accept;",
+        "chain v6_out { type filter hook output priority filter; policy accept;",
+        "meta mark 0x1070 return",
+        "ip6 daddr { ::1, fe80::/10, ff00::/8 } return",
+        "ip6 daddr @dst6 ip6 saddr @src6 meta l4proto tcp counter name v6_refused reject with tcp reset",
+        "ip6 daddr @dst6 counter name v6_refused reject with icmpx admin-prohibited",
+    ] {
+        assert!(s.lines().any(|l| l == line), "{line} missing in:\n{s}");
+    }
+}
+
+/// An edge in a namespace of its own, with two more: the site, which
+/// holds the edge's IPv6 default route and owns an address inside the
+/// tunnel's IPv6 prefix (a site network reusing the cloud's range), and a
+/// pod behind the edge (forwarded traffic). Everything lives in the
+/// thread's namespaces and goes with them.
+mod netns {
+    use std::fs::File;
+    use std::io::ErrorKind;
+    use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream, UdpSocket};
+    use std::os::fd::AsRawFd;
+    use std::time::{Duration, Instant};
+
+    use nix::sched::{setns, unshare, CloneFlags};
+
+    use super::*;
+    use crate::capture::tests::netns::in_netns;
+    use crate::test_netns::ip;
+
+    /// The site's address inside the tunnel's IPv6 prefix.
+    const LEAK: &str = "2001:db8:cafe::10";
+    /// A tunnel peer's address inside that prefix (the relay, say).
+    const PEER: &str = "2001:db8:cafe::99";
+    /// The site router, on the edge's connected IPv6 LAN.
+    const ROUTER: &str = "fd00:5::ff";
+    /// How long a refusal may take to be "at once".
+    const AT_ONCE: Duration = Duration::from_secs(1);
+
+    fn this_ns() -> File {
+        File::open("/proc/thread-self/ns/net").unwrap()
+    }
+
+    /// A fresh network namespace; the thread is back in `home` after.
+    fn new_ns(home: &File) -> File {
+        unshare(CloneFlags::CLONE_NEWNET).expect("unshare");
+        let ns = this_ns();
+        setns(home, CloneFlags::CLONE_NEWNET).expect("setns home");
+        ns
+    }
+
+    /// Runs `f` in `ns` (sockets it makes stay there), then back home.
+    fn within<T>(ns: &File, home: &File, f: impl FnOnce() -> T) -> T {
+        setns(ns, CloneFlags::CLONE_NEWNET).expect("setns");
+        let r = f();
+        setns(home, CloneFlags::CLONE_NEWNET).expect("setns home");
+        r
+    }
+
+    /// `ns` as a path `ip link set ... netns` opens.
+    fn ns_path(ns: &File) -> String {
+        format!("/proc/{}/fd/{}", std::process::id(), ns.as_raw_fd())
+    }
+
+    fn ips(cmds: &[&str]) {
+        for c in cmds {
+            ip(&c.split(' ').collect::<Vec<_>>());
+        }
+    }
+
+    fn at(addr: &str, port: u16) -> SocketAddr {
+        SocketAddr::new(addr.parse().unwrap(), port)
+    }
+
+    /// A TCP connect from the calling thread's namespace: `Ok` when it
+    /// connected, else its error kind, with how long it took.
+    fn connect(to: SocketAddr) -> (Result<(), ErrorKind>, Duration) {
+        let t0 = Instant::now();
+        let r = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+            .map(drop)
+            .map_err(|e| e.kind());
+        (r, t0.elapsed())
+    }
+
+    /// Refused at once: a reset, not a timeout (the connect is bounded).
+    fn assert_refused(what: &str, (r, took): (Result<(), ErrorKind>, Duration)) {
+        assert_eq!(r, Err(ErrorKind::ConnectionRefused), "{what} ({took:?})");
+        assert!(took < AT_ONCE, "{what}: refused after {took:?}");
+    }
+
+    /// Takes the connections waiting on `l`: how many there were.
+    fn accepted(l: &TcpListener) -> usize {
+        let mut n = 0;
+        // Connected on the client's side means queued here already.
+        while l.accept().is_ok() {
+            n += 1;
+        }
+        n
+    }
+
+    /// A connected UDP socket's send and the reply it waits for (1 s):
+    /// `Ok` for an answer, else the error kind.
+    fn udp_exchange(s: &UdpSocket) -> Result<(), ErrorKind> {
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        s.send(b"q").map_err(|e| e.kind())?;
+        let mut b = [0u8; 8];
+        s.recv(&mut b).map(drop).map_err(|e| e.kind())
+    }
+
+    /// What the refusal refuses, checked from the edge (output) and the
+    /// pod (forwarded), TCP and UDP: at once, nothing at the site (`tcp`
+    /// its listener), counted. The count.
+    async fn refused(
+        cap: &Capture,
+        tcp: &TcpListener,
+        pod_udp: &UdpSocket,
+        pod: &File,
+        edge: &File,
+    ) -> u64 {
+        assert_refused("edge → the tunnel prefix", connect(at(LEAK, 80)));
+        let from_pod = within(pod, edge, || connect(at(LEAK, 80)));
+        assert_refused("pod → the tunnel prefix", from_pod);
+        assert_eq!(accepted(tcp), 0, "a refused connection reached the site");
+        let s = UdpSocket::bind("[::]:0").unwrap();
+        let t0 = Instant::now();
+        let sent = s.send_to(b"q", at(LEAK, 53)).map_err(|e| e.kind());
+        assert_eq!(
+            sent,
+            Err(ErrorKind::PermissionDenied),
+            "the edge's datagram"
+        );
+        let got = udp_exchange(pod_udp);
+        assert_eq!(got, Err(ErrorKind::PermissionDenied), "the pod's datagram");
+        assert!(
+            t0.elapsed() < AT_ONCE,
+            "UDP refused after {:?}",
+            t0.elapsed()
+        );
+        let counted = cap.refused_ipv6().await.unwrap();
+        assert!(counted >= 4, "v6_refused counted {counted}");
+        counted
+    }
+
+    /// The edge's capture is told the tunnel's IPv6 prefixes: without the
+    /// refusal (how capture was) the edge's and a pod's connections to
+    /// one of them leave by the default route and reach the site, which
+    /// owns that address; with it, TCP is reset and UDP refused at once,
+    /// nothing reaches the site, and the counter counts. The edge's IPv6
+    /// LAN inside the prefix, link-local addresses, a tunnel peer and our
+    /// own sockets still reach the site, and a repair puts it all back.
+    #[test]
+    fn ipv6_tunnel_prefixes_are_refused_not_leaked() {
+        in_netns(|| {
+            Box::pin(async {
+                let edge = this_ns();
+                let (site, pod) = (new_ns(&edge), new_ns(&edge));
+                let forwarding = "/proc/sys/net/ipv6/conf/all/forwarding";
+                std::fs::write(forwarding, "1").unwrap();
+                ips(&[
+                    "link add site0 type veth peer name site1",
+                    &format!("link set site1 netns {}", ns_path(&site)),
+                    "link add pod0 type veth peer name pod1",
+                    &format!("link set pod1 netns {}", ns_path(&pod)),
+                    "-6 addr add fd00:5::1/64 dev site0 nodad",
+                    "-6 addr add fe80::1/64 dev site0 nodad",
+                    "link set site0 up",
+                    "-6 addr add fd00:44::1/64 dev pod0 nodad",
+                    "link set pod0 up",
+                    "-6 route add default via fd00:5::ff dev site0",
+                ]);
+                let (tcp, udp) = within(&site, &edge, || {
+                    ips(&[
+                        "link set lo up",
+                        "-6 addr add fd00:5::ff/64 dev site1 nodad",
+                        "-6 addr add fe80::2/64 dev site1 nodad",
+                        "link set site1 up",
+                        &format!("-6 addr add {LEAK}/128 dev lo"),
+                        &format!("-6 addr add {PEER}/128 dev lo"),
+                        // Replies to the pod, so that a leak is seen.
+                        "-6 route add fd00:44::/64 via fd00:5::1 dev site1",
+                    ]);
+                    let tcp = TcpListener::bind("[::]:80").unwrap();
+                    tcp.set_nonblocking(true).unwrap();
+                    // Bound to the address, so that its answers come from it.
+                    (tcp, UdpSocket::bind(at(LEAK, 53)).unwrap())
+                });
+                // The site answers each datagram (for the pod's exchange).
+                let answer = udp.try_clone().unwrap();
+                let (stop, stopped) = std::sync::mpsc::channel::<()>();
+                let echo = std::thread::spawn(move || {
+                    answer
+                        .set_read_timeout(Some(Duration::from_millis(50)))
+                        .unwrap();
+                    let mut b = [0u8; 64];
+                    let mut got = 0;
+                    while stopped.try_recv().is_err() {
+                        if let Ok((n, from)) = answer.recv_from(&mut b) {
+                            got += 1;
+                            let _ = answer.send_to(&b[..n], from);
+                        }
+                    }
+                    got
+                });
+                within(&pod, &edge, || {
+                    ips(&[
+                        "link set lo up",
+                        "-6 addr add fd00:44::2/64 dev pod1 nodad",
+                        "link set pod1 up",
+                        "-6 route add default via fd00:44::1 dev pod1",
+                    ]);
+                });
+                let pod_udp = within(&pod, &edge, || {
+                    let s = UdpSocket::bind("[::]:0").unwrap();
+                    s.connect(at(LEAK, 53)).unwrap();
+                    s
+                });
+                let from_pod = |to: SocketAddr| within(&pod, &edge, || connect(to));
+
+                // What an edge's plan gives: the tunnel's IPv6 prefixes
+                // (a cloud range reused by the site, and one holding the
+                // edge's LAN and pod CIDR), the pod CIDR it serves and
+                // the LAN it sits on exempt, and a peer.
+                let want = cidrs(&["10.99.0.0/16", "2001:db8:cafe::/48", "fd00::/16"]);
+                let skip = cidrs(&["10.244.7.0/24", "fd00:44::/64", "fd00:5::/64"]);
+                let served = cidrs(&["10.244.7.0/24", "fd00:44::/64"]);
+                let peers: BTreeSet<IpAddr> = [PEER.parse().unwrap()].into();
+
+                // Without the refusal (capture as it was): the leak.
+                let mut cap = Capture::install(CaptureConfig::default()).await.unwrap();
+                cap.apply_sources(&served).await.unwrap();
+                cap.apply(&want, &skip, &peers).await.unwrap();
+                assert_eq!(connect(at(LEAK, 80)).0, Ok(()), "the edge did not leak");
+                assert_eq!(from_pod(at(LEAK, 80)).0, Ok(()), "the pod did not leak");
+                assert_eq!(accepted(&tcp), 2, "the site did not get the leaks");
+                assert_eq!(udp_exchange(&pod_udp), Ok(()), "the pod's UDP did not leak");
+
+                cap.refuse_ipv6().await;
+                assert!(cap.refuses_ipv6(), "the kernel refused the rules");
+                cap.apply_sources(&served).await.unwrap();
+                cap.apply(&want, &skip, &peers).await.unwrap();
+                assert_eq!(cap.refused_ipv6().await, Some(0));
+                let counted = refused(&cap, &tcp, &pod_udp, &pod, &edge).await;
+
+                // Left alone: the edge's LAN inside the prefix, from the
+                // edge and from the pod; link-local; the peer; our mark.
+                assert_eq!(connect(at(ROUTER, 80)).0, Ok(()), "edge → its LAN");
+                assert_eq!(from_pod(at(ROUTER, 80)).0, Ok(()), "pod → the LAN");
+                let scope = nix::net::if_::if_nametoindex("site0").unwrap();
+                let link = SocketAddrV6::new("fe80::2".parse::<Ipv6Addr>().unwrap(), 80, 0, scope);
+                assert_eq!(connect(link.into()).0, Ok(()), "edge → link-local");
+                assert_eq!(connect(at(PEER, 80)).0, Ok(()), "edge → a tunnel peer");
+                let ours = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)
+                    .unwrap();
+                ours.set_mark(cap.config().own_mark).unwrap();
+                let to = at(LEAK, 80);
+                ours.connect_timeout(&to.into(), Duration::from_secs(2))
+                    .expect("our own marked socket is not refused");
+                assert_eq!(accepted(&tcp), 5, "the site did not get what is left alone");
+                assert_eq!(
+                    cap.refused_ipv6().await,
+                    Some(counted),
+                    "counted what passed"
+                );
+
+                // Something removes capture: the repair's install puts the
+                // refusal back (the counter starts again).
+                ip(&["-4", "rule", "del", "pref", "7100"]);
+                assert!(cap.repair().await.unwrap());
+                assert!(cap.refuses_ipv6());
+                cap.apply_sources(&served).await.unwrap();
+                cap.apply(&want, &skip, &peers).await.unwrap();
+                refused(&cap, &tcp, &pod_udp, &pod, &edge).await;
+                cap.teardown().await;
+                let _ = stop.send(());
+                let answered = echo.join().unwrap();
+                assert_eq!(answered, 1, "the site got refused datagrams");
+            })
+        });
+    }
+}
