@@ -339,13 +339,18 @@ fn session_kept(
     let sessions = stats.sessions.load(Relaxed);
     let same = after
         .is_some_and(|a| a.session_id == before.session_id && a.generation == before.generation);
+    // Who ended a lost session: the edge's own liveness check, or a close
+    // from the relay (its silence sweep, or QUIC's idle timer there). A
+    // failure of this load-sensitive case says which side to look at.
     t.push(
         &[case, "session kept"],
         format!(
-            "{} (edge sessions established: {sessions}; session {} up {:.0}s in all)",
+            "{} (edge sessions established: {sessions}; session {} up {:.0}s in all; paths the edge found dead: {}, sessions the relay closed: {})",
             if same && sessions == 1 { "ok" } else { "FAIL" },
             before.session_id,
-            after.map_or(0, |a| a.connected_secs)
+            after.map_or(0, |a| a.connected_secs),
+            stats.paths_dead.load(Relaxed),
+            stats.closed_by_relay.load(Relaxed)
         ),
         same && sessions == 1,
     );
