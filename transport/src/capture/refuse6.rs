@@ -20,11 +20,13 @@
 //!                                                  # apply_sources: its IPv6 prefixes)
 //!   counter v6_refused {}                          # packets refused, both chains
 //!   chain v6_fwd { type filter hook forward priority filter;
+//!     meta nfproto != ipv6 return                  # IPv4: one rule, not five
 //!     ip6 daddr { ::1, fe80::/10, ff00::/8 } return
 //!     ip6 daddr @skip6 return
 //!     ip6 daddr @dst6 ip6 saddr @src6 meta l4proto tcp counter name v6_refused reject with tcp reset
 //!     ip6 daddr @dst6 ip6 saddr @src6 counter name v6_refused reject with icmpx admin-prohibited }
 //!   chain v6_out { type filter hook output priority filter;
+//!     meta nfproto != ipv6 return
 //!     meta mark <own_mark> return
 //!     ip6 daddr { ::1, fe80::/10, ff00::/8 } return
 //!     ip6 daddr @skip6 return
@@ -32,6 +34,10 @@
 //!     ip6 daddr @dst6 counter name v6_refused reject with icmpx admin-prohibited }
 //! }
 //! ```
+//!
+//! The two chains see every packet the node forwards or sends, IPv4 and
+//! the tunnel's own included, so their first rule lets all that is not
+//! IPv6 go at once: one comparison per packet rather than five.
 //!
 //! `skip6` mirrors `skip4`: the edge's plan (`edge-client`'s `subnets`)
 //! exempts what it serves and the subnets it is connected to, for IPv6 as
@@ -94,12 +100,14 @@ pub(super) fn script(table: &str, own_mark: u32) -> String {
          set src6 {{ type ipv6_addr; flags interval; elements = {{ ::/0 }} }}\n\
          counter v6_refused {{ }}\n\
          chain v6_fwd {{ type filter hook forward priority filter; policy accept;\n\
+         meta nfproto != ipv6 return\n\
          ip6 daddr {{ {NEVER} }} return\n\
          ip6 daddr @skip6 return\n\
          ip6 daddr @dst6 ip6 saddr @src6 meta l4proto tcp counter name v6_refused reject with tcp reset\n\
          ip6 daddr @dst6 ip6 saddr @src6 counter name v6_refused reject with icmpx admin-prohibited\n\
          }}\n\
          chain v6_out {{ type filter hook output priority filter; policy accept;\n\
+         meta nfproto != ipv6 return\n\
          meta mark {own_mark:#x} return\n\
          ip6 daddr {{ {NEVER} }} return\n\
          ip6 daddr @skip6 return\n\
