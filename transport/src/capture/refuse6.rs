@@ -84,12 +84,27 @@ pub(super) struct Refusal6 {
     src: Option<BTreeSet<Cidr>>,
 }
 
+impl Refusal6 {
+    /// What the held table refuses for IPv6 after a stop (see
+    /// `capture/park.rs`): what the sets hold now, when the refusal is on
+    /// the node; `None` when it is not (the kernel refused its rules, or
+    /// it was never turned on: the relay's capture).
+    pub(super) fn held(&self) -> Option<super::park::Held6<'_>> {
+        self.installed.then_some(super::park::Held6 {
+            dst: &self.dst,
+            skip: &self.skip,
+            src: self.src.as_ref(),
+        })
+    }
+}
+
 /// Whether the kernel's refusal was warned about: once per process, not
 /// at every repair's install.
 static WARNED: AtomicBool = AtomicBool::new(false);
 
-/// Destinations never refused (see the module docs).
-const NEVER: &str = "::1, fe80::/10, ff00::/8";
+/// Destinations never refused (see the module docs; the held table's
+/// IPv6 rules too, `capture/park.rs`).
+pub(super) const NEVER: &str = "::1, fe80::/10, ff00::/8";
 
 /// The chains and sets of the module docs, added to table `table`.
 pub(super) fn script(table: &str, own_mark: u32) -> String {

@@ -103,6 +103,94 @@ mod netns {
         SocketAddr::new(addr.parse().unwrap(), port)
     }
 
+    /// The edge's namespace (the calling thread's), the site's and the
+    /// pod's, and the site's TCP listener on port 80 (non-blocking, every
+    /// address: `LEAK`, `PEER`, its LAN and link-local ones).
+    struct Lab {
+        edge: File,
+        site: File,
+        pod: File,
+        tcp: TcpListener,
+    }
+
+    /// Sets up the namespaces of [`Lab`] (see the module docs): the site
+    /// holds the edge's IPv6 default route and owns `LEAK` and `PEER`,
+    /// and routes its replies to the pod back through the edge, so that a
+    /// leak is seen.
+    fn lab() -> Lab {
+        let edge = this_ns();
+        let (site, pod) = (new_ns(&edge), new_ns(&edge));
+        let forwarding = "/proc/sys/net/ipv6/conf/all/forwarding";
+        std::fs::write(forwarding, "1").unwrap();
+        ips(&[
+            "link add site0 type veth peer name site1",
+            &format!("link set site1 netns {}", ns_path(&site)),
+            "link add pod0 type veth peer name pod1",
+            &format!("link set pod1 netns {}", ns_path(&pod)),
+            "-6 addr add fd00:5::1/64 dev site0 nodad",
+            "-6 addr add fe80::1/64 dev site0 nodad",
+            "link set site0 up",
+            "-6 addr add fd00:44::1/64 dev pod0 nodad",
+            "link set pod0 up",
+            "-6 route add default via fd00:5::ff dev site0",
+        ]);
+        let tcp = within(&site, &edge, || {
+            ips(&[
+                "link set lo up",
+                "-6 addr add fd00:5::ff/64 dev site1 nodad",
+                "-6 addr add fe80::2/64 dev site1 nodad",
+                "link set site1 up",
+                &format!("-6 addr add {LEAK}/128 dev lo"),
+                &format!("-6 addr add {PEER}/128 dev lo"),
+                // Replies to the pod, so that a leak is seen.
+                "-6 route add fd00:44::/64 via fd00:5::1 dev site1",
+            ]);
+            let tcp = TcpListener::bind("[::]:80").unwrap();
+            tcp.set_nonblocking(true).unwrap();
+            tcp
+        });
+        within(&pod, &edge, || {
+            ips(&[
+                "link set lo up",
+                "-6 addr add fd00:44::2/64 dev pod1 nodad",
+                "link set pod1 up",
+                "-6 route add default via fd00:44::1 dev pod1",
+            ]);
+        });
+        Lab {
+            edge,
+            site,
+            pod,
+            tcp,
+        }
+    }
+
+    /// What an edge's plan gives capture in [`Lab`].
+    struct Plan {
+        want: BTreeSet<Cidr>,
+        skip: BTreeSet<Cidr>,
+        served: BTreeSet<Cidr>,
+        peers: BTreeSet<IpAddr>,
+    }
+
+    /// The tunnel's IPv6 prefixes (a cloud range reused by the site, and
+    /// one holding the edge's LAN and pod CIDR) and an IPv4 one, the pod
+    /// CIDR it serves and the LAN it sits on exempt, and a peer.
+    fn plan() -> Plan {
+        Plan {
+            // (A /64 inside the /48: the sets get the minimal cover.)
+            want: cidrs(&[
+                "10.99.0.0/16",
+                "2001:db8:cafe::/48",
+                "2001:db8:cafe:1::/64",
+                "fd00::/16",
+            ]),
+            skip: cidrs(&["10.244.7.0/24", "fd00:44::/64", "fd00:5::/64"]),
+            served: cidrs(&["10.244.7.0/24", "fd00:44::/64"]),
+            peers: [PEER.parse().unwrap()].into(),
+        }
+    }
+
     /// A TCP connect from the calling thread's namespace: `Ok` when it
     /// connected, else its error kind, with how long it took.
     fn connect(to: SocketAddr) -> (Result<(), ErrorKind>, Duration) {
@@ -120,6 +208,28 @@ mod netns {
     }
 
     /// Takes the connections waiting on `l`: how many there were.
+    /// What the refusal never refuses reaches the site (five accepted
+    /// connections): the edge's LAN inside the prefix, from the edge and
+    /// from the pod (`from_pod`); link-local; a tunnel peer; a socket
+    /// carrying `own_mark`.
+    fn left_alone(
+        from_pod: &dyn Fn(SocketAddr) -> (Result<(), ErrorKind>, Duration),
+        own_mark: u32,
+    ) {
+        assert_eq!(connect(at(ROUTER, 80)).0, Ok(()), "edge → its LAN");
+        assert_eq!(from_pod(at(ROUTER, 80)).0, Ok(()), "pod → the LAN");
+        let scope = nix::net::if_::if_nametoindex("site0").unwrap();
+        let link = SocketAddrV6::new("fe80::2".parse::<Ipv6Addr>().unwrap(), 80, 0, scope);
+        assert_eq!(connect(link.into()).0, Ok(()), "edge → link-local");
+        assert_eq!(connect(at(PEER, 80)).0, Ok(()), "edge → a tunnel peer");
+        let ours =
+            socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+        ours.set_mark(own_mark).unwrap();
+        let to = at(LEAK, 80);
+        ours.connect_timeout(&to.into(), Duration::from_secs(2))
+            .expect("our own marked socket is not refused");
+    }
+
     fn accepted(l: &TcpListener) -> usize {
         let mut n = 0;
         // Connected on the client's side means queued here already.
@@ -183,38 +293,14 @@ mod netns {
     fn ipv6_tunnel_prefixes_are_refused_not_leaked() {
         in_netns(|| {
             Box::pin(async {
-                let edge = this_ns();
-                let (site, pod) = (new_ns(&edge), new_ns(&edge));
-                let forwarding = "/proc/sys/net/ipv6/conf/all/forwarding";
-                std::fs::write(forwarding, "1").unwrap();
-                ips(&[
-                    "link add site0 type veth peer name site1",
-                    &format!("link set site1 netns {}", ns_path(&site)),
-                    "link add pod0 type veth peer name pod1",
-                    &format!("link set pod1 netns {}", ns_path(&pod)),
-                    "-6 addr add fd00:5::1/64 dev site0 nodad",
-                    "-6 addr add fe80::1/64 dev site0 nodad",
-                    "link set site0 up",
-                    "-6 addr add fd00:44::1/64 dev pod0 nodad",
-                    "link set pod0 up",
-                    "-6 route add default via fd00:5::ff dev site0",
-                ]);
-                let (tcp, udp) = within(&site, &edge, || {
-                    ips(&[
-                        "link set lo up",
-                        "-6 addr add fd00:5::ff/64 dev site1 nodad",
-                        "-6 addr add fe80::2/64 dev site1 nodad",
-                        "link set site1 up",
-                        &format!("-6 addr add {LEAK}/128 dev lo"),
-                        &format!("-6 addr add {PEER}/128 dev lo"),
-                        // Replies to the pod, so that a leak is seen.
-                        "-6 route add fd00:44::/64 via fd00:5::1 dev site1",
-                    ]);
-                    let tcp = TcpListener::bind("[::]:80").unwrap();
-                    tcp.set_nonblocking(true).unwrap();
-                    // Bound to the address, so that its answers come from it.
-                    (tcp, UdpSocket::bind(at(LEAK, 53)).unwrap())
-                });
+                let Lab {
+                    edge,
+                    site,
+                    pod,
+                    tcp,
+                } = lab();
+                // Bound to the address, so that its answers come from it.
+                let udp = within(&site, &edge, || UdpSocket::bind(at(LEAK, 53)).unwrap());
                 // The site answers each datagram (for the pod's exchange).
                 let answer = udp.try_clone().unwrap();
                 let (stop, stopped) = std::sync::mpsc::channel::<()>();
@@ -232,14 +318,6 @@ mod netns {
                     }
                     got
                 });
-                within(&pod, &edge, || {
-                    ips(&[
-                        "link set lo up",
-                        "-6 addr add fd00:44::2/64 dev pod1 nodad",
-                        "link set pod1 up",
-                        "-6 route add default via fd00:44::1 dev pod1",
-                    ]);
-                });
                 let pod_udp = within(&pod, &edge, || {
                     let s = UdpSocket::bind("[::]:0").unwrap();
                     s.connect(at(LEAK, 53)).unwrap();
@@ -247,14 +325,12 @@ mod netns {
                 });
                 let from_pod = |to: SocketAddr| within(&pod, &edge, || connect(to));
 
-                // What an edge's plan gives: the tunnel's IPv6 prefixes
-                // (a cloud range reused by the site, and one holding the
-                // edge's LAN and pod CIDR), the pod CIDR it serves and
-                // the LAN it sits on exempt, and a peer.
-                let want = cidrs(&["10.99.0.0/16", "2001:db8:cafe::/48", "fd00::/16"]);
-                let skip = cidrs(&["10.244.7.0/24", "fd00:44::/64", "fd00:5::/64"]);
-                let served = cidrs(&["10.244.7.0/24", "fd00:44::/64"]);
-                let peers: BTreeSet<IpAddr> = [PEER.parse().unwrap()].into();
+                let Plan {
+                    want,
+                    skip,
+                    served,
+                    peers,
+                } = plan();
 
                 // Without the refusal (capture as it was): the leak.
                 let mut cap = Capture::install(CaptureConfig::default()).await.unwrap();
@@ -274,18 +350,7 @@ mod netns {
 
                 // Left alone: the edge's LAN inside the prefix, from the
                 // edge and from the pod; link-local; the peer; our mark.
-                assert_eq!(connect(at(ROUTER, 80)).0, Ok(()), "edge → its LAN");
-                assert_eq!(from_pod(at(ROUTER, 80)).0, Ok(()), "pod → the LAN");
-                let scope = nix::net::if_::if_nametoindex("site0").unwrap();
-                let link = SocketAddrV6::new("fe80::2".parse::<Ipv6Addr>().unwrap(), 80, 0, scope);
-                assert_eq!(connect(link.into()).0, Ok(()), "edge → link-local");
-                assert_eq!(connect(at(PEER, 80)).0, Ok(()), "edge → a tunnel peer");
-                let ours = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)
-                    .unwrap();
-                ours.set_mark(cap.config().own_mark).unwrap();
-                let to = at(LEAK, 80);
-                ours.connect_timeout(&to.into(), Duration::from_secs(2))
-                    .expect("our own marked socket is not refused");
+                left_alone(&from_pod, cap.config().own_mark);
                 assert_eq!(accepted(&tcp), 5, "the site did not get what is left alone");
                 assert_eq!(
                     cap.refused_ipv6().await,
@@ -305,6 +370,147 @@ mod netns {
                 let _ = stop.send(());
                 let answered = echo.join().unwrap();
                 assert_eq!(answered, 1, "the site got refused datagrams");
+            })
+        });
+    }
+
+    /// The held table's listing, `None` when there is none.
+    fn held_listing() -> Option<String> {
+        let out = std::process::Command::new("nft")
+            .args(["list", "table", "inet", "edge_relay_held"])
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// An edge's capture, refusing the IPv6 tunnel prefixes when `refuse`,
+    /// with the plan applied and a hold of a minute.
+    async fn running(refuse: bool) -> Capture {
+        let Plan {
+            want,
+            skip,
+            served,
+            peers,
+        } = plan();
+        let cfg = CaptureConfig {
+            hold_after_exit: Duration::from_secs(60),
+            ..CaptureConfig::default()
+        };
+        let mut cap = Capture::install(cfg).await.unwrap();
+        if refuse {
+            cap.refuse_ipv6().await;
+            assert!(cap.refuses_ipv6(), "the kernel refused the rules");
+        }
+        cap.apply_sources(&served).await.unwrap();
+        cap.apply(&want, &skip, &peers).await.unwrap();
+        cap
+    }
+
+    /// Between two edge processes (`hold_after_exit`) the tunnel's IPv6
+    /// prefixes are refused as while one runs. A stop whose capture did
+    /// not refuse them (how the held table always was) leaves IPv4
+    /// refusals only, and the edge's and a pod's connections to one of
+    /// them leave by the default route and reach the site. A stop whose
+    /// capture refused them leaves them refused too: TCP reset at once,
+    /// from the edge and from the pod, nothing at the site, IPv4 still
+    /// refused; what the refusal left alone (the edge's LAN inside the
+    /// prefix, link-local, a tunnel peer, our own sockets) still reaches
+    /// the site; the prefixes time out with the hold. The next start
+    /// keeps them until its first apply, which takes them over. A stop
+    /// with IPv6 prefixes alone (nothing captured) holds them too.
+    #[test]
+    fn a_stopped_edge_holds_the_ipv6_refusal() {
+        in_netns(|| {
+            Box::pin(async {
+                let Lab {
+                    edge,
+                    site: _site,
+                    pod,
+                    tcp,
+                } = lab();
+                let from_pod = |to: SocketAddr| within(&pod, &edge, || connect(to));
+                let ipv4 = at("10.99.1.1", 80);
+
+                // Without the refusal: the held table is IPv4 only, and
+                // IPv6 leaks between the processes.
+                running(false).await.stop().await;
+                let listing = held_listing().expect("no held table after the stop");
+                assert!(!listing.contains("ipv6_addr"), "{listing}");
+                assert_refused("edge → IPv4, held", connect(ipv4));
+                assert_eq!(connect(at(LEAK, 80)).0, Ok(()), "the edge did not leak");
+                assert_eq!(from_pod(at(LEAK, 80)).0, Ok(()), "the pod did not leak");
+                assert_eq!(accepted(&tcp), 2, "the site did not get the leaks");
+
+                // With it (the next start takes the IPv4-only table over).
+                let cap = running(true).await;
+                assert!(held_listing().is_none(), "the apply left the held table");
+                assert_refused("edge → the tunnel prefix, running", connect(at(LEAK, 80)));
+                cap.stop().await;
+                assert_refused("edge → the tunnel prefix, held", connect(at(LEAK, 80)));
+                let held_pod = from_pod(at(LEAK, 80));
+                assert_refused("pod → the tunnel prefix, held", held_pod);
+                assert_refused("edge → IPv4, held", connect(ipv4));
+                assert_eq!(accepted(&tcp), 0, "a held refusal reached the site");
+                let listing = held_listing().expect("no held table after the stop");
+                for set in ["set dst6", "set skip6", "set src6"] {
+                    assert!(listing.contains(set), "{set} missing in:\n{listing}");
+                }
+                let dst6 = std::process::Command::new("nft")
+                    .args(["list", "set", "inet", "edge_relay_held", "dst6"])
+                    .output()
+                    .unwrap();
+                let dst6 = String::from_utf8_lossy(&dst6.stdout);
+                assert!(
+                    dst6.contains("2001:db8:cafe::/48")
+                        && !dst6.contains("2001:db8:cafe:1::")
+                        && dst6.contains("expires"),
+                    "dst6 does not hold the prefixes' cover for the hold:\n{dst6}"
+                );
+
+                // Left alone while held, as while running.
+                left_alone(&from_pod, CaptureConfig::default().own_mark);
+                assert_eq!(accepted(&tcp), 5, "the site did not get what is left alone");
+
+                // The next start: still refused between its install (and
+                // its own refusal, empty yet) and its first apply.
+                let cfg = CaptureConfig {
+                    hold_after_exit: Duration::from_secs(60),
+                    ..CaptureConfig::default()
+                };
+                let mut cap = Capture::install(cfg).await.unwrap();
+                cap.refuse_ipv6().await;
+                assert!(
+                    held_listing().is_some(),
+                    "the install removed the held table"
+                );
+                let before_apply = from_pod(at(LEAK, 80));
+                assert_refused("pod → the tunnel prefix, before the apply", before_apply);
+                let Plan {
+                    want,
+                    skip,
+                    served,
+                    peers,
+                } = plan();
+                cap.apply_sources(&served).await.unwrap();
+                cap.apply(&want, &skip, &peers).await.unwrap();
+                assert!(
+                    held_listing().is_none(),
+                    "the first apply left the held table"
+                );
+                let after_apply = from_pod(at(LEAK, 80));
+                assert_refused("pod → the tunnel prefix, after the apply", after_apply);
+                assert_eq!(accepted(&tcp), 0, "a refused connection reached the site");
+
+                // Only IPv6 prefixes (no IPv4 captured): held all the same.
+                let want6 = cidrs(&["2001:db8:cafe::/48"]);
+                cap.apply(&want6, &skip, &peers).await.unwrap();
+                assert!(cap.installed().is_empty());
+                cap.stop().await;
+                assert_refused("edge → the tunnel prefix, IPv6 only", connect(at(LEAK, 80)));
+                assert!(held_listing().is_some(), "no held table for IPv6 alone");
+                assert_eq!(accepted(&tcp), 0, "a held refusal reached the site");
             })
         });
     }

@@ -150,6 +150,7 @@ fn held_script_refuses_what_was_captured_for_the_hold() {
         &set(&["10.244.0.0/16", "10.244.1.0/24", "10.96.0.0/12"]),
         &set(&["10.244.7.0/24"]),
         None,
+        None,
     );
     assert!(
         s.contains(
@@ -170,6 +171,7 @@ fn held_script_refuses_what_was_captured_for_the_hold() {
         &set(&["10.96.0.0/12"]),
         &BTreeSet::new(),
         Some(&set(&["10.244.7.0/24"])),
+        None,
     );
     assert!(
         sourced
@@ -180,6 +182,98 @@ fn held_script_refuses_what_was_captured_for_the_hold() {
         sourced.contains("set skip4 { type ipv4_addr; flags interval; }"),
         "{sourced}"
     );
+    // Without the IPv6 refusal on the node: IPv4 only, as it always was.
+    for s in [&s, &sourced] {
+        assert!(!s.contains("ip6") && !s.contains("ipv6"), "{s}");
+    }
+}
+
+/// With the IPv6 refusal on the node at the stop, the held table refuses
+/// what it refused too: the minimal cover of its prefixes for the hold,
+/// its skips, from its sources (every IPv6 source when none were set),
+/// never loopback, link-local or multicast, our own sockets let go; the
+/// IPv4 part unchanged. Empty sets get no `elements` (nft refuses
+/// `elements = { }`).
+#[test]
+fn held_script_carries_the_ipv6_refusal_when_it_was_installed() {
+    let set = |l: &[&str]| -> BTreeSet<Cidr> { l.iter().map(|s| s.parse().unwrap()).collect() };
+    let (captured, skipped) = (set(&["10.96.0.0/12"]), set(&["10.244.7.0/24"]));
+    let ipv4 = park::held_script("edge_relay", 0x1070, 600, &captured, &skipped, None, None);
+    let dst = set(&["2001:db8:cafe::/48", "2001:db8:cafe:1::/64", "fd00::/16"]);
+    let skip = set(&["fd00:44::/64", "2001:db8:cafe::99/128"]);
+    let v6 = park::Held6 {
+        dst: &dst,
+        skip: &skip,
+        src: None,
+    };
+    let s = park::held_script(
+        "edge_relay",
+        0x1070,
+        600,
+        &captured,
+        &skipped,
+        None,
+        Some(&v6),
+    );
+    for line in ipv4.lines().filter(|l| !l.starts_with('}')) {
+        assert!(s.lines().any(|l| l == line), "{line} missing in:\n{s}");
+    }
+    let lines: Vec<&str> = s.lines().collect();
+    let expected = [
+        "set dst6 { type ipv6_addr; flags interval,timeout; timeout 600s; elements = { fd00::/16, 2001:db8:cafe::/48 }; }",
+        "set skip6 { type ipv6_addr; flags interval; elements = { fd00:44::/64, 2001:db8:cafe::99/128 }; }",
+        "set src6 { type ipv6_addr; flags interval; elements = { ::/0 }; }",
+    ];
+    for line in expected {
+        assert!(lines.contains(&line), "{line} missing in:\n{s}");
+    }
+    // Each chain: its IPv4 rules, then the IPv6 ones, in this order.
+    let chain = |name: &str| -> Vec<&str> {
+        let start = lines.iter().position(|l| l.starts_with(name)).unwrap();
+        let len = lines[start..].iter().position(|l| *l == "}").unwrap();
+        lines[start + 1..start + len].to_vec()
+    };
+    assert_eq!(
+        chain("chain held_fwd "),
+        [
+            "ip daddr @skip4 return",
+            "ip daddr @dst4 ip saddr @src4 meta l4proto tcp reject with tcp reset",
+            "ip daddr @dst4 ip saddr @src4 reject with icmpx admin-prohibited",
+            "ip6 daddr { ::1, fe80::/10, ff00::/8 } return",
+            "ip6 daddr @skip6 return",
+            "ip6 daddr @dst6 ip6 saddr @src6 meta l4proto tcp reject with tcp reset",
+            "ip6 daddr @dst6 ip6 saddr @src6 reject with icmpx admin-prohibited",
+        ]
+    );
+    assert_eq!(
+        chain("chain held_out "),
+        [
+            "meta mark 0x1070 return",
+            "ip daddr @skip4 return",
+            "ip daddr @dst4 meta l4proto tcp reject with tcp reset",
+            "ip daddr @dst4 reject with icmpx admin-prohibited",
+            "ip6 daddr { ::1, fe80::/10, ff00::/8 } return",
+            "ip6 daddr @skip6 return",
+            "ip6 daddr @dst6 meta l4proto tcp reject with tcp reset",
+            "ip6 daddr @dst6 reject with icmpx admin-prohibited",
+        ]
+    );
+
+    // Sources set (the edge's IPv6 ones), nothing skipped or refused yet.
+    let (none, src) = (BTreeSet::new(), set(&["fd00:44::/64"]));
+    let v6 = park::Held6 {
+        dst: &none,
+        skip: &none,
+        src: Some(&src),
+    };
+    let s = park::held_script("t", 1, 5, &captured, &none, None, Some(&v6));
+    for line in [
+        "set dst6 { type ipv6_addr; flags interval,timeout; timeout 5s; }",
+        "set skip6 { type ipv6_addr; flags interval; }",
+        "set src6 { type ipv6_addr; flags interval; elements = { fd00:44::/64 }; }",
+    ] {
+        assert!(s.lines().any(|l| l == line), "{line} missing in:\n{s}");
+    }
 }
 
 /// A peer is left out of the capture routes only inside a captured
