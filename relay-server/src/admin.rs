@@ -13,7 +13,9 @@
 //! the copy every cloud node holds cannot disconnect edges. Closing and
 //! draining log who asked (peer address, token class). The tokens are
 //! those their files hold now: re-read when the files change and on
-//! SIGHUP (`crate::token_reload`), swapped whole for the checks here.
+//! SIGHUP (`crate::token_reload`), each file taken on its own, each
+//! request checking one snapshot; a token a rotation replaced is still
+//! accepted, with the access it had, for `admin.token_grace`.
 //!
 //! Requests are bounded in two budgets, each shared by every route in it
 //! and shed with 503 when full: [`API_SLOTS`] for `/v1/*`, and
@@ -375,13 +377,33 @@ fn access_of(
     full: &crate::config::Secret,
     read: Option<&crate::config::Secret>,
 ) -> Option<Access> {
-    let is_full = same(given, full.expose().as_bytes());
-    let is_read = read.is_some_and(|r| same(given, r.expose().as_bytes()));
-    match (is_full, is_read) {
-        (true, _) => Some(Access::Full),
-        (false, true) => Some(Access::Read),
-        (false, false) => None,
+    let slots = [
+        Some(full.expose().as_bytes()),
+        read.map(|r| r.expose().as_bytes()),
+        None,
+        None,
+    ];
+    match first_match(given, slots)? {
+        0 => Some(Access::Full),
+        _ => Some(Access::Read),
     }
+}
+
+/// The first of `tokens` (in order of precedence) that `given` is, each
+/// compared with [`same`]. All four are compared whichever matches, an
+/// absent one against a stand-in whose result is dropped, so the time a
+/// check takes says neither which token matched nor how many are held
+/// (the full and read tokens, and the previous ones in their grace).
+pub(crate) fn first_match(given: &[u8], tokens: [Option<&[u8]>; 4]) -> Option<usize> {
+    let mut found = None;
+    // Last to first, so the hit written last is the first in precedence:
+    // a select per slot, never an early return.
+    for (i, t) in tokens.iter().enumerate().rev() {
+        // `&`, not `&&`: the comparison runs for an absent slot too.
+        let hit = same(given, t.unwrap_or(b"")) & t.is_some();
+        found = if hit { Some(i) } else { found };
+    }
+    found
 }
 
 async fn auth(State(shared): State<Arc<Shared>>, mut req: Request, next: Next) -> Response {
@@ -389,41 +411,45 @@ async fn auth(State(shared): State<Arc<Shared>>, mut req: Request, next: Next) -
         .extensions()
         .get::<ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0);
-    // The tokens the files hold now (one snapshot for both checks), or a
-    // code-built config's fixed ones.
-    let live = shared
-        .cfg
-        .admin_token_files
-        .as_ref()
-        .map(crate::token_reload::AdminTokens::current);
-    let (full, read) = match &live {
-        Some(t) => (t.full.as_ref(), t.read.as_ref()),
-        None => (
-            shared.cfg.admin_token.as_ref(),
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // The tokens the files hold now and the previous ones in their grace
+    // (one snapshot for every check), or a code-built config's fixed ones.
+    // From files there is always a full token: never open.
+    let access = match (&shared.cfg.admin_token_files, &shared.cfg.admin_token) {
+        (Some(tokens), _) => tokens.access(given.as_bytes()).map(|m| {
+            if m.previous {
+                relay_transport::sampled!(
+                    info,
+                    "admin: request authenticated with the previous token, accepted for \
+                     admin.token_grace after its rotation: its sender has not seen the new one",
+                    peer = %peer.map_or("unknown".to_string(), |p| p.to_string()),
+                    token = m.kind.as_str()
+                );
+            }
+            match m.kind {
+                crate::token_reload::TokenKind::Full => Access::Full,
+                crate::token_reload::TokenKind::Read => Access::Read,
+            }
+        }),
+        (None, None) => Some(Access::Open),
+        (None, Some(token)) => access_of(
+            given.as_bytes(),
+            token,
             shared.cfg.admin_read_token.as_ref(),
         ),
     };
-    let access = match full {
-        None => Access::Open,
-        Some(token) => {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            match access_of(given.as_bytes(), token, read) {
-                Some(a) => a,
-                None => {
-                    return (
-                        StatusCode::UNAUTHORIZED,
-                        [(header::WWW_AUTHENTICATE, "Bearer")],
-                        "missing or wrong bearer token\n",
-                    )
-                        .into_response()
-                }
-            }
-        }
+    let Some(access) = access else {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "missing or wrong bearer token\n",
+        )
+            .into_response();
     };
     if access == Access::Read && !matches!(*req.method(), Method::GET | Method::HEAD) {
         let (method, path) = (req.method().clone(), req.uri().path().to_string());

@@ -16,9 +16,21 @@
 //! rules (at least 16 characters, the read-only token not the full one);
 //! one that fails them (unreadable, empty, too short) keeps the previous
 //! token, is logged once per change and counted
-//! (`relay_admin_token_reload_failures_total{token}`). The admin API
-//! checks the tokens held now, swapped whole, so no request sees one file's
-//! new token with the other's half-applied state.
+//! (`relay_admin_token_reload_failures_total{token}`), and is read again
+//! at every look until it can be taken (a transient read failure does not
+//! pin the old token); while it cannot, `relay_admin_token_file_stale{token}`
+//! is 1. The two files are taken independently; each request checks one
+//! snapshot of what is held.
+//!
+//! A token replaced is still accepted, with the access it had, for
+//! `admin.token_grace` (3 minutes by default): kubelets on different
+//! nodes see an updated Secret up to a minute or more apart, and a route
+//! agent refused meanwhile would look like a dead relay to the multipath
+//! agent. Requests that use it are counted
+//! (`relay_admin_previous_token_requests_total{token}`); its end is
+//! logged. A read token file removed (its Secret deleted) is a rotation to
+//! no read token: dropped after the same grace. The full token is never
+//! dropped (the API would open).
 //!
 //! The route agent holds its `--token-file` as a [`Secret::from_file`]:
 //! the file is read again before a request when its metadata changed,
@@ -27,9 +39,9 @@
 //! within a poll interval of the other seeing it.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -134,6 +146,16 @@ impl TokenKind {
 
 const KINDS: [TokenKind; 2] = [TokenKind::Full, TokenKind::Read];
 
+/// `admin.token_grace` by default: how long a token replaced by a
+/// rotation is still accepted. Kubelets on different nodes see an updated
+/// Secret up to 60–90 s apart; within this, a route agent whose node has
+/// not seen it yet is not refused.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(180);
+
+/// The longest `admin.token_grace`: a leaked token rotated out must stop
+/// working soon.
+pub const MAX_GRACE: Duration = Duration::from_secs(3600);
+
 /// The admin tokens in force at one moment.
 #[derive(Debug, Clone, Default)]
 pub struct Tokens {
@@ -150,21 +172,56 @@ impl Tokens {
             TokenKind::Read => &mut self.read,
         }
     }
+
+    fn get(&self, kind: TokenKind) -> Option<&Secret> {
+        match kind {
+            TokenKind::Full => self.full.as_ref(),
+            TokenKind::Read => self.read.as_ref(),
+        }
+    }
+}
+
+/// A token replaced by a rotation (a read token whose file was removed
+/// included: a rotation to none), still accepted with the access it had
+/// until `until`.
+#[derive(Debug, Clone)]
+struct Previous {
+    token: Secret,
+    until: Instant,
+}
+
+/// What the admin API checks: the tokens in force, and the ones they
+/// replaced while their grace runs.
+#[derive(Debug, Clone, Default)]
+struct Live {
+    now: Tokens,
+    previous: [Option<Previous>; 2],
 }
 
 /// What one look at the token files did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Reloaded {
-    /// The tokens replaced by what their files hold now.
+    /// The tokens replaced by what their files hold now (a read token
+    /// whose file was removed: dropped).
     pub changed: Vec<TokenKind>,
     /// The files that changed but could not be used (the previous token
     /// stays).
     pub failed: Vec<TokenKind>,
 }
 
+/// Which token an admin request presented ([`AdminTokens::access`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Matched {
+    /// The token's kind (the access it gives).
+    pub kind: TokenKind,
+    /// The token this kind's last rotation replaced, in its grace.
+    pub previous: bool,
+}
+
 /// The relay's admin tokens, held from their files and re-read when the
 /// files change ([`AdminTokens::check`], every `tls.reload_interval`) or
-/// on SIGHUP ([`AdminTokens::reload`]). A cheap handle: clones share the
+/// on SIGHUP ([`AdminTokens::reload`]); a token replaced is still
+/// accepted for `admin.token_grace`. A cheap handle: clones share the
 /// tokens.
 #[derive(Clone)]
 pub struct AdminTokens(Arc<Inner>);
@@ -173,19 +230,44 @@ struct Inner {
     /// `admin.token_file`, `admin.read_token_file`.
     paths: [Option<PathBuf>; 2],
     interval: Duration,
-    /// What the admin API checks: swapped whole by a reload.
-    current: RwLock<Arc<Tokens>>,
-    /// Each file's stamp when last looked at (`None`: not yet), so a
-    /// change is read, and warned about, once. Also serialises looks (the
-    /// poll and SIGHUP).
+    /// `admin.token_grace`.
+    grace: Duration,
+    /// What the admin API checks: replaced whole by a reload (each
+    /// request checks one snapshot).
+    current: RwLock<Arc<Live>>,
+    /// What was seen of the files. Also serialises looks (the poll and
+    /// SIGHUP) and grace ends.
     seen: Mutex<Seen>,
+    /// Woken when a reload starts a grace (the watcher then sleeps until
+    /// it ends, to log it).
+    graced: tokio::sync::Notify,
     reloads: [AtomicU64; 2],
     failures: [AtomicU64; 2],
+    /// Requests authenticated with a previous token, by its kind.
+    previous_used: [AtomicU64; 2],
+    /// The file's current content could not be taken.
+    stale: [AtomicBool; 2],
+    /// Run between a file's stamp and its read: a test puts a transient
+    /// failure exactly there (the race a real EMFILE or EIO at the swap
+    /// falls in).
+    #[cfg(test)]
+    before_read: Mutex<Option<BeforeRead>>,
 }
+
+#[cfg(test)]
+type BeforeRead = Box<dyn FnMut(TokenKind) + Send>;
 
 #[derive(Default)]
 struct Seen {
+    /// Each file's stamp when its content was last taken (or found the
+    /// same as held, or the read file found absent): `None` when not yet,
+    /// or when the last read failed, so it is read again at every look
+    /// (a transient failure, EMFILE or EIO at the swap, must not pin the
+    /// previous token until the file changes again).
     stamps: [Option<Option<FileStamp>>; 2],
+    /// The stamp a failure was last warned about: warned (and counted)
+    /// once per distinct stamp while it is read again at every look.
+    warned: [Option<Option<FileStamp>>; 2],
     /// A read token equal to the full one was refused and not yet
     /// resolved: warned once, the files read again every look.
     clash_warned: bool,
@@ -197,6 +279,7 @@ impl std::fmt::Debug for AdminTokens {
             .field("token_file", &self.0.paths[0])
             .field("read_token_file", &self.0.paths[1])
             .field("interval", &self.0.interval)
+            .field("grace", &self.0.grace)
             .finish_non_exhaustive()
     }
 }
@@ -204,20 +287,36 @@ impl std::fmt::Debug for AdminTokens {
 impl AdminTokens {
     /// Tokens read from `full` and `read` (`None`: no read-only token
     /// file), starting as `start` (what the configuration read, already
-    /// validated), looked at again every `interval` by the admin API.
-    pub fn new(full: PathBuf, read: Option<PathBuf>, interval: Duration, start: Tokens) -> Self {
+    /// validated), looked at again every `interval` by the admin API; a
+    /// token replaced is accepted for `grace` after (zero: refused at
+    /// once).
+    pub fn new(
+        full: PathBuf,
+        read: Option<PathBuf>,
+        interval: Duration,
+        grace: Duration,
+        start: Tokens,
+    ) -> Self {
         AdminTokens(Arc::new(Inner {
             paths: [Some(full), read],
             interval,
-            current: RwLock::new(Arc::new(start)),
+            grace,
+            current: RwLock::new(Arc::new(Live {
+                now: start,
+                previous: Default::default(),
+            })),
             seen: Mutex::default(),
+            graced: tokio::sync::Notify::new(),
             reloads: Default::default(),
             failures: Default::default(),
+            previous_used: Default::default(),
+            stale: Default::default(),
+            #[cfg(test)]
+            before_read: Mutex::default(),
         }))
     }
 
-    /// The tokens in force now.
-    pub fn current(&self) -> Arc<Tokens> {
+    fn live(&self) -> Arc<Live> {
         self.0
             .current
             .read()
@@ -225,9 +324,52 @@ impl AdminTokens {
             .clone()
     }
 
+    /// The tokens in force now (not the previous ones in their grace).
+    pub fn current(&self) -> Tokens {
+        self.live().now.clone()
+    }
+
     /// How often the files are looked at.
     pub fn interval(&self) -> Duration {
         self.0.interval
+    }
+
+    /// How long a token replaced is still accepted (`admin.token_grace`).
+    pub fn grace(&self) -> Duration {
+        self.0.grace
+    }
+
+    /// The token `given` is, checked against the tokens in force and the
+    /// previous ones still in their grace (one snapshot), each compared
+    /// in constant time (`admin::first_match`: all four compared
+    /// whatever matches, so the time does not say which did). A token in
+    /// force wins over a previous one equal to it. A previous one matched
+    /// is counted (`relay_admin_previous_token_requests_total{token}`).
+    pub fn access(&self, given: &[u8]) -> Option<Matched> {
+        let live = self.live();
+        let at = Instant::now();
+        let now = |k: TokenKind| live.now.get(k).map(|t| t.expose().as_bytes());
+        let prev = |k: TokenKind| {
+            live.previous[k.i()]
+                .as_ref()
+                .filter(|p| at < p.until)
+                .map(|p| p.token.expose().as_bytes())
+        };
+        let slots = [
+            now(TokenKind::Full),
+            now(TokenKind::Read),
+            prev(TokenKind::Full),
+            prev(TokenKind::Read),
+        ];
+        let i = crate::admin::first_match(given, slots)?;
+        let m = Matched {
+            kind: KINDS[i % 2],
+            previous: i >= 2,
+        };
+        if m.previous {
+            self.0.previous_used[m.kind.i()].fetch_add(1, Relaxed);
+        }
+        Some(m)
     }
 
     /// Reads both files whatever their metadata says (SIGHUP) and takes
@@ -236,8 +378,9 @@ impl AdminTokens {
         self.look(true)
     }
 
-    /// Reads the files whose metadata changed since the last look (the
-    /// poll); as [`AdminTokens::reload`] otherwise.
+    /// Reads the files whose metadata changed since the last look, or
+    /// whose last read failed (the poll); as [`AdminTokens::reload`]
+    /// otherwise.
     pub fn check(&self) -> Reloaded {
         self.look(false)
     }
@@ -247,30 +390,54 @@ impl AdminTokens {
         self.0.reloads[kind.i()].load(Relaxed)
     }
 
-    /// Changed files that could not be used so far (`kind`).
+    /// Changed files that could not be used so far (`kind`): once per
+    /// distinct file, and at each SIGHUP.
     pub fn failures(&self, kind: TokenKind) -> u64 {
         self.0.failures[kind.i()].load(Relaxed)
+    }
+
+    /// Requests authenticated with `kind`'s previous token, in its grace.
+    pub fn previous_used(&self, kind: TokenKind) -> u64 {
+        self.0.previous_used[kind.i()].load(Relaxed)
+    }
+
+    /// Whether `kind`'s file, as it is now, could not be taken (the relay
+    /// still holds the token before).
+    pub fn stale(&self, kind: TokenKind) -> bool {
+        self.0.stale[kind.i()].load(Relaxed)
     }
 
     fn path(&self, kind: TokenKind) -> Option<&Path> {
         self.0.paths[kind.i()].as_deref()
     }
 
+    /// Has `f` run between each file's stamp and its read (`None`: no
+    /// longer).
+    #[cfg(test)]
+    fn set_before_read(&self, f: Option<BeforeRead>) {
+        *self.0.before_read.lock().expect("hook") = f;
+    }
+
     fn look(&self, force: bool) -> Reloaded {
         let mut seen = self.0.seen.lock().unwrap_or_else(|e| e.into_inner());
-        let mut next = (*self.current()).clone();
+        let live = self.live();
+        let mut next = live.now.clone();
         let mut out = Reloaded::default();
         for kind in KINDS {
             let Some(path) = self.path(kind) else {
                 continue;
             };
+            let i = kind.i();
             let now = stamp(path);
-            if !force && seen.stamps[kind.i()] == Some(now) {
+            if !force && seen.stamps[i] == Some(now) {
                 continue;
             }
-            seen.stamps[kind.i()] = Some(now);
+            #[cfg(test)]
+            if let Some(f) = self.0.before_read.lock().expect("hook").as_mut() {
+                f(kind);
+            }
             let held = next.slot(kind);
-            match read_admin_token(path) {
+            let failed = match read_admin_token(path) {
                 Ok(t) => {
                     // Touched, or swapped for the same token: nothing to do.
                     if held.as_ref().is_none_or(|h| {
@@ -279,21 +446,44 @@ impl AdminTokens {
                         *held = Some(t);
                         out.changed.push(kind);
                     }
+                    None
                 }
-                // A read token never created (its optional Secret absent):
-                // warned about at start, picked up when it appears.
+                // No read token file: never created (its optional Secret
+                // absent; warned about at start, picked up when it
+                // appears), or removed (the Secret deleted): a rotation to
+                // no read token, which is dropped after the grace. The
+                // full token is never dropped (the API would open).
                 Err(TokenFileError::Read { source, .. })
-                    if kind == TokenKind::Read
-                        && held.is_none()
-                        && source.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    warn!(
-                        token = kind.as_str(),
-                        path = %path.display(),
-                        error = %e,
-                        "admin token file changed but cannot be used; the previous token stays"
-                    );
-                    out.failed.push(kind);
+                    if kind == TokenKind::Read && source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    if held.take().is_some() {
+                        out.changed.push(kind);
+                    }
+                    None
+                }
+                Err(e) => Some(e),
+            };
+            match failed {
+                None => {
+                    seen.stamps[i] = Some(now);
+                    seen.warned[i] = None;
+                    self.0.stale[i].store(false, Relaxed);
+                }
+                Some(e) => {
+                    // Not taken as seen: read again at every look until
+                    // it can be used; warned and counted once per file.
+                    seen.stamps[i] = None;
+                    self.0.stale[i].store(true, Relaxed);
+                    if force || seen.warned[i] != Some(now) {
+                        seen.warned[i] = Some(now);
+                        warn!(
+                            token = kind.as_str(),
+                            path = %path.display(),
+                            error = %e,
+                            "admin token file changed but cannot be used; the previous token stays"
+                        );
+                        out.failed.push(kind);
+                    }
                 }
             }
         }
@@ -307,6 +497,7 @@ impl AdminTokens {
                 // about and counted once.
                 for k in &out.changed {
                     seen.stamps[k.i()] = None;
+                    self.0.stale[k.i()].store(true, Relaxed);
                 }
                 if !seen.clash_warned {
                     warn!(
@@ -322,14 +513,63 @@ impl AdminTokens {
         }
         if !out.changed.is_empty() {
             seen.clash_warned = false;
-            *self.0.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+            let at = Instant::now();
+            let grace = self.0.grace;
+            let mut previous = live.previous.clone();
+            for &kind in &out.changed {
+                let slot = &mut previous[kind.i()];
+                // One previous token per kind: one still in its grace from
+                // an earlier rotation ends now.
+                if slot.take().is_some_and(|p| at < p.until) {
+                    info!(
+                        token = kind.as_str(),
+                        "admin token rotated again within admin.token_grace: the token before \
+                         the previous one is refused from now on"
+                    );
+                }
+                if !grace.is_zero() {
+                    *slot = live.now.get(kind).map(|token| Previous {
+                        token: token.clone(),
+                        until: at + grace,
+                    });
+                }
+            }
+            *self.0.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Live {
+                now: next.clone(),
+                previous,
+            });
+            if !grace.is_zero() {
+                self.0.graced.notify_one();
+            }
             for &kind in &out.changed {
                 self.0.reloads[kind.i()].fetch_add(1, Relaxed);
-                info!(
-                    token = kind.as_str(),
-                    path = %self.path(kind).map(Path::display).map(|d| d.to_string()).unwrap_or_default(),
-                    "admin token reloaded: requests with the previous one are refused from now on"
-                );
+                let path = self
+                    .path(kind)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                let grace = humantime::format_duration(grace).to_string();
+                match (next.get(kind).is_some(), self.0.grace.is_zero()) {
+                    (true, true) => info!(
+                        token = kind.as_str(), path,
+                        "admin token reloaded: requests with the previous one are refused from now on \
+                         (admin.token_grace is 0s)"
+                    ),
+                    (true, false) => info!(
+                        token = kind.as_str(), path, grace,
+                        "admin token reloaded: requests with the previous one are accepted for \
+                         admin.token_grace, then refused"
+                    ),
+                    (false, true) => info!(
+                        token = kind.as_str(), path,
+                        "admin read token file removed: the read token is dropped, requests with \
+                         it are refused from now on (admin.token_grace is 0s)"
+                    ),
+                    (false, false) => info!(
+                        token = kind.as_str(), path, grace,
+                        "admin read token file removed: the read token is dropped, requests with \
+                         it are accepted for admin.token_grace, then refused"
+                    ),
+                }
             }
         }
         for &kind in &out.failed {
@@ -338,11 +578,46 @@ impl AdminTokens {
         out
     }
 
-    /// Prometheus text: `relay_admin_token_reloads_total{token}` and
-    /// `relay_admin_token_reload_failures_total{token}`, for the token
+    /// When the first grace running ends (`None`: none runs).
+    fn grace_ends(&self) -> Option<Instant> {
+        self.live().previous.iter().flatten().map(|p| p.until).min()
+    }
+
+    /// Drops the previous tokens whose grace has ended, logged. (They are
+    /// refused from their grace's end whether dropped yet or not: the
+    /// check looks at the time.)
+    fn end_graces(&self) {
+        let _seen = self.0.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let live = self.live();
+        let at = Instant::now();
+        let mut next = (*live).clone();
+        let mut ended = false;
+        for kind in KINDS {
+            if next.previous[kind.i()]
+                .as_ref()
+                .is_some_and(|p| p.until <= at)
+            {
+                next.previous[kind.i()] = None;
+                ended = true;
+                info!(
+                    token = kind.as_str(),
+                    "admin token grace ended: the previous token is refused from now on"
+                );
+            }
+        }
+        if ended {
+            *self.0.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        }
+    }
+
+    /// Prometheus text: `relay_admin_token_reloads_total{token}`,
+    /// `relay_admin_token_reload_failures_total{token}`,
+    /// `relay_admin_token_file_stale{token}` and
+    /// `relay_admin_previous_token_requests_total{token}`, for the token
     /// files configured.
     pub(crate) fn render(&self) -> String {
-        let (mut ok, mut failed) = (String::new(), String::new());
+        let (mut ok, mut failed, mut stale, mut previous) =
+            (String::new(), String::new(), String::new(), String::new());
         for kind in KINDS.into_iter().filter(|k| self.path(*k).is_some()) {
             let k = kind.as_str();
             ok += &format!(
@@ -353,29 +628,56 @@ impl AdminTokens {
                 "relay_admin_token_reload_failures_total{{token=\"{k}\"}} {}\n",
                 self.failures(kind)
             );
+            stale += &format!(
+                "relay_admin_token_file_stale{{token=\"{k}\"}} {}\n",
+                u8::from(self.stale(kind))
+            );
+            previous += &format!(
+                "relay_admin_previous_token_requests_total{{token=\"{k}\"}} {}\n",
+                self.previous_used(kind)
+            );
         }
         format!(
-            "# HELP relay_admin_token_reloads_total Admin tokens replaced by what their file holds now (token: full = admin.token_file, read = admin.read_token_file), seen changed by the poll every tls.reload_interval or on SIGHUP.\n\
+            "# HELP relay_admin_token_reloads_total Admin tokens replaced by what their file holds now (token: full = admin.token_file, read = admin.read_token_file; a removed read file drops the read token), seen changed by the poll every tls.reload_interval or on SIGHUP.\n\
              # TYPE relay_admin_token_reloads_total counter\n{ok}\
              # HELP relay_admin_token_reload_failures_total Admin token files seen changed that could not be used (unreadable, empty, shorter than 16 characters, or a read-only token equal to the full one): the previous token stays. Counted once per change, and at each SIGHUP.\n\
-             # TYPE relay_admin_token_reload_failures_total counter\n{failed}"
+             # TYPE relay_admin_token_reload_failures_total counter\n{failed}\
+             # HELP relay_admin_token_file_stale 1 while the admin token file as it is now could not be taken (unreadable, empty, shorter than 16 characters, or a read-only token equal to the full one): the relay still runs on the token it held before. 0 otherwise.\n\
+             # TYPE relay_admin_token_file_stale gauge\n{stale}\
+             # HELP relay_admin_previous_token_requests_total Admin requests authenticated with the token a rotation replaced (or a removed read-only token), accepted for admin.token_grace after it: their senders have not seen the new Secret yet.\n\
+             # TYPE relay_admin_previous_token_requests_total counter\n{previous}"
         )
     }
 }
 
 /// Looks at `tokens`' files every [`AdminTokens::interval`] until `stop`
 /// (the first look at once: a file replaced between the configuration's
-/// read and this start is taken then).
+/// read and this start is taken then), and ends each previous token's
+/// grace when it runs out (logged).
 pub(crate) async fn watch(tokens: AdminTokens, stop: CancellationToken) {
     let mut tick = tokio::time::interval(tokens.interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Registered before the look at the graces: a reload between the
+        // two leaves a permit, so its grace is not missed.
+        let graced = tokens.0.graced.notified();
+        let ends = tokens.grace_ends();
+        let grace_ended = async {
+            match ends {
+                Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
+            // Stat (and on a change, read) two small files on this task.
+            _ = tick.tick() => {
+                tokens.check();
+            }
+            _ = grace_ended => {}
+            _ = graced => {}
         }
-        // Stat (and on a change, read) two small files on this task.
-        tokens.check();
+        tokens.end_graces();
     }
 }
 

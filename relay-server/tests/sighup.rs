@@ -197,7 +197,7 @@ async fn sighup_takes_a_rotated_admin_token_and_an_empty_one_changes_nothing() {
             "[listen]\nquic = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\nhealth = \"127.0.0.1:0\"\n\
              [tls]\ncert = \"{d}/relay.pem\"\nkey = \"{d}/relay-key.pem\"\nclient_ca = \"{d}/ca.pem\"\n\
              reload_interval = \"1h\"\n\
-             [admin]\ntoken_file = \"{d}/token\"\n"
+             [admin]\ntoken_file = \"{d}/token\"\ntoken_grace = \"2s\"\n"
         ),
     )
     .expect("write config");
@@ -207,8 +207,8 @@ async fn sighup_takes_a_rotated_admin_token_and_an_empty_one_changes_nothing() {
     assert_eq!(status_with(&admin, NEW).await, 401);
 
     replace(&token, &format!("{NEW}\n"));
-    signal(&relay.child, "-HUP");
     let t = Instant::now();
+    signal(&relay.child, "-HUP");
     while status_with(&admin, NEW).await != 200 {
         assert!(
             t.elapsed() < Duration::from_secs(5),
@@ -216,7 +216,26 @@ async fn sighup_takes_a_rotated_admin_token_and_an_empty_one_changes_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(status_with(&admin, OLD).await, 401, "the old token revoked");
+    // admin.token_grace (2s here): the old token still accepted, then
+    // refused.
+    let old = status_with(&admin, OLD).await;
+    assert!(
+        old == 200 || t.elapsed() >= Duration::from_secs(2),
+        "the old token refused within its grace ({:?})",
+        t.elapsed()
+    );
+    while status_with(&admin, OLD).await != 401 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the old token never revoked"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        t.elapsed() >= Duration::from_secs(2),
+        "revoked before its grace: {:?}",
+        t.elapsed()
+    );
 
     // Empty: refused, the new token kept, the process still up.
     replace(&token, "");

@@ -112,6 +112,12 @@ pub struct AdminFile {
     /// `GET` on `/v1` and `/metrics` only. Needs `token_file`. Read again
     /// as `token_file` is.
     pub read_token_file: Option<PathBuf>,
+    /// How long a token replaced by a rotation (or a read token whose
+    /// file was removed) is still accepted, with the access it had:
+    /// kubelets on different nodes see an updated Secret up to a minute or
+    /// more apart. Default 3m; `0s`: refused at once; at most 1h.
+    #[serde(default, with = "humantime_serde")]
+    pub token_grace: Option<Duration>,
     /// Serve the admin API over HTTPS. Default: on when `listen.admin` is
     /// not a loopback address, off on loopback.
     pub tls: Option<bool>,
@@ -252,6 +258,16 @@ impl FileConfig {
             }
             p => read_token(p.as_deref(), "admin.read_token_file")?,
         };
+        let token_grace = self
+            .admin
+            .token_grace
+            .unwrap_or(crate::token_reload::DEFAULT_GRACE);
+        if token_grace > crate::token_reload::MAX_GRACE {
+            return Err(err(
+                "admin.token_grace",
+                "at most 1h (a token rotated out, a leaked one say, must stop working soon)",
+            ));
+        }
         let (tls, tls_crls, tls_reload) = self.tls.load()?;
         // Re-read when they change, with the TLS files' poll and SIGHUP
         // (a rotated Secret without a restart: see `token_reload`).
@@ -262,6 +278,7 @@ impl FileConfig {
                 tls_reload
                     .as_ref()
                     .map_or(crate::config_tls::DEFAULT_RELOAD_INTERVAL, |r| r.interval),
+                token_grace,
                 crate::token_reload::Tokens {
                     full: admin_token.clone(),
                     read: admin_read_token.clone(),

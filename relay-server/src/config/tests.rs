@@ -252,3 +252,27 @@ fn connect_tls_crl_is_loaded_or_refused_at_start() {
     assert!(e.to_string().contains("not-a-crl.pem"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `admin.token_grace`: 3m by default, `0s` allowed (refused at once), at
+/// most 1h; handed to the token files' reloader.
+#[test]
+fn the_admin_token_grace_defaults_to_3m_and_is_at_most_1h() {
+    relay_transport::tls::install_default_provider();
+    let (dir, tls) = files();
+    let d = dir.display();
+    let full = format!("token_file = \"{d}/token\"");
+    let grace = |c: &crate::RelayConfig| {
+        c.admin_token_files
+            .as_ref()
+            .map(crate::token_reload::AdminTokens::grace)
+    };
+    let c = load("", &tls, &full).unwrap();
+    assert_eq!(grace(&c), Some(std::time::Duration::from_secs(180)));
+    let c = load("", &tls, &format!("{full}\ntoken_grace = \"0s\"")).unwrap();
+    assert_eq!(grace(&c), Some(std::time::Duration::ZERO));
+    let c = load("", &tls, &format!("{full}\ntoken_grace = \"1h\"")).unwrap();
+    assert_eq!(grace(&c), Some(std::time::Duration::from_secs(3600)));
+    let e = load("", &tls, &format!("{full}\ntoken_grace = \"61m\"")).unwrap_err();
+    assert_eq!(e.field, "admin.token_grace", "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -64,29 +64,39 @@ async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
 }
 
 /// A relay whose admin tokens come from `full` and `read` (holding
-/// `FULL_A` and `READ_1`), looked at every `interval`.
+/// `FULL_A` and `READ_1`), looked at every `interval`, a token replaced
+/// accepted for `grace`.
 async fn relay_with_token_files(
     full: &Path,
     read: &Path,
     interval: Duration,
+    grace: Duration,
 ) -> (crate::Relay, AdminTokens) {
     std::fs::write(full, format!("{FULL_A}\n")).expect("write");
     std::fs::write(read, READ_1).expect("write");
-    relay_on_token_files(full, read, interval).await
+    relay_on_token_files(full, read, interval, grace).await
 }
 
 /// A relay whose admin tokens come from the files `full` and `read` as
-/// they are, looked at every `interval`.
+/// they are, looked at every `interval`, a token replaced accepted for
+/// `grace`.
 async fn relay_on_token_files(
     full: &Path,
     read: &Path,
     interval: Duration,
+    grace: Duration,
 ) -> (crate::Relay, AdminTokens) {
     let start = Tokens {
         full: Some(read_admin_token(full).expect("full token")),
         read: Some(read_admin_token(read).expect("read token")),
     };
-    let tokens = AdminTokens::new(full.into(), Some(read.into()), interval, start.clone());
+    let tokens = AdminTokens::new(
+        full.into(),
+        Some(read.into()),
+        interval,
+        grace,
+        start.clone(),
+    );
     let files = tokens.clone();
     let (relay, _) = relay_configured(0, move |c| {
         c.admin_token = start.full;
@@ -110,7 +120,7 @@ async fn a_rotated_token_file_is_taken_and_a_broken_one_keeps_the_last() {
     let dir = temp_dir("rotate");
     let (full, read) = (dir.join("token"), dir.join("read-token"));
     let interval = Duration::from_millis(50);
-    let (relay, tokens) = relay_with_token_files(&full, &read, interval).await;
+    let (relay, tokens) = relay_with_token_files(&full, &read, interval, Duration::ZERO).await;
     let admin = relay.admin_addr().expect("admin");
     assert_eq!(status_with(admin, FULL_A).await, 200);
     assert_eq!(status_with(admin, READ_1).await, 200);
@@ -241,6 +251,7 @@ async fn a_secret_volume_swap_through_its_data_symlink_is_taken() {
         &dir.join("token"),
         &dir.join("read-token"),
         Duration::from_secs(3600),
+        Duration::ZERO,
     )
     .await;
     let admin = relay.admin_addr().expect("admin");
@@ -273,10 +284,10 @@ struct AgentAndRelay {
 }
 
 impl AgentAndRelay {
-    async fn start(name: &str, interval: Duration) -> Self {
+    async fn start(name: &str, interval: Duration, grace: Duration) -> Self {
         let dir = temp_dir(name);
         let (full, read) = (dir.join("token"), dir.join("read-token"));
-        let (relay, tokens) = relay_with_token_files(&full, &read, interval).await;
+        let (relay, tokens) = relay_with_token_files(&full, &read, interval, grace).await;
         let agent_file = dir.join("agent-token");
         std::fs::write(&agent_file, format!("{READ_1}\n")).expect("write");
         let cfg = AgentConfig {
@@ -303,7 +314,7 @@ impl AgentAndRelay {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_polls_heal_after_a_rotation_in_either_order() {
     let _serial = SERIAL.lock().await;
-    let a = AgentAndRelay::start("agent", Duration::from_millis(50)).await;
+    let a = AgentAndRelay::start("agent", Duration::from_millis(50), Duration::ZERO).await;
     let (dir, read, relay, tokens, agent_file, cfg) =
         (a.dir, a.read, a.relay, a.tokens, a.agent_file, a.cfg);
     let mut poll = RoutesPoll::default();
@@ -357,7 +368,7 @@ async fn agent_polls_heal_after_a_rotation_in_either_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_401_reads_the_agent_token_file_again_and_retries_once() {
     let _serial = SERIAL.lock().await;
-    let a = AgentAndRelay::start("agent-401", Duration::from_secs(3600)).await;
+    let a = AgentAndRelay::start("agent-401", Duration::from_secs(3600), Duration::ZERO).await;
     let (dir, read, relay, tokens, agent_file, cfg) =
         (a.dir, a.read, a.relay, a.tokens, a.agent_file, a.cfg);
     let token = cfg.token.clone().expect("a token file");
@@ -395,5 +406,350 @@ fn an_agent_token_file_that_cannot_be_used_keeps_the_last_token() {
     replace(&path, "second-0123456789\n");
     assert_eq!(s.current().expose(), "second-0123456789");
     assert_eq!(Secret::new("x").reread(), None, "not from a file");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The status of `method path` with `token`.
+async fn status_of(admin: std::net::SocketAddr, method: &str, path: &str, token: &str) -> u16 {
+    let auth = format!("Authorization: Bearer {token}");
+    request_with(admin, method, path, &[&auth]).await.0
+}
+
+/// The relay's `/metrics` text, asked with `token`.
+async fn metrics_with(admin: std::net::SocketAddr, token: &str) -> String {
+    let (code, _, text) = request_with(
+        admin,
+        "GET",
+        "/metrics",
+        &[&format!("Authorization: Bearer {token}")],
+    )
+    .await;
+    assert_eq!(code, 200, "{text}");
+    text
+}
+
+/// A short `admin.token_grace` for the tests: long enough for a few
+/// requests after a reload, short enough to wait out.
+const GRACE: Duration = Duration::from_millis(500);
+
+/// Both tokens rotated (A → B, R1 → R2) with a grace: the previous ones
+/// are still accepted, each with the access it had (the previous read
+/// token still cannot close a session), counted per kind in `/metrics`,
+/// and refused once the grace has run (never before it), the end logged.
+/// The watcher's poll is an hour away: the reload is SIGHUP's, and what
+/// ends the grace is the grace's own timer.
+#[tokio::test]
+async fn a_previous_token_is_accepted_for_the_grace_then_refused() {
+    let _serial = SERIAL.lock().await;
+    let (out, _guard) = relay_transport::test_log::Captured::start();
+    let dir = temp_dir("grace");
+    let (full, read) = (dir.join("token"), dir.join("read-token"));
+    let (relay, tokens) =
+        relay_with_token_files(&full, &read, Duration::from_secs(3600), GRACE).await;
+    let admin = relay.admin_addr().expect("admin");
+    replace(&full, FULL_B);
+    replace(&read, READ_2);
+    let at = std::time::Instant::now();
+    assert_eq!(
+        tokens.reload().changed,
+        vec![TokenKind::Full, TokenKind::Read]
+    );
+    assert_eq!(status_with(admin, FULL_B).await, 200);
+    assert_eq!(status_with(admin, READ_2).await, 200);
+    assert_eq!(status_with(admin, FULL_A).await, 200, "A in its grace");
+    assert_eq!(status_with(admin, READ_1).await, 200, "R1 in its grace");
+    // The access each had: A may close a session (there is none: 404),
+    // R1 may not (403).
+    assert_eq!(
+        status_of(admin, "DELETE", "/v1/sessions/nope", FULL_A).await,
+        404
+    );
+    assert_eq!(
+        status_of(admin, "DELETE", "/v1/sessions/nope", READ_1).await,
+        403
+    );
+    assert!(
+        at.elapsed() < GRACE,
+        "the machine is too slow for this test's grace: {:?}",
+        at.elapsed()
+    );
+    assert_eq!(tokens.previous_used(TokenKind::Full), 2);
+    assert_eq!(tokens.previous_used(TokenKind::Read), 2);
+    let metrics = metrics_with(admin, FULL_B).await;
+    for line in [
+        "relay_admin_previous_token_requests_total{token=\"full\"} 2\n",
+        "relay_admin_previous_token_requests_total{token=\"read\"} 2\n",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+    // Refused once the grace has run, not before.
+    until("A refused", async || {
+        status_with(admin, FULL_A).await == 401
+    })
+    .await;
+    assert!(at.elapsed() >= GRACE, "refused after {:?}", at.elapsed());
+    assert_eq!(status_with(admin, READ_1).await, 401);
+    assert_eq!(status_with(admin, FULL_B).await, 200);
+    assert_eq!(status_with(admin, READ_2).await, 200);
+    let used = tokens.previous_used(TokenKind::Full);
+    assert_eq!(status_with(admin, FULL_A).await, 401);
+    assert_eq!(
+        tokens.previous_used(TokenKind::Full),
+        used,
+        "a 401 not counted"
+    );
+    until("both grace ends logged", async || {
+        out.text().matches("admin token grace ended").count() == 2
+    })
+    .await;
+    let log = out.text();
+    for kind in ["full", "read"] {
+        assert!(
+            log.lines().any(|l| l.contains("INFO")
+                && l.contains("admin token grace ended")
+                && l.contains(&format!("token=\"{kind}\""))),
+            "{kind}: {log}"
+        );
+    }
+    assert!(
+        !log.contains(FULL_A) && !log.contains(READ_1),
+        "a token in the log:\n{log}"
+    );
+    relay.shutdown(Duration::ZERO).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `admin.token_grace = "0s"`: the previous token is refused at once,
+/// and a removed read token file drops the read token at once.
+#[tokio::test]
+async fn a_zero_grace_refuses_the_previous_token_at_once() {
+    let _serial = SERIAL.lock().await;
+    let dir = temp_dir("grace-zero");
+    let (full, read) = (dir.join("token"), dir.join("read-token"));
+    let (relay, tokens) =
+        relay_with_token_files(&full, &read, Duration::from_secs(3600), Duration::ZERO).await;
+    let admin = relay.admin_addr().expect("admin");
+    replace(&full, FULL_B);
+    assert_eq!(tokens.reload().changed, vec![TokenKind::Full]);
+    assert_eq!(status_with(admin, FULL_A).await, 401);
+    assert_eq!(status_with(admin, FULL_B).await, 200);
+    std::fs::remove_file(&read).expect("remove");
+    assert_eq!(tokens.check().changed, vec![TokenKind::Read]);
+    assert_eq!(status_with(admin, READ_1).await, 401);
+    assert_eq!(tokens.previous_used(TokenKind::Full), 0);
+    assert_eq!(tokens.previous_used(TokenKind::Read), 0);
+    relay.shutdown(Duration::ZERO).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The read token's file removed (its Secret deleted; the mount is
+/// optional, so kubelet removes the file): a rotation to no read token.
+/// The read token is still accepted for the grace, then refused; the full
+/// token stays (the full token is never dropped: its file removed is a
+/// failure, the token kept); logged at info; not stale. The file back
+/// again is taken.
+#[tokio::test]
+async fn a_removed_read_token_file_drops_the_read_token_after_the_grace() {
+    let _serial = SERIAL.lock().await;
+    let (out, _guard) = relay_transport::test_log::Captured::start();
+    let dir = temp_dir("read-removed");
+    let (full, read) = (dir.join("token"), dir.join("read-token"));
+    let (relay, tokens) =
+        relay_with_token_files(&full, &read, Duration::from_millis(50), GRACE).await;
+    let admin = relay.admin_addr().expect("admin");
+    assert_eq!(status_with(admin, READ_1).await, 200);
+    std::fs::remove_file(&read).expect("remove");
+    until("the poll dropped the read token", async || {
+        tokens.current().read.is_none()
+    })
+    .await;
+    let at = std::time::Instant::now();
+    assert_eq!(tokens.reloads(TokenKind::Read), 1);
+    assert!(!tokens.stale(TokenKind::Read));
+    assert_eq!(status_with(admin, READ_1).await, 200, "in its grace");
+    until("the read token refused", async || {
+        status_with(admin, READ_1).await == 401
+    })
+    .await;
+    assert!(
+        at.elapsed() + Duration::from_millis(100) >= GRACE,
+        "refused after {:?}",
+        at.elapsed()
+    );
+    assert_eq!(status_with(admin, FULL_A).await, 200, "the full token kept");
+    let log = out.text();
+    assert!(
+        log.lines().any(|l| l.contains("INFO")
+            && l.contains("admin read token file removed")
+            && l.contains("token=\"read\"")),
+        "{log}"
+    );
+    // The full token's file removed: a failure, never dropped.
+    std::fs::remove_file(&full).expect("remove");
+    until("the failure counted", async || {
+        tokens.failures(TokenKind::Full) == 1
+    })
+    .await;
+    assert!(tokens.stale(TokenKind::Full));
+    assert_eq!(status_with(admin, FULL_A).await, 200, "the full token kept");
+    assert_eq!(status_with(admin, "").await, 401, "never open");
+    // Back: taken.
+    replace(&full, FULL_A);
+    replace(&read, READ_2);
+    until("the new read token accepted", async || {
+        status_with(admin, READ_2).await == 200
+    })
+    .await;
+    until("not stale", async || !tokens.stale(TokenKind::Full)).await;
+    relay.shutdown(Duration::ZERO).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The full token's path is a symlink (as in a Secret volume) to a file
+/// holding the rotated token B, and each look's read fails after the
+/// stamp (the symlink is pointed nowhere in between and back after: a
+/// transient failure, as EMFILE or EIO at the swap, the file's stamp the
+/// good file's each time). Every look reads it again, warned and counted
+/// once; `relay_admin_token_file_stale` is 1 meanwhile; once the read
+/// succeeds B is taken (not pinned to A until the file changes again),
+/// and the gauge is 0.
+#[tokio::test]
+async fn a_read_failure_at_the_swap_is_retried_and_warned_once() {
+    use std::os::unix::fs::symlink;
+    let _serial = SERIAL.lock().await;
+    let (out, _guard) = relay_transport::test_log::Captured::start();
+    let dir = temp_dir("transient");
+    let (full, read) = (dir.join("token"), dir.join("read-token"));
+    std::fs::write(dir.join("a"), FULL_A).expect("write");
+    std::fs::write(dir.join("b"), FULL_B).expect("write");
+    std::fs::write(&read, READ_1).expect("write");
+    symlink("a", &full).expect("symlink");
+    let (relay, tokens) =
+        relay_on_token_files(&full, &read, Duration::from_secs(3600), Duration::ZERO).await;
+    let admin = relay.admin_addr().expect("admin");
+    // The watcher's first look (at once) done: on this thread, it runs
+    // only while the test awaits, and its next look is an hour away.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let point = {
+        let (dir, full) = (dir.clone(), full.clone());
+        move |to: &str| {
+            let tmp = dir.join("token.link");
+            symlink(to, &tmp).expect("symlink");
+            std::fs::rename(&tmp, &full).expect("swap");
+        }
+    };
+    point("b");
+    // Between the stamp (b's) and the read, the path goes nowhere.
+    let hook = point.clone();
+    tokens.set_before_read(Some(Box::new(move |kind| {
+        if kind == TokenKind::Full {
+            hook("missing");
+        }
+    })));
+    for _ in 0..3 {
+        let got = tokens.check();
+        assert!(got.changed.is_empty(), "{got:?}");
+        assert!(tokens.stale(TokenKind::Full));
+        // Back to b: the stamp the next look sees is the same.
+        point("b");
+        assert_eq!(status_with(admin, FULL_A).await, 200, "A kept");
+    }
+    let metrics = metrics_with(admin, FULL_A).await;
+    for line in [
+        "relay_admin_token_file_stale{token=\"full\"} 1\n",
+        "relay_admin_token_file_stale{token=\"read\"} 0\n",
+        "relay_admin_token_reload_failures_total{token=\"full\"} 1\n",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+    tokens.set_before_read(None);
+    assert_eq!(tokens.check().changed, vec![TokenKind::Full], "B taken");
+    assert_eq!(status_with(admin, FULL_B).await, 200);
+    assert_eq!(status_with(admin, FULL_A).await, 401);
+    assert!(!tokens.stale(TokenKind::Full));
+    assert!(metrics_with(admin, FULL_B)
+        .await
+        .contains("relay_admin_token_file_stale{token=\"full\"} 0\n"));
+    let log = out.text();
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("WARN") && l.contains("admin token file changed"))
+            .count(),
+        1,
+        "one warning:\n{log}"
+    );
+    assert_eq!(tokens.failures(TokenKind::Full), 1);
+    relay.shutdown(Duration::ZERO).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `relay_admin_token_file_stale{token}` follows the file as it is now:
+/// 1 while it cannot be taken (a directory where the file was, which
+/// `read` refuses; empty; too short; a read token equal to the full one),
+/// 0 once a good one is in place, through the poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stale_gauge_is_1_while_a_bad_file_is_in_place() {
+    let _serial = SERIAL.lock().await;
+    let dir = temp_dir("stale");
+    let (full, read) = (dir.join("token"), dir.join("read-token"));
+    let (relay, tokens) =
+        relay_with_token_files(&full, &read, Duration::from_millis(50), Duration::ZERO).await;
+    let admin = relay.admin_addr().expect("admin");
+    let gauge = async |kind: &str| {
+        let m = metrics_with(admin, FULL_A).await;
+        let prefix = format!("relay_admin_token_file_stale{{token=\"{kind}\"}} ");
+        m.lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(str::to_string))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{m}"))
+    };
+    assert_eq!(gauge("full").await, "0");
+    std::fs::remove_file(&full).expect("remove");
+    std::fs::create_dir(&full).expect("a directory where the file was");
+    until("stale", async || gauge("full").await == "1").await;
+    std::fs::remove_dir(&full).expect("rmdir");
+    replace(&full, "");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(gauge("full").await, "1", "empty");
+    replace(&full, "short\n");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(gauge("full").await, "1", "too short");
+    replace(&full, FULL_A);
+    until("fresh", async || gauge("full").await == "0").await;
+    replace(&read, FULL_A);
+    until("the read token's file stale", async || {
+        gauge("read").await == "1"
+    })
+    .await;
+    replace(&read, READ_2);
+    until("fresh", async || gauge("read").await == "0").await;
+    assert_eq!(status_with(admin, READ_2).await, 200);
+    assert!(!tokens.stale(TokenKind::Full) && !tokens.stale(TokenKind::Read));
+    relay.shutdown(Duration::ZERO).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The relay takes a rotated read token (READ_1 → READ_2) before the
+/// agent's node sees the new Secret: within the grace the agent's polls
+/// with READ_1 still succeed (no 401, which the multipath agent would take
+/// for a dead replica), counted as the previous token's; once its copy
+/// changes it polls with READ_2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_not_yet_rotated_is_not_refused_within_the_grace() {
+    let _serial = SERIAL.lock().await;
+    let a = AgentAndRelay::start("agent-grace", Duration::from_secs(3600), DEADLINE).await;
+    let (dir, read, relay, tokens, agent_file, cfg) =
+        (a.dir, a.read, a.relay, a.tokens, a.agent_file, a.cfg);
+    let mut poll = RoutesPoll::default();
+    poll.poll(&cfg).await.expect("both on READ_1");
+    replace(&read, READ_2);
+    assert_eq!(tokens.reload().changed, vec![TokenKind::Read]);
+    poll.poll(&cfg)
+        .await
+        .expect("the agent still sends READ_1: accepted in the grace");
+    assert_eq!(tokens.previous_used(TokenKind::Read), 1);
+    replace(&agent_file, READ_2);
+    poll.poll(&cfg).await.expect("the agent reads READ_2");
+    assert_eq!(tokens.previous_used(TokenKind::Read), 1, "READ_2 sent");
+    relay.shutdown(Duration::ZERO).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
