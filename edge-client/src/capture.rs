@@ -36,8 +36,11 @@ use std::sync::atomic::Ordering::Relaxed;
 
 mod hedge;
 mod refused6;
+#[cfg(test)]
+mod site_routes_tests;
 
-/// How often capture looks at the node's interface addresses again.
+/// How often capture looks at the node's interface addresses again (and
+/// its IPv6 routes: `subnets::Lans`).
 const LAN_RECHECK: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What capture needs from start-up: the installed kernel state and the
@@ -178,7 +181,8 @@ pub(crate) async fn run(
             .in_current_span(),
         )
     });
-    let mut connected = BTreeSet::new();
+    // The node's LANs (and IPv6 routes) capture leaves alone.
+    let mut site = crate::subnets::Lans::default();
     let mut overlapping = BTreeSet::new();
     // Far ends of this run's connections and the proxy's addresses (see
     // `tunnel_peers`): kept after a connection ends, since the routes are.
@@ -244,20 +248,18 @@ pub(crate) async fn run(
             served,
         }) = routes.clone()
         {
-            // Read again on every pass (and the tick below): a DHCP lease
-            // or a new interface moves the LAN. On failure the last known
-            // subnets stay exempt.
-            match crate::subnets::connected_subnets() {
-                Ok(now) => connected = now,
-                Err(e) => {
-                    warn!(error = %e, "cannot list interface addresses; keeping the last known LANs")
-                }
-            }
+            // Read again on every pass: a DHCP lease or a new interface
+            // moves the LAN; the IPv6 routes (for the refusal) on the
+            // first pass and the tick. On failure the last known stay
+            // exempt.
+            site.recheck(tick, cfg.capture_refuse_ipv6).await;
+            let lans = site.all();
             // What we serve and the LANs we sit on are never captured,
             // even inside a wider tunnel route (a cluster CIDR containing
             // this node's pod CIDR; a cloud range containing the site LAN
-            // that other sites reuse): see `subnets`.
-            let plan = crate::subnets::plan(routes, served.iter().copied(), &connected);
+            // that other sites reuse), nor, for IPv6, what the node's own
+            // routes take elsewhere than the default route: see `subnets`.
+            let plan = crate::subnets::plan(routes, served.iter().copied(), &lans);
             if plan.overlapping != overlapping {
                 // Warned once when the LAN starts shadowing routes; later
                 // changes (other edges' host routes coming and going on a
@@ -265,8 +267,8 @@ pub(crate) async fn run(
                 if !plan.overlapping.is_empty() && overlapping.is_empty() {
                     warn!(
                         routes = ?plan.overlapping,
-                        lans = ?connected,
-                        "tunnel routes overlap this node's LAN; the LAN is reached locally, never through the relay"
+                        lans = ?lans,
+                        "tunnel routes overlap this node's LAN (or, for IPv6, a route of its own); the LAN is reached locally, never through the relay"
                     );
                 } else {
                     debug!(

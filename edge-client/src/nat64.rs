@@ -215,6 +215,24 @@ impl Discovery {
     }
 }
 
+/// The network's NAT64 prefix as last discovered (trusted or not: a
+/// carrier's prefix rarely changes), as a /96; `None` before discovery or
+/// on a network without NAT64. Capture's IPv6 refusal leaves it alone
+/// (see `subnets::Lans`): an over-wide IPv6 tunnel route must not cut
+/// the host off from the IPv4 Internet behind a carrier's NAT64.
+pub(crate) fn known_prefix() -> Option<relay_protocol::Cidr> {
+    DISCOVERY.prefix_cidr()
+}
+
+impl Discovery {
+    /// [`known_prefix`] of this discovery.
+    fn prefix_cidr(&self) -> Option<relay_protocol::Cidr> {
+        let (_, prefix) = self.last()?;
+        let net = synthesize(prefix?, Ipv4Addr::UNSPECIFIED);
+        relay_protocol::Cidr::new(IpAddr::V6(net), 96).ok()
+    }
+}
+
 /// The /96 prefix of a synthesised `ipv4only.arpa` address.
 fn prefix_of(v6: Ipv6Addr) -> Option<[u8; 12]> {
     let o = v6.octets();
@@ -312,6 +330,26 @@ mod tests {
             t0.elapsed()
         );
         assert_eq!(resolver.started(), 1);
+    }
+
+    /// The discovered prefix as a /96 for capture's IPv6 refusal to leave
+    /// alone: none before an answer or after a "no NAT64" one.
+    #[tokio::test]
+    async fn the_known_prefix_is_the_discovered_96() {
+        let d = discovery();
+        assert_eq!(d.prefix_cidr(), None, "nothing discovered yet");
+        let resolver = SlowResolver::default();
+        let none = resolver.answer(Duration::ZERO, ipv4only_arpa(false));
+        assert_eq!(d.discover_with(none).await, None);
+        assert_eq!(d.prefix_cidr(), None, "no NAT64 here");
+        let carrier: Ipv6Addr = "2001:db8:64:ff::c000:aa".parse().unwrap();
+        let dns64 = resolver.answer(Duration::ZERO, vec![carrier.into()]);
+        *d.known.lock().unwrap() = None;
+        assert!(d.discover_with(dns64).await.is_some());
+        assert_eq!(
+            d.prefix_cidr(),
+            Some("2001:db8:64:ff::/96".parse().unwrap())
+        );
     }
 
     /// An answer that comes after every attempt stopped waiting is kept

@@ -15,11 +15,82 @@
 //! prefixes are refused, its IPv6 skips (served prefixes, connected IPv6
 //! subnets) are not, so a site's IPv6 LAN inside a cloud IPv6 range is
 //! still reached on the LAN.
+//!
+//! For IPv6 only, the destinations of the main routing table's routes
+//! other than the default one count as LANs too ([`Lans`]): the refusal
+//! is of what would leave by the default route, and such a route takes
+//! it elsewhere (the site router's route to another VLAN, where another
+//! edge's IPv6 Node address is a tunnel route here; a site VPN's subnet;
+//! a router advertisement's on-link `/64` for a DHCPv6 address, itself a
+//! `/128` its interface lists). So they are left alone as before the
+//! refusal, and a tunnel route they shadow is named as an overlap. IPv4
+//! is not changed by them: capture takes IPv4 inside such routes as ever.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use relay_protocol::Cidr;
+use tracing::{debug, warn};
+
+/// What the node's own networking reaches without the tunnel, kept
+/// between the edge's capture passes: its connected subnets (read on
+/// every pass) and, while the IPv6 refusal is asked for, the main
+/// routing table's IPv6 routes other than the default one (read on the
+/// first pass and on each 10 s recheck: `ip`, a process). On a failed
+/// read the last known ones stay.
+#[derive(Debug, Default)]
+pub(crate) struct Lans {
+    /// [`connected_subnets`].
+    connected: BTreeSet<Cidr>,
+    /// `relay_transport::capture::routed_ipv6`.
+    routed6: BTreeSet<Cidr>,
+    /// Whether `routed6` was read (or tried) yet.
+    routes_read: bool,
+    /// Whether the last read of `routed6` failed (warned once per run of
+    /// failures).
+    routes_failing: bool,
+}
+
+impl Lans {
+    /// Reads the interface subnets again, and the IPv6 routes too on the
+    /// first call and when `tick` (the 10 s recheck), when `refuse6` (the
+    /// edge's `capture.refuse_ipv6`: they matter to the refusal only).
+    pub(crate) async fn recheck(&mut self, tick: bool, refuse6: bool) {
+        match connected_subnets() {
+            Ok(now) => self.connected = now,
+            Err(e) => {
+                warn!(error = %e, "cannot list interface addresses; keeping the last known LANs")
+            }
+        }
+        if !refuse6 || (self.routes_read && !tick) {
+            return;
+        }
+        self.routes_read = true;
+        match relay_transport::capture::routed_ipv6().await {
+            Ok(now) => {
+                self.routed6 = now;
+                self.routes_failing = false;
+            }
+            Err(e) if !std::mem::replace(&mut self.routes_failing, true) => {
+                warn!(error = %e, "cannot list the IPv6 routes; keeping the last known ones")
+            }
+            Err(e) => debug!(error = %e, "cannot list the IPv6 routes"),
+        }
+    }
+
+    /// The LANs for [`plan`]: the connected subnets, the routed IPv6
+    /// prefixes and, with them, the carrier's NAT64 prefix once
+    /// discovered (`crate::nat64::known_prefix`: the well-known ones are
+    /// never refused anyway).
+    pub(crate) fn all(&self) -> BTreeSet<Cidr> {
+        let nat64 = self.routes_read.then(crate::nat64::known_prefix).flatten();
+        self.connected
+            .union(&self.routed6)
+            .copied()
+            .chain(nat64)
+            .collect()
+    }
+}
 
 /// The capture an edge installs: the prefixes sent to the relay and the
 /// prefixes exempt from capture even inside a captured one.
@@ -28,19 +99,21 @@ pub(crate) struct CapturePlan {
     /// Captured prefixes (the IPv6 ones refused: see the module docs).
     pub(crate) want: BTreeSet<Cidr>,
     /// Never captured (nor refused): what the node serves and its
-    /// connected subnets.
+    /// connected subnets (and, IPv6 only, its routed prefixes: [`Lans`]).
     pub(crate) skip: BTreeSet<Cidr>,
-    /// Tunnel routes that overlap a connected subnet other than a served
-    /// one (left out, or with the subnet exempt inside them): worth a log
+    /// Tunnel routes that overlap a connected subnet (or an IPv6 route of
+    /// the node's, [`Lans`]) other than a served one (left out, or with
+    /// the subnet exempt inside them): worth a log
     /// line, since that part of the cloud's range is unreachable from this
     /// node.
     pub(crate) overlapping: BTreeSet<Cidr>,
 }
 
 /// Plans the capture from the relay's tunnel routes, what this node serves
-/// and its connected subnets ([`connected_subnets`]). A tunnel route inside
-/// a served prefix or a connected subnet is not captured at all; one that
-/// contains them is captured with them exempt.
+/// and its LANs ([`Lans::all`]: its connected subnets, and its IPv6
+/// routes). A tunnel route inside a served prefix or a LAN is not
+/// captured (nor refused) at all; one that contains them is captured
+/// (refused, for IPv6) with them exempt.
 pub(crate) fn plan(
     tunnel_routes: impl IntoIterator<Item = Cidr>,
     served: impl IntoIterator<Item = Cidr>,
@@ -249,11 +322,7 @@ mod tests {
     #[test]
     fn ipv6_interface_subnets_are_listed() {
         if !nix::unistd::geteuid().is_root() {
-            let required = std::env::var("REQUIRE_LAB").is_ok_and(|v| v == "1")
-                || std::env::var("CI").is_ok_and(|v| v == "true");
-            assert!(!required, "the namespace test needs root");
-            eprintln!("SKIPPED: the namespace test needs root");
-            return;
+            return relay_transport::test_netns::skip("the namespace test needs root");
         }
         let listed = std::thread::spawn(|| {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");

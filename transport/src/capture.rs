@@ -54,17 +54,19 @@
 //!     ct direction reply ct mark & <own_mark> == <own_mark> meta mark set <reply_mark> }
 //!   # with refuse_ipv6 (an edge's; see capture/refuse6.rs): IPv6 tunnel prefixes refused, not leaked
 //!   set dst6 { type ipv6_addr; flags interval; }   # the IPv6 prefixes asked for (none captured)
-//!   set skip6 { type ipv6_addr; flags interval; }  # never refused: served, connected subnets, peers
+//!   set skip6 { type ipv6_addr; flags interval; }  # never refused: served, connected subnets,
+//!                                                  # main-table routes but the default, peers
+//!   # <never>: loopback, link-local, multicast, NAT64's prefixes (refuse6::NEVER)
 //!   set src6 { type ipv6_addr; flags interval; }   # forwarded sources refused (IPv6 of src4's list)
 //!   counter v6_refused {}                          # packets refused (Capture::refused_ipv6)
 //!   chain v6_fwd { type filter hook forward priority filter;
-//!     ip6 daddr { ::1, fe80::/10, ff00::/8 } return
+//!     ip6 daddr { <never> } return
 //!     ip6 daddr @skip6 return
 //!     ip6 daddr @dst6 ip6 saddr @src6 meta l4proto tcp counter name v6_refused reject with tcp reset
 //!     ip6 daddr @dst6 ip6 saddr @src6 counter name v6_refused reject with icmpx admin-prohibited }
 //!   chain v6_out { type filter hook output priority filter;
 //!     meta mark <own_mark> return
-//!     ip6 daddr { ::1, fe80::/10, ff00::/8 } return
+//!     ip6 daddr { <never> } return
 //!     ip6 daddr @skip6 return
 //!     ip6 daddr @dst6 meta l4proto tcp counter name v6_refused reject with tcp reset
 //!     ip6 daddr @dst6 counter name v6_refused reject with icmpx admin-prohibited }
@@ -203,6 +205,7 @@ use tracing::{debug, warn};
 mod bypass;
 mod park;
 mod refuse6;
+pub use refuse6::routed_ipv6;
 mod repair;
 mod services;
 #[cfg(test)]

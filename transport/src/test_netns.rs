@@ -8,7 +8,10 @@
 //! thread of this crate's tests unshares itself, `relay-server`'s re-run
 //! their binary under `unshare -n` so that processes they spawn share it.
 
+use std::io::ErrorKind;
+use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 /// Runs `ip ARGS` in the calling thread's network namespace; its output.
 /// Panics when `ip` cannot run or fails.
@@ -62,4 +65,21 @@ pub fn skip(why: &str) {
         || std::env::var("CI").is_ok_and(|v| v == "true");
     assert!(!required, "{why}");
     eprintln!("SKIPPED: {why}");
+}
+
+/// A TCP connect from the calling thread's namespace, bounded at 2 s:
+/// `Ok` when it connected, else its error kind, with how long it took.
+pub fn connect(to: SocketAddr) -> (Result<(), ErrorKind>, Duration) {
+    let t0 = Instant::now();
+    let r = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+        .map(drop)
+        .map_err(|e| e.kind());
+    (r, t0.elapsed())
+}
+
+/// Refused at once by a reject rule: a reset within `at_once`, not a
+/// timeout (nor a connection).
+pub fn assert_refused(what: &str, (r, took): (Result<(), ErrorKind>, Duration), at_once: Duration) {
+    assert_eq!(r, Err(ErrorKind::ConnectionRefused), "{what} ({took:?})");
+    assert!(took < at_once, "{what}: refused after {took:?}");
 }

@@ -28,11 +28,12 @@
 //!   set dst6  { type ipv6_addr; flags interval,timeout; timeout <hold>; }  # the IPv6 tunnel prefixes
 //!   set skip6 { type ipv6_addr; flags interval; }                          # never refused
 //!   set src6  { type ipv6_addr; flags interval; }                          # forwarded sources (::/0: all)
+//!   # <never>: loopback, link-local, multicast, NAT64's prefixes (refuse6::NEVER)
 //!   chain held_fwd { type filter hook forward priority filter;
 //!     ip daddr @skip4 return
 //!     ip daddr @dst4 ip saddr @src4 meta l4proto tcp reject with tcp reset
 //!     ip daddr @dst4 ip saddr @src4 reject with icmpx admin-prohibited
-//!     ip6 daddr { ::1, fe80::/10, ff00::/8 } return                       # IPv6 refusal only
+//!     ip6 daddr { <never> } return                       # IPv6 refusal only
 //!     ip6 daddr @skip6 return
 //!     ip6 daddr @dst6 ip6 saddr @src6 meta l4proto tcp reject with tcp reset
 //!     ip6 daddr @dst6 ip6 saddr @src6 reject with icmpx admin-prohibited }
@@ -41,7 +42,7 @@
 //!     ip daddr @skip4 return
 //!     ip daddr @dst4 meta l4proto tcp reject with tcp reset
 //!     ip daddr @dst4 reject with icmpx admin-prohibited
-//!     ip6 daddr { ::1, fe80::/10, ff00::/8 } return                       # IPv6 refusal only
+//!     ip6 daddr { <never> } return                       # IPv6 refusal only
 //!     ip6 daddr @skip6 return
 //!     ip6 daddr @dst6 meta l4proto tcp reject with tcp reset
 //!     ip6 daddr @dst6 reject with icmpx admin-prohibited }

@@ -10,6 +10,62 @@ fn cidrs(v: &[&str]) -> BTreeSet<Cidr> {
     v.iter().map(|s| s.parse().unwrap()).collect()
 }
 
+thread_local! {
+    /// How many of this thread's next installs of the refusal fail as a
+    /// kernel without ICMPv6 reject makes them fail (see [`install`]).
+    static REFUSED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether this install of the refusal fails (one of the failures a test
+/// asked for on its thread: the namespace tests' captures run on theirs).
+pub(super) fn refused_by_the_kernel() -> bool {
+    REFUSED.with(|n| {
+        let left = n.get();
+        n.set(left.saturating_sub(1));
+        left > 0
+    })
+}
+
+/// A counter listing without a packet count reads as nothing, not as 0:
+/// the edge takes a lower reading for a counter made anew, and would add
+/// the last one to its total again.
+#[test]
+fn an_unreadable_counter_is_no_reading() {
+    let listing =
+        "table inet edge_relay {\n\tcounter v6_refused {\n\t\tpackets 3 bytes 180\n\t}\n}\n";
+    assert_eq!(counter_reading(listing), Some(3));
+    assert_eq!(counter_reading("packets 0 bytes 0"), Some(0));
+    for bad in [
+        "",
+        "table inet edge_relay { }",
+        "packets lots bytes 9",
+        "packets",
+    ] {
+        assert_eq!(counter_reading(bad), None, "{bad:?}");
+    }
+}
+
+/// The routes the refusal leaves alone, from a real `ip -6 -j route`
+/// listing (iproute2 6.x): unicast ones, a host route as a `/128`, a
+/// multipath one; not the default routes, nor `unreachable`, `blackhole`,
+/// a route on `lo` or link-local.
+#[test]
+fn routed_ipv6_is_the_main_tables_unicast_routes_but_the_default() {
+    let listing = r#"[{"dst":"64:ff9b::/96","dev":"lo","metric":1024,"flags":[],"pref":"medium"},{"dst":"2001:db8:1::5","dev":"a0","metric":1024,"flags":[],"pref":"medium"},{"dst":"2001:db8:aa::/64","metric":1024,"flags":[],"pref":"medium","nexthops":[{"gateway":"fd00:5::fe","dev":"a0","weight":1,"flags":[]},{"gateway":"fd00:5::fd","dev":"a0","weight":1,"flags":[]}]},{"type":"blackhole","dst":"2001:db8:beef::/48","dev":"lo","metric":1024,"flags":[],"pref":"medium"},{"dst":"2001:db8:cafe:77::/64","gateway":"fd00:5::ff","dev":"a0","metric":1024,"flags":[],"pref":"medium"},{"type":"unreachable","dst":"2001:db8:dead::/48","dev":"lo","metric":1024,"flags":[],"pref":"medium"},{"dst":"fd00:5::/64","dev":"a0","protocol":"kernel","metric":256,"flags":[],"pref":"medium"},{"dst":"fe80::/64","dev":"a0","protocol":"kernel","metric":256,"flags":[],"pref":"medium"},{"dst":"default","gateway":"fd00:5::ff","dev":"a0","metric":1024,"flags":[],"pref":"medium"},{"dst":"::/0","gateway":"fd00:5::fe","dev":"a0","metric":2000,"flags":[],"pref":"medium"}]"#;
+    assert_eq!(
+        parse_routes6(listing).unwrap(),
+        cidrs(&[
+            "2001:db8:1::5/128",
+            "2001:db8:aa::/64",
+            "2001:db8:cafe:77::/64",
+            "fd00:5::/64",
+        ])
+    );
+    assert_eq!(parse_routes6("").unwrap(), BTreeSet::new());
+    assert_eq!(parse_routes6("[]\n").unwrap(), BTreeSet::new());
+    assert!(parse_routes6("default via fd00:5::ff dev a0").is_err());
+}
+
 /// `skip6`: the IPv6 skips and IPv6 peers (as `/128`s); IPv4 ones and
 /// IPv4-mapped peers are IPv4's business.
 #[test]
@@ -33,7 +89,7 @@ fn script_refuses_in_both_hooks_and_skips_our_own_mark() {
         "chain v6_fwd { type filter hook forward priority filter; policy accept;",
         "chain v6_out { type filter hook output priority filter; policy accept;",
         "meta mark 0x1070 return",
-        "ip6 daddr { ::1, fe80::/10, ff00::/8 } return",
+        "ip6 daddr { ::1, fe80::/10, ff00::/8, 64:ff9b::/96, 64:ff9b:1::/48 } return",
         "ip6 daddr @dst6 ip6 saddr @src6 meta l4proto tcp counter name v6_refused reject with tcp reset",
         "ip6 daddr @dst6 counter name v6_refused reject with icmpx admin-prohibited",
     ] {
@@ -49,7 +105,7 @@ fn script_refuses_in_both_hooks_and_skips_our_own_mark() {
 mod netns {
     use std::fs::File;
     use std::io::ErrorKind;
-    use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream, UdpSocket};
+    use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, UdpSocket};
     use std::os::fd::AsRawFd;
     use std::time::{Duration, Instant};
 
@@ -191,20 +247,11 @@ mod netns {
         }
     }
 
-    /// A TCP connect from the calling thread's namespace: `Ok` when it
-    /// connected, else its error kind, with how long it took.
-    fn connect(to: SocketAddr) -> (Result<(), ErrorKind>, Duration) {
-        let t0 = Instant::now();
-        let r = TcpStream::connect_timeout(&to, Duration::from_secs(2))
-            .map(drop)
-            .map_err(|e| e.kind());
-        (r, t0.elapsed())
-    }
+    use crate::test_netns::connect;
 
     /// Refused at once: a reset, not a timeout (the connect is bounded).
-    fn assert_refused(what: &str, (r, took): (Result<(), ErrorKind>, Duration)) {
-        assert_eq!(r, Err(ErrorKind::ConnectionRefused), "{what} ({took:?})");
-        assert!(took < AT_ONCE, "{what}: refused after {took:?}");
+    fn assert_refused(what: &str, r: (Result<(), ErrorKind>, Duration)) {
+        crate::test_netns::assert_refused(what, r, AT_ONCE);
     }
 
     /// Takes the connections waiting on `l`: how many there were.
@@ -511,6 +558,114 @@ mod netns {
                 assert_refused("edge → the tunnel prefix, IPv6 only", connect(at(LEAK, 80)));
                 assert!(held_listing().is_some(), "no held table for IPv6 alone");
                 assert_eq!(accepted(&tcp), 0, "a held refusal reached the site");
+            })
+        });
+    }
+
+    /// The site's address inside NAT64's well-known prefix (192.0.2.1 as
+    /// an IPv6-only site's DNS64 gives it to the edge's host processes).
+    const NAT64: &str = "64:ff9b::c000:201";
+
+    /// An IPv6-only site behind NAT64, with a tunnel route as wide as
+    /// `::/0`: the edge's connections to NAT64's prefix (what DNS64 gives
+    /// for every IPv4 name) are left alone, running and held after a
+    /// stop, while the rest of the tunnel's IPv6 is refused. Without
+    /// NAT64's prefixes in `NEVER` the connection is reset.
+    #[test]
+    fn nat64_prefixes_are_never_refused() {
+        in_netns(|| {
+            Box::pin(async {
+                let Lab {
+                    edge, site, tcp, ..
+                } = lab();
+                within(&site, &edge, || {
+                    ips(&[&format!("-6 addr add {NAT64}/128 dev lo")])
+                });
+                let Plan {
+                    skip,
+                    served,
+                    peers,
+                    ..
+                } = plan();
+                let want = cidrs(&["10.99.0.0/16", "::/0"]);
+                let cfg = CaptureConfig {
+                    hold_after_exit: Duration::from_secs(60),
+                    ..CaptureConfig::default()
+                };
+                let mut cap = Capture::install(cfg).await.unwrap();
+                cap.refuse_ipv6().await;
+                assert!(cap.refuses_ipv6(), "the kernel refused the rules");
+                cap.apply_sources(&served).await.unwrap();
+                cap.apply(&want, &skip, &peers).await.unwrap();
+                assert_eq!(connect(at(NAT64, 80)).0, Ok(()), "edge → NAT64, running");
+                assert_refused("edge → the tunnel prefix, running", connect(at(LEAK, 80)));
+                cap.stop().await;
+                assert_eq!(connect(at(NAT64, 80)).0, Ok(()), "edge → NAT64, held");
+                assert_refused("edge → the tunnel prefix, held", connect(at(LEAK, 80)));
+                assert_eq!(
+                    accepted(&tcp),
+                    2,
+                    "the site did not get the NAT64 connections"
+                );
+            })
+        });
+    }
+
+    /// A refusal whose first install fails (as on a kernel without
+    /// ICMPv6 reject: the failure is the test's, `REFUSED`) leaves capture
+    /// running without it, and IPv6 leaking; the next repair (the edge's
+    /// 10 s tick) installs it, and the next apply fills it: refused. Its
+    /// chains deleted by something else are noticed by
+    /// [`Capture::missing`], and the repair puts them back.
+    #[test]
+    fn a_failed_refusal_is_installed_again_by_the_repair() {
+        in_netns(|| {
+            Box::pin(async {
+                let Lab { tcp, .. } = lab();
+                let Plan {
+                    want,
+                    skip,
+                    served,
+                    peers,
+                } = plan();
+                let mut cap = Capture::install(CaptureConfig::default()).await.unwrap();
+                REFUSED.with(|n| n.set(1));
+                cap.refuse_ipv6().await;
+                assert!(!cap.refuses_ipv6(), "the test's refusal did not fail");
+                cap.apply_sources(&served).await.unwrap();
+                cap.apply(&want, &skip, &peers).await.unwrap();
+                assert_eq!(connect(at(LEAK, 80)).0, Ok(()), "the edge did not leak");
+                assert_eq!(accepted(&tcp), 1, "the site did not get the leak");
+                assert_eq!(cap.refused_ipv6().await, None);
+
+                // The tick: nothing of capture missing, the refusal tried
+                // again (not a repair of capture).
+                assert!(cap.missing().await.is_empty());
+                assert!(!cap.repair().await.unwrap(), "counted as a repair");
+                assert!(cap.refuses_ipv6(), "the repair did not install the refusal");
+                cap.apply_sources(&served).await.unwrap();
+                cap.apply(&want, &skip, &peers).await.unwrap();
+                assert_refused("edge → the tunnel prefix, retried", connect(at(LEAK, 80)));
+                let counted = cap.refused_ipv6().await;
+                assert!(counted.is_some_and(|n| n >= 1), "counted {counted:?}");
+
+                // Its chains deleted (not the table): noticed, put back.
+                for chain in ["v6_fwd", "v6_out"] {
+                    let out = std::process::Command::new("nft")
+                        .args(["delete", "chain", "inet", "edge_relay", chain])
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success(), "nft delete chain {chain}: {out:?}");
+                }
+                assert_eq!(connect(at(LEAK, 80)).0, Ok(()), "the chains were not gone");
+                assert_eq!(cap.missing().await, ["IPv6 refusal"]);
+                assert!(cap.repair().await.unwrap(), "not repaired");
+                assert!(cap.refuses_ipv6());
+                cap.apply_sources(&served).await.unwrap();
+                cap.apply(&want, &skip, &peers).await.unwrap();
+                assert_refused("edge → the tunnel prefix, repaired", connect(at(LEAK, 80)));
+                assert_eq!(accepted(&tcp), 1, "a refused connection reached the site");
+                cap.teardown().await;
             })
         });
     }

@@ -23,8 +23,9 @@ impl Capture {
     /// the table with its prerouting chain, the own-socket bypass rule,
     /// the capture rule, the routing table's `local default` (what removes
     /// routes it did not make takes the table's all), the capture address
-    /// on `lo`. Each is one short listing, whatever the number of
-    /// prefixes.
+    /// on `lo`, and with the IPv6 refusal on the node its two chains
+    /// (see `capture/refuse6.rs`). Each is one short listing, whatever
+    /// the number of prefixes.
     pub async fn missing(&self) -> Vec<&'static str> {
         let cfg = &self.cfg;
         let mut gone = Vec::new();
@@ -57,6 +58,17 @@ impl Capture {
         if !addr.is_ok_and(|a| a.contains(&here)) {
             gone.push("capture address");
         }
+        // The IPv6 refusal's chains, when they were on the node (the
+        // table's deletion takes them too, but they can go alone).
+        if self.refuse6.installed {
+            for chain in ["v6_fwd", "v6_out"] {
+                let listed = ["list", "chain", "inet", cfg.nft_table.as_str(), chain];
+                if output("nft", &listed).await.is_err() {
+                    gone.push("IPv6 refusal");
+                    break;
+                }
+            }
+        }
         gone
     }
 
@@ -65,7 +77,10 @@ impl Capture {
     /// `apply*` calls put every prefix, source and Service back. Returns
     /// whether it did.
     /// A capture that never got on the node ([`Capture::uninstalled`]) is
-    /// tried again here.
+    /// tried again here, and so is an IPv6 refusal asked for
+    /// ([`Capture::refuse_ipv6`]) whose install failed, when nothing else
+    /// is missing (not counted as a repair: `false`; the next `apply*`
+    /// calls fill its sets).
     ///
     /// An install that fails leaves nothing on the node, and the capture
     /// then says so ([`Capture::is_installed`] false, as
@@ -76,6 +91,9 @@ impl Capture {
         if !first {
             let gone = self.missing().await;
             if gone.is_empty() {
+                // All there, but an IPv6 refusal whose install failed is
+                // tried again (once per repair; capture goes on without).
+                self.retry_refusal6().await;
                 return Ok(false);
             }
             warn!(
