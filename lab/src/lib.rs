@@ -97,10 +97,18 @@ pub fn loopback_node_ranges() -> Vec<relay_protocol::Cidr> {
 /// Installs a tracing subscriber once (honours `RUST_LOG`, default warn)
 /// and the process-wide rustls provider.
 pub fn init() {
+    init_with("warn");
+}
+
+/// [`init`], logging by `default` (an `EnvFilter` directive) when
+/// `RUST_LOG` is not set: a suite whose failures need a module's info
+/// lines to be read (captured per test, shown only for a failing one).
+/// The first call in a test binary decides.
+pub fn init_with(default: &str) {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_test_writer()

@@ -12,8 +12,8 @@
 //! upload keeps moving.
 //!
 //! `an_idle_session_outlives_a_queue_deeper_than_its_keepalive` leaves
-//! the tunnel idle while uploads beside it fill the queue: only the
-//! edge's keep-alives cross, each a round trip late (see
+//! the tunnel idle while paced uploads beside it hold the queue at ~6 s:
+//! only the edge's keep-alives cross, each a round trip late (see
 //! [`idle_behind_a_site_upload`]).
 //!
 //! `shaped_uplink_keeps_the_session` runs ~60 s, the idle case ~60 s;
@@ -55,6 +55,34 @@ const KEEPALIVE: Duration = Duration::from_secs(3);
 /// minute a round of a hundred and more streams' queued frames took.
 const TCP_CONTROL_RTT_BOUND: Duration = Duration::from_secs(10);
 const IDLE: Duration = Duration::from_secs(16);
+/// How deep the idle case holds the queue, in seconds of data: past the
+/// keep-alive, so each arrival is late by more than one (see
+/// [`idle_behind_a_site_upload`]), deep enough that the edge's smoothed
+/// round-trip estimate (an eighth of each new sample) climbs past it
+/// within the minute, and short of tbf's 8 s limit, so nothing is
+/// dropped.
+const HOLD_QUEUE: f64 = 6.0;
+/// What the idle case's uploads write while the queue is below
+/// [`HOLD_QUEUE`], all flows together: 2.6 Mbit/s of payload, about 2.7
+/// on the wire, so the queue grows by ~0.36 s a second. A ramp, as a
+/// modem's queue fills under a backup job: ~1.1 s within one keep-alive,
+/// inside the envelope the liveness rules are built for
+/// (docs/architecture.md, "Liveness": a round trip that jumps at once from
+/// short to beyond about a keep-alive cannot be told from a dead path for
+/// that first cycle). Unpaced, the eight flows' first windows put 1.4 s
+/// into the queue at once and slow start 0.5 s more each second (2.9 s
+/// within the first keep-alive, at that envelope's edge), and then filled
+/// it to tbf's limit, where its tail drops took keep-alives too.
+const RAMP_BPS: u64 = 2_600_000;
+/// What they write once the queue is at [`HOLD_QUEUE`]: ~1.8 Mbit/s on
+/// the wire, so it drains by ~0.1 s a second until the next sample.
+const HOLD_BPS: u64 = 1_700_000;
+/// The paced uploads' write size.
+const PACE_CHUNK: usize = 4096;
+/// How much unsent data a paced upload's socket takes
+/// (`TCP_NOTSENT_LOWAT`): 8 × 16 KiB, 0.5 s of the link's data, is the
+/// most the queue can jump by when the flows' windows open.
+const PACE_NOTSENT: u32 = 16 * 1024;
 /// tbf: 2 Mbit/s, a queue of up to 8 s of data (2 MB; a bufferbloated
 /// DSL or LTE uplink): more than one keep-alive interval.
 const TBF: &[&str] = &[
@@ -104,7 +132,11 @@ fn sink(lab: &NetnsLab) -> Result<Running> {
 /// plain TCP flow whose congestion control fills the shaped queue to its
 /// limit, which the tunnel's own (QUIC, congestion-controlled) upload alone
 /// does not (it settled at ~0.5 s of queue in the lab).
-fn uploader(lab: &NetnsLab, flows: usize) -> Result<Running> {
+///
+/// With `pace` (bits per second, all flows together, read before each
+/// write) the uploads write no faster than that, so the queue grows by at
+/// most the excess over the link's rate.
+fn uploader(lab: &NetnsLab, flows: usize, pace: Option<Arc<AtomicU64>>) -> Result<Running> {
     launch(
         lab,
         Role::Edge1,
@@ -122,10 +154,32 @@ fn uploader(lab: &NetnsLab, flows: usize) -> Result<Running> {
                     nix::sys::socket::sockopt::TcpCongestion,
                     &std::ffi::OsString::from("cubic"),
                 )?;
+                if pace.is_some() {
+                    // What waits unsent in a send buffer is not paced: when
+                    // the window opens it goes into the queue at once.
+                    relay_transport::tcp::set_not_sent_lowat(&sock, PACE_NOTSENT)?;
+                }
                 let mut s = sock.connect(sa(netns::RELAY_WAN_IP, SINK_PORT)).await?;
+                let pace = pace.clone();
                 tasks.spawn(async move {
-                    let buf = vec![0xa5u8; 64 * 1024];
-                    while s.write_all(&buf).await.is_ok() {}
+                    let Some(pace) = pace else {
+                        let buf = vec![0xa5u8; 64 * 1024];
+                        while s.write_all(&buf).await.is_ok() {}
+                        return;
+                    };
+                    let buf = vec![0xa5u8; PACE_CHUNK];
+                    let mut next = tokio::time::Instant::now();
+                    loop {
+                        tokio::time::sleep_until(next).await;
+                        if s.write_all(&buf).await.is_err() {
+                            return;
+                        }
+                        let per_flow = (pace.load(Relaxed) / flows as u64).max(1);
+                        let every =
+                            Duration::from_secs_f64((PACE_CHUNK * 8) as f64 / per_flow as f64);
+                        // Never made up for in a burst.
+                        next = (next + every).max(tokio::time::Instant::now() - every);
+                    }
                 });
             }
             let _ = ready.send(Ok(()));
@@ -204,7 +258,7 @@ fn shaped(t: &mut Table, hold: Duration, setup: Setup) -> Result<()> {
     // part of the CI check (docs/architecture.md, "Liveness").
     let beside = std::env::var("BESIDE").as_deref() == Ok("1");
     let _beside = if beside {
-        Some((sink(&lab)?, uploader(&lab, 1)?))
+        Some((sink(&lab)?, uploader(&lab, 1, None)?))
     } else {
         None
     };
@@ -366,7 +420,8 @@ fn run_table(file: &str, case: impl FnOnce(&mut Table) -> Result<()>) -> Result<
         eprintln!("SKIPPED shaped uplink: {skip}");
         return Ok(());
     }
-    relay_lab::init();
+    // Who closed a lost session, and why, shown with a failure.
+    relay_lab::init_with("warn,relay_server::liveness=info,edge_client::client=info");
     let mut t = Table::new(&["case", "check", "result"]);
     if let Err(e) = case(&mut t) {
         t.push(&["setup", "-"], format!("FAIL: {e:#}"), false);
@@ -424,6 +479,16 @@ const IDLE_HOLD: Duration = Duration::from_secs(60);
 /// (`quic_silence_limit`); under "two keep-alives without an arrival"
 /// (5.7 s at this 3 s keep-alive) the session ended once the round trip
 /// passed 2.7 s.
+///
+/// The queue is held at about 6 s, deeper than a keep-alive and short of
+/// tbf's limit: at the limit tbf drops from its tail, keep-alives and
+/// their acknowledgements among what it drops, and whether a session then
+/// outlives the relay's allowance depends on which packets were lost (the
+/// relay closed the session in 2 of 3 runs paced to fill the queue; with
+/// the unpaced uploads this case had before, the queue full from ~14 s on,
+/// in about one run in ten, the reason not logged then). That is loss on
+/// the uplink, not the long round trip this case is about;
+/// docs/benchmarks.md has the runs.
 fn idle_behind_a_site_upload(t: &mut Table) -> Result<()> {
     let lab = NetnsLab::new()?;
     let pki = lab_pki()?;
@@ -439,18 +504,29 @@ fn idle_behind_a_site_upload(t: &mut Table) -> Result<()> {
     let before = session(&lab, "edge1")?.context("edge1 not registered")?;
     let _sink = sink(&lab)?;
     lab.exec(Role::nat(1)?, TBF)?;
-    // Several flows (a backup job's): loss-based, their windows grow until
-    // the queue is at tbf's limit, over seconds (a ramp, as a modem's
-    // queue fills: not a jump from empty to full within one keep-alive,
-    // the limit docs/architecture.md states under "Liveness"). tbf's
-    // parameters are not changed while it runs: a change replaces its
-    // queue, dropping what it held.
-    let _upload = uploader(&lab, 8)?;
+    // Several flows (a backup job's), paced so that the queue ramps to
+    // `HOLD_QUEUE` and stays there (see `RAMP_BPS`), read every sample.
+    // tbf's parameters are not changed while it runs: a change replaces
+    // its queue, dropping what it held.
     let t0 = Instant::now();
+    // The queue, sampled from the start (empty) through the hold: the
+    // ramp the case stays within is measured, not assumed.
+    let mut queue = vec![(Duration::ZERO, queued(&lab)?.0)];
+    let pace = Arc::new(AtomicU64::new(RAMP_BPS));
+    let _upload = uploader(&lab, 8, Some(pace.clone()))?;
     let mut rtts = Vec::new();
+    let mut next_rtt = Duration::from_secs(1);
+    let mut drops = 0;
     while t0.elapsed() < IDLE_HOLD {
-        std::thread::sleep(Duration::from_secs(1));
-        rtts.push(stats.path_rtt_us.load(Relaxed));
+        std::thread::sleep(QUEUE_SAMPLE);
+        let (q, dropped) = queued(&lab)?;
+        queue.push((t0.elapsed(), q));
+        drops = dropped;
+        pace.store(if q < HOLD_QUEUE { RAMP_BPS } else { HOLD_BPS }, Relaxed);
+        if t0.elapsed() >= next_rtt {
+            next_rtt += Duration::from_secs(1);
+            rtts.push(stats.path_rtt_us.load(Relaxed));
+        }
     }
     let elapsed = t0.elapsed();
     let _ = lab.exec(
@@ -483,7 +559,63 @@ fn idle_behind_a_site_upload(t: &mut Table) -> Result<()> {
         ),
         KEEPALIVE + Duration::from_micros(max) > old_limit + Duration::from_secs(1),
     );
+    // The case's premise: a queue that ramps (see `RAMP_BPS`), with a
+    // second to spare under the keep-alive, and drops nothing.
+    let rise = largest_rise(&queue, KEEPALIVE);
+    let peak = queue.iter().map(|q| q.1).fold(0.0, f64::max);
+    let held = queue.iter().filter(|q| q.1 >= HOLD_QUEUE - 1.0).count() as f64
+        * QUEUE_SAMPLE.as_secs_f64();
+    t.push(
+        &[&case, "queue"],
+        format!(
+            "rose by at most {rise:.1} s of data within a keep-alive ({}s), to {peak:.1} s; {held:.0} s at {:.0} s or more; {drops} packets dropped; {} samples",
+            KEEPALIVE.as_secs(),
+            HOLD_QUEUE - 1.0,
+            queue.len()
+        ),
+        rise < (KEEPALIVE - Duration::from_secs(1)).as_secs_f64() && drops == 0 && held >= 30.0,
+    );
     Ok(())
+}
+
+/// How often the idle case reads the queue.
+const QUEUE_SAMPLE: Duration = Duration::from_millis(250);
+
+/// How many seconds of data (at tbf's 2 Mbit/s) nat1's queue on `wan0`
+/// holds now, and how many packets it has dropped.
+fn queued(lab: &NetnsLab) -> Result<(f64, u64)> {
+    let out = lab.exec(
+        Role::nat(1)?,
+        &["tc", "-s", "-j", "qdisc", "show", "dev", "wan0"],
+    )?;
+    let qdiscs: serde_json::Value = serde_json::from_str(&out).context("tc -j qdisc")?;
+    let root = qdiscs
+        .as_array()
+        .and_then(|a| a.iter().find(|q| q["root"] == true));
+    let (Some(bytes), Some(drops)) = (
+        root.and_then(|q| q["backlog"].as_u64()),
+        root.and_then(|q| q["drops"].as_u64()),
+    ) else {
+        anyhow::bail!("no root qdisc backlog and drops in {out}");
+    };
+    Ok((bytes as f64 * 8.0 / 2_000_000.0, drops))
+}
+
+/// The largest rise of `samples` (time, seconds queued) within any
+/// `window`.
+fn largest_rise(samples: &[(Duration, f64)], window: Duration) -> f64 {
+    samples
+        .iter()
+        .enumerate()
+        .map(|(j, &(tj, qj))| {
+            let low = samples[..j]
+                .iter()
+                .filter(|&&(ti, _)| tj - ti <= window)
+                .map(|s| s.1)
+                .fold(qj, f64::min);
+            qj - low
+        })
+        .fold(0.0, f64::max)
 }
 
 /// See [`idle_behind_a_site_upload`]; ~60 s.
@@ -499,4 +631,20 @@ fn shaped_uplink_soak_5_minutes() -> Result<()> {
         return Ok(());
     }
     run(Duration::from_secs(300), "lab-shaped-soak.txt", QUIC_ONE)
+}
+
+#[test]
+fn largest_rise_is_within_the_window() {
+    let s = |t: u64, q: f64| (Duration::from_millis(t), q);
+    // Up 1 s in 1 s, then 3 s more over 6 s: within 3 s, at most 1.5.
+    let samples = [
+        s(0, 0.0),
+        s(1000, 1.0),
+        s(4000, 2.5),
+        s(7000, 4.0),
+        s(8000, 3.0),
+    ];
+    assert_eq!(largest_rise(&samples, Duration::from_secs(3)), 1.5);
+    assert_eq!(largest_rise(&samples, Duration::from_secs(7)), 4.0);
+    assert_eq!(largest_rise(&samples[..1], Duration::from_secs(3)), 0.0);
 }

@@ -26,6 +26,6 @@ pub use mux::{
     SESSION_RECEIVE_LIMIT,
 };
 pub use socket::{
-    fallback_mss_setting, set_listener_mss, tune_listener, tune_socket, DEFAULT_FALLBACK_MSS,
-    FALLBACK_MSS_RANGE, USER_TIMEOUT,
+    fallback_mss_setting, set_listener_mss, set_not_sent_lowat, tune_listener, tune_socket,
+    DEFAULT_FALLBACK_MSS, FALLBACK_MSS_RANGE, USER_TIMEOUT,
 };

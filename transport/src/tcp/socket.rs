@@ -33,21 +33,33 @@ pub fn tune_socket(s: &tokio::net::TcpStream) {
     // applies flow control per stream), so a closed window here is a
     // stalled peer, not a slow reader.
     let _ = sock.set_tcp_user_timeout(Some(USER_TIMEOUT));
-    let lowat: libc::c_int = NOTSENT_LOWAT as libc::c_int;
+    if let Err(error) = set_not_sent_lowat(s, NOTSENT_LOWAT) {
+        tracing::debug!(%error, "TCP_NOTSENT_LOWAT not set");
+    }
+}
+
+/// Sets `TCP_NOTSENT_LOWAT` on a TCP socket: it polls writable only while
+/// less than `bytes` of what was written to it is not yet sent (what is in
+/// flight is not counted), so a writer keeps little queued behind the
+/// congestion window.
+pub fn set_not_sent_lowat(s: &impl std::os::fd::AsRawFd, bytes: u32) -> std::io::Result<()> {
+    let lowat = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     // No safe wrapper in socket2 or nix for this option.
-    // SAFETY: a valid fd owned by `s`, and a c_int option of that size.
+    // SAFETY: a valid fd borrowed from `s`, and a c_int option of that size.
     #[allow(unsafe_code)]
     let rc = unsafe {
         libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(s),
+            s.as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_NOTSENT_LOWAT,
             (&lowat as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "TCP_NOTSENT_LOWAT not set");
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
