@@ -483,12 +483,12 @@ const IDLE_HOLD: Duration = Duration::from_secs(60);
 /// The queue is held at about 6 s, deeper than a keep-alive and short of
 /// tbf's limit: at the limit tbf drops from its tail, keep-alives and
 /// their acknowledgements among what it drops, and whether a session then
-/// outlives the relay's allowance depends on which packets were lost (the
-/// relay closed the session in 2 of 3 runs paced to fill the queue; with
-/// the unpaced uploads this case had before, the queue full from ~14 s on,
-/// in about one run in ten, the reason not logged then). That is loss on
-/// the uplink, not the long round trip this case is about;
-/// docs/benchmarks.md has the runs.
+/// outlives the relay's allowance depends on which packets were lost
+/// (with the unpaced uploads this case had before, the queue full from
+/// ~14 s on and the flows' send buffers bursting into it, the relay
+/// closed the session in about one run in ten, the reason not logged
+/// then). That is loss on the uplink, not the long round trip this case
+/// is about; docs/benchmarks.md has the runs.
 fn idle_behind_a_site_upload(t: &mut Table) -> Result<()> {
     let lab = NetnsLab::new()?;
     let pki = lab_pki()?;
