@@ -57,32 +57,8 @@ pub use agent_file::TokenFile;
 /// The shortest admin token the relay accepts.
 pub const MIN_TOKEN_LEN: usize = 16;
 
-/// A token file's metadata, read through its path (symlinks followed):
-/// which file it is (device, inode), its size and its times. A Secret
-/// volume's swap puts another file behind the path (another inode); a
-/// write in place moves the size or the times (the change time included,
-/// so a same-length rewrite within one modification-time tick counts).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct FileStamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-/// `path`'s [`FileStamp`]; `None` when it cannot be read (absent).
-pub(crate) fn stamp(path: &Path) -> Option<FileStamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some(FileStamp {
-        dev: m.dev(),
-        ino: m.ino(),
-        len: m.len(),
-        mtime: (m.mtime(), m.mtime_nsec()),
-        ctime: (m.ctime(), m.ctime_nsec()),
-    })
-}
+// The token files are watched as the TLS files are.
+pub(crate) use relay_transport::reload::{file_stamp as stamp, FileStamp};
 
 /// Why a token file's content was not taken.
 #[derive(Debug, thiserror::Error)]

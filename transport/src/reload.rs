@@ -25,7 +25,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
@@ -74,10 +73,37 @@ pub struct TlsPaths {
     pub crl: Option<PathBuf>,
 }
 
-/// What [`TlsPaths::stamp`] compares: each file's modification time and
-/// size (a renewal tool that rewrites a file in the same second with a
-/// different length is still seen).
-pub type Stamp = Vec<Option<(SystemTime, u64)>>;
+/// A file's metadata, read through its path (symlinks followed): which
+/// file it is (device, inode), its size and its times. A Secret volume's
+/// swap puts another file behind the path (another inode, whatever its
+/// times); a write in place moves the size or the times, the change time
+/// included, so a same-length rewrite within one modification-time tick
+/// is seen too. The relay's TLS files, the edge's, the route agent's CA
+/// and the admin token files are all watched by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+/// `path`'s [`FileStamp`]; `None` when it cannot be read (absent).
+pub fn file_stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+        ctime: (m.ctime(), m.ctime_nsec()),
+    })
+}
+
+/// What [`TlsPaths::stamp`] compares: each file's [`FileStamp`].
+pub type Stamp = Vec<Option<FileStamp>>;
 
 impl TlsPaths {
     /// Loads the material and the CRLs; errors name the file.
@@ -111,14 +137,7 @@ impl TlsPaths {
 /// The stamps of `paths` (see [`Stamp`]), following symlinks (a
 /// Kubernetes volume swaps its files by replacing a symlink).
 pub fn stamp_of(paths: &[&Path]) -> Stamp {
-    paths
-        .iter()
-        .map(|p| {
-            std::fs::metadata(p)
-                .ok()
-                .and_then(|m| Some((m.modified().ok()?, m.len())))
-        })
-        .collect()
+    paths.iter().map(|p| file_stamp(p)).collect()
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -377,6 +396,44 @@ mod tests {
     use super::*;
     use crate::devcerts::DevPki;
     use std::time::{Duration, SystemTime};
+
+    /// What a stamp of modification time and length missed: a file
+    /// swapped in behind the path with the same length and modification
+    /// time (another inode), and one rewritten in place to the same length
+    /// with its modification time put back (its change time moved).
+    #[test]
+    fn a_stamp_sees_a_swap_and_a_rewrite_that_keep_length_and_mtime() {
+        let dir = std::env::temp_dir().join(format!("relay-stamp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tls.crt");
+        std::fs::write(&path, b"first").unwrap();
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let before = file_stamp(&path).unwrap();
+        assert_eq!(file_stamp(&path), Some(before), "nothing changed");
+        // A Secret volume's swap: another file, same length and time.
+        let next = dir.join("next");
+        std::fs::write(&next, b"other").unwrap();
+        set_mtime(&next, mtime);
+        std::fs::rename(&next, &path).unwrap();
+        let swapped = file_stamp(&path).unwrap();
+        assert_ne!(swapped, before, "swapped in behind the path");
+        // Rewritten in place, same length, the modification time put back.
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&path, b"third").unwrap();
+        set_mtime(&path, mtime);
+        let rewritten = file_stamp(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 5);
+        assert_ne!(rewritten, swapped, "rewritten in place");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(file_stamp(&path), None, "gone");
+        assert_eq!(stamp_of(&[path.as_path()]), vec![None]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn set_mtime(path: &Path, at: SystemTime) {
+        let f = std::fs::File::options().write(true).open(path).unwrap();
+        f.set_modified(at).unwrap();
+    }
 
     fn leaf_of(pki: &DevPki, node: &str) -> CertificateDer<'static> {
         let (_, pair) = pki.nodes.iter().find(|(n, _)| n == node).unwrap();
