@@ -103,6 +103,17 @@ impl Clone for TlsMaterial {
     }
 }
 
+impl TlsMaterial {
+    /// Whether `other` holds the same chain, key and CA: files read again
+    /// after a change to their metadata alone (a `chmod`, a relabel, a
+    /// backup tool restoring times) hold what was in use.
+    pub fn same_as(&self, other: &TlsMaterial) -> bool {
+        self.chain == other.chain
+            && self.ca == other.ca
+            && self.key.secret_der() == other.key.secret_der()
+    }
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
         path: path.display().to_string(),

@@ -4,8 +4,9 @@
 //! kubelet swaps in place); a CA renewed with a new key (cert-manager's
 //! default `rotationPolicy: Always` since 1.18) leaves every edge that read
 //! only the old one unable to reconnect until its pod restarts. So each
-//! attempt first compares the files' stamps (modification time and size)
-//! with those last read, and takes what changed: in bootstrap mode the
+//! attempt first compares the files' stamps (`relay_transport::reload::FileStamp`:
+//! another file behind the path, or its size or times) with those last
+//! read, and takes what changed: in bootstrap mode the
 //! relay CA (for the bootstrap exchange and the certificate in use), with
 //! a certificate given by hand also the certificate and key. A file that
 //! fails to load keeps what was in use, with a warning; it is read again
@@ -18,7 +19,7 @@ use relay_transport::reload::{stamp_of, Stamp};
 use relay_transport::tls::certs_from_pem;
 use relay_transport::TlsMaterial;
 use rustls::pki_types::CertificateDer;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Cert, Credentials};
 use crate::config::{BootstrapConfig, EdgeConfig, EdgeTlsFiles, Identity};
@@ -88,8 +89,14 @@ impl Credentials {
             (Identity::Static(_), Some(cert), Some(key)) => {
                 match TlsMaterial::from_files(cert, key, &paths.relay_ca) {
                     Ok(m) => {
-                        info!(cert = %cert.display(), relay_ca = %ca_file, "certificate files changed; dialling with what they hold now");
                         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+                        // Only another certificate, key or CA moves the
+                        // session: not a file's metadata alone.
+                        if current.as_ref().is_some_and(|c| c.material.same_as(&m)) {
+                            debug!(cert = %cert.display(), "certificate files touched; they hold what is in use");
+                            return;
+                        }
+                        info!(cert = %cert.display(), relay_ca = %ca_file, "certificate files changed; dialling with what they hold now");
                         *current = Some(Cert::given(m));
                         self.given_changes
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -106,6 +113,9 @@ impl Credentials {
                         certs_from_pem(&pem, "tls.relay_ca").map_err(|e| e.to_string())
                     });
                 match read {
+                    Ok(ca) if st.relay_ca.as_ref() == Some(&ca) => {
+                        debug!(relay_ca = %ca_file, "relay CA file touched; it holds what is in use");
+                    }
                     Ok(ca) => {
                         info!(relay_ca = %ca_file, "relay CA changed; trusting what the file holds now");
                         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
@@ -158,6 +168,19 @@ mod tests {
         assert_eq!(ca_now(), der(&a.ca_cert));
         creds.reload_files(&cfg);
         assert_eq!(ca_now(), der(&a.ca_cert), "nothing changed");
+        let moves = || creds.given_changes(&cfg);
+        assert_eq!(moves(), Some(0));
+        // Metadata alone (a chmod moves the change time; the stamp sees
+        // it): the same certificate, no move to a new connection.
+        let before = relay_transport::reload::file_stamp(&ca_path);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let p = std::fs::Permissions::from_mode(0o640);
+            std::fs::set_permissions(&ca_path, p).unwrap();
+        }
+        assert_ne!(relay_transport::reload::file_stamp(&ca_path), before);
+        assert_eq!(moves(), Some(0), "a chmod is not a new certificate");
         // b's CA and certificate (a trailing newline: the size changes
         // whatever the clock's resolution).
         std::fs::write(&ca_path, format!("{}\n", b.ca_cert)).unwrap();
@@ -170,6 +193,7 @@ mod tests {
         let m = creds.get().unwrap().material;
         let b_node = b.node_material("edge-a").unwrap();
         assert_eq!((m.ca, m.chain), (der(&b.ca_cert), b_node.chain));
+        assert_eq!(moves(), Some(1), "another certificate moves the session");
         std::fs::write(&ca_path, "not a certificate\n\n").unwrap();
         creds.reload_files(&cfg);
         assert_eq!(
