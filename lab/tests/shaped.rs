@@ -65,7 +65,9 @@ const HOLD_QUEUE: f64 = 6.0;
 /// What the idle case's uploads write while the queue is below
 /// [`HOLD_QUEUE`], all flows together: 2.6 Mbit/s of payload, about 2.7
 /// on the wire, so the queue grows by ~0.36 s a second. A ramp, as a
-/// modem's queue fills under a backup job: ~1.1 s within one keep-alive,
+/// modem's queue fills under a backup job: ~1.1 s within one keep-alive
+/// by that rate, 1.4 s measured (the first writes and what the sockets
+/// take unsent, 16 KiB each, go in at once),
 /// inside the envelope the liveness rules are built for
 /// (docs/architecture.md, "Liveness": a round trip that jumps at once from
 /// short to beyond about a keep-alive cannot be told from a dead path for
@@ -128,14 +130,15 @@ fn sink(lab: &NetnsLab) -> Result<Running> {
     })
 }
 
-/// An upload from the edge host beside the tunnel (a backup job, say): a
-/// plain TCP flow whose congestion control fills the shaped queue to its
-/// limit, which the tunnel's own (QUIC, congestion-controlled) upload alone
-/// does not (it settled at ~0.5 s of queue in the lab).
+/// Uploads from the edge host beside the tunnel (a backup job, say):
+/// plain TCP flows, which can fill the shaped queue as the tunnel's own
+/// (QUIC, congestion-controlled) upload alone does not (it settled at
+/// ~0.5 s of queue in the lab).
 ///
-/// With `pace` (bits per second, all flows together, read before each
-/// write) the uploads write no faster than that, so the queue grows by at
-/// most the excess over the link's rate.
+/// With `pace` (bits per second, all flows together, read after each
+/// write to time the next) the uploads write no faster than that, so the
+/// queue grows by at most the excess over the link's rate; unpaced (the
+/// TCP-fallback case's `BESIDE=1`), the flow fills the queue to its limit.
 fn uploader(lab: &NetnsLab, flows: usize, pace: Option<Arc<AtomicU64>>) -> Result<Running> {
     launch(
         lab,
@@ -178,7 +181,8 @@ fn uploader(lab: &NetnsLab, flows: usize, pace: Option<Arc<AtomicU64>>) -> Resul
                         let every =
                             Duration::from_secs_f64((PACE_CHUNK * 8) as f64 / per_flow as f64);
                         // Never made up for in a burst.
-                        next = (next + every).max(tokio::time::Instant::now() - every);
+                        let now = tokio::time::Instant::now();
+                        next = (next + every).max(now.checked_sub(every).unwrap_or(now));
                     }
                 });
             }
@@ -563,8 +567,13 @@ fn idle_behind_a_site_upload(t: &mut Table) -> Result<()> {
     // second to spare under the keep-alive, and drops nothing.
     let rise = largest_rise(&queue, KEEPALIVE);
     let peak = queue.iter().map(|q| q.1).fold(0.0, f64::max);
-    let held = queue.iter().filter(|q| q.1 >= HOLD_QUEUE - 1.0).count() as f64
-        * QUEUE_SAMPLE.as_secs_f64();
+    // Time between samples both that deep (a sample takes longer than its
+    // sleep: the `tc` it runs, more on a loaded machine).
+    let held: f64 = queue
+        .windows(2)
+        .filter(|w| w[0].1 >= HOLD_QUEUE - 1.0 && w[1].1 >= HOLD_QUEUE - 1.0)
+        .map(|w| (w[1].0 - w[0].0).as_secs_f64())
+        .sum();
     t.push(
         &[&case, "queue"],
         format!(

@@ -119,8 +119,8 @@ async fn revoked_edges_are_refused_and_renewed_certificates_served_without_dropp
         .await?
         .context("edge-1 session")?;
 
-    // Revoke edge-0: a new CRL file, seen by the watcher. The file's mtime
-    // may not move within the same second, but its length does.
+    // Revoke edge-0: a new CRL file, seen by the watcher (its length and
+    // change time move, whatever the clock's resolution).
     let edge0_cert = &pki.nodes[0].1.cert;
     std::fs::write(&crl, pki.crl_revoking(&[edge0_cert])?)?;
     // Once reloaded, a handshake with edge-0's certificate fails: probe

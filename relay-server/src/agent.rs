@@ -101,8 +101,9 @@ pub struct AgentConfig {
 
 /// How the agent verifies the admin API's certificate.
 ///
-/// The CA file is read again when it changes (its modification time or
-/// size, checked before each new connection): the relay CA's ConfigMap is
+/// The CA file is read again when it changes (its
+/// [`relay_transport::reload::FileStamp`], checked before each new
+/// connection): the relay CA's ConfigMap is
 /// updated in place when the CA is rotated (cert-manager with
 /// `rotationPolicy: Always`), and an agent holding the old CA would fail
 /// every poll from its next connection on, keeping stale routes, until

@@ -15,8 +15,8 @@
 //! and closes those the new material refuses.
 //!
 //! [`TlsPaths`] names the files, loads them, and tells whether they changed
-//! since the last load (modification time and size), for a watcher that
-//! polls them.
+//! since the last load ([`FileStamp`]: another file behind the path, or
+//! its size or times), for a watcher that polls them.
 //!
 //! A client certificate the verifier refuses is examined (why, which node
 //! it names, whether our CA signed it) for the accept loop of the
@@ -403,22 +403,26 @@ mod tests {
     /// with its modification time put back (its change time moved).
     #[test]
     fn a_stamp_sees_a_swap_and_a_rewrite_that_keep_length_and_mtime() {
-        let dir = std::env::temp_dir().join(format!("relay-stamp-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("tls.crt");
+        use std::os::unix::fs::MetadataExt;
+        let dir = TempDir::new("relay-stamp");
+        let path = dir.0.join("tls.crt");
         std::fs::write(&path, b"first").unwrap();
-        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let mtime = meta.modified().unwrap();
+        // A file system keeping whole seconds (nanoseconds 0) needs one to
+        // pass before a change time can move.
+        let tick = if meta.ctime_nsec() == 0 { 1100 } else { 20 };
         let before = file_stamp(&path).unwrap();
         assert_eq!(file_stamp(&path), Some(before), "nothing changed");
         // A Secret volume's swap: another file, same length and time.
-        let next = dir.join("next");
+        let next = dir.0.join("next");
         std::fs::write(&next, b"other").unwrap();
         set_mtime(&next, mtime);
         std::fs::rename(&next, &path).unwrap();
         let swapped = file_stamp(&path).unwrap();
         assert_ne!(swapped, before, "swapped in behind the path");
         // Rewritten in place, same length, the modification time put back.
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(tick));
         std::fs::write(&path, b"third").unwrap();
         set_mtime(&path, mtime);
         let rewritten = file_stamp(&path).unwrap();
@@ -427,7 +431,24 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert_eq!(file_stamp(&path), None, "gone");
         assert_eq!(stamp_of(&[path.as_path()]), vec![None]);
-        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A directory of this test process's, removed when dropped (a failed
+    /// assertion included).
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 
     fn set_mtime(path: &Path, at: SystemTime) {

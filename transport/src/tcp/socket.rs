@@ -42,14 +42,16 @@ pub fn tune_socket(s: &tokio::net::TcpStream) {
 /// less than `bytes` of what was written to it is not yet sent (what is in
 /// flight is not counted), so a writer keeps little queued behind the
 /// congestion window.
-pub fn set_not_sent_lowat(s: &impl std::os::fd::AsRawFd, bytes: u32) -> std::io::Result<()> {
+pub fn set_not_sent_lowat(s: &impl std::os::fd::AsFd, bytes: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
     let lowat = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     // No safe wrapper in socket2 or nix for this option.
-    // SAFETY: a valid fd borrowed from `s`, and a c_int option of that size.
+    // SAFETY: an open fd borrowed from `s` (`AsFd`) for the call, and a
+    // c_int option of that size.
     #[allow(unsafe_code)]
     let rc = unsafe {
         libc::setsockopt(
-            s.as_raw_fd(),
+            s.as_fd().as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_NOTSENT_LOWAT,
             (&lowat as *const libc::c_int).cast(),
