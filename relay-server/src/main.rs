@@ -528,7 +528,8 @@ async fn relay_main() -> anyhow::Result<()> {
                 tokio::select! {
                     _ = term.recv() => { tracing::info!("SIGTERM"); break }
                     _ = int.recv() => { tracing::info!("SIGINT"); break }
-                    _ = hup.recv() => {
+                    // Files read off the worker: their volume can stall.
+                    _ = hup.recv() => relay_transport::reload::off_worker(|| {
                         if let Err(e) = relay.reload_tls() {
                             tracing::warn!(error = %e, "SIGHUP: tls reload failed; keeping the previous certificates");
                         }
@@ -536,7 +537,7 @@ async fn relay_main() -> anyhow::Result<()> {
                         if let Some(tokens) = &relay.shared().cfg.admin_token_files {
                             tokens.reload();
                         }
-                    }
+                    }),
                     why = relay.wait() => anyhow::bail!("relay failed: {why}"),
                 }
             }

@@ -611,9 +611,10 @@ pub(crate) async fn watch(tokens: AdminTokens, stop: CancellationToken) {
         };
         tokio::select! {
             _ = stop.cancelled() => return,
-            // Stat (and on a change, read) two small files on this task.
+            // Stat (and on a change, read) two small files, off the
+            // worker: their volume can stall.
             _ = tick.tick() => {
-                tokens.check();
+                relay_transport::reload::off_worker(|| tokens.check());
             }
             _ = grace_ended => {}
             _ = graced => {}

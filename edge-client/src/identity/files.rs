@@ -75,6 +75,13 @@ impl Credentials {
     /// Takes what changed in the certificate files since they were last
     /// read (see the module docs).
     pub(super) fn reload_files(&self, cfg: &EdgeConfig) {
+        // The files' volume can stall (the kubelet swapping a ConfigMap, a
+        // network file system): off the worker, which may be the edge's
+        // only one.
+        relay_transport::reload::off_worker(|| self.reload_files_now(cfg))
+    }
+
+    fn reload_files_now(&self, cfg: &EdgeConfig) {
         let (Some(files), Some(paths)) = (&self.files, &cfg.tls_files) else {
             return;
         };
@@ -106,14 +113,16 @@ impl Credentials {
                     }
                 }
             }
-            (Identity::Bootstrap(_), _, _) => {
+            (Identity::Bootstrap(b), _, _) => {
                 let read = std::fs::read(&paths.relay_ca)
                     .map_err(|e| e.to_string())
                     .and_then(|pem| {
                         certs_from_pem(&pem, "tls.relay_ca").map_err(|e| e.to_string())
                     });
                 match read {
-                    Ok(ca) if st.relay_ca.as_ref() == Some(&ca) => {
+                    // Compared with the CA in force: the configured one
+                    // until the file was read again.
+                    Ok(ca) if *st.relay_ca.as_ref().unwrap_or(&b.relay_ca) == ca => {
                         debug!(relay_ca = %ca_file, "relay CA file touched; it holds what is in use");
                     }
                     Ok(ca) => {
@@ -215,8 +224,23 @@ mod tests {
         };
         let creds = Credentials::new(&cfg);
         assert_eq!(creds.bootstrap_now(boot).relay_ca, der(&a.ca_cert));
+        // Touched, holding the configured CA: nothing taken (it was
+        // taken, and logged as a change, when compared with nothing).
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let p = std::fs::Permissions::from_mode(0o600);
+            std::fs::set_permissions(&ca_path, p).unwrap();
+        }
+        creds.reload_files(&cfg);
+        let taken = |c: &Credentials| {
+            let f = c.files.as_ref().unwrap();
+            f.lock().unwrap().relay_ca.is_some()
+        };
+        assert!(!taken(&creds), "the configured CA is the one in the file");
         std::fs::write(&ca_path, format!("{}\n", b.ca_cert)).unwrap();
         creds.reload_files(&cfg);
+        assert!(taken(&creds));
         assert_eq!(creds.bootstrap_now(boot).relay_ca, der(&b.ca_cert));
         std::fs::remove_dir_all(&dir).unwrap();
     }
