@@ -34,9 +34,9 @@ mod relay_process;
 mod relay_toml;
 mod table;
 pub use probes::{
-    admin, admin_call, captured_prefixes, connect_from, connect_refused, edge_metric,
+    admin, admin_call, capture_set, captured_prefixes, connect_from, connect_refused, edge_metric,
     edge_readiness, edge_ready, fails_fast, http_from, metric, service_resolutions, session,
-    sessions, udp_client, udp_from, until_udp_answered, UdpSample,
+    sessions, set_covers, udp_client, udp_from, until_udp_answered, wait_captured, UdpSample,
 };
 pub use relay_process::{newest_source, relay_server_binary, RelayProcess};
 pub use relay_toml::{edge_toml, relay_toml};

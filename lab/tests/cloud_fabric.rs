@@ -34,7 +34,7 @@ use relay_lab::netns::{self, LabOptions, NetnsLab, Role, VTEPS, VTEP_DEV};
 use relay_lab::route_agent;
 use relay_lab::scenario::{
     edge_config, http_from, netns_start_with, relay_config, sa, services, start_edge, start_relay,
-    udp_from, within, Table, ADMIN_PORT, DNS, HTTP,
+    udp_from, wait_captured, within, Table, ADMIN_PORT, DNS, HTTP,
 };
 use relay_server::agent::{pod_network_probe, Toward};
 
@@ -137,7 +137,10 @@ fn the_route_agent_on_a_cloud_fabric_needs_the_overlay() -> Result<()> {
             "epod1 → relay → flannel.1 → cpod2",
         ],
         "cpod2",
-        http_from(&lab, Role::Epod1, sa(netns::CPOD2_IP, HTTP)),
+        // edge1's capture of the cloud's ranges comes from the route list
+        // it is sent, possibly after it reported itself connected.
+        wait_captured(&lab, Role::Edge1, netns::CPOD2_IP, Duration::from_secs(10))
+            .and_then(|_| http_from(&lab, Role::Epod1, sa(netns::CPOD2_IP, HTTP))),
     );
 
     // `--via`: routes out of lan0, which the fabric refuses to carry.

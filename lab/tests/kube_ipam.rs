@@ -25,8 +25,8 @@ use relay_lab::cluster::Cluster;
 use relay_lab::edges::WatchedEdge;
 use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::scenario::{
-    captured_prefixes, http_from, sa, services, session, start_relay, within, Table, HTTP,
-    QUIC_PORT,
+    captured_prefixes, http_from, sa, services, session, start_relay, wait_captured, within, Table,
+    HTTP, QUIC_PORT,
 };
 use relay_lab::{connect_via, http_get, sessions, spawn_http};
 use relay_protocol::Cidr;
@@ -384,7 +384,10 @@ fn a_cloud_pod_reaches_an_edge_pod_in_a_calico_block() -> Result<()> {
             &format!("epod1 → {}", netns::CPOD1_IP),
         ],
         "cpod1",
-        http_from(&lab, Role::Epod1, sa(netns::CPOD1_IP, HTTP)),
+        // edge1's capture of the cloud's ranges comes from the route list
+        // it is sent, possibly after it reported itself connected.
+        wait_captured(&lab, Role::Edge1, netns::CPOD1_IP, BOUND)
+            .and_then(|_| http_from(&lab, Role::Epod1, sa(netns::CPOD1_IP, HTTP))),
     );
     let footer = format!(
         "{} of {} cells passed in {:?} (apiserver: relay-kube-standin, not a real kube-apiserver)",

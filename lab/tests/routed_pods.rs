@@ -23,7 +23,8 @@ use anyhow::Result;
 use relay_lab::cluster::{Cluster, LabService};
 use relay_lab::netns::{self, KubeProxyMode, LabOptions, Proto, Role};
 use relay_lab::scenario::{
-    http_from, netns_start_with, sa, services, start_relay, udp_from, within, Table, DNS, HTTP,
+    http_from, netns_start_with, sa, services, start_relay, udp_from, wait_captured, within, Table,
+    DNS, HTTP,
 };
 
 #[test]
@@ -73,10 +74,14 @@ fn pods_on_routed_veths_without_addresses_are_captured() -> Result<()> {
         up.map(|d| format!("after {d:?}")),
     );
     let cpod2 = netns::CPOD2_IP;
-    for (case, from, to, want, udp) in [
+    // The node whose capture takes the first packet: the relay's
+    // capture is behind the wait above, an edge's (installed from the
+    // route list it is sent, possibly after that) is waited for here.
+    for (case, from, node, to, want, udp) in [
         (
             "edge pod → cloud pod, TCP",
             Role::Epod1,
+            Role::Edge1,
             cpod2,
             "cpod2",
             false,
@@ -84,6 +89,7 @@ fn pods_on_routed_veths_without_addresses_are_captured() -> Result<()> {
         (
             "edge pod → cloud pod, UDP",
             Role::Epod1,
+            Role::Edge1,
             cpod2,
             "cpod2",
             true,
@@ -91,6 +97,7 @@ fn pods_on_routed_veths_without_addresses_are_captured() -> Result<()> {
         (
             "edge pod → other edge's pod",
             Role::Epod1,
+            Role::Edge1,
             epod2,
             "epod2",
             false,
@@ -98,6 +105,7 @@ fn pods_on_routed_veths_without_addresses_are_captured() -> Result<()> {
         (
             "relay node's pod → edge pod, TCP",
             Role::Cpod1,
+            Role::Relay,
             epod1,
             "epod1",
             false,
@@ -105,17 +113,18 @@ fn pods_on_routed_veths_without_addresses_are_captured() -> Result<()> {
         (
             "relay node's pod → edge pod, UDP",
             Role::Cpod1,
+            Role::Relay,
             epod2,
             "epod2",
             true,
         ),
     ] {
         let path = format!("{} → {to}", from.as_str());
-        let got = match udp {
+        let got = wait_captured(&lab, node, to, Duration::from_secs(10)).and_then(|_| match udp {
             false => http_from(&lab, from, sa(to, HTTP)),
             true => udp_from(&lab, from, sa(to, DNS))
                 .map(|r| r.split(':').next().unwrap_or_default().to_string()),
-        };
+        });
         m.check(&[case, &path], want, got);
     }
     m.check(

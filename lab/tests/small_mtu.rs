@@ -30,7 +30,7 @@ use anyhow::{ensure, Context, Result};
 use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::scenario::{
     edge_config, http_from, lab_pki, launch, relay_config, sa, services, session, start_edge,
-    start_relay, within, Running, DNS, HTTP,
+    start_relay, wait_captured, within, Running, DNS, HTTP,
 };
 use relay_lab::traffic::{echo_round_trip, random_bytes};
 use tokio::net::{TcpStream, UdpSocket};
@@ -176,6 +176,9 @@ fn run(udp_blocked: bool, edge_clamps: bool) -> Result<()> {
     .context("cpod2 → epod1 not through the tunnel within 15 s")?;
 
     let down = bulk_echo(&lab, Role::Cpod2, sa(epod1, ECHO)).context("cpod2 → epod1 echo")?;
+    // The edge's capture of the cloud's ranges comes from the route list
+    // it is sent, possibly after the relay's capture of the edge's.
+    wait_captured(&lab, Role::Edge1, netns::CPOD2_IP, Duration::from_secs(10))?;
     let up =
         bulk_echo(&lab, Role::Epod1, sa(netns::CPOD2_IP, ECHO)).context("epod1 → cpod2 echo")?;
     let answer = dns_sized_query(&lab).context("1232-byte UDP query")?;

@@ -24,8 +24,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use relay_lab::netns::{self, NetnsLab, Role};
 use relay_lab::scenario::{
-    edge_config, lab_pki, launch, relay_config, sa, start_edge, start_relay, within, Running,
-    CONNECT_PORT,
+    edge_config, lab_pki, launch, relay_config, sa, start_edge, start_relay, wait_captured, within,
+    Running, CONNECT_PORT,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -148,6 +148,16 @@ fn targets_see_the_original_client_where_preserve_source_is_set() -> Result<()> 
             && dst.contains(&netns::edge_pod_cidr(2).to_string()))
     })
     .context("edge routes never captured on the relay node")?;
+    // And the edges' capture of what their pods ask below, installed from
+    // the route lists they are sent (possibly after they reported
+    // themselves connected).
+    for (node, to) in [
+        (Role::Edge1, netns::CPOD1_IP),
+        (Role::Edge1, netns::CPOD2_IP),
+        (Role::Edge2, epod1),
+    ] {
+        wait_captured(&lab, node, to, Duration::from_secs(10))?;
+    }
 
     let ip = |a: Ipv4Addr| IpAddr::V4(a);
     let cells: Vec<(&str, Result<IpAddr>, IpAddr)> = vec![

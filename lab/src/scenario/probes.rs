@@ -107,14 +107,79 @@ pub fn edge_metric(lab: &NetnsLab, site: u8, series: &str) -> Result<f64> {
 /// The prefixes the relay node captures now (`nft list set inet
 /// edge_relay dst4`); empty when the table does not exist.
 pub fn captured_prefixes(lab: &NetnsLab) -> Result<String> {
-    let tables = lab.exec(Role::Relay, &["nft", "list", "tables"])?;
+    capture_set(lab, Role::Relay)
+}
+
+/// The destinations `role` (the relay node or an edge node) captures now
+/// (`nft list set inet edge_relay dst4`); empty when the table does not
+/// exist.
+pub fn capture_set(lab: &NetnsLab, role: Role) -> Result<String> {
+    let tables = lab.exec(role, &["nft", "list", "tables"])?;
     if !tables.contains("edge_relay") {
         return Ok(String::new());
     }
-    lab.exec(
-        Role::Relay,
-        &["nft", "list", "set", "inet", "edge_relay", "dst4"],
-    )
+    lab.exec(role, &["nft", "list", "set", "inet", "edge_relay", "dst4"])
+}
+
+/// Waits up to `limit` until `role`'s capture covers `ip`; how long it
+/// took. Capture is installed asynchronously once a session is up: the
+/// relay's for the edge's routes, an edge's from the route list the
+/// relay sends it, which may land after the edge reports itself
+/// connected. A first probe towards `ip` from behind `role` made before
+/// that leaves through the node's own routes instead (an unreachable
+/// network, or a SYN whose retries follow the conntrack entry it made),
+/// so it waits for this first.
+pub fn wait_captured(
+    lab: &NetnsLab,
+    role: Role,
+    ip: Ipv4Addr,
+    limit: Duration,
+) -> Result<Duration> {
+    let t = Instant::now();
+    loop {
+        if set_covers(&capture_set(lab, role)?, ip) {
+            return Ok(t.elapsed());
+        }
+        if t.elapsed() >= limit {
+            bail!("{role:?} did not capture {ip} within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether the elements of an `nft list set` output (prefixes, addresses,
+/// ranges) cover `ip`.
+pub fn set_covers(set: &str, ip: Ipv4Addr) -> bool {
+    let Some((_, rest)) = set.split_once("elements = {") else {
+        return false;
+    };
+    let elements = rest.split('}').next().unwrap_or_default();
+    elements
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|e| !e.is_empty())
+        .any(|e| {
+            let (lo, hi) = if let Some((a, b)) = e.split_once('-') {
+                match (a.parse::<Ipv4Addr>(), b.parse::<Ipv4Addr>()) {
+                    (Ok(a), Ok(b)) => (u32::from(a), u32::from(b)),
+                    _ => return false,
+                }
+            } else if let Some((a, len)) = e.split_once('/') {
+                match (a.parse::<Ipv4Addr>(), len.parse::<u32>()) {
+                    (Ok(a), Ok(len)) if len <= 32 => {
+                        let size = 1u64 << (32 - len);
+                        let lo = u32::from(a);
+                        (lo, (lo as u64 + size - 1) as u32)
+                    }
+                    _ => return false,
+                }
+            } else {
+                match e.parse::<Ipv4Addr>() {
+                    Ok(a) => (u32::from(a), u32::from(a)),
+                    Err(_) => return false,
+                }
+            };
+            (lo..=hi).contains(&u32::from(ip))
+        })
 }
 
 /// Fetches `/` from `target` over plain TCP from inside `ns`; returns the body.
@@ -256,4 +321,27 @@ pub fn udp_client(
         }
         Ok(out)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Prefixes, single addresses and ranges, over several lines as nft
+    /// prints them; a set without elements covers nothing.
+    #[test]
+    fn set_elements_cover_what_they_say() {
+        let set = "table inet edge_relay {\n\tset dst4 {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.244.1.0/24, 10.244.2.0/24,\n\t\t\t     192.168.1.10, 10.0.0.5-10.0.0.9 }\n\t}\n}\n";
+        let covers = |ip: &str| set_covers(set, ip.parse().unwrap());
+        assert!(covers("10.244.1.0") && covers("10.244.2.255"));
+        assert!(!covers("10.244.3.1") && !covers("10.244.0.255"));
+        assert!(covers("192.168.1.10") && !covers("192.168.1.11"));
+        assert!(covers("10.0.0.5") && covers("10.0.0.9") && !covers("10.0.0.10"));
+        let empty = "table inet edge_relay {\n\tset dst4 {\n\t\ttype ipv4_addr\n\t}\n}\n";
+        assert!(!set_covers(empty, "10.244.1.1".parse().unwrap()));
+        assert!(set_covers(
+            "elements = { 0.0.0.0/0 }",
+            "8.8.8.8".parse().unwrap()
+        ));
+    }
 }
