@@ -14,10 +14,8 @@ pub(crate) fn edge1_session(lab: &NetnsLab) -> Result<SessionRow> {
 }
 
 /// The IPv4 destinations `role`'s capture takes (its nftables set
-/// `inet edge_relay dst4`, as `nft` lists it).
-pub(crate) fn capture_set(lab: &NetnsLab, role: Role) -> Result<String> {
-    lab.exec(role, &["nft", "list", "set", "inet", "edge_relay", "dst4"])
-}
+/// `inet edge_relay dst4`, as `nft` lists it; empty without the table).
+pub(crate) use relay_lab::scenario::capture_set;
 
 /// The route agent's routes on cloud2.
 pub(crate) fn agent_routes(lab: &NetnsLab) -> Result<String> {
