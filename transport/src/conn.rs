@@ -286,6 +286,17 @@ impl TunnelConn {
         }
     }
 
+    /// QUIC DATAGRAM frames received on this connection so far, whether
+    /// read or not (quinn buffers them, `quic::QuicTuning`'s 1 MiB, and
+    /// drops the oldest when that is full, without counting them); `None`
+    /// on the TCP fallback, whose reader counts its own drops.
+    pub fn datagram_frames_received(&self) -> Option<u64> {
+        match self {
+            TunnelConn::Quic(c) => Some(c.stats().frame_rx.datagram),
+            TunnelConn::Tcp(_) => None,
+        }
+    }
+
     /// Receives the next datagram; `Err` when the connection is gone.
     pub async fn read_datagram(&self) -> Result<bytes::Bytes, ConnLost> {
         match self {

@@ -131,8 +131,9 @@ pub struct UdpStats {
     /// within [`STREAM_PAYLOAD_WRITE_LIMIT`].
     pub stream_payload_stalls: AtomicU64,
     /// Payloads dropped because a queue was full: a flow's, or the
-    /// connection's datagram send queue (QUIC's drops its oldest), or on
-    /// the TCP fallback its queue of received datagrams.
+    /// connection's datagram send queue (QUIC's drops its oldest), or its
+    /// queue of received datagrams (QUIC's drops its oldest, the TCP
+    /// fallback's the newest).
     pub dropped_queue_full: AtomicU64,
     /// Datagrams for no known flow (a flow that just ended).
     pub dropped_unknown_flow: AtomicU64,
@@ -392,22 +393,50 @@ impl FlowTable {
 /// (see `tcp::YamuxConn::datagram_stream_ended_by_peer`), so the session
 /// is set up again rather than carrying on without UDP.
 ///
-/// On the TCP fallback it also counts, in `table`'s stats, the datagrams
-/// the connection's reader skipped as over-long or dropped for a full
-/// queue (as they are seen, and when the pump ends) and, once the
-/// connection has closed, whether it was closed for the peer ending the
-/// datagram stream.
+/// It also counts, in `table`'s stats, the datagrams the connection
+/// received but dropped before they were read: on QUIC those its full
+/// receive buffer dropped (`QuicRxDrops`); on the TCP fallback those
+/// its reader skipped as over-long or dropped for a full queue (as they
+/// are seen, and when the pump ends) and, once the connection has
+/// closed, whether it was closed for the peer ending the datagram stream.
 pub async fn pump_datagrams(conn: TunnelConn, table: Arc<FlowTable>) {
+    use futures::FutureExt;
     let mut seen = ReaderDrops::default();
-    let ended = loop {
+    let mut quic = QuicRxDrops::default();
+    let ended = 'pump: loop {
         match conn.read_datagram().await {
             Ok(d) => {
                 table.dispatch(d);
+                quic.delivered += 1;
                 count_reader_drops(&conn, &table.stats, &mut seen);
             }
             Err(e) => break e,
         }
+        // Every [`QuicRxDrops::EVERY`] reads (the count takes the
+        // connection's lock), what is already there, without waiting;
+        // once nothing is, every datagram received before the look was
+        // read or dropped.
+        while quic.delivered % QuicRxDrops::EVERY == 0 {
+            let Some(received) = conn.datagram_frames_received() else {
+                break;
+            };
+            match conn.read_datagram().now_or_never() {
+                Some(Ok(d)) => {
+                    table.dispatch(d);
+                    quic.delivered += 1;
+                }
+                Some(Err(e)) => break 'pump e,
+                None => {
+                    quic.settle(received, &table.stats);
+                    break;
+                }
+            }
+        }
     };
+    // quinn hands out what it buffered before the error: all read.
+    if let Some(received) = conn.datagram_frames_received() {
+        quic.settle(received, &table.stats);
+    }
     count_reader_drops(&conn, &table.stats, &mut seen);
     debug!(reason = %ended.0, "datagram pump ended");
     if let TunnelConn::Tcp(c) = &conn {
@@ -442,6 +471,40 @@ fn count_reader_drops(conn: &TunnelConn, stats: &UdpStats, seen: &mut ReaderDrop
                 .fetch_add(now.queue_full.saturating_sub(seen.queue_full), Relaxed);
         }
         *seen = now;
+    }
+}
+
+/// The datagrams a QUIC connection's receive buffer dropped (quinn drops
+/// the oldest when a new one does not fit, and counts nothing): the
+/// DATAGRAM frames it received, less those read, looked at when its
+/// buffer is empty (after the connection ended, or when a read every
+/// [`Self::EVERY`] reads finds nothing more), so that none still waiting
+/// to be read is taken for dropped. A datagram arriving between the look
+/// at the count and the one at the buffer is counted at a later look.
+#[derive(Debug, Default)]
+struct QuicRxDrops {
+    /// Datagrams read from the connection.
+    delivered: u64,
+    /// Drops already added to the stats.
+    counted: u64,
+}
+
+impl QuicRxDrops {
+    /// Reads between two looks. Drops come in bursts of a full buffer
+    /// (1 MiB, some hundreds of datagrams), so a look every 16 reads sees
+    /// them soon after they are read past.
+    const EVERY: u64 = 16;
+
+    /// `received` was the connection's count of DATAGRAM frames before
+    /// its buffer was seen empty: adds the drops it shows to `stats`.
+    fn settle(&mut self, received: u64, stats: &UdpStats) {
+        let dropped = received.saturating_sub(self.delivered);
+        if dropped > self.counted {
+            stats
+                .dropped_queue_full
+                .fetch_add(dropped - self.counted, Relaxed);
+            self.counted = dropped;
+        }
     }
 }
 
