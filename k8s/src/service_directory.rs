@@ -24,20 +24,24 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::services::{
-    key_of, owner_of, service_entry, Key, ServiceEntry, ServiceTable, SERVICE_NAME_LABEL,
-    SERVICE_PROXY_NAME_LABEL,
+    key_of, owner_of, service_entry, Key, ServiceEntry, ServiceTable, HEADLESS_LABEL,
+    SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL,
 };
 use crate::{DirectoryOptions, KubeClient, KubeError};
 
-/// The metadata the table reads: namespace, name, and the one label
-/// `label` (of the Service, or of the slice), if set. Without
+/// The metadata the table reads: namespace, name, and the labels
+/// `keep` (of the Service, or of the slice), those set. Without
 /// annotations, managedFields, ownerReferences, other labels.
-fn trimmed_meta(m: &mut ObjectMeta, label: &str) -> ObjectMeta {
+fn trimmed_meta(m: &mut ObjectMeta, keep: &[&str]) -> ObjectMeta {
     let labels = m
         .labels
         .take()
-        .and_then(|mut l| l.remove_entry(label))
-        .map(|(k, v)| BTreeMap::from([(k, v)]));
+        .map(|mut l| {
+            keep.iter()
+                .filter_map(|k| l.remove_entry(*k))
+                .collect::<BTreeMap<_, _>>()
+        })
+        .filter(|l| !l.is_empty());
     ObjectMeta {
         namespace: m.namespace.take(),
         name: m.name.take(),
@@ -47,10 +51,10 @@ fn trimmed_meta(m: &mut ObjectMeta, label: &str) -> ObjectMeta {
 }
 
 /// Trims a Service to what [`service_entry`] reads: its metadata to the
-/// namespace, the name and the [`SERVICE_PROXY_NAME_LABEL`] label; spec
-/// and status are kept whole. Idempotent.
+/// namespace, the name and the [`SERVICE_PROXY_NAME_LABEL`] and
+/// [`HEADLESS_LABEL`] labels; spec and status are kept whole. Idempotent.
 fn trim_service(s: &mut Service) {
-    s.metadata = trimmed_meta(&mut s.metadata, SERVICE_PROXY_NAME_LABEL);
+    s.metadata = trimmed_meta(&mut s.metadata, &[SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL]);
 }
 
 /// Trims an EndpointSlice to what [`service_entry`] and [`owner_of`]
@@ -58,7 +62,7 @@ fn trim_service(s: &mut Service) {
 /// [`SERVICE_NAME_LABEL`] label; each endpoint without its `targetRef`
 /// (the pod) and `deprecatedTopology`. Idempotent.
 fn trim_slice(s: &mut EndpointSlice) {
-    s.metadata = trimmed_meta(&mut s.metadata, SERVICE_NAME_LABEL);
+    s.metadata = trimmed_meta(&mut s.metadata, &[SERVICE_NAME_LABEL]);
     for e in &mut s.endpoints {
         e.target_ref = None;
         e.deprecated_topology = None;

@@ -59,6 +59,13 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// kube-proxy leaves such Services alone, and so does the relay.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 
+/// The label kube-proxy's watches exclude besides
+/// [`SERVICE_PROXY_NAME_LABEL`] (any value): the EndpointSlice
+/// controller puts it on headless Services' slices, and a Service with a
+/// ClusterIP that carries it (copied from a headless sibling) is left
+/// alone by kube-proxy, its ClusterIP dead; the relay leaves it too.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
 /// Transport protocol of a Service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
@@ -250,9 +257,10 @@ pub struct ServiceEntry {
     /// see [`ServicePort::node_port`]) and external and load-balancer IPs;
     /// from pods and nodes it still goes to every endpoint.
     pub external_local: bool,
-    /// Labelled [`SERVICE_PROXY_NAME_LABEL`]: another proxy serves it, so
-    /// none of its addresses is captured or resolved (its names still
-    /// resolve, to its ClusterIP).
+    /// Left by kube-proxy: labelled [`SERVICE_PROXY_NAME_LABEL`] (another
+    /// proxy serves it) or, with a ClusterIP, [`HEADLESS_LABEL`]; so none
+    /// of its addresses is captured or resolved (its names still resolve,
+    /// to its ClusterIP).
     pub other_proxy: bool,
 }
 

@@ -181,7 +181,7 @@ pub fn lookup_name(table: &ServiceTable, host: &str, port: u16) -> NameLookup {
     let what = format!("service {}/{}", svc.namespace, svc.name);
     if svc.other_proxy {
         return NameLookup::Refused(format!(
-            "{what} is served by another proxy (service.kubernetes.io/service-proxy-name)"
+            "{what} is left by kube-proxy, so by the relay (labelled service.kubernetes.io/service-proxy-name: another proxy serves it; or a ClusterIP labelled service.kubernetes.io/headless)"
         ));
     }
     if svc.kind == ServiceKind::Headless && svc.ports.is_empty() {

@@ -247,3 +247,25 @@ fn a_relist_never_shows_a_half_built_table() {
     assert!(reads > 0);
     assert_eq!(min, N, "a reader saw {min} of {N} Services during a relist");
 }
+
+/// A Service is held with the two labels kube-proxy's watches exclude
+/// (the table reads both) and none other; a slice with its Service's name.
+#[test]
+fn trimming_keeps_the_labels_the_table_reads() {
+    let mut s = service(1);
+    s.metadata.labels = Some(
+        [
+            (SERVICE_PROXY_NAME_LABEL, "mesh"),
+            (HEADLESS_LABEL, ""),
+            ("app.kubernetes.io/name", "shop"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .into(),
+    );
+    trim_service(&mut s);
+    let kept: Vec<String> = s.metadata.labels.unwrap().into_keys().collect();
+    assert_eq!(kept, [HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL]);
+    let mut bare = service(2);
+    trim_service(&mut bare);
+    assert_eq!(bare.metadata.labels, None, "no empty map for no label");
+}

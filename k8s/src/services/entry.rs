@@ -151,6 +151,16 @@ pub fn service_entry<'a>(
             }
         }
     }
+    // kube-proxy's watches leave out both labels; a headless Service's
+    // names resolve to its endpoints whatever it is labelled.
+    let labelled = |k: &str| {
+        svc.metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(k))
+    };
+    let other_proxy = labelled(crate::services::SERVICE_PROXY_NAME_LABEL)
+        || (matches!(kind, ServiceKind::ClusterIp(_)) && labelled(crate::services::HEADLESS_LABEL));
     let mut lb_source_ranges = Vec::new();
     for raw in spec.load_balancer_source_ranges.iter().flatten() {
         // The apiserver validates the syntax, so a skip is not expected.
@@ -172,11 +182,7 @@ pub fn service_entry<'a>(
             internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
             client_ip_affinity: spec.session_affinity.as_deref() == Some("ClientIP"),
             external_local,
-            other_proxy: svc
-                .metadata
-                .labels
-                .as_ref()
-                .is_some_and(|l| l.contains_key(crate::services::SERVICE_PROXY_NAME_LABEL)),
+            other_proxy,
         },
         notes,
     )

@@ -670,3 +670,34 @@ fn topology_hints_are_read_per_endpoint() {
         ]
     );
 }
+
+/// kube-proxy's watches leave out Services labelled
+/// `service.kubernetes.io/service-proxy-name` or
+/// `service.kubernetes.io/headless`: a ClusterIP Service carrying either
+/// is left alone (`other_proxy`); a headless Service keeps its endpoints
+/// for name lookups whatever it is labelled (DNS, not kube-proxy, serves
+/// it).
+#[test]
+fn services_kube_proxy_does_not_watch_are_left_alone() {
+    let labelled = |mut s: Service, k: &str| {
+        s.metadata.labels = Some([(k.to_string(), String::new())].into());
+        s
+    };
+    let port = [("http", 80, "TCP", IntOrString::Int(8080))];
+    let dead = labelled(svc("dead", &["10.96.0.30"], &port), HEADLESS_LABEL);
+    let mesh = labelled(
+        svc("mesh", &["10.96.0.31"], &port),
+        SERVICE_PROXY_NAME_LABEL,
+    );
+    let web = svc("web", &["10.96.0.32"], &port);
+    let mut db = svc("db", &["None"], &port);
+    if let Some(spec) = db.spec.as_mut() {
+        spec.cluster_ips = Some(vec!["None".into()]);
+    }
+    let db = labelled(db, HEADLESS_LABEL);
+    let left = |s: &Service| service_entry(s, std::iter::empty(), None).0.other_proxy;
+    assert!(left(&dead), "a ClusterIP Service labelled headless");
+    assert!(left(&mesh), "another proxy's");
+    assert!(!left(&web));
+    assert!(!left(&db), "a headless Service labelled headless");
+}
