@@ -221,7 +221,12 @@ fn cloud_nodes_host_addresses_are_capture_sources() -> Result<()> {
             "cloud2 (10.0.0.2) → 10.0.0.1:30070 ⇒ 10.244.7.5",
         ],
         "epod1",
-        http_from(&lab, Role::Cloud2, sa(netns::RELAY_LAN_IP, NODE_PORT)),
+        // The restarted relay captures node ports once its Service watch
+        // has listed them, apart from its edges' routes (waited for above).
+        within(Duration::from_secs(5), || {
+            Ok(http_from(&lab, Role::Cloud2, sa(netns::RELAY_LAN_IP, NODE_PORT)).is_ok())
+        })
+        .and_then(|_| http_from(&lab, Role::Cloud2, sa(netns::RELAY_LAN_IP, NODE_PORT))),
     );
     m.check(
         &[

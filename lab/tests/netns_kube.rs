@@ -295,7 +295,18 @@ fn nodes_decide_claims_over_the_lab_network() -> Result<()> {
     m.check(
         &["pod CIDR back → traffic flows", "cpod1 → 10.244.8.5"],
         "epod2",
+        // The relay's capture, and edge2's own list of what it serves (it
+        // refuses a target outside it), each updated on its own.
         captured(&lab, 2)
+            .and_then(|_| {
+                let back = netns::edge_pod_cidr(2);
+                e2.wait(BOUND, |s| match s {
+                    EdgeState::Connected { served_routes, .. } if served_routes.contains(&back) => {
+                        Some(())
+                    }
+                    _ => None,
+                })
+            })
             .and_then(|_| http_from(&lab, Role::Cpod1, sa(netns::edge_pod_ip(2), HTTP))),
     );
 
