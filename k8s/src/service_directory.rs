@@ -373,7 +373,8 @@ impl ServiceDirectory {
 
     /// The Services and EndpointSlices the table is built from, as held:
     /// trimmed to what it reads (namespaces, names, the labels
-    /// [`SERVICE_PROXY_NAME_LABEL`] and [`SERVICE_NAME_LABEL`], the
+    /// [`SERVICE_PROXY_NAME_LABEL`], [`HEADLESS_LABEL`] and
+    /// [`SERVICE_NAME_LABEL`], the
     /// Services' spec and status, the slices' ports and endpoints without
     /// `targetRef` or `deprecatedTopology`; no annotations or other
     /// metadata), for a cache that outlives the process.

@@ -224,7 +224,11 @@ fn cloud_nodes_host_addresses_are_capture_sources() -> Result<()> {
         // The restarted relay captures node ports once its Service watch
         // has listed them, apart from its edges' routes (waited for above).
         within(Duration::from_secs(5), || {
-            Ok(http_from(&lab, Role::Cloud2, sa(netns::RELAY_LAN_IP, NODE_PORT)).is_ok())
+            let np = lab.exec(
+                Role::Relay,
+                &["nft", "list", "set", "inet", "edge_relay", "np4"],
+            );
+            Ok(np.is_ok_and(|s| s.contains(&format!("tcp . {NODE_PORT}"))))
         })
         .and_then(|_| http_from(&lab, Role::Cloud2, sa(netns::RELAY_LAN_IP, NODE_PORT))),
     );

@@ -213,6 +213,19 @@ impl TunnelConn {
         }
     }
 
+    /// Whether this side closed the QUIC connection
+    /// ([`TunnelConn::close`]); always false on the TCP fallback, which
+    /// needs no such look (its reader counts its own drops).
+    pub fn closed_locally(&self) -> bool {
+        match self {
+            TunnelConn::Quic(c) => matches!(
+                c.close_reason(),
+                Some(quinn::ConnectionError::LocallyClosed)
+            ),
+            TunnelConn::Tcp(_) => false,
+        }
+    }
+
     /// Whether the peer ended the connection with a QUIC stateless reset:
     /// it answered but holds no state for the connection (a relay that
     /// restarted, or a replica that never had it), so it is up and a new

@@ -400,42 +400,24 @@ impl FlowTable {
 /// are seen, and when the pump ends) and, once the connection has
 /// closed, whether it was closed for the peer ending the datagram stream.
 pub async fn pump_datagrams(conn: TunnelConn, table: Arc<FlowTable>) {
-    use futures::FutureExt;
     let mut seen = ReaderDrops::default();
     let mut quic = QuicRxDrops::default();
-    let ended = 'pump: loop {
-        match conn.read_datagram().await {
+    let ended = loop {
+        match quic.next(&conn, &table.stats).await {
             Ok(d) => {
                 table.dispatch(d);
-                quic.delivered += 1;
                 count_reader_drops(&conn, &table.stats, &mut seen);
             }
             Err(e) => break e,
         }
-        // Every [`QuicRxDrops::EVERY`] reads (the count takes the
-        // connection's lock), what is already there, without waiting;
-        // once nothing is, every datagram received before the look was
-        // read or dropped.
-        while quic.delivered % QuicRxDrops::EVERY == 0 {
-            let Some(received) = conn.datagram_frames_received() else {
-                break;
-            };
-            match conn.read_datagram().now_or_never() {
-                Some(Ok(d)) => {
-                    table.dispatch(d);
-                    quic.delivered += 1;
-                }
-                Some(Err(e)) => break 'pump e,
-                None => {
-                    quic.settle(received, &table.stats);
-                    break;
-                }
-            }
-        }
     };
-    // quinn hands out what it buffered before the error: all read.
-    if let Some(received) = conn.datagram_frames_received() {
-        quic.settle(received, &table.stats);
+    // quinn hands out what it buffered before the error: all read. After
+    // a close of our own it still counts frames that arrive, which it
+    // never buffers: those would be taken for dropped.
+    if !conn.closed_locally() {
+        if let Some(received) = conn.datagram_frames_received() {
+            quic.settle(received, &table.stats);
+        }
     }
     count_reader_drops(&conn, &table.stats, &mut seen);
     debug!(reason = %ended.0, "datagram pump ended");
@@ -477,23 +459,69 @@ fn count_reader_drops(conn: &TunnelConn, stats: &UdpStats, seen: &mut ReaderDrop
 /// The datagrams a QUIC connection's receive buffer dropped (quinn drops
 /// the oldest when a new one does not fit, and counts nothing): the
 /// DATAGRAM frames it received, less those read, looked at when its
-/// buffer is empty (after the connection ended, or when a read every
-/// [`Self::EVERY`] reads finds nothing more), so that none still waiting
-/// to be read is taken for dropped. A datagram arriving between the look
-/// at the count and the one at the buffer is counted at a later look.
+/// buffer is empty, so that none still waiting to be read is taken for
+/// dropped: when a read finds nothing waiting after some were (a backlog,
+/// the only time drops happen, has just been read up), or after
+/// [`Self::EVERY`] reads, and when the connection has ended. A datagram
+/// arriving between the look at the count and the one at the buffer is
+/// counted at a later look. Under a load that never lets the buffer
+/// empty, its drops are counted once it does.
 #[derive(Debug, Default)]
 struct QuicRxDrops {
     /// Datagrams read from the connection.
     delivered: u64,
     /// Drops already added to the stats.
     counted: u64,
+    /// Reads since the last look.
+    since: u64,
+    /// A read since the last look found a datagram waiting.
+    backlog: bool,
 }
 
 impl QuicRxDrops {
-    /// Reads between two looks. Drops come in bursts of a full buffer
-    /// (1 MiB, some hundreds of datagrams), so a look every 16 reads sees
-    /// them soon after they are read past.
+    /// Reads between two looks without a backlog (the count takes the
+    /// connection's lock).
     const EVERY: u64 = 16;
+
+    /// The next datagram from `conn`, looking at its drops first when its
+    /// buffer is empty and a look is due (QUIC only; the TCP fallback's
+    /// reader counts its own).
+    async fn next(
+        &mut self,
+        conn: &TunnelConn,
+        stats: &UdpStats,
+    ) -> Result<Bytes, crate::conn::ConnLost> {
+        use futures::FutureExt;
+        let TunnelConn::Quic(_) = conn else {
+            return conn.read_datagram().await;
+        };
+        // quinn's read checks its buffer first and keeps nothing when
+        // dropped unfinished: polling it once without waiting loses nothing.
+        let got = match conn.read_datagram().now_or_never() {
+            Some(r) => {
+                self.backlog = true;
+                r
+            }
+            None if self.backlog || self.since >= Self::EVERY => {
+                let received = conn.datagram_frames_received().unwrap_or(0);
+                match conn.read_datagram().now_or_never() {
+                    Some(r) => r,
+                    None => {
+                        self.settle(received, stats);
+                        self.backlog = false;
+                        self.since = 0;
+                        conn.read_datagram().await
+                    }
+                }
+            }
+            None => conn.read_datagram().await,
+        };
+        if got.is_ok() {
+            self.delivered += 1;
+            self.since += 1;
+        }
+        got
+    }
 
     /// `received` was the connection's count of DATAGRAM frames before
     /// its buffer was seen empty: adds the drops it shows to `stats`.

@@ -21,11 +21,11 @@ const PAYLOAD: usize = 1_000;
 
 /// 3,000 datagrams of 1,000 bytes arrive while the receiving side reads
 /// none; then its pump reads what quinn kept (for a flow it does not
-/// know: counted as such), and what was dropped is counted while the
-/// connection is up (a few more datagrams, read as they come); then the
-/// connection ends. Every datagram received is counted once, read or
-/// dropped, and what was dropped is what did not fit in the 1 MiB
-/// buffer.
+/// know: counted as such) and counts what was dropped, what did not fit
+/// in the 1 MiB buffer, once it has read up that backlog. A few more,
+/// read as they come, change nothing; every datagram received is counted
+/// once, read or dropped. A close by the receiving side ends the pump
+/// with no drop added.
 #[tokio::test]
 async fn datagrams_dropped_by_a_full_quic_receive_buffer_are_counted() {
     let (edge, relay, _endpoints) =
@@ -59,11 +59,23 @@ async fn datagrams_dropped_by_a_full_quic_receive_buffer_are_counted() {
     let stats = Arc::new(UdpStats::default());
     let table = FlowTable::new(0, 64, false, stats.clone());
     let pump = tokio::spawn(pump_datagrams(relay.clone(), table));
-    // The pump reads what was kept.
+    // The pump reads what was kept, and counts what was not once it has
+    // read up the backlog (however many that was).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let kept = stats.dropped_unknown_flow.load(Relaxed);
-    // While the connection is up: a few more, each read as it comes, so
-    // that a look finds the buffer empty and counts the drops then.
+    let dropped = stats.dropped_queue_full.load(Relaxed);
+    eprintln!("received {received}, kept and read {kept}, counted dropped {dropped}");
+    assert_eq!(
+        dropped,
+        received - kept,
+        "counted while up, after the backlog"
+    );
+    // What fits in 1 MiB (each datagram's bookkeeping included) was read.
+    let fits = (1u64 << 20) / (PAYLOAD as u64 + 4);
+    assert!(kept <= fits, "kept {kept}, at most {fits} fit");
+    assert!(kept > fits / 2, "kept {kept}: the buffer was not used");
+    // A few more, each read as it comes: nothing dropped, nothing counted
+    // twice.
     for _ in 0..40 {
         sender
             .send_datagram_wait(encode_datagram(7, &payload))
@@ -72,27 +84,30 @@ async fn datagrams_dropped_by_a_full_quic_receive_buffer_are_counted() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let dropped_up = stats.dropped_queue_full.load(Relaxed);
-    assert_eq!(dropped_up, received - kept, "counted while up");
-    let received_all = relay.datagram_frames_received().expect("QUIC");
-    // Then the connection ends.
-    edge.close(0, "done");
+    let read = stats.dropped_unknown_flow.load(Relaxed);
+    assert_eq!(read, kept + 40);
+    assert_eq!(stats.dropped_queue_full.load(Relaxed), dropped);
+    assert_eq!(
+        read + dropped,
+        relay.datagram_frames_received().expect("QUIC"),
+        "every datagram received is read or counted dropped"
+    );
+    // Closed by the receiving side while the peer still sends: the pump
+    // ends and adds no drop. (quinn still counts frames that arrive after
+    // its own close and buffers none; the pump's last look skips a
+    // connection closed on its side for that. Here the pump has ended
+    // before they arrive, so this does not show that part.)
+    relay.close(0, "done");
+    for _ in 0..50 {
+        let _ = sender.send_datagram(encode_datagram(7, &payload));
+    }
     tokio::time::timeout(Duration::from_secs(10), pump)
         .await
         .expect("the pump ends with the connection")
         .unwrap();
-    let read = stats.dropped_unknown_flow.load(Relaxed);
-    let dropped = stats.dropped_queue_full.load(Relaxed);
-    eprintln!("received {received_all}, read {read}, dropped {dropped}");
     assert_eq!(
-        read + dropped,
-        received_all,
-        "read {read}, dropped {dropped}"
+        stats.dropped_queue_full.load(Relaxed),
+        dropped,
+        "datagrams after our own close are not drops"
     );
-    // What fits in 1 MiB (each datagram's bookkeeping included) was read.
-    let fits = (1u64 << 20) / (PAYLOAD as u64 + 4);
-    assert!(kept <= fits, "kept {kept}, at most {fits} fit");
-    assert!(kept > fits / 2, "kept {kept}: the buffer was not used");
-    assert!(dropped >= received - fits, "dropped {dropped}");
-    assert_eq!(dropped, dropped_up, "nothing dropped at the slow pace");
 }

@@ -115,7 +115,8 @@ pub fn captured_prefixes(lab: &NetnsLab) -> Result<String> {
 /// exist.
 pub fn capture_set(lab: &NetnsLab, role: Role) -> Result<String> {
     let tables = lab.exec(role, &["nft", "list", "tables"])?;
-    if !tables.contains("edge_relay") {
+    // Not `edge_relay_held`, the table a stopped process leaves.
+    if !tables.lines().any(|l| l.trim() == "table inet edge_relay") {
         return Ok(String::new());
     }
     lab.exec(role, &["nft", "list", "set", "inet", "edge_relay", "dst4"])
@@ -137,11 +138,17 @@ pub fn wait_captured(
 ) -> Result<Duration> {
     let t = Instant::now();
     loop {
-        if set_covers(&capture_set(lab, role)?, ip) {
+        // A failed look (the table replaced between two commands) is a
+        // "not yet"; the last one is reported if the time runs out.
+        let look = capture_set(lab, role);
+        if look.as_ref().is_ok_and(|set| set_covers(set, ip)) {
             return Ok(t.elapsed());
         }
         if t.elapsed() >= limit {
-            bail!("{role:?} did not capture {ip} within {limit:?}");
+            let why = look
+                .err()
+                .map_or(String::new(), |e| format!(" (last look: {e:#})"));
+            bail!("{role:?} did not capture {ip} within {limit:?}{why}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
