@@ -235,14 +235,21 @@ pub(crate) fn render(up: bool, st: &EdgeStats) -> String {
         "Largest QUIC round-trip estimate seen at a tick.",
         secs(&st.path_rtt_max_us),
     );
-    let tasks = tokio::runtime::Handle::try_current()
-        .map(|h| h.metrics().num_alive_tasks())
-        .unwrap_or(0);
+    let runtime = tokio::runtime::Handle::try_current().map(|h| h.metrics());
     one(
         "runtime_tasks",
         "gauge",
         "Tokio tasks alive in the edge process.",
-        tasks.to_string(),
+        runtime
+            .as_ref()
+            .map_or(0, |m| m.num_alive_tasks())
+            .to_string(),
+    );
+    one(
+        "runtime_workers",
+        "gauge",
+        "Tokio runtime workers (worker_threads); a thread a blocking file read hands a worker's tasks to is not one more.",
+        runtime.as_ref().map_or(0, |m| m.num_workers()).to_string(),
     );
     let _ = writeln!(
         o,

@@ -1,18 +1,24 @@
 //! The `edge-client` binary runs on `worker_threads` runtime workers, one
 //! unless its file says otherwise: the real binary, started with a real
-//! config and dev certificates, its threads counted in
-//! `/proc/<pid>/task/*/comm`. tokio names its workers `tokio-rt-worker`;
-//! so does its blocking pool, which stays empty here because the relay is
-//! an address literal (no name lookup) and nothing else blocks.
+//! config and dev certificates, its workers read from its own runtime
+//! (`edge_runtime_workers` on its status endpoint, tokio's count). Its
+//! threads named `tokio-rt-worker` are not that count: tokio names its
+//! blocking pool's threads so too, and the edge reads its certificate
+//! files off the worker (`relay_transport::reload::off_worker`), which
+//! hands the worker's tasks to such a thread meanwhile; they are checked
+//! to be at least the workers.
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use relay_transport::devcerts::DevPki;
 
-/// Threads of `pid` named as tokio names its workers.
-fn workers(pid: u32) -> usize {
+/// Threads of `pid` named as tokio names its workers (and its blocking
+/// pool's threads).
+fn threads(pid: u32) -> usize {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
     };
@@ -32,11 +38,33 @@ impl Drop for Running {
     }
 }
 
+/// `GET /metrics` from the status endpoint at `addr`; `None` until it
+/// answers.
+fn metrics(addr: SocketAddr) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: edge\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.starts_with("HTTP/1.").then_some(body)
+}
+
+/// A loopback address free now (bound, then let go).
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 /// Starts the binary with `extra` lines in its config and returns its
-/// worker count once the runtime is up (workers start with the runtime).
-fn workers_with(dir: &Path, name: &str, extra: &str) -> usize {
+/// runtime's workers (its `edge_runtime_workers`) and its threads named
+/// `tokio-rt-worker`.
+fn workers_with(dir: &Path, name: &str, extra: &str) -> (usize, usize) {
     let config = dir.join(format!("{name}.toml"));
     let d = dir.display();
+    let status = free_addr();
     std::fs::write(
         &config,
         format!(
@@ -45,6 +73,7 @@ fn workers_with(dir: &Path, name: &str, extra: &str) -> usize {
              relay = \"127.0.0.1:9\"\n\
              server_name = \"localhost\"\n\
              routes = [\"10.244.7.0/24\"]\n\
+             status_listen = \"{status}\"\n\
              [tls]\n\
              cert = \"{d}/edge-1.pem\"\n\
              key = \"{d}/edge-1-key.pem\"\n\
@@ -65,16 +94,24 @@ fn workers_with(dir: &Path, name: &str, extra: &str) -> usize {
     let running = Running(child);
     let pid = running.0.id();
     let t = Instant::now();
-    while workers(pid) == 0 {
+    let body = loop {
+        if let Some(b) = metrics(status) {
+            break b;
+        }
         assert!(
             t.elapsed() < Duration::from_secs(10),
-            "no runtime after 10 s"
+            "no status endpoint after 10 s"
         );
         std::thread::sleep(Duration::from_millis(20));
-    }
-    // A moment more: a worker counted late would show here.
-    std::thread::sleep(Duration::from_millis(300));
-    workers(pid)
+    };
+    let workers = body
+        .lines()
+        .find_map(|l| l.strip_prefix("edge_runtime_workers "))
+        .expect("edge_runtime_workers in /metrics")
+        .trim()
+        .parse()
+        .unwrap();
+    (workers, threads(pid))
 }
 
 #[test]
@@ -88,6 +125,10 @@ fn one_worker_unless_the_file_asks_for_more() {
     let default = workers_with(&dir, "default", "");
     let two = workers_with(&dir, "two", "worker_threads = 2\n");
     let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(default, 1, "workers by default");
-    assert_eq!(two, 2, "workers with worker_threads = 2");
+    eprintln!(
+        "(workers, tokio-rt-worker threads): default {default:?}, worker_threads = 2 {two:?}"
+    );
+    assert_eq!(default.0, 1, "workers by default");
+    assert_eq!(two.0, 2, "workers with worker_threads = 2");
+    assert!(default.1 >= 1 && two.1 >= 2, "the workers are threads");
 }

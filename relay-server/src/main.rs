@@ -227,9 +227,11 @@ fn init_tracing() {
 
 fn main() -> anyhow::Result<()> {
     // As #[tokio::main], plus the park hook: after a trim each worker
-    // shrinks its own malloc heap (memory::on_park).
+    // shrinks its own malloc heap (memory::on_park); and idle blocking
+    // threads kept past the file checks' period (BLOCKING_KEEP_ALIVE).
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_keep_alive(relay_transport::reload::BLOCKING_KEEP_ALIVE)
         .on_thread_park(relay_transport::memory::on_park)
         .build()?
         .block_on(relay_main())

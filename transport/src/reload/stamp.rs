@@ -51,6 +51,10 @@ pub fn stamp_of(paths: &[&Path]) -> Stamp {
 /// that can stall (a network file system, a kubelet swapping a Secret
 /// volume, a full disk's journal): on an edge running one worker, a stall
 /// in place would stall its whole data path with it.
+///
+/// The thread the worker's tasks move to comes from tokio's blocking pool;
+/// build the runtime with [`BLOCKING_KEEP_ALIVE`] so that the periodic
+/// checks reuse one rather than start one each time.
 pub fn off_worker<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
@@ -59,6 +63,14 @@ pub fn off_worker<T>(f: impl FnOnce() -> T) -> T {
         _ => f(),
     }
 }
+
+/// How long an idle thread of the relay's and the edge's blocking pool is
+/// kept (tokio's default is 10 s): longer than the period of any file
+/// check ([`off_worker`]; the TLS and token polls, the edge's check of a
+/// certificate given by hand: 10 s by default), so one thread serves them
+/// all, and the processes' thread counts hold steady instead of moving
+/// by one as a thread expires just before the next check.
+pub const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests {
