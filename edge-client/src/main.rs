@@ -79,7 +79,6 @@ fn main() -> anyhow::Result<()> {
     }
     // After a trim each worker shrinks its own malloc heap (memory::on_park).
     rt.enable_all()
-        .thread_keep_alive(relay_transport::reload::BLOCKING_KEEP_ALIVE)
         .on_thread_park(relay_transport::memory::on_park)
         .build()?
         .block_on(run(cfg))

@@ -248,7 +248,7 @@ pub(crate) fn render(up: bool, st: &EdgeStats) -> String {
     one(
         "runtime_workers",
         "gauge",
-        "Tokio runtime workers (worker_threads); a thread a blocking file read hands a worker's tasks to is not one more.",
+        "Tokio runtime workers (worker_threads); threads of tokio's blocking pool, named like workers, are not counted.",
         runtime.as_ref().map_or(0, |m| m.num_workers()).to_string(),
     );
     let _ = writeln!(

@@ -3,10 +3,8 @@
 //! config and dev certificates, its workers read from its own runtime
 //! (`edge_runtime_workers` on its status endpoint, tokio's count). Its
 //! threads named `tokio-rt-worker` are not that count: tokio names its
-//! blocking pool's threads so too, and the edge reads its certificate
-//! files off the worker (`relay_transport::reload::off_worker`), which
-//! hands the worker's tasks to such a thread meanwhile; they are checked
-//! to be at least the workers.
+//! blocking pool's threads so too (a name lookup, a state save); they
+//! are checked to be at least the workers.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

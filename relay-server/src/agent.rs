@@ -155,11 +155,6 @@ impl AgentTls {
     /// The client config for a new connection: from the CA file as it is
     /// now, read again if it changed since the last read.
     pub fn config(&self) -> std::sync::Arc<rustls::ClientConfig> {
-        // The CA's volume can stall: off the worker.
-        relay_transport::reload::off_worker(|| self.config_now())
-    }
-
-    fn config_now(&self) -> std::sync::Arc<rustls::ClientConfig> {
         let stamp = relay_transport::reload::stamp_of(&[self.ca.as_path()]);
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
         if current.1 != stamp {

@@ -227,11 +227,9 @@ fn init_tracing() {
 
 fn main() -> anyhow::Result<()> {
     // As #[tokio::main], plus the park hook: after a trim each worker
-    // shrinks its own malloc heap (memory::on_park); and idle blocking
-    // threads kept past the file checks' period (BLOCKING_KEEP_ALIVE).
+    // shrinks its own malloc heap (memory::on_park).
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .thread_keep_alive(relay_transport::reload::BLOCKING_KEEP_ALIVE)
         .on_thread_park(relay_transport::memory::on_park)
         .build()?
         .block_on(relay_main())
@@ -530,8 +528,7 @@ async fn relay_main() -> anyhow::Result<()> {
                 tokio::select! {
                     _ = term.recv() => { tracing::info!("SIGTERM"); break }
                     _ = int.recv() => { tracing::info!("SIGINT"); break }
-                    // Files read off the worker: their volume can stall.
-                    _ = hup.recv() => relay_transport::reload::off_worker(|| {
+                    _ = hup.recv() => {
                         if let Err(e) = relay.reload_tls() {
                             tracing::warn!(error = %e, "SIGHUP: tls reload failed; keeping the previous certificates");
                         }
@@ -539,7 +536,7 @@ async fn relay_main() -> anyhow::Result<()> {
                         if let Some(tokens) = &relay.shared().cfg.admin_token_files {
                             tokens.reload();
                         }
-                    }),
+                    }
                     why = relay.wait() => anyhow::bail!("relay failed: {why}"),
                 }
             }

@@ -234,8 +234,7 @@ pub(crate) fn reload_all(targets: &[Target]) -> Result<CertificateDer<'static>, 
 /// files changed (logging a failure and keeping its previous identity),
 /// until `stop`.
 pub(crate) async fn watch(targets: Vec<Target>, interval: Duration, stop: CancellationToken) {
-    let mut seen: Vec<_> =
-        relay_transport::reload::off_worker(|| targets.iter().map(|t| t.paths.stamp()).collect());
+    let mut seen: Vec<_> = targets.iter().map(|t| t.paths.stamp()).collect();
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -243,22 +242,19 @@ pub(crate) async fn watch(targets: Vec<Target>, interval: Duration, stop: Cancel
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        // A few small files, read once per change, but on a volume that
-        // can stall: off the worker.
-        relay_transport::reload::off_worker(|| {
-            for (t, seen) in targets.iter().zip(seen.iter_mut()) {
-                let now = t.paths.stamp();
-                if now == *seen {
-                    continue;
-                }
-                match t.reload() {
-                    Ok(_) => *seen = now,
-                    Err(e) => {
-                        warn!(listener = t.name, error = %e, "tls files changed but could not be loaded; keeping the previous ones")
-                    }
+        for (t, seen) in targets.iter().zip(seen.iter_mut()) {
+            let now = t.paths.stamp();
+            if now == *seen {
+                continue;
+            }
+            // Stat and read run on this task: a few small files, once per change.
+            match t.reload() {
+                Ok(_) => *seen = now,
+                Err(e) => {
+                    warn!(listener = t.name, error = %e, "tls files changed but could not be loaded; keeping the previous ones")
                 }
             }
-        });
+        }
     }
 }
 

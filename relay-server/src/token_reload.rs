@@ -611,10 +611,9 @@ pub(crate) async fn watch(tokens: AdminTokens, stop: CancellationToken) {
         };
         tokio::select! {
             _ = stop.cancelled() => return,
-            // Stat (and on a change, read) two small files, off the
-            // worker: their volume can stall.
+            // Stat (and on a change, read) two small files on this task.
             _ = tick.tick() => {
-                relay_transport::reload::off_worker(|| tokens.check());
+                tokens.check();
             }
             _ = grace_ended => {}
             _ = graced => {}

@@ -39,7 +39,7 @@ use crate::tls::{provider, TlsError, TlsMaterial};
 pub mod refused;
 mod stamp;
 pub use refused::{ClientCertRefusal, RefusalCause, RefusalSlot};
-pub use stamp::{file_stamp, off_worker, stamp_of, FileStamp, Stamp, BLOCKING_KEEP_ALIVE};
+pub use stamp::{file_stamp, stamp_of, FileStamp, Stamp};
 
 /// Certificate revocation lists from PEM text (`-----BEGIN X509 CRL-----`);
 /// at least one must be there.

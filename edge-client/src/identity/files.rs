@@ -75,13 +75,6 @@ impl Credentials {
     /// Takes what changed in the certificate files since they were last
     /// read (see the module docs).
     pub(super) fn reload_files(&self, cfg: &EdgeConfig) {
-        // The files' volume can stall (the kubelet swapping a ConfigMap, a
-        // network file system): off the worker, which may be the edge's
-        // only one.
-        relay_transport::reload::off_worker(|| self.reload_files_now(cfg))
-    }
-
-    fn reload_files_now(&self, cfg: &EdgeConfig) {
         let (Some(files), Some(paths)) = (&self.files, &cfg.tls_files) else {
             return;
         };

@@ -1,6 +1,4 @@
-//! Whether a watched file changed ([`FileStamp`]), and reading files from
-//! an async task without stalling the runtime's other tasks
-//! ([`off_worker`]).
+//! Whether a watched file changed ([`FileStamp`]).
 
 use std::path::Path;
 
@@ -43,35 +41,6 @@ pub fn stamp_of(paths: &[&Path]) -> Stamp {
     paths.iter().map(|p| file_stamp(p)).collect()
 }
 
-/// Runs `f`, which makes blocking file-system calls (a stat, a read), so
-/// that the runtime's other tasks go on meanwhile: on a multi-threaded
-/// runtime the calling worker hands its queued tasks to another thread
-/// first (`tokio::task::block_in_place`); elsewhere (a current-thread
-/// runtime, no runtime) it runs in place. A watched file sits on a volume
-/// that can stall (a network file system, a kubelet swapping a Secret
-/// volume, a full disk's journal): on an edge running one worker, a stall
-/// in place would stall its whole data path with it.
-///
-/// The thread the worker's tasks move to comes from tokio's blocking pool;
-/// build the runtime with [`BLOCKING_KEEP_ALIVE`] so that the periodic
-/// checks reuse one rather than start one each time.
-pub fn off_worker<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
-    }
-}
-
-/// How long an idle thread of the relay's and the edge's blocking pool is
-/// kept (tokio's default is 10 s): longer than the period of any file
-/// check ([`off_worker`]; the TLS and token polls, the edge's check of a
-/// certificate given by hand: 10 s by default), so one thread serves them
-/// all, and the processes' thread counts hold steady instead of moving
-/// by one as a thread expires just before the next check.
-pub const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(60);
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,55 +80,6 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert_eq!(file_stamp(&path), None, "gone");
         assert_eq!(stamp_of(&[path.as_path()]), vec![None]);
-    }
-
-    /// A file read that stalls (here 300 ms) on a runtime with one worker
-    /// does not stall the runtime's other tasks: a ticker on that worker
-    /// goes on meanwhile. Run in place (what the watchers did before), the
-    /// ticker does not move until the read ends.
-    #[test]
-    fn a_stalled_read_leaves_the_other_tasks_running() {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        use std::sync::Arc;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_time()
-            .build()
-            .unwrap();
-        let ticks_during = |off: bool| {
-            rt.block_on(async {
-                let ticks = Arc::new(AtomicU64::new(0));
-                let t = ticks.clone();
-                let ticker = tokio::spawn(async move {
-                    loop {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        t.fetch_add(1, Ordering::Relaxed);
-                    }
-                });
-                // Spawned, so that it runs on the one worker as a watcher does.
-                let ticks2 = ticks.clone();
-                let during = tokio::spawn(async move {
-                    // Let the ticker start first.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    let stall = || {
-                        let before = ticks2.load(Ordering::Relaxed);
-                        std::thread::sleep(Duration::from_millis(300));
-                        ticks2.load(Ordering::Relaxed) - before
-                    };
-                    if off {
-                        off_worker(stall)
-                    } else {
-                        stall()
-                    }
-                })
-                .await
-                .unwrap();
-                ticker.abort();
-                during
-            })
-        };
-        assert_eq!(ticks_during(false), 0, "in place, the one worker is held");
-        assert!(ticks_during(true) > 0, "off the worker, the ticker goes on");
     }
 
     /// A directory of this test process's, removed when dropped (a failed
